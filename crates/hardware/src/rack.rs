@@ -1,0 +1,1 @@
+//! Rack description; filled by the hardware helper.

@@ -1,0 +1,1 @@
+//! Sled controller; filled by the sled helper.

@@ -1,0 +1,1 @@
+//! Multi-process and in-process cluster harness; see `it/`.
