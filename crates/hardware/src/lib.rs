@@ -8,11 +8,13 @@
 //!   (portable fallback), in-memory and fault-injecting (tests).
 //!
 //! This crate depends on no other project crate.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod device;
 pub mod rack;
 
 pub use device::{
-    open_device, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineChoice, EngineKind,
-    IoFuture, OpenOptions, BLOCK_SIZE,
+    check_range, open_device, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineChoice,
+    EngineKind, FaultControl, FaultOps, FaultyDevice, IoFuture, MemoryDevice, OpenOptions,
+    SharedDevice, BLOCK_SIZE, ENGINE_ENV_VAR,
 };
