@@ -1,1 +1,141 @@
-fn main() {}
+//! `rackblock`: the one binary of the product.
+//!
+//! Daemons (`sled-controller`; `head-node` and `zonal` come with later
+//! issues), operator verbs (`rack validate`), and `up`, which runs a whole
+//! unit on this machine as separate processes. Exit codes: 0 success,
+//! 1 runtime failure, 2 bad usage or configuration.
+
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "rackblock", version, about = "rack-scale block storage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a sled controller daemon: owns one sled's devices, serves columns
+    /// on networks A and B, metrics and health on its admin address.
+    SledController {
+        /// Sled controller config (TOML); see deploy/sled-controller.example.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Rack description commands.
+    Rack {
+        #[command(subcommand)]
+        command: RackCommand,
+    },
+    /// Start a whole unit on this machine as separate processes.
+    Up(up::UpArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RackCommand {
+    /// Parse and validate a rack file, including its device paths and sizes.
+    Validate {
+        /// The rack description (TOML).
+        file: PathBuf,
+        /// Skip the checks that open device paths.
+        #[arg(long)]
+        no_devices: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::error!(%error, "cannot install SIGTERM handler");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("rackblock: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::SledController { config } => {
+                let config = match sled_controller::SledControllerConfig::load(&config) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("rackblock: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let token = CancellationToken::new();
+                cancel_on_signal(token.clone());
+                match sled_controller::run(config, token).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("rackblock: sled controller: {error}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Rack {
+                command: RackCommand::Validate { file, no_devices },
+            } => {
+                let result = hardware::rack::Rack::load(&file).and_then(|rack| {
+                    if !no_devices {
+                        rack.validate_devices()?;
+                    }
+                    Ok(rack)
+                });
+                match result {
+                    Ok(rack) => {
+                        println!(
+                            "{}: unit {} with {} head nodes and {} sleds is valid",
+                            file.display(),
+                            rack.unit.name,
+                            rack.head_node.len(),
+                            rack.sled.len()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("rackblock: {}: {error}", file.display());
+                        ExitCode::from(2)
+                    }
+                }
+            }
+            Command::Up(args) => up::run(args).await,
+        }
+    })
+}
