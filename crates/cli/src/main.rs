@@ -5,6 +5,7 @@
 //! unit on this machine as separate processes. Exit codes: 0 success,
 //! 1 runtime failure, 2 bad usage or configuration.
 
+mod sled_bench;
 mod up;
 
 use std::path::PathBuf;
@@ -36,6 +37,17 @@ enum Command {
     },
     /// Start a whole unit on this machine as separate processes.
     Up(up::UpArgs),
+    /// Sled controller tools.
+    Sled {
+        #[command(subcommand)]
+        command: SledCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SledCommand {
+    /// Load one sled controller over the wire protocol (see bench/sled.sh).
+    Bench(sled_bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +148,15 @@ fn main() -> ExitCode {
                 }
             }
             Command::Up(args) => up::run(args).await,
+            Command::Sled {
+                command: SledCommand::Bench(args),
+            } => match sled_bench::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("rackblock sled bench: {error}");
+                    ExitCode::from(1)
+                }
+            },
         }
     })
 }
