@@ -80,13 +80,11 @@ impl AlignedBuf {
     }
 
     /// Raw pointer for the engines (io_uring SQEs).
-    #[allow(dead_code)]
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 
     /// Raw pointer for the engines (io_uring SQEs).
-    #[allow(dead_code)]
     pub(crate) fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
