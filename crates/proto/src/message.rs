@@ -1,5 +1,117 @@
-//! INTERFACE SKETCH — filled by the proto helper.
-use crate::sled::{SledRequest, SledResponse};
+//! [`Message`]: every message that crosses a rackblock network, and its
+//! body layout.
+//!
+//! A message travels as one frame (see [`crate::frame`]): the frame's `kind`
+//! says which message it is, the body holds the fields in declaration
+//! order with the encodings of [`crate::wire`] (little-endian integers,
+//! `u8` tags for enums/options/bools, `u32` length prefixes). Each
+//! [`SledRequest`] and [`SledResponse`] variant has its own kind, so the
+//! body carries no further tag.
+//!
+//! Kind numbering (`u16`): the high byte is the component, and within a
+//! component `0x..00-0x..7f` are requests and `0x..80-0x..ff` responses.
+//!
+//! | range | component |
+//! |---|---|
+//! | `0x0001` Ping, `0x0002` Pong | transport (answered by the server itself) |
+//! | `0x0101-0x0108` | sled controller requests, in [`SledRequest`] order |
+//! | `0x0181-0x0189` | sled controller responses, in [`SledResponse`] order |
+//! | `0x02xx` | reserved: head node |
+//! | `0x03xx` | reserved: local control plane |
+//!
+//! Field layouts (`|` separates fields; composite types below):
+//!
+//! | kind | message | body |
+//! |---|---|---|
+//! | 0x0001 | Ping | nonce u64 |
+//! | 0x0002 | Pong | nonce u64 |
+//! | 0x0101 | Inventory | (empty) |
+//! | 0x0102 | AllocateColumns | count u32 \| device Option<u16> |
+//! | 0x0103 | FreeColumn | column \| partition \| epoch u64 |
+//! | 0x0104 | Claim | column \| partition \| epoch u64 |
+//! | 0x0105 | Append | column \| partition \| epoch u64 \| offset u64 \| data bytes(≤16 MiB) \| block_crcs Vec<u32>(≤4096) |
+//! | 0x0106 | Read | column \| offset u64 \| len u32 |
+//! | 0x0107 | ColumnStatus | column |
+//! | 0x0108 | ScrubReport | (empty) |
+//! | 0x0181 | Inventory | sled_id string \| column_size_bytes u64 \| devices Vec<device>(≤1024) |
+//! | 0x0182 | Allocated | Vec<column>(≤65536) |
+//! | 0x0183 | Freed | (empty) |
+//! | 0x0184 | Claimed | epoch u64 \| length_bytes u64 |
+//! | 0x0185 | Appended | length_bytes u64 |
+//! | 0x0186 | Data | data bytes(≤16 MiB) \| block_crcs Vec<u32>(≤4096) |
+//! | 0x0187 | ColumnStatus | column \| state u8 \| partition Option<partition> \| epoch u64 \| length_bytes u64 |
+//! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks Vec<column \| offset u64>(≤65536) |
+//! | 0x0189 | Error | error |
+//!
+//! * column = device u16 | index u32; partition = volume u64 | partition u32
+//! * device = device u16 | path string | size_bytes u64 | column_count u32 |
+//!   free_columns u32 | state u8 (0 Healthy, 1 Failed)
+//! * column state u8: 0 Free, 1 Allocated, 2 Claimed
+//! * strings are UTF-8, at most [`MAX_STRING_BYTES`]
+//! * error = tag u8, then: 0 Fenced{current_epoch u64}, 1 WrongPartition
+//!   {column, owner partition}, 2 NoSuchColumn{column}, 3 BadColumnState
+//!   {column, state u8}, 4 OffsetMismatch{column, offset u64, length_bytes
+//!   u64}, 5 OutOfRange{column, offset u64, len u64, length_bytes u64,
+//!   column_size_bytes u64}, 6 ChecksumMismatch{column, block_offsets
+//!   Vec<u64>(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
+//!   9 BadRequest{reason string}, 10 Io{reason string}
+//!
+//! Unknown kinds and tags, over-long fields and trailing bytes are decode
+//! errors. `data` payloads decode zero-copy as slices of the frame body.
+//! Changing any layout requires a new frame version or new kinds.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::frame::{Frame, FrameBuilder, FrameError, FLAG_RESPONSE, MAX_PAYLOAD_BYTES};
+use crate::sled::{
+    BadBlock, ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, PartitionId,
+    ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
+};
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// Longest string field (paths, ids, error reasons).
+pub const MAX_STRING_BYTES: u32 = 4096;
+/// Most block CRCs per message: one per 4 KiB block of a maximal payload.
+pub const MAX_BLOCK_CRCS: u32 = (MAX_PAYLOAD_BYTES / 4096) as u32;
+/// Most devices in one sled inventory.
+pub const MAX_DEVICES: u32 = 1024;
+/// Most columns in one allocation reply / bad blocks in one scrub report.
+pub const MAX_COLUMNS: u32 = 65_536;
+
+/// Message kinds (frame `kind` field).
+pub mod kind {
+    pub const PING: u16 = 0x0001;
+    pub const PONG: u16 = 0x0002;
+
+    pub const SLED_INVENTORY: u16 = 0x0101;
+    pub const SLED_ALLOCATE_COLUMNS: u16 = 0x0102;
+    pub const SLED_FREE_COLUMN: u16 = 0x0103;
+    pub const SLED_CLAIM: u16 = 0x0104;
+    pub const SLED_APPEND: u16 = 0x0105;
+    pub const SLED_READ: u16 = 0x0106;
+    pub const SLED_COLUMN_STATUS: u16 = 0x0107;
+    pub const SLED_SCRUB_REPORT: u16 = 0x0108;
+
+    pub const SLED_INVENTORY_REPLY: u16 = 0x0181;
+    pub const SLED_ALLOCATED: u16 = 0x0182;
+    pub const SLED_FREED: u16 = 0x0183;
+    pub const SLED_CLAIMED: u16 = 0x0184;
+    pub const SLED_APPENDED: u16 = 0x0185;
+    pub const SLED_DATA: u16 = 0x0186;
+    pub const SLED_COLUMN_STATUS_REPLY: u16 = 0x0187;
+    pub const SLED_SCRUB_REPORT_REPLY: u16 = 0x0188;
+    pub const SLED_ERROR: u16 = 0x0189;
+
+    /// First kind reserved for head-node messages.
+    pub const HEAD_NODE_FIRST: u16 = 0x0200;
+    /// First kind reserved for local-control-plane messages.
+    pub const LOCAL_CONTROL_PLANE_FIRST: u16 = 0x0300;
+
+    /// Whether `kind` is in the response half of its component range.
+    pub fn is_response(kind: u16) -> bool {
+        kind == PONG || (kind >= 0x0100 && kind & 0x0080 != 0)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -7,4 +119,554 @@ pub enum Message {
     Pong { nonce: u64 },
     Sled(SledRequest),
     SledReply(SledResponse),
+}
+
+impl Message {
+    pub fn kind(&self) -> u16 {
+        use kind::*;
+        match self {
+            Message::Ping { .. } => PING,
+            Message::Pong { .. } => PONG,
+            Message::Sled(request) => match request {
+                SledRequest::Inventory => SLED_INVENTORY,
+                SledRequest::AllocateColumns { .. } => SLED_ALLOCATE_COLUMNS,
+                SledRequest::FreeColumn { .. } => SLED_FREE_COLUMN,
+                SledRequest::Claim { .. } => SLED_CLAIM,
+                SledRequest::Append { .. } => SLED_APPEND,
+                SledRequest::Read { .. } => SLED_READ,
+                SledRequest::ColumnStatus { .. } => SLED_COLUMN_STATUS,
+                SledRequest::ScrubReport => SLED_SCRUB_REPORT,
+            },
+            Message::SledReply(response) => match response {
+                SledResponse::Inventory(_) => SLED_INVENTORY_REPLY,
+                SledResponse::Allocated(_) => SLED_ALLOCATED,
+                SledResponse::Freed => SLED_FREED,
+                SledResponse::Claimed { .. } => SLED_CLAIMED,
+                SledResponse::Appended { .. } => SLED_APPENDED,
+                SledResponse::Data { .. } => SLED_DATA,
+                SledResponse::ColumnStatus(_) => SLED_COLUMN_STATUS_REPLY,
+                SledResponse::ScrubReport(_) => SLED_SCRUB_REPORT_REPLY,
+                SledResponse::Error(_) => SLED_ERROR,
+            },
+        }
+    }
+
+    /// Responses answer a request; they are never sent as requests.
+    pub fn is_response(&self) -> bool {
+        matches!(self, Message::Pong { .. } | Message::SledReply(_))
+    }
+
+    /// Safe to send again when the first send's outcome is unknown.
+    /// Responses are not requests and report `false`.
+    pub fn is_idempotent(&self) -> bool {
+        match self {
+            Message::Ping { .. } => true,
+            Message::Sled(request) => request.is_idempotent(),
+            Message::Pong { .. } | Message::SledReply(_) => false,
+        }
+    }
+
+    /// Bytes of data payload carried (for capacity hints).
+    fn payload_len(&self) -> usize {
+        match self {
+            Message::Sled(SledRequest::Append { data, .. })
+            | Message::SledReply(SledResponse::Data { data, .. }) => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// Append the body (layout in the module docs) to `buf`.
+    pub fn encode_body(&self, buf: &mut BytesMut) {
+        let w = &mut Writer::new(buf);
+        match self {
+            Message::Ping { nonce } | Message::Pong { nonce } => w.u64(*nonce),
+            Message::Sled(request) => match request {
+                SledRequest::Inventory | SledRequest::ScrubReport => {}
+                SledRequest::AllocateColumns { count, device } => {
+                    w.u32(*count);
+                    w.option(device.as_ref(), |w, d| w.u16(*d));
+                }
+                SledRequest::FreeColumn {
+                    column,
+                    partition,
+                    epoch,
+                }
+                | SledRequest::Claim {
+                    column,
+                    partition,
+                    epoch,
+                } => {
+                    put_column(w, column);
+                    put_partition(w, partition);
+                    w.u64(*epoch);
+                }
+                SledRequest::Append {
+                    column,
+                    partition,
+                    epoch,
+                    offset,
+                    data,
+                    block_crcs,
+                } => {
+                    put_column(w, column);
+                    put_partition(w, partition);
+                    w.u64(*epoch);
+                    w.u64(*offset);
+                    w.bytes(data);
+                    w.vec(block_crcs, |w, crc| w.u32(*crc));
+                }
+                SledRequest::Read {
+                    column,
+                    offset,
+                    len,
+                } => {
+                    put_column(w, column);
+                    w.u64(*offset);
+                    w.u32(*len);
+                }
+                SledRequest::ColumnStatus { column } => put_column(w, column),
+            },
+            Message::SledReply(response) => match response {
+                SledResponse::Inventory(inventory) => {
+                    w.string(&inventory.sled_id);
+                    w.u64(inventory.column_size_bytes);
+                    w.vec(&inventory.devices, |w, device| {
+                        w.u16(device.device);
+                        w.string(&device.path);
+                        w.u64(device.size_bytes);
+                        w.u32(device.column_count);
+                        w.u32(device.free_columns);
+                        w.u8(device_state_tag(device.state));
+                    });
+                }
+                SledResponse::Allocated(columns) => w.vec(columns, put_column),
+                SledResponse::Freed => {}
+                SledResponse::Claimed {
+                    epoch,
+                    length_bytes,
+                } => {
+                    w.u64(*epoch);
+                    w.u64(*length_bytes);
+                }
+                SledResponse::Appended { length_bytes } => w.u64(*length_bytes),
+                SledResponse::Data { data, block_crcs } => {
+                    w.bytes(data);
+                    w.vec(block_crcs, |w, crc| w.u32(*crc));
+                }
+                SledResponse::ColumnStatus(status) => {
+                    put_column(w, &status.column);
+                    w.u8(column_state_tag(status.state));
+                    w.option(status.partition.as_ref(), put_partition);
+                    w.u64(status.epoch);
+                    w.u64(status.length_bytes);
+                }
+                SledResponse::ScrubReport(report) => {
+                    w.u64(report.passes);
+                    w.u64(report.bytes_verified);
+                    w.vec(&report.bad_blocks, |w, bad| {
+                        put_column(w, &bad.column);
+                        w.u64(bad.offset);
+                    });
+                }
+                SledResponse::Error(error) => put_sled_error(w, error),
+            },
+        }
+    }
+
+    /// Decode a body of the given kind. `data` payloads are zero-copy
+    /// slices of `body`.
+    pub fn decode(kind: u16, body: Bytes) -> Result<Message, DecodeError> {
+        use kind::*;
+        let mut reader = Reader::new(body);
+        let r = &mut reader;
+        let message = match kind {
+            PING => Message::Ping {
+                nonce: r.u64("nonce")?,
+            },
+            PONG => Message::Pong {
+                nonce: r.u64("nonce")?,
+            },
+            SLED_INVENTORY => Message::Sled(SledRequest::Inventory),
+            SLED_ALLOCATE_COLUMNS => Message::Sled(SledRequest::AllocateColumns {
+                count: r.u32("count")?,
+                device: r.option("device", |r| r.u16("device"))?,
+            }),
+            SLED_FREE_COLUMN => Message::Sled(SledRequest::FreeColumn {
+                column: get_column(r)?,
+                partition: get_partition(r)?,
+                epoch: r.u64("epoch")?,
+            }),
+            SLED_CLAIM => Message::Sled(SledRequest::Claim {
+                column: get_column(r)?,
+                partition: get_partition(r)?,
+                epoch: r.u64("epoch")?,
+            }),
+            SLED_APPEND => Message::Sled(SledRequest::Append {
+                column: get_column(r)?,
+                partition: get_partition(r)?,
+                epoch: r.u64("epoch")?,
+                offset: r.u64("offset")?,
+                data: r.bytes("data", MAX_PAYLOAD_BYTES as u32)?,
+                block_crcs: r.vec("block_crcs", MAX_BLOCK_CRCS, |r| r.u32("block_crc"))?,
+            }),
+            SLED_READ => Message::Sled(SledRequest::Read {
+                column: get_column(r)?,
+                offset: r.u64("offset")?,
+                len: r.u32("len")?,
+            }),
+            SLED_COLUMN_STATUS => Message::Sled(SledRequest::ColumnStatus {
+                column: get_column(r)?,
+            }),
+            SLED_SCRUB_REPORT => Message::Sled(SledRequest::ScrubReport),
+            SLED_INVENTORY_REPLY => Message::SledReply(SledResponse::Inventory(SledInventory {
+                sled_id: r.string("sled_id", MAX_STRING_BYTES)?,
+                column_size_bytes: r.u64("column_size_bytes")?,
+                devices: r.vec("devices", MAX_DEVICES, |r| {
+                    Ok(DeviceInventory {
+                        device: r.u16("device")?,
+                        path: r.string("path", MAX_STRING_BYTES)?,
+                        size_bytes: r.u64("size_bytes")?,
+                        column_count: r.u32("column_count")?,
+                        free_columns: r.u32("free_columns")?,
+                        state: get_device_state(r)?,
+                    })
+                })?,
+            })),
+            SLED_ALLOCATED => Message::SledReply(SledResponse::Allocated(r.vec(
+                "columns",
+                MAX_COLUMNS,
+                get_column,
+            )?)),
+            SLED_FREED => Message::SledReply(SledResponse::Freed),
+            SLED_CLAIMED => Message::SledReply(SledResponse::Claimed {
+                epoch: r.u64("epoch")?,
+                length_bytes: r.u64("length_bytes")?,
+            }),
+            SLED_APPENDED => Message::SledReply(SledResponse::Appended {
+                length_bytes: r.u64("length_bytes")?,
+            }),
+            SLED_DATA => Message::SledReply(SledResponse::Data {
+                data: r.bytes("data", MAX_PAYLOAD_BYTES as u32)?,
+                block_crcs: r.vec("block_crcs", MAX_BLOCK_CRCS, |r| r.u32("block_crc"))?,
+            }),
+            SLED_COLUMN_STATUS_REPLY => {
+                Message::SledReply(SledResponse::ColumnStatus(ColumnStatus {
+                    column: get_column(r)?,
+                    state: get_column_state(r)?,
+                    partition: r.option("partition", get_partition)?,
+                    epoch: r.u64("epoch")?,
+                    length_bytes: r.u64("length_bytes")?,
+                }))
+            }
+            SLED_SCRUB_REPORT_REPLY => Message::SledReply(SledResponse::ScrubReport(ScrubReport {
+                passes: r.u64("passes")?,
+                bytes_verified: r.u64("bytes_verified")?,
+                bad_blocks: r.vec("bad_blocks", MAX_COLUMNS, |r| {
+                    Ok(BadBlock {
+                        column: get_column(r)?,
+                        offset: r.u64("offset")?,
+                    })
+                })?,
+            })),
+            SLED_ERROR => Message::SledReply(SledResponse::Error(get_sled_error(r)?)),
+            kind => return Err(DecodeError::UnknownKind { kind }),
+        };
+        reader.finish()?;
+        Ok(message)
+    }
+
+    /// Encode as one frame. Fails only if the body exceeds
+    /// [`crate::frame::MAX_FRAME_BODY_BYTES`] (a payload over 16 MiB).
+    pub fn try_to_frame(&self, request_id: u64, response: bool) -> Result<Bytes, FrameError> {
+        let flags = if response { FLAG_RESPONSE } else { 0 };
+        let mut builder =
+            FrameBuilder::new(self.kind(), flags, request_id, 64 + self.payload_len());
+        self.encode_body(builder.body_mut());
+        builder.finish()
+    }
+
+    /// Encode as one frame.
+    ///
+    /// # Panics
+    /// If a payload exceeds 16 MiB: callers must bound what they send; use
+    /// [`Message::try_to_frame`] where the size comes from outside.
+    pub fn to_frame(&self, request_id: u64, response: bool) -> Bytes {
+        match self.try_to_frame(request_id, response) {
+            Ok(frame) => frame,
+            Err(error) => panic!("message does not fit a frame: {error}"),
+        }
+    }
+
+    /// Decode a frame's message, checking that the RESPONSE flag agrees
+    /// with the kind.
+    pub fn from_frame(frame: &Frame) -> Result<Message, FrameError> {
+        let kind = frame.header.kind;
+        let message = Message::decode(kind, frame.body.clone()).map_err(|error| match error {
+            DecodeError::UnknownKind { kind } => FrameError::UnknownKind { kind },
+            other => FrameError::Body(other),
+        })?;
+        if message.is_response() != frame.header.is_response() {
+            return Err(FrameError::ResponseFlagMismatch {
+                kind,
+                flags: frame.header.flags,
+            });
+        }
+        Ok(message)
+    }
+}
+
+fn put_column(w: &mut Writer<'_>, column: &ColumnId) {
+    w.u16(column.device);
+    w.u32(column.index);
+}
+
+fn get_column(r: &mut Reader) -> Result<ColumnId, DecodeError> {
+    Ok(ColumnId {
+        device: r.u16("column.device")?,
+        index: r.u32("column.index")?,
+    })
+}
+
+fn put_partition(w: &mut Writer<'_>, partition: &PartitionId) {
+    w.u64(partition.volume);
+    w.u32(partition.partition);
+}
+
+fn get_partition(r: &mut Reader) -> Result<PartitionId, DecodeError> {
+    Ok(PartitionId {
+        volume: r.u64("partition.volume")?,
+        partition: r.u32("partition.partition")?,
+    })
+}
+
+fn device_state_tag(state: DeviceState) -> u8 {
+    match state {
+        DeviceState::Healthy => 0,
+        DeviceState::Failed => 1,
+    }
+}
+
+fn get_device_state(r: &mut Reader) -> Result<DeviceState, DecodeError> {
+    match r.u8("device_state")? {
+        0 => Ok(DeviceState::Healthy),
+        1 => Ok(DeviceState::Failed),
+        tag => Err(DecodeError::UnknownTag {
+            field: "device_state",
+            tag,
+        }),
+    }
+}
+
+fn column_state_tag(state: ColumnState) -> u8 {
+    match state {
+        ColumnState::Free => 0,
+        ColumnState::Allocated => 1,
+        ColumnState::Claimed => 2,
+    }
+}
+
+fn get_column_state(r: &mut Reader) -> Result<ColumnState, DecodeError> {
+    match r.u8("column_state")? {
+        0 => Ok(ColumnState::Free),
+        1 => Ok(ColumnState::Allocated),
+        2 => Ok(ColumnState::Claimed),
+        tag => Err(DecodeError::UnknownTag {
+            field: "column_state",
+            tag,
+        }),
+    }
+}
+
+fn put_sled_error(w: &mut Writer<'_>, error: &SledError) {
+    match error {
+        SledError::Fenced { current_epoch } => {
+            w.u8(0);
+            w.u64(*current_epoch);
+        }
+        SledError::WrongPartition { column, owner } => {
+            w.u8(1);
+            put_column(w, column);
+            put_partition(w, owner);
+        }
+        SledError::NoSuchColumn { column } => {
+            w.u8(2);
+            put_column(w, column);
+        }
+        SledError::BadColumnState { column, state } => {
+            w.u8(3);
+            put_column(w, column);
+            w.u8(column_state_tag(*state));
+        }
+        SledError::OffsetMismatch {
+            column,
+            offset,
+            length_bytes,
+        } => {
+            w.u8(4);
+            put_column(w, column);
+            w.u64(*offset);
+            w.u64(*length_bytes);
+        }
+        SledError::OutOfRange {
+            column,
+            offset,
+            len,
+            length_bytes,
+            column_size_bytes,
+        } => {
+            w.u8(5);
+            put_column(w, column);
+            w.u64(*offset);
+            w.u64(*len);
+            w.u64(*length_bytes);
+            w.u64(*column_size_bytes);
+        }
+        SledError::ChecksumMismatch {
+            column,
+            block_offsets,
+        } => {
+            w.u8(6);
+            put_column(w, column);
+            w.vec(block_offsets, |w, offset| w.u64(*offset));
+        }
+        SledError::DeviceFailed { device } => {
+            w.u8(7);
+            w.u16(*device);
+        }
+        SledError::NoSpace => w.u8(8),
+        SledError::BadRequest { reason } => {
+            w.u8(9);
+            w.string(reason);
+        }
+        SledError::Io { reason } => {
+            w.u8(10);
+            w.string(reason);
+        }
+    }
+}
+
+fn get_sled_error(r: &mut Reader) -> Result<SledError, DecodeError> {
+    Ok(match r.u8("sled_error")? {
+        0 => SledError::Fenced {
+            current_epoch: r.u64("current_epoch")?,
+        },
+        1 => SledError::WrongPartition {
+            column: get_column(r)?,
+            owner: get_partition(r)?,
+        },
+        2 => SledError::NoSuchColumn {
+            column: get_column(r)?,
+        },
+        3 => SledError::BadColumnState {
+            column: get_column(r)?,
+            state: get_column_state(r)?,
+        },
+        4 => SledError::OffsetMismatch {
+            column: get_column(r)?,
+            offset: r.u64("offset")?,
+            length_bytes: r.u64("length_bytes")?,
+        },
+        5 => SledError::OutOfRange {
+            column: get_column(r)?,
+            offset: r.u64("offset")?,
+            len: r.u64("len")?,
+            length_bytes: r.u64("length_bytes")?,
+            column_size_bytes: r.u64("column_size_bytes")?,
+        },
+        6 => SledError::ChecksumMismatch {
+            column: get_column(r)?,
+            block_offsets: r.vec("block_offsets", MAX_BLOCK_CRCS, |r| r.u64("block_offset"))?,
+        },
+        7 => SledError::DeviceFailed {
+            device: r.u16("device")?,
+        },
+        8 => SledError::NoSpace,
+        9 => SledError::BadRequest {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        10 => SledError::Io {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                field: "sled_error",
+                tag,
+            })
+        }
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::frame::decode_frame_exact;
+
+    #[test]
+    fn append_payload_is_zero_copy() {
+        let data = Bytes::from(vec![7u8; 8192]);
+        let message = Message::Sled(SledRequest::Append {
+            column: ColumnId {
+                device: 1,
+                index: 2,
+            },
+            partition: PartitionId {
+                volume: 3,
+                partition: 4,
+            },
+            epoch: 5,
+            offset: 4096,
+            data,
+            block_crcs: vec![1, 2],
+        });
+        let frame = decode_frame_exact(message.to_frame(9, false)).unwrap();
+        let decoded = Message::from_frame(&frame).unwrap();
+        assert_eq!(decoded, message);
+        let Message::Sled(SledRequest::Append { data, .. }) = decoded else {
+            unreachable!()
+        };
+        assert!(frame.body.as_ptr_range().contains(&data.as_ptr()));
+    }
+
+    #[test]
+    fn response_flag_must_match_kind() {
+        let frame = decode_frame_exact(Message::Pong { nonce: 1 }.to_frame(1, false)).unwrap();
+        assert!(matches!(
+            Message::from_frame(&frame),
+            Err(FrameError::ResponseFlagMismatch { .. })
+        ));
+        let frame = decode_frame_exact(Message::Ping { nonce: 1 }.to_frame(1, true)).unwrap();
+        assert!(matches!(
+            Message::from_frame(&frame),
+            Err(FrameError::ResponseFlagMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_and_tags() {
+        assert_eq!(
+            Message::decode(0x0200, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x0200 })
+        );
+        assert!(matches!(
+            Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),
+            Err(DecodeError::UnknownTag { tag: 11, .. })
+        ));
+        assert_eq!(
+            Message::decode(kind::SLED_FREED, Bytes::from_static(&[0])),
+            Err(DecodeError::TrailingBytes { remaining: 1 })
+        );
+    }
+
+    #[test]
+    fn kind_halves() {
+        for message in [
+            Message::Ping { nonce: 0 },
+            Message::Pong { nonce: 0 },
+            Message::Sled(SledRequest::Inventory),
+            Message::SledReply(SledResponse::Freed),
+        ] {
+            assert_eq!(kind::is_response(message.kind()), message.is_response());
+        }
+    }
 }

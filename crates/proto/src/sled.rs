@@ -35,9 +35,17 @@ pub enum SledRequest {
     /// allocated column has no owner until it is claimed.
     AllocateColumns { count: u32, device: Option<u16> },
     /// Give a column back. Fenced by epoch like a write.
-    FreeColumn { column: ColumnId, partition: PartitionId, epoch: Epoch },
+    FreeColumn {
+        column: ColumnId,
+        partition: PartitionId,
+        epoch: Epoch,
+    },
     /// Take ownership of a column for a partition at an epoch (>= stored).
-    Claim { column: ColumnId, partition: PartitionId, epoch: Epoch },
+    Claim {
+        column: ColumnId,
+        partition: PartitionId,
+        epoch: Epoch,
+    },
     /// Append whole 4 KiB blocks at `offset`, which must equal the column's
     /// length, or be a retry of blocks already appended with the same CRCs.
     /// `block_crcs[i]` is the CRC-32C of the i-th 4 KiB block of `data`.
@@ -50,7 +58,11 @@ pub enum SledRequest {
         block_crcs: Vec<u32>,
     },
     /// Read whole 4 KiB blocks of a column below its length.
-    Read { column: ColumnId, offset: u64, len: u32 },
+    Read {
+        column: ColumnId,
+        offset: u64,
+        len: u32,
+    },
     /// State of one column.
     ColumnStatus { column: ColumnId },
     /// Results of the background scrubber so far.
@@ -126,10 +138,18 @@ pub enum SledResponse {
     Inventory(SledInventory),
     Allocated(Vec<ColumnId>),
     Freed,
-    Claimed { epoch: Epoch, length_bytes: u64 },
-    Appended { length_bytes: u64 },
+    Claimed {
+        epoch: Epoch,
+        length_bytes: u64,
+    },
+    Appended {
+        length_bytes: u64,
+    },
     /// `block_crcs` are the stored CRCs, so the reader checks end to end.
-    Data { data: Bytes, block_crcs: Vec<u32> },
+    Data {
+        data: Bytes,
+        block_crcs: Vec<u32>,
+    },
     ColumnStatus(ColumnStatus),
     ScrubReport(ScrubReport),
     Error(SledError),
@@ -141,17 +161,36 @@ pub enum SledError {
     #[error("fenced: column epoch is {current_epoch}")]
     Fenced { current_epoch: Epoch },
     #[error("column {column:?} belongs to partition {owner:?}")]
-    WrongPartition { column: ColumnId, owner: PartitionId },
+    WrongPartition {
+        column: ColumnId,
+        owner: PartitionId,
+    },
     #[error("no such column {column:?}")]
     NoSuchColumn { column: ColumnId },
     #[error("column {column:?} is {state:?}, operation needs another state")]
-    BadColumnState { column: ColumnId, state: ColumnState },
+    BadColumnState {
+        column: ColumnId,
+        state: ColumnState,
+    },
     #[error("append at {offset} but column {column:?} has length {length_bytes}")]
-    OffsetMismatch { column: ColumnId, offset: u64, length_bytes: u64 },
+    OffsetMismatch {
+        column: ColumnId,
+        offset: u64,
+        length_bytes: u64,
+    },
     #[error("range {offset}+{len} outside column {column:?} (length {length_bytes}, size {column_size_bytes})")]
-    OutOfRange { column: ColumnId, offset: u64, len: u64, length_bytes: u64, column_size_bytes: u64 },
+    OutOfRange {
+        column: ColumnId,
+        offset: u64,
+        len: u64,
+        length_bytes: u64,
+        column_size_bytes: u64,
+    },
     #[error("checksum mismatch in column {column:?} at offsets {block_offsets:?}")]
-    ChecksumMismatch { column: ColumnId, block_offsets: Vec<u64> },
+    ChecksumMismatch {
+        column: ColumnId,
+        block_offsets: Vec<u64>,
+    },
     #[error("device {device} has failed")]
     DeviceFailed { device: u16 },
     #[error("no free column")]

@@ -1,0 +1,5 @@
+//! Integration tests of the proto crate, in one binary (see STYLE.md).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod codec;
+mod strategies;

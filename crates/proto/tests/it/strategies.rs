@@ -1,0 +1,216 @@
+//! proptest strategies for every wire type.
+
+use bytes::Bytes;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proto::sled::*;
+use proto::Message;
+
+pub fn column() -> impl Strategy<Value = ColumnId> {
+    (any::<u16>(), any::<u32>()).prop_map(|(device, index)| ColumnId { device, index })
+}
+
+pub fn partition() -> impl Strategy<Value = PartitionId> {
+    (any::<u64>(), any::<u32>()).prop_map(|(volume, partition)| PartitionId { volume, partition })
+}
+
+pub fn payload() -> impl Strategy<Value = Bytes> {
+    vec(any::<u8>(), 0..1024).prop_map(Bytes::from)
+}
+
+pub fn crcs() -> impl Strategy<Value = Vec<u32>> {
+    vec(any::<u32>(), 0..8)
+}
+
+pub fn text() -> impl Strategy<Value = String> {
+    "\\PC{0,24}"
+}
+
+pub fn column_state() -> impl Strategy<Value = ColumnState> {
+    prop_oneof![
+        Just(ColumnState::Free),
+        Just(ColumnState::Allocated),
+        Just(ColumnState::Claimed)
+    ]
+}
+
+pub fn device_state() -> impl Strategy<Value = DeviceState> {
+    prop_oneof![Just(DeviceState::Healthy), Just(DeviceState::Failed)]
+}
+
+pub fn sled_request() -> impl Strategy<Value = SledRequest> {
+    prop_oneof![
+        Just(SledRequest::Inventory),
+        (any::<u32>(), any::<Option<u16>>())
+            .prop_map(|(count, device)| SledRequest::AllocateColumns { count, device }),
+        (column(), partition(), any::<u64>()).prop_map(|(column, partition, epoch)| {
+            SledRequest::FreeColumn {
+                column,
+                partition,
+                epoch,
+            }
+        }),
+        (column(), partition(), any::<u64>()).prop_map(|(column, partition, epoch)| {
+            SledRequest::Claim {
+                column,
+                partition,
+                epoch,
+            }
+        }),
+        (
+            column(),
+            partition(),
+            any::<u64>(),
+            any::<u64>(),
+            payload(),
+            crcs()
+        )
+            .prop_map(|(column, partition, epoch, offset, data, block_crcs)| {
+                SledRequest::Append {
+                    column,
+                    partition,
+                    epoch,
+                    offset,
+                    data,
+                    block_crcs,
+                }
+            }),
+        (column(), any::<u64>(), any::<u32>()).prop_map(|(column, offset, len)| {
+            SledRequest::Read {
+                column,
+                offset,
+                len,
+            }
+        }),
+        column().prop_map(|column| SledRequest::ColumnStatus { column }),
+        Just(SledRequest::ScrubReport),
+    ]
+}
+
+pub fn sled_error() -> impl Strategy<Value = SledError> {
+    prop_oneof![
+        any::<u64>().prop_map(|current_epoch| SledError::Fenced { current_epoch }),
+        (column(), partition())
+            .prop_map(|(column, owner)| SledError::WrongPartition { column, owner }),
+        column().prop_map(|column| SledError::NoSuchColumn { column }),
+        (column(), column_state())
+            .prop_map(|(column, state)| SledError::BadColumnState { column, state }),
+        (column(), any::<u64>(), any::<u64>()).prop_map(|(column, offset, length_bytes)| {
+            SledError::OffsetMismatch {
+                column,
+                offset,
+                length_bytes,
+            }
+        }),
+        (
+            column(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(column, offset, len, length_bytes, column_size_bytes)| {
+                SledError::OutOfRange {
+                    column,
+                    offset,
+                    len,
+                    length_bytes,
+                    column_size_bytes,
+                }
+            }),
+        (column(), vec(any::<u64>(), 0..8)).prop_map(|(column, block_offsets)| {
+            SledError::ChecksumMismatch {
+                column,
+                block_offsets,
+            }
+        }),
+        any::<u16>().prop_map(|device| SledError::DeviceFailed { device }),
+        Just(SledError::NoSpace),
+        text().prop_map(|reason| SledError::BadRequest { reason }),
+        text().prop_map(|reason| SledError::Io { reason }),
+    ]
+}
+
+pub fn device_inventory() -> impl Strategy<Value = DeviceInventory> {
+    (
+        any::<u16>(),
+        text(),
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        device_state(),
+    )
+        .prop_map(
+            |(device, path, size_bytes, column_count, free_columns, state)| DeviceInventory {
+                device,
+                path,
+                size_bytes,
+                column_count,
+                free_columns,
+                state,
+            },
+        )
+}
+
+pub fn sled_response() -> impl Strategy<Value = SledResponse> {
+    prop_oneof![
+        (text(), any::<u64>(), vec(device_inventory(), 0..4)).prop_map(
+            |(sled_id, column_size_bytes, devices)| {
+                SledResponse::Inventory(SledInventory {
+                    sled_id,
+                    column_size_bytes,
+                    devices,
+                })
+            }
+        ),
+        vec(column(), 0..8).prop_map(SledResponse::Allocated),
+        Just(SledResponse::Freed),
+        (any::<u64>(), any::<u64>()).prop_map(|(epoch, length_bytes)| SledResponse::Claimed {
+            epoch,
+            length_bytes
+        }),
+        any::<u64>().prop_map(|length_bytes| SledResponse::Appended { length_bytes }),
+        (payload(), crcs()).prop_map(|(data, block_crcs)| SledResponse::Data { data, block_crcs }),
+        (
+            column(),
+            column_state(),
+            proptest::option::of(partition()),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(column, state, partition, epoch, length_bytes)| {
+                SledResponse::ColumnStatus(ColumnStatus {
+                    column,
+                    state,
+                    partition,
+                    epoch,
+                    length_bytes,
+                })
+            }),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            vec((column(), any::<u64>()), 0..6)
+        )
+            .prop_map(|(passes, bytes_verified, bad)| SledResponse::ScrubReport(
+                ScrubReport {
+                    passes,
+                    bytes_verified,
+                    bad_blocks: bad
+                        .into_iter()
+                        .map(|(column, offset)| BadBlock { column, offset })
+                        .collect(),
+                }
+            )),
+        sled_error().prop_map(SledResponse::Error),
+    ]
+}
+
+pub fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
+        any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+        sled_request().prop_map(Message::Sled),
+        sled_response().prop_map(Message::SledReply),
+    ]
+}
