@@ -1,0 +1,6 @@
+//! End-to-end tests: real `rackblock` processes on loopback networks A and B.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod sled;
+mod sled_network;
