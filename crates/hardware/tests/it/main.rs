@@ -8,3 +8,4 @@
 mod conformance;
 mod engines;
 mod fault;
+mod open;

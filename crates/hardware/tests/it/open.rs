@@ -1,0 +1,191 @@
+//! `open_device`: creation, sizing, O_DIRECT, engine selection, errors, and
+//! the io_uring engine's thread lifecycle.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hardware::{
+    open_device, DeviceError, EngineChoice, EngineKind, OpenOptions, BLOCK_SIZE, ENGINE_ENV_VAR,
+};
+
+use crate::conformance::pattern;
+use crate::engines::options;
+
+fn uring_allowed_missing() -> bool {
+    std::env::var("RACKBLOCK_ALLOW_NO_URING").as_deref() == Ok("1")
+}
+
+#[tokio::test]
+async fn creates_sizes_and_uses_direct_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.img");
+    // Unaligned sizes are rounded down to whole blocks.
+    let device = open_device(&path, &options(EngineChoice::Sync, 1 << 20 | 100)).unwrap();
+    assert_eq!(device.info().size_bytes, 1 << 20);
+    assert_eq!(device.info().path, path);
+    // ext4/xfs support O_DIRECT; tmpfs on old kernels does not.
+    if !is_tmpfs(dir.path()) {
+        assert!(device.info().direct_io);
+    }
+    drop(device);
+    // An existing file is opened as is, not resized.
+    let device = open_device(&path, &options(EngineChoice::Sync, 8 << 20)).unwrap();
+    assert_eq!(device.info().size_bytes, 1 << 20);
+    let buffered = OpenOptions {
+        direct: false,
+        ..options(EngineChoice::Sync, 0)
+    };
+    assert!(!open_device(&path, &buffered).unwrap().info().direct_io);
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let mut best: Option<(usize, bool)> = None;
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() > 2 && path.starts_with(fields[1]) {
+            let len = fields[1].len();
+            if best.is_none_or(|(best_len, _)| len >= best_len) {
+                best = Some((len, fields[2] == "tmpfs"));
+            }
+        }
+    }
+    best.is_some_and(|(_, tmpfs)| tmpfs)
+}
+
+#[tokio::test]
+async fn auto_prefers_uring() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = open_device(
+        &dir.path().join("a.img"),
+        &options(EngineChoice::Auto, 1 << 20),
+    )
+    .unwrap();
+    if !uring_allowed_missing() {
+        assert_eq!(device.info().engine, EngineKind::Uring);
+    }
+    device.write_at(0, pattern(1, 1)).await.unwrap();
+    assert_eq!(device.read_at(0, BLOCK_SIZE).await.unwrap(), pattern(1, 1));
+}
+
+#[test]
+fn missing_file_without_create_is_an_open_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.img");
+    let options = OpenOptions::default();
+    match open_device(&path, &options) {
+        Err(DeviceError::Open {
+            path: reported,
+            source,
+        }) => {
+            assert_eq!(reported, path);
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected Open error, got {other:?}"),
+    }
+}
+
+#[test]
+fn too_small_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.img");
+    std::fs::write(&path, [0u8; 100]).unwrap();
+    assert!(matches!(
+        open_device(&path, &OpenOptions::default()),
+        Err(DeviceError::TooSmall {
+            size_bytes: 100,
+            needed_bytes: 4096,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn engine_from_env() {
+    // The only test touching this variable.
+    std::env::set_var(ENGINE_ENV_VAR, "sync");
+    assert_eq!(EngineChoice::from_env().unwrap(), EngineChoice::Sync);
+    std::env::set_var(ENGINE_ENV_VAR, "uring");
+    assert_eq!(EngineChoice::from_env().unwrap(), EngineChoice::Uring);
+    std::env::set_var(ENGINE_ENV_VAR, "nvme-of");
+    assert!(matches!(
+        EngineChoice::from_env(),
+        Err(DeviceError::InvalidEngine { value }) if value == "nvme-of"
+    ));
+    std::env::remove_var(ENGINE_ENV_VAR);
+    assert_eq!(EngineChoice::from_env().unwrap(), EngineChoice::Auto);
+}
+
+/// Queue depth 1: hundreds of concurrent callers funnel through one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_queue_depth_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = OpenOptions {
+        queue_depth: 1,
+        ..options(EngineChoice::Uring, 1 << 20)
+    };
+    let Ok(device) = open_device(&dir.path().join("q1.img"), &options) else {
+        assert!(uring_allowed_missing(), "io_uring unavailable");
+        return;
+    };
+    let tasks: Vec<_> = (0..200u64)
+        .map(|task| {
+            let device = Arc::clone(&device);
+            tokio::spawn(async move {
+                let offset = (task % 256) * BLOCK_SIZE as u64;
+                device.write_at(offset, pattern(task, 1)).await.unwrap();
+                assert_eq!(
+                    device.read_at(offset, BLOCK_SIZE).await.unwrap(),
+                    pattern(task, 1)
+                );
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+fn threads_named(name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .map(|comm| comm.trim() == name)
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uring_thread_exits_when_device_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    // comm is at most 15 bytes: "uring-" + 9.
+    let Ok(device) = open_device(
+        &dir.path().join("lifecycle"),
+        &options(EngineChoice::Uring, 1 << 20),
+    ) else {
+        assert!(uring_allowed_missing(), "io_uring unavailable");
+        return;
+    };
+    assert_eq!(threads_named("uring-lifecycle"), 1);
+    // Leave operations in flight with their futures dropped, then drop the device.
+    for _ in 0..8 {
+        let read = device.read_at(0, 64 * BLOCK_SIZE);
+        let _ = tokio::time::timeout(Duration::from_micros(1), read).await;
+    }
+    drop(device);
+    for _ in 0..200 {
+        if threads_named("uring-lifecycle") == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("ring thread still running after the device was dropped");
+}
