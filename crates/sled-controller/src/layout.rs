@@ -66,7 +66,10 @@ pub enum LayoutError {
     #[error("column size {column_size_bytes} is not a non-zero multiple of 4096")]
     BadColumnSize { column_size_bytes: u64 },
     #[error("device of {device_size_bytes} bytes holds no column of {column_size_bytes} bytes")]
-    DeviceTooSmall { device_size_bytes: u64, column_size_bytes: u64 },
+    DeviceTooSmall {
+        device_size_bytes: u64,
+        column_size_bytes: u64,
+    },
     #[error("name {name:?} longer than {MAX_NAME_BYTES} bytes")]
     NameTooLong { name: String },
     #[error("block is blank")]
@@ -80,7 +83,11 @@ pub enum LayoutError {
     #[error("field {field} invalid: {reason}")]
     BadField { field: &'static str, reason: String },
     #[error("block belongs to {what} {found}, expected {expected}")]
-    Misplaced { what: &'static str, found: u64, expected: u64 },
+    Misplaced {
+        what: &'static str,
+        found: u64,
+        expected: u64,
+    },
     #[error("buffer of {len} bytes, expected 4096")]
     BadLength { len: usize },
 }
@@ -179,8 +186,10 @@ impl Reader<'_> {
     fn name(&mut self, field: &'static str) -> Result<String, LayoutError> {
         let len = self.u8() as usize;
         let padded: [u8; MAX_NAME_BYTES] = self.take();
-        String::from_utf8(padded[..len].to_vec())
-            .map_err(|e| LayoutError::BadField { field, reason: e.to_string() })
+        String::from_utf8(padded[..len].to_vec()).map_err(|e| LayoutError::BadField {
+            field,
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -210,11 +219,13 @@ impl Geometry {
         let usable = device_size_bytes.saturating_sub(COLUMN_TABLE_OFFSET);
         let column_count = (usable / per_column_bytes).min(u32::MAX as u64);
         if column_count == 0 {
-            return Err(LayoutError::DeviceTooSmall { device_size_bytes, column_size_bytes });
+            return Err(LayoutError::DeviceTooSmall {
+                device_size_bytes,
+                column_size_bytes,
+            });
         }
-        let crc_blocks_per_column = u32::try_from(crc_blocks_per_column).map_err(|_| {
-            LayoutError::BadColumnSize { column_size_bytes }
-        })?;
+        let crc_blocks_per_column = u32::try_from(crc_blocks_per_column)
+            .map_err(|_| LayoutError::BadColumnSize { column_size_bytes })?;
         let crc_region_offset = COLUMN_TABLE_OFFSET + column_count * 2 * BLOCK_SIZE;
         let data_region_offset =
             crc_region_offset + column_count * 2 * crc_blocks_per_column as u64 * BLOCK_SIZE;
@@ -286,7 +297,10 @@ impl Superblock {
         }
         let mut block = [0u8; BLOCK];
         let g = &self.geometry;
-        let mut w = Writer { buf: &mut block, at: 0 };
+        let mut w = Writer {
+            buf: &mut block,
+            at: 0,
+        };
         w.u64(SUPERBLOCK_MAGIC);
         w.u32(self.layout_version);
         w.u32(BLOCK_SIZE as u32);
@@ -314,11 +328,16 @@ impl Superblock {
         }
         let layout_version = r.u32();
         if layout_version != LAYOUT_VERSION {
-            return Err(LayoutError::BadVersion { found: layout_version });
+            return Err(LayoutError::BadVersion {
+                found: layout_version,
+            });
         }
         let block_size = r.u32();
         if block_size as u64 != BLOCK_SIZE {
-            return Err(LayoutError::BadField { field: "block_size", reason: block_size.to_string() });
+            return Err(LayoutError::BadField {
+                field: "block_size",
+                reason: block_size.to_string(),
+            });
         }
         let unit_name = r.name("unit_name")?;
         let sled_id = r.name("sled_id")?;
@@ -342,7 +361,15 @@ impl Superblock {
                 reason: format!("recorded {geometry:?}, computed {expected:?}"),
             });
         }
-        Ok(Self { layout_version, unit_name, sled_id, device_index, device_uuid, device_size_bytes, geometry })
+        Ok(Self {
+            layout_version,
+            unit_name,
+            sled_id,
+            device_index,
+            device_uuid,
+            device_size_bytes,
+            geometry,
+        })
     }
 }
 
@@ -389,7 +416,10 @@ impl ColumnSlot {
 
     pub fn encode(&self, column: u32) -> [u8; BLOCK] {
         let mut block = [0u8; BLOCK];
-        let mut w = Writer { buf: &mut block, at: 0 };
+        let mut w = Writer {
+            buf: &mut block,
+            at: 0,
+        };
         w.u32(SLOT_MAGIC);
         w.u32(LAYOUT_VERSION);
         w.u32(column);
@@ -409,7 +439,9 @@ impl ColumnSlot {
         let mut r = Reader { buf: block, at: 0 };
         let magic = r.u32();
         if magic != SLOT_MAGIC {
-            return Err(LayoutError::BadMagic { found: magic as u64 });
+            return Err(LayoutError::BadMagic {
+                found: magic as u64,
+            });
         }
         let version = r.u32();
         if version != LAYOUT_VERSION {
@@ -417,14 +449,23 @@ impl ColumnSlot {
         }
         let found = r.u32();
         if found != column {
-            return Err(LayoutError::Misplaced { what: "column", found: found as u64, expected: column as u64 });
+            return Err(LayoutError::Misplaced {
+                what: "column",
+                found: found as u64,
+                expected: column as u64,
+            });
         }
         let generation = r.u64();
         let state = match r.u8() {
             0 => SlotState::Free,
             1 => SlotState::Allocated,
             2 => SlotState::Claimed,
-            other => return Err(LayoutError::BadField { field: "state", reason: other.to_string() }),
+            other => {
+                return Err(LayoutError::BadField {
+                    field: "state",
+                    reason: other.to_string(),
+                })
+            }
         };
         let slot = ColumnSlot {
             generation,
@@ -436,10 +477,16 @@ impl ColumnSlot {
             tail_from: r.u64(),
         };
         if slot.length_bytes % BLOCK_SIZE != 0 || slot.length_bytes > column_size_bytes {
-            return Err(LayoutError::BadField { field: "length_bytes", reason: slot.length_bytes.to_string() });
+            return Err(LayoutError::BadField {
+                field: "length_bytes",
+                reason: slot.length_bytes.to_string(),
+            });
         }
         if slot.tail_from % BLOCK_SIZE != 0 || slot.tail_from > slot.length_bytes {
-            return Err(LayoutError::BadField { field: "tail_from", reason: slot.tail_from.to_string() });
+            return Err(LayoutError::BadField {
+                field: "tail_from",
+                reason: slot.tail_from.to_string(),
+            });
         }
         Ok(slot)
     }
@@ -496,7 +543,9 @@ pub fn recover_slots(slots: [Decoded<ColumnSlot>; 2]) -> SlotRecovery {
                 Decoded::Corrupt(e) => Some(e.clone()),
                 _ => None,
             };
-            SlotRecovery::Unrecoverable { errors: [err(a), err(b)] }
+            SlotRecovery::Unrecoverable {
+                errors: [err(a), err(b)],
+            }
         }
     }
 }
@@ -510,13 +559,19 @@ pub struct CrcBlock {
 
 impl CrcBlock {
     pub fn blank() -> Self {
-        Self { generation: 0, entries: vec![0; CRC_ENTRIES_PER_BLOCK] }
+        Self {
+            generation: 0,
+            entries: vec![0; CRC_ENTRIES_PER_BLOCK],
+        }
     }
 
     pub fn encode(&self, column: u32, crc_block: u32) -> [u8; BLOCK] {
         debug_assert_eq!(self.entries.len(), CRC_ENTRIES_PER_BLOCK);
         let mut block = [0u8; BLOCK];
-        let mut w = Writer { buf: &mut block, at: 0 };
+        let mut w = Writer {
+            buf: &mut block,
+            at: 0,
+        };
         for e in &self.entries {
             w.u32(*e);
         }
@@ -534,17 +589,30 @@ impl CrcBlock {
         let entries = (0..CRC_ENTRIES_PER_BLOCK).map(|_| r.u32()).collect();
         let magic = r.u32();
         if magic != CRC_BLOCK_MAGIC {
-            return Err(LayoutError::BadMagic { found: magic as u64 });
+            return Err(LayoutError::BadMagic {
+                found: magic as u64,
+            });
         }
         let found_column = r.u32();
         if found_column != column {
-            return Err(LayoutError::Misplaced { what: "column", found: found_column as u64, expected: column as u64 });
+            return Err(LayoutError::Misplaced {
+                what: "column",
+                found: found_column as u64,
+                expected: column as u64,
+            });
         }
         let found_block = r.u32();
         if found_block != crc_block {
-            return Err(LayoutError::Misplaced { what: "crc block", found: found_block as u64, expected: crc_block as u64 });
+            return Err(LayoutError::Misplaced {
+                what: "crc block",
+                found: found_block as u64,
+                expected: crc_block as u64,
+            });
         }
-        Ok(Self { generation: r.u64(), entries })
+        Ok(Self {
+            generation: r.u64(),
+            entries,
+        })
     }
 }
 
@@ -557,7 +625,10 @@ pub fn recover_crc_block(copies: [Decoded<CrcBlock>; 2]) -> (CrcBlock, Option<u8
     let mut best: Option<(CrcBlock, u8)> = None;
     for (i, copy) in copies.into_iter().enumerate() {
         if let Decoded::Valid(b) = copy {
-            if best.as_ref().is_none_or(|(cur, _)| b.generation > cur.generation) {
+            if best
+                .as_ref()
+                .is_none_or(|(cur, _)| b.generation > cur.generation)
+            {
                 best = Some((b, i as u8));
             }
         }
@@ -586,19 +657,37 @@ mod tests {
 
     #[test]
     fn geometry_fits_and_does_not_overlap() {
-        for (size, col) in [(64u64 << 20, 1u64 << 20), (1 << 30, 64 << 20), (10 << 20, 4096), (1 << 40, 64 << 20)] {
+        for (size, col) in [
+            (64u64 << 20, 1u64 << 20),
+            (1 << 30, 64 << 20),
+            (10 << 20, 4096),
+            (1 << 40, 64 << 20),
+        ] {
             let g = Geometry::compute(size, col).unwrap();
             assert!(g.end_offset() <= size, "{g:?}");
             assert!(g.crc_region_offset >= g.slot_offset(g.column_count - 1, 1) + BLOCK_SIZE);
-            assert!(g.data_region_offset >= g.crc_block_offset(g.column_count - 1, g.crc_blocks_per_column - 1, 1) + BLOCK_SIZE);
+            assert!(
+                g.data_region_offset
+                    >= g.crc_block_offset(g.column_count - 1, g.crc_blocks_per_column - 1, 1)
+                        + BLOCK_SIZE
+            );
             assert_eq!(g.data_region_offset % BLOCK_SIZE, 0);
             // One more column would not fit.
             let per = 2 * BLOCK_SIZE + 2 * g.crc_blocks_per_column as u64 * BLOCK_SIZE + col;
             assert!(g.end_offset() + per > size);
-            assert!(g.crc_blocks_per_column as u64 * CRC_ENTRIES_PER_BLOCK as u64 >= g.blocks_per_column());
+            assert!(
+                g.crc_blocks_per_column as u64 * CRC_ENTRIES_PER_BLOCK as u64
+                    >= g.blocks_per_column()
+            );
         }
-        assert!(matches!(Geometry::compute(1 << 20, 1 << 20), Err(LayoutError::DeviceTooSmall { .. })));
-        assert!(matches!(Geometry::compute(1 << 30, 1000), Err(LayoutError::BadColumnSize { .. })));
+        assert!(matches!(
+            Geometry::compute(1 << 20, 1 << 20),
+            Err(LayoutError::DeviceTooSmall { .. })
+        ));
+        assert!(matches!(
+            Geometry::compute(1 << 30, 1000),
+            Err(LayoutError::BadColumnSize { .. })
+        ));
     }
 
     fn superblock(unit: String, sled: String, index: u16, uuid: u128) -> Superblock {
@@ -614,20 +703,28 @@ mod tests {
     }
 
     fn slot_strategy() -> impl Strategy<Value = ColumnSlot> {
-        (any::<u64>(), 0u8..3, any::<u64>(), any::<u32>(), any::<u64>(), 0u64..=256, 0u64..=256).prop_map(
-            |(generation, state, volume, partition, epoch, a, b)| {
+        (
+            any::<u64>(),
+            0u8..3,
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            0u64..=256,
+            0u64..=256,
+        )
+            .prop_map(|(generation, state, volume, partition, epoch, a, b)| {
                 let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
                 ColumnSlot {
                     generation,
-                    state: [SlotState::Free, SlotState::Allocated, SlotState::Claimed][state as usize],
+                    state: [SlotState::Free, SlotState::Allocated, SlotState::Claimed]
+                        [state as usize],
                     volume,
                     partition,
                     epoch,
                     length_bytes: hi * BLOCK_SIZE,
                     tail_from: lo * BLOCK_SIZE,
                 }
-            },
-        )
+            })
     }
 
     proptest! {
@@ -689,24 +786,50 @@ mod tests {
 
     #[test]
     fn slot_wrong_column_rejected() {
-        let block = ColumnSlot { generation: 1, ..ColumnSlot::BLANK }.encode(1);
-        assert!(matches!(ColumnSlot::decode(&block, 2, 1 << 20), Err(LayoutError::Misplaced { .. })));
+        let block = ColumnSlot {
+            generation: 1,
+            ..ColumnSlot::BLANK
+        }
+        .encode(1);
+        assert!(matches!(
+            ColumnSlot::decode(&block, 2, 1 << 20),
+            Err(LayoutError::Misplaced { .. })
+        ));
     }
 
     #[test]
     fn blank_and_torn_first_write_recover_to_blank() {
         let blank = || Decoded::Blank;
-        assert_eq!(recover_slots([blank(), blank()]), SlotRecovery::Recovered(ColumnSlot::BLANK));
-        let torn = Decoded::Corrupt(LayoutError::Checksum { stored: 0, computed: 1 });
-        assert_eq!(recover_slots([blank(), torn.clone()]), SlotRecovery::Recovered(ColumnSlot::BLANK));
-        assert!(matches!(recover_slots([torn.clone(), torn]), SlotRecovery::Unrecoverable { .. }));
+        assert_eq!(
+            recover_slots([blank(), blank()]),
+            SlotRecovery::Recovered(ColumnSlot::BLANK)
+        );
+        let torn = Decoded::Corrupt(LayoutError::Checksum {
+            stored: 0,
+            computed: 1,
+        });
+        assert_eq!(
+            recover_slots([blank(), torn.clone()]),
+            SlotRecovery::Recovered(ColumnSlot::BLANK)
+        );
+        assert!(matches!(
+            recover_slots([torn.clone(), torn]),
+            SlotRecovery::Unrecoverable { .. }
+        ));
     }
 
     #[test]
     fn crc_block_higher_generation_wins() {
-        let a = CrcBlock { generation: 4, entries: vec![1; CRC_ENTRIES_PER_BLOCK] };
-        let b = CrcBlock { generation: 5, entries: vec![2; CRC_ENTRIES_PER_BLOCK] };
-        let (best, copy) = recover_crc_block([Decoded::Valid(a.clone()), Decoded::Valid(b.clone())]);
+        let a = CrcBlock {
+            generation: 4,
+            entries: vec![1; CRC_ENTRIES_PER_BLOCK],
+        };
+        let b = CrcBlock {
+            generation: 5,
+            entries: vec![2; CRC_ENTRIES_PER_BLOCK],
+        };
+        let (best, copy) =
+            recover_crc_block([Decoded::Valid(a.clone()), Decoded::Valid(b.clone())]);
         assert_eq!((best, copy), (b, Some(1)));
         let (best, copy) = recover_crc_block([Decoded::Valid(a.clone()), Decoded::Blank]);
         assert_eq!((best, copy), (a, Some(0)));

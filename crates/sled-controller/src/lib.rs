@@ -11,3 +11,7 @@
 //! * [`config`], [`daemon`], [`admin`] — the `rackblock sled-controller` process.
 
 pub mod layout;
+pub mod metrics;
+pub mod store;
+
+mod group_flush;

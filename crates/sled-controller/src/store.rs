@@ -1,0 +1,1176 @@
+//! Column store of one device.
+//!
+//! A [`Store`] owns one formatted device (see [`crate::layout`]) through
+//! `Arc<dyn BlockDevice>` and serves allocate / claim / append / read / free
+//! / status on its columns.
+//!
+//! **Column state machine** (persisted in the ping-pong slots):
+//!
+//! ```text
+//! Free --allocate--> Allocated --claim(P, e)--> Claimed(P, e)
+//!   ^                    |                        |  claim(P, e' >= e): epoch := e'
+//!   +-------free---------+--------free(P, e'>=e)--+  append(P, e' >= e): length += n
+//! ```
+//!
+//! **Invariants.**
+//! 1. In-memory column state equals the last state that was written *and*
+//!    flushed; it is updated only after the group flush succeeded, so every
+//!    reply describes durable state (fencing: owner and highest epoch are
+//!    persisted before any reply that depends on them).
+//! 2. Per column, operations are serialized by a `tokio::sync::Mutex`;
+//!    different columns proceed in parallel and share flushes.
+//! 3. An append writes data blocks, the touched CRC blocks and the next slot
+//!    concurrently, then group-flushes. A crash before the flush can leave
+//!    any subset on disk; the slot records `tail_from`, and at open the range
+//!    `[tail_from, length)` is verified against the CRCs. Blocks that fail are
+//!    recorded as bad (length is not rolled back: the head node may have seen
+//!    the ack race the crash). A retry of that append (same offset) rewrites
+//!    and heals them — for in-doubt bad blocks the retry's CRCs are accepted
+//!    even if the stored CRC entry never reached the disk.
+//! 4. Reads never return data that fails its stored CRC.
+//! 5. A device error that `is_device_failure()` marks the whole device
+//!    failed; from then on every operation answers `DeviceFailed`.
+//!
+//! CRC blocks are cached in a FIFO-bounded map (`crc_cache_blocks`), so RAM
+//! does not grow with device size.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+use hardware::{AlignedBuf, BlockDevice, DeviceError};
+use proto::sled::{
+    ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, Epoch, PartitionId,
+    SledError,
+};
+use thiserror::Error;
+use tracing::{error, info, warn};
+
+use crate::group_flush::GroupFlush;
+use crate::layout::{
+    self, recover_crc_block, recover_slots, ColumnSlot, CrcBlock, Decoded, Geometry, LayoutError,
+    SlotRecovery, SlotState, Superblock, BLOCK_SIZE, LAYOUT_VERSION, SUPERBLOCK_OFFSETS,
+};
+use crate::metrics::Metrics;
+
+/// Largest append or read, in bytes.
+pub const MAX_IO_BYTES: u64 = 16 << 20;
+/// Columns per read of the column table at open.
+const TABLE_READ_COLUMNS: u32 = 128;
+
+/// Who a device belongs to; checked against its superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub unit_name: String,
+    pub sled_id: String,
+    pub device_index: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub column_size_bytes: u64,
+    /// Bound on cached CRC blocks (4 KiB each).
+    pub crc_cache_blocks: usize,
+}
+
+impl StoreOptions {
+    pub fn new(column_size_bytes: u64) -> Self {
+        Self {
+            column_size_bytes,
+            crc_cache_blocks: 4096,
+        }
+    }
+}
+
+/// Why a device could not be opened.
+#[derive(Debug, Error)]
+pub enum StoreOpenError {
+    /// The device failed while being opened; the sled runs without it.
+    #[error("device {device} failed during open: {source}")]
+    Device { device: u16, source: DeviceError },
+    /// The device holds another sled's or device's superblock.
+    #[error(
+        "device {device} ({path}) belongs to unit {found_unit:?} sled {found_sled:?} device {found_device}, \
+         expected unit {expected_unit:?} sled {expected_sled:?} device {device}; refusing to use it"
+    )]
+    Foreign {
+        device: u16,
+        path: String,
+        found_unit: String,
+        found_sled: String,
+        found_device: u16,
+        expected_unit: String,
+        expected_sled: String,
+    },
+    /// Neither superblock copy is valid and the device is not blank.
+    #[error("device {device} ({path}) is not blank and has no valid superblock ({errors}); refusing to format it")]
+    NoValidSuperblock {
+        device: u16,
+        path: String,
+        errors: String,
+    },
+    /// Both copies are valid but differ.
+    #[error("device {device} ({path}) has two different valid superblocks")]
+    SuperblockConflict { device: u16, path: String },
+    #[error("device {device} ({path}) was formatted with column size {found} but the rack says {expected}")]
+    ColumnSizeMismatch {
+        device: u16,
+        path: String,
+        found: u64,
+        expected: u64,
+    },
+    #[error("device {device} ({path}) is {size_bytes} bytes, smaller than at format ({formatted_bytes})")]
+    Shrunk {
+        device: u16,
+        path: String,
+        size_bytes: u64,
+        formatted_bytes: u64,
+    },
+    #[error("device {device} ({path}): {source}")]
+    Layout {
+        device: u16,
+        path: String,
+        source: LayoutError,
+    },
+}
+
+impl StoreOpenError {
+    /// True for configuration errors the daemon must not start with (a
+    /// foreign or unreadable device must never be reformatted); false for a
+    /// device that simply failed, which the sled runs without.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, StoreOpenError::Device { .. })
+    }
+}
+
+/// In-memory state of one column (mirrors the durable slot).
+#[derive(Debug)]
+struct Column {
+    slot: ColumnSlot,
+    /// Slots unreadable at open: never allocated, every op fails.
+    quarantined: bool,
+    /// Offsets in the in-doubt tail that failed verification at open.
+    in_doubt_bad: BTreeSet<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct CachedCrc {
+    block: CrcBlock,
+    /// Copy holding `block`; the next write goes to the other one.
+    best_copy: Option<u8>,
+}
+
+#[derive(Debug)]
+struct CrcCache {
+    capacity: usize,
+    map: HashMap<(u32, u32), CachedCrc>,
+    order: VecDeque<(u32, u32)>,
+}
+
+impl CrcCache {
+    fn get(&self, key: (u32, u32)) -> Option<CachedCrc> {
+        self.map.get(&key).cloned()
+    }
+
+    fn put(&mut self, key: (u32, u32), value: CachedCrc) {
+        if self.map.insert(key, value).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// A bad block found by verification (open, read or scrub).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BadBlockAt {
+    pub column: u32,
+    pub offset: u64,
+}
+
+/// Columns of one device.
+#[derive(Debug)]
+pub struct Store {
+    device_index: u16,
+    device: Arc<dyn BlockDevice>,
+    superblock: Superblock,
+    geometry: Geometry,
+    columns: Vec<tokio::sync::Mutex<Column>>,
+    free: Mutex<BTreeSet<u32>>,
+    failed: AtomicBool,
+    flusher: GroupFlush,
+    crc_cache: Mutex<CrcCache>,
+    metrics: Arc<Metrics>,
+    recovered_bad_blocks: Vec<BadBlockAt>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Guarded data is plain bookkeeping, consistent between statements.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn bad_request(reason: impl Into<String>) -> SledError {
+    SledError::BadRequest {
+        reason: reason.into(),
+    }
+}
+
+fn column_state(state: SlotState) -> ColumnState {
+    match state {
+        SlotState::Free => ColumnState::Free,
+        SlotState::Allocated => ColumnState::Allocated,
+        SlotState::Claimed => ColumnState::Claimed,
+    }
+}
+
+fn aligned(data: &[u8]) -> Result<AlignedBuf, SledError> {
+    AlignedBuf::from_slice(data).map_err(|e| SledError::Io {
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens a device: formats it if its first 8 KiB are zero, otherwise
+    /// checks its superblock against `identity`, recovers every column from
+    /// its slots and verifies in-doubt tails.
+    pub async fn open(
+        device: Arc<dyn BlockDevice>,
+        identity: &DeviceIdentity,
+        options: &StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreOpenError> {
+        let index = identity.device_index;
+        let path = device.info().path.display().to_string();
+        let dev_err = |source| StoreOpenError::Device {
+            device: index,
+            source,
+        };
+        let size_bytes = device.info().size_bytes;
+
+        let head = device
+            .read_at(0, 2 * BLOCK_SIZE as usize)
+            .await
+            .map_err(dev_err)?;
+        let copies = [
+            Decoded::from_result(Superblock::decode(&head[..BLOCK_SIZE as usize])),
+            Decoded::from_result(Superblock::decode(&head[BLOCK_SIZE as usize..])),
+        ];
+        let superblock = match copies {
+            [Decoded::Blank, Decoded::Blank] => {
+                Self::format(&device, identity, options, size_bytes).await?
+            }
+            [Decoded::Valid(a), Decoded::Valid(b)] => {
+                if a != b {
+                    return Err(StoreOpenError::SuperblockConflict {
+                        device: index,
+                        path,
+                    });
+                }
+                a
+            }
+            [Decoded::Valid(sb), other] | [other, Decoded::Valid(sb)] => {
+                warn!(device = index, %path, ?other, "one superblock copy is damaged; rewriting it from the other");
+                let block = sb.encode().map_err(|source| StoreOpenError::Layout {
+                    device: index,
+                    path: path.clone(),
+                    source,
+                })?;
+                for offset in SUPERBLOCK_OFFSETS {
+                    let buf = AlignedBuf::from_slice(&block).map_err(dev_err)?;
+                    device.write_at(offset, buf).await.map_err(dev_err)?;
+                }
+                device.flush().await.map_err(dev_err)?;
+                sb
+            }
+            [a, b] => {
+                return Err(StoreOpenError::NoValidSuperblock {
+                    device: index,
+                    path,
+                    errors: format!("copy 0: {a:?}; copy 1: {b:?}"),
+                })
+            }
+        };
+        if superblock.sled_id != identity.sled_id
+            || superblock.device_index != identity.device_index
+            || superblock.unit_name != identity.unit_name
+        {
+            return Err(StoreOpenError::Foreign {
+                device: index,
+                path,
+                found_unit: superblock.unit_name,
+                found_sled: superblock.sled_id,
+                found_device: superblock.device_index,
+                expected_unit: identity.unit_name.clone(),
+                expected_sled: identity.sled_id.clone(),
+            });
+        }
+        let geometry = superblock.geometry;
+        if geometry.column_size_bytes != options.column_size_bytes {
+            return Err(StoreOpenError::ColumnSizeMismatch {
+                device: index,
+                path,
+                found: geometry.column_size_bytes,
+                expected: options.column_size_bytes,
+            });
+        }
+        if size_bytes < superblock.device_size_bytes {
+            return Err(StoreOpenError::Shrunk {
+                device: index,
+                path,
+                size_bytes,
+                formatted_bytes: superblock.device_size_bytes,
+            });
+        }
+
+        // Recover the column table in bounded chunks.
+        let mut columns = Vec::with_capacity(geometry.column_count as usize);
+        let mut free = BTreeSet::new();
+        let mut first = 0u32;
+        while first < geometry.column_count {
+            let n = TABLE_READ_COLUMNS.min(geometry.column_count - first);
+            let buf = device
+                .read_at(
+                    geometry.slot_offset(first, 0),
+                    (n as u64 * 2 * BLOCK_SIZE) as usize,
+                )
+                .await
+                .map_err(dev_err)?;
+            for i in 0..n {
+                let column = first + i;
+                let at = (i as usize) * 2 * BLOCK_SIZE as usize;
+                let slot = |k: usize| {
+                    let b = &buf[at + k * BLOCK_SIZE as usize..at + (k + 1) * BLOCK_SIZE as usize];
+                    Decoded::from_result(ColumnSlot::decode(b, column, geometry.column_size_bytes))
+                };
+                let (slot, quarantined) = match recover_slots([slot(0), slot(1)]) {
+                    SlotRecovery::Recovered(s) => (s, false),
+                    SlotRecovery::Unrecoverable { errors } => {
+                        error!(
+                            device = index,
+                            column,
+                            ?errors,
+                            "both metadata slots of the column are corrupt; quarantining it"
+                        );
+                        (ColumnSlot::BLANK, true)
+                    }
+                };
+                if slot.state == SlotState::Free && !quarantined {
+                    free.insert(column);
+                }
+                columns.push(Column {
+                    slot,
+                    quarantined,
+                    in_doubt_bad: BTreeSet::new(),
+                });
+            }
+            first += n;
+        }
+
+        let mut store = Store {
+            device_index: index,
+            device,
+            superblock,
+            geometry,
+            columns: Vec::new(),
+            free: Mutex::new(free),
+            failed: AtomicBool::new(false),
+            flusher: GroupFlush::default(),
+            crc_cache: Mutex::new(CrcCache {
+                capacity: options.crc_cache_blocks.max(8),
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
+            metrics,
+            recovered_bad_blocks: Vec::new(),
+        };
+
+        // Verify in-doubt tails (each at most one append, <= 16 MiB).
+        let mut bad = Vec::new();
+        for (column, c) in columns.iter_mut().enumerate() {
+            let column = column as u32;
+            if c.slot.state == SlotState::Claimed && c.slot.tail_from < c.slot.length_bytes {
+                let len = c.slot.length_bytes - c.slot.tail_from;
+                let failing = store
+                    .verify_blocks(column, c.slot.tail_from, len)
+                    .await
+                    .map_err(|e| match e {
+                        VerifyError::Device(source) => dev_err(source),
+                    })?;
+                for offset in failing {
+                    warn!(
+                        device = index,
+                        column, offset, "in-doubt tail block fails its checksum after restart"
+                    );
+                    c.in_doubt_bad.insert(offset);
+                    bad.push(BadBlockAt { column, offset });
+                }
+            }
+        }
+        store.columns = columns.into_iter().map(tokio::sync::Mutex::new).collect();
+        store.recovered_bad_blocks = bad;
+        store.metrics.set_device_up(index, true);
+        store.metrics.set_free_columns(index, store.free_count());
+        info!(device = index, path = %store.device.info().path.display(), columns = geometry.column_count, free = store.free_count(), "device opened");
+        Ok(store)
+    }
+
+    async fn format(
+        device: &Arc<dyn BlockDevice>,
+        identity: &DeviceIdentity,
+        options: &StoreOptions,
+        size_bytes: u64,
+    ) -> Result<Superblock, StoreOpenError> {
+        let index = identity.device_index;
+        let path = device.info().path.display().to_string();
+        let layout_err = |source| StoreOpenError::Layout {
+            device: index,
+            path: path.clone(),
+            source,
+        };
+        let dev_err = |source| StoreOpenError::Device {
+            device: index,
+            source,
+        };
+        let geometry =
+            Geometry::compute(size_bytes, options.column_size_bytes).map_err(layout_err)?;
+        let superblock = Superblock {
+            layout_version: LAYOUT_VERSION,
+            unit_name: identity.unit_name.clone(),
+            sled_id: identity.sled_id.clone(),
+            device_index: index,
+            device_uuid: rand::random::<u128>(),
+            device_size_bytes: size_bytes,
+            geometry,
+        };
+        let block = superblock.encode().map_err(layout_err)?;
+        info!(device = index, %path, columns = geometry.column_count, "formatting blank device");
+        // Zero the column table first (a reused device may hold old bytes
+        // there), flush, and only then write the superblocks: a crash in
+        // between leaves a blank device that is formatted again.
+        let table_end = geometry.crc_region_offset;
+        let chunk = 1u64 << 20;
+        let mut at = geometry.column_table_offset;
+        while at < table_end {
+            let n = chunk.min(table_end - at);
+            let buf = AlignedBuf::zeroed(n as usize).map_err(dev_err)?;
+            device.write_at(at, buf).await.map_err(dev_err)?;
+            at += n;
+        }
+        device.flush().await.map_err(dev_err)?;
+        for offset in SUPERBLOCK_OFFSETS {
+            let buf = AlignedBuf::from_slice(&block).map_err(dev_err)?;
+            device.write_at(offset, buf).await.map_err(dev_err)?;
+        }
+        device.flush().await.map_err(dev_err)?;
+        Ok(superblock)
+    }
+
+    pub fn device_index(&self) -> u16 {
+        self.device_index
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub fn free_count(&self) -> u32 {
+        lock(&self.free).len() as u32
+    }
+
+    /// Blocks found bad in in-doubt tails at open.
+    pub fn recovered_bad_blocks(&self) -> &[BadBlockAt] {
+        &self.recovered_bad_blocks
+    }
+
+    pub fn inventory(&self) -> DeviceInventory {
+        DeviceInventory {
+            device: self.device_index,
+            path: self.device.info().path.display().to_string(),
+            size_bytes: self.device.info().size_bytes,
+            column_count: self.geometry.column_count,
+            free_columns: self.free_count(),
+            state: if self.is_failed() {
+                DeviceState::Failed
+            } else {
+                DeviceState::Healthy
+            },
+        }
+    }
+
+    fn column_id(&self, index: u32) -> ColumnId {
+        ColumnId {
+            device: self.device_index,
+            index,
+        }
+    }
+
+    /// Marks the device failed (idempotent) and returns the error to reply.
+    pub fn mark_failed(&self, reason: &str) -> SledError {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            error!(device = self.device_index, path = %self.device.info().path.display(), reason, "device failed; isolating it");
+            self.metrics.set_device_up(self.device_index, false);
+        }
+        SledError::DeviceFailed {
+            device: self.device_index,
+        }
+    }
+
+    fn device_error(&self, e: DeviceError) -> SledError {
+        if e.is_device_failure() {
+            self.mark_failed(&e.to_string())
+        } else {
+            // Argument errors are our bug, not the device's.
+            error!(device = self.device_index, error = %e, "device rejected an operation");
+            SledError::Io {
+                reason: e.to_string(),
+            }
+        }
+    }
+
+    fn check_healthy(&self) -> Result<(), SledError> {
+        if self.is_failed() {
+            return Err(SledError::DeviceFailed {
+                device: self.device_index,
+            });
+        }
+        Ok(())
+    }
+
+    fn column(&self, index: u32) -> Result<&tokio::sync::Mutex<Column>, SledError> {
+        self.columns
+            .get(index as usize)
+            .ok_or(SledError::NoSuchColumn {
+                column: self.column_id(index),
+            })
+    }
+
+    async fn write(&self, offset: u64, buf: AlignedBuf) -> Result<(), SledError> {
+        self.device
+            .write_at(offset, buf)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.device_error(e))
+    }
+
+    async fn read_device(&self, offset: u64, len: usize) -> Result<AlignedBuf, SledError> {
+        self.device
+            .read_at(offset, len)
+            .await
+            .map_err(|e| self.device_error(e))
+    }
+
+    async fn flush(&self) -> Result<(), SledError> {
+        let device = &self.device;
+        match self
+            .flusher
+            .wait(|| async { device.flush().await.map_err(|e| e.to_string()) })
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(self.mark_failed(&format!("flush failed: {reason}"))),
+        }
+    }
+
+    async fn write_slot(&self, index: u32, slot: &ColumnSlot) -> Result<(), SledError> {
+        let block = slot.encode(index);
+        self.write(
+            self.geometry.slot_offset(index, slot.slot_index()),
+            aligned(&block)?,
+        )
+        .await
+    }
+
+    /// Loads (or returns cached) CRC block `crc_block` of `index`.
+    async fn load_crc_block(&self, index: u32, crc_block: u32) -> Result<CachedCrc, DeviceError> {
+        if let Some(c) = lock(&self.crc_cache).get((index, crc_block)) {
+            return Ok(c);
+        }
+        let buf = self
+            .device
+            .read_at(
+                self.geometry.crc_block_offset(index, crc_block, 0),
+                2 * BLOCK_SIZE as usize,
+            )
+            .await?;
+        let half = BLOCK_SIZE as usize;
+        let copies = [
+            Decoded::from_result(CrcBlock::decode(&buf[..half], index, crc_block)),
+            Decoded::from_result(CrcBlock::decode(&buf[half..], index, crc_block)),
+        ];
+        let (block, best_copy) = recover_crc_block(copies);
+        let cached = CachedCrc { block, best_copy };
+        lock(&self.crc_cache).put((index, crc_block), cached.clone());
+        Ok(cached)
+    }
+
+    /// Stored CRCs of the blocks in `[offset, offset + len)`.
+    async fn stored_crcs(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u32>, DeviceError> {
+        let mut out = Vec::with_capacity((len / BLOCK_SIZE) as usize);
+        let mut at = offset;
+        let mut current: Option<(u32, CachedCrc)> = None;
+        while at < offset + len {
+            let (cb, entry) = Geometry::crc_position(at);
+            if current.as_ref().is_none_or(|(k, _)| *k != cb) {
+                current = Some((cb, self.load_crc_block(index, cb).await?));
+            }
+            if let Some((_, c)) = &current {
+                out.push(c.block.entries[entry]);
+            }
+            at += BLOCK_SIZE;
+        }
+        Ok(out)
+    }
+
+    /// Offsets in `[offset, offset+len)` whose data fails its stored CRC.
+    async fn verify_blocks(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u64>, VerifyError> {
+        let data = self
+            .device
+            .read_at(self.geometry.data_offset(index, offset), len as usize)
+            .await
+            .map_err(VerifyError::Device)?;
+        let stored = self
+            .stored_crcs(index, offset, len)
+            .await
+            .map_err(VerifyError::Device)?;
+        Ok(data
+            .chunks(BLOCK_SIZE as usize)
+            .zip(stored)
+            .enumerate()
+            .filter(|(_, (block, crc))| crc32c::crc32c(block) != *crc)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .collect())
+    }
+
+    /// Builds the new versions of the CRC blocks touched by writing `crcs`
+    /// at `offset`; returns (crc block index, new cached value, encoded block).
+    async fn updated_crc_blocks(
+        &self,
+        index: u32,
+        offset: u64,
+        crcs: &[u32],
+    ) -> Result<Vec<(u32, CachedCrc, Vec<u8>, u64)>, SledError> {
+        let mut out: Vec<(u32, CachedCrc)> = Vec::new();
+        for (i, crc) in crcs.iter().enumerate() {
+            let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE);
+            if out.last().is_none_or(|(k, _)| *k != cb) {
+                let cached = self
+                    .load_crc_block(index, cb)
+                    .await
+                    .map_err(|e| self.device_error(e))?;
+                out.push((cb, cached));
+            }
+            if let Some((_, c)) = out.last_mut() {
+                c.block.entries[entry] = *crc;
+            }
+        }
+        let mut result = Vec::with_capacity(out.len());
+        for (cb, mut c) in out {
+            let copy = match c.best_copy {
+                Some(k) => 1 - k,
+                None => 0,
+            };
+            c.block.generation += 1;
+            c.best_copy = Some(copy);
+            let buf = c.block.encode(index, cb).to_vec();
+            let at = self.geometry.crc_block_offset(index, cb, copy);
+            result.push((cb, c, buf, at));
+        }
+        Ok(result)
+    }
+
+    /// Reserves `count` free columns (all or nothing).
+    pub async fn allocate(&self, count: u32) -> Result<Vec<u32>, SledError> {
+        self.check_healthy()?;
+        let picked: Vec<u32> = {
+            let mut free = lock(&self.free);
+            if (free.len() as u64) < count as u64 {
+                return Err(SledError::NoSpace);
+            }
+            (0..count).filter_map(|_| free.pop_first()).collect()
+        };
+        let result = self.allocate_picked(&picked).await;
+        if result.is_err() {
+            let mut free = lock(&self.free);
+            free.extend(picked.iter().copied());
+        }
+        self.metrics
+            .set_free_columns(self.device_index, self.free_count());
+        result.map(|()| picked)
+    }
+
+    async fn allocate_picked(&self, picked: &[u32]) -> Result<(), SledError> {
+        let mut guards = Vec::with_capacity(picked.len());
+        for &index in picked {
+            guards.push(self.column(index)?.lock().await);
+        }
+        let mut next = Vec::with_capacity(picked.len());
+        for (guard, &index) in guards.iter().zip(picked) {
+            // Free columns are only in the free set; a free-set entry in
+            // another state would be a broken invariant.
+            assert_eq!(
+                guard.slot.state,
+                SlotState::Free,
+                "column {index} in free set but not free"
+            );
+            next.push(ColumnSlot {
+                generation: guard.slot.generation + 1,
+                state: SlotState::Allocated,
+                volume: 0,
+                partition: 0,
+                epoch: 0,
+                length_bytes: 0,
+                tail_from: 0,
+            });
+        }
+        try_join_all(
+            picked
+                .iter()
+                .zip(&next)
+                .map(|(&i, s)| self.write_slot(i, s)),
+        )
+        .await?;
+        self.flush().await?;
+        for (guard, slot) in guards.iter_mut().zip(next) {
+            guard.slot = slot;
+            guard.in_doubt_bad.clear();
+        }
+        Ok(())
+    }
+
+    fn check_usable(&self, index: u32, c: &Column) -> Result<(), SledError> {
+        self.check_healthy()?;
+        if c.quarantined {
+            return Err(SledError::Io {
+                reason: format!(
+                    "metadata of column {index} on device {} is unreadable",
+                    self.device_index
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes ownership of an Allocated column, or raises the epoch of a
+    /// column already claimed by the same partition.
+    pub async fn claim(
+        &self,
+        index: u32,
+        partition: PartitionId,
+        epoch: Epoch,
+    ) -> Result<(Epoch, u64), SledError> {
+        self.check_healthy()?;
+        let mut c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        let column = self.column_id(index);
+        let next = match c.slot.state {
+            SlotState::Free => {
+                return Err(SledError::BadColumnState {
+                    column,
+                    state: ColumnState::Free,
+                })
+            }
+            SlotState::Allocated => {
+                if epoch < c.slot.epoch {
+                    return Err(SledError::Fenced {
+                        current_epoch: c.slot.epoch,
+                    });
+                }
+                ColumnSlot {
+                    generation: c.slot.generation + 1,
+                    state: SlotState::Claimed,
+                    volume: partition.volume,
+                    partition: partition.partition,
+                    epoch,
+                    length_bytes: 0,
+                    tail_from: 0,
+                }
+            }
+            SlotState::Claimed => {
+                self.check_owner(index, &c, partition, epoch)?;
+                if epoch == c.slot.epoch {
+                    return Ok((c.slot.epoch, c.slot.length_bytes));
+                }
+                ColumnSlot {
+                    generation: c.slot.generation + 1,
+                    epoch,
+                    ..c.slot
+                }
+            }
+        };
+        self.write_slot(index, &next).await?;
+        self.flush().await?;
+        c.slot = next;
+        Ok((next.epoch, next.length_bytes))
+    }
+
+    fn check_owner(
+        &self,
+        index: u32,
+        c: &Column,
+        partition: PartitionId,
+        epoch: Epoch,
+    ) -> Result<(), SledError> {
+        let owner = PartitionId {
+            volume: c.slot.volume,
+            partition: c.slot.partition,
+        };
+        if owner != partition {
+            return Err(SledError::WrongPartition {
+                column: self.column_id(index),
+                owner,
+            });
+        }
+        if epoch < c.slot.epoch {
+            return Err(SledError::Fenced {
+                current_epoch: c.slot.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends whole blocks at `offset` (see module docs for retries).
+    pub async fn append(
+        &self,
+        index: u32,
+        partition: PartitionId,
+        epoch: Epoch,
+        offset: u64,
+        data: &Bytes,
+        block_crcs: &[u32],
+    ) -> Result<u64, SledError> {
+        let column = self.column_id(index);
+        let len = data.len() as u64;
+        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES {
+            return Err(bad_request(format!(
+                "append length {len} is not a non-zero multiple of 4096 up to {MAX_IO_BYTES}"
+            )));
+        }
+        if offset % BLOCK_SIZE != 0 {
+            return Err(bad_request(format!(
+                "append offset {offset} is not a multiple of 4096"
+            )));
+        }
+        let blocks = (len / BLOCK_SIZE) as usize;
+        if block_crcs.len() != blocks {
+            return Err(bad_request(format!(
+                "{} block CRCs for {blocks} blocks",
+                block_crcs.len()
+            )));
+        }
+        let computed = layout::block_crcs(data);
+        if let Some(i) = computed.iter().zip(block_crcs).position(|(a, b)| a != b) {
+            return Err(bad_request(format!(
+                "CRC of block {i} does not match its data"
+            )));
+        }
+        self.check_healthy()?;
+        let mut c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        if c.slot.state != SlotState::Claimed {
+            return Err(SledError::BadColumnState {
+                column,
+                state: column_state(c.slot.state),
+            });
+        }
+        self.check_owner(index, &c, partition, epoch)?;
+        let length = c.slot.length_bytes;
+        let size = self.geometry.column_size_bytes;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(SledError::OutOfRange {
+                column,
+                offset,
+                len,
+                length_bytes: length,
+                column_size_bytes: size,
+            });
+        }
+        if offset == length {
+            let crc_updates = self.updated_crc_blocks(index, offset, block_crcs).await?;
+            let next = ColumnSlot {
+                generation: c.slot.generation + 1,
+                epoch,
+                length_bytes: length + len,
+                tail_from: offset,
+                ..c.slot
+            };
+            let data_buf = aligned(data)?;
+            let slot_write = self.write_slot(index, &next);
+            let data_write = self.write(self.geometry.data_offset(index, offset), data_buf);
+            let crc_writes = try_join_all(
+                crc_updates
+                    .iter()
+                    .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
+            );
+            // Order on disk is only fixed by the flush below; issue all at once.
+            futures::try_join!(data_write, crc_writes, slot_write)?;
+            self.flush().await?;
+            {
+                let mut cache = lock(&self.crc_cache);
+                for (cb, cached, _, _) in crc_updates {
+                    cache.put((index, cb), cached);
+                }
+            }
+            c.slot = next;
+            // Earlier in-doubt blocks are now behind a later write; they stay
+            // bad (recorded) until rewritten by a retry.
+            self.metrics.appended_bytes.inc_by(len);
+            return Ok(next.length_bytes);
+        }
+        if offset > length || offset + len > length {
+            return Err(SledError::OffsetMismatch {
+                column,
+                offset,
+                length_bytes: length,
+            });
+        }
+        // A retry of blocks already below length.
+        let stored = self
+            .stored_crcs(index, offset, len)
+            .await
+            .map_err(|e| self.device_error(e))?;
+        let mut heals_in_doubt = false;
+        for (i, (s, given)) in stored.iter().zip(block_crcs).enumerate() {
+            let at = offset + i as u64 * BLOCK_SIZE;
+            if s != given {
+                if c.in_doubt_bad.contains(&at) {
+                    heals_in_doubt = true;
+                } else {
+                    return Err(SledError::OffsetMismatch {
+                        column,
+                        offset,
+                        length_bytes: length,
+                    });
+                }
+            }
+        }
+        let crc_updates = if heals_in_doubt {
+            self.updated_crc_blocks(index, offset, block_crcs).await?
+        } else {
+            Vec::new()
+        };
+        let raise = epoch > c.slot.epoch;
+        let next = ColumnSlot {
+            generation: c.slot.generation + 1,
+            epoch,
+            ..c.slot
+        };
+        let data_write = self.write(self.geometry.data_offset(index, offset), aligned(data)?);
+        let crc_writes = try_join_all(
+            crc_updates
+                .iter()
+                .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
+        );
+        let slot_write = async {
+            if raise {
+                self.write_slot(index, &next).await
+            } else {
+                Ok(())
+            }
+        };
+        futures::try_join!(data_write, crc_writes, slot_write)?;
+        self.flush().await?;
+        {
+            let mut cache = lock(&self.crc_cache);
+            for (cb, cached, _, _) in crc_updates {
+                cache.put((index, cb), cached);
+            }
+        }
+        if raise {
+            c.slot = next;
+        }
+        for i in 0..blocks as u64 {
+            c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE));
+        }
+        info!(
+            device = self.device_index,
+            column = index,
+            offset,
+            len,
+            "append retry rewrote blocks"
+        );
+        Ok(c.slot.length_bytes)
+    }
+
+    /// Reads whole blocks below the column's length, verified.
+    pub async fn read(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, Vec<u32>), SledError> {
+        let column = self.column_id(index);
+        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES || offset % BLOCK_SIZE != 0 {
+            return Err(bad_request(format!(
+                "read {offset}+{len} is not whole 4 KiB blocks up to {MAX_IO_BYTES} bytes"
+            )));
+        }
+        self.check_healthy()?;
+        let c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        if c.slot.state == SlotState::Free {
+            return Err(SledError::BadColumnState {
+                column,
+                state: ColumnState::Free,
+            });
+        }
+        let length = c.slot.length_bytes;
+        if offset.checked_add(len).is_none_or(|end| end > length) {
+            return Err(SledError::OutOfRange {
+                column,
+                offset,
+                len,
+                length_bytes: length,
+                column_size_bytes: self.geometry.column_size_bytes,
+            });
+        }
+        let data = self
+            .read_device(self.geometry.data_offset(index, offset), len as usize)
+            .await?;
+        let stored = self
+            .stored_crcs(index, offset, len)
+            .await
+            .map_err(|e| self.device_error(e))?;
+        drop(c);
+        let bad: Vec<u64> = data
+            .chunks(BLOCK_SIZE as usize)
+            .zip(&stored)
+            .enumerate()
+            .filter(|(_, (block, crc))| crc32c::crc32c(block) != **crc)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .collect();
+        if !bad.is_empty() {
+            self.metrics.checksum_errors.inc_by(bad.len() as u64);
+            warn!(
+                device = self.device_index,
+                column = index,
+                ?bad,
+                "checksum mismatch on read"
+            );
+            return Err(SledError::ChecksumMismatch {
+                column,
+                block_offsets: bad,
+            });
+        }
+        self.metrics.read_bytes.inc_by(len);
+        Ok((data.into_bytes(), stored))
+    }
+
+    /// Gives a column back (see module docs for the fencing rule).
+    pub async fn free(
+        &self,
+        index: u32,
+        partition: PartitionId,
+        epoch: Epoch,
+    ) -> Result<(), SledError> {
+        self.check_healthy()?;
+        let mut c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        match c.slot.state {
+            SlotState::Free => return Ok(()),
+            SlotState::Allocated => {}
+            SlotState::Claimed => self.check_owner(index, &c, partition, epoch)?,
+        }
+        let next = ColumnSlot {
+            generation: c.slot.generation + 1,
+            ..ColumnSlot::BLANK
+        };
+        self.write_slot(index, &next).await?;
+        self.flush().await?;
+        c.slot = next;
+        c.in_doubt_bad.clear();
+        // Discard is advisory: the slot already says Free and the data is
+        // unreachable below length 0.
+        let size = self.geometry.column_size_bytes;
+        if let Err(e) = self
+            .device
+            .discard(self.geometry.data_offset(index, 0), size)
+            .await
+        {
+            if e.is_device_failure() {
+                self.mark_failed(&e.to_string());
+            } else {
+                warn!(device = self.device_index, column = index, error = %e, "discard failed");
+            }
+        }
+        drop(c);
+        lock(&self.free).insert(index);
+        self.metrics
+            .set_free_columns(self.device_index, self.free_count());
+        Ok(())
+    }
+
+    pub async fn status(&self, index: u32) -> Result<ColumnStatus, SledError> {
+        self.check_healthy()?;
+        let c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        Ok(ColumnStatus {
+            column: self.column_id(index),
+            state: column_state(c.slot.state),
+            partition: (c.slot.state == SlotState::Claimed).then_some(PartitionId {
+                volume: c.slot.volume,
+                partition: c.slot.partition,
+            }),
+            epoch: c.slot.epoch,
+            length_bytes: c.slot.length_bytes,
+        })
+    }
+
+    /// Claimed columns and their lengths (a snapshot, for the scrubber).
+    pub async fn claimed_columns(&self) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        for (i, c) in self.columns.iter().enumerate() {
+            let c = c.lock().await;
+            if c.slot.state == SlotState::Claimed && c.slot.length_bytes > 0 {
+                out.push((i as u32, c.slot.length_bytes));
+            }
+        }
+        out
+    }
+
+    /// Verifies `[offset, offset+len)` of a column (clamped to its current
+    /// length) and returns the failing block offsets.
+    pub async fn verify(&self, index: u32, offset: u64, len: u64) -> Result<Vec<u64>, SledError> {
+        self.check_healthy()?;
+        let c = self.column(index)?.lock().await;
+        self.check_usable(index, &c)?;
+        if c.slot.state != SlotState::Claimed || offset >= c.slot.length_bytes {
+            return Ok(Vec::new());
+        }
+        let len = len.min(c.slot.length_bytes - offset);
+        self.verify_blocks(index, offset, len)
+            .await
+            .map_err(|VerifyError::Device(e)| self.device_error(e))
+    }
+}
+
+#[derive(Debug)]
+enum VerifyError {
+    Device(DeviceError),
+}
