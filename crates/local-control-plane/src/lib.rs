@@ -1,1 +1,28 @@
-//! Filled by a later issue; see ARCHITECTURE.md.
+//! Local control plane of a unit: the decisions that must never be made
+//! twice (who is primary of a partition at which epoch, which columns make
+//! which extent), agreed by Raft among the unit's head nodes.
+//!
+//! This crate is built sans-IO first:
+//!
+//! * [`state`] — [`UnitState`], the replicated state machine: inventory,
+//!   volumes and partitions (primary, secondary, epoch, lease, sandbox),
+//!   extents and free columns; its invariant checker and read models
+//!   ([`PartitionMap`], [`UnitStatus`]). Pure and deterministic: no clock,
+//!   no randomness, no I/O.
+//! * [`command`] — [`Command`], one Raft entry's payload, and [`Outcome`].
+//! * [`error`] — [`CommandError`]: a refused command changed nothing.
+//!
+//! The Raft shell (openraft type config, log and state-machine storage,
+//! RPCs on the dual-path transport) and the leader's controllers (failure
+//! detection, failover, repair) drive this core and come with later work.
+
+pub mod command;
+pub mod error;
+pub mod state;
+
+pub use command::{Command, DeviceSpec, Endpoint, Network, Outcome};
+pub use error::{CommandError, Entity};
+pub use state::{
+    ColumnRef, DeviceRef, Epoch, ErasureCode, ExtentId, Health, NodeId, PartitionId, PartitionMap,
+    SledId, UnitState, UnitStatus, VolumeId,
+};

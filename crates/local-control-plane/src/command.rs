@@ -1,0 +1,175 @@
+//! Commands of the unit state machine and what applying them returns.
+//!
+//! A [`Command`] is one Raft log entry's payload. It carries everything the
+//! state machine needs, including time (`now_ms`, read from the leader's
+//! clock when the command is proposed), so that applying the same log on any
+//! member gives the same state and the same [`Outcome`]. A command is applied
+//! atomically: it either fully succeeds or is refused with a
+//! [`CommandError`](crate::CommandError) and changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{
+    ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, SledId, VolumeId,
+};
+
+/// One of the two redundant internal networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Network {
+    A,
+    B,
+}
+
+/// Something with one address on each network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Endpoint {
+    Node(NodeId),
+    Sled(SledId),
+}
+
+/// A device as a sled controller reports it when the sled registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSpec {
+    pub device: u16,
+    pub size_bytes: u64,
+}
+
+/// A typed request to the unit state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Add a head node (Up, both paths up).
+    RegisterHeadNode {
+        node: NodeId,
+        address_a: String,
+        address_b: String,
+    },
+    /// Add a sled and its devices (all Up, no free columns yet).
+    RegisterSled {
+        sled: SledId,
+        address_a: String,
+        address_b: String,
+        fault_domain: String,
+        power_domain: String,
+        column_size_bytes: u64,
+        devices: Vec<DeviceSpec>,
+    },
+    /// Columns a sled controller reports free on one of its devices.
+    AddFreeColumns {
+        sled: SledId,
+        device: u16,
+        columns: Vec<u32>,
+    },
+    /// Register a volume with this unit and place its partitions on head
+    /// nodes (epoch 1, no lease).
+    RegisterVolume {
+        volume: VolumeId,
+        name: String,
+        size_bytes: u64,
+        partition_size_bytes: u64,
+        k: u8,
+        m: u8,
+    },
+    /// Allocate one extent of the volume's code, owned by `partition`.
+    AllocateExtent {
+        partition: PartitionId,
+    },
+    /// Return an extent's columns to the free pool. The presenter proves it
+    /// acts for the partition's current epoch.
+    FreeExtent {
+        extent: ExtentId,
+        partition: PartitionId,
+        epoch: Epoch,
+    },
+    /// Allocate extents into the partition's sandbox until it holds
+    /// `target` unopened extents. All or nothing.
+    RefillSandbox {
+        partition: PartitionId,
+        target: u32,
+    },
+    /// The primary reports it started filling a sandbox extent: the extent
+    /// leaves the sandbox (it stays owned by the partition), so the next
+    /// refill tops the sandbox up again.
+    OpenSandboxExtent {
+        partition: PartitionId,
+        extent: ExtentId,
+        epoch: Epoch,
+    },
+    /// Make `new_primary` the primary, epoch + 1. Refused while another
+    /// node's lease is unexpired at `now_ms`. With `new_secondary`, the
+    /// secondary is replaced in the same step (failover promotes the old
+    /// secondary and names a new one: one epoch, one consensus write).
+    ChangePrimary {
+        partition: PartitionId,
+        new_primary: NodeId,
+        new_secondary: Option<NodeId>,
+        expected_epoch: Epoch,
+        now_ms: u64,
+    },
+    /// Replace the secondary, epoch + 1 (see the `state` module docs for why).
+    ChangeSecondary {
+        partition: PartitionId,
+        new_secondary: NodeId,
+    },
+    /// Grant or renew the read lease of the current primary at the current
+    /// epoch until `now_ms + duration_ms` (a renewal never shortens it).
+    GrantLease {
+        partition: PartitionId,
+        holder: NodeId,
+        epoch: Epoch,
+        now_ms: u64,
+        duration_ms: u64,
+    },
+    SetNodeHealth {
+        node: NodeId,
+        health: Health,
+    },
+    SetSledHealth {
+        sled: SledId,
+        health: Health,
+    },
+    SetDeviceHealth {
+        device: DeviceRef,
+        health: Health,
+    },
+    /// Record that one network path to a node or sled went down or came
+    /// back. A path fault is not a node fault: health is unchanged.
+    ReportPathFault {
+        endpoint: Endpoint,
+        network: Network,
+        up: bool,
+    },
+}
+
+/// What a successfully applied command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Applied; nothing to report beyond success (also for idempotent
+    /// repeats such as setting a health a node already has).
+    Done,
+    VolumeRegistered {
+        volume: VolumeId,
+        /// (primary, secondary) per partition index.
+        placement: Vec<(NodeId, NodeId)>,
+    },
+    ExtentAllocated {
+        extent: ExtentId,
+        columns: Vec<ColumnRef>,
+    },
+    ExtentFreed {
+        extent: ExtentId,
+        columns: Vec<ColumnRef>,
+    },
+    SandboxRefilled {
+        partition: PartitionId,
+        added: Vec<ExtentId>,
+    },
+    EpochChanged {
+        partition: PartitionId,
+        epoch: Epoch,
+    },
+    LeaseGranted {
+        partition: PartitionId,
+        holder: NodeId,
+        expires_at_ms: u64,
+    },
+}

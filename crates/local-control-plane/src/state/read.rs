@@ -1,0 +1,189 @@
+//! Read models: what clients (partition map) and operators (unit status)
+//! see. Plain serde values computed from the state; the shell adds Raft
+//! facts (members, leader, term) to the unit status.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Epoch, HeadNode, Health, NodeId, PathHealth, SledId, VolumeId};
+use super::UnitState;
+use crate::error::CommandError;
+
+/// A head node and how to reach it on both networks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddress {
+    pub id: NodeId,
+    pub address_a: String,
+    pub address_b: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    pub index: u32,
+    pub primary: NodeAddress,
+    pub secondary: NodeAddress,
+    pub epoch: Epoch,
+    /// Expiry of the primary's read lease, if one was granted.
+    pub lease_expires_at_ms: Option<u64>,
+}
+
+/// Where a volume's partitions live, as a client routes to them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMap {
+    pub volume: VolumeId,
+    pub size_bytes: u64,
+    pub partition_size_bytes: u64,
+    pub partitions: Vec<PartitionEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub address_a: String,
+    pub address_b: String,
+    pub health: Health,
+    pub paths: PathHealth,
+    pub primaries: usize,
+    pub secondaries: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub device: u16,
+    pub health: Health,
+    pub size_bytes: u64,
+    pub free_columns: usize,
+    pub used_columns: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SledStatus {
+    pub id: SledId,
+    pub health: Health,
+    pub paths: PathHealth,
+    pub fault_domain: String,
+    pub power_domain: String,
+    pub column_size_bytes: u64,
+    pub devices: Vec<DeviceStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CapacitySummary {
+    pub free_columns: u64,
+    pub used_columns: u64,
+    /// Free columns on Up devices of Up sleds: what allocation can use.
+    pub allocatable_columns: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Operator view of the unit's state machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitStatus {
+    pub nodes: Vec<NodeStatus>,
+    pub sleds: Vec<SledStatus>,
+    pub volumes: usize,
+    pub partitions: usize,
+    pub extents: usize,
+    pub capacity: CapacitySummary,
+}
+
+fn address(node: Option<&HeadNode>, id: &NodeId) -> NodeAddress {
+    // Invariant 4 makes `node` Some; an empty address is the honest answer
+    // for a state that broke it, rather than a panic in a read path.
+    NodeAddress {
+        id: id.clone(),
+        address_a: node.map(|n| n.address_a.clone()).unwrap_or_default(),
+        address_b: node.map(|n| n.address_b.clone()).unwrap_or_default(),
+    }
+}
+
+impl UnitState {
+    /// The partition map of `volume`: primary and secondary with both
+    /// addresses, epoch and lease expiry per partition.
+    pub fn partition_map(&self, volume: VolumeId) -> Result<PartitionMap, CommandError> {
+        let entry = self
+            .volumes
+            .get(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        let partitions = entry
+            .partitions
+            .iter()
+            .map(|p| PartitionEntry {
+                index: p.id.index,
+                primary: address(self.nodes.get(&p.primary), &p.primary),
+                secondary: address(self.nodes.get(&p.secondary), &p.secondary),
+                epoch: p.epoch,
+                lease_expires_at_ms: p.lease.as_ref().map(|l| l.expires_at_ms),
+            })
+            .collect();
+        Ok(PartitionMap {
+            volume,
+            size_bytes: entry.size_bytes,
+            partition_size_bytes: entry.partition_size_bytes,
+            partitions,
+        })
+    }
+
+    pub fn unit_status(&self) -> UnitStatus {
+        let all_partitions = || self.volumes.values().flat_map(|v| v.partitions.iter());
+        let nodes = self
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                id: n.id.clone(),
+                address_a: n.address_a.clone(),
+                address_b: n.address_b.clone(),
+                health: n.health,
+                paths: n.paths,
+                primaries: all_partitions().filter(|p| p.primary == n.id).count(),
+                secondaries: all_partitions().filter(|p| p.secondary == n.id).count(),
+            })
+            .collect();
+        let mut capacity = CapacitySummary::default();
+        let sleds = self
+            .sleds
+            .values()
+            .map(|s| {
+                let devices = s
+                    .devices
+                    .iter()
+                    .map(|(n, d)| {
+                        let free = d.free_columns.len() as u64;
+                        let used = d.used_columns.len() as u64;
+                        capacity.free_columns += free;
+                        capacity.used_columns += used;
+                        capacity.free_bytes += free.saturating_mul(s.column_size_bytes);
+                        capacity.used_bytes += used.saturating_mul(s.column_size_bytes);
+                        if s.health == Health::Up && d.health == Health::Up {
+                            capacity.allocatable_columns += free;
+                        }
+                        DeviceStatus {
+                            device: *n,
+                            health: d.health,
+                            size_bytes: d.size_bytes,
+                            free_columns: d.free_columns.len(),
+                            used_columns: d.used_columns.len(),
+                        }
+                    })
+                    .collect();
+                SledStatus {
+                    id: s.id.clone(),
+                    health: s.health,
+                    paths: s.paths,
+                    fault_domain: s.fault_domain.clone(),
+                    power_domain: s.power_domain.clone(),
+                    column_size_bytes: s.column_size_bytes,
+                    devices,
+                }
+            })
+            .collect();
+        UnitStatus {
+            nodes,
+            sleds,
+            volumes: self.volumes.len(),
+            partitions: all_partitions().count(),
+            extents: self.extents.len(),
+            capacity,
+        }
+    }
+}

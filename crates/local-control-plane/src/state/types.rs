@@ -1,0 +1,240 @@
+//! Identifiers and records of the unit state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Fencing credential of a partition (same type the sleds persist).
+pub type Epoch = proto::sled::Epoch;
+
+/// A volume, as numbered by the zonal control plane.
+pub type VolumeId = u64;
+
+/// A head node, named as in the rack file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub String);
+
+/// A sled controller, named as in the rack file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SledId(pub String);
+
+/// An extent, numbered by the state machine (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ExtentId(pub u64);
+
+/// A volume partition. Same shape as [`proto::sled::PartitionId`], plus serde.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PartitionId {
+    pub volume: VolumeId,
+    pub index: u32,
+}
+
+/// One device of one sled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DeviceRef {
+    pub sled: SledId,
+    pub device: u16,
+}
+
+/// One column of the unit: a [`proto::sled::ColumnId`] qualified by its sled.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ColumnRef {
+    pub sled: SledId,
+    pub device: u16,
+    pub index: u32,
+}
+
+/// Health of a head node, sled or device, as decided by the failure detector
+/// or an operator. Only `Up` things receive new roles or columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    Up,
+    /// Both network paths silent past the timeout; may come back.
+    Down,
+    /// Operator is emptying it: keeps its roles, gets no new ones.
+    Draining,
+    /// Declared lost; needs replacement.
+    Failed,
+}
+
+/// Reachability of one endpoint on each network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathHealth {
+    pub network_a_up: bool,
+    pub network_b_up: bool,
+}
+
+impl Default for PathHealth {
+    fn default() -> Self {
+        PathHealth {
+            network_a_up: true,
+            network_b_up: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadNode {
+    pub id: NodeId,
+    pub address_a: String,
+    pub address_b: String,
+    pub health: Health,
+    pub paths: PathHealth,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub size_bytes: u64,
+    pub health: Health,
+    /// Columns the sled reported free and no extent uses.
+    pub free_columns: BTreeSet<u32>,
+    /// Columns in use, and by which extent.
+    pub used_columns: BTreeMap<u32, ExtentId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sled {
+    pub id: SledId,
+    pub address_a: String,
+    pub address_b: String,
+    pub fault_domain: String,
+    pub power_domain: String,
+    pub column_size_bytes: u64,
+    pub health: Health,
+    pub paths: PathHealth,
+    pub devices: BTreeMap<u16, Device>,
+}
+
+/// Reed–Solomon code of a volume's extents: `k` data + `m` parity columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErasureCode {
+    pub k: u8,
+    pub m: u8,
+}
+
+impl ErasureCode {
+    /// Columns per extent, each on a different sled.
+    pub fn width(self) -> usize {
+        usize::from(self.k) + usize::from(self.m)
+    }
+}
+
+/// Read lease of a partition's primary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub holder: NodeId,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    pub id: PartitionId,
+    pub primary: NodeId,
+    pub secondary: NodeId,
+    /// Starts at 1; +1 at every change of primary or secondary.
+    pub epoch: Epoch,
+    pub lease: Option<Lease>,
+    /// Pre-approved extents the primary has not opened yet.
+    pub sandbox: BTreeSet<ExtentId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub size_bytes: u64,
+    pub partition_size_bytes: u64,
+    pub code: ErasureCode,
+    /// Indexed by partition index.
+    pub partitions: Vec<Partition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub id: ExtentId,
+    pub code: ErasureCode,
+    /// Stripe order: k data columns, then m parity columns.
+    pub columns: Vec<ColumnRef>,
+    pub owner: PartitionId,
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for SledId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ExtentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.volume, self.index)
+    }
+}
+
+impl fmt::Display for ColumnRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.sled, self.device, self.index)
+    }
+}
+
+impl From<proto::sled::PartitionId> for PartitionId {
+    fn from(p: proto::sled::PartitionId) -> Self {
+        PartitionId {
+            volume: p.volume,
+            index: p.partition,
+        }
+    }
+}
+
+impl From<PartitionId> for proto::sled::PartitionId {
+    fn from(p: PartitionId) -> Self {
+        proto::sled::PartitionId {
+            volume: p.volume,
+            partition: p.index,
+        }
+    }
+}
+
+impl ColumnRef {
+    /// The sled-local half, as the sled controller names the column.
+    pub fn column_id(&self) -> proto::sled::ColumnId {
+        proto::sled::ColumnId {
+            device: self.device,
+            index: self.index,
+        }
+    }
+
+    pub fn device_ref(&self) -> DeviceRef {
+        DeviceRef {
+            sled: self.sled.clone(),
+            device: self.device,
+        }
+    }
+}
+
+impl NodeId {
+    pub fn new(s: impl Into<String>) -> Self {
+        NodeId(s.into())
+    }
+}
+
+impl SledId {
+    pub fn new(s: impl Into<String>) -> Self {
+        SledId(s.into())
+    }
+}
