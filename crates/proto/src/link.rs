@@ -1,1 +1,818 @@
-//! filled by the proto helper
+//! [`PeerLink`]: one peer reached over network A and network B.
+//!
+//! ```text
+//! call(request) ─▶ pick path (A unless A is Down) ─▶ attempt ─ok─▶ response
+//!                                                      │fail: mark path failure
+//!                        not sent (connect failed) or idempotent?
+//!                              yes ─▶ attempt on the other path (once)
+//!                              no  ─▶ Uncertain (outcome unknown)
+//! prober: every probe_interval, Ping each path (probe_timeout);
+//!         Down after failures_before_down consecutive failures, Up on one success.
+//! ```
+//!
+//! * Each path has at most one multiplexed TCP connection, connected lazily
+//!   on first use and again on the next use after it failed. Requests get
+//!   a link-wide unique id; a pending map `request_id -> oneshot` is
+//!   completed by the connection's reader task. When the connection fails
+//!   (I/O error, EOF, bad frame) every pending request on it fails at once.
+//! * A path failure is not a peer failure: [`LinkError::Unreachable`] is
+//!   returned only when both paths failed. Callers (failure detectors)
+//!   must treat the peer as down only on `Unreachable`.
+//! * A request that may have reached the peer (sent, then I/O error or
+//!   timeout) is retried on the other path only if it is idempotent;
+//!   otherwise the caller gets [`LinkError::Uncertain`] and must reconcile.
+//! * A probe timeout drops the path's connection, so a half-dead (black-
+//!   holed) connection is replaced rather than trusted forever; a single
+//!   request timeout does not, because one slow request says little.
+//! * The prober holds only a weak reference: it stops when the last
+//!   `Arc<PeerLink>` is dropped, or on [`PeerLink::close`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::FrameCodec;
+use crate::message::Message;
+use crate::server::write_frames;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PathId {
+    A,
+    B,
+}
+
+impl PathId {
+    pub fn other(self) -> PathId {
+        match self {
+            PathId::A => PathId::B,
+            PathId::B => PathId::A,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            PathId::A => 0,
+            PathId::B => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathId::A => "a",
+            PathId::B => "b",
+        }
+    }
+}
+
+impl std::fmt::Display for PathId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// TCP connect timeout per attempt (default 1 s).
+    pub connect_timeout: Duration,
+    /// Wait for one response on one path (default 5 s).
+    pub request_timeout: Duration,
+    /// Time between probes of each path (default 500 ms).
+    pub probe_interval: Duration,
+    /// Wait for a probe's Pong (default 1 s).
+    pub probe_timeout: Duration,
+    /// Consecutive failures that mark a path Down (default 2).
+    pub failures_before_down: u32,
+}
+
+impl Default for LinkConfig {
+    fn default() -> LinkConfig {
+        LinkConfig {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(1),
+            failures_before_down: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    Up,
+    Down,
+    /// No probe or request has completed yet.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    pub path: PathId,
+    pub address: SocketAddr,
+    pub state: PathState,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub last_rtt_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// Both paths failed; `errors` holds each path's last error.
+    #[error("peer {peer} unreachable on both paths: {errors:?}")]
+    Unreachable {
+        peer: String,
+        errors: Vec<(PathId, String)>,
+    },
+    /// The last attempt (on `path`) got no answer in time. Only for
+    /// idempotent requests, which are safe to send again.
+    #[error("peer {peer}: request timed out on path {path}")]
+    Timeout { peer: String, path: PathId },
+    /// A non-idempotent request may or may not have been executed.
+    #[error("peer {peer}: outcome unknown after failure on path {path}: {reason}")]
+    Uncertain {
+        peer: String,
+        path: PathId,
+        reason: String,
+    },
+    /// The peer answered something that is not a valid answer, or the
+    /// request cannot be sent (not a request, too large).
+    #[error("peer {peer}: protocol error: {reason}")]
+    Protocol { peer: String, reason: String },
+    #[error("link closed")]
+    Closed,
+}
+
+impl LinkError {
+    /// Sending the same request again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Unreachable { .. } | LinkError::Timeout { .. }
+        )
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    peer: String,
+    path: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+type HistogramFamily = Family<PathLabels, Histogram, fn() -> Histogram>;
+
+fn request_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Link metrics, shared by every `PeerLink` of a process (labelled by peer
+/// and path). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LinkMetrics {
+    path_up: Family<PathLabels, Gauge>,
+    path_failures: Family<PathLabels, Counter>,
+    failovers: Family<PeerLabels, Counter>,
+    request_seconds: HistogramFamily,
+}
+
+impl LinkMetrics {
+    /// Register `rackblock_link_path_up{peer,path}`,
+    /// `rackblock_link_path_failures_total{peer,path}`,
+    /// `rackblock_link_failovers_total{peer}` and
+    /// `rackblock_link_request_seconds{peer,path}`.
+    pub fn new(registry: &mut Registry) -> LinkMetrics {
+        let metrics = LinkMetrics::unregistered();
+        registry.register(
+            "rackblock_link_path_up",
+            "1 if the path is up, else 0",
+            metrics.path_up.clone(),
+        );
+        registry.register(
+            "rackblock_link_path_failures",
+            "Failed requests and probes per path",
+            metrics.path_failures.clone(),
+        );
+        registry.register(
+            "rackblock_link_failovers",
+            "Requests retried on the other path",
+            metrics.failovers.clone(),
+        );
+        registry.register(
+            "rackblock_link_request_seconds",
+            "Latency of successful requests per path",
+            metrics.request_seconds.clone(),
+        );
+        metrics
+    }
+
+    /// Not registered anywhere (tests).
+    pub fn unregistered() -> LinkMetrics {
+        LinkMetrics {
+            path_up: Family::default(),
+            path_failures: Family::default(),
+            failovers: Family::default(),
+            request_seconds: Family::new_with_constructor(request_histogram as fn() -> Histogram),
+        }
+    }
+
+    pub fn failovers_total(&self, peer: &str) -> u64 {
+        self.failovers
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .get()
+    }
+
+    pub fn path_failures_total(&self, peer: &str, path: PathId) -> u64 {
+        self.path_failures
+            .get_or_create(&PathLabels {
+                peer: peer.to_owned(),
+                path: path.as_str(),
+            })
+            .get()
+    }
+}
+
+/// Why one attempt on one path failed.
+#[derive(Debug)]
+enum AttemptError {
+    /// The request never left this process (connect failed, connection
+    /// already dead before sending): safe to send elsewhere.
+    NotSent(String),
+    /// Sent (or possibly sent), then the connection failed.
+    Lost(String),
+    Timeout,
+    Protocol(String),
+}
+
+impl AttemptError {
+    fn describe(&self) -> String {
+        match self {
+            AttemptError::NotSent(reason)
+            | AttemptError::Lost(reason)
+            | AttemptError::Protocol(reason) => reason.clone(),
+            AttemptError::Timeout => "timeout".to_owned(),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Message, AttemptError>>;
+
+/// Pending requests of one connection; `None` once the connection failed.
+#[derive(Debug, Default)]
+struct ConnectionShared {
+    pending: Mutex<Option<HashMap<u64, Waiter>>>,
+    dead: AtomicBool,
+}
+
+impl ConnectionShared {
+    fn fail(&self, reason: &str) {
+        self.dead.store(true, Ordering::Release);
+        let pending = lock(&self.pending).take();
+        for (_, waiter) in pending.into_iter().flatten() {
+            let _ = waiter.send(Err(AttemptError::Lost(reason.to_owned())));
+        }
+    }
+
+    fn forget(&self, request_id: u64) {
+        if let Some(map) = lock(&self.pending).as_mut() {
+            map.remove(&request_id);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Connection {
+    shared: Arc<ConnectionShared>,
+    tx: mpsc::Sender<Bytes>,
+    tasks: [AbortHandle; 2],
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.shared.fail("connection dropped");
+    }
+}
+
+impl Connection {
+    async fn open(address: SocketAddr, timeout: Duration) -> Result<Connection, String> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => return Err(format!("connect {address}: {error}")),
+            Err(_) => return Err(format!("connect {address}: timed out after {timeout:?}")),
+        };
+        let _ = stream.set_nodelay(true);
+        let (read_half, write_half) = stream.into_split();
+        let shared = Arc::new(ConnectionShared {
+            pending: Mutex::new(Some(HashMap::new())),
+            dead: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
+        let writer_shared = shared.clone();
+        let writer = tokio::spawn(async move {
+            let result = write_frames(write_half, rx).await;
+            let reason = match result {
+                Ok(()) => "connection closed".to_owned(),
+                Err(error) => format!("write: {error}"),
+            };
+            writer_shared.fail(&reason);
+        });
+        let reader_shared = shared.clone();
+        let reader = tokio::spawn(async move {
+            let mut frames = FramedRead::new(read_half, FrameCodec);
+            let reason = loop {
+                let frame = match frames.next().await {
+                    None => break "connection closed by peer".to_owned(),
+                    Some(Err(error)) => break format!("read: {error}"),
+                    Some(Ok(frame)) => frame,
+                };
+                let request_id = frame.header.request_id;
+                let waiter = lock(&reader_shared.pending)
+                    .as_mut()
+                    .and_then(|map| map.remove(&request_id));
+                let result = match Message::from_frame(&frame) {
+                    Ok(message) if message.is_response() => Ok(message),
+                    Ok(message) => Err(format!(
+                        "peer sent request kind {:#06x} on a client connection",
+                        message.kind()
+                    )),
+                    Err(error) => Err(format!("bad frame from peer: {error}")),
+                };
+                match result {
+                    Ok(message) => {
+                        // No waiter: it timed out already; drop the late answer.
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(Ok(message));
+                        }
+                    }
+                    Err(reason) => {
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(Err(AttemptError::Protocol(reason.clone())));
+                        }
+                        break reason;
+                    }
+                }
+            };
+            reader_shared.fail(&reason);
+        });
+        Ok(Connection {
+            shared,
+            tx,
+            tasks: [reader.abort_handle(), writer.abort_handle()],
+        })
+    }
+
+    fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::Acquire)
+    }
+
+    /// Send one request frame and wait for its response.
+    async fn request(
+        &self,
+        request_id: u64,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, AttemptError> {
+        let (waiter, response) = oneshot::channel();
+        match lock(&self.shared.pending).as_mut() {
+            Some(map) => {
+                map.insert(request_id, waiter);
+            }
+            None => {
+                return Err(AttemptError::NotSent(
+                    "connection already failed".to_owned(),
+                ))
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sent = tokio::time::timeout_at(deadline, self.tx.send(frame)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                self.shared.forget(request_id);
+                return Err(AttemptError::NotSent(
+                    "connection writer stopped".to_owned(),
+                ));
+            }
+            Err(_) => {
+                // Still queued locally, never written: not sent. Dropping
+                // the send future removed it from the queue.
+                self.shared.forget(request_id);
+                return Err(AttemptError::Timeout);
+            }
+        }
+        match tokio::time::timeout_at(deadline, response).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AttemptError::Lost("connection dropped".to_owned())),
+            Err(_) => {
+                self.shared.forget(request_id);
+                Err(AttemptError::Timeout)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Health {
+    state: PathState,
+    last_error: Option<String>,
+    consecutive_failures: u32,
+    last_rtt_us: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Path {
+    id: PathId,
+    address: SocketAddr,
+    /// Held across connect so concurrent callers share one attempt.
+    connection: tokio::sync::Mutex<ConnectionSlot>,
+    health: Mutex<Health>,
+    labels: PathLabels,
+}
+
+#[derive(Debug, Default)]
+struct ConnectionSlot {
+    connection: Option<Arc<Connection>>,
+    /// When the last connect attempt failed, and why: callers that queued
+    /// behind that attempt fail fast instead of each waiting a timeout.
+    last_connect_failure: Option<(Instant, String)>,
+}
+
+/// Connections to one peer over network A and network B.
+#[derive(Debug)]
+pub struct PeerLink {
+    peer: String,
+    paths: [Path; 2],
+    config: LinkConfig,
+    metrics: LinkMetrics,
+    next_request_id: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+impl PeerLink {
+    /// Create the link and spawn its prober (needs a tokio runtime). No
+    /// connection is made until a call or probe needs one.
+    pub fn new(
+        peer: String,
+        address_a: SocketAddr,
+        address_b: SocketAddr,
+        config: LinkConfig,
+        metrics: LinkMetrics,
+    ) -> Arc<PeerLink> {
+        let path = |id: PathId, address| Path {
+            id,
+            address,
+            connection: tokio::sync::Mutex::new(ConnectionSlot::default()),
+            health: Mutex::new(Health {
+                state: PathState::Unknown,
+                last_error: None,
+                consecutive_failures: 0,
+                last_rtt_us: None,
+            }),
+            labels: PathLabels {
+                peer: peer.clone(),
+                path: id.as_str(),
+            },
+        };
+        let link = Arc::new(PeerLink {
+            paths: [path(PathId::A, address_a), path(PathId::B, address_b)],
+            peer,
+            config,
+            metrics,
+            next_request_id: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+        });
+        for path in &link.paths {
+            link.metrics.path_up.get_or_create(&path.labels).set(0);
+        }
+        tokio::spawn(probe_loop(
+            Arc::downgrade(&link),
+            link.closed.clone(),
+            link.config.probe_interval,
+        ));
+        link
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Send `request` and wait for its response, failing over to the other
+    /// path as described in the module docs. `idempotent` says whether the
+    /// request may be executed twice (see [`Message::is_idempotent`]).
+    pub async fn call(&self, request: Message, idempotent: bool) -> Result<Message, LinkError> {
+        if self.closed.is_cancelled() {
+            return Err(LinkError::Closed);
+        }
+        if request.is_response() {
+            return Err(self.protocol(format!("kind {:#06x} is not a request", request.kind())));
+        }
+        let first = if self.path(PathId::A).state() != PathState::Down {
+            PathId::A
+        } else {
+            PathId::B
+        };
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request
+            .try_to_frame(request_id, false)
+            .map_err(|error| self.protocol(error.to_string()))?;
+
+        let first_error = match self
+            .attempt(
+                first,
+                request_id,
+                frame.clone(),
+                self.config.request_timeout,
+            )
+            .await
+        {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        let retry = match &first_error {
+            AttemptError::Protocol(reason) => return Err(self.protocol(reason.clone())),
+            AttemptError::NotSent(_) => true,
+            AttemptError::Lost(_) | AttemptError::Timeout => idempotent,
+        };
+        if !retry {
+            return Err(LinkError::Uncertain {
+                peer: self.peer.clone(),
+                path: first,
+                reason: first_error.describe(),
+            });
+        }
+        if self.closed.is_cancelled() {
+            return Err(LinkError::Closed);
+        }
+        let second = first.other();
+        if !matches!(first_error, AttemptError::NotSent(_)) {
+            self.metrics
+                .failovers
+                .get_or_create(&PeerLabels {
+                    peer: self.peer.clone(),
+                })
+                .inc();
+        }
+        // A fresh id: a late answer on the first path must not be taken
+        // for this one (ids are per connection anyway; this keeps logs clear).
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request
+            .try_to_frame(request_id, false)
+            .map_err(|error| self.protocol(error.to_string()))?;
+        match self
+            .attempt(second, request_id, frame, self.config.request_timeout)
+            .await
+        {
+            Ok(response) => Ok(response),
+            Err(AttemptError::Protocol(reason)) => Err(self.protocol(reason)),
+            Err(AttemptError::Timeout) if idempotent => Err(LinkError::Timeout {
+                peer: self.peer.clone(),
+                path: second,
+            }),
+            Err(error @ (AttemptError::Lost(_) | AttemptError::Timeout)) if !idempotent => {
+                Err(LinkError::Uncertain {
+                    peer: self.peer.clone(),
+                    path: second,
+                    reason: error.describe(),
+                })
+            }
+            Err(second_error) => Err(LinkError::Unreachable {
+                peer: self.peer.clone(),
+                errors: vec![
+                    (first, first_error.describe()),
+                    (second, second_error.describe()),
+                ],
+            }),
+        }
+    }
+
+    /// Current health of both paths.
+    pub fn paths(&self) -> [PathStatus; 2] {
+        [self.paths[0].status(), self.paths[1].status()]
+    }
+
+    /// Stop the prober and drop both connections; later calls fail with
+    /// [`LinkError::Closed`].
+    pub fn close(&self) {
+        self.closed.cancel();
+        for path in &self.paths {
+            if let Ok(mut slot) = path.connection.try_lock() {
+                slot.connection = None;
+            }
+        }
+    }
+
+    fn path(&self, id: PathId) -> &Path {
+        &self.paths[id.index()]
+    }
+
+    fn protocol(&self, reason: String) -> LinkError {
+        LinkError::Protocol {
+            peer: self.peer.clone(),
+            reason,
+        }
+    }
+
+    /// One request on one path, with health and metrics bookkeeping.
+    async fn attempt(
+        &self,
+        id: PathId,
+        request_id: u64,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, AttemptError> {
+        let path = self.path(id);
+        let started = Instant::now();
+        let result = async {
+            let connection = path
+                .connect(self.config.connect_timeout.min(timeout))
+                .await?;
+            let remaining = timeout.saturating_sub(started.elapsed());
+            connection.request(request_id, frame, remaining).await
+        };
+        let result = tokio::select! {
+            result = result => result,
+            () = self.closed.cancelled() => return Err(AttemptError::NotSent("link closed".to_owned())),
+        };
+        match &result {
+            Ok(_) => {
+                let elapsed = started.elapsed();
+                self.metrics
+                    .request_seconds
+                    .get_or_create(&path.labels)
+                    .observe(elapsed.as_secs_f64());
+                self.record_success(path, None);
+            }
+            Err(error) => self.record_failure(path, error.describe()),
+        }
+        result
+    }
+
+    fn record_success(&self, path: &Path, rtt: Option<Duration>) {
+        let mut health = lock(&path.health);
+        health.consecutive_failures = 0;
+        health.state = PathState::Up;
+        if let Some(rtt) = rtt {
+            health.last_rtt_us = Some(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
+        }
+        self.metrics.path_up.get_or_create(&path.labels).set(1);
+    }
+
+    fn record_failure(&self, path: &Path, reason: String) {
+        let mut health = lock(&path.health);
+        health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        if health.consecutive_failures >= self.config.failures_before_down.max(1) {
+            if health.state != PathState::Down {
+                tracing::warn!(peer = %self.peer, path = %path.id, %reason, "path down");
+            }
+            health.state = PathState::Down;
+            self.metrics.path_up.get_or_create(&path.labels).set(0);
+        }
+        health.last_error = Some(reason);
+        self.metrics.path_failures.get_or_create(&path.labels).inc();
+    }
+
+    /// Ping one path; on timeout drop its connection (see module docs).
+    async fn probe(&self, id: PathId) {
+        let path = self.path(id);
+        let timeout = self.config.probe_timeout;
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let nonce = request_id;
+        let frame = Message::Ping { nonce }.to_frame(request_id, false);
+        let started = Instant::now();
+        let result = async {
+            let connection = path
+                .connect(self.config.connect_timeout.min(timeout))
+                .await?;
+            let remaining = timeout.saturating_sub(started.elapsed());
+            connection.request(request_id, frame, remaining).await
+        }
+        .await;
+        match result {
+            Ok(Message::Pong { nonce: echoed }) if echoed == nonce => {
+                let was_down = path.state() == PathState::Down;
+                self.record_success(path, Some(started.elapsed()));
+                if was_down {
+                    tracing::info!(peer = %self.peer, path = %id, "path up");
+                }
+            }
+            Ok(other) => {
+                self.record_failure(
+                    path,
+                    format!("probe answered with kind {:#06x}", other.kind()),
+                );
+                path.drop_connection().await;
+            }
+            Err(error) => {
+                if matches!(error, AttemptError::Timeout) {
+                    path.drop_connection().await;
+                }
+                self.record_failure(path, format!("probe: {}", error.describe()));
+            }
+        }
+    }
+}
+
+impl Path {
+    fn state(&self) -> PathState {
+        lock(&self.health).state
+    }
+
+    fn status(&self) -> PathStatus {
+        let health = lock(&self.health);
+        PathStatus {
+            path: self.id,
+            address: self.address,
+            state: health.state,
+            last_error: health.last_error.clone(),
+            consecutive_failures: health.consecutive_failures,
+            last_rtt_us: health.last_rtt_us,
+        }
+    }
+
+    /// The live connection, connecting if there is none.
+    async fn connect(&self, timeout: Duration) -> Result<Arc<Connection>, AttemptError> {
+        let queued_at = Instant::now();
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = &slot.connection {
+            if !connection.is_dead() {
+                return Ok(connection.clone());
+            }
+            slot.connection = None;
+        }
+        if let Some((failed_at, reason)) = &slot.last_connect_failure {
+            if *failed_at >= queued_at {
+                return Err(AttemptError::NotSent(reason.clone()));
+            }
+        }
+        match Connection::open(self.address, timeout).await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                slot.connection = Some(connection.clone());
+                slot.last_connect_failure = None;
+                Ok(connection)
+            }
+            Err(reason) => {
+                slot.last_connect_failure = Some((Instant::now(), reason.clone()));
+                Err(AttemptError::NotSent(reason))
+            }
+        }
+    }
+
+    async fn drop_connection(&self) {
+        self.connection.lock().await.connection = None;
+    }
+}
+
+async fn probe_loop(link: Weak<PeerLink>, closed: CancellationToken, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = closed.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Some(link) = link.upgrade() else { return };
+        tokio::select! {
+            () = closed.cancelled() => return,
+            _ = futures::future::join(link.probe(PathId::A), link.probe(PathId::B)) => {}
+        }
+    }
+}
+
+/// Lock a std mutex, tolerating poisoning (the data are plain counters and
+/// maps that stay consistent across a panic elsewhere).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
