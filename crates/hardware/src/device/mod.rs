@@ -41,6 +41,7 @@ pub mod uring;
 pub use aligned::AlignedBuf;
 pub use fault::{FaultControl, FaultOps, FaultyDevice};
 pub use memory::MemoryDevice;
+pub(crate) use open::block_device_size;
 pub use open::open_device;
 
 /// Alignment and granularity of every device I/O (offsets, lengths, buffers).

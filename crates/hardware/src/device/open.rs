@@ -146,7 +146,7 @@ fn open_file(path: &Path, direct: bool) -> io::Result<(File, bool)> {
     Ok((options.open(path)?, false))
 }
 
-fn block_device_size(file: &File) -> io::Result<u64> {
+pub(crate) fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size_bytes: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to
     // a live, properly aligned u64 on our stack; the fd is open.

@@ -174,18 +174,26 @@ async fn uring_thread_exits_when_device_dropped() {
         assert!(uring_allowed_missing(), "io_uring unavailable");
         return;
     };
-    assert_eq!(threads_named("uring-lifecycle"), 1);
+    // The thread names itself once it runs.
+    wait_for_threads("uring-lifecycle", 1).await;
     // Leave operations in flight with their futures dropped, then drop the device.
     for _ in 0..8 {
         let read = device.read_at(0, 64 * BLOCK_SIZE);
         let _ = tokio::time::timeout(Duration::from_micros(1), read).await;
     }
     drop(device);
-    for _ in 0..200 {
-        if threads_named("uring-lifecycle") == 0 {
+    wait_for_threads("uring-lifecycle", 0).await;
+}
+
+async fn wait_for_threads(name: &str, count: usize) {
+    for _ in 0..500 {
+        if threads_named(name) == count {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("ring thread still running after the device was dropped");
+    panic!(
+        "expected {count} threads named {name}, found {}",
+        threads_named(name)
+    );
 }
