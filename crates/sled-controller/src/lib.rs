@@ -12,6 +12,8 @@
 
 pub mod layout;
 pub mod metrics;
+pub mod scrub;
+pub mod service;
 pub mod store;
 
 mod group_flush;

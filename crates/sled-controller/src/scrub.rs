@@ -1,0 +1,237 @@
+//! Background scrubber.
+//!
+//! A pass walks every claimed column of every healthy device from offset 0
+//! to its length (a snapshot taken at the start of the column), verifying
+//! each 4 KiB block against its stored CRC-32C in chunks of
+//! [`SCRUB_CHUNK_BYTES`]. Before each chunk it takes that many bytes from a
+//! token bucket refilled at `scrub_bytes_per_second` (burst: one second's
+//! worth, at least one chunk), so scrubbing never takes more than its share
+//! of the device. Bad blocks are logged, counted
+//! (`rackblock_sled_scrub_bad_blocks_total`, once per distinct block) and kept
+//! in a list bounded to [`MAX_REPORTED_BAD_BLOCKS`] entries for
+//! `SledRequest::ScrubReport`. A failed device is skipped; per-column errors
+//! end that column's walk for this pass only.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::sled::{BadBlock, ColumnId, ScrubReport};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Bytes verified per step.
+pub const SCRUB_CHUNK_BYTES: u64 = 1 << 20;
+/// Bound on the bad-block list kept for reports.
+pub const MAX_REPORTED_BAD_BLOCKS: usize = 4096;
+
+#[derive(Debug, Default)]
+struct State {
+    passes: u64,
+    bytes_verified: u64,
+    bad_blocks: VecDeque<BadBlock>,
+    known: BTreeSet<(u16, u32, u64)>,
+}
+
+/// Token bucket in bytes.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate_bytes_per_second: u64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate_bytes_per_second: u64, min_capacity: u64) -> Self {
+        let capacity = rate_bytes_per_second.max(min_capacity) as f64;
+        Self {
+            rate_bytes_per_second,
+            capacity,
+            tokens: capacity,
+            last: Instant::now(),
+        }
+    }
+
+    /// How long to wait before `bytes` may be spent (tokens are taken now,
+    /// possibly going negative: the debt is the wait).
+    pub fn take(&mut self, bytes: u64, now: Instant) -> Duration {
+        if self.rate_bytes_per_second == 0 {
+            return Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens =
+            (self.tokens + elapsed * self.rate_bytes_per_second as f64).min(self.capacity);
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate_bytes_per_second as f64)
+        }
+    }
+}
+
+/// Scrub results and the pass logic; shared by the background task and
+/// `scrub_now`.
+#[derive(Debug)]
+pub struct Scrubber {
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+impl Scrubber {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn report(&self) -> ScrubReport {
+        let st = self.lock();
+        ScrubReport {
+            passes: st.passes,
+            bytes_verified: st.bytes_verified,
+            bad_blocks: st.bad_blocks.iter().cloned().collect(),
+        }
+    }
+
+    /// Records a bad block (deduplicated); returns whether it was new.
+    pub fn record_bad_block(&self, column: ColumnId, offset: u64) -> bool {
+        let mut st = self.lock();
+        if st.known.len() >= MAX_REPORTED_BAD_BLOCKS
+            || !st.known.insert((column.device, column.index, offset))
+        {
+            return false;
+        }
+        st.bad_blocks.push_back(BadBlock { column, offset });
+        drop(st);
+        warn!(
+            device = column.device,
+            column = column.index,
+            offset,
+            "scrub: bad block"
+        );
+        self.metrics.scrub_bad_blocks.inc();
+        true
+    }
+
+    /// One pass over `stores`; throttled by `bucket` if given. Stops early
+    /// (without counting the pass) when `cancel` fires.
+    pub async fn pass(
+        &self,
+        stores: &[Arc<Store>],
+        mut bucket: Option<&mut TokenBucket>,
+        cancel: &CancellationToken,
+    ) {
+        for store in stores {
+            for bad in store.recovered_bad_blocks() {
+                self.record_bad_block(
+                    ColumnId {
+                        device: store.device_index(),
+                        index: bad.column,
+                    },
+                    bad.offset,
+                );
+            }
+            if store.is_failed() {
+                continue;
+            }
+            for (index, length) in store.claimed_columns().await {
+                let mut offset = 0;
+                while offset < length {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    let len = SCRUB_CHUNK_BYTES.min(length - offset);
+                    if let Some(bucket) = bucket.as_deref_mut() {
+                        let wait = bucket.take(len, Instant::now());
+                        if !wait.is_zero() {
+                            tokio::select! {
+                                () = tokio::time::sleep(wait) => {}
+                                () = cancel.cancelled() => return,
+                            }
+                        }
+                    }
+                    match store.verify(index, offset, len).await {
+                        Ok(bad) => {
+                            for at in bad {
+                                self.record_bad_block(
+                                    ColumnId {
+                                        device: store.device_index(),
+                                        index,
+                                    },
+                                    at,
+                                );
+                            }
+                            self.lock().bytes_verified += len;
+                            self.metrics.scrub_bytes_verified.inc_by(len);
+                        }
+                        Err(error) => {
+                            debug!(device = store.device_index(), column = index, %error, "scrub: column skipped");
+                            break;
+                        }
+                    }
+                    offset += len;
+                }
+            }
+        }
+        self.lock().passes += 1;
+        self.metrics.scrub_passes.inc();
+    }
+
+    /// Runs passes forever: `bytes_per_second` (0 disables), pausing
+    /// `pass_interval` between passes, until `cancel`.
+    pub async fn run(
+        &self,
+        stores: Vec<Arc<Store>>,
+        bytes_per_second: u64,
+        pass_interval: Duration,
+        cancel: CancellationToken,
+    ) {
+        if bytes_per_second == 0 {
+            return;
+        }
+        let mut bucket = TokenBucket::new(bytes_per_second, SCRUB_CHUNK_BYTES);
+        while !cancel.is_cancelled() {
+            self.pass(&stores, Some(&mut bucket), &cancel).await;
+            tokio::select! {
+                () = tokio::time::sleep(pass_interval) => {}
+                () = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_paces_to_rate() {
+        let start = Instant::now();
+        let mut b = TokenBucket::new(1 << 20, 1 << 20);
+        // The first second's worth is the burst.
+        assert_eq!(b.take(1 << 20, start), Duration::ZERO);
+        // The next MiB has to wait about a second.
+        let wait = b.take(1 << 20, start);
+        assert!((wait.as_secs_f64() - 1.0).abs() < 0.01, "{wait:?}");
+        // After 3 seconds the debt is repaid and the bucket is full again.
+        assert_eq!(
+            b.take(1 << 20, start + Duration::from_secs(3)),
+            Duration::ZERO
+        );
+        let mut unlimited = TokenBucket::new(0, 1);
+        assert_eq!(unlimited.take(u64::MAX, start), Duration::ZERO);
+    }
+}

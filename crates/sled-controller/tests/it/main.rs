@@ -1,0 +1,5 @@
+//! Integration tests of the sled controller (one binary).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod store;
