@@ -160,3 +160,147 @@ async fn control_is_shared_between_clones() {
     device.control().heal();
     assert!(device.read_at(0, BLOCK_SIZE).await.is_ok());
 }
+
+mod model {
+    //! Model test with injected I/O errors: random writes, reads, discards,
+    //! EIO ranges, torn writes and heals against a `Vec<u8>` model that also
+    //! predicts which operations fail and what a torn write leaves behind.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const BLOCKS: u64 = 32;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write {
+            block: u64,
+            blocks: u64,
+            tag: u64,
+        },
+        Read {
+            block: u64,
+            blocks: u64,
+        },
+        Discard {
+            block: u64,
+            blocks: u64,
+        },
+        FailRange {
+            block: u64,
+            blocks: u64,
+            ops: FaultOps,
+        },
+        Tear {
+            blocks: u64,
+        },
+        Heal,
+    }
+
+    fn extent() -> impl Strategy<Value = (u64, u64)> {
+        (0..BLOCKS).prop_flat_map(|block| (Just(block), 1..=(BLOCKS - block).min(4)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let ops = prop_oneof![
+            Just(FaultOps::Reads),
+            Just(FaultOps::Writes),
+            Just(FaultOps::ReadsAndWrites)
+        ];
+        prop_oneof![
+            5 => (extent(), any::<u64>()).prop_map(|((block, blocks), tag)| Op::Write { block, blocks, tag }),
+            4 => extent().prop_map(|(block, blocks)| Op::Read { block, blocks }),
+            1 => extent().prop_map(|(block, blocks)| Op::Discard { block, blocks }),
+            1 => (extent(), ops).prop_map(|((block, blocks), ops)| Op::FailRange { block, blocks, ops }),
+            1 => (0u64..4).prop_map(|blocks| Op::Tear { blocks }),
+            1 => Just(Op::Heal),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Faults {
+        ranges: Vec<(u64, u64, FaultOps)>,
+        torn: Option<u64>,
+    }
+
+    impl Faults {
+        fn hits(&self, block: u64, blocks: u64, write: bool) -> bool {
+            self.ranges.iter().any(|&(start, len, ops)| {
+                let applies = match ops {
+                    FaultOps::Reads => !write,
+                    FaultOps::Writes => write,
+                    FaultOps::ReadsAndWrites => true,
+                };
+                applies && start < block + blocks && block < start + len
+            })
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+        #[test]
+        fn faulty_device_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let device = FaultyDevice::new(Arc::new(MemoryDevice::new(BLOCKS * B)));
+                let control = device.control();
+                let mut model = vec![0u8; (BLOCKS * B) as usize];
+                let mut faults = Faults::default();
+                for op in &ops {
+                    match *op {
+                        Op::Write { block, blocks, tag } => {
+                            let buf = pattern(tag, blocks as usize);
+                            let start = (block * B) as usize;
+                            let result = device.write_at(block * B, buf.clone()).await;
+                            if faults.hits(block, blocks, true) {
+                                prop_assert!(result.is_err());
+                            } else if let Some(kept) = faults.torn.take() {
+                                prop_assert!(result.is_err());
+                                let kept = (kept.min(blocks) * B) as usize;
+                                model[start..start + kept].copy_from_slice(&buf[..kept]);
+                            } else {
+                                prop_assert!(result.is_ok());
+                                model[start..start + buf.len()].copy_from_slice(&buf);
+                            }
+                        }
+                        Op::Read { block, blocks } => {
+                            let result = device.read_at(block * B, (blocks * B) as usize).await;
+                            if faults.hits(block, blocks, false) {
+                                prop_assert!(result.unwrap_err().is_device_failure());
+                            } else {
+                                let start = (block * B) as usize;
+                                prop_assert!(result.unwrap()[..] == model[start..start + (blocks * B) as usize]);
+                            }
+                        }
+                        Op::Discard { block, blocks } => {
+                            let result = device.discard(block * B, blocks * B).await;
+                            if faults.hits(block, blocks, true) {
+                                prop_assert!(result.is_err());
+                            } else {
+                                prop_assert!(result.is_ok());
+                                let start = (block * B) as usize;
+                                model[start..start + (blocks * B) as usize].fill(0);
+                            }
+                        }
+                        Op::FailRange { block, blocks, ops } => {
+                            control.fail_range(block * B, blocks * B, ops);
+                            faults.ranges.push((block, blocks, ops));
+                        }
+                        Op::Tear { blocks } => {
+                            control.tear_next_write(blocks);
+                            faults.torn = Some(blocks);
+                        }
+                        Op::Heal => {
+                            control.heal();
+                            faults = Faults::default();
+                        }
+                    }
+                }
+                control.heal();
+                let all = device.read_at(0, (BLOCKS * B) as usize).await.unwrap();
+                prop_assert!(all[..] == model[..]);
+                Ok(())
+            })?;
+        }
+    }
+}
