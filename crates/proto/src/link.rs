@@ -574,14 +574,14 @@ impl PeerLink {
             return Err(LinkError::Closed);
         }
         let second = first.other();
-        if !matches!(first_error, AttemptError::NotSent(_)) {
-            self.metrics
-                .failovers
-                .get_or_create(&PeerLabels {
-                    peer: self.peer.clone(),
-                })
-                .inc();
-        }
+        // Every retry on the other path counts, including after a refused
+        // connect (nothing was sent, but the traffic moved).
+        self.metrics
+            .failovers
+            .get_or_create(&PeerLabels {
+                peer: self.peer.clone(),
+            })
+            .inc();
         // A fresh id: a late answer on the first path must not be taken
         // for this one (ids are per connection anyway; this keeps logs clear).
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);

@@ -2,4 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod codec;
+mod link;
+mod net;
+mod server;
 mod strategies;
