@@ -1,18 +1,25 @@
 //! Wire protocol of rackblock: frames, messages and the dual-path transport.
 //!
+//! * [`wire`] — checked little-endian reader/writer for message bodies; the
+//!   reader never panics and returns data payloads zero-copy.
 //! * [`frame`] — the frame codec: a fixed 32-byte little-endian header
 //!   (magic, version, kind, flags, request id, body length, CRC-32C over
-//!   header and body) and a maximum frame size. Decoding never panics.
+//!   header and body) and a maximum body of 16 MiB + 64 KiB. Decoding never
+//!   panics and rejects an oversized length before buffering the body.
 //! * [`message`] — [`Message`], every message that crosses a network, with
 //!   explicit little-endian body layouts. Kinds are grouped by component:
-//!   `0x00xx` transport (ping), `0x01xx` sled controller; later issues add
-//!   `0x02xx` head node, `0x03xx` local control plane.
+//!   `0x00xx` transport (ping), `0x01xx` sled controller; `0x02xx` head
+//!   node and `0x03xx` local control plane are reserved for later.
 //! * [`sled`] — the sled controller's requests, replies and typed errors.
 //! * [`link`] — [`link::PeerLink`]: connections to one peer over network A
 //!   and network B, per-path probing and health, retry of idempotent
-//!   requests on the other path.
-//! * [`server`] — accepting side: decode frames, dispatch to a handler,
-//!   answer, drop a connection that sends a bad frame.
+//!   requests on the other path; [`link::LinkMetrics`].
+//! * [`server`] — accepting side: decode frames, dispatch to a handler
+//!   concurrently, answer (possibly out of order), drop a connection that
+//!   sends a bad frame; [`server::ServerMetrics`].
+//!
+//! The fuzz target `fuzz/fuzz_targets/frame_decode.rs` (top of the repo)
+//! drives the frame and message decoders with arbitrary bytes.
 
 pub mod frame;
 pub mod link;

@@ -26,21 +26,21 @@
 //! | 0x0001 | Ping | nonce u64 |
 //! | 0x0002 | Pong | nonce u64 |
 //! | 0x0101 | Inventory | (empty) |
-//! | 0x0102 | AllocateColumns | count u32 \| device Option<u16> |
+//! | 0x0102 | AllocateColumns | count u32 \| device `Option<u16>` |
 //! | 0x0103 | FreeColumn | column \| partition \| epoch u64 |
 //! | 0x0104 | Claim | column \| partition \| epoch u64 |
-//! | 0x0105 | Append | column \| partition \| epoch u64 \| offset u64 \| data bytes(≤16 MiB) \| block_crcs Vec<u32>(≤4096) |
+//! | 0x0105 | Append | column \| partition \| epoch u64 \| offset u64 \| data bytes(≤16 MiB) \| block_crcs `Vec<u32>`(≤4096) |
 //! | 0x0106 | Read | column \| offset u64 \| len u32 |
 //! | 0x0107 | ColumnStatus | column |
 //! | 0x0108 | ScrubReport | (empty) |
-//! | 0x0181 | Inventory | sled_id string \| column_size_bytes u64 \| devices Vec<device>(≤1024) |
-//! | 0x0182 | Allocated | Vec<column>(≤65536) |
+//! | 0x0181 | Inventory | sled_id string \| column_size_bytes u64 \| devices `Vec<device>`(≤1024) |
+//! | 0x0182 | Allocated | `Vec<column>`(≤65536) |
 //! | 0x0183 | Freed | (empty) |
 //! | 0x0184 | Claimed | epoch u64 \| length_bytes u64 |
 //! | 0x0185 | Appended | length_bytes u64 |
-//! | 0x0186 | Data | data bytes(≤16 MiB) \| block_crcs Vec<u32>(≤4096) |
-//! | 0x0187 | ColumnStatus | column \| state u8 \| partition Option<partition> \| epoch u64 \| length_bytes u64 |
-//! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks Vec<column \| offset u64>(≤65536) |
+//! | 0x0186 | Data | data bytes(≤16 MiB) \| block_crcs `Vec<u32>`(≤4096) |
+//! | 0x0187 | ColumnStatus | column \| state u8 \| partition `Option<partition>` \| epoch u64 \| length_bytes u64 |
+//! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset u64>`(≤65536) |
 //! | 0x0189 | Error | error |
 //!
 //! * column = device u16 | index u32; partition = volume u64 | partition u32
@@ -53,7 +53,7 @@
 //!   {column, state u8}, 4 OffsetMismatch{column, offset u64, length_bytes
 //!   u64}, 5 OutOfRange{column, offset u64, len u64, length_bytes u64,
 //!   column_size_bytes u64}, 6 ChecksumMismatch{column, block_offsets
-//!   Vec<u64>(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
+//!   `Vec<u64>`(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
 //!   9 BadRequest{reason string}, 10 Io{reason string}
 //!
 //! Unknown kinds and tags, over-long fields and trailing bytes are decode
