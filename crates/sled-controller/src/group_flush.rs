@@ -139,7 +139,7 @@ mod tests {
             t.await.unwrap();
         }
         let n = flushes.load(Ordering::SeqCst);
-        assert!(n >= 1 && n < 64, "flushes {n}");
+        assert!((1..64).contains(&n), "flushes {n}");
         assert_eq!(group.started(), n);
     }
 

@@ -10,6 +10,9 @@
 //! * [`metrics`] — Prometheus metrics.
 //! * [`config`], [`daemon`], [`admin`] — the `rackblock sled-controller` process.
 
+pub mod admin;
+pub mod config;
+pub mod daemon;
 pub mod layout;
 pub mod metrics;
 pub mod scrub;
@@ -17,3 +20,7 @@ pub mod service;
 pub mod store;
 
 mod group_flush;
+
+pub use config::{ConfigError, SledControllerConfig};
+pub use daemon::{run, SledControllerError};
+pub use service::Sled;

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub scrub_bad_blocks: Counter,
     pub scrub_bytes_verified: Counter,
     pub scrub_passes: Counter,
+    /// Connection-level counters of the protocol servers (both networks).
+    pub server: proto::server::ServerMetrics,
 }
 
 impl Default for Metrics {
@@ -86,73 +88,78 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("rackblock_sled");
+        let mut registry = Registry::default();
+        let server = proto::server::ServerMetrics::new(&mut registry);
         let operations = Family::<OpLabels, Counter>::default();
         registry.register(
-            "operations",
+            "rackblock_sled_operations",
             "Sled requests by operation and result",
             operations.clone(),
         );
         let operation_seconds: HistogramFamily<OpOnlyLabels> =
             Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
-            "operation_seconds",
+            "rackblock_sled_operation_seconds",
             "Sled request latency in seconds",
             operation_seconds.clone(),
         );
         let appended_bytes = Counter::default();
         registry.register(
-            "appended_bytes",
+            "rackblock_sled_appended_bytes",
             "Bytes appended to columns",
             appended_bytes.clone(),
         );
         let read_bytes = Counter::default();
-        registry.register("read_bytes", "Bytes read from columns", read_bytes.clone());
+        registry.register(
+            "rackblock_sled_read_bytes",
+            "Bytes read from columns",
+            read_bytes.clone(),
+        );
         let checksum_errors = Counter::default();
         registry.register(
-            "checksum_errors",
+            "rackblock_sled_checksum_errors",
             "Blocks that failed CRC-32C verification on read",
             checksum_errors.clone(),
         );
         let device_up = Family::<DeviceLabels, Gauge>::default();
         registry.register(
-            "device_up",
+            "rackblock_sled_device_up",
             "1 if the device is healthy, 0 if failed",
             device_up.clone(),
         );
         let free_columns = Family::<DeviceLabels, Gauge>::default();
         registry.register(
-            "free_columns",
+            "rackblock_sled_free_columns",
             "Free columns per device",
             free_columns.clone(),
         );
         let listener_up = Family::<NetworkLabels, Gauge>::default();
         registry.register(
-            "listener_up",
+            "rackblock_sled_listener_up",
             "1 if the listener on the network is bound",
             listener_up.clone(),
         );
         let requests_by_network = Family::<NetworkLabels, Counter>::default();
         registry.register(
-            "network_requests",
+            "rackblock_sled_network_requests",
             "Requests received per network",
             requests_by_network.clone(),
         );
         let scrub_bad_blocks = Counter::default();
         registry.register(
-            "scrub_bad_blocks",
+            "rackblock_sled_scrub_bad_blocks",
             "Bad blocks found by the scrubber",
             scrub_bad_blocks.clone(),
         );
         let scrub_bytes_verified = Counter::default();
         registry.register(
-            "scrub_verified_bytes",
+            "rackblock_sled_scrub_verified_bytes",
             "Bytes verified by the scrubber",
             scrub_bytes_verified.clone(),
         );
         let scrub_passes = Counter::default();
         registry.register(
-            "scrub_passes",
+            "rackblock_sled_scrub_passes",
             "Completed scrub passes",
             scrub_passes.clone(),
         );
@@ -170,6 +177,7 @@ impl Metrics {
             scrub_bad_blocks,
             scrub_bytes_verified,
             scrub_passes,
+            server,
         }
     }
 

@@ -1,0 +1,134 @@
+//! Configuration of `rackblock sled-controller --config FILE`.
+//!
+//! A small TOML file; everything about the hardware (addresses, devices,
+//! column size) lives in the rack file it points to, so the two cannot
+//! disagree. Unknown fields are errors. Example: `deploy/sled-controller.toml`.
+
+use std::path::{Path, PathBuf};
+
+use hardware::EngineChoice;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default scrub rate: 32 MiB/s.
+pub const DEFAULT_SCRUB_BYTES_PER_SECOND: u64 = 32 << 20;
+/// Default pause between scrub passes: one minute.
+pub const DEFAULT_SCRUB_PASS_INTERVAL_MS: u64 = 60_000;
+
+fn default_scrub_bytes_per_second() -> u64 {
+    DEFAULT_SCRUB_BYTES_PER_SECOND
+}
+
+fn default_scrub_pass_interval_ms() -> u64 {
+    DEFAULT_SCRUB_PASS_INTERVAL_MS
+}
+
+/// `rackblock sled-controller --config FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SledControllerConfig {
+    /// The unit's rack description (`hardware::rack::Rack` TOML): addresses
+    /// on networks A and B, admin address, devices and column size.
+    pub rack_file: PathBuf,
+    /// Which `[[sled]]` of the rack file this process is.
+    pub sled_id: String,
+    /// I/O engine: "auto" | "uring" | "sync". Default: `RACKBLOCK_IO_ENGINE`,
+    /// else auto (io_uring, falling back to pread/pwrite).
+    #[serde(default)]
+    pub io_engine: Option<String>,
+    /// Background scrub rate in bytes per second; 0 disables the scrubber.
+    #[serde(default = "default_scrub_bytes_per_second")]
+    pub scrub_bytes_per_second: u64,
+    /// Pause between two scrub passes, in milliseconds.
+    #[serde(default = "default_scrub_pass_interval_ms")]
+    pub scrub_pass_interval_ms: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {} does not parse: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl SledControllerConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.sled_id.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "sled_id",
+                reason: "must not be empty".into(),
+            });
+        }
+        self.engine()?;
+        Ok(())
+    }
+
+    /// The I/O engine to use (config, else the environment, else auto).
+    pub fn engine(&self) -> Result<EngineChoice, ConfigError> {
+        match &self.io_engine {
+            Some(value) => value
+                .parse()
+                .map_err(|e: hardware::DeviceError| ConfigError::Invalid {
+                    field: "io_engine",
+                    reason: e.to_string(),
+                }),
+            None => EngineChoice::from_env().map_err(|e| ConfigError::Invalid {
+                field: "io_engine (RACKBLOCK_IO_ENGINE)",
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_fields() {
+        let c: SledControllerConfig =
+            toml::from_str("rack_file = \"/r.toml\"\nsled_id = \"s1\"\n").unwrap();
+        assert_eq!(c.scrub_bytes_per_second, 32 << 20);
+        assert_eq!(c.scrub_pass_interval_ms, 60_000);
+        assert_eq!(c.io_engine, None);
+        assert!(toml::from_str::<SledControllerConfig>(
+            "rack_file = \"/r\"\nsled_id = \"s\"\nbogus = 1\n"
+        )
+        .is_err());
+        let bad = SledControllerConfig {
+            io_engine: Some("turbo".into()),
+            ..c
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                field: "io_engine",
+                ..
+            })
+        ));
+    }
+}

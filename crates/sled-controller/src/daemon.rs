@@ -1,0 +1,250 @@
+//! The `rackblock sled-controller` process.
+//!
+//! Startup: load and validate the rack file, find this sled, open each
+//! device (a device that fails to open is marked failed and the sled starts
+//! without it; a foreign or unreadable-but-not-blank device is a fatal
+//! configuration error), format blank devices, recover, then serve the
+//! protocol on network A and network B and HTTP on the admin address, and
+//! start the scrubber. A network address that cannot be bound is retried
+//! every second in the background while the other serves (its
+//! `rackblock_sled_listener_up` gauge stays 0 until then). Shutdown (the
+//! token) stops accepting, closes connections and returns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hardware::rack::{Rack, RackError};
+use hardware::{open_device, OpenOptions};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{ConfigError, SledControllerConfig};
+use crate::metrics::{Metrics, Network};
+use crate::service::{DeviceSlot, FailedDevice, Sled, SledHandler};
+use crate::store::{DeviceIdentity, Store, StoreOpenError, StoreOptions};
+
+/// Pause between attempts to bind a network address that failed.
+const BIND_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum SledControllerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rack file {}: {source}", path.display())]
+    Rack { path: PathBuf, source: RackError },
+    #[error("sled_id {sled_id:?} is not a [[sled]] of rack file {}", rack_file.display())]
+    UnknownSled { sled_id: String, rack_file: PathBuf },
+    #[error("device {device} of sled {sled_id:?}: {source}")]
+    Device {
+        sled_id: String,
+        device: u16,
+        source: StoreOpenError,
+    },
+    #[error("sled {sled_id:?} has more than 65536 devices")]
+    TooManyDevices { sled_id: String },
+    #[error("cannot bind admin address {address}: {source}")]
+    BindAdmin {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Opens the sled's devices as described by the rack (see module docs).
+pub async fn open_sled(
+    config: &SledControllerConfig,
+    rack: &Rack,
+    metrics: Arc<Metrics>,
+) -> Result<Sled, SledControllerError> {
+    let spec = rack
+        .sled(&config.sled_id)
+        .ok_or_else(|| SledControllerError::UnknownSled {
+            sled_id: config.sled_id.clone(),
+            rack_file: config.rack_file.clone(),
+        })?;
+    let engine = config.engine()?;
+    let options = OpenOptions {
+        engine,
+        ..OpenOptions::default()
+    };
+    let store_options = StoreOptions::new(rack.unit.column_size_bytes);
+    let mut devices = Vec::with_capacity(spec.device.len());
+    for (i, device) in spec.device.iter().enumerate() {
+        let index = u16::try_from(i).map_err(|_| SledControllerError::TooManyDevices {
+            sled_id: config.sled_id.clone(),
+        })?;
+        let path = device.path.display().to_string();
+        let failed = |reason: String| {
+            error!(device = index, %path, %reason, "device failed to open; the sled starts without it");
+            metrics.set_device_up(index, false);
+            DeviceSlot::Failed(FailedDevice {
+                device: index,
+                path: path.clone(),
+                size_bytes: device.size_bytes,
+                reason,
+            })
+        };
+        let opened = match open_device(&device.path, &options) {
+            Ok(opened) => opened,
+            Err(e) => {
+                devices.push(failed(e.to_string()));
+                continue;
+            }
+        };
+        let identity = DeviceIdentity {
+            unit_name: rack.unit.name.clone(),
+            sled_id: config.sled_id.clone(),
+            device_index: index,
+        };
+        match Store::open(opened, &identity, &store_options, metrics.clone()).await {
+            Ok(store) => devices.push(DeviceSlot::Open(Arc::new(store))),
+            Err(e) if e.is_fatal() => {
+                return Err(SledControllerError::Device {
+                    sled_id: config.sled_id.clone(),
+                    device: index,
+                    source: e,
+                })
+            }
+            Err(e) => devices.push(failed(e.to_string())),
+        }
+    }
+    Ok(Sled::new(
+        config.sled_id.clone(),
+        rack.unit.column_size_bytes,
+        devices,
+        metrics,
+    ))
+}
+
+/// Runs the sled controller until `shutdown` is cancelled.
+pub async fn run(
+    config: SledControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), SledControllerError> {
+    config.validate()?;
+    let rack_err = |source| SledControllerError::Rack {
+        path: config.rack_file.clone(),
+        source,
+    };
+    let rack = Rack::load(&config.rack_file).map_err(rack_err)?;
+    rack.validate_devices().map_err(rack_err)?;
+    let spec = rack
+        .sled(&config.sled_id)
+        .ok_or_else(|| SledControllerError::UnknownSled {
+            sled_id: config.sled_id.clone(),
+            rack_file: config.rack_file.clone(),
+        })?
+        .clone();
+    let metrics = Arc::new(Metrics::new());
+    let sled = Arc::new(open_sled(&config, &rack, metrics.clone()).await?);
+
+    let admin =
+        TcpListener::bind(spec.admin)
+            .await
+            .map_err(|source| SledControllerError::BindAdmin {
+                address: spec.admin,
+                source,
+            })?;
+
+    let mut tasks = JoinSet::new();
+    for (network, address) in [(Network::A, spec.address_a), (Network::B, spec.address_b)] {
+        metrics.set_listener_up(network, false);
+        tasks.spawn(serve_network(
+            sled.clone(),
+            network,
+            address,
+            shutdown.clone(),
+        ));
+    }
+    {
+        let router = crate::admin::router(sled.clone());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(admin, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    if config.scrub_bytes_per_second > 0 {
+        let sled = sled.clone();
+        let shutdown = shutdown.clone();
+        let interval = Duration::from_millis(config.scrub_pass_interval_ms);
+        let rate = config.scrub_bytes_per_second;
+        tasks.spawn(async move { sled.run_scrubber(rate, interval, shutdown).await });
+    }
+    info!(
+        sled_id = %config.sled_id,
+        address_a = %spec.address_a,
+        address_b = %spec.address_b,
+        admin = %spec.admin,
+        devices = sled.devices().len(),
+        healthy_devices = sled.healthy_device_count(),
+        "sled controller ready"
+    );
+    shutdown.cancelled().await;
+    // Every task watches the token; bound the wait anyway.
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("tasks still running 10 s after shutdown; abandoning them");
+        tasks.abort_all();
+    }
+    info!(sled_id = %config.sled_id, "sled controller stopped");
+    Ok(())
+}
+
+/// Binds `address` (retrying every second until bound or shutdown) and
+/// serves the protocol on it.
+async fn serve_network(
+    sled: Arc<Sled>,
+    network: Network,
+    address: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let metrics = sled.metrics().clone();
+    let mut logged = false;
+    let listener = loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                if !logged {
+                    error!(network = network.name(), %address, error = %e, "cannot bind network address; serving on the other network and retrying every second");
+                    logged = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(BIND_RETRY_INTERVAL) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    if logged {
+        info!(network = network.name(), %address, "network address bound after retrying");
+    }
+    metrics.set_listener_up(network, true);
+    let handler = Arc::new(SledHandler {
+        sled: sled.clone(),
+        network: Some(network),
+    });
+    let result = proto::server::serve_with_metrics(
+        listener,
+        handler,
+        proto::server::ServerConfig::default(),
+        shutdown,
+        metrics.server.clone(),
+    )
+    .await;
+    metrics.set_listener_up(network, false);
+    if let Err(e) = result {
+        error!(network = network.name(), %address, error = %e, "protocol server failed");
+    }
+}
