@@ -1,1 +1,6 @@
+//! Integration tests of the local control plane, one binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod properties;
+mod snapshot;
