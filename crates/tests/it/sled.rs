@@ -54,6 +54,8 @@ pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: 
 }
 
 const P: PartitionId = PartitionId { volume: 7, partition: 3 };
+/// 64 KiB chunks that fit a 16 MiB test column.
+const CHUNKS_PER_COLUMN: u64 = 256;
 
 /// Appends acknowledged before `kill -9` are all readable after restart,
 /// including ones racing the kill; and the epoch survives.
@@ -66,14 +68,16 @@ async fn acknowledged_appends_survive_kill_9() {
         allocate_and_claim(&link, P, 5).await,
         allocate_and_claim(&link, P, 5).await,
     ];
-    // Four writers append 64 KiB chunks until killed; each remembers what
-    // was acknowledged.
+    // Two writers append 64 KiB chunks until the sled dies; each remembers
+    // what was acknowledged.
+    let acked_total = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for (w, column) in columns.iter().copied().enumerate() {
         let link = link.clone();
+        let acked_total = acked_total.clone();
         writers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
-            for i in 0..200u64 {
+            for i in 0..CHUNKS_PER_COLUMN {
                 let (data, block_crcs) = block_data(w as u64 * 1000 + i, 16);
                 let offset = i * 65536;
                 let request = SledRequest::Append {
@@ -88,6 +92,7 @@ async fn acknowledged_appends_survive_kill_9() {
                     Ok(Message::SledReply(SledResponse::Appended { length_bytes })) => {
                         assert_eq!(length_bytes, offset + 65536);
                         acked.push((offset, data));
+                        acked_total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     _ => break,
                 }
@@ -95,14 +100,23 @@ async fn acknowledged_appends_survive_kill_9() {
             (column, acked)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill while the writers are mid-stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while acked_total.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(std::time::Instant::now() < deadline, "writers made no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     sled.kill9();
     let mut results = Vec::new();
     for writer in writers {
         results.push(writer.await.unwrap());
     }
     let total: usize = results.iter().map(|(_, acked)| acked.len()).sum();
-    assert!(total > 0, "nothing was acknowledged before the kill");
+    assert!(total >= 20, "nothing was acknowledged before the kill");
+    assert!(
+        results.iter().any(|(_, acked)| (acked.len() as u64) < CHUNKS_PER_COLUMN),
+        "the kill did not interrupt any writer"
+    );
     link.close();
 
     let _sled = unit.start_sled(0);
