@@ -928,8 +928,13 @@ impl Store {
                     .iter()
                     .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
             );
-            // Order on disk is only fixed by the flush below; issue all at once.
-            futures::try_join!(data_write, crc_writes, slot_write)?;
+            // Order on disk is only fixed by the flush below; issue all at
+            // once and let each complete (a crash could persist any subset
+            // too; recovery handles every subset).
+            let (d, c2, s2) = futures::join!(data_write, crc_writes, slot_write);
+            d?;
+            c2?;
+            s2?;
             self.flush().await?;
             {
                 let mut cache = lock(&self.crc_cache);
@@ -994,7 +999,10 @@ impl Store {
                 Ok(())
             }
         };
-        futures::try_join!(data_write, crc_writes, slot_write)?;
+        let (d, c2, s2) = futures::join!(data_write, crc_writes, slot_write);
+        d?;
+        c2?;
+        s2?;
         self.flush().await?;
         {
             let mut cache = lock(&self.crc_cache);

@@ -47,3 +47,31 @@ pub fn data(seed: u8, blocks: usize) -> (Bytes, Vec<u32>) {
     let crcs = v.chunks(4096).map(crc32c::crc32c).collect();
     (Bytes::from(v), crcs)
 }
+
+pub async fn try_open(
+    device: &Arc<dyn BlockDevice>,
+    index: u16,
+) -> Result<Store, sled_controller::store::StoreOpenError> {
+    Store::open(
+        device.clone(),
+        &identity(index),
+        &StoreOptions::new(COLUMN),
+        Arc::new(Metrics::new()),
+    )
+    .await
+}
+
+/// A file-backed device on `engine` (created at `size` bytes).
+pub fn file_device(
+    path: &std::path::Path,
+    engine: hardware::EngineChoice,
+    size: u64,
+) -> Arc<dyn BlockDevice> {
+    let options = hardware::OpenOptions {
+        engine,
+        direct: true,
+        create_size_bytes: Some(size),
+        queue_depth: 32,
+    };
+    hardware::open_device(path, &options).unwrap()
+}
