@@ -440,9 +440,9 @@ fn step(state: &mut UnitState, command: &Command) -> Result<(), TestCaseError> {
     let result = state.apply(command.clone());
     if let Err(error) = &result {
         let after_bytes = serde_json::to_string(&*state).unwrap();
-        prop_assert_eq!(
-            &before_bytes,
-            &after_bytes,
+        // Not prop_assert_eq: two whole snapshots would drown the report.
+        prop_assert!(
+            before_bytes == after_bytes,
             "{:?} refused with {} changed the state",
             command,
             error
