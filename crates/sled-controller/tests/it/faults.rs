@@ -332,3 +332,58 @@ async fn foreign_and_damaged_devices_are_refused_never_reformatted() {
     let err = try_open(&failing, 0).await.unwrap_err();
     assert!(!err.is_fatal(), "{err}");
 }
+
+#[tokio::test]
+async fn health_is_failed_when_no_device_is_healthy() {
+    let failed = sled_controller::service::FailedDevice {
+        device: 0,
+        path: "/dev/x".into(),
+        size_bytes: 1 << 30,
+        reason: "EIO".into(),
+    };
+    let sled = Sled::new(
+        "sled-1".into(),
+        COLUMN,
+        vec![DeviceSlot::Failed(failed)],
+        Arc::new(Metrics::new()),
+    );
+    let (code, body) = sled_controller::admin::health_of(&sled);
+    assert_eq!(code, 503);
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["devices"][0]["state"], "failed");
+    assert_eq!(
+        sled.handle_request(SledRequest::AllocateColumns {
+            count: 1,
+            device: None
+        })
+        .await,
+        SledResponse::Error(SledError::NoSpace)
+    );
+    assert_eq!(
+        sled.handle_request(SledRequest::Read {
+            column: ColumnId {
+                device: 0,
+                index: 0
+            },
+            offset: 0,
+            len: 4096
+        })
+        .await,
+        SledResponse::Error(SledError::DeviceFailed { device: 0 })
+    );
+    assert_eq!(
+        sled.handle_request(SledRequest::ColumnStatus {
+            column: ColumnId {
+                device: 5,
+                index: 0
+            }
+        })
+        .await,
+        SledResponse::Error(SledError::NoSuchColumn {
+            column: ColumnId {
+                device: 5,
+                index: 0
+            }
+        })
+    );
+}
