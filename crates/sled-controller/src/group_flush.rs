@@ -29,6 +29,18 @@ pub(crate) struct GroupFlush {
     done: Notify,
 }
 
+struct LeadGuard<'a> {
+    group: &'a GroupFlush,
+    number: u64,
+    result: Option<Result<(), String>>,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        self.group.finish(self.number, self.result.take());
+    }
+}
+
 enum Step {
     Done(Result<(), String>),
     Lead(u64),
@@ -76,23 +88,38 @@ impl GroupFlush {
                 Step::Wait => notified.await,
                 Step::Lead(number) => {
                     debug_assert!(number >= need);
+                    // If this future is dropped mid-flush, the guard still
+                    // clears `running` and wakes the waiters (one of them
+                    // then leads a new flush), so nobody waits forever.
+                    let mut guard = LeadGuard {
+                        group: self,
+                        number,
+                        result: None,
+                    };
                     let result = flush().await;
-                    {
-                        let mut st = self.lock();
-                        st.running = false;
-                        match &result {
-                            Ok(()) => st.last_success = st.last_success.max(number),
-                            Err(e) => {
-                                st.last_failure = st.last_failure.max(number);
-                                st.last_error = e.clone();
-                            }
-                        }
-                    }
-                    self.done.notify_waiters();
+                    guard.result = Some(result.clone());
+                    drop(guard);
                     return result;
                 }
             }
         }
+    }
+
+    fn finish(&self, number: u64, result: Option<Result<(), String>>) {
+        {
+            let mut st = self.lock();
+            st.running = false;
+            match result {
+                Some(Ok(())) => st.last_success = st.last_success.max(number),
+                Some(Err(e)) => {
+                    st.last_failure = st.last_failure.max(number);
+                    st.last_error = e;
+                }
+                // Abandoned: its outcome is unknown, so it covers nobody.
+                None => {}
+            }
+        }
+        self.done.notify_waiters();
     }
 
     /// Flushes started so far (for tests and metrics).
@@ -141,6 +168,25 @@ mod tests {
         let n = flushes.load(Ordering::SeqCst);
         assert!((1..64).contains(&n), "flushes {n}");
         assert_eq!(group.started(), n);
+    }
+
+    #[tokio::test]
+    async fn abandoned_leader_does_not_block_others() {
+        let group = Arc::new(GroupFlush::default());
+        let leader = {
+            let group = group.clone();
+            tokio::spawn(
+                async move { group.wait(std::future::pending::<Result<(), String>>).await },
+            )
+        };
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        leader.abort();
+        let _ = leader.await;
+        tokio::time::timeout(Duration::from_secs(5), group.wait(|| async { Ok(()) }))
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

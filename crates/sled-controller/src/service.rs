@@ -401,7 +401,18 @@ impl proto::server::Handler for SledHandler {
         }
         Box::pin(async move {
             match request {
-                Message::Sled(request) => Message::SledReply(sled.handle_request(request).await),
+                // Run to completion even if the connection drops the call:
+                // a mutation abandoned halfway would leave in-memory state
+                // behind the device's until the next restart.
+                Message::Sled(request) => {
+                    let task = tokio::spawn(async move { sled.handle_request(request).await });
+                    match task.await {
+                        Ok(response) => Message::SledReply(response),
+                        Err(e) => Message::SledReply(SledResponse::Error(SledError::Io {
+                            reason: format!("request handler failed: {e}"),
+                        })),
+                    }
+                }
                 other => Message::SledReply(SledResponse::Error(SledError::BadRequest {
                     reason: format!(
                         "sled controller does not serve message kind {:#06x}",
