@@ -21,7 +21,7 @@ out="$root/bench/out"; work="$out/sled-work"
 rm -rf "$work"; mkdir -p "$work"
 dev_bytes=$((4 * 1024 * 1024 * 1024))
 for d in 0 1; do fallocate -l $dev_bytes "$work/dev$d.img"; done
-touch "$work/other.img"; truncate -s $((64 * 1024 * 1024)) "$work/other.img"
+touch "$work/other.img"; truncate -s $((128 * 1024 * 1024)) "$work/other.img"
 cat > "$work/rack.toml" <<TOML
 [unit]
 name = "bench"
@@ -50,7 +50,7 @@ address_b = "127.0.2.62:17100"
 admin = "127.0.0.1:17102"
 [[sled.device]]
 path = "$work/other.img"
-size_bytes = $((64 * 1024 * 1024))
+size_bytes = $((128 * 1024 * 1024))
 TOML
 cat > "$work/sled.toml" <<TOML
 rack_file = "$work/rack.toml"
@@ -90,7 +90,9 @@ for r in $(seq 1 $rounds); do
   dd if=/dev/zero of="$work/other.img" bs=4096 count=2 conv=notrunc status=none
   "$bin" sled-controller --config "$work/sled.toml" >"$work/sled.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 200); do curl -sf http://127.0.0.1:17101/health >/dev/null 2>&1 && break; sleep 0.1; done
+  healthy=no
+  for _ in $(seq 1 200); do curl -sf http://127.0.0.1:17101/health >/dev/null 2>&1 && { healthy=yes; break; }; sleep 0.1; done
+  [ $healthy = yes ] || { echo "bench/sled.sh: sled controller did not become healthy:" >&2; tail -5 "$work/sled.log" >&2; exit 1; }
   line=$(ours append);   ow+=("$(kv "$line" mb_per_s)")
   line=$(ours read);     or+=("$(kv "$line" mb_per_s)")
   line=$(ours randread); op50+=("$(kv "$line" p50_us)"); op99+=("$(kv "$line" p99_us)")

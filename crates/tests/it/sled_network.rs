@@ -19,7 +19,7 @@ async fn run(mode: ProxyMode) {
     let proxy_addr = format!("127.0.1.200:{}", next_port()).parse().unwrap();
     let proxy = FaultProxy::start(proxy_addr, target).await;
     let config = LinkConfig {
-        request_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(2),
         probe_interval: Duration::from_millis(100),
         probe_timeout: Duration::from_millis(300),
         ..LinkConfig::default()

@@ -5,7 +5,7 @@
 //!                                              │
 //!                                   ring thread (std::thread, owns the IoUring)
 //!                     accept while slots free ─┤─ push SQE, user_data = slot
-//!               submit + wait ≤ 1 ms for CQEs ─┤─ short transfer: resubmit the rest
+//!   submit + wait for a CQE or the wake fd ─┤─ short transfer: resubmit the rest
 //!                                              └─ complete: oneshot.send(result)
 //! ```
 //!
@@ -17,15 +17,16 @@
 //!   drops the oneshot receiver; the buffer is freed by the ring thread after
 //!   the kernel is done with it, and the fd stays open until then;
 //! * the ring thread never blocks on the channel while operations are in
-//!   flight: it waits for completions with a 1 ms timeout (or plain
-//!   `submit_and_wait` on kernels without `EXT_ARG`) and polls the channel in
-//!   between, so new submissions are picked up within about a millisecond;
+//!   flight: it keeps a read of an eventfd in the ring, and every caller
+//!   writes that eventfd after queueing a request, so one `submit_and_wait`
+//!   wakes for whichever comes first, a completion or a new request (no
+//!   polling, no timeout: a request waits for nothing but a free slot);
 //! * when the device is dropped the channel disconnects; the thread finishes
 //!   the operations in flight, then exits and closes its file reference.
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
@@ -36,9 +37,8 @@ use super::{check_range, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, IoFut
 
 /// Longest single transfer per SQE; larger ones proceed as short transfers.
 const MAX_TRANSFER_BYTES: usize = 1 << 30;
-/// How long the ring thread waits for completions before polling for new
-/// submissions.
-const WAIT_TIMEOUT_NS: u32 = 1_000_000;
+/// `user_data` of the eventfd read that wakes the ring for new requests.
+const WAKE_USER_DATA: u64 = u64::MAX;
 
 /// A device served by an io_uring ring thread.
 #[derive(Debug)]
@@ -46,6 +46,9 @@ pub struct UringDevice {
     info: DeviceInfo,
     file: DeviceFile,
     requests: mpsc::Sender<Request>,
+    /// Written after each queued request to wake a ring thread that waits
+    /// for completions.
+    wake: Arc<OwnedFd>,
 }
 
 enum Op {
@@ -75,7 +78,8 @@ impl UringDevice {
     /// or lacks an opcode we use) and starts the ring thread.
     pub(crate) fn new(file: DeviceFile, info: DeviceInfo, queue_depth: u32) -> io::Result<Self> {
         let depth = queue_depth.max(1) as usize;
-        let ring = IoUring::new(queue_depth.max(1).next_power_of_two())?;
+        // One SQE per slot plus the wake read.
+        let ring = IoUring::new((queue_depth.max(1) + 1).next_power_of_two())?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for code in [
@@ -88,8 +92,16 @@ impl UringDevice {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
         }
+        // SAFETY: eventfd takes no pointers; the result is checked below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh eventfd that nothing else owns.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         let (requests, receiver) = mpsc::channel(depth);
         let thread_file = Arc::clone(&file.file);
+        let thread_wake = Arc::clone(&wake);
         let name = format!(
             "uring-{}",
             info.path
@@ -99,11 +111,12 @@ impl UringDevice {
         );
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || RingThread::new(ring, thread_file, depth).run(receiver))?;
+            .spawn(move || RingThread::new(ring, thread_file, thread_wake, depth).run(receiver))?;
         Ok(Self {
             info,
             file,
             requests,
+            wake,
         })
     }
 
@@ -122,6 +135,16 @@ impl UringDevice {
             .send(Request { op, reply })
             .await
             .map_err(|_| closed())?;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd. A failed
+        // write can only mean the counter is saturated, i.e. already awake.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
         match completion.await {
             Ok(Ok(buf)) => Ok(buf),
             Ok(Err(source)) => Err(DeviceError::io(&self.info.path, offset, len, source)),
@@ -208,6 +231,12 @@ struct RingThread {
     ring: IoUring,
     /// Keeps the fd open while any operation is in flight.
     file: Arc<File>,
+    wake: Arc<OwnedFd>,
+    /// Target of the eventfd read; leaked so that it outlives a read the
+    /// kernel may still complete while the ring is torn down.
+    wake_buf: &'static mut u64,
+    /// Whether an eventfd read is in the ring.
+    wake_armed: bool,
     slots: Vec<Option<InFlight>>,
     free_slots: Vec<usize>,
     /// Reused buffer of (slot, result) drained from the completion queue.
@@ -215,10 +244,13 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn new(ring: IoUring, file: Arc<File>, depth: usize) -> Self {
+    fn new(ring: IoUring, file: Arc<File>, wake: Arc<OwnedFd>, depth: usize) -> Self {
         Self {
             ring,
             file,
+            wake,
+            wake_buf: Box::leak(Box::new(0u64)),
+            wake_armed: false,
             slots: (0..depth).map(|_| None).collect(),
             free_slots: (0..depth).rev().collect(),
             completed: Vec::with_capacity(depth),
@@ -231,7 +263,6 @@ impl RingThread {
 
     fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let mut open = true;
-        let timed_wait = self.ring.params().is_feature_ext_arg();
         loop {
             if self.in_flight() == 0 {
                 if !open {
@@ -253,19 +284,15 @@ impl RingThread {
             if self.in_flight() == 0 {
                 continue;
             }
-            let waited = if timed_wait && open {
-                let timeout = types::Timespec::new().nsec(WAIT_TIMEOUT_NS);
-                let args = types::SubmitArgs::new().timespec(&timeout);
-                self.ring.submitter().submit_with_args(1, &args)
-            } else {
-                self.ring.submit_and_wait(1)
-            };
-            match waited {
+            if open && !self.wake_armed {
+                self.arm_wake();
+            }
+            match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(error)
                     if matches!(
                         error.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
                     ) => {}
                 Err(error) => {
                     tracing::error!(%error, "io_uring submit failed; device engine stops");
@@ -275,6 +302,21 @@ impl RingThread {
             }
             self.reap();
         }
+    }
+
+    /// Queues a read of the wake eventfd, completed by the next request.
+    fn arm_wake(&mut self) {
+        let ptr: *mut u64 = &mut *self.wake_buf;
+        let entry = opcode::Read::new(
+            types::Fd(self.wake.as_raw_fd()),
+            ptr.cast(),
+            std::mem::size_of::<u64>() as u32,
+        )
+        .build()
+        .user_data(WAKE_USER_DATA);
+        // SAFETY: the target is a leaked (never freed) u64 and the eventfd
+        // is kept open by `self.wake` for as long as the ring lives.
+        self.wake_armed = unsafe { self.ring.submission().push(&entry) }.is_ok();
     }
 
     /// Takes a free slot for `request` and queues its SQE.
@@ -345,6 +387,10 @@ impl RingThread {
         }
         for index in 0..self.completed.len() {
             let (user_data, result) = self.completed[index];
+            if user_data == WAKE_USER_DATA {
+                self.wake_armed = false;
+                continue;
+            }
             self.complete(user_data as usize, result);
         }
     }
