@@ -64,9 +64,31 @@ impl AlignedBuf {
     /// Copies `data` into a new aligned buffer. `data.len()` must be a
     /// multiple of [`BLOCK_SIZE`]; nothing is padded silently.
     pub fn from_slice(data: &[u8]) -> Result<Self, DeviceError> {
-        let mut buf = Self::zeroed(data.len())?;
-        buf.copy_from_slice(data);
-        Ok(buf)
+        let len = data.len();
+        if len % BLOCK_SIZE != 0 {
+            return Err(DeviceError::Unaligned {
+                offset: 0,
+                len: len as u64,
+            });
+        }
+        let capacity = len.max(BLOCK_SIZE);
+        let layout =
+            Layout::from_size_align(capacity, BLOCK_SIZE).map_err(|_| DeviceError::Unaligned {
+                offset: 0,
+                len: len as u64,
+            })?;
+        // No zeroing: every byte up to `len` is copied over right below (this
+        // is the write path of every append; zeroing first cost a page-fault
+        // storm and a memset per chunk). Bytes past `len` are never exposed.
+        // SAFETY: `layout` has a non-zero size (capacity >= BLOCK_SIZE).
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout);
+        };
+        // SAFETY: `ptr` is valid for `capacity >= len` bytes and cannot
+        // overlap `data`, a live borrow of other memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len) };
+        Ok(Self { ptr, len, capacity })
     }
 
     /// Length in bytes (a multiple of [`BLOCK_SIZE`]).
@@ -98,7 +120,7 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly this layout
+        // SAFETY: `ptr` was returned by `alloc` or `alloc_zeroed` with exactly this layout
         // (the layout was valid then, so `from_size_align_unchecked` holds).
         unsafe {
             alloc::dealloc(
