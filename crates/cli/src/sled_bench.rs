@@ -123,7 +123,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
     if args.chunk_bytes == 0 || args.chunk_bytes % BLOCK != 0 {
-        return Err(format!("--chunk-bytes {} is not a multiple of 4096", args.chunk_bytes));
+        return Err(format!(
+            "--chunk-bytes {} is not a multiple of 4096",
+            args.chunk_bytes
+        ));
     }
     let link = PeerLink::new(
         "bench".into(),
@@ -154,7 +157,11 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
 
 type Measured = (u64, u64, Vec<u64>);
 
-async fn append(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> BenchResult<Measured> {
+async fn append(
+    link: &Arc<PeerLink>,
+    args: &BenchArgs,
+    duration: Duration,
+) -> BenchResult<Measured> {
     let inventory = match call(link, SledRequest::Inventory).await? {
         SledResponse::Inventory(inventory) => inventory,
         other => return Err(format!("inventory: unexpected {other:?}")),
@@ -214,10 +221,14 @@ async fn append(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> B
 }
 
 fn load_state(args: &BenchArgs) -> BenchResult<Vec<(ColumnId, u64)>> {
-    let text = std::fs::read_to_string(&args.state).map_err(|e| format!("{}: {e}", args.state.display()))?;
+    let text = std::fs::read_to_string(&args.state)
+        .map_err(|e| format!("{}: {e}", args.state.display()))?;
     let mut columns = Vec::new();
     for line in text.lines() {
-        let fields: Vec<u64> = line.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
         if let [device, index, length] = fields[..] {
             if length > 0 {
                 columns.push((
@@ -257,8 +268,15 @@ async fn read(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> Ben
                     }
                     let len = chunk_bytes.min(length - offset) as u32;
                     let t = Instant::now();
-                    let SledResponse::Data { data, .. } =
-                        call(&link, SledRequest::Read { column, offset, len }).await?
+                    let SledResponse::Data { data, .. } = call(
+                        &link,
+                        SledRequest::Read {
+                            column,
+                            offset,
+                            len,
+                        },
+                    )
+                    .await?
                     else {
                         return Err("read: unexpected reply".to_string());
                     };
@@ -281,7 +299,11 @@ async fn read(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> Ben
     Ok((ops, bytes, latencies))
 }
 
-async fn randread(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> BenchResult<Measured> {
+async fn randread(
+    link: &Arc<PeerLink>,
+    args: &BenchArgs,
+    duration: Duration,
+) -> BenchResult<Measured> {
     let columns = load_state(args)?;
     let deadline = Instant::now() + duration;
     let (mut ops, mut latencies) = (0u64, Vec::new());

@@ -113,7 +113,9 @@ fn write_rack_file(args: &UpArgs, data_dir: &Path) -> Result<String, String> {
             sled_admin(args, s)?
         );
         for d in 0..args.devices_per_sled {
-            let path = data_dir.join("devices").join(format!("sled-{s}-dev{d}.img"));
+            let path = data_dir
+                .join("devices")
+                .join(format!("sled-{s}-dev{d}.img"));
             let _ = writeln!(
                 rack,
                 "[[sled.device]]\npath = \"{}\"\nsize_bytes = {}\nfault_domain = \"fd-{s}\"\n\
@@ -145,7 +147,8 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     } else {
         println!("reusing {}", rack_path.display());
     }
-    let rack = hardware::rack::Rack::load(&rack_path).map_err(|e| format!("{}: {e}", rack_path.display()))?;
+    let rack = hardware::rack::Rack::load(&rack_path)
+        .map_err(|e| format!("{}: {e}", rack_path.display()))?;
     for sled in &rack.sled {
         for device in &sled.device {
             if !device.path.exists() {
@@ -156,7 +159,8 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
             }
         }
     }
-    rack.validate_devices().map_err(|e| format!("{}: {e}", rack_path.display()))?;
+    rack.validate_devices()
+        .map_err(|e| format!("{}: {e}", rack_path.display()))?;
     for sled in &rack.sled {
         let config = format!(
             "# Written by `rackblock up`.\nrack_file = \"{}\"\nsled_id = \"{}\"\n\
@@ -165,7 +169,8 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
             sled.id
         );
         let path = data_dir.join("config").join(format!("{}.toml", sled.id));
-        std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(&path, config)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok((data_dir, rack))
 }
@@ -214,7 +219,9 @@ fn spawn_daemon(
         .append(true)
         .open(&log_path)
         .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let child = std::process::Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -308,7 +315,10 @@ fn up(args: UpArgs) -> ExitCode {
             .iter()
             .filter(|d| http_get_status(d.admin, "/health") == Some(200))
             .count();
-        print!("\rwaiting for the unit: {healthy}/{} daemons healthy ", daemons.len());
+        print!(
+            "\rwaiting for the unit: {healthy}/{} daemons healthy ",
+            daemons.len()
+        );
         let _ = std::io::stdout().flush();
         if healthy == daemons.len() {
             println!();
@@ -363,8 +373,15 @@ fn up(args: UpArgs) -> ExitCode {
 }
 
 fn print_status(data_dir: &Path, rack: &hardware::rack::Rack) {
-    println!("unit {} is up (data in {})", rack.unit.name, data_dir.display());
-    println!("{:<10} {:<22} {:<22} {:<40}", "SLED", "NETWORK A", "NETWORK B", "METRICS");
+    println!(
+        "unit {} is up (data in {})",
+        rack.unit.name,
+        data_dir.display()
+    );
+    println!(
+        "{:<10} {:<22} {:<22} {:<40}",
+        "SLED", "NETWORK A", "NETWORK B", "METRICS"
+    );
     for sled in &rack.sled {
         println!(
             "{:<10} {:<22} {:<22} http://{}/metrics",

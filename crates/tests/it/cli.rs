@@ -8,7 +8,11 @@ use tests::{next_port, rackblock_bin};
 fn bad_config_exits_2_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sled.toml");
-    std::fs::write(&config, "rack_file = \"/nonexistent/rack.toml\"\nsled_id = \"x\"\nbogus = 1\n").unwrap();
+    std::fs::write(
+        &config,
+        "rack_file = \"/nonexistent/rack.toml\"\nsled_id = \"x\"\nbogus = 1\n",
+    )
+    .unwrap();
     let output = Command::new(rackblock_bin())
         .args(["sled-controller", "--config", config.to_str().unwrap()])
         .output()
@@ -26,7 +30,10 @@ fn bad_config_exits_2_with_a_clear_message() {
          [[sled]]\nid = \"s2\"\naddress_a = \"127.0.1.3:1\"\naddress_b = \"127.0.2.3:1\"\nadmin = \"127.0.0.1:4\"\n[[sled.device]]\npath = \"/nonexistent/dev1\"\nsize_bytes = 1073741824\n",
     )
     .unwrap();
-    let output = Command::new(rackblock_bin()).args(["rack", "validate", rack.to_str().unwrap()]).output().unwrap();
+    let output = Command::new(rackblock_bin())
+        .args(["rack", "validate", rack.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent/dev0"), "{stderr}");
@@ -34,14 +41,30 @@ fn bad_config_exits_2_with_a_clear_message() {
         .args(["rack", "validate", "--no-devices", rack.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
 fn example_rack_file_is_valid() {
-    let rack = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/rack.example.toml");
-    let output = Command::new(rackblock_bin()).args(["rack", "validate", "--no-devices", rack]).output().unwrap();
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let rack = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/rack.example.toml"
+    );
+    let output = Command::new(rackblock_bin())
+        .args(["rack", "validate", "--no-devices", rack])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// `rackblock up --check` starts a unit of six sled controllers, waits for
@@ -74,7 +97,11 @@ fn up_starts_a_healthy_unit_and_reuses_its_data() {
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(0), "run {run}\n{stdout}\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "run {run}\n{stdout}\n{stderr}"
+        );
         assert!(stdout.contains("sled-6"), "{stdout}");
         if run == 1 {
             assert!(stdout.contains("reusing"), "{stdout}");

@@ -42,18 +42,35 @@ pub fn block_data(seed: u64, blocks: usize) -> (Bytes, Vec<u32>) {
 }
 
 pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: u64) -> ColumnId {
-    let SledResponse::Allocated(columns) =
-        call(link, SledRequest::AllocateColumns { count: 1, device: None }).await
+    let SledResponse::Allocated(columns) = call(
+        link,
+        SledRequest::AllocateColumns {
+            count: 1,
+            device: None,
+        },
+    )
+    .await
     else {
         panic!("allocate failed")
     };
     let column = columns[0];
-    let reply = call(link, SledRequest::Claim { column, partition, epoch }).await;
+    let reply = call(
+        link,
+        SledRequest::Claim {
+            column,
+            partition,
+            epoch,
+        },
+    )
+    .await;
     assert!(matches!(reply, SledResponse::Claimed { .. }), "{reply:?}");
     column
 }
 
-const P: PartitionId = PartitionId { volume: 7, partition: 3 };
+const P: PartitionId = PartitionId {
+    volume: 7,
+    partition: 3,
+};
 /// 64 KiB chunks that fit a 16 MiB test column.
 const CHUNKS_PER_COLUMN: u64 = 256;
 
@@ -103,7 +120,10 @@ async fn acknowledged_appends_survive_kill_9() {
     // Kill while the writers are mid-stream.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while acked_total.load(std::sync::atomic::Ordering::SeqCst) < 20 {
-        assert!(std::time::Instant::now() < deadline, "writers made no progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writers made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     sled.kill9();
@@ -114,7 +134,9 @@ async fn acknowledged_appends_survive_kill_9() {
     let total: usize = results.iter().map(|(_, acked)| acked.len()).sum();
     assert!(total >= 20, "nothing was acknowledged before the kill");
     assert!(
-        results.iter().any(|(_, acked)| (acked.len() as u64) < CHUNKS_PER_COLUMN),
+        results
+            .iter()
+            .any(|(_, acked)| (acked.len() as u64) < CHUNKS_PER_COLUMN),
         "the kill did not interrupt any writer"
     );
     link.close();
@@ -123,8 +145,18 @@ async fn acknowledged_appends_survive_kill_9() {
     let link = self::link(&unit.sleds[0]);
     for (column, acked) in &results {
         for (offset, data) in acked {
-            let reply = call(&link, SledRequest::Read { column: *column, offset: *offset, len: 65536 }).await;
-            let SledResponse::Data { data: read, .. } = reply else { panic!("{reply:?}") };
+            let reply = call(
+                &link,
+                SledRequest::Read {
+                    column: *column,
+                    offset: *offset,
+                    len: 65536,
+                },
+            )
+            .await;
+            let SledResponse::Data { data: read, .. } = reply else {
+                panic!("{reply:?}")
+            };
             assert_eq!(&read, data, "column {column:?} offset {offset}");
         }
         // The epoch survived too.
@@ -140,7 +172,10 @@ async fn acknowledged_appends_survive_kill_9() {
             },
         )
         .await;
-        assert_eq!(reply, SledResponse::Error(SledError::Fenced { current_epoch: 5 }));
+        assert_eq!(
+            reply,
+            SledResponse::Error(SledError::Fenced { current_epoch: 5 })
+        );
     }
 }
 
@@ -160,10 +195,30 @@ async fn fencing_persists_across_restart() {
         data: data.clone(),
         block_crcs: block_crcs.clone(),
     };
-    assert_eq!(call(&link, append(3, 0)).await, SledResponse::Appended { length_bytes: 8192 });
+    assert_eq!(
+        call(&link, append(3, 0)).await,
+        SledResponse::Appended { length_bytes: 8192 }
+    );
     // The new primary claims at epoch 4.
-    let reply = call(&link, SledRequest::Claim { column, partition: P, epoch: 4 }).await;
-    assert!(matches!(reply, SledResponse::Claimed { epoch: 4, length_bytes: 8192 }), "{reply:?}");
+    let reply = call(
+        &link,
+        SledRequest::Claim {
+            column,
+            partition: P,
+            epoch: 4,
+        },
+    )
+    .await;
+    assert!(
+        matches!(
+            reply,
+            SledResponse::Claimed {
+                epoch: 4,
+                length_bytes: 8192
+            }
+        ),
+        "{reply:?}"
+    );
     assert!(sled.terminate(), "clean shutdown on SIGTERM");
     link.close();
 
@@ -174,17 +229,49 @@ async fn fencing_persists_across_restart() {
         SledResponse::Error(SledError::Fenced { current_epoch: 4 })
     );
     assert_eq!(
-        call(&link, SledRequest::Claim { column, partition: P, epoch: 2 }).await,
+        call(
+            &link,
+            SledRequest::Claim {
+                column,
+                partition: P,
+                epoch: 2
+            }
+        )
+        .await,
         SledResponse::Error(SledError::Fenced { current_epoch: 4 })
     );
     assert_eq!(
-        call(&link, SledRequest::FreeColumn { column, partition: P, epoch: 3 }).await,
+        call(
+            &link,
+            SledRequest::FreeColumn {
+                column,
+                partition: P,
+                epoch: 3
+            }
+        )
+        .await,
         SledResponse::Error(SledError::Fenced { current_epoch: 4 })
     );
-    assert_eq!(call(&link, append(4, 8192)).await, SledResponse::Appended { length_bytes: 16384 });
-    let other = PartitionId { volume: 8, partition: 0 };
+    assert_eq!(
+        call(&link, append(4, 8192)).await,
+        SledResponse::Appended {
+            length_bytes: 16384
+        }
+    );
+    let other = PartitionId {
+        volume: 8,
+        partition: 0,
+    };
     assert!(matches!(
-        call(&link, SledRequest::Claim { column, partition: other, epoch: 9 }).await,
+        call(
+            &link,
+            SledRequest::Claim {
+                column,
+                partition: other,
+                epoch: 9
+            }
+        )
+        .await,
         SledResponse::Error(SledError::WrongPartition { .. })
     ));
 }
@@ -199,15 +286,27 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
     // A recognisable pattern, so the test can find the block in the file.
     let mut pattern = vec![0u8; 4 * 4096];
     for (i, chunk) in pattern.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&(0xC0FFEE_0000_0000u64 | i as u64).to_le_bytes());
+        chunk.copy_from_slice(&(0x00C0_FFEE_0000_0000_u64 | i as u64).to_le_bytes());
     }
     let crcs = pattern.chunks(4096).map(crc32c::crc32c).collect();
     let reply = call(
         &link,
-        SledRequest::Append { column, partition: P, epoch: 1, offset: 0, data: Bytes::from(pattern.clone()), block_crcs: crcs },
+        SledRequest::Append {
+            column,
+            partition: P,
+            epoch: 1,
+            offset: 0,
+            data: Bytes::from(pattern.clone()),
+            block_crcs: crcs,
+        },
     )
     .await;
-    assert_eq!(reply, SledResponse::Appended { length_bytes: 16384 });
+    assert_eq!(
+        reply,
+        SledResponse::Appended {
+            length_bytes: 16384
+        }
+    );
     assert!(sled.terminate());
     link.close();
 
@@ -226,7 +325,15 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
 
     let _sled = unit.start_sled(0);
     let link = self::link(&unit.sleds[0]);
-    let reply = call(&link, SledRequest::Read { column, offset: 0, len: 16384 }).await;
+    let reply = call(
+        &link,
+        SledRequest::Read {
+            column,
+            offset: 0,
+            len: 16384,
+        },
+    )
+    .await;
     match reply {
         SledResponse::Error(SledError::ChecksumMismatch { block_offsets, .. }) => {
             assert_eq!(block_offsets, vec![8192]);
@@ -234,8 +341,18 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
         other => panic!("expected a checksum error, got {other:?}"),
     }
     // The good blocks still read.
-    let reply = call(&link, SledRequest::Read { column, offset: 0, len: 8192 }).await;
-    let SledResponse::Data { data, .. } = reply else { panic!("{reply:?}") };
+    let reply = call(
+        &link,
+        SledRequest::Read {
+            column,
+            offset: 0,
+            len: 8192,
+        },
+    )
+    .await;
+    let SledResponse::Data { data, .. } = reply else {
+        panic!("{reply:?}")
+    };
     assert_eq!(&data[..], &pattern[..8192]);
     let (status, metrics) = http_get(unit.sleds[0].admin, "/metrics").unwrap();
     assert_eq!(status, 200);
@@ -254,7 +371,9 @@ async fn metrics_and_health_are_served() {
     assert_eq!(status, 200);
     assert!(body.contains("\"ok\""), "{body}");
     let link = link(&unit.sleds[0]);
-    let SledResponse::Inventory(inventory) = call(&link, SledRequest::Inventory).await else { panic!() };
+    let SledResponse::Inventory(inventory) = call(&link, SledRequest::Inventory).await else {
+        panic!()
+    };
     assert_eq!(inventory.devices.len(), 2);
     assert_eq!(inventory.sled_id, "sled-1");
     let (status, metrics) = http_get(unit.sleds[0].admin, "/metrics").unwrap();

@@ -10,7 +10,10 @@ use tests::{next_port, TestUnit};
 
 use crate::sled::{allocate_and_claim, block_data, call};
 
-const P: PartitionId = PartitionId { volume: 11, partition: 0 };
+const P: PartitionId = PartitionId {
+    volume: 11,
+    partition: 0,
+};
 
 async fn run(mode: ProxyMode) {
     let unit = TestUnit::new(2, "1+1", 256 << 20, 16 << 20);
@@ -41,7 +44,10 @@ async fn run(mode: ProxyMode) {
             // Wait for the probes to see the broken path.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while link.paths()[0].state != PathState::Down {
-                assert!(std::time::Instant::now() < deadline, "path A never reported down");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "path A never reported down"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -49,12 +55,36 @@ async fn run(mode: ProxyMode) {
             let (data, block_crcs) = block_data(round * 100 + i, 2);
             let reply = call(
                 &link,
-                SledRequest::Append { column, partition: P, epoch: 1, offset, data: data.clone(), block_crcs },
+                SledRequest::Append {
+                    column,
+                    partition: P,
+                    epoch: 1,
+                    offset,
+                    data: data.clone(),
+                    block_crcs,
+                },
             )
             .await;
-            assert_eq!(reply, SledResponse::Appended { length_bytes: offset + 8192 }, "round {round} i {i}");
-            let reply = call(&link, SledRequest::Read { column, offset, len: 8192 }).await;
-            assert!(matches!(&reply, SledResponse::Data { data: d, .. } if *d == data), "{reply:?}");
+            assert_eq!(
+                reply,
+                SledResponse::Appended {
+                    length_bytes: offset + 8192
+                },
+                "round {round} i {i}"
+            );
+            let reply = call(
+                &link,
+                SledRequest::Read {
+                    column,
+                    offset,
+                    len: 8192,
+                },
+            )
+            .await;
+            assert!(
+                matches!(&reply, SledResponse::Data { data: d, .. } if *d == data),
+                "{reply:?}"
+            );
             offset += 8192;
         }
     }
@@ -66,7 +96,10 @@ async fn run(mode: ProxyMode) {
     proxy.set_mode(ProxyMode::Forward).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while link.paths()[0].state != PathState::Up {
-        assert!(std::time::Instant::now() < deadline, "path A never came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "path A never came back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The sled counted requests on network B.

@@ -22,9 +22,9 @@ pub fn rackblock_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("RACKBLOCK_BIN") {
         return PathBuf::from(bin);
     }
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target")
-    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     let bin = target.join("debug/rackblock");
     assert!(
         bin.exists(),
@@ -53,7 +53,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let err = out.try_clone().unwrap();
         let child = Command::new(rackblock_bin())
             .args(args)
@@ -63,7 +67,11 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .unwrap();
-        Daemon { name: name.to_string(), child, log }
+        Daemon {
+            name: name.to_string(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -113,7 +121,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -126,7 +137,11 @@ pub fn wait_healthy(admin: SocketAddr, daemon: &Daemon, timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("{} not healthy after {timeout:?}; log:\n{}", daemon.name, daemon.log_text());
+    panic!(
+        "{} not healthy after {timeout:?}; log:\n{}",
+        daemon.name,
+        daemon.log_text()
+    );
 }
 
 /// A small unit on disk: a rack file with `sleds` sleds (two devices each,
@@ -169,7 +184,10 @@ impl TestUnit {
             let mut devices = Vec::new();
             for d in 0..2 {
                 let path = dir.path().join(format!("sled-{s}-dev{d}.img"));
-                std::fs::File::create(&path).unwrap().set_len(device_bytes).unwrap();
+                std::fs::File::create(&path)
+                    .unwrap()
+                    .set_len(device_bytes)
+                    .unwrap();
                 rack.push_str(&format!(
                     "[[sled.device]]\npath = \"{}\"\nsize_bytes = {device_bytes}\nfault_domain = \"fd-{s}\"\n",
                     path.display()
@@ -200,7 +218,11 @@ impl TestUnit {
             )
             .unwrap();
         }
-        TestUnit { dir, rack_path, sleds: list }
+        TestUnit {
+            dir,
+            rack_path,
+            sleds: list,
+        }
     }
 
     /// Starts sled `i` (0-based) and waits until it is healthy.

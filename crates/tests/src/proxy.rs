@@ -34,7 +34,12 @@ impl FaultProxy {
     /// Listens on `listen` and forwards to `target`.
     pub async fn start(listen: SocketAddr, target: SocketAddr) -> Arc<FaultProxy> {
         let (mode, _) = watch::channel(ProxyMode::Forward);
-        let proxy = Arc::new(FaultProxy { listen, mode, task: Mutex::new(None), target });
+        let proxy = Arc::new(FaultProxy {
+            listen,
+            mode,
+            task: Mutex::new(None),
+            target,
+        });
         proxy.bind().await;
         proxy
     }
@@ -44,14 +49,18 @@ impl FaultProxy {
         let me = self.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
                 let mut rx = me.mode.subscribe();
                 let target = me.target;
                 tokio::spawn(async move {
                     let mode = *rx.borrow_and_update();
                     match mode {
                         ProxyMode::Forward => {
-                            let Ok(server) = TcpStream::connect(target).await else { return };
+                            let Ok(server) = TcpStream::connect(target).await else {
+                                return;
+                            };
                             let (mut cr, mut cw) = client.into_split();
                             let (mut sr, mut sw) = server.into_split();
                             tokio::select! {
@@ -84,7 +93,8 @@ impl FaultProxy {
             self.bind().await;
         }
         if mode == ProxyMode::Refuse {
-            if let Some(task) = self.task.lock().unwrap().take() {
+            let task = self.task.lock().unwrap().take();
+            if let Some(task) = task {
                 task.abort();
                 let _ = task.await;
             }
