@@ -18,6 +18,7 @@
 
 pub mod command;
 pub mod error;
+pub mod raft;
 pub mod state;
 
 pub use command::{Command, DeviceSpec, Endpoint, Network, Outcome};
