@@ -8,9 +8,12 @@
 //!   panics and rejects an oversized length before buffering the body.
 //! * [`message`] — [`Message`], every message that crosses a network, with
 //!   explicit little-endian body layouts. Kinds are grouped by component:
-//!   `0x00xx` transport (ping), `0x01xx` sled controller; `0x02xx` head
-//!   node and `0x03xx` local control plane are reserved for later.
+//!   `0x00xx` transport (ping), `0x01xx` sled controller, `0x03xx` local
+//!   control plane; `0x02xx` head node is reserved for later.
 //! * [`sled`] — the sled controller's requests, replies and typed errors.
+//! * [`lcp`] — local-control-plane messages: Raft RPCs and the client API,
+//!   with payloads opaque to this crate (serde-encoded by
+//!   `local-control-plane`, so openraft stays inside it).
 //! * [`link`] — [`link::PeerLink`]: connections to one peer over network A
 //!   and network B, per-path probing and health, retry of idempotent
 //!   requests on the other path; [`link::LinkMetrics`].
@@ -22,6 +25,7 @@
 //! drives the frame and message decoders with arbitrary bytes.
 
 pub mod frame;
+pub mod lcp;
 pub mod link;
 pub mod message;
 pub mod server;

@@ -17,7 +17,8 @@
 //! | `0x0101-0x0108` | sled controller requests, in [`SledRequest`] order |
 //! | `0x0181-0x0189` | sled controller responses, in [`SledResponse`] order |
 //! | `0x02xx` | reserved: head node |
-//! | `0x03xx` | reserved: local control plane |
+//! | `0x0301-0x0302` | local control plane requests: Raft RPC, client API |
+//! | `0x0381-0x0382` | local control plane responses |
 //!
 //! Field layouts (`|` separates fields; composite types below):
 //!
@@ -42,6 +43,10 @@
 //! | 0x0187 | ColumnStatus | column \| state u8 \| partition `Option<partition>` \| epoch u64 \| length_bytes u64 |
 //! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset u64>`(≤65536) |
 //! | 0x0189 | Error | error |
+//! | 0x0301 | Raft | rpc u8 (0 AppendEntries, 1 Vote, 2 InstallSnapshot) \| payload bytes(≤16 MiB) |
+//! | 0x0302 | Lcp | idempotent bool \| payload bytes(≤16 MiB) |
+//! | 0x0381 | RaftReply | payload bytes(≤16 MiB) |
+//! | 0x0382 | LcpReply | payload bytes(≤16 MiB) |
 //!
 //! * column = device u16 | index u32; partition = volume u64 | partition u32
 //! * device = device u16 | path string | size_bytes u64 | column_count u32 |
@@ -56,6 +61,9 @@
 //!   `Vec<u64>`(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
 //!   9 BadRequest{reason string}, 10 Io{reason string}
 //!
+//! Local-control-plane payloads are serde-encoded by that crate and opaque
+//! here (see [`crate::lcp`]).
+//!
 //! Unknown kinds and tags, over-long fields and trailing bytes are decode
 //! errors. `data` payloads decode zero-copy as slices of the frame body.
 //! Changing any layout requires a new frame version or new kinds.
@@ -63,6 +71,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::frame::{Frame, FrameBuilder, FrameError, FLAG_RESPONSE, MAX_PAYLOAD_BYTES};
+use crate::lcp::{RaftRpcKind, MAX_LCP_PAYLOAD_BYTES};
 use crate::sled::{
     BadBlock, ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, PartitionId,
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
@@ -106,6 +115,10 @@ pub mod kind {
     pub const HEAD_NODE_FIRST: u16 = 0x0200;
     /// First kind reserved for local-control-plane messages.
     pub const LOCAL_CONTROL_PLANE_FIRST: u16 = 0x0300;
+    pub const LCP_RAFT: u16 = 0x0301;
+    pub const LCP_CLIENT: u16 = 0x0302;
+    pub const LCP_RAFT_REPLY: u16 = 0x0381;
+    pub const LCP_CLIENT_REPLY: u16 = 0x0382;
 
     /// Whether `kind` is in the response half of its component range.
     pub fn is_response(kind: u16) -> bool {
@@ -119,6 +132,16 @@ pub enum Message {
     Pong { nonce: u64 },
     Sled(SledRequest),
     SledReply(SledResponse),
+    /// One openraft RPC between head nodes; `payload` is the serde-encoded
+    /// openraft request of kind `rpc`.
+    Raft { rpc: RaftRpcKind, payload: Bytes },
+    /// Answer to [`Message::Raft`]: the serde-encoded result.
+    RaftReply { payload: Bytes },
+    /// A control-plane client request (serde JSON of the local control
+    /// plane's request type). `idempotent`: safe to resend (reads).
+    Lcp { idempotent: bool, payload: Bytes },
+    /// Answer to [`Message::Lcp`].
+    LcpReply { payload: Bytes },
 }
 
 impl Message {
@@ -148,12 +171,22 @@ impl Message {
                 SledResponse::ScrubReport(_) => SLED_SCRUB_REPORT_REPLY,
                 SledResponse::Error(_) => SLED_ERROR,
             },
+            Message::Raft { .. } => LCP_RAFT,
+            Message::Lcp { .. } => LCP_CLIENT,
+            Message::RaftReply { .. } => LCP_RAFT_REPLY,
+            Message::LcpReply { .. } => LCP_CLIENT_REPLY,
         }
     }
 
     /// Responses answer a request; they are never sent as requests.
     pub fn is_response(&self) -> bool {
-        matches!(self, Message::Pong { .. } | Message::SledReply(_))
+        matches!(
+            self,
+            Message::Pong { .. }
+                | Message::SledReply(_)
+                | Message::RaftReply { .. }
+                | Message::LcpReply { .. }
+        )
     }
 
     /// Safe to send again when the first send's outcome is unknown.
@@ -162,7 +195,13 @@ impl Message {
         match self {
             Message::Ping { .. } => true,
             Message::Sled(request) => request.is_idempotent(),
-            Message::Pong { .. } | Message::SledReply(_) => false,
+            // Raft tolerates duplicated and reordered RPCs.
+            Message::Raft { .. } => true,
+            Message::Lcp { idempotent, .. } => *idempotent,
+            Message::Pong { .. }
+            | Message::SledReply(_)
+            | Message::RaftReply { .. }
+            | Message::LcpReply { .. } => false,
         }
     }
 
@@ -171,6 +210,10 @@ impl Message {
         match self {
             Message::Sled(SledRequest::Append { data, .. })
             | Message::SledReply(SledResponse::Data { data, .. }) => data.len(),
+            Message::Raft { payload, .. }
+            | Message::RaftReply { payload }
+            | Message::Lcp { payload, .. }
+            | Message::LcpReply { payload } => payload.len(),
             _ => 0,
         }
     }
@@ -270,6 +313,18 @@ impl Message {
                 }
                 SledResponse::Error(error) => put_sled_error(w, error),
             },
+            Message::Raft { rpc, payload } => {
+                w.u8(rpc.tag());
+                w.bytes(payload);
+            }
+            Message::Lcp {
+                idempotent,
+                payload,
+            } => {
+                w.bool(*idempotent);
+                w.bytes(payload);
+            }
+            Message::RaftReply { payload } | Message::LcpReply { payload } => w.bytes(payload),
         }
     }
 
@@ -369,6 +424,25 @@ impl Message {
                 })?,
             })),
             SLED_ERROR => Message::SledReply(SledResponse::Error(get_sled_error(r)?)),
+            LCP_RAFT => {
+                let tag = r.u8("rpc")?;
+                let rpc = RaftRpcKind::from_tag(tag)
+                    .ok_or(DecodeError::UnknownTag { field: "rpc", tag })?;
+                Message::Raft {
+                    rpc,
+                    payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+                }
+            }
+            LCP_CLIENT => Message::Lcp {
+                idempotent: r.bool("idempotent")?,
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
+            LCP_RAFT_REPLY => Message::RaftReply {
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
+            LCP_CLIENT_REPLY => Message::LcpReply {
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
             kind => return Err(DecodeError::UnknownKind { kind }),
         };
         reader.finish()?;
@@ -665,6 +739,20 @@ mod tests {
             Message::Pong { nonce: 0 },
             Message::Sled(SledRequest::Inventory),
             Message::SledReply(SledResponse::Freed),
+            Message::Raft {
+                rpc: RaftRpcKind::Vote,
+                payload: Bytes::new(),
+            },
+            Message::RaftReply {
+                payload: Bytes::new(),
+            },
+            Message::Lcp {
+                idempotent: true,
+                payload: Bytes::new(),
+            },
+            Message::LcpReply {
+                payload: Bytes::new(),
+            },
         ] {
             assert_eq!(kind::is_response(message.kind()), message.is_response());
         }

@@ -127,6 +127,8 @@ fn all_kinds() -> Vec<u16> {
     let mut kinds = vec![0x0001, 0x0002];
     kinds.extend(0x0101..=0x0108);
     kinds.extend(0x0181..=0x0189);
+    kinds.extend(0x0301..=0x0302);
+    kinds.extend(0x0381..=0x0382);
     kinds
 }
 

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use proto::lcp::RaftRpcKind;
 use proto::sled::*;
 use proto::Message;
 
@@ -212,5 +213,14 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         sled_request().prop_map(Message::Sled),
         sled_response().prop_map(Message::SledReply),
+        (raft_rpc_kind(), payload()).prop_map(|(rpc, payload)| Message::Raft { rpc, payload }),
+        payload().prop_map(|payload| Message::RaftReply { payload }),
+        (any::<bool>(), payload())
+            .prop_map(|(idempotent, payload)| Message::Lcp { idempotent, payload }),
+        payload().prop_map(|payload| Message::LcpReply { payload }),
     ]
+}
+
+pub fn raft_rpc_kind() -> impl Strategy<Value = RaftRpcKind> {
+    proptest::sample::select(RaftRpcKind::ALL.to_vec())
 }
