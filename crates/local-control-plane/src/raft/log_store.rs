@@ -41,7 +41,8 @@ use super::error::StorageError;
 use super::types::{Entry, LogId, LogState, RaftStorageError, TypeConfig, Vote};
 
 const LOG: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("raft_log");
-const META: TableDefinition<'static, &'static str, &'static [u8]> = TableDefinition::new("raft_meta");
+const META: TableDefinition<'static, &'static str, &'static [u8]> =
+    TableDefinition::new("raft_meta");
 
 const KEY_FORMAT: &str = "format";
 const KEY_VOTE: &str = "vote";

@@ -34,7 +34,7 @@
 //! snapshot that fails its checks is refused with a typed
 //! [`StorageError`], never used and never silently dropped.
 
-mod codec;
+pub mod codec;
 mod error;
 pub mod log_store;
 pub mod state_machine;

@@ -3,4 +3,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod properties;
+mod raft_store;
 mod snapshot;
