@@ -16,13 +16,19 @@
 //! RPCs on the dual-path transport) and the leader's controllers (failure
 //! detection, failover, repair) drive this core and come with later work.
 
+pub mod client;
 pub mod command;
+pub mod detector;
 pub mod error;
+pub mod network;
+pub mod node;
 pub mod raft;
 pub mod state;
 
+pub use client::{LcpClient, LcpError, LcpRequest, LcpResponse, RaftStatus};
 pub use command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 pub use error::{CommandError, Entity};
+pub use node::{LcpConfig, LcpNode};
 pub use state::{
     ColumnRef, DeviceRef, Epoch, ErasureCode, ExtentId, Health, NodeId, PartitionId, PartitionMap,
     SledId, UnitState, UnitStatus, VolumeId,

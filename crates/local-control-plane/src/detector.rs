@@ -1,0 +1,283 @@
+//! Failure detection, run by the Raft leader only.
+//!
+//! ```text
+//! every poll_interval, for each other head node and each sled:
+//!   observed = link.paths()            (PeerLink probes A and B on its own)
+//!   recorded = unit state (replicated) paths + health
+//!   path A/B observed Up/Down ≠ recorded      ⇒ ReportPathFault{endpoint, network, up}
+//!   both paths Down continuously ≥ node_down_after, recorded Up ⇒ Set*Health Down
+//!   any path Up, recorded Down                                  ⇒ Set*Health Up
+//! ```
+//!
+//! * The comparison is against the **replicated** state, not a local memory:
+//!   a command is only proposed when the state machine disagrees with what
+//!   the probes see, and it is awaited (committed and applied on this
+//!   leader) before the next comparison, so a transition is recorded exactly
+//!   once, also across leader changes — a new leader finds the previous
+//!   leader's records and does not repeat them.
+//! * A path in state `Unknown` (no probe completed yet, e.g. just after
+//!   this node became leader) is never reported.
+//! * A lost path is a **path fault**, never a node fault: a node is Down
+//!   only when both paths have been Down for `node_down_after`. Draining
+//!   and Failed (operator decisions) are left alone.
+//! * This issue detects and records; failover acts on the records later.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hardware::rack::Rack;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::link::{PathId, PathState};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::command::{Command, Endpoint, Network, Outcome};
+use crate::error::CommandError;
+use crate::network::PeerLinks;
+use crate::state::{Health, NodeId, PathHealth, SledId, UnitState};
+
+#[derive(Debug, Clone)]
+pub struct DetectorConfig {
+    /// Both paths down this long ⇒ Down.
+    pub node_down_after: Duration,
+    /// Time between two comparisons.
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    endpoint: String,
+    network: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: String,
+}
+
+/// Detector gauges (valid while this node leads).
+#[derive(Debug, Clone, Default)]
+pub struct DetectorMetrics {
+    path_up: Family<PathLabels, Gauge>,
+    endpoint_down: Family<EndpointLabels, Gauge>,
+    is_running: Gauge,
+}
+
+impl DetectorMetrics {
+    /// Registers `rackblock_lcp_detector_path_up{endpoint,network}`,
+    /// `rackblock_lcp_detector_endpoint_down{endpoint}` and
+    /// `rackblock_lcp_detector_running`.
+    pub fn register(registry: &mut Registry) -> DetectorMetrics {
+        let metrics = DetectorMetrics::default();
+        registry.register(
+            "rackblock_lcp_detector_path_up",
+            "Path as the leader's detector sees it: 1 up, 0 down, -1 unknown",
+            metrics.path_up.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_detector_endpoint_down",
+            "1 if both paths of the endpoint are down",
+            metrics.endpoint_down.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_detector_running",
+            "1 while this node runs the failure detector (it leads)",
+            metrics.is_running.clone(),
+        );
+        metrics
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Watched {
+    endpoint: Endpoint,
+    name: String,
+    address_a: SocketAddr,
+    address_b: SocketAddr,
+}
+
+/// The leader's failure detector (see module docs).
+#[derive(Debug)]
+pub struct Detector {
+    watched: Vec<Watched>,
+    links: Arc<PeerLinks>,
+    config: DetectorConfig,
+    metrics: DetectorMetrics,
+    /// Since when both paths of an endpoint are observed Down.
+    both_down_since: HashMap<String, Instant>,
+}
+
+fn network_of(path: PathId) -> Network {
+    match path {
+        PathId::A => Network::A,
+        PathId::B => Network::B,
+    }
+}
+
+fn recorded_up(paths: &PathHealth, network: Network) -> bool {
+    match network {
+        Network::A => paths.network_a_up,
+        Network::B => paths.network_b_up,
+    }
+}
+
+impl Detector {
+    /// Watches every head node except `this_node`, and every sled.
+    pub fn new(
+        this_node: String,
+        rack: Rack,
+        links: Arc<PeerLinks>,
+        config: DetectorConfig,
+        metrics: DetectorMetrics,
+    ) -> Detector {
+        let mut watched: Vec<Watched> = rack
+            .head_node
+            .iter()
+            .filter(|h| h.id != this_node)
+            .map(|h| Watched {
+                endpoint: Endpoint::Node(NodeId::new(h.id.clone())),
+                name: h.id.clone(),
+                address_a: h.address_a,
+                address_b: h.address_b,
+            })
+            .collect();
+        watched.extend(rack.sled.iter().map(|s| Watched {
+            endpoint: Endpoint::Sled(SledId::new(s.id.clone())),
+            name: s.id.clone(),
+            address_a: s.address_a,
+            address_b: s.address_b,
+        }));
+        Detector {
+            watched,
+            links,
+            config,
+            metrics,
+            both_down_since: HashMap::new(),
+        }
+    }
+
+    /// Compare and record until `stop`. `read` gives the current state,
+    /// `propose` commits a command through Raft.
+    pub async fn run<R, P, F>(mut self, read: R, propose: P, stop: CancellationToken)
+    where
+        R: Fn() -> UnitState,
+        P: Fn(Command) -> F,
+        F: Future<Output = Result<Result<Outcome, CommandError>, String>>,
+    {
+        self.metrics.is_running.set(1);
+        // Make sure every link exists (and probes) from the start.
+        for w in &self.watched {
+            self.links.link(&w.name, w.address_a, w.address_b);
+        }
+        loop {
+            for command in self.step(&read(), Instant::now()) {
+                info!(?command, "failure detector records a transition");
+                match propose(command).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "detector command refused"),
+                    Err(e) => {
+                        // Probably lost leadership; the next leader re-derives.
+                        warn!(error = %e, "detector cannot commit");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        self.metrics.is_running.set(0);
+    }
+
+    /// One comparison: the commands that bring the state in line with the
+    /// observations (pure given the links' states; unit-testable).
+    fn step(&mut self, state: &UnitState, now: Instant) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for w in &self.watched {
+            let link = self.links.link(&w.name, w.address_a, w.address_b);
+            let observed = link.paths();
+            let (health, paths) = match &w.endpoint {
+                Endpoint::Node(id) => match state.nodes().get(id) {
+                    Some(n) => (n.health, n.paths),
+                    None => continue, // not registered yet
+                },
+                Endpoint::Sled(id) => match state.sleds().get(id) {
+                    Some(s) => (s.health, s.paths),
+                    None => continue,
+                },
+            };
+            for status in &observed {
+                let network = network_of(status.path);
+                let gauge = self
+                    .metrics
+                    .path_up
+                    .get_or_create(&PathLabels {
+                        endpoint: w.name.clone(),
+                        network: status.path.as_str(),
+                    })
+                    .clone();
+                let up = match status.state {
+                    PathState::Up => true,
+                    PathState::Down => false,
+                    PathState::Unknown => {
+                        gauge.set(-1);
+                        continue;
+                    }
+                };
+                gauge.set(i64::from(up));
+                if recorded_up(&paths, network) != up {
+                    commands.push(Command::ReportPathFault {
+                        endpoint: w.endpoint.clone(),
+                        network,
+                        up,
+                    });
+                }
+            }
+            let all_down = observed.iter().all(|p| p.state == PathState::Down);
+            let any_up = observed.iter().any(|p| p.state == PathState::Up);
+            self.metrics
+                .endpoint_down
+                .get_or_create(&EndpointLabels {
+                    endpoint: w.name.clone(),
+                })
+                .set(i64::from(all_down));
+            let since = if all_down {
+                Some(*self.both_down_since.entry(w.name.clone()).or_insert(now))
+            } else {
+                self.both_down_since.remove(&w.name);
+                None
+            };
+            let set_health = |health| match &w.endpoint {
+                Endpoint::Node(node) => Command::SetNodeHealth {
+                    node: node.clone(),
+                    health,
+                },
+                Endpoint::Sled(sled) => Command::SetSledHealth {
+                    sled: sled.clone(),
+                    health,
+                },
+            };
+            match health {
+                Health::Up => {
+                    if since.is_some_and(|t| now.duration_since(t) >= self.config.node_down_after) {
+                        commands.push(set_health(Health::Down));
+                    }
+                }
+                Health::Down => {
+                    if any_up {
+                        commands.push(set_health(Health::Up));
+                    }
+                }
+                Health::Draining | Health::Failed => {}
+            }
+        }
+        commands
+    }
+}

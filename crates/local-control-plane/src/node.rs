@@ -1,0 +1,826 @@
+//! [`LcpNode`]: one head node's member of the unit's Raft group, and the
+//! entry point for every local-control-plane message it receives.
+//!
+//! # Bootstrap with no manual step
+//!
+//! The rack file is the single source of membership. Raft ids are the
+//! 1-based positions of the `[[head_node]]` entries; the first 3 head nodes
+//! (5 when the rack has at least 5) are **voters**, the rest learners.
+//!
+//! ```text
+//! start ─▶ open store (log, vote, state machine) ─▶ Raft::new
+//!   voter and never initialised? ─▶ initialize(voters)   (same set on every
+//!                                    voter: the first to win an election
+//!                                    commits it; the others' calls are
+//!                                    refused as NotAllowed, which is fine)
+//! leader duties (while this node leads, restarted on every new term):
+//!   1. add_learner for rack head nodes missing from the membership
+//!   2. register the rack inventory (head nodes, sleds, devices, domains,
+//!      free columns) through Raft, skipping what the state already holds
+//!   3. run the failure detector (crate::detector)
+//! ```
+//!
+//! A restarted member finds its vote and log on disk and simply rejoins;
+//! a member whose disk was wiped comes back as an empty voter and is caught
+//! up by the leader (log or snapshot). No step needs an operator.
+//!
+//! # Requests
+//!
+//! [`LcpNode::handle`] takes a proto request: Raft RPCs go to openraft;
+//! client requests ([`LcpRequest`]) are served as follows.
+//!
+//! * **Commands** are proposed with `client_write` on the leader. A
+//!   follower forwards the request to the leader **once** (one hop, marked
+//!   [`LcpRequest::Forwarded`] so it is never forwarded again) and relays
+//!   the answer; if the leader is unknown or unreachable before the request
+//!   was sent, it answers [`LcpResponse::NotLeader`] and the client retries.
+//! * **Partition map and unit status are linearizable**: the leader calls
+//!   `ensure_linearizable` (a heartbeat round confirms it still leads, then
+//!   it waits until its state machine has applied the read index) and reads
+//!   its local state; a follower forwards the read to the leader. A client
+//!   that reads from any member therefore sees every committed command.
+//! * **RaftStatus** is this node's local view (not linearizable) — what an
+//!   operator wants when asking one node how it sees the group.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hardware::rack::{Rack, DEVICE_RESERVED_BYTES};
+use openraft::error::{ClientWriteError as OpenraftClientWriteError, InitializeError as OiError};
+use openraft::{ServerState, SnapshotPolicy};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::lcp::RaftRpcKind;
+use proto::link::{LinkConfig, LinkError, LinkMetrics, PeerLink};
+use proto::Message;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::client::{
+    decode_response, request_message, response_message, LcpError, LcpRequest, LcpResponse,
+    MemberStatus, RaftStatus,
+};
+use crate::command::{Command, DeviceSpec, Outcome};
+use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
+use crate::error::CommandError;
+use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
+use crate::raft::{
+    SharedState, AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
+    VoteRequest,
+};
+use crate::state::{NodeId as NodeName, SledId, UnitState};
+
+/// Voters when the rack has at least this many head nodes.
+pub const LARGE_VOTER_COUNT: usize = 5;
+/// Voters otherwise (or all head nodes if fewer).
+pub const SMALL_VOTER_COUNT: usize = 3;
+
+/// Default Raft heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Default election timeout range.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Default time both paths must be down before a node is declared Down.
+pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 3000;
+
+/// Largest snapshot chunk sent in one RPC (JSON-encoded, so it grows).
+const SNAPSHOT_CHUNK_BYTES: u64 = 256 << 10;
+
+/// Configuration of one member.
+#[derive(Debug, Clone)]
+pub struct LcpConfig {
+    /// The unit (validated structurally).
+    pub rack: Rack,
+    /// Which `[[head_node]]` this process is.
+    pub node_id: String,
+    /// Where the Raft log, vote and state machine live.
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Both paths down this long ⇒ the node or sled is declared Down.
+    pub node_down_after: Duration,
+}
+
+impl LcpConfig {
+    /// Config with the default timings.
+    pub fn new(rack: Rack, node_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        LcpConfig {
+            rack,
+            node_id: node_id.into(),
+            data_dir: data_dir.into(),
+            heartbeat_interval: Duration::from_millis(DEFAULT_HEARTBEAT_INTERVAL_MS),
+            election_timeout_min: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
+            election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
+            node_down_after: Duration::from_millis(DEFAULT_NODE_DOWN_AFTER_MS),
+        }
+    }
+}
+
+/// Why a member could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("head node {node_id:?} is not in the rack file")]
+    UnknownNode { node_id: String },
+    #[error("raft timings: {reason}")]
+    BadTimings { reason: String },
+    #[error("cannot create {}: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("raft storage in {}: {reason}", path.display())]
+    Storage { path: PathBuf, reason: String },
+    #[error("raft: {reason}")]
+    Raft { reason: String },
+}
+
+/// Raft ids and infos of the rack's head nodes, and which are voters.
+pub fn rack_membership(rack: &Rack) -> (BTreeMap<NodeId, HeadNodeInfo>, BTreeSet<NodeId>) {
+    let nodes: BTreeMap<NodeId, HeadNodeInfo> = rack
+        .head_node
+        .iter()
+        .zip(1u64..)
+        .map(|(h, id)| {
+            (
+                id,
+                HeadNodeInfo {
+                    id: h.id.clone(),
+                    address_a: h.address_a,
+                    address_b: h.address_b,
+                    admin: h.admin,
+                },
+            )
+        })
+        .collect();
+    let voter_count = if nodes.len() >= LARGE_VOTER_COUNT {
+        LARGE_VOTER_COUNT
+    } else {
+        SMALL_VOTER_COUNT.min(nodes.len())
+    };
+    let voters = nodes.keys().copied().take(voter_count).collect();
+    (nodes, voters)
+}
+
+/// The commands that register what the rack describes and `state` lacks.
+pub fn inventory_commands(rack: &Rack, state: &UnitState) -> Vec<Command> {
+    let mut commands = Vec::new();
+    for h in &rack.head_node {
+        if !state.nodes().contains_key(&NodeName::new(h.id.clone())) {
+            commands.push(Command::RegisterHeadNode {
+                node: NodeName::new(h.id.clone()),
+                address_a: h.address_a.to_string(),
+                address_b: h.address_b.to_string(),
+            });
+        }
+    }
+    let column_size = rack.unit.column_size_bytes;
+    for s in &rack.sled {
+        let id = SledId::new(s.id.clone());
+        if state.sleds().contains_key(&id) {
+            continue;
+        }
+        let first = s.device.first();
+        let fault_domain = first
+            .and_then(|d| d.fault_domain.clone())
+            .unwrap_or_else(|| s.id.clone());
+        let power_domain = first
+            .and_then(|d| d.power_domain.clone())
+            .unwrap_or_else(|| "default".to_string());
+        let devices: Vec<DeviceSpec> = s
+            .device
+            .iter()
+            .zip(0u16..)
+            .map(|(d, device)| DeviceSpec {
+                device,
+                size_bytes: d.size_bytes,
+            })
+            .collect();
+        commands.push(Command::RegisterSled {
+            sled: id.clone(),
+            address_a: s.address_a.to_string(),
+            address_b: s.address_b.to_string(),
+            fault_domain,
+            power_domain,
+            column_size_bytes: column_size,
+            devices: devices.clone(),
+        });
+        // The sled controller lays columns out after a reserved metadata
+        // area; every column of a freshly registered device is free.
+        for d in devices {
+            let count = d.size_bytes.saturating_sub(DEVICE_RESERVED_BYTES) / column_size.max(1);
+            let count = u32::try_from(count).unwrap_or(u32::MAX);
+            if count > 0 {
+                commands.push(Command::AddFreeColumns {
+                    sled: id.clone(),
+                    device: d.device,
+                    columns: (0..count).collect(),
+                });
+            }
+        }
+    }
+    commands
+}
+
+/// Raft gauges on `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct RaftGauges {
+    is_leader: Gauge,
+    term: Gauge,
+    last_log_index: Gauge,
+    last_applied: Gauge,
+    members: Gauge,
+}
+
+impl RaftGauges {
+    fn register(registry: &mut Registry) -> RaftGauges {
+        let gauges = RaftGauges::default();
+        registry.register(
+            "rackblock_lcp_is_leader",
+            "1 if this head node leads the unit's Raft group",
+            gauges.is_leader.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_term",
+            "Current Raft term",
+            gauges.term.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_last_log_index",
+            "Index of the last Raft log entry",
+            gauges.last_log_index.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_last_applied",
+            "Index of the last entry applied to the state machine",
+            gauges.last_applied.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_members",
+            "Voters and learners in the membership",
+            gauges.members.clone(),
+        );
+        gauges
+    }
+
+    fn update(&self, m: &RaftMetrics) {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.is_leader
+            .set(i64::from(m.state == ServerState::Leader));
+        self.term.set(as_i64(m.current_term));
+        self.last_log_index
+            .set(as_i64(m.last_log_index.unwrap_or(0)));
+        self.last_applied
+            .set(as_i64(m.last_applied.map(|l| l.index).unwrap_or(0)));
+        let members = m.membership_config.membership().nodes().count();
+        self.members.set(i64::try_from(members).unwrap_or(i64::MAX));
+    }
+}
+
+struct Inner {
+    raft: Raft,
+    raft_id: NodeId,
+    name: String,
+    rack: Rack,
+    nodes: BTreeMap<NodeId, HeadNodeInfo>,
+    voters: BTreeSet<NodeId>,
+    state: SharedState,
+    links: Arc<PeerLinks>,
+    /// Links for forwarding client requests to the leader: the generous
+    /// timeout of a client request, not the Raft links' short one.
+    forward_links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
+    link_metrics: LinkMetrics,
+    detector_config: DetectorConfig,
+    detector_metrics: DetectorMetrics,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LcpNode")
+            .field("raft_id", &self.raft_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running member. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LcpNode {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl LcpNode {
+    /// Open the store, start Raft, bootstrap if needed, start the leader
+    /// duties (see module docs). Registers its metrics in `registry`.
+    pub async fn start(config: LcpConfig, registry: &mut Registry) -> Result<LcpNode, StartError> {
+        let (nodes, voters) = rack_membership(&config.rack);
+        let raft_id = nodes
+            .iter()
+            .find(|(_, info)| info.id == config.node_id)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| StartError::UnknownNode {
+                node_id: config.node_id.clone(),
+            })?;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let raft_config = openraft::Config {
+            cluster_name: config.rack.unit.name.clone(),
+            heartbeat_interval: ms(config.heartbeat_interval),
+            election_timeout_min: ms(config.election_timeout_min),
+            election_timeout_max: ms(config.election_timeout_max),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
+            snapshot_max_chunk_size: SNAPSHOT_CHUNK_BYTES,
+            max_in_snapshot_log_to_keep: 500,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| StartError::BadTimings {
+            reason: e.to_string(),
+        })?;
+
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (log_store, state_machine) =
+            crate::raft::RaftStore::open(&config.data_dir).map_err(|e| StartError::Storage {
+                path: config.data_dir.clone(),
+                reason: e.to_string(),
+            })?;
+        let state = state_machine.shared();
+
+        let link_metrics = LinkMetrics::new(registry);
+        let links = Arc::new(PeerLinks::new(
+            PeerLinks::raft_link_config(config.election_timeout_min),
+            link_metrics.clone(),
+        ));
+        let network = RaftNetworkFactoryImpl::new(raft_id, links.clone());
+        let raft = Raft::new(
+            raft_id,
+            Arc::new(raft_config),
+            network,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft {
+            reason: e.to_string(),
+        })?;
+
+        let gauges = RaftGauges::register(registry);
+        let detector_metrics = DetectorMetrics::register(registry);
+        let inner = Arc::new(Inner {
+            raft,
+            raft_id,
+            name: config.node_id.clone(),
+            rack: config.rack.clone(),
+            nodes,
+            voters,
+            state,
+            links,
+            forward_links: Mutex::new(HashMap::new()),
+            link_metrics,
+            detector_config: DetectorConfig {
+                node_down_after: config.node_down_after,
+                poll_interval: Duration::from_millis(100),
+            },
+            detector_metrics,
+            shutdown: CancellationToken::new(),
+        });
+        let node = LcpNode {
+            inner,
+            tasks: Arc::new(Mutex::new(Vec::new())),
+        };
+        node.bootstrap().await?;
+        let metrics_task = tokio::spawn(metrics_loop(node.inner.clone(), gauges));
+        let duties_task = tokio::spawn(leader_duties(node.inner.clone()));
+        lock(&node.tasks).extend([metrics_task, duties_task]);
+        info!(
+            node = %node.inner.name,
+            raft_id,
+            voter = node.inner.voters.contains(&raft_id),
+            "local control plane member started"
+        );
+        Ok(node)
+    }
+
+    async fn bootstrap(&self) -> Result<(), StartError> {
+        let inner = &self.inner;
+        if !inner.voters.contains(&inner.raft_id) {
+            return Ok(());
+        }
+        let initialized = inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| StartError::Raft {
+                reason: e.to_string(),
+            })?;
+        if initialized {
+            return Ok(());
+        }
+        let voters: BTreeMap<NodeId, HeadNodeInfo> = inner
+            .nodes
+            .iter()
+            .filter(|(id, _)| inner.voters.contains(id))
+            .map(|(id, info)| (*id, info.clone()))
+            .collect();
+        match inner.raft.initialize(voters).await {
+            Ok(()) => {
+                info!(node = %inner.name, "initialised the unit's raft group from the rack file");
+                Ok(())
+            }
+            Err(openraft::error::RaftError::APIError(OiError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(StartError::Raft {
+                reason: format!("initialize: {e}"),
+            }),
+        }
+    }
+
+    /// This node's Raft id.
+    pub fn raft_id(&self) -> NodeId {
+        self.inner.raft_id
+    }
+
+    /// The openraft handle (metrics, tests).
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// A copy of the local (possibly stale) state machine.
+    pub fn local_state(&self) -> UnitState {
+        self.inner.state.read().unit.clone()
+    }
+
+    /// Whether this node knows a leader (its own or another).
+    pub fn leader_known(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    /// This node's view of Raft.
+    pub fn raft_status(&self) -> RaftStatus {
+        raft_status(&self.inner)
+    }
+
+    /// Answer one proto request (Raft RPC or client request).
+    pub async fn handle(&self, request: Message) -> Message {
+        match request {
+            Message::Raft { rpc, payload } => handle_raft(&self.inner, rpc, payload).await,
+            Message::Lcp { payload, .. } => {
+                let response = match serde_json::from_slice::<LcpRequest>(&payload) {
+                    Ok(request) => self.serve(request).await,
+                    Err(e) => LcpResponse::Error(LcpError::BadRequest {
+                        reason: format!("undecodable request: {e}"),
+                    }),
+                };
+                response_message(&response)
+            }
+            other => response_message(&LcpResponse::Error(LcpError::BadRequest {
+                reason: format!("kind {:#06x} is not for the control plane", other.kind()),
+            })),
+        }
+    }
+
+    /// Serve a client request (see the module docs).
+    pub async fn serve(&self, request: LcpRequest) -> LcpResponse {
+        let inner = &self.inner;
+        let (request, forwarded) = match request {
+            LcpRequest::Forwarded(inner_request) => (*inner_request, true),
+            other => (other, false),
+        };
+        match request {
+            LcpRequest::RaftStatus => LcpResponse::RaftStatus(raft_status(inner)),
+            LcpRequest::Forwarded(_) => LcpResponse::Error(LcpError::BadRequest {
+                reason: "nested forward".into(),
+            }),
+            LcpRequest::Command(command) => match inner.raft.client_write(command.clone()).await {
+                Ok(response) => LcpResponse::Applied(response.data),
+                Err(openraft::error::RaftError::APIError(
+                    OpenraftClientWriteError::ForwardToLeader(to),
+                )) => {
+                    self.forward(LcpRequest::Command(command), to.leader_id, forwarded)
+                        .await
+                }
+                Err(e) => LcpResponse::Error(LcpError::Raft {
+                    reason: e.to_string(),
+                }),
+            },
+            read @ (LcpRequest::PartitionMap { .. } | LcpRequest::UnitStatus) => {
+                match inner.raft.ensure_linearizable().await {
+                    Ok(_) => read_local(inner, &read),
+                    Err(openraft::error::RaftError::APIError(
+                        openraft::error::CheckIsLeaderError::ForwardToLeader(to),
+                    )) => self.forward(read, to.leader_id, forwarded).await,
+                    Err(e) => LcpResponse::Error(LcpError::Raft {
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: LcpRequest,
+        leader: Option<NodeId>,
+        already_forwarded: bool,
+    ) -> LcpResponse {
+        let inner = &self.inner;
+        let not_leader = || LcpResponse::NotLeader {
+            leader,
+            leader_name: leader.and_then(|l| inner.nodes.get(&l).map(|n| n.id.clone())),
+        };
+        let Some(leader_id) = leader.filter(|l| *l != inner.raft_id) else {
+            return not_leader();
+        };
+        if already_forwarded {
+            return not_leader();
+        }
+        let Some(info) = inner.nodes.get(&leader_id).cloned() else {
+            return not_leader();
+        };
+        let link = {
+            let mut links = lock(&inner.forward_links);
+            links
+                .entry(leader_id)
+                .or_insert_with(|| {
+                    PeerLink::new(
+                        format!("{}-forward", info.id),
+                        info.address_a,
+                        info.address_b,
+                        LinkConfig {
+                            connect_timeout: Duration::from_millis(500),
+                            ..LinkConfig::default()
+                        },
+                        inner.link_metrics.clone(),
+                    )
+                })
+                .clone()
+        };
+        let idempotent = request.is_idempotent();
+        let message = match request_message(&LcpRequest::Forwarded(Box::new(request))) {
+            Ok(message) => message,
+            Err(e) => {
+                return LcpResponse::Error(LcpError::BadRequest {
+                    reason: e.to_string(),
+                })
+            }
+        };
+        match link.call(message, idempotent).await {
+            Ok(reply) => match decode_response(reply) {
+                Ok(response) => response,
+                Err(e) => LcpResponse::Error(LcpError::Forward {
+                    reason: e.to_string(),
+                }),
+            },
+            Err(LinkError::Uncertain { reason, .. }) => LcpResponse::Error(LcpError::Uncertain {
+                reason: format!("forwarded to {}: {reason}", info.id),
+            }),
+            Err(e) => {
+                debug!(leader = %info.id, error = %e, "cannot forward to the leader");
+                not_leader()
+            }
+        }
+    }
+
+    /// Stop Raft and every task of this member.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let tasks: Vec<_> = lock(&self.tasks).drain(..).collect();
+        for task in tasks {
+            task.abort();
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            warn!(error = %e, "raft shutdown");
+        }
+        self.inner.links.close_all();
+        for (_, link) in lock(&self.inner.forward_links).drain() {
+            link.close();
+        }
+    }
+}
+
+fn read_local(inner: &Inner, request: &LcpRequest) -> LcpResponse {
+    let state = inner.state.read().unit.clone();
+    match request {
+        LcpRequest::PartitionMap { volume } => match state.partition_map(*volume) {
+            Ok(map) => LcpResponse::PartitionMap(map),
+            Err(CommandError::UnknownVolume { volume }) => {
+                LcpResponse::Error(LcpError::UnknownVolume { volume })
+            }
+            Err(e) => LcpResponse::Error(LcpError::BadRequest {
+                reason: e.to_string(),
+            }),
+        },
+        _ => LcpResponse::UnitStatus {
+            raft: raft_status(inner),
+            unit: state.unit_status(),
+        },
+    }
+}
+
+fn raft_status(inner: &Inner) -> RaftStatus {
+    let m = inner.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, info)| MemberStatus {
+            raft_id: *id,
+            id: info.id.clone(),
+            address_a: info.address_a.to_string(),
+            address_b: info.address_b.to_string(),
+            admin: info.admin.to_string(),
+            voter: voters.contains(id),
+        })
+        .collect::<Vec<_>>();
+    let learners = members
+        .iter()
+        .filter(|m| !m.voter)
+        .map(|m| m.raft_id)
+        .collect();
+    RaftStatus {
+        this_node: inner.raft_id,
+        this_node_name: inner.name.clone(),
+        leader: m.current_leader,
+        leader_name: m
+            .current_leader
+            .and_then(|l| inner.nodes.get(&l).map(|n| n.id.clone())),
+        term: m.current_term,
+        state: format!("{:?}", m.state),
+        last_log_index: m.last_log_index,
+        last_applied: m.last_applied.map(|l| l.index),
+        members,
+        voters: voters.into_iter().collect(),
+        learners,
+    }
+}
+
+async fn handle_raft(inner: &Inner, rpc: RaftRpcKind, payload: Bytes) -> Message {
+    fn refused(reason: String) -> Message {
+        encode_raft_reply(&RaftReply::<()>::Refused(reason))
+    }
+    fn reply<T: Serialize>(value: T) -> Message {
+        encode_raft_reply(&RaftReply::Handled(value))
+    }
+    match rpc {
+        RaftRpcKind::AppendEntries => match serde_json::from_slice::<AppendEntriesRequest>(&payload)
+        {
+            Ok(request) => reply(inner.raft.append_entries(request).await),
+            Err(e) => refused(format!("undecodable append_entries: {e}")),
+        },
+        RaftRpcKind::Vote => match serde_json::from_slice::<VoteRequest>(&payload) {
+            Ok(request) => reply(inner.raft.vote(request).await),
+            Err(e) => refused(format!("undecodable vote: {e}")),
+        },
+        RaftRpcKind::InstallSnapshot => {
+            match serde_json::from_slice::<InstallSnapshotRequest>(&payload) {
+                Ok(request) => reply(inner.raft.install_snapshot(request).await),
+                Err(e) => refused(format!("undecodable install_snapshot: {e}")),
+            }
+        }
+    }
+}
+
+async fn metrics_loop(inner: Arc<Inner>, gauges: RaftGauges) {
+    let mut rx = inner.raft.metrics();
+    loop {
+        gauges.update(&rx.borrow_and_update().clone());
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Runs while the process lives: each time this node becomes leader (a new
+/// term), adds learners, registers the inventory and runs the detector
+/// until leadership is lost.
+async fn leader_duties(inner: Arc<Inner>) {
+    let mut rx = inner.raft.metrics();
+    loop {
+        let leading_term = {
+            let m = rx.borrow_and_update();
+            (m.state == ServerState::Leader).then_some(m.current_term)
+        };
+        if let Some(term) = leading_term {
+            info!(node = %inner.name, term, "became leader of the unit's raft group");
+            let lost = CancellationToken::new();
+            let duty = tokio::spawn(lead(inner.clone(), lost.clone()));
+            // Wait until we stop leading in this term.
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() { lost.cancel(); duty.abort(); return },
+                    () = inner.shutdown.cancelled() => { lost.cancel(); duty.abort(); return },
+                }
+                let m = rx.borrow_and_update();
+                if m.state != ServerState::Leader || m.current_term != term {
+                    break;
+                }
+            }
+            info!(node = %inner.name, term, "no longer leader");
+            lost.cancel();
+            duty.abort();
+            continue;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return },
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
+    // 1. Learners: rack head nodes beyond the voters.
+    loop {
+        let membership = inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        let present: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let missing: Vec<(NodeId, HeadNodeInfo)> = inner
+            .nodes
+            .iter()
+            .filter(|(id, _)| !present.contains(id))
+            .map(|(id, info)| (*id, info.clone()))
+            .collect();
+        let mut failed = false;
+        for (id, info) in missing {
+            match inner.raft.add_learner(id, info.clone(), false).await {
+                Ok(_) => info!(learner = %info.id, raft_id = id, "added learner"),
+                Err(e) => {
+                    warn!(learner = %info.id, error = %e, "cannot add learner; retrying");
+                    failed = true;
+                }
+            }
+        }
+        if !failed {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = lost.cancelled() => return,
+        }
+    }
+    // 2. Inventory from the rack file.
+    loop {
+        let commands = inventory_commands(&inner.rack, &inner.state.read().unit.clone());
+        let mut failed = false;
+        for command in commands {
+            match inner.raft.client_write(command).await {
+                Ok(response) => match response.data {
+                    Ok(Outcome::Done) | Ok(_) => {}
+                    Err(CommandError::AlreadyExists { .. }) => {}
+                    Err(e) => warn!(error = %e, "inventory command refused"),
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot register inventory; retrying");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if !failed {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = lost.cancelled() => return,
+        }
+    }
+    info!(node = %inner.name, "rack inventory registered");
+    // 3. Failure detection until leadership is lost.
+    let detector = Detector::new(
+        inner.name.clone(),
+        inner.rack.clone(),
+        inner.links.clone(),
+        inner.detector_config.clone(),
+        inner.detector_metrics.clone(),
+    );
+    let raft = inner.raft.clone();
+    let state = inner.state.clone();
+    detector
+        .run(
+            move || state.read().unit.clone(),
+            move |command| {
+                let raft = raft.clone();
+                async move {
+                    raft.client_write(command)
+                        .await
+                        .map(|r| r.data)
+                        .map_err(|e| e.to_string())
+                }
+            },
+            lost,
+        )
+        .await;
+}
