@@ -11,10 +11,12 @@
 //!   no randomness, no I/O.
 //! * [`command`] — [`Command`], one Raft entry's payload, and [`Outcome`].
 //! * [`error`] — [`CommandError`]: a refused command changed nothing.
+//! * [`raft`] — the Raft shell's storage side: openraft's type config
+//!   ([`raft::TypeConfig`]) and the durable log and state-machine storage
+//!   of a member ([`raft::RaftStore`]).
 //!
-//! The Raft shell (openraft type config, log and state-machine storage,
-//! RPCs on the dual-path transport) and the leader's controllers (failure
-//! detection, failover, repair) drive this core and come with later work.
+//! RPCs on the dual-path transport, the node runtime and the leader's
+//! controllers (failure detection, failover, repair) drive this core.
 
 pub mod client;
 pub mod command;

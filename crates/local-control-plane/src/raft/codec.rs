@@ -164,3 +164,56 @@ fn snapshot_crc(version: u32, json_len: u64, json: &[u8]) -> u32 {
     let crc = crc32c::crc32c_append(crc, &json_len.to_le_bytes());
     crc32c::crc32c_append(crc, json)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::raft::types::LogId;
+
+    #[test]
+    fn record_round_trips() {
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(3, 2), 17);
+        let bytes = encode_record("log id", &log_id).unwrap();
+        assert_eq!(bytes[0], RECORD_VERSION);
+        assert_eq!(decode_record::<LogId>("log id", &bytes).unwrap(), log_id);
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_record_is_refused() {
+        let log_id = LogId::new(openraft::CommittedLeaderId::new(3, 2), 17);
+        let bytes = encode_record("log id", &log_id).unwrap();
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let error = decode_record::<LogId>("log id", &damaged).unwrap_err();
+            assert!(error.is_corruption(), "bit {bit}: {error}");
+        }
+    }
+
+    #[test]
+    fn short_records_are_refused() {
+        for len in 0..5 {
+            let bytes = vec![RECORD_VERSION; len];
+            let error = decode_record::<u32>("short", &bytes).unwrap_err();
+            assert!(error.is_corruption(), "{len}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_snapshot_is_refused() {
+        let contents = SnapshotContents {
+            meta: SnapshotMeta::default(),
+            state: AppliedState::default(),
+        };
+        let bytes = encode_snapshot(&contents).unwrap();
+        assert_eq!(decode_snapshot("test", &bytes).unwrap(), contents);
+        for bit in 0..bytes.len() * 8 {
+            let mut damaged = bytes.clone();
+            damaged[bit / 8] ^= 1 << (bit % 8);
+            let error = decode_snapshot("test", &damaged).unwrap_err();
+            assert!(error.is_corruption(), "bit {bit}: {error}");
+        }
+    }
+}

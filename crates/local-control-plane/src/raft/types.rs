@@ -25,8 +25,10 @@ pub type NodeId = u64;
 
 /// What a member knows about another member: its name and where to reach
 /// it on both networks, plus its admin (operator HTTP) address.
+///
+/// It is stored in membership log entries and snapshots, so it is not
+/// `deny_unknown_fields`: a member must read what a newer member wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HeadNodeInfo {
     /// Head node name from the rack file (the state machine's
     /// [`crate::NodeId`]).
