@@ -114,7 +114,10 @@ pub enum LcpResponse {
     /// machine, which changed nothing).
     Applied(Result<Outcome, CommandError>),
     PartitionMap(PartitionMap),
-    UnitStatus { raft: RaftStatus, unit: UnitStatus },
+    UnitStatus {
+        raft: RaftStatus,
+        unit: UnitStatus,
+    },
     RaftStatus(RaftStatus),
     /// This node cannot serve it; try the leader (if known).
     NotLeader {
@@ -248,8 +251,7 @@ impl LcpClient {
     }
 
     async fn send(target: &Target, request: &LcpRequest) -> Result<LcpResponse, ClientError> {
-        let message =
-            request_message(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let message = request_message(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match target.link.call(message, request.is_idempotent()).await {
             Ok(reply) => decode_response(reply),
             Err(proto::link::LinkError::Uncertain { reason, .. }) => {
@@ -334,7 +336,10 @@ impl LcpClient {
     }
 
     /// Propose a command; returns the state machine's verdict.
-    pub async fn command(&self, command: Command) -> Result<Result<Outcome, CommandError>, ClientError> {
+    pub async fn command(
+        &self,
+        command: Command,
+    ) -> Result<Result<Outcome, CommandError>, ClientError> {
         match self.call(&LcpRequest::Command(command)).await? {
             LcpResponse::Applied(result) => Ok(result),
             other => Err(unexpected(other)),

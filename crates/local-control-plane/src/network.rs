@@ -171,9 +171,7 @@ impl RaftNetworkFactory<TypeConfig> for RaftNetworkFactoryImpl {
             this_node: self.this_node,
             target,
             node: node.clone(),
-            link: self
-                .links
-                .link(&node.id, node.address_a, node.address_b),
+            link: self.links.link(&node.id, node.address_a, node.address_b),
         }
     }
 }
@@ -267,9 +265,9 @@ impl RaftPeer {
             RaftReply::Handled(Err(error)) => Err(RPCError::RemoteError(
                 RemoteError::new_with_node(self.target, self.node.clone(), error),
             )),
-            RaftReply::Refused(reason) => Err(RPCError::Unreachable(Unreachable::new(
-                &WireError(format!("{rpc} refused by {}: {reason}", self.node.id)),
-            ))),
+            RaftReply::Refused(reason) => Err(RPCError::Unreachable(Unreachable::new(&WireError(
+                format!("{rpc} refused by {}: {reason}", self.node.id),
+            )))),
         }
     }
 }

@@ -70,8 +70,8 @@ use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
 use crate::error::CommandError;
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
 use crate::raft::{
-    SharedState, AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
-    VoteRequest,
+    AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
+    SharedState, VoteRequest,
 };
 use crate::state::{NodeId as NodeName, SledId, UnitState};
 
@@ -670,11 +670,12 @@ async fn handle_raft(inner: &Inner, rpc: RaftRpcKind, payload: Bytes) -> Message
         encode_raft_reply(&RaftReply::Handled(value))
     }
     match rpc {
-        RaftRpcKind::AppendEntries => match serde_json::from_slice::<AppendEntriesRequest>(&payload)
-        {
-            Ok(request) => reply(inner.raft.append_entries(request).await),
-            Err(e) => refused(format!("undecodable append_entries: {e}")),
-        },
+        RaftRpcKind::AppendEntries => {
+            match serde_json::from_slice::<AppendEntriesRequest>(&payload) {
+                Ok(request) => reply(inner.raft.append_entries(request).await),
+                Err(e) => refused(format!("undecodable append_entries: {e}")),
+            }
+        }
         RaftRpcKind::Vote => match serde_json::from_slice::<VoteRequest>(&payload) {
             Ok(request) => reply(inner.raft.vote(request).await),
             Err(e) => refused(format!("undecodable vote: {e}")),

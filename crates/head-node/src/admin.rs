@@ -1,0 +1,100 @@
+//! Admin HTTP endpoint of a head node (axum):
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | OpenMetrics text: Raft (is_leader, term, last_log_index, last_applied), detector path states, links, listeners |
+//! | `GET /health` | JSON; 200 when this node knows a leader (itself or another), else 503 |
+//! | `GET /status` | JSON `{raft, unit}`: Raft status and unit status, linearizable (served via the leader) |
+//! | `GET /volumes/{id}/partition-map` | JSON partition map, linearizable; 404 for an unknown volume |
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use local_control_plane::{LcpError, LcpNode, LcpRequest, LcpResponse};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub node: LcpNode,
+    pub registry: Arc<Registry>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/status", get(status))
+        .route("/volumes/{id}/partition-map", get(partition_map))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn health(State(state): State<AdminState>) -> Response {
+    let raft = state.node.raft_status();
+    let (code, status) = if raft.leader.is_some() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no_leader")
+    };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "head_node_id": raft.this_node_name,
+            "raft_state": raft.state,
+            "leader": raft.leader_name,
+            "term": raft.term,
+        })),
+    )
+        .into_response()
+}
+
+fn error_response(response: LcpResponse) -> Response {
+    let code = match &response {
+        LcpResponse::Error(LcpError::UnknownVolume { .. }) => StatusCode::NOT_FOUND,
+        LcpResponse::Error(LcpError::BadRequest { .. }) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, Json(json!({ "error": response }))).into_response()
+}
+
+async fn status(State(state): State<AdminState>) -> Response {
+    match state.node.serve(LcpRequest::UnitStatus).await {
+        LcpResponse::UnitStatus { raft, unit } => {
+            // The unit comes from the leader; the Raft view is this node's.
+            let local = state.node.raft_status();
+            Json(json!({ "raft": raft, "this_node": local, "unit": unit })).into_response()
+        }
+        other => error_response(other),
+    }
+}
+
+async fn partition_map(State(state): State<AdminState>, Path(id): Path<u64>) -> Response {
+    match state
+        .node
+        .serve(LcpRequest::PartitionMap { volume: id })
+        .await
+    {
+        LcpResponse::PartitionMap(map) => Json(map).into_response(),
+        other => error_response(other),
+    }
+}

@@ -1,0 +1,220 @@
+//! The `rackblock head-node` process (control-plane part).
+//!
+//! Startup: load and validate the rack file (structure only: a head node
+//! opens no sled device), find this head node, start its local-control-
+//! plane member ([`LcpNode`]: Raft storage under `<data_dir>/raft`,
+//! bootstrap from the rack with no manual step), then serve the protocol on
+//! network A and network B and HTTP on the admin address. A network address
+//! that cannot be bound is retried every second in the background while the
+//! other serves (its `rackblock_head_node_listener_up` gauge stays 0 until
+//! then): Raft and clients reach the node over whichever network works.
+//! Shutdown (the token) stops accepting, stops Raft and returns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use hardware::rack::{Rack, RackError};
+use local_control_plane::node::StartError;
+use local_control_plane::{LcpConfig, LcpNode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::server::{Handler, ServerMetrics};
+use proto::Message;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState};
+use crate::config::{ConfigError, HeadNodeConfig};
+
+/// Pause between attempts to bind a network address that failed.
+const BIND_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum HeadNodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rack file {}: {source}", path.display())]
+    Rack { path: PathBuf, source: RackError },
+    #[error("head_node_id {head_node_id:?} is not a [[head_node]] of rack file {}", rack_file.display())]
+    UnknownHeadNode {
+        head_node_id: String,
+        rack_file: PathBuf,
+    },
+    #[error("local control plane: {0}")]
+    ControlPlane(#[from] StartError),
+    #[error("cannot bind admin address {address}: {source}")]
+    BindAdmin {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NetworkLabels {
+    network: &'static str,
+}
+
+/// Proto requests → the control-plane member.
+#[derive(Debug)]
+struct HeadNodeHandler {
+    node: LcpNode,
+}
+
+impl Handler for HeadNodeHandler {
+    fn handle(&self, request: Message) -> BoxFuture<'static, Message> {
+        let node = self.node.clone();
+        Box::pin(async move { node.handle(request).await })
+    }
+}
+
+/// Runs the head node until `shutdown` is cancelled.
+pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<(), HeadNodeError> {
+    config.validate()?;
+    let rack = Rack::load(&config.rack_file).map_err(|source| HeadNodeError::Rack {
+        path: config.rack_file.clone(),
+        source,
+    })?;
+    let spec = rack
+        .head_node(&config.head_node_id)
+        .ok_or_else(|| HeadNodeError::UnknownHeadNode {
+            head_node_id: config.head_node_id.clone(),
+            rack_file: config.rack_file.clone(),
+        })?
+        .clone();
+    // Bind admin first: a taken admin port is a configuration error worth
+    // failing on before Raft starts.
+    let admin_listener =
+        TcpListener::bind(spec.admin)
+            .await
+            .map_err(|source| HeadNodeError::BindAdmin {
+                address: spec.admin,
+                source,
+            })?;
+
+    let mut registry = Registry::default();
+    let server_metrics = ServerMetrics::new(&mut registry);
+    let listener_up = Family::<NetworkLabels, Gauge>::default();
+    registry.register(
+        "rackblock_head_node_listener_up",
+        "1 while the head node serves on the network",
+        listener_up.clone(),
+    );
+    let lcp_config = LcpConfig {
+        rack: rack.clone(),
+        node_id: config.head_node_id.clone(),
+        data_dir: config.data_dir.join("raft"),
+        heartbeat_interval: config.heartbeat_interval(),
+        election_timeout_min: config.election_timeout_min(),
+        election_timeout_max: config.election_timeout_max(),
+        node_down_after: config.node_down_after(),
+    };
+    let node = LcpNode::start(lcp_config, &mut registry).await?;
+    let registry = Arc::new(registry);
+
+    let mut tasks = JoinSet::new();
+    let listen_a = config.listen_a.unwrap_or(spec.address_a);
+    let listen_b = config.listen_b.unwrap_or(spec.address_b);
+    for (network, address) in [("a", listen_a), ("b", listen_b)] {
+        let gauge = listener_up
+            .get_or_create(&NetworkLabels { network })
+            .clone();
+        gauge.set(0);
+        tasks.spawn(serve_network(
+            node.clone(),
+            network,
+            address,
+            gauge,
+            server_metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    {
+        let router = admin::router(AdminState {
+            node: node.clone(),
+            registry: registry.clone(),
+        });
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(admin_listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+            {
+                error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    info!(
+        head_node_id = %config.head_node_id,
+        raft_id = node.raft_id(),
+        address_a = %spec.address_a,
+        address_b = %spec.address_b,
+        %listen_a,
+        %listen_b,
+        admin = %spec.admin,
+        "head node ready"
+    );
+    shutdown.cancelled().await;
+    node.shutdown().await;
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("tasks still running 10 s after shutdown; abandoning them");
+        tasks.abort_all();
+    }
+    info!(head_node_id = %config.head_node_id, "head node stopped");
+    Ok(())
+}
+
+/// Binds `address` (retrying every second until bound or shutdown) and
+/// serves the protocol on it.
+async fn serve_network(
+    node: LcpNode,
+    network: &'static str,
+    address: SocketAddr,
+    listener_up: Gauge,
+    metrics: ServerMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut logged = false;
+    let listener = loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                if !logged {
+                    error!(network, %address, error = %e, "cannot bind network address; serving on the other network and retrying every second");
+                    logged = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(BIND_RETRY_INTERVAL) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    if logged {
+        info!(network, %address, "network address bound after retrying");
+    }
+    listener_up.set(1);
+    let result = proto::server::serve_with_metrics(
+        listener,
+        Arc::new(HeadNodeHandler { node }),
+        proto::server::ServerConfig::default(),
+        shutdown,
+        metrics,
+    )
+    .await;
+    listener_up.set(0);
+    if let Err(e) = result {
+        error!(network, %address, error = %e, "protocol server failed");
+    }
+}
