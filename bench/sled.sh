@@ -19,7 +19,7 @@ cargo build --release -q -p cli --bin rackblock
 bin="$root/target/release/rackblock"
 out="$root/bench/out"; work="$out/sled-work"
 rm -rf "$work"; mkdir -p "$work"
-dev_bytes=$((4 * 1024 * 1024 * 1024))
+dev_bytes=$((8 * 1024 * 1024 * 1024))
 for d in 0 1; do fallocate -l $dev_bytes "$work/dev$d.img"; done
 touch "$work/other.img"; truncate -s $((128 * 1024 * 1024)) "$work/other.img"
 cat > "$work/rack.toml" <<TOML
@@ -59,6 +59,9 @@ scrub_bytes_per_second = 0
 scrub_pass_interval_ms = 60000
 TOML
 
+if curl -s -o /dev/null http://127.0.0.1:17101/health 2>/dev/null; then
+  echo "bench/sled.sh: 127.0.0.1:17101 is already in use (another sled controller running?)" >&2; exit 1
+fi
 pid=""
 stop_sled() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
 trap stop_sled EXIT

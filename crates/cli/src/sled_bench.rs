@@ -182,7 +182,15 @@ async fn append(
             while Instant::now() < deadline {
                 if offset + chunk_bytes as u64 > column_size {
                     written.push((column, offset));
-                    (column, partition) = new_column(&link, stream).await?;
+                    match new_column(&link, stream).await {
+                        Ok(next) => (column, partition) = next,
+                        // The sled is full: this stream is done early.
+                        Err(error) if error.contains("no free column") => {
+                            offset = 0;
+                            break;
+                        }
+                        Err(error) => return Err(error),
+                    }
                     offset = 0;
                 }
                 let t = Instant::now();
