@@ -41,20 +41,34 @@ impl AlignedBuf {
     /// Allocates a zeroed buffer of `len` bytes. `len` must be a multiple of
     /// [`BLOCK_SIZE`] (zero is allowed).
     pub fn zeroed(len: usize) -> Result<Self, DeviceError> {
+        // SAFETY: `alloc_zeroed` initialises every byte.
+        unsafe { Self::allocate(len, true) }
+    }
+
+    /// Allocates `len` bytes (rounded up to one block for `len == 0`),
+    /// zeroed or not.
+    ///
+    /// # Safety
+    /// With `zeroed == false` the bytes are uninitialised: the caller must
+    /// write all `len` of them before anything reads them.
+    unsafe fn allocate(len: usize, zeroed: bool) -> Result<Self, DeviceError> {
+        let unaligned = || DeviceError::Unaligned {
+            offset: 0,
+            len: len as u64,
+        };
         if len % BLOCK_SIZE != 0 {
-            return Err(DeviceError::Unaligned {
-                offset: 0,
-                len: len as u64,
-            });
+            return Err(unaligned());
         }
         let capacity = len.max(BLOCK_SIZE);
-        let layout =
-            Layout::from_size_align(capacity, BLOCK_SIZE).map_err(|_| DeviceError::Unaligned {
-                offset: 0,
-                len: len as u64,
-            })?;
+        let layout = Layout::from_size_align(capacity, BLOCK_SIZE).map_err(|_| unaligned())?;
         // SAFETY: `layout` has a non-zero size (capacity >= BLOCK_SIZE).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout);
         };
@@ -64,31 +78,16 @@ impl AlignedBuf {
     /// Copies `data` into a new aligned buffer. `data.len()` must be a
     /// multiple of [`BLOCK_SIZE`]; nothing is padded silently.
     pub fn from_slice(data: &[u8]) -> Result<Self, DeviceError> {
-        let len = data.len();
-        if len % BLOCK_SIZE != 0 {
-            return Err(DeviceError::Unaligned {
-                offset: 0,
-                len: len as u64,
-            });
-        }
-        let capacity = len.max(BLOCK_SIZE);
-        let layout =
-            Layout::from_size_align(capacity, BLOCK_SIZE).map_err(|_| DeviceError::Unaligned {
-                offset: 0,
-                len: len as u64,
-            })?;
-        // No zeroing: every byte up to `len` is copied over right below (this
-        // is the write path of every append; zeroing first cost a page-fault
-        // storm and a memset per chunk). Bytes past `len` are never exposed.
-        // SAFETY: `layout` has a non-zero size (capacity >= BLOCK_SIZE).
-        let raw = unsafe { alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout);
-        };
-        // SAFETY: `ptr` is valid for `capacity >= len` bytes and cannot
-        // overlap `data`, a live borrow of other memory.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), len) };
-        Ok(Self { ptr, len, capacity })
+        // No zeroing: every byte is copied over right below (this is the
+        // write path of every append; zeroing first cost a memset and a
+        // page-fault storm per chunk).
+        // SAFETY: all `data.len()` bytes are written before the buffer is
+        // handed out; bytes past `len` are never exposed.
+        let mut buf = unsafe { Self::allocate(data.len(), false) }?;
+        // SAFETY: the buffer is valid for `len` bytes and cannot overlap
+        // `data`, a live borrow of other memory.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf.as_mut_ptr(), data.len()) };
+        Ok(buf)
     }
 
     /// Length in bytes (a multiple of [`BLOCK_SIZE`]).
