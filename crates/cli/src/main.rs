@@ -1,11 +1,13 @@
 //! `rackblock`: the one binary of the product.
 //!
-//! Daemons (`sled-controller`; `head-node` and `zonal` come with later
-//! issues), operator verbs (`rack validate`), and `up`, which runs a whole
+//! Daemons (`sled-controller`, `head-node`; `zonal` comes with a later
+//! issue), operator verbs (`rack validate`, `unit status`, `volume
+//! register`), and `up`, which runs a whole
 //! unit on this machine as separate processes. Exit codes: 0 success,
 //! 1 runtime failure, 2 bad usage or configuration.
 
 mod sled_bench;
+mod unit;
 mod up;
 
 use std::path::PathBuf;
@@ -30,6 +32,23 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run a head node daemon: a member of the unit's local control plane
+    /// (Raft), serving on networks A and B, admin HTTP on its admin address.
+    HeadNode {
+        /// Head node config (TOML); see deploy/head-node.example.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Unit commands (ask the local control plane).
+    Unit {
+        #[command(subcommand)]
+        command: UnitCommand,
+    },
+    /// Volume commands.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
     /// Rack description commands.
     Rack {
         #[command(subcommand)]
@@ -42,6 +61,19 @@ enum Command {
         #[command(subcommand)]
         command: SledCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum UnitCommand {
+    /// Leader, term, members with both addresses, sleds, capacity.
+    Status(unit::StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Register a volume with the unit and print its partition map
+    /// (temporary operator verb: the zonal control plane does this later).
+    Register(unit::RegisterArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,6 +169,36 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            Command::HeadNode { config } => {
+                let config = match head_node::HeadNodeConfig::load(&config) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("rackblock: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let token = CancellationToken::new();
+                cancel_on_signal(token.clone());
+                match head_node::run(config, token).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error @ (head_node::HeadNodeError::Config(_)
+                    | head_node::HeadNodeError::Rack { .. }
+                    | head_node::HeadNodeError::UnknownHeadNode { .. })) => {
+                        eprintln!("rackblock: head node: {error}");
+                        ExitCode::from(2)
+                    }
+                    Err(error) => {
+                        eprintln!("rackblock: head node: {error}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Unit {
+                command: UnitCommand::Status(args),
+            } => unit::status(args).await,
+            Command::Volume {
+                command: VolumeCommand::Register(args),
+            } => unit::register_volume(args).await,
             Command::Rack {
                 command: RackCommand::Validate { file, no_devices },
             } => {

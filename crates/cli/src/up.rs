@@ -9,9 +9,13 @@
 //! Ctrl-C (or SIGTERM) stops every child: SIGTERM, then SIGKILL after a grace
 //! period.
 //!
-//! What runs today: the sled controllers. Head nodes, the zonal control plane
-//! and the NBD attach agent join as their issues land; the rack file already
-//! names the head nodes.
+//! What runs today: the sled controllers and three head nodes (`hn-1..3`,
+//! configs in `config/hn-N.toml`, Raft data in `hn-N/`), which elect a
+//! leader of the local control plane among themselves and register the
+//! rack's inventory with no manual step. `up` waits until every daemon is
+//! healthy (a head node is healthy once it knows a leader) and prints the
+//! unit status. The zonal control plane and the NBD attach agent join as
+//! their issues land.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -172,6 +176,18 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
         std::fs::write(&path, config)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
+    for head in &rack.head_node {
+        let config = format!(
+            "# Written by `rackblock up`.\nrack_file = \"{}\"\nhead_node_id = \"{}\"\n\
+             data_dir = \"{}\"\n",
+            rack_path.display(),
+            head.id,
+            data_dir.join(&head.id).display()
+        );
+        let path = data_dir.join("config").join(format!("{}.toml", head.id));
+        std::fs::write(&path, config)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     Ok((data_dir, rack))
 }
 
@@ -293,6 +309,21 @@ fn up(args: UpArgs) -> ExitCode {
         Err(error) => return fail(error),
     };
     let mut daemons = Vec::new();
+    for head in &rack.head_node {
+        let config = data_dir.join("config").join(format!("{}.toml", head.id));
+        let argv = vec![
+            "head-node".to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+        ];
+        match spawn_daemon(&data_dir, &head.id, &argv, head.admin) {
+            Ok(daemon) => daemons.push(daemon),
+            Err(error) => {
+                stop_all(&mut daemons);
+                return fail(error);
+            }
+        }
+    }
     for sled in &rack.sled {
         let config = data_dir.join("config").join(format!("{}.toml", sled.id));
         let argv = vec![
@@ -346,7 +377,7 @@ fn up(args: UpArgs) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    print_status(&data_dir, &rack);
+    print_status(&data_dir, &rack, &args);
     if args.check {
         stop_all(&mut daemons);
         println!("stopped (--check)");
@@ -372,12 +403,58 @@ fn up(args: UpArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_status(data_dir: &Path, rack: &hardware::rack::Rack) {
+/// The local control plane's view, once it has registered the inventory
+/// (the leader does that right after its election).
+fn unit_status(
+    rack: &hardware::rack::Rack,
+    wait: Duration,
+) -> Option<(local_control_plane::RaftStatus, local_control_plane::UnitStatus)> {
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let deadline = Instant::now() + wait;
+    let client = handle.block_on(async { local_control_plane::LcpClient::new(rack) });
+    let mut status = None;
+    while Instant::now() < deadline {
+        status = handle.block_on(client.unit_status()).ok();
+        if let Some((_, unit)) = &status {
+            if unit.nodes.len() == rack.head_node.len() && unit.sleds.len() == rack.sled.len() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    client.close();
+    status
+}
+
+fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs) {
     println!(
         "unit {} is up (data in {})",
         rack.unit.name,
         data_dir.display()
     );
+    match unit_status(rack, Duration::from_secs(args.wait_seconds.min(20))) {
+        Some((raft, _)) => {
+            println!(
+                "local control plane: leader {}, term {}",
+                raft.leader_name.as_deref().unwrap_or("none"),
+                raft.term
+            );
+        }
+        None => println!("local control plane: no status yet (see `rackblock unit status`)"),
+    }
+    println!(
+        "{:<10} {:<22} {:<22} {:<40}",
+        "HEAD NODE", "NETWORK A", "NETWORK B", "METRICS"
+    );
+    for head in &rack.head_node {
+        println!(
+            "{:<10} {:<22} {:<22} http://{}/metrics",
+            head.id,
+            head.address_a.to_string(),
+            head.address_b.to_string(),
+            head.admin
+        );
+    }
     println!(
         "{:<10} {:<22} {:<22} {:<40}",
         "SLED", "NETWORK A", "NETWORK B", "METRICS"
@@ -396,8 +473,10 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack) {
         data_dir.display()
     );
     println!(
-        "not yet running: head nodes, zonal control plane and the NBD attach of vol0 (issues 3-5)"
+        "unit status: rackblock unit status --rack {}",
+        data_dir.join("rack.toml").display()
     );
+    println!("not yet running: zonal control plane and the NBD attach of vol0 (issues 4-5)");
 }
 
 /// A flag set by SIGINT/SIGTERM, read by the blocking supervisor loop.
