@@ -3,12 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use local_control_plane::raft::{
-    codec, AppliedState, Entry, EntryPayload, HeadNodeInfo, LogId, LogStore, Membership, RaftStore,
-    StateMachineStore, StorageError, Vote, SNAPSHOT_FILE,
+    codec, AppliedState, Entry, EntryPayload, HeadNodeInfo, LogId, LogStore, Membership, RPCError,
+    Raft, RaftError, RaftStore, SharedState, StateMachineStore, StorageError, TypeConfig, Vote,
+    SNAPSHOT_FILE,
 };
-use local_control_plane::{Command, CommandError, NodeId, Outcome};
+use local_control_plane::{Command, CommandError, NodeId, Outcome, UnitState};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, RaftLogReader, RaftSnapshotBuilder};
@@ -17,14 +19,7 @@ use openraft::{CommittedLeaderId, RaftLogReader, RaftSnapshotBuilder};
 /// directory lives as long as the guard.
 struct TempDirStore;
 
-impl
-    StoreBuilder<
-        local_control_plane::raft::TypeConfig,
-        LogStore,
-        StateMachineStore,
-        tempfile::TempDir,
-    > for TempDirStore
-{
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for TempDirStore {
     async fn build(
         &self,
     ) -> Result<
@@ -64,14 +59,18 @@ fn membership_entry(term: u64, index: u64) -> Entry {
     }
 }
 
+fn register_command(n: u64) -> Command {
+    Command::RegisterHeadNode {
+        node: NodeId(format!("head-{n}")),
+        address_a: format!("10.0.0.{n}:7000"),
+        address_b: format!("10.1.0.{n}:7000"),
+    }
+}
+
 fn register(term: u64, index: u64, n: u64) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Command::RegisterHeadNode {
-            node: NodeId(format!("head-{n}")),
-            address_a: format!("10.0.0.{n}:7000"),
-            address_b: format!("10.1.0.{n}:7000"),
-        }),
+        payload: EntryPayload::Normal(register_command(n)),
     }
 }
 
@@ -88,9 +87,7 @@ fn history() -> Vec<Entry> {
     ]
 }
 
-async fn snapshot_now(
-    state_machine: &mut StateMachineStore,
-) -> openraft::Snapshot<local_control_plane::raft::TypeConfig> {
+async fn snapshot_now(state_machine: &mut StateMachineStore) -> openraft::Snapshot<TypeConfig> {
     state_machine
         .get_snapshot_builder()
         .await
@@ -296,4 +293,145 @@ async fn corrupt_snapshot_from_the_leader_is_not_installed() {
     drop(follower);
     let (_, follower) = RaftStore::open(follower_dir.path()).unwrap();
     assert_eq!(*follower.state(), *leader.state());
+}
+
+/// A network with no peers: a single-voter group never sends an RPC.
+struct NoPeers;
+
+fn no_peer<E: std::error::Error>() -> openraft::error::RPCError<u64, HeadNodeInfo, E> {
+    openraft::error::RPCError::Unreachable(openraft::error::Unreachable::new(
+        &std::io::Error::other("single-node test has no peers"),
+    ))
+}
+
+impl openraft::RaftNetworkFactory<TypeConfig> for NoPeers {
+    type Network = NoPeers;
+
+    async fn new_client(&mut self, _target: u64, _node: &HeadNodeInfo) -> NoPeers {
+        NoPeers
+    }
+}
+
+impl openraft::RaftNetwork<TypeConfig> for NoPeers {
+    async fn append_entries(
+        &mut self,
+        _rpc: local_control_plane::raft::AppendEntriesRequest,
+        _option: openraft::network::RPCOption,
+    ) -> Result<local_control_plane::raft::AppendEntriesResponse, RPCError<RaftError>> {
+        Err(no_peer())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: local_control_plane::raft::InstallSnapshotRequest,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        local_control_plane::raft::InstallSnapshotResponse,
+        RPCError<RaftError<local_control_plane::raft::InstallSnapshotError>>,
+    > {
+        Err(no_peer())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: local_control_plane::raft::VoteRequest,
+        _option: openraft::network::RPCOption,
+    ) -> Result<local_control_plane::raft::VoteResponse, RPCError<RaftError>> {
+        Err(no_peer())
+    }
+}
+
+async fn start_single(dir: &Path) -> (Raft, SharedState) {
+    let config = openraft::Config {
+        heartbeat_interval: 50,
+        election_timeout_min: 150,
+        election_timeout_max: 300,
+        // Snapshot (and purge the log) every few entries, so that a restart
+        // needs both the snapshot and the log tail.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(4),
+        max_in_snapshot_log_to_keep: 0,
+        ..openraft::Config::default()
+    };
+    let config = std::sync::Arc::new(config.validate().unwrap());
+    let (log, state_machine) = RaftStore::open(dir).unwrap();
+    let shared = state_machine.shared();
+    let raft = Raft::new(1, config, NoPeers, log, state_machine)
+        .await
+        .unwrap();
+    (raft, shared)
+}
+
+async fn wait_leader(raft: &Raft) {
+    raft.wait(Some(Duration::from_secs(10)))
+        .state(openraft::ServerState::Leader, "single node leads")
+        .await
+        .unwrap();
+}
+
+/// A real openraft member on the real store: writes, snapshots and purges,
+/// is shut down and restarted from its directory with no manual step, and
+/// comes back with every committed command applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_member_restarts_with_its_committed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut expected = UnitState::new();
+    let last_applied;
+    {
+        let (raft, shared) = start_single(dir.path()).await;
+        raft.initialize(BTreeMap::from([(1, node_info(1))]))
+            .await
+            .unwrap();
+        wait_leader(&raft).await;
+        for n in 1..=9 {
+            let response = raft.client_write(register_command(n)).await.unwrap();
+            assert_eq!(response.data, Ok(Outcome::Done));
+            expected.apply(register_command(n)).unwrap();
+        }
+        let refused = raft.client_write(register_command(3)).await.unwrap();
+        assert!(matches!(
+            refused.data,
+            Err(CommandError::AlreadyExists { .. })
+        ));
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.snapshot.is_some() && m.purged.is_some(),
+                "snapshot built and log purged",
+            )
+            .await
+            .unwrap();
+        last_applied = shared.read().last_applied;
+        assert_eq!(shared.read().unit, expected);
+        raft.shutdown().await.unwrap();
+    }
+
+    // On disk: a snapshot behind the last applied entry, and the log tail.
+    {
+        let (mut log, state_machine) = RaftStore::open(dir.path()).unwrap();
+        let from_snapshot = state_machine.state().last_applied;
+        assert!(from_snapshot.is_some() && from_snapshot <= last_applied);
+        assert_eq!(log.read_committed().await.unwrap(), last_applied);
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, last_applied);
+    }
+
+    let (raft, shared) = start_single(dir.path()).await;
+    let last_index = last_applied.map(|log_id| log_id.index);
+    raft.wait(Some(Duration::from_secs(10)))
+        .applied_index_at_least(last_index, "committed tail replayed")
+        .await
+        .unwrap();
+    assert_eq!(shared.read().unit, expected);
+    assert_eq!(
+        shared
+            .read()
+            .membership
+            .membership()
+            .voter_ids()
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    wait_leader(&raft).await;
+    let response = raft.client_write(register_command(10)).await.unwrap();
+    assert_eq!(response.data, Ok(Outcome::Done));
+    assert_eq!(shared.read().unit.nodes().len(), 10);
+    raft.shutdown().await.unwrap();
 }
