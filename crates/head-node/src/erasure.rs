@@ -378,9 +378,6 @@ mod tests {
             Err(ErasureError::UnknownCodec { codec_id: 9 })
         );
         assert!(ErasureScheme::from_bytes([1, 0, 0, 2]).is_err());
-        assert_eq!(
-            ErasureCodec::from_scheme(scheme).unwrap().scheme(),
-            scheme
-        );
+        assert_eq!(ErasureCodec::from_scheme(scheme).unwrap().scheme(), scheme);
     }
 }
