@@ -113,12 +113,18 @@ pub fn decode_snapshot(source_name: &str, bytes: &[u8]) -> Result<SnapshotConten
     if magic != SNAPSHOT_MAGIC {
         return Err(corrupt(format!("bad magic {magic:02x?}")));
     }
-    let (version, rest) = rest.split_at(4);
-    let (json_len, crc) = rest.split_at(8);
-    // The splits above are of a fixed-size header: the conversions cannot fail.
-    let version = u32::from_le_bytes(version.try_into().unwrap_or_default());
-    let json_len = u64::from_le_bytes(json_len.try_into().unwrap_or_default());
-    let stored_crc = u32::from_le_bytes(crc.try_into().unwrap_or_default());
+    let (version, json_len, stored_crc) = match (
+        rest.first_chunk::<4>(),
+        rest.get(4..).and_then(|r| r.first_chunk::<8>()),
+        rest.get(12..).and_then(|r| r.first_chunk::<4>()),
+    ) {
+        (Some(version), Some(json_len), Some(crc)) => (
+            u32::from_le_bytes(*version),
+            u64::from_le_bytes(*json_len),
+            u32::from_le_bytes(*crc),
+        ),
+        _ => return Err(corrupt("short header".into())),
+    };
     if version != SNAPSHOT_VERSION {
         return Err(StorageError::UnsupportedVersion {
             record: format!("snapshot {source_name}"),
