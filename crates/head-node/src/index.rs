@@ -112,7 +112,11 @@ impl Run {
     }
 }
 
-/// One piece of a lookup answer.
+/// A piece of a [`PartitionIndex::lookup`] answer: blocks and where the
+/// first of them is (`None`: zeros).
+pub type LookupPiece = (Range<u64>, Option<Location>);
+
+/// One piece of a lookup answer, with its sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped {
     /// Blocks covered.
@@ -293,7 +297,7 @@ impl PartitionIndex {
         &self,
         lba: u64,
         count: u64,
-    ) -> Result<Vec<(Range<u64>, Option<Location>)>, IndexError> {
+    ) -> Result<Vec<LookupPiece>, IndexError> {
         Ok(self
             .lookup_with_sequence(lba, count)?
             .into_iter()
@@ -673,6 +677,7 @@ impl Reader<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

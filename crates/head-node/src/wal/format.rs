@@ -597,6 +597,7 @@ pub fn choose_superblock(copies: [&[u8]; 2]) -> SuperblockState {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
