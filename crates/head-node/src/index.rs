@@ -71,7 +71,8 @@ impl Location {
                 block_in_record,
             } => Location::Log {
                 position,
-                block_in_record: block_in_record.saturating_add(blocks as u32),
+                block_in_record: block_in_record
+                    .saturating_add(u32::try_from(blocks).unwrap_or(u32::MAX)),
             },
             Location::Sled {
                 extent,
@@ -293,11 +294,7 @@ impl PartitionIndex {
 
     /// Where blocks `lba..lba+count` are, in order, covering exactly the
     /// range (`None`: zeros).
-    pub fn lookup(
-        &self,
-        lba: u64,
-        count: u64,
-    ) -> Result<Vec<LookupPiece>, IndexError> {
+    pub fn lookup(&self, lba: u64, count: u64) -> Result<Vec<LookupPiece>, IndexError> {
         Ok(self
             .lookup_with_sequence(lba, count)?
             .into_iter()

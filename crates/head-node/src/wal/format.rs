@@ -129,6 +129,36 @@ impl LogRecord {
         }
     }
 
+    /// A write whose blocks must match the CRC-32Cs the client sent (end to
+    /// end: a block corrupted between the socket and the log is refused, not
+    /// logged under a fresh checksum).
+    pub fn write_with_crcs(
+        partition: PartitionId,
+        epoch: u64,
+        sequence: u64,
+        lba: u64,
+        data: Bytes,
+        block_crcs: &[u32],
+    ) -> Result<Self, FormatError> {
+        let record = Self::write(partition, epoch, sequence, lba, data);
+        record.validate()?;
+        let computed = block_crcs(&record.payload);
+        if computed.len() != block_crcs.len() {
+            return Err(FormatError::BadField {
+                field: "block_crcs",
+                value: block_crcs.len() as u64,
+            });
+        }
+        if let Some(block) = computed.iter().zip(block_crcs).position(|(a, b)| a != b) {
+            return Err(FormatError::BlockChecksum {
+                block: block as u32,
+                stored: block_crcs[block],
+                computed: computed[block],
+            });
+        }
+        Ok(record)
+    }
+
     /// An unmap of `block_count` blocks at `lba`.
     pub fn trim(
         partition: PartitionId,
@@ -268,6 +298,18 @@ pub enum FormatError {
         field: &'static str,
         /// The value.
         value: u64,
+    },
+    /// A block does not match the CRC-32C it came with.
+    #[error(
+        "block {block} checksum mismatch (expected {stored:#010x}, computed {computed:#010x})"
+    )]
+    BlockChecksum {
+        /// Index of the block in the record.
+        block: u32,
+        /// CRC sent with the data.
+        stored: u32,
+        /// CRC of the data.
+        computed: u32,
     },
     /// A record whose payload does not fit in one record.
     #[error("payload of {payload_len} bytes exceeds {max_len}")]
@@ -731,6 +773,13 @@ mod tests {
             .validate()
             .is_err());
         assert!(LogRecord::trim(p, 1, 1, 0, 0).validate().is_err());
+        let data = Bytes::from(vec![7u8; 2 * BLOCK]);
+        let crcs = block_crcs(&data);
+        assert!(LogRecord::write_with_crcs(p, 1, 1, 0, data.clone(), &crcs).is_ok());
+        assert!(matches!(
+            LogRecord::write_with_crcs(p, 1, 1, 0, data, &[crcs[0], crcs[1] ^ 1]),
+            Err(FormatError::BlockChecksum { block: 1, .. })
+        ));
         let big = Bytes::from(vec![0; (MAX_PAYLOAD_BLOCKS + 1) * BLOCK]);
         assert!(matches!(
             LogRecord::write(p, 1, 1, 0, big).validate(),
