@@ -138,21 +138,21 @@ impl LogRecord {
         sequence: u64,
         lba: u64,
         data: Bytes,
-        block_crcs: &[u32],
+        expected_crcs: &[u32],
     ) -> Result<Self, FormatError> {
         let record = Self::write(partition, epoch, sequence, lba, data);
         record.validate()?;
         let computed = block_crcs(&record.payload);
-        if computed.len() != block_crcs.len() {
+        if computed.len() != expected_crcs.len() {
             return Err(FormatError::BadField {
                 field: "block_crcs",
-                value: block_crcs.len() as u64,
+                value: expected_crcs.len() as u64,
             });
         }
-        if let Some(block) = computed.iter().zip(block_crcs).position(|(a, b)| a != b) {
+        if let Some(block) = computed.iter().zip(expected_crcs).position(|(a, b)| a != b) {
             return Err(FormatError::BlockChecksum {
                 block: block as u32,
-                stored: block_crcs[block],
+                stored: expected_crcs[block],
                 computed: computed[block],
             });
         }
