@@ -181,9 +181,11 @@ fn main() -> ExitCode {
                 cancel_on_signal(token.clone());
                 match head_node::run(config, token).await {
                     Ok(()) => ExitCode::SUCCESS,
-                    Err(error @ (head_node::HeadNodeError::Config(_)
-                    | head_node::HeadNodeError::Rack { .. }
-                    | head_node::HeadNodeError::UnknownHeadNode { .. })) => {
+                    Err(
+                        error @ (head_node::HeadNodeError::Config(_)
+                        | head_node::HeadNodeError::Rack { .. }
+                        | head_node::HeadNodeError::UnknownHeadNode { .. }),
+                    ) => {
                         eprintln!("rackblock: head node: {error}");
                         ExitCode::from(2)
                     }

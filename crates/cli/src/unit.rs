@@ -114,8 +114,16 @@ fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
     );
     println!(
         "{:<10} {:<5} {:<8} {:<8} {:<5} {:<5} {:<22} {:<22} {:>9} {:>9}",
-        "HEAD NODE", "RAFT", "ROLE", "HEALTH", "NET A", "NET B", "ADDRESS A", "ADDRESS B",
-        "PRIMARIES", "SECONDARIES"
+        "HEAD NODE",
+        "RAFT",
+        "ROLE",
+        "HEALTH",
+        "NET A",
+        "NET B",
+        "ADDRESS A",
+        "ADDRESS B",
+        "PRIMARIES",
+        "SECONDARIES"
     );
     for member in &raft.members {
         let node = unit.nodes.iter().find(|n| n.id.0 == member.id);
@@ -131,7 +139,8 @@ fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
             member.id,
             member.raft_id,
             role,
-            node.map(|n| format!("{:?}", n.health)).unwrap_or("-".into()),
+            node.map(|n| format!("{:?}", n.health))
+                .unwrap_or("-".into()),
             node.map(|n| up_down(n.paths.network_a_up)).unwrap_or("-"),
             node.map(|n| up_down(n.paths.network_b_up)).unwrap_or("-"),
             member.address_a,
@@ -182,7 +191,13 @@ pub fn print_partition_map(map: &PartitionMap) {
     );
     println!(
         "{:<9} {:>5} {:<10} {:<22} {:<22} {:<10} {:<22} {:<22}",
-        "PARTITION", "EPOCH", "PRIMARY", "PRIMARY A", "PRIMARY B", "SECONDARY", "SECONDARY A",
+        "PARTITION",
+        "EPOCH",
+        "PRIMARY",
+        "PRIMARY A",
+        "PRIMARY B",
+        "SECONDARY",
+        "SECONDARY A",
         "SECONDARY B"
     );
     for p in &map.partitions {

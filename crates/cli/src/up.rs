@@ -408,7 +408,10 @@ fn up(args: UpArgs) -> ExitCode {
 fn unit_status(
     rack: &hardware::rack::Rack,
     wait: Duration,
-) -> Option<(local_control_plane::RaftStatus, local_control_plane::UnitStatus)> {
+) -> Option<(
+    local_control_plane::RaftStatus,
+    local_control_plane::UnitStatus,
+)> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
     let deadline = Instant::now() + wait;
     let client = handle.block_on(async { local_control_plane::LcpClient::new(rack) });

@@ -14,11 +14,10 @@
 //!   and by the failure detector (which reads the link's per-path probe
 //!   state). A link whose addresses changed is replaced.
 //! * Raft RPCs are idempotent, so the link resends one on the other network
-//!   when the first path fails or times out. The links of the pool use a
-//!   short per-path request timeout (half the minimum election timeout),
-//!   so a black-holed network A costs a heartbeat a fraction of an election
-//!   timeout before it goes over B, and a single dead network never makes
-//!   followers start elections.
+//!   when the first path fails or times out. The pool's links probe fast
+//!   (see [`PeerLinks::raft_link_config`]), so a black-holed network A is
+//!   marked Down well within an election timeout and heartbeats go over B:
+//!   a single dead network never makes followers start elections.
 //! * Errors map to what openraft expects: both paths down
 //!   ([`LinkError::Unreachable`]) or a closed link → `Unreachable` (openraft
 //!   backs off before retrying that peer); an RPC past openraft's deadline
@@ -86,16 +85,21 @@ impl PeerLinks {
         }
     }
 
-    /// Link config for Raft among head nodes: a path that has not answered
-    /// within half the minimum election timeout is abandoned for the other
-    /// one (see the module docs).
-    pub fn raft_link_config(election_timeout_min: Duration) -> LinkConfig {
-        let half = (election_timeout_min / 2).max(Duration::from_millis(100));
+    /// Link config for Raft among head nodes. openraft abandons an
+    /// AppendEntries after one heartbeat interval, so what moves heartbeats
+    /// off a black-holed network is the prober marking that path Down: it
+    /// probes every half heartbeat and gives a probe a sixth of the minimum
+    /// election timeout, so two failed probes (the Down threshold) take
+    /// about a heartbeat plus a third of an election timeout — followers
+    /// hear from the leader over the other network before any of them
+    /// times out. A refused connection fails over at once.
+    pub fn raft_link_config(heartbeat: Duration, election_timeout_min: Duration) -> LinkConfig {
+        let floor = |d: Duration, min_ms: u64| d.max(Duration::from_millis(min_ms));
         LinkConfig {
-            connect_timeout: half,
-            request_timeout: half,
-            probe_interval: Duration::from_millis(250),
-            probe_timeout: half.max(Duration::from_millis(250)),
+            connect_timeout: floor(election_timeout_min / 4, 50),
+            request_timeout: floor(election_timeout_min / 2, 100),
+            probe_interval: floor(heartbeat / 2, 20),
+            probe_timeout: floor(election_timeout_min / 6, 50),
             failures_before_down: 2,
         }
     }

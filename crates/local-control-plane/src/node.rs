@@ -357,7 +357,7 @@ impl LcpNode {
 
         let link_metrics = LinkMetrics::new(registry);
         let links = Arc::new(PeerLinks::new(
-            PeerLinks::raft_link_config(config.election_timeout_min),
+            PeerLinks::raft_link_config(config.heartbeat_interval, config.election_timeout_min),
             link_metrics.clone(),
         ));
         let network = RaftNetworkFactoryImpl::new(raft_id, links.clone());
@@ -393,6 +393,14 @@ impl LcpNode {
             detector_metrics,
             shutdown: CancellationToken::new(),
         });
+        // Forwarding links exist from the start so that their probers know
+        // which network works before a command needs them (a command sent
+        // into a black hole cannot be resent, see `forward`).
+        for (id, info) in &inner.nodes {
+            if *id != raft_id {
+                forward_link(&inner, *id, info);
+            }
+        }
         let node = LcpNode {
             inner,
             tasks: Arc::new(Mutex::new(Vec::new())),
@@ -545,24 +553,7 @@ impl LcpNode {
         let Some(info) = inner.nodes.get(&leader_id).cloned() else {
             return not_leader();
         };
-        let link = {
-            let mut links = lock(&inner.forward_links);
-            links
-                .entry(leader_id)
-                .or_insert_with(|| {
-                    PeerLink::new(
-                        format!("{}-forward", info.id),
-                        info.address_a,
-                        info.address_b,
-                        LinkConfig {
-                            connect_timeout: Duration::from_millis(500),
-                            ..LinkConfig::default()
-                        },
-                        inner.link_metrics.clone(),
-                    )
-                })
-                .clone()
-        };
+        let link = forward_link(inner, leader_id, &info);
         let idempotent = request.is_idempotent();
         let message = match request_message(&LcpRequest::Forwarded(Box::new(request))) {
             Ok(message) => message,
@@ -604,6 +595,26 @@ impl LcpNode {
             link.close();
         }
     }
+}
+
+fn forward_link(inner: &Inner, id: NodeId, info: &HeadNodeInfo) -> Arc<PeerLink> {
+    lock(&inner.forward_links)
+        .entry(id)
+        .or_insert_with(|| {
+            PeerLink::new(
+                format!("{}-forward", info.id),
+                info.address_a,
+                info.address_b,
+                LinkConfig {
+                    connect_timeout: Duration::from_millis(500),
+                    probe_interval: Duration::from_millis(250),
+                    probe_timeout: Duration::from_millis(500),
+                    ..LinkConfig::default()
+                },
+                inner.link_metrics.clone(),
+            )
+        })
+        .clone()
 }
 
 fn read_local(inner: &Inner, request: &LcpRequest) -> LcpResponse {

@@ -145,12 +145,57 @@ pub fn wait_healthy(admin: SocketAddr, daemon: &Daemon, timeout: Duration) {
 }
 
 /// A small unit on disk: a rack file with `sleds` sleds (two devices each,
-/// `device_bytes` each) using code `k+m`, sled configs, device files.
+/// `device_bytes` each) using code `k+m`, sled configs, device files, and
+/// head nodes with their configs.
 #[derive(Debug)]
 pub struct TestUnit {
     pub dir: tempfile::TempDir,
     pub rack_path: PathBuf,
     pub sleds: Vec<TestSled>,
+    pub head_nodes: Vec<TestHeadNode>,
+}
+
+/// How [`TestUnit::build`] lays out head nodes.
+#[derive(Debug, Clone)]
+pub struct HeadNodeOptions {
+    /// Number of `[[head_node]]` entries.
+    pub count: u32,
+    /// Put network A behind a proxy: the rack's `address_a` is where a test
+    /// [`proxy::FaultProxy`] should listen, the head node binds
+    /// `listen_a` (a different port) and the proxy forwards there.
+    pub proxied_a: bool,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub node_down_after_ms: u64,
+}
+
+impl Default for HeadNodeOptions {
+    fn default() -> Self {
+        // Slower than production defaults: tests share two cores with
+        // debug builds and must not see spurious elections.
+        HeadNodeOptions {
+            count: 1,
+            proxied_a: false,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 1500,
+            election_timeout_max_ms: 3000,
+            node_down_after_ms: 3000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestHeadNode {
+    pub id: String,
+    /// The rack's network A address (the proxy's, when proxied).
+    pub address_a: SocketAddr,
+    pub address_b: SocketAddr,
+    /// Where the head node binds network A.
+    pub listen_a: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -165,13 +210,50 @@ pub struct TestSled {
 
 impl TestUnit {
     pub fn new(sleds: u32, code: &str, device_bytes: u64, column_bytes: u64) -> TestUnit {
+        TestUnit::build(
+            HeadNodeOptions::default(),
+            sleds,
+            code,
+            device_bytes,
+            column_bytes,
+        )
+    }
+
+    pub fn build(
+        heads: HeadNodeOptions,
+        sleds: u32,
+        code: &str,
+        device_bytes: u64,
+        column_bytes: u64,
+    ) -> TestUnit {
         let dir = tempfile::tempdir().unwrap();
         let mut rack = format!(
-            "[unit]\nname = \"test\"\ncolumn_size_bytes = {column_bytes}\nerasure_codes = [\"{code}\"]\n\n\
-             [[head_node]]\nid = \"hn-1\"\naddress_a = \"127.0.1.1:{p}\"\naddress_b = \"127.0.2.1:{p}\"\nadmin = \"127.0.0.1:{p2}\"\n\n",
-            p = next_port(),
-            p2 = next_port()
+            "[unit]\nname = \"test\"\ncolumn_size_bytes = {column_bytes}\nerasure_codes = [\"{code}\"]\n\n"
         );
+        let mut head_nodes = Vec::new();
+        for h in 1..=heads.count {
+            let port = next_port();
+            let address_a: SocketAddr = format!("127.0.1.{h}:{port}").parse().unwrap();
+            let address_b: SocketAddr = format!("127.0.2.{h}:{port}").parse().unwrap();
+            let listen_a: SocketAddr = if heads.proxied_a {
+                format!("127.0.1.{h}:{}", next_port()).parse().unwrap()
+            } else {
+                address_a
+            };
+            let admin = SocketAddr::from(([127, 0, 0, 1], next_port()));
+            rack.push_str(&format!(
+                "[[head_node]]\nid = \"hn-{h}\"\naddress_a = \"{address_a}\"\naddress_b = \"{address_b}\"\nadmin = \"{admin}\"\n\n"
+            ));
+            head_nodes.push(TestHeadNode {
+                id: format!("hn-{h}"),
+                address_a,
+                address_b,
+                listen_a,
+                admin,
+                config: dir.path().join(format!("hn-{h}.toml")),
+                data_dir: dir.path().join(format!("hn-{h}")),
+            });
+        }
         let mut list = Vec::new();
         for s in 1..=sleds {
             let port = next_port();
@@ -218,11 +300,57 @@ impl TestUnit {
             )
             .unwrap();
         }
+        for head in &head_nodes {
+            let mut config = format!(
+                "rack_file = \"{}\"\nhead_node_id = \"{}\"\ndata_dir = \"{}\"\n\
+                 heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\n\
+                 election_timeout_max_ms = {}\nnode_down_after_ms = {}\n",
+                rack_path.display(),
+                head.id,
+                head.data_dir.display(),
+                heads.heartbeat_interval_ms,
+                heads.election_timeout_min_ms,
+                heads.election_timeout_max_ms,
+                heads.node_down_after_ms,
+            );
+            if head.listen_a != head.address_a {
+                config.push_str(&format!("listen_a = \"{}\"\n", head.listen_a));
+            }
+            std::fs::write(&head.config, config).unwrap();
+        }
         TestUnit {
             dir,
             rack_path,
             sleds: list,
+            head_nodes,
         }
+    }
+
+    /// Starts head node `i` (0-based) without waiting: it becomes healthy
+    /// only once a leader is elected, which needs a quorum.
+    pub fn start_head_node(&self, i: usize) -> Daemon {
+        let head = &self.head_nodes[i];
+        Daemon::spawn(
+            &head.id,
+            &["head-node", "--config", head.config.to_str().unwrap()],
+            self.dir.path(),
+        )
+    }
+
+    /// Starts every head node and waits until each knows a leader.
+    pub fn start_head_nodes(&self) -> Vec<Daemon> {
+        let daemons: Vec<Daemon> = (0..self.head_nodes.len())
+            .map(|i| self.start_head_node(i))
+            .collect();
+        for (head, daemon) in self.head_nodes.iter().zip(&daemons) {
+            wait_healthy(head.admin, daemon, Duration::from_secs(30));
+        }
+        daemons
+    }
+
+    /// The rack as parsed by the product.
+    pub fn rack(&self) -> hardware::rack::Rack {
+        hardware::rack::Rack::load(&self.rack_path).unwrap()
     }
 
     /// Starts sled `i` (0-based) and waits until it is healthy.
