@@ -128,20 +128,34 @@ pub mod kind {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     Sled(SledRequest),
     SledReply(SledResponse),
     /// One openraft RPC between head nodes; `payload` is the serde-encoded
     /// openraft request of kind `rpc`.
-    Raft { rpc: RaftRpcKind, payload: Bytes },
+    Raft {
+        rpc: RaftRpcKind,
+        payload: Bytes,
+    },
     /// Answer to [`Message::Raft`]: the serde-encoded result.
-    RaftReply { payload: Bytes },
+    RaftReply {
+        payload: Bytes,
+    },
     /// A control-plane client request (serde JSON of the local control
     /// plane's request type). `idempotent`: safe to resend (reads).
-    Lcp { idempotent: bool, payload: Bytes },
+    Lcp {
+        idempotent: bool,
+        payload: Bytes,
+    },
     /// Answer to [`Message::Lcp`].
-    LcpReply { payload: Bytes },
+    LcpReply {
+        payload: Bytes,
+    },
 }
 
 impl Message {

@@ -215,8 +215,10 @@ pub fn message() -> impl Strategy<Value = Message> {
         sled_response().prop_map(Message::SledReply),
         (raft_rpc_kind(), payload()).prop_map(|(rpc, payload)| Message::Raft { rpc, payload }),
         payload().prop_map(|payload| Message::RaftReply { payload }),
-        (any::<bool>(), payload())
-            .prop_map(|(idempotent, payload)| Message::Lcp { idempotent, payload }),
+        (any::<bool>(), payload()).prop_map(|(idempotent, payload)| Message::Lcp {
+            idempotent,
+            payload
+        }),
         payload().prop_map(|payload| Message::LcpReply { payload }),
     ]
 }
