@@ -631,3 +631,109 @@ proptest::proptest! {
         runtime.block_on(run_model(ops));
     }
 }
+
+// ------------------------------------------------------- ack after flush
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    WriteDone { offset: u64, len: u64 },
+    FlushStart,
+    FlushEnd,
+    Ack { offset: u64 },
+}
+
+/// Records the order of completed writes, flush starts/ends (and, from the
+/// test, acknowledgements).
+#[derive(Debug)]
+struct Recording {
+    inner: SharedDevice,
+    events: std::sync::Mutex<Vec<Event>>,
+}
+
+impl Recording {
+    fn push(&self, event: Event) {
+        self.events.lock().unwrap().push(event);
+    }
+}
+
+impl BlockDevice for Recording {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read_at(&self, offset: u64, len: usize) -> IoFuture<'_, AlignedBuf> {
+        self.inner.read_at(offset, len)
+    }
+    fn write_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            tokio::time::sleep(Duration::from_micros(300)).await;
+            let out = self.inner.write_at(offset, buf).await;
+            self.push(Event::WriteDone { offset, len });
+            out
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.push(Event::FlushStart);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let out = self.inner.flush().await;
+            self.push(Event::FlushEnd);
+            out
+        })
+    }
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.inner.discard(offset, len)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ack_follows_a_flush_that_started_after_its_write() {
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(4 << 20));
+    let recording = Arc::new(Recording {
+        inner: memory,
+        events: std::sync::Mutex::new(Vec::new()),
+    });
+    // Large enough that no ring slot is reused during the test.
+    let capacity = 512 * B as u64;
+    let (wal, _) = open(recording.clone(), capacity).await;
+    let mut tasks = Vec::new();
+    for task in 0..32u64 {
+        let wal = wal.clone();
+        let recording = recording.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..6 {
+                let record = write(task * 10 + i, 1);
+                let position = wal.append_one(record).await.unwrap();
+                recording.push(Event::Ack {
+                    offset: RING + position.0 % capacity,
+                });
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let events = recording.events.lock().unwrap().clone();
+    let mut acks = 0;
+    for (at, event) in events.iter().enumerate() {
+        let Event::Ack { offset } = *event else {
+            continue;
+        };
+        acks += 1;
+        // The last completed write of this record's header before the ack.
+        let written = events[..at]
+            .iter()
+            .rposition(|e| matches!(*e, Event::WriteDone { offset: o, len } if o <= offset && offset < o + len))
+            .expect("ack without a write");
+        let flush_start = events[written..at]
+            .iter()
+            .position(|e| *e == Event::FlushStart)
+            .map(|i| written + i)
+            .expect("ack without a later flush start");
+        assert!(
+            events[flush_start..at].contains(&Event::FlushEnd),
+            "ack before its flush ended"
+        );
+    }
+    assert_eq!(acks, 32 * 6);
+}
