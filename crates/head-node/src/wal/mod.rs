@@ -30,13 +30,25 @@
 //! the first record that is blank, fails a checksum, belongs to another log
 //! instance or lap (its stored position is not the expected one), or whose
 //! open generation goes backwards. Everything from there on is the cut tail:
-//! new records overwrite it. The on-device format is in [`format`], the space
+//! new records overwrite it. The on-device format is in [`format`](mod@format), the space
 //! accounting in [`ring`].
 //!
 //! **Reclaim.** [`Wal::release`] moves the tail after the records' data
 //! reached the sleds; the superblock (two ping-pong copies) is written and
 //! flushed *before* the space may be reused, so a crash can never make the
 //! recovery scan start at a position that was overwritten.
+//!
+//! **Bounds.** Positions are reserved when a record is queued, so queued
+//! bytes never exceed the free ring space (`LogFull` is the backpressure);
+//! one batch is at most `max_batch_bytes` (or one record); one record at most
+//! [`MAX_PAYLOAD_BLOCKS`] payload blocks. Recovery holds the payloads of all
+//! live records in memory (the caller rebuilds its index and cache from them).
+//! `append` spawns the writer, so it must run inside a tokio runtime.
+//!
+//! **Superblock loss.** If the newest superblock copy is torn, the previous
+//! one is used: only the last `release` is forgotten (its space had not been
+//! reused yet), and the records it released are recovered again; the caller
+//! replays them idempotently (newest sequence wins in the index).
 //!
 //! Invariants: `tail <= durable <= written <= head`, `head - tail <=
 //! capacity`; positions of live records are 4 KiB aligned, increase, and
