@@ -8,9 +8,12 @@
 //!   panics and rejects an oversized length before buffering the body.
 //! * [`message`] — [`Message`], every message that crosses a network, with
 //!   explicit little-endian body layouts. Kinds are grouped by component:
-//!   `0x00xx` transport (ping), `0x01xx` sled controller, `0x03xx` local
-//!   control plane; `0x02xx` head node is reserved for later.
+//!   `0x00xx` transport (ping), `0x01xx` sled controller, `0x02xx` head
+//!   node (host protocol, replication), `0x03xx` local control plane.
 //! * [`sled`] — the sled controller's requests, replies and typed errors.
+//! * [`volume`] — the host protocol (volume client → a partition's
+//!   primary: read, write, flush, trim, write-zeroes with end-to-end
+//!   CRC-32C) and replication (primary → secondary), with typed errors.
 //! * [`lcp`] — local-control-plane messages: Raft RPCs and the client API,
 //!   with payloads opaque to this crate (serde-encoded by
 //!   `local-control-plane`, so openraft stays inside it).
@@ -30,6 +33,7 @@ pub mod link;
 pub mod message;
 pub mod server;
 pub mod sled;
+pub mod volume;
 pub mod wire;
 
 pub use message::Message;

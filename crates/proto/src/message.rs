@@ -16,7 +16,10 @@
 //! | `0x0001` Ping, `0x0002` Pong | transport (answered by the server itself) |
 //! | `0x0101-0x0108` | sled controller requests, in [`SledRequest`] order |
 //! | `0x0181-0x0189` | sled controller responses, in [`SledResponse`] order |
-//! | `0x02xx` | reserved: head node |
+//! | `0x0201-0x0205` | host requests ([`HostOp`] order), see [`crate::volume`] |
+//! | `0x0211-0x0213` | replication requests ([`ReplicaRequest`] order) |
+//! | `0x0281-0x0283` | host replies ([`HostReply`] order) |
+//! | `0x0291-0x0294` | replication replies ([`ReplicaReply`] order) |
 //! | `0x0301-0x0302` | local control plane requests: Raft RPC, client API |
 //! | `0x0381-0x0382` | local control plane responses |
 //!
@@ -43,6 +46,21 @@
 //! | 0x0187 | ColumnStatus | column \| state u8 \| partition `Option<partition>` \| epoch u64 \| length_bytes u64 |
 //! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset u64>`(≤65536) |
 //! | 0x0189 | Error | error |
+//! | 0x0201 | HostRead | host \| offset_bytes u64 \| len u32 |
+//! | 0x0202 | HostWrite | host \| offset_bytes u64 \| data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) \| fua bool |
+//! | 0x0203 | HostFlush | host |
+//! | 0x0204 | HostTrim | host \| offset_bytes u64 \| len u32 |
+//! | 0x0205 | HostWriteZeroes | host \| offset_bytes u64 \| len u32 |
+//! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
+//! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
+//! | 0x0213 | ReplicaStatus | partition |
+//! | 0x0281 | HostData | data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) |
+//! | 0x0282 | HostDone | (empty) |
+//! | 0x0283 | HostError | host error |
+//! | 0x0291 | ReplicaAppended | up_to_sequence u64 |
+//! | 0x0292 | ReplicaCommitted | (empty) |
+//! | 0x0293 | ReplicaStatus | highest_epoch u64 \| highest_sequence u64 |
+//! | 0x0294 | ReplicaError | replica error |
 //! | 0x0301 | Raft | rpc u8 (0 AppendEntries, 1 Vote, 2 InstallSnapshot) \| payload bytes(≤16 MiB) |
 //! | 0x0302 | Lcp | idempotent bool \| payload bytes(≤16 MiB) |
 //! | 0x0381 | RaftReply | payload bytes(≤16 MiB) |
@@ -61,12 +79,32 @@
 //!   `Vec<u64>`(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
 //!   9 BadRequest{reason string}, 10 Io{reason string}
 //!
+//! * host = volume u64 | partition u32 | epoch u64 (the [`HostRequest`]
+//!   header, before the op's fields)
+//! * record = sequence u64 | kind u8 (0 Write, 1 Unmap) | lba u64 |
+//!   blocks u32 | crcs `Vec<u32>`(≤4096) | data bytes(≤16 MiB)
+//! * flushed = lba u64 | blocks u32 | sequence u64 | extent u64 | column
+//!   u16 | offset_bytes u64
+//! * address = tag u8, then 4: ip `[u8; 4]` | port u16, or 6: ip `[u8; 16]`
+//!   | port u16 | flowinfo u32 | scope_id u32
+//! * host error = tag u8, then: 0 NotPrimary{hint `Option<node_id string |
+//!   address_a address | address_b address>`}, 1 StaleEpoch{current u64},
+//!   2 Fenced{current u64}, 3 OutOfRange{offset_bytes u64, len u32,
+//!   partition_start u64, partition_end u64}, 4 ChecksumMismatch
+//!   {offset_bytes u64}, 5 Unavailable{reason string}, 6 BadRequest{reason
+//!   string}, 7 Io{reason string}
+//! * replica error = tag u8, then: 0 StaleEpoch{current u64}, 1 Gap
+//!   {expected_sequence u64}, 2 NotSecondary, 3 LogFull, 4 Io{reason
+//!   string}, 5 BadRequest{reason string}
+//!
 //! Local-control-plane payloads are serde-encoded by that crate and opaque
 //! here (see [`crate::lcp`]).
 //!
 //! Unknown kinds and tags, over-long fields and trailing bytes are decode
 //! errors. `data` payloads decode zero-copy as slices of the frame body.
 //! Changing any layout requires a new frame version or new kinds.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use bytes::{Bytes, BytesMut};
 
@@ -75,6 +113,11 @@ use crate::lcp::{RaftRpcKind, MAX_LCP_PAYLOAD_BYTES};
 use crate::sled::{
     BadBlock, ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, PartitionId,
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
+};
+use crate::volume::{
+    FlushedRange, HostError, HostOp, HostReply, HostRequest, NodeHint, ReplicaError, ReplicaRecord,
+    ReplicaRecordKind, ReplicaReply, ReplicaRequest, MAX_FLUSHED_RANGES, MAX_HOST_CRCS,
+    MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -113,6 +156,21 @@ pub mod kind {
 
     /// First kind reserved for head-node messages.
     pub const HEAD_NODE_FIRST: u16 = 0x0200;
+    pub const HOST_READ: u16 = 0x0201;
+    pub const HOST_WRITE: u16 = 0x0202;
+    pub const HOST_FLUSH: u16 = 0x0203;
+    pub const HOST_TRIM: u16 = 0x0204;
+    pub const HOST_WRITE_ZEROES: u16 = 0x0205;
+    pub const REPLICA_APPEND: u16 = 0x0211;
+    pub const REPLICA_FLUSH_COMMIT: u16 = 0x0212;
+    pub const REPLICA_STATUS: u16 = 0x0213;
+    pub const HOST_DATA: u16 = 0x0281;
+    pub const HOST_DONE: u16 = 0x0282;
+    pub const HOST_ERROR: u16 = 0x0283;
+    pub const REPLICA_APPENDED: u16 = 0x0291;
+    pub const REPLICA_COMMITTED: u16 = 0x0292;
+    pub const REPLICA_STATUS_REPLY: u16 = 0x0293;
+    pub const REPLICA_ERROR: u16 = 0x0294;
     /// First kind reserved for local-control-plane messages.
     pub const LOCAL_CONTROL_PLANE_FIRST: u16 = 0x0300;
     pub const LCP_RAFT: u16 = 0x0301;
@@ -156,6 +214,14 @@ pub enum Message {
     LcpReply {
         payload: Bytes,
     },
+    /// Host I/O for one partition, to its primary.
+    Host(HostRequest),
+    /// Answer to [`Message::Host`].
+    HostReply(HostReply),
+    /// Replication, primary to secondary.
+    Replica(ReplicaRequest),
+    /// Answer to [`Message::Replica`].
+    ReplicaReply(ReplicaReply),
 }
 
 impl Message {
@@ -189,6 +255,29 @@ impl Message {
             Message::Lcp { .. } => LCP_CLIENT,
             Message::RaftReply { .. } => LCP_RAFT_REPLY,
             Message::LcpReply { .. } => LCP_CLIENT_REPLY,
+            Message::Host(request) => match request.op {
+                HostOp::Read { .. } => HOST_READ,
+                HostOp::Write { .. } => HOST_WRITE,
+                HostOp::Flush => HOST_FLUSH,
+                HostOp::Trim { .. } => HOST_TRIM,
+                HostOp::WriteZeroes { .. } => HOST_WRITE_ZEROES,
+            },
+            Message::HostReply(reply) => match reply {
+                HostReply::Data { .. } => HOST_DATA,
+                HostReply::Done => HOST_DONE,
+                HostReply::Error(_) => HOST_ERROR,
+            },
+            Message::Replica(request) => match request {
+                ReplicaRequest::Append { .. } => REPLICA_APPEND,
+                ReplicaRequest::FlushCommit { .. } => REPLICA_FLUSH_COMMIT,
+                ReplicaRequest::Status { .. } => REPLICA_STATUS,
+            },
+            Message::ReplicaReply(reply) => match reply {
+                ReplicaReply::Appended { .. } => REPLICA_APPENDED,
+                ReplicaReply::Committed => REPLICA_COMMITTED,
+                ReplicaReply::Status { .. } => REPLICA_STATUS_REPLY,
+                ReplicaReply::Error(_) => REPLICA_ERROR,
+            },
         }
     }
 
@@ -200,6 +289,8 @@ impl Message {
                 | Message::SledReply(_)
                 | Message::RaftReply { .. }
                 | Message::LcpReply { .. }
+                | Message::HostReply(_)
+                | Message::ReplicaReply(_)
         )
     }
 
@@ -212,10 +303,15 @@ impl Message {
             // Raft tolerates duplicated and reordered RPCs.
             Message::Raft { .. } => true,
             Message::Lcp { idempotent, .. } => *idempotent,
+            // Every host op is idempotent for a block device, and replicas
+            // dedupe by sequence (see `crate::volume`).
+            Message::Host(_) | Message::Replica(_) => true,
             Message::Pong { .. }
             | Message::SledReply(_)
             | Message::RaftReply { .. }
-            | Message::LcpReply { .. } => false,
+            | Message::LcpReply { .. }
+            | Message::HostReply(_)
+            | Message::ReplicaReply(_) => false,
         }
     }
 
@@ -228,6 +324,14 @@ impl Message {
             | Message::RaftReply { payload }
             | Message::Lcp { payload, .. }
             | Message::LcpReply { payload } => payload.len(),
+            Message::Host(HostRequest {
+                op: HostOp::Write { data, .. },
+                ..
+            })
+            | Message::HostReply(HostReply::Data { data, .. }) => data.len(),
+            Message::Replica(ReplicaRequest::Append { records, .. }) => {
+                records.iter().map(|record| record.data.len()).sum()
+            }
             _ => 0,
         }
     }
@@ -339,6 +443,81 @@ impl Message {
                 w.bytes(payload);
             }
             Message::RaftReply { payload } | Message::LcpReply { payload } => w.bytes(payload),
+            Message::Host(request) => {
+                w.u64(request.volume);
+                w.u32(request.partition);
+                w.u64(request.epoch);
+                match &request.op {
+                    HostOp::Read { offset_bytes, len }
+                    | HostOp::Trim { offset_bytes, len }
+                    | HostOp::WriteZeroes { offset_bytes, len } => {
+                        w.u64(*offset_bytes);
+                        w.u32(*len);
+                    }
+                    HostOp::Write {
+                        offset_bytes,
+                        data,
+                        crcs,
+                        fua,
+                    } => {
+                        w.u64(*offset_bytes);
+                        w.bytes(data);
+                        w.vec(crcs, |w, crc| w.u32(*crc));
+                        w.bool(*fua);
+                    }
+                    HostOp::Flush => {}
+                }
+            }
+            Message::HostReply(reply) => match reply {
+                HostReply::Data { data, crcs } => {
+                    w.bytes(data);
+                    w.vec(crcs, |w, crc| w.u32(*crc));
+                }
+                HostReply::Done => {}
+                HostReply::Error(error) => put_host_error(w, error),
+            },
+            Message::Replica(request) => match request {
+                ReplicaRequest::Append {
+                    partition,
+                    epoch,
+                    records,
+                } => {
+                    put_partition(w, partition);
+                    w.u64(*epoch);
+                    w.vec(records, put_replica_record);
+                }
+                ReplicaRequest::FlushCommit {
+                    partition,
+                    epoch,
+                    up_to_sequence,
+                    mappings,
+                } => {
+                    put_partition(w, partition);
+                    w.u64(*epoch);
+                    w.u64(*up_to_sequence);
+                    w.vec(mappings, |w, range| {
+                        w.u64(range.lba);
+                        w.u32(range.blocks);
+                        w.u64(range.sequence);
+                        w.u64(range.extent);
+                        w.u16(range.column);
+                        w.u64(range.offset_bytes);
+                    });
+                }
+                ReplicaRequest::Status { partition } => put_partition(w, partition),
+            },
+            Message::ReplicaReply(reply) => match reply {
+                ReplicaReply::Appended { up_to_sequence } => w.u64(*up_to_sequence),
+                ReplicaReply::Committed => {}
+                ReplicaReply::Status {
+                    highest_epoch,
+                    highest_sequence,
+                } => {
+                    w.u64(*highest_epoch);
+                    w.u64(*highest_sequence);
+                }
+                ReplicaReply::Error(error) => put_replica_error(w, error),
+            },
         }
     }
 
@@ -457,6 +636,76 @@ impl Message {
             LCP_CLIENT_REPLY => Message::LcpReply {
                 payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
             },
+            HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES => {
+                let volume = r.u64("volume")?;
+                let partition = r.u32("partition")?;
+                let epoch = r.u64("epoch")?;
+                let op = match kind {
+                    HOST_READ => HostOp::Read {
+                        offset_bytes: r.u64("offset_bytes")?,
+                        len: r.u32("len")?,
+                    },
+                    HOST_WRITE => HostOp::Write {
+                        offset_bytes: r.u64("offset_bytes")?,
+                        data: r.bytes("data", MAX_HOST_IO_BYTES)?,
+                        crcs: r.vec("crcs", MAX_HOST_CRCS, |r| r.u32("crc"))?,
+                        fua: r.bool("fua")?,
+                    },
+                    HOST_TRIM => HostOp::Trim {
+                        offset_bytes: r.u64("offset_bytes")?,
+                        len: r.u32("len")?,
+                    },
+                    HOST_WRITE_ZEROES => HostOp::WriteZeroes {
+                        offset_bytes: r.u64("offset_bytes")?,
+                        len: r.u32("len")?,
+                    },
+                    _ => HostOp::Flush,
+                };
+                Message::Host(HostRequest {
+                    volume,
+                    partition,
+                    epoch,
+                    op,
+                })
+            }
+            HOST_DATA => Message::HostReply(HostReply::Data {
+                data: r.bytes("data", MAX_HOST_IO_BYTES)?,
+                crcs: r.vec("crcs", MAX_HOST_CRCS, |r| r.u32("crc"))?,
+            }),
+            HOST_DONE => Message::HostReply(HostReply::Done),
+            HOST_ERROR => Message::HostReply(HostReply::Error(get_host_error(r)?)),
+            REPLICA_APPEND => Message::Replica(ReplicaRequest::Append {
+                partition: get_partition(r)?,
+                epoch: r.u64("epoch")?,
+                records: r.vec("records", MAX_REPLICA_RECORDS, get_replica_record)?,
+            }),
+            REPLICA_FLUSH_COMMIT => Message::Replica(ReplicaRequest::FlushCommit {
+                partition: get_partition(r)?,
+                epoch: r.u64("epoch")?,
+                up_to_sequence: r.u64("up_to_sequence")?,
+                mappings: r.vec("mappings", MAX_FLUSHED_RANGES, |r| {
+                    Ok(FlushedRange {
+                        lba: r.u64("lba")?,
+                        blocks: r.u32("blocks")?,
+                        sequence: r.u64("sequence")?,
+                        extent: r.u64("extent")?,
+                        column: r.u16("column")?,
+                        offset_bytes: r.u64("offset_bytes")?,
+                    })
+                })?,
+            }),
+            REPLICA_STATUS => Message::Replica(ReplicaRequest::Status {
+                partition: get_partition(r)?,
+            }),
+            REPLICA_APPENDED => Message::ReplicaReply(ReplicaReply::Appended {
+                up_to_sequence: r.u64("up_to_sequence")?,
+            }),
+            REPLICA_COMMITTED => Message::ReplicaReply(ReplicaReply::Committed),
+            REPLICA_STATUS_REPLY => Message::ReplicaReply(ReplicaReply::Status {
+                highest_epoch: r.u64("highest_epoch")?,
+                highest_sequence: r.u64("highest_sequence")?,
+            }),
+            REPLICA_ERROR => Message::ReplicaReply(ReplicaReply::Error(get_replica_error(r)?)),
             kind => return Err(DecodeError::UnknownKind { kind }),
         };
         reader.finish()?;
@@ -684,6 +933,232 @@ fn get_sled_error(r: &mut Reader) -> Result<SledError, DecodeError> {
     })
 }
 
+fn put_replica_record(w: &mut Writer<'_>, record: &ReplicaRecord) {
+    w.u64(record.sequence);
+    w.u8(match record.kind {
+        ReplicaRecordKind::Write => 0,
+        ReplicaRecordKind::Unmap => 1,
+    });
+    w.u64(record.lba);
+    w.u32(record.blocks);
+    w.vec(&record.crcs, |w, crc| w.u32(*crc));
+    w.bytes(&record.data);
+}
+
+fn get_replica_record(r: &mut Reader) -> Result<ReplicaRecord, DecodeError> {
+    Ok(ReplicaRecord {
+        sequence: r.u64("sequence")?,
+        kind: match r.u8("record_kind")? {
+            0 => ReplicaRecordKind::Write,
+            1 => ReplicaRecordKind::Unmap,
+            tag => {
+                return Err(DecodeError::UnknownTag {
+                    field: "record_kind",
+                    tag,
+                })
+            }
+        },
+        lba: r.u64("lba")?,
+        blocks: r.u32("blocks")?,
+        crcs: r.vec("crcs", MAX_BLOCK_CRCS, |r| r.u32("crc"))?,
+        data: r.bytes("data", MAX_PAYLOAD_BYTES as u32)?,
+    })
+}
+
+fn put_address(w: &mut Writer<'_>, address: &SocketAddr) {
+    match address {
+        SocketAddr::V4(v4) => {
+            w.u8(4);
+            for octet in v4.ip().octets() {
+                w.u8(octet);
+            }
+            w.u16(v4.port());
+        }
+        SocketAddr::V6(v6) => {
+            w.u8(6);
+            for octet in v6.ip().octets() {
+                w.u8(octet);
+            }
+            w.u16(v6.port());
+            w.u32(v6.flowinfo());
+            w.u32(v6.scope_id());
+        }
+    }
+}
+
+fn get_address(r: &mut Reader) -> Result<SocketAddr, DecodeError> {
+    fn octets<const N: usize>(r: &mut Reader) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        for octet in &mut out {
+            *octet = r.u8("address.ip")?;
+        }
+        Ok(out)
+    }
+    match r.u8("address")? {
+        4 => {
+            let ip = Ipv4Addr::from(octets::<4>(r)?);
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                r.u16("address.port")?,
+            )))
+        }
+        6 => {
+            let ip = Ipv6Addr::from(octets::<16>(r)?);
+            let port = r.u16("address.port")?;
+            let flowinfo = r.u32("address.flowinfo")?;
+            let scope_id = r.u32("address.scope_id")?;
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                ip, port, flowinfo, scope_id,
+            )))
+        }
+        tag => Err(DecodeError::UnknownTag {
+            field: "address",
+            tag,
+        }),
+    }
+}
+
+fn put_host_error(w: &mut Writer<'_>, error: &HostError) {
+    match error {
+        HostError::NotPrimary { hint } => {
+            w.u8(0);
+            w.option(hint.as_ref(), |w, hint| {
+                w.string(&hint.node_id);
+                put_address(w, &hint.address_a);
+                put_address(w, &hint.address_b);
+            });
+        }
+        HostError::StaleEpoch { current } => {
+            w.u8(1);
+            w.u64(*current);
+        }
+        HostError::Fenced { current } => {
+            w.u8(2);
+            w.u64(*current);
+        }
+        HostError::OutOfRange {
+            offset_bytes,
+            len,
+            partition_start,
+            partition_end,
+        } => {
+            w.u8(3);
+            w.u64(*offset_bytes);
+            w.u32(*len);
+            w.u64(*partition_start);
+            w.u64(*partition_end);
+        }
+        HostError::ChecksumMismatch { offset_bytes } => {
+            w.u8(4);
+            w.u64(*offset_bytes);
+        }
+        HostError::Unavailable { reason } => {
+            w.u8(5);
+            w.string(reason);
+        }
+        HostError::BadRequest { reason } => {
+            w.u8(6);
+            w.string(reason);
+        }
+        HostError::Io { reason } => {
+            w.u8(7);
+            w.string(reason);
+        }
+    }
+}
+
+fn get_host_error(r: &mut Reader) -> Result<HostError, DecodeError> {
+    Ok(match r.u8("host_error")? {
+        0 => HostError::NotPrimary {
+            hint: r.option("hint", |r| {
+                Ok(NodeHint {
+                    node_id: r.string("node_id", MAX_STRING_BYTES)?,
+                    address_a: get_address(r)?,
+                    address_b: get_address(r)?,
+                })
+            })?,
+        },
+        1 => HostError::StaleEpoch {
+            current: r.u64("current")?,
+        },
+        2 => HostError::Fenced {
+            current: r.u64("current")?,
+        },
+        3 => HostError::OutOfRange {
+            offset_bytes: r.u64("offset_bytes")?,
+            len: r.u32("len")?,
+            partition_start: r.u64("partition_start")?,
+            partition_end: r.u64("partition_end")?,
+        },
+        4 => HostError::ChecksumMismatch {
+            offset_bytes: r.u64("offset_bytes")?,
+        },
+        5 => HostError::Unavailable {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        6 => HostError::BadRequest {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        7 => HostError::Io {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                field: "host_error",
+                tag,
+            })
+        }
+    })
+}
+
+fn put_replica_error(w: &mut Writer<'_>, error: &ReplicaError) {
+    match error {
+        ReplicaError::StaleEpoch { current } => {
+            w.u8(0);
+            w.u64(*current);
+        }
+        ReplicaError::Gap { expected_sequence } => {
+            w.u8(1);
+            w.u64(*expected_sequence);
+        }
+        ReplicaError::NotSecondary => w.u8(2),
+        ReplicaError::LogFull => w.u8(3),
+        ReplicaError::Io { reason } => {
+            w.u8(4);
+            w.string(reason);
+        }
+        ReplicaError::BadRequest { reason } => {
+            w.u8(5);
+            w.string(reason);
+        }
+    }
+}
+
+fn get_replica_error(r: &mut Reader) -> Result<ReplicaError, DecodeError> {
+    Ok(match r.u8("replica_error")? {
+        0 => ReplicaError::StaleEpoch {
+            current: r.u64("current")?,
+        },
+        1 => ReplicaError::Gap {
+            expected_sequence: r.u64("expected_sequence")?,
+        },
+        2 => ReplicaError::NotSecondary,
+        3 => ReplicaError::LogFull,
+        4 => ReplicaError::Io {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        5 => ReplicaError::BadRequest {
+            reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                field: "replica_error",
+                tag,
+            })
+        }
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -736,6 +1211,10 @@ mod tests {
             Message::decode(0x0200, Bytes::new()),
             Err(DecodeError::UnknownKind { kind: 0x0200 })
         );
+        assert_eq!(
+            Message::decode(0x0206, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x0206 })
+        );
         assert!(matches!(
             Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),
             Err(DecodeError::UnknownTag { tag: 11, .. })
@@ -767,8 +1246,96 @@ mod tests {
             Message::LcpReply {
                 payload: Bytes::new(),
             },
+            Message::Host(HostRequest {
+                volume: 1,
+                partition: 2,
+                epoch: 3,
+                op: HostOp::Flush,
+            }),
+            Message::HostReply(HostReply::Done),
+            Message::Replica(ReplicaRequest::Status {
+                partition: PartitionId {
+                    volume: 1,
+                    partition: 2,
+                },
+            }),
+            Message::ReplicaReply(ReplicaReply::Committed),
         ] {
             assert_eq!(kind::is_response(message.kind()), message.is_response());
+            assert!(message.is_response() || message.is_idempotent());
         }
+    }
+
+    #[test]
+    fn host_and_replica_payloads_are_zero_copy() {
+        let data = Bytes::from(vec![3u8; 8192]);
+        let crcs = crate::volume::chunk_crcs(&data);
+        let messages = [
+            Message::Host(HostRequest {
+                volume: 1,
+                partition: 2,
+                epoch: 3,
+                op: HostOp::Write {
+                    offset_bytes: 4096,
+                    data: data.clone(),
+                    crcs: crcs.clone(),
+                    fua: true,
+                },
+            }),
+            Message::HostReply(HostReply::Data {
+                data: data.clone(),
+                crcs: crcs.clone(),
+            }),
+            Message::Replica(ReplicaRequest::Append {
+                partition: PartitionId {
+                    volume: 1,
+                    partition: 2,
+                },
+                epoch: 3,
+                records: vec![ReplicaRecord {
+                    sequence: 9,
+                    kind: ReplicaRecordKind::Write,
+                    lba: 1,
+                    blocks: 2,
+                    crcs,
+                    data,
+                }],
+            }),
+        ];
+        for message in messages {
+            let frame = decode_frame_exact(message.to_frame(9, message.is_response())).unwrap();
+            let decoded = Message::from_frame(&frame).unwrap();
+            assert_eq!(decoded, message);
+            let data = match decoded {
+                Message::Host(HostRequest {
+                    op: HostOp::Write { data, .. },
+                    ..
+                })
+                | Message::HostReply(HostReply::Data { data, .. }) => data,
+                Message::Replica(ReplicaRequest::Append { mut records, .. }) => {
+                    records.remove(0).data
+                }
+                _ => unreachable!(),
+            };
+            assert!(frame.body.as_ptr_range().contains(&data.as_ptr()));
+        }
+    }
+
+    #[test]
+    fn largest_host_write_fits_a_frame() {
+        let data = Bytes::from(vec![0u8; crate::volume::MAX_HOST_IO_BYTES as usize]);
+        let crcs = crate::volume::chunk_crcs(&data);
+        let message = Message::Host(HostRequest {
+            volume: u64::MAX,
+            partition: u32::MAX,
+            epoch: u64::MAX,
+            op: HostOp::Write {
+                offset_bytes: 0,
+                data,
+                crcs,
+                fua: false,
+            },
+        });
+        assert!(message.try_to_frame(1, false).is_ok());
     }
 }

@@ -10,6 +10,7 @@ use proto::frame::{
     self, decode_frame, decode_frame_exact, encode_frame, FrameError, FLAG_RESPONSE,
 };
 use proto::sled::SledResponse;
+use proto::volume::{HostReply, ReplicaReply};
 use proto::Message;
 
 use crate::strategies;
@@ -127,6 +128,10 @@ fn all_kinds() -> Vec<u16> {
     let mut kinds = vec![0x0001, 0x0002];
     kinds.extend(0x0101..=0x0108);
     kinds.extend(0x0181..=0x0189);
+    kinds.extend(0x0201..=0x0205);
+    kinds.extend(0x0211..=0x0213);
+    kinds.extend(0x0281..=0x0283);
+    kinds.extend(0x0291..=0x0294);
     kinds.extend(0x0301..=0x0302);
     kinds.extend(0x0381..=0x0382);
     kinds
@@ -139,16 +144,26 @@ fn strategies_cover_every_variant() {
     let strategy = strategies::message();
     let mut kinds = BTreeSet::new();
     let mut errors = HashSet::new();
-    for _ in 0..5000 {
+    let mut host_errors = HashSet::new();
+    let mut replica_errors = HashSet::new();
+    for _ in 0..20_000 {
         let message = strategy.new_tree(&mut runner).unwrap().current();
         assert_eq!(round_trip(&message, 7), message);
         kinds.insert(message.kind());
         if let Message::SledReply(SledResponse::Error(error)) = &message {
             errors.insert(std::mem::discriminant(error));
         }
+        if let Message::HostReply(HostReply::Error(error)) = &message {
+            host_errors.insert(std::mem::discriminant(error));
+        }
+        if let Message::ReplicaReply(ReplicaReply::Error(error)) = &message {
+            replica_errors.insert(std::mem::discriminant(error));
+        }
     }
     assert_eq!(kinds.into_iter().collect::<Vec<_>>(), all_kinds());
     assert_eq!(errors.len(), 11);
+    assert_eq!(host_errors.len(), 8);
+    assert_eq!(replica_errors.len(), 6);
 }
 
 /// Exhaustive single-byte corruption of a few fixed frames (every position,
@@ -196,9 +211,9 @@ fn oversized_body_len_rejected_before_allocation() {
 
 #[test]
 fn unknown_kind_in_valid_frame() {
-    let frame = decode_frame_exact(encode_frame(0x0201, 0, 1, b"").unwrap()).unwrap();
+    let frame = decode_frame_exact(encode_frame(0x0206, 0, 1, b"").unwrap()).unwrap();
     assert!(matches!(
         Message::from_frame(&frame),
-        Err(FrameError::UnknownKind { kind: 0x0201 })
+        Err(FrameError::UnknownKind { kind: 0x0206 })
     ));
 }

@@ -5,6 +5,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proto::lcp::RaftRpcKind;
 use proto::sled::*;
+use proto::volume::*;
 use proto::Message;
 
 pub fn column() -> impl Strategy<Value = ColumnId> {
@@ -220,9 +221,191 @@ pub fn message() -> impl Strategy<Value = Message> {
             payload
         }),
         payload().prop_map(|payload| Message::LcpReply { payload }),
+        host_request().prop_map(Message::Host),
+        host_reply().prop_map(Message::HostReply),
+        replica_request().prop_map(Message::Replica),
+        replica_reply().prop_map(Message::ReplicaReply),
     ]
 }
 
 pub fn raft_rpc_kind() -> impl Strategy<Value = RaftRpcKind> {
     proptest::sample::select(RaftRpcKind::ALL.to_vec())
+}
+
+pub fn address() -> impl Strategy<Value = std::net::SocketAddr> {
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>())
+            .prop_map(|(ip, port)| SocketAddr::V4(SocketAddrV4::new(ip.into(), port))),
+        (any::<[u8; 16]>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
+            |(ip, port, flowinfo, scope_id)| SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(ip),
+                port,
+                flowinfo,
+                scope_id
+            ))
+        ),
+    ]
+}
+
+pub fn node_hint() -> impl Strategy<Value = NodeHint> {
+    (text(), address(), address()).prop_map(|(node_id, address_a, address_b)| NodeHint {
+        node_id,
+        address_a,
+        address_b,
+    })
+}
+
+pub fn host_op() -> impl Strategy<Value = HostOp> {
+    prop_oneof![
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset_bytes, len)| HostOp::Read { offset_bytes, len }),
+        (any::<u64>(), payload(), crcs(), any::<bool>()).prop_map(
+            |(offset_bytes, data, crcs, fua)| HostOp::Write {
+                offset_bytes,
+                data,
+                crcs,
+                fua
+            }
+        ),
+        Just(HostOp::Flush),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset_bytes, len)| HostOp::Trim { offset_bytes, len }),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(offset_bytes, len)| HostOp::WriteZeroes { offset_bytes, len }),
+    ]
+}
+
+pub fn host_request() -> impl Strategy<Value = HostRequest> {
+    (any::<u64>(), any::<u32>(), any::<u64>(), host_op()).prop_map(
+        |(volume, partition, epoch, op)| HostRequest {
+            volume,
+            partition,
+            epoch,
+            op,
+        },
+    )
+}
+
+pub fn host_error() -> impl Strategy<Value = HostError> {
+    prop_oneof![
+        proptest::option::of(node_hint()).prop_map(|hint| HostError::NotPrimary { hint }),
+        any::<u64>().prop_map(|current| HostError::StaleEpoch { current }),
+        any::<u64>().prop_map(|current| HostError::Fenced { current }),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(offset_bytes, len, partition_start, partition_end)| HostError::OutOfRange {
+                offset_bytes,
+                len,
+                partition_start,
+                partition_end
+            }
+        ),
+        any::<u64>().prop_map(|offset_bytes| HostError::ChecksumMismatch { offset_bytes }),
+        text().prop_map(|reason| HostError::Unavailable { reason }),
+        text().prop_map(|reason| HostError::BadRequest { reason }),
+        text().prop_map(|reason| HostError::Io { reason }),
+    ]
+}
+
+pub fn host_reply() -> impl Strategy<Value = HostReply> {
+    prop_oneof![
+        (payload(), crcs()).prop_map(|(data, crcs)| HostReply::Data { data, crcs }),
+        Just(HostReply::Done),
+        host_error().prop_map(HostReply::Error),
+    ]
+}
+
+pub fn replica_record() -> impl Strategy<Value = ReplicaRecord> {
+    (
+        any::<u64>(),
+        prop_oneof![
+            Just(ReplicaRecordKind::Write),
+            Just(ReplicaRecordKind::Unmap)
+        ],
+        any::<u64>(),
+        any::<u32>(),
+        crcs(),
+        payload(),
+    )
+        .prop_map(|(sequence, kind, lba, blocks, crcs, data)| ReplicaRecord {
+            sequence,
+            kind,
+            lba,
+            blocks,
+            crcs,
+            data,
+        })
+}
+
+pub fn flushed_range() -> impl Strategy<Value = FlushedRange> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u16>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(lba, blocks, sequence, extent, column, offset_bytes)| FlushedRange {
+                lba,
+                blocks,
+                sequence,
+                extent,
+                column,
+                offset_bytes,
+            },
+        )
+}
+
+pub fn replica_request() -> impl Strategy<Value = ReplicaRequest> {
+    prop_oneof![
+        (partition(), any::<u64>(), vec(replica_record(), 0..4)).prop_map(
+            |(partition, epoch, records)| ReplicaRequest::Append {
+                partition,
+                epoch,
+                records
+            }
+        ),
+        (
+            partition(),
+            any::<u64>(),
+            any::<u64>(),
+            vec(flushed_range(), 0..6)
+        )
+            .prop_map(|(partition, epoch, up_to_sequence, mappings)| {
+                ReplicaRequest::FlushCommit {
+                    partition,
+                    epoch,
+                    up_to_sequence,
+                    mappings,
+                }
+            }),
+        partition().prop_map(|partition| ReplicaRequest::Status { partition }),
+    ]
+}
+
+pub fn replica_error() -> impl Strategy<Value = ReplicaError> {
+    prop_oneof![
+        any::<u64>().prop_map(|current| ReplicaError::StaleEpoch { current }),
+        any::<u64>().prop_map(|expected_sequence| ReplicaError::Gap { expected_sequence }),
+        Just(ReplicaError::NotSecondary),
+        Just(ReplicaError::LogFull),
+        text().prop_map(|reason| ReplicaError::Io { reason }),
+        text().prop_map(|reason| ReplicaError::BadRequest { reason }),
+    ]
+}
+
+pub fn replica_reply() -> impl Strategy<Value = ReplicaReply> {
+    prop_oneof![
+        any::<u64>().prop_map(|up_to_sequence| ReplicaReply::Appended { up_to_sequence }),
+        Just(ReplicaReply::Committed),
+        (any::<u64>(), any::<u64>()).prop_map(|(highest_epoch, highest_sequence)| {
+            ReplicaReply::Status {
+                highest_epoch,
+                highest_sequence,
+            }
+        }),
+        replica_error().prop_map(ReplicaReply::Error),
+    ]
 }

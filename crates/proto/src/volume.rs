@@ -1,0 +1,473 @@
+//! Head-node messages: the **host protocol** (attach agent / volume client →
+//! a partition's primary) and **replication** (primary → secondary).
+//!
+//! ## Host protocol
+//!
+//! A [`HostRequest`] names a `(volume, partition, epoch)` and one [`HostOp`].
+//! The client learns the partition's primary and epoch from the partition
+//! map; a head node that is not (or no longer) the primary for that epoch
+//! refuses with [`HostError::NotPrimary`], [`HostError::StaleEpoch`] or
+//! [`HostError::Fenced`], and the client refreshes its map
+//! ([`HostError::needs_map_refresh`]) and sends again.
+//!
+//! * Offsets are **volume-absolute bytes** and multiples of
+//!   [`SECTOR_BYTES`] (512); lengths are multiples of 512, greater than 0
+//!   and at most [`MAX_HOST_IO_BYTES`] (16 MiB). The whole range must lie
+//!   inside the named partition ([`HostError::OutOfRange`] otherwise).
+//! * Data integrity is end to end: a write carries `crcs[i]` = CRC-32C of
+//!   `data[i*4096 .. min((i+1)*4096, len)]` (chunks of [`CRC_CHUNK_BYTES`]
+//!   counted from the start of the *payload*, the last one possibly short:
+//!   see [`chunk_crcs`]); the primary checks them ([`verify_chunk_crcs`])
+//!   before logging, and a read reply carries the same kind of CRCs over
+//!   the returned payload, which the client checks before handing any byte
+//!   to the host.
+//! * **Every host operation is idempotent** and may be resent after an
+//!   unknown outcome (timeout, lost connection, failover): reads and
+//!   flushes change nothing; a write of the same bytes to the same place,
+//!   a trim or a write-zeroes of the same range leave the device in the same
+//!   state however often they are applied. (The block-device contract gives
+//!   no ordering between concurrent overlapping requests, so a resend racing
+//!   a newer write to the same range is the host's own race, as on a disk.)
+//!
+//! ## Replication
+//!
+//! The primary numbers each change of a partition with a per-partition
+//! `sequence` and ships whole 4 KiB-block [`ReplicaRecord`]s to the
+//! secondary in [`ReplicaRequest::Append`] (partial writes were already
+//! read-modify-written on the primary). The secondary refuses an epoch
+//! lower than the highest it has seen ([`ReplicaError::StaleEpoch`]),
+//! ignores records it already holds (sequence numbers dedupe, so every
+//! replication request is idempotent), refuses a hole
+//! ([`ReplicaError::Gap`]: the primary then resends from
+//! `expected_sequence`), logs durably and answers
+//! [`ReplicaReply::Appended`]. After a flush the primary sends
+//! [`ReplicaRequest::FlushCommit`] so the secondary can point its index at
+//! the sleds and reclaim its log up to `up_to_sequence`.
+//!
+//! Wire layouts are in [`crate::message`]'s table.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+
+use crate::sled::{Epoch, PartitionId};
+
+/// Host I/O granularity: offsets and lengths are multiples of this.
+pub const SECTOR_BYTES: u64 = 512;
+/// Volume block size; replication and the index work in these.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Size of the chunks host CRCs cover (the last chunk may be short).
+pub const CRC_CHUNK_BYTES: usize = 4096;
+/// Largest host read / write / trim / write-zeroes.
+pub const MAX_HOST_IO_BYTES: u32 = crate::frame::MAX_PAYLOAD_BYTES as u32;
+/// Most CRCs of one host payload.
+pub const MAX_HOST_CRCS: u32 = MAX_HOST_IO_BYTES / CRC_CHUNK_BYTES as u32;
+/// Most records in one [`ReplicaRequest::Append`].
+pub const MAX_REPLICA_RECORDS: u32 = 4096;
+/// Most mappings in one [`ReplicaRequest::FlushCommit`].
+pub const MAX_FLUSHED_RANGES: u32 = 65_536;
+
+/// CRC-32C of each [`CRC_CHUNK_BYTES`] chunk of `data`, the last one
+/// possibly short. Empty data has no chunks.
+pub fn chunk_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(CRC_CHUNK_BYTES).map(crc32c::crc32c).collect()
+}
+
+/// Why a payload does not match its CRCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CrcError {
+    #[error("{actual} CRCs for a payload of {expected} chunks")]
+    WrongCount { expected: usize, actual: usize },
+    /// The first chunk whose CRC differs; `offset_bytes` is relative to
+    /// the payload's start.
+    #[error("CRC mismatch in chunk {chunk} (payload offset {offset_bytes})")]
+    Mismatch { chunk: usize, offset_bytes: u64 },
+}
+
+/// Check `data` against CRCs made by [`chunk_crcs`].
+pub fn verify_chunk_crcs(data: &[u8], crcs: &[u32]) -> Result<(), CrcError> {
+    let expected = data.len().div_ceil(CRC_CHUNK_BYTES);
+    if crcs.len() != expected {
+        return Err(CrcError::WrongCount {
+            expected,
+            actual: crcs.len(),
+        });
+    }
+    for (chunk, (bytes, crc)) in data.chunks(CRC_CHUNK_BYTES).zip(crcs).enumerate() {
+        if crc32c::crc32c(bytes) != *crc {
+            return Err(CrcError::Mismatch {
+                chunk,
+                offset_bytes: (chunk * CRC_CHUNK_BYTES) as u64,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One host request for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRequest {
+    pub volume: u64,
+    pub partition: u32,
+    /// The partition's epoch as the client's map knows it.
+    pub epoch: Epoch,
+    pub op: HostOp,
+}
+
+impl HostRequest {
+    pub fn partition_id(&self) -> PartitionId {
+        PartitionId {
+            volume: self.volume,
+            partition: self.partition,
+        }
+    }
+}
+
+/// What a host asks of a partition. Offsets are volume-absolute bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOp {
+    Read {
+        offset_bytes: u64,
+        len: u32,
+    },
+    /// `crcs` as made by [`chunk_crcs`] over `data`. `fua`: the reply waits
+    /// until the data is durable (it always is before the ack here: both
+    /// logs are durable; the flag is kept for hosts that ask).
+    Write {
+        offset_bytes: u64,
+        data: Bytes,
+        crcs: Vec<u32>,
+        fua: bool,
+    },
+    /// Everything acknowledged before is durable (already true of every
+    /// acknowledged write; a barrier for the host).
+    Flush,
+    /// The range may read back as anything; here it reads as zeros.
+    Trim {
+        offset_bytes: u64,
+        len: u32,
+    },
+    /// The range reads as zeros.
+    WriteZeroes {
+        offset_bytes: u64,
+        len: u32,
+    },
+}
+
+impl HostOp {
+    /// `(offset_bytes, len)` of the op's range; `None` for Flush.
+    pub fn range(&self) -> Option<(u64, u32)> {
+        match self {
+            HostOp::Read { offset_bytes, len }
+            | HostOp::Trim { offset_bytes, len }
+            | HostOp::WriteZeroes { offset_bytes, len } => Some((*offset_bytes, *len)),
+            HostOp::Write {
+                offset_bytes, data, ..
+            } => Some((*offset_bytes, u32::try_from(data.len()).unwrap_or(u32::MAX))),
+            HostOp::Flush => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostOp::Read { .. } => "read",
+            HostOp::Write { .. } => "write",
+            HostOp::Flush => "flush",
+            HostOp::Trim { .. } => "trim",
+            HostOp::WriteZeroes { .. } => "write_zeroes",
+        }
+    }
+
+    /// Check alignment, length bounds and (for writes) the CRCs — what a
+    /// primary checks before anything else. Partition bounds are the
+    /// caller's ([`HostError::OutOfRange`]).
+    pub fn validate(&self) -> Result<(), HostError> {
+        let Some((offset_bytes, len)) = self.range() else {
+            return Ok(());
+        };
+        let bad = |reason: String| Err(HostError::BadRequest { reason });
+        if offset_bytes % SECTOR_BYTES != 0 {
+            return bad(format!(
+                "{} offset {offset_bytes} is not a multiple of {SECTOR_BYTES}",
+                self.name()
+            ));
+        }
+        if len == 0 || len > MAX_HOST_IO_BYTES || u64::from(len) % SECTOR_BYTES != 0 {
+            return bad(format!(
+                "{} length {len} must be a non-zero multiple of {SECTOR_BYTES} up to {MAX_HOST_IO_BYTES}",
+                self.name()
+            ));
+        }
+        if offset_bytes.checked_add(u64::from(len)).is_none() {
+            return bad(format!("{} range overflows", self.name()));
+        }
+        if let HostOp::Write { data, crcs, .. } = self {
+            match verify_chunk_crcs(data, crcs) {
+                Ok(()) => {}
+                Err(CrcError::WrongCount { expected, actual }) => {
+                    return bad(format!("write has {actual} CRCs, needs {expected}"));
+                }
+                Err(CrcError::Mismatch {
+                    offset_bytes: at, ..
+                }) => {
+                    return Err(HostError::ChecksumMismatch {
+                        offset_bytes: offset_bytes + at,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the current primary of a partition can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHint {
+    pub node_id: String,
+    pub address_a: SocketAddr,
+    pub address_b: SocketAddr,
+}
+
+/// A head node's answer to a [`HostRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostReply {
+    /// Read data with [`chunk_crcs`] of it.
+    Data {
+        data: Bytes,
+        crcs: Vec<u32>,
+    },
+    /// Write, flush, trim or write-zeroes completed (durable on both logs).
+    Done,
+    Error(HostError),
+}
+
+/// Typed refusals of a host request. None of them applied the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// This node is not the partition's primary; `hint` names the one it
+    /// believes is.
+    #[error("not the primary (hint: {hint:?})")]
+    NotPrimary { hint: Option<NodeHint> },
+    /// The request's epoch is older than the partition's `current`.
+    #[error("stale epoch: partition is at epoch {current}")]
+    StaleEpoch { current: Epoch },
+    /// This node was fenced by a newer primary (epoch `current`).
+    #[error("fenced by epoch {current}")]
+    Fenced { current: Epoch },
+    /// The range is not inside the partition `[partition_start,
+    /// partition_end)` (volume-absolute bytes).
+    #[error("range {offset_bytes}+{len} outside partition [{partition_start}, {partition_end})")]
+    OutOfRange {
+        offset_bytes: u64,
+        len: u32,
+        partition_start: u64,
+        partition_end: u64,
+    },
+    /// Data failed its CRC: a write's payload on arrival (resend), or
+    /// stored data that could not be reconstructed (volume-absolute
+    /// offset of the first bad chunk).
+    #[error("checksum mismatch at offset {offset_bytes}")]
+    ChecksumMismatch { offset_bytes: u64 },
+    /// Temporarily unable (secondary unreachable, log full, partition
+    /// recovering): retry later.
+    #[error("unavailable: {reason}")]
+    Unavailable { reason: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+    #[error("I/O error: {reason}")]
+    Io { reason: String },
+}
+
+impl HostError {
+    /// Sending the same request to the same node later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            HostError::Unavailable { .. } | HostError::ChecksumMismatch { .. }
+        )
+    }
+
+    /// The client's partition map is out of date: refresh it (follow the
+    /// hint) and send again.
+    pub fn needs_map_refresh(&self) -> bool {
+        matches!(
+            self,
+            HostError::NotPrimary { .. } | HostError::StaleEpoch { .. } | HostError::Fenced { .. }
+        )
+    }
+}
+
+/// Primary → secondary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaRequest {
+    /// Log `records` (consecutive sequences, possibly starting below what
+    /// the secondary already holds: those are skipped).
+    Append {
+        partition: PartitionId,
+        epoch: Epoch,
+        records: Vec<ReplicaRecord>,
+    },
+    /// Records up to `up_to_sequence` are flushed to the sleds at
+    /// `mappings`; the secondary updates its index and may reclaim log.
+    FlushCommit {
+        partition: PartitionId,
+        epoch: Epoch,
+        up_to_sequence: u64,
+        mappings: Vec<FlushedRange>,
+    },
+    /// What the secondary holds for the partition.
+    Status { partition: PartitionId },
+}
+
+impl ReplicaRequest {
+    pub fn partition(&self) -> PartitionId {
+        match self {
+            ReplicaRequest::Append { partition, .. }
+            | ReplicaRequest::FlushCommit { partition, .. }
+            | ReplicaRequest::Status { partition } => *partition,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaRecordKind {
+    /// `data` holds `blocks` whole blocks.
+    Write,
+    /// The blocks read as zeros (trim, write-zeroes); `data` is empty.
+    Unmap,
+}
+
+/// One logged change of whole 4 KiB blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    pub sequence: u64,
+    pub kind: ReplicaRecordKind,
+    /// First block, volume-absolute, in 4 KiB blocks.
+    pub lba: u64,
+    pub blocks: u32,
+    /// One CRC-32C per block of `data` (empty for Unmap).
+    pub crcs: Vec<u32>,
+    pub data: Bytes,
+}
+
+/// Blocks `[lba, lba + blocks)` written at `sequence` now live in `extent`,
+/// `column`, at `offset_bytes` within the column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushedRange {
+    pub lba: u64,
+    pub blocks: u32,
+    pub sequence: u64,
+    pub extent: u64,
+    pub column: u16,
+    pub offset_bytes: u64,
+}
+
+/// Secondary → primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaReply {
+    /// Every record up to `up_to_sequence` is durable on the secondary.
+    Appended {
+        up_to_sequence: u64,
+    },
+    Committed,
+    Status {
+        highest_epoch: Epoch,
+        highest_sequence: u64,
+    },
+    Error(ReplicaError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("stale epoch: secondary has seen epoch {current}")]
+    StaleEpoch { current: Epoch },
+    #[error("sequence gap: secondary expects {expected_sequence}")]
+    Gap { expected_sequence: u64 },
+    #[error("not a secondary of this partition")]
+    NotSecondary,
+    #[error("secondary log full")]
+    LogFull,
+    #[error("I/O error: {reason}")]
+    Io { reason: String },
+    #[error("bad request: {reason}")]
+    BadRequest { reason: String },
+}
+
+impl ReplicaError {
+    /// Sending the same request later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ReplicaError::LogFull | ReplicaError::Io { .. })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_crcs_cover_a_short_tail() {
+        let data = vec![7u8; 4096 + 512];
+        let crcs = chunk_crcs(&data);
+        assert_eq!(crcs.len(), 2);
+        assert_eq!(crcs[1], crc32c::crc32c(&data[4096..]));
+        verify_chunk_crcs(&data, &crcs).unwrap();
+        assert!(chunk_crcs(&[]).is_empty());
+        let mut bad = data.clone();
+        bad[4100] ^= 1;
+        assert_eq!(
+            verify_chunk_crcs(&bad, &crcs),
+            Err(CrcError::Mismatch {
+                chunk: 1,
+                offset_bytes: 4096
+            })
+        );
+        assert!(matches!(
+            verify_chunk_crcs(&data, &crcs[..1]),
+            Err(CrcError::WrongCount { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_checks_alignment_length_and_crcs() {
+        let read = |offset_bytes, len| HostOp::Read { offset_bytes, len }.validate();
+        assert!(read(512, 512).is_ok());
+        assert!(read(100, 512).is_err());
+        assert!(read(0, 0).is_err());
+        assert!(read(0, 513).is_err());
+        assert!(read(0, MAX_HOST_IO_BYTES + 512).is_err());
+        assert!(HostOp::Flush.validate().is_ok());
+        let data = Bytes::from(vec![1u8; 8192]);
+        let mut crcs = chunk_crcs(&data);
+        let write = |crcs: Vec<u32>| HostOp::Write {
+            offset_bytes: 4096,
+            data: data.clone(),
+            crcs,
+            fua: false,
+        };
+        assert!(write(crcs.clone()).validate().is_ok());
+        crcs[1] ^= 1;
+        assert_eq!(
+            write(crcs).validate(),
+            Err(HostError::ChecksumMismatch { offset_bytes: 8192 })
+        );
+    }
+
+    #[test]
+    fn error_predicates() {
+        assert!(HostError::NotPrimary { hint: None }.needs_map_refresh());
+        assert!(HostError::StaleEpoch { current: 2 }.needs_map_refresh());
+        assert!(HostError::Fenced { current: 2 }.needs_map_refresh());
+        assert!(HostError::Unavailable {
+            reason: String::new()
+        }
+        .is_retryable());
+        let out_of_range = HostError::OutOfRange {
+            offset_bytes: 0,
+            len: 512,
+            partition_start: 4096,
+            partition_end: 8192,
+        };
+        assert!(!out_of_range.is_retryable() && !out_of_range.needs_map_refresh());
+    }
+}
