@@ -372,10 +372,12 @@ impl Wal {
             }
             stop => tracing::debug!(?stop, records = scan.records.len(), "write log recovered"),
         }
-        // Persist the new open generation before any append can stamp it.
+        // Persist the new open generation before any append can stamp it. It
+        // is above every generation seen, even if an older superblock copy
+        // had to be used, so stale records stay fenced.
         let current = Superblock {
             generation: previous.generation + 1,
-            open_generation: previous.open_generation + 1,
+            open_generation: scan.max_generation + 1,
             head_hint: scan.head,
             ..previous
         };
@@ -878,6 +880,9 @@ struct Scan {
     starts: VecDeque<u64>,
     head: u64,
     stop: ScanStop,
+    /// Highest open generation in the superblock or any header of this log
+    /// the scan decoded (the cut one included).
+    max_generation: u64,
 }
 
 /// Read-ahead window over the ring for the recovery scan.
@@ -935,6 +940,7 @@ async fn scan(
     let mut starts = VecDeque::new();
     let mut position = tail;
     let mut last_generation = 0;
+    let mut max_generation = superblock.open_generation;
     let cut = |position: u64, reason: String| ScanStop::Cut { position, reason };
     // Bounded: every iteration advances by at least one block or stops.
     let stop = loop {
@@ -954,6 +960,7 @@ async fn scan(
                 format!("record of another log {:#x}", stamp.log_id),
             );
         }
+        max_generation = max_generation.max(stamp.open_generation);
         if stamp.position != position || stamp.lap != ring.lap(position) {
             break cut(
                 position,
@@ -963,14 +970,12 @@ async fn scan(
                 ),
             );
         }
-        if stamp.open_generation < last_generation
-            || stamp.open_generation > superblock.open_generation
-        {
+        if stamp.open_generation < last_generation {
             break cut(
                 position,
                 format!(
-                    "open generation {} after {last_generation} (log at {})",
-                    stamp.open_generation, superblock.open_generation
+                    "open generation {} after {last_generation}",
+                    stamp.open_generation
                 ),
             );
         }
@@ -1007,5 +1012,6 @@ async fn scan(
         starts,
         head: position,
         stop,
+        max_generation,
     })
 }
