@@ -737,3 +737,27 @@ async fn every_ack_follows_a_flush_that_started_after_its_write() {
     }
     assert_eq!(acks, 32 * 6);
 }
+
+/// The newest superblock copy (the open that stamped the records) is lost:
+/// the older copy still recovers the records, and the next open generation
+/// is above theirs so stale records stay fenced.
+#[tokio::test]
+async fn superblock_fallback_keeps_records_of_the_lost_open() {
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(1 << 20));
+    // Format writes generation 0 (copy A), the open bump generation 1 (copy B).
+    let (wal, _) = open(memory.clone(), 512 << 10).await;
+    let a = wal.append_one(write(1, 1)).await.unwrap();
+    let b = wal.append_one(write(2, 2)).await.unwrap();
+    drop(wal);
+    let mut junk = AlignedBuf::zeroed(B).unwrap();
+    junk[99] = 7;
+    memory.write_at(4096, junk).await.unwrap();
+    let (wal, recovered) = open(memory.clone(), 512 << 10).await;
+    assert_eq!(recovered, vec![(a, write(1, 1)), (b, write(2, 2))]);
+    // Appends continue after the recovered records and survive a reopen.
+    let c = wal.append_one(write(3, 1)).await.unwrap();
+    drop(wal);
+    let (_, recovered) = open(memory, 512 << 10).await;
+    assert_eq!(recovered.last().unwrap(), &(c, write(3, 1)));
+    assert_eq!(recovered.len(), 3);
+}
