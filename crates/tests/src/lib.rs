@@ -35,11 +35,13 @@ pub fn rackblock_bin() -> PathBuf {
 }
 
 /// Ports handed out to tests of this process; distinct per test so tests can
-/// run in parallel. Based on the pid to avoid clashes between test binaries.
+/// run in parallel. Based on the pid to avoid clashes between test binaries:
+/// 1000 ports per process in 10000..30000, below the kernel's ephemeral
+/// range (32768..) and the ranges `rackblock up` tests use (30000.., 40000..).
 pub fn next_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20000 + (std::process::id() % 200) as u16 * 100;
-    base + NEXT.fetch_add(1, Ordering::SeqCst) % 100
+    let base = 10000 + (std::process::id() % 20) as u16 * 1000;
+    base + NEXT.fetch_add(1, Ordering::SeqCst) % 1000
 }
 
 /// A child process killed (SIGKILL, by pid) when dropped.
