@@ -152,6 +152,23 @@ async fn raft_status(client: &LcpClient, node: &str) -> Option<local_control_pla
     }
 }
 
+async fn wait_node_health(client: &LcpClient, node: &str, health: local_control_plane::Health) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok((_, status)) = client.unit_status().await {
+            if status
+                .nodes
+                .iter()
+                .any(|n| n.id.0 == node && n.health == health)
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{node} never became {health:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_failover_rejoin_and_full_restart() {
     let unit = unit(false);
@@ -192,6 +209,10 @@ async fn leader_kill_failover_rejoin_and_full_restart() {
     eprintln!("new leader {new_leader} serving {failover:?} after kill -9 of {old_leader}");
     assert!(failover < Duration::from_secs(10));
 
+    // Both paths of the killed node are silent: after node_down_after the
+    // new leader's detector records it Down (a node fault, this time).
+    wait_node_health(&client, &old_leader, local_control_plane::Health::Down).await;
+
     // Restart the killed node: it rejoins with no manual step.
     heads[index] = unit.start_head_node(index);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -209,6 +230,7 @@ async fn leader_kill_failover_rejoin_and_full_restart() {
         assert!(Instant::now() < deadline, "{old_leader} did not rejoin");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    wait_node_health(&client, &old_leader, local_control_plane::Health::Up).await;
     let rejoined_map = client
         .call_node(&old_leader, &LcpRequest::PartitionMap { volume: 8 })
         .await
