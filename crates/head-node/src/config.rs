@@ -32,10 +32,10 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub heartbeat_interval_ms: Option<u64>,
     /// Lower bound of the randomised Raft election timeout in milliseconds
-    /// (default 300). Must exceed the heartbeat interval.
+    /// (default 1500). Must exceed the heartbeat interval.
     #[serde(default)]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the election timeout in milliseconds (default 600).
+    /// Upper bound of the election timeout in milliseconds (default 3000).
     #[serde(default)]
     pub election_timeout_max_ms: Option<u64>,
     /// The leader declares a head node or sled Down when both of its
@@ -162,8 +162,8 @@ mod tests {
                 .unwrap();
         c.validate().unwrap();
         assert_eq!(c.heartbeat_interval(), Duration::from_millis(100));
-        assert_eq!(c.election_timeout_min(), Duration::from_millis(300));
-        assert_eq!(c.election_timeout_max(), Duration::from_millis(600));
+        assert_eq!(c.election_timeout_min(), Duration::from_millis(1500));
+        assert_eq!(c.election_timeout_max(), Duration::from_millis(3000));
         assert_eq!(c.node_down_after(), Duration::from_millis(3000));
         assert!(toml::from_str::<HeadNodeConfig>(
             "rack_file = \"/r\"\nhead_node_id = \"h\"\ndata_dir = \"/d\"\nbogus = 1\n"

@@ -82,9 +82,11 @@ pub const SMALL_VOTER_COUNT: usize = 3;
 
 /// Default Raft heartbeat interval.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
-/// Default election timeout range.
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 300;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Default election timeout range. Wide enough that losing network A (the
+/// link's prober must mark the path down and move traffic to B) never costs
+/// an election: these are the timings the multi-process tests run with.
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 1500;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 3000;
 /// Default time both paths must be down before a node is declared Down.
 pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 3000;
 
