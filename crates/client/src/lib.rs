@@ -1,1 +1,46 @@
-//! Filled by a later issue; see ARCHITECTURE.md.
+//! Host side of rackblock: the volume client.
+//!
+//! [`VolumeClient`] turns byte-addressed block I/O on one volume into host
+//! protocol requests ([`proto::volume`]) to the primaries of the volume's
+//! partitions:
+//!
+//! ```text
+//! read/write/trim/write_zeroes(offset, len)
+//!   └─ split at partition boundaries and at 16 MiB  (split.rs, sans-IO)
+//!        └─ per piece, concurrently (bounded):
+//!             route: partition map (LCP) [+ NotPrimary hint] → (primary, epoch)
+//!             send over the primary's PeerLink (network A, else B)
+//!             ├─ Data/Done ............................. verify CRCs (reads) → done
+//!             ├─ NotPrimary / StaleEpoch / Fenced ...... refresh map, follow hint, resend
+//!             ├─ Unavailable, link error, timeout ...... back off, resend
+//!             ├─ ChecksumMismatch (either direction) ... resend once, then fail
+//!             └─ OutOfRange / BadRequest / Io .......... fail at once
+//! flush() → Flush to every partition's primary
+//! ```
+//!
+//! Invariants it keeps:
+//!
+//! * **No unverified byte is returned**: every read reply's CRC-32C chunks
+//!   are checked against its payload (and its length against the request)
+//!   before the data is used; a mismatch is retried once, then reported.
+//! * **Every retry is bounded** by a count (`max_attempts`) and a time
+//!   (`failover_timeout`, 120 s by default: a head-node failover takes a
+//!   lease expiry and a promotion, and the host should see a pause, not an
+//!   error — ARCHITECTURE.md §6, §9).
+//! * Resending is safe because every host operation is idempotent
+//!   ([`proto::volume`] explains why); the link also resends on the other
+//!   network by itself.
+//! * Map refreshes are single-flight: when many pieces hit a stale map at
+//!   once, one of them asks the local control plane and the rest reuse its
+//!   answer (a refresh generation counter tells them).
+//!
+//! The NBD server that hosts attach to (ARCHITECTURE.md §9) will sit on
+//! top of this client.
+
+mod error;
+mod split;
+mod volume;
+
+pub use error::ClientError;
+pub use split::{split_range, Piece};
+pub use volume::{ClientConfig, MapSource, VolumeClient};
