@@ -4,4 +4,5 @@
 
 mod properties;
 mod raft_store;
+mod sim;
 mod snapshot;
