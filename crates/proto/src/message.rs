@@ -5,7 +5,8 @@
 //! says which message it is, the body holds the fields in declaration
 //! order with the encodings of [`crate::wire`] (little-endian integers,
 //! `u8` tags for enums/options/bools, `u32` length prefixes). Each
-//! [`SledRequest`] and [`SledResponse`] variant has its own kind, so the
+//! [`SledRequest`], [`SledResponse`], [`HostOp`], [`HostReply`],
+//! [`ReplicaRequest`] and [`ReplicaReply`] variant has its own kind, so the
 //! body carries no further tag.
 //!
 //! Kind numbering (`u16`): the high byte is the component, and within a
