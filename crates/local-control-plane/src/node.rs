@@ -48,13 +48,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hardware::rack::{Rack, DEVICE_RESERVED_BYTES};
+use hardware::rack::Rack;
 use openraft::error::{ClientWriteError as OpenraftClientWriteError, InitializeError as OiError};
 use openraft::{ServerState, SnapshotPolicy};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use proto::lcp::RaftRpcKind;
 use proto::link::{LinkConfig, LinkError, LinkMetrics, PeerLink};
+use proto::sled::{DeviceState, SledRequest, SledResponse};
 use proto::Message;
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -212,19 +213,8 @@ pub fn inventory_commands(rack: &Rack, state: &UnitState) -> Vec<Command> {
             column_size_bytes: column_size,
             devices: devices.clone(),
         });
-        // The sled controller lays columns out after a reserved metadata
-        // area; every column of a freshly registered device is free.
-        for d in devices {
-            let count = d.size_bytes.saturating_sub(DEVICE_RESERVED_BYTES) / column_size.max(1);
-            let count = u32::try_from(count).unwrap_or(u32::MAX);
-            if count > 0 {
-                commands.push(Command::AddFreeColumns {
-                    sled: id.clone(),
-                    device: d.device,
-                    columns: (0..count).collect(),
-                });
-            }
-        }
+        // Columns come from the sled controller itself (see
+        // `register_sled_columns`): only the sled knows its layout.
     }
     commands
 }
@@ -750,6 +740,83 @@ async fn leader_duties(inner: Arc<Inner>) {
     }
 }
 
+/// Registers the columns of every sled whose devices the unit state knows
+/// no column of: asks the sled controller for its inventory (its layout
+/// decides how many columns a device holds) and commits `AddFreeColumns` for
+/// each healthy device. The local control plane is the unit's column
+/// allocator from then on; a sled controller lets the first claim of a free
+/// column allocate it.
+async fn register_sled_columns(inner: Arc<Inner>, lost: CancellationToken) {
+    let mut pending: Vec<_> = inner.rack.sled.iter().map(|s| s.id.clone()).collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for sled_id in pending {
+            match register_one_sled(&inner, &sled_id).await {
+                Ok(()) => {}
+                Err(reason) => {
+                    debug!(sled = %sled_id, %reason, "sled columns not registered yet");
+                    still.push(sled_id);
+                }
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = lost.cancelled() => return,
+        }
+    }
+    info!(node = %inner.name, "sled columns registered");
+}
+
+async fn register_one_sled(inner: &Inner, sled_id: &str) -> Result<(), String> {
+    let id = SledId::new(sled_id.to_string());
+    let known = {
+        let state = inner.state.read();
+        let Some(sled) = state.unit.sleds().get(&id) else {
+            return Err("sled not registered".into());
+        };
+        sled.devices
+            .values()
+            .any(|d| !d.free_columns.is_empty() || !d.used_columns.is_empty())
+    };
+    if known {
+        return Ok(());
+    }
+    let spec = inner
+        .rack
+        .sled(sled_id)
+        .ok_or_else(|| "sled not in the rack file".to_string())?;
+    let link = inner.links.link(sled_id, spec.address_a, spec.address_b);
+    let inventory = match link.call(Message::Sled(SledRequest::Inventory), true).await {
+        Ok(Message::SledReply(SledResponse::Inventory(inventory))) => inventory,
+        Ok(other) => return Err(format!("unexpected inventory reply {other:?}")),
+        Err(error) => return Err(error.to_string()),
+    };
+    for device in inventory.devices {
+        if device.state != DeviceState::Healthy || device.column_count == 0 {
+            continue;
+        }
+        let command = Command::AddFreeColumns {
+            sled: id.clone(),
+            device: device.device,
+            columns: (0..device.column_count).collect(),
+        };
+        match inner.raft.client_write(command).await {
+            Ok(response) => match response.data {
+                Ok(_) | Err(CommandError::AlreadyExists { .. }) => {}
+                Err(error) => {
+                    warn!(sled = %sled_id, device = device.device, %error, "columns refused")
+                }
+            },
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    Ok(())
+}
+
 async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     // 1. Learners: rack head nodes beyond the voters.
     loop {
@@ -812,6 +879,9 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         }
     }
     info!(node = %inner.name, "rack inventory registered");
+    // 2b. Columns of every sled, from the sled controllers themselves; a sled
+    // that is down now is retried until it answers (or leadership is lost).
+    tokio::spawn(register_sled_columns(inner.clone(), lost.clone()));
     // 3. Failure detection until leadership is lost.
     let detector = Detector::new(
         inner.name.clone(),

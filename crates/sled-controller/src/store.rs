@@ -777,8 +777,8 @@ impl Store {
         Ok(())
     }
 
-    /// Takes ownership of an Allocated column, or raises the epoch of a
-    /// column already claimed by the same partition.
+    /// Takes ownership of a Free or Allocated column, or raises the epoch of
+    /// a column already claimed by the same partition.
     pub async fn claim(
         &self,
         index: u32,
@@ -789,12 +789,29 @@ impl Store {
         let mut c = self.column(index)?.lock().await;
         self.check_usable(index, &c)?;
         let column = self.column_id(index);
+        let mut taken_from_free_set = false;
         let next = match c.slot.state {
+            // The unit's allocator is the local control plane: it learns the
+            // columns from the sled's inventory and hands each to exactly one
+            // extent, so claiming a free column allocates it. A column that a
+            // concurrent `allocate` already took off the free set is refused.
             SlotState::Free => {
-                return Err(SledError::BadColumnState {
-                    column,
-                    state: ColumnState::Free,
-                })
+                if !lock(&self.free).remove(&index) {
+                    return Err(SledError::BadColumnState {
+                        column,
+                        state: ColumnState::Free,
+                    });
+                }
+                taken_from_free_set = true;
+                ColumnSlot {
+                    generation: c.slot.generation + 1,
+                    state: SlotState::Claimed,
+                    volume: partition.volume,
+                    partition: partition.partition,
+                    epoch,
+                    length_bytes: 0,
+                    tail_from: 0,
+                }
             }
             SlotState::Allocated => {
                 if epoch < c.slot.epoch {
@@ -824,8 +841,21 @@ impl Store {
                 }
             }
         };
-        self.write_slot(index, &next).await?;
-        self.flush().await?;
+        let persisted = match self.write_slot(index, &next).await {
+            Ok(()) => self.flush().await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = persisted {
+            if taken_from_free_set {
+                lock(&self.free).insert(index);
+            }
+            return Err(error);
+        }
+        if taken_from_free_set {
+            c.in_doubt_bad.clear();
+            self.metrics
+                .set_free_columns(self.device_index, self.free_count());
+        }
         c.slot = next;
         Ok((next.epoch, next.length_bytes))
     }

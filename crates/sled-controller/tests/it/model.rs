@@ -63,11 +63,7 @@ impl Model {
     fn claim(&mut self, i: u32, part: PartitionId, epoch: u64) -> Result<(u64, u64), SledError> {
         let state = self.columns[&i].state;
         match state {
-            ColumnState::Free => Err(SledError::BadColumnState {
-                column: Self::id(i),
-                state,
-            }),
-            ColumnState::Allocated => {
+            ColumnState::Free | ColumnState::Allocated => {
                 let c = self.columns.get_mut(&i).unwrap();
                 *c = ModelColumn {
                     state: ColumnState::Claimed,
