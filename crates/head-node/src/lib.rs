@@ -10,13 +10,16 @@
 //! * [`admin`] — `/metrics`, `/health`, `/status`,
 //!   `/volumes/{id}/partition-map`.
 //!
-//! Data path (ARCHITECTURE.md §3–4): `wal`, `index`, `erasure`.
+//! Data path (ARCHITECTURE.md §3–4): `wal`, `index`, `erasure`, and
+//! [`partition`] — the partition engine (write path, replication, reads with
+//! degraded decode, flush to sleds, GC, recovery).
 
 pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod erasure;
 pub mod index;
+pub mod partition;
 pub mod wal;
 
 pub use config::HeadNodeConfig;

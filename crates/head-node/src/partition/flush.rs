@@ -1,0 +1,976 @@
+//! Flush to the sleds, garbage collection and recovery from the sleds.
+//!
+//! **Flush.** Takes the latest logged version of blocks (index runs that
+//! point at the log) and the trims not yet on the sleds, packs them into
+//! stripes of the open extent ([`super::layout`]), encodes parity, appends
+//! the `k + m` column rows with the partition's epoch (the extent's columns
+//! are claimed with the epoch when it is opened), and only when **all**
+//! `k + m` appends are durable commits: the index moves blocks that are
+//! still the logged version (newer writes win), a `FlushCommit` goes to the
+//! local log and to the secondary, and the shared log is released. `Fenced`
+//! from a sled fences the partition at once. An append that fails seals the
+//! extent and the stripe is written again to a new extent (bounded).
+//!
+//! **GC.** Extents whose live blocks fall below the threshold have those
+//! blocks re-written through the same stripe writer, each with its
+//! **original sequence**, and moved in the index only if the block still
+//! has that sequence at that location (so a newer write always wins); every
+//! tombstone of the index is re-recorded in the new summaries (a freed
+//! extent may have held the only summary of a trim). An extent with no live
+//! block left is freed through the [`ExtentSource`](super::ExtentSource).
+//!
+//! **Recovery.** A new primary claims every column of the partition's
+//! extents with its epoch (fencing the old primary, invariant 2), reads each
+//! stripe's summary from any column that has it, and rebuilds the index:
+//! slots become sled locations, tombstones unmaps, newest sequence wins.
+//! Recovered extents are sealed; new data goes to new extents.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future;
+use proto::sled::{SledError, SledRequest, SledResponse};
+use proto::volume::{FlushedRange, ReplicaRequest};
+
+use super::layout::{
+    self, SlotEntry, StripeSummary, Tombstone, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
+};
+use super::{bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared};
+use crate::erasure::ErasureCodec;
+use crate::index::Location;
+use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
+
+/// Most flush batches one `flush_now` writes.
+const MAX_BATCHES: usize = 1024;
+/// Extents tried for one stripe before giving up.
+const STRIPE_ATTEMPTS: usize = 3;
+/// Unconfirmed flush commits kept for the secondary.
+const MAX_PENDING_COMMITS: usize = 256;
+const COMMIT_VERSION: u16 = 1;
+const COMMIT_ENTRY_BYTES: usize = 8 + 4 + 8 + 8 + 2 + 8;
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Batches committed.
+    pub batches: u64,
+    /// Blocks written to sleds.
+    pub blocks: u64,
+    /// Stripes written.
+    pub stripes: u64,
+    /// Trims recorded in summaries.
+    pub trims: u64,
+}
+
+/// What a GC pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Extents below the threshold.
+    pub candidates: u64,
+    /// Live blocks re-written.
+    pub blocks_moved: u64,
+    /// Extents freed.
+    pub extents_freed: u64,
+}
+
+/// A block on its way to a stripe.
+#[derive(Debug, Clone)]
+struct FlushBlock {
+    lba: u64,
+    sequence: u64,
+    data: Bytes,
+    crc: u32,
+    /// GC: the location it must still be at to be moved.
+    relocate_from: Option<Location>,
+}
+
+/// Where a stripe's blocks landed.
+#[derive(Debug)]
+struct Placed {
+    block: FlushBlock,
+    location: Location,
+}
+
+fn zero_block_crc() -> u32 {
+    crc32c::crc32c(&[0u8; BLOCK_BYTES as usize])
+}
+
+/// Flushes every log-resident block and pending trim, then releases the log.
+pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, PartitionError> {
+    let _serial = shared.flush_lock.lock().await;
+    shared.check_primary(None)?;
+    let mut report = FlushReport::default();
+    for _ in 0..MAX_BATCHES {
+        let (pieces, trims, up_to, more) = collect(shared);
+        if pieces.is_empty() && trims.is_empty() {
+            break;
+        }
+        let blocks = load_log_blocks(shared, pieces).await?;
+        let tombstones: Vec<Tombstone> = trims
+            .iter()
+            .map(|(sequence, lba, count)| Tombstone {
+                lba: *lba,
+                count: *count,
+                sequence: *sequence,
+            })
+            .collect();
+        let trim_sequences: Vec<u64> = trims.iter().map(|t| t.0).collect();
+        let (placed, stripes) = write_stripes(shared, blocks, tombstones).await?;
+        report.blocks += placed.len() as u64;
+        report.stripes += stripes;
+        report.trims += trim_sequences.len() as u64;
+        report.batches += 1;
+        commit_flush(shared, placed, &trim_sequences, Some(up_to)).await?;
+        if !more {
+            break;
+        }
+    }
+    {
+        let mut state = shared.lock();
+        if state.index.oldest_log_position().is_none() && state.pending_trims.is_empty() {
+            state.oldest_unflushed = None;
+        }
+    }
+    shared
+        .log
+        .release()
+        .await
+        .map_err(|source| shared.wal_error(source))?;
+    Ok(report)
+}
+
+type LogPiece = (u64, u64, u64, LogPosition, u32);
+
+/// Log-resident runs (lba, count, sequence, position, first block) up to the
+/// batch size, trims up to the applied watermark, the watermark, and
+/// whether more runs remain.
+fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<(u64, u64, u64)>, u64, bool) {
+    let state = shared.lock();
+    let up_to = state.applied_through;
+    let limit = shared.config.flush_batch_blocks.max(1) as u64;
+    let mut total = 0;
+    let mut pieces = Vec::new();
+    let mut more = false;
+    for (lba, run) in state.index.runs() {
+        if let Some(Location::Log {
+            position,
+            block_in_record,
+        }) = run.location
+        {
+            if total >= limit {
+                more = true;
+                break;
+            }
+            let count = run.count.min(limit - total);
+            pieces.push((lba, count, run.sequence, position, block_in_record));
+            total += count;
+        }
+    }
+    let trims = state
+        .pending_trims
+        .range(..=up_to)
+        .map(|(sequence, (lba, count, _))| (*sequence, *lba, *count))
+        .collect();
+    (pieces, trims, up_to, more)
+}
+
+async fn load_log_blocks(
+    shared: &Shared,
+    pieces: Vec<LogPiece>,
+) -> Result<Vec<FlushBlock>, PartitionError> {
+    let mut blocks = Vec::new();
+    for (lba, count, sequence, position, first) in pieces {
+        let data = match shared
+            .log
+            .wal()
+            .read_blocks(position, first, count as u32)
+            .await
+        {
+            Ok(data) => data,
+            // Superseded and released meanwhile: nothing to flush.
+            Err(WalError::NotFound { .. }) => continue,
+            Err(source) => return Err(shared.wal_error(source)),
+        };
+        for i in 0..count {
+            let from = (i * BLOCK_BYTES) as usize;
+            let block = data.slice(from..from + BLOCK_BYTES as usize);
+            blocks.push(FlushBlock {
+                lba: lba + i,
+                sequence,
+                crc: crc32c::crc32c(&block),
+                data: block,
+                relocate_from: None,
+            });
+        }
+    }
+    Ok(blocks)
+}
+
+/// The open extent's parameters for the next stripe.
+struct Target {
+    extent: u64,
+    row: u64,
+    epoch: u64,
+    codec: Arc<ErasureCodec>,
+    columns: Vec<(String, proto::sled::ColumnId)>,
+}
+
+async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
+    for _ in 0..STRIPE_ATTEMPTS {
+        let epoch = {
+            let state = shared.lock();
+            if !matches!(state.role, Role::Primary) {
+                return Err(PartitionError::NotPrimary {
+                    partition: shared.id(),
+                });
+            }
+            if let Some(e) = state.open_extent.and_then(|id| state.extents.get(&id)) {
+                if !e.sealed && e.rows_written < e.rows_capacity {
+                    return Ok(Target {
+                        extent: e.grant.extent,
+                        row: e.rows_written,
+                        epoch: state.epoch,
+                        codec: e.codec.clone(),
+                        columns: e.grant.columns.clone(),
+                    });
+                }
+            }
+            state.epoch
+        };
+        let grant = shared
+            .extent_source
+            .next_extent(shared.id(), epoch)
+            .await
+            .map_err(|source| PartitionError::Peer {
+                partition: shared.id(),
+                source,
+            })?;
+        let state = open_extent(shared, grant, epoch, false).await?;
+        let mut guard = shared.lock();
+        guard.open_extent = Some(state.grant.extent);
+        guard.extents.insert(state.grant.extent, state);
+    }
+    Err(shared.unavailable("no usable extent"))
+}
+
+/// Validates a grant and claims its columns with `epoch`. `recovering`:
+/// tolerate up to m unreachable columns and read back the rows written.
+async fn open_extent(
+    shared: &Arc<Shared>,
+    grant: ExtentGrant,
+    epoch: u64,
+    recovering: bool,
+) -> Result<ExtentState, PartitionError> {
+    let (k, m) = (usize::from(grant.k), usize::from(grant.m));
+    let mut sleds: Vec<&str> = grant.columns.iter().map(|(s, _)| s.as_str()).collect();
+    sleds.sort_unstable();
+    sleds.dedup();
+    let bad = |reason: String| PartitionError::Recovery {
+        partition: shared.id(),
+        reason: format!("extent {}: {reason}", grant.extent),
+    };
+    if grant.columns.len() != k + m || sleds.len() != k + m {
+        return Err(bad(
+            "columns not on k+m different sleds (invariant 3)".to_string()
+        ));
+    }
+    if k > layout::MAX_DATA_COLUMNS || grant.column_size_bytes < ROW_BYTES {
+        return Err(bad(format!(
+            "k={k} or column size {} unsupported",
+            grant.column_size_bytes
+        )));
+    }
+    let codec = Arc::new(
+        ErasureCodec::new(k, m).map_err(|source| PartitionError::Erasure {
+            partition: shared.id(),
+            extent: grant.extent,
+            source,
+        })?,
+    );
+    let claims = grant.columns.iter().map(|(sled, column)| {
+        let request = SledRequest::Claim {
+            column: *column,
+            partition: shared.id(),
+            epoch,
+        };
+        sled_call(shared, sled, request)
+    });
+    let mut lengths = Vec::new();
+    for ((sled, _), result) in grant.columns.iter().zip(future::join_all(claims).await) {
+        match result {
+            Ok(SledResponse::Claimed { length_bytes, .. }) => lengths.push(length_bytes),
+            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                shared.fence(current_epoch);
+                return Err(PartitionError::Fenced {
+                    partition: shared.id(),
+                    current: current_epoch,
+                });
+            }
+            Ok(other) if !recovering => {
+                return Err(PartitionError::Sled {
+                    partition: shared.id(),
+                    sled: sled.clone(),
+                    source: sled_error(other),
+                })
+            }
+            Err(source) if !recovering => {
+                return Err(PartitionError::Peer {
+                    partition: shared.id(),
+                    source,
+                })
+            }
+            _ => tracing::warn!(
+                extent = grant.extent,
+                sled,
+                "column unreachable while claiming"
+            ),
+        }
+    }
+    if lengths.len() < k {
+        return Err(bad(format!(
+            "only {} of {} columns reachable",
+            lengths.len(),
+            k + m
+        )));
+    }
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    // A stripe counts only if at least k columns hold it (decodable).
+    let rows_written = lengths[k - 1] / ROW_BYTES;
+    if !recovering && lengths[0] != 0 {
+        return Err(bad(format!(
+            "new extent already holds {} bytes",
+            lengths[0]
+        )));
+    }
+    Ok(ExtentState {
+        rows_capacity: grant.column_size_bytes / ROW_BYTES,
+        crcs: vec![Vec::new(); k],
+        rows_written,
+        sealed: recovering,
+        codec,
+        grant,
+    })
+}
+
+fn sled_error(response: SledResponse) -> SledError {
+    match response {
+        SledResponse::Error(error) => error,
+        other => SledError::BadRequest {
+            reason: format!("unexpected answer {other:?}"),
+        },
+    }
+}
+
+async fn sled_call(
+    shared: &Shared,
+    sled: &str,
+    request: SledRequest,
+) -> Result<SledResponse, super::PeerError> {
+    match tokio::time::timeout(shared.config.sled_timeout, shared.sleds.call(sled, request)).await {
+        Ok(result) => result,
+        Err(_) => Err(super::PeerError::Timeout {
+            peer: sled.to_string(),
+        }),
+    }
+}
+
+/// Packs blocks and tombstones into stripes and writes them; returns where
+/// each block landed and the stripe count.
+async fn write_stripes(
+    shared: &Arc<Shared>,
+    blocks: Vec<FlushBlock>,
+    tombstones: Vec<Tombstone>,
+) -> Result<(Vec<Placed>, u64), PartitionError> {
+    let mut placed = Vec::with_capacity(blocks.len());
+    let mut blocks = blocks.into_iter().peekable();
+    let mut tombstones = tombstones.into_iter().peekable();
+    let mut stripes = 0;
+    // Bounded: every iteration consumes at least one block or tombstone.
+    while blocks.peek().is_some() || tombstones.peek().is_some() {
+        let mut attempt = 0;
+        let target = loop {
+            let target = open_target(shared).await?;
+            attempt += 1;
+            if attempt > STRIPE_ATTEMPTS {
+                return Err(shared.unavailable("stripe could not be written"));
+            }
+            break target;
+        };
+        let k = target.codec.data_shards();
+        let slots = k * CHUNK_BLOCKS as usize;
+        let stripe_blocks: Vec<FlushBlock> = blocks.by_ref().take(slots).collect();
+        let stripe_tombstones: Vec<Tombstone> = tombstones
+            .by_ref()
+            .take(layout::max_tombstones(k))
+            .collect();
+        let mut current = target;
+        for attempt in 0..STRIPE_ATTEMPTS {
+            match write_stripe(shared, &current, &stripe_blocks, &stripe_tombstones).await {
+                Ok(locations) => {
+                    placed.extend(
+                        stripe_blocks
+                            .iter()
+                            .cloned()
+                            .zip(locations)
+                            .map(|(block, location)| Placed { block, location }),
+                    );
+                    stripes += 1;
+                    bump(&shared.metrics.stripes_written);
+                    break;
+                }
+                Err(StripeError::Fatal(error)) => return Err(error),
+                Err(StripeError::Retry(reason)) => {
+                    tracing::warn!(partition = ?shared.id(), extent = current.extent, row = current.row, reason, "stripe append failed; sealing the extent");
+                    {
+                        let mut state = shared.lock();
+                        if let Some(e) = state.extents.get_mut(&current.extent) {
+                            e.sealed = true;
+                        }
+                        state.open_extent = None;
+                    }
+                    if attempt + 1 == STRIPE_ATTEMPTS {
+                        return Err(shared.unavailable(format!("stripe append failed: {reason}")));
+                    }
+                    current = open_target(shared).await?;
+                }
+            }
+        }
+    }
+    Ok((placed, stripes))
+}
+
+enum StripeError {
+    Retry(String),
+    Fatal(PartitionError),
+}
+
+async fn write_stripe(
+    shared: &Arc<Shared>,
+    target: &Target,
+    blocks: &[FlushBlock],
+    tombstones: &[Tombstone],
+) -> Result<Vec<Location>, StripeError> {
+    let k = target.codec.data_shards();
+    let mut chunks = vec![vec![0u8; CHUNK_BYTES as usize]; k];
+    let mut slots = vec![None; k * CHUNK_BLOCKS as usize];
+    let mut locations = Vec::with_capacity(blocks.len());
+    for (slot, block) in blocks.iter().enumerate() {
+        let column = slot / CHUNK_BLOCKS as usize;
+        let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
+        let at = (in_chunk * BLOCK_BYTES) as usize;
+        chunks[column][at..at + BLOCK_BYTES as usize].copy_from_slice(&block.data);
+        slots[slot] = Some(SlotEntry {
+            lba: block.lba,
+            sequence: block.sequence,
+            crc: block.crc,
+        });
+        locations.push(Location::Sled {
+            extent: target.extent,
+            column: column as u16,
+            offset_bytes: layout::block_offset(target.row, in_chunk),
+        });
+    }
+    let fatal = |error| StripeError::Fatal(error);
+    let parity = target.codec.encode(&chunks).map_err(|source| {
+        fatal(PartitionError::Erasure {
+            partition: shared.id(),
+            extent: target.extent,
+            source,
+        })
+    })?;
+    let summary = StripeSummary {
+        volume: shared.id().volume,
+        partition: shared.id().partition,
+        epoch: target.epoch,
+        extent: target.extent,
+        stripe: target.row,
+        slots: slots.clone(),
+        tombstones: tombstones.to_vec(),
+    }
+    .encode()
+    .map_err(|e| {
+        fatal(PartitionError::Recovery {
+            partition: shared.id(),
+            reason: e.to_string(),
+        })
+    })?;
+    let appends =
+        chunks
+            .iter()
+            .chain(parity.iter())
+            .zip(&target.columns)
+            .map(|(chunk, (sled, column))| {
+                let mut data = BytesMut::with_capacity(ROW_BYTES as usize);
+                data.extend_from_slice(chunk);
+                data.extend_from_slice(&summary);
+                let data = data.freeze();
+                let block_crcs = crate::wal::format::block_crcs(&data);
+                let request = SledRequest::Append {
+                    column: *column,
+                    partition: shared.id(),
+                    epoch: target.epoch,
+                    offset: target.row * ROW_BYTES,
+                    data,
+                    block_crcs,
+                };
+                async move {
+                    // One retry: appends are idempotent (same offset, same CRCs).
+                    let mut last = None;
+                    for _ in 0..2 {
+                        match sled_call(shared, sled, request.clone()).await {
+                            Ok(SledResponse::Appended { .. }) => return Ok(()),
+                            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                                return Err(Some(current_epoch))
+                            }
+                            Ok(other) => last = Some(format!("sled {sled}: {}", sled_error(other))),
+                            Err(error) => last = Some(error.to_string()),
+                        }
+                    }
+                    tracing::debug!(?last, "append failed");
+                    Err(None)
+                }
+            });
+    let results = future::join_all(appends).await;
+    let mut failed = 0;
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(Some(current)) => {
+                shared.fence(current);
+                return Err(fatal(PartitionError::Fenced {
+                    partition: shared.id(),
+                    current,
+                }));
+            }
+            Err(None) => failed += 1,
+        }
+    }
+    if failed > 0 {
+        return Err(StripeError::Retry(format!(
+            "{failed} column appends failed"
+        )));
+    }
+    // Durable on all k+m columns: record the row.
+    let mut state = shared.lock();
+    let Some(extent) = state.extents.get_mut(&target.extent) else {
+        return Err(StripeError::Retry("extent vanished".to_string()));
+    };
+    extent.rows_written = extent.rows_written.max(target.row + 1);
+    let zero = zero_block_crc();
+    for (column, crcs) in extent.crcs.iter_mut().enumerate() {
+        let base = (target.row * CHUNK_BLOCKS) as usize;
+        crcs.resize(base + CHUNK_BLOCKS as usize, zero);
+        for b in 0..CHUNK_BLOCKS as usize {
+            crcs[base + b] = slots[column * CHUNK_BLOCKS as usize + b].map_or(zero, |s| s.crc);
+        }
+    }
+    Ok(locations)
+}
+
+/// Index update, flush-commit records (flushes, not GC moves), trims done.
+async fn commit_flush(
+    shared: &Arc<Shared>,
+    placed: Vec<Placed>,
+    trim_sequences: &[u64],
+    up_to: Option<u64>,
+) -> Result<u64, PartitionError> {
+    let index_error = |source| PartitionError::Index {
+        partition: shared.id(),
+        source,
+    };
+    let mut moved = 0;
+    let mut mappings: Vec<FlushedRange> = Vec::new();
+    let epoch = {
+        let mut state = shared.lock();
+        for Placed { block, location } in &placed {
+            let Location::Sled {
+                extent,
+                column,
+                offset_bytes,
+            } = *location
+            else {
+                continue;
+            };
+            match block.relocate_from {
+                None => {
+                    moved += state
+                        .index
+                        .apply_flush(block.lba, 1, block.sequence, *location)
+                        .map_err(index_error)?;
+                    let lba = shared.config.first_block + block.lba;
+                    match mappings.last_mut() {
+                        Some(last)
+                            if last.lba + u64::from(last.blocks) == lba
+                                && last.sequence == block.sequence
+                                && last.extent == extent
+                                && last.column == column
+                                && last.offset_bytes + u64::from(last.blocks) * BLOCK_BYTES
+                                    == offset_bytes =>
+                        {
+                            last.blocks += 1
+                        }
+                        _ => mappings.push(FlushedRange {
+                            lba,
+                            blocks: 1,
+                            sequence: block.sequence,
+                            extent,
+                            column,
+                            offset_bytes,
+                        }),
+                    }
+                }
+                Some(from) => {
+                    let current = state
+                        .index
+                        .lookup_with_sequence(block.lba, 1)
+                        .map_err(index_error)?;
+                    let still = current.first().is_some_and(|m| {
+                        m.sequence == Some(block.sequence) && m.location == Some(from)
+                    });
+                    if still {
+                        state
+                            .index
+                            .apply_write(block.lba, 1, block.sequence, *location)
+                            .map_err(index_error)?;
+                        moved += 1;
+                    }
+                }
+            }
+        }
+        for sequence in trim_sequences {
+            state.pending_trims.remove(sequence);
+        }
+        state.epoch
+    };
+    shared
+        .metrics
+        .flushed_blocks
+        .fetch_add(moved, std::sync::atomic::Ordering::Relaxed);
+    bump(&shared.metrics.flushes);
+    let Some(up_to) = up_to else {
+        return Ok(moved);
+    };
+    let record = LogRecord {
+        kind: RecordKind::FlushCommit,
+        partition: shared.id(),
+        epoch,
+        sequence: up_to,
+        lba: 0,
+        block_count: 0,
+        payload: encode_commit(up_to, &mappings).into(),
+    };
+    // Advisory on the primary (the summaries are the truth); a full log
+    // only loses the record.
+    match shared.log.wal().append_one(record).await {
+        Ok(_) | Err(WalError::LogFull { .. }) => {}
+        Err(source) => return Err(shared.wal_error(source)),
+    }
+    {
+        let mut state = shared.lock();
+        if state.pending_commits.len() >= MAX_PENDING_COMMITS {
+            tracing::warn!(partition = ?shared.id(), "secondary behind on flush commits; dropping the oldest");
+            state.pending_commits.pop_front();
+        }
+        state
+            .pending_commits
+            .push_back(ReplicaRequest::FlushCommit {
+                partition: shared.id(),
+                epoch,
+                up_to_sequence: up_to,
+                mappings,
+            });
+    }
+    shared.repl_wakeup.notify_one();
+    Ok(moved)
+}
+
+/// One GC pass (see the module docs).
+pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionError> {
+    let _serial = shared.flush_lock.lock().await;
+    shared.check_primary(None)?;
+    let mut report = GcReport::default();
+    let (candidates, mut tombstones) = {
+        let state = shared.lock();
+        let live = state.index.live_blocks_per_extent();
+        let candidates: Vec<u64> = state
+            .extents
+            .values()
+            .filter(|e| state.open_extent != Some(e.grant.extent) || e.sealed)
+            .filter(|e| {
+                let capacity = e.capacity_blocks();
+                let live = live.get(&e.grant.extent).copied().unwrap_or(0);
+                capacity == 0 || (live as f64) < shared.config.gc_live_threshold * capacity as f64
+            })
+            .map(|e| e.grant.extent)
+            .collect();
+        let tombstones: Vec<Tombstone> = state
+            .index
+            .runs()
+            .filter(|(_, r)| r.location.is_none())
+            .map(|(lba, r)| Tombstone {
+                lba,
+                count: r.count,
+                sequence: r.sequence,
+            })
+            .collect();
+        (candidates, tombstones)
+    };
+    report.candidates = candidates.len() as u64;
+    bump(&shared.metrics.gc_passes);
+    for extent in candidates {
+        let runs: Vec<(u64, u64, u64, Location)> = {
+            let state = shared.lock();
+            state
+                .index
+                .runs()
+                .filter_map(|(lba, r)| match r.location {
+                    Some(l @ Location::Sled { extent: e, .. }) if e == extent => {
+                        Some((lba, r.count, r.sequence, l))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut blocks = Vec::new();
+        for (lba, count, sequence, location) in runs {
+            let data = read::read_blocks(shared, lba, count).await?;
+            for i in 0..count {
+                let from = (i * BLOCK_BYTES) as usize;
+                let block = data.slice(from..from + BLOCK_BYTES as usize);
+                blocks.push(FlushBlock {
+                    lba: lba + i,
+                    sequence,
+                    crc: crc32c::crc32c(&block),
+                    data: block,
+                    relocate_from: Some(location.advanced(i)),
+                });
+            }
+        }
+        if !blocks.is_empty() || !tombstones.is_empty() {
+            let (placed, _) =
+                write_stripes(shared, blocks, std::mem::take(&mut tombstones)).await?;
+            report.blocks_moved += commit_flush(shared, placed, &[], None).await?;
+        }
+        let (live, epoch) = {
+            let state = shared.lock();
+            (
+                state
+                    .index
+                    .live_blocks_per_extent()
+                    .get(&extent)
+                    .copied()
+                    .unwrap_or(0),
+                state.epoch,
+            )
+        };
+        if live == 0 {
+            shared
+                .extent_source
+                .free_extent(shared.id(), epoch, extent)
+                .await
+                .map_err(|source| PartitionError::Peer {
+                    partition: shared.id(),
+                    source,
+                })?;
+            let mut state = shared.lock();
+            state.extents.remove(&extent);
+            if state.open_extent == Some(extent) {
+                state.open_extent = None;
+            }
+            report.extents_freed += 1;
+            bump(&shared.metrics.extents_freed);
+        }
+    }
+    Ok(report)
+}
+
+/// Primary recovery: claim the partition's extents and rebuild the index
+/// from their summaries.
+pub(super) async fn recover_from_sleds(shared: &Arc<Shared>) -> Result<(), PartitionError> {
+    let grants = shared
+        .extent_source
+        .owned_extents(shared.id())
+        .await
+        .map_err(|source| PartitionError::Peer {
+            partition: shared.id(),
+            source,
+        })?;
+    let epoch = shared.lock().epoch;
+    let mut highest_sequence = 0;
+    let mut extents = BTreeMap::new();
+    for grant in grants {
+        let mut extent = open_extent(shared, grant, epoch, true).await?;
+        let k = extent.crcs.len();
+        let zero = zero_block_crc();
+        for row in 0..extent.rows_written {
+            let Some(summary) = read_summary(shared, &extent, row).await else {
+                return Err(PartitionError::Recovery {
+                    partition: shared.id(),
+                    reason: format!(
+                        "extent {} stripe {row}: no readable summary",
+                        extent.grant.extent
+                    ),
+                });
+            };
+            let mut state = shared.lock();
+            for (slot, entry) in summary.slots.iter().enumerate() {
+                let column = slot / CHUNK_BLOCKS as usize;
+                let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
+                if column >= k {
+                    break;
+                }
+                let crcs = &mut extent.crcs[column];
+                crcs.resize(((row + 1) * CHUNK_BLOCKS) as usize, zero);
+                crcs[(row * CHUNK_BLOCKS + in_chunk) as usize] = entry.map_or(zero, |e| e.crc);
+                let Some(entry) = entry else { continue };
+                highest_sequence = highest_sequence.max(entry.sequence);
+                state
+                    .index
+                    .apply_write(
+                        entry.lba,
+                        1,
+                        entry.sequence,
+                        Location::Sled {
+                            extent: extent.grant.extent,
+                            column: column as u16,
+                            offset_bytes: layout::block_offset(row, in_chunk),
+                        },
+                    )
+                    .map_err(|source| PartitionError::Index {
+                        partition: shared.id(),
+                        source,
+                    })?;
+            }
+            for t in &summary.tombstones {
+                highest_sequence = highest_sequence.max(t.sequence);
+                state
+                    .index
+                    .apply_unmap(t.lba, t.count, t.sequence)
+                    .map_err(|source| PartitionError::Index {
+                        partition: shared.id(),
+                        source,
+                    })?;
+            }
+        }
+        extents.insert(extent.grant.extent, extent);
+    }
+    let mut state = shared.lock();
+    state.extents = extents;
+    state.next_sequence = state.next_sequence.max(highest_sequence + 1);
+    Ok(())
+}
+
+async fn read_summary(shared: &Shared, extent: &ExtentState, row: u64) -> Option<StripeSummary> {
+    for (sled, column) in &extent.grant.columns {
+        let request = SledRequest::Read {
+            column: *column,
+            offset: row * ROW_BYTES + CHUNK_BYTES,
+            len: BLOCK_BYTES as u32,
+        };
+        let Ok(SledResponse::Data { data, .. }) = sled_call(shared, sled, request).await else {
+            continue;
+        };
+        match StripeSummary::decode(&data) {
+            Ok(s)
+                if s.extent == extent.grant.extent
+                    && s.stripe == row
+                    && s.volume == shared.id().volume
+                    && s.partition == shared.id().partition =>
+            {
+                return Some(s)
+            }
+            other => tracing::warn!(
+                extent = extent.grant.extent,
+                row,
+                sled,
+                ?other,
+                "bad summary copy"
+            ),
+        }
+    }
+    None
+}
+
+/// Flush-commit payload: version u16, count u32, up_to u64, entries of
+/// (lba u64, blocks u32, sequence u64, extent u64, column u16, offset u64),
+/// CRC-32C u32; little-endian.
+pub(super) fn encode_commit(up_to: u64, mappings: &[FlushedRange]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(14 + mappings.len() * COMMIT_ENTRY_BYTES + 4);
+    out.extend_from_slice(&COMMIT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(mappings.len() as u32).to_le_bytes());
+    out.extend_from_slice(&up_to.to_le_bytes());
+    for m in mappings {
+        out.extend_from_slice(&m.lba.to_le_bytes());
+        out.extend_from_slice(&m.blocks.to_le_bytes());
+        out.extend_from_slice(&m.sequence.to_le_bytes());
+        out.extend_from_slice(&m.extent.to_le_bytes());
+        out.extend_from_slice(&m.column.to_le_bytes());
+        out.extend_from_slice(&m.offset_bytes.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Inverse of [`encode_commit`]; `None` if malformed.
+pub(super) fn decode_commit(payload: &[u8]) -> Option<(u64, Vec<FlushedRange>)> {
+    let body_len = payload.len().checked_sub(4)?;
+    let (body, crc) = payload.split_at(body_len);
+    if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let mut r = body;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if r.len() < n {
+            return None;
+        }
+        let (head, rest) = r.split_at(n);
+        r = rest;
+        Some(head)
+    };
+    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    if u16::from_le_bytes(take(2)?.try_into().ok()?) != COMMIT_VERSION {
+        return None;
+    }
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let up_to = u64_of(take(8)?);
+    if count.checked_mul(COMMIT_ENTRY_BYTES)? != body_len - 14 {
+        return None;
+    }
+    let mut mappings = Vec::with_capacity(count);
+    for _ in 0..count {
+        mappings.push(FlushedRange {
+            lba: u64_of(take(8)?),
+            blocks: u32::from_le_bytes(take(4)?.try_into().ok()?),
+            sequence: u64_of(take(8)?),
+            extent: u64_of(take(8)?),
+            column: u16::from_le_bytes(take(2)?.try_into().ok()?),
+            offset_bytes: u64_of(take(8)?),
+        });
+    }
+    Some((up_to, mappings))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_payload_round_trip() {
+        let mappings = vec![FlushedRange {
+            lba: 5,
+            blocks: 3,
+            sequence: 9,
+            extent: 2,
+            column: 1,
+            offset_bytes: 8192,
+        }];
+        let bytes = encode_commit(42, &mappings);
+        assert_eq!(decode_commit(&bytes), Some((42, mappings)));
+        let mut bad = bytes.clone();
+        bad[20] ^= 1;
+        assert_eq!(decode_commit(&bad), None);
+    }
+}

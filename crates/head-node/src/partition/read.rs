@@ -1,0 +1,403 @@
+//! The read path: index → log, the one data column, or a degraded decode.
+//!
+//! Every block returned passed a CRC-32C: log blocks against their record
+//! header, sled blocks against the CRC recorded in the stripe summary (and
+//! the sled's own stored CRCs), decoded blocks against the summary CRC after
+//! reconstruction. A sled column that errs, is slower than the hedge timeout
+//! or returns a bad block is replaced by k other chunks of the stripe, and
+//! reported to the repair queue.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{self, Either};
+use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
+
+use super::layout::{self, BLOCK_BYTES, CHUNK_BYTES, ROW_BYTES};
+use super::{bump, PartitionError, RepairItem, Shared};
+use crate::index::Location;
+use crate::wal::WalError;
+
+/// Attempts when the index moved under a read (flush, GC, log release).
+const READ_ATTEMPTS: usize = 4;
+
+/// Reads partition blocks `lba..lba+count`.
+pub(super) async fn read_blocks(
+    shared: &Arc<Shared>,
+    lba: u64,
+    count: u64,
+) -> Result<Bytes, PartitionError> {
+    for _ in 0..READ_ATTEMPTS {
+        if let Ok(result) = read_once(shared, lba, count).await {
+            return result;
+        }
+    }
+    Err(shared.unavailable(format!("blocks {lba}+{count} kept moving during the read")))
+}
+
+/// The index changed between lookup and read; look up again.
+struct Moved;
+
+enum Fetch {
+    Zeros,
+    Log {
+        position: crate::wal::LogPosition,
+        first: u32,
+    },
+    Sled {
+        extent: u64,
+        column: u16,
+        stripe: u64,
+        block: u64,
+    },
+}
+
+async fn read_once(
+    shared: &Arc<Shared>,
+    lba: u64,
+    count: u64,
+) -> Result<Result<Bytes, PartitionError>, Moved> {
+    let pieces = {
+        let state = shared.lock();
+        match state.index.lookup(lba, count) {
+            Ok(pieces) => pieces,
+            Err(source) => {
+                return Ok(Err(PartitionError::Index {
+                    partition: shared.id(),
+                    source,
+                }))
+            }
+        }
+    };
+    // Split into fetches of contiguous blocks.
+    let mut fetches: Vec<(u64, u64, Fetch)> = Vec::new();
+    for (range, location) in pieces {
+        match location {
+            None => fetches.push((range.start, range.end - range.start, Fetch::Zeros)),
+            Some(Location::Log {
+                position,
+                block_in_record,
+            }) => fetches.push((
+                range.start,
+                range.end - range.start,
+                Fetch::Log {
+                    position,
+                    first: block_in_record,
+                },
+            )),
+            Some(Location::Sled {
+                extent,
+                column,
+                offset_bytes,
+            }) => {
+                let mut at = range.start;
+                let mut offset = offset_bytes;
+                while at < range.end {
+                    let Some((stripe, block)) = layout::split_offset(offset) else {
+                        return Ok(Err(PartitionError::Recovery {
+                            partition: shared.id(),
+                            reason: format!(
+                                "index points at non-data offset {offset} of extent {extent}"
+                            ),
+                        }));
+                    };
+                    let n = (layout::CHUNK_BLOCKS - block).min(range.end - at);
+                    fetches.push((
+                        at,
+                        n,
+                        Fetch::Sled {
+                            extent,
+                            column,
+                            stripe,
+                            block,
+                        },
+                    ));
+                    at += n;
+                    // Next stripe's row starts after the summary block.
+                    offset = layout::block_offset(stripe + 1, 0);
+                }
+            }
+        }
+    }
+    let futures = fetches
+        .iter()
+        .map(|(_, n, fetch)| fetch_one(shared, *n, fetch));
+    let results = future::join_all(futures).await;
+    let mut out = BytesMut::with_capacity((count * BLOCK_BYTES) as usize);
+    for ((at, n, _), result) in fetches.iter().zip(results) {
+        debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_BYTES);
+        match result {
+            Ok(data) => {
+                debug_assert_eq!(data.len() as u64, n * BLOCK_BYTES);
+                out.extend_from_slice(&data);
+            }
+            Err(FetchError::Moved) => return Err(Moved),
+            Err(FetchError::Failed(error)) => return Ok(Err(error)),
+        }
+    }
+    Ok(Ok(out.freeze()))
+}
+
+enum FetchError {
+    Moved,
+    Failed(PartitionError),
+}
+
+async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes, FetchError> {
+    match *fetch {
+        Fetch::Zeros => Ok(Bytes::from(vec![0u8; (n * BLOCK_BYTES) as usize])),
+        Fetch::Log { position, first } => {
+            match shared
+                .log
+                .wal()
+                .read_blocks(position, first, n as u32)
+                .await
+            {
+                Ok(data) => Ok(data),
+                // Released (flushed meanwhile) or overwritten after release:
+                // the index has moved on.
+                Err(WalError::NotFound { .. } | WalError::Corrupt { .. }) => Err(FetchError::Moved),
+                Err(source) => Err(FetchError::Failed(shared.wal_error(source))),
+            }
+        }
+        Fetch::Sled {
+            extent,
+            column,
+            stripe,
+            block,
+        } => read_sled(shared, extent, column, stripe, block, n).await,
+    }
+}
+
+/// What we know of an extent to read it.
+#[derive(Clone)]
+struct ExtentView {
+    k: usize,
+    columns: Vec<(String, ColumnId)>,
+    codec: Arc<crate::erasure::ErasureCodec>,
+    expected: Vec<u32>,
+}
+
+fn view(
+    shared: &Shared,
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
+) -> Option<ExtentView> {
+    let state = shared.lock();
+    let e = state.extents.get(&extent)?;
+    let expected = (block..block + n)
+        .map(|b| e.expected_crc(column, stripe, b))
+        .collect::<Option<Vec<u32>>>()?;
+    Some(ExtentView {
+        k: usize::from(e.grant.k),
+        columns: e.grant.columns.clone(),
+        codec: e.codec.clone(),
+        expected,
+    })
+}
+
+async fn read_sled(
+    shared: &Arc<Shared>,
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
+) -> Result<Bytes, FetchError> {
+    // Freed by GC after our lookup: the index has moved on.
+    let Some(view) = view(shared, extent, column, stripe, block, n) else {
+        return Err(FetchError::Moved);
+    };
+    let Some((sled, column_id)) = view.columns.get(usize::from(column)).cloned() else {
+        return Err(FetchError::Moved);
+    };
+    let offset = layout::block_offset(stripe, block);
+    let direct = read_column(shared, &sled, column_id, offset, n, Some(&view.expected));
+    let mut direct = Box::pin(direct);
+    let hedge = tokio::time::sleep(shared.config.hedge_timeout);
+    let slow = match future::select(&mut direct, Box::pin(hedge)).await {
+        Either::Left((Ok(data), _)) => return Ok(data),
+        Either::Left((Err(reason), _)) => {
+            report(shared, extent, column, &sled, stripe, reason);
+            None
+        }
+        Either::Right(((), _)) => Some(direct),
+    };
+    let degraded = Box::pin(degraded_read(
+        shared,
+        extent,
+        column,
+        stripe,
+        block,
+        n,
+        view.clone(),
+    ));
+    match slow {
+        None => degraded.await.map_err(FetchError::Failed),
+        Some(direct) => match future::select(direct, degraded).await {
+            Either::Left((Ok(data), _)) => Ok(data),
+            Either::Left((Err(reason), degraded)) => {
+                report(shared, extent, column, &sled, stripe, reason);
+                degraded.await.map_err(FetchError::Failed)
+            }
+            Either::Right((Ok(data), _)) => {
+                report(
+                    shared,
+                    extent,
+                    column,
+                    &sled,
+                    stripe,
+                    "slower than the hedge timeout".to_string(),
+                );
+                Ok(data)
+            }
+            Either::Right((Err(error), direct)) => {
+                direct.await.map_err(|_| FetchError::Failed(error))
+            }
+        },
+    }
+}
+
+fn report(shared: &Shared, extent: u64, column: u16, sled: &str, stripe: u64, reason: String) {
+    shared.report_repair(RepairItem {
+        extent,
+        column,
+        sled: sled.to_string(),
+        stripe,
+        reason,
+    });
+}
+
+/// Reads `n` blocks at `offset` of one column and checks them against the
+/// sled's stored CRCs and, if given, the summary CRCs.
+async fn read_column(
+    shared: &Shared,
+    sled: &str,
+    column: ColumnId,
+    offset: u64,
+    n: u64,
+    expected: Option<&[u32]>,
+) -> Result<Bytes, String> {
+    let request = SledRequest::Read {
+        column,
+        offset,
+        len: (n * BLOCK_BYTES) as u32,
+    };
+    let call = shared.sleds.call(sled, request);
+    let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => return Err(error.to_string()),
+        Err(_) => return Err(format!("no answer within {:?}", shared.config.sled_timeout)),
+    };
+    let (data, stored) = match response {
+        SledResponse::Data { data, block_crcs } => (data, block_crcs),
+        SledResponse::Error(error @ SledError::ChecksumMismatch { .. }) => {
+            bump(&shared.metrics.checksum_errors);
+            return Err(error.to_string());
+        }
+        SledResponse::Error(error) => return Err(error.to_string()),
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    if data.len() as u64 != n * BLOCK_BYTES || stored.len() as u64 != n {
+        return Err(format!(
+            "short read: {} bytes, {} CRCs",
+            data.len(),
+            stored.len()
+        ));
+    }
+    for (i, chunk) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+        let crc = crc32c::crc32c(chunk);
+        let want = expected.map_or(stored[i], |e| e[i]);
+        if crc != stored[i] || crc != want {
+            bump(&shared.metrics.checksum_errors);
+            return Err(format!(
+                "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
+                i,
+                offset + i as u64 * BLOCK_BYTES,
+                stored[i]
+            ));
+        }
+    }
+    Ok(data)
+}
+
+/// Reads the other chunks of the stripe, decodes the wanted column and
+/// checks the decoded blocks against the summary CRCs.
+async fn degraded_read(
+    shared: &Arc<Shared>,
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
+    view: ExtentView,
+) -> Result<Bytes, PartitionError> {
+    bump(&shared.metrics.degraded_reads);
+    let row = stripe * ROW_BYTES;
+    let chunk_blocks = CHUNK_BYTES / BLOCK_BYTES;
+    let reads = view.columns.iter().enumerate().map(|(i, (sled, id))| {
+        let want = i != usize::from(column);
+        let sled = sled.clone();
+        let id = *id;
+        async move {
+            if !want {
+                return None;
+            }
+            match read_column(shared, &sled, id, row, chunk_blocks, None).await {
+                Ok(data) => Some(data.to_vec()),
+                Err(reason) => {
+                    tracing::debug!(
+                        extent,
+                        column = i,
+                        stripe,
+                        reason,
+                        "chunk unavailable for a degraded read"
+                    );
+                    None
+                }
+            }
+        }
+    });
+    let mut shards: Vec<Option<Vec<u8>>> = future::join_all(reads).await;
+    let available = shards.iter().filter(|s| s.is_some()).count();
+    if available < view.k {
+        return Err(PartitionError::Unrecoverable {
+            partition: shared.id(),
+            extent,
+            stripe,
+            available,
+            needed: view.k,
+        });
+    }
+    view.codec
+        .reconstruct_data(&mut shards)
+        .map_err(|source| PartitionError::Erasure {
+            partition: shared.id(),
+            extent,
+            source,
+        })?;
+    let Some(Some(chunk)) = shards.get(usize::from(column)) else {
+        return Err(PartitionError::Unrecoverable {
+            partition: shared.id(),
+            extent,
+            stripe,
+            available,
+            needed: view.k,
+        });
+    };
+    let from = (block * BLOCK_BYTES) as usize;
+    let data = &chunk[from..from + (n * BLOCK_BYTES) as usize];
+    for (i, b) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+        if crc32c::crc32c(b) != view.expected[i] {
+            bump(&shared.metrics.checksum_errors);
+            return Err(PartitionError::ChecksumMismatch {
+                partition: shared.id(),
+                offset_bytes: 0,
+            });
+        }
+    }
+    Ok(Bytes::copy_from_slice(data))
+}

@@ -1,0 +1,444 @@
+//! Replication: the primary's replicator task and the secondary's handler.
+//!
+//! The replicator sends the primary's queue of unconfirmed records in
+//! sequence order (at most [`BATCH_RECORDS`] per request), one request at a
+//! time, and retries until the secondary confirms: a slow or stopped
+//! secondary stalls acknowledgements instead of weakening them. On `Gap` it
+//! resends from its own log; records it no longer has (flushed and
+//! released) are covered by a `FlushCommit` that moves the secondary's
+//! expected sequence past them. `StaleEpoch` fences the primary.
+//!
+//! The secondary accepts records in sequence order only (duplicates are
+//! skipped, holes refused with `Gap`), logs them durably before answering,
+//! keeps its own index and releases its log on `FlushCommit`.
+
+use std::sync::{Arc, Weak};
+
+use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
+
+use super::{bump, flush, Role, Shared};
+use crate::index::Location;
+use crate::wal::{LogRecord, RecordKind, WalError};
+
+/// Most records per `Append`.
+pub const BATCH_RECORDS: usize = 128;
+/// Most payload bytes per `Append`.
+const BATCH_BYTES: usize = 8 << 20;
+
+enum Step {
+    Idle,
+    Progress,
+    Retry,
+    Stop,
+}
+
+/// The primary's replicator; ends when the partition is dropped or stops
+/// being primary.
+pub(super) async fn run_replicator(weak: Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let wakeup = shared.repl_wakeup.clone();
+        let step = replicate_once(&shared).await;
+        let retry = shared.config.replica_retry_interval;
+        drop(shared);
+        match step {
+            Step::Stop => return,
+            Step::Progress => {}
+            Step::Retry => tokio::time::sleep(retry).await,
+            Step::Idle => {
+                // Re-check periodically so a dropped partition ends the task.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), wakeup.notified())
+                        .await;
+            }
+        }
+    }
+}
+
+async fn replicate_once(shared: &Arc<Shared>) -> Step {
+    let Some(peer) = shared.replica.clone() else {
+        return Step::Stop;
+    };
+    let (request, is_commit) = {
+        let state = shared.lock();
+        if !matches!(state.role, Role::Primary) || shared.progress.borrow().stopped {
+            return Step::Stop;
+        }
+        if let Some(commit) = state.pending_commits.front() {
+            (commit.clone(), true)
+        } else if state.repl_queue.is_empty() {
+            return Step::Idle;
+        } else {
+            let mut bytes = 0;
+            let records: Vec<ReplicaRecord> = state
+                .repl_queue
+                .iter()
+                .take_while(|r| {
+                    bytes += r.data.len();
+                    bytes <= BATCH_BYTES
+                })
+                .take(BATCH_RECORDS)
+                .cloned()
+                .collect();
+            let records = if records.is_empty() {
+                state.repl_queue.iter().take(1).cloned().collect()
+            } else {
+                records
+            };
+            (
+                ReplicaRequest::Append {
+                    partition: shared.id(),
+                    epoch: state.epoch,
+                    records,
+                },
+                false,
+            )
+        }
+    };
+    let send_timeout = shared
+        .config
+        .replica_timeout
+        .min(std::time::Duration::from_secs(1));
+    let reply = match tokio::time::timeout(send_timeout, peer.send(request)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(error)) => {
+            tracing::debug!(partition = ?shared.id(), %error, "replication send failed");
+            bump(&shared.metrics.replica_retries);
+            return Step::Retry;
+        }
+        Err(_) => {
+            bump(&shared.metrics.replica_retries);
+            return Step::Retry;
+        }
+    };
+    match reply {
+        ReplicaReply::Committed if is_commit => {
+            shared.lock().pending_commits.pop_front();
+            Step::Progress
+        }
+        ReplicaReply::Appended { up_to_sequence } => {
+            {
+                let mut state = shared.lock();
+                while state
+                    .repl_queue
+                    .front()
+                    .is_some_and(|r| r.sequence <= up_to_sequence)
+                {
+                    state.repl_queue.pop_front();
+                }
+            }
+            shared.progress.send_modify(|p| {
+                p.acked_through = p.acked_through.max(up_to_sequence);
+            });
+            Step::Progress
+        }
+        ReplicaReply::Error(ReplicaError::Gap { expected_sequence }) => {
+            bump(&shared.metrics.replica_gaps);
+            catch_up(shared, expected_sequence).await
+        }
+        ReplicaReply::Error(ReplicaError::StaleEpoch { current }) => {
+            shared.fence(current);
+            Step::Stop
+        }
+        ReplicaReply::Error(ReplicaError::LogFull) => {
+            // The secondary frees its log on our flush commits.
+            let flusher = shared.clone();
+            tokio::spawn(async move { flush::flush_now(&flusher).await });
+            bump(&shared.metrics.replica_retries);
+            Step::Retry
+        }
+        other => {
+            tracing::debug!(partition = ?shared.id(), ?other, "replication refused; retrying");
+            bump(&shared.metrics.replica_retries);
+            Step::Retry
+        }
+    }
+}
+
+/// The secondary expects `expected`: resend what it misses from the log, or
+/// move it past records flushed and released here.
+async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
+    let (front, released_through, epoch, wanted) = {
+        let state = shared.lock();
+        let front = state
+            .repl_queue
+            .front()
+            .map_or(state.next_sequence, |r| r.sequence);
+        let first_retained = state.retained.keys().next().copied().unwrap_or(front);
+        let released_through = first_retained
+            .min(state.applied_through + 1)
+            .saturating_sub(1);
+        let wanted: Vec<_> = state
+            .retained
+            .range(expected..front)
+            .take(super::replica::BATCH_RECORDS)
+            .map(|(s, p)| (*s, *p))
+            .collect();
+        (front, released_through, state.epoch, wanted)
+    };
+    let Some(peer) = shared.replica.clone() else {
+        return Step::Stop;
+    };
+    if expected >= front {
+        return Step::Retry;
+    }
+    let request = if expected <= released_through {
+        ReplicaRequest::FlushCommit {
+            partition: shared.id(),
+            epoch,
+            up_to_sequence: released_through,
+            mappings: Vec::new(),
+        }
+    } else {
+        let mut records = Vec::with_capacity(wanted.len());
+        let mut next = expected;
+        for (sequence, position) in wanted {
+            if sequence != next {
+                break;
+            }
+            match shared.log.wal().read(position).await {
+                Ok(record) => records.push(to_replica(shared, &record)),
+                Err(error) => {
+                    tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
+                    return Step::Retry;
+                }
+            }
+            next += 1;
+        }
+        if records.is_empty() {
+            tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
+            return Step::Retry;
+        }
+        ReplicaRequest::Append {
+            partition: shared.id(),
+            epoch,
+            records,
+        }
+    };
+    match tokio::time::timeout(shared.config.replica_timeout, peer.send(request)).await {
+        Ok(Ok(ReplicaReply::Appended { .. } | ReplicaReply::Committed)) => Step::Progress,
+        Ok(Ok(ReplicaReply::Error(ReplicaError::StaleEpoch { current }))) => {
+            shared.fence(current);
+            Step::Stop
+        }
+        _ => Step::Retry,
+    }
+}
+
+fn to_replica(shared: &Shared, record: &LogRecord) -> ReplicaRecord {
+    let write = record.kind == RecordKind::Write;
+    ReplicaRecord {
+        sequence: record.sequence,
+        kind: if write {
+            ReplicaRecordKind::Write
+        } else {
+            ReplicaRecordKind::Unmap
+        },
+        lba: shared.config.first_block + record.lba,
+        blocks: record.block_count,
+        crcs: if write {
+            crate::wal::format::block_crcs(&record.payload)
+        } else {
+            Vec::new()
+        },
+        data: if write {
+            record.payload.clone()
+        } else {
+            bytes::Bytes::new()
+        },
+    }
+}
+
+/// The secondary's side of one replication request.
+pub(super) async fn handle(shared: &Arc<Shared>, request: ReplicaRequest) -> ReplicaReply {
+    if request.partition() != shared.id() {
+        return ReplicaReply::Error(ReplicaError::NotSecondary);
+    }
+    let _serial = shared.replica_lock.lock().await;
+    match request {
+        ReplicaRequest::Status { .. } => {
+            let state = shared.lock();
+            ReplicaReply::Status {
+                highest_epoch: state.epoch,
+                highest_sequence: state.next_sequence - 1,
+            }
+        }
+        ReplicaRequest::Append { epoch, records, .. } => match append(shared, epoch, records).await
+        {
+            Ok(up_to_sequence) => ReplicaReply::Appended { up_to_sequence },
+            Err(error) => ReplicaReply::Error(error),
+        },
+        ReplicaRequest::FlushCommit {
+            epoch,
+            up_to_sequence,
+            mappings,
+            ..
+        } => match apply_commit(shared, epoch, up_to_sequence, mappings).await {
+            Ok(()) => ReplicaReply::Committed,
+            Err(error) => ReplicaReply::Error(error),
+        },
+    }
+}
+
+/// Epoch check shared by every mutating request: refuse lower, adopt higher.
+fn check_epoch(shared: &Shared, epoch: u64) -> Result<(), ReplicaError> {
+    let mut state = shared.lock();
+    if !matches!(state.role, Role::Secondary) {
+        return Err(ReplicaError::NotSecondary);
+    }
+    if epoch < state.epoch {
+        return Err(ReplicaError::StaleEpoch {
+            current: state.epoch,
+        });
+    }
+    state.epoch = epoch;
+    Ok(())
+}
+
+async fn append(
+    shared: &Arc<Shared>,
+    epoch: u64,
+    records: Vec<ReplicaRecord>,
+) -> Result<u64, ReplicaError> {
+    check_epoch(shared, epoch)?;
+    let bad = |reason: String| ReplicaError::BadRequest { reason };
+    let (expected, hold) = {
+        let state = shared.lock();
+        (state.next_sequence, shared.log.wal().head())
+    };
+    let mut log_records = Vec::new();
+    let mut next = expected;
+    for record in records.into_iter().filter(|r| r.sequence >= expected) {
+        if record.sequence != next {
+            return Err(ReplicaError::Gap {
+                expected_sequence: next,
+            });
+        }
+        let lba = record
+            .lba
+            .checked_sub(shared.config.first_block)
+            .filter(|lba| lba + u64::from(record.blocks) <= shared.config.size_blocks)
+            .ok_or_else(|| bad(format!("record {} outside the partition", record.sequence)))?;
+        let log = match record.kind {
+            ReplicaRecordKind::Write => LogRecord::write_with_crcs(
+                shared.id(),
+                epoch,
+                record.sequence,
+                lba,
+                record.data,
+                &record.crcs,
+            )
+            .map_err(|e| bad(e.to_string()))?,
+            ReplicaRecordKind::Unmap => {
+                LogRecord::trim(shared.id(), epoch, record.sequence, lba, record.blocks)
+            }
+        };
+        if log.kind == RecordKind::Write && u64::from(log.block_count) != u64::from(record.blocks) {
+            return Err(bad(format!("record {} block count", record.sequence)));
+        }
+        log_records.push(log);
+        next += 1;
+    }
+    if log_records.is_empty() {
+        return Ok(expected - 1);
+    }
+    shared.lock().add_hold(hold);
+    let appended = shared.log.wal().append(log_records.clone()).await;
+    let mut state = shared.lock();
+    state.remove_hold(hold);
+    let positions = match appended {
+        Ok(positions) => positions,
+        Err(WalError::LogFull { .. }) => return Err(ReplicaError::LogFull),
+        Err(error) => {
+            return Err(ReplicaError::Io {
+                reason: error.to_string(),
+            })
+        }
+    };
+    for (record, position) in log_records.iter().zip(positions) {
+        let count = u64::from(record.block_count);
+        let applied = if record.kind == RecordKind::Write {
+            state.index.apply_write(
+                record.lba,
+                count,
+                record.sequence,
+                Location::Log {
+                    position,
+                    block_in_record: 0,
+                },
+            )
+        } else {
+            state
+                .pending_trims
+                .insert(record.sequence, (record.lba, count, position));
+            state.index.apply_unmap(record.lba, count, record.sequence)
+        };
+        if let Err(error) = applied {
+            return Err(ReplicaError::Io {
+                reason: error.to_string(),
+            });
+        }
+    }
+    state.next_sequence = next;
+    state.applied_through = next - 1;
+    Ok(next - 1)
+}
+
+async fn apply_commit(
+    shared: &Arc<Shared>,
+    epoch: u64,
+    up_to_sequence: u64,
+    mappings: Vec<proto::volume::FlushedRange>,
+) -> Result<(), ReplicaError> {
+    check_epoch(shared, epoch)?;
+    let payload = flush::encode_commit(up_to_sequence, &mappings);
+    {
+        let mut state = shared.lock();
+        for m in &mappings {
+            let Some(lba) = m.lba.checked_sub(shared.config.first_block) else {
+                continue;
+            };
+            // Advisory on a secondary (GC moves are not replicated): it only
+            // tells which log records the sleds now hold.
+            let _ = state.index.apply_flush(
+                lba,
+                u64::from(m.blocks),
+                m.sequence,
+                Location::Sled {
+                    extent: m.extent,
+                    column: m.column,
+                    offset_bytes: m.offset_bytes,
+                },
+            );
+        }
+        state
+            .pending_trims
+            .retain(|sequence, _| *sequence > up_to_sequence);
+        if up_to_sequence >= state.next_sequence {
+            state.next_sequence = up_to_sequence + 1;
+            state.applied_through = up_to_sequence;
+        }
+    }
+    let record = LogRecord {
+        kind: RecordKind::FlushCommit,
+        partition: shared.id(),
+        epoch,
+        sequence: up_to_sequence,
+        lba: 0,
+        block_count: 0,
+        payload: payload.into(),
+    };
+    match shared.log.wal().append_one(record).await {
+        Ok(_) => {}
+        Err(WalError::LogFull { .. }) => {}
+        Err(error) => {
+            return Err(ReplicaError::Io {
+                reason: error.to_string(),
+            })
+        }
+    }
+    if let Err(error) = shared.log.release().await {
+        tracing::warn!(partition = ?shared.id(), %error, "secondary log release failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The partition engine's dependencies, as traits (sans-IO seams).
+//!
+//! The daemon plugs in `PeerLink`-based implementations (replication to the
+//! secondary head node, requests to sled controllers, the local control
+//! plane's sandbox); tests plug in in-process ones (a `sled_controller::Sled`
+//! over memory devices, a second `Partition` as the secondary).
+
+use std::fmt;
+
+use futures::future::BoxFuture;
+use proto::sled::{ColumnId, PartitionId, SledRequest, SledResponse};
+use proto::volume::{ReplicaReply, ReplicaRequest};
+use thiserror::Error;
+
+/// A transport failure talking to a peer (head node, sled, control plane).
+/// Typed answers of the peer travel inside the reply, not here.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PeerError {
+    /// No path to the peer (both networks down, process stopped).
+    #[error("peer {peer} unreachable: {reason}")]
+    Unreachable {
+        /// Who.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("peer {peer} timed out")]
+    Timeout {
+        /// Who.
+        peer: String,
+    },
+    /// The peer refused the request (control plane: no sandbox space, ...).
+    #[error("peer {peer} refused: {reason}")]
+    Refused {
+        /// Who.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The secondary head node of a partition, seen from its primary.
+pub trait ReplicaPeer: Send + Sync + fmt::Debug {
+    /// Sends one replication request and waits for the answer.
+    fn send(&self, request: ReplicaRequest) -> BoxFuture<'static, Result<ReplicaReply, PeerError>>;
+}
+
+/// The sled controllers of the unit, by sled id.
+pub trait SledAccess: Send + Sync + fmt::Debug {
+    /// Sends one request to sled `sled`.
+    fn call(
+        &self,
+        sled: &str,
+        request: SledRequest,
+    ) -> BoxFuture<'static, Result<SledResponse, PeerError>>;
+}
+
+/// An extent handed to a partition: `k + m` columns on `k + m` different
+/// sleds, in stripe order (k data columns, then m parity columns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentGrant {
+    /// Extent id (unit-wide).
+    pub extent: u64,
+    /// Data columns.
+    pub k: u8,
+    /// Parity columns.
+    pub m: u8,
+    /// Size of every column in bytes (the sleds' column size).
+    pub column_size_bytes: u64,
+    /// `(sled id, column)` in stripe order.
+    pub columns: Vec<(String, ColumnId)>,
+}
+
+/// The local control plane, as far as a partition needs it: extents of its
+/// sandbox.
+pub trait ExtentSource: Send + Sync + fmt::Debug {
+    /// Another extent for `partition` (from its sandbox, refilled by the
+    /// control plane), recorded as owned by the partition.
+    fn next_extent(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+    ) -> BoxFuture<'static, Result<ExtentGrant, PeerError>>;
+    /// Gives an extent back (its columns are freed on the sleds).
+    fn free_extent(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        extent: u64,
+    ) -> BoxFuture<'static, Result<(), PeerError>>;
+    /// Every extent the partition owns (recovery reads their summaries).
+    fn owned_extents(
+        &self,
+        partition: PartitionId,
+    ) -> BoxFuture<'static, Result<Vec<ExtentGrant>, PeerError>>;
+}
