@@ -697,6 +697,25 @@ impl Partition {
             .sum()
     }
 
+    /// Where partition block `block` is: its index location and, for a sled
+    /// location, the sled and column holding it (debug endpoints, tests).
+    pub fn location_of(
+        &self,
+        block: u64,
+    ) -> Option<(Location, Option<(String, proto::sled::ColumnId)>)> {
+        let state = self.shared.lock();
+        let (_, location) = state.index.lookup(block, 1).ok()?.into_iter().next()?;
+        let location = location?;
+        let column = match location {
+            Location::Sled { extent, column, .. } => state
+                .extents
+                .get(&extent)
+                .and_then(|e| e.grant.columns.get(usize::from(column)).cloned()),
+            Location::Log { .. } => None,
+        };
+        Some((location, column))
+    }
+
     /// Checks the index's structural invariants (tests, debug endpoints).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.shared.lock().index.check_invariants()

@@ -4,3 +4,4 @@
 mod erasure;
 mod index;
 mod wal;
+mod partition;

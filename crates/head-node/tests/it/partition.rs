@@ -1,0 +1,701 @@
+//! Partition engine, in process: six real sleds over memory devices, a real
+//! write log per head node, a primary and a secondary wired by an in-process
+//! replica peer, an in-process extent source (the LCP seam).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevice};
+use head_node::index::Location;
+use head_node::partition::{
+    ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig, PartitionDeps, PartitionError,
+    PeerError, ReplicaPeer, Role, SharedLog, SledAccess,
+};
+use head_node::wal::{Wal, WalOptions};
+use proto::sled::{PartitionId, SledRequest, SledResponse};
+use proto::volume::{chunk_crcs, HostError, ReplicaReply, ReplicaRequest};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sled_controller::metrics::Metrics;
+use sled_controller::service::DeviceSlot;
+use sled_controller::store::{DeviceIdentity, Store, StoreOptions};
+use sled_controller::Sled;
+
+const COLUMN: u64 = 1 << 20;
+const SLED_DEVICE: u64 = 48 << 20;
+const WAL_DEVICE: u64 = 8 << 20;
+const K: u8 = 4;
+const M: u8 = 2;
+const PART: PartitionId = PartitionId {
+    volume: 7,
+    partition: 1,
+};
+/// The partition starts at this volume block.
+const FIRST_BLOCK: u64 = 4096;
+
+// ---------------------------------------------------------------- sleds
+
+struct SledBox {
+    id: String,
+    memory: Arc<MemoryDevice>,
+    faults: FaultControl,
+    sled: Arc<Sled>,
+}
+
+async fn open_sled(id: &str, memory: Arc<MemoryDevice>) -> SledBox {
+    let faulty = FaultyDevice::new(memory.clone() as Arc<dyn BlockDevice>);
+    let faults = faulty.control();
+    let device: Arc<dyn BlockDevice> = Arc::new(faulty);
+    let metrics = Arc::new(Metrics::new());
+    let identity = DeviceIdentity {
+        unit_name: "unit-1".into(),
+        sled_id: id.into(),
+        device_index: 0,
+    };
+    let store = Store::open(
+        device,
+        &identity,
+        &StoreOptions::new(COLUMN),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let sled = Sled::new(
+        id.into(),
+        COLUMN,
+        vec![DeviceSlot::Open(Arc::new(store))],
+        metrics,
+    );
+    SledBox {
+        id: id.into(),
+        memory,
+        faults,
+        sled: Arc::new(sled),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Sleds {
+    sleds: Mutex<BTreeMap<String, Arc<Sled>>>,
+    down: Mutex<HashSet<String>>,
+}
+
+impl SledAccess for Sleds {
+    fn call(
+        &self,
+        sled: &str,
+        request: SledRequest,
+    ) -> BoxFuture<'static, Result<SledResponse, PeerError>> {
+        let target = self.sleds.lock().unwrap().get(sled).cloned();
+        let down = self.down.lock().unwrap().contains(sled);
+        let peer = sled.to_string();
+        Box::pin(async move {
+            match target {
+                Some(s) if !down => Ok(s.handle_request(request).await),
+                _ => Err(PeerError::Unreachable {
+                    peer,
+                    reason: "stopped".into(),
+                }),
+            }
+        })
+    }
+}
+
+/// The LCP seam: one column on each of k+m different sleds per extent.
+#[derive(Debug)]
+struct Extents {
+    sleds: Arc<Sleds>,
+    next_id: AtomicU64,
+    owned: Arc<Mutex<BTreeMap<u64, ExtentGrant>>>,
+}
+
+impl ExtentSource for Extents {
+    fn next_extent(
+        &self,
+        _partition: PartitionId,
+        _epoch: u64,
+    ) -> BoxFuture<'static, Result<ExtentGrant, PeerError>> {
+        let ids: Vec<String> = self.sleds.sleds.lock().unwrap().keys().cloned().collect();
+        let extent = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sleds = self.sleds.clone();
+        let owned = self.owned.clone();
+        Box::pin(async move {
+            let mut columns = Vec::new();
+            for id in ids.iter().take(usize::from(K + M)) {
+                match sleds
+                    .call(
+                        id,
+                        SledRequest::AllocateColumns {
+                            count: 1,
+                            device: None,
+                        },
+                    )
+                    .await?
+                {
+                    SledResponse::Allocated(c) => columns.push((id.clone(), c[0])),
+                    other => {
+                        return Err(PeerError::Refused {
+                            peer: id.clone(),
+                            reason: format!("{other:?}"),
+                        })
+                    }
+                }
+            }
+            let grant = ExtentGrant {
+                extent,
+                k: K,
+                m: M,
+                column_size_bytes: COLUMN,
+                columns,
+            };
+            owned.lock().unwrap().insert(extent, grant.clone());
+            Ok(grant)
+        })
+    }
+
+    fn free_extent(
+        &self,
+        partition: PartitionId,
+        epoch: u64,
+        extent: u64,
+    ) -> BoxFuture<'static, Result<(), PeerError>> {
+        let grant = self.owned.lock().unwrap().remove(&extent);
+        let sleds = self.sleds.clone();
+        Box::pin(async move {
+            let Some(grant) = grant else { return Ok(()) };
+            for (sled, column) in grant.columns {
+                let r = sleds
+                    .call(
+                        &sled,
+                        SledRequest::FreeColumn {
+                            column,
+                            partition,
+                            epoch,
+                        },
+                    )
+                    .await?;
+                assert!(matches!(r, SledResponse::Freed), "{r:?}");
+            }
+            Ok(())
+        })
+    }
+
+    fn owned_extents(
+        &self,
+        _partition: PartitionId,
+    ) -> BoxFuture<'static, Result<Vec<ExtentGrant>, PeerError>> {
+        let grants = self.owned.lock().unwrap().values().cloned().collect();
+        Box::pin(async move { Ok(grants) })
+    }
+}
+
+// ---------------------------------------------------------------- replication
+
+/// Primary → secondary, in process; `down` makes it unreachable.
+#[derive(Debug, Default)]
+struct Peer {
+    target: Mutex<Option<Partition>>,
+    down: AtomicBool,
+}
+
+impl ReplicaPeer for Peer {
+    fn send(&self, request: ReplicaRequest) -> BoxFuture<'static, Result<ReplicaReply, PeerError>> {
+        let target = self.target.lock().unwrap().clone();
+        let down = self.down.load(Ordering::SeqCst);
+        Box::pin(async move {
+            match target {
+                Some(t) if !down => Ok(t.handle_replica(request).await),
+                _ => Err(PeerError::Unreachable {
+                    peer: "secondary".into(),
+                    reason: "stopped".into(),
+                }),
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------- unit
+
+struct Unit {
+    sleds: Vec<SledBox>,
+    access: Arc<Sleds>,
+    extents: Arc<Extents>,
+    /// Head nodes' log devices: primary, secondary.
+    logs: [Arc<MemoryDevice>; 2],
+    peer: Arc<Peer>,
+    primary: Partition,
+    secondary: Partition,
+    size_blocks: u64,
+    epoch: u64,
+}
+
+fn config(size_blocks: u64, epoch: u64) -> PartitionConfig {
+    let mut c = PartitionConfig::new(PART, FIRST_BLOCK, size_blocks, epoch);
+    c.replica_timeout = Duration::from_millis(400);
+    c.replica_retry_interval = Duration::from_millis(5);
+    c.hedge_timeout = Duration::from_millis(50);
+    c.sled_timeout = Duration::from_millis(500);
+    c
+}
+
+async fn open_log(
+    memory: &Arc<MemoryDevice>,
+) -> (Arc<SharedLog>, Vec<head_node::wal::RecoveredRecord>) {
+    let device: SharedDevice = memory.clone();
+    let options = WalOptions {
+        capacity_bytes: None,
+        ..WalOptions::default()
+    };
+    let (wal, recovered) = Wal::open(device, options).await.unwrap();
+    (SharedLog::new(wal), recovered)
+}
+
+impl Unit {
+    async fn new(size_blocks: u64) -> Unit {
+        let mut sleds = Vec::new();
+        for i in 0..6 {
+            sleds.push(
+                open_sled(
+                    &format!("sled-{i}"),
+                    Arc::new(MemoryDevice::new(SLED_DEVICE)),
+                )
+                .await,
+            );
+        }
+        let access = Arc::new(Sleds::default());
+        for s in &sleds {
+            access
+                .sleds
+                .lock()
+                .unwrap()
+                .insert(s.id.clone(), s.sled.clone());
+        }
+        let extents = Arc::new(Extents {
+            sleds: access.clone(),
+            next_id: AtomicU64::new(1),
+            owned: Arc::new(Mutex::new(BTreeMap::new())),
+        });
+        let logs = [
+            Arc::new(MemoryDevice::new(WAL_DEVICE)),
+            Arc::new(MemoryDevice::new(WAL_DEVICE)),
+        ];
+        let peer = Arc::new(Peer::default());
+        let (primary, secondary) =
+            Self::open_partitions(&access, &extents, &logs, &peer, size_blocks, 1).await;
+        Unit {
+            sleds,
+            access,
+            extents,
+            logs,
+            peer,
+            primary,
+            secondary,
+            size_blocks,
+            epoch: 1,
+        }
+    }
+
+    async fn open_partitions(
+        access: &Arc<Sleds>,
+        extents: &Arc<Extents>,
+        logs: &[Arc<MemoryDevice>; 2],
+        peer: &Arc<Peer>,
+        size_blocks: u64,
+        epoch: u64,
+    ) -> (Partition, Partition) {
+        let (secondary_log, secondary_records) = open_log(&logs[1]).await;
+        let secondary = Partition::open(
+            config(size_blocks, epoch),
+            OpenRole::Secondary,
+            PartitionDeps {
+                log: secondary_log,
+                sleds: access.clone(),
+                extents: extents.clone(),
+                replica: None,
+            },
+            &secondary_records,
+        )
+        .await
+        .unwrap();
+        *peer.target.lock().unwrap() = Some(secondary.clone());
+        let (primary_log, primary_records) = open_log(&logs[0]).await;
+        let primary = Partition::open(
+            config(size_blocks, epoch),
+            OpenRole::Primary,
+            PartitionDeps {
+                log: primary_log,
+                sleds: access.clone(),
+                extents: extents.clone(),
+                replica: Some(peer.clone()),
+            },
+            &primary_records,
+        )
+        .await
+        .unwrap();
+        (primary, secondary)
+    }
+
+    /// Drops both head nodes and every sled process, reopens everything
+    /// from the devices.
+    async fn restart(&mut self) {
+        self.primary.shutdown();
+        self.secondary.shutdown();
+        *self.peer.target.lock().unwrap() = None;
+        let down: HashSet<String> = self.access.down.lock().unwrap().clone();
+        let mut sleds = Vec::new();
+        for s in self.sleds.drain(..) {
+            let memory = s.memory.clone();
+            drop(s);
+            sleds.push(open_sled(&format!("sled-{}", sleds.len()), memory).await);
+        }
+        self.sleds = sleds;
+        let mut map = self.access.sleds.lock().unwrap();
+        map.clear();
+        for s in &self.sleds {
+            map.insert(s.id.clone(), s.sled.clone());
+        }
+        drop(map);
+        *self.access.down.lock().unwrap() = down;
+        // Let the old tasks notice the shutdown and drop their log handles.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (primary, secondary) = Self::open_partitions(
+            &self.access,
+            &self.extents,
+            &self.logs,
+            &self.peer,
+            self.size_blocks,
+            self.epoch,
+        )
+        .await;
+        self.primary = primary;
+        self.secondary = secondary;
+    }
+
+    async fn write(
+        &self,
+        block: u64,
+        offset_in_block: u64,
+        data: Vec<u8>,
+    ) -> Result<(), PartitionError> {
+        let crcs = chunk_crcs(&data);
+        self.primary
+            .write(
+                self.epoch,
+                (FIRST_BLOCK + block) * 4096 + offset_in_block,
+                Bytes::from(data),
+                &crcs,
+            )
+            .await
+    }
+
+    async fn read(&self, byte: u64, len: u32) -> Bytes {
+        self.primary
+            .read(self.epoch, FIRST_BLOCK * 4096 + byte, len)
+            .await
+            .unwrap()
+    }
+
+    fn sled_bytes_in_use(&self) -> u64 {
+        self.primary.extent_usage().iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// Byte model of the partition.
+struct Model(Vec<u8>);
+
+impl Model {
+    fn check(&self, got: &[u8], at: u64, what: &str) {
+        let want = &self.0[at as usize..at as usize + got.len()];
+        if got != want {
+            let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+            panic!(
+                "{what}: byte {} differs (got {}, want {})",
+                at + first as u64,
+                got[first],
+                want[first]
+            );
+        }
+    }
+}
+
+async fn check_all(unit: &Unit, model: &Model, what: &str) {
+    let total = unit.size_blocks * 4096;
+    let mut at = 0;
+    while at < total {
+        let len = (total - at).min(1 << 20);
+        let got = unit.read(at, len as u32).await;
+        model.check(&got, at, what);
+        at += len;
+    }
+    unit.primary.check_invariants().unwrap();
+}
+
+fn pattern(rng: &mut StdRng, len: usize) -> Vec<u8> {
+    let seed: u8 = rng.random();
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 512) as u8).wrapping_mul(7) ^ (i as u8))
+        .collect()
+}
+
+async fn random_ops(unit: &Unit, model: &mut Model, rng: &mut StdRng, ops: usize) {
+    let sectors = unit.size_blocks * 8;
+    for _ in 0..ops {
+        let start = rng.random_range(0..sectors);
+        let max = (sectors - start).min(64);
+        let len = rng.random_range(1..=max);
+        let (byte, len_bytes) = (start * 512, len * 512);
+        match rng.random_range(0..10) {
+            0 => {
+                unit.primary
+                    .unmap(unit.epoch, FIRST_BLOCK * 4096 + byte, len_bytes as u32)
+                    .await
+                    .unwrap();
+                model.0[byte as usize..(byte + len_bytes) as usize].fill(0);
+            }
+            1 => {
+                let got = unit.read(byte, len_bytes as u32).await;
+                model.check(&got, byte, "random read");
+            }
+            _ => {
+                let data = pattern(rng, len_bytes as usize);
+                unit.write(byte / 4096, byte % 4096, data.clone())
+                    .await
+                    .unwrap();
+                model.0[byte as usize..(byte + len_bytes) as usize].copy_from_slice(&data);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_before_and_after_flush_restart_and_two_sleds_down() {
+    let size_blocks = 512;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    check_all(&unit, &model, "empty").await;
+    random_ops(&unit, &mut model, &mut rng, 150).await;
+    check_all(&unit, &model, "logged").await;
+    let report = unit.primary.flush_now().await.unwrap();
+    assert!(report.blocks > 0 && report.stripes > 0, "{report:?}");
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    check_all(&unit, &model, "flushed").await;
+    // Mixed: some flushed, some logged, overwrites across both.
+    random_ops(&unit, &mut model, &mut rng, 150).await;
+    unit.primary.flush_now().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 100).await;
+    check_all(&unit, &model, "mixed").await;
+
+    unit.restart().await;
+    check_all(&unit, &model, "after restart").await;
+    // Replication resumes with the recovered sequences.
+    random_ops(&unit, &mut model, &mut rng, 100).await;
+    check_all(&unit, &model, "after restart + writes").await;
+    unit.primary.flush_now().await.unwrap();
+
+    // Any two sleds down: degraded reads decode.
+    {
+        let mut down = unit.access.down.lock().unwrap();
+        down.insert("sled-0".into());
+        down.insert("sled-3".into());
+    }
+    check_all(&unit, &model, "two sleds down").await;
+    assert!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    assert!(!unit.primary.repair_queue().is_empty());
+    // Writes keep flowing (to the log) while sleds are down.
+    random_ops(&unit, &mut model, &mut rng, 50).await;
+    check_all(&unit, &model, "two sleds down + writes").await;
+    unit.access.down.lock().unwrap().clear();
+    unit.primary.flush_now().await.unwrap();
+    unit.restart().await;
+    check_all(&unit, &model, "second restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_down_write_stalls_instead_of_acknowledging() {
+    let unit = Unit::new(256).await;
+    unit.write(0, 0, vec![1; 4096]).await.unwrap();
+    unit.peer.down.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let err = unit.write(1, 0, vec![2; 4096]).await.unwrap_err();
+    assert!(matches!(err, PartitionError::Unavailable { .. }), "{err}");
+    assert!(err.is_retryable());
+    assert!(matches!(err.to_host_error(), HostError::Unavailable { .. }));
+    assert!(started.elapsed() >= Duration::from_millis(350));
+    // Host flush is a barrier: it cannot complete while a write is in flight.
+    assert!(unit.primary.flush(unit.epoch).await.is_err());
+    // The secondary comes back: the queued record and new writes go through.
+    unit.peer.down.store(false, Ordering::SeqCst);
+    unit.write(2, 0, vec![3; 4096]).await.unwrap();
+    unit.primary.flush(unit.epoch).await.unwrap();
+    assert_eq!(&unit.read(0, 4096).await[..], &[1; 4096][..]);
+    assert_eq!(&unit.read(8192, 4096).await[..], &[3; 4096][..]);
+    match unit
+        .secondary
+        .handle_replica(ReplicaRequest::Status { partition: PART })
+        .await
+    {
+        ReplicaReply::Status {
+            highest_sequence, ..
+        } => assert_eq!(highest_sequence, 3),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        unit.primary
+            .metrics()
+            .replica_retries
+            .load(Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
+    let unit = Unit::new(256).await;
+    let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 13 % 251) as u8).collect();
+    unit.write(0, 0, data.clone()).await.unwrap();
+    unit.primary.flush_now().await.unwrap();
+    let (location, column) = unit.primary.location_of(5).unwrap();
+    let Location::Sled { offset_bytes, .. } = location else {
+        panic!("{location:?}")
+    };
+    let (sled_id, column) = column.unwrap();
+    let sled = unit.sleds.iter().find(|s| s.id == sled_id).unwrap();
+    let geometry = sled.sled.stores()[0].geometry().clone();
+    sled.faults
+        .flip_bit(geometry.data_offset(column.index, offset_bytes) + 100, 3);
+    let got = unit.read(0, 64 * 1024).await;
+    assert_eq!(&got[..], &data[..]);
+    let repairs = unit.primary.repair_queue();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert_eq!(repairs[0].sled, sled_id);
+    assert!(
+        unit.primary
+            .metrics()
+            .checksum_errors
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_primary_fences_the_old_one() {
+    let mut unit = Unit::new(256).await;
+    unit.write(0, 0, vec![1; 8192]).await.unwrap();
+    unit.primary.flush_now().await.unwrap();
+    unit.write(4, 0, vec![2; 4096]).await.unwrap();
+    let old = unit.primary.clone();
+    // Promote the secondary: its node reopens the partition as primary at
+    // epoch 2 (claims the columns, rebuilds from the sleds and its log).
+    unit.secondary.shutdown();
+    let old_secondary = unit.secondary.clone();
+    drop(old_secondary);
+    *unit.peer.target.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (log, records) = open_log(&unit.logs[1]).await;
+    let new_peer = Arc::new(Peer::default());
+    let promoted = Partition::open(
+        config(256, 2),
+        OpenRole::Primary,
+        PartitionDeps {
+            log,
+            sleds: unit.access.clone(),
+            extents: unit.extents.clone(),
+            replica: Some(new_peer.clone()),
+        },
+        &records,
+    )
+    .await
+    .unwrap();
+    // The old primary's next flush is refused by the sleds: it drops the
+    // role and stops acknowledging.
+    let err = old.flush_now().await.unwrap_err();
+    assert!(
+        matches!(err, PartitionError::Fenced { current: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(old.role(), Role::Fenced { current: 2 });
+    let crcs = chunk_crcs(&[9; 4096]);
+    let err = old
+        .write(1, FIRST_BLOCK * 4096, Bytes::from(vec![9; 4096]), &crcs)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PartitionError::NotPrimary { .. }), "{err}");
+    // Every acknowledged write is on the new primary.
+    unit.primary = promoted;
+    unit.epoch = 2;
+    assert_eq!(&unit.read(0, 8192).await[..], &[1; 8192][..]);
+    assert_eq!(&unit.read(4 * 4096, 4096).await[..], &[2; 4096][..]);
+    // A stale client epoch is refused.
+    let err = unit
+        .primary
+        .read(1, FIRST_BLOCK * 4096, 512)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PartitionError::StaleEpoch { current: 2, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_returns_sled_space_to_about_k_plus_m_over_k_of_live_data() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(7);
+    // Write the partition's size twice over, flushing as we go.
+    for round in 0..2 {
+        for chunk in 0..size_blocks / 16 {
+            let data = pattern(&mut rng, 16 * 4096);
+            unit.write(chunk * 16, 0, data.clone()).await.unwrap();
+            let at = (chunk * 16 * 4096) as usize;
+            model.0[at..at + data.len()].copy_from_slice(&data);
+            if chunk % 8 == 7 {
+                unit.primary.flush_now().await.unwrap();
+            }
+        }
+        let _ = round;
+    }
+    // Trim a quarter: the live data shrinks.
+    unit.primary
+        .unmap(
+            unit.epoch,
+            FIRST_BLOCK * 4096,
+            (size_blocks / 4 * 4096) as u32,
+        )
+        .await
+        .unwrap();
+    model.0[..(size_blocks / 4 * 4096) as usize].fill(0);
+    unit.primary.flush_now().await.unwrap();
+    let before = unit.sled_bytes_in_use();
+    let report = unit.primary.gc_pass().await.unwrap();
+    assert!(report.extents_freed > 0, "{report:?}");
+    let after = unit.sled_bytes_in_use();
+    let live_bytes: u64 = unit.primary.live_blocks_per_extent().values().sum::<u64>() * 4096;
+    assert_eq!(live_bytes, size_blocks * 3 / 4 * 4096);
+    // (k+m)/k of the live data, plus the summary block per 16 data blocks,
+    // plus at most one partly filled stripe row per extent.
+    let bound = live_bytes * u64::from(K + M) / u64::from(K) * 17 / 16
+        + unit.primary.extent_usage().len() as u64 * 6 * 68 * 1024;
+    assert!(
+        after <= bound,
+        "after GC {after} bytes on sleds, bound {bound} (before {before})"
+    );
+    assert!(after < before);
+    check_all(&unit, &model, "after gc").await;
+    unit.restart().await;
+    check_all(&unit, &model, "after gc + restart").await;
+}
