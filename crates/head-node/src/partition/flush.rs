@@ -141,11 +141,13 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
 }
 
 type LogPiece = (u64, u64, u64, LogPosition, u32);
+/// A pending trim: (sequence, lba, count).
+type TrimPiece = (u64, u64, u64);
 
 /// Log-resident runs (lba, count, sequence, position, first block) up to the
 /// batch size, trims up to the applied watermark, the watermark, and
 /// whether more runs remain.
-fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<(u64, u64, u64)>, u64, bool) {
+fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
     let state = shared.lock();
     let up_to = state.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
@@ -388,15 +390,7 @@ async fn write_stripes(
     let mut stripes = 0;
     // Bounded: every iteration consumes at least one block or tombstone.
     while blocks.peek().is_some() || tombstones.peek().is_some() {
-        let mut attempt = 0;
-        let target = loop {
-            let target = open_target(shared).await?;
-            attempt += 1;
-            if attempt > STRIPE_ATTEMPTS {
-                return Err(shared.unavailable("stripe could not be written"));
-            }
-            break target;
-        };
+        let target = open_target(shared).await?;
         let k = target.codec.data_shards();
         let slots = k * CHUNK_BLOCKS as usize;
         let stripe_blocks: Vec<FlushBlock> = blocks.by_ref().take(slots).collect();

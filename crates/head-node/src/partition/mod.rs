@@ -650,6 +650,11 @@ impl Partition {
         self.shared.lock().epoch
     }
 
+    /// The head node's log this partition writes to.
+    pub fn log(&self) -> &Arc<SharedLog> {
+        &self.shared.log
+    }
+
     /// Counters.
     pub fn metrics(&self) -> Arc<PartitionMetrics> {
         self.shared.metrics.clone()

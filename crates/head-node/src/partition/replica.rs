@@ -191,8 +191,7 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
         }
     } else {
         let mut records = Vec::with_capacity(wanted.len());
-        let mut next = expected;
-        for (sequence, position) in wanted {
+        for (next, (sequence, position)) in (expected..).zip(wanted) {
             if sequence != next {
                 break;
             }
@@ -203,7 +202,6 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
                     return Step::Retry;
                 }
             }
-            next += 1;
         }
         if records.is_empty() {
             tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");

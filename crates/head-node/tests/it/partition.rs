@@ -353,12 +353,13 @@ impl Unit {
             sleds.push(open_sled(&format!("sled-{}", sleds.len()), memory).await);
         }
         self.sleds = sleds;
-        let mut map = self.access.sleds.lock().unwrap();
-        map.clear();
-        for s in &self.sleds {
-            map.insert(s.id.clone(), s.sled.clone());
+        {
+            let mut map = self.access.sleds.lock().unwrap();
+            map.clear();
+            for s in &self.sleds {
+                map.insert(s.id.clone(), s.sled.clone());
+            }
         }
-        drop(map);
         *self.access.down.lock().unwrap() = down;
         // Let the old tasks notice the shutdown and drop their log handles.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -486,6 +487,9 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     assert!(report.blocks > 0 && report.stripes > 0, "{report:?}");
     assert_eq!(unit.primary.log_resident_blocks(), 0);
     check_all(&unit, &model, "flushed").await;
+    // The flush released the log: from here the data lives on the sleds.
+    assert!(unit.primary.log().wal().tail().0 > 0);
+    assert!(unit.secondary.log().wal().tail().0 > 0);
     // Mixed: some flushed, some logged, overwrites across both.
     random_ops(&unit, &mut model, &mut rng, 150).await;
     unit.primary.flush_now().await.unwrap();
@@ -499,12 +503,10 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     check_all(&unit, &model, "after restart + writes").await;
     unit.primary.flush_now().await.unwrap();
 
-    // Any two sleds down: degraded reads decode.
-    {
-        let mut down = unit.access.down.lock().unwrap();
-        down.insert("sled-0".into());
-        down.insert("sled-3".into());
-    }
+    // Any two sleds down: degraded reads decode. One sled process is
+    // unreachable, the other's device has failed.
+    unit.access.down.lock().unwrap().insert("sled-0".into());
+    unit.sleds[3].faults.fail_device();
     check_all(&unit, &model, "two sleds down").await;
     assert!(
         unit.primary
@@ -517,10 +519,14 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     // Writes keep flowing (to the log) while sleds are down.
     random_ops(&unit, &mut model, &mut rng, 50).await;
     check_all(&unit, &model, "two sleds down + writes").await;
+    // The sleds come back (the failed device's sled restarts with it).
     unit.access.down.lock().unwrap().clear();
-    unit.primary.flush_now().await.unwrap();
+    unit.sleds[3].faults.heal();
     unit.restart().await;
+    unit.primary.flush_now().await.unwrap();
     check_all(&unit, &model, "second restart").await;
+    unit.restart().await;
+    check_all(&unit, &model, "third restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,6 +547,8 @@ async fn secondary_down_write_stalls_instead_of_acknowledging() {
     unit.write(2, 0, vec![3; 4096]).await.unwrap();
     unit.primary.flush(unit.epoch).await.unwrap();
     assert_eq!(&unit.read(0, 4096).await[..], &[1; 4096][..]);
+    // The unacknowledged write stayed queued and reached both logs.
+    assert_eq!(&unit.read(4096, 4096).await[..], &[2; 4096][..]);
     assert_eq!(&unit.read(8192, 4096).await[..], &[3; 4096][..]);
     match unit
         .secondary
@@ -573,7 +581,7 @@ async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
     };
     let (sled_id, column) = column.unwrap();
     let sled = unit.sleds.iter().find(|s| s.id == sled_id).unwrap();
-    let geometry = sled.sled.stores()[0].geometry().clone();
+    let geometry = *sled.sled.stores()[0].geometry();
     sled.faults
         .flip_bit(geometry.data_offset(column.index, offset_bytes) + 100, 3);
     let got = unit.read(0, 64 * 1024).await;
@@ -588,6 +596,35 @@ async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
             .load(Ordering::Relaxed)
             >= 1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sled_read_is_hedged_by_a_degraded_read() {
+    let unit = Unit::new(256).await;
+    let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 31 % 253) as u8).collect();
+    unit.write(0, 0, data.clone()).await.unwrap();
+    unit.primary.flush_now().await.unwrap();
+    let (_, column) = unit.primary.location_of(0).unwrap();
+    let (sled_id, _) = column.unwrap();
+    let sled = unit.sleds.iter().find(|s| s.id == sled_id).unwrap();
+    sled.faults.set_latency(Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    let got = unit.read(0, 4096).await;
+    assert_eq!(&got[..], &data[..4096]);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(unit.primary.repair_queue()[0].sled, sled_id);
+    sled.faults.heal();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,4 +735,65 @@ async fn gc_returns_sled_space_to_about_k_plus_m_over_k_of_live_data() {
     check_all(&unit, &model, "after gc").await;
     unit.restart().await;
     check_all(&unit, &model, "after gc + restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_with_flush_and_gc_running() {
+    let size_blocks = 512u64;
+    let unit = Arc::new(Unit::new(size_blocks).await);
+    let writers = 8u64;
+    let region = size_blocks / writers;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let unit = unit.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(100 + w);
+            let mut model = vec![0u8; (region * 4096) as usize];
+            let base = w * region * 4096;
+            for _ in 0..60 {
+                let sectors = region * 8;
+                let start = rng.random_range(0..sectors);
+                let len = rng.random_range(1..=(sectors - start).min(40));
+                let (at, len) = (start * 512, len * 512);
+                if rng.random_range(0..6) == 0 {
+                    unit.primary
+                        .unmap(unit.epoch, (FIRST_BLOCK * 4096) + base + at, len as u32)
+                        .await
+                        .unwrap();
+                    model[at as usize..(at + len) as usize].fill(0);
+                } else {
+                    let data = pattern(&mut rng, len as usize);
+                    let byte = base + at;
+                    unit.write(byte / 4096, byte % 4096, data.clone())
+                        .await
+                        .unwrap();
+                    model[at as usize..(at + len) as usize].copy_from_slice(&data);
+                }
+                let got = unit.read(base, (region * 4096) as u32).await;
+                assert!(got[..] == model[..], "writer {w} region differs");
+            }
+            model
+        }));
+    }
+    let background = {
+        let unit = unit.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                unit.primary.flush_now().await.unwrap();
+                if i % 5 == 4 {
+                    unit.primary.gc_pass().await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let mut model = Model(Vec::new());
+    for task in tasks {
+        model.0.extend(task.await.unwrap());
+    }
+    background.await.unwrap();
+    check_all(&unit, &model, "after concurrent writers").await;
+    unit.primary.flush_now().await.unwrap();
+    unit.primary.gc_pass().await.unwrap();
+    check_all(&unit, &model, "after final flush + gc").await;
 }
