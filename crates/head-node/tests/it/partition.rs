@@ -797,3 +797,56 @@ async fn concurrent_writers_with_flush_and_gc_running() {
     unit.primary.gc_pass().await.unwrap();
     check_all(&unit, &model, "after final flush + gc").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_secondary_catches_up_from_the_primary_log() {
+    let unit = Unit::new(256).await;
+    for i in 0..4 {
+        unit.write(i, 0, vec![i as u8 + 1; 4096]).await.unwrap();
+    }
+    unit.primary.flush_now().await.unwrap();
+    unit.write(10, 0, vec![10; 4096]).await.unwrap();
+    unit.write(11, 0, vec![11; 4096]).await.unwrap();
+    // Replace the secondary by one with an empty log (sequence 5 and 6 are
+    // only in the primary's log; 1..4 were flushed and released).
+    unit.secondary.shutdown();
+    let (log, records) = open_log(&Arc::new(MemoryDevice::new(WAL_DEVICE))).await;
+    let fresh = Partition::open(
+        config(256, 1),
+        OpenRole::Secondary,
+        PartitionDeps {
+            log,
+            sleds: unit.access.clone(),
+            extents: unit.extents.clone(),
+            replica: None,
+        },
+        &records,
+    )
+    .await
+    .unwrap();
+    *unit.peer.target.lock().unwrap() = Some(fresh.clone());
+    unit.write(12, 0, vec![12; 4096]).await.unwrap();
+    match fresh
+        .handle_replica(ReplicaRequest::Status { partition: PART })
+        .await
+    {
+        ReplicaReply::Status {
+            highest_sequence,
+            highest_epoch,
+        } => assert_eq!((highest_sequence, highest_epoch), (7, 1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(unit.primary.metrics().replica_gaps.load(Ordering::Relaxed) >= 1);
+    // A lower epoch is refused by the secondary.
+    let reply = fresh
+        .handle_replica(ReplicaRequest::Append {
+            partition: PART,
+            epoch: 0,
+            records: Vec::new(),
+        })
+        .await;
+    assert!(matches!(
+        reply,
+        ReplicaReply::Error(proto::volume::ReplicaError::StaleEpoch { current: 1 })
+    ));
+}
