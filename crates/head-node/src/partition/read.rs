@@ -132,6 +132,12 @@ async fn read_once(
                 out.extend_from_slice(&data);
             }
             Err(FetchError::Moved) => return Err(Moved),
+            Err(FetchError::Failed(PartitionError::ChecksumMismatch { partition, .. })) => {
+                return Ok(Err(PartitionError::ChecksumMismatch {
+                    partition,
+                    offset_bytes: (shared.config.first_block + at) * BLOCK_BYTES,
+                }))
+            }
             Err(FetchError::Failed(error)) => return Ok(Err(error)),
         }
     }
