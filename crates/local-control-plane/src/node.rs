@@ -572,6 +572,27 @@ impl LcpNode {
         }
     }
 
+    /// Resolves with the error if this member's Raft core stops on a fatal
+    /// error (storage failure, or openraft 0.9.25's replication-channel race
+    /// found by the simulation test: a leader whose snapshot stream exited
+    /// on a higher vote quits with `Fatal::StorageError`). A stopped core
+    /// answers no Raft traffic, so the process must restart from its data
+    /// directory: the head-node daemon exits non-zero and its supervisor
+    /// (systemd, `rackblock up`) starts it again. Never resolves while the
+    /// core runs; resolves with `None` on a clean shutdown.
+    pub async fn fatal(&self) -> Option<String> {
+        let mut rx = self.inner.raft.metrics();
+        loop {
+            if let Err(error) = &rx.borrow_and_update().running_state {
+                return (!self.inner.shutdown.is_cancelled()).then(|| error.to_string());
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return None },
+                () = self.inner.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
     /// Stop Raft and every task of this member.
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
