@@ -4,7 +4,9 @@
 //! |---|---|
 //! | `GET /metrics` | OpenMetrics text: Raft (is_leader, term, last_log_index, last_applied), detector path states, links, listeners |
 //! | `GET /health` | JSON; 200 when this node knows a leader (itself or another), else 503 |
-//! | `GET /status` | JSON `{raft, unit}`: Raft status and unit status, linearizable (served via the leader) |
+//! | `GET /status` | JSON `{raft, this_node, unit, datapath_ready, partitions}`: Raft status and unit status, linearizable (served via the leader), and the partitions hosted here |
+//! | `GET /partitions` | JSON `{ready, partitions}`: the partitions hosted here (role, epoch, lease, log-resident blocks, flush/GC counters, repair queue), local |
+//! | `POST /flush` | flushes every primary here to the sleds now; JSON per partition (tests, operators before maintenance) |
 //! | `GET /volumes/{id}/partition-map` | JSON partition map, linearizable; 404 for an unknown volume |
 
 use std::sync::Arc;
@@ -12,11 +14,13 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use local_control_plane::{LcpError, LcpNode, LcpRequest, LcpResponse};
 use prometheus_client::registry::Registry;
 use serde_json::json;
+
+use crate::manager::PartitionManager;
 
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -24,6 +28,7 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub node: LcpNode,
+    pub manager: PartitionManager,
     pub registry: Arc<Registry>,
 }
 
@@ -32,6 +37,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/status", get(status))
+        .route("/partitions", get(partitions))
+        .route("/flush", post(flush))
         .route("/volumes/{id}/partition-map", get(partition_map))
         .with_state(state)
 }
@@ -82,10 +89,35 @@ async fn status(State(state): State<AdminState>) -> Response {
         LcpResponse::UnitStatus { raft, unit } => {
             // The unit comes from the leader; the Raft view is this node's.
             let local = state.node.raft_status();
-            Json(json!({ "raft": raft, "this_node": local, "unit": unit })).into_response()
+            Json(json!({
+                "raft": raft,
+                "this_node": local,
+                "unit": unit,
+                "datapath_ready": state.manager.is_ready(),
+                "partitions": state.manager.status(),
+            }))
+            .into_response()
         }
         other => error_response(other),
     }
+}
+
+async fn partitions(State(state): State<AdminState>) -> Response {
+    Json(json!({
+        "ready": state.manager.is_ready(),
+        "partitions": state.manager.status(),
+    }))
+    .into_response()
+}
+
+async fn flush(State(state): State<AdminState>) -> Response {
+    let outcomes = state.manager.flush_all().await;
+    let code = if outcomes.iter().all(|o| o.error.is_none()) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(json!({ "flushed": outcomes }))).into_response()
 }
 
 async fn partition_map(State(state): State<AdminState>, Path(id): Path<u64>) -> Response {

@@ -8,10 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hardware::EngineChoice;
 use local_control_plane::node::{
     DEFAULT_ELECTION_TIMEOUT_MAX_MS, DEFAULT_ELECTION_TIMEOUT_MIN_MS,
     DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_NODE_DOWN_AFTER_MS,
 };
+use local_control_plane::state::MAX_LEASE_DURATION_MS;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -51,7 +53,62 @@ pub struct HeadNodeConfig {
     /// Bind network B here instead of the rack's `address_b` (as `listen_a`).
     #[serde(default)]
     pub listen_b: Option<SocketAddr>,
+    /// The write log shared by every partition of this head node: a file
+    /// (created sparse if absent) or a block device. Default
+    /// `<data_dir>/wal.img`.
+    #[serde(default)]
+    pub wal_path: Option<PathBuf>,
+    /// Size of the write log file when it is created, in bytes (default
+    /// 1 GiB). An existing log keeps its size.
+    #[serde(default)]
+    pub wal_size_bytes: Option<u64>,
+    /// I/O engine of the write log: "auto" | "uring" | "sync". Default:
+    /// `RACKBLOCK_IO_ENGINE`, else auto (io_uring, falling back to
+    /// pread/pwrite).
+    #[serde(default)]
+    pub io_engine: Option<String>,
+    /// Read lease a primary asks the local control plane for, in
+    /// milliseconds (default 10000). Reads and writes are served only
+    /// under a valid lease (ARCHITECTURE.md §4).
+    #[serde(default)]
+    pub lease_duration_ms: Option<u64>,
+    /// How often a primary renews its lease, in milliseconds (default
+    /// 3000). Must be well below `lease_duration_ms`.
+    #[serde(default)]
+    pub lease_renew_interval_ms: Option<u64>,
+    /// A primary flushes its log-resident blocks to the sleds when its
+    /// oldest unflushed write is this old, in milliseconds (default 5000).
+    #[serde(default)]
+    pub flush_age_ms: Option<u64>,
+    /// ... or when the shared write log is fuller than this, in percent
+    /// (default 50).
+    #[serde(default)]
+    pub flush_fill_percent: Option<u8>,
+    /// Pause between garbage-collection passes of each primary, in
+    /// milliseconds (default 30000).
+    #[serde(default)]
+    pub gc_interval_ms: Option<u64>,
+    /// How often the partition manager compares the local control plane's
+    /// partition map with the partitions it hosts, in milliseconds
+    /// (default 150).
+    #[serde(default)]
+    pub partition_poll_interval_ms: Option<u64>,
 }
+
+/// Default size of a newly created write log file.
+pub const DEFAULT_WAL_SIZE_BYTES: u64 = 1 << 30;
+/// Default primary lease.
+pub const DEFAULT_LEASE_DURATION_MS: u64 = 10_000;
+/// Default lease renewal interval.
+pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 3_000;
+/// Default flush age trigger.
+pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
+/// Default flush fill trigger.
+pub const DEFAULT_FLUSH_FILL_PERCENT: u8 = 50;
+/// Default GC interval.
+pub const DEFAULT_GC_INTERVAL_MS: u64 = 30_000;
+/// Default partition-map poll interval.
+pub const DEFAULT_PARTITION_POLL_INTERVAL_MS: u64 = 150;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -118,7 +175,110 @@ impl HeadNodeConfig {
                 reason: "must be positive".into(),
             });
         }
+        self.engine()?;
+        let lease = self.lease_duration();
+        if lease.is_zero() || lease > Duration::from_millis(MAX_LEASE_DURATION_MS) {
+            return Err(ConfigError::Invalid {
+                field: "lease_duration_ms",
+                reason: format!("must be in 1..={MAX_LEASE_DURATION_MS}"),
+            });
+        }
+        let renew = self.lease_renew_interval();
+        if renew.is_zero() || renew * 2 > lease {
+            return Err(ConfigError::Invalid {
+                field: "lease_renew_interval_ms",
+                reason: format!(
+                    "{} must be positive and at most half of lease_duration_ms {}",
+                    renew.as_millis(),
+                    lease.as_millis()
+                ),
+            });
+        }
+        if self.flush_fill_percent.is_some_and(|p| p == 0 || p > 100) {
+            return Err(ConfigError::Invalid {
+                field: "flush_fill_percent",
+                reason: "must be in 1..=100".into(),
+            });
+        }
+        for (field, value) in [
+            ("flush_age_ms", self.flush_age_ms),
+            ("gc_interval_ms", self.gc_interval_ms),
+            (
+                "partition_poll_interval_ms",
+                self.partition_poll_interval_ms,
+            ),
+            ("wal_size_bytes", self.wal_size_bytes),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be positive".into(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The write log's path.
+    pub fn wal_path(&self) -> PathBuf {
+        self.wal_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("wal.img"))
+    }
+
+    /// Size of a newly created write log.
+    pub fn wal_size_bytes(&self) -> u64 {
+        self.wal_size_bytes.unwrap_or(DEFAULT_WAL_SIZE_BYTES)
+    }
+
+    /// The write log's I/O engine (config, else the environment, else auto).
+    pub fn engine(&self) -> Result<EngineChoice, ConfigError> {
+        match &self.io_engine {
+            Some(value) => value
+                .parse()
+                .map_err(|e: hardware::DeviceError| ConfigError::Invalid {
+                    field: "io_engine",
+                    reason: e.to_string(),
+                }),
+            None => EngineChoice::from_env().map_err(|e| ConfigError::Invalid {
+                field: "io_engine (RACKBLOCK_IO_ENGINE)",
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_millis(self.lease_duration_ms.unwrap_or(DEFAULT_LEASE_DURATION_MS))
+    }
+
+    pub fn lease_renew_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.lease_renew_interval_ms
+                .unwrap_or(DEFAULT_LEASE_RENEW_INTERVAL_MS),
+        )
+    }
+
+    pub fn flush_age(&self) -> Duration {
+        Duration::from_millis(self.flush_age_ms.unwrap_or(DEFAULT_FLUSH_AGE_MS))
+    }
+
+    /// Flush fill trigger as a ratio in (0, 1].
+    pub fn flush_fill_ratio(&self) -> f64 {
+        f64::from(
+            self.flush_fill_percent
+                .unwrap_or(DEFAULT_FLUSH_FILL_PERCENT),
+        ) / 100.0
+    }
+
+    pub fn gc_interval(&self) -> Duration {
+        Duration::from_millis(self.gc_interval_ms.unwrap_or(DEFAULT_GC_INTERVAL_MS))
+    }
+
+    pub fn partition_poll_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.partition_poll_interval_ms
+                .unwrap_or(DEFAULT_PARTITION_POLL_INTERVAL_MS),
+        )
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
@@ -165,6 +325,27 @@ mod tests {
         assert_eq!(c.election_timeout_min(), Duration::from_millis(1500));
         assert_eq!(c.election_timeout_max(), Duration::from_millis(3000));
         assert_eq!(c.node_down_after(), Duration::from_millis(3000));
+        assert_eq!(c.wal_path(), PathBuf::from("/d/wal.img"));
+        assert_eq!(c.wal_size_bytes(), 1 << 30);
+        assert_eq!(c.lease_duration(), Duration::from_secs(10));
+        assert_eq!(c.lease_renew_interval(), Duration::from_secs(3));
+        assert!((c.flush_fill_ratio() - 0.5).abs() < 1e-9);
+        let bad = HeadNodeConfig {
+            lease_renew_interval_ms: Some(6000),
+            ..c.clone()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(ConfigError::Invalid {
+                field: "lease_renew_interval_ms",
+                ..
+            })
+        ));
+        let bad = HeadNodeConfig {
+            io_engine: Some("turbo".into()),
+            ..c.clone()
+        };
+        assert!(bad.validate().is_err());
         assert!(toml::from_str::<HeadNodeConfig>(
             "rack_file = \"/r\"\nhead_node_id = \"h\"\ndata_dir = \"/d\"\nbogus = 1\n"
         )

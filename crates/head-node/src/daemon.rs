@@ -1,14 +1,25 @@
-//! The `rackblock head-node` process (control-plane part).
+//! The `rackblock head-node` process.
 //!
 //! Startup: load and validate the rack file (structure only: a head node
 //! opens no sled device), find this head node, start its local-control-
 //! plane member ([`LcpNode`]: Raft storage under `<data_dir>/raft`,
-//! bootstrap from the rack with no manual step), then serve the protocol on
-//! network A and network B and HTTP on the admin address. A network address
-//! that cannot be bound is retried every second in the background while the
-//! other serves (its `rackblock_head_node_listener_up` gauge stays 0 until
-//! then): Raft and clients reach the node over whichever network works.
-//! Shutdown (the token) stops accepting, stops Raft and returns.
+//! bootstrap from the rack with no manual step), open and recover the write
+//! log and start the [`PartitionManager`] (it opens the partitions the
+//! control plane assigns here once a leader is known), then serve the
+//! protocol on network A and network B and HTTP on the admin address. A
+//! network address that cannot be bound is retried every second in the
+//! background while the other serves (its `rackblock_head_node_listener_up`
+//! gauge stays 0 until then): Raft and clients reach the node over
+//! whichever network works.
+//!
+//! Routing of proto requests: `Host` → the partition's primary here
+//! ([`PartitionManager::handle_host`]; `NotPrimary{hint}` otherwise),
+//! `Replica` → the partition's secondary here
+//! ([`PartitionManager::handle_replica`]; `NotSecondary` otherwise),
+//! everything else (Raft, control-plane requests) → the [`LcpNode`].
+//!
+//! Shutdown (the token) stops accepting, stops the partitions, stops Raft
+//! and returns.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +44,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{ConfigError, HeadNodeConfig};
+use crate::manager::{ManagerConfig, ManagerError, PartitionManager};
 
 /// Pause between attempts to bind a network address that failed.
 const BIND_RETRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -50,6 +62,8 @@ pub enum HeadNodeError {
     },
     #[error("local control plane: {0}")]
     ControlPlane(#[from] StartError),
+    #[error("data path: {0}")]
+    DataPath(#[from] ManagerError),
     #[error("cannot bind admin address {address}: {source}")]
     BindAdmin {
         address: SocketAddr,
@@ -62,16 +76,26 @@ struct NetworkLabels {
     network: &'static str,
 }
 
-/// Proto requests → the control-plane member.
+/// Proto requests → the partitions or the control-plane member.
 #[derive(Debug)]
 struct HeadNodeHandler {
     node: LcpNode,
+    manager: PartitionManager,
 }
 
 impl Handler for HeadNodeHandler {
     fn handle(&self, request: Message) -> BoxFuture<'static, Message> {
         let node = self.node.clone();
-        Box::pin(async move { node.handle(request).await })
+        let manager = self.manager.clone();
+        Box::pin(async move {
+            match request {
+                Message::Host(request) => Message::HostReply(manager.handle_host(request).await),
+                Message::Replica(request) => {
+                    Message::ReplicaReply(manager.handle_replica(request).await)
+                }
+                other => node.handle(other).await,
+            }
+        })
     }
 }
 
@@ -117,6 +141,26 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         node_down_after: config.node_down_after(),
     };
     let node = LcpNode::start(lcp_config, &mut registry).await?;
+    let manager_config = ManagerConfig {
+        node_id: config.head_node_id.clone(),
+        wal_path: config.wal_path(),
+        wal_size_bytes: config.wal_size_bytes(),
+        engine: config.engine()?,
+        lease_duration: config.lease_duration(),
+        lease_renew_interval: config.lease_renew_interval(),
+        flush_age: config.flush_age(),
+        flush_fill_ratio: config.flush_fill_ratio(),
+        gc_interval: config.gc_interval(),
+        poll_interval: config.partition_poll_interval(),
+    };
+    let manager =
+        match PartitionManager::start(manager_config, node.clone(), &rack, &mut registry).await {
+            Ok(manager) => manager,
+            Err(error) => {
+                node.shutdown().await;
+                return Err(error.into());
+            }
+        };
     let registry = Arc::new(registry);
 
     let mut tasks = JoinSet::new();
@@ -129,6 +173,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         gauge.set(0);
         tasks.spawn(serve_network(
             node.clone(),
+            manager.clone(),
             network,
             address,
             gauge,
@@ -139,6 +184,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
     {
         let router = admin::router(AdminState {
             node: node.clone(),
+            manager: manager.clone(),
             registry: registry.clone(),
         });
         let shutdown = shutdown.clone();
@@ -151,6 +197,11 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             }
         });
     }
+    let manager_task = {
+        let manager = manager.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { manager.run(shutdown).await })
+    };
     info!(
         head_node_id = %config.head_node_id,
         raft_id = node.raft_id(),
@@ -162,6 +213,13 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         "head node ready"
     );
     shutdown.cancelled().await;
+    if tokio::time::timeout(Duration::from_secs(5), manager_task)
+        .await
+        .is_err()
+    {
+        warn!("partition manager still running 5 s after shutdown");
+        manager.stop();
+    }
     node.shutdown().await;
     let drained = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
@@ -179,6 +237,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
 /// serves the protocol on it.
 async fn serve_network(
     node: LcpNode,
+    manager: PartitionManager,
     network: &'static str,
     address: SocketAddr,
     listener_up: Gauge,
@@ -207,7 +266,7 @@ async fn serve_network(
     listener_up.set(1);
     let result = proto::server::serve_with_metrics(
         listener,
-        Arc::new(HeadNodeHandler { node }),
+        Arc::new(HeadNodeHandler { node, manager }),
         proto::server::ServerConfig::default(),
         shutdown,
         metrics,
