@@ -9,6 +9,7 @@
 mod sled_bench;
 mod unit;
 mod up;
+mod volume_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +75,8 @@ enum VolumeCommand {
     /// Register a volume with the unit and print its partition map
     /// (temporary operator verb: the zonal control plane does this later).
     Register(unit::RegisterArgs),
+    /// Load one volume through the volume client (see bench/datapath.sh).
+    Bench(volume_bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +204,15 @@ fn main() -> ExitCode {
             Command::Volume {
                 command: VolumeCommand::Register(args),
             } => unit::register_volume(args).await,
+            Command::Volume {
+                command: VolumeCommand::Bench(args),
+            } => match volume_bench::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("rackblock volume bench: {error}");
+                    ExitCode::from(1)
+                }
+            },
             Command::Rack {
                 command: RackCommand::Validate { file, no_devices },
             } => {
