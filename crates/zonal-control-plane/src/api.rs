@@ -1,0 +1,456 @@
+//! The HTTP/JSON API (axum).
+//!
+//! | Method | Path | Body | Success |
+//! |---|---|---|---|
+//! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?}` | 201 volume (200 if the same volume exists) |
+//! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
+//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` (live from the unit) |
+//! | POST | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume (same size); larger: 501 until the LCP can grow |
+//! | DELETE | `/v1/volumes/{name}` | | 200 volume (`state: deleted`); 409 while attached |
+//! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (token, unit, head nodes) |
+//! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume |
+//! | GET | `/v1/units` | | 200 `{units: [unit]}` |
+//! | GET | `/v1/units/{name}` | | 200 unit |
+//! | POST | `/v1/units/{name}/refresh` | | 200 unit (polled now) |
+//! | GET | `/health` | | 200 `{status: "ok", ...}` (no token) |
+//! | GET | `/metrics` | | 200 OpenMetrics text (no token) |
+//!
+//! Every `/v1` request needs `Authorization: Bearer <admin token>`. Bodies
+//! are parsed field by field so that a 400 names the field; unknown fields
+//! are refused. Errors: [`ApiError`] (one status mapping, one body shape).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+
+use crate::error::ApiError;
+use crate::metrics::RequestLabels;
+use crate::model::{
+    ErasureCode, UnitRecord, VolumeRecord, VolumeSpec, DEFAULT_ERASURE_CODE,
+    DEFAULT_PARTITION_SIZE_BYTES,
+};
+use crate::service::Zonal;
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 64 << 10;
+
+#[derive(Debug)]
+pub struct ApiState {
+    pub zonal: Arc<Zonal>,
+    admin_token: String,
+}
+
+pub fn router(zonal: Arc<Zonal>, admin_token: String) -> Router {
+    let state = Arc::new(ApiState { zonal, admin_token });
+    Router::new()
+        .route("/v1/volumes", post(create_volume).get(list_volumes))
+        .route(
+            "/v1/volumes/{name}",
+            get(describe_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/volumes/{name}/attachments/{id}", delete(detach))
+        .route("/v1/units", get(list_units))
+        .route("/v1/units/{name}", get(describe_unit))
+        .route("/v1/units/{name}/refresh", post(refresh_unit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_request))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+type ApiResult = Result<Response, ApiError>;
+type Shared = State<Arc<ApiState>>;
+
+async fn authenticate(State(state): Shared, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn count_request(State(state): Shared, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    state
+        .zonal
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn not_found(State(state): Shared, request: Request) -> Response {
+    state
+        .zonal
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: "unmatched".into(),
+            method: request.method().as_str().to_owned(),
+            status: StatusCode::NOT_FOUND.as_u16(),
+        })
+        .inc();
+    ApiError::RouteNotFound {
+        path: request.uri().path().to_owned(),
+    }
+    .into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    ApiError::MethodNotAllowed {
+        method: request.method().as_str().to_owned(),
+        path: request.uri().path().to_owned(),
+    }
+    .into_response()
+}
+
+// ---- request bodies ----
+
+/// A JSON object body taken apart field by field.
+struct Body(Map<String, Value>);
+
+impl Body {
+    fn parse(bytes: &[u8]) -> Result<Body, ApiError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Body(Map::new()));
+        }
+        match serde_json::from_slice::<Value>(bytes) {
+            Ok(Value::Object(map)) => Ok(Body(map)),
+            Ok(other) => Err(ApiError::BadBody {
+                reason: format!("got {}", kind(&other)),
+            }),
+            Err(e) => Err(ApiError::BadBody {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<Option<String>, ApiError> {
+        match self.0.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(ApiError::bad(
+                field,
+                format!("must be a string, got {}", kind(&other)),
+            )),
+        }
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<Option<u64>, ApiError> {
+        match self.0.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                ApiError::bad(field, format!("must be a non-negative integer, got {n}"))
+            }),
+            Some(other) => Err(ApiError::bad(
+                field,
+                format!("must be a non-negative integer, got {}", kind(&other)),
+            )),
+        }
+    }
+
+    fn required<T>(field: &'static str, value: Option<T>) -> Result<T, ApiError> {
+        value.ok_or_else(|| ApiError::bad(field, "is required"))
+    }
+
+    /// Refuses any field no one took.
+    fn finish(self) -> Result<(), ApiError> {
+        match self.0.keys().next() {
+            Some(field) => Err(ApiError::bad(field.clone(), "unknown field")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
+    let mut body = Body::parse(bytes)?;
+    let name = Body::required("name", body.string("name")?)?;
+    let size_bytes = match (body.u64("size_bytes")?, body.u64("size_gib")?) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad(
+                "size_bytes",
+                "give size_bytes or size_gib, not both",
+            ))
+        }
+        (Some(bytes), None) => bytes,
+        (None, Some(gib)) => gib
+            .checked_mul(1 << 30)
+            .ok_or_else(|| ApiError::bad("size_gib", "too large"))?,
+        (None, None) => return Err(ApiError::bad("size_bytes", "is required (or size_gib)")),
+    };
+    let erasure_code = match body.string("erasure_code")? {
+        Some(text) => ErasureCode::parse(&text).map_err(|e| ApiError::bad("erasure_code", e))?,
+        None => DEFAULT_ERASURE_CODE,
+    };
+    let partition_size_bytes = body
+        .u64("partition_size_bytes")?
+        .unwrap_or(DEFAULT_PARTITION_SIZE_BYTES);
+    body.finish()?;
+    let spec = VolumeSpec {
+        name,
+        size_bytes,
+        partition_size_bytes,
+        erasure_code,
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+// ---- views ----
+
+fn volume_json(v: &VolumeRecord) -> Value {
+    json!({
+        "id": v.id,
+        "name": v.spec.name,
+        "size_bytes": v.spec.size_bytes,
+        "partition_size_bytes": v.spec.partition_size_bytes,
+        "erasure_code": v.spec.erasure_code.to_string(),
+        "unit": v.unit,
+        "state": v.state.name(),
+        "created_at_ms": v.created_at_ms,
+        // Tokens are shown once, by the attach call.
+        "attachments": v.attachments.iter().map(|a| json!({
+            "id": a.id,
+            "host": a.host,
+            "created_at_ms": a.created_at_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn unit_json(state: &ApiState, u: &UnitRecord, volumes: usize) -> Value {
+    let codes: Vec<String> = state
+        .zonal
+        .unit_codes(&u.name)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    json!({
+        "name": u.name,
+        "reachable": u.reachable,
+        "health": u.health,
+        "leader": u.leader,
+        "capacity": {
+            "free_bytes": u.capacity.free_bytes,
+            "used_bytes": u.capacity.used_bytes,
+            "allocatable_bytes": u.capacity.allocatable_bytes,
+        },
+        "head_nodes": u.head_nodes,
+        "head_nodes_up": u.head_nodes_up,
+        "sleds": u.sleds,
+        "sleds_up": u.sleds_up,
+        "volumes": volumes,
+        "lcp_volumes": u.lcp_volumes,
+        "erasure_codes": codes,
+        "reported_at_ms": u.reported_at_ms,
+        "checked_at_ms": u.checked_at_ms,
+        "last_error": u.last_error,
+    })
+}
+
+// ---- handlers ----
+
+async fn create_volume(State(state): Shared, body: Bytes) -> ApiResult {
+    let spec = create_spec(&body)?;
+    let (record, created) = state.zonal.create_volume(spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(volume_json(&record))).into_response())
+}
+
+async fn list_volumes(State(state): Shared) -> ApiResult {
+    let volumes: Vec<Value> = state
+        .zonal
+        .list_volumes()
+        .await?
+        .iter()
+        .map(volume_json)
+        .collect();
+    Ok(Json(json!({ "volumes": volumes })).into_response())
+}
+
+async fn describe_volume(State(state): Shared, Path(name): Path<String>) -> ApiResult {
+    let (record, map) = state.zonal.describe_volume(&name).await?;
+    let mut view = volume_json(&record);
+    if let Value::Object(fields) = &mut view {
+        let (map, error) = match map {
+            Ok(map) => (
+                serde_json::to_value(map).map_err(|e| ApiError::Internal(e.to_string()))?,
+                Value::Null,
+            ),
+            Err(error) => (Value::Null, Value::String(error)),
+        };
+        fields.insert("partition_map".into(), map);
+        fields.insert("partition_map_error".into(), error);
+    }
+    Ok(Json(view).into_response())
+}
+
+async fn resize_volume(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let mut body = Body::parse(&body)?;
+    let size_bytes = Body::required("size_bytes", body.u64("size_bytes")?)?;
+    body.finish()?;
+    let record = state.zonal.resize_volume(&name, size_bytes).await?;
+    Ok(Json(volume_json(&record)).into_response())
+}
+
+async fn delete_volume(State(state): Shared, Path(name): Path<String>) -> ApiResult {
+    let record = state.zonal.delete_volume(&name).await?;
+    Ok(Json(volume_json(&record)).into_response())
+}
+
+async fn attach(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let mut body = Body::parse(&body)?;
+    let host = Body::required("host", body.string("host")?)?;
+    body.finish()?;
+    let info = state.zonal.attach(&name, &host).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn detach(State(state): Shared, Path((name, id)): Path<(String, String)>) -> ApiResult {
+    let record = state.zonal.detach(&name, &id).await?;
+    Ok(Json(volume_json(&record)).into_response())
+}
+
+async fn list_units(State(state): Shared) -> ApiResult {
+    let units: Vec<Value> = state
+        .zonal
+        .units()
+        .await?
+        .iter()
+        .map(|(u, volumes)| unit_json(&state, u, *volumes))
+        .collect();
+    Ok(Json(json!({ "units": units })).into_response())
+}
+
+async fn describe_unit(State(state): Shared, Path(name): Path<String>) -> ApiResult {
+    let units = state.zonal.units().await?;
+    let (unit, volumes) = units
+        .iter()
+        .find(|(u, _)| u.name == name)
+        .ok_or(ApiError::UnitNotFound { name: name.clone() })?;
+    Ok(Json(unit_json(&state, unit, *volumes)).into_response())
+}
+
+async fn refresh_unit(State(state): Shared, Path(name): Path<String>) -> ApiResult {
+    state.zonal.poll_unit(&name).await?;
+    describe_unit(State(state), Path(name)).await
+}
+
+async fn health(State(state): Shared) -> ApiResult {
+    let units = state.zonal.units().await?;
+    let reachable = units.iter().filter(|(u, _)| u.reachable).count();
+    Ok(Json(json!({
+        "status": "ok",
+        "units": units.len(),
+        "units_reachable": reachable,
+    }))
+    .into_response())
+}
+
+async fn metrics(State(state): Shared) -> ApiResult {
+    state.zonal.refresh_gauges().await?;
+    let text = state
+        .zonal
+        .metrics
+        .encode()
+        .map_err(|e| ApiError::Internal(format!("cannot encode metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn field_of(body: &str) -> String {
+        match create_spec(body.as_bytes()).unwrap_err() {
+            ApiError::BadRequest { field, .. } => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn create_bodies() {
+        let spec = create_spec(br#"{"name":"v","size_gib":2}"#).unwrap();
+        assert_eq!(spec.size_bytes, 2 << 30);
+        assert_eq!(spec.erasure_code, DEFAULT_ERASURE_CODE);
+        assert_eq!(spec.partition_size_bytes, DEFAULT_PARTITION_SIZE_BYTES);
+        let spec = create_spec(
+            br#"{"name":"v","size_bytes":8192,"erasure_code":"2+1","partition_size_bytes":4096}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.erasure_code, ErasureCode { k: 2, m: 1 });
+        assert_eq!(field_of(r#"{"size_gib":1}"#), "name");
+        assert_eq!(field_of(r#"{"name":"v"}"#), "size_bytes");
+        assert_eq!(field_of(r#"{"name":"v","size_bytes":-1}"#), "size_bytes");
+        assert_eq!(field_of(r#"{"name":"v","size_bytes":"1"}"#), "size_bytes");
+        assert_eq!(field_of(r#"{"name":"v","size_bytes":4097}"#), "size_bytes");
+        assert_eq!(field_of(r#"{"name":"v","size_gib":1,"bogus":1}"#), "bogus");
+        assert_eq!(
+            field_of(r#"{"name":"v","size_gib":1,"erasure_code":"4"}"#),
+            "erasure_code"
+        );
+        assert!(matches!(create_spec(b"[1]"), Err(ApiError::BadBody { .. })));
+        assert!(matches!(create_spec(b"{"), Err(ApiError::BadBody { .. })));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

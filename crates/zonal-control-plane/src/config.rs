@@ -1,0 +1,255 @@
+//! Configuration of `rackblock zonal --config FILE`.
+//!
+//! A small TOML file: where to listen, where the store lives, the admin
+//! token, and the units of the zone. A unit is described by its rack file
+//! (the same file its head nodes and sleds read), so the zonal plane reaches
+//! the unit's head nodes on both networks without a second copy of their
+//! addresses. Unknown fields are errors. Example: `deploy/zonal.example.toml`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Default pause between two polls of a unit's status: 5 s.
+pub const DEFAULT_REPORT_INTERVAL_MS: u64 = 5_000;
+/// Shortest admin token accepted, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+fn default_report_interval_ms() -> u64 {
+    DEFAULT_REPORT_INTERVAL_MS
+}
+
+/// `rackblock zonal --config FILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZonalConfig {
+    /// HTTP address of the API, `/health` and `/metrics` (e.g. "0.0.0.0:9000").
+    pub listen: SocketAddr,
+    /// Directory of the embedded store (`<data_dir>/zonal.redb`); created
+    /// if absent.
+    pub data_dir: PathBuf,
+    /// Bearer token every `/v1/...` request must present
+    /// (`Authorization: Bearer <token>`), at least 16 bytes. Exactly one of
+    /// `admin_token` and `admin_token_file` must be set.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// A file holding the admin token (surrounding whitespace ignored); keeps
+    /// the secret out of the config file.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// The units of the zone.
+    #[serde(default)]
+    pub units: Vec<UnitConfig>,
+    /// Pause between two polls of every unit's status, in milliseconds.
+    #[serde(default = "default_report_interval_ms")]
+    pub report_interval_ms: u64,
+}
+
+/// One unit (rack) of the zone.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitConfig {
+    /// Name of the unit in the zone's API; should match `[unit] name` of
+    /// the rack file (a mismatch is logged, not refused).
+    pub name: String,
+    /// The unit's rack description (`hardware::rack::Rack` TOML): its head
+    /// nodes' addresses on networks A and B and the erasure codes it offers.
+    pub rack_file: PathBuf,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {} does not parse: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("cannot read admin_token_file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl ZonalConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::from_toml_str(&text).map_err(|error| match error {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text (the token file, if any, is read
+    /// by [`ZonalConfig::admin_token`]).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "admin_token",
+                    "set admin_token or admin_token_file, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "admin_token",
+                    "one of admin_token and admin_token_file is required",
+                ))
+            }
+            (Some(token), None) => check_token(token)?,
+            (None, Some(_)) => {}
+        }
+        if self.report_interval_ms == 0 {
+            return Err(invalid("report_interval_ms", "must be positive"));
+        }
+        let mut names = BTreeSet::new();
+        for unit in &self.units {
+            if unit.name.trim().is_empty() || unit.name.len() > 256 {
+                return Err(invalid("units.name", "must be 1..=256 bytes, not blank"));
+            }
+            if !names.insert(unit.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    field: "units.name",
+                    reason: format!("unit {:?} is listed twice", unit.name),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The admin token: `admin_token`, else the trimmed contents of
+    /// `admin_token_file`.
+    pub fn admin_token(&self) -> Result<String, ConfigError> {
+        match (&self.admin_token, &self.admin_token_file) {
+            (Some(token), _) => Ok(token.clone()),
+            (None, Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::TokenFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let token = text.trim().to_owned();
+                check_token(&token)?;
+                Ok(token)
+            }
+            (None, None) => Err(ConfigError::Invalid {
+                field: "admin_token",
+                reason: "one of admin_token and admin_token_file is required".into(),
+            }),
+        }
+    }
+}
+
+fn check_token(token: &str) -> Result<(), ConfigError> {
+    if token.len() < MIN_ADMIN_TOKEN_BYTES {
+        return Err(ConfigError::Invalid {
+            field: "admin_token",
+            reason: format!("must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"),
+        });
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::Invalid {
+            field: "admin_token",
+            reason: "must not contain whitespace or control characters".into(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/z\"\n";
+
+    #[test]
+    fn defaults_unknown_fields_and_token_rules() {
+        let c = ZonalConfig::from_toml_str(&format!("{BASE}admin_token = \"0123456789abcdef\"\n"))
+            .unwrap();
+        assert_eq!(c.report_interval_ms, DEFAULT_REPORT_INTERVAL_MS);
+        assert!(c.units.is_empty());
+        assert_eq!(c.admin_token().unwrap(), "0123456789abcdef");
+
+        let unknown = ZonalConfig::from_toml_str(&format!(
+            "{BASE}admin_token = \"0123456789abcdef\"\nbogus = 1\n"
+        ));
+        assert!(matches!(unknown, Err(ConfigError::Parse { .. })));
+        let unknown_in_unit = ZonalConfig::from_toml_str(&format!(
+            "{BASE}admin_token = \"0123456789abcdef\"\n[[units]]\nname = \"u\"\nrack_file = \"/r\"\nextra = 2\n"
+        ));
+        assert!(matches!(unknown_in_unit, Err(ConfigError::Parse { .. })));
+        let missing = ZonalConfig::from_toml_str(BASE);
+        assert!(matches!(
+            missing,
+            Err(ConfigError::Invalid {
+                field: "admin_token",
+                ..
+            })
+        ));
+        let short = ZonalConfig::from_toml_str(&format!("{BASE}admin_token = \"short\"\n"));
+        assert!(matches!(short, Err(ConfigError::Invalid { .. })));
+        let twice = ZonalConfig::from_toml_str(&format!(
+            "{BASE}admin_token = \"0123456789abcdef\"\n[[units]]\nname = \"u\"\nrack_file = \"/r\"\n[[units]]\nname = \"u\"\nrack_file = \"/s\"\n"
+        ));
+        assert!(matches!(
+            twice,
+            Err(ConfigError::Invalid {
+                field: "units.name",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn token_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  fedcba9876543210fedcba\n").unwrap();
+        let c = ZonalConfig::from_toml_str(&format!(
+            "{BASE}admin_token_file = \"{}\"\n",
+            path.display()
+        ))
+        .unwrap();
+        assert_eq!(c.admin_token().unwrap(), "fedcba9876543210fedcba");
+    }
+
+    #[test]
+    fn example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/zonal.example.toml");
+        let c = ZonalConfig::load(&path).unwrap();
+        assert_eq!(c.units.len(), 1);
+        assert_eq!(c.report_interval_ms, DEFAULT_REPORT_INTERVAL_MS);
+    }
+}

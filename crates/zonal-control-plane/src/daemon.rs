@@ -1,0 +1,99 @@
+//! The `rackblock zonal` process.
+//!
+//! Startup: validate the config, read the admin token, load every unit's
+//! rack file (a broken one is a fatal configuration error; a unit that does
+//! not answer is not), open the store, bind the listen address, then serve
+//! the API and run the report loop until the token is cancelled. Shutdown
+//! stops accepting, lets in-flight requests finish, stops the report loop,
+//! closes the links to the units and returns (the store is closed when the
+//! last reference drops, so a restart on the same `data_dir` can open it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hardware::rack::Rack;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::ZonalConfig;
+use crate::error::ZonalError;
+use crate::metrics::Metrics;
+use crate::service::{Unit, Zonal};
+use crate::store::Store;
+
+/// File name of the store inside `data_dir`.
+pub const STORE_FILE: &str = "zonal.redb";
+
+/// Runs the zonal control plane on `config.listen` until `shutdown` is
+/// cancelled.
+pub async fn run(config: ZonalConfig, shutdown: CancellationToken) -> Result<(), ZonalError> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ZonalError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Like [`run`], on a listener the caller bound (tests bind port 0).
+pub async fn serve(
+    config: ZonalConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ZonalError> {
+    config.validate()?;
+    let admin_token = config.admin_token()?;
+    let mut units = Vec::with_capacity(config.units.len());
+    for unit in &config.units {
+        let rack = Rack::load(&unit.rack_file).map_err(|source| ZonalError::Rack {
+            unit: unit.name.clone(),
+            path: unit.rack_file.clone(),
+            source,
+        })?;
+        if rack.unit.name != unit.name {
+            warn!(unit = %unit.name, rack_unit = %rack.unit.name, "unit name differs from the rack file's [unit] name");
+        }
+        units.push(Unit::new(unit.name.clone(), rack));
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ZonalError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let path = config.data_dir.join(STORE_FILE);
+    let store = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || Store::open(&path)
+    })
+    .await
+    .map_err(|e| ZonalError::DataDir {
+        path: path.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+    .map_err(|source| ZonalError::Store {
+        path: path.clone(),
+        source,
+    })?;
+
+    let zonal = Arc::new(Zonal::new(store, units, Arc::new(Metrics::new())));
+    let reporter = tokio::spawn(zonal.clone().report_loop(
+        Duration::from_millis(config.report_interval_ms),
+        shutdown.clone(),
+    ));
+    let address = listener.local_addr().map_err(ZonalError::Serve)?;
+    info!(%address, units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
+    let router = crate::api::router(zonal.clone(), admin_token);
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // The server may also end on its own (an accept error): stop the rest.
+    shutdown.cancel();
+    if let Err(e) = reporter.await {
+        warn!(error = %e, "report loop ended abnormally");
+    }
+    zonal.close();
+    info!("zonal control plane stopped");
+    served.map_err(ZonalError::Serve)
+}

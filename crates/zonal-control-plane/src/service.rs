@@ -1,0 +1,748 @@
+//! The zonal service: volume operations over the store and the units.
+//!
+//! ```text
+//!  HTTP handler ──▶ Zonal ──(blocking pool)──▶ Store (redb)
+//!                    │
+//!                    └──▶ Unit.client (LcpClient) ──▶ the unit's head nodes (A, else B)
+//!                              ▲
+//!  report loop (every report_interval_ms) ── UnitStatus ──┘ → UnitRecord in the store
+//! ```
+//!
+//! * Mutations (create, resize, delete, attach, detach) take one async
+//!   mutex, so a check and the write that follows it see the same state;
+//!   reads do not. The zonal plane is a low-rate control path; holding the
+//!   mutex across a unit's `RegisterVolume` (bounded by
+//!   [`COMMAND_TIMEOUT`]) keeps two creates of one name from racing.
+//! * Unit reports are *pulled*: the report loop asks each unit's LCP (its
+//!   leader answers, followers redirect) for `UnitStatus`. A unit needs
+//!   nothing from the zonal plane and never has to know its address. A
+//!   unit that does not answer is marked unreachable (kept, with its last
+//!   known capacity) and placement skips it until it answers again.
+//! * Nothing here is on the I/O path: hosts get the unit and its head nodes
+//!   from an attach and talk to the unit directly afterwards.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hardware::rack::Rack;
+use local_control_plane::client::ClientError;
+use local_control_plane::state::{Health, PartitionMap, UnitStatus};
+use local_control_plane::{Command, CommandError, Entity, LcpClient, LcpError, Outcome};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, PollLabels, StateLabels};
+use crate::model::{
+    check_name, check_size, rank_units, Attachment, Candidate, Capacity, ErasureCode, UnitRecord,
+    VolumeRecord, VolumeSpec, VolumeState,
+};
+use crate::store::{Store, StoreError};
+
+/// Longest wait for a unit to apply a command; past it the outcome is
+/// unknown.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for a unit's status or a partition map.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A configured unit: its rack description and a client of its LCP.
+#[derive(Debug)]
+pub struct Unit {
+    pub name: String,
+    pub rack: Rack,
+    client: LcpClient,
+}
+
+impl Unit {
+    /// Needs a tokio runtime (the client's links spawn tasks).
+    pub fn new(name: String, rack: Rack) -> Unit {
+        let client = LcpClient::new(&rack).with_retries(2, Duration::from_millis(200));
+        Unit { name, rack, client }
+    }
+
+    fn codes(&self) -> Vec<ErasureCode> {
+        self.rack
+            .unit
+            .erasure_codes
+            .iter()
+            .map(|&c| ErasureCode::from(c))
+            .collect()
+    }
+
+    /// The head nodes a host talks to, with both addresses.
+    pub fn head_nodes(&self) -> Vec<HeadNodeAddress> {
+        self.rack
+            .head_node
+            .iter()
+            .map(|h| HeadNodeAddress {
+                id: h.id.clone(),
+                address_a: h.address_a.to_string(),
+                address_b: h.address_b.to_string(),
+            })
+            .collect()
+    }
+}
+
+/// A head node as an attach returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeadNodeAddress {
+    pub id: String,
+    pub address_a: String,
+    pub address_b: String,
+}
+
+/// What a host needs after an attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttachInfo {
+    pub attachment_id: u64,
+    /// Per-attachment secret (32 hex digits), shown only here.
+    pub token: String,
+    pub host: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub size_bytes: u64,
+    pub partition_size_bytes: u64,
+    pub erasure_code: String,
+    pub unit: String,
+    /// The unit's head nodes: any of them serves the volume's partition
+    /// map (`LcpRequest::PartitionMap`), on network A or B.
+    pub head_nodes: Vec<HeadNodeAddress>,
+}
+
+/// How one `RegisterVolume` went.
+enum Registration {
+    Applied,
+    Refused(CommandError),
+    Unreachable(String),
+    Uncertain(String),
+    Protocol(String),
+}
+
+#[derive(Debug)]
+pub struct Zonal {
+    store: Arc<Store>,
+    units: BTreeMap<String, Unit>,
+    mutations: tokio::sync::Mutex<()>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Zonal {
+    pub fn new(store: Store, units: Vec<Unit>, metrics: Arc<Metrics>) -> Zonal {
+        metrics
+            .units
+            .set(i64::try_from(units.len()).unwrap_or(i64::MAX));
+        Zonal {
+            store: Arc::new(store),
+            units: units.into_iter().map(|u| (u.name.clone(), u)).collect(),
+            mutations: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// Runs a store call on the blocking pool.
+    async fn store<T, F>(&self, call: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || call(&store))
+            .await
+            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+
+    fn unit(&self, name: &str) -> Result<&Unit, ApiError> {
+        self.units.get(name).ok_or_else(|| ApiError::UnitNotFound {
+            name: name.to_owned(),
+        })
+    }
+
+    /// Erasure codes the unit's rack offers (empty for an unknown unit).
+    pub fn unit_codes(&self, name: &str) -> Vec<ErasureCode> {
+        self.units.get(name).map(Unit::codes).unwrap_or_default()
+    }
+
+    /// Closes the links to every unit.
+    pub fn close(&self) {
+        for unit in self.units.values() {
+            unit.client.close();
+        }
+    }
+
+    // ---- unit reports ----
+
+    /// Asks `unit` for its status and stores the result.
+    pub async fn poll_unit(&self, name: &str) -> Result<UnitRecord, ApiError> {
+        let unit = self.unit(name)?;
+        let answer = tokio::time::timeout(READ_TIMEOUT, unit.client.unit_status()).await;
+        let key = name.to_owned();
+        let mut record = self
+            .store(move |s| s.unit(&key))
+            .await?
+            .unwrap_or_else(|| UnitRecord::unknown(name));
+        let now = now_ms();
+        record.checked_at_ms = Some(now);
+        let result = match answer {
+            Ok(Ok((raft, status))) => {
+                apply_status(&mut record, &status);
+                record.leader = raft.leader_name;
+                record.reachable = true;
+                record.reported_at_ms = Some(now);
+                record.last_error = None;
+                "ok"
+            }
+            Ok(Err(error)) => {
+                mark_unreachable(&mut record, error.to_string());
+                "unreachable"
+            }
+            Err(_) => {
+                mark_unreachable(&mut record, format!("no answer within {READ_TIMEOUT:?}"));
+                "unreachable"
+            }
+        };
+        self.metrics
+            .polls
+            .get_or_create(&PollLabels {
+                unit: name.to_owned(),
+                result,
+            })
+            .inc();
+        if !record.reachable {
+            warn!(
+                unit = name,
+                error = record.last_error.as_deref().unwrap_or(""),
+                "unit unreachable"
+            );
+        }
+        let stored = record.clone();
+        self.store(move |s| s.put_unit(&stored)).await?;
+        Ok(record)
+    }
+
+    /// Polls every unit at once.
+    pub async fn poll_all(self: &Arc<Self>) {
+        let mut polls = JoinSet::new();
+        for name in self.units.keys() {
+            let zonal = self.clone();
+            let name = name.clone();
+            polls.spawn(async move { (zonal.poll_unit(&name).await, name) });
+        }
+        while let Some(joined) = polls.join_next().await {
+            if let Ok((Err(error), name)) = joined {
+                warn!(unit = %name, %error, "cannot record unit report");
+            }
+        }
+    }
+
+    /// Polls every unit now and then every `interval` until `shutdown`.
+    pub async fn report_loop(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = self.poll_all() => {}
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn record_unreachable(&self, name: &str, reason: &str) -> Result<(), ApiError> {
+        let key = name.to_owned();
+        let mut record = self
+            .store(move |s| s.unit(&key))
+            .await?
+            .unwrap_or_else(|| UnitRecord::unknown(name));
+        record.checked_at_ms = Some(now_ms());
+        mark_unreachable(&mut record, reason.to_owned());
+        self.store(move |s| s.put_unit(&record)).await
+    }
+
+    /// Every configured unit with its last report and the count of live
+    /// volumes placed there.
+    pub async fn units(&self) -> Result<Vec<(UnitRecord, usize)>, ApiError> {
+        let stored = self.store(|s| s.units()).await?;
+        let volumes = self.store(|s| s.volumes()).await?;
+        let mut by_name: BTreeMap<String, UnitRecord> =
+            stored.into_iter().map(|u| (u.name.clone(), u)).collect();
+        Ok(self
+            .units
+            .keys()
+            .map(|name| {
+                let record = by_name
+                    .remove(name)
+                    .unwrap_or_else(|| UnitRecord::unknown(name));
+                let count = volumes
+                    .iter()
+                    .filter(|v| v.unit == *name && v.state != VolumeState::Deleted)
+                    .count();
+                (record, count)
+            })
+            .collect())
+    }
+
+    // ---- volumes ----
+
+    /// Creates a volume, or returns the live one of the same name and spec
+    /// (`false`: nothing was created).
+    pub async fn create_volume(&self, spec: VolumeSpec) -> Result<(VolumeRecord, bool), ApiError> {
+        spec.validate()?;
+        let _guard = self.mutations.lock().await;
+        let name = spec.name.clone();
+        if let Some(existing) = self.store(move |s| s.volume_by_name(&name)).await? {
+            if existing.spec != spec {
+                return Err(ApiError::NameConflict {
+                    name: spec.name,
+                    existing: format!(
+                        "size_bytes {}, partition_size_bytes {}, erasure_code {}",
+                        existing.spec.size_bytes,
+                        existing.spec.partition_size_bytes,
+                        existing.spec.erasure_code
+                    ),
+                });
+            }
+            return match existing.state {
+                VolumeState::Available => Ok((existing, false)),
+                VolumeState::Creating => self.finish_creating(existing).await.map(|r| (r, true)),
+                state => Err(ApiError::VolumeNotAvailable {
+                    name: spec.name,
+                    state,
+                }),
+            };
+        }
+
+        let ranked = rank_units(
+            &self.candidates(&spec).await?,
+            spec.raw_bytes(),
+            spec.erasure_code,
+        )
+        .map_err(|reason| ApiError::NoUnitFits { reason })?;
+        let mut reserved: Option<VolumeRecord> = None;
+        let mut passed_over = Vec::new();
+        for unit_name in ranked {
+            let record = match reserved.take() {
+                None => {
+                    let (spec, unit_name) = (spec.clone(), unit_name.clone());
+                    self.store(move |s| s.reserve_volume(&spec, &unit_name, now_ms()))
+                        .await?
+                }
+                Some(mut record) => {
+                    record.unit = unit_name.clone();
+                    let stored = record.clone();
+                    self.store(move |s| s.put_volume(&stored)).await?;
+                    record
+                }
+            };
+            let unit = self.unit(&unit_name)?;
+            match self.register(unit, &record).await {
+                Registration::Applied => {
+                    info!(volume = %record.spec.name, id = record.id, unit = %unit_name, "volume created");
+                    return self.set_available(record).await.map(|r| (r, true));
+                }
+                Registration::Unreachable(reason) => {
+                    self.record_unreachable(&unit_name, &reason).await?;
+                    passed_over.push(format!("{unit_name}: unreachable ({reason})"));
+                }
+                Registration::Refused(error)
+                    if error.is_retryable()
+                        || matches!(
+                            error,
+                            CommandError::AlreadyExists {
+                                entity: Entity::VolumeName,
+                                ..
+                            }
+                        ) =>
+                {
+                    passed_over.push(format!("{unit_name}: {error}"));
+                }
+                Registration::Refused(error) => {
+                    self.forget(&record).await?;
+                    return Err(ApiError::UnitRefused {
+                        unit: unit_name,
+                        error,
+                    });
+                }
+                Registration::Uncertain(reason) => {
+                    // Stays Creating on this unit: the same create settles it.
+                    return Err(ApiError::OutcomeUnknown {
+                        unit: unit_name,
+                        volume: record.id,
+                        reason,
+                    });
+                }
+                Registration::Protocol(reason) => {
+                    self.forget(&record).await?;
+                    return Err(ApiError::UnitProtocol {
+                        unit: unit_name,
+                        reason,
+                    });
+                }
+            }
+            reserved = Some(record);
+        }
+        if let Some(record) = reserved {
+            self.forget(&record).await?;
+        }
+        Err(ApiError::NoUnitFits {
+            reason: passed_over.join("; "),
+        })
+    }
+
+    /// Re-sends the registration of a volume left `Creating` (its first
+    /// attempt's outcome was unknown) to the same unit.
+    async fn finish_creating(&self, record: VolumeRecord) -> Result<VolumeRecord, ApiError> {
+        let unit = self.unit(&record.unit)?;
+        match self.register(unit, &record).await {
+            Registration::Applied => self.set_available(record).await,
+            Registration::Unreachable(reason) => {
+                self.record_unreachable(&record.unit, &reason).await?;
+                Err(ApiError::UnitUnreachable {
+                    unit: record.unit,
+                    reason,
+                })
+            }
+            Registration::Uncertain(reason) => Err(ApiError::OutcomeUnknown {
+                unit: record.unit,
+                volume: record.id,
+                reason,
+            }),
+            Registration::Refused(error) => {
+                self.forget(&record).await?;
+                Err(ApiError::UnitRefused {
+                    unit: record.unit,
+                    error,
+                })
+            }
+            Registration::Protocol(reason) => Err(ApiError::UnitProtocol {
+                unit: record.unit,
+                reason,
+            }),
+        }
+    }
+
+    async fn set_available(&self, mut record: VolumeRecord) -> Result<VolumeRecord, ApiError> {
+        record.state = VolumeState::Available;
+        let stored = record.clone();
+        self.store(move |s| s.put_volume(&stored)).await?;
+        Ok(record)
+    }
+
+    async fn forget(&self, record: &VolumeRecord) -> Result<(), ApiError> {
+        let (id, name) = (record.id, record.spec.name.clone());
+        self.store(move |s| s.remove_volume(id, &name)).await
+    }
+
+    async fn candidates(&self, spec: &VolumeSpec) -> Result<Vec<Candidate>, ApiError> {
+        let units = self.units().await?;
+        let volumes = self.store(|s| s.volumes()).await?;
+        Ok(units
+            .into_iter()
+            .filter_map(|(record, count)| {
+                let unit = self.units.get(&record.name)?;
+                let excluded = volumes.iter().any(|v| {
+                    v.unit == record.name
+                        && v.spec.name == spec.name
+                        && v.state == VolumeState::Deleted
+                });
+                Some(Candidate {
+                    name: record.name.clone(),
+                    reachable: record.reachable,
+                    allocatable_bytes: record.capacity.allocatable_bytes,
+                    volumes: count,
+                    codes: unit.codes(),
+                    excluded,
+                })
+            })
+            .collect())
+    }
+
+    async fn register(&self, unit: &Unit, record: &VolumeRecord) -> Registration {
+        let command = Command::RegisterVolume {
+            volume: record.id,
+            name: record.spec.name.clone(),
+            size_bytes: record.spec.size_bytes,
+            partition_size_bytes: record.spec.partition_size_bytes,
+            k: record.spec.erasure_code.k,
+            m: record.spec.erasure_code.m,
+        };
+        let answer = match tokio::time::timeout(COMMAND_TIMEOUT, unit.client.command(command)).await
+        {
+            Ok(answer) => answer,
+            Err(_) => {
+                return Registration::Uncertain(format!("no answer within {COMMAND_TIMEOUT:?}"))
+            }
+        };
+        match answer {
+            Ok(Ok(Outcome::VolumeRegistered { .. })) => Registration::Applied,
+            Ok(Ok(other)) => Registration::Protocol(format!("RegisterVolume answered {other:?}")),
+            Ok(Err(CommandError::AlreadyExists {
+                entity: Entity::Volume,
+                id,
+            })) if id == record.id.to_string() => {
+                // An earlier attempt was applied, unless the unit holds a
+                // different volume under our id; the partition map tells.
+                match tokio::time::timeout(READ_TIMEOUT, unit.client.partition_map(record.id)).await
+                {
+                    Ok(Ok(map))
+                        if map.size_bytes == record.spec.size_bytes
+                            && map.partition_size_bytes == record.spec.partition_size_bytes =>
+                    {
+                        Registration::Applied
+                    }
+                    Ok(Ok(map)) => Registration::Protocol(format!(
+                        "the unit holds a different volume {} ({} bytes)",
+                        record.id, map.size_bytes
+                    )),
+                    Ok(Err(e)) => Registration::Uncertain(e.to_string()),
+                    Err(_) => Registration::Uncertain("partition map read timed out".into()),
+                }
+            }
+            Ok(Err(error)) => Registration::Refused(error),
+            Err(error @ ClientError::NoHeadNode { .. }) => {
+                Registration::Unreachable(error.to_string())
+            }
+            Err(ClientError::Uncertain(reason)) => Registration::Uncertain(reason),
+            Err(ClientError::Lcp(LcpError::Uncertain { reason })) => {
+                Registration::Uncertain(reason)
+            }
+            Err(error) => Registration::Protocol(error.to_string()),
+        }
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, ApiError> {
+        let mut volumes = self.store(|s| s.volumes()).await?;
+        volumes.retain(|v| v.state != VolumeState::Deleted);
+        Ok(volumes)
+    }
+
+    async fn live_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+        let key = name.to_owned();
+        self.store(move |s| s.volume_by_name(&key))
+            .await?
+            .ok_or_else(|| ApiError::VolumeNotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    /// The volume and, read live from its unit, its partition map (or why
+    /// it could not be read).
+    pub async fn describe_volume(
+        &self,
+        name: &str,
+    ) -> Result<(VolumeRecord, Result<PartitionMap, String>), ApiError> {
+        let record = self.live_volume(name).await?;
+        let map = match (record.state, self.units.get(&record.unit)) {
+            (VolumeState::Available, Some(unit)) => {
+                match tokio::time::timeout(READ_TIMEOUT, unit.client.partition_map(record.id)).await
+                {
+                    Ok(Ok(map)) => Ok(map),
+                    Ok(Err(error)) => Err(format!("unit {}: {error}", record.unit)),
+                    Err(_) => Err(format!(
+                        "unit {}: no answer within {READ_TIMEOUT:?}",
+                        record.unit
+                    )),
+                }
+            }
+            (VolumeState::Available, None) => {
+                Err(format!("unit {} is not in the configuration", record.unit))
+            }
+            (state, _) => Err(format!("volume is {}", state.name())),
+        };
+        Ok((record, map))
+    }
+
+    /// Grows a volume. Shrinking is refused; the same size is a no-op.
+    pub async fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeRecord, ApiError> {
+        check_size("size_bytes", size_bytes)?;
+        let _guard = self.mutations.lock().await;
+        let record = self.live_volume(name).await?;
+        if size_bytes < record.spec.size_bytes {
+            return Err(ApiError::bad(
+                "size_bytes",
+                format!(
+                    "{size_bytes} is smaller than the volume's {} bytes; volumes only grow",
+                    record.spec.size_bytes
+                ),
+            ));
+        }
+        if size_bytes == record.spec.size_bytes {
+            return Ok(record);
+        }
+        Err(ApiError::NotImplemented {
+            what: "growing a volume",
+            reason: "the local control plane has no resize command yet; the volume is unchanged"
+                .into(),
+        })
+    }
+
+    /// Deletes a volume that has no attachments. The unit keeps its
+    /// partitions: the local control plane has no delete command yet.
+    pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+        let _guard = self.mutations.lock().await;
+        let mut record = self.live_volume(name).await?;
+        if !record.attachments.is_empty() {
+            return Err(ApiError::VolumeAttached {
+                name: name.to_owned(),
+                attachments: record.attachments.len(),
+            });
+        }
+        record.state = VolumeState::Deleted;
+        let stored = record.clone();
+        self.store(move |s| s.put_volume(&stored)).await?;
+        info!(volume = name, id = record.id, unit = %record.unit, "volume deleted (zonal record only)");
+        Ok(record)
+    }
+
+    pub async fn attach(&self, name: &str, host: &str) -> Result<AttachInfo, ApiError> {
+        check_name("host", host)?;
+        let _guard = self.mutations.lock().await;
+        let record = self.live_volume(name).await?;
+        if record.state != VolumeState::Available {
+            return Err(ApiError::VolumeNotAvailable {
+                name: name.to_owned(),
+                state: record.state,
+            });
+        }
+        let unit = self.unit(&record.unit)?;
+        let token = new_token();
+        let (id, host_owned) = (record.id, host.to_owned());
+        let (record, attachment): (VolumeRecord, Attachment) = self
+            .store(move |s| s.add_attachment(id, &host_owned, token, now_ms()))
+            .await?;
+        info!(volume = name, host, attachment = attachment.id, "attached");
+        Ok(AttachInfo {
+            attachment_id: attachment.id,
+            token: attachment.token,
+            host: attachment.host,
+            volume: record.spec.name.clone(),
+            volume_id: record.id,
+            size_bytes: record.spec.size_bytes,
+            partition_size_bytes: record.spec.partition_size_bytes,
+            erasure_code: record.spec.erasure_code.to_string(),
+            unit: record.unit.clone(),
+            head_nodes: unit.head_nodes(),
+        })
+    }
+
+    pub async fn detach(&self, name: &str, attachment: &str) -> Result<VolumeRecord, ApiError> {
+        let not_found = || ApiError::AttachmentNotFound {
+            volume: name.to_owned(),
+            attachment: attachment.to_owned(),
+        };
+        let id: u64 = attachment.parse().map_err(|_| not_found())?;
+        let _guard = self.mutations.lock().await;
+        let mut record = self.live_volume(name).await?;
+        let before = record.attachments.len();
+        record.attachments.retain(|a| a.id != id);
+        if record.attachments.len() == before {
+            return Err(not_found());
+        }
+        let stored = record.clone();
+        self.store(move |s| s.put_volume(&stored)).await?;
+        info!(volume = name, attachment = id, "detached");
+        Ok(record)
+    }
+
+    /// Refreshes the store-derived gauges (called at every scrape).
+    pub async fn refresh_gauges(&self) -> Result<(), ApiError> {
+        let volumes = self.store(|s| s.volumes()).await?;
+        for state in VolumeState::ALL {
+            let count = volumes.iter().filter(|v| v.state == state).count();
+            self.metrics
+                .volumes
+                .get_or_create(&StateLabels {
+                    state: state.name(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        let reachable = self
+            .units()
+            .await?
+            .iter()
+            .filter(|(u, _)| u.reachable)
+            .count();
+        self.metrics
+            .units_reachable
+            .set(i64::try_from(reachable).unwrap_or(i64::MAX));
+        Ok(())
+    }
+}
+
+fn mark_unreachable(record: &mut UnitRecord, reason: String) {
+    record.reachable = false;
+    record.health = "unreachable".into();
+    record.last_error = Some(reason);
+}
+
+/// Fills a unit record from the LCP's status.
+fn apply_status(record: &mut UnitRecord, status: &UnitStatus) {
+    let mut allocatable_bytes = 0u64;
+    let mut all_up = true;
+    for sled in &status.sleds {
+        all_up &= sled.health == Health::Up;
+        for device in &sled.devices {
+            all_up &= device.health == Health::Up;
+            if sled.health == Health::Up && device.health == Health::Up {
+                let free = u64::try_from(device.free_columns).unwrap_or(u64::MAX);
+                allocatable_bytes =
+                    allocatable_bytes.saturating_add(free.saturating_mul(sled.column_size_bytes));
+            }
+        }
+    }
+    record.head_nodes = status.nodes.len();
+    record.head_nodes_up = status
+        .nodes
+        .iter()
+        .filter(|n| n.health == Health::Up)
+        .count();
+    record.sleds = status.sleds.len();
+    record.sleds_up = status
+        .sleds
+        .iter()
+        .filter(|s| s.health == Health::Up)
+        .count();
+    all_up &= record.head_nodes_up == record.head_nodes;
+    record.health = if all_up { "ok" } else { "degraded" }.into();
+    record.capacity = Capacity {
+        free_bytes: status.capacity.free_bytes,
+        used_bytes: status.capacity.used_bytes,
+        allocatable_bytes,
+    };
+    record.lcp_volumes = status.volumes;
+}
+
+/// 128 random bits as 32 hex digits.
+fn new_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_32_hex_digits_and_differ() {
+        let a = new_token();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, new_token());
+    }
+}

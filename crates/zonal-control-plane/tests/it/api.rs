@@ -1,0 +1,619 @@
+//! The HTTP API end to end: auth, the volume life cycle, bad input,
+//! idempotent create, placement, unreachable units, restart, config.
+
+use local_control_plane::CommandError;
+use serde_json::Value;
+use zonal_control_plane::{ConfigError, ZonalConfig};
+
+use crate::fake_unit::FakeUnit;
+use crate::harness::{request, Zonal, TOKEN};
+
+const GIB: u64 = 1 << 30;
+
+#[tokio::test]
+async fn admin_requests_need_the_bearer_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 11, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 11)]).await;
+
+    for (method, path, body) in [
+        ("GET", "/v1/volumes", None),
+        ("POST", "/v1/volumes", Some(r#"{"name":"v","size_gib":1}"#)),
+        ("GET", "/v1/units", None),
+        ("DELETE", "/v1/volumes/v", None),
+    ] {
+        let missing = request(zonal.address, method, path, None, body).await;
+        assert_eq!(missing.status, 401, "{method} {path}");
+        assert_eq!(missing.code(), "unauthorized");
+        assert!(missing
+            .headers
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"));
+        let wrong = request(
+            zonal.address,
+            method,
+            path,
+            Some("wrong-token-0000000000"),
+            body,
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{method} {path}");
+    }
+    // Nothing was created by the refused requests.
+    assert_eq!(unit.register_calls(), 0);
+    assert_eq!(
+        zonal.get("/v1/volumes").await.json()["volumes"],
+        Value::Array(vec![])
+    );
+
+    // Health and metrics need no token.
+    let health = request(zonal.address, "GET", "/health", None, None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+    let metrics = request(zonal.address, "GET", "/metrics", None, None).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains(
+            r#"rackblock_zonal_http_requests_total{route="/v1/volumes",method="GET",status="401"} 2"#
+        ),
+        "{}",
+        metrics.body
+    );
+    let unknown = zonal.get("/v2/nothing").await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.code(), "not_found");
+    let wrong_method = zonal.call("PUT", "/v1/volumes", Some("{}")).await;
+    assert_eq!(wrong_method.status, 405);
+    assert_eq!(wrong_method.code(), "method_not_allowed");
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 12, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 12)]).await;
+    zonal.wait_units(&["u1"]).await;
+
+    let created = zonal
+        .post(
+            "/v1/volumes",
+            r#"{"name":"vol0","size_gib":4,"erasure_code":"2+1","partition_size_bytes":1073741824}"#,
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let volume = created.json();
+    assert_eq!(volume["id"], 1);
+    assert_eq!(volume["unit"], "u1");
+    assert_eq!(volume["state"], "available");
+    assert_eq!(volume["size_bytes"], 4 * GIB);
+    assert_eq!(volume["erasure_code"], "2+1");
+    // The unit got RegisterVolume with the zonal id and spec.
+    let registered = unit.volumes();
+    assert_eq!(registered[&1].name, "vol0");
+    assert_eq!(registered[&1].size_bytes, 4 * GIB);
+
+    let list = zonal.get("/v1/volumes").await.json();
+    assert_eq!(list["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(list["volumes"][0]["name"], "vol0");
+
+    let described = zonal.get("/v1/volumes/vol0").await;
+    assert_eq!(described.status, 200);
+    let described = described.json();
+    assert_eq!(described["partition_map"]["volume"], 1);
+    assert_eq!(
+        described["partition_map"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(
+        described["partition_map"]["partitions"][0]["primary"]["address_b"],
+        unit.address_b.to_string()
+    );
+    assert_eq!(described["partition_map_error"], Value::Null);
+
+    let attached = zonal
+        .post("/v1/volumes/vol0/attach", r#"{"host":"host-a"}"#)
+        .await;
+    assert_eq!(attached.status, 201, "{}", attached.body);
+    let attachment = attached.json();
+    let token = attachment["token"].as_str().unwrap();
+    assert_eq!(token.len(), 32);
+    assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(attachment["unit"], "u1");
+    assert_eq!(attachment["volume_id"], 1);
+    assert_eq!(attachment["size_bytes"], 4 * GIB);
+    assert_eq!(
+        attachment["head_nodes"][0]["address_a"],
+        unit.address_a.to_string()
+    );
+    assert_eq!(
+        attachment["head_nodes"][0]["address_b"],
+        unit.address_b.to_string()
+    );
+    let attachment_id = attachment["attachment_id"].as_u64().unwrap();
+    // A second host gets its own attachment and token.
+    let second = zonal
+        .post("/v1/volumes/vol0/attach", r#"{"host":"host-b"}"#)
+        .await
+        .json();
+    assert_ne!(second["token"], attachment["token"]);
+
+    // Listings never show tokens.
+    let described = zonal.get("/v1/volumes/vol0").await;
+    assert_eq!(described.json()["attachments"].as_array().unwrap().len(), 2);
+    assert!(!described.body.contains(token));
+
+    let refused = zonal.call("DELETE", "/v1/volumes/vol0", None).await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.code(), "volume_attached");
+
+    let detached = zonal
+        .call(
+            "DELETE",
+            &format!("/v1/volumes/vol0/attachments/{attachment_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(detached.status, 200, "{}", detached.body);
+    assert_eq!(detached.json()["attachments"].as_array().unwrap().len(), 1);
+    let again = zonal
+        .call(
+            "DELETE",
+            &format!("/v1/volumes/vol0/attachments/{attachment_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.code(), "attachment_not_found");
+    let other = second["attachment_id"].as_u64().unwrap();
+    let detached = zonal
+        .call(
+            "DELETE",
+            &format!("/v1/volumes/vol0/attachments/{other}"),
+            None,
+        )
+        .await;
+    assert_eq!(detached.status, 200);
+
+    let deleted = zonal.call("DELETE", "/v1/volumes/vol0", None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["state"], "deleted");
+    assert_eq!(zonal.get("/v1/volumes/vol0").await.status, 404);
+    assert_eq!(
+        zonal.call("DELETE", "/v1/volumes/vol0", None).await.status,
+        404
+    );
+    assert_eq!(
+        zonal.get("/v1/volumes").await.json()["volumes"],
+        Value::Array(vec![])
+    );
+
+    // The unit still holds the deleted volume's name (no LCP delete yet):
+    // re-creating the name is refused rather than sent to that unit.
+    let recreate = zonal
+        .post("/v1/volumes", r#"{"name":"vol0","size_gib":1}"#)
+        .await;
+    assert_eq!(recreate.status, 503, "{}", recreate.body);
+    assert_eq!(recreate.code(), "no_unit_fits");
+    assert!(
+        recreate.message().contains("deleted volume"),
+        "{}",
+        recreate.body
+    );
+
+    let units = zonal.get("/v1/units").await.json();
+    assert_eq!(units["units"][0]["volumes"], 0);
+    let metrics = request(zonal.address, "GET", "/metrics", None, None)
+        .await
+        .body;
+    assert!(
+        metrics.contains(r#"rackblock_zonal_volumes{state="deleted"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rackblock_zonal_units_reachable 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"rackblock_zonal_http_requests_total{route="/v1/volumes",method="POST",status="201"} 1"#
+        ),
+        "{metrics}"
+    );
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 13, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 13)]).await;
+    zonal.wait_units(&["u1"]).await;
+
+    for (body, field) in [
+        (r#"{"size_gib":1}"#, "name"),
+        (r#"{"name":"v"}"#, "size_bytes"),
+        (r#"{"name":"v","size_bytes":0}"#, "size_bytes"),
+        (r#"{"name":"v","size_bytes":4097}"#, "size_bytes"),
+        (r#"{"name":"v","size_bytes":"big"}"#, "size_bytes"),
+        (
+            r#"{"name":"v","size_bytes":4096,"size_gib":1}"#,
+            "size_bytes",
+        ),
+        (
+            r#"{"name":"v","size_gib":1,"erasure_code":"4+0"}"#,
+            "erasure_code",
+        ),
+        (
+            r#"{"name":"v","size_gib":1,"partition_size_bytes":1000}"#,
+            "partition_size_bytes",
+        ),
+        (r#"{"name":"bad name","size_gib":1}"#, "name"),
+        (r#"{"name":"v","size_gib":1,"colour":"red"}"#, "colour"),
+    ] {
+        let response = zonal.post("/v1/volumes", body).await;
+        assert_eq!(response.status, 400, "{body}: {}", response.body);
+        assert_eq!(response.code(), "bad_request");
+        assert!(
+            response.message().starts_with(field),
+            "{body}: {} does not name {field}",
+            response.message()
+        );
+    }
+    let not_json = zonal.post("/v1/volumes", "{name").await;
+    assert_eq!(not_json.status, 400);
+    assert_eq!(unit.register_calls(), 0);
+    assert_eq!(
+        zonal.get("/v1/volumes").await.json()["volumes"],
+        Value::Array(vec![])
+    );
+
+    assert_eq!(
+        zonal
+            .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
+            .await
+            .status,
+        201
+    );
+    let shrink = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":1073741824}"#)
+        .await;
+    assert_eq!(shrink.status, 400);
+    assert!(
+        shrink.message().starts_with("size_bytes"),
+        "{}",
+        shrink.body
+    );
+    let unaligned = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":3000000001}"#)
+        .await;
+    assert_eq!(unaligned.status, 400);
+    let same = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":2147483648}"#)
+        .await;
+    assert_eq!(same.status, 200);
+    let grow = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294967296}"#)
+        .await;
+    assert_eq!(grow.status, 501, "{}", grow.body);
+    assert_eq!(grow.code(), "not_implemented");
+    assert_eq!(
+        zonal.get("/v1/volumes/v").await.json()["size_bytes"],
+        2 * GIB
+    );
+
+    let attach = zonal.post("/v1/volumes/v/attach", r#"{}"#).await;
+    assert_eq!(attach.status, 400);
+    assert!(attach.message().starts_with("host"), "{}", attach.body);
+    let missing = zonal
+        .post("/v1/volumes/nope/attach", r#"{"host":"h"}"#)
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.code(), "volume_not_found");
+    let bad_id = zonal
+        .call("DELETE", "/v1/volumes/v/attachments/x", None)
+        .await;
+    assert_eq!(bad_id.status, 404);
+    assert_eq!(zonal.get("/v1/units/nope").await.status, 404);
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn create_is_idempotent_by_name_and_a_different_spec_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 14, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 14)]).await;
+    zonal.wait_units(&["u1"]).await;
+
+    let first = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+        .await;
+    assert_eq!(first.status, 201);
+    // Same spec, spelled differently (defaults written out).
+    let repeat = zonal
+        .post(
+            "/v1/volumes",
+            r#"{"name":"v","size_bytes":1073741824,"erasure_code":"4+2","partition_size_bytes":1073741824}"#,
+        )
+        .await;
+    assert_eq!(repeat.status, 200, "{}", repeat.body);
+    assert_eq!(repeat.json()["id"], first.json()["id"]);
+    let conflict = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
+        .await;
+    assert_eq!(conflict.status, 409);
+    assert_eq!(conflict.code(), "name_conflict");
+    assert_eq!(unit.register_calls(), 1);
+
+    // A unit's refusal is typed and leaves the name free.
+    unit.state.lock().unwrap().refuse_next = Some(CommandError::InvalidArgument {
+        reason: "the fake says no".into(),
+    });
+    let refused = zonal
+        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.code(), "invalid_argument");
+    assert!(refused.message().contains("the fake says no"));
+    let retried = zonal
+        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
+        .await;
+    assert_eq!(retried.status, 201, "{}", retried.body);
+    // Ids are never reused: the refused attempt consumed id 2.
+    assert_eq!(retried.json()["id"], 3);
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn placement_picks_the_unit_with_more_free_space_then_fewer_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = FakeUnit::start("small", 15, 10 * GIB).await;
+    let big = FakeUnit::start("big", 16, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&small, 15), (&big, 16)]).await;
+    zonal.wait_units(&["big", "small"]).await;
+
+    let a = zonal
+        .post("/v1/volumes", r#"{"name":"a","size_gib":1}"#)
+        .await
+        .json();
+    assert_eq!(a["unit"], "big");
+    // 12 GiB at 4+2 needs 18 GiB raw: only `big` fits.
+    small.set_free_bytes(200 * GIB);
+    big.set_free_bytes(20 * GIB);
+    zonal.call("POST", "/v1/units/small/refresh", None).await;
+    let refreshed = zonal
+        .call("POST", "/v1/units/big/refresh", None)
+        .await
+        .json();
+    assert_eq!(refreshed["capacity"]["allocatable_bytes"], 20 * GIB);
+    let b = zonal
+        .post("/v1/volumes", r#"{"name":"b","size_gib":12}"#)
+        .await
+        .json();
+    assert_eq!(b["unit"], "small");
+    // Too big for every unit: 503 naming each unit's shortfall.
+    let huge = zonal
+        .post("/v1/volumes", r#"{"name":"c","size_gib":1000}"#)
+        .await;
+    assert_eq!(huge.status, 503);
+    assert_eq!(huge.code(), "no_unit_fits");
+    assert!(
+        huge.message().contains("big:") && huge.message().contains("small:"),
+        "{}",
+        huge.body
+    );
+
+    // Equal free space: the unit with fewer volumes wins.
+    small.set_free_bytes(50 * GIB);
+    big.set_free_bytes(50 * GIB);
+    big.state.lock().unwrap().volumes.clear();
+    zonal.call("POST", "/v1/units/small/refresh", None).await;
+    zonal.call("POST", "/v1/units/big/refresh", None).await;
+    let units = zonal.get("/v1/units").await.json();
+    assert_eq!(units["units"][0]["name"], "big");
+    assert_eq!(units["units"][0]["volumes"], 1);
+    assert_eq!(units["units"][1]["volumes"], 1);
+    let d = zonal
+        .post("/v1/volumes", r#"{"name":"d","size_gib":1}"#)
+        .await
+        .json();
+    // Tie on volumes too (1 each): the name decides.
+    assert_eq!(d["unit"], "big");
+    let e = zonal
+        .post("/v1/volumes", r#"{"name":"e","size_gib":1}"#)
+        .await
+        .json();
+    assert_eq!(e["unit"], "small");
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_unit_is_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let never = FakeUnit::dead("never", 17).await;
+    let roomy = FakeUnit::start("roomy", 18, 500 * GIB).await;
+    let modest = FakeUnit::start("modest", 19, 50 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&never, 17), (&roomy, 18), (&modest, 19)]).await;
+    let units = zonal.wait_units(&["modest", "roomy"]).await;
+    let never_view = &units["units"][1];
+    assert_eq!(never_view["name"], "never");
+    assert_eq!(never_view["reachable"], false);
+    assert_eq!(never_view["health"], "unreachable");
+    assert!(never_view["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("no head node answered"));
+    assert_eq!(units["units"][2]["health"], "ok");
+    assert_eq!(units["units"][2]["leader"], "roomy-hn-1");
+
+    // The roomiest unit goes away: it is kept, marked unreachable with its
+    // last capacity, and placement moves on.
+    roomy.stop();
+    let refreshed = zonal
+        .call("POST", "/v1/units/roomy/refresh", None)
+        .await
+        .json();
+    assert_eq!(refreshed["reachable"], false);
+    assert_eq!(refreshed["capacity"]["allocatable_bytes"], 500 * GIB);
+    let v = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+        .await;
+    assert_eq!(v.status, 201, "{}", v.body);
+    assert_eq!(v.json()["unit"], "modest");
+    let health = request(zonal.address, "GET", "/health", None, None)
+        .await
+        .json();
+    assert_eq!(health["units"], 3);
+    assert_eq!(health["units_reachable"], 1);
+
+    // With no reachable unit left, create is a 503 and nothing is stored.
+    modest.stop();
+    zonal.call("POST", "/v1/units/modest/refresh", None).await;
+    let w = zonal
+        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
+        .await;
+    assert_eq!(w.status, 503);
+    assert!(w.message().contains("unreachable"), "{}", w.body);
+    assert_eq!(zonal.get("/v1/volumes/w").await.status, 404);
+    // Describe still answers from the store when the unit is gone.
+    let described = zonal.get("/v1/volumes/v").await.json();
+    assert_eq!(described["partition_map"], Value::Null);
+    assert!(described["partition_map_error"]
+        .as_str()
+        .unwrap()
+        .contains("modest"));
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn state_survives_a_restart_on_the_same_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 20, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 20)]).await;
+    zonal.wait_units(&["u1"]).await;
+    assert_eq!(
+        zonal
+            .post("/v1/volumes", r#"{"name":"kept","size_gib":1}"#)
+            .await
+            .status,
+        201
+    );
+    let attached = zonal
+        .post("/v1/volumes/kept/attach", r#"{"host":"h1"}"#)
+        .await
+        .json();
+    assert_eq!(
+        zonal
+            .post("/v1/volumes", r#"{"name":"gone","size_gib":1}"#)
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        zonal.call("DELETE", "/v1/volumes/gone", None).await.status,
+        200
+    );
+    zonal.stop().await;
+
+    let zonal = Zonal::start(dir.path(), &[(&unit, 20)]).await;
+    let volumes = zonal.get("/v1/volumes").await.json();
+    let volumes = volumes["volumes"].as_array().unwrap();
+    assert_eq!(volumes.len(), 1);
+    assert_eq!(volumes[0]["name"], "kept");
+    assert_eq!(volumes[0]["state"], "available");
+    assert_eq!(
+        volumes[0]["attachments"][0]["id"],
+        attached["attachment_id"]
+    );
+    assert_eq!(volumes[0]["attachments"][0]["host"], "h1");
+    // The unit report was stored too (visible before any new poll may land).
+    let units = zonal.get("/v1/units").await.json();
+    assert!(!units["units"][0]["reported_at_ms"].is_null());
+    // Ids continue after the last one handed out.
+    let next = zonal
+        .post("/v1/volumes", r#"{"name":"new","size_gib":1}"#)
+        .await
+        .json();
+    assert_eq!(next["id"], 3);
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn config_refuses_unknown_fields_and_the_daemon_refuses_a_broken_rack_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zonal.toml");
+    std::fs::write(
+        &path,
+        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_token = \"{TOKEN}\"\nlisten_port = 9\n", dir.path().display()),
+    )
+    .unwrap();
+    let error = ZonalConfig::load(&path).unwrap_err();
+    assert!(matches!(error, ConfigError::Parse { .. }), "{error}");
+    assert!(error.to_string().contains("listen_port"), "{error}");
+
+    let rack = dir.path().join("broken.rack.toml");
+    std::fs::write(&rack, "[unit]\nname = \"x\"\n").unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nadmin_token = \"{TOKEN}\"\n[[units]]\nname = \"x\"\nrack_file = \"{}\"\n",
+            dir.path().join("data").display(),
+            rack.display()
+        ),
+    )
+    .unwrap();
+    let config = ZonalConfig::load(&path).unwrap();
+    let error = zonal_control_plane::run(config, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("broken.rack.toml"), "{error}");
+}
+
+#[tokio::test]
+async fn a_create_with_unknown_outcome_stays_creating_and_a_repeat_settles_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 21, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 21)]).await;
+    zonal.wait_units(&["u1"]).await;
+
+    // The unit applies RegisterVolume and dies before answering.
+    unit.state.lock().unwrap().crash_after_apply = true;
+    let lost = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+        .await;
+    assert_eq!(lost.status, 503, "{}", lost.body);
+    assert_eq!(lost.code(), "outcome_unknown");
+    assert_eq!(unit.volumes().len(), 1);
+    let described = zonal.get("/v1/volumes/v").await.json();
+    assert_eq!(described["state"], "creating");
+    assert_eq!(described["unit"], "u1");
+    let attach = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
+    assert_eq!(attach.status, 409);
+    assert_eq!(attach.code(), "volume_not_available");
+    let different = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
+        .await;
+    assert_eq!(different.status, 409);
+
+    // The unit comes back; the same create finds it applied (same id).
+    unit.restart().await;
+    let settled = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+        .await;
+    assert_eq!(settled.status, 201, "{}", settled.body);
+    assert_eq!(settled.json()["state"], "available");
+    assert_eq!(settled.json()["id"], described["id"]);
+    assert_eq!(unit.volumes().len(), 1);
+    assert_eq!(unit.register_calls(), 2);
+    assert_eq!(
+        zonal
+            .post("/v1/volumes/v/attach", r#"{"host":"h"}"#)
+            .await
+            .status,
+        201
+    );
+    zonal.stop().await;
+}
