@@ -75,7 +75,8 @@ use tracing::{debug, info, warn};
 
 use crate::partition::{OpenRole, Partition, PartitionConfig, PartitionDeps, Role, SharedLog};
 use crate::peers::{
-    data_link_config, propose, sync_local_state, HeadNodeLinks, LcpExtents, ProposeError, SledLinks,
+    data_link_config, propose, sync_local_state, write_barrier, HeadNodeLinks, LcpExtents,
+    ProposeError, SledLinks,
 };
 use crate::wal::{RecoveredRecord, Wal, WalError, WalOptions};
 
@@ -716,7 +717,25 @@ async fn reconcile(inner: &Arc<Inner>) {
         if !inner.node.leader_known() {
             return;
         }
-        match sync_local_state(&inner.node).await {
+        // The first look decides which recovered records are dropped, so
+        // it must see every committed command (see `peers::write_barrier`).
+        let any_partition = inner
+            .node
+            .local_state()
+            .volumes()
+            .values()
+            .flat_map(|v| v.partitions.first())
+            .map(|p| PartitionId::from(p.id))
+            .next();
+        let synced = match any_partition {
+            Some(partition) => write_barrier(&inner.node, partition).await,
+            None if lock(&inner.recovered).is_empty() => sync_local_state(&inner.node).await,
+            None => Err(crate::partition::PeerError::Unreachable {
+                peer: "local-control-plane".to_string(),
+                reason: "recovered log records but no volume known yet".to_string(),
+            }),
+        };
+        match synced {
             Ok(()) => inner.synced.store(true, Ordering::Release),
             Err(error) => {
                 debug!(%error, "control-plane state not synced yet");
@@ -829,7 +848,15 @@ async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
         }
     };
     lock(&inner.recovered).remove(&id);
-    info!(partition = ?id, role = ?d.role, epoch = d.epoch, records = records.len(), "partition open");
+    info!(
+        partition = ?id,
+        role = ?d.role,
+        epoch = d.epoch,
+        records = records.len(),
+        extents = partition.extent_usage().len(),
+        log_resident_blocks = partition.log_resident_blocks(),
+        "partition open"
+    );
     let hosted = Arc::new(Hosted {
         partition,
         role: d.role,

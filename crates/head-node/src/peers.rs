@@ -495,12 +495,35 @@ async fn free_extent(
     }
 }
 
-/// Extents `partition` owns outside its sandbox, linearizably.
+/// Commits a no-op command (`RefillSandbox` to 0 extents: it only
+/// validates that `partition` exists) and then syncs the local state.
+///
+/// Why not only [`sync_local_state`]: a leader that restarts with its
+/// committed vote keeps its term without a new blank entry, and its
+/// persisted commit index may lag its durable log (it is saved without an
+/// fsync), so right after a full restart its "linearizable" read index can
+/// miss committed commands. A write in the current term commits every
+/// entry before it; applying it moves the read index past them.
+pub async fn write_barrier(node: &LcpNode, partition: PartitionId) -> Result<(), PeerError> {
+    propose(
+        node,
+        Command::RefillSandbox {
+            partition: partition.into(),
+            target: 0,
+        },
+    )
+    .await
+    .map_err(ProposeError::into_peer)?;
+    sync_local_state(node).await
+}
+
+/// Extents `partition` owns outside its sandbox, linearizably (see
+/// [`write_barrier`]).
 pub async fn owned_extents(
     node: &LcpNode,
     partition: PartitionId,
 ) -> Result<Vec<ExtentGrant>, PeerError> {
-    sync_local_state(node).await?;
+    write_barrier(node, partition).await?;
     let state = node.local_state();
     let id = LcpPartitionId::from(partition);
     let Some(entry) = state.partition(id) else {

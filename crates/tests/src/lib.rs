@@ -130,6 +130,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// Minimal HTTP/1.0 POST with an empty body: (status, body).
+pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
 /// Polls `GET /health` until 200 or the deadline; panics with the log tail.
 pub fn wait_healthy(admin: SocketAddr, daemon: &Daemon, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -353,6 +372,53 @@ impl TestUnit {
     /// The rack as parsed by the product.
     pub fn rack(&self) -> hardware::rack::Rack {
         hardware::rack::Rack::load(&self.rack_path).unwrap()
+    }
+
+    /// Appends TOML lines (data-path settings such as `wal_size_bytes`,
+    /// `flush_age_ms`) to every head node's config. Call before starting
+    /// the head nodes.
+    pub fn append_head_node_config(&self, toml: &str) {
+        for head in &self.head_nodes {
+            let mut config = std::fs::read_to_string(&head.config).unwrap();
+            config.push_str(toml);
+            if !config.ends_with('\n') {
+                config.push('\n');
+            }
+            std::fs::write(&head.config, config).unwrap();
+        }
+    }
+
+    /// Starts every sled (each waited healthy).
+    pub fn start_sleds(&self) -> Vec<Daemon> {
+        (0..self.sleds.len()).map(|i| self.start_sled(i)).collect()
+    }
+
+    /// Waits until head node `i` reports its data path ready (every
+    /// partition with recovered log records open); panics with the log.
+    pub fn wait_datapath_ready(&self, i: usize, daemon: &Daemon, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some((200, body)) = http_get(self.head_nodes[i].admin, "/partitions") {
+                if body.contains("\"ready\":true") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} data path not ready after {timeout:?}; log:\n{}",
+            daemon.name,
+            daemon.log_text()
+        );
+    }
+
+    /// `POST /flush` on every head node: every primary flushes its log to
+    /// the sleds. Returns each node's (status, body).
+    pub fn flush_all(&self) -> Vec<Option<(u16, String)>> {
+        self.head_nodes
+            .iter()
+            .map(|h| http_post(h.admin, "/flush", Duration::from_secs(60)))
+            .collect()
     }
 
     /// Starts sled `i` (0-based) and waits until it is healthy.

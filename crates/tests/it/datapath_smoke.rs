@@ -1,0 +1,222 @@
+//! Smoke test of the head-node data path across real processes: 3 head
+//! nodes and 6 sleds (code 4+2). A volume is registered through the local
+//! control plane, written and read through `client::VolumeClient` (aligned
+//! writes across a partition boundary and one 512-byte write), flushed to
+//! the sleds (`POST /flush`), written again (log-resident), and read back
+//! after every head node was killed (-9) and restarted — both the flushed
+//! data (sled summaries) and the logged tail (WAL recovery) must survive.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use client::{ClientConfig, VolumeClient};
+use local_control_plane::client::LcpClient;
+use local_control_plane::{Command, Outcome};
+use proto::link::LinkConfig;
+use tests::{http_get, HeadNodeOptions, TestUnit};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: u64 = 41;
+const VOLUME_BYTES: u64 = 64 * MIB;
+const PARTITION_BYTES: u64 = 16 * MIB;
+
+fn lcp_client(unit: &TestUnit) -> LcpClient {
+    LcpClient::with_config(
+        &unit.rack(),
+        LinkConfig {
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(3),
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(300),
+            failures_before_down: 2,
+        },
+    )
+    .with_retries(10, Duration::from_millis(300))
+}
+
+/// Registers the volume, retrying while the leader still registers the
+/// rack inventory and the sleds' columns.
+async fn register(lcp: &LcpClient) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let command = Command::RegisterVolume {
+            volume: VOLUME,
+            name: "smoke".into(),
+            size_bytes: VOLUME_BYTES,
+            partition_size_bytes: PARTITION_BYTES,
+            k: 4,
+            m: 2,
+        };
+        match lcp.command(command).await {
+            Ok(Ok(Outcome::VolumeRegistered { placement, .. })) => {
+                assert_eq!(placement.len(), 4);
+                return;
+            }
+            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
+            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
+            other => panic!("register volume: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pattern(seed: u64, len: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn write(client: &VolumeClient, model: &mut [u8], offset: u64, data: Vec<u8>) {
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    client
+        .write(offset, Bytes::from(data), false)
+        .await
+        .unwrap_or_else(|e| panic!("write at {offset}: {e}"));
+}
+
+/// Reads the whole volume in 4 MiB pieces and compares with the model;
+/// on a difference, panics with the head nodes' log tails.
+async fn check(unit: &TestUnit, client: &VolumeClient, model: &[u8], when: &str) {
+    if let Err(error) = compare(client, model, when).await {
+        let keep = std::path::Path::new("/tmp/smoke-logs");
+        let _ = std::fs::create_dir_all(keep);
+        for entry in std::fs::read_dir(unit.dir.path()).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+            }
+        }
+        let mut logs = String::new();
+        for head in &unit.head_nodes {
+            let path = unit.dir.path().join(format!("{}.log", head.id));
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            logs.push_str(&format!("--- {} ---\n", head.id));
+            for line in tail.into_iter().rev() {
+                logs.push_str(line);
+                logs.push('\n');
+            }
+        }
+        panic!("{error}\n{logs}");
+    }
+}
+
+async fn compare(client: &VolumeClient, model: &[u8], when: &str) -> Result<(), String> {
+    let piece = 4 * MIB;
+    for offset in (0..VOLUME_BYTES).step_by(piece as usize) {
+        let data = client
+            .read(offset, piece)
+            .await
+            .map_err(|e| format!("{when}: read at {offset}: {e}"))?;
+        let expected = &model[offset as usize..(offset + piece) as usize];
+        if data[..] != *expected {
+            let at = data
+                .iter()
+                .zip(expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Err(format!(
+                "{when}: volume bytes at {} differ: got {:?}, expected {:?}",
+                offset + at as u64,
+                &data[at..(at + 16).min(data.len())],
+                &expected[at..(at + 16).min(expected.len())],
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn partitions_json(unit: &TestUnit, i: usize) -> serde_json::Value {
+    let (status, body) = http_get(unit.head_nodes[i].admin, "/partitions").expect("/partitions");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_flush_restart_read_back() {
+    let started = Instant::now();
+    let unit = TestUnit::build(
+        HeadNodeOptions {
+            count: 3,
+            ..HeadNodeOptions::default()
+        },
+        6,
+        "4+2",
+        128 * MIB,
+        16 * MIB,
+    );
+    unit.append_head_node_config(&format!(
+        "wal_size_bytes = {}\nflush_age_ms = 60000\nio_engine = \"sync\"\n",
+        64 * MIB
+    ));
+    let _sleds = unit.start_sleds();
+    let mut heads = unit.start_head_nodes();
+    let lcp = lcp_client(&unit);
+    register(&lcp).await;
+    for (i, head) in heads.iter().enumerate() {
+        unit.wait_datapath_ready(i, head, Duration::from_secs(20));
+    }
+    eprintln!("unit up, volume registered: {:?}", started.elapsed());
+
+    let client = VolumeClient::connect(lcp_client(&unit), VOLUME, ClientConfig::default())
+        .await
+        .unwrap();
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    // 4 MiB across the boundary of partitions 0 and 1, 1 MiB in partition
+    // 2, 512 KiB at the very end, one 512-byte write inside a block.
+    write(&client, &mut model, 14 * MIB, pattern(1, 4 * MIB)).await;
+    write(&client, &mut model, 40 * MIB, pattern(2, MIB)).await;
+    write(
+        &client,
+        &mut model,
+        VOLUME_BYTES - MIB / 2,
+        pattern(3, MIB / 2),
+    )
+    .await;
+    write(&client, &mut model, 3 * 4096 + 512, pattern(4, 512)).await;
+    check(&unit, &client, &model, "before flush").await;
+    eprintln!("written and read back: {:?}", started.elapsed());
+
+    for (i, answer) in unit.flush_all().into_iter().enumerate() {
+        let (status, body) = answer.unwrap_or_else(|| panic!("POST /flush on head node {i}"));
+        assert_eq!(status, 200, "flush on head node {i}: {body}");
+    }
+    let mut flushed_blocks = 0;
+    for i in 0..unit.head_nodes.len() {
+        for p in partitions_json(&unit, i)["partitions"].as_array().unwrap() {
+            if p["role"] == "primary" {
+                assert_eq!(p["log_resident_blocks"], 0, "after flush: {p}");
+                flushed_blocks += p["flushed_blocks"].as_u64().unwrap();
+            }
+        }
+    }
+    assert!(
+        flushed_blocks >= (5 * MIB + MIB / 2) / 4096,
+        "{flushed_blocks}"
+    );
+    check(&unit, &client, &model, "after flush").await;
+    eprintln!("flushed and read back: {:?}", started.elapsed());
+
+    // A tail that lives only in the logs when the head nodes die.
+    write(&client, &mut model, 20 * MIB, pattern(5, MIB)).await;
+    write(&client, &mut model, 14 * MIB + 4096, pattern(6, 8192)).await;
+    check(&unit, &client, &model, "before restart").await;
+
+    for head in &mut heads {
+        head.kill9();
+    }
+    drop(heads);
+    let heads = unit.start_head_nodes();
+    for (i, head) in heads.iter().enumerate() {
+        unit.wait_datapath_ready(i, head, Duration::from_secs(30));
+    }
+    eprintln!("head nodes restarted: {:?}", started.elapsed());
+    check(&unit, &client, &model, "after restarting every head node").await;
+    eprintln!("read back after restart: {:?}", started.elapsed());
+    client.close();
+}
