@@ -19,7 +19,9 @@
 //! everything else (Raft, control-plane requests) → the [`LcpNode`].
 //!
 //! Shutdown (the token) stops accepting, stops the partitions, stops Raft
-//! and returns.
+//! and returns. A fatal stop of the Raft core ([`LcpNode::fatal`]) does the
+//! same and returns [`HeadNodeError::RaftStopped`]: the process exits
+//! non-zero and its supervisor restarts it from its data directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -64,6 +66,10 @@ pub enum HeadNodeError {
     ControlPlane(#[from] StartError),
     #[error("data path: {0}")]
     DataPath(#[from] ManagerError),
+    /// The Raft core stopped on a fatal error; the process must restart
+    /// from its data directory (its supervisor starts it again).
+    #[error("local control plane stopped: {reason}")]
+    RaftStopped { reason: String },
     #[error("cannot bind admin address {address}: {source}")]
     BindAdmin {
         address: SocketAddr,
@@ -212,7 +218,14 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         admin = %spec.admin,
         "head node ready"
     );
-    shutdown.cancelled().await;
+    let fatal = tokio::select! {
+        () = shutdown.cancelled() => None,
+        fatal = node.fatal() => fatal,
+    };
+    if let Some(reason) = &fatal {
+        error!(%reason, "raft core stopped; shutting down so that the supervisor restarts this head node");
+        shutdown.cancel();
+    }
     if tokio::time::timeout(Duration::from_secs(5), manager_task)
         .await
         .is_err()
@@ -230,7 +243,10 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         tasks.abort_all();
     }
     info!(head_node_id = %config.head_node_id, "head node stopped");
-    Ok(())
+    match fatal {
+        Some(reason) => Err(HeadNodeError::RaftStopped { reason }),
+        None => Ok(()),
+    }
 }
 
 /// Binds `address` (retrying every second until bound or shutdown) and

@@ -84,13 +84,6 @@ async fn write(client: &VolumeClient, model: &mut [u8], offset: u64, data: Vec<u
 /// on a difference, panics with the head nodes' log tails.
 async fn check(unit: &TestUnit, client: &VolumeClient, model: &[u8], when: &str) {
     if let Err(error) = compare(client, model, when).await {
-        let keep = std::path::Path::new("/tmp/smoke-logs");
-        let _ = std::fs::create_dir_all(keep);
-        for entry in std::fs::read_dir(unit.dir.path()).unwrap().flatten() {
-            if entry.path().extension().is_some_and(|e| e == "log") {
-                let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
-            }
-        }
         let mut logs = String::new();
         for head in &unit.head_nodes {
             let path = unit.dir.path().join(format!("{}.log", head.id));
