@@ -34,10 +34,11 @@
 //!   once, one of them asks the local control plane and the rest reuse its
 //!   answer (a refresh generation counter tells them).
 //!
-//! The NBD server that hosts attach to (ARCHITECTURE.md §9) will sit on
-//! top of this client.
+//! The NBD server that hosts attach to (ARCHITECTURE.md §9), [`nbd`],
+//! sits on top of this client.
 
 mod error;
+pub mod nbd;
 mod split;
 mod volume;
 

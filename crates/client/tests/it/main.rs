@@ -3,4 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod fake;
+mod nbd;
+mod nbd_harness;
 mod volume_client;
