@@ -213,3 +213,109 @@ async fn write_flush_restart_read_back() {
     eprintln!("read back after restart: {:?}", started.elapsed());
     client.close();
 }
+
+/// Sum of one numeric field over the primaries of every head node.
+fn primaries_sum(unit: &TestUnit, field: &str) -> u64 {
+    (0..unit.head_nodes.len())
+        .flat_map(|i| {
+            partitions_json(unit, i)["partitions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|p| p["role"] == "primary")
+        .map(|p| p[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The background duties without any admin trigger: the age trigger
+/// flushes, GC passes run, the metrics show both; a trim reads back zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_flush_by_age_and_metrics() {
+    let unit = TestUnit::build(
+        HeadNodeOptions {
+            count: 2,
+            ..HeadNodeOptions::default()
+        },
+        3,
+        "2+1",
+        64 * MIB,
+        8 * MIB,
+    );
+    unit.append_head_node_config(&format!(
+        "wal_size_bytes = {}\nflush_age_ms = 500\ngc_interval_ms = 1000\nio_engine = \"sync\"\n",
+        32 * MIB
+    ));
+    let _sleds = unit.start_sleds();
+    let heads = unit.start_head_nodes();
+    let lcp = lcp_client(&unit);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let command = Command::RegisterVolume {
+            volume: VOLUME,
+            name: "age".into(),
+            size_bytes: 8 * MIB,
+            partition_size_bytes: 4 * MIB,
+            k: 2,
+            m: 1,
+        };
+        match lcp.command(command).await {
+            Ok(Ok(Outcome::VolumeRegistered { .. })) => break,
+            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
+            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
+            other => panic!("register volume: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, head) in heads.iter().enumerate() {
+        unit.wait_datapath_ready(i, head, Duration::from_secs(20));
+    }
+    let client = VolumeClient::connect(lcp_client(&unit), VOLUME, ClientConfig::default())
+        .await
+        .unwrap();
+    let data = pattern(7, 3 * MIB);
+    client
+        .write(2 * MIB, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primaries_sum(&unit, "flushed_blocks") < 3 * MIB / 4096
+        || primaries_sum(&unit, "log_resident_blocks") > 0
+        || primaries_sum(&unit, "gc_passes") == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no age-triggered flush and GC pass: {:?}",
+            (0..2)
+                .map(|i| partitions_json(&unit, i))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let read = client.read(2 * MIB, 3 * MIB).await.unwrap();
+    assert!(read[..] == data[..], "flushed data differs");
+
+    let (status, metrics) = http_get(unit.head_nodes[0].admin, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "rackblock_partition_role",
+        "rackblock_partition_epoch",
+        "rackblock_partition_lease_valid",
+        "rackblock_partition_flushes",
+        "rackblock_partition_repair_queue",
+        "rackblock_wal_fill_ratio",
+        "rackblock_datapath_ready 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    let (status, body) = http_get(unit.head_nodes[0].admin, "/status").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(!status["partitions"].as_array().unwrap().is_empty());
+
+    client.trim(2 * MIB, 3 * MIB).await.unwrap();
+    let read = client.read(2 * MIB, 3 * MIB).await.unwrap();
+    assert!(read.iter().all(|b| *b == 0), "trimmed range is not zeros");
+    client.close();
+}
