@@ -140,7 +140,7 @@ struct Hosted {
     lease_until: Mutex<Option<Instant>>,
     /// Stops the lease and duty tasks.
     cancel: CancellationToken,
-    /// Primary: runs the duty task only once the node is ready.
+    /// Primary: background flushes that failed.
     flushes_failed: AtomicU64,
 }
 
@@ -316,6 +316,8 @@ pub struct PartitionStatus {
     pub degraded_reads: u64,
     pub repair_queue: usize,
     pub extents: usize,
+    /// Background flushes that failed (they are retried).
+    pub flush_failures: u64,
 }
 
 /// What `/flush` did for one primary.
@@ -663,6 +665,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         degraded_reads: get(&m.degraded_reads),
         repair_queue: h.partition.repair_queue().len(),
         extents: h.partition.extent_usage().len(),
+        flush_failures: h.flushes_failed.load(Ordering::Relaxed),
     }
 }
 
@@ -755,6 +758,14 @@ async fn reconcile(inner: &Arc<Inner>) {
         let drop_reason = match desired.get(&id) {
             None => Some("no longer assigned to this head node".to_string()),
             Some(d) if d.role != h.role => Some(format!("role changed to {:?}", d.role)),
+            Some(d)
+                if d.role == OpenRole::Primary
+                    && d.epoch != h.opened_epoch
+                    && matches!(h.partition.role(), Role::Fenced { .. }) =>
+            {
+                // A newer epoch claimed the columns: nothing to flush here.
+                Some(format!("fenced; reopening at epoch {}", d.epoch))
+            }
             Some(d) if d.role == OpenRole::Primary && d.epoch != h.opened_epoch => {
                 // Everything it holds in the log goes to the sleds first, so
                 // the reopened primary finds it in the summaries.
@@ -987,5 +998,93 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
             }
             reported_repairs = repairs;
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use local_control_plane::command::DeviceSpec;
+
+    use super::*;
+
+    fn unit() -> UnitState {
+        let mut state = UnitState::new();
+        for n in 1..=3 {
+            state
+                .apply(Command::RegisterHeadNode {
+                    node: NodeId::new(format!("hn-{n}")),
+                    address_a: format!("127.0.1.{n}:7000"),
+                    address_b: format!("127.0.2.{n}:7000"),
+                })
+                .unwrap();
+        }
+        for s in 1..=3 {
+            let sled = local_control_plane::state::SledId::new(format!("sled-{s}"));
+            state
+                .apply(Command::RegisterSled {
+                    sled: sled.clone(),
+                    address_a: format!("127.0.1.{}:7000", 100 + s),
+                    address_b: format!("127.0.2.{}:7000", 100 + s),
+                    fault_domain: format!("fd-{s}"),
+                    power_domain: "p".into(),
+                    column_size_bytes: 1 << 20,
+                    devices: vec![DeviceSpec {
+                        device: 0,
+                        size_bytes: 16 << 20,
+                    }],
+                })
+                .unwrap();
+            state
+                .apply(Command::AddFreeColumns {
+                    sled,
+                    device: 0,
+                    columns: (0..16).collect(),
+                })
+                .unwrap();
+        }
+        state
+            .apply(Command::RegisterVolume {
+                volume: 7,
+                name: "v".into(),
+                size_bytes: 10 << 20,
+                partition_size_bytes: 4 << 20,
+                k: 2,
+                m: 1,
+            })
+            .unwrap();
+        state
+    }
+
+    #[test]
+    fn desired_partitions_follow_the_map_with_a_short_last_partition() {
+        let state = unit();
+        let mut primaries = 0;
+        let mut secondaries = 0;
+        let mut blocks = BTreeMap::new();
+        for n in 1..=3 {
+            let me = NodeId::new(format!("hn-{n}"));
+            for (id, d) in desired_partitions(&state, &me) {
+                let entry = state.partition(LcpPartitionId::from(id)).unwrap();
+                match d.role {
+                    OpenRole::Primary => {
+                        assert_eq!(entry.primary, me);
+                        primaries += 1;
+                    }
+                    OpenRole::Secondary => {
+                        assert_eq!(entry.secondary, me);
+                        secondaries += 1;
+                    }
+                }
+                assert_eq!(d.epoch, entry.epoch);
+                assert_eq!(d.secondary, entry.secondary.0);
+                blocks.insert(id.partition, (d.first_block, d.size_blocks));
+            }
+        }
+        assert_eq!((primaries, secondaries), (3, 3));
+        let per = (4 << 20) / BLOCK_BYTES;
+        assert_eq!(blocks[&0], (0, per));
+        assert_eq!(blocks[&1], (per, per));
+        assert_eq!(blocks[&2], (2 * per, (2 << 20) / BLOCK_BYTES));
     }
 }

@@ -571,3 +571,50 @@ impl ExtentSource for LcpExtents {
         Box::pin(async move { owned_extents(&node, partition).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proto::link::PathId;
+
+    use super::*;
+
+    #[test]
+    fn link_errors_map_to_retryable_or_final_peer_errors() {
+        let unreachable = peer_error(
+            "sled-1",
+            LinkError::Unreachable {
+                peer: "sled-1".into(),
+                errors: vec![(PathId::A, "refused".into())],
+            },
+        );
+        assert!(matches!(unreachable, PeerError::Unreachable { ref peer, .. } if peer == "sled-1"));
+        let uncertain = peer_error(
+            "hn-2",
+            LinkError::Uncertain {
+                peer: "hn-2".into(),
+                path: PathId::B,
+                reason: "reset".into(),
+            },
+        );
+        assert!(matches!(uncertain, PeerError::Timeout { .. }));
+        assert!(matches!(
+            peer_error("hn-2", LinkError::Closed),
+            PeerError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            peer_error(
+                "hn-2",
+                LinkError::Protocol {
+                    peer: "hn-2".into(),
+                    reason: "bad".into()
+                }
+            ),
+            PeerError::Refused { .. }
+        ));
+        let refused = ProposeError::Refused(CommandError::NoSpace {
+            needed: 6,
+            available: 0,
+        });
+        assert!(matches!(refused.into_peer(), PeerError::Unreachable { .. }));
+    }
+}
