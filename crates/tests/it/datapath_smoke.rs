@@ -144,7 +144,7 @@ async fn write_flush_restart_read_back() {
         16 * MIB,
     );
     unit.append_head_node_config(&format!(
-        "wal_size_bytes = {}\nflush_age_ms = 60000\nio_engine = \"sync\"\n",
+        "wal_size_bytes = {}\nflush_age_ms = 60000\n",
         64 * MIB
     ));
     let _sleds = unit.start_sleds();
@@ -243,7 +243,7 @@ async fn background_flush_by_age_and_metrics() {
         8 * MIB,
     );
     unit.append_head_node_config(&format!(
-        "wal_size_bytes = {}\nflush_age_ms = 500\ngc_interval_ms = 1000\nio_engine = \"sync\"\n",
+        "wal_size_bytes = {}\nflush_age_ms = 500\ngc_interval_ms = 1000\n",
         32 * MIB
     ));
     let _sleds = unit.start_sleds();
