@@ -1,12 +1,24 @@
 //! `rackblock`: the one binary of the product.
 //!
-//! Daemons (`sled-controller`, `head-node`; `zonal` comes with a later
-//! issue), operator verbs (`rack validate`, `unit status`, `volume
-//! register`), and `up`, which runs a whole
-//! unit on this machine as separate processes. Exit codes: 0 success,
-//! 1 runtime failure, 2 bad usage or configuration.
+//! * Daemons: `sled-controller`, `head-node`, `zonal` (the zonal control
+//!   plane) and `attach` (the host agent serving a volume over NBD).
+//! * Operator verbs: `volume create|list|describe|resize|delete|detach`
+//!   and `unit list|status` through the zonal API (`--zonal`, `--token`);
+//!   `unit status`'s live part, `sled list|drain` and `head-node list`
+//!   through the unit's local control plane (`--rack`); `rack validate`;
+//!   `volume register` (straight to a unit, for benches and tests).
+//! * `up`: a whole unit on this machine as separate processes.
+//!
+//! Exit codes (one mapping, [`error::CliError::exit_code`]): 0 success,
+//! 1 runtime failure or a service unavailable, 2 bad usage, configuration
+//! or input, 3 not found, 4 conflict, 5 authentication.
 
+mod attach;
+mod error;
+mod http;
+mod ops;
 mod sled_bench;
+mod text;
 mod unit;
 mod up;
 mod volume_bench;
@@ -20,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "rackblock", version, about = "rack-scale block storage")]
 struct Cli {
+    #[command(flatten)]
+    global: ops::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,14 +47,27 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Run a head node daemon: a member of the unit's local control plane
-    /// (Raft), serving on networks A and B, admin HTTP on its admin address.
+    /// Run a head node daemon (`--config FILE`): a member of the unit's
+    /// local control plane (Raft), serving on networks A and B, admin HTTP
+    /// on its admin address. `head-node list` lists the unit's head nodes.
+    #[command(args_conflicts_with_subcommands = true)]
     HeadNode {
         /// Head node config (TOML); see deploy/head-node.example.toml.
         #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<HeadNodeCommand>,
+    },
+    /// Run the zonal control plane: the zone's HTTP/JSON API for volumes,
+    /// attachments and units (never on the I/O path).
+    Zonal {
+        /// Zonal config (TOML); see deploy/zonal.example.toml.
+        #[arg(long)]
         config: PathBuf,
     },
-    /// Unit commands (ask the local control plane).
+    /// Attach a volume to this host and serve it over NBD until stopped.
+    Attach(attach::AttachArgs),
+    /// Units of the zone: capacity, health, live status.
     Unit {
         #[command(subcommand)]
         command: UnitCommand,
@@ -57,7 +84,7 @@ enum Command {
     },
     /// Start a whole unit on this machine as separate processes.
     Up(up::UpArgs),
-    /// Sled controller tools.
+    /// Sleds of a unit: list, drain; sled controller tools.
     Sled {
         #[command(subcommand)]
         command: SledCommand,
@@ -65,13 +92,34 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum HeadNodeCommand {
+    /// Raft role, health, both addresses, partition roles (live, from the LCP).
+    List(ops::LiveArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum UnitCommand {
-    /// Leader, term, members with both addresses, sleds, capacity.
-    Status(unit::StatusArgs),
+    /// The units the zonal plane knows: health, leader, capacity.
+    List,
+    /// Zonal view plus the unit's live status: leader, term, members with
+    /// both addresses, sleds, devices, capacity, paths.
+    Status(ops::UnitStatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
 enum VolumeCommand {
+    /// Create a volume (placed on a unit by free capacity, then load).
+    Create(ops::CreateArgs),
+    /// List the volumes of the zone.
+    List,
+    /// One volume with its attachments and live partition map.
+    Describe(ops::NameArgs),
+    /// Grow a volume.
+    Resize(ops::ResizeArgs),
+    /// Delete a volume (refused while attached).
+    Delete(ops::NameArgs),
+    /// Remove an attachment left by an attach agent that was killed.
+    Detach(ops::DetachArgs),
     /// Register a volume with the unit and print its partition map
     /// (temporary operator verb: the zonal control plane does this later).
     Register(unit::RegisterArgs),
@@ -81,6 +129,10 @@ enum VolumeCommand {
 
 #[derive(Debug, Subcommand)]
 enum SledCommand {
+    /// Health, both paths, domains and columns of every sled (live, from the LCP).
+    List(ops::LiveArgs),
+    /// Set a sled Draining (no new columns) and show the columns left on it.
+    Drain(ops::DrainArgs),
     /// Load one sled controller over the wire protocol (see bench/sled.sh).
     Bench(sled_bench::BenchArgs),
 }
@@ -107,7 +159,7 @@ fn init_logging() {
 }
 
 /// Cancels the token on SIGINT or SIGTERM.
-fn cancel_on_signal(token: CancellationToken) {
+pub(crate) fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -172,7 +224,24 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::HeadNode { config } => {
+            Command::HeadNode {
+                command: Some(HeadNodeCommand::List(args)),
+                ..
+            } => ops::finish(
+                "head-node list",
+                ops::head_node_list(&cli.global, &args).await,
+            ),
+            Command::HeadNode {
+                config: None,
+                command: None,
+            } => {
+                eprintln!("rackblock head-node: give --config FILE (run the daemon) or `list`");
+                ExitCode::from(2)
+            }
+            Command::HeadNode {
+                config: Some(config),
+                command: None,
+            } => {
                 let config = match head_node::HeadNodeConfig::load(&config) {
                     Ok(config) => config,
                     Err(error) => {
@@ -198,12 +267,84 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Unit {
-                command: UnitCommand::Status(args),
-            } => unit::status(args).await,
+            Command::Zonal { config } => {
+                let config = match zonal_control_plane::ZonalConfig::load(&config) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("rackblock zonal: {error}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let token = CancellationToken::new();
+                cancel_on_signal(token.clone());
+                match zonal_control_plane::run(config, token).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(
+                        error @ (zonal_control_plane::ZonalError::Config(_)
+                        | zonal_control_plane::ZonalError::Rack { .. }),
+                    ) => {
+                        eprintln!("rackblock zonal: {error}");
+                        ExitCode::from(2)
+                    }
+                    Err(error) => {
+                        eprintln!("rackblock zonal: {error}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Attach(args) => {
+                let token = CancellationToken::new();
+                cancel_on_signal(token.clone());
+                ops::finish("attach", attach::run(&cli.global, &args, token).await)
+            }
+            Command::Unit { command } => match command {
+                UnitCommand::List => ops::finish("unit list", ops::unit_list(&cli.global).await),
+                UnitCommand::Status(args) => {
+                    ops::finish("unit status", ops::unit_status(&cli.global, &args).await)
+                }
+            },
             Command::Volume {
                 command: VolumeCommand::Register(args),
-            } => unit::register_volume(args).await,
+            } => unit::register_volume(args, cli.global.output).await,
+            Command::Volume {
+                command: VolumeCommand::Create(args),
+            } => ops::finish(
+                "volume create",
+                ops::volume_create(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::List,
+            } => ops::finish("volume list", ops::volume_list(&cli.global).await),
+            Command::Volume {
+                command: VolumeCommand::Describe(args),
+            } => ops::finish(
+                "volume describe",
+                ops::volume_describe(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::Resize(args),
+            } => ops::finish(
+                "volume resize",
+                ops::volume_resize(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::Delete(args),
+            } => ops::finish(
+                "volume delete",
+                ops::volume_delete(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::Detach(args),
+            } => ops::finish(
+                "volume detach",
+                ops::volume_detach(&cli.global, &args).await,
+            ),
+            Command::Sled {
+                command: SledCommand::List(args),
+            } => ops::finish("sled list", ops::sled_list(&cli.global, &args).await),
+            Command::Sled {
+                command: SledCommand::Drain(args),
+            } => ops::finish("sled drain", ops::sled_drain(&cli.global, &args).await),
             Command::Volume {
                 command: VolumeCommand::Bench(args),
             } => match volume_bench::run(args).await {

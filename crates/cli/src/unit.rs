@@ -1,6 +1,7 @@
-//! Operator verbs that talk to the unit's local control plane:
-//! `rackblock unit status` and (temporary, until the zonal plane places
-//! volumes) `rackblock volume register`.
+//! Views of the unit's local control plane (the live part of
+//! `rackblock unit status`, `sled list`, `head-node list`) and the direct
+//! `rackblock volume register` (registers a volume with the unit without
+//! the zonal control plane; benches and tests use it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,19 +12,12 @@ use local_control_plane::client::ClientError;
 use local_control_plane::state::PartitionMap;
 use local_control_plane::{Command, LcpClient, RaftStatus, UnitStatus};
 
+use crate::text::{human_bytes, Table};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
     Table,
     Json,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct StatusArgs {
-    /// The unit's rack file (names every head node and its addresses).
-    #[arg(long)]
-    rack: PathBuf,
-    #[arg(long, value_enum, default_value = "table")]
-    output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -46,8 +40,6 @@ pub struct RegisterArgs {
     /// Partition size in MiB.
     #[arg(long, default_value_t = 1024)]
     partition_size_mib: u64,
-    #[arg(long, value_enum, default_value = "table")]
-    output: Output,
 }
 
 fn load_rack(path: &PathBuf) -> Result<Rack, ExitCode> {
@@ -57,41 +49,13 @@ fn load_rack(path: &PathBuf) -> Result<Rack, ExitCode> {
     })
 }
 
-fn client(rack: &Rack) -> LcpClient {
+pub fn client(rack: &Rack) -> LcpClient {
     LcpClient::new(rack).with_retries(3, Duration::from_millis(500))
 }
 
 fn no_answer(error: ClientError) -> ExitCode {
     eprintln!("rackblock: no head node of the unit answered: {error}");
     ExitCode::from(1)
-}
-
-pub async fn status(args: StatusArgs) -> ExitCode {
-    let rack = match load_rack(&args.rack) {
-        Ok(rack) => rack,
-        Err(code) => return code,
-    };
-    let client = client(&rack);
-    let result = client.unit_status().await;
-    client.close();
-    let (raft, unit) = match result {
-        Ok(status) => status,
-        Err(error) => return no_answer(error),
-    };
-    match args.output {
-        Output::Json => match serde_json::to_string_pretty(&serde_json::json!({
-            "raft": raft,
-            "unit": unit,
-        })) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("rackblock: cannot encode the status: {e}");
-                return ExitCode::from(1);
-            }
-        },
-        Output::Table => print_status(&rack, &raft, &unit),
-    }
-    ExitCode::SUCCESS
 }
 
 fn up_down(up: bool) -> &'static str {
@@ -102,7 +66,7 @@ fn up_down(up: bool) -> &'static str {
     }
 }
 
-fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
+pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
     println!(
         "unit {}: leader {} (raft id {}), term {}, {} voters, {} learners",
         rack.unit.name,
@@ -112,8 +76,23 @@ fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         raft.voters.len(),
         raft.learners.len()
     );
+    print_head_nodes(raft, unit);
+    print_sleds(unit);
+    print_devices(unit);
     println!(
-        "{:<10} {:<5} {:<8} {:<8} {:<5} {:<5} {:<22} {:<22} {:>9} {:>9}",
+        "capacity: {} free ({} allocatable columns), {} used; {} volumes, {} partitions, {} extents",
+        human_bytes(unit.capacity.free_bytes),
+        unit.capacity.allocatable_columns,
+        human_bytes(unit.capacity.used_bytes),
+        unit.volumes,
+        unit.partitions,
+        unit.extents
+    );
+}
+
+/// Raft members with their role, health, both paths and partition roles.
+pub fn print_head_nodes(raft: &RaftStatus, unit: &UnitStatus) {
+    let mut table = Table::new(&[
         "HEAD NODE",
         "RAFT",
         "ROLE",
@@ -122,9 +101,10 @@ fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         "NET B",
         "ADDRESS A",
         "ADDRESS B",
+        "ADMIN",
         "PRIMARIES",
-        "SECONDARIES"
-    );
+        "SECONDARIES",
+    ]);
     for member in &raft.members {
         let node = unit.nodes.iter().find(|n| n.id.0 == member.id);
         let role = if raft.leader == Some(member.raft_id) {
@@ -134,51 +114,77 @@ fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         } else {
             "learner"
         };
-        println!(
-            "{:<10} {:<5} {:<8} {:<8} {:<5} {:<5} {:<22} {:<22} {:>9} {:>9}",
-            member.id,
-            member.raft_id,
-            role,
+        table.row(vec![
+            member.id.clone(),
+            member.raft_id.to_string(),
+            role.to_owned(),
             node.map(|n| format!("{:?}", n.health))
                 .unwrap_or("-".into()),
-            node.map(|n| up_down(n.paths.network_a_up)).unwrap_or("-"),
-            node.map(|n| up_down(n.paths.network_b_up)).unwrap_or("-"),
-            member.address_a,
-            member.address_b,
-            node.map(|n| n.primaries).unwrap_or(0),
-            node.map(|n| n.secondaries).unwrap_or(0),
-        );
+            node.map(|n| up_down(n.paths.network_a_up))
+                .unwrap_or("-")
+                .to_owned(),
+            node.map(|n| up_down(n.paths.network_b_up))
+                .unwrap_or("-")
+                .to_owned(),
+            member.address_a.clone(),
+            member.address_b.clone(),
+            member.admin.clone(),
+            node.map(|n| n.primaries).unwrap_or(0).to_string(),
+            node.map(|n| n.secondaries).unwrap_or(0).to_string(),
+        ]);
     }
-    println!(
-        "{:<10} {:<8} {:<5} {:<5} {:<8} {:<8} {:>8} {:>12} {:>12}",
-        "SLED", "HEALTH", "NET A", "NET B", "FAULT", "POWER", "DEVICES", "FREE COLS", "USED COLS"
-    );
+    table.print();
+}
+
+/// Sleds with health, both paths, domains and column counts.
+pub fn print_sleds(unit: &UnitStatus) {
+    let mut table = Table::new(&[
+        "SLED",
+        "HEALTH",
+        "NET A",
+        "NET B",
+        "FAULT",
+        "POWER",
+        "DEVICES",
+        "FREE COLS",
+        "USED COLS",
+        "FREE",
+    ]);
     for sled in &unit.sleds {
         let free: usize = sled.devices.iter().map(|d| d.free_columns).sum();
         let used: usize = sled.devices.iter().map(|d| d.used_columns).sum();
-        println!(
-            "{:<10} {:<8} {:<5} {:<5} {:<8} {:<8} {:>8} {:>12} {:>12}",
-            sled.id.0,
+        table.row(vec![
+            sled.id.0.clone(),
             format!("{:?}", sled.health),
-            up_down(sled.paths.network_a_up),
-            up_down(sled.paths.network_b_up),
-            sled.fault_domain,
-            sled.power_domain,
-            sled.devices.len(),
-            free,
-            used
-        );
+            up_down(sled.paths.network_a_up).to_owned(),
+            up_down(sled.paths.network_b_up).to_owned(),
+            sled.fault_domain.clone(),
+            sled.power_domain.clone(),
+            sled.devices.len().to_string(),
+            free.to_string(),
+            used.to_string(),
+            human_bytes((free as u64).saturating_mul(sled.column_size_bytes)),
+        ]);
     }
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!(
-        "capacity: {:.1} GiB free ({} allocatable columns), {:.1} GiB used; {} volumes, {} partitions, {} extents",
-        gib(unit.capacity.free_bytes),
-        unit.capacity.allocatable_columns,
-        gib(unit.capacity.used_bytes),
-        unit.volumes,
-        unit.partitions,
-        unit.extents
-    );
+    table.print();
+}
+
+/// Every device of every sled.
+pub fn print_devices(unit: &UnitStatus) {
+    let mut table = Table::new(&["SLED", "DEVICE", "HEALTH", "SIZE", "FREE COLS", "USED COLS"]);
+    for sled in &unit.sleds {
+        for device in &sled.devices {
+            table.row(vec![
+                sled.id.0.clone(),
+                device.device.to_string(),
+                format!("{:?}", device.health),
+                human_bytes(device.size_bytes),
+                device.free_columns.to_string(),
+                device.used_columns.to_string(),
+            ]);
+        }
+    }
+    table.print();
 }
 
 pub fn print_partition_map(map: &PartitionMap) {
@@ -215,7 +221,7 @@ pub fn print_partition_map(map: &PartitionMap) {
     }
 }
 
-pub async fn register_volume(args: RegisterArgs) -> ExitCode {
+pub async fn register_volume(args: RegisterArgs, output: Output) -> ExitCode {
     let rack = match load_rack(&args.rack) {
         Ok(rack) => rack,
         Err(code) => return code,
@@ -263,7 +269,7 @@ pub async fn register_volume(args: RegisterArgs) -> ExitCode {
     client.close();
     match map {
         Ok(map) => {
-            match args.output {
+            match output {
                 Output::Json => match serde_json::to_string_pretty(&map) {
                     Ok(text) => println!("{text}"),
                     Err(e) => {

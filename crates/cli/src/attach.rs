@@ -1,0 +1,368 @@
+//! `rackblock attach VOLUME`: the host agent (ARCHITECTURE.md §9).
+//!
+//! ```text
+//! bind --listen ADDR | --socket PATH        (fails early: port in use)
+//!   └─ zonal: POST /v1/volumes/{name}/attach → volume id, size, unit's head nodes
+//!      (or --rack FILE --volume-id N: straight to the unit, no zonal plane)
+//!        └─ LcpClient(head nodes, networks A and B) → VolumeClient(partition map)
+//!             └─ NbdServer { export VOLUME → VolumeClient } until SIGINT/SIGTERM
+//!                  └─ stop accepting, finish in-flight requests, close the links,
+//!                     DELETE /v1/volumes/{name}/attachments/{id}
+//! ```
+//!
+//! The zonal plane is asked once, at start and at the end: the I/O path is
+//! NBD client → this process → the primaries' head nodes, so the export
+//! keeps working while the zonal plane is down (a detach that cannot reach
+//! it is reported and leaves the attachment recorded). Across a head-node
+//! failover the volume client queues and retries each request for up to
+//! `--failover-timeout` (120 s) before an NBD request fails with `EIO`.
+//!
+//! `--memory SIZE` serves an in-memory export instead (for trying NBD
+//! clients without a unit).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
+use client::{ClientConfig, VolumeClient};
+use hardware::rack::{HeadNodeSpec, Rack, UnitSpec};
+use local_control_plane::LcpClient;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CliError;
+use crate::http::{segment, ZonalApi};
+use crate::ops::GlobalArgs;
+use crate::text::{human_bytes, parse_block_size, parse_duration};
+
+/// Default NBD address (the IANA NBD port on loopback).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// Volume name; also the NBD export name.
+    pub volume: String,
+    /// Serve NBD on this TCP address (default 127.0.0.1:10809).
+    #[arg(long, conflicts_with = "socket")]
+    pub listen: Option<SocketAddr>,
+    /// Serve NBD on this unix socket instead.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Skip the zonal plane: the unit's rack file (with --volume-id).
+    #[arg(long, requires = "volume_id")]
+    pub rack: Option<PathBuf>,
+    /// Skip the zonal plane: the volume's id in the unit (with --rack).
+    #[arg(long, requires = "rack")]
+    pub volume_id: Option<u64>,
+    /// Serve an in-memory export of this size instead of a volume (trying
+    /// NBD clients without a unit).
+    #[arg(long, conflicts_with_all = ["rack", "volume_id"])]
+    pub memory: Option<String>,
+    /// How long a request is queued and retried across a head-node
+    /// failover before it fails.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub failover_timeout: Duration,
+    /// Host name recorded with the attachment (default: this machine's).
+    #[arg(long)]
+    pub host: Option<String>,
+}
+
+/// Where NBD is served.
+enum Listener {
+    Tcp(tokio::net::TcpListener, SocketAddr),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn uri(&self, export: &str) -> String {
+        match self {
+            Listener::Tcp(_, address) => format!("nbd://{address}/{export}"),
+            Listener::Unix(_, path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+}
+
+async fn bind(args: &AttachArgs) -> Result<Listener, CliError> {
+    if let Some(path) = &args.socket {
+        if path.exists() {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(CliError::Usage(format!(
+                    "--socket {}: something already serves there",
+                    path.display()
+                )));
+            }
+            // A socket file left by a process that died.
+            std::fs::remove_file(path).map_err(|e| {
+                CliError::Runtime(format!("cannot remove stale {}: {e}", path.display()))
+            })?;
+        }
+        let listener = tokio::net::UnixListener::bind(path)
+            .map_err(|e| CliError::Runtime(format!("cannot bind {}: {e}", path.display())))?;
+        return Ok(Listener::Unix(listener, path.clone()));
+    }
+    let address = match args.listen {
+        Some(address) => address,
+        None => DEFAULT_LISTEN
+            .parse()
+            .map_err(|e| CliError::Runtime(format!("default listen address: {e}")))?,
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| CliError::Runtime(format!("cannot listen on {address}: {e}")))?;
+    let address = listener.local_addr().unwrap_or(address);
+    Ok(Listener::Tcp(listener, address))
+}
+
+/// This machine's name, reduced to what the zonal API accepts.
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most buffer.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let raw = if rc == 0 {
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        String::from_utf8_lossy(&buffer[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let clean: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(128)
+        .collect();
+    let clean = clean.trim_start_matches(['.', '-']).to_owned();
+    if clean.is_empty() {
+        "host".to_owned()
+    } else {
+        clean
+    }
+}
+
+/// What the zonal attach returned and this process needs.
+struct Attached {
+    api: ZonalApi,
+    attachment_id: u64,
+}
+
+/// A rack holding only the unit's head nodes: all `LcpClient` needs.
+fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
+    let bad = |reason: String| {
+        CliError::Runtime(format!("the zonal attach answer is unusable: {reason}"))
+    };
+    let nodes = info
+        .get("head_nodes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no head_nodes".into()))?;
+    let mut head_node = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let text = |field: &str| -> Result<String, CliError> {
+            node.get(field)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("head node without {field}")))
+        };
+        let address = |field: &str| -> Result<SocketAddr, CliError> {
+            let value = text(field)?;
+            value
+                .parse()
+                .map_err(|e| bad(format!("{field} {value:?}: {e}")))
+        };
+        head_node.push(HeadNodeSpec {
+            id: text("id")?,
+            address_a: address("address_a")?,
+            address_b: address("address_b")?,
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+        });
+    }
+    if head_node.is_empty() {
+        return Err(bad("the unit has no head nodes".into()));
+    }
+    Ok(Rack {
+        unit: UnitSpec {
+            name: info
+                .get("unit")
+                .and_then(Value::as_str)
+                .unwrap_or("unit")
+                .to_owned(),
+            column_size_bytes: 0,
+            erasure_codes: Vec::new(),
+        },
+        head_node,
+        sled: Vec::new(),
+    })
+}
+
+async fn detach(volume: &str, attached: &Attached) -> Result<(), CliError> {
+    let path = format!(
+        "/v1/volumes/{}/attachments/{}",
+        segment(volume),
+        attached.attachment_id
+    );
+    let mut api = attached.api.clone();
+    api.timeout = Duration::from_secs(10);
+    api.call("DELETE", &path, None).await.map(|_| ())
+}
+
+async fn detach_and_report(volume: &str, attached: Option<&Attached>) {
+    let Some(attached) = attached else { return };
+    match detach(volume, attached).await {
+        Ok(()) => eprintln!("detached {volume} (attachment {})", attached.attachment_id),
+        Err(error) => eprintln!(
+            "rackblock attach: could not detach {volume} (attachment {}): {}; \
+             detach it later with `rackblock volume detach {volume} --attachment {}`",
+            attached.attachment_id,
+            error.line(),
+            attached.attachment_id
+        ),
+    }
+}
+
+pub async fn run(
+    global: &GlobalArgs,
+    args: &AttachArgs,
+    shutdown: CancellationToken,
+) -> Result<(), CliError> {
+    let config = ClientConfig {
+        failover_timeout: args.failover_timeout,
+        ..ClientConfig::default()
+    };
+    let listener = bind(args).await?;
+    let (backend, attached, volume_client): (
+        Arc<dyn NbdBackend>,
+        Option<Attached>,
+        Option<VolumeClient>,
+    ) = if let Some(size) = &args.memory {
+        let size_bytes = parse_block_size("--memory", size)?;
+        let backend =
+            MemoryBackend::with_description(size_bytes, format!("memory export {}", args.volume));
+        (Arc::new(backend), None, None)
+    } else if let (Some(rack_path), Some(volume_id)) = (&args.rack, args.volume_id) {
+        let rack = Rack::load(rack_path)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
+        let lcp = LcpClient::new(&rack);
+        let client = VolumeClient::connect(lcp, volume_id, config)
+            .await
+            .map_err(|e| {
+                CliError::Unavailable(format!(
+                    "cannot get volume {volume_id}'s partition map: {e}"
+                ))
+            })?;
+        (Arc::new(client.clone()), None, Some(client))
+    } else {
+        let api = global.api()?;
+        let host = args.host.clone().unwrap_or_else(host_name);
+        let path = format!("/v1/volumes/{}/attach", segment(&args.volume));
+        let reply = api
+            .call("POST", &path, Some(&json!({ "host": host })))
+            .await?;
+        let info = reply.body;
+        let attached = Attached {
+            api,
+            attachment_id: info
+                .get("attachment_id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    CliError::Runtime("the zonal attach answer has no attachment_id".into())
+                })?,
+        };
+        let connected = async {
+            let volume_id = info
+                .get("volume_id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    CliError::Runtime("the zonal attach answer has no volume_id".into())
+                })?;
+            let rack = rack_of_head_nodes(&info)?;
+            let lcp = LcpClient::new(&rack);
+            VolumeClient::connect(lcp, volume_id, config)
+                .await
+                .map_err(|e| {
+                    CliError::Unavailable(format!(
+                        "cannot get volume {}'s partition map from unit {}: {e}",
+                        args.volume, rack.unit.name
+                    ))
+                })
+        }
+        .await;
+        match connected {
+            Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
+            Err(error) => {
+                detach_and_report(&args.volume, Some(&attached)).await;
+                return Err(error);
+            }
+        }
+    };
+    let size_bytes = backend.size_bytes();
+    let mut exports = BTreeMap::new();
+    exports.insert(args.volume.clone(), backend);
+    let server = match NbdServer::new(exports, NbdConfig::default()) {
+        Ok(server) => server,
+        Err(error) => {
+            detach_and_report(&args.volume, attached.as_ref()).await;
+            return Err(CliError::Usage(format!(
+                "cannot serve {}: {error}",
+                args.volume
+            )));
+        }
+    };
+    println!(
+        "serving {} ({}) over NBD at {}{}",
+        args.volume,
+        human_bytes(size_bytes),
+        listener.uri(&args.volume),
+        attached
+            .as_ref()
+            .map(|a| format!(" (attachment {})", a.attachment_id))
+            .unwrap_or_default()
+    );
+    tracing::info!(volume = %args.volume, size_bytes, uri = %listener.uri(&args.volume), "attached; serving NBD");
+    let stop = shutdown.clone().cancelled_owned();
+    let served = match listener {
+        Listener::Tcp(listener, _) => server.serve_tcp(listener, stop).await,
+        Listener::Unix(listener, path) => {
+            let served = server.serve_unix(listener, stop).await;
+            let _ = std::fs::remove_file(&path);
+            served
+        }
+    };
+    if let Some(client) = &volume_client {
+        client.close();
+    }
+    detach_and_report(&args.volume, attached.as_ref()).await;
+    served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_nodes_from_an_attach_answer() {
+        let info = json!({
+            "unit": "local",
+            "head_nodes": [
+                {"id": "hn-1", "address_a": "127.0.1.1:7000", "address_b": "127.0.2.1:7000"},
+            ],
+        });
+        let rack = rack_of_head_nodes(&info).unwrap();
+        assert_eq!(rack.unit.name, "local");
+        assert_eq!(rack.head_node[0].address_b.to_string(), "127.0.2.1:7000");
+        assert!(rack_of_head_nodes(&json!({"head_nodes": []})).is_err());
+        assert!(rack_of_head_nodes(
+            &json!({"head_nodes": [{"id": "x", "address_a": "nope", "address_b": "1.2.3.4:5"}]})
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn host_names_are_acceptable() {
+        let name = host_name();
+        assert!(!name.is_empty());
+        assert!(name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+    }
+}

@@ -1,0 +1,651 @@
+//! Operator verbs: volumes and units through the zonal control plane's
+//! HTTP API, sleds and head nodes through the unit's local control plane.
+//!
+//! ```text
+//! volume create|list|describe|resize|delete ──HTTP──▶ zonal (/v1/volumes)
+//! unit list|status ─────────────────────────HTTP──▶ zonal (/v1/units)
+//!        status (live part), sled list|drain, head-node list
+//!                  ──LcpClient (networks A, B)──▶ the unit's head nodes (rack file)
+//! ```
+//!
+//! Where things are found: `--zonal` (env `RACKBLOCK_ZONAL`, default
+//! `http://127.0.0.1:9000`); `--token` (env `RACKBLOCK_TOKEN`, else the file
+//! `rackblock-data/zonal-token` that `rackblock up` writes); `--rack` for
+//! the live views (env `RACKBLOCK_RACK`, else `rackblock-data/rack.toml`).
+//! The zonal API lists no head-node addresses, so the live views need the
+//! unit's rack file, as every daemon of the unit does.
+//!
+//! Input the CLI can check (sizes, erasure codes) is checked before
+//! anything is sent; a refused command changes nothing. Errors are
+//! [`CliError`]s, whose exit codes are decided in one place.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use hardware::rack::Rack;
+use local_control_plane::state::{Health, PartitionMap, SledId, UnitStatus};
+use local_control_plane::{Command, RaftStatus};
+use serde_json::{json, Value};
+
+use crate::error::{report, CliError};
+use crate::http::{segment, ZonalApi};
+use crate::text::{draw_progress, human_bytes, parse_block_size, Table};
+use crate::unit::{self, Output};
+
+/// Where `rackblock up` keeps its state; the verbs look there for defaults.
+pub const DEFAULT_DATA_DIR: &str = "rackblock-data";
+/// File (in the data dir) holding the zonal admin token `up` generated.
+pub const TOKEN_FILE: &str = "zonal-token";
+
+/// Flags every verb understands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalArgs {
+    /// URL of the zonal control plane's API.
+    #[arg(
+        long,
+        global = true,
+        env = "RACKBLOCK_ZONAL",
+        default_value = "http://127.0.0.1:9000"
+    )]
+    pub zonal: String,
+    /// Admin bearer token of the zonal API (default: env RACKBLOCK_TOKEN,
+    /// else the file rackblock-data/zonal-token when present).
+    #[arg(long, global = true, env = "RACKBLOCK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Human tables or JSON.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+impl GlobalArgs {
+    /// The zonal API client with the resolved token.
+    pub fn api(&self) -> Result<ZonalApi, CliError> {
+        let token = match &self.token {
+            Some(token) => Some(token.clone()),
+            None => {
+                let path = Path::new(DEFAULT_DATA_DIR).join(TOKEN_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(text.trim().to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => {
+                        return Err(CliError::Usage(format!(
+                            "cannot read the token file {}: {e}",
+                            path.display()
+                        )))
+                    }
+                }
+            }
+        };
+        ZonalApi::new(&self.zonal, token)
+    }
+}
+
+/// `--rack`, else env RACKBLOCK_RACK, else `rackblock-data/rack.toml` if
+/// it exists.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RackArg {
+    /// The unit's rack file (its head nodes' addresses on networks A and B).
+    #[arg(long, env = "RACKBLOCK_RACK")]
+    pub rack: Option<PathBuf>,
+}
+
+impl RackArg {
+    /// The rack, `None` when none was named and the default is absent.
+    pub fn load_optional(&self) -> Result<Option<Rack>, CliError> {
+        let path = match &self.rack {
+            Some(path) => path.clone(),
+            None => {
+                let default = Path::new(DEFAULT_DATA_DIR).join("rack.toml");
+                if !default.exists() {
+                    return Ok(None);
+                }
+                default
+            }
+        };
+        Rack::load(&path)
+            .map(Some)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    }
+
+    pub fn load(&self) -> Result<Rack, CliError> {
+        self.load_optional()?.ok_or_else(|| {
+            CliError::Usage(format!(
+                "this verb asks the unit's local control plane and needs its rack file: \
+                 --rack FILE (or RACKBLOCK_RACK; {DEFAULT_DATA_DIR}/rack.toml is used when present)"
+            ))
+        })
+    }
+}
+
+fn print_json(value: &Value) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Runtime(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn field_str<'a>(value: &'a Value, field: &str) -> &'a str {
+    value.get(field).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn field_u64(value: &Value, field: &str) -> u64 {
+    value.get(field).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Runs a verb and turns its error into a message and an exit code.
+pub fn finish(verb: &str, result: Result<(), CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(verb, &error),
+    }
+}
+
+// ---- volumes ----
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Volume name: letters, digits, '.', '_', '-'.
+    pub name: String,
+    /// Size: 4GiB, 512MiB, or bytes; a positive multiple of 4096.
+    #[arg(long)]
+    pub size: String,
+    /// Erasure code "k+m" of the volume's extents.
+    #[arg(long, default_value = "4+2")]
+    pub code: String,
+    /// Partition size (default 1GiB): the unit of placement on head nodes.
+    #[arg(long)]
+    pub partition_size: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NameArgs {
+    /// Volume name.
+    pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResizeArgs {
+    /// Volume name.
+    pub name: String,
+    /// New size (grow only): 8GiB, or bytes; a multiple of 4096.
+    #[arg(long)]
+    pub size: String,
+}
+
+fn volume_line(v: &Value) -> String {
+    format!(
+        "volume {} (id {}): {}, code {}, partitions of {}, unit {}, {}",
+        field_str(v, "name"),
+        field_u64(v, "id"),
+        human_bytes(field_u64(v, "size_bytes")),
+        field_str(v, "erasure_code"),
+        human_bytes(field_u64(v, "partition_size_bytes")),
+        field_str(v, "unit"),
+        field_str(v, "state"),
+    )
+}
+
+fn attachments(v: &Value) -> Vec<Value> {
+    v.get("attachments")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub async fn volume_create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliError> {
+    let size_bytes = parse_block_size("--size", &args.size)?;
+    let code = zonal_control_plane::model::ErasureCode::parse(&args.code)
+        .map_err(|e| CliError::Usage(format!("--code: {e}")))?;
+    let mut body = json!({
+        "name": args.name,
+        "size_bytes": size_bytes,
+        "erasure_code": code.to_string(),
+    });
+    if let Some(text) = &args.partition_size {
+        let bytes = parse_block_size("--partition-size", text)?;
+        body["partition_size_bytes"] = json!(bytes);
+    }
+    let api = global.api()?;
+    let reply = api.call("POST", "/v1/volumes", Some(&body)).await?;
+    match global.output {
+        Output::Json => print_json(&reply.body),
+        Output::Table => {
+            let verb = if reply.status == 201 {
+                "created"
+            } else {
+                "exists (same spec, nothing changed)"
+            };
+            println!("{verb}: {}", volume_line(&reply.body));
+            Ok(())
+        }
+    }
+}
+
+pub async fn volume_list(global: &GlobalArgs) -> Result<(), CliError> {
+    let reply = global.api()?.call("GET", "/v1/volumes", None).await?;
+    if global.output == Output::Json {
+        return print_json(&reply.body);
+    }
+    let volumes = reply
+        .body
+        .get("volumes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut table = Table::new(&[
+        "NAME",
+        "ID",
+        "SIZE",
+        "CODE",
+        "PARTITION",
+        "UNIT",
+        "STATE",
+        "ATTACHED",
+    ]);
+    for v in &volumes {
+        let hosts: Vec<String> = attachments(v)
+            .iter()
+            .map(|a| field_str(a, "host").to_owned())
+            .collect();
+        table.row(vec![
+            field_str(v, "name").to_owned(),
+            field_u64(v, "id").to_string(),
+            human_bytes(field_u64(v, "size_bytes")),
+            field_str(v, "erasure_code").to_owned(),
+            human_bytes(field_u64(v, "partition_size_bytes")),
+            field_str(v, "unit").to_owned(),
+            field_str(v, "state").to_owned(),
+            if hosts.is_empty() {
+                "-".to_owned()
+            } else {
+                hosts.join(",")
+            },
+        ]);
+    }
+    if volumes.is_empty() {
+        println!("no volumes (create one: rackblock volume create NAME --size 4GiB)");
+    } else {
+        table.print();
+    }
+    Ok(())
+}
+
+pub async fn volume_describe(global: &GlobalArgs, args: &NameArgs) -> Result<(), CliError> {
+    let path = format!("/v1/volumes/{}", segment(&args.name));
+    let reply = global.api()?.call("GET", &path, None).await?;
+    if global.output == Output::Json {
+        return print_json(&reply.body);
+    }
+    let v = &reply.body;
+    println!("{}", volume_line(v));
+    let attached = attachments(v);
+    if attached.is_empty() {
+        println!("attachments: none");
+    } else {
+        for a in &attached {
+            println!(
+                "attachment {}: host {} (created at {} ms)",
+                field_u64(a, "id"),
+                field_str(a, "host"),
+                field_u64(a, "created_at_ms")
+            );
+        }
+    }
+    match v.get("partition_map") {
+        Some(map) if !map.is_null() => match serde_json::from_value::<PartitionMap>(map.clone()) {
+            Ok(map) => unit::print_partition_map(&map),
+            Err(e) => println!("partition map: unreadable ({e})"),
+        },
+        _ => println!(
+            "partition map: not available ({})",
+            v.get("partition_map_error")
+                .and_then(Value::as_str)
+                .unwrap_or("the unit did not answer")
+        ),
+    }
+    Ok(())
+}
+
+pub async fn volume_resize(global: &GlobalArgs, args: &ResizeArgs) -> Result<(), CliError> {
+    let size_bytes = parse_block_size("--size", &args.size)?;
+    let path = format!("/v1/volumes/{}/resize", segment(&args.name));
+    let body = json!({ "size_bytes": size_bytes });
+    let reply = global.api()?.call("POST", &path, Some(&body)).await?;
+    match global.output {
+        Output::Json => print_json(&reply.body),
+        Output::Table => {
+            println!("{}", volume_line(&reply.body));
+            Ok(())
+        }
+    }
+}
+
+pub async fn volume_delete(global: &GlobalArgs, args: &NameArgs) -> Result<(), CliError> {
+    let path = format!("/v1/volumes/{}", segment(&args.name));
+    let reply = global.api()?.call("DELETE", &path, None).await?;
+    match global.output {
+        Output::Json => print_json(&reply.body),
+        Output::Table => {
+            println!("deleted: {}", volume_line(&reply.body));
+            Ok(())
+        }
+    }
+}
+
+// ---- units ----
+
+#[derive(Debug, clap::Args)]
+pub struct UnitStatusArgs {
+    /// Unit name in the zone (default: every unit the zonal plane knows).
+    pub unit: Option<String>,
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+fn unit_rows(units: &[Value]) -> Table {
+    let mut table = Table::new(&[
+        "UNIT",
+        "HEALTH",
+        "LEADER",
+        "HEAD NODES",
+        "SLEDS",
+        "ALLOCATABLE",
+        "FREE",
+        "USED",
+        "VOLUMES",
+        "LAST ERROR",
+    ]);
+    for u in units {
+        let capacity = u.get("capacity").cloned().unwrap_or(Value::Null);
+        table.row(vec![
+            field_str(u, "name").to_owned(),
+            field_str(u, "health").to_owned(),
+            field_str(u, "leader").to_owned(),
+            format!(
+                "{}/{} up",
+                field_u64(u, "head_nodes_up"),
+                field_u64(u, "head_nodes")
+            ),
+            format!("{}/{} up", field_u64(u, "sleds_up"), field_u64(u, "sleds")),
+            human_bytes(field_u64(&capacity, "allocatable_bytes")),
+            human_bytes(field_u64(&capacity, "free_bytes")),
+            human_bytes(field_u64(&capacity, "used_bytes")),
+            field_u64(u, "volumes").to_string(),
+            field_str(u, "last_error").to_owned(),
+        ]);
+    }
+    table
+}
+
+async fn zonal_units(api: &ZonalApi, name: Option<&str>) -> Result<Vec<Value>, CliError> {
+    match name {
+        Some(name) => {
+            let path = format!("/v1/units/{}", segment(name));
+            Ok(vec![api.call("GET", &path, None).await?.body])
+        }
+        None => Ok(api
+            .call("GET", "/v1/units", None)
+            .await?
+            .body
+            .get("units")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()),
+    }
+}
+
+pub async fn unit_list(global: &GlobalArgs) -> Result<(), CliError> {
+    let units = zonal_units(&global.api()?, None).await?;
+    if global.output == Output::Json {
+        return print_json(&json!({ "units": units }));
+    }
+    if units.is_empty() {
+        println!("the zonal control plane knows no units (add [[units]] to its config)");
+    } else {
+        unit_rows(&units).print();
+    }
+    Ok(())
+}
+
+/// The live view of one unit from its LCP.
+pub async fn live_status(rack: &Rack) -> Result<(RaftStatus, UnitStatus), CliError> {
+    let client = unit::client(rack);
+    let result = client.unit_status().await;
+    client.close();
+    result.map_err(|e| {
+        CliError::Unavailable(format!(
+            "no head node of unit {} answered: {e}",
+            rack.unit.name
+        ))
+    })
+}
+
+/// Zonal view (when the zonal plane answers) plus the live view (when the
+/// unit's rack file is known). Either alone is enough; an explicit API
+/// error (auth, unknown unit) is an error.
+pub async fn unit_status(global: &GlobalArgs, args: &UnitStatusArgs) -> Result<(), CliError> {
+    let rack = args.rack.load_optional()?;
+    let zonal = match zonal_units(&global.api()?, args.unit.as_deref()).await {
+        Ok(units) => Some(units),
+        Err(CliError::Unavailable(reason)) if rack.is_some() => {
+            eprintln!("note: {reason}; showing the unit's own view only");
+            None
+        }
+        Err(error) => return Err(error),
+    };
+    let rack = rack.filter(|rack| args.unit.as_deref().is_none_or(|u| u == rack.unit.name));
+    let live = match &rack {
+        Some(rack) => Some(live_status(rack).await?),
+        None => None,
+    };
+    if global.output == Output::Json {
+        let (raft, unit) = match &live {
+            Some((raft, unit)) => (json!(raft), json!(unit)),
+            None => (Value::Null, Value::Null),
+        };
+        return print_json(&json!({ "zonal": zonal, "raft": raft, "unit": unit }));
+    }
+    if let Some(units) = &zonal {
+        println!("zonal control plane ({}):", global.zonal);
+        unit_rows(units).print();
+        println!();
+    }
+    match (&rack, &live) {
+        (Some(rack), Some((raft, unit))) => unit::print_status(rack, raft, unit),
+        _ => println!(
+            "live view: needs the unit's rack file (--rack FILE, RACKBLOCK_RACK, or {DEFAULT_DATA_DIR}/rack.toml)"
+        ),
+    }
+    Ok(())
+}
+
+// ---- sleds and head nodes (live, through the LCP) ----
+
+#[derive(Debug, clap::Args)]
+pub struct LiveArgs {
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// Sled id as in the rack file (e.g. sled-3).
+    pub sled: String,
+    /// Wait until no column is left on the sled, drawing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (with --wait).
+    #[arg(long, default_value = "10m", value_parser = crate::text::parse_duration)]
+    pub wait_timeout: Duration,
+    /// Set the sled back to Up instead (cancel a drain).
+    #[arg(long)]
+    pub undo: bool,
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+pub async fn sled_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), CliError> {
+    let rack = args.rack.load()?;
+    let (_, unit) = live_status(&rack).await?;
+    if global.output == Output::Json {
+        return print_json(&json!({ "unit": rack.unit.name, "sleds": unit.sleds }));
+    }
+    unit::print_sleds(&unit);
+    Ok(())
+}
+
+pub async fn head_node_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), CliError> {
+    let rack = args.rack.load()?;
+    let (raft, unit) = live_status(&rack).await?;
+    if global.output == Output::Json {
+        return print_json(&json!({
+            "unit": rack.unit.name,
+            "leader": raft.leader_name,
+            "term": raft.term,
+            "members": raft.members,
+            "head_nodes": unit.nodes,
+        }));
+    }
+    unit::print_head_nodes(&raft, &unit);
+    Ok(())
+}
+
+fn used_columns(unit: &UnitStatus, sled: &str) -> Option<(Health, u64, u64)> {
+    unit.sleds.iter().find(|s| s.id.0 == sled).map(|s| {
+        let used: usize = s.devices.iter().map(|d| d.used_columns).sum();
+        let free: usize = s.devices.iter().map(|d| d.free_columns).sum();
+        (s.health, used as u64, (used + free) as u64)
+    })
+}
+
+pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), CliError> {
+    let rack = args.rack.load()?;
+    let (_, before) = live_status(&rack).await?;
+    let Some((health_before, used_before, _)) = used_columns(&before, &args.sled) else {
+        return Err(CliError::NotFound(format!(
+            "unit {} has no sled {:?} (see `rackblock sled list`)",
+            rack.unit.name, args.sled
+        )));
+    };
+    let health = if args.undo {
+        Health::Up
+    } else {
+        Health::Draining
+    };
+    if matches!(health_before, Health::Failed) {
+        return Err(CliError::Api {
+            status: 409,
+            code: "sled_failed".into(),
+            message: format!(
+                "sled {} is Failed; it cannot be drained or brought back by the CLI",
+                args.sled
+            ),
+        });
+    }
+    let client = unit::client(&rack);
+    let result = client
+        .command(Command::SetSledHealth {
+            sled: SledId(args.sled.clone()),
+            health,
+        })
+        .await;
+    client.close();
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(refused)) => {
+            return Err(CliError::Api {
+                status: 409,
+                code: refused.code().to_owned(),
+                message: format!("the unit refused: {refused}"),
+            })
+        }
+        Err(e) => {
+            return Err(CliError::Unavailable(format!(
+                "the unit's local control plane did not confirm the change (it may or may not be applied; \
+                 repeating is safe): {e}"
+            )))
+        }
+    }
+    if args.undo {
+        return match global.output {
+            Output::Json => print_json(&json!({ "sled": args.sled, "health": "Up" })),
+            Output::Table => {
+                println!("sled {} is Up again (was {health_before:?})", args.sled);
+                Ok(())
+            }
+        };
+    }
+    if global.output == Output::Json && !args.wait {
+        return print_json(&json!({
+            "sled": args.sled,
+            "health": "Draining",
+            "used_columns": used_before,
+            "data_movement": "not implemented (issue 6)",
+        }));
+    }
+    println!(
+        "sled {} is Draining: it keeps serving its {used_before} columns and gets no new ones.",
+        args.sled
+    );
+    println!(
+        "note: moving columns off a draining sled (rebuild elsewhere) is issue 6 and not built yet; \
+         the columns stay until then."
+    );
+    if !args.wait {
+        draw_progress(0, used_before, "columns moved off");
+        eprintln!();
+        return Ok(());
+    }
+    let deadline = Instant::now() + args.wait_timeout;
+    loop {
+        let (_, now) = live_status(&rack).await?;
+        let used = used_columns(&now, &args.sled).map_or(0, |(_, used, _)| used);
+        let moved = used_before.saturating_sub(used);
+        draw_progress(moved, used_before, "columns moved off");
+        if used == 0 {
+            eprintln!();
+            println!("sled {} holds no columns", args.sled);
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!();
+            return Err(CliError::Runtime(format!(
+                "sled {} still holds {used} columns after {:?}",
+                args.sled, args.wait_timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DetachArgs {
+    /// Volume name.
+    pub name: String,
+    /// Attachment id (see `rackblock volume describe`).
+    #[arg(long)]
+    pub attachment: u64,
+}
+
+/// Removes an attachment record (an attach agent that was killed leaves
+/// its attachment behind, and a volume with attachments cannot be deleted).
+pub async fn volume_detach(global: &GlobalArgs, args: &DetachArgs) -> Result<(), CliError> {
+    let path = format!(
+        "/v1/volumes/{}/attachments/{}",
+        segment(&args.name),
+        args.attachment
+    );
+    let reply = global.api()?.call("DELETE", &path, None).await?;
+    match global.output {
+        Output::Json => print_json(&reply.body),
+        Output::Table => {
+            println!(
+                "detached attachment {}: {}",
+                args.attachment,
+                volume_line(&reply.body)
+            );
+            Ok(())
+        }
+    }
+}
