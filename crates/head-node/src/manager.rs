@@ -5,10 +5,14 @@
 //! start ─▶ open the WAL (one per head node, created sparse if absent)
 //!          ─▶ recovered records grouped by partition (kept until handed over)
 //! every poll interval (reconcile):
-//!   first time: bring the local state machine up to the leader (read index)
+//!   first time: a Raft write barrier, then the local state machine up to the
+//!   leader's applied index (see `peers::write_barrier`)
 //!   desired = { partitions whose primary or secondary is this node, epoch }
 //!   hosted but no longer desired, role changed      ─▶ shut down, drop
 //!   primary at a new epoch (new secondary named)    ─▶ flush_now, drop, reopen
+//!   fenced primary                                   ─▶ drop, reopen at the new epoch
+//!   secondary promoted to primary                    ─▶ keep as secondary, warn
+//!                                                      (not before issue 6, below)
 //!   secondary at a new epoch                        ─▶ keep (it adopts the epoch
 //!                                                      from the primary's records)
 //!   desired but not hosted                          ─▶ Partition::open(role, epoch,
@@ -42,11 +46,13 @@
 //! **Role changes** are rare in this issue (failover is issue 6).
 //! Reopening a primary at a new epoch first flushes it, so nothing it
 //! needs stays only in the log. A promotion (secondary → primary) while
-//! running is NOT complete yet: it needs the partition's log records, and
-//! the WAL hands them out only when it is opened (startup), so the
-//! promoted primary rebuilds from the sled summaries alone and misses the
-//! unflushed tail. Issue 6 needs a re-scan of the live log (or an in-place
-//! promotion of the open secondary) from the partition engine.
+//! running is NOT served yet: the new primary needs the partition's log
+//! records, and the WAL hands them out only when it is opened (startup);
+//! reopening from the sled summaries alone would miss the unflushed tail.
+//! The secondary is kept (its records stay protected) and host requests
+//! get `Unavailable` until the head node restarts, when the records are
+//! handed to the primary. Issue 6 needs an in-place promotion of the open
+//! secondary (or a re-scan of the live log) from the partition engine.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -142,6 +148,8 @@ struct Hosted {
     cancel: CancellationToken,
     /// Primary: background flushes that failed.
     flushes_failed: AtomicU64,
+    /// Secondary the control plane promoted while running (not served).
+    promotion_pending: AtomicBool,
 }
 
 impl Hosted {
@@ -510,8 +518,9 @@ impl PartitionManager {
     pub fn stop(&self) {
         let inner = &self.inner;
         inner.shutdown.cancel();
-        let hosted: Vec<Arc<Hosted>> = write(&inner.hosted).values().cloned().collect();
-        for h in hosted {
+        // Emptied: requests after shutdown get NotPrimary / NotSecondary.
+        let hosted = std::mem::take(&mut *write(&inner.hosted));
+        for h in hosted.into_values() {
             h.cancel.cancel();
             h.partition.shutdown();
         }
@@ -757,6 +766,18 @@ async fn reconcile(inner: &Arc<Inner>) {
     for (id, h) in hosted {
         let drop_reason = match desired.get(&id) {
             None => Some("no longer assigned to this head node".to_string()),
+            Some(d) if h.role == OpenRole::Secondary && d.role == OpenRole::Primary => {
+                // Promotion while running: the secondary's log records are
+                // only handed out when the WAL opens, so reopening now would
+                // lose the unflushed tail. Keep the secondary (its records
+                // stay protected) and serve nothing as primary until this
+                // head node restarts (issue 6 adds an in-place promotion).
+                if !h.promotion_pending.swap(true, Ordering::Relaxed) {
+                    warn!(partition = ?id, epoch = d.epoch, "promoted to primary while running: not supported before failover (issue 6); restart this head node to serve it");
+                }
+                h.lcp_epoch.store(d.epoch, Ordering::Relaxed);
+                None
+            }
             Some(d) if d.role != h.role => Some(format!("role changed to {:?}", d.role)),
             Some(d)
                 if d.role == OpenRole::Primary
@@ -877,6 +898,7 @@ async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
         lease_until: Mutex::new(None),
         cancel: inner.shutdown.child_token(),
         flushes_failed: AtomicU64::new(0),
+        promotion_pending: AtomicBool::new(false),
     });
     if d.role == OpenRole::Primary {
         tokio::spawn(lease_task(inner.clone(), hosted.clone()));
