@@ -594,7 +594,7 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
     );
     if !args.wait {
         draw_progress(0, used_before, "columns moved off");
-        eprintln!();
+        crate::text::end_progress();
         return Ok(());
     }
     let deadline = Instant::now() + args.wait_timeout;
@@ -604,12 +604,12 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
         let moved = used_before.saturating_sub(used);
         draw_progress(moved, used_before, "columns moved off");
         if used == 0 {
-            eprintln!();
+            crate::text::end_progress();
             println!("sled {} holds no columns", args.sled);
             return Ok(());
         }
         if Instant::now() >= deadline {
-            eprintln!();
+            crate::text::end_progress();
             return Err(CliError::Runtime(format!(
                 "sled {} still holds {used} columns after {:?}",
                 args.sled, args.wait_timeout

@@ -160,11 +160,36 @@ pub fn progress_line(done: u64, total: u64, width: usize, label: &str) -> String
     )
 }
 
-/// Redraws the progress line in place on stderr (`\r`, no newline).
+/// Redraws the progress line in place on stderr (`\r`, no newline) when
+/// stderr is a terminal; otherwise (logs, pipes) prints a line only when
+/// the progress changes.
 pub fn draw_progress(done: u64, total: u64, label: &str) {
+    use std::io::IsTerminal as _;
+    static LAST: std::sync::Mutex<Option<(u64, u64, String)>> = std::sync::Mutex::new(None);
     let mut err = std::io::stderr();
-    let _ = write!(err, "\r{}\x1b[K", progress_line(done, total, 30, label));
+    let line = progress_line(done, total, 30, label);
+    if err.is_terminal() {
+        let _ = write!(err, "\r{line}\x1b[K");
+    } else {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Some((done, total, label.to_owned()));
+        if *last == now {
+            return;
+        }
+        *last = now;
+        let _ = writeln!(err, "{line}");
+    }
     let _ = err.flush();
+}
+
+/// Ends a progress line drawn in place (a newline on a terminal).
+pub fn end_progress() {
+    use std::io::IsTerminal as _;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
 }
 
 #[cfg(test)]

@@ -5,17 +5,24 @@
 //! network B `127.0.2.x`), creates file-backed devices, and starts every
 //! daemon as its own process, with its pid and log under `run/`, so that an
 //! operator can `kill -9` one and watch the unit cope. A second `up` in the
-//! same directory reuses the rack file and the devices (the data survives).
-//! Ctrl-C (or SIGTERM) stops every child: SIGTERM, then SIGKILL after a grace
-//! period.
+//! same directory reuses the rack file, the devices, the zonal store and
+//! the admin token (the data survives).
 //!
-//! What runs today: the sled controllers and three head nodes (`hn-1..3`,
-//! configs in `config/hn-N.toml`, Raft data in `hn-N/`), which elect a
-//! leader of the local control plane among themselves and register the
-//! rack's inventory with no manual step. `up` waits until every daemon is
-//! healthy (a head node is healthy once it knows a leader) and prints the
-//! unit status. The zonal control plane and the NBD attach agent join as
-//! their issues land.
+//! ```text
+//! prepare   rack.toml, devices/, config/{sled-N,hn-N,zonal}.toml, zonal-token
+//! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
+//! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
+//! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
+//! attach    `rackblock attach vol0 --listen 127.0.0.1:10809` (own process)
+//!           ─▶ wait for the NBD handshake
+//! run       report daemons that exit (the others carry on) until Ctrl-C
+//! stop      attach, then zonal, then head nodes, then sleds:
+//!           SIGTERM, SIGKILL after a grace period
+//! ```
+//!
+//! `--check` does everything up to the NBD handshake, prints, stops and
+//! exits 0 (for scripts and tests). Any step that fails stops what was
+//! started and exits 1 with the reason and where the logs are.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -47,20 +54,59 @@ pub struct UpArgs {
     /// Give up waiting for the unit to become healthy after this many seconds.
     #[arg(long, default_value_t = 60)]
     wait_seconds: u64,
-    /// Start, wait until healthy, print the status, stop everything and exit
-    /// (for scripts and tests).
+    /// Address of the zonal control plane's API, /health and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    zonal_listen: SocketAddr,
+    /// Where the attach agent serves vol0 over NBD.
+    #[arg(long, default_value = crate::attach::DEFAULT_LISTEN)]
+    nbd_listen: SocketAddr,
+    /// Size of vol0 when it is created (an existing vol0 is kept as is).
+    #[arg(long, default_value = "4GiB")]
+    volume_size: String,
+    /// Start, wait until healthy and vol0 is served over NBD, print, stop
+    /// everything and exit (for scripts and tests).
     #[arg(long)]
     check: bool,
 }
 
 const HEAD_NODES: u32 = 3;
+/// The volume `up` creates and attaches.
+pub const VOLUME: &str = "vol0";
+
+/// How `up` decides a daemon is ready.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    /// `GET /health` answers 200.
+    Http(SocketAddr),
+    /// An NBD server answers the fixed newstyle greeting.
+    Nbd(SocketAddr),
+}
+
+/// Order of stopping: lower first (attach, zonal, head nodes, sleds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum StopRank {
+    Attach,
+    Zonal,
+    HeadNode,
+    Sled,
+}
 
 struct Daemon {
     name: String,
-    admin: SocketAddr,
+    probe: Probe,
+    rank: StopRank,
     pid_file: PathBuf,
     child: Child,
     exited: bool,
+}
+
+impl Daemon {
+    fn ready(&self) -> bool {
+        match self.probe {
+            Probe::Http(address) => http_get_status(address, "/health") == Some(200),
+            Probe::Nbd(address) => nbd_greets(address),
+        }
+    }
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -188,7 +234,44 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
         std::fs::write(&path, config)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
+    let token_path = data_dir.join(crate::ops::TOKEN_FILE);
+    if !token_path.exists() {
+        write_secret(&token_path, &random_token()?)?;
+    }
+    let config = format!(
+        "# Written by `rackblock up`.\nlisten = \"{}\"\ndata_dir = \"{}\"\n\
+         admin_token_file = \"{}\"\nreport_interval_ms = 1000\n\n\
+         [[units]]\nname = \"{}\"\nrack_file = \"{}\"\n",
+        args.zonal_listen,
+        data_dir.join("zonal").display(),
+        token_path.display(),
+        rack.unit.name,
+        rack_path.display()
+    );
+    let path = data_dir.join("config").join("zonal.toml");
+    std::fs::write(&path, config).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok((data_dir, rack))
+}
+
+/// 128 random bits as 32 hex digits.
+fn random_token() -> Result<String, String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a file only its owner can read.
+fn write_secret(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    writeln!(file, "{text}").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -226,7 +309,9 @@ fn spawn_daemon(
     data_dir: &Path,
     name: &str,
     args: &[String],
-    admin: SocketAddr,
+    env: &[(&str, String)],
+    probe: Probe,
+    rank: StopRank,
 ) -> Result<Daemon, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let log_path = data_dir.join("run").join(format!("{name}.log"));
@@ -240,6 +325,7 @@ fn spawn_daemon(
         .map_err(|e| format!("{}: {e}", log_path.display()))?;
     let child = std::process::Command::new(exe)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -250,7 +336,8 @@ fn spawn_daemon(
         .map_err(|e| format!("cannot write {}: {e}", pid_file.display()))?;
     Ok(Daemon {
         name: name.to_string(),
-        admin,
+        probe,
+        rank,
         pid_file,
         child,
         exited: false,
@@ -269,34 +356,83 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn stop_all(daemons: &mut [Daemon]) {
-    for daemon in daemons.iter_mut().filter(|d| !d.exited) {
-        if let Ok(pid) = i32::try_from(daemon.child.id()) {
-            // SAFETY: signalling our own child process by pid.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+/// Connects and reads the fixed newstyle greeting (`NBDMAGIC IHAVEOPT`),
+/// then ends the handshake politely (client flags, `NBD_OPT_ABORT`).
+pub fn nbd_greets(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) else {
+        return false;
+    };
+    if stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .is_err()
+    {
+        return false;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for daemon in daemons.iter_mut() {
-        loop {
-            match daemon.child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() >= deadline => {
-                    eprintln!("{} did not stop in time; killing it", daemon.name);
-                    let _ = daemon.child.kill();
-                    let _ = daemon.child.wait();
-                    break;
+    let mut greeting = [0u8; 18];
+    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
+        return false;
+    }
+    // Client flags FIXED_NEWSTYLE | NO_ZEROES, then NBD_OPT_ABORT (2).
+    let mut bye = Vec::with_capacity(20);
+    bye.extend_from_slice(&3u32.to_be_bytes());
+    bye.extend_from_slice(b"IHAVEOPT");
+    bye.extend_from_slice(&2u32.to_be_bytes());
+    bye.extend_from_slice(&0u32.to_be_bytes());
+    let _ = stream.write_all(&bye);
+    let mut reply = [0u8; 20];
+    let _ = stream.read(&mut reply);
+    true
+}
+
+/// Stops the daemons rank by rank (attach, zonal, head nodes, sleds): each
+/// rank gets SIGTERM and up to 10 s before SIGKILL.
+fn stop_all(daemons: &mut [Daemon]) {
+    for rank in [
+        StopRank::Attach,
+        StopRank::Zonal,
+        StopRank::HeadNode,
+        StopRank::Sled,
+    ] {
+        for daemon in daemons.iter_mut().filter(|d| d.rank == rank && !d.exited) {
+            if let Ok(pid) = i32::try_from(daemon.child.id()) {
+                // SAFETY: signalling our own child process by pid.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-        let _ = std::fs::remove_file(&daemon.pid_file);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for daemon in daemons.iter_mut().filter(|d| d.rank == rank) {
+            loop {
+                match daemon.child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("{} did not stop in time; killing it", daemon.name);
+                        let _ = daemon.child.kill();
+                        let _ = daemon.child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+            daemon.exited = true;
+            let _ = std::fs::remove_file(&daemon.pid_file);
+        }
     }
 }
 
+/// Why `up` gave up, with everything started so far to stop.
+struct Failed(String);
+
 fn up(args: UpArgs) -> ExitCode {
+    let volume_size_bytes = match crate::text::parse_block_size("--volume-size", &args.volume_size)
+    {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            eprintln!("rackblock up: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let (data_dir, rack) = match prepare(&args) {
         Ok(prepared) => prepared,
         Err(error) => return fail(error),
@@ -309,75 +445,23 @@ fn up(args: UpArgs) -> ExitCode {
         Err(error) => return fail(error),
     };
     let mut daemons = Vec::new();
-    for head in &rack.head_node {
-        let config = data_dir.join("config").join(format!("{}.toml", head.id));
-        let argv = vec![
-            "head-node".to_string(),
-            "--config".to_string(),
-            config.display().to_string(),
-        ];
-        match spawn_daemon(&data_dir, &head.id, &argv, head.admin) {
-            Ok(daemon) => daemons.push(daemon),
-            Err(error) => {
-                stop_all(&mut daemons);
-                return fail(error);
-            }
-        }
+    let started = start_unit(
+        &args,
+        &data_dir,
+        &rack,
+        volume_size_bytes,
+        &stop,
+        &mut daemons,
+    );
+    if let Err(Failed(why)) = started {
+        crate::text::end_progress();
+        stop_all(&mut daemons);
+        return fail(format!(
+            "{why}; logs are in {}",
+            data_dir.join("run").display()
+        ));
     }
-    for sled in &rack.sled {
-        let config = data_dir.join("config").join(format!("{}.toml", sled.id));
-        let argv = vec![
-            "sled-controller".to_string(),
-            "--config".to_string(),
-            config.display().to_string(),
-        ];
-        match spawn_daemon(&data_dir, &sled.id, &argv, sled.admin) {
-            Ok(daemon) => daemons.push(daemon),
-            Err(error) => {
-                stop_all(&mut daemons);
-                return fail(error);
-            }
-        }
-    }
-    // Wait for every daemon's /health, with a one-line progress display.
-    let deadline = Instant::now() + Duration::from_secs(args.wait_seconds);
-    loop {
-        let healthy = daemons
-            .iter()
-            .filter(|d| http_get_status(d.admin, "/health") == Some(200))
-            .count();
-        print!(
-            "\rwaiting for the unit: {healthy}/{} daemons healthy ",
-            daemons.len()
-        );
-        let _ = std::io::stdout().flush();
-        if healthy == daemons.len() {
-            println!();
-            break;
-        }
-        let dead: Vec<String> = daemons
-            .iter_mut()
-            .filter_map(|d| match d.child.try_wait() {
-                Ok(Some(status)) => Some(format!("{} exited ({status})", d.name)),
-                _ => None,
-            })
-            .collect();
-        if !dead.is_empty() || Instant::now() >= deadline || stop.load() {
-            println!();
-            stop_all(&mut daemons);
-            let why = if dead.is_empty() {
-                "timed out".to_string()
-            } else {
-                dead.join(", ")
-            };
-            return fail(format!(
-                "unit did not become healthy: {why}; logs are in {}",
-                data_dir.join("run").display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    print_status(&data_dir, &rack, &args);
+    print_status(&data_dir, &rack, &args, &daemons);
     if args.check {
         stop_all(&mut daemons);
         println!("stopped (--check)");
@@ -389,97 +473,381 @@ fn up(args: UpArgs) -> ExitCode {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 daemon.exited = true;
                 let _ = std::fs::remove_file(&daemon.pid_file);
+                let log = data_dir.join("run").join(format!("{}.log", daemon.name));
                 eprintln!(
-                    "{} exited ({status}); the unit carries on without it. `rackblock up` in another \
-                     shell will not restart it while this one runs; restart this `up` to bring it back.",
-                    daemon.name
+                    "{} exited ({status}); the others carry on without it (log: {}). \
+                     Restart this `up` to bring it back.",
+                    daemon.name,
+                    log.display()
                 );
             }
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("stopping the unit");
+    println!("stopping the unit (attach agent, zonal control plane, head nodes, sleds)");
     stop_all(&mut daemons);
     ExitCode::SUCCESS
 }
 
-/// The local control plane's view, once it has registered the inventory
-/// (the leader does that right after its election).
+/// Waits until every daemon's probe answers, drawing progress; fails when
+/// one exits, on Ctrl-C, or at the deadline.
+fn wait_ready(
+    daemons: &mut [Daemon],
+    what: &str,
+    deadline: Instant,
+    stop: &StopFlag,
+) -> Result<(), Failed> {
+    loop {
+        let ready = daemons.iter().filter(|d| d.exited || d.ready()).count();
+        let total = daemons.len();
+        crate::text::draw_progress(ready as u64, total as u64, what);
+        if ready == total {
+            crate::text::end_progress();
+            return Ok(());
+        }
+        let dead: Vec<String> = daemons
+            .iter_mut()
+            .filter_map(|d| match d.child.try_wait() {
+                Ok(Some(status)) => {
+                    d.exited = true;
+                    Some(format!("{} exited ({status})", d.name))
+                }
+                _ => None,
+            })
+            .collect();
+        if !dead.is_empty() {
+            return Err(Failed(dead.join(", ")));
+        }
+        if stop.load() {
+            return Err(Failed("interrupted".into()));
+        }
+        if Instant::now() >= deadline {
+            let waiting: Vec<&str> = daemons
+                .iter()
+                .filter(|d| !d.ready())
+                .map(|d| d.name.as_str())
+                .collect();
+            return Err(Failed(format!(
+                "timed out waiting for {}",
+                waiting.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn start_unit(
+    args: &UpArgs,
+    data_dir: &Path,
+    rack: &hardware::rack::Rack,
+    volume_size_bytes: u64,
+    stop: &StopFlag,
+    daemons: &mut Vec<Daemon>,
+) -> Result<(), Failed> {
+    let deadline = Instant::now() + Duration::from_secs(args.wait_seconds);
+    let config = |name: &str| data_dir.join("config").join(format!("{name}.toml"));
+    let argv = |verb: &str, config: PathBuf| {
+        vec![
+            verb.to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+        ]
+    };
+    for head in &rack.head_node {
+        let argv = argv("head-node", config(&head.id));
+        let daemon = spawn_daemon(
+            data_dir,
+            &head.id,
+            &argv,
+            &[],
+            Probe::Http(head.admin),
+            StopRank::HeadNode,
+        )
+        .map_err(Failed)?;
+        daemons.push(daemon);
+    }
+    for sled in &rack.sled {
+        let argv = argv("sled-controller", config(&sled.id));
+        let daemon = spawn_daemon(
+            data_dir,
+            &sled.id,
+            &argv,
+            &[],
+            Probe::Http(sled.admin),
+            StopRank::Sled,
+        )
+        .map_err(Failed)?;
+        daemons.push(daemon);
+    }
+    let argv = argv("zonal", config("zonal"));
+    let zonal = spawn_daemon(
+        data_dir,
+        "zonal",
+        &argv,
+        &[],
+        Probe::Http(args.zonal_listen),
+        StopRank::Zonal,
+    )
+    .map_err(Failed)?;
+    daemons.push(zonal);
+    wait_ready(daemons, "daemons healthy", deadline, stop)?;
+
+    let handle = tokio::runtime::Handle::try_current()
+        .map_err(|e| Failed(format!("internal error: {e}")))?;
+    let token = std::fs::read_to_string(data_dir.join(crate::ops::TOKEN_FILE))
+        .map_err(|e| Failed(format!("cannot read the zonal token: {e}")))?;
+    let zonal_url = format!("http://{}", args.zonal_listen);
+    let api = crate::http::ZonalApi::new(&zonal_url, Some(token.trim().to_owned()))
+        .map_err(|e| Failed(e.to_string()))?;
+    wait_unit_seen(&handle, &api, rack, deadline, stop)?;
+    ensure_volume(&handle, &api, volume_size_bytes, deadline, stop)?;
+
+    let attach_argv = vec![
+        "attach".to_string(),
+        VOLUME.to_string(),
+        "--listen".to_string(),
+        args.nbd_listen.to_string(),
+        "--zonal".to_string(),
+        zonal_url,
+        "--host".to_string(),
+        "rackblock-up".to_string(),
+    ];
+    // The token goes through the environment, not argv (ps shows argv).
+    let attach = spawn_daemon(
+        data_dir,
+        "attach",
+        &attach_argv,
+        &[("RACKBLOCK_TOKEN", token.trim().to_owned())],
+        Probe::Nbd(args.nbd_listen),
+        StopRank::Attach,
+    )
+    .map_err(Failed)?;
+    daemons.push(attach);
+    let deadline = deadline.max(Instant::now() + Duration::from_secs(30));
+    let attach_only = daemons.len() - 1;
+    wait_ready(
+        &mut daemons[attach_only..],
+        "NBD export of vol0 answering",
+        deadline,
+        stop,
+    )
+}
+
+/// Waits until the zonal plane's report of the unit says every head node
+/// and sled is up (the zonal plane polls each second; `refresh` asks now).
+fn wait_unit_seen(
+    handle: &tokio::runtime::Handle,
+    api: &crate::http::ZonalApi,
+    rack: &hardware::rack::Rack,
+    deadline: Instant,
+    stop: &StopFlag,
+) -> Result<(), Failed> {
+    let total = (rack.head_node.len() + rack.sled.len()) as u64;
+    let path = format!(
+        "/v1/units/{}/refresh",
+        crate::http::segment(&rack.unit.name)
+    );
+    loop {
+        let mut up = 0;
+        let last = match handle.block_on(api.call("POST", &path, None)) {
+            Ok(reply) => {
+                let field = |name: &str| reply.body.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+                up = field("head_nodes_up") + field("sleds_up");
+                let last = format!(
+                    "health {}, {}",
+                    reply
+                        .body
+                        .get("health")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("?"),
+                    reply
+                        .body
+                        .get("last_error")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("no error")
+                );
+                if reply.body.get("reachable").and_then(|v| v.as_bool()) == Some(true)
+                    && up >= total
+                {
+                    crate::text::draw_progress(total, total, "up as the zonal plane sees the unit");
+                    crate::text::end_progress();
+                    return Ok(());
+                }
+                last
+            }
+            Err(error) => error.line(),
+        };
+        crate::text::draw_progress(up, total, "up as the zonal plane sees the unit");
+        if stop.load() {
+            return Err(Failed("interrupted".into()));
+        }
+        if Instant::now() >= deadline {
+            return Err(Failed(format!(
+                "the zonal control plane does not see unit {} healthy: {last}",
+                rack.unit.name
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Creates vol0 unless it exists; retries while the unit settles (503).
+fn ensure_volume(
+    handle: &tokio::runtime::Handle,
+    api: &crate::http::ZonalApi,
+    size_bytes: u64,
+    deadline: Instant,
+    stop: &StopFlag,
+) -> Result<(), Failed> {
+    let path = format!("/v1/volumes/{VOLUME}");
+    match handle.block_on(api.call("GET", &path, None)) {
+        Ok(reply) => {
+            let size = reply
+                .body
+                .get("size_bytes")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
+            let state = reply
+                .body
+                .get("state")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
+            if state == "available" {
+                println!(
+                    "reusing volume {VOLUME} ({})",
+                    crate::text::human_bytes(size)
+                );
+                return Ok(());
+            }
+            // `creating`: the same create below settles it.
+        }
+        Err(crate::error::CliError::Api { status: 404, .. }) => {}
+        Err(error) => return Err(Failed(format!("cannot look up {VOLUME}: {}", error.line()))),
+    }
+    let body = serde_json::json!({ "name": VOLUME, "size_bytes": size_bytes });
+    loop {
+        match handle.block_on(api.call("POST", "/v1/volumes", Some(&body))) {
+            Ok(reply) => {
+                let size = reply
+                    .body
+                    .get("size_bytes")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(size_bytes);
+                println!(
+                    "created volume {VOLUME} ({})",
+                    crate::text::human_bytes(size)
+                );
+                return Ok(());
+            }
+            Err(error @ crate::error::CliError::Api { status: 503, .. })
+            | Err(error @ crate::error::CliError::Unavailable(_)) => {
+                if stop.load() {
+                    return Err(Failed("interrupted".into()));
+                }
+                if Instant::now() >= deadline {
+                    return Err(Failed(format!("cannot create {VOLUME}: {}", error.line())));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(crate::error::CliError::Api { status: 409, .. }) => {
+                // Exists with another spec (another --volume-size): keep it.
+                println!("reusing volume {VOLUME} (created earlier with another size)");
+                return Ok(());
+            }
+            Err(error) => return Err(Failed(format!("cannot create {VOLUME}: {}", error.line()))),
+        }
+    }
+}
+
+/// The local control plane's view (leader and term), bounded.
 fn unit_status(
     rack: &hardware::rack::Rack,
     wait: Duration,
-) -> Option<(
-    local_control_plane::RaftStatus,
-    local_control_plane::UnitStatus,
-)> {
+) -> Option<local_control_plane::RaftStatus> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    let deadline = Instant::now() + wait;
     let client = handle.block_on(async { local_control_plane::LcpClient::new(rack) });
-    let mut status = None;
-    while Instant::now() < deadline {
-        status = handle.block_on(client.unit_status()).ok();
-        if let Some((_, unit)) = &status {
-            if unit.nodes.len() == rack.head_node.len() && unit.sleds.len() == rack.sled.len() {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let status = handle
+        .block_on(tokio::time::timeout(wait, client.unit_status()))
+        .ok()
+        .and_then(Result::ok);
     client.close();
-    status
+    status.map(|(raft, _)| raft)
 }
 
-fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs) {
+fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, daemons: &[Daemon]) {
     println!(
         "unit {} is up (data in {})",
         rack.unit.name,
         data_dir.display()
     );
-    match unit_status(rack, Duration::from_secs(args.wait_seconds.min(20))) {
-        Some((raft, _)) => {
-            println!(
-                "local control plane: leader {}, term {}",
-                raft.leader_name.as_deref().unwrap_or("none"),
-                raft.term
-            );
-        }
+    match unit_status(rack, Duration::from_secs(10)) {
+        Some(raft) => println!(
+            "local control plane: leader {}, term {}",
+            raft.leader_name.as_deref().unwrap_or("none"),
+            raft.term
+        ),
         None => println!("local control plane: no status yet (see `rackblock unit status`)"),
     }
+    let uri = format!("nbd://{}/{VOLUME}", args.nbd_listen);
+    println!();
+    println!("{VOLUME} is attached and served over NBD at {uri}:");
+    println!("  nbdinfo {uri}");
+    println!("  qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    println!("  qemu-img convert -n -O raw disk.img {uri}");
     println!(
-        "{:<10} {:<22} {:<22} {:<40}",
-        "HEAD NODE", "NETWORK A", "NETWORK B", "METRICS"
+        "  fio --name=randwrite --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=10"
     );
+    println!();
+    let mut table = crate::text::Table::new(&["DAEMON", "NETWORK A", "NETWORK B", "METRICS"]);
     for head in &rack.head_node {
-        println!(
-            "{:<10} {:<22} {:<22} http://{}/metrics",
-            head.id,
+        table.row(vec![
+            head.id.clone(),
             head.address_a.to_string(),
             head.address_b.to_string(),
-            head.admin
-        );
+            format!("http://{}/metrics", head.admin),
+        ]);
     }
-    println!(
-        "{:<10} {:<22} {:<22} {:<40}",
-        "SLED", "NETWORK A", "NETWORK B", "METRICS"
-    );
     for sled in &rack.sled {
-        println!(
-            "{:<10} {:<22} {:<22} http://{}/metrics",
-            sled.id,
+        table.row(vec![
+            sled.id.clone(),
             sled.address_a.to_string(),
             sled.address_b.to_string(),
-            sled.admin
+            format!("http://{}/metrics", sled.admin),
+        ]);
+    }
+    table.row(vec![
+        "zonal".into(),
+        format!("http://{}/v1", args.zonal_listen),
+        "-".into(),
+        format!("http://{}/metrics", args.zonal_listen),
+    ]);
+    table.row(vec![
+        "attach".into(),
+        uri.clone(),
+        "-".into(),
+        "(none; see its log)".into(),
+    ]);
+    table.print();
+    println!();
+    let default_dir = std::path::absolute(crate::ops::DEFAULT_DATA_DIR).ok();
+    let default_zonal = args.zonal_listen.to_string() == "127.0.0.1:9000";
+    if default_dir.as_deref() != Some(data_dir) || !default_zonal {
+        println!("for the CLI from another directory or shell:");
+        println!(
+            "  export RACKBLOCK_ZONAL=http://{} RACKBLOCK_TOKEN=$(cat {}) RACKBLOCK_RACK={}",
+            args.zonal_listen,
+            data_dir.join(crate::ops::TOKEN_FILE).display(),
+            data_dir.join("rack.toml").display()
         );
     }
+    println!("  rackblock unit status          # zonal view + leader, term, members, sleds, devices, capacity");
+    println!("  rackblock volume describe {VOLUME}  # partition map");
+    println!("  rackblock volume list | sled list | head-node list");
     println!(
-        "pids and logs: {}/run/  (kill -9 one sled and watch the others carry on)",
-        data_dir.display()
+        "pids and logs: {}/run/  ({} daemons; kill -9 one sled and watch the others carry on)",
+        data_dir.display(),
+        daemons.len()
     );
-    println!(
-        "unit status: rackblock unit status --rack {}",
-        data_dir.join("rack.toml").display()
-    );
-    println!("not yet running: zonal control plane and the NBD attach of vol0 (issues 4-5)");
 }
 
 /// A flag set by SIGINT/SIGTERM, read by the blocking supervisor loop.
