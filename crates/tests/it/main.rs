@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod cli_verbs;
 mod datapath;
 mod datapath_smoke;
 mod lcp;
