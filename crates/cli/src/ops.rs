@@ -593,8 +593,10 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
          the columns stay until then."
     );
     if !args.wait {
-        draw_progress(0, used_before, "columns moved off");
-        crate::text::end_progress();
+        if used_before > 0 {
+            draw_progress(0, used_before, "columns moved off");
+            crate::text::end_progress();
+        }
         return Ok(());
     }
     let deadline = Instant::now() + args.wait_timeout;
