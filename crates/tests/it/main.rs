@@ -6,5 +6,6 @@ mod cli_verbs;
 mod datapath;
 mod datapath_smoke;
 mod lcp;
+mod nbd_e2e;
 mod sled;
 mod sled_network;

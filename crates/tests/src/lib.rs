@@ -39,9 +39,28 @@ pub fn rackblock_bin() -> PathBuf {
 /// 1000 ports per process in 10000..30000, below the kernel's ephemeral
 /// range (32768..) and the ranges `rackblock up` tests use (30000.., 40000..).
 pub fn next_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 10000 + (std::process::id() % 20) as u16 * 1000;
-    base + NEXT.fetch_add(1, Ordering::SeqCst) % 1000
+    port_base() + NEXT_PORT.fetch_add(1, Ordering::SeqCst) % 1000
+}
+
+/// The counter behind [`next_port`] and [`next_ports`].
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+fn port_base() -> u16 {
+    10000 + (std::process::id() % 20) as u16 * 1000
+}
+
+/// Reserves `count` consecutive ports from [`next_port`]'s range (a block
+/// never wraps around the end of the range); returns the first.
+pub fn next_ports(count: u16) -> u16 {
+    assert!((1..=500).contains(&count), "next_ports({count})");
+    // At most one attempt lands across the end; the next one starts at 0.
+    for _ in 0..3 {
+        let start = NEXT_PORT.fetch_add(count, Ordering::SeqCst) % 1000;
+        if start + count <= 1000 {
+            return port_base() + start;
+        }
+    }
+    unreachable!("a block of {count} ports fits after one wrap");
 }
 
 /// A child process killed (SIGKILL, by pid) when dropped.
@@ -431,5 +450,434 @@ impl TestUnit {
         );
         wait_healthy(sled.admin, &daemon, Duration::from_secs(30));
         daemon
+    }
+}
+
+// ---- `rackblock up` as a fixture, and programs nobody here wrote ----
+
+/// Ports of one [`RunningUnit`], all from one block of [`next_ports`]:
+///
+/// ```text
+/// block+0        head nodes' data port (127.0.1.1-3, 127.0.2.1-3)
+/// block+1        --admin-base-port: head nodes' admin block+2..4
+/// block+5, +6    zonal API, NBD export of vol0
+/// block+7..99    spare (extra attach agents)
+/// block+100      sleds' data port (127.0.1.11-16, 127.0.2.11-16)
+/// block+102..107 sleds' admin ports
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct UpPorts {
+    pub base: u16,
+    pub admin_base: u16,
+    pub zonal: SocketAddr,
+    pub nbd: SocketAddr,
+    /// Next spare port handed out by [`RunningUnit::spare_port`].
+    spare: u16,
+}
+
+/// Size of the port block of one `rackblock up`.
+const UP_PORT_BLOCK: u16 = 110;
+
+impl UpPorts {
+    pub fn reserve() -> UpPorts {
+        let block = next_ports(UP_PORT_BLOCK);
+        UpPorts {
+            base: block,
+            admin_base: block + 1,
+            zonal: SocketAddr::from(([127, 0, 0, 1], block + 5)),
+            nbd: SocketAddr::from(([127, 0, 0, 1], block + 6)),
+            spare: block + 7,
+        }
+    }
+
+    /// Admin address of head node `h` (1-based), as `up` lays them out.
+    pub fn head_admin(&self, h: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.admin_base + h))
+    }
+}
+
+/// Only one [`RunningUnit`] of this process runs at a time: a unit is 11
+/// processes, and two of them plus the NBD tools on two shared cores turn
+/// timeouts into flakes.
+static UNIT_SLOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `rackblock up` (not `--check`) in a temporary directory with its own
+/// ports: the zonal control plane, 3 head nodes, 6 sleds and vol0 served
+/// over NBD by an attach agent, all started by the product's own code.
+/// Dropping it sends SIGTERM to `up` (which stops its daemons in order) and
+/// waits; whatever is still alive after the grace period is killed by the
+/// pids `up` wrote under `run/`.
+#[derive(Debug)]
+pub struct RunningUnit {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub ports: UpPorts,
+    pub token: String,
+    /// When this unit got its slot (the wait for another unit excluded).
+    pub started: Instant,
+    up: Child,
+    log: PathBuf,
+    next_spare: std::cell::Cell<u16>,
+    _slot: std::sync::MutexGuard<'static, ()>,
+}
+
+impl RunningUnit {
+    /// Starts `rackblock up --volume-size VOLUME_SIZE` and waits (bounded)
+    /// until it says the unit is up and vol0 answers NBD.
+    pub fn start(volume_size: &str) -> RunningUnit {
+        let slot = UNIT_SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let ports = UpPorts::reserve();
+        let log = dir.path().join("up.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let up = Command::new(rackblock_bin())
+            .current_dir(dir.path())
+            .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+            .args(["--base-port", &ports.base.to_string()])
+            .args(["--admin-base-port", &ports.admin_base.to_string()])
+            .args(["--zonal-listen", &ports.zonal.to_string()])
+            .args(["--nbd-listen", &ports.nbd.to_string()])
+            .args(["--volume-size", volume_size])
+            .args(["--wait-seconds", "120"])
+            .env("RUST_LOG", "info")
+            .env_remove("RACKBLOCK_TOKEN")
+            .env_remove("RACKBLOCK_ZONAL")
+            .env_remove("RACKBLOCK_RACK")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let mut unit = RunningUnit {
+            dir,
+            data_dir,
+            ports,
+            token: String::new(),
+            started,
+            up,
+            log,
+            next_spare: std::cell::Cell::new(ports.spare),
+            _slot: slot,
+        };
+        let deadline = Instant::now() + Duration::from_secs(150);
+        loop {
+            let text = unit.log_text();
+            if text.contains("Ctrl-C stops the unit.") {
+                break;
+            }
+            if let Ok(Some(status)) = unit.up.try_wait() {
+                panic!("rackblock up exited ({status}):\n{text}");
+            }
+            assert!(Instant::now() < deadline, "rackblock up not ready:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        unit.token = std::fs::read_to_string(unit.data_dir.join("zonal-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        unit
+    }
+
+    /// `nbd://127.0.0.1:PORT/vol0`.
+    pub fn vol0_uri(&self) -> String {
+        format!("nbd://{}/vol0", self.ports.nbd)
+    }
+
+    /// A port of this unit's block nobody else uses (at most 90).
+    pub fn spare_port(&self) -> u16 {
+        let port = self.next_spare.get();
+        assert!(port < self.ports.base + 100, "spare ports used up");
+        self.next_spare.set(port + 1);
+        port
+    }
+
+    pub fn head_admins(&self) -> Vec<SocketAddr> {
+        (1..=3).map(|h| self.ports.head_admin(h)).collect()
+    }
+
+    /// `rackblock ARGS` against this unit (zonal URL, token and rack file in
+    /// the environment), run in the unit's directory.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command().args(args).output().unwrap()
+    }
+
+    fn cli_command(&self) -> Command {
+        let mut command = Command::new(rackblock_bin());
+        command
+            .current_dir(self.dir.path())
+            .env("RACKBLOCK_ZONAL", format!("http://{}", self.ports.zonal))
+            .env("RACKBLOCK_TOKEN", &self.token)
+            .env("RACKBLOCK_RACK", self.data_dir.join("rack.toml"));
+        command
+    }
+
+    /// `rackblock attach VOLUME --listen 127.0.0.1:SPARE` as its own process
+    /// (killed by pid on drop), waited (bounded) until it answers NBD.
+    /// Returns the agent and its export's URI.
+    pub fn attach(&self, volume: &str) -> (Daemon, String) {
+        let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
+        let log = self.dir.path().join(format!("attach-{volume}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = self
+            .cli_command()
+            .args(["attach", volume, "--listen", &listen.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon {
+            name: format!("attach {volume}"),
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !nbd_greets(listen) {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("attach {volume} exited ({status}):\n{}", daemon.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "attach {volume} not serving NBD after 60 s:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (daemon, format!("nbd://{listen}/{volume}"))
+    }
+
+    /// `POST /flush` on every head node: each primary writes its log to
+    /// the sleds. Panics unless all three answer 200 with no error. Returns
+    /// the blocks flushed in all.
+    pub fn flush_all(&self) -> u64 {
+        let mut blocks = 0;
+        for admin in self.head_admins() {
+            let reply = http_post(admin, "/flush", Duration::from_secs(60));
+            let Some((200, body)) = reply else {
+                panic!("POST /flush on {admin}: {reply:?}");
+            };
+            let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+            for outcome in body["flushed"].as_array().unwrap() {
+                assert!(outcome["error"].is_null(), "flush on {admin}: {outcome}");
+                blocks += outcome["blocks"].as_u64().unwrap();
+            }
+        }
+        blocks
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM to `up`, wait (bounded) for it to stop its daemons; returns
+    /// whether it exited 0 with no daemon left running.
+    pub fn stop(&mut self) -> bool {
+        if let Ok(Some(status)) = self.up.try_wait() {
+            return status.success() && self.kill_leftovers() == 0;
+        }
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.up.id() as i32, libc::SIGTERM) };
+        // `up` gives each of its 4 ranks 10 s before SIGKILL.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let clean = loop {
+            match self.up.try_wait() {
+                Ok(Some(status)) => break status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    // SAFETY: signalling our own child by pid.
+                    unsafe { libc::kill(self.up.id() as i32, libc::SIGKILL) };
+                    let _ = self.up.wait();
+                    break false;
+                }
+            }
+        };
+        self.kill_leftovers() == 0 && clean
+    }
+
+    /// SIGKILL to every daemon whose pid file `up` left under `run/` and
+    /// that is still alive; returns how many there were.
+    fn kill_leftovers(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("run")) else {
+            return 0;
+        };
+        let mut killed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 probes; SIGKILL goes to a daemon `up` started
+            // (its pid file is removed when `up` reaps it).
+            if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
+impl Drop for RunningUnit {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Connects and reads the NBD fixed newstyle greeting, then aborts the
+/// handshake (`NBD_OPT_ABORT`). True when a server answered.
+pub fn nbd_greets(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) else {
+        return false;
+    };
+    if stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut greeting = [0u8; 18];
+    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
+        return false;
+    }
+    let mut bye = Vec::with_capacity(20);
+    bye.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    bye.extend_from_slice(b"IHAVEOPT");
+    bye.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+    bye.extend_from_slice(&0u32.to_be_bytes());
+    let _ = stream.write_all(&bye);
+    let mut reply = [0u8; 20];
+    let _ = stream.read(&mut reply);
+    true
+}
+
+/// Panics unless `program` is on `PATH`, naming the Debian package that
+/// has it: a missing tool fails the test rather than skipping it.
+pub fn require_tool(program: &str, package: &str) {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    assert!(
+        found,
+        "{program} is not installed: install the Debian package {package} \
+         (scripts/install-deps.sh does)"
+    );
+}
+
+/// What a [`run_tool`] run printed and how it ended.
+#[derive(Debug)]
+pub struct ToolOutput {
+    pub command: String,
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl ToolOutput {
+    /// Panics with the whole output unless the tool exited 0.
+    pub fn expect_success(self) -> ToolOutput {
+        assert!(self.status.success(), "{self}");
+        self
+    }
+}
+
+impl std::fmt::Display for ToolOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` ended with {} after {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.command, self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Kills (SIGKILL, by pid) and reaps a child unless it has ended.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `program ARGS` to completion with a deadline; output goes to
+/// temporary files (no pipe can fill up). On timeout the tool is killed by
+/// pid and the test fails with what it printed; a panic elsewhere kills
+/// it too.
+pub fn run_tool(program: &str, args: &[&str], timeout: Duration) -> ToolOutput {
+    let command = std::iter::once(program)
+        .chain(args.iter().copied())
+        .map(|a| {
+            if a.contains([' ', '\'']) {
+                format!("'{a}'")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut out = tempfile::tempfile().unwrap();
+    let mut err = tempfile::tempfile().unwrap();
+    let started = Instant::now();
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{command}`: {e}"));
+    let mut child = KillOnDrop(child);
+    let deadline = started + timeout;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let read = |file: &mut std::fs::File| {
+        use std::io::Seek as _;
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let Some(status) = status else {
+        drop(child);
+        panic!(
+            "`{command}` still running after {timeout:?}; killed\nstdout:\n{}\nstderr:\n{}",
+            read(&mut out),
+            read(&mut err)
+        );
+    };
+    ToolOutput {
+        command,
+        status,
+        stdout: read(&mut out),
+        stderr: read(&mut err),
+        elapsed: started.elapsed(),
     }
 }
