@@ -333,6 +333,7 @@ fn fio_nbd_engine_randrw_verifies_crc32c() {
             "--bs=4k",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--size=64M",
             "--iodepth=16",
             "--runtime=45",
