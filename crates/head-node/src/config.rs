@@ -42,7 +42,7 @@ pub struct HeadNodeConfig {
     pub election_timeout_max_ms: Option<u64>,
     /// The leader declares a head node or sled Down when both of its
     /// network paths have been down this long, in milliseconds (default
-    /// 3000). One path down is only a path fault.
+    /// 1500). One path down is only a path fault.
     #[serde(default)]
     pub node_down_after_ms: Option<u64>,
     /// Bind network A here instead of the rack's `address_a`, e.g. behind
@@ -68,12 +68,14 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub io_engine: Option<String>,
     /// Read lease a primary asks the local control plane for, in
-    /// milliseconds (default 10000). Reads and writes are served only
-    /// under a valid lease (ARCHITECTURE.md §4).
+    /// milliseconds (default 2000). Reads and writes are served only
+    /// under a valid lease (ARCHITECTURE.md §4); a dead primary's
+    /// partitions are promoted only after it expired, so it bounds the
+    /// failover pause.
     #[serde(default)]
     pub lease_duration_ms: Option<u64>,
     /// How often a primary renews its lease, in milliseconds (default
-    /// 3000). Must be well below `lease_duration_ms`.
+    /// 500). Must be at most half of `lease_duration_ms`.
     #[serde(default)]
     pub lease_renew_interval_ms: Option<u64>,
     /// A primary flushes its log-resident blocks to the sleds when its
@@ -93,14 +95,24 @@ pub struct HeadNodeConfig {
     /// (default 150).
     #[serde(default)]
     pub partition_poll_interval_ms: Option<u64>,
+    /// The leader promotes a dead primary's partitions only this long
+    /// after the lease recorded in the control plane expired, in
+    /// milliseconds (default 500): margin for clock skew between head
+    /// nodes.
+    #[serde(default)]
+    pub failover_lease_margin_ms: Option<u64>,
+    /// Per-unit rate limit on failover and re-mirroring role changes, per
+    /// second (default 64).
+    #[serde(default)]
+    pub failover_max_changes_per_second: Option<usize>,
 }
 
 /// Default size of a newly created write log file.
 pub const DEFAULT_WAL_SIZE_BYTES: u64 = 1 << 30;
 /// Default primary lease.
-pub const DEFAULT_LEASE_DURATION_MS: u64 = 10_000;
+pub const DEFAULT_LEASE_DURATION_MS: u64 = 2_000;
 /// Default lease renewal interval.
-pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 3_000;
+pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 500;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
 /// Default flush fill trigger.
@@ -302,6 +314,18 @@ impl HeadNodeConfig {
         )
     }
 
+    /// The leader's failover controller settings.
+    pub fn failover(&self) -> local_control_plane::failover::FailoverConfig {
+        let mut failover = local_control_plane::failover::FailoverConfig::default();
+        if let Some(ms) = self.failover_lease_margin_ms {
+            failover.lease_margin = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.failover_max_changes_per_second {
+            failover.max_changes_per_second = n.max(1);
+        }
+        failover
+    }
+
     pub fn node_down_after(&self) -> Duration {
         Duration::from_millis(
             self.node_down_after_ms
@@ -324,14 +348,14 @@ mod tests {
         assert_eq!(c.heartbeat_interval(), Duration::from_millis(100));
         assert_eq!(c.election_timeout_min(), Duration::from_millis(1500));
         assert_eq!(c.election_timeout_max(), Duration::from_millis(3000));
-        assert_eq!(c.node_down_after(), Duration::from_millis(3000));
+        assert_eq!(c.node_down_after(), Duration::from_millis(1500));
         assert_eq!(c.wal_path(), PathBuf::from("/d/wal.img"));
         assert_eq!(c.wal_size_bytes(), 1 << 30);
-        assert_eq!(c.lease_duration(), Duration::from_secs(10));
-        assert_eq!(c.lease_renew_interval(), Duration::from_secs(3));
+        assert_eq!(c.lease_duration(), Duration::from_secs(2));
+        assert_eq!(c.lease_renew_interval(), Duration::from_millis(500));
         assert!((c.flush_fill_ratio() - 0.5).abs() < 1e-9);
         let bad = HeadNodeConfig {
-            lease_renew_interval_ms: Some(6000),
+            lease_renew_interval_ms: Some(1500),
             ..c.clone()
         };
         assert!(matches!(

@@ -145,6 +145,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         election_timeout_min: config.election_timeout_min(),
         election_timeout_max: config.election_timeout_max(),
         node_down_after: config.node_down_after(),
+        failover: config.failover(),
     };
     let node = LcpNode::start(lcp_config, &mut registry).await?;
     let manager_config = ManagerConfig {

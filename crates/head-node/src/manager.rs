@@ -8,11 +8,10 @@
 //!   first time: a Raft write barrier, then the local state machine up to the
 //!   leader's applied index (see `peers::write_barrier`)
 //!   desired = { partitions whose primary or secondary is this node, epoch }
-//!   hosted but no longer desired, role changed      ─▶ shut down, drop
-//!   primary at a new epoch (new secondary named)    ─▶ flush_now, drop, reopen
-//!   fenced primary                                   ─▶ drop, reopen at the new epoch
-//!   secondary promoted to primary                    ─▶ keep as secondary, warn
-//!                                                      (not before issue 6, below)
+//!   hosted but no longer desired, role changed      ─▶ shut down, drop (in-flight
+//!                                                      writes fail NotPrimary)
+//!   primary at a new epoch (new secondary named)    ─▶ Partition::take_over in place
+//!   secondary promoted to primary (failover)        ─▶ Partition::take_over in place
 //!   secondary at a new epoch                        ─▶ keep (it adopts the epoch
 //!                                                      from the primary's records)
 //!   desired but not hosted                          ─▶ Partition::open(role, epoch,
@@ -43,16 +42,18 @@
 //! the duration) for clock rate differences, so this node stops serving
 //! before the control plane's copy of the lease expires.
 //!
-//! **Role changes** are rare in this issue (failover is issue 6).
-//! Reopening a primary at a new epoch first flushes it, so nothing it
-//! needs stays only in the log. A promotion (secondary → primary) while
-//! running is NOT served yet: the new primary needs the partition's log
-//! records, and the WAL hands them out only when it is opened (startup);
-//! reopening from the sled summaries alone would miss the unflushed tail.
-//! The secondary is kept (its records stay protected) and host requests
-//! get `Unavailable` until the head node restarts, when the records are
-//! handed to the primary. Issue 6 needs an in-place promotion of the open
-//! secondary (or a re-scan of the live log) from the partition engine.
+//! **Role changes** (failover, re-mirroring; the control plane's failover
+//! controller decides them). A secondary promoted while running, and a
+//! primary whose epoch moved on because its secondary was replaced, are
+//! taken over **in place** ([`Partition::take_over`]): the running
+//! instance stops accepting the old epoch, its live log records (index,
+//! pending trims, unflushed tail) are handed to a new primary instance at
+//! the new epoch, which claims every owned column (fencing the old primary
+//! on the sleds), takes the lease and serves. The new secondary is caught
+//! up from the primary's log tail by the replicator (a flush-commit jump
+//! over what the sleds hold, then the records). Until it confirms, writes
+//! wait (bounded by the replica timeout, then `Unavailable`, which the
+//! client retries): a partition never acknowledges on one copy.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -148,7 +149,7 @@ struct Hosted {
     cancel: CancellationToken,
     /// Primary: background flushes that failed.
     flushes_failed: AtomicU64,
-    /// Secondary the control plane promoted while running (not served).
+    /// A take-over to a new primary epoch was started (logged once).
     promotion_pending: AtomicBool,
 }
 
@@ -567,6 +568,16 @@ impl PartitionManager {
         }
     }
 
+    /// The partitions this node serves as primary right now (the repair
+    /// worker rebuilds their columns).
+    pub fn primaries(&self) -> Vec<Partition> {
+        read(&self.inner.hosted)
+            .values()
+            .filter(|h| h.role == OpenRole::Primary)
+            .map(|h| h.partition.clone())
+            .collect()
+    }
+
     /// Flushes every primary now (admin `POST /flush`, tests).
     pub async fn flush_all(&self) -> Vec<FlushOutcome> {
         let primaries: Vec<Arc<Hosted>> = read(&self.inner.hosted)
@@ -766,39 +777,19 @@ async fn reconcile(inner: &Arc<Inner>) {
     for (id, h) in hosted {
         let drop_reason = match desired.get(&id) {
             None => Some("no longer assigned to this head node".to_string()),
-            Some(d) if h.role == OpenRole::Secondary && d.role == OpenRole::Primary => {
-                // Promotion while running: the secondary's log records are
-                // only handed out when the WAL opens, so reopening now would
-                // lose the unflushed tail. Keep the secondary (its records
-                // stay protected) and serve nothing as primary until this
-                // head node restarts (issue 6 adds an in-place promotion).
+            Some(d)
+                if d.role == OpenRole::Primary
+                    && (h.role == OpenRole::Secondary || d.epoch != h.opened_epoch) =>
+            {
+                // Promotion, or a primary at a new epoch: in place.
                 if !h.promotion_pending.swap(true, Ordering::Relaxed) {
-                    warn!(partition = ?id, epoch = d.epoch, "promoted to primary while running: not supported before failover (issue 6); restart this head node to serve it");
+                    info!(partition = ?id, from = ?h.role, epoch = d.epoch, "taking the partition over as primary");
                 }
                 h.lcp_epoch.store(d.epoch, Ordering::Relaxed);
+                take_over(inner, id, &h, d.clone()).await;
                 None
             }
             Some(d) if d.role != h.role => Some(format!("role changed to {:?}", d.role)),
-            Some(d)
-                if d.role == OpenRole::Primary
-                    && d.epoch != h.opened_epoch
-                    && matches!(h.partition.role(), Role::Fenced { .. }) =>
-            {
-                // A newer epoch claimed the columns: nothing to flush here.
-                Some(format!("fenced; reopening at epoch {}", d.epoch))
-            }
-            Some(d) if d.role == OpenRole::Primary && d.epoch != h.opened_epoch => {
-                // Everything it holds in the log goes to the sleds first, so
-                // the reopened primary finds it in the summaries.
-                match tokio::time::timeout(DUTY_TIMEOUT, h.partition.flush_now()).await {
-                    Ok(Ok(_)) => Some(format!("epoch {} -> {}", h.opened_epoch, d.epoch)),
-                    Ok(Err(error)) => {
-                        warn!(partition = ?id, %error, "flush before reopening at a new epoch failed; retrying");
-                        None
-                    }
-                    Err(_) => None,
-                }
-            }
             Some(d) => {
                 h.lcp_epoch.store(d.epoch, Ordering::Relaxed);
                 None
@@ -848,10 +839,41 @@ async fn reconcile(inner: &Arc<Inner>) {
     }
 }
 
-async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
-    if d.size_blocks == 0 {
-        return;
-    }
+/// Replaces the hosted `old` by a primary at `d.epoch` taken over in place
+/// (see the module docs); on failure the old one stays and the next
+/// reconcile retries.
+async fn take_over(inner: &Arc<Inner>, id: PartitionId, old: &Arc<Hosted>, d: Desired) {
+    let started = Instant::now();
+    let (config, deps) = partition_setup(inner, id, &d);
+    let taken = tokio::time::timeout(OPEN_TIMEOUT, old.partition.take_over(config, deps)).await;
+    let partition = match taken {
+        Ok(Ok(partition)) => partition,
+        Ok(Err(error)) => {
+            warn!(partition = ?id, epoch = d.epoch, %error, "cannot take the partition over; retrying");
+            return;
+        }
+        Err(_) => {
+            warn!(partition = ?id, epoch = d.epoch, "taking the partition over timed out; retrying");
+            return;
+        }
+    };
+    old.cancel.cancel();
+    info!(
+        partition = ?id,
+        epoch = d.epoch,
+        secondary = %d.secondary,
+        took_ms = started.elapsed().as_millis() as u64,
+        log_resident_blocks = partition.log_resident_blocks(),
+        "serving as primary after an in-place take-over"
+    );
+    host_primary(inner, id, &d, partition);
+}
+
+fn partition_setup(
+    inner: &Arc<Inner>,
+    id: PartitionId,
+    d: &Desired,
+) -> (PartitionConfig, PartitionDeps) {
     let mut config = PartitionConfig::new(id, d.first_block, d.size_blocks, d.epoch);
     config.flush_age = inner.config.flush_age;
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
@@ -862,6 +884,34 @@ async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
         extents: Arc::new(inner.extents.clone()),
         replica,
     };
+    (config, deps)
+}
+
+/// Registers an opened partition and starts its lease and duty tasks.
+fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Partition) {
+    let hosted = Arc::new(Hosted {
+        partition,
+        role: d.role,
+        opened_epoch: d.epoch,
+        lcp_epoch: AtomicU64::new(d.epoch),
+        secondary: (d.role == OpenRole::Primary).then(|| d.secondary.clone()),
+        lease_until: Mutex::new(None),
+        cancel: inner.shutdown.child_token(),
+        flushes_failed: AtomicU64::new(0),
+        promotion_pending: AtomicBool::new(false),
+    });
+    if d.role == OpenRole::Primary {
+        tokio::spawn(lease_task(inner.clone(), hosted.clone()));
+        tokio::spawn(duty_task(inner.clone(), hosted.clone()));
+    }
+    write(&inner.hosted).insert(id, hosted);
+}
+
+async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
+    if d.size_blocks == 0 {
+        return;
+    }
+    let (config, deps) = partition_setup(inner, id, &d);
     let records = lock(&inner.recovered).get(&id).cloned().unwrap_or_default();
     let opened = tokio::time::timeout(
         OPEN_TIMEOUT,
@@ -889,22 +939,7 @@ async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {
         log_resident_blocks = partition.log_resident_blocks(),
         "partition open"
     );
-    let hosted = Arc::new(Hosted {
-        partition,
-        role: d.role,
-        opened_epoch: d.epoch,
-        lcp_epoch: AtomicU64::new(d.epoch),
-        secondary: (d.role == OpenRole::Primary).then(|| d.secondary.clone()),
-        lease_until: Mutex::new(None),
-        cancel: inner.shutdown.child_token(),
-        flushes_failed: AtomicU64::new(0),
-        promotion_pending: AtomicBool::new(false),
-    });
-    if d.role == OpenRole::Primary {
-        tokio::spawn(lease_task(inner.clone(), hosted.clone()));
-        tokio::spawn(duty_task(inner.clone(), hosted.clone()));
-    }
-    write(&inner.hosted).insert(id, hosted);
+    host_primary(inner, id, &d, partition);
 }
 
 fn now_ms() -> u64 {

@@ -22,6 +22,7 @@ pub mod client;
 pub mod command;
 pub mod detector;
 pub mod error;
+pub mod failover;
 pub mod network;
 pub mod node;
 pub mod raft;

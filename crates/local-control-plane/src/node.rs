@@ -17,7 +17,9 @@
 //!   1. add_learner for rack head nodes missing from the membership
 //!   2. register the rack inventory (head nodes, sleds, devices, domains,
 //!      free columns) through Raft, skipping what the state already holds
-//!   3. run the failure detector (crate::detector)
+//!   3. run the failure detector (crate::detector) and, next to it, the
+//!      failover controller (crate::failover): promote / re-mirror the
+//!      partitions of head nodes the detector recorded Down
 //! ```
 //!
 //! A restarted member finds its vote and log on disk and simply rejoins;
@@ -68,6 +70,7 @@ use crate::client::{
 };
 use crate::command::{Command, DeviceSpec, Outcome};
 use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
+use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
 use crate::error::CommandError;
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
 use crate::raft::{
@@ -89,7 +92,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 1500;
 pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 3000;
 /// Default time both paths must be down before a node is declared Down.
-pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 3000;
+/// With the link prober's 50 ms probes and 2 failures before a path is
+/// Down, a dead node is recorded after ~1.6 s; a loaded 2-core box stalls a
+/// healthy process for well under that, and a false Down only costs a
+/// failover (the lease keeps it safe), never data.
+pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 1500;
 
 /// Largest snapshot chunk sent in one RPC (JSON-encoded, so it grows).
 const SNAPSHOT_CHUNK_BYTES: u64 = 256 << 10;
@@ -108,6 +115,8 @@ pub struct LcpConfig {
     pub election_timeout_max: Duration,
     /// Both paths down this long ⇒ the node or sled is declared Down.
     pub node_down_after: Duration,
+    /// The leader's failover controller (lease margin, rate limits).
+    pub failover: FailoverConfig,
 }
 
 impl LcpConfig {
@@ -121,6 +130,7 @@ impl LcpConfig {
             election_timeout_min: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
             election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
             node_down_after: Duration::from_millis(DEFAULT_NODE_DOWN_AFTER_MS),
+            failover: FailoverConfig::default(),
         }
     }
 }
@@ -289,6 +299,8 @@ struct Inner {
     link_metrics: LinkMetrics,
     detector_config: DetectorConfig,
     detector_metrics: DetectorMetrics,
+    failover_config: FailoverConfig,
+    failover_metrics: FailoverMetrics,
     shutdown: CancellationToken,
 }
 
@@ -367,6 +379,7 @@ impl LcpNode {
 
         let gauges = RaftGauges::register(registry);
         let detector_metrics = DetectorMetrics::register(registry);
+        let failover_metrics = FailoverMetrics::register(registry);
         let inner = Arc::new(Inner {
             raft,
             raft_id,
@@ -383,6 +396,8 @@ impl LcpNode {
                 poll_interval: Duration::from_millis(100),
             },
             detector_metrics,
+            failover_config: config.failover.clone(),
+            failover_metrics,
             shutdown: CancellationToken::new(),
         });
         // Forwarding links exist from the start so that their probers know
@@ -903,6 +918,26 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     // 2b. Columns of every sled, from the sled controllers themselves; a sled
     // that is down now is retried until it answers (or leadership is lost).
     tokio::spawn(register_sled_columns(inner.clone(), lost.clone()));
+    // 3b. Failover from the recorded health, next to the detector.
+    let controller = FailoverController::new(
+        inner.failover_config.clone(),
+        inner.failover_metrics.clone(),
+    );
+    let failover_raft = inner.raft.clone();
+    let failover_state = inner.state.clone();
+    tokio::spawn(controller.run(
+        move || failover_state.read().unit.clone(),
+        move |command| {
+            let raft = failover_raft.clone();
+            async move {
+                raft.client_write(command)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(|e| e.to_string())
+            }
+        },
+        lost.clone(),
+    ));
     // 3. Failure detection until leadership is lost.
     let detector = Detector::new(
         inner.name.clone(),

@@ -448,7 +448,14 @@ impl Shared {
     /// Oldest log position this partition still needs.
     fn log_hold(&self) -> Option<LogPosition> {
         let state = self.lock();
-        let acked = self.progress.borrow().acked_through;
+        // A secondary keeps its whole unflushed tail (everything after the
+        // last flush commit): it is what a promotion replays and what the
+        // next secondary is caught up from, with no hole in the sequences.
+        let acked = if matches!(state.role, Role::Secondary) {
+            0
+        } else {
+            self.progress.borrow().acked_through
+        };
         [
             state.index.oldest_log_position(),
             state.inflight_holds.keys().next().copied(),
@@ -567,6 +574,131 @@ impl Partition {
         deps: PartitionDeps,
         recovered: &[RecoveredRecord],
     ) -> Result<Partition, PartitionError> {
+        Self::open_with(config, role, deps, recovered, 1).await
+    }
+
+    /// Takes the partition over as primary at `config.epoch` from this
+    /// running instance, without a restart: in place **promotion** of a
+    /// secondary, or a primary moving to a new epoch (new secondary).
+    ///
+    /// ```text
+    /// secondary: hold the replica lock (no replication of the old epoch
+    ///            is accepted from here on)
+    /// primary:   Fenced{new epoch} + replicator stopped (in-flight writes
+    ///            fail NotPrimary), wait (bounded) for writes and a flush
+    ///            in flight to finish
+    /// collect:   every log record the index, the pending trims or the
+    ///            unflushed tail (`retained`) refer to, read from the WAL
+    /// open:      Partition::open(Primary) over those records: claims every
+    ///            owned column at the new epoch (fences the old primary on
+    ///            the sleds), index = sled summaries + the records, sequences
+    ///            continue after the highest this instance assigned or saw
+    /// done:      this instance becomes Fenced{new epoch}; the old one stays
+    ///            registered with the log until then, so nothing it refers
+    ///            to is released before the new one holds it
+    /// ```
+    ///
+    /// On error a secondary stays a working secondary (the caller retries);
+    /// a primary stays fenced and can be taken over again.
+    pub async fn take_over(
+        &self,
+        config: PartitionConfig,
+        deps: PartitionDeps,
+    ) -> Result<Partition, PartitionError> {
+        let old = &self.shared;
+        let new_epoch = config.epoch;
+        let _replica_serial = old.replica_lock.lock().await;
+        let was_secondary = {
+            let mut state = old.lock();
+            if new_epoch <= state.epoch && !matches!(state.role, Role::Fenced { .. }) {
+                return Err(PartitionError::StaleEpoch {
+                    partition: old.id(),
+                    requested: new_epoch,
+                    current: state.epoch,
+                });
+            }
+            match state.role {
+                Role::Secondary => true,
+                Role::Primary => {
+                    state.role = Role::Fenced { current: new_epoch };
+                    false
+                }
+                Role::Fenced { .. } => false,
+            }
+        };
+        if !was_secondary {
+            old.progress.send_modify(|p| p.stopped = true);
+            old.repl_wakeup.notify_one();
+            // In-flight writes end quickly once the replicator stopped.
+            let wait = old.config.replica_timeout;
+            let _ = tokio::time::timeout(wait, old.barrier.write()).await;
+            let _ = tokio::time::timeout(wait, old.flush_lock.lock()).await;
+        }
+        let (needed, tail, next_sequence) = {
+            let state = old.lock();
+            let mut needed: BTreeSet<LogPosition> = state
+                .index
+                .runs()
+                .filter_map(|(_, run)| match run.location {
+                    Some(Location::Log { position, .. }) => Some(position),
+                    _ => None,
+                })
+                .collect();
+            needed.extend(state.pending_trims.values().map(|t| t.2));
+            let tail: BTreeSet<LogPosition> = state.retained.values().copied().collect();
+            (needed, tail, state.next_sequence)
+        };
+        let mut records = Vec::with_capacity(needed.len().max(tail.len()));
+        for position in needed.union(&tail).copied() {
+            match old.log.wal().read(position).await {
+                Ok(record)
+                    if record.partition == old.id()
+                        && matches!(record.kind, RecordKind::Write | RecordKind::Trim) =>
+                {
+                    records.push(RecoveredRecord { position, record });
+                }
+                Ok(_) if !needed.contains(&position) => {}
+                Err(_) if !needed.contains(&position) => {
+                    // Released since (a primary's confirmed tail): flushed
+                    // or superseded, the catch-up jumps over it.
+                }
+                Ok(other) => {
+                    return Err(PartitionError::Recovery {
+                        partition: old.id(),
+                        reason: format!(
+                            "log record at {} is {:?} of {:?}, not this partition's data",
+                            position.0, other.kind, other.partition
+                        ),
+                    })
+                }
+                Err(source) => return Err(old.wal_error(source)),
+            }
+        }
+        let taken =
+            Self::open_with(config, OpenRole::Primary, deps, &records, next_sequence).await?;
+        {
+            let mut state = old.lock();
+            state.role = Role::Fenced { current: new_epoch };
+        }
+        old.progress.send_modify(|p| p.stopped = true);
+        old.repl_wakeup.notify_one();
+        tracing::info!(
+            partition = ?old.id(),
+            epoch = new_epoch,
+            promoted = was_secondary,
+            records = records.len(),
+            "taken over in place"
+        );
+        Ok(taken)
+    }
+
+    async fn open_with(
+        config: PartitionConfig,
+        role: OpenRole,
+        deps: PartitionDeps,
+        recovered: &[RecoveredRecord],
+        min_next_sequence: u64,
+    ) -> Result<Partition, PartitionError> {
         if config.size_blocks == 0 || !(0.0..=1.0).contains(&config.flush_fill_ratio) {
             return Err(PartitionError::BadRequest {
                 partition: config.partition,
@@ -615,7 +747,11 @@ impl Partition {
         }
         replay_log(&shared, role, recovered)?;
         {
-            let state = shared.lock();
+            let mut state = shared.lock();
+            if state.next_sequence < min_next_sequence {
+                state.next_sequence = min_next_sequence;
+                state.applied_through = min_next_sequence - 1;
+            }
             let acked = state.next_sequence - 1;
             shared.progress.send_replace(ReplProgress {
                 acked_through: acked,
@@ -1244,6 +1380,10 @@ fn replay_log(
                 };
                 highest_sequence = highest_sequence.max(up_to);
                 state.pending_trims.retain(|sequence, _| *sequence > up_to);
+                if role == OpenRole::Secondary {
+                    // The tail a secondary keeps starts after the commit.
+                    state.retained.retain(|sequence, _| *sequence > up_to);
+                }
                 // The primary's truth for flushed data is the sled summaries
                 // (GC may have moved blocks since); only a secondary maps.
                 if role == OpenRole::Secondary {

@@ -164,8 +164,17 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
             .repl_queue
             .front()
             .map_or(state.next_sequence, |r| r.sequence);
-        let first_retained = state.retained.keys().next().copied().unwrap_or(front);
-        let released_through = first_retained
+        // Sequences from `expected` up to the next one this log still has
+        // (and at most the applied watermark) are flushed, superseded or
+        // abandoned writes: a flush commit moves the secondary past them.
+        // This covers a released prefix and the holes a take-over leaves
+        // (it replays only the records still needed).
+        let next_retained = state
+            .retained
+            .range(expected..)
+            .next()
+            .map_or(front, |(s, _)| *s);
+        let released_through = next_retained
             .min(state.applied_through + 1)
             .saturating_sub(1);
         let wanted: Vec<_> = state
@@ -354,6 +363,7 @@ async fn append(
         }
     };
     for (record, position) in log_records.iter().zip(positions) {
+        state.retained.insert(record.sequence, position);
         let count = u64::from(record.block_count);
         let applied = if record.kind == RecordKind::Write {
             state.index.apply_write(
@@ -411,6 +421,9 @@ async fn apply_commit(
         }
         state
             .pending_trims
+            .retain(|sequence, _| *sequence > up_to_sequence);
+        state
+            .retained
             .retain(|sequence, _| *sequence > up_to_sequence);
         if up_to_sequence >= state.next_sequence {
             state.next_sequence = up_to_sequence + 1;
