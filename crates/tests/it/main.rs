@@ -7,5 +7,7 @@ mod datapath;
 mod datapath_smoke;
 mod lcp;
 mod nbd_e2e;
+mod network;
+mod power_loss;
 mod sled;
 mod sled_network;
