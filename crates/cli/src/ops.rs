@@ -589,8 +589,8 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
         args.sled
     );
     println!(
-        "note: moving columns off a draining sled (rebuild elsewhere) is issue 6 and not built yet; \
-         the columns stay until then."
+        "the control plane moves them to other sleds (rebuilt by the partitions' primaries, \
+         rate-limited per unit; see `rackblock unit status`)."
     );
     if !args.wait {
         if used_before > 0 {

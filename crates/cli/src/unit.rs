@@ -88,6 +88,53 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         unit.partitions,
         unit.extents
     );
+    print_repair(unit);
+}
+
+/// Column repair: tasks pending/running, work left, rate, each task.
+pub fn print_repair(unit: &UnitStatus) {
+    let r = &unit.repair;
+    println!(
+        "repair: {} pending, {} running, {} columns waiting, {} to rebuild at {}/s; {} done ({}), {} cancelled",
+        r.pending,
+        r.running,
+        r.columns_waiting,
+        human_bytes(r.bytes_remaining),
+        human_bytes(r.rate_bytes_per_second),
+        r.completed,
+        human_bytes(r.completed_bytes),
+        r.cancelled
+    );
+    if r.tasks.is_empty() {
+        return;
+    }
+    let mut table = Table::new(&[
+        "EXTENT",
+        "COLUMN",
+        "PARTITION",
+        "REASON",
+        "PHASE",
+        "OLD",
+        "NEW",
+        "DONE",
+        "TOTAL",
+        "RATE",
+    ]);
+    for t in &r.tasks {
+        table.row(vec![
+            t.extent.to_string(),
+            t.column_index.to_string(),
+            t.partition.to_string(),
+            format!("{:?}", t.reason),
+            format!("{:?}", t.phase),
+            t.old.to_string(),
+            t.new.to_string(),
+            human_bytes(t.bytes_done),
+            human_bytes(t.bytes_total),
+            format!("{}/s", human_bytes(t.measured_bytes_per_second())),
+        ]);
+    }
+    table.print();
 }
 
 /// Raft members with their role, health, both paths and partition roles.

@@ -105,6 +105,22 @@ pub struct HeadNodeConfig {
     /// second (default 64).
     #[serde(default)]
     pub failover_max_changes_per_second: Option<usize>,
+    /// Column repair tasks allowed at once across the unit (default 4).
+    #[serde(default)]
+    pub repair_max_concurrent: Option<usize>,
+    /// Total column rebuild bandwidth of the unit, bytes per second,
+    /// shared by the running tasks (default 200 MiB/s).
+    #[serde(default)]
+    pub repair_bytes_per_second: Option<u64>,
+    /// A sled Down this long (milliseconds) is declared Failed and its
+    /// columns are rebuilt elsewhere (default 60000).
+    #[serde(default)]
+    pub sled_failed_after_ms: Option<u64>,
+    /// How often the head node looks for repair tasks of its primaries, and
+    /// the leader's repair controller for work to admit, in milliseconds
+    /// (default 500).
+    #[serde(default)]
+    pub repair_poll_interval_ms: Option<u64>,
 }
 
 /// Default size of a newly created write log file.
@@ -324,6 +340,27 @@ impl HeadNodeConfig {
             failover.max_changes_per_second = n.max(1);
         }
         failover
+    }
+
+    /// The leader's repair controller settings.
+    pub fn repair(&self) -> local_control_plane::RepairConfig {
+        let mut repair = local_control_plane::RepairConfig::default();
+        if let Some(n) = self.repair_max_concurrent {
+            repair.max_concurrent = n.max(1);
+        }
+        if let Some(rate) = self.repair_bytes_per_second {
+            repair.bytes_per_second = rate.max(1);
+        }
+        if let Some(ms) = self.sled_failed_after_ms {
+            repair.sled_failed_after = Duration::from_millis(ms);
+        }
+        repair.poll_interval = self.repair_poll_interval();
+        repair
+    }
+
+    /// Pause between two looks for repair work of this head node.
+    pub fn repair_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.repair_poll_interval_ms.unwrap_or(500).max(10))
     }
 
     pub fn node_down_after(&self) -> Duration {

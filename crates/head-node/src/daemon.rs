@@ -146,6 +146,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         election_timeout_max: config.election_timeout_max(),
         node_down_after: config.node_down_after(),
         failover: config.failover(),
+        repair: config.repair(),
     };
     let node = LcpNode::start(lcp_config, &mut registry).await?;
     let manager_config = ManagerConfig {
@@ -168,6 +169,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
                 return Err(error.into());
             }
         };
+    let rebuild_metrics = crate::repair::RebuildMetrics::register(&mut registry);
     let registry = Arc::new(registry);
 
     let mut tasks = JoinSet::new();
@@ -203,6 +205,18 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
                 error!(error = %e, "admin server failed");
             }
         });
+    }
+    {
+        // Column rebuilds of this node's primaries (crate::repair).
+        let worker = crate::repair::RepairWorker::new(
+            node.clone(),
+            manager.clone(),
+            &config.head_node_id,
+            config.repair(),
+            config.repair_poll_interval(),
+            rebuild_metrics,
+        );
+        tasks.spawn(worker.run(shutdown.clone()));
     }
     let manager_task = {
         let manager = manager.clone();

@@ -31,6 +31,7 @@ pub mod index;
 pub mod manager;
 pub mod partition;
 pub mod peers;
+pub mod repair;
 pub mod wal;
 
 pub use config::HeadNodeConfig;

@@ -10,7 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, SledId, VolumeId,
+    ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, RepairReason, SledId,
+    VolumeId,
 };
 
 /// One of the two redundant internal networks.
@@ -131,6 +132,42 @@ pub enum Command {
         device: DeviceRef,
         health: Health,
     },
+    /// Reserve `new` as the replacement of column `column_index` of
+    /// `extent` and record a repair task for the owning partition's primary
+    /// (see `state::repair`). With `expected_epoch`, refused unless the
+    /// partition is at that epoch.
+    ReplaceColumn {
+        extent: ExtentId,
+        column_index: u16,
+        new: ColumnRef,
+        expected_epoch: Option<Epoch>,
+        reason: RepairReason,
+        rate_bytes_per_second: u64,
+        now_ms: u64,
+    },
+    /// The partition's primary (at `epoch`) reports rebuild progress.
+    RepairProgress {
+        extent: ExtentId,
+        column_index: u16,
+        node: NodeId,
+        epoch: Epoch,
+        bytes_done: u64,
+        bytes_total: u64,
+        now_ms: u64,
+    },
+    /// The primary (at `epoch`) rebuilt `new` completely: the extent lists
+    /// it at `column_index`, the old column is retired.
+    CompleteRepair {
+        extent: ExtentId,
+        column_index: u16,
+        new: ColumnRef,
+        epoch: Epoch,
+    },
+    /// Drop a repair task; its reserved column is retired.
+    CancelRepair {
+        extent: ExtentId,
+        column_index: u16,
+    },
     /// Record that one network path to a node or sled went down or came
     /// back. A path fault is not a node fault: health is unchanged.
     ReportPathFault {
@@ -166,6 +203,11 @@ pub enum Outcome {
     EpochChanged {
         partition: PartitionId,
         epoch: Epoch,
+    },
+    RepairScheduled {
+        extent: ExtentId,
+        column_index: u16,
+        new: ColumnRef,
     },
     LeaseGranted {
         partition: PartitionId,

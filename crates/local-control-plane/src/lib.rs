@@ -26,13 +26,15 @@ pub mod failover;
 pub mod network;
 pub mod node;
 pub mod raft;
+pub mod repair;
 pub mod state;
 
 pub use client::{LcpClient, LcpError, LcpRequest, LcpResponse, RaftStatus};
 pub use command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 pub use error::{CommandError, Entity};
 pub use node::{LcpConfig, LcpNode};
+pub use repair::RepairConfig;
 pub use state::{
     ColumnRef, DeviceRef, Epoch, ErasureCode, ExtentId, Health, NodeId, PartitionId, PartitionMap,
-    SledId, UnitState, UnitStatus, VolumeId,
+    RepairPhase, RepairReason, RepairStatus, RepairTask, SledId, UnitState, UnitStatus, VolumeId,
 };

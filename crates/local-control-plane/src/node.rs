@@ -19,7 +19,9 @@
 //!      free columns) through Raft, skipping what the state already holds
 //!   3. run the failure detector (crate::detector) and, next to it, the
 //!      failover controller (crate::failover): promote / re-mirror the
-//!      partitions of head nodes the detector recorded Down
+//!      partitions of head nodes the detector recorded Down, and the
+//!      repair controller (crate::repair): replacement columns for Failed
+//!      and Draining sleds, rebuilt by the partitions' primaries
 //! ```
 //!
 //! A restarted member finds its vote and log on disk and simply rejoins;
@@ -70,13 +72,14 @@ use crate::client::{
 };
 use crate::command::{Command, DeviceSpec, Outcome};
 use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
-use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
 use crate::error::CommandError;
+use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
 use crate::raft::{
     AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
     SharedState, VoteRequest,
 };
+use crate::repair::{RepairConfig, RepairController, RepairMetrics};
 use crate::state::{NodeId as NodeName, SledId, UnitState};
 
 /// Voters when the rack has at least this many head nodes.
@@ -117,6 +120,8 @@ pub struct LcpConfig {
     pub node_down_after: Duration,
     /// The leader's failover controller (lease margin, rate limits).
     pub failover: FailoverConfig,
+    /// The leader's column repair controller (concurrency, bandwidth).
+    pub repair: RepairConfig,
 }
 
 impl LcpConfig {
@@ -131,6 +136,7 @@ impl LcpConfig {
             election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
             node_down_after: Duration::from_millis(DEFAULT_NODE_DOWN_AFTER_MS),
             failover: FailoverConfig::default(),
+            repair: RepairConfig::default(),
         }
     }
 }
@@ -301,6 +307,8 @@ struct Inner {
     detector_metrics: DetectorMetrics,
     failover_config: FailoverConfig,
     failover_metrics: FailoverMetrics,
+    repair_config: RepairConfig,
+    repair_metrics: RepairMetrics,
     shutdown: CancellationToken,
 }
 
@@ -380,6 +388,7 @@ impl LcpNode {
         let gauges = RaftGauges::register(registry);
         let detector_metrics = DetectorMetrics::register(registry);
         let failover_metrics = FailoverMetrics::register(registry);
+        let repair_metrics = RepairMetrics::register(registry);
         let inner = Arc::new(Inner {
             raft,
             raft_id,
@@ -398,6 +407,8 @@ impl LcpNode {
             detector_metrics,
             failover_config: config.failover.clone(),
             failover_metrics,
+            repair_config: config.repair.clone(),
+            repair_metrics,
             shutdown: CancellationToken::new(),
         });
         // Forwarding links exist from the start so that their probers know
@@ -918,6 +929,24 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     // 2b. Columns of every sled, from the sled controllers themselves; a sled
     // that is down now is retried until it answers (or leadership is lost).
     tokio::spawn(register_sled_columns(inner.clone(), lost.clone()));
+    // 3c. Column repair (crate::repair): replacement columns for Failed and
+    // Draining sleds, rebuilt by the partitions' primaries.
+    let repair = RepairController::new(inner.repair_config.clone(), inner.repair_metrics.clone());
+    let repair_raft = inner.raft.clone();
+    let repair_state = inner.state.clone();
+    tokio::spawn(repair.run(
+        move || repair_state.read().unit.clone(),
+        move |command| {
+            let raft = repair_raft.clone();
+            async move {
+                raft.client_write(command)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(|e| e.to_string())
+            }
+        },
+        lost.clone(),
+    ));
     // 3b. Failover from the recorded health, next to the detector.
     let controller = FailoverController::new(
         inner.failover_config.clone(),

@@ -9,5 +9,6 @@ mod lcp;
 mod nbd_e2e;
 mod network;
 mod power_loss;
+mod repair;
 mod sled;
 mod sled_network;

@@ -364,7 +364,7 @@ fn sled_error(response: SledResponse) -> SledError {
     }
 }
 
-async fn sled_call(
+pub(super) async fn sled_call(
     shared: &Shared,
     sled: &str,
     request: SledRequest,

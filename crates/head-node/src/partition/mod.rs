@@ -63,6 +63,7 @@ pub mod seams;
 
 mod flush;
 mod read;
+mod rebuild;
 mod replica;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -80,6 +81,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
+pub use rebuild::{RebuildError, RebuildProgress, RebuildTask, TokenBucket};
 pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;

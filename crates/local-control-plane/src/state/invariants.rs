@@ -12,6 +12,7 @@ impl UnitState {
         self.check_partitions()?;
         self.check_extents()?;
         self.check_columns()?;
+        self.check_repairs()?;
         Ok(())
     }
 

@@ -84,8 +84,11 @@
 mod invariants;
 mod placement;
 mod read;
+mod repair;
 mod types;
 
+#[cfg(test)]
+mod repair_tests;
 #[cfg(test)]
 mod tests;
 
@@ -98,8 +101,9 @@ use crate::error::{CommandError, Entity};
 
 pub use read::{
     CapacitySummary, DeviceStatus, NodeAddress, NodeStatus, PartitionEntry, PartitionMap,
-    SledStatus, UnitStatus,
+    RepairStatus, SledStatus, UnitStatus,
 };
+pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
 pub use types::{
     ColumnRef, Device, DeviceRef, Epoch, ErasureCode, Extent, ExtentId, HeadNode, Health, Lease,
     NodeId, Partition, PartitionId, PathHealth, Sled, SledId, Volume, VolumeId,
@@ -128,6 +132,9 @@ pub struct UnitState {
     volumes: BTreeMap<VolumeId, Volume>,
     extents: BTreeMap<ExtentId, Extent>,
     next_extent_id: u64,
+    /// Columns being replaced (see [`repair`]).
+    #[serde(default)]
+    repairs: RepairBook,
 }
 
 impl UnitState {
@@ -273,6 +280,50 @@ impl UnitState {
                 entry.health = health;
                 Ok(Outcome::Done)
             }
+            Command::ReplaceColumn {
+                extent,
+                column_index,
+                new,
+                expected_epoch,
+                reason,
+                rate_bytes_per_second,
+                now_ms,
+            } => self.replace_column(
+                extent,
+                column_index,
+                new,
+                expected_epoch,
+                reason,
+                rate_bytes_per_second,
+                now_ms,
+            ),
+            Command::RepairProgress {
+                extent,
+                column_index,
+                node,
+                epoch,
+                bytes_done,
+                bytes_total,
+                now_ms,
+            } => self.repair_progress(
+                extent,
+                column_index,
+                node,
+                epoch,
+                bytes_done,
+                bytes_total,
+                now_ms,
+            ),
+            Command::CompleteRepair {
+                extent,
+                column_index,
+                new,
+                epoch,
+            } => self.complete_repair(extent, column_index, new, epoch),
+            Command::CancelRepair {
+                extent,
+                column_index,
+            } => self.cancel_repair(extent, column_index),
             Command::ReportPathFault {
                 endpoint,
                 network,
@@ -371,6 +422,8 @@ impl UnitState {
                 health: Health::Up,
                 free_columns: BTreeSet::new(),
                 used_columns: BTreeMap::new(),
+                reserved_columns: BTreeMap::new(),
+                retired_columns: BTreeSet::new(),
             };
             if sled.devices.insert(spec.device, device).is_some() {
                 return Err(CommandError::AlreadyExists {
@@ -424,7 +477,11 @@ impl UnitState {
                     column()
                 )));
             }
-            if device.free_columns.contains(&index) || device.used_columns.contains_key(&index) {
+            if device.free_columns.contains(&index)
+                || device.used_columns.contains_key(&index)
+                || device.reserved_columns.contains_key(&index)
+                || device.retired_columns.contains(&index)
+            {
                 return Err(CommandError::AlreadyExists {
                     entity: Entity::Column,
                     id: column().to_string(),
@@ -896,6 +953,7 @@ impl UnitState {
         self.owned_extent(extent, id)?;
         // Both lookups were validated above; no refusal can follow a change.
         self.partition_mut(id)?.sandbox.remove(&extent);
+        self.drop_repairs_of(extent);
         let removed = self
             .extents
             .remove(&extent)

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::repair::{RepairPhase, RepairTask};
 use super::types::{Epoch, HeadNode, Health, NodeId, PathHealth, SledId, VolumeId};
 use super::UnitState;
 use crate::error::CommandError;
@@ -53,6 +54,12 @@ pub struct DeviceStatus {
     pub size_bytes: u64,
     pub free_columns: usize,
     pub used_columns: usize,
+    /// Reserved as replacements being rebuilt.
+    #[serde(default)]
+    pub reserved_columns: usize,
+    /// No longer used after a repair; not reused.
+    #[serde(default)]
+    pub retired_columns: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,8 +92,30 @@ pub struct UnitStatus {
     pub partitions: usize,
     pub extents: usize,
     pub capacity: CapacitySummary,
+    #[serde(default)]
+    pub repair: RepairStatus,
 }
 
+/// Column repair across the unit: what runs, what is left, how fast.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RepairStatus {
+    /// Tasks waiting for their primary to start.
+    pub pending: usize,
+    /// Tasks rebuilding.
+    pub running: usize,
+    /// Columns on Failed or Draining sleds / Failed devices with no task
+    /// yet (admitted as running tasks finish, per the concurrency limit).
+    pub columns_waiting: usize,
+    /// Bytes still to rebuild in known tasks (running tasks' totals minus
+    /// what they did).
+    pub bytes_remaining: u64,
+    /// Sum of the running tasks' measured rates.
+    pub rate_bytes_per_second: u64,
+    pub completed: u64,
+    pub completed_bytes: u64,
+    pub cancelled: u64,
+    pub tasks: Vec<RepairTask>,
+}
 fn address(node: Option<&HeadNode>, id: &NodeId) -> NodeAddress {
     // Invariant 4 makes `node` Some; an empty address is the honest answer
     // for a state that broke it, rather than a panic in a read path.
@@ -163,6 +192,8 @@ impl UnitState {
                             size_bytes: d.size_bytes,
                             free_columns: d.free_columns.len(),
                             used_columns: d.used_columns.len(),
+                            reserved_columns: d.reserved_columns.len(),
+                            retired_columns: d.retired_columns.len(),
                         }
                     })
                     .collect();
@@ -184,6 +215,35 @@ impl UnitState {
             partitions: all_partitions().count(),
             extents: self.extents.len(),
             capacity,
+            repair: self.repair_status(),
+        }
+    }
+
+    pub fn repair_status(&self) -> RepairStatus {
+        let book = self.repairs();
+        let running = || {
+            book.tasks
+                .iter()
+                .filter(|t| t.phase == RepairPhase::Running)
+        };
+        RepairStatus {
+            pending: book
+                .tasks
+                .iter()
+                .filter(|t| t.phase == RepairPhase::Pending)
+                .count(),
+            running: running().count(),
+            columns_waiting: self.columns_needing_repair().len(),
+            bytes_remaining: book
+                .tasks
+                .iter()
+                .map(|t| t.bytes_total.saturating_sub(t.bytes_done))
+                .sum(),
+            rate_bytes_per_second: running().map(RepairTask::measured_bytes_per_second).sum(),
+            completed: book.completed,
+            completed_bytes: book.completed_bytes,
+            cancelled: book.cancelled,
+            tasks: book.tasks.clone(),
         }
     }
 }

@@ -94,6 +94,15 @@ pub struct Device {
     pub free_columns: BTreeSet<u32>,
     /// Columns in use, and by which extent.
     pub used_columns: BTreeMap<u32, ExtentId>,
+    /// Columns reserved as the replacement of a column of this extent by a
+    /// repair task (being rebuilt; not yet part of the extent).
+    #[serde(default)]
+    pub reserved_columns: BTreeMap<u32, ExtentId>,
+    /// Columns an extent no longer uses after a repair (the lost or drained
+    /// original, or a cancelled replacement). They may still hold claimed
+    /// data on the sled, so they are never handed out again by this version.
+    #[serde(default)]
+    pub retired_columns: BTreeSet<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

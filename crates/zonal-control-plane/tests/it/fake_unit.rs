@@ -204,6 +204,8 @@ impl FakeUnit {
                         size_bytes: 1 << 40,
                         free_columns: free,
                         used_columns: 0,
+                        reserved_columns: 0,
+                        retired_columns: 0,
                     }],
                 }],
                 volumes: state.volumes.len(),
@@ -216,6 +218,7 @@ impl FakeUnit {
                     free_bytes: free as u64 * COLUMN_SIZE_BYTES,
                     used_bytes: 0,
                 },
+                repair: Default::default(),
             },
         }
     }

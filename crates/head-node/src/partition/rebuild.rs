@@ -1,0 +1,640 @@
+//! Rebuild of one lost, drained or corrupt column of an extent into its
+//! replacement (ARCHITECTURE.md §6: "the owning primaries rebuild them").
+//!
+//! ```text
+//!  seal       under the flush lock: the extent takes no more stripes (an
+//!             append-only column cannot be patched in place, so even a
+//!             single corrupt block is repaired by rebuilding the column);
+//!             rows = the stripes the partition wrote (or, for an extent it
+//!             never opened, the k-th longest surviving column)
+//!  claim      the new column at the partition's epoch (fencing as for any
+//!             write, invariant 2); its length says where to resume
+//!  per batch  read the rows from every other column (any k suffice), verify
+//!  of rows    each block against the sled's CRCs, decode the missing chunk
+//!             (ErasureCodec), check every data chunk against the summary
+//!             CRCs, append chunk + summary to the new column in row order,
+//!             paced by a token bucket (bytes/s)
+//!  confirm    under the flush lock again: if the partition opened the
+//!             extent meanwhile, seal it and copy the rows it added; then
+//!             the caller commits CompleteRepair, and the partition's grant
+//!             maps the column index to the new column (the index's Sled
+//!             locations keep their (extent, column) and stay valid)
+//! ```
+//!
+//! The old column is never read unless it answers (a drained sled does):
+//! every rebuilt row is decodable from k survivors, which is what the test
+//! of "stop m other sleds afterwards" proves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future;
+use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use super::flush::sled_call;
+use super::layout::{StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES};
+use super::{ExtentGrant, Partition, Role, Shared};
+use crate::erasure::ErasureCodec;
+
+/// Rows read and appended per request.
+const BATCH_ROWS: u64 = 8;
+/// Passes over rows the partition added while the rebuild ran.
+const CATCH_UP_PASSES: usize = 3;
+/// Attempts of one batch (sled hiccups) before giving up the task.
+const BATCH_ATTEMPTS: usize = 3;
+
+/// One column to rebuild, as the control plane recorded the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildTask {
+    /// The extent as the control plane lists it (the column being replaced
+    /// still at `column`).
+    pub grant: ExtentGrant,
+    /// Index of the column within the extent.
+    pub column: u16,
+    /// The replacement: sled and column.
+    pub new: (String, ColumnId),
+    /// Pace (bytes/s of rebuilt rows).
+    pub rate_bytes_per_second: u64,
+}
+
+/// Bytes rebuilt so far of the bytes the column holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildProgress {
+    /// Rebuilt bytes (rows appended to the new column).
+    pub bytes_done: u64,
+    /// Bytes the column holds (rows × row size).
+    pub bytes_total: u64,
+}
+
+/// Why a rebuild stopped. Retrying later is always safe: the new column's
+/// length says where to resume.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RebuildError {
+    /// This node is not the partition's primary (any more).
+    #[error("partition {partition:?}: not primary")]
+    NotPrimary {
+        /// Partition.
+        partition: proto::sled::PartitionId,
+    },
+    /// A sled holds a newer epoch: the partition is fenced.
+    #[error("partition {partition:?}: fenced by epoch {current}")]
+    Fenced {
+        /// Partition.
+        partition: proto::sled::PartitionId,
+        /// Newer epoch.
+        current: u64,
+    },
+    /// The task does not fit the extent (column index, code, sleds).
+    #[error("extent {extent}: {reason}")]
+    BadTask {
+        /// Extent.
+        extent: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Fewer than k columns answered for a row.
+    #[error("extent {extent} row {row}: {available} of {needed} columns readable")]
+    Unrecoverable {
+        /// Extent.
+        extent: u64,
+        /// Row.
+        row: u64,
+        /// Columns read.
+        available: usize,
+        /// k.
+        needed: usize,
+    },
+    /// Decoded data does not match the stripe summary.
+    #[error("extent {extent} row {row}: {reason}")]
+    Corrupt {
+        /// Extent.
+        extent: u64,
+        /// Row.
+        row: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// The new column refused or could not be reached.
+    #[error("new column on sled {sled}: {reason}")]
+    NewColumn {
+        /// Sled.
+        sled: String,
+        /// Why.
+        reason: String,
+    },
+    /// The caller could not commit the completion.
+    #[error("confirming the rebuild: {reason}")]
+    Confirm {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RebuildError {
+    /// Worth trying again later with the same task.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            RebuildError::NotPrimary { .. } | RebuildError::Fenced { .. }
+        )
+    }
+}
+
+/// A token bucket: at most `rate` bytes per second on average, bursts of
+/// one second.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate_bytes_per_second: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate_bytes_per_second: u64) -> Self {
+        let rate = rate_bytes_per_second.max(1);
+        TokenBucket {
+            rate_bytes_per_second: rate,
+            tokens: rate as f64,
+            last: Instant::now(),
+        }
+    }
+
+    /// Waits until `bytes` may pass (a request larger than the bucket
+    /// waits for its full cost, so the average still holds).
+    pub async fn acquire(&mut self, bytes: u64) {
+        let rate = self.rate_bytes_per_second as f64;
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            let wait = Duration::from_secs_f64(-self.tokens / rate);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+impl Partition {
+    /// Rebuilds column `task.column` of `task.grant` into `task.new` (see
+    /// the module docs). `progress` receives the byte counts as rows are
+    /// appended; `confirm(epoch)` must commit the completion (the control
+    /// plane's `CompleteRepair`) and return only once this head node's view
+    /// of the control plane shows it; it runs under the flush lock, so no
+    /// stripe can go to the old column after it.
+    pub async fn rebuild_column<C, F>(
+        &self,
+        task: RebuildTask,
+        progress: &watch::Sender<RebuildProgress>,
+        confirm: C,
+    ) -> Result<RebuildProgress, RebuildError>
+    where
+        C: FnOnce(u64) -> F,
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        rebuild(&self.shared, task, progress, confirm).await
+    }
+}
+
+fn primary_epoch(shared: &Shared) -> Result<u64, RebuildError> {
+    let state = shared.lock();
+    match state.role {
+        Role::Primary => Ok(state.epoch),
+        _ => Err(RebuildError::NotPrimary {
+            partition: shared.id(),
+        }),
+    }
+}
+
+/// Seals the extent if the partition knows it; returns the rows it wrote.
+fn seal(shared: &Shared, extent: u64) -> Option<u64> {
+    let mut state = shared.lock();
+    if state.open_extent == Some(extent) {
+        state.open_extent = None;
+    }
+    let e = state.extents.get_mut(&extent)?;
+    e.sealed = true;
+    Some(e.rows_written)
+}
+
+async fn rebuild<C, F>(
+    shared: &Arc<Shared>,
+    task: RebuildTask,
+    progress: &watch::Sender<RebuildProgress>,
+    confirm: C,
+) -> Result<RebuildProgress, RebuildError>
+where
+    C: FnOnce(u64) -> F,
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let extent = task.grant.extent;
+    let bad = |reason: String| RebuildError::BadTask { extent, reason };
+    let (k, m) = (usize::from(task.grant.k), usize::from(task.grant.m));
+    if task.grant.columns.len() != k + m || usize::from(task.column) >= k + m {
+        return Err(bad(format!(
+            "column {} of a {k}+{m} extent with {} columns",
+            task.column,
+            task.grant.columns.len()
+        )));
+    }
+    if task
+        .grant
+        .columns
+        .iter()
+        .enumerate()
+        .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
+    {
+        return Err(bad(format!(
+            "replacement on sled {} which holds another column (invariant 3)",
+            task.new.0
+        )));
+    }
+    let codec = Arc::new(ErasureCodec::new(k, m).map_err(|e| bad(e.to_string()))?);
+    let epoch = primary_epoch(shared)?;
+
+    // Seal, and learn how many rows the column holds.
+    let known_rows = {
+        let _serial = shared.flush_lock.lock().await;
+        seal(shared, extent)
+    };
+    let mut rows = match known_rows {
+        Some(rows) => rows,
+        None => surviving_rows(shared, &task, k).await?,
+    };
+
+    // Claim the replacement; its length is where a previous attempt stopped.
+    let (new_sled, new_column) = task.new.clone();
+    let claimed = sled_call(
+        shared,
+        &new_sled,
+        SledRequest::Claim {
+            column: new_column,
+            partition: shared.id(),
+            epoch,
+        },
+    )
+    .await;
+    let mut next_row = match claimed {
+        Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
+            length_bytes / ROW_BYTES
+        }
+        Ok(SledResponse::Claimed { length_bytes, .. }) => {
+            return Err(RebuildError::NewColumn {
+                sled: new_sled,
+                reason: format!("holds {length_bytes} bytes, not whole rows"),
+            })
+        }
+        Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+            return Err(RebuildError::Fenced {
+                partition: shared.id(),
+                current: current_epoch,
+            })
+        }
+        Ok(other) => {
+            return Err(RebuildError::NewColumn {
+                sled: new_sled,
+                reason: format!("claim answered {other:?}"),
+            })
+        }
+        Err(error) => {
+            return Err(RebuildError::NewColumn {
+                sled: new_sled,
+                reason: error.to_string(),
+            })
+        }
+    };
+
+    let mut bucket = TokenBucket::new(task.rate_bytes_per_second);
+    let report = |next_row: u64, rows: u64| {
+        let p = RebuildProgress {
+            bytes_done: next_row.min(rows) * ROW_BYTES,
+            bytes_total: rows * ROW_BYTES,
+        };
+        progress.send_replace(p);
+        p
+    };
+    report(next_row, rows);
+    copy_rows(
+        shared,
+        &task,
+        &codec,
+        epoch,
+        &mut next_row,
+        rows,
+        &mut bucket,
+        &report,
+    )
+    .await?;
+
+    // Confirm under the flush lock: no stripe can be appended to the old
+    // column between the last copied row and the switch.
+    let serial = shared.flush_lock.lock().await;
+    for _ in 0..CATCH_UP_PASSES {
+        match seal(shared, extent) {
+            Some(written) if written > rows => rows = written,
+            _ => break,
+        }
+        copy_rows(
+            shared,
+            &task,
+            &codec,
+            epoch,
+            &mut next_row,
+            rows,
+            &mut bucket,
+            &report,
+        )
+        .await?;
+    }
+    if primary_epoch(shared)? != epoch {
+        return Err(RebuildError::NotPrimary {
+            partition: shared.id(),
+        });
+    }
+    confirm(epoch)
+        .await
+        .map_err(|reason| RebuildError::Confirm { reason })?;
+    {
+        let mut state = shared.lock();
+        if let Some(e) = state.extents.get_mut(&extent) {
+            if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
+                *slot = task.new.clone();
+            }
+        }
+    }
+    drop(serial);
+    Ok(report(next_row, rows))
+}
+
+/// Rows of an extent the partition never opened: the k-th longest of the
+/// surviving columns (a row counts only if k columns hold it).
+async fn surviving_rows(
+    shared: &Shared,
+    task: &RebuildTask,
+    k: usize,
+) -> Result<u64, RebuildError> {
+    let statuses = task
+        .grant
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != usize::from(task.column))
+        .map(|(_, (sled, column))| {
+            sled_call(shared, sled, SledRequest::ColumnStatus { column: *column })
+        });
+    let mut lengths: Vec<u64> = future::join_all(statuses)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(SledResponse::ColumnStatus(status)) => Some(status.length_bytes),
+            _ => None,
+        })
+        .collect();
+    if lengths.len() < k {
+        return Err(RebuildError::Unrecoverable {
+            extent: task.grant.extent,
+            row: 0,
+            available: lengths.len(),
+            needed: k,
+        });
+    }
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(lengths[k - 1] / ROW_BYTES)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_rows<R>(
+    shared: &Shared,
+    task: &RebuildTask,
+    codec: &Arc<ErasureCodec>,
+    epoch: u64,
+    next_row: &mut u64,
+    rows: u64,
+    bucket: &mut TokenBucket,
+    report: &R,
+) -> Result<(), RebuildError>
+where
+    R: Fn(u64, u64) -> RebuildProgress,
+{
+    // Bounded: every iteration appends at least one row or returns.
+    while *next_row < rows {
+        let count = BATCH_ROWS.min(rows - *next_row);
+        let mut last_error = None;
+        let mut data = None;
+        for _ in 0..BATCH_ATTEMPTS {
+            match rebuild_rows(shared, task, codec, *next_row, count).await {
+                Ok(rebuilt) => {
+                    data = Some(rebuilt);
+                    break;
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        let Some((data, block_crcs)) = data else {
+            return Err(last_error.unwrap_or(RebuildError::Unrecoverable {
+                extent: task.grant.extent,
+                row: *next_row,
+                available: 0,
+                needed: codec.data_shards(),
+            }));
+        };
+        bucket.acquire(data.len() as u64).await;
+        append(shared, task, epoch, *next_row * ROW_BYTES, data, block_crcs).await?;
+        *next_row += count;
+        report(*next_row, rows);
+    }
+    Ok(())
+}
+
+async fn append(
+    shared: &Shared,
+    task: &RebuildTask,
+    epoch: u64,
+    offset: u64,
+    data: Bytes,
+    block_crcs: Vec<u32>,
+) -> Result<(), RebuildError> {
+    let (sled, column) = &task.new;
+    let request = SledRequest::Append {
+        column: *column,
+        partition: shared.id(),
+        epoch,
+        offset,
+        data,
+        block_crcs,
+    };
+    let mut last = String::new();
+    // Appends are idempotent (same offset, same CRCs): one retry.
+    for _ in 0..2 {
+        match sled_call(shared, sled, request.clone()).await {
+            Ok(SledResponse::Appended { .. }) => return Ok(()),
+            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                shared.fence(current_epoch);
+                return Err(RebuildError::Fenced {
+                    partition: shared.id(),
+                    current: current_epoch,
+                });
+            }
+            Ok(other) => last = format!("append answered {other:?}"),
+            Err(error) => last = error.to_string(),
+        }
+    }
+    Err(RebuildError::NewColumn {
+        sled: sled.clone(),
+        reason: last,
+    })
+}
+
+/// Reads `count` rows from the surviving columns and returns the rebuilt
+/// rows of the missing column (chunk + summary each) with block CRCs.
+async fn rebuild_rows(
+    shared: &Shared,
+    task: &RebuildTask,
+    codec: &ErasureCodec,
+    first_row: u64,
+    count: u64,
+) -> Result<(Bytes, Vec<u32>), RebuildError> {
+    let extent = task.grant.extent;
+    let k = codec.data_shards();
+    let target = usize::from(task.column);
+    let len = count * ROW_BYTES;
+    let reads = task
+        .grant
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (sled, column))| async move {
+            if i == target {
+                return None;
+            }
+            read_verified(shared, sled, *column, first_row * ROW_BYTES, len).await
+        });
+    let columns: Vec<Option<Bytes>> = future::join_all(reads).await;
+    let available = columns.iter().filter(|c| c.is_some()).count();
+    if available < k {
+        return Err(RebuildError::Unrecoverable {
+            extent,
+            row: first_row,
+            available,
+            needed: k,
+        });
+    }
+    let zero_crc = crc32c::crc32c(&[0u8; BLOCK_BYTES as usize]);
+    let mut out = BytesMut::with_capacity(len as usize);
+    let mut crcs = Vec::with_capacity((count * (CHUNK_BLOCKS + 1)) as usize);
+    for r in 0..count {
+        let row = first_row + r;
+        let at = (r * ROW_BYTES) as usize;
+        let chunk_end = at + CHUNK_BYTES as usize;
+        let row_end = at + ROW_BYTES as usize;
+        // Any surviving column's summary describes the stripe.
+        let summary = columns.iter().flatten().find_map(|c| {
+            let block = &c[chunk_end..row_end];
+            StripeSummary::decode(block)
+                .ok()
+                .filter(|s| s.extent == extent && s.stripe == row)
+                .map(|s| (s, Bytes::copy_from_slice(block)))
+        });
+        let Some((summary, summary_block)) = summary else {
+            return Err(RebuildError::Corrupt {
+                extent,
+                row,
+                reason: "no surviving column holds a valid summary".to_string(),
+            });
+        };
+        let mut shards: Vec<Option<Vec<u8>>> = columns
+            .iter()
+            .map(|c| c.as_ref().map(|c| c[at..chunk_end].to_vec()))
+            .collect();
+        codec
+            .reconstruct(&mut shards)
+            .map_err(|e| RebuildError::Corrupt {
+                extent,
+                row,
+                reason: e.to_string(),
+            })?;
+        // End to end: every data chunk (decoded or read) matches the
+        // summary, so the parity encoded from them is right too.
+        for (d, shard) in shards.iter().take(k).enumerate() {
+            let Some(shard) = shard else {
+                return Err(RebuildError::Corrupt {
+                    extent,
+                    row,
+                    reason: format!("data column {d} not decoded"),
+                });
+            };
+            for (b, block) in shard.chunks(BLOCK_BYTES as usize).enumerate() {
+                let slot = d * CHUNK_BLOCKS as usize + b;
+                let want = summary
+                    .slots
+                    .get(slot)
+                    .copied()
+                    .flatten()
+                    .map_or(zero_crc, |s| s.crc);
+                if crc32c::crc32c(block) != want {
+                    return Err(RebuildError::Corrupt {
+                        extent,
+                        row,
+                        reason: format!("data column {d} block {b} does not match the summary"),
+                    });
+                }
+            }
+        }
+        let Some(Some(chunk)) = shards.get(target) else {
+            return Err(RebuildError::Corrupt {
+                extent,
+                row,
+                reason: "target column not decoded".to_string(),
+            });
+        };
+        for block in chunk.chunks(BLOCK_BYTES as usize) {
+            crcs.push(crc32c::crc32c(block));
+        }
+        crcs.push(crc32c::crc32c(&summary_block));
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(&summary_block);
+    }
+    debug_assert_eq!(out.len() as u64, len);
+    Ok((out.freeze(), crcs))
+}
+
+/// Reads a range of a surviving column and checks every block against the
+/// CRCs the sled stored; `None` if the column cannot give it whole.
+async fn read_verified(
+    shared: &Shared,
+    sled: &str,
+    column: ColumnId,
+    offset: u64,
+    len: u64,
+) -> Option<Bytes> {
+    let request = SledRequest::Read {
+        column,
+        offset,
+        len: u32::try_from(len).ok()?,
+    };
+    match sled_call(shared, sled, request).await {
+        Ok(SledResponse::Data { data, block_crcs }) => {
+            let ok = data.len() as u64 == len
+                && block_crcs.len() as u64 == len / BLOCK_BYTES
+                && data
+                    .chunks(BLOCK_BYTES as usize)
+                    .zip(&block_crcs)
+                    .all(|(block, crc)| crc32c::crc32c(block) == *crc);
+            if !ok {
+                tracing::warn!(sled, ?column, offset, "rebuild: column fails its CRCs");
+            }
+            ok.then_some(data)
+        }
+        Ok(other) => {
+            tracing::debug!(sled, ?column, offset, ?other, "rebuild: column unreadable");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(sled, ?column, offset, %error, "rebuild: column unreachable");
+            None
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Column repair controller, run by the Raft leader only (next to the
+//! failure detector and the failover controller).
+//!
+//! ```text
+//! every poll_interval, from the replicated UnitState (plan, pure):
+//!   sled Down for sled_failed_after (by this leader's clock)   ⇒ SetSledHealth Failed
+//!   task whose reserved column's sled/device is no longer Up   ⇒ CancelRepair (re-planned)
+//!   columns on Failed sleds, Failed devices or Draining sleds
+//!   without a task, while tasks < max_concurrent              ⇒ ReplaceColumn{new: plan_replacement}
+//!                                                                 rate = bytes_per_second / max_concurrent
+//! the partition's primary (head-node `repair` worker) then rebuilds the
+//! column and commits CompleteRepair; the next tick admits more work.
+//! ```
+//!
+//! Invariants and limits:
+//! * **Bounded storm.** At most `max_concurrent` tasks exist unit-wide, and
+//!   each task carries `bytes_per_second / max_concurrent` as its rate, so
+//!   the unit never rebuilds faster than `bytes_per_second` in total
+//!   (ARCHITECTURE.md §6: the 2011 EBS re-mirroring storm).
+//! * **Never two columns of an extent on one sled** (§12.3): the state
+//!   machine refuses a replacement on a sled the extent (or another of its
+//!   replacements) already uses; placement never proposes one.
+//! * **A Down sled is not repaired at once**: it may come back with its
+//!   data; only after `sled_failed_after` is it declared Failed. Time spent
+//!   Down is measured by the current leader (a new leader starts counting
+//!   again: a later repair, never an early one).
+//! * **Idempotent across leader changes**: decisions are functions of the
+//!   replicated state; a repeated `ReplaceColumn` is refused as
+//!   `AlreadyExists`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::command::{Command, Outcome};
+use crate::error::CommandError;
+use crate::state::{Health, SledId, UnitState};
+
+/// Default concurrent repair tasks per unit.
+pub const DEFAULT_REPAIR_MAX_CONCURRENT: usize = 4;
+/// Default repair bandwidth per unit (bytes/s).
+pub const DEFAULT_REPAIR_BYTES_PER_SECOND: u64 = 200 << 20;
+/// Default time a sled stays Down before it is declared Failed.
+pub const DEFAULT_SLED_FAILED_AFTER_MS: u64 = 60_000;
+/// Default pause between two plans.
+pub const DEFAULT_REPAIR_POLL_INTERVAL_MS: u64 = 500;
+/// Bound on proposals per tick.
+const MAX_COMMANDS_PER_TICK: usize = 64;
+
+/// Tunables of the repair controller (per unit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairConfig {
+    /// Repair tasks allowed at once across the unit.
+    pub max_concurrent: usize,
+    /// Total rebuild bandwidth of the unit, shared by the tasks.
+    pub bytes_per_second: u64,
+    /// Down this long ⇒ declared Failed and its columns replaced.
+    pub sled_failed_after: Duration,
+    pub poll_interval: Duration,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        RepairConfig {
+            max_concurrent: DEFAULT_REPAIR_MAX_CONCURRENT,
+            bytes_per_second: DEFAULT_REPAIR_BYTES_PER_SECOND,
+            sled_failed_after: Duration::from_millis(DEFAULT_SLED_FAILED_AFTER_MS),
+            poll_interval: Duration::from_millis(DEFAULT_REPAIR_POLL_INTERVAL_MS),
+        }
+    }
+}
+
+impl RepairConfig {
+    /// One task's share of the unit's bandwidth.
+    pub fn task_rate_bytes_per_second(&self) -> u64 {
+        let share = self.bytes_per_second / self.max_concurrent.max(1) as u64;
+        share.max(1)
+    }
+}
+
+/// Repair gauges on `/metrics` (the leader's view).
+#[derive(Debug, Clone, Default)]
+pub struct RepairMetrics {
+    pending: Gauge,
+    running: Gauge,
+    waiting: Gauge,
+    bytes_remaining: Gauge,
+    rate: Gauge,
+    scheduled: Counter,
+    declared_failed: Counter,
+}
+
+impl RepairMetrics {
+    pub fn register(registry: &mut Registry) -> RepairMetrics {
+        let m = RepairMetrics::default();
+        registry.register(
+            "rackblock_repair_tasks_pending",
+            "Column repair tasks waiting for their primary (leader's view)",
+            m.pending.clone(),
+        );
+        registry.register(
+            "rackblock_repair_tasks_running",
+            "Column repair tasks rebuilding (leader's view)",
+            m.running.clone(),
+        );
+        registry.register(
+            "rackblock_repair_columns_waiting",
+            "Columns on failed or draining sleds without a repair task yet",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "rackblock_repair_bytes_remaining",
+            "Bytes still to rebuild in known repair tasks",
+            m.bytes_remaining.clone(),
+        );
+        registry.register(
+            "rackblock_repair_rate_bytes_per_second",
+            "Measured rebuild rate of the running tasks",
+            m.rate.clone(),
+        );
+        registry.register(
+            "rackblock_repair_tasks_scheduled",
+            "Replacement columns reserved by this leader",
+            m.scheduled.clone(),
+        );
+        registry.register(
+            "rackblock_repair_sleds_declared_failed",
+            "Sleds this leader declared Failed after being Down too long",
+            m.declared_failed.clone(),
+        );
+        m
+    }
+
+    fn observe(&self, state: &UnitState) {
+        let status = state.repair_status();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.pending.set(as_i64(status.pending as u64));
+        self.running.set(as_i64(status.running as u64));
+        self.waiting.set(as_i64(status.columns_waiting as u64));
+        self.bytes_remaining.set(as_i64(status.bytes_remaining));
+        self.rate.set(as_i64(status.rate_bytes_per_second));
+    }
+}
+
+/// Sleds this leader has seen Down, and since when.
+pub type DownSince = BTreeMap<SledId, Instant>;
+
+/// What to propose now (pure: state, clock readings and the Down times).
+pub fn plan(
+    state: &UnitState,
+    config: &RepairConfig,
+    now: Instant,
+    now_ms: u64,
+    down_since: &mut DownSince,
+) -> Vec<Command> {
+    let mut commands = Vec::new();
+    // 1. Down long enough ⇒ Failed.
+    down_since.retain(|sled, _| {
+        state
+            .sleds()
+            .get(sled)
+            .is_some_and(|s| s.health == Health::Down)
+    });
+    for sled in state.sleds().values() {
+        if sled.health != Health::Down {
+            continue;
+        }
+        let since = *down_since.entry(sled.id.clone()).or_insert(now);
+        if now.duration_since(since) >= config.sled_failed_after {
+            commands.push(Command::SetSledHealth {
+                sled: sled.id.clone(),
+                health: Health::Failed,
+            });
+        }
+    }
+    // 2. Replacements that can no longer be written.
+    let book = state.repairs();
+    let mut active = book.tasks.len();
+    for task in &book.tasks {
+        let usable = state.sleds().get(&task.new.sled).is_some_and(|s| {
+            s.health == Health::Up
+                && s.devices
+                    .get(&task.new.device)
+                    .is_some_and(|d| d.health == Health::Up)
+        });
+        if !usable {
+            commands.push(Command::CancelRepair {
+                extent: task.extent,
+                column_index: task.column_index,
+            });
+            active = active.saturating_sub(1);
+        }
+    }
+    // 3. Admit new work up to the concurrency limit. Placement is planned
+    // against the current state; two replacements of one extent in the same
+    // tick could pick one sled, so one per extent per tick.
+    let mut planned_extents = std::collections::BTreeSet::new();
+    let mut taken = std::collections::BTreeSet::new();
+    for (extent, column_index, reason) in state.columns_needing_repair() {
+        if active >= config.max_concurrent.max(1) || commands.len() >= MAX_COMMANDS_PER_TICK {
+            break;
+        }
+        if !planned_extents.insert(extent) {
+            continue;
+        }
+        let Ok(new) = state.plan_replacement_avoiding(extent, column_index, &taken) else {
+            continue; // no space now; counted as waiting in the status
+        };
+        taken.insert(new.clone());
+        commands.push(Command::ReplaceColumn {
+            extent,
+            column_index,
+            new,
+            expected_epoch: None,
+            reason,
+            rate_bytes_per_second: config.task_rate_bytes_per_second(),
+            now_ms,
+        });
+        active += 1;
+    }
+    commands.truncate(MAX_COMMANDS_PER_TICK);
+    commands
+}
+
+/// The leader's repair loop.
+#[derive(Debug)]
+pub struct RepairController {
+    config: RepairConfig,
+    metrics: RepairMetrics,
+    down_since: DownSince,
+}
+
+impl RepairController {
+    pub fn new(config: RepairConfig, metrics: RepairMetrics) -> Self {
+        RepairController {
+            config,
+            metrics,
+            down_since: DownSince::new(),
+        }
+    }
+
+    /// Plans and proposes until `stop` (leadership lost) or a proposal
+    /// cannot be committed (probably no longer leader).
+    pub async fn run<R, P, F>(mut self, read: R, propose: P, stop: CancellationToken)
+    where
+        R: Fn() -> UnitState,
+        P: Fn(Command) -> F,
+        F: Future<Output = Result<Result<Outcome, CommandError>, String>>,
+    {
+        'ticks: loop {
+            let state = read();
+            self.metrics.observe(&state);
+            let commands = plan(
+                &state,
+                &self.config,
+                Instant::now(),
+                wall_clock_ms(),
+                &mut self.down_since,
+            );
+            for command in commands {
+                info!(?command, "repair: proposing");
+                let scheduled = matches!(command, Command::ReplaceColumn { .. });
+                let failed = matches!(command, Command::SetSledHealth { .. });
+                match propose(command).await {
+                    Ok(Ok(_)) => {
+                        if scheduled {
+                            self.metrics.scheduled.inc();
+                        }
+                        if failed {
+                            self.metrics.declared_failed.inc();
+                        }
+                    }
+                    Ok(Err(error)) => warn!(%error, "repair command refused"),
+                    Err(error) => {
+                        warn!(%error, "repair controller cannot commit");
+                        break 'ticks;
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
