@@ -21,9 +21,12 @@
 //! * A request that may have reached the peer (sent, then I/O error or
 //!   timeout) is retried on the other path only if it is idempotent;
 //!   otherwise the caller gets [`LinkError::Uncertain`] and must reconcile.
-//! * A probe timeout drops the path's connection, so a half-dead (black-
-//!   holed) connection is replaced rather than trusted forever; a single
-//!   request timeout does not, because one slow request says little.
+//! * A probe timeout (or a probe failure that marks the path Down) drops
+//!   the path's connection and fails the requests waiting on it: a half-dead
+//!   (blackholed) connection is replaced rather than trusted, and its
+//!   idempotent requests move to the other path within a probe timeout
+//!   instead of each waiting out its request timeout. A single request
+//!   timeout does not drop the connection: one slow request says little.
 //! * The prober holds only a weak reference: it stops when the last
 //!   `Arc<PeerLink>` is dropped, or on [`PeerLink::close`].
 
@@ -730,13 +733,17 @@ impl PeerLink {
                     path,
                     format!("probe answered with kind {:#06x}", other.kind()),
                 );
-                path.drop_connection().await;
+                path.drop_connection("probe answered with the wrong kind")
+                    .await;
             }
             Err(error) => {
-                if matches!(error, AttemptError::Timeout) {
-                    path.drop_connection().await;
-                }
                 self.record_failure(path, format!("probe: {}", error.describe()));
+                // A probe that times out means the connection is silent
+                // (blackholed network): requests in flight on it would each
+                // wait out their own timeout before moving to the other path.
+                if matches!(error, AttemptError::Timeout) || path.state() == PathState::Down {
+                    path.drop_connection("path probe failed").await;
+                }
             }
         }
     }
@@ -788,8 +795,14 @@ impl Path {
         }
     }
 
-    async fn drop_connection(&self) {
-        self.connection.lock().await.connection = None;
+    /// Forgets the path's connection and fails every request still waiting
+    /// on it, so that idempotent ones move to the other path now instead of
+    /// each waiting out its own request timeout.
+    async fn drop_connection(&self, reason: &str) {
+        let connection = self.connection.lock().await.connection.take();
+        if let Some(connection) = connection {
+            connection.shared.fail(reason);
+        }
     }
 }
 

@@ -102,8 +102,8 @@ async fn blackholed_a_idempotent_retries_on_b_and_non_idempotent_is_uncertain() 
     let response = idempotent_link.call(read(7, 0), true).await.unwrap();
     assert_eq!(data_offset(&response), 7);
     assert!(
-        started.elapsed() >= Duration::from_millis(150),
-        "waited for A's request timeout"
+        started.elapsed() >= Duration::from_millis(90),
+        "waited for A's probe or request timeout"
     );
     assert_eq!(metrics.failovers_total("peer-1"), 1);
 
@@ -213,4 +213,32 @@ async fn dropping_the_link_stops_the_prober() {
     link.call(read(1, 0), true).await.unwrap();
     drop(link);
     assert!(wait_until(SETTLE, || weak.strong_count() == 0).await);
+}
+
+/// A request in flight on a path that goes silent moves to the other path
+/// once a probe of the silent path times out, long before its own (here
+/// 10 s) request timeout.
+#[tokio::test]
+async fn blackholed_path_moves_in_flight_requests_within_a_probe_timeout() {
+    let (a, _hole) = blackhole("127.0.1.53").await;
+    let b = start_server("127.0.2.53").await;
+    let config = LinkConfig {
+        request_timeout: Duration::from_secs(10),
+        ..config()
+    };
+    let link = PeerLink::new(
+        "peer-1".to_owned(),
+        a,
+        b.address,
+        config,
+        LinkMetrics::unregistered(),
+    );
+    let started = Instant::now();
+    let response = link.call(read(11, 0), true).await.unwrap();
+    assert_eq!(data_offset(&response), 11);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}: the request waited for its own timeout",
+        started.elapsed()
+    );
 }
