@@ -274,9 +274,23 @@ fn write_secret(path: &Path, text: &str) -> Result<(), String> {
     writeln!(file, "{text}").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// Whether `pid` is a running process. A zombie (killed, not yet reaped by
+/// its parent) is not running: after a `kill -9` of a whole unit the next
+/// `up` must not be refused because init has not reaped the corpses yet.
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // /proc/PID/stat is "pid (comm) STATE ..."; comm may hold spaces or
+    // parentheses, so the state is the first field after the last ')'.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| state != "Z" && state != "X"),
+        Err(_) => true,
+    }
 }
 
 fn refuse_if_running(data_dir: &Path) -> Result<(), String> {
