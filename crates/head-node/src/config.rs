@@ -121,6 +121,10 @@ pub struct HeadNodeConfig {
     /// (default 500).
     #[serde(default)]
     pub repair_poll_interval_ms: Option<u64>,
+    /// How often the leader reads the sleds' scrub reports for corrupt
+    /// columns to rebuild, in milliseconds (default 10000).
+    #[serde(default)]
+    pub repair_scrub_poll_interval_ms: Option<u64>,
 }
 
 /// Default size of a newly created write log file.
@@ -355,6 +359,9 @@ impl HeadNodeConfig {
             repair.sled_failed_after = Duration::from_millis(ms);
         }
         repair.poll_interval = self.repair_poll_interval();
+        if let Some(ms) = self.repair_scrub_poll_interval_ms {
+            repair.scrub_poll_interval = Duration::from_millis(ms.max(100));
+        }
         repair
     }
 

@@ -934,6 +934,7 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     let repair = RepairController::new(inner.repair_config.clone(), inner.repair_metrics.clone());
     let repair_raft = inner.raft.clone();
     let repair_state = inner.state.clone();
+    let scrub_inner = inner.clone();
     tokio::spawn(repair.run(
         move || repair_state.read().unit.clone(),
         move |command| {
@@ -944,6 +945,10 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
                     .map(|r| r.data)
                     .map_err(|e| e.to_string())
             }
+        },
+        move |state| {
+            let inner = scrub_inner.clone();
+            async move { crate::repair::scrub_reports(&inner.links, &inner.rack, &state).await }
         },
         lost.clone(),
     ));

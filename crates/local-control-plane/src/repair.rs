@@ -5,8 +5,9 @@
 //! every poll_interval, from the replicated UnitState (plan, pure):
 //!   sled Down for sled_failed_after (by this leader's clock)   ⇒ SetSledHealth Failed
 //!   task whose reserved column's sled/device is no longer Up   ⇒ CancelRepair (re-planned)
-//!   columns on Failed sleds, Failed devices or Draining sleds
-//!   without a task, while tasks < max_concurrent              ⇒ ReplaceColumn{new: plan_replacement}
+//!   columns scrub found corrupt (sleds' ScrubReport, polled every
+//!   scrub_poll_interval), then columns on Failed sleds, Failed devices or
+//!   Draining sleds, without a task, while tasks < max_concurrent ⇒ ReplaceColumn{new: plan_replacement}
 //!                                                                 rate = bytes_per_second / max_concurrent
 //! the partition's primary (head-node `repair` worker) then rebuilds the
 //! column and commits CompleteRepair; the next tick admits more work.
@@ -28,7 +29,7 @@
 //!   replicated state; a repeated `ReplaceColumn` is refused as
 //!   `AlreadyExists`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,7 +41,8 @@ use tracing::{info, warn};
 
 use crate::command::{Command, Outcome};
 use crate::error::CommandError;
-use crate::state::{Health, SledId, UnitState};
+use crate::state::RepairReason;
+use crate::state::{ColumnRef, ExtentId, Health, SledId, UnitState};
 
 /// Default concurrent repair tasks per unit.
 pub const DEFAULT_REPAIR_MAX_CONCURRENT: usize = 4;
@@ -50,6 +52,10 @@ pub const DEFAULT_REPAIR_BYTES_PER_SECOND: u64 = 200 << 20;
 pub const DEFAULT_SLED_FAILED_AFTER_MS: u64 = 60_000;
 /// Default pause between two plans.
 pub const DEFAULT_REPAIR_POLL_INTERVAL_MS: u64 = 500;
+/// Default pause between two polls of the sleds' scrub reports.
+pub const DEFAULT_SCRUB_POLL_INTERVAL_MS: u64 = 10_000;
+/// Bound on corrupt columns remembered between polls.
+const MAX_CORRUPT_COLUMNS: usize = 4096;
 /// Bound on proposals per tick.
 const MAX_COMMANDS_PER_TICK: usize = 64;
 
@@ -63,6 +69,8 @@ pub struct RepairConfig {
     /// Down this long ⇒ declared Failed and its columns replaced.
     pub sled_failed_after: Duration,
     pub poll_interval: Duration,
+    /// How often the sleds' scrub reports are read for corrupt columns.
+    pub scrub_poll_interval: Duration,
 }
 
 impl Default for RepairConfig {
@@ -72,6 +80,7 @@ impl Default for RepairConfig {
             bytes_per_second: DEFAULT_REPAIR_BYTES_PER_SECOND,
             sled_failed_after: Duration::from_millis(DEFAULT_SLED_FAILED_AFTER_MS),
             poll_interval: Duration::from_millis(DEFAULT_REPAIR_POLL_INTERVAL_MS),
+            scrub_poll_interval: Duration::from_millis(DEFAULT_SCRUB_POLL_INTERVAL_MS),
         }
     }
 }
@@ -151,13 +160,33 @@ impl RepairMetrics {
 /// Sleds this leader has seen Down, and since when.
 pub type DownSince = BTreeMap<SledId, Instant>;
 
-/// What to propose now (pure: state, clock readings and the Down times).
+/// The extent and column index using `column`, if any.
+fn user_of(state: &UnitState, column: &ColumnRef) -> Option<(ExtentId, u16)> {
+    let extent = *state
+        .sleds()
+        .get(&column.sled)?
+        .devices
+        .get(&column.device)?
+        .used_columns
+        .get(&column.index)?;
+    let index = state
+        .extents()
+        .get(&extent)?
+        .columns
+        .iter()
+        .position(|c| c == column)?;
+    Some((extent, u16::try_from(index).ok()?))
+}
+
+/// What to propose now (pure: state, clock readings, the Down times and
+/// the columns scrub found corrupt).
 pub fn plan(
     state: &UnitState,
     config: &RepairConfig,
     now: Instant,
     now_ms: u64,
     down_since: &mut DownSince,
+    corrupt: &BTreeSet<ColumnRef>,
 ) -> Vec<Command> {
     let mut commands = Vec::new();
     // 1. Down long enough ⇒ Failed.
@@ -202,7 +231,13 @@ pub fn plan(
     // tick could pick one sled, so one per extent per tick.
     let mut planned_extents = std::collections::BTreeSet::new();
     let mut taken = std::collections::BTreeSet::new();
-    for (extent, column_index, reason) in state.columns_needing_repair() {
+    let corrupt_columns = corrupt
+        .iter()
+        .filter_map(|c| user_of(state, c))
+        .filter(|(extent, index)| state.repairs().find(*extent, *index).is_none())
+        .map(|(extent, index)| (extent, index, RepairReason::Corruption));
+    let lost_columns = state.columns_needing_repair();
+    for (extent, column_index, reason) in corrupt_columns.chain(lost_columns) {
         if active >= config.max_concurrent.max(1) || commands.len() >= MAX_COMMANDS_PER_TICK {
             break;
         }
@@ -234,6 +269,8 @@ pub struct RepairController {
     config: RepairConfig,
     metrics: RepairMetrics,
     down_since: DownSince,
+    /// Columns the sleds' scrubbers reported bad and still in use.
+    corrupt: BTreeSet<ColumnRef>,
 }
 
 impl RepairController {
@@ -242,26 +279,47 @@ impl RepairController {
             config,
             metrics,
             down_since: DownSince::new(),
+            corrupt: BTreeSet::new(),
         }
     }
 
     /// Plans and proposes until `stop` (leadership lost) or a proposal
-    /// cannot be committed (probably no longer leader).
-    pub async fn run<R, P, F>(mut self, read: R, propose: P, stop: CancellationToken)
-    where
+    /// cannot be committed (probably no longer leader). `scrub(state)`
+    /// returns the columns the sleds' scrub reports list as bad.
+    pub async fn run<R, P, F, S, G>(
+        mut self,
+        read: R,
+        propose: P,
+        scrub: S,
+        stop: CancellationToken,
+    ) where
         R: Fn() -> UnitState,
         P: Fn(Command) -> F,
         F: Future<Output = Result<Result<Outcome, CommandError>, String>>,
+        S: Fn(UnitState) -> G,
+        G: Future<Output = Vec<ColumnRef>>,
     {
+        let mut last_scrub: Option<Instant> = None;
         'ticks: loop {
             let state = read();
             self.metrics.observe(&state);
+            if last_scrub.is_none_or(|t| t.elapsed() >= self.config.scrub_poll_interval) {
+                last_scrub = Some(Instant::now());
+                for column in scrub(state.clone()).await {
+                    if self.corrupt.len() < MAX_CORRUPT_COLUMNS {
+                        self.corrupt.insert(column);
+                    }
+                }
+            }
+            // Replaced (retired) columns are forgotten.
+            self.corrupt.retain(|c| user_of(&state, c).is_some());
             let commands = plan(
                 &state,
                 &self.config,
                 Instant::now(),
                 wall_clock_ms(),
                 &mut self.down_since,
+                &self.corrupt,
             );
             for command in commands {
                 info!(?command, "repair: proposing");
@@ -296,4 +354,43 @@ fn wall_clock_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Columns in use that the sleds' scrub reports list as bad (one
+/// `ScrubReport` per Up sled; unreachable sleds are skipped).
+pub async fn scrub_reports(
+    links: &crate::network::PeerLinks,
+    rack: &hardware::rack::Rack,
+    state: &UnitState,
+) -> Vec<ColumnRef> {
+    use proto::sled::{SledRequest, SledResponse};
+    use proto::Message;
+    let mut out = Vec::new();
+    for sled in state.sleds().values().filter(|s| s.health == Health::Up) {
+        let Some(spec) = rack.sled(&sled.id.0) else {
+            continue;
+        };
+        let link = links.link(&sled.id.0, spec.address_a, spec.address_b);
+        let reply = link
+            .call(Message::Sled(SledRequest::ScrubReport), true)
+            .await;
+        let Ok(Message::SledReply(SledResponse::ScrubReport(report))) = reply else {
+            continue;
+        };
+        for bad in report.bad_blocks {
+            let column = ColumnRef {
+                sled: sled.id.clone(),
+                device: bad.column.device,
+                index: bad.column.index,
+            };
+            if user_of(state, &column).is_some() && !out.contains(&column) {
+                warn!(%column, offset = bad.offset, "scrub found a bad block; column to be rebuilt");
+                out.push(column);
+            }
+            if out.len() >= MAX_CORRUPT_COLUMNS {
+                return out;
+            }
+        }
+    }
+    out
 }

@@ -315,7 +315,7 @@ proptest! {
         }
         let start = Instant::now();
         for tick in 0..200u64 {
-            let commands = plan(&state, &config, start, tick, &mut down);
+            let commands = plan(&state, &config, start, tick, &mut down, &Default::default());
             if commands.is_empty() && state.repairs().tasks.is_empty() {
                 break;
             }
