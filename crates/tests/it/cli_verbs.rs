@@ -329,7 +329,7 @@ fn every_verb_with_bad_input_and_exit_codes() {
     zone.expect(3, &["sled", "drain", "sled-9", "--rack", &rack]);
     let drain = zone.expect(0, &["sled", "drain", "sled-3", "--rack", &rack]);
     assert!(
-        drain.stdout.contains("Draining") && drain.stdout.contains("issue 6"),
+        drain.stdout.contains("Draining") && drain.stdout.contains("moves them to other sleds"),
         "{}",
         drain.stdout
     );

@@ -438,12 +438,26 @@ async fn drained_sled_ends_with_no_column_and_data_intact() {
     let model = Arc::new(Mutex::new(vec![0u8; VOLUME_BYTES as usize]));
     fill(&unit, &model, &mut rng).await;
     flush(&unit);
-    let command = Command::SetSledHealth {
-        sled: local_control_plane::SledId::new("sled-5"),
-        health: Health::Draining,
-    };
-    assert!(matches!(unit.lcp.command(command).await, Ok(Ok(_))));
-    unit.note("sled-5 Draining");
+    // The operator's verb: Draining, then a progress bar down to 0.
+    let rack = unit.unit.rack_path.to_str().unwrap().to_string();
+    let drain = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(tests::rackblock_bin())
+            .args(["sled", "drain", "sled-5", "--wait", "--wait-timeout", "60s"])
+            .args(["--rack", &rack])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&drain.stdout);
+    assert!(
+        drain.status.success() && stdout.contains("sled-5 holds no columns"),
+        "sled drain --wait: {:?}\n{stdout}\n{}\n{}",
+        drain.status,
+        String::from_utf8_lossy(&drain.stderr),
+        unit.head_logs()
+    );
+    unit.note("rackblock sled drain --wait returned: no column left on sled-5");
     let after = unit
         .wait_full_redundancy(&["sled-5"], Duration::from_secs(60))
         .await;
