@@ -638,3 +638,25 @@ async fn read_verified(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One second of burst passes at once; the rest is paced at the rate.
+    #[tokio::test]
+    async fn token_bucket_paces_beyond_one_second_of_burst() {
+        let mut bucket = TokenBucket::new(1 << 20);
+        let start = Instant::now();
+        bucket.acquire(1 << 20).await;
+        assert!(start.elapsed() < Duration::from_millis(200));
+        bucket.acquire(256 << 10).await;
+        bucket.acquire(256 << 10).await;
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(450),
+            "1.5 MiB at 1 MiB/s passed in {elapsed:?}"
+        );
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    }
+}
