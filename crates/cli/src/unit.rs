@@ -89,6 +89,11 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         unit.extents
     );
     print_repair(unit);
+    let f = &unit.failover;
+    println!(
+        "failover: {} partitions failing over, {} re-mirroring, {} with no live copy",
+        f.failing_over, f.remirroring, f.no_live_copy
+    );
 }
 
 /// Column repair: tasks pending/running, work left, rate, each task.

@@ -108,6 +108,9 @@ pub enum LcpError {
 }
 
 /// An answer of the local control plane.
+// One answer per request, moved once: the unit status's size is not worth
+// a box that every match on a response would have to see through.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LcpResponse {
     /// The command was committed and applied (or refused by the state

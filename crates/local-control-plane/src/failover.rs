@@ -473,6 +473,12 @@ mod tests {
             .iter()
             .all(|a| matches!(a, Action::Remirror { .. })));
         assert_eq!(early.waiting_for_lease, victims.len());
+        let status = state.unit_status().failover;
+        assert_eq!(status.failing_over, victims.len());
+        assert_eq!(
+            status.failing_over + status.remirroring,
+            early.actions.len() + victims.len()
+        );
         let now = 12_500;
         let decided = plan(&state, now, 500);
         apply(&mut state, &decided, now);
@@ -484,6 +490,7 @@ mod tests {
         }
         // Idempotent: the same state plans nothing more for the dead node.
         assert_eq!(plan(&state, now, 500), Plan::default());
+        assert_eq!(state.unit_status().failover, Default::default());
     }
 
     #[test]

@@ -100,8 +100,8 @@ use crate::command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 use crate::error::{CommandError, Entity};
 
 pub use read::{
-    CapacitySummary, DeviceStatus, NodeAddress, NodeStatus, PartitionEntry, PartitionMap,
-    RepairStatus, SledStatus, UnitStatus,
+    CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus, PartitionEntry,
+    PartitionMap, RepairStatus, SledStatus, UnitStatus,
 };
 pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
 pub use types::{

@@ -94,6 +94,22 @@ pub struct UnitStatus {
     pub capacity: CapacitySummary,
     #[serde(default)]
     pub repair: RepairStatus,
+    #[serde(default)]
+    pub failover: FailoverStatus,
+}
+
+/// Head-node failover across the unit, from the recorded health: what the
+/// leader's failover controller (`crate::failover`) is working on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct FailoverStatus {
+    /// Primary on a Down/Failed head node, secondary Up: being promoted
+    /// (after the old lease expires).
+    pub failing_over: usize,
+    /// Primary Up, secondary on a Down/Failed head node: a new secondary is
+    /// being named and caught up; writes wait meanwhile.
+    pub remirroring: usize,
+    /// No copy on an Up head node: waits for one to return.
+    pub no_live_copy: usize,
 }
 
 /// Column repair across the unit: what runs, what is left, how fast.
@@ -216,7 +232,25 @@ impl UnitState {
             extents: self.extents.len(),
             capacity,
             repair: self.repair_status(),
+            failover: self.failover_status(),
         }
+    }
+
+    pub fn failover_status(&self) -> FailoverStatus {
+        let health = |node: &NodeId| self.nodes.get(node).map(|n| n.health);
+        let dead = |node: &NodeId| matches!(health(node), Some(Health::Down | Health::Failed));
+        let up = |node: &NodeId| health(node) == Some(Health::Up);
+        let mut status = FailoverStatus::default();
+        for p in self.volumes.values().flat_map(|v| v.partitions.iter()) {
+            if !up(&p.primary) && !up(&p.secondary) {
+                status.no_live_copy += 1;
+            } else if dead(&p.primary) {
+                status.failing_over += 1;
+            } else if dead(&p.secondary) {
+                status.remirroring += 1;
+            }
+        }
+        status
     }
 
     pub fn repair_status(&self) -> RepairStatus {

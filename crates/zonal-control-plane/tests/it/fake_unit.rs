@@ -211,6 +211,7 @@ impl FakeUnit {
                 volumes: state.volumes.len(),
                 partitions: 0,
                 extents: 0,
+                failover: Default::default(),
                 capacity: CapacitySummary {
                     free_columns: free as u64,
                     used_columns: 0,
