@@ -407,6 +407,30 @@ async fn two_sleds_lost_during_io_are_rebuilt_elsewhere_and_survive_two_more_los
         200 * MIB / 1_000_000
     );
     assert!(after.repair.completed > 0, "nothing was rebuilt");
+    // Per column, as the primaries measured it (copy only, no scheduling).
+    let mut per_column: Vec<f64> = unit
+        ._heads
+        .iter()
+        .flat_map(|h| {
+            h.log_text()
+                .lines()
+                .filter(|l| l.contains("column rebuilt"))
+                .filter_map(|l| {
+                    let at = l.find("mb_per_second=")? + "mb_per_second=".len();
+                    l[at..].split_whitespace().next()?.parse::<f64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    // Empty columns (extents never written) say nothing about the rate.
+    per_column.retain(|rate| *rate > 0.0);
+    per_column.sort_by(|a, b| a.total_cmp(b));
+    if let (Some(median), Some(max)) = (per_column.get(per_column.len() / 2), per_column.last()) {
+        println!(
+            "REBUILD per non-empty column (primaries' view, {} columns): median {median:.1} MB/s, max {max:.1} MB/s",
+            per_column.len()
+        );
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ops, errors) = load.await.unwrap();
     unit.note(&format!(
