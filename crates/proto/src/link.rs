@@ -328,6 +328,10 @@ impl Connection {
             Err(_) => return Err(format!("connect {address}: timed out after {timeout:?}")),
         };
         let _ = stream.set_nodelay(true);
+        // Closing a connection aborts it (RST) and discards unsent bytes: a
+        // request we gave up on (and maybe resent on the other path) must not
+        // trickle out later when a blackholed path heals.
+        let _ = stream.set_zero_linger();
         let (read_half, write_half) = stream.into_split();
         let shared = Arc::new(ConnectionShared {
             pending: Mutex::new(Some(HashMap::new())),
@@ -675,6 +679,7 @@ impl PeerLink {
                     .observe(elapsed.as_secs_f64());
                 self.record_success(path, None);
             }
+            Err(AttemptError::Timeout) => self.record_timeout(path),
             Err(error) => self.record_failure(path, error.describe()),
         }
         result
@@ -688,6 +693,14 @@ impl PeerLink {
             health.last_rtt_us = Some(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
         }
         self.metrics.path_up.get_or_create(&path.labels).set(1);
+    }
+
+    /// A request that timed out says the peer is slow, not that the path is
+    /// broken (the prober decides that): it is counted, but does not move
+    /// the path towards Down.
+    fn record_timeout(&self, path: &Path) {
+        lock(&path.health).last_error = Some("request timeout".to_owned());
+        self.metrics.path_failures.get_or_create(&path.labels).inc();
     }
 
     fn record_failure(&self, path: &Path, reason: String) {
