@@ -71,9 +71,11 @@ fio_bytes=$((1024 * 1024 * 1024))
 dd if=/dev/zero of="$work/fio.img" bs=1M count=$((fio_bytes / 1048576)) oflag=direct status=none
 
 pids=()
-stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+stop_all() { # head nodes first (started last), so none reads from a stopped sled
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[i]}" 2>/dev/null || true; wait "${pids[i]}" 2>/dev/null || true
+  done
   pids=()
 }
 trap stop_all EXIT
