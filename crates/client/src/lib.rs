@@ -29,7 +29,11 @@
 //!   error — ARCHITECTURE.md §6, §9).
 //! * Resending is safe because every host operation is idempotent
 //!   ([`proto::volume`] explains why); the link also resends on the other
-//!   network by itself.
+//!   network by itself. Every write / trim / write-zeroes piece gets a
+//!   unique `write_id` (a random 32-bit client id in the high bits, a
+//!   counter in the low bits) that is **reused on every resend of that
+//!   piece**, so the primary can answer a late duplicate from its dedupe
+//!   table instead of applying it over a newer write.
 //! * Map refreshes are single-flight: when many pieces hit a stale map at
 //!   once, one of them asks the local control plane and the rest reuse its
 //!   answer (a refresh generation counter tells them).

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,8 @@ use local_control_plane::state::PartitionMap;
 use local_control_plane::LcpClient;
 use proto::link::{LinkConfig, LinkError, LinkMetrics, PeerLink};
 use proto::volume::{
-    chunk_crcs, verify_chunk_crcs, CrcError, HostError, HostOp, HostReply, HostRequest, NodeHint,
-    MAX_HOST_IO_BYTES, SECTOR_BYTES,
+    chunk_crcs, make_write_id, verify_chunk_crcs, CrcError, HostError, HostOp, HostReply,
+    HostRequest, NodeHint, WriteId, MAX_HOST_IO_BYTES, SECTOR_BYTES,
 };
 use proto::Message;
 
@@ -121,6 +121,24 @@ struct Inner {
     links: Mutex<HashMap<String, Arc<PeerLink>>>,
     metrics: LinkMetrics,
     closed: AtomicBool,
+    /// Random per-client id: the high 32 bits of every [`WriteId`].
+    client_id: u32,
+    /// Low bits of the next [`WriteId`].
+    next_write: AtomicU64,
+}
+
+/// A random 32-bit client id (std's per-process random hash keys mixed
+/// with the time, so two clients of one process differ too).
+fn random_client_id() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    let hash = hasher.finish();
+    (hash ^ (hash >> 32)) as u32
 }
 
 impl std::fmt::Debug for VolumeClient {
@@ -241,6 +259,8 @@ impl VolumeClient {
                 links: Mutex::new(HashMap::new()),
                 metrics: LinkMetrics::unregistered(),
                 closed: AtomicBool::new(false),
+                client_id: random_client_id(),
+                next_write: AtomicU64::new(1),
             }),
         })
     }
@@ -310,7 +330,9 @@ impl VolumeClient {
             .map(|piece| async move {
                 let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
                 let slice = data.slice(start..start + piece.len as usize);
+                // One id per piece, reused by every resend in `execute`.
                 let op = HostOp::Write {
+                    write_id: inner.next_write_id(),
                     offset_bytes: piece.offset_bytes,
                     crcs: chunk_crcs(&slice),
                     data: slice,
@@ -326,18 +348,24 @@ impl VolumeClient {
 
     /// The range reads back as zeros (a hint to the device to free it).
     pub async fn trim(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |offset_bytes, len| HostOp::Trim {
-            offset_bytes,
-            len,
+        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
+            HostOp::Trim {
+                write_id,
+                offset_bytes,
+                len,
+            }
         })
         .await
     }
 
     /// The range reads back as zeros.
     pub async fn write_zeroes(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |offset_bytes, len| HostOp::WriteZeroes {
-            offset_bytes,
-            len,
+        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
+            HostOp::WriteZeroes {
+                write_id,
+                offset_bytes,
+                len,
+            }
         })
         .await
     }
@@ -372,7 +400,7 @@ impl VolumeClient {
         &self,
         offset_bytes: u64,
         len: u64,
-        op: impl Fn(u64, u32) -> HostOp,
+        op: impl Fn(WriteId, u64, u32) -> HostOp,
     ) -> Result<(), ClientError> {
         let pieces = self.pieces(offset_bytes, len)?;
         let inner = &self.inner;
@@ -380,7 +408,10 @@ impl VolumeClient {
         futures::stream::iter(pieces)
             .map(|piece| async move {
                 inner
-                    .execute(piece.partition, op(piece.offset_bytes, piece.len))
+                    .execute(
+                        piece.partition,
+                        op(inner.next_write_id(), piece.offset_bytes, piece.len),
+                    )
                     .await
                     .map(drop)
             })
@@ -422,6 +453,15 @@ impl VolumeClient {
 }
 
 impl Inner {
+    /// A fresh [`WriteId`] for one logical piece (module docs of
+    /// [`proto::volume`]): the caller reuses it on every resend.
+    fn next_write_id(&self) -> WriteId {
+        make_write_id(
+            self.client_id,
+            self.next_write.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
     /// Send one piece until it succeeds or fails for good (module docs).
     /// Returns the verified data of a read, `None` otherwise.
     async fn execute(&self, partition: u32, op: HostOp) -> Result<Option<Bytes>, ClientError> {

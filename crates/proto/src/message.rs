@@ -48,10 +48,10 @@
 //! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset u64>`(≤65536) |
 //! | 0x0189 | Error | error |
 //! | 0x0201 | HostRead | host \| offset_bytes u64 \| len u32 |
-//! | 0x0202 | HostWrite | host \| offset_bytes u64 \| data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) \| fua bool |
+//! | 0x0202 | HostWrite | host \| write_id u64 \| offset_bytes u64 \| data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) \| fua bool |
 //! | 0x0203 | HostFlush | host |
-//! | 0x0204 | HostTrim | host \| offset_bytes u64 \| len u32 |
-//! | 0x0205 | HostWriteZeroes | host \| offset_bytes u64 \| len u32 |
+//! | 0x0204 | HostTrim | host \| write_id u64 \| offset_bytes u64 \| len u32 |
+//! | 0x0205 | HostWriteZeroes | host \| write_id u64 \| offset_bytes u64 \| len u32 |
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
@@ -449,18 +449,32 @@ impl Message {
                 w.u32(request.partition);
                 w.u64(request.epoch);
                 match &request.op {
-                    HostOp::Read { offset_bytes, len }
-                    | HostOp::Trim { offset_bytes, len }
-                    | HostOp::WriteZeroes { offset_bytes, len } => {
+                    HostOp::Read { offset_bytes, len } => {
+                        w.u64(*offset_bytes);
+                        w.u32(*len);
+                    }
+                    HostOp::Trim {
+                        write_id,
+                        offset_bytes,
+                        len,
+                    }
+                    | HostOp::WriteZeroes {
+                        write_id,
+                        offset_bytes,
+                        len,
+                    } => {
+                        w.u64(*write_id);
                         w.u64(*offset_bytes);
                         w.u32(*len);
                     }
                     HostOp::Write {
+                        write_id,
                         offset_bytes,
                         data,
                         crcs,
                         fua,
                     } => {
+                        w.u64(*write_id);
                         w.u64(*offset_bytes);
                         w.bytes(data);
                         w.vec(crcs, |w, crc| w.u32(*crc));
@@ -647,16 +661,19 @@ impl Message {
                         len: r.u32("len")?,
                     },
                     HOST_WRITE => HostOp::Write {
+                        write_id: r.u64("write_id")?,
                         offset_bytes: r.u64("offset_bytes")?,
                         data: r.bytes("data", MAX_HOST_IO_BYTES)?,
                         crcs: r.vec("crcs", MAX_HOST_CRCS, |r| r.u32("crc"))?,
                         fua: r.bool("fua")?,
                     },
                     HOST_TRIM => HostOp::Trim {
+                        write_id: r.u64("write_id")?,
                         offset_bytes: r.u64("offset_bytes")?,
                         len: r.u32("len")?,
                     },
                     HOST_WRITE_ZEROES => HostOp::WriteZeroes {
+                        write_id: r.u64("write_id")?,
                         offset_bytes: r.u64("offset_bytes")?,
                         len: r.u32("len")?,
                     },
@@ -1277,6 +1294,7 @@ mod tests {
                 partition: 2,
                 epoch: 3,
                 op: HostOp::Write {
+                    write_id: 7,
                     offset_bytes: 4096,
                     data: data.clone(),
                     crcs: crcs.clone(),
@@ -1331,6 +1349,7 @@ mod tests {
             partition: u32::MAX,
             epoch: u64::MAX,
             op: HostOp::Write {
+                write_id: u64::MAX,
                 offset_bytes: 0,
                 data,
                 crcs,

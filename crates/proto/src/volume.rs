@@ -25,9 +25,25 @@
 //!   unknown outcome (timeout, lost connection, failover): reads and
 //!   flushes change nothing; a write of the same bytes to the same place,
 //!   a trim or a write-zeroes of the same range leave the device in the same
-//!   state however often they are applied. (The block-device contract gives
-//!   no ordering between concurrent overlapping requests, so a resend racing
-//!   a newer write to the same range is the host's own race, as on a disk.)
+//!   state however often they are applied.
+//! * **Write ids.** Idempotence alone is not enough: a first attempt of a
+//!   write W1 that timed out may still be queued at the primary (or sit in
+//!   a TCP connection) while its resend is acknowledged and the host then
+//!   writes W2 to the same block; applying the late first attempt would
+//!   overwrite W2 with stale data. So every `Write`, `Trim` and
+//!   `WriteZeroes` carries a client-assigned `write_id` ([`WriteId`]):
+//!   unique per logical operation piece (a random 32-bit client id in the
+//!   high bits, a per-client counter in the low bits) and **reused on every
+//!   resend of that piece**. The primary keeps a bounded per-partition
+//!   dedupe table (id → outcome) and answers a repeated id with the
+//!   recorded outcome without applying it again; a copy of an id that is
+//!   still in flight waits for the first copy's outcome. `write_id` 0 means
+//!   "no id" (never deduplicated; old clients). The table is in memory
+//!   only: across a primary change the new epoch fences the old primary
+//!   (its queued copies fail with `StaleEpoch`/`Fenced`/`NotPrimary` and
+//!   cannot reach the sleds or the secondary), and a resend to the new
+//!   primary is an ordinary idempotent write whose outcome the host has not
+//!   seen yet, so it cannot be reordered after a newer acknowledged write.
 //!
 //! ## Replication
 //!
@@ -104,6 +120,23 @@ pub fn verify_chunk_crcs(data: &[u8], crcs: &[u32]) -> Result<(), CrcError> {
     Ok(())
 }
 
+/// Client-assigned id of one logical write / trim / write-zeroes piece,
+/// the same on every resend of it (see the module docs). 0 = no id.
+pub type WriteId = u64;
+
+/// Make a [`WriteId`] from a 32-bit client id and a per-client counter
+/// (only the counter's low 32 bits are used; it wraps after 2^32 pieces,
+/// far beyond any dedupe window).
+pub fn make_write_id(client_id: u32, counter: u64) -> WriteId {
+    let id = (u64::from(client_id) << 32) | (counter & 0xffff_ffff);
+    // 0 means "no id": never hand it out.
+    if id == 0 {
+        1
+    } else {
+        id
+    }
+}
+
 /// One host request for one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRequest {
@@ -134,6 +167,8 @@ pub enum HostOp {
     /// until the data is durable (it always is before the ack here: both
     /// logs are durable; the flag is kept for hosts that ask).
     Write {
+        /// See [`WriteId`]; the same on every resend.
+        write_id: WriteId,
         offset_bytes: u64,
         data: Bytes,
         crcs: Vec<u32>,
@@ -144,11 +179,13 @@ pub enum HostOp {
     Flush,
     /// The range may read back as anything; here it reads as zeros.
     Trim {
+        write_id: WriteId,
         offset_bytes: u64,
         len: u32,
     },
     /// The range reads as zeros.
     WriteZeroes {
+        write_id: WriteId,
         offset_bytes: u64,
         len: u32,
     },
@@ -159,12 +196,26 @@ impl HostOp {
     pub fn range(&self) -> Option<(u64, u32)> {
         match self {
             HostOp::Read { offset_bytes, len }
-            | HostOp::Trim { offset_bytes, len }
-            | HostOp::WriteZeroes { offset_bytes, len } => Some((*offset_bytes, *len)),
+            | HostOp::Trim {
+                offset_bytes, len, ..
+            }
+            | HostOp::WriteZeroes {
+                offset_bytes, len, ..
+            } => Some((*offset_bytes, *len)),
             HostOp::Write {
                 offset_bytes, data, ..
             } => Some((*offset_bytes, u32::try_from(data.len()).unwrap_or(u32::MAX))),
             HostOp::Flush => None,
+        }
+    }
+
+    /// The op's [`WriteId`] (`None` for reads, flushes and id 0).
+    pub fn write_id(&self) -> Option<WriteId> {
+        match self {
+            HostOp::Write { write_id, .. }
+            | HostOp::Trim { write_id, .. }
+            | HostOp::WriteZeroes { write_id, .. } => (*write_id != 0).then_some(*write_id),
+            HostOp::Read { .. } | HostOp::Flush => None,
         }
     }
 
@@ -440,6 +491,7 @@ mod tests {
         let data = Bytes::from(vec![1u8; 8192]);
         let mut crcs = chunk_crcs(&data);
         let write = |crcs: Vec<u32>| HostOp::Write {
+            write_id: 1,
             offset_bytes: 4096,
             data: data.clone(),
             crcs,

@@ -687,6 +687,7 @@ async fn paused_primary_is_fenced_on_resume() {
             partition: old.index,
             epoch: old.epoch,
             op: HostOp::Write {
+                write_id: 0,
                 offset_bytes: offset,
                 data: Bytes::from(fenced_data.clone()),
                 crcs: proto::volume::chunk_crcs(&fenced_data),

@@ -192,7 +192,12 @@ impl FakeNode {
                 }
                 HostReply::Done
             }
-            HostOp::Trim { offset_bytes, len } | HostOp::WriteZeroes { offset_bytes, len } => {
+            HostOp::Trim {
+                offset_bytes, len, ..
+            }
+            | HostOp::WriteZeroes {
+                offset_bytes, len, ..
+            } => {
                 for sector in offset_bytes / SECTOR..(offset_bytes + u64::from(len)) / SECTOR {
                     sectors.remove(&sector);
                 }

@@ -61,6 +61,7 @@ pub mod error;
 pub mod layout;
 pub mod seams;
 
+mod dedupe;
 mod flush;
 mod read;
 mod rebuild;
@@ -79,6 +80,7 @@ use proto::volume::{
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildTask, TokenBucket};
@@ -229,6 +231,9 @@ pub struct PartitionMetrics {
     pub fenced: AtomicU64,
     /// Repair items dropped because the queue was full.
     pub repair_dropped: AtomicU64,
+    /// Host write copies answered from the write-id dedupe table (or after
+    /// waiting for the first copy) instead of being applied again.
+    pub duplicate_writes: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -422,6 +427,8 @@ struct Shared {
     repl_wakeup: Arc<Notify>,
     repair: Mutex<VecDeque<RepairItem>>,
     metrics: Arc<PartitionMetrics>,
+    /// Host write ids seen by this primary (in memory only, see [`dedupe`]).
+    dedupe: Arc<dedupe::WriteDedupe>,
 }
 
 impl Shared {
@@ -743,6 +750,7 @@ impl Partition {
             repl_wakeup: Arc::new(Notify::new()),
             repair: Mutex::new(VecDeque::new()),
             metrics: Arc::new(PartitionMetrics::default()),
+            dedupe: dedupe::WriteDedupe::new(),
         });
         if role == OpenRole::Primary {
             flush::recover_from_sleds(&shared).await?;
@@ -865,7 +873,69 @@ impl Partition {
     }
 
     /// Answers one host request (the daemon's host-protocol handler).
+    ///
+    /// A write, trim or write-zeroes with a `write_id` goes through the
+    /// per-partition dedupe table ([`dedupe`]): a copy of an id already
+    /// completed is answered `Done` without being applied again, a copy of
+    /// an id in flight waits for (and returns) the first copy's outcome.
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
+        let Some(write_id) = request.op.write_id() else {
+            return self.apply_host(request).await;
+        };
+        // The table is this primary's: refuse other epochs first.
+        if let Err(error) = self.shared.check_primary(Some(request.epoch)) {
+            return HostReply::Error(error.to_host_error());
+        }
+        let (offset_bytes, len) = request.op.range().unwrap_or((0, 0));
+        let key = dedupe::OpKey {
+            kind: request.op.name(),
+            offset_bytes,
+            len,
+        };
+        let wait_bound = self.shared.config.replica_timeout * 2;
+        loop {
+            match self.shared.dedupe.begin(write_id, key) {
+                dedupe::Begin::Apply(ticket) => {
+                    let reply = self.apply_host(request).await;
+                    ticket.finish(&reply);
+                    return reply;
+                }
+                dedupe::Begin::Answer(reply) => {
+                    bump(&self.shared.metrics.duplicate_writes);
+                    return reply;
+                }
+                dedupe::Begin::Wait(mut outcome) => {
+                    match tokio::time::timeout(wait_bound, outcome.wait_for(Option::is_some)).await
+                    {
+                        Ok(Ok(reply)) => {
+                            if let Some(reply) = reply.clone() {
+                                bump(&self.shared.metrics.duplicate_writes);
+                                return reply;
+                            }
+                        }
+                        // The first copy was cancelled: begin again.
+                        Ok(Err(_closed)) => {}
+                        Err(_elapsed) => {
+                            return HostReply::Error(
+                                self.shared
+                                    .unavailable(format!(
+                                        "write id {write_id:#x} is still in flight"
+                                    ))
+                                    .to_host_error(),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completed write ids the dedupe table remembers (tests, metrics).
+    pub fn dedupe_completed(&self) -> usize {
+        self.shared.dedupe.completed()
+    }
+
+    async fn apply_host(&self, request: HostRequest) -> HostReply {
         let epoch = request.epoch;
         let result = match request.op {
             HostOp::Read { offset_bytes, len } => match self.read(epoch, offset_bytes, len).await {
@@ -881,9 +951,12 @@ impl Partition {
                 crcs,
                 ..
             } => self.write(epoch, offset_bytes, data, &crcs).await,
-            HostOp::Trim { offset_bytes, len } | HostOp::WriteZeroes { offset_bytes, len } => {
-                self.unmap(epoch, offset_bytes, len).await
+            HostOp::Trim {
+                offset_bytes, len, ..
             }
+            | HostOp::WriteZeroes {
+                offset_bytes, len, ..
+            } => self.unmap(epoch, offset_bytes, len).await,
             HostOp::Flush => self.flush(epoch).await,
         };
         match result {

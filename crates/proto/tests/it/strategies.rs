@@ -260,8 +260,9 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
     prop_oneof![
         (any::<u64>(), any::<u32>())
             .prop_map(|(offset_bytes, len)| HostOp::Read { offset_bytes, len }),
-        (any::<u64>(), payload(), crcs(), any::<bool>()).prop_map(
-            |(offset_bytes, data, crcs, fua)| HostOp::Write {
+        (any::<u64>(), any::<u64>(), payload(), crcs(), any::<bool>()).prop_map(
+            |(write_id, offset_bytes, data, crcs, fua)| HostOp::Write {
+                write_id,
                 offset_bytes,
                 data,
                 crcs,
@@ -269,10 +270,20 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
             }
         ),
         Just(HostOp::Flush),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(offset_bytes, len)| HostOp::Trim { offset_bytes, len }),
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(offset_bytes, len)| HostOp::WriteZeroes { offset_bytes, len }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(write_id, offset_bytes, len)| {
+            HostOp::Trim {
+                write_id,
+                offset_bytes,
+                len,
+            }
+        }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(write_id, offset_bytes, len)| {
+            HostOp::WriteZeroes {
+                write_id,
+                offset_bytes,
+                len,
+            }
+        }),
     ]
 }
 
