@@ -4,8 +4,12 @@
 //! header, sled blocks against the CRC recorded in the stripe summary (and
 //! the sled's own stored CRCs), decoded blocks against the summary CRC after
 //! reconstruction. A sled column that errs, is slower than the hedge timeout
-//! or returns a bad block is replaced by k other chunks of the stripe, and
-//! reported to the repair queue.
+//! or returns a bad block is replaced by k other chunks of the stripe. Only a
+//! column that **failed** (error, no answer within `sled_timeout`, bad
+//! checksum) is reported to the repair queue: one that is merely slower than
+//! the hedge timeout is not broken (the hedged degraded read may answer
+//! first, and the direct read is left to finish in the background, reported
+//! only if it then fails).
 
 use std::sync::Arc;
 
@@ -221,15 +225,26 @@ async fn read_sled(
         return Err(FetchError::Moved);
     };
     let offset = layout::block_offset(stripe, block);
-    let direct = read_column(shared, &sled, column_id, offset, n, Some(&view.expected));
-    let mut direct = Box::pin(direct);
+    // A task, so that a slow direct read can finish (and be judged) after
+    // a hedged degraded read answered.
+    let mut direct = tokio::spawn({
+        let shared = shared.clone();
+        let sled = sled.clone();
+        let expected = view.expected.clone();
+        async move { read_column(&shared, &sled, column_id, offset, n, Some(&expected)).await }
+    });
+    let joined = |result: Result<Result<Bytes, String>, tokio::task::JoinError>| {
+        result.unwrap_or_else(|error| Err(format!("read task failed: {error}")))
+    };
     let hedge = tokio::time::sleep(shared.config.hedge_timeout);
     let slow = match future::select(&mut direct, Box::pin(hedge)).await {
-        Either::Left((Ok(data), _)) => return Ok(data),
-        Either::Left((Err(reason), _)) => {
-            report(shared, extent, column, &sled, stripe, reason);
-            None
-        }
+        Either::Left((result, _)) => match joined(result) {
+            Ok(data) => return Ok(data),
+            Err(reason) => {
+                report(shared, extent, column, &sled, stripe, reason);
+                None
+            }
+        },
         Either::Right(((), _)) => Some(direct),
     };
     let degraded = Box::pin(degraded_read(
@@ -244,25 +259,31 @@ async fn read_sled(
     match slow {
         None => degraded.await.map_err(FetchError::Failed),
         Some(direct) => match future::select(direct, degraded).await {
-            Either::Left((Ok(data), _)) => Ok(data),
-            Either::Left((Err(reason), degraded)) => {
-                report(shared, extent, column, &sled, stripe, reason);
-                degraded.await.map_err(FetchError::Failed)
-            }
-            Either::Right((Ok(data), _)) => {
-                report(
-                    shared,
-                    extent,
-                    column,
-                    &sled,
-                    stripe,
-                    "slower than the hedge timeout".to_string(),
-                );
+            Either::Left((result, degraded)) => match joined(result) {
+                Ok(data) => Ok(data),
+                Err(reason) => {
+                    report(shared, extent, column, &sled, stripe, reason);
+                    degraded.await.map_err(FetchError::Failed)
+                }
+            },
+            Either::Right((Ok(data), direct)) => {
+                // Slow is not broken: report the column only if the direct
+                // read then fails (error, sled timeout, bad checksum).
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = joined(direct.await) {
+                        report(&shared, extent, column, &sled, stripe, reason);
+                    }
+                });
                 Ok(data)
             }
-            Either::Right((Err(error), direct)) => {
-                direct.await.map_err(|_| FetchError::Failed(error))
-            }
+            Either::Right((Err(error), direct)) => match joined(direct.await) {
+                Ok(data) => Ok(data),
+                Err(reason) => {
+                    report(shared, extent, column, &sled, stripe, reason);
+                    Err(FetchError::Failed(error))
+                }
+            },
         },
     }
 }

@@ -17,7 +17,9 @@ use head_node::partition::{
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledRequest, SledResponse};
-use proto::volume::{chunk_crcs, HostError, ReplicaReply, ReplicaRequest};
+use proto::volume::{
+    chunk_crcs, HostError, HostOp, HostReply, HostRequest, ReplicaReply, ReplicaRequest,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sled_controller::metrics::Metrics;
@@ -599,7 +601,7 @@ async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_sled_read_is_hedged_by_a_degraded_read() {
+async fn slow_sled_read_is_hedged_by_a_degraded_read_and_not_reported() {
     let unit = Unit::new(256).await;
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 31 % 253) as u8).collect();
     unit.write(0, 0, data.clone()).await.unwrap();
@@ -623,7 +625,22 @@ async fn slow_sled_read_is_hedged_by_a_degraded_read() {
             .load(Ordering::Relaxed),
         1
     );
-    assert_eq!(unit.primary.repair_queue()[0].sled, sled_id);
+    // Slow is not broken: the direct read finishes (400 ms, within the
+    // 500 ms sled timeout) and the column is not queued for repair.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        unit.primary.repair_queue().is_empty(),
+        "{:?}",
+        unit.primary.repair_queue()
+    );
+    // A sled that does not answer within the sled timeout is reported.
+    sled.faults.set_latency(Duration::from_millis(900));
+    let got = unit.read(0, 4096).await;
+    assert_eq!(&got[..], &data[..4096]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let repairs = unit.primary.repair_queue();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert_eq!(repairs[0].sled, sled_id);
     sled.faults.heal();
 }
 
@@ -849,4 +866,104 @@ async fn fresh_secondary_catches_up_from_the_primary_log() {
         reply,
         ReplicaReply::Error(proto::volume::ReplicaError::StaleEpoch { current: 1 })
     ));
+}
+
+fn host_write(unit: &Unit, write_id: u64, block: u64, fill: u8) -> HostRequest {
+    let data = vec![fill; 4096];
+    HostRequest {
+        volume: PART.volume,
+        partition: PART.partition,
+        epoch: unit.epoch,
+        op: HostOp::Write {
+            write_id,
+            offset_bytes: (FIRST_BLOCK + block) * 4096,
+            crcs: chunk_crcs(&data),
+            data: Bytes::from(data),
+            fua: false,
+        },
+    }
+}
+
+/// A late copy of an acknowledged write (same write id) must not overwrite
+/// a newer write to the same block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_duplicate_of_an_acknowledged_write_is_not_applied_again() {
+    let unit = Unit::new(256).await;
+    let w1 = host_write(&unit, 0x1234_0000_0001, 3, 0x11);
+    let w2 = host_write(&unit, 0x1234_0000_0002, 3, 0x22);
+    assert_eq!(unit.primary.handle_host(w1.clone()).await, HostReply::Done);
+    assert_eq!(unit.primary.handle_host(w2).await, HostReply::Done);
+    // W1's first attempt, delayed, arrives now.
+    assert_eq!(unit.primary.handle_host(w1.clone()).await, HostReply::Done);
+    assert_eq!(&unit.read(3 * 4096, 4096).await[..], &[0x22; 4096][..]);
+    // Also after W2 was flushed to the sleds.
+    unit.primary.flush_now().await.unwrap();
+    assert_eq!(unit.primary.handle_host(w1).await, HostReply::Done);
+    assert_eq!(&unit.read(3 * 4096, 4096).await[..], &[0x22; 4096][..]);
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .duplicate_writes
+            .load(Ordering::Relaxed),
+        2
+    );
+    assert_eq!(unit.primary.metrics().writes.load(Ordering::Relaxed), 2);
+    // Reusing an id for another range is refused, not answered Done.
+    let reused = host_write(&unit, 0x1234_0000_0002, 4, 0x33);
+    assert!(matches!(
+        unit.primary.handle_host(reused).await,
+        HostReply::Error(HostError::BadRequest { .. })
+    ));
+    // A write without an id (0) is applied every time, as before.
+    assert_eq!(
+        unit.primary
+            .handle_host(host_write(&unit, 0, 5, 0x44))
+            .await,
+        HostReply::Done
+    );
+    assert_eq!(&unit.read(5 * 4096, 4096).await[..], &[0x44; 4096][..]);
+}
+
+/// A copy of a write id that is still in flight waits for the first copy
+/// and returns its outcome; the write is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_of_an_in_flight_write_waits_for_the_first_outcome() {
+    let unit = Unit::new(256).await;
+    // The secondary is slow to answer: the first copy stays in flight.
+    unit.peer.down.store(true, Ordering::SeqCst);
+    let w1 = host_write(&unit, 0x5678_0000_0001, 0, 0x55);
+    let first = tokio::spawn({
+        let primary = unit.primary.clone();
+        let w1 = w1.clone();
+        async move { primary.handle_host(w1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn({
+        let primary = unit.primary.clone();
+        async move { primary.handle_host(w1).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!second.is_finished());
+    unit.peer.down.store(false, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap(), HostReply::Done);
+    assert_eq!(second.await.unwrap(), HostReply::Done);
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .duplicate_writes
+            .load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(unit.primary.metrics().writes.load(Ordering::Relaxed), 1);
+    match unit
+        .secondary
+        .handle_replica(ReplicaRequest::Status { partition: PART })
+        .await
+    {
+        ReplicaReply::Status {
+            highest_sequence, ..
+        } => assert_eq!(highest_sequence, 1, "the write was logged once"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(&unit.read(0, 4096).await[..], &[0x55; 4096][..]);
 }
