@@ -194,8 +194,19 @@ impl Unit {
         self.note(&format!("kill -9 {}", sled.name));
     }
 
+    /// The unit status (retried across a Raft leader change).
     async fn status(&self) -> UnitStatus {
-        self.lcp.unit_status().await.unwrap().1
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.lcp.unit_status().await {
+                Ok((_, status)) => return status,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("unit status: {e}");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("unit status: {e}"),
+            }
+        }
     }
 
     fn head_logs(&self) -> String {
@@ -624,4 +635,70 @@ async fn scrub_found_corruption_is_rebuilt_into_a_new_column_at_the_configured_r
         "data differs with two other sleds killed"
     );
     unit.note("every block reads back with two other sleds killed");
+}
+
+/// The primary running a rebuild is killed (`kill -9`) halfway: the
+/// failover controller promotes its partitions' secondaries, and the new
+/// primaries resume the tasks from where the new columns end (claimed at
+/// the new epoch, which fences any append of the dead primary). Full
+/// redundancy is reached and every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_survives_the_death_of_its_primary() {
+    let _one = ONE_UNIT_AT_A_TIME.lock().await;
+    let mut unit = Unit::start(
+        "rebuild-failover",
+        64,
+        &format!(
+            "sled_failed_after_ms = 500\nrepair_max_concurrent = 2\nrepair_bytes_per_second = {}\n",
+            4 * MIB
+        ),
+    )
+    .await;
+    let mut rng = Rng::new(64);
+    let model = Arc::new(Mutex::new(vec![0u8; VOLUME_BYTES as usize]));
+    fill(&unit, &model, &mut rng).await;
+    flush(&unit);
+    unit.kill_sled(0);
+    unit.wait_health(&["sled-1"], Health::Failed, Duration::from_secs(30))
+        .await;
+    // A task with real progress, then its head node dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (node, task) = loop {
+        let s = unit.status().await;
+        let running = s.repair.tasks.iter().find(|t| {
+            t.phase == local_control_plane::RepairPhase::Running
+                && t.bytes_done > 0
+                && t.bytes_done < t.bytes_total
+        });
+        if let Some(t) = running {
+            break (t.node.clone().unwrap(), t.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rebuild in progress: {:?}",
+            s.repair
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let index = unit
+        .unit
+        .head_nodes
+        .iter()
+        .position(|h| h.id == node.0)
+        .unwrap();
+    unit._heads[index].kill9();
+    unit.note(&format!(
+        "kill -9 {node} while it rebuilt column {} of extent {} ({} of {} bytes)",
+        task.column_index, task.extent, task.bytes_done, task.bytes_total
+    ));
+    let after = unit
+        .wait_full_redundancy(&["sled-1"], Duration::from_secs(90))
+        .await;
+    assert!(after.repair.completed > 0);
+    let model = model.lock().await.clone();
+    unit.check(&model, "after the rebuild moved to a new primary")
+        .await;
+    unit.kill_sled(1);
+    unit.kill_sled(2);
+    unit.check(&model, "with two more sleds killed").await;
 }
