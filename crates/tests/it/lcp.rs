@@ -256,7 +256,10 @@ async fn leader_kill_failover_rejoin_and_full_restart() {
     // as it stands now.
     let map_before_restart = without_leases(client.partition_map(7).await.unwrap());
     assert_eq!(map_before_restart.size_bytes, map_before.size_bytes);
-    assert_eq!(map_before_restart.partitions.len(), map_before.partitions.len());
+    assert_eq!(
+        map_before_restart.partitions.len(),
+        map_before.partitions.len()
+    );
 
     // Stop all three (SIGTERM: clean exit) and restart: state preserved.
     for head in heads.iter_mut() {
