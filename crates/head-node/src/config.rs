@@ -83,7 +83,7 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub flush_age_ms: Option<u64>,
     /// ... or when the shared write log is fuller than this, in percent
-    /// (default 50).
+    /// (default 25).
     #[serde(default)]
     pub flush_fill_percent: Option<u8>,
     /// Pause between garbage-collection passes of each primary, in
@@ -135,8 +135,8 @@ pub const DEFAULT_LEASE_DURATION_MS: u64 = 2_000;
 pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 500;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
-/// Default flush fill trigger.
-pub const DEFAULT_FLUSH_FILL_PERCENT: u8 = 50;
+/// Default flush fill trigger (early, so a write rarely finds the log full).
+pub const DEFAULT_FLUSH_FILL_PERCENT: u8 = 25;
 /// Default GC interval.
 pub const DEFAULT_GC_INTERVAL_MS: u64 = 30_000;
 /// Default partition-map poll interval.
@@ -397,7 +397,7 @@ mod tests {
         assert_eq!(c.wal_size_bytes(), 1 << 30);
         assert_eq!(c.lease_duration(), Duration::from_secs(2));
         assert_eq!(c.lease_renew_interval(), Duration::from_millis(500));
-        assert!((c.flush_fill_ratio() - 0.5).abs() < 1e-9);
+        assert!((c.flush_fill_ratio() - 0.25).abs() < 1e-9);
         let bad = HeadNodeConfig {
             lease_renew_interval_ms: Some(1500),
             ..c.clone()

@@ -122,6 +122,13 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
         report.trims += trim_sequences.len() as u64;
         report.batches += 1;
         commit_flush(shared, placed, &trim_sequences, Some(up_to)).await?;
+        // Give the space back batch by batch: writers waiting on a full log
+        // resume after one batch, not after the whole flush.
+        shared
+            .log
+            .release()
+            .await
+            .map_err(|source| shared.wal_error(source))?;
         if !more {
             break;
         }

@@ -130,7 +130,7 @@ pub struct PartitionConfig {
 
 impl PartitionConfig {
     /// Defaults for a partition (`replica_timeout` 5 s, hedge 50 ms, flush at
-    /// 50 % or 5 s, GC below 50 % live).
+    /// 25 % log fill or 5 s, GC below 50 % live).
     pub fn new(partition: PartitionId, first_block: u64, size_blocks: u64, epoch: u64) -> Self {
         Self {
             partition,
@@ -141,7 +141,7 @@ impl PartitionConfig {
             replica_retry_interval: Duration::from_millis(20),
             hedge_timeout: Duration::from_millis(50),
             sled_timeout: Duration::from_secs(2),
-            flush_fill_ratio: 0.5,
+            flush_fill_ratio: 0.25,
             flush_age: Duration::from_secs(5),
             flush_batch_blocks: 16_384,
             gc_live_threshold: 0.5,
@@ -247,6 +247,8 @@ pub struct SharedLog {
     wal: Wal,
     partitions: Mutex<Vec<Weak<Shared>>>,
     release_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever log space was released (writers waiting on a full log).
+    space: Notify,
 }
 
 impl SharedLog {
@@ -256,6 +258,7 @@ impl SharedLog {
             wal,
             partitions: Mutex::new(Vec::new()),
             release_lock: tokio::sync::Mutex::new(()),
+            space: Notify::new(),
         })
     }
 
@@ -291,6 +294,7 @@ impl SharedLog {
             for partition in &partitions {
                 partition.forget_released(tail);
             }
+            self.space.notify_waiters();
         }
         Ok(())
     }
@@ -429,6 +433,8 @@ struct Shared {
     metrics: Arc<PartitionMetrics>,
     /// Host write ids seen by this primary (in memory only, see [`dedupe`]).
     dedupe: Arc<dedupe::WriteDedupe>,
+    /// A log-full flush is running (single flight, see [`kick_flush`]).
+    flushing: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -751,6 +757,7 @@ impl Partition {
             repair: Mutex::new(VecDeque::new()),
             metrics: Arc::new(PartitionMetrics::default()),
             dedupe: dedupe::WriteDedupe::new(),
+            flushing: std::sync::atomic::AtomicBool::new(false),
         });
         if role == OpenRole::Primary {
             flush::recover_from_sleds(&shared).await?;
@@ -1356,30 +1363,69 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
     result
 }
 
-/// Appends to the local log, making room by flushing when it is full
-/// (bounded attempts).
+/// Starts one flush in the background unless one is already running
+/// (single flight: writers that find the log full do not each flush
+/// inline, they wait for space).
+fn kick_flush(shared: &Arc<Shared>) {
+    if shared
+        .flushing
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(error) = flush::flush_now(&shared).await {
+            tracing::debug!(partition = ?shared.id(), %error, "flush to make log room failed");
+        }
+        if let Err(error) = shared.log.release().await {
+            tracing::debug!(%error, "log release failed");
+        }
+        shared.flushing.store(false, Ordering::Release);
+        shared.log.space.notify_waiters();
+    });
+}
+
+/// Appends to the local log. When it is full, starts a flush (one at a
+/// time, [`kick_flush`]) and waits for released space, at most
+/// `replica_timeout`, then answers the retryable `Unavailable`.
 async fn append_local(
     shared: &Arc<Shared>,
     records: Vec<LogRecord>,
 ) -> Result<Vec<LogPosition>, PartitionError> {
-    const ATTEMPTS: usize = 50;
     let wal = shared.log.wal();
-    for attempt in 0..ATTEMPTS {
+    let deadline = tokio::time::Instant::now() + shared.config.replica_timeout;
+    loop {
+        // Registered before the attempt: a release in between is not missed.
+        let space = shared.log.space.notified();
         match wal.append(records.clone()).await {
             Ok(positions) => return Ok(positions),
-            Err(WalError::LogFull { .. }) if attempt + 1 < ATTEMPTS => {
-                if let Err(error) = flush::flush_now(shared).await {
-                    tracing::debug!(%error, "flush to make log room failed");
-                    tokio::time::sleep(shared.config.replica_retry_interval).await;
+            Err(WalError::LogFull { .. }) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(shared.unavailable("write log full"));
                 }
-                if let Err(error) = shared.log.release().await {
-                    tracing::debug!(%error, "log release failed");
+                kick_flush(shared);
+                // Another partition's flush may free space too: poll as well.
+                let poll = tokio::time::sleep(
+                    shared
+                        .config
+                        .replica_retry_interval
+                        .max(Duration::from_millis(5)),
+                );
+                tokio::select! {
+                    () = space => {}
+                    () = poll => {
+                        if let Err(error) = shared.log.release().await {
+                            tracing::debug!(%error, "log release failed");
+                        }
+                    }
+                    () = tokio::time::sleep_until(deadline) => {}
                 }
             }
             Err(source) => return Err(shared.wal_error(source)),
         }
     }
-    Err(shared.unavailable("write log full"))
 }
 
 /// Waits until the secondary confirmed `sequence` (or the role ended).

@@ -217,6 +217,33 @@ async fn read_sled(
     block: u64,
     n: u64,
 ) -> Result<Bytes, FetchError> {
+    match read_sled_once(shared, extent, column, stripe, block, n).await {
+        // GC moved every live block out of the extent and freed (or is
+        // freeing) it while we read it: the index has moved on, look up
+        // again.
+        Err(FetchError::Failed(_)) if extent_vacated(shared, extent) => Err(FetchError::Moved),
+        other => other,
+    }
+}
+
+fn extent_vacated(shared: &Shared, extent: u64) -> bool {
+    let state = shared.lock();
+    !state.extents.contains_key(&extent)
+        || state
+            .index
+            .live_blocks_per_extent()
+            .get(&extent)
+            .is_none_or(|live| *live == 0)
+}
+
+async fn read_sled_once(
+    shared: &Arc<Shared>,
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
+) -> Result<Bytes, FetchError> {
     // Freed by GC after our lookup: the index has moved on.
     let Some(view) = view(shared, extent, column, stripe, block, n) else {
         return Err(FetchError::Moved);

@@ -967,3 +967,69 @@ async fn duplicate_of_an_in_flight_write_waits_for_the_first_outcome() {
     }
     assert_eq!(&unit.read(0, 4096).await[..], &[0x55; 4096][..]);
 }
+
+/// Sequential 256 KiB writes, 4 at once, through a log much smaller than the
+/// data, with the background flusher running: no write may stall for long
+/// when the log fills (prints the latencies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_writes_through_a_full_log_do_not_stall() {
+    const BS: usize = 256 * 1024;
+    const QD: usize = 4;
+    const TOTAL: u64 = 48 << 20;
+    let unit = Arc::new(Unit::new(4096).await);
+    // Sleds answer like disks over a network, not like memory.
+    for sled in &unit.sleds {
+        sled.faults.set_latency(Duration::from_millis(10));
+    }
+    let flusher = unit.primary.spawn_flusher(Duration::from_millis(250));
+    let next = Arc::new(AtomicU64::new(0));
+    let unavailable = Arc::new(AtomicU64::new(0));
+    let started = std::time::Instant::now();
+    let mut writers = Vec::new();
+    for _ in 0..QD {
+        let unit = unit.clone();
+        let next = next.clone();
+        let unavailable = unavailable.clone();
+        writers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let at = next.fetch_add(BS as u64, Ordering::Relaxed);
+                if at >= TOTAL {
+                    return latencies;
+                }
+                let block = (at % (4096 * 4096)) / 4096;
+                let t = std::time::Instant::now();
+                // Retry `Unavailable` as the volume client does.
+                loop {
+                    match unit.write(block, 0, vec![(at >> 18) as u8; BS]).await {
+                        Ok(()) => break,
+                        Err(error) if error.is_retryable() => {
+                            unavailable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(error) => panic!("{error}"),
+                    }
+                }
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for writer in writers {
+        latencies.extend(writer.await.unwrap());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    flusher.abort();
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let max = *latencies.last().unwrap();
+    println!(
+        "seqwrite through full log: {} writes, {} Unavailable, {:.1} MB/s, p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        unavailable.load(Ordering::Relaxed),
+        TOTAL as f64 / seconds / 1e6,
+        p(0.5),
+        p(0.99),
+        max
+    );
+    assert!(max < Duration::from_secs(3), "a write stalled for {max:?}");
+}
