@@ -3,5 +3,5 @@
 
 mod erasure;
 mod index;
-mod wal;
 mod partition;
+mod wal;
