@@ -10,6 +10,7 @@
 //! This crate depends on no other project crate.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod config;
 pub mod device;
 pub mod rack;
 

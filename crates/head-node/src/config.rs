@@ -15,7 +15,6 @@ use local_control_plane::node::{
 };
 use local_control_plane::state::MAX_LEASE_DURATION_MS;
 use serde::Deserialize;
-use thiserror::Error;
 
 /// `rackblock head-node --config FILE`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -142,33 +141,12 @@ pub const DEFAULT_GC_INTERVAL_MS: u64 = 30_000;
 /// Default partition-map poll interval.
 pub const DEFAULT_PARTITION_POLL_INTERVAL_MS: u64 = 150;
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {} does not parse: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("config field {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
+pub use hardware::config::ConfigError;
 
 impl HeadNodeConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let config: Self = hardware::config::load_toml(path)?;
         config.validate()?;
         Ok(config)
     }

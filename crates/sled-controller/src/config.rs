@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use hardware::EngineChoice;
 use serde::Deserialize;
-use thiserror::Error;
 
 /// Default scrub rate: 32 MiB/s.
 pub const DEFAULT_SCRUB_BYTES_PER_SECOND: u64 = 32 << 20;
@@ -44,33 +43,12 @@ pub struct SledControllerConfig {
     pub scrub_pass_interval_ms: u64,
 }
 
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {} does not parse: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
-    #[error("config field {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-}
+pub use hardware::config::ConfigError;
 
 impl SledControllerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let config: Self = hardware::config::load_toml(path)?;
         config.validate()?;
         Ok(config)
     }
