@@ -35,7 +35,7 @@ use local_control_plane::{Command, Outcome};
 use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::sled::{SledRequest, SledResponse};
 use proto::Message;
-use tests::{http_get, Daemon, HeadNodeOptions, TestUnit};
+use tests::{http_get, Daemon, HeadNodeOptions, Rng, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const K: u64 = 4;
@@ -49,38 +49,6 @@ const ROW_BYTES: u64 = CHUNK_BYTES + 4096;
 
 /// One data-path unit at a time in this test binary.
 static ONE_UNIT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Small deterministic generator (xorshift64*): the seed is printed, so a
-/// failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len as usize);
-        while (out.len() as u64) < len {
-            let word = self.next().to_le_bytes();
-            let take = (len as usize - out.len()).min(8);
-            out.extend_from_slice(&word[..take]);
-        }
-        out
-    }
-}
 
 fn lcp_client(unit: &TestUnit) -> LcpClient {
     LcpClient::with_config(

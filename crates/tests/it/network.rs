@@ -34,7 +34,7 @@ use local_control_plane::state::PartitionMap;
 use local_control_plane::{Command, Health, Outcome};
 use proto::link::LinkConfig;
 use tests::netns::{self, NetLab, Switch};
-use tests::{rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
+use tests::{rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, Rng, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 61;
@@ -43,33 +43,6 @@ const PARTITION_BYTES: u64 = 16 * MIB;
 const BLOCK: u64 = 4096;
 /// Bounds of the workload loop, whatever the clock says.
 const MAX_OPS: usize = 200_000;
-
-/// xorshift64*: the seed is printed, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        (0..len.div_ceil(8))
-            .flat_map(|_| self.next().to_le_bytes())
-            .take(len as usize)
-            .collect()
-    }
-}
 
 fn cut_seconds() -> u64 {
     std::env::var("NETWORK_CUT_SECONDS")

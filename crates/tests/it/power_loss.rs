@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::netns::{self, NetLab};
-use tests::rackblock_bin;
+use tests::{rackblock_bin, Rng};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -41,26 +41,6 @@ const VOLUME_BYTES: u64 = 64 * MIB;
 const NBD: &str = "127.0.0.1:10809";
 /// Upper bound on writes per round, whatever the clock says.
 const MAX_WRITES_PER_ROUND: u64 = 100_000;
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The 4 KiB that write `write` puts in block `block`: a header naming
 /// both, then bytes derived from them.

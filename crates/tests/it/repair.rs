@@ -19,7 +19,7 @@ use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
 use local_control_plane::{Command, Health, Outcome, UnitStatus};
 use proto::link::LinkConfig;
-use tests::{Daemon, HeadNodeOptions, TestUnit};
+use tests::{Daemon, HeadNodeOptions, Rng, TestUnit};
 use tokio::sync::Mutex;
 
 const MIB: u64 = 1 << 20;
@@ -34,32 +34,6 @@ const BLOCK: u64 = 4096;
 
 /// One unit at a time in this module (2 shared cores).
 static ONE_UNIT_AT_A_TIME: Mutex<()> = Mutex::const_new(());
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        (0..len.div_ceil(8))
-            .flat_map(|_| self.next().to_le_bytes())
-            .take(len as usize)
-            .collect()
-    }
-}
 
 fn lcp_client(unit: &TestUnit) -> LcpClient {
     LcpClient::with_config(

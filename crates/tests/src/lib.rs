@@ -882,3 +882,35 @@ pub fn run_tool(program: &str, args: &[&str], timeout: Duration) -> ToolOutput {
         elapsed: started.elapsed(),
     }
 }
+
+/// Small deterministic generator (xorshift64*) for test workloads: tests
+/// print their seed, so a failure reproduces.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// `len` pseudo-random bytes.
+    pub fn bytes(&mut self, len: u64) -> Vec<u8> {
+        (0..len.div_ceil(8))
+            .flat_map(|_| self.next().to_le_bytes())
+            .take(len as usize)
+            .collect()
+    }
+}
