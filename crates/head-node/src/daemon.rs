@@ -275,25 +275,11 @@ async fn serve_network(
     metrics: ServerMetrics,
     shutdown: CancellationToken,
 ) {
-    let mut logged = false;
-    let listener = loop {
-        match TcpListener::bind(address).await {
-            Ok(listener) => break listener,
-            Err(e) => {
-                if !logged {
-                    error!(network, %address, error = %e, "cannot bind network address; serving on the other network and retrying every second");
-                    logged = true;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(BIND_RETRY_INTERVAL) => {}
-                    () = shutdown.cancelled() => return,
-                }
-            }
-        }
+    let Some(listener) =
+        proto::server::bind_with_retry(network, address, BIND_RETRY_INTERVAL, &shutdown).await
+    else {
+        return;
     };
-    if logged {
-        info!(network, %address, "network address bound after retrying");
-    }
     listener_up.set(1);
     let result = proto::server::serve_with_metrics(
         listener,

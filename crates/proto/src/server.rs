@@ -24,6 +24,7 @@
 //! * `shutdown` stops accepting and closes every connection.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -377,4 +378,38 @@ pub(crate) async fn write_frames(
     }
     out.flush().await?;
     out.shutdown().await
+}
+
+/// Binds `address` for one network, retrying every `retry_interval` until it
+/// is bound or `shutdown` fires (then `None`). A daemon runs one of these per
+/// network, so an address that cannot be bound yet (interface not up, port
+/// still held) costs that network only: the other keeps serving. The first
+/// failure is logged, and so is the eventual success.
+pub async fn bind_with_retry(
+    network: &str,
+    address: SocketAddr,
+    retry_interval: Duration,
+    shutdown: &CancellationToken,
+) -> Option<TcpListener> {
+    let mut logged = false;
+    loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => {
+                if logged {
+                    tracing::info!(network, %address, "network address bound after retrying");
+                }
+                return Some(listener);
+            }
+            Err(error) => {
+                if !logged {
+                    tracing::error!(network, %address, %error, "cannot bind network address; serving on the other network and retrying");
+                    logged = true;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(retry_interval) => {}
+                    () = shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
 }

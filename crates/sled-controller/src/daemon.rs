@@ -211,25 +211,12 @@ async fn serve_network(
     shutdown: CancellationToken,
 ) {
     let metrics = sled.metrics().clone();
-    let mut logged = false;
-    let listener = loop {
-        match TcpListener::bind(address).await {
-            Ok(listener) => break listener,
-            Err(e) => {
-                if !logged {
-                    error!(network = network.name(), %address, error = %e, "cannot bind network address; serving on the other network and retrying every second");
-                    logged = true;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(BIND_RETRY_INTERVAL) => {}
-                    () = shutdown.cancelled() => return,
-                }
-            }
-        }
+    let Some(listener) =
+        proto::server::bind_with_retry(network.name(), address, BIND_RETRY_INTERVAL, &shutdown)
+            .await
+    else {
+        return;
     };
-    if logged {
-        info!(network = network.name(), %address, "network address bound after retrying");
-    }
     metrics.set_listener_up(network, true);
     let handler = Arc::new(SledHandler {
         sled: sled.clone(),
