@@ -47,7 +47,14 @@ pub fn next_port() -> u16 {
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 fn port_base() -> u16 {
-    10000 + (std::process::id() % 20) as u16 * 1000
+    // Engineers running several test runs side by side (one per worktree)
+    // pin each run to its own block: RACKBLOCK_TEST_PORT_SLOT=0..19.
+    let slot = std::env::var("RACKBLOCK_TEST_PORT_SLOT")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map(|slot| slot % 20)
+        .unwrap_or(std::process::id() % 20);
+    10000 + slot as u16 * 1000
 }
 
 /// Reserves `count` consecutive ports from [`next_port`]'s range (a block
