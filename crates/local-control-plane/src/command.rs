@@ -175,6 +175,12 @@ pub enum Command {
         network: Network,
         up: bool,
     },
+    /// The leader freed these retired columns on their sleds: they go back
+    /// to the free set. Columns that are not retired (already reclaimed,
+    /// or never retired) are left alone, so a repeat is harmless.
+    ReclaimColumns {
+        columns: Vec<ColumnRef>,
+    },
 }
 
 /// What a successfully applied command did.

@@ -935,23 +935,32 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     let repair_raft = inner.raft.clone();
     let repair_state = inner.state.clone();
     let scrub_inner = inner.clone();
-    tokio::spawn(repair.run(
-        move || repair_state.read().unit.clone(),
-        move |command| {
-            let raft = repair_raft.clone();
-            async move {
-                raft.client_write(command)
-                    .await
-                    .map(|r| r.data)
-                    .map_err(|e| e.to_string())
-            }
-        },
-        move |state| {
-            let inner = scrub_inner.clone();
-            async move { crate::repair::scrub_reports(&inner.links, &inner.rack, &state).await }
-        },
-        lost.clone(),
-    ));
+    let free_inner = inner.clone();
+    tokio::spawn(
+        repair.run(
+            move || repair_state.read().unit.clone(),
+            move |command| {
+                let raft = repair_raft.clone();
+                async move {
+                    raft.client_write(command)
+                        .await
+                        .map(|r| r.data)
+                        .map_err(|e| e.to_string())
+                }
+            },
+            move |state| {
+                let inner = scrub_inner.clone();
+                async move { crate::repair::scrub_reports(&inner.links, &inner.rack, &state).await }
+            },
+            move |columns| {
+                let inner = free_inner.clone();
+                async move {
+                    crate::repair::free_retired_columns(&inner.links, &inner.rack, columns).await
+                }
+            },
+            lost.clone(),
+        ),
+    );
     // 3b. Failover from the recorded health, next to the detector.
     let controller = FailoverController::new(
         inner.failover_config.clone(),

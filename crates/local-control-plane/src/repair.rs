@@ -11,6 +11,8 @@
 //!                                                                 rate = bytes_per_second / max_concurrent
 //! the partition's primary (head-node `repair` worker) then rebuilds the
 //! column and commits CompleteRepair; the next tick admits more work.
+//!   Failed sled answering on both networks, no column in use or reserved ⇒ SetSledHealth Up
+//!   retired columns on reachable sleds ⇒ FreeColumn on the sled, then ReclaimColumns
 //! ```
 //!
 //! Invariants and limits:
@@ -58,6 +60,8 @@ pub const DEFAULT_SCRUB_POLL_INTERVAL_MS: u64 = 10_000;
 const MAX_CORRUPT_COLUMNS: usize = 4096;
 /// Bound on proposals per tick.
 const MAX_COMMANDS_PER_TICK: usize = 64;
+/// Bound on retired columns freed on the sleds per tick.
+const MAX_RECLAIM_PER_TICK: usize = 64;
 
 /// Tunables of the repair controller (per unit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +107,8 @@ pub struct RepairMetrics {
     rate: Gauge,
     scheduled: Counter,
     declared_failed: Counter,
+    returned: Counter,
+    reclaimed: Counter,
 }
 
 impl RepairMetrics {
@@ -142,6 +148,16 @@ impl RepairMetrics {
             "rackblock_repair_sleds_declared_failed",
             "Sleds this leader declared Failed after being Down too long",
             m.declared_failed.clone(),
+        );
+        registry.register(
+            "rackblock_repair_sleds_returned",
+            "Failed sleds this leader returned to service (empty and reachable again)",
+            m.returned.clone(),
+        );
+        registry.register(
+            "rackblock_repair_columns_reclaimed",
+            "Retired columns this leader freed on their sleds and returned to the free pool",
+            m.reclaimed.clone(),
         );
         m
     }
@@ -259,6 +275,14 @@ pub fn plan(
         });
         active += 1;
     }
+    // 4. Failed sleds whose every column was rebuilt elsewhere and that
+    // answer again on both networks return to service.
+    for sled in state.failed_sleds_ready_to_return() {
+        commands.push(Command::SetSledHealth {
+            sled,
+            health: Health::Up,
+        });
+    }
     commands.truncate(MAX_COMMANDS_PER_TICK);
     commands
 }
@@ -286,11 +310,14 @@ impl RepairController {
     /// Plans and proposes until `stop` (leadership lost) or a proposal
     /// cannot be committed (probably no longer leader). `scrub(state)`
     /// returns the columns the sleds' scrub reports list as bad.
-    pub async fn run<R, P, F, S, G>(
+    /// `free(columns)` frees retired columns on their sleds and returns
+    /// the ones now free there.
+    pub async fn run<R, P, F, S, G, X, H>(
         mut self,
         read: R,
         propose: P,
         scrub: S,
+        free: X,
         stop: CancellationToken,
     ) where
         R: Fn() -> UnitState,
@@ -298,6 +325,8 @@ impl RepairController {
         F: Future<Output = Result<Result<Outcome, CommandError>, String>>,
         S: Fn(UnitState) -> G,
         G: Future<Output = Vec<ColumnRef>>,
+        X: Fn(Vec<ColumnRef>) -> H,
+        H: Future<Output = Vec<ColumnRef>>,
     {
         let mut last_scrub: Option<Instant> = None;
         'ticks: loop {
@@ -324,7 +353,20 @@ impl RepairController {
             for command in commands {
                 info!(?command, "repair: proposing");
                 let scheduled = matches!(command, Command::ReplaceColumn { .. });
-                let failed = matches!(command, Command::SetSledHealth { .. });
+                let failed = matches!(
+                    command,
+                    Command::SetSledHealth {
+                        health: Health::Failed,
+                        ..
+                    }
+                );
+                let returned = matches!(
+                    command,
+                    Command::SetSledHealth {
+                        health: Health::Up,
+                        ..
+                    }
+                );
                 match propose(command).await {
                     Ok(Ok(_)) => {
                         if scheduled {
@@ -333,11 +375,33 @@ impl RepairController {
                         if failed {
                             self.metrics.declared_failed.inc();
                         }
+                        if returned {
+                            self.metrics.returned.inc();
+                        }
                     }
                     Ok(Err(error)) => warn!(%error, "repair command refused"),
                     Err(error) => {
                         warn!(%error, "repair controller cannot commit");
                         break 'ticks;
+                    }
+                }
+            }
+            // 5. Retired columns: free them on the sled, then in the state.
+            let retired = read().reclaimable_columns(MAX_RECLAIM_PER_TICK);
+            if !retired.is_empty() {
+                let freed = free(retired).await;
+                if !freed.is_empty() {
+                    let count = freed.len() as u64;
+                    match propose(Command::ReclaimColumns { columns: freed }).await {
+                        Ok(Ok(_)) => {
+                            info!(count, "repair: retired columns reclaimed");
+                            self.metrics.reclaimed.inc_by(count);
+                        }
+                        Ok(Err(error)) => warn!(%error, "ReclaimColumns refused"),
+                        Err(error) => {
+                            warn!(%error, "repair controller cannot commit");
+                            break 'ticks;
+                        }
                     }
                 }
             }
@@ -393,4 +457,62 @@ pub async fn scrub_reports(
         }
     }
     out
+}
+
+/// Frees retired columns on their sleds (`FreeColumn` as the owner and at
+/// the epoch the sled reports: the column is in no extent any more, so no
+/// partition needs it) and returns those the sleds now hold free.
+/// Unreachable sleds and refusals (a stale primary claimed it meanwhile,
+/// say) are skipped; the next pass tries again.
+pub async fn free_retired_columns(
+    links: &crate::network::PeerLinks,
+    rack: &hardware::rack::Rack,
+    columns: Vec<ColumnRef>,
+) -> Vec<ColumnRef> {
+    use proto::sled::{ColumnId, ColumnState, SledRequest, SledResponse};
+    use proto::Message;
+    let mut freed = Vec::new();
+    for column in columns {
+        let Some(spec) = rack.sled(&column.sled.0) else {
+            continue;
+        };
+        let link = links.link(&column.sled.0, spec.address_a, spec.address_b);
+        let id = ColumnId {
+            device: column.device,
+            index: column.index,
+        };
+        let status = match link
+            .call(
+                Message::Sled(SledRequest::ColumnStatus { column: id }),
+                true,
+            )
+            .await
+        {
+            Ok(Message::SledReply(SledResponse::ColumnStatus(status))) => status,
+            other => {
+                warn!(%column, ?other, "reclaim: column status unavailable");
+                continue;
+            }
+        };
+        if status.state != ColumnState::Free {
+            let partition = status.partition.unwrap_or(proto::sled::PartitionId {
+                volume: 0,
+                partition: 0,
+            });
+            let request = SledRequest::FreeColumn {
+                column: id,
+                partition,
+                epoch: status.epoch,
+            };
+            match link.call(Message::Sled(request), true).await {
+                Ok(Message::SledReply(SledResponse::Freed)) => {}
+                other => {
+                    warn!(%column, ?other, "reclaim: sled did not free the column");
+                    continue;
+                }
+            }
+        }
+        freed.push(column);
+    }
+    freed
 }

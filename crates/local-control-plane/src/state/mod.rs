@@ -324,6 +324,7 @@ impl UnitState {
                 extent,
                 column_index,
             } => self.cancel_repair(extent, column_index),
+            Command::ReclaimColumns { columns } => self.reclaim_columns(&columns),
             Command::ReportPathFault {
                 endpoint,
                 network,

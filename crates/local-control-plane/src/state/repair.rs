@@ -16,7 +16,18 @@
 //!                   retired; the task is gone, the totals count it
 //!  CancelRepair   ─▶ the reserved column is retired (it may hold a partial
 //!                   rebuild), the task is gone; the controller plans again
+//!  ReclaimColumns ─▶ the leader freed retired columns on their (reachable)
+//!                   sleds; they are free again
 //! ```
+//!
+//! **Retired columns** are not handed out while retired (they may hold
+//! claimed data of the old owner). The leader's repair controller frees them
+//! on the sled (`FreeColumn` as the owner the sled reports) and then commits
+//! `ReclaimColumns`; a crash between the two only leaves a column retired
+//! that the sled already freed, which the next pass finds free and
+//! reclaims. A **Failed sled returns** (`SetSledHealth Up`) once it answers
+//! on both networks again and no extent and no repair uses any of its
+//! columns; its retired columns are then reclaimed like any other.
 //!
 //! Only the owning partition's **current epoch** may report progress or
 //! complete (the primary proves it is the writer; a deposed primary is
@@ -51,6 +62,8 @@ use crate::error::CommandError;
 
 /// Bound on repair tasks held at once (the controller admits far fewer).
 pub const MAX_REPAIR_TASKS: usize = 4096;
+/// Bound on columns reclaimed by one `ReclaimColumns`.
+pub const MAX_RECLAIM_PER_COMMAND: usize = 256;
 
 /// Why a column is replaced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -453,6 +466,75 @@ impl UnitState {
         self.retire_reserved(&task.new);
         self.repairs.cancelled = self.repairs.cancelled.saturating_add(1);
         Ok(Outcome::Done)
+    }
+
+    /// `ReclaimColumns`: retired columns the leader freed on their sleds
+    /// become free again. Only retired columns move (a repeat, or a column
+    /// that is free, used or reserved, is skipped); the outcome is `Done`.
+    pub(super) fn reclaim_columns(
+        &mut self,
+        columns: &[ColumnRef],
+    ) -> Result<Outcome, CommandError> {
+        if columns.len() > MAX_RECLAIM_PER_COMMAND {
+            return Err(CommandError::invalid(format!(
+                "{} columns in one ReclaimColumns (at most {MAX_RECLAIM_PER_COMMAND})",
+                columns.len()
+            )));
+        }
+        for column in columns {
+            if let Ok(device) = self.device_mut(&column.device_ref()) {
+                if device.retired_columns.remove(&column.index) {
+                    device.free_columns.insert(column.index);
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    /// Retired columns that can be freed on their sleds now: the sled is
+    /// reachable (Up or Draining) and the device Up. At most `limit`.
+    pub fn reclaimable_columns(&self, limit: usize) -> Vec<ColumnRef> {
+        let mut out = Vec::new();
+        for (sled_id, sled) in &self.sleds {
+            if !matches!(sled.health, Health::Up | Health::Draining) {
+                continue;
+            }
+            for (device_index, device) in &sled.devices {
+                if device.health != Health::Up {
+                    continue;
+                }
+                for index in &device.retired_columns {
+                    if out.len() >= limit {
+                        return out;
+                    }
+                    out.push(ColumnRef {
+                        sled: sled_id.clone(),
+                        device: *device_index,
+                        index: *index,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Failed sleds that may return to service: reachable again on both
+    /// networks (as recorded by the detector) and holding no column of any
+    /// extent and no reserved replacement — everything they held has been
+    /// rebuilt elsewhere, so whatever stale data they carry is in retired
+    /// columns only, which are freed on the sled before reuse.
+    pub fn failed_sleds_ready_to_return(&self) -> Vec<SledId> {
+        self.sleds
+            .values()
+            .filter(|s| s.health == Health::Failed)
+            .filter(|s| s.paths.network_a_up && s.paths.network_b_up)
+            .filter(|s| {
+                s.devices
+                    .values()
+                    .all(|d| d.used_columns.is_empty() && d.reserved_columns.is_empty())
+            })
+            .map(|s| s.id.clone())
+            .collect()
     }
 
     fn retire_reserved(&mut self, column: &ColumnRef) {

@@ -338,3 +338,121 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_failed_sled_returns_once_emptied_and_its_retired_columns_are_reclaimed() {
+    let mut state = unit(8);
+    let extent = allocate(&mut state);
+    let old = state.extents()[&extent].columns[3].clone();
+    let lost = old.sled.clone();
+    apply(
+        &mut state,
+        Command::SetSledHealth {
+            sled: lost.clone(),
+            health: Health::Failed,
+        },
+    );
+    for network in [Network::A, Network::B] {
+        apply(
+            &mut state,
+            Command::ReportPathFault {
+                endpoint: Endpoint::Sled(lost.clone()),
+                network,
+                up: false,
+            },
+        );
+    }
+    // Failed and still holding a column of the extent: not back, nothing
+    // reclaimable (the sled is not reachable).
+    assert!(state.failed_sleds_ready_to_return().is_empty());
+    let new = state.plan_replacement(extent, 3).unwrap();
+    let command = replace(&state, extent, 3, new.clone());
+    apply(&mut state, command);
+    apply(
+        &mut state,
+        Command::CompleteRepair {
+            extent,
+            column_index: 3,
+            new,
+            epoch: 1,
+        },
+    );
+    // Emptied but silent: stays Failed.
+    assert!(state.failed_sleds_ready_to_return().is_empty());
+    assert!(state.reclaimable_columns(64).is_empty());
+    // Answering on one network only: still Failed.
+    apply(
+        &mut state,
+        Command::ReportPathFault {
+            endpoint: Endpoint::Sled(lost.clone()),
+            network: Network::A,
+            up: true,
+        },
+    );
+    assert!(state.failed_sleds_ready_to_return().is_empty());
+    apply(
+        &mut state,
+        Command::ReportPathFault {
+            endpoint: Endpoint::Sled(lost.clone()),
+            network: Network::B,
+            up: true,
+        },
+    );
+    assert_eq!(state.failed_sleds_ready_to_return(), vec![lost.clone()]);
+    let planned = plan(
+        &state,
+        &RepairConfig::default(),
+        Instant::now(),
+        0,
+        &mut DownSince::new(),
+        &Default::default(),
+    );
+    assert!(planned.contains(&Command::SetSledHealth {
+        sled: lost.clone(),
+        health: Health::Up,
+    }));
+    apply(
+        &mut state,
+        Command::SetSledHealth {
+            sled: lost.clone(),
+            health: Health::Up,
+        },
+    );
+    // Its retired column is reclaimable now, and moves to the free set.
+    assert_eq!(state.reclaimable_columns(64), vec![old.clone()]);
+    assert!(state.reclaimable_columns(0).is_empty());
+    let free_before = state.sleds()[&lost].devices[&old.device].free_columns.len();
+    apply(
+        &mut state,
+        Command::ReclaimColumns {
+            columns: vec![old.clone()],
+        },
+    );
+    let device = &state.sleds()[&lost].devices[&old.device];
+    assert!(device.free_columns.contains(&old.index));
+    assert!(!device.retired_columns.contains(&old.index));
+    assert_eq!(device.free_columns.len(), free_before + 1);
+    // A repeat, or a column that is in use, changes nothing.
+    let used = state.extents()[&extent].columns[0].clone();
+    let before = state.clone();
+    apply(
+        &mut state,
+        Command::ReclaimColumns {
+            columns: vec![old, used],
+        },
+    );
+    assert_eq!(state, before);
+    state.check_invariants().unwrap();
+    // Too many in one command: refused.
+    let many = (0..=super::repair::MAX_RECLAIM_PER_COMMAND as u32)
+        .map(|index| ColumnRef {
+            sled: lost.clone(),
+            device: 0,
+            index,
+        })
+        .collect();
+    assert!(matches!(
+        refused(&mut state, Command::ReclaimColumns { columns: many }),
+        CommandError::InvalidArgument { .. }
+    ));
+}
