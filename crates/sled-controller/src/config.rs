@@ -14,6 +14,17 @@ pub const DEFAULT_SCRUB_BYTES_PER_SECOND: u64 = 32 << 20;
 /// Default pause between scrub passes: one minute.
 pub const DEFAULT_SCRUB_PASS_INTERVAL_MS: u64 = 60_000;
 
+/// Default deadline of one device operation: a device that does not
+/// complete an operation within it is failed (hardware::TimedDevice).
+pub const DEFAULT_DEVICE_TIMEOUT_MS: u64 = 30_000;
+/// Smallest deadline accepted: below it a busy but healthy disk would be
+/// failed.
+pub const MIN_DEVICE_TIMEOUT_MS: u64 = 100;
+
+fn default_device_timeout_ms() -> u64 {
+    DEFAULT_DEVICE_TIMEOUT_MS
+}
+
 fn default_scrub_bytes_per_second() -> u64 {
     DEFAULT_SCRUB_BYTES_PER_SECOND
 }
@@ -41,6 +52,11 @@ pub struct SledControllerConfig {
     /// Pause between two scrub passes, in milliseconds.
     #[serde(default = "default_scrub_pass_interval_ms")]
     pub scrub_pass_interval_ms: u64,
+    /// Deadline of one device operation in milliseconds; a device that
+    /// does not complete an operation in time (a hung disk) is marked
+    /// failed like one returning I/O errors. At least 100.
+    #[serde(default = "default_device_timeout_ms")]
+    pub device_timeout_ms: u64,
 }
 
 pub use hardware::config::ConfigError;
@@ -60,8 +76,22 @@ impl SledControllerConfig {
                 reason: "must not be empty".into(),
             });
         }
+        if self.device_timeout_ms < MIN_DEVICE_TIMEOUT_MS {
+            return Err(ConfigError::Invalid {
+                field: "device_timeout_ms",
+                reason: format!(
+                    "{} is below the minimum of {MIN_DEVICE_TIMEOUT_MS}",
+                    self.device_timeout_ms
+                ),
+            });
+        }
         self.engine()?;
         Ok(())
+    }
+
+    /// The deadline of one device operation.
+    pub fn device_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.device_timeout_ms)
     }
 
     /// The I/O engine to use (config, else the environment, else auto).
@@ -93,6 +123,18 @@ mod tests {
         assert_eq!(c.scrub_bytes_per_second, 32 << 20);
         assert_eq!(c.scrub_pass_interval_ms, 60_000);
         assert_eq!(c.io_engine, None);
+        assert_eq!(c.device_timeout_ms, 30_000);
+        let hasty = SledControllerConfig {
+            device_timeout_ms: 10,
+            ..c.clone()
+        };
+        assert!(matches!(
+            hasty.validate(),
+            Err(ConfigError::Invalid {
+                field: "device_timeout_ms",
+                ..
+            })
+        ));
         assert!(toml::from_str::<SledControllerConfig>(
             "rack_file = \"/r\"\nsled_id = \"s\"\nbogus = 1\n"
         )

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hardware::rack::{Rack, RackError};
-use hardware::{open_device, OpenOptions};
+use hardware::{open_device, OpenOptions, TimedDevice};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -88,7 +88,10 @@ pub async fn open_sled(
                 reason,
             })
         };
-        let opened = match open_device(&device.path, &options) {
+        let opened = match open_device(&device.path, &options).and_then(|d| {
+            TimedDevice::new(d, config.device_timeout())
+                .map(|timed| Arc::new(timed) as Arc<dyn hardware::BlockDevice>)
+        }) {
             Ok(opened) => opened,
             Err(e) => {
                 devices.push(failed(e.to_string()));

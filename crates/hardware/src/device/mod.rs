@@ -36,6 +36,7 @@ pub mod fault;
 pub mod memory;
 mod open;
 pub mod sync;
+pub mod timed;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
@@ -43,6 +44,7 @@ pub use fault::{FaultControl, FaultOps, FaultyDevice};
 pub use memory::MemoryDevice;
 pub(crate) use open::block_device_size;
 pub use open::open_device;
+pub use timed::{TimedDevice, DEFAULT_DEVICE_TIMEOUT};
 
 /// Alignment and granularity of every device I/O (offsets, lengths, buffers).
 pub const BLOCK_SIZE: usize = 4096;
@@ -209,6 +211,24 @@ pub enum DeviceError {
         /// Required size.
         needed_bytes: u64,
     },
+    /// An operation did not complete within its deadline ([`TimedDevice`]):
+    /// the device is treated as failed (a hung disk must not hang the sled).
+    #[error("device {} did not complete a {op} at offset {offset} length {len} within {after:?}", path.display())]
+    TimedOut {
+        /// Device path.
+        path: PathBuf,
+        /// "read", "write", "flush" or "discard".
+        op: &'static str,
+        /// Byte offset of the operation.
+        offset: u64,
+        /// Byte length of the operation.
+        len: u64,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
+    /// A [`TimedDevice`] deadline of zero.
+    #[error("device operation timeout must be greater than zero")]
+    InvalidTimeout,
     /// `RACKBLOCK_IO_ENGINE` (or a parsed engine name) is not `uring|sync|auto`.
     #[error("invalid I/O engine {value:?}: expected uring, sync or auto")]
     InvalidEngine {
@@ -223,7 +243,10 @@ impl DeviceError {
     pub fn is_device_failure(&self) -> bool {
         matches!(
             self,
-            DeviceError::Io { .. } | DeviceError::Failed { .. } | DeviceError::Closed { .. }
+            DeviceError::Io { .. }
+                | DeviceError::Failed { .. }
+                | DeviceError::Closed { .. }
+                | DeviceError::TimedOut { .. }
         )
     }
 

@@ -85,6 +85,7 @@ fn config(rack: &Path, sled_id: &str) -> SledControllerConfig {
         io_engine: Some("sync".into()),
         scrub_bytes_per_second: 1 << 30,
         scrub_pass_interval_ms: 50,
+        device_timeout_ms: 30_000,
     }
 }
 

@@ -387,3 +387,40 @@ async fn health_is_failed_when_no_device_is_healthy() {
         })
     );
 }
+
+/// A device that stops answering (no error, no completion) is failed by its
+/// deadline: the append waiting on it gets `DeviceFailed` instead of
+/// hanging, and the store refuses further work on it.
+#[tokio::test]
+async fn hung_device_is_failed_by_its_deadline() {
+    let faulty = Arc::new(FaultyDevice::new(memory(16 << 20)));
+    let control = faulty.control();
+    let timed: Arc<dyn BlockDevice> = Arc::new(
+        hardware::TimedDevice::new(faulty, std::time::Duration::from_millis(200)).unwrap(),
+    );
+    let store = open(&timed, 0).await;
+    let c = store.allocate(1).await.unwrap()[0];
+    store.claim(c, p(1, 0), 1).await.unwrap();
+    let (first, crcs) = data(3, 2);
+    store.append(c, p(1, 0), 1, 0, &first, &crcs).await.unwrap();
+    control.set_latency(std::time::Duration::from_secs(3600));
+    let started = std::time::Instant::now();
+    let (second, crcs) = data(4, 2);
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        store.append(c, p(1, 0), 1, 8192, &second, &crcs),
+    )
+    .await
+    .expect("an append on a hung device must not hang")
+    .unwrap_err();
+    assert_eq!(err, SledError::DeviceFailed { device: 0 });
+    assert!(store.is_failed());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Reads are refused at once from now on, hung device or not.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        store.read(c, 0, 4096).await.unwrap_err(),
+        SledError::DeviceFailed { device: 0 }
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+}
