@@ -249,20 +249,16 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         manager.stop();
     }
     node.shutdown().await;
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!("tasks still running 10 s after shutdown; abandoning them");
-        tasks.abort_all();
-    }
+    proto::server::drain_tasks(&mut tasks, SHUTDOWN_DRAIN_BOUND).await;
     info!(head_node_id = %config.head_node_id, "head node stopped");
     match fatal {
         Some(reason) => Err(HeadNodeError::RaftStopped { reason }),
         None => Ok(()),
     }
 }
+
+/// How long shutdown waits for the daemon's tasks before aborting them.
+const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 /// Binds `address` (retrying every second until bound or shutdown) and
 /// serves the protocol on it.

@@ -380,6 +380,24 @@ pub(crate) async fn write_frames(
     out.shutdown().await
 }
 
+/// Waits up to `bound` for a daemon's tasks to end after its shutdown token
+/// fired (every task watches it), then aborts the stragglers with a warning.
+/// Returns whether they all ended by themselves.
+pub async fn drain_tasks<T: 'static>(tasks: &mut tokio::task::JoinSet<T>, bound: Duration) -> bool {
+    let drained = tokio::time::timeout(bound, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(
+            ?bound,
+            left = tasks.len(),
+            "tasks still running after shutdown; abandoning them"
+        );
+        tasks.abort_all();
+    }
+    drained
+}
+
 /// Binds `address` for one network, retrying every `retry_interval` until it
 /// is bound or `shutdown` fires (then `None`). A daemon runs one of these per
 /// network, so an address that cannot be bound yet (interface not up, port

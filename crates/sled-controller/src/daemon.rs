@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::config::{ConfigError, SledControllerConfig};
 use crate::metrics::{Metrics, Network};
@@ -192,18 +192,13 @@ pub async fn run(
         "sled controller ready"
     );
     shutdown.cancelled().await;
-    // Every task watches the token; bound the wait anyway.
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        warn!("tasks still running 10 s after shutdown; abandoning them");
-        tasks.abort_all();
-    }
+    proto::server::drain_tasks(&mut tasks, SHUTDOWN_DRAIN_BOUND).await;
     info!(sled_id = %config.sled_id, "sled controller stopped");
     Ok(())
 }
+
+/// How long shutdown waits for the daemon's tasks before aborting them.
+const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 /// Binds `address` (retrying every second until bound or shutdown) and
 /// serves the protocol on it.
