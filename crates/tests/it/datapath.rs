@@ -50,20 +50,6 @@ const ROW_BYTES: u64 = CHUNK_BYTES + 4096;
 /// One data-path unit at a time in this test binary.
 static ONE_UNIT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn lcp_client(unit: &TestUnit) -> LcpClient {
-    LcpClient::with_config(
-        &unit.rack(),
-        LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-    )
-    .with_retries(10, Duration::from_millis(300))
-}
-
 fn client_config() -> ClientConfig {
     ClientConfig {
         // Long enough for a restart of every process, short enough to
@@ -130,13 +116,13 @@ impl Cluster {
         ));
         let sleds = unit.start_sleds().into_iter().map(Some).collect();
         let heads = unit.start_head_nodes();
-        let lcp = lcp_client(&unit);
+        let lcp = unit.lcp_client();
         register(&lcp, volume, volume_bytes, partition_bytes).await;
         lcp.close();
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(20));
         }
-        let client = VolumeClient::connect(lcp_client(&unit), volume, client_config())
+        let client = VolumeClient::connect(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
         let cluster = Cluster {
@@ -613,7 +599,7 @@ async fn write_stalls_while_the_secondary_is_stopped() {
     let stalled = vec![0xB2u8; 4096];
     let bound = Duration::from_secs(8);
     let stall_client = VolumeClient::connect(
-        lcp_client(&cluster.unit),
+        cluster.unit.lcp_client(),
         cluster.volume,
         ClientConfig {
             failover_timeout: Duration::from_secs(6),
@@ -795,7 +781,7 @@ async fn write_acknowledges_only_once_a_new_secondary_is_named() {
     outcome
         .unwrap_or_else(|_| panic!("no acknowledgment within 30 s of stopping the secondary"))
         .unwrap_or_else(|e| panic!("write with the secondary stopped: {e}"));
-    let lcp = lcp_client(&cluster.unit);
+    let lcp = cluster.unit.lcp_client();
     let after = lcp.partition_map(cluster.volume).await.unwrap();
     lcp.close();
     let now = after.partitions.iter().find(|p| p.index == 0).unwrap();

@@ -12,27 +12,12 @@ use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
 use local_control_plane::{Command, Outcome};
-use proto::link::LinkConfig;
 use tests::{http_get, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 41;
 const VOLUME_BYTES: u64 = 64 * MIB;
 const PARTITION_BYTES: u64 = 16 * MIB;
-
-fn lcp_client(unit: &TestUnit) -> LcpClient {
-    LcpClient::with_config(
-        &unit.rack(),
-        LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-    )
-    .with_retries(10, Duration::from_millis(300))
-}
 
 /// Registers the volume, retrying while the leader still registers the
 /// rack inventory and the sleds' columns.
@@ -149,14 +134,14 @@ async fn write_flush_restart_read_back() {
     ));
     let _sleds = unit.start_sleds();
     let mut heads = unit.start_head_nodes();
-    let lcp = lcp_client(&unit);
+    let lcp = unit.lcp_client();
     register(&lcp).await;
     for (i, head) in heads.iter().enumerate() {
         unit.wait_datapath_ready(i, head, Duration::from_secs(20));
     }
     eprintln!("unit up, volume registered: {:?}", started.elapsed());
 
-    let client = VolumeClient::connect(lcp_client(&unit), VOLUME, ClientConfig::default())
+    let client = VolumeClient::connect(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let mut model = vec![0u8; VOLUME_BYTES as usize];
@@ -248,7 +233,7 @@ async fn background_flush_by_age_and_metrics() {
     ));
     let _sleds = unit.start_sleds();
     let heads = unit.start_head_nodes();
-    let lcp = lcp_client(&unit);
+    let lcp = unit.lcp_client();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let command = Command::RegisterVolume {
@@ -270,7 +255,7 @@ async fn background_flush_by_age_and_metrics() {
     for (i, head) in heads.iter().enumerate() {
         unit.wait_datapath_ready(i, head, Duration::from_secs(20));
     }
-    let client = VolumeClient::connect(lcp_client(&unit), VOLUME, ClientConfig::default())
+    let client = VolumeClient::connect(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let data = pattern(7, 3 * MIB);

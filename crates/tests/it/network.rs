@@ -32,7 +32,6 @@ use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
 use local_control_plane::state::PartitionMap;
 use local_control_plane::{Command, Health, Outcome};
-use proto::link::LinkConfig;
 use tests::netns::{self, NetLab, Switch};
 use tests::{rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, Rng, TestUnit};
 
@@ -62,20 +61,6 @@ fn seed() -> u64 {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
         })
-}
-
-fn lcp_client(unit: &TestUnit) -> LcpClient {
-    LcpClient::with_config(
-        &unit.rack(),
-        LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-    )
-    .with_retries(10, Duration::from_millis(300))
 }
 
 /// Puts every admin (HTTP) address on the admin switch: 127.0.3.N with the
@@ -328,13 +313,13 @@ fn network_a_switch_down_during_io_is_no_error_no_failover_no_remirror() {
 
 async fn scenario(rack: Rack, switch_ns: String, cut: Duration, seed: u64, started: Instant) {
     let unit = &rack.unit;
-    let lcp = lcp_client(unit);
+    let lcp = unit.lcp_client();
     register(&lcp).await;
     for (i, head) in rack.heads.iter().enumerate() {
         unit.wait_datapath_ready(i, head, Duration::from_secs(30));
     }
     let client = VolumeClient::connect(
-        lcp_client(unit),
+        unit.lcp_client(),
         VOLUME,
         ClientConfig {
             failover_timeout: Duration::from_secs(60),

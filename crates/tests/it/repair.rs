@@ -35,20 +35,6 @@ const BLOCK: u64 = 4096;
 /// One unit at a time in this module (2 shared cores).
 static ONE_UNIT_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-fn lcp_client(unit: &TestUnit) -> LcpClient {
-    LcpClient::with_config(
-        &unit.rack(),
-        LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-    )
-    .with_retries(10, Duration::from_millis(300))
-}
-
 fn client_config() -> ClientConfig {
     ClientConfig {
         failover_timeout: Duration::from_secs(30),
@@ -120,7 +106,7 @@ impl Unit {
         }
         let sleds = unit.start_sleds().into_iter().map(Some).collect();
         let heads = unit.start_head_nodes();
-        let lcp = lcp_client(&unit);
+        let lcp = unit.lcp_client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let command = Command::RegisterVolume {
@@ -142,7 +128,7 @@ impl Unit {
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(30));
         }
-        let client = VolumeClient::connect(lcp_client(&unit), volume, client_config())
+        let client = VolumeClient::connect(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
         let this = Unit {

@@ -257,6 +257,23 @@ pub struct TestSled {
 }
 
 impl TestUnit {
+    /// A client of this unit's local control plane with the timings the
+    /// end-to-end tests use: fast probes and connects, a 3 s request
+    /// timeout, 10 retries 300 ms apart (a leader change fits inside).
+    pub fn lcp_client(&self) -> local_control_plane::LcpClient {
+        local_control_plane::LcpClient::with_config(
+            &self.rack(),
+            proto::link::LinkConfig {
+                connect_timeout: Duration::from_millis(300),
+                request_timeout: Duration::from_secs(3),
+                probe_interval: Duration::from_millis(200),
+                probe_timeout: Duration::from_millis(300),
+                failures_before_down: 2,
+            },
+        )
+        .with_retries(10, Duration::from_millis(300))
+    }
+
     pub fn new(sleds: u32, code: &str, device_bytes: u64, column_bytes: u64) -> TestUnit {
         TestUnit::build(
             HeadNodeOptions::default(),
