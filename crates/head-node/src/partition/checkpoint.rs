@@ -149,6 +149,11 @@ impl Tracker {
         }
     }
 
+    /// The partition's checkpoint extents.
+    pub(super) fn extents(&self) -> Vec<u64> {
+        self.extents.iter().copied().collect()
+    }
+
     /// Whether `extent` is one of the partition's checkpoint extents.
     pub(super) fn holds(&self, extent: u64) -> bool {
         self.extents.contains(&extent)

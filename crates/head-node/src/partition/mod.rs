@@ -1249,6 +1249,12 @@ impl Partition {
         checkpoint::write(&self.shared).await
     }
 
+    /// The extents holding this primary's index checkpoints (debug
+    /// endpoints, tests).
+    pub fn checkpoint_extents(&self) -> Vec<u64> {
+        self.shared.lock().checkpoints.extents()
+    }
+
     /// How the last recovery from the sleds went (primary open and
     /// take-over).
     pub fn recovery_report(&self) -> RecoveryReport {
