@@ -25,8 +25,8 @@
 //! with `NotPrimary` (invariant 2). A node becomes primary of an epoch by
 //! [`Partition::open`] with [`OpenRole::Primary`], which claims every column
 //! of the partition's extents with the new epoch and rebuilds the index from
-//! the sled summaries plus its own log (the promoted secondary does exactly
-//! this).
+//! the sleds (newest index checkpoint plus the summaries written after it)
+//! and its own log (the promoted secondary does exactly this).
 //!
 //! **Durability (default policy, invariant 1).** A write is acknowledged only
 //! when it is durable in the primary's log *and* the secondary's. If the
@@ -638,7 +638,8 @@ impl Partition {
     ///            unflushed tail (`retained`) refer to, read from the WAL
     /// open:      Partition::open(Primary) over those records: claims every
     ///            owned column at the new epoch (fences the old primary on
-    ///            the sleds), index = sled summaries + the records, sequences
+    ///            the sleds), index = newest sled checkpoint + the summaries
+    ///            after it (or every summary) + the records, sequences
     ///            continue after the highest this instance assigned or saw
     /// done:      this instance becomes Fenced{new epoch}; the old one stays
     ///            registered with the log until then, so nothing it refers
