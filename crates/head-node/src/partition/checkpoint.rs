@@ -558,7 +558,11 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
     // The new checkpoint is durable: older checkpoint extents can go.
     let mut extents_freed = 0;
     for old in superseded {
-        match shared.extent_source.free_extent(shared.id(), epoch, old).await {
+        match shared
+            .extent_source
+            .free_extent(shared.id(), epoch, old)
+            .await
+        {
             Ok(()) => {
                 let mut state = shared.lock();
                 state.extents.remove(&old);
@@ -792,7 +796,11 @@ pub(super) async fn recover(
     }
     let mut cursors: BTreeMap<u64, Option<u64>> = checkpoint_extents
         .iter()
-        .filter_map(|id| extents.get(id).map(|e| (*id, e.rows_written.checked_sub(1))))
+        .filter_map(|id| {
+            extents
+                .get(id)
+                .map(|e| (*id, e.rows_written.checked_sub(1)))
+        })
         .collect();
     let mut report = RecoveryReport::default();
     let mut built = None;
@@ -960,7 +968,9 @@ async fn try_candidate(
     {
         return Ok(Err("another partition or size".to_string()));
     }
-    if checkpoint.epoch != candidate.epoch || checkpoint.id != candidate.id || checkpoint.epoch > epoch
+    if checkpoint.epoch != candidate.epoch
+        || checkpoint.id != candidate.id
+        || checkpoint.epoch > epoch
     {
         return Ok(Err(format!(
             "header says epoch {} id {}, rows say {} {}",
@@ -1187,10 +1197,7 @@ async fn scan(
             continue;
         };
         let k = usize::from(extent.grant.k);
-        let crcs = built
-            .crcs
-            .entry(*id)
-            .or_insert_with(|| vec![Vec::new(); k]);
+        let crcs = built.crcs.entry(*id).or_insert_with(|| vec![Vec::new(); k]);
         for row in *start..extent.rows_written {
             let Some(summary) = scanner.summary(shared, extent, row).await else {
                 return Err(PartitionError::Recovery {

@@ -789,7 +789,11 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
 
 /// Reads stripe `row`'s summary from the first column that has a valid
 /// copy for this extent, row and partition.
-pub(super) async fn read_summary(shared: &Shared, extent: &ExtentState, row: u64) -> Option<StripeSummary> {
+pub(super) async fn read_summary(
+    shared: &Shared,
+    extent: &ExtentState,
+    row: u64,
+) -> Option<StripeSummary> {
     for (sled, column) in &extent.grant.columns {
         let request = SledRequest::Read {
             column: *column,

@@ -359,7 +359,10 @@ mod tests {
             ..summary
         };
         let block = checkpoint.encode().unwrap();
-        assert_eq!(u16::from_le_bytes([block[8], block[9]]), SUMMARY_VERSION_KIND);
+        assert_eq!(
+            u16::from_le_bytes([block[8], block[9]]),
+            SUMMARY_VERSION_KIND
+        );
         assert_eq!(StripeSummary::decode(&block).unwrap(), checkpoint);
         assert_eq!(MAX_DATA_COLUMNS, 12);
     }

@@ -1247,7 +1247,11 @@ async fn torn_checkpoint_leaves_the_previous_one_and_no_checkpoint_means_a_full_
     // The next checkpoint reaches only m + 1 columns: not durable (fewer
     // than k hold the row), the write fails and the extent is sealed.
     let ids: Vec<String> = unit.sleds.iter().map(|s| s.id.clone()).collect();
-    unit.access.down.lock().unwrap().extend(ids[..3].iter().cloned());
+    unit.access
+        .down
+        .lock()
+        .unwrap()
+        .extend(ids[..3].iter().cloned());
     assert!(unit.primary.write_checkpoint().await.is_err());
     unit.access.down.lock().unwrap().clear();
     assert_eq!(
@@ -1320,7 +1324,12 @@ async fn gc_after_a_checkpoint_frees_extents_it_covers() {
         unit.primary.flush_now().await.unwrap();
     }
     unit.primary.write_checkpoint().await.unwrap();
-    let covered: Vec<u64> = unit.primary.live_blocks_per_extent().keys().copied().collect();
+    let covered: Vec<u64> = unit
+        .primary
+        .live_blocks_per_extent()
+        .keys()
+        .copied()
+        .collect();
     // Overwrite most blocks and trim some: the covered extents empty out.
     for chunk in 0..size_blocks / 16 {
         if chunk % 4 == 3 {
@@ -1353,7 +1362,12 @@ async fn gc_after_a_checkpoint_frees_extents_it_covers() {
     let promoted = unit.take_over(true, 2).await;
     let recovery = promoted.recovery_report();
     assert!(recovery.checkpoint.is_some(), "{recovery:?}");
-    check_all(&unit, &model, "after GC freed extents the checkpoint covers").await;
+    check_all(
+        &unit,
+        &model,
+        "after GC freed extents the checkpoint covers",
+    )
+    .await;
     unit.restart().await;
     check_all(&unit, &model, "after GC + restart").await;
 }
