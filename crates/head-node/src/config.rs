@@ -89,6 +89,16 @@ pub struct HeadNodeConfig {
     /// milliseconds (default 30000).
     #[serde(default)]
     pub gc_interval_ms: Option<u64>,
+    /// A primary writes an index checkpoint to the sleds after this many
+    /// flush commits (default 32; 0: only by time). A new primary reads
+    /// only the stripe summaries written after the newest checkpoint.
+    #[serde(default)]
+    pub checkpoint_every_flushes: Option<u64>,
+    /// ... or once this long passed since the last one and something was
+    /// flushed since, in milliseconds (default 60000; 0: only by count;
+    /// both 0: no checkpoints, recovery scans every summary).
+    #[serde(default)]
+    pub checkpoint_interval_ms: Option<u64>,
     /// How often the partition manager compares the local control plane's
     /// partition map with the partitions it hosts, in milliseconds
     /// (default 150).
@@ -134,6 +144,8 @@ pub const DEFAULT_LEASE_DURATION_MS: u64 = 2_000;
 pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 500;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
+pub const DEFAULT_CHECKPOINT_EVERY_FLUSHES: u64 = 32;
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// Default flush fill trigger (early, so a write rarely finds the log full).
 pub const DEFAULT_FLUSH_FILL_PERCENT: u8 = 25;
 /// Default GC interval.
@@ -265,6 +277,20 @@ impl HeadNodeConfig {
         Duration::from_millis(
             self.lease_renew_interval_ms
                 .unwrap_or(DEFAULT_LEASE_RENEW_INTERVAL_MS),
+        )
+    }
+
+    /// Flush commits between two index checkpoints (0: only by time).
+    pub fn checkpoint_every_flushes(&self) -> u64 {
+        self.checkpoint_every_flushes
+            .unwrap_or(DEFAULT_CHECKPOINT_EVERY_FLUSHES)
+    }
+
+    /// Longest pause between two index checkpoints (zero: only by count).
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(
+            self.checkpoint_interval_ms
+                .unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS),
         )
     }
 

@@ -159,6 +159,8 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         flush_age: config.flush_age(),
         flush_fill_ratio: config.flush_fill_ratio(),
         gc_interval: config.gc_interval(),
+        checkpoint_every_flushes: config.checkpoint_every_flushes(),
+        checkpoint_interval: config.checkpoint_interval(),
         poll_interval: config.partition_poll_interval(),
     };
     let manager =

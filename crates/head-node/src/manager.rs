@@ -93,6 +93,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const DUTY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often a primary's duty task checks whether a flush is due.
 const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// Bound on the index checkpoints written at a clean shutdown.
+const SHUTDOWN_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause after a failed lease request.
 const LEASE_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -109,6 +111,10 @@ pub struct ManagerConfig {
     pub flush_age: Duration,
     pub flush_fill_ratio: f64,
     pub gc_interval: Duration,
+    /// Index checkpoint after this many flush commits (0: by time only).
+    pub checkpoint_every_flushes: u64,
+    /// ... or after this long if anything was flushed (zero: by count only).
+    pub checkpoint_interval: Duration,
     pub poll_interval: Duration,
 }
 
@@ -180,6 +186,10 @@ struct ManagerMetrics {
     extents_freed: Family<PartitionLabels, Gauge>,
     degraded_reads: Family<PartitionLabels, Gauge>,
     repair_queue: Family<PartitionLabels, Gauge>,
+    checkpoints_written: Family<PartitionLabels, Gauge>,
+    recovery_rows_scanned: Family<PartitionLabels, Gauge>,
+    recovery_checkpoint_used: Family<PartitionLabels, Gauge>,
+    recovery_duration_ms: Family<PartitionLabels, Gauge>,
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
@@ -190,7 +200,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 12] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 16] = [
             (
                 "rackblock_partition_role",
                 "1 primary, 2 secondary, 3 fenced",
@@ -251,6 +261,26 @@ impl ManagerMetrics {
                 "Columns reported for repair and not yet taken",
                 &m.repair_queue,
             ),
+            (
+                "rackblock_partition_checkpoints_written",
+                "Index checkpoints written to the sleds since open",
+                &m.checkpoints_written,
+            ),
+            (
+                "rackblock_partition_recovery_rows_scanned",
+                "Stripe summaries read by the last recovery from the sleds",
+                &m.recovery_rows_scanned,
+            ),
+            (
+                "rackblock_partition_recovery_checkpoint_used",
+                "1 if the last recovery from the sleds started from an index checkpoint, 0 if it scanned every summary",
+                &m.recovery_checkpoint_used,
+            ),
+            (
+                "rackblock_partition_recovery_duration_ms",
+                "Wall time of the last recovery from the sleds (claims, checkpoint, summaries)",
+                &m.recovery_duration_ms,
+            ),
         ];
         for (name, help, family) in families {
             registry.register(name, help, family.clone());
@@ -283,7 +313,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 12] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 16] {
         [
             &self.role,
             &self.epoch,
@@ -297,6 +327,10 @@ impl ManagerMetrics {
             &self.extents_freed,
             &self.degraded_reads,
             &self.repair_queue,
+            &self.checkpoints_written,
+            &self.recovery_rows_scanned,
+            &self.recovery_checkpoint_used,
+            &self.recovery_duration_ms,
         ]
     }
 }
@@ -327,6 +361,13 @@ pub struct PartitionStatus {
     pub extents: usize,
     /// Background flushes that failed (they are retried).
     pub flush_failures: u64,
+    /// Index checkpoints written to the sleds since open.
+    pub checkpoints_written: u64,
+    /// Last recovery from the sleds: summaries read, whether it started
+    /// from a checkpoint, and how long it took.
+    pub recovery_rows_scanned: u64,
+    pub recovery_checkpoint_used: bool,
+    pub recovery_duration_ms: u64,
 }
 
 /// What `/flush` did for one primary.
@@ -512,6 +553,7 @@ impl PartitionManager {
                 () = shutdown.cancelled() => break,
             }
         }
+        checkpoint_primaries(inner).await;
         self.stop();
     }
 
@@ -686,6 +728,10 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         repair_queue: h.partition.repair_queue().len(),
         extents: h.partition.extent_usage().len(),
         flush_failures: h.flushes_failed.load(Ordering::Relaxed),
+        checkpoints_written: get(&m.checkpoints_written),
+        recovery_rows_scanned: get(&m.recovery_rows_scanned),
+        recovery_checkpoint_used: get(&m.recovery_checkpoint_used) == 1,
+        recovery_duration_ms: get(&m.recovery_duration_ms),
     }
 }
 
@@ -728,6 +774,18 @@ fn update_metrics(inner: &Inner) {
         m.degraded_reads
             .get_or_create(&l)
             .set(as_i64(s.degraded_reads));
+        m.checkpoints_written
+            .get_or_create(&l)
+            .set(as_i64(s.checkpoints_written));
+        m.recovery_rows_scanned
+            .get_or_create(&l)
+            .set(as_i64(s.recovery_rows_scanned));
+        m.recovery_checkpoint_used
+            .get_or_create(&l)
+            .set(i64::from(s.recovery_checkpoint_used));
+        m.recovery_duration_ms
+            .get_or_create(&l)
+            .set(as_i64(s.recovery_duration_ms));
         m.repair_queue
             .get_or_create(&l)
             .set(i64::try_from(s.repair_queue).unwrap_or(i64::MAX));
@@ -869,6 +927,28 @@ async fn take_over(inner: &Arc<Inner>, id: PartitionId, old: &Arc<Hosted>, d: De
     host_primary(inner, id, &d, partition);
 }
 
+/// Clean shutdown: every primary leaves an index checkpoint on the sleds,
+/// so whoever serves its partitions next reads only what is flushed after
+/// it (bounded; a checkpoint is an optimisation, never needed for data).
+async fn checkpoint_primaries(inner: &Inner) {
+    let primaries: Vec<Partition> = read(&inner.hosted)
+        .values()
+        .filter(|h| matches!(h.partition.role(), Role::Primary))
+        .map(|h| h.partition.clone())
+        .collect();
+    let writes = futures::future::join_all(primaries.iter().map(|p| async move {
+        if let Err(error) = p.write_checkpoint().await {
+            tracing::info!(partition = ?p.id(), %error, "no index checkpoint at shutdown");
+        }
+    }));
+    if tokio::time::timeout(SHUTDOWN_CHECKPOINT_TIMEOUT, writes)
+        .await
+        .is_err()
+    {
+        tracing::warn!("index checkpoints at shutdown did not finish in time");
+    }
+}
+
 fn partition_setup(
     inner: &Arc<Inner>,
     id: PartitionId,
@@ -877,6 +957,8 @@ fn partition_setup(
     let mut config = PartitionConfig::new(id, d.first_block, d.size_blocks, d.epoch);
     config.flush_age = inner.config.flush_age;
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
+    config.checkpoint_every_flushes = inner.config.checkpoint_every_flushes;
+    config.checkpoint_interval = inner.config.checkpoint_interval;
     let replica = (d.role == OpenRole::Primary).then(|| inner.heads.replica_peer(&d.secondary));
     let deps = PartitionDeps {
         log: inner.log.clone(),

@@ -101,9 +101,11 @@ impl Cluster {
             128 * MIB,
             16 * MIB,
         );
-        // Flushes during the run: take-overs see flushed and logged data.
+        // Flushes during the run: take-overs see flushed and logged data,
+        // and an index checkpoint after every flush commit, so take-overs
+        // start from one.
         unit.append_head_node_config(&format!(
-            "wal_size_bytes = {}\nflush_age_ms = 2000\n",
+            "wal_size_bytes = {}\nflush_age_ms = 2000\ncheckpoint_every_flushes = 1\n",
             64 * MIB
         ));
         let sleds = unit.start_sleds();
@@ -205,6 +207,19 @@ impl Cluster {
         self.unit
             .wait_datapath_ready(i, &daemon, Duration::from_secs(40));
         self.heads[i] = Some(daemon);
+    }
+
+    /// Lines of every head node's log that contain `needle`.
+    fn count_log_lines(&self, needle: &str) -> usize {
+        self.unit
+            .head_nodes
+            .iter()
+            .map(|head| {
+                let path = self.unit.dir.path().join(format!("{}.log", head.id));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                text.lines().filter(|l| l.contains(needle)).count()
+            })
+            .sum()
     }
 
     fn logs(&self) -> String {
@@ -588,6 +603,16 @@ async fn primary_kill9_fails_over_without_errors() {
     }
     eprintln!("{reps} repetitions in {:?}", started.elapsed());
     work.finish(&cluster, "after every failover").await;
+    let from_checkpoint = cluster.count_log_lines("recovered from an index checkpoint");
+    let full_scans = cluster.count_log_lines("recovered by the full summary scan");
+    eprintln!(
+        "recoveries from the sleds: {from_checkpoint} from an index checkpoint, {full_scans} by the full scan"
+    );
+    assert!(
+        from_checkpoint >= 1,
+        "no take-over started from an index checkpoint\n{}",
+        cluster.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

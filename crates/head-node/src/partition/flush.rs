@@ -19,13 +19,11 @@
 //! extent may have held the only summary of a trim). An extent with no live
 //! block left is freed through the [`ExtentSource`](super::ExtentSource).
 //!
-//! **Recovery.** A new primary claims every column of the partition's
-//! extents with its epoch (fencing the old primary, invariant 2), reads each
-//! stripe's summary from any column that has it, and rebuilds the index:
-//! slots become sled locations, tombstones unmaps, newest sequence wins.
-//! Recovered extents are sealed; new data goes to new extents.
+//! **Recovery** from the sleds (newest index checkpoint plus the summaries
+//! of the rows written after it, or every summary) is in
+//! [`super::checkpoint`]; it uses [`open_extent`] and [`read_summary`] from
+//! here. Recovered extents are sealed; new data goes to new extents.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -92,7 +90,7 @@ struct Placed {
     location: Location,
 }
 
-fn zero_block_crc() -> u32 {
+pub(super) fn zero_block_crc() -> u32 {
     crc32c::crc32c(&[0u8; BLOCK_BYTES as usize])
 }
 
@@ -265,7 +263,7 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
 
 /// Validates a grant and claims its columns with `epoch`. `recovering`:
 /// tolerate up to m unreachable columns and read back the rows written.
-async fn open_extent(
+pub(super) async fn open_extent(
     shared: &Arc<Shared>,
     grant: ExtentGrant,
     epoch: u64,
@@ -481,6 +479,7 @@ async fn write_stripe(
         })
     })?;
     let summary = StripeSummary {
+        kind: layout::StripeKind::Data,
         volume: shared.id().volume,
         partition: shared.id().partition,
         epoch: target.epoch,
@@ -698,6 +697,8 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             .extents
             .values()
             .filter(|e| state.open_extent != Some(e.grant.extent) || e.sealed)
+            // Checkpoint extents hold no blocks; the checkpoint writer frees them.
+            .filter(|e| !state.checkpoints.holds(e.grant.extent))
             .filter(|e| {
                 let capacity = e.capacity_blocks();
                 let live = live.get(&e.grant.extent).copied().unwrap_or(0);
@@ -786,83 +787,13 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
     Ok(report)
 }
 
-/// Primary recovery: claim the partition's extents and rebuild the index
-/// from their summaries.
-pub(super) async fn recover_from_sleds(shared: &Arc<Shared>) -> Result<(), PartitionError> {
-    let grants = shared
-        .extent_source
-        .owned_extents(shared.id())
-        .await
-        .map_err(|source| PartitionError::Peer {
-            partition: shared.id(),
-            source,
-        })?;
-    let epoch = shared.lock().epoch;
-    let mut highest_sequence = 0;
-    let mut extents = BTreeMap::new();
-    for grant in grants {
-        let mut extent = open_extent(shared, grant, epoch, true).await?;
-        let k = extent.crcs.len();
-        let zero = zero_block_crc();
-        for row in 0..extent.rows_written {
-            let Some(summary) = read_summary(shared, &extent, row).await else {
-                return Err(PartitionError::Recovery {
-                    partition: shared.id(),
-                    reason: format!(
-                        "extent {} stripe {row}: no readable summary",
-                        extent.grant.extent
-                    ),
-                });
-            };
-            let mut state = shared.lock();
-            for (slot, entry) in summary.slots.iter().enumerate() {
-                let column = slot / CHUNK_BLOCKS as usize;
-                let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
-                if column >= k {
-                    break;
-                }
-                let crcs = &mut extent.crcs[column];
-                crcs.resize(((row + 1) * CHUNK_BLOCKS) as usize, zero);
-                crcs[(row * CHUNK_BLOCKS + in_chunk) as usize] = entry.map_or(zero, |e| e.crc);
-                let Some(entry) = entry else { continue };
-                highest_sequence = highest_sequence.max(entry.sequence);
-                state
-                    .index
-                    .apply_write(
-                        entry.lba,
-                        1,
-                        entry.sequence,
-                        Location::Sled {
-                            extent: extent.grant.extent,
-                            column: column as u16,
-                            offset_bytes: layout::block_offset(row, in_chunk),
-                        },
-                    )
-                    .map_err(|source| PartitionError::Index {
-                        partition: shared.id(),
-                        source,
-                    })?;
-            }
-            for t in &summary.tombstones {
-                highest_sequence = highest_sequence.max(t.sequence);
-                state
-                    .index
-                    .apply_unmap(t.lba, t.count, t.sequence)
-                    .map_err(|source| PartitionError::Index {
-                        partition: shared.id(),
-                        source,
-                    })?;
-            }
-        }
-        extents.insert(extent.grant.extent, extent);
-    }
-    let mut state = shared.lock();
-    state.extents = extents;
-    state.next_sequence = state.next_sequence.max(highest_sequence + 1);
-    Ok(())
-}
-
-async fn read_summary(shared: &Shared, extent: &ExtentState, row: u64) -> Option<StripeSummary> {
+/// Reads stripe `row`'s summary from the first column that has a valid
+/// copy for this extent, row and partition.
+pub(super) async fn read_summary(
+    shared: &Shared,
+    extent: &ExtentState,
+    row: u64,
+) -> Option<StripeSummary> {
     for (sled, column) in &extent.grant.columns {
         let request = SledRequest::Read {
             column: *column,

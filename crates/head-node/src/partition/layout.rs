@@ -23,7 +23,7 @@
 //!   8 version u16               40 stripe u64
 //!  10 slots u16 (k*16)          48 epoch u64
 //!  12 tombstones u16            56 slot entries: slots x (lba u64, sequence u64, crc u32)
-//!  14 reserved u16                 (lba == u64::MAX: empty slot, zeros)
+//!  14 kind u16 (version 2)         (lba == u64::MAX: empty slot, zeros)
 //!  16 volume u64                   then tombstones x (lba u64, count u64, sequence u64)
 //!  24 partition u32           4092 CRC-32C of bytes 0..4092
 //!  28 reserved u32
@@ -32,6 +32,15 @@
 //! LBAs are partition-relative 4 KiB blocks. A tombstone records a trim or
 //! write-zeroes (sequence) so that rebuilding from the sleds never
 //! resurrects older data of a trimmed block.
+//!
+//! **Kinds.** A data stripe is written as version 1 (bytes 14..16 zero).
+//! A row of an **index checkpoint** ([`super::checkpoint`]) is version 2
+//! with kind 1: its data chunks hold checkpoint bytes, slot `s` describes
+//! block `lba` of the checkpoint (the block's index in the checkpoint, not
+//! a partition block) with `sequence` = the checkpoint's id and the block's
+//! CRC, so repair rebuilds and verifies it like any row, while recovery
+//! never maps it. A version-1 reader refuses version 2 (it cannot mistake a
+//! checkpoint for data).
 
 use thiserror::Error;
 
@@ -43,8 +52,10 @@ pub const CHUNK_BLOCKS: u64 = 16;
 pub const CHUNK_BYTES: u64 = CHUNK_BLOCKS * BLOCK_BYTES;
 /// Bytes of one row of a column: chunk + summary block.
 pub const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK_BYTES;
-/// Summary format version.
+/// Summary format version of a data stripe.
 pub const SUMMARY_VERSION: u16 = 1;
+/// Summary format version of a row that carries a [`StripeKind`] other than data.
+pub const SUMMARY_VERSION_KIND: u16 = 2;
 /// Largest k a summary block can describe.
 pub const MAX_DATA_COLUMNS: usize =
     (SUMMARY_CRC_OFFSET - SUMMARY_FIXED_BYTES) / (CHUNK_BLOCKS as usize * SLOT_ENTRY_BYTES);
@@ -99,9 +110,30 @@ pub struct Tombstone {
     pub sequence: u64,
 }
 
+/// What a row's chunks carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StripeKind {
+    /// Partition blocks (slots map LBAs).
+    #[default]
+    Data,
+    /// Bytes of an index checkpoint (slots number the checkpoint's blocks).
+    IndexCheckpoint,
+}
+
+impl StripeKind {
+    fn code(self) -> u16 {
+        match self {
+            StripeKind::Data => 0,
+            StripeKind::IndexCheckpoint => 1,
+        }
+    }
+}
+
 /// What one stripe holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StripeSummary {
+    /// Data stripe or checkpoint row.
+    pub kind: StripeKind,
     /// Volume.
     pub volume: u64,
     /// Partition.
@@ -166,11 +198,15 @@ impl StripeSummary {
         let slots = u16::try_from(self.slots.len()).map_err(|_| too_large())?;
         let tombstones = u16::try_from(self.tombstones.len()).map_err(|_| too_large())?;
         let mut out = Vec::with_capacity(BLOCK_BYTES as usize);
+        let version = match self.kind {
+            StripeKind::Data => SUMMARY_VERSION,
+            _ => SUMMARY_VERSION_KIND,
+        };
         out.extend_from_slice(&SUMMARY_MAGIC.to_le_bytes());
-        out.extend_from_slice(&SUMMARY_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&slots.to_le_bytes());
         out.extend_from_slice(&tombstones.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.kind.code().to_le_bytes());
         out.extend_from_slice(&self.volume.to_le_bytes());
         out.extend_from_slice(&self.partition.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
@@ -223,9 +259,11 @@ impl StripeSummary {
         let u16_at = |at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
         let magic = u64_at(0);
         let version = u16_at(8);
-        if magic != SUMMARY_MAGIC || version != SUMMARY_VERSION {
-            return Err(SummaryError::NotSummary { magic, version });
-        }
+        let kind = match (magic == SUMMARY_MAGIC, version, u16_at(14)) {
+            (true, SUMMARY_VERSION, _) => StripeKind::Data,
+            (true, SUMMARY_VERSION_KIND, 1) => StripeKind::IndexCheckpoint,
+            _ => return Err(SummaryError::NotSummary { magic, version }),
+        };
         let stored = u32_at(SUMMARY_CRC_OFFSET);
         let computed = crc32c::crc32c(&block[..SUMMARY_CRC_OFFSET]);
         if stored != computed {
@@ -260,6 +298,7 @@ impl StripeSummary {
             at += TOMBSTONE_ENTRY_BYTES;
         }
         Ok(StripeSummary {
+            kind,
             volume: u64_at(16),
             partition: u32_at(24),
             extent: u64_at(32),
@@ -279,6 +318,7 @@ mod tests {
     #[test]
     fn summary_round_trip_and_corruption() {
         let summary = StripeSummary {
+            kind: StripeKind::Data,
             volume: 7,
             partition: 3,
             epoch: 9,
@@ -311,6 +351,19 @@ mod tests {
             Err(SummaryError::Blank)
         );
         assert!(max_tombstones(4) >= 100);
+        // A checkpoint row round-trips with its kind; a version-1 reader
+        // would refuse it (version 2).
+        let checkpoint = StripeSummary {
+            kind: StripeKind::IndexCheckpoint,
+            tombstones: Vec::new(),
+            ..summary
+        };
+        let block = checkpoint.encode().unwrap();
+        assert_eq!(
+            u16::from_le_bytes([block[8], block[9]]),
+            SUMMARY_VERSION_KIND
+        );
+        assert_eq!(StripeSummary::decode(&block).unwrap(), checkpoint);
         assert_eq!(MAX_DATA_COLUMNS, 12);
     }
 

@@ -25,8 +25,8 @@
 //! with `NotPrimary` (invariant 2). A node becomes primary of an epoch by
 //! [`Partition::open`] with [`OpenRole::Primary`], which claims every column
 //! of the partition's extents with the new epoch and rebuilds the index from
-//! the sled summaries plus its own log (the promoted secondary does exactly
-//! this).
+//! the sleds (newest index checkpoint plus the summaries written after it)
+//! and its own log (the promoted secondary does exactly this).
 //!
 //! **Durability (default policy, invariant 1).** A write is acknowledged only
 //! when it is durable in the primary's log *and* the secondary's. If the
@@ -50,17 +50,22 @@
 //! written to a summary, records the secondary has not confirmed (invariant
 //! 4: the index never points at reclaimed log space).
 //!
-//! **Recovery.** Primary: claim the extents, read every stripe summary
-//! (slots and tombstones, see [`layout`]), then replay the partition's
-//! records of the log (writes and trims; newest sequence wins). Secondary:
-//! replay the log (writes, trims and flush commits); the highest epoch seen
-//! is the highest epoch of its logged records. Index checkpoints to the
-//! sleds are not written yet (the summaries are the full rebuild source).
+//! **Recovery.** Primary: claim the extents, load the newest valid index
+//! checkpoint from the sleds and read the stripe summaries (slots and
+//! tombstones, see [`layout`]) of only the rows written after it — or of
+//! every row when no checkpoint can be trusted ([`checkpoint`]) — then
+//! replay the partition's records of the log (writes and trims; newest
+//! sequence wins). Secondary: replay the log (writes, trims and flush
+//! commits); the highest epoch seen is the highest epoch of its logged
+//! records. The primary writes a checkpoint every
+//! `checkpoint_every_flushes` flush commits or `checkpoint_interval`, and
+//! on [`Partition::write_checkpoint`].
 
 pub mod error;
 pub mod layout;
 pub mod seams;
 
+mod checkpoint;
 mod dedupe;
 mod flush;
 mod read;
@@ -80,6 +85,7 @@ use proto::volume::{
 };
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
+pub use checkpoint::{CheckpointReport, RecoveryReport};
 pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
@@ -126,11 +132,18 @@ pub struct PartitionConfig {
     pub gc_live_threshold: f64,
     /// Writes in flight (bounded queue of the write path).
     pub max_inflight_writes: usize,
+    /// Write an index checkpoint to the sleds after this many flush
+    /// commits (0: only by time).
+    pub checkpoint_every_flushes: u64,
+    /// ... or once this long passed since the last one and something was
+    /// flushed since (zero: only by count; both zero: never).
+    pub checkpoint_interval: Duration,
 }
 
 impl PartitionConfig {
     /// Defaults for a partition (`replica_timeout` 5 s, hedge 50 ms, flush at
-    /// 25 % log fill or 5 s, GC below 50 % live).
+    /// 25 % log fill or 5 s, GC below 50 % live, index checkpoint every 32
+    /// flush commits or 60 s).
     pub fn new(partition: PartitionId, first_block: u64, size_blocks: u64, epoch: u64) -> Self {
         Self {
             partition,
@@ -146,6 +159,8 @@ impl PartitionConfig {
             flush_batch_blocks: 16_384,
             gc_live_threshold: 0.5,
             max_inflight_writes: 256,
+            checkpoint_every_flushes: 32,
+            checkpoint_interval: Duration::from_secs(60),
         }
     }
 
@@ -234,6 +249,19 @@ pub struct PartitionMetrics {
     /// Host write copies answered from the write-id dedupe table (or after
     /// waiting for the first copy) instead of being applied again.
     pub duplicate_writes: AtomicU64,
+    /// Index checkpoints written to the sleds.
+    pub checkpoints_written: AtomicU64,
+    /// Index checkpoint writes that failed.
+    pub checkpoint_failures: AtomicU64,
+    /// Last recovery from the sleds: stripe summaries read.
+    pub recovery_rows_scanned: AtomicU64,
+    /// Last recovery from the sleds: 1 if it used a checkpoint, 0 if it
+    /// scanned every summary.
+    pub recovery_checkpoint_used: AtomicU64,
+    /// Last recovery from the sleds: checkpoints refused before.
+    pub recovery_checkpoints_refused: AtomicU64,
+    /// Last recovery from the sleds: wall time in milliseconds.
+    pub recovery_duration_ms: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -363,6 +391,8 @@ struct State {
     extents: BTreeMap<u64, ExtentState>,
     open_extent: Option<u64>,
     oldest_unflushed: Option<Instant>,
+    /// Primary: its checkpoint extents (also in `extents`).
+    checkpoints: checkpoint::Tracker,
 }
 
 impl State {
@@ -435,6 +465,8 @@ struct Shared {
     dedupe: Arc<dedupe::WriteDedupe>,
     /// A log-full flush is running (single flight, see [`kick_flush`]).
     flushing: std::sync::atomic::AtomicBool,
+    /// How the last recovery from the sleds went (primary).
+    recovery: Mutex<RecoveryReport>,
 }
 
 impl Shared {
@@ -606,7 +638,8 @@ impl Partition {
     ///            unflushed tail (`retained`) refer to, read from the WAL
     /// open:      Partition::open(Primary) over those records: claims every
     ///            owned column at the new epoch (fences the old primary on
-    ///            the sleds), index = sled summaries + the records, sequences
+    ///            the sleds), index = newest sled checkpoint + the summaries
+    ///            after it (or every summary) + the records, sequences
     ///            continue after the highest this instance assigned or saw
     /// done:      this instance becomes Fenced{new epoch}; the old one stays
     ///            registered with the log until then, so nothing it refers
@@ -738,6 +771,7 @@ impl Partition {
             extents: BTreeMap::new(),
             open_extent: None,
             oldest_unflushed: None,
+            checkpoints: checkpoint::Tracker::new(),
         };
         let (progress, _) = watch::channel(ReplProgress::default());
         let shared = Arc::new(Shared {
@@ -758,9 +792,10 @@ impl Partition {
             metrics: Arc::new(PartitionMetrics::default()),
             dedupe: dedupe::WriteDedupe::new(),
             flushing: std::sync::atomic::AtomicBool::new(false),
+            recovery: Mutex::new(RecoveryReport::default()),
         });
         if role == OpenRole::Primary {
-            flush::recover_from_sleds(&shared).await?;
+            checkpoint::recover(&shared, recovered).await?;
         }
         replay_log(&shared, role, recovered)?;
         {
@@ -1197,12 +1232,34 @@ impl Partition {
     /// Primary: flushes every log-resident block and pending trim to the
     /// sleds now, then releases the log.
     pub async fn flush_now(&self) -> Result<FlushReport, PartitionError> {
-        flush::flush_now(&self.shared).await
+        let report = flush::flush_now(&self.shared).await?;
+        checkpoint::after_flush(&self.shared).await;
+        Ok(report)
     }
 
     /// Primary: one garbage-collection pass.
     pub async fn gc_pass(&self) -> Result<GcReport, PartitionError> {
-        flush::gc_pass(&self.shared).await
+        let report = flush::gc_pass(&self.shared).await?;
+        checkpoint::after_flush(&self.shared).await;
+        Ok(report)
+    }
+
+    /// Primary: writes an index checkpoint to the sleds now (clean
+    /// shutdown, tests); see [`checkpoint`].
+    pub async fn write_checkpoint(&self) -> Result<CheckpointReport, PartitionError> {
+        checkpoint::write(&self.shared).await
+    }
+
+    /// The extents holding this primary's index checkpoints (debug
+    /// endpoints, tests).
+    pub fn checkpoint_extents(&self) -> Vec<u64> {
+        self.shared.lock().checkpoints.extents()
+    }
+
+    /// How the last recovery from the sleds went (primary open and
+    /// take-over).
+    pub fn recovery_report(&self) -> RecoveryReport {
+        *lock(&self.shared.recovery)
     }
 
     /// Primary: whether a flush is due (log fill ratio or age).
@@ -1376,8 +1433,11 @@ fn kick_flush(shared: &Arc<Shared>) {
     }
     let shared = shared.clone();
     tokio::spawn(async move {
-        if let Err(error) = flush::flush_now(&shared).await {
-            tracing::debug!(partition = ?shared.id(), %error, "flush to make log room failed");
+        match flush::flush_now(&shared).await {
+            Ok(_) => checkpoint::after_flush(&shared).await,
+            Err(error) => {
+                tracing::debug!(partition = ?shared.id(), %error, "flush to make log room failed")
+            }
         }
         if let Err(error) = shared.log.release().await {
             tracing::debug!(%error, "log release failed");

@@ -38,6 +38,10 @@ const PART: PartitionId = PartitionId {
 };
 /// The partition starts at this volume block.
 const FIRST_BLOCK: u64 = 4096;
+const BLOCK: u64 = 4096;
+const CHUNK_BYTES: u64 = 16 * BLOCK;
+/// One row of a column: a chunk and its summary block.
+const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK;
 
 // ---------------------------------------------------------------- sleds
 
@@ -84,6 +88,8 @@ async fn open_sled(id: &str, memory: Arc<MemoryDevice>) -> SledBox {
 struct Sleds {
     sleds: Mutex<BTreeMap<String, Arc<Sled>>>,
     down: Mutex<HashSet<String>>,
+    /// Reads of one stripe summary block (what recovery scans).
+    summary_reads: AtomicU64,
 }
 
 impl SledAccess for Sleds {
@@ -94,6 +100,11 @@ impl SledAccess for Sleds {
     ) -> BoxFuture<'static, Result<SledResponse, PeerError>> {
         let target = self.sleds.lock().unwrap().get(sled).cloned();
         let down = self.down.lock().unwrap().contains(sled);
+        if let SledRequest::Read { offset, len, .. } = &request {
+            if u64::from(*len) == BLOCK && offset % ROW_BYTES == CHUNK_BYTES {
+                self.summary_reads.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         let peer = sled.to_string();
         Box::pin(async move {
             match target {
@@ -113,14 +124,24 @@ struct Extents {
     sleds: Arc<Sleds>,
     next_id: AtomicU64,
     owned: Arc<Mutex<BTreeMap<u64, ExtentGrant>>>,
+    /// Like the LCP's `OpenSandboxExtent`: a lower epoch is refused.
+    min_epoch: AtomicU64,
 }
 
 impl ExtentSource for Extents {
     fn next_extent(
         &self,
         _partition: PartitionId,
-        _epoch: u64,
+        epoch: u64,
     ) -> BoxFuture<'static, Result<ExtentGrant, PeerError>> {
+        if epoch < self.min_epoch.load(Ordering::SeqCst) {
+            return Box::pin(async move {
+                Err(PeerError::Refused {
+                    peer: "lcp".into(),
+                    reason: format!("stale epoch {epoch}"),
+                })
+            });
+        }
         let ids: Vec<String> = self.sleds.sleds.lock().unwrap().keys().cloned().collect();
         let extent = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sleds = self.sleds.clone();
@@ -233,6 +254,16 @@ struct Unit {
     secondary: Partition,
     size_blocks: u64,
     epoch: u64,
+    /// Applied to every partition config the unit opens.
+    tune: fn(&mut PartitionConfig),
+}
+
+fn no_tuning(_: &mut PartitionConfig) {}
+
+fn tuned(size_blocks: u64, epoch: u64, tune: fn(&mut PartitionConfig)) -> PartitionConfig {
+    let mut c = config(size_blocks, epoch);
+    tune(&mut c);
+    c
 }
 
 fn config(size_blocks: u64, epoch: u64) -> PartitionConfig {
@@ -258,6 +289,10 @@ async fn open_log(
 
 impl Unit {
     async fn new(size_blocks: u64) -> Unit {
+        Self::new_tuned(size_blocks, no_tuning).await
+    }
+
+    async fn new_tuned(size_blocks: u64, tune: fn(&mut PartitionConfig)) -> Unit {
         let mut sleds = Vec::new();
         for i in 0..6 {
             sleds.push(
@@ -280,6 +315,7 @@ impl Unit {
             sleds: access.clone(),
             next_id: AtomicU64::new(1),
             owned: Arc::new(Mutex::new(BTreeMap::new())),
+            min_epoch: AtomicU64::new(0),
         });
         let logs = [
             Arc::new(MemoryDevice::new(WAL_DEVICE)),
@@ -287,7 +323,7 @@ impl Unit {
         ];
         let peer = Arc::new(Peer::default());
         let (primary, secondary) =
-            Self::open_partitions(&access, &extents, &logs, &peer, size_blocks, 1).await;
+            Self::open_partitions(&access, &extents, &logs, &peer, size_blocks, 1, tune).await;
         Unit {
             sleds,
             access,
@@ -298,6 +334,7 @@ impl Unit {
             secondary,
             size_blocks,
             epoch: 1,
+            tune,
         }
     }
 
@@ -308,10 +345,11 @@ impl Unit {
         peer: &Arc<Peer>,
         size_blocks: u64,
         epoch: u64,
+        tune: fn(&mut PartitionConfig),
     ) -> (Partition, Partition) {
         let (secondary_log, secondary_records) = open_log(&logs[1]).await;
         let secondary = Partition::open(
-            config(size_blocks, epoch),
+            tuned(size_blocks, epoch, tune),
             OpenRole::Secondary,
             PartitionDeps {
                 log: secondary_log,
@@ -326,7 +364,7 @@ impl Unit {
         *peer.target.lock().unwrap() = Some(secondary.clone());
         let (primary_log, primary_records) = open_log(&logs[0]).await;
         let primary = Partition::open(
-            config(size_blocks, epoch),
+            tuned(size_blocks, epoch, tune),
             OpenRole::Primary,
             PartitionDeps {
                 log: primary_log,
@@ -372,6 +410,7 @@ impl Unit {
             &self.peer,
             self.size_blocks,
             self.epoch,
+            self.tune,
         )
         .await;
         self.primary = primary;
@@ -1032,4 +1071,330 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
         max
     );
     assert!(max < Duration::from_secs(3), "a write stalled for {max:?}");
+}
+
+// ---------------------------------------------------------------- index checkpoints
+
+/// A checkpoint every 3 flush commits, never by time.
+fn checkpoint_every_3(c: &mut PartitionConfig) {
+    c.checkpoint_every_flushes = 3;
+    c.checkpoint_interval = Duration::ZERO;
+}
+
+/// Checkpoints only when asked (`write_checkpoint`).
+fn checkpoint_on_demand(c: &mut PartitionConfig) {
+    c.checkpoint_every_flushes = 0;
+    c.checkpoint_interval = Duration::ZERO;
+}
+
+impl Unit {
+    /// Takes the partition over in place at `epoch` from the secondary
+    /// (promotion) or from the primary (new epoch), as the manager does;
+    /// the new primary has no secondary (reads only).
+    async fn take_over(&mut self, from_secondary: bool, epoch: u64) -> Partition {
+        let source = if from_secondary {
+            self.secondary.clone()
+        } else {
+            self.primary.clone()
+        };
+        let taken = source
+            .take_over(
+                tuned(self.size_blocks, epoch, self.tune),
+                PartitionDeps {
+                    log: source.log().clone(),
+                    sleds: self.access.clone(),
+                    extents: self.extents.clone(),
+                    replica: Some(Arc::new(Peer::default())),
+                },
+            )
+            .await
+            .unwrap();
+        self.extents.min_epoch.store(epoch, Ordering::SeqCst);
+        self.primary = taken.clone();
+        self.epoch = epoch;
+        taken
+    }
+
+    fn summary_reads(&self) -> u64 {
+        self.access.summary_reads.load(Ordering::SeqCst)
+    }
+
+    /// Device byte of `row` of column `index` of `extent` on its sled.
+    fn column_byte(&self, extent: u64, index: usize, row: u64) -> (&SledBox, u64) {
+        let grant = self.extents.owned.lock().unwrap()[&extent].clone();
+        let (sled_id, column) = grant.columns[index].clone();
+        let sled = self.sleds.iter().find(|s| s.id == sled_id).unwrap();
+        let geometry = *sled.sled.stores()[0].geometry();
+        (sled, geometry.data_offset(column.index, row * ROW_BYTES))
+    }
+}
+
+/// Every block's index location (the comparable part of two indexes).
+fn locations(partition: &Partition, size_blocks: u64) -> Vec<Option<Location>> {
+    (0..size_blocks)
+        .map(|b| partition.location_of(b).map(|(l, _)| l))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_over_reads_only_rows_after_the_checkpoint_and_matches_a_full_scan() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_every_3).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(61);
+    for _ in 0..14 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    let written = unit
+        .primary
+        .metrics()
+        .checkpoints_written
+        .load(Ordering::Relaxed);
+    assert!(written >= 4, "{written} checkpoints");
+    // Superseded checkpoint extents were freed: one is left.
+    assert_eq!(unit.primary.checkpoint_extents().len(), 1);
+    // An unflushed tail in both logs.
+    random_ops(&unit, &mut model, &mut rng, 30).await;
+
+    let before = unit.summary_reads();
+    let promoted = unit.take_over(true, 2).await;
+    let with_checkpoint = promoted.recovery_report();
+    let reads = unit.summary_reads() - before;
+    assert!(with_checkpoint.checkpoint.is_some(), "{with_checkpoint:?}");
+    assert_eq!(reads, with_checkpoint.rows_scanned);
+    assert_eq!(
+        promoted
+            .metrics()
+            .recovery_checkpoint_used
+            .load(Ordering::Relaxed),
+        1
+    );
+    check_all(&unit, &model, "after take-over from a checkpoint").await;
+    let from_checkpoint = locations(&promoted, size_blocks);
+
+    // The same take-over with the checkpoint extents hidden scans every row.
+    let hidden: Vec<(u64, ExtentGrant)> = {
+        let mut owned = unit.extents.owned.lock().unwrap();
+        promoted
+            .checkpoint_extents()
+            .iter()
+            .map(|e| (*e, owned.remove(e).unwrap()))
+            .collect()
+    };
+    assert!(!hidden.is_empty());
+    let before = unit.summary_reads();
+    let rescanned = unit.take_over(false, 3).await;
+    let full = rescanned.recovery_report();
+    let full_reads = unit.summary_reads() - before;
+    assert_eq!(full.checkpoint, None, "{full:?}");
+    assert_eq!(full_reads, full.rows_scanned);
+    assert_eq!(
+        locations(&rescanned, size_blocks),
+        from_checkpoint,
+        "checkpoint + rows after it must give the index of a full scan"
+    );
+    check_all(&unit, &model, "after a full-scan take-over").await;
+    println!(
+        "summary reads: {reads} with the checkpoint, {full_reads} by the full scan; {:?} vs {:?}",
+        with_checkpoint.duration, full.duration
+    );
+    assert!(
+        reads * 3 <= full_reads,
+        "{reads} summary reads with a checkpoint, {full_reads} without"
+    );
+    unit.extents.owned.lock().unwrap().extend(hidden);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(62);
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let older = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let newest = unit.primary.write_checkpoint().await.unwrap();
+    assert_eq!(newest.extent, older.extent);
+    assert_eq!(newest.first_row, older.first_row + older.rows);
+    // m + 1 columns of the newest checkpoint's first row go bad: it cannot
+    // be decoded (the sleds' block CRCs catch every flipped bit).
+    for index in [0, 1, 4] {
+        let (sled, byte) = unit.column_byte(newest.extent, index, newest.first_row);
+        sled.faults.flip_bit(byte + 8, 1);
+    }
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    assert_eq!(report.checkpoint, Some((1, older.id)), "{report:?}");
+    assert_eq!(report.checkpoints_refused, 1);
+    check_all(&unit, &model, "after falling back to the older checkpoint").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_checkpoint_leaves_the_previous_one_and_no_checkpoint_means_a_full_scan() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(63);
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let older = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    // The next checkpoint reaches only m + 1 columns: not durable (fewer
+    // than k hold the row), the write fails and the extent is sealed.
+    let ids: Vec<String> = unit.sleds.iter().map(|s| s.id.clone()).collect();
+    unit.access
+        .down
+        .lock()
+        .unwrap()
+        .extend(ids[..3].iter().cloned());
+    assert!(unit.primary.write_checkpoint().await.is_err());
+    unit.access.down.lock().unwrap().clear();
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .checkpoint_failures
+            .load(Ordering::Relaxed),
+        1
+    );
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    assert_eq!(report.checkpoint, Some((1, older.id)), "{report:?}");
+    check_all(&unit, &model, "after a torn checkpoint").await;
+
+    // The new primary's checkpoint goes to a new extent and supersedes
+    // the old ones; with none left, recovery scans every summary.
+    let fresh = promoted.write_checkpoint().await.unwrap();
+    assert_ne!(fresh.extent, older.extent);
+    assert_eq!(fresh.extents_freed, 1);
+    assert_eq!(promoted.checkpoint_extents(), vec![fresh.extent]);
+    let hidden: Vec<(u64, ExtentGrant)> = {
+        let mut owned = unit.extents.owned.lock().unwrap();
+        promoted
+            .checkpoint_extents()
+            .iter()
+            .map(|e| (*e, owned.remove(e).unwrap()))
+            .collect()
+    };
+    let rescanned = unit.take_over(false, 3).await;
+    assert_eq!(rescanned.recovery_report().checkpoint, None);
+    check_all(&unit, &model, "after a full scan").await;
+    unit.extents.owned.lock().unwrap().extend(hidden);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_survives_m_lost_sleds() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(64);
+    random_ops(&unit, &mut model, &mut rng, 80).await;
+    unit.primary.flush_now().await.unwrap();
+    let checkpoint = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 20).await;
+    // Two sleds holding data columns of the checkpoint are lost.
+    let grant = unit.extents.owned.lock().unwrap()[&checkpoint.extent].clone();
+    let lost: Vec<String> = grant.columns[..2].iter().map(|(s, _)| s.clone()).collect();
+    unit.access.down.lock().unwrap().extend(lost);
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    assert_eq!(report.checkpoint, Some((1, checkpoint.id)), "{report:?}");
+    check_all(&unit, &model, "checkpoint decoded from k of k+m columns").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_after_a_checkpoint_frees_extents_it_covers() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut rng = StdRng::seed_from_u64(65);
+    // Twice over: the first extent fills up (960 blocks) and is left with
+    // fewer than half of them live.
+    for _ in 0..2 {
+        for chunk in 0..size_blocks / 16 {
+            let data = pattern(&mut rng, 16 * 4096);
+            unit.write(chunk * 16, 0, data.clone()).await.unwrap();
+            let at = (chunk * 16 * 4096) as usize;
+            model.0[at..at + data.len()].copy_from_slice(&data);
+        }
+        unit.primary.flush_now().await.unwrap();
+    }
+    unit.primary.write_checkpoint().await.unwrap();
+    let covered: Vec<u64> = unit
+        .primary
+        .live_blocks_per_extent()
+        .keys()
+        .copied()
+        .collect();
+    // Overwrite most blocks and trim some: the covered extents empty out.
+    for chunk in 0..size_blocks / 16 {
+        if chunk % 4 == 3 {
+            continue;
+        }
+        let data = pattern(&mut rng, 16 * 4096);
+        unit.write(chunk * 16, 0, data.clone()).await.unwrap();
+        let at = (chunk * 16 * 4096) as usize;
+        model.0[at..at + data.len()].copy_from_slice(&data);
+    }
+    unit.primary
+        .unmap(unit.epoch, FIRST_BLOCK * 4096, 8 * 4096)
+        .await
+        .unwrap();
+    model.0[..8 * 4096].fill(0);
+    unit.primary.flush_now().await.unwrap();
+    let report = unit.primary.gc_pass().await.unwrap();
+    assert!(report.extents_freed > 0, "{report:?}");
+    let owned: Vec<u64> = unit.extents.owned.lock().unwrap().keys().copied().collect();
+    assert!(
+        covered.iter().any(|e| !owned.contains(e)),
+        "GC freed no extent the checkpoint covers"
+    );
+    // The checkpoint extent itself is never compacted away.
+    let checkpoint_extents = unit.primary.checkpoint_extents();
+    assert!(checkpoint_extents.iter().all(|e| owned.contains(e)));
+    // Unflushed writes over blocks of freed extents, too.
+    unit.write(20, 0, vec![0x5a; 4096]).await.unwrap();
+    model.0[20 * 4096..21 * 4096].fill(0x5a);
+    let promoted = unit.take_over(true, 2).await;
+    let recovery = promoted.recovery_report();
+    assert!(recovery.checkpoint.is_some(), "{recovery:?}");
+    check_all(
+        &unit,
+        &model,
+        "after GC freed extents the checkpoint covers",
+    )
+    .await;
+    unit.restart().await;
+    check_all(&unit, &model, "after GC + restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_epoch_primary_cannot_write_a_checkpoint() {
+    let size_blocks = 256u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    unit.write(0, 0, vec![3; 8192]).await.unwrap();
+    unit.primary.flush_now().await.unwrap();
+    let first = unit.primary.write_checkpoint().await.unwrap();
+    let old = unit.primary.clone();
+    let promoted = unit.take_over(true, 2).await;
+    assert_eq!(promoted.recovery_report().checkpoint, Some((1, first.id)));
+    // The old primary still believes it serves epoch 1: the sleds refuse
+    // its checkpoint rows (the new primary claimed the columns).
+    let err = old.write_checkpoint().await.unwrap_err();
+    assert!(
+        matches!(err, PartitionError::Fenced { current: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(old.role(), Role::Fenced { current: 2 });
+    // Nothing of it is visible: the new primary's own checkpoint is next.
+    let second = promoted.write_checkpoint().await.unwrap();
+    assert_eq!(second.epoch, 2);
+    assert_ne!(second.extent, first.extent);
+    let again = unit.take_over(false, 3).await;
+    assert_eq!(again.recovery_report().checkpoint, Some((2, second.id)));
+    assert_eq!(&unit.read(0, 8192).await[..], &[3; 8192][..]);
 }
