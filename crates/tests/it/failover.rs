@@ -98,18 +98,34 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let started = Instant::now();
-        let unit = TestUnit::build(
-            HeadNodeOptions::production_timings(3),
-            6,
-            "4+2",
-            128 * MIB,
-            16 * MIB,
-        );
+        // FAILOVER_TIMINGS=legacy: the timings before issue 6's pause work
+        // (lease 2 s / 500 ms / margin 500 ms, election 1.5–3 s, no
+        // refused-connection detection): bench/failover.sh's baseline.
+        let legacy = std::env::var("FAILOVER_TIMINGS").is_ok_and(|v| v == "legacy");
+        let options = if legacy {
+            HeadNodeOptions {
+                count: 3,
+                election_timeout_min_ms: 1500,
+                election_timeout_max_ms: 3000,
+                node_down_after_ms: 1500,
+                node_refused_down_after_ms: 1500,
+                ..HeadNodeOptions::default()
+            }
+        } else {
+            HeadNodeOptions::production_timings(3)
+        };
+        let unit = TestUnit::build(options, 6, "4+2", 128 * MIB, 16 * MIB);
         // Flushes during the run: take-overs see flushed and logged data.
         unit.append_head_node_config(&format!(
             "wal_size_bytes = {}\nflush_age_ms = 2000\n",
             64 * MIB
         ));
+        if legacy {
+            unit.append_head_node_config(
+                "lease_duration_ms = 2000\nlease_renew_interval_ms = 500\n\
+                 failover_lease_margin_ms = 500\n",
+            );
+        }
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
         let lcp = lcp_client(&unit);
@@ -613,18 +629,18 @@ async fn failover_pause_bench() {
     for rep in 0..reps {
         // Odd repetitions kill the Raft leader, even ones a primary that
         // does not lead.
-        let (victim, case) = match (rep % 2 == 1, leader_index(&cluster).await) {
-            (true, Some(leader)) => (leader, "leader"),
-            _ => (non_leader_primary(&cluster, false).await, "nonleader"),
+        let victim = match (rep % 2 == 1, leader_index(&cluster).await) {
+            (true, Some(leader)) => leader,
+            _ => non_leader_primary(&cluster, false).await,
         };
         let name = cluster.unit.head_nodes[victim].id.clone();
         let map = cluster.map().await;
         let primary = map.partitions.iter().any(|p| p.primary.id.0 == name);
         let was_leader = cluster.leader().await.as_deref() == Some(name.as_str());
-        let case = match (case, was_leader, primary) {
-            (_, true, true) => "leader_primary",
-            (_, true, false) => "leader_not_primary",
-            (_, false, _) => "nonleader_primary",
+        let case = match (was_leader, primary) {
+            (true, true) => "leader_primary",
+            (true, false) => "leader_not_primary",
+            (false, _) => "nonleader_primary",
         };
         let pause = kill_and_recover(&mut cluster, &work, victim).await;
         println!(
