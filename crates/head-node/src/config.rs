@@ -344,8 +344,10 @@ impl HeadNodeConfig {
 
     /// The leader's failover controller settings.
     pub fn failover(&self) -> local_control_plane::failover::FailoverConfig {
-        let mut failover = local_control_plane::failover::FailoverConfig::default();
-        failover.lease_margin = self.failover_lease_margin();
+        let mut failover = local_control_plane::failover::FailoverConfig {
+            lease_margin: self.failover_lease_margin(),
+            ..Default::default()
+        };
         if let Some(n) = self.failover_max_changes_per_second {
             failover.max_changes_per_second = n.max(1);
         }
