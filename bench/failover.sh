@@ -32,7 +32,7 @@ rm -rf "$work"; mkdir -p "$work"
 
 echo "# building release (rackblock and the e2e test binary)" >&2
 cargo build --release -q -p cli --bin rackblock
-test_bin=$(cargo test --release -q -p tests --test it --no-run --message-format=json 2>/dev/null \
+test_bin=$(cargo test --release -q -p tests --test it --no-run --message-format=json \
   | python3 -c 'import json,sys
 for line in sys.stdin:
     try: m = json.loads(line)
