@@ -41,6 +41,9 @@ for line in sys.stdin:
         print(m["executable"])' | tail -1)
 [ -x "$test_bin" ] || { echo "bench/failover.sh: no release test binary found" >&2; exit 1; }
 export RACKBLOCK_BIN="$root/target/release/rackblock"
+# 1 GiB sled devices (64 columns each): every take-over opens new extents,
+# and 20 repetitions exhaust the tests' 128 MiB devices.
+export FAILOVER_DEVICE_MIB=${FAILOVER_DEVICE_MIB:-1024}
 # The harness picks test ports from this slot (side-by-side runs).
 export RACKBLOCK_TEST_PORT_SLOT=${RACKBLOCK_TEST_PORT_SLOT:-7}
 

@@ -114,7 +114,13 @@ impl Cluster {
         } else {
             HeadNodeOptions::production_timings(3)
         };
-        let unit = TestUnit::build(options, 6, "4+2", 128 * MIB, 16 * MIB);
+        // Every take-over opens new extents: long benchmark runs need more
+        // columns than the tests' 8 per sled.
+        let device_mib = std::env::var("FAILOVER_DEVICE_MIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(128);
+        let unit = TestUnit::build(options, 6, "4+2", device_mib * MIB, 16 * MIB);
         // Flushes during the run: take-overs see flushed and logged data.
         unit.append_head_node_config(&format!(
             "wal_size_bytes = {}\nflush_age_ms = 2000\n",
