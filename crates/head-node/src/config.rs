@@ -11,7 +11,7 @@ use std::time::Duration;
 use hardware::EngineChoice;
 use local_control_plane::node::{
     DEFAULT_ELECTION_TIMEOUT_MAX_MS, DEFAULT_ELECTION_TIMEOUT_MIN_MS,
-    DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_NODE_DOWN_AFTER_MS,
+    DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_NODE_DOWN_AFTER_MS, DEFAULT_NODE_REFUSED_DOWN_AFTER_MS,
 };
 use local_control_plane::state::MAX_LEASE_DURATION_MS;
 use serde::Deserialize;
@@ -33,17 +33,24 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub heartbeat_interval_ms: Option<u64>,
     /// Lower bound of the randomised Raft election timeout in milliseconds
-    /// (default 1500). Must exceed the heartbeat interval.
+    /// (default 500). Must exceed the heartbeat interval. A dead leader
+    /// costs this much before anyone can commit (renew leases, fail over).
     #[serde(default)]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the election timeout in milliseconds (default 3000).
+    /// Upper bound of the election timeout in milliseconds (default 1000).
     #[serde(default)]
     pub election_timeout_max_ms: Option<u64>,
     /// The leader declares a head node or sled Down when both of its
-    /// network paths have been down this long, in milliseconds (default
-    /// 1500). One path down is only a path fault.
+    /// network paths have been silent this long, in milliseconds (default
+    /// 1500): a stalled process must not look dead. One path down is only
+    /// a path fault.
     #[serde(default)]
     pub node_down_after_ms: Option<u64>,
+    /// ... or when both paths have *refused* connections this long
+    /// (nothing listens: the process is gone), in milliseconds (default
+    /// 300). Must not exceed `node_down_after_ms`.
+    #[serde(default)]
+    pub node_refused_down_after_ms: Option<u64>,
     /// Bind network A here instead of the rack's `address_a`, e.g. behind
     /// a NAT or a test proxy that owns the rack address. Peers still dial
     /// the rack address.
@@ -67,14 +74,15 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub io_engine: Option<String>,
     /// Read lease a primary asks the local control plane for, in
-    /// milliseconds (default 2000). Reads and writes are served only
+    /// milliseconds (default 600). Reads and writes are served only
     /// under a valid lease (ARCHITECTURE.md §4); a dead primary's
     /// partitions are promoted only after it expired, so it bounds the
-    /// failover pause.
+    /// failover pause. Leases are renewed through Raft: a leader change
+    /// longer than ~90 % of the lease pauses the surviving primaries too.
     #[serde(default)]
     pub lease_duration_ms: Option<u64>,
     /// How often a primary renews its lease, in milliseconds (default
-    /// 500). Must be at most half of `lease_duration_ms`.
+    /// 150). Must be at most half of `lease_duration_ms`.
     #[serde(default)]
     pub lease_renew_interval_ms: Option<u64>,
     /// A primary flushes its log-resident blocks to the sleds when its
@@ -106,8 +114,11 @@ pub struct HeadNodeConfig {
     pub partition_poll_interval_ms: Option<u64>,
     /// The leader promotes a dead primary's partitions only this long
     /// after the lease recorded in the control plane expired, in
-    /// milliseconds (default 500): margin for clock skew between head
-    /// nodes.
+    /// milliseconds (default a tenth of `lease_duration_ms`): margin for
+    /// the offset between the holder's and the leader's wall clocks (the
+    /// holder already stops at 90 % of the lease by its own monotonic
+    /// clock, which covers clock-rate differences). At most
+    /// `lease_duration_ms`.
     #[serde(default)]
     pub failover_lease_margin_ms: Option<u64>,
     /// Per-unit rate limit on failover and re-mirroring role changes, per
@@ -139,9 +150,11 @@ pub struct HeadNodeConfig {
 /// Default size of a newly created write log file.
 pub const DEFAULT_WAL_SIZE_BYTES: u64 = 1 << 30;
 /// Default primary lease.
-pub const DEFAULT_LEASE_DURATION_MS: u64 = 2_000;
+pub const DEFAULT_LEASE_DURATION_MS: u64 = 600;
 /// Default lease renewal interval.
-pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 500;
+pub const DEFAULT_LEASE_RENEW_INTERVAL_MS: u64 = 150;
+/// Default failover lease margin, as a divisor of the lease duration.
+pub const DEFAULT_LEASE_MARGIN_DIVISOR: u32 = 10;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
 pub const DEFAULT_CHECKPOINT_EVERY_FLUSHES: u64 = 32;
@@ -197,6 +210,17 @@ impl HeadNodeConfig {
                 reason: "must be positive".into(),
             });
         }
+        let refused = self.node_refused_down_after();
+        if refused.is_zero() || refused > self.node_down_after() {
+            return Err(ConfigError::Invalid {
+                field: "node_refused_down_after_ms",
+                reason: format!(
+                    "{} must be positive and at most node_down_after_ms {}",
+                    refused.as_millis(),
+                    self.node_down_after().as_millis()
+                ),
+            });
+        }
         self.engine()?;
         let lease = self.lease_duration();
         if lease.is_zero() || lease > Duration::from_millis(MAX_LEASE_DURATION_MS) {
@@ -214,6 +238,12 @@ impl HeadNodeConfig {
                     renew.as_millis(),
                     lease.as_millis()
                 ),
+            });
+        }
+        if self.failover_lease_margin() > lease {
+            return Err(ConfigError::Invalid {
+                field: "failover_lease_margin_ms",
+                reason: format!("must be at most lease_duration_ms {}", lease.as_millis()),
             });
         }
         if self.flush_fill_percent.is_some_and(|p| p == 0 || p > 100) {
@@ -340,10 +370,10 @@ impl HeadNodeConfig {
 
     /// The leader's failover controller settings.
     pub fn failover(&self) -> local_control_plane::failover::FailoverConfig {
-        let mut failover = local_control_plane::failover::FailoverConfig::default();
-        if let Some(ms) = self.failover_lease_margin_ms {
-            failover.lease_margin = Duration::from_millis(ms);
-        }
+        let mut failover = local_control_plane::failover::FailoverConfig {
+            lease_margin: self.failover_lease_margin(),
+            ..Default::default()
+        };
         if let Some(n) = self.failover_max_changes_per_second {
             failover.max_changes_per_second = n.max(1);
         }
@@ -374,6 +404,21 @@ impl HeadNodeConfig {
         Duration::from_millis(self.repair_poll_interval_ms.unwrap_or(500).max(10))
     }
 
+    /// Margin after a recorded lease expiry before promotion.
+    pub fn failover_lease_margin(&self) -> Duration {
+        self.failover_lease_margin_ms.map_or(
+            self.lease_duration() / DEFAULT_LEASE_MARGIN_DIVISOR,
+            Duration::from_millis,
+        )
+    }
+
+    pub fn node_refused_down_after(&self) -> Duration {
+        Duration::from_millis(
+            self.node_refused_down_after_ms
+                .unwrap_or(DEFAULT_NODE_REFUSED_DOWN_AFTER_MS),
+        )
+    }
+
     pub fn node_down_after(&self) -> Duration {
         Duration::from_millis(
             self.node_down_after_ms
@@ -394,13 +439,44 @@ mod tests {
                 .unwrap();
         c.validate().unwrap();
         assert_eq!(c.heartbeat_interval(), Duration::from_millis(100));
-        assert_eq!(c.election_timeout_min(), Duration::from_millis(1500));
-        assert_eq!(c.election_timeout_max(), Duration::from_millis(3000));
+        assert_eq!(c.election_timeout_min(), Duration::from_millis(500));
+        assert_eq!(c.election_timeout_max(), Duration::from_millis(1000));
         assert_eq!(c.node_down_after(), Duration::from_millis(1500));
+        assert_eq!(c.node_refused_down_after(), Duration::from_millis(300));
+        assert_eq!(c.failover_lease_margin(), Duration::from_millis(60));
+        assert_eq!(c.failover().lease_margin, Duration::from_millis(60));
         assert_eq!(c.wal_path(), PathBuf::from("/d/wal.img"));
         assert_eq!(c.wal_size_bytes(), 1 << 30);
-        assert_eq!(c.lease_duration(), Duration::from_secs(2));
-        assert_eq!(c.lease_renew_interval(), Duration::from_millis(500));
+        assert_eq!(c.lease_duration(), Duration::from_millis(600));
+        assert_eq!(c.lease_renew_interval(), Duration::from_millis(150));
+        for (bad, field) in [
+            (
+                HeadNodeConfig {
+                    node_refused_down_after_ms: Some(2000),
+                    ..c.clone()
+                },
+                "node_refused_down_after_ms",
+            ),
+            (
+                HeadNodeConfig {
+                    node_refused_down_after_ms: Some(0),
+                    ..c.clone()
+                },
+                "node_refused_down_after_ms",
+            ),
+            (
+                HeadNodeConfig {
+                    failover_lease_margin_ms: Some(601),
+                    ..c.clone()
+                },
+                "failover_lease_margin_ms",
+            ),
+        ] {
+            assert!(
+                matches!(bad.validate(), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{field}"
+            );
+        }
         assert!((c.flush_fill_ratio() - 0.25).abs() < 1e-9);
         let bad = HeadNodeConfig {
             lease_renew_interval_ms: Some(1500),

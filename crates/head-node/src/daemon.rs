@@ -145,6 +145,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         election_timeout_min: config.election_timeout_min(),
         election_timeout_max: config.election_timeout_max(),
         node_down_after: config.node_down_after(),
+        node_refused_down_after: config.node_refused_down_after(),
         failover: config.failover(),
         repair: config.repair(),
     };

@@ -4,7 +4,8 @@
 //! ```text
 //! start ─▶ open the WAL (one per head node, created sparse if absent)
 //!          ─▶ recovered records grouped by partition (kept until handed over)
-//! every poll interval (reconcile):
+//! whenever this member's state machine applies a new entry (at most every
+//! MIN_RECONCILE_SPACING), and every poll interval anyway (reconcile):
 //!   first time: a Raft write barrier, then the local state machine up to the
 //!   leader's applied index (see `peers::write_barrier`)
 //!   desired = { partitions whose primary or secondary is this node, epoch }
@@ -95,8 +96,12 @@ const DUTY_TIMEOUT: Duration = Duration::from_secs(120);
 const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Bound on the index checkpoints written at a clean shutdown.
 const SHUTDOWN_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Pause after a failed lease request.
-const LEASE_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause after a failed lease request (no leader yet, say): short, since
+/// the partition serves nothing without a lease.
+const LEASE_RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// Least time between two reconciliations woken by applied entries (every
+/// lease renewal is one): bounds the manager's work, not its reaction.
+const MIN_RECONCILE_SPACING: Duration = Duration::from_millis(10);
 
 /// Tunables of the manager (from [`crate::HeadNodeConfig`]).
 #[derive(Debug, Clone)]
@@ -545,11 +550,27 @@ impl PartitionManager {
     /// `shutdown`, then stops every partition.
     pub async fn run(&self, shutdown: CancellationToken) {
         let inner = &self.inner;
+        // A role change (promotion) is acted on as soon as it is applied
+        // here, not a poll interval later.
+        let mut metrics = inner.node.raft().metrics();
         loop {
+            let applied = metrics.borrow_and_update().last_applied;
             reconcile(inner).await;
             update_metrics(inner);
+            let newly_applied = async {
+                tokio::time::sleep(MIN_RECONCILE_SPACING).await;
+                // An error means Raft stopped: the poll interval remains.
+                if metrics
+                    .wait_for(|m| m.last_applied != applied)
+                    .await
+                    .is_err()
+                {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(inner.config.poll_interval) => {}
+                () = newly_applied => {}
                 () = shutdown.cancelled() => break,
             }
         }

@@ -6,8 +6,23 @@
 //!   recorded = unit state (replicated) paths + health
 //!   path A/B observed Up/Down ≠ recorded      ⇒ ReportPathFault{endpoint, network, up}
 //!   both paths Down continuously ≥ node_down_after, recorded Up ⇒ Set*Health Down
+//!   both paths refused continuously ≥ node_refused_down_after   ⇒ Set*Health Down
 //!   any path Up, recorded Down                                  ⇒ Set*Health Up
 //! ```
+//!
+//! * **Two kinds of silence.** A peer that answers nothing (probe
+//!   timeouts) may be a stalled process on a loaded machine, so it is Down
+//!   only after `node_down_after`. A peer whose host *refuses* connections
+//!   on both networks (`ECONNREFUSED`: the host's kernel answers, nothing
+//!   listens) has lost its process — `kill -9`, a crash, a restart — which
+//!   a stall never looks like, so it is Down after the much shorter
+//!   `node_refused_down_after`. Either way a false Down costs a failover,
+//!   never data (leases and epochs keep it safe).
+//! * **The clock is the link's.** How long a path has been down (or
+//!   refused) comes from the process-wide [`PeerLink`](proto::link::PeerLink),
+//!   which probes from start-up whether or not this node leads: a leader
+//!   elected *because* the old leader died finds the silence already
+//!   measured instead of starting its own clock at the election.
 //!
 //! * The comparison is against the **replicated** state, not a local memory:
 //!   a command is only proposed when the state machine disagrees with what
@@ -22,7 +37,6 @@
 //!   and Failed (operator decisions) are left alone.
 //! * This issue detects and records; failover acts on the records later.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +60,8 @@ use crate::state::{Health, NodeId, PathHealth, SledId, UnitState};
 pub struct DetectorConfig {
     /// Both paths down this long ⇒ Down.
     pub node_down_after: Duration,
+    /// Both paths refusing connections this long ⇒ Down.
+    pub node_refused_down_after: Duration,
     /// Time between two comparisons.
     pub poll_interval: Duration,
 }
@@ -109,8 +125,6 @@ pub struct Detector {
     links: Arc<PeerLinks>,
     config: DetectorConfig,
     metrics: DetectorMetrics,
-    /// Since when both paths of an endpoint are observed Down.
-    both_down_since: HashMap<String, Instant>,
 }
 
 fn network_of(path: PathId) -> Network {
@@ -158,7 +172,6 @@ impl Detector {
             links,
             config,
             metrics,
-            both_down_since: HashMap::new(),
         }
     }
 
@@ -248,12 +261,19 @@ impl Detector {
                     endpoint: w.name.clone(),
                 })
                 .set(i64::from(all_down));
-            let since = if all_down {
-                Some(*self.both_down_since.entry(w.name.clone()).or_insert(now))
-            } else {
-                self.both_down_since.remove(&w.name);
-                None
+            // Both down (refused) since the later of the two paths' times.
+            let both_since = |since: fn(&proto::link::PathStatus) -> Option<Instant>| {
+                observed
+                    .iter()
+                    .map(|p| since(p).filter(|_| p.state == PathState::Down))
+                    .try_fold(None::<Instant>, |latest, t| {
+                        t.map(|t| Some(latest.map_or(t, |l| l.max(t))))
+                    })
+                    .flatten()
             };
+            let down_for = |since: Option<Instant>| since.map(|t| now.saturating_duration_since(t));
+            let silent_for = down_for(both_since(|p| p.down_since));
+            let refused_for = down_for(both_since(|p| p.refused_since));
             let set_health = |health| match &w.endpoint {
                 Endpoint::Node(node) => Command::SetNodeHealth {
                     node: node.clone(),
@@ -266,7 +286,16 @@ impl Detector {
             };
             match health {
                 Health::Up => {
-                    if since.is_some_and(|t| now.duration_since(t) >= self.config.node_down_after) {
+                    let silent = silent_for.is_some_and(|d| d >= self.config.node_down_after);
+                    let refused =
+                        refused_for.is_some_and(|d| d >= self.config.node_refused_down_after);
+                    if all_down && (silent || refused) {
+                        info!(
+                            endpoint = %w.name,
+                            ?silent_for,
+                            ?refused_for,
+                            "both paths down: recording the endpoint Down"
+                        );
                         commands.push(set_health(Health::Down));
                     }
                 }

@@ -6,7 +6,9 @@
 //!   primary on a Down/Failed node, secondary Up:
 //!     lease None, or lease.expires_at_ms + lease_margin <= now  ⇒ Promote
 //!         ChangePrimary{new_primary: secondary, new_secondary: pick(), expected_epoch}
-//!     else                                                       ⇒ wait (counted)
+//!     else                                                       ⇒ wait (counted; the
+//!                                                                   controller wakes when
+//!                                                                   the first one is due)
 //!   secondary on a Down/Failed node, primary Up                  ⇒ Remirror
 //!         ChangeSecondary{new_secondary: pick()}
 //!   both copies on nodes that are not Up                         ⇒ stuck (counted, never guessed)
@@ -48,10 +50,11 @@ use crate::error::CommandError;
 use crate::state::{Epoch, Health, NodeId, PartitionId, UnitState};
 
 /// Default pause between two plans.
-pub const DEFAULT_FAILOVER_POLL_INTERVAL_MS: u64 = 100;
-/// Default margin added to a lease expiry before promoting (clock skew
-/// between the head node that took the lease and the leader).
-pub const DEFAULT_LEASE_MARGIN_MS: u64 = 500;
+pub const DEFAULT_FAILOVER_POLL_INTERVAL_MS: u64 = 50;
+/// Default margin added to a lease expiry before promoting (wall-clock
+/// offset between the head node that took the lease and the leader; the
+/// head node's config defaults it to a tenth of its lease).
+pub const DEFAULT_LEASE_MARGIN_MS: u64 = 60;
 /// Default bound on proposals per tick.
 pub const DEFAULT_MAX_CHANGES_PER_TICK: usize = 16;
 /// Default per-unit rate limit on role changes.
@@ -132,6 +135,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Partitions whose dead primary's lease has not expired yet.
     pub waiting_for_lease: usize,
+    /// When the first of those may be promoted (lease expiry + margin,
+    /// wall-clock milliseconds).
+    pub next_promotion_at_ms: Option<u64>,
     /// Partitions with no Up copy, or no Up node to take a role.
     pub stuck: usize,
 }
@@ -181,12 +187,14 @@ pub fn plan(state: &UnitState, now_ms: u64, lease_margin_ms: u64) -> Plan {
                 plan.stuck += 1;
                 continue;
             }
-            let lease_over = p
+            let due_ms = p
                 .lease
                 .as_ref()
-                .is_none_or(|l| l.expires_at_ms.saturating_add(lease_margin_ms) <= now_ms);
-            if !lease_over {
+                .map(|l| l.expires_at_ms.saturating_add(lease_margin_ms));
+            if let Some(due_ms) = due_ms.filter(|due| *due > now_ms) {
                 plan.waiting_for_lease += 1;
+                plan.next_promotion_at_ms =
+                    Some(plan.next_promotion_at_ms.map_or(due_ms, |t| t.min(due_ms)));
                 continue;
             }
             let Some(new_secondary) = pick(&roles, [&p.primary, &p.secondary]) else {
@@ -354,8 +362,15 @@ impl FailoverController {
                     }
                 };
             }
+            // Wake when the first waiting lease is over, not a poll later.
+            let pause = plan
+                .next_promotion_at_ms
+                .map_or(self.config.poll_interval, |due_ms| {
+                    let wait = Duration::from_millis(due_ms.saturating_sub(wall_clock_ms()) + 1);
+                    wait.min(self.config.poll_interval)
+                });
             tokio::select! {
-                () = tokio::time::sleep(self.config.poll_interval) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = stop.cancelled() => break,
             }
         }
@@ -473,6 +488,8 @@ mod tests {
             .iter()
             .all(|a| matches!(a, Action::Remirror { .. })));
         assert_eq!(early.waiting_for_lease, victims.len());
+        // The controller sleeps until exactly then, not a poll later.
+        assert_eq!(early.next_promotion_at_ms, Some(12_500));
         let status = state.unit_status().failover;
         assert_eq!(status.failing_over, victims.len());
         assert_eq!(

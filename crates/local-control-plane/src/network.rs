@@ -99,7 +99,7 @@ impl PeerLinks {
             connect_timeout: floor(election_timeout_min / 4, 50),
             request_timeout: floor(election_timeout_min / 2, 100),
             probe_interval: floor(heartbeat / 2, 20),
-            probe_timeout: floor(election_timeout_min / 6, 50),
+            probe_timeout: floor(election_timeout_min / 6, 100),
             failures_before_down: 2,
         }
     }

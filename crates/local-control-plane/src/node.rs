@@ -89,17 +89,28 @@ pub const SMALL_VOTER_COUNT: usize = 3;
 
 /// Default Raft heartbeat interval.
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
-/// Default election timeout range. Wide enough that losing network A (the
-/// link's prober must mark the path down and move traffic to B) never costs
-/// an election: these are the timings the multi-process tests run with.
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 1500;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 3000;
-/// Default time both paths must be down before a node is declared Down.
-/// With the link prober's 50 ms probes and 2 failures before a path is
-/// Down, a dead node is recorded after ~1.6 s; a loaded 2-core box stalls a
-/// healthy process for well under that, and a false Down only costs a
-/// failover (the lease keeps it safe), never data.
+/// Default election timeout range. Short, because a dead leader stops
+/// every lease renewal and failover until a new one is elected, yet wide
+/// enough that losing network A never costs an election: the Raft links
+/// probe every 50 ms and mark a path Down after two failed probes of
+/// `election_timeout_min / 6` (~85 ms) each, so heartbeats move to network
+/// B within ~250 ms. (Most multi-process tests run with 1.5–3 s: they share
+/// two cores with debug builds.)
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 500;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
+/// Default time both paths must be *silent* before a node is declared
+/// Down. With the link prober's 50 ms probes and 2 failures before a path
+/// is Down, a silent node is recorded after ~1.6 s; a loaded 2-core box
+/// stalls a healthy process for well under that, and a false Down only
+/// costs a failover (the lease keeps it safe), never data.
 pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 1500;
+/// Default time both paths must *refuse* connections before a node is
+/// declared Down: its host answers but nothing listens, so the process is
+/// gone (a stall never refuses). Short, so a `kill -9` or crash is
+/// recorded in ~0.35 s; long enough to ride out a listener being re-bound.
+pub const DEFAULT_NODE_REFUSED_DOWN_AFTER_MS: u64 = 300;
+/// How often the leader's detector compares probes with the state.
+const DETECTOR_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Largest snapshot chunk sent in one RPC (JSON-encoded, so it grows).
 const SNAPSHOT_CHUNK_BYTES: u64 = 256 << 10;
@@ -118,6 +129,8 @@ pub struct LcpConfig {
     pub election_timeout_max: Duration,
     /// Both paths down this long ⇒ the node or sled is declared Down.
     pub node_down_after: Duration,
+    /// Both paths refusing connections this long ⇒ Down.
+    pub node_refused_down_after: Duration,
     /// The leader's failover controller (lease margin, rate limits).
     pub failover: FailoverConfig,
     /// The leader's column repair controller (concurrency, bandwidth).
@@ -135,6 +148,7 @@ impl LcpConfig {
             election_timeout_min: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MIN_MS),
             election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
             node_down_after: Duration::from_millis(DEFAULT_NODE_DOWN_AFTER_MS),
+            node_refused_down_after: Duration::from_millis(DEFAULT_NODE_REFUSED_DOWN_AFTER_MS),
             failover: FailoverConfig::default(),
             repair: RepairConfig::default(),
         }
@@ -402,7 +416,8 @@ impl LcpNode {
             link_metrics,
             detector_config: DetectorConfig {
                 node_down_after: config.node_down_after,
-                poll_interval: Duration::from_millis(100),
+                node_refused_down_after: config.node_refused_down_after,
+                poll_interval: DETECTOR_POLL_INTERVAL,
             },
             detector_metrics,
             failover_config: config.failover.clone(),
@@ -414,9 +429,13 @@ impl LcpNode {
         // Forwarding links exist from the start so that their probers know
         // which network works before a command needs them (a command sent
         // into a black hole cannot be resent, see `forward`).
+        // The Raft links to every other member exist (and probe) from the
+        // start too, leader or not: a node elected because the leader died
+        // finds in them how long the old leader has been silent.
         for (id, info) in &inner.nodes {
             if *id != raft_id {
                 forward_link(&inner, *id, info);
+                inner.links.link(&info.id, info.address_a, info.address_b);
             }
         }
         let node = LcpNode {

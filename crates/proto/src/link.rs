@@ -131,6 +131,16 @@ pub struct PathStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub last_rtt_us: Option<u64>,
+    /// Since when the path is Down (`None` unless Down). Kept by the link,
+    /// which lives as long as the process: a failure detector that starts
+    /// late (a new Raft leader) sees how long the silence already lasts.
+    pub down_since: Option<Instant>,
+    /// Since when every failure of this path was an actively refused
+    /// connection (`ECONNREFUSED`: the peer's host answers, but nothing
+    /// listens — the process is gone). `None` after any success or any other
+    /// kind of failure (timeouts, resets). A stalled but live process still
+    /// accepts connections (its kernel does), so it is never "refused".
+    pub refused_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -262,6 +272,9 @@ enum AttemptError {
     /// The request never left this process (connect failed, connection
     /// already dead before sending): safe to send elsewhere.
     NotSent(String),
+    /// The connection was actively refused (nothing listens at the
+    /// address): not sent, like `NotSent`, and evidence the peer is gone.
+    Refused(String),
     /// Sent (or possibly sent), then the connection failed.
     Lost(String),
     Timeout,
@@ -272,9 +285,28 @@ impl AttemptError {
     fn describe(&self) -> String {
         match self {
             AttemptError::NotSent(reason)
+            | AttemptError::Refused(reason)
             | AttemptError::Lost(reason)
             | AttemptError::Protocol(reason) => reason.clone(),
             AttemptError::Timeout => "timeout".to_owned(),
+        }
+    }
+}
+
+/// Why a connect attempt failed.
+#[derive(Debug, Clone)]
+struct ConnectError {
+    reason: String,
+    /// `ECONNREFUSED`: nothing listens at the address.
+    refused: bool,
+}
+
+impl ConnectError {
+    fn to_attempt_error(&self) -> AttemptError {
+        if self.refused {
+            AttemptError::Refused(self.reason.clone())
+        } else {
+            AttemptError::NotSent(self.reason.clone())
         }
     }
 }
@@ -321,11 +353,21 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn open(address: SocketAddr, timeout: Duration) -> Result<Connection, String> {
+    async fn open(address: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(format!("connect {address}: {error}")),
-            Err(_) => return Err(format!("connect {address}: timed out after {timeout:?}")),
+            Ok(Err(error)) => {
+                return Err(ConnectError {
+                    reason: format!("connect {address}: {error}"),
+                    refused: error.kind() == std::io::ErrorKind::ConnectionRefused,
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError {
+                    reason: format!("connect {address}: timed out after {timeout:?}"),
+                    refused: false,
+                })
+            }
         };
         let _ = stream.set_nodelay(true);
         // Closing a connection aborts it (RST) and discards unsent bytes: a
@@ -448,6 +490,8 @@ struct Health {
     last_error: Option<String>,
     consecutive_failures: u32,
     last_rtt_us: Option<u64>,
+    down_since: Option<Instant>,
+    refused_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -465,7 +509,7 @@ struct ConnectionSlot {
     connection: Option<Arc<Connection>>,
     /// When the last connect attempt failed, and why: callers that queued
     /// behind that attempt fail fast instead of each waiting a timeout.
-    last_connect_failure: Option<(Instant, String)>,
+    last_connect_failure: Option<(Instant, ConnectError)>,
 }
 
 /// Connections to one peer over network A and network B.
@@ -504,6 +548,8 @@ impl PeerLink {
                 last_error: None,
                 consecutive_failures: 0,
                 last_rtt_us: None,
+                down_since: None,
+                refused_since: None,
             }),
             labels: PathLabels {
                 peer: peer.clone(),
@@ -567,7 +613,7 @@ impl PeerLink {
         };
         let retry = match &first_error {
             AttemptError::Protocol(reason) => return Err(self.protocol(reason.clone())),
-            AttemptError::NotSent(_) => true,
+            AttemptError::NotSent(_) | AttemptError::Refused(_) => true,
             AttemptError::Lost(_) | AttemptError::Timeout => idempotent,
         };
         if !retry {
@@ -680,7 +726,7 @@ impl PeerLink {
                 self.record_success(path, None);
             }
             Err(AttemptError::Timeout) => self.record_timeout(path),
-            Err(error) => self.record_failure(path, error.describe()),
+            Err(error) => self.record_failure(path, error),
         }
         result
     }
@@ -689,6 +735,8 @@ impl PeerLink {
         let mut health = lock(&path.health);
         health.consecutive_failures = 0;
         health.state = PathState::Up;
+        health.down_since = None;
+        health.refused_since = None;
         if let Some(rtt) = rtt {
             health.last_rtt_us = Some(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
         }
@@ -703,12 +751,19 @@ impl PeerLink {
         self.metrics.path_failures.get_or_create(&path.labels).inc();
     }
 
-    fn record_failure(&self, path: &Path, reason: String) {
+    fn record_failure(&self, path: &Path, error: &AttemptError) {
+        let reason = error.describe();
+        let now = Instant::now();
         let mut health = lock(&path.health);
         health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        health.refused_since = match error {
+            AttemptError::Refused(_) => Some(health.refused_since.unwrap_or(now)),
+            _ => None,
+        };
         if health.consecutive_failures >= self.config.failures_before_down.max(1) {
             if health.state != PathState::Down {
                 tracing::warn!(peer = %self.peer, path = %path.id, %reason, "path down");
+                health.down_since = Some(now);
             }
             health.state = PathState::Down;
             self.metrics.path_up.get_or_create(&path.labels).set(0);
@@ -744,13 +799,16 @@ impl PeerLink {
             Ok(other) => {
                 self.record_failure(
                     path,
-                    format!("probe answered with kind {:#06x}", other.kind()),
+                    &AttemptError::Protocol(format!(
+                        "probe answered with kind {:#06x}",
+                        other.kind()
+                    )),
                 );
                 path.drop_connection("probe answered with the wrong kind")
                     .await;
             }
             Err(error) => {
-                self.record_failure(path, format!("probe: {}", error.describe()));
+                self.record_failure(path, &error);
                 // A probe that times out means the connection is silent
                 // (blackholed network): requests in flight on it would each
                 // wait out their own timeout before moving to the other path.
@@ -776,6 +834,8 @@ impl Path {
             last_error: health.last_error.clone(),
             consecutive_failures: health.consecutive_failures,
             last_rtt_us: health.last_rtt_us,
+            down_since: health.down_since,
+            refused_since: health.refused_since,
         }
     }
 
@@ -789,9 +849,9 @@ impl Path {
             }
             slot.connection = None;
         }
-        if let Some((failed_at, reason)) = &slot.last_connect_failure {
+        if let Some((failed_at, error)) = &slot.last_connect_failure {
             if *failed_at >= queued_at {
-                return Err(AttemptError::NotSent(reason.clone()));
+                return Err(error.to_attempt_error());
             }
         }
         match Connection::open(self.address, timeout).await {
@@ -801,9 +861,10 @@ impl Path {
                 slot.last_connect_failure = None;
                 Ok(connection)
             }
-            Err(reason) => {
-                slot.last_connect_failure = Some((Instant::now(), reason.clone()));
-                Err(AttemptError::NotSent(reason))
+            Err(error) => {
+                let attempt_error = error.to_attempt_error();
+                slot.last_connect_failure = Some((Instant::now(), error));
+                Err(attempt_error)
             }
         }
     }

@@ -22,9 +22,17 @@
 //!   SIGCONT: a write with the old epoch sent straight to it is not
 //!   acknowledged and never becomes visible through the new primary.
 //!
-//! The Raft leader is never the victim here: killing it adds an election
-//! (1.5–3 s) before the detector runs, and with a 2 s lease the surviving
-//! primaries may pause too (see ARCHITECTURE.md §6).
+//! * `failover_pause_bench` (`#[ignore]`d; `bench/failover.sh` runs it in
+//!   release) — `FAILOVER_REPS` (default 20) kill -9 repetitions
+//!   alternating between a primary that does not lead Raft and the Raft
+//!   leader (a primary too when it is one), printing one `FAILOVER_PAUSE`
+//!   line per repetition for the script to summarise.
+//!
+//! The units run with the head node's production timings (lease 600 ms,
+//! election 0.5–1 s, refused-connection detection 300 ms), so the pauses
+//! printed are what a deployment gets. The tests other than the benchmark
+//! do not kill the Raft leader on purpose: that adds an election before
+//! the detector runs (see ARCHITECTURE.md, "Failover in one paragraph").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,17 +98,29 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Cluster {
         let started = Instant::now();
-        let unit = TestUnit::build(
+        // FAILOVER_TIMINGS=legacy: the timings before issue 6's pause work
+        // (lease 2 s / 500 ms / margin 500 ms, election 1.5–3 s, no
+        // refused-connection detection): bench/failover.sh's baseline.
+        let legacy = std::env::var("FAILOVER_TIMINGS").is_ok_and(|v| v == "legacy");
+        let options = if legacy {
             HeadNodeOptions {
                 count: 3,
+                election_timeout_min_ms: 1500,
+                election_timeout_max_ms: 3000,
                 node_down_after_ms: 1500,
+                node_refused_down_after_ms: 1500,
                 ..HeadNodeOptions::default()
-            },
-            6,
-            "4+2",
-            128 * MIB,
-            16 * MIB,
-        );
+            }
+        } else {
+            HeadNodeOptions::production_timings(3)
+        };
+        // Every take-over opens new extents: long benchmark runs need more
+        // columns than the tests' 8 per sled.
+        let device_mib = std::env::var("FAILOVER_DEVICE_MIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(128);
+        let unit = TestUnit::build(options, 6, "4+2", device_mib * MIB, 16 * MIB);
         // Flushes during the run: take-overs see flushed and logged data,
         // and an index checkpoint after every flush commit, so take-overs
         // start from one.
@@ -108,6 +128,12 @@ impl Cluster {
             "wal_size_bytes = {}\nflush_age_ms = 2000\ncheckpoint_every_flushes = 1\n",
             64 * MIB
         ));
+        if legacy {
+            unit.append_head_node_config(
+                "lease_duration_ms = 2000\nlease_renew_interval_ms = 500\n\
+                 failover_lease_margin_ms = 500\n",
+            );
+        }
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
         let lcp = lcp_client(&unit);
@@ -613,6 +639,51 @@ async fn primary_kill9_fails_over_without_errors() {
         "no take-over started from an index checkpoint\n{}",
         cluster.logs()
     );
+}
+
+/// The Raft leader's index once it is known.
+async fn leader_index(cluster: &Cluster) -> Option<usize> {
+    let leader = cluster.leader().await?;
+    Some(cluster.index_of(&leader))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: bench/failover.sh runs it in release"]
+async fn failover_pause_bench() {
+    let started = Instant::now();
+    let reps: usize = std::env::var("FAILOVER_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut cluster = Cluster::start().await;
+    let work = Workload::start(&cluster).await;
+    for rep in 0..reps {
+        // Odd repetitions kill the Raft leader, even ones a primary that
+        // does not lead.
+        let victim = match (rep % 2 == 1, leader_index(&cluster).await) {
+            (true, Some(leader)) => leader,
+            _ => non_leader_primary(&cluster, false).await,
+        };
+        let name = cluster.unit.head_nodes[victim].id.clone();
+        let map = cluster.map().await;
+        let primary = map.partitions.iter().any(|p| p.primary.id.0 == name);
+        let was_leader = cluster.leader().await.as_deref() == Some(name.as_str());
+        let case = match (was_leader, primary) {
+            (true, true) => "leader_primary",
+            (true, false) => "leader_not_primary",
+            (false, _) => "nonleader_primary",
+        };
+        let pause = kill_and_recover(&mut cluster, &work, victim).await;
+        println!(
+            "FAILOVER_PAUSE rep={} case={case} pause_ms={:.1}",
+            rep + 1,
+            pause.as_secs_f64() * 1000.0
+        );
+        cluster.restart(victim);
+        work.progress(50, &cluster).await;
+    }
+    eprintln!("{reps} repetitions in {:?}", started.elapsed());
+    work.finish(&cluster, "after every failover").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

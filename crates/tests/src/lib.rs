@@ -216,6 +216,25 @@ pub struct HeadNodeOptions {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub node_down_after_ms: u64,
+    /// Both paths refusing connections this long ⇒ Down (a dead process).
+    pub node_refused_down_after_ms: u64,
+}
+
+impl HeadNodeOptions {
+    /// The head node's production timing defaults (failover tests and
+    /// benchmarks measure what a deployment gets).
+    pub fn production_timings(count: u32) -> HeadNodeOptions {
+        use local_control_plane::node as lcp;
+        HeadNodeOptions {
+            count,
+            proxied_a: false,
+            heartbeat_interval_ms: lcp::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            election_timeout_min_ms: lcp::DEFAULT_ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max_ms: lcp::DEFAULT_ELECTION_TIMEOUT_MAX_MS,
+            node_down_after_ms: lcp::DEFAULT_NODE_DOWN_AFTER_MS,
+            node_refused_down_after_ms: lcp::DEFAULT_NODE_REFUSED_DOWN_AFTER_MS,
+        }
+    }
 }
 
 impl Default for HeadNodeOptions {
@@ -229,6 +248,7 @@ impl Default for HeadNodeOptions {
             election_timeout_min_ms: 1500,
             election_timeout_max_ms: 3000,
             node_down_after_ms: 3000,
+            node_refused_down_after_ms: 1000,
         }
     }
 }
@@ -369,7 +389,8 @@ impl TestUnit {
             let mut config = format!(
                 "rack_file = \"{}\"\nhead_node_id = \"{}\"\ndata_dir = \"{}\"\n\
                  heartbeat_interval_ms = {}\nelection_timeout_min_ms = {}\n\
-                 election_timeout_max_ms = {}\nnode_down_after_ms = {}\n",
+                 election_timeout_max_ms = {}\nnode_down_after_ms = {}\n\
+                 node_refused_down_after_ms = {}\n",
                 rack_path.display(),
                 head.id,
                 head.data_dir.display(),
@@ -377,6 +398,9 @@ impl TestUnit {
                 heads.election_timeout_min_ms,
                 heads.election_timeout_max_ms,
                 heads.node_down_after_ms,
+                heads
+                    .node_refused_down_after_ms
+                    .min(heads.node_down_after_ms),
             );
             if head.listen_a != head.address_a {
                 config.push_str(&format!("listen_a = \"{}\"\n", head.listen_a));

@@ -81,9 +81,15 @@ async fn refused_a_fails_over_to_b() {
         })
         .await
     );
-    let [path_a, _] = link.paths();
+    let [path_a, path_b] = link.paths();
     assert!(path_a.consecutive_failures >= 2);
     assert!(path_a.last_error.is_some());
+    // Refused connects are evidence that nothing listens (a dead process),
+    // and the link remembers since when (the failure detector reads both).
+    let down_since = path_a.down_since.expect("a Down path knows since when");
+    let refused_since = path_a.refused_since.expect("refused connects");
+    assert!(refused_since <= down_since);
+    assert_eq!((path_b.down_since, path_b.refused_since), (None, None));
     assert!(metrics.path_failures_total("peer-1", PathId::A) >= 2);
     // Once A is Down, calls go straight to B.
     let failovers = metrics.failovers_total("peer-1");
@@ -138,6 +144,10 @@ async fn blackholed_a_idempotent_retries_on_b_and_non_idempotent_is_uncertain() 
         .await
     );
     assert_eq!(idempotent_link.paths()[1].state, PathState::Up);
+    // Silence is not refusal: a stalled peer's kernel still accepts.
+    let [path_a, _] = idempotent_link.paths();
+    assert!(path_a.down_since.is_some());
+    assert_eq!(path_a.refused_since, None);
 }
 
 #[tokio::test]
@@ -179,6 +189,10 @@ async fn recovered_path_comes_back_up() {
     let _a_server = start_server_on(a).await;
     assert!(wait_until(SETTLE, || link.paths()[0].state == PathState::Up).await);
     assert_eq!(link.paths()[0].consecutive_failures, 0);
+    assert_eq!(
+        (link.paths()[0].down_since, link.paths()[0].refused_since),
+        (None, None)
+    );
     assert_eq!(data_offset(&link.call(read(3, 0), true).await.unwrap()), 3);
 }
 
