@@ -57,20 +57,6 @@ const SLOTS: u64 = VOLUME_BYTES / SLOT_BYTES;
 const WORKERS: u64 = 4;
 const PARTITIONS: usize = (VOLUME_BYTES / PARTITION_BYTES) as usize;
 
-fn lcp_client(unit: &TestUnit) -> LcpClient {
-    LcpClient::with_config(
-        &unit.rack(),
-        LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(3),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-    )
-    .with_retries(10, Duration::from_millis(300))
-}
-
 fn client_config() -> ClientConfig {
     ClientConfig {
         // Above the head node's 5 s replica timeout: a write is never
@@ -136,7 +122,7 @@ impl Cluster {
         }
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
-        let lcp = lcp_client(&unit);
+        let lcp = unit.lcp_client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let command = Command::RegisterVolume {
@@ -413,7 +399,7 @@ struct Workload {
 impl Workload {
     async fn start(cluster: &Cluster) -> Workload {
         let client = Arc::new(
-            VolumeClient::connect(lcp_client(&cluster.unit), VOLUME, client_config())
+            VolumeClient::connect(cluster.unit.lcp_client(), VOLUME, client_config())
                 .await
                 .unwrap(),
         );
