@@ -19,7 +19,10 @@
 //!   all partitions that had records opened           ─▶ READY (traffic, flush, GC)
 //! per primary: lease task  (GrantLease every renew interval, lease_until)
 //!              duty task   (flush when due: fill ratio / age; GC every gc interval)
-//! host request   ─▶ hosted primary, READY, lease valid ─▶ Partition::handle_host
+//! host request   ─▶ attachment credential valid for the volume and the range
+//!                   inside the volume (applied LCP state; else Unauthorized /
+//!                   OutOfRange, re-checked once after a read barrier)
+//!                   ─▶ hosted primary, READY, lease valid ─▶ Partition::handle_host
 //!                   else NotPrimary{hint: the map's primary} | Unavailable (opening,
 //!                   no lease yet: the client backs off and resends)
 //! replica request ─▶ hosted secondary, READY ─▶ Partition::handle_replica
@@ -66,6 +69,7 @@ use hardware::{open_device, EngineChoice, OpenOptions};
 use local_control_plane::state::{NodeId, PartitionId as LcpPartitionId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -185,6 +189,8 @@ struct ManagerMetrics {
     wal_capacity_bytes: Gauge,
     hosted_partitions: Gauge,
     ready: Gauge,
+    /// Host requests refused for their attachment credential.
+    host_unauthorized: Counter,
 }
 
 impl ManagerMetrics {
@@ -280,6 +286,11 @@ impl ManagerMetrics {
             "1 once every partition with recovered log records is open",
             m.ready.clone(),
         );
+        registry.register(
+            "rackblock_host_unauthorized",
+            "Host requests refused for a missing, unknown or revoked attachment credential",
+            m.host_unauthorized.clone(),
+        );
         m
     }
 
@@ -360,6 +371,9 @@ struct Inner {
     synced: AtomicBool,
     ready: AtomicBool,
     metrics: ManagerMetrics,
+    /// When the last read barrier of a refused host request completed
+    /// (single flight: refusals arriving meanwhile reuse it).
+    access_sync: tokio::sync::Mutex<Option<Instant>>,
     shutdown: CancellationToken,
 }
 
@@ -400,10 +414,12 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
             } else {
                 continue;
             };
+            // Every partition is opened at its full size, the last one too:
+            // host I/O is bounded by the volume's size in the state
+            // (`check_host_access`), so growing a volume never has to
+            // reopen a partition.
             let start = u64::from(p.id.index) * volume.partition_size_bytes;
-            let size = volume
-                .partition_size_bytes
-                .min(volume.size_bytes.saturating_sub(start));
+            let size = volume.partition_size_bytes;
             desired.insert(
                 PartitionId::from(p.id),
                 Desired {
@@ -495,6 +511,7 @@ impl PartitionManager {
                 synced: AtomicBool::new(false),
                 ready: AtomicBool::new(false),
                 metrics,
+                access_sync: tokio::sync::Mutex::new(None),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -537,6 +554,9 @@ impl PartitionManager {
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
         let inner = &self.inner;
+        if let Err(error) = check_host_access(inner, &request).await {
+            return HostReply::Error(error);
+        }
         let id = request.partition_id();
         let hosted = read(&inner.hosted).get(&id).cloned();
         let Some(hosted) = hosted.filter(|h| h.role == OpenRole::Primary) else {
@@ -621,6 +641,58 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The request's attachment credential and range against the volume in
+/// the applied control-plane state (see `proto::volume`'s module docs):
+/// `Unauthorized` for a credential the volume does not list, `OutOfRange`
+/// past the volume's end. A refusal is re-checked once after a read
+/// barrier, so an attachment or a resize committed a moment ago is not
+/// refused by a head node whose state machine lags; barriers are single
+/// flight, and a refusal that arrived during one reuses it.
+async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), HostError> {
+    let check = || -> Result<(), HostError> {
+        let size_bytes = inner
+            .node
+            .host_access(request.volume, &request.credential)
+            .map_err(|_| HostError::Unauthorized {
+                attachment: request.credential.attachment,
+            })?;
+        if let Some((offset_bytes, len)) = request.op.range() {
+            let end = offset_bytes.saturating_add(u64::from(len));
+            if end > size_bytes {
+                return Err(HostError::OutOfRange {
+                    offset_bytes,
+                    len,
+                    partition_start: 0,
+                    partition_end: size_bytes,
+                });
+            }
+        }
+        Ok(())
+    };
+    if check().is_ok() {
+        return Ok(());
+    }
+    let arrived = Instant::now();
+    {
+        let mut last = inner.access_sync.lock().await;
+        if last.is_none_or(|done| done < arrived) {
+            if let Err(error) = sync_local_state(&inner.node).await {
+                debug!(%error, "read barrier before a host refusal failed");
+            }
+            *last = Some(Instant::now());
+        }
+    }
+    let verdict = check();
+    if let Err(HostError::Unauthorized { attachment }) = &verdict {
+        inner.metrics.host_unauthorized.inc();
+        debug!(
+            volume = request.volume,
+            attachment, "host request refused: attachment credential not valid"
+        );
+    }
+    verdict
 }
 
 fn unavailable(reason: &str) -> HostReply {
@@ -1114,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn desired_partitions_follow_the_map_with_a_short_last_partition() {
+    fn desired_partitions_follow_the_map_and_open_a_short_last_partition_whole() {
         let state = unit();
         let mut primaries = 0;
         let mut secondaries = 0;
@@ -1142,6 +1214,8 @@ mod tests {
         let per = (4 << 20) / BLOCK_BYTES;
         assert_eq!(blocks[&0], (0, per));
         assert_eq!(blocks[&1], (per, per));
-        assert_eq!(blocks[&2], (2 * per, (2 << 20) / BLOCK_BYTES));
+        // The short last partition is opened whole (I/O is bounded by the
+        // volume size instead), so a grow never reopens it.
+        assert_eq!(blocks[&2], (2 * per, per));
     }
 }

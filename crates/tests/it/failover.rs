@@ -372,7 +372,7 @@ struct Workload {
 impl Workload {
     async fn start(cluster: &Cluster) -> Workload {
         let client = Arc::new(
-            VolumeClient::connect(lcp_client(&cluster.unit), VOLUME, client_config())
+            tests::connect_client(lcp_client(&cluster.unit), VOLUME, client_config())
                 .await
                 .unwrap(),
         );
@@ -686,6 +686,8 @@ async fn paused_primary_is_fenced_on_resume() {
             volume: VOLUME,
             partition: old.index,
             epoch: old.epoch,
+            // A valid credential: the refusal must come from the fencing.
+            credential: work.client.credential(),
             op: HostOp::Write {
                 write_id: 0,
                 offset_bytes: offset,

@@ -142,7 +142,7 @@ impl Unit {
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(30));
         }
-        let client = VolumeClient::connect(lcp_client(&unit), volume, client_config())
+        let client = tests::connect_client(lcp_client(&unit), volume, client_config())
             .await
             .unwrap();
         let this = Unit {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
+use proto::volume::AttachmentCredential;
 use futures::future::BoxFuture;
 use hardware::rack::{ErasureCode, HeadNodeSpec, Rack, UnitSpec};
 use local_control_plane::client::{response_message, LcpRequest, LcpResponse};
@@ -342,7 +343,9 @@ impl Unit {
 
     pub async fn client(&self, config: ClientConfig) -> VolumeClient {
         let lcp = LcpClient::with_config(&self.rack(), config.link.clone());
-        VolumeClient::connect(lcp, VOLUME, config).await.unwrap()
+        VolumeClient::connect(lcp, VOLUME, AttachmentCredential::NONE, config)
+            .await
+            .unwrap()
     }
 }
 
