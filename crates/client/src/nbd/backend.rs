@@ -506,5 +506,15 @@ mod tests {
             volume_error_to_nbd(BackendOp::Flush, &ClientError::Closed { volume: 1 }),
             NbdErrno::Shutdown
         );
+        let unauthorized = ClientError::Unauthorized {
+            volume: 1,
+            attachment: 2,
+            node: "hn-1".into(),
+        };
+        assert_eq!(
+            volume_error_to_nbd(BackendOp::Write, &unauthorized),
+            NbdErrno::PermissionDenied
+        );
+        assert!(!unauthorized.is_retryable());
     }
 }
