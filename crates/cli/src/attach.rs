@@ -73,7 +73,12 @@ pub struct AttachArgs {
     #[arg(long, requires_all = ["rack", "attachment_token"])]
     pub attachment_id: Option<u64>,
     /// The secret token of --attachment-id (32 hex digits).
-    #[arg(long, env = "RACKBLOCK_ATTACHMENT_TOKEN", requires = "attachment_id", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RACKBLOCK_ATTACHMENT_TOKEN",
+        requires = "attachment_id",
+        hide_env_values = true
+    )]
     pub attachment_token: Option<String>,
     /// Serve an in-memory export of this size instead of a volume (trying
     /// NBD clients without a unit).
@@ -342,7 +347,9 @@ pub async fn run(
         let attachment_id = info
             .get("attachment_id")
             .and_then(Value::as_u64)
-            .ok_or_else(|| CliError::Runtime("the zonal attach answer has no attachment_id".into()))?;
+            .ok_or_else(|| {
+                CliError::Runtime("the zonal attach answer has no attachment_id".into())
+            })?;
         let attached = Attached::Zonal { api, attachment_id };
         let connected = async {
             let token = info

@@ -186,8 +186,7 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         .await
         .map_err(|e| format!("cannot attach volume {}: {e}", args.volume))?;
     let result = bench(&args, &rack, credential, bs).await;
-    if let Err(error) = client::remove_attachment(&lcp, args.volume, credential.attachment).await
-    {
+    if let Err(error) = client::remove_attachment(&lcp, args.volume, credential.attachment).await {
         eprintln!(
             "volume bench: could not revoke attachment {}: {error}",
             credential.attachment

@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    AttachmentId, ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId,
-    RepairReason, SledId, TokenDigest, VolumeId,
+    AttachmentId, ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, RepairReason,
+    SledId, TokenDigest, VolumeId,
 };
 
 /// One of the two redundant internal networks.

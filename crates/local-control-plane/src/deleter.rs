@@ -79,7 +79,11 @@ fn now_ms() -> u64 {
 
 /// Frees one extent's columns on their sleds. `Err` names the first
 /// column that could not be freed (the extent waits for the next tick).
-async fn free_on_sleds(links: &PeerLinks, rack: &Rack, extent: &ExtentToFree) -> Result<(), String> {
+async fn free_on_sleds(
+    links: &PeerLinks,
+    rack: &Rack,
+    extent: &ExtentToFree,
+) -> Result<(), String> {
     for column in &extent.columns {
         let spec = rack
             .sled(&column.sled.0)

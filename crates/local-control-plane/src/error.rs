@@ -118,7 +118,9 @@ pub enum CommandError {
     #[error("volume {volume} is being deleted")]
     VolumeDeleting { volume: VolumeId },
     /// Volumes only grow.
-    #[error("volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported")]
+    #[error(
+        "volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported"
+    )]
     ShrinkRefused {
         volume: VolumeId,
         current_bytes: u64,

@@ -118,9 +118,9 @@ use crate::sled::{
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
 };
 use crate::volume::{
-    AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest, NodeHint, ReplicaError, ReplicaRecord,
-    ReplicaRecordKind, ReplicaReply, ReplicaRequest, MAX_FLUSHED_RANGES, MAX_HOST_CRCS,
-    MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
+    AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest,
+    NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest,
+    MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 

@@ -620,16 +620,16 @@ mod tests {
         assert_eq!(AttachmentToken::parse_hex(&hex), Ok(token));
         assert_eq!(AttachmentToken::parse_hex(&hex.to_uppercase()), Ok(token));
         for bad in ["", "abc", &hex[..31], &format!("{hex}0"), &"g".repeat(32)] {
-            assert_eq!(AttachmentToken::parse_hex(bad), Err(TokenParseError), "{bad}");
+            assert_eq!(
+                AttachmentToken::parse_hex(bad),
+                Err(TokenParseError),
+                "{bad}"
+            );
         }
         assert_ne!(AttachmentToken::random().unwrap(), token);
         // SHA-256 of 16 zero bytes (a published test vector).
         let zero = AttachmentToken([0; 16]).digest();
-        assert_eq!(
-            zero[..4],
-            [0x37, 0x47, 0x08, 0xff],
-            "{zero:02x?}"
-        );
+        assert_eq!(zero[..4], [0x37, 0x47, 0x08, 0xff], "{zero:02x?}");
         assert!(digests_equal(&token.digest(), &token.digest()));
         assert!(!digests_equal(&token.digest(), &zero));
         assert!(!format!("{token:?}").contains(&hex[..8]));

@@ -104,10 +104,7 @@ impl Reader {
     }
 
     /// `N` raw bytes (a fixed-size field such as a token).
-    pub fn array<const N: usize>(
-        &mut self,
-        field: &'static str,
-    ) -> Result<[u8; N], DecodeError> {
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let range = self.advance(field, N as u64)?;
         let mut out = [0u8; N];
         out.copy_from_slice(&self.buf[range]);

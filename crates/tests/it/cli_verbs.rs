@@ -12,9 +12,7 @@ use client::{ClientConfig, ClientError, VolumeClient};
 use local_control_plane::LcpClient;
 use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::Value;
-use tests::{
-    http_get, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit,
-};
+use tests::{http_get, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const TOKEN: &str = "cli-verbs-test-token-0123456789";
@@ -291,7 +289,10 @@ fn every_verb_with_bad_input_and_exit_codes() {
     assert_eq!(grown["size_bytes"], 16 * MIB);
     assert_eq!(grown["partition_map"]["size_bytes"], 16 * MIB);
     assert_eq!(
-        grown["partition_map"]["partitions"].as_array().unwrap().len(),
+        grown["partition_map"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
         4
     );
 
@@ -511,7 +512,15 @@ fn lcp_capacity(zone: &Zone) -> (u64, u64) {
     let status = zone
         .expect(
             0,
-            &["unit", "status", "test", "--rack", &zone.rack(), "--output", "json"],
+            &[
+                "unit",
+                "status",
+                "test",
+                "--rack",
+                &zone.rack(),
+                "--output",
+                "json",
+            ],
         )
         .json();
     (
@@ -552,8 +561,15 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     let run = create(
         &zone,
         &[
-            "volume", "create", "grow", "--size", "8MiB", "--code", "2+1",
-            "--partition-size", "4MiB",
+            "volume",
+            "create",
+            "grow",
+            "--size",
+            "8MiB",
+            "--code",
+            "2+1",
+            "--partition-size",
+            "4MiB",
         ],
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -561,14 +577,26 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     let mut attach = Daemon::spawn(
         "attach-grow",
         &[
-            "attach", "grow", "--listen", &nbd.to_string(), "--zonal", &zone.zonal_url,
-            "--token", TOKEN, "--failover-timeout", "30s",
+            "attach",
+            "grow",
+            "--listen",
+            &nbd.to_string(),
+            "--zonal",
+            &zone.zonal_url,
+            "--token",
+            TOKEN,
+            "--failover-timeout",
+            "30s",
         ],
         zone.unit.dir.path(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !nbd_greets(nbd) {
-        assert!(Instant::now() < deadline, "attach never served NBD:\n{}", attach.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "attach never served NBD:\n{}",
+            attach.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let uri = format!("nbd://{nbd}/grow");
@@ -581,7 +609,13 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
         .expect(0, &["volume", "describe", "grow", "--output", "json"])
         .json();
     assert_eq!(described["partition_map"]["size_bytes"], 14 * MIB);
-    assert_eq!(described["partition_map"]["partitions"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        described["partition_map"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
     // NBD clients see the new size on a new connection once the agent's
     // map refresh (every 5 s) picked it up.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -601,7 +635,11 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
         if ok {
             break;
         }
-        assert!(Instant::now() < deadline, "I/O past the old end never worked: {text}\n{}", attach.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "I/O past the old end never worked: {text}\n{}",
+            attach.log_text()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // The data reaches the sleds: their free columns go down.
@@ -613,7 +651,10 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     // Delete: refused while attached, then forced.
     zone.expect(4, &["volume", "delete", "grow"]);
     let deleted = zone
-        .expect(0, &["volume", "delete", "grow", "--force", "--output", "json"])
+        .expect(
+            0,
+            &["volume", "delete", "grow", "--force", "--output", "json"],
+        )
         .json();
     assert_eq!(deleted["state"], "deleted");
     // The attached host's credential is revoked with the volume: EPERM,
@@ -622,7 +663,11 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     let (ok, text) = qemu_io(&qemu_io_bin, &uri, &["write -P 0x44 0 4k"]);
     assert!(!ok, "a write to a deleted volume succeeded: {text}");
     assert!(text.contains("Operation not permitted"), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     attach.terminate();
 
     // The unit frees every column: sleds and LCP back to where they were.
@@ -640,7 +685,12 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
         std::thread::sleep(Duration::from_millis(500));
     }
     // The name is free again.
-    let again = create(&zone, &["volume", "create", "grow", "--size", "4MiB", "--code", "2+1"]);
+    let again = create(
+        &zone,
+        &[
+            "volume", "create", "grow", "--size", "4MiB", "--code", "2+1",
+        ],
+    );
     assert_eq!(again.code, 0, "{}", again.stderr);
 }
 
@@ -652,7 +702,17 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
     let zone = start_zone();
     let run = create(
         &zone,
-        &["volume", "create", "tok", "--size", "8MiB", "--code", "2+1", "--partition-size", "4MiB"],
+        &[
+            "volume",
+            "create",
+            "tok",
+            "--size",
+            "8MiB",
+            "--code",
+            "2+1",
+            "--partition-size",
+            "4MiB",
+        ],
     );
     assert_eq!(run.code, 0, "{}", run.stderr);
     let volume = zone
@@ -668,7 +728,9 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
             ..ClientConfig::default()
         };
         let lcp = LcpClient::new(&rack);
-        let credential = client::register_attachment(&lcp, volume, "host-a").await.unwrap();
+        let credential = client::register_attachment(&lcp, volume, "host-a")
+            .await
+            .unwrap();
         let attached = VolumeClient::connect(LcpClient::new(&rack), volume, credential, config())
             .await
             .unwrap();
@@ -692,7 +754,11 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
                 .await
                 .unwrap_err();
             assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
-            assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                started.elapsed()
+            );
             assert!(matches!(
                 client.read(0, 4096).await.unwrap_err(),
                 ClientError::Unauthorized { .. }
@@ -702,12 +768,17 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
 
         // Detach: the old token is refused on every partition from then on
         // (as soon as the primaries applied the removal).
-        client::remove_attachment(&lcp, volume, credential.attachment).await.unwrap();
+        client::remove_attachment(&lcp, volume, credential.attachment)
+            .await
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match attached.read(0, 4096).await {
                 Err(ClientError::Unauthorized { .. }) => break,
-                other => assert!(Instant::now() < deadline, "still served after detach: {other:?}"),
+                other => assert!(
+                    Instant::now() < deadline,
+                    "still served after detach: {other:?}"
+                ),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -721,7 +792,9 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
         attached.close();
 
         // A new attachment reads what was there: the refused writes wrote nothing.
-        let fresh = client::register_attachment(&lcp, volume, "host-b").await.unwrap();
+        let fresh = client::register_attachment(&lcp, volume, "host-b")
+            .await
+            .unwrap();
         let reader = VolumeClient::connect(LcpClient::new(&rack), volume, fresh, config())
             .await
             .unwrap();
@@ -746,5 +819,8 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
                 .collect::<Vec<_>>()
         })
         .sum();
-    assert!(refused >= 4, "rackblock_host_unauthorized_total = {refused}");
+    assert!(
+        refused >= 4,
+        "rackblock_host_unauthorized_total = {refused}"
+    );
 }

@@ -658,7 +658,9 @@ impl Zonal {
             )
             .await;
         match sent {
-            Sent::Applied(Outcome::VolumeResized { size_bytes: got, .. }) if got == size_bytes => {}
+            Sent::Applied(Outcome::VolumeResized {
+                size_bytes: got, ..
+            }) if got == size_bytes => {}
             other => return Err(self.not_applied(&record, other).await),
         }
         record.spec = grown;
@@ -827,7 +829,11 @@ impl Zonal {
         record.attachments.retain(|a| a.id != id);
         let stored = record.clone();
         self.store(move |s| s.put_volume(&stored)).await?;
-        info!(volume = name, attachment = id, "detached; the unit revoked its token");
+        info!(
+            volume = name,
+            attachment = id,
+            "detached; the unit revoked its token"
+        );
         Ok(record)
     }
 

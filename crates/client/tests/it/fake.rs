@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
-use proto::volume::AttachmentCredential;
 use futures::future::BoxFuture;
 use hardware::rack::{ErasureCode, HeadNodeSpec, Rack, UnitSpec};
 use local_control_plane::client::{response_message, LcpRequest, LcpResponse};
@@ -17,6 +16,7 @@ use local_control_plane::state::{NodeAddress, PartitionEntry, PartitionMap};
 use local_control_plane::{LcpClient, LcpError, NodeId};
 use proto::link::LinkConfig;
 use proto::server::{serve, Handler, ServerConfig};
+use proto::volume::AttachmentCredential;
 use proto::volume::{chunk_crcs, HostError, HostOp, HostReply, HostRequest, NodeHint};
 use proto::Message;
 use tokio::net::TcpListener;

@@ -19,7 +19,9 @@ impl UnitState {
     fn check_partitions(&self) -> Result<(), String> {
         for (volume_id, deleting) in &self.deleting {
             if deleting.volume.id != *volume_id || self.volumes.contains_key(volume_id) {
-                return Err(format!("deleting volume {volume_id} is also live or misfiled"));
+                return Err(format!(
+                    "deleting volume {volume_id} is also live or misfiled"
+                ));
             }
             if !deleting.volume.attachments.is_empty() {
                 return Err(format!("deleting volume {volume_id} has attachments"));
@@ -129,9 +131,10 @@ impl UnitState {
                     ));
                 }
             }
-            let deleting_owner = self.deleting.get(&extent.owner.volume).is_some_and(|d| {
-                (extent.owner.index as usize) < d.volume.partitions.len()
-            });
+            let deleting_owner = self
+                .deleting
+                .get(&extent.owner.volume)
+                .is_some_and(|d| (extent.owner.index as usize) < d.volume.partitions.len());
             if self.partition(extent.owner).is_none() && !deleting_owner {
                 return Err(format!(
                     "extent {extent_id} owned by unknown partition {}",

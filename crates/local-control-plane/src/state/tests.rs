@@ -111,7 +111,10 @@ pub(super) fn p(volume: VolumeId, index: u32) -> PartitionId {
     PartitionId { volume, index }
 }
 
-pub(super) fn allocate(state: &mut UnitState, partition: PartitionId) -> (ExtentId, Vec<ColumnRef>) {
+pub(super) fn allocate(
+    state: &mut UnitState,
+    partition: PartitionId,
+) -> (ExtentId, Vec<ColumnRef>) {
     match ok(state, Command::AllocateExtent { partition }) {
         Outcome::ExtentAllocated { extent, columns } => (extent, columns),
         other => panic!("{other:?}"),

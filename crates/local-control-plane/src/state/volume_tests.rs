@@ -294,10 +294,16 @@ fn delete_frees_every_column_after_the_leases_lapse_then_purges() {
     for e in &plan.extents {
         assert_eq!(e.columns.len(), 6);
         assert_eq!(e.epoch, 1);
-        ok(&mut state, Command::ReleaseDeletedExtent { extent: e.extent });
+        ok(
+            &mut state,
+            Command::ReleaseDeletedExtent { extent: e.extent },
+        );
         // A resend after an unknown outcome is refused, changing nothing.
         assert_eq!(
-            refused(&mut state, Command::ReleaseDeletedExtent { extent: e.extent }),
+            refused(
+                &mut state,
+                Command::ReleaseDeletedExtent { extent: e.extent }
+            ),
             CommandError::UnknownExtent { extent: e.extent }
         );
     }

@@ -347,9 +347,9 @@ impl UnitState {
         }
         for (id, deleting) in &self.deleting {
             let lapsed = deleting.volume.partitions.iter().all(|p| {
-                p.lease.as_ref().is_none_or(|l| {
-                    l.expires_at_ms.saturating_add(lease_margin_ms) <= now_ms
-                })
+                p.lease
+                    .as_ref()
+                    .is_none_or(|l| l.expires_at_ms.saturating_add(lease_margin_ms) <= now_ms)
             });
             if !lapsed {
                 plan.waiting_for_leases += 1;

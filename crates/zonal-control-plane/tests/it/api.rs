@@ -633,11 +633,18 @@ async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
         .await;
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.code(), "not_enough_nodes");
-    assert_eq!(zonal.get("/v1/volumes/v").await.json()["size_bytes"], 2 * GIB);
+    assert_eq!(
+        zonal.get("/v1/volumes/v").await.json()["size_bytes"],
+        2 * GIB
+    );
     assert_eq!(unit.volumes()[&1].size_bytes, 2 * GIB);
     // POST and PUT both grow it; the unit and the record agree.
     let grown = zonal
-        .call("PUT", "/v1/volumes/v/resize", Some(r#"{"size_bytes":4294967296}"#))
+        .call(
+            "PUT",
+            "/v1/volumes/v/resize",
+            Some(r#"{"size_bytes":4294967296}"#),
+        )
         .await;
     assert_eq!(grown.status, 200, "{}", grown.body);
     assert_eq!(grown.json()["size_bytes"], 4 * GIB);
@@ -692,7 +699,9 @@ async fn delete_forwards_force_and_attach_fails_cleanly_when_the_unit_refuses() 
     assert_eq!(refused.status, 409);
     assert_eq!(refused.code(), "volume_attached");
     assert_eq!(unit.volumes()[&1].deleted, None, "nothing was sent");
-    let bad = zonal.call("DELETE", "/v1/volumes/v?force=maybe", None).await;
+    let bad = zonal
+        .call("DELETE", "/v1/volumes/v?force=maybe", None)
+        .await;
     assert_eq!(bad.status, 400);
     // An unreachable unit leaves the volume deleting; a repeat settles it.
     unit.stop();

@@ -214,7 +214,11 @@ impl FakeUnit {
                         retired_columns: 0,
                     }],
                 }],
-                volumes: state.volumes.values().filter(|v| v.deleted.is_none()).count(),
+                volumes: state
+                    .volumes
+                    .values()
+                    .filter(|v| v.deleted.is_none())
+                    .count(),
                 deleting_volumes: 0,
                 partitions: 0,
                 extents: 0,
@@ -282,16 +286,15 @@ impl FakeUnit {
         })
     }
 
-    fn volume_command(
-        state: &mut FakeState,
-        command: Command,
-    ) -> Result<Outcome, CommandError> {
-        let volume_of = |state: &mut FakeState, volume: u64| {
-            match state.volumes.get(&volume).map(|v| v.deleted.is_some()) {
-                None => Err(CommandError::UnknownVolume { volume }),
-                Some(true) => Err(CommandError::VolumeDeleting { volume }),
-                Some(false) => Ok(()),
-            }
+    fn volume_command(state: &mut FakeState, command: Command) -> Result<Outcome, CommandError> {
+        let volume_of = |state: &mut FakeState, volume: u64| match state
+            .volumes
+            .get(&volume)
+            .map(|v| v.deleted.is_some())
+        {
+            None => Err(CommandError::UnknownVolume { volume }),
+            Some(true) => Err(CommandError::VolumeDeleting { volume }),
+            Some(false) => Ok(()),
         };
         match command {
             Command::RegisterAttachment {
