@@ -291,6 +291,15 @@ fn delete_frees_every_column_after_the_leases_lapse_then_purges() {
     let plan = state.deletion_plan(6500, 500, 16);
     assert_eq!(plan.extents.len(), 4);
     assert!(plan.purge.is_empty());
+    // A leader that released two extents and crashed: the next leader's
+    // plan (a pure function of the state) is exactly the other two.
+    let mut crashed = state.clone();
+    for e in &plan.extents[..2] {
+        ok(&mut crashed, Command::ReleaseDeletedExtent { extent: e.extent });
+    }
+    let resumed = crashed.deletion_plan(6500, 500, 16);
+    assert_eq!(resumed.extents, plan.extents[2..].to_vec());
+    assert!(resumed.purge.is_empty());
     for e in &plan.extents {
         assert_eq!(e.columns.len(), 6);
         assert_eq!(e.epoch, 1);
