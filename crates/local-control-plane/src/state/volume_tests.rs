@@ -295,7 +295,10 @@ fn delete_frees_every_column_after_the_leases_lapse_then_purges() {
     // plan (a pure function of the state) is exactly the other two.
     let mut crashed = state.clone();
     for e in &plan.extents[..2] {
-        ok(&mut crashed, Command::ReleaseDeletedExtent { extent: e.extent });
+        ok(
+            &mut crashed,
+            Command::ReleaseDeletedExtent { extent: e.extent },
+        );
     }
     let resumed = crashed.deletion_plan(6500, 500, 16);
     assert_eq!(resumed.extents, plan.extents[2..].to_vec());
