@@ -76,8 +76,8 @@ use prometheus_client::registry::Registry;
 use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
-    HostError, HostReply, HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest,
-    BLOCK_BYTES,
+    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
+    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest, BLOCK_BYTES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -374,6 +374,12 @@ struct Inner {
     /// When the last read barrier of a refused host request completed
     /// (single flight: refusals arriving meanwhile reuse it).
     access_sync: tokio::sync::Mutex<Option<Instant>>,
+    /// Tokens already hashed and found to match, per (volume, attachment),
+    /// with the digest they matched: a request whose token equals the
+    /// cached one (constant-time) while the state still lists that digest
+    /// skips the SHA-256. Revocation needs no invalidation: the state
+    /// lookup comes first.
+    verified_tokens: RwLock<HashMap<(u64, u64), VerifiedToken>>,
     shutdown: CancellationToken,
 }
 
@@ -512,6 +518,7 @@ impl PartitionManager {
                 ready: AtomicBool::new(false),
                 metrics,
                 access_sync: tokio::sync::Mutex::new(None),
+                verified_tokens: RwLock::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -643,6 +650,51 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A token that hashed to `digest` (see `Inner::verified_tokens`).
+#[derive(Debug, Clone, Copy)]
+struct VerifiedToken {
+    token: AttachmentToken,
+    digest: TokenDigest,
+}
+
+/// Bound on cached verified tokens (cleared when full).
+const MAX_VERIFIED_TOKENS: usize = 4096;
+
+/// Whether `credential` is valid for `volume`; on success the volume size.
+fn credential_valid(inner: &Inner, volume: u64, credential: &AttachmentCredential) -> Option<u64> {
+    let (size_bytes, digest) = inner
+        .node
+        .attachment_digest(volume, credential.attachment)
+        .ok()?;
+    let key = (volume, credential.attachment);
+    let cached = read(&inner.verified_tokens).get(&key).copied();
+    if let Some(hit) = cached {
+        if hit.digest == digest && tokens_equal(&hit.token, &credential.token) {
+            return Some(size_bytes);
+        }
+    }
+    if !digests_equal(&credential.token.digest(), &digest) {
+        return None;
+    }
+    let mut verified = write(&inner.verified_tokens);
+    if verified.len() >= MAX_VERIFIED_TOKENS {
+        verified.clear();
+    }
+    verified.insert(
+        key,
+        VerifiedToken {
+            token: credential.token,
+            digest,
+        },
+    );
+    Some(size_bytes)
+}
+
+/// Compares two tokens without an early exit.
+fn tokens_equal(a: &AttachmentToken, b: &AttachmentToken) -> bool {
+    a.0.iter().zip(&b.0).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The request's attachment credential and range against the volume in
 /// the applied control-plane state (see `proto::volume`'s module docs):
 /// `Unauthorized` for a credential the volume does not list, `OutOfRange`
@@ -652,12 +704,11 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// flight, and a refusal that arrived during one reuses it.
 async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), HostError> {
     let check = || -> Result<(), HostError> {
-        let size_bytes = inner
-            .node
-            .host_access(request.volume, &request.credential)
-            .map_err(|_| HostError::Unauthorized {
+        let size_bytes = credential_valid(inner, request.volume, &request.credential).ok_or(
+            HostError::Unauthorized {
                 attachment: request.credential.attachment,
-            })?;
+            },
+        )?;
         if let Some((offset_bytes, len)) = request.op.range() {
             let end = offset_bytes.saturating_add(u64::from(len));
             if end > size_bytes {

@@ -500,6 +500,20 @@ impl LcpNode {
         self.inner.state.read().unit.host_access(volume, credential)
     }
 
+    /// The volume's size and the token digest of `attachment` in the
+    /// applied state (one read lock, two map lookups).
+    pub fn attachment_digest(
+        &self,
+        volume: crate::state::VolumeId,
+        attachment: crate::state::AttachmentId,
+    ) -> Result<(u64, crate::state::TokenDigest), crate::state::AccessRefusal> {
+        self.inner
+            .state
+            .read()
+            .unit
+            .attachment_digest(volume, attachment)
+    }
+
     /// Whether this node knows a leader (its own or another).
     pub fn leader_known(&self) -> bool {
         self.inner.raft.metrics().borrow().current_leader.is_some()

@@ -91,6 +91,25 @@ impl UnitState {
         }
     }
 
+    /// The volume's size and the token digest of one of its attachments
+    /// (for a caller that caches verified tokens, see the head node's
+    /// `check_host_access`).
+    pub fn attachment_digest(
+        &self,
+        volume: VolumeId,
+        attachment: AttachmentId,
+    ) -> Result<(u64, TokenDigest), AccessRefusal> {
+        let entry = self
+            .volumes
+            .get(&volume)
+            .ok_or(AccessRefusal::UnknownVolume)?;
+        let listed = entry
+            .attachments
+            .get(&attachment)
+            .ok_or(AccessRefusal::Unauthorized)?;
+        Ok((entry.size_bytes, listed.token_digest))
+    }
+
     /// The live volume, or why not.
     fn live_volume(&self, volume: VolumeId) -> Result<&super::Volume, CommandError> {
         if self.deleting.contains_key(&volume) {
