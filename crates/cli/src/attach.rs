@@ -2,12 +2,21 @@
 //!
 //! ```text
 //! bind --listen ADDR | --socket PATH        (fails early: port in use)
-//!   └─ zonal: POST /v1/volumes/{name}/attach → volume id, size, unit's head nodes
-//!      (or --rack FILE --volume-id N: straight to the unit, no zonal plane)
-//!        └─ LcpClient(head nodes, networks A and B) → VolumeClient(partition map)
+//!   └─ zonal: POST /v1/volumes/{name}/attach → attachment id + token, volume id,
+//!      size, unit's head nodes (the zonal plane registered the token's digest
+//!      with the unit)
+//!      (or --rack FILE --volume-id N: straight to the unit, no zonal plane; this
+//!       process registers its own attachment with the unit's LCP, or uses
+//!       --attachment-id/--attachment-token issued earlier)
+//!        └─ LcpClient(head nodes, networks A and B) → VolumeClient(partition map,
+//!           credential sent with every request; head nodes check it)
 //!             └─ NbdServer { export VOLUME → VolumeClient } until SIGINT/SIGTERM
+//!                  (the map is refreshed every 5 s: a grown volume shows its new
+//!                   size to NBD clients that connect afterwards)
 //!                  └─ stop accepting, finish in-flight requests, close the links,
-//!                     DELETE /v1/volumes/{name}/attachments/{id}
+//!                     DELETE /v1/volumes/{name}/attachments/{id} (or, without
+//!                     zonal, RemoveAttachment of the one registered here):
+//!                     the token is revoked on every head node
 //! ```
 //!
 //! The zonal plane is asked once, at start and at the end: the I/O path is
@@ -30,6 +39,7 @@ use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
 use client::{ClientConfig, VolumeClient};
 use hardware::rack::{HeadNodeSpec, Rack, UnitSpec};
 use local_control_plane::LcpClient;
+use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +67,19 @@ pub struct AttachArgs {
     /// Skip the zonal plane: the volume's id in the unit (with --rack).
     #[arg(long, requires = "rack")]
     pub volume_id: Option<u64>,
+    /// With --rack: act for this existing attachment (e.g. one a zonal
+    /// attach returned) instead of registering one; needs
+    /// --attachment-token (or env RACKBLOCK_ATTACHMENT_TOKEN).
+    #[arg(long, requires_all = ["rack", "attachment_token"])]
+    pub attachment_id: Option<u64>,
+    /// The secret token of --attachment-id (32 hex digits).
+    #[arg(
+        long,
+        env = "RACKBLOCK_ATTACHMENT_TOKEN",
+        requires = "attachment_id",
+        hide_env_values = true
+    )]
+    pub attachment_token: Option<String>,
     /// Serve an in-memory export of this size instead of a volume (trying
     /// NBD clients without a unit).
     #[arg(long, conflicts_with_all = ["rack", "volume_id"])]
@@ -140,11 +163,30 @@ fn host_name() -> String {
     }
 }
 
-/// What the zonal attach returned and this process needs.
-struct Attached {
-    api: ZonalApi,
-    attachment_id: u64,
+/// How the attachment this process acts for is revoked at the end.
+enum Attached {
+    /// Through the zonal plane (which revokes it with the unit).
+    Zonal { api: ZonalApi, attachment_id: u64 },
+    /// Registered here with the unit's LCP.
+    Unit {
+        lcp: LcpClient,
+        volume_id: u64,
+        attachment_id: u64,
+    },
 }
+
+impl Attached {
+    fn attachment_id(&self) -> u64 {
+        match self {
+            Attached::Zonal { attachment_id, .. } | Attached::Unit { attachment_id, .. } => {
+                *attachment_id
+            }
+        }
+    }
+}
+
+/// How often the attach agent re-reads the partition map while serving.
+const MAP_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A rack holding only the unit's head nodes: all `LcpClient` needs.
 fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
@@ -195,27 +237,46 @@ fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
 }
 
 async fn detach(volume: &str, attached: &Attached) -> Result<(), CliError> {
-    let path = format!(
-        "/v1/volumes/{}/attachments/{}",
-        segment(volume),
-        attached.attachment_id
-    );
-    let mut api = attached.api.clone();
-    api.timeout = Duration::from_secs(10);
-    api.call("DELETE", &path, None).await.map(|_| ())
+    match attached {
+        Attached::Zonal { api, attachment_id } => {
+            let path = format!(
+                "/v1/volumes/{}/attachments/{attachment_id}",
+                segment(volume)
+            );
+            let mut api = api.clone();
+            api.timeout = Duration::from_secs(10);
+            api.call("DELETE", &path, None).await.map(|_| ())
+        }
+        Attached::Unit {
+            lcp,
+            volume_id,
+            attachment_id,
+        } => client::remove_attachment(lcp, *volume_id, *attachment_id)
+            .await
+            .map_err(|e| CliError::Unavailable(e.to_string())),
+    }
 }
 
 async fn detach_and_report(volume: &str, attached: Option<&Attached>) {
     let Some(attached) = attached else { return };
+    let id = attached.attachment_id();
     match detach(volume, attached).await {
-        Ok(()) => eprintln!("detached {volume} (attachment {})", attached.attachment_id),
-        Err(error) => eprintln!(
-            "rackblock attach: could not detach {volume} (attachment {}): {}; \
-             detach it later with `rackblock volume detach {volume} --attachment {}`",
-            attached.attachment_id,
-            error.line(),
-            attached.attachment_id
-        ),
+        Ok(()) => eprintln!("detached {volume} (attachment {id})"),
+        Err(error) => match attached {
+            Attached::Zonal { .. } => eprintln!(
+                "rackblock attach: could not detach {volume} (attachment {id}): {}; \
+                 detach it later with `rackblock volume detach {volume} --attachment {id}`",
+                error.line(),
+            ),
+            Attached::Unit { .. } => eprintln!(
+                "rackblock attach: could not revoke attachment {id} of {volume} with the unit: {}; \
+                 it stays valid until removed (a forced delete of the volume removes it)",
+                error.line(),
+            ),
+        },
+    }
+    if let Attached::Unit { lcp, .. } = attached {
+        lcp.close();
     }
 }
 
@@ -241,15 +302,40 @@ pub async fn run(
     } else if let (Some(rack_path), Some(volume_id)) = (&args.rack, args.volume_id) {
         let rack = Rack::load(rack_path)
             .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
+        let (credential, attached) = match (args.attachment_id, &args.attachment_token) {
+            (Some(attachment), Some(token)) => {
+                let token = AttachmentToken::parse_hex(token)
+                    .map_err(|e| CliError::Usage(format!("--attachment-token: {e}")))?;
+                (AttachmentCredential { attachment, token }, None)
+            }
+            _ => {
+                let lcp = LcpClient::new(&rack);
+                let host = args.host.clone().unwrap_or_else(host_name);
+                let credential = client::register_attachment(&lcp, volume_id, &host)
+                    .await
+                    .map_err(|e| {
+                        CliError::Unavailable(format!(
+                            "cannot register an attachment of volume {volume_id}: {e}"
+                        ))
+                    })?;
+                let attached = Attached::Unit {
+                    lcp,
+                    volume_id,
+                    attachment_id: credential.attachment,
+                };
+                (credential, Some(attached))
+            }
+        };
         let lcp = LcpClient::new(&rack);
-        let client = VolumeClient::connect(lcp, volume_id, config)
-            .await
-            .map_err(|e| {
-                CliError::Unavailable(format!(
+        match VolumeClient::connect(lcp, volume_id, credential, config).await {
+            Ok(client) => (Arc::new(client.clone()), attached, Some(client)),
+            Err(e) => {
+                detach_and_report(&args.volume, attached.as_ref()).await;
+                return Err(CliError::Unavailable(format!(
                     "cannot get volume {volume_id}'s partition map: {e}"
-                ))
-            })?;
-        (Arc::new(client.clone()), None, Some(client))
+                )));
+            }
+        }
     } else {
         let api = global.api()?;
         let host = args.host.clone().unwrap_or_else(host_name);
@@ -258,16 +344,27 @@ pub async fn run(
             .call("POST", &path, Some(&json!({ "host": host })))
             .await?;
         let info = reply.body;
-        let attached = Attached {
-            api,
-            attachment_id: info
-                .get("attachment_id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    CliError::Runtime("the zonal attach answer has no attachment_id".into())
-                })?,
-        };
+        let attachment_id = info
+            .get("attachment_id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                CliError::Runtime("the zonal attach answer has no attachment_id".into())
+            })?;
+        let attached = Attached::Zonal { api, attachment_id };
         let connected = async {
+            let token = info
+                .get("token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
+                .and_then(|text| {
+                    AttachmentToken::parse_hex(text).map_err(|e| {
+                        CliError::Runtime(format!("the zonal attach answer's token: {e}"))
+                    })
+                })?;
+            let credential = AttachmentCredential {
+                attachment: attachment_id,
+                token,
+            };
             let volume_id = info
                 .get("volume_id")
                 .and_then(Value::as_u64)
@@ -276,7 +373,7 @@ pub async fn run(
                 })?;
             let rack = rack_of_head_nodes(&info)?;
             let lcp = LcpClient::new(&rack);
-            VolumeClient::connect(lcp, volume_id, config)
+            VolumeClient::connect(lcp, volume_id, credential, config)
                 .await
                 .map_err(|e| {
                     CliError::Unavailable(format!(
@@ -314,10 +411,26 @@ pub async fn run(
         listener.uri(&args.volume),
         attached
             .as_ref()
-            .map(|a| format!(" (attachment {})", a.attachment_id))
+            .map(|a| format!(" (attachment {})", a.attachment_id()))
             .unwrap_or_default()
     );
     tracing::info!(volume = %args.volume, size_bytes, uri = %listener.uri(&args.volume), "attached; serving NBD");
+    // New NBD connections see the size of the last map read: re-read it
+    // now and then so that a grown volume shows up on reconnect.
+    let refresher = volume_client.clone().map(|client| {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(MAP_REFRESH_INTERVAL) => {}
+                    () = stop.cancelled() => return,
+                }
+                if let Err(error) = client.refresh_map().await {
+                    tracing::debug!(%error, "periodic partition map refresh failed");
+                }
+            }
+        })
+    });
     let stop = shutdown.clone().cancelled_owned();
     let served = match listener {
         Listener::Tcp(listener, _) => server.serve_tcp(listener, stop).await,
@@ -327,6 +440,9 @@ pub async fn run(
             served
         }
     };
+    if let Some(refresher) = refresher {
+        refresher.abort();
+    }
     if let Some(client) = &volume_client {
         client.close();
     }

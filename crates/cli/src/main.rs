@@ -116,8 +116,9 @@ enum VolumeCommand {
     Describe(ops::NameArgs),
     /// Grow a volume.
     Resize(ops::ResizeArgs),
-    /// Delete a volume (refused while attached).
-    Delete(ops::NameArgs),
+    /// Delete a volume: refused while attached unless --force; the unit
+    /// frees its space in the background.
+    Delete(ops::DeleteArgs),
     /// Remove an attachment left by an attach agent that was killed.
     Detach(ops::DetachArgs),
     /// Register a volume with the unit and print its partition map

@@ -321,8 +321,21 @@ pub async fn volume_resize(global: &GlobalArgs, args: &ResizeArgs) -> Result<(),
     }
 }
 
-pub async fn volume_delete(global: &GlobalArgs, args: &NameArgs) -> Result<(), CliError> {
-    let path = format!("/v1/volumes/{}", segment(&args.name));
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Volume name.
+    pub name: String,
+    /// Delete even while attached: revokes every attachment (their hosts'
+    /// I/O is refused from then on).
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub async fn volume_delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<(), CliError> {
+    let mut path = format!("/v1/volumes/{}", segment(&args.name));
+    if args.force {
+        path.push_str("?force=true");
+    }
     let reply = global.api()?.call("DELETE", &path, None).await?;
     match global.output {
         Output::Json => print_json(&reply.body),

@@ -80,11 +80,12 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
     print_sleds(unit);
     print_devices(unit);
     println!(
-        "capacity: {} free ({} allocatable columns), {} used; {} volumes, {} partitions, {} extents",
+        "capacity: {} free ({} allocatable columns), {} used; {} volumes ({} being deleted), {} partitions, {} extents",
         human_bytes(unit.capacity.free_bytes),
         unit.capacity.allocatable_columns,
         human_bytes(unit.capacity.used_bytes),
         unit.volumes,
+        unit.deleting_volumes,
         unit.partitions,
         unit.extents
     );

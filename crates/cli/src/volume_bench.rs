@@ -181,7 +181,29 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     }
     let rack = Rack::load(&args.rack).map_err(|e| format!("{}: {e}", args.rack.display()))?;
     let lcp = LcpClient::new(&rack).with_retries(3, Duration::from_millis(500));
-    let client = VolumeClient::connect(lcp, args.volume, ClientConfig::default())
+    // An attachment of its own for the run, revoked at the end.
+    let credential = client::register_attachment(&lcp, args.volume, "volume-bench")
+        .await
+        .map_err(|e| format!("cannot attach volume {}: {e}", args.volume))?;
+    let result = bench(&args, &rack, credential, bs).await;
+    if let Err(error) = client::remove_attachment(&lcp, args.volume, credential.attachment).await {
+        eprintln!(
+            "volume bench: could not revoke attachment {}: {error}",
+            credential.attachment
+        );
+    }
+    lcp.close();
+    result
+}
+
+async fn bench(
+    args: &BenchArgs,
+    rack: &Rack,
+    credential: proto::volume::AttachmentCredential,
+    bs: u64,
+) -> BenchResult<()> {
+    let lcp = LcpClient::new(rack).with_retries(3, Duration::from_millis(500));
+    let client = VolumeClient::connect(lcp, args.volume, credential, ClientConfig::default())
         .await
         .map_err(|e| e.to_string())?;
     let size = client.size_bytes();

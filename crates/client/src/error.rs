@@ -72,6 +72,15 @@ pub enum ClientError {
     },
     #[error("volume {volume}: client closed")]
     Closed { volume: u64 },
+    /// A head node refused the attachment credential: the volume was
+    /// detached (the attachment revoked), deleted, or never attached with
+    /// this token. Not retried; attach again for a new credential.
+    #[error("volume {volume}: attachment {attachment} is not authorised (detached, deleted or wrong token; refused by {node})")]
+    Unauthorized {
+        volume: u64,
+        attachment: u64,
+        node: String,
+    },
 }
 
 impl ClientError {
@@ -93,7 +102,8 @@ impl ClientError {
             | ClientError::Unavailable { volume, .. }
             | ClientError::Map { volume, .. }
             | ClientError::Protocol { volume, .. }
-            | ClientError::Closed { volume } => *volume,
+            | ClientError::Closed { volume }
+            | ClientError::Unauthorized { volume, .. } => *volume,
         }
     }
 }

@@ -14,9 +14,15 @@
 //!             ├─ NotPrimary / StaleEpoch / Fenced ...... refresh map, follow hint, resend
 //!             ├─ Unavailable, link error, timeout ...... back off, resend
 //!             ├─ ChecksumMismatch (either direction) ... resend once, then fail
+//!             ├─ Unauthorized (attachment revoked) ..... fail at once (NBD EPERM)
 //!             └─ OutOfRange / BadRequest / Io .......... fail at once
 //! flush() → Flush to every partition's primary
 //! ```
+//!
+//! Every request carries the attachment credential the client was made
+//! with (`VolumeClient::connect`): from the zonal attach, or registered
+//! straight with the unit by [`register_attachment`]. A refused credential
+//! fails the call at once ([`ClientError::Unauthorized`]).
 //!
 //! Invariants it keeps:
 //!
@@ -41,11 +47,13 @@
 //! The NBD server that hosts attach to (ARCHITECTURE.md §9), [`nbd`],
 //! sits on top of this client.
 
+mod attachment;
 mod error;
 pub mod nbd;
 mod split;
 mod volume;
 
+pub use attachment::{register_attachment, remove_attachment, AttachmentError};
 pub use error::ClientError;
 pub use split::{split_range, Piece};
 pub use volume::{ClientConfig, MapSource, VolumeClient};

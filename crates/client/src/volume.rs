@@ -14,8 +14,8 @@ use local_control_plane::state::PartitionMap;
 use local_control_plane::LcpClient;
 use proto::link::{LinkConfig, LinkError, LinkMetrics, PeerLink};
 use proto::volume::{
-    chunk_crcs, make_write_id, verify_chunk_crcs, CrcError, HostError, HostOp, HostReply,
-    HostRequest, NodeHint, WriteId, MAX_HOST_IO_BYTES, SECTOR_BYTES,
+    chunk_crcs, make_write_id, verify_chunk_crcs, AttachmentCredential, CrcError, HostError,
+    HostOp, HostReply, HostRequest, NodeHint, WriteId, MAX_HOST_IO_BYTES, SECTOR_BYTES,
 };
 use proto::Message;
 
@@ -114,6 +114,8 @@ pub struct VolumeClient {
 
 struct Inner {
     volume: u64,
+    /// Sent with every request; head nodes check it.
+    credential: AttachmentCredential,
     config: ClientConfig,
     source: Arc<dyn MapSource>,
     routing: RwLock<Routing>,
@@ -224,19 +226,23 @@ enum Next {
 
 impl VolumeClient {
     /// Fetch `volume`'s partition map from the local control plane and
-    /// get ready to serve. Links to head nodes connect lazily.
+    /// get ready to serve as attachment `credential` (from the zonal
+    /// attach, or [`crate::register_attachment`]). Links to head nodes
+    /// connect lazily.
     pub async fn connect(
         lcp: LcpClient,
         volume: u64,
+        credential: AttachmentCredential,
         config: ClientConfig,
     ) -> Result<VolumeClient, ClientError> {
-        VolumeClient::connect_with_source(Arc::new(lcp), volume, config).await
+        VolumeClient::connect_with_source(Arc::new(lcp), volume, credential, config).await
     }
 
     /// [`VolumeClient::connect`] with any map source.
     pub async fn connect_with_source(
         source: Arc<dyn MapSource>,
         volume: u64,
+        credential: AttachmentCredential,
         config: ClientConfig,
     ) -> Result<VolumeClient, ClientError> {
         let map = source
@@ -247,6 +253,7 @@ impl VolumeClient {
         Ok(VolumeClient {
             inner: Arc::new(Inner {
                 volume,
+                credential,
                 config,
                 source,
                 routing: RwLock::new(Routing {
@@ -279,7 +286,20 @@ impl VolumeClient {
         read_lock(&self.inner.routing).map.clone()
     }
 
-    /// Fetch the map again now (normally done on demand).
+    /// The attachment this client acts for.
+    pub fn attachment(&self) -> u64 {
+        self.inner.credential.attachment
+    }
+
+    /// The credential sent with every request (tests that talk to head
+    /// nodes directly).
+    pub fn credential(&self) -> AttachmentCredential {
+        self.inner.credential
+    }
+
+    /// Fetch the map again now (normally done on demand, and when a
+    /// request reaches past the end of the volume as the map knows it: a
+    /// grown volume is seen by the next request that needs it).
     pub async fn refresh_map(&self) -> Result<(), ClientError> {
         let generation = read_lock(&self.inner.routing).generation;
         self.inner.refresh(generation).await
@@ -288,7 +308,7 @@ impl VolumeClient {
     /// Read `len` bytes at `offset_bytes` (both multiples of 512). Every
     /// returned byte passed its CRC-32C.
     pub async fn read(&self, offset_bytes: u64, len: u64) -> Result<Bytes, ClientError> {
-        let pieces = self.pieces(offset_bytes, len)?;
+        let pieces = self.pieces_fresh(offset_bytes, len).await?;
         let inner = &self.inner;
         let parts: Vec<Bytes> = futures::stream::iter(pieces)
             .map(|piece| async move {
@@ -323,7 +343,7 @@ impl VolumeClient {
         data: Bytes,
         fua: bool,
     ) -> Result<(), ClientError> {
-        let pieces = self.pieces(offset_bytes, data.len() as u64)?;
+        let pieces = self.pieces_fresh(offset_bytes, data.len() as u64).await?;
         let inner = &self.inner;
         let data = &data;
         futures::stream::iter(pieces)
@@ -402,7 +422,7 @@ impl VolumeClient {
         len: u64,
         op: impl Fn(WriteId, u64, u32) -> HostOp,
     ) -> Result<(), ClientError> {
-        let pieces = self.pieces(offset_bytes, len)?;
+        let pieces = self.pieces_fresh(offset_bytes, len).await?;
         let inner = &self.inner;
         let op = &op;
         futures::stream::iter(pieces)
@@ -419,6 +439,20 @@ impl VolumeClient {
             .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+
+    /// [`Self::pieces`]; a range past the end of the volume as the map
+    /// knows it first refreshes the map once (the volume may have grown).
+    async fn pieces_fresh(&self, offset_bytes: u64, len: u64) -> Result<Vec<Piece>, ClientError> {
+        match self.pieces(offset_bytes, len) {
+            Err(ClientError::OutOfRange { .. }) => {
+                if let Err(error) = self.refresh_map().await {
+                    tracing::debug!(%error, "map refresh for a range past the end failed");
+                }
+                self.pieces(offset_bytes, len)
+            }
+            other => other,
+        }
     }
 
     /// Check the range against alignment and the volume, then split it.
@@ -531,6 +565,7 @@ impl Inner {
             volume,
             partition,
             epoch: route.target.epoch,
+            credential: self.credential,
             op: op.clone(),
         });
         let protocol = |reason: String| ClientError::Protocol {
@@ -627,6 +662,14 @@ impl Inner {
             }
             HostReply::Error(HostError::ChecksumMismatch { offset_bytes: at }) => {
                 checksum(retry, at)
+            }
+            // Never retried: the attachment was revoked (or never valid).
+            HostReply::Error(HostError::Unauthorized { attachment }) => {
+                Err(ClientError::Unauthorized {
+                    volume,
+                    attachment,
+                    node: node.clone(),
+                })
             }
             HostReply::Error(error) if error.is_retryable() => {
                 retry.last_error = format!("{node}: {error}");

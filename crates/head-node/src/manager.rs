@@ -20,7 +20,10 @@
 //!   all partitions that had records opened           ─▶ READY (traffic, flush, GC)
 //! per primary: lease task  (GrantLease every renew interval, lease_until)
 //!              duty task   (flush when due: fill ratio / age; GC every gc interval)
-//! host request   ─▶ hosted primary, READY, lease valid ─▶ Partition::handle_host
+//! host request   ─▶ attachment credential valid for the volume and the range
+//!                   inside the volume (applied LCP state; else Unauthorized /
+//!                   OutOfRange, re-checked once after a read barrier)
+//!                   ─▶ hosted primary, READY, lease valid ─▶ Partition::handle_host
 //!                   else NotPrimary{hint: the map's primary} | Unavailable (opening,
 //!                   no lease yet: the client backs off and resends)
 //! replica request ─▶ hosted secondary, READY ─▶ Partition::handle_replica
@@ -67,14 +70,15 @@ use hardware::{open_device, EngineChoice, OpenOptions};
 use local_control_plane::state::{NodeId, PartitionId as LcpPartitionId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
-    HostError, HostReply, HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest,
-    BLOCK_BYTES,
+    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
+    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest, BLOCK_BYTES,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -200,6 +204,8 @@ struct ManagerMetrics {
     wal_capacity_bytes: Gauge,
     hosted_partitions: Gauge,
     ready: Gauge,
+    /// Host requests refused for their attachment credential.
+    host_unauthorized: Counter,
 }
 
 impl ManagerMetrics {
@@ -315,6 +321,11 @@ impl ManagerMetrics {
             "1 once every partition with recovered log records is open",
             m.ready.clone(),
         );
+        registry.register(
+            "rackblock_host_unauthorized",
+            "Host requests refused for a missing, unknown or revoked attachment credential",
+            m.host_unauthorized.clone(),
+        );
         m
     }
 
@@ -406,6 +417,15 @@ struct Inner {
     synced: AtomicBool,
     ready: AtomicBool,
     metrics: ManagerMetrics,
+    /// When the last read barrier of a refused host request completed
+    /// (single flight: refusals arriving meanwhile reuse it).
+    access_sync: tokio::sync::Mutex<Option<Instant>>,
+    /// Tokens already hashed and found to match, per (volume, attachment),
+    /// with the digest they matched: a request whose token equals the
+    /// cached one (constant-time) while the state still lists that digest
+    /// skips the SHA-256. Revocation needs no invalidation: the state
+    /// lookup comes first.
+    verified_tokens: RwLock<HashMap<(u64, u64), VerifiedToken>>,
     shutdown: CancellationToken,
 }
 
@@ -446,10 +466,12 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
             } else {
                 continue;
             };
+            // Every partition is opened at its full size, the last one too:
+            // host I/O is bounded by the volume's size in the state
+            // (`check_host_access`), so growing a volume never has to
+            // reopen a partition.
             let start = u64::from(p.id.index) * volume.partition_size_bytes;
-            let size = volume
-                .partition_size_bytes
-                .min(volume.size_bytes.saturating_sub(start));
+            let size = volume.partition_size_bytes;
             desired.insert(
                 PartitionId::from(p.id),
                 Desired {
@@ -541,6 +563,8 @@ impl PartitionManager {
                 synced: AtomicBool::new(false),
                 ready: AtomicBool::new(false),
                 metrics,
+                access_sync: tokio::sync::Mutex::new(None),
+                verified_tokens: RwLock::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -600,6 +624,9 @@ impl PartitionManager {
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
         let inner = &self.inner;
+        if let Err(error) = check_host_access(inner, &request).await {
+            return HostReply::Error(error);
+        }
         let id = request.partition_id();
         let hosted = read(&inner.hosted).get(&id).cloned();
         let Some(hosted) = hosted.filter(|h| h.role == OpenRole::Primary) else {
@@ -684,6 +711,102 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A token that hashed to `digest` (see `Inner::verified_tokens`).
+#[derive(Debug, Clone, Copy)]
+struct VerifiedToken {
+    token: AttachmentToken,
+    digest: TokenDigest,
+}
+
+/// Bound on cached verified tokens (cleared when full).
+const MAX_VERIFIED_TOKENS: usize = 4096;
+
+/// Whether `credential` is valid for `volume`; on success the volume size.
+fn credential_valid(inner: &Inner, volume: u64, credential: &AttachmentCredential) -> Option<u64> {
+    let (size_bytes, digest) = inner
+        .node
+        .attachment_digest(volume, credential.attachment)
+        .ok()?;
+    let key = (volume, credential.attachment);
+    let cached = read(&inner.verified_tokens).get(&key).copied();
+    if let Some(hit) = cached {
+        if hit.digest == digest && tokens_equal(&hit.token, &credential.token) {
+            return Some(size_bytes);
+        }
+    }
+    if !digests_equal(&credential.token.digest(), &digest) {
+        return None;
+    }
+    let mut verified = write(&inner.verified_tokens);
+    if verified.len() >= MAX_VERIFIED_TOKENS {
+        verified.clear();
+    }
+    verified.insert(
+        key,
+        VerifiedToken {
+            token: credential.token,
+            digest,
+        },
+    );
+    Some(size_bytes)
+}
+
+/// Compares two tokens without an early exit.
+fn tokens_equal(a: &AttachmentToken, b: &AttachmentToken) -> bool {
+    a.0.iter().zip(&b.0).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request's attachment credential and range against the volume in
+/// the applied control-plane state (see `proto::volume`'s module docs):
+/// `Unauthorized` for a credential the volume does not list, `OutOfRange`
+/// past the volume's end. A refusal is re-checked once after a read
+/// barrier, so an attachment or a resize committed a moment ago is not
+/// refused by a head node whose state machine lags; barriers are single
+/// flight, and a refusal that arrived during one reuses it.
+async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), HostError> {
+    let check = || -> Result<(), HostError> {
+        let size_bytes = credential_valid(inner, request.volume, &request.credential).ok_or(
+            HostError::Unauthorized {
+                attachment: request.credential.attachment,
+            },
+        )?;
+        if let Some((offset_bytes, len)) = request.op.range() {
+            let end = offset_bytes.saturating_add(u64::from(len));
+            if end > size_bytes {
+                return Err(HostError::OutOfRange {
+                    offset_bytes,
+                    len,
+                    partition_start: 0,
+                    partition_end: size_bytes,
+                });
+            }
+        }
+        Ok(())
+    };
+    if check().is_ok() {
+        return Ok(());
+    }
+    let arrived = Instant::now();
+    {
+        let mut last = inner.access_sync.lock().await;
+        if last.is_none_or(|done| done < arrived) {
+            if let Err(error) = sync_local_state(&inner.node).await {
+                debug!(%error, "read barrier before a host refusal failed");
+            }
+            *last = Some(Instant::now());
+        }
+    }
+    let verdict = check();
+    if let Err(HostError::Unauthorized { attachment }) = &verdict {
+        inner.metrics.host_unauthorized.inc();
+        debug!(
+            volume = request.volume,
+            attachment, "host request refused: attachment credential not valid"
+        );
+    }
+    verdict
 }
 
 fn unavailable(reason: &str) -> HostReply {
@@ -1217,7 +1340,7 @@ mod tests {
     }
 
     #[test]
-    fn desired_partitions_follow_the_map_with_a_short_last_partition() {
+    fn desired_partitions_follow_the_map_and_open_a_short_last_partition_whole() {
         let state = unit();
         let mut primaries = 0;
         let mut secondaries = 0;
@@ -1245,6 +1368,8 @@ mod tests {
         let per = (4 << 20) / BLOCK_BYTES;
         assert_eq!(blocks[&0], (0, per));
         assert_eq!(blocks[&1], (per, per));
-        assert_eq!(blocks[&2], (2 * per, (2 << 20) / BLOCK_BYTES));
+        // The short last partition is opened whole (I/O is bounded by the
+        // volume size instead), so a grow never reopens it.
+        assert_eq!(blocks[&2], (2 * per, per));
     }
 }

@@ -10,8 +10,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, RepairReason, SledId,
-    VolumeId,
+    AttachmentId, ColumnRef, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, RepairReason,
+    SledId, TokenDigest, VolumeId,
 };
 
 /// One of the two redundant internal networks.
@@ -181,6 +181,49 @@ pub enum Command {
     ReclaimColumns {
         columns: Vec<ColumnRef>,
     },
+    /// Let a host do I/O on `volume` with attachment `attachment` and a
+    /// token whose SHA-256 is `token_digest`. Repeating it with the same
+    /// digest is a no-op (a resend after an unknown outcome).
+    RegisterAttachment {
+        volume: VolumeId,
+        attachment: AttachmentId,
+        token_digest: TokenDigest,
+        host: String,
+        now_ms: u64,
+    },
+    /// Revoke an attachment: head nodes refuse its token from the entry on.
+    RemoveAttachment {
+        volume: VolumeId,
+        attachment: AttachmentId,
+    },
+    /// Grow a volume to `size_bytes` (a multiple of 4096, not smaller than
+    /// now): new partitions are placed like at registration; a short last
+    /// partition simply covers more (head nodes serve whole partitions and
+    /// bound I/O by the volume size). The same size is a no-op.
+    ResizeVolume {
+        volume: VolumeId,
+        size_bytes: u64,
+    },
+    /// Start deleting a volume: refused while attached unless `force`
+    /// (which revokes the attachments). The volume leaves every map, its
+    /// partitions are closed by their head nodes, and the leader's deleter
+    /// frees its extents ([`Command::ReleaseDeletedExtent`]) and purges it
+    /// ([`Command::PurgeVolume`]).
+    DeleteVolume {
+        volume: VolumeId,
+        force: bool,
+        now_ms: u64,
+    },
+    /// An extent of a volume being deleted was freed on every reachable
+    /// sled: its columns go back to the free pool (columns on Failed sleds
+    /// or devices are retired instead).
+    ReleaseDeletedExtent {
+        extent: ExtentId,
+    },
+    /// Forget a volume being deleted whose extents are all released.
+    PurgeVolume {
+        volume: VolumeId,
+    },
 }
 
 /// What a successfully applied command did.
@@ -219,5 +262,18 @@ pub enum Outcome {
         partition: PartitionId,
         holder: NodeId,
         expires_at_ms: u64,
+    },
+    VolumeResized {
+        volume: VolumeId,
+        size_bytes: u64,
+        /// (primary, secondary) of each partition added.
+        added: Vec<(NodeId, NodeId)>,
+    },
+    DeleteStarted {
+        volume: VolumeId,
+        /// Extents the deleter will free.
+        extents: usize,
+        /// Attachments revoked by a forced delete.
+        revoked_attachments: usize,
     },
 }

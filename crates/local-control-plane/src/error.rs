@@ -13,7 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, SledId, VolumeId};
+use crate::state::{
+    AttachmentId, DeviceRef, Epoch, ExtentId, Health, NodeId, PartitionId, SledId, VolumeId,
+};
 
 /// What kind of object an [`CommandError::AlreadyExists`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +26,7 @@ pub enum Entity {
     Column,
     Volume,
     VolumeName,
+    Attachment,
 }
 
 /// Why a command was refused. A refused command changed nothing.
@@ -99,6 +102,30 @@ pub enum CommandError {
     NoSpace { needed: usize, available: usize },
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },
+    #[error("volume {volume} has no attachment {attachment}")]
+    UnknownAttachment {
+        volume: VolumeId,
+        attachment: AttachmentId,
+    },
+    /// Delete refused: hosts are attached (detach them, or force).
+    #[error("volume {volume} has {attachments} attachment(s); detach them or force the delete")]
+    VolumeAttached {
+        volume: VolumeId,
+        attachments: usize,
+    },
+    /// The volume is being deleted: it takes no new attachment, resize or
+    /// role change, and a second delete is refused.
+    #[error("volume {volume} is being deleted")]
+    VolumeDeleting { volume: VolumeId },
+    /// Volumes only grow.
+    #[error(
+        "volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported"
+    )]
+    ShrinkRefused {
+        volume: VolumeId,
+        current_bytes: u64,
+        requested_bytes: u64,
+    },
 }
 
 impl CommandError {
@@ -140,6 +167,10 @@ impl CommandError {
             CommandError::NotInSandbox { .. } => "not_in_sandbox",
             CommandError::NoSpace { .. } => "no_space",
             CommandError::InvalidArgument { .. } => "invalid_argument",
+            CommandError::UnknownAttachment { .. } => "unknown_attachment",
+            CommandError::VolumeAttached { .. } => "volume_attached",
+            CommandError::VolumeDeleting { .. } => "volume_deleting",
+            CommandError::ShrinkRefused { .. } => "shrink_refused",
         }
     }
 

@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod command;
+pub mod deleter;
 pub mod detector;
 pub mod error;
 pub mod failover;

@@ -21,7 +21,8 @@
 //!      failover controller (crate::failover): promote / re-mirror the
 //!      partitions of head nodes the detector recorded Down, and the
 //!      repair controller (crate::repair): replacement columns for Failed
-//!      and Draining sleds, rebuilt by the partitions' primaries
+//!      and Draining sleds, rebuilt by the partitions' primaries, and the
+//!      deleter (crate::deleter): frees deleted volumes' extents
 //! ```
 //!
 //! A restarted member finds its vote and log on disk and simply rejoins;
@@ -71,6 +72,7 @@ use crate::client::{
     MemberStatus, RaftStatus,
 };
 use crate::command::{Command, DeviceSpec, Outcome};
+use crate::deleter::DeleterMetrics;
 use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
 use crate::error::CommandError;
 use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
@@ -323,6 +325,7 @@ struct Inner {
     failover_metrics: FailoverMetrics,
     repair_config: RepairConfig,
     repair_metrics: RepairMetrics,
+    deleter_metrics: DeleterMetrics,
     shutdown: CancellationToken,
 }
 
@@ -403,6 +406,7 @@ impl LcpNode {
         let detector_metrics = DetectorMetrics::register(registry);
         let failover_metrics = FailoverMetrics::register(registry);
         let repair_metrics = RepairMetrics::register(registry);
+        let deleter_metrics = DeleterMetrics::register(registry);
         let inner = Arc::new(Inner {
             raft,
             raft_id,
@@ -424,6 +428,7 @@ impl LcpNode {
             failover_metrics,
             repair_config: config.repair.clone(),
             repair_metrics,
+            deleter_metrics,
             shutdown: CancellationToken::new(),
         });
         // Forwarding links exist from the start so that their probers know
@@ -501,6 +506,31 @@ impl LcpNode {
     /// A copy of the local (possibly stale) state machine.
     pub fn local_state(&self) -> UnitState {
         self.inner.state.read().unit.clone()
+    }
+
+    /// Checks a host request's attachment credential against the applied
+    /// state (no copy of it: one read lock, two map lookups, one SHA-256
+    /// block). On success, the volume's size in bytes.
+    pub fn host_access(
+        &self,
+        volume: crate::state::VolumeId,
+        credential: &proto::volume::AttachmentCredential,
+    ) -> Result<u64, crate::state::AccessRefusal> {
+        self.inner.state.read().unit.host_access(volume, credential)
+    }
+
+    /// The volume's size and the token digest of `attachment` in the
+    /// applied state (one read lock, two map lookups).
+    pub fn attachment_digest(
+        &self,
+        volume: crate::state::VolumeId,
+        attachment: crate::state::AttachmentId,
+    ) -> Result<(u64, crate::state::TokenDigest), crate::state::AccessRefusal> {
+        self.inner
+            .state
+            .read()
+            .unit
+            .attachment_digest(volume, attachment)
     }
 
     /// Whether this node knows a leader (its own or another).
@@ -680,9 +710,9 @@ fn read_local(inner: &Inner, request: &LcpRequest) -> LcpResponse {
     match request {
         LcpRequest::PartitionMap { volume } => match state.partition_map(*volume) {
             Ok(map) => LcpResponse::PartitionMap(map),
-            Err(CommandError::UnknownVolume { volume }) => {
-                LcpResponse::Error(LcpError::UnknownVolume { volume })
-            }
+            Err(
+                CommandError::UnknownVolume { volume } | CommandError::VolumeDeleting { volume },
+            ) => LcpResponse::Error(LcpError::UnknownVolume { volume }),
             Err(e) => LcpResponse::Error(LcpError::BadRequest {
                 reason: e.to_string(),
             }),
@@ -980,6 +1010,27 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
             lost.clone(),
         ),
     );
+    // 3d. Deleted volumes: free their extents on the sleds, release them
+    // to the free pool, purge the records (crate::deleter).
+    let deleter_raft = inner.raft.clone();
+    let deleter_state = inner.state.clone();
+    tokio::spawn(crate::deleter::run(
+        move || deleter_state.read().unit.clone(),
+        move |command| {
+            let raft = deleter_raft.clone();
+            async move {
+                raft.client_write(command)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(|e| e.to_string())
+            }
+        },
+        inner.links.clone(),
+        inner.rack.clone(),
+        inner.failover_config.lease_margin,
+        inner.deleter_metrics.clone(),
+        lost.clone(),
+    ));
     // 3b. Failover from the recorded health, next to the detector.
     let controller = FailoverController::new(
         inner.failover_config.clone(),

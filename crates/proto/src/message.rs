@@ -80,8 +80,10 @@
 //!   `Vec<u64>`(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
 //!   9 BadRequest{reason string}, 10 Io{reason string}
 //!
-//! * host = volume u64 | partition u32 | epoch u64 (the [`HostRequest`]
-//!   header, before the op's fields)
+//! * host = volume u64 | partition u32 | epoch u64 | attachment u64 |
+//!   token `[u8; 16]` (the [`HostRequest`] header with its
+//!   [`AttachmentCredential`](crate::volume::AttachmentCredential), before
+//!   the op's fields)
 //! * record = sequence u64 | kind u8 (0 Write, 1 Unmap) | lba u64 |
 //!   blocks u32 | crcs `Vec<u32>`(≤4096) | data bytes(≤16 MiB)
 //! * flushed = lba u64 | blocks u32 | sequence u64 | extent u64 | column
@@ -93,7 +95,7 @@
 //!   2 Fenced{current u64}, 3 OutOfRange{offset_bytes u64, len u32,
 //!   partition_start u64, partition_end u64}, 4 ChecksumMismatch
 //!   {offset_bytes u64}, 5 Unavailable{reason string}, 6 BadRequest{reason
-//!   string}, 7 Io{reason string}
+//!   string}, 7 Io{reason string}, 8 Unauthorized{attachment u64}
 //! * replica error = tag u8, then: 0 StaleEpoch{current u64}, 1 Gap
 //!   {expected_sequence u64}, 2 NotSecondary, 3 LogFull, 4 Io{reason
 //!   string}, 5 BadRequest{reason string}
@@ -116,9 +118,9 @@ use crate::sled::{
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
 };
 use crate::volume::{
-    FlushedRange, HostError, HostOp, HostReply, HostRequest, NodeHint, ReplicaError, ReplicaRecord,
-    ReplicaRecordKind, ReplicaReply, ReplicaRequest, MAX_FLUSHED_RANGES, MAX_HOST_CRCS,
-    MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
+    AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest,
+    NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest,
+    MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 
@@ -448,6 +450,8 @@ impl Message {
                 w.u64(request.volume);
                 w.u32(request.partition);
                 w.u64(request.epoch);
+                w.u64(request.credential.attachment);
+                w.raw(&request.credential.token.0);
                 match &request.op {
                     HostOp::Read { offset_bytes, len } => {
                         w.u64(*offset_bytes);
@@ -655,6 +659,10 @@ impl Message {
                 let volume = r.u64("volume")?;
                 let partition = r.u32("partition")?;
                 let epoch = r.u64("epoch")?;
+                let credential = AttachmentCredential {
+                    attachment: r.u64("attachment")?,
+                    token: AttachmentToken(r.array("token")?),
+                };
                 let op = match kind {
                     HOST_READ => HostOp::Read {
                         offset_bytes: r.u64("offset_bytes")?,
@@ -683,6 +691,7 @@ impl Message {
                     volume,
                     partition,
                     epoch,
+                    credential,
                     op,
                 })
             }
@@ -1082,6 +1091,10 @@ fn put_host_error(w: &mut Writer<'_>, error: &HostError) {
             w.u8(7);
             w.string(reason);
         }
+        HostError::Unauthorized { attachment } => {
+            w.u8(8);
+            w.u64(*attachment);
+        }
     }
 }
 
@@ -1119,6 +1132,9 @@ fn get_host_error(r: &mut Reader) -> Result<HostError, DecodeError> {
         },
         7 => HostError::Io {
             reason: r.string("reason", MAX_STRING_BYTES)?,
+        },
+        8 => HostError::Unauthorized {
+            attachment: r.u64("attachment")?,
         },
         tag => {
             return Err(DecodeError::UnknownTag {
@@ -1268,6 +1284,7 @@ mod tests {
                 volume: 1,
                 partition: 2,
                 epoch: 3,
+                credential: AttachmentCredential::NONE,
                 op: HostOp::Flush,
             }),
             Message::HostReply(HostReply::Done),
@@ -1293,6 +1310,10 @@ mod tests {
                 volume: 1,
                 partition: 2,
                 epoch: 3,
+                credential: AttachmentCredential {
+                    attachment: 11,
+                    token: AttachmentToken([9; 16]),
+                },
                 op: HostOp::Write {
                     write_id: 7,
                     offset_bytes: 4096,
@@ -1348,6 +1369,10 @@ mod tests {
             volume: u64::MAX,
             partition: u32::MAX,
             epoch: u64::MAX,
+            credential: AttachmentCredential {
+                attachment: u64::MAX,
+                token: AttachmentToken([0xff; 16]),
+            },
             op: HostOp::Write {
                 write_id: u64::MAX,
                 offset_bytes: 0,

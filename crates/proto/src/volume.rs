@@ -45,6 +45,17 @@
 //!   primary is an ordinary idempotent write whose outcome the host has not
 //!   seen yet, so it cannot be reordered after a newer acknowledged write.
 //!
+//! * **Attachment credential.** Every request carries the
+//!   [`AttachmentCredential`] of the attachment it acts for: the
+//!   attachment id and its 128-bit secret token. The unit's replicated
+//!   state holds, per volume, only the SHA-256 digest of each valid token
+//!   ([`AttachmentToken::digest`]); the primary looks the attachment up in
+//!   the state it already applies, hashes the presented token (one
+//!   SHA-256 block) and compares in constant time ([`digests_equal`]). A
+//!   missing, unknown or revoked credential is refused with
+//!   [`HostError::Unauthorized`] before anything else is looked at; the
+//!   client does not retry it.
+//!
 //! ## Replication
 //!
 //! The primary numbers each change of a partition with a per-partition
@@ -137,6 +148,95 @@ pub fn make_write_id(client_id: u32, counter: u64) -> WriteId {
     }
 }
 
+/// Bytes of an [`AttachmentToken`].
+pub const ATTACHMENT_TOKEN_BYTES: usize = 16;
+/// Bytes of a token digest (SHA-256).
+pub const TOKEN_DIGEST_BYTES: usize = 32;
+
+/// SHA-256 of an attachment token: what the unit's state stores.
+pub type TokenDigest = [u8; TOKEN_DIGEST_BYTES];
+
+/// The secret of one attachment: 128 random bits, written as 32 lowercase
+/// hex digits on the APIs. `Debug` does not show it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AttachmentToken(pub [u8; ATTACHMENT_TOKEN_BYTES]);
+
+impl std::fmt::Debug for AttachmentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttachmentToken(..)")
+    }
+}
+
+/// Why a text is not an [`AttachmentToken`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an attachment token is {} hex digits", ATTACHMENT_TOKEN_BYTES * 2)]
+pub struct TokenParseError;
+
+impl AttachmentToken {
+    /// A fresh random token from the operating system's generator
+    /// (`/dev/urandom`).
+    pub fn random() -> std::io::Result<AttachmentToken> {
+        use std::io::Read as _;
+        let mut bytes = [0u8; ATTACHMENT_TOKEN_BYTES];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(AttachmentToken(bytes))
+    }
+
+    /// Parses 32 hex digits (either case).
+    pub fn parse_hex(text: &str) -> Result<AttachmentToken, TokenParseError> {
+        let text = text.trim().as_bytes();
+        if text.len() != ATTACHMENT_TOKEN_BYTES * 2 {
+            return Err(TokenParseError);
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(TokenParseError),
+        };
+        let mut bytes = [0u8; ATTACHMENT_TOKEN_BYTES];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (nibble(text[2 * i])? << 4) | nibble(text[2 * i + 1])?;
+        }
+        Ok(AttachmentToken(bytes))
+    }
+
+    /// 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// SHA-256 of the token bytes.
+    pub fn digest(&self) -> TokenDigest {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(self.0).into()
+    }
+}
+
+/// Compares two digests without an early exit on the first difference.
+pub fn digests_equal(a: &TokenDigest, b: &TokenDigest) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What a host presents on every request: which attachment it acts for,
+/// and that attachment's secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttachmentCredential {
+    /// Attachment id as the unit's state records it (assigned by the zonal
+    /// plane, or random with the top bit set for a unit-local attach).
+    pub attachment: u64,
+    pub token: AttachmentToken,
+}
+
+impl AttachmentCredential {
+    /// No credential at all (attachment 0, zero token): what an old client
+    /// that knows no attachment sends. Always refused.
+    pub const NONE: AttachmentCredential = AttachmentCredential {
+        attachment: 0,
+        token: AttachmentToken([0; ATTACHMENT_TOKEN_BYTES]),
+    };
+}
+
 /// One host request for one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRequest {
@@ -144,6 +244,8 @@ pub struct HostRequest {
     pub partition: u32,
     /// The partition's epoch as the client's map knows it.
     pub epoch: Epoch,
+    /// The attachment this request acts for (module docs).
+    pub credential: AttachmentCredential,
     pub op: HostOp,
 }
 
@@ -327,6 +429,11 @@ pub enum HostError {
     BadRequest { reason: String },
     #[error("I/O error: {reason}")]
     Io { reason: String },
+    /// The request's attachment credential is missing, unknown, revoked
+    /// (detached) or for another volume. Nothing was read or applied; the
+    /// client must not retry with the same credential.
+    #[error("attachment {attachment} is not authorised for this volume (missing, unknown or revoked credential)")]
+    Unauthorized { attachment: u64 },
 }
 
 impl HostError {
@@ -503,6 +610,31 @@ mod tests {
             write(crcs).validate(),
             Err(HostError::ChecksumMismatch { offset_bytes: 8192 })
         );
+    }
+
+    #[test]
+    fn tokens_parse_print_and_digest() {
+        let token = AttachmentToken::random().unwrap();
+        let hex = token.to_hex();
+        assert_eq!(hex.len(), 32);
+        assert_eq!(AttachmentToken::parse_hex(&hex), Ok(token));
+        assert_eq!(AttachmentToken::parse_hex(&hex.to_uppercase()), Ok(token));
+        for bad in ["", "abc", &hex[..31], &format!("{hex}0"), &"g".repeat(32)] {
+            assert_eq!(
+                AttachmentToken::parse_hex(bad),
+                Err(TokenParseError),
+                "{bad}"
+            );
+        }
+        assert_ne!(AttachmentToken::random().unwrap(), token);
+        // SHA-256 of 16 zero bytes (a published test vector).
+        let zero = AttachmentToken([0; 16]).digest();
+        assert_eq!(zero[..4], [0x37, 0x47, 0x08, 0xff], "{zero:02x?}");
+        assert!(digests_equal(&token.digest(), &token.digest()));
+        assert!(!digests_equal(&token.digest(), &zero));
+        assert!(!format!("{token:?}").contains(&hex[..8]));
+        let unauthorized = HostError::Unauthorized { attachment: 3 };
+        assert!(!unauthorized.is_retryable() && !unauthorized.needs_map_refresh());
     }
 
     #[test]

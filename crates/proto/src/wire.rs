@@ -103,7 +103,8 @@ impl Reader {
         }
     }
 
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+    /// `N` raw bytes (a fixed-size field such as a token).
+    pub fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
         let range = self.advance(field, N as u64)?;
         let mut out = [0u8; N];
         out.copy_from_slice(&self.buf[range]);
@@ -227,6 +228,11 @@ impl<'a> Writer<'a> {
 
     pub fn bool(&mut self, value: bool) {
         self.u8(u8::from(value));
+    }
+
+    /// Raw bytes with no length prefix (a fixed-size field).
+    pub fn raw(&mut self, value: &[u8]) {
+        self.buf.put_slice(value);
     }
 
     pub fn option<T>(&mut self, value: Option<&T>, mut write: impl FnMut(&mut Writer<'_>, &T)) {

@@ -8,8 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use client::{ClientConfig, ClientError, VolumeClient};
+use local_control_plane::LcpClient;
+use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::Value;
-use tests::{next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
+use tests::{http_get, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const TOKEN: &str = "cli-verbs-test-token-0123456789";
@@ -274,16 +277,24 @@ fn every_verb_with_bad_input_and_exit_codes() {
     zone.expect(3, &["volume", "delete", "nope"]);
     zone.expect(3, &["volume", "resize", "nope", "--size", "8MiB"]);
     zone.expect(3, &["volume", "detach", "v1", "--attachment", "99"]);
-    // Resize: bad size → 2; same size → 0; growing is not built in the
-    // unit yet → 1 with the API's reason; nothing changed.
+    // Resize: bad size → 2; shrink → 2; same size → 0; grow → 0, and the
+    // unit's map has the new partitions.
     zone.expect(2, &["volume", "resize", "v1", "--size", "0"]);
+    zone.expect(2, &["volume", "resize", "v1", "--size", "4MiB"]);
     zone.expect(0, &["volume", "resize", "v1", "--size", "8MiB"]);
-    let grow = zone.run(&["volume", "resize", "v1", "--size", "16MiB"]);
-    assert!(grow.code == 0 || grow.code == 1, "{}", grow.stderr);
-    if grow.code == 1 {
-        assert!(grow.stderr.contains("not supported"), "{}", grow.stderr);
-        assert_eq!(zone.volumes()[0]["size_bytes"], 8 * MIB);
-    }
+    zone.expect(0, &["volume", "resize", "v1", "--size", "16MiB"]);
+    let grown = zone
+        .expect(0, &["volume", "describe", "v1", "--output", "json"])
+        .json();
+    assert_eq!(grown["size_bytes"], 16 * MIB);
+    assert_eq!(grown["partition_map"]["size_bytes"], 16 * MIB);
+    assert_eq!(
+        grown["partition_map"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
 
     // Units: zonal view, live view, unknown unit.
     let units = zone.expect(0, &["unit", "list"]);
@@ -478,4 +489,338 @@ fn io_goes_on_while_the_zonal_plane_is_down() {
     );
     assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
     assert!(Path::new(&zone.unit.rack_path).exists());
+}
+
+/// Free columns as the sled controllers count them (their `/metrics`).
+fn sled_free_columns(zone: &Zone) -> u64 {
+    zone.unit
+        .sleds
+        .iter()
+        .map(|sled| {
+            let (status, text) = http_get(sled.admin, "/metrics").expect("sled metrics");
+            assert_eq!(status, 200);
+            text.lines()
+                .filter(|l| l.starts_with("rackblock_sled_free_columns{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// (free columns, volumes being deleted) as the unit's LCP records them.
+fn lcp_capacity(zone: &Zone) -> (u64, u64) {
+    let status = zone
+        .expect(
+            0,
+            &[
+                "unit",
+                "status",
+                "test",
+                "--rack",
+                &zone.rack(),
+                "--output",
+                "json",
+            ],
+        )
+        .json();
+    (
+        status["unit"]["capacity"]["free_columns"].as_u64().unwrap(),
+        status["unit"]["deleting_volumes"].as_u64().unwrap_or(0),
+    )
+}
+
+/// `qemu-io -f raw URI -c ...`: (success, stdout + stderr).
+fn qemu_io(qemu_io: &str, uri: &str, commands: &[&str]) -> (bool, String) {
+    let mut command = Command::new(qemu_io);
+    command.args(["-f", "raw", uri]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ok = output.status.success()
+        && !text.contains("Pattern verification failed")
+        && !text.contains("error");
+    (ok, text)
+}
+
+/// Grow an attached volume (its last partition partial), write beyond the
+/// old end over NBD, then force-delete it while attached: the host's next
+/// write is refused with EPERM, and every column the volume used goes back
+/// to the free pool, on the sleds and in the LCP.
+#[test]
+fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
+    let qemu_io_bin = tool("qemu-io");
+    let zone = start_zone();
+    let sled_free_before = sled_free_columns(&zone);
+    let (lcp_free_before, _) = lcp_capacity(&zone);
+    let run = create(
+        &zone,
+        &[
+            "volume",
+            "create",
+            "grow",
+            "--size",
+            "8MiB",
+            "--code",
+            "2+1",
+            "--partition-size",
+            "4MiB",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let mut attach = Daemon::spawn(
+        "attach-grow",
+        &[
+            "attach",
+            "grow",
+            "--listen",
+            &nbd.to_string(),
+            "--zonal",
+            &zone.zonal_url,
+            "--token",
+            TOKEN,
+            "--failover-timeout",
+            "30s",
+        ],
+        zone.unit.dir.path(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nbd_greets(nbd) {
+        assert!(
+            Instant::now() < deadline,
+            "attach never served NBD:\n{}",
+            attach.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let uri = format!("nbd://{nbd}/grow");
+    let (ok, text) = qemu_io(&qemu_io_bin, &uri, &["write -P 0x11 0 1M", "flush"]);
+    assert!(ok, "{text}");
+
+    // 8 MiB → 14 MiB: two new partitions, the last one half full.
+    zone.expect(0, &["volume", "resize", "grow", "--size", "14MiB"]);
+    let described = zone
+        .expect(0, &["volume", "describe", "grow", "--output", "json"])
+        .json();
+    assert_eq!(described["partition_map"]["size_bytes"], 14 * MIB);
+    assert_eq!(
+        described["partition_map"]["partitions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    // NBD clients see the new size on a new connection once the agent's
+    // map refresh (every 5 s) picked it up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, text) = qemu_io(
+            &qemu_io_bin,
+            &uri,
+            &[
+                "write -P 0x22 12M 2M",
+                "write -P 0x33 7M 2M",
+                "flush",
+                "read -P 0x22 12M 2M",
+                "read -P 0x33 7M 2M",
+                "read -P 0x11 0 1M",
+            ],
+        );
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "I/O past the old end never worked: {text}\n{}",
+            attach.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The data reaches the sleds: their free columns go down.
+    for answer in zone.unit.flush_all() {
+        assert_eq!(answer.map(|a| a.0), Some(200));
+    }
+    assert!(sled_free_columns(&zone) < sled_free_before);
+
+    // Delete: refused while attached, then forced.
+    zone.expect(4, &["volume", "delete", "grow"]);
+    let deleted = zone
+        .expect(
+            0,
+            &["volume", "delete", "grow", "--force", "--output", "json"],
+        )
+        .json();
+    assert_eq!(deleted["state"], "deleted");
+    // The attached host's credential is revoked with the volume: EPERM,
+    // at once (not after the failover timeout), and nothing was written.
+    let started = Instant::now();
+    let (ok, text) = qemu_io(&qemu_io_bin, &uri, &["write -P 0x44 0 4k"]);
+    assert!(!ok, "a write to a deleted volume succeeded: {text}");
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    attach.terminate();
+
+    // The unit frees every column: sleds and LCP back to where they were.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (lcp_free, deleting) = lcp_capacity(&zone);
+        let sled_free = sled_free_columns(&zone);
+        if lcp_free == lcp_free_before && sled_free == sled_free_before && deleting == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "columns not freed: LCP {lcp_free}/{lcp_free_before}, sleds {sled_free}/{sled_free_before}, {deleting} deleting"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The name is free again.
+    let again = create(
+        &zone,
+        &[
+            "volume", "create", "grow", "--size", "4MiB", "--code", "2+1",
+        ],
+    );
+    assert_eq!(again.code, 0, "{}", again.stderr);
+}
+
+/// A host request without a valid attachment credential is refused at
+/// once (not retried), and after a detach the old token can neither read
+/// nor write: the data stays as it was.
+#[test]
+fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
+    let zone = start_zone();
+    let run = create(
+        &zone,
+        &[
+            "volume",
+            "create",
+            "tok",
+            "--size",
+            "8MiB",
+            "--code",
+            "2+1",
+            "--partition-size",
+            "4MiB",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let volume = zone
+        .expect(0, &["volume", "describe", "tok", "--output", "json"])
+        .json()["id"]
+        .as_u64()
+        .unwrap();
+    let rack = zone.unit.rack();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = || ClientConfig {
+            failover_timeout: Duration::from_secs(30),
+            ..ClientConfig::default()
+        };
+        let lcp = LcpClient::new(&rack);
+        let credential = client::register_attachment(&lcp, volume, "host-a")
+            .await
+            .unwrap();
+        let attached = VolumeClient::connect(LcpClient::new(&rack), volume, credential, config())
+            .await
+            .unwrap();
+        let old = bytes::Bytes::from(vec![0xABu8; 65536]);
+        attached.write(4096, old.clone(), false).await.unwrap();
+        assert_eq!(attached.read(4096, 65536).await.unwrap(), old);
+
+        // No credential, and the right id with a wrong token: refused at
+        // once, never retried.
+        let forged = AttachmentCredential {
+            attachment: credential.attachment,
+            token: AttachmentToken([7; 16]),
+        };
+        for bad in [AttachmentCredential::NONE, forged] {
+            let client = VolumeClient::connect(LcpClient::new(&rack), volume, bad, config())
+                .await
+                .unwrap();
+            let started = Instant::now();
+            let error = client
+                .write(4096, bytes::Bytes::from(vec![0xEEu8; 4096]), false)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(matches!(
+                client.read(0, 4096).await.unwrap_err(),
+                ClientError::Unauthorized { .. }
+            ));
+            client.close();
+        }
+
+        // Detach: the old token is refused on every partition from then on
+        // (as soon as the primaries applied the removal).
+        client::remove_attachment(&lcp, volume, credential.attachment)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match attached.read(0, 4096).await {
+                Err(ClientError::Unauthorized { .. }) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "still served after detach: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for offset in [4096, 4 * MIB] {
+            let error = attached
+                .write(offset, bytes::Bytes::from(vec![0x5Au8; 65536]), false)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
+        }
+        attached.close();
+
+        // A new attachment reads what was there: the refused writes wrote nothing.
+        let fresh = client::register_attachment(&lcp, volume, "host-b")
+            .await
+            .unwrap();
+        let reader = VolumeClient::connect(LcpClient::new(&rack), volume, fresh, config())
+            .await
+            .unwrap();
+        assert_eq!(reader.read(4096, 65536).await.unwrap(), old);
+        assert_eq!(
+            reader.read(4 * MIB, 65536).await.unwrap(),
+            bytes::Bytes::from(vec![0u8; 65536])
+        );
+        reader.close();
+        lcp.close();
+    });
+    // The refusals were counted by the primaries.
+    let refused: u64 = zone
+        .unit
+        .head_nodes
+        .iter()
+        .filter_map(|h| http_get(h.admin, "/metrics"))
+        .flat_map(|(_, text)| {
+            text.lines()
+                .filter(|l| l.starts_with("rackblock_host_unauthorized_total "))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(
+        refused >= 4,
+        "rackblock_host_unauthorized_total = {refused}"
+    );
 }

@@ -122,7 +122,7 @@ impl Cluster {
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(20));
         }
-        let client = VolumeClient::connect(unit.lcp_client(), volume, client_config())
+        let client = tests::connect_client(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
         let cluster = Cluster {
@@ -598,7 +598,7 @@ async fn write_stalls_while_the_secondary_is_stopped() {
     // still waiting after the bound.
     let stalled = vec![0xB2u8; 4096];
     let bound = Duration::from_secs(8);
-    let stall_client = VolumeClient::connect(
+    let stall_client = tests::connect_client(
         cluster.unit.lcp_client(),
         cluster.volume,
         ClientConfig {

@@ -141,7 +141,7 @@ async fn write_flush_restart_read_back() {
     }
     eprintln!("unit up, volume registered: {:?}", started.elapsed());
 
-    let client = VolumeClient::connect(unit.lcp_client(), VOLUME, ClientConfig::default())
+    let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let mut model = vec![0u8; VOLUME_BYTES as usize];
@@ -255,7 +255,7 @@ async fn background_flush_by_age_and_metrics() {
     for (i, head) in heads.iter().enumerate() {
         unit.wait_datapath_ready(i, head, Duration::from_secs(20));
     }
-    let client = VolumeClient::connect(unit.lcp_client(), VOLUME, ClientConfig::default())
+    let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let data = pattern(7, 3 * MIB);

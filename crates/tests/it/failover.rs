@@ -399,7 +399,7 @@ struct Workload {
 impl Workload {
     async fn start(cluster: &Cluster) -> Workload {
         let client = Arc::new(
-            VolumeClient::connect(cluster.unit.lcp_client(), VOLUME, client_config())
+            tests::connect_client(cluster.unit.lcp_client(), VOLUME, client_config())
                 .await
                 .unwrap(),
         );
@@ -768,6 +768,8 @@ async fn paused_primary_is_fenced_on_resume() {
             volume: VOLUME,
             partition: old.index,
             epoch: old.epoch,
+            // A valid credential: the refusal must come from the fencing.
+            credential: work.client.credential(),
             op: HostOp::Write {
                 write_id: 0,
                 offset_bytes: offset,

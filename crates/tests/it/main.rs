@@ -13,3 +13,4 @@ mod power_loss;
 mod repair;
 mod sled;
 mod sled_network;
+mod volume_delete;

@@ -318,7 +318,7 @@ async fn scenario(rack: Rack, switch_ns: String, cut: Duration, seed: u64, start
     for (i, head) in rack.heads.iter().enumerate() {
         unit.wait_datapath_ready(i, head, Duration::from_secs(30));
     }
-    let client = VolumeClient::connect(
+    let client = tests::connect_client(
         unit.lcp_client(),
         VOLUME,
         ClientConfig {

@@ -128,7 +128,7 @@ impl Unit {
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(30));
         }
-        let client = VolumeClient::connect(unit.lcp_client(), volume, client_config())
+        let client = tests::connect_client(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
         let this = Unit {

@@ -19,6 +19,22 @@ use std::time::{Duration, Instant};
 
 /// The `rackblock` binary: `$RACKBLOCK_BIN`, else `target/debug/rackblock`
 /// of this workspace (the test script builds it before running tests).
+/// Registers an attachment of `volume` straight with the unit (as
+/// `rackblock attach --rack` does) and connects a volume client with it:
+/// head nodes refuse host requests without a valid attachment credential.
+pub async fn connect_client(
+    lcp: local_control_plane::LcpClient,
+    volume: u64,
+    config: client::ClientConfig,
+) -> Result<client::VolumeClient, String> {
+    let credential = client::register_attachment(&lcp, volume, "test-host")
+        .await
+        .map_err(|e| format!("cannot register an attachment of volume {volume}: {e}"))?;
+    client::VolumeClient::connect(lcp, volume, credential, config)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 pub fn rackblock_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("RACKBLOCK_BIN") {
         return PathBuf::from(bin);

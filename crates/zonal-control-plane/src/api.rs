@@ -5,10 +5,10 @@
 //! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?}` | 201 volume (200 if the same volume exists) |
 //! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
 //! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` (live from the unit) |
-//! | POST | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume (same size); larger: 501 until the LCP can grow |
-//! | DELETE | `/v1/volumes/{name}` | | 200 volume (`state: deleted`); 409 while attached |
-//! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (token, unit, head nodes) |
-//! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume |
+//! | POST, PUT | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume once the unit grew it (same size: no-op); smaller: 400 |
+//! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
+//! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (id, token, unit, head nodes), registered with the unit |
+//! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume; the unit revoked the token |
 //! | GET | `/v1/units` | | 200 `{units: [unit]}` |
 //! | GET | `/v1/units/{name}` | | 200 unit |
 //! | POST | `/v1/units/{name}/refresh` | | 200 unit (polled now) |
@@ -58,7 +58,10 @@ pub fn router(zonal: Arc<Zonal>, admin_token: String) -> Router {
             "/v1/volumes/{name}",
             get(describe_volume).delete(delete_volume),
         )
-        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route(
+            "/v1/volumes/{name}/resize",
+            post(resize_volume).put(resize_volume),
+        )
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/volumes/{name}/attachments/{id}", delete(detach))
         .route("/v1/units", get(list_units))
@@ -199,6 +202,28 @@ impl Body {
             None => Ok(()),
         }
     }
+}
+
+/// `force=true|false` from a query string (no other parameter allowed).
+fn force_flag(query: Option<&str>) -> Result<bool, ApiError> {
+    let mut force = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key != "force" {
+            return Err(ApiError::bad(key.to_owned(), "unknown query parameter"));
+        }
+        force = match value {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            other => {
+                return Err(ApiError::bad(
+                    "force",
+                    format!("must be true or false, got {other:?}"),
+                ))
+            }
+        };
+    }
+    Ok(force)
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -346,8 +371,13 @@ async fn resize_volume(State(state): Shared, Path(name): Path<String>, body: Byt
     Ok(Json(volume_json(&record)).into_response())
 }
 
-async fn delete_volume(State(state): Shared, Path(name): Path<String>) -> ApiResult {
-    let record = state.zonal.delete_volume(&name).await?;
+async fn delete_volume(
+    State(state): Shared,
+    Path(name): Path<String>,
+    uri: axum::http::Uri,
+) -> ApiResult {
+    let force = force_flag(uri.query())?;
+    let record = state.zonal.delete_volume(&name, force).await?;
     Ok(Json(volume_json(&record)).into_response())
 }
 
@@ -420,6 +450,16 @@ mod tests {
             ApiError::BadRequest { field, .. } => field,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn force_flags() {
+        assert!(!force_flag(None).unwrap());
+        assert!(force_flag(Some("force=true")).unwrap());
+        assert!(force_flag(Some("force")).unwrap());
+        assert!(!force_flag(Some("force=false")).unwrap());
+        assert!(force_flag(Some("force=yes")).is_err());
+        assert!(force_flag(Some("other=1")).is_err());
     }
 
     #[test]

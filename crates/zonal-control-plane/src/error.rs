@@ -103,8 +103,12 @@ impl ApiError {
             | ApiError::UnitUnreachable { .. }
             | ApiError::OutcomeUnknown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnitRefused { error, .. } => match error {
-                CommandError::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
-                CommandError::AlreadyExists { .. } => StatusCode::CONFLICT,
+                CommandError::InvalidArgument { .. } | CommandError::ShrinkRefused { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                CommandError::AlreadyExists { .. }
+                | CommandError::VolumeAttached { .. }
+                | CommandError::VolumeDeleting { .. } => StatusCode::CONFLICT,
                 e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_GATEWAY,
             },

@@ -182,7 +182,7 @@ pub fn raw_bytes(size_bytes: u64, code: ErasureCode) -> Option<u64> {
 pub enum VolumeState {
     Creating,
     Available,
-    /// Reserved: the unit is deleting it (no LCP delete command yet).
+    /// Delete requested, not yet confirmed by the unit (repeat the delete).
     Deleting,
     Deleted,
 }
@@ -296,8 +296,8 @@ pub struct Candidate {
     pub volumes: usize,
     /// Erasure codes the unit's rack offers.
     pub codes: Vec<ErasureCode>,
-    /// Must not be chosen (e.g. it still holds a deleted volume of the same
-    /// name, which its LCP cannot forget yet).
+    /// Must not be chosen (e.g. a volume of the same name is still being
+    /// deleted there and holds the name until the unit confirms).
     pub excluded: bool,
 }
 
@@ -314,7 +314,7 @@ pub fn rank_units(
         let why = if !c.reachable {
             Some("unreachable".to_owned())
         } else if c.excluded {
-            Some("still holds a deleted volume of that name".to_owned())
+            Some("still deleting a volume of that name".to_owned())
         } else if !c.codes.contains(&code) {
             Some(format!("does not offer erasure code {code}"))
         } else if c.allocatable_bytes < raw_bytes {

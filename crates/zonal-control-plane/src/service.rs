@@ -41,6 +41,7 @@ use crate::model::{
     VolumeRecord, VolumeSpec, VolumeState,
 };
 use crate::store::{Store, StoreError};
+use proto::volume::AttachmentToken;
 
 /// Longest wait for a unit to apply a command; past it the outcome is
 /// unknown.
@@ -117,6 +118,15 @@ pub struct AttachInfo {
     /// The unit's head nodes: any of them serves the volume's partition
     /// map (`LcpRequest::PartitionMap`), on network A or B.
     pub head_nodes: Vec<HeadNodeAddress>,
+}
+
+/// How one command to a unit went.
+enum Sent {
+    Applied(Outcome),
+    Refused(CommandError),
+    Unreachable(String),
+    Uncertain(String),
+    Protocol(String),
 }
 
 /// How one `RegisterVolume` went.
@@ -451,10 +461,12 @@ impl Zonal {
             .into_iter()
             .filter_map(|(record, count)| {
                 let unit = self.units.get(&record.name)?;
+                // A volume whose delete the unit has not confirmed yet
+                // still holds its name there.
                 let excluded = volumes.iter().any(|v| {
                     v.unit == record.name
                         && v.spec.name == spec.name
-                        && v.state == VolumeState::Deleted
+                        && v.state == VolumeState::Deleting
                 });
                 Some(Candidate {
                     name: record.name.clone(),
@@ -563,7 +575,47 @@ impl Zonal {
         Ok((record, map))
     }
 
-    /// Grows a volume. Shrinking is refused; the same size is a no-op.
+    /// Sends one command to `unit` (bounded by [`COMMAND_TIMEOUT`]).
+    async fn send(&self, unit: &Unit, command: Command) -> Sent {
+        match tokio::time::timeout(COMMAND_TIMEOUT, unit.client.command(command)).await {
+            Err(_) => Sent::Uncertain(format!("no answer within {COMMAND_TIMEOUT:?}")),
+            Ok(Ok(Ok(outcome))) => Sent::Applied(outcome),
+            Ok(Ok(Err(error))) => Sent::Refused(error),
+            Ok(Err(error @ ClientError::NoHeadNode { .. })) => Sent::Unreachable(error.to_string()),
+            Ok(Err(ClientError::Uncertain(reason)))
+            | Ok(Err(ClientError::Lcp(LcpError::Uncertain { reason }))) => Sent::Uncertain(reason),
+            Ok(Err(error)) => Sent::Protocol(error.to_string()),
+        }
+    }
+
+    /// The API error for a command that did not apply.
+    async fn not_applied(&self, record: &VolumeRecord, sent: Sent) -> ApiError {
+        let unit = record.unit.clone();
+        match sent {
+            Sent::Applied(outcome) => ApiError::UnitProtocol {
+                unit,
+                reason: format!("unexpected answer {outcome:?}"),
+            },
+            Sent::Refused(error) => ApiError::UnitRefused { unit, error },
+            Sent::Unreachable(reason) => {
+                if let Err(error) = self.record_unreachable(&unit, &reason).await {
+                    warn!(%unit, %error, "cannot record the unit unreachable");
+                }
+                ApiError::UnitUnreachable { unit, reason }
+            }
+            Sent::Uncertain(reason) => ApiError::OutcomeUnknown {
+                unit,
+                volume: record.id,
+                reason,
+            },
+            Sent::Protocol(reason) => ApiError::UnitProtocol { unit, reason },
+        }
+    }
+
+    /// Grows a volume: the unit places the new partitions
+    /// (`ResizeVolume`), and only once it applied the resize does the
+    /// record change. Shrinking is refused; the same size is a no-op; a
+    /// resize whose outcome was unknown is settled by repeating it.
     pub async fn resize_volume(
         &self,
         name: &str,
@@ -571,7 +623,13 @@ impl Zonal {
     ) -> Result<VolumeRecord, ApiError> {
         check_size("size_bytes", size_bytes)?;
         let _guard = self.mutations.lock().await;
-        let record = self.live_volume(name).await?;
+        let mut record = self.live_volume(name).await?;
+        if record.state != VolumeState::Available {
+            return Err(ApiError::VolumeNotAvailable {
+                name: name.to_owned(),
+                state: record.state,
+            });
+        }
         if size_bytes < record.spec.size_bytes {
             return Err(ApiError::bad(
                 "size_bytes",
@@ -584,31 +642,94 @@ impl Zonal {
         if size_bytes == record.spec.size_bytes {
             return Ok(record);
         }
-        Err(ApiError::NotImplemented {
-            what: "growing a volume",
-            reason: "the local control plane has no resize command yet; the volume is unchanged"
-                .into(),
-        })
+        let grown = VolumeSpec {
+            size_bytes,
+            ..record.spec.clone()
+        };
+        grown.validate()?;
+        let unit = self.unit(&record.unit)?;
+        let sent = self
+            .send(
+                unit,
+                Command::ResizeVolume {
+                    volume: record.id,
+                    size_bytes,
+                },
+            )
+            .await;
+        match sent {
+            Sent::Applied(Outcome::VolumeResized {
+                size_bytes: got, ..
+            }) if got == size_bytes => {}
+            other => return Err(self.not_applied(&record, other).await),
+        }
+        record.spec = grown;
+        let stored = record.clone();
+        self.store(move |s| s.put_volume(&stored)).await?;
+        info!(volume = name, id = record.id, size_bytes, "volume grown");
+        Ok(record)
     }
 
-    /// Deletes a volume that has no attachments. The unit keeps its
-    /// partitions: the local control plane has no delete command yet.
-    pub async fn delete_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+    /// Deletes a volume: refused while attached unless `force` (which
+    /// revokes the attachments on the unit too). The record turns
+    /// `deleting`, the unit is asked to delete (`DeleteVolume`: the volume
+    /// leaves its maps at once and its space is freed in the background),
+    /// and the record turns `deleted` once the unit confirmed. A unit that
+    /// cannot be reached leaves the record `deleting`; repeating the delete
+    /// settles it.
+    pub async fn delete_volume(&self, name: &str, force: bool) -> Result<VolumeRecord, ApiError> {
         let _guard = self.mutations.lock().await;
         let mut record = self.live_volume(name).await?;
-        if !record.attachments.is_empty() {
+        if !record.attachments.is_empty() && !force {
             return Err(ApiError::VolumeAttached {
                 name: name.to_owned(),
                 attachments: record.attachments.len(),
             });
         }
+        let was = record.state;
+        if record.state != VolumeState::Creating {
+            record.state = VolumeState::Deleting;
+            let stored = record.clone();
+            self.store(move |s| s.put_volume(&stored)).await?;
+        }
+        let unit = self.unit(&record.unit)?;
+        let sent = self
+            .send(
+                unit,
+                Command::DeleteVolume {
+                    volume: record.id,
+                    force,
+                    now_ms: now_ms(),
+                },
+            )
+            .await;
+        match sent {
+            Sent::Applied(Outcome::DeleteStarted { .. })
+            | Sent::Refused(
+                CommandError::VolumeDeleting { .. } | CommandError::UnknownVolume { .. },
+            ) => {}
+            Sent::Refused(error) => {
+                // Nothing changed on the unit (e.g. attachments the zonal
+                // plane does not know): the volume stays as it was.
+                record.state = was;
+                let stored = record.clone();
+                self.store(move |s| s.put_volume(&stored)).await?;
+                return Err(self.not_applied(&record, Sent::Refused(error)).await);
+            }
+            other => return Err(self.not_applied(&record, other).await),
+        }
         record.state = VolumeState::Deleted;
+        record.attachments.clear();
         let stored = record.clone();
         self.store(move |s| s.put_volume(&stored)).await?;
-        info!(volume = name, id = record.id, unit = %record.unit, "volume deleted (zonal record only)");
+        info!(volume = name, id = record.id, unit = %record.unit, force, "volume deleted; the unit frees its space");
         Ok(record)
     }
 
+    /// Attaches a volume to `host`: a new attachment with a fresh token,
+    /// registered with the unit (`RegisterAttachment`, the token's SHA-256)
+    /// before it is returned, so head nodes accept the token — and keep
+    /// accepting it while this plane is down.
     pub async fn attach(&self, name: &str, host: &str) -> Result<AttachInfo, ApiError> {
         check_name("host", host)?;
         let _guard = self.mutations.lock().await;
@@ -620,11 +741,43 @@ impl Zonal {
             });
         }
         let unit = self.unit(&record.unit)?;
-        let token = new_token();
-        let (id, host_owned) = (record.id, host.to_owned());
+        let token = AttachmentToken::random()
+            .map_err(|e| ApiError::Internal(format!("cannot make a token: {e}")))?;
+        let (id, host_owned, hex) = (record.id, host.to_owned(), token.to_hex());
         let (record, attachment): (VolumeRecord, Attachment) = self
-            .store(move |s| s.add_attachment(id, &host_owned, token, now_ms()))
+            .store(move |s| s.add_attachment(id, &host_owned, hex, now_ms()))
             .await?;
+        let sent = self
+            .send(
+                unit,
+                Command::RegisterAttachment {
+                    volume: record.id,
+                    attachment: attachment.id,
+                    token_digest: token.digest(),
+                    host: host.to_owned(),
+                    now_ms: attachment.created_at_ms,
+                },
+            )
+            .await;
+        if !matches!(sent, Sent::Applied(_)) {
+            // Not usable: forget it here, and make sure the unit does not
+            // keep a credential nobody was given.
+            if matches!(sent, Sent::Uncertain(_)) {
+                let revoke = Command::RemoveAttachment {
+                    volume: record.id,
+                    attachment: attachment.id,
+                };
+                if let Sent::Uncertain(reason) | Sent::Unreachable(reason) =
+                    self.send(unit, revoke).await
+                {
+                    warn!(volume = name, attachment = attachment.id, %reason, "could not revoke an attachment of unknown outcome");
+                }
+            }
+            let mut kept = record.clone();
+            kept.attachments.retain(|a| a.id != attachment.id);
+            self.store(move |s| s.put_volume(&kept)).await?;
+            return Err(self.not_applied(&record, sent).await);
+        }
         info!(volume = name, host, attachment = attachment.id, "attached");
         Ok(AttachInfo {
             attachment_id: attachment.id,
@@ -640,6 +793,9 @@ impl Zonal {
         })
     }
 
+    /// Detaches: the unit revokes the attachment (`RemoveAttachment`;
+    /// head nodes refuse its token from then on), then the record drops
+    /// it. An unreachable unit leaves the attachment in place (and valid).
     pub async fn detach(&self, name: &str, attachment: &str) -> Result<VolumeRecord, ApiError> {
         let not_found = || ApiError::AttachmentNotFound {
             volume: name.to_owned(),
@@ -648,14 +804,36 @@ impl Zonal {
         let id: u64 = attachment.parse().map_err(|_| not_found())?;
         let _guard = self.mutations.lock().await;
         let mut record = self.live_volume(name).await?;
-        let before = record.attachments.len();
-        record.attachments.retain(|a| a.id != id);
-        if record.attachments.len() == before {
+        if !record.attachments.iter().any(|a| a.id == id) {
             return Err(not_found());
         }
+        let unit = self.unit(&record.unit)?;
+        let sent = self
+            .send(
+                unit,
+                Command::RemoveAttachment {
+                    volume: record.id,
+                    attachment: id,
+                },
+            )
+            .await;
+        match sent {
+            Sent::Applied(_)
+            | Sent::Refused(
+                CommandError::UnknownAttachment { .. }
+                | CommandError::UnknownVolume { .. }
+                | CommandError::VolumeDeleting { .. },
+            ) => {}
+            other => return Err(self.not_applied(&record, other).await),
+        }
+        record.attachments.retain(|a| a.id != id);
         let stored = record.clone();
         self.store(move |s| s.put_volume(&stored)).await?;
-        info!(volume = name, attachment = id, "detached");
+        info!(
+            volume = name,
+            attachment = id,
+            "detached; the unit revoked its token"
+        );
         Ok(record)
     }
 
@@ -725,24 +903,4 @@ fn apply_status(record: &mut UnitRecord, status: &UnitStatus) {
         allocatable_bytes,
     };
     record.lcp_volumes = status.volumes;
-}
-
-/// 128 random bits as 32 hex digits.
-fn new_token() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_32_hex_digits_and_differ() {
-        let a = new_token();
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, new_token());
-    }
 }

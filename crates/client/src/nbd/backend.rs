@@ -101,6 +101,8 @@ impl BackendOp {
 /// * Misaligned, bad request: `EINVAL`.
 /// * Client closed (host agent shutting down): `ESHUTDOWN`, which tells
 ///   the NBD client to disconnect.
+/// * Attachment credential refused (detached, deleted): `EPERM`, at once
+///   (never retried).
 /// * Everything else: `EIO`. Retryable errors (`Unavailable`, `Map`) only
 ///   get here after the client has retried them for its whole
 ///   `failover_timeout`, so the NBD layer never fails a request early.
@@ -116,9 +118,11 @@ pub fn volume_error_to_nbd(op: BackendOp, error: &ClientError) -> NbdErrno {
         ClientError::Refused { error, .. } => match **error {
             HostError::OutOfRange { .. } => out_of_range,
             HostError::BadRequest { .. } => NbdErrno::Invalid,
+            HostError::Unauthorized { .. } => NbdErrno::PermissionDenied,
             _ => NbdErrno::Io,
         },
         ClientError::Closed { .. } => NbdErrno::Shutdown,
+        ClientError::Unauthorized { .. } => NbdErrno::PermissionDenied,
         ClientError::ChecksumMismatch { .. }
         | ClientError::Unavailable { .. }
         | ClientError::Map { .. }
@@ -502,5 +506,15 @@ mod tests {
             volume_error_to_nbd(BackendOp::Flush, &ClientError::Closed { volume: 1 }),
             NbdErrno::Shutdown
         );
+        let unauthorized = ClientError::Unauthorized {
+            volume: 1,
+            attachment: 2,
+            node: "hn-1".into(),
+        };
+        assert_eq!(
+            volume_error_to_nbd(BackendOp::Write, &unauthorized),
+            NbdErrno::PermissionDenied
+        );
+        assert!(!unauthorized.is_retryable());
     }
 }

@@ -16,6 +16,7 @@ use local_control_plane::state::{NodeAddress, PartitionEntry, PartitionMap};
 use local_control_plane::{LcpClient, LcpError, NodeId};
 use proto::link::LinkConfig;
 use proto::server::{serve, Handler, ServerConfig};
+use proto::volume::AttachmentCredential;
 use proto::volume::{chunk_crcs, HostError, HostOp, HostReply, HostRequest, NodeHint};
 use proto::Message;
 use tokio::net::TcpListener;
@@ -342,7 +343,9 @@ impl Unit {
 
     pub async fn client(&self, config: ClientConfig) -> VolumeClient {
         let lcp = LcpClient::with_config(&self.rack(), config.link.clone());
-        VolumeClient::connect(lcp, VOLUME, config).await.unwrap()
+        VolumeClient::connect(lcp, VOLUME, AttachmentCredential::NONE, config)
+            .await
+            .unwrap()
     }
 }
 

@@ -913,6 +913,8 @@ fn host_write(unit: &Unit, write_id: u64, block: u64, fill: u8) -> HostRequest {
         volume: PART.volume,
         partition: PART.partition,
         epoch: unit.epoch,
+        // The partition engine below the manager checks no credential.
+        credential: proto::volume::AttachmentCredential::NONE,
         op: HostOp::Write {
             write_id,
             offset_bytes: (FIRST_BLOCK + block) * 4096,

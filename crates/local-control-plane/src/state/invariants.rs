@@ -17,6 +17,16 @@ impl UnitState {
     }
 
     fn check_partitions(&self) -> Result<(), String> {
+        for (volume_id, deleting) in &self.deleting {
+            if deleting.volume.id != *volume_id || self.volumes.contains_key(volume_id) {
+                return Err(format!(
+                    "deleting volume {volume_id} is also live or misfiled"
+                ));
+            }
+            if !deleting.volume.attachments.is_empty() {
+                return Err(format!("deleting volume {volume_id} has attachments"));
+            }
+        }
         for (volume_id, volume) in &self.volumes {
             if volume.id != *volume_id {
                 return Err(format!("volume keyed {volume_id} has id {}", volume.id));
@@ -41,6 +51,14 @@ impl UnitState {
                 for node in [&partition.primary, &partition.secondary] {
                     if !self.nodes.contains_key(node) {
                         return Err(format!("partition {id}: unknown head node {node}"));
+                    }
+                }
+                for (id, attachment) in &volume.attachments {
+                    if attachment.id != *id {
+                        return Err(format!(
+                            "volume {volume_id}: attachment keyed {id} has id {}",
+                            attachment.id
+                        ));
                     }
                 }
                 if partition.epoch == 0 {
@@ -113,7 +131,11 @@ impl UnitState {
                     ));
                 }
             }
-            if self.partition(extent.owner).is_none() {
+            let deleting_owner = self
+                .deleting
+                .get(&extent.owner.volume)
+                .is_some_and(|d| (extent.owner.index as usize) < d.volume.partitions.len());
+            if self.partition(extent.owner).is_none() && !deleting_owner {
                 return Err(format!(
                     "extent {extent_id} owned by unknown partition {}",
                     extent.owner

@@ -40,6 +40,9 @@
 //! | change secondary | epoch + 1 | `PrimaryEqualsSecondary`, `NodeNotUp` |
 //! | grant lease | primary holds the lease until `now + duration` | `NotPrimary`, `StaleEpoch`, `LeaseHeld` |
 //! | set health, report path fault | record it | `Unknown*` |
+//! | register / remove attachment | credential digest head nodes accept / revoke | `UnknownVolume`, `VolumeDeleting`, `AlreadyExists`, `UnknownAttachment` |
+//! | resize volume | grow: partitions added and placed | `ShrinkRefused`, `InvalidArgument`, `VolumeDeleting`, `NotEnoughNodes` |
+//! | delete volume, release deleted extent, purge | volume → deleting; its extents' columns back to free; record gone | `VolumeAttached`, `VolumeDeleting`, `UnknownVolume` |
 //!
 //! **Epochs.** A partition starts at epoch 1. Changing the primary *or the
 //! secondary* raises it by one. The secondary counts too because the epoch
@@ -86,11 +89,14 @@ mod placement;
 mod read;
 mod repair;
 mod types;
+mod volumes;
 
 #[cfg(test)]
 mod repair_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod volume_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -105,9 +111,11 @@ pub use read::{
 };
 pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
 pub use types::{
-    ColumnRef, Device, DeviceRef, Epoch, ErasureCode, Extent, ExtentId, HeadNode, Health, Lease,
-    NodeId, Partition, PartitionId, PathHealth, Sled, SledId, Volume, VolumeId,
+    Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
+    Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,
+    SledId, TokenDigest, Volume, VolumeId,
 };
+pub use volumes::{AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME};
 
 /// Block size of every volume; sizes must be multiples of it.
 pub const BLOCK_SIZE_BYTES: u64 = 4096;
@@ -135,6 +143,9 @@ pub struct UnitState {
     /// Columns being replaced (see [`repair`]).
     #[serde(default)]
     repairs: RepairBook,
+    /// Volumes being deleted (see [`volumes`]).
+    #[serde(default)]
+    deleting: BTreeMap<VolumeId, DeletingVolume>,
 }
 
 impl UnitState {
@@ -156,6 +167,11 @@ impl UnitState {
 
     pub fn extents(&self) -> &BTreeMap<ExtentId, Extent> {
         &self.extents
+    }
+
+    /// Volumes being deleted (out of every map; extents being freed).
+    pub fn deleting(&self) -> &BTreeMap<VolumeId, DeletingVolume> {
+        &self.deleting
     }
 
     pub fn partition(&self, id: PartitionId) -> Option<&Partition> {
@@ -325,6 +341,24 @@ impl UnitState {
                 column_index,
             } => self.cancel_repair(extent, column_index),
             Command::ReclaimColumns { columns } => self.reclaim_columns(&columns),
+            Command::RegisterAttachment {
+                volume,
+                attachment,
+                token_digest,
+                host,
+                now_ms,
+            } => self.register_attachment(volume, attachment, token_digest, host, now_ms),
+            Command::RemoveAttachment { volume, attachment } => {
+                self.remove_attachment(volume, attachment)
+            }
+            Command::ResizeVolume { volume, size_bytes } => self.resize_volume(volume, size_bytes),
+            Command::DeleteVolume {
+                volume,
+                force,
+                now_ms,
+            } => self.delete_volume(volume, force, now_ms),
+            Command::ReleaseDeletedExtent { extent } => self.release_deleted_extent(extent),
+            Command::PurgeVolume { volume } => self.purge_volume(volume),
             Command::ReportPathFault {
                 endpoint,
                 network,
@@ -538,7 +572,7 @@ impl UnitState {
                 "{partition_count} partitions exceed the bound of {MAX_PARTITIONS_PER_VOLUME}"
             )));
         }
-        if self.volumes.contains_key(&volume) {
+        if self.volumes.contains_key(&volume) || self.deleting.contains_key(&volume) {
             return Err(CommandError::AlreadyExists {
                 entity: Entity::Volume,
                 id: volume.to_string(),
@@ -583,6 +617,7 @@ impl UnitState {
                 partition_size_bytes,
                 code,
                 partitions,
+                attachments: BTreeMap::new(),
             },
         );
         Ok(Outcome::VolumeRegistered { volume, placement })

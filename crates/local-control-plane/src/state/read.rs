@@ -89,6 +89,9 @@ pub struct UnitStatus {
     pub nodes: Vec<NodeStatus>,
     pub sleds: Vec<SledStatus>,
     pub volumes: usize,
+    /// Volumes being deleted (their extents still being freed).
+    #[serde(default)]
+    pub deleting_volumes: usize,
     pub partitions: usize,
     pub extents: usize,
     pub capacity: CapacitySummary,
@@ -146,6 +149,9 @@ impl UnitState {
     /// The partition map of `volume`: primary and secondary with both
     /// addresses, epoch and lease expiry per partition.
     pub fn partition_map(&self, volume: VolumeId) -> Result<PartitionMap, CommandError> {
+        if self.deleting.contains_key(&volume) {
+            return Err(CommandError::VolumeDeleting { volume });
+        }
         let entry = self
             .volumes
             .get(&volume)
@@ -228,6 +234,7 @@ impl UnitState {
             nodes,
             sleds,
             volumes: self.volumes.len(),
+            deleting_volumes: self.deleting.len(),
             partitions: all_partitions().count(),
             extents: self.extents.len(),
             capacity,

@@ -175,6 +175,10 @@ impl UnitState {
     pub fn columns_needing_repair(&self) -> Vec<(ExtentId, u16, RepairReason)> {
         let mut out = Vec::new();
         for (id, extent) in &self.extents {
+            // A volume being deleted is freed, not repaired.
+            if self.deleting.contains_key(&extent.owner.volume) {
+                continue;
+            }
             for (index, column) in extent.columns.iter().enumerate() {
                 let Ok(index) = u16::try_from(index) else {
                     continue;
@@ -321,6 +325,11 @@ impl UnitState {
                 CommandError::invalid(format!("extent {extent} has no column {column_index}"))
             })?;
         let partition = entry.owner;
+        if self.deleting.contains_key(&partition.volume) {
+            return Err(CommandError::VolumeDeleting {
+                volume: partition.volume,
+            });
+        }
         if let Some(expected) = expected_epoch {
             self.check_epoch(partition, expected)?;
         }

@@ -4,17 +4,17 @@
 
 use super::*;
 
-fn node(n: usize) -> NodeId {
+pub(super) fn node(n: usize) -> NodeId {
     NodeId(format!("head-{n}"))
 }
 
-fn sled(n: usize) -> SledId {
+pub(super) fn sled(n: usize) -> SledId {
     SledId(format!("sled-{n}"))
 }
 
 const COLUMN: u64 = 64 << 20;
 
-fn register_node(n: usize) -> Command {
+pub(super) fn register_node(n: usize) -> Command {
     Command::RegisterHeadNode {
         node: node(n),
         address_a: format!("10.0.0.{n}:7000"),
@@ -23,7 +23,7 @@ fn register_node(n: usize) -> Command {
 }
 
 /// Sled `n` in fault domain `n % 3`, power domain `n % 2`, two devices of 8 columns.
-fn register_sled(n: usize) -> Command {
+pub(super) fn register_sled(n: usize) -> Command {
     Command::RegisterSled {
         sled: sled(n),
         address_a: format!("10.0.1.{n}:7100"),
@@ -44,7 +44,7 @@ fn register_sled(n: usize) -> Command {
     }
 }
 
-fn free_columns(n: usize, device: u16, columns: std::ops::Range<u32>) -> Command {
+pub(super) fn free_columns(n: usize, device: u16, columns: std::ops::Range<u32>) -> Command {
     Command::AddFreeColumns {
         sled: sled(n),
         device,
@@ -52,7 +52,7 @@ fn free_columns(n: usize, device: u16, columns: std::ops::Range<u32>) -> Command
     }
 }
 
-fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
+pub(super) fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
     Command::RegisterVolume {
         volume: id,
         name: format!("vol-{id}"),
@@ -63,19 +63,23 @@ fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
     }
 }
 
-fn ok(state: &mut UnitState, command: Command) -> Outcome {
+pub(super) fn ok(state: &mut UnitState, command: Command) -> Outcome {
     let before = state.epochs();
     let outcome = state
         .apply(command.clone())
         .unwrap_or_else(|e| panic!("{command:?}: {e}"));
     state.check_invariants().unwrap();
+    let after = state.epochs();
     for (p, e) in before {
-        assert!(state.epochs()[&p] >= e, "epoch of {p} went down");
+        // A deleted volume's partitions leave the map (with their epochs).
+        if let Some(now) = after.get(&p) {
+            assert!(*now >= e, "epoch of {p} went down");
+        }
     }
     outcome
 }
 
-fn refused(state: &mut UnitState, command: Command) -> CommandError {
+pub(super) fn refused(state: &mut UnitState, command: Command) -> CommandError {
     let before = state.clone();
     let error = state
         .apply(command.clone())
@@ -89,7 +93,7 @@ fn refused(state: &mut UnitState, command: Command) -> CommandError {
 
 /// 3 head nodes, 6 sleds in 3 fault domains with 16 free columns each, and
 /// volume 1 (4 partitions, 4+2).
-fn unit() -> UnitState {
+pub(super) fn unit() -> UnitState {
     let mut state = UnitState::new();
     for n in 0..3 {
         ok(&mut state, register_node(n));
@@ -103,11 +107,14 @@ fn unit() -> UnitState {
     state
 }
 
-fn p(volume: VolumeId, index: u32) -> PartitionId {
+pub(super) fn p(volume: VolumeId, index: u32) -> PartitionId {
     PartitionId { volume, index }
 }
 
-fn allocate(state: &mut UnitState, partition: PartitionId) -> (ExtentId, Vec<ColumnRef>) {
+pub(super) fn allocate(
+    state: &mut UnitState,
+    partition: PartitionId,
+) -> (ExtentId, Vec<ColumnRef>) {
     match ok(state, Command::AllocateExtent { partition }) {
         Outcome::ExtentAllocated { extent, columns } => (extent, columns),
         other => panic!("{other:?}"),

@@ -11,6 +11,15 @@ pub type Epoch = proto::sled::Epoch;
 /// A volume, as numbered by the zonal control plane.
 pub type VolumeId = u64;
 
+/// An attachment of a volume to a host: the zonal plane's attachment id,
+/// or a random id with the top bit set for one registered straight
+/// through the unit (`rackblock attach --rack`).
+pub type AttachmentId = u64;
+
+/// SHA-256 of an attachment's secret token (the token itself is never
+/// stored by the unit).
+pub type TokenDigest = proto::volume::TokenDigest;
+
 /// A head node, named as in the rack file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -151,6 +160,17 @@ pub struct Partition {
     pub sandbox: BTreeSet<ExtentId>,
 }
 
+/// A host's right to do I/O on a volume: head nodes accept a host request
+/// only with an attachment id listed here and a token whose SHA-256 is
+/// `token_digest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: AttachmentId,
+    pub token_digest: TokenDigest,
+    pub host: String,
+    pub created_at_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
     pub id: VolumeId,
@@ -160,6 +180,21 @@ pub struct Volume {
     pub code: ErasureCode,
     /// Indexed by partition index.
     pub partitions: Vec<Partition>,
+    /// Valid attachments (credentials head nodes accept).
+    #[serde(default)]
+    pub attachments: BTreeMap<AttachmentId, Attachment>,
+}
+
+/// A volume being deleted: out of every map and placement, its partitions
+/// served by no head node; its extents are freed on the sleds and released
+/// one by one by the leader's deleter, then the record is purged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletingVolume {
+    /// The volume as it was (partitions keep their last epoch and lease:
+    /// the deleter waits for those leases to lapse, and frees columns on
+    /// the sleds at that epoch).
+    pub volume: Volume,
+    pub requested_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

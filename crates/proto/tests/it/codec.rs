@@ -162,7 +162,7 @@ fn strategies_cover_every_variant() {
     }
     assert_eq!(kinds.into_iter().collect::<Vec<_>>(), all_kinds());
     assert_eq!(errors.len(), 11);
-    assert_eq!(host_errors.len(), 8);
+    assert_eq!(host_errors.len(), 9);
     assert_eq!(replica_errors.len(), 6);
 }
 

@@ -287,15 +287,28 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
     ]
 }
 
+pub fn credential() -> impl Strategy<Value = AttachmentCredential> {
+    (any::<u64>(), any::<[u8; 16]>()).prop_map(|(attachment, token)| AttachmentCredential {
+        attachment,
+        token: AttachmentToken(token),
+    })
+}
+
 pub fn host_request() -> impl Strategy<Value = HostRequest> {
-    (any::<u64>(), any::<u32>(), any::<u64>(), host_op()).prop_map(
-        |(volume, partition, epoch, op)| HostRequest {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u64>(),
+        credential(),
+        host_op(),
+    )
+        .prop_map(|(volume, partition, epoch, credential, op)| HostRequest {
             volume,
             partition,
             epoch,
+            credential,
             op,
-        },
-    )
+        })
 }
 
 pub fn host_error() -> impl Strategy<Value = HostError> {
@@ -315,6 +328,7 @@ pub fn host_error() -> impl Strategy<Value = HostError> {
         text().prop_map(|reason| HostError::Unavailable { reason }),
         text().prop_map(|reason| HostError::BadRequest { reason }),
         text().prop_map(|reason| HostError::Io { reason }),
+        any::<u64>().prop_map(|attachment| HostError::Unauthorized { attachment }),
     ]
 }
 

@@ -134,6 +134,11 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
         unit.address_b.to_string()
     );
     let attachment_id = attachment["attachment_id"].as_u64().unwrap();
+    // The unit got the token's digest (never the token) for that id.
+    let digest = proto::volume::AttachmentToken::parse_hex(token)
+        .unwrap()
+        .digest();
+    assert_eq!(unit.volumes()[&1].attachments[&attachment_id], digest);
     // A second host gets its own attachment and token.
     let second = zonal
         .post("/v1/volumes/vol0/attach", r#"{"host":"host-b"}"#)
@@ -159,6 +164,9 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
         .await;
     assert_eq!(detached.status, 200, "{}", detached.body);
     assert_eq!(detached.json()["attachments"].as_array().unwrap().len(), 1);
+    // The unit revoked it.
+    assert!(!unit.volumes()[&1].attachments.contains_key(&attachment_id));
+    assert_eq!(unit.volumes()[&1].attachments.len(), 1);
     let again = zonal
         .call(
             "DELETE",
@@ -181,6 +189,8 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
     let deleted = zonal.call("DELETE", "/v1/volumes/vol0", None).await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
     assert_eq!(deleted.json()["state"], "deleted");
+    // The unit deleted it (not forced: nothing was attached any more).
+    assert_eq!(unit.volumes()[&1].deleted, Some(false));
     assert_eq!(zonal.get("/v1/volumes/vol0").await.status, 404);
     assert_eq!(
         zonal.call("DELETE", "/v1/volumes/vol0", None).await.status,
@@ -189,19 +199,6 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
     assert_eq!(
         zonal.get("/v1/volumes").await.json()["volumes"],
         Value::Array(vec![])
-    );
-
-    // The unit still holds the deleted volume's name (no LCP delete yet):
-    // re-creating the name is refused rather than sent to that unit.
-    let recreate = zonal
-        .post("/v1/volumes", r#"{"name":"vol0","size_gib":1}"#)
-        .await;
-    assert_eq!(recreate.status, 503, "{}", recreate.body);
-    assert_eq!(recreate.code(), "no_unit_fits");
-    assert!(
-        recreate.message().contains("deleted volume"),
-        "{}",
-        recreate.body
     );
 
     let units = zonal.get("/v1/units").await.json();
@@ -295,11 +292,6 @@ async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
         .post("/v1/volumes/v/resize", r#"{"size_bytes":2147483648}"#)
         .await;
     assert_eq!(same.status, 200);
-    let grow = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294967296}"#)
-        .await;
-    assert_eq!(grow.status, 501, "{}", grow.body);
-    assert_eq!(grow.code(), "not_implemented");
     assert_eq!(
         zonal.get("/v1/volumes/v").await.json()["size_bytes"],
         2 * GIB
@@ -615,5 +607,120 @@ async fn a_create_with_unknown_outcome_stays_creating_and_a_repeat_settles_it() 
             .status,
         201
     );
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 17, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 17)]).await;
+    zonal.wait_units(&["u1"]).await;
+    assert_eq!(
+        zonal
+            .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
+            .await
+            .status,
+        201
+    );
+    // The unit refuses: the record is unchanged.
+    unit.state.lock().unwrap().refuse_next = Some(CommandError::NotEnoughNodes {
+        needed: 2,
+        available: 1,
+    });
+    let refused = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294967296}"#)
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.code(), "not_enough_nodes");
+    assert_eq!(
+        zonal.get("/v1/volumes/v").await.json()["size_bytes"],
+        2 * GIB
+    );
+    assert_eq!(unit.volumes()[&1].size_bytes, 2 * GIB);
+    // POST and PUT both grow it; the unit and the record agree.
+    let grown = zonal
+        .call(
+            "PUT",
+            "/v1/volumes/v/resize",
+            Some(r#"{"size_bytes":4294967296}"#),
+        )
+        .await;
+    assert_eq!(grown.status, 200, "{}", grown.body);
+    assert_eq!(grown.json()["size_bytes"], 4 * GIB);
+    assert_eq!(unit.volumes()[&1].size_bytes, 4 * GIB);
+    let grown = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294971392}"#)
+        .await;
+    assert_eq!(grown.status, 200, "{}", grown.body);
+    assert_eq!(unit.volumes()[&1].size_bytes, 4 * GIB + 4096);
+    let described = zonal.get("/v1/volumes/v").await.json();
+    assert_eq!(described["size_bytes"], 4 * GIB + 4096);
+    assert_eq!(described["partition_map"]["size_bytes"], 4 * GIB + 4096);
+    // An unreachable unit: 503, unchanged.
+    unit.stop();
+    let unreachable = zonal
+        .post("/v1/volumes/v/resize", r#"{"size_bytes":8589934592}"#)
+        .await;
+    assert_eq!(unreachable.status, 503, "{}", unreachable.body);
+    assert_eq!(
+        zonal.get("/v1/volumes").await.json()["volumes"][0]["size_bytes"],
+        4 * GIB + 4096
+    );
+    zonal.stop().await;
+}
+
+#[tokio::test]
+async fn delete_forwards_force_and_attach_fails_cleanly_when_the_unit_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", 18, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, 18)]).await;
+    zonal.wait_units(&["u1"]).await;
+    assert_eq!(
+        zonal
+            .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+            .await
+            .status,
+        201
+    );
+    // The unit refuses the attachment: no attachment is left anywhere.
+    unit.state.lock().unwrap().refuse_next = Some(CommandError::VolumeDeleting { volume: 1 });
+    let refused = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(
+        zonal.get("/v1/volumes/v").await.json()["attachments"],
+        Value::Array(vec![])
+    );
+    assert!(unit.volumes()[&1].attachments.is_empty());
+
+    let attached = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
+    assert_eq!(attached.status, 201, "{}", attached.body);
+    let refused = zonal.call("DELETE", "/v1/volumes/v", None).await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.code(), "volume_attached");
+    assert_eq!(unit.volumes()[&1].deleted, None, "nothing was sent");
+    let bad = zonal
+        .call("DELETE", "/v1/volumes/v?force=maybe", None)
+        .await;
+    assert_eq!(bad.status, 400);
+    // An unreachable unit leaves the volume deleting; a repeat settles it.
+    unit.stop();
+    let unreachable = zonal.call("DELETE", "/v1/volumes/v?force=true", None).await;
+    assert_eq!(unreachable.status, 503, "{}", unreachable.body);
+    assert_eq!(zonal.get("/v1/volumes/v").await.json()["state"], "deleting");
+    unit.restart().await;
+    let deleted = zonal.call("DELETE", "/v1/volumes/v?force=true", None).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.json()["state"], "deleted");
+    assert_eq!(unit.volumes()[&1].deleted, Some(true));
+    assert!(unit.volumes()[&1].attachments.is_empty());
+    // The name is free again, on the same unit (polled again: the failed
+    // delete marked it unreachable).
+    assert_eq!(zonal.post("/v1/units/u1/refresh", "").await.status, 200);
+    let again = zonal
+        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
+        .await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_eq!(again.json()["unit"], "u1");
     zonal.stop().await;
 }

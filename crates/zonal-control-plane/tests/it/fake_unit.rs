@@ -1,7 +1,9 @@
 //! A fake unit: one head node serving the local control plane's client
 //! protocol (`Message::Lcp`) on networks A (127.0.1.x) and B (127.0.2.x),
-//! answering UnitStatus, RegisterVolume and PartitionMap from a small
-//! in-memory state that tests can adjust (free capacity, a refusal).
+//! answering UnitStatus, PartitionMap and the volume commands
+//! (RegisterVolume, RegisterAttachment, RemoveAttachment, ResizeVolume,
+//! DeleteVolume) from a small in-memory state that tests can adjust (free
+//! capacity, a refusal).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +32,10 @@ pub struct FakeVolume {
     pub name: String,
     pub size_bytes: u64,
     pub partition_size_bytes: u64,
+    /// Attachment id → token digest, as RegisterAttachment recorded them.
+    pub attachments: BTreeMap<u64, [u8; 32]>,
+    /// DeleteVolume applied (with `force` as given).
+    pub deleted: Option<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -37,7 +43,7 @@ pub struct FakeState {
     pub volumes: BTreeMap<u64, FakeVolume>,
     /// Free columns of the one sled device the status reports.
     pub free_columns: usize,
-    /// Refuse the next RegisterVolume with this.
+    /// Refuse the next command with this.
     pub refuse_next: Option<CommandError>,
     pub register_calls: usize,
     /// Apply the next command, then stop serving before replying (the
@@ -208,7 +214,12 @@ impl FakeUnit {
                         retired_columns: 0,
                     }],
                 }],
-                volumes: state.volumes.len(),
+                volumes: state
+                    .volumes
+                    .values()
+                    .filter(|v| v.deleted.is_none())
+                    .count(),
+                deleting_volumes: 0,
                 partitions: 0,
                 extents: 0,
                 failover: Default::default(),
@@ -225,52 +236,130 @@ impl FakeUnit {
     }
 
     fn command(&self, command: Command) -> LcpResponse {
-        let Command::RegisterVolume {
-            volume,
-            name,
-            size_bytes,
-            partition_size_bytes,
-            ..
-        } = command
-        else {
-            return LcpResponse::Error(LcpError::BadRequest {
-                reason: "fake LCP only registers volumes".into(),
-            });
-        };
         let mut state = self.state.lock().unwrap();
-        state.register_calls += 1;
+        if matches!(command, Command::RegisterVolume { .. }) {
+            state.register_calls += 1;
+        }
         if let Some(error) = state.refuse_next.take() {
             return LcpResponse::Applied(Err(error));
         }
-        if state.volumes.contains_key(&volume) {
-            return LcpResponse::Applied(Err(CommandError::AlreadyExists {
-                entity: Entity::Volume,
-                id: volume.to_string(),
-            }));
-        }
-        if state.volumes.values().any(|v| v.name == name) {
-            return LcpResponse::Applied(Err(CommandError::AlreadyExists {
-                entity: Entity::VolumeName,
-                id: name,
-            }));
-        }
-        state.volumes.insert(
-            volume,
-            FakeVolume {
+        LcpResponse::Applied(match command {
+            Command::RegisterVolume {
+                volume,
                 name,
                 size_bytes,
                 partition_size_bytes,
-            },
-        );
-        LcpResponse::Applied(Ok(Outcome::VolumeRegistered {
-            volume,
-            placement: vec![],
-        }))
+                ..
+            } => {
+                if state.volumes.contains_key(&volume) {
+                    return LcpResponse::Applied(Err(CommandError::AlreadyExists {
+                        entity: Entity::Volume,
+                        id: volume.to_string(),
+                    }));
+                }
+                if state
+                    .volumes
+                    .values()
+                    .any(|v| v.name == name && v.deleted.is_none())
+                {
+                    return LcpResponse::Applied(Err(CommandError::AlreadyExists {
+                        entity: Entity::VolumeName,
+                        id: name,
+                    }));
+                }
+                state.volumes.insert(
+                    volume,
+                    FakeVolume {
+                        name,
+                        size_bytes,
+                        partition_size_bytes,
+                        attachments: BTreeMap::new(),
+                        deleted: None,
+                    },
+                );
+                Ok(Outcome::VolumeRegistered {
+                    volume,
+                    placement: vec![],
+                })
+            }
+            other => Self::volume_command(&mut state, other),
+        })
+    }
+
+    fn volume_command(state: &mut FakeState, command: Command) -> Result<Outcome, CommandError> {
+        let volume_of = |state: &mut FakeState, volume: u64| match state
+            .volumes
+            .get(&volume)
+            .map(|v| v.deleted.is_some())
+        {
+            None => Err(CommandError::UnknownVolume { volume }),
+            Some(true) => Err(CommandError::VolumeDeleting { volume }),
+            Some(false) => Ok(()),
+        };
+        match command {
+            Command::RegisterAttachment {
+                volume,
+                attachment,
+                token_digest,
+                ..
+            } => {
+                volume_of(state, volume)?;
+                let v = state.volumes.get_mut(&volume).unwrap();
+                v.attachments.insert(attachment, token_digest);
+                Ok(Outcome::Done)
+            }
+            Command::RemoveAttachment { volume, attachment } => {
+                volume_of(state, volume)?;
+                let v = state.volumes.get_mut(&volume).unwrap();
+                v.attachments
+                    .remove(&attachment)
+                    .map(|_| Outcome::Done)
+                    .ok_or(CommandError::UnknownAttachment { volume, attachment })
+            }
+            Command::ResizeVolume { volume, size_bytes } => {
+                volume_of(state, volume)?;
+                let v = state.volumes.get_mut(&volume).unwrap();
+                if size_bytes < v.size_bytes {
+                    return Err(CommandError::ShrinkRefused {
+                        volume,
+                        current_bytes: v.size_bytes,
+                        requested_bytes: size_bytes,
+                    });
+                }
+                v.size_bytes = size_bytes;
+                Ok(Outcome::VolumeResized {
+                    volume,
+                    size_bytes,
+                    added: vec![],
+                })
+            }
+            Command::DeleteVolume { volume, force, .. } => {
+                volume_of(state, volume)?;
+                let v = state.volumes.get_mut(&volume).unwrap();
+                if !v.attachments.is_empty() && !force {
+                    return Err(CommandError::VolumeAttached {
+                        volume,
+                        attachments: v.attachments.len(),
+                    });
+                }
+                let revoked_attachments = v.attachments.len();
+                v.attachments.clear();
+                v.deleted = Some(force);
+                Ok(Outcome::DeleteStarted {
+                    volume,
+                    extents: 0,
+                    revoked_attachments,
+                })
+            }
+            other => Err(CommandError::InvalidArgument {
+                reason: format!("fake LCP does not serve {other:?}"),
+            }),
+        }
     }
 
     fn partition_map(&self, volume: u64) -> LcpResponse {
         let state = self.state.lock().unwrap();
-        let Some(v) = state.volumes.get(&volume) else {
+        let Some(v) = state.volumes.get(&volume).filter(|v| v.deleted.is_none()) else {
             return LcpResponse::Error(LcpError::UnknownVolume { volume });
         };
         let count = v.size_bytes.div_ceil(v.partition_size_bytes);
