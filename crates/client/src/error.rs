@@ -72,6 +72,10 @@ pub enum ClientError {
     },
     #[error("volume {volume}: client closed")]
     Closed { volume: u64 },
+    /// The control plane no longer knows the volume (it was deleted).
+    /// Not retried.
+    #[error("volume {volume} no longer exists (deleted)")]
+    VolumeGone { volume: u64 },
     /// A head node refused the attachment credential: the volume was
     /// detached (the attachment revoked), deleted, or never attached with
     /// this token. Not retried; attach again for a new credential.
@@ -103,6 +107,7 @@ impl ClientError {
             | ClientError::Map { volume, .. }
             | ClientError::Protocol { volume, .. }
             | ClientError::Closed { volume }
+            | ClientError::VolumeGone { volume }
             | ClientError::Unauthorized { volume, .. } => *volume,
         }
     }

@@ -15,6 +15,7 @@
 //!             ├─ Unavailable, link error, timeout ...... back off, resend
 //!             ├─ ChecksumMismatch (either direction) ... resend once, then fail
 //!             ├─ Unauthorized (attachment revoked) ..... fail at once (NBD EPERM)
+//!             ├─ map refresh: volume unknown (deleted) . fail at once, VolumeGone (EPERM)
 //!             └─ OutOfRange / BadRequest / Io .......... fail at once
 //! flush() → Flush to every partition's primary
 //! ```
@@ -56,4 +57,4 @@ mod volume;
 pub use attachment::{register_attachment, remove_attachment, AttachmentError};
 pub use error::ClientError;
 pub use split::{split_range, Piece};
-pub use volume::{ClientConfig, MapSource, VolumeClient};
+pub use volume::{ClientConfig, MapSource, MapSourceError, VolumeClient};

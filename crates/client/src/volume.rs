@@ -22,18 +22,41 @@ use proto::Message;
 use crate::error::ClientError;
 use crate::split::{split_range, Piece};
 
+/// Why a map could not be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapSourceError {
+    /// The control plane does not know the volume (deleted): permanent.
+    UnknownVolume,
+    /// Anything else (no leader yet, unreachable, ...): worth retrying.
+    Other(String),
+}
+
+impl std::fmt::Display for MapSourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MapSourceError::UnknownVolume => f.write_str("unknown volume"),
+            MapSourceError::Other(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// Where the client learns a volume's partition map.
 pub trait MapSource: Send + Sync + 'static {
     /// The current (linearizable) partition map of `volume`.
-    fn partition_map(&self, volume: u64) -> BoxFuture<'_, Result<PartitionMap, String>>;
+    fn partition_map(&self, volume: u64) -> BoxFuture<'_, Result<PartitionMap, MapSourceError>>;
 }
 
 impl MapSource for LcpClient {
-    fn partition_map(&self, volume: u64) -> BoxFuture<'_, Result<PartitionMap, String>> {
+    fn partition_map(&self, volume: u64) -> BoxFuture<'_, Result<PartitionMap, MapSourceError>> {
         Box::pin(async move {
             LcpClient::partition_map(self, volume)
                 .await
-                .map_err(|error| error.to_string())
+                .map_err(|error| match error {
+                    local_control_plane::client::ClientError::Lcp(
+                        local_control_plane::client::LcpError::UnknownVolume { .. },
+                    ) => MapSourceError::UnknownVolume,
+                    other => MapSourceError::Other(other.to_string()),
+                })
         })
     }
 }
@@ -248,7 +271,10 @@ impl VolumeClient {
         let map = source
             .partition_map(volume)
             .await
-            .map_err(|reason| ClientError::Map { volume, reason })?;
+            .map_err(|error| match error {
+                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
+            })?;
         let targets = validate_map(volume, &map)?;
         Ok(VolumeClient {
             inner: Arc::new(Inner {
@@ -519,8 +545,10 @@ impl Inner {
                 Err(error) => {
                     retry.last_error = error.to_string();
                     let generation = read_lock(&self.routing).generation;
-                    if let Err(error) = self.refresh(generation).await {
-                        retry.last_error = error.to_string();
+                    match self.refresh(generation).await {
+                        Err(gone @ ClientError::VolumeGone { .. }) => return Err(gone),
+                        Err(error) => retry.last_error = error.to_string(),
+                        Ok(()) => {}
                     }
                     Next::Wait
                 }
@@ -597,7 +625,7 @@ impl Inner {
                     "{node}: no answer within {} ms",
                     self.config.request_timeout.as_millis()
                 );
-                self.after_link_failure(route, retry).await;
+                self.after_link_failure(route, retry).await?;
                 return Ok(Err(Next::Wait));
             }
             Ok(Err(LinkError::Protocol { reason, .. })) => return Err(protocol(reason)),
@@ -605,7 +633,7 @@ impl Inner {
                 // Unreachable, Timeout, or a link closed under us (replaced):
                 // the primary may be failing over.
                 retry.last_error = format!("{node}: {error}");
-                self.after_link_failure(route, retry).await;
+                self.after_link_failure(route, retry).await?;
                 return Ok(Err(Next::Wait));
             }
             Ok(Ok(Message::HostReply(reply))) => reply,
@@ -688,13 +716,21 @@ impl Inner {
 
     /// The primary did not answer: it may be failing over, so pick up a
     /// new map if the control plane has one (errors only noted).
-    async fn after_link_failure(&self, route: &Route, retry: &mut Retry) {
+    /// A deleted volume ends the retries at once (`VolumeGone`).
+    async fn after_link_failure(
+        &self,
+        route: &Route,
+        retry: &mut Retry,
+    ) -> Result<(), ClientError> {
         if route.via_hint {
             self.drop_hint(route);
         }
-        if let Err(error) = self.refresh(route.generation).await {
-            retry.last_error = format!("{}; {error}", retry.last_error);
+        match self.refresh(route.generation).await {
+            Err(gone @ ClientError::VolumeGone { .. }) => return Err(gone),
+            Err(error) => retry.last_error = format!("{}; {error}", retry.last_error),
+            Ok(()) => {}
         }
+        Ok(())
     }
 
     /// `route`'s node refused as not (or no longer) primary.
@@ -800,7 +836,10 @@ impl Inner {
             .source
             .partition_map(volume)
             .await
-            .map_err(|reason| ClientError::Map { volume, reason })?;
+            .map_err(|error| match error {
+                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
+            })?;
         let targets = validate_map(volume, &map)?;
         let mut routing = write_lock(&self.routing);
         routing.generation += 1;

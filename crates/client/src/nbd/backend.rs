@@ -122,7 +122,9 @@ pub fn volume_error_to_nbd(op: BackendOp, error: &ClientError) -> NbdErrno {
             _ => NbdErrno::Io,
         },
         ClientError::Closed { .. } => NbdErrno::Shutdown,
-        ClientError::Unauthorized { .. } => NbdErrno::PermissionDenied,
+        ClientError::Unauthorized { .. } | ClientError::VolumeGone { .. } => {
+            NbdErrno::PermissionDenied
+        }
         ClientError::ChecksumMismatch { .. }
         | ClientError::Unavailable { .. }
         | ClientError::Map { .. }
