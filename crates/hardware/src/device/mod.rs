@@ -249,6 +249,19 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     fn write_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> IoFuture<'_, ()>;
+    /// Writes `buf` at `offset` and returns once **this** write is durable
+    /// (data and the metadata needed to read it back). Earlier writes are
+    /// not covered (a FUA write may bypass the device cache alone): they
+    /// need a [`flush`](Self::flush) of their own. The default is
+    /// `write_at` then `flush` (which covers them anyway); io_uring does it
+    /// in one operation, a write with `RWF_DSYNC`.
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf> {
+        Box::pin(async move {
+            let buf = self.write_at(offset, buf).await?;
+            self.flush().await?;
+            Ok(buf)
+        })
+    }
     /// Tells the device a range is unused (punch hole / BLKDISCARD); reads of it return zeros.
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
 }
