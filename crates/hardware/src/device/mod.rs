@@ -130,6 +130,13 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Create a regular file of this size if the path does not exist.
     pub create_size_bytes: Option<u64>,
+    /// Write zeros over the whole file when creating it instead of leaving
+    /// it sparse. A write into a hole (or a fallocated, unwritten extent)
+    /// changes file-system metadata, so its fdatasync waits for a journal
+    /// commit: about 5x the latency of one into written blocks (115 µs vs
+    /// 24 µs p50 on ext4 here). For a write log, where every write is
+    /// followed by a sync, that is the whole cost.
+    pub zero_fill_on_create: bool,
     /// Bound on submitted-but-not-completed operations (io_uring queue depth,
     /// concurrent blocking calls for the sync engine).
     pub queue_depth: u32,
@@ -141,6 +148,7 @@ impl Default for OpenOptions {
             engine: EngineChoice::Auto,
             direct: true,
             create_size_bytes: None,
+            zero_fill_on_create: false,
             queue_depth: 64,
         }
     }
