@@ -52,7 +52,10 @@ pub struct UringDevice {
 }
 
 enum Op {
-    Read { offset: u64, buf: AlignedBuf },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
     /// `dsync`: `RWF_DSYNC`, the write completes once durable (data and
     /// the metadata needed to read it, and the device cache flushed).
     Write {
@@ -61,7 +64,10 @@ enum Op {
         dsync: bool,
     },
     Fsync,
-    PunchHole { offset: u64, len: u64 },
+    PunchHole {
+        offset: u64,
+        len: u64,
+    },
 }
 
 type Completion = Result<Option<AlignedBuf>, io::Error>;

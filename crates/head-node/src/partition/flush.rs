@@ -48,7 +48,10 @@ const MAX_BATCHES: usize = 1024;
 const STRIPE_ATTEMPTS: usize = 3;
 /// Stripes (rows) sent in one `Append` per column: one device write and
 /// one device flush on each sled for all of them.
-const ROWS_PER_APPEND: usize = 16;
+const ROWS_PER_APPEND: usize = 8;
+/// A column append of `n` rows may take `sled_timeout * (1 + n / this)`
+/// (a larger write is slower on a busy device; a timeout seals the extent).
+const ROWS_PER_TIMEOUT: u32 = 4;
 /// Log reads a flush keeps in flight while loading its blocks.
 const LOG_READS_IN_FLIGHT: usize = 32;
 /// Unconfirmed flush commits kept for the secondary.
@@ -389,7 +392,16 @@ pub(super) async fn sled_call(
     sled: &str,
     request: SledRequest,
 ) -> Result<SledResponse, super::PeerError> {
-    match tokio::time::timeout(shared.config.sled_timeout, shared.sleds.call(sled, request)).await {
+    sled_call_within(shared, sled, request, shared.config.sled_timeout).await
+}
+
+async fn sled_call_within(
+    shared: &Shared,
+    sled: &str,
+    request: SledRequest,
+    timeout: std::time::Duration,
+) -> Result<SledResponse, super::PeerError> {
+    match tokio::time::timeout(timeout, shared.sleds.call(sled, request)).await {
         Ok(result) => result,
         Err(_) => Err(super::PeerError::Timeout {
             peer: sled.to_string(),
@@ -540,13 +552,18 @@ async fn write_rows(
                 reason: e.to_string(),
             })
         })?;
-        for (data, chunk) in column_data.iter_mut().zip(chunks.iter().chain(parity.iter())) {
+        for (data, chunk) in column_data
+            .iter_mut()
+            .zip(chunks.iter().chain(parity.iter()))
+        {
             data.extend_from_slice(chunk);
             data.extend_from_slice(&summary);
         }
         all_slots.push(slots);
         all_locations.push(locations);
     }
+    let rows_count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    let timeout = shared.config.sled_timeout * (1 + rows_count / ROWS_PER_TIMEOUT);
     let appends = column_data
         .into_iter()
         .zip(&target.columns)
@@ -565,7 +582,7 @@ async fn write_rows(
                 // One retry: appends are idempotent (same offset, same CRCs).
                 let mut last = None;
                 for _ in 0..2 {
-                    match sled_call(shared, sled, request.clone()).await {
+                    match sled_call_within(shared, sled, request.clone(), timeout).await {
                         Ok(SledResponse::Appended { .. }) => return Ok(()),
                         Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
                             return Err(Some(current_epoch))
