@@ -434,6 +434,11 @@ impl VolumeClient {
         Ok(())
     }
 
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
     /// Close every link; later calls fail with [`ClientError::Closed`].
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);

@@ -60,7 +60,8 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub listen_b: Option<SocketAddr>,
     /// The write log shared by every partition of this head node: a file
-    /// (created sparse if absent) or a block device. Default
+    /// (created zero-filled if absent, so that log syncs need no journal
+    /// commit) or a block device. Default
     /// `<data_dir>/wal.img`.
     #[serde(default)]
     pub wal_path: Option<PathBuf>,

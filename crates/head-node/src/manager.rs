@@ -505,6 +505,8 @@ impl PartitionManager {
         let options = OpenOptions {
             engine: config.engine,
             create_size_bytes: Some(config.wal_size_bytes),
+            // Syncs into written blocks need no journal commit.
+            zero_fill_on_create: true,
             ..OpenOptions::default()
         };
         let device =

@@ -287,3 +287,29 @@ async fn large_requests_split_at_16_mib() {
     let sizes: Vec<&'static str> = unit.nodes[0].seen().iter().map(|s| s.op).collect();
     assert_eq!(sizes, vec!["write", "write", "read", "read"]);
 }
+
+/// The NBD backend's FLUSH needs no head node: a volume write is
+/// acknowledged only once durable on two logs, so it sends nothing (the
+/// NBD connection's own barrier covers writes still in flight). A closed
+/// client refuses it.
+#[tokio::test]
+async fn nbd_flush_of_acknowledged_writes_sends_nothing() {
+    use client::nbd::{NbdBackend, NbdErrno};
+
+    let unit = Unit::start(3, 4, PARTITION).await;
+    let client = unit.client(Unit::config()).await;
+    NbdBackend::write(&client, 0, pattern(4 * PARTITION as usize, 3), false)
+        .await
+        .unwrap();
+    let before: usize = unit.nodes.iter().map(|n| n.seen().len()).sum();
+    NbdBackend::flush(&client).await.unwrap();
+    let after: usize = unit.nodes.iter().map(|n| n.seen().len()).sum();
+    assert_eq!(after, before, "flush sent requests");
+    assert_eq!(
+        client.read(0, 4 * PARTITION).await.unwrap(),
+        pattern(4 * PARTITION as usize, 3)
+    );
+    client.close();
+    let error = NbdBackend::flush(&client).await.unwrap_err();
+    assert_eq!(error.errno, NbdErrno::Shutdown);
+}

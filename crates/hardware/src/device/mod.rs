@@ -132,6 +132,13 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Create a regular file of this size if the path does not exist.
     pub create_size_bytes: Option<u64>,
+    /// Write zeros over the whole file when creating it instead of leaving
+    /// it sparse. A write into a hole (or a fallocated, unwritten extent)
+    /// changes file-system metadata, so its fdatasync waits for a journal
+    /// commit: about 5x the latency of one into written blocks (115 µs vs
+    /// 24 µs p50 on ext4 here). For a write log, where every write is
+    /// followed by a sync, that is the whole cost.
+    pub zero_fill_on_create: bool,
     /// Bound on submitted-but-not-completed operations (io_uring queue depth,
     /// concurrent blocking calls for the sync engine).
     pub queue_depth: u32,
@@ -143,6 +150,7 @@ impl Default for OpenOptions {
             engine: EngineChoice::Auto,
             direct: true,
             create_size_bytes: None,
+            zero_fill_on_create: false,
             queue_depth: 64,
         }
     }
@@ -272,6 +280,19 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
     fn write_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf>;
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> IoFuture<'_, ()>;
+    /// Writes `buf` at `offset` and returns once **this** write is durable
+    /// (data and the metadata needed to read it back). Earlier writes are
+    /// not covered (a FUA write may bypass the device cache alone): they
+    /// need a [`flush`](Self::flush) of their own. The default is
+    /// `write_at` then `flush` (which covers them anyway); io_uring does it
+    /// in one operation, a write with `RWF_DSYNC`.
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf> {
+        Box::pin(async move {
+            let buf = self.write_at(offset, buf).await?;
+            self.flush().await?;
+            Ok(buf)
+        })
+    }
     /// Tells the device a range is unused (punch hole / BLKDISCARD); reads of it return zeros.
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
 }

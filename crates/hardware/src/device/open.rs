@@ -29,7 +29,8 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 /// Opens (and optionally creates) a device file or block device.
 ///
-/// * creates a regular file of `create_size_bytes` if the path is missing;
+/// * creates a regular file of `create_size_bytes` if the path is missing
+///   (zero-filled when `zero_fill_on_create`, else sparse);
 /// * opens with O_DIRECT when `options.direct`, retrying without it when the
 ///   file system refuses (EINVAL) and recording `direct_io: false`;
 /// * sizes regular files by their length and block devices by
@@ -44,7 +45,7 @@ pub fn open_device(
         source,
     };
     if let Some(size_bytes) = options.create_size_bytes {
-        create_if_missing(path, size_bytes).map_err(open_error)?;
+        create_if_missing(path, size_bytes, options.zero_fill_on_create).map_err(open_error)?;
     }
     let (file, direct_io) = open_file(path, options.direct).map_err(open_error)?;
     let metadata = file.metadata().map_err(open_error)?;
@@ -115,10 +116,22 @@ pub(crate) struct DeviceFile {
     pub(crate) is_block_device: bool,
 }
 
-fn create_if_missing(path: &Path, size_bytes: u64) -> io::Result<()> {
+/// Sized first, then (optionally) written with zeros: a crash halfway
+/// leaves a file of the right size with a sparse tail, which only costs
+/// speed.
+fn create_if_missing(path: &Path, size_bytes: u64, zero_fill: bool) -> io::Result<()> {
     match File::options().write(true).create_new(true).open(path) {
         Ok(file) => {
             file.set_len(size_bytes)?;
+            if zero_fill {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = 0;
+                while at < size_bytes {
+                    let len = (size_bytes - at).min(zeros.len() as u64) as usize;
+                    file.write_all_at(&zeros[..len], at)?;
+                    at += len as u64;
+                }
+            }
             file.sync_all()
         }
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),

@@ -52,10 +52,22 @@ pub struct UringDevice {
 }
 
 enum Op {
-    Read { offset: u64, buf: AlignedBuf },
-    Write { offset: u64, buf: AlignedBuf },
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+    },
+    /// `dsync`: `RWF_DSYNC`, the write completes once durable (data and
+    /// the metadata needed to read it, and the device cache flushed).
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        dsync: bool,
+    },
     Fsync,
-    PunchHole { offset: u64, len: u64 },
+    PunchHole {
+        offset: u64,
+        len: u64,
+    },
 }
 
 type Completion = Result<Option<AlignedBuf>, io::Error>;
@@ -185,9 +197,39 @@ impl BlockDevice for UringDevice {
             if len == 0 {
                 return Ok(buf);
             }
-            self.submit(Op::Write { offset, buf }, offset, len)
-                .await?
-                .ok_or_else(|| self.missing_buffer())
+            self.submit(
+                Op::Write {
+                    offset,
+                    buf,
+                    dsync: false,
+                },
+                offset,
+                len,
+            )
+            .await?
+            .ok_or_else(|| self.missing_buffer())
+        })
+    }
+
+    fn write_durable_at(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, AlignedBuf> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            check_range(&self.info, offset, len)?;
+            if len == 0 {
+                self.submit(Op::Fsync, 0, 0).await?;
+                return Ok(buf);
+            }
+            self.submit(
+                Op::Write {
+                    offset,
+                    buf,
+                    dsync: true,
+                },
+                offset,
+                len,
+            )
+            .await?
+            .ok_or_else(|| self.missing_buffer())
         })
     }
 
@@ -350,12 +392,16 @@ impl RingThread {
                     .offset(*offset + done as u64)
                     .build()
             }
-            Op::Write { offset, buf } => {
+            Op::Write { offset, buf, dsync } => {
                 let remaining = (buf.len() - done).min(MAX_TRANSFER_BYTES);
                 // SAFETY: as for reads.
                 let ptr = unsafe { buf.as_ptr().add(done) };
+                // A short transfer resubmits the rest with the same flag, so
+                // the last completion covers the whole buffer.
+                let flags = if *dsync { libc::RWF_DSYNC } else { 0 };
                 opcode::Write::new(fd, ptr, remaining as u32)
                     .offset(*offset + done as u64)
+                    .rw_flags(flags)
                     .build()
             }
             Op::Fsync => opcode::Fsync::new(fd)

@@ -18,6 +18,7 @@ pub fn options(engine: EngineChoice, size_bytes: u64) -> OpenOptions {
         engine,
         direct: true,
         create_size_bytes: Some(size_bytes),
+        zero_fill_on_create: false,
         queue_depth: 16,
     }
 }

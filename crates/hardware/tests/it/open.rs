@@ -17,6 +17,65 @@ fn uring_allowed_missing() -> bool {
 }
 
 #[tokio::test]
+async fn zero_fill_on_create_allocates_every_block_and_reads_zeros() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4u64 << 20;
+    let sparse = dir.path().join("sparse.img");
+    let filled = dir.path().join("filled.img");
+    drop(open_device(&sparse, &options(EngineChoice::Sync, size)).unwrap());
+    let zeroed = OpenOptions {
+        zero_fill_on_create: true,
+        ..options(EngineChoice::Sync, size)
+    };
+    let device = open_device(&filled, &zeroed).unwrap();
+    assert_eq!(device.info().size_bytes, size);
+    let data = device.read_at(size - 8192, 8192).await.unwrap();
+    assert!(data.iter().all(|b| *b == 0));
+    // st_blocks counts 512-byte units actually allocated.
+    let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    assert!(
+        allocated(&filled) >= size,
+        "{} of {size}",
+        allocated(&filled)
+    );
+    assert!(allocated(&sparse) < size / 2, "the default stays sparse");
+}
+
+#[tokio::test]
+async fn write_durable_at_writes_like_write_at_on_every_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, engine) in [("sync", EngineChoice::Sync), ("uring", EngineChoice::Uring)] {
+        let path = dir.path().join(format!("{name}.img"));
+        let device = match open_device(&path, &options(engine, 1 << 20)) {
+            Ok(device) => device,
+            Err(error) if name == "uring" && uring_allowed_missing() => {
+                eprintln!("io_uring unavailable: {error}");
+                continue;
+            }
+            Err(error) => panic!("{name}: {error}"),
+        };
+        let data = pattern(7, 3).to_vec();
+        let back = device
+            .write_durable_at(4 * BLOCK_SIZE as u64, pattern(7, 3))
+            .await
+            .unwrap();
+        assert_eq!(back.len(), data.len(), "{name}: buffer handed back");
+        let read = device
+            .read_at(4 * BLOCK_SIZE as u64, data.len())
+            .await
+            .unwrap();
+        assert_eq!(&read[..], &data[..], "{name}");
+        // Out of range is refused like any write.
+        let buf = hardware::AlignedBuf::zeroed(BLOCK_SIZE).unwrap();
+        assert!(
+            device.write_durable_at(1 << 20, buf).await.is_err(),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn creates_sizes_and_uses_direct_io() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.img");

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future;
+use futures::StreamExt;
 use proto::sled::{SledError, SledRequest, SledResponse};
 use proto::volume::{FlushedRange, ReplicaRequest};
 
@@ -43,6 +44,14 @@ use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
 const MAX_BATCHES: usize = 1024;
 /// Extents tried for one stripe before giving up.
 const STRIPE_ATTEMPTS: usize = 3;
+/// Stripes (rows) sent in one `Append` per column: one device write and
+/// one device flush on each sled for all of them.
+const ROWS_PER_APPEND: usize = 8;
+/// A column append of `n` rows may take `sled_timeout * (1 + n / this)`
+/// (a larger write is slower on a busy device; a timeout seals the extent).
+const ROWS_PER_TIMEOUT: u32 = 4;
+/// Log reads a flush keeps in flight while loading its blocks.
+const LOG_READS_IN_FLIGHT: usize = 32;
 /// Unconfirmed flush commits kept for the secondary.
 const MAX_PENDING_COMMITS: usize = 256;
 const COMMIT_VERSION: u16 = 1;
@@ -186,14 +195,18 @@ async fn load_log_blocks(
     shared: &Shared,
     pieces: Vec<LogPiece>,
 ) -> Result<Vec<FlushBlock>, PartitionError> {
+    // Many small reads (random writes leave one run per record): keep
+    // LOG_READS_IN_FLIGHT of them at the device at once, in order.
+    let wal = shared.log.wal();
+    let mut reads = futures::stream::iter(pieces)
+        .map(|(lba, count, sequence, position, first)| async move {
+            let data = wal.read_blocks(position, first, count as u32).await;
+            (lba, count, sequence, data)
+        })
+        .buffered(LOG_READS_IN_FLIGHT);
     let mut blocks = Vec::new();
-    for (lba, count, sequence, position, first) in pieces {
-        let data = match shared
-            .log
-            .wal()
-            .read_blocks(position, first, count as u32)
-            .await
-        {
+    while let Some((lba, count, sequence, data)) = reads.next().await {
+        let data = match data {
             Ok(data) => data,
             // Superseded and released meanwhile: nothing to flush.
             Err(WalError::NotFound { .. }) => continue,
@@ -214,10 +227,12 @@ async fn load_log_blocks(
     Ok(blocks)
 }
 
-/// The open extent's parameters for the next stripe.
+/// The open extent's parameters for the next rows.
 struct Target {
     extent: u64,
     row: u64,
+    /// Rows the extent still has room for from `row` on.
+    rows_left: u64,
     epoch: u64,
     codec: Arc<ErasureCodec>,
     columns: Vec<(String, proto::sled::ColumnId)>,
@@ -237,6 +252,7 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
                     return Ok(Target {
                         extent: e.grant.extent,
                         row: e.rows_written,
+                        rows_left: e.rows_capacity - e.rows_written,
                         epoch: state.epoch,
                         codec: e.codec.clone(),
                         columns: e.grant.columns.clone(),
@@ -374,7 +390,16 @@ pub(super) async fn sled_call(
     sled: &str,
     request: SledRequest,
 ) -> Result<SledResponse, super::PeerError> {
-    match tokio::time::timeout(shared.config.sled_timeout, shared.sleds.call(sled, request)).await {
+    sled_call_within(shared, sled, request, shared.config.sled_timeout).await
+}
+
+async fn sled_call_within(
+    shared: &Shared,
+    sled: &str,
+    request: SledRequest,
+    timeout: std::time::Duration,
+) -> Result<SledResponse, super::PeerError> {
+    match tokio::time::timeout(timeout, shared.sleds.call(sled, request)).await {
         Ok(result) => result,
         Err(_) => Err(super::PeerError::Timeout {
             peer: sled.to_string(),
@@ -382,8 +407,15 @@ pub(super) async fn sled_call(
     }
 }
 
-/// Packs blocks and tombstones into stripes and writes them; returns where
-/// each block landed and the stripe count.
+/// The blocks and tombstones of one stripe.
+struct Row {
+    blocks: Vec<FlushBlock>,
+    tombstones: Vec<Tombstone>,
+}
+
+/// Packs blocks and tombstones into stripes and writes them, up to
+/// [`ROWS_PER_APPEND`] rows per column append; returns where each block
+/// landed and the stripe count.
 async fn write_stripes(
     shared: &Arc<Shared>,
     blocks: Vec<FlushBlock>,
@@ -392,46 +424,59 @@ async fn write_stripes(
     let mut placed = Vec::with_capacity(blocks.len());
     let mut blocks = blocks.into_iter().peekable();
     let mut tombstones = tombstones.into_iter().peekable();
+    let mut rows: std::collections::VecDeque<Row> = std::collections::VecDeque::new();
     let mut stripes = 0;
-    // Bounded: every iteration consumes at least one block or tombstone.
-    while blocks.peek().is_some() || tombstones.peek().is_some() {
+    let mut failures = 0;
+    // Bounded: every success writes at least one row (each row takes at
+    // least one block or tombstone), and failures in a row are bounded.
+    loop {
         let target = open_target(shared).await?;
         let k = target.codec.data_shards();
         let slots = k * CHUNK_BLOCKS as usize;
-        let stripe_blocks: Vec<FlushBlock> = blocks.by_ref().take(slots).collect();
-        let stripe_tombstones: Vec<Tombstone> = tombstones
-            .by_ref()
-            .take(layout::max_tombstones(k))
-            .collect();
-        let mut current = target;
-        for attempt in 0..STRIPE_ATTEMPTS {
-            match write_stripe(shared, &current, &stripe_blocks, &stripe_tombstones).await {
-                Ok(locations) => {
+        let want = usize::try_from(target.rows_left)
+            .unwrap_or(usize::MAX)
+            .min(ROWS_PER_APPEND);
+        while rows.len() < want && (blocks.peek().is_some() || tombstones.peek().is_some()) {
+            rows.push_back(Row {
+                blocks: blocks.by_ref().take(slots).collect(),
+                tombstones: tombstones
+                    .by_ref()
+                    .take(layout::max_tombstones(k))
+                    .collect(),
+            });
+        }
+        if rows.is_empty() {
+            break;
+        }
+        let batch = rows.len().min(want);
+        let batch_rows: Vec<&Row> = rows.iter().take(batch).collect();
+        match write_rows(shared, &target, &batch_rows).await {
+            Ok(locations) => {
+                for (row, locations) in rows.drain(..batch).zip(locations) {
                     placed.extend(
-                        stripe_blocks
-                            .iter()
-                            .cloned()
+                        row.blocks
+                            .into_iter()
                             .zip(locations)
                             .map(|(block, location)| Placed { block, location }),
                     );
                     stripes += 1;
                     bump(&shared.metrics.stripes_written);
-                    break;
                 }
-                Err(StripeError::Fatal(error)) => return Err(error),
-                Err(StripeError::Retry(reason)) => {
-                    tracing::warn!(partition = ?shared.id(), extent = current.extent, row = current.row, reason, "stripe append failed; sealing the extent");
-                    {
-                        let mut state = shared.lock();
-                        if let Some(e) = state.extents.get_mut(&current.extent) {
-                            e.sealed = true;
-                        }
-                        state.open_extent = None;
+                failures = 0;
+            }
+            Err(StripeError::Fatal(error)) => return Err(error),
+            Err(StripeError::Retry(reason)) => {
+                tracing::warn!(partition = ?shared.id(), extent = target.extent, row = target.row, reason, "stripe append failed; sealing the extent");
+                {
+                    let mut state = shared.lock();
+                    if let Some(e) = state.extents.get_mut(&target.extent) {
+                        e.sealed = true;
                     }
-                    if attempt + 1 == STRIPE_ATTEMPTS {
-                        return Err(shared.unavailable(format!("stripe append failed: {reason}")));
-                    }
-                    current = open_target(shared).await?;
+                    state.open_extent = None;
+                }
+                failures += 1;
+                if failures == STRIPE_ATTEMPTS {
+                    return Err(shared.unavailable(format!("stripe append failed: {reason}")));
                 }
             }
         }
@@ -444,93 +489,111 @@ enum StripeError {
     Fatal(PartitionError),
 }
 
-async fn write_stripe(
+/// Encodes `rows` as consecutive stripes of `target` from `target.row` on
+/// and appends them with one request per column (rows laid out as in
+/// [`layout`]: chunk, then summary, per row). Returns each row's block
+/// locations once all `k + m` appends are durable.
+async fn write_rows(
     shared: &Arc<Shared>,
     target: &Target,
-    blocks: &[FlushBlock],
-    tombstones: &[Tombstone],
-) -> Result<Vec<Location>, StripeError> {
+    rows: &[&Row],
+) -> Result<Vec<Vec<Location>>, StripeError> {
     let k = target.codec.data_shards();
-    let mut chunks = vec![vec![0u8; CHUNK_BYTES as usize]; k];
-    let mut slots = vec![None; k * CHUNK_BLOCKS as usize];
-    let mut locations = Vec::with_capacity(blocks.len());
-    for (slot, block) in blocks.iter().enumerate() {
-        let column = slot / CHUNK_BLOCKS as usize;
-        let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
-        let at = (in_chunk * BLOCK_BYTES) as usize;
-        chunks[column][at..at + BLOCK_BYTES as usize].copy_from_slice(&block.data);
-        slots[slot] = Some(SlotEntry {
-            lba: block.lba,
-            sequence: block.sequence,
-            crc: block.crc,
-        });
-        locations.push(Location::Sled {
-            extent: target.extent,
-            column: column as u16,
-            offset_bytes: layout::block_offset(target.row, in_chunk),
-        });
-    }
+    let columns = target.columns.len();
     let fatal = |error| StripeError::Fatal(error);
-    let parity = target.codec.encode(&chunks).map_err(|source| {
-        fatal(PartitionError::Erasure {
-            partition: shared.id(),
-            extent: target.extent,
-            source,
-        })
-    })?;
-    let summary = StripeSummary {
-        kind: layout::StripeKind::Data,
-        volume: shared.id().volume,
-        partition: shared.id().partition,
-        epoch: target.epoch,
-        extent: target.extent,
-        stripe: target.row,
-        slots: slots.clone(),
-        tombstones: tombstones.to_vec(),
-    }
-    .encode()
-    .map_err(|e| {
-        fatal(PartitionError::Recovery {
-            partition: shared.id(),
-            reason: e.to_string(),
-        })
-    })?;
-    let appends =
-        chunks
-            .iter()
-            .chain(parity.iter())
-            .zip(&target.columns)
-            .map(|(chunk, (sled, column))| {
-                let mut data = BytesMut::with_capacity(ROW_BYTES as usize);
-                data.extend_from_slice(chunk);
-                data.extend_from_slice(&summary);
-                let data = data.freeze();
-                let block_crcs = crate::wal::format::block_crcs(&data);
-                let request = SledRequest::Append {
-                    column: *column,
-                    partition: shared.id(),
-                    epoch: target.epoch,
-                    offset: target.row * ROW_BYTES,
-                    data,
-                    block_crcs,
-                };
-                async move {
-                    // One retry: appends are idempotent (same offset, same CRCs).
-                    let mut last = None;
-                    for _ in 0..2 {
-                        match sled_call(shared, sled, request.clone()).await {
-                            Ok(SledResponse::Appended { .. }) => return Ok(()),
-                            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
-                                return Err(Some(current_epoch))
-                            }
-                            Ok(other) => last = Some(format!("sled {sled}: {}", sled_error(other))),
-                            Err(error) => last = Some(error.to_string()),
-                        }
-                    }
-                    tracing::debug!(?last, "append failed");
-                    Err(None)
-                }
+    let mut column_data: Vec<BytesMut> = (0..columns)
+        .map(|_| BytesMut::with_capacity(ROW_BYTES as usize * rows.len()))
+        .collect();
+    let mut all_slots = Vec::with_capacity(rows.len());
+    let mut all_locations = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let stripe = target.row + i as u64;
+        let mut chunks = vec![vec![0u8; CHUNK_BYTES as usize]; k];
+        let mut slots = vec![None; k * CHUNK_BLOCKS as usize];
+        let mut locations = Vec::with_capacity(row.blocks.len());
+        for (slot, block) in row.blocks.iter().enumerate() {
+            let column = slot / CHUNK_BLOCKS as usize;
+            let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
+            let at = (in_chunk * BLOCK_BYTES) as usize;
+            chunks[column][at..at + BLOCK_BYTES as usize].copy_from_slice(&block.data);
+            slots[slot] = Some(SlotEntry {
+                lba: block.lba,
+                sequence: block.sequence,
+                crc: block.crc,
             });
+            locations.push(Location::Sled {
+                extent: target.extent,
+                column: column as u16,
+                offset_bytes: layout::block_offset(stripe, in_chunk),
+            });
+        }
+        let parity = target.codec.encode(&chunks).map_err(|source| {
+            fatal(PartitionError::Erasure {
+                partition: shared.id(),
+                extent: target.extent,
+                source,
+            })
+        })?;
+        let summary = StripeSummary {
+            kind: layout::StripeKind::Data,
+            volume: shared.id().volume,
+            partition: shared.id().partition,
+            epoch: target.epoch,
+            extent: target.extent,
+            stripe,
+            slots: slots.clone(),
+            tombstones: row.tombstones.clone(),
+        }
+        .encode()
+        .map_err(|e| {
+            fatal(PartitionError::Recovery {
+                partition: shared.id(),
+                reason: e.to_string(),
+            })
+        })?;
+        for (data, chunk) in column_data
+            .iter_mut()
+            .zip(chunks.iter().chain(parity.iter()))
+        {
+            data.extend_from_slice(chunk);
+            data.extend_from_slice(&summary);
+        }
+        all_slots.push(slots);
+        all_locations.push(locations);
+    }
+    let rows_count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
+    let timeout = shared.config.sled_timeout * (1 + rows_count / ROWS_PER_TIMEOUT);
+    let appends = column_data
+        .into_iter()
+        .zip(&target.columns)
+        .map(|(data, (sled, column))| {
+            let data = data.freeze();
+            let block_crcs = crate::wal::format::block_crcs(&data);
+            let request = SledRequest::Append {
+                column: *column,
+                partition: shared.id(),
+                epoch: target.epoch,
+                offset: target.row * ROW_BYTES,
+                data,
+                block_crcs,
+            };
+            async move {
+                // One retry: appends are idempotent (same offset, same CRCs).
+                let mut last = None;
+                for _ in 0..2 {
+                    match sled_call_within(shared, sled, request.clone(), timeout).await {
+                        Ok(SledResponse::Appended { .. }) => return Ok(()),
+                        Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                            return Err(Some(current_epoch))
+                        }
+                        Ok(other) => last = Some(format!("sled {sled}: {}", sled_error(other))),
+                        Err(error) => last = Some(error.to_string()),
+                    }
+                }
+                tracing::debug!(?last, "append failed");
+                Err(None)
+            }
+        });
     let results = future::join_all(appends).await;
     let mut failed = 0;
     for result in results {
@@ -551,21 +614,26 @@ async fn write_stripe(
             "{failed} column appends failed"
         )));
     }
-    // Durable on all k+m columns: record the row.
+    // Durable on all k+m columns: record the rows.
     let mut state = shared.lock();
     let Some(extent) = state.extents.get_mut(&target.extent) else {
         return Err(StripeError::Retry("extent vanished".to_string()));
     };
-    extent.rows_written = extent.rows_written.max(target.row + 1);
+    extent.rows_written = extent.rows_written.max(target.row + rows.len() as u64);
     let zero = zero_block_crc();
-    for (column, crcs) in extent.crcs.iter_mut().enumerate() {
-        let base = (target.row * CHUNK_BLOCKS) as usize;
-        crcs.resize(base + CHUNK_BLOCKS as usize, zero);
-        for b in 0..CHUNK_BLOCKS as usize {
-            crcs[base + b] = slots[column * CHUNK_BLOCKS as usize + b].map_or(zero, |s| s.crc);
+    for (i, slots) in all_slots.iter().enumerate() {
+        let stripe = target.row + i as u64;
+        for (column, crcs) in extent.crcs.iter_mut().enumerate() {
+            let base = (stripe * CHUNK_BLOCKS) as usize;
+            if crcs.len() < base + CHUNK_BLOCKS as usize {
+                crcs.resize(base + CHUNK_BLOCKS as usize, zero);
+            }
+            for b in 0..CHUNK_BLOCKS as usize {
+                crcs[base + b] = slots[column * CHUNK_BLOCKS as usize + b].map_or(zero, |s| s.crc);
+            }
         }
     }
-    Ok(locations)
+    Ok(all_locations)
 }
 
 /// Index update, flush-commit records (flushes, not GC moves), trims done.

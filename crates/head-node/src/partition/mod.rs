@@ -457,6 +457,9 @@ struct Shared {
     /// secondary.
     flush_lock: tokio::sync::Mutex<()>,
     replica_lock: tokio::sync::Mutex<()>,
+    /// Secondary: its next expected sequence moved (wakes out-of-order
+    /// appends waiting for their predecessors).
+    replica_advanced: Notify,
     progress: watch::Sender<ReplProgress>,
     repl_wakeup: Arc<Notify>,
     repair: Mutex<VecDeque<RepairItem>>,
@@ -786,6 +789,7 @@ impl Partition {
             barrier: Arc::new(tokio::sync::RwLock::new(())),
             flush_lock: tokio::sync::Mutex::new(()),
             replica_lock: tokio::sync::Mutex::new(()),
+            replica_advanced: Notify::new(),
             progress,
             repl_wakeup: Arc::new(Notify::new()),
             repair: Mutex::new(VecDeque::new()),

@@ -7,17 +7,18 @@
 //! ```text
 //!  append(records) ──▶ reserve positions (state mutex, LogFull if no room)
 //!                      └▶ queue ──▶ writer task: take ≤ max_batch_bytes,
-//!                                   1–2 contiguous device writes (2 when the
-//!                                   batch crosses the end of the ring),
-//!                                   ONE flush, durable := batch end ──▶ watch
+//!                                   ONE durable device write (RWF_DSYNC), or
+//!                                   2 writes + ONE flush when the batch
+//!                                   crosses the end of the ring,
+//!                                   durable := batch end ──▶ watch
 //!  waiters: acknowledged when durable >= end of their records
 //! ```
 //!
 //! **Group commit.** The first appender that finds no writer running becomes
 //! the leader: it spawns the writer task, which drains the queue batch after
 //! batch; every other appender (the followers) only queues and waits. A
-//! record is acknowledged only by a flush that was issued after the device
-//! write of its bytes completed. The writer runs on its own task so that a
+//! record is acknowledged only once the device write of its bytes is durable
+//! (a write with `RWF_DSYNC`, or a flush issued after the write completed). The writer runs on its own task so that a
 //! cancelled `append` never abandons a half-done write.
 //!
 //! **Fail-stop.** A failed write or flush poisons the log: every queued and
@@ -815,9 +816,15 @@ async fn run_writer(shared: Arc<Shared>) {
 }
 
 /// Writes a batch (contiguous positions) as one device write per lap it
-/// touches, then flushes once. Returns the end position.
+/// touches and makes it durable: a batch in one segment (the usual case) is
+/// one durable write ([`BlockDevice::write_durable_at`], `RWF_DSYNC` on
+/// io_uring); a batch that wraps is two writes and one flush. Returns the
+/// end position.
+///
+/// [`BlockDevice::write_durable_at`]: hardware::BlockDevice::write_durable_at
 async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceError> {
     let ring = shared.ring;
+    let mut segments: Vec<(u64, u64, Vec<&Pending>)> = Vec::with_capacity(2);
     let mut segment_start = None;
     let mut segment: Vec<&Pending> = Vec::new();
     let mut end = 0;
@@ -829,26 +836,40 @@ async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceEr
         let closes_lap = ring.offset(end) == 0;
         if closes_lap || i + 1 == batch.len() {
             let start = segment_start.take().unwrap_or(pending.position);
-            write_segment(shared, start, end - start, &segment).await?;
-            segment.clear();
+            segments.push((start, end - start, std::mem::take(&mut segment)));
         }
+    }
+    if let [(start, len, items)] = segments.as_slice() {
+        let buf = encode_segment(shared, *start, *len, items)?;
+        shared
+            .device
+            .write_durable_at(RING_OFFSET + ring.offset(*start), buf)
+            .await?;
+    } else {
+        for (start, len, items) in &segments {
+            let buf = encode_segment(shared, *start, *len, items)?;
+            shared
+                .device
+                .write_at(RING_OFFSET + ring.offset(*start), buf)
+                .await?;
+        }
+        shared.device.flush().await?;
     }
     {
         let mut state = shared.lock();
         state.written = end;
         state.in_flight = Arc::new(Vec::new());
     }
-    shared.device.flush().await?;
     shared.flushes.fetch_add(1, Ordering::Relaxed);
     Ok(end)
 }
 
-async fn write_segment(
+fn encode_segment(
     shared: &Shared,
     start: u64,
     len: u64,
     items: &[&Pending],
-) -> Result<(), DeviceError> {
+) -> Result<AlignedBuf, DeviceError> {
     let mut buf = AlignedBuf::zeroed(len as usize)?;
     for pending in items {
         let at = (pending.position - start) as usize;
@@ -868,11 +889,7 @@ async fn write_segment(
             }
         }
     }
-    shared
-        .device
-        .write_at(RING_OFFSET + shared.ring.offset(start), buf)
-        .await?;
-    Ok(())
+    Ok(buf)
 }
 
 struct Scan {

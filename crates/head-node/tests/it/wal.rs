@@ -130,6 +130,7 @@ fn file_device(path: &Path, engine: EngineChoice, size: u64) -> SharedDevice {
         engine,
         direct: true,
         create_size_bytes: Some(size),
+        zero_fill_on_create: true,
         queue_depth: 32,
     };
     hardware::open_device(path, &options).unwrap()

@@ -71,6 +71,7 @@ pub fn file_device(
         engine,
         direct: true,
         create_size_bytes: Some(size),
+        zero_fill_on_create: false,
         queue_depth: 32,
     };
     hardware::open_device(path, &options).unwrap()
