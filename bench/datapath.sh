@@ -78,7 +78,10 @@ stop_all() { # head nodes first (started last), so none reads from a stopped sle
   done
   pids=()
 }
-trap stop_all EXIT
+# Device images and logs of several GiB stay behind otherwise: drop every
+# file over 16 MiB at exit (logs and JSON stay), unless BENCH_KEEP_WORK=1.
+drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
+trap 'stop_all; drop_images' EXIT
 wait_http() { # url what -> waits (bounded) until the body matches $3 (default: any 200)
   for _ in $(seq 1 600); do
     body=$(curl -sf "$1" 2>/dev/null) && { [ -z "${3:-}" ] || echo "$body" | grep -q "$3"; } && return 0

@@ -54,7 +54,10 @@ stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
   done
   pids=()
 }
-trap stop_all EXIT
+# Device images and logs of several GiB stay behind otherwise: drop every
+# file over 16 MiB at exit (logs and JSON stay), unless BENCH_KEEP_WORK=1.
+drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
+trap 'stop_all; drop_images' EXIT
 
 # qemu-nbd's raw file, written once so reads hit the disk.
 dd if=/dev/zero of="$work/qemu.img" bs=1M count=$((region_bytes / 1048576)) oflag=direct status=none

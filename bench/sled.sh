@@ -64,7 +64,10 @@ if curl -s -o /dev/null http://127.0.0.1:17101/health 2>/dev/null; then
 fi
 pid=""
 stop_sled() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
-trap stop_sled EXIT
+# Device images and logs of several GiB stay behind otherwise: drop every
+# file over 16 MiB at exit (logs and JSON stay), unless BENCH_KEEP_WORK=1.
+drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
+trap 'stop_sled; drop_images' EXIT
 
 fio_job() { # rw bs iodepth -> json file
   fio --name=base --filename="$work/dev0.img" --direct=1 --ioengine=io_uring --rw=$1 --bs=$2 \
