@@ -74,7 +74,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future;
 use proto::sled::{ColumnId, PartitionId, SledError, SledRequest, SledResponse};
 
-use super::flush::{open_extent, read_summary, sled_call, zero_block_crc};
+use super::flush::{open_extent, read_summary, read_verified, sled_call, zero_block_crc};
 use super::layout::{
     self, SlotEntry, StripeKind, StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
@@ -1147,34 +1147,6 @@ async fn load(
         ));
     }
     Ok(checkpoint)
-}
-
-/// Reads a range of a column and checks every block against the CRCs the
-/// sled stored; `None` if the column cannot give it whole.
-async fn read_verified(
-    shared: &Shared,
-    sled: &str,
-    column: ColumnId,
-    offset: u64,
-    len: u64,
-) -> Option<Bytes> {
-    let request = SledRequest::Read {
-        column,
-        offset,
-        len: u32::try_from(len).ok()?,
-    };
-    match sled_call(shared, sled, request).await {
-        Ok(SledResponse::Data { data, block_crcs }) => {
-            let ok = data.len() as u64 == len
-                && block_crcs.len() as u64 == len / BLOCK_BYTES
-                && data
-                    .chunks(BLOCK_BYTES as usize)
-                    .zip(&block_crcs)
-                    .all(|(block, crc)| crc32c::crc32c(block) == *crc);
-            ok.then_some(data)
-        }
-        _ => None,
-    }
 }
 
 /// Applies the summaries of rows `from[extent]..rows_written` of every data

@@ -974,3 +974,42 @@ mod tests {
         assert_eq!(decode_commit(&bad), None);
     }
 }
+
+/// Reads a range of a column and checks every block against the CRCs the
+/// sled stored; `None` if the column cannot give it whole (rebuild and
+/// checkpoint loading read around it).
+pub(super) async fn read_verified(
+    shared: &Shared,
+    sled: &str,
+    column: proto::sled::ColumnId,
+    offset: u64,
+    len: u64,
+) -> Option<Bytes> {
+    let request = SledRequest::Read {
+        column,
+        offset,
+        len: u32::try_from(len).ok()?,
+    };
+    match sled_call(shared, sled, request).await {
+        Ok(SledResponse::Data { data, block_crcs }) => {
+            let ok = data.len() as u64 == len
+                && block_crcs.len() as u64 == len / BLOCK_BYTES
+                && data
+                    .chunks(BLOCK_BYTES as usize)
+                    .zip(&block_crcs)
+                    .all(|(block, crc)| crc32c::crc32c(block) == *crc);
+            if !ok {
+                tracing::warn!(sled, ?column, offset, "column range fails its CRCs");
+            }
+            ok.then_some(data)
+        }
+        Ok(other) => {
+            tracing::debug!(sled, ?column, offset, ?other, "rebuild: column unreadable");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(sled, ?column, offset, %error, "rebuild: column unreachable");
+            None
+        }
+    }
+}

@@ -34,7 +34,7 @@ use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 use thiserror::Error;
 use tokio::sync::watch;
 
-use super::flush::sled_call;
+use super::flush::{read_verified, sled_call};
 use super::layout::{StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES};
 use super::{ExtentGrant, Partition, Role, Shared};
 use crate::erasure::ErasureCodec;
@@ -599,44 +599,6 @@ async fn rebuild_rows(
     }
     debug_assert_eq!(out.len() as u64, len);
     Ok((out.freeze(), crcs))
-}
-
-/// Reads a range of a surviving column and checks every block against the
-/// CRCs the sled stored; `None` if the column cannot give it whole.
-async fn read_verified(
-    shared: &Shared,
-    sled: &str,
-    column: ColumnId,
-    offset: u64,
-    len: u64,
-) -> Option<Bytes> {
-    let request = SledRequest::Read {
-        column,
-        offset,
-        len: u32::try_from(len).ok()?,
-    };
-    match sled_call(shared, sled, request).await {
-        Ok(SledResponse::Data { data, block_crcs }) => {
-            let ok = data.len() as u64 == len
-                && block_crcs.len() as u64 == len / BLOCK_BYTES
-                && data
-                    .chunks(BLOCK_BYTES as usize)
-                    .zip(&block_crcs)
-                    .all(|(block, crc)| crc32c::crc32c(block) == *crc);
-            if !ok {
-                tracing::warn!(sled, ?column, offset, "rebuild: column fails its CRCs");
-            }
-            ok.then_some(data)
-        }
-        Ok(other) => {
-            tracing::debug!(sled, ?column, offset, ?other, "rebuild: column unreadable");
-            None
-        }
-        Err(error) => {
-            tracing::debug!(sled, ?column, offset, %error, "rebuild: column unreachable");
-            None
-        }
-    }
 }
 
 #[cfg(test)]
