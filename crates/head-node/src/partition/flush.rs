@@ -952,29 +952,6 @@ pub(super) fn decode_commit(payload: &[u8]) -> Option<(u64, Vec<FlushedRange>)> 
     Some((up_to, mappings))
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commit_payload_round_trip() {
-        let mappings = vec![FlushedRange {
-            lba: 5,
-            blocks: 3,
-            sequence: 9,
-            extent: 2,
-            column: 1,
-            offset_bytes: 8192,
-        }];
-        let bytes = encode_commit(42, &mappings);
-        assert_eq!(decode_commit(&bytes), Some((42, mappings)));
-        let mut bad = bytes.clone();
-        bad[20] ^= 1;
-        assert_eq!(decode_commit(&bad), None);
-    }
-}
-
 /// Reads a range of a column and checks every block against the CRCs the
 /// sled stored; `None` if the column cannot give it whole (rebuild and
 /// checkpoint loading read around it).
@@ -1011,5 +988,28 @@ pub(super) async fn read_verified(
             tracing::debug!(sled, ?column, offset, %error, "rebuild: column unreachable");
             None
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_payload_round_trip() {
+        let mappings = vec![FlushedRange {
+            lba: 5,
+            blocks: 3,
+            sequence: 9,
+            extent: 2,
+            column: 1,
+            offset_bytes: 8192,
+        }];
+        let bytes = encode_commit(42, &mappings);
+        assert_eq!(decode_commit(&bytes), Some((42, mappings)));
+        let mut bad = bytes.clone();
+        bad[20] ^= 1;
+        assert_eq!(decode_commit(&bad), None);
     }
 }
