@@ -112,6 +112,7 @@ fn open_loop(engine: EngineChoice, dir: &Path, size_bytes: u64) -> Option<Arc<dy
         direct: true,
         create_size_bytes: None,
         queue_depth: 16,
+        zero_fill_on_create: false,
     };
     let inner = match open_device(&loop_path, &options) {
         Ok(device) => device,
