@@ -22,7 +22,10 @@
 //!   refused) comes from the process-wide [`PeerLink`](proto::link::PeerLink),
 //!   which probes from start-up whether or not this node leads: a leader
 //!   elected *because* the old leader died finds the silence already
-//!   measured instead of starting its own clock at the election.
+//!   measured instead of starting its own clock at the election. Only for
+//!   a peer this process has reached before on both paths: one it never
+//!   reached may still be starting (a whole unit restarting), and its
+//!   silence counts from the detector's start at the earliest.
 //!
 //! * The comparison is against the **replicated** state, not a local memory:
 //!   a command is only proposed when the state machine disagrees with what
@@ -125,6 +128,8 @@ pub struct Detector {
     links: Arc<PeerLinks>,
     config: DetectorConfig,
     metrics: DetectorMetrics,
+    /// When this detector started (this node became leader).
+    started: Instant,
 }
 
 fn network_of(path: PathId) -> Network {
@@ -172,6 +177,7 @@ impl Detector {
             links,
             config,
             metrics,
+            started: Instant::now(),
         }
     }
 
@@ -184,6 +190,7 @@ impl Detector {
         F: Future<Output = Result<Result<Outcome, CommandError>, String>>,
     {
         self.metrics.is_running.set(1);
+        self.started = Instant::now();
         // Make sure every link exists (and probes) from the start.
         for w in &self.watched {
             self.links.link(&w.name, w.address_a, w.address_b);
@@ -271,7 +278,18 @@ impl Detector {
                     })
                     .flatten()
             };
-            let down_for = |since: Option<Instant>| since.map(|t| now.saturating_duration_since(t));
+            // A peer this process never reached on some path may just not
+            // have started yet (a whole unit restarting): its silence counts
+            // from this detector's start at the earliest, as if measured by
+            // the detector itself. Silence after a path was up (a peer that
+            // went away) counts from when the link saw it go.
+            let never_up = observed.iter().any(|p| !p.ever_up);
+            let started = self.started;
+            let down_for = |since: Option<Instant>| {
+                since
+                    .map(|t| if never_up { t.max(started) } else { t })
+                    .map(|t| now.saturating_duration_since(t))
+            };
             let silent_for = down_for(both_since(|p| p.down_since));
             let refused_for = down_for(both_since(|p| p.refused_since));
             let set_health = |health| match &w.endpoint {

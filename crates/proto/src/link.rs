@@ -141,6 +141,10 @@ pub struct PathStatus {
     /// kind of failure (timeouts, resets). A stalled but live process still
     /// accepts connections (its kernel does), so it is never "refused".
     pub refused_since: Option<Instant>,
+    /// Whether this path has ever been Up since the link was made. A path
+    /// that never was says nothing about a peer going away — the peer may
+    /// simply not have started yet (a whole unit restarting).
+    pub ever_up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -492,6 +496,7 @@ struct Health {
     last_rtt_us: Option<u64>,
     down_since: Option<Instant>,
     refused_since: Option<Instant>,
+    ever_up: bool,
 }
 
 #[derive(Debug)]
@@ -550,6 +555,7 @@ impl PeerLink {
                 last_rtt_us: None,
                 down_since: None,
                 refused_since: None,
+                ever_up: false,
             }),
             labels: PathLabels {
                 peer: peer.clone(),
@@ -737,6 +743,7 @@ impl PeerLink {
         health.state = PathState::Up;
         health.down_since = None;
         health.refused_since = None;
+        health.ever_up = true;
         if let Some(rtt) = rtt {
             health.last_rtt_us = Some(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
         }
@@ -836,6 +843,7 @@ impl Path {
             last_rtt_us: health.last_rtt_us,
             down_since: health.down_since,
             refused_since: health.refused_since,
+            ever_up: health.ever_up,
         }
     }
 
