@@ -585,6 +585,19 @@ async fn write_stalls_while_the_secondary_is_stopped() {
         .await
         .unwrap();
 
+    // Attached before the stop: attaching goes through the Raft leader,
+    // which may be the node about to be stopped.
+    let stall_client = tests::connect_client(
+        cluster.unit.lcp_client(),
+        cluster.volume,
+        ClientConfig {
+            failover_timeout: Duration::from_secs(6),
+            ..client_config()
+        },
+    )
+    .await
+    .unwrap();
+
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(cluster.heads[secondary].pid(), libc::SIGSTOP) };
     cluster.note(&format!(
@@ -598,16 +611,6 @@ async fn write_stalls_while_the_secondary_is_stopped() {
     // still waiting after the bound.
     let stalled = vec![0xB2u8; 4096];
     let bound = Duration::from_secs(8);
-    let stall_client = tests::connect_client(
-        cluster.unit.lcp_client(),
-        cluster.volume,
-        ClientConfig {
-            failover_timeout: Duration::from_secs(6),
-            ..client_config()
-        },
-    )
-    .await
-    .unwrap();
     let t = Instant::now();
     let outcome = tokio::time::timeout(
         bound,
