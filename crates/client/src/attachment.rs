@@ -52,7 +52,7 @@ pub async fn register_attachment(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
-        match lcp.command(command).await? {
+        match command_resending(lcp, command).await? {
             Ok(_) => return Ok(AttachmentCredential { attachment, token }),
             Err(
                 error @ CommandError::AlreadyExists {
@@ -70,6 +70,35 @@ pub async fn register_attachment(
     })))
 }
 
+/// Bound on resends of one attachment command whose outcome is unknown or
+/// that found no leader (a leader change in progress).
+const RESEND_ATTEMPTS: usize = 40;
+/// Pause between two resends.
+const RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Commits `command`, sending the *same* command again (both attachment
+/// commands are idempotent: a repeat with the same digest, or of a removal,
+/// changes nothing) while its outcome is unknown, no head node answered, or
+/// the unit answers with a retryable refusal (no leader yet): an election
+/// must not fail an attach.
+async fn command_resending(
+    lcp: &LcpClient,
+    command: Command,
+) -> Result<Result<local_control_plane::Outcome, CommandError>, AttachmentError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last_try = attempt >= RESEND_ATTEMPTS;
+        match lcp.command(command.clone()).await {
+            Ok(Err(error)) if error.is_retryable() && !last_try => {}
+            Ok(answer) => return Ok(answer),
+            Err(LcpClientError::Uncertain(_) | LcpClientError::NoHeadNode { .. }) if !last_try => {}
+            Err(error) => return Err(error.into()),
+        }
+        tokio::time::sleep(RESEND_PAUSE).await;
+    }
+}
+
 /// Revokes attachment `attachment` of `volume`; one already gone (or a
 /// volume already deleted) counts as revoked.
 pub async fn remove_attachment(
@@ -77,10 +106,7 @@ pub async fn remove_attachment(
     volume: u64,
     attachment: u64,
 ) -> Result<(), AttachmentError> {
-    match lcp
-        .command(Command::RemoveAttachment { volume, attachment })
-        .await?
-    {
+    match command_resending(lcp, Command::RemoveAttachment { volume, attachment }).await? {
         Ok(_)
         | Err(
             CommandError::UnknownAttachment { .. }
