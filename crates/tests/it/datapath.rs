@@ -118,6 +118,11 @@ impl Cluster {
         let heads = unit.start_head_nodes();
         let lcp = unit.lcp_client();
         register(&lcp, volume, volume_bytes, partition_bytes).await;
+        // The tests flush at once: every sled's columns must be known.
+        let free = unit
+            .wait_sled_columns_registered(&lcp, Duration::from_secs(20))
+            .await;
+        eprintln!("{name}: free columns per sled {free:?}");
         lcp.close();
         for (i, head) in heads.iter().enumerate() {
             unit.wait_datapath_ready(i, head, Duration::from_secs(20));

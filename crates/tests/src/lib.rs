@@ -477,6 +477,47 @@ impl TestUnit {
         (0..self.sleds.len()).map(|i| self.start_sled(i)).collect()
     }
 
+    /// Waits until the unit's control plane knows the columns of every
+    /// sled (the leader registers them from each sled's inventory after it
+    /// is elected); returns the sleds' free columns per sled id. Panics
+    /// after `timeout` with what it saw.
+    pub async fn wait_sled_columns_registered(
+        &self,
+        lcp: &local_control_plane::LcpClient,
+        timeout: Duration,
+    ) -> Vec<(String, usize)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = lcp.unit_status().await.ok().map(|(_, unit)| {
+                unit.sleds
+                    .iter()
+                    .map(|sled| {
+                        let known: usize = sled
+                            .devices
+                            .iter()
+                            .map(|d| d.free_columns + d.used_columns)
+                            .sum();
+                        let free: usize = sled.devices.iter().map(|d| d.free_columns).sum();
+                        (sled.id.0.clone(), known, free)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if let Some(sleds) = &seen {
+                if sleds.len() == self.sleds.len() && sleds.iter().all(|(_, known, _)| *known > 0) {
+                    return sleds
+                        .iter()
+                        .map(|(id, _, free)| (id.clone(), *free))
+                        .collect();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sled columns not registered after {timeout:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until head node `i` reports its data path ready (every
     /// partition with recovered log records open); panics with the log.
     pub fn wait_datapath_ready(&self, i: usize, daemon: &Daemon, timeout: Duration) {
