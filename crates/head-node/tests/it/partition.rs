@@ -535,7 +535,16 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     check_all(&unit, &model, "flushed").await;
     // The flush released the log: from here the data lives on the sleds.
     assert!(unit.primary.log().wal().tail().0 > 0);
-    assert!(unit.secondary.log().wal().tail().0 > 0);
+    // The secondary releases once the flush commit reached it (replicated
+    // after the primary's commit, not inside flush_now): bounded wait.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while unit.secondary.log().wal().tail().0 == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the secondary's log was not released within 5 s of the flush"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Mixed: some flushed, some logged, overwrites across both.
     random_ops(&unit, &mut model, &mut rng, 150).await;
     unit.primary.flush_now().await.unwrap();
