@@ -455,16 +455,6 @@ async fn random_ops_match_a_byte_model_across_flush_restarts_and_two_sleds_down(
 }
 
 /// Every 512-byte-aligned offset of `path` where `needle` starts.
-fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Vec<u64> {
-    let bytes = std::fs::read(path).unwrap();
-    bytes
-        .chunks(SECTOR as usize)
-        .enumerate()
-        .filter(|(_, sector)| sector.starts_with(needle))
-        .map(|(i, _)| i as u64 * SECTOR)
-        .collect()
-}
-
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .filter(|l| l.starts_with(name))
@@ -497,33 +487,7 @@ async fn corrupt_sled_bytes_are_decoded_and_reported() {
     cluster.flush();
 
     let needle = b"rb-corrupt-00005";
-    let hits: Vec<(usize, std::path::PathBuf, u64)> = cluster
-        .unit
-        .sleds
-        .iter()
-        .enumerate()
-        .flat_map(|(s, sled)| {
-            sled.devices.iter().flat_map(move |d| {
-                find_in_file(d, needle)
-                    .into_iter()
-                    .map(move |o| (s, d.clone(), o))
-            })
-        })
-        .collect();
-    assert_eq!(hits.len(), 1, "block 5 found at {hits:?}");
-    let (sled_index, path, at) = hits[0].clone();
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(&path)
-            .unwrap();
-        let mut byte = [0u8; 1];
-        file.read_exact_at(&mut byte, at + 100).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x10], at + 100).unwrap();
-        file.sync_all().unwrap();
-    }
+    let (sled_index, path, at) = cluster.unit.flip_bit_in_stamped_block(needle);
     cluster.note(&format!("flipped a bit at {}+{}", path.display(), at + 100));
 
     let got = cluster.client.read(0, 64 * 4096).await.unwrap();

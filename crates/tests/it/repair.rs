@@ -516,15 +516,6 @@ async fn drained_sled_ends_with_no_column_and_data_intact() {
 }
 
 /// Every 512-byte-aligned offset of `path` where `needle` starts.
-fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Vec<u64> {
-    let bytes = std::fs::read(path).unwrap();
-    (0..bytes.len().saturating_sub(needle.len()))
-        .step_by(512)
-        .filter(|&o| &bytes[o..o + needle.len()] == needle)
-        .map(|o| o as u64)
-        .collect()
-}
-
 /// A bit flipped on a sled's device is found by the sled's scrubber (no
 /// host read touches it), the leader turns the scrub report into a
 /// `Corruption` replacement, the primary rebuilds the whole column
@@ -558,33 +549,7 @@ async fn scrub_found_corruption_is_rebuilt_into_a_new_column_at_the_configured_r
         .unwrap();
     flush(&unit);
     let needle = b"rb-scrubbed-0005";
-    let hits: Vec<(usize, std::path::PathBuf, u64)> = unit
-        .unit
-        .sleds
-        .iter()
-        .enumerate()
-        .flat_map(|(s, sled)| {
-            sled.devices.iter().flat_map(move |d| {
-                find_in_file(d, needle)
-                    .into_iter()
-                    .map(move |o| (s, d.clone(), o))
-            })
-        })
-        .collect();
-    assert_eq!(hits.len(), 1, "block 5 found at {hits:?}");
-    let (corrupt_sled, path, at) = hits[0].clone();
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(&path)
-            .unwrap();
-        let mut byte = [0u8; 1];
-        file.read_exact_at(&mut byte, at + 100).unwrap();
-        file.write_all_at(&[byte[0] ^ 0x10], at + 100).unwrap();
-        file.sync_all().unwrap();
-    }
+    let (corrupt_sled, _, _) = unit.unit.flip_bit_in_stamped_block(needle);
     let flipped = Instant::now();
     unit.note(&format!("flipped a bit on sled-{}", corrupt_sled + 1));
 

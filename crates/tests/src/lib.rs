@@ -477,6 +477,42 @@ impl TestUnit {
         (0..self.sleds.len()).map(|i| self.start_sled(i)).collect()
     }
 
+    /// Finds the one 512-byte-aligned place on the sleds' device files that
+    /// starts with `needle` (a stamped data block; panics unless exactly
+    /// one), flips bit 4 of the byte 100 bytes into it on the medium, and
+    /// returns (sled index, device file, offset of the block).
+    pub fn flip_bit_in_stamped_block(&self, needle: &[u8]) -> (usize, PathBuf, u64) {
+        use std::os::unix::fs::FileExt;
+        let hits: Vec<(usize, PathBuf, u64)> = self
+            .sleds
+            .iter()
+            .enumerate()
+            .flat_map(|(s, sled)| {
+                sled.devices.iter().flat_map(move |d| {
+                    let bytes = std::fs::read(d).unwrap();
+                    bytes
+                        .chunks(512)
+                        .enumerate()
+                        .filter(|(_, sector)| sector.starts_with(needle))
+                        .map(|(i, _)| (s, d.clone(), i as u64 * 512))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        assert_eq!(hits.len(), 1, "{needle:?} found at {hits:?}");
+        let (sled, path, at) = hits[0].clone();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&path)
+            .unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, at + 100).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x10], at + 100).unwrap();
+        file.sync_all().unwrap();
+        (sled, path, at)
+    }
+
     /// Waits until the unit's control plane knows the columns of every
     /// sled (the leader registers them from each sled's inventory after it
     /// is elected); returns the sleds' free columns per sled id. Panics
