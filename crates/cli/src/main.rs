@@ -192,11 +192,25 @@ fn tune_allocator() {
     }
 }
 
+/// The async runtime for `--worker-threads`: 1 runs every task on the main
+/// thread; 0 (one worker per core) or N > 1 a work-stealing pool.
+fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
+    match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match runtime_builder(cli.global.worker_threads)
         .enable_all()
         .build()
     {

@@ -56,6 +56,16 @@ pub struct GlobalArgs {
     /// Human tables or JSON.
     #[arg(long, global = true, value_enum, default_value = "table")]
     pub output: Output,
+    /// Async runtime threads of this process: 0 = one per core; 1 = a
+    /// single-threaded runtime (no cross-thread wake-ups: the cheapest per
+    /// request when many daemons share few cores, as under `rackblock up`).
+    #[arg(
+        long,
+        global = true,
+        env = "RACKBLOCK_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    pub worker_threads: usize,
 }
 
 impl GlobalArgs {
