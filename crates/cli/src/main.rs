@@ -206,6 +206,41 @@ fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
     }
 }
 
+/// Runs a daemon from its loaded config until SIGINT/SIGTERM. Exit codes:
+/// 0 after a clean stop, 2 when the config (or the rack it names) is wrong,
+/// 1 for anything else.
+async fn run_daemon<C, E, Fut>(
+    what: &str,
+    config: Result<C, impl std::fmt::Display>,
+    run: impl FnOnce(C, CancellationToken) -> Fut,
+    is_config_error: impl FnOnce(&E) -> bool,
+) -> ExitCode
+where
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("rackblock {what}: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = CancellationToken::new();
+    cancel_on_signal(token.clone());
+    match run(config, token).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("rackblock {what}: {error}");
+            if is_config_error(&error) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -223,22 +258,13 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::SledController { config } => {
-                let config = match sled_controller::SledControllerConfig::load(&config) {
-                    Ok(config) => config,
-                    Err(error) => {
-                        eprintln!("rackblock: {error}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let token = CancellationToken::new();
-                cancel_on_signal(token.clone());
-                match sled_controller::run(config, token).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(error) => {
-                        eprintln!("rackblock: sled controller: {error}");
-                        ExitCode::from(1)
-                    }
-                }
+                run_daemon(
+                    "sled controller",
+                    sled_controller::SledControllerConfig::load(&config),
+                    sled_controller::run,
+                    |_| false,
+                )
+                .await
             }
             Command::HeadNode {
                 command: Some(HeadNodeCommand::List(args)),
@@ -258,55 +284,35 @@ fn main() -> ExitCode {
                 config: Some(config),
                 command: None,
             } => {
-                let config = match head_node::HeadNodeConfig::load(&config) {
-                    Ok(config) => config,
-                    Err(error) => {
-                        eprintln!("rackblock: {error}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let token = CancellationToken::new();
-                cancel_on_signal(token.clone());
-                match head_node::run(config, token).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(
-                        error @ (head_node::HeadNodeError::Config(_)
-                        | head_node::HeadNodeError::Rack { .. }
-                        | head_node::HeadNodeError::UnknownHeadNode { .. }),
-                    ) => {
-                        eprintln!("rackblock: head node: {error}");
-                        ExitCode::from(2)
-                    }
-                    Err(error) => {
-                        eprintln!("rackblock: head node: {error}");
-                        ExitCode::from(1)
-                    }
-                }
+                run_daemon(
+                    "head node",
+                    head_node::HeadNodeConfig::load(&config),
+                    head_node::run,
+                    |error| {
+                        matches!(
+                            error,
+                            head_node::HeadNodeError::Config(_)
+                                | head_node::HeadNodeError::Rack { .. }
+                                | head_node::HeadNodeError::UnknownHeadNode { .. }
+                        )
+                    },
+                )
+                .await
             }
             Command::Zonal { config } => {
-                let config = match zonal_control_plane::ZonalConfig::load(&config) {
-                    Ok(config) => config,
-                    Err(error) => {
-                        eprintln!("rackblock zonal: {error}");
-                        return ExitCode::from(2);
-                    }
-                };
-                let token = CancellationToken::new();
-                cancel_on_signal(token.clone());
-                match zonal_control_plane::run(config, token).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(
-                        error @ (zonal_control_plane::ZonalError::Config(_)
-                        | zonal_control_plane::ZonalError::Rack { .. }),
-                    ) => {
-                        eprintln!("rackblock zonal: {error}");
-                        ExitCode::from(2)
-                    }
-                    Err(error) => {
-                        eprintln!("rackblock zonal: {error}");
-                        ExitCode::from(1)
-                    }
-                }
+                run_daemon(
+                    "zonal",
+                    zonal_control_plane::ZonalConfig::load(&config),
+                    zonal_control_plane::run,
+                    |error| {
+                        matches!(
+                            error,
+                            zonal_control_plane::ZonalError::Config(_)
+                                | zonal_control_plane::ZonalError::Rack { .. }
+                        )
+                    },
+                )
+                .await
             }
             Command::Attach(args) => {
                 let token = CancellationToken::new();
