@@ -179,6 +179,9 @@ pub struct PartitionIndex {
     log_refs: BTreeMap<LogPosition, u64>,
     /// Blocks mapped to each extent.
     extent_live: BTreeMap<u64, u64>,
+    /// Blocks mapped to the log (the sum of `log_refs`), kept so that
+    /// status and metrics do not walk every run.
+    log_blocks: u64,
 }
 
 impl PartitionIndex {
@@ -190,6 +193,7 @@ impl PartitionIndex {
             runs: BTreeMap::new(),
             log_refs: BTreeMap::new(),
             extent_live: BTreeMap::new(),
+            log_blocks: 0,
         }
     }
 
@@ -353,6 +357,11 @@ impl PartitionIndex {
         &self.extent_live
     }
 
+    /// Blocks whose latest version is only in the log (not yet flushed).
+    pub fn log_resident_blocks(&self) -> u64 {
+        self.log_blocks
+    }
+
     /// Oldest log record still referenced; the log may be released up to it.
     pub fn oldest_log_position(&self) -> Option<LogPosition> {
         self.log_refs.keys().next().copied()
@@ -402,7 +411,10 @@ impl PartitionIndex {
                 None => {}
             }
         }
-        if log_refs != self.log_refs || extent_live != self.extent_live {
+        if log_refs != self.log_refs
+            || extent_live != self.extent_live
+            || log_refs.values().sum::<u64>() != self.log_blocks
+        {
             return Err("reference counters differ from a recount".to_string());
         }
         Ok(())
@@ -413,6 +425,7 @@ impl PartitionIndex {
             Some(Location::Log { position, .. }) => {
                 let entry = self.log_refs.entry(position).or_default();
                 adjust(entry, run.count, add);
+                adjust(&mut self.log_blocks, run.count, add);
                 if *entry == 0 {
                     self.log_refs.remove(&position);
                 }

@@ -74,7 +74,9 @@ use bytes::{Bytes, BytesMut};
 use futures::future;
 use proto::sled::{ColumnId, PartitionId, SledError, SledRequest, SledResponse};
 
-use super::flush::{open_extent, read_summary, read_verified, sled_call, zero_block_crc};
+use super::flush::{
+    open_extent, open_next_extent, read_summary, read_verified, sled_call, zero_block_crc,
+};
 use super::layout::{
     self, SlotEntry, StripeKind, StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
@@ -612,15 +614,7 @@ async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target
             }
         }
     }
-    let grant = shared
-        .extent_source
-        .next_extent(shared.id(), epoch)
-        .await
-        .map_err(|source| PartitionError::Peer {
-            partition: shared.id(),
-            source,
-        })?;
-    let extent = open_extent(shared, grant, epoch, false).await?;
+    let extent = open_next_extent(shared, epoch).await?;
     let id = extent.grant.extent;
     let rows = rows_for(bytes, extent.codec.data_shards());
     let fits = rows <= extent.rows_capacity;

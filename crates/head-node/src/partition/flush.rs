@@ -212,17 +212,7 @@ async fn load_log_blocks(
             Err(WalError::NotFound { .. }) => continue,
             Err(source) => return Err(shared.wal_error(source)),
         };
-        for i in 0..count {
-            let from = (i * BLOCK_BYTES) as usize;
-            let block = data.slice(from..from + BLOCK_BYTES as usize);
-            blocks.push(FlushBlock {
-                lba: lba + i,
-                sequence,
-                crc: crc32c::crc32c(&block),
-                data: block,
-                relocate_from: None,
-            });
-        }
+        push_blocks(&mut blocks, lba, count, sequence, &data, |_| None);
     }
     Ok(blocks)
 }
@@ -261,20 +251,53 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
             }
             state.epoch
         };
-        let grant = shared
-            .extent_source
-            .next_extent(shared.id(), epoch)
-            .await
-            .map_err(|source| PartitionError::Peer {
-                partition: shared.id(),
-                source,
-            })?;
-        let state = open_extent(shared, grant, epoch, false).await?;
+        let state = open_next_extent(shared, epoch).await?;
         let mut guard = shared.lock();
         guard.open_extent = Some(state.grant.extent);
         guard.extents.insert(state.grant.extent, state);
     }
     Err(shared.unavailable("no usable extent"))
+}
+
+/// Splits `data` (blocks `lba..lba+count` of one write, `sequence`) into
+/// flush blocks with their CRCs; `relocate_from(i)`: where block `i` lives
+/// now when GC moves it.
+fn push_blocks(
+    blocks: &mut Vec<FlushBlock>,
+    lba: u64,
+    count: u64,
+    sequence: u64,
+    data: &Bytes,
+    relocate_from: impl Fn(u64) -> Option<Location>,
+) {
+    for i in 0..count {
+        let from = (i * BLOCK_BYTES) as usize;
+        let block = data.slice(from..from + BLOCK_BYTES as usize);
+        blocks.push(FlushBlock {
+            lba: lba + i,
+            sequence,
+            crc: crc32c::crc32c(&block),
+            data: block,
+            relocate_from: relocate_from(i),
+        });
+    }
+}
+
+/// Takes the next extent of the partition's sandbox from the control plane
+/// and opens it (claims its columns) at `epoch`.
+pub(super) async fn open_next_extent(
+    shared: &Arc<Shared>,
+    epoch: u64,
+) -> Result<ExtentState, PartitionError> {
+    let grant = shared
+        .extent_source
+        .next_extent(shared.id(), epoch)
+        .await
+        .map_err(|source| PartitionError::Peer {
+            partition: shared.id(),
+            source,
+        })?;
+    open_extent(shared, grant, epoch, false).await
 }
 
 /// Validates a grant and claims its columns with `epoch`. `recovering`:
@@ -805,17 +828,9 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
         let mut blocks = Vec::new();
         for (lba, count, sequence, location) in runs {
             let data = read::read_blocks(shared, lba, count).await?;
-            for i in 0..count {
-                let from = (i * BLOCK_BYTES) as usize;
-                let block = data.slice(from..from + BLOCK_BYTES as usize);
-                blocks.push(FlushBlock {
-                    lba: lba + i,
-                    sequence,
-                    crc: crc32c::crc32c(&block),
-                    data: block,
-                    relocate_from: Some(location.advanced(i)),
-                });
-            }
+            push_blocks(&mut blocks, lba, count, sequence, &data, |i| {
+                Some(location.advanced(i))
+            });
         }
         if !blocks.is_empty() || !tombstones.is_empty() {
             let (placed, _) =

@@ -885,13 +885,7 @@ impl Partition {
 
     /// Blocks whose latest version is only in the log.
     pub fn log_resident_blocks(&self) -> u64 {
-        self.shared
-            .lock()
-            .index
-            .runs()
-            .filter(|(_, r)| matches!(r.location, Some(Location::Log { .. })))
-            .map(|(_, r)| r.count)
-            .sum()
+        self.shared.lock().index.log_resident_blocks()
     }
 
     /// Where partition block `block` is: its index location and, for a sled
