@@ -4,6 +4,18 @@ use std::process::Command;
 
 use tests::{next_port, rackblock_bin};
 
+/// Runs `rackblock ARGS`, asserts the exit code; returns stderr.
+fn rackblock(args: &[&str], code: i32) -> String {
+    let output = Command::new(rackblock_bin()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "rackblock {args:?}: {stderr}"
+    );
+    stderr
+}
+
 #[test]
 fn bad_config_exits_2_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -13,12 +25,10 @@ fn bad_config_exits_2_with_a_clear_message() {
         "rack_file = \"/nonexistent/rack.toml\"\nsled_id = \"x\"\nbogus = 1\n",
     )
     .unwrap();
-    let output = Command::new(rackblock_bin())
-        .args(["sled-controller", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = rackblock(
+        &["sled-controller", "--config", config.to_str().unwrap()],
+        2,
+    );
     assert!(stderr.contains("bogus"), "{stderr}");
 
     // A rack file naming a device that does not exist.
@@ -30,22 +40,11 @@ fn bad_config_exits_2_with_a_clear_message() {
          [[sled]]\nid = \"s2\"\naddress_a = \"127.0.1.3:1\"\naddress_b = \"127.0.2.3:1\"\nadmin = \"127.0.0.1:4\"\n[[sled.device]]\npath = \"/nonexistent/dev1\"\nsize_bytes = 1073741824\n",
     )
     .unwrap();
-    let output = Command::new(rackblock_bin())
-        .args(["rack", "validate", rack.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = rackblock(&["rack", "validate", rack.to_str().unwrap()], 2);
     assert!(stderr.contains("/nonexistent/dev0"), "{stderr}");
-    let output = Command::new(rackblock_bin())
-        .args(["rack", "validate", "--no-devices", rack.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    rackblock(
+        &["rack", "validate", "--no-devices", rack.to_str().unwrap()],
+        0,
     );
 }
 
@@ -55,16 +54,7 @@ fn example_rack_file_is_valid() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../deploy/rack.example.toml"
     );
-    let output = Command::new(rackblock_bin())
-        .args(["rack", "validate", "--no-devices", rack])
-        .output()
-        .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    rackblock(&["rack", "validate", "--no-devices", rack], 0);
 }
 
 /// `rackblock up --check` starts a whole unit (6 sleds, 3 head nodes, the

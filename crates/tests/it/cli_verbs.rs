@@ -12,7 +12,9 @@ use client::{ClientConfig, ClientError, VolumeClient};
 use local_control_plane::LcpClient;
 use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::Value;
-use tests::{http_get, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
+use tests::{
+    http_get, nbd_greets, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit,
+};
 
 const MIB: u64 = 1 << 20;
 const TOKEN: &str = "cli-verbs-test-token-0123456789";
@@ -163,17 +165,55 @@ fn create(zone: &Zone, args: &[&str]) -> Run {
     }
 }
 
-fn nbd_greets(address: SocketAddr) -> bool {
-    use std::io::Read as _;
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300))
-    else {
-        return false;
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let mut greeting = [0u8; 16];
-    stream.read_exact(&mut greeting).is_ok() && &greeting == b"NBDMAGICIHAVEOPT"
+/// `volume create NAME` of 8 MiB in two 4 MiB partitions at code 2+1 (what
+/// this 3-sled unit can place).
+fn small_volume(name: &str) -> [&str; 9] {
+    [
+        "volume",
+        "create",
+        name,
+        "--size",
+        "8MiB",
+        "--code",
+        "2+1",
+        "--partition-size",
+        "4MiB",
+    ]
+}
+
+/// Spawns `rackblock attach VOLUME --listen ADDR --zonal URL --token TOKEN
+/// EXTRA…` (killed by pid on drop) and waits (30 s at most) until it
+/// answers NBD there; fails early if it exits. Returns it and its address.
+fn attach(zone: &Zone, name: &str, volume: &str, extra: &[&str]) -> (Daemon, SocketAddr) {
+    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let listen = nbd.to_string();
+    let mut args = vec![
+        "attach",
+        volume,
+        "--listen",
+        &listen,
+        "--zonal",
+        &zone.zonal_url,
+        "--token",
+        TOKEN,
+    ];
+    args.extend_from_slice(extra);
+    let mut attach = Daemon::spawn(name, &args, zone.unit.dir.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nbd_greets(nbd) {
+        assert!(
+            Instant::now() < deadline,
+            "attach never served NBD:\n{}",
+            attach.log_text()
+        );
+        assert!(
+            attach.child.try_wait().unwrap().is_none(),
+            "attach exited:\n{}",
+            attach.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (attach, nbd)
 }
 
 fn tool(name: &str) -> String {
@@ -231,17 +271,7 @@ fn every_verb_with_bad_input_and_exit_codes() {
     assert!(zone.volumes().is_empty(), "a refused create left something");
 
     // Create, and the same create again (idempotent).
-    let args = [
-        "volume",
-        "create",
-        "v1",
-        "--size",
-        "8MiB",
-        "--code",
-        "2+1",
-        "--partition-size",
-        "4MiB",
-    ];
+    let args = small_volume("v1");
     let run = create(&zone, &args);
     assert_eq!(run.code, 0, "{}\n{}", run.stderr, zone.zonal.log_text());
     assert!(run.stdout.starts_with("created"), "{}", run.stdout);
@@ -358,35 +388,7 @@ fn every_verb_with_bad_input_and_exit_codes() {
     zone.expect(0, &["sled", "drain", "sled-3", "--undo", "--rack", &rack]);
 
     // Delete: refused while attached (4), then done.
-    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
-    let mut attach = Daemon::spawn(
-        "attach",
-        &[
-            "attach",
-            "v1",
-            "--listen",
-            &nbd.to_string(),
-            "--zonal",
-            &zone.zonal_url,
-            "--token",
-            TOKEN,
-        ],
-        zone.unit.dir.path(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nbd_greets(nbd) {
-        assert!(
-            Instant::now() < deadline,
-            "attach never served NBD:\n{}",
-            attach.log_text()
-        );
-        assert!(
-            attach.child.try_wait().unwrap().is_none(),
-            "attach exited:\n{}",
-            attach.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (mut attach, _) = attach(&zone, "attach", "v1", &[]);
     assert_eq!(
         zone.volumes()[0]["attachments"].as_array().unwrap().len(),
         1
@@ -417,94 +419,28 @@ fn every_verb_with_bad_input_and_exit_codes() {
 /// write and read back through qemu-io.
 #[test]
 fn io_goes_on_while_the_zonal_plane_is_down() {
-    let qemu_io = tool("qemu-io");
+    let qemu_io_bin = tool("qemu-io");
     let mut zone = start_zone();
-    let run = create(
-        &zone,
-        &[
-            "volume",
-            "create",
-            "io",
-            "--size",
-            "8MiB",
-            "--code",
-            "2+1",
-            "--partition-size",
-            "4MiB",
-        ],
-    );
+    let run = create(&zone, &small_volume("io"));
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
-    let attach = Daemon::spawn(
-        "attach-io",
-        &[
-            "attach",
-            "io",
-            "--listen",
-            &nbd.to_string(),
-            "--zonal",
-            &zone.zonal_url,
-            "--token",
-            TOKEN,
-            "--failover-timeout",
-            "60s",
-        ],
-        zone.unit.dir.path(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nbd_greets(nbd) {
-        assert!(
-            Instant::now() < deadline,
-            "attach never served NBD:\n{}",
-            attach.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (_attach, nbd) = attach(&zone, "attach-io", "io", &["--failover-timeout", "60s"]);
     assert!(zone.zonal.terminate(), "zonal did not stop cleanly");
     let down = zone.run(&["volume", "list"]);
     assert_eq!(down.code, 1, "{}", down.stderr);
     assert!(down.stderr.contains("cannot reach"), "{}", down.stderr);
     let uri = format!("nbd://{nbd}/io");
-    let output = Command::new(&qemu_io)
-        .args([
-            "-f",
-            "raw",
-            &uri,
-            "-c",
+    let (ok, text) = qemu_io(
+        &qemu_io_bin,
+        &uri,
+        &[
             "write -P 0x5a 1M 2M",
-            "-c",
             "flush",
-            "-c",
             "read -P 0x5a 1M 2M",
-            "-c",
             "read -P 0 0 1M",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
-    assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
+    assert!(ok, "{text}");
     assert!(Path::new(&zone.unit.rack_path).exists());
-}
-
-/// Free columns as the sled controllers count them (their `/metrics`).
-fn sled_free_columns(zone: &Zone) -> u64 {
-    zone.unit
-        .sleds
-        .iter()
-        .map(|sled| {
-            let (status, text) = http_get(sled.admin, "/metrics").expect("sled metrics");
-            assert_eq!(status, 200);
-            text.lines()
-                .filter(|l| l.starts_with("rackblock_sled_free_columns{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
 }
 
 /// (free columns, volumes being deleted) as the unit's LCP records them.
@@ -556,49 +492,11 @@ fn qemu_io(qemu_io: &str, uri: &str, commands: &[&str]) -> (bool, String) {
 fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     let qemu_io_bin = tool("qemu-io");
     let zone = start_zone();
-    let sled_free_before = sled_free_columns(&zone);
+    let sled_free_before = zone.unit.sled_free_columns();
     let (lcp_free_before, _) = lcp_capacity(&zone);
-    let run = create(
-        &zone,
-        &[
-            "volume",
-            "create",
-            "grow",
-            "--size",
-            "8MiB",
-            "--code",
-            "2+1",
-            "--partition-size",
-            "4MiB",
-        ],
-    );
+    let run = create(&zone, &small_volume("grow"));
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
-    let mut attach = Daemon::spawn(
-        "attach-grow",
-        &[
-            "attach",
-            "grow",
-            "--listen",
-            &nbd.to_string(),
-            "--zonal",
-            &zone.zonal_url,
-            "--token",
-            TOKEN,
-            "--failover-timeout",
-            "30s",
-        ],
-        zone.unit.dir.path(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nbd_greets(nbd) {
-        assert!(
-            Instant::now() < deadline,
-            "attach never served NBD:\n{}",
-            attach.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (mut attach, nbd) = attach(&zone, "attach-grow", "grow", &["--failover-timeout", "30s"]);
     let uri = format!("nbd://{nbd}/grow");
     let (ok, text) = qemu_io(&qemu_io_bin, &uri, &["write -P 0x11 0 1M", "flush"]);
     assert!(ok, "{text}");
@@ -646,7 +544,7 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     for answer in zone.unit.flush_all() {
         assert_eq!(answer.map(|a| a.0), Some(200));
     }
-    assert!(sled_free_columns(&zone) < sled_free_before);
+    assert!(zone.unit.sled_free_columns() < sled_free_before);
 
     // Delete: refused while attached, then forced.
     zone.expect(4, &["volume", "delete", "grow"]);
@@ -674,7 +572,7 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (lcp_free, deleting) = lcp_capacity(&zone);
-        let sled_free = sled_free_columns(&zone);
+        let sled_free = zone.unit.sled_free_columns();
         if lcp_free == lcp_free_before && sled_free == sled_free_before && deleting == 0 {
             break;
         }
@@ -700,20 +598,7 @@ fn resize_then_io_past_the_old_end_and_forced_delete_frees_every_column() {
 #[test]
 fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
     let zone = start_zone();
-    let run = create(
-        &zone,
-        &[
-            "volume",
-            "create",
-            "tok",
-            "--size",
-            "8MiB",
-            "--code",
-            "2+1",
-            "--partition-size",
-            "4MiB",
-        ],
-    );
+    let run = create(&zone, &small_volume("tok"));
     assert_eq!(run.code, 0, "{}", run.stderr);
     let volume = zone
         .expect(0, &["volume", "describe", "tok", "--output", "json"])

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
-use local_control_plane::{Command, Outcome};
+use local_control_plane::Command;
 use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::sled::{SledRequest, SledResponse};
 use proto::Message;
@@ -124,9 +124,7 @@ impl Cluster {
             .await;
         eprintln!("{name}: free columns per sled {free:?}");
         lcp.close();
-        for (i, head) in heads.iter().enumerate() {
-            unit.wait_datapath_ready(i, head, Duration::from_secs(20));
-        }
+        unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
         let client = tests::connect_client(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
@@ -166,10 +164,8 @@ impl Cluster {
         self.sleds.clear();
         self.sleds = self.unit.start_sleds().into_iter().map(Some).collect();
         self.heads = self.unit.start_head_nodes();
-        for (i, head) in self.heads.iter().enumerate() {
-            self.unit
-                .wait_datapath_ready(i, head, Duration::from_secs(30));
-        }
+        self.unit
+            .wait_datapaths_ready(&self.heads, Duration::from_secs(30));
         self.note(&format!("every process restarted ({how:?})"));
     }
 
@@ -289,28 +285,21 @@ fn compare(got: &[u8], want: &[u8], offset: u64, when: &str) {
 /// Registers the volume, retrying while the leader still registers the
 /// rack inventory and the sleds' columns (bounded).
 async fn register(lcp: &LcpClient, volume: u64, size_bytes: u64, partition_size_bytes: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
     let partitions = size_bytes.div_ceil(partition_size_bytes) as usize;
-    loop {
-        let command = Command::RegisterVolume {
+    let placement = tests::register_volume(
+        lcp,
+        Command::RegisterVolume {
             volume,
             name: format!("datapath-{volume}"),
             size_bytes,
             partition_size_bytes,
             k: K as u8,
             m: M as u8,
-        };
-        match lcp.command(command).await {
-            Ok(Ok(Outcome::VolumeRegistered { placement, .. })) => {
-                assert_eq!(placement.len(), partitions);
-                return;
-            }
-            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-            other => panic!("register volume {volume}: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(placement.len(), partitions);
 }
 
 /// `ops` random operations on the volume and the model: writes of 1 to 64
@@ -374,22 +363,10 @@ async fn random_ops(cluster: &Cluster, model: &mut [u8], rng: &mut Rng, ops: usi
     ));
 }
 
-fn seed() -> u64 {
-    std::env::var("DATAPATH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_ops_match_a_byte_model_across_flush_restarts_and_two_sleds_down() {
     let _one = ONE_UNIT_AT_A_TIME.lock().await;
-    let seed = seed();
+    let seed = tests::seed_from_env("DATAPATH_SEED");
     eprintln!("DATAPATH_SEED={seed}");
     let mut rng = Rng::new(seed);
     // 4 partitions of 2 MiB over 3 head nodes; no background flush or GC,
@@ -541,12 +518,7 @@ async fn write_stalls_while_the_secondary_is_stopped() {
     .await;
     let map = cluster.client.partition_map();
     let entry = map.partitions.iter().find(|p| p.index == 0).unwrap();
-    let secondary = cluster
-        .unit
-        .head_nodes
-        .iter()
-        .position(|h| h.id == entry.secondary.id.0)
-        .unwrap();
+    let secondary = cluster.unit.head_node_index(&entry.secondary.id.0);
     let acknowledged = vec![0xA1u8; 8192];
     cluster
         .client
@@ -724,12 +696,7 @@ async fn write_acknowledges_only_once_a_new_secondary_is_named() {
         .find(|p| p.index == 0)
         .unwrap()
         .clone();
-    let stopped = cluster
-        .unit
-        .head_nodes
-        .iter()
-        .position(|h| h.id == entry.secondary.id.0)
-        .unwrap();
+    let stopped = cluster.unit.head_node_index(&entry.secondary.id.0);
     let first = vec![0xD4u8; 8192];
     cluster
         .client

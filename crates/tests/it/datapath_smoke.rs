@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
-use local_control_plane::{Command, Outcome};
-use tests::{http_get, HeadNodeOptions, TestUnit};
+use local_control_plane::Command;
+use tests::{http_get, pattern, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 41;
@@ -22,39 +22,20 @@ const PARTITION_BYTES: u64 = 16 * MIB;
 /// Registers the volume, retrying while the leader still registers the
 /// rack inventory and the sleds' columns.
 async fn register(lcp: &LcpClient) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let command = Command::RegisterVolume {
+    let placement = tests::register_volume(
+        lcp,
+        Command::RegisterVolume {
             volume: VOLUME,
             name: "smoke".into(),
             size_bytes: VOLUME_BYTES,
             partition_size_bytes: PARTITION_BYTES,
             k: 4,
             m: 2,
-        };
-        match lcp.command(command).await {
-            Ok(Ok(Outcome::VolumeRegistered { placement, .. })) => {
-                assert_eq!(placement.len(), 4);
-                return;
-            }
-            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-            other => panic!("register volume: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(placement.len(), 4);
 }
 
 async fn write(client: &VolumeClient, model: &mut [u8], offset: u64, data: Vec<u8>) {
@@ -136,9 +117,7 @@ async fn write_flush_restart_read_back() {
     let mut heads = unit.start_head_nodes();
     let lcp = unit.lcp_client();
     register(&lcp).await;
-    for (i, head) in heads.iter().enumerate() {
-        unit.wait_datapath_ready(i, head, Duration::from_secs(20));
-    }
+    unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
     eprintln!("unit up, volume registered: {:?}", started.elapsed());
 
     let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
@@ -190,9 +169,7 @@ async fn write_flush_restart_read_back() {
     }
     drop(heads);
     let heads = unit.start_head_nodes();
-    for (i, head) in heads.iter().enumerate() {
-        unit.wait_datapath_ready(i, head, Duration::from_secs(30));
-    }
+    unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
     eprintln!("head nodes restarted: {:?}", started.elapsed());
     check(&unit, &client, &model, "after restarting every head node").await;
     eprintln!("read back after restart: {:?}", started.elapsed());
@@ -234,27 +211,20 @@ async fn background_flush_by_age_and_metrics() {
     let _sleds = unit.start_sleds();
     let heads = unit.start_head_nodes();
     let lcp = unit.lcp_client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let command = Command::RegisterVolume {
+    tests::register_volume(
+        &lcp,
+        Command::RegisterVolume {
             volume: VOLUME,
             name: "age".into(),
             size_bytes: 8 * MIB,
             partition_size_bytes: 4 * MIB,
             k: 2,
             m: 1,
-        };
-        match lcp.command(command).await {
-            Ok(Ok(Outcome::VolumeRegistered { .. })) => break,
-            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-            other => panic!("register volume: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for (i, head) in heads.iter().enumerate() {
-        unit.wait_datapath_ready(i, head, Duration::from_secs(20));
-    }
+        },
+        Duration::from_secs(20),
+    )
+    .await;
+    unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
     let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();

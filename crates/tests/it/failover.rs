@@ -42,11 +42,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
-use local_control_plane::{Command, Outcome, PartitionMap};
+use local_control_plane::{Command, PartitionMap};
 use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::volume::{HostOp, HostReply, HostRequest};
 use proto::Message;
-use tests::{http_get, Daemon, HeadNodeOptions, TestUnit};
+use tests::{http_get, pattern, Daemon, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 61;
@@ -123,27 +123,20 @@ impl Cluster {
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
         let lcp = unit.lcp_client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let command = Command::RegisterVolume {
+        tests::register_volume(
+            &lcp,
+            Command::RegisterVolume {
                 volume: VOLUME,
                 name: "failover".into(),
                 size_bytes: VOLUME_BYTES,
                 partition_size_bytes: PARTITION_BYTES,
                 k: 4,
                 m: 2,
-            };
-            match lcp.command(command).await {
-                Ok(Ok(Outcome::VolumeRegistered { .. })) => break,
-                Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-                Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-                other => panic!("register volume: {other:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for (i, head) in heads.iter().enumerate() {
-            unit.wait_datapath_ready(i, head, Duration::from_secs(30));
-        }
+            },
+            Duration::from_secs(30),
+        )
+        .await;
+        unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
         eprintln!("unit up, volume registered: {:?}", started.elapsed());
         Cluster {
             unit,
@@ -151,14 +144,6 @@ impl Cluster {
             heads: heads.into_iter().map(Some).collect(),
             lcp,
         }
-    }
-
-    fn index_of(&self, node: &str) -> usize {
-        self.unit
-            .head_nodes
-            .iter()
-            .position(|h| h.id == node)
-            .unwrap_or_else(|| panic!("no head node {node}"))
     }
 
     async fn map(&self) -> PartitionMap {
@@ -248,18 +233,6 @@ impl Cluster {
         }
         logs
     }
-}
-
-fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// The verifying workload (see the module docs).
@@ -564,7 +537,7 @@ async fn non_leader_primary(cluster: &Cluster, prefer_secondary_too: bool) -> us
             name
         }
     };
-    cluster.index_of(&name)
+    cluster.unit.head_node_index(&name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -634,7 +607,7 @@ async fn primary_kill9_fails_over_without_errors() {
 /// The Raft leader's index once it is known.
 async fn leader_index(cluster: &Cluster) -> Option<usize> {
     let leader = cluster.leader().await?;
-    Some(cluster.index_of(&leader))
+    Some(cluster.unit.head_node_index(&leader))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
 use local_control_plane::state::PartitionMap;
-use local_control_plane::{Command, Health, Outcome};
+use local_control_plane::{Command, Health};
 use tests::netns::{self, NetLab, Switch};
 use tests::{rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, Rng, TestUnit};
 
@@ -49,18 +49,6 @@ fn cut_seconds() -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30)
         .clamp(5, 120)
-}
-
-fn seed() -> u64 {
-    std::env::var("NETWORK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
 }
 
 /// Puts every admin (HTTP) address on the admin switch: 127.0.3.N with the
@@ -108,24 +96,19 @@ fn spawn_in(ns: &str, name: &str, args: &[&str], unit: &TestUnit) -> Daemon {
 }
 
 async fn register(lcp: &LcpClient) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let command = Command::RegisterVolume {
+    tests::register_volume(
+        lcp,
+        Command::RegisterVolume {
             volume: VOLUME,
             name: "network".into(),
             size_bytes: VOLUME_BYTES,
             partition_size_bytes: PARTITION_BYTES,
             k: 4,
             m: 2,
-        };
-        match lcp.command(command).await {
-            Ok(Ok(Outcome::VolumeRegistered { .. })) => return,
-            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-            other => panic!("register volume: {other:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 /// (partition, primary, secondary, epoch) of every partition.
@@ -237,7 +220,7 @@ impl Rack {
 fn network_a_switch_down_during_io_is_no_error_no_failover_no_remirror() {
     let started = Instant::now();
     let cut = Duration::from_secs(cut_seconds());
-    let seed = seed();
+    let seed = tests::seed_from_env("NETWORK_SEED");
     eprintln!("network: seed {seed} (NETWORK_SEED), cut {cut:?} (NETWORK_CUT_SECONDS)");
 
     let mut lab = NetLab::new("net");
@@ -315,9 +298,7 @@ async fn scenario(rack: Rack, switch_ns: String, cut: Duration, seed: u64, start
     let unit = &rack.unit;
     let lcp = unit.lcp_client();
     register(&lcp).await;
-    for (i, head) in rack.heads.iter().enumerate() {
-        unit.wait_datapath_ready(i, head, Duration::from_secs(30));
-    }
+    unit.wait_datapaths_ready(&rack.heads, Duration::from_secs(30));
     let client = tests::connect_client(
         unit.lcp_client(),
         VOLUME,

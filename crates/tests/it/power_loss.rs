@@ -420,22 +420,10 @@ fn wait_dead(data_dir: &Path, daemons: &[(String, i32)]) {
     }
 }
 
-fn seed() -> u64 {
-    std::env::var("POWER_LOSS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-}
-
 #[test]
 fn power_loss_of_the_whole_unit_keeps_every_acknowledged_write() {
     let started = Instant::now();
-    let seed = seed();
+    let seed = tests::seed_from_env("POWER_LOSS_SEED");
     let rounds: u32 = std::env::var("POWER_LOSS_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())

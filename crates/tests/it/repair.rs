@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use client::{ClientConfig, VolumeClient};
 use local_control_plane::client::LcpClient;
-use local_control_plane::{Command, Health, Outcome, UnitStatus};
+use local_control_plane::{Command, Health, UnitStatus};
 use proto::link::LinkConfig;
 use tests::{Daemon, HeadNodeOptions, Rng, TestUnit};
 use tokio::sync::Mutex;
@@ -107,27 +107,20 @@ impl Unit {
         let sleds = unit.start_sleds().into_iter().map(Some).collect();
         let heads = unit.start_head_nodes();
         let lcp = unit.lcp_client();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let command = Command::RegisterVolume {
+        tests::register_volume(
+            &lcp,
+            Command::RegisterVolume {
                 volume,
                 name: format!("repair-{volume}"),
                 size_bytes: VOLUME_BYTES,
                 partition_size_bytes: PARTITION_BYTES,
                 k: K,
                 m: M,
-            };
-            match lcp.command(command).await {
-                Ok(Ok(Outcome::VolumeRegistered { .. })) => break,
-                Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
-                Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
-                other => panic!("register volume {volume}: {other:?}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for (i, head) in heads.iter().enumerate() {
-            unit.wait_datapath_ready(i, head, Duration::from_secs(30));
-        }
+            },
+            Duration::from_secs(30),
+        )
+        .await;
+        unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
         let client = tests::connect_client(unit.lcp_client(), volume, client_config())
             .await
             .unwrap();
@@ -653,12 +646,7 @@ async fn a_rebuild_survives_the_death_of_its_primary() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let index = unit
-        .unit
-        .head_nodes
-        .iter()
-        .position(|h| h.id == node.0)
-        .unwrap();
+    let index = unit.unit.head_node_index(&node.0);
     unit._heads[index].kill9();
     unit.note(&format!(
         "kill -9 {node} while it rebuilt column {} of extent {} ({} of {} bytes)",

@@ -28,15 +28,9 @@ pub async fn call(link: &PeerLink, request: SledRequest) -> SledResponse {
     }
 }
 
+/// `blocks` blocks of [`tests::pattern`] from `seed` and their CRCs.
 pub fn block_data(seed: u64, blocks: usize) -> (Bytes, Vec<u32>) {
-    let mut data = vec![0u8; blocks * 4096];
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for byte in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
+    let data = tests::pattern(seed, blocks as u64 * 4096);
     let crcs = data.chunks(4096).map(crc32c::crc32c).collect();
     (Bytes::from(data), crcs)
 }

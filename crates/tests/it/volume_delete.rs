@@ -12,23 +12,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use client::{ClientConfig, ClientError};
 use local_control_plane::{Command, Outcome};
-use tests::{http_get, HeadNodeOptions, TestUnit};
+use tests::{HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 71;
-
-fn sled_free_columns(unit: &TestUnit) -> u64 {
-    unit.sleds
-        .iter()
-        .map(|sled| {
-            let (_, text) = http_get(sled.admin, "/metrics").expect("sled metrics");
-            text.lines()
-                .filter(|l| l.starts_with("rackblock_sled_free_columns{"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum::<u64>()
-        })
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_finishes_after_the_leader_is_killed() {
@@ -62,7 +49,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
         assert!(Instant::now() < deadline, "sled columns never registered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let sled_free_before = sled_free_columns(&unit);
+    let sled_free_before = unit.sled_free_columns();
     match lcp
         .command(Command::RegisterVolume {
             volume: VOLUME,
@@ -77,9 +64,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
         Ok(Ok(Outcome::VolumeRegistered { .. })) => {}
         other => panic!("register: {other:?}"),
     }
-    for (i, head) in heads.iter().enumerate() {
-        unit.wait_datapath_ready(i, head, Duration::from_secs(20));
-    }
+    unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
     let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
         .await
         .unwrap();
@@ -91,7 +76,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
         assert_eq!(answer.map(|a| a.0), Some(200));
     }
     assert!(
-        sled_free_columns(&unit) < sled_free_before,
+        unit.sled_free_columns() < sled_free_before,
         "nothing reached the sleds"
     );
 
@@ -116,7 +101,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
     }
     let (raft, _) = lcp.unit_status().await.unwrap();
     let leader = raft.leader_name.expect("a leader");
-    let victim = unit.head_nodes.iter().position(|h| h.id == leader).unwrap();
+    let victim = unit.head_node_index(&leader);
     heads[victim].kill9();
     eprintln!("killed the leader {leader} right after the delete");
 
@@ -144,7 +129,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let status = lcp.unit_status().await.ok().map(|(_, s)| s);
-        let sled_free = sled_free_columns(&unit);
+        let sled_free = unit.sled_free_columns();
         if let Some(s) = &status {
             if s.capacity.free_columns == lcp_free_before
                 && s.deleting_volumes == 0

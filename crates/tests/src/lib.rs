@@ -35,6 +35,43 @@ pub async fn connect_client(
         .map_err(|e| e.to_string())
 }
 
+/// Registers a volume (`command` is a `RegisterVolume`) through the LCP,
+/// retrying every 200 ms until `timeout` while the unit settles (a
+/// retryable refusal, an unreachable leader); panics on anything else.
+/// Returns the placement: (primary, secondary) per partition.
+pub async fn register_volume(
+    lcp: &local_control_plane::LcpClient,
+    command: local_control_plane::Command,
+    timeout: Duration,
+) -> Vec<(local_control_plane::NodeId, local_control_plane::NodeId)> {
+    use local_control_plane::Outcome;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match lcp.command(command.clone()).await {
+            Ok(Ok(Outcome::VolumeRegistered { placement, .. })) => return placement,
+            Ok(Err(e)) if e.is_retryable() && Instant::now() < deadline => {}
+            Err(e) if Instant::now() < deadline => eprintln!("register: {e}"),
+            other => panic!("register volume ({command:?}): {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The seed of a randomized test: the environment variable `var` when it
+/// is set to a number (to replay a failure), else the clock. Callers print
+/// it.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        })
+}
+
 pub fn rackblock_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("RACKBLOCK_BIN") {
         return PathBuf::from(bin);
@@ -431,6 +468,15 @@ impl TestUnit {
         }
     }
 
+    /// The index in [`TestUnit::head_nodes`] (and in the daemons
+    /// [`TestUnit::start_head_nodes`] returns) of the head node named `id`.
+    pub fn head_node_index(&self, id: &str) -> usize {
+        self.head_nodes
+            .iter()
+            .position(|h| h.id == id)
+            .unwrap_or_else(|| panic!("no head node {id}"))
+    }
+
     /// Starts head node `i` (0-based) without waiting: it becomes healthy
     /// only once a leader is elected, which needs a quorum.
     pub fn start_head_node(&self, i: usize) -> Daemon {
@@ -571,6 +617,30 @@ impl TestUnit {
             daemon.name,
             daemon.log_text()
         );
+    }
+
+    /// [`TestUnit::wait_datapath_ready`] for every head node, `heads` as
+    /// [`TestUnit::start_head_nodes`] returned them (`timeout` for each).
+    pub fn wait_datapaths_ready(&self, heads: &[Daemon], timeout: Duration) {
+        for (i, head) in heads.iter().enumerate() {
+            self.wait_datapath_ready(i, head, timeout);
+        }
+    }
+
+    /// Free columns as the sled controllers count them (the sum of their
+    /// `rackblock_sled_free_columns` metrics).
+    pub fn sled_free_columns(&self) -> u64 {
+        self.sleds
+            .iter()
+            .map(|sled| {
+                let (status, text) = http_get(sled.admin, "/metrics").expect("sled metrics");
+                assert_eq!(status, 200, "{}: {text}", sled.id);
+                text.lines()
+                    .filter(|l| l.starts_with("rackblock_sled_free_columns{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// `POST /flush` on every head node: every primary flushes its log to
@@ -1022,6 +1092,20 @@ pub fn run_tool(program: &str, args: &[&str], timeout: Duration) -> ToolOutput {
         stderr: read(&mut err),
         elapsed: started.elapsed(),
     }
+}
+
+/// `len` bytes of a deterministic xorshift pattern from `seed`: data a
+/// test can recognize and regenerate.
+pub fn pattern(seed: u64, len: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// Small deterministic generator (xorshift64*) for test workloads: tests

@@ -2,10 +2,11 @@
 //! qemu-io, qemu-img, nbdcopy, fio's nbd engine, nbdsh/libnbd) over TCP
 //! and a unix socket, plus raw-socket checks of malformed input.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use client::nbd::wire::*;
-use client::nbd::{BackendOp, MemoryFault, NbdErrno};
+use client::nbd::{BackendOp, MemoryBackend, MemoryFault, NbdErrno};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -57,12 +58,38 @@ async fn nbdinfo_lists_exports_over_unix_socket() {
     served.shutdown().await;
 }
 
-/// qemu-io output reports failures in text; the exit status alone is not
-/// enough on every version.
-fn assert_qemu_io_clean(out: &str) {
+/// Runs `qemu-io -f raw -c COMMAND… URI`, which must exit 0 and report no
+/// failure in its output: qemu-io reports failures in text; the exit status
+/// alone is not enough on every version.
+async fn qemu_io(uri: &str, commands: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    args.push(uri);
+    let out = run_ok(QEMU_IO, &args, TOOL_TIMEOUT).await;
     for bad in ["failed", "error", "Error", "mismatch"] {
         assert!(!out.contains(bad), "qemu-io reported `{bad}`:\n{out}");
     }
+}
+
+/// Asserts that every byte of `data`, read at volume byte `offset`, is
+/// `byte`.
+fn assert_bytes(data: &[u8], offset: u64, byte: u8) {
+    if let Some(at) = data.iter().position(|&b| b != byte) {
+        panic!(
+            "byte {} is {:#04x}, want {byte:#04x} for {} bytes at {offset}",
+            offset + at as u64,
+            data[at],
+            data.len()
+        );
+    }
+}
+
+/// Asserts that `len` bytes of `volume` at `offset` (512-byte aligned, as
+/// the backend reads) are all `byte`.
+fn assert_filled(volume: &MemoryBackend, offset: u64, len: u64, byte: u8) {
+    assert_bytes(&volume.read_sync(offset, len).unwrap(), offset, byte);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,63 +97,28 @@ async fn qemu_io_writes_patterns_zeroes_discards_and_flushes() {
     let served = Served::start().await;
     let uri = served.uri("vol0");
     let flushes_before = served.vol0.flush_count();
-    let out = run_ok(
-        QEMU_IO,
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            "-c",
             "write -P 0xab 0 1M",
-            "-c",
             "read -P 0xab 0 1M",
-            "-c",
             "write -P 0x77 1M 128k",
-            "-c",
             "write -z 1M 64k",
-            "-c",
             "read -P 0 1M 64k",
-            "-c",
             "read -P 0x77 1088k 64k",
-            "-c",
             "write -P 0x33 2M 64k",
-            "-c",
             "discard 2M 64k",
-            "-c",
             "write -P 0x44 3M 64k -f",
-            "-c",
             "flush",
-            &uri,
         ],
-        TOOL_TIMEOUT,
     )
     .await;
-    assert_qemu_io_clean(&out);
     let vol = &served.vol0;
-    assert!(vol
-        .read_sync(0, 1 << 20)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0xab));
-    assert!(vol
-        .read_sync(1 << 20, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
-    assert!(vol
-        .read_sync((1 << 20) + (64 << 10), 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0x77));
-    assert!(vol
-        .read_sync(2 << 20, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0));
-    assert!(vol
-        .read_sync(3 << 20, 64 << 10)
-        .unwrap()
-        .iter()
-        .all(|&b| b == 0x44));
+    assert_filled(vol, 0, 1 << 20, 0xab);
+    assert_filled(vol, 1 << 20, 64 << 10, 0);
+    assert_filled(vol, (1 << 20) + (64 << 10), 64 << 10, 0x77);
+    assert_filled(vol, 2 << 20, 64 << 10, 0);
+    assert_filled(vol, 3 << 20, 64 << 10, 0x44);
     assert!(
         vol.flush_count() > flushes_before,
         "no NBD_CMD_FLUSH arrived"
@@ -138,55 +130,51 @@ async fn qemu_io_writes_patterns_zeroes_discards_and_flushes() {
 async fn qemu_io_unaligned_io_over_unix_socket() {
     let served = Served::start().await;
     let uri = served.unix_uri("vol1");
-    let out = run_ok(
-        QEMU_IO,
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
             // 512-byte I/O that is not 4 KiB aligned.
-            "-c",
             "write -P 0xcd 512 512",
-            "-c",
             "write -P 0xef 1536 1024",
-            "-c",
             "read -P 0xcd 512 512",
-            "-c",
             "read -P 0xef 1536 1024",
             // Below the 512-byte minimum: qemu reads, modifies, writes.
-            "-c",
             "write -P 0x11 100 300",
-            "-c",
             "read -P 0x11 100 300",
-            "-c",
             "read -P 0 0 100",
-            "-c",
             "read -P 0 400 112",
-            "-c",
             "flush",
-            &uri,
         ],
-        TOOL_TIMEOUT,
     )
     .await;
-    assert_qemu_io_clean(&out);
     let head = served.vol1.read_sync(0, 4096).unwrap();
-    assert!(head[..100].iter().all(|&b| b == 0));
-    assert!(head[100..400].iter().all(|&b| b == 0x11));
-    assert!(head[400..512].iter().all(|&b| b == 0));
-    assert!(head[512..1024].iter().all(|&b| b == 0xcd));
-    assert!(head[1024..1536].iter().all(|&b| b == 0));
-    assert!(head[1536..2560].iter().all(|&b| b == 0xef));
-    assert!(head[2560..].iter().all(|&b| b == 0));
+    for (range, byte) in [
+        (0..100, 0),
+        (100..400, 0x11),
+        (400..512, 0),
+        (512..1024, 0xcd),
+        (1024..1536, 0),
+        (1536..2560, 0xef),
+        (2560..4096, 0),
+    ] {
+        assert_bytes(&head[range.clone()], range.start as u64, byte);
+    }
     served.shutdown().await;
+}
+
+/// `VOL1_BYTES` of random data (from `seed`) written to `in.raw` in the
+/// served directory, and the path `out.raw` beside it for the copy back.
+fn round_trip_files(served: &Served, seed: u64) -> (Vec<u8>, PathBuf, PathBuf) {
+    let data = random_bytes(VOL1_BYTES as usize, seed);
+    let input = served.dir.path().join("in.raw");
+    std::fs::write(&input, &data).unwrap();
+    (data, input, served.dir.path().join("out.raw"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_convert_round_trips_a_random_file() {
     let served = Served::start().await;
-    let data = random_bytes(VOL1_BYTES as usize, 0xfeed);
-    let input = served.dir.path().join("in.raw");
-    let output = served.dir.path().join("out.raw");
-    std::fs::write(&input, &data).unwrap();
+    let (data, input, output) = round_trip_files(&served, 0xfeed);
     let uri = served.uri("vol1");
     run_ok(
         QEMU_IMG,
@@ -226,10 +214,7 @@ async fn qemu_img_convert_round_trips_a_random_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdcopy_round_trips_a_random_file() {
     let served = Served::start().await;
-    let data = random_bytes(VOL1_BYTES as usize, 0xc0ffee);
-    let input = served.dir.path().join("in.raw");
-    let output = served.dir.path().join("out.raw");
-    std::fs::write(&input, &data).unwrap();
+    let (data, input, output) = round_trip_files(&served, 0xc0ffee);
     let uri = served.uri("vol1");
     run_ok(NBDCOPY, &[path_str(&input), &uri], TOOL_TIMEOUT).await;
     assert!(served.vol1.read_sync(0, VOL1_BYTES).unwrap() == data[..]);
@@ -435,17 +420,20 @@ print("ok")
 // ---------------------------------------------------------------------------
 // Raw-socket checks: input no well-behaved client sends.
 
-/// Fixed-newstyle handshake up to the transmission phase via
-/// NBD_OPT_EXPORT_NAME (no zeroes); returns the export size.
-async fn raw_connect(port: u16, export: &str) -> (TcpStream, u64) {
+/// Connects, reads the server's greeting and answers with `client_flags`.
+async fn raw_greeted(port: u16, client_flags: u32) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut greeting = [0u8; 18];
     stream.read_exact(&mut greeting).await.unwrap();
     assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    stream.write_u32(client_flags).await.unwrap();
     stream
-        .write_u32(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
-        .await
-        .unwrap();
+}
+
+/// Fixed-newstyle handshake up to the transmission phase via
+/// NBD_OPT_EXPORT_NAME (no zeroes); returns the export size.
+async fn raw_connect(port: u16, export: &str) -> (TcpStream, u64) {
+    let mut stream = raw_greeted(port, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
     send_option(&mut stream, OPT_EXPORT_NAME, export.as_bytes()).await;
     let size = stream.read_u64().await.unwrap();
     let flags = stream.read_u16().await.unwrap();
@@ -533,19 +521,10 @@ async fn handshake_refuses_bad_input_without_buffering_it() {
     let served = Served::start().await;
 
     // Unknown client flags: the server hangs up.
-    let mut stream = TcpStream::connect(("127.0.0.1", served.port))
-        .await
-        .unwrap();
-    let mut greeting = [0u8; 18];
-    stream.read_exact(&mut greeting).await.unwrap();
-    stream.write_u32(1 << 7).await.unwrap();
+    let mut stream = raw_greeted(served.port, 1 << 7).await;
     assert_closed(&mut stream).await;
 
-    let mut stream = TcpStream::connect(("127.0.0.1", served.port))
-        .await
-        .unwrap();
-    stream.read_exact(&mut greeting).await.unwrap();
-    stream.write_u32(FLAG_C_FIXED_NEWSTYLE).await.unwrap();
+    let mut stream = raw_greeted(served.port, FLAG_C_FIXED_NEWSTYLE).await;
     // Option data beyond the buffer bound: discarded, ERR_INVALID.
     send_option(&mut stream, OPT_GO, &vec![0u8; 100_000]).await;
     assert_eq!(
@@ -564,20 +543,12 @@ async fn handshake_refuses_bad_input_without_buffering_it() {
     assert_closed(&mut stream).await;
 
     // NBD_OPT_EXPORT_NAME for an unknown export cannot be answered: close.
-    let mut stream = TcpStream::connect(("127.0.0.1", served.port))
-        .await
-        .unwrap();
-    stream.read_exact(&mut greeting).await.unwrap();
-    stream.write_u32(FLAG_C_FIXED_NEWSTYLE).await.unwrap();
+    let mut stream = raw_greeted(served.port, FLAG_C_FIXED_NEWSTYLE).await;
     send_option(&mut stream, OPT_EXPORT_NAME, b"nope").await;
     assert_closed(&mut stream).await;
 
     // ABORT: ACK, then close.
-    let mut stream = TcpStream::connect(("127.0.0.1", served.port))
-        .await
-        .unwrap();
-    stream.read_exact(&mut greeting).await.unwrap();
-    stream.write_u32(FLAG_C_FIXED_NEWSTYLE).await.unwrap();
+    let mut stream = raw_greeted(served.port, FLAG_C_FIXED_NEWSTYLE).await;
     send_option(&mut stream, OPT_ABORT, b"").await;
     assert_eq!(
         read_option_reply(&mut stream).await,
@@ -594,17 +565,7 @@ async fn flush_waits_for_earlier_writes_and_shutdown_closes_connections() {
     // Pipeline 32 writes and a flush without waiting; every write must be
     // acknowledged and visible by the time the flush is.
     for i in 0..32u64 {
-        let header = RequestHeader {
-            flags: 0,
-            command: CMD_WRITE,
-            handle: i,
-            offset_bytes: i * 65536,
-            length_bytes: 65536,
-        };
-        stream
-            .write_all(&encode_request_header(&header))
-            .await
-            .unwrap();
+        send_request(&mut stream, CMD_WRITE, i, i * 65536, 65536).await;
         stream.write_all(&vec![i as u8 + 1; 65536]).await.unwrap();
     }
     send_request(&mut stream, CMD_FLUSH, 100, 0, 0).await;
@@ -660,23 +621,11 @@ async fn qemu_io_through_the_volume_client_rides_out_a_failover() {
     let info = run_ok(NBDINFO, &["--json", &uri], TOOL_TIMEOUT).await;
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["exports"][0]["export-size"], 8 * PARTITION);
-    let out = run_ok(
-        QEMU_IO,
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x5a 0 8M",
-            "-c",
-            "write -P 0x6b 1020k 8k",
-            "-c",
-            "flush",
-            &uri,
-        ],
-        TOOL_TIMEOUT,
+    qemu_io(
+        &uri,
+        &["write -P 0x5a 0 8M", "write -P 0x6b 1020k 8k", "flush"],
     )
     .await;
-    assert_qemu_io_clean(&out);
 
     // Node `old` fails: its partitions move to the others in the map, it
     // refuses everything as not primary, and a new primary is briefly
@@ -690,33 +639,20 @@ async fn qemu_io_through_the_volume_client_rides_out_a_failover() {
     }
     unit.nodes[old].behaviour.lock().unwrap().not_primary = Some(None);
     unit.nodes[new].behaviour.lock().unwrap().unavailable = 5;
-    let out = run_ok(
-        QEMU_IO,
+    qemu_io(
+        &uri,
         &[
-            "-f",
-            "raw",
-            "-c",
             "read -P 0x5a 0 1020k",
-            "-c",
             "read -P 0x6b 1020k 8k",
-            "-c",
             "read -P 0x5a 1028k 7164k",
-            "-c",
             "write -z 4M 64k",
-            "-c",
             "read -P 0 4M 64k",
-            "-c",
             "write -P 0x7c 512 1024",
-            "-c",
             "read -P 0x7c 512 1024",
-            "-c",
             "flush",
-            &uri,
         ],
-        TOOL_TIMEOUT,
     )
     .await;
-    assert_qemu_io_clean(&out);
     assert!(unit.primary(0) == new);
     stop.cancel();
     serving.await.unwrap().unwrap();

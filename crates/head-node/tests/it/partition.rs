@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevice};
 use head_node::index::Location;
 use head_node::partition::{
-    ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig, PartitionDeps, PartitionError,
-    PeerError, ReplicaPeer, Role, SharedLog, SledAccess,
+    CheckpointReport, ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig,
+    PartitionDeps, PartitionError, PeerError, ReplicaPeer, Role, SharedLog, SledAccess,
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledRequest, SledResponse};
@@ -292,6 +292,32 @@ async fn open_log(
     (SharedLog::new(wal), recovered)
 }
 
+/// Opens the partition as `role` over the log on `log_device` (recovering
+/// what it holds) and the unit's sleds and extent source.
+async fn open_partition(
+    access: &Arc<Sleds>,
+    extents: &Arc<Extents>,
+    log_device: &Arc<MemoryDevice>,
+    config: PartitionConfig,
+    role: OpenRole,
+    replica: Option<Arc<dyn ReplicaPeer>>,
+) -> Partition {
+    let (log, records) = open_log(log_device).await;
+    Partition::open(
+        config,
+        role,
+        PartitionDeps {
+            log,
+            sleds: access.clone(),
+            extents: extents.clone(),
+            replica,
+        },
+        &records,
+    )
+    .await
+    .unwrap()
+}
+
 impl Unit {
     async fn new(size_blocks: u64) -> Unit {
         Self::new_tuned(size_blocks, no_tuning).await
@@ -352,35 +378,27 @@ impl Unit {
         epoch: u64,
         tune: fn(&mut PartitionConfig),
     ) -> (Partition, Partition) {
-        let (secondary_log, secondary_records) = open_log(&logs[1]).await;
-        let secondary = Partition::open(
-            tuned(size_blocks, epoch, tune),
+        let config = tuned(size_blocks, epoch, tune);
+        let secondary = open_partition(
+            access,
+            extents,
+            &logs[1],
+            config.clone(),
             OpenRole::Secondary,
-            PartitionDeps {
-                log: secondary_log,
-                sleds: access.clone(),
-                extents: extents.clone(),
-                replica: None,
-            },
-            &secondary_records,
+            None,
         )
-        .await
-        .unwrap();
+        .await;
         *peer.target.lock().unwrap() = Some(secondary.clone());
-        let (primary_log, primary_records) = open_log(&logs[0]).await;
-        let primary = Partition::open(
-            tuned(size_blocks, epoch, tune),
+        let replica: Arc<dyn ReplicaPeer> = peer.clone();
+        let primary = open_partition(
+            access,
+            extents,
+            &logs[0],
+            config,
             OpenRole::Primary,
-            PartitionDeps {
-                log: primary_log,
-                sleds: access.clone(),
-                extents: extents.clone(),
-                replica: Some(peer.clone()),
-            },
-            &primary_records,
+            Some(replica),
         )
-        .await
-        .unwrap();
+        .await;
         (primary, secondary)
     }
 
@@ -455,6 +473,11 @@ impl Unit {
 struct Model(Vec<u8>);
 
 impl Model {
+    /// A partition of `size_blocks` that was never written.
+    fn zeroed(size_blocks: u64) -> Model {
+        Model(vec![0; (size_blocks * 4096) as usize])
+    }
+
     fn check(&self, got: &[u8], at: u64, what: &str) {
         let want = &self.0[at as usize..at as usize + got.len()];
         if got != want {
@@ -518,13 +541,36 @@ async fn random_ops(unit: &Unit, model: &mut Model, rng: &mut StdRng, ops: usize
     }
 }
 
+/// Writes 16 blocks of a fresh pattern at block `chunk * 16`, in the unit
+/// and the model.
+async fn write_chunk(unit: &Unit, model: &mut Model, rng: &mut StdRng, chunk: u64) {
+    let data = pattern(rng, 16 * 4096);
+    unit.write(chunk * 16, 0, data.clone()).await.unwrap();
+    let at = (chunk * 16 * 4096) as usize;
+    model.0[at..at + data.len()].copy_from_slice(&data);
+}
+
+/// A replica's `(highest_sequence, highest_epoch)`.
+async fn replica_status(replica: &Partition) -> (u64, u64) {
+    match replica
+        .handle_replica(ReplicaRequest::Status { partition: PART })
+        .await
+    {
+        ReplicaReply::Status {
+            highest_sequence,
+            highest_epoch,
+        } => (highest_sequence, highest_epoch),
+        other => panic!("{other:?}"),
+    }
+}
+
 // ---------------------------------------------------------------- tests
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     let size_blocks = 512;
     let mut unit = Unit::new(size_blocks).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut model = Model::zeroed(size_blocks);
     let mut rng = StdRng::seed_from_u64(0x5eed);
     check_all(&unit, &model, "empty").await;
     random_ops(&unit, &mut model, &mut rng, 150).await;
@@ -605,16 +651,7 @@ async fn secondary_down_write_stalls_instead_of_acknowledging() {
     // The unacknowledged write stayed queued and reached both logs.
     assert_eq!(&unit.read(4096, 4096).await[..], &[2; 4096][..]);
     assert_eq!(&unit.read(8192, 4096).await[..], &[3; 4096][..]);
-    match unit
-        .secondary
-        .handle_replica(ReplicaRequest::Status { partition: PART })
-        .await
-    {
-        ReplicaReply::Status {
-            highest_sequence, ..
-        } => assert_eq!(highest_sequence, 3),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(replica_status(&unit.secondary).await.0, 3);
     assert!(
         unit.primary
             .metrics()
@@ -711,21 +748,15 @@ async fn new_primary_fences_the_old_one() {
     drop(old_secondary);
     *unit.peer.target.lock().unwrap() = None;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let (log, records) = open_log(&unit.logs[1]).await;
-    let new_peer = Arc::new(Peer::default());
-    let promoted = Partition::open(
+    let promoted = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[1],
         config(256, 2),
         OpenRole::Primary,
-        PartitionDeps {
-            log,
-            sleds: unit.access.clone(),
-            extents: unit.extents.clone(),
-            replica: Some(new_peer.clone()),
-        },
-        &records,
+        Some(Arc::new(Peer::default())),
     )
-    .await
-    .unwrap();
+    .await;
     // The old primary's next flush is refused by the sleds: it drops the
     // role and stops acknowledging.
     let err = old.flush_now().await.unwrap_err();
@@ -761,15 +792,12 @@ async fn new_primary_fences_the_old_one() {
 async fn gc_returns_sled_space_to_about_k_plus_m_over_k_of_live_data() {
     let size_blocks = 512u64;
     let mut unit = Unit::new(size_blocks).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut model = Model::zeroed(size_blocks);
     let mut rng = StdRng::seed_from_u64(7);
     // Write the partition's size twice over, flushing as we go.
     for round in 0..2 {
         for chunk in 0..size_blocks / 16 {
-            let data = pattern(&mut rng, 16 * 4096);
-            unit.write(chunk * 16, 0, data.clone()).await.unwrap();
-            let at = (chunk * 16 * 4096) as usize;
-            model.0[at..at + data.len()].copy_from_slice(&data);
+            write_chunk(&unit, &mut model, &mut rng, chunk).await;
             if chunk % 8 == 7 {
                 unit.primary.flush_now().await.unwrap();
             }
@@ -880,32 +908,18 @@ async fn fresh_secondary_catches_up_from_the_primary_log() {
     // Replace the secondary by one with an empty log (sequence 5 and 6 are
     // only in the primary's log; 1..4 were flushed and released).
     unit.secondary.shutdown();
-    let (log, records) = open_log(&Arc::new(MemoryDevice::new(WAL_DEVICE))).await;
-    let fresh = Partition::open(
+    let fresh = open_partition(
+        &unit.access,
+        &unit.extents,
+        &Arc::new(MemoryDevice::new(WAL_DEVICE)),
         config(256, 1),
         OpenRole::Secondary,
-        PartitionDeps {
-            log,
-            sleds: unit.access.clone(),
-            extents: unit.extents.clone(),
-            replica: None,
-        },
-        &records,
+        None,
     )
-    .await
-    .unwrap();
+    .await;
     *unit.peer.target.lock().unwrap() = Some(fresh.clone());
     unit.write(12, 0, vec![12; 4096]).await.unwrap();
-    match fresh
-        .handle_replica(ReplicaRequest::Status { partition: PART })
-        .await
-    {
-        ReplicaReply::Status {
-            highest_sequence,
-            highest_epoch,
-        } => assert_eq!((highest_sequence, highest_epoch), (7, 1)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(replica_status(&fresh).await, (7, 1));
     assert!(unit.primary.metrics().replica_gaps.load(Ordering::Relaxed) >= 1);
     // A lower epoch is refused by the secondary.
     let reply = fresh
@@ -1010,16 +1024,11 @@ async fn duplicate_of_an_in_flight_write_waits_for_the_first_outcome() {
         1
     );
     assert_eq!(unit.primary.metrics().writes.load(Ordering::Relaxed), 1);
-    match unit
-        .secondary
-        .handle_replica(ReplicaRequest::Status { partition: PART })
-        .await
-    {
-        ReplicaReply::Status {
-            highest_sequence, ..
-        } => assert_eq!(highest_sequence, 1, "the write was logged once"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        replica_status(&unit.secondary).await.0,
+        1,
+        "the write was logged once"
+    );
     assert_eq!(&unit.read(0, 4096).await[..], &[0x55; 4096][..]);
 }
 
@@ -1131,6 +1140,22 @@ impl Unit {
         taken
     }
 
+    /// Takes `partition`'s checkpoint extents out of the extent source, as
+    /// if they were never written: a take-over then scans every row.
+    fn hide_checkpoint_extents(&self, partition: &Partition) -> Vec<(u64, ExtentGrant)> {
+        let mut owned = self.extents.owned.lock().unwrap();
+        partition
+            .checkpoint_extents()
+            .iter()
+            .map(|e| (*e, owned.remove(e).unwrap()))
+            .collect()
+    }
+
+    /// Puts extents taken out by [`Unit::hide_checkpoint_extents`] back.
+    fn unhide_extents(&self, hidden: Vec<(u64, ExtentGrant)>) {
+        self.extents.owned.lock().unwrap().extend(hidden);
+    }
+
     fn summary_reads(&self) -> u64 {
         self.access.summary_reads.load(Ordering::SeqCst)
     }
@@ -1145,6 +1170,21 @@ impl Unit {
     }
 }
 
+/// A 512-block unit with checkpoints on demand: random writes (seeded by
+/// `seed`), a flush, a checkpoint (returned), more writes and a flush.
+async fn flushed_past_a_checkpoint(seed: u64) -> (Unit, Model, CheckpointReport) {
+    let size_blocks = 512u64;
+    let unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(seed);
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let checkpoint = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    (unit, model, checkpoint)
+}
+
 /// Every block's index location (the comparable part of two indexes).
 fn locations(partition: &Partition, size_blocks: u64) -> Vec<Option<Location>> {
     (0..size_blocks)
@@ -1156,7 +1196,7 @@ fn locations(partition: &Partition, size_blocks: u64) -> Vec<Option<Location>> {
 async fn take_over_reads_only_rows_after_the_checkpoint_and_matches_a_full_scan() {
     let size_blocks = 1024u64;
     let mut unit = Unit::new_tuned(size_blocks, checkpoint_every_3).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut model = Model::zeroed(size_blocks);
     let mut rng = StdRng::seed_from_u64(61);
     for _ in 0..14 {
         random_ops(&unit, &mut model, &mut rng, 40).await;
@@ -1190,14 +1230,7 @@ async fn take_over_reads_only_rows_after_the_checkpoint_and_matches_a_full_scan(
     let from_checkpoint = locations(&promoted, size_blocks);
 
     // The same take-over with the checkpoint extents hidden scans every row.
-    let hidden: Vec<(u64, ExtentGrant)> = {
-        let mut owned = unit.extents.owned.lock().unwrap();
-        promoted
-            .checkpoint_extents()
-            .iter()
-            .map(|e| (*e, owned.remove(e).unwrap()))
-            .collect()
-    };
+    let hidden = unit.hide_checkpoint_extents(&promoted);
     assert!(!hidden.is_empty());
     let before = unit.summary_reads();
     let rescanned = unit.take_over(false, 3).await;
@@ -1219,20 +1252,12 @@ async fn take_over_reads_only_rows_after_the_checkpoint_and_matches_a_full_scan(
         reads * 3 <= full_reads,
         "{reads} summary reads with a checkpoint, {full_reads} without"
     );
-    unit.extents.owned.lock().unwrap().extend(hidden);
+    unit.unhide_extents(hidden);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
-    let size_blocks = 512u64;
-    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
-    let mut rng = StdRng::seed_from_u64(62);
-    random_ops(&unit, &mut model, &mut rng, 60).await;
-    unit.primary.flush_now().await.unwrap();
-    let older = unit.primary.write_checkpoint().await.unwrap();
-    random_ops(&unit, &mut model, &mut rng, 60).await;
-    unit.primary.flush_now().await.unwrap();
+    let (mut unit, model, older) = flushed_past_a_checkpoint(62).await;
     let newest = unit.primary.write_checkpoint().await.unwrap();
     assert_eq!(newest.extent, older.extent);
     assert_eq!(newest.first_row, older.first_row + older.rows);
@@ -1251,15 +1276,7 @@ async fn corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_checkpoint_leaves_the_previous_one_and_no_checkpoint_means_a_full_scan() {
-    let size_blocks = 512u64;
-    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
-    let mut rng = StdRng::seed_from_u64(63);
-    random_ops(&unit, &mut model, &mut rng, 60).await;
-    unit.primary.flush_now().await.unwrap();
-    let older = unit.primary.write_checkpoint().await.unwrap();
-    random_ops(&unit, &mut model, &mut rng, 60).await;
-    unit.primary.flush_now().await.unwrap();
+    let (mut unit, model, older) = flushed_past_a_checkpoint(63).await;
     // The next checkpoint reaches only m + 1 columns: not durable (fewer
     // than k hold the row), the write fails and the extent is sealed.
     let ids: Vec<String> = unit.sleds.iter().map(|s| s.id.clone()).collect();
@@ -1288,25 +1305,18 @@ async fn torn_checkpoint_leaves_the_previous_one_and_no_checkpoint_means_a_full_
     assert_ne!(fresh.extent, older.extent);
     assert_eq!(fresh.extents_freed, 1);
     assert_eq!(promoted.checkpoint_extents(), vec![fresh.extent]);
-    let hidden: Vec<(u64, ExtentGrant)> = {
-        let mut owned = unit.extents.owned.lock().unwrap();
-        promoted
-            .checkpoint_extents()
-            .iter()
-            .map(|e| (*e, owned.remove(e).unwrap()))
-            .collect()
-    };
+    let hidden = unit.hide_checkpoint_extents(&promoted);
     let rescanned = unit.take_over(false, 3).await;
     assert_eq!(rescanned.recovery_report().checkpoint, None);
     check_all(&unit, &model, "after a full scan").await;
-    unit.extents.owned.lock().unwrap().extend(hidden);
+    unit.unhide_extents(hidden);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_survives_m_lost_sleds() {
     let size_blocks = 512u64;
     let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut model = Model::zeroed(size_blocks);
     let mut rng = StdRng::seed_from_u64(64);
     random_ops(&unit, &mut model, &mut rng, 80).await;
     unit.primary.flush_now().await.unwrap();
@@ -1326,16 +1336,13 @@ async fn checkpoint_survives_m_lost_sleds() {
 async fn gc_after_a_checkpoint_frees_extents_it_covers() {
     let size_blocks = 512u64;
     let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
-    let mut model = Model(vec![0; (size_blocks * 4096) as usize]);
+    let mut model = Model::zeroed(size_blocks);
     let mut rng = StdRng::seed_from_u64(65);
     // Twice over: the first extent fills up (960 blocks) and is left with
     // fewer than half of them live.
     for _ in 0..2 {
         for chunk in 0..size_blocks / 16 {
-            let data = pattern(&mut rng, 16 * 4096);
-            unit.write(chunk * 16, 0, data.clone()).await.unwrap();
-            let at = (chunk * 16 * 4096) as usize;
-            model.0[at..at + data.len()].copy_from_slice(&data);
+            write_chunk(&unit, &mut model, &mut rng, chunk).await;
         }
         unit.primary.flush_now().await.unwrap();
     }
@@ -1351,10 +1358,7 @@ async fn gc_after_a_checkpoint_frees_extents_it_covers() {
         if chunk % 4 == 3 {
             continue;
         }
-        let data = pattern(&mut rng, 16 * 4096);
-        unit.write(chunk * 16, 0, data.clone()).await.unwrap();
-        let at = (chunk * 16 * 4096) as usize;
-        model.0[at..at + data.len()].copy_from_slice(&data);
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
     }
     unit.primary
         .unmap(unit.epoch, FIRST_BLOCK * 4096, 8 * 4096)
@@ -1420,7 +1424,7 @@ async fn flush_appends_many_stripes_per_column_request_and_recovers_them() {
     const STRIPE_BLOCKS: u64 = 4 * 16;
     const STRIPES: u64 = 20;
     let mut unit = Unit::new(4096).await;
-    let mut model = Model(vec![0; 4096 * 4096]);
+    let mut model = Model::zeroed(4096);
     let mut rng = StdRng::seed_from_u64(7);
     // 256 KiB writes, one stripe's worth each, concurrently (the secondary
     // sees several appends in flight).

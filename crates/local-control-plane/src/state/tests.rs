@@ -121,6 +121,91 @@ pub(super) fn allocate(
     }
 }
 
+// Commands by their fields, in declaration order (a command literal per
+// call made these tests mostly braces).
+
+fn set_node_health(node: NodeId, health: Health) -> Command {
+    Command::SetNodeHealth { node, health }
+}
+
+fn set_sled_health(sled: SledId, health: Health) -> Command {
+    Command::SetSledHealth { sled, health }
+}
+
+fn set_device_health(sled: SledId, device: u16, health: Health) -> Command {
+    Command::SetDeviceHealth {
+        device: DeviceRef { sled, device },
+        health,
+    }
+}
+
+fn path_fault(endpoint: Endpoint, network: Network, up: bool) -> Command {
+    Command::ReportPathFault {
+        endpoint,
+        network,
+        up,
+    }
+}
+
+fn grant_lease(
+    partition: PartitionId,
+    holder: NodeId,
+    epoch: Epoch,
+    now_ms: u64,
+    duration_ms: u64,
+) -> Command {
+    Command::GrantLease {
+        partition,
+        holder,
+        epoch,
+        now_ms,
+        duration_ms,
+    }
+}
+
+fn change_primary(
+    partition: PartitionId,
+    new_primary: NodeId,
+    new_secondary: Option<NodeId>,
+    expected_epoch: Epoch,
+    now_ms: u64,
+) -> Command {
+    Command::ChangePrimary {
+        partition,
+        new_primary,
+        new_secondary,
+        expected_epoch,
+        now_ms,
+    }
+}
+
+fn change_secondary(partition: PartitionId, new_secondary: NodeId) -> Command {
+    Command::ChangeSecondary {
+        partition,
+        new_secondary,
+    }
+}
+
+fn free_extent(extent: ExtentId, partition: PartitionId, epoch: Epoch) -> Command {
+    Command::FreeExtent {
+        extent,
+        partition,
+        epoch,
+    }
+}
+
+fn refill_sandbox(partition: PartitionId, target: u32) -> Command {
+    Command::RefillSandbox { partition, target }
+}
+
+fn open_sandbox_extent(partition: PartitionId, extent: ExtentId, epoch: Epoch) -> Command {
+    Command::OpenSandboxExtent {
+        partition,
+        extent,
+        epoch,
+    }
+}
+
 // ---- inventory ------------------------------------------------------------
 
 #[test]
@@ -301,77 +386,27 @@ fn columns_in_use_cannot_be_added_again() {
 #[test]
 fn health_commands_record_health() {
     let mut state = unit();
-    ok(
-        &mut state,
-        Command::SetNodeHealth {
-            node: node(0),
-            health: Health::Draining,
-        },
-    );
-    ok(
-        &mut state,
-        Command::SetSledHealth {
-            sled: sled(1),
-            health: Health::Down,
-        },
-    );
-    let device = DeviceRef {
-        sled: sled(2),
-        device: 1,
-    };
-    ok(
-        &mut state,
-        Command::SetDeviceHealth {
-            device: device.clone(),
-            health: Health::Failed,
-        },
-    );
+    ok(&mut state, set_node_health(node(0), Health::Draining));
+    ok(&mut state, set_sled_health(sled(1), Health::Down));
+    ok(&mut state, set_device_health(sled(2), 1, Health::Failed));
     assert_eq!(state.nodes()[&node(0)].health, Health::Draining);
     assert_eq!(state.sleds()[&sled(1)].health, Health::Down);
     assert_eq!(state.sleds()[&sled(2)].devices[&1].health, Health::Failed);
     // Idempotent.
     assert_eq!(
-        ok(
-            &mut state,
-            Command::SetSledHealth {
-                sled: sled(1),
-                health: Health::Down
-            }
-        ),
+        ok(&mut state, set_sled_health(sled(1), Health::Down)),
         Outcome::Done
     );
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::SetNodeHealth {
-                node: node(9),
-                health: Health::Up
-            }
-        ),
+        refused(&mut state, set_node_health(node(9), Health::Up)),
         CommandError::UnknownNode { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::SetSledHealth {
-                sled: sled(9),
-                health: Health::Up
-            }
-        ),
+        refused(&mut state, set_sled_health(sled(9), Health::Up)),
         CommandError::UnknownSled { .. }
     ));
-    let missing = DeviceRef {
-        sled: sled(0),
-        device: 9,
-    };
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::SetDeviceHealth {
-                device: missing,
-                health: Health::Up
-            }
-        ),
+        refused(&mut state, set_device_health(sled(0), 9, Health::Up)),
         CommandError::UnknownDevice { .. }
     ));
 }
@@ -379,11 +414,7 @@ fn health_commands_record_health() {
 #[test]
 fn path_faults_are_recorded_without_changing_health() {
     let mut state = unit();
-    let fault = Command::ReportPathFault {
-        endpoint: Endpoint::Node(node(1)),
-        network: Network::A,
-        up: false,
-    };
+    let fault = path_fault(Endpoint::Node(node(1)), Network::A, false);
     ok(&mut state, fault);
     let entry = &state.nodes()[&node(1)];
     assert_eq!(
@@ -396,41 +427,25 @@ fn path_faults_are_recorded_without_changing_health() {
     assert_eq!(entry.health, Health::Up);
     ok(
         &mut state,
-        Command::ReportPathFault {
-            endpoint: Endpoint::Sled(sled(3)),
-            network: Network::B,
-            up: false,
-        },
+        path_fault(Endpoint::Sled(sled(3)), Network::B, false),
     );
     assert!(!state.sleds()[&sled(3)].paths.network_b_up);
     ok(
         &mut state,
-        Command::ReportPathFault {
-            endpoint: Endpoint::Node(node(1)),
-            network: Network::A,
-            up: true,
-        },
+        path_fault(Endpoint::Node(node(1)), Network::A, true),
     );
     assert!(state.nodes()[&node(1)].paths.network_a_up);
     assert!(matches!(
         refused(
             &mut state,
-            Command::ReportPathFault {
-                endpoint: Endpoint::Node(node(9)),
-                network: Network::A,
-                up: false
-            }
+            path_fault(Endpoint::Node(node(9)), Network::A, false)
         ),
         CommandError::UnknownNode { .. }
     ));
     assert!(matches!(
         refused(
             &mut state,
-            Command::ReportPathFault {
-                endpoint: Endpoint::Sled(sled(9)),
-                network: Network::B,
-                up: true
-            }
+            path_fault(Endpoint::Sled(sled(9)), Network::B, true)
         ),
         CommandError::UnknownSled { .. }
     ));
@@ -475,13 +490,7 @@ fn register_volume_places_balanced_partitions() {
 #[test]
 fn register_volume_skips_nodes_that_are_not_up() {
     let mut state = unit();
-    ok(
-        &mut state,
-        Command::SetNodeHealth {
-            node: node(2),
-            health: Health::Draining,
-        },
-    );
+    ok(&mut state, set_node_health(node(2), Health::Draining));
     ok(&mut state, volume(2, 4, 2, 1));
     for partition in &state.volumes()[&2].partitions {
         assert_ne!(partition.primary, node(2));
@@ -552,13 +561,7 @@ fn register_volume_refusals() {
         CommandError::InvalidArgument { .. }
     ));
     for n in 1..3 {
-        ok(
-            &mut state,
-            Command::SetNodeHealth {
-                node: node(n),
-                health: Health::Down,
-            },
-        );
+        ok(&mut state, set_node_health(node(n), Health::Down));
     }
     assert_eq!(
         refused(&mut state, volume(9, 1, 2, 1)),
@@ -636,30 +639,9 @@ fn allocation_prefers_different_fault_domains_when_it_can() {
 fn allocation_skips_sleds_and_devices_that_are_not_up() {
     let mut state = unit();
     ok(&mut state, volume(2, 1, 2, 1));
-    ok(
-        &mut state,
-        Command::SetSledHealth {
-            sled: sled(0),
-            health: Health::Draining,
-        },
-    );
-    ok(
-        &mut state,
-        Command::SetSledHealth {
-            sled: sled(1),
-            health: Health::Down,
-        },
-    );
-    ok(
-        &mut state,
-        Command::SetDeviceHealth {
-            device: DeviceRef {
-                sled: sled(2),
-                device: 0,
-            },
-            health: Health::Failed,
-        },
-    );
+    ok(&mut state, set_sled_health(sled(0), Health::Draining));
+    ok(&mut state, set_sled_health(sled(1), Health::Down));
+    ok(&mut state, set_device_health(sled(2), 0, Health::Failed));
     for _ in 0..8 {
         let (_, columns) = allocate(&mut state, p(2, 0));
         for c in columns {
@@ -691,13 +673,7 @@ fn allocation_refusals() {
             available: 0
         }
     );
-    ok(
-        &mut state,
-        Command::SetSledHealth {
-            sled: sled(5),
-            health: Health::Failed,
-        },
-    );
+    ok(&mut state, set_sled_health(sled(5), Health::Failed));
     assert_eq!(
         refused(&mut state, Command::AllocateExtent { partition: p(1, 0) }),
         CommandError::NotEnoughSleds {
@@ -734,14 +710,7 @@ fn free_extent_returns_columns() {
     let mut state = unit();
     let free_before = state.unit_status().capacity.free_columns;
     let (extent, columns) = allocate(&mut state, p(1, 1));
-    let outcome = ok(
-        &mut state,
-        Command::FreeExtent {
-            extent,
-            partition: p(1, 1),
-            epoch: 1,
-        },
-    );
+    let outcome = ok(&mut state, free_extent(extent, p(1, 1), 1));
     assert_eq!(outcome, Outcome::ExtentFreed { extent, columns });
     assert!(state.extents().is_empty());
     assert_eq!(state.unit_status().capacity.free_columns, free_before);
@@ -755,25 +724,11 @@ fn free_extent_refusals() {
     let mut state = unit();
     let (extent, _) = allocate(&mut state, p(1, 1));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::FreeExtent {
-                extent: ExtentId(77),
-                partition: p(1, 1),
-                epoch: 1
-            }
-        ),
+        refused(&mut state, free_extent(ExtentId(77), p(1, 1), 1)),
         CommandError::UnknownExtent { .. }
     ));
     assert_eq!(
-        refused(
-            &mut state,
-            Command::FreeExtent {
-                extent,
-                partition: p(1, 2),
-                epoch: 1
-            }
-        ),
+        refused(&mut state, free_extent(extent, p(1, 2), 1)),
         CommandError::ExtentNotOwned {
             extent,
             owner: p(1, 1),
@@ -781,14 +736,7 @@ fn free_extent_refusals() {
         }
     );
     assert_eq!(
-        refused(
-            &mut state,
-            Command::FreeExtent {
-                extent,
-                partition: p(1, 1),
-                epoch: 0
-            }
-        ),
+        refused(&mut state, free_extent(extent, p(1, 1), 0)),
         CommandError::StaleEpoch {
             partition: p(1, 1),
             current: 1,
@@ -796,14 +744,7 @@ fn free_extent_refusals() {
         }
     );
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::FreeExtent {
-                extent,
-                partition: p(1, 9),
-                epoch: 1
-            }
-        ),
+        refused(&mut state, free_extent(extent, p(1, 9), 1)),
         CommandError::UnknownPartition { .. }
     ));
 }
@@ -811,25 +752,12 @@ fn free_extent_refusals() {
 #[test]
 fn refill_sandbox_tops_up_to_target() {
     let mut state = unit();
-    let Outcome::SandboxRefilled { added, .. } = ok(
-        &mut state,
-        Command::RefillSandbox {
-            partition: p(1, 0),
-            target: 3,
-        },
-    ) else {
+    let Outcome::SandboxRefilled { added, .. } = ok(&mut state, refill_sandbox(p(1, 0), 3)) else {
         panic!()
     };
     assert_eq!(added.len(), 3);
     assert_eq!(state.partition(p(1, 0)).unwrap().sandbox.len(), 3);
-    ok(
-        &mut state,
-        Command::OpenSandboxExtent {
-            partition: p(1, 0),
-            extent: added[0],
-            epoch: 1,
-        },
-    );
+    ok(&mut state, open_sandbox_extent(p(1, 0), added[0], 1));
     let sandbox = &state.partition(p(1, 0)).unwrap().sandbox;
     assert_eq!(sandbox.len(), 2);
     assert_eq!(
@@ -837,35 +765,17 @@ fn refill_sandbox_tops_up_to_target() {
         p(1, 0),
         "opened extents stay owned"
     );
-    let Outcome::SandboxRefilled { added: more, .. } = ok(
-        &mut state,
-        Command::RefillSandbox {
-            partition: p(1, 0),
-            target: 3,
-        },
-    ) else {
+    let Outcome::SandboxRefilled { added: more, .. } = ok(&mut state, refill_sandbox(p(1, 0), 3))
+    else {
         panic!()
     };
     assert_eq!(more.len(), 1);
     // Already full: nothing added, nothing changed.
     let before = state.clone();
-    ok(
-        &mut state,
-        Command::RefillSandbox {
-            partition: p(1, 0),
-            target: 2,
-        },
-    );
+    ok(&mut state, refill_sandbox(p(1, 0), 2));
     assert_eq!(state, before);
     // Freeing a sandbox extent also leaves the sandbox.
-    ok(
-        &mut state,
-        Command::FreeExtent {
-            extent: more[0],
-            partition: p(1, 0),
-            epoch: 1,
-        },
-    );
+    ok(&mut state, free_extent(more[0], p(1, 0), 1));
     assert!(!state.partition(p(1, 0)).unwrap().sandbox.contains(&more[0]));
 }
 
@@ -874,102 +784,44 @@ fn refill_sandbox_is_all_or_nothing() {
     let mut state = unit();
     // 16 extents fit in total; ask for 17 at once.
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::RefillSandbox {
-                partition: p(1, 0),
-                target: 17
-            }
-        ),
+        refused(&mut state, refill_sandbox(p(1, 0), 17)),
         CommandError::NoSpace { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::RefillSandbox {
-                partition: p(1, 0),
-                target: MAX_SANDBOX_EXTENTS + 1
-            }
-        ),
+        refused(&mut state, refill_sandbox(p(1, 0), MAX_SANDBOX_EXTENTS + 1)),
         CommandError::InvalidArgument { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::RefillSandbox {
-                partition: p(1, 9),
-                target: 1
-            }
-        ),
+        refused(&mut state, refill_sandbox(p(1, 9), 1)),
         CommandError::UnknownPartition { .. }
     ));
-    ok(
-        &mut state,
-        Command::RefillSandbox {
-            partition: p(1, 0),
-            target: 16,
-        },
-    );
+    ok(&mut state, refill_sandbox(p(1, 0), 16));
 }
 
 #[test]
 fn open_sandbox_extent_refusals() {
     let mut state = unit();
-    ok(
-        &mut state,
-        Command::RefillSandbox {
-            partition: p(1, 0),
-            target: 1,
-        },
-    );
+    ok(&mut state, refill_sandbox(p(1, 0), 1));
     let (direct, _) = allocate(&mut state, p(1, 0));
     let (other, _) = allocate(&mut state, p(1, 1));
     let sandboxed = *state.partition(p(1, 0)).unwrap().sandbox.first().unwrap();
     assert_eq!(
-        refused(
-            &mut state,
-            Command::OpenSandboxExtent {
-                partition: p(1, 0),
-                extent: direct,
-                epoch: 1
-            }
-        ),
+        refused(&mut state, open_sandbox_extent(p(1, 0), direct, 1)),
         CommandError::NotInSandbox {
             extent: direct,
             partition: p(1, 0)
         }
     );
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::OpenSandboxExtent {
-                partition: p(1, 0),
-                extent: other,
-                epoch: 1
-            }
-        ),
+        refused(&mut state, open_sandbox_extent(p(1, 0), other, 1)),
         CommandError::ExtentNotOwned { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::OpenSandboxExtent {
-                partition: p(1, 0),
-                extent: ExtentId(99),
-                epoch: 1
-            }
-        ),
+        refused(&mut state, open_sandbox_extent(p(1, 0), ExtentId(99), 1)),
         CommandError::UnknownExtent { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::OpenSandboxExtent {
-                partition: p(1, 0),
-                extent: sandboxed,
-                epoch: 2
-            }
-        ),
+        refused(&mut state, open_sandbox_extent(p(1, 0), sandboxed, 2)),
         CommandError::StaleEpoch {
             current: 1,
             presented: 2,
@@ -1005,13 +857,7 @@ fn failover_promotes_the_secondary_and_names_a_new_one() {
     let spare = third_node(&state, id);
     let outcome = ok(
         &mut state,
-        Command::ChangePrimary {
-            partition: id,
-            new_primary: old_secondary.clone(),
-            new_secondary: Some(spare.clone()),
-            expected_epoch: 1,
-            now_ms: 0,
-        },
+        change_primary(id, old_secondary.clone(), Some(spare.clone()), 1, 0),
     );
     assert_eq!(
         outcome,
@@ -1030,16 +876,7 @@ fn change_primary_to_a_third_node_keeps_the_secondary() {
     let id = p(1, 1);
     let (_, secondary, _) = roles(&state, id);
     let spare = third_node(&state, id);
-    ok(
-        &mut state,
-        Command::ChangePrimary {
-            partition: id,
-            new_primary: spare.clone(),
-            new_secondary: None,
-            expected_epoch: 1,
-            now_ms: 0,
-        },
-    );
+    ok(&mut state, change_primary(id, spare.clone(), None, 1, 0));
     assert_eq!(roles(&state, id), (spare, secondary, 2));
 }
 
@@ -1050,13 +887,13 @@ fn change_primary_refusals() {
     let (primary, secondary, _) = roles(&state, id);
     let spare = third_node(&state, id);
     let change = |new_primary: &NodeId, new_secondary: Option<&NodeId>, expected_epoch| {
-        Command::ChangePrimary {
-            partition: id,
-            new_primary: new_primary.clone(),
-            new_secondary: new_secondary.cloned(),
+        change_primary(
+            id,
+            new_primary.clone(),
+            new_secondary.cloned(),
             expected_epoch,
-            now_ms: 1_000,
-        }
+            1_000,
+        )
     };
     assert_eq!(
         refused(&mut state, change(&secondary, None, 1)),
@@ -1091,23 +928,11 @@ fn change_primary_refusals() {
     assert!(matches!(
         refused(
             &mut state,
-            Command::ChangePrimary {
-                partition: p(1, 9),
-                new_primary: spare.clone(),
-                new_secondary: None,
-                expected_epoch: 1,
-                now_ms: 0
-            }
+            change_primary(p(1, 9), spare.clone(), None, 1, 0)
         ),
         CommandError::UnknownPartition { .. }
     ));
-    ok(
-        &mut state,
-        Command::SetNodeHealth {
-            node: spare.clone(),
-            health: Health::Down,
-        },
-    );
+    ok(&mut state, set_node_health(spare.clone(), Health::Down));
     assert_eq!(
         refused(&mut state, change(&spare, None, 1)),
         CommandError::NodeNotUp {
@@ -1129,21 +954,9 @@ fn change_primary_waits_for_the_lease_to_expire() {
     let spare = third_node(&state, id);
     ok(
         &mut state,
-        Command::GrantLease {
-            partition: id,
-            holder: primary.clone(),
-            epoch: 1,
-            now_ms: 1_000,
-            duration_ms: 5_000,
-        },
+        grant_lease(id, primary.clone(), 1, 1_000, 5_000),
     );
-    let promote = |now_ms| Command::ChangePrimary {
-        partition: id,
-        new_primary: secondary.clone(),
-        new_secondary: Some(spare.clone()),
-        expected_epoch: 1,
-        now_ms,
-    };
+    let promote = |now_ms| change_primary(id, secondary.clone(), Some(spare.clone()), 1, now_ms);
     assert_eq!(
         refused(&mut state, promote(5_999)),
         CommandError::LeaseHeld {
@@ -1158,13 +971,7 @@ fn change_primary_waits_for_the_lease_to_expire() {
     assert!(matches!(
         refused(
             &mut state,
-            Command::GrantLease {
-                partition: id,
-                holder: primary.clone(),
-                epoch: 2,
-                now_ms: 6_000,
-                duration_ms: 5_000
-            }
+            grant_lease(id, primary.clone(), 2, 6_000, 5_000)
         ),
         CommandError::NotPrimary { .. }
     ));
@@ -1176,23 +983,8 @@ fn change_secondary_bumps_the_epoch() {
     let id = p(1, 3);
     let (primary, _, _) = roles(&state, id);
     let spare = third_node(&state, id);
-    ok(
-        &mut state,
-        Command::GrantLease {
-            partition: id,
-            holder: primary.clone(),
-            epoch: 1,
-            now_ms: 0,
-            duration_ms: 1_000,
-        },
-    );
-    let outcome = ok(
-        &mut state,
-        Command::ChangeSecondary {
-            partition: id,
-            new_secondary: spare.clone(),
-        },
-    );
+    ok(&mut state, grant_lease(id, primary.clone(), 1, 0, 1_000));
+    let outcome = ok(&mut state, change_secondary(id, spare.clone()));
     assert_eq!(
         outcome,
         Outcome::EpochChanged {
@@ -1204,28 +996,10 @@ fn change_secondary_bumps_the_epoch() {
     // The primary keeps its lease; renewing it needs the new epoch.
     assert!(state.partition(id).unwrap().lease.is_some());
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::GrantLease {
-                partition: id,
-                holder: primary.clone(),
-                epoch: 1,
-                now_ms: 10,
-                duration_ms: 1_000
-            }
-        ),
+        refused(&mut state, grant_lease(id, primary.clone(), 1, 10, 1_000)),
         CommandError::StaleEpoch { current: 2, .. }
     ));
-    ok(
-        &mut state,
-        Command::GrantLease {
-            partition: id,
-            holder: primary.clone(),
-            epoch: 2,
-            now_ms: 10,
-            duration_ms: 1_000,
-        },
-    );
+    ok(&mut state, grant_lease(id, primary.clone(), 2, 10, 1_000));
 }
 
 #[test]
@@ -1235,63 +1009,27 @@ fn change_secondary_refusals() {
     let (primary, secondary, _) = roles(&state, id);
     let spare = third_node(&state, id);
     assert_eq!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: id,
-                new_secondary: primary.clone()
-            }
-        ),
+        refused(&mut state, change_secondary(id, primary.clone())),
         CommandError::PrimaryEqualsSecondary {
             partition: id,
             node: primary.clone()
         }
     );
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: id,
-                new_secondary: secondary
-            }
-        ),
+        refused(&mut state, change_secondary(id, secondary)),
         CommandError::InvalidArgument { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: id,
-                new_secondary: node(9)
-            }
-        ),
+        refused(&mut state, change_secondary(id, node(9))),
         CommandError::UnknownNode { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: p(1, 9),
-                new_secondary: spare.clone()
-            }
-        ),
+        refused(&mut state, change_secondary(p(1, 9), spare.clone())),
         CommandError::UnknownPartition { .. }
     ));
-    ok(
-        &mut state,
-        Command::SetNodeHealth {
-            node: spare.clone(),
-            health: Health::Failed,
-        },
-    );
+    ok(&mut state, set_node_health(spare.clone(), Health::Failed));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: id,
-                new_secondary: spare
-            }
-        ),
+        refused(&mut state, change_secondary(id, spare)),
         CommandError::NodeNotUp {
             health: Health::Failed,
             ..
@@ -1306,13 +1044,7 @@ fn epoch_cannot_wrap() {
     let spare = third_node(&state, id);
     state.volumes.get_mut(&1).unwrap().partitions[0].epoch = Epoch::MAX;
     assert_eq!(
-        refused(
-            &mut state,
-            Command::ChangeSecondary {
-                partition: id,
-                new_secondary: spare
-            }
-        ),
+        refused(&mut state, change_secondary(id, spare)),
         CommandError::EpochBackwards {
             partition: id,
             current: Epoch::MAX
@@ -1325,13 +1057,7 @@ fn lease_grant_and_renewal() {
     let mut state = unit();
     let id = p(1, 2);
     let (primary, _, _) = roles(&state, id);
-    let grant = |now_ms, duration_ms| Command::GrantLease {
-        partition: id,
-        holder: primary.clone(),
-        epoch: 1,
-        now_ms,
-        duration_ms,
-    };
+    let grant = |now_ms, duration_ms| grant_lease(id, primary.clone(), 1, now_ms, duration_ms);
     assert!(matches!(
         ok(&mut state, grant(100, 1_000)),
         Outcome::LeaseGranted {
@@ -1357,10 +1083,7 @@ fn lease_grant_and_renewal() {
     // A Draining primary still renews.
     ok(
         &mut state,
-        Command::SetNodeHealth {
-            node: primary.clone(),
-            health: Health::Draining,
-        },
+        set_node_health(primary.clone(), Health::Draining),
     );
     ok(&mut state, grant(700, 1_000));
     assert_eq!(
@@ -1374,12 +1097,8 @@ fn lease_refusals() {
     let mut state = unit();
     let id = p(1, 2);
     let (primary, secondary, _) = roles(&state, id);
-    let grant = |holder: &NodeId, epoch, now_ms, duration_ms| Command::GrantLease {
-        partition: id,
-        holder: holder.clone(),
-        epoch,
-        now_ms,
-        duration_ms,
+    let grant = |holder: &NodeId, epoch, now_ms, duration_ms| {
+        grant_lease(id, holder.clone(), epoch, now_ms, duration_ms)
     };
     assert_eq!(
         refused(&mut state, grant(&secondary, 1, 0, 1_000)),
@@ -1408,25 +1127,10 @@ fn lease_refusals() {
         CommandError::InvalidArgument { .. }
     ));
     assert!(matches!(
-        refused(
-            &mut state,
-            Command::GrantLease {
-                partition: p(1, 9),
-                holder: primary.clone(),
-                epoch: 1,
-                now_ms: 0,
-                duration_ms: 1
-            }
-        ),
+        refused(&mut state, grant_lease(p(1, 9), primary.clone(), 1, 0, 1)),
         CommandError::UnknownPartition { .. }
     ));
-    ok(
-        &mut state,
-        Command::SetNodeHealth {
-            node: primary.clone(),
-            health: Health::Down,
-        },
-    );
+    ok(&mut state, set_node_health(primary.clone(), Health::Down));
     assert!(matches!(
         refused(&mut state, grant(&primary, 1, 0, 1_000)),
         CommandError::NodeNotUp {
@@ -1447,13 +1151,7 @@ fn lease_of_another_holder_blocks_a_grant_until_it_expires() {
         holder: secondary.clone(),
         expires_at_ms: 500,
     });
-    let grant = |now_ms| Command::GrantLease {
-        partition: id,
-        holder: primary.clone(),
-        epoch: 1,
-        now_ms,
-        duration_ms: 1_000,
-    };
+    let grant = |now_ms| grant_lease(id, primary.clone(), 1, now_ms, 1_000);
     assert_eq!(
         refused(&mut state, grant(100)),
         CommandError::LeaseHeld {
@@ -1491,13 +1189,7 @@ fn partition_map_has_both_addresses_and_epochs() {
 fn unit_status_counts_capacity() {
     let mut state = unit();
     allocate(&mut state, p(1, 0));
-    ok(
-        &mut state,
-        Command::SetSledHealth {
-            sled: sled(0),
-            health: Health::Down,
-        },
-    );
+    ok(&mut state, set_sled_health(sled(0), Health::Down));
     let status = state.unit_status();
     assert_eq!((status.nodes.len(), status.sleds.len()), (3, 6));
     assert_eq!(
@@ -1517,13 +1209,7 @@ fn unit_status_counts_capacity() {
 fn invariant_checker_catches_corruption() {
     let base = {
         let mut state = unit();
-        ok(
-            &mut state,
-            Command::RefillSandbox {
-                partition: p(1, 0),
-                target: 2,
-            },
-        );
+        ok(&mut state, refill_sandbox(p(1, 0), 2));
         state
     };
     let first = *base.extents().keys().next().unwrap();

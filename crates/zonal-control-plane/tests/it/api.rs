@@ -6,9 +6,7 @@ use serde_json::Value;
 use zonal_control_plane::{ConfigError, ZonalConfig};
 
 use crate::fake_unit::FakeUnit;
-use crate::harness::{request, Zonal, TOKEN};
-
-const GIB: u64 = 1 << 30;
+use crate::harness::{one_unit, request, Zonal, GIB, TOKEN};
 
 #[tokio::test]
 async fn admin_requests_need_the_bearer_token() {
@@ -41,16 +39,13 @@ async fn admin_requests_need_the_bearer_token() {
     }
     // Nothing was created by the refused requests.
     assert_eq!(unit.register_calls(), 0);
-    assert_eq!(
-        zonal.get("/v1/volumes").await.json()["volumes"],
-        Value::Array(vec![])
-    );
+    zonal.assert_no_volumes().await;
 
     // Health and metrics need no token.
-    let health = request(zonal.address, "GET", "/health", None, None).await;
+    let health = zonal.get_without_token("/health").await;
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
-    let metrics = request(zonal.address, "GET", "/metrics", None, None).await;
+    let metrics = zonal.get_without_token("/metrics").await;
     assert_eq!(metrics.status, 200);
     assert!(
         metrics.body.contains(
@@ -60,20 +55,15 @@ async fn admin_requests_need_the_bearer_token() {
         metrics.body
     );
     let unknown = zonal.get("/v2/nothing").await;
-    assert_eq!(unknown.status, 404);
-    assert_eq!(unknown.code(), "not_found");
+    unknown.assert_error(404, "not_found");
     let wrong_method = zonal.call("PUT", "/v1/volumes", Some("{}")).await;
-    assert_eq!(wrong_method.status, 405);
-    assert_eq!(wrong_method.code(), "method_not_allowed");
+    wrong_method.assert_error(405, "method_not_allowed");
     zonal.stop().await;
 }
 
 #[tokio::test]
 async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 12, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 12)]).await;
-    zonal.wait_units(&["u1"]).await;
+    let (_dir, unit, zonal) = one_unit(12).await;
 
     let created = zonal
         .post(
@@ -114,9 +104,7 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
     );
     assert_eq!(described["partition_map_error"], Value::Null);
 
-    let attached = zonal
-        .post("/v1/volumes/vol0/attach", r#"{"host":"host-a"}"#)
-        .await;
+    let attached = zonal.attach("vol0", "host-a").await;
     assert_eq!(attached.status, 201, "{}", attached.body);
     let attachment = attached.json();
     let token = attachment["token"].as_str().unwrap();
@@ -140,10 +128,7 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
         .digest();
     assert_eq!(unit.volumes()[&1].attachments[&attachment_id], digest);
     // A second host gets its own attachment and token.
-    let second = zonal
-        .post("/v1/volumes/vol0/attach", r#"{"host":"host-b"}"#)
-        .await
-        .json();
+    let second = zonal.attach("vol0", "host-b").await.json();
     assert_ne!(second["token"], attachment["token"]);
 
     // Listings never show tokens.
@@ -151,61 +136,33 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
     assert_eq!(described.json()["attachments"].as_array().unwrap().len(), 2);
     assert!(!described.body.contains(token));
 
-    let refused = zonal.call("DELETE", "/v1/volumes/vol0", None).await;
-    assert_eq!(refused.status, 409);
-    assert_eq!(refused.code(), "volume_attached");
+    let refused = zonal.delete("/v1/volumes/vol0").await;
+    refused.assert_error(409, "volume_attached");
 
-    let detached = zonal
-        .call(
-            "DELETE",
-            &format!("/v1/volumes/vol0/attachments/{attachment_id}"),
-            None,
-        )
-        .await;
+    let detached = zonal.detach("vol0", attachment_id).await;
     assert_eq!(detached.status, 200, "{}", detached.body);
     assert_eq!(detached.json()["attachments"].as_array().unwrap().len(), 1);
     // The unit revoked it.
     assert!(!unit.volumes()[&1].attachments.contains_key(&attachment_id));
     assert_eq!(unit.volumes()[&1].attachments.len(), 1);
-    let again = zonal
-        .call(
-            "DELETE",
-            &format!("/v1/volumes/vol0/attachments/{attachment_id}"),
-            None,
-        )
-        .await;
-    assert_eq!(again.status, 404);
-    assert_eq!(again.code(), "attachment_not_found");
+    let again = zonal.detach("vol0", attachment_id).await;
+    again.assert_error(404, "attachment_not_found");
     let other = second["attachment_id"].as_u64().unwrap();
-    let detached = zonal
-        .call(
-            "DELETE",
-            &format!("/v1/volumes/vol0/attachments/{other}"),
-            None,
-        )
-        .await;
+    let detached = zonal.detach("vol0", other).await;
     assert_eq!(detached.status, 200);
 
-    let deleted = zonal.call("DELETE", "/v1/volumes/vol0", None).await;
+    let deleted = zonal.delete("/v1/volumes/vol0").await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
     assert_eq!(deleted.json()["state"], "deleted");
     // The unit deleted it (not forced: nothing was attached any more).
     assert_eq!(unit.volumes()[&1].deleted, Some(false));
     assert_eq!(zonal.get("/v1/volumes/vol0").await.status, 404);
-    assert_eq!(
-        zonal.call("DELETE", "/v1/volumes/vol0", None).await.status,
-        404
-    );
-    assert_eq!(
-        zonal.get("/v1/volumes").await.json()["volumes"],
-        Value::Array(vec![])
-    );
+    assert_eq!(zonal.delete("/v1/volumes/vol0").await.status, 404);
+    zonal.assert_no_volumes().await;
 
     let units = zonal.get("/v1/units").await.json();
     assert_eq!(units["units"][0]["volumes"], 0);
-    let metrics = request(zonal.address, "GET", "/metrics", None, None)
-        .await
-        .body;
+    let metrics = zonal.get_without_token("/metrics").await.body;
     assert!(
         metrics.contains(r#"rackblock_zonal_volumes{state="deleted"} 1"#),
         "{metrics}"
@@ -225,10 +182,7 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
 
 #[tokio::test]
 async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 13, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 13)]).await;
-    zonal.wait_units(&["u1"]).await;
+    let (_dir, unit, zonal) = one_unit(13).await;
 
     for (body, field) in [
         (r#"{"size_gib":1}"#, "name"),
@@ -263,34 +217,19 @@ async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
     let not_json = zonal.post("/v1/volumes", "{name").await;
     assert_eq!(not_json.status, 400);
     assert_eq!(unit.register_calls(), 0);
-    assert_eq!(
-        zonal.get("/v1/volumes").await.json()["volumes"],
-        Value::Array(vec![])
-    );
+    zonal.assert_no_volumes().await;
 
-    assert_eq!(
-        zonal
-            .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
-            .await
-            .status,
-        201
-    );
-    let shrink = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":1073741824}"#)
-        .await;
+    zonal.create_volume_created("v", 2).await;
+    let shrink = zonal.resize("v", GIB).await;
     assert_eq!(shrink.status, 400);
     assert!(
         shrink.message().starts_with("size_bytes"),
         "{}",
         shrink.body
     );
-    let unaligned = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":3000000001}"#)
-        .await;
+    let unaligned = zonal.resize("v", 3000000001).await;
     assert_eq!(unaligned.status, 400);
-    let same = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":2147483648}"#)
-        .await;
+    let same = zonal.resize("v", 2 * GIB).await;
     assert_eq!(same.status, 200);
     assert_eq!(
         zonal.get("/v1/volumes/v").await.json()["size_bytes"],
@@ -300,14 +239,9 @@ async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
     let attach = zonal.post("/v1/volumes/v/attach", r#"{}"#).await;
     assert_eq!(attach.status, 400);
     assert!(attach.message().starts_with("host"), "{}", attach.body);
-    let missing = zonal
-        .post("/v1/volumes/nope/attach", r#"{"host":"h"}"#)
-        .await;
-    assert_eq!(missing.status, 404);
-    assert_eq!(missing.code(), "volume_not_found");
-    let bad_id = zonal
-        .call("DELETE", "/v1/volumes/v/attachments/x", None)
-        .await;
+    let missing = zonal.attach("nope", "h").await;
+    missing.assert_error(404, "volume_not_found");
+    let bad_id = zonal.delete("/v1/volumes/v/attachments/x").await;
     assert_eq!(bad_id.status, 404);
     assert_eq!(zonal.get("/v1/units/nope").await.status, 404);
     zonal.stop().await;
@@ -315,14 +249,9 @@ async fn bad_input_is_a_400_naming_the_field_and_changes_nothing() {
 
 #[tokio::test]
 async fn create_is_idempotent_by_name_and_a_different_spec_conflicts() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 14, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 14)]).await;
-    zonal.wait_units(&["u1"]).await;
+    let (_dir, unit, zonal) = one_unit(14).await;
 
-    let first = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-        .await;
+    let first = zonal.create_volume("v", 1).await;
     assert_eq!(first.status, 201);
     // Same spec, spelled differently (defaults written out).
     let repeat = zonal
@@ -333,29 +262,20 @@ async fn create_is_idempotent_by_name_and_a_different_spec_conflicts() {
         .await;
     assert_eq!(repeat.status, 200, "{}", repeat.body);
     assert_eq!(repeat.json()["id"], first.json()["id"]);
-    let conflict = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
-        .await;
-    assert_eq!(conflict.status, 409);
-    assert_eq!(conflict.code(), "name_conflict");
+    let conflict = zonal.create_volume("v", 2).await;
+    conflict.assert_error(409, "name_conflict");
     assert_eq!(unit.register_calls(), 1);
 
     // A unit's refusal is typed and leaves the name free.
-    unit.state.lock().unwrap().refuse_next = Some(CommandError::InvalidArgument {
+    unit.refuse_next(CommandError::InvalidArgument {
         reason: "the fake says no".into(),
     });
-    let refused = zonal
-        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
-        .await;
-    assert_eq!(refused.status, 400, "{}", refused.body);
-    assert_eq!(refused.code(), "invalid_argument");
+    let refused = zonal.create_volume("w", 1).await;
+    refused.assert_error(400, "invalid_argument");
     assert!(refused.message().contains("the fake says no"));
-    let retried = zonal
-        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
-        .await;
-    assert_eq!(retried.status, 201, "{}", retried.body);
+    let retried = zonal.create_volume_created("w", 1).await;
     // Ids are never reused: the refused attempt consumed id 2.
-    assert_eq!(retried.json()["id"], 3);
+    assert_eq!(retried["id"], 3);
     zonal.stop().await;
 }
 
@@ -367,31 +287,19 @@ async fn placement_picks_the_unit_with_more_free_space_then_fewer_volumes() {
     let zonal = Zonal::start(dir.path(), &[(&small, 15), (&big, 16)]).await;
     zonal.wait_units(&["big", "small"]).await;
 
-    let a = zonal
-        .post("/v1/volumes", r#"{"name":"a","size_gib":1}"#)
-        .await
-        .json();
+    let a = zonal.create_volume_created("a", 1).await;
     assert_eq!(a["unit"], "big");
     // 12 GiB at 4+2 needs 18 GiB raw: only `big` fits.
     small.set_free_bytes(200 * GIB);
     big.set_free_bytes(20 * GIB);
-    zonal.call("POST", "/v1/units/small/refresh", None).await;
-    let refreshed = zonal
-        .call("POST", "/v1/units/big/refresh", None)
-        .await
-        .json();
+    zonal.refresh_unit("small").await;
+    let refreshed = zonal.refresh_unit("big").await.json();
     assert_eq!(refreshed["capacity"]["allocatable_bytes"], 20 * GIB);
-    let b = zonal
-        .post("/v1/volumes", r#"{"name":"b","size_gib":12}"#)
-        .await
-        .json();
+    let b = zonal.create_volume_created("b", 12).await;
     assert_eq!(b["unit"], "small");
     // Too big for every unit: 503 naming each unit's shortfall.
-    let huge = zonal
-        .post("/v1/volumes", r#"{"name":"c","size_gib":1000}"#)
-        .await;
-    assert_eq!(huge.status, 503);
-    assert_eq!(huge.code(), "no_unit_fits");
+    let huge = zonal.create_volume("c", 1000).await;
+    huge.assert_error(503, "no_unit_fits");
     assert!(
         huge.message().contains("big:") && huge.message().contains("small:"),
         "{}",
@@ -402,22 +310,16 @@ async fn placement_picks_the_unit_with_more_free_space_then_fewer_volumes() {
     small.set_free_bytes(50 * GIB);
     big.set_free_bytes(50 * GIB);
     big.state.lock().unwrap().volumes.clear();
-    zonal.call("POST", "/v1/units/small/refresh", None).await;
-    zonal.call("POST", "/v1/units/big/refresh", None).await;
+    zonal.refresh_unit("small").await;
+    zonal.refresh_unit("big").await;
     let units = zonal.get("/v1/units").await.json();
     assert_eq!(units["units"][0]["name"], "big");
     assert_eq!(units["units"][0]["volumes"], 1);
     assert_eq!(units["units"][1]["volumes"], 1);
-    let d = zonal
-        .post("/v1/volumes", r#"{"name":"d","size_gib":1}"#)
-        .await
-        .json();
+    let d = zonal.create_volume_created("d", 1).await;
     // Tie on volumes too (1 each): the name decides.
     assert_eq!(d["unit"], "big");
-    let e = zonal
-        .post("/v1/volumes", r#"{"name":"e","size_gib":1}"#)
-        .await
-        .json();
+    let e = zonal.create_volume_created("e", 1).await;
     assert_eq!(e["unit"], "small");
     zonal.stop().await;
 }
@@ -444,29 +346,19 @@ async fn an_unreachable_unit_is_reported_and_skipped() {
     // The roomiest unit goes away: it is kept, marked unreachable with its
     // last capacity, and placement moves on.
     roomy.stop();
-    let refreshed = zonal
-        .call("POST", "/v1/units/roomy/refresh", None)
-        .await
-        .json();
+    let refreshed = zonal.refresh_unit("roomy").await.json();
     assert_eq!(refreshed["reachable"], false);
     assert_eq!(refreshed["capacity"]["allocatable_bytes"], 500 * GIB);
-    let v = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-        .await;
-    assert_eq!(v.status, 201, "{}", v.body);
-    assert_eq!(v.json()["unit"], "modest");
-    let health = request(zonal.address, "GET", "/health", None, None)
-        .await
-        .json();
+    let v = zonal.create_volume_created("v", 1).await;
+    assert_eq!(v["unit"], "modest");
+    let health = zonal.get_without_token("/health").await.json();
     assert_eq!(health["units"], 3);
     assert_eq!(health["units_reachable"], 1);
 
     // With no reachable unit left, create is a 503 and nothing is stored.
     modest.stop();
-    zonal.call("POST", "/v1/units/modest/refresh", None).await;
-    let w = zonal
-        .post("/v1/volumes", r#"{"name":"w","size_gib":1}"#)
-        .await;
+    zonal.refresh_unit("modest").await;
+    let w = zonal.create_volume("w", 1).await;
     assert_eq!(w.status, 503);
     assert!(w.message().contains("unreachable"), "{}", w.body);
     assert_eq!(zonal.get("/v1/volumes/w").await.status, 404);
@@ -482,32 +374,11 @@ async fn an_unreachable_unit_is_reported_and_skipped() {
 
 #[tokio::test]
 async fn state_survives_a_restart_on_the_same_data_dir() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 20, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 20)]).await;
-    zonal.wait_units(&["u1"]).await;
-    assert_eq!(
-        zonal
-            .post("/v1/volumes", r#"{"name":"kept","size_gib":1}"#)
-            .await
-            .status,
-        201
-    );
-    let attached = zonal
-        .post("/v1/volumes/kept/attach", r#"{"host":"h1"}"#)
-        .await
-        .json();
-    assert_eq!(
-        zonal
-            .post("/v1/volumes", r#"{"name":"gone","size_gib":1}"#)
-            .await
-            .status,
-        201
-    );
-    assert_eq!(
-        zonal.call("DELETE", "/v1/volumes/gone", None).await.status,
-        200
-    );
+    let (dir, unit, zonal) = one_unit(20).await;
+    zonal.create_volume_created("kept", 1).await;
+    let attached = zonal.attach("kept", "h1").await.json();
+    zonal.create_volume_created("gone", 1).await;
+    assert_eq!(zonal.delete("/v1/volumes/gone").await.status, 200);
     zonal.stop().await;
 
     let zonal = Zonal::start(dir.path(), &[(&unit, 20)]).await;
@@ -525,10 +396,7 @@ async fn state_survives_a_restart_on_the_same_data_dir() {
     let units = zonal.get("/v1/units").await.json();
     assert!(!units["units"][0]["reported_at_ms"].is_null());
     // Ids continue after the last one handed out.
-    let next = zonal
-        .post("/v1/volumes", r#"{"name":"new","size_gib":1}"#)
-        .await
-        .json();
+    let next = zonal.create_volume_created("new", 1).await;
     assert_eq!(next["id"], 3);
     zonal.stop().await;
 }
@@ -566,73 +434,43 @@ async fn config_refuses_unknown_fields_and_the_daemon_refuses_a_broken_rack_file
 
 #[tokio::test]
 async fn a_create_with_unknown_outcome_stays_creating_and_a_repeat_settles_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 21, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 21)]).await;
-    zonal.wait_units(&["u1"]).await;
+    let (_dir, unit, zonal) = one_unit(21).await;
 
     // The unit applies RegisterVolume and dies before answering.
     unit.state.lock().unwrap().crash_after_apply = true;
-    let lost = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-        .await;
-    assert_eq!(lost.status, 503, "{}", lost.body);
-    assert_eq!(lost.code(), "outcome_unknown");
+    let lost = zonal.create_volume("v", 1).await;
+    lost.assert_error(503, "outcome_unknown");
     assert_eq!(unit.volumes().len(), 1);
     let described = zonal.get("/v1/volumes/v").await.json();
     assert_eq!(described["state"], "creating");
     assert_eq!(described["unit"], "u1");
-    let attach = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
-    assert_eq!(attach.status, 409);
-    assert_eq!(attach.code(), "volume_not_available");
-    let different = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
-        .await;
+    let attach = zonal.attach("v", "h").await;
+    attach.assert_error(409, "volume_not_available");
+    let different = zonal.create_volume("v", 2).await;
     assert_eq!(different.status, 409);
 
     // The unit comes back; the same create finds it applied (same id).
     unit.restart().await;
-    let settled = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-        .await;
-    assert_eq!(settled.status, 201, "{}", settled.body);
-    assert_eq!(settled.json()["state"], "available");
-    assert_eq!(settled.json()["id"], described["id"]);
+    let settled = zonal.create_volume_created("v", 1).await;
+    assert_eq!(settled["state"], "available");
+    assert_eq!(settled["id"], described["id"]);
     assert_eq!(unit.volumes().len(), 1);
     assert_eq!(unit.register_calls(), 2);
-    assert_eq!(
-        zonal
-            .post("/v1/volumes/v/attach", r#"{"host":"h"}"#)
-            .await
-            .status,
-        201
-    );
+    assert_eq!(zonal.attach("v", "h").await.status, 201);
     zonal.stop().await;
 }
 
 #[tokio::test]
 async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 17, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 17)]).await;
-    zonal.wait_units(&["u1"]).await;
-    assert_eq!(
-        zonal
-            .post("/v1/volumes", r#"{"name":"v","size_gib":2}"#)
-            .await
-            .status,
-        201
-    );
+    let (_dir, unit, zonal) = one_unit(17).await;
+    zonal.create_volume_created("v", 2).await;
     // The unit refuses: the record is unchanged.
-    unit.state.lock().unwrap().refuse_next = Some(CommandError::NotEnoughNodes {
+    unit.refuse_next(CommandError::NotEnoughNodes {
         needed: 2,
         available: 1,
     });
-    let refused = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294967296}"#)
-        .await;
-    assert_eq!(refused.status, 503, "{}", refused.body);
-    assert_eq!(refused.code(), "not_enough_nodes");
+    let refused = zonal.resize("v", 4 * GIB).await;
+    refused.assert_error(503, "not_enough_nodes");
     assert_eq!(
         zonal.get("/v1/volumes/v").await.json()["size_bytes"],
         2 * GIB
@@ -649,9 +487,7 @@ async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
     assert_eq!(grown.status, 200, "{}", grown.body);
     assert_eq!(grown.json()["size_bytes"], 4 * GIB);
     assert_eq!(unit.volumes()[&1].size_bytes, 4 * GIB);
-    let grown = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":4294971392}"#)
-        .await;
+    let grown = zonal.resize("v", 4 * GIB + 4096).await;
     assert_eq!(grown.status, 200, "{}", grown.body);
     assert_eq!(unit.volumes()[&1].size_bytes, 4 * GIB + 4096);
     let described = zonal.get("/v1/volumes/v").await.json();
@@ -659,9 +495,7 @@ async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
     assert_eq!(described["partition_map"]["size_bytes"], 4 * GIB + 4096);
     // An unreachable unit: 503, unchanged.
     unit.stop();
-    let unreachable = zonal
-        .post("/v1/volumes/v/resize", r#"{"size_bytes":8589934592}"#)
-        .await;
+    let unreachable = zonal.resize("v", 8 * GIB).await;
     assert_eq!(unreachable.status, 503, "{}", unreachable.body);
     assert_eq!(
         zonal.get("/v1/volumes").await.json()["volumes"][0]["size_bytes"],
@@ -672,20 +506,11 @@ async fn resize_is_forwarded_and_recorded_only_once_the_unit_applied_it() {
 
 #[tokio::test]
 async fn delete_forwards_force_and_attach_fails_cleanly_when_the_unit_refuses() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = FakeUnit::start("u1", 18, 100 * GIB).await;
-    let zonal = Zonal::start(dir.path(), &[(&unit, 18)]).await;
-    zonal.wait_units(&["u1"]).await;
-    assert_eq!(
-        zonal
-            .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-            .await
-            .status,
-        201
-    );
+    let (_dir, unit, zonal) = one_unit(18).await;
+    zonal.create_volume_created("v", 1).await;
     // The unit refuses the attachment: no attachment is left anywhere.
-    unit.state.lock().unwrap().refuse_next = Some(CommandError::VolumeDeleting { volume: 1 });
-    let refused = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
+    unit.refuse_next(CommandError::VolumeDeleting { volume: 1 });
+    let refused = zonal.attach("v", "h").await;
     assert_eq!(refused.status, 409, "{}", refused.body);
     assert_eq!(
         zonal.get("/v1/volumes/v").await.json()["attachments"],
@@ -693,34 +518,28 @@ async fn delete_forwards_force_and_attach_fails_cleanly_when_the_unit_refuses() 
     );
     assert!(unit.volumes()[&1].attachments.is_empty());
 
-    let attached = zonal.post("/v1/volumes/v/attach", r#"{"host":"h"}"#).await;
+    let attached = zonal.attach("v", "h").await;
     assert_eq!(attached.status, 201, "{}", attached.body);
-    let refused = zonal.call("DELETE", "/v1/volumes/v", None).await;
-    assert_eq!(refused.status, 409);
-    assert_eq!(refused.code(), "volume_attached");
+    let refused = zonal.delete("/v1/volumes/v").await;
+    refused.assert_error(409, "volume_attached");
     assert_eq!(unit.volumes()[&1].deleted, None, "nothing was sent");
-    let bad = zonal
-        .call("DELETE", "/v1/volumes/v?force=maybe", None)
-        .await;
+    let bad = zonal.delete("/v1/volumes/v?force=maybe").await;
     assert_eq!(bad.status, 400);
     // An unreachable unit leaves the volume deleting; a repeat settles it.
     unit.stop();
-    let unreachable = zonal.call("DELETE", "/v1/volumes/v?force=true", None).await;
+    let unreachable = zonal.delete("/v1/volumes/v?force=true").await;
     assert_eq!(unreachable.status, 503, "{}", unreachable.body);
     assert_eq!(zonal.get("/v1/volumes/v").await.json()["state"], "deleting");
     unit.restart().await;
-    let deleted = zonal.call("DELETE", "/v1/volumes/v?force=true", None).await;
+    let deleted = zonal.delete("/v1/volumes/v?force=true").await;
     assert_eq!(deleted.status, 200, "{}", deleted.body);
     assert_eq!(deleted.json()["state"], "deleted");
     assert_eq!(unit.volumes()[&1].deleted, Some(true));
     assert!(unit.volumes()[&1].attachments.is_empty());
     // The name is free again, on the same unit (polled again: the failed
     // delete marked it unreachable).
-    assert_eq!(zonal.post("/v1/units/u1/refresh", "").await.status, 200);
-    let again = zonal
-        .post("/v1/volumes", r#"{"name":"v","size_gib":1}"#)
-        .await;
-    assert_eq!(again.status, 201, "{}", again.body);
-    assert_eq!(again.json()["unit"], "u1");
+    assert_eq!(zonal.refresh_unit("u1").await.status, 200);
+    let again = zonal.create_volume_created("v", 1).await;
+    assert_eq!(again["unit"], "u1");
     zonal.stop().await;
 }

@@ -122,6 +122,11 @@ impl FakeUnit {
             usize::try_from(free_bytes / COLUMN_SIZE_BYTES).unwrap();
     }
 
+    /// The unit refuses the next command with `error`.
+    pub fn refuse_next(&self, error: CommandError) {
+        self.state.lock().unwrap().refuse_next = Some(error);
+    }
+
     pub fn volumes(&self) -> BTreeMap<u64, FakeVolume> {
         self.state.lock().unwrap().volumes.clone()
     }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -39,6 +40,25 @@ impl Response {
     pub fn message(&self) -> String {
         self.json()["error"]["message"].as_str().unwrap().to_owned()
     }
+
+    /// Asserts an error answer: its status and its `error.code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert_eq!(self.code(), code, "{}", self.body);
+    }
+}
+
+pub const GIB: u64 = 1 << 30;
+
+/// One fake unit `u1` (100 GiB free, rack file for `host`) and a zonal
+/// control plane over it that has polled it; the directory holds both.
+pub async fn one_unit(host: u8) -> (TempDir, Arc<FakeUnit>, Zonal) {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = FakeUnit::start("u1", host, 100 * GIB).await;
+    let zonal = Zonal::start(dir.path(), &[(&unit, host)]).await;
+    zonal.wait_units(&["u1"]).await;
+    (dir, unit, zonal)
 }
 
 pub async fn request(
@@ -137,6 +157,60 @@ impl Zonal {
 
     pub async fn post(&self, path: &str, body: &str) -> Response {
         self.call("POST", path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.call("DELETE", path, None).await
+    }
+
+    /// A request without the admin token (health, metrics, refusals).
+    pub async fn get_without_token(&self, path: &str) -> Response {
+        request(self.address, "GET", path, None, None).await
+    }
+
+    /// `POST /v1/volumes` with a name and a size in GiB (defaults otherwise).
+    pub async fn create_volume(&self, name: &str, size_gib: u64) -> Response {
+        let body = format!(r#"{{"name":"{name}","size_gib":{size_gib}}}"#);
+        self.post("/v1/volumes", &body).await
+    }
+
+    /// [`Zonal::create_volume`] that must answer 201 Created; the volume.
+    pub async fn create_volume_created(&self, name: &str, size_gib: u64) -> Value {
+        let created = self.create_volume(name, size_gib).await;
+        assert_eq!(created.status, 201, "create {name}: {}", created.body);
+        created.json()
+    }
+
+    pub async fn attach(&self, volume: &str, host: &str) -> Response {
+        let body = format!(r#"{{"host":"{host}"}}"#);
+        self.post(&format!("/v1/volumes/{volume}/attach"), &body)
+            .await
+    }
+
+    pub async fn detach(&self, volume: &str, attachment_id: u64) -> Response {
+        self.delete(&format!("/v1/volumes/{volume}/attachments/{attachment_id}"))
+            .await
+    }
+
+    /// `POST /v1/volumes/{volume}/resize` to `size_bytes`.
+    pub async fn resize(&self, volume: &str, size_bytes: u64) -> Response {
+        let body = format!(r#"{{"size_bytes":{size_bytes}}}"#);
+        self.post(&format!("/v1/volumes/{volume}/resize"), &body)
+            .await
+    }
+
+    /// Polls a unit now (`POST /v1/units/{unit}/refresh`).
+    pub async fn refresh_unit(&self, unit: &str) -> Response {
+        self.call("POST", &format!("/v1/units/{unit}/refresh"), None)
+            .await
+    }
+
+    /// Asserts that the volume list is empty.
+    pub async fn assert_no_volumes(&self) {
+        assert_eq!(
+            self.get("/v1/volumes").await.json()["volumes"],
+            Value::Array(vec![])
+        );
     }
 
     /// Waits until `reachable` units answered a poll (and the rest did not).
