@@ -1063,12 +1063,21 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
                 }
                 let block = (at % (4096 * 4096)) / 4096;
                 let t = std::time::Instant::now();
-                // Retry `Unavailable` as the volume client does.
+                // Retry `Unavailable` as the volume client does: after a
+                // pause (a retry that never yields could starve the flusher
+                // that frees the log) and for a bounded time.
+                let mut pause = Duration::from_millis(1);
                 loop {
                     match unit.write(block, 0, vec![(at >> 18) as u8; BS]).await {
                         Ok(()) => break,
                         Err(error) if error.is_retryable() => {
                             unavailable.fetch_add(1, Ordering::Relaxed);
+                            assert!(
+                                t.elapsed() < Duration::from_secs(60),
+                                "a write kept failing for 60 s: {error}"
+                            );
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_millis(50));
                         }
                         Err(error) => panic!("{error}"),
                     }
