@@ -339,6 +339,21 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
             }
             match shared.log.wal().read(position).await {
                 Ok(record) => records.push(to_replica(shared, &record)),
+                // Send what precedes it; the next round deals with it.
+                Err(WalError::NotFound { .. }) if !records.is_empty() => break,
+                Err(WalError::NotFound { .. }) => {
+                    // Released behind our back: nothing the index, a trim
+                    // or an unconfirmed append needs (those hold the log),
+                    // so flushed or superseded. Forget it; the next round
+                    // moves the secondary past it with a flush commit
+                    // instead of retrying a record that will never return.
+                    let mut state = shared.lock();
+                    if state.retained.get(&sequence) == Some(&position) {
+                        state.retained.remove(&sequence);
+                    }
+                    tracing::info!(partition = ?shared.id(), sequence, "catch-up record already released; skipping it");
+                    return Step::Progress;
+                }
                 Err(error) => {
                     tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
                     return Step::Retry;
