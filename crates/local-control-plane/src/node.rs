@@ -23,6 +23,10 @@
 //!      repair controller (crate::repair): replacement columns for Failed
 //!      and Draining sleds, rebuilt by the partitions' primaries, and the
 //!      deleter (crate::deleter): frees deleted volumes' extents
+//! every voter, leader or not (restarted never):
+//!   quick election (crate::quick_election): when the leader's process is
+//!   gone (both networks refuse), campaign as soon as the other voters'
+//!   openraft leases on it end, not after the election timer
 //! ```
 //!
 //! A restarted member finds its vote and log on disk and simply rejoins;
@@ -56,6 +60,7 @@ use bytes::Bytes;
 use hardware::rack::Rack;
 use openraft::error::{ClientWriteError as OpenraftClientWriteError, InitializeError as OiError};
 use openraft::{ServerState, SnapshotPolicy};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use proto::lcp::RaftRpcKind;
@@ -76,6 +81,7 @@ use crate::deleter::DeleterMetrics;
 use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
 use crate::error::CommandError;
 use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
+use crate::quick_election::{both_refused_since, QuickElection, QuickElectionConfig, RaftView};
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
 use crate::raft::{
     AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
@@ -113,6 +119,9 @@ pub const DEFAULT_NODE_DOWN_AFTER_MS: u64 = 1500;
 pub const DEFAULT_NODE_REFUSED_DOWN_AFTER_MS: u64 = 300;
 /// How often the leader's detector compares probes with the state.
 const DETECTOR_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a voter checks whether its leader's process is gone
+/// (crate::quick_election): a few reads of in-memory state.
+const QUICK_ELECTION_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Largest snapshot chunk sent in one RPC (JSON-encoded, so it grows).
 const SNAPSHOT_CHUNK_BYTES: u64 = 256 << 10;
@@ -259,6 +268,7 @@ struct RaftGauges {
     last_log_index: Gauge,
     last_applied: Gauge,
     members: Gauge,
+    quick_elections: Counter,
 }
 
 impl RaftGauges {
@@ -288,6 +298,11 @@ impl RaftGauges {
             "rackblock_lcp_members",
             "Voters and learners in the membership",
             gauges.members.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_quick_elections",
+            "Elections this member started because its leader refused connections on both networks",
+            gauges.quick_elections.clone(),
         );
         gauges
     }
@@ -448,9 +463,18 @@ impl LcpNode {
             tasks: Arc::new(Mutex::new(Vec::new())),
         };
         node.bootstrap().await?;
+        let quick_election = QuickElection::new(QuickElectionConfig::for_raft(
+            config.heartbeat_interval,
+            config.election_timeout_max,
+        ));
+        let quick_election_task = tokio::spawn(quick_election_loop(
+            node.inner.clone(),
+            quick_election,
+            gauges.quick_elections.clone(),
+        ));
         let metrics_task = tokio::spawn(metrics_loop(node.inner.clone(), gauges));
         let duties_task = tokio::spawn(leader_duties(node.inner.clone()));
-        lock(&node.tasks).extend([metrics_task, duties_task]);
+        lock(&node.tasks).extend([metrics_task, duties_task, quick_election_task]);
         info!(
             node = %node.inner.name,
             raft_id,
@@ -795,6 +819,48 @@ async fn metrics_loop(inner: Arc<Inner>, gauges: RaftGauges) {
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Runs while the process lives: starts an election at once when the
+/// leader's process is gone (see crate::quick_election).
+async fn quick_election_loop(inner: Arc<Inner>, mut policy: QuickElection, triggered: Counter) {
+    let mut tick = tokio::time::interval(QUICK_ELECTION_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+        let view = {
+            let m = inner.raft.metrics();
+            let m = m.borrow();
+            RaftView {
+                this_node: inner.raft_id,
+                leading: m.state == ServerState::Leader,
+                voters: m.membership_config.membership().voter_ids().collect(),
+                current_leader: m.current_leader,
+                voted_for: m.vote.leader_id().voted_for(),
+            }
+        };
+        let refused_since = |id: NodeId| {
+            let info = inner.nodes.get(&id)?;
+            both_refused_since(&inner.links.get(&info.id)?.paths())
+        };
+        if !policy.step(&view, refused_since, std::time::Instant::now()) {
+            continue;
+        }
+        info!(
+            node = %inner.name,
+            lost_leader = ?view.current_leader,
+            "the raft leader refuses connections on both networks: starting an election"
+        );
+        triggered.inc();
+        if let Err(error) = inner.raft.trigger().elect().await {
+            // The core stopped (LcpNode::fatal reports it).
+            warn!(%error, "cannot trigger an election");
+            return;
         }
     }
 }
