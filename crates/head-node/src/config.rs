@@ -51,6 +51,12 @@ pub struct HeadNodeConfig {
     /// 300). Must not exceed `node_down_after_ms`.
     #[serde(default)]
     pub node_refused_down_after_ms: Option<u64>,
+    /// A Raft voter whose leader refuses connections on both networks (its
+    /// process is gone) campaigns as soon as the other voters can grant
+    /// it, instead of after the election timer (default true; see
+    /// `local_control_plane::quick_election`).
+    #[serde(default)]
+    pub quick_election: Option<bool>,
     /// Bind network A here instead of the rack's `address_a`, e.g. behind
     /// a NAT or a test proxy that owns the rack address. Peers still dial
     /// the rack address.
@@ -411,6 +417,10 @@ impl HeadNodeConfig {
             self.lease_duration() / DEFAULT_LEASE_MARGIN_DIVISOR,
             Duration::from_millis,
         )
+    }
+
+    pub fn quick_election(&self) -> bool {
+        self.quick_election.unwrap_or(true)
     }
 
     pub fn node_refused_down_after(&self) -> Duration {

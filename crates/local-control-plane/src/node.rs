@@ -142,6 +142,10 @@ pub struct LcpConfig {
     pub node_down_after: Duration,
     /// Both paths refusing connections this long ⇒ Down.
     pub node_refused_down_after: Duration,
+    /// A voter whose leader refuses connections on both networks starts an
+    /// election as soon as it can win (crate::quick_election) instead of
+    /// waiting for openraft's election timer.
+    pub quick_election: bool,
     /// The leader's failover controller (lease margin, rate limits).
     pub failover: FailoverConfig,
     /// The leader's column repair controller (concurrency, bandwidth).
@@ -160,6 +164,7 @@ impl LcpConfig {
             election_timeout_max: Duration::from_millis(DEFAULT_ELECTION_TIMEOUT_MAX_MS),
             node_down_after: Duration::from_millis(DEFAULT_NODE_DOWN_AFTER_MS),
             node_refused_down_after: Duration::from_millis(DEFAULT_NODE_REFUSED_DOWN_AFTER_MS),
+            quick_election: true,
             failover: FailoverConfig::default(),
             repair: RepairConfig::default(),
         }
@@ -463,18 +468,21 @@ impl LcpNode {
             tasks: Arc::new(Mutex::new(Vec::new())),
         };
         node.bootstrap().await?;
-        let quick_election = QuickElection::new(QuickElectionConfig::for_raft(
-            config.heartbeat_interval,
-            config.election_timeout_max,
-        ));
-        let quick_election_task = tokio::spawn(quick_election_loop(
-            node.inner.clone(),
-            quick_election,
-            gauges.quick_elections.clone(),
-        ));
+        if config.quick_election {
+            let quick_election = QuickElection::new(QuickElectionConfig::for_raft(
+                config.heartbeat_interval,
+                config.election_timeout_max,
+            ));
+            let quick_election_task = tokio::spawn(quick_election_loop(
+                node.inner.clone(),
+                quick_election,
+                gauges.quick_elections.clone(),
+            ));
+            lock(&node.tasks).push(quick_election_task);
+        }
         let metrics_task = tokio::spawn(metrics_loop(node.inner.clone(), gauges));
         let duties_task = tokio::spawn(leader_duties(node.inner.clone()));
-        lock(&node.tasks).extend([metrics_task, duties_task, quick_election_task]);
+        lock(&node.tasks).extend([metrics_task, duties_task]);
         info!(
             node = %node.inner.name,
             raft_id,

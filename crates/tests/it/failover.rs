@@ -87,7 +87,12 @@ impl Cluster {
         // FAILOVER_TIMINGS=legacy: the timings before issue 6's pause work
         // (lease 2 s / 500 ms / margin 500 ms, election 1.5–3 s, no
         // refused-connection detection): bench/failover.sh's baseline.
-        let legacy = std::env::var("FAILOVER_TIMINGS").is_ok_and(|v| v == "legacy");
+        // FAILOVER_TIMINGS=previous: the production timings before the
+        // quick election on a dead leader (election 0.5–1 s, openraft's
+        // timers alone): the baseline of the leader-kill work.
+        let timings = std::env::var("FAILOVER_TIMINGS").unwrap_or_default();
+        let legacy = timings == "legacy";
+        let previous = timings == "previous";
         let options = if legacy {
             HeadNodeOptions {
                 count: 3,
@@ -96,6 +101,12 @@ impl Cluster {
                 node_down_after_ms: 1500,
                 node_refused_down_after_ms: 1500,
                 ..HeadNodeOptions::default()
+            }
+        } else if previous {
+            HeadNodeOptions {
+                election_timeout_min_ms: 500,
+                election_timeout_max_ms: 1000,
+                ..HeadNodeOptions::production_timings(3)
             }
         } else {
             HeadNodeOptions::production_timings(3)
@@ -117,8 +128,11 @@ impl Cluster {
         if legacy {
             unit.append_head_node_config(
                 "lease_duration_ms = 2000\nlease_renew_interval_ms = 500\n\
-                 failover_lease_margin_ms = 500\n",
+                 failover_lease_margin_ms = 500\nquick_election = false\n",
             );
+        }
+        if previous {
+            unit.append_head_node_config("quick_election = false\n");
         }
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
