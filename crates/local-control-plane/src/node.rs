@@ -81,8 +81,8 @@ use crate::deleter::DeleterMetrics;
 use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
 use crate::error::CommandError;
 use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
-use crate::quick_election::{both_refused_since, QuickElection, QuickElectionConfig, RaftView};
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
+use crate::quick_election::{both_refused_since, QuickElection, QuickElectionConfig, RaftView};
 use crate::raft::{
     AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
     SharedState, VoteRequest,

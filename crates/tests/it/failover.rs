@@ -111,6 +111,21 @@ impl Cluster {
         } else {
             HeadNodeOptions::production_timings(3)
         };
+        // FAILOVER_ELECTION_TIMEOUT_MS=min,max: other election timeouts
+        // (benchmarks that tune the defaults).
+        let options = match std::env::var("FAILOVER_ELECTION_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| {
+                let (min, max) = v.split_once(',')?;
+                Some((min.trim().parse().ok()?, max.trim().parse().ok()?))
+            }) {
+            Some((min, max)) => HeadNodeOptions {
+                election_timeout_min_ms: min,
+                election_timeout_max_ms: max,
+                ..options
+            },
+            None => options,
+        };
         // Every take-over opens new extents: long benchmark runs need more
         // columns than the tests' 8 per sled.
         let device_mib = std::env::var("FAILOVER_DEVICE_MIB")
@@ -686,7 +701,11 @@ async fn failover_pause_bench() {
         cluster.restart(victim);
         work.progress(50, &cluster).await;
     }
-    eprintln!("{reps} repetitions in {:?}", started.elapsed());
+    eprintln!(
+        "{reps} repetitions in {:?}; quick elections started: {}",
+        started.elapsed(),
+        cluster.count_log_lines("refuses connections on both networks: starting an election")
+    );
     work.finish(&cluster, "after every failover").await;
 }
 
