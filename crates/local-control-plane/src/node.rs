@@ -346,6 +346,9 @@ struct Inner {
     repair_config: RepairConfig,
     repair_metrics: RepairMetrics,
     deleter_metrics: DeleterMetrics,
+    /// The leader whose AppendEntries this member processed last, and when
+    /// (crate::quick_election anchors on it).
+    last_heard: Mutex<Option<(NodeId, std::time::Instant)>>,
     shutdown: CancellationToken,
 }
 
@@ -449,6 +452,7 @@ impl LcpNode {
             repair_config: config.repair.clone(),
             repair_metrics,
             deleter_metrics,
+            last_heard: Mutex::new(None),
             shutdown: CancellationToken::new(),
         });
         // Forwarding links exist from the start so that their probers know
@@ -803,7 +807,14 @@ async fn handle_raft(inner: &Inner, rpc: RaftRpcKind, payload: Bytes) -> Message
     match rpc {
         RaftRpcKind::AppendEntries => {
             match serde_json::from_slice::<AppendEntriesRequest>(&payload) {
-                Ok(request) => reply(inner.raft.append_entries(request).await),
+                Ok(request) => {
+                    let leader = request.vote.leader_id().voted_for();
+                    let result = inner.raft.append_entries(request).await;
+                    if let (Ok(_), Some(leader)) = (&result, leader) {
+                        *lock(&inner.last_heard) = Some((leader, std::time::Instant::now()));
+                    }
+                    reply(result)
+                }
                 Err(e) => refused(format!("undecodable append_entries: {e}")),
             }
         }
@@ -850,6 +861,7 @@ async fn quick_election_loop(inner: Arc<Inner>, mut policy: QuickElection, trigg
                 voters: m.membership_config.membership().voter_ids().collect(),
                 current_leader: m.current_leader,
                 voted_for: m.vote.leader_id().voted_for(),
+                last_heard: *lock(&inner.last_heard),
             }
         };
         let refused_since = |id: NodeId| {

@@ -22,9 +22,11 @@
 //! answers, nothing listens) has lost its process — `kill -9`, a crash —
 //! which a stall or a network fault never looks like (the detector's
 //! `node_refused_down_after` rests on the same fact). When that peer is
-//! this follower's leader, the surviving voters' leases on it end at most
-//! `leader_lease` after the refusals began (they heard nothing from it
-//! after it died), so:
+//! this follower's leader, the surviving voters' leases on it end
+//! `leader_lease` after the last heartbeat they processed — the same
+//! broadcast this follower processed last, give or take scheduling — and
+//! at the latest `leader_lease` after the refusals began (nothing comes
+//! from a dead process), so:
 //!
 //! ```text
 //! state: the leader L this node last followed, triggers made for its loss
@@ -35,7 +37,9 @@
 //!   this node's vote is for another node    ⇒ nothing (it granted a candidate:
 //!                                              campaigning now would depose it)
 //!   triggers < max_triggers and now ≥ due   ⇒ raft.trigger().elect()
-//!   due = refused_since(L) + leader_lease + grace + rank·stagger
+//!   anchor = when this node last processed an AppendEntries from L,
+//!            else refused_since(L)
+//!   due = anchor + leader_lease + grace + rank·stagger
 //!         (and ≥ previous trigger + retry_interval)
 //!   rank = live voters (≠ L, not refused themselves) with a smaller id
 //! ```
@@ -47,9 +51,10 @@
 //!   fall back to openraft's timers: slower, never unsafe.)
 //! * **Retries are bounded** (`max_triggers` per lost leader,
 //!   `retry_interval` apart): a vote that arrives a little before a voter's
-//!   lease ends (a heartbeat it processed late) is rejected, and the next
-//!   trigger, one term higher, wins. After that openraft's own timers run
-//!   as before.
+//!   lease ends (it processed a later heartbeat than this node did) is
+//!   rejected, and the next trigger, one term higher, wins. The retries
+//!   span past `refused_since + leader_lease`, the latest any voter's lease
+//!   can end. After that openraft's own timers run as before.
 //! * **Safety is Raft's.** Triggering an election only starts a normal
 //!   openraft campaign (vote persisted, log comparison, majority); no
 //!   lease or vote check is bypassed. A wrong trigger (a leader whose
@@ -72,8 +77,8 @@ pub struct QuickElectionConfig {
     /// How long a follower rejects votes after the last AppendEntries from
     /// its leader: openraft 0.9's `leader_lease`, i.e. `election_timeout_max`.
     pub leader_lease: Duration,
-    /// Added to the lease: a heartbeat processed a little after the leader
-    /// died (it was in a socket buffer) extends a voter's lease that much.
+    /// Added to the lease: another voter may have processed the same last
+    /// heartbeat a little later than this one.
     pub grace: Duration,
     /// Between the first triggers of two voters adjacent in raft-id order.
     pub stagger: Duration,
@@ -93,7 +98,10 @@ impl QuickElectionConfig {
             // AppendEntries) fits well inside two heartbeats.
             stagger: heartbeat * 2,
             retry_interval: heartbeat,
-            max_triggers: 3,
+            // The first trigger is anchored on this node's last heartbeat,
+            // at most a heartbeat plus a probe interval before the refusals
+            // began: three retries reach past `refused_since + lease`.
+            max_triggers: 4,
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct RaftView {
     pub current_leader: Option<NodeId>,
     /// The node this member's current vote is for.
     pub voted_for: Option<NodeId>,
+    /// The leader whose AppendEntries this node processed last, and when.
+    pub last_heard: Option<(NodeId, Instant)>,
 }
 
 /// Since when both paths to a peer refuse connections (the later of the
@@ -195,7 +205,11 @@ impl QuickElection {
             .config
             .stagger
             .saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
-        let first = since + self.config.leader_lease + self.config.grace + stagger;
+        let anchor = match view.last_heard {
+            Some((from, at)) if from == leader => at,
+            _ => since,
+        };
+        let first = anchor + self.config.leader_lease + self.config.grace + stagger;
         let due = match self.last_trigger {
             Some(last) => first.max(last + self.config.retry_interval),
             None => first,
@@ -226,6 +240,7 @@ mod tests {
             voters: BTreeSet::from([1, 2, 3]),
             current_leader: leader,
             voted_for,
+            last_heard: None,
         }
     }
 
@@ -246,7 +261,27 @@ mod tests {
         assert!(!q.step(&view(2, None, Some(2)), dead, t0 + 700 * MS));
         assert!(q.step(&view(2, None, Some(2)), dead, t0 + 725 * MS));
         assert!(q.step(&view(2, None, Some(2)), dead, t0 + 825 * MS));
+        assert!(q.step(&view(2, None, Some(2)), dead, t0 + 925 * MS));
         assert!(!q.step(&view(2, None, Some(2)), dead, t0 + 5000 * MS));
+    }
+
+    #[test]
+    fn the_first_trigger_is_anchored_on_the_last_heartbeat_heard() {
+        let t0 = Instant::now();
+        let mut q = QuickElection::new(config());
+        assert!(!q.step(&view(2, Some(1), Some(1)), |_| None, t0));
+        // Last heartbeat from 1 at t0, refusals from t0 + 80 ms.
+        let dead = |id| (id == 1).then_some(t0 + 80 * MS);
+        let mut heard = view(2, Some(1), Some(1));
+        heard.last_heard = Some((1, t0));
+        assert!(!q.step(&heard, dead, t0 + 620 * MS));
+        assert!(q.step(&heard, dead, t0 + 625 * MS));
+        // A heartbeat from another (earlier) leader is no anchor.
+        let mut q = QuickElection::new(config());
+        assert!(!q.step(&view(2, Some(1), Some(1)), |_| None, t0));
+        heard.last_heard = Some((3, t0));
+        assert!(!q.step(&heard, dead, t0 + 700 * MS));
+        assert!(q.step(&heard, dead, t0 + 705 * MS));
     }
 
     #[test]
