@@ -104,8 +104,17 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// `election_timeout_min / 6` (~85 ms) each, so heartbeats move to network
 /// B within ~250 ms. (Most multi-process tests run with 1.5–3 s: they share
 /// two cores with debug builds.)
+///
+/// openraft 0.9 makes a follower refuse votes for `election_timeout_max`
+/// after its leader's last heartbeat and campaign on its own only after
+/// `election_timeout_max` + its drawn timeout, so: a dead leader (refused
+/// connections) is replaced ~`election_timeout_max` after its death by the
+/// quick election (crate::quick_election), a silent or stalled one after
+/// 1.1–1.2 s of silence. The maximum was 1000 (bench/failover.sh,
+/// leader kill -9: partitions back on two copies after ~1.2 s with the
+/// quick election, ~0.9 s with 600; 1.8–2.0 s without either).
 pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 500;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
 /// Default time both paths must be *silent* before a node is declared
 /// Down. With the link prober's 50 ms probes and 2 failures before a path
 /// is Down, a silent node is recorded after ~1.6 s; a loaded 2-core box

@@ -29,8 +29,10 @@
 //!   line per repetition for the script to summarise.
 //!
 //! The units run with the head node's production timings (lease 600 ms,
-//! election 0.5–1 s, refused-connection detection 300 ms), so the pauses
-//! printed are what a deployment gets. The tests other than the benchmark
+//! election 0.5–0.6 s with the quick election on a dead leader,
+//! refused-connection detection 300 ms), so the pauses printed are what a
+//! deployment gets. `FAILOVER_TRACE=1` prints the head nodes' log lines of
+//! each failover's steps (election, Down, promotions, take-overs, leases). The tests other than the benchmark
 //! do not kill the Raft leader on purpose: that adds an election before
 //! the detector runs (see ARCHITECTURE.md, "Failover in one paragraph").
 
@@ -261,6 +263,48 @@ impl Cluster {
                 text.lines().filter(|l| l.contains(needle)).count()
             })
             .sum()
+    }
+
+    /// Every head node's log length now (see `trace_since`).
+    fn log_lengths(&self) -> Vec<usize> {
+        self.unit
+            .head_nodes
+            .iter()
+            .map(|head| {
+                let path = self.unit.dir.path().join(format!("{}.log", head.id));
+                std::fs::metadata(&path).map_or(0, |m| m.len() as usize)
+            })
+            .collect()
+    }
+
+    /// FAILOVER_TRACE=1: the head nodes' log lines written since
+    /// `lengths` that mark a failover's steps (elections, Down records,
+    /// promotions, leases), to see where a pause goes.
+    fn trace_since(&self, lengths: &[usize]) {
+        if std::env::var("FAILOVER_TRACE").map_or(true, |v| v != "1") {
+            return;
+        }
+        const NEEDLES: [&str; 8] = [
+            "starting an election",
+            "became leader",
+            "recording the endpoint Down",
+            "failover",
+            "lease granted",
+            "taking the partition over",
+            "lease refused",
+            "no longer leader",
+        ];
+        for (head, from) in self.unit.head_nodes.iter().zip(lengths) {
+            let path = self.unit.dir.path().join(format!("{}.log", head.id));
+            let text = std::fs::read(&path).unwrap_or_default();
+            let new = String::from_utf8_lossy(text.get(*from..).unwrap_or_default());
+            for line in new
+                .lines()
+                .filter(|l| NEEDLES.iter().any(|n| l.contains(n)))
+            {
+                eprintln!("TRACE {}: {}", head.id, line);
+            }
+        }
     }
 
     fn logs(&self) -> String {
@@ -542,6 +586,7 @@ async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize)
         })
         .collect();
     let _ = work.writer.take_gap();
+    let lengths = cluster.log_lengths();
     let killed = Instant::now();
     if let Some(mut daemon) = cluster.heads[victim].take() {
         daemon.kill9();
@@ -563,6 +608,7 @@ async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize)
             .map(|p| format!("{}:{}/{}@{}", p.index, p.primary.id, p.secondary.id, p.epoch))
             .collect::<Vec<_>>()
     );
+    cluster.trace_since(&lengths);
     work.writer.assert_no_errors(cluster);
     pause
 }
