@@ -819,7 +819,12 @@ async fn handle_raft(inner: &Inner, rpc: RaftRpcKind, payload: Bytes) -> Message
                 Ok(request) => {
                     let leader = request.vote.leader_id().voted_for();
                     let result = inner.raft.append_entries(request).await;
-                    if let (Ok(_), Some(leader)) = (&result, leader) {
+                    // Any answer but HigherVote means the leader's vote was
+                    // accepted, which restarts openraft's vote-refusal window.
+                    let accepted = result.as_ref().is_ok_and(|r| {
+                        !matches!(r, openraft::raft::AppendEntriesResponse::HigherVote(_))
+                    });
+                    if let (true, Some(leader)) = (accepted, leader) {
                         *lock(&inner.last_heard) = Some((leader, std::time::Instant::now()));
                     }
                     reply(result)
@@ -856,14 +861,14 @@ async fn metrics_loop(inner: Arc<Inner>, gauges: RaftGauges) {
 async fn quick_election_loop(inner: Arc<Inner>, mut policy: QuickElection, triggered: Counter) {
     let mut tick = tokio::time::interval(QUICK_ELECTION_POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let metrics = inner.raft.metrics();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = inner.shutdown.cancelled() => return,
         }
         let view = {
-            let m = inner.raft.metrics();
-            let m = m.borrow();
+            let m = metrics.borrow();
             RaftView {
                 this_node: inner.raft_id,
                 leading: m.state == ServerState::Leader,
