@@ -61,6 +61,23 @@
 //!   listeners refuse while it still runs — impossible for a live
 //!   process, whose kernel accepts) costs one election, not data.
 //!
+//! # What it does not fix
+//!
+//! The election still takes `leader_lease` (= `election_timeout_max`,
+//! 600 ms by default) after the dead leader's last heartbeat: openraft 0.9
+//! offers no way to end a follower's vote-refusal window early (no
+//! pre-vote, no lease reset), short of a shorter `election_timeout_max`,
+//! which also shortens the silence after which a *live* but stalled
+//! leader is deposed (`election_timeout_max` + the drawn timeout). Every
+//! primary's 600 ms lease lapses meanwhile (the last renewal started at
+//! most 150 ms before the kill, the holder stops at 90 %), because a
+//! renewal is a Raft command. Keeping leases alive without a leader was
+//! not done: a primary that extends its own lease without a commit could
+//! serve reads after the failover controller — which waits only for the
+//! *recorded* lease plus margin — promoted its secondary and the new
+//! primary accepted a write; a longer recorded lease instead would delay
+//! every non-leader failover by the same amount.
+//!
 //! Measured with `bench/failover.sh` (see ARCHITECTURE.md "Failover in one
 //! paragraph").
 
@@ -334,7 +351,7 @@ mod tests {
         let t0 = Instant::now();
         let path = |id, refused_since| PathStatus {
             path: id,
-            address: "127.0.0.1:1".parse().expect("address"),
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
             state: PathState::Down,
             last_error: None,
             consecutive_failures: 2,
