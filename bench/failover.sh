@@ -12,8 +12,11 @@
 # Zero I/O errors and a full read-back check are asserted by the test.
 #   cases: nonleader_primary | leader_primary (the leader was a primary too)
 #          | leader_not_primary (only an election: survivors' leases)
-# Baseline, same run: the timings before this work (lease 2 s renewed every
-# 500 ms, margin 500 ms, election 1.5-3 s, no refused-connection detection),
+# Baseline, same run: BENCH_BASELINE_TIMINGS (default legacy: the timings
+# before issue 6's pause work: lease 2 s renewed every 500 ms, margin
+# 500 ms, election 1.5-3 s, no refused-connection detection, no quick
+# election; previous: today's lease and detection, election 0.5-1 s with
+# openraft's timers alone, i.e. before the quick election on a dead leader),
 # BENCH_BASELINE_REPS repetitions (default 6; 0 skips it).
 # FAILOVER_REPS (default 20) repetitions of ours. Bounded: each run has a
 # timeout (BENCH_TIMEOUT_S, default 420 s for ours, 300 s for the baseline).
@@ -23,6 +26,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 reps=${FAILOVER_REPS:-20}
 baseline_reps=${BENCH_BASELINE_REPS:-6}
+baseline_timings=${BENCH_BASELINE_TIMINGS:-legacy}
 timeout_s=${BENCH_TIMEOUT_S:-420}
 for tool in python3 timeout; do
   command -v $tool >/dev/null || { echo "bench/failover.sh: $tool is missing" >&2; exit 1; }
@@ -62,7 +66,7 @@ run() { # label reps timings timeout -> $work/<label>.log
 status=0
 run ours "$reps" production "$timeout_s" || status=1
 if [ "$baseline_reps" -gt 0 ]; then
-  run baseline "$baseline_reps" legacy "${BENCH_BASELINE_TIMEOUT_S:-300}" || status=1
+  run baseline "$baseline_reps" "$baseline_timings" "${BENCH_BASELINE_TIMEOUT_S:-300}" || status=1
 else
   : >"$work/baseline.log"
 fi

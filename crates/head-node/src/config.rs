@@ -37,7 +37,10 @@ pub struct HeadNodeConfig {
     /// costs this much before anyone can commit (renew leases, fail over).
     #[serde(default)]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the election timeout in milliseconds (default 1000).
+    /// Upper bound of the election timeout in milliseconds (default 600).
+    /// openraft 0.9 followers also refuse votes for this long after the
+    /// last heartbeat (its leader lease), so it bounds how soon a dead
+    /// leader is replaced even with `quick_election`.
     #[serde(default)]
     pub election_timeout_max_ms: Option<u64>,
     /// The leader declares a head node or sled Down when both of its
@@ -51,6 +54,12 @@ pub struct HeadNodeConfig {
     /// 300). Must not exceed `node_down_after_ms`.
     #[serde(default)]
     pub node_refused_down_after_ms: Option<u64>,
+    /// A Raft voter whose leader refuses connections on both networks (its
+    /// process is gone) campaigns as soon as the other voters can grant
+    /// it, instead of after the election timer (default true; see
+    /// `local_control_plane::quick_election`).
+    #[serde(default)]
+    pub quick_election: Option<bool>,
     /// Bind network A here instead of the rack's `address_a`, e.g. behind
     /// a NAT or a test proxy that owns the rack address. Peers still dial
     /// the rack address.
@@ -413,6 +422,10 @@ impl HeadNodeConfig {
         )
     }
 
+    pub fn quick_election(&self) -> bool {
+        self.quick_election.unwrap_or(true)
+    }
+
     pub fn node_refused_down_after(&self) -> Duration {
         Duration::from_millis(
             self.node_refused_down_after_ms
@@ -441,7 +454,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.heartbeat_interval(), Duration::from_millis(100));
         assert_eq!(c.election_timeout_min(), Duration::from_millis(500));
-        assert_eq!(c.election_timeout_max(), Duration::from_millis(1000));
+        assert_eq!(c.election_timeout_max(), Duration::from_millis(600));
         assert_eq!(c.node_down_after(), Duration::from_millis(1500));
         assert_eq!(c.node_refused_down_after(), Duration::from_millis(300));
         assert_eq!(c.failover_lease_margin(), Duration::from_millis(60));

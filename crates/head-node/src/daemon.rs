@@ -146,6 +146,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         election_timeout_max: config.election_timeout_max(),
         node_down_after: config.node_down_after(),
         node_refused_down_after: config.node_refused_down_after(),
+        quick_election: config.quick_election(),
         failover: config.failover(),
         repair: config.repair(),
     };

@@ -15,8 +15,9 @@
 //!   ([`raft::TypeConfig`]) and the durable log and state-machine storage
 //!   of a member ([`raft::RaftStore`]).
 //!
-//! RPCs on the dual-path transport, the node runtime and the leader's
-//! controllers (failure detection, failover, repair) drive this core.
+//! RPCs on the dual-path transport, the node runtime, the leader's
+//! controllers (failure detection, failover, repair) and every voter's
+//! quick election on a dead leader ([`quick_election`]) drive this core.
 
 pub mod client;
 pub mod command;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod failover;
 pub mod network;
 pub mod node;
+pub mod quick_election;
 pub mod raft;
 pub mod repair;
 pub mod state;

@@ -29,8 +29,10 @@
 //!   line per repetition for the script to summarise.
 //!
 //! The units run with the head node's production timings (lease 600 ms,
-//! election 0.5–1 s, refused-connection detection 300 ms), so the pauses
-//! printed are what a deployment gets. The tests other than the benchmark
+//! election 0.5–0.6 s with the quick election on a dead leader,
+//! refused-connection detection 300 ms), so the pauses printed are what a
+//! deployment gets. `FAILOVER_TRACE=1` prints the head nodes' log lines of
+//! each failover's steps (election, Down, promotions, take-overs, leases). The tests other than the benchmark
 //! do not kill the Raft leader on purpose: that adds an election before
 //! the detector runs (see ARCHITECTURE.md, "Failover in one paragraph").
 
@@ -87,7 +89,12 @@ impl Cluster {
         // FAILOVER_TIMINGS=legacy: the timings before issue 6's pause work
         // (lease 2 s / 500 ms / margin 500 ms, election 1.5–3 s, no
         // refused-connection detection): bench/failover.sh's baseline.
-        let legacy = std::env::var("FAILOVER_TIMINGS").is_ok_and(|v| v == "legacy");
+        // FAILOVER_TIMINGS=previous: the production timings before the
+        // quick election on a dead leader (election 0.5–1 s, openraft's
+        // timers alone): the baseline of the leader-kill work.
+        let timings = std::env::var("FAILOVER_TIMINGS").unwrap_or_default();
+        let legacy = timings == "legacy";
+        let previous = timings == "previous";
         let options = if legacy {
             HeadNodeOptions {
                 count: 3,
@@ -97,8 +104,29 @@ impl Cluster {
                 node_refused_down_after_ms: 1500,
                 ..HeadNodeOptions::default()
             }
+        } else if previous {
+            HeadNodeOptions {
+                election_timeout_min_ms: 500,
+                election_timeout_max_ms: 1000,
+                ..HeadNodeOptions::production_timings(3)
+            }
         } else {
             HeadNodeOptions::production_timings(3)
+        };
+        // FAILOVER_ELECTION_TIMEOUT_MS=min,max: other election timeouts
+        // (benchmarks that tune the defaults).
+        let options = match std::env::var("FAILOVER_ELECTION_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| {
+                let (min, max) = v.split_once(',')?;
+                Some((min.trim().parse().ok()?, max.trim().parse().ok()?))
+            }) {
+            Some((min, max)) => HeadNodeOptions {
+                election_timeout_min_ms: min,
+                election_timeout_max_ms: max,
+                ..options
+            },
+            None => options,
         };
         // Every take-over opens new extents: long benchmark runs need more
         // columns than the tests' 8 per sled.
@@ -117,8 +145,11 @@ impl Cluster {
         if legacy {
             unit.append_head_node_config(
                 "lease_duration_ms = 2000\nlease_renew_interval_ms = 500\n\
-                 failover_lease_margin_ms = 500\n",
+                 failover_lease_margin_ms = 500\nquick_election = false\n",
             );
+        }
+        if previous {
+            unit.append_head_node_config("quick_election = false\n");
         }
         let sleds = unit.start_sleds();
         let heads = unit.start_head_nodes();
@@ -217,6 +248,48 @@ impl Cluster {
                 text.lines().filter(|l| l.contains(needle)).count()
             })
             .sum()
+    }
+
+    /// Every head node's log length now (see `trace_since`).
+    fn log_lengths(&self) -> Vec<usize> {
+        self.unit
+            .head_nodes
+            .iter()
+            .map(|head| {
+                let path = self.unit.dir.path().join(format!("{}.log", head.id));
+                std::fs::metadata(&path).map_or(0, |m| m.len() as usize)
+            })
+            .collect()
+    }
+
+    /// FAILOVER_TRACE=1: the head nodes' log lines written since
+    /// `lengths` that mark a failover's steps (elections, Down records,
+    /// promotions, leases), to see where a pause goes.
+    fn trace_since(&self, lengths: &[usize]) {
+        if std::env::var("FAILOVER_TRACE").map_or(true, |v| v != "1") {
+            return;
+        }
+        const NEEDLES: [&str; 8] = [
+            "starting an election",
+            "became leader",
+            "recording the endpoint Down",
+            "failover",
+            "lease granted",
+            "taking the partition over",
+            "lease refused",
+            "no longer leader",
+        ];
+        for (head, from) in self.unit.head_nodes.iter().zip(lengths) {
+            let path = self.unit.dir.path().join(format!("{}.log", head.id));
+            let text = std::fs::read(&path).unwrap_or_default();
+            let new = String::from_utf8_lossy(text.get(*from..).unwrap_or_default());
+            for line in new
+                .lines()
+                .filter(|l| NEEDLES.iter().any(|n| l.contains(n)))
+            {
+                eprintln!("TRACE {}: {}", head.id, line);
+            }
+        }
     }
 
     fn logs(&self) -> String {
@@ -486,6 +559,7 @@ async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize)
         })
         .collect();
     let _ = work.writer.take_gap();
+    let lengths = cluster.log_lengths();
     let killed = Instant::now();
     if let Some(mut daemon) = cluster.heads[victim].take() {
         daemon.kill9();
@@ -507,6 +581,7 @@ async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize)
             .map(|p| format!("{}:{}/{}@{}", p.index, p.primary.id, p.secondary.id, p.epoch))
             .collect::<Vec<_>>()
     );
+    cluster.trace_since(&lengths);
     work.writer.assert_no_errors(cluster);
     pause
 }
@@ -645,7 +720,11 @@ async fn failover_pause_bench() {
         cluster.restart(victim);
         work.progress(50, &cluster).await;
     }
-    eprintln!("{reps} repetitions in {:?}", started.elapsed());
+    eprintln!(
+        "{reps} repetitions in {:?}; quick elections started: {}",
+        started.elapsed(),
+        cluster.count_log_lines("refuses connections on both networks: starting an election")
+    );
     work.finish(&cluster, "after every failover").await;
 }
 

@@ -236,6 +236,29 @@ async fn leader_kill_failover_rejoin_and_full_restart() {
     register(&client, 8).await;
     eprintln!("new leader {new_leader} serving {failover:?} after kill -9 of {old_leader}");
     assert!(failover < Duration::from_secs(10));
+    // The dead leader's host refused connections on both networks, so a
+    // survivor campaigned as soon as the other's openraft lease on it ended
+    // (3 s after its last heartbeat with these timings) instead of after its
+    // own election timer (3 s + at least 1.5 s): local_control_plane::
+    // quick_election.
+    let quick_elections: usize = unit
+        .head_nodes
+        .iter()
+        .filter(|h| h.id != old_leader)
+        .map(|h| {
+            let log = std::fs::read_to_string(unit.dir.path().join(format!("{}.log", h.id)))
+                .unwrap_or_default();
+            log.lines()
+                .filter(|l| {
+                    l.contains("refuses connections on both networks: starting an election")
+                })
+                .count()
+        })
+        .sum();
+    assert!(
+        quick_elections >= 1,
+        "no survivor started a quick election after the leader's kill -9"
+    );
 
     // Both paths of the killed node are silent: after node_down_after the
     // new leader's detector records it Down (a node fault, this time).
