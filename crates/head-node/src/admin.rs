@@ -8,6 +8,7 @@
 //! | `GET /partitions` | JSON `{ready, partitions}`: the partitions hosted here (role, epoch, lease, log-resident blocks, flush/GC counters, repair queue), local |
 //! | `POST /flush` | flushes every primary here to the sleds now; JSON per partition (tests, operators before maintenance) |
 //! | `GET /volumes/{id}/partition-map` | JSON partition map, linearizable; 404 for an unknown volume |
+//! | `GET /volumes/{id}/blocks/{block}` | JSON: what each partition hosted here says of 4 KiB volume block `block` (role, epoch, sequence of its last write or trim, location), local; for debugging |
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/partitions", get(partitions))
         .route("/flush", post(flush))
         .route("/volumes/{id}/partition-map", get(partition_map))
+        .route("/volumes/{id}/blocks/{block}", get(describe_block))
         .with_state(state)
 }
 
@@ -129,4 +131,11 @@ async fn partition_map(State(state): State<AdminState>, Path(id): Path<u64>) -> 
         LcpResponse::PartitionMap(map) => Json(map).into_response(),
         other => error_response(other),
     }
+}
+
+async fn describe_block(
+    State(state): State<AdminState>,
+    Path((id, block)): Path<(u64, u64)>,
+) -> Response {
+    Json(json!({ "hosted": state.manager.describe_block(id, block) })).into_response()
 }

@@ -697,6 +697,16 @@ impl PartitionManager {
         outcomes
     }
 
+    /// What every partition hosted here says of volume block `block`
+    /// (admin `GET /volumes/{id}/blocks/{block}`).
+    pub fn describe_block(&self, volume: u64, block: u64) -> Vec<serde_json::Value> {
+        read(&self.inner.hosted)
+            .iter()
+            .filter(|(id, _)| id.volume == volume)
+            .filter_map(|(_, h)| h.partition.describe_block(block))
+            .collect()
+    }
+
     /// The hosted partitions, for `/status`.
     pub fn status(&self) -> Vec<PartitionStatus> {
         read(&self.inner.hosted)

@@ -293,6 +293,21 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
+        // FAILOVER_KEEP_LOGS=dir: keep every daemon's whole log there.
+        if let Ok(keep) = std::env::var("FAILOVER_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            if let Ok(entries) = std::fs::read_dir(self.unit.dir.path()) {
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "log") {
+                        let _ = std::fs::copy(
+                            &path,
+                            std::path::Path::new(&keep).join(entry.file_name()),
+                        );
+                    }
+                }
+            }
+        }
         let mut logs = String::new();
         for head in &self.unit.head_nodes {
             let path = self.unit.dir.path().join(format!("{}.log", head.id));
@@ -321,6 +336,13 @@ struct Writer {
     /// Acknowledged writes per partition.
     per_partition: [AtomicU64; PARTITIONS],
     gap: Mutex<Option<(Instant, Duration)>>,
+    /// Every version written per slot, in order: (pattern seed, acknowledged).
+    history: Mutex<BTreeMap<u64, Vec<(u64, bool)>>>,
+    /// Writers hold it shared per operation; [`Writer::check_paused`] takes
+    /// it exclusively to compare every slot with the model at rest.
+    gate: tokio::sync::RwLock<()>,
+    /// Head nodes' admin addresses, for diagnosing a wrong read.
+    admins: Mutex<Vec<(String, std::net::SocketAddr)>>,
 }
 
 impl Writer {
@@ -351,16 +373,19 @@ impl Writer {
             x ^= x << 17;
             let slot = worker + WORKERS * (x % (SLOTS / WORKERS));
             let offset = slot * SLOT_BYTES;
+            let _op = self.gate.read().await;
             if version % 8 == 7 {
                 let expected = self.model.lock().unwrap().get(&slot).cloned();
                 if let Some(expected) = expected {
                     match client.read(offset, SLOT_BYTES).await {
                         Ok(data) if data[..] == expected[..] => self.completed(),
-                        Ok(_) => self
-                            .errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("slot {slot}: read back differs")),
+                        Ok(data) => {
+                            let why = self.explain(slot, &data);
+                            self.errors
+                                .lock()
+                                .unwrap()
+                                .push(format!("slot {slot}: read back differs: {why}"))
+                        }
                         Err(e) => self
                             .errors
                             .lock()
@@ -370,9 +395,25 @@ impl Writer {
                 }
             }
             version += 1;
-            let data = pattern((slot << 24) ^ (version << 2) ^ worker, SLOT_BYTES);
+            let seed = (slot << 24) ^ (version << 2) ^ worker;
+            let data = pattern(seed, SLOT_BYTES);
+            self.history
+                .lock()
+                .unwrap()
+                .entry(slot)
+                .or_default()
+                .push((seed, false));
             match client.write(offset, Bytes::from(data.clone()), false).await {
                 Ok(()) => {
+                    if let Some(last) = self
+                        .history
+                        .lock()
+                        .unwrap()
+                        .get_mut(&slot)
+                        .and_then(|h| h.last_mut())
+                    {
+                        last.1 = true;
+                    }
                     self.model.lock().unwrap().insert(slot, data);
                     self.per_partition[(offset / PARTITION_BYTES) as usize]
                         .fetch_add(1, Ordering::Relaxed);
@@ -388,6 +429,75 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Which version of `slot` `data` is (position in its history, out of
+    /// how many, acknowledged or not), and what each head node's index says
+    /// of the slot's blocks.
+    fn explain(&self, slot: u64, data: &[u8]) -> String {
+        let history = self
+            .history
+            .lock()
+            .unwrap()
+            .get(&slot)
+            .cloned()
+            .unwrap_or_default();
+        let found = if data.iter().all(|b| *b == 0) {
+            "zeros".to_string()
+        } else {
+            match history
+                .iter()
+                .rposition(|(seed, _)| pattern(*seed, SLOT_BYTES)[..] == data[..])
+            {
+                Some(i) => format!(
+                    "version {} of {} (acknowledged: {})",
+                    i + 1,
+                    history.len(),
+                    history[i].1
+                ),
+                None => "no version ever written to this slot".to_string(),
+            }
+        };
+        let mut where_ = Vec::new();
+        for (name, admin) in self.admins.lock().unwrap().iter() {
+            for block in [slot * 2, slot * 2 + 1] {
+                let answer = http_get(*admin, &format!("/volumes/{VOLUME}/blocks/{block}"))
+                    .map(|(_, body)| body)
+                    .unwrap_or_else(|| "unreachable".to_string());
+                where_.push(format!("{name} block {block}: {answer}"));
+            }
+        }
+        format!("got {found}; index: {}", where_.join(" | "))
+    }
+
+    /// Pauses the writers and compares every slot with the model.
+    async fn check_paused(&self, client: &VolumeClient, when: &str) -> Result<(), String> {
+        let _quiet = self.gate.write().await;
+        let model = self.model.lock().unwrap().clone();
+        let unknown = self.unknown.lock().unwrap().clone();
+        let piece = 4 * MIB;
+        for offset in (0..VOLUME_BYTES).step_by(piece as usize) {
+            let data = client
+                .read(offset, piece)
+                .await
+                .map_err(|e| format!("{when}: read at {offset}: {e}"))?;
+            for at in (0..piece).step_by(SLOT_BYTES as usize) {
+                let slot = (offset + at) / SLOT_BYTES;
+                if unknown.contains(&slot) {
+                    continue;
+                }
+                let got = &data[at as usize..(at + SLOT_BYTES) as usize];
+                let zeros = vec![0u8; SLOT_BYTES as usize];
+                let expected = model.get(&slot).unwrap_or(&zeros);
+                if got != &expected[..] {
+                    return Err(format!(
+                        "{when}: slot {slot} differs from its last acknowledged write: {}",
+                        self.explain(slot, got)
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn assert_no_errors(&self, cluster: &Cluster) {
@@ -450,6 +560,12 @@ impl Workload {
                 .unwrap(),
         );
         let writer = Arc::new(Writer::default());
+        *writer.admins.lock().unwrap() = cluster
+            .unit
+            .head_nodes
+            .iter()
+            .map(|h| (h.id.clone(), h.admin))
+            .collect();
         let tasks = (0..WORKERS)
             .map(|w| tokio::spawn(writer.clone().run(client.clone(), w)))
             .collect();
@@ -719,6 +835,13 @@ async fn failover_pause_bench() {
         );
         cluster.restart(victim);
         work.progress(50, &cluster).await;
+        if let Err(e) = work
+            .writer
+            .check_paused(&work.client, &format!("after repetition {}", rep + 1))
+            .await
+        {
+            panic!("{e}\n{}", cluster.logs());
+        }
     }
     eprintln!(
         "{reps} repetitions in {:?}; quick elections started: {}",

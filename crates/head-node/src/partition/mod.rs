@@ -907,6 +907,29 @@ impl Partition {
         Some((location, column))
     }
 
+    /// What the index says of *volume* block `volume_block`, if this
+    /// partition holds it: role, epoch, the sequence of the write (or trim)
+    /// that last touched it and where its data is (admin debug endpoint).
+    pub fn describe_block(&self, volume_block: u64) -> Option<serde_json::Value> {
+        let config = &self.shared.config;
+        let block = volume_block.checked_sub(config.first_block)?;
+        if block >= config.size_blocks {
+            return None;
+        }
+        let state = self.shared.lock();
+        let mapped = state.index.lookup_with_sequence(block, 1).ok()?;
+        let first = mapped.first()?;
+        Some(serde_json::json!({
+            "volume": config.partition.volume,
+            "partition": config.partition.partition,
+            "role": format!("{:?}", state.role),
+            "epoch": state.epoch,
+            "block_in_partition": block,
+            "sequence": first.sequence,
+            "location": first.location.map(|l| format!("{l:?}")),
+        }))
+    }
+
     /// Checks the index's structural invariants (tests, debug endpoints).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.shared.lock().index.check_invariants()
