@@ -159,11 +159,16 @@ type LogPiece = (u64, u64, u64, LogPosition, u32);
 type TrimPiece = (u64, u64, u64);
 
 /// Log-resident runs (lba, count, sequence, position, first block) up to the
-/// batch size, trims up to the applied watermark, the watermark, and
+/// batch size, trims up to the batch's watermark, the watermark, and
 /// whether more runs remain.
+///
+/// The watermark (`up_to` of the batch's flush commit) is the applied
+/// watermark, lowered below the oldest log-resident run this batch leaves
+/// for the next one: a secondary that is behind jumps to `up_to` on the
+/// commit, so `up_to` must never cover a record the sleds do not hold yet.
 fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
     let state = shared.lock();
-    let up_to = state.applied_through;
+    let mut up_to = state.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
     let mut total = 0;
     let mut pieces = Vec::new();
@@ -176,11 +181,16 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
         {
             if total >= limit {
                 more = true;
-                break;
+                up_to = up_to.min(run.sequence.saturating_sub(1));
+                continue;
             }
             let count = run.count.min(limit - total);
             pieces.push((lba, count, run.sequence, position, block_in_record));
             total += count;
+            if count < run.count {
+                more = true;
+                up_to = up_to.min(run.sequence.saturating_sub(1));
+            }
         }
     }
     let trims = state

@@ -798,10 +798,35 @@ impl Partition {
             flushing: std::sync::atomic::AtomicBool::new(false),
             recovery: Mutex::new(RecoveryReport::default()),
         });
-        if role == OpenRole::Primary {
-            checkpoint::recover(&shared, recovered).await?;
+        let mut recovered = live_records(shared.id(), recovered);
+        if role == OpenRole::Secondary {
+            // Joining at `epoch`: what this log holds of older epochs is
+            // either in the primary's history (which the primary holds) or
+            // a dead primary's records past the point where the next
+            // primary took over, reusing their sequences. The marker voids
+            // them for every later replay too (see `live_records`).
+            let epoch = shared.config.epoch;
+            recovered.retain(|r| r.record.epoch >= epoch);
+            let marker = LogRecord {
+                kind: RecordKind::Checkpoint,
+                partition: shared.id(),
+                epoch,
+                sequence: 0,
+                lba: 0,
+                block_count: 0,
+                payload: Bytes::from_static(JOIN_MARKER),
+            };
+            shared
+                .log
+                .wal()
+                .append_one(marker)
+                .await
+                .map_err(|source| shared.wal_error(source))?;
         }
-        replay_log(&shared, role, recovered)?;
+        if role == OpenRole::Primary {
+            checkpoint::recover(&shared, &recovered).await?;
+        }
+        replay_log(&shared, role, &recovered)?;
         {
             let mut state = shared.lock();
             if state.next_sequence < min_next_sequence {
@@ -1522,6 +1547,40 @@ async fn wait_replicated(shared: &Arc<Shared>, sequence: u64) -> Result<(), Part
             partition: shared.id(),
         }),
     }
+}
+
+/// Payload of the marker a partition opened as secondary logs (a
+/// [`RecordKind::Checkpoint`] record at the epoch it joins at).
+const JOIN_MARKER: &[u8] = b"rackblock: secondary joined at this epoch";
+
+/// `partition`'s records of `recovered` that are still part of its history.
+///
+/// **Why some are not.** A primary that dies leaves records it logged but
+/// never got confirmed; the promoted secondary continues from *its* next
+/// sequence, so the same sequences then name other writes. If the dead
+/// node's log is replayed later (it rejoins as secondary, or is promoted
+/// again and restarts), its stale records would win over acknowledged
+/// writes with the same sequence, or make the secondary skip them as
+/// duplicates. A node that joins a partition as secondary at epoch `E`
+/// therefore logs a join marker, and every record of the partition before
+/// a marker with an epoch below the marker's is void (it holds nothing the
+/// epoch-`E` primary does not have). Records of other partitions, and the
+/// markers themselves, are dropped here.
+fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<RecoveredRecord> {
+    let mut voided_below = 0;
+    let mut live: Vec<RecoveredRecord> = Vec::new();
+    for r in recovered.iter().rev() {
+        if r.record.partition != partition {
+            continue;
+        }
+        if r.record.kind == RecordKind::Checkpoint && r.record.payload[..] == *JOIN_MARKER {
+            voided_below = voided_below.max(r.record.epoch);
+        } else if r.record.epoch >= voided_below {
+            live.push(r.clone());
+        }
+    }
+    live.reverse();
+    live
 }
 
 /// Applies the partition's records of the recovered log.

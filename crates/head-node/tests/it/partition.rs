@@ -1749,3 +1749,103 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
     }
     chaos.serving().primary.check_invariants().unwrap();
 }
+
+/// A primary logs a write its secondary never confirms, dies, and the
+/// promoted secondary reuses that sequence for another write. When the dead
+/// node's log comes back (it rejoins as secondary, then is promoted, then
+/// restarts), the unconfirmed record must not shadow the acknowledged write
+/// with the same sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_primarys_unconfirmed_records_never_come_back() {
+    let size = 64;
+    let unit = Unit::new(size).await;
+    unit.write(0, 0, vec![1; 4096]).await.unwrap();
+    unit.peer.down.store(true, Ordering::SeqCst);
+    let lost = unit.write(1, 0, vec![0xEE; 4096]).await;
+    assert!(
+        matches!(lost, Err(PartitionError::Unavailable { .. })),
+        "{lost:?}"
+    );
+    unit.primary.shutdown();
+
+    // The dead primary's node rejoins as the secondary of epoch 2 from its
+    // own log; the old secondary is promoted and writes sequence 2 again.
+    let rejoined = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[0],
+        config(size, 2),
+        OpenRole::Secondary,
+        None,
+    )
+    .await;
+    let to_rejoined = Arc::new(Peer::default());
+    *to_rejoined.target.lock().unwrap() = Some(rejoined.clone());
+    let primary = unit
+        .secondary
+        .take_over(
+            config(size, 2),
+            PartitionDeps {
+                log: unit.secondary.log().clone(),
+                sleds: unit.access.clone(),
+                extents: unit.extents.clone(),
+                replica: Some(to_rejoined),
+            },
+        )
+        .await
+        .unwrap();
+    let acknowledged = vec![0x77; 4096];
+    primary
+        .write(
+            2,
+            (FIRST_BLOCK + 1) * 4096,
+            Bytes::from(acknowledged.clone()),
+            &chunk_crcs(&acknowledged),
+        )
+        .await
+        .unwrap();
+    primary.shutdown();
+    unit.extents.min_epoch.store(3, Ordering::SeqCst);
+
+    // The rejoined node is promoted: it has the acknowledged write.
+    let promoted = rejoined
+        .take_over(
+            config(size, 3),
+            PartitionDeps {
+                log: rejoined.log().clone(),
+                sleds: unit.access.clone(),
+                extents: unit.extents.clone(),
+                replica: Some(Arc::new(Peer::default())),
+            },
+        )
+        .await
+        .unwrap();
+    let read = |p: Partition, epoch: u64| async move {
+        p.read(epoch, FIRST_BLOCK * 4096, 2 * 4096).await.unwrap()
+    };
+    let got = read(promoted.clone(), 3).await;
+    assert!(got[..4096] == [1u8; 4096][..], "block 0 after promotion");
+    assert!(
+        got[4096..] == acknowledged[..],
+        "block 1 after promotion: the unconfirmed write came back"
+    );
+    promoted.shutdown();
+
+    // ... and restarts from its log as the primary: the join marker keeps
+    // the dead epoch's record out of the replay.
+    let restarted = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[0],
+        config(size, 3),
+        OpenRole::Primary,
+        Some(Arc::new(Peer::default())),
+    )
+    .await;
+    let got = read(restarted, 3).await;
+    assert!(got[..4096] == [1u8; 4096][..], "block 0 after a restart");
+    assert!(
+        got[4096..] == acknowledged[..],
+        "block 1 after a restart from the log: the unconfirmed write came back"
+    );
+}
