@@ -56,8 +56,11 @@
 //! every row when no checkpoint can be trusted ([`checkpoint`]) — then
 //! replay the partition's records of the log (writes and trims; newest
 //! sequence wins). Secondary: replay the log (writes, trims and flush
-//! commits); the highest epoch seen is the highest epoch of its logged
-//! records. The primary writes a checkpoint every
+//! commits) of its epoch only, and log a join marker that voids the
+//! partition's older-epoch records for every later replay (a dead
+//! primary's unconfirmed records share sequences with the next primary's
+//! writes, see [`live_records`]); the highest epoch seen is the highest
+//! epoch of its logged records. The primary writes a checkpoint every
 //! `checkpoint_every_flushes` flush commits or `checkpoint_interval`, and
 //! on [`Partition::write_checkpoint`].
 
@@ -637,8 +640,8 @@ impl Partition {
     /// primary:   Fenced{new epoch} + replicator stopped (in-flight writes
     ///            fail NotPrimary), wait (bounded) for writes and a flush
     ///            in flight to finish
-    /// collect:   every log record the index, the pending trims or the
-    ///            unflushed tail (`retained`) refer to, read from the WAL
+    /// collect:   every log record the index or the pending trims refer to
+    ///            (what the old instance holds in the log), read from the WAL
     /// open:      Partition::open(Primary) over those records: claims every
     ///            owned column at the new epoch (fences the old primary on
     ///            the sleds), index = newest sled checkpoint + the summaries
@@ -685,7 +688,14 @@ impl Partition {
             let _ = tokio::time::timeout(wait, old.barrier.write()).await;
             let _ = tokio::time::timeout(wait, old.flush_lock.lock()).await;
         }
-        let (needed, tail, next_sequence) = {
+        // Only what the index and the pending trims refer to: the old
+        // instance holds exactly those in the log until the new one has
+        // registered its own holds. A record of the unflushed tail that the
+        // index no longer refers to is superseded or on the sleds; the old
+        // instance does not hold it, so the log may release it at any moment
+        // (another partition's flush): replayed, it would map blocks whose
+        // sled copy has the same sequence to a log record that is gone.
+        let (needed, next_sequence) = {
             let state = old.lock();
             let mut needed: BTreeSet<LogPosition> = state
                 .index
@@ -696,22 +706,16 @@ impl Partition {
                 })
                 .collect();
             needed.extend(state.pending_trims.values().map(|t| t.2));
-            let tail: BTreeSet<LogPosition> = state.retained.values().copied().collect();
-            (needed, tail, state.next_sequence)
+            (needed, state.next_sequence)
         };
-        let mut records = Vec::with_capacity(needed.len().max(tail.len()));
-        for position in needed.union(&tail).copied() {
+        let mut records = Vec::with_capacity(needed.len());
+        for position in needed {
             match old.log.wal().read(position).await {
                 Ok(record)
                     if record.partition == old.id()
                         && matches!(record.kind, RecordKind::Write | RecordKind::Trim) =>
                 {
                     records.push(RecoveredRecord { position, record });
-                }
-                Ok(_) if !needed.contains(&position) => {}
-                Err(_) if !needed.contains(&position) => {
-                    // Released since (a primary's confirmed tail): flushed
-                    // or superseded, the catch-up jumps over it.
                 }
                 Ok(other) => {
                     return Err(PartitionError::Recovery {

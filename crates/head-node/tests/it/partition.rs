@@ -1631,6 +1631,18 @@ impl Chaos {
         }
     }
 
+    /// Releases the primary's log as often as it can, like the other
+    /// partitions sharing a head node's log do (their flushes release it
+    /// at any moment, also in the middle of a take-over).
+    async fn releaser(self: Arc<Self>) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let s = self.serving();
+            let _ = s.primary.log().release().await;
+            let _ = s.secondary.log().release().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// A fresh secondary (empty log) at `epoch` and the peer that reaches it.
     async fn fresh_secondary(&self, epoch: u64) -> (Partition, Arc<Peer>) {
         let secondary = open_partition(
@@ -1725,6 +1737,7 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         .map(|w| tokio::spawn(chaos.clone().writer(w)))
         .collect();
     let background = tokio::spawn(chaos.clone().background());
+    let releaser = tokio::spawn(chaos.clone().releaser());
     let mut rng = StdRng::seed_from_u64(seed);
     for _ in 0..rounds {
         tokio::time::sleep(Duration::from_millis(rng.random_range(30..150))).await;
@@ -1738,6 +1751,7 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         model.extend(w.await.unwrap());
     }
     background.await.unwrap();
+    releaser.await.unwrap();
     let slot_bytes = CHAOS_SLOT_BLOCKS * BLOCK;
     for (slot, want) in &model {
         let got = chaos.get(slot * slot_bytes, slot_bytes as u32).await;
@@ -1848,4 +1862,70 @@ async fn a_dead_primarys_unconfirmed_records_never_come_back() {
         got[4096..] == acknowledged[..],
         "block 1 after a restart from the log: the unconfirmed write came back"
     );
+}
+
+/// An in-place take-over maps blocks only to log records the old instance
+/// still holds: flushed records of the tail are left out, even while the
+/// shared log still has them (another partition holds it further back), or
+/// a release during the take-over would leave the index pointing at a log
+/// record that is gone (reads and flushes of those blocks would then fail
+/// for good, checkpoints would leave them out and GC free their sled copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_over_maps_no_block_to_a_log_record_it_does_not_hold() {
+    let size = 64;
+    let mut unit = Unit::new(size).await;
+    // Another partition on the same log holds it from its first record on.
+    let other_id = PartitionId {
+        volume: PART.volume,
+        partition: PART.partition + 1,
+    };
+    let other = Partition::open(
+        PartitionConfig::new(other_id, FIRST_BLOCK + size, size, 1),
+        OpenRole::Secondary,
+        PartitionDeps {
+            log: unit.primary.log().clone(),
+            sleds: unit.access.clone(),
+            extents: unit.extents.clone(),
+            replica: None,
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    let data = Bytes::from(vec![9u8; 4096]);
+    let reply = other
+        .handle_replica(ReplicaRequest::Append {
+            partition: other_id,
+            epoch: 1,
+            records: vec![proto::volume::ReplicaRecord {
+                sequence: 1,
+                kind: proto::volume::ReplicaRecordKind::Write,
+                lba: FIRST_BLOCK + size,
+                blocks: 1,
+                crcs: chunk_crcs(&data),
+                data,
+            }],
+        })
+        .await;
+    assert!(matches!(reply, ReplicaReply::Appended { .. }), "{reply:?}");
+    for block in 0..4 {
+        unit.write(block, 0, vec![block as u8 + 1; 4096])
+            .await
+            .unwrap();
+    }
+    unit.primary.flush_now().await.unwrap();
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    let taken = unit.take_over(false, 2).await;
+    assert_eq!(
+        taken.log_resident_blocks(),
+        0,
+        "the take-over mapped flushed blocks to log records only the tail named"
+    );
+    let got = taken.read(2, FIRST_BLOCK * 4096, 4 * 4096).await.unwrap();
+    for block in 0..4usize {
+        assert!(got[block * 4096..(block + 1) * 4096]
+            .iter()
+            .all(|b| *b == block as u8 + 1));
+    }
+    drop(other);
 }
