@@ -696,7 +696,7 @@ impl Partition {
         // (another partition's flush): replayed, it would map blocks whose
         // sled copy has the same sequence to a log record that is gone.
         let (needed, next_sequence) = {
-            let state = old.lock();
+            let mut state = old.lock();
             let mut needed: BTreeSet<LogPosition> = state
                 .index
                 .runs()
@@ -706,8 +706,45 @@ impl Partition {
                 })
                 .collect();
             needed.extend(state.pending_trims.values().map(|t| t.2));
+            // Pinned until the new instance holds them itself, whatever the
+            // old index does meanwhile (a flush that outlived the wait
+            // above may still move blocks to the sleds).
+            if let Some(first) = needed.first() {
+                state.add_hold(*first);
+            }
             (needed, state.next_sequence)
         };
+        let pin = needed.first().copied();
+        let taken = Self::open_from(old, config, deps, needed, next_sequence).await;
+        if let Some(pin) = pin {
+            old.lock().remove_hold(pin);
+        }
+        let (taken, records) = taken?;
+        {
+            let mut state = old.lock();
+            state.role = Role::Fenced { current: new_epoch };
+        }
+        old.progress.send_modify(|p| p.stopped = true);
+        old.repl_wakeup.notify_one();
+        tracing::info!(
+            partition = ?old.id(),
+            epoch = new_epoch,
+            promoted = was_secondary,
+            records,
+            "taken over in place"
+        );
+        Ok(taken)
+    }
+
+    /// The take-over's second half: reads the `needed` records from the
+    /// log and opens the new primary over them.
+    async fn open_from(
+        old: &Arc<Shared>,
+        config: PartitionConfig,
+        deps: PartitionDeps,
+        needed: BTreeSet<LogPosition>,
+        next_sequence: u64,
+    ) -> Result<(Partition, usize), PartitionError> {
         let mut records = Vec::with_capacity(needed.len());
         for position in needed {
             match old.log.wal().read(position).await {
@@ -731,20 +768,7 @@ impl Partition {
         }
         let taken =
             Self::open_with(config, OpenRole::Primary, deps, &records, next_sequence).await?;
-        {
-            let mut state = old.lock();
-            state.role = Role::Fenced { current: new_epoch };
-        }
-        old.progress.send_modify(|p| p.stopped = true);
-        old.repl_wakeup.notify_one();
-        tracing::info!(
-            partition = ?old.id(),
-            epoch = new_epoch,
-            promoted = was_secondary,
-            records = records.len(),
-            "taken over in place"
-        );
-        Ok(taken)
+        Ok((taken, records.len()))
     }
 
     async fn open_with(
