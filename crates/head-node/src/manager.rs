@@ -50,9 +50,9 @@
 //! controller decides them). A secondary promoted while running, and a
 //! primary whose epoch moved on because its secondary was replaced, are
 //! taken over **in place** ([`Partition::take_over`]): the running
-//! instance stops accepting the old epoch, its live log records (index,
-//! pending trims, unflushed tail) are handed to a new primary instance at
-//! the new epoch, which claims every owned column (fencing the old primary
+//! instance stops accepting the old epoch, the log records its index and
+//! pending trims refer to are handed to a new primary instance at the new
+//! epoch, which claims every owned column (fencing the old primary
 //! on the sleds), takes the lease and serves. The new secondary is caught
 //! up from the primary's log tail by the replicator (a flush-commit jump
 //! over what the sleds hold, then the records). Until it confirms, writes
