@@ -62,19 +62,28 @@ impl MapSource for LcpClient {
 }
 
 /// Tuning of a [`VolumeClient`].
+///
+/// The defaults are tuned for failover: a primary that dies is replaced
+/// within about a second, and the host should see no more than that. The
+/// retry pause stops doubling at 100 ms (a 1 s cap could add most of a
+/// second after the new primary is ready), and the links give up on a
+/// dead head node quickly (connect 300 ms, probes every 200 ms).
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// Longest wait for one answer to one request, both paths included
-    /// (default 12 s: above the link's 5 s per path, twice).
+    /// (default 13 s: above the link's 6 s per path twice, and the head
+    /// node's 5 s replica timeout, so a write is not resent while its first
+    /// attempt may still be acknowledged).
     pub request_timeout: Duration,
     /// How long one request keeps being retried across a failover
     /// (unreachable primary, `Unavailable`, stale map) before it fails
     /// (default 120 s).
     pub failover_timeout: Duration,
-    /// Most attempts of one request within `failover_timeout` (default 1000).
+    /// Most attempts of one request within `failover_timeout` (default
+    /// 5000: a bound on the loop, `failover_timeout` is the real limit).
     pub max_attempts: u32,
     /// First pause between retries; doubles up to `retry_backoff_max`
-    /// (defaults 10 ms and 1 s).
+    /// (defaults 10 ms and 100 ms).
     pub retry_backoff_initial: Duration,
     pub retry_backoff_max: Duration,
     /// Pieces of one call in flight at once (default 32).
@@ -86,13 +95,19 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> ClientConfig {
         ClientConfig {
-            request_timeout: Duration::from_secs(12),
+            request_timeout: Duration::from_secs(13),
             failover_timeout: Duration::from_secs(120),
-            max_attempts: 1000,
+            max_attempts: 5000,
             retry_backoff_initial: Duration::from_millis(10),
-            retry_backoff_max: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_millis(100),
             max_concurrent_pieces: 32,
-            link: LinkConfig::default(),
+            link: LinkConfig {
+                connect_timeout: Duration::from_millis(300),
+                request_timeout: Duration::from_secs(6),
+                probe_interval: Duration::from_millis(200),
+                probe_timeout: Duration::from_millis(300),
+                failures_before_down: 2,
+            },
         }
     }
 }

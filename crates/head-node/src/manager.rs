@@ -988,6 +988,10 @@ async fn reconcile(inner: &Arc<Inner>) {
         .iter()
         .map(|(id, h)| (*id, h.clone()))
         .collect();
+    // Take-overs run concurrently (each claims its columns and reads its
+    // sled summaries: the last partition of a failed node is served one
+    // take-over after the first, not one per partition).
+    let mut take_overs = Vec::new();
     for (id, h) in hosted {
         let drop_reason = match desired.get(&id) {
             None => Some("no longer assigned to this head node".to_string()),
@@ -1000,7 +1004,7 @@ async fn reconcile(inner: &Arc<Inner>) {
                     info!(partition = ?id, from = ?h.role, epoch = d.epoch, "taking the partition over as primary");
                 }
                 h.lcp_epoch.store(d.epoch, Ordering::Relaxed);
-                take_over(inner, id, &h, d.clone()).await;
+                take_overs.push((id, h.clone(), d.clone()));
                 None
             }
             Some(d) if d.role != h.role => Some(format!("role changed to {:?}", d.role)),
@@ -1019,6 +1023,12 @@ async fn reconcile(inner: &Arc<Inner>) {
             }
         }
     }
+    futures::future::join_all(
+        take_overs
+            .into_iter()
+            .map(|(id, h, d)| async move { take_over(inner, id, &h, d).await }),
+    )
+    .await;
 
     // Open what is ours and not hosted.
     let missing: Vec<(PartitionId, Desired)> = {

@@ -59,21 +59,9 @@ const SLOTS: u64 = VOLUME_BYTES / SLOT_BYTES;
 const WORKERS: u64 = 4;
 const PARTITIONS: usize = (VOLUME_BYTES / PARTITION_BYTES) as usize;
 
+/// What `rackblock attach` uses: the pauses printed are the product's.
 fn client_config() -> ClientConfig {
-    ClientConfig {
-        // Above the head node's 5 s replica timeout: a write is never
-        // resent while its first attempt may still be acknowledged.
-        request_timeout: Duration::from_secs(13),
-        retry_backoff_max: Duration::from_millis(100),
-        link: LinkConfig {
-            connect_timeout: Duration::from_millis(300),
-            request_timeout: Duration::from_secs(6),
-            probe_interval: Duration::from_millis(200),
-            probe_timeout: Duration::from_millis(300),
-            failures_before_down: 2,
-        },
-        ..ClientConfig::default()
-    }
+    ClientConfig::default()
 }
 
 struct Cluster {
