@@ -92,6 +92,8 @@ struct Sleds {
     summary_reads: AtomicU64,
     /// `Append` requests sent.
     appends: AtomicU64,
+    /// `Append` number from which every append fails (`0`: none fails).
+    fail_appends_from: AtomicU64,
 }
 
 impl SledAccess for Sleds {
@@ -100,11 +102,14 @@ impl SledAccess for Sleds {
         sled: &str,
         request: SledRequest,
     ) -> BoxFuture<'static, Result<SledResponse, PeerError>> {
+        let mut failing = false;
         if matches!(request, SledRequest::Append { .. }) {
-            self.appends.fetch_add(1, Ordering::Relaxed);
+            let n = self.appends.fetch_add(1, Ordering::Relaxed) + 1;
+            let from = self.fail_appends_from.load(Ordering::SeqCst);
+            failing = from != 0 && n >= from;
         }
         let target = self.sleds.lock().unwrap().get(sled).cloned();
-        let down = self.down.lock().unwrap().contains(sled);
+        let down = failing || self.down.lock().unwrap().contains(sled);
         if let SledRequest::Read { offset, len, .. } = &request {
             if u64::from(*len) == BLOCK && offset % ROW_BYTES == CHUNK_BYTES {
                 self.summary_reads.fetch_add(1, Ordering::SeqCst);
@@ -1928,4 +1933,70 @@ async fn take_over_maps_no_block_to_a_log_record_it_does_not_hold() {
             .all(|b| *b == block as u8 + 1));
     }
     drop(other);
+}
+
+/// A flush that writes its first batch and then fails: the first batch's
+/// flush commit must not move a secondary that is still catching up past
+/// the records left for the next batch (they are only in the logs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_flush_commit_does_not_skip_a_catching_up_secondary_past_unflushed_records() {
+    fn two_block_batches(c: &mut PartitionConfig) {
+        c.flush_batch_blocks = 2;
+        c.checkpoint_every_flushes = 0;
+        c.checkpoint_interval = Duration::ZERO;
+    }
+    let size = 64;
+    let unit = Unit::new_tuned(size, two_block_batches).await;
+    // Block 7 gets the oldest sequence, block 0 the newest: the first batch
+    // (blocks 0 and 1) holds the newest records.
+    for block in (0..8u64).rev() {
+        unit.write(block, 0, vec![block as u8 + 1; 4096])
+            .await
+            .unwrap();
+    }
+    unit.secondary.shutdown();
+    let fresh = open_partition(
+        &unit.access,
+        &unit.extents,
+        &Arc::new(MemoryDevice::new(WAL_DEVICE)),
+        tuned(size, 1, two_block_batches),
+        OpenRole::Secondary,
+        None,
+    )
+    .await;
+    *unit.peer.target.lock().unwrap() = Some(fresh.clone());
+    // One stripe (k + m appends) succeeds, then the sleds fail.
+    let appended = unit.access.appends.load(Ordering::SeqCst);
+    unit.access
+        .fail_appends_from
+        .store(appended + u64::from(K + M) + 1, Ordering::SeqCst);
+    assert!(unit.primary.flush_now().await.is_err());
+    unit.access.fail_appends_from.store(0, Ordering::SeqCst);
+    // A new write: the secondary takes the flush commit, then catches up.
+    unit.write(20, 0, vec![21; 4096]).await.unwrap();
+    unit.primary.shutdown();
+    let promoted = fresh
+        .take_over(
+            tuned(size, 2, two_block_batches),
+            PartitionDeps {
+                log: fresh.log().clone(),
+                sleds: unit.access.clone(),
+                extents: unit.extents.clone(),
+                replica: Some(Arc::new(Peer::default())),
+            },
+        )
+        .await
+        .unwrap();
+    let got = promoted
+        .read(2, FIRST_BLOCK * 4096, 8 * 4096)
+        .await
+        .unwrap();
+    for block in 0..8usize {
+        assert!(
+            got[block * 4096..(block + 1) * 4096]
+                .iter()
+                .all(|b| *b == block as u8 + 1),
+            "block {block} lost by the promoted secondary"
+        );
+    }
 }
