@@ -66,28 +66,24 @@ async fn check(unit: &TestUnit, client: &VolumeClient, model: &[u8], when: &str)
 }
 
 async fn compare(client: &VolumeClient, model: &[u8], when: &str) -> Result<(), String> {
-    let piece = 4 * MIB;
-    for offset in (0..VOLUME_BYTES).step_by(piece as usize) {
-        let data = client
-            .read(offset, piece)
-            .await
-            .map_err(|e| format!("{when}: read at {offset}: {e}"))?;
-        let expected = &model[offset as usize..(offset + piece) as usize];
-        if data[..] != *expected {
-            let at = data
-                .iter()
-                .zip(expected)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            return Err(format!(
-                "{when}: volume bytes at {} differ: got {:?}, expected {:?}",
-                offset + at as u64,
-                &data[at..(at + 16).min(data.len())],
-                &expected[at..(at + 16).min(expected.len())],
-            ));
+    tests::check_volume_in_pieces(client, VOLUME_BYTES, 4 * MIB, when, |offset, data| {
+        let expected = &model[offset as usize..offset as usize + data.len()];
+        if data == expected {
+            return Ok(());
         }
-    }
-    Ok(())
+        let at = data
+            .iter()
+            .zip(expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        Err(format!(
+            "{when}: volume bytes at {} differ: got {:?}, expected {:?}",
+            offset + at as u64,
+            &data[at..(at + 16).min(data.len())],
+            &expected[at..(at + 16).min(expected.len())],
+        ))
+    })
+    .await
 }
 
 fn partitions_json(unit: &TestUnit, i: usize) -> serde_json::Value {

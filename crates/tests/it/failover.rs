@@ -463,29 +463,21 @@ impl Writer {
         let _quiet = self.gate.write().await;
         let model = self.model.lock().unwrap().clone();
         let unknown = self.unknown.lock().unwrap().clone();
-        let piece = 4 * MIB;
-        for offset in (0..VOLUME_BYTES).step_by(piece as usize) {
-            let data = client
-                .read(offset, piece)
-                .await
-                .map_err(|e| format!("{when}: read at {offset}: {e}"))?;
-            for at in (0..piece).step_by(SLOT_BYTES as usize) {
-                let slot = (offset + at) / SLOT_BYTES;
-                if unknown.contains(&slot) {
-                    continue;
-                }
-                let got = &data[at as usize..(at + SLOT_BYTES) as usize];
-                let zeros = vec![0u8; SLOT_BYTES as usize];
+        let zeros = vec![0u8; SLOT_BYTES as usize];
+        tests::check_volume_in_pieces(client, VOLUME_BYTES, 4 * MIB, when, |offset, data| {
+            for (i, got) in data.chunks(SLOT_BYTES as usize).enumerate() {
+                let slot = offset / SLOT_BYTES + i as u64;
                 let expected = model.get(&slot).unwrap_or(&zeros);
-                if got != &expected[..] {
+                if !unknown.contains(&slot) && got != &expected[..] {
                     return Err(format!(
                         "{when}: slot {slot} differs from its last acknowledged write: {}",
                         self.explain(slot, got)
                     ));
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     fn assert_no_errors(&self, cluster: &Cluster) {

@@ -17,8 +17,25 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-/// The `rackblock` binary: `$RACKBLOCK_BIN`, else `target/debug/rackblock`
-/// of this workspace (the test script builds it before running tests).
+/// Reads `volume_bytes` of a volume in reads of `piece` bytes and hands
+/// each piece and its offset to `check`; the first error ends the walk.
+pub async fn check_volume_in_pieces(
+    client: &client::VolumeClient,
+    volume_bytes: u64,
+    piece: u64,
+    when: &str,
+    mut check: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    for offset in (0..volume_bytes).step_by(piece as usize) {
+        let data = client
+            .read(offset, piece)
+            .await
+            .map_err(|e| format!("{when}: read at {offset}: {e}"))?;
+        check(offset, &data)?;
+    }
+    Ok(())
+}
+
 /// Registers an attachment of `volume` straight with the unit (as
 /// `rackblock attach --rack` does) and connects a volume client with it:
 /// head nodes refuse host requests without a valid attachment credential.
@@ -72,6 +89,8 @@ pub fn seed_from_env(var: &str) -> u64 {
         })
 }
 
+/// The `rackblock` binary: `$RACKBLOCK_BIN`, else `target/debug/rackblock`
+/// of this workspace (the test script builds it before running tests).
 pub fn rackblock_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("RACKBLOCK_BIN") {
         return PathBuf::from(bin);

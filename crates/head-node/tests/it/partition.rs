@@ -337,6 +337,29 @@ async fn open_partition(
     .unwrap()
 }
 
+/// Takes `source` over in place as `config` says, like the manager does,
+/// replicating to `replica` (`None`: a peer that reaches nothing; reads only).
+async fn take_over_in_place(
+    source: &Partition,
+    config: PartitionConfig,
+    access: &Arc<Sleds>,
+    extents: &Arc<Extents>,
+    replica: Option<Arc<Peer>>,
+) -> Result<Partition, PartitionError> {
+    let replica: Arc<dyn ReplicaPeer> = replica.unwrap_or_default();
+    source
+        .take_over(
+            config,
+            PartitionDeps {
+                log: source.log().clone(),
+                sleds: access.clone(),
+                extents: extents.clone(),
+                replica: Some(replica),
+            },
+        )
+        .await
+}
+
 impl Unit {
     async fn new(size_blocks: u64) -> Unit {
         Self::new_tuned(size_blocks, no_tuning).await
@@ -1150,18 +1173,15 @@ impl Unit {
         } else {
             self.primary.clone()
         };
-        let taken = source
-            .take_over(
-                tuned(self.size_blocks, epoch, self.tune),
-                PartitionDeps {
-                    log: source.log().clone(),
-                    sleds: self.access.clone(),
-                    extents: self.extents.clone(),
-                    replica: Some(Arc::new(Peer::default())),
-                },
-            )
-            .await
-            .unwrap();
+        let taken = take_over_in_place(
+            &source,
+            tuned(self.size_blocks, epoch, self.tune),
+            &self.access,
+            &self.extents,
+            None,
+        )
+        .await
+        .unwrap();
         self.extents.min_epoch.store(epoch, Ordering::SeqCst);
         self.primary = taken.clone();
         self.epoch = epoch;
@@ -1527,14 +1547,35 @@ impl Chaos {
         self.events.lock().unwrap().join("; ")
     }
 
-    /// Writes (or unmaps, `data` None) `slot` until a primary acknowledges,
-    /// resending like the attach agent does.
-    async fn put(&self, slot: u64, data: Option<&[u8]>) {
+    /// Runs `op` on whatever serves now until it succeeds, like the attach
+    /// agent resends (30 s at most, then the test fails naming `what`).
+    async fn until_ok<T, F, Fut>(&self, what: &str, op: F) -> T
+    where
+        F: Fn(Serving) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PartitionError>>,
+    {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let byte = (FIRST_BLOCK + slot * CHAOS_SLOT_BLOCKS) * BLOCK;
         loop {
-            let s = self.serving();
-            let result = match data {
+            match op(self.serving()).await {
+                Ok(value) => return value,
+                Err(error) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{what} never answered: {error}; {}",
+                        self.history()
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+
+    /// Writes (or unmaps, `data` None) `slot` until a primary acknowledges.
+    async fn put(&self, slot: u64, data: Option<&[u8]>) {
+        let byte = (FIRST_BLOCK + slot * CHAOS_SLOT_BLOCKS) * BLOCK;
+        let what = format!("slot {slot}");
+        self.until_ok(&what, |s| async move {
+            match data {
                 Some(data) => {
                     let crcs = chunk_crcs(data);
                     s.primary
@@ -1546,41 +1587,19 @@ impl Chaos {
                         .unmap(s.epoch, byte, (CHAOS_SLOT_BLOCKS * BLOCK) as u32)
                         .await
                 }
-            };
-            match result {
-                Ok(()) => return,
-                Err(error) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "slot {slot} never acknowledged: {error}; {}",
-                        self.history()
-                    );
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
             }
-        }
+        })
+        .await
     }
 
     async fn get(&self, byte: u64, len: u32) -> Bytes {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.serving();
-            match s
-                .primary
+        let what = format!("read at {byte}");
+        self.until_ok(&what, |s| async move {
+            s.primary
                 .read(s.epoch, FIRST_BLOCK * BLOCK + byte, len)
                 .await
-            {
-                Ok(data) => return data,
-                Err(error) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "read at {byte} never answered: {error}; {}",
-                        self.history()
-                    );
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
+        })
+        .await
     }
 
     async fn writer(self: Arc<Self>, w: u64) -> BTreeMap<u64, Vec<u8>> {
@@ -1683,18 +1702,15 @@ impl Chaos {
         } else {
             &old.primary
         };
-        let primary = source
-            .take_over(
-                tuned(self.size_blocks, epoch, chaos_tune),
-                PartitionDeps {
-                    log: source.log().clone(),
-                    sleds: self.access.clone(),
-                    extents: self.extents.clone(),
-                    replica: Some(peer.clone()),
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("take-over at epoch {epoch}: {e}; {}", self.history()));
+        let primary = take_over_in_place(
+            &source,
+            tuned(self.size_blocks, epoch, chaos_tune),
+            &self.access,
+            &self.extents,
+            Some(peer.clone()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("take-over at epoch {epoch}: {e}; {}", self.history()));
         self.extents.min_epoch.store(epoch, Ordering::SeqCst);
         self.events.lock().unwrap().push(format!(
             "epoch {epoch}: {} (stall {stall:?})",
@@ -1800,19 +1816,15 @@ async fn a_dead_primarys_unconfirmed_records_never_come_back() {
     .await;
     let to_rejoined = Arc::new(Peer::default());
     *to_rejoined.target.lock().unwrap() = Some(rejoined.clone());
-    let primary = unit
-        .secondary
-        .take_over(
-            config(size, 2),
-            PartitionDeps {
-                log: unit.secondary.log().clone(),
-                sleds: unit.access.clone(),
-                extents: unit.extents.clone(),
-                replica: Some(to_rejoined),
-            },
-        )
-        .await
-        .unwrap();
+    let primary = take_over_in_place(
+        &unit.secondary,
+        config(size, 2),
+        &unit.access,
+        &unit.extents,
+        Some(to_rejoined),
+    )
+    .await
+    .unwrap();
     let acknowledged = vec![0x77; 4096];
     primary
         .write(
@@ -1827,18 +1839,15 @@ async fn a_dead_primarys_unconfirmed_records_never_come_back() {
     unit.extents.min_epoch.store(3, Ordering::SeqCst);
 
     // The rejoined node is promoted: it has the acknowledged write.
-    let promoted = rejoined
-        .take_over(
-            config(size, 3),
-            PartitionDeps {
-                log: rejoined.log().clone(),
-                sleds: unit.access.clone(),
-                extents: unit.extents.clone(),
-                replica: Some(Arc::new(Peer::default())),
-            },
-        )
-        .await
-        .unwrap();
+    let promoted = take_over_in_place(
+        &rejoined,
+        config(size, 3),
+        &unit.access,
+        &unit.extents,
+        None,
+    )
+    .await
+    .unwrap();
     let read = |p: Partition, epoch: u64| async move {
         p.read(epoch, FIRST_BLOCK * 4096, 2 * 4096).await.unwrap()
     };
@@ -1975,18 +1984,15 @@ async fn a_partial_flush_commit_does_not_skip_a_catching_up_secondary_past_unflu
     // A new write: the secondary takes the flush commit, then catches up.
     unit.write(20, 0, vec![21; 4096]).await.unwrap();
     unit.primary.shutdown();
-    let promoted = fresh
-        .take_over(
-            tuned(size, 2, two_block_batches),
-            PartitionDeps {
-                log: fresh.log().clone(),
-                sleds: unit.access.clone(),
-                extents: unit.extents.clone(),
-                replica: Some(Arc::new(Peer::default())),
-            },
-        )
-        .await
-        .unwrap();
+    let promoted = take_over_in_place(
+        &fresh,
+        tuned(size, 2, two_block_batches),
+        &unit.access,
+        &unit.extents,
+        None,
+    )
+    .await
+    .unwrap();
     let got = promoted
         .read(2, FIRST_BLOCK * 4096, 8 * 4096)
         .await
