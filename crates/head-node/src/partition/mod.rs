@@ -720,6 +720,19 @@ impl Partition {
             old.lock().remove_hold(pin);
         }
         let (taken, records) = taken?;
+        // The rest of the tail is only offered to the new secondary's
+        // catch-up (superseded or flushed: never replayed, never held; a
+        // record released meanwhile is skipped there). Without it the
+        // catch-up would jump over every hole between the records the index
+        // refers to, one round trip per hole.
+        let tail: Vec<(u64, LogPosition)> =
+            old.lock().retained.iter().map(|(s, p)| (*s, *p)).collect();
+        {
+            let mut state = taken.shared.lock();
+            for (sequence, position) in tail {
+                state.retained.entry(sequence).or_insert(position);
+            }
+        }
         {
             let mut state = old.lock();
             state.role = Role::Fenced { current: new_epoch };

@@ -288,9 +288,44 @@ async fn on_reply(
     }
 }
 
+/// What one catch-up request did.
+enum Round {
+    /// The secondary now expects this sequence.
+    Next(u64),
+    /// Nothing sent (a released record was forgotten): look again.
+    Again,
+    /// The secondary is at the queue's front: the normal path goes on.
+    Caught,
+    /// Stop catching up with this step.
+    Done(Step),
+}
+
+/// Most catch-up requests in one go (each moves the secondary forward).
+const CATCH_UP_ROUNDS: usize = 4096;
+
 /// The secondary expects `expected`: resend what it misses from the log, or
-/// move it past records flushed and released here.
-async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
+/// move it past records flushed and released here, request after request
+/// (no failed `Append` and no idle wait between them), until it reaches the
+/// queue's front, a request fails, or `replica_timeout` passed.
+async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
+    let deadline = tokio::time::Instant::now() + shared.config.replica_timeout;
+    for round in 0..CATCH_UP_ROUNDS {
+        let outcome = catch_up_round(shared, expected).await;
+        let late = tokio::time::Instant::now() >= deadline;
+        match outcome {
+            Round::Next(next) if next > expected && !late => expected = next,
+            Round::Again if !late => {}
+            Round::Next(_) | Round::Again => return Step::Progress,
+            Round::Caught if round > 0 => return Step::Progress,
+            Round::Caught => return Step::Retry,
+            Round::Done(step) => return step,
+        }
+    }
+    Step::Progress
+}
+
+/// One catch-up request (see [`catch_up`]).
+async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
     let (front, released_through, epoch, wanted) = {
         let state = shared.lock();
         let front = state
@@ -319,10 +354,10 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
         (front, released_through, state.epoch, wanted)
     };
     let Some(peer) = shared.replica.clone() else {
-        return Step::Stop;
+        return Round::Done(Step::Stop);
     };
     if expected >= front {
-        return Step::Retry;
+        return Round::Caught;
     }
     let request = if expected <= released_through {
         ReplicaRequest::FlushCommit {
@@ -352,17 +387,17 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
                         state.retained.remove(&sequence);
                     }
                     tracing::info!(partition = ?shared.id(), sequence, "catch-up record already released; skipping it");
-                    return Step::Progress;
+                    return Round::Again;
                 }
                 Err(error) => {
                     tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
-                    return Step::Retry;
+                    return Round::Done(Step::Retry);
                 }
             }
         }
         if records.is_empty() {
             tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
-            return Step::Retry;
+            return Round::Done(Step::Retry);
         }
         ReplicaRequest::Append {
             partition: shared.id(),
@@ -371,12 +406,13 @@ async fn catch_up(shared: &Arc<Shared>, expected: u64) -> Step {
         }
     };
     match tokio::time::timeout(shared.config.replica_timeout, peer.send(request)).await {
-        Ok(Ok(ReplicaReply::Appended { .. } | ReplicaReply::Committed)) => Step::Progress,
+        Ok(Ok(ReplicaReply::Appended { up_to_sequence })) => Round::Next(up_to_sequence + 1),
+        Ok(Ok(ReplicaReply::Committed)) => Round::Next(released_through + 1),
         Ok(Ok(ReplicaReply::Error(ReplicaError::StaleEpoch { current }))) => {
             shared.fence(current);
-            Step::Stop
+            Round::Done(Step::Stop)
         }
-        _ => Step::Retry,
+        _ => Round::Done(Step::Retry),
     }
 }
 
