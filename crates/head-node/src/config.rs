@@ -33,11 +33,11 @@ pub struct HeadNodeConfig {
     #[serde(default)]
     pub heartbeat_interval_ms: Option<u64>,
     /// Lower bound of the randomised Raft election timeout in milliseconds
-    /// (default 500). Must exceed the heartbeat interval. A dead leader
+    /// (default 350). Must exceed the heartbeat interval. A dead leader
     /// costs this much before anyone can commit (renew leases, fail over).
     #[serde(default)]
     pub election_timeout_min_ms: Option<u64>,
-    /// Upper bound of the election timeout in milliseconds (default 600).
+    /// Upper bound of the election timeout in milliseconds (default 420).
     /// openraft 0.9 followers also refuse votes for this long after the
     /// last heartbeat (its leader lease), so it bounds how soon a dead
     /// leader is replaced even with `quick_election`.
@@ -453,8 +453,8 @@ mod tests {
                 .unwrap();
         c.validate().unwrap();
         assert_eq!(c.heartbeat_interval(), Duration::from_millis(100));
-        assert_eq!(c.election_timeout_min(), Duration::from_millis(500));
-        assert_eq!(c.election_timeout_max(), Duration::from_millis(600));
+        assert_eq!(c.election_timeout_min(), Duration::from_millis(350));
+        assert_eq!(c.election_timeout_max(), Duration::from_millis(420));
         assert_eq!(c.node_down_after(), Duration::from_millis(1500));
         assert_eq!(c.node_refused_down_after(), Duration::from_millis(300));
         assert_eq!(c.failover_lease_margin(), Duration::from_millis(60));

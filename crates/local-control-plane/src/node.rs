@@ -101,8 +101,8 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// every lease renewal and failover until a new one is elected, yet wide
 /// enough that losing network A never costs an election: the Raft links
 /// probe every 50 ms and mark a path Down after two failed probes of
-/// `election_timeout_min / 6` (~85 ms) each, so heartbeats move to network
-/// B within ~250 ms. (Most multi-process tests run with 1.5–3 s: they share
+/// `election_timeout_min / 6` (~60 ms) each, so heartbeats move to network
+/// B within ~200 ms. (Most multi-process tests run with 1.5–3 s: they share
 /// two cores with debug builds.)
 ///
 /// openraft 0.9 makes a follower refuse votes for `election_timeout_max`
@@ -110,11 +110,11 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// `election_timeout_max` + its drawn timeout, so: a dead leader (refused
 /// connections) is replaced ~`election_timeout_max` after its death by the
 /// quick election (crate::quick_election), a silent or stalled one after
-/// 1.1–1.2 s of silence. The maximum was 1000 (bench/failover.sh,
-/// leader kill -9: partitions back on two copies after ~1.2 s with the
-/// quick election, ~0.9 s with 600; 1.8–2.0 s without either).
-pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 500;
-pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// 0.77–0.84 s of silence. History (bench/failover.sh, leader kill -9,
+/// client pause p99): 1000 → 600 with the quick election (~1.2 s), 600 →
+/// 420 (0.95 s, under the 1 s goal; fourth session).
+pub const DEFAULT_ELECTION_TIMEOUT_MIN_MS: u64 = 350;
+pub const DEFAULT_ELECTION_TIMEOUT_MAX_MS: u64 = 420;
 /// Default time both paths must be *silent* before a node is declared
 /// Down. With the link prober's 50 ms probes and 2 failures before a path
 /// is Down, a silent node is recorded after ~1.6 s; a loaded 2-core box

@@ -29,7 +29,7 @@
 //!   line per repetition for the script to summarise.
 //!
 //! The units run with the head node's production timings (lease 600 ms,
-//! election 0.5–0.6 s with the quick election on a dead leader,
+//! election 0.35–0.42 s with the quick election on a dead leader,
 //! refused-connection detection 300 ms), so the pauses printed are what a
 //! deployment gets. `FAILOVER_TRACE=1` prints the head nodes' log lines of
 //! each failover's steps (election, Down, promotions, take-overs, leases). The tests other than the benchmark
