@@ -154,11 +154,19 @@ async fn write_flush_restart_read_back() {
     );
     check(&unit, &client, &model, "after flush").await;
     eprintln!("flushed and read back: {:?}", started.elapsed());
+    assert!(
+        primary_location(&unit, 40 * MIB / 4096).starts_with("Sled"),
+        "a flushed block is on the sleds"
+    );
 
     // A tail that lives only in the logs when the head nodes die.
     write(&client, &mut model, 20 * MIB, pattern(5, MIB)).await;
     write(&client, &mut model, 14 * MIB + 4096, pattern(6, 8192)).await;
     check(&unit, &client, &model, "before restart").await;
+    assert!(
+        primary_location(&unit, 20 * MIB / 4096).starts_with("Log"),
+        "an unflushed block is in the log"
+    );
 
     for head in &mut heads {
         head.kill9();
@@ -170,6 +178,33 @@ async fn write_flush_restart_read_back() {
     check(&unit, &client, &model, "after restarting every head node").await;
     eprintln!("read back after restart: {:?}", started.elapsed());
     client.close();
+}
+
+/// Where the primary of volume block `block` says it is
+/// (`GET /volumes/{id}/blocks/{block}` on every head node): exactly one
+/// primary and one secondary answer, with the block's sequence.
+fn primary_location(unit: &TestUnit, block: u64) -> String {
+    let mut primaries = Vec::new();
+    let mut secondaries = 0;
+    for head in &unit.head_nodes {
+        let (status, body) = http_get(head.admin, &format!("/volumes/{VOLUME}/blocks/{block}"))
+            .expect("block endpoint");
+        assert_eq!(status, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for hosted in json["hosted"].as_array().unwrap() {
+            match hosted["role"].as_str().unwrap() {
+                "Primary" => {
+                    assert!(hosted["sequence"].as_u64().is_some(), "{hosted}");
+                    primaries.push(hosted["location"].as_str().unwrap().to_string());
+                }
+                "Secondary" => secondaries += 1,
+                other => panic!("role {other}: {hosted}"),
+            }
+        }
+    }
+    assert_eq!(primaries.len(), 1, "{primaries:?}");
+    assert_eq!(secondaries, 1);
+    primaries.remove(0)
 }
 
 /// Sum of one numeric field over the primaries of every head node.
