@@ -546,5 +546,27 @@ fn primary_kill9_under_fio_over_nbd_loses_nothing() {
              at epoch {new_epoch}; longest write {clat_max_ms:.0} ms"
         ),
     );
+    if std::env::var("FIO_FAILOVER_TRACE").is_ok() {
+        for h in 1..=3 {
+            let log = unit.data_dir.join("run").join(format!("hn-{h}.log"));
+            for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+                if [
+                    "taken over",
+                    "serving as primary",
+                    "partition open",
+                    "taking the partition",
+                    "lease granted",
+                    "became leader",
+                    "catch-up",
+                    "recovered from",
+                ]
+                .iter()
+                .any(|n| line.contains(n))
+                {
+                    eprintln!("hn-{h}: {line}");
+                }
+            }
+        }
+    }
     finish("fio-failover", unit);
 }

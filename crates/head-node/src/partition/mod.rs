@@ -100,6 +100,8 @@ use crate::index::{Location, PartitionIndex};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
 use layout::BLOCK_BYTES;
 
+/// Log reads a take-over or a catch-up keeps in flight.
+pub(crate) const LOG_READS_IN_FLIGHT: usize = 32;
 /// Most blocks in one log / replication record (a host write is split).
 pub const MAX_RECORD_BLOCKS: u64 = 256;
 /// Bound of the repair queue (oldest entries are dropped and counted).
@@ -758,9 +760,16 @@ impl Partition {
         needed: BTreeSet<LogPosition>,
         next_sequence: u64,
     ) -> Result<(Partition, usize), PartitionError> {
-        let mut records = Vec::with_capacity(needed.len());
-        for position in needed {
-            match old.log.wal().read(position).await {
+        use futures::StreamExt as _;
+        let wal = old.log.wal();
+        // Many small records (random writes): keep LOG_READS_IN_FLIGHT of
+        // them at the device at once, in order.
+        let mut reads = futures::stream::iter(needed)
+            .map(|position| async move { (position, wal.read(position).await) })
+            .buffered(LOG_READS_IN_FLIGHT);
+        let mut records = Vec::new();
+        while let Some((position, read)) = reads.next().await {
+            match read {
                 Ok(record)
                     if record.partition == old.id()
                         && matches!(record.kind, RecordKind::Write | RecordKind::Trim) =>

@@ -367,12 +367,22 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             mappings: Vec::new(),
         }
     } else {
-        let mut records = Vec::with_capacity(wanted.len());
-        for (next, (sequence, position)) in (expected..).zip(wanted) {
-            if sequence != next {
-                break;
-            }
-            match shared.log.wal().read(position).await {
+        let contiguous: Vec<(u64, crate::wal::LogPosition)> = (expected..)
+            .zip(wanted)
+            .take_while(|(next, (sequence, _))| sequence == next)
+            .map(|(_, entry)| entry)
+            .collect();
+        use futures::StreamExt as _;
+        let wal = shared.log.wal();
+        let mut reads =
+            futures::stream::iter(contiguous)
+                .map(|(sequence, position)| async move {
+                    (sequence, position, wal.read(position).await)
+                })
+                .buffered(super::LOG_READS_IN_FLIGHT);
+        let mut records = Vec::new();
+        while let Some((sequence, position, read)) = reads.next().await {
+            match read {
                 Ok(record) => records.push(to_replica(shared, &record)),
                 // Send what precedes it; the next round deals with it.
                 Err(WalError::NotFound { .. }) if !records.is_empty() => break,
