@@ -1703,7 +1703,7 @@ impl Chaos {
             &old.primary
         };
         let primary = take_over_in_place(
-            &source,
+            source,
             tuned(self.size_blocks, epoch, chaos_tune),
             &self.access,
             &self.extents,
