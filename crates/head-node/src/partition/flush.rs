@@ -35,7 +35,9 @@ use proto::volume::{FlushedRange, ReplicaRequest};
 use super::layout::{
     self, SlotEntry, StripeSummary, Tombstone, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
-use super::{bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared};
+use super::{
+    bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, LOG_READS_IN_FLIGHT,
+};
 use crate::erasure::ErasureCodec;
 use crate::index::Location;
 use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
@@ -50,8 +52,6 @@ const ROWS_PER_APPEND: usize = 8;
 /// A column append of `n` rows may take `sled_timeout * (1 + n / this)`
 /// (a larger write is slower on a busy device; a timeout seals the extent).
 const ROWS_PER_TIMEOUT: u32 = 4;
-/// Log reads a flush keeps in flight while loading its blocks.
-const LOG_READS_IN_FLIGHT: usize = 32;
 /// Unconfirmed flush commits kept for the secondary.
 const MAX_PENDING_COMMITS: usize = 256;
 const COMMIT_VERSION: u16 = 1;

@@ -82,6 +82,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt as _;
 use proto::sled::PartitionId;
 use proto::volume::{
     HostOp, HostReply, HostRequest, ReplicaRecord, ReplicaRecordKind, SECTOR_BYTES,
@@ -100,8 +101,8 @@ use crate::index::{Location, PartitionIndex};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
 use layout::BLOCK_BYTES;
 
-/// Log reads a take-over or a catch-up keeps in flight.
-pub(crate) const LOG_READS_IN_FLIGHT: usize = 32;
+/// Log reads a flush, a take-over or a catch-up keeps in flight.
+const LOG_READS_IN_FLIGHT: usize = 32;
 /// Most blocks in one log / replication record (a host write is split).
 pub const MAX_RECORD_BLOCKS: u64 = 256;
 /// Bound of the repair queue (oldest entries are dropped and counted).
@@ -760,7 +761,6 @@ impl Partition {
         needed: BTreeSet<LogPosition>,
         next_sequence: u64,
     ) -> Result<(Partition, usize), PartitionError> {
-        use futures::StreamExt as _;
         let wal = old.log.wal();
         // Many small records (random writes): keep LOG_READS_IN_FLIGHT of
         // them at the device at once, in order.

@@ -14,9 +14,10 @@
 
 use std::sync::{Arc, Weak};
 
+use futures::StreamExt as _;
 use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
 
-use super::{bump, flush, PeerError, Role, Shared};
+use super::{bump, flush, PeerError, Role, Shared, LOG_READS_IN_FLIGHT};
 use crate::index::Location;
 use crate::wal::{LogRecord, RecordKind, WalError};
 
@@ -78,7 +79,7 @@ pub(super) async fn run_replicator(weak: Weak<Shared>) {
                     // A new record or commit wakes us to send more; a reply
                     // is handled as it comes.
                     let reply = tokio::select! {
-                        reply = futures::StreamExt::next(&mut in_flight) => reply,
+                        reply = in_flight.next() => reply,
                         () = wakeup.notified() => continue,
                     };
                     let Some(shared) = weak.upgrade() else { return };
@@ -372,14 +373,13 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             .take_while(|(next, (sequence, _))| sequence == next)
             .map(|(_, entry)| entry)
             .collect();
-        use futures::StreamExt as _;
         let wal = shared.log.wal();
         let mut reads =
             futures::stream::iter(contiguous)
                 .map(|(sequence, position)| async move {
                     (sequence, position, wal.read(position).await)
                 })
-                .buffered(super::LOG_READS_IN_FLIGHT);
+                .buffered(LOG_READS_IN_FLIGHT);
         let mut records = Vec::new();
         while let Some((sequence, position, read)) = reads.next().await {
             match read {
