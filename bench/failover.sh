@@ -4,7 +4,7 @@
 # item 1; goal p99 < 1 s; peers take 5-20 s).
 # Unit: 3 head nodes + 6 sleds (4+2), a 64 MiB volume in 4 partitions, 4
 # workers writing 8 KiB slots through client::VolumeClient and reading them
-# back (crates/tests/it/failover.rs, `failover_pause_bench`, built in
+# back (tests/it/failover.rs, `failover_pause_bench`, built in
 # release). Each repetition kills one head node, waits until every
 # partition has two live copies and writes again, restarts the node; the
 # pause is the longest gap between two completions at the client. Odd

@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn example_config_in_deploy_loads() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/zonal.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/zonal.example.toml");
         let c = ZonalConfig::load(&path).unwrap();
         assert_eq!(c.units.len(), 1);
         assert_eq!(c.report_interval_ms, DEFAULT_REPORT_INTERVAL_MS);

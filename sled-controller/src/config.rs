@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn example_config_in_deploy_loads() {
         let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/sled-controller.example.toml");
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sled-controller.example.toml");
         let c = SledControllerConfig::load(&path).unwrap();
         assert_eq!(c.sled_id, "sled-1");
         assert_eq!(c.engine().unwrap(), EngineChoice::Auto);

@@ -90,7 +90,7 @@ fn erasure_code_edge_cases_and_too_few_sleds() {
 
 #[test]
 fn example_file_parses() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/rack.example.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rack.example.toml");
     let rack = Rack::load(&path).unwrap();
     assert_eq!(rack.unit.name, "unit-1");
     assert_eq!(rack.head_node.len(), 3);
