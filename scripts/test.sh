@@ -1,19 +1,58 @@
 #!/usr/bin/env bash
-# The test command: installs test tools, builds the `rackblock` binary the
-# end-to-end tests start, checks that the fuzz target still builds, then runs
-# every test of the workspace. Exits non-zero when any test fails. The last
-# line sums up all test binaries: `tests: N passed, N failed`.
+# The test command (README quick start; CI's `.ci/run` calls it). Stages, each
+# timed, stopping at the first that fails:
+#   deps     install the test tools (scripts/install-deps.sh)
+#   fmt      cargo fmt --all --check
+#   clippy   cargo clippy --workspace --all-targets -- -D warnings
+#   build    the `rackblock` binary the end-to-end tests start (the tests
+#            also rebuild it themselves, so a plain `cargo test` is safe)
+#   fuzz     every cargo-fuzz target built and run for RACKBLOCK_FUZZ_SECONDS
+#            (default 10) each
+#   test     every test of the workspace; as root the loop-device suite is
+#            required (RACKBLOCK_REQUIRE_LOOP=1), not skipped
+# Arguments go to `cargo test`. The last lines sum up the test binaries
+# (`tests: N passed, N failed`) and the time per stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh
-cargo build -p cli --bin rackblock
-cargo build --manifest-path fuzz/Cargo.toml --bins
+timings=()
+current=""
+stage() {
+  current=$1
+  shift
+  echo "=== stage $current: $*" >&2
+  local start=$SECONDS
+  "$@"
+  timings+=("$current $((SECONDS - start))s")
+  echo "=== stage $current done in $((SECONDS - start)) s" >&2
+  current=""
+}
+report() {
+  local rc=$?
+  if [ -n "$current" ]; then
+    echo "=== stage $current FAILED (exit $rc)"
+  fi
+  echo "stage times: ${timings[*]:-none}"
+}
+trap report EXIT
+
+if [ "$(id -u)" -eq 0 ]; then
+  export RACKBLOCK_REQUIRE_LOOP="${RACKBLOCK_REQUIRE_LOOP:-1}"
+fi
+
+stage deps scripts/install-deps.sh
+stage fmt cargo fmt --all --check
+stage clippy cargo clippy --workspace --all-targets --quiet -- -D warnings
+stage build cargo build --quiet -p cli --bin rackblock
+stage fuzz scripts/fuzz.sh all "${RACKBLOCK_FUZZ_SECONDS:-10}"
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+run_tests() {
+  cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+  awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+       END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+}
+stage test run_tests "$@"
+rm -f "$log"
 exit $status

@@ -89,22 +89,51 @@ pub fn seed_from_env(var: &str) -> u64 {
         })
 }
 
-/// The `rackblock` binary: `$RACKBLOCK_BIN`, else `target/debug/rackblock`
-/// of this workspace (the test script builds it before running tests).
+/// The `rackblock` binary the end-to-end tests start: `$RACKBLOCK_BIN` when
+/// set (benches point it at a release build), else `target/debug/rackblock`
+/// of this workspace, brought up to date first by `cargo build -p cli` (once
+/// per test process), so that a plain `cargo test` never runs the end-to-end
+/// tests against a binary built from older sources. Cargo releases its build
+/// lock before it runs tests, so the nested build does not wait on it.
 pub fn rackblock_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("RACKBLOCK_BIN") {
         return PathBuf::from(bin);
     }
+    static FRESH: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    match FRESH.get_or_init(build_rackblock) {
+        Ok(bin) => bin.clone(),
+        Err(error) => panic!("{error}"),
+    }
+}
+
+/// Runs `cargo build -p cli --bin rackblock` in this workspace and returns
+/// the binary's path.
+fn build_rackblock() -> Result<PathBuf, String> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let output = Command::new(&cargo)
+        .args(["build", "--quiet", "-p", "cli", "--bin", "rackblock"])
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {cargo} to build rackblock: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "`cargo build -p cli --bin rackblock` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    // The nested cargo ran in `workspace`: a relative target dir is taken
+    // from there.
     let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        .map(|dir| workspace.join(dir))
+        .unwrap_or_else(|_| workspace.join("target"));
     let bin = target.join("debug/rackblock");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p cli` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
+    if !bin.exists() {
+        return Err(format!("{} is missing after cargo build", bin.display()));
+    }
+    Ok(bin)
 }
 
 /// Ports handed out to tests of this process; distinct per test so tests can
