@@ -85,9 +85,9 @@ pub struct HeadNodeConfig {
     pub io_engine: Option<String>,
     /// Read lease a primary asks the local control plane for, in
     /// milliseconds (default 600). Reads and writes are served only
-    /// under a valid lease (ARCHITECTURE.md §4); a dead primary's
-    /// partitions are promoted only after it expired, so it bounds the
-    /// failover pause. Leases are renewed through Raft: a leader change
+    /// under a valid lease (ARCHITECTURE.md, Leases and failover); a dead
+    /// primary's partitions are promoted only after it expired, so it
+    /// bounds the failover pause. Leases are renewed through Raft: a leader change
     /// longer than ~90 % of the lease pauses the surviving primaries too.
     #[serde(default)]
     pub lease_duration_ms: Option<u64>,

@@ -10,8 +10,8 @@
 //! * [`admin`] — `/metrics`, `/health`, `/status`, `/partitions`,
 //!   `POST /flush`, `/volumes/{id}/partition-map`.
 //!
-//! Data path (ARCHITECTURE.md §3–4): `wal`, `index`, `erasure`, and
-//! [`partition`] — the partition engine (write path, replication, reads with
+//! Data path (ARCHITECTURE.md, Write path and Read path): `wal`, `index`,
+//! `erasure`, and [`partition`] — the partition engine (write path, replication, reads with
 //! degraded decode, flush to sleds, GC, recovery). The daemon wires it:
 //!
 //! * [`peers`] — the engine's seams for real: replication over a

@@ -40,8 +40,8 @@
 //! open (its sleds all down) therefore keeps the node not ready; that is
 //! the safe side.
 //!
-//! **Leases** (ARCHITECTURE.md §4). A primary serves reads and writes only
-//! while it holds a lease. The local deadline is measured from *before*
+//! **Leases** (ARCHITECTURE.md, Leases and failover). A primary serves
+//! reads and writes only while it holds a lease. The local deadline is measured from *before*
 //! the `GrantLease` proposal and shortened by a safety margin (a tenth of
 //! the duration) for clock rate differences, so this node stops serving
 //! before the control plane's copy of the lease expires.
