@@ -11,8 +11,9 @@
 //!   `POST /flush`, `/volumes/{id}/partition-map`.
 //!
 //! Data path (ARCHITECTURE.md, Write path and Read path): `wal`, `index`,
-//! `erasure`, and [`partition`] — the partition engine (write path, replication, reads with
-//! degraded decode, flush to sleds, GC, recovery). The daemon wires it:
+//! `erasure`, and [`partition`] — the partition engine (write path,
+//! replication, reads with degraded decode, flush to sleds, GC, recovery).
+//! The daemon wires it:
 //!
 //! * [`peers`] — the engine's seams for real: replication over a
 //!   `PeerLink` to the secondary, sled requests over one `PeerLink` per
