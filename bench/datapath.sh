@@ -11,7 +11,7 @@
 #     (2 head-node logs + (k+m)/k = 1.5 on the sleds)
 # Unit: 3 head nodes + 6 sleds (two file-backed devices each) on loopback,
 # files under bench/out/datapath-work. Every process is stopped by pid.
-# Output: BENCH lines (see ../shared/design/BENCH.md) and bench/out/datapath.json.
+# Output: BENCH lines (conventions: bench/README.md) and bench/out/datapath.json.
 # BENCH_SECONDS (default 5) sets each job's length; BENCH_ROUNDS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,7 +20,7 @@
 # BENCH_BASELINE_REPS repetitions (default 6; 0 skips it).
 # FAILOVER_REPS (default 20) repetitions of ours. Bounded: each run has a
 # timeout (BENCH_TIMEOUT_S, default 420 s for ours, 300 s for the baseline).
-# Output: BENCH lines (../shared/design/BENCH.md) and bench/out/failover.json.
+# Output: BENCH lines (conventions: bench/README.md) and bench/out/failover.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

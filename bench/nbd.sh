@@ -14,8 +14,8 @@
 # Both targets hold the same 1 GiB region, written once before the rounds
 # (ours then flushed to the sleds, so reads come from erasure-coded stripes
 # unless a later write is still in the log); files under bench/out/nbd-work.
-# Every process is stopped by pid. Output: BENCH lines (see
-# ../shared/design/BENCH.md) and bench/out/nbd.json.
+# Every process is stopped by pid. Output: BENCH lines (conventions:
+# bench/README.md) and bench/out/nbd.json.
 # BENCH_SECONDS (default 5) sets each job's length; BENCH_ROUNDS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

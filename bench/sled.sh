@@ -4,7 +4,7 @@
 #   1 MiB append throughput (durable: each append waits for a device flush)
 #   1 MiB read throughput
 #   4 KiB random read latency at QD1 (p50, p99)
-# Output: BENCH lines (see ../shared/design/BENCH.md) and bench/out/sled.json.
+# Output: BENCH lines (conventions: bench/README.md) and bench/out/sled.json.
 # BENCH_SECONDS (default 5) sets each job's length; BENCH_ROUNDS (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."

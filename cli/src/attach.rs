@@ -1,4 +1,4 @@
-//! `rackblock attach VOLUME`: the host agent (ARCHITECTURE.md §9).
+//! `rackblock attach VOLUME`: the host agent (ARCHITECTURE.md, `client/`).
 //!
 //! ```text
 //! bind --listen ADDR | --socket PATH        (fails early: port in use)

@@ -604,7 +604,6 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
             "sled": args.sled,
             "health": "Draining",
             "used_columns": used_before,
-            "data_movement": "not implemented (issue 6)",
         }));
     }
     println!(
@@ -654,7 +653,8 @@ pub struct DetachArgs {
 }
 
 /// Removes an attachment record (an attach agent that was killed leaves
-/// its attachment behind, and a volume with attachments cannot be deleted).
+/// its attachment behind, and a volume with attachments cannot be deleted
+/// without `--force`).
 pub async fn volume_detach(global: &GlobalArgs, args: &DetachArgs) -> Result<(), CliError> {
     let path = format!(
         "/v1/volumes/{}/attachments/{}",

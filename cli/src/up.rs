@@ -212,9 +212,10 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     rack.validate_devices()
         .map_err(|e| format!("{}: {e}", rack_path.display()))?;
     for sled in &rack.sled {
+        // Only what has no default: every other setting is the code's
+        // (deploy/sled-controller.example.toml lists them).
         let config = format!(
-            "# Written by `rackblock up`.\nrack_file = \"{}\"\nsled_id = \"{}\"\n\
-             scrub_bytes_per_second = 33554432\nscrub_pass_interval_ms = 60000\n",
+            "# Written by `rackblock up`.\nrack_file = \"{}\"\nsled_id = \"{}\"\n",
             rack_path.display(),
             sled.id
         );
@@ -238,6 +239,8 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     if !token_path.exists() {
         write_secret(&token_path, &random_token()?)?;
     }
+    // Units are polled every second, not at the default interval, so that
+    // `up` sees the unit healthy soon after it is.
     let config = format!(
         "# Written by `rackblock up`.\nlisten = \"{}\"\ndata_dir = \"{}\"\n\
          admin_token_file = \"{}\"\nreport_interval_ms = 1000\n\n\

@@ -33,7 +33,7 @@
 //! * **Every retry is bounded** by a count (`max_attempts`) and a time
 //!   (`failover_timeout`, 120 s by default: a head-node failover takes a
 //!   lease expiry and a promotion, and the host should see a pause, not an
-//!   error — ARCHITECTURE.md §6, §9).
+//!   error — ARCHITECTURE.md, Leases and failover).
 //! * Resending is safe because every host operation is idempotent
 //!   ([`proto::volume`] explains why); the link also resends on the other
 //!   network by itself. Every write / trim / write-zeroes piece gets a
@@ -45,7 +45,7 @@
 //!   once, one of them asks the local control plane and the rest reuse its
 //!   answer (a refresh generation counter tells them).
 //!
-//! The NBD server that hosts attach to (ARCHITECTURE.md §9), [`nbd`],
+//! The NBD server that hosts attach to (ARCHITECTURE.md, `client/`), [`nbd`],
 //! sits on top of this client.
 
 mod attachment;

@@ -37,3 +37,112 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         source,
     })
 }
+
+/// The settings a config example states at a value other than the code's
+/// default, as `key = value` lines.
+///
+/// Each daemon's example under `deploy/` states optional settings only at
+/// their defaults, so that the code stays the one source of every default;
+/// each daemon's config tests call this on its example. `resolve` turns
+/// config text into the settings the daemon would run with (every default
+/// filled in), or `None` if the text is not a valid config. A stated key is
+/// at its default when the example without it resolves to the same
+/// settings. Keys of tables are tried one level down (`unit.name`); arrays
+/// of tables as a whole. Not tried: `site_keys` (settings without a default
+/// that an example fills in for a site, such as the units of a zone), and
+/// keys the example cannot do without (without them it does not resolve).
+///
+/// An error if the example itself does not parse or resolve.
+pub fn keys_not_at_default<T: PartialEq>(
+    example: &str,
+    site_keys: &[&str],
+    resolve: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<String>, String> {
+    let table: toml::Table = toml::from_str(example).map_err(|e| e.to_string())?;
+    let whole = resolve(example).ok_or("the example is not a valid config")?;
+    let mut paths: Vec<(String, Option<String>)> = Vec::new();
+    for (key, value) in &table {
+        match value {
+            toml::Value::Table(inner) => {
+                paths.extend(inner.keys().map(|k| (key.clone(), Some(k.clone()))));
+            }
+            _ => paths.push((key.clone(), None)),
+        }
+    }
+    let mut differing = Vec::new();
+    for (key, inner) in paths {
+        let dotted = match &inner {
+            Some(k) => format!("{key}.{k}"),
+            None => key.clone(),
+        };
+        if site_keys.contains(&dotted.as_str()) {
+            continue;
+        }
+        let mut without = table.clone();
+        let removed = match (&inner, without.get_mut(&key)) {
+            (Some(k), Some(toml::Value::Table(t))) => t.remove(k),
+            (None, _) => without.remove(&key),
+            _ => None,
+        };
+        let Some(removed) = removed else { continue };
+        let text = toml::to_string(&without).map_err(|e| e.to_string())?;
+        match resolve(&text) {
+            Some(settings) if settings != whole => {
+                differing.push(format!("{dotted} = {removed}"));
+            }
+            // At the default, or required.
+            _ => {}
+        }
+    }
+    Ok(differing)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Example {
+        name: String,
+        #[serde(default = "ten")]
+        count: u32,
+        #[serde(default)]
+        inner: Inner,
+    }
+
+    #[derive(Debug, Default, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        #[serde(default)]
+        flag: bool,
+    }
+
+    fn ten() -> u32 {
+        10
+    }
+
+    fn resolve(text: &str) -> Option<Example> {
+        toml::from_str(text).ok()
+    }
+
+    #[test]
+    fn keys_not_at_default_names_each_stated_value_that_is_not_the_default() {
+        let at_default = "name = \"a\"\ncount = 10\n[inner]\nflag = false\n";
+        assert_eq!(
+            keys_not_at_default(at_default, &[], resolve).unwrap(),
+            Vec::<String>::new()
+        );
+        let drifted = "name = \"a\"\ncount = 50\n[inner]\nflag = true\n";
+        assert_eq!(
+            keys_not_at_default(drifted, &[], resolve).unwrap(),
+            vec!["count = 50".to_owned(), "inner.flag = true".to_owned()]
+        );
+        assert_eq!(
+            keys_not_at_default(drifted, &["count", "inner.flag"], resolve).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(keys_not_at_default("count = 1\n", &[], resolve).is_err());
+    }
+}

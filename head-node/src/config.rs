@@ -13,6 +13,7 @@ use local_control_plane::node::{
     DEFAULT_ELECTION_TIMEOUT_MAX_MS, DEFAULT_ELECTION_TIMEOUT_MIN_MS,
     DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_NODE_DOWN_AFTER_MS, DEFAULT_NODE_REFUSED_DOWN_AFTER_MS,
 };
+use local_control_plane::repair::DEFAULT_REPAIR_POLL_INTERVAL_MS;
 use local_control_plane::state::MAX_LEASE_DURATION_MS;
 use serde::Deserialize;
 
@@ -85,9 +86,9 @@ pub struct HeadNodeConfig {
     pub io_engine: Option<String>,
     /// Read lease a primary asks the local control plane for, in
     /// milliseconds (default 600). Reads and writes are served only
-    /// under a valid lease (ARCHITECTURE.md §4); a dead primary's
-    /// partitions are promoted only after it expired, so it bounds the
-    /// failover pause. Leases are renewed through Raft: a leader change
+    /// under a valid lease (ARCHITECTURE.md, Leases and failover); a dead
+    /// primary's partitions are promoted only after it expired, so it
+    /// bounds the failover pause. Leases are renewed through Raft: a leader change
     /// longer than ~90 % of the lease pauses the surviving primaries too.
     #[serde(default)]
     pub lease_duration_ms: Option<u64>,
@@ -411,7 +412,61 @@ impl HeadNodeConfig {
 
     /// Pause between two looks for repair work of this head node.
     pub fn repair_poll_interval(&self) -> Duration {
-        Duration::from_millis(self.repair_poll_interval_ms.unwrap_or(500).max(10))
+        Duration::from_millis(
+            self.repair_poll_interval_ms
+                .unwrap_or(DEFAULT_REPAIR_POLL_INTERVAL_MS)
+                .max(10),
+        )
+    }
+
+    /// This config with every setting the daemon reads through the
+    /// accessors above filled in with the value it runs with: a default
+    /// where the file left a setting out. `io_engine` (whose default is
+    /// the environment's), `listen_a` and `listen_b` (no default: the rack
+    /// addresses) stay as given. The daemon's defaults live in those
+    /// accessors and the constants they use; this is how a test compares
+    /// `deploy/head-node.example.toml` with them.
+    pub fn resolved(&self) -> HeadNodeConfig {
+        fn ms(duration: Duration) -> Option<u64> {
+            Some(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+        }
+        let failover = self.failover();
+        let repair = self.repair();
+        // No `..`: a new field must be resolved here too.
+        HeadNodeConfig {
+            rack_file: self.rack_file.clone(),
+            head_node_id: self.head_node_id.clone(),
+            data_dir: self.data_dir.clone(),
+            heartbeat_interval_ms: ms(self.heartbeat_interval()),
+            election_timeout_min_ms: ms(self.election_timeout_min()),
+            election_timeout_max_ms: ms(self.election_timeout_max()),
+            node_down_after_ms: ms(self.node_down_after()),
+            node_refused_down_after_ms: ms(self.node_refused_down_after()),
+            quick_election: Some(self.quick_election()),
+            listen_a: self.listen_a,
+            listen_b: self.listen_b,
+            wal_path: Some(self.wal_path()),
+            wal_size_bytes: Some(self.wal_size_bytes()),
+            io_engine: self.io_engine.clone(),
+            lease_duration_ms: ms(self.lease_duration()),
+            lease_renew_interval_ms: ms(self.lease_renew_interval()),
+            flush_age_ms: ms(self.flush_age()),
+            flush_fill_percent: Some(
+                self.flush_fill_percent
+                    .unwrap_or(DEFAULT_FLUSH_FILL_PERCENT),
+            ),
+            gc_interval_ms: ms(self.gc_interval()),
+            checkpoint_every_flushes: Some(self.checkpoint_every_flushes()),
+            checkpoint_interval_ms: ms(self.checkpoint_interval()),
+            partition_poll_interval_ms: ms(self.partition_poll_interval()),
+            failover_lease_margin_ms: ms(failover.lease_margin),
+            failover_max_changes_per_second: Some(failover.max_changes_per_second),
+            repair_max_concurrent: Some(repair.max_concurrent),
+            repair_bytes_per_second: Some(repair.bytes_per_second),
+            sled_failed_after_ms: ms(repair.sled_failed_after),
+            repair_poll_interval_ms: ms(self.repair_poll_interval()),
+            repair_scrub_poll_interval_ms: ms(repair.scrub_poll_interval),
+        }
     }
 
     /// Margin after a recorded lease expiry before promotion.
@@ -535,5 +590,57 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/head-node.example.toml");
         let c = HeadNodeConfig::load(&path).unwrap();
         assert_eq!(c.head_node_id, "hn-1");
+    }
+
+    /// The code is the one source of defaults: every optional setting the
+    /// example states must be the value the daemon uses without it.
+    #[test]
+    fn example_config_in_deploy_states_only_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/head-node.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let resolve = |text: &str| {
+            let config: HeadNodeConfig = toml::from_str(text).ok()?;
+            config.validate().ok()?;
+            Some(config.resolved())
+        };
+        let differing = hardware::config::keys_not_at_default(&text, &[], resolve).unwrap();
+        assert!(
+            differing.is_empty(),
+            "{} states settings that are not the code's defaults: {differing:?}; \
+             fix the example (or comment the setting out), not the test",
+            path.display()
+        );
+        // The check has teeth: a stated value that is not the default is found.
+        let drifted = text.replace("flush_age_ms = ", "flush_age_ms = 1");
+        assert_eq!(
+            hardware::config::keys_not_at_default(&drifted, &[], resolve)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn resolved_is_what_the_accessors_return() {
+        let c: HeadNodeConfig =
+            toml::from_str("rack_file = \"/r.toml\"\nhead_node_id = \"hn-1\"\ndata_dir = \"/d\"\n")
+                .unwrap();
+        let r = c.resolved();
+        assert_eq!(r.resolved(), r, "resolving twice changes nothing");
+        assert_eq!(r.flush_fill_percent, Some(DEFAULT_FLUSH_FILL_PERCENT));
+        assert_eq!(r.wal_path, Some(PathBuf::from("/d/wal.img")));
+        assert_eq!(r.failover_lease_margin_ms, Some(60));
+        assert_eq!(
+            r.repair_poll_interval_ms,
+            Some(DEFAULT_REPAIR_POLL_INTERVAL_MS)
+        );
+        assert_eq!(r.io_engine, None);
+        assert_eq!(r.heartbeat_interval(), c.heartbeat_interval());
+        assert_eq!(r.repair(), c.repair());
+        assert_eq!(r.failover().lease_margin, c.failover().lease_margin);
+        assert_eq!(
+            r.failover().max_changes_per_second,
+            c.failover().max_changes_per_second
+        );
     }
 }

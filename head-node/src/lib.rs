@@ -10,9 +10,10 @@
 //! * [`admin`] — `/metrics`, `/health`, `/status`, `/partitions`,
 //!   `POST /flush`, `/volumes/{id}/partition-map`.
 //!
-//! Data path (ARCHITECTURE.md §3–4): `wal`, `index`, `erasure`, and
-//! [`partition`] — the partition engine (write path, replication, reads with
-//! degraded decode, flush to sleds, GC, recovery). The daemon wires it:
+//! Data path (ARCHITECTURE.md, Write path and Read path): `wal`, `index`,
+//! `erasure`, and [`partition`] — the partition engine (write path,
+//! replication, reads with degraded decode, flush to sleds, GC, recovery).
+//! The daemon wires it:
 //!
 //! * [`peers`] — the engine's seams for real: replication over a
 //!   `PeerLink` to the secondary, sled requests over one `PeerLink` per

@@ -2,7 +2,7 @@
 //! role, at which epoch — driven by the local control plane's state.
 //!
 //! ```text
-//! start ─▶ open the WAL (one per head node, created sparse if absent)
+//! start ─▶ open the WAL (one per head node, created zero-filled if absent)
 //!          ─▶ recovered records grouped by partition (kept until handed over)
 //! whenever this member's state machine applies a new entry (at most every
 //! MIN_RECONCILE_SPACING), and every poll interval anyway (reconcile):
@@ -40,8 +40,8 @@
 //! open (its sleds all down) therefore keeps the node not ready; that is
 //! the safe side.
 //!
-//! **Leases** (ARCHITECTURE.md §4). A primary serves reads and writes only
-//! while it holds a lease. The local deadline is measured from *before*
+//! **Leases** (ARCHITECTURE.md, Leases and failover). A primary serves
+//! reads and writes only while it holds a lease. The local deadline is measured from *before*
 //! the `GrantLease` proposal and shortened by a safety margin (a tenth of
 //! the duration) for clock rate differences, so this node stops serving
 //! before the control plane's copy of the lease expires.
@@ -1295,11 +1295,12 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
                 Err(_) => warn!(partition = ?id, "GC pass timed out"),
             }
         }
-        // Repair itself is issue 6; the queue is visible in /metrics and here.
+        // The repair worker (`repair.rs`) takes the queue; its length is
+        // also in /metrics.
         let repairs = hosted.partition.repair_queue().len();
         if repairs != reported_repairs {
             if repairs > 0 {
-                warn!(partition = ?id, columns = repairs, "repair queue (repair is not implemented yet)");
+                warn!(partition = ?id, columns = repairs, "columns queued for repair");
             }
             reported_repairs = repairs;
         }

@@ -38,7 +38,8 @@
 //! * A lost path is a **path fault**, never a node fault: a node is Down
 //!   only when both paths have been Down for `node_down_after`. Draining
 //!   and Failed (operator decisions) are left alone.
-//! * This issue detects and records; failover acts on the records later.
+//! * The detector only records; the failover controller ([`crate::failover`])
+//!   and the repair controller ([`crate::repair`]) act on the records.
 
 use std::future::Future;
 use std::net::SocketAddr;

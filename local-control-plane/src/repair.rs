@@ -19,10 +19,12 @@
 //! * **Bounded storm.** At most `max_concurrent` tasks exist unit-wide, and
 //!   each task carries `bytes_per_second / max_concurrent` as its rate, so
 //!   the unit never rebuilds faster than `bytes_per_second` in total
-//!   (ARCHITECTURE.md §6: the 2011 EBS re-mirroring storm).
-//! * **Never two columns of an extent on one sled** (§12.3): the state
-//!   machine refuses a replacement on a sled the extent (or another of its
-//!   replacements) already uses; placement never proposes one.
+//!   (a large failure must not start a re-mirroring storm; ARCHITECTURE.md,
+//!   Repair).
+//! * **Never two columns of an extent on one sled** (ARCHITECTURE.md
+//!   invariant 3): the state machine refuses a replacement on a sled the
+//!   extent (or another of its replacements) already uses; placement never
+//!   proposes one.
 //! * **A Down sled is not repaired at once**: it may come back with its
 //!   data; only after `sled_failed_after` is it declared Failed. Time spent
 //!   Down is measured by the current leader (a new leader starts counting

@@ -2,7 +2,8 @@
 //!
 //! A small TOML file; everything about the hardware (addresses, devices,
 //! column size) lives in the rack file it points to, so the two cannot
-//! disagree. Unknown fields are errors. Example: `deploy/sled-controller.toml`.
+//! disagree. Unknown fields are errors. Example:
+//! `deploy/sled-controller.example.toml`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +17,7 @@ pub const DEFAULT_SCRUB_PASS_INTERVAL_MS: u64 = 60_000;
 
 /// Default deadline of one device operation: a device that does not
 /// complete an operation within it is failed (hardware::TimedDevice).
-pub const DEFAULT_DEVICE_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_DEVICE_TIMEOUT_MS: u64 = hardware::DEFAULT_DEVICE_TIMEOUT.as_millis() as u64;
 /// Smallest deadline accepted: below it a busy but healthy disk would be
 /// failed.
 pub const MIN_DEVICE_TIMEOUT_MS: u64 = 100;
@@ -158,6 +159,36 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sled-controller.example.toml");
         let c = SledControllerConfig::load(&path).unwrap();
         assert_eq!(c.sled_id, "sled-1");
-        assert_eq!(c.engine().unwrap(), EngineChoice::Auto);
+        assert_eq!(c.io_engine, None, "the engine is the environment's choice");
+    }
+
+    /// The code is the one source of defaults: every optional setting the
+    /// example states must be the value the daemon uses without it.
+    #[test]
+    fn example_config_in_deploy_states_only_defaults() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sled-controller.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Serde fills in the defaults, so the parsed config is what the
+        // daemon runs with.
+        let resolve = |text: &str| {
+            let config: SledControllerConfig = toml::from_str(text).ok()?;
+            config.validate().ok()?;
+            Some(config)
+        };
+        let differing = hardware::config::keys_not_at_default(&text, &[], resolve).unwrap();
+        assert!(
+            differing.is_empty(),
+            "{} states settings that are not the code's defaults: {differing:?}; \
+             fix the example (or comment the setting out), not the test",
+            path.display()
+        );
+        let drifted = text.replace("device_timeout_ms = ", "device_timeout_ms = 1");
+        assert_eq!(
+            hardware::config::keys_not_at_default(&drifted, &[], resolve)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

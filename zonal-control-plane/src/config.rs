@@ -250,6 +250,32 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/zonal.example.toml");
         let c = ZonalConfig::load(&path).unwrap();
         assert_eq!(c.units.len(), 1);
-        assert_eq!(c.report_interval_ms, DEFAULT_REPORT_INTERVAL_MS);
+    }
+
+    /// The code is the one source of defaults: every optional setting the
+    /// example states must be the value the daemon uses without it. The
+    /// token and the units have no default; the example fills them in.
+    #[test]
+    fn example_config_in_deploy_states_only_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/zonal.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Serde fills in the defaults, so the parsed config is what the
+        // daemon runs with.
+        let resolve = |text: &str| ZonalConfig::from_toml_str(text).ok();
+        let site = ["admin_token", "admin_token_file", "units"];
+        let differing = hardware::config::keys_not_at_default(&text, &site, resolve).unwrap();
+        assert!(
+            differing.is_empty(),
+            "{} states settings that are not the code's defaults: {differing:?}; \
+             fix the example (or comment the setting out), not the test",
+            path.display()
+        );
+        let drifted = text.replace("report_interval_ms = ", "report_interval_ms = 1");
+        assert_eq!(
+            hardware::config::keys_not_at_default(&drifted, &site, resolve)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! assigns each to a unit, hands hosts what they need to attach, and shows
 //! the units' capacity and health. It partially controls storage and is
 //! never on the I/O path: once attached, a host talks to the unit's head
-//! nodes only, so stopping this service stops no I/O (ARCHITECTURE.md §8).
+//! nodes only, so stopping this service stops no I/O (ARCHITECTURE.md,
+//! `zonal-control-plane/`).
 //!
 //! ```text
 //!  operator / CLI ──HTTP (bearer token)──▶ api ──▶ service::Zonal ──▶ store (redb)

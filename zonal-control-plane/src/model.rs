@@ -4,17 +4,22 @@
 //! Volume life cycle:
 //!
 //! ```text
-//!  create ──▶ Creating ──RegisterVolume applied──▶ Available ──delete──▶ Deleted
-//!               │  (the name and id are reserved      │
-//!               │   before the unit is asked)         └─ attach/detach (attachments)
+//!  create ──▶ Creating ──RegisterVolume applied──▶ Available ──delete──▶ Deleting
+//!               │  (the name and id are reserved      │                      │
+//!               │   before the unit is asked)         │   DeleteVolume applied (the
+//!               │                                     │   unit frees the columns in
+//!               │                                     │   the background) ──▶ Deleted
+//!               │                                     └─ attach/detach (attachments)
 //!               ├─ unit refused / unreachable ──▶ record removed (name free again)
 //!               └─ outcome unknown ──▶ stays Creating; repeating the same create
 //!                  re-sends RegisterVolume with the same id (an AlreadyExists for
 //!                  that id means the first attempt was applied)
 //! ```
 //!
-//! `Deleting` is reserved for the day the local control plane can delete a
-//! volume (it cannot yet: delete only marks the zonal record `Deleted`).
+//! Delete is refused while attachments exist unless forced (the unit then
+//! revokes them). A unit that cannot be reached leaves the record
+//! `Deleting`; repeating the delete settles it. A delete the unit refuses
+//! restores the previous state.
 //!
 //! Placement ([`rank_units`]) is a pure function of the last unit reports:
 //! among reachable units that offer the erasure code and whose allocatable

@@ -1,4 +1,4 @@
-//! NBD server: how hosts attach to a volume (ARCHITECTURE.md §9).
+//! NBD server: how hosts attach to a volume (ARCHITECTURE.md, `client/`).
 //!
 //! Any NBD client (qemu, libnbd's tools, fio's nbd engine, the kernel)
 //! connects over TCP or a unix socket, negotiates an export, and then

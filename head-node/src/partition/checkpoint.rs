@@ -1,6 +1,6 @@
 //! Index checkpoints on the sleds, and a primary's recovery from them
-//! (ARCHITECTURE.md §3 step 7, §6 "re-mirror = index checkpoint + unflushed
-//! log tail").
+//! (ARCHITECTURE.md, `head-node/`: a new primary recovers from the newest
+//! checkpoint plus the unflushed log tail).
 //!
 //! **What a checkpoint is.** The primary's *flushed* index as of a flush
 //! commit: every run of the index that points at the sleds or is a

@@ -1,5 +1,7 @@
 //! The partition engine: one [`Partition`] per volume partition this head
-//! node serves, as **primary** or **secondary** (ARCHITECTURE.md §3–5, §12).
+//! node serves, as **primary** or **secondary** (ARCHITECTURE.md: Write
+//! path, Read path, Durability and fencing; "invariant N" below is its
+//! System invariant N).
 //!
 //! ```text
 //!  host write ─▶ validate (role, epoch, range, CRCs) ─▶ range lock (+ read-modify-write

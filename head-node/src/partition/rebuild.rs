@@ -1,5 +1,5 @@
 //! Rebuild of one lost, drained or corrupt column of an extent into its
-//! replacement (ARCHITECTURE.md §6: "the owning primaries rebuild them").
+//! replacement (ARCHITECTURE.md, Repair).
 //!
 //! ```text
 //!  seal       under the flush lock: the extent takes no more stripes (an

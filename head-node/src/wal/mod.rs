@@ -1,7 +1,7 @@
 //! The head node's write log: a circular, checksummed log with group commit.
 //!
 //! Every write a primary (or secondary) accepts is appended here before it is
-//! acknowledged (durability level 1, ARCHITECTURE.md §3); the flush to sleds
+//! acknowledged (ARCHITECTURE.md, Write path); the flush to sleds
 //! later reclaims the space with [`Wal::release`].
 //!
 //! ```text

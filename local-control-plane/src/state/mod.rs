@@ -46,11 +46,11 @@
 //!
 //! **Epochs.** A partition starts at epoch 1. Changing the primary *or the
 //! secondary* raises it by one. The secondary counts too because the epoch
-//! is what head nodes fence replication on (ARCHITECTURE.md §5): one epoch
-//! names exactly one (primary, secondary) pair, so a removed secondary that
-//! comes back is refused by the new pair as soon as it meets the new epoch,
-//! and no record acknowledged under the new configuration can have been
-//! acknowledged by a replica outside it. Sleds accept a higher epoch by
+//! is what head nodes fence replication on (ARCHITECTURE.md, Durability and
+//! fencing): one epoch names exactly one (primary, secondary) pair, so a
+//! removed secondary that comes back is refused by the new pair as soon as
+//! it meets the new epoch, and no record acknowledged under the new
+//! configuration can have been acknowledged by a replica outside it. Sleds accept a higher epoch by
 //! raising their stored one, so the extra bump costs the primary nothing.
 //!
 //! **Leases.** Only the current primary, at the current epoch, gets a lease;
@@ -70,7 +70,7 @@
 //! # Invariants ([`UnitState::check_invariants`])
 //!
 //! 1. An extent has exactly k+m columns, on k+m different sleds
-//!    (ARCHITECTURE.md §12.3), all on registered devices.
+//!    (ARCHITECTURE.md invariant 3), all on registered devices.
 //! 2. A column is used by at most one extent, is not also free, and the
 //!    devices' used-column maps and the extents agree exactly.
 //! 3. Every extent is owned by an existing partition, and every sandbox
@@ -78,7 +78,8 @@
 //! 4. Primary != secondary, both registered head nodes; epoch >= 1.
 //! 5. A lease, if any, is held by the current primary (with the epoch being
 //!    the single fencing credential per partition, this is the control
-//!    plane's part of §12.2: one writer per epoch, one reader per lease).
+//!    plane's part of ARCHITECTURE.md invariant 2: one writer per epoch,
+//!    one reader per lease).
 //! 6. Extent ids are below the id counter (never reused).
 //!
 //! Epochs never decrease: no command lowers one, and the property tests

@@ -36,8 +36,8 @@
 //!
 //! **Placement of a replacement** ([`UnitState::plan_replacement`]): an Up
 //! device of an Up sled that holds no column of the extent and no other
-//! reserved replacement of it (ARCHITECTURE.md §12.3 holds for the extent
-//! and for every extent the repair can produce), preferring fault domains,
+//! reserved replacement of it (ARCHITECTURE.md invariant 3 holds for the
+//! extent and for every extent the repair can produce), preferring fault domains,
 //! then power domains, the extent does not use yet, then the sled with the
 //! most free columns, then the id. Pure and deterministic.
 //!
