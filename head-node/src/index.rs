@@ -249,6 +249,15 @@ impl PartitionIndex {
                 location: Some(location.advanced(offset)),
             }),
         });
+        // Newest wins: every block now holds this write or a newer one.
+        debug_assert!(
+            self.every_piece(lba, count, |offset, m| match m.sequence {
+                Some(s) if s > sequence => true,
+                Some(s) => s == sequence && m.location == Some(location.advanced(offset)),
+                None => false,
+            }),
+            "apply_write({lba}+{count}, sequence {sequence}) left an older or unmapped block"
+        );
         Ok(())
     }
 
@@ -263,6 +272,14 @@ impl PartitionIndex {
                 location: None,
             }),
         });
+        // Newest wins: every block is now this tombstone or newer.
+        debug_assert!(
+            self.every_piece(lba, count, |_, m| match m.sequence {
+                Some(s) => s > sequence || (s == sequence && m.location.is_none()),
+                None => false,
+            }),
+            "apply_unmap({lba}+{count}, sequence {sequence}) left an older or unmapped block"
+        );
         Ok(())
     }
 
@@ -277,6 +294,12 @@ impl PartitionIndex {
         sequence: u64,
         location: Location,
     ) -> Result<u64, IndexError> {
+        // A flush moves blocks to the sleds; a log location here would
+        // count the block as flushed while it is still only in the log.
+        assert!(
+            matches!(location, Location::Sled { .. }),
+            "apply_flush to a log location {location:?}"
+        );
         let end = self.check(lba, count)?;
         let mut moved = 0;
         self.update(lba, end, |offset, len, old| match old {
@@ -293,6 +316,17 @@ impl PartitionIndex {
             }
             other => other,
         });
+        debug_assert!(moved <= count);
+        // No block of the range is left in the log at a sequence the
+        // flushed data covers (it would be read and flushed again, and hold
+        // the log).
+        debug_assert!(
+            self.every_piece(lba, count, |_, m| {
+                !matches!(m.location, Some(Location::Log { .. }))
+                    || m.sequence.is_some_and(|s| s > sequence)
+            }),
+            "apply_flush({lba}+{count}, sequence {sequence}) left a covered block in the log"
+        );
         Ok(moved)
     }
 
@@ -387,6 +421,27 @@ impl PartitionIndex {
             .collect()
     }
 
+    /// Whether `ok(offset, piece)` holds for every piece of a lookup of
+    /// `lba..lba+count` (`offset`: of the piece's first block from `lba`),
+    /// and the runs around the range are ordered, non-empty and inside the
+    /// partition. Postcondition check of the apply paths (debug builds).
+    fn every_piece(&self, lba: u64, count: u64, ok: impl Fn(u64, &Mapped) -> bool) -> bool {
+        let end = lba + count;
+        let from = self.runs.range(..lba).next_back().map_or(lba, |(s, _)| *s);
+        let mut previous_end = 0;
+        for (start, run) in self.runs.range(from..) {
+            if run.count == 0 || *start < previous_end || start + run.count > self.size_blocks {
+                return false;
+            }
+            previous_end = start + run.count;
+            if *start > end {
+                break;
+            }
+        }
+        self.lookup_with_sequence(lba, count)
+            .is_ok_and(|pieces| pieces.iter().all(|m| ok(m.lbas.start - lba, m)))
+    }
+
     /// Verifies the structural invariants (runs ordered, non-overlapping,
     /// inside the partition, counters equal a recount).
     pub fn check_invariants(&self) -> Result<(), String> {
@@ -442,10 +497,16 @@ impl PartitionIndex {
     }
 
     fn insert(&mut self, start: u64, run: Run) {
-        debug_assert!(run.count > 0);
+        // An empty run, or one replacing another without `remove` (which
+        // uncounts it), would leave the reference counts wrong: the log
+        // could then be released under a referenced record.
+        assert!(run.count > 0, "empty run at {start}");
         self.count(&run, true);
         let replaced = self.runs.insert(start, run);
-        debug_assert!(replaced.is_none());
+        assert!(
+            replaced.is_none(),
+            "run at {start} replaced without removal"
+        );
     }
 
     fn remove(&mut self, start: u64) -> Option<Run> {
@@ -649,8 +710,11 @@ fn adjust(value: &mut u64, by: u64, add: bool) {
     if add {
         *value += by;
     } else {
-        debug_assert!(*value >= by, "reference count underflow");
-        *value = value.saturating_sub(by);
+        // An underflow means the counts no longer match the runs: the log
+        // could be released behind a record a run still points at, or GC
+        // could free an extent that still holds live blocks.
+        assert!(*value >= by, "reference count underflow: {value} - {by}");
+        *value -= by;
     }
 }
 

@@ -36,7 +36,7 @@ use super::layout::{
     self, SlotEntry, StripeSummary, Tombstone, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{
-    bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, LOG_READS_IN_FLIGHT,
+    bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, State, LOG_READS_IN_FLIGHT,
 };
 use crate::erasure::ErasureCodec;
 use crate::index::Location;
@@ -693,6 +693,16 @@ async fn commit_flush(
             else {
                 continue;
             };
+            // The index must only ever point at data the sleds hold for us:
+            // a data slot of a row written (durably, on all k+m columns) to
+            // an extent of this partition.
+            assert!(
+                holds_data_slot(&state, extent, column, offset_bytes),
+                "partition {:?}: block {} (sequence {}) committed to extent {extent} column {column} offset {offset_bytes}, not a written data slot of an extent it holds",
+                shared.id(),
+                block.lba,
+                block.sequence
+            );
             match block.relocate_from {
                 None => {
                     moved += state
@@ -742,6 +752,16 @@ async fn commit_flush(
         for sequence in trim_sequences {
             state.pending_trims.remove(sequence);
         }
+        if let Some(up_to) = up_to {
+            assert_commit_watermark(shared, &state, up_to);
+        }
+        // A recount of every run: debug builds only.
+        debug_assert_eq!(
+            state.index.check_invariants(),
+            Ok(()),
+            "partition {:?}: index after a flush commit",
+            shared.id()
+        );
         state.epoch
     };
     shared
@@ -784,6 +804,46 @@ async fn commit_flush(
     }
     shared.repl_wakeup.notify_one();
     Ok(moved)
+}
+
+/// Whether byte `offset_bytes` of column `column` of `extent` is a data
+/// slot of a row this partition has written to an extent it holds.
+fn holds_data_slot(state: &State, extent: u64, column: u16, offset_bytes: u64) -> bool {
+    state.extents.get(&extent).is_some_and(|e| {
+        column < u16::from(e.grant.k)
+            && layout::split_offset(offset_bytes).is_some_and(|(stripe, _)| stripe < e.rows_written)
+    })
+}
+
+/// Postconditions of a flush commit at watermark `up_to` (its index
+/// update done, under the same lock). A secondary that is behind jumps to
+/// `up_to` on the commit, and a replay drops the trims it covers, so
+/// `up_to` must not cover anything the sleds do not hold yet.
+fn assert_commit_watermark(shared: &Shared, state: &State, up_to: u64) {
+    // Only what was applied can have been flushed.
+    assert!(
+        up_to <= state.applied_through,
+        "partition {:?}: flush commit up to {up_to}, applied through {}",
+        shared.id(),
+        state.applied_through
+    );
+    // Every trim the watermark covers went into this batch's summaries.
+    let trim = state.pending_trims.range(..=up_to).next();
+    assert!(
+        trim.is_none(),
+        "partition {:?}: flush commit up to {up_to} leaves trim {trim:?} unwritten",
+        shared.id()
+    );
+    // Every block left in the log is newer than the watermark (the batch
+    // lowered it below the oldest run it left for the next one; writes
+    // applied since have higher sequences). A walk of every run.
+    debug_assert!(
+        state.index.runs().all(|(_, run)| {
+            !matches!(run.location, Some(Location::Log { .. })) || run.sequence > up_to
+        }),
+        "partition {:?}: flush commit up to {up_to} leaves an older block in the log only",
+        shared.id()
+    );
 }
 
 /// One GC pass (see the module docs).

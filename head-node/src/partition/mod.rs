@@ -327,6 +327,8 @@ impl SharedLog {
         if up_to > self.wal.tail() {
             self.wal.release(up_to).await?;
             let tail = self.wal.tail();
+            // Only this function releases the shared log, one call at a time.
+            assert_eq!(tail, up_to, "the log tail moved past the release");
             for partition in &partitions {
                 partition.forget_released(tail);
             }
@@ -418,8 +420,18 @@ impl State {
         *self.inflight_holds.entry(position).or_default() += 1;
     }
 
+    /// Drops one hold taken with [`add_hold`](Self::add_hold) at
+    /// `position`. Holds are counted per position: removing one that was
+    /// never taken would drop another holder's and let the log be released
+    /// under its records.
     fn remove_hold(&mut self, position: LogPosition) {
-        if let Some(count) = self.inflight_holds.get_mut(&position) {
+        let count = self.inflight_holds.get_mut(&position);
+        assert!(
+            count.as_ref().is_some_and(|c| **c > 0),
+            "log hold at {} released more often than taken",
+            position.0
+        );
+        if let Some(count) = count {
             *count -= 1;
             if *count == 0 {
                 self.inflight_holds.remove(&position);
@@ -505,7 +517,11 @@ impl Shared {
 
     /// Oldest log position this partition still needs.
     fn log_hold(&self) -> Option<LogPosition> {
-        let state = self.lock();
+        self.hold_of(&self.lock())
+    }
+
+    /// [`log_hold`](Self::log_hold) of `state` (this partition's, locked).
+    fn hold_of(&self, state: &State) -> Option<LogPosition> {
         // A secondary keeps its whole unflushed tail (everything after the
         // last flush commit): it is what a promotion replays and what the
         // next secondary is caught up from, with no hole in the sequences.
@@ -525,8 +541,37 @@ impl Shared {
         .min()
     }
 
+    /// Drops what the log released below `tail` from the catch-up list.
+    ///
+    /// Every hold of this partition was counted before the release, and a
+    /// new one is taken at or above the durable position then: none may be
+    /// below the new tail (invariant 4: the index never points at
+    /// reclaimed log space; an append in flight keeps its records).
     fn forget_released(&self, tail: LogPosition) {
         let mut state = self.lock();
+        let oldest_indexed = state.index.oldest_log_position();
+        assert!(
+            oldest_indexed.is_none_or(|p| p >= tail),
+            "partition {:?}: the log was released to {} under a record the index maps ({oldest_indexed:?})",
+            self.id(),
+            tail.0
+        );
+        let oldest_held = state.inflight_holds.keys().next().copied();
+        assert!(
+            oldest_held.is_none_or(|p| p >= tail),
+            "partition {:?}: the log was released to {} under a held position ({oldest_held:?})",
+            self.id(),
+            tail.0
+        );
+        // The full hold (pending trims and unconfirmed records too) walks
+        // every trim and retained record.
+        debug_assert!(
+            self.hold_of(&state).is_none_or(|hold| hold >= tail),
+            "partition {:?}: the log was released to {} under its hold {:?}",
+            self.id(),
+            tail.0,
+            self.hold_of(&state)
+        );
         state.retained.retain(|_, position| *position >= tail);
     }
 
@@ -715,6 +760,16 @@ impl Partition {
             // old index does meanwhile (a flush that outlived the wait
             // above may still move blocks to the sleds).
             if let Some(first) = needed.first() {
+                // Held by the index and the trims until now (invariant 4),
+                // so still in the log: a pin below the tail protects nothing.
+                let tail = old.log.wal().tail();
+                assert!(
+                    *first >= tail,
+                    "partition {:?}: take-over pins {} below the log tail {}",
+                    old.id(),
+                    first.0,
+                    tail.0
+                );
                 state.add_hold(*first);
             }
             (needed, state.next_sequence)
@@ -764,6 +819,7 @@ impl Partition {
         next_sequence: u64,
     ) -> Result<(Partition, usize), PartitionError> {
         let wal = old.log.wal();
+        let head_before = wal.head();
         // Many small records (random writes): keep LOG_READS_IN_FLIGHT of
         // them at the device at once, in order.
         let mut reads = futures::stream::iter(needed)
@@ -792,6 +848,28 @@ impl Partition {
         }
         let taken =
             Self::open_with(config, OpenRole::Primary, deps, &records, next_sequence).await?;
+        // The new instance maps blocks only to the records handed over
+        // (pinned by the old instance until it holds them itself) or to its
+        // own new writes: a record of the tail nobody holds may be released
+        // at any moment (the stale read fixed in ARCHITECTURE.md).
+        debug_assert!(
+            taken
+                .shared
+                .lock()
+                .index
+                .runs()
+                .all(|(_, run)| match run.location {
+                    Some(Location::Log { position, .. }) => {
+                        position >= head_before
+                            || records
+                                .binary_search_by_key(&position, |r| r.position)
+                                .is_ok()
+                    }
+                    _ => true,
+                }),
+            "partition {:?}: the take-over maps a block to a log record it was not handed",
+            old.id()
+        );
         Ok((taken, records.len()))
     }
 
@@ -890,6 +968,14 @@ impl Partition {
                 acked_through: acked,
                 stopped: false,
             });
+            // What recovery and replay built, before anything relies on it
+            // (a recount of every run: debug builds only).
+            debug_assert_eq!(
+                state.index.check_invariants(),
+                Ok(()),
+                "partition {:?}: index after open",
+                shared.id()
+            );
         }
         deps.log.register(&shared);
         if role == OpenRole::Primary {

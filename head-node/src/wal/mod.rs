@@ -658,10 +658,31 @@ impl Wal {
         self.shared.flushes.fetch_add(1, Ordering::Relaxed);
         *superblock = next;
         let mut state = self.shared.lock();
+        // Releases are serialised by the superblock lock and `durable` only
+        // grows, so the checks made before the superblock write still hold:
+        // the tail moves forward only, and never past durable records (a
+        // recovery would scan from a tail nothing was written at).
+        assert!(
+            state.tail <= up_to && up_to <= state.durable,
+            "release to {up_to} outside [tail {}, durable {}]",
+            state.tail,
+            state.durable
+        );
         state.tail = up_to;
         while state.starts.front().is_some_and(|&start| start < up_to) {
             state.starts.pop_front();
         }
+        // The new tail is a record boundary (the first live record, or the
+        // head when the log is empty): recovery starts scanning there.
+        assert!(
+            state
+                .starts
+                .front()
+                .map_or(up_to == state.head, |&start| start == up_to),
+            "released to {up_to}, which is not where the next record ({:?}) starts",
+            state.starts.front()
+        );
+        state.assert_positions(self.shared.ring.capacity_bytes());
         Ok(())
     }
 
@@ -702,6 +723,26 @@ impl Wal {
             lap: self.shared.ring.lap(position),
             open_generation: self.shared.open_generation,
         }
+    }
+}
+
+impl State {
+    /// `tail <= durable <= written <= head` and `head - tail <= capacity`
+    /// (the module's invariants): a tail past durable records would let a
+    /// recovery skip acknowledged writes, and more than a ring of live
+    /// bytes would mean a record overwrote one that was never released.
+    fn assert_positions(&self, capacity_bytes: u64) {
+        assert!(
+            self.tail <= self.durable
+                && self.durable <= self.written
+                && self.written <= self.head
+                && self.head - self.tail <= capacity_bytes,
+            "log positions out of order: tail {}, durable {}, written {}, head {}, capacity {capacity_bytes}",
+            self.tail,
+            self.durable,
+            self.written,
+            self.head
+        );
     }
 }
 
@@ -804,6 +845,7 @@ async fn run_writer(shared: Arc<Shared>) {
                 let mut state = shared.lock();
                 debug_assert!(end <= state.head && end > state.durable);
                 state.durable = end;
+                state.assert_positions(shared.ring.capacity_bytes());
                 drop(state);
                 shared.progress.send_modify(|p| p.durable = end);
             }

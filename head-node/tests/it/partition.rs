@@ -27,6 +27,8 @@ use sled_controller::service::DeviceSlot;
 use sled_controller::store::{DeviceIdentity, Store, StoreOptions};
 use sled_controller::Sled;
 
+use crate::wait_until;
+
 const COLUMN: u64 = 1 << 20;
 const SLED_DEVICE: u64 = 48 << 20;
 const WAL_DEVICE: u64 = 8 << 20;
@@ -94,6 +96,20 @@ struct Sleds {
     appends: AtomicU64,
     /// `Append` number from which every append fails (`0`: none fails).
     fail_appends_from: AtomicU64,
+    /// `Read` requests each sled has answered.
+    reads_answered: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Sleds {
+    /// `Read` requests `sled` has answered so far.
+    fn reads_answered(&self, sled: &str) -> u64 {
+        self.reads_answered
+            .lock()
+            .unwrap()
+            .get(sled)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl SledAccess for Sleds {
@@ -116,9 +132,17 @@ impl SledAccess for Sleds {
             }
         }
         let peer = sled.to_string();
+        let is_read = matches!(request, SledRequest::Read { .. });
+        let reads_answered = self.reads_answered.clone();
         Box::pin(async move {
             match target {
-                Some(s) if !down => Ok(s.handle_request(request).await),
+                Some(s) if !down => {
+                    let response = s.handle_request(request).await;
+                    if is_read {
+                        *reads_answered.lock().unwrap().entry(peer).or_default() += 1;
+                    }
+                    Ok(response)
+                }
                 _ => Err(PeerError::Unreachable {
                     peer,
                     reason: "stopped".into(),
@@ -624,15 +648,13 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     // The flush released the log: from here the data lives on the sleds.
     assert!(unit.primary.log().wal().tail().0 > 0);
     // The secondary releases once the flush commit reached it (replicated
-    // after the primary's commit, not inside flush_now): bounded wait.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while unit.secondary.log().wal().tail().0 == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the secondary's log was not released within 5 s of the flush"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // after the primary's commit, not inside flush_now).
+    wait_until(
+        "the secondary's log released after the flush commit",
+        Duration::from_secs(10),
+        || unit.secondary.log().wal().tail().0 > 0,
+    )
+    .await;
     // Mixed: some flushed, some logged, overwrites across both.
     random_ops(&unit, &mut model, &mut rng, 150).await;
     unit.primary.flush_now().await.unwrap();
@@ -732,23 +754,29 @@ async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
     );
 }
 
+/// Sled timeout of the hedging test: a slow sled answers well within it,
+/// and well after the hedged degraded read (50 ms + k reads and a decode).
+const HEDGE_TEST_SLED_TIMEOUT: Duration = Duration::from_secs(2);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_sled_read_is_hedged_by_a_degraded_read_and_not_reported() {
-    let unit = Unit::new(256).await;
+    let unit = Unit::new_tuned(256, |c| c.sled_timeout = HEDGE_TEST_SLED_TIMEOUT).await;
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 31 % 253) as u8).collect();
     unit.write(0, 0, data.clone()).await.unwrap();
     unit.primary.flush_now().await.unwrap();
     let (_, column) = unit.primary.location_of(0).unwrap();
     let (sled_id, _) = column.unwrap();
     let sled = unit.sleds.iter().find(|s| s.id == sled_id).unwrap();
-    sled.faults.set_latency(Duration::from_millis(400));
-    let started = std::time::Instant::now();
+    // Slow, not broken: half the sled timeout.
+    sled.faults.set_latency(HEDGE_TEST_SLED_TIMEOUT / 2);
+    let answered = unit.access.reads_answered(&sled_id);
     let got = unit.read(0, 4096).await;
     assert_eq!(&got[..], &data[..4096]);
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "{:?}",
-        started.elapsed()
+    // The degraded read answered: the slow sled had not, yet.
+    assert_eq!(
+        unit.access.reads_answered(&sled_id),
+        answered,
+        "the read waited for the slow sled instead of hedging"
     );
     assert_eq!(
         unit.primary
@@ -757,19 +785,34 @@ async fn slow_sled_read_is_hedged_by_a_degraded_read_and_not_reported() {
             .load(Ordering::Relaxed),
         1
     );
-    // Slow is not broken: the direct read finishes (400 ms, within the
-    // 500 ms sled timeout) and the column is not queued for repair.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Slow is not broken: the direct read finishes (within the sled
+    // timeout) and the column is not queued for repair. The direct read
+    // is judged as soon as its answer arrives; the short pause only gives
+    // that judgement time to run (a late one would let the check pass, it
+    // cannot make it fail).
+    wait_until(
+        "the slow sled answers the direct read",
+        Duration::from_secs(10),
+        || unit.access.reads_answered(&sled_id) > answered,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         unit.primary.repair_queue().is_empty(),
         "{:?}",
         unit.primary.repair_queue()
     );
     // A sled that does not answer within the sled timeout is reported.
-    sled.faults.set_latency(Duration::from_millis(900));
+    sled.faults
+        .set_latency(HEDGE_TEST_SLED_TIMEOUT + HEDGE_TEST_SLED_TIMEOUT / 2);
     let got = unit.read(0, 4096).await;
     assert_eq!(&got[..], &data[..4096]);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_until(
+        "the sled that timed out is reported for repair",
+        Duration::from_secs(10),
+        || !unit.primary.repair_queue().is_empty(),
+    )
+    .await;
     let repairs = unit.primary.repair_queue();
     assert_eq!(repairs.len(), 1, "{repairs:?}");
     assert_eq!(repairs[0].sled, sled_id);
@@ -1039,7 +1082,9 @@ async fn late_duplicate_of_an_acknowledged_write_is_not_applied_again() {
 /// and returns its outcome; the write is logged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_of_an_in_flight_write_waits_for_the_first_outcome() {
-    let unit = Unit::new(256).await;
+    // A replica timeout far beyond the test: the first copy cannot time out
+    // while the secondary is away, however slow the box.
+    let unit = Unit::new_tuned(256, |c| c.replica_timeout = Duration::from_secs(30)).await;
     // The secondary is slow to answer: the first copy stays in flight.
     unit.peer.down.store(true, Ordering::SeqCst);
     let w1 = host_write(&unit, 0x5678_0000_0001, 0, 0x55);
@@ -1048,13 +1093,28 @@ async fn duplicate_of_an_in_flight_write_waits_for_the_first_outcome() {
         let w1 = w1.clone();
         async move { primary.handle_host(w1).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // In flight: logged and offered to the (unreachable) secondary.
+    wait_until(
+        "the first copy is sent to the secondary",
+        Duration::from_secs(10),
+        || {
+            unit.primary
+                .metrics()
+                .replica_retries
+                .load(Ordering::Relaxed)
+                > 0
+        },
+    )
+    .await;
     let second = tokio::spawn({
         let primary = unit.primary.clone();
         async move { primary.handle_host(w1).await }
     });
+    // Time for the copy to reach the dedupe table; it must then wait (the
+    // first cannot finish while the secondary is down).
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!second.is_finished());
+    assert!(!first.is_finished());
     unit.peer.down.store(false, Ordering::SeqCst);
     assert_eq!(first.await.unwrap(), HostReply::Done);
     assert_eq!(second.await.unwrap(), HostReply::Done);

@@ -501,15 +501,24 @@ async fn reads_of_queued_records_are_served_from_memory() {
     let faulty = Arc::new(FaultyDevice::new(memory));
     let control = faulty.control();
     let (wal, _) = open(faulty, 512 << 10).await;
-    control.set_latency(Duration::from_millis(50));
+    // The device write takes a second: the record stays queued or in
+    // flight (not durable) for all of the checks below.
+    control.set_latency(Duration::from_secs(1));
     let appender = {
         let wal = wal.clone();
         tokio::spawn(async move { wal.append_one(write(1, 2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    crate::wait_until(
+        "the append reserves its position",
+        Duration::from_secs(10),
+        || wal.stats().head > wal.stats().tail,
+    )
+    .await;
     let position = LogPosition(wal.stats().tail);
     assert!(wal.stats().durable < wal.stats().head);
     assert_eq!(wal.read(position).await.unwrap(), write(1, 2));
+    // Still not durable after the read: it was served from memory.
+    assert!(wal.stats().durable < wal.stats().head);
     assert_eq!(appender.await.unwrap().unwrap(), position);
     control.heal();
     assert_eq!(wal.read(position).await.unwrap(), write(1, 2));

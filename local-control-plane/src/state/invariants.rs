@@ -1,6 +1,8 @@
 //! The invariant checker (see the invariant list in the module docs of
-//! [`crate::state`]). It walks the whole state, so it is for tests, debug
-//! assertions and snapshot installation, not for every command in release.
+//! [`crate::state`]). It walks the whole state, so it runs after every
+//! command only in debug builds (and so in every test:
+//! [`UnitState::apply`]), and at snapshot installation; not for every
+//! command in release.
 
 use std::collections::BTreeSet;
 

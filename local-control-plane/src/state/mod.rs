@@ -192,7 +192,24 @@ impl UnitState {
     }
 
     /// Apply one command atomically; a refusal changes nothing.
+    ///
+    /// Debug builds (and so every test) check every invariant after every
+    /// command, applied or refused, and panic with the first violation: a
+    /// handler that breaks one is found at the command that did it, not at
+    /// the next snapshot install. The check walks the whole state, so
+    /// release builds leave it to snapshot installation.
     pub fn apply(&mut self, command: Command) -> Result<Outcome, CommandError> {
+        #[cfg(debug_assertions)]
+        let applied = command.clone();
+        let result = self.apply_unchecked(command);
+        #[cfg(debug_assertions)]
+        if let Err(violation) = self.check_invariants() {
+            panic!("unit state invariant broken by {applied:?} ({result:?}): {violation}");
+        }
+        result
+    }
+
+    fn apply_unchecked(&mut self, command: Command) -> Result<Outcome, CommandError> {
         match command {
             Command::RegisterHeadNode {
                 node,

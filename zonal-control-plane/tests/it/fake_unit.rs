@@ -108,8 +108,17 @@ impl FakeUnit {
     pub async fn dead(name: &str, host: u8) -> Arc<FakeUnit> {
         let unit = FakeUnit::start(name, host, 0).await;
         unit.stop();
-        // Let the accept loops drop their listeners.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Until the accept loops dropped their listeners: connections refused.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for address in [unit.address_a, unit.address_b] {
+            while tokio::net::TcpStream::connect(address).await.is_ok() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{name}: {address} still accepts connections 10 s after the stop"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
         unit
     }
 
