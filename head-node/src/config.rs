@@ -532,8 +532,7 @@ mod tests {
 
     #[test]
     fn example_config_in_deploy_loads() {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/head-node.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/head-node.example.toml");
         let c = HeadNodeConfig::load(&path).unwrap();
         assert_eq!(c.head_node_id, "hn-1");
     }

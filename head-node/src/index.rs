@@ -29,12 +29,11 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use proto::sled::PartitionId;
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 
 use crate::wal::LogPosition;
 
-/// Bytes of one block.
-pub const BLOCK_BYTES: u64 = 4096;
 /// Checkpoint format version.
 pub const CHECKPOINT_VERSION: u16 = 1;
 const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"RBHNIDX1");
@@ -81,7 +80,7 @@ impl Location {
             } => Location::Sled {
                 extent,
                 column,
-                offset_bytes: offset_bytes + blocks * BLOCK_BYTES,
+                offset_bytes: offset_bytes + blocks * BLOCK_SIZE_BYTES,
             },
         }
     }
@@ -709,7 +708,7 @@ mod tests {
         Location::Sled {
             extent,
             column: 1,
-            offset_bytes: offset_blocks * BLOCK_BYTES,
+            offset_bytes: offset_blocks * BLOCK_SIZE_BYTES,
         }
     }
 

@@ -78,8 +78,9 @@ use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
     digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest, BLOCK_BYTES,
+    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
 };
+use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -478,8 +479,8 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
                     role,
                     epoch: p.epoch,
                     secondary: p.secondary.0.clone(),
-                    first_block: start / BLOCK_BYTES,
-                    size_blocks: size / BLOCK_BYTES,
+                    first_block: start / BLOCK_SIZE_BYTES,
+                    size_blocks: size / BLOCK_SIZE_BYTES,
                 },
             );
         }
@@ -1387,7 +1388,7 @@ mod tests {
             }
         }
         assert_eq!((primaries, secondaries), (3, 3));
-        let per = (4 << 20) / BLOCK_BYTES;
+        let per = (4 << 20) / BLOCK_SIZE_BYTES;
         assert_eq!(blocks[&0], (0, per));
         assert_eq!(blocks[&1], (per, per));
         // The short last partition is opened whole (I/O is bounded by the

@@ -123,11 +123,12 @@ use crate::volume::{
     MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
+use crate::BLOCK_SIZE_BYTES;
 
 /// Longest string field (paths, ids, error reasons).
 pub const MAX_STRING_BYTES: u32 = 4096;
 /// Most block CRCs per message: one per 4 KiB block of a maximal payload.
-pub const MAX_BLOCK_CRCS: u32 = (MAX_PAYLOAD_BYTES / 4096) as u32;
+pub const MAX_BLOCK_CRCS: u32 = (MAX_PAYLOAD_BYTES as u64 / BLOCK_SIZE_BYTES) as u32;
 /// Most devices in one sled inventory.
 pub const MAX_DEVICES: u32 = 1024;
 /// Most columns in one allocation reply / bad blocks in one scrub report.

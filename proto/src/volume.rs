@@ -15,8 +15,8 @@
 //!   and at most [`MAX_HOST_IO_BYTES`] (16 MiB). The whole range must lie
 //!   inside the named partition ([`HostError::OutOfRange`] otherwise).
 //! * Data integrity is end to end: a write carries `crcs[i]` = CRC-32C of
-//!   `data[i*4096 .. min((i+1)*4096, len)]` (chunks of [`CRC_CHUNK_BYTES`]
-//!   counted from the start of the *payload*, the last one possibly short:
+//!   `data[i*4096 .. min((i+1)*4096, len)]` (chunks of one block,
+//!   [`BLOCK_SIZE_BYTES`](crate::BLOCK_SIZE_BYTES), counted from the start of the *payload*, the last one possibly short:
 //!   see [`chunk_crcs`]); the primary checks them ([`verify_chunk_crcs`])
 //!   before logging, and a read reply carries the same kind of CRCs over
 //!   the returned payload, which the client checks before handing any byte
@@ -78,26 +78,25 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use crate::sled::{Epoch, PartitionId};
+use crate::BLOCK_SIZE_BYTES;
 
 /// Host I/O granularity: offsets and lengths are multiples of this.
 pub const SECTOR_BYTES: u64 = 512;
-/// Volume block size; replication and the index work in these.
-pub const BLOCK_BYTES: u64 = 4096;
-/// Size of the chunks host CRCs cover (the last chunk may be short).
-pub const CRC_CHUNK_BYTES: usize = 4096;
 /// Largest host read / write / trim / write-zeroes.
 pub const MAX_HOST_IO_BYTES: u32 = crate::frame::MAX_PAYLOAD_BYTES as u32;
 /// Most CRCs of one host payload.
-pub const MAX_HOST_CRCS: u32 = MAX_HOST_IO_BYTES / CRC_CHUNK_BYTES as u32;
+pub const MAX_HOST_CRCS: u32 = MAX_HOST_IO_BYTES / BLOCK_SIZE_BYTES as u32;
 /// Most records in one [`ReplicaRequest::Append`].
 pub const MAX_REPLICA_RECORDS: u32 = 4096;
 /// Most mappings in one [`ReplicaRequest::FlushCommit`].
 pub const MAX_FLUSHED_RANGES: u32 = 65_536;
 
-/// CRC-32C of each [`CRC_CHUNK_BYTES`] chunk of `data`, the last one
+/// CRC-32C of each [`BLOCK_SIZE_BYTES`]-byte chunk of `data`, the last one
 /// possibly short. Empty data has no chunks.
 pub fn chunk_crcs(data: &[u8]) -> Vec<u32> {
-    data.chunks(CRC_CHUNK_BYTES).map(crc32c::crc32c).collect()
+    data.chunks(BLOCK_SIZE_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect()
 }
 
 /// Why a payload does not match its CRCs.
@@ -113,18 +112,18 @@ pub enum CrcError {
 
 /// Check `data` against CRCs made by [`chunk_crcs`].
 pub fn verify_chunk_crcs(data: &[u8], crcs: &[u32]) -> Result<(), CrcError> {
-    let expected = data.len().div_ceil(CRC_CHUNK_BYTES);
+    let expected = data.len().div_ceil(BLOCK_SIZE_BYTES as usize);
     if crcs.len() != expected {
         return Err(CrcError::WrongCount {
             expected,
             actual: crcs.len(),
         });
     }
-    for (chunk, (bytes, crc)) in data.chunks(CRC_CHUNK_BYTES).zip(crcs).enumerate() {
+    for (chunk, (bytes, crc)) in data.chunks(BLOCK_SIZE_BYTES as usize).zip(crcs).enumerate() {
         if crc32c::crc32c(bytes) != *crc {
             return Err(CrcError::Mismatch {
                 chunk,
-                offset_bytes: (chunk * CRC_CHUNK_BYTES) as u64,
+                offset_bytes: chunk as u64 * BLOCK_SIZE_BYTES,
             });
         }
     }

@@ -45,13 +45,14 @@ use proto::sled::{
     ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, Epoch, PartitionId,
     SledError,
 };
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::group_flush::GroupFlush;
 use crate::layout::{
     self, recover_crc_block, recover_slots, ColumnSlot, CrcBlock, Decoded, Geometry, LayoutError,
-    SlotRecovery, SlotState, Superblock, BLOCK_SIZE, LAYOUT_VERSION, SUPERBLOCK_OFFSETS,
+    SlotRecovery, SlotState, Superblock, LAYOUT_VERSION, SUPERBLOCK_OFFSETS,
 };
 use crate::metrics::Metrics;
 
@@ -253,12 +254,12 @@ impl Store {
         let size_bytes = device.info().size_bytes;
 
         let head = device
-            .read_at(0, 2 * BLOCK_SIZE as usize)
+            .read_at(0, 2 * BLOCK_SIZE_BYTES as usize)
             .await
             .map_err(dev_err)?;
         let copies = [
-            Decoded::from_result(Superblock::decode(&head[..BLOCK_SIZE as usize])),
-            Decoded::from_result(Superblock::decode(&head[BLOCK_SIZE as usize..])),
+            Decoded::from_result(Superblock::decode(&head[..BLOCK_SIZE_BYTES as usize])),
+            Decoded::from_result(Superblock::decode(&head[BLOCK_SIZE_BYTES as usize..])),
         ];
         let superblock = match copies {
             [Decoded::Blank, Decoded::Blank] => {
@@ -336,15 +337,16 @@ impl Store {
             let buf = device
                 .read_at(
                     geometry.slot_offset(first, 0),
-                    (n as u64 * 2 * BLOCK_SIZE) as usize,
+                    (n as u64 * 2 * BLOCK_SIZE_BYTES) as usize,
                 )
                 .await
                 .map_err(dev_err)?;
             for i in 0..n {
                 let column = first + i;
-                let at = (i as usize) * 2 * BLOCK_SIZE as usize;
+                let at = (i as usize) * 2 * BLOCK_SIZE_BYTES as usize;
                 let slot = |k: usize| {
-                    let b = &buf[at + k * BLOCK_SIZE as usize..at + (k + 1) * BLOCK_SIZE as usize];
+                    let b = &buf[at + k * BLOCK_SIZE_BYTES as usize
+                        ..at + (k + 1) * BLOCK_SIZE_BYTES as usize];
                     Decoded::from_result(ColumnSlot::decode(b, column, geometry.column_size_bytes))
                 };
                 let (slot, quarantined) = match recover_slots([slot(0), slot(1)]) {
@@ -606,10 +608,10 @@ impl Store {
             .device
             .read_at(
                 self.geometry.crc_block_offset(index, crc_block, 0),
-                2 * BLOCK_SIZE as usize,
+                2 * BLOCK_SIZE_BYTES as usize,
             )
             .await?;
-        let half = BLOCK_SIZE as usize;
+        let half = BLOCK_SIZE_BYTES as usize;
         let copies = [
             Decoded::from_result(CrcBlock::decode(&buf[..half], index, crc_block)),
             Decoded::from_result(CrcBlock::decode(&buf[half..], index, crc_block)),
@@ -627,7 +629,7 @@ impl Store {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u32>, DeviceError> {
-        let mut out = Vec::with_capacity((len / BLOCK_SIZE) as usize);
+        let mut out = Vec::with_capacity((len / BLOCK_SIZE_BYTES) as usize);
         let mut at = offset;
         let mut current: Option<(u32, CachedCrc)> = None;
         while at < offset + len {
@@ -638,7 +640,7 @@ impl Store {
             if let Some((_, c)) = &current {
                 out.push(c.block.entries[entry]);
             }
-            at += BLOCK_SIZE;
+            at += BLOCK_SIZE_BYTES;
         }
         Ok(out)
     }
@@ -660,11 +662,11 @@ impl Store {
             .await
             .map_err(VerifyError::Device)?;
         Ok(data
-            .chunks(BLOCK_SIZE as usize)
+            .chunks(BLOCK_SIZE_BYTES as usize)
             .zip(stored)
             .enumerate()
             .filter(|(_, (block, crc))| crc32c::crc32c(block) != *crc)
-            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE_BYTES)
             .collect())
     }
 
@@ -678,7 +680,7 @@ impl Store {
     ) -> Result<Vec<(u32, CachedCrc, Vec<u8>, u64)>, SledError> {
         let mut out: Vec<(u32, CachedCrc)> = Vec::new();
         for (i, crc) in crcs.iter().enumerate() {
-            let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE);
+            let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE_BYTES);
             if out.last().is_none_or(|(k, _)| *k != cb) {
                 let cached = self
                     .load_crc_block(index, cb)
@@ -897,17 +899,17 @@ impl Store {
     ) -> Result<u64, SledError> {
         let column = self.column_id(index);
         let len = data.len() as u64;
-        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES {
+        if len == 0 || len % BLOCK_SIZE_BYTES != 0 || len > MAX_IO_BYTES {
             return Err(bad_request(format!(
-                "append length {len} is not a non-zero multiple of 4096 up to {MAX_IO_BYTES}"
+                "append length {len} is not a non-zero multiple of {BLOCK_SIZE_BYTES} up to {MAX_IO_BYTES}"
             )));
         }
-        if offset % BLOCK_SIZE != 0 {
+        if offset % BLOCK_SIZE_BYTES != 0 {
             return Err(bad_request(format!(
-                "append offset {offset} is not a multiple of 4096"
+                "append offset {offset} is not a multiple of {BLOCK_SIZE_BYTES}"
             )));
         }
-        let blocks = (len / BLOCK_SIZE) as usize;
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
         if block_crcs.len() != blocks {
             return Err(bad_request(format!(
                 "{} block CRCs for {blocks} blocks",
@@ -992,7 +994,7 @@ impl Store {
             .map_err(|e| self.device_error(e))?;
         let mut heals_in_doubt = false;
         for (i, (s, given)) in stored.iter().zip(block_crcs).enumerate() {
-            let at = offset + i as u64 * BLOCK_SIZE;
+            let at = offset + i as u64 * BLOCK_SIZE_BYTES;
             if s != given {
                 if c.in_doubt_bad.contains(&at) {
                     heals_in_doubt = true;
@@ -1044,7 +1046,7 @@ impl Store {
             c.slot = next;
         }
         for i in 0..blocks as u64 {
-            c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE));
+            c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE_BYTES));
         }
         info!(
             device = self.device_index,
@@ -1064,7 +1066,11 @@ impl Store {
         len: u64,
     ) -> Result<(Bytes, Vec<u32>), SledError> {
         let column = self.column_id(index);
-        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES || offset % BLOCK_SIZE != 0 {
+        if len == 0
+            || len % BLOCK_SIZE_BYTES != 0
+            || len > MAX_IO_BYTES
+            || offset % BLOCK_SIZE_BYTES != 0
+        {
             return Err(bad_request(format!(
                 "read {offset}+{len} is not whole 4 KiB blocks up to {MAX_IO_BYTES} bytes"
             )));
@@ -1097,11 +1103,11 @@ impl Store {
             .map_err(|e| self.device_error(e))?;
         drop(c);
         let bad: Vec<u64> = data
-            .chunks(BLOCK_SIZE as usize)
+            .chunks(BLOCK_SIZE_BYTES as usize)
             .zip(&stored)
             .enumerate()
             .filter(|(_, (block, crc))| crc32c::crc32c(block) != **crc)
-            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE_BYTES)
             .collect();
         if !bad.is_empty() {
             self.metrics.checksum_errors.inc_by(bad.len() as u64);

@@ -50,10 +50,7 @@ fn bad_config_exits_2_with_a_clear_message() {
 
 #[test]
 fn example_rack_file_is_valid() {
-    let rack = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/rack.example.toml"
-    );
+    let rack = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rack.example.toml");
     rackblock(&["rack", "validate", "--no-devices", rack], 0);
 }
 

@@ -73,12 +73,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future;
 use proto::sled::{ColumnId, PartitionId, SledError, SledRequest, SledResponse};
+use proto::BLOCK_SIZE_BYTES;
 
 use super::flush::{
     open_extent, open_next_extent, read_summary, read_verified, sled_call, zero_block_crc,
 };
 use super::layout::{
-    self, SlotEntry, StripeKind, StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
+    self, SlotEntry, StripeKind, StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{bump, ExtentState, PartitionError, Shared};
 use crate::index::{Location, PartitionIndex};
@@ -486,11 +487,11 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
                 chunks[i][..byte.len()].copy_from_slice(byte);
             }
             let mut crcs = vec![zero; k * CHUNK_BLOCKS as usize];
-            let used_blocks = (to - from).div_ceil(BLOCK_BYTES as usize);
+            let used_blocks = (to - from).div_ceil(BLOCK_SIZE_BYTES as usize);
             for (slot, entry) in slots.iter_mut().enumerate().take(used_blocks) {
                 let column = slot / CHUNK_BLOCKS as usize;
-                let at = (slot % CHUNK_BLOCKS as usize) * BLOCK_BYTES as usize;
-                let crc = crc32c::crc32c(&chunks[column][at..at + BLOCK_BYTES as usize]);
+                let at = (slot % CHUNK_BLOCKS as usize) * BLOCK_SIZE_BYTES as usize;
+                let crc = crc32c::crc32c(&chunks[column][at..at + BLOCK_SIZE_BYTES as usize]);
                 crcs[slot] = crc;
                 *entry = Some(SlotEntry {
                     lba: r * (k as u64) * CHUNK_BLOCKS + slot as u64,
@@ -999,7 +1000,7 @@ async fn try_candidate(
             ..
         }) = run.location
         {
-            let last = offset_bytes + (run.count - 1) * BLOCK_BYTES;
+            let last = offset_bytes + (run.count - 1) * BLOCK_SIZE_BYTES;
             let inside = covered.get(&extent).is_some_and(|rows| {
                 layout::split_offset(last).is_some_and(|(stripe, _)| stripe < *rows)
             });
@@ -1109,7 +1110,7 @@ async fn load(
                 let Some(shard) = shard else {
                     return Err(format!("row {stripe}: data column {d} not decoded"));
                 };
-                for (b, block) in shard.chunks(BLOCK_BYTES as usize).enumerate() {
+                for (b, block) in shard.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
                     let slot = d * CHUNK_BLOCKS as usize + b;
                     let entry = summary.slots.get(slot).copied().flatten();
                     let expected_lba = (stripe - candidate.first_row) * per_row + slot as u64;

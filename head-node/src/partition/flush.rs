@@ -31,9 +31,10 @@ use futures::future;
 use futures::StreamExt;
 use proto::sled::{SledError, SledRequest, SledResponse};
 use proto::volume::{FlushedRange, ReplicaRequest};
+use proto::BLOCK_SIZE_BYTES;
 
 use super::layout::{
-    self, SlotEntry, StripeSummary, Tombstone, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
+    self, SlotEntry, StripeSummary, Tombstone, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{
     bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, LOG_READS_IN_FLIGHT,
@@ -100,7 +101,7 @@ struct Placed {
 }
 
 pub(super) fn zero_block_crc() -> u32 {
-    crc32c::crc32c(&[0u8; BLOCK_BYTES as usize])
+    crc32c::crc32c(&[0u8; BLOCK_SIZE_BYTES as usize])
 }
 
 /// Flushes every log-resident block and pending trim, then releases the log.
@@ -281,8 +282,8 @@ fn push_blocks(
     relocate_from: impl Fn(u64) -> Option<Location>,
 ) {
     for i in 0..count {
-        let from = (i * BLOCK_BYTES) as usize;
-        let block = data.slice(from..from + BLOCK_BYTES as usize);
+        let from = (i * BLOCK_SIZE_BYTES) as usize;
+        let block = data.slice(from..from + BLOCK_SIZE_BYTES as usize);
         blocks.push(FlushBlock {
             lba: lba + i,
             sequence,
@@ -547,8 +548,8 @@ async fn write_rows(
         for (slot, block) in row.blocks.iter().enumerate() {
             let column = slot / CHUNK_BLOCKS as usize;
             let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
-            let at = (in_chunk * BLOCK_BYTES) as usize;
-            chunks[column][at..at + BLOCK_BYTES as usize].copy_from_slice(&block.data);
+            let at = (in_chunk * BLOCK_SIZE_BYTES) as usize;
+            chunks[column][at..at + BLOCK_SIZE_BYTES as usize].copy_from_slice(&block.data);
             slots[slot] = Some(SlotEntry {
                 lba: block.lba,
                 sequence: block.sequence,
@@ -706,7 +707,8 @@ async fn commit_flush(
                                 && last.sequence == block.sequence
                                 && last.extent == extent
                                 && last.column == column
-                                && last.offset_bytes + u64::from(last.blocks) * BLOCK_BYTES
+                                && last.offset_bytes
+                                    + u64::from(last.blocks) * BLOCK_SIZE_BYTES
                                     == offset_bytes =>
                         {
                             last.blocks += 1
@@ -891,7 +893,7 @@ pub(super) async fn read_summary(
         let request = SledRequest::Read {
             column: *column,
             offset: row * ROW_BYTES + CHUNK_BYTES,
-            len: BLOCK_BYTES as u32,
+            len: BLOCK_SIZE_BYTES as u32,
         };
         let Ok(SledResponse::Data { data, .. }) = sled_call(shared, sled, request).await else {
             continue;
@@ -995,9 +997,9 @@ pub(super) async fn read_verified(
     match sled_call(shared, sled, request).await {
         Ok(SledResponse::Data { data, block_crcs }) => {
             let ok = data.len() as u64 == len
-                && block_crcs.len() as u64 == len / BLOCK_BYTES
+                && block_crcs.len() as u64 == len / BLOCK_SIZE_BYTES
                 && data
-                    .chunks(BLOCK_BYTES as usize)
+                    .chunks(BLOCK_SIZE_BYTES as usize)
                     .zip(&block_crcs)
                     .all(|(block, crc)| crc32c::crc32c(block) == *crc);
             if !ok {

@@ -99,7 +99,7 @@ pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 use crate::erasure::ErasureCodec;
 use crate::index::{Location, PartitionIndex};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
-use layout::BLOCK_BYTES;
+use proto::BLOCK_SIZE_BYTES;
 
 /// Log reads a flush, a take-over or a catch-up keeps in flight.
 const LOG_READS_IN_FLIGHT: usize = 32;
@@ -171,11 +171,11 @@ impl PartitionConfig {
     }
 
     fn start_bytes(&self) -> u64 {
-        self.first_block * BLOCK_BYTES
+        self.first_block * BLOCK_SIZE_BYTES
     }
 
     fn end_bytes(&self) -> u64 {
-        (self.first_block + self.size_blocks) * BLOCK_BYTES
+        (self.first_block + self.size_blocks) * BLOCK_SIZE_BYTES
     }
 }
 
@@ -1200,8 +1200,8 @@ impl Partition {
                 .map_err(|_| shared.unavailable("too many writes in flight"))?
                 .map_err(|_| shared.unavailable("partition closing"))?;
         let barrier = shared.barrier.clone().read_owned().await;
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         let guard = tokio::time::timeout_at(deadline, shared.lock_range(first_block..end_block))
             .await
             .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
@@ -1233,10 +1233,10 @@ impl Partition {
         bytes: Range<u64>,
         data: Option<Bytes>,
     ) -> Result<Vec<Change>, PartitionError> {
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
-        let head_partial = bytes.start % BLOCK_BYTES != 0;
-        let tail_partial = bytes.end % BLOCK_BYTES != 0;
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
+        let head_partial = bytes.start % BLOCK_SIZE_BYTES != 0;
+        let tail_partial = bytes.end % BLOCK_SIZE_BYTES != 0;
         let mut changes = Vec::new();
         match data {
             Some(data) if !head_partial && !tail_partial => {
@@ -1245,27 +1245,27 @@ impl Partition {
             Some(data) => {
                 bump(&self.shared.metrics.read_modify_writes);
                 let blocks = end_block - first_block;
-                let mut buf = BytesMut::zeroed((blocks * BLOCK_BYTES) as usize);
+                let mut buf = BytesMut::zeroed((blocks * BLOCK_SIZE_BYTES) as usize);
                 if head_partial {
                     let old = read::read_blocks(&self.shared, first_block, 1).await?;
-                    buf[..BLOCK_BYTES as usize].copy_from_slice(&old);
+                    buf[..BLOCK_SIZE_BYTES as usize].copy_from_slice(&old);
                 }
                 if tail_partial && (end_block - 1 != first_block || !head_partial) {
                     let old = read::read_blocks(&self.shared, end_block - 1, 1).await?;
-                    let at = ((blocks - 1) * BLOCK_BYTES) as usize;
+                    let at = ((blocks - 1) * BLOCK_SIZE_BYTES) as usize;
                     buf[at..].copy_from_slice(&old);
                 }
-                let at = (bytes.start - first_block * BLOCK_BYTES) as usize;
+                let at = (bytes.start - first_block * BLOCK_SIZE_BYTES) as usize;
                 buf[at..at + data.len()].copy_from_slice(&data);
                 push_writes(&mut changes, first_block, buf.freeze());
             }
             None => {
-                let whole_start = bytes.start.div_ceil(BLOCK_BYTES);
-                let whole_end = bytes.end / BLOCK_BYTES;
+                let whole_start = bytes.start.div_ceil(BLOCK_SIZE_BYTES);
+                let whole_end = bytes.end / BLOCK_SIZE_BYTES;
                 let edge = |block: u64, from: u64, to: u64| async move {
                     let old = read::read_blocks(&self.shared, block, 1).await?;
                     let mut buf = BytesMut::from(&old[..]);
-                    let base = block * BLOCK_BYTES;
+                    let base = block * BLOCK_SIZE_BYTES;
                     buf[(from - base) as usize..(to - base) as usize].fill(0);
                     Ok::<_, PartitionError>(Change::Write {
                         lba: block,
@@ -1277,8 +1277,9 @@ impl Partition {
                     changes.push(edge(first_block, bytes.start, bytes.end).await?);
                 } else {
                     if head_partial {
-                        changes
-                            .push(edge(first_block, bytes.start, whole_start * BLOCK_BYTES).await?);
+                        changes.push(
+                            edge(first_block, bytes.start, whole_start * BLOCK_SIZE_BYTES).await?,
+                        );
                     }
                     let mut lba = whole_start;
                     while lba < whole_end {
@@ -1287,8 +1288,9 @@ impl Partition {
                         lba += count;
                     }
                     if tail_partial {
-                        changes
-                            .push(edge(end_block - 1, whole_end * BLOCK_BYTES, bytes.end).await?);
+                        changes.push(
+                            edge(end_block - 1, whole_end * BLOCK_SIZE_BYTES, bytes.end).await?,
+                        );
                     }
                 }
                 if head_partial || tail_partial {
@@ -1309,10 +1311,10 @@ impl Partition {
     ) -> Result<Bytes, PartitionError> {
         self.shared.check_primary(Some(epoch))?;
         let bytes = self.check_range(offset_bytes, len)?;
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         let data = read::read_blocks(&self.shared, first_block, end_block - first_block).await?;
-        let at = (bytes.start - first_block * BLOCK_BYTES) as usize;
+        let at = (bytes.start - first_block * BLOCK_SIZE_BYTES) as usize;
         bump(&self.shared.metrics.reads);
         Ok(data.slice(at..at + len as usize))
     }
@@ -1398,9 +1400,11 @@ fn push_writes(changes: &mut Vec<Change>, first_block: u64, data: Bytes) {
     let mut lba = first_block;
     let mut rest = data;
     while !rest.is_empty() {
-        let take = rest.len().min((MAX_RECORD_BLOCKS * BLOCK_BYTES) as usize);
+        let take = rest
+            .len()
+            .min((MAX_RECORD_BLOCKS * BLOCK_SIZE_BYTES) as usize);
         let piece = rest.split_to(take);
-        let blocks = piece.len() as u64 / BLOCK_BYTES;
+        let blocks = piece.len() as u64 / BLOCK_SIZE_BYTES;
         changes.push(Change::Write { lba, data: piece });
         lba += blocks;
     }
@@ -1426,7 +1430,7 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
             state.next_sequence += 1;
             let (log, replica) = match change {
                 Change::Write { lba, data } => {
-                    let blocks = data.len() as u64 / BLOCK_BYTES;
+                    let blocks = data.len() as u64 / BLOCK_SIZE_BYTES;
                     let replica = ReplicaRecord {
                         sequence,
                         kind: ReplicaRecordKind::Write,

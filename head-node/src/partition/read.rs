@@ -17,10 +17,11 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{self, Either};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
-use super::layout::{self, BLOCK_BYTES, CHUNK_BYTES, ROW_BYTES};
+use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
 use super::{bump, PartitionError, RepairItem, Shared};
 use crate::index::Location;
 use crate::wal::WalError;
+use proto::BLOCK_SIZE_BYTES;
 
 /// Attempts when the index moved under a read (flush, GC, log release).
 const READ_ATTEMPTS: usize = 4;
@@ -127,19 +128,19 @@ async fn read_once(
         .iter()
         .map(|(_, n, fetch)| fetch_one(shared, *n, fetch));
     let results = future::join_all(futures).await;
-    let mut out = BytesMut::with_capacity((count * BLOCK_BYTES) as usize);
+    let mut out = BytesMut::with_capacity((count * BLOCK_SIZE_BYTES) as usize);
     for ((at, n, _), result) in fetches.iter().zip(results) {
-        debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_BYTES);
+        debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_SIZE_BYTES);
         match result {
             Ok(data) => {
-                debug_assert_eq!(data.len() as u64, n * BLOCK_BYTES);
+                debug_assert_eq!(data.len() as u64, n * BLOCK_SIZE_BYTES);
                 out.extend_from_slice(&data);
             }
             Err(FetchError::Moved) => return Err(Moved),
             Err(FetchError::Failed(PartitionError::ChecksumMismatch { partition, .. })) => {
                 return Ok(Err(PartitionError::ChecksumMismatch {
                     partition,
-                    offset_bytes: (shared.config.first_block + at) * BLOCK_BYTES,
+                    offset_bytes: (shared.config.first_block + at) * BLOCK_SIZE_BYTES,
                 }))
             }
             Err(FetchError::Failed(error)) => return Ok(Err(error)),
@@ -155,7 +156,7 @@ enum FetchError {
 
 async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes, FetchError> {
     match *fetch {
-        Fetch::Zeros => Ok(Bytes::from(vec![0u8; (n * BLOCK_BYTES) as usize])),
+        Fetch::Zeros => Ok(Bytes::from(vec![0u8; (n * BLOCK_SIZE_BYTES) as usize])),
         Fetch::Log { position, first } => {
             match shared
                 .log
@@ -338,7 +339,7 @@ async fn read_column(
     let request = SledRequest::Read {
         column,
         offset,
-        len: (n * BLOCK_BYTES) as u32,
+        len: (n * BLOCK_SIZE_BYTES) as u32,
     };
     let call = shared.sleds.call(sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
@@ -355,14 +356,14 @@ async fn read_column(
         SledResponse::Error(error) => return Err(error.to_string()),
         other => return Err(format!("unexpected answer {other:?}")),
     };
-    if data.len() as u64 != n * BLOCK_BYTES || stored.len() as u64 != n {
+    if data.len() as u64 != n * BLOCK_SIZE_BYTES || stored.len() as u64 != n {
         return Err(format!(
             "short read: {} bytes, {} CRCs",
             data.len(),
             stored.len()
         ));
     }
-    for (i, chunk) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+    for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         let crc = crc32c::crc32c(chunk);
         let want = expected.map_or(stored[i], |e| e[i]);
         if crc != stored[i] || crc != want {
@@ -370,7 +371,7 @@ async fn read_column(
             return Err(format!(
                 "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
                 i,
-                offset + i as u64 * BLOCK_BYTES,
+                offset + i as u64 * BLOCK_SIZE_BYTES,
                 stored[i]
             ));
         }
@@ -391,7 +392,7 @@ async fn degraded_read(
 ) -> Result<Bytes, PartitionError> {
     bump(&shared.metrics.degraded_reads);
     let row = stripe * ROW_BYTES;
-    let chunk_blocks = CHUNK_BYTES / BLOCK_BYTES;
+    let chunk_blocks = CHUNK_BYTES / BLOCK_SIZE_BYTES;
     let reads = view.columns.iter().enumerate().map(|(i, (sled, id))| {
         let want = i != usize::from(column);
         let sled = sled.clone();
@@ -442,9 +443,9 @@ async fn degraded_read(
             needed: view.k,
         });
     };
-    let from = (block * BLOCK_BYTES) as usize;
-    let data = &chunk[from..from + (n * BLOCK_BYTES) as usize];
-    for (i, b) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+    let from = (block * BLOCK_SIZE_BYTES) as usize;
+    let data = &chunk[from..from + (n * BLOCK_SIZE_BYTES) as usize];
+    for (i, b) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         if crc32c::crc32c(b) != view.expected[i] {
             bump(&shared.metrics.checksum_errors);
             return Err(PartitionError::ChecksumMismatch {

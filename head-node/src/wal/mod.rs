@@ -71,14 +71,14 @@ use tokio::sync::watch;
 
 pub use format::{FormatError, LogRecord, RecordKind, MAX_PAYLOAD_BLOCKS};
 use format::{
-    RecordHeader, RecordStamp, Superblock, SuperblockState, BLOCK, BLOCK_BYTES, RING_OFFSET,
-    SUPERBLOCK_OFFSETS,
+    RecordHeader, RecordStamp, Superblock, SuperblockState, RING_OFFSET, SUPERBLOCK_OFFSETS,
 };
+use proto::BLOCK_SIZE_BYTES;
 use ring::Ring;
 
 /// Smallest ring accepted (room for a few maximal records is the caller's
 /// business; this only rejects nonsense).
-pub const MIN_CAPACITY_BYTES: u64 = 16 * BLOCK_BYTES;
+pub const MIN_CAPACITY_BYTES: u64 = 16 * BLOCK_SIZE_BYTES;
 
 /// Logical position of a record: a byte offset that grows forever (the ring
 /// offset is `position % capacity`).
@@ -264,7 +264,7 @@ impl Pending {
     fn len(&self) -> u64 {
         match &self.item {
             Item::Record(record) => record.encoded_len(),
-            Item::Padding { skip_bytes } => BLOCK_BYTES + skip_bytes,
+            Item::Padding { skip_bytes } => BLOCK_SIZE_BYTES + skip_bytes,
         }
     }
 }
@@ -328,8 +328,13 @@ impl Wal {
                 needed_bytes: needed,
             });
         }
-        let copies = device.read_at(SUPERBLOCK_OFFSETS[0], 2 * BLOCK).await?;
-        let previous = match format::choose_superblock([&copies[..BLOCK], &copies[BLOCK..]]) {
+        let copies = device
+            .read_at(SUPERBLOCK_OFFSETS[0], 2 * BLOCK_SIZE_BYTES as usize)
+            .await?;
+        let previous = match format::choose_superblock([
+            &copies[..BLOCK_SIZE_BYTES as usize],
+            &copies[BLOCK_SIZE_BYTES as usize..],
+        ]) {
             SuperblockState::Valid(superblock) => superblock,
             SuperblockState::Corrupt { first, second } => {
                 return Err(WalError::SuperblockCorrupt { first, second })
@@ -337,8 +342,8 @@ impl Wal {
             SuperblockState::Blank => {
                 let ring_bytes = size_bytes - RING_OFFSET;
                 let capacity_bytes = options.capacity_bytes.unwrap_or(ring_bytes).min(ring_bytes)
-                    / BLOCK_BYTES
-                    * BLOCK_BYTES;
+                    / BLOCK_SIZE_BYTES
+                    * BLOCK_SIZE_BYTES;
                 if capacity_bytes < MIN_CAPACITY_BYTES {
                     return Err(WalError::TooSmall {
                         size_bytes,
@@ -404,7 +409,7 @@ impl Wal {
                 ring,
                 log_id: current.log_id,
                 open_generation: current.open_generation,
-                max_batch_bytes: options.max_batch_bytes.max(BLOCK) as u64,
+                max_batch_bytes: options.max_batch_bytes.max(BLOCK_SIZE_BYTES as usize) as u64,
                 recovery_stop: scan.stop,
                 state: Mutex::new(state),
                 progress,
@@ -578,7 +583,7 @@ impl Wal {
         let block = self
             .shared
             .device
-            .read_at(RING_OFFSET + ring_offset, BLOCK)
+            .read_at(RING_OFFSET + ring_offset, BLOCK_SIZE_BYTES as usize)
             .await?;
         let header = format::decode_header(&block).map_err(|e| corrupt(e.to_string()))?;
         if header.stamp.position != position || header.stamp.log_id != self.shared.log_id {
@@ -604,11 +609,11 @@ impl Wal {
             .shared
             .device
             .read_at(
-                RING_OFFSET + ring_offset + BLOCK_BYTES * (1 + first as u64),
-                count * BLOCK,
+                RING_OFFSET + ring_offset + BLOCK_SIZE_BYTES * (1 + first as u64),
+                count * BLOCK_SIZE_BYTES as usize,
             )
             .await?;
-        for (i, chunk) in data.chunks(BLOCK).enumerate() {
+        for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
             if crc32c::crc32c(chunk) != header.block_crcs[first + i] {
                 return Err(corrupt(format!(
                     "payload block {} fails its CRC",
@@ -732,7 +737,10 @@ impl Shared {
 
 fn block_range(header: &RecordHeader, first: u32, count: u32) -> Option<(usize, usize)> {
     let end = first.checked_add(count)? as usize;
-    (count > 0 && end <= header.block_crcs.len()).then_some((first as usize * BLOCK, end * BLOCK))
+    (count > 0 && end <= header.block_crcs.len()).then_some((
+        first as usize * BLOCK_SIZE_BYTES as usize,
+        end * BLOCK_SIZE_BYTES as usize,
+    ))
 }
 
 fn header_of(record: &LogRecord, stamp: RecordStamp) -> RecordHeader {
@@ -885,7 +893,11 @@ fn encode_segment(
                 format::encode_record(record, stamp, &mut buf[at..at + len]);
             }
             Item::Padding { skip_bytes } => {
-                format::encode_padding(stamp, *skip_bytes, &mut buf[at..at + BLOCK]);
+                format::encode_padding(
+                    stamp,
+                    *skip_bytes,
+                    &mut buf[at..at + BLOCK_SIZE_BYTES as usize],
+                );
             }
         }
     }
@@ -949,7 +961,8 @@ async fn scan(
     let mut window = Window {
         device,
         ring,
-        window_bytes: (window_bytes.max(BLOCK) / BLOCK * BLOCK) as u64,
+        window_bytes: (window_bytes.max(BLOCK_SIZE_BYTES as usize) / BLOCK_SIZE_BYTES as usize
+            * BLOCK_SIZE_BYTES as usize) as u64,
         start: 0,
         buf: None,
     };
@@ -965,7 +978,7 @@ async fn scan(
             break ScanStop::Full { position };
         }
         let offset = ring.offset(position);
-        let header = match format::decode_header(window.get(offset, BLOCK_BYTES).await?) {
+        let header = match format::decode_header(window.get(offset, BLOCK_SIZE_BYTES).await?) {
             Ok(header) => header,
             Err(FormatError::Blank) => break ScanStop::Blank { position },
             Err(error) => break cut(position, error.to_string()),
@@ -1005,11 +1018,11 @@ async fn scan(
                 break cut(position, "padding does not end the lap".to_string());
             }
         } else {
-            let payload_len = len - BLOCK_BYTES;
+            let payload_len = len - BLOCK_SIZE_BYTES;
             let payload = if payload_len == 0 {
                 Bytes::new()
             } else {
-                let payload = window.get(offset + BLOCK_BYTES, payload_len).await?;
+                let payload = window.get(offset + BLOCK_SIZE_BYTES, payload_len).await?;
                 if let Some(bad) = format::first_bad_block(&header, payload) {
                     break cut(position, format!("payload block {bad} fails its CRC"));
                 }

@@ -38,7 +38,7 @@ const PART: PartitionId = PartitionId {
 };
 /// The partition starts at this volume block.
 const FIRST_BLOCK: u64 = 4096;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
 const CHUNK_BYTES: u64 = 16 * BLOCK;
 /// One row of a column: a chunk and its summary block.
 const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK;
