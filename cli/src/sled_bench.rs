@@ -101,7 +101,7 @@ async fn new_column(link: &PeerLink, stream: usize) -> BenchResult<(ColumnId, Pa
     let column = *columns.first().ok_or("allocate returned no column")?;
     let partition = PartitionId {
         volume: VOLUME,
-        partition: stream as u32,
+        index: stream as u32,
     };
     call(
         link,

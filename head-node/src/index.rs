@@ -221,7 +221,7 @@ impl PartitionIndex {
             Some(end) if count > 0 && end <= self.size_blocks => Ok(end),
             _ => Err(IndexError::OutOfRange {
                 volume: self.partition.volume,
-                partition: self.partition.partition,
+                partition: self.partition.index,
                 lba,
                 count,
                 size_blocks: self.size_blocks,
@@ -538,7 +538,7 @@ impl PartitionIndex {
         out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&self.partition.volume.to_le_bytes());
-        out.extend_from_slice(&self.partition.partition.to_le_bytes());
+        out.extend_from_slice(&self.partition.index.to_le_bytes());
         out.extend_from_slice(&self.size_blocks.to_le_bytes());
         out.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
         for (start, run) in &self.runs {
@@ -591,7 +591,7 @@ impl PartitionIndex {
         reader.u16()?;
         let partition = PartitionId {
             volume: reader.u64()?,
-            partition: reader.u32()?,
+            index: reader.u32()?,
         };
         let size_blocks = reader.u64()?;
         let run_count = reader.u64()?;
@@ -693,7 +693,7 @@ mod tests {
     fn p() -> PartitionId {
         PartitionId {
             volume: 7,
-            partition: 2,
+            index: 2,
         }
     }
 

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
 use hardware::{open_device, EngineChoice, OpenOptions};
-use local_control_plane::state::{NodeId, PartitionId as LcpPartitionId, UnitState};
+use local_control_plane::state::{NodeId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -438,7 +438,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn label(id: PartitionId) -> PartitionLabels {
     PartitionLabels {
-        partition: format!("{}/{}", id.volume, id.partition),
+        partition: id.to_string(),
     }
 }
 
@@ -474,7 +474,7 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
             let start = u64::from(p.id.index) * volume.partition_size_bytes;
             let size = volume.partition_size_bytes;
             desired.insert(
-                PartitionId::from(p.id),
+                p.id,
                 Desired {
                     role,
                     epoch: p.epoch,
@@ -689,7 +689,7 @@ impl PartitionManager {
             };
             outcomes.push(FlushOutcome {
                 volume: id.volume,
-                partition: id.partition,
+                partition: id.index,
                 blocks,
                 stripes,
                 error,
@@ -832,7 +832,7 @@ fn unavailable(reason: &str) -> HostReply {
 /// map names this node (the partition is still opening here).
 fn not_primary(inner: &Inner, id: PartitionId) -> HostError {
     let state = inner.node.local_state();
-    let Some(entry) = state.partition(LcpPartitionId::from(id)) else {
+    let Some(entry) = state.partition(id) else {
         return HostError::NotPrimary { hint: None };
     };
     if entry.primary == inner.me {
@@ -866,7 +866,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     PartitionStatus {
         volume: id.volume,
-        partition: id.partition,
+        partition: id.index,
         role: role_name(h.partition.role()).to_string(),
         epoch: h.partition.epoch(),
         lcp_epoch: h.lcp_epoch.load(Ordering::Relaxed),
@@ -963,7 +963,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             .volumes()
             .values()
             .flat_map(|v| v.partitions.first())
-            .map(|p| PartitionId::from(p.id))
+            .map(|p| p.id)
             .next();
         let synced = match any_partition {
             Some(partition) => write_barrier(&inner.node, partition).await,
@@ -1207,7 +1207,7 @@ async fn lease_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
         let started = Instant::now();
         let now = now_ms();
         let command = Command::GrantLease {
-            partition: id.into(),
+            partition: id,
             holder: inner.me.clone(),
             epoch: hosted.opened_epoch,
             now_ms: now,
@@ -1371,7 +1371,7 @@ mod tests {
         for n in 1..=3 {
             let me = NodeId::new(format!("hn-{n}"));
             for (id, d) in desired_partitions(&state, &me) {
-                let entry = state.partition(LcpPartitionId::from(id)).unwrap();
+                let entry = state.partition(id).unwrap();
                 match d.role {
                     OpenRole::Primary => {
                         assert_eq!(entry.primary, me);
@@ -1384,7 +1384,7 @@ mod tests {
                 }
                 assert_eq!(d.epoch, entry.epoch);
                 assert_eq!(d.secondary, entry.secondary.0);
-                blocks.insert(id.partition, (d.first_block, d.size_blocks));
+                blocks.insert(id.index, (d.first_block, d.size_blocks));
             }
         }
         assert_eq!((primaries, secondaries), (3, 3));

@@ -199,7 +199,7 @@ impl RepairWorker {
             .repairs()
             .tasks
             .iter()
-            .filter(|t| primaries.contains_key(&t.partition.into()))
+            .filter(|t| primaries.contains_key(&t.partition))
             .collect();
         let now = Instant::now();
         let mut pending = 0i64;
@@ -217,7 +217,7 @@ impl RepairWorker {
                 }
                 running.tasks.insert(key);
             }
-            let Some(partition) = primaries.get(&task.partition.into()).cloned() else {
+            let Some(partition) = primaries.get(&task.partition).cloned() else {
                 continue;
             };
             let Some(grant) = grant_of(&state, task.extent) else {

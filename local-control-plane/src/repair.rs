@@ -44,7 +44,7 @@ use tracing::{info, warn};
 use crate::command::{Command, Outcome};
 use crate::error::CommandError;
 use crate::state::RepairReason;
-use crate::state::{ColumnRef, ExtentId, Health, SledId, UnitState};
+use crate::state::{ColumnRef, ExtentId, Health, PartitionId, SledId, UnitState};
 
 /// Default concurrent repair tasks per unit.
 pub const DEFAULT_REPAIR_MAX_CONCURRENT: usize = 4;
@@ -495,9 +495,9 @@ pub async fn free_retired_columns(
             }
         };
         if status.state != ColumnState::Free {
-            let partition = status.partition.unwrap_or(proto::sled::PartitionId {
+            let partition = status.partition.unwrap_or(PartitionId {
                 volume: 0,
-                partition: 0,
+                index: 0,
             });
             let request = SledRequest::FreeColumn {
                 column: id,

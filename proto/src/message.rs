@@ -67,7 +67,7 @@
 //! | 0x0381 | RaftReply | payload bytes(≤16 MiB) |
 //! | 0x0382 | LcpReply | payload bytes(≤16 MiB) |
 //!
-//! * column = device u16 | index u32; partition = volume u64 | partition u32
+//! * column = device u16 | index u32; partition = volume u64 | index u32
 //! * device = device u16 | path string | size_bytes u64 | column_count u32 |
 //!   free_columns u32 | state u8 (0 Healthy, 1 Failed)
 //! * column state u8: 0 Free, 1 Allocated, 2 Claimed
@@ -794,13 +794,13 @@ fn get_column(r: &mut Reader) -> Result<ColumnId, DecodeError> {
 
 fn put_partition(w: &mut Writer<'_>, partition: &PartitionId) {
     w.u64(partition.volume);
-    w.u32(partition.partition);
+    w.u32(partition.index);
 }
 
 fn get_partition(r: &mut Reader) -> Result<PartitionId, DecodeError> {
     Ok(PartitionId {
         volume: r.u64("partition.volume")?,
-        partition: r.u32("partition.partition")?,
+        index: r.u32("partition.index")?,
     })
 }
 
@@ -1210,7 +1210,7 @@ mod tests {
             },
             partition: PartitionId {
                 volume: 3,
-                partition: 4,
+                index: 4,
             },
             epoch: 5,
             offset: 4096,
@@ -1292,7 +1292,7 @@ mod tests {
             Message::Replica(ReplicaRequest::Status {
                 partition: PartitionId {
                     volume: 1,
-                    partition: 2,
+                    index: 2,
                 },
             }),
             Message::ReplicaReply(ReplicaReply::Committed),
@@ -1330,7 +1330,7 @@ mod tests {
             Message::Replica(ReplicaRequest::Append {
                 partition: PartitionId {
                     volume: 1,
-                    partition: 2,
+                    index: 2,
                 },
                 epoch: 3,
                 records: vec![ReplicaRecord {

@@ -6,17 +6,30 @@
 //! than the highest it has persisted for that column with
 //! [`SledError::Fenced`].
 
+use std::fmt;
+
 use bytes::Bytes;
 
 /// Fencing credential: raised by the local control plane on every change of a
 /// partition's primary.
 pub type Epoch = u64;
 
-/// A volume partition.
+/// A volume partition: the `index`-th (from 0) partition of `volume`. The
+/// one partition identifier of the system: sleds record it as a column's
+/// owner, the host and replication protocols name it, and the local control
+/// plane keeps it in its replicated state (with the `serde` feature: JSON
+/// `{"volume": u64, "index": u32}`, the form that state has always had).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PartitionId {
     pub volume: u64,
-    pub partition: u32,
+    pub index: u32,
+}
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.volume, self.index)
+    }
 }
 
 /// A column of one sled: its device index within the sled and its index on

@@ -252,7 +252,7 @@ impl HostRequest {
     pub fn partition_id(&self) -> PartitionId {
         PartitionId {
             volume: self.volume,
-            partition: self.partition,
+            index: self.partition,
         }
     }
 }

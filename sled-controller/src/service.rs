@@ -368,7 +368,7 @@ impl Sled {
                             column.index,
                             proto::sled::PartitionId {
                                 volume: 0,
-                                partition: 0,
+                                index: 0,
                             },
                             0,
                         )

@@ -809,7 +809,7 @@ impl Store {
                     generation: c.slot.generation + 1,
                     state: SlotState::Claimed,
                     volume: partition.volume,
-                    partition: partition.partition,
+                    partition: partition.index,
                     epoch,
                     length_bytes: 0,
                     tail_from: 0,
@@ -825,7 +825,7 @@ impl Store {
                     generation: c.slot.generation + 1,
                     state: SlotState::Claimed,
                     volume: partition.volume,
-                    partition: partition.partition,
+                    partition: partition.index,
                     epoch,
                     length_bytes: 0,
                     tail_from: 0,
@@ -871,7 +871,7 @@ impl Store {
     ) -> Result<(), SledError> {
         let owner = PartitionId {
             volume: c.slot.volume,
-            partition: c.slot.partition,
+            index: c.slot.partition,
         };
         if owner != partition {
             return Err(SledError::WrongPartition {
@@ -1179,7 +1179,7 @@ impl Store {
             state: column_state(c.slot.state),
             partition: (c.slot.state == SlotState::Claimed).then_some(PartitionId {
                 volume: c.slot.volume,
-                partition: c.slot.partition,
+                index: c.slot.partition,
             }),
             epoch: c.slot.epoch,
             length_bytes: c.slot.length_bytes,

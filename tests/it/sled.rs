@@ -63,7 +63,7 @@ pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: 
 
 const P: PartitionId = PartitionId {
     volume: 7,
-    partition: 3,
+    index: 3,
 };
 /// 64 KiB chunks that fit a 16 MiB test column.
 const CHUNKS_PER_COLUMN: u64 = 256;
@@ -254,7 +254,7 @@ async fn fencing_persists_across_restart() {
     );
     let other = PartitionId {
         volume: 8,
-        partition: 0,
+        index: 0,
     };
     assert!(matches!(
         call(

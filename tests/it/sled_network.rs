@@ -12,7 +12,7 @@ use crate::sled::{allocate_and_claim, block_data, call};
 
 const P: PartitionId = PartitionId {
     volume: 11,
-    partition: 0,
+    index: 0,
 };
 
 async fn run(mode: ProxyMode) {

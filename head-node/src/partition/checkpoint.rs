@@ -199,7 +199,7 @@ impl Checkpoint {
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes()); // body length, patched below
         out.extend_from_slice(&self.partition.volume.to_le_bytes());
-        out.extend_from_slice(&self.partition.partition.to_le_bytes());
+        out.extend_from_slice(&self.partition.index.to_le_bytes());
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.flushed_through.to_le_bytes());
@@ -258,7 +258,7 @@ impl Checkpoint {
         };
         let partition = PartitionId {
             volume: r.u64()?,
-            partition: r.u32()?,
+            index: r.u32()?,
         };
         let epoch = r.u64()?;
         let id = r.u64()?;
@@ -509,7 +509,7 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             let summary = StripeSummary {
                 kind: StripeKind::IndexCheckpoint,
                 volume: shared.id().volume,
-                partition: shared.id().partition,
+                partition: shared.id().index,
                 epoch,
                 extent: extent_id,
                 stripe: first_row + r,
@@ -1092,7 +1092,7 @@ async fn load(
                             && s.stripe == stripe
                             && s.epoch == candidate.epoch
                             && s.volume == shared.id().volume
-                            && s.partition == shared.id().partition
+                            && s.partition == shared.id().index
                     })
             });
             let Some(summary) = summary else {
@@ -1222,7 +1222,7 @@ mod tests {
     fn sample() -> Checkpoint {
         let partition = PartitionId {
             volume: 3,
-            partition: 4,
+            index: 4,
         };
         let mut index = PartitionIndex::new(partition, 1000);
         index

@@ -571,7 +571,7 @@ async fn write_rows(
         let summary = StripeSummary {
             kind: layout::StripeKind::Data,
             volume: shared.id().volume,
-            partition: shared.id().partition,
+            partition: shared.id().index,
             epoch: target.epoch,
             extent: target.extent,
             stripe,
@@ -903,7 +903,7 @@ pub(super) async fn read_summary(
                 if s.extent == extent.grant.extent
                     && s.stripe == row
                     && s.volume == shared.id().volume
-                    && s.partition == shared.id().partition =>
+                    && s.partition == shared.id().index =>
             {
                 return Some(s)
             }

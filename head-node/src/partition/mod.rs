@@ -996,7 +996,7 @@ impl Partition {
         let first = mapped.first()?;
         Some(serde_json::json!({
             "volume": config.partition.volume,
-            "partition": config.partition.partition,
+            "partition": config.partition.index,
             "role": format!("{:?}", state.role),
             "epoch": state.epoch,
             "block_in_partition": block,

@@ -429,7 +429,7 @@ pub fn encode_padding(stamp: RecordStamp, skip_bytes: u64, out: &mut [u8]) {
             kind: RecordKind::Padding,
             partition: PartitionId {
                 volume: 0,
-                partition: 0,
+                index: 0,
             },
             epoch: 0,
             sequence: 0,
@@ -455,7 +455,7 @@ pub fn encode_header(header: &RecordHeader, block: &mut [u8]) {
     put(block, 32, &header.stamp.lap.to_le_bytes());
     put(block, 40, &header.stamp.open_generation.to_le_bytes());
     put(block, 48, &header.partition.volume.to_le_bytes());
-    put(block, 56, &header.partition.partition.to_le_bytes());
+    put(block, 56, &header.partition.index.to_le_bytes());
     put(block, 60, &header.block_count.to_le_bytes());
     put(block, 64, &header.epoch.to_le_bytes());
     put(block, 72, &header.sequence.to_le_bytes());
@@ -519,7 +519,7 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
         kind,
         partition: PartitionId {
             volume: le_u64(block, 48),
-            partition: le_u32(block, 56),
+            index: le_u32(block, 56),
         },
         block_count: le_u32(block, 60),
         epoch: le_u64(block, 64),
@@ -673,7 +673,10 @@ mod tests {
         )
             .prop_map(
                 |(volume, partition, epoch, sequence, lba, kind, blocks, fill)| {
-                    let partition = PartitionId { volume, partition };
+                    let partition = PartitionId {
+                        volume,
+                        index: partition,
+                    };
                     match kind {
                         0 => LogRecord::write(
                             partition,
@@ -771,7 +774,7 @@ mod tests {
     fn shapes_are_validated() {
         let p = PartitionId {
             volume: 1,
-            partition: 0,
+            index: 0,
         };
         assert!(LogRecord::write(p, 1, 1, 0, Bytes::from(vec![0; 100]))
             .validate()

@@ -34,7 +34,7 @@ const K: u8 = 4;
 const M: u8 = 2;
 const PART: PartitionId = PartitionId {
     volume: 7,
-    partition: 1,
+    index: 1,
 };
 /// The partition starts at this volume block.
 const FIRST_BLOCK: u64 = 4096;
@@ -981,7 +981,7 @@ fn host_write(unit: &Unit, write_id: u64, block: u64, fill: u8) -> HostRequest {
     let data = vec![fill; 4096];
     HostRequest {
         volume: PART.volume,
-        partition: PART.partition,
+        partition: PART.index,
         epoch: unit.epoch,
         // The partition engine below the manager checks no credential.
         credential: proto::volume::AttachmentCredential::NONE,
@@ -1891,7 +1891,7 @@ async fn take_over_maps_no_block_to_a_log_record_it_does_not_hold() {
     // Another partition on the same log holds it from its first record on.
     let other_id = PartitionId {
         volume: PART.volume,
-        partition: PART.partition + 1,
+        index: PART.index + 1,
     };
     let other = Partition::open(
         PartitionConfig::new(other_id, FIRST_BLOCK + size, size, 1),

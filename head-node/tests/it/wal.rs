@@ -20,7 +20,7 @@ const RING: u64 = 8192;
 fn part() -> PartitionId {
     PartitionId {
         volume: 3,
-        partition: 1,
+        index: 1,
     }
 }
 

@@ -13,7 +13,10 @@ pub fn column() -> impl Strategy<Value = ColumnId> {
 }
 
 pub fn partition() -> impl Strategy<Value = PartitionId> {
-    (any::<u64>(), any::<u32>()).prop_map(|(volume, partition)| PartitionId { volume, partition })
+    (any::<u64>(), any::<u32>()).prop_map(|(volume, partition)| PartitionId {
+        volume,
+        index: partition,
+    })
 }
 
 pub fn payload() -> impl Strategy<Value = Bytes> {
