@@ -90,7 +90,7 @@ async fn new_column(link: &PeerLink, stream: usize) -> BenchResult<(ColumnId, Pa
     let SledResponse::Allocated(columns) = call(
         link,
         SledRequest::AllocateColumns {
-            count: 1,
+            column_count: 1,
             device: None,
         },
     )
@@ -202,7 +202,7 @@ async fn append(
                         column,
                         partition,
                         epoch: 1,
-                        offset,
+                        offset_bytes: offset,
                         data: data.clone(),
                         block_crcs: crcs.clone(),
                     },
@@ -282,8 +282,8 @@ async fn read(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> Ben
                         &link,
                         SledRequest::Read {
                             column,
-                            offset,
-                            len,
+                            offset_bytes: offset,
+                            len_bytes: len,
                         },
                     )
                     .await?
@@ -329,8 +329,8 @@ async fn randread(
             link,
             SledRequest::Read {
                 column,
-                offset,
-                len: BLOCK_SIZE_BYTES as u32,
+                offset_bytes: offset,
+                len_bytes: BLOCK_SIZE_BYTES as u32,
             },
         )
         .await?;

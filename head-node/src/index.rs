@@ -90,7 +90,7 @@ impl Location {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     /// Blocks in the run (> 0).
-    pub count: u64,
+    pub block_count: u64,
     /// Sequence of the operation that produced it.
     pub sequence: u64,
     /// Base location; `None` for a tombstone (reads as zeros).
@@ -100,7 +100,7 @@ pub struct Run {
 impl Run {
     fn piece(self, offset: u64, count: u64) -> Run {
         Run {
-            count,
+            block_count: count,
             sequence: self.sequence,
             location: self.location.map(|l| l.advanced(offset)),
         }
@@ -108,7 +108,7 @@ impl Run {
 
     fn continues_with(&self, next: &Run) -> bool {
         self.sequence == next.sequence
-            && self.location.map(|l| l.advanced(self.count)) == next.location
+            && self.location.map(|l| l.advanced(self.block_count)) == next.location
     }
 }
 
@@ -131,7 +131,9 @@ pub struct Mapped {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IndexError {
     /// The range is empty or outside the partition.
-    #[error("blocks {lba}+{count} outside partition {volume}/{partition} of {size_blocks} blocks")]
+    #[error(
+        "blocks {lba}+{block_count} outside partition {volume}/{partition} of {size_blocks} blocks"
+    )]
     OutOfRange {
         /// Volume.
         volume: u64,
@@ -140,7 +142,7 @@ pub enum IndexError {
         /// First block.
         lba: u64,
         /// Blocks.
-        count: u64,
+        block_count: u64,
         /// Partition size.
         size_blocks: u64,
     },
@@ -223,7 +225,7 @@ impl PartitionIndex {
                 volume: self.partition.volume,
                 partition: self.partition.index,
                 lba,
-                count,
+                block_count: count,
                 size_blocks: self.size_blocks,
             }),
         }
@@ -243,7 +245,7 @@ impl PartitionIndex {
         self.update(lba, end, |offset, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
-                count: len,
+                block_count: len,
                 sequence,
                 location: Some(location.advanced(offset)),
             }),
@@ -257,7 +259,7 @@ impl PartitionIndex {
         self.update(lba, end, |_, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
-                count: len,
+                block_count: len,
                 sequence,
                 location: None,
             }),
@@ -285,7 +287,7 @@ impl PartitionIndex {
             {
                 moved += len;
                 Some(Run {
-                    count: len,
+                    block_count: len,
                     sequence,
                     location: Some(location.advanced(offset)),
                 })
@@ -314,7 +316,7 @@ impl PartitionIndex {
             .runs
             .range(..lba)
             .next_back()
-            .filter(|(start, run)| **start + run.count > lba)
+            .filter(|(start, run)| **start + run.block_count > lba)
             .map(|(start, run)| (*start, *run));
         let mut push = |lbas: Range<u64>, location: Option<Location>, sequence: Option<u64>| {
             if let Some(last) = out.last_mut() {
@@ -337,7 +339,7 @@ impl PartitionIndex {
                 push(cursor..start, None, None);
                 cursor = start;
             }
-            let piece_end = (start + run.count).min(end);
+            let piece_end = (start + run.block_count).min(end);
             push(
                 cursor..piece_end,
                 run.location.map(|l| l.advanced(cursor - start)),
@@ -379,7 +381,7 @@ impl PartitionIndex {
             .iter()
             .filter_map(|(start, run)| match run.location {
                 Some(location @ Location::Log { position: p, .. }) if p < position => {
-                    Some((*start..*start + run.count, location))
+                    Some((*start..*start + run.block_count, location))
                 }
                 _ => None,
             })
@@ -393,19 +395,22 @@ impl PartitionIndex {
         let mut log_refs: BTreeMap<LogPosition, u64> = BTreeMap::new();
         let mut extent_live: BTreeMap<u64, u64> = BTreeMap::new();
         for (start, run) in &self.runs {
-            if run.count == 0 || *start < previous_end || start + run.count > self.size_blocks {
+            if run.block_count == 0
+                || *start < previous_end
+                || start + run.block_count > self.size_blocks
+            {
                 return Err(format!(
                     "run {start}+{} overlaps or is out of range",
-                    run.count
+                    run.block_count
                 ));
             }
-            previous_end = start + run.count;
+            previous_end = start + run.block_count;
             match run.location {
                 Some(Location::Log { position, .. }) => {
-                    *log_refs.entry(position).or_default() += run.count
+                    *log_refs.entry(position).or_default() += run.block_count
                 }
                 Some(Location::Sled { extent, .. }) => {
-                    *extent_live.entry(extent).or_default() += run.count
+                    *extent_live.entry(extent).or_default() += run.block_count
                 }
                 None => {}
             }
@@ -423,8 +428,8 @@ impl PartitionIndex {
         let (map, key): (&mut BTreeMap<_, u64>, _) = match run.location {
             Some(Location::Log { position, .. }) => {
                 let entry = self.log_refs.entry(position).or_default();
-                adjust(entry, run.count, add);
-                adjust(&mut self.log_blocks, run.count, add);
+                adjust(entry, run.block_count, add);
+                adjust(&mut self.log_blocks, run.block_count, add);
                 if *entry == 0 {
                     self.log_refs.remove(&position);
                 }
@@ -434,14 +439,14 @@ impl PartitionIndex {
             None => return,
         };
         let entry = map.entry(key).or_default();
-        adjust(entry, run.count, add);
+        adjust(entry, run.block_count, add);
         if *entry == 0 {
             map.remove(&key);
         }
     }
 
     fn insert(&mut self, start: u64, run: Run) {
-        debug_assert!(run.count > 0);
+        debug_assert!(run.block_count > 0);
         self.count(&run, true);
         let replaced = self.runs.insert(start, run);
         debug_assert!(replaced.is_none());
@@ -460,13 +465,13 @@ impl PartitionIndex {
             .range(..at)
             .next_back()
             .map(|(s, r)| (*s, *r))
-            .filter(|(s, r)| s + r.count > at)
+            .filter(|(s, r)| s + r.block_count > at)
         else {
             return;
         };
         self.remove(start);
         self.insert(start, run.piece(0, at - start));
-        self.insert(at, run.piece(at - start, start + run.count - at));
+        self.insert(at, run.piece(at - start, start + run.block_count - at));
     }
 
     /// Rewrites `[lba, end)`: `decide(offset, len, old)` returns the new run
@@ -489,15 +494,15 @@ impl PartitionIndex {
             if cursor < start {
                 pieces.push((cursor, decide(cursor - lba, start - cursor, None)));
             }
-            pieces.push((start, decide(start - lba, old.count, Some(old))));
-            cursor = start + old.count;
+            pieces.push((start, decide(start - lba, old.block_count, Some(old))));
+            cursor = start + old.block_count;
         }
         if cursor < end {
             pieces.push((cursor, decide(cursor - lba, end - cursor, None)));
         }
         for (start, run) in pieces {
             if let Some(run) = run {
-                debug_assert!(run.count > 0);
+                debug_assert!(run.block_count > 0);
                 self.insert(start, run);
             }
         }
@@ -514,11 +519,11 @@ impl PartitionIndex {
                 continue;
             };
             match current {
-                Some((cs, cr)) if cs + cr.count == start && cr.continues_with(&run) => {
+                Some((cs, cr)) if cs + cr.block_count == start && cr.continues_with(&run) => {
                     self.remove(start);
                     self.remove(cs);
                     let merged = Run {
-                        count: cr.count + run.count,
+                        block_count: cr.block_count + run.block_count,
                         ..cr
                     };
                     self.insert(cs, merged);
@@ -543,7 +548,7 @@ impl PartitionIndex {
         out.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
         for (start, run) in &self.runs {
             out.extend_from_slice(&start.to_le_bytes());
-            out.extend_from_slice(&run.count.to_le_bytes());
+            out.extend_from_slice(&run.block_count.to_le_bytes());
             out.extend_from_slice(&run.sequence.to_le_bytes());
             let (tag, a, b, c) = match run.location {
                 None => (0u8, 0u64, 0u64, 0u32),
@@ -634,7 +639,7 @@ impl PartitionIndex {
             index.insert(
                 start,
                 Run {
-                    count,
+                    block_count: count,
                     sequence,
                     location,
                 },
@@ -774,7 +779,7 @@ mod tests {
             index.apply_write(8, 3, 1, log(0)),
             Err(IndexError::OutOfRange {
                 lba: 8,
-                count: 3,
+                block_count: 3,
                 ..
             })
         ));

@@ -790,9 +790,9 @@ async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), H
             if end > size_bytes {
                 return Err(HostError::OutOfRange {
                     offset_bytes,
-                    len,
-                    partition_start: 0,
-                    partition_end: size_bytes,
+                    len_bytes: len,
+                    partition_start_bytes: 0,
+                    partition_end_bytes: size_bytes,
                 });
             }
         }

@@ -448,7 +448,7 @@ pub async fn scrub_reports(
                 index: bad.column.index,
             };
             if user_of(state, &column).is_some() && !out.contains(&column) {
-                warn!(%column, offset = bad.offset, "scrub found a bad block; column to be rebuilt");
+                warn!(%column, offset = bad.offset_bytes, "scrub found a bad block; column to be rebuilt");
                 out.push(column);
             }
             if out.len() >= MAX_CORRUPT_COLUMNS {

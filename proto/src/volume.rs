@@ -262,7 +262,7 @@ impl HostRequest {
 pub enum HostOp {
     Read {
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
     /// `crcs` as made by [`chunk_crcs`] over `data`. `fua`: the reply waits
     /// until the data is durable (it always is before the ack here: both
@@ -282,26 +282,33 @@ pub enum HostOp {
     Trim {
         write_id: WriteId,
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
     /// The range reads as zeros.
     WriteZeroes {
         write_id: WriteId,
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
 }
 
 impl HostOp {
-    /// `(offset_bytes, len)` of the op's range; `None` for Flush.
+    /// `(offset_bytes, len_bytes)` of the op's range; `None` for Flush.
     pub fn range(&self) -> Option<(u64, u32)> {
         match self {
-            HostOp::Read { offset_bytes, len }
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            }
             | HostOp::Trim {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             }
             | HostOp::WriteZeroes {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => Some((*offset_bytes, *len)),
             HostOp::Write {
                 offset_bytes, data, ..
@@ -406,14 +413,14 @@ pub enum HostError {
     /// This node was fenced by a newer primary (epoch `current`).
     #[error("fenced by epoch {current}")]
     Fenced { current: Epoch },
-    /// The range is not inside the partition `[partition_start,
-    /// partition_end)` (volume-absolute bytes).
-    #[error("range {offset_bytes}+{len} outside partition [{partition_start}, {partition_end})")]
+    /// The range is not inside the partition `[partition_start_bytes,
+    /// partition_end_bytes)` (volume-absolute bytes).
+    #[error("range {offset_bytes}+{len_bytes} outside partition [{partition_start_bytes}, {partition_end_bytes})")]
     OutOfRange {
         offset_bytes: u64,
-        len: u32,
-        partition_start: u64,
-        partition_end: u64,
+        len_bytes: u32,
+        partition_start_bytes: u64,
+        partition_end_bytes: u64,
     },
     /// Data failed its CRC: a write's payload on arrival (resend), or
     /// stored data that could not be reconstructed (volume-absolute
@@ -587,7 +594,13 @@ mod tests {
 
     #[test]
     fn validate_checks_alignment_length_and_crcs() {
-        let read = |offset_bytes, len| HostOp::Read { offset_bytes, len }.validate();
+        let read = |offset_bytes, len| {
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            }
+            .validate()
+        };
         assert!(read(512, 512).is_ok());
         assert!(read(100, 512).is_err());
         assert!(read(0, 0).is_err());
@@ -647,9 +660,9 @@ mod tests {
         .is_retryable());
         let out_of_range = HostError::OutOfRange {
             offset_bytes: 0,
-            len: 512,
-            partition_start: 4096,
-            partition_end: 8192,
+            len_bytes: 512,
+            partition_start_bytes: 4096,
+            partition_end_bytes: 8192,
         };
         assert!(!out_of_range.is_retryable() && !out_of_range.needs_map_refresh());
     }

@@ -89,8 +89,8 @@ pub enum LayoutError {
         found: u64,
         expected: u64,
     },
-    #[error("buffer of {len} bytes, expected {BLOCK_SIZE_BYTES}")]
-    BadLength { len: usize },
+    #[error("buffer of {len_bytes} bytes, expected {BLOCK_SIZE_BYTES}")]
+    BadLength { len_bytes: usize },
 }
 
 fn is_blank(block: &[u8]) -> bool {
@@ -100,7 +100,9 @@ fn is_blank(block: &[u8]) -> bool {
 /// Checks length, blankness and the trailing CRC-32C.
 fn check_block(block: &[u8]) -> Result<(), LayoutError> {
     if block.len() != BLOCK_SIZE_BYTES as usize {
-        return Err(LayoutError::BadLength { len: block.len() });
+        return Err(LayoutError::BadLength {
+            len_bytes: block.len(),
+        });
     }
     if is_blank(block) {
         return Err(LayoutError::Blank);
@@ -205,9 +207,10 @@ pub struct Geometry {
     pub column_size_bytes: u64,
     pub column_count: u32,
     pub crc_blocks_per_column: u32,
-    pub column_table_offset: u64,
-    pub crc_region_offset: u64,
-    pub data_region_offset: u64,
+    /// Device byte offsets of the three regions.
+    pub column_table_offset_bytes: u64,
+    pub crc_region_offset_bytes: u64,
+    pub data_region_offset_bytes: u64,
 }
 
 impl Geometry {
@@ -231,16 +234,16 @@ impl Geometry {
         }
         let crc_blocks_per_column = u32::try_from(crc_blocks_per_column)
             .map_err(|_| LayoutError::BadColumnSize { column_size_bytes })?;
-        let crc_region_offset = COLUMN_TABLE_OFFSET + column_count * 2 * BLOCK_SIZE_BYTES;
-        let data_region_offset =
-            crc_region_offset + column_count * 2 * crc_blocks_per_column as u64 * BLOCK_SIZE_BYTES;
+        let crc_region_offset_bytes = COLUMN_TABLE_OFFSET + column_count * 2 * BLOCK_SIZE_BYTES;
+        let data_region_offset_bytes = crc_region_offset_bytes
+            + column_count * 2 * crc_blocks_per_column as u64 * BLOCK_SIZE_BYTES;
         Ok(Self {
             column_size_bytes,
             column_count: column_count as u32,
             crc_blocks_per_column,
-            column_table_offset: COLUMN_TABLE_OFFSET,
-            crc_region_offset,
-            data_region_offset,
+            column_table_offset_bytes: COLUMN_TABLE_OFFSET,
+            crc_region_offset_bytes,
+            data_region_offset_bytes,
         })
     }
 
@@ -251,7 +254,7 @@ impl Geometry {
     /// Device offset of slot `slot` (0 or 1) of `column`.
     pub fn slot_offset(&self, column: u32, slot: u8) -> u64 {
         debug_assert!(column < self.column_count && slot < 2);
-        self.column_table_offset + (column as u64 * 2 + slot as u64) * BLOCK_SIZE_BYTES
+        self.column_table_offset_bytes + (column as u64 * 2 + slot as u64) * BLOCK_SIZE_BYTES
     }
 
     /// Device offset of copy `copy` of CRC block `crc_block` of `column`.
@@ -259,13 +262,13 @@ impl Geometry {
         debug_assert!(column < self.column_count && crc_block < self.crc_blocks_per_column);
         let index = (column as u64 * self.crc_blocks_per_column as u64 + crc_block as u64) * 2
             + copy as u64;
-        self.crc_region_offset + index * BLOCK_SIZE_BYTES
+        self.crc_region_offset_bytes + index * BLOCK_SIZE_BYTES
     }
 
     /// Device offset of byte `offset` of `column`'s data.
     pub fn data_offset(&self, column: u32, offset: u64) -> u64 {
         debug_assert!(column < self.column_count && offset <= self.column_size_bytes);
-        self.data_region_offset + column as u64 * self.column_size_bytes + offset
+        self.data_region_offset_bytes + column as u64 * self.column_size_bytes + offset
     }
 
     /// CRC block index and entry index of the data block at byte `offset`.
@@ -277,7 +280,7 @@ impl Geometry {
 
     /// Bytes of the device the layout uses.
     pub fn end_offset(&self) -> u64 {
-        self.data_region_offset + self.column_count as u64 * self.column_size_bytes
+        self.data_region_offset_bytes + self.column_count as u64 * self.column_size_bytes
     }
 }
 
@@ -317,9 +320,9 @@ impl Superblock {
         w.u64(g.column_size_bytes);
         w.u32(g.column_count);
         w.u32(g.crc_blocks_per_column);
-        w.u64(g.column_table_offset);
-        w.u64(g.crc_region_offset);
-        w.u64(g.data_region_offset);
+        w.u64(g.column_table_offset_bytes);
+        w.u64(g.crc_region_offset_bytes);
+        w.u64(g.data_region_offset_bytes);
         seal_block(&mut block);
         Ok(block)
     }
@@ -337,11 +340,11 @@ impl Superblock {
                 found: layout_version,
             });
         }
-        let block_size = r.u32();
-        if block_size as u64 != BLOCK_SIZE_BYTES {
+        let block_size_bytes = r.u32();
+        if block_size_bytes as u64 != BLOCK_SIZE_BYTES {
             return Err(LayoutError::BadField {
-                field: "block_size",
-                reason: block_size.to_string(),
+                field: "block_size_bytes",
+                reason: block_size_bytes.to_string(),
             });
         }
         let unit_name = r.name("unit_name")?;
@@ -353,9 +356,9 @@ impl Superblock {
             column_size_bytes: r.u64(),
             column_count: r.u32(),
             crc_blocks_per_column: r.u32(),
-            column_table_offset: r.u64(),
-            crc_region_offset: r.u64(),
-            data_region_offset: r.u64(),
+            column_table_offset_bytes: r.u64(),
+            crc_region_offset_bytes: r.u64(),
+            data_region_offset_bytes: r.u64(),
         };
         // The recorded geometry must be the one this code would compute, or
         // offsets derived from it could point anywhere.
@@ -397,9 +400,10 @@ pub struct ColumnSlot {
     /// Highest epoch accepted.
     pub epoch: u64,
     pub length_bytes: u64,
-    /// Start of the last append; `[tail_from, length_bytes)` is in doubt
-    /// after a crash until verified against the CRCs.
-    pub tail_from: u64,
+    /// Byte offset of the start of the last append; `[tail_from_bytes,
+    /// length_bytes)` is in doubt after a crash until verified against the
+    /// CRCs.
+    pub tail_from_bytes: u64,
 }
 
 impl ColumnSlot {
@@ -411,7 +415,7 @@ impl ColumnSlot {
         partition: 0,
         epoch: 0,
         length_bytes: 0,
-        tail_from: 0,
+        tail_from_bytes: 0,
     };
 
     /// Which of the two slots holds this generation.
@@ -434,7 +438,7 @@ impl ColumnSlot {
         w.u32(self.partition);
         w.u64(self.epoch);
         w.u64(self.length_bytes);
-        w.u64(self.tail_from);
+        w.u64(self.tail_from_bytes);
         seal_block(&mut block);
         block
     }
@@ -479,7 +483,7 @@ impl ColumnSlot {
             partition: r.u32(),
             epoch: r.u64(),
             length_bytes: r.u64(),
-            tail_from: r.u64(),
+            tail_from_bytes: r.u64(),
         };
         if slot.length_bytes % BLOCK_SIZE_BYTES != 0 || slot.length_bytes > column_size_bytes {
             return Err(LayoutError::BadField {
@@ -487,10 +491,11 @@ impl ColumnSlot {
                 reason: slot.length_bytes.to_string(),
             });
         }
-        if slot.tail_from % BLOCK_SIZE_BYTES != 0 || slot.tail_from > slot.length_bytes {
+        if slot.tail_from_bytes % BLOCK_SIZE_BYTES != 0 || slot.tail_from_bytes > slot.length_bytes
+        {
             return Err(LayoutError::BadField {
                 field: "tail_from",
-                reason: slot.tail_from.to_string(),
+                reason: slot.tail_from_bytes.to_string(),
             });
         }
         Ok(slot)
@@ -673,13 +678,16 @@ mod tests {
         ] {
             let g = Geometry::compute(size, col).unwrap();
             assert!(g.end_offset() <= size, "{g:?}");
-            assert!(g.crc_region_offset >= g.slot_offset(g.column_count - 1, 1) + BLOCK_SIZE_BYTES);
             assert!(
-                g.data_region_offset
+                g.crc_region_offset_bytes
+                    >= g.slot_offset(g.column_count - 1, 1) + BLOCK_SIZE_BYTES
+            );
+            assert!(
+                g.data_region_offset_bytes
                     >= g.crc_block_offset(g.column_count - 1, g.crc_blocks_per_column - 1, 1)
                         + BLOCK_SIZE_BYTES
             );
-            assert_eq!(g.data_region_offset % BLOCK_SIZE_BYTES, 0);
+            assert_eq!(g.data_region_offset_bytes % BLOCK_SIZE_BYTES, 0);
             // One more column would not fit.
             let per =
                 2 * BLOCK_SIZE_BYTES + 2 * g.crc_blocks_per_column as u64 * BLOCK_SIZE_BYTES + col;
@@ -731,7 +739,7 @@ mod tests {
                     partition,
                     epoch,
                     length_bytes: hi * BLOCK_SIZE_BYTES,
-                    tail_from: lo * BLOCK_SIZE_BYTES,
+                    tail_from_bytes: lo * BLOCK_SIZE_BYTES,
                 }
             })
     }

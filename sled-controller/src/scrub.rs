@@ -114,7 +114,10 @@ impl Scrubber {
         {
             return false;
         }
-        st.bad_blocks.push_back(BadBlock { column, offset });
+        st.bad_blocks.push_back(BadBlock {
+            column,
+            offset_bytes: offset,
+        });
         drop(st);
         warn!(
             device = column.device,
@@ -141,7 +144,7 @@ impl Scrubber {
                         device: store.device_index(),
                         index: bad.column,
                     },
-                    bad.offset,
+                    bad.offset_bytes,
                 );
             }
             if store.is_failed() {

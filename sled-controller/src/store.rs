@@ -191,7 +191,8 @@ impl CrcCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BadBlockAt {
     pub column: u32,
-    pub offset: u64,
+    /// Byte offset of the block in the column.
+    pub offset_bytes: u64,
 }
 
 /// Columns of one device.
@@ -395,10 +396,10 @@ impl Store {
         let mut bad = Vec::new();
         for (column, c) in columns.iter_mut().enumerate() {
             let column = column as u32;
-            if c.slot.state == SlotState::Claimed && c.slot.tail_from < c.slot.length_bytes {
-                let len = c.slot.length_bytes - c.slot.tail_from;
+            if c.slot.state == SlotState::Claimed && c.slot.tail_from_bytes < c.slot.length_bytes {
+                let len = c.slot.length_bytes - c.slot.tail_from_bytes;
                 let failing = store
-                    .verify_blocks(column, c.slot.tail_from, len)
+                    .verify_blocks(column, c.slot.tail_from_bytes, len)
                     .await
                     .map_err(|e| match e {
                         VerifyError::Device(source) => dev_err(source),
@@ -409,7 +410,10 @@ impl Store {
                         column, offset, "in-doubt tail block fails its checksum after restart"
                     );
                     c.in_doubt_bad.insert(offset);
-                    bad.push(BadBlockAt { column, offset });
+                    bad.push(BadBlockAt {
+                        column,
+                        offset_bytes: offset,
+                    });
                 }
             }
         }
@@ -454,9 +458,9 @@ impl Store {
         // Zero the column table first (a reused device may hold old bytes
         // there), flush, and only then write the superblocks: a crash in
         // between leaves a blank device that is formatted again.
-        let table_end = geometry.crc_region_offset;
+        let table_end = geometry.crc_region_offset_bytes;
         let chunk = 1u64 << 20;
-        let mut at = geometry.column_table_offset;
+        let mut at = geometry.column_table_offset_bytes;
         while at < table_end {
             let n = chunk.min(table_end - at);
             let buf = AlignedBuf::zeroed(n as usize).map_err(dev_err)?;
@@ -748,7 +752,7 @@ impl Store {
                 partition: 0,
                 epoch: 0,
                 length_bytes: 0,
-                tail_from: 0,
+                tail_from_bytes: 0,
             });
         }
         try_join_all(
@@ -812,7 +816,7 @@ impl Store {
                     partition: partition.index,
                     epoch,
                     length_bytes: 0,
-                    tail_from: 0,
+                    tail_from_bytes: 0,
                 }
             }
             SlotState::Allocated => {
@@ -828,7 +832,7 @@ impl Store {
                     partition: partition.index,
                     epoch,
                     length_bytes: 0,
-                    tail_from: 0,
+                    tail_from_bytes: 0,
                 }
             }
             SlotState::Claimed => {
@@ -937,8 +941,8 @@ impl Store {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: size,
             });
@@ -949,7 +953,7 @@ impl Store {
                 generation: c.slot.generation + 1,
                 epoch,
                 length_bytes: length + len,
-                tail_from: offset,
+                tail_from_bytes: offset,
                 ..c.slot
             };
             let data_buf = aligned(data)?;
@@ -983,7 +987,7 @@ impl Store {
         if offset > length || offset + len > length {
             return Err(SledError::OffsetMismatch {
                 column,
-                offset,
+                offset_bytes: offset,
                 length_bytes: length,
             });
         }
@@ -1001,7 +1005,7 @@ impl Store {
                 } else {
                     return Err(SledError::OffsetMismatch {
                         column,
-                        offset,
+                        offset_bytes: offset,
                         length_bytes: length,
                     });
                 }
@@ -1088,8 +1092,8 @@ impl Store {
         if offset.checked_add(len).is_none_or(|end| end > length) {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: self.geometry.column_size_bytes,
             });
@@ -1119,7 +1123,7 @@ impl Store {
             );
             return Err(SledError::ChecksumMismatch {
                 column,
-                block_offsets: bad,
+                block_offsets_bytes: bad,
             });
         }
         self.metrics.read_bytes.inc_by(len);

@@ -39,7 +39,7 @@ pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: 
     let SledResponse::Allocated(columns) = call(
         link,
         SledRequest::AllocateColumns {
-            count: 1,
+            column_count: 1,
             device: None,
         },
     )
@@ -95,7 +95,7 @@ async fn acknowledged_appends_survive_kill_9() {
                     column,
                     partition: P,
                     epoch: 5,
-                    offset,
+                    offset_bytes: offset,
                     data: data.clone(),
                     block_crcs,
                 };
@@ -143,8 +143,8 @@ async fn acknowledged_appends_survive_kill_9() {
                 &link,
                 SledRequest::Read {
                     column: *column,
-                    offset: *offset,
-                    len: 65536,
+                    offset_bytes: *offset,
+                    len_bytes: 65536,
                 },
             )
             .await;
@@ -160,7 +160,7 @@ async fn acknowledged_appends_survive_kill_9() {
                 column: *column,
                 partition: P,
                 epoch: 4,
-                offset: 0,
+                offset_bytes: 0,
                 data: block_data(1, 1).0,
                 block_crcs: block_data(1, 1).1,
             },
@@ -185,7 +185,7 @@ async fn fencing_persists_across_restart() {
         column,
         partition: P,
         epoch,
-        offset,
+        offset_bytes: offset,
         data: data.clone(),
         block_crcs: block_crcs.clone(),
     };
@@ -289,7 +289,7 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
             column,
             partition: P,
             epoch: 1,
-            offset: 0,
+            offset_bytes: 0,
             data: Bytes::from(pattern.clone()),
             block_crcs: crcs,
         },
@@ -323,13 +323,16 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
         &link,
         SledRequest::Read {
             column,
-            offset: 0,
-            len: 16384,
+            offset_bytes: 0,
+            len_bytes: 16384,
         },
     )
     .await;
     match reply {
-        SledResponse::Error(SledError::ChecksumMismatch { block_offsets, .. }) => {
+        SledResponse::Error(SledError::ChecksumMismatch {
+            block_offsets_bytes: block_offsets,
+            ..
+        }) => {
             assert_eq!(block_offsets, vec![8192]);
         }
         other => panic!("expected a checksum error, got {other:?}"),
@@ -339,8 +342,8 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
         &link,
         SledRequest::Read {
             column,
-            offset: 0,
-            len: 8192,
+            offset_bytes: 0,
+            len_bytes: 8192,
         },
     )
     .await;

@@ -410,13 +410,13 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
             Some(location) => {
                 highest_sequence = highest_sequence.max(run.sequence);
                 index
-                    .apply_write(lba, run.count, run.sequence, location)
+                    .apply_write(lba, run.block_count, run.sequence, location)
                     .map_err(index_error)?;
             }
             None => {
                 highest_sequence = highest_sequence.max(run.sequence);
                 index
-                    .apply_unmap(lba, run.count, run.sequence)
+                    .apply_unmap(lba, run.block_count, run.sequence)
                     .map_err(index_error)?;
             }
         }
@@ -661,7 +661,7 @@ async fn append_all(
             column: *column,
             partition: shared.id(),
             epoch,
-            offset,
+            offset_bytes: offset,
             block_crcs: crate::wal::format::block_crcs(&data),
             data,
         };
@@ -1000,7 +1000,7 @@ async fn try_candidate(
             ..
         }) = run.location
         {
-            let last = offset_bytes + (run.count - 1) * BLOCK_SIZE_BYTES;
+            let last = offset_bytes + (run.block_count - 1) * BLOCK_SIZE_BYTES;
             let inside = covered.get(&extent).is_some_and(|rows| {
                 layout::split_offset(last).is_some_and(|(stripe, _)| stripe < *rows)
             });
@@ -1206,7 +1206,7 @@ async fn scan(
                 built.highest_sequence = built.highest_sequence.max(t.sequence);
                 built
                     .index
-                    .apply_unmap(t.lba, t.count, t.sequence)
+                    .apply_unmap(t.lba, t.block_count, t.sequence)
                     .map_err(index_error)?;
             }
         }

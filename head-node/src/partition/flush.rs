@@ -119,7 +119,7 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
             .iter()
             .map(|(sequence, lba, count)| Tombstone {
                 lba: *lba,
-                count: *count,
+                block_count: *count,
                 sequence: *sequence,
             })
             .collect();
@@ -185,10 +185,10 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
                 up_to = up_to.min(run.sequence.saturating_sub(1));
                 continue;
             }
-            let count = run.count.min(limit - total);
+            let count = run.block_count.min(limit - total);
             pieces.push((lba, count, run.sequence, position, block_in_record));
             total += count;
-            if count < run.count {
+            if count < run.block_count {
                 more = true;
                 up_to = up_to.min(run.sequence.saturating_sub(1));
             }
@@ -607,7 +607,7 @@ async fn write_rows(
                 column: *column,
                 partition: shared.id(),
                 epoch: target.epoch,
-                offset: target.row * ROW_BYTES,
+                offset_bytes: target.row * ROW_BYTES,
                 data,
                 block_crcs,
             };
@@ -815,7 +815,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             .filter(|(_, r)| r.location.is_none())
             .map(|(lba, r)| Tombstone {
                 lba,
-                count: r.count,
+                block_count: r.block_count,
                 sequence: r.sequence,
             })
             .collect();
@@ -831,7 +831,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
                 .runs()
                 .filter_map(|(lba, r)| match r.location {
                     Some(l @ Location::Sled { extent: e, .. }) if e == extent => {
-                        Some((lba, r.count, r.sequence, l))
+                        Some((lba, r.block_count, r.sequence, l))
                     }
                     _ => None,
                 })
@@ -892,8 +892,8 @@ pub(super) async fn read_summary(
     for (sled, column) in &extent.grant.columns {
         let request = SledRequest::Read {
             column: *column,
-            offset: row * ROW_BYTES + CHUNK_BYTES,
-            len: BLOCK_SIZE_BYTES as u32,
+            offset_bytes: row * ROW_BYTES + CHUNK_BYTES,
+            len_bytes: BLOCK_SIZE_BYTES as u32,
         };
         let Ok(SledResponse::Data { data, .. }) = sled_call(shared, sled, request).await else {
             continue;
@@ -991,8 +991,8 @@ pub(super) async fn read_verified(
 ) -> Option<Bytes> {
     let request = SledRequest::Read {
         column,
-        offset,
-        len: u32::try_from(len).ok()?,
+        offset_bytes: offset,
+        len_bytes: u32::try_from(len).ok()?,
     };
     match sled_call(shared, sled, request).await {
         Ok(SledResponse::Data { data, block_crcs }) => {

@@ -24,7 +24,7 @@
 //!  10 slots u16 (k*16)          48 epoch u64
 //!  12 tombstones u16            56 slot entries: slots x (lba u64, sequence u64, crc u32)
 //!  14 kind u16 (version 2)         (lba == u64::MAX: empty slot, zeros)
-//!  16 volume u64                   then tombstones x (lba u64, count u64, sequence u64)
+//!  16 volume u64                   then tombstones x (lba u64, block_count u64, sequence u64)
 //!  24 partition u32           4092 CRC-32C of bytes 0..4092
 //!  28 reserved u32
 //! ```
@@ -104,7 +104,7 @@ pub struct Tombstone {
     /// First partition-relative block.
     pub lba: u64,
     /// Blocks.
-    pub count: u64,
+    pub block_count: u64,
     /// Sequence of the unmap.
     pub sequence: u64,
 }
@@ -224,7 +224,7 @@ impl StripeSummary {
         }
         for t in &self.tombstones {
             out.extend_from_slice(&t.lba.to_le_bytes());
-            out.extend_from_slice(&t.count.to_le_bytes());
+            out.extend_from_slice(&t.block_count.to_le_bytes());
             out.extend_from_slice(&t.sequence.to_le_bytes());
         }
         out.resize(SUMMARY_CRC_OFFSET, 0);
@@ -291,7 +291,7 @@ impl StripeSummary {
         for _ in 0..tombstones {
             tombstone_entries.push(Tombstone {
                 lba: u64_at(at),
-                count: u64_at(at + 8),
+                block_count: u64_at(at + 8),
                 sequence: u64_at(at + 16),
             });
             at += TOMBSTONE_ENTRY_BYTES;
@@ -334,7 +334,7 @@ mod tests {
                 .collect(),
             tombstones: vec![Tombstone {
                 lba: 5,
-                count: 9,
+                block_count: 9,
                 sequence: 77,
             }],
         };

@@ -1076,7 +1076,10 @@ impl Partition {
     async fn apply_host(&self, request: HostRequest) -> HostReply {
         let epoch = request.epoch;
         let result = match request.op {
-            HostOp::Read { offset_bytes, len } => match self.read(epoch, offset_bytes, len).await {
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            } => match self.read(epoch, offset_bytes, len).await {
                 Ok(data) => {
                     let crcs = proto::volume::chunk_crcs(&data);
                     return HostReply::Data { data, crcs };
@@ -1090,10 +1093,14 @@ impl Partition {
                 ..
             } => self.write(epoch, offset_bytes, data, &crcs).await,
             HostOp::Trim {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             }
             | HostOp::WriteZeroes {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => self.unmap(epoch, offset_bytes, len).await,
             HostOp::Flush => self.flush(epoch).await,
         };
@@ -1108,9 +1115,9 @@ impl Partition {
         let out_of_range = || PartitionError::OutOfRange {
             partition: config.partition,
             offset_bytes,
-            len,
-            start: config.start_bytes(),
-            end: config.end_bytes(),
+            len_bytes: len,
+            partition_start_bytes: config.start_bytes(),
+            partition_end_bytes: config.end_bytes(),
         };
         let end = offset_bytes
             .checked_add(u64::from(len))

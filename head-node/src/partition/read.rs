@@ -338,8 +338,8 @@ async fn read_column(
 ) -> Result<Bytes, String> {
     let request = SledRequest::Read {
         column,
-        offset,
-        len: (n * BLOCK_SIZE_BYTES) as u32,
+        offset_bytes: offset,
+        len_bytes: (n * BLOCK_SIZE_BYTES) as u32,
     };
     let call = shared.sleds.call(sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {

@@ -463,7 +463,7 @@ async fn append(
         column: *column,
         partition: shared.id(),
         epoch,
-        offset,
+        offset_bytes: offset,
         data,
         block_crcs,
     };

@@ -16,16 +16,16 @@
 //!  11 reserved u8 (0)          64 epoch u64
 //!  12 payload_blocks u32       72 sequence u64
 //!  16 log_id u64               80 lba u64 (4 KiB blocks)
-//!  24 position u64             88 payload_len u64
+//!  24 position_bytes u64       88 payload_len_bytes u64
 //!  32 lap u64                  96 CRC-32C of each payload block, payload_blocks x u32
 //!  40 open_generation u64    4092 CRC-32C of bytes 0..4092
 //! ```
 //!
 //! A record is accepted by recovery only if the header checksum holds, the
-//! `log_id` is this log's, `position` is exactly where the scan expects the
-//! next record (so a stale record of a previous lap, which carries an older
-//! position, is refused: `lap = position / capacity` is stored too for
-//! humans), `open_generation` does not go backwards (a record left behind by
+//! `log_id` is this log's, `position_bytes` is exactly where the scan
+//! expects the next record (so a stale record of a previous lap, which
+//! carries an older position, is refused: `lap = position_bytes /
+//! capacity_bytes` is stored too for humans), `open_generation` does not go backwards (a record left behind by
 //! a cut torn tail is never resurrected after newer records end exactly where
 //! it starts) and every payload block matches its CRC.
 //!
@@ -34,8 +34,8 @@
 //! destroy the previous-but-one state):
 //!
 //! ```text
-//!   0 magic u64 "RBHNWSB1"      40 tail u64 (logical position of the oldest live record)
-//!   8 version u32               48 head_hint u64 (head when written; informational)
+//!   0 magic u64 "RBHNWSB1"      40 tail_position_bytes u64 (logical position of the oldest live record)
+//!   8 version u32               48 head_position_hint_bytes u64 (head when written; informational)
 //!  12 reserved u32              56 open_generation u64
 //!  16 log_id u64               4092 CRC-32C of bytes 0..4092
 //!  24 generation u64
@@ -194,8 +194,8 @@ impl LogRecord {
         let blocks = self.payload_blocks();
         if blocks > MAX_PAYLOAD_BLOCKS {
             return Err(FormatError::PayloadTooLarge {
-                payload_len: self.payload.len() as u64,
-                max_len: (MAX_PAYLOAD_BLOCKS * BLOCK_SIZE_BYTES as usize) as u64,
+                payload_len_bytes: self.payload.len() as u64,
+                max_len_bytes: (MAX_PAYLOAD_BLOCKS * BLOCK_SIZE_BYTES as usize) as u64,
             });
         }
         let bad = match self.kind {
@@ -212,7 +212,7 @@ impl LogRecord {
             return Err(FormatError::BadShape {
                 kind: self.kind,
                 block_count: self.block_count,
-                payload_len: self.payload.len() as u64,
+                payload_len_bytes: self.payload.len() as u64,
             });
         }
         Ok(())
@@ -225,8 +225,8 @@ pub struct RecordStamp {
     /// The log instance.
     pub log_id: u64,
     /// Logical byte position (monotonic across laps).
-    pub position: u64,
-    /// `position / capacity`.
+    pub position_bytes: u64,
+    /// `position_bytes / capacity_bytes`.
     pub lap: u64,
     /// Open count of the log when written.
     pub open_generation: u64,
@@ -250,7 +250,7 @@ pub struct RecordHeader {
     /// Blocks covered.
     pub block_count: u32,
     /// Payload bytes (for `Padding`: ring bytes skipped after the header).
-    pub payload_len: u64,
+    pub payload_len_bytes: u64,
     /// CRC-32C of each payload block (empty for `Padding` and `Trim`).
     pub block_crcs: Vec<u32>,
 }
@@ -259,7 +259,7 @@ impl RecordHeader {
     /// Ring bytes of the whole record.
     pub fn encoded_len(&self) -> u64 {
         if self.kind == RecordKind::Padding {
-            BLOCK_SIZE_BYTES + self.payload_len
+            BLOCK_SIZE_BYTES + self.payload_len_bytes
         } else {
             (1 + self.block_crcs.len() as u64) * BLOCK_SIZE_BYTES
         }
@@ -313,22 +313,24 @@ pub enum FormatError {
         computed: u32,
     },
     /// A record whose payload does not fit in one record.
-    #[error("payload of {payload_len} bytes exceeds {max_len}")]
+    #[error("payload of {payload_len_bytes} bytes exceeds {max_len_bytes}")]
     PayloadTooLarge {
         /// Payload bytes.
-        payload_len: u64,
+        payload_len_bytes: u64,
         /// Limit.
-        max_len: u64,
+        max_len_bytes: u64,
     },
     /// Kind, block count and payload length disagree.
-    #[error("{kind:?} record with block_count {block_count} and payload of {payload_len} bytes")]
+    #[error(
+        "{kind:?} record with block_count {block_count} and payload of {payload_len_bytes} bytes"
+    )]
     BadShape {
         /// Kind.
         kind: RecordKind,
         /// Block count.
         block_count: u32,
         /// Payload length.
-        payload_len: u64,
+        payload_len_bytes: u64,
     },
 }
 
@@ -412,7 +414,7 @@ pub fn encode_record(record: &LogRecord, stamp: RecordStamp, out: &mut [u8]) {
             sequence: record.sequence,
             lba: record.lba,
             block_count: record.block_count,
-            payload_len: record.payload.len() as u64,
+            payload_len_bytes: record.payload.len() as u64,
             block_crcs: crcs,
         },
         &mut out[..BLOCK_SIZE_BYTES as usize],
@@ -435,7 +437,7 @@ pub fn encode_padding(stamp: RecordStamp, skip_bytes: u64, out: &mut [u8]) {
             sequence: 0,
             lba: 0,
             block_count: 0,
-            payload_len: skip_bytes,
+            payload_len_bytes: skip_bytes,
             block_crcs: Vec::new(),
         },
         &mut out[..BLOCK_SIZE_BYTES as usize],
@@ -451,7 +453,7 @@ pub fn encode_header(header: &RecordHeader, block: &mut [u8]) {
     block[11] = 0;
     put(block, 12, &(header.block_crcs.len() as u32).to_le_bytes());
     put(block, 16, &header.stamp.log_id.to_le_bytes());
-    put(block, 24, &header.stamp.position.to_le_bytes());
+    put(block, 24, &header.stamp.position_bytes.to_le_bytes());
     put(block, 32, &header.stamp.lap.to_le_bytes());
     put(block, 40, &header.stamp.open_generation.to_le_bytes());
     put(block, 48, &header.partition.volume.to_le_bytes());
@@ -460,7 +462,7 @@ pub fn encode_header(header: &RecordHeader, block: &mut [u8]) {
     put(block, 64, &header.epoch.to_le_bytes());
     put(block, 72, &header.sequence.to_le_bytes());
     put(block, 80, &header.lba.to_le_bytes());
-    put(block, 88, &header.payload_len.to_le_bytes());
+    put(block, 88, &header.payload_len_bytes.to_le_bytes());
     for (i, crc) in header.block_crcs.iter().enumerate() {
         put(block, HEADER_FIXED_BYTES + 4 * i, &crc.to_le_bytes());
     }
@@ -491,19 +493,21 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
             value: payload_blocks as u64,
         });
     }
-    let payload_len = le_u64(block, 88);
+    let payload_len_bytes = le_u64(block, 88);
     if kind != RecordKind::Padding
-        && payload_len.div_ceil(BLOCK_SIZE_BYTES) != payload_blocks as u64
+        && payload_len_bytes.div_ceil(BLOCK_SIZE_BYTES) != payload_blocks as u64
     {
         return Err(FormatError::BadField {
-            field: "payload_len",
-            value: payload_len,
+            field: "payload_len_bytes",
+            value: payload_len_bytes,
         });
     }
-    if kind == RecordKind::Padding && (payload_blocks != 0 || payload_len % BLOCK_SIZE_BYTES != 0) {
+    if kind == RecordKind::Padding
+        && (payload_blocks != 0 || payload_len_bytes % BLOCK_SIZE_BYTES != 0)
+    {
         return Err(FormatError::BadField {
-            field: "padding_len",
-            value: payload_len,
+            field: "padding_len_bytes",
+            value: payload_len_bytes,
         });
     }
     let block_crcs = (0..payload_blocks)
@@ -512,7 +516,7 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
     Ok(RecordHeader {
         stamp: RecordStamp {
             log_id: le_u64(block, 16),
-            position: le_u64(block, 24),
+            position_bytes: le_u64(block, 24),
             lap: le_u64(block, 32),
             open_generation: le_u64(block, 40),
         },
@@ -525,7 +529,7 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
         epoch: le_u64(block, 64),
         sequence: le_u64(block, 72),
         lba: le_u64(block, 80),
-        payload_len,
+        payload_len_bytes,
         block_crcs,
     })
 }
@@ -553,10 +557,11 @@ pub struct Superblock {
     pub generation: u64,
     /// Ring size in bytes.
     pub capacity_bytes: u64,
-    /// Logical position of the oldest live record.
-    pub tail: u64,
-    /// Head when written (informational; recovery scans from `tail`).
-    pub head_hint: u64,
+    /// Logical byte position of the oldest live record.
+    pub tail_position_bytes: u64,
+    /// Head position when written (informational; recovery scans from
+    /// `tail_position_bytes`).
+    pub head_position_hint_bytes: u64,
     /// Times the log was opened; stamped into every record written since.
     pub open_generation: u64,
 }
@@ -575,8 +580,8 @@ impl Superblock {
         put(&mut block, 16, &self.log_id.to_le_bytes());
         put(&mut block, 24, &self.generation.to_le_bytes());
         put(&mut block, 32, &self.capacity_bytes.to_le_bytes());
-        put(&mut block, 40, &self.tail.to_le_bytes());
-        put(&mut block, 48, &self.head_hint.to_le_bytes());
+        put(&mut block, 40, &self.tail_position_bytes.to_le_bytes());
+        put(&mut block, 48, &self.head_position_hint_bytes.to_le_bytes());
         put(&mut block, 56, &self.open_generation.to_le_bytes());
         seal(&mut block);
         block
@@ -597,8 +602,8 @@ impl Superblock {
             log_id: le_u64(block, 16),
             generation: le_u64(block, 24),
             capacity_bytes: le_u64(block, 32),
-            tail: le_u64(block, 40),
-            head_hint: le_u64(block, 48),
+            tail_position_bytes: le_u64(block, 40),
+            head_position_hint_bytes: le_u64(block, 48),
             open_generation: le_u64(block, 56),
         };
         if superblock.capacity_bytes == 0 || superblock.capacity_bytes % BLOCK_SIZE_BYTES != 0 {
@@ -607,10 +612,10 @@ impl Superblock {
                 value: superblock.capacity_bytes,
             });
         }
-        if superblock.tail % BLOCK_SIZE_BYTES != 0 {
+        if superblock.tail_position_bytes % BLOCK_SIZE_BYTES != 0 {
             return Err(FormatError::BadField {
-                field: "tail",
-                value: superblock.tail,
+                field: "tail_position_bytes",
+                value: superblock.tail_position_bytes,
             });
         }
         Ok(superblock)
@@ -654,7 +659,7 @@ mod tests {
     fn stamp(position: u64) -> RecordStamp {
         RecordStamp {
             log_id: 77,
-            position,
+            position_bytes: position,
             lap: position / (1 << 20),
             open_generation: 3,
         }
@@ -739,7 +744,7 @@ mod tests {
 
         #[test]
         fn superblock_round_trips(log_id: u64, generation: u64, tail in 0u64..1 << 40, open_generation: u64) {
-            let sb = Superblock { log_id, generation, capacity_bytes: 1 << 20, tail: tail * BLOCK_SIZE_BYTES, head_hint: 0, open_generation };
+            let sb = Superblock { log_id, generation, capacity_bytes: 1 << 20, tail_position_bytes: tail * BLOCK_SIZE_BYTES, head_position_hint_bytes: 0, open_generation };
             prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         }
     }
@@ -750,8 +755,8 @@ mod tests {
             log_id: 1,
             generation,
             capacity_bytes: 1 << 20,
-            tail: 0,
-            head_hint: 0,
+            tail_position_bytes: 0,
+            head_position_hint_bytes: 0,
             open_generation: 1,
         };
         let blank = [0u8; BLOCK_SIZE_BYTES as usize];

@@ -354,8 +354,8 @@ impl Wal {
                     log_id: RandomState::new().hash_one(device.info().path.as_os_str()),
                     generation: 0,
                     capacity_bytes,
-                    tail: 0,
-                    head_hint: 0,
+                    tail_position_bytes: 0,
+                    head_position_hint_bytes: 0,
                     open_generation: 0,
                 };
                 tracing::info!(path = %device.info().path.display(), capacity_bytes, "formatting write log");
@@ -384,13 +384,13 @@ impl Wal {
         let current = Superblock {
             generation: previous.generation + 1,
             open_generation: scan.max_generation + 1,
-            head_hint: scan.head,
+            head_position_hint_bytes: scan.head,
             ..previous
         };
         write_superblock(&device, &current).await?;
         let state = State {
             head: scan.head,
-            tail: previous.tail,
+            tail: previous.tail_position_bytes,
             written: scan.head,
             durable: scan.head,
             queue: VecDeque::new(),
@@ -520,7 +520,7 @@ impl Wal {
     pub async fn read(&self, position: LogPosition) -> Result<LogRecord, WalError> {
         let (header, payload) = self.read_raw(position, None).await?;
         let mut payload = payload;
-        payload.truncate(header.payload_len as usize);
+        payload.truncate(header.payload_len_bytes as usize);
         Ok(record_from(&header, payload))
     }
 
@@ -586,10 +586,10 @@ impl Wal {
             .read_at(RING_OFFSET + ring_offset, BLOCK_SIZE_BYTES as usize)
             .await?;
         let header = format::decode_header(&block).map_err(|e| corrupt(e.to_string()))?;
-        if header.stamp.position != position || header.stamp.log_id != self.shared.log_id {
+        if header.stamp.position_bytes != position || header.stamp.log_id != self.shared.log_id {
             return Err(corrupt(format!(
                 "header says position {} of log {:#x}",
-                header.stamp.position, header.stamp.log_id
+                header.stamp.position_bytes, header.stamp.log_id
             )));
         }
         if header.kind == RecordKind::Padding {
@@ -652,8 +652,8 @@ impl Wal {
         };
         let next = Superblock {
             generation: superblock.generation + 1,
-            tail: up_to,
-            head_hint,
+            tail_position_bytes: up_to,
+            head_position_hint_bytes: head_hint,
             ..*superblock
         };
         if let Err(error) = write_superblock(&self.shared.device, &next).await {
@@ -703,7 +703,7 @@ impl Wal {
     fn stamp(&self, position: u64) -> RecordStamp {
         RecordStamp {
             log_id: self.shared.log_id,
-            position,
+            position_bytes: position,
             lap: self.shared.ring.lap(position),
             open_generation: self.shared.open_generation,
         }
@@ -752,7 +752,7 @@ fn header_of(record: &LogRecord, stamp: RecordStamp) -> RecordHeader {
         sequence: record.sequence,
         lba: record.lba,
         block_count: record.block_count,
-        payload_len: record.payload.len() as u64,
+        payload_len_bytes: record.payload.len() as u64,
         block_crcs: format::block_crcs(&record.payload),
     }
 }
@@ -883,7 +883,7 @@ fn encode_segment(
         let at = (pending.position - start) as usize;
         let stamp = RecordStamp {
             log_id: shared.log_id,
-            position: pending.position,
+            position_bytes: pending.position,
             lap: shared.ring.lap(pending.position),
             open_generation: shared.open_generation,
         };
@@ -956,7 +956,7 @@ async fn scan(
     superblock: &Superblock,
     window_bytes: usize,
 ) -> Result<Scan, DeviceError> {
-    let tail = superblock.tail;
+    let tail = superblock.tail_position_bytes;
     let capacity = ring.capacity_bytes();
     let mut window = Window {
         device,
@@ -991,12 +991,12 @@ async fn scan(
             );
         }
         max_generation = max_generation.max(stamp.open_generation);
-        if stamp.position != position || stamp.lap != ring.lap(position) {
+        if stamp.position_bytes != position || stamp.lap != ring.lap(position) {
             break cut(
                 position,
                 format!(
                     "stale record of position {} (lap {})",
-                    stamp.position, stamp.lap
+                    stamp.position_bytes, stamp.lap
                 ),
             );
         }
@@ -1026,7 +1026,7 @@ async fn scan(
                 if let Some(bad) = format::first_bad_block(&header, payload) {
                     break cut(position, format!("payload block {bad} fails its CRC"));
                 }
-                Bytes::copy_from_slice(&payload[..header.payload_len as usize])
+                Bytes::copy_from_slice(&payload[..header.payload_len_bytes as usize])
             };
             records.push(RecoveredRecord {
                 position: LogPosition(position),

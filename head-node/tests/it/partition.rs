@@ -110,7 +110,12 @@ impl SledAccess for Sleds {
         }
         let target = self.sleds.lock().unwrap().get(sled).cloned();
         let down = failing || self.down.lock().unwrap().contains(sled);
-        if let SledRequest::Read { offset, len, .. } = &request {
+        if let SledRequest::Read {
+            offset_bytes: offset,
+            len_bytes: len,
+            ..
+        } = &request
+        {
             if u64::from(*len) == BLOCK && offset % ROW_BYTES == CHUNK_BYTES {
                 self.summary_reads.fetch_add(1, Ordering::SeqCst);
             }
@@ -163,7 +168,7 @@ impl ExtentSource for Extents {
                     .call(
                         id,
                         SledRequest::AllocateColumns {
-                            count: 1,
+                            column_count: 1,
                             device: None,
                         },
                     )
