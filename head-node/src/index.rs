@@ -112,9 +112,14 @@ impl Run {
     }
 }
 
-/// A piece of a [`PartitionIndex::lookup`] answer: blocks and where the
-/// first of them is (`None`: zeros).
-pub type LookupPiece = (Range<u64>, Option<Location>);
+/// A piece of a [`PartitionIndex::lookup`] answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupPiece {
+    /// Blocks covered.
+    pub lbas: Range<u64>,
+    /// Where the first one is (`None`: zeros).
+    pub location: Option<Location>,
+}
 
 /// One piece of a lookup answer, with its sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +308,10 @@ impl PartitionIndex {
         Ok(self
             .lookup_with_sequence(lba, count)?
             .into_iter()
-            .map(|m| (m.lbas, m.location))
+            .map(|m| LookupPiece {
+                lbas: m.lbas,
+                location: m.location,
+            })
             .collect())
     }
 
@@ -695,6 +703,15 @@ impl Reader<'_> {
 mod tests {
     use super::*;
 
+    /// [`PartitionIndex::lookup`] as (blocks, location) pairs.
+    fn lookup(index: &PartitionIndex, lba: u64, count: u64) -> Vec<(Range<u64>, Option<Location>)> {
+        let pieces = index.lookup(lba, count).unwrap();
+        pieces
+            .into_iter()
+            .map(|piece| (piece.lbas, piece.location))
+            .collect()
+    }
+
     fn p() -> PartitionId {
         PartitionId {
             volume: 7,
@@ -724,7 +741,7 @@ mod tests {
         index.apply_write(12, 2, 2, log(8192)).unwrap();
         // An older write arriving late does not override the newer blocks.
         index.apply_write(11, 4, 0, log(4096 * 9)).unwrap();
-        let got = index.lookup(8, 14).unwrap();
+        let got = lookup(&index, 8, 14);
         assert_eq!(
             got,
             vec![
@@ -752,8 +769,8 @@ mod tests {
         index.apply_write(4, 1, 5, log(40960)).unwrap();
         let moved = index.apply_flush(0, 8, 1, sled(3, 0)).unwrap();
         assert_eq!(moved, 7);
-        assert_eq!(index.lookup(4, 1).unwrap(), vec![(4..5, Some(log(40960)))]);
-        assert_eq!(index.lookup(5, 1).unwrap(), vec![(5..6, Some(sled(3, 5)))]);
+        assert_eq!(lookup(&index, 4, 1), vec![(4..5, Some(log(40960)))]);
+        assert_eq!(lookup(&index, 5, 1), vec![(5..6, Some(sled(3, 5)))]);
         assert_eq!(index.live_blocks_per_extent().get(&3), Some(&7));
         assert_eq!(index.oldest_log_position(), Some(LogPosition(40960)));
         assert_eq!(
@@ -767,7 +784,7 @@ mod tests {
         // Unmap of flushed data frees the extent's blocks.
         index.apply_unmap(0, 8, 6).unwrap();
         assert!(index.live_blocks_per_extent().is_empty());
-        assert_eq!(index.lookup(0, 8).unwrap(), vec![(0..8, None)]);
+        assert_eq!(lookup(&index, 0, 8), vec![(0..8, None)]);
         assert_eq!(index.run_count(), 1);
         index.check_invariants().unwrap();
     }

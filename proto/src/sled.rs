@@ -137,7 +137,7 @@ pub struct ColumnStatus {
     pub length_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BadBlock {
     pub column: ColumnId,
     /// Byte offset of the block in the column.

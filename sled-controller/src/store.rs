@@ -163,6 +163,19 @@ struct CachedCrc {
     best_copy: Option<u8>,
 }
 
+/// The next version of one CRC block of a column, ready to write.
+#[derive(Debug)]
+struct CrcBlockUpdate {
+    /// Index of the CRC block within the column.
+    crc_block: u32,
+    /// What the cache holds once the write is durable.
+    cached: CachedCrc,
+    /// The encoded block.
+    encoded: Vec<u8>,
+    /// Where it goes: the copy that does not hold the current best version.
+    device_offset_bytes: u64,
+}
+
 #[derive(Debug)]
 struct CrcCache {
     capacity: usize,
@@ -675,13 +688,13 @@ impl Store {
     }
 
     /// Builds the new versions of the CRC blocks touched by writing `crcs`
-    /// at `offset`; returns (crc block index, new cached value, encoded block).
+    /// at `offset`.
     async fn updated_crc_blocks(
         &self,
         index: u32,
         offset: u64,
         crcs: &[u32],
-    ) -> Result<Vec<(u32, CachedCrc, Vec<u8>, u64)>, SledError> {
+    ) -> Result<Vec<CrcBlockUpdate>, SledError> {
         let mut out: Vec<(u32, CachedCrc)> = Vec::new();
         for (i, crc) in crcs.iter().enumerate() {
             let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE_BYTES);
@@ -704,9 +717,14 @@ impl Store {
             };
             c.block.generation += 1;
             c.best_copy = Some(copy);
-            let buf = c.block.encode(index, cb).to_vec();
-            let at = self.geometry.crc_block_offset(index, cb, copy);
-            result.push((cb, c, buf, at));
+            let encoded = c.block.encode(index, cb).to_vec();
+            let device_offset_bytes = self.geometry.crc_block_offset(index, cb, copy);
+            result.push(CrcBlockUpdate {
+                crc_block: cb,
+                cached: c,
+                encoded,
+                device_offset_bytes,
+            });
         }
         Ok(result)
     }
@@ -959,11 +977,10 @@ impl Store {
             let data_buf = aligned(data)?;
             let slot_write = self.write_slot(index, &next);
             let data_write = self.write(self.geometry.data_offset(index, offset), data_buf);
-            let crc_writes = try_join_all(
-                crc_updates
-                    .iter()
-                    .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
-            );
+            let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
+                self.write(update.device_offset_bytes, aligned(&update.encoded)?)
+                    .await
+            }));
             // Order on disk is only fixed by the flush below; issue all at
             // once and let each complete (a crash could persist any subset
             // too; recovery handles every subset).
@@ -974,8 +991,8 @@ impl Store {
             self.flush().await?;
             {
                 let mut cache = lock(&self.crc_cache);
-                for (cb, cached, _, _) in crc_updates {
-                    cache.put((index, cb), cached);
+                for update in crc_updates {
+                    cache.put((index, update.crc_block), update.cached);
                 }
             }
             c.slot = next;
@@ -1023,11 +1040,10 @@ impl Store {
             ..c.slot
         };
         let data_write = self.write(self.geometry.data_offset(index, offset), aligned(data)?);
-        let crc_writes = try_join_all(
-            crc_updates
-                .iter()
-                .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
-        );
+        let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
+            self.write(update.device_offset_bytes, aligned(&update.encoded)?)
+                .await
+        }));
         let slot_write = async {
             if raise {
                 self.write_slot(index, &next).await
@@ -1042,8 +1058,8 @@ impl Store {
         self.flush().await?;
         {
             let mut cache = lock(&self.crc_cache);
-            for (cb, cached, _, _) in crc_updates {
-                cache.put((index, cb), cached);
+            for update in crc_updates {
+                cache.put((index, update.crc_block), update.cached);
             }
         }
         if raise {

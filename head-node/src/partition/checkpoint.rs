@@ -466,7 +466,12 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
     let checkpoint = snapshot(shared)?;
     let epoch = checkpoint.epoch;
     let payload = checkpoint.encode();
-    let (extent_id, first_row, grant, codec) = target(shared, epoch, payload.len()).await?;
+    let Target {
+        grant,
+        first_row,
+        codec,
+    } = target(shared, epoch, payload.len()).await?;
+    let extent_id = grant.extent;
     let k = codec.data_shards();
     let rows = rows_for(payload.len(), k);
     let row_bytes = k * CHUNK_BYTES as usize;
@@ -588,12 +593,15 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
     })
 }
 
-type Target = (
-    u64,
-    u64,
-    super::ExtentGrant,
-    Arc<crate::erasure::ErasureCodec>,
-);
+/// Where the next checkpoint goes.
+struct Target {
+    /// The checkpoint extent (`grant.extent` is its id).
+    grant: super::ExtentGrant,
+    /// The checkpoint's first row in that extent.
+    first_row: u64,
+    /// The extent's erasure codec.
+    codec: Arc<crate::erasure::ErasureCodec>,
+}
 
 /// The checkpoint extent and first row the next checkpoint goes to.
 async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target, PartitionError> {
@@ -606,12 +614,11 @@ async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target
         {
             let rows = rows_for(bytes, e.codec.data_shards());
             if !e.sealed && e.rows_written + rows <= e.rows_capacity {
-                return Ok((
-                    e.grant.extent,
-                    e.rows_written,
-                    e.grant.clone(),
-                    e.codec.clone(),
-                ));
+                return Ok(Target {
+                    grant: e.grant.clone(),
+                    first_row: e.rows_written,
+                    codec: e.codec.clone(),
+                });
             }
         }
     }
@@ -619,7 +626,11 @@ async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target
     let id = extent.grant.extent;
     let rows = rows_for(bytes, extent.codec.data_shards());
     let fits = rows <= extent.rows_capacity;
-    let target = (id, 0, extent.grant.clone(), extent.codec.clone());
+    let target = Target {
+        grant: extent.grant.clone(),
+        first_row: 0,
+        codec: extent.codec.clone(),
+    };
     {
         let mut state = shared.lock();
         state.extents.insert(id, extent);

@@ -40,7 +40,7 @@ use super::{
     bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, LOG_READS_IN_FLIGHT,
 };
 use crate::erasure::ErasureCodec;
-use crate::index::Location;
+use crate::index::{Location, Run};
 use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
 
 /// Most flush batches one `flush_now` writes.
@@ -110,26 +110,18 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     shared.check_primary(None)?;
     let mut report = FlushReport::default();
     for _ in 0..MAX_BATCHES {
-        let (pieces, trims, up_to, more) = collect(shared);
-        if pieces.is_empty() && trims.is_empty() {
+        let batch = collect(shared);
+        if batch.pieces.is_empty() && batch.trims.is_empty() {
             break;
         }
-        let blocks = load_log_blocks(shared, pieces).await?;
-        let tombstones: Vec<Tombstone> = trims
-            .iter()
-            .map(|(sequence, lba, count)| Tombstone {
-                lba: *lba,
-                block_count: *count,
-                sequence: *sequence,
-            })
-            .collect();
-        let trim_sequences: Vec<u64> = trims.iter().map(|t| t.0).collect();
-        let (placed, stripes) = write_stripes(shared, blocks, tombstones).await?;
+        let blocks = load_log_blocks(shared, batch.pieces).await?;
+        let trim_sequences: Vec<u64> = batch.trims.iter().map(|t| t.sequence).collect();
+        let (placed, stripes) = write_stripes(shared, blocks, batch.trims).await?;
         report.blocks += placed.len() as u64;
         report.stripes += stripes;
         report.trims += trim_sequences.len() as u64;
         report.batches += 1;
-        commit_flush(shared, placed, &trim_sequences, Some(up_to)).await?;
+        commit_flush(shared, placed, &trim_sequences, Some(batch.up_to_sequence)).await?;
         // Give the space back batch by batch: writers waiting on a full log
         // resume after one batch, not after the whole flush.
         shared
@@ -137,7 +129,7 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
             .release()
             .await
             .map_err(|source| shared.wal_error(source))?;
-        if !more {
+        if !batch.more {
             break;
         }
     }
@@ -155,19 +147,44 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     Ok(report)
 }
 
-type LogPiece = (u64, u64, u64, LogPosition, u32);
-/// A pending trim: (sequence, lba, count).
-type TrimPiece = (u64, u64, u64);
+/// A log-resident run of the index, or its head when the batch is full:
+/// blocks `lba..lba + block_count`, payload blocks `first_block_in_record..`
+/// of the log record at `position`.
+#[derive(Debug, Clone, Copy)]
+struct LogPiece {
+    /// First partition block.
+    lba: u64,
+    /// Blocks in the piece.
+    block_count: u64,
+    /// Sequence of the write that produced them.
+    sequence: u64,
+    /// The log record holding them.
+    position: LogPosition,
+    /// Index of the piece's first block in that record's payload.
+    first_block_in_record: u32,
+}
 
-/// Log-resident runs (lba, count, sequence, position, first block) up to the
-/// batch size, trims up to the batch's watermark, the watermark, and
-/// whether more runs remain.
+/// What one flush batch writes to the sleds.
+struct FlushBatch {
+    /// Log-resident runs, up to the batch size.
+    pieces: Vec<LogPiece>,
+    /// Pending trims up to `up_to_sequence`, as stripe tombstones.
+    trims: Vec<Tombstone>,
+    /// The watermark of the batch's flush commit.
+    up_to_sequence: u64,
+    /// Log-resident runs remain for another batch.
+    more: bool,
+}
+
+/// The next batch: log-resident runs up to the batch size, the pending
+/// trims up to the batch's watermark, the watermark, and whether more runs
+/// remain.
 ///
 /// The watermark (`up_to` of the batch's flush commit) is the applied
 /// watermark, lowered below the oldest log-resident run this batch leaves
 /// for the next one: a secondary that is behind jumps to `up_to` on the
 /// commit, so `up_to` must never cover a record the sleds do not hold yet.
-fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
+fn collect(shared: &Shared) -> FlushBatch {
     let state = shared.lock();
     let mut up_to = state.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
@@ -185,10 +202,16 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
                 up_to = up_to.min(run.sequence.saturating_sub(1));
                 continue;
             }
-            let count = run.block_count.min(limit - total);
-            pieces.push((lba, count, run.sequence, position, block_in_record));
-            total += count;
-            if count < run.block_count {
+            let block_count = run.block_count.min(limit - total);
+            pieces.push(LogPiece {
+                lba,
+                block_count,
+                sequence: run.sequence,
+                position,
+                first_block_in_record: block_in_record,
+            });
+            total += block_count;
+            if block_count < run.block_count {
                 more = true;
                 up_to = up_to.min(run.sequence.saturating_sub(1));
             }
@@ -197,9 +220,18 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
     let trims = state
         .pending_trims
         .range(..=up_to)
-        .map(|(sequence, (lba, count, _))| (*sequence, *lba, *count))
+        .map(|(sequence, trim)| Tombstone {
+            lba: trim.lba,
+            block_count: trim.block_count,
+            sequence: *sequence,
+        })
         .collect();
-    (pieces, trims, up_to, more)
+    FlushBatch {
+        pieces,
+        trims,
+        up_to_sequence: up_to,
+        more,
+    }
 }
 
 async fn load_log_blocks(
@@ -210,20 +242,33 @@ async fn load_log_blocks(
     // LOG_READS_IN_FLIGHT of them at the device at once, in order.
     let wal = shared.log.wal();
     let mut reads = futures::stream::iter(pieces)
-        .map(|(lba, count, sequence, position, first)| async move {
-            let data = wal.read_blocks(position, first, count as u32).await;
-            (lba, count, sequence, data)
+        .map(|piece| async move {
+            let data = wal
+                .read_blocks(
+                    piece.position,
+                    piece.first_block_in_record,
+                    piece.block_count as u32,
+                )
+                .await;
+            (piece, data)
         })
         .buffered(LOG_READS_IN_FLIGHT);
     let mut blocks = Vec::new();
-    while let Some((lba, count, sequence, data)) = reads.next().await {
+    while let Some((piece, data)) = reads.next().await {
         let data = match data {
             Ok(data) => data,
             // Superseded and released meanwhile: nothing to flush.
             Err(WalError::NotFound { .. }) => continue,
             Err(source) => return Err(shared.wal_error(source)),
         };
-        push_blocks(&mut blocks, lba, count, sequence, &data, |_| None);
+        push_blocks(
+            &mut blocks,
+            piece.lba,
+            piece.block_count,
+            piece.sequence,
+            &data,
+            |_| None,
+        );
     }
     Ok(blocks)
 }
@@ -824,25 +869,29 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
     report.candidates = candidates.len() as u64;
     bump(&shared.metrics.gc_passes);
     for extent in candidates {
-        let runs: Vec<(u64, u64, u64, Location)> = {
+        // The extent's runs, by first block.
+        let runs: Vec<(u64, Run)> = {
             let state = shared.lock();
             state
                 .index
                 .runs()
-                .filter_map(|(lba, r)| match r.location {
-                    Some(l @ Location::Sled { extent: e, .. }) if e == extent => {
-                        Some((lba, r.block_count, r.sequence, l))
-                    }
-                    _ => None,
+                .filter(|(_, r)| {
+                    matches!(r.location, Some(Location::Sled { extent: e, .. }) if e == extent)
                 })
+                .map(|(lba, r)| (lba, *r))
                 .collect()
         };
         let mut blocks = Vec::new();
-        for (lba, count, sequence, location) in runs {
-            let data = read::read_blocks(shared, lba, count).await?;
-            push_blocks(&mut blocks, lba, count, sequence, &data, |i| {
-                Some(location.advanced(i))
-            });
+        for (lba, run) in runs {
+            let data = read::read_blocks(shared, lba, run.block_count).await?;
+            push_blocks(
+                &mut blocks,
+                lba,
+                run.block_count,
+                run.sequence,
+                &data,
+                |i| run.location.map(|l| l.advanced(i)),
+            );
         }
         if !blocks.is_empty() || !tombstones.is_empty() {
             let (placed, _) =

@@ -373,6 +373,19 @@ struct ReplProgress {
     stopped: bool,
 }
 
+/// A trim or write-zeroes in the index (as a tombstone) whose tombstone is
+/// not yet in a stripe summary on the sleds; its log record stays pinned
+/// until then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PendingTrim {
+    /// First partition block.
+    lba: u64,
+    /// Blocks trimmed.
+    block_count: u64,
+    /// The trim's log record.
+    position: LogPosition,
+}
+
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -384,8 +397,8 @@ struct State {
     /// Every sequence up to here is applied (or abandoned).
     applied_through: u64,
     applied_above: BTreeSet<u64>,
-    /// Trims not yet written to a summary: sequence → (lba, count, position).
-    pending_trims: BTreeMap<u64, (u64, u64, LogPosition)>,
+    /// Trims not yet written to a summary, by sequence.
+    pending_trims: BTreeMap<u64, PendingTrim>,
     /// Primary: own log records by sequence (catch-up of the secondary).
     retained: BTreeMap<u64, LogPosition>,
     /// Log heads taken before appends in flight.
@@ -515,7 +528,7 @@ impl Shared {
         [
             state.index.oldest_log_position(),
             state.inflight_holds.keys().next().copied(),
-            state.pending_trims.values().map(|t| t.2).min(),
+            state.pending_trims.values().map(|t| t.position).min(),
             state.retained.range(acked + 1..).map(|(_, p)| *p).min(),
         ]
         .into_iter()
@@ -708,7 +721,7 @@ impl Partition {
                     _ => None,
                 })
                 .collect();
-            needed.extend(state.pending_trims.values().map(|t| t.2));
+            needed.extend(state.pending_trims.values().map(|t| t.position));
             // Pinned until the new instance holds them itself, whatever the
             // old index does meanwhile (a flush that outlived the wait
             // above may still move blocks to the sleds).
@@ -970,8 +983,13 @@ impl Partition {
         block: u64,
     ) -> Option<(Location, Option<(String, proto::sled::ColumnId)>)> {
         let state = self.shared.lock();
-        let (_, location) = state.index.lookup(block, 1).ok()?.into_iter().next()?;
-        let location = location?;
+        let location = state
+            .index
+            .lookup(block, 1)
+            .ok()?
+            .into_iter()
+            .next()?
+            .location?;
         let column = match location {
             Location::Sled { extent, column, .. } => state
                 .extents
@@ -1493,7 +1511,11 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
                     _ => {
                         state.pending_trims.insert(
                             record.sequence,
-                            (record.lba, u64::from(record.block_count), *position),
+                            PendingTrim {
+                                lba: record.lba,
+                                block_count: u64::from(record.block_count),
+                                position: *position,
+                            },
                         );
                         state.index.apply_unmap(
                             record.lba,
@@ -1688,7 +1710,11 @@ fn replay_log(
                     .map_err(index_error)?;
                 state.pending_trims.insert(
                     record.sequence,
-                    (record.lba, u64::from(record.block_count), *position),
+                    PendingTrim {
+                        lba: record.lba,
+                        block_count: u64::from(record.block_count),
+                        position: *position,
+                    },
                 );
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);

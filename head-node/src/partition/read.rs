@@ -19,7 +19,7 @@ use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
 use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
 use super::{bump, PartitionError, RepairItem, Shared};
-use crate::index::Location;
+use crate::index::{Location, LookupPiece};
 use crate::wal::WalError;
 use proto::BLOCK_SIZE_BYTES;
 
@@ -43,6 +43,7 @@ pub(super) async fn read_blocks(
 /// The index changed between lookup and read; look up again.
 struct Moved;
 
+/// Where a run of blocks is read from.
 enum Fetch {
     Zeros,
     Log {
@@ -55,6 +56,15 @@ enum Fetch {
         stripe: u64,
         block: u64,
     },
+}
+
+/// Blocks `lba..lba + block_count` of a read, and where they come from.
+struct PlannedFetch {
+    /// First partition block.
+    lba: u64,
+    /// Blocks.
+    block_count: u64,
+    fetch: Fetch,
 }
 
 async fn read_once(
@@ -75,21 +85,29 @@ async fn read_once(
         }
     };
     // Split into fetches of contiguous blocks.
-    let mut fetches: Vec<(u64, u64, Fetch)> = Vec::new();
-    for (range, location) in pieces {
+    let mut fetches: Vec<PlannedFetch> = Vec::new();
+    for LookupPiece {
+        lbas: range,
+        location,
+    } in pieces
+    {
         match location {
-            None => fetches.push((range.start, range.end - range.start, Fetch::Zeros)),
+            None => fetches.push(PlannedFetch {
+                lba: range.start,
+                block_count: range.end - range.start,
+                fetch: Fetch::Zeros,
+            }),
             Some(Location::Log {
                 position,
                 block_in_record,
-            }) => fetches.push((
-                range.start,
-                range.end - range.start,
-                Fetch::Log {
+            }) => fetches.push(PlannedFetch {
+                lba: range.start,
+                block_count: range.end - range.start,
+                fetch: Fetch::Log {
                     position,
                     first: block_in_record,
                 },
-            )),
+            }),
             Some(Location::Sled {
                 extent,
                 column,
@@ -107,16 +125,16 @@ async fn read_once(
                         }));
                     };
                     let n = (layout::CHUNK_BLOCKS - block).min(range.end - at);
-                    fetches.push((
-                        at,
-                        n,
-                        Fetch::Sled {
+                    fetches.push(PlannedFetch {
+                        lba: at,
+                        block_count: n,
+                        fetch: Fetch::Sled {
                             extent,
                             column,
                             stripe,
                             block,
                         },
-                    ));
+                    });
                     at += n;
                     // Next stripe's row starts after the summary block.
                     offset = layout::block_offset(stripe + 1, 0);
@@ -126,14 +144,15 @@ async fn read_once(
     }
     let futures = fetches
         .iter()
-        .map(|(_, n, fetch)| fetch_one(shared, *n, fetch));
+        .map(|planned| fetch_one(shared, planned.block_count, &planned.fetch));
     let results = future::join_all(futures).await;
     let mut out = BytesMut::with_capacity((count * BLOCK_SIZE_BYTES) as usize);
-    for ((at, n, _), result) in fetches.iter().zip(results) {
+    for (planned, result) in fetches.iter().zip(results) {
+        let at = planned.lba;
         debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_SIZE_BYTES);
         match result {
             Ok(data) => {
-                debug_assert_eq!(data.len() as u64, n * BLOCK_SIZE_BYTES);
+                debug_assert_eq!(data.len() as u64, planned.block_count * BLOCK_SIZE_BYTES);
                 out.extend_from_slice(&data);
             }
             Err(FetchError::Moved) => return Err(Moved),

@@ -832,33 +832,37 @@ async fn run_writer(shared: Arc<Shared>) {
 /// [`BlockDevice::write_durable_at`]: hardware::BlockDevice::write_durable_at
 async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceError> {
     let ring = shared.ring;
-    let mut segments: Vec<(u64, u64, Vec<&Pending>)> = Vec::with_capacity(2);
+    let mut segments: Vec<Segment<'_>> = Vec::with_capacity(2);
     let mut segment_start = None;
-    let mut segment: Vec<&Pending> = Vec::new();
+    let mut items: Vec<&Pending> = Vec::new();
     let mut end = 0;
     for (i, pending) in batch.iter().enumerate() {
         debug_assert!(i == 0 || pending.position == end, "batch not contiguous");
         segment_start.get_or_insert(pending.position);
-        segment.push(pending);
+        items.push(pending);
         end = pending.position + pending.len();
         let closes_lap = ring.offset(end) == 0;
         if closes_lap || i + 1 == batch.len() {
             let start = segment_start.take().unwrap_or(pending.position);
-            segments.push((start, end - start, std::mem::take(&mut segment)));
+            segments.push(Segment {
+                start_position_bytes: start,
+                len_bytes: end - start,
+                items: std::mem::take(&mut items),
+            });
         }
     }
-    if let [(start, len, items)] = segments.as_slice() {
-        let buf = encode_segment(shared, *start, *len, items)?;
+    if let [segment] = segments.as_slice() {
+        let buf = encode_segment(shared, segment)?;
         shared
             .device
-            .write_durable_at(RING_OFFSET + ring.offset(*start), buf)
+            .write_durable_at(RING_OFFSET + ring.offset(segment.start_position_bytes), buf)
             .await?;
     } else {
-        for (start, len, items) in &segments {
-            let buf = encode_segment(shared, *start, *len, items)?;
+        for segment in &segments {
+            let buf = encode_segment(shared, segment)?;
             shared
                 .device
-                .write_at(RING_OFFSET + ring.offset(*start), buf)
+                .write_at(RING_OFFSET + ring.offset(segment.start_position_bytes), buf)
                 .await?;
         }
         shared.device.flush().await?;
@@ -872,15 +876,20 @@ async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceEr
     Ok(end)
 }
 
-fn encode_segment(
-    shared: &Shared,
-    start: u64,
-    len: u64,
-    items: &[&Pending],
-) -> Result<AlignedBuf, DeviceError> {
-    let mut buf = AlignedBuf::zeroed(len as usize)?;
-    for pending in items {
-        let at = (pending.position - start) as usize;
+/// The part of a batch that lies in one lap of the ring: one device write.
+struct Segment<'a> {
+    /// Logical position of the first record.
+    start_position_bytes: u64,
+    /// Bytes from there to the end of the last record.
+    len_bytes: u64,
+    /// The records, contiguous.
+    items: Vec<&'a Pending>,
+}
+
+fn encode_segment(shared: &Shared, segment: &Segment<'_>) -> Result<AlignedBuf, DeviceError> {
+    let mut buf = AlignedBuf::zeroed(segment.len_bytes as usize)?;
+    for pending in &segment.items {
+        let at = (pending.position - segment.start_position_bytes) as usize;
         let stamp = RecordStamp {
             log_id: shared.log_id,
             position_bytes: pending.position,
