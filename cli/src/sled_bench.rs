@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::sled::{ColumnId, PartitionId, SledRequest, SledResponse};
-use proto::Message;
+use proto::{Message, BLOCK_SIZE_BYTES};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Phase {
@@ -67,7 +67,6 @@ async fn call(link: &PeerLink, request: SledRequest) -> BenchResult<SledResponse
     }
 }
 
-const BLOCK: usize = 4096;
 const VOLUME: u64 = 0xBE_0C;
 
 fn chunk(len: usize, seed: u64) -> (Bytes, Vec<u32>) {
@@ -80,7 +79,10 @@ fn chunk(len: usize, seed: u64) -> (Bytes, Vec<u32>) {
         let bytes = x.to_le_bytes();
         word.copy_from_slice(&bytes[..word.len()]);
     }
-    let crcs = data.chunks(BLOCK).map(crc32c::crc32c).collect();
+    let crcs = data
+        .chunks(BLOCK_SIZE_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect();
     (Bytes::from(data), crcs)
 }
 
@@ -88,7 +90,7 @@ async fn new_column(link: &PeerLink, stream: usize) -> BenchResult<(ColumnId, Pa
     let SledResponse::Allocated(columns) = call(
         link,
         SledRequest::AllocateColumns {
-            count: 1,
+            column_count: 1,
             device: None,
         },
     )
@@ -99,7 +101,7 @@ async fn new_column(link: &PeerLink, stream: usize) -> BenchResult<(ColumnId, Pa
     let column = *columns.first().ok_or("allocate returned no column")?;
     let partition = PartitionId {
         volume: VOLUME,
-        partition: stream as u32,
+        index: stream as u32,
     };
     call(
         link,
@@ -122,9 +124,9 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub async fn run(args: BenchArgs) -> BenchResult<()> {
-    if args.chunk_bytes == 0 || args.chunk_bytes % BLOCK != 0 {
+    if args.chunk_bytes == 0 || args.chunk_bytes % BLOCK_SIZE_BYTES as usize != 0 {
         return Err(format!(
-            "--chunk-bytes {} is not a multiple of 4096",
+            "--chunk-bytes {} is not a multiple of {BLOCK_SIZE_BYTES}",
             args.chunk_bytes
         ));
     }
@@ -200,7 +202,7 @@ async fn append(
                         column,
                         partition,
                         epoch: 1,
-                        offset,
+                        offset_bytes: offset,
                         data: data.clone(),
                         block_crcs: crcs.clone(),
                     },
@@ -280,8 +282,8 @@ async fn read(link: &Arc<PeerLink>, args: &BenchArgs, duration: Duration) -> Ben
                         &link,
                         SledRequest::Read {
                             column,
-                            offset,
-                            len,
+                            offset_bytes: offset,
+                            len_bytes: len,
                         },
                     )
                     .await?
@@ -321,19 +323,19 @@ async fn randread(
         x ^= x >> 7;
         x ^= x << 17;
         let (column, length) = columns[(x % columns.len() as u64) as usize];
-        let offset = ((x >> 16) % (length / BLOCK as u64)) * BLOCK as u64;
+        let offset = ((x >> 16) % (length / BLOCK_SIZE_BYTES)) * BLOCK_SIZE_BYTES;
         let t = Instant::now();
         call(
             link,
             SledRequest::Read {
                 column,
-                offset,
-                len: BLOCK as u32,
+                offset_bytes: offset,
+                len_bytes: BLOCK_SIZE_BYTES as u32,
             },
         )
         .await?;
         latencies.push(t.elapsed().as_micros() as u64);
         ops += 1;
     }
-    Ok((ops, ops * BLOCK as u64, latencies))
+    Ok((ops, ops * BLOCK_SIZE_BYTES, latencies))
 }

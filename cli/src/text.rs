@@ -4,10 +4,9 @@
 use std::io::Write as _;
 use std::time::Duration;
 
-use crate::error::CliError;
+use proto::BLOCK_SIZE_BYTES;
 
-/// Volume sizes are multiples of this.
-pub const BLOCK_BYTES: u64 = 4096;
+use crate::error::CliError;
 
 /// Parses "4GiB", "512MiB", "4096" (bytes), "1T"; binary units only
 /// (K/KiB, M/MiB, G/GiB, T/TiB; case-insensitive; an optional "B").
@@ -50,9 +49,9 @@ pub fn parse_block_size(flag: &str, text: &str) -> Result<u64, CliError> {
             "{flag} {text}: size must be positive"
         )));
     }
-    if bytes % BLOCK_BYTES != 0 {
+    if bytes % BLOCK_SIZE_BYTES != 0 {
         return Err(CliError::Usage(format!(
-            "{flag} {text}: {bytes} bytes is not a multiple of {BLOCK_BYTES}"
+            "{flag} {text}: {bytes} bytes is not a multiple of {BLOCK_SIZE_BYTES}"
         )));
     }
     Ok(bytes)

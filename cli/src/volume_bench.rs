@@ -30,8 +30,7 @@ use bytes::{Bytes, BytesMut};
 use client::{ClientConfig, VolumeClient};
 use hardware::rack::Rack;
 use local_control_plane::LcpClient;
-
-const BLOCK: u64 = 4096;
+use proto::BLOCK_SIZE_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Phase {
@@ -104,7 +103,7 @@ struct Content {
 
 impl Content {
     fn new(seed: u64) -> Content {
-        let mut template = vec![0u8; BLOCK as usize];
+        let mut template = vec![0u8; BLOCK_SIZE_BYTES as usize];
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         for word in template.chunks_mut(8) {
             x ^= x << 13;
@@ -116,7 +115,7 @@ impl Content {
     }
 
     fn fill(&self, first_block: u64, out: &mut BytesMut, len: u64) {
-        for i in 0..len / BLOCK {
+        for i in 0..len / BLOCK_SIZE_BYTES {
             let start = out.len();
             out.extend_from_slice(&self.template);
             let block = first_block + i;
@@ -126,8 +125,8 @@ impl Content {
     }
 
     fn check(&self, offset_bytes: u64, data: &[u8]) -> BenchResult<()> {
-        for (i, got) in data.chunks(BLOCK as usize).enumerate() {
-            let block = offset_bytes / BLOCK + i as u64;
+        for (i, got) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
+            let block = offset_bytes / BLOCK_SIZE_BYTES + i as u64;
             let mut want = self.template.clone();
             want[..8].copy_from_slice(&block.to_le_bytes());
             want[8..16].copy_from_slice(&self.seed.to_le_bytes());
@@ -135,7 +134,7 @@ impl Content {
                 let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
                 return Err(format!(
                     "wrong data at volume byte {}: got {:#04x}, want {:#04x} (block {block}{})",
-                    block * BLOCK + at as u64,
+                    block * BLOCK_SIZE_BYTES + at as u64,
                     got[at],
                     want[at],
                     if got.iter().all(|b| *b == 0) {
@@ -171,10 +170,12 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
     let bs = args.bs.unwrap_or(if args.phase.sequential() {
         1 << 20
     } else {
-        BLOCK
+        BLOCK_SIZE_BYTES
     });
-    if bs == 0 || bs % BLOCK != 0 {
-        return Err(format!("--bs {bs} is not a positive multiple of 4096"));
+    if bs == 0 || bs % BLOCK_SIZE_BYTES != 0 {
+        return Err(format!(
+            "--bs {bs} is not a positive multiple of {BLOCK_SIZE_BYTES}"
+        ));
     }
     if args.qd == 0 || args.qd > 1024 {
         return Err(format!("--qd {} is outside 1..=1024", args.qd));
@@ -255,7 +256,7 @@ async fn bench(
                 };
                 let t = Instant::now();
                 if phase.writes() {
-                    content.fill(offset / BLOCK, &mut buffer, bs);
+                    content.fill(offset / BLOCK_SIZE_BYTES, &mut buffer, bs);
                     let data: Bytes = buffer.split().freeze();
                     client
                         .write(offset, data, false)

@@ -355,7 +355,7 @@ impl VolumeClient {
             .map(|piece| async move {
                 let op = HostOp::Read {
                     offset_bytes: piece.offset_bytes,
-                    len: piece.len,
+                    len_bytes: piece.len,
                 };
                 inner
                     .execute(piece.partition, op)
@@ -413,7 +413,7 @@ impl VolumeClient {
             HostOp::Trim {
                 write_id,
                 offset_bytes,
-                len,
+                len_bytes: len,
             }
         })
         .await
@@ -425,7 +425,7 @@ impl VolumeClient {
             HostOp::WriteZeroes {
                 write_id,
                 offset_bytes,
-                len,
+                len_bytes: len,
             }
         })
         .await
@@ -666,7 +666,7 @@ impl Inner {
         };
         match reply {
             HostReply::Data { data, crcs } => {
-                let HostOp::Read { len, .. } = op else {
+                let HostOp::Read { len_bytes: len, .. } = op else {
                     return Err(protocol(format!("data reply to a {}", op.name())));
                 };
                 if data.len() != *len as usize {

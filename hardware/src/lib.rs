@@ -17,5 +17,5 @@ pub mod rack;
 pub use device::{
     check_range, open_device, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineChoice,
     EngineKind, FaultControl, FaultOps, FaultyDevice, IoFuture, MemoryDevice, OpenOptions,
-    SharedDevice, TimedDevice, BLOCK_SIZE, DEFAULT_DEVICE_TIMEOUT, ENGINE_ENV_VAR,
+    SharedDevice, TimedDevice, DEFAULT_DEVICE_TIMEOUT, ENGINE_ENV_VAR, IO_ALIGN_BYTES,
 };

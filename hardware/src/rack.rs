@@ -29,7 +29,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::device::BLOCK_SIZE;
+use crate::device::IO_ALIGN_BYTES;
 
 /// Default column size: 64 MiB.
 pub const DEFAULT_COLUMN_SIZE_BYTES: u64 = 64 << 20;
@@ -342,7 +342,11 @@ impl Rack {
             .unit
             .column_size_bytes
             .unwrap_or(DEFAULT_COLUMN_SIZE_BYTES);
-        if column_size_bytes % BLOCK_SIZE as u64 != 0 || column_size_bytes < MIN_COLUMN_SIZE_BYTES {
+        // Columns start and end on device I/O boundaries; the local control
+        // plane also checks the volume block size (equal today).
+        if column_size_bytes % IO_ALIGN_BYTES as u64 != 0
+            || column_size_bytes < MIN_COLUMN_SIZE_BYTES
+        {
             return Err(RackError::BadColumnSize {
                 value: column_size_bytes,
             });

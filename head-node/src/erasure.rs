@@ -12,7 +12,7 @@
 //!
 //! * `1 <= k`, `1 <= m`, `k + m <= MAX_TOTAL_SHARDS` (32);
 //! * all shards of one call have the same length, a non-zero multiple of
-//!   [`SHARD_ALIGN_BYTES`] (4 KiB, the device block size), so each chunk is
+//!   [`SHARD_ALIGN_BYTES`] (one volume block), so each chunk is
 //!   written to a column as whole blocks;
 //! * reconstruction needs at least `k` present shards.
 //!
@@ -23,8 +23,9 @@
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use thiserror::Error;
 
-/// Shard lengths are multiples of this (the device block size).
-pub const SHARD_ALIGN_BYTES: usize = 4096;
+/// Shard lengths are multiples of this: one volume block, so a shard is
+/// written to a column as whole blocks.
+pub const SHARD_ALIGN_BYTES: usize = proto::BLOCK_SIZE_BYTES as usize;
 
 /// Largest `k + m` this seam accepts (GF(2^8) allows 256; extents span at
 /// most this many sleds).

@@ -29,12 +29,11 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use proto::sled::PartitionId;
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 
 use crate::wal::LogPosition;
 
-/// Bytes of one block.
-pub const BLOCK_BYTES: u64 = 4096;
 /// Checkpoint format version.
 pub const CHECKPOINT_VERSION: u16 = 1;
 const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"RBHNIDX1");
@@ -81,7 +80,7 @@ impl Location {
             } => Location::Sled {
                 extent,
                 column,
-                offset_bytes: offset_bytes + blocks * BLOCK_BYTES,
+                offset_bytes: offset_bytes + blocks * BLOCK_SIZE_BYTES,
             },
         }
     }
@@ -91,7 +90,7 @@ impl Location {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     /// Blocks in the run (> 0).
-    pub count: u64,
+    pub block_count: u64,
     /// Sequence of the operation that produced it.
     pub sequence: u64,
     /// Base location; `None` for a tombstone (reads as zeros).
@@ -101,7 +100,7 @@ pub struct Run {
 impl Run {
     fn piece(self, offset: u64, count: u64) -> Run {
         Run {
-            count,
+            block_count: count,
             sequence: self.sequence,
             location: self.location.map(|l| l.advanced(offset)),
         }
@@ -109,13 +108,18 @@ impl Run {
 
     fn continues_with(&self, next: &Run) -> bool {
         self.sequence == next.sequence
-            && self.location.map(|l| l.advanced(self.count)) == next.location
+            && self.location.map(|l| l.advanced(self.block_count)) == next.location
     }
 }
 
-/// A piece of a [`PartitionIndex::lookup`] answer: blocks and where the
-/// first of them is (`None`: zeros).
-pub type LookupPiece = (Range<u64>, Option<Location>);
+/// A piece of a [`PartitionIndex::lookup`] answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupPiece {
+    /// Blocks covered.
+    pub lbas: Range<u64>,
+    /// Where the first one is (`None`: zeros).
+    pub location: Option<Location>,
+}
 
 /// One piece of a lookup answer, with its sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +136,9 @@ pub struct Mapped {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IndexError {
     /// The range is empty or outside the partition.
-    #[error("blocks {lba}+{count} outside partition {volume}/{partition} of {size_blocks} blocks")]
+    #[error(
+        "blocks {lba}+{block_count} outside partition {volume}/{partition} of {size_blocks} blocks"
+    )]
     OutOfRange {
         /// Volume.
         volume: u64,
@@ -141,7 +147,7 @@ pub enum IndexError {
         /// First block.
         lba: u64,
         /// Blocks.
-        count: u64,
+        block_count: u64,
         /// Partition size.
         size_blocks: u64,
     },
@@ -222,9 +228,9 @@ impl PartitionIndex {
             Some(end) if count > 0 && end <= self.size_blocks => Ok(end),
             _ => Err(IndexError::OutOfRange {
                 volume: self.partition.volume,
-                partition: self.partition.partition,
+                partition: self.partition.index,
                 lba,
-                count,
+                block_count: count,
                 size_blocks: self.size_blocks,
             }),
         }
@@ -244,7 +250,7 @@ impl PartitionIndex {
         self.update(lba, end, |offset, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
-                count: len,
+                block_count: len,
                 sequence,
                 location: Some(location.advanced(offset)),
             }),
@@ -267,7 +273,7 @@ impl PartitionIndex {
         self.update(lba, end, |_, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
-                count: len,
+                block_count: len,
                 sequence,
                 location: None,
             }),
@@ -309,7 +315,7 @@ impl PartitionIndex {
             {
                 moved += len;
                 Some(Run {
-                    count: len,
+                    block_count: len,
                     sequence,
                     location: Some(location.advanced(offset)),
                 })
@@ -336,7 +342,10 @@ impl PartitionIndex {
         Ok(self
             .lookup_with_sequence(lba, count)?
             .into_iter()
-            .map(|m| (m.lbas, m.location))
+            .map(|m| LookupPiece {
+                lbas: m.lbas,
+                location: m.location,
+            })
             .collect())
     }
 
@@ -349,7 +358,7 @@ impl PartitionIndex {
             .runs
             .range(..lba)
             .next_back()
-            .filter(|(start, run)| **start + run.count > lba)
+            .filter(|(start, run)| **start + run.block_count > lba)
             .map(|(start, run)| (*start, *run));
         let mut push = |lbas: Range<u64>, location: Option<Location>, sequence: Option<u64>| {
             if let Some(last) = out.last_mut() {
@@ -372,7 +381,7 @@ impl PartitionIndex {
                 push(cursor..start, None, None);
                 cursor = start;
             }
-            let piece_end = (start + run.count).min(end);
+            let piece_end = (start + run.block_count).min(end);
             push(
                 cursor..piece_end,
                 run.location.map(|l| l.advanced(cursor - start)),
@@ -414,7 +423,7 @@ impl PartitionIndex {
             .iter()
             .filter_map(|(start, run)| match run.location {
                 Some(location @ Location::Log { position: p, .. }) if p < position => {
-                    Some((*start..*start + run.count, location))
+                    Some((*start..*start + run.block_count, location))
                 }
                 _ => None,
             })
@@ -430,10 +439,13 @@ impl PartitionIndex {
         let from = self.runs.range(..lba).next_back().map_or(lba, |(s, _)| *s);
         let mut previous_end = 0;
         for (start, run) in self.runs.range(from..) {
-            if run.count == 0 || *start < previous_end || start + run.count > self.size_blocks {
+            if run.block_count == 0
+                || *start < previous_end
+                || start + run.block_count > self.size_blocks
+            {
                 return false;
             }
-            previous_end = start + run.count;
+            previous_end = start + run.block_count;
             if *start > end {
                 break;
             }
@@ -449,19 +461,22 @@ impl PartitionIndex {
         let mut log_refs: BTreeMap<LogPosition, u64> = BTreeMap::new();
         let mut extent_live: BTreeMap<u64, u64> = BTreeMap::new();
         for (start, run) in &self.runs {
-            if run.count == 0 || *start < previous_end || start + run.count > self.size_blocks {
+            if run.block_count == 0
+                || *start < previous_end
+                || start + run.block_count > self.size_blocks
+            {
                 return Err(format!(
                     "run {start}+{} overlaps or is out of range",
-                    run.count
+                    run.block_count
                 ));
             }
-            previous_end = start + run.count;
+            previous_end = start + run.block_count;
             match run.location {
                 Some(Location::Log { position, .. }) => {
-                    *log_refs.entry(position).or_default() += run.count
+                    *log_refs.entry(position).or_default() += run.block_count
                 }
                 Some(Location::Sled { extent, .. }) => {
-                    *extent_live.entry(extent).or_default() += run.count
+                    *extent_live.entry(extent).or_default() += run.block_count
                 }
                 None => {}
             }
@@ -479,8 +494,8 @@ impl PartitionIndex {
         let (map, key): (&mut BTreeMap<_, u64>, _) = match run.location {
             Some(Location::Log { position, .. }) => {
                 let entry = self.log_refs.entry(position).or_default();
-                adjust(entry, run.count, add);
-                adjust(&mut self.log_blocks, run.count, add);
+                adjust(entry, run.block_count, add);
+                adjust(&mut self.log_blocks, run.block_count, add);
                 if *entry == 0 {
                     self.log_refs.remove(&position);
                 }
@@ -490,7 +505,7 @@ impl PartitionIndex {
             None => return,
         };
         let entry = map.entry(key).or_default();
-        adjust(entry, run.count, add);
+        adjust(entry, run.block_count, add);
         if *entry == 0 {
             map.remove(&key);
         }
@@ -500,7 +515,7 @@ impl PartitionIndex {
         // An empty run, or one replacing another without `remove` (which
         // uncounts it), would leave the reference counts wrong: the log
         // could then be released under a referenced record.
-        assert!(run.count > 0, "empty run at {start}");
+        assert!(run.block_count > 0, "empty run at {start}");
         self.count(&run, true);
         let replaced = self.runs.insert(start, run);
         assert!(
@@ -522,13 +537,13 @@ impl PartitionIndex {
             .range(..at)
             .next_back()
             .map(|(s, r)| (*s, *r))
-            .filter(|(s, r)| s + r.count > at)
+            .filter(|(s, r)| s + r.block_count > at)
         else {
             return;
         };
         self.remove(start);
         self.insert(start, run.piece(0, at - start));
-        self.insert(at, run.piece(at - start, start + run.count - at));
+        self.insert(at, run.piece(at - start, start + run.block_count - at));
     }
 
     /// Rewrites `[lba, end)`: `decide(offset, len, old)` returns the new run
@@ -551,15 +566,15 @@ impl PartitionIndex {
             if cursor < start {
                 pieces.push((cursor, decide(cursor - lba, start - cursor, None)));
             }
-            pieces.push((start, decide(start - lba, old.count, Some(old))));
-            cursor = start + old.count;
+            pieces.push((start, decide(start - lba, old.block_count, Some(old))));
+            cursor = start + old.block_count;
         }
         if cursor < end {
             pieces.push((cursor, decide(cursor - lba, end - cursor, None)));
         }
         for (start, run) in pieces {
             if let Some(run) = run {
-                debug_assert!(run.count > 0);
+                debug_assert!(run.block_count > 0);
                 self.insert(start, run);
             }
         }
@@ -576,11 +591,11 @@ impl PartitionIndex {
                 continue;
             };
             match current {
-                Some((cs, cr)) if cs + cr.count == start && cr.continues_with(&run) => {
+                Some((cs, cr)) if cs + cr.block_count == start && cr.continues_with(&run) => {
                     self.remove(start);
                     self.remove(cs);
                     let merged = Run {
-                        count: cr.count + run.count,
+                        block_count: cr.block_count + run.block_count,
                         ..cr
                     };
                     self.insert(cs, merged);
@@ -600,12 +615,12 @@ impl PartitionIndex {
         out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&self.partition.volume.to_le_bytes());
-        out.extend_from_slice(&self.partition.partition.to_le_bytes());
+        out.extend_from_slice(&self.partition.index.to_le_bytes());
         out.extend_from_slice(&self.size_blocks.to_le_bytes());
         out.extend_from_slice(&(self.runs.len() as u64).to_le_bytes());
         for (start, run) in &self.runs {
             out.extend_from_slice(&start.to_le_bytes());
-            out.extend_from_slice(&run.count.to_le_bytes());
+            out.extend_from_slice(&run.block_count.to_le_bytes());
             out.extend_from_slice(&run.sequence.to_le_bytes());
             let (tag, a, b, c) = match run.location {
                 None => (0u8, 0u64, 0u64, 0u32),
@@ -653,7 +668,7 @@ impl PartitionIndex {
         reader.u16()?;
         let partition = PartitionId {
             volume: reader.u64()?,
-            partition: reader.u32()?,
+            index: reader.u32()?,
         };
         let size_blocks = reader.u64()?;
         let run_count = reader.u64()?;
@@ -696,7 +711,7 @@ impl PartitionIndex {
             index.insert(
                 start,
                 Run {
-                    count,
+                    block_count: count,
                     sequence,
                     location,
                 },
@@ -755,10 +770,19 @@ impl Reader<'_> {
 mod tests {
     use super::*;
 
+    /// [`PartitionIndex::lookup`] as (blocks, location) pairs.
+    fn lookup(index: &PartitionIndex, lba: u64, count: u64) -> Vec<(Range<u64>, Option<Location>)> {
+        let pieces = index.lookup(lba, count).unwrap();
+        pieces
+            .into_iter()
+            .map(|piece| (piece.lbas, piece.location))
+            .collect()
+    }
+
     fn p() -> PartitionId {
         PartitionId {
             volume: 7,
-            partition: 2,
+            index: 2,
         }
     }
 
@@ -773,7 +797,7 @@ mod tests {
         Location::Sled {
             extent,
             column: 1,
-            offset_bytes: offset_blocks * BLOCK_BYTES,
+            offset_bytes: offset_blocks * BLOCK_SIZE_BYTES,
         }
     }
 
@@ -784,7 +808,7 @@ mod tests {
         index.apply_write(12, 2, 2, log(8192)).unwrap();
         // An older write arriving late does not override the newer blocks.
         index.apply_write(11, 4, 0, log(4096 * 9)).unwrap();
-        let got = index.lookup(8, 14).unwrap();
+        let got = lookup(&index, 8, 14);
         assert_eq!(
             got,
             vec![
@@ -812,8 +836,8 @@ mod tests {
         index.apply_write(4, 1, 5, log(40960)).unwrap();
         let moved = index.apply_flush(0, 8, 1, sled(3, 0)).unwrap();
         assert_eq!(moved, 7);
-        assert_eq!(index.lookup(4, 1).unwrap(), vec![(4..5, Some(log(40960)))]);
-        assert_eq!(index.lookup(5, 1).unwrap(), vec![(5..6, Some(sled(3, 5)))]);
+        assert_eq!(lookup(&index, 4, 1), vec![(4..5, Some(log(40960)))]);
+        assert_eq!(lookup(&index, 5, 1), vec![(5..6, Some(sled(3, 5)))]);
         assert_eq!(index.live_blocks_per_extent().get(&3), Some(&7));
         assert_eq!(index.oldest_log_position(), Some(LogPosition(40960)));
         assert_eq!(
@@ -827,7 +851,7 @@ mod tests {
         // Unmap of flushed data frees the extent's blocks.
         index.apply_unmap(0, 8, 6).unwrap();
         assert!(index.live_blocks_per_extent().is_empty());
-        assert_eq!(index.lookup(0, 8).unwrap(), vec![(0..8, None)]);
+        assert_eq!(lookup(&index, 0, 8), vec![(0..8, None)]);
         assert_eq!(index.run_count(), 1);
         index.check_invariants().unwrap();
     }
@@ -839,7 +863,7 @@ mod tests {
             index.apply_write(8, 3, 1, log(0)),
             Err(IndexError::OutOfRange {
                 lba: 8,
-                count: 3,
+                block_count: 3,
                 ..
             })
         ));

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
 use hardware::{open_device, EngineChoice, OpenOptions};
-use local_control_plane::state::{NodeId, PartitionId as LcpPartitionId, UnitState};
+use local_control_plane::state::{NodeId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -78,8 +78,9 @@ use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
     digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest, BLOCK_BYTES,
+    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
 };
+use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
@@ -437,7 +438,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn label(id: PartitionId) -> PartitionLabels {
     PartitionLabels {
-        partition: format!("{}/{}", id.volume, id.partition),
+        partition: id.to_string(),
     }
 }
 
@@ -473,13 +474,13 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
             let start = u64::from(p.id.index) * volume.partition_size_bytes;
             let size = volume.partition_size_bytes;
             desired.insert(
-                PartitionId::from(p.id),
+                p.id,
                 Desired {
                     role,
                     epoch: p.epoch,
                     secondary: p.secondary.0.clone(),
-                    first_block: start / BLOCK_BYTES,
-                    size_blocks: size / BLOCK_BYTES,
+                    first_block: start / BLOCK_SIZE_BYTES,
+                    size_blocks: size / BLOCK_SIZE_BYTES,
                 },
             );
         }
@@ -688,7 +689,7 @@ impl PartitionManager {
             };
             outcomes.push(FlushOutcome {
                 volume: id.volume,
-                partition: id.partition,
+                partition: id.index,
                 blocks,
                 stripes,
                 error,
@@ -789,9 +790,9 @@ async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), H
             if end > size_bytes {
                 return Err(HostError::OutOfRange {
                     offset_bytes,
-                    len,
-                    partition_start: 0,
-                    partition_end: size_bytes,
+                    len_bytes: len,
+                    partition_start_bytes: 0,
+                    partition_end_bytes: size_bytes,
                 });
             }
         }
@@ -831,7 +832,7 @@ fn unavailable(reason: &str) -> HostReply {
 /// map names this node (the partition is still opening here).
 fn not_primary(inner: &Inner, id: PartitionId) -> HostError {
     let state = inner.node.local_state();
-    let Some(entry) = state.partition(LcpPartitionId::from(id)) else {
+    let Some(entry) = state.partition(id) else {
         return HostError::NotPrimary { hint: None };
     };
     if entry.primary == inner.me {
@@ -865,7 +866,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     PartitionStatus {
         volume: id.volume,
-        partition: id.partition,
+        partition: id.index,
         role: role_name(h.partition.role()).to_string(),
         epoch: h.partition.epoch(),
         lcp_epoch: h.lcp_epoch.load(Ordering::Relaxed),
@@ -962,7 +963,7 @@ async fn reconcile(inner: &Arc<Inner>) {
             .volumes()
             .values()
             .flat_map(|v| v.partitions.first())
-            .map(|p| PartitionId::from(p.id))
+            .map(|p| p.id)
             .next();
         let synced = match any_partition {
             Some(partition) => write_barrier(&inner.node, partition).await,
@@ -1206,7 +1207,7 @@ async fn lease_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
         let started = Instant::now();
         let now = now_ms();
         let command = Command::GrantLease {
-            partition: id.into(),
+            partition: id,
             holder: inner.me.clone(),
             epoch: hosted.opened_epoch,
             now_ms: now,
@@ -1371,7 +1372,7 @@ mod tests {
         for n in 1..=3 {
             let me = NodeId::new(format!("hn-{n}"));
             for (id, d) in desired_partitions(&state, &me) {
-                let entry = state.partition(LcpPartitionId::from(id)).unwrap();
+                let entry = state.partition(id).unwrap();
                 match d.role {
                     OpenRole::Primary => {
                         assert_eq!(entry.primary, me);
@@ -1384,11 +1385,11 @@ mod tests {
                 }
                 assert_eq!(d.epoch, entry.epoch);
                 assert_eq!(d.secondary, entry.secondary.0);
-                blocks.insert(id.partition, (d.first_block, d.size_blocks));
+                blocks.insert(id.index, (d.first_block, d.size_blocks));
             }
         }
         assert_eq!((primaries, secondaries), (3, 3));
-        let per = (4 << 20) / BLOCK_BYTES;
+        let per = (4 << 20) / BLOCK_SIZE_BYTES;
         assert_eq!(blocks[&0], (0, per));
         assert_eq!(blocks[&1], (per, per));
         // The short last partition is opened whole (I/O is bounded by the

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use hardware::rack::Rack;
-use local_control_plane::state::{ExtentId, PartitionId as LcpPartitionId, UnitState};
+use local_control_plane::state::{ExtentId, UnitState};
 use local_control_plane::{
     Command, CommandError, LcpError, LcpNode, LcpRequest, LcpResponse, Outcome,
 };
@@ -398,14 +398,13 @@ async fn next_extent(
     epoch: u64,
 ) -> Result<ExtentGrant, PeerError> {
     let _serial = this.serial.lock().await;
-    let id = LcpPartitionId::from(partition);
     // Bounded: a refill, an open, and a few lost races.
     for _ in 0..8 {
         let state = this.node.local_state();
-        let Some(entry) = state.partition(id) else {
+        let Some(entry) = state.partition(partition) else {
             return Err(PeerError::Refused {
                 peer: "local-control-plane".to_string(),
-                reason: format!("unknown partition {id}"),
+                reason: format!("unknown partition {partition}"),
             });
         };
         let candidate = entry
@@ -417,7 +416,7 @@ async fn next_extent(
             propose(
                 &this.node,
                 Command::RefillSandbox {
-                    partition: id,
+                    partition,
                     target: SANDBOX_TARGET,
                 },
             )
@@ -429,7 +428,7 @@ async fn next_extent(
         match propose(
             &this.node,
             Command::OpenSandboxExtent {
-                partition: id,
+                partition,
                 extent,
                 epoch,
             },
@@ -446,7 +445,7 @@ async fn next_extent(
     }
     Err(PeerError::Unreachable {
         peer: "local-control-plane".to_string(),
-        reason: format!("no sandbox extent for {id} after repeated refills"),
+        reason: format!("no sandbox extent for {partition} after repeated refills"),
     })
 }
 
@@ -484,7 +483,7 @@ async fn free_extent(
         &this.node,
         Command::FreeExtent {
             extent: ExtentId(extent),
-            partition: partition.into(),
+            partition,
             epoch,
         },
     )
@@ -508,7 +507,7 @@ pub async fn write_barrier(node: &LcpNode, partition: PartitionId) -> Result<(),
     propose(
         node,
         Command::RefillSandbox {
-            partition: partition.into(),
+            partition,
             target: 0,
         },
     )
@@ -525,13 +524,12 @@ pub async fn owned_extents(
 ) -> Result<Vec<ExtentGrant>, PeerError> {
     write_barrier(node, partition).await?;
     let state = node.local_state();
-    let id = LcpPartitionId::from(partition);
-    let Some(entry) = state.partition(id) else {
+    let Some(entry) = state.partition(partition) else {
         return Ok(Vec::new());
     };
     let mut grants = Vec::new();
     for (extent_id, extent) in state.extents() {
-        if extent.owner != id || entry.sandbox.contains(extent_id) {
+        if extent.owner != partition || entry.sandbox.contains(extent_id) {
             continue;
         }
         let grant = grant_of(&state, *extent_id).ok_or_else(|| PeerError::Refused {

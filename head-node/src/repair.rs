@@ -106,7 +106,13 @@ impl RebuildMetrics {
     }
 }
 
-type TaskKey = (u64, u16);
+/// One column of one extent: what a rebuild task replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TaskKey {
+    extent: u64,
+    /// Position of the column in the extent's stripe order.
+    column_index: u16,
+}
 
 /// Shared between the worker loop and its rebuild tasks.
 #[derive(Debug, Default)]
@@ -199,12 +205,15 @@ impl RepairWorker {
             .repairs()
             .tasks
             .iter()
-            .filter(|t| primaries.contains_key(&t.partition.into()))
+            .filter(|t| primaries.contains_key(&t.partition))
             .collect();
         let now = Instant::now();
         let mut pending = 0i64;
         for task in mine {
-            let key = (task.extent.0, task.column_index);
+            let key = TaskKey {
+                extent: task.extent.0,
+                column_index: task.column_index,
+            };
             {
                 let mut running = lock(&self.running);
                 running.backoff.retain(|_, until| *until > now);
@@ -217,7 +226,7 @@ impl RepairWorker {
                 }
                 running.tasks.insert(key);
             }
-            let Some(partition) = primaries.get(&task.partition.into()).cloned() else {
+            let Some(partition) = primaries.get(&task.partition).cloned() else {
                 continue;
             };
             let Some(grant) = grant_of(&state, task.extent) else {
@@ -255,7 +264,10 @@ impl RepairWorker {
     }
 
     async fn rebuild(&self, partition: Partition, task: RepairTask, rebuild: RebuildTask) {
-        let key = (task.extent.0, task.column_index);
+        let key = TaskKey {
+            extent: task.extent.0,
+            column_index: task.column_index,
+        };
         let (progress_tx, mut progress_rx) = watch::channel(RebuildProgress::default());
         info!(extent = %task.extent, column = task.column_index, old = %task.old, new = %task.new, reason = ?task.reason, "rebuilding a column");
         let started = Instant::now();
@@ -359,11 +371,18 @@ impl RepairWorker {
             for item in partition.take_repair_items() {
                 let corrupt = item.reason.contains("CRC") || item.reason.contains("checksum");
                 if corrupt && wanted.len() < MAX_CORRUPTION_REPORTS_PER_POLL {
-                    wanted.insert((item.extent, item.column));
+                    wanted.insert(TaskKey {
+                        extent: item.extent,
+                        column_index: item.column,
+                    });
                 }
             }
         }
-        for (extent, column_index) in wanted {
+        for TaskKey {
+            extent,
+            column_index,
+        } in wanted
+        {
             let extent = ExtentId(extent);
             if state.repairs().find(extent, column_index).is_some() {
                 continue;

@@ -91,7 +91,7 @@ async fn free_on_sleds(
         let link = links.link(&column.sled.0, spec.address_a, spec.address_b);
         let request = SledRequest::FreeColumn {
             column: column.column_id(),
-            partition: extent.partition.into(),
+            partition: extent.partition,
             epoch: extent.epoch,
         };
         match link.call(Message::Sled(request), true).await {

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::raft::{
     AppendEntriesRequest, AppendEntriesResponse, HeadNodeInfo, InstallSnapshotError,
-    InstallSnapshotRequest, InstallSnapshotResponse, NodeId, RPCError, RaftError, TypeConfig,
+    InstallSnapshotRequest, InstallSnapshotResponse, RPCError, RaftError, RaftNodeId, TypeConfig,
     VoteRequest, VoteResponse,
 };
 
@@ -157,12 +157,12 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// openraft's network factory: hands out [`RaftPeer`]s backed by the pool.
 #[derive(Debug, Clone)]
 pub struct RaftNetworkFactoryImpl {
-    this_node: NodeId,
+    this_node: RaftNodeId,
     links: Arc<PeerLinks>,
 }
 
 impl RaftNetworkFactoryImpl {
-    pub fn new(this_node: NodeId, links: Arc<PeerLinks>) -> Self {
+    pub fn new(this_node: RaftNodeId, links: Arc<PeerLinks>) -> Self {
         RaftNetworkFactoryImpl { this_node, links }
     }
 }
@@ -170,7 +170,7 @@ impl RaftNetworkFactoryImpl {
 impl RaftNetworkFactory<TypeConfig> for RaftNetworkFactoryImpl {
     type Network = RaftPeer;
 
-    async fn new_client(&mut self, target: NodeId, node: &HeadNodeInfo) -> RaftPeer {
+    async fn new_client(&mut self, target: RaftNodeId, node: &HeadNodeInfo) -> RaftPeer {
         RaftPeer {
             this_node: self.this_node,
             target,
@@ -183,8 +183,8 @@ impl RaftNetworkFactory<TypeConfig> for RaftNetworkFactoryImpl {
 /// One Raft peer as openraft's replication sees it.
 #[derive(Debug)]
 pub struct RaftPeer {
-    this_node: NodeId,
-    target: NodeId,
+    this_node: RaftNodeId,
+    target: RaftNodeId,
     node: HeadNodeInfo,
     link: Arc<PeerLink>,
 }
@@ -201,8 +201,8 @@ fn rpc_type(rpc: RaftRpcKind) -> RPCTypes {
 /// (Unreachable) or simply retry (Network/Timeout).
 fn link_error<E: std::error::Error>(
     error: LinkError,
-    this_node: NodeId,
-    target: NodeId,
+    this_node: RaftNodeId,
+    target: RaftNodeId,
     rpc: RaftRpcKind,
     ttl: Duration,
 ) -> RPCError<E> {

@@ -84,11 +84,11 @@ use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
 use crate::quick_election::{both_refused_since, QuickElection, QuickElectionConfig, RaftView};
 use crate::raft::{
-    AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, NodeId, Raft, RaftMetrics,
+    AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, Raft, RaftMetrics, RaftNodeId,
     SharedState, VoteRequest,
 };
 use crate::repair::{RepairConfig, RepairController, RepairMetrics};
-use crate::state::{NodeId as NodeName, SledId, UnitState};
+use crate::state::{NodeId, SledId, UnitState};
 
 /// Voters when the rack has at least this many head nodes.
 pub const LARGE_VOTER_COUNT: usize = 5;
@@ -199,8 +199,8 @@ pub enum StartError {
 }
 
 /// Raft ids and infos of the rack's head nodes, and which are voters.
-pub fn rack_membership(rack: &Rack) -> (BTreeMap<NodeId, HeadNodeInfo>, BTreeSet<NodeId>) {
-    let nodes: BTreeMap<NodeId, HeadNodeInfo> = rack
+pub fn rack_membership(rack: &Rack) -> (BTreeMap<RaftNodeId, HeadNodeInfo>, BTreeSet<RaftNodeId>) {
+    let nodes: BTreeMap<RaftNodeId, HeadNodeInfo> = rack
         .head_node
         .iter()
         .zip(1u64..)
@@ -229,9 +229,9 @@ pub fn rack_membership(rack: &Rack) -> (BTreeMap<NodeId, HeadNodeInfo>, BTreeSet
 pub fn inventory_commands(rack: &Rack, state: &UnitState) -> Vec<Command> {
     let mut commands = Vec::new();
     for h in &rack.head_node {
-        if !state.nodes().contains_key(&NodeName::new(h.id.clone())) {
+        if !state.nodes().contains_key(&NodeId::new(h.id.clone())) {
             commands.push(Command::RegisterHeadNode {
-                node: NodeName::new(h.id.clone()),
+                node: NodeId::new(h.id.clone()),
                 address_a: h.address_a.to_string(),
                 address_b: h.address_b.to_string(),
             });
@@ -337,16 +337,16 @@ impl RaftGauges {
 
 struct Inner {
     raft: Raft,
-    raft_id: NodeId,
+    raft_id: RaftNodeId,
     name: String,
     rack: Rack,
-    nodes: BTreeMap<NodeId, HeadNodeInfo>,
-    voters: BTreeSet<NodeId>,
+    nodes: BTreeMap<RaftNodeId, HeadNodeInfo>,
+    voters: BTreeSet<RaftNodeId>,
     state: SharedState,
     links: Arc<PeerLinks>,
     /// Links for forwarding client requests to the leader: the generous
     /// timeout of a client request, not the Raft links' short one.
-    forward_links: Mutex<HashMap<NodeId, Arc<PeerLink>>>,
+    forward_links: Mutex<HashMap<RaftNodeId, Arc<PeerLink>>>,
     link_metrics: LinkMetrics,
     detector_config: DetectorConfig,
     detector_metrics: DetectorMetrics,
@@ -357,7 +357,7 @@ struct Inner {
     deleter_metrics: DeleterMetrics,
     /// The leader whose AppendEntries this member processed last, and when
     /// (crate::quick_election anchors on it).
-    last_heard: Mutex<Option<(NodeId, std::time::Instant)>>,
+    last_heard: Mutex<Option<(RaftNodeId, std::time::Instant)>>,
     shutdown: CancellationToken,
 }
 
@@ -520,7 +520,7 @@ impl LcpNode {
         if initialized {
             return Ok(());
         }
-        let voters: BTreeMap<NodeId, HeadNodeInfo> = inner
+        let voters: BTreeMap<RaftNodeId, HeadNodeInfo> = inner
             .nodes
             .iter()
             .filter(|(id, _)| inner.voters.contains(id))
@@ -539,7 +539,7 @@ impl LcpNode {
     }
 
     /// This node's Raft id.
-    pub fn raft_id(&self) -> NodeId {
+    pub fn raft_id(&self) -> RaftNodeId {
         self.inner.raft_id
     }
 
@@ -648,7 +648,7 @@ impl LcpNode {
     async fn forward(
         &self,
         request: LcpRequest,
-        leader: Option<NodeId>,
+        leader: Option<RaftNodeId>,
         already_forwarded: bool,
     ) -> LcpResponse {
         let inner = &self.inner;
@@ -730,7 +730,7 @@ impl LcpNode {
     }
 }
 
-fn forward_link(inner: &Inner, id: NodeId, info: &HeadNodeInfo) -> Arc<PeerLink> {
+fn forward_link(inner: &Inner, id: RaftNodeId, info: &HeadNodeInfo) -> Arc<PeerLink> {
     lock(&inner.forward_links)
         .entry(id)
         .or_insert_with(|| {
@@ -772,7 +772,7 @@ fn read_local(inner: &Inner, request: &LcpRequest) -> LcpResponse {
 fn raft_status(inner: &Inner) -> RaftStatus {
     let m = inner.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
-    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let voters: BTreeSet<RaftNodeId> = membership.voter_ids().collect();
     let members = membership
         .nodes()
         .map(|(id, info)| MemberStatus {
@@ -878,7 +878,7 @@ async fn quick_election_loop(inner: Arc<Inner>, mut policy: QuickElection, trigg
                 last_heard: *lock(&inner.last_heard),
             }
         };
-        let refused_since = |id: NodeId| {
+        let refused_since = |id: RaftNodeId| {
             let info = inner.nodes.get(&id)?;
             both_refused_since(&inner.links.get(&info.id)?.paths())
         };
@@ -1023,8 +1023,8 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
             .membership_config
             .membership()
             .clone();
-        let present: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
-        let missing: Vec<(NodeId, HeadNodeInfo)> = inner
+        let present: BTreeSet<RaftNodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let missing: Vec<(RaftNodeId, HeadNodeInfo)> = inner
             .nodes
             .iter()
             .filter(|(id, _)| !present.contains(id))

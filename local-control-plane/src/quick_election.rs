@@ -86,7 +86,7 @@ use std::time::{Duration, Instant};
 
 use proto::link::PathStatus;
 
-use crate::raft::NodeId;
+use crate::raft::RaftNodeId;
 
 /// Timings of [`QuickElection`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,16 +126,16 @@ impl QuickElectionConfig {
 /// This member's Raft view, as openraft's metrics give it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RaftView {
-    pub this_node: NodeId,
+    pub this_node: RaftNodeId,
     /// This node is the leader.
     pub leading: bool,
-    pub voters: BTreeSet<NodeId>,
+    pub voters: BTreeSet<RaftNodeId>,
     /// The leader this node knows (`None` while an election runs).
-    pub current_leader: Option<NodeId>,
+    pub current_leader: Option<RaftNodeId>,
     /// The node this member's current vote is for.
-    pub voted_for: Option<NodeId>,
+    pub voted_for: Option<RaftNodeId>,
     /// The leader whose AppendEntries this node processed last, and when.
-    pub last_heard: Option<(NodeId, Instant)>,
+    pub last_heard: Option<(RaftNodeId, Instant)>,
 }
 
 /// Since when both paths to a peer refuse connections (the later of the
@@ -157,7 +157,7 @@ pub fn both_refused_since(paths: &[PathStatus]) -> Option<Instant> {
 pub struct QuickElection {
     config: QuickElectionConfig,
     /// The leader this node last followed.
-    leader: Option<NodeId>,
+    leader: Option<RaftNodeId>,
     /// Triggers made since `leader` was lost.
     triggers: u32,
     last_trigger: Option<Instant>,
@@ -183,7 +183,7 @@ impl QuickElection {
     pub fn step(
         &mut self,
         view: &RaftView,
-        refused_since: impl Fn(NodeId) -> Option<Instant>,
+        refused_since: impl Fn(RaftNodeId) -> Option<Instant>,
         now: Instant,
     ) -> bool {
         if view.leading || !view.voters.contains(&view.this_node) {
@@ -250,7 +250,11 @@ mod tests {
         QuickElectionConfig::for_raft(Duration::from_millis(100), Duration::from_millis(600))
     }
 
-    fn view(this_node: NodeId, leader: Option<NodeId>, voted_for: Option<NodeId>) -> RaftView {
+    fn view(
+        this_node: RaftNodeId,
+        leader: Option<RaftNodeId>,
+        voted_for: Option<RaftNodeId>,
+    ) -> RaftView {
         RaftView {
             this_node,
             leading: false,

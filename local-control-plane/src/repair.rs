@@ -46,7 +46,7 @@ use tracing::{info, warn};
 use crate::command::{Command, Outcome};
 use crate::error::CommandError;
 use crate::state::RepairReason;
-use crate::state::{ColumnRef, ExtentId, Health, SledId, UnitState};
+use crate::state::{ColumnRef, ExtentId, Health, PartitionId, SledId, UnitState};
 
 /// Default concurrent repair tasks per unit.
 pub const DEFAULT_REPAIR_MAX_CONCURRENT: usize = 4;
@@ -450,7 +450,7 @@ pub async fn scrub_reports(
                 index: bad.column.index,
             };
             if user_of(state, &column).is_some() && !out.contains(&column) {
-                warn!(%column, offset = bad.offset, "scrub found a bad block; column to be rebuilt");
+                warn!(%column, offset = bad.offset_bytes, "scrub found a bad block; column to be rebuilt");
                 out.push(column);
             }
             if out.len() >= MAX_CORRUPT_COLUMNS {
@@ -497,9 +497,9 @@ pub async fn free_retired_columns(
             }
         };
         if status.state != ColumnState::Free {
-            let partition = status.partition.unwrap_or(proto::sled::PartitionId {
+            let partition = status.partition.unwrap_or(PartitionId {
                 volume: 0,
-                partition: 0,
+                index: 0,
             });
             let request = SledRequest::FreeColumn {
                 column: id,

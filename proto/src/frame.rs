@@ -1,16 +1,16 @@
-//! Frame codec: a fixed 32-byte header, then a body of `body_len` bytes.
+//! Frame codec: a fixed 32-byte header, then a body of `body_len_bytes` bytes.
 //!
 //! ```text
 //! offset size field
-//!      0    4 magic        0x5242_4B31 ("RBK1")
-//!      4    2 version      1
-//!      6    2 kind         message kind (see `message`)
-//!      8    2 flags        bit 0 = RESPONSE; bits 1..15 reserved, must be 0
-//!     10    2 reserved     must be 0
-//!     12    8 request_id   chosen by the requester, echoed in the response
-//!     20    4 body_len     <= MAX_FRAME_BODY_BYTES
-//!     24    4 reserved_2   must be 0 (pads the header to 32 bytes)
-//!     28    4 crc          CRC-32C over header bytes 0..28, then the body
+//!      0    4 magic          0x5242_4B31 ("RBK1")
+//!      4    2 version        1
+//!      6    2 kind           message kind (see `message`)
+//!      8    2 flags          bit 0 = RESPONSE; bits 1..15 reserved, must be 0
+//!     10    2 reserved       must be 0
+//!     12    8 request_id     chosen by the requester, echoed in the response
+//!     20    4 body_len_bytes <= MAX_FRAME_BODY_BYTES
+//!     24    4 reserved_2     must be 0 (pads the header to 32 bytes)
+//!     28    4 crc            CRC-32C over header bytes 0..28, then the body
 //! ```
 //!
 //! All integers are little-endian. The named fields add up to 28 bytes; the
@@ -18,7 +18,7 @@
 //! aligned, and is covered by the CRC like every other header byte.
 //!
 //! Decoding is incremental ([`decode_frame`], [`FrameCodec`]). The header is
-//! validated (magic, version, reserved bits, `body_len` bound) as soon as its
+//! validated (magic, version, reserved bits, `body_len_bytes` bound) as soon as its
 //! 32 bytes are present — before waiting for or reserving space for the body
 //! — so a peer cannot make us buffer gigabytes by lying about the length.
 //! Then the CRC is checked over the whole frame, so any corrupted byte is
@@ -57,7 +57,7 @@ pub struct FrameHeader {
     pub kind: u16,
     pub flags: u16,
     pub request_id: u64,
-    pub body_len: u32,
+    pub body_len_bytes: u32,
 }
 
 impl FrameHeader {
@@ -74,7 +74,7 @@ impl FrameHeader {
         out[8..10].copy_from_slice(&self.flags.to_le_bytes());
         // 10..12 reserved, 24..28 reserved_2: zero.
         out[12..20].copy_from_slice(&self.request_id.to_le_bytes());
-        out[20..24].copy_from_slice(&self.body_len.to_le_bytes());
+        out[20..24].copy_from_slice(&self.body_len_bytes.to_le_bytes());
         out[28..32].copy_from_slice(&crc.to_le_bytes());
         out
     }
@@ -100,8 +100,8 @@ impl FrameHeader {
         let body_len = u32_at(20);
         if body_len as usize > MAX_FRAME_BODY_BYTES {
             return Err(FrameError::TooLarge {
-                body_len: body_len.into(),
-                max: MAX_FRAME_BODY_BYTES as u64,
+                body_len_bytes: body_len.into(),
+                max_bytes: MAX_FRAME_BODY_BYTES as u64,
             });
         }
         let mut request_id = [0u8; 8];
@@ -110,7 +110,7 @@ impl FrameHeader {
             kind: u16_at(6),
             flags,
             request_id: u64::from_le_bytes(request_id),
-            body_len,
+            body_len_bytes: body_len,
         };
         Ok((header, u32_at(28)))
     }
@@ -131,8 +131,8 @@ pub enum FrameError {
     UnsupportedVersion { found: u16 },
     #[error("reserved header bits set")]
     ReservedBits,
-    #[error("frame body of {body_len} bytes exceeds the maximum of {max}")]
-    TooLarge { body_len: u64, max: u64 },
+    #[error("frame body of {body_len_bytes} bytes exceeds the maximum of {max_bytes}")]
+    TooLarge { body_len_bytes: u64, max_bytes: u64 },
     #[error("CRC-32C mismatch: header says {expected:#010x}, frame has {found:#010x}")]
     Checksum { expected: u32, found: u32 },
     /// Only from one-shot decoding of a buffer that should hold a frame.
@@ -186,7 +186,7 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     let mut raw_header = [0u8; HEADER_BYTES];
     raw_header.copy_from_slice(raw);
     let (header, expected) = FrameHeader::parse(&raw_header)?;
-    let frame_len = HEADER_BYTES + header.body_len as usize;
+    let frame_len = HEADER_BYTES + header.body_len_bytes as usize;
     if buf.len() < frame_len {
         buf.reserve(frame_len - buf.len());
         return Ok(None);
@@ -211,7 +211,7 @@ pub fn decode_frame_exact(bytes: Bytes) -> Result<Frame, FrameError> {
     let mut raw_header = [0u8; HEADER_BYTES];
     raw_header.copy_from_slice(raw);
     let (header, expected) = FrameHeader::parse(&raw_header)?;
-    let frame_len = HEADER_BYTES + header.body_len as usize;
+    let frame_len = HEADER_BYTES + header.body_len_bytes as usize;
     match bytes.len().cmp(&frame_len) {
         std::cmp::Ordering::Less => return Err(FrameError::Truncated),
         std::cmp::Ordering::Greater => {
@@ -268,8 +268,8 @@ impl FrameBuilder {
         let body_len = self.buf.len() - HEADER_BYTES;
         if body_len > MAX_FRAME_BODY_BYTES {
             return Err(FrameError::TooLarge {
-                body_len: body_len as u64,
-                max: MAX_FRAME_BODY_BYTES as u64,
+                body_len_bytes: body_len as u64,
+                max_bytes: MAX_FRAME_BODY_BYTES as u64,
             });
         }
         if self.flags & !KNOWN_FLAGS != 0 {
@@ -279,7 +279,7 @@ impl FrameBuilder {
             kind: self.kind,
             flags: self.flags,
             request_id: self.request_id,
-            body_len: body_len as u32, // bounded above
+            body_len_bytes: body_len as u32, // bounded above
         };
         let unsealed = header.to_bytes(0);
         let crc = frame_crc(&unsealed, &self.buf[HEADER_BYTES..]);

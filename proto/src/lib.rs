@@ -37,3 +37,12 @@ pub mod volume;
 pub mod wire;
 
 pub use message::Message;
+
+/// The volume block size: the unit of the index, the write log, the sled
+/// columns (one CRC-32C per block) and of replication, and the size of the
+/// chunks host CRCs cover. Volume, partition and column sizes are multiples
+/// of it. Every crate above `proto` uses this one constant (as
+/// `BLOCK_SIZE_BYTES as usize` where a length is a `usize`); `hardware`,
+/// which depends on no project crate, has its own device I/O alignment,
+/// `hardware::IO_ALIGN_BYTES`, which must divide it.
+pub const BLOCK_SIZE_BYTES: u64 = 4096;

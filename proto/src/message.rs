@@ -31,11 +31,11 @@
 //! | 0x0001 | Ping | nonce u64 |
 //! | 0x0002 | Pong | nonce u64 |
 //! | 0x0101 | Inventory | (empty) |
-//! | 0x0102 | AllocateColumns | count u32 \| device `Option<u16>` |
+//! | 0x0102 | AllocateColumns | column_count u32 \| device `Option<u16>` |
 //! | 0x0103 | FreeColumn | column \| partition \| epoch u64 |
 //! | 0x0104 | Claim | column \| partition \| epoch u64 |
-//! | 0x0105 | Append | column \| partition \| epoch u64 \| offset u64 \| data bytes(≤16 MiB) \| block_crcs `Vec<u32>`(≤4096) |
-//! | 0x0106 | Read | column \| offset u64 \| len u32 |
+//! | 0x0105 | Append | column \| partition \| epoch u64 \| offset_bytes u64 \| data bytes(≤16 MiB) \| block_crcs `Vec<u32>`(≤4096) |
+//! | 0x0106 | Read | column \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0107 | ColumnStatus | column |
 //! | 0x0108 | ScrubReport | (empty) |
 //! | 0x0181 | Inventory | sled_id string \| column_size_bytes u64 \| devices `Vec<device>`(≤1024) |
@@ -45,13 +45,13 @@
 //! | 0x0185 | Appended | length_bytes u64 |
 //! | 0x0186 | Data | data bytes(≤16 MiB) \| block_crcs `Vec<u32>`(≤4096) |
 //! | 0x0187 | ColumnStatus | column \| state u8 \| partition `Option<partition>` \| epoch u64 \| length_bytes u64 |
-//! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset u64>`(≤65536) |
+//! | 0x0188 | ScrubReport | passes u64 \| bytes_verified u64 \| bad_blocks `Vec<column \| offset_bytes u64>`(≤65536) |
 //! | 0x0189 | Error | error |
-//! | 0x0201 | HostRead | host \| offset_bytes u64 \| len u32 |
+//! | 0x0201 | HostRead | host \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0202 | HostWrite | host \| write_id u64 \| offset_bytes u64 \| data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) \| fua bool |
 //! | 0x0203 | HostFlush | host |
-//! | 0x0204 | HostTrim | host \| write_id u64 \| offset_bytes u64 \| len u32 |
-//! | 0x0205 | HostWriteZeroes | host \| write_id u64 \| offset_bytes u64 \| len u32 |
+//! | 0x0204 | HostTrim | host \| write_id u64 \| offset_bytes u64 \| len_bytes u32 |
+//! | 0x0205 | HostWriteZeroes | host \| write_id u64 \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
@@ -67,18 +67,18 @@
 //! | 0x0381 | RaftReply | payload bytes(≤16 MiB) |
 //! | 0x0382 | LcpReply | payload bytes(≤16 MiB) |
 //!
-//! * column = device u16 | index u32; partition = volume u64 | partition u32
+//! * column = device u16 | index u32; partition = volume u64 | index u32
 //! * device = device u16 | path string | size_bytes u64 | column_count u32 |
 //!   free_columns u32 | state u8 (0 Healthy, 1 Failed)
 //! * column state u8: 0 Free, 1 Allocated, 2 Claimed
 //! * strings are UTF-8, at most [`MAX_STRING_BYTES`]
 //! * error = tag u8, then: 0 Fenced{current_epoch u64}, 1 WrongPartition
 //!   {column, owner partition}, 2 NoSuchColumn{column}, 3 BadColumnState
-//!   {column, state u8}, 4 OffsetMismatch{column, offset u64, length_bytes
-//!   u64}, 5 OutOfRange{column, offset u64, len u64, length_bytes u64,
-//!   column_size_bytes u64}, 6 ChecksumMismatch{column, block_offsets
-//!   `Vec<u64>`(≤4096)}, 7 DeviceFailed{device u16}, 8 NoSpace,
-//!   9 BadRequest{reason string}, 10 Io{reason string}
+//!   {column, state u8}, 4 OffsetMismatch{column, offset_bytes u64,
+//!   length_bytes u64}, 5 OutOfRange{column, offset_bytes u64, len_bytes
+//!   u64, length_bytes u64, column_size_bytes u64}, 6 ChecksumMismatch
+//!   {column, block_offsets_bytes `Vec<u64>`(≤4096)}, 7 DeviceFailed{device
+//!   u16}, 8 NoSpace, 9 BadRequest{reason string}, 10 Io{reason string}
 //!
 //! * host = volume u64 | partition u32 | epoch u64 | attachment u64 |
 //!   token `[u8; 16]` (the [`HostRequest`] header with its
@@ -92,8 +92,8 @@
 //!   | port u16 | flowinfo u32 | scope_id u32
 //! * host error = tag u8, then: 0 NotPrimary{hint `Option<node_id string |
 //!   address_a address | address_b address>`}, 1 StaleEpoch{current u64},
-//!   2 Fenced{current u64}, 3 OutOfRange{offset_bytes u64, len u32,
-//!   partition_start u64, partition_end u64}, 4 ChecksumMismatch
+//!   2 Fenced{current u64}, 3 OutOfRange{offset_bytes u64, len_bytes u32,
+//!   partition_start_bytes u64, partition_end_bytes u64}, 4 ChecksumMismatch
 //!   {offset_bytes u64}, 5 Unavailable{reason string}, 6 BadRequest{reason
 //!   string}, 7 Io{reason string}, 8 Unauthorized{attachment u64}
 //! * replica error = tag u8, then: 0 StaleEpoch{current u64}, 1 Gap
@@ -123,11 +123,12 @@ use crate::volume::{
     MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
+use crate::BLOCK_SIZE_BYTES;
 
 /// Longest string field (paths, ids, error reasons).
 pub const MAX_STRING_BYTES: u32 = 4096;
 /// Most block CRCs per message: one per 4 KiB block of a maximal payload.
-pub const MAX_BLOCK_CRCS: u32 = (MAX_PAYLOAD_BYTES / 4096) as u32;
+pub const MAX_BLOCK_CRCS: u32 = (MAX_PAYLOAD_BYTES as u64 / BLOCK_SIZE_BYTES) as u32;
 /// Most devices in one sled inventory.
 pub const MAX_DEVICES: u32 = 1024;
 /// Most columns in one allocation reply / bad blocks in one scrub report.
@@ -346,8 +347,11 @@ impl Message {
             Message::Ping { nonce } | Message::Pong { nonce } => w.u64(*nonce),
             Message::Sled(request) => match request {
                 SledRequest::Inventory | SledRequest::ScrubReport => {}
-                SledRequest::AllocateColumns { count, device } => {
-                    w.u32(*count);
+                SledRequest::AllocateColumns {
+                    column_count,
+                    device,
+                } => {
+                    w.u32(*column_count);
                     w.option(device.as_ref(), |w, d| w.u16(*d));
                 }
                 SledRequest::FreeColumn {
@@ -368,25 +372,25 @@ impl Message {
                     column,
                     partition,
                     epoch,
-                    offset,
+                    offset_bytes,
                     data,
                     block_crcs,
                 } => {
                     put_column(w, column);
                     put_partition(w, partition);
                     w.u64(*epoch);
-                    w.u64(*offset);
+                    w.u64(*offset_bytes);
                     w.bytes(data);
                     w.vec(block_crcs, |w, crc| w.u32(*crc));
                 }
                 SledRequest::Read {
                     column,
-                    offset,
-                    len,
+                    offset_bytes,
+                    len_bytes,
                 } => {
                     put_column(w, column);
-                    w.u64(*offset);
-                    w.u32(*len);
+                    w.u64(*offset_bytes);
+                    w.u32(*len_bytes);
                 }
                 SledRequest::ColumnStatus { column } => put_column(w, column),
             },
@@ -429,7 +433,7 @@ impl Message {
                     w.u64(report.bytes_verified);
                     w.vec(&report.bad_blocks, |w, bad| {
                         put_column(w, &bad.column);
-                        w.u64(bad.offset);
+                        w.u64(bad.offset_bytes);
                     });
                 }
                 SledResponse::Error(error) => put_sled_error(w, error),
@@ -453,23 +457,26 @@ impl Message {
                 w.u64(request.credential.attachment);
                 w.raw(&request.credential.token.0);
                 match &request.op {
-                    HostOp::Read { offset_bytes, len } => {
+                    HostOp::Read {
+                        offset_bytes,
+                        len_bytes,
+                    } => {
                         w.u64(*offset_bytes);
-                        w.u32(*len);
+                        w.u32(*len_bytes);
                     }
                     HostOp::Trim {
                         write_id,
                         offset_bytes,
-                        len,
+                        len_bytes,
                     }
                     | HostOp::WriteZeroes {
                         write_id,
                         offset_bytes,
-                        len,
+                        len_bytes,
                     } => {
                         w.u64(*write_id);
                         w.u64(*offset_bytes);
-                        w.u32(*len);
+                        w.u32(*len_bytes);
                     }
                     HostOp::Write {
                         write_id,
@@ -555,7 +562,7 @@ impl Message {
             },
             SLED_INVENTORY => Message::Sled(SledRequest::Inventory),
             SLED_ALLOCATE_COLUMNS => Message::Sled(SledRequest::AllocateColumns {
-                count: r.u32("count")?,
+                column_count: r.u32("column_count")?,
                 device: r.option("device", |r| r.u16("device"))?,
             }),
             SLED_FREE_COLUMN => Message::Sled(SledRequest::FreeColumn {
@@ -572,14 +579,14 @@ impl Message {
                 column: get_column(r)?,
                 partition: get_partition(r)?,
                 epoch: r.u64("epoch")?,
-                offset: r.u64("offset")?,
+                offset_bytes: r.u64("offset_bytes")?,
                 data: r.bytes("data", MAX_PAYLOAD_BYTES as u32)?,
                 block_crcs: r.vec("block_crcs", MAX_BLOCK_CRCS, |r| r.u32("block_crc"))?,
             }),
             SLED_READ => Message::Sled(SledRequest::Read {
                 column: get_column(r)?,
-                offset: r.u64("offset")?,
-                len: r.u32("len")?,
+                offset_bytes: r.u64("offset_bytes")?,
+                len_bytes: r.u32("len_bytes")?,
             }),
             SLED_COLUMN_STATUS => Message::Sled(SledRequest::ColumnStatus {
                 column: get_column(r)?,
@@ -631,7 +638,7 @@ impl Message {
                 bad_blocks: r.vec("bad_blocks", MAX_COLUMNS, |r| {
                     Ok(BadBlock {
                         column: get_column(r)?,
-                        offset: r.u64("offset")?,
+                        offset_bytes: r.u64("offset_bytes")?,
                     })
                 })?,
             })),
@@ -666,7 +673,7 @@ impl Message {
                 let op = match kind {
                     HOST_READ => HostOp::Read {
                         offset_bytes: r.u64("offset_bytes")?,
-                        len: r.u32("len")?,
+                        len_bytes: r.u32("len_bytes")?,
                     },
                     HOST_WRITE => HostOp::Write {
                         write_id: r.u64("write_id")?,
@@ -678,12 +685,12 @@ impl Message {
                     HOST_TRIM => HostOp::Trim {
                         write_id: r.u64("write_id")?,
                         offset_bytes: r.u64("offset_bytes")?,
-                        len: r.u32("len")?,
+                        len_bytes: r.u32("len_bytes")?,
                     },
                     HOST_WRITE_ZEROES => HostOp::WriteZeroes {
                         write_id: r.u64("write_id")?,
                         offset_bytes: r.u64("offset_bytes")?,
-                        len: r.u32("len")?,
+                        len_bytes: r.u32("len_bytes")?,
                     },
                     _ => HostOp::Flush,
                 };
@@ -793,13 +800,13 @@ fn get_column(r: &mut Reader) -> Result<ColumnId, DecodeError> {
 
 fn put_partition(w: &mut Writer<'_>, partition: &PartitionId) {
     w.u64(partition.volume);
-    w.u32(partition.partition);
+    w.u32(partition.index);
 }
 
 fn get_partition(r: &mut Reader) -> Result<PartitionId, DecodeError> {
     Ok(PartitionId {
         volume: r.u64("partition.volume")?,
-        partition: r.u32("partition.partition")?,
+        index: r.u32("partition.index")?,
     })
 }
 
@@ -863,35 +870,35 @@ fn put_sled_error(w: &mut Writer<'_>, error: &SledError) {
         }
         SledError::OffsetMismatch {
             column,
-            offset,
+            offset_bytes,
             length_bytes,
         } => {
             w.u8(4);
             put_column(w, column);
-            w.u64(*offset);
+            w.u64(*offset_bytes);
             w.u64(*length_bytes);
         }
         SledError::OutOfRange {
             column,
-            offset,
-            len,
+            offset_bytes,
+            len_bytes,
             length_bytes,
             column_size_bytes,
         } => {
             w.u8(5);
             put_column(w, column);
-            w.u64(*offset);
-            w.u64(*len);
+            w.u64(*offset_bytes);
+            w.u64(*len_bytes);
             w.u64(*length_bytes);
             w.u64(*column_size_bytes);
         }
         SledError::ChecksumMismatch {
             column,
-            block_offsets,
+            block_offsets_bytes,
         } => {
             w.u8(6);
             put_column(w, column);
-            w.vec(block_offsets, |w, offset| w.u64(*offset));
+            w.vec(block_offsets_bytes, |w, offset_bytes| w.u64(*offset_bytes));
         }
         SledError::DeviceFailed { device } => {
             w.u8(7);
@@ -927,19 +934,21 @@ fn get_sled_error(r: &mut Reader) -> Result<SledError, DecodeError> {
         },
         4 => SledError::OffsetMismatch {
             column: get_column(r)?,
-            offset: r.u64("offset")?,
+            offset_bytes: r.u64("offset_bytes")?,
             length_bytes: r.u64("length_bytes")?,
         },
         5 => SledError::OutOfRange {
             column: get_column(r)?,
-            offset: r.u64("offset")?,
-            len: r.u64("len")?,
+            offset_bytes: r.u64("offset_bytes")?,
+            len_bytes: r.u64("len_bytes")?,
             length_bytes: r.u64("length_bytes")?,
             column_size_bytes: r.u64("column_size_bytes")?,
         },
         6 => SledError::ChecksumMismatch {
             column: get_column(r)?,
-            block_offsets: r.vec("block_offsets", MAX_BLOCK_CRCS, |r| r.u64("block_offset"))?,
+            block_offsets_bytes: r.vec("block_offsets_bytes", MAX_BLOCK_CRCS, |r| {
+                r.u64("block_offset_bytes")
+            })?,
         },
         7 => SledError::DeviceFailed {
             device: r.u16("device")?,
@@ -1065,15 +1074,15 @@ fn put_host_error(w: &mut Writer<'_>, error: &HostError) {
         }
         HostError::OutOfRange {
             offset_bytes,
-            len,
-            partition_start,
-            partition_end,
+            len_bytes,
+            partition_start_bytes,
+            partition_end_bytes,
         } => {
             w.u8(3);
             w.u64(*offset_bytes);
-            w.u32(*len);
-            w.u64(*partition_start);
-            w.u64(*partition_end);
+            w.u32(*len_bytes);
+            w.u64(*partition_start_bytes);
+            w.u64(*partition_end_bytes);
         }
         HostError::ChecksumMismatch { offset_bytes } => {
             w.u8(4);
@@ -1117,9 +1126,9 @@ fn get_host_error(r: &mut Reader) -> Result<HostError, DecodeError> {
         },
         3 => HostError::OutOfRange {
             offset_bytes: r.u64("offset_bytes")?,
-            len: r.u32("len")?,
-            partition_start: r.u64("partition_start")?,
-            partition_end: r.u64("partition_end")?,
+            len_bytes: r.u32("len_bytes")?,
+            partition_start_bytes: r.u64("partition_start_bytes")?,
+            partition_end_bytes: r.u64("partition_end_bytes")?,
         },
         4 => HostError::ChecksumMismatch {
             offset_bytes: r.u64("offset_bytes")?,
@@ -1209,10 +1218,10 @@ mod tests {
             },
             partition: PartitionId {
                 volume: 3,
-                partition: 4,
+                index: 4,
             },
             epoch: 5,
-            offset: 4096,
+            offset_bytes: 4096,
             data,
             block_crcs: vec![1, 2],
         });
@@ -1291,7 +1300,7 @@ mod tests {
             Message::Replica(ReplicaRequest::Status {
                 partition: PartitionId {
                     volume: 1,
-                    partition: 2,
+                    index: 2,
                 },
             }),
             Message::ReplicaReply(ReplicaReply::Committed),
@@ -1329,7 +1338,7 @@ mod tests {
             Message::Replica(ReplicaRequest::Append {
                 partition: PartitionId {
                     volume: 1,
-                    partition: 2,
+                    index: 2,
                 },
                 epoch: 3,
                 records: vec![ReplicaRecord {

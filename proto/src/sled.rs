@@ -6,17 +6,30 @@
 //! than the highest it has persisted for that column with
 //! [`SledError::Fenced`].
 
+use std::fmt;
+
 use bytes::Bytes;
 
 /// Fencing credential: raised by the local control plane on every change of a
 /// partition's primary.
 pub type Epoch = u64;
 
-/// A volume partition.
+/// A volume partition: the `index`-th (from 0) partition of `volume`. The
+/// one partition identifier of the system: sleds record it as a column's
+/// owner, the host and replication protocols name it, and the local control
+/// plane keeps it in its replicated state (with the `serde` feature: JSON
+/// `{"volume": u64, "index": u32}`, the form that state has always had).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PartitionId {
     pub volume: u64,
-    pub partition: u32,
+    pub index: u32,
+}
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.volume, self.index)
+    }
 }
 
 /// A column of one sled: its device index within the sled and its index on
@@ -31,9 +44,12 @@ pub struct ColumnId {
 pub enum SledRequest {
     /// Devices, columns and health of the sled.
     Inventory,
-    /// Reserve `count` free columns (on `device` if given). Not fenced: an
-    /// allocated column has no owner until it is claimed.
-    AllocateColumns { count: u32, device: Option<u16> },
+    /// Reserve `column_count` free columns (on `device` if given). Not
+    /// fenced: an allocated column has no owner until it is claimed.
+    AllocateColumns {
+        column_count: u32,
+        device: Option<u16>,
+    },
     /// Give a column back. Fenced by epoch like a write.
     FreeColumn {
         column: ColumnId,
@@ -46,22 +62,24 @@ pub enum SledRequest {
         partition: PartitionId,
         epoch: Epoch,
     },
-    /// Append whole 4 KiB blocks at `offset`, which must equal the column's
-    /// length, or be a retry of blocks already appended with the same CRCs.
-    /// `block_crcs[i]` is the CRC-32C of the i-th 4 KiB block of `data`.
+    /// Append whole 4 KiB blocks at byte `offset_bytes`, which must equal
+    /// the column's length, or be a retry of blocks already appended with
+    /// the same CRCs. `block_crcs[i]` is the CRC-32C of the i-th 4 KiB block
+    /// of `data`.
     Append {
         column: ColumnId,
         partition: PartitionId,
         epoch: Epoch,
-        offset: u64,
+        offset_bytes: u64,
         data: Bytes,
         block_crcs: Vec<u32>,
     },
-    /// Read whole 4 KiB blocks of a column below its length.
+    /// Read whole 4 KiB blocks of a column below its length: `len_bytes`
+    /// bytes from byte `offset_bytes`.
     Read {
         column: ColumnId,
-        offset: u64,
-        len: u32,
+        offset_bytes: u64,
+        len_bytes: u32,
     },
     /// State of one column.
     ColumnStatus { column: ColumnId },
@@ -119,10 +137,11 @@ pub struct ColumnStatus {
     pub length_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BadBlock {
     pub column: ColumnId,
-    pub offset: u64,
+    /// Byte offset of the block in the column.
+    pub offset_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,24 +191,25 @@ pub enum SledError {
         column: ColumnId,
         state: ColumnState,
     },
-    #[error("append at {offset} but column {column:?} has length {length_bytes}")]
+    #[error("append at {offset_bytes} but column {column:?} has length {length_bytes}")]
     OffsetMismatch {
         column: ColumnId,
-        offset: u64,
+        offset_bytes: u64,
         length_bytes: u64,
     },
-    #[error("range {offset}+{len} outside column {column:?} (length {length_bytes}, size {column_size_bytes})")]
+    #[error("range {offset_bytes}+{len_bytes} outside column {column:?} (length {length_bytes}, size {column_size_bytes})")]
     OutOfRange {
         column: ColumnId,
-        offset: u64,
-        len: u64,
+        offset_bytes: u64,
+        len_bytes: u64,
         length_bytes: u64,
         column_size_bytes: u64,
     },
-    #[error("checksum mismatch in column {column:?} at offsets {block_offsets:?}")]
+    /// `block_offsets_bytes`: byte offset in the column of each bad block.
+    #[error("checksum mismatch in column {column:?} at offsets {block_offsets_bytes:?}")]
     ChecksumMismatch {
         column: ColumnId,
-        block_offsets: Vec<u64>,
+        block_offsets_bytes: Vec<u64>,
     },
     #[error("device {device} has failed")]
     DeviceFailed { device: u16 },

@@ -15,8 +15,8 @@
 //!   and at most [`MAX_HOST_IO_BYTES`] (16 MiB). The whole range must lie
 //!   inside the named partition ([`HostError::OutOfRange`] otherwise).
 //! * Data integrity is end to end: a write carries `crcs[i]` = CRC-32C of
-//!   `data[i*4096 .. min((i+1)*4096, len)]` (chunks of [`CRC_CHUNK_BYTES`]
-//!   counted from the start of the *payload*, the last one possibly short:
+//!   `data[i*4096 .. min((i+1)*4096, len)]` (chunks of one block,
+//!   [`BLOCK_SIZE_BYTES`](crate::BLOCK_SIZE_BYTES), counted from the start of the *payload*, the last one possibly short:
 //!   see [`chunk_crcs`]); the primary checks them ([`verify_chunk_crcs`])
 //!   before logging, and a read reply carries the same kind of CRCs over
 //!   the returned payload, which the client checks before handing any byte
@@ -78,26 +78,25 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use crate::sled::{Epoch, PartitionId};
+use crate::BLOCK_SIZE_BYTES;
 
 /// Host I/O granularity: offsets and lengths are multiples of this.
 pub const SECTOR_BYTES: u64 = 512;
-/// Volume block size; replication and the index work in these.
-pub const BLOCK_BYTES: u64 = 4096;
-/// Size of the chunks host CRCs cover (the last chunk may be short).
-pub const CRC_CHUNK_BYTES: usize = 4096;
 /// Largest host read / write / trim / write-zeroes.
 pub const MAX_HOST_IO_BYTES: u32 = crate::frame::MAX_PAYLOAD_BYTES as u32;
 /// Most CRCs of one host payload.
-pub const MAX_HOST_CRCS: u32 = MAX_HOST_IO_BYTES / CRC_CHUNK_BYTES as u32;
+pub const MAX_HOST_CRCS: u32 = MAX_HOST_IO_BYTES / BLOCK_SIZE_BYTES as u32;
 /// Most records in one [`ReplicaRequest::Append`].
 pub const MAX_REPLICA_RECORDS: u32 = 4096;
 /// Most mappings in one [`ReplicaRequest::FlushCommit`].
 pub const MAX_FLUSHED_RANGES: u32 = 65_536;
 
-/// CRC-32C of each [`CRC_CHUNK_BYTES`] chunk of `data`, the last one
+/// CRC-32C of each [`BLOCK_SIZE_BYTES`]-byte chunk of `data`, the last one
 /// possibly short. Empty data has no chunks.
 pub fn chunk_crcs(data: &[u8]) -> Vec<u32> {
-    data.chunks(CRC_CHUNK_BYTES).map(crc32c::crc32c).collect()
+    data.chunks(BLOCK_SIZE_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect()
 }
 
 /// Why a payload does not match its CRCs.
@@ -113,18 +112,18 @@ pub enum CrcError {
 
 /// Check `data` against CRCs made by [`chunk_crcs`].
 pub fn verify_chunk_crcs(data: &[u8], crcs: &[u32]) -> Result<(), CrcError> {
-    let expected = data.len().div_ceil(CRC_CHUNK_BYTES);
+    let expected = data.len().div_ceil(BLOCK_SIZE_BYTES as usize);
     if crcs.len() != expected {
         return Err(CrcError::WrongCount {
             expected,
             actual: crcs.len(),
         });
     }
-    for (chunk, (bytes, crc)) in data.chunks(CRC_CHUNK_BYTES).zip(crcs).enumerate() {
+    for (chunk, (bytes, crc)) in data.chunks(BLOCK_SIZE_BYTES as usize).zip(crcs).enumerate() {
         if crc32c::crc32c(bytes) != *crc {
             return Err(CrcError::Mismatch {
                 chunk,
-                offset_bytes: (chunk * CRC_CHUNK_BYTES) as u64,
+                offset_bytes: chunk as u64 * BLOCK_SIZE_BYTES,
             });
         }
     }
@@ -253,7 +252,7 @@ impl HostRequest {
     pub fn partition_id(&self) -> PartitionId {
         PartitionId {
             volume: self.volume,
-            partition: self.partition,
+            index: self.partition,
         }
     }
 }
@@ -263,7 +262,7 @@ impl HostRequest {
 pub enum HostOp {
     Read {
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
     /// `crcs` as made by [`chunk_crcs`] over `data`. `fua`: the reply waits
     /// until the data is durable (it always is before the ack here: both
@@ -283,26 +282,33 @@ pub enum HostOp {
     Trim {
         write_id: WriteId,
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
     /// The range reads as zeros.
     WriteZeroes {
         write_id: WriteId,
         offset_bytes: u64,
-        len: u32,
+        len_bytes: u32,
     },
 }
 
 impl HostOp {
-    /// `(offset_bytes, len)` of the op's range; `None` for Flush.
+    /// `(offset_bytes, len_bytes)` of the op's range; `None` for Flush.
     pub fn range(&self) -> Option<(u64, u32)> {
         match self {
-            HostOp::Read { offset_bytes, len }
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            }
             | HostOp::Trim {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             }
             | HostOp::WriteZeroes {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => Some((*offset_bytes, *len)),
             HostOp::Write {
                 offset_bytes, data, ..
@@ -407,14 +413,14 @@ pub enum HostError {
     /// This node was fenced by a newer primary (epoch `current`).
     #[error("fenced by epoch {current}")]
     Fenced { current: Epoch },
-    /// The range is not inside the partition `[partition_start,
-    /// partition_end)` (volume-absolute bytes).
-    #[error("range {offset_bytes}+{len} outside partition [{partition_start}, {partition_end})")]
+    /// The range is not inside the partition `[partition_start_bytes,
+    /// partition_end_bytes)` (volume-absolute bytes).
+    #[error("range {offset_bytes}+{len_bytes} outside partition [{partition_start_bytes}, {partition_end_bytes})")]
     OutOfRange {
         offset_bytes: u64,
-        len: u32,
-        partition_start: u64,
-        partition_end: u64,
+        len_bytes: u32,
+        partition_start_bytes: u64,
+        partition_end_bytes: u64,
     },
     /// Data failed its CRC: a write's payload on arrival (resend), or
     /// stored data that could not be reconstructed (volume-absolute
@@ -588,7 +594,13 @@ mod tests {
 
     #[test]
     fn validate_checks_alignment_length_and_crcs() {
-        let read = |offset_bytes, len| HostOp::Read { offset_bytes, len }.validate();
+        let read = |offset_bytes, len| {
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            }
+            .validate()
+        };
         assert!(read(512, 512).is_ok());
         assert!(read(100, 512).is_err());
         assert!(read(0, 0).is_err());
@@ -648,9 +660,9 @@ mod tests {
         .is_retryable());
         let out_of_range = HostError::OutOfRange {
             offset_bytes: 0,
-            len: 512,
-            partition_start: 4096,
-            partition_end: 8192,
+            len_bytes: 512,
+            partition_start_bytes: 4096,
+            partition_end_bytes: 8192,
         };
         assert!(!out_of_range.is_retryable() && !out_of_range.needs_map_refresh());
     }

@@ -37,11 +37,12 @@
 //! Geometry: `column_count` is the largest `n` such that the metadata of `n`
 //! columns plus `n * column_size_bytes` fits in the device.
 
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 
-/// Granularity of everything on the device.
-pub const BLOCK_SIZE: u64 = 4096;
-const BLOCK: usize = BLOCK_SIZE as usize;
+// Everything on the device is whole volume blocks ([`BLOCK_SIZE_BYTES`]),
+// read and written with O_DIRECT: a block must be whole device I/O units.
+const _: () = assert!(BLOCK_SIZE_BYTES % hardware::IO_ALIGN_BYTES as u64 == 0);
 
 /// Current layout version written into every structure.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -51,11 +52,11 @@ const SLOT_MAGIC: u32 = u32::from_le_bytes(*b"RBCS");
 const CRC_BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"RBCC");
 
 /// Offsets of the two superblock copies.
-pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE];
+pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE_BYTES];
 /// Start of the column table.
-pub const COLUMN_TABLE_OFFSET: u64 = 2 * BLOCK_SIZE;
-/// Entries per CRC block: (4096 - 24-byte trailer) / 4.
-pub const CRC_ENTRIES_PER_BLOCK: usize = (BLOCK - CRC_TRAILER_BYTES) / 4;
+pub const COLUMN_TABLE_OFFSET: u64 = 2 * BLOCK_SIZE_BYTES;
+/// Entries per CRC block: (block size - 24-byte trailer) / 4.
+pub const CRC_ENTRIES_PER_BLOCK: usize = (BLOCK_SIZE_BYTES as usize - CRC_TRAILER_BYTES) / 4;
 const CRC_TRAILER_BYTES: usize = 24;
 
 /// Longest name (unit or sled id) stored in a superblock, in bytes.
@@ -63,7 +64,7 @@ pub const MAX_NAME_BYTES: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum LayoutError {
-    #[error("column size {column_size_bytes} is not a non-zero multiple of 4096")]
+    #[error("column size {column_size_bytes} is not a non-zero multiple of {BLOCK_SIZE_BYTES}")]
     BadColumnSize { column_size_bytes: u64 },
     #[error("device of {device_size_bytes} bytes holds no column of {column_size_bytes} bytes")]
     DeviceTooSmall {
@@ -88,8 +89,8 @@ pub enum LayoutError {
         found: u64,
         expected: u64,
     },
-    #[error("buffer of {len} bytes, expected 4096")]
-    BadLength { len: usize },
+    #[error("buffer of {len_bytes} bytes, expected {BLOCK_SIZE_BYTES}")]
+    BadLength { len_bytes: usize },
 }
 
 fn is_blank(block: &[u8]) -> bool {
@@ -98,14 +99,20 @@ fn is_blank(block: &[u8]) -> bool {
 
 /// Checks length, blankness and the trailing CRC-32C.
 fn check_block(block: &[u8]) -> Result<(), LayoutError> {
-    if block.len() != BLOCK {
-        return Err(LayoutError::BadLength { len: block.len() });
+    if block.len() != BLOCK_SIZE_BYTES as usize {
+        return Err(LayoutError::BadLength {
+            len_bytes: block.len(),
+        });
     }
     if is_blank(block) {
         return Err(LayoutError::Blank);
     }
-    let stored = u32::from_le_bytes(block[BLOCK - 4..].try_into().unwrap_or_default());
-    let computed = crc32c::crc32c(&block[..BLOCK - 4]);
+    let stored = u32::from_le_bytes(
+        block[BLOCK_SIZE_BYTES as usize - 4..]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let computed = crc32c::crc32c(&block[..BLOCK_SIZE_BYTES as usize - 4]);
     if stored != computed {
         return Err(LayoutError::Checksum { stored, computed });
     }
@@ -113,9 +120,9 @@ fn check_block(block: &[u8]) -> Result<(), LayoutError> {
 }
 
 fn seal_block(block: &mut [u8]) {
-    debug_assert_eq!(block.len(), BLOCK);
-    let crc = crc32c::crc32c(&block[..BLOCK - 4]);
-    block[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(block.len(), BLOCK_SIZE_BYTES as usize);
+    let crc = crc32c::crc32c(&block[..BLOCK_SIZE_BYTES as usize - 4]);
+    block[BLOCK_SIZE_BYTES as usize - 4..].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Little-endian cursor writer over a fixed block.
@@ -200,21 +207,22 @@ pub struct Geometry {
     pub column_size_bytes: u64,
     pub column_count: u32,
     pub crc_blocks_per_column: u32,
-    pub column_table_offset: u64,
-    pub crc_region_offset: u64,
-    pub data_region_offset: u64,
+    /// Device byte offsets of the three regions.
+    pub column_table_offset_bytes: u64,
+    pub crc_region_offset_bytes: u64,
+    pub data_region_offset_bytes: u64,
 }
 
 impl Geometry {
     /// Computes the geometry for a device of `device_size_bytes`.
     pub fn compute(device_size_bytes: u64, column_size_bytes: u64) -> Result<Self, LayoutError> {
-        if column_size_bytes == 0 || column_size_bytes % BLOCK_SIZE != 0 {
+        if column_size_bytes == 0 || column_size_bytes % BLOCK_SIZE_BYTES != 0 {
             return Err(LayoutError::BadColumnSize { column_size_bytes });
         }
-        let blocks_per_column = column_size_bytes / BLOCK_SIZE;
+        let blocks_per_column = column_size_bytes / BLOCK_SIZE_BYTES;
         let crc_blocks_per_column = blocks_per_column.div_ceil(CRC_ENTRIES_PER_BLOCK as u64);
-        let per_column_bytes = 2 * BLOCK_SIZE // slots
-            + 2 * crc_blocks_per_column * BLOCK_SIZE // CRC copies
+        let per_column_bytes = 2 * BLOCK_SIZE_BYTES // slots
+            + 2 * crc_blocks_per_column * BLOCK_SIZE_BYTES // CRC copies
             + column_size_bytes;
         let usable = device_size_bytes.saturating_sub(COLUMN_TABLE_OFFSET);
         let column_count = (usable / per_column_bytes).min(u32::MAX as u64);
@@ -226,27 +234,27 @@ impl Geometry {
         }
         let crc_blocks_per_column = u32::try_from(crc_blocks_per_column)
             .map_err(|_| LayoutError::BadColumnSize { column_size_bytes })?;
-        let crc_region_offset = COLUMN_TABLE_OFFSET + column_count * 2 * BLOCK_SIZE;
-        let data_region_offset =
-            crc_region_offset + column_count * 2 * crc_blocks_per_column as u64 * BLOCK_SIZE;
+        let crc_region_offset_bytes = COLUMN_TABLE_OFFSET + column_count * 2 * BLOCK_SIZE_BYTES;
+        let data_region_offset_bytes = crc_region_offset_bytes
+            + column_count * 2 * crc_blocks_per_column as u64 * BLOCK_SIZE_BYTES;
         Ok(Self {
             column_size_bytes,
             column_count: column_count as u32,
             crc_blocks_per_column,
-            column_table_offset: COLUMN_TABLE_OFFSET,
-            crc_region_offset,
-            data_region_offset,
+            column_table_offset_bytes: COLUMN_TABLE_OFFSET,
+            crc_region_offset_bytes,
+            data_region_offset_bytes,
         })
     }
 
     pub fn blocks_per_column(&self) -> u64 {
-        self.column_size_bytes / BLOCK_SIZE
+        self.column_size_bytes / BLOCK_SIZE_BYTES
     }
 
     /// Device offset of slot `slot` (0 or 1) of `column`.
     pub fn slot_offset(&self, column: u32, slot: u8) -> u64 {
         debug_assert!(column < self.column_count && slot < 2);
-        self.column_table_offset + (column as u64 * 2 + slot as u64) * BLOCK_SIZE
+        self.column_table_offset_bytes + (column as u64 * 2 + slot as u64) * BLOCK_SIZE_BYTES
     }
 
     /// Device offset of copy `copy` of CRC block `crc_block` of `column`.
@@ -254,25 +262,25 @@ impl Geometry {
         debug_assert!(column < self.column_count && crc_block < self.crc_blocks_per_column);
         let index = (column as u64 * self.crc_blocks_per_column as u64 + crc_block as u64) * 2
             + copy as u64;
-        self.crc_region_offset + index * BLOCK_SIZE
+        self.crc_region_offset_bytes + index * BLOCK_SIZE_BYTES
     }
 
     /// Device offset of byte `offset` of `column`'s data.
     pub fn data_offset(&self, column: u32, offset: u64) -> u64 {
         debug_assert!(column < self.column_count && offset <= self.column_size_bytes);
-        self.data_region_offset + column as u64 * self.column_size_bytes + offset
+        self.data_region_offset_bytes + column as u64 * self.column_size_bytes + offset
     }
 
     /// CRC block index and entry index of the data block at byte `offset`.
     pub fn crc_position(offset: u64) -> (u32, usize) {
-        let block = offset / BLOCK_SIZE;
+        let block = offset / BLOCK_SIZE_BYTES;
         let per = CRC_ENTRIES_PER_BLOCK as u64;
         ((block / per) as u32, (block % per) as usize)
     }
 
     /// Bytes of the device the layout uses.
     pub fn end_offset(&self) -> u64 {
-        self.data_region_offset + self.column_count as u64 * self.column_size_bytes
+        self.data_region_offset_bytes + self.column_count as u64 * self.column_size_bytes
     }
 }
 
@@ -289,13 +297,13 @@ pub struct Superblock {
 }
 
 impl Superblock {
-    pub fn encode(&self) -> Result<[u8; BLOCK], LayoutError> {
+    pub fn encode(&self) -> Result<[u8; BLOCK_SIZE_BYTES as usize], LayoutError> {
         for name in [&self.unit_name, &self.sled_id] {
             if name.len() > MAX_NAME_BYTES {
                 return Err(LayoutError::NameTooLong { name: name.clone() });
             }
         }
-        let mut block = [0u8; BLOCK];
+        let mut block = [0u8; BLOCK_SIZE_BYTES as usize];
         let g = &self.geometry;
         let mut w = Writer {
             buf: &mut block,
@@ -303,7 +311,7 @@ impl Superblock {
         };
         w.u64(SUPERBLOCK_MAGIC);
         w.u32(self.layout_version);
-        w.u32(BLOCK_SIZE as u32);
+        w.u32(BLOCK_SIZE_BYTES as u32);
         w.name(&self.unit_name);
         w.name(&self.sled_id);
         w.u16(self.device_index);
@@ -312,9 +320,9 @@ impl Superblock {
         w.u64(g.column_size_bytes);
         w.u32(g.column_count);
         w.u32(g.crc_blocks_per_column);
-        w.u64(g.column_table_offset);
-        w.u64(g.crc_region_offset);
-        w.u64(g.data_region_offset);
+        w.u64(g.column_table_offset_bytes);
+        w.u64(g.crc_region_offset_bytes);
+        w.u64(g.data_region_offset_bytes);
         seal_block(&mut block);
         Ok(block)
     }
@@ -332,11 +340,11 @@ impl Superblock {
                 found: layout_version,
             });
         }
-        let block_size = r.u32();
-        if block_size as u64 != BLOCK_SIZE {
+        let block_size_bytes = r.u32();
+        if block_size_bytes as u64 != BLOCK_SIZE_BYTES {
             return Err(LayoutError::BadField {
-                field: "block_size",
-                reason: block_size.to_string(),
+                field: "block_size_bytes",
+                reason: block_size_bytes.to_string(),
             });
         }
         let unit_name = r.name("unit_name")?;
@@ -348,9 +356,9 @@ impl Superblock {
             column_size_bytes: r.u64(),
             column_count: r.u32(),
             crc_blocks_per_column: r.u32(),
-            column_table_offset: r.u64(),
-            crc_region_offset: r.u64(),
-            data_region_offset: r.u64(),
+            column_table_offset_bytes: r.u64(),
+            crc_region_offset_bytes: r.u64(),
+            data_region_offset_bytes: r.u64(),
         };
         // The recorded geometry must be the one this code would compute, or
         // offsets derived from it could point anywhere.
@@ -392,9 +400,10 @@ pub struct ColumnSlot {
     /// Highest epoch accepted.
     pub epoch: u64,
     pub length_bytes: u64,
-    /// Start of the last append; `[tail_from, length_bytes)` is in doubt
-    /// after a crash until verified against the CRCs.
-    pub tail_from: u64,
+    /// Byte offset of the start of the last append; `[tail_from_bytes,
+    /// length_bytes)` is in doubt after a crash until verified against the
+    /// CRCs.
+    pub tail_from_bytes: u64,
 }
 
 impl ColumnSlot {
@@ -406,7 +415,7 @@ impl ColumnSlot {
         partition: 0,
         epoch: 0,
         length_bytes: 0,
-        tail_from: 0,
+        tail_from_bytes: 0,
     };
 
     /// Which of the two slots holds this generation.
@@ -414,8 +423,8 @@ impl ColumnSlot {
         (self.generation % 2) as u8
     }
 
-    pub fn encode(&self, column: u32) -> [u8; BLOCK] {
-        let mut block = [0u8; BLOCK];
+    pub fn encode(&self, column: u32) -> [u8; BLOCK_SIZE_BYTES as usize] {
+        let mut block = [0u8; BLOCK_SIZE_BYTES as usize];
         let mut w = Writer {
             buf: &mut block,
             at: 0,
@@ -429,7 +438,7 @@ impl ColumnSlot {
         w.u32(self.partition);
         w.u64(self.epoch);
         w.u64(self.length_bytes);
-        w.u64(self.tail_from);
+        w.u64(self.tail_from_bytes);
         seal_block(&mut block);
         block
     }
@@ -474,18 +483,19 @@ impl ColumnSlot {
             partition: r.u32(),
             epoch: r.u64(),
             length_bytes: r.u64(),
-            tail_from: r.u64(),
+            tail_from_bytes: r.u64(),
         };
-        if slot.length_bytes % BLOCK_SIZE != 0 || slot.length_bytes > column_size_bytes {
+        if slot.length_bytes % BLOCK_SIZE_BYTES != 0 || slot.length_bytes > column_size_bytes {
             return Err(LayoutError::BadField {
                 field: "length_bytes",
                 reason: slot.length_bytes.to_string(),
             });
         }
-        if slot.tail_from % BLOCK_SIZE != 0 || slot.tail_from > slot.length_bytes {
+        if slot.tail_from_bytes % BLOCK_SIZE_BYTES != 0 || slot.tail_from_bytes > slot.length_bytes
+        {
             return Err(LayoutError::BadField {
                 field: "tail_from",
-                reason: slot.tail_from.to_string(),
+                reason: slot.tail_from_bytes.to_string(),
             });
         }
         Ok(slot)
@@ -565,9 +575,9 @@ impl CrcBlock {
         }
     }
 
-    pub fn encode(&self, column: u32, crc_block: u32) -> [u8; BLOCK] {
+    pub fn encode(&self, column: u32, crc_block: u32) -> [u8; BLOCK_SIZE_BYTES as usize] {
         debug_assert_eq!(self.entries.len(), CRC_ENTRIES_PER_BLOCK);
-        let mut block = [0u8; BLOCK];
+        let mut block = [0u8; BLOCK_SIZE_BYTES as usize];
         let mut w = Writer {
             buf: &mut block,
             at: 0,
@@ -639,10 +649,13 @@ pub fn recover_crc_block(copies: [Decoded<CrcBlock>; 2]) -> (CrcBlock, Option<u8
     }
 }
 
-/// CRC-32C of every 4 KiB block of `data` (length a multiple of 4096).
+/// CRC-32C of every 4 KiB block of `data` (length a multiple of
+/// [`BLOCK_SIZE_BYTES`]).
 pub fn block_crcs(data: &[u8]) -> Vec<u32> {
-    debug_assert_eq!(data.len() % BLOCK, 0);
-    data.chunks(BLOCK).map(crc32c::crc32c).collect()
+    debug_assert_eq!(data.len() % BLOCK_SIZE_BYTES as usize, 0);
+    data.chunks(BLOCK_SIZE_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect()
 }
 
 #[cfg(test)]
@@ -665,15 +678,19 @@ mod tests {
         ] {
             let g = Geometry::compute(size, col).unwrap();
             assert!(g.end_offset() <= size, "{g:?}");
-            assert!(g.crc_region_offset >= g.slot_offset(g.column_count - 1, 1) + BLOCK_SIZE);
             assert!(
-                g.data_region_offset
-                    >= g.crc_block_offset(g.column_count - 1, g.crc_blocks_per_column - 1, 1)
-                        + BLOCK_SIZE
+                g.crc_region_offset_bytes
+                    >= g.slot_offset(g.column_count - 1, 1) + BLOCK_SIZE_BYTES
             );
-            assert_eq!(g.data_region_offset % BLOCK_SIZE, 0);
+            assert!(
+                g.data_region_offset_bytes
+                    >= g.crc_block_offset(g.column_count - 1, g.crc_blocks_per_column - 1, 1)
+                        + BLOCK_SIZE_BYTES
+            );
+            assert_eq!(g.data_region_offset_bytes % BLOCK_SIZE_BYTES, 0);
             // One more column would not fit.
-            let per = 2 * BLOCK_SIZE + 2 * g.crc_blocks_per_column as u64 * BLOCK_SIZE + col;
+            let per =
+                2 * BLOCK_SIZE_BYTES + 2 * g.crc_blocks_per_column as u64 * BLOCK_SIZE_BYTES + col;
             assert!(g.end_offset() + per > size);
             assert!(
                 g.crc_blocks_per_column as u64 * CRC_ENTRIES_PER_BLOCK as u64
@@ -721,8 +738,8 @@ mod tests {
                     volume,
                     partition,
                     epoch,
-                    length_bytes: hi * BLOCK_SIZE,
-                    tail_from: lo * BLOCK_SIZE,
+                    length_bytes: hi * BLOCK_SIZE_BYTES,
+                    tail_from_bytes: lo * BLOCK_SIZE_BYTES,
                 }
             })
     }
@@ -736,7 +753,7 @@ mod tests {
         }
 
         #[test]
-        fn superblock_corruption_detected(uuid: u128, at in 0usize..BLOCK, flip in 1u8..=255) {
+        fn superblock_corruption_detected(uuid: u128, at in 0usize..BLOCK_SIZE_BYTES as usize, flip in 1u8..=255) {
             let mut block = superblock("unit".into(), "sled-1".into(), 3, uuid).encode().unwrap();
             block[at] ^= flip;
             prop_assert!(Superblock::decode(&block).is_err());
@@ -749,14 +766,14 @@ mod tests {
         }
 
         #[test]
-        fn slot_corruption_detected(slot in slot_strategy(), at in 0usize..BLOCK, flip in 1u8..=255) {
+        fn slot_corruption_detected(slot in slot_strategy(), at in 0usize..BLOCK_SIZE_BYTES as usize, flip in 1u8..=255) {
             let mut block = slot.encode(7);
             block[at] ^= flip;
             prop_assert!(ColumnSlot::decode(&block, 7, 1 << 20).is_err());
         }
 
         #[test]
-        fn crc_block_round_trips_and_detects_corruption(entries in proptest::collection::vec(any::<u32>(), CRC_ENTRIES_PER_BLOCK), generation: u64, at in 0usize..BLOCK, flip in 1u8..=255) {
+        fn crc_block_round_trips_and_detects_corruption(entries in proptest::collection::vec(any::<u32>(), CRC_ENTRIES_PER_BLOCK), generation: u64, at in 0usize..BLOCK_SIZE_BYTES as usize, flip in 1u8..=255) {
             let b = CrcBlock { generation, entries };
             let mut block = b.encode(2, 5);
             prop_assert_eq!(&CrcBlock::decode(&block, 2, 5).unwrap(), &b);
@@ -766,12 +783,12 @@ mod tests {
         }
 
         #[test]
-        fn torn_slot_write_keeps_previous_state(prev in slot_strategy(), cut in 0usize..BLOCK) {
+        fn torn_slot_write_keeps_previous_state(prev in slot_strategy(), cut in 0usize..BLOCK_SIZE_BYTES as usize) {
             // prev is current at slot prev%2; the next write (generation+1)
             // goes to the other slot and is torn at `cut`.
             let prev = ColumnSlot { generation: prev.generation % (u64::MAX - 1), ..prev };
             let next = ColumnSlot { generation: prev.generation + 1, length_bytes: prev.length_bytes, ..prev };
-            let mut slots = [[0u8; BLOCK], [0u8; BLOCK]];
+            let mut slots = [[0u8; BLOCK_SIZE_BYTES as usize], [0u8; BLOCK_SIZE_BYTES as usize]];
             slots[prev.slot_index() as usize] = prev.encode(1);
             let new_block = next.encode(1);
             let target = next.slot_index() as usize;

@@ -33,7 +33,8 @@ struct State {
     passes: u64,
     bytes_verified: u64,
     bad_blocks: VecDeque<BadBlock>,
-    known: BTreeSet<(u16, u32, u64)>,
+    /// Every bad block recorded (what `bad_blocks` holds, for dedupe).
+    known: BTreeSet<BadBlock>,
 }
 
 /// Token bucket in bytes.
@@ -109,12 +110,14 @@ impl Scrubber {
     /// Records a bad block (deduplicated); returns whether it was new.
     pub fn record_bad_block(&self, column: ColumnId, offset: u64) -> bool {
         let mut st = self.lock();
-        if st.known.len() >= MAX_REPORTED_BAD_BLOCKS
-            || !st.known.insert((column.device, column.index, offset))
-        {
+        let bad = BadBlock {
+            column,
+            offset_bytes: offset,
+        };
+        if st.known.len() >= MAX_REPORTED_BAD_BLOCKS || !st.known.insert(bad.clone()) {
             return false;
         }
-        st.bad_blocks.push_back(BadBlock { column, offset });
+        st.bad_blocks.push_back(bad);
         drop(st);
         warn!(
             device = column.device,
@@ -141,7 +144,7 @@ impl Scrubber {
                         device: store.device_index(),
                         index: bad.column,
                     },
-                    bad.offset,
+                    bad.offset_bytes,
                 );
             }
             if store.is_failed() {

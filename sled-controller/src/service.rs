@@ -228,9 +228,10 @@ impl Sled {
     async fn dispatch(&self, request: SledRequest) -> Result<SledResponse, SledError> {
         Ok(match request {
             SledRequest::Inventory => SledResponse::Inventory(self.inventory()),
-            SledRequest::AllocateColumns { count, device } => {
-                SledResponse::Allocated(self.allocate(count, device).await?)
-            }
+            SledRequest::AllocateColumns {
+                column_count: count,
+                device,
+            } => SledResponse::Allocated(self.allocate(count, device).await?),
             SledRequest::FreeColumn {
                 column,
                 partition,
@@ -259,7 +260,7 @@ impl Sled {
                 column,
                 partition,
                 epoch,
-                offset,
+                offset_bytes: offset,
                 data,
                 block_crcs,
             } => {
@@ -271,8 +272,8 @@ impl Sled {
             }
             SledRequest::Read {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
             } => {
                 let (data, block_crcs) = self
                     .store(column)?
@@ -368,7 +369,7 @@ impl Sled {
                             column.index,
                             proto::sled::PartitionId {
                                 volume: 0,
-                                partition: 0,
+                                index: 0,
                             },
                             0,
                         )

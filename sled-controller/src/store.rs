@@ -45,13 +45,14 @@ use proto::sled::{
     ColumnId, ColumnState, ColumnStatus, DeviceInventory, DeviceState, Epoch, PartitionId,
     SledError,
 };
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 use tracing::{error, info, warn};
 
 use crate::group_flush::GroupFlush;
 use crate::layout::{
     self, recover_crc_block, recover_slots, ColumnSlot, CrcBlock, Decoded, Geometry, LayoutError,
-    SlotRecovery, SlotState, Superblock, BLOCK_SIZE, LAYOUT_VERSION, SUPERBLOCK_OFFSETS,
+    SlotRecovery, SlotState, Superblock, LAYOUT_VERSION, SUPERBLOCK_OFFSETS,
 };
 use crate::metrics::Metrics;
 
@@ -162,6 +163,19 @@ struct CachedCrc {
     best_copy: Option<u8>,
 }
 
+/// The next version of one CRC block of a column, ready to write.
+#[derive(Debug)]
+struct CrcBlockUpdate {
+    /// Index of the CRC block within the column.
+    crc_block: u32,
+    /// What the cache holds once the write is durable.
+    cached: CachedCrc,
+    /// The encoded block.
+    encoded: Vec<u8>,
+    /// Where it goes: the copy that does not hold the current best version.
+    device_offset_bytes: u64,
+}
+
 #[derive(Debug)]
 struct CrcCache {
     capacity: usize,
@@ -190,7 +204,8 @@ impl CrcCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BadBlockAt {
     pub column: u32,
-    pub offset: u64,
+    /// Byte offset of the block in the column.
+    pub offset_bytes: u64,
 }
 
 /// Columns of one device.
@@ -253,12 +268,12 @@ impl Store {
         let size_bytes = device.info().size_bytes;
 
         let head = device
-            .read_at(0, 2 * BLOCK_SIZE as usize)
+            .read_at(0, 2 * BLOCK_SIZE_BYTES as usize)
             .await
             .map_err(dev_err)?;
         let copies = [
-            Decoded::from_result(Superblock::decode(&head[..BLOCK_SIZE as usize])),
-            Decoded::from_result(Superblock::decode(&head[BLOCK_SIZE as usize..])),
+            Decoded::from_result(Superblock::decode(&head[..BLOCK_SIZE_BYTES as usize])),
+            Decoded::from_result(Superblock::decode(&head[BLOCK_SIZE_BYTES as usize..])),
         ];
         let superblock = match copies {
             [Decoded::Blank, Decoded::Blank] => {
@@ -336,15 +351,16 @@ impl Store {
             let buf = device
                 .read_at(
                     geometry.slot_offset(first, 0),
-                    (n as u64 * 2 * BLOCK_SIZE) as usize,
+                    (n as u64 * 2 * BLOCK_SIZE_BYTES) as usize,
                 )
                 .await
                 .map_err(dev_err)?;
             for i in 0..n {
                 let column = first + i;
-                let at = (i as usize) * 2 * BLOCK_SIZE as usize;
+                let at = (i as usize) * 2 * BLOCK_SIZE_BYTES as usize;
                 let slot = |k: usize| {
-                    let b = &buf[at + k * BLOCK_SIZE as usize..at + (k + 1) * BLOCK_SIZE as usize];
+                    let b = &buf[at + k * BLOCK_SIZE_BYTES as usize
+                        ..at + (k + 1) * BLOCK_SIZE_BYTES as usize];
                     Decoded::from_result(ColumnSlot::decode(b, column, geometry.column_size_bytes))
                 };
                 let (slot, quarantined) = match recover_slots([slot(0), slot(1)]) {
@@ -393,10 +409,10 @@ impl Store {
         let mut bad = Vec::new();
         for (column, c) in columns.iter_mut().enumerate() {
             let column = column as u32;
-            if c.slot.state == SlotState::Claimed && c.slot.tail_from < c.slot.length_bytes {
-                let len = c.slot.length_bytes - c.slot.tail_from;
+            if c.slot.state == SlotState::Claimed && c.slot.tail_from_bytes < c.slot.length_bytes {
+                let len = c.slot.length_bytes - c.slot.tail_from_bytes;
                 let failing = store
-                    .verify_blocks(column, c.slot.tail_from, len)
+                    .verify_blocks(column, c.slot.tail_from_bytes, len)
                     .await
                     .map_err(|e| match e {
                         VerifyError::Device(source) => dev_err(source),
@@ -407,7 +423,10 @@ impl Store {
                         column, offset, "in-doubt tail block fails its checksum after restart"
                     );
                     c.in_doubt_bad.insert(offset);
-                    bad.push(BadBlockAt { column, offset });
+                    bad.push(BadBlockAt {
+                        column,
+                        offset_bytes: offset,
+                    });
                 }
             }
         }
@@ -452,9 +471,9 @@ impl Store {
         // Zero the column table first (a reused device may hold old bytes
         // there), flush, and only then write the superblocks: a crash in
         // between leaves a blank device that is formatted again.
-        let table_end = geometry.crc_region_offset;
+        let table_end = geometry.crc_region_offset_bytes;
         let chunk = 1u64 << 20;
-        let mut at = geometry.column_table_offset;
+        let mut at = geometry.column_table_offset_bytes;
         while at < table_end {
             let n = chunk.min(table_end - at);
             let buf = AlignedBuf::zeroed(n as usize).map_err(dev_err)?;
@@ -606,10 +625,10 @@ impl Store {
             .device
             .read_at(
                 self.geometry.crc_block_offset(index, crc_block, 0),
-                2 * BLOCK_SIZE as usize,
+                2 * BLOCK_SIZE_BYTES as usize,
             )
             .await?;
-        let half = BLOCK_SIZE as usize;
+        let half = BLOCK_SIZE_BYTES as usize;
         let copies = [
             Decoded::from_result(CrcBlock::decode(&buf[..half], index, crc_block)),
             Decoded::from_result(CrcBlock::decode(&buf[half..], index, crc_block)),
@@ -627,7 +646,7 @@ impl Store {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u32>, DeviceError> {
-        let mut out = Vec::with_capacity((len / BLOCK_SIZE) as usize);
+        let mut out = Vec::with_capacity((len / BLOCK_SIZE_BYTES) as usize);
         let mut at = offset;
         let mut current: Option<(u32, CachedCrc)> = None;
         while at < offset + len {
@@ -638,7 +657,7 @@ impl Store {
             if let Some((_, c)) = &current {
                 out.push(c.block.entries[entry]);
             }
-            at += BLOCK_SIZE;
+            at += BLOCK_SIZE_BYTES;
         }
         Ok(out)
     }
@@ -660,25 +679,25 @@ impl Store {
             .await
             .map_err(VerifyError::Device)?;
         Ok(data
-            .chunks(BLOCK_SIZE as usize)
+            .chunks(BLOCK_SIZE_BYTES as usize)
             .zip(stored)
             .enumerate()
             .filter(|(_, (block, crc))| crc32c::crc32c(block) != *crc)
-            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE_BYTES)
             .collect())
     }
 
     /// Builds the new versions of the CRC blocks touched by writing `crcs`
-    /// at `offset`; returns (crc block index, new cached value, encoded block).
+    /// at `offset`.
     async fn updated_crc_blocks(
         &self,
         index: u32,
         offset: u64,
         crcs: &[u32],
-    ) -> Result<Vec<(u32, CachedCrc, Vec<u8>, u64)>, SledError> {
+    ) -> Result<Vec<CrcBlockUpdate>, SledError> {
         let mut out: Vec<(u32, CachedCrc)> = Vec::new();
         for (i, crc) in crcs.iter().enumerate() {
-            let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE);
+            let (cb, entry) = Geometry::crc_position(offset + i as u64 * BLOCK_SIZE_BYTES);
             if out.last().is_none_or(|(k, _)| *k != cb) {
                 let cached = self
                     .load_crc_block(index, cb)
@@ -698,9 +717,14 @@ impl Store {
             };
             c.block.generation += 1;
             c.best_copy = Some(copy);
-            let buf = c.block.encode(index, cb).to_vec();
-            let at = self.geometry.crc_block_offset(index, cb, copy);
-            result.push((cb, c, buf, at));
+            let encoded = c.block.encode(index, cb).to_vec();
+            let device_offset_bytes = self.geometry.crc_block_offset(index, cb, copy);
+            result.push(CrcBlockUpdate {
+                crc_block: cb,
+                cached: c,
+                encoded,
+                device_offset_bytes,
+            });
         }
         Ok(result)
     }
@@ -746,7 +770,7 @@ impl Store {
                 partition: 0,
                 epoch: 0,
                 length_bytes: 0,
-                tail_from: 0,
+                tail_from_bytes: 0,
             });
         }
         try_join_all(
@@ -807,10 +831,10 @@ impl Store {
                     generation: c.slot.generation + 1,
                     state: SlotState::Claimed,
                     volume: partition.volume,
-                    partition: partition.partition,
+                    partition: partition.index,
                     epoch,
                     length_bytes: 0,
-                    tail_from: 0,
+                    tail_from_bytes: 0,
                 }
             }
             SlotState::Allocated => {
@@ -823,10 +847,10 @@ impl Store {
                     generation: c.slot.generation + 1,
                     state: SlotState::Claimed,
                     volume: partition.volume,
-                    partition: partition.partition,
+                    partition: partition.index,
                     epoch,
                     length_bytes: 0,
-                    tail_from: 0,
+                    tail_from_bytes: 0,
                 }
             }
             SlotState::Claimed => {
@@ -869,7 +893,7 @@ impl Store {
     ) -> Result<(), SledError> {
         let owner = PartitionId {
             volume: c.slot.volume,
-            partition: c.slot.partition,
+            index: c.slot.partition,
         };
         if owner != partition {
             return Err(SledError::WrongPartition {
@@ -897,17 +921,17 @@ impl Store {
     ) -> Result<u64, SledError> {
         let column = self.column_id(index);
         let len = data.len() as u64;
-        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES {
+        if len == 0 || len % BLOCK_SIZE_BYTES != 0 || len > MAX_IO_BYTES {
             return Err(bad_request(format!(
-                "append length {len} is not a non-zero multiple of 4096 up to {MAX_IO_BYTES}"
+                "append length {len} is not a non-zero multiple of {BLOCK_SIZE_BYTES} up to {MAX_IO_BYTES}"
             )));
         }
-        if offset % BLOCK_SIZE != 0 {
+        if offset % BLOCK_SIZE_BYTES != 0 {
             return Err(bad_request(format!(
-                "append offset {offset} is not a multiple of 4096"
+                "append offset {offset} is not a multiple of {BLOCK_SIZE_BYTES}"
             )));
         }
-        let blocks = (len / BLOCK_SIZE) as usize;
+        let blocks = (len / BLOCK_SIZE_BYTES) as usize;
         if block_crcs.len() != blocks {
             return Err(bad_request(format!(
                 "{} block CRCs for {blocks} blocks",
@@ -935,8 +959,8 @@ impl Store {
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: size,
             });
@@ -947,17 +971,16 @@ impl Store {
                 generation: c.slot.generation + 1,
                 epoch,
                 length_bytes: length + len,
-                tail_from: offset,
+                tail_from_bytes: offset,
                 ..c.slot
             };
             let data_buf = aligned(data)?;
             let slot_write = self.write_slot(index, &next);
             let data_write = self.write(self.geometry.data_offset(index, offset), data_buf);
-            let crc_writes = try_join_all(
-                crc_updates
-                    .iter()
-                    .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
-            );
+            let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
+                self.write(update.device_offset_bytes, aligned(&update.encoded)?)
+                    .await
+            }));
             // Order on disk is only fixed by the flush below; issue all at
             // once and let each complete (a crash could persist any subset
             // too; recovery handles every subset).
@@ -968,8 +991,8 @@ impl Store {
             self.flush().await?;
             {
                 let mut cache = lock(&self.crc_cache);
-                for (cb, cached, _, _) in crc_updates {
-                    cache.put((index, cb), cached);
+                for update in crc_updates {
+                    cache.put((index, update.crc_block), update.cached);
                 }
             }
             c.slot = next;
@@ -981,7 +1004,7 @@ impl Store {
         if offset > length || offset + len > length {
             return Err(SledError::OffsetMismatch {
                 column,
-                offset,
+                offset_bytes: offset,
                 length_bytes: length,
             });
         }
@@ -992,14 +1015,14 @@ impl Store {
             .map_err(|e| self.device_error(e))?;
         let mut heals_in_doubt = false;
         for (i, (s, given)) in stored.iter().zip(block_crcs).enumerate() {
-            let at = offset + i as u64 * BLOCK_SIZE;
+            let at = offset + i as u64 * BLOCK_SIZE_BYTES;
             if s != given {
                 if c.in_doubt_bad.contains(&at) {
                     heals_in_doubt = true;
                 } else {
                     return Err(SledError::OffsetMismatch {
                         column,
-                        offset,
+                        offset_bytes: offset,
                         length_bytes: length,
                     });
                 }
@@ -1017,11 +1040,10 @@ impl Store {
             ..c.slot
         };
         let data_write = self.write(self.geometry.data_offset(index, offset), aligned(data)?);
-        let crc_writes = try_join_all(
-            crc_updates
-                .iter()
-                .map(|(_, _, buf, at)| async move { self.write(*at, aligned(buf)?).await }),
-        );
+        let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
+            self.write(update.device_offset_bytes, aligned(&update.encoded)?)
+                .await
+        }));
         let slot_write = async {
             if raise {
                 self.write_slot(index, &next).await
@@ -1036,15 +1058,15 @@ impl Store {
         self.flush().await?;
         {
             let mut cache = lock(&self.crc_cache);
-            for (cb, cached, _, _) in crc_updates {
-                cache.put((index, cb), cached);
+            for update in crc_updates {
+                cache.put((index, update.crc_block), update.cached);
             }
         }
         if raise {
             c.slot = next;
         }
         for i in 0..blocks as u64 {
-            c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE));
+            c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE_BYTES));
         }
         info!(
             device = self.device_index,
@@ -1064,7 +1086,11 @@ impl Store {
         len: u64,
     ) -> Result<(Bytes, Vec<u32>), SledError> {
         let column = self.column_id(index);
-        if len == 0 || len % BLOCK_SIZE != 0 || len > MAX_IO_BYTES || offset % BLOCK_SIZE != 0 {
+        if len == 0
+            || len % BLOCK_SIZE_BYTES != 0
+            || len > MAX_IO_BYTES
+            || offset % BLOCK_SIZE_BYTES != 0
+        {
             return Err(bad_request(format!(
                 "read {offset}+{len} is not whole 4 KiB blocks up to {MAX_IO_BYTES} bytes"
             )));
@@ -1082,8 +1108,8 @@ impl Store {
         if offset.checked_add(len).is_none_or(|end| end > length) {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: self.geometry.column_size_bytes,
             });
@@ -1097,11 +1123,11 @@ impl Store {
             .map_err(|e| self.device_error(e))?;
         drop(c);
         let bad: Vec<u64> = data
-            .chunks(BLOCK_SIZE as usize)
+            .chunks(BLOCK_SIZE_BYTES as usize)
             .zip(&stored)
             .enumerate()
             .filter(|(_, (block, crc))| crc32c::crc32c(block) != **crc)
-            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE)
+            .map(|(i, _)| offset + i as u64 * BLOCK_SIZE_BYTES)
             .collect();
         if !bad.is_empty() {
             self.metrics.checksum_errors.inc_by(bad.len() as u64);
@@ -1113,7 +1139,7 @@ impl Store {
             );
             return Err(SledError::ChecksumMismatch {
                 column,
-                block_offsets: bad,
+                block_offsets_bytes: bad,
             });
         }
         self.metrics.read_bytes.inc_by(len);
@@ -1173,7 +1199,7 @@ impl Store {
             state: column_state(c.slot.state),
             partition: (c.slot.state == SlotState::Claimed).then_some(PartitionId {
                 volume: c.slot.volume,
-                partition: c.slot.partition,
+                index: c.slot.partition,
             }),
             epoch: c.slot.epoch,
             length_bytes: c.slot.length_bytes,

@@ -45,7 +45,7 @@ const DEVICE_BYTES: u64 = 48 * MIB;
 const SECTOR: u64 = 512;
 /// One stripe chunk and one row of a column (head-node partition/layout.rs).
 const CHUNK_BYTES: u64 = 64 * 1024;
-const ROW_BYTES: u64 = CHUNK_BYTES + 4096;
+const ROW_BYTES: u64 = CHUNK_BYTES + proto::BLOCK_SIZE_BYTES;
 
 /// One data-path unit at a time in this test binary.
 static ONE_UNIT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -39,7 +39,7 @@ const MIB: u64 = 1 << 20;
 const VOLUME: u64 = 61;
 const VOLUME_BYTES: u64 = 64 * MIB;
 const PARTITION_BYTES: u64 = 16 * MIB;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
 /// Bounds of the workload loop, whatever the clock says.
 const MAX_OPS: usize = 200_000;
 

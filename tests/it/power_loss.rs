@@ -36,7 +36,7 @@ use tests::netns::{self, NetLab};
 use tests::{rackblock_bin, Rng};
 
 const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
 const VOLUME_BYTES: u64 = 64 * MIB;
 const NBD: &str = "127.0.0.1:10809";
 /// Upper bound on writes per round, whatever the clock says.

@@ -30,7 +30,7 @@ const COLUMN_BYTES: u64 = 4 * MIB;
 const DEVICE_BYTES: u64 = 64 * MIB;
 const VOLUME_BYTES: u64 = 32 * MIB;
 const PARTITION_BYTES: u64 = 8 * MIB;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
 
 /// One unit at a time in this module (2 shared cores).
 static ONE_UNIT_AT_A_TIME: Mutex<()> = Mutex::const_new(());

@@ -39,7 +39,7 @@ pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: 
     let SledResponse::Allocated(columns) = call(
         link,
         SledRequest::AllocateColumns {
-            count: 1,
+            column_count: 1,
             device: None,
         },
     )
@@ -63,7 +63,7 @@ pub async fn allocate_and_claim(link: &PeerLink, partition: PartitionId, epoch: 
 
 const P: PartitionId = PartitionId {
     volume: 7,
-    partition: 3,
+    index: 3,
 };
 /// 64 KiB chunks that fit a 16 MiB test column.
 const CHUNKS_PER_COLUMN: u64 = 256;
@@ -95,7 +95,7 @@ async fn acknowledged_appends_survive_kill_9() {
                     column,
                     partition: P,
                     epoch: 5,
-                    offset,
+                    offset_bytes: offset,
                     data: data.clone(),
                     block_crcs,
                 };
@@ -143,8 +143,8 @@ async fn acknowledged_appends_survive_kill_9() {
                 &link,
                 SledRequest::Read {
                     column: *column,
-                    offset: *offset,
-                    len: 65536,
+                    offset_bytes: *offset,
+                    len_bytes: 65536,
                 },
             )
             .await;
@@ -160,7 +160,7 @@ async fn acknowledged_appends_survive_kill_9() {
                 column: *column,
                 partition: P,
                 epoch: 4,
-                offset: 0,
+                offset_bytes: 0,
                 data: block_data(1, 1).0,
                 block_crcs: block_data(1, 1).1,
             },
@@ -185,7 +185,7 @@ async fn fencing_persists_across_restart() {
         column,
         partition: P,
         epoch,
-        offset,
+        offset_bytes: offset,
         data: data.clone(),
         block_crcs: block_crcs.clone(),
     };
@@ -254,7 +254,7 @@ async fn fencing_persists_across_restart() {
     );
     let other = PartitionId {
         volume: 8,
-        partition: 0,
+        index: 0,
     };
     assert!(matches!(
         call(
@@ -289,7 +289,7 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
             column,
             partition: P,
             epoch: 1,
-            offset: 0,
+            offset_bytes: 0,
             data: Bytes::from(pattern.clone()),
             block_crcs: crcs,
         },
@@ -323,13 +323,16 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
         &link,
         SledRequest::Read {
             column,
-            offset: 0,
-            len: 16384,
+            offset_bytes: 0,
+            len_bytes: 16384,
         },
     )
     .await;
     match reply {
-        SledResponse::Error(SledError::ChecksumMismatch { block_offsets, .. }) => {
+        SledResponse::Error(SledError::ChecksumMismatch {
+            block_offsets_bytes: block_offsets,
+            ..
+        }) => {
             assert_eq!(block_offsets, vec![8192]);
         }
         other => panic!("expected a checksum error, got {other:?}"),
@@ -339,8 +342,8 @@ async fn flipped_byte_in_device_file_is_a_checksum_error() {
         &link,
         SledRequest::Read {
             column,
-            offset: 0,
-            len: 8192,
+            offset_bytes: 0,
+            len_bytes: 8192,
         },
     )
     .await;

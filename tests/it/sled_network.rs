@@ -12,7 +12,7 @@ use crate::sled::{allocate_and_claim, block_data, call};
 
 const P: PartitionId = PartitionId {
     volume: 11,
-    partition: 0,
+    index: 0,
 };
 
 async fn run(mode: ProxyMode) {
@@ -59,7 +59,7 @@ async fn run(mode: ProxyMode) {
                     column,
                     partition: P,
                     epoch: 1,
-                    offset,
+                    offset_bytes: offset,
                     data: data.clone(),
                     block_crcs,
                 },
@@ -76,8 +76,8 @@ async fn run(mode: ProxyMode) {
                 &link,
                 SledRequest::Read {
                     column,
-                    offset,
-                    len: 8192,
+                    offset_bytes: offset,
+                    len_bytes: 8192,
                 },
             )
             .await;

@@ -28,10 +28,9 @@
 
 use std::fmt;
 
+use proto::BLOCK_SIZE_BYTES;
 use serde::{Deserialize, Serialize};
 
-/// Sizes are multiples of this (the volume block size of the unit).
-pub const BLOCK_SIZE_BYTES: u64 = local_control_plane::state::BLOCK_SIZE_BYTES;
 /// Default partition size: 1 GiB.
 pub const DEFAULT_PARTITION_SIZE_BYTES: u64 = 1 << 30;
 /// Default erasure code.
@@ -135,7 +134,8 @@ pub fn check_name(field: &'static str, name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// A size field: positive multiple of [`BLOCK_SIZE_BYTES`].
+/// A size field: positive multiple of [`BLOCK_SIZE_BYTES`] (the volume block
+/// size).
 pub fn check_size(field: &'static str, bytes: u64) -> Result<(), FieldError> {
     if bytes == 0 || bytes % BLOCK_SIZE_BYTES != 0 {
         return Err(FieldError::new(

@@ -34,7 +34,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 #[serde(deny_unknown_fields, default)]
 pub struct NbdConfig {
     /// Preferred I/O size advertised in `NBD_INFO_BLOCK_SIZE` (a power of
-    /// two, at least 512; default 4096).
+    /// two, at least 512; default the volume block size, 4096: smaller
+    /// writes cost the primary a read-modify-write).
     pub preferred_block_bytes: u32,
     /// Largest `READ`/`WRITE` payload, advertised as the maximum block
     /// size (a multiple of 512; default 32 MiB). Longer requests get
@@ -63,7 +64,7 @@ pub struct NbdConfig {
 impl Default for NbdConfig {
     fn default() -> NbdConfig {
         NbdConfig {
-            preferred_block_bytes: 4096,
+            preferred_block_bytes: proto::BLOCK_SIZE_BYTES as u32,
             max_payload_bytes: 32 << 20,
             max_requests_per_connection: 64,
             max_in_flight_bytes_per_connection: 128 << 20,

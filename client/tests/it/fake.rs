@@ -150,9 +150,9 @@ impl FakeNode {
             if behaviour.out_of_range || offset_bytes < partition_start || end > partition_end {
                 return HostReply::Error(HostError::OutOfRange {
                     offset_bytes,
-                    len,
-                    partition_start,
-                    partition_end,
+                    len_bytes: len,
+                    partition_start_bytes: partition_start,
+                    partition_end_bytes: partition_end,
                 });
             }
             if matches!(request.op, HostOp::Read { .. }) && behaviour.corrupt_reads > 0 {
@@ -165,7 +165,10 @@ impl FakeNode {
         }
         let mut sectors = self.shared.sectors.lock().unwrap();
         match request.op {
-            HostOp::Read { offset_bytes, len } => {
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            } => {
                 let mut data = Vec::with_capacity(len as usize);
                 for sector in offset_bytes / SECTOR..(offset_bytes + u64::from(len)) / SECTOR {
                     match sectors.get(&sector) {
@@ -194,10 +197,14 @@ impl FakeNode {
                 HostReply::Done
             }
             HostOp::Trim {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             }
             | HostOp::WriteZeroes {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => {
                 for sector in offset_bytes / SECTOR..(offset_bytes + u64::from(len)) / SECTOR {
                     sectors.remove(&sector);

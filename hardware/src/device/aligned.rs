@@ -2,9 +2,9 @@
 //!
 //! O_DIRECT and io_uring need the memory address, the file offset and the
 //! length of every transfer aligned to the logical block size. We fix that at
-//! [`BLOCK_SIZE`] (4 KiB) for all three, so a buffer that exists is always
+//! [`IO_ALIGN_BYTES`] (4 KiB) for all three, so a buffer that exists is always
 //! usable by every engine: the constructors refuse lengths that are not a
-//! multiple of `BLOCK_SIZE`, and the allocation itself is aligned to it.
+//! multiple of `IO_ALIGN_BYTES`, and the allocation itself is aligned to it.
 //!
 //! The allocation is owned: an in-flight operation holds the buffer until its
 //! completion arrives, even if the caller's future was dropped, so the kernel
@@ -18,14 +18,14 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use super::{DeviceError, BLOCK_SIZE};
+use super::{DeviceError, IO_ALIGN_BYTES};
 
-/// A zero-initialised heap buffer aligned to [`BLOCK_SIZE`] whose length is a
+/// A zero-initialised heap buffer aligned to [`IO_ALIGN_BYTES`] whose length is a
 /// multiple of it.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
-    /// Size of the allocation; at least `BLOCK_SIZE` so that a zero-length
+    /// Size of the allocation; at least `IO_ALIGN_BYTES` so that a zero-length
     /// buffer still has a real, aligned allocation (zero-sized allocations
     /// are not allowed by `std::alloc`).
     capacity: usize,
@@ -39,7 +39,7 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// Allocates a zeroed buffer of `len` bytes. `len` must be a multiple of
-    /// [`BLOCK_SIZE`] (zero is allowed).
+    /// [`IO_ALIGN_BYTES`] (zero is allowed).
     pub fn zeroed(len: usize) -> Result<Self, DeviceError> {
         // SAFETY: `alloc_zeroed` initialises every byte.
         unsafe { Self::allocate(len, true) }
@@ -56,12 +56,12 @@ impl AlignedBuf {
             offset: 0,
             len: len as u64,
         };
-        if len % BLOCK_SIZE != 0 {
+        if len % IO_ALIGN_BYTES != 0 {
             return Err(unaligned());
         }
-        let capacity = len.max(BLOCK_SIZE);
-        let layout = Layout::from_size_align(capacity, BLOCK_SIZE).map_err(|_| unaligned())?;
-        // SAFETY: `layout` has a non-zero size (capacity >= BLOCK_SIZE).
+        let capacity = len.max(IO_ALIGN_BYTES);
+        let layout = Layout::from_size_align(capacity, IO_ALIGN_BYTES).map_err(|_| unaligned())?;
+        // SAFETY: `layout` has a non-zero size (capacity >= IO_ALIGN_BYTES).
         let raw = unsafe {
             if zeroed {
                 alloc::alloc_zeroed(layout)
@@ -76,7 +76,7 @@ impl AlignedBuf {
     }
 
     /// Copies `data` into a new aligned buffer. `data.len()` must be a
-    /// multiple of [`BLOCK_SIZE`]; nothing is padded silently.
+    /// multiple of [`IO_ALIGN_BYTES`]; nothing is padded silently.
     pub fn from_slice(data: &[u8]) -> Result<Self, DeviceError> {
         // No zeroing: every byte is copied over right below (this is the
         // write path of every append; zeroing first cost a memset and a
@@ -90,7 +90,7 @@ impl AlignedBuf {
         Ok(buf)
     }
 
-    /// Length in bytes (a multiple of [`BLOCK_SIZE`]).
+    /// Length in bytes (a multiple of [`IO_ALIGN_BYTES`]).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -124,7 +124,7 @@ impl Drop for AlignedBuf {
         unsafe {
             alloc::dealloc(
                 self.ptr.as_ptr(),
-                Layout::from_size_align_unchecked(self.capacity, BLOCK_SIZE),
+                Layout::from_size_align_unchecked(self.capacity, IO_ALIGN_BYTES),
             );
         }
     }
@@ -193,9 +193,9 @@ mod tests {
     #[test]
     fn zeroed_is_aligned_and_zero() {
         for blocks in [0usize, 1, 3, 64] {
-            let buf = AlignedBuf::zeroed(blocks * BLOCK_SIZE).unwrap();
-            assert_eq!(buf.len(), blocks * BLOCK_SIZE);
-            assert_eq!(buf.as_ptr() as usize % BLOCK_SIZE, 0);
+            let buf = AlignedBuf::zeroed(blocks * IO_ALIGN_BYTES).unwrap();
+            assert_eq!(buf.len(), blocks * IO_ALIGN_BYTES);
+            assert_eq!(buf.as_ptr() as usize % IO_ALIGN_BYTES, 0);
             assert!(buf.iter().all(|b| *b == 0));
         }
     }
@@ -211,16 +211,16 @@ mod tests {
 
     #[test]
     fn from_slice_clone_and_bytes() {
-        let data: Vec<u8> = (0..2 * BLOCK_SIZE).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..2 * IO_ALIGN_BYTES).map(|i| (i % 251) as u8).collect();
         let buf = AlignedBuf::from_slice(&data).unwrap();
         assert_eq!(&buf[..], &data[..]);
         let copy = buf.clone();
         assert_eq!(copy, buf);
         let bytes = buf.into_bytes();
         assert_eq!(&bytes[..], &data[..]);
-        let tail = bytes.slice(BLOCK_SIZE..);
+        let tail = bytes.slice(IO_ALIGN_BYTES..);
         drop(bytes);
-        assert_eq!(&tail[..], &data[BLOCK_SIZE..]);
+        assert_eq!(&tail[..], &data[IO_ALIGN_BYTES..]);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::{
-    check_range, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, BLOCK_SIZE,
+    check_range, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture,
+    IO_ALIGN_BYTES,
 };
 
 /// Which operations a fault range applies to.
@@ -241,7 +242,7 @@ impl BlockDevice for FaultyDevice {
                 state.torn_next_write_blocks.take()
             };
             if let Some(blocks) = torn {
-                let kept = (blocks.saturating_mul(BLOCK_SIZE as u64)).min(len) as usize;
+                let kept = (blocks.saturating_mul(IO_ALIGN_BYTES as u64)).min(len) as usize;
                 if kept > 0 {
                     let prefix = AlignedBuf::from_slice(&buf[..kept])?;
                     self.inner.write_at(offset, prefix).await?;

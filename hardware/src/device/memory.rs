@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{check_range, AlignedBuf, BlockDevice, DeviceInfo, EngineKind, IoFuture, BLOCK_SIZE};
+use super::{
+    check_range, AlignedBuf, BlockDevice, DeviceInfo, EngineKind, IoFuture, IO_ALIGN_BYTES,
+};
 
 /// An in-memory block device.
 #[derive(Debug)]
@@ -20,7 +22,7 @@ pub struct MemoryDevice {
 
 impl MemoryDevice {
     /// A zeroed device of `size_bytes` (rounded down to a multiple of
-    /// [`BLOCK_SIZE`]) labelled `memory`.
+    /// [`IO_ALIGN_BYTES`]) labelled `memory`.
     pub fn new(size_bytes: u64) -> Self {
         Self::with_path("memory", size_bytes)
     }
@@ -31,7 +33,7 @@ impl MemoryDevice {
     /// # Panics
     /// If `size_bytes` does not fit in this machine's address space.
     pub fn with_path(path: impl Into<PathBuf>, size_bytes: u64) -> Self {
-        let size_bytes = size_bytes - size_bytes % BLOCK_SIZE as u64;
+        let size_bytes = size_bytes - size_bytes % IO_ALIGN_BYTES as u64;
         let Ok(len) = usize::try_from(size_bytes) else {
             panic!("memory device of {size_bytes} bytes does not fit in memory");
         };

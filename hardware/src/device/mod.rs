@@ -13,7 +13,7 @@
 //! Contract shared by all engines (the conformance suite in `tests/it` runs
 //! it over each of them):
 //!
-//! * offsets and lengths are multiples of [`BLOCK_SIZE`], else
+//! * offsets and lengths are multiples of [`IO_ALIGN_BYTES`], else
 //!   [`DeviceError::Unaligned`]; `offset + len <= size_bytes`, else
 //!   [`DeviceError::OutOfRange`]. Both are checked before any I/O.
 //! * buffers are [`AlignedBuf`]s owned by the operation until it completes:
@@ -46,8 +46,14 @@ pub(crate) use open::block_device_size;
 pub use open::open_device;
 pub use timed::{TimedDevice, DEFAULT_DEVICE_TIMEOUT};
 
-/// Alignment and granularity of every device I/O (offsets, lengths, buffers).
-pub const BLOCK_SIZE: usize = 4096;
+/// Alignment and granularity of every device I/O (offsets, lengths, buffer
+/// addresses), as O_DIRECT and io_uring need it: a property of the device
+/// seam, not of the data. It is separate from the volume block size
+/// (`proto::BLOCK_SIZE_BYTES`, the unit of CRCs, the index and the on-disk
+/// layouts) because `hardware` depends on no project crate; the layouts
+/// above it only need their block size to be a multiple of this (the sled
+/// controller and the head node's write log assert so at compile time).
+pub const IO_ALIGN_BYTES: usize = 4096;
 
 /// Name of the environment variable read by [`EngineChoice::from_env`].
 pub const ENGINE_ENV_VAR: &str = "RACKBLOCK_IO_ENGINE";
@@ -115,7 +121,7 @@ impl std::str::FromStr for EngineChoice {
 pub struct DeviceInfo {
     /// The path it was opened from (a label for in-memory devices).
     pub path: PathBuf,
-    /// Usable size, a multiple of [`BLOCK_SIZE`].
+    /// Usable size, a multiple of [`IO_ALIGN_BYTES`].
     pub size_bytes: u64,
     /// The engine serving it.
     pub engine: EngineKind,
@@ -179,8 +185,8 @@ pub enum DeviceError {
         /// OS error.
         source: io::Error,
     },
-    /// Offset or length is not a multiple of [`BLOCK_SIZE`].
-    #[error("unaligned I/O: offset {offset} length {len} (block size {BLOCK_SIZE})")]
+    /// Offset or length is not a multiple of [`IO_ALIGN_BYTES`].
+    #[error("unaligned I/O: offset {offset} length {len} (block size {IO_ALIGN_BYTES})")]
     Unaligned {
         /// Requested byte offset.
         offset: u64,
@@ -268,7 +274,7 @@ impl DeviceError {
     }
 }
 
-/// Positional block I/O. Offsets and lengths are multiples of `BLOCK_SIZE`.
+/// Positional block I/O. Offsets and lengths are multiples of `IO_ALIGN_BYTES`.
 /// The in-flight operation owns its buffer until completion; writes hand the
 /// buffer back so callers can reuse it.
 pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
@@ -300,7 +306,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug + 'static {
 /// Checks alignment and range of an operation against a device; every engine
 /// calls this before touching data.
 pub fn check_range(info: &DeviceInfo, offset: u64, len: u64) -> Result<(), DeviceError> {
-    let block = BLOCK_SIZE as u64;
+    let block = IO_ALIGN_BYTES as u64;
     if offset % block != 0 || len % block != 0 {
         return Err(DeviceError::Unaligned { offset, len });
     }
@@ -348,7 +354,7 @@ mod tests {
     fn range_checks() {
         let info = DeviceInfo {
             path: PathBuf::from("x"),
-            size_bytes: 8 * BLOCK_SIZE as u64,
+            size_bytes: 8 * IO_ALIGN_BYTES as u64,
             engine: EngineKind::Memory,
             direct_io: false,
         };

@@ -19,7 +19,7 @@ use super::sync::SyncDevice;
 use super::uring::UringDevice;
 use super::{
     AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineChoice, EngineKind, OpenOptions,
-    BLOCK_SIZE,
+    IO_ALIGN_BYTES,
 };
 
 /// `_IOR(0x12, 114, size_t)`: size of a block device in bytes.
@@ -34,7 +34,7 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 /// * opens with O_DIRECT when `options.direct`, retrying without it when the
 ///   file system refuses (EINVAL) and recording `direct_io: false`;
 /// * sizes regular files by their length and block devices by
-///   `BLKGETSIZE64`, rounded down to [`BLOCK_SIZE`];
+///   `BLKGETSIZE64`, rounded down to [`IO_ALIGN_BYTES`];
 /// * picks the engine as described in the module docs.
 pub fn open_device(
     path: &Path,
@@ -55,12 +55,12 @@ pub fn open_device(
     } else {
         metadata.len()
     };
-    let size_bytes = raw_size - raw_size % BLOCK_SIZE as u64;
+    let size_bytes = raw_size - raw_size % IO_ALIGN_BYTES as u64;
     if size_bytes == 0 {
         return Err(DeviceError::TooSmall {
             path: path.to_path_buf(),
             size_bytes: raw_size,
-            needed_bytes: BLOCK_SIZE as u64,
+            needed_bytes: IO_ALIGN_BYTES as u64,
         });
     }
     let queue_depth = options.queue_depth.clamp(1, 4096);

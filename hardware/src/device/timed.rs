@@ -102,7 +102,7 @@ impl BlockDevice for TimedDevice {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::device::{FaultyDevice, MemoryDevice, BLOCK_SIZE};
+    use crate::device::{FaultyDevice, MemoryDevice, IO_ALIGN_BYTES};
 
     fn faulty() -> (Arc<FaultyDevice>, crate::device::FaultControl) {
         let inner: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(1 << 20));
@@ -116,15 +116,15 @@ mod tests {
         let (faulty, control) = faulty();
         let timed = TimedDevice::new(faulty, Duration::from_millis(50)).unwrap();
         // Fast enough: passes through.
-        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE).unwrap();
+        let mut buf = AlignedBuf::zeroed(IO_ALIGN_BYTES).unwrap();
         buf.fill(7);
         timed.write_at(0, buf).await.unwrap();
-        assert_eq!(timed.read_at(0, BLOCK_SIZE).await.unwrap()[0], 7);
+        assert_eq!(timed.read_at(0, IO_ALIGN_BYTES).await.unwrap()[0], 7);
         // A device that stops answering (for an hour): every kind of
         // operation times out. The outer 10 s bound only keeps a broken
         // deadline from hanging the test.
         control.set_latency(Duration::from_secs(3600));
-        let error = tokio::time::timeout(Duration::from_secs(10), timed.read_at(0, BLOCK_SIZE))
+        let error = tokio::time::timeout(Duration::from_secs(10), timed.read_at(0, IO_ALIGN_BYTES))
             .await
             .expect("the read waited for the hung device, not for its deadline")
             .unwrap_err();
@@ -136,14 +136,14 @@ mod tests {
         let error = timed.flush().await.unwrap_err();
         assert!(matches!(error, DeviceError::TimedOut { op: "flush", .. }));
         let error = timed
-            .write_at(0, AlignedBuf::zeroed(BLOCK_SIZE).unwrap())
+            .write_at(0, AlignedBuf::zeroed(IO_ALIGN_BYTES).unwrap())
             .await
             .unwrap_err();
         assert!(matches!(error, DeviceError::TimedOut { op: "write", .. }));
         // Argument errors are still argument errors.
         control.heal();
         assert!(matches!(
-            timed.read_at(1, BLOCK_SIZE).await.unwrap_err(),
+            timed.read_at(1, IO_ALIGN_BYTES).await.unwrap_err(),
             DeviceError::Unaligned { .. }
         ));
     }

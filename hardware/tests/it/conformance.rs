@@ -6,13 +6,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use hardware::{AlignedBuf, BlockDevice, DeviceError, EngineKind, BLOCK_SIZE};
+use hardware::{AlignedBuf, BlockDevice, DeviceError, EngineKind, IO_ALIGN_BYTES};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 /// Device size used by the suite: 4 MiB = 1024 blocks.
 pub const SIZE_BYTES: u64 = 4 << 20;
-const BLOCKS: u64 = SIZE_BYTES / BLOCK_SIZE as u64;
+const BLOCKS: u64 = SIZE_BYTES / IO_ALIGN_BYTES as u64;
 
 /// How to get a device of one engine.
 pub struct Factory {
@@ -37,7 +37,7 @@ impl Factory {
 
 /// A block-sized buffer whose every byte identifies (tag, block).
 pub fn pattern(tag: u64, blocks: usize) -> AlignedBuf {
-    let mut buf = AlignedBuf::zeroed(blocks * BLOCK_SIZE).unwrap();
+    let mut buf = AlignedBuf::zeroed(blocks * IO_ALIGN_BYTES).unwrap();
     for (i, byte) in buf.iter_mut().enumerate() {
         *byte = (tag.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8;
     }
@@ -54,11 +54,14 @@ pub async fn round_trip(factory: &Factory) {
     for tag in 0..32u64 {
         let blocks = rng.random_range(1..=8usize);
         let block = rng.random_range(0..=BLOCKS - blocks as u64);
-        let offset = block * BLOCK_SIZE as u64;
+        let offset = block * IO_ALIGN_BYTES as u64;
         let buf = pattern(tag, blocks);
         let returned = device.write_at(offset, buf.clone()).await.unwrap();
         assert_eq!(returned, buf, "write hands the buffer back");
-        let read = device.read_at(offset, blocks * BLOCK_SIZE).await.unwrap();
+        let read = device
+            .read_at(offset, blocks * IO_ALIGN_BYTES)
+            .await
+            .unwrap();
         assert_eq!(read, buf, "read after write at offset {offset}");
         written.push((offset, buf));
     }
@@ -78,7 +81,7 @@ pub async fn unaligned_refused(factory: &Factory) {
     };
     for offset in [1u64, 512, 4095, 4097] {
         assert!(matches!(
-            device.read_at(offset, BLOCK_SIZE).await,
+            device.read_at(offset, IO_ALIGN_BYTES).await,
             Err(DeviceError::Unaligned { .. })
         ));
         assert!(matches!(
@@ -86,7 +89,7 @@ pub async fn unaligned_refused(factory: &Factory) {
             Err(DeviceError::Unaligned { .. })
         ));
         assert!(matches!(
-            device.discard(offset, BLOCK_SIZE as u64).await,
+            device.discard(offset, IO_ALIGN_BYTES as u64).await,
             Err(DeviceError::Unaligned { .. })
         ));
     }
@@ -107,7 +110,7 @@ pub async fn out_of_range_refused(factory: &Factory) {
     let Some(device) = factory.open(dir.path()) else {
         return;
     };
-    let last = SIZE_BYTES - BLOCK_SIZE as u64;
+    let last = SIZE_BYTES - IO_ALIGN_BYTES as u64;
     device.write_at(last, pattern(1, 1)).await.unwrap();
     assert!(matches!(
         device.write_at(last, pattern(1, 2)).await,
@@ -117,20 +120,20 @@ pub async fn out_of_range_refused(factory: &Factory) {
         })
     ));
     assert!(matches!(
-        device.read_at(SIZE_BYTES, BLOCK_SIZE).await,
+        device.read_at(SIZE_BYTES, IO_ALIGN_BYTES).await,
         Err(DeviceError::OutOfRange { .. })
     ));
     assert!(matches!(
-        device.read_at(u64::MAX - 4095, BLOCK_SIZE).await,
+        device.read_at(u64::MAX - 4095, IO_ALIGN_BYTES).await,
         Err(DeviceError::OutOfRange { .. })
     ));
     assert!(matches!(
-        device.discard(last, 2 * BLOCK_SIZE as u64).await,
+        device.discard(last, 2 * IO_ALIGN_BYTES as u64).await,
         Err(DeviceError::OutOfRange { .. })
     ));
     // The refused write changed nothing.
     assert_eq!(
-        device.read_at(last, BLOCK_SIZE).await.unwrap(),
+        device.read_at(last, IO_ALIGN_BYTES).await.unwrap(),
         pattern(1, 1)
     );
 }
@@ -142,16 +145,16 @@ pub async fn discard_reads_zeros(factory: &Factory) {
     };
     device.write_at(0, pattern(3, 16)).await.unwrap();
     device
-        .discard(4 * BLOCK_SIZE as u64, 8 * BLOCK_SIZE as u64)
+        .discard(4 * IO_ALIGN_BYTES as u64, 8 * IO_ALIGN_BYTES as u64)
         .await
         .unwrap();
-    let read = device.read_at(0, 16 * BLOCK_SIZE).await.unwrap();
+    let read = device.read_at(0, 16 * IO_ALIGN_BYTES).await.unwrap();
     let expected = pattern(3, 16);
-    assert!(read[..4 * BLOCK_SIZE] == expected[..4 * BLOCK_SIZE]);
-    assert!(read[4 * BLOCK_SIZE..12 * BLOCK_SIZE]
+    assert!(read[..4 * IO_ALIGN_BYTES] == expected[..4 * IO_ALIGN_BYTES]);
+    assert!(read[4 * IO_ALIGN_BYTES..12 * IO_ALIGN_BYTES]
         .iter()
         .all(|b| *b == 0));
-    assert!(read[12 * BLOCK_SIZE..] == expected[12 * BLOCK_SIZE..]);
+    assert!(read[12 * IO_ALIGN_BYTES..] == expected[12 * IO_ALIGN_BYTES..]);
     // Zero-length operations are no-ops.
     device.discard(0, 0).await.unwrap();
     assert!(device.read_at(0, 0).await.unwrap().is_empty());
@@ -166,7 +169,7 @@ pub async fn flush_works(factory: &Factory) {
     device.write_at(8192, pattern(9, 2)).await.unwrap();
     device.flush().await.unwrap();
     assert_eq!(
-        device.read_at(8192, 2 * BLOCK_SIZE).await.unwrap(),
+        device.read_at(8192, 2 * IO_ALIGN_BYTES).await.unwrap(),
         pattern(9, 2)
     );
 }
@@ -182,14 +185,14 @@ pub async fn concurrent_ops(factory: &Factory) {
     for task in 0..256u64 {
         let device = Arc::clone(&device);
         tasks.push(tokio::spawn(async move {
-            let offset = task * 4 * BLOCK_SIZE as u64;
+            let offset = task * 4 * IO_ALIGN_BYTES as u64;
             for round in 0..4u64 {
                 let tag = task * 100 + round;
                 device.write_at(offset, pattern(tag, 4)).await.unwrap();
                 if task % 64 == 0 {
                     device.flush().await.unwrap();
                 }
-                let read = device.read_at(offset, 4 * BLOCK_SIZE).await.unwrap();
+                let read = device.read_at(offset, 4 * IO_ALIGN_BYTES).await.unwrap();
                 assert_eq!(read, pattern(tag, 4), "task {task} round {round}");
             }
         }));
@@ -199,8 +202,8 @@ pub async fn concurrent_ops(factory: &Factory) {
     }
     let all = device.read_at(0, SIZE_BYTES as usize).await.unwrap();
     for task in 0..256usize {
-        let start = task * 4 * BLOCK_SIZE;
-        assert!(all[start..start + 4 * BLOCK_SIZE] == pattern(task as u64 * 100 + 3, 4)[..]);
+        let start = task * 4 * IO_ALIGN_BYTES;
+        assert!(all[start..start + 4 * IO_ALIGN_BYTES] == pattern(task as u64 * 100 + 3, 4)[..]);
     }
 }
 
@@ -214,27 +217,27 @@ pub async fn dropped_futures(factory: &Factory) {
     };
     device.write_at(0, pattern(5, 64)).await.unwrap();
     for round in 0..50 {
-        let read = device.read_at(0, 64 * BLOCK_SIZE);
+        let read = device.read_at(0, 64 * IO_ALIGN_BYTES);
         // Poll once (submits), then drop.
         let _ = tokio::time::timeout(std::time::Duration::from_micros(1), read).await;
-        let write = device.write_at(128 * BLOCK_SIZE as u64, pattern(round, 16));
+        let write = device.write_at(128 * IO_ALIGN_BYTES as u64, pattern(round, 16));
         let _ = tokio::time::timeout(std::time::Duration::from_micros(1), write).await;
         // Futures never polled at all.
-        drop(device.read_at(0, BLOCK_SIZE));
+        drop(device.read_at(0, IO_ALIGN_BYTES));
     }
     // Let in-flight ops finish; the engine keeps working.
     device.flush().await.unwrap();
     assert_eq!(
-        device.read_at(0, 64 * BLOCK_SIZE).await.unwrap(),
+        device.read_at(0, 64 * IO_ALIGN_BYTES).await.unwrap(),
         pattern(5, 64)
     );
     device
-        .write_at(256 * BLOCK_SIZE as u64, pattern(6, 1))
+        .write_at(256 * IO_ALIGN_BYTES as u64, pattern(6, 1))
         .await
         .unwrap();
     assert_eq!(
         device
-            .read_at(256 * BLOCK_SIZE as u64, BLOCK_SIZE)
+            .read_at(256 * IO_ALIGN_BYTES as u64, IO_ALIGN_BYTES)
             .await
             .unwrap(),
         pattern(6, 1)
@@ -254,7 +257,7 @@ pub async fn reopen_sees_data(factory: &Factory) {
     drop(device);
     let device = factory.open(dir.path()).unwrap();
     assert_eq!(
-        device.read_at(40960, 3 * BLOCK_SIZE).await.unwrap(),
+        device.read_at(40960, 3 * IO_ALIGN_BYTES).await.unwrap(),
         pattern(11, 3)
     );
 }
@@ -296,31 +299,31 @@ pub fn model(factory: &Factory) {
             let Some(device) = factory.open(dir.path()) else {
                 return Ok(());
             };
-            let mut model = vec![0u8; 64 * BLOCK_SIZE];
+            let mut model = vec![0u8; 64 * IO_ALIGN_BYTES];
             let mut touched = HashSet::new();
             for op in &ops {
                 match *op {
                     Op::Write { block, blocks, tag } => {
                         let buf = pattern(tag, blocks);
-                        let start = block as usize * BLOCK_SIZE;
+                        let start = block as usize * IO_ALIGN_BYTES;
                         model[start..start + buf.len()].copy_from_slice(&buf);
-                        device.write_at(block * BLOCK_SIZE as u64, buf).await.unwrap();
+                        device.write_at(block * IO_ALIGN_BYTES as u64, buf).await.unwrap();
                         touched.insert(block);
                     }
                     Op::Read { block, blocks } => {
-                        let start = block as usize * BLOCK_SIZE;
-                        let read = device.read_at(block * BLOCK_SIZE as u64, blocks * BLOCK_SIZE).await.unwrap();
-                        prop_assert!(read[..] == model[start..start + blocks * BLOCK_SIZE], "{:?}", op);
+                        let start = block as usize * IO_ALIGN_BYTES;
+                        let read = device.read_at(block * IO_ALIGN_BYTES as u64, blocks * IO_ALIGN_BYTES).await.unwrap();
+                        prop_assert!(read[..] == model[start..start + blocks * IO_ALIGN_BYTES], "{:?}", op);
                     }
                     Op::Discard { block, blocks } => {
-                        let start = block as usize * BLOCK_SIZE;
-                        model[start..start + blocks as usize * BLOCK_SIZE].fill(0);
-                        device.discard(block * BLOCK_SIZE as u64, blocks * BLOCK_SIZE as u64).await.unwrap();
+                        let start = block as usize * IO_ALIGN_BYTES;
+                        model[start..start + blocks as usize * IO_ALIGN_BYTES].fill(0);
+                        device.discard(block * IO_ALIGN_BYTES as u64, blocks * IO_ALIGN_BYTES as u64).await.unwrap();
                     }
                     Op::Flush => device.flush().await.unwrap(),
                 }
             }
-            let all = device.read_at(0, 64 * BLOCK_SIZE).await.unwrap();
+            let all = device.read_at(0, 64 * IO_ALIGN_BYTES).await.unwrap();
             prop_assert!(all[..] == model[..]);
             Ok(())
         })?;

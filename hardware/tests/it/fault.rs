@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hardware::{BlockDevice, DeviceError, FaultOps, FaultyDevice, MemoryDevice, BLOCK_SIZE};
+use hardware::{BlockDevice, DeviceError, FaultOps, FaultyDevice, MemoryDevice, IO_ALIGN_BYTES};
 
 use crate::conformance::pattern;
 
-const B: u64 = BLOCK_SIZE as u64;
+const B: u64 = IO_ALIGN_BYTES as u64;
 
 fn device() -> (Arc<MemoryDevice>, FaultyDevice) {
     let inner = Arc::new(MemoryDevice::new(1 << 20));
@@ -21,7 +21,7 @@ async fn eio_range_hits_only_overlapping_ops() {
     let control = device.control();
     device.write_at(0, pattern(1, 8)).await.unwrap();
     control.fail_range(2 * B, B, FaultOps::Reads);
-    let error = device.read_at(0, 4 * BLOCK_SIZE).await.unwrap_err();
+    let error = device.read_at(0, 4 * IO_ALIGN_BYTES).await.unwrap_err();
     assert!(error.is_device_failure());
     match error {
         DeviceError::Io {
@@ -36,18 +36,18 @@ async fn eio_range_hits_only_overlapping_ops() {
         other => panic!("expected Io, got {other:?}"),
     }
     // Non-overlapping reads and writes into the range still work.
-    device.read_at(3 * B, BLOCK_SIZE).await.unwrap();
-    device.read_at(0, 2 * BLOCK_SIZE).await.unwrap();
+    device.read_at(3 * B, IO_ALIGN_BYTES).await.unwrap();
+    device.read_at(0, 2 * IO_ALIGN_BYTES).await.unwrap();
     device.write_at(2 * B, pattern(2, 1)).await.unwrap();
 
     control.fail_range(6 * B, B, FaultOps::Writes);
     assert!(device.write_at(6 * B, pattern(3, 1)).await.is_err());
     assert!(device.discard(5 * B, 2 * B).await.is_err());
-    device.read_at(6 * B, BLOCK_SIZE).await.unwrap();
+    device.read_at(6 * B, IO_ALIGN_BYTES).await.unwrap();
 
     control.heal();
     assert_eq!(
-        device.read_at(2 * B, BLOCK_SIZE).await.unwrap(),
+        device.read_at(2 * B, IO_ALIGN_BYTES).await.unwrap(),
         pattern(2, 1)
     );
     device.write_at(6 * B, pattern(3, 1)).await.unwrap();
@@ -59,23 +59,29 @@ async fn bit_flip_is_visible_on_read_only() {
     let control = device.control();
     device.write_at(B, pattern(4, 2)).await.unwrap();
     control.flip_bit(B + 100, 3);
-    let read = device.read_at(0, 4 * BLOCK_SIZE).await.unwrap();
+    let read = device.read_at(0, 4 * IO_ALIGN_BYTES).await.unwrap();
     let expected = pattern(4, 2);
-    assert_eq!(read[BLOCK_SIZE + 100], expected[100] ^ 0b1000);
-    let differing = read[BLOCK_SIZE..3 * BLOCK_SIZE]
+    assert_eq!(read[IO_ALIGN_BYTES + 100], expected[100] ^ 0b1000);
+    let differing = read[IO_ALIGN_BYTES..3 * IO_ALIGN_BYTES]
         .iter()
         .zip(expected.iter())
         .filter(|(a, b)| a != b)
         .count();
     assert_eq!(differing, 1);
     // The medium itself is intact; reads elsewhere are clean.
-    assert_eq!(inner.read_at(B, 2 * BLOCK_SIZE).await.unwrap(), expected);
     assert_eq!(
-        device.read_at(2 * B, BLOCK_SIZE).await.unwrap()[..],
-        expected[BLOCK_SIZE..]
+        inner.read_at(B, 2 * IO_ALIGN_BYTES).await.unwrap(),
+        expected
+    );
+    assert_eq!(
+        device.read_at(2 * B, IO_ALIGN_BYTES).await.unwrap()[..],
+        expected[IO_ALIGN_BYTES..]
     );
     control.heal();
-    assert_eq!(device.read_at(B, 2 * BLOCK_SIZE).await.unwrap(), expected);
+    assert_eq!(
+        device.read_at(B, 2 * IO_ALIGN_BYTES).await.unwrap(),
+        expected
+    );
 }
 
 #[tokio::test]
@@ -87,20 +93,20 @@ async fn torn_write_keeps_only_first_blocks() {
     assert!(
         matches!(error, DeviceError::Io { offset, len, .. } if offset == 8 * B && len == 8 * B)
     );
-    let read = device.read_at(8 * B, 8 * BLOCK_SIZE).await.unwrap();
-    assert!(read[..3 * BLOCK_SIZE] == pattern(5, 8)[..3 * BLOCK_SIZE]);
-    assert!(read[3 * BLOCK_SIZE..].iter().all(|b| *b == 0));
+    let read = device.read_at(8 * B, 8 * IO_ALIGN_BYTES).await.unwrap();
+    assert!(read[..3 * IO_ALIGN_BYTES] == pattern(5, 8)[..3 * IO_ALIGN_BYTES]);
+    assert!(read[3 * IO_ALIGN_BYTES..].iter().all(|b| *b == 0));
     // One-shot: the next write is whole.
     device.write_at(8 * B, pattern(6, 8)).await.unwrap();
     assert_eq!(
-        device.read_at(8 * B, 8 * BLOCK_SIZE).await.unwrap(),
+        device.read_at(8 * B, 8 * IO_ALIGN_BYTES).await.unwrap(),
         pattern(6, 8)
     );
     // Tearing at 0 blocks writes nothing.
     control.tear_next_write(0);
     assert!(device.write_at(0, pattern(7, 2)).await.is_err());
     assert!(device
-        .read_at(0, 2 * BLOCK_SIZE)
+        .read_at(0, 2 * IO_ALIGN_BYTES)
         .await
         .unwrap()
         .iter()
@@ -115,7 +121,7 @@ async fn whole_device_failure_and_heal() {
     control.fail_device();
     assert!(control.is_failed());
     for error in [
-        device.read_at(0, BLOCK_SIZE).await.unwrap_err(),
+        device.read_at(0, IO_ALIGN_BYTES).await.unwrap_err(),
         device.write_at(0, pattern(9, 1)).await.unwrap_err(),
         device.flush().await.unwrap_err(),
         device.discard(0, B).await.unwrap_err(),
@@ -125,12 +131,15 @@ async fn whole_device_failure_and_heal() {
     }
     // Argument errors are still reported as such.
     assert!(matches!(
-        device.read_at(1, BLOCK_SIZE).await,
+        device.read_at(1, IO_ALIGN_BYTES).await,
         Err(DeviceError::Unaligned { .. })
     ));
     control.heal();
     assert!(!control.is_failed());
-    assert_eq!(device.read_at(0, BLOCK_SIZE).await.unwrap(), pattern(8, 1));
+    assert_eq!(
+        device.read_at(0, IO_ALIGN_BYTES).await.unwrap(),
+        pattern(8, 1)
+    );
 }
 
 #[tokio::test]
@@ -140,14 +149,14 @@ async fn latency_delays_every_op() {
     control.set_latency(Duration::from_millis(30));
     let started = Instant::now();
     device.write_at(0, pattern(1, 1)).await.unwrap();
-    device.read_at(0, BLOCK_SIZE).await.unwrap();
+    device.read_at(0, IO_ALIGN_BYTES).await.unwrap();
     device.flush().await.unwrap();
     assert!(started.elapsed() >= Duration::from_millis(90));
     // Heal clears the latency: with an hour armed, a read that still
     // waited for it could not finish within the (generous) 10 s.
     control.set_latency(Duration::from_secs(3600));
     control.heal();
-    let read = tokio::time::timeout(Duration::from_secs(10), device.read_at(0, BLOCK_SIZE))
+    let read = tokio::time::timeout(Duration::from_secs(10), device.read_at(0, IO_ALIGN_BYTES))
         .await
         .expect("a read after heal still waits for the latency");
     assert_eq!(read.unwrap(), pattern(1, 1));
@@ -159,10 +168,10 @@ async fn control_is_shared_between_clones() {
     let control = device.control().clone();
     let device = Arc::new(device);
     control.fail_range(0, B, FaultOps::ReadsAndWrites);
-    assert!(device.read_at(0, BLOCK_SIZE).await.is_err());
+    assert!(device.read_at(0, IO_ALIGN_BYTES).await.is_err());
     assert!(device.write_at(0, pattern(1, 1)).await.is_err());
     device.control().heal();
-    assert!(device.read_at(0, BLOCK_SIZE).await.is_ok());
+    assert!(device.read_at(0, IO_ALIGN_BYTES).await.is_ok());
 }
 
 mod model {

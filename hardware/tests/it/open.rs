@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hardware::{
-    open_device, DeviceError, EngineChoice, EngineKind, OpenOptions, BLOCK_SIZE, ENGINE_ENV_VAR,
+    open_device, DeviceError, EngineChoice, EngineKind, OpenOptions, ENGINE_ENV_VAR, IO_ALIGN_BYTES,
 };
 
 use crate::conformance::pattern;
@@ -57,17 +57,17 @@ async fn write_durable_at_writes_like_write_at_on_every_engine() {
         };
         let data = pattern(7, 3).to_vec();
         let back = device
-            .write_durable_at(4 * BLOCK_SIZE as u64, pattern(7, 3))
+            .write_durable_at(4 * IO_ALIGN_BYTES as u64, pattern(7, 3))
             .await
             .unwrap();
         assert_eq!(back.len(), data.len(), "{name}: buffer handed back");
         let read = device
-            .read_at(4 * BLOCK_SIZE as u64, data.len())
+            .read_at(4 * IO_ALIGN_BYTES as u64, data.len())
             .await
             .unwrap();
         assert_eq!(&read[..], &data[..], "{name}");
         // Out of range is refused like any write.
-        let buf = hardware::AlignedBuf::zeroed(BLOCK_SIZE).unwrap();
+        let buf = hardware::AlignedBuf::zeroed(IO_ALIGN_BYTES).unwrap();
         assert!(
             device.write_durable_at(1 << 20, buf).await.is_err(),
             "{name}"
@@ -127,7 +127,10 @@ async fn auto_prefers_uring() {
         assert_eq!(device.info().engine, EngineKind::Uring);
     }
     device.write_at(0, pattern(1, 1)).await.unwrap();
-    assert_eq!(device.read_at(0, BLOCK_SIZE).await.unwrap(), pattern(1, 1));
+    assert_eq!(
+        device.read_at(0, IO_ALIGN_BYTES).await.unwrap(),
+        pattern(1, 1)
+    );
 }
 
 #[test]
@@ -194,10 +197,10 @@ async fn uring_queue_depth_one() {
         .map(|task| {
             let device = Arc::clone(&device);
             tokio::spawn(async move {
-                let offset = (task % 256) * BLOCK_SIZE as u64;
+                let offset = (task % 256) * IO_ALIGN_BYTES as u64;
                 device.write_at(offset, pattern(task, 1)).await.unwrap();
                 assert_eq!(
-                    device.read_at(offset, BLOCK_SIZE).await.unwrap(),
+                    device.read_at(offset, IO_ALIGN_BYTES).await.unwrap(),
                     pattern(task, 1)
                 );
             })
@@ -237,7 +240,7 @@ async fn uring_thread_exits_when_device_dropped() {
     wait_for_threads("uring-lifecycle", 1).await;
     // Leave operations in flight with their futures dropped, then drop the device.
     for _ in 0..8 {
-        let read = device.read_at(0, 64 * BLOCK_SIZE);
+        let read = device.read_at(0, 64 * IO_ALIGN_BYTES);
         let _ = tokio::time::timeout(Duration::from_micros(1), read).await;
     }
     drop(device);

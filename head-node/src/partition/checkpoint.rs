@@ -73,12 +73,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future;
 use proto::sled::{ColumnId, PartitionId, SledError, SledRequest, SledResponse};
+use proto::BLOCK_SIZE_BYTES;
 
 use super::flush::{
     open_extent, open_next_extent, read_summary, read_verified, sled_call, zero_block_crc,
 };
 use super::layout::{
-    self, SlotEntry, StripeKind, StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
+    self, SlotEntry, StripeKind, StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{bump, ExtentState, PartitionError, Shared};
 use crate::index::{Location, PartitionIndex};
@@ -198,7 +199,7 @@ impl Checkpoint {
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes()); // body length, patched below
         out.extend_from_slice(&self.partition.volume.to_le_bytes());
-        out.extend_from_slice(&self.partition.partition.to_le_bytes());
+        out.extend_from_slice(&self.partition.index.to_le_bytes());
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.flushed_through.to_le_bytes());
@@ -257,7 +258,7 @@ impl Checkpoint {
         };
         let partition = PartitionId {
             volume: r.u64()?,
-            partition: r.u32()?,
+            index: r.u32()?,
         };
         let epoch = r.u64()?;
         let id = r.u64()?;
@@ -409,13 +410,13 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
             Some(location) => {
                 highest_sequence = highest_sequence.max(run.sequence);
                 index
-                    .apply_write(lba, run.count, run.sequence, location)
+                    .apply_write(lba, run.block_count, run.sequence, location)
                     .map_err(index_error)?;
             }
             None => {
                 highest_sequence = highest_sequence.max(run.sequence);
                 index
-                    .apply_unmap(lba, run.count, run.sequence)
+                    .apply_unmap(lba, run.block_count, run.sequence)
                     .map_err(index_error)?;
             }
         }
@@ -465,7 +466,12 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
     let checkpoint = snapshot(shared)?;
     let epoch = checkpoint.epoch;
     let payload = checkpoint.encode();
-    let (extent_id, first_row, grant, codec) = target(shared, epoch, payload.len()).await?;
+    let Target {
+        grant,
+        first_row,
+        codec,
+    } = target(shared, epoch, payload.len()).await?;
+    let extent_id = grant.extent;
     let k = codec.data_shards();
     let rows = rows_for(payload.len(), k);
     let row_bytes = k * CHUNK_BYTES as usize;
@@ -486,11 +492,11 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
                 chunks[i][..byte.len()].copy_from_slice(byte);
             }
             let mut crcs = vec![zero; k * CHUNK_BLOCKS as usize];
-            let used_blocks = (to - from).div_ceil(BLOCK_BYTES as usize);
+            let used_blocks = (to - from).div_ceil(BLOCK_SIZE_BYTES as usize);
             for (slot, entry) in slots.iter_mut().enumerate().take(used_blocks) {
                 let column = slot / CHUNK_BLOCKS as usize;
-                let at = (slot % CHUNK_BLOCKS as usize) * BLOCK_BYTES as usize;
-                let crc = crc32c::crc32c(&chunks[column][at..at + BLOCK_BYTES as usize]);
+                let at = (slot % CHUNK_BLOCKS as usize) * BLOCK_SIZE_BYTES as usize;
+                let crc = crc32c::crc32c(&chunks[column][at..at + BLOCK_SIZE_BYTES as usize]);
                 crcs[slot] = crc;
                 *entry = Some(SlotEntry {
                     lba: r * (k as u64) * CHUNK_BLOCKS + slot as u64,
@@ -508,7 +514,7 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             let summary = StripeSummary {
                 kind: StripeKind::IndexCheckpoint,
                 volume: shared.id().volume,
-                partition: shared.id().partition,
+                partition: shared.id().index,
                 epoch,
                 extent: extent_id,
                 stripe: first_row + r,
@@ -587,12 +593,15 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
     })
 }
 
-type Target = (
-    u64,
-    u64,
-    super::ExtentGrant,
-    Arc<crate::erasure::ErasureCodec>,
-);
+/// Where the next checkpoint goes.
+struct Target {
+    /// The checkpoint extent (`grant.extent` is its id).
+    grant: super::ExtentGrant,
+    /// The checkpoint's first row in that extent.
+    first_row: u64,
+    /// The extent's erasure codec.
+    codec: Arc<crate::erasure::ErasureCodec>,
+}
 
 /// The checkpoint extent and first row the next checkpoint goes to.
 async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target, PartitionError> {
@@ -605,12 +614,11 @@ async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target
         {
             let rows = rows_for(bytes, e.codec.data_shards());
             if !e.sealed && e.rows_written + rows <= e.rows_capacity {
-                return Ok((
-                    e.grant.extent,
-                    e.rows_written,
-                    e.grant.clone(),
-                    e.codec.clone(),
-                ));
+                return Ok(Target {
+                    grant: e.grant.clone(),
+                    first_row: e.rows_written,
+                    codec: e.codec.clone(),
+                });
             }
         }
     }
@@ -618,7 +626,11 @@ async fn target(shared: &Arc<Shared>, epoch: u64, bytes: usize) -> Result<Target
     let id = extent.grant.extent;
     let rows = rows_for(bytes, extent.codec.data_shards());
     let fits = rows <= extent.rows_capacity;
-    let target = (id, 0, extent.grant.clone(), extent.codec.clone());
+    let target = Target {
+        grant: extent.grant.clone(),
+        first_row: 0,
+        codec: extent.codec.clone(),
+    };
     {
         let mut state = shared.lock();
         state.extents.insert(id, extent);
@@ -660,7 +672,7 @@ async fn append_all(
             column: *column,
             partition: shared.id(),
             epoch,
-            offset,
+            offset_bytes: offset,
             block_crcs: crate::wal::format::block_crcs(&data),
             data,
         };
@@ -999,7 +1011,7 @@ async fn try_candidate(
             ..
         }) = run.location
         {
-            let last = offset_bytes + (run.count - 1) * BLOCK_BYTES;
+            let last = offset_bytes + (run.block_count - 1) * BLOCK_SIZE_BYTES;
             let inside = covered.get(&extent).is_some_and(|rows| {
                 layout::split_offset(last).is_some_and(|(stripe, _)| stripe < *rows)
             });
@@ -1091,7 +1103,7 @@ async fn load(
                             && s.stripe == stripe
                             && s.epoch == candidate.epoch
                             && s.volume == shared.id().volume
-                            && s.partition == shared.id().partition
+                            && s.partition == shared.id().index
                     })
             });
             let Some(summary) = summary else {
@@ -1109,7 +1121,7 @@ async fn load(
                 let Some(shard) = shard else {
                     return Err(format!("row {stripe}: data column {d} not decoded"));
                 };
-                for (b, block) in shard.chunks(BLOCK_BYTES as usize).enumerate() {
+                for (b, block) in shard.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
                     let slot = d * CHUNK_BLOCKS as usize + b;
                     let entry = summary.slots.get(slot).copied().flatten();
                     let expected_lba = (stripe - candidate.first_row) * per_row + slot as u64;
@@ -1205,7 +1217,7 @@ async fn scan(
                 built.highest_sequence = built.highest_sequence.max(t.sequence);
                 built
                     .index
-                    .apply_unmap(t.lba, t.count, t.sequence)
+                    .apply_unmap(t.lba, t.block_count, t.sequence)
                     .map_err(index_error)?;
             }
         }
@@ -1221,7 +1233,7 @@ mod tests {
     fn sample() -> Checkpoint {
         let partition = PartitionId {
             volume: 3,
-            partition: 4,
+            index: 4,
         };
         let mut index = PartitionIndex::new(partition, 1000);
         index

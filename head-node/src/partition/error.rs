@@ -38,18 +38,18 @@ pub enum PartitionError {
         current: u64,
     },
     /// The byte range is outside the partition.
-    #[error("partition {partition:?}: range {offset_bytes}+{len} outside [{start}, {end})")]
+    #[error("partition {partition:?}: range {offset_bytes}+{len_bytes} outside [{partition_start_bytes}, {partition_end_bytes})")]
     OutOfRange {
         /// Partition.
         partition: PartitionId,
         /// Volume-absolute offset.
         offset_bytes: u64,
         /// Length.
-        len: u32,
+        len_bytes: u32,
         /// Partition start (volume bytes).
-        start: u64,
+        partition_start_bytes: u64,
         /// Partition end (volume bytes).
-        end: u64,
+        partition_end_bytes: u64,
     },
     /// Data failed its checksum and could not be reconstructed (reads), or
     /// arrived corrupt (writes).
@@ -166,15 +166,15 @@ impl PartitionError {
             PartitionError::Fenced { current, .. } => HostError::Fenced { current: *current },
             PartitionError::OutOfRange {
                 offset_bytes,
-                len,
-                start,
-                end,
+                len_bytes: len,
+                partition_start_bytes: start,
+                partition_end_bytes: end,
                 ..
             } => HostError::OutOfRange {
                 offset_bytes: *offset_bytes,
-                len: *len,
-                partition_start: *start,
-                partition_end: *end,
+                len_bytes: *len,
+                partition_start_bytes: *start,
+                partition_end_bytes: *end,
             },
             PartitionError::ChecksumMismatch { offset_bytes, .. } => HostError::ChecksumMismatch {
                 offset_bytes: *offset_bytes,

@@ -31,15 +31,16 @@ use futures::future;
 use futures::StreamExt;
 use proto::sled::{SledError, SledRequest, SledResponse};
 use proto::volume::{FlushedRange, ReplicaRequest};
+use proto::BLOCK_SIZE_BYTES;
 
 use super::layout::{
-    self, SlotEntry, StripeSummary, Tombstone, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
+    self, SlotEntry, StripeSummary, Tombstone, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{
     bump, read, ExtentGrant, ExtentState, PartitionError, Role, Shared, State, LOG_READS_IN_FLIGHT,
 };
 use crate::erasure::ErasureCodec;
-use crate::index::Location;
+use crate::index::{Location, Run};
 use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
 
 /// Most flush batches one `flush_now` writes.
@@ -100,7 +101,7 @@ struct Placed {
 }
 
 pub(super) fn zero_block_crc() -> u32 {
-    crc32c::crc32c(&[0u8; BLOCK_BYTES as usize])
+    crc32c::crc32c(&[0u8; BLOCK_SIZE_BYTES as usize])
 }
 
 /// Flushes every log-resident block and pending trim, then releases the log.
@@ -109,26 +110,18 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     shared.check_primary(None)?;
     let mut report = FlushReport::default();
     for _ in 0..MAX_BATCHES {
-        let (pieces, trims, up_to, more) = collect(shared);
-        if pieces.is_empty() && trims.is_empty() {
+        let batch = collect(shared);
+        if batch.pieces.is_empty() && batch.trims.is_empty() {
             break;
         }
-        let blocks = load_log_blocks(shared, pieces).await?;
-        let tombstones: Vec<Tombstone> = trims
-            .iter()
-            .map(|(sequence, lba, count)| Tombstone {
-                lba: *lba,
-                count: *count,
-                sequence: *sequence,
-            })
-            .collect();
-        let trim_sequences: Vec<u64> = trims.iter().map(|t| t.0).collect();
-        let (placed, stripes) = write_stripes(shared, blocks, tombstones).await?;
+        let blocks = load_log_blocks(shared, batch.pieces).await?;
+        let trim_sequences: Vec<u64> = batch.trims.iter().map(|t| t.sequence).collect();
+        let (placed, stripes) = write_stripes(shared, blocks, batch.trims).await?;
         report.blocks += placed.len() as u64;
         report.stripes += stripes;
         report.trims += trim_sequences.len() as u64;
         report.batches += 1;
-        commit_flush(shared, placed, &trim_sequences, Some(up_to)).await?;
+        commit_flush(shared, placed, &trim_sequences, Some(batch.up_to_sequence)).await?;
         // Give the space back batch by batch: writers waiting on a full log
         // resume after one batch, not after the whole flush.
         shared
@@ -136,7 +129,7 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
             .release()
             .await
             .map_err(|source| shared.wal_error(source))?;
-        if !more {
+        if !batch.more {
             break;
         }
     }
@@ -154,19 +147,44 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     Ok(report)
 }
 
-type LogPiece = (u64, u64, u64, LogPosition, u32);
-/// A pending trim: (sequence, lba, count).
-type TrimPiece = (u64, u64, u64);
+/// A log-resident run of the index, or its head when the batch is full:
+/// blocks `lba..lba + block_count`, payload blocks `first_block_in_record..`
+/// of the log record at `position`.
+#[derive(Debug, Clone, Copy)]
+struct LogPiece {
+    /// First partition block.
+    lba: u64,
+    /// Blocks in the piece.
+    block_count: u64,
+    /// Sequence of the write that produced them.
+    sequence: u64,
+    /// The log record holding them.
+    position: LogPosition,
+    /// Index of the piece's first block in that record's payload.
+    first_block_in_record: u32,
+}
 
-/// Log-resident runs (lba, count, sequence, position, first block) up to the
-/// batch size, trims up to the batch's watermark, the watermark, and
-/// whether more runs remain.
+/// What one flush batch writes to the sleds.
+struct FlushBatch {
+    /// Log-resident runs, up to the batch size.
+    pieces: Vec<LogPiece>,
+    /// Pending trims up to `up_to_sequence`, as stripe tombstones.
+    trims: Vec<Tombstone>,
+    /// The watermark of the batch's flush commit.
+    up_to_sequence: u64,
+    /// Log-resident runs remain for another batch.
+    more: bool,
+}
+
+/// The next batch: log-resident runs up to the batch size, the pending
+/// trims up to the batch's watermark, the watermark, and whether more runs
+/// remain.
 ///
 /// The watermark (`up_to` of the batch's flush commit) is the applied
 /// watermark, lowered below the oldest log-resident run this batch leaves
 /// for the next one: a secondary that is behind jumps to `up_to` on the
 /// commit, so `up_to` must never cover a record the sleds do not hold yet.
-fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
+fn collect(shared: &Shared) -> FlushBatch {
     let state = shared.lock();
     let mut up_to = state.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
@@ -184,10 +202,16 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
                 up_to = up_to.min(run.sequence.saturating_sub(1));
                 continue;
             }
-            let count = run.count.min(limit - total);
-            pieces.push((lba, count, run.sequence, position, block_in_record));
-            total += count;
-            if count < run.count {
+            let block_count = run.block_count.min(limit - total);
+            pieces.push(LogPiece {
+                lba,
+                block_count,
+                sequence: run.sequence,
+                position,
+                first_block_in_record: block_in_record,
+            });
+            total += block_count;
+            if block_count < run.block_count {
                 more = true;
                 up_to = up_to.min(run.sequence.saturating_sub(1));
             }
@@ -196,9 +220,18 @@ fn collect(shared: &Shared) -> (Vec<LogPiece>, Vec<TrimPiece>, u64, bool) {
     let trims = state
         .pending_trims
         .range(..=up_to)
-        .map(|(sequence, (lba, count, _))| (*sequence, *lba, *count))
+        .map(|(sequence, trim)| Tombstone {
+            lba: trim.lba,
+            block_count: trim.block_count,
+            sequence: *sequence,
+        })
         .collect();
-    (pieces, trims, up_to, more)
+    FlushBatch {
+        pieces,
+        trims,
+        up_to_sequence: up_to,
+        more,
+    }
 }
 
 async fn load_log_blocks(
@@ -209,20 +242,33 @@ async fn load_log_blocks(
     // LOG_READS_IN_FLIGHT of them at the device at once, in order.
     let wal = shared.log.wal();
     let mut reads = futures::stream::iter(pieces)
-        .map(|(lba, count, sequence, position, first)| async move {
-            let data = wal.read_blocks(position, first, count as u32).await;
-            (lba, count, sequence, data)
+        .map(|piece| async move {
+            let data = wal
+                .read_blocks(
+                    piece.position,
+                    piece.first_block_in_record,
+                    piece.block_count as u32,
+                )
+                .await;
+            (piece, data)
         })
         .buffered(LOG_READS_IN_FLIGHT);
     let mut blocks = Vec::new();
-    while let Some((lba, count, sequence, data)) = reads.next().await {
+    while let Some((piece, data)) = reads.next().await {
         let data = match data {
             Ok(data) => data,
             // Superseded and released meanwhile: nothing to flush.
             Err(WalError::NotFound { .. }) => continue,
             Err(source) => return Err(shared.wal_error(source)),
         };
-        push_blocks(&mut blocks, lba, count, sequence, &data, |_| None);
+        push_blocks(
+            &mut blocks,
+            piece.lba,
+            piece.block_count,
+            piece.sequence,
+            &data,
+            |_| None,
+        );
     }
     Ok(blocks)
 }
@@ -281,8 +327,8 @@ fn push_blocks(
     relocate_from: impl Fn(u64) -> Option<Location>,
 ) {
     for i in 0..count {
-        let from = (i * BLOCK_BYTES) as usize;
-        let block = data.slice(from..from + BLOCK_BYTES as usize);
+        let from = (i * BLOCK_SIZE_BYTES) as usize;
+        let block = data.slice(from..from + BLOCK_SIZE_BYTES as usize);
         blocks.push(FlushBlock {
             lba: lba + i,
             sequence,
@@ -547,8 +593,8 @@ async fn write_rows(
         for (slot, block) in row.blocks.iter().enumerate() {
             let column = slot / CHUNK_BLOCKS as usize;
             let in_chunk = (slot % CHUNK_BLOCKS as usize) as u64;
-            let at = (in_chunk * BLOCK_BYTES) as usize;
-            chunks[column][at..at + BLOCK_BYTES as usize].copy_from_slice(&block.data);
+            let at = (in_chunk * BLOCK_SIZE_BYTES) as usize;
+            chunks[column][at..at + BLOCK_SIZE_BYTES as usize].copy_from_slice(&block.data);
             slots[slot] = Some(SlotEntry {
                 lba: block.lba,
                 sequence: block.sequence,
@@ -570,7 +616,7 @@ async fn write_rows(
         let summary = StripeSummary {
             kind: layout::StripeKind::Data,
             volume: shared.id().volume,
-            partition: shared.id().partition,
+            partition: shared.id().index,
             epoch: target.epoch,
             extent: target.extent,
             stripe,
@@ -606,7 +652,7 @@ async fn write_rows(
                 column: *column,
                 partition: shared.id(),
                 epoch: target.epoch,
-                offset: target.row * ROW_BYTES,
+                offset_bytes: target.row * ROW_BYTES,
                 data,
                 block_crcs,
             };
@@ -716,7 +762,8 @@ async fn commit_flush(
                                 && last.sequence == block.sequence
                                 && last.extent == extent
                                 && last.column == column
-                                && last.offset_bytes + u64::from(last.blocks) * BLOCK_BYTES
+                                && last.offset_bytes
+                                    + u64::from(last.blocks) * BLOCK_SIZE_BYTES
                                     == offset_bytes =>
                         {
                             last.blocks += 1
@@ -873,7 +920,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             .filter(|(_, r)| r.location.is_none())
             .map(|(lba, r)| Tombstone {
                 lba,
-                count: r.count,
+                block_count: r.block_count,
                 sequence: r.sequence,
             })
             .collect();
@@ -882,25 +929,29 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
     report.candidates = candidates.len() as u64;
     bump(&shared.metrics.gc_passes);
     for extent in candidates {
-        let runs: Vec<(u64, u64, u64, Location)> = {
+        // The extent's runs, by first block.
+        let runs: Vec<(u64, Run)> = {
             let state = shared.lock();
             state
                 .index
                 .runs()
-                .filter_map(|(lba, r)| match r.location {
-                    Some(l @ Location::Sled { extent: e, .. }) if e == extent => {
-                        Some((lba, r.count, r.sequence, l))
-                    }
-                    _ => None,
+                .filter(|(_, r)| {
+                    matches!(r.location, Some(Location::Sled { extent: e, .. }) if e == extent)
                 })
+                .map(|(lba, r)| (lba, *r))
                 .collect()
         };
         let mut blocks = Vec::new();
-        for (lba, count, sequence, location) in runs {
-            let data = read::read_blocks(shared, lba, count).await?;
-            push_blocks(&mut blocks, lba, count, sequence, &data, |i| {
-                Some(location.advanced(i))
-            });
+        for (lba, run) in runs {
+            let data = read::read_blocks(shared, lba, run.block_count).await?;
+            push_blocks(
+                &mut blocks,
+                lba,
+                run.block_count,
+                run.sequence,
+                &data,
+                |i| run.location.map(|l| l.advanced(i)),
+            );
         }
         if !blocks.is_empty() || !tombstones.is_empty() {
             let (placed, _) =
@@ -950,8 +1001,8 @@ pub(super) async fn read_summary(
     for (sled, column) in &extent.grant.columns {
         let request = SledRequest::Read {
             column: *column,
-            offset: row * ROW_BYTES + CHUNK_BYTES,
-            len: BLOCK_BYTES as u32,
+            offset_bytes: row * ROW_BYTES + CHUNK_BYTES,
+            len_bytes: BLOCK_SIZE_BYTES as u32,
         };
         let Ok(SledResponse::Data { data, .. }) = sled_call(shared, sled, request).await else {
             continue;
@@ -961,7 +1012,7 @@ pub(super) async fn read_summary(
                 if s.extent == extent.grant.extent
                     && s.stripe == row
                     && s.volume == shared.id().volume
-                    && s.partition == shared.id().partition =>
+                    && s.partition == shared.id().index =>
             {
                 return Some(s)
             }
@@ -1049,15 +1100,15 @@ pub(super) async fn read_verified(
 ) -> Option<Bytes> {
     let request = SledRequest::Read {
         column,
-        offset,
-        len: u32::try_from(len).ok()?,
+        offset_bytes: offset,
+        len_bytes: u32::try_from(len).ok()?,
     };
     match sled_call(shared, sled, request).await {
         Ok(SledResponse::Data { data, block_crcs }) => {
             let ok = data.len() as u64 == len
-                && block_crcs.len() as u64 == len / BLOCK_BYTES
+                && block_crcs.len() as u64 == len / BLOCK_SIZE_BYTES
                 && data
-                    .chunks(BLOCK_BYTES as usize)
+                    .chunks(BLOCK_SIZE_BYTES as usize)
                     .zip(&block_crcs)
                     .all(|(block, crc)| crc32c::crc32c(block) == *crc);
             if !ok {

@@ -24,7 +24,7 @@
 //!  10 slots u16 (k*16)          48 epoch u64
 //!  12 tombstones u16            56 slot entries: slots x (lba u64, sequence u64, crc u32)
 //!  14 kind u16 (version 2)         (lba == u64::MAX: empty slot, zeros)
-//!  16 volume u64                   then tombstones x (lba u64, count u64, sequence u64)
+//!  16 volume u64                   then tombstones x (lba u64, block_count u64, sequence u64)
 //!  24 partition u32           4092 CRC-32C of bytes 0..4092
 //!  28 reserved u32
 //! ```
@@ -42,16 +42,15 @@
 //! never maps it. A version-1 reader refuses version 2 (it cannot mistake a
 //! checkpoint for data).
 
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 
-/// Bytes of a block.
-pub const BLOCK_BYTES: u64 = 4096;
 /// Data (or parity) blocks of one column per stripe.
 pub const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of one chunk (the stripe unit).
-pub const CHUNK_BYTES: u64 = CHUNK_BLOCKS * BLOCK_BYTES;
+pub const CHUNK_BYTES: u64 = CHUNK_BLOCKS * BLOCK_SIZE_BYTES;
 /// Bytes of one row of a column: chunk + summary block.
-pub const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK_BYTES;
+pub const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK_SIZE_BYTES;
 /// Summary format version of a data stripe.
 pub const SUMMARY_VERSION: u16 = 1;
 /// Summary format version of a row that carries a [`StripeKind`] other than data.
@@ -64,7 +63,7 @@ const SUMMARY_MAGIC: u64 = u64::from_le_bytes(*b"RBHNSUM1");
 const SUMMARY_FIXED_BYTES: usize = 56;
 const SLOT_ENTRY_BYTES: usize = 20;
 const TOMBSTONE_ENTRY_BYTES: usize = 24;
-const SUMMARY_CRC_OFFSET: usize = BLOCK_BYTES as usize - 4;
+const SUMMARY_CRC_OFFSET: usize = BLOCK_SIZE_BYTES as usize - 4;
 const EMPTY_SLOT: u64 = u64::MAX;
 
 /// Most tombstones one stripe's summary can carry with `k` data columns.
@@ -77,15 +76,15 @@ pub fn max_tombstones(k: usize) -> usize {
 /// Byte offset in its column of block `block` (0..16) of stripe `stripe`.
 pub fn block_offset(stripe: u64, block: u64) -> u64 {
     debug_assert!(block < CHUNK_BLOCKS);
-    stripe * ROW_BYTES + block * BLOCK_BYTES
+    stripe * ROW_BYTES + block * BLOCK_SIZE_BYTES
 }
 
 /// `(stripe, block in chunk)` of a data byte offset; `None` if it is not a
 /// data block (a summary block or unaligned).
 pub fn split_offset(offset_bytes: u64) -> Option<(u64, u64)> {
     let in_row = offset_bytes % ROW_BYTES;
-    (offset_bytes % BLOCK_BYTES == 0 && in_row < CHUNK_BYTES)
-        .then_some((offset_bytes / ROW_BYTES, in_row / BLOCK_BYTES))
+    (offset_bytes % BLOCK_SIZE_BYTES == 0 && in_row < CHUNK_BYTES)
+        .then_some((offset_bytes / ROW_BYTES, in_row / BLOCK_SIZE_BYTES))
 }
 
 /// One data slot of a stripe.
@@ -105,7 +104,7 @@ pub struct Tombstone {
     /// First partition-relative block.
     pub lba: u64,
     /// Blocks.
-    pub count: u64,
+    pub block_count: u64,
     /// Sequence of the unmap.
     pub sequence: u64,
 }
@@ -197,7 +196,7 @@ impl StripeSummary {
         }
         let slots = u16::try_from(self.slots.len()).map_err(|_| too_large())?;
         let tombstones = u16::try_from(self.tombstones.len()).map_err(|_| too_large())?;
-        let mut out = Vec::with_capacity(BLOCK_BYTES as usize);
+        let mut out = Vec::with_capacity(BLOCK_SIZE_BYTES as usize);
         let version = match self.kind {
             StripeKind::Data => SUMMARY_VERSION,
             _ => SUMMARY_VERSION_KIND,
@@ -225,19 +224,19 @@ impl StripeSummary {
         }
         for t in &self.tombstones {
             out.extend_from_slice(&t.lba.to_le_bytes());
-            out.extend_from_slice(&t.count.to_le_bytes());
+            out.extend_from_slice(&t.block_count.to_le_bytes());
             out.extend_from_slice(&t.sequence.to_le_bytes());
         }
         out.resize(SUMMARY_CRC_OFFSET, 0);
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        debug_assert_eq!(out.len() as u64, BLOCK_BYTES);
+        debug_assert_eq!(out.len() as u64, BLOCK_SIZE_BYTES);
         Ok(out)
     }
 
     /// Decodes and checks a summary block.
     pub fn decode(block: &[u8]) -> Result<Self, SummaryError> {
-        if block.len() != BLOCK_BYTES as usize {
+        if block.len() != BLOCK_SIZE_BYTES as usize {
             return Err(SummaryError::TooLarge {
                 slots: 0,
                 tombstones: 0,
@@ -292,7 +291,7 @@ impl StripeSummary {
         for _ in 0..tombstones {
             tombstone_entries.push(Tombstone {
                 lba: u64_at(at),
-                count: u64_at(at + 8),
+                block_count: u64_at(at + 8),
                 sequence: u64_at(at + 16),
             });
             at += TOMBSTONE_ENTRY_BYTES;
@@ -335,7 +334,7 @@ mod tests {
                 .collect(),
             tombstones: vec![Tombstone {
                 lba: 5,
-                count: 9,
+                block_count: 9,
                 sequence: 77,
             }],
         };

@@ -101,7 +101,7 @@ pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 use crate::erasure::ErasureCodec;
 use crate::index::{Location, PartitionIndex};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
-use layout::BLOCK_BYTES;
+use proto::BLOCK_SIZE_BYTES;
 
 /// Log reads a flush, a take-over or a catch-up keeps in flight.
 const LOG_READS_IN_FLIGHT: usize = 32;
@@ -173,11 +173,11 @@ impl PartitionConfig {
     }
 
     fn start_bytes(&self) -> u64 {
-        self.first_block * BLOCK_BYTES
+        self.first_block * BLOCK_SIZE_BYTES
     }
 
     fn end_bytes(&self) -> u64 {
-        (self.first_block + self.size_blocks) * BLOCK_BYTES
+        (self.first_block + self.size_blocks) * BLOCK_SIZE_BYTES
     }
 }
 
@@ -377,6 +377,19 @@ struct ReplProgress {
     stopped: bool,
 }
 
+/// A trim or write-zeroes in the index (as a tombstone) whose tombstone is
+/// not yet in a stripe summary on the sleds; its log record stays pinned
+/// until then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PendingTrim {
+    /// First partition block.
+    lba: u64,
+    /// Blocks trimmed.
+    block_count: u64,
+    /// The trim's log record.
+    position: LogPosition,
+}
+
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -388,8 +401,8 @@ struct State {
     /// Every sequence up to here is applied (or abandoned).
     applied_through: u64,
     applied_above: BTreeSet<u64>,
-    /// Trims not yet written to a summary: sequence → (lba, count, position).
-    pending_trims: BTreeMap<u64, (u64, u64, LogPosition)>,
+    /// Trims not yet written to a summary, by sequence.
+    pending_trims: BTreeMap<u64, PendingTrim>,
     /// Primary: own log records by sequence (catch-up of the secondary).
     retained: BTreeMap<u64, LogPosition>,
     /// Log heads taken before appends in flight.
@@ -533,7 +546,7 @@ impl Shared {
         [
             state.index.oldest_log_position(),
             state.inflight_holds.keys().next().copied(),
-            state.pending_trims.values().map(|t| t.2).min(),
+            state.pending_trims.values().map(|t| t.position).min(),
             state.retained.range(acked + 1..).map(|(_, p)| *p).min(),
         ]
         .into_iter()
@@ -755,7 +768,7 @@ impl Partition {
                     _ => None,
                 })
                 .collect();
-            needed.extend(state.pending_trims.values().map(|t| t.2));
+            needed.extend(state.pending_trims.values().map(|t| t.position));
             // Pinned until the new instance holds them itself, whatever the
             // old index does meanwhile (a flush that outlived the wait
             // above may still move blocks to the sleds).
@@ -1058,8 +1071,13 @@ impl Partition {
         block: u64,
     ) -> Option<(Location, Option<(String, proto::sled::ColumnId)>)> {
         let state = self.shared.lock();
-        let (_, location) = state.index.lookup(block, 1).ok()?.into_iter().next()?;
-        let location = location?;
+        let location = state
+            .index
+            .lookup(block, 1)
+            .ok()?
+            .into_iter()
+            .next()?
+            .location?;
         let column = match location {
             Location::Sled { extent, column, .. } => state
                 .extents
@@ -1084,7 +1102,7 @@ impl Partition {
         let first = mapped.first()?;
         Some(serde_json::json!({
             "volume": config.partition.volume,
-            "partition": config.partition.partition,
+            "partition": config.partition.index,
             "role": format!("{:?}", state.role),
             "epoch": state.epoch,
             "block_in_partition": block,
@@ -1164,7 +1182,10 @@ impl Partition {
     async fn apply_host(&self, request: HostRequest) -> HostReply {
         let epoch = request.epoch;
         let result = match request.op {
-            HostOp::Read { offset_bytes, len } => match self.read(epoch, offset_bytes, len).await {
+            HostOp::Read {
+                offset_bytes,
+                len_bytes: len,
+            } => match self.read(epoch, offset_bytes, len).await {
                 Ok(data) => {
                     let crcs = proto::volume::chunk_crcs(&data);
                     return HostReply::Data { data, crcs };
@@ -1178,10 +1199,14 @@ impl Partition {
                 ..
             } => self.write(epoch, offset_bytes, data, &crcs).await,
             HostOp::Trim {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             }
             | HostOp::WriteZeroes {
-                offset_bytes, len, ..
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => self.unmap(epoch, offset_bytes, len).await,
             HostOp::Flush => self.flush(epoch).await,
         };
@@ -1196,9 +1221,9 @@ impl Partition {
         let out_of_range = || PartitionError::OutOfRange {
             partition: config.partition,
             offset_bytes,
-            len,
-            start: config.start_bytes(),
-            end: config.end_bytes(),
+            len_bytes: len,
+            partition_start_bytes: config.start_bytes(),
+            partition_end_bytes: config.end_bytes(),
         };
         let end = offset_bytes
             .checked_add(u64::from(len))
@@ -1288,8 +1313,8 @@ impl Partition {
                 .map_err(|_| shared.unavailable("too many writes in flight"))?
                 .map_err(|_| shared.unavailable("partition closing"))?;
         let barrier = shared.barrier.clone().read_owned().await;
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         let guard = tokio::time::timeout_at(deadline, shared.lock_range(first_block..end_block))
             .await
             .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
@@ -1321,10 +1346,10 @@ impl Partition {
         bytes: Range<u64>,
         data: Option<Bytes>,
     ) -> Result<Vec<Change>, PartitionError> {
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
-        let head_partial = bytes.start % BLOCK_BYTES != 0;
-        let tail_partial = bytes.end % BLOCK_BYTES != 0;
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
+        let head_partial = bytes.start % BLOCK_SIZE_BYTES != 0;
+        let tail_partial = bytes.end % BLOCK_SIZE_BYTES != 0;
         let mut changes = Vec::new();
         match data {
             Some(data) if !head_partial && !tail_partial => {
@@ -1333,27 +1358,27 @@ impl Partition {
             Some(data) => {
                 bump(&self.shared.metrics.read_modify_writes);
                 let blocks = end_block - first_block;
-                let mut buf = BytesMut::zeroed((blocks * BLOCK_BYTES) as usize);
+                let mut buf = BytesMut::zeroed((blocks * BLOCK_SIZE_BYTES) as usize);
                 if head_partial {
                     let old = read::read_blocks(&self.shared, first_block, 1).await?;
-                    buf[..BLOCK_BYTES as usize].copy_from_slice(&old);
+                    buf[..BLOCK_SIZE_BYTES as usize].copy_from_slice(&old);
                 }
                 if tail_partial && (end_block - 1 != first_block || !head_partial) {
                     let old = read::read_blocks(&self.shared, end_block - 1, 1).await?;
-                    let at = ((blocks - 1) * BLOCK_BYTES) as usize;
+                    let at = ((blocks - 1) * BLOCK_SIZE_BYTES) as usize;
                     buf[at..].copy_from_slice(&old);
                 }
-                let at = (bytes.start - first_block * BLOCK_BYTES) as usize;
+                let at = (bytes.start - first_block * BLOCK_SIZE_BYTES) as usize;
                 buf[at..at + data.len()].copy_from_slice(&data);
                 push_writes(&mut changes, first_block, buf.freeze());
             }
             None => {
-                let whole_start = bytes.start.div_ceil(BLOCK_BYTES);
-                let whole_end = bytes.end / BLOCK_BYTES;
+                let whole_start = bytes.start.div_ceil(BLOCK_SIZE_BYTES);
+                let whole_end = bytes.end / BLOCK_SIZE_BYTES;
                 let edge = |block: u64, from: u64, to: u64| async move {
                     let old = read::read_blocks(&self.shared, block, 1).await?;
                     let mut buf = BytesMut::from(&old[..]);
-                    let base = block * BLOCK_BYTES;
+                    let base = block * BLOCK_SIZE_BYTES;
                     buf[(from - base) as usize..(to - base) as usize].fill(0);
                     Ok::<_, PartitionError>(Change::Write {
                         lba: block,
@@ -1365,8 +1390,9 @@ impl Partition {
                     changes.push(edge(first_block, bytes.start, bytes.end).await?);
                 } else {
                     if head_partial {
-                        changes
-                            .push(edge(first_block, bytes.start, whole_start * BLOCK_BYTES).await?);
+                        changes.push(
+                            edge(first_block, bytes.start, whole_start * BLOCK_SIZE_BYTES).await?,
+                        );
                     }
                     let mut lba = whole_start;
                     while lba < whole_end {
@@ -1375,8 +1401,9 @@ impl Partition {
                         lba += count;
                     }
                     if tail_partial {
-                        changes
-                            .push(edge(end_block - 1, whole_end * BLOCK_BYTES, bytes.end).await?);
+                        changes.push(
+                            edge(end_block - 1, whole_end * BLOCK_SIZE_BYTES, bytes.end).await?,
+                        );
                     }
                 }
                 if head_partial || tail_partial {
@@ -1397,10 +1424,10 @@ impl Partition {
     ) -> Result<Bytes, PartitionError> {
         self.shared.check_primary(Some(epoch))?;
         let bytes = self.check_range(offset_bytes, len)?;
-        let first_block = bytes.start / BLOCK_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_BYTES);
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         let data = read::read_blocks(&self.shared, first_block, end_block - first_block).await?;
-        let at = (bytes.start - first_block * BLOCK_BYTES) as usize;
+        let at = (bytes.start - first_block * BLOCK_SIZE_BYTES) as usize;
         bump(&self.shared.metrics.reads);
         Ok(data.slice(at..at + len as usize))
     }
@@ -1486,9 +1513,11 @@ fn push_writes(changes: &mut Vec<Change>, first_block: u64, data: Bytes) {
     let mut lba = first_block;
     let mut rest = data;
     while !rest.is_empty() {
-        let take = rest.len().min((MAX_RECORD_BLOCKS * BLOCK_BYTES) as usize);
+        let take = rest
+            .len()
+            .min((MAX_RECORD_BLOCKS * BLOCK_SIZE_BYTES) as usize);
         let piece = rest.split_to(take);
-        let blocks = piece.len() as u64 / BLOCK_BYTES;
+        let blocks = piece.len() as u64 / BLOCK_SIZE_BYTES;
         changes.push(Change::Write { lba, data: piece });
         lba += blocks;
     }
@@ -1514,7 +1543,7 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
             state.next_sequence += 1;
             let (log, replica) = match change {
                 Change::Write { lba, data } => {
-                    let blocks = data.len() as u64 / BLOCK_BYTES;
+                    let blocks = data.len() as u64 / BLOCK_SIZE_BYTES;
                     let replica = ReplicaRecord {
                         sequence,
                         kind: ReplicaRecordKind::Write,
@@ -1570,7 +1599,11 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
                     _ => {
                         state.pending_trims.insert(
                             record.sequence,
-                            (record.lba, u64::from(record.block_count), *position),
+                            PendingTrim {
+                                lba: record.lba,
+                                block_count: u64::from(record.block_count),
+                                position: *position,
+                            },
                         );
                         state.index.apply_unmap(
                             record.lba,
@@ -1765,7 +1798,11 @@ fn replay_log(
                     .map_err(index_error)?;
                 state.pending_trims.insert(
                     record.sequence,
-                    (record.lba, u64::from(record.block_count), *position),
+                    PendingTrim {
+                        lba: record.lba,
+                        block_count: u64::from(record.block_count),
+                        position: *position,
+                    },
                 );
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);

@@ -17,10 +17,11 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{self, Either};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
-use super::layout::{self, BLOCK_BYTES, CHUNK_BYTES, ROW_BYTES};
+use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
 use super::{bump, PartitionError, RepairItem, Shared};
-use crate::index::Location;
+use crate::index::{Location, LookupPiece};
 use crate::wal::WalError;
+use proto::BLOCK_SIZE_BYTES;
 
 /// Attempts when the index moved under a read (flush, GC, log release).
 const READ_ATTEMPTS: usize = 4;
@@ -42,6 +43,7 @@ pub(super) async fn read_blocks(
 /// The index changed between lookup and read; look up again.
 struct Moved;
 
+/// Where a run of blocks is read from.
 enum Fetch {
     Zeros,
     Log {
@@ -54,6 +56,15 @@ enum Fetch {
         stripe: u64,
         block: u64,
     },
+}
+
+/// Blocks `lba..lba + block_count` of a read, and where they come from.
+struct PlannedFetch {
+    /// First partition block.
+    lba: u64,
+    /// Blocks.
+    block_count: u64,
+    fetch: Fetch,
 }
 
 async fn read_once(
@@ -74,21 +85,29 @@ async fn read_once(
         }
     };
     // Split into fetches of contiguous blocks.
-    let mut fetches: Vec<(u64, u64, Fetch)> = Vec::new();
-    for (range, location) in pieces {
+    let mut fetches: Vec<PlannedFetch> = Vec::new();
+    for LookupPiece {
+        lbas: range,
+        location,
+    } in pieces
+    {
         match location {
-            None => fetches.push((range.start, range.end - range.start, Fetch::Zeros)),
+            None => fetches.push(PlannedFetch {
+                lba: range.start,
+                block_count: range.end - range.start,
+                fetch: Fetch::Zeros,
+            }),
             Some(Location::Log {
                 position,
                 block_in_record,
-            }) => fetches.push((
-                range.start,
-                range.end - range.start,
-                Fetch::Log {
+            }) => fetches.push(PlannedFetch {
+                lba: range.start,
+                block_count: range.end - range.start,
+                fetch: Fetch::Log {
                     position,
                     first: block_in_record,
                 },
-            )),
+            }),
             Some(Location::Sled {
                 extent,
                 column,
@@ -106,16 +125,16 @@ async fn read_once(
                         }));
                     };
                     let n = (layout::CHUNK_BLOCKS - block).min(range.end - at);
-                    fetches.push((
-                        at,
-                        n,
-                        Fetch::Sled {
+                    fetches.push(PlannedFetch {
+                        lba: at,
+                        block_count: n,
+                        fetch: Fetch::Sled {
                             extent,
                             column,
                             stripe,
                             block,
                         },
-                    ));
+                    });
                     at += n;
                     // Next stripe's row starts after the summary block.
                     offset = layout::block_offset(stripe + 1, 0);
@@ -125,21 +144,22 @@ async fn read_once(
     }
     let futures = fetches
         .iter()
-        .map(|(_, n, fetch)| fetch_one(shared, *n, fetch));
+        .map(|planned| fetch_one(shared, planned.block_count, &planned.fetch));
     let results = future::join_all(futures).await;
-    let mut out = BytesMut::with_capacity((count * BLOCK_BYTES) as usize);
-    for ((at, n, _), result) in fetches.iter().zip(results) {
-        debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_BYTES);
+    let mut out = BytesMut::with_capacity((count * BLOCK_SIZE_BYTES) as usize);
+    for (planned, result) in fetches.iter().zip(results) {
+        let at = planned.lba;
+        debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_SIZE_BYTES);
         match result {
             Ok(data) => {
-                debug_assert_eq!(data.len() as u64, n * BLOCK_BYTES);
+                debug_assert_eq!(data.len() as u64, planned.block_count * BLOCK_SIZE_BYTES);
                 out.extend_from_slice(&data);
             }
             Err(FetchError::Moved) => return Err(Moved),
             Err(FetchError::Failed(PartitionError::ChecksumMismatch { partition, .. })) => {
                 return Ok(Err(PartitionError::ChecksumMismatch {
                     partition,
-                    offset_bytes: (shared.config.first_block + at) * BLOCK_BYTES,
+                    offset_bytes: (shared.config.first_block + at) * BLOCK_SIZE_BYTES,
                 }))
             }
             Err(FetchError::Failed(error)) => return Ok(Err(error)),
@@ -155,7 +175,7 @@ enum FetchError {
 
 async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes, FetchError> {
     match *fetch {
-        Fetch::Zeros => Ok(Bytes::from(vec![0u8; (n * BLOCK_BYTES) as usize])),
+        Fetch::Zeros => Ok(Bytes::from(vec![0u8; (n * BLOCK_SIZE_BYTES) as usize])),
         Fetch::Log { position, first } => {
             match shared
                 .log
@@ -337,8 +357,8 @@ async fn read_column(
 ) -> Result<Bytes, String> {
     let request = SledRequest::Read {
         column,
-        offset,
-        len: (n * BLOCK_BYTES) as u32,
+        offset_bytes: offset,
+        len_bytes: (n * BLOCK_SIZE_BYTES) as u32,
     };
     let call = shared.sleds.call(sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
@@ -355,14 +375,14 @@ async fn read_column(
         SledResponse::Error(error) => return Err(error.to_string()),
         other => return Err(format!("unexpected answer {other:?}")),
     };
-    if data.len() as u64 != n * BLOCK_BYTES || stored.len() as u64 != n {
+    if data.len() as u64 != n * BLOCK_SIZE_BYTES || stored.len() as u64 != n {
         return Err(format!(
             "short read: {} bytes, {} CRCs",
             data.len(),
             stored.len()
         ));
     }
-    for (i, chunk) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+    for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         let crc = crc32c::crc32c(chunk);
         let want = expected.map_or(stored[i], |e| e[i]);
         if crc != stored[i] || crc != want {
@@ -370,7 +390,7 @@ async fn read_column(
             return Err(format!(
                 "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
                 i,
-                offset + i as u64 * BLOCK_BYTES,
+                offset + i as u64 * BLOCK_SIZE_BYTES,
                 stored[i]
             ));
         }
@@ -391,7 +411,7 @@ async fn degraded_read(
 ) -> Result<Bytes, PartitionError> {
     bump(&shared.metrics.degraded_reads);
     let row = stripe * ROW_BYTES;
-    let chunk_blocks = CHUNK_BYTES / BLOCK_BYTES;
+    let chunk_blocks = CHUNK_BYTES / BLOCK_SIZE_BYTES;
     let reads = view.columns.iter().enumerate().map(|(i, (sled, id))| {
         let want = i != usize::from(column);
         let sled = sled.clone();
@@ -442,9 +462,9 @@ async fn degraded_read(
             needed: view.k,
         });
     };
-    let from = (block * BLOCK_BYTES) as usize;
-    let data = &chunk[from..from + (n * BLOCK_BYTES) as usize];
-    for (i, b) in data.chunks(BLOCK_BYTES as usize).enumerate() {
+    let from = (block * BLOCK_SIZE_BYTES) as usize;
+    let data = &chunk[from..from + (n * BLOCK_SIZE_BYTES) as usize];
+    for (i, b) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         if crc32c::crc32c(b) != view.expected[i] {
             bump(&shared.metrics.checksum_errors);
             return Err(PartitionError::ChecksumMismatch {

@@ -35,9 +35,10 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 use super::flush::{read_verified, sled_call};
-use super::layout::{StripeSummary, BLOCK_BYTES, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES};
+use super::layout::{StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES};
 use super::{ExtentGrant, Partition, Role, Shared};
 use crate::erasure::ErasureCodec;
+use proto::BLOCK_SIZE_BYTES;
 
 /// Rows read and appended per request.
 const BATCH_ROWS: u64 = 8;
@@ -462,7 +463,7 @@ async fn append(
         column: *column,
         partition: shared.id(),
         epoch,
-        offset,
+        offset_bytes: offset,
         data,
         block_crcs,
     };
@@ -522,7 +523,7 @@ async fn rebuild_rows(
             needed: k,
         });
     }
-    let zero_crc = crc32c::crc32c(&[0u8; BLOCK_BYTES as usize]);
+    let zero_crc = crc32c::crc32c(&[0u8; BLOCK_SIZE_BYTES as usize]);
     let mut out = BytesMut::with_capacity(len as usize);
     let mut crcs = Vec::with_capacity((count * (CHUNK_BLOCKS + 1)) as usize);
     for r in 0..count {
@@ -566,7 +567,7 @@ async fn rebuild_rows(
                     reason: format!("data column {d} not decoded"),
                 });
             };
-            for (b, block) in shard.chunks(BLOCK_BYTES as usize).enumerate() {
+            for (b, block) in shard.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
                 let slot = d * CHUNK_BLOCKS as usize + b;
                 let want = summary
                     .slots
@@ -590,7 +591,7 @@ async fn rebuild_rows(
                 reason: "target column not decoded".to_string(),
             });
         };
-        for block in chunk.chunks(BLOCK_BYTES as usize) {
+        for block in chunk.chunks(BLOCK_SIZE_BYTES as usize) {
             crcs.push(crc32c::crc32c(block));
         }
         crcs.push(crc32c::crc32c(&summary_block));

@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 use futures::StreamExt as _;
 use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
 
-use super::{bump, flush, PeerError, Role, Shared, LOG_READS_IN_FLIGHT};
+use super::{bump, flush, PeerError, PendingTrim, Role, Shared, LOG_READS_IN_FLIGHT};
 use crate::index::Location;
 use crate::wal::{LogRecord, RecordKind, WalError};
 
@@ -587,9 +587,14 @@ async fn append(
                 },
             )
         } else {
-            state
-                .pending_trims
-                .insert(record.sequence, (record.lba, count, position));
+            state.pending_trims.insert(
+                record.sequence,
+                PendingTrim {
+                    lba: record.lba,
+                    block_count: count,
+                    position,
+                },
+            );
             state.index.apply_unmap(record.lba, count, record.sequence)
         };
         if let Err(error) = applied {

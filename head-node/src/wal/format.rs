@@ -16,16 +16,16 @@
 //!  11 reserved u8 (0)          64 epoch u64
 //!  12 payload_blocks u32       72 sequence u64
 //!  16 log_id u64               80 lba u64 (4 KiB blocks)
-//!  24 position u64             88 payload_len u64
+//!  24 position_bytes u64       88 payload_len_bytes u64
 //!  32 lap u64                  96 CRC-32C of each payload block, payload_blocks x u32
 //!  40 open_generation u64    4092 CRC-32C of bytes 0..4092
 //! ```
 //!
 //! A record is accepted by recovery only if the header checksum holds, the
-//! `log_id` is this log's, `position` is exactly where the scan expects the
-//! next record (so a stale record of a previous lap, which carries an older
-//! position, is refused: `lap = position / capacity` is stored too for
-//! humans), `open_generation` does not go backwards (a record left behind by
+//! `log_id` is this log's, `position_bytes` is exactly where the scan
+//! expects the next record (so a stale record of a previous lap, which
+//! carries an older position, is refused: `lap = position_bytes /
+//! capacity_bytes` is stored too for humans), `open_generation` does not go backwards (a record left behind by
 //! a cut torn tail is never resurrected after newer records end exactly where
 //! it starts) and every payload block matches its CRC.
 //!
@@ -34,8 +34,8 @@
 //! destroy the previous-but-one state):
 //!
 //! ```text
-//!   0 magic u64 "RBHNWSB1"      40 tail u64 (logical position of the oldest live record)
-//!   8 version u32               48 head_hint u64 (head when written; informational)
+//!   0 magic u64 "RBHNWSB1"      40 tail_position_bytes u64 (logical position of the oldest live record)
+//!   8 version u32               48 head_position_hint_bytes u64 (head when written; informational)
 //!  12 reserved u32              56 open_generation u64
 //!  16 log_id u64               4092 CRC-32C of bytes 0..4092
 //!  24 generation u64
@@ -44,23 +44,24 @@
 
 use bytes::Bytes;
 use proto::sled::PartitionId;
+use proto::BLOCK_SIZE_BYTES;
 use thiserror::Error;
 
-/// Granularity of every record and of the ring.
-pub const BLOCK: usize = 4096;
-/// [`BLOCK`] as u64.
-pub const BLOCK_BYTES: u64 = BLOCK as u64;
+// Every record and the ring are whole volume blocks ([`BLOCK_SIZE_BYTES`]),
+// written with O_DIRECT: a block must be whole device I/O units.
+const _: () = assert!(BLOCK_SIZE_BYTES % hardware::IO_ALIGN_BYTES as u64 == 0);
+
 /// Record and superblock format version.
 pub const FORMAT_VERSION: u16 = 1;
 /// Offsets of the two superblock copies.
-pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_BYTES];
+pub const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE_BYTES];
 /// Where the ring of records starts on the device.
-pub const RING_OFFSET: u64 = 2 * BLOCK_BYTES;
+pub const RING_OFFSET: u64 = 2 * BLOCK_SIZE_BYTES;
 
 const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"RBHNWREC");
 const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"RBHNWSB1");
 const HEADER_FIXED_BYTES: usize = 96;
-const CRC_OFFSET: usize = BLOCK - 4;
+const CRC_OFFSET: usize = BLOCK_SIZE_BYTES as usize - 4;
 
 /// Most payload blocks one record can carry (their CRCs fill the header).
 pub const MAX_PAYLOAD_BLOCKS: usize = (CRC_OFFSET - HEADER_FIXED_BYTES) / 4;
@@ -110,14 +111,14 @@ pub struct LogRecord {
     pub lba: u64,
     /// Number of 4 KiB blocks it covers.
     pub block_count: u32,
-    /// `Write`: `block_count * 4096` bytes; `Trim`: empty; otherwise opaque.
+    /// `Write`: `block_count * BLOCK_SIZE_BYTES` bytes; `Trim`: empty; otherwise opaque.
     pub payload: Bytes,
 }
 
 impl LogRecord {
-    /// A write of whole blocks (`data.len()` a multiple of 4096).
+    /// A write of whole blocks (`data.len()` a multiple of [`BLOCK_SIZE_BYTES`]).
     pub fn write(partition: PartitionId, epoch: u64, sequence: u64, lba: u64, data: Bytes) -> Self {
-        let block_count = u32::try_from(data.len() / BLOCK).unwrap_or(u32::MAX);
+        let block_count = u32::try_from(data.len() / BLOCK_SIZE_BYTES as usize).unwrap_or(u32::MAX);
         Self {
             kind: RecordKind::Write,
             partition,
@@ -180,12 +181,12 @@ impl LogRecord {
 
     /// Payload blocks on the device (the payload rounded up to 4 KiB).
     pub fn payload_blocks(&self) -> usize {
-        self.payload.len().div_ceil(BLOCK)
+        self.payload.len().div_ceil(BLOCK_SIZE_BYTES as usize)
     }
 
     /// Bytes the record occupies in the ring (header + padded payload).
     pub fn encoded_len(&self) -> u64 {
-        (1 + self.payload_blocks() as u64) * BLOCK_BYTES
+        (1 + self.payload_blocks() as u64) * BLOCK_SIZE_BYTES
     }
 
     /// Checks the shape rules before the record is queued.
@@ -193,13 +194,13 @@ impl LogRecord {
         let blocks = self.payload_blocks();
         if blocks > MAX_PAYLOAD_BLOCKS {
             return Err(FormatError::PayloadTooLarge {
-                payload_len: self.payload.len() as u64,
-                max_len: (MAX_PAYLOAD_BLOCKS * BLOCK) as u64,
+                payload_len_bytes: self.payload.len() as u64,
+                max_len_bytes: (MAX_PAYLOAD_BLOCKS * BLOCK_SIZE_BYTES as usize) as u64,
             });
         }
         let bad = match self.kind {
             RecordKind::Write => {
-                self.payload.len() % BLOCK != 0
+                self.payload.len() % BLOCK_SIZE_BYTES as usize != 0
                     || self.block_count == 0
                     || blocks != self.block_count as usize
             }
@@ -211,7 +212,7 @@ impl LogRecord {
             return Err(FormatError::BadShape {
                 kind: self.kind,
                 block_count: self.block_count,
-                payload_len: self.payload.len() as u64,
+                payload_len_bytes: self.payload.len() as u64,
             });
         }
         Ok(())
@@ -224,8 +225,8 @@ pub struct RecordStamp {
     /// The log instance.
     pub log_id: u64,
     /// Logical byte position (monotonic across laps).
-    pub position: u64,
-    /// `position / capacity`.
+    pub position_bytes: u64,
+    /// `position_bytes / capacity_bytes`.
     pub lap: u64,
     /// Open count of the log when written.
     pub open_generation: u64,
@@ -249,7 +250,7 @@ pub struct RecordHeader {
     /// Blocks covered.
     pub block_count: u32,
     /// Payload bytes (for `Padding`: ring bytes skipped after the header).
-    pub payload_len: u64,
+    pub payload_len_bytes: u64,
     /// CRC-32C of each payload block (empty for `Padding` and `Trim`).
     pub block_crcs: Vec<u32>,
 }
@@ -258,9 +259,9 @@ impl RecordHeader {
     /// Ring bytes of the whole record.
     pub fn encoded_len(&self) -> u64 {
         if self.kind == RecordKind::Padding {
-            BLOCK_BYTES + self.payload_len
+            BLOCK_SIZE_BYTES + self.payload_len_bytes
         } else {
-            (1 + self.block_crcs.len() as u64) * BLOCK_BYTES
+            (1 + self.block_crcs.len() as u64) * BLOCK_SIZE_BYTES
         }
     }
 }
@@ -312,22 +313,24 @@ pub enum FormatError {
         computed: u32,
     },
     /// A record whose payload does not fit in one record.
-    #[error("payload of {payload_len} bytes exceeds {max_len}")]
+    #[error("payload of {payload_len_bytes} bytes exceeds {max_len_bytes}")]
     PayloadTooLarge {
         /// Payload bytes.
-        payload_len: u64,
+        payload_len_bytes: u64,
         /// Limit.
-        max_len: u64,
+        max_len_bytes: u64,
     },
     /// Kind, block count and payload length disagree.
-    #[error("{kind:?} record with block_count {block_count} and payload of {payload_len} bytes")]
+    #[error(
+        "{kind:?} record with block_count {block_count} and payload of {payload_len_bytes} bytes"
+    )]
     BadShape {
         /// Kind.
         kind: RecordKind,
         /// Block count.
         block_count: u32,
         /// Payload length.
-        payload_len: u64,
+        payload_len_bytes: u64,
     },
 }
 
@@ -337,17 +340,17 @@ fn is_blank(block: &[u8]) -> bool {
 
 fn seal(block: &mut [u8]) {
     let crc = crc32c::crc32c(&block[..CRC_OFFSET]);
-    block[CRC_OFFSET..BLOCK].copy_from_slice(&crc.to_le_bytes());
+    block[CRC_OFFSET..BLOCK_SIZE_BYTES as usize].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn check(block: &[u8]) -> Result<(), FormatError> {
-    if block.len() < BLOCK {
+    if block.len() < BLOCK_SIZE_BYTES as usize {
         return Err(FormatError::BadField {
             field: "block_length",
             value: block.len() as u64,
         });
     }
-    let block = &block[..BLOCK];
+    let block = &block[..BLOCK_SIZE_BYTES as usize];
     if is_blank(block) {
         return Err(FormatError::Blank);
     }
@@ -382,13 +385,16 @@ fn put(block: &mut [u8], at: usize, bytes: &[u8]) {
 /// CRC-32C of each 4 KiB block of `payload` (the last one zero-padded).
 pub fn block_crcs(payload: &[u8]) -> Vec<u32> {
     payload
-        .chunks(BLOCK)
+        .chunks(BLOCK_SIZE_BYTES as usize)
         .map(|chunk| {
-            if chunk.len() == BLOCK {
+            if chunk.len() == BLOCK_SIZE_BYTES as usize {
                 crc32c::crc32c(chunk)
             } else {
                 let padded = crc32c::crc32c(chunk);
-                crc32c::crc32c_append(padded, &[0u8; BLOCK][..BLOCK - chunk.len()])
+                crc32c::crc32c_append(
+                    padded,
+                    &[0u8; BLOCK_SIZE_BYTES as usize][..BLOCK_SIZE_BYTES as usize - chunk.len()],
+                )
             }
         })
         .collect()
@@ -408,12 +414,13 @@ pub fn encode_record(record: &LogRecord, stamp: RecordStamp, out: &mut [u8]) {
             sequence: record.sequence,
             lba: record.lba,
             block_count: record.block_count,
-            payload_len: record.payload.len() as u64,
+            payload_len_bytes: record.payload.len() as u64,
             block_crcs: crcs,
         },
-        &mut out[..BLOCK],
+        &mut out[..BLOCK_SIZE_BYTES as usize],
     );
-    out[BLOCK..BLOCK + record.payload.len()].copy_from_slice(&record.payload);
+    out[BLOCK_SIZE_BYTES as usize..BLOCK_SIZE_BYTES as usize + record.payload.len()]
+        .copy_from_slice(&record.payload);
 }
 
 /// Writes a padding record header that skips `skip_bytes` after itself.
@@ -424,16 +431,16 @@ pub fn encode_padding(stamp: RecordStamp, skip_bytes: u64, out: &mut [u8]) {
             kind: RecordKind::Padding,
             partition: PartitionId {
                 volume: 0,
-                partition: 0,
+                index: 0,
             },
             epoch: 0,
             sequence: 0,
             lba: 0,
             block_count: 0,
-            payload_len: skip_bytes,
+            payload_len_bytes: skip_bytes,
             block_crcs: Vec::new(),
         },
-        &mut out[..BLOCK],
+        &mut out[..BLOCK_SIZE_BYTES as usize],
     );
 }
 
@@ -446,16 +453,16 @@ pub fn encode_header(header: &RecordHeader, block: &mut [u8]) {
     block[11] = 0;
     put(block, 12, &(header.block_crcs.len() as u32).to_le_bytes());
     put(block, 16, &header.stamp.log_id.to_le_bytes());
-    put(block, 24, &header.stamp.position.to_le_bytes());
+    put(block, 24, &header.stamp.position_bytes.to_le_bytes());
     put(block, 32, &header.stamp.lap.to_le_bytes());
     put(block, 40, &header.stamp.open_generation.to_le_bytes());
     put(block, 48, &header.partition.volume.to_le_bytes());
-    put(block, 56, &header.partition.partition.to_le_bytes());
+    put(block, 56, &header.partition.index.to_le_bytes());
     put(block, 60, &header.block_count.to_le_bytes());
     put(block, 64, &header.epoch.to_le_bytes());
     put(block, 72, &header.sequence.to_le_bytes());
     put(block, 80, &header.lba.to_le_bytes());
-    put(block, 88, &header.payload_len.to_le_bytes());
+    put(block, 88, &header.payload_len_bytes.to_le_bytes());
     for (i, crc) in header.block_crcs.iter().enumerate() {
         put(block, HEADER_FIXED_BYTES + 4 * i, &crc.to_le_bytes());
     }
@@ -486,17 +493,21 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
             value: payload_blocks as u64,
         });
     }
-    let payload_len = le_u64(block, 88);
-    if kind != RecordKind::Padding && payload_len.div_ceil(BLOCK_BYTES) != payload_blocks as u64 {
+    let payload_len_bytes = le_u64(block, 88);
+    if kind != RecordKind::Padding
+        && payload_len_bytes.div_ceil(BLOCK_SIZE_BYTES) != payload_blocks as u64
+    {
         return Err(FormatError::BadField {
-            field: "payload_len",
-            value: payload_len,
+            field: "payload_len_bytes",
+            value: payload_len_bytes,
         });
     }
-    if kind == RecordKind::Padding && (payload_blocks != 0 || payload_len % BLOCK_BYTES != 0) {
+    if kind == RecordKind::Padding
+        && (payload_blocks != 0 || payload_len_bytes % BLOCK_SIZE_BYTES != 0)
+    {
         return Err(FormatError::BadField {
-            field: "padding_len",
-            value: payload_len,
+            field: "padding_len_bytes",
+            value: payload_len_bytes,
         });
     }
     let block_crcs = (0..payload_blocks)
@@ -505,20 +516,20 @@ pub fn decode_header(block: &[u8]) -> Result<RecordHeader, FormatError> {
     Ok(RecordHeader {
         stamp: RecordStamp {
             log_id: le_u64(block, 16),
-            position: le_u64(block, 24),
+            position_bytes: le_u64(block, 24),
             lap: le_u64(block, 32),
             open_generation: le_u64(block, 40),
         },
         kind,
         partition: PartitionId {
             volume: le_u64(block, 48),
-            partition: le_u32(block, 56),
+            index: le_u32(block, 56),
         },
         block_count: le_u32(block, 60),
         epoch: le_u64(block, 64),
         sequence: le_u64(block, 72),
         lba: le_u64(block, 80),
-        payload_len,
+        payload_len_bytes,
         block_crcs,
     })
 }
@@ -531,7 +542,7 @@ pub fn first_bad_block(header: &RecordHeader, payload: &[u8]) -> Option<usize> {
         .enumerate()
         .find(|(i, crc)| {
             payload
-                .get(i * BLOCK..(i + 1) * BLOCK)
+                .get(i * BLOCK_SIZE_BYTES as usize..(i + 1) * BLOCK_SIZE_BYTES as usize)
                 .is_none_or(|block| crc32c::crc32c(block) != **crc)
         })
         .map(|(i, _)| i)
@@ -546,10 +557,11 @@ pub struct Superblock {
     pub generation: u64,
     /// Ring size in bytes.
     pub capacity_bytes: u64,
-    /// Logical position of the oldest live record.
-    pub tail: u64,
-    /// Head when written (informational; recovery scans from `tail`).
-    pub head_hint: u64,
+    /// Logical byte position of the oldest live record.
+    pub tail_position_bytes: u64,
+    /// Head position when written (informational; recovery scans from
+    /// `tail_position_bytes`).
+    pub head_position_hint_bytes: u64,
     /// Times the log was opened; stamped into every record written since.
     pub open_generation: u64,
 }
@@ -561,15 +573,15 @@ impl Superblock {
     }
 
     /// Encodes into one 4 KiB block.
-    pub fn encode(&self) -> [u8; BLOCK] {
-        let mut block = [0u8; BLOCK];
+    pub fn encode(&self) -> [u8; BLOCK_SIZE_BYTES as usize] {
+        let mut block = [0u8; BLOCK_SIZE_BYTES as usize];
         put(&mut block, 0, &SUPERBLOCK_MAGIC.to_le_bytes());
         put(&mut block, 8, &u32::from(FORMAT_VERSION).to_le_bytes());
         put(&mut block, 16, &self.log_id.to_le_bytes());
         put(&mut block, 24, &self.generation.to_le_bytes());
         put(&mut block, 32, &self.capacity_bytes.to_le_bytes());
-        put(&mut block, 40, &self.tail.to_le_bytes());
-        put(&mut block, 48, &self.head_hint.to_le_bytes());
+        put(&mut block, 40, &self.tail_position_bytes.to_le_bytes());
+        put(&mut block, 48, &self.head_position_hint_bytes.to_le_bytes());
         put(&mut block, 56, &self.open_generation.to_le_bytes());
         seal(&mut block);
         block
@@ -590,20 +602,20 @@ impl Superblock {
             log_id: le_u64(block, 16),
             generation: le_u64(block, 24),
             capacity_bytes: le_u64(block, 32),
-            tail: le_u64(block, 40),
-            head_hint: le_u64(block, 48),
+            tail_position_bytes: le_u64(block, 40),
+            head_position_hint_bytes: le_u64(block, 48),
             open_generation: le_u64(block, 56),
         };
-        if superblock.capacity_bytes == 0 || superblock.capacity_bytes % BLOCK_BYTES != 0 {
+        if superblock.capacity_bytes == 0 || superblock.capacity_bytes % BLOCK_SIZE_BYTES != 0 {
             return Err(FormatError::BadField {
                 field: "capacity_bytes",
                 value: superblock.capacity_bytes,
             });
         }
-        if superblock.tail % BLOCK_BYTES != 0 {
+        if superblock.tail_position_bytes % BLOCK_SIZE_BYTES != 0 {
             return Err(FormatError::BadField {
-                field: "tail",
-                value: superblock.tail,
+                field: "tail_position_bytes",
+                value: superblock.tail_position_bytes,
             });
         }
         Ok(superblock)
@@ -647,7 +659,7 @@ mod tests {
     fn stamp(position: u64) -> RecordStamp {
         RecordStamp {
             log_id: 77,
-            position,
+            position_bytes: position,
             lap: position / (1 << 20),
             open_generation: 3,
         }
@@ -666,14 +678,17 @@ mod tests {
         )
             .prop_map(
                 |(volume, partition, epoch, sequence, lba, kind, blocks, fill)| {
-                    let partition = PartitionId { volume, partition };
+                    let partition = PartitionId {
+                        volume,
+                        index: partition,
+                    };
                     match kind {
                         0 => LogRecord::write(
                             partition,
                             epoch,
                             sequence,
                             lba,
-                            Bytes::from(vec![fill; blocks * BLOCK]),
+                            Bytes::from(vec![fill; blocks * BLOCK_SIZE_BYTES as usize]),
                         ),
                         1 => LogRecord::trim(partition, epoch, sequence, lba, blocks as u32),
                         k => LogRecord {
@@ -698,30 +713,30 @@ mod tests {
         #[test]
         fn record_round_trips(record in record_strategy(), position in 0u64..1 << 40) {
             prop_assert!(record.validate().is_ok());
-            let position = position * BLOCK_BYTES;
+            let position = position * BLOCK_SIZE_BYTES;
             let mut out = vec![0u8; record.encoded_len() as usize];
             encode_record(&record, stamp(position), &mut out);
-            let header = decode_header(&out[..BLOCK]).unwrap();
+            let header = decode_header(&out[..BLOCK_SIZE_BYTES as usize]).unwrap();
             prop_assert_eq!(header.stamp, stamp(position));
             prop_assert_eq!(header.encoded_len(), record.encoded_len());
-            prop_assert_eq!(first_bad_block(&header, &out[BLOCK..]), None);
+            prop_assert_eq!(first_bad_block(&header, &out[BLOCK_SIZE_BYTES as usize..]), None);
             prop_assert_eq!(header.kind, record.kind);
             prop_assert_eq!(header.partition, record.partition);
             prop_assert_eq!((header.epoch, header.sequence, header.lba, header.block_count),
                 (record.epoch, record.sequence, record.lba, record.block_count));
-            prop_assert_eq!(&out[BLOCK..BLOCK + record.payload.len()], &record.payload[..]);
+            prop_assert_eq!(&out[BLOCK_SIZE_BYTES as usize..BLOCK_SIZE_BYTES as usize + record.payload.len()], &record.payload[..]);
         }
 
         #[test]
-        fn any_corruption_is_detected(record in record_strategy(), at in 0usize..BLOCK * 4, flip in 1u8..=255) {
+        fn any_corruption_is_detected(record in record_strategy(), at in 0usize..BLOCK_SIZE_BYTES as usize * 4, flip in 1u8..=255) {
             let mut out = vec![0u8; record.encoded_len() as usize];
             encode_record(&record, stamp(0), &mut out);
             let at = at % out.len();
             out[at] ^= flip;
-            let header = decode_header(&out[..BLOCK]);
+            let header = decode_header(&out[..BLOCK_SIZE_BYTES as usize]);
             let detected = match header {
                 Err(_) => true,
-                Ok(header) => first_bad_block(&header, &out[BLOCK..]).is_some(),
+                Ok(header) => first_bad_block(&header, &out[BLOCK_SIZE_BYTES as usize..]).is_some(),
             };
             // Bytes past the payload inside its last block are covered by the block CRC.
             prop_assert!(detected);
@@ -729,7 +744,7 @@ mod tests {
 
         #[test]
         fn superblock_round_trips(log_id: u64, generation: u64, tail in 0u64..1 << 40, open_generation: u64) {
-            let sb = Superblock { log_id, generation, capacity_bytes: 1 << 20, tail: tail * BLOCK_BYTES, head_hint: 0, open_generation };
+            let sb = Superblock { log_id, generation, capacity_bytes: 1 << 20, tail_position_bytes: tail * BLOCK_SIZE_BYTES, head_position_hint_bytes: 0, open_generation };
             prop_assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
         }
     }
@@ -740,12 +755,12 @@ mod tests {
             log_id: 1,
             generation,
             capacity_bytes: 1 << 20,
-            tail: 0,
-            head_hint: 0,
+            tail_position_bytes: 0,
+            head_position_hint_bytes: 0,
             open_generation: 1,
         };
-        let blank = [0u8; BLOCK];
-        let mut junk = [0u8; BLOCK];
+        let blank = [0u8; BLOCK_SIZE_BYTES as usize];
+        let mut junk = [0u8; BLOCK_SIZE_BYTES as usize];
         junk[5] = 1;
         let (a, b) = (sb(4).encode(), sb(5).encode());
         assert_eq!(choose_superblock([&a, &b]), SuperblockState::Valid(sb(5)));
@@ -764,7 +779,7 @@ mod tests {
     fn shapes_are_validated() {
         let p = PartitionId {
             volume: 1,
-            partition: 0,
+            index: 0,
         };
         assert!(LogRecord::write(p, 1, 1, 0, Bytes::from(vec![0; 100]))
             .validate()
@@ -773,14 +788,17 @@ mod tests {
             .validate()
             .is_err());
         assert!(LogRecord::trim(p, 1, 1, 0, 0).validate().is_err());
-        let data = Bytes::from(vec![7u8; 2 * BLOCK]);
+        let data = Bytes::from(vec![7u8; 2 * BLOCK_SIZE_BYTES as usize]);
         let crcs = block_crcs(&data);
         assert!(LogRecord::write_with_crcs(p, 1, 1, 0, data.clone(), &crcs).is_ok());
         assert!(matches!(
             LogRecord::write_with_crcs(p, 1, 1, 0, data, &[crcs[0], crcs[1] ^ 1]),
             Err(FormatError::BlockChecksum { block: 1, .. })
         ));
-        let big = Bytes::from(vec![0; (MAX_PAYLOAD_BLOCKS + 1) * BLOCK]);
+        let big = Bytes::from(vec![
+            0;
+            (MAX_PAYLOAD_BLOCKS + 1) * BLOCK_SIZE_BYTES as usize
+        ]);
         assert!(matches!(
             LogRecord::write(p, 1, 1, 0, big).validate(),
             Err(FormatError::PayloadTooLarge { .. })

@@ -71,14 +71,14 @@ use tokio::sync::watch;
 
 pub use format::{FormatError, LogRecord, RecordKind, MAX_PAYLOAD_BLOCKS};
 use format::{
-    RecordHeader, RecordStamp, Superblock, SuperblockState, BLOCK, BLOCK_BYTES, RING_OFFSET,
-    SUPERBLOCK_OFFSETS,
+    RecordHeader, RecordStamp, Superblock, SuperblockState, RING_OFFSET, SUPERBLOCK_OFFSETS,
 };
+use proto::BLOCK_SIZE_BYTES;
 use ring::Ring;
 
 /// Smallest ring accepted (room for a few maximal records is the caller's
 /// business; this only rejects nonsense).
-pub const MIN_CAPACITY_BYTES: u64 = 16 * BLOCK_BYTES;
+pub const MIN_CAPACITY_BYTES: u64 = 16 * BLOCK_SIZE_BYTES;
 
 /// Logical position of a record: a byte offset that grows forever (the ring
 /// offset is `position % capacity`).
@@ -264,7 +264,7 @@ impl Pending {
     fn len(&self) -> u64 {
         match &self.item {
             Item::Record(record) => record.encoded_len(),
-            Item::Padding { skip_bytes } => BLOCK_BYTES + skip_bytes,
+            Item::Padding { skip_bytes } => BLOCK_SIZE_BYTES + skip_bytes,
         }
     }
 }
@@ -328,8 +328,13 @@ impl Wal {
                 needed_bytes: needed,
             });
         }
-        let copies = device.read_at(SUPERBLOCK_OFFSETS[0], 2 * BLOCK).await?;
-        let previous = match format::choose_superblock([&copies[..BLOCK], &copies[BLOCK..]]) {
+        let copies = device
+            .read_at(SUPERBLOCK_OFFSETS[0], 2 * BLOCK_SIZE_BYTES as usize)
+            .await?;
+        let previous = match format::choose_superblock([
+            &copies[..BLOCK_SIZE_BYTES as usize],
+            &copies[BLOCK_SIZE_BYTES as usize..],
+        ]) {
             SuperblockState::Valid(superblock) => superblock,
             SuperblockState::Corrupt { first, second } => {
                 return Err(WalError::SuperblockCorrupt { first, second })
@@ -337,8 +342,8 @@ impl Wal {
             SuperblockState::Blank => {
                 let ring_bytes = size_bytes - RING_OFFSET;
                 let capacity_bytes = options.capacity_bytes.unwrap_or(ring_bytes).min(ring_bytes)
-                    / BLOCK_BYTES
-                    * BLOCK_BYTES;
+                    / BLOCK_SIZE_BYTES
+                    * BLOCK_SIZE_BYTES;
                 if capacity_bytes < MIN_CAPACITY_BYTES {
                     return Err(WalError::TooSmall {
                         size_bytes,
@@ -349,8 +354,8 @@ impl Wal {
                     log_id: RandomState::new().hash_one(device.info().path.as_os_str()),
                     generation: 0,
                     capacity_bytes,
-                    tail: 0,
-                    head_hint: 0,
+                    tail_position_bytes: 0,
+                    head_position_hint_bytes: 0,
                     open_generation: 0,
                 };
                 tracing::info!(path = %device.info().path.display(), capacity_bytes, "formatting write log");
@@ -379,13 +384,13 @@ impl Wal {
         let current = Superblock {
             generation: previous.generation + 1,
             open_generation: scan.max_generation + 1,
-            head_hint: scan.head,
+            head_position_hint_bytes: scan.head,
             ..previous
         };
         write_superblock(&device, &current).await?;
         let state = State {
             head: scan.head,
-            tail: previous.tail,
+            tail: previous.tail_position_bytes,
             written: scan.head,
             durable: scan.head,
             queue: VecDeque::new(),
@@ -404,7 +409,7 @@ impl Wal {
                 ring,
                 log_id: current.log_id,
                 open_generation: current.open_generation,
-                max_batch_bytes: options.max_batch_bytes.max(BLOCK) as u64,
+                max_batch_bytes: options.max_batch_bytes.max(BLOCK_SIZE_BYTES as usize) as u64,
                 recovery_stop: scan.stop,
                 state: Mutex::new(state),
                 progress,
@@ -515,7 +520,7 @@ impl Wal {
     pub async fn read(&self, position: LogPosition) -> Result<LogRecord, WalError> {
         let (header, payload) = self.read_raw(position, None).await?;
         let mut payload = payload;
-        payload.truncate(header.payload_len as usize);
+        payload.truncate(header.payload_len_bytes as usize);
         Ok(record_from(&header, payload))
     }
 
@@ -578,13 +583,13 @@ impl Wal {
         let block = self
             .shared
             .device
-            .read_at(RING_OFFSET + ring_offset, BLOCK)
+            .read_at(RING_OFFSET + ring_offset, BLOCK_SIZE_BYTES as usize)
             .await?;
         let header = format::decode_header(&block).map_err(|e| corrupt(e.to_string()))?;
-        if header.stamp.position != position || header.stamp.log_id != self.shared.log_id {
+        if header.stamp.position_bytes != position || header.stamp.log_id != self.shared.log_id {
             return Err(corrupt(format!(
                 "header says position {} of log {:#x}",
-                header.stamp.position, header.stamp.log_id
+                header.stamp.position_bytes, header.stamp.log_id
             )));
         }
         if header.kind == RecordKind::Padding {
@@ -604,11 +609,11 @@ impl Wal {
             .shared
             .device
             .read_at(
-                RING_OFFSET + ring_offset + BLOCK_BYTES * (1 + first as u64),
-                count * BLOCK,
+                RING_OFFSET + ring_offset + BLOCK_SIZE_BYTES * (1 + first as u64),
+                count * BLOCK_SIZE_BYTES as usize,
             )
             .await?;
-        for (i, chunk) in data.chunks(BLOCK).enumerate() {
+        for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
             if crc32c::crc32c(chunk) != header.block_crcs[first + i] {
                 return Err(corrupt(format!(
                     "payload block {} fails its CRC",
@@ -647,8 +652,8 @@ impl Wal {
         };
         let next = Superblock {
             generation: superblock.generation + 1,
-            tail: up_to,
-            head_hint,
+            tail_position_bytes: up_to,
+            head_position_hint_bytes: head_hint,
             ..*superblock
         };
         if let Err(error) = write_superblock(&self.shared.device, &next).await {
@@ -719,7 +724,7 @@ impl Wal {
     fn stamp(&self, position: u64) -> RecordStamp {
         RecordStamp {
             log_id: self.shared.log_id,
-            position,
+            position_bytes: position,
             lap: self.shared.ring.lap(position),
             open_generation: self.shared.open_generation,
         }
@@ -773,7 +778,10 @@ impl Shared {
 
 fn block_range(header: &RecordHeader, first: u32, count: u32) -> Option<(usize, usize)> {
     let end = first.checked_add(count)? as usize;
-    (count > 0 && end <= header.block_crcs.len()).then_some((first as usize * BLOCK, end * BLOCK))
+    (count > 0 && end <= header.block_crcs.len()).then_some((
+        first as usize * BLOCK_SIZE_BYTES as usize,
+        end * BLOCK_SIZE_BYTES as usize,
+    ))
 }
 
 fn header_of(record: &LogRecord, stamp: RecordStamp) -> RecordHeader {
@@ -785,7 +793,7 @@ fn header_of(record: &LogRecord, stamp: RecordStamp) -> RecordHeader {
         sequence: record.sequence,
         lba: record.lba,
         block_count: record.block_count,
-        payload_len: record.payload.len() as u64,
+        payload_len_bytes: record.payload.len() as u64,
         block_crcs: format::block_crcs(&record.payload),
     }
 }
@@ -866,33 +874,37 @@ async fn run_writer(shared: Arc<Shared>) {
 /// [`BlockDevice::write_durable_at`]: hardware::BlockDevice::write_durable_at
 async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceError> {
     let ring = shared.ring;
-    let mut segments: Vec<(u64, u64, Vec<&Pending>)> = Vec::with_capacity(2);
+    let mut segments: Vec<Segment<'_>> = Vec::with_capacity(2);
     let mut segment_start = None;
-    let mut segment: Vec<&Pending> = Vec::new();
+    let mut items: Vec<&Pending> = Vec::new();
     let mut end = 0;
     for (i, pending) in batch.iter().enumerate() {
         debug_assert!(i == 0 || pending.position == end, "batch not contiguous");
         segment_start.get_or_insert(pending.position);
-        segment.push(pending);
+        items.push(pending);
         end = pending.position + pending.len();
         let closes_lap = ring.offset(end) == 0;
         if closes_lap || i + 1 == batch.len() {
             let start = segment_start.take().unwrap_or(pending.position);
-            segments.push((start, end - start, std::mem::take(&mut segment)));
+            segments.push(Segment {
+                start_position_bytes: start,
+                len_bytes: end - start,
+                items: std::mem::take(&mut items),
+            });
         }
     }
-    if let [(start, len, items)] = segments.as_slice() {
-        let buf = encode_segment(shared, *start, *len, items)?;
+    if let [segment] = segments.as_slice() {
+        let buf = encode_segment(shared, segment)?;
         shared
             .device
-            .write_durable_at(RING_OFFSET + ring.offset(*start), buf)
+            .write_durable_at(RING_OFFSET + ring.offset(segment.start_position_bytes), buf)
             .await?;
     } else {
-        for (start, len, items) in &segments {
-            let buf = encode_segment(shared, *start, *len, items)?;
+        for segment in &segments {
+            let buf = encode_segment(shared, segment)?;
             shared
                 .device
-                .write_at(RING_OFFSET + ring.offset(*start), buf)
+                .write_at(RING_OFFSET + ring.offset(segment.start_position_bytes), buf)
                 .await?;
         }
         shared.device.flush().await?;
@@ -906,18 +918,23 @@ async fn write_batch(shared: &Shared, batch: &[Pending]) -> Result<u64, DeviceEr
     Ok(end)
 }
 
-fn encode_segment(
-    shared: &Shared,
-    start: u64,
-    len: u64,
-    items: &[&Pending],
-) -> Result<AlignedBuf, DeviceError> {
-    let mut buf = AlignedBuf::zeroed(len as usize)?;
-    for pending in items {
-        let at = (pending.position - start) as usize;
+/// The part of a batch that lies in one lap of the ring: one device write.
+struct Segment<'a> {
+    /// Logical position of the first record.
+    start_position_bytes: u64,
+    /// Bytes from there to the end of the last record.
+    len_bytes: u64,
+    /// The records, contiguous.
+    items: Vec<&'a Pending>,
+}
+
+fn encode_segment(shared: &Shared, segment: &Segment<'_>) -> Result<AlignedBuf, DeviceError> {
+    let mut buf = AlignedBuf::zeroed(segment.len_bytes as usize)?;
+    for pending in &segment.items {
+        let at = (pending.position - segment.start_position_bytes) as usize;
         let stamp = RecordStamp {
             log_id: shared.log_id,
-            position: pending.position,
+            position_bytes: pending.position,
             lap: shared.ring.lap(pending.position),
             open_generation: shared.open_generation,
         };
@@ -927,7 +944,11 @@ fn encode_segment(
                 format::encode_record(record, stamp, &mut buf[at..at + len]);
             }
             Item::Padding { skip_bytes } => {
-                format::encode_padding(stamp, *skip_bytes, &mut buf[at..at + BLOCK]);
+                format::encode_padding(
+                    stamp,
+                    *skip_bytes,
+                    &mut buf[at..at + BLOCK_SIZE_BYTES as usize],
+                );
             }
         }
     }
@@ -986,12 +1007,13 @@ async fn scan(
     superblock: &Superblock,
     window_bytes: usize,
 ) -> Result<Scan, DeviceError> {
-    let tail = superblock.tail;
+    let tail = superblock.tail_position_bytes;
     let capacity = ring.capacity_bytes();
     let mut window = Window {
         device,
         ring,
-        window_bytes: (window_bytes.max(BLOCK) / BLOCK * BLOCK) as u64,
+        window_bytes: (window_bytes.max(BLOCK_SIZE_BYTES as usize) / BLOCK_SIZE_BYTES as usize
+            * BLOCK_SIZE_BYTES as usize) as u64,
         start: 0,
         buf: None,
     };
@@ -1007,7 +1029,7 @@ async fn scan(
             break ScanStop::Full { position };
         }
         let offset = ring.offset(position);
-        let header = match format::decode_header(window.get(offset, BLOCK_BYTES).await?) {
+        let header = match format::decode_header(window.get(offset, BLOCK_SIZE_BYTES).await?) {
             Ok(header) => header,
             Err(FormatError::Blank) => break ScanStop::Blank { position },
             Err(error) => break cut(position, error.to_string()),
@@ -1020,12 +1042,12 @@ async fn scan(
             );
         }
         max_generation = max_generation.max(stamp.open_generation);
-        if stamp.position != position || stamp.lap != ring.lap(position) {
+        if stamp.position_bytes != position || stamp.lap != ring.lap(position) {
             break cut(
                 position,
                 format!(
                     "stale record of position {} (lap {})",
-                    stamp.position, stamp.lap
+                    stamp.position_bytes, stamp.lap
                 ),
             );
         }
@@ -1047,15 +1069,15 @@ async fn scan(
                 break cut(position, "padding does not end the lap".to_string());
             }
         } else {
-            let payload_len = len - BLOCK_BYTES;
+            let payload_len = len - BLOCK_SIZE_BYTES;
             let payload = if payload_len == 0 {
                 Bytes::new()
             } else {
-                let payload = window.get(offset + BLOCK_BYTES, payload_len).await?;
+                let payload = window.get(offset + BLOCK_SIZE_BYTES, payload_len).await?;
                 if let Some(bad) = format::first_bad_block(&header, payload) {
                     break cut(position, format!("payload block {bad} fails its CRC"));
                 }
-                Bytes::copy_from_slice(&payload[..header.payload_len as usize])
+                Bytes::copy_from_slice(&payload[..header.payload_len_bytes as usize])
             };
             records.push(RecoveredRecord {
                 position: LogPosition(position),

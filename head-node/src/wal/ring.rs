@@ -10,7 +10,7 @@
 //! the rest of the current lap, a padding record fills the rest and the record
 //! starts the next lap at ring offset 0. Everything is 4 KiB aligned.
 
-use super::format::BLOCK_BYTES;
+use proto::BLOCK_SIZE_BYTES;
 
 /// The ring would have to overwrite unreleased records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub struct Ring {
 impl Ring {
     /// A ring of `capacity_bytes` (a non-zero multiple of 4 KiB).
     pub fn new(capacity_bytes: u64) -> Self {
-        assert!(capacity_bytes > 0 && capacity_bytes % BLOCK_BYTES == 0);
+        assert!(capacity_bytes > 0 && capacity_bytes % BLOCK_SIZE_BYTES == 0);
         Self { capacity_bytes }
     }
 
@@ -63,12 +63,12 @@ impl Ring {
     /// Reserves `len` bytes at `head` given the live range `[tail, head)`.
     pub fn reserve(&self, head: u64, tail: u64, len: u64) -> Result<Reservation, Full> {
         debug_assert!(tail <= head && head - tail <= self.capacity_bytes);
-        debug_assert!(len > 0 && len % BLOCK_BYTES == 0 && head % BLOCK_BYTES == 0);
+        debug_assert!(len > 0 && len % BLOCK_SIZE_BYTES == 0 && head % BLOCK_SIZE_BYTES == 0);
         let offset = self.offset(head);
         let (padding, position) = if offset + len > self.capacity_bytes {
             let rest = self.capacity_bytes - offset;
             // The padding header is one block; it skips the rest of the lap.
-            (Some((head, rest - BLOCK_BYTES)), head + rest)
+            (Some((head, rest - BLOCK_SIZE_BYTES)), head + rest)
         } else {
             (None, head)
         };
@@ -94,7 +94,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const B: u64 = BLOCK_BYTES;
+    const B: u64 = BLOCK_SIZE_BYTES;
 
     #[test]
     fn pads_to_the_end_of_the_lap() {

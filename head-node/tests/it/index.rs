@@ -91,7 +91,7 @@ proptest! {
 
     #[test]
     fn index_matches_a_per_block_model(ops in proptest::collection::vec(op(), 1..80)) {
-        let partition = PartitionId { volume: 1, partition: 0 };
+        let partition = PartitionId { volume: 1, index: 0 };
         let mut index = PartitionIndex::new(partition, SIZE_BLOCKS);
         let mut model: Model = HashMap::new();
         for (step, op) in ops.iter().enumerate() {
@@ -165,7 +165,7 @@ fn sequential_writes_of_one_record_stay_one_run() {
     let mut index = PartitionIndex::new(
         PartitionId {
             volume: 1,
-            partition: 0,
+            index: 0,
         },
         1024,
     );

@@ -36,11 +36,11 @@ const K: u8 = 4;
 const M: u8 = 2;
 const PART: PartitionId = PartitionId {
     volume: 7,
-    partition: 1,
+    index: 1,
 };
 /// The partition starts at this volume block.
 const FIRST_BLOCK: u64 = 4096;
-const BLOCK: u64 = 4096;
+const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
 const CHUNK_BYTES: u64 = 16 * BLOCK;
 /// One row of a column: a chunk and its summary block.
 const ROW_BYTES: u64 = CHUNK_BYTES + BLOCK;
@@ -126,7 +126,12 @@ impl SledAccess for Sleds {
         }
         let target = self.sleds.lock().unwrap().get(sled).cloned();
         let down = failing || self.down.lock().unwrap().contains(sled);
-        if let SledRequest::Read { offset, len, .. } = &request {
+        if let SledRequest::Read {
+            offset_bytes: offset,
+            len_bytes: len,
+            ..
+        } = &request
+        {
             if u64::from(*len) == BLOCK && offset % ROW_BYTES == CHUNK_BYTES {
                 self.summary_reads.fetch_add(1, Ordering::SeqCst);
             }
@@ -187,7 +192,7 @@ impl ExtentSource for Extents {
                     .call(
                         id,
                         SledRequest::AllocateColumns {
-                            count: 1,
+                            column_count: 1,
                             device: None,
                         },
                     )
@@ -1024,7 +1029,7 @@ fn host_write(unit: &Unit, write_id: u64, block: u64, fill: u8) -> HostRequest {
     let data = vec![fill; 4096];
     HostRequest {
         volume: PART.volume,
-        partition: PART.partition,
+        partition: PART.index,
         epoch: unit.epoch,
         // The partition engine below the manager checks no credential.
         credential: proto::volume::AttachmentCredential::NONE,
@@ -1951,7 +1956,7 @@ async fn take_over_maps_no_block_to_a_log_record_it_does_not_hold() {
     // Another partition on the same log holds it from its first record on.
     let other_id = PartitionId {
         volume: PART.volume,
-        partition: PART.partition + 1,
+        index: PART.index + 1,
     };
     let other = Partition::open(
         PartitionConfig::new(other_id, FIRST_BLOCK + size, size, 1),

@@ -14,13 +14,13 @@ use hardware::{
 use head_node::wal::{LogPosition, LogRecord, RecordKind, ScanStop, Wal, WalError, WalOptions};
 use proto::sled::PartitionId;
 
-const B: usize = 4096;
+const B: usize = proto::BLOCK_SIZE_BYTES as usize;
 const RING: u64 = 8192;
 
 fn part() -> PartitionId {
     PartitionId {
         volume: 3,
-        partition: 1,
+        index: 1,
     }
 }
 

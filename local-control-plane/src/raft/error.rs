@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use openraft::{AnyError, ErrorSubject, ErrorVerb, StorageIOError};
 
-use super::types::{NodeId, RaftStorageError};
+use super::types::{RaftNodeId, RaftStorageError};
 
 /// What went wrong in the Raft log or state-machine storage.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,7 @@ impl StorageError {
     }
 
     /// openraft's error for this failure while doing `verb` on `subject`.
-    pub fn into_raft(self, subject: ErrorSubject<NodeId>, verb: ErrorVerb) -> RaftStorageError {
+    pub fn into_raft(self, subject: ErrorSubject<RaftNodeId>, verb: ErrorVerb) -> RaftStorageError {
         RaftStorageError::IO {
             source: StorageIOError::new(subject, verb, AnyError::new(&self)),
         }

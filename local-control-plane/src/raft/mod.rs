@@ -52,8 +52,8 @@ pub use state_machine::{
 pub use types::{
     AppendEntriesRequest, AppendEntriesResponse, CheckIsLeaderError, ClientWriteError,
     ClientWriteResponse, Entry, EntryPayload, HeadNodeInfo, InitializeError, InstallSnapshotError,
-    InstallSnapshotRequest, InstallSnapshotResponse, LogId, LogState, Membership, NodeId, RPCError,
-    Raft, RaftError, RaftMetrics, RaftStorageError, Response, Snapshot, SnapshotMeta,
+    InstallSnapshotRequest, InstallSnapshotResponse, LogId, LogState, Membership, RPCError, Raft,
+    RaftError, RaftMetrics, RaftNodeId, RaftStorageError, Response, Snapshot, SnapshotMeta,
     StoredMembership, TypeConfig, Vote, VoteRequest, VoteResponse,
 };
 

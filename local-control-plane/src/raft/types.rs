@@ -1,10 +1,11 @@
 //! The openraft type configuration of a unit's Raft group, and short aliases
 //! for the openraft types the node runtime, the network and the storage use.
 //!
-//! * Raft node ids are `u64`: the position of the head node in the rack
-//!   file's `[[head_node]]` list, plus one (0 is never a member). The
-//!   state machine's own [`crate::NodeId`] is the head node's *name*;
-//!   [`HeadNodeInfo::id`] links the two.
+//! * Raft node ids are `u64` ([`RaftNodeId`]): the position of the head
+//!   node in the rack file's `[[head_node]]` list, plus one (0 is never a
+//!   member). The state machine's own [`crate::NodeId`] is the head node's
+//!   *name*, the one `NodeId` of the system; [`HeadNodeInfo::id`] links the
+//!   two.
 //! * A log entry's payload is a [`Command`]; its response is the result of
 //!   [`UnitState::apply`](crate::UnitState::apply): a refused command is a
 //!   normally applied entry whose response is the [`CommandError`]. Blank and
@@ -20,8 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Outcome};
 use crate::error::CommandError;
 
-/// Raft node id: 1-based position in the rack file's `[[head_node]]` list.
-pub type NodeId = u64;
+/// Raft node id (openraft's member id): 1-based position in the rack file's
+/// `[[head_node]]` list. Not the head node's name ([`crate::NodeId`]).
+pub type RaftNodeId = u64;
 
 /// What a member knows about another member: its name and where to reach
 /// it on both networks, plus its admin (operator HTTP) address.
@@ -73,7 +75,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Response,
-        NodeId = NodeId,
+        NodeId = RaftNodeId,
         Node = HeadNodeInfo,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
@@ -82,34 +84,34 @@ openraft::declare_raft_types!(
 
 /// A running Raft member of this unit.
 pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
+pub type LogId = openraft::LogId<RaftNodeId>;
+pub type Vote = openraft::Vote<RaftNodeId>;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type EntryPayload = openraft::EntryPayload<TypeConfig>;
-pub type Membership = openraft::Membership<NodeId, HeadNodeInfo>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, HeadNodeInfo>;
+pub type Membership = openraft::Membership<RaftNodeId, HeadNodeInfo>;
+pub type StoredMembership = openraft::StoredMembership<RaftNodeId, HeadNodeInfo>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, HeadNodeInfo>;
+pub type SnapshotMeta = openraft::SnapshotMeta<RaftNodeId, HeadNodeInfo>;
 pub type LogState = openraft::LogState<TypeConfig>;
-pub type RaftMetrics = openraft::RaftMetrics<NodeId, HeadNodeInfo>;
+pub type RaftMetrics = openraft::RaftMetrics<RaftNodeId, HeadNodeInfo>;
 /// openraft's storage error, what the storage traits return (our typed
 /// [`StorageError`](super::StorageError) converts into it).
-pub type RaftStorageError = openraft::StorageError<NodeId>;
+pub type RaftStorageError = openraft::StorageError<RaftNodeId>;
 
 /// RPC messages (what the network carries).
 pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
-pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<NodeId>;
-pub type VoteRequest = openraft::raft::VoteRequest<NodeId>;
-pub type VoteResponse = openraft::raft::VoteResponse<NodeId>;
+pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<RaftNodeId>;
+pub type VoteRequest = openraft::raft::VoteRequest<RaftNodeId>;
+pub type VoteResponse = openraft::raft::VoteResponse<RaftNodeId>;
 pub type InstallSnapshotRequest = openraft::raft::InstallSnapshotRequest<TypeConfig>;
-pub type InstallSnapshotResponse = openraft::raft::InstallSnapshotResponse<NodeId>;
+pub type InstallSnapshotResponse = openraft::raft::InstallSnapshotResponse<RaftNodeId>;
 pub type ClientWriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
 
 /// Errors of the Raft API and of RPCs.
-pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
-pub type ClientWriteError = openraft::error::ClientWriteError<NodeId, HeadNodeInfo>;
-pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<NodeId, HeadNodeInfo>;
-pub type InitializeError = openraft::error::InitializeError<NodeId, HeadNodeInfo>;
+pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<RaftNodeId, E>;
+pub type ClientWriteError = openraft::error::ClientWriteError<RaftNodeId, HeadNodeInfo>;
+pub type CheckIsLeaderError = openraft::error::CheckIsLeaderError<RaftNodeId, HeadNodeInfo>;
+pub type InitializeError = openraft::error::InitializeError<RaftNodeId, HeadNodeInfo>;
 pub type InstallSnapshotError = openraft::error::InstallSnapshotError;
 pub type RPCError<E = openraft::error::Infallible> =
-    openraft::error::RPCError<NodeId, HeadNodeInfo, E>;
+    openraft::error::RPCError<RaftNodeId, HeadNodeInfo, E>;

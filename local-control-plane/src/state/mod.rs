@@ -101,6 +101,7 @@ mod volume_tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use proto::BLOCK_SIZE_BYTES;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, DeviceSpec, Endpoint, Network, Outcome};
@@ -118,8 +119,6 @@ pub use types::{
 };
 pub use volumes::{AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME};
 
-/// Block size of every volume; sizes must be multiples of it.
-pub const BLOCK_SIZE_BYTES: u64 = 4096;
 /// Bound on partitions per volume (a 1 GiB partition size gives 64 TiB).
 pub const MAX_PARTITIONS_PER_VOLUME: u64 = 1 << 16;
 /// Bound on k + m.

@@ -1296,9 +1296,15 @@ fn error_codes_and_retryability() {
 #[test]
 fn proto_conversions() {
     let id = p(3, 7);
-    let wire: proto::sled::PartitionId = id.into();
-    assert_eq!((wire.volume, wire.partition), (3, 7));
-    assert_eq!(PartitionId::from(wire), id);
+    // The serde form the replicated state has always had.
+    assert_eq!(
+        serde_json::to_string(&id).unwrap(),
+        r#"{"volume":3,"index":7}"#
+    );
+    assert_eq!(
+        serde_json::from_str::<PartitionId>(r#"{"volume":3,"index":7}"#).unwrap(),
+        id
+    );
     let column = ColumnRef {
         sled: sled(1),
         device: 2,

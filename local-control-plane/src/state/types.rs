@@ -35,12 +35,9 @@ pub struct SledId(pub String);
 #[serde(transparent)]
 pub struct ExtentId(pub u64);
 
-/// A volume partition. Same shape as [`proto::sled::PartitionId`], plus serde.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PartitionId {
-    pub volume: VolumeId,
-    pub index: u32,
-}
+/// A volume partition: the one type, [`proto::sled::PartitionId`] (its serde
+/// form, `{"volume": .., "index": ..}`, is what the state has always stored).
+pub use proto::sled::PartitionId;
 
 /// One device of one sled.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -224,33 +221,9 @@ impl fmt::Display for ExtentId {
     }
 }
 
-impl fmt::Display for PartitionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.volume, self.index)
-    }
-}
-
 impl fmt::Display for ColumnRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}", self.sled, self.device, self.index)
-    }
-}
-
-impl From<proto::sled::PartitionId> for PartitionId {
-    fn from(p: proto::sled::PartitionId) -> Self {
-        PartitionId {
-            volume: p.volume,
-            index: p.partition,
-        }
-    }
-}
-
-impl From<PartitionId> for proto::sled::PartitionId {
-    fn from(p: PartitionId) -> Self {
-        proto::sled::PartitionId {
-            volume: p.volume,
-            partition: p.index,
-        }
     }
 }
 

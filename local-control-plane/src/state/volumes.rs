@@ -45,13 +45,14 @@
 use std::collections::BTreeMap;
 
 use proto::volume::{digests_equal, AttachmentCredential};
+use proto::BLOCK_SIZE_BYTES;
 
 use super::placement;
 use super::types::{
     Attachment, AttachmentId, DeletingVolume, ExtentId, Health, Partition, PartitionId,
     TokenDigest, VolumeId,
 };
-use super::{validate_name, UnitState, BLOCK_SIZE_BYTES, MAX_PARTITIONS_PER_VOLUME};
+use super::{validate_name, UnitState, MAX_PARTITIONS_PER_VOLUME};
 use crate::command::Outcome;
 use crate::error::{CommandError, Entity};
 

@@ -48,7 +48,7 @@ proptest! {
         prop_assert_eq!(frame.header.kind, kind);
         prop_assert_eq!(frame.header.flags, flags);
         prop_assert_eq!(frame.header.request_id, request_id);
-        prop_assert_eq!(frame.header.body_len as usize, body.len());
+        prop_assert_eq!(frame.header.body_len_bytes as usize, body.len());
         prop_assert_eq!(&frame.body[..], &body[..]);
     }
 

@@ -64,7 +64,7 @@ async fn refused_a_fails_over_to_b() {
     let allocated = link
         .call(
             Message::Sled(SledRequest::AllocateColumns {
-                count: 2,
+                column_count: 2,
                 device: None,
             }),
             false,
@@ -118,7 +118,7 @@ async fn blackholed_a_idempotent_retries_on_b_and_non_idempotent_is_uncertain() 
     let error = uncertain_link
         .call(
             Message::Sled(SledRequest::AllocateColumns {
-                count: 1,
+                column_count: 1,
                 device: None,
             }),
             false,

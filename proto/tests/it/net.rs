@@ -12,28 +12,34 @@ use proto::Message;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Answers `Read { offset, len }` with `Data` whose bytes encode `offset`,
-/// after `len` microseconds (so responses come back out of order).
+/// Answers `Read { offset_bytes, len_bytes }` with `Data` whose bytes encode
+/// `offset_bytes`, after `len_bytes` microseconds (so responses come back out
+/// of order).
 pub struct TestHandler;
 
 impl Handler for TestHandler {
     fn handle(&self, request: Message) -> BoxFuture<'static, Message> {
         Box::pin(async move {
             match request {
-                Message::Sled(SledRequest::Read { offset, len, .. }) => {
+                Message::Sled(SledRequest::Read {
+                    offset_bytes: offset,
+                    len_bytes: len,
+                    ..
+                }) => {
                     tokio::time::sleep(Duration::from_micros(len.into())).await;
                     Message::SledReply(SledResponse::Data {
                         data: Bytes::copy_from_slice(&offset.to_le_bytes()),
                         block_crcs: vec![],
                     })
                 }
-                Message::Sled(SledRequest::AllocateColumns { count, .. }) => {
-                    Message::SledReply(SledResponse::Allocated(
-                        (0..count)
-                            .map(|index| ColumnId { device: 0, index })
-                            .collect(),
-                    ))
-                }
+                Message::Sled(SledRequest::AllocateColumns {
+                    column_count: count,
+                    ..
+                }) => Message::SledReply(SledResponse::Allocated(
+                    (0..count)
+                        .map(|index| ColumnId { device: 0, index })
+                        .collect(),
+                )),
                 Message::Ping { .. } => panic!("the server answers pings itself"),
                 _ => Message::SledReply(SledResponse::Freed),
             }
@@ -47,8 +53,8 @@ pub fn read(offset: u64, delay_us: u32) -> Message {
             device: 1,
             index: 2,
         },
-        offset,
-        len: delay_us,
+        offset_bytes: offset,
+        len_bytes: delay_us,
     })
 }
 

@@ -13,7 +13,10 @@ pub fn column() -> impl Strategy<Value = ColumnId> {
 }
 
 pub fn partition() -> impl Strategy<Value = PartitionId> {
-    (any::<u64>(), any::<u32>()).prop_map(|(volume, partition)| PartitionId { volume, partition })
+    (any::<u64>(), any::<u32>()).prop_map(|(volume, partition)| PartitionId {
+        volume,
+        index: partition,
+    })
 }
 
 pub fn payload() -> impl Strategy<Value = Bytes> {
@@ -43,8 +46,12 @@ pub fn device_state() -> impl Strategy<Value = DeviceState> {
 pub fn sled_request() -> impl Strategy<Value = SledRequest> {
     prop_oneof![
         Just(SledRequest::Inventory),
-        (any::<u32>(), any::<Option<u16>>())
-            .prop_map(|(count, device)| SledRequest::AllocateColumns { count, device }),
+        (any::<u32>(), any::<Option<u16>>()).prop_map(|(count, device)| {
+            SledRequest::AllocateColumns {
+                column_count: count,
+                device,
+            }
+        }),
         (column(), partition(), any::<u64>()).prop_map(|(column, partition, epoch)| {
             SledRequest::FreeColumn {
                 column,
@@ -72,7 +79,7 @@ pub fn sled_request() -> impl Strategy<Value = SledRequest> {
                     column,
                     partition,
                     epoch,
-                    offset,
+                    offset_bytes: offset,
                     data,
                     block_crcs,
                 }
@@ -80,8 +87,8 @@ pub fn sled_request() -> impl Strategy<Value = SledRequest> {
         (column(), any::<u64>(), any::<u32>()).prop_map(|(column, offset, len)| {
             SledRequest::Read {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
             }
         }),
         column().prop_map(|column| SledRequest::ColumnStatus { column }),
@@ -100,7 +107,7 @@ pub fn sled_error() -> impl Strategy<Value = SledError> {
         (column(), any::<u64>(), any::<u64>()).prop_map(|(column, offset, length_bytes)| {
             SledError::OffsetMismatch {
                 column,
-                offset,
+                offset_bytes: offset,
                 length_bytes,
             }
         }),
@@ -114,8 +121,8 @@ pub fn sled_error() -> impl Strategy<Value = SledError> {
             .prop_map(|(column, offset, len, length_bytes, column_size_bytes)| {
                 SledError::OutOfRange {
                     column,
-                    offset,
-                    len,
+                    offset_bytes: offset,
+                    len_bytes: len,
                     length_bytes,
                     column_size_bytes,
                 }
@@ -123,7 +130,7 @@ pub fn sled_error() -> impl Strategy<Value = SledError> {
         (column(), vec(any::<u64>(), 0..8)).prop_map(|(column, block_offsets)| {
             SledError::ChecksumMismatch {
                 column,
-                block_offsets,
+                block_offsets_bytes: block_offsets,
             }
         }),
         any::<u16>().prop_map(|device| SledError::DeviceFailed { device }),
@@ -200,7 +207,10 @@ pub fn sled_response() -> impl Strategy<Value = SledResponse> {
                     bytes_verified,
                     bad_blocks: bad
                         .into_iter()
-                        .map(|(column, offset)| BadBlock { column, offset })
+                        .map(|(column, offset)| BadBlock {
+                            column,
+                            offset_bytes: offset
+                        })
                         .collect(),
                 }
             )),
@@ -258,8 +268,10 @@ pub fn node_hint() -> impl Strategy<Value = NodeHint> {
 
 pub fn host_op() -> impl Strategy<Value = HostOp> {
     prop_oneof![
-        (any::<u64>(), any::<u32>())
-            .prop_map(|(offset_bytes, len)| HostOp::Read { offset_bytes, len }),
+        (any::<u64>(), any::<u32>()).prop_map(|(offset_bytes, len)| HostOp::Read {
+            offset_bytes,
+            len_bytes: len
+        }),
         (any::<u64>(), any::<u64>(), payload(), crcs(), any::<bool>()).prop_map(
             |(write_id, offset_bytes, data, crcs, fua)| HostOp::Write {
                 write_id,
@@ -274,14 +286,14 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
             HostOp::Trim {
                 write_id,
                 offset_bytes,
-                len,
+                len_bytes: len,
             }
         }),
         (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(write_id, offset_bytes, len)| {
             HostOp::WriteZeroes {
                 write_id,
                 offset_bytes,
-                len,
+                len_bytes: len,
             }
         }),
     ]
@@ -319,9 +331,9 @@ pub fn host_error() -> impl Strategy<Value = HostError> {
         (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
             |(offset_bytes, len, partition_start, partition_end)| HostError::OutOfRange {
                 offset_bytes,
-                len,
-                partition_start,
-                partition_end
+                len_bytes: len,
+                partition_start_bytes: partition_start,
+                partition_end_bytes: partition_end
             }
         ),
         any::<u64>().prop_map(|offset_bytes| HostError::ChecksumMismatch { offset_bytes }),

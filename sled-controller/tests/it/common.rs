@@ -32,7 +32,10 @@ pub async fn open(device: &Arc<dyn BlockDevice>, index: u16) -> Store {
 }
 
 pub fn p(volume: u64, partition: u32) -> PartitionId {
-    PartitionId { volume, partition }
+    PartitionId {
+        volume,
+        index: partition,
+    }
 }
 
 /// `blocks` blocks of a recognisable pattern.

@@ -174,7 +174,7 @@ async fn serves_both_networks_and_recovers_a_blocked_one() {
     let SledResponse::Allocated(cols) = call(
         u.a,
         SledRequest::AllocateColumns {
-            count: 2,
+            column_count: 2,
             device: None,
         },
     )

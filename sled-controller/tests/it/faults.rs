@@ -42,7 +42,7 @@ async fn torn_append_is_healed_by_retry() {
     let bad: Vec<u64> = store
         .recovered_bad_blocks()
         .iter()
-        .map(|b| b.offset)
+        .map(|b| b.offset_bytes)
         .collect();
     assert_eq!(bad, vec![12288, 16384, 20480]);
     assert_eq!(store.status(c).await.unwrap().length_bytes, 24576);
@@ -122,7 +122,7 @@ async fn flipped_byte_in_device_file_is_detected_by_read_and_scrub() {
     match store.read(c, 0, 16384).await {
         Err(SledError::ChecksumMismatch {
             column,
-            block_offsets,
+            block_offsets_bytes: block_offsets,
         }) => {
             assert_eq!(
                 column,
@@ -147,7 +147,7 @@ async fn flipped_byte_in_device_file_is_detected_by_read_and_scrub() {
     assert_eq!(report.passes, 1);
     assert_eq!(report.bytes_verified, 16384);
     assert_eq!(report.bad_blocks.len(), 1);
-    assert_eq!(report.bad_blocks[0].offset, 8192);
+    assert_eq!(report.bad_blocks[0].offset_bytes, 8192);
     assert_eq!(metrics.scrub_bad_blocks.get(), 1);
     // A second pass does not count the same block twice.
     let report = sled.scrub_now().await;
@@ -193,7 +193,7 @@ async fn failed_device_is_isolated() {
     // Spread: 4 columns over 2 devices, 2 each.
     let SledResponse::Allocated(cols) = sled
         .handle_request(SledRequest::AllocateColumns {
-            count: 4,
+            column_count: 4,
             device: None,
         })
         .await
@@ -233,7 +233,7 @@ async fn failed_device_is_isolated() {
             column: on_good,
             partition: p(1, 0),
             epoch: 1,
-            offset: 0,
+            offset_bytes: 0,
             data: d.clone(),
             block_crcs: crcs.clone(),
         })
@@ -250,7 +250,7 @@ async fn failed_device_is_isolated() {
     // New allocations avoid the failed device.
     let SledResponse::Allocated(more) = sled
         .handle_request(SledRequest::AllocateColumns {
-            count: 3,
+            column_count: 3,
             device: None,
         })
         .await
@@ -353,7 +353,7 @@ async fn health_is_failed_when_no_device_is_healthy() {
     assert_eq!(body["devices"][0]["state"], "failed");
     assert_eq!(
         sled.handle_request(SledRequest::AllocateColumns {
-            count: 1,
+            column_count: 1,
             device: None
         })
         .await,
@@ -365,8 +365,8 @@ async fn health_is_failed_when_no_device_is_healthy() {
                 device: 0,
                 index: 0
             },
-            offset: 0,
-            len: 4096
+            offset_bytes: 0,
+            len_bytes: 4096
         })
         .await,
         SledResponse::Error(SledError::DeviceFailed { device: 0 })

@@ -102,8 +102,8 @@ impl Model {
         if offset + len > COLUMN {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: COLUMN,
             });
@@ -116,7 +116,7 @@ impl Model {
         if offset + len > length || c.data[offset as usize..(offset + len) as usize] != *data {
             return Err(SledError::OffsetMismatch {
                 column,
-                offset,
+                offset_bytes: offset,
                 length_bytes: length,
             });
         }
@@ -137,8 +137,8 @@ impl Model {
         if offset + len > length {
             return Err(SledError::OutOfRange {
                 column,
-                offset,
-                len,
+                offset_bytes: offset,
+                len_bytes: len,
                 length_bytes: length,
                 column_size_bytes: COLUMN,
             });
