@@ -133,7 +133,9 @@ pub fn print_repair(unit: &UnitStatus) {
             t.partition.to_string(),
             format!("{:?}", t.reason),
             format!("{:?}", t.phase),
-            t.old.to_string(),
+            t.old
+                .as_ref()
+                .map_or_else(|| "(owed)".to_string(), ToString::to_string),
             t.new.to_string(),
             human_bytes(t.bytes_done),
             human_bytes(t.bytes_total),

@@ -192,7 +192,7 @@ fn user_of(state: &UnitState, column: &ColumnRef) -> Option<(ExtentId, u16)> {
         .get(&extent)?
         .columns
         .iter()
-        .position(|c| c == column)?;
+        .position(|c| c.as_ref() == Some(column))?;
     Some((extent, u16::try_from(index).ok()?))
 }
 

@@ -13,7 +13,8 @@ use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevi
 use head_node::index::Location;
 use head_node::partition::{
     CheckpointReport, ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig,
-    PartitionDeps, PartitionError, PeerError, ReplicaPeer, Role, SharedLog, SledAccess,
+    PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask, ReplicaPeer, Role,
+    SharedLog, SledAccess,
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
@@ -181,7 +182,19 @@ impl ExtentSource for Extents {
                 })
             });
         }
-        let ids: Vec<String> = self.sleds.sleds.lock().unwrap().keys().cloned().collect();
+        // Like the LCP with degraded extents allowed: only sleds that are
+        // not down take a column; missing columns (at the end: parity
+        // first) are owed.
+        let down = self.sleds.down.lock().unwrap().clone();
+        let ids: Vec<String> = self
+            .sleds
+            .sleds
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|id| !down.contains(*id))
+            .cloned()
+            .collect();
         let extent = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sleds = self.sleds.clone();
         let owned = self.owned.clone();
@@ -207,12 +220,23 @@ impl ExtentSource for Extents {
                     }
                 }
             }
+            if columns.len() < usize::from(K) + 1 {
+                return Err(PeerError::Unreachable {
+                    peer: "lcp".into(),
+                    reason: format!("only {} sleds up", columns.len()),
+                });
+            }
+            let owed = (columns.len()..usize::from(K + M))
+                .map(|i| u16::try_from(i).unwrap())
+                .collect();
+            columns.resize(usize::from(K + M), ExtentGrant::owed_slot());
             let grant = ExtentGrant {
                 extent,
                 k: K,
                 m: M,
                 column_size_bytes: COLUMN,
                 columns,
+                owed,
             };
             owned.lock().unwrap().insert(extent, grant.clone());
             Ok(grant)
@@ -232,7 +256,8 @@ impl ExtentSource for Extents {
         let owned = self.owned.clone();
         Box::pin(async move {
             let Some(grant) = grant else { return Ok(()) };
-            for (sled, column) in grant.columns {
+            let present: Vec<_> = grant.present().map(|(_, c)| c.clone()).collect();
+            for (sled, column) in present {
                 let r = sleds
                     .call(
                         &sled,
@@ -2070,4 +2095,129 @@ async fn a_partial_flush_commit_does_not_skip_a_catching_up_secondary_past_unflu
             "block {block} lost by the promoted secondary"
         );
     }
+}
+
+/// One sled gone (6 sleds, 4+2): flushes go to degraded extents (5 columns,
+/// the last parity owed) instead of stopping; every block reads back, also
+/// with a second sled down (decoded from the k others while the owed
+/// column is missing) and after a restart (recovery reads summaries around
+/// the owed column); the owed column is then rebuilt on the returning sled
+/// and the extent survives any two lost sleds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sled_gone_flushes_into_degraded_extents_and_repair_writes_the_owed_column() {
+    let size_blocks = 512;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(0xde9);
+    unit.access.down.lock().unwrap().insert("sled-5".into());
+    random_ops(&unit, &mut model, &mut rng, 200).await;
+    let report = unit.primary.flush_now().await.unwrap();
+    assert!(report.blocks > 0 && report.stripes > 0, "{report:?}");
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    let degraded: Vec<ExtentGrant> = unit
+        .extents
+        .owned
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    assert!(!degraded.is_empty());
+    for grant in &degraded {
+        assert_eq!(grant.owed, [5u16].into_iter().collect(), "{grant:?}");
+        assert!(grant.present().all(|(_, (sled, _))| sled != "sled-5"));
+    }
+    let reads_before = unit.access.reads_answered("sled-5");
+    check_all(&unit, &model, "flushed into degraded extents").await;
+    // A second sled down: k columns left, reads decode around both.
+    unit.access.down.lock().unwrap().insert("sled-0".into());
+    check_all(&unit, &model, "degraded extent with a data sled down").await;
+    assert!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    unit.access.down.lock().unwrap().remove("sled-0");
+    // More writes and a flush; then recovery from the sleds alone.
+    random_ops(&unit, &mut model, &mut rng, 100).await;
+    unit.primary.flush_now().await.unwrap();
+    unit.restart().await;
+    check_all(&unit, &model, "after a restart with the owed column").await;
+    assert_eq!(unit.access.reads_answered("sled-5"), reads_before);
+
+    // sled-5 returns: rebuild the owed column of every degraded extent.
+    unit.access.down.lock().unwrap().clear();
+    let grants: Vec<ExtentGrant> = unit
+        .extents
+        .owned
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    let mut rebuilt = 0;
+    for grant in grants.into_iter().filter(|g| !g.owed.is_empty()) {
+        let new = match unit
+            .access
+            .call(
+                "sled-5",
+                SledRequest::AllocateColumns {
+                    column_count: 1,
+                    device: None,
+                },
+            )
+            .await
+            .unwrap()
+        {
+            SledResponse::Allocated(c) => ("sled-5".to_string(), c[0]),
+            other => panic!("{other:?}"),
+        };
+        let task = RebuildTask {
+            grant: grant.clone(),
+            column: 5,
+            new: new.clone(),
+            rate_bytes_per_second: 1 << 30,
+        };
+        let (progress, _watch) = tokio::sync::watch::channel(RebuildProgress::default());
+        let owned = unit.extents.owned.clone();
+        let extent = grant.extent;
+        let done = unit
+            .primary
+            .rebuild_column(task, &progress, |_epoch| async move {
+                // The control plane's CompleteRepair.
+                let mut owned = owned.lock().unwrap();
+                let g = owned.get_mut(&extent).unwrap();
+                g.columns[5] = new;
+                g.owed.remove(&5);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(done.bytes_done, done.bytes_total);
+        rebuilt += 1;
+    }
+    assert!(rebuilt > 0);
+    // Reads are direct again (no decode with every sled up) ...
+    let degraded_before = unit
+        .primary
+        .metrics()
+        .degraded_reads
+        .load(Ordering::Relaxed);
+    check_all(&unit, &model, "after the rebuild").await;
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed),
+        degraded_before
+    );
+    // ... and the rebuilt column decodes: any two other sleds down.
+    unit.access.down.lock().unwrap().insert("sled-0".into());
+    unit.access.down.lock().unwrap().insert("sled-4".into());
+    check_all(&unit, &model, "rebuilt column with two sleds down").await;
+    unit.access.down.lock().unwrap().clear();
+    unit.restart().await;
+    check_all(&unit, &model, "restart after the rebuild").await;
 }
