@@ -90,6 +90,14 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         unit.extents
     );
     print_repair(unit);
+    let a = &unit.allocation;
+    println!(
+        "allocation: {} sleds can take a column; {} degraded extents, {} owed columns",
+        a.writable_sleds, a.degraded_extents, a.owed_columns
+    );
+    for reason in &a.reasons {
+        println!("  {reason}");
+    }
     let f = &unit.failover;
     println!(
         "failover: {} partitions failing over, {} re-mirroring, {} with no live copy",

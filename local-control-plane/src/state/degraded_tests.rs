@@ -318,3 +318,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn unit_status_says_why_extents_are_degraded_or_wait() {
+    let mut state = unit();
+    assert!(state.allocation_status().reasons.is_empty());
+    set_sled(&mut state, 5, Health::Down);
+    ok(&mut state, refill(p(1, 0), 2, Some(5)));
+    let status = state.unit_status().allocation;
+    assert_eq!(status.writable_sleds, 5);
+    assert_eq!(status.degraded_extents, 2);
+    assert_eq!(status.owed_columns, 2);
+    assert_eq!(status.reasons.len(), 2, "{:?}", status.reasons);
+    assert!(
+        status.reasons[0].contains("degraded"),
+        "{:?}",
+        status.reasons
+    );
+    assert!(
+        status.reasons[1].contains("2 owed columns wait"),
+        "{:?}",
+        status.reasons
+    );
+    set_sled(&mut state, 4, Health::Down);
+    set_sled(&mut state, 3, Health::Down);
+    let status = state.allocation_status();
+    assert!(
+        status.reasons[0].contains("flushes wait"),
+        "{:?}",
+        status.reasons
+    );
+}

@@ -110,8 +110,8 @@ use crate::command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 use crate::error::{CommandError, Entity};
 
 pub use read::{
-    CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus, PartitionEntry,
-    PartitionMap, RepairStatus, SledStatus, UnitStatus,
+    AllocationStatus, CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus,
+    PartitionEntry, PartitionMap, RepairStatus, SledStatus, UnitStatus,
 };
 pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
 pub use types::{
