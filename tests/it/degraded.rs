@@ -61,10 +61,16 @@ fn head_logs(heads: &[Daemon]) -> String {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repaired() {
-    let started = Instant::now();
-    let note = |what: &str| eprintln!("degraded: {what} at {:?}", started.elapsed());
+struct Started {
+    unit: TestUnit,
+    sleds: Vec<Option<Daemon>>,
+    heads: Vec<Daemon>,
+    lcp: local_control_plane::LcpClient,
+    client: client::VolumeClient,
+}
+
+/// Six sleds, 4+2, three head nodes with 16 MiB write logs, volume `volume`.
+async fn start(volume: u64) -> Started {
     let unit = TestUnit::build(
         HeadNodeOptions {
             count: 3,
@@ -75,7 +81,7 @@ async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repai
         DEVICE_BYTES,
         COLUMN_BYTES,
     );
-    // The killed sled stays Down (not Failed: a Failed sled holding columns
+    // A killed sled stays Down (not Failed: a Failed sled holding columns
     // of full extents could not return on a six-sled unit).
     unit.append_head_node_config(&format!(
         "wal_size_bytes = {WAL_BYTES}\nio_engine = \"sync\"\nflush_age_ms = 300\n\
@@ -83,14 +89,14 @@ async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repai
          repair_bytes_per_second = {}\nrepair_poll_interval_ms = 100\n",
         200 * MIB
     ));
-    let mut sleds: Vec<Option<Daemon>> = unit.start_sleds().into_iter().map(Some).collect();
+    let sleds: Vec<Option<Daemon>> = unit.start_sleds().into_iter().map(Some).collect();
     let heads = unit.start_head_nodes();
     let lcp = unit.lcp_client();
     tests::register_volume(
         &lcp,
         Command::RegisterVolume {
-            volume: 141,
-            name: "degraded".into(),
+            volume,
+            name: format!("degraded-{volume}"),
             size_bytes: VOLUME_BYTES,
             partition_size_bytes: PARTITION_BYTES,
             k: K,
@@ -108,9 +114,43 @@ async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repai
         },
         ..ClientConfig::default()
     };
-    let client = tests::connect_client(unit.lcp_client(), 141, config)
+    let client = tests::connect_client(unit.lcp_client(), volume, config)
         .await
         .unwrap();
+    Started {
+        unit,
+        sleds,
+        heads,
+        lcp,
+        client,
+    }
+}
+
+/// Reads the whole volume and compares it with `model`.
+async fn check(client: &client::VolumeClient, model: &[u8], what: &str) {
+    for offset in (0..VOLUME_BYTES).step_by(MIB as usize) {
+        let data = client
+            .read(offset, MIB)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: read at {offset}: {e}"));
+        assert!(
+            data.as_ref() == &model[offset as usize..(offset + MIB) as usize],
+            "{what}: wrong data in the MiB at {offset}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repaired() {
+    let started = Instant::now();
+    let note = |what: &str| eprintln!("degraded: {what} at {:?}", started.elapsed());
+    let Started {
+        unit,
+        mut sleds,
+        heads,
+        lcp,
+        client,
+    } = start(141).await;
     note("unit up");
 
     sleds[5].take().unwrap().kill9();
@@ -140,23 +180,7 @@ async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repai
         total / MIB
     ));
     assert!(errors.is_empty(), "{errors:?}\n{}", head_logs(&heads));
-    let check = |what: &'static str| {
-        let client = &client;
-        let model = &model;
-        async move {
-            for offset in (0..VOLUME_BYTES).step_by(MIB as usize) {
-                let data = client
-                    .read(offset, MIB)
-                    .await
-                    .unwrap_or_else(|e| panic!("{what}: read at {offset}: {e}"));
-                assert!(
-                    data.as_ref() == &model[offset as usize..(offset + MIB) as usize],
-                    "{what}: wrong data in the MiB at {offset}"
-                );
-            }
-        }
-    };
-    check("with sled-6 down").await;
+    check(&client, &model, "with sled-6 down").await;
     let s = status(&lcp).await;
     note(&format!("allocation: {:?}", s.allocation));
     assert!(s.allocation.degraded_extents > 0, "{:?}", s.allocation);
@@ -187,11 +211,90 @@ async fn one_sled_killed_writes_of_three_logs_succeed_and_owed_columns_are_repai
         repaired.repair.completed, repaired.repair.completed_bytes
     );
     assert!(repaired.repair.completed > 0);
-    check("after the owed columns were written").await;
+    check(&client, &model, "after the owed columns were written").await;
     // The repaired columns are real: two other sleds gone, still readable.
     sleds[0].take().unwrap().kill9();
     sleds[1].take().unwrap().kill9();
     note("kill -9 sled-1 and sled-2");
-    check("with sled-1 and sled-2 killed").await;
+    check(&client, &model, "with sled-1 and sled-2 killed").await;
+    note("done");
+}
+
+/// Two of six sleds killed: four left, fewer than the default minimum of
+/// k+1 columns, so no extent can be allocated and flushes wait. Writes of
+/// more than the logs hold wait too (the client retries `Unavailable`
+/// within its failover timeout) instead of failing, the unit status says
+/// why, and once one sled returns they all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_minimum_writes_wait_for_a_sled_instead_of_failing() {
+    let started = Instant::now();
+    let note = |what: &str| eprintln!("below-min: {what} at {:?}", started.elapsed());
+    let Started {
+        unit,
+        mut sleds,
+        heads,
+        lcp,
+        client,
+    } = start(142).await;
+    note("unit up");
+    sleds[4].take().unwrap().kill9();
+    sleds[5].take().unwrap().kill9();
+    note("kill -9 sled-5 and sled-6");
+    wait_sled(&lcp, "sled-5", Health::Down).await;
+    wait_sled(&lcp, "sled-6", Health::Down).await;
+    let client = std::sync::Arc::new(client);
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut rng = Rng::new(142);
+            let mut model = vec![0u8; VOLUME_BYTES as usize];
+            let mut errors = Vec::new();
+            let mut longest = Duration::ZERO;
+            for i in 0..2 * WAL_BYTES / WRITE_BYTES {
+                let offset = (i * WRITE_BYTES) % VOLUME_BYTES;
+                let data = rng.bytes(WRITE_BYTES);
+                let t = Instant::now();
+                match client.write(offset, Bytes::from(data.clone()), false).await {
+                    Ok(()) => model[offset as usize..(offset + WRITE_BYTES) as usize]
+                        .copy_from_slice(&data),
+                    Err(e) => errors.push(format!("write at {offset}: {e}")),
+                }
+                longest = longest.max(t.elapsed());
+            }
+            (model, errors, longest)
+        })
+    };
+    // The logs fill; the status says why nothing is flushed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&lcp).await;
+        if s.allocation
+            .reasons
+            .iter()
+            .any(|r| r.contains("flushes wait"))
+        {
+            note(&format!("status: {:?}", s.allocation.reasons));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", s.allocation);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        !writer.is_finished(),
+        "twice a log's capacity was written with no flush"
+    );
+    sleds[4] = Some(unit.start_sled(4));
+    note("restarted sled-5");
+    let (model, errors, longest) = writer.await.unwrap();
+    note(&format!("writes done, longest {longest:?}"));
+    assert!(errors.is_empty(), "{errors:?}\n{}", head_logs(&heads));
+    assert!(
+        longest > Duration::from_secs(2),
+        "no write waited: {longest:?}"
+    );
+    check(&client, &model, "after sled-5 returned").await;
+    let s = status(&lcp).await;
+    assert!(s.allocation.degraded_extents > 0, "{:?}", s.allocation);
     note("done");
 }
