@@ -33,7 +33,7 @@
 //!          Partition::write_checkpoint, called on clean shutdown)
 //!         under the flush lock: snapshot ─▶ encode (CRC-32C) ─▶ rows of the
 //!         current checkpoint extent (a new one from the sandbox if none, it
-//!         is full, sealed by repair, or an append failed) ─▶ all k+m columns
+//!         is full, sealed by repair, or an append failed) ─▶ all present columns
 //!         durable ─▶ superseded checkpoint extents are freed (a newer
 //!         checkpoint is durable first)
 //!

@@ -5,7 +5,9 @@
 //! stripes of the open extent ([`super::layout`]), encodes parity, appends
 //! the `k + m` column rows with the partition's epoch (the extent's columns
 //! are claimed with the epoch when it is opened), and only when **all**
-//! `k + m` appends are durable commits: the index moves blocks that are
+//! appends are durable commits (a degraded extent's owed columns get no
+//! append and no claim: the stripe is durable on its present columns, at
+//! least k, and repair writes the owed ones later): the index moves blocks that are
 //! still the logged version (newer writes win), a `FlushCommit` goes to the
 //! local log and to the secondary, and the shared log is released. `Fenced`
 //! from a sled fences the partition at once. An append that fails seals the
@@ -576,7 +578,7 @@ enum StripeError {
 /// Encodes `rows` as consecutive stripes of `target` from `target.row` on
 /// and appends them with one request per column (rows laid out as in
 /// [`layout`]: chunk, then summary, per row). Returns each row's block
-/// locations once all `k + m` appends are durable.
+/// locations once the appends to every present column are durable.
 async fn write_rows(
     shared: &Arc<Shared>,
     target: &Target,
@@ -750,7 +752,7 @@ async fn commit_flush(
                 continue;
             };
             // The index must only ever point at data the sleds hold for us:
-            // a data slot of a row written (durably, on all k+m columns) to
+            // a data slot of a row written (durably, on all present columns) to
             // an extent of this partition.
             assert!(
                 holds_data_slot(&state, extent, column, offset_bytes),
