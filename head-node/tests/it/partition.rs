@@ -2,7 +2,7 @@
 //! write log per head node, a primary and a secondary wired by an in-process
 //! replica peer, an in-process extent source (the LCP seam).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -166,6 +166,9 @@ struct Extents {
     owned: Arc<Mutex<BTreeMap<u64, ExtentGrant>>>,
     /// Like the LCP's `OpenSandboxExtent`: a lower epoch is refused.
     min_epoch: AtomicU64,
+    /// Column indexes every new extent owes (the LCP only owes the last
+    /// parity columns; the engine must not care which).
+    owe: Mutex<Vec<u16>>,
 }
 
 impl ExtentSource for Extents {
@@ -198,9 +201,10 @@ impl ExtentSource for Extents {
         let extent = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sleds = self.sleds.clone();
         let owned = self.owned.clone();
+        let owe: BTreeSet<u16> = self.owe.lock().unwrap().iter().copied().collect();
         Box::pin(async move {
             let mut columns = Vec::new();
-            for id in ids.iter().take(usize::from(K + M)) {
+            for id in ids.iter().take(usize::from(K + M) - owe.len()) {
                 match sleds
                     .call(
                         id,
@@ -226,10 +230,23 @@ impl ExtentSource for Extents {
                     reason: format!("only {} sleds up", columns.len()),
                 });
             }
-            let owed = (columns.len()..usize::from(K + M))
-                .map(|i| u16::try_from(i).unwrap())
-                .collect();
-            columns.resize(usize::from(K + M), ExtentGrant::owed_slot());
+            let mut owed: BTreeSet<u16> = owe.clone();
+            let mut present = columns.into_iter();
+            let mut columns = Vec::new();
+            for i in 0..u16::from(K + M) {
+                let next = if owe.contains(&i) {
+                    None
+                } else {
+                    present.next()
+                };
+                match next {
+                    Some(c) => columns.push(c),
+                    None => {
+                        owed.insert(i);
+                        columns.push(ExtentGrant::owed_slot());
+                    }
+                }
+            }
             let grant = ExtentGrant {
                 extent,
                 k: K,
@@ -443,6 +460,7 @@ impl Unit {
             next_id: AtomicU64::new(1),
             owned: Arc::new(Mutex::new(BTreeMap::new())),
             min_epoch: AtomicU64::new(0),
+            owe: Mutex::new(Vec::new()),
         });
         let logs = [
             Arc::new(MemoryDevice::new(WAL_DEVICE)),
@@ -2220,4 +2238,40 @@ async fn one_sled_gone_flushes_into_degraded_extents_and_repair_writes_the_owed_
     unit.access.down.lock().unwrap().clear();
     unit.restart().await;
     check_all(&unit, &model, "restart after the rebuild").await;
+}
+
+/// The engine does not care which columns are owed: with *data* column 0
+/// owed in every extent, flushed blocks of that column are decoded on every
+/// read (and not reported for repair), and a checkpoint written to a
+/// degraded extent loads on a take-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owed_data_column_is_decoded_on_reads_checkpoints_and_take_over() {
+    let size_blocks = 512;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    *unit.extents.owe.lock().unwrap() = vec![0];
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(0x0ed);
+    random_ops(&unit, &mut model, &mut rng, 150).await;
+    unit.primary.flush_now().await.unwrap();
+    check_all(&unit, &model, "owed data column").await;
+    assert!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    assert!(unit.primary.repair_queue().is_empty());
+    let checkpoint = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    for grant in unit.extents.owned.lock().unwrap().values() {
+        assert_eq!(grant.owed, [0u16].into_iter().collect());
+    }
+    let taken = unit.take_over(false, 2).await;
+    // The checkpoint in the degraded extent was loaded, not refused.
+    let report = taken.recovery_report();
+    assert_eq!(report.checkpoint, Some((1, checkpoint.id)), "{report:?}");
+    assert_eq!(report.checkpoints_refused, 0);
+    check_all(&unit, &model, "after a take-over from the checkpoint").await;
 }
