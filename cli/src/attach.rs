@@ -230,6 +230,7 @@ fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
                 .to_owned(),
             column_size_bytes: 0,
             erasure_codes: Vec::new(),
+            min_flush_columns: None,
         },
         head_node,
         sled: Vec::new(),

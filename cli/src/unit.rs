@@ -90,6 +90,14 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         unit.extents
     );
     print_repair(unit);
+    let a = &unit.allocation;
+    println!(
+        "allocation: {} sleds can take a column; {} degraded extents, {} owed columns",
+        a.writable_sleds, a.degraded_extents, a.owed_columns
+    );
+    for reason in &a.reasons {
+        println!("  {reason}");
+    }
     let f = &unit.failover;
     println!(
         "failover: {} partitions failing over, {} re-mirroring, {} with no live copy",
@@ -133,7 +141,9 @@ pub fn print_repair(unit: &UnitStatus) {
             t.partition.to_string(),
             format!("{:?}", t.reason),
             format!("{:?}", t.phase),
-            t.old.to_string(),
+            t.old
+                .as_ref()
+                .map_or_else(|| "(owed)".to_string(), ToString::to_string),
             t.new.to_string(),
             human_bytes(t.bytes_done),
             human_bytes(t.bytes_total),

@@ -61,6 +61,11 @@ pub struct UnitSpec {
     pub column_size_bytes: u64,
     /// Erasure codes volumes of this unit may use.
     pub erasure_codes: Vec<ErasureCode>,
+    /// Least columns a new extent may have when fewer than k+m sleds can
+    /// take one (a **degraded** extent: the missing columns are owed and
+    /// written by repair). `None`: k+1 for every code. Clamped per code to
+    /// `[k, k+m]`; k+m allows no degraded extent.
+    pub min_flush_columns: Option<u16>,
 }
 
 /// A head node.
@@ -282,6 +287,9 @@ struct UnitFile {
     /// `"k+m"` strings; default `["4+2"]`.
     #[serde(default)]
     erasure_codes: Option<Vec<String>>,
+    /// Least columns of a degraded extent; default k+1.
+    #[serde(default)]
+    min_flush_columns: Option<u16>,
 }
 
 /// A head node or a sled; head nodes must not have devices.
@@ -439,6 +447,7 @@ impl Rack {
                 name: file.unit.name,
                 column_size_bytes,
                 erasure_codes,
+                min_flush_columns: file.unit.min_flush_columns,
             },
             head_node,
             sled,

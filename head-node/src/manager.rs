@@ -551,7 +551,8 @@ impl PartitionManager {
             link_metrics,
         ));
         let metrics = ManagerMetrics::register(registry);
-        let extents = LcpExtents::new(node.clone(), sleds.clone());
+        let extents = LcpExtents::new(node.clone(), sleds.clone())
+            .with_min_flush_columns(rack.unit.min_flush_columns);
         Ok(PartitionManager {
             inner: Arc::new(Inner {
                 me: NodeId::new(config.node_id.clone()),

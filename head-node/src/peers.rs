@@ -357,6 +357,10 @@ struct ExtentsInner {
     /// One extent request at a time per head node: two partitions racing
     /// for sandbox refills gain nothing.
     serial: tokio::sync::Mutex<()>,
+    /// Least present columns of a new extent when fewer than k+m sleds can
+    /// take one (`min_flush_columns` of the rack file's `[unit]`); `None`:
+    /// k+1. The control plane clamps it to `[k, k+m]`.
+    min_flush_columns: Option<u16>,
 }
 
 impl LcpExtents {
@@ -366,6 +370,20 @@ impl LcpExtents {
                 node,
                 sleds,
                 serial: tokio::sync::Mutex::new(()),
+                min_flush_columns: None,
+            }),
+        }
+    }
+
+    /// Sets the least present columns of a degraded extent (see
+    /// `hardware::rack::UnitSpec::min_flush_columns`).
+    pub fn with_min_flush_columns(self, min_flush_columns: Option<u16>) -> Self {
+        Self {
+            inner: Arc::new(ExtentsInner {
+                node: self.inner.node.clone(),
+                sleds: self.inner.sleds.clone(),
+                serial: tokio::sync::Mutex::new(()),
+                min_flush_columns,
             }),
         }
     }
@@ -377,7 +395,7 @@ impl LcpExtents {
 
 fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
     let entry = state.extents().get(&extent)?;
-    let first = entry.columns.first()?;
+    let (_, first) = entry.present().next()?;
     let column_size_bytes = state.sleds().get(&first.sled)?.column_size_bytes;
     Some(ExtentGrant {
         extent: extent.0,
@@ -387,8 +405,13 @@ fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
         columns: entry
             .columns
             .iter()
-            .map(|c| (c.sled.0.clone(), c.column_id()))
+            .map(|c| {
+                c.as_ref().map_or_else(ExtentGrant::owed_slot, |c| {
+                    (c.sled.0.clone(), c.column_id())
+                })
+            })
             .collect(),
+        owed: entry.owed().collect(),
     })
 }
 
@@ -407,17 +430,27 @@ async fn next_extent(
                 reason: format!("unknown partition {partition}"),
             });
         };
+        // Only an extent whose every present column can be claimed now:
+        // the refill below drops the others and allocates degraded extents
+        // when fewer than k+m sleds can take a column.
         let candidate = entry
             .sandbox
             .iter()
             .copied()
+            .filter(|e| state.extent_writable(*e))
             .find_map(|e| grant_of(&state, e).map(|g| (e, g)));
         let Some((extent, grant)) = candidate else {
+            let k = state
+                .volumes()
+                .get(&partition.volume)
+                .map_or(0, |v| u16::from(v.code.k));
+            let min_columns = this.min_flush_columns.unwrap_or(k + 1);
             propose(
                 &this.node,
                 Command::RefillSandbox {
                     partition,
                     target: SANDBOX_TARGET,
+                    min_columns: Some(min_columns),
                 },
             )
             .await
@@ -461,7 +494,7 @@ async fn free_extent(
         // Already freed (an earlier attempt's answer was lost).
         return Ok(());
     };
-    for (sled, column) in &grant.columns {
+    for (_, (sled, column)) in grant.present() {
         let request = SledRequest::FreeColumn {
             column: *column,
             partition,
@@ -509,6 +542,7 @@ pub async fn write_barrier(node: &LcpNode, partition: PartitionId) -> Result<(),
         Command::RefillSandbox {
             partition,
             target: 0,
+            min_columns: None,
         },
     )
     .await

@@ -145,7 +145,7 @@ fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
 
 fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
     let entry = state.extents().get(&extent)?;
-    let first = entry.columns.first()?;
+    let (_, first) = entry.present().next()?;
     let column_size_bytes = state.sleds().get(&first.sled)?.column_size_bytes;
     Some(ExtentGrant {
         extent: extent.0,
@@ -155,8 +155,13 @@ fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
         columns: entry
             .columns
             .iter()
-            .map(|c| (c.sled.0.clone(), c.column_id()))
+            .map(|c| {
+                c.as_ref().map_or_else(ExtentGrant::owed_slot, |c| {
+                    (c.sled.0.clone(), c.column_id())
+                })
+            })
             .collect(),
+        owed: entry.owed().collect(),
     })
 }
 
@@ -269,7 +274,7 @@ impl RepairWorker {
             column_index: task.column_index,
         };
         let (progress_tx, mut progress_rx) = watch::channel(RebuildProgress::default());
-        info!(extent = %task.extent, column = task.column_index, old = %task.old, new = %task.new, reason = ?task.reason, "rebuilding a column");
+        info!(extent = %task.extent, column = task.column_index, old = ?task.old, new = %task.new, reason = ?task.reason, "rebuilding a column");
         let started = Instant::now();
         let node = self.node.clone();
         let epoch = partition.epoch();
@@ -391,6 +396,7 @@ impl RepairWorker {
                 .extents()
                 .get(&extent)
                 .and_then(|e| e.columns.get(usize::from(column_index)))
+                .and_then(Option::as_ref)
             else {
                 continue;
             };

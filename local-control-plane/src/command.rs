@@ -83,9 +83,21 @@ pub enum Command {
     },
     /// Allocate extents into the partition's sandbox until it holds
     /// `target` unopened extents. All or nothing.
+    ///
+    /// With `min_columns` (clamped to `[k, k+m]`), an extent may be
+    /// allocated **degraded** when fewer than k+m sleds can take a column:
+    /// at least `min_columns` present columns, the others owed (see
+    /// `Extent::columns`). The refill then also drops sandbox extents that
+    /// have a column on a sled or device that is not Up (never opened, so
+    /// never claimed: their columns go back to the free pool), so the
+    /// sandbox only offers extents whose every present column is writable.
+    /// `None` (commands written before degraded extents existed) allocates
+    /// full extents only and drops nothing.
     RefillSandbox {
         partition: PartitionId,
         target: u32,
+        #[serde(default)]
+        min_columns: Option<u16>,
     },
     /// The primary reports it started filling a sandbox extent: the extent
     /// leaves the sandbox (it stays owned by the partition), so the next
@@ -239,7 +251,8 @@ pub enum Outcome {
     },
     ExtentAllocated {
         extent: ExtentId,
-        columns: Vec<ColumnRef>,
+        /// In stripe order; `None` is an owed column.
+        columns: Vec<Option<ColumnRef>>,
     },
     ExtentFreed {
         extent: ExtentId,

@@ -105,6 +105,8 @@ pub struct RepairMetrics {
     pending: Gauge,
     running: Gauge,
     waiting: Gauge,
+    degraded_extents: Gauge,
+    owed_columns: Gauge,
     bytes_remaining: Gauge,
     rate: Gauge,
     scheduled: Counter,
@@ -130,6 +132,16 @@ impl RepairMetrics {
             "rackblock_repair_columns_waiting",
             "Columns on failed or draining sleds without a repair task yet",
             m.waiting.clone(),
+        );
+        registry.register(
+            "rackblock_repair_degraded_extents",
+            "Extents allocated on fewer than k+m sleds, with owed columns",
+            m.degraded_extents.clone(),
+        );
+        registry.register(
+            "rackblock_repair_owed_columns",
+            "Owed columns of degraded extents (repair writes them when a sled can take them)",
+            m.owed_columns.clone(),
         );
         registry.register(
             "rackblock_repair_bytes_remaining",
@@ -170,6 +182,14 @@ impl RepairMetrics {
         self.pending.set(as_i64(status.pending as u64));
         self.running.set(as_i64(status.running as u64));
         self.waiting.set(as_i64(status.columns_waiting as u64));
+        let (degraded, owed) = state
+            .extents()
+            .values()
+            .map(|e| e.owed().count())
+            .filter(|owed| *owed > 0)
+            .fold((0u64, 0u64), |(d, o), owed| (d + 1, o + owed as u64));
+        self.degraded_extents.set(as_i64(degraded));
+        self.owed_columns.set(as_i64(owed));
         self.bytes_remaining.set(as_i64(status.bytes_remaining));
         self.rate.set(as_i64(status.rate_bytes_per_second));
     }
@@ -192,7 +212,7 @@ fn user_of(state: &UnitState, column: &ColumnRef) -> Option<(ExtentId, u16)> {
         .get(&extent)?
         .columns
         .iter()
-        .position(|c| c == column)?;
+        .position(|c| c.as_ref() == Some(column))?;
     Some((extent, u16::try_from(index).ok()?))
 }
 

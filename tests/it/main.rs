@@ -5,6 +5,7 @@ mod cli;
 mod cli_verbs;
 mod datapath;
 mod datapath_smoke;
+mod degraded;
 mod failover;
 mod lcp;
 mod nbd_e2e;

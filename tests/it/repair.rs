@@ -553,8 +553,9 @@ async fn scrub_found_corruption_is_rebuilt_into_a_new_column_at_the_configured_r
             .iter()
             .find(|t| t.reason == local_control_plane::RepairReason::Corruption)
         {
-            assert_eq!(t.old.sled.0, format!("sled-{}", corrupt_sled + 1));
-            assert_ne!(t.new.sled, t.old.sled);
+            let old = t.old.as_ref().expect("a corrupt column is present");
+            assert_eq!(old.sled.0, format!("sled-{}", corrupt_sled + 1));
+            assert_ne!(t.new.sled, old.sled);
             task = Some(t.clone());
         }
         if task.is_some() && s.repair.tasks.is_empty() && s.repair.completed >= 1 {
@@ -573,7 +574,10 @@ async fn scrub_found_corruption_is_rebuilt_into_a_new_column_at_the_configured_r
     let bytes = done.repair.completed_bytes;
     println!(
         "SCRUB REPAIR: column {} of extent {} ({} -> {}), {bytes} bytes, {seconds:.2} s after the flip (limit {RATE} B/s)",
-        task.column_index, task.extent, task.old, task.new
+        task.column_index,
+        task.extent,
+        task.old.as_ref().expect("present"),
+        task.new
     );
     // A full bucket (one second of rate) passes at once; the rest is paced.
     let floor = bytes.saturating_sub(RATE) as f64 / RATE as f64;

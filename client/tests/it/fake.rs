@@ -318,6 +318,7 @@ impl Unit {
                 name: "fake".into(),
                 column_size_bytes: 1 << 20,
                 erasure_codes: vec![ErasureCode { k: 4, m: 2 }],
+                min_flush_columns: None,
             },
             head_node: self
                 .nodes

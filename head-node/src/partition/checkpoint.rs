@@ -33,7 +33,7 @@
 //!          Partition::write_checkpoint, called on clean shutdown)
 //!         under the flush lock: snapshot ─▶ encode (CRC-32C) ─▶ rows of the
 //!         current checkpoint extent (a new one from the sandbox if none, it
-//!         is full, sealed by repair, or an append failed) ─▶ all k+m columns
+//!         is full, sealed by repair, or an append failed) ─▶ all present columns
 //!         durable ─▶ superseded checkpoint extents are freed (a newer
 //!         checkpoint is durable first)
 //!
@@ -72,7 +72,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future;
-use proto::sled::{ColumnId, PartitionId, SledError, SledRequest, SledResponse};
+use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
 use proto::BLOCK_SIZE_BYTES;
 
 use super::flush::{
@@ -533,7 +533,7 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             row_crcs.push(crcs);
         }
         let offset = (first_row + row) * ROW_BYTES;
-        append_all(shared, extent_id, &grant.columns, epoch, offset, columns).await?;
+        append_all(shared, extent_id, &grant, epoch, offset, columns).await?;
         let mut state = shared.lock();
         if let Some(e) = state.extents.get_mut(&extent_id) {
             for (i, crcs) in row_crcs.iter().enumerate() {
@@ -657,16 +657,24 @@ fn seal_current(shared: &Shared) {
     }
 }
 
-/// Appends `data[i]` to column `i` at `offset`; all must be durable.
+/// Appends `data[i]` to column `i` at `offset`; every present column must
+/// be durable (owed columns get nothing: repair writes them).
 async fn append_all(
     shared: &Arc<Shared>,
     extent: u64,
-    columns: &[(String, ColumnId)],
+    grant: &super::ExtentGrant,
     epoch: u64,
     offset: u64,
     data: Vec<BytesMut>,
 ) -> Result<(), PartitionError> {
-    let appends = columns.iter().zip(data).map(|((sled, column), data)| {
+    let present = grant
+        .columns
+        .iter()
+        .zip(data)
+        .enumerate()
+        .filter(|(i, _)| !grant.is_owed(*i))
+        .map(|(_, c)| c);
+    let appends = present.map(|((sled, column), data)| {
         let data: Bytes = data.freeze();
         let request = SledRequest::Append {
             column: *column,
@@ -1084,11 +1092,18 @@ async fn load(
     while row <= candidate.last_row {
         let batch = (candidate.last_row + 1 - row).min(BATCH_ROWS);
         let len = batch * ROW_BYTES;
+        // Owed columns hold nothing: decoded around like lost ones.
         let reads = holder
             .grant
             .columns
             .iter()
-            .map(|(sled, column)| read_verified(shared, sled, *column, row * ROW_BYTES, len));
+            .enumerate()
+            .map(|(i, (sled, column))| async move {
+                if holder.grant.is_owed(i) {
+                    return None;
+                }
+                read_verified(shared, sled, *column, row * ROW_BYTES, len).await
+            });
         let columns: Vec<Option<Bytes>> = future::join_all(reads).await;
         for r in 0..batch {
             let stripe = row + r;

@@ -5,7 +5,9 @@
 //! stripes of the open extent ([`super::layout`]), encodes parity, appends
 //! the `k + m` column rows with the partition's epoch (the extent's columns
 //! are claimed with the epoch when it is opened), and only when **all**
-//! `k + m` appends are durable commits: the index moves blocks that are
+//! appends are durable commits (a degraded extent's owed columns get no
+//! append and no claim: the stripe is durable on its present columns, at
+//! least k, and repair writes the owed ones later): the index moves blocks that are
 //! still the logged version (newer writes win), a `FlushCommit` goes to the
 //! local log and to the secondary, and the shared log is released. `Fenced`
 //! from a sled fences the partition at once. An append that fails seals the
@@ -282,6 +284,8 @@ struct Target {
     epoch: u64,
     codec: Arc<ErasureCodec>,
     columns: Vec<(String, proto::sled::ColumnId)>,
+    /// Owed columns of the extent (see [`ExtentGrant::owed`]).
+    owed: std::collections::BTreeSet<u16>,
 }
 
 async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
@@ -302,6 +306,7 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
                         epoch: state.epoch,
                         codec: e.codec.clone(),
                         columns: e.grant.columns.clone(),
+                        owed: e.grant.owed.clone(),
                     });
                 }
             }
@@ -365,16 +370,17 @@ pub(super) async fn open_extent(
     recovering: bool,
 ) -> Result<ExtentState, PartitionError> {
     let (k, m) = (usize::from(grant.k), usize::from(grant.m));
-    let mut sleds: Vec<&str> = grant.columns.iter().map(|(s, _)| s.as_str()).collect();
+    let mut sleds: Vec<&str> = grant.present().map(|(_, (s, _))| s.as_str()).collect();
+    let present = sleds.len();
     sleds.sort_unstable();
     sleds.dedup();
     let bad = |reason: String| PartitionError::Recovery {
         partition: shared.id(),
         reason: format!("extent {}: {reason}", grant.extent),
     };
-    if grant.columns.len() != k + m || sleds.len() != k + m {
+    if grant.columns.len() != k + m || sleds.len() != present || present < k {
         return Err(bad(
-            "columns not on k+m different sleds (invariant 3)".to_string()
+            "present columns not on different sleds, or fewer than k (invariant 3)".to_string(),
         ));
     }
     if k > layout::MAX_DATA_COLUMNS || grant.column_size_bytes < ROW_BYTES {
@@ -390,7 +396,8 @@ pub(super) async fn open_extent(
             source,
         })?,
     );
-    let claims = grant.columns.iter().map(|(sled, column)| {
+    // Owed columns are claimed by the repair that writes them.
+    let claims = grant.present().map(|(_, (sled, column))| {
         let request = SledRequest::Claim {
             column: *column,
             partition: shared.id(),
@@ -399,7 +406,7 @@ pub(super) async fn open_extent(
         sled_call(shared, sled, request)
     });
     let mut lengths = Vec::new();
-    for ((sled, _), result) in grant.columns.iter().zip(future::join_all(claims).await) {
+    for ((_, (sled, _)), result) in grant.present().zip(future::join_all(claims).await) {
         match result {
             Ok(SledResponse::Claimed { length_bytes, .. }) => lengths.push(length_bytes),
             Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
@@ -571,7 +578,7 @@ enum StripeError {
 /// Encodes `rows` as consecutive stripes of `target` from `target.row` on
 /// and appends them with one request per column (rows laid out as in
 /// [`layout`]: chunk, then summary, per row). Returns each row's block
-/// locations once all `k + m` appends are durable.
+/// locations once the appends to every present column are durable.
 async fn write_rows(
     shared: &Arc<Shared>,
     target: &Target,
@@ -642,10 +649,15 @@ async fn write_rows(
     }
     let rows_count = u32::try_from(rows.len()).unwrap_or(u32::MAX);
     let timeout = shared.config.sled_timeout * (1 + rows_count / ROWS_PER_TIMEOUT);
+    // Owed columns get nothing: the stripe is durable once every present
+    // column holds it (at least k of them: decodable), and repair writes
+    // the owed ones from the others.
     let appends = column_data
         .into_iter()
         .zip(&target.columns)
-        .map(|(data, (sled, column))| {
+        .enumerate()
+        .filter(|(i, _)| u16::try_from(*i).is_ok_and(|i| !target.owed.contains(&i)))
+        .map(|(_, (data, (sled, column)))| {
             let data = data.freeze();
             let block_crcs = crate::wal::format::block_crcs(&data);
             let request = SledRequest::Append {
@@ -693,7 +705,7 @@ async fn write_rows(
             "{failed} column appends failed"
         )));
     }
-    // Durable on all k+m columns: record the rows.
+    // Durable on every present column: record the rows.
     let mut state = shared.lock();
     let Some(extent) = state.extents.get_mut(&target.extent) else {
         return Err(StripeError::Retry("extent vanished".to_string()));
@@ -740,7 +752,7 @@ async fn commit_flush(
                 continue;
             };
             // The index must only ever point at data the sleds hold for us:
-            // a data slot of a row written (durably, on all k+m columns) to
+            // a data slot of a row written (durably, on all present columns) to
             // an extent of this partition.
             assert!(
                 holds_data_slot(&state, extent, column, offset_bytes),
@@ -998,7 +1010,7 @@ pub(super) async fn read_summary(
     extent: &ExtentState,
     row: u64,
 ) -> Option<StripeSummary> {
-    for (sled, column) in &extent.grant.columns {
+    for (_, (sled, column)) in extent.grant.present() {
         let request = SledRequest::Read {
             column: *column,
             offset_bytes: row * ROW_BYTES + CHUNK_BYTES,

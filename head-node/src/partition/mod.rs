@@ -1039,7 +1039,7 @@ impl Partition {
     }
 
     /// Extents the partition holds, with the bytes appended to each column
-    /// (all `k + m` columns), for space accounting.
+    /// (all present columns), for space accounting.
     pub fn extent_usage(&self) -> Vec<(u64, u64)> {
         self.shared
             .lock()
@@ -1048,7 +1048,7 @@ impl Partition {
             .map(|e| {
                 (
                     e.grant.extent,
-                    e.rows_written * layout::ROW_BYTES * e.grant.columns.len() as u64,
+                    e.rows_written * layout::ROW_BYTES * e.grant.present().count() as u64,
                 )
             })
             .collect()
@@ -1082,6 +1082,7 @@ impl Partition {
             Location::Sled { extent, column, .. } => state
                 .extents
                 .get(&extent)
+                .filter(|e| !e.grant.is_owed(usize::from(column)))
                 .and_then(|e| e.grant.columns.get(usize::from(column)).cloned()),
             Location::Log { .. } => None,
         };

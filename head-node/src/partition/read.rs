@@ -204,6 +204,8 @@ async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes,
 struct ExtentView {
     k: usize,
     columns: Vec<(String, ColumnId)>,
+    /// Owed columns: read around, never read.
+    owed: std::collections::BTreeSet<u16>,
     codec: Arc<crate::erasure::ErasureCodec>,
     expected: Vec<u32>,
 }
@@ -224,6 +226,7 @@ fn view(
     Some(ExtentView {
         k: usize::from(e.grant.k),
         columns: e.grant.columns.clone(),
+        owed: e.grant.owed.clone(),
         codec: e.codec.clone(),
         expected,
     })
@@ -271,6 +274,12 @@ async fn read_sled_once(
     let Some((sled, column_id)) = view.columns.get(usize::from(column)).cloned() else {
         return Err(FetchError::Moved);
     };
+    if view.owed.contains(&column) {
+        // Never written (degraded extent): decode it, nothing to report.
+        return degraded_read(shared, extent, column, stripe, block, n, view)
+            .await
+            .map_err(FetchError::Failed);
+    }
     let offset = layout::block_offset(stripe, block);
     // A task, so that a slow direct read can finish (and be judged) after
     // a hedged degraded read answered.
@@ -413,7 +422,8 @@ async fn degraded_read(
     let row = stripe * ROW_BYTES;
     let chunk_blocks = CHUNK_BYTES / BLOCK_SIZE_BYTES;
     let reads = view.columns.iter().enumerate().map(|(i, (sled, id))| {
-        let want = i != usize::from(column);
+        let want =
+            i != usize::from(column) && u16::try_from(i).is_ok_and(|i| !view.owed.contains(&i));
         let sled = sled.clone();
         let id = *id;
         async move {

@@ -243,9 +243,7 @@ where
     }
     if task
         .grant
-        .columns
-        .iter()
-        .enumerate()
+        .present()
         .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
     {
         return Err(bad(format!(
@@ -363,6 +361,7 @@ where
         if let Some(e) = state.extents.get_mut(&extent) {
             if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
                 *slot = task.new.clone();
+                e.grant.owed.remove(&task.column);
             }
         }
     }
@@ -379,9 +378,7 @@ async fn surviving_rows(
 ) -> Result<u64, RebuildError> {
     let statuses = task
         .grant
-        .columns
-        .iter()
-        .enumerate()
+        .present()
         .filter(|(i, _)| *i != usize::from(task.column))
         .map(|(_, (sled, column))| {
             sled_call(shared, sled, SledRequest::ColumnStatus { column: *column })
@@ -508,7 +505,8 @@ async fn rebuild_rows(
         .iter()
         .enumerate()
         .map(|(i, (sled, column))| async move {
-            if i == target {
+            // The target and owed columns hold nothing to read.
+            if i == target || task.grant.is_owed(i) {
                 return None;
             }
             read_verified(shared, sled, *column, first_row * ROW_BYTES, len).await

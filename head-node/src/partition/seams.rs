@@ -5,6 +5,7 @@
 //! plane's sandbox); tests plug in in-process ones (a `sled_controller::Sled`
 //! over memory devices, a second `Partition` as the secondary).
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use futures::future::BoxFuture;
@@ -57,7 +58,9 @@ pub trait SledAccess: Send + Sync + fmt::Debug {
 }
 
 /// An extent handed to a partition: `k + m` columns on `k + m` different
-/// sleds, in stripe order (k data columns, then m parity columns).
+/// sleds, in stripe order (k data columns, then m parity columns), of
+/// which those in `owed` are not there yet (a degraded extent: see
+/// `local_control_plane::state::Extent::columns`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtentGrant {
     /// Extent id (unit-wide).
@@ -68,8 +71,40 @@ pub struct ExtentGrant {
     pub m: u8,
     /// Size of every column in bytes (the sleds' column size).
     pub column_size_bytes: u64,
-    /// `(sled id, column)` in stripe order.
+    /// `(sled id, column)` in stripe order; an owed slot holds
+    /// [`ExtentGrant::owed_slot`], which names no sled.
     pub columns: Vec<(String, ColumnId)>,
+    /// Indexes of owed columns: never claimed, appended to or read; a
+    /// stripe is durable once every present column holds it, and reads,
+    /// recovery and rebuild treat an owed column like a lost one (decode
+    /// from k others). Repair replaces the slot like a lost column.
+    pub owed: BTreeSet<u16>,
+}
+
+impl ExtentGrant {
+    /// What an owed slot of `columns` holds: no sled (an empty id).
+    pub fn owed_slot() -> (String, ColumnId) {
+        (
+            String::new(),
+            ColumnId {
+                device: 0,
+                index: 0,
+            },
+        )
+    }
+
+    /// Whether column `index` is owed.
+    pub fn is_owed(&self, index: usize) -> bool {
+        u16::try_from(index).is_ok_and(|i| self.owed.contains(&i))
+    }
+
+    /// Present columns with their index in stripe order.
+    pub fn present(&self) -> impl Iterator<Item = (usize, &(String, ColumnId))> + '_ {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.is_owed(*i))
+    }
 }
 
 /// The local control plane, as far as a partition needs it: extents of its

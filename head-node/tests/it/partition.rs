@@ -2,7 +2,7 @@
 //! write log per head node, a primary and a secondary wired by an in-process
 //! replica peer, an in-process extent source (the LCP seam).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,8 @@ use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevi
 use head_node::index::Location;
 use head_node::partition::{
     CheckpointReport, ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig,
-    PartitionDeps, PartitionError, PeerError, ReplicaPeer, Role, SharedLog, SledAccess,
+    PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask, ReplicaPeer, Role,
+    SharedLog, SledAccess,
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
@@ -165,6 +166,9 @@ struct Extents {
     owned: Arc<Mutex<BTreeMap<u64, ExtentGrant>>>,
     /// Like the LCP's `OpenSandboxExtent`: a lower epoch is refused.
     min_epoch: AtomicU64,
+    /// Column indexes every new extent owes (the LCP only owes the last
+    /// parity columns; the engine must not care which).
+    owe: Mutex<Vec<u16>>,
 }
 
 impl ExtentSource for Extents {
@@ -181,13 +185,26 @@ impl ExtentSource for Extents {
                 })
             });
         }
-        let ids: Vec<String> = self.sleds.sleds.lock().unwrap().keys().cloned().collect();
+        // Like the LCP with degraded extents allowed: only sleds that are
+        // not down take a column; missing columns (at the end: parity
+        // first) are owed.
+        let down = self.sleds.down.lock().unwrap().clone();
+        let ids: Vec<String> = self
+            .sleds
+            .sleds
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|id| !down.contains(*id))
+            .cloned()
+            .collect();
         let extent = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sleds = self.sleds.clone();
         let owned = self.owned.clone();
+        let owe: BTreeSet<u16> = self.owe.lock().unwrap().iter().copied().collect();
         Box::pin(async move {
             let mut columns = Vec::new();
-            for id in ids.iter().take(usize::from(K + M)) {
+            for id in ids.iter().take(usize::from(K + M) - owe.len()) {
                 match sleds
                     .call(
                         id,
@@ -207,12 +224,36 @@ impl ExtentSource for Extents {
                     }
                 }
             }
+            if columns.len() < usize::from(K) + 1 {
+                return Err(PeerError::Unreachable {
+                    peer: "lcp".into(),
+                    reason: format!("only {} sleds up", columns.len()),
+                });
+            }
+            let mut owed: BTreeSet<u16> = owe.clone();
+            let mut present = columns.into_iter();
+            let mut columns = Vec::new();
+            for i in 0..u16::from(K + M) {
+                let next = if owe.contains(&i) {
+                    None
+                } else {
+                    present.next()
+                };
+                match next {
+                    Some(c) => columns.push(c),
+                    None => {
+                        owed.insert(i);
+                        columns.push(ExtentGrant::owed_slot());
+                    }
+                }
+            }
             let grant = ExtentGrant {
                 extent,
                 k: K,
                 m: M,
                 column_size_bytes: COLUMN,
                 columns,
+                owed,
             };
             owned.lock().unwrap().insert(extent, grant.clone());
             Ok(grant)
@@ -232,7 +273,8 @@ impl ExtentSource for Extents {
         let owned = self.owned.clone();
         Box::pin(async move {
             let Some(grant) = grant else { return Ok(()) };
-            for (sled, column) in grant.columns {
+            let present: Vec<_> = grant.present().map(|(_, c)| c.clone()).collect();
+            for (sled, column) in present {
                 let r = sleds
                     .call(
                         &sled,
@@ -418,6 +460,7 @@ impl Unit {
             next_id: AtomicU64::new(1),
             owned: Arc::new(Mutex::new(BTreeMap::new())),
             min_epoch: AtomicU64::new(0),
+            owe: Mutex::new(Vec::new()),
         });
         let logs = [
             Arc::new(MemoryDevice::new(WAL_DEVICE)),
@@ -2070,4 +2113,165 @@ async fn a_partial_flush_commit_does_not_skip_a_catching_up_secondary_past_unflu
             "block {block} lost by the promoted secondary"
         );
     }
+}
+
+/// One sled gone (6 sleds, 4+2): flushes go to degraded extents (5 columns,
+/// the last parity owed) instead of stopping; every block reads back, also
+/// with a second sled down (decoded from the k others while the owed
+/// column is missing) and after a restart (recovery reads summaries around
+/// the owed column); the owed column is then rebuilt on the returning sled
+/// and the extent survives any two lost sleds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sled_gone_flushes_into_degraded_extents_and_repair_writes_the_owed_column() {
+    let size_blocks = 512;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(0xde9);
+    unit.access.down.lock().unwrap().insert("sled-5".into());
+    random_ops(&unit, &mut model, &mut rng, 200).await;
+    let report = unit.primary.flush_now().await.unwrap();
+    assert!(report.blocks > 0 && report.stripes > 0, "{report:?}");
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    let degraded: Vec<ExtentGrant> = unit
+        .extents
+        .owned
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    assert!(!degraded.is_empty());
+    for grant in &degraded {
+        assert_eq!(grant.owed, [5u16].into_iter().collect(), "{grant:?}");
+        assert!(grant.present().all(|(_, (sled, _))| sled != "sled-5"));
+    }
+    let reads_before = unit.access.reads_answered("sled-5");
+    check_all(&unit, &model, "flushed into degraded extents").await;
+    // A second sled down: k columns left, reads decode around both.
+    unit.access.down.lock().unwrap().insert("sled-0".into());
+    check_all(&unit, &model, "degraded extent with a data sled down").await;
+    assert!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    unit.access.down.lock().unwrap().remove("sled-0");
+    // More writes and a flush; then recovery from the sleds alone.
+    random_ops(&unit, &mut model, &mut rng, 100).await;
+    unit.primary.flush_now().await.unwrap();
+    unit.restart().await;
+    check_all(&unit, &model, "after a restart with the owed column").await;
+    assert_eq!(unit.access.reads_answered("sled-5"), reads_before);
+
+    // sled-5 returns: rebuild the owed column of every degraded extent.
+    unit.access.down.lock().unwrap().clear();
+    let grants: Vec<ExtentGrant> = unit
+        .extents
+        .owned
+        .lock()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect();
+    let mut rebuilt = 0;
+    for grant in grants.into_iter().filter(|g| !g.owed.is_empty()) {
+        let new = match unit
+            .access
+            .call(
+                "sled-5",
+                SledRequest::AllocateColumns {
+                    column_count: 1,
+                    device: None,
+                },
+            )
+            .await
+            .unwrap()
+        {
+            SledResponse::Allocated(c) => ("sled-5".to_string(), c[0]),
+            other => panic!("{other:?}"),
+        };
+        let task = RebuildTask {
+            grant: grant.clone(),
+            column: 5,
+            new: new.clone(),
+            rate_bytes_per_second: 1 << 30,
+        };
+        let (progress, _watch) = tokio::sync::watch::channel(RebuildProgress::default());
+        let owned = unit.extents.owned.clone();
+        let extent = grant.extent;
+        let done = unit
+            .primary
+            .rebuild_column(task, &progress, |_epoch| async move {
+                // The control plane's CompleteRepair.
+                let mut owned = owned.lock().unwrap();
+                let g = owned.get_mut(&extent).unwrap();
+                g.columns[5] = new;
+                g.owed.remove(&5);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(done.bytes_done, done.bytes_total);
+        rebuilt += 1;
+    }
+    assert!(rebuilt > 0);
+    // Reads are direct again (no decode with every sled up) ...
+    let degraded_before = unit
+        .primary
+        .metrics()
+        .degraded_reads
+        .load(Ordering::Relaxed);
+    check_all(&unit, &model, "after the rebuild").await;
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed),
+        degraded_before
+    );
+    // ... and the rebuilt column decodes: any two other sleds down.
+    unit.access.down.lock().unwrap().insert("sled-0".into());
+    unit.access.down.lock().unwrap().insert("sled-4".into());
+    check_all(&unit, &model, "rebuilt column with two sleds down").await;
+    unit.access.down.lock().unwrap().clear();
+    unit.restart().await;
+    check_all(&unit, &model, "restart after the rebuild").await;
+}
+
+/// The engine does not care which columns are owed: with *data* column 0
+/// owed in every extent, flushed blocks of that column are decoded on every
+/// read (and not reported for repair), and a checkpoint written to a
+/// degraded extent loads on a take-over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owed_data_column_is_decoded_on_reads_checkpoints_and_take_over() {
+    let size_blocks = 512;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    *unit.extents.owe.lock().unwrap() = vec![0];
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(0x0ed);
+    random_ops(&unit, &mut model, &mut rng, 150).await;
+    unit.primary.flush_now().await.unwrap();
+    check_all(&unit, &model, "owed data column").await;
+    assert!(
+        unit.primary
+            .metrics()
+            .degraded_reads
+            .load(Ordering::Relaxed)
+            > 0
+    );
+    assert!(unit.primary.repair_queue().is_empty());
+    let checkpoint = unit.primary.write_checkpoint().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    for grant in unit.extents.owned.lock().unwrap().values() {
+        assert_eq!(grant.owed, [0u16].into_iter().collect());
+    }
+    let taken = unit.take_over(false, 2).await;
+    // The checkpoint in the degraded extent was loaded, not refused.
+    let report = taken.recovery_report();
+    assert_eq!(report.checkpoint, Some((1, checkpoint.id)), "{report:?}");
+    assert_eq!(report.checkpoints_refused, 0);
+    check_all(&unit, &model, "after a take-over from the checkpoint").await;
 }

@@ -114,8 +114,17 @@ impl UnitState {
                     extent.code.m
                 ));
             }
+            // Owed columns (None) live on no sled; the present ones must
+            // still be able to decode every stripe.
+            let present = extent.present().count();
+            if present < usize::from(extent.code.k) {
+                return Err(format!(
+                    "extent {extent_id} has {present} present columns, fewer than k={}",
+                    extent.code.k
+                ));
+            }
             let mut sleds = BTreeSet::new();
-            for column in &extent.columns {
+            for (_, column) in extent.present() {
                 if !sleds.insert(&column.sled) {
                     return Err(format!(
                         "extent {extent_id} has two columns on sled {}",
@@ -164,7 +173,7 @@ impl UnitState {
                 }
                 for (index, extent_id) in &device.used_columns {
                     let listed = self.extents.get(extent_id).is_some_and(|e| {
-                        e.columns.iter().any(|c| {
+                        e.present().any(|(_, c)| {
                             c.sled == *sled_id && c.device == *device_id && c.index == *index
                         })
                     });

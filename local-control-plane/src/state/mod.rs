@@ -93,6 +93,8 @@ mod types;
 mod volumes;
 
 #[cfg(test)]
+mod degraded_tests;
+#[cfg(test)]
 mod repair_tests;
 #[cfg(test)]
 mod tests;
@@ -108,8 +110,8 @@ use crate::command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 use crate::error::{CommandError, Entity};
 
 pub use read::{
-    CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus, PartitionEntry,
-    PartitionMap, RepairStatus, SledStatus, UnitStatus,
+    AllocationStatus, CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus,
+    PartitionEntry, PartitionMap, RepairStatus, SledStatus, UnitStatus,
 };
 pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
 pub use types::{
@@ -262,7 +264,11 @@ impl UnitState {
                 partition,
                 epoch,
             } => self.free_extent(extent, partition, epoch),
-            Command::RefillSandbox { partition, target } => self.refill_sandbox(partition, target),
+            Command::RefillSandbox {
+                partition,
+                target,
+                min_columns,
+            } => self.refill_sandbox(partition, target, min_columns),
             Command::OpenSandboxExtent {
                 partition,
                 extent,
@@ -822,7 +828,9 @@ impl UnitState {
         &self,
         code: ErasureCode,
         count: usize,
-    ) -> Result<Vec<Vec<ColumnRef>>, CommandError> {
+        min_columns: Option<u16>,
+    ) -> Result<Vec<Vec<Option<ColumnRef>>>, CommandError> {
+        let min_columns = placement::min_columns(code, min_columns);
         let count_u64 =
             u64::try_from(count).map_err(|_| CommandError::invalid("too many extents"))?;
         if self.next_extent_id.checked_add(count_u64).is_none() {
@@ -831,9 +839,9 @@ impl UnitState {
         let mut taken = BTreeSet::new();
         let mut plans = Vec::with_capacity(count);
         for _ in 0..count {
-            let columns = placement::plan_extent(&self.sleds, code, &taken)?;
-            self.check_new_extent(code, &columns, &taken)?;
-            taken.extend(columns.iter().cloned());
+            let columns = placement::plan_extent(&self.sleds, code, &taken, min_columns)?;
+            self.check_new_extent(code, &columns, &taken, min_columns)?;
+            taken.extend(columns.iter().flatten().cloned());
             plans.push(columns);
         }
         Ok(plans)
@@ -843,20 +851,23 @@ impl UnitState {
     fn check_new_extent(
         &self,
         code: ErasureCode,
-        columns: &[ColumnRef],
+        columns: &[Option<ColumnRef>],
         taken: &BTreeSet<ColumnRef>,
+        min_columns: usize,
     ) -> Result<(), CommandError> {
-        if columns.len() != code.width() {
+        let present = columns.iter().flatten().count();
+        if columns.len() != code.width() || present < min_columns.max(usize::from(code.k)) {
             return Err(CommandError::invalid(format!(
-                "extent of code {}+{} needs {} columns, got {}",
+                "extent of code {}+{} needs {} slots with at least {} columns, got {} with {present}",
                 code.k,
                 code.m,
                 code.width(),
+                min_columns,
                 columns.len()
             )));
         }
         let mut sleds = BTreeSet::new();
-        for column in columns {
+        for column in columns.iter().flatten() {
             if !sleds.insert(&column.sled) {
                 return Err(CommandError::ColumnsOnSameSled {
                     sled: column.sled.clone(),
@@ -881,11 +892,11 @@ impl UnitState {
         &mut self,
         owner: PartitionId,
         code: ErasureCode,
-        columns: Vec<ColumnRef>,
+        columns: Vec<Option<ColumnRef>>,
     ) -> ExtentId {
         let id = ExtentId(self.next_extent_id);
         self.next_extent_id = self.next_extent_id.saturating_add(1);
-        for column in &columns {
+        for column in columns.iter().flatten() {
             if let Some(device) = self
                 .sleds
                 .get_mut(&column.sled)
@@ -917,7 +928,7 @@ impl UnitState {
 
     fn allocate_extent(&mut self, partition: PartitionId) -> Result<Outcome, CommandError> {
         let code = self.code_of(partition)?;
-        let mut plans = self.plan_extents(code, 1)?;
+        let mut plans = self.plan_extents(code, 1, None)?;
         let columns = plans
             .pop()
             .ok_or_else(|| CommandError::invalid("empty plan"))?;
@@ -925,16 +936,47 @@ impl UnitState {
         Ok(Outcome::ExtentAllocated { extent, columns })
     }
 
-    fn refill_sandbox(&mut self, id: PartitionId, target: u32) -> Result<Outcome, CommandError> {
+    fn refill_sandbox(
+        &mut self,
+        id: PartitionId,
+        target: u32,
+        min_columns: Option<u16>,
+    ) -> Result<Outcome, CommandError> {
         if target > MAX_SANDBOX_EXTENTS {
             return Err(CommandError::invalid(format!(
                 "sandbox target {target} exceeds {MAX_SANDBOX_EXTENTS}"
             )));
         }
         let code = self.code_of(id)?;
-        let have = self.partition_ref(id)?.sandbox.len();
+        let sandbox = &self.partition_ref(id)?.sandbox;
+        // Degraded mode: sandbox extents with a column that cannot be
+        // written now are dropped (they were never opened, so no sled
+        // holds a claim on their columns) and replaced below.
+        let stale: Vec<ExtentId> = if min_columns.is_some() {
+            sandbox
+                .iter()
+                .copied()
+                .filter(|e| !self.extent_writable(*e))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let have = sandbox.len() - stale.len();
         let missing = (target as usize).saturating_sub(have);
-        let plans = self.plan_extents(code, missing)?;
+        let plans = if stale.is_empty() {
+            self.plan_extents(code, missing, min_columns)?
+        } else {
+            // Plan as if the stale extents' columns were free again.
+            let mut trial = self.clone();
+            for extent in &stale {
+                trial.drop_sandbox_extent(id, *extent);
+            }
+            let plans = trial.plan_extents(code, missing, min_columns)?;
+            for extent in &stale {
+                self.drop_sandbox_extent(id, *extent);
+            }
+            plans
+        };
         let added: Vec<ExtentId> = plans
             .into_iter()
             .map(|columns| self.insert_extent(id, code, columns))
@@ -945,6 +987,39 @@ impl UnitState {
             partition: id,
             added,
         })
+    }
+
+    /// Every present column of `extent` is on an Up sled and device (a
+    /// sandbox extent a primary can open now).
+    pub fn extent_writable(&self, extent: ExtentId) -> bool {
+        self.extents.get(&extent).is_some_and(|e| {
+            e.present().all(|(_, c)| {
+                self.sleds.get(&c.sled).is_some_and(|s| {
+                    s.health == Health::Up
+                        && s.devices
+                            .get(&c.device)
+                            .is_some_and(|d| d.health == Health::Up)
+                })
+            })
+        })
+    }
+
+    /// Removes an unopened sandbox extent: its columns were never claimed,
+    /// so they are free again at once.
+    fn drop_sandbox_extent(&mut self, id: PartitionId, extent: ExtentId) {
+        if let Ok(partition) = self.partition_mut(id) {
+            partition.sandbox.remove(&extent);
+        }
+        self.drop_repairs_of(extent);
+        let Some(removed) = self.extents.remove(&extent) else {
+            return;
+        };
+        for column in removed.columns.iter().flatten() {
+            if let Ok(device) = self.device_mut(&column.device_ref()) {
+                device.used_columns.remove(&column.index);
+                device.free_columns.insert(column.index);
+            }
+        }
     }
 
     fn check_epoch(&self, id: PartitionId, presented: Epoch) -> Result<&Partition, CommandError> {
@@ -1011,7 +1086,7 @@ impl UnitState {
             .extents
             .remove(&extent)
             .ok_or(CommandError::UnknownExtent { extent })?;
-        for column in &removed.columns {
+        for column in removed.columns.iter().flatten() {
             if let Some(device) = self
                 .sleds
                 .get_mut(&column.sled)
@@ -1023,7 +1098,7 @@ impl UnitState {
         }
         Ok(Outcome::ExtentFreed {
             extent,
-            columns: removed.columns,
+            columns: removed.columns.into_iter().flatten().collect(),
         })
     }
 }

@@ -84,18 +84,35 @@ pub(super) fn up_sleds(sleds: &BTreeMap<SledId, Sled>) -> usize {
     sleds.values().filter(|s| s.health == Health::Up).count()
 }
 
-/// Choose `code.width()` columns on as many different Up sleds, each on an
-/// Up device, none of them in `taken` (columns planned earlier in the same
+/// Effective minimum of present columns of a degraded extent: `requested`
+/// clamped to `[k, k+m]`; `None` (the default of commands written before
+/// degraded extents existed) allows no degraded extent.
+pub(super) fn min_columns(code: ErasureCode, requested: Option<u16>) -> usize {
+    match requested {
+        None => code.width(),
+        Some(n) => usize::from(n).clamp(usize::from(code.k), code.width()),
+    }
+}
+
+/// Choose columns for a new extent of `code` on different Up sleds, each on
+/// an Up device, none of them in `taken` (columns planned earlier in the same
 /// command). Sleds are picked greedily: fewest already-chosen sleds in the
 /// same fault domain, then in the same power domain, then most free columns
 /// (to even out fill), then by id. On the sled, the Up device with the most
 /// free columns, then its lowest free column.
+///
+/// `code.width()` columns when that many sleds can take one. Otherwise, if
+/// at least `min_columns` (see [`min_columns`]) can, a **degraded** extent:
+/// as many columns as there are such sleds, in the first slots (data
+/// columns first, so reads stay direct), the remaining parity slots `None`
+/// (owed, written later by repair).
 pub(super) fn plan_extent(
     sleds: &BTreeMap<SledId, Sled>,
     code: ErasureCode,
     taken: &BTreeSet<ColumnRef>,
-) -> Result<Vec<ColumnRef>, CommandError> {
-    let needed = code.width();
+    min_columns: usize,
+) -> Result<Vec<Option<ColumnRef>>, CommandError> {
+    let width = code.width();
     struct Candidate<'a> {
         sled: &'a Sled,
         free: usize,
@@ -126,7 +143,9 @@ pub(super) fn plan_extent(
         })
         .filter(|c| c.free > 0)
         .collect();
-    if candidates.len() < needed {
+    let needed = candidates.len().min(width);
+    if candidates.len() < min_columns.max(usize::from(code.k)) {
+        let needed = min_columns.max(usize::from(code.k));
         let up = up_sleds(sleds);
         return Err(if up >= needed {
             CommandError::NoSpace {
@@ -204,7 +223,8 @@ pub(super) fn plan_extent(
                 needed,
                 available: 0,
             })?;
-        columns.push(column);
+        columns.push(Some(column));
     }
+    columns.resize(width, None);
     Ok(columns)
 }

@@ -99,6 +99,25 @@ pub struct UnitStatus {
     pub repair: RepairStatus,
     #[serde(default)]
     pub failover: FailoverStatus,
+    #[serde(default)]
+    pub allocation: AllocationStatus,
+}
+
+/// Whether new extents can be allocated at full width, degraded, or not at
+/// all, and the degraded extents waiting for their owed columns.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AllocationStatus {
+    /// Up sleds with a free column on an Up device: how many columns a new
+    /// extent can have.
+    pub writable_sleds: usize,
+    /// Extents with owed columns.
+    pub degraded_extents: usize,
+    /// Owed columns across those extents (repair writes them).
+    pub owed_columns: usize,
+    /// Why new extents are degraded or cannot be allocated, or why owed
+    /// columns wait; one line per volume code affected. Empty when every
+    /// code gets full-width extents and nothing is owed.
+    pub reasons: Vec<String>,
 }
 
 /// Head-node failover across the unit, from the recorded health: what the
@@ -240,7 +259,71 @@ impl UnitState {
             capacity,
             repair: self.repair_status(),
             failover: self.failover_status(),
+            allocation: self.allocation_status(),
         }
+    }
+
+    pub fn allocation_status(&self) -> AllocationStatus {
+        let writable_sleds = self
+            .sleds
+            .values()
+            .filter(|s| s.health == Health::Up)
+            .filter(|s| {
+                s.devices
+                    .values()
+                    .any(|d| d.health == Health::Up && !d.free_columns.is_empty())
+            })
+            .count();
+        let mut status = AllocationStatus {
+            writable_sleds,
+            ..AllocationStatus::default()
+        };
+        let codes: std::collections::BTreeSet<(u8, u8)> = self
+            .volumes
+            .values()
+            .map(|v| (v.code.k, v.code.m))
+            .collect();
+        for (k, m) in codes {
+            let width = usize::from(k) + usize::from(m);
+            if writable_sleds >= width {
+                continue;
+            }
+            status.reasons.push(if writable_sleds > usize::from(k) {
+                format!(
+                    "{k}+{m}: only {writable_sleds} sleds can take a column: new extents are degraded ({} columns owed each, written by repair when a sled returns or is added)",
+                    width - writable_sleds
+                )
+            } else if writable_sleds == usize::from(k) {
+                format!(
+                    "{k}+{m}: only {writable_sleds} sleds can take a column: new extents only if min_flush_columns is {k}; otherwise flushes wait and the write logs absorb writes"
+                )
+            } else {
+                format!(
+                    "{k}+{m}: only {writable_sleds} sleds can take a column, fewer than k={k}: no new extent, flushes wait and the write logs absorb writes until sleds return"
+                )
+            });
+        }
+        for extent in self.extents.values() {
+            let owed = extent.owed().count();
+            if owed > 0 {
+                status.degraded_extents += 1;
+                status.owed_columns += owed;
+            }
+        }
+        let waiting = self
+            .columns_needing_repair()
+            .into_iter()
+            .filter(|(extent, index, reason)| {
+                *reason == super::repair::RepairReason::Owed
+                    && self.plan_replacement(*extent, *index).is_err()
+            })
+            .count();
+        if waiting > 0 {
+            status.reasons.push(format!(
+                "{waiting} owed columns wait: every Up sled with free columns already holds a column of their extent"
+            ));
+        }
+        status
     }
 
     pub fn failover_status(&self) -> FailoverStatus {

@@ -42,9 +42,13 @@
 //! most free columns, then the id. Pure and deterministic.
 //!
 //! **What needs repair** ([`UnitState::columns_needing_repair`]): a column
-//! on a Failed sled, a Failed device, or a Draining sled, with no task yet.
-//! A Down sled is not repaired until the controller declares it Failed (it
-//! may come back with its data).
+//! on a Failed sled, a Failed device, or a Draining sled, and an **owed**
+//! column of a degraded extent (`RepairReason::Owed`, the task's `old` is
+//! `None`), with no task yet. A Down sled is not repaired until the
+//! controller declares it Failed (it may come back with its data). An owed
+//! column is placed like any replacement, so it waits until an Up sled
+//! holds no column of its extent (a replacement sled, or the one that
+//! returns).
 //!
 //! Invariants added to [`UnitState::check_invariants`]: free, used,
 //! reserved and retired columns of a device are disjoint; every reserved
@@ -77,6 +81,9 @@ pub enum RepairReason {
     /// A checksum failure (read or scrub) in a column that cannot be
     /// rewritten in place.
     Corruption,
+    /// The extent was allocated degraded and never had this column (see
+    /// `Extent::columns`); it is written for the first time.
+    Owed,
 }
 
 /// Where a task stands.
@@ -95,8 +102,9 @@ pub struct RepairTask {
     /// Index of the column within the extent (stripe order).
     pub column_index: u16,
     pub partition: PartitionId,
-    /// The column being replaced.
-    pub old: ColumnRef,
+    /// The column being replaced; `None` for an owed column (the serde
+    /// form of `Some` is the bare column, as before owed columns existed).
+    pub old: Option<ColumnRef>,
     /// The reserved replacement.
     pub new: ColumnRef,
     pub reason: RepairReason,
@@ -183,6 +191,12 @@ impl UnitState {
                 let Ok(index) = u16::try_from(index) else {
                     continue;
                 };
+                let Some(column) = column else {
+                    if self.repairs.find(*id, index).is_none() {
+                        out.push((*id, index, RepairReason::Owed));
+                    }
+                    continue;
+                };
                 let reason = match self.column_health(column) {
                     Some((Health::Failed, _)) | None => RepairReason::SledFailed,
                     Some((Health::Draining, _)) => RepairReason::Drain,
@@ -203,7 +217,7 @@ impl UnitState {
         let mut sleds: BTreeSet<SledId> = self
             .extents
             .get(&extent)
-            .map(|e| e.columns.iter().map(|c| c.sled.clone()).collect())
+            .map(|e| e.present().map(|(_, c)| c.sled.clone()).collect())
             .unwrap_or_default();
         sleds.extend(
             self.repairs
@@ -244,10 +258,8 @@ impl UnitState {
         let avoid = self.sleds_of_extent(extent);
         let domains = |f: fn(&super::Sled) -> &str| -> BTreeSet<String> {
             entry
-                .columns
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != usize::from(column_index))
+                .present()
+                .filter(|(i, _)| *i != column_index)
                 .filter_map(|(_, c)| self.sleds.get(&c.sled).map(|s| f(s).to_string()))
                 .collect()
         };
@@ -317,7 +329,7 @@ impl UnitState {
             .extents
             .get(&extent)
             .ok_or(CommandError::UnknownExtent { extent })?;
-        let old = entry
+        let old: Option<ColumnRef> = entry
             .columns
             .get(usize::from(column_index))
             .cloned()
@@ -332,6 +344,16 @@ impl UnitState {
         }
         if let Some(expected) = expected_epoch {
             self.check_epoch(partition, expected)?;
+        }
+        if (old.is_none()) != (reason == RepairReason::Owed) {
+            return Err(CommandError::invalid(format!(
+                "column {column_index} of extent {extent}: reason {reason:?} does not fit {}",
+                if old.is_none() {
+                    "an owed column"
+                } else {
+                    "a present column"
+                }
+            )));
         }
         if self.repairs.find(extent, column_index).is_some() {
             return Err(CommandError::AlreadyExists {
@@ -446,12 +468,14 @@ impl UnitState {
         let task = self.repairs.tasks.remove(at);
         if let Some(e) = self.extents.get_mut(&extent) {
             if let Some(slot) = e.columns.get_mut(usize::from(column_index)) {
-                *slot = new.clone();
+                *slot = Some(new.clone());
             }
         }
-        if let Ok(device) = self.device_mut(&task.old.device_ref()) {
-            device.used_columns.remove(&task.old.index);
-            device.retired_columns.insert(task.old.index);
+        if let Some(old) = &task.old {
+            if let Ok(device) = self.device_mut(&old.device_ref()) {
+                device.used_columns.remove(&old.index);
+                device.retired_columns.insert(old.index);
+            }
         }
         if let Ok(device) = self.device_mut(&new.device_ref()) {
             device.reserved_columns.remove(&new.index);
@@ -613,14 +637,20 @@ impl UnitState {
             };
             if extent.columns.get(usize::from(task.column_index)) != Some(&task.old) {
                 return Err(format!(
-                    "task for extent {} column {} names {} but the extent lists {:?}",
+                    "task for extent {} column {} names {:?} but the extent lists {:?}",
                     task.extent,
                     task.column_index,
                     task.old,
                     extent.columns.get(usize::from(task.column_index))
                 ));
             }
-            let others = extent.columns.iter().map(|c| &c.sled).chain(
+            if task.old.is_none() != (task.reason == RepairReason::Owed) {
+                return Err(format!(
+                    "task for extent {} column {}: reason {:?} with old column {:?}",
+                    task.extent, task.column_index, task.reason, task.old
+                ));
+            }
+            let others = extent.present().map(|(_, c)| &c.sled).chain(
                 self.repairs
                     .tasks
                     .iter()

@@ -118,7 +118,7 @@ fn replace(state: &UnitState, extent: ExtentId, column_index: u16, new: ColumnRe
 fn replace_progress_complete_moves_the_column_and_retires_the_old_one() {
     let mut state = unit(8);
     let extent = allocate(&mut state);
-    let old = state.extents()[&extent].columns[2].clone();
+    let old = state.extents()[&extent].columns[2].clone().unwrap();
     apply(
         &mut state,
         Command::SetSledHealth {
@@ -132,9 +132,8 @@ fn replace_progress_complete_moves_the_column_and_retires_the_old_one() {
     );
     let new = state.plan_replacement(extent, 2).unwrap();
     assert!(state.extents()[&extent]
-        .columns
-        .iter()
-        .all(|c| c.sled != new.sled));
+        .present()
+        .all(|(_, c)| c.sled != new.sled));
     let command = replace(&state, extent, 2, new.clone());
     apply(&mut state, command);
     assert!(state.columns_needing_repair().is_empty());
@@ -178,7 +177,7 @@ fn replace_progress_complete_moves_the_column_and_retires_the_old_one() {
             epoch: 1,
         },
     );
-    assert_eq!(state.extents()[&extent].columns[2], new);
+    assert_eq!(state.extents()[&extent].columns[2], Some(new.clone()));
     let device = &state.sleds()[&old.sled].devices[&old.device];
     assert!(device.retired_columns.contains(&old.index));
     assert!(!device.used_columns.contains_key(&old.index));
@@ -190,7 +189,12 @@ fn replace_progress_complete_moves_the_column_and_retires_the_old_one() {
 fn a_replacement_never_shares_a_sled_with_its_extent() {
     let mut state = unit(8);
     let extent = allocate(&mut state);
-    let columns = state.extents()[&extent].columns.clone();
+    let columns: Vec<ColumnRef> = state.extents()[&extent]
+        .columns
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
     // A free column on a sled holding column 1 cannot replace column 0.
     let sled_of_1 = &state.sleds()[&columns[1].sled];
     let device = *sled_of_1.devices.keys().next().unwrap();
@@ -330,7 +334,7 @@ proptest! {
         prop_assert!(state.columns_needing_repair().is_empty());
         for extent in state.extents().values() {
             let mut sleds = std::collections::BTreeSet::new();
-            for column in &extent.columns {
+            for (_, column) in extent.present() {
                 prop_assert_eq!(state.sleds()[&column.sled].health, Health::Up);
                 prop_assert!(sleds.insert(column.sled.clone()));
             }
@@ -343,7 +347,7 @@ proptest! {
 fn a_failed_sled_returns_once_emptied_and_its_retired_columns_are_reclaimed() {
     let mut state = unit(8);
     let extent = allocate(&mut state);
-    let old = state.extents()[&extent].columns[3].clone();
+    let old = state.extents()[&extent].columns[3].clone().unwrap();
     let lost = old.sled.clone();
     apply(
         &mut state,
@@ -433,7 +437,7 @@ fn a_failed_sled_returns_once_emptied_and_its_retired_columns_are_reclaimed() {
     assert!(!device.retired_columns.contains(&old.index));
     assert_eq!(device.free_columns.len(), free_before + 1);
     // A repeat, or a column that is in use, changes nothing.
-    let used = state.extents()[&extent].columns[0].clone();
+    let used = state.extents()[&extent].columns[0].clone().unwrap();
     let before = state.clone();
     apply(
         &mut state,

@@ -116,7 +116,9 @@ pub(super) fn allocate(
     partition: PartitionId,
 ) -> (ExtentId, Vec<ColumnRef>) {
     match ok(state, Command::AllocateExtent { partition }) {
-        Outcome::ExtentAllocated { extent, columns } => (extent, columns),
+        Outcome::ExtentAllocated { extent, columns } => {
+            (extent, columns.into_iter().map(Option::unwrap).collect())
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -195,7 +197,11 @@ fn free_extent(extent: ExtentId, partition: PartitionId, epoch: Epoch) -> Comman
 }
 
 fn refill_sandbox(partition: PartitionId, target: u32) -> Command {
-    Command::RefillSandbox { partition, target }
+    Command::RefillSandbox {
+        partition,
+        target,
+        min_columns: None,
+    }
 }
 
 fn open_sandbox_extent(partition: PartitionId, extent: ExtentId, epoch: Epoch) -> Command {
@@ -700,7 +706,12 @@ fn commit_guard_refuses_two_columns_on_one_sled() {
         },
     ];
     assert_eq!(
-        state.check_new_extent(code, &columns, &BTreeSet::new()),
+        state.check_new_extent(
+            code,
+            &columns.into_iter().map(Some).collect::<Vec<_>>(),
+            &BTreeSet::new(),
+            code.width()
+        ),
         Err(CommandError::ColumnsOnSameSled { sled: sled(0) })
     );
 }
@@ -1230,11 +1241,11 @@ fn invariant_checker_catches_corruption() {
         }),
         ("two columns on one sled", |s, e| {
             let extent = s.extents.get_mut(&e).unwrap();
-            let sled = extent.columns[0].sled.clone();
-            extent.columns[1].sled = sled;
+            let sled = extent.columns[0].as_ref().unwrap().sled.clone();
+            extent.columns[1].as_mut().unwrap().sled = sled;
         }),
         ("column both free and used", |s, e| {
-            let c = s.extents[&e].columns[0].clone();
+            let c = s.extents[&e].columns[0].clone().unwrap();
             s.sleds
                 .get_mut(&c.sled)
                 .unwrap()

@@ -198,9 +198,40 @@ pub struct DeletingVolume {
 pub struct Extent {
     pub id: ExtentId,
     pub code: ErasureCode,
-    /// Stripe order: k data columns, then m parity columns.
-    pub columns: Vec<ColumnRef>,
+    /// Stripe order: k data columns, then m parity columns; always
+    /// `code.width()` slots. `None` is an **owed** column: the extent was
+    /// allocated degraded (fewer than k+m sleds could take a column), the
+    /// slot holds no column on any sled, readers treat it like a lost
+    /// column, and repair writes it on a sled the extent does not use yet
+    /// (`RepairReason::Owed`). At least k slots are always present. The
+    /// serde form of a full extent is unchanged (`Some` is the bare
+    /// column), so states written before owed columns existed still load.
+    pub columns: Vec<Option<ColumnRef>>,
     pub owner: PartitionId,
+}
+
+impl Extent {
+    /// Present columns with their index in stripe order.
+    pub fn present(&self) -> impl Iterator<Item = (u16, &ColumnRef)> + '_ {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((u16::try_from(i).ok()?, c.as_ref()?)))
+    }
+
+    /// Indexes of the owed columns (see [`Extent::columns`]).
+    pub fn owed(&self) -> impl Iterator<Item = u16> + '_ {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_none())
+            .filter_map(|(i, _)| u16::try_from(i).ok())
+    }
+
+    /// Whether any column is owed.
+    pub fn is_degraded(&self) -> bool {
+        self.columns.iter().any(Option::is_none)
+    }
 }
 
 impl fmt::Display for NodeId {

@@ -246,6 +246,7 @@ fn delete_frees_every_column_after_the_leases_lapse_then_purges() {
         Command::RefillSandbox {
             partition: p(1, 1),
             target: 2,
+            min_columns: None,
         },
     );
     let primary = state.partition(p(1, 0)).unwrap().primary.clone();

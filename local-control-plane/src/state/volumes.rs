@@ -298,7 +298,7 @@ impl UnitState {
                 p.sandbox.remove(&extent);
             }
         }
-        for column in &removed.columns {
+        for column in removed.columns.iter().flatten() {
             let sled_failed = self
                 .sleds
                 .get(&column.sled)
@@ -320,7 +320,7 @@ impl UnitState {
         }
         Ok(Outcome::ExtentFreed {
             extent,
-            columns: removed.columns,
+            columns: removed.columns.into_iter().flatten().collect(),
         })
     }
 
@@ -397,6 +397,7 @@ impl UnitState {
                             columns: e
                                 .columns
                                 .iter()
+                                .flatten()
                                 .filter(|c| {
                                     let sled = self.sleds.get(&c.sled);
                                     let failed = sled.is_none_or(|s| {

@@ -67,6 +67,8 @@ enum Op {
     Refill {
         partition: usize,
         target: u32,
+        /// Degraded extents allowed with at least this many columns.
+        min_columns: Option<u16>,
     },
     OpenSandbox {
         partition: usize,
@@ -144,8 +146,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => any_index.clone().prop_map(|partition| Op::Allocate { partition }),
         3 => (any_index.clone(), prop::option::weighted(0.2, any_index.clone()), epoch_delta())
             .prop_map(|(extent, partition, epoch_delta)| Op::Free { extent, partition, epoch_delta }),
-        2 => (any_index.clone(), 0u32..4)
-            .prop_map(|(partition, target)| Op::Refill { partition, target }),
+        2 => (any_index.clone(), 0u32..4, proptest::option::of(0u16..8))
+            .prop_map(|(partition, target, min_columns)| Op::Refill { partition, target, min_columns }),
         2 => (any_index.clone(), any_index.clone(), epoch_delta())
             .prop_map(|(partition, extent, epoch_delta)| Op::OpenSandbox { partition, extent, epoch_delta }),
         3 => (any_index.clone(), 0..NODES, prop::option::of(0..NODES), epoch_delta(), 0u64..20_000)
@@ -280,9 +282,14 @@ fn to_command(state: &UnitState, op: &Op) -> Command {
                 epoch: epoch_of(state, partition, epoch_delta),
             }
         }
-        Op::Refill { partition, target } => Command::RefillSandbox {
+        Op::Refill {
+            partition,
+            target,
+            min_columns,
+        } => Command::RefillSandbox {
             partition: pick_partition(state, partition),
             target,
+            min_columns,
         },
         Op::OpenSandbox {
             partition,

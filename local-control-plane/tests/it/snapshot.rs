@@ -59,6 +59,7 @@ fn populated() -> UnitState {
     apply(Command::RefillSandbox {
         partition,
         target: 2,
+        min_columns: None,
     });
     apply(Command::AllocateExtent { partition });
     apply(Command::GrantLease {

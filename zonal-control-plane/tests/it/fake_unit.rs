@@ -237,6 +237,7 @@ impl FakeUnit {
                 partitions: 0,
                 extents: 0,
                 failover: Default::default(),
+                allocation: Default::default(),
                 capacity: CapacitySummary {
                     free_columns: free as u64,
                     used_columns: 0,
