@@ -375,7 +375,9 @@ impl LcpExtents {
     }
 }
 
-fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
+/// The grant of `extent` as the unit state records it: its code, its
+/// columns and their size; `None` if the extent or its first sled is unknown.
+pub(crate) fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
     let entry = state.extents().get(&extent)?;
     let first = entry.columns.first()?;
     let column_size_bytes = state.sleds().get(&first.sled)?.column_size_bytes;
