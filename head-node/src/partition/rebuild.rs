@@ -278,7 +278,7 @@ where
         },
     )
     .await;
-    let mut next_row = match claimed {
+    let next_row = match claimed {
         Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
             length_bytes / ROW_BYTES
         }
@@ -308,7 +308,6 @@ where
         }
     };
 
-    let mut bucket = TokenBucket::new(task.rate_bytes_per_second);
     let report = |next_row: u64, rows: u64| {
         let p = RebuildProgress {
             bytes_done: next_row.min(rows) * ROW_BYTES,
@@ -318,17 +317,16 @@ where
         p
     };
     report(next_row, rows);
-    copy_rows(
+    let mut copy = RowCopy {
         shared,
-        &task,
-        &codec,
+        task: &task,
+        codec: &codec,
         epoch,
-        &mut next_row,
-        rows,
-        &mut bucket,
-        &report,
-    )
-    .await?;
+        next_row,
+        bucket: TokenBucket::new(task.rate_bytes_per_second),
+        report: &report,
+    };
+    copy.up_to(rows).await?;
 
     // Confirm under the flush lock: no stripe can be appended to the old
     // column between the last copied row and the switch.
@@ -338,17 +336,7 @@ where
             Some(written) if written > rows => rows = written,
             _ => break,
         }
-        copy_rows(
-            shared,
-            &task,
-            &codec,
-            epoch,
-            &mut next_row,
-            rows,
-            &mut bucket,
-            &report,
-        )
-        .await?;
+        copy.up_to(rows).await?;
     }
     if primary_epoch(shared)? != epoch {
         return Err(RebuildError::NotPrimary {
@@ -367,7 +355,7 @@ where
         }
     }
     drop(serial);
-    Ok(report(next_row, rows))
+    Ok(report(copy.next_row, rows))
 }
 
 /// Rows of an extent the partition never opened: the k-th longest of the
@@ -406,48 +394,56 @@ async fn surviving_rows(
     Ok(lengths[k - 1] / ROW_BYTES)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn copy_rows<R>(
-    shared: &Shared,
-    task: &RebuildTask,
-    codec: &Arc<ErasureCodec>,
+/// Copies rebuilt rows to the new column, from `next_row` on, at most at
+/// the task's rate, reporting progress after every batch.
+struct RowCopy<'a, R> {
+    shared: &'a Shared,
+    task: &'a RebuildTask,
+    codec: &'a Arc<ErasureCodec>,
     epoch: u64,
-    next_row: &mut u64,
-    rows: u64,
-    bucket: &mut TokenBucket,
-    report: &R,
-) -> Result<(), RebuildError>
+    /// The first row not yet on the new column.
+    next_row: u64,
+    bucket: TokenBucket,
+    report: &'a R,
+}
+
+impl<R> RowCopy<'_, R>
 where
     R: Fn(u64, u64) -> RebuildProgress,
 {
-    // Bounded: every iteration appends at least one row or returns.
-    while *next_row < rows {
-        let count = BATCH_ROWS.min(rows - *next_row);
-        let mut last_error = None;
-        let mut data = None;
-        for _ in 0..BATCH_ATTEMPTS {
-            match rebuild_rows(shared, task, codec, *next_row, count).await {
-                Ok(rebuilt) => {
-                    data = Some(rebuilt);
-                    break;
+    /// Copies rows `next_row..rows`.
+    async fn up_to(&mut self, rows: u64) -> Result<(), RebuildError> {
+        let (shared, task, codec) = (self.shared, self.task, self.codec);
+        // Bounded: every iteration appends at least one row or returns.
+        while self.next_row < rows {
+            let count = BATCH_ROWS.min(rows - self.next_row);
+            let mut last_error = None;
+            let mut data = None;
+            for _ in 0..BATCH_ATTEMPTS {
+                match rebuild_rows(shared, task, codec, self.next_row, count).await {
+                    Ok(rebuilt) => {
+                        data = Some(rebuilt);
+                        break;
+                    }
+                    Err(error) => last_error = Some(error),
                 }
-                Err(error) => last_error = Some(error),
             }
+            let Some((data, block_crcs)) = data else {
+                return Err(last_error.unwrap_or(RebuildError::Unrecoverable {
+                    extent: task.grant.extent,
+                    row: self.next_row,
+                    available: 0,
+                    needed: codec.data_shards(),
+                }));
+            };
+            self.bucket.acquire(data.len() as u64).await;
+            let offset = self.next_row * ROW_BYTES;
+            append(shared, task, self.epoch, offset, data, block_crcs).await?;
+            self.next_row += count;
+            (self.report)(self.next_row, rows);
         }
-        let Some((data, block_crcs)) = data else {
-            return Err(last_error.unwrap_or(RebuildError::Unrecoverable {
-                extent: task.grant.extent,
-                row: *next_row,
-                available: 0,
-                needed: codec.data_shards(),
-            }));
-        };
-        bucket.acquire(data.len() as u64).await;
-        append(shared, task, epoch, *next_row * ROW_BYTES, data, block_crcs).await?;
-        *next_row += count;
-        report(*next_row, rows);
+        Ok(())
     }
-    Ok(())
 }
 
 async fn append(
