@@ -897,7 +897,7 @@ impl RunningUnit {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !nbd_greets(listen) {
+        while !client::nbd::server_greets(listen) {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("attach {volume} exited ({status}):\n{}", daemon.log_text());
             }
@@ -994,33 +994,6 @@ impl Drop for RunningUnit {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Connects and reads the NBD fixed newstyle greeting, then aborts the
-/// handshake (`NBD_OPT_ABORT`). True when a server answered.
-pub fn nbd_greets(address: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) else {
-        return false;
-    };
-    if stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .is_err()
-    {
-        return false;
-    }
-    let mut greeting = [0u8; 18];
-    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
-        return false;
-    }
-    let mut bye = Vec::with_capacity(20);
-    bye.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
-    bye.extend_from_slice(b"IHAVEOPT");
-    bye.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
-    bye.extend_from_slice(&0u32.to_be_bytes());
-    let _ = stream.write_all(&bye);
-    let mut reply = [0u8; 20];
-    let _ = stream.read(&mut reply);
-    true
 }
 
 /// Panics unless `program` is on `PATH`, naming the Debian package that
