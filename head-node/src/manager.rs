@@ -1311,37 +1311,11 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use local_control_plane::command::DeviceSpec;
-
     use super::*;
 
     fn unit() -> UnitState {
         let mut state = UnitState::new();
-        for n in 1..=3 {
-            state
-                .apply(Command::RegisterHeadNode {
-                    node: NodeId::new(format!("hn-{n}")),
-                    address_a: format!("127.0.1.{n}:7000"),
-                    address_b: format!("127.0.2.{n}:7000"),
-                })
-                .unwrap();
-        }
-        for s in 1..=3 {
-            let sled = local_control_plane::state::SledId::new(format!("sled-{s}"));
-            state
-                .apply(Command::RegisterSled {
-                    sled: sled.clone(),
-                    address_a: format!("127.0.1.{}:7000", 100 + s),
-                    address_b: format!("127.0.2.{}:7000", 100 + s),
-                    fault_domain: format!("fd-{s}"),
-                    power_domain: "p".into(),
-                    column_size_bytes: 1 << 20,
-                    devices: vec![DeviceSpec {
-                        device: 0,
-                        size_bytes: 16 << 20,
-                    }],
-                })
-                .unwrap();
+        for sled in local_control_plane::fixture::register_nodes_and_sleds(&mut state, 3, 3) {
             state
                 .apply(Command::AddFreeColumns {
                     sled,
