@@ -385,50 +385,28 @@ impl VolumeClient {
         fua: bool,
     ) -> Result<(), ClientError> {
         let pieces = self.pieces_fresh(offset_bytes, data.len() as u64).await?;
-        let inner = &self.inner;
-        let data = &data;
-        futures::stream::iter(pieces)
-            .map(|piece| async move {
-                let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
-                let slice = data.slice(start..start + piece.len as usize);
-                // One id per piece, reused by every resend in `execute`.
-                let op = HostOp::Write {
-                    write_id: inner.next_write_id(),
-                    offset_bytes: piece.offset_bytes,
-                    crcs: chunk_crcs(&slice),
-                    data: slice,
-                    fua,
-                };
-                inner.execute(piece.partition, op).await.map(drop)
-            })
-            .buffer_unordered(inner.config.max_concurrent_pieces.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+        self.for_each_piece(pieces, |piece| {
+            let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
+            let slice = data.slice(start..start + piece.len as usize);
+            HostOp::Write {
+                write_id: self.inner.next_write_id(),
+                offset_bytes: piece.offset_bytes,
+                crcs: chunk_crcs(&slice),
+                data: slice,
+                fua,
+            }
+        })
+        .await
     }
 
     /// The range reads back as zeros (a hint to the device to free it).
     pub async fn trim(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
-            HostOp::Trim {
-                write_id,
-                offset_bytes,
-                len_bytes: len,
-            }
-        })
-        .await
+        self.unmap(offset_bytes, len, false).await
     }
 
     /// The range reads back as zeros.
     pub async fn write_zeroes(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
-            HostOp::WriteZeroes {
-                write_id,
-                offset_bytes,
-                len_bytes: len,
-            }
-        })
-        .await
+        self.unmap(offset_bytes, len, true).await
     }
 
     /// Every write acknowledged before is durable: a Flush to every
@@ -462,25 +440,41 @@ impl VolumeClient {
         }
     }
 
-    async fn unmap(
-        &self,
-        offset_bytes: u64,
-        len: u64,
-        op: impl Fn(WriteId, u64, u32) -> HostOp,
-    ) -> Result<(), ClientError> {
+    /// Trims the range, or with `zeroes` writes zeroes over it.
+    async fn unmap(&self, offset_bytes: u64, len: u64, zeroes: bool) -> Result<(), ClientError> {
         let pieces = self.pieces_fresh(offset_bytes, len).await?;
+        self.for_each_piece(pieces, |piece| {
+            let write_id = self.inner.next_write_id();
+            let (offset_bytes, len_bytes) = (piece.offset_bytes, piece.len);
+            if zeroes {
+                HostOp::WriteZeroes {
+                    write_id,
+                    offset_bytes,
+                    len_bytes,
+                }
+            } else {
+                HostOp::Trim {
+                    write_id,
+                    offset_bytes,
+                    len_bytes,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Executes `op(piece)` for every piece, at most `max_concurrent_pieces`
+    /// at once; done when every one is. `op` runs as its piece is started,
+    /// so a write id it takes is the piece's for every resend in `execute`.
+    async fn for_each_piece(
+        &self,
+        pieces: Vec<Piece>,
+        op: impl Fn(&Piece) -> HostOp,
+    ) -> Result<(), ClientError> {
         let inner = &self.inner;
         let op = &op;
         futures::stream::iter(pieces)
-            .map(|piece| async move {
-                inner
-                    .execute(
-                        piece.partition,
-                        op(inner.next_write_id(), piece.offset_bytes, piece.len),
-                    )
-                    .await
-                    .map(drop)
-            })
+            .map(|piece| async move { inner.execute(piece.partition, op(&piece)).await.map(drop) })
             .buffer_unordered(inner.config.max_concurrent_pieces.max(1))
             .try_collect::<Vec<()>>()
             .await?;
