@@ -26,16 +26,23 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-/// Reads and parses `path`; the caller validates the values.
-pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+/// Reads and parses `path`, then checks the values with the daemon's
+/// `validate`.
+pub fn load_toml<T, E>(path: &Path, validate: impl FnOnce(&T) -> Result<(), E>) -> Result<T, E>
+where
+    T: DeserializeOwned,
+    E: From<ConfigError>,
+{
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    let config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    validate(&config)?;
+    Ok(config)
 }
 
 /// The settings a config example states at a value other than the code's

@@ -65,9 +65,7 @@ pub use hardware::config::ConfigError;
 impl SledControllerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = hardware::config::load_toml(path)?;
-        config.validate()?;
-        Ok(config)
+        hardware::config::load_toml(path, Self::validate)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -85,9 +85,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 impl ZonalConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = hardware::config::load_toml(path)?;
-        config.validate()?;
-        Ok(config)
+        hardware::config::load_toml(path, Self::validate)
     }
 
     /// Parses and validates config text (the token file, if any, is read
