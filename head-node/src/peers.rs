@@ -117,6 +117,20 @@ impl fmt::Debug for LinkSet {
 }
 
 impl LinkSet {
+    /// No link is made before the first call to a peer.
+    fn new(
+        addresses: HashMap<String, (std::net::SocketAddr, std::net::SocketAddr)>,
+        config: LinkConfig,
+        metrics: LinkMetrics,
+    ) -> Self {
+        Self {
+            addresses,
+            links: Mutex::new(HashMap::new()),
+            config,
+            metrics,
+        }
+    }
+
     fn link(&self, peer: &str) -> Result<Arc<PeerLink>, PeerError> {
         let (a, b) = *self.addresses.get(peer).ok_or_else(|| PeerError::Refused {
             peer: peer.to_string(),
@@ -159,12 +173,7 @@ impl HeadNodeLinks {
             .map(|h| (h.id.clone(), (h.address_a, h.address_b)))
             .collect();
         Self {
-            links: LinkSet {
-                addresses,
-                links: Mutex::new(HashMap::new()),
-                config,
-                metrics,
-            },
+            links: LinkSet::new(addresses, config, metrics),
         }
     }
 
@@ -224,12 +233,7 @@ impl SledLinks {
             .map(|s| (s.id.clone(), (s.address_a, s.address_b)))
             .collect();
         Self {
-            links: LinkSet {
-                addresses,
-                links: Mutex::new(HashMap::new()),
-                config,
-                metrics,
-            },
+            links: LinkSet::new(addresses, config, metrics),
         }
     }
 

@@ -229,17 +229,10 @@ struct ExtentView {
 }
 
 fn view(shared: &Shared, run: SledRun) -> Option<ExtentView> {
-    let SledRun {
-        extent,
-        column,
-        stripe,
-        block,
-        n,
-    } = run;
     let state = shared.lock();
-    let e = state.extents.get(&extent)?;
-    let expected = (block..block + n)
-        .map(|b| e.expected_crc(column, stripe, b))
+    let e = state.extents.get(&run.extent)?;
+    let expected = (run.block..run.block + run.n)
+        .map(|b| e.expected_crc(run.column, run.stripe, b))
         .collect::<Option<Vec<u32>>>()?;
     Some(ExtentView {
         k: usize::from(e.grant.k),
