@@ -850,6 +850,16 @@ impl Store {
         self.check_usable(index, &c)?;
         let column = self.column_id(index);
         let mut taken_from_free_set = false;
+        // A Free or Allocated column starts empty, owned by `partition`.
+        let fresh = ColumnSlot {
+            generation: c.slot.generation + 1,
+            state: SlotState::Claimed,
+            volume: partition.volume,
+            partition: partition.index,
+            epoch,
+            length_bytes: 0,
+            tail_from_bytes: 0,
+        };
         let next = match c.slot.state {
             // The unit's allocator is the local control plane: it learns the
             // columns from the sled's inventory and hands each to exactly one
@@ -863,15 +873,7 @@ impl Store {
                     });
                 }
                 taken_from_free_set = true;
-                ColumnSlot {
-                    generation: c.slot.generation + 1,
-                    state: SlotState::Claimed,
-                    volume: partition.volume,
-                    partition: partition.index,
-                    epoch,
-                    length_bytes: 0,
-                    tail_from_bytes: 0,
-                }
+                fresh
             }
             SlotState::Allocated => {
                 if epoch < c.slot.epoch {
@@ -879,15 +881,7 @@ impl Store {
                         current_epoch: c.slot.epoch,
                     });
                 }
-                ColumnSlot {
-                    generation: c.slot.generation + 1,
-                    state: SlotState::Claimed,
-                    volume: partition.volume,
-                    partition: partition.index,
-                    epoch,
-                    length_bytes: 0,
-                    tail_from_bytes: 0,
-                }
+                fresh
             }
             SlotState::Claimed => {
                 self.check_owner(index, &c, partition, epoch)?;
