@@ -245,28 +245,21 @@ impl Drop for Daemon {
 
 /// Minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    http_exchange(addr, &request, Duration::from_secs(5))
 }
 
 /// Minimal HTTP/1.0 POST with an empty body: (status, body).
 pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    let request = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    http_exchange(addr, &request, timeout)
+}
+
+/// Sends `request` and reads the response to EOF: (status, body).
+fn http_exchange(addr: SocketAddr, request: &str, timeout: Duration) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
@@ -781,6 +774,27 @@ pub struct RunningUnit {
     _slot: std::sync::MutexGuard<'static, ()>,
 }
 
+/// `rackblock up --data-dir DATA_DIR --wait-seconds 120`, run in `dir`
+/// with its output (at `RUST_LOG=info`) to `log` and without the caller's
+/// `RACKBLOCK_*` settings; the caller adds its own arguments.
+pub fn up_command(dir: &Path, data_dir: &Path, log: &Path) -> Command {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut command = Command::new(rackblock_bin());
+    command
+        .current_dir(dir)
+        .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+        .args(["--wait-seconds", "120"])
+        .env("RUST_LOG", "info")
+        .env_remove("RACKBLOCK_TOKEN")
+        .env_remove("RACKBLOCK_ZONAL")
+        .env_remove("RACKBLOCK_RACK")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    command
+}
+
 impl RunningUnit {
     /// Starts `rackblock up --volume-size VOLUME_SIZE` and waits (bounded)
     /// until it says the unit is up and vol0 answers NBD.
@@ -791,24 +805,12 @@ impl RunningUnit {
         let data_dir = dir.path().join("data");
         let ports = UpPorts::reserve();
         let log = dir.path().join("up.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let up = Command::new(rackblock_bin())
-            .current_dir(dir.path())
-            .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+        let up = up_command(dir.path(), &data_dir, &log)
             .args(["--base-port", &ports.base.to_string()])
             .args(["--admin-base-port", &ports.admin_base.to_string()])
             .args(["--zonal-listen", &ports.zonal.to_string()])
             .args(["--nbd-listen", &ports.nbd.to_string()])
             .args(["--volume-size", volume_size])
-            .args(["--wait-seconds", "120"])
-            .env("RUST_LOG", "info")
-            .env_remove("RACKBLOCK_TOKEN")
-            .env_remove("RACKBLOCK_ZONAL")
-            .env_remove("RACKBLOCK_RACK")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
             .spawn()
             .unwrap();
         let mut unit = RunningUnit {
