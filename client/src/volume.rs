@@ -202,6 +202,22 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Fetches the map of `volume`, checks it and indexes its partitions.
+async fn fetch_map(
+    source: &dyn MapSource,
+    volume: u64,
+) -> Result<(PartitionMap, HashMap<u32, Target>), ClientError> {
+    let map = source
+        .partition_map(volume)
+        .await
+        .map_err(|error| match error {
+            MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+            MapSourceError::Other(reason) => ClientError::Map { volume, reason },
+        })?;
+    let targets = validate_map(volume, &map)?;
+    Ok((map, targets))
+}
+
 /// Check a map and index its partitions.
 fn validate_map(volume: u64, map: &PartitionMap) -> Result<HashMap<u32, Target>, ClientError> {
     let bad = |reason: String| ClientError::Map { volume, reason };
@@ -283,14 +299,7 @@ impl VolumeClient {
         credential: AttachmentCredential,
         config: ClientConfig,
     ) -> Result<VolumeClient, ClientError> {
-        let map = source
-            .partition_map(volume)
-            .await
-            .map_err(|error| match error {
-                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
-                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
-            })?;
-        let targets = validate_map(volume, &map)?;
+        let (map, targets) = fetch_map(source.as_ref(), volume).await?;
         Ok(VolumeClient {
             inner: Arc::new(Inner {
                 volume,
@@ -846,15 +855,7 @@ impl Inner {
             return Ok(());
         }
         let volume = self.volume;
-        let map = self
-            .source
-            .partition_map(volume)
-            .await
-            .map_err(|error| match error {
-                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
-                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
-            })?;
-        let targets = validate_map(volume, &map)?;
+        let (map, targets) = fetch_map(self.source.as_ref(), volume).await?;
         let mut routing = write_lock(&self.routing);
         routing.generation += 1;
         routing.map = Arc::new(map);
