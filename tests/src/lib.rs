@@ -182,6 +182,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> Daemon {
+        let mut command = Command::new(rackblock_bin());
+        command.args(args);
+        Daemon::spawn_command(name, command, log_dir)
+    }
+
+    /// Runs `command` as daemon `name` at `RUST_LOG=info`, its output
+    /// appended to `log_dir/<name>.log`.
+    pub fn spawn_command(name: &str, mut command: Command, log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -189,8 +197,7 @@ impl Daemon {
             .open(&log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let child = Command::new(rackblock_bin())
-            .args(args)
+        let child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -272,15 +279,23 @@ fn http_exchange(addr: SocketAddr, request: &str, timeout: Duration) -> Option<(
 
 /// Polls `GET /health` until 200 or the deadline; panics with the log tail.
 pub fn wait_healthy(admin: SocketAddr, daemon: &Daemon, timeout: Duration) {
+    poll_daemon(daemon, "not healthy", timeout, || {
+        matches!(http_get(admin, "/health"), Some((200, _)))
+    });
+}
+
+/// Polls `ready` every 50 ms until it holds; after `timeout`, panics
+/// saying `daemon` is `not_yet`, with its log.
+fn poll_daemon(daemon: &Daemon, not_yet: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some((200, _)) = http_get(admin, "/health") {
+        if ready() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!(
-        "{} not healthy after {timeout:?}; log:\n{}",
+        "{} {not_yet} after {timeout:?}; log:\n{}",
         daemon.name,
         daemon.log_text()
     );
@@ -644,20 +659,11 @@ impl TestUnit {
     /// Waits until head node `i` reports its data path ready (every
     /// partition with recovered log records open); panics with the log.
     pub fn wait_datapath_ready(&self, i: usize, daemon: &Daemon, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some((200, body)) = http_get(self.head_nodes[i].admin, "/partitions") {
-                if body.contains("\"ready\":true") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} data path not ready after {timeout:?}; log:\n{}",
-            daemon.name,
-            daemon.log_text()
-        );
+        let admin = self.head_nodes[i].admin;
+        poll_daemon(daemon, "data path not ready", timeout, || {
+            matches!(http_get(admin, "/partitions"),
+                Some((200, body)) if body.contains("\"ready\":true"))
+        });
     }
 
     /// [`TestUnit::wait_datapath_ready`] for every head node, `heads` as
