@@ -1754,6 +1754,26 @@ fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<Re
     live
 }
 
+/// Points a secondary's index at the sled copy that a flush commit names
+/// for `m`; `None` if `m` starts below this partition's `first_block`.
+fn map_flushed(
+    index: &mut PartitionIndex,
+    first_block: u64,
+    m: &proto::volume::FlushedRange,
+) -> Option<Result<u64, crate::index::IndexError>> {
+    let lba = m.lba.checked_sub(first_block)?;
+    Some(index.apply_flush(
+        lba,
+        u64::from(m.blocks),
+        m.sequence,
+        Location::Sled {
+            extent: m.extent,
+            column: m.column,
+            offset_bytes: m.offset_bytes,
+        },
+    ))
+}
+
 /// Applies the partition's records of the recovered log.
 fn replay_log(
     shared: &Arc<Shared>,
@@ -1824,22 +1844,10 @@ fn replay_log(
                 // (GC may have moved blocks since); only a secondary maps.
                 if role == OpenRole::Secondary {
                     for m in mappings {
-                        let Some(lba) = m.lba.checked_sub(shared.config.first_block) else {
-                            continue;
-                        };
-                        state
-                            .index
-                            .apply_flush(
-                                lba,
-                                u64::from(m.blocks),
-                                m.sequence,
-                                Location::Sled {
-                                    extent: m.extent,
-                                    column: m.column,
-                                    offset_bytes: m.offset_bytes,
-                                },
-                            )
-                            .map_err(index_error)?;
+                        let first_block = shared.config.first_block;
+                        if let Some(mapped) = map_flushed(&mut state.index, first_block, &m) {
+                            mapped.map_err(index_error)?;
+                        }
                     }
                 }
             }

@@ -621,21 +621,9 @@ async fn apply_commit(
     {
         let mut state = shared.lock();
         for m in &mappings {
-            let Some(lba) = m.lba.checked_sub(shared.config.first_block) else {
-                continue;
-            };
             // Advisory on a secondary (GC moves are not replicated): it only
             // tells which log records the sleds now hold.
-            let _ = state.index.apply_flush(
-                lba,
-                u64::from(m.blocks),
-                m.sequence,
-                Location::Sled {
-                    extent: m.extent,
-                    column: m.column,
-                    offset_bytes: m.offset_bytes,
-                },
-            );
+            let _ = super::map_flushed(&mut state.index, shared.config.first_block, m);
         }
         state
             .pending_trims
