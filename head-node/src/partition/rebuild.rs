@@ -196,7 +196,132 @@ impl Partition {
         C: FnOnce(u64) -> F,
         F: std::future::Future<Output = Result<(), String>>,
     {
-        rebuild(&self.shared, task, progress, confirm).await
+        let shared = &self.shared;
+        let extent = task.grant.extent;
+        let bad = |reason: String| RebuildError::BadTask { extent, reason };
+        let (k, m) = (usize::from(task.grant.k), usize::from(task.grant.m));
+        if task.grant.columns.len() != k + m || usize::from(task.column) >= k + m {
+            return Err(bad(format!(
+                "column {} of a {k}+{m} extent with {} columns",
+                task.column,
+                task.grant.columns.len()
+            )));
+        }
+        if task
+            .grant
+            .columns
+            .iter()
+            .enumerate()
+            .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
+        {
+            return Err(bad(format!(
+                "replacement on sled {} which holds another column (invariant 3)",
+                task.new.0
+            )));
+        }
+        let codec = Arc::new(ErasureCodec::new(k, m).map_err(|e| bad(e.to_string()))?);
+        let epoch = primary_epoch(shared)?;
+
+        // Seal, and learn how many rows the column holds.
+        let known_rows = {
+            let _serial = shared.flush_lock.lock().await;
+            seal(shared, extent)
+        };
+        let mut rows = match known_rows {
+            Some(rows) => rows,
+            None => surviving_rows(shared, &task, k).await?,
+        };
+
+        // Claim the replacement; its length is where a previous attempt stopped.
+        let (new_sled, new_column) = task.new.clone();
+        let claimed = sled_call(
+            shared,
+            &new_sled,
+            SledRequest::Claim {
+                column: new_column,
+                partition: shared.id(),
+                epoch,
+            },
+        )
+        .await;
+        let next_row = match claimed {
+            Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
+                length_bytes / ROW_BYTES
+            }
+            Ok(SledResponse::Claimed { length_bytes, .. }) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: format!("holds {length_bytes} bytes, not whole rows"),
+                })
+            }
+            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                return Err(RebuildError::Fenced {
+                    partition: shared.id(),
+                    current: current_epoch,
+                })
+            }
+            Ok(other) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: format!("claim answered {other:?}"),
+                })
+            }
+            Err(error) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: error.to_string(),
+                })
+            }
+        };
+
+        let report = |next_row: u64, rows: u64| {
+            let p = RebuildProgress {
+                bytes_done: next_row.min(rows) * ROW_BYTES,
+                bytes_total: rows * ROW_BYTES,
+            };
+            progress.send_replace(p);
+            p
+        };
+        report(next_row, rows);
+        let mut copy = RowCopy {
+            shared,
+            task: &task,
+            codec: &codec,
+            epoch,
+            next_row,
+            bucket: TokenBucket::new(task.rate_bytes_per_second),
+            report: &report,
+        };
+        copy.up_to(rows).await?;
+
+        // Confirm under the flush lock: no stripe can be appended to the old
+        // column between the last copied row and the switch.
+        let serial = shared.flush_lock.lock().await;
+        for _ in 0..CATCH_UP_PASSES {
+            match seal(shared, extent) {
+                Some(written) if written > rows => rows = written,
+                _ => break,
+            }
+            copy.up_to(rows).await?;
+        }
+        if primary_epoch(shared)? != epoch {
+            return Err(RebuildError::NotPrimary {
+                partition: shared.id(),
+            });
+        }
+        confirm(epoch)
+            .await
+            .map_err(|reason| RebuildError::Confirm { reason })?;
+        {
+            let mut state = shared.lock();
+            if let Some(e) = state.extents.get_mut(&extent) {
+                if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
+                    *slot = task.new.clone();
+                }
+            }
+        }
+        drop(serial);
+        Ok(report(copy.next_row, rows))
     }
 }
 
@@ -219,143 +344,6 @@ fn seal(shared: &Shared, extent: u64) -> Option<u64> {
     let e = state.extents.get_mut(&extent)?;
     e.sealed = true;
     Some(e.rows_written)
-}
-
-async fn rebuild<C, F>(
-    shared: &Arc<Shared>,
-    task: RebuildTask,
-    progress: &watch::Sender<RebuildProgress>,
-    confirm: C,
-) -> Result<RebuildProgress, RebuildError>
-where
-    C: FnOnce(u64) -> F,
-    F: std::future::Future<Output = Result<(), String>>,
-{
-    let extent = task.grant.extent;
-    let bad = |reason: String| RebuildError::BadTask { extent, reason };
-    let (k, m) = (usize::from(task.grant.k), usize::from(task.grant.m));
-    if task.grant.columns.len() != k + m || usize::from(task.column) >= k + m {
-        return Err(bad(format!(
-            "column {} of a {k}+{m} extent with {} columns",
-            task.column,
-            task.grant.columns.len()
-        )));
-    }
-    if task
-        .grant
-        .columns
-        .iter()
-        .enumerate()
-        .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
-    {
-        return Err(bad(format!(
-            "replacement on sled {} which holds another column (invariant 3)",
-            task.new.0
-        )));
-    }
-    let codec = Arc::new(ErasureCodec::new(k, m).map_err(|e| bad(e.to_string()))?);
-    let epoch = primary_epoch(shared)?;
-
-    // Seal, and learn how many rows the column holds.
-    let known_rows = {
-        let _serial = shared.flush_lock.lock().await;
-        seal(shared, extent)
-    };
-    let mut rows = match known_rows {
-        Some(rows) => rows,
-        None => surviving_rows(shared, &task, k).await?,
-    };
-
-    // Claim the replacement; its length is where a previous attempt stopped.
-    let (new_sled, new_column) = task.new.clone();
-    let claimed = sled_call(
-        shared,
-        &new_sled,
-        SledRequest::Claim {
-            column: new_column,
-            partition: shared.id(),
-            epoch,
-        },
-    )
-    .await;
-    let next_row = match claimed {
-        Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
-            length_bytes / ROW_BYTES
-        }
-        Ok(SledResponse::Claimed { length_bytes, .. }) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: format!("holds {length_bytes} bytes, not whole rows"),
-            })
-        }
-        Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
-            return Err(RebuildError::Fenced {
-                partition: shared.id(),
-                current: current_epoch,
-            })
-        }
-        Ok(other) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: format!("claim answered {other:?}"),
-            })
-        }
-        Err(error) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: error.to_string(),
-            })
-        }
-    };
-
-    let report = |next_row: u64, rows: u64| {
-        let p = RebuildProgress {
-            bytes_done: next_row.min(rows) * ROW_BYTES,
-            bytes_total: rows * ROW_BYTES,
-        };
-        progress.send_replace(p);
-        p
-    };
-    report(next_row, rows);
-    let mut copy = RowCopy {
-        shared,
-        task: &task,
-        codec: &codec,
-        epoch,
-        next_row,
-        bucket: TokenBucket::new(task.rate_bytes_per_second),
-        report: &report,
-    };
-    copy.up_to(rows).await?;
-
-    // Confirm under the flush lock: no stripe can be appended to the old
-    // column between the last copied row and the switch.
-    let serial = shared.flush_lock.lock().await;
-    for _ in 0..CATCH_UP_PASSES {
-        match seal(shared, extent) {
-            Some(written) if written > rows => rows = written,
-            _ => break,
-        }
-        copy.up_to(rows).await?;
-    }
-    if primary_epoch(shared)? != epoch {
-        return Err(RebuildError::NotPrimary {
-            partition: shared.id(),
-        });
-    }
-    confirm(epoch)
-        .await
-        .map_err(|reason| RebuildError::Confirm { reason })?;
-    {
-        let mut state = shared.lock();
-        if let Some(e) = state.extents.get_mut(&extent) {
-            if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
-                *slot = task.new.clone();
-            }
-        }
-    }
-    drop(serial);
-    Ok(report(copy.next_row, rows))
 }
 
 /// Rows of an extent the partition never opened: the k-th longest of the
