@@ -67,6 +67,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A peer answered with a message of a kind the call does not expect.
+fn unexpected_answer(peer: String, answer: &Message) -> PeerError {
+    PeerError::Refused {
+        peer,
+        reason: format!("unexpected answer kind {:#06x}", answer.kind()),
+    }
+}
+
 /// The one mapping of link errors to the engine's peer errors.
 pub fn peer_error(peer: &str, error: LinkError) -> PeerError {
     match error {
@@ -208,10 +216,7 @@ impl ReplicaPeer for LinkReplicaPeer {
             // dedupe), so the link may resend it on the other network.
             match link.call(Message::Replica(request), true).await {
                 Ok(Message::ReplicaReply(reply)) => Ok(reply),
-                Ok(other) => Err(PeerError::Refused {
-                    peer: node,
-                    reason: format!("unexpected answer kind {:#06x}", other.kind()),
-                }),
+                Ok(other) => Err(unexpected_answer(node, &other)),
                 Err(error) => Err(peer_error(&node, error)),
             }
         })
@@ -256,10 +261,7 @@ impl SledAccess for SledLinks {
             let idempotent = request.is_idempotent();
             match link.call(Message::Sled(request), idempotent).await {
                 Ok(Message::SledReply(response)) => Ok(response),
-                Ok(other) => Err(PeerError::Refused {
-                    peer: sled,
-                    reason: format!("unexpected answer kind {:#06x}", other.kind()),
-                }),
+                Ok(other) => Err(unexpected_answer(sled, &other)),
                 Err(error) => Err(peer_error(&sled, error)),
             }
         })
