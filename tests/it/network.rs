@@ -79,7 +79,8 @@ fn admin_on_admin_switch(unit: &mut TestUnit) {
 fn spawn_in(ns: &str, name: &str, args: &[&str], unit: &TestUnit) -> Daemon {
     let mut command = NetLab::command(ns, &rackblock_bin());
     command.args(args);
-    Daemon::spawn_command(name, command, unit.dir.path())
+    let log = unit.dir.path().join(format!("{name}.log"));
+    Daemon::spawn_command(name, command, log)
 }
 
 async fn register(lcp: &LcpClient) {

@@ -184,13 +184,12 @@ impl Daemon {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> Daemon {
         let mut command = Command::new(rackblock_bin());
         command.args(args);
-        Daemon::spawn_command(name, command, log_dir)
+        Daemon::spawn_command(name, command, log_dir.join(format!("{name}.log")))
     }
 
     /// Runs `command` as daemon `name` at `RUST_LOG=info`, its output
-    /// appended to `log_dir/<name>.log`.
-    pub fn spawn_command(name: &str, mut command: Command, log_dir: &Path) -> Daemon {
-        let log = log_dir.join(format!("{name}.log"));
+    /// appended to `log`.
+    pub fn spawn_command(name: &str, mut command: Command, log: PathBuf) -> Daemon {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -888,22 +887,9 @@ impl RunningUnit {
     pub fn attach(&self, volume: &str) -> (Daemon, String) {
         let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
         let log = self.dir.path().join(format!("attach-{volume}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = self
-            .cli_command()
-            .args(["attach", volume, "--listen", &listen.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let mut daemon = Daemon {
-            name: format!("attach {volume}"),
-            child,
-            log,
-        };
+        let mut command = self.cli_command();
+        command.args(["attach", volume, "--listen", &listen.to_string()]);
+        let mut daemon = Daemon::spawn_command(&format!("attach {volume}"), command, log);
         let deadline = Instant::now() + Duration::from_secs(60);
         while !client::nbd::server_greets(listen) {
             if let Ok(Some(status)) = daemon.child.try_wait() {
