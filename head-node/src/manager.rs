@@ -910,42 +910,33 @@ fn update_metrics(inner: &Inner) {
             Role::Secondary => 2,
             Role::Fenced { .. } => 3,
         };
-        m.role.get_or_create(&l).set(role);
-        m.epoch.get_or_create(&l).set(as_i64(s.epoch));
-        m.lease_valid
-            .get_or_create(&l)
-            .set(i64::from(s.lease_remaining_ms.is_some()));
-        m.log_resident_blocks
-            .get_or_create(&l)
-            .set(as_i64(s.log_resident_blocks));
-        m.writes.get_or_create(&l).set(as_i64(s.writes));
-        m.reads.get_or_create(&l).set(as_i64(s.reads));
-        m.flushes.get_or_create(&l).set(as_i64(s.flushes));
-        m.flushed_blocks
-            .get_or_create(&l)
-            .set(as_i64(s.flushed_blocks));
-        m.gc_passes.get_or_create(&l).set(as_i64(s.gc_passes));
-        m.extents_freed
-            .get_or_create(&l)
-            .set(as_i64(s.extents_freed));
-        m.degraded_reads
-            .get_or_create(&l)
-            .set(as_i64(s.degraded_reads));
-        m.checkpoints_written
-            .get_or_create(&l)
-            .set(as_i64(s.checkpoints_written));
-        m.recovery_rows_scanned
-            .get_or_create(&l)
-            .set(as_i64(s.recovery_rows_scanned));
-        m.recovery_checkpoint_used
-            .get_or_create(&l)
-            .set(i64::from(s.recovery_checkpoint_used));
-        m.recovery_duration_ms
-            .get_or_create(&l)
-            .set(as_i64(s.recovery_duration_ms));
-        m.repair_queue
-            .get_or_create(&l)
-            .set(i64::try_from(s.repair_queue).unwrap_or(i64::MAX));
+        let values = [
+            (&m.role, role),
+            (&m.epoch, as_i64(s.epoch)),
+            (&m.lease_valid, i64::from(s.lease_remaining_ms.is_some())),
+            (&m.log_resident_blocks, as_i64(s.log_resident_blocks)),
+            (&m.writes, as_i64(s.writes)),
+            (&m.reads, as_i64(s.reads)),
+            (&m.flushes, as_i64(s.flushes)),
+            (&m.flushed_blocks, as_i64(s.flushed_blocks)),
+            (&m.gc_passes, as_i64(s.gc_passes)),
+            (&m.extents_freed, as_i64(s.extents_freed)),
+            (&m.degraded_reads, as_i64(s.degraded_reads)),
+            (&m.checkpoints_written, as_i64(s.checkpoints_written)),
+            (&m.recovery_rows_scanned, as_i64(s.recovery_rows_scanned)),
+            (
+                &m.recovery_checkpoint_used,
+                i64::from(s.recovery_checkpoint_used),
+            ),
+            (&m.recovery_duration_ms, as_i64(s.recovery_duration_ms)),
+            (
+                &m.repair_queue,
+                i64::try_from(s.repair_queue).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (family, value) in values {
+            family.get_or_create(&l).set(value);
+        }
     }
 }
 
