@@ -1587,15 +1587,7 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
             let mut outcome = Ok(());
             for (record, position) in records.iter().zip(&positions) {
                 let applied = match record.kind {
-                    RecordKind::Write => state.index.apply_write(
-                        record.lba,
-                        u64::from(record.block_count),
-                        record.sequence,
-                        Location::Log {
-                            position: *position,
-                            block_in_record: 0,
-                        },
-                    ),
+                    RecordKind::Write => index_logged_write(&mut state.index, record, *position),
                     _ => {
                         state.pending_trims.insert(
                             record.sequence,
@@ -1754,6 +1746,23 @@ fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<Re
     live
 }
 
+/// Points the index at the blocks of write `record`, logged at `position`.
+fn index_logged_write(
+    index: &mut PartitionIndex,
+    record: &LogRecord,
+    position: LogPosition,
+) -> Result<(), crate::index::IndexError> {
+    index.apply_write(
+        record.lba,
+        u64::from(record.block_count),
+        record.sequence,
+        Location::Log {
+            position,
+            block_in_record: 0,
+        },
+    )
+}
+
 /// Points a secondary's index at the sled copy that a flush commit names
 /// for `m`; `None` if `m` starts below this partition's `first_block`.
 fn map_flushed(
@@ -1795,18 +1804,7 @@ fn replay_log(
         highest_epoch = highest_epoch.max(record.epoch);
         match record.kind {
             RecordKind::Write => {
-                state
-                    .index
-                    .apply_write(
-                        record.lba,
-                        u64::from(record.block_count),
-                        record.sequence,
-                        Location::Log {
-                            position: *position,
-                            block_in_record: 0,
-                        },
-                    )
-                    .map_err(index_error)?;
+                index_logged_write(&mut state.index, record, *position).map_err(index_error)?;
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);
                 seen.insert(record.sequence, ());
