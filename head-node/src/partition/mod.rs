@@ -390,6 +390,17 @@ struct PendingTrim {
     position: LogPosition,
 }
 
+impl PendingTrim {
+    /// Trim `record`, logged at `position`.
+    fn of(record: &LogRecord, position: LogPosition) -> Self {
+        Self {
+            lba: record.lba,
+            block_count: u64::from(record.block_count),
+            position,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -1589,14 +1600,8 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
                 let applied = match record.kind {
                     RecordKind::Write => index_logged_write(&mut state.index, record, *position),
                     _ => {
-                        state.pending_trims.insert(
-                            record.sequence,
-                            PendingTrim {
-                                lba: record.lba,
-                                block_count: u64::from(record.block_count),
-                                position: *position,
-                            },
-                        );
+                        let trim = PendingTrim::of(record, *position);
+                        state.pending_trims.insert(record.sequence, trim);
                         state.index.apply_unmap(
                             record.lba,
                             u64::from(record.block_count),
@@ -1747,7 +1752,7 @@ fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<Re
 }
 
 /// Points the index at the blocks of write `record`, logged at `position`.
-fn index_logged_write(
+pub(super) fn index_logged_write(
     index: &mut PartitionIndex,
     record: &LogRecord,
     position: LogPosition,
@@ -1814,14 +1819,8 @@ fn replay_log(
                     .index
                     .apply_unmap(record.lba, u64::from(record.block_count), record.sequence)
                     .map_err(index_error)?;
-                state.pending_trims.insert(
-                    record.sequence,
-                    PendingTrim {
-                        lba: record.lba,
-                        block_count: u64::from(record.block_count),
-                        position: *position,
-                    },
-                );
+                let trim = PendingTrim::of(record, *position);
+                state.pending_trims.insert(record.sequence, trim);
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);
             }
