@@ -104,7 +104,7 @@ impl Daemon {
     fn ready(&self) -> bool {
         match self.probe {
             Probe::Http(address) => http_get_status(address, "/health") == Some(200),
-            Probe::Nbd(address) => nbd_greets(address),
+            Probe::Nbd(address) => client::nbd::server_greets(address),
         }
     }
 }
@@ -371,34 +371,6 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
     let n = stream.read(&mut head).ok()?;
     let line = std::str::from_utf8(&head[..n]).ok()?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Connects and reads the fixed newstyle greeting (`NBDMAGIC IHAVEOPT`),
-/// then ends the handshake politely (client flags, `NBD_OPT_ABORT`).
-pub fn nbd_greets(address: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) else {
-        return false;
-    };
-    if stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .is_err()
-    {
-        return false;
-    }
-    let mut greeting = [0u8; 18];
-    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
-        return false;
-    }
-    // Client flags FIXED_NEWSTYLE | NO_ZEROES, then NBD_OPT_ABORT (2).
-    let mut bye = Vec::with_capacity(20);
-    bye.extend_from_slice(&3u32.to_be_bytes());
-    bye.extend_from_slice(b"IHAVEOPT");
-    bye.extend_from_slice(&2u32.to_be_bytes());
-    bye.extend_from_slice(&0u32.to_be_bytes());
-    let _ = stream.write_all(&bye);
-    let mut reply = [0u8; 20];
-    let _ = stream.read(&mut reply);
-    true
 }
 
 /// Stops the daemons rank by rank (attach, zonal, head nodes, sleds): each

@@ -202,6 +202,22 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Fetches the map of `volume`, checks it and indexes its partitions.
+async fn fetch_map(
+    source: &dyn MapSource,
+    volume: u64,
+) -> Result<(PartitionMap, HashMap<u32, Target>), ClientError> {
+    let map = source
+        .partition_map(volume)
+        .await
+        .map_err(|error| match error {
+            MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+            MapSourceError::Other(reason) => ClientError::Map { volume, reason },
+        })?;
+    let targets = validate_map(volume, &map)?;
+    Ok((map, targets))
+}
+
 /// Check a map and index its partitions.
 fn validate_map(volume: u64, map: &PartitionMap) -> Result<HashMap<u32, Target>, ClientError> {
     let bad = |reason: String| ClientError::Map { volume, reason };
@@ -283,14 +299,7 @@ impl VolumeClient {
         credential: AttachmentCredential,
         config: ClientConfig,
     ) -> Result<VolumeClient, ClientError> {
-        let map = source
-            .partition_map(volume)
-            .await
-            .map_err(|error| match error {
-                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
-                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
-            })?;
-        let targets = validate_map(volume, &map)?;
+        let (map, targets) = fetch_map(source.as_ref(), volume).await?;
         Ok(VolumeClient {
             inner: Arc::new(Inner {
                 volume,
@@ -385,50 +394,28 @@ impl VolumeClient {
         fua: bool,
     ) -> Result<(), ClientError> {
         let pieces = self.pieces_fresh(offset_bytes, data.len() as u64).await?;
-        let inner = &self.inner;
-        let data = &data;
-        futures::stream::iter(pieces)
-            .map(|piece| async move {
-                let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
-                let slice = data.slice(start..start + piece.len as usize);
-                // One id per piece, reused by every resend in `execute`.
-                let op = HostOp::Write {
-                    write_id: inner.next_write_id(),
-                    offset_bytes: piece.offset_bytes,
-                    crcs: chunk_crcs(&slice),
-                    data: slice,
-                    fua,
-                };
-                inner.execute(piece.partition, op).await.map(drop)
-            })
-            .buffer_unordered(inner.config.max_concurrent_pieces.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
+        self.for_each_piece(pieces, |piece| {
+            let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
+            let slice = data.slice(start..start + piece.len as usize);
+            HostOp::Write {
+                write_id: self.inner.next_write_id(),
+                offset_bytes: piece.offset_bytes,
+                crcs: chunk_crcs(&slice),
+                data: slice,
+                fua,
+            }
+        })
+        .await
     }
 
     /// The range reads back as zeros (a hint to the device to free it).
     pub async fn trim(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
-            HostOp::Trim {
-                write_id,
-                offset_bytes,
-                len_bytes: len,
-            }
-        })
-        .await
+        self.unmap(offset_bytes, len, false).await
     }
 
     /// The range reads back as zeros.
     pub async fn write_zeroes(&self, offset_bytes: u64, len: u64) -> Result<(), ClientError> {
-        self.unmap(offset_bytes, len, |write_id, offset_bytes, len| {
-            HostOp::WriteZeroes {
-                write_id,
-                offset_bytes,
-                len_bytes: len,
-            }
-        })
-        .await
+        self.unmap(offset_bytes, len, true).await
     }
 
     /// Every write acknowledged before is durable: a Flush to every
@@ -462,25 +449,41 @@ impl VolumeClient {
         }
     }
 
-    async fn unmap(
-        &self,
-        offset_bytes: u64,
-        len: u64,
-        op: impl Fn(WriteId, u64, u32) -> HostOp,
-    ) -> Result<(), ClientError> {
+    /// Trims the range, or with `zeroes` writes zeroes over it.
+    async fn unmap(&self, offset_bytes: u64, len: u64, zeroes: bool) -> Result<(), ClientError> {
         let pieces = self.pieces_fresh(offset_bytes, len).await?;
+        self.for_each_piece(pieces, |piece| {
+            let write_id = self.inner.next_write_id();
+            let (offset_bytes, len_bytes) = (piece.offset_bytes, piece.len);
+            if zeroes {
+                HostOp::WriteZeroes {
+                    write_id,
+                    offset_bytes,
+                    len_bytes,
+                }
+            } else {
+                HostOp::Trim {
+                    write_id,
+                    offset_bytes,
+                    len_bytes,
+                }
+            }
+        })
+        .await
+    }
+
+    /// Executes `op(piece)` for every piece, at most `max_concurrent_pieces`
+    /// at once; done when every one is. `op` runs as its piece is started,
+    /// so a write id it takes is the piece's for every resend in `execute`.
+    async fn for_each_piece(
+        &self,
+        pieces: Vec<Piece>,
+        op: impl Fn(&Piece) -> HostOp,
+    ) -> Result<(), ClientError> {
         let inner = &self.inner;
         let op = &op;
         futures::stream::iter(pieces)
-            .map(|piece| async move {
-                inner
-                    .execute(
-                        piece.partition,
-                        op(inner.next_write_id(), piece.offset_bytes, piece.len),
-                    )
-                    .await
-                    .map(drop)
-            })
+            .map(|piece| async move { inner.execute(piece.partition, op(&piece)).await.map(drop) })
             .buffer_unordered(inner.config.max_concurrent_pieces.max(1))
             .try_collect::<Vec<()>>()
             .await?;
@@ -852,15 +855,7 @@ impl Inner {
             return Ok(());
         }
         let volume = self.volume;
-        let map = self
-            .source
-            .partition_map(volume)
-            .await
-            .map_err(|error| match error {
-                MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
-                MapSourceError::Other(reason) => ClientError::Map { volume, reason },
-            })?;
-        let targets = validate_map(volume, &map)?;
+        let (map, targets) = fetch_map(self.source.as_ref(), volume).await?;
         let mut routing = write_lock(&self.routing);
         routing.generation += 1;
         routing.map = Arc::new(map);

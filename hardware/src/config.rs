@@ -26,16 +26,23 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-/// Reads and parses `path`; the caller validates the values.
-pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+/// Reads and parses `path`, then checks the values with the daemon's
+/// `validate`.
+pub fn load_toml<T, E>(path: &Path, validate: impl FnOnce(&T) -> Result<(), E>) -> Result<T, E>
+where
+    T: DeserializeOwned,
+    E: From<ConfigError>,
+{
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    let config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
         source,
-    })
+    })?;
+    validate(&config)?;
+    Ok(config)
 }
 
 /// The settings a config example states at a value other than the code's
@@ -95,6 +102,33 @@ pub fn keys_not_at_default<T: PartialEq>(
         }
     }
     Ok(differing)
+}
+
+/// The check each daemon's config tests run on its example under `deploy/`:
+/// panics unless the example at `path` states every optional setting at
+/// its default ([`keys_not_at_default`] finds nothing). To show the check
+/// has teeth, returns what it finds in the example with the text
+/// `drift.0` replaced by `drift.1`; the caller asserts on that.
+#[track_caller]
+pub fn assert_example_at_defaults<T: PartialEq>(
+    path: &Path,
+    site_keys: &[&str],
+    drift: (&str, &str),
+    resolve: impl Fn(&str) -> Option<T>,
+) -> Vec<String> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let differing = keys_not_at_default(&text, site_keys, &resolve)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        differing.is_empty(),
+        "{} states settings that are not the code's defaults: {differing:?}; \
+         fix the example (or comment the setting out), not the test",
+        path.display()
+    );
+    let drifted = text.replace(drift.0, drift.1);
+    keys_not_at_default(&drifted, site_keys, &resolve)
+        .unwrap_or_else(|e| panic!("{} with {drift:?}: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -656,7 +656,7 @@ impl PartitionIndex {
         if stored != computed {
             return Err(IndexError::CheckpointChecksum { stored, computed });
         }
-        let mut reader = Reader { bytes: body, at: 0 };
+        let mut reader = Reader::new(body, |reason| IndexError::Checkpoint { reason });
         let magic = reader.u64()?;
         if magic != CHECKPOINT_MAGIC {
             return Err(bad(format!("bad magic {magic:#x}")));
@@ -733,35 +733,57 @@ fn adjust(value: &mut u64, by: u64, add: bool) {
     }
 }
 
-struct Reader<'a> {
+/// Little-endian cursor over checkpoint bytes (the index's, and the
+/// partition checkpoint's around it); reading past the end is the error
+/// `truncated("truncated at byte N")`.
+pub(crate) struct Reader<'a, E> {
     bytes: &'a [u8],
     at: usize,
+    truncated: fn(String) -> E,
 }
 
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], IndexError> {
-        let slice = self
-            .bytes
-            .get(self.at..self.at + N)
-            .ok_or_else(|| IndexError::Checkpoint {
-                reason: format!("truncated at byte {}", self.at),
-            })?;
-        self.at += N;
+impl<'a, E> Reader<'a, E> {
+    pub(crate) fn new(bytes: &'a [u8], truncated: fn(String) -> E) -> Self {
+        Self {
+            bytes,
+            at: 0,
+            truncated,
+        }
+    }
+    /// Bytes read so far.
+    pub(crate) fn at(&self) -> usize {
+        self.at
+    }
+    /// Reads no further than byte `end` from now on.
+    pub(crate) fn end_at(&mut self, end: usize) {
+        self.bytes = &self.bytes[..end];
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], E> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| (self.truncated)(format!("truncated at byte {}", self.at)))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], E> {
         let mut out = [0u8; N];
-        out.copy_from_slice(slice);
+        out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
-    fn u8(&mut self) -> Result<u8, IndexError> {
-        Ok(self.take::<1>()?[0])
+    pub(crate) fn u8(&mut self) -> Result<u8, E> {
+        Ok(self.array::<1>()?[0])
     }
-    fn u16(&mut self) -> Result<u16, IndexError> {
-        self.take().map(u16::from_le_bytes)
+    pub(crate) fn u16(&mut self) -> Result<u16, E> {
+        self.array().map(u16::from_le_bytes)
     }
-    fn u32(&mut self) -> Result<u32, IndexError> {
-        self.take().map(u32::from_le_bytes)
+    pub(crate) fn u32(&mut self) -> Result<u32, E> {
+        self.array().map(u32::from_le_bytes)
     }
-    fn u64(&mut self) -> Result<u64, IndexError> {
-        self.take().map(u64::from_le_bytes)
+    pub(crate) fn u64(&mut self) -> Result<u64, E> {
+        self.array().map(u64::from_le_bytes)
     }
 }
 

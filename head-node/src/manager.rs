@@ -911,42 +911,33 @@ fn update_metrics(inner: &Inner) {
             Role::Secondary => 2,
             Role::Fenced { .. } => 3,
         };
-        m.role.get_or_create(&l).set(role);
-        m.epoch.get_or_create(&l).set(as_i64(s.epoch));
-        m.lease_valid
-            .get_or_create(&l)
-            .set(i64::from(s.lease_remaining_ms.is_some()));
-        m.log_resident_blocks
-            .get_or_create(&l)
-            .set(as_i64(s.log_resident_blocks));
-        m.writes.get_or_create(&l).set(as_i64(s.writes));
-        m.reads.get_or_create(&l).set(as_i64(s.reads));
-        m.flushes.get_or_create(&l).set(as_i64(s.flushes));
-        m.flushed_blocks
-            .get_or_create(&l)
-            .set(as_i64(s.flushed_blocks));
-        m.gc_passes.get_or_create(&l).set(as_i64(s.gc_passes));
-        m.extents_freed
-            .get_or_create(&l)
-            .set(as_i64(s.extents_freed));
-        m.degraded_reads
-            .get_or_create(&l)
-            .set(as_i64(s.degraded_reads));
-        m.checkpoints_written
-            .get_or_create(&l)
-            .set(as_i64(s.checkpoints_written));
-        m.recovery_rows_scanned
-            .get_or_create(&l)
-            .set(as_i64(s.recovery_rows_scanned));
-        m.recovery_checkpoint_used
-            .get_or_create(&l)
-            .set(i64::from(s.recovery_checkpoint_used));
-        m.recovery_duration_ms
-            .get_or_create(&l)
-            .set(as_i64(s.recovery_duration_ms));
-        m.repair_queue
-            .get_or_create(&l)
-            .set(i64::try_from(s.repair_queue).unwrap_or(i64::MAX));
+        let values = [
+            (&m.role, role),
+            (&m.epoch, as_i64(s.epoch)),
+            (&m.lease_valid, i64::from(s.lease_remaining_ms.is_some())),
+            (&m.log_resident_blocks, as_i64(s.log_resident_blocks)),
+            (&m.writes, as_i64(s.writes)),
+            (&m.reads, as_i64(s.reads)),
+            (&m.flushes, as_i64(s.flushes)),
+            (&m.flushed_blocks, as_i64(s.flushed_blocks)),
+            (&m.gc_passes, as_i64(s.gc_passes)),
+            (&m.extents_freed, as_i64(s.extents_freed)),
+            (&m.degraded_reads, as_i64(s.degraded_reads)),
+            (&m.checkpoints_written, as_i64(s.checkpoints_written)),
+            (&m.recovery_rows_scanned, as_i64(s.recovery_rows_scanned)),
+            (
+                &m.recovery_checkpoint_used,
+                i64::from(s.recovery_checkpoint_used),
+            ),
+            (&m.recovery_duration_ms, as_i64(s.recovery_duration_ms)),
+            (
+                &m.repair_queue,
+                i64::try_from(s.repair_queue).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (family, value) in values {
+            family.get_or_create(&l).set(value);
+        }
     }
 }
 
@@ -1312,37 +1303,11 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use local_control_plane::command::DeviceSpec;
-
     use super::*;
 
     fn unit() -> UnitState {
         let mut state = UnitState::new();
-        for n in 1..=3 {
-            state
-                .apply(Command::RegisterHeadNode {
-                    node: NodeId::new(format!("hn-{n}")),
-                    address_a: format!("127.0.1.{n}:7000"),
-                    address_b: format!("127.0.2.{n}:7000"),
-                })
-                .unwrap();
-        }
-        for s in 1..=3 {
-            let sled = local_control_plane::state::SledId::new(format!("sled-{s}"));
-            state
-                .apply(Command::RegisterSled {
-                    sled: sled.clone(),
-                    address_a: format!("127.0.1.{}:7000", 100 + s),
-                    address_b: format!("127.0.2.{}:7000", 100 + s),
-                    fault_domain: format!("fd-{s}"),
-                    power_domain: "p".into(),
-                    column_size_bytes: 1 << 20,
-                    devices: vec![DeviceSpec {
-                        device: 0,
-                        size_bytes: 16 << 20,
-                    }],
-                })
-                .unwrap();
+        for sled in local_control_plane::fixture::register_nodes_and_sleds(&mut state, 3, 3) {
             state
                 .apply(Command::AddFreeColumns {
                     sled,

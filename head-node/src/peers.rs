@@ -67,6 +67,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A peer answered with a message of a kind the call does not expect.
+fn unexpected_answer(peer: String, answer: &Message) -> PeerError {
+    PeerError::Refused {
+        peer,
+        reason: format!("unexpected answer kind {:#06x}", answer.kind()),
+    }
+}
+
 /// The one mapping of link errors to the engine's peer errors.
 pub fn peer_error(peer: &str, error: LinkError) -> PeerError {
     match error {
@@ -117,6 +125,20 @@ impl fmt::Debug for LinkSet {
 }
 
 impl LinkSet {
+    /// No link is made before the first call to a peer.
+    fn new(
+        addresses: HashMap<String, (std::net::SocketAddr, std::net::SocketAddr)>,
+        config: LinkConfig,
+        metrics: LinkMetrics,
+    ) -> Self {
+        Self {
+            addresses,
+            links: Mutex::new(HashMap::new()),
+            config,
+            metrics,
+        }
+    }
+
     fn link(&self, peer: &str) -> Result<Arc<PeerLink>, PeerError> {
         let (a, b) = *self.addresses.get(peer).ok_or_else(|| PeerError::Refused {
             peer: peer.to_string(),
@@ -159,12 +181,7 @@ impl HeadNodeLinks {
             .map(|h| (h.id.clone(), (h.address_a, h.address_b)))
             .collect();
         Self {
-            links: LinkSet {
-                addresses,
-                links: Mutex::new(HashMap::new()),
-                config,
-                metrics,
-            },
+            links: LinkSet::new(addresses, config, metrics),
         }
     }
 
@@ -199,10 +216,7 @@ impl ReplicaPeer for LinkReplicaPeer {
             // dedupe), so the link may resend it on the other network.
             match link.call(Message::Replica(request), true).await {
                 Ok(Message::ReplicaReply(reply)) => Ok(reply),
-                Ok(other) => Err(PeerError::Refused {
-                    peer: node,
-                    reason: format!("unexpected answer kind {:#06x}", other.kind()),
-                }),
+                Ok(other) => Err(unexpected_answer(node, &other)),
                 Err(error) => Err(peer_error(&node, error)),
             }
         })
@@ -224,12 +238,7 @@ impl SledLinks {
             .map(|s| (s.id.clone(), (s.address_a, s.address_b)))
             .collect();
         Self {
-            links: LinkSet {
-                addresses,
-                links: Mutex::new(HashMap::new()),
-                config,
-                metrics,
-            },
+            links: LinkSet::new(addresses, config, metrics),
         }
     }
 
@@ -252,10 +261,7 @@ impl SledAccess for SledLinks {
             let idempotent = request.is_idempotent();
             match link.call(Message::Sled(request), idempotent).await {
                 Ok(Message::SledReply(response)) => Ok(response),
-                Ok(other) => Err(PeerError::Refused {
-                    peer: sled,
-                    reason: format!("unexpected answer kind {:#06x}", other.kind()),
-                }),
+                Ok(other) => Err(unexpected_answer(sled, &other)),
                 Err(error) => Err(peer_error(&sled, error)),
             }
         })
@@ -393,7 +399,9 @@ impl LcpExtents {
     }
 }
 
-fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
+/// The grant of `extent` as the unit state records it: its code, its
+/// columns and their size; `None` if the extent or its first sled is unknown.
+pub(crate) fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
     let entry = state.extents().get(&extent)?;
     let (_, first) = entry.present().next()?;
     let column_size_bytes = state.sleds().get(&first.sled)?.column_size_bytes;

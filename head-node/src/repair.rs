@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::manager::PartitionManager;
-use crate::partition::{ExtentGrant, Partition, RebuildProgress, RebuildTask};
-use crate::peers::{propose, sync_local_state, ProposeError};
+use crate::partition::{Partition, RebuildProgress, RebuildTask};
+use crate::peers::{grant_of, propose, sync_local_state, ProposeError};
 
 /// Rebuilds this node runs at once.
 pub const MAX_LOCAL_REBUILDS: usize = 16;
@@ -141,28 +141,6 @@ fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
     running
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn grant_of(state: &UnitState, extent: ExtentId) -> Option<ExtentGrant> {
-    let entry = state.extents().get(&extent)?;
-    let (_, first) = entry.present().next()?;
-    let column_size_bytes = state.sleds().get(&first.sled)?.column_size_bytes;
-    Some(ExtentGrant {
-        extent: extent.0,
-        k: entry.code.k,
-        m: entry.code.m,
-        column_size_bytes,
-        columns: entry
-            .columns
-            .iter()
-            .map(|c| {
-                c.as_ref().map_or_else(ExtentGrant::owed_slot, |c| {
-                    (c.sled.0.clone(), c.column_id())
-                })
-            })
-            .collect(),
-        owed: entry.owed().collect(),
-    })
 }
 
 impl RepairWorker {

@@ -382,37 +382,10 @@ impl FailoverController {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::command::DeviceSpec;
-    use crate::state::SledId;
 
     fn unit(nodes: u32, partitions: u64) -> UnitState {
         let mut state = UnitState::new();
-        for n in 1..=nodes {
-            state
-                .apply(Command::RegisterHeadNode {
-                    node: NodeId::new(format!("hn-{n}")),
-                    address_a: format!("127.0.1.{n}:7000"),
-                    address_b: format!("127.0.2.{n}:7000"),
-                })
-                .unwrap();
-        }
-        for s in 1..=3 {
-            let sled = SledId::new(format!("sled-{s}"));
-            state
-                .apply(Command::RegisterSled {
-                    sled: sled.clone(),
-                    address_a: format!("127.0.1.{}:7000", 100 + s),
-                    address_b: format!("127.0.2.{}:7000", 100 + s),
-                    fault_domain: format!("fd-{s}"),
-                    power_domain: "p".into(),
-                    column_size_bytes: 1 << 20,
-                    devices: vec![DeviceSpec {
-                        device: 0,
-                        size_bytes: 16 << 20,
-                    }],
-                })
-                .unwrap();
-        }
+        crate::fixture::register_nodes_and_sleds(&mut state, nodes, 3);
         state
             .apply(Command::RegisterVolume {
                 volume: 1,

@@ -25,6 +25,8 @@ pub mod deleter;
 pub mod detector;
 pub mod error;
 pub mod failover;
+#[cfg(any(test, feature = "fixture"))]
+pub mod fixture;
 pub mod network;
 pub mod node;
 pub mod quick_election;

@@ -1081,22 +1081,12 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     // 3c. Column repair (crate::repair): replacement columns for Failed and
     // Draining sleds, rebuilt by the partitions' primaries.
     let repair = RepairController::new(inner.repair_config.clone(), inner.repair_metrics.clone());
-    let repair_raft = inner.raft.clone();
-    let repair_state = inner.state.clone();
     let scrub_inner = inner.clone();
     let free_inner = inner.clone();
     tokio::spawn(
         repair.run(
-            move || repair_state.read().unit.clone(),
-            move |command| {
-                let raft = repair_raft.clone();
-                async move {
-                    raft.client_write(command)
-                        .await
-                        .map(|r| r.data)
-                        .map_err(|e| e.to_string())
-                }
-            },
+            state_reader(&inner.state),
+            proposer(&inner.raft),
             move |state| {
                 let inner = scrub_inner.clone();
                 async move { crate::repair::scrub_reports(&inner.links, &inner.rack, &state).await }
@@ -1112,19 +1102,9 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     );
     // 3d. Deleted volumes: free their extents on the sleds, release them
     // to the free pool, purge the records (crate::deleter).
-    let deleter_raft = inner.raft.clone();
-    let deleter_state = inner.state.clone();
     tokio::spawn(crate::deleter::run(
-        move || deleter_state.read().unit.clone(),
-        move |command| {
-            let raft = deleter_raft.clone();
-            async move {
-                raft.client_write(command)
-                    .await
-                    .map(|r| r.data)
-                    .map_err(|e| e.to_string())
-            }
-        },
+        state_reader(&inner.state),
+        proposer(&inner.raft),
         inner.links.clone(),
         inner.rack.clone(),
         inner.failover_config.lease_margin,
@@ -1136,19 +1116,9 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         inner.failover_config.clone(),
         inner.failover_metrics.clone(),
     );
-    let failover_raft = inner.raft.clone();
-    let failover_state = inner.state.clone();
     tokio::spawn(controller.run(
-        move || failover_state.read().unit.clone(),
-        move |command| {
-            let raft = failover_raft.clone();
-            async move {
-                raft.client_write(command)
-                    .await
-                    .map(|r| r.data)
-                    .map_err(|e| e.to_string())
-            }
-        },
+        state_reader(&inner.state),
+        proposer(&inner.raft),
         lost.clone(),
     ));
     // 3. Failure detection until leadership is lost.
@@ -1159,21 +1129,32 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         inner.detector_config.clone(),
         inner.detector_metrics.clone(),
     );
-    let raft = inner.raft.clone();
-    let state = inner.state.clone();
     detector
-        .run(
-            move || state.read().unit.clone(),
-            move |command| {
-                let raft = raft.clone();
-                async move {
-                    raft.client_write(command)
-                        .await
-                        .map(|r| r.data)
-                        .map_err(|e| e.to_string())
-                }
-            },
-            lost,
-        )
+        .run(state_reader(&inner.state), proposer(&inner.raft), lost)
         .await;
+}
+
+/// How the leader's controllers read the unit: the state machine's
+/// current state.
+fn state_reader(state: &SharedState) -> impl Fn() -> UnitState {
+    let state = state.clone();
+    move || state.read().unit.clone()
+}
+
+/// How the leader's controllers propose a command: through Raft; the state
+/// machine's outcome, or why the command was not committed.
+fn proposer(
+    raft: &Raft,
+) -> impl Fn(Command) -> futures::future::BoxFuture<'static, Result<Result<Outcome, CommandError>, String>>
+{
+    let raft = raft.clone();
+    move |command| {
+        let raft = raft.clone();
+        Box::pin(async move {
+            raft.client_write(command)
+                .await
+                .map(|r| r.data)
+                .map_err(|e| e.to_string())
+        })
+    }
 }

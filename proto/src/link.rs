@@ -711,13 +711,7 @@ impl PeerLink {
     ) -> Result<Message, AttemptError> {
         let path = self.path(id);
         let started = Instant::now();
-        let result = async {
-            let connection = path
-                .connect(self.config.connect_timeout.min(timeout))
-                .await?;
-            let remaining = timeout.saturating_sub(started.elapsed());
-            connection.request(request_id, frame, remaining).await
-        };
+        let result = self.exchange(path, request_id, frame, timeout);
         let result = tokio::select! {
             result = result => result,
             () = self.closed.cancelled() => return Err(AttemptError::NotSent("link closed".to_owned())),
@@ -735,6 +729,23 @@ impl PeerLink {
             Err(error) => self.record_failure(path, error),
         }
         result
+    }
+
+    /// Connects `path` if need be and sends one request on it, all within
+    /// `timeout`; no bookkeeping.
+    async fn exchange(
+        &self,
+        path: &Path,
+        request_id: u64,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, AttemptError> {
+        let started = Instant::now();
+        let connection = path
+            .connect(self.config.connect_timeout.min(timeout))
+            .await?;
+        let remaining = timeout.saturating_sub(started.elapsed());
+        connection.request(request_id, frame, remaining).await
     }
 
     fn record_success(&self, path: &Path, rtt: Option<Duration>) {
@@ -787,14 +798,7 @@ impl PeerLink {
         let nonce = request_id;
         let frame = Message::Ping { nonce }.to_frame(request_id, false);
         let started = Instant::now();
-        let result = async {
-            let connection = path
-                .connect(self.config.connect_timeout.min(timeout))
-                .await?;
-            let remaining = timeout.saturating_sub(started.elapsed());
-            connection.request(request_id, frame, remaining).await
-        }
-        .await;
+        let result = self.exchange(path, request_id, frame, timeout).await;
         match result {
             Ok(Message::Pong { nonce: echoed }) if echoed == nonce => {
                 let was_down = path.state() == PathState::Down;

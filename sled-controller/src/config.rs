@@ -65,9 +65,7 @@ pub use hardware::config::ConfigError;
 impl SledControllerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = hardware::config::load_toml(path)?;
-        config.validate()?;
-        Ok(config)
+        hardware::config::load_toml(path, Self::validate)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -168,7 +166,6 @@ mod tests {
     fn example_config_in_deploy_states_only_defaults() {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sled-controller.example.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
         // Serde fills in the defaults, so the parsed config is what the
         // daemon runs with.
         let resolve = |text: &str| {
@@ -176,19 +173,8 @@ mod tests {
             config.validate().ok()?;
             Some(config)
         };
-        let differing = hardware::config::keys_not_at_default(&text, &[], resolve).unwrap();
-        assert!(
-            differing.is_empty(),
-            "{} states settings that are not the code's defaults: {differing:?}; \
-             fix the example (or comment the setting out), not the test",
-            path.display()
-        );
-        let drifted = text.replace("device_timeout_ms = ", "device_timeout_ms = 1");
-        assert_eq!(
-            hardware::config::keys_not_at_default(&drifted, &[], resolve)
-                .unwrap()
-                .len(),
-            1
-        );
+        let drift = ("device_timeout_ms = ", "device_timeout_ms = 1");
+        let drifted = hardware::config::assert_example_at_defaults(&path, &[], drift, resolve);
+        assert_eq!(drifted.len(), 1);
     }
 }

@@ -190,6 +190,29 @@ impl Reader<'_> {
     fn u128(&mut self) -> u128 {
         u128::from_le_bytes(self.take())
     }
+    /// Reads a 32-bit magic number: `BadMagic` unless it is `expected`.
+    fn magic(&mut self, expected: u32) -> Result<(), LayoutError> {
+        let found = self.u32();
+        if found != expected {
+            return Err(LayoutError::BadMagic {
+                found: found as u64,
+            });
+        }
+        Ok(())
+    }
+    /// Reads the 32-bit number `what` that says where the block belongs:
+    /// `Misplaced` unless it is `expected`.
+    fn placed(&mut self, what: &'static str, expected: u32) -> Result<(), LayoutError> {
+        let found = self.u32();
+        if found != expected {
+            return Err(LayoutError::Misplaced {
+                what,
+                found: found as u64,
+                expected: expected as u64,
+            });
+        }
+        Ok(())
+    }
     fn name(&mut self, field: &'static str) -> Result<String, LayoutError> {
         let len = self.u8() as usize;
         let padded: [u8; MAX_NAME_BYTES] = self.take();
@@ -446,24 +469,12 @@ impl ColumnSlot {
     pub fn decode(block: &[u8], column: u32, column_size_bytes: u64) -> Result<Self, LayoutError> {
         check_block(block)?;
         let mut r = Reader { buf: block, at: 0 };
-        let magic = r.u32();
-        if magic != SLOT_MAGIC {
-            return Err(LayoutError::BadMagic {
-                found: magic as u64,
-            });
-        }
+        r.magic(SLOT_MAGIC)?;
         let version = r.u32();
         if version != LAYOUT_VERSION {
             return Err(LayoutError::BadVersion { found: version });
         }
-        let found = r.u32();
-        if found != column {
-            return Err(LayoutError::Misplaced {
-                what: "column",
-                found: found as u64,
-                expected: column as u64,
-            });
-        }
+        r.placed("column", column)?;
         let generation = r.u64();
         let state = match r.u8() {
             0 => SlotState::Free,
@@ -597,28 +608,9 @@ impl CrcBlock {
         check_block(block)?;
         let mut r = Reader { buf: block, at: 0 };
         let entries = (0..CRC_ENTRIES_PER_BLOCK).map(|_| r.u32()).collect();
-        let magic = r.u32();
-        if magic != CRC_BLOCK_MAGIC {
-            return Err(LayoutError::BadMagic {
-                found: magic as u64,
-            });
-        }
-        let found_column = r.u32();
-        if found_column != column {
-            return Err(LayoutError::Misplaced {
-                what: "column",
-                found: found_column as u64,
-                expected: column as u64,
-            });
-        }
-        let found_block = r.u32();
-        if found_block != crc_block {
-            return Err(LayoutError::Misplaced {
-                what: "crc block",
-                found: found_block as u64,
-                expected: crc_block as u64,
-            });
-        }
+        r.magic(CRC_BLOCK_MAGIC)?;
+        r.placed("column", column)?;
+        r.placed("crc block", crc_block)?;
         Ok(Self {
             generation: r.u64(),
             entries,

@@ -729,6 +729,42 @@ impl Store {
         Ok(result)
     }
 
+    /// Writes `data` at `offset` of column `index`, the CRC blocks
+    /// `crc_updates` and, if given, the column's new `slot`, then flushes and
+    /// caches the new CRC blocks. Order on disk is only fixed by the flush;
+    /// the writes are issued all at once and each is let complete (a crash
+    /// could persist any subset too; recovery handles every subset).
+    async fn write_and_flush(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+        crc_updates: Vec<CrcBlockUpdate>,
+        slot: Option<&ColumnSlot>,
+    ) -> Result<(), SledError> {
+        let data_write = self.write(self.geometry.data_offset(index, offset), aligned(data)?);
+        let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
+            self.write(update.device_offset_bytes, aligned(&update.encoded)?)
+                .await
+        }));
+        let slot_write = async {
+            match slot {
+                Some(slot) => self.write_slot(index, slot).await,
+                None => Ok(()),
+            }
+        };
+        let (d, c2, s2) = futures::join!(data_write, crc_writes, slot_write);
+        d?;
+        c2?;
+        s2?;
+        self.flush().await?;
+        let mut cache = lock(&self.crc_cache);
+        for update in crc_updates {
+            cache.put((index, update.crc_block), update.cached);
+        }
+        Ok(())
+    }
+
     /// Reserves `count` free columns (all or nothing).
     pub async fn allocate(&self, count: u32) -> Result<Vec<u32>, SledError> {
         self.check_healthy()?;
@@ -814,6 +850,16 @@ impl Store {
         self.check_usable(index, &c)?;
         let column = self.column_id(index);
         let mut taken_from_free_set = false;
+        // A Free or Allocated column starts empty, owned by `partition`.
+        let fresh = ColumnSlot {
+            generation: c.slot.generation + 1,
+            state: SlotState::Claimed,
+            volume: partition.volume,
+            partition: partition.index,
+            epoch,
+            length_bytes: 0,
+            tail_from_bytes: 0,
+        };
         let next = match c.slot.state {
             // The unit's allocator is the local control plane: it learns the
             // columns from the sled's inventory and hands each to exactly one
@@ -827,15 +873,7 @@ impl Store {
                     });
                 }
                 taken_from_free_set = true;
-                ColumnSlot {
-                    generation: c.slot.generation + 1,
-                    state: SlotState::Claimed,
-                    volume: partition.volume,
-                    partition: partition.index,
-                    epoch,
-                    length_bytes: 0,
-                    tail_from_bytes: 0,
-                }
+                fresh
             }
             SlotState::Allocated => {
                 if epoch < c.slot.epoch {
@@ -843,15 +881,7 @@ impl Store {
                         current_epoch: c.slot.epoch,
                     });
                 }
-                ColumnSlot {
-                    generation: c.slot.generation + 1,
-                    state: SlotState::Claimed,
-                    volume: partition.volume,
-                    partition: partition.index,
-                    epoch,
-                    length_bytes: 0,
-                    tail_from_bytes: 0,
-                }
+                fresh
             }
             SlotState::Claimed => {
                 self.check_owner(index, &c, partition, epoch)?;
@@ -974,27 +1004,8 @@ impl Store {
                 tail_from_bytes: offset,
                 ..c.slot
             };
-            let data_buf = aligned(data)?;
-            let slot_write = self.write_slot(index, &next);
-            let data_write = self.write(self.geometry.data_offset(index, offset), data_buf);
-            let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
-                self.write(update.device_offset_bytes, aligned(&update.encoded)?)
-                    .await
-            }));
-            // Order on disk is only fixed by the flush below; issue all at
-            // once and let each complete (a crash could persist any subset
-            // too; recovery handles every subset).
-            let (d, c2, s2) = futures::join!(data_write, crc_writes, slot_write);
-            d?;
-            c2?;
-            s2?;
-            self.flush().await?;
-            {
-                let mut cache = lock(&self.crc_cache);
-                for update in crc_updates {
-                    cache.put((index, update.crc_block), update.cached);
-                }
-            }
+            self.write_and_flush(index, offset, data, crc_updates, Some(&next))
+                .await?;
             c.slot = next;
             // Earlier in-doubt blocks are now behind a later write; they stay
             // bad (recorded) until rewritten by a retry.
@@ -1039,29 +1050,8 @@ impl Store {
             epoch,
             ..c.slot
         };
-        let data_write = self.write(self.geometry.data_offset(index, offset), aligned(data)?);
-        let crc_writes = try_join_all(crc_updates.iter().map(|update| async move {
-            self.write(update.device_offset_bytes, aligned(&update.encoded)?)
-                .await
-        }));
-        let slot_write = async {
-            if raise {
-                self.write_slot(index, &next).await
-            } else {
-                Ok(())
-            }
-        };
-        let (d, c2, s2) = futures::join!(data_write, crc_writes, slot_write);
-        d?;
-        c2?;
-        s2?;
-        self.flush().await?;
-        {
-            let mut cache = lock(&self.crc_cache);
-            for update in crc_updates {
-                cache.put((index, update.crc_block), update.cached);
-            }
-        }
+        self.write_and_flush(index, offset, data, crc_updates, raise.then_some(&next))
+            .await?;
         if raise {
             c.slot = next;
         }

@@ -12,9 +12,7 @@ use client::{ClientConfig, ClientError, VolumeClient};
 use local_control_plane::LcpClient;
 use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::Value;
-use tests::{
-    http_get, nbd_greets, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit,
-};
+use tests::{http_get, next_port, rackblock_bin, wait_healthy, Daemon, HeadNodeOptions, TestUnit};
 
 const MIB: u64 = 1 << 20;
 const TOKEN: &str = "cli-verbs-test-token-0123456789";
@@ -200,7 +198,7 @@ fn attach(zone: &Zone, name: &str, volume: &str, extra: &[&str]) -> (Daemon, Soc
     args.extend_from_slice(extra);
     let mut attach = Daemon::spawn(name, &args, zone.unit.dir.path());
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !nbd_greets(nbd) {
+    while !client::nbd::server_greets(nbd) {
         assert!(
             Instant::now() < deadline,
             "attach never served NBD:\n{}",

@@ -77,22 +77,10 @@ fn admin_on_admin_switch(unit: &mut TestUnit) {
 
 /// `rackblock ARGS` in namespace `ns`, killed by pid when dropped.
 fn spawn_in(ns: &str, name: &str, args: &[&str], unit: &TestUnit) -> Daemon {
+    let mut command = NetLab::command(ns, &rackblock_bin());
+    command.args(args);
     let log = unit.dir.path().join(format!("{name}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let err = out.try_clone().unwrap();
-    let child = NetLab::command(ns, &rackblock_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .unwrap();
-    Daemon {
-        name: name.to_string(),
-        child,
-        log,
-    }
+    Daemon::spawn_command(name, command, log)
 }
 
 async fn register(lcp: &LcpClient) {

@@ -28,12 +28,12 @@
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tests::netns::{self, NetLab};
-use tests::{rackblock_bin, Rng};
+use tests::Rng;
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = proto::BLOCK_SIZE_BYTES;
@@ -303,20 +303,8 @@ struct Up {
 impl Up {
     fn start(dir: &Path, data_dir: &Path, round: u32) -> Up {
         let log = dir.join(format!("up-{round}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(rackblock_bin())
-            .current_dir(dir)
-            .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+        let child = tests::up_command(dir, data_dir, &log)
             .args(["--volume-size", "64MiB", "--device-size-mib", "256"])
-            .args(["--wait-seconds", "120"])
-            .env("RUST_LOG", "info")
-            .env_remove("RACKBLOCK_TOKEN")
-            .env_remove("RACKBLOCK_ZONAL")
-            .env_remove("RACKBLOCK_RACK")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
             .spawn()
             .unwrap();
         let mut up = Up {

@@ -182,15 +182,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> Daemon {
-        let log = log_dir.join(format!("{name}.log"));
+        let mut command = Command::new(rackblock_bin());
+        command.args(args);
+        Daemon::spawn_command(name, command, log_dir.join(format!("{name}.log")))
+    }
+
+    /// Runs `command` as daemon `name` at `RUST_LOG=info`, its output
+    /// appended to `log`.
+    pub fn spawn_command(name: &str, mut command: Command, log: PathBuf) -> Daemon {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let child = Command::new(rackblock_bin())
-            .args(args)
+        let child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)
@@ -245,28 +251,21 @@ impl Drop for Daemon {
 
 /// Minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    http_exchange(addr, &request, Duration::from_secs(5))
 }
 
 /// Minimal HTTP/1.0 POST with an empty body: (status, body).
 pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16, String)> {
+    let request = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    http_exchange(addr, &request, timeout)
+}
+
+/// Sends `request` and reads the response to EOF: (status, body).
+fn http_exchange(addr: SocketAddr, request: &str, timeout: Duration) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
-    )
-    .ok()?;
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
@@ -279,15 +278,23 @@ pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Option<(u16
 
 /// Polls `GET /health` until 200 or the deadline; panics with the log tail.
 pub fn wait_healthy(admin: SocketAddr, daemon: &Daemon, timeout: Duration) {
+    poll_daemon(daemon, "not healthy", timeout, || {
+        matches!(http_get(admin, "/health"), Some((200, _)))
+    });
+}
+
+/// Polls `ready` every 50 ms until it holds; after `timeout`, panics
+/// saying `daemon` is `not_yet`, with its log.
+fn poll_daemon(daemon: &Daemon, not_yet: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some((200, _)) = http_get(admin, "/health") {
+        if ready() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!(
-        "{} not healthy after {timeout:?}; log:\n{}",
+        "{} {not_yet} after {timeout:?}; log:\n{}",
         daemon.name,
         daemon.log_text()
     );
@@ -651,20 +658,11 @@ impl TestUnit {
     /// Waits until head node `i` reports its data path ready (every
     /// partition with recovered log records open); panics with the log.
     pub fn wait_datapath_ready(&self, i: usize, daemon: &Daemon, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some((200, body)) = http_get(self.head_nodes[i].admin, "/partitions") {
-                if body.contains("\"ready\":true") {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "{} data path not ready after {timeout:?}; log:\n{}",
-            daemon.name,
-            daemon.log_text()
-        );
+        let admin = self.head_nodes[i].admin;
+        poll_daemon(daemon, "data path not ready", timeout, || {
+            matches!(http_get(admin, "/partitions"),
+                Some((200, body)) if body.contains("\"ready\":true"))
+        });
     }
 
     /// [`TestUnit::wait_datapath_ready`] for every head node, `heads` as
@@ -781,6 +779,27 @@ pub struct RunningUnit {
     _slot: std::sync::MutexGuard<'static, ()>,
 }
 
+/// `rackblock up --data-dir DATA_DIR --wait-seconds 120`, run in `dir`
+/// with its output (at `RUST_LOG=info`) to `log` and without the caller's
+/// `RACKBLOCK_*` settings; the caller adds its own arguments.
+pub fn up_command(dir: &Path, data_dir: &Path, log: &Path) -> Command {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut command = Command::new(rackblock_bin());
+    command
+        .current_dir(dir)
+        .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+        .args(["--wait-seconds", "120"])
+        .env("RUST_LOG", "info")
+        .env_remove("RACKBLOCK_TOKEN")
+        .env_remove("RACKBLOCK_ZONAL")
+        .env_remove("RACKBLOCK_RACK")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    command
+}
+
 impl RunningUnit {
     /// Starts `rackblock up --volume-size VOLUME_SIZE` and waits (bounded)
     /// until it says the unit is up and vol0 answers NBD.
@@ -791,24 +810,12 @@ impl RunningUnit {
         let data_dir = dir.path().join("data");
         let ports = UpPorts::reserve();
         let log = dir.path().join("up.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let up = Command::new(rackblock_bin())
-            .current_dir(dir.path())
-            .args(["up", "--data-dir", data_dir.to_str().unwrap()])
+        let up = up_command(dir.path(), &data_dir, &log)
             .args(["--base-port", &ports.base.to_string()])
             .args(["--admin-base-port", &ports.admin_base.to_string()])
             .args(["--zonal-listen", &ports.zonal.to_string()])
             .args(["--nbd-listen", &ports.nbd.to_string()])
             .args(["--volume-size", volume_size])
-            .args(["--wait-seconds", "120"])
-            .env("RUST_LOG", "info")
-            .env_remove("RACKBLOCK_TOKEN")
-            .env_remove("RACKBLOCK_ZONAL")
-            .env_remove("RACKBLOCK_RACK")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
             .spawn()
             .unwrap();
         let mut unit = RunningUnit {
@@ -880,24 +887,11 @@ impl RunningUnit {
     pub fn attach(&self, volume: &str) -> (Daemon, String) {
         let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
         let log = self.dir.path().join(format!("attach-{volume}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = self
-            .cli_command()
-            .args(["attach", volume, "--listen", &listen.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let mut daemon = Daemon {
-            name: format!("attach {volume}"),
-            child,
-            log,
-        };
+        let mut command = self.cli_command();
+        command.args(["attach", volume, "--listen", &listen.to_string()]);
+        let mut daemon = Daemon::spawn_command(&format!("attach {volume}"), command, log);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !nbd_greets(listen) {
+        while !client::nbd::server_greets(listen) {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 panic!("attach {volume} exited ({status}):\n{}", daemon.log_text());
             }
@@ -994,33 +988,6 @@ impl Drop for RunningUnit {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Connects and reads the NBD fixed newstyle greeting, then aborts the
-/// handshake (`NBD_OPT_ABORT`). True when a server answered.
-pub fn nbd_greets(address: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(300)) else {
-        return false;
-    };
-    if stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .is_err()
-    {
-        return false;
-    }
-    let mut greeting = [0u8; 18];
-    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
-        return false;
-    }
-    let mut bye = Vec::with_capacity(20);
-    bye.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
-    bye.extend_from_slice(b"IHAVEOPT");
-    bye.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
-    bye.extend_from_slice(&0u32.to_be_bytes());
-    let _ = stream.write_all(&bye);
-    let mut reply = [0u8; 20];
-    let _ = stream.read(&mut reply);
-    true
 }
 
 /// Panics unless `program` is on `PATH`, naming the Debian package that

@@ -151,17 +151,23 @@ impl NetLab {
             namespaces: Vec::new(),
         };
         let switch = lab.switch_namespace();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &switch])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &switch]);
-        lab.namespaces.push(switch.clone());
+        lab.add_namespace(&switch);
         for s in Switch::ALL {
             ip(&["-n", &switch, "link", "add", s.bridge(), "type", "bridge"]);
             ip(&["-n", &switch, "link", "set", s.bridge(), "up"]);
         }
         lab
+    }
+
+    /// Makes namespace `ns` afresh (one of an earlier run of the same
+    /// name is deleted first); the lab deletes it when dropped.
+    fn add_namespace(&mut self, ns: &str) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", ns]);
+        self.namespaces.push(ns.to_owned());
     }
 
     /// Where the bridges live.
@@ -177,12 +183,7 @@ impl NetLab {
         assert!(host.len() <= 11, "host name {host:?} too long for a veth");
         let ns = format!("{}-{host}", self.name);
         let switch = self.switch_namespace();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
+        self.add_namespace(&ns);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&["-n", &ns, "addr", "del", "127.0.0.1/8", "dev", "lo"]);
         ip(&["-n", &ns, "addr", "add", "127.0.0.1/32", "dev", "lo"]);
@@ -227,12 +228,7 @@ impl NetLab {
     /// with any other test's. Returns the namespace's name.
     pub fn add_isolated(&mut self, host: &str) -> String {
         let ns = format!("{}-{host}", self.name);
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
+        self.add_namespace(&ns);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ns
     }

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use hardware::config::ConfigError as FileError;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -60,48 +61,37 @@ pub struct UnitConfig {
     pub rack_file: PathBuf,
 }
 
+/// Why the zonal config cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {} does not parse: {source}", path.display())]
-    Parse {
-        path: PathBuf,
-        source: toml::de::Error,
-    },
+    /// The config file cannot be read or parsed, or a field is invalid: the
+    /// errors every daemon's config has.
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("cannot read admin_token_file {}: {source}", path.display())]
     TokenFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config field {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::File(FileError::Invalid {
+        field,
+        reason: reason.into(),
+    })
 }
 
 impl ZonalConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let config = Self::from_toml_str(&text).map_err(|error| match error {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                source,
-            },
-            other => other,
-        })?;
-        Ok(config)
+        hardware::config::load_toml(path, Self::validate)
     }
 
     /// Parses and validates config text (the token file, if any, is read
     /// by [`ZonalConfig::admin_token`]).
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: Self = toml::from_str(text).map_err(|source| FileError::Parse {
             path: PathBuf::from("<inline>"),
             source,
         })?;
@@ -110,10 +100,6 @@ impl ZonalConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| ConfigError::Invalid {
-            field,
-            reason: reason.to_owned(),
-        };
         match (&self.admin_token, &self.admin_token_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -139,10 +125,10 @@ impl ZonalConfig {
                 return Err(invalid("units.name", "must be 1..=256 bytes, not blank"));
             }
             if !names.insert(unit.name.as_str()) {
-                return Err(ConfigError::Invalid {
-                    field: "units.name",
-                    reason: format!("unit {:?} is listed twice", unit.name),
-                });
+                return Err(invalid(
+                    "units.name",
+                    format!("unit {:?} is listed twice", unit.name),
+                ));
             }
         }
         Ok(())
@@ -163,26 +149,26 @@ impl ZonalConfig {
                 check_token(&token)?;
                 Ok(token)
             }
-            (None, None) => Err(ConfigError::Invalid {
-                field: "admin_token",
-                reason: "one of admin_token and admin_token_file is required".into(),
-            }),
+            (None, None) => Err(invalid(
+                "admin_token",
+                "one of admin_token and admin_token_file is required",
+            )),
         }
     }
 }
 
 fn check_token(token: &str) -> Result<(), ConfigError> {
     if token.len() < MIN_ADMIN_TOKEN_BYTES {
-        return Err(ConfigError::Invalid {
-            field: "admin_token",
-            reason: format!("must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"),
-        });
+        return Err(invalid(
+            "admin_token",
+            format!("must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"),
+        ));
     }
     if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ConfigError::Invalid {
-            field: "admin_token",
-            reason: "must not contain whitespace or control characters".into(),
-        });
+        return Err(invalid(
+            "admin_token",
+            "must not contain whitespace or control characters",
+        ));
     }
     Ok(())
 }
@@ -205,30 +191,39 @@ mod tests {
         let unknown = ZonalConfig::from_toml_str(&format!(
             "{BASE}admin_token = \"0123456789abcdef\"\nbogus = 1\n"
         ));
-        assert!(matches!(unknown, Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            unknown,
+            Err(ConfigError::File(FileError::Parse { .. }))
+        ));
         let unknown_in_unit = ZonalConfig::from_toml_str(&format!(
             "{BASE}admin_token = \"0123456789abcdef\"\n[[units]]\nname = \"u\"\nrack_file = \"/r\"\nextra = 2\n"
         ));
-        assert!(matches!(unknown_in_unit, Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            unknown_in_unit,
+            Err(ConfigError::File(FileError::Parse { .. }))
+        ));
         let missing = ZonalConfig::from_toml_str(BASE);
         assert!(matches!(
             missing,
-            Err(ConfigError::Invalid {
+            Err(ConfigError::File(FileError::Invalid {
                 field: "admin_token",
                 ..
-            })
+            }))
         ));
         let short = ZonalConfig::from_toml_str(&format!("{BASE}admin_token = \"short\"\n"));
-        assert!(matches!(short, Err(ConfigError::Invalid { .. })));
+        assert!(matches!(
+            short,
+            Err(ConfigError::File(FileError::Invalid { .. }))
+        ));
         let twice = ZonalConfig::from_toml_str(&format!(
             "{BASE}admin_token = \"0123456789abcdef\"\n[[units]]\nname = \"u\"\nrack_file = \"/r\"\n[[units]]\nname = \"u\"\nrack_file = \"/s\"\n"
         ));
         assert!(matches!(
             twice,
-            Err(ConfigError::Invalid {
+            Err(ConfigError::File(FileError::Invalid {
                 field: "units.name",
                 ..
-            })
+            }))
         ));
     }
 
@@ -258,24 +253,12 @@ mod tests {
     #[test]
     fn example_config_in_deploy_states_only_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/zonal.example.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
         // Serde fills in the defaults, so the parsed config is what the
         // daemon runs with.
         let resolve = |text: &str| ZonalConfig::from_toml_str(text).ok();
         let site = ["admin_token", "admin_token_file", "units"];
-        let differing = hardware::config::keys_not_at_default(&text, &site, resolve).unwrap();
-        assert!(
-            differing.is_empty(),
-            "{} states settings that are not the code's defaults: {differing:?}; \
-             fix the example (or comment the setting out), not the test",
-            path.display()
-        );
-        let drifted = text.replace("report_interval_ms = ", "report_interval_ms = 1");
-        assert_eq!(
-            hardware::config::keys_not_at_default(&drifted, &site, resolve)
-                .unwrap()
-                .len(),
-            1
-        );
+        let drift = ("report_interval_ms = ", "report_interval_ms = 1");
+        let drifted = hardware::config::assert_example_at_defaults(&path, &site, drift, resolve);
+        assert_eq!(drifted.len(), 1);
     }
 }

@@ -208,6 +208,11 @@ impl Handshake {
         if !self.no_zeroes {
             reply.extend_from_slice(&[0u8; 124]);
         }
+        self.transmission(reply, export, flags)
+    }
+
+    /// The last step: send `reply`, then serve `export` with `flags`.
+    fn transmission(&self, reply: Vec<u8>, export: ExportInfo, flags: u16) -> Step {
         Step::Transmission {
             reply,
             negotiated: Negotiated {
@@ -260,14 +265,7 @@ impl Handshake {
 
         put_option_reply(&mut reply, option, REP_ACK, &[]);
         if option == OPT_GO {
-            Step::Transmission {
-                reply,
-                negotiated: Negotiated {
-                    export,
-                    transmission_flags: flags,
-                    structured_replies: self.structured_replies,
-                },
-            }
+            self.transmission(reply, export, flags)
         } else {
             Step::Continue { reply }
         }

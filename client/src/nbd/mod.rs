@@ -97,3 +97,37 @@ pub use backend::{
 };
 pub use server::{ConnectionError, NbdConfig, NbdError, NbdServer, MINIMUM_BLOCK_BYTES};
 pub use wire::NbdErrno;
+
+/// Whether an NBD server answers at `address`: connects (300 ms), reads the
+/// fixed newstyle greeting (`NBDMAGIC IHAVEOPT`, 2 s), then ends the
+/// handshake politely (client flags, `NBD_OPT_ABORT`). A blocking probe for
+/// whoever waits for a server to come up (`rackblock up`, the end-to-end
+/// tests).
+pub fn server_greets(address: std::net::SocketAddr) -> bool {
+    use std::io::{Read as _, Write as _};
+    use std::time::Duration;
+
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300))
+    else {
+        return false;
+    };
+    if stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .is_err()
+    {
+        return false;
+    }
+    let mut greeting = [0u8; 18];
+    if stream.read_exact(&mut greeting).is_err() || &greeting[..16] != b"NBDMAGICIHAVEOPT" {
+        return false;
+    }
+    let mut bye = Vec::with_capacity(20);
+    bye.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    bye.extend_from_slice(b"IHAVEOPT");
+    bye.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+    bye.extend_from_slice(&0u32.to_be_bytes());
+    let _ = stream.write_all(&bye);
+    let mut reply = [0u8; 20];
+    let _ = stream.read(&mut reply);
+    true
+}

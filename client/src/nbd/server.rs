@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{join_all, Shared};
+use futures::future::{join_all, BoxFuture, Shared};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -570,7 +570,9 @@ where
         let handle = header.handle;
         let tx = reply_tx.clone();
         let backend = backend.clone();
-        match command {
+        // Writes, trims and zeroes: run below, counted as pending so that a
+        // later FLUSH waits for them.
+        let (offset_bytes, work, write_budget): (u64, BoxFuture<'static, _>, _) = match command {
             Command::Disconnect => break Ok(ReaderEnd::Disconnect),
             Command::Flush => {
                 // Writes received before this FLUSH; later ones are not
@@ -581,6 +583,7 @@ where
                     let body = to_body(backend.flush().await);
                     send(&tx, handle, false, 0, body, slot, None).await;
                 });
+                continue;
             }
             Command::Read { offset_bytes, len } => {
                 let Ok(read_budget) = budget.clone().acquire_many_owned(len).await else {
@@ -606,6 +609,7 @@ where
                     )
                     .await;
                 });
+                continue;
             }
             Command::Write {
                 offset_bytes, fua, ..
@@ -613,21 +617,8 @@ where
                 let Some((data, write_budget)) = payload else {
                     break Err(ConnectionError::Protocol("write without payload"));
                 };
-                let guard = pending.register();
-                tasks.spawn(async move {
-                    let result = backend.write(offset_bytes, data, fua).await;
-                    drop(guard);
-                    send(
-                        &tx,
-                        handle,
-                        false,
-                        offset_bytes,
-                        to_body(result),
-                        slot,
-                        Some(write_budget),
-                    )
-                    .await;
-                });
+                let work = async move { backend.write(offset_bytes, data, fua).await };
+                (offset_bytes, Box::pin(work), Some(write_budget))
             }
             Command::Trim {
                 offset_bytes,
@@ -640,10 +631,9 @@ where
                 fua,
             } => {
                 let zeroes = matches!(command, Command::WriteZeroes { .. });
-                let guard = pending.register();
-                tasks.spawn(async move {
+                let work = async move {
                     let len = u64::from(len);
-                    let mut result = if zeroes {
+                    let result = if zeroes {
                         backend.write_zeroes(offset_bytes, len).await
                     } else {
                         backend.trim(offset_bytes, len).await
@@ -651,22 +641,20 @@ where
                     // The backend API has FUA on writes only; a flush gives
                     // the same guarantee here.
                     if fua && result.is_ok() {
-                        result = backend.flush().await;
+                        return backend.flush().await;
                     }
-                    drop(guard);
-                    send(
-                        &tx,
-                        handle,
-                        false,
-                        offset_bytes,
-                        to_body(result),
-                        slot,
-                        None,
-                    )
-                    .await;
-                });
+                    result
+                };
+                (offset_bytes, Box::pin(work), None)
             }
-        }
+        };
+        let guard = pending.register();
+        tasks.spawn(async move {
+            let result = work.await;
+            drop(guard);
+            let body = to_body(result);
+            send(&tx, handle, false, offset_bytes, body, slot, write_budget).await;
+        });
     };
 
     // Finish everything in flight (even on error: writes already started

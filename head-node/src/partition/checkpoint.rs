@@ -82,7 +82,7 @@ use super::layout::{
     self, SlotEntry, StripeKind, StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{bump, ExtentState, PartitionError, Shared};
-use crate::index::{Location, PartitionIndex};
+use crate::index::{Location, PartitionIndex, Reader};
 use crate::wal::{RecordKind, RecoveredRecord};
 
 const PAYLOAD_MAGIC: u64 = u64::from_le_bytes(*b"RBHNCKP1");
@@ -227,7 +227,7 @@ impl Checkpoint {
     /// Inverse of [`encode`](Self::encode); `bytes` may carry zero padding
     /// after the CRC.
     fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes, |reason| reason);
         if r.u64()? != PAYLOAD_MAGIC {
             return Err("bad magic".to_string());
         }
@@ -252,10 +252,7 @@ impl Checkpoint {
                 "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
             ));
         }
-        let mut r = Reader {
-            bytes: &bytes[..body_len],
-            at: r.at,
-        };
+        r.end_at(body_len);
         let partition = PartitionId {
             volume: r.u64()?,
             index: r.u32()?,
@@ -294,8 +291,8 @@ impl Checkpoint {
         }
         let index_len = usize::try_from(r.u64()?).map_err(|_| "index length".to_string())?;
         let index_bytes = r.take(index_len)?;
-        if r.at != body_len {
-            return Err(format!("{} trailing bytes", body_len - r.at));
+        if r.at() != body_len {
+            return Err(format!("{} trailing bytes", body_len - r.at()));
         }
         let index = PartitionIndex::deserialize(index_bytes).map_err(|e| e.to_string())?;
         if index.partition() != partition {
@@ -310,41 +307,6 @@ impl Checkpoint {
             extents,
             index,
         })
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|end| *end <= self.bytes.len())
-            .ok_or_else(|| format!("truncated at byte {}", self.at))?;
-        let slice = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(slice)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.array::<1>()?[0])
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        self.array().map(u16::from_le_bytes)
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        self.array().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        self.array().map(u64::from_le_bytes)
     }
 }
 

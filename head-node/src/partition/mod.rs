@@ -390,6 +390,17 @@ struct PendingTrim {
     position: LogPosition,
 }
 
+impl PendingTrim {
+    /// Trim `record`, logged at `position`.
+    fn of(record: &LogRecord, position: LogPosition) -> Self {
+        Self {
+            lba: record.lba,
+            block_count: u64::from(record.block_count),
+            position,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct State {
     role: Role,
@@ -1588,24 +1599,10 @@ async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), Partit
             let mut outcome = Ok(());
             for (record, position) in records.iter().zip(&positions) {
                 let applied = match record.kind {
-                    RecordKind::Write => state.index.apply_write(
-                        record.lba,
-                        u64::from(record.block_count),
-                        record.sequence,
-                        Location::Log {
-                            position: *position,
-                            block_in_record: 0,
-                        },
-                    ),
+                    RecordKind::Write => index_logged_write(&mut state.index, record, *position),
                     _ => {
-                        state.pending_trims.insert(
-                            record.sequence,
-                            PendingTrim {
-                                lba: record.lba,
-                                block_count: u64::from(record.block_count),
-                                position: *position,
-                            },
-                        );
+                        let trim = PendingTrim::of(record, *position);
+                        state.pending_trims.insert(record.sequence, trim);
                         state.index.apply_unmap(
                             record.lba,
                             u64::from(record.block_count),
@@ -1755,6 +1752,43 @@ fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<Re
     live
 }
 
+/// Points the index at the blocks of write `record`, logged at `position`.
+pub(super) fn index_logged_write(
+    index: &mut PartitionIndex,
+    record: &LogRecord,
+    position: LogPosition,
+) -> Result<(), crate::index::IndexError> {
+    index.apply_write(
+        record.lba,
+        u64::from(record.block_count),
+        record.sequence,
+        Location::Log {
+            position,
+            block_in_record: 0,
+        },
+    )
+}
+
+/// Points a secondary's index at the sled copy that a flush commit names
+/// for `m`; `None` if `m` starts below this partition's `first_block`.
+fn map_flushed(
+    index: &mut PartitionIndex,
+    first_block: u64,
+    m: &proto::volume::FlushedRange,
+) -> Option<Result<u64, crate::index::IndexError>> {
+    let lba = m.lba.checked_sub(first_block)?;
+    Some(index.apply_flush(
+        lba,
+        u64::from(m.blocks),
+        m.sequence,
+        Location::Sled {
+            extent: m.extent,
+            column: m.column,
+            offset_bytes: m.offset_bytes,
+        },
+    ))
+}
+
 /// Applies the partition's records of the recovered log.
 fn replay_log(
     shared: &Arc<Shared>,
@@ -1776,18 +1810,7 @@ fn replay_log(
         highest_epoch = highest_epoch.max(record.epoch);
         match record.kind {
             RecordKind::Write => {
-                state
-                    .index
-                    .apply_write(
-                        record.lba,
-                        u64::from(record.block_count),
-                        record.sequence,
-                        Location::Log {
-                            position: *position,
-                            block_in_record: 0,
-                        },
-                    )
-                    .map_err(index_error)?;
+                index_logged_write(&mut state.index, record, *position).map_err(index_error)?;
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);
                 seen.insert(record.sequence, ());
@@ -1797,14 +1820,8 @@ fn replay_log(
                     .index
                     .apply_unmap(record.lba, u64::from(record.block_count), record.sequence)
                     .map_err(index_error)?;
-                state.pending_trims.insert(
-                    record.sequence,
-                    PendingTrim {
-                        lba: record.lba,
-                        block_count: u64::from(record.block_count),
-                        position: *position,
-                    },
-                );
+                let trim = PendingTrim::of(record, *position);
+                state.pending_trims.insert(record.sequence, trim);
                 state.retained.insert(record.sequence, *position);
                 highest_sequence = highest_sequence.max(record.sequence);
             }
@@ -1825,22 +1842,10 @@ fn replay_log(
                 // (GC may have moved blocks since); only a secondary maps.
                 if role == OpenRole::Secondary {
                     for m in mappings {
-                        let Some(lba) = m.lba.checked_sub(shared.config.first_block) else {
-                            continue;
-                        };
-                        state
-                            .index
-                            .apply_flush(
-                                lba,
-                                u64::from(m.blocks),
-                                m.sequence,
-                                Location::Sled {
-                                    extent: m.extent,
-                                    column: m.column,
-                                    offset_bytes: m.offset_bytes,
-                                },
-                            )
-                            .map_err(index_error)?;
+                        let first_block = shared.config.first_block;
+                        if let Some(mapped) = map_flushed(&mut state.index, first_block, &m) {
+                            mapped.map_err(index_error)?;
+                        }
                     }
                 }
             }

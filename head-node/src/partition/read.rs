@@ -195,8 +195,28 @@ async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes,
             column,
             stripe,
             block,
-        } => read_sled(shared, extent, column, stripe, block, n).await,
+        } => {
+            let run = SledRun {
+                extent,
+                column,
+                stripe,
+                block,
+                n,
+            };
+            read_sled(shared, run).await
+        }
     }
+}
+
+/// `n` blocks from block `block` of chunk `column` of stripe `stripe` of
+/// `extent`, as read from the sleds.
+#[derive(Clone, Copy)]
+struct SledRun {
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
 }
 
 /// What we know of an extent to read it.
@@ -210,18 +230,11 @@ struct ExtentView {
     expected: Vec<u32>,
 }
 
-fn view(
-    shared: &Shared,
-    extent: u64,
-    column: u16,
-    stripe: u64,
-    block: u64,
-    n: u64,
-) -> Option<ExtentView> {
+fn view(shared: &Shared, run: SledRun) -> Option<ExtentView> {
     let state = shared.lock();
-    let e = state.extents.get(&extent)?;
-    let expected = (block..block + n)
-        .map(|b| e.expected_crc(column, stripe, b))
+    let e = state.extents.get(&run.extent)?;
+    let expected = (run.block..run.block + run.n)
+        .map(|b| e.expected_crc(run.column, run.stripe, b))
         .collect::<Option<Vec<u32>>>()?;
     Some(ExtentView {
         k: usize::from(e.grant.k),
@@ -232,19 +245,12 @@ fn view(
     })
 }
 
-async fn read_sled(
-    shared: &Arc<Shared>,
-    extent: u64,
-    column: u16,
-    stripe: u64,
-    block: u64,
-    n: u64,
-) -> Result<Bytes, FetchError> {
-    match read_sled_once(shared, extent, column, stripe, block, n).await {
+async fn read_sled(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, FetchError> {
+    match read_sled_once(shared, run).await {
         // GC moved every live block out of the extent and freed (or is
         // freeing) it while we read it: the index has moved on, look up
         // again.
-        Err(FetchError::Failed(_)) if extent_vacated(shared, extent) => Err(FetchError::Moved),
+        Err(FetchError::Failed(_)) if extent_vacated(shared, run.extent) => Err(FetchError::Moved),
         other => other,
     }
 }
@@ -259,16 +265,16 @@ fn extent_vacated(shared: &Shared, extent: u64) -> bool {
             .is_none_or(|live| *live == 0)
 }
 
-async fn read_sled_once(
-    shared: &Arc<Shared>,
-    extent: u64,
-    column: u16,
-    stripe: u64,
-    block: u64,
-    n: u64,
-) -> Result<Bytes, FetchError> {
+async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, FetchError> {
+    let SledRun {
+        column,
+        stripe,
+        block,
+        n,
+        ..
+    } = run;
     // Freed by GC after our lookup: the index has moved on.
-    let Some(view) = view(shared, extent, column, stripe, block, n) else {
+    let Some(view) = view(shared, run) else {
         return Err(FetchError::Moved);
     };
     let Some((sled, column_id)) = view.columns.get(usize::from(column)).cloned() else {
@@ -276,7 +282,7 @@ async fn read_sled_once(
     };
     if view.owed.contains(&column) {
         // Never written (degraded extent): decode it, nothing to report.
-        return degraded_read(shared, extent, column, stripe, block, n, view)
+        return degraded_read(shared, run, view)
             .await
             .map_err(FetchError::Failed);
     }
@@ -297,28 +303,20 @@ async fn read_sled_once(
         Either::Left((result, _)) => match joined(result) {
             Ok(data) => return Ok(data),
             Err(reason) => {
-                report(shared, extent, column, &sled, stripe, reason);
+                report(shared, run, &sled, reason);
                 None
             }
         },
         Either::Right(((), _)) => Some(direct),
     };
-    let degraded = Box::pin(degraded_read(
-        shared,
-        extent,
-        column,
-        stripe,
-        block,
-        n,
-        view.clone(),
-    ));
+    let degraded = Box::pin(degraded_read(shared, run, view.clone()));
     match slow {
         None => degraded.await.map_err(FetchError::Failed),
         Some(direct) => match future::select(direct, degraded).await {
             Either::Left((result, degraded)) => match joined(result) {
                 Ok(data) => Ok(data),
                 Err(reason) => {
-                    report(shared, extent, column, &sled, stripe, reason);
+                    report(shared, run, &sled, reason);
                     degraded.await.map_err(FetchError::Failed)
                 }
             },
@@ -328,7 +326,7 @@ async fn read_sled_once(
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     if let Err(reason) = joined(direct.await) {
-                        report(&shared, extent, column, &sled, stripe, reason);
+                        report(&shared, run, &sled, reason);
                     }
                 });
                 Ok(data)
@@ -336,7 +334,7 @@ async fn read_sled_once(
             Either::Right((Err(error), direct)) => match joined(direct.await) {
                 Ok(data) => Ok(data),
                 Err(reason) => {
-                    report(shared, extent, column, &sled, stripe, reason);
+                    report(shared, run, &sled, reason);
                     Err(FetchError::Failed(error))
                 }
             },
@@ -344,12 +342,12 @@ async fn read_sled_once(
     }
 }
 
-fn report(shared: &Shared, extent: u64, column: u16, sled: &str, stripe: u64, reason: String) {
+fn report(shared: &Shared, run: SledRun, sled: &str, reason: String) {
     shared.report_repair(RepairItem {
-        extent,
-        column,
+        extent: run.extent,
+        column: run.column,
         sled: sled.to_string(),
-        stripe,
+        stripe: run.stripe,
         reason,
     });
 }
@@ -411,13 +409,16 @@ async fn read_column(
 /// checks the decoded blocks against the summary CRCs.
 async fn degraded_read(
     shared: &Arc<Shared>,
-    extent: u64,
-    column: u16,
-    stripe: u64,
-    block: u64,
-    n: u64,
+    run: SledRun,
     view: ExtentView,
 ) -> Result<Bytes, PartitionError> {
+    let SledRun {
+        extent,
+        column,
+        stripe,
+        block,
+        n,
+    } = run;
     bump(&shared.metrics.degraded_reads);
     let row = stripe * ROW_BYTES;
     let chunk_blocks = CHUNK_BYTES / BLOCK_SIZE_BYTES;
@@ -447,14 +448,15 @@ async fn degraded_read(
     });
     let mut shards: Vec<Option<Vec<u8>>> = future::join_all(reads).await;
     let available = shards.iter().filter(|s| s.is_some()).count();
+    let unrecoverable = || PartitionError::Unrecoverable {
+        partition: shared.id(),
+        extent,
+        stripe,
+        available,
+        needed: view.k,
+    };
     if available < view.k {
-        return Err(PartitionError::Unrecoverable {
-            partition: shared.id(),
-            extent,
-            stripe,
-            available,
-            needed: view.k,
-        });
+        return Err(unrecoverable());
     }
     view.codec
         .reconstruct_data(&mut shards)
@@ -464,13 +466,7 @@ async fn degraded_read(
             source,
         })?;
     let Some(Some(chunk)) = shards.get(usize::from(column)) else {
-        return Err(PartitionError::Unrecoverable {
-            partition: shared.id(),
-            extent,
-            stripe,
-            available,
-            needed: view.k,
-        });
+        return Err(unrecoverable());
     };
     let from = (block * BLOCK_SIZE_BYTES) as usize;
     let data = &chunk[from..from + (n * BLOCK_SIZE_BYTES) as usize];

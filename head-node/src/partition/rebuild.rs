@@ -196,7 +196,131 @@ impl Partition {
         C: FnOnce(u64) -> F,
         F: std::future::Future<Output = Result<(), String>>,
     {
-        rebuild(&self.shared, task, progress, confirm).await
+        let shared = &self.shared;
+        let extent = task.grant.extent;
+        let bad = |reason: String| RebuildError::BadTask { extent, reason };
+        let (k, m) = (usize::from(task.grant.k), usize::from(task.grant.m));
+        if task.grant.columns.len() != k + m || usize::from(task.column) >= k + m {
+            return Err(bad(format!(
+                "column {} of a {k}+{m} extent with {} columns",
+                task.column,
+                task.grant.columns.len()
+            )));
+        }
+        if task
+            .grant
+            .present()
+            .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
+        {
+            return Err(bad(format!(
+                "replacement on sled {} which holds another column (invariant 3)",
+                task.new.0
+            )));
+        }
+        let codec = Arc::new(ErasureCodec::new(k, m).map_err(|e| bad(e.to_string()))?);
+        let epoch = primary_epoch(shared)?;
+
+        // Seal, and learn how many rows the column holds.
+        let known_rows = {
+            let _serial = shared.flush_lock.lock().await;
+            seal(shared, extent)
+        };
+        let mut rows = match known_rows {
+            Some(rows) => rows,
+            None => surviving_rows(shared, &task, k).await?,
+        };
+
+        // Claim the replacement; its length is where a previous attempt stopped.
+        let (new_sled, new_column) = task.new.clone();
+        let claimed = sled_call(
+            shared,
+            &new_sled,
+            SledRequest::Claim {
+                column: new_column,
+                partition: shared.id(),
+                epoch,
+            },
+        )
+        .await;
+        let next_row = match claimed {
+            Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
+                length_bytes / ROW_BYTES
+            }
+            Ok(SledResponse::Claimed { length_bytes, .. }) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: format!("holds {length_bytes} bytes, not whole rows"),
+                })
+            }
+            Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
+                return Err(RebuildError::Fenced {
+                    partition: shared.id(),
+                    current: current_epoch,
+                })
+            }
+            Ok(other) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: format!("claim answered {other:?}"),
+                })
+            }
+            Err(error) => {
+                return Err(RebuildError::NewColumn {
+                    sled: new_sled,
+                    reason: error.to_string(),
+                })
+            }
+        };
+
+        let report = |next_row: u64, rows: u64| {
+            let p = RebuildProgress {
+                bytes_done: next_row.min(rows) * ROW_BYTES,
+                bytes_total: rows * ROW_BYTES,
+            };
+            progress.send_replace(p);
+            p
+        };
+        report(next_row, rows);
+        let mut copy = RowCopy {
+            shared,
+            task: &task,
+            codec: &codec,
+            epoch,
+            next_row,
+            bucket: TokenBucket::new(task.rate_bytes_per_second),
+            report: &report,
+        };
+        copy.up_to(rows).await?;
+
+        // Confirm under the flush lock: no stripe can be appended to the old
+        // column between the last copied row and the switch.
+        let serial = shared.flush_lock.lock().await;
+        for _ in 0..CATCH_UP_PASSES {
+            match seal(shared, extent) {
+                Some(written) if written > rows => rows = written,
+                _ => break,
+            }
+            copy.up_to(rows).await?;
+        }
+        if primary_epoch(shared)? != epoch {
+            return Err(RebuildError::NotPrimary {
+                partition: shared.id(),
+            });
+        }
+        confirm(epoch)
+            .await
+            .map_err(|reason| RebuildError::Confirm { reason })?;
+        {
+            let mut state = shared.lock();
+            if let Some(e) = state.extents.get_mut(&extent) {
+                if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
+                    *slot = task.new.clone();
+                    e.grant.owed.remove(&task.column);
+                }
+            }
+        }
+        drop(serial);
+        Ok(report(copy.next_row, rows))
     }
 }
 
@@ -219,154 +343,6 @@ fn seal(shared: &Shared, extent: u64) -> Option<u64> {
     let e = state.extents.get_mut(&extent)?;
     e.sealed = true;
     Some(e.rows_written)
-}
-
-async fn rebuild<C, F>(
-    shared: &Arc<Shared>,
-    task: RebuildTask,
-    progress: &watch::Sender<RebuildProgress>,
-    confirm: C,
-) -> Result<RebuildProgress, RebuildError>
-where
-    C: FnOnce(u64) -> F,
-    F: std::future::Future<Output = Result<(), String>>,
-{
-    let extent = task.grant.extent;
-    let bad = |reason: String| RebuildError::BadTask { extent, reason };
-    let (k, m) = (usize::from(task.grant.k), usize::from(task.grant.m));
-    if task.grant.columns.len() != k + m || usize::from(task.column) >= k + m {
-        return Err(bad(format!(
-            "column {} of a {k}+{m} extent with {} columns",
-            task.column,
-            task.grant.columns.len()
-        )));
-    }
-    if task
-        .grant
-        .present()
-        .any(|(i, (sled, _))| i != usize::from(task.column) && *sled == task.new.0)
-    {
-        return Err(bad(format!(
-            "replacement on sled {} which holds another column (invariant 3)",
-            task.new.0
-        )));
-    }
-    let codec = Arc::new(ErasureCodec::new(k, m).map_err(|e| bad(e.to_string()))?);
-    let epoch = primary_epoch(shared)?;
-
-    // Seal, and learn how many rows the column holds.
-    let known_rows = {
-        let _serial = shared.flush_lock.lock().await;
-        seal(shared, extent)
-    };
-    let mut rows = match known_rows {
-        Some(rows) => rows,
-        None => surviving_rows(shared, &task, k).await?,
-    };
-
-    // Claim the replacement; its length is where a previous attempt stopped.
-    let (new_sled, new_column) = task.new.clone();
-    let claimed = sled_call(
-        shared,
-        &new_sled,
-        SledRequest::Claim {
-            column: new_column,
-            partition: shared.id(),
-            epoch,
-        },
-    )
-    .await;
-    let mut next_row = match claimed {
-        Ok(SledResponse::Claimed { length_bytes, .. }) if length_bytes % ROW_BYTES == 0 => {
-            length_bytes / ROW_BYTES
-        }
-        Ok(SledResponse::Claimed { length_bytes, .. }) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: format!("holds {length_bytes} bytes, not whole rows"),
-            })
-        }
-        Ok(SledResponse::Error(SledError::Fenced { current_epoch })) => {
-            return Err(RebuildError::Fenced {
-                partition: shared.id(),
-                current: current_epoch,
-            })
-        }
-        Ok(other) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: format!("claim answered {other:?}"),
-            })
-        }
-        Err(error) => {
-            return Err(RebuildError::NewColumn {
-                sled: new_sled,
-                reason: error.to_string(),
-            })
-        }
-    };
-
-    let mut bucket = TokenBucket::new(task.rate_bytes_per_second);
-    let report = |next_row: u64, rows: u64| {
-        let p = RebuildProgress {
-            bytes_done: next_row.min(rows) * ROW_BYTES,
-            bytes_total: rows * ROW_BYTES,
-        };
-        progress.send_replace(p);
-        p
-    };
-    report(next_row, rows);
-    copy_rows(
-        shared,
-        &task,
-        &codec,
-        epoch,
-        &mut next_row,
-        rows,
-        &mut bucket,
-        &report,
-    )
-    .await?;
-
-    // Confirm under the flush lock: no stripe can be appended to the old
-    // column between the last copied row and the switch.
-    let serial = shared.flush_lock.lock().await;
-    for _ in 0..CATCH_UP_PASSES {
-        match seal(shared, extent) {
-            Some(written) if written > rows => rows = written,
-            _ => break,
-        }
-        copy_rows(
-            shared,
-            &task,
-            &codec,
-            epoch,
-            &mut next_row,
-            rows,
-            &mut bucket,
-            &report,
-        )
-        .await?;
-    }
-    if primary_epoch(shared)? != epoch {
-        return Err(RebuildError::NotPrimary {
-            partition: shared.id(),
-        });
-    }
-    confirm(epoch)
-        .await
-        .map_err(|reason| RebuildError::Confirm { reason })?;
-    {
-        let mut state = shared.lock();
-        if let Some(e) = state.extents.get_mut(&extent) {
-            if let Some(slot) = e.grant.columns.get_mut(usize::from(task.column)) {
-                *slot = task.new.clone();
-                e.grant.owed.remove(&task.column);
-            }
-        }
-    }
-    drop(serial);
-    Ok(report(next_row, rows))
 }
 
 /// Rows of an extent the partition never opened: the k-th longest of the
@@ -403,48 +379,56 @@ async fn surviving_rows(
     Ok(lengths[k - 1] / ROW_BYTES)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn copy_rows<R>(
-    shared: &Shared,
-    task: &RebuildTask,
-    codec: &Arc<ErasureCodec>,
+/// Copies rebuilt rows to the new column, from `next_row` on, at most at
+/// the task's rate, reporting progress after every batch.
+struct RowCopy<'a, R> {
+    shared: &'a Shared,
+    task: &'a RebuildTask,
+    codec: &'a Arc<ErasureCodec>,
     epoch: u64,
-    next_row: &mut u64,
-    rows: u64,
-    bucket: &mut TokenBucket,
-    report: &R,
-) -> Result<(), RebuildError>
+    /// The first row not yet on the new column.
+    next_row: u64,
+    bucket: TokenBucket,
+    report: &'a R,
+}
+
+impl<R> RowCopy<'_, R>
 where
     R: Fn(u64, u64) -> RebuildProgress,
 {
-    // Bounded: every iteration appends at least one row or returns.
-    while *next_row < rows {
-        let count = BATCH_ROWS.min(rows - *next_row);
-        let mut last_error = None;
-        let mut data = None;
-        for _ in 0..BATCH_ATTEMPTS {
-            match rebuild_rows(shared, task, codec, *next_row, count).await {
-                Ok(rebuilt) => {
-                    data = Some(rebuilt);
-                    break;
+    /// Copies rows `next_row..rows`.
+    async fn up_to(&mut self, rows: u64) -> Result<(), RebuildError> {
+        let (shared, task, codec) = (self.shared, self.task, self.codec);
+        // Bounded: every iteration appends at least one row or returns.
+        while self.next_row < rows {
+            let count = BATCH_ROWS.min(rows - self.next_row);
+            let mut last_error = None;
+            let mut data = None;
+            for _ in 0..BATCH_ATTEMPTS {
+                match rebuild_rows(shared, task, codec, self.next_row, count).await {
+                    Ok(rebuilt) => {
+                        data = Some(rebuilt);
+                        break;
+                    }
+                    Err(error) => last_error = Some(error),
                 }
-                Err(error) => last_error = Some(error),
             }
+            let Some((data, block_crcs)) = data else {
+                return Err(last_error.unwrap_or(RebuildError::Unrecoverable {
+                    extent: task.grant.extent,
+                    row: self.next_row,
+                    available: 0,
+                    needed: codec.data_shards(),
+                }));
+            };
+            self.bucket.acquire(data.len() as u64).await;
+            let offset = self.next_row * ROW_BYTES;
+            append(shared, task, self.epoch, offset, data, block_crcs).await?;
+            self.next_row += count;
+            (self.report)(self.next_row, rows);
         }
-        let Some((data, block_crcs)) = data else {
-            return Err(last_error.unwrap_or(RebuildError::Unrecoverable {
-                extent: task.grant.extent,
-                row: *next_row,
-                available: 0,
-                needed: codec.data_shards(),
-            }));
-        };
-        bucket.acquire(data.len() as u64).await;
-        append(shared, task, epoch, *next_row * ROW_BYTES, data, block_crcs).await?;
-        *next_row += count;
-        report(*next_row, rows);
+        Ok(())
     }
-    Ok(())
 }
 
 async fn append(

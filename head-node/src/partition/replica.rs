@@ -18,7 +18,6 @@ use futures::StreamExt as _;
 use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
 
 use super::{bump, flush, PeerError, PendingTrim, Role, Shared, LOG_READS_IN_FLIGHT};
-use crate::index::Location;
 use crate::wal::{LogRecord, RecordKind, WalError};
 
 /// Most records per `Append`.
@@ -577,24 +576,10 @@ async fn append(
         state.retained.insert(record.sequence, position);
         let count = u64::from(record.block_count);
         let applied = if record.kind == RecordKind::Write {
-            state.index.apply_write(
-                record.lba,
-                count,
-                record.sequence,
-                Location::Log {
-                    position,
-                    block_in_record: 0,
-                },
-            )
+            super::index_logged_write(&mut state.index, record, position)
         } else {
-            state.pending_trims.insert(
-                record.sequence,
-                PendingTrim {
-                    lba: record.lba,
-                    block_count: count,
-                    position,
-                },
-            );
+            let trim = PendingTrim::of(record, position);
+            state.pending_trims.insert(record.sequence, trim);
             state.index.apply_unmap(record.lba, count, record.sequence)
         };
         if let Err(error) = applied {
@@ -621,21 +606,9 @@ async fn apply_commit(
     {
         let mut state = shared.lock();
         for m in &mappings {
-            let Some(lba) = m.lba.checked_sub(shared.config.first_block) else {
-                continue;
-            };
             // Advisory on a secondary (GC moves are not replicated): it only
             // tells which log records the sleds now hold.
-            let _ = state.index.apply_flush(
-                lba,
-                u64::from(m.blocks),
-                m.sequence,
-                Location::Sled {
-                    extent: m.extent,
-                    column: m.column,
-                    offset_bytes: m.offset_bytes,
-                },
-            );
+            let _ = super::map_flushed(&mut state.index, shared.config.first_block, m);
         }
         state
             .pending_trims

@@ -256,6 +256,21 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
+    /// The header `record` is written with at `stamp`.
+    pub fn of(record: &LogRecord, stamp: RecordStamp) -> Self {
+        Self {
+            stamp,
+            kind: record.kind,
+            partition: record.partition,
+            epoch: record.epoch,
+            sequence: record.sequence,
+            lba: record.lba,
+            block_count: record.block_count,
+            payload_len_bytes: record.payload.len() as u64,
+            block_crcs: block_crcs(&record.payload),
+        }
+    }
+
     /// Ring bytes of the whole record.
     pub fn encoded_len(&self) -> u64 {
         if self.kind == RecordKind::Padding {
@@ -404,19 +419,8 @@ pub fn block_crcs(payload: &[u8]) -> Vec<u32> {
 /// exactly [`LogRecord::encoded_len`] bytes and zeroed.
 pub fn encode_record(record: &LogRecord, stamp: RecordStamp, out: &mut [u8]) {
     debug_assert_eq!(out.len() as u64, record.encoded_len());
-    let crcs = block_crcs(&record.payload);
     encode_header(
-        &RecordHeader {
-            stamp,
-            kind: record.kind,
-            partition: record.partition,
-            epoch: record.epoch,
-            sequence: record.sequence,
-            lba: record.lba,
-            block_count: record.block_count,
-            payload_len_bytes: record.payload.len() as u64,
-            block_crcs: crcs,
-        },
+        &RecordHeader::of(record, stamp),
         &mut out[..BLOCK_SIZE_BYTES as usize],
     );
     out[BLOCK_SIZE_BYTES as usize..BLOCK_SIZE_BYTES as usize + record.payload.len()]

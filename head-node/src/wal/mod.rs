@@ -569,7 +569,7 @@ impl Wal {
             let Item::Record(record) = pending.item else {
                 return Err(not_found());
             };
-            let header = header_of(&record, self.stamp(position));
+            let header = RecordHeader::of(&record, self.stamp(position));
             let payload = match range {
                 None => record.payload.clone(),
                 Some((first, count)) => {
@@ -782,20 +782,6 @@ fn block_range(header: &RecordHeader, first: u32, count: u32) -> Option<(usize, 
         first as usize * BLOCK_SIZE_BYTES as usize,
         end * BLOCK_SIZE_BYTES as usize,
     ))
-}
-
-fn header_of(record: &LogRecord, stamp: RecordStamp) -> RecordHeader {
-    RecordHeader {
-        stamp,
-        kind: record.kind,
-        partition: record.partition,
-        epoch: record.epoch,
-        sequence: record.sequence,
-        lba: record.lba,
-        block_count: record.block_count,
-        payload_len_bytes: record.payload.len() as u64,
-        block_crcs: format::block_crcs(&record.payload),
-    }
 }
 
 fn record_from(header: &RecordHeader, payload: Bytes) -> LogRecord {

@@ -299,24 +299,15 @@ impl UnitState {
                 duration_ms,
             } => self.grant_lease(partition, holder, epoch, now_ms, duration_ms),
             Command::SetNodeHealth { node, health } => {
-                let entry = self
-                    .nodes
-                    .get_mut(&node)
-                    .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })?;
-                entry.health = health;
+                self.node_mut(&node)?.health = health;
                 Ok(Outcome::Done)
             }
             Command::SetSledHealth { sled, health } => {
-                let entry = self
-                    .sleds
-                    .get_mut(&sled)
-                    .ok_or_else(|| CommandError::UnknownSled { sled: sled.clone() })?;
-                entry.health = health;
+                self.sled_mut(&sled)?.health = health;
                 Ok(Outcome::Done)
             }
             Command::SetDeviceHealth { device, health } => {
-                let entry = self.device_mut(&device)?;
-                entry.health = health;
+                self.device_mut(&device)?.health = health;
                 Ok(Outcome::Done)
             }
             Command::ReplaceColumn {
@@ -388,20 +379,8 @@ impl UnitState {
                 up,
             } => {
                 let paths = match &endpoint {
-                    Endpoint::Node(node) => {
-                        &mut self
-                            .nodes
-                            .get_mut(node)
-                            .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })?
-                            .paths
-                    }
-                    Endpoint::Sled(sled) => {
-                        &mut self
-                            .sleds
-                            .get_mut(sled)
-                            .ok_or_else(|| CommandError::UnknownSled { sled: sled.clone() })?
-                            .paths
-                    }
+                    Endpoint::Node(node) => &mut self.node_mut(node)?.paths,
+                    Endpoint::Sled(sled) => &mut self.sled_mut(sled)?.paths,
                 };
                 match network {
                     Network::A => paths.network_a_up = up,
@@ -499,12 +478,7 @@ impl UnitState {
         at: DeviceRef,
         columns: Vec<u32>,
     ) -> Result<Outcome, CommandError> {
-        let sled = self
-            .sleds
-            .get(&at.sled)
-            .ok_or_else(|| CommandError::UnknownSled {
-                sled: at.sled.clone(),
-            })?;
+        let sled = self.sled(&at.sled)?;
         let device = sled
             .devices
             .get(&at.device)
@@ -551,12 +525,32 @@ impl UnitState {
         Ok(Outcome::Done)
     }
 
-    fn device_mut(&mut self, at: &DeviceRef) -> Result<&mut Device, CommandError> {
+    fn node(&self, node: &NodeId) -> Result<&HeadNode, CommandError> {
+        self.nodes
+            .get(node)
+            .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })
+    }
+
+    fn node_mut(&mut self, node: &NodeId) -> Result<&mut HeadNode, CommandError> {
+        self.nodes
+            .get_mut(node)
+            .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })
+    }
+
+    fn sled(&self, sled: &SledId) -> Result<&Sled, CommandError> {
         self.sleds
-            .get_mut(&at.sled)
-            .ok_or_else(|| CommandError::UnknownSled {
-                sled: at.sled.clone(),
-            })?
+            .get(sled)
+            .ok_or_else(|| CommandError::UnknownSled { sled: sled.clone() })
+    }
+
+    fn sled_mut(&mut self, sled: &SledId) -> Result<&mut Sled, CommandError> {
+        self.sleds
+            .get_mut(sled)
+            .ok_or_else(|| CommandError::UnknownSled { sled: sled.clone() })
+    }
+
+    fn device_mut(&mut self, at: &DeviceRef) -> Result<&mut Device, CommandError> {
+        self.sled_mut(&at.sled)?
             .devices
             .get_mut(&at.device)
             .ok_or_else(|| CommandError::UnknownDevice { device: at.clone() })
@@ -659,10 +653,7 @@ impl UnitState {
     }
 
     fn up_node(&self, node: &NodeId) -> Result<&HeadNode, CommandError> {
-        let entry = self
-            .nodes
-            .get(node)
-            .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })?;
+        let entry = self.node(node)?;
         if entry.health != Health::Up {
             return Err(CommandError::NodeNotUp {
                 node: node.clone(),
@@ -778,12 +769,7 @@ impl UnitState {
         }
         // A Draining primary keeps serving until it is moved; a Down or
         // Failed one must not block its own failover by renewing.
-        let node = self
-            .nodes
-            .get(&holder)
-            .ok_or_else(|| CommandError::UnknownNode {
-                node: holder.clone(),
-            })?;
+        let node = self.node(&holder)?;
         if !matches!(node.health, Health::Up | Health::Draining) {
             return Err(CommandError::NodeNotUp {
                 node: holder,

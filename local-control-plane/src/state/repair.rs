@@ -369,12 +369,7 @@ impl UnitState {
         if self.sleds_of_extent(extent).contains(&new.sled) {
             return Err(CommandError::ColumnsOnSameSled { sled: new.sled });
         }
-        let sled = self
-            .sleds
-            .get(&new.sled)
-            .ok_or_else(|| CommandError::UnknownSled {
-                sled: new.sled.clone(),
-            })?;
+        let sled = self.sled(&new.sled)?;
         let device = sled
             .devices
             .get(&new.device)

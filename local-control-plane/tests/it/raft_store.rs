@@ -11,6 +11,8 @@ use local_control_plane::raft::{
     SNAPSHOT_FILE,
 };
 use local_control_plane::{Command, CommandError, NodeId, Outcome, UnitState};
+
+use crate::node_info;
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{CommittedLeaderId, RaftLogReader, RaftSnapshotBuilder};
@@ -39,15 +41,6 @@ fn openraft_storage_suite() {
 
 fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(term, 1), index)
-}
-
-fn node_info(n: u64) -> HeadNodeInfo {
-    HeadNodeInfo {
-        id: format!("head-{n}"),
-        address_a: format!("10.0.0.{n}:7000").parse().unwrap(),
-        address_b: format!("10.1.0.{n}:7000").parse().unwrap(),
-        admin: format!("10.2.0.{n}:8080").parse().unwrap(),
-    }
 }
 
 fn membership_entry(term: u64, index: u64) -> Entry {

@@ -21,14 +21,7 @@ pub fn memory(size: u64) -> Arc<dyn BlockDevice> {
 }
 
 pub async fn open(device: &Arc<dyn BlockDevice>, index: u16) -> Store {
-    Store::open(
-        device.clone(),
-        &identity(index),
-        &StoreOptions::new(COLUMN),
-        Arc::new(Metrics::new()),
-    )
-    .await
-    .unwrap()
+    try_open(device, index).await.unwrap()
 }
 
 pub fn p(volume: u64, partition: u32) -> PartitionId {

@@ -411,7 +411,13 @@ async fn config_refuses_unknown_fields_and_the_daemon_refuses_a_broken_rack_file
     )
     .unwrap();
     let error = ZonalConfig::load(&path).unwrap_err();
-    assert!(matches!(error, ConfigError::Parse { .. }), "{error}");
+    assert!(
+        matches!(
+            error,
+            ConfigError::File(hardware::config::ConfigError::Parse { .. })
+        ),
+        "{error}"
+    );
     assert!(error.to_string().contains("listen_port"), "{error}");
 
     let rack = dir.path().join("broken.rack.toml");

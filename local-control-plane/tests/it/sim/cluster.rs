@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::net::{mix, SimNet, SimNetwork};
+use crate::node_info;
 
 pub type Id = u64;
 
@@ -123,15 +124,6 @@ async fn observe(
 
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn node_info(id: Id) -> HeadNodeInfo {
-    HeadNodeInfo {
-        id: format!("head-{id}"),
-        address_a: format!("10.0.0.{id}:7000").parse().unwrap(),
-        address_b: format!("10.1.0.{id}:7000").parse().unwrap(),
-        admin: format!("10.2.0.{id}:8080").parse().unwrap(),
-    }
 }
 
 struct Member {
