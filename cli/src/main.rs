@@ -66,7 +66,7 @@ enum Command {
         config: PathBuf,
     },
     /// Attach a volume to this host and serve it over NBD until stopped.
-    Attach(attach::AttachArgs),
+    Attach(Box<attach::AttachArgs>),
     /// Units of the zone: capacity, health, live status.
     Unit {
         #[command(subcommand)]

@@ -724,6 +724,7 @@ impl TestUnit {
 /// block+7..99    spare (extra attach agents)
 /// block+100      sleds' data port (127.0.1.11-16, 127.0.2.11-16)
 /// block+102..107 sleds' admin ports
+/// block+108      the attach agent's admin port (/metrics, /health)
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct UpPorts {
@@ -731,6 +732,8 @@ pub struct UpPorts {
     pub admin_base: u16,
     pub zonal: SocketAddr,
     pub nbd: SocketAddr,
+    /// The attach agent's admin address (block+108).
+    pub attach_admin: SocketAddr,
     /// Next spare port handed out by [`RunningUnit::spare_port`].
     spare: u16,
 }
@@ -746,6 +749,7 @@ impl UpPorts {
             admin_base: block + 1,
             zonal: SocketAddr::from(([127, 0, 0, 1], block + 5)),
             nbd: SocketAddr::from(([127, 0, 0, 1], block + 6)),
+            attach_admin: SocketAddr::from(([127, 0, 0, 1], block + 108)),
             spare: block + 7,
         }
     }
@@ -800,6 +804,7 @@ impl RunningUnit {
             .args(["--admin-base-port", &ports.admin_base.to_string()])
             .args(["--zonal-listen", &ports.zonal.to_string()])
             .args(["--nbd-listen", &ports.nbd.to_string()])
+            .args(["--attach-admin", &ports.attach_admin.to_string()])
             .args(["--volume-size", volume_size])
             .args(["--wait-seconds", "120"])
             .env("RUST_LOG", "info")
@@ -878,6 +883,11 @@ impl RunningUnit {
     /// (killed by pid on drop), waited (bounded) until it answers NBD.
     /// Returns the agent and its export's URI.
     pub fn attach(&self, volume: &str) -> (Daemon, String) {
+        self.attach_with(volume, &[])
+    }
+
+    /// [`RunningUnit::attach`] with more arguments (QoS, `--admin`).
+    pub fn attach_with(&self, volume: &str, extra: &[&str]) -> (Daemon, String) {
         let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
         let log = self.dir.path().join(format!("attach-{volume}.log"));
         let out = std::fs::File::create(&log).unwrap();
@@ -885,6 +895,7 @@ impl RunningUnit {
         let child = self
             .cli_command()
             .args(["attach", volume, "--listen", &listen.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out)

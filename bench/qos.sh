@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# bench/qos.sh: how closely the attach agent's per-volume QoS holds its
+# limits. fio's nbd engine against `rackblock attach --memory` exports (the
+# throttle sits at the backend seam, in front of whatever serves the
+# volume, so an in-memory export measures the limiter itself; on a unit
+# the limit holds the same way as long as the unit can go faster than it):
+#   --qos-iops 500,  4 KiB random write QD16      goal: within ±15 % of 500
+#   --qos-iops 1000, 4 KiB random read QD16       goal: within ±5 % of 1000
+#   --qos-bps 50MiB, 1 MiB sequential write QD4   goal: within ±5 % of 50 MiB/s
+#   --qos-iops 200 --qos-burst-iops 2000 --qos-burst-length 2s, after idle:
+#     the first second (goal: near 2000) and the following 4 s (decays to 200)
+# Baseline: the configured limit (a bound, not a peer): ratio 1.0 is exact.
+# BENCH_SECONDS (default 5) sets each steady job's length; RACKBLOCK_BIN
+# a prebuilt binary. Every agent is
+# stopped by pid. Output: BENCH lines and bench/out/qos.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+seconds=${BENCH_SECONDS:-5}
+for tool in fio:fio python3:python3; do
+  command -v "${tool%%:*}" >/dev/null || {
+    echo "bench/qos.sh: ${tool%%:*} is missing: install the Debian package ${tool##*:}" >&2; exit 1; }
+done
+fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench/qos.sh: this fio has no nbd engine (fio >= 3.20 has)" >&2; exit 1; }
+# RACKBLOCK_BIN: use that binary instead of building the release one (the
+# limiter's accuracy at these rates does not depend on the build profile).
+if [ -n "${RACKBLOCK_BIN:-}" ]; then
+  bin=$RACKBLOCK_BIN
+else
+  cargo build --release -q -p cli --bin rackblock
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+fi
+out="$root/bench/out"; work="$out/qos-work"
+rm -rf "$work"; mkdir -p "$work"
+port=19501
+
+pids=()
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+trap stop_all EXIT
+
+agent() { # name qos-flags... -> serves nbd://127.0.0.1:$port/name
+  local name=$1; shift
+  port=$((port + 1))
+  "$bin" attach "$name" --memory 1GiB --listen 127.0.0.1:$port "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    grep -q "serving" "$work/$name.log" && return 0
+    sleep 0.1
+  done
+  echo "bench/qos.sh: agent $name did not start:" >&2; cat "$work/$name.log" >&2; exit 1
+}
+fio_job() { # name rw bs iodepth seconds -> $work/name.json
+  fio --name="$1" --ioengine=nbd --uri="nbd://127.0.0.1:$port/$1" --rw="$2" --bs="$3" \
+    --iodepth="$4" --size=512M --time_based --runtime="$5" --output-format=json \
+    --output="$work/$1.json" >/dev/null 2>>"$work/fio.err"
+}
+
+agent iops500 --qos-iops 500
+fio_job iops500 randwrite 4k 16 "$seconds"
+agent iops1000 --qos-iops 1000
+fio_job iops1000 randread 4k 16 "$seconds"
+agent bps50 --qos-bps 50MiB
+fio_job bps50 write 1M 4 "$seconds"
+agent burst --qos-iops 200 --qos-burst-iops 2000 --qos-burst-length 2s
+sleep 3 # idle: the buckets are full
+fio_job burst-first randwrite 4k 16 1
+fio_job burst-after randwrite 4k 16 4
+stop_all
+
+python3 - "$work" "$out/qos.json" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" <<'PY'
+import json, os, sys
+work, out, commit = sys.argv[1:4]
+def job(name):
+    j = json.load(open(f"{work}/{name}.json"))["jobs"][0]
+    assert j["error"] == 0, (name, j["error"])
+    return j
+figures = []
+def bench(name, value, unit, bound, comment):
+    print(f"# bound: {comment}")
+    print(f"BENCH {name} value={value:.1f} unit={unit} baseline={bound:.1f} ratio={value / bound:.3f} better=closer")
+    figures.append(dict(name=name, value=value, unit=unit, baseline=bound))
+bench("qos_iops_500_randwrite_4k_qd16", job("iops500")["write"]["iops"], "IOPS", 500, "--qos-iops 500")
+bench("qos_iops_1000_randread_4k_qd16", job("iops1000")["read"]["iops"], "IOPS", 1000, "--qos-iops 1000")
+bench("qos_bps_50mib_seqwrite_1m_qd4", job("bps50")["write"]["bw_bytes"] / 2**20, "MiB/s", 50, "--qos-bps 50MiB")
+bench("qos_burst_first_second", job("burst-first")["write"]["iops"], "IOPS", 2000, "burst 2000 IOPS after idle")
+bench("qos_burst_next_4s", job("burst-after")["write"]["iops"], "IOPS", 200, "limit 200 IOPS once the 2 s burst bucket (minus the first second) is spent: expect 200 + remaining bucket / 4 s")
+json.dump(dict(script="qos.sh", commit=commit, nproc=os.cpu_count(), figures=figures), open(out, "w"), indent=1)
+PY
