@@ -6,17 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::{http_get, require_tool, run_tool, RunningUnit};
-
-/// The value of the first sample line of `metrics` that starts with
-/// `prefix` (name and labels), or `None`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-}
+use tests::{http_get, metric_sample as sample, require_tool, run_tool, RunningUnit};
 
 fn get_ok(admin: SocketAddr, path: &str) -> String {
     match http_get(admin, path) {

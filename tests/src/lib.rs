@@ -243,6 +243,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The value of the first sample of an OpenMetrics text whose line starts
+/// with `prefix` (name and labels), or `None`.
+pub fn metric_sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// Minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
