@@ -58,7 +58,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// Volume name; also the NBD export name.
-    pub volume: String,
+    #[arg(required_unless_present = "list")]
+    pub volume: Option<String>,
+    /// List the attach agents running on this host (volume, pid, NBD and
+    /// admin addresses, attachment) instead; `rackblock detach VOLUME`
+    /// stops one.
+    #[arg(long, conflicts_with_all = ["listen", "socket", "rack", "memory", "admin"])]
+    pub list: bool,
     /// Serve NBD on this TCP address (default 127.0.0.1:10809).
     #[arg(long, conflicts_with = "socket")]
     pub listen: Option<SocketAddr>,
@@ -353,6 +359,13 @@ pub async fn run(
     args: &AttachArgs,
     shutdown: CancellationToken,
 ) -> Result<(), CliError> {
+    if args.list {
+        return crate::agents::list(global.output);
+    }
+    let volume = args
+        .volume
+        .clone()
+        .ok_or_else(|| CliError::Usage("a volume name is needed (or --list)".into()))?;
     let qos = args.qos.limits()?;
     let mut registry = Registry::default();
     let metrics = AgentMetrics::new(&mut registry);
@@ -376,7 +389,7 @@ pub async fn run(
     ) = if let Some(size) = &args.memory {
         let size_bytes = parse_block_size("--memory", size)?;
         let backend =
-            MemoryBackend::with_description(size_bytes, format!("memory export {}", args.volume));
+            MemoryBackend::with_description(size_bytes, format!("memory export {}", volume));
         (Arc::new(backend), None, None)
     } else if let (Some(rack_path), Some(volume_id)) = (&args.rack, args.volume_id) {
         let rack = Rack::load(rack_path)
@@ -409,7 +422,7 @@ pub async fn run(
         match VolumeClient::connect(lcp, volume_id, credential, config).await {
             Ok(client) => (Arc::new(client.clone()), attached, Some(client)),
             Err(e) => {
-                detach_and_report(&args.volume, attached.as_ref()).await;
+                detach_and_report(&volume, attached.as_ref()).await;
                 return Err(CliError::Unavailable(format!(
                     "cannot get volume {volume_id}'s partition map: {e}"
                 )));
@@ -418,7 +431,7 @@ pub async fn run(
     } else {
         let api = global.api()?;
         let host = args.host.clone().unwrap_or_else(host_name);
-        let path = format!("/v1/volumes/{}/attach", segment(&args.volume));
+        let path = format!("/v1/volumes/{}/attach", segment(&volume));
         let reply = api
             .call("POST", &path, Some(&json!({ "host": host })))
             .await?;
@@ -457,7 +470,7 @@ pub async fn run(
                 .map_err(|e| {
                     CliError::Unavailable(format!(
                         "cannot get volume {}'s partition map from unit {}: {e}",
-                        args.volume, rack.unit.name
+                        volume, rack.unit.name
                     ))
                 })
         }
@@ -465,7 +478,7 @@ pub async fn run(
         match connected {
             Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
             Err(error) => {
-                detach_and_report(&args.volume, Some(&attached)).await;
+                detach_and_report(&volume, Some(&attached)).await;
                 return Err(error);
             }
         }
@@ -479,40 +492,50 @@ pub async fn run(
         match QosBackend::new(backend, qos, Some(metrics.clone())) {
             Ok(throttled) => Arc::new(MeteredBackend::new(throttled, metrics.clone())),
             Err(error) => {
-                detach_and_report(&args.volume, attached.as_ref()).await;
+                detach_and_report(&volume, attached.as_ref()).await;
                 return Err(CliError::Usage(error.to_string()));
             }
         }
     };
     let mut exports = BTreeMap::new();
-    exports.insert(args.volume.clone(), backend);
+    exports.insert(volume.clone(), backend);
     let server = match NbdServer::with_metrics(exports, NbdConfig::default(), metrics.nbd.clone()) {
         Ok(server) => server,
         Err(error) => {
-            detach_and_report(&args.volume, attached.as_ref()).await;
-            return Err(CliError::Usage(format!(
-                "cannot serve {}: {error}",
-                args.volume
-            )));
+            detach_and_report(&volume, attached.as_ref()).await;
+            return Err(CliError::Usage(format!("cannot serve {}: {error}", volume)));
         }
     };
     println!(
         "serving {} ({}) over NBD at {}{}",
-        args.volume,
+        volume,
         human_bytes(size_bytes),
-        listener.uri(&args.volume),
+        listener.uri(&volume),
         attached
             .as_ref()
             .map(|a| format!(" (attachment {})", a.attachment_id()))
             .unwrap_or_default()
     );
-    tracing::info!(volume = %args.volume, size_bytes, uri = %listener.uri(&args.volume), ?qos, "attached; serving NBD");
+    tracing::info!(volume = %volume, size_bytes, uri = %listener.uri(&volume), ?qos, "attached; serving NBD");
+    let admin_address = admin_listener
+        .as_ref()
+        .and_then(|listener| listener.local_addr().ok());
+    let _registration = crate::agents::register(&crate::agents::AgentRecord {
+        pid: std::process::id(),
+        volume: volume.clone(),
+        uri: listener.uri(&volume),
+        admin: admin_address.map(|address| format!("http://{address}")),
+        attachment: attached.as_ref().map(Attached::attachment_id),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs()),
+    });
     let admin = admin_listener.map(|admin_listener| {
-        if let Ok(address) = admin_listener.local_addr() {
+        if let Some(address) = admin_address {
             println!("admin (metrics, health) at http://{address}/metrics");
         }
         let state = AdminState {
-            export: args.volume.clone(),
+            export: volume.clone(),
             registry: Arc::new(registry),
             client: volume_client.clone(),
             nbd: metrics.nbd.clone(),
@@ -559,7 +582,7 @@ pub async fn run(
     if let Some(client) = &volume_client {
         client.close();
     }
-    detach_and_report(&args.volume, attached.as_ref()).await;
+    detach_and_report(&volume, attached.as_ref()).await;
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
 }
 

@@ -111,3 +111,92 @@ fn agent_admin_port_and_qos_iops_limit_under_fio() {
     assert_eq!(health["qos"]["iops"]["rate"], 500.0, "{health:#}");
     drop(agent);
 }
+
+/// An attach agent killed by pid when the test ends.
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `rackblock attach --list` and `rackblock detach` on one host, with
+/// in-memory exports (no unit): two agents are listed with their pids and
+/// addresses, `detach` stops one (which exits 0) and a second `detach`
+/// finds nothing (exit 3); an agent killed with SIGKILL leaves a stale
+/// record that the next listing drops.
+#[test]
+fn attach_list_and_detach_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let rackblock = |args: &[&str]| {
+        std::process::Command::new(tests::rackblock_bin())
+            .args(args)
+            .env("RACKBLOCK_RUN_DIR", &run_dir)
+            .output()
+            .unwrap()
+    };
+    let spawn = |volume: &str, extra: &[&str]| {
+        let listen = SocketAddr::from(([127, 0, 0, 1], tests::next_port()));
+        let log = std::fs::File::create(dir.path().join(format!("{volume}.log"))).unwrap();
+        let child = std::process::Command::new(tests::rackblock_bin())
+            .args(["attach", volume, "--memory", "64MiB", "--listen"])
+            .arg(listen.to_string())
+            .args(extra)
+            .env("RACKBLOCK_RUN_DIR", &run_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        (Agent(child), listen)
+    };
+    let list = || -> Vec<Value> {
+        let out = rackblock(&["--output", "json", "attach", "--list"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let admin = SocketAddr::from(([127, 0, 0, 1], tests::next_port()));
+    let (mut first, first_listen) = spawn("mem1", &["--admin", &admin.to_string()]);
+    let (mut second, _) = spawn("mem2", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while list().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", list());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let agents = list();
+    assert_eq!(agents[0]["volume"], "mem1");
+    assert_eq!(agents[0]["pid"], first.0.id());
+    assert_eq!(agents[0]["uri"], format!("nbd://{first_listen}/mem1"));
+    assert_eq!(agents[0]["admin"], format!("http://{admin}"));
+    assert_eq!(agents[1]["volume"], "mem2");
+    assert!(agents[1]["admin"].is_null());
+    // The memory agent is healthy and counts its connections.
+    let health: Value = serde_json::from_str(&get_ok(admin, "/health")).unwrap();
+    assert_eq!(health["status"], "ok", "{health:#}");
+
+    let out = rackblock(&["detach", "mem1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached mem1"));
+    let status = first.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let agents = list();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    assert_eq!(agents[0]["volume"], "mem2");
+    let out = rackblock(&["detach", "mem1"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+
+    second.0.kill().unwrap();
+    second.0.wait().unwrap();
+    assert!(list().is_empty());
+    let left: Vec<_> = std::fs::read_dir(&run_dir).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
