@@ -190,12 +190,38 @@ impl NbdMetrics {
     }
 }
 
+const OPS: [BackendOp; 5] = [
+    BackendOp::Read,
+    BackendOp::Write,
+    BackendOp::Flush,
+    BackendOp::Trim,
+    BackendOp::WriteZeroes,
+];
+
+fn op_index(op: BackendOp) -> usize {
+    match op {
+        BackendOp::Read => 0,
+        BackendOp::Write => 1,
+        BackendOp::Flush => 2,
+        BackendOp::Trim => 3,
+        BackendOp::WriteZeroes => 4,
+    }
+}
+
+/// One operation's series, resolved once (no label lookup per request;
+/// every series shows from the start, at zero).
+#[derive(Debug, Clone)]
+struct OpSeries {
+    ok: Counter,
+    error: Counter,
+    bytes: Counter,
+    latency: Histogram,
+}
+
 /// Every metric of one attach agent.
 #[derive(Debug, Clone)]
 pub struct AgentMetrics {
-    requests: Family<OutcomeLabels, Counter>,
-    bytes: Family<OpLabels, Counter>,
-    latency: HistogramFamily,
+    series: Arc<[OpSeries; 5]>,
     in_flight: Gauge,
     qos_wait_seconds: Histogram,
     qos_throttled: Counter,
@@ -206,10 +232,34 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     /// Register everything in `registry` (names in the README's table).
     pub fn new(registry: &mut Registry) -> AgentMetrics {
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        let bytes = Family::<OpLabels, Counter>::default();
+        let latency: HistogramFamily =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        // One `let` per lookup: a family's guard lives to the end of its
+        // statement, and creating the next series takes the write lock.
+        let series = OPS.map(|op| {
+            let op = op_name(op);
+            let ok = requests
+                .get_or_create(&OutcomeLabels { op, outcome: "ok" })
+                .clone();
+            let error = requests
+                .get_or_create(&OutcomeLabels {
+                    op,
+                    outcome: "error",
+                })
+                .clone();
+            let bytes = bytes.get_or_create(&OpLabels { op }).clone();
+            let latency = latency.get_or_create(&OpLabels { op }).clone();
+            OpSeries {
+                ok,
+                error,
+                bytes,
+                latency,
+            }
+        });
         let metrics = AgentMetrics {
-            requests: Family::default(),
-            bytes: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            series: Arc::new(series),
             in_flight: Gauge::default(),
             qos_wait_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             qos_throttled: Counter::default(),
@@ -219,17 +269,17 @@ impl AgentMetrics {
         registry.register(
             "rackblock_agent_requests",
             "Requests served to hosts, by operation and outcome (ok, error)",
-            metrics.requests.clone(),
+            requests,
         );
         registry.register(
             "rackblock_agent_bytes",
             "Bytes read or written by hosts, by operation",
-            metrics.bytes.clone(),
+            bytes,
         );
         registry.register(
             "rackblock_agent_request_seconds",
             "Latency of host requests, by operation (QoS waits and failover pauses included)",
-            metrics.latency.clone(),
+            latency,
         );
         registry.register(
             "rackblock_agent_requests_in_flight",
@@ -272,29 +322,25 @@ impl AgentMetrics {
     }
 
     pub fn requests_total(&self, op: BackendOp, ok: bool) -> u64 {
-        let outcome = if ok { "ok" } else { "error" };
-        self.requests
-            .get_or_create(&OutcomeLabels {
-                op: op_name(op),
-                outcome,
-            })
-            .get()
+        let series = &self.series[op_index(op)];
+        if ok {
+            series.ok.get()
+        } else {
+            series.error.get()
+        }
     }
 
     fn record(&self, op: BackendOp, bytes: u64, started: Instant, ok: bool) {
-        let name = op_name(op);
-        let outcome = if ok { "ok" } else { "error" };
-        self.requests
-            .get_or_create(&OutcomeLabels { op: name, outcome })
-            .inc();
-        if ok && bytes > 0 {
-            self.bytes
-                .get_or_create(&OpLabels { op: name })
-                .inc_by(bytes);
+        let series = &self.series[op_index(op)];
+        if ok {
+            series.ok.inc();
+            if bytes > 0 {
+                series.bytes.inc_by(bytes);
+            }
+        } else {
+            series.error.inc();
         }
-        self.latency
-            .get_or_create(&OpLabels { op: name })
-            .observe(started.elapsed().as_secs_f64());
+        series.latency.observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -421,6 +467,10 @@ mod tests {
         assert!(text.contains(r#"rackblock_agent_bytes_total{op="write"} 4096"#));
         assert!(text.contains(r#"rackblock_agent_request_seconds_count{op="trim"} 1"#));
         assert!(text.contains("rackblock_agent_failover_pause_longest_seconds"));
+        // Every operation's series exists from the start.
+        assert!(
+            text.contains(r#"rackblock_agent_requests_total{op="write_zeroes",outcome="ok"} 0"#)
+        );
     }
 
     #[test]
