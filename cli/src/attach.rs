@@ -35,10 +35,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use client::admin::AdminState;
+use client::metrics::{AgentMetrics, MeteredBackend};
 use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
+use client::qos::{Limit, QosBackend, QosLimits};
 use client::{ClientConfig, VolumeClient};
 use hardware::rack::{HeadNodeSpec, Rack, UnitSpec};
 use local_control_plane::LcpClient;
+use prometheus_client::registry::Registry;
 use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::CliError;
 use crate::http::{segment, ZonalApi};
 use crate::ops::GlobalArgs;
-use crate::text::{human_bytes, parse_block_size, parse_duration};
+use crate::text::{human_bytes, parse_block_size, parse_duration, parse_size};
 
 /// Default NBD address (the IANA NBD port on loopback).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -54,7 +58,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
     /// Volume name; also the NBD export name.
-    pub volume: String,
+    #[arg(required_unless_present = "list")]
+    pub volume: Option<String>,
+    /// List the attach agents running on this host (volume, pid, NBD and
+    /// admin addresses, attachment) instead; `rackblock detach VOLUME`
+    /// stops one.
+    #[arg(long, conflicts_with_all = ["listen", "socket", "rack", "memory", "admin"])]
+    pub list: bool,
     /// Serve NBD on this TCP address (default 127.0.0.1:10809).
     #[arg(long, conflicts_with = "socket")]
     pub listen: Option<SocketAddr>,
@@ -91,6 +101,70 @@ pub struct AttachArgs {
     /// Host name recorded with the attachment (default: this machine's).
     #[arg(long)]
     pub host: Option<String>,
+    /// Serve GET /metrics (OpenMetrics) and GET /health on this HTTP
+    /// address.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    #[command(flatten)]
+    pub qos: QosArgs,
+}
+
+/// Per-volume QoS limits, enforced here (requests wait, never fail). A
+/// request costs one I/O and its length in bytes; trim and write zeroes
+/// cost one write I/O. Unset: unlimited.
+#[derive(Debug, Default, clap::Args)]
+pub struct QosArgs {
+    /// Limit of I/Os per second, reads and writes together.
+    #[arg(long, value_name = "N")]
+    pub qos_iops: Option<u64>,
+    /// Limit of read I/Os per second.
+    #[arg(long, value_name = "N")]
+    pub qos_read_iops: Option<u64>,
+    /// Limit of write I/Os per second (trim, write zeroes included).
+    #[arg(long, value_name = "N")]
+    pub qos_write_iops: Option<u64>,
+    /// Limit of bytes per second, reads and writes together (50MiB, ...).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub qos_bps: Option<u64>,
+    /// Limit of bytes read per second.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub qos_read_bps: Option<u64>,
+    /// Limit of bytes written per second.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub qos_write_bps: Option<u64>,
+    /// Burst rate of --qos-iops: an idle volume may run at up to this many
+    /// I/Os per second for --qos-burst-length.
+    #[arg(long, value_name = "N", requires = "qos_iops")]
+    pub qos_burst_iops: Option<u64>,
+    /// Burst rate of --qos-bps (bytes per second).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "qos_bps")]
+    pub qos_burst_bps: Option<u64>,
+    /// How long a full bucket sustains the burst rate.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub qos_burst_length: Duration,
+}
+
+impl QosArgs {
+    pub fn limits(&self) -> Result<QosLimits, CliError> {
+        let limit = |rate: Option<u64>, burst: Option<u64>| {
+            rate.map(|rate| match burst {
+                Some(burst) => Limit::with_burst(rate as f64, burst as f64, self.qos_burst_length),
+                None => Limit::new(rate as f64),
+            })
+        };
+        let limits = QosLimits {
+            iops: limit(self.qos_iops, self.qos_burst_iops),
+            read_iops: limit(self.qos_read_iops, None),
+            write_iops: limit(self.qos_write_iops, None),
+            bps: limit(self.qos_bps, self.qos_burst_bps),
+            read_bps: limit(self.qos_read_bps, None),
+            write_bps: limit(self.qos_write_bps, None),
+        };
+        limits
+            .validate()
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        Ok(limits)
+    }
 }
 
 /// Where NBD is served.
@@ -286,11 +360,29 @@ pub async fn run(
     args: &AttachArgs,
     shutdown: CancellationToken,
 ) -> Result<(), CliError> {
+    if args.list {
+        return crate::agents::list(global.output);
+    }
+    let volume = args
+        .volume
+        .clone()
+        .ok_or_else(|| CliError::Usage("a volume name is needed (or --list)".into()))?;
+    let qos = args.qos.limits()?;
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::new(&mut registry);
     let config = ClientConfig {
         failover_timeout: args.failover_timeout,
+        metrics: metrics.client.clone(),
         ..ClientConfig::default()
     };
     let listener = bind(args).await?;
+    let admin_listener =
+        match args.admin {
+            Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
+                CliError::Runtime(format!("cannot listen on --admin {address}: {e}"))
+            })?),
+            None => None,
+        };
     let (backend, attached, volume_client): (
         Arc<dyn NbdBackend>,
         Option<Attached>,
@@ -298,7 +390,7 @@ pub async fn run(
     ) = if let Some(size) = &args.memory {
         let size_bytes = parse_block_size("--memory", size)?;
         let backend =
-            MemoryBackend::with_description(size_bytes, format!("memory export {}", args.volume));
+            MemoryBackend::with_description(size_bytes, format!("memory export {}", volume));
         (Arc::new(backend), None, None)
     } else if let (Some(rack_path), Some(volume_id)) = (&args.rack, args.volume_id) {
         let rack = Rack::load(rack_path)
@@ -331,7 +423,7 @@ pub async fn run(
         match VolumeClient::connect(lcp, volume_id, credential, config).await {
             Ok(client) => (Arc::new(client.clone()), attached, Some(client)),
             Err(e) => {
-                detach_and_report(&args.volume, attached.as_ref()).await;
+                detach_and_report(&volume, attached.as_ref()).await;
                 return Err(CliError::Unavailable(format!(
                     "cannot get volume {volume_id}'s partition map: {e}"
                 )));
@@ -340,7 +432,7 @@ pub async fn run(
     } else {
         let api = global.api()?;
         let host = args.host.clone().unwrap_or_else(host_name);
-        let path = format!("/v1/volumes/{}/attach", segment(&args.volume));
+        let path = format!("/v1/volumes/{}/attach", segment(&volume));
         let reply = api
             .call("POST", &path, Some(&json!({ "host": host })))
             .await?;
@@ -379,7 +471,7 @@ pub async fn run(
                 .map_err(|e| {
                     CliError::Unavailable(format!(
                         "cannot get volume {}'s partition map from unit {}: {e}",
-                        args.volume, rack.unit.name
+                        volume, rack.unit.name
                     ))
                 })
         }
@@ -387,35 +479,76 @@ pub async fn run(
         match connected {
             Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
             Err(error) => {
-                detach_and_report(&args.volume, Some(&attached)).await;
+                detach_and_report(&volume, Some(&attached)).await;
                 return Err(error);
             }
         }
     };
     let size_bytes = backend.size_bytes();
+    // The seam every front end goes through: metrics outside (host-seen
+    // latency includes QoS waits), QoS inside.
+    let backend: Arc<dyn NbdBackend> = if qos.is_unlimited() {
+        Arc::new(MeteredBackend::new(backend, metrics.clone()))
+    } else {
+        match QosBackend::new(backend, qos, Some(metrics.clone())) {
+            Ok(throttled) => Arc::new(MeteredBackend::new(throttled, metrics.clone())),
+            Err(error) => {
+                detach_and_report(&volume, attached.as_ref()).await;
+                return Err(CliError::Usage(error.to_string()));
+            }
+        }
+    };
     let mut exports = BTreeMap::new();
-    exports.insert(args.volume.clone(), backend);
-    let server = match NbdServer::new(exports, NbdConfig::default()) {
+    exports.insert(volume.clone(), backend);
+    let server = match NbdServer::with_metrics(exports, NbdConfig::default(), metrics.nbd.clone()) {
         Ok(server) => server,
         Err(error) => {
-            detach_and_report(&args.volume, attached.as_ref()).await;
-            return Err(CliError::Usage(format!(
-                "cannot serve {}: {error}",
-                args.volume
-            )));
+            detach_and_report(&volume, attached.as_ref()).await;
+            return Err(CliError::Usage(format!("cannot serve {}: {error}", volume)));
         }
     };
     println!(
         "serving {} ({}) over NBD at {}{}",
-        args.volume,
+        volume,
         human_bytes(size_bytes),
-        listener.uri(&args.volume),
+        listener.uri(&volume),
         attached
             .as_ref()
             .map(|a| format!(" (attachment {})", a.attachment_id()))
             .unwrap_or_default()
     );
-    tracing::info!(volume = %args.volume, size_bytes, uri = %listener.uri(&args.volume), "attached; serving NBD");
+    tracing::info!(volume = %volume, size_bytes, uri = %listener.uri(&volume), ?qos, "attached; serving NBD");
+    let admin_address = admin_listener
+        .as_ref()
+        .and_then(|listener| listener.local_addr().ok());
+    let _registration = crate::agents::register(&crate::agents::AgentRecord {
+        pid: std::process::id(),
+        volume: volume.clone(),
+        uri: listener.uri(&volume),
+        admin: admin_address.map(|address| format!("http://{address}")),
+        attachment: attached.as_ref().map(Attached::attachment_id),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs()),
+    });
+    let admin = admin_listener.map(|admin_listener| {
+        if let Some(address) = admin_address {
+            println!("admin (metrics, health) at http://{address}/metrics");
+        }
+        let state = AdminState {
+            export: volume.clone(),
+            registry: Arc::new(registry),
+            client: volume_client.clone(),
+            nbd: metrics.nbd.clone(),
+            qos,
+        };
+        let stop = shutdown.clone().cancelled_owned();
+        tokio::spawn(async move {
+            if let Err(error) = client::admin::serve(admin_listener, state, stop).await {
+                tracing::error!(%error, "admin server failed");
+            }
+        })
+    });
     // New NBD connections see the size of the last map read: re-read it
     // now and then so that a grown volume shows up on reconnect.
     let refresher = volume_client.clone().map(|client| {
@@ -444,10 +577,13 @@ pub async fn run(
     if let Some(refresher) = refresher {
         refresher.abort();
     }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     if let Some(client) = &volume_client {
         client.close();
     }
-    detach_and_report(&args.volume, attached.as_ref()).await;
+    detach_and_report(&volume, attached.as_ref()).await;
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
 }
 

@@ -13,6 +13,7 @@
 //! 1 runtime failure or a service unavailable, 2 bad usage, configuration
 //! or input, 3 not found, 4 conflict, 5 authentication.
 
+mod agents;
 mod attach;
 mod error;
 mod http;
@@ -65,8 +66,12 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Attach a volume to this host and serve it over NBD until stopped.
-    Attach(attach::AttachArgs),
+    /// Attach a volume to this host and serve it over NBD until stopped
+    /// (`--list`: the agents running on this host).
+    Attach(Box<attach::AttachArgs>),
+    /// Stop this host's attach agent of a volume: it finishes in-flight
+    /// requests and revokes its attachment.
+    Detach(agents::DetachArgs),
     /// Units of the zone: capacity, health, live status.
     Unit {
         #[command(subcommand)]
@@ -319,6 +324,7 @@ fn main() -> ExitCode {
                 cancel_on_signal(token.clone());
                 ops::finish("attach", attach::run(&cli.global, &args, token).await)
             }
+            Command::Detach(args) => ops::finish("detach", agents::detach(&args)),
             Command::Unit { command } => match command {
                 UnitCommand::List => ops::finish("unit list", ops::unit_list(&cli.global).await),
                 UnitCommand::Status(args) => {

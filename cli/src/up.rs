@@ -13,7 +13,8 @@
 //! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
-//! attach    `rackblock attach vol0 --listen 127.0.0.1:10809` (own process)
+//! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300`
+//!           (own process)
 //!           ─▶ wait for the NBD handshake
 //! run       report daemons that exit (the others carry on) until Ctrl-C
 //! stop      attach, then zonal, then head nodes, then sleds:
@@ -48,7 +49,8 @@ pub struct UpArgs {
     /// First port of the unit's data ports; sleds use base+100.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
-    /// First port of the admin (HTTP) ports on 127.0.0.1; sleds use base+100+i.
+    /// First port of the admin (HTTP) ports on 127.0.0.1; sleds use
+    /// base+100+i, the attach agent base+200 (unless --attach-admin).
     #[arg(long, default_value_t = 9100)]
     admin_base_port: u16,
     /// Give up waiting for the unit to become healthy after this many seconds.
@@ -60,6 +62,10 @@ pub struct UpArgs {
     /// Where the attach agent serves vol0 over NBD.
     #[arg(long, default_value = crate::attach::DEFAULT_LISTEN)]
     nbd_listen: SocketAddr,
+    /// The attach agent's admin address (/metrics, /health); default
+    /// 127.0.0.1 at --admin-base-port + 200 (9300).
+    #[arg(long)]
+    attach_admin: Option<SocketAddr>,
     /// Size of vol0 when it is created (an existing vol0 is kept as is).
     #[arg(long, default_value = "4GiB")]
     volume_size: String,
@@ -125,6 +131,16 @@ pub async fn run(args: UpArgs) -> ExitCode {
         Ok(code) => code,
         Err(error) => fail(format!("internal error: {error}")),
     }
+}
+
+/// The attach agent's admin address (metrics, health).
+fn attach_admin(args: &UpArgs) -> Result<SocketAddr, String> {
+    if let Some(address) = args.attach_admin {
+        return Ok(address);
+    }
+    let port = u32::from(args.admin_base_port) + 200;
+    let port = u16::try_from(port).map_err(|_| format!("admin port {port} out of range"))?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn sled_admin(args: &UpArgs, i: u32) -> Result<SocketAddr, String> {
@@ -600,6 +616,8 @@ fn start_unit(
         zonal_url,
         "--host".to_string(),
         "rackblock-up".to_string(),
+        "--admin".to_string(),
+        attach_admin(args).map_err(Failed)?.to_string(),
     ];
     // The token goes through the environment, not argv (ps shows argv).
     let attach = spawn_daemon(
@@ -814,7 +832,7 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
         "attach".into(),
         uri.clone(),
         "-".into(),
-        "(none; see its log)".into(),
+        attach_admin(args).map_or_else(|e| e, |a| format!("http://{a}/metrics")),
     ]);
     table.print();
     println!();

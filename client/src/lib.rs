@@ -48,13 +48,18 @@
 //! The NBD server that hosts attach to (ARCHITECTURE.md, `client/`), [`nbd`],
 //! sits on top of this client.
 
+pub mod admin;
 mod attachment;
 mod error;
+pub mod metrics;
 pub mod nbd;
+pub mod qos;
 mod split;
 mod volume;
 
 pub use attachment::{register_attachment, remove_attachment, AttachmentError};
 pub use error::ClientError;
 pub use split::{split_range, Piece};
-pub use volume::{ClientConfig, MapSource, MapSourceError, VolumeClient};
+pub use volume::{
+    ClientConfig, ClientHealth, MapSource, MapSourceError, PrimaryHealth, VolumeClient,
+};

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use local_control_plane::state::PartitionMap;
 use local_control_plane::LcpClient;
-use proto::link::{LinkConfig, LinkError, LinkMetrics, PeerLink};
+use proto::link::{LinkConfig, LinkError, LinkMetrics, PathState, PeerLink};
 use proto::volume::{
     chunk_crcs, make_write_id, verify_chunk_crcs, AttachmentCredential, CrcError, HostError,
     HostOp, HostReply, HostRequest, NodeHint, WriteId, MAX_HOST_IO_BYTES, SECTOR_BYTES,
@@ -20,6 +20,7 @@ use proto::volume::{
 use proto::Message;
 
 use crate::error::ClientError;
+use crate::metrics::ClientMetrics;
 use crate::split::{split_range, Piece};
 
 /// Why a map could not be had.
@@ -90,6 +91,9 @@ pub struct ClientConfig {
     pub max_concurrent_pieces: usize,
     /// Per-head-node transport (both networks, path failover).
     pub link: LinkConfig,
+    /// Where retries, failover pauses and map refreshes are counted
+    /// (default: nowhere; the attach agent registers them).
+    pub metrics: ClientMetrics,
 }
 
 impl Default for ClientConfig {
@@ -108,9 +112,15 @@ impl Default for ClientConfig {
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
             },
+            metrics: ClientMetrics::unregistered(),
         }
     }
 }
+
+/// How long map refreshes may fail before [`VolumeClient::health`] calls
+/// the client unusable (a Raft election takes a few seconds; the agent
+/// refreshes every 5 s).
+const MAP_ERROR_GRACE: Duration = Duration::from_secs(10);
 
 /// A partition's primary as the client routes to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +175,60 @@ struct Inner {
     client_id: u32,
     /// Low bits of the next [`WriteId`].
     next_write: AtomicU64,
+    /// The last map refresh failed: when (first of a run) and why.
+    map_error: Mutex<Option<(Instant, String)>>,
+}
+
+/// What `/health` of the attach agent reports ([`VolumeClient::health`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClientHealth {
+    /// `None` when usable; else why not.
+    pub unusable: Option<String>,
+    pub volume: u64,
+    pub size_bytes: u64,
+    pub map_generation: u64,
+    pub partitions: usize,
+    /// Requests being retried right now (a failover in progress).
+    pub requests_retrying: i64,
+    /// The partitions' primaries and their paths.
+    pub primaries: Vec<PrimaryHealth>,
+    /// The last map refresh failed, this long ago, for this reason.
+    pub map_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PrimaryHealth {
+    pub node: String,
+    pub partitions: Vec<u32>,
+    /// `connected` (a path up), `down` (both paths down), `not_connected`
+    /// (no request sent yet, or no probe answered yet).
+    pub state: &'static str,
+}
+
+/// A request counted as retrying in [`ClientMetrics`] from its first
+/// retry until it ends (or its future is dropped).
+struct PauseGuard<'a> {
+    metrics: &'a ClientMetrics,
+    started: Instant,
+    retrying: bool,
+}
+
+impl PauseGuard<'_> {
+    fn retry(&mut self) {
+        self.metrics.retried();
+        if !self.retrying {
+            self.retrying = true;
+            self.metrics.retrying_started();
+        }
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        if self.retrying {
+            self.metrics.pause_ended(self.started.elapsed());
+        }
+    }
 }
 
 /// A random 32-bit client id (std's per-process random hash keys mixed
@@ -318,6 +382,7 @@ impl VolumeClient {
                 closed: AtomicBool::new(false),
                 client_id: random_client_id(),
                 next_write: AtomicU64::new(1),
+                map_error: Mutex::new(None),
             }),
         })
     }
@@ -334,6 +399,83 @@ impl VolumeClient {
     /// The current partition map.
     pub fn partition_map(&self) -> Arc<PartitionMap> {
         read_lock(&self.inner.routing).map.clone()
+    }
+
+    /// Whether the client can serve: not closed, the last map refresh
+    /// worked (or failed for under `MAP_ERROR_GRACE`), and no partition's
+    /// primary is down on both networks. Links connect lazily, so a
+    /// primary no request has reached yet counts as usable.
+    pub fn health(&self) -> ClientHealth {
+        let (map, generation, targets) = {
+            let routing = read_lock(&self.inner.routing);
+            (
+                routing.map.clone(),
+                routing.generation,
+                routing.targets.clone(),
+            )
+        };
+        let mut by_node: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+        for (partition, target) in &targets {
+            by_node
+                .entry(target.node.clone())
+                .or_default()
+                .push(*partition);
+        }
+        let links = lock(&self.inner.links).clone();
+        let mut unusable = None;
+        let primaries: Vec<PrimaryHealth> = by_node
+            .into_iter()
+            .map(|(node, mut partitions)| {
+                partitions.sort_unstable();
+                let state = match links.get(&node) {
+                    None => "not_connected",
+                    Some(link) => {
+                        let paths = link.paths();
+                        if paths.iter().any(|p| p.state == PathState::Up) {
+                            "connected"
+                        } else if paths.iter().all(|p| p.state == PathState::Down) {
+                            "down"
+                        } else {
+                            "not_connected"
+                        }
+                    }
+                };
+                if state == "down" && unusable.is_none() {
+                    unusable = Some(format!(
+                        "primary {node} of partitions {partitions:?} is down on both networks"
+                    ));
+                }
+                PrimaryHealth {
+                    node,
+                    partitions,
+                    state,
+                }
+            })
+            .collect();
+        let map_error = lock(&self.inner.map_error).clone();
+        if let Some((since, error)) = &map_error {
+            if since.elapsed() >= MAP_ERROR_GRACE {
+                unusable = Some(format!(
+                    "no partition map for {} s: {error}",
+                    since.elapsed().as_secs()
+                ));
+            }
+        }
+        if self.is_closed() {
+            unusable = Some("the volume client is closed".to_owned());
+        }
+        ClientHealth {
+            unusable,
+            volume: self.inner.volume,
+            size_bytes: map.size_bytes,
+            map_generation: generation,
+            partitions: targets.len(),
+            requests_retrying: self.inner.config.metrics.retrying(),
+            primaries,
+            map_error: map_error.map(|(since, error)| {
+                format!("{error} (since {} ms)", since.elapsed().as_millis())
+            }),
+        }
     }
 
     /// The attachment this client acts for.
@@ -559,11 +701,19 @@ impl Inner {
             last_error: String::new(),
         };
         let deadline = retry.started + self.config.failover_timeout;
+        let mut pause = PauseGuard {
+            metrics: &self.config.metrics,
+            started: retry.started,
+            retrying: false,
+        };
         loop {
             if self.closed.load(Ordering::Acquire) {
                 return Err(ClientError::Closed { volume });
             }
             retry.attempts += 1;
+            if retry.attempts > 1 {
+                pause.retry();
+            }
             let next = match self.route(partition) {
                 Err(error) => {
                     retry.last_error = error.to_string();
@@ -855,7 +1005,20 @@ impl Inner {
             return Ok(());
         }
         let volume = self.volume;
-        let (map, targets) = fetch_map(self.source.as_ref(), volume).await?;
+        let fetched = fetch_map(self.source.as_ref(), volume).await;
+        self.config.metrics.map_refreshed(fetched.is_ok());
+        let (map, targets) = match fetched {
+            Ok(fetched) => {
+                *lock(&self.map_error) = None;
+                fetched
+            }
+            Err(error) => {
+                let mut map_error = lock(&self.map_error);
+                let since = map_error.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+                *map_error = Some((since, error.to_string()));
+                return Err(error);
+            }
+        };
         let mut routing = write_lock(&self.routing);
         routing.generation += 1;
         routing.map = Arc::new(map);

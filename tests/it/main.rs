@@ -1,6 +1,7 @@
 //! End-to-end tests: real `rackblock` processes on loopback networks A and B.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent;
 mod cli;
 mod cli_verbs;
 mod datapath;

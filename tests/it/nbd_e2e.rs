@@ -538,12 +538,32 @@ fn primary_kill9_under_fio_over_nbd_loses_nothing() {
         "secondary {secondary:?}"
     );
     let clat_max_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+    // The agent saw the failover too: requests retried across it, and the
+    // longest pause on its admin port.
+    let metrics = match tests::http_get(unit.ports.attach_admin, "/metrics") {
+        Some((200, body)) => body,
+        other => panic!("agent /metrics: {other:?}"),
+    };
+    let pauses = tests::metric_sample(&metrics, "rackblock_agent_failover_pauses_total");
+    let longest_ms =
+        tests::metric_sample(&metrics, "rackblock_agent_failover_pause_longest_seconds")
+            .map(|seconds| seconds * 1e3);
+    assert!(pauses.is_some_and(|n| n >= 1.0), "{metrics}");
+    assert!(longest_ms.is_some_and(|ms| ms > 0.0), "{metrics}");
+    let failed = tests::metric_sample(
+        &metrics,
+        r#"rackblock_agent_requests_total{op="write",outcome="error"}"#,
+    );
+    assert!(failed.is_none_or(|n| n == 0.0), "{metrics}");
     log_step(
         "fio-failover",
         &unit,
         &format!(
             "fio: 64 MiB written and verified across the failover; hn-{new_primary} is primary \
-             at epoch {new_epoch}; longest write {clat_max_ms:.0} ms"
+             at epoch {new_epoch}; longest write {clat_max_ms:.0} ms; agent: {} requests paused, \
+             longest pause {:.0} ms",
+            pauses.unwrap_or(0.0),
+            longest_ms.unwrap_or(0.0)
         ),
     );
     if std::env::var("FIO_FAILOVER_TRACE").is_ok() {

@@ -249,6 +249,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The value of the first sample of an OpenMetrics text whose line starts
+/// with `prefix` (name and labels), or `None`.
+pub fn metric_sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// Minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
@@ -722,6 +732,7 @@ impl TestUnit {
 /// block+7..99    spare (extra attach agents)
 /// block+100      sleds' data port (127.0.1.11-16, 127.0.2.11-16)
 /// block+102..107 sleds' admin ports
+/// block+108      the attach agent's admin port (/metrics, /health)
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct UpPorts {
@@ -729,6 +740,8 @@ pub struct UpPorts {
     pub admin_base: u16,
     pub zonal: SocketAddr,
     pub nbd: SocketAddr,
+    /// The attach agent's admin address (block+108).
+    pub attach_admin: SocketAddr,
     /// Next spare port handed out by [`RunningUnit::spare_port`].
     spare: u16,
 }
@@ -744,6 +757,7 @@ impl UpPorts {
             admin_base: block + 1,
             zonal: SocketAddr::from(([127, 0, 0, 1], block + 5)),
             nbd: SocketAddr::from(([127, 0, 0, 1], block + 6)),
+            attach_admin: SocketAddr::from(([127, 0, 0, 1], block + 108)),
             spare: block + 7,
         }
     }
@@ -815,6 +829,7 @@ impl RunningUnit {
             .args(["--admin-base-port", &ports.admin_base.to_string()])
             .args(["--zonal-listen", &ports.zonal.to_string()])
             .args(["--nbd-listen", &ports.nbd.to_string()])
+            .args(["--attach-admin", &ports.attach_admin.to_string()])
             .args(["--volume-size", volume_size])
             .spawn()
             .unwrap();
@@ -885,10 +900,17 @@ impl RunningUnit {
     /// (killed by pid on drop), waited (bounded) until it answers NBD.
     /// Returns the agent and its export's URI.
     pub fn attach(&self, volume: &str) -> (Daemon, String) {
+        self.attach_with(volume, &[])
+    }
+
+    /// [`RunningUnit::attach`] with more arguments (QoS, `--admin`).
+    pub fn attach_with(&self, volume: &str, extra: &[&str]) -> (Daemon, String) {
         let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
         let log = self.dir.path().join(format!("attach-{volume}.log"));
         let mut command = self.cli_command();
-        command.args(["attach", volume, "--listen", &listen.to_string()]);
+        command
+            .args(["attach", volume, "--listen", &listen.to_string()])
+            .args(extra);
         let mut daemon = Daemon::spawn_command(&format!("attach {volume}"), command, log);
         let deadline = Instant::now() + Duration::from_secs(60);
         while !client::nbd::server_greets(listen) {

@@ -75,6 +75,43 @@ pub trait NbdBackend: Send + Sync + 'static {
     fn write_zeroes(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>>;
 }
 
+/// A shared backend is a backend (wrappers such as QoS and metrics take
+/// any backend, the server takes `Arc<dyn NbdBackend>`).
+impl<B: NbdBackend + ?Sized> NbdBackend for Arc<B> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+
+    fn description(&self) -> String {
+        (**self).description()
+    }
+
+    fn read(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        (**self).read(offset_bytes, len)
+    }
+
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        (**self).write(offset_bytes, data, fua)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), BackendError>> {
+        (**self).flush()
+    }
+
+    fn trim(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        (**self).trim(offset_bytes, len)
+    }
+
+    fn write_zeroes(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        (**self).write_zeroes(offset_bytes, len)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // VolumeClient
 

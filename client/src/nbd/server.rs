@@ -21,6 +21,7 @@ use super::backend::{BackendError, NbdBackend};
 use super::handshake::{BlockSizes, ExportInfo, ExportLookup, Handshake, Negotiated, Step};
 use super::request::{validate, Command, Limits};
 use super::wire::*;
+use crate::metrics::NbdMetrics;
 
 /// Smallest I/O unit; also the volume's sector.
 pub const MINIMUM_BLOCK_BYTES: u32 = 512;
@@ -143,6 +144,7 @@ struct ServerInner {
     exports: ExportTable,
     config: NbdConfig,
     connections: Arc<Semaphore>,
+    metrics: NbdMetrics,
 }
 
 struct ExportTable(BTreeMap<String, Arc<dyn NbdBackend>>);
@@ -177,6 +179,22 @@ impl ExportLookup for ExportTable {
     }
 }
 
+/// Counts one accepted connection as open until dropped.
+struct ConnectionCounted(NbdMetrics);
+
+impl ConnectionCounted {
+    fn new(metrics: &NbdMetrics) -> ConnectionCounted {
+        metrics.accepted();
+        ConnectionCounted(metrics.clone())
+    }
+}
+
+impl Drop for ConnectionCounted {
+    fn drop(&mut self) {
+        self.0.closed();
+    }
+}
+
 /// A listener the accept loop can drive.
 trait Acceptor: Send {
     type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
@@ -206,6 +224,16 @@ impl NbdServer {
     pub fn new(
         exports: BTreeMap<String, Arc<dyn NbdBackend>>,
         config: NbdConfig,
+    ) -> Result<NbdServer, NbdError> {
+        NbdServer::with_metrics(exports, config, NbdMetrics::default())
+    }
+
+    /// [`NbdServer::new`], counting connections (accepted, open) in
+    /// `metrics`.
+    pub fn with_metrics(
+        exports: BTreeMap<String, Arc<dyn NbdBackend>>,
+        config: NbdConfig,
+        metrics: NbdMetrics,
     ) -> Result<NbdServer, NbdError> {
         config.validate()?;
         for (name, backend) in &exports {
@@ -238,6 +266,7 @@ impl NbdServer {
                 exports: ExportTable(exports),
                 config,
                 connections,
+                metrics,
             }),
         })
     }
@@ -295,8 +324,10 @@ impl NbdServer {
                         };
                         let inner = self.inner.clone();
                         let stop = stop_rx.clone();
+                        let counted = ConnectionCounted::new(&self.inner.metrics);
                         connections.spawn(async move {
                             let _permit = permit;
+                            let _counted = counted;
                             match serve_connection(inner, stream, stop).await {
                                 Ok(()) => tracing::debug!("nbd: connection closed"),
                                 Err(error) => tracing::info!(%error, "nbd: connection ended"),

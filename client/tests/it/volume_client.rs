@@ -316,3 +316,49 @@ async fn nbd_flush_of_acknowledged_writes_sends_nothing() {
     let error = NbdBackend::flush(&client).await.unwrap_err();
     assert_eq!(error.errno, NbdErrno::Shutdown);
 }
+
+#[tokio::test]
+async fn retries_and_failover_pauses_are_counted() {
+    let unit = Unit::start(1, 1, PARTITION).await;
+    let config = Unit::config();
+    let metrics = config.metrics.clone();
+    let client = unit.client(config).await;
+    client.write(0, pattern(4096, 7), false).await.unwrap();
+    assert_eq!(metrics.retries_total(), 0);
+    assert_eq!(metrics.failover_pauses_total(), 0);
+    unit.nodes[0].behaviour.lock().unwrap().unavailable = 5;
+    client.write(0, pattern(4096, 8), false).await.unwrap();
+    assert_eq!(metrics.retries_total(), 5);
+    assert_eq!(metrics.failover_pauses_total(), 1);
+    assert_eq!(metrics.retrying(), 0);
+    // Five backoffs of 5, 10, 20, 40, 50 ms.
+    assert!(metrics.longest_pause() >= Duration::from_millis(100));
+    let health = client.health();
+    assert_eq!(health.unusable, None, "{health:?}");
+    assert_eq!(health.primaries[0].state, "connected");
+}
+
+#[tokio::test]
+async fn health_reports_a_primary_down_on_both_networks() {
+    let unit = Unit::start(2, 2, PARTITION).await;
+    let client = unit.client(Unit::config()).await;
+    client.write(0, pattern(4096, 10), false).await.unwrap();
+    assert_eq!(client.health().unusable, None);
+    unit.nodes[0].stop();
+    // The link's probes notice within a few probe intervals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let health = client.health();
+        if let Some(reason) = &health.unusable {
+            assert!(reason.contains("down on both networks"), "{reason}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{health:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.close();
+    assert_eq!(
+        client.health().unusable.as_deref(),
+        Some("the volume client is closed")
+    );
+}

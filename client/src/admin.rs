@@ -1,0 +1,119 @@
+//! The attach agent's admin HTTP endpoint (axum), like the daemons':
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /metrics` | OpenMetrics text (`metrics.rs`; the README's table) |
+//! | `GET /health` | JSON; 200 when the volume client has a usable map and no partition's primary is down on both networks, else 503 with a `reason` |
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use crate::metrics::NbdMetrics;
+use crate::qos::QosLimits;
+use crate::VolumeClient;
+
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the admin endpoint reads.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub export: String,
+    pub registry: Arc<Registry>,
+    /// `None` for an in-memory export (always healthy).
+    pub client: Option<VolumeClient>,
+    pub nbd: NbdMetrics,
+    pub qos: QosLimits,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+fn qos_json(limits: &QosLimits) -> serde_json::Value {
+    let limit = |limit: &Option<crate::qos::Limit>| {
+        limit.map(|l| {
+            json!({
+                "rate": l.rate,
+                "burst": l.burst,
+                "burst_length_s": l.burst_length.as_secs_f64(),
+            })
+        })
+    };
+    json!({
+        "iops": limit(&limits.iops),
+        "read_iops": limit(&limits.read_iops),
+        "write_iops": limit(&limits.write_iops),
+        "bps": limit(&limits.bps),
+        "read_bps": limit(&limits.read_bps),
+        "write_bps": limit(&limits.write_bps),
+    })
+}
+
+async fn health(State(state): State<AdminState>) -> Response {
+    let Some(client) = &state.client else {
+        return Json(json!({
+            "status": "ok",
+            "export": state.export,
+            "backend": "memory",
+            "nbd_connections_open": state.nbd.open(),
+        }))
+        .into_response();
+    };
+    let health = client.health();
+    let (code, status) = match &health.unusable {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    (
+        code,
+        Json(json!({
+            "status": status,
+            "reason": health.unusable,
+            "export": state.export,
+            "volume": health.volume,
+            "size_bytes": health.size_bytes,
+            "map_generation": health.map_generation,
+            "map_error": health.map_error,
+            "partitions": health.partitions,
+            "primaries": health.primaries,
+            "requests_retrying": health.requests_retrying,
+            "nbd_connections_open": state.nbd.open(),
+            "qos": qos_json(&state.qos),
+        })),
+    )
+        .into_response()
+}
+
+/// Serve the admin endpoint on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
