@@ -156,6 +156,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         wal_path: config.wal_path(),
         wal_size_bytes: config.wal_size_bytes(),
         engine: config.engine()?,
+        wal_timeout: config.wal_timeout(),
         lease_duration: config.lease_duration(),
         lease_renew_interval: config.lease_renew_interval(),
         flush_age: config.flush_age(),

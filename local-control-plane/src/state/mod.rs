@@ -298,6 +298,18 @@ impl UnitState {
                     .get_mut(&node)
                     .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })?;
                 entry.health = health;
+                if health == Health::Up {
+                    entry.failure = None;
+                }
+                Ok(Outcome::Done)
+            }
+            Command::ReportNodeFailure { node, reason } => {
+                let entry = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| CommandError::UnknownNode { node: node.clone() })?;
+                entry.health = Health::Failed;
+                entry.failure = Some(reason);
                 Ok(Outcome::Done)
             }
             Command::SetSledHealth { sled, health } => {
@@ -430,6 +442,7 @@ impl UnitState {
                 address_b,
                 health: Health::Up,
                 paths: PathHealth::default(),
+                failure: None,
             },
         );
         Ok(Outcome::Done)
