@@ -15,10 +15,10 @@
 //!                                    initialize(voters) and campaigns; the
 //!                                    others only vote (they learn the
 //!                                    membership from its log). Voter of
-//!                                    rank r initialises itself only if it
-//!                                    is still uninitialised r × BOOTSTRAP_
-//!                                    FALLBACK later (the first voter is
-//!                                    missing). Same voter set everywhere, so
+//!                                    rank r initialises itself only if
+//!                                    every earlier voter has been silent
+//!                                    for r × BOOTSTRAP_FALLBACK (the first
+//!                                    voter is missing). Same voter set everywhere, so
 //!                                    a late second initialise is harmless.
 //!                                    One campaign at term 1, started when
 //!                                    it can win: a fresh unit serves at
@@ -143,9 +143,9 @@ const DETECTOR_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// (crate::quick_election): a few reads of in-memory state.
 const QUICK_ELECTION_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// A voter other than the first initialises the group itself only if it is
-/// still uninitialised this long (times its rank among the voters) after it
-/// started: the first voter is missing at the unit's first start.
+/// A voter other than the first initialises the group itself only once every
+/// voter ranked before it has been silent this long (times its rank): the
+/// first voter is missing at the unit's first start.
 const BOOTSTRAP_FALLBACK: Duration = Duration::from_secs(3);
 /// How often an uninitialised voter looks at its links before bootstrap.
 const BOOTSTRAP_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -866,7 +866,10 @@ async fn bootstrap(inner: Arc<Inner>) {
         .position(|id| *id == inner.raft_id)
         .unwrap_or(0);
     let quorum = inner.voters.len() / 2 + 1;
-    let fallback_at = tokio::time::Instant::now() + BOOTSTRAP_FALLBACK * rank as u32;
+    let fallback = BOOTSTRAP_FALLBACK * rank as u32;
+    // When a voter ranked before this one last answered (the start counts
+    // as an answer: it may still be starting).
+    let mut earlier_seen = tokio::time::Instant::now();
     loop {
         match inner.raft.is_initialized().await {
             Ok(true) => return,
@@ -876,12 +879,8 @@ async fn bootstrap(inner: Arc<Inner>) {
                 return;
             }
         }
-        let reachable = 1 + inner
-            .voters
-            .iter()
-            .filter(|id| **id != inner.raft_id)
-            .filter_map(|id| inner.nodes.get(id))
-            .filter(|info| {
+        let answers = |id: &RaftNodeId| {
+            inner.nodes.get(id).is_some_and(|info| {
                 inner
                     .links
                     .link(&info.id, info.address_a, info.address_b)
@@ -889,8 +888,23 @@ async fn bootstrap(inner: Arc<Inner>) {
                     .iter()
                     .any(|p| p.state == proto::link::PathState::Up)
             })
+        };
+        let reachable = 1 + inner
+            .voters
+            .iter()
+            .filter(|id| **id != inner.raft_id && answers(id))
             .count();
-        let my_turn = rank == 0 || tokio::time::Instant::now() >= fallback_at;
+        if inner
+            .voters
+            .iter()
+            .take_while(|id| **id != inner.raft_id)
+            .any(answers)
+        {
+            earlier_seen = tokio::time::Instant::now();
+        }
+        // An earlier voter that answers initialises (or will): only when
+        // every earlier one has been silent for `fallback` does this one.
+        let my_turn = rank == 0 || earlier_seen.elapsed() >= fallback;
         if my_turn && reachable >= quorum {
             break;
         }

@@ -438,6 +438,18 @@ async fn a_fresh_unit_serves_at_term_at_most_two() {
         "fresh unit serves: leader {:?}, term {}",
         raft.leader_name, raft.term
     );
+    if raft.term > 1 {
+        for head in &unit.head_nodes {
+            let log = std::fs::read_to_string(unit.dir.path().join(format!("{}.log", head.id)))
+                .unwrap_or_default();
+            for line in log
+                .lines()
+                .filter(|l| l.contains("initialis") || l.contains("vote") || l.contains("leader"))
+            {
+                eprintln!("{}: {line}", head.id);
+            }
+        }
+    }
     assert!(raft.term <= 2, "a fresh unit serves at term {}", raft.term);
     // Ten seconds of control-plane work (maps and status from every
     // member) leave the term where it was.
