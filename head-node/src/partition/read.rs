@@ -18,7 +18,7 @@ use futures::future::{self, Either};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
 use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
-use super::{bump, PartitionError, RepairItem, Shared};
+use super::{bump, ColumnFault, PartitionError, RepairItem, Shared};
 use crate::index::{Location, LookupPiece};
 use crate::wal::WalError;
 use proto::BLOCK_SIZE_BYTES;
@@ -280,8 +280,12 @@ async fn read_sled_once(
         let expected = view.expected.clone();
         async move { read_column(&shared, &sled, column_id, offset, n, Some(&expected)).await }
     });
-    let joined = |result: Result<Result<Bytes, String>, tokio::task::JoinError>| {
-        result.unwrap_or_else(|error| Err(format!("read task failed: {error}")))
+    let joined = |result: Result<Result<Bytes, ColumnFault>, tokio::task::JoinError>| {
+        result.unwrap_or_else(|error| {
+            Err(ColumnFault::unreadable(format!(
+                "read task failed: {error}"
+            )))
+        })
     };
     let hedge = tokio::time::sleep(shared.config.hedge_timeout);
     let slow = match future::select(&mut direct, Box::pin(hedge)).await {
@@ -335,13 +339,14 @@ async fn read_sled_once(
     }
 }
 
-fn report(shared: &Shared, extent: u64, column: u16, sled: &str, stripe: u64, reason: String) {
+fn report(shared: &Shared, extent: u64, column: u16, sled: &str, stripe: u64, fault: ColumnFault) {
     shared.report_repair(RepairItem {
         extent,
         column,
         sled: sled.to_string(),
         stripe,
-        reason,
+        kind: fault.kind,
+        reason: fault.reason,
     });
 }
 
@@ -354,7 +359,7 @@ async fn read_column(
     offset: u64,
     n: u64,
     expected: Option<&[u32]>,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, ColumnFault> {
     let request = SledRequest::Read {
         column,
         offset_bytes: offset,
@@ -363,36 +368,45 @@ async fn read_column(
     let call = shared.sleds.call(sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err(format!("no answer within {:?}", shared.config.sled_timeout)),
+        Ok(Err(error)) => return Err(ColumnFault::unreadable(error.to_string())),
+        Err(_) => {
+            return Err(ColumnFault::unreadable(format!(
+                "no answer within {:?}",
+                shared.config.sled_timeout
+            )))
+        }
     };
     let (data, stored) = match response {
         SledResponse::Data { data, block_crcs } => (data, block_crcs),
         SledResponse::Error(error @ SledError::ChecksumMismatch { .. }) => {
             bump(&shared.metrics.checksum_errors);
-            return Err(error.to_string());
+            return Err(ColumnFault::corrupt(error.to_string()));
         }
-        SledResponse::Error(error) => return Err(error.to_string()),
-        other => return Err(format!("unexpected answer {other:?}")),
+        SledResponse::Error(error) => return Err(ColumnFault::unreadable(error.to_string())),
+        other => {
+            return Err(ColumnFault::unreadable(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
     };
     if data.len() as u64 != n * BLOCK_SIZE_BYTES || stored.len() as u64 != n {
-        return Err(format!(
+        return Err(ColumnFault::unreadable(format!(
             "short read: {} bytes, {} CRCs",
             data.len(),
             stored.len()
-        ));
+        )));
     }
     for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         let crc = crc32c::crc32c(chunk);
         let want = expected.map_or(stored[i], |e| e[i]);
         if crc != stored[i] || crc != want {
             bump(&shared.metrics.checksum_errors);
-            return Err(format!(
+            return Err(ColumnFault::corrupt(format!(
                 "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
                 i,
                 offset + i as u64 * BLOCK_SIZE_BYTES,
                 stored[i]
-            ));
+            )));
         }
     }
     Ok(data)
@@ -422,12 +436,12 @@ async fn degraded_read(
             }
             match read_column(shared, &sled, id, row, chunk_blocks, None).await {
                 Ok(data) => Some(data.to_vec()),
-                Err(reason) => {
+                Err(fault) => {
                     tracing::debug!(
                         extent,
                         column = i,
                         stripe,
-                        reason,
+                        reason = fault.reason,
                         "chunk unavailable for a degraded read"
                     );
                     None
