@@ -1083,3 +1083,40 @@ async fn failed_write_log_takes_the_head_node_out_of_service() {
     work.finish(&cluster, "after a failed and a hung write log")
         .await;
 }
+
+/// Issue 14, item 7: the Raft term of a fresh unit (production timings),
+/// and after `LOAD_SECONDS` (default 60) of verifying writes through
+/// `VolumeClient` from `WORKERS` writers; a leader change under load fails
+/// the test. Prints both terms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_term_holds_under_write_load() {
+    let seconds: u64 = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let cluster = Cluster::start().await;
+    let (before, _) = cluster.lcp.unit_status().await.unwrap();
+    let work = Workload::start(&cluster).await;
+    let started = Instant::now();
+    let completions = work.writer.completions.load(Ordering::Relaxed);
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let done = work.writer.completions.load(Ordering::Relaxed) - completions;
+    let (after, _) = cluster.lcp.unit_status().await.unwrap();
+    eprintln!(
+        "raft term {} (leader {:?}) at start, {} (leader {:?}) after {seconds} s of writes ({done} operations, longest gap {:?})",
+        before.term,
+        before.leader_name,
+        after.term,
+        after.leader_name,
+        work.writer.take_gap()
+    );
+    work.finish(&cluster, "after the load").await;
+    assert!(before.term <= 2, "a fresh unit serves at term {}", before.term);
+    assert_eq!(
+        after.term, before.term,
+        "the leader changed under load\n{}",
+        cluster.logs()
+    );
+}
