@@ -146,7 +146,10 @@ const QUICK_ELECTION_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// A voter other than the first initialises the group itself only once every
 /// voter ranked before it has been silent this long (times its rank): the
 /// first voter is missing at the unit's first start.
-const BOOTSTRAP_FALLBACK: Duration = Duration::from_secs(3);
+/// Long: a first voter that is merely slow to start (its listeners bind
+/// after its write log is created) must not be raced by the second, whose
+/// own campaign would split the vote.
+const BOOTSTRAP_FALLBACK: Duration = Duration::from_secs(10);
 /// How often an uninitialised voter looks at its links before bootstrap.
 const BOOTSTRAP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 

@@ -1113,9 +1113,14 @@ async fn raft_term_holds_under_write_load() {
         work.writer.take_gap()
     );
     work.finish(&cluster, "after the load").await;
-    assert!(before.term <= 2, "a fresh unit serves at term {}", before.term);
+    assert!(
+        before.term <= 2,
+        "a fresh unit serves at term {}",
+        before.term
+    );
     assert_eq!(
-        after.term, before.term,
+        after.term,
+        before.term,
         "the leader changed under load\n{}",
         cluster.logs()
     );
