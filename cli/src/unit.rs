@@ -197,6 +197,13 @@ pub fn print_head_nodes(raft: &RaftStatus, unit: &UnitStatus) {
         ]);
     }
     table.print();
+    for node in unit.nodes.iter().filter(|n| n.failure.is_some()) {
+        println!(
+            "head node {} out of service: {}",
+            node.id,
+            node.failure.as_deref().unwrap_or_default()
+        );
+    }
 }
 
 /// Sleds with health, both paths, domains and column counts.

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | OpenMetrics text: Raft (is_leader, term, last_log_index, last_applied), detector path states, links, listeners |
 //! | `GET /health` | JSON; 200 when this node knows a leader (itself or another), else 503 |
-//! | `GET /status` | JSON `{raft, this_node, unit, datapath_ready, partitions}`: Raft status and unit status, linearizable (served via the leader), and the partitions hosted here |
+//! | `GET /status` | JSON `{raft, this_node, unit, datapath_ready, write_log_failure, partitions}`: Raft status and unit status, linearizable (served via the leader), and the partitions hosted here |
 //! | `GET /partitions` | JSON `{ready, partitions}`: the partitions hosted here (role, epoch, lease, log-resident blocks, flush/GC counters, repair queue), local |
 //! | `POST /flush` | flushes every primary here to the sleds now; JSON per partition (tests, operators before maintenance) |
 //! | `GET /volumes/{id}/partition-map` | JSON partition map, linearizable; 404 for an unknown volume |
@@ -96,6 +96,7 @@ async fn status(State(state): State<AdminState>) -> Response {
                 "this_node": local,
                 "unit": unit,
                 "datapath_ready": state.manager.is_ready(),
+                "write_log_failure": state.manager.log_failure(),
                 "partitions": state.manager.status(),
             }))
             .into_response()
@@ -107,6 +108,7 @@ async fn status(State(state): State<AdminState>) -> Response {
 async fn partitions(State(state): State<AdminState>) -> Response {
     Json(json!({
         "ready": state.manager.is_ready(),
+        "write_log_failure": state.manager.log_failure(),
         "partitions": state.manager.status(),
     }))
     .into_response()

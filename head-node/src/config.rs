@@ -84,6 +84,13 @@ pub struct HeadNodeConfig {
     /// pread/pwrite).
     #[serde(default)]
     pub io_engine: Option<String>,
+    /// Deadline of one write-log device operation, in milliseconds (default
+    /// 5000). A write, sync or superblock update that takes longer fails
+    /// the log like an I/O error does: the head node stops acknowledging,
+    /// stops renewing its leases and reports itself Failed, so its
+    /// partitions fail over (a hung log device is a failed one).
+    #[serde(default)]
+    pub wal_timeout_ms: Option<u64>,
     /// Read lease a primary asks the local control plane for, in
     /// milliseconds (default 600). Reads and writes are served only
     /// under a valid lease (ARCHITECTURE.md, Leases and failover); a dead
@@ -160,6 +167,8 @@ pub struct HeadNodeConfig {
 
 /// Default size of a newly created write log file.
 pub const DEFAULT_WAL_SIZE_BYTES: u64 = 1 << 30;
+/// Default deadline of one write-log device operation.
+pub const DEFAULT_WAL_TIMEOUT_MS: u64 = 5_000;
 /// Default primary lease.
 pub const DEFAULT_LEASE_DURATION_MS: u64 = 600;
 /// Default lease renewal interval.
@@ -269,6 +278,7 @@ impl HeadNodeConfig {
                 self.partition_poll_interval_ms,
             ),
             ("wal_size_bytes", self.wal_size_bytes),
+            ("wal_timeout_ms", self.wal_timeout_ms),
         ] {
             if value == Some(0) {
                 return Err(ConfigError::Invalid {
@@ -290,6 +300,11 @@ impl HeadNodeConfig {
     /// Size of a newly created write log.
     pub fn wal_size_bytes(&self) -> u64 {
         self.wal_size_bytes.unwrap_or(DEFAULT_WAL_SIZE_BYTES)
+    }
+
+    /// Deadline of one write-log device operation.
+    pub fn wal_timeout(&self) -> Duration {
+        Duration::from_millis(self.wal_timeout_ms.unwrap_or(DEFAULT_WAL_TIMEOUT_MS))
     }
 
     /// The write log's I/O engine (config, else the environment, else auto).
@@ -446,6 +461,7 @@ impl HeadNodeConfig {
             wal_path: Some(self.wal_path()),
             wal_size_bytes: Some(self.wal_size_bytes()),
             io_engine: self.io_engine.clone(),
+            wal_timeout_ms: ms(self.wal_timeout()),
             lease_duration_ms: ms(self.lease_duration()),
             lease_renew_interval_ms: ms(self.lease_renew_interval()),
             flush_age_ms: ms(self.flush_age()),

@@ -18,6 +18,15 @@
 //! ([`PartitionManager::handle_replica`]; `NotSecondary` otherwise),
 //! everything else (Raft, control-plane requests) → the [`LcpNode`].
 //!
+//! **The control plane has threads of its own.** The [`LcpNode`] (openraft's
+//! core, its replication streams and Raft links, the leader's controllers,
+//! the quick election) is started on a dedicated two-thread runtime, and
+//! every incoming Raft or control-plane request is handled there: on a
+//! busy box, heartbeats, votes and lease renewals no longer queue behind
+//! data-path tasks on the main runtime's workers (a leader that looked
+//! dead for an election timeout raised the term under load). Only the
+//! frames' reading and writing stay on the listener's connection task.
+//!
 //! Shutdown (the token) stops accepting, stops the partitions, stops Raft
 //! and returns. A fatal stop of the Raft core ([`LcpNode::fatal`]) does the
 //! same and returns [`HeadNodeError::RaftStopped`]: the process exits
@@ -70,6 +79,8 @@ pub enum HeadNodeError {
     /// from its data directory (its supervisor starts it again).
     #[error("local control plane stopped: {reason}")]
     RaftStopped { reason: String },
+    #[error("cannot start the control plane's runtime: {reason}")]
+    RaftRuntime { reason: String },
     #[error("cannot bind admin address {address}: {source}")]
     BindAdmin {
         address: SocketAddr,
@@ -87,19 +98,33 @@ struct NetworkLabels {
 struct HeadNodeHandler {
     node: LcpNode,
     manager: PartitionManager,
+    /// The control plane's runtime (module docs).
+    lcp_runtime: tokio::runtime::Handle,
 }
 
 impl Handler for HeadNodeHandler {
     fn handle(&self, request: Message) -> BoxFuture<'static, Message> {
         let node = self.node.clone();
         let manager = self.manager.clone();
+        let lcp_runtime = self.lcp_runtime.clone();
         Box::pin(async move {
             match request {
                 Message::Host(request) => Message::HostReply(manager.handle_host(request).await),
                 Message::Replica(request) => {
                     Message::ReplicaReply(manager.handle_replica(request).await)
                 }
-                other => node.handle(other).await,
+                other => {
+                    let answer = lcp_runtime.spawn(async move { node.handle(other).await });
+                    match answer.await {
+                        Ok(reply) => reply,
+                        // Only when the runtime shuts down: no reply, the
+                        // peer times out and retries elsewhere.
+                        Err(error) => {
+                            warn!(%error, "control-plane request dropped at shutdown");
+                            std::future::pending().await
+                        }
+                    }
+                }
             }
         })
     }
@@ -150,12 +175,24 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         failover: config.failover(),
         repair: config.repair(),
     };
-    let node = LcpNode::start(lcp_config, &mut registry).await?;
+    let lcp_runtime = LcpRuntime::start(shutdown.clone())?;
+    let (started, mut registry) = lcp_runtime
+        .handle
+        .spawn(async move {
+            let started = LcpNode::start(lcp_config, &mut registry).await;
+            (started, registry)
+        })
+        .await
+        .map_err(|e| HeadNodeError::RaftRuntime {
+            reason: e.to_string(),
+        })?;
+    let node = started?;
     let manager_config = ManagerConfig {
         node_id: config.head_node_id.clone(),
         wal_path: config.wal_path(),
         wal_size_bytes: config.wal_size_bytes(),
         engine: config.engine()?,
+        wal_timeout: config.wal_timeout(),
         lease_duration: config.lease_duration(),
         lease_renew_interval: config.lease_renew_interval(),
         flush_age: config.flush_age(),
@@ -187,6 +224,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         tasks.spawn(serve_network(
             node.clone(),
             manager.clone(),
+            lcp_runtime.handle.clone(),
             network,
             address,
             gauge,
@@ -261,14 +299,54 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
     }
 }
 
+/// The control plane's runtime (module docs): two worker threads, so a
+/// blocking Raft log sync on one never holds back heartbeats on the other.
+/// It lives until the daemon's shutdown token is cancelled and the last
+/// handle is gone.
+struct LcpRuntime {
+    handle: tokio::runtime::Handle,
+}
+
+/// Worker threads of the control plane's runtime.
+const LCP_RUNTIME_THREADS: usize = 2;
+
+impl LcpRuntime {
+    fn start(shutdown: CancellationToken) -> Result<LcpRuntime, HeadNodeError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(LCP_RUNTIME_THREADS)
+            .thread_name("lcp")
+            .enable_all()
+            .build()
+            .map_err(|e| HeadNodeError::RaftRuntime {
+                reason: e.to_string(),
+            })?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("lcp-runtime".into())
+            .spawn(move || {
+                runtime.block_on(shutdown.cancelled());
+                // Dropped outside any async context; give Raft's shutdown
+                // (awaited by `run` on the main runtime) time to finish.
+                std::thread::sleep(SHUTDOWN_DRAIN_BOUND);
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(|e| HeadNodeError::RaftRuntime {
+                reason: e.to_string(),
+            })?;
+        Ok(LcpRuntime { handle })
+    }
+}
+
 /// How long shutdown waits for the daemon's tasks before aborting them.
 const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 /// Binds `address` (retrying every second until bound or shutdown) and
 /// serves the protocol on it.
+#[allow(clippy::too_many_arguments)]
 async fn serve_network(
     node: LcpNode,
     manager: PartitionManager,
+    lcp_runtime: tokio::runtime::Handle,
     network: &'static str,
     address: SocketAddr,
     listener_up: Gauge,
@@ -283,7 +361,11 @@ async fn serve_network(
     listener_up.set(1);
     let result = proto::server::serve_with_metrics(
         listener,
-        Arc::new(HeadNodeHandler { node, manager }),
+        Arc::new(HeadNodeHandler {
+            node,
+            manager,
+            lcp_runtime,
+        }),
         proto::server::ServerConfig::default(),
         shutdown,
         metrics,

@@ -46,6 +46,18 @@
 //! the duration) for clock rate differences, so this node stops serving
 //! before the control plane's copy of the lease expires.
 //!
+//! **A failed write log** (EIO, a failed sync, an operation past
+//! `wal_timeout`: the log fail-stops, see [`crate::wal`]) takes the whole
+//! node out of service at once: every hosted partition is shut down (no
+//! more acknowledgements, no lease renewals; host requests get the
+//! retryable `Unavailable`, replication `NotSecondary`), nothing is opened
+//! again, and the node reports itself Failed to the control plane with the
+//! reason ([`Command::ReportNodeFailure`]), so the failover controller
+//! promotes its primaries' secondaries once their leases are over and
+//! re-mirrors its secondaries, as for a dead node. `/status` and
+//! `rackblock_wal_failed{path,reason}` say which log failed and why. A
+//! restart with a working log sets the node Up again.
+//!
 //! **Role changes** (failover, re-mirroring; the control plane's failover
 //! controller decides them). A secondary promoted while running, and a
 //! primary whose epoch moved on because its secondary was replaced, are
@@ -66,8 +78,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
-use hardware::{open_device, EngineChoice, OpenOptions};
-use local_control_plane::state::{NodeId, UnitState};
+use hardware::{open_device, EngineChoice, FaultyDevice, OpenOptions, SharedDevice, TimedDevice};
+use local_control_plane::state::{Health, NodeId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -116,6 +128,8 @@ pub struct ManagerConfig {
     pub wal_path: std::path::PathBuf,
     pub wal_size_bytes: u64,
     pub engine: EngineChoice,
+    /// Deadline of one write-log device operation.
+    pub wal_timeout: Duration,
     pub lease_duration: Duration,
     pub lease_renew_interval: Duration,
     pub flush_age: Duration,
@@ -177,6 +191,12 @@ impl Hosted {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WalFailedLabels {
+    path: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
     partition: String,
 }
@@ -203,6 +223,9 @@ struct ManagerMetrics {
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
+    /// 1 with the log's path and the failure's reason once the log failed;
+    /// 0 with an empty reason while it works.
+    wal_failed: Family<WalFailedLabels, Gauge>,
     hosted_partitions: Gauge,
     ready: Gauge,
     /// Host requests refused for their attachment credential.
@@ -313,6 +336,11 @@ impl ManagerMetrics {
             m.wal_capacity_bytes.clone(),
         );
         registry.register(
+            "rackblock_wal_failed",
+            "1 once the write log failed (the head node is out of service), with the log's path and the reason; 0 while it works",
+            m.wal_failed.clone(),
+        );
+        registry.register(
             "rackblock_hosted_partitions",
             "Partitions this head node serves (primary or secondary)",
             m.hosted_partitions.clone(),
@@ -387,6 +415,19 @@ pub struct PartitionStatus {
     pub recovery_duration_ms: u64,
 }
 
+/// Why this head node's write log failed (`/status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LogFailure {
+    /// The log's device.
+    pub path: String,
+    /// The device error that stopped it.
+    pub reason: String,
+    /// Wall-clock time of the failure, milliseconds since the epoch.
+    pub at_ms: u64,
+    /// Whether the control plane recorded this node Failed.
+    pub reported: bool,
+}
+
 /// What `/flush` did for one primary.
 #[derive(Debug, Clone, Serialize)]
 pub struct FlushOutcome {
@@ -427,6 +468,10 @@ struct Inner {
     /// skips the SHA-256. Revocation needs no invalidation: the state
     /// lookup comes first.
     verified_tokens: RwLock<HashMap<(u64, u64), VerifiedToken>>,
+    /// Set (under the `hosted` write lock) once the log failed: nothing is
+    /// hosted or opened again.
+    out_of_service: AtomicBool,
+    log_failure: Mutex<Option<LogFailure>>,
     shutdown: CancellationToken,
 }
 
@@ -515,6 +560,14 @@ impl PartitionManager {
                 path: config.wal_path.clone(),
                 source,
             })?;
+        let device = test_fault_device(device);
+        // A hung log device is a failed one (module docs).
+        let device: SharedDevice = Arc::new(TimedDevice::new(device, config.wal_timeout).map_err(
+            |source| ManagerError::Device {
+                path: config.wal_path.clone(),
+                source,
+            },
+        )?);
         let (wal, recovered) =
             Wal::open(device, WalOptions::default())
                 .await
@@ -551,6 +604,13 @@ impl PartitionManager {
             link_metrics,
         ));
         let metrics = ManagerMetrics::register(registry);
+        metrics
+            .wal_failed
+            .get_or_create(&WalFailedLabels {
+                path: config.wal_path.display().to_string(),
+                reason: String::new(),
+            })
+            .set(0);
         let extents = LcpExtents::new(node.clone(), sleds.clone())
             .with_min_flush_columns(rack.unit.min_flush_columns);
         Ok(PartitionManager {
@@ -569,6 +629,8 @@ impl PartitionManager {
                 metrics,
                 access_sync: tokio::sync::Mutex::new(None),
                 verified_tokens: RwLock::new(HashMap::new()),
+                out_of_service: AtomicBool::new(false),
+                log_failure: Mutex::new(None),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -581,6 +643,7 @@ impl PartitionManager {
         // A role change (promotion) is acted on as soon as it is applied
         // here, not a poll interval later.
         let mut metrics = inner.node.raft().metrics();
+        tokio::spawn(watch_log(self.inner.clone(), shutdown.clone()));
         loop {
             let applied = metrics.borrow_and_update().last_applied;
             reconcile(inner).await;
@@ -620,6 +683,11 @@ impl PartitionManager {
         inner.sleds.close();
     }
 
+    /// Why the write log failed, once it did (the node is out of service).
+    pub fn log_failure(&self) -> Option<LogFailure> {
+        lock(&self.inner.log_failure).clone()
+    }
+
     /// Whether every partition with recovered log records is open.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
@@ -628,6 +696,9 @@ impl PartitionManager {
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
         let inner = &self.inner;
+        if inner.out_of_service.load(Ordering::Acquire) {
+            return unavailable("this head node's write log failed; its partitions fail over");
+        }
         if let Err(error) = check_host_access(inner, &request).await {
             return HostReply::Error(error);
         }
@@ -653,6 +724,9 @@ impl PartitionManager {
     /// Answers a replication request (see the module docs).
     pub async fn handle_replica(&self, request: ReplicaRequest) -> ReplicaReply {
         let inner = &self.inner;
+        if inner.out_of_service.load(Ordering::Acquire) {
+            return ReplicaReply::Error(ReplicaError::NotSecondary);
+        }
         let hosted = read(&inner.hosted).get(&request.partition()).cloned();
         match hosted {
             Some(h) if h.role == OpenRole::Secondary && inner.ready.load(Ordering::Acquire) => {
@@ -943,6 +1017,9 @@ fn update_metrics(inner: &Inner) {
 
 /// One reconciliation step (see the module docs).
 async fn reconcile(inner: &Arc<Inner>) {
+    if inner.out_of_service.load(Ordering::Acquire) {
+        return;
+    }
     if !inner.synced.load(Ordering::Acquire) {
         if !inner.node.leader_known() {
             return;
@@ -974,6 +1051,23 @@ async fn reconcile(inner: &Arc<Inner>) {
         }
     }
     let state = inner.node.local_state();
+    // Back in service after a restart with a working log: this node
+    // reported itself Failed (a failure reason is recorded); nothing else
+    // sets a head node Failed.
+    if state
+        .nodes()
+        .get(&inner.me)
+        .is_some_and(|n| n.health == Health::Failed && n.failure.is_some())
+    {
+        let command = Command::SetNodeHealth {
+            node: inner.me.clone(),
+            health: Health::Up,
+        };
+        match propose(&inner.node, command).await {
+            Ok(_) => info!("write log works again: this head node is back in service"),
+            Err(error) => debug!(%error, "cannot record this head node Up yet"),
+        }
+    }
     let desired = desired_partitions(&state, &inner.me);
 
     // Drop what is no longer ours or changed role; note new epochs.
@@ -1141,11 +1235,132 @@ fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Par
         flushes_failed: AtomicU64::new(0),
         promotion_pending: AtomicBool::new(false),
     });
+    let mut all = write(&inner.hosted);
+    if inner.out_of_service.load(Ordering::Acquire) {
+        // The log failed while this partition opened: serve nothing.
+        hosted.cancel.cancel();
+        hosted.partition.shutdown();
+        return;
+    }
     if d.role == OpenRole::Primary {
         tokio::spawn(lease_task(inner.clone(), hosted.clone()));
         tokio::spawn(duty_task(inner.clone(), hosted.clone()));
     }
-    write(&inner.hosted).insert(id, hosted);
+    all.insert(id, hosted);
+}
+
+/// `RACKBLOCK_TEST_WAL_FAULT_FILE`, for end-to-end tests only: when set, the
+/// write log's device is wrapped in a [`FaultyDevice`] driven by that file,
+/// read every 100 ms: `eio` fails every write (and sync) with EIO, `hang`
+/// delays every operation by an hour (the `wal_timeout` deadline turns it
+/// into a failure), anything else heals. Unset (the product's path), the
+/// device is returned as it is.
+fn test_fault_device(device: SharedDevice) -> SharedDevice {
+    let Some(file) = std::env::var_os("RACKBLOCK_TEST_WAL_FAULT_FILE") else {
+        return device;
+    };
+    let file = std::path::PathBuf::from(file);
+    warn!(control = %file.display(), "write log on a fault-injection device (RACKBLOCK_TEST_WAL_FAULT_FILE)");
+    let size_bytes = device.info().size_bytes;
+    let faulty = Arc::new(FaultyDevice::new(device));
+    let control = faulty.control();
+    std::thread::spawn(move || {
+        let mut applied = String::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let wanted = std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if wanted == applied {
+                continue;
+            }
+            control.heal();
+            match wanted.as_str() {
+                "eio" => control.fail_range(0, size_bytes, hardware::FaultOps::Writes),
+                "hang" => control.set_latency(Duration::from_secs(3600)),
+                _ => {}
+            }
+            applied = wanted;
+        }
+    });
+    faulty
+}
+
+/// Waits for the write log to fail, then takes the node out of service
+/// (see the module docs).
+async fn watch_log(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let wal = inner.log.wal().clone();
+    let reason = tokio::select! {
+        reason = wal.failed() => reason,
+        () = shutdown.cancelled() => return,
+    };
+    take_out_of_service(&inner, wal.path(), &reason, &shutdown).await;
+}
+
+/// Stops every partition and reports this node Failed (module docs).
+async fn take_out_of_service(
+    inner: &Arc<Inner>,
+    path: &std::path::Path,
+    reason: &str,
+    shutdown: &CancellationToken,
+) {
+    let path = path.display().to_string();
+    tracing::error!(log = %path, %reason, "write log failed: taking this head node out of service");
+    *lock(&inner.log_failure) = Some(LogFailure {
+        path: path.clone(),
+        reason: reason.to_string(),
+        at_ms: now_ms(),
+        reported: false,
+    });
+    inner.metrics.wal_failed.clear();
+    inner
+        .metrics
+        .wal_failed
+        .get_or_create(&WalFailedLabels {
+            path: path.clone(),
+            reason: reason.to_string(),
+        })
+        .set(1);
+    let hosted = {
+        let mut hosted = write(&inner.hosted);
+        inner.out_of_service.store(true, Ordering::Release);
+        std::mem::take(&mut *hosted)
+    };
+    for (id, h) in hosted {
+        // No renewal after this; the lease lapses on its own.
+        h.cancel.cancel();
+        *lock(&h.lease_until) = None;
+        h.partition.shutdown();
+        for family in inner.metrics.families() {
+            family.remove(&label(id));
+        }
+    }
+    let command = Command::ReportNodeFailure {
+        node: inner.me.clone(),
+        reason: format!("write log {path} failed: {reason}"),
+    };
+    // Bounded by the shutdown: without a leader the report waits for one.
+    loop {
+        match propose(&inner.node, command.clone()).await {
+            Ok(_) => {
+                info!(log = %path, "control plane recorded this head node Failed");
+                if let Some(failure) = lock(&inner.log_failure).as_mut() {
+                    failure.reported = true;
+                }
+                return;
+            }
+            Err(ProposeError::Refused(error)) => {
+                warn!(%error, "control plane refused the failure report");
+                return;
+            }
+            Err(error) => debug!(%error, "failure report not committed yet; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(LEASE_RETRY_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 async fn open_partition(inner: &Arc<Inner>, id: PartitionId, d: Desired) {

@@ -352,7 +352,7 @@ impl RepairWorker {
         let mut wanted: BTreeSet<TaskKey> = BTreeSet::new();
         for partition in primaries {
             for item in partition.take_repair_items() {
-                let corrupt = item.reason.contains("CRC") || item.reason.contains("checksum");
+                let corrupt = item.kind == crate::partition::ColumnFaultKind::Corrupt;
                 if corrupt && wanted.len() < MAX_CORRUPTION_REPORTS_PER_POLL {
                     wanted.insert(TaskKey {
                         extent: item.extent,

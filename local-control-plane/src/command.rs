@@ -132,6 +132,8 @@ pub enum Command {
         now_ms: u64,
         duration_ms: u64,
     },
+    /// Set a node's health (the detector: Down and back Up; Up also clears
+    /// a reported failure).
     SetNodeHealth {
         node: NodeId,
         health: Health,
@@ -235,6 +237,15 @@ pub enum Command {
     /// Forget a volume being deleted whose extents are all released.
     PurgeVolume {
         volume: VolumeId,
+    },
+    /// A head node took itself out of service (its write log failed): it is
+    /// Failed with `reason`, so the failover controller moves its primaries
+    /// (once their leases are over) and secondaries, placement gives it no
+    /// new role, and the detector leaves it alone. Set Up again by the node
+    /// itself once it restarted with a working log.
+    ReportNodeFailure {
+        node: NodeId,
+        reason: String,
     },
 }
 

@@ -429,6 +429,58 @@ mod tests {
         state.check_invariants().unwrap();
     }
 
+    /// A head node whose write log failed reports itself Failed with the
+    /// reason: every role it holds moves (primaries once the lease is
+    /// over), no new one lands on it, and Up again clears the reason.
+    #[test]
+    fn a_reported_log_failure_moves_every_role_off_the_node() {
+        let mut state = unit(4, 8);
+        let held = |state: &UnitState| {
+            state
+                .volumes()
+                .values()
+                .flat_map(|v| v.partitions.iter())
+                .filter(|p| p.primary.0 == "hn-1" || p.secondary.0 == "hn-1")
+                .count()
+        };
+        assert!(held(&state) > 0);
+        let primaries: Vec<PartitionId> = state
+            .volumes()
+            .values()
+            .flat_map(|v| v.partitions.iter())
+            .filter(|p| p.primary.0 == "hn-1")
+            .map(|p| p.id)
+            .collect();
+        for p in &primaries {
+            lease(&mut state, *p, 10_000, 600);
+        }
+        state
+            .apply(Command::ReportNodeFailure {
+                node: NodeId::new("hn-1"),
+                reason: "write log /d/wal.img failed: EIO".into(),
+            })
+            .unwrap();
+        let node = &state.nodes()[&NodeId::new("hn-1")];
+        assert_eq!(node.health, Health::Failed);
+        assert_eq!(
+            node.failure.as_deref(),
+            Some("write log /d/wal.img failed: EIO")
+        );
+        // Secondaries move at once; primaries wait for their leases.
+        let early = plan(&state, 10_100, 60);
+        apply(&mut state, &early, 10_100);
+        let late = plan(&state, 10_700, 60);
+        apply(&mut state, &late, 10_700);
+        assert_eq!(held(&state), 0, "{early:?} {late:?}");
+        state
+            .apply(Command::SetNodeHealth {
+                node: NodeId::new("hn-1"),
+                health: Health::Up,
+            })
+            .unwrap();
+        assert_eq!(state.nodes()[&NodeId::new("hn-1")].failure, None);
+    }
+
     #[test]
     fn healthy_unit_plans_nothing() {
         let state = unit(3, 6);

@@ -9,10 +9,21 @@
 //!
 //! ```text
 //! start ─▶ open store (log, vote, state machine) ─▶ Raft::new
-//!   voter and never initialised? ─▶ initialize(voters)   (same set on every
-//!                                    voter: the first to win an election
-//!                                    commits it; the others' calls are
-//!                                    refused as NotAllowed, which is fine)
+//!   voter and never initialised? ─▶ in the background: once a majority of
+//!                                    the voters answers probes, the FIRST
+//!                                    voter (lowest Raft id) calls
+//!                                    initialize(voters) and campaigns; the
+//!                                    others only vote (they learn the
+//!                                    membership from its log). Voter of
+//!                                    rank r initialises itself only if
+//!                                    every earlier voter has been silent
+//!                                    for r × BOOTSTRAP_FALLBACK (the first
+//!                                    voter is missing). Same voter set everywhere, so
+//!                                    a late second initialise is harmless.
+//!                                    One campaign at term 1, started when
+//!                                    it can win: a fresh unit serves at
+//!                                    term 1, not after an election per
+//!                                    timeout while its peers were starting.
 //! leader duties (while this node leads, restarted on every new term):
 //!   1. add_learner for rack head nodes missing from the membership
 //!   2. register the rack inventory (head nodes, sleds, devices, domains,
@@ -131,6 +142,16 @@ const DETECTOR_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often a voter checks whether its leader's process is gone
 /// (crate::quick_election): a few reads of in-memory state.
 const QUICK_ELECTION_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A voter other than the first initialises the group itself only once every
+/// voter ranked before it has been silent this long (times its rank): the
+/// first voter is missing at the unit's first start.
+/// Long: a first voter that is merely slow to start (its listeners bind
+/// after its write log is created) must not be raced by the second, whose
+/// own campaign would split the vote.
+const BOOTSTRAP_FALLBACK: Duration = Duration::from_secs(10);
+/// How often an uninitialised voter looks at its links before bootstrap.
+const BOOTSTRAP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Largest snapshot chunk sent in one RPC (JSON-encoded, so it grows).
 const SNAPSHOT_CHUNK_BYTES: u64 = 256 << 10;
@@ -480,7 +501,10 @@ impl LcpNode {
             inner,
             tasks: Arc::new(Mutex::new(Vec::new())),
         };
-        node.bootstrap().await?;
+        if node.inner.voters.contains(&raft_id) && !node.initialized().await? {
+            let bootstrap = tokio::spawn(bootstrap(node.inner.clone()));
+            lock(&node.tasks).push(bootstrap);
+        }
         if config.quick_election {
             let quick_election = QuickElection::new(QuickElectionConfig::for_raft(
                 config.heartbeat_interval,
@@ -505,37 +529,14 @@ impl LcpNode {
         Ok(node)
     }
 
-    async fn bootstrap(&self) -> Result<(), StartError> {
-        let inner = &self.inner;
-        if !inner.voters.contains(&inner.raft_id) {
-            return Ok(());
-        }
-        let initialized = inner
+    async fn initialized(&self) -> Result<bool, StartError> {
+        self.inner
             .raft
             .is_initialized()
             .await
             .map_err(|e| StartError::Raft {
                 reason: e.to_string(),
-            })?;
-        if initialized {
-            return Ok(());
-        }
-        let voters: BTreeMap<RaftNodeId, HeadNodeInfo> = inner
-            .nodes
-            .iter()
-            .filter(|(id, _)| inner.voters.contains(id))
-            .map(|(id, info)| (*id, info.clone()))
-            .collect();
-        match inner.raft.initialize(voters).await {
-            Ok(()) => {
-                info!(node = %inner.name, "initialised the unit's raft group from the rack file");
-                Ok(())
-            }
-            Err(openraft::error::RaftError::APIError(OiError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(StartError::Raft {
-                reason: format!("initialize: {e}"),
-            }),
-        }
+            })
     }
 
     /// This node's Raft id.
@@ -858,6 +859,75 @@ async fn metrics_loop(inner: Arc<Inner>, gauges: RaftGauges) {
 
 /// Runs while the process lives: starts an election at once when the
 /// leader's process is gone (see crate::quick_election).
+/// First start of a voter (see the module docs): the first voter
+/// initialises the group once a majority of voters answers; another voter
+/// only if the first one has not done it `rank × BOOTSTRAP_FALLBACK` later.
+async fn bootstrap(inner: Arc<Inner>) {
+    let rank = inner
+        .voters
+        .iter()
+        .position(|id| *id == inner.raft_id)
+        .unwrap_or(0);
+    let quorum = inner.voters.len() / 2 + 1;
+    let fallback = BOOTSTRAP_FALLBACK * rank as u32;
+    // When a voter ranked before this one last answered (the start counts
+    // as an answer: it may still be starting).
+    let mut earlier_seen = tokio::time::Instant::now();
+    loop {
+        match inner.raft.is_initialized().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(error) => {
+                warn!(%error, "bootstrap: raft stopped");
+                return;
+            }
+        }
+        let answers = |id: &RaftNodeId| {
+            inner.nodes.get(id).is_some_and(|info| {
+                inner
+                    .links
+                    .link(&info.id, info.address_a, info.address_b)
+                    .paths()
+                    .iter()
+                    .any(|p| p.state == proto::link::PathState::Up)
+            })
+        };
+        let reachable = 1 + inner
+            .voters
+            .iter()
+            .filter(|id| **id != inner.raft_id && answers(id))
+            .count();
+        if inner
+            .voters
+            .iter()
+            .take_while(|id| **id != inner.raft_id)
+            .any(answers)
+        {
+            earlier_seen = tokio::time::Instant::now();
+        }
+        // An earlier voter that answers initialises (or will): only when
+        // every earlier one has been silent for `fallback` does this one.
+        let my_turn = rank == 0 || earlier_seen.elapsed() >= fallback;
+        if my_turn && reachable >= quorum {
+            break;
+        }
+        tokio::time::sleep(BOOTSTRAP_POLL_INTERVAL).await;
+    }
+    let voters: BTreeMap<RaftNodeId, HeadNodeInfo> = inner
+        .nodes
+        .iter()
+        .filter(|(id, _)| inner.voters.contains(id))
+        .map(|(id, info)| (*id, info.clone()))
+        .collect();
+    match inner.raft.initialize(voters).await {
+        Ok(()) => {
+            info!(node = %inner.name, rank, "initialised the unit's raft group from the rack file");
+        }
+        Err(openraft::error::RaftError::APIError(OiError::NotAllowed(_))) => {}
+        Err(error) => warn!(node = %inner.name, %error, "cannot initialise the raft group"),
+    }
+}
+
 async fn quick_election_loop(inner: Arc<Inner>, mut policy: QuickElection, triggered: Counter) {
     let mut tick = tokio::time::interval(QUICK_ELECTION_POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

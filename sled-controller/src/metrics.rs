@@ -74,6 +74,8 @@ pub struct Metrics {
     pub listener_up: Family<NetworkLabels, Gauge>,
     pub requests_by_network: Family<NetworkLabels, Counter>,
     pub scrub_bad_blocks: Counter,
+    /// Bad-block list entries dropped at its bound (oldest first).
+    pub scrub_bad_blocks_dropped: Counter,
     pub scrub_bytes_verified: Counter,
     pub scrub_passes: Counter,
     /// Connection-level counters of the protocol servers (both networks).
@@ -151,6 +153,12 @@ impl Metrics {
             "Bad blocks found by the scrubber",
             scrub_bad_blocks.clone(),
         );
+        let scrub_bad_blocks_dropped = Counter::default();
+        registry.register(
+            "rackblock_sled_scrub_bad_blocks_dropped",
+            "Bad-block list entries dropped, oldest first, when the list was full",
+            scrub_bad_blocks_dropped.clone(),
+        );
         let scrub_bytes_verified = Counter::default();
         registry.register(
             "rackblock_sled_scrub_verified_bytes",
@@ -175,6 +183,7 @@ impl Metrics {
             listener_up,
             requests_by_network,
             scrub_bad_blocks,
+            scrub_bad_blocks_dropped,
             scrub_bytes_verified,
             scrub_passes,
             server,

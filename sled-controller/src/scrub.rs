@@ -8,9 +8,19 @@
 //! worth, at least one chunk), so scrubbing never takes more than its share
 //! of the device. Bad blocks are logged, counted
 //! (`rackblock_sled_scrub_bad_blocks_total`, once per distinct block) and kept
-//! in a list bounded to [`MAX_REPORTED_BAD_BLOCKS`] entries for
-//! `SledRequest::ScrubReport`. A failed device is skipped; per-column errors
-//! end that column's walk for this pass only.
+//! in a list for `SledRequest::ScrubReport`. A failed device is skipped;
+//! per-column errors end that column's walk for this pass only.
+//!
+//! **The bad-block list** holds what the scrubber found and what a client
+//! read found (a `Read` answered `ChecksumMismatch`, see `service.rs`),
+//! deduplicated. It is bounded to [`MAX_REPORTED_BAD_BLOCKS`] entries: at
+//! the bound the **oldest** entry is dropped for the new one and counted
+//! (`rackblock_sled_scrub_bad_blocks_dropped_total`); a dropped block that
+//! is still bad is found again by the next pass. Entries of a column are
+//! forgotten when the column is freed or claimed empty, and from an
+//! offset on when an append rewrites the column there: the report only
+//! names blocks that are still bad. Bad blocks the store found at open
+//! (metadata recovery) are added by the first pass only.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -114,11 +124,21 @@ impl Scrubber {
             column,
             offset_bytes: offset,
         };
-        if st.known.len() >= MAX_REPORTED_BAD_BLOCKS || !st.known.insert(bad.clone()) {
+        if !st.known.insert(bad.clone()) {
             return false;
         }
         st.bad_blocks.push_back(bad);
+        let mut dropped = 0;
+        while st.bad_blocks.len() > MAX_REPORTED_BAD_BLOCKS {
+            if let Some(oldest) = st.bad_blocks.pop_front() {
+                st.known.remove(&oldest);
+                dropped += 1;
+            }
+        }
         drop(st);
+        if dropped > 0 {
+            self.metrics.scrub_bad_blocks_dropped.inc_by(dropped);
+        }
         warn!(
             device = column.device,
             column = column.index,
@@ -129,6 +149,18 @@ impl Scrubber {
         true
     }
 
+    /// Forgets the bad blocks of `column` at or after `from_offset` (0: the
+    /// whole column): it was freed, claimed empty, or rewritten from there.
+    pub fn forget_column(&self, column: ColumnId, from_offset: u64) {
+        let mut st = self.lock();
+        let stale = |b: &BadBlock| b.column == column && b.offset_bytes >= from_offset;
+        if !st.bad_blocks.iter().any(stale) {
+            return;
+        }
+        st.bad_blocks.retain(|b| !stale(b));
+        st.known.retain(|b| !stale(b));
+    }
+
     /// One pass over `stores`; throttled by `bucket` if given. Stops early
     /// (without counting the pass) when `cancel` fires.
     pub async fn pass(
@@ -137,8 +169,9 @@ impl Scrubber {
         mut bucket: Option<&mut TokenBucket>,
         cancel: &CancellationToken,
     ) {
+        let first_pass = self.lock().passes == 0;
         for store in stores {
-            for bad in store.recovered_bad_blocks() {
+            for bad in store.recovered_bad_blocks().iter().filter(|_| first_pass) {
                 self.record_bad_block(
                     ColumnId {
                         device: store.device_index(),
@@ -219,6 +252,47 @@ impl Scrubber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn col(index: u32) -> ColumnId {
+        ColumnId { device: 0, index }
+    }
+
+    #[test]
+    fn bad_block_list_drops_the_oldest_at_its_bound_and_forgets_rewritten_columns() {
+        let metrics = Arc::new(Metrics::new());
+        let scrubber = Scrubber::new(metrics.clone());
+        let over = MAX_REPORTED_BAD_BLOCKS as u64 + 10;
+        for i in 0..over {
+            assert!(scrubber.record_bad_block(col(1), i * 4096));
+        }
+        // Duplicates are not recorded twice.
+        assert!(!scrubber.record_bad_block(col(1), (over - 1) * 4096));
+        let report = scrubber.report();
+        assert_eq!(report.bad_blocks.len(), MAX_REPORTED_BAD_BLOCKS);
+        assert_eq!(
+            report.bad_blocks[0].offset_bytes,
+            10 * 4096,
+            "oldest dropped"
+        );
+        assert_eq!(metrics.scrub_bad_blocks_dropped.get(), 10);
+        // A dropped block found bad again is recorded again.
+        assert!(scrubber.record_bad_block(col(1), 0));
+        scrubber.record_bad_block(col(2), 4096);
+        // Rewritten from offset 8 KiB on: earlier entries stay.
+        scrubber.forget_column(col(1), 2 * 4096);
+        let left: Vec<_> = scrubber.report().bad_blocks;
+        assert!(left
+            .iter()
+            .all(|b| b.column != col(1) || b.offset_bytes < 2 * 4096));
+        assert!(left
+            .iter()
+            .any(|b| b.column == col(1) && b.offset_bytes == 0));
+        // Freed: nothing of column 1 is left, column 2 is untouched.
+        scrubber.forget_column(col(1), 0);
+        let left = scrubber.report().bad_blocks;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].column, col(2));
+    }
 
     #[test]
     fn token_bucket_paces_to_rate() {

@@ -240,6 +240,7 @@ impl Sled {
                 self.store(column)?
                     .free(column.index, partition, epoch)
                     .await?;
+                self.scrubber.forget_column(column, 0);
                 SledResponse::Freed
             }
             SledRequest::Claim {
@@ -251,6 +252,9 @@ impl Sled {
                     .store(column)?
                     .claim(column.index, partition, epoch)
                     .await?;
+                if length_bytes == 0 {
+                    self.scrubber.forget_column(column, 0);
+                }
                 SledResponse::Claimed {
                     epoch,
                     length_bytes,
@@ -268,6 +272,8 @@ impl Sled {
                     .store(column)?
                     .append(column.index, partition, epoch, offset, &data, &block_crcs)
                     .await?;
+                // Rewritten from `offset` on: older findings there are stale.
+                self.scrubber.forget_column(column, offset);
                 SledResponse::Appended { length_bytes }
             }
             SledRequest::Read {
@@ -275,10 +281,22 @@ impl Sled {
                 offset_bytes: offset,
                 len_bytes: len,
             } => {
-                let (data, block_crcs) = self
+                let read = self
                     .store(column)?
                     .read(column.index, offset, u64::from(len))
-                    .await?;
+                    .await;
+                // Corruption a client read found joins the scrub report,
+                // so the leader schedules its repair like a scrub finding.
+                if let Err(SledError::ChecksumMismatch {
+                    column,
+                    block_offsets_bytes,
+                }) = &read
+                {
+                    for at in block_offsets_bytes {
+                        self.scrubber.record_bad_block(*column, *at);
+                    }
+                }
+                let (data, block_crcs) = read?;
                 SledResponse::Data { data, block_crcs }
             }
             SledRequest::ColumnStatus { column } => {

@@ -80,6 +80,9 @@ fn up_starts_a_healthy_unit_and_reuses_its_data() {
     let admin = (admin % 100) * 10 + 40000;
     let zonal = format!("127.0.0.1:{}", admin + 7);
     let nbd = format!("127.0.0.1:{}", admin + 8);
+    // The agent's admin port defaults to admin+200, inside another
+    // instance's sled admin range: offset 9 is free like 7 and 8.
+    let attach_admin = format!("127.0.0.1:{}", admin + 9);
     let up_args = |check: bool| {
         let mut args = vec![
             "up".to_string(),
@@ -93,6 +96,8 @@ fn up_starts_a_healthy_unit_and_reuses_its_data() {
             zonal.clone(),
             "--nbd-listen".into(),
             nbd.clone(),
+            "--attach-admin".into(),
+            attach_admin.clone(),
         ];
         if check {
             args.push("--check".into());
@@ -120,10 +125,12 @@ fn up_starts_a_healthy_unit_and_reuses_its_data() {
 
     // The second run stays up until SIGTERM.
     let log = dir.path().join("up.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let err = out.try_clone().unwrap();
     let mut up = std::process::Command::new(rackblock_bin())
         .args(up_args(false))
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);

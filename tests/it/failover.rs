@@ -983,3 +983,145 @@ async fn paused_primary_is_fenced_on_resume() {
     work.finish(&cluster, "after the paused primary resumed")
         .await;
 }
+
+/// Puts head node `victim`'s write log on a fault device (restarted with
+/// the test hook), arms `fault` under load, and checks that the node takes
+/// itself out of service: its partitions get two live copies elsewhere,
+/// the writer sees no error, `/status` and `/metrics` name the failed log,
+/// and the control plane records the node Failed with the reason.
+async fn fail_log_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize, fault: &str) {
+    let name = cluster.unit.head_nodes[victim].id.clone();
+    let map = cluster.map().await;
+    let moved: BTreeMap<u32, u64> = map
+        .partitions
+        .iter()
+        .filter(|p| p.primary.id.0 == name || p.secondary.id.0 == name)
+        .map(|p| (p.index, p.epoch))
+        .collect();
+    let control = cluster.unit.dir.path().join(format!("{name}.wal-fault"));
+    std::fs::write(&control, fault).unwrap();
+    let armed = Instant::now();
+    let dead = BTreeSet::from([name.clone()]);
+    cluster
+        .wait_two_live_copies(&dead, &moved, Duration::from_secs(40))
+        .await;
+    let remapped = armed.elapsed();
+    work.write_every_partition(cluster).await;
+    work.progress(100, cluster).await;
+    let pause = work.writer.take_gap();
+    eprintln!(
+        "{fault} on {name}'s write log ({} partitions moved): map healed after {remapped:?}, longest gap {pause:?}",
+        moved.len()
+    );
+    work.writer.assert_no_errors(cluster);
+    let admin = cluster.unit.head_nodes[victim].admin;
+    let (_, status) = http_get(admin, "/partitions").unwrap();
+    assert!(status.contains("\"write_log_failure\":{"), "{status}");
+    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("rackblock_wal_failed{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let (_, unit) = cluster.lcp.unit_status().await.unwrap();
+    let node = unit.nodes.iter().find(|n| n.id.0 == name).unwrap();
+    assert_eq!(node.health, local_control_plane::Health::Failed);
+    assert!(
+        node.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("write log")),
+        "{node:?}"
+    );
+}
+
+/// Issue 14, item 2: a head node's log device failing under load (EIO on
+/// one node, then a hang on another) takes that node out of service; its
+/// partitions fail over with no error at the client, and a restart with a
+/// working log brings the node back Up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_log_takes_the_head_node_out_of_service() {
+    let mut cluster = Cluster::start().await;
+    // The victims' logs go on the fault device (a clean restart each).
+    let leader = cluster.leader().await;
+    let victims: Vec<usize> = (0..cluster.unit.head_nodes.len())
+        .filter(|i| Some(&cluster.unit.head_nodes[*i].id) != leader.as_ref())
+        .collect();
+    for &i in &victims {
+        let control = cluster
+            .unit
+            .dir
+            .path()
+            .join(format!("{}.wal-fault", cluster.unit.head_nodes[i].id));
+        std::fs::write(&control, "").unwrap();
+        assert!(cluster.heads[i].take().unwrap().terminate());
+        let daemon = cluster.unit.start_head_node_with_wal_faults(i, &control);
+        cluster
+            .unit
+            .wait_datapath_ready(i, &daemon, Duration::from_secs(40));
+        cluster.heads[i] = Some(daemon);
+    }
+    let work = Workload::start(&cluster).await;
+    fail_log_and_recover(&mut cluster, &work, victims[0], "eio").await;
+    // A restart with a working log: back Up, and takes roles again.
+    assert!(cluster.heads[victims[0]].take().unwrap().terminate());
+    cluster.restart(victims[0]);
+    let name = cluster.unit.head_nodes[victims[0]].id.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, unit) = cluster.lcp.unit_status().await.unwrap();
+        let node = unit.nodes.iter().find(|n| n.id.0 == name).unwrap();
+        if node.health == local_control_plane::Health::Up && node.failure.is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name} not Up again: {node:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    work.progress(50, &cluster).await;
+    // The other victim's log hangs: the deadline (wal_timeout_ms) fails it.
+    fail_log_and_recover(&mut cluster, &work, victims[1], "hang").await;
+    work.finish(&cluster, "after a failed and a hung write log")
+        .await;
+}
+
+/// Issue 14, item 7: the Raft term of a fresh unit (production timings),
+/// and after `LOAD_SECONDS` (default 60) of verifying writes through
+/// `VolumeClient` from `WORKERS` writers; a leader change under load fails
+/// the test. Prints both terms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_term_holds_under_write_load() {
+    let seconds: u64 = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let cluster = Cluster::start().await;
+    let (before, _) = cluster.lcp.unit_status().await.unwrap();
+    let work = Workload::start(&cluster).await;
+    let started = Instant::now();
+    let completions = work.writer.completions.load(Ordering::Relaxed);
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let done = work.writer.completions.load(Ordering::Relaxed) - completions;
+    let (after, _) = cluster.lcp.unit_status().await.unwrap();
+    eprintln!(
+        "raft term {} (leader {:?}) at start, {} (leader {:?}) after {seconds} s of writes ({done} operations, longest gap {:?})",
+        before.term,
+        before.leader_name,
+        after.term,
+        after.leader_name,
+        work.writer.take_gap()
+    );
+    work.finish(&cluster, "after the load").await;
+    assert!(
+        before.term <= 2,
+        "a fresh unit serves at term {}",
+        before.term
+    );
+    assert_eq!(
+        after.term,
+        before.term,
+        "the leader changed under load\n{}",
+        cluster.logs()
+    );
+}

@@ -182,8 +182,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, args: &[&str], log_dir: &Path) -> Daemon {
+        Daemon::spawn_with_env(name, args, log_dir, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (test hooks such
+    /// as `RACKBLOCK_TEST_WAL_FAULT_FILE`).
+    pub fn spawn_with_env(
+        name: &str,
+        args: &[&str],
+        log_dir: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Daemon {
         let mut command = Command::new(rackblock_bin());
-        command.args(args);
+        command.args(args).envs(env.iter().copied());
         Daemon::spawn_command(name, command, log_dir.join(format!("{name}.log")))
     }
 
@@ -550,6 +561,19 @@ impl TestUnit {
             &head.id,
             &["head-node", "--config", head.config.to_str().unwrap()],
             self.dir.path(),
+        )
+    }
+
+    /// Starts head node `i` with its write log on a fault-injection device
+    /// driven by `control` (`eio`, `hang`, anything else heals; see
+    /// `head_node::manager`'s `RACKBLOCK_TEST_WAL_FAULT_FILE`).
+    pub fn start_head_node_with_wal_faults(&self, i: usize, control: &Path) -> Daemon {
+        let head = &self.head_nodes[i];
+        Daemon::spawn_with_env(
+            &head.id,
+            &["head-node", "--config", head.config.to_str().unwrap()],
+            self.dir.path(),
+            &[("RACKBLOCK_TEST_WAL_FAULT_FILE", control.as_os_str())],
         )
     }
 

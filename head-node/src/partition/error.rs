@@ -190,6 +190,15 @@ impl PartitionError {
             PartitionError::Wal { source, .. } if source.is_retryable() => HostError::Unavailable {
                 reason: self.to_string(),
             },
+            // The write was not acknowledged and this head node is leaving
+            // service (manager: a failed log): the client resends, with the
+            // same write id, to whoever serves the partition next.
+            PartitionError::Wal {
+                source: WalError::Failed { .. },
+                ..
+            } => HostError::Unavailable {
+                reason: self.to_string(),
+            },
             _ => HostError::Io {
                 reason: self.to_string(),
             },

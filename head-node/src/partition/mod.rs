@@ -204,6 +204,47 @@ pub enum Role {
     },
 }
 
+/// What was wrong with a column a read reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnFaultKind {
+    /// A block failed its CRC (the sled's stored one, or the row
+    /// summary's): the data is bad and the column needs a rebuild.
+    Corrupt,
+    /// No usable answer (error, timeout, short read): the sled-failure
+    /// path decides about the column.
+    Unreadable,
+}
+
+/// Why a read of one column failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnFault {
+    pub kind: ColumnFaultKind,
+    /// For people.
+    pub reason: String,
+}
+
+impl ColumnFault {
+    pub(crate) fn corrupt(reason: String) -> Self {
+        ColumnFault {
+            kind: ColumnFaultKind::Corrupt,
+            reason,
+        }
+    }
+
+    pub(crate) fn unreadable(reason: String) -> Self {
+        ColumnFault {
+            kind: ColumnFaultKind::Unreadable,
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for ColumnFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// A column reported for repair (degraded read, bad checksum).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepairItem {
@@ -215,7 +256,9 @@ pub struct RepairItem {
     pub sled: String,
     /// Stripe found bad.
     pub stripe: u64,
-    /// Why.
+    /// What was wrong (the repair worker turns `Corrupt` into a repair).
+    pub kind: ColumnFaultKind,
+    /// Why, for people.
     pub reason: String,
 }
 

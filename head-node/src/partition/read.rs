@@ -18,7 +18,7 @@ use futures::future::{self, Either};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
 use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
-use super::{bump, PartitionError, RepairItem, Shared};
+use super::{bump, ColumnFault, PartitionError, RepairItem, Shared};
 use crate::index::{Location, LookupPiece};
 use crate::wal::WalError;
 use proto::BLOCK_SIZE_BYTES;
@@ -295,15 +295,19 @@ async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, Fet
         let expected = view.expected.clone();
         async move { read_column(&shared, &sled, column_id, offset, n, Some(&expected)).await }
     });
-    let joined = |result: Result<Result<Bytes, String>, tokio::task::JoinError>| {
-        result.unwrap_or_else(|error| Err(format!("read task failed: {error}")))
+    let joined = |result: Result<Result<Bytes, ColumnFault>, tokio::task::JoinError>| {
+        result.unwrap_or_else(|error| {
+            Err(ColumnFault::unreadable(format!(
+                "read task failed: {error}"
+            )))
+        })
     };
     let hedge = tokio::time::sleep(shared.config.hedge_timeout);
     let slow = match future::select(&mut direct, Box::pin(hedge)).await {
         Either::Left((result, _)) => match joined(result) {
             Ok(data) => return Ok(data),
-            Err(reason) => {
-                report(shared, run, &sled, reason);
+            Err(fault) => {
+                report(shared, run, &sled, fault);
                 None
             }
         },
@@ -315,8 +319,8 @@ async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, Fet
         Some(direct) => match future::select(direct, degraded).await {
             Either::Left((result, degraded)) => match joined(result) {
                 Ok(data) => Ok(data),
-                Err(reason) => {
-                    report(shared, run, &sled, reason);
+                Err(fault) => {
+                    report(shared, run, &sled, fault);
                     degraded.await.map_err(FetchError::Failed)
                 }
             },
@@ -325,16 +329,16 @@ async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, Fet
                 // read then fails (error, sled timeout, bad checksum).
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(reason) = joined(direct.await) {
-                        report(&shared, run, &sled, reason);
+                    if let Err(fault) = joined(direct.await) {
+                        report(&shared, run, &sled, fault);
                     }
                 });
                 Ok(data)
             }
             Either::Right((Err(error), direct)) => match joined(direct.await) {
                 Ok(data) => Ok(data),
-                Err(reason) => {
-                    report(shared, run, &sled, reason);
+                Err(fault) => {
+                    report(shared, run, &sled, fault);
                     Err(FetchError::Failed(error))
                 }
             },
@@ -342,13 +346,14 @@ async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, Fet
     }
 }
 
-fn report(shared: &Shared, run: SledRun, sled: &str, reason: String) {
+fn report(shared: &Shared, run: SledRun, sled: &str, fault: ColumnFault) {
     shared.report_repair(RepairItem {
         extent: run.extent,
         column: run.column,
         sled: sled.to_string(),
         stripe: run.stripe,
-        reason,
+        kind: fault.kind,
+        reason: fault.reason,
     });
 }
 
@@ -361,7 +366,7 @@ async fn read_column(
     offset: u64,
     n: u64,
     expected: Option<&[u32]>,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, ColumnFault> {
     let request = SledRequest::Read {
         column,
         offset_bytes: offset,
@@ -370,36 +375,45 @@ async fn read_column(
     let call = shared.sleds.call(sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => return Err(error.to_string()),
-        Err(_) => return Err(format!("no answer within {:?}", shared.config.sled_timeout)),
+        Ok(Err(error)) => return Err(ColumnFault::unreadable(error.to_string())),
+        Err(_) => {
+            return Err(ColumnFault::unreadable(format!(
+                "no answer within {:?}",
+                shared.config.sled_timeout
+            )))
+        }
     };
     let (data, stored) = match response {
         SledResponse::Data { data, block_crcs } => (data, block_crcs),
         SledResponse::Error(error @ SledError::ChecksumMismatch { .. }) => {
             bump(&shared.metrics.checksum_errors);
-            return Err(error.to_string());
+            return Err(ColumnFault::corrupt(error.to_string()));
         }
-        SledResponse::Error(error) => return Err(error.to_string()),
-        other => return Err(format!("unexpected answer {other:?}")),
+        SledResponse::Error(error) => return Err(ColumnFault::unreadable(error.to_string())),
+        other => {
+            return Err(ColumnFault::unreadable(format!(
+                "unexpected answer {other:?}"
+            )))
+        }
     };
     if data.len() as u64 != n * BLOCK_SIZE_BYTES || stored.len() as u64 != n {
-        return Err(format!(
+        return Err(ColumnFault::unreadable(format!(
             "short read: {} bytes, {} CRCs",
             data.len(),
             stored.len()
-        ));
+        )));
     }
     for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         let crc = crc32c::crc32c(chunk);
         let want = expected.map_or(stored[i], |e| e[i]);
         if crc != stored[i] || crc != want {
             bump(&shared.metrics.checksum_errors);
-            return Err(format!(
+            return Err(ColumnFault::corrupt(format!(
                 "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
                 i,
                 offset + i as u64 * BLOCK_SIZE_BYTES,
                 stored[i]
-            ));
+            )));
         }
     }
     Ok(data)
@@ -433,12 +447,12 @@ async fn degraded_read(
             }
             match read_column(shared, &sled, id, row, chunk_blocks, None).await {
                 Ok(data) => Some(data.to_vec()),
-                Err(reason) => {
+                Err(fault) => {
                     tracing::debug!(
                         extent,
                         column = i,
                         stripe,
-                        reason,
+                        reason = fault.reason,
                         "chunk unavailable for a degraded read"
                     );
                     None

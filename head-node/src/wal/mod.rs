@@ -706,6 +706,30 @@ impl Wal {
         }
     }
 
+    /// Why the log fail-stopped (the device error of the write, flush or
+    /// superblock update that failed, a deadline included when the device is
+    /// a `TimedDevice`), or `None` while it works.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().failed.as_deref().map(str::to_string)
+    }
+
+    /// Resolves once the log fail-stopped, with the reason (see
+    /// [`failure`](Self::failure)); pending forever while it works.
+    pub async fn failed(&self) -> String {
+        let mut progress = self.shared.progress.subscribe();
+        let outcome = progress
+            .wait_for(|p| p.failed.is_some())
+            .await
+            .map(|p| p.failed.as_deref().unwrap_or("unknown").to_string());
+        // The sender lives in `shared`, which we hold.
+        outcome.unwrap_or_else(|_| "log closed".to_string())
+    }
+
+    /// The path of the log's device.
+    pub fn path(&self) -> &std::path::Path {
+        &self.shared.device.info().path
+    }
+
     /// Where and why the recovery scan of [`open`](Self::open) stopped.
     pub fn recovery_stop(&self) -> &ScanStop {
         &self.shared.recovery_stop

@@ -330,6 +330,70 @@ async fn device_error_fails_the_append_and_it_is_not_recovered() {
     assert!(wal.append_one(write(3, 1)).await.is_err());
 }
 
+/// What takes a head node out of service (manager: `watch_log`): an EIO
+/// on the log, then, on the reopened log, a device that hangs under the
+/// `TimedDevice` deadline the manager puts below every log. Both fail-stop
+/// the log, wake `failed()` with a reason that names the cause, refuse
+/// every later append, and lose nothing acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_then_a_hang_fail_stop_the_log_and_say_why() {
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(1 << 20));
+    let faulty = Arc::new(FaultyDevice::new(memory.clone()));
+    let control = faulty.control();
+    let timed: SharedDevice =
+        Arc::new(hardware::TimedDevice::new(faulty.clone(), Duration::from_millis(200)).unwrap());
+
+    // EIO on a log write.
+    let (wal, _) = open(timed.clone(), 512 << 10).await;
+    assert_eq!(wal.failure(), None);
+    let watcher = tokio::spawn({
+        let wal = wal.clone();
+        async move { wal.failed().await }
+    });
+    let a = wal.append_one(write(1, 1)).await.unwrap();
+    control.fail_range(RING, 512 << 10, FaultOps::Writes);
+    assert!(matches!(
+        wal.append_one(write(2, 1)).await,
+        Err(WalError::Failed { .. })
+    ));
+    let reason = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("failed() wakes at once")
+        .unwrap();
+    assert!(
+        reason.contains("Input/output error") || reason.contains("os error 5"),
+        "{reason}"
+    );
+    assert_eq!(wal.failure().as_deref(), Some(reason.as_str()));
+    // Fail-stop: later appends are refused without touching the device.
+    control.heal();
+    assert!(matches!(
+        wal.append_one(write(3, 1)).await,
+        Err(WalError::Failed { .. })
+    ));
+    drop(wal);
+
+    // Reopened (a restart), then the device hangs: the deadline fails it.
+    let (wal, recovered) = open(timed.clone(), 512 << 10).await;
+    assert_eq!(recovered, vec![(a, write(1, 1))]);
+    let b = wal.append_one(write(4, 1)).await.unwrap();
+    control.set_latency(Duration::from_secs(3600));
+    let started = std::time::Instant::now();
+    let hung = tokio::time::timeout(Duration::from_secs(5), wal.append_one(write(5, 1)))
+        .await
+        .expect("a hung log device fails within its deadline, not never");
+    assert!(matches!(hung, Err(WalError::Failed { .. })), "{hung:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let reason = tokio::time::timeout(Duration::from_secs(1), wal.failed())
+        .await
+        .unwrap();
+    assert!(reason.contains("did not complete"), "{reason}");
+    drop(wal);
+    control.heal();
+    let (_, recovered) = open(timed, 512 << 10).await;
+    assert_eq!(recovered, vec![(a, write(1, 1)), (b, write(4, 1))]);
+}
+
 /// A record left behind by a cut tail must not come back when newer records
 /// end exactly where it starts (the open generation fences it).
 #[tokio::test]

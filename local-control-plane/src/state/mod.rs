@@ -299,7 +299,17 @@ impl UnitState {
                 duration_ms,
             } => self.grant_lease(partition, holder, epoch, now_ms, duration_ms),
             Command::SetNodeHealth { node, health } => {
-                self.node_mut(&node)?.health = health;
+                let entry = self.node_mut(&node)?;
+                entry.health = health;
+                if health == Health::Up {
+                    entry.failure = None;
+                }
+                Ok(Outcome::Done)
+            }
+            Command::ReportNodeFailure { node, reason } => {
+                let entry = self.node_mut(&node)?;
+                entry.health = Health::Failed;
+                entry.failure = Some(reason);
                 Ok(Outcome::Done)
             }
             Command::SetSledHealth { sled, health } => {
@@ -415,6 +425,7 @@ impl UnitState {
                 address_b,
                 health: Health::Up,
                 paths: PathHealth::default(),
+                failure: None,
             },
         );
         Ok(Outcome::Done)

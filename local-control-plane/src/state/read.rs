@@ -45,6 +45,9 @@ pub struct NodeStatus {
     pub paths: PathHealth,
     pub primaries: usize,
     pub secondaries: usize,
+    /// Why the node took itself out of service (a failed write log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +210,7 @@ impl UnitState {
                 paths: n.paths,
                 primaries: all_partitions().filter(|p| p.primary == n.id).count(),
                 secondaries: all_partitions().filter(|p| p.secondary == n.id).count(),
+                failure: n.failure.clone(),
             })
             .collect();
         let mut capacity = CapacitySummary::default();

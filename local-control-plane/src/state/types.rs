@@ -90,6 +90,11 @@ pub struct HeadNode {
     pub address_b: String,
     pub health: Health,
     pub paths: PathHealth,
+    /// Why the node took itself out of service (a failed write log), as it
+    /// reported with [`Command::ReportNodeFailure`](crate::Command::ReportNodeFailure);
+    /// cleared when it is set Up again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

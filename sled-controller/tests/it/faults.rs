@@ -423,3 +423,74 @@ async fn hung_device_is_failed_by_its_deadline() {
         .expect("a read of a failed device waited for the device");
     assert_eq!(refused.unwrap_err(), SledError::DeviceFailed { device: 0 });
 }
+
+/// Issue 14, item 5: corruption a client read finds joins the scrub report
+/// at once (no pass needed), and freeing the column clears it.
+#[tokio::test]
+async fn read_found_corruption_is_reported_and_cleared_when_the_column_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev0.img");
+    let dev = file_device(&path, EngineChoice::Sync, 16 << 20);
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(
+        sled_controller::store::Store::open(
+            dev,
+            &identity(0),
+            &sled_controller::store::StoreOptions::new(COLUMN),
+            metrics.clone(),
+        )
+        .await
+        .unwrap(),
+    );
+    let c = store.allocate(1).await.unwrap()[0];
+    store.claim(c, p(1, 0), 1).await.unwrap();
+    let (d, crcs) = data(7, 4);
+    store.append(c, p(1, 0), 1, 0, &d, &crcs).await.unwrap();
+    flip_byte(&path, store.geometry().data_offset(c, 4096) + 9);
+    let sled = Sled::new(
+        "sled-1".into(),
+        COLUMN,
+        vec![DeviceSlot::Open(store)],
+        metrics.clone(),
+    );
+    let column = ColumnId {
+        device: 0,
+        index: c,
+    };
+    let read = sled
+        .handle_request(SledRequest::Read {
+            column,
+            offset_bytes: 0,
+            len_bytes: 16384,
+        })
+        .await;
+    assert!(
+        matches!(
+            read,
+            SledResponse::Error(SledError::ChecksumMismatch { .. })
+        ),
+        "{read:?}"
+    );
+    let report = sled.scrub_report();
+    assert_eq!(report.passes, 0);
+    assert_eq!(report.bad_blocks.len(), 1, "{report:?}");
+    assert_eq!(
+        (
+            report.bad_blocks[0].column,
+            report.bad_blocks[0].offset_bytes
+        ),
+        (column, 4096)
+    );
+    let freed = sled
+        .handle_request(SledRequest::FreeColumn {
+            column,
+            partition: p(1, 0),
+            epoch: 1,
+        })
+        .await;
+    assert!(matches!(freed, SledResponse::Freed), "{freed:?}");
+    assert!(sled.scrub_report().bad_blocks.is_empty());
+    // The flipped byte is still on the device, but the column is free: a
+    // pass does not walk it.
+    assert!(sled.scrub_now().await.bad_blocks.is_empty());
+}

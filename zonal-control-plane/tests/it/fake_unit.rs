@@ -210,6 +210,7 @@ impl FakeUnit {
                     paths: PathHealth::default(),
                     primaries: 0,
                     secondaries: 0,
+                    failure: None,
                 }],
                 sleds: vec![SledStatus {
                     id: SledId::new(format!("{}-sled-1", self.name)),
