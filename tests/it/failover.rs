@@ -566,7 +566,10 @@ impl Workload {
     /// Waits until `count` more operations completed.
     async fn progress(&self, count: u64, cluster: &Cluster) {
         let until = self.writer.completions.load(Ordering::Relaxed) + count;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Bounds only a stall that never ends: beside another unit on 2
+        // cores, Raft heartbeats (a 100 ms AppendEntries timeout) have
+        // failed for seconds, holding lease renewals and so the writes.
+        let deadline = Instant::now() + Duration::from_secs(90);
         while self.writer.completions.load(Ordering::Relaxed) < until {
             assert!(
                 Instant::now() < deadline,
@@ -594,7 +597,8 @@ impl Workload {
                 .collect()
         };
         let before = counts(&self.writer);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // As in `progress`: a bound on a stall, not a latency goal.
+        let deadline = Instant::now() + Duration::from_secs(90);
         while counts(&self.writer)
             .iter()
             .zip(&before)
