@@ -10,6 +10,9 @@
 #            (default 10) each
 #   test     every test of the workspace; as root the loop-device suite is
 #            required (RACKBLOCK_REQUIRE_LOOP=1), not skipped
+#   serial   the end-to-end tests that must run alone, one after the other
+#            (SERIAL_TESTS below: Raft's timing beside another unit on 2
+#            cores is the open part of issue 14 item 7)
 # Arguments go to `cargo test`. The last lines sum up the test binaries
 # (`tests: N passed, N failed`) and the time per stage.
 set -euo pipefail
@@ -55,4 +58,13 @@ run_tests() {
 }
 stage test run_tests "$@"
 rm -f "$log"
-exit $status
+if [ "$status" -ne 0 ]; then
+  exit $status
+fi
+
+SERIAL_TESTS=(
+  lcp::a_fresh_unit_serves_at_term_at_most_two
+  failover::failed_write_log_takes_the_head_node_out_of_service
+)
+stage serial cargo test -p tests --test it -- --ignored --exact --test-threads=1 "${SERIAL_TESTS[@]}"
+exit 0

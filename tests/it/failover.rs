@@ -1043,7 +1043,11 @@ async fn fail_log_and_recover(cluster: &mut Cluster, work: &Workload, victim: us
 /// one node, then a hang on another) takes that node out of service; its
 /// partitions fail over with no error at the client, and a restart with a
 /// working log brings the node back Up.
+///
+/// Run alone (`scripts/test.sh`'s `serial` stage): beside another unit on 2
+/// cores its writes once stalled for 30 s behind failing Raft heartbeats.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run alone: the serial stage of scripts/test.sh"]
 async fn failed_write_log_takes_the_head_node_out_of_service() {
     let mut cluster = Cluster::start().await;
     // The victims' logs go on the fault device (a clean restart each).

@@ -419,7 +419,12 @@ async fn cutting_network_a_between_members_is_a_path_fault_not_a_failover() {
 /// Only the first voter initialises the group, once a majority answers, so
 /// it serves at term 1 (≤ 2 allowed for a timer that fires during the one
 /// campaign on a loaded box), and the term stays there while it works.
+///
+/// Run alone (`scripts/test.sh`'s `serial` stage): beside another unit on 2
+/// cores, openraft's 100 ms AppendEntries timeout fails for seconds and
+/// the term moves (the open part of issue 14 item 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run alone: the serial stage of scripts/test.sh"]
 async fn a_fresh_unit_serves_at_term_at_most_two() {
     let unit = TestUnit::build(
         HeadNodeOptions::production_timings(3),
