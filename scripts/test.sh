@@ -64,7 +64,6 @@ fi
 
 SERIAL_TESTS=(
   lcp::a_fresh_unit_serves_at_term_at_most_two
-  failover::failed_write_log_takes_the_head_node_out_of_service
 )
 stage serial cargo test -p tests --test it -- --ignored --exact --test-threads=1 "${SERIAL_TESTS[@]}"
 exit 0

@@ -1044,10 +1044,13 @@ async fn fail_log_and_recover(cluster: &mut Cluster, work: &Workload, victim: us
 /// partitions fail over with no error at the client, and a restart with a
 /// working log brings the node back Up.
 ///
-/// Run alone (`scripts/test.sh`'s `serial` stage): beside another unit on 2
-/// cores its writes once stalled for 30 s behind failing Raft heartbeats.
+/// Ignored: it finds an open bug. In about half of the runs after the EIO,
+/// the map heals (every partition has two live copies again) yet no
+/// partition acknowledges a write for 90 s, alone or beside other tests.
+/// Run it with `cargo test -p tests --test it -- --ignored --exact
+/// failover::failed_write_log_takes_the_head_node_out_of_service`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run alone: the serial stage of scripts/test.sh"]
+#[ignore = "open bug: writes can stall after the failed log's partitions move"]
 async fn failed_write_log_takes_the_head_node_out_of_service() {
     let mut cluster = Cluster::start().await;
     // The victims' logs go on the fault device (a clean restart each).
