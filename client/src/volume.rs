@@ -874,6 +874,17 @@ impl Inner {
             }
             HostReply::Error(error) if error.is_retryable() => {
                 retry.last_error = format!("{node}: {error}");
+                // A node that answers but cannot serve twice in a row (its
+                // write log failed, it is being taken out of service) may
+                // already have been replaced: read the map again rather
+                // than wait out the failover timeout on it. The refresh is
+                // single-flight, so a full log that keeps writers waiting
+                // costs one map read per round, not one per request.
+                if retry.attempts > 1 {
+                    if let Err(error) = self.after_refusal(route, None).await {
+                        retry.last_error = error.to_string();
+                    }
+                }
                 Ok(Err(Next::Wait))
             }
             HostReply::Error(error) => Err(ClientError::Refused {

@@ -1044,10 +1044,14 @@ async fn fail_log_and_recover(cluster: &mut Cluster, work: &Workload, victim: us
 /// partitions fail over with no error at the client, and a restart with a
 /// working log brings the node back Up.
 ///
-/// Ignored: it finds an open bug. In about half of the runs after the EIO,
-/// the map heals (every partition has two live copies again) yet no
-/// partition acknowledges a write for 90 s, alone or beside other tests.
-/// Run it with `cargo test -p tests --test it -- --ignored --exact
+/// Ignored until two open problems are fixed. (1) In about half of the
+/// runs after the EIO the map healed, yet no partition acknowledged a
+/// write for 90 s: the client retried `Unavailable` on the out-of-service
+/// node without reading the map again (fixed in `client::volume`: a second
+/// retryable refusal refreshes the map; not yet proven over many runs).
+/// (2) The victim can hold no partition when its log fails (its restart
+/// onto the fault device moved its roles away), and an idle log never
+/// fails. Run it with `cargo test -p tests --test it -- --ignored --exact
 /// failover::failed_write_log_takes_the_head_node_out_of_service`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "open bug: writes can stall after the failed log's partitions move"]
