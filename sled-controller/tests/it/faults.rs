@@ -98,11 +98,17 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
     f.sync_all().unwrap();
 }
 
-#[tokio::test]
-async fn flipped_byte_in_device_file_is_detected_by_read_and_scrub() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dev0.img");
-    let dev = file_device(&path, EngineChoice::Sync, 16 << 20);
+/// A sync-engine store on the file `path` with column `c` holding the four
+/// blocks `d` (partition 1/0, epoch 1): `(store, metrics, c, d)`.
+async fn store_with_four_blocks(
+    path: &std::path::Path,
+) -> (
+    Arc<sled_controller::store::Store>,
+    Arc<Metrics>,
+    u32,
+    bytes::Bytes,
+) {
+    let dev = file_device(path, EngineChoice::Sync, 16 << 20);
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(
         sled_controller::store::Store::open(
@@ -118,6 +124,14 @@ async fn flipped_byte_in_device_file_is_detected_by_read_and_scrub() {
     store.claim(c, p(1, 0), 1).await.unwrap();
     let (d, crcs) = data(7, 4);
     store.append(c, p(1, 0), 1, 0, &d, &crcs).await.unwrap();
+    (store, metrics, c, d)
+}
+
+#[tokio::test]
+async fn flipped_byte_in_device_file_is_detected_by_read_and_scrub() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dev0.img");
+    let (store, metrics, c, d) = store_with_four_blocks(&path).await;
     flip_byte(&path, store.geometry().data_offset(c, 8192) + 123);
     match store.read(c, 0, 16384).await {
         Err(SledError::ChecksumMismatch {
@@ -430,22 +444,7 @@ async fn hung_device_is_failed_by_its_deadline() {
 async fn read_found_corruption_is_reported_and_cleared_when_the_column_is_freed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dev0.img");
-    let dev = file_device(&path, EngineChoice::Sync, 16 << 20);
-    let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(
-        sled_controller::store::Store::open(
-            dev,
-            &identity(0),
-            &sled_controller::store::StoreOptions::new(COLUMN),
-            metrics.clone(),
-        )
-        .await
-        .unwrap(),
-    );
-    let c = store.allocate(1).await.unwrap()[0];
-    store.claim(c, p(1, 0), 1).await.unwrap();
-    let (d, crcs) = data(7, 4);
-    store.append(c, p(1, 0), 1, 0, &d, &crcs).await.unwrap();
+    let (store, metrics, c, _) = store_with_four_blocks(&path).await;
     flip_byte(&path, store.geometry().data_offset(c, 4096) + 9);
     let sled = Sled::new(
         "sled-1".into(),
