@@ -634,17 +634,21 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank - 1]
 }
 
+/// Partition index -> epoch of every partition `name` holds a copy of.
+fn epochs_of_partitions_on(map: &PartitionMap, name: &str) -> BTreeMap<u32, u64> {
+    map.partitions
+        .iter()
+        .filter(|p| p.primary.id.0 == name || p.secondary.id.0 == name)
+        .map(|p| (p.index, p.epoch))
+        .collect()
+}
+
 /// Kills (-9) head node `victim`, waits for its partitions to have two live
 /// copies again and for the writer to progress; returns the pause.
 async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize) -> Duration {
     let name = cluster.unit.head_nodes[victim].id.clone();
     let map = cluster.map().await;
-    let moved: BTreeMap<u32, u64> = map
-        .partitions
-        .iter()
-        .filter(|p| p.primary.id.0 == name || p.secondary.id.0 == name)
-        .map(|p| (p.index, p.epoch))
-        .collect();
+    let moved = epochs_of_partitions_on(&map, &name);
     let roles: Vec<String> = map
         .partitions
         .iter()
@@ -996,12 +1000,7 @@ async fn paused_primary_is_fenced_on_resume() {
 async fn fail_log_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize, fault: &str) {
     let name = cluster.unit.head_nodes[victim].id.clone();
     let map = cluster.map().await;
-    let moved: BTreeMap<u32, u64> = map
-        .partitions
-        .iter()
-        .filter(|p| p.primary.id.0 == name || p.secondary.id.0 == name)
-        .map(|p| (p.index, p.epoch))
-        .collect();
+    let moved = epochs_of_partitions_on(&map, &name);
     let control = cluster.unit.dir.path().join(format!("{name}.wal-fault"));
     std::fs::write(&control, fault).unwrap();
     let armed = Instant::now();
