@@ -125,6 +125,8 @@ struct Watched {
 /// The leader's failure detector (see module docs).
 #[derive(Debug)]
 pub struct Detector {
+    /// The node running this detector (the leader); never probed.
+    this_node: NodeId,
     watched: Vec<Watched>,
     links: Arc<PeerLinks>,
     config: DetectorConfig,
@@ -174,6 +176,7 @@ impl Detector {
             address_b: s.address_b,
         }));
         Detector {
+            this_node: NodeId::new(this_node),
             watched,
             links,
             config,
@@ -220,7 +223,7 @@ impl Detector {
     /// One comparison: the commands that bring the state in line with the
     /// observations (pure given the links' states; unit-testable).
     fn step(&mut self, state: &UnitState, now: Instant) -> Vec<Command> {
-        let mut commands = Vec::new();
+        let mut commands = self.own_health(state);
         for w in &self.watched {
             let link = self.links.link(&w.name, w.address_a, w.address_b);
             let observed = link.paths();
@@ -325,6 +328,39 @@ impl Detector {
                 }
                 Health::Draining | Health::Failed => {}
             }
+        }
+        commands
+    }
+
+    /// The leader is alive and a quorum reached it: a restarted node that
+    /// won an election before another leader saw it come back would stay
+    /// recorded Down (its own detector never probes itself), and no role
+    /// could move onto it — with three head nodes, the next failure would
+    /// find no new secondary. Only Down and path faults are healed; Failed
+    /// and Draining are an operator's or the node's own word.
+    fn own_health(&self, state: &UnitState) -> Vec<Command> {
+        let Some(node) = state.nodes().get(&self.this_node) else {
+            return Vec::new();
+        };
+        let mut commands = Vec::new();
+        for (network, up) in [
+            (Network::A, node.paths.network_a_up),
+            (Network::B, node.paths.network_b_up),
+        ] {
+            if !up {
+                commands.push(Command::ReportPathFault {
+                    endpoint: Endpoint::Node(self.this_node.clone()),
+                    network,
+                    up: true,
+                });
+            }
+        }
+        if node.health == Health::Down {
+            info!(node = %self.this_node, "leader recorded Down: recording itself Up");
+            commands.push(Command::SetNodeHealth {
+                node: self.this_node.clone(),
+                health: Health::Up,
+            });
         }
         commands
     }
