@@ -223,7 +223,7 @@ impl Detector {
     /// One comparison: the commands that bring the state in line with the
     /// observations (pure given the links' states; unit-testable).
     fn step(&mut self, state: &UnitState, now: Instant) -> Vec<Command> {
-        let mut commands = self.own_health(state);
+        let mut commands = own_health(&self.this_node, state);
         for w in &self.watched {
             let link = self.links.link(&w.name, w.address_a, w.address_b);
             let observed = link.paths();
@@ -331,37 +331,97 @@ impl Detector {
         }
         commands
     }
+}
 
-    /// The leader is alive and a quorum reached it: a restarted node that
-    /// won an election before another leader saw it come back would stay
-    /// recorded Down (its own detector never probes itself), and no role
-    /// could move onto it — with three head nodes, the next failure would
-    /// find no new secondary. Only Down and path faults are healed; Failed
-    /// and Draining are an operator's or the node's own word.
-    fn own_health(&self, state: &UnitState) -> Vec<Command> {
-        let Some(node) = state.nodes().get(&self.this_node) else {
-            return Vec::new();
-        };
-        let mut commands = Vec::new();
-        for (network, up) in [
-            (Network::A, node.paths.network_a_up),
-            (Network::B, node.paths.network_b_up),
-        ] {
-            if !up {
-                commands.push(Command::ReportPathFault {
-                    endpoint: Endpoint::Node(self.this_node.clone()),
-                    network,
-                    up: true,
-                });
-            }
-        }
-        if node.health == Health::Down {
-            info!(node = %self.this_node, "leader recorded Down: recording itself Up");
-            commands.push(Command::SetNodeHealth {
-                node: self.this_node.clone(),
-                health: Health::Up,
+/// The leader is alive and a quorum reached it: a restarted node that
+/// won an election before another leader saw it come back would stay
+/// recorded Down (its own detector never probes itself), and no role
+/// could move onto it — with three head nodes, the next failure would
+/// find no new secondary. Only Down and path faults are healed; Failed
+/// and Draining are an operator's or the node's own word.
+fn own_health(this_node: &NodeId, state: &UnitState) -> Vec<Command> {
+    let Some(node) = state.nodes().get(this_node) else {
+        return Vec::new();
+    };
+    let mut commands = Vec::new();
+    for (network, up) in [
+        (Network::A, node.paths.network_a_up),
+        (Network::B, node.paths.network_b_up),
+    ] {
+        if !up {
+            commands.push(Command::ReportPathFault {
+                endpoint: Endpoint::Node(this_node.clone()),
+                network,
+                up: true,
             });
         }
-        commands
+    }
+    if node.health == Health::Down {
+        info!(node = %this_node, "leader recorded Down: recording itself Up");
+        commands.push(Command::SetNodeHealth {
+            node: this_node.clone(),
+            health: Health::Up,
+        });
+    }
+    commands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{apply, register_nodes_and_sleds};
+
+    #[test]
+    fn a_leader_recorded_down_records_itself_up_and_its_paths_healed() {
+        let mut state = UnitState::default();
+        register_nodes_and_sleds(&mut state, 3, 0);
+        let me = NodeId::new("hn-2");
+        assert!(
+            own_health(&me, &state).is_empty(),
+            "Up with both paths: nothing to do"
+        );
+        for network in [Network::A, Network::B] {
+            apply(
+                &mut state,
+                Command::ReportPathFault {
+                    endpoint: Endpoint::Node(me.clone()),
+                    network,
+                    up: false,
+                },
+            );
+        }
+        apply(
+            &mut state,
+            Command::SetNodeHealth {
+                node: me.clone(),
+                health: Health::Down,
+            },
+        );
+        let commands = own_health(&me, &state);
+        assert_eq!(commands.len(), 3, "{commands:?}");
+        for command in commands {
+            apply(&mut state, command);
+        }
+        let node = &state.nodes()[&me];
+        assert_eq!(node.health, Health::Up);
+        assert!(node.paths.network_a_up && node.paths.network_b_up);
+        assert!(own_health(&me, &state).is_empty());
+    }
+
+    #[test]
+    fn failed_and_draining_are_not_overridden() {
+        for health in [Health::Failed, Health::Draining] {
+            let mut state = UnitState::default();
+            register_nodes_and_sleds(&mut state, 3, 0);
+            let me = NodeId::new("hn-1");
+            apply(
+                &mut state,
+                Command::SetNodeHealth {
+                    node: me.clone(),
+                    health,
+                },
+            );
+            assert!(own_health(&me, &state).is_empty(), "{health:?}");
+        }
     }
 }
