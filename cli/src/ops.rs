@@ -504,6 +504,11 @@ pub struct DrainArgs {
     /// Set the sled back to Up instead (cancel a drain).
     #[arg(long)]
     pub undo: bool,
+    /// Mark the sled Draining even when some of its columns cannot be
+    /// placed elsewhere now (they stay on it, serving, until a sled or
+    /// capacity is added).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub rack: RackArg,
 }
@@ -534,6 +539,14 @@ pub async fn head_node_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), 
     Ok(())
 }
 
+/// One line per reason: "N columns: why".
+fn blocked_lines(blocked: &[local_control_plane::state::BlockedColumns]) -> Vec<String> {
+    blocked
+        .iter()
+        .map(|b| format!("{} columns: {}", b.columns, b.block))
+        .collect()
+}
+
 fn used_columns(unit: &UnitStatus, sled: &str) -> Option<(Health, u64, u64)> {
     unit.sleds.iter().find(|s| s.id.0 == sled).map(|s| {
         let used: usize = s.devices.iter().map(|d| d.used_columns).sum();
@@ -562,6 +575,29 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
             code: "sled_failed".into(),
             message: format!(
                 "sled {} is Failed; it cannot be drained or brought back by the CLI",
+                args.sled
+            ),
+        });
+    }
+    // Up front: a drain that cannot place the columns would wait forever.
+    let outlook = before
+        .sleds
+        .iter()
+        .find(|s| s.id.0 == args.sled)
+        .map(|s| s.drain.clone())
+        .unwrap_or_default();
+    let stuck = outlook.blocked_columns();
+    if !args.undo && stuck > 0 && !args.force && health_before != Health::Draining {
+        return Err(CliError::Api {
+            status: 409,
+            code: "drain_cannot_place".into(),
+            message: format!(
+                "sled {} holds {} columns and {stuck} of them cannot be placed on another sled now ({}); \
+                 draining would leave those on {} (still serving) until a sled or capacity is added. \
+                 Nothing was changed: add a sled first, or re-run with --force to mark it Draining anyway",
+                args.sled,
+                outlook.columns,
+                blocked_lines(&outlook.blocked).join("; "),
                 args.sled
             ),
         });
@@ -604,6 +640,8 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
             "sled": args.sled,
             "health": "Draining",
             "used_columns": used_before,
+            "unplaceable_columns": stuck,
+            "blocked": outlook.blocked,
         }));
     }
     println!(
@@ -614,6 +652,15 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
         "the control plane moves them to other sleds (rebuilt by the partitions' primaries, \
          rate-limited per unit; see `rackblock unit status`)."
     );
+    if stuck > 0 {
+        println!(
+            "{stuck} of them cannot be placed now and stay on {} until a sled or capacity is added:",
+            args.sled
+        );
+        for line in blocked_lines(&outlook.blocked) {
+            println!("  {line}");
+        }
+    }
     if !args.wait {
         if used_before > 0 {
             draw_progress(0, used_before, "columns moved off");
@@ -631,6 +678,22 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
             crate::text::end_progress();
             println!("sled {} holds no columns", args.sled);
             return Ok(());
+        }
+        // Nothing running and every column left blocked: waiting cannot end.
+        let r = &now.repair;
+        let left = now
+            .sleds
+            .iter()
+            .find(|s| s.id.0 == args.sled)
+            .map(|s| s.drain.clone())
+            .unwrap_or_default();
+        if r.pending + r.running == 0 && left.blocked_columns() as u64 >= used {
+            crate::text::end_progress();
+            return Err(CliError::Runtime(format!(
+                "sled {} still holds {used} columns and none can move now: {}",
+                args.sled,
+                blocked_lines(&left.blocked).join("; ")
+            )));
         }
         if Instant::now() >= deadline {
             crate::text::end_progress();

@@ -119,6 +119,9 @@ pub fn print_repair(unit: &UnitStatus) {
         human_bytes(r.completed_bytes),
         r.cancelled
     );
+    for b in &r.blocked {
+        println!("  {} columns cannot be placed: {}", b.columns, b.block);
+    }
     if r.tasks.is_empty() {
         return;
     }

@@ -37,7 +37,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -105,6 +107,7 @@ pub struct RepairMetrics {
     pending: Gauge,
     running: Gauge,
     waiting: Gauge,
+    blocked: Family<BlockLabels, Gauge>,
     degraded_extents: Gauge,
     owed_columns: Gauge,
     bytes_remaining: Gauge,
@@ -132,6 +135,13 @@ impl RepairMetrics {
             "rackblock_repair_columns_waiting",
             "Columns on failed or draining sleds without a repair task yet",
             m.waiting.clone(),
+        );
+        registry.register(
+            "rackblock_repair_columns_blocked",
+            "Columns needing repair that no sled can take now, by reason \
+             (no_other_sled: every usable sled holds a column of the extent; \
+             no_free_column: no free column on a healthy device)",
+            m.blocked.clone(),
         );
         registry.register(
             "rackblock_repair_degraded_extents",
@@ -182,6 +192,17 @@ impl RepairMetrics {
         self.pending.set(as_i64(status.pending as u64));
         self.running.set(as_i64(status.running as u64));
         self.waiting.set(as_i64(status.columns_waiting as u64));
+        for reason in ["no_other_sled", "no_free_column"] {
+            let columns: usize = status
+                .blocked
+                .iter()
+                .filter(|b| b.block.label() == reason)
+                .map(|b| b.columns)
+                .sum();
+            self.blocked
+                .get_or_create(&BlockLabels { reason })
+                .set(as_i64(columns as u64));
+        }
         let (degraded, owed) = state
             .extents()
             .values()
@@ -193,6 +214,11 @@ impl RepairMetrics {
         self.bytes_remaining.set(as_i64(status.bytes_remaining));
         self.rate.set(as_i64(status.rate_bytes_per_second));
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlockLabels {
+    reason: &'static str,
 }
 
 /// Sleds this leader has seen Down, and since when.

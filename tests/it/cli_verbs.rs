@@ -439,6 +439,62 @@ fn io_goes_on_while_the_zonal_plane_is_down() {
     );
     assert!(ok, "{text}");
     assert!(Path::new(&zone.unit.rack_path).exists());
+
+    // Flushed to the sleds, every 2+1 extent uses all three sleds: a drain
+    // has nowhere to go, and says so up front instead of waiting forever.
+    for reply in zone.unit.flush_all() {
+        assert!(matches!(reply, Some((200, _))), "{reply:?}");
+    }
+    let rack = zone.rack();
+    let refused = zone.expect(4, &["sled", "drain", "sled-2", "--wait", "--rack", &rack]);
+    assert!(
+        refused.stderr.contains("cannot be placed") && refused.stderr.contains("distinct sleds"),
+        "{}",
+        refused.stderr
+    );
+    let sleds = zone
+        .expect(0, &["sled", "list", "--rack", &rack, "--output", "json"])
+        .json();
+    let sled2 = sleds["sleds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "sled-2")
+        .unwrap()
+        .clone();
+    assert_eq!(sled2["health"], "Up", "a refused drain changed nothing");
+    assert!(sled2["drain"]["blocked"][0]["columns"].as_u64().unwrap() > 0);
+    // --force marks it Draining; the unit's status says why nothing moves,
+    // and --wait gives up with the reason instead of waiting forever.
+    // (--wait draws progress on stderr before the error line.)
+    let forced = zone.run(&[
+        "sled",
+        "drain",
+        "sled-2",
+        "--force",
+        "--wait",
+        "--wait-timeout",
+        "60s",
+        "--rack",
+        &rack,
+    ]);
+    assert!(
+        forced.code == 1
+            && forced.stdout.contains("cannot be placed now")
+            && forced.stderr.contains("none can move"),
+        "{}\n{}",
+        forced.stdout,
+        forced.stderr
+    );
+    let status = zone.expect(0, &["unit", "status", "--rack", &rack]);
+    assert!(
+        status
+            .stdout
+            .contains("columns cannot be placed: no sled left"),
+        "{}",
+        status.stdout
+    );
+    zone.expect(0, &["sled", "drain", "sled-2", "--undo", "--rack", &rack]);
 }
 
 /// (free columns, volumes being deleted) as the unit's LCP records them.

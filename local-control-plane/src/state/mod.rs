@@ -113,7 +113,10 @@ pub use read::{
     AllocationStatus, CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus,
     PartitionEntry, PartitionMap, RepairStatus, SledStatus, UnitStatus,
 };
-pub use repair::{RepairBook, RepairPhase, RepairReason, RepairTask, MAX_REPAIR_TASKS};
+pub use repair::{
+    BlockedColumns, DrainOutlook, PlacementBlock, RepairBook, RepairPhase, RepairReason,
+    RepairTask, MAX_REPAIR_TASKS,
+};
 pub use types::{
     Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
     Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,

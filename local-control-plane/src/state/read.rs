@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::repair::{RepairPhase, RepairTask};
+use super::repair::{BlockedColumns, DrainOutlook, RepairPhase, RepairTask};
 use super::types::{Epoch, HeadNode, Health, NodeId, PathHealth, SledId, VolumeId};
 use super::UnitState;
 use crate::error::CommandError;
@@ -74,6 +74,10 @@ pub struct SledStatus {
     pub power_domain: String,
     pub column_size_bytes: u64,
     pub devices: Vec<DeviceStatus>,
+    /// What draining this sled would do now (columns, and those no other
+    /// sled could take, by why): `sled drain` checks it up front.
+    #[serde(default)]
+    pub drain: DrainOutlook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -156,6 +160,10 @@ pub struct RepairStatus {
     pub completed_bytes: u64,
     pub cancelled: u64,
     pub tasks: Vec<RepairTask>,
+    /// Of `columns_waiting`, the ones no sled can take now, by why (they
+    /// wait for a sled or capacity, not for the concurrency limit).
+    #[serde(default)]
+    pub blocked: Vec<BlockedColumns>,
 }
 fn address(node: Option<&HeadNode>, id: &NodeId) -> NodeAddress {
     // Invariant 4 makes `node` Some; an empty address is the honest answer
@@ -250,6 +258,7 @@ impl UnitState {
                     power_domain: s.power_domain.clone(),
                     column_size_bytes: s.column_size_bytes,
                     devices,
+                    drain: self.drain_outlook(&s.id),
                 }
             })
             .collect();
@@ -372,6 +381,7 @@ impl UnitState {
             completed_bytes: book.completed_bytes,
             cancelled: book.cancelled,
             tasks: book.tasks.clone(),
+            blocked: self.blocked_repairs(),
         }
     }
 }

@@ -64,6 +64,75 @@ use super::UnitState;
 use crate::command::Outcome;
 use crate::error::CommandError;
 
+/// Why a column that needs a new home has none now (typed, so status,
+/// metrics and the CLI agree; `Display` is the operator's sentence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PlacementBlock {
+    /// Every Up sled already holds a column of the extent, and two columns
+    /// of an extent never share a sled.
+    NoOtherSled { width: usize, up_sleds: usize },
+    /// Sleds that could take it exist, but none has a free column on an
+    /// Up device.
+    NoFreeColumn { sleds: usize },
+}
+
+impl PlacementBlock {
+    /// Stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            PlacementBlock::NoOtherSled { .. } => "no_other_sled",
+            PlacementBlock::NoFreeColumn { .. } => "no_free_column",
+        }
+    }
+}
+
+impl std::fmt::Display for PlacementBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlacementBlock::NoOtherSled { width, up_sleds } => write!(
+                f,
+                "no sled left that keeps the extent's {width} columns on distinct sleds \
+                 ({up_sleds} usable sleds, each already holding one): add or bring back a sled"
+            ),
+            PlacementBlock::NoFreeColumn { sleds } => write!(
+                f,
+                "the {sleds} sleds that could take it have no free column on a healthy device: \
+                 add capacity or free space"
+            ),
+        }
+    }
+}
+
+/// See [`UnitState::drain_outlook`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DrainOutlook {
+    /// Columns the sled holds.
+    pub columns: usize,
+    /// Of those, the ones that could not be placed elsewhere now, by why.
+    pub blocked: Vec<BlockedColumns>,
+}
+
+impl DrainOutlook {
+    pub fn blocked_columns(&self) -> usize {
+        self.blocked.iter().map(|b| b.columns).sum()
+    }
+}
+
+/// Columns that cannot be placed, for one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockedColumns {
+    pub block: PlacementBlock,
+    pub columns: usize,
+}
+
+fn grouped(counts: BTreeMap<PlacementBlock, usize>) -> Vec<BlockedColumns> {
+    counts
+        .into_iter()
+        .map(|(block, columns)| BlockedColumns { block, columns })
+        .collect()
+}
+
 /// Bound on repair tasks held at once (the controller admits far fewer).
 pub const MAX_REPAIR_TASKS: usize = 4096;
 /// Bound on columns reclaimed by one `ReclaimColumns`.
@@ -176,6 +245,83 @@ impl UnitState {
         let sled = self.sleds.get(&column.sled)?;
         let device = sled.devices.get(&column.device)?;
         Some((sled.health, device.health))
+    }
+
+    /// Why a replacement for column `column_index` of `extent` cannot be
+    /// placed now, or `None` if it can. `also_excluded` is a sled treated
+    /// as unusable on top of the state's own health (a sled about to be
+    /// drained). Same candidate rule as
+    /// [`plan_replacement`](Self::plan_replacement): an Up sled that holds
+    /// no column of the extent, with a free column on an Up device.
+    pub fn placement_block(
+        &self,
+        extent: ExtentId,
+        also_excluded: Option<&SledId>,
+    ) -> Option<PlacementBlock> {
+        let entry = self.extents.get(&extent)?;
+        let avoid = self.sleds_of_extent(extent);
+        let candidates: Vec<_> = self
+            .sleds
+            .values()
+            .filter(|s| s.health == Health::Up && Some(&s.id) != also_excluded)
+            .filter(|s| !avoid.contains(&s.id))
+            .collect();
+        if candidates.is_empty() {
+            let up_sleds = self
+                .sleds
+                .values()
+                .filter(|s| s.health == Health::Up && Some(&s.id) != also_excluded)
+                .count();
+            return Some(PlacementBlock::NoOtherSled {
+                width: entry.columns.len(),
+                up_sleds,
+            });
+        }
+        let with_space = candidates.iter().any(|s| {
+            s.devices
+                .values()
+                .any(|d| d.health == Health::Up && !d.free_columns.is_empty())
+        });
+        (!with_space).then_some(PlacementBlock::NoFreeColumn {
+            sleds: candidates.len(),
+        })
+    }
+
+    /// Columns needing repair that cannot be placed now, grouped by why.
+    pub fn blocked_repairs(&self) -> Vec<BlockedColumns> {
+        let mut out = BTreeMap::new();
+        for (extent, _, _) in self.columns_needing_repair() {
+            if let Some(block) = self.placement_block(extent, None) {
+                *out.entry(block).or_insert(0) += 1;
+            }
+        }
+        grouped(out)
+    }
+
+    /// What draining `sled` would do: its columns (of volumes not being
+    /// deleted) and, of those, the ones no other sled could take now,
+    /// grouped by why.
+    pub fn drain_outlook(&self, sled: &SledId) -> DrainOutlook {
+        let mut columns = 0;
+        let mut blocked = BTreeMap::new();
+        for (id, extent) in &self.extents {
+            if self.deleting.contains_key(&extent.owner.volume) {
+                continue;
+            }
+            for (_, column) in extent.present() {
+                if &column.sled != sled {
+                    continue;
+                }
+                columns += 1;
+                if let Some(block) = self.placement_block(*id, Some(sled)) {
+                    *blocked.entry(block).or_insert(0) += 1;
+                }
+            }
+        }
+        DrainOutlook {
+            columns,
+            blocked: grouped(blocked),
+        }
     }
 
     /// Columns that need a replacement and have no task yet, in extent

@@ -460,3 +460,100 @@ fn a_failed_sled_returns_once_emptied_and_its_retired_columns_are_reclaimed() {
         CommandError::InvalidArgument { .. }
     ));
 }
+
+#[test]
+fn work_that_cannot_be_placed_says_why() {
+    // Six sleds, a 4+2 extent on all of them: a Failed sled's column has
+    // nowhere to go, and draining any sled would move nothing.
+    let mut state = unit(6);
+    let extent = allocate(&mut state);
+    assert_eq!(state.extents()[&extent].present().count(), 6);
+    let outlook = state.drain_outlook(&sled(0));
+    assert_eq!(outlook.columns, 1);
+    assert_eq!(
+        outlook.blocked,
+        vec![BlockedColumns {
+            block: PlacementBlock::NoOtherSled {
+                width: 6,
+                up_sleds: 5
+            },
+            columns: 1
+        }]
+    );
+    assert!(
+        state.blocked_repairs().is_empty(),
+        "nothing needs repair yet"
+    );
+    let lost = state.extents()[&extent].columns[0].clone().unwrap().sled;
+    apply(
+        &mut state,
+        Command::SetSledHealth {
+            sled: lost.clone(),
+            health: Health::Failed,
+        },
+    );
+    let blocked = state.blocked_repairs();
+    assert_eq!(blocked.len(), 1, "{blocked:?}");
+    assert_eq!(blocked[0].columns, 1);
+    assert!(matches!(
+        blocked[0].block,
+        PlacementBlock::NoOtherSled {
+            width: 6,
+            up_sleds: 5
+        }
+    ));
+    assert!(blocked[0].block.to_string().contains("distinct sleds"));
+    assert_eq!(state.repair_status().blocked, blocked);
+    // The status says so, and it serializes (JSON output of the CLI).
+    let json = serde_json::to_string(&state.unit_status()).unwrap();
+    assert!(json.contains("no_other_sled"), "{json}");
+}
+
+#[test]
+fn a_seventh_sled_without_space_is_no_free_column_and_with_space_unblocks() {
+    let mut state = unit(7);
+    let extent = allocate(&mut state);
+    let spare = (0..7)
+        .map(sled)
+        .find(|s| {
+            state.extents()[&extent]
+                .present()
+                .all(|(_, c)| &c.sled != s)
+        })
+        .unwrap();
+    for device in 0..2 {
+        apply(
+            &mut state,
+            Command::SetDeviceHealth {
+                device: DeviceRef {
+                    sled: spare.clone(),
+                    device,
+                },
+                health: Health::Failed,
+            },
+        );
+    }
+    let member = state.extents()[&extent].columns[1].clone().unwrap().sled;
+    let outlook = state.drain_outlook(&member);
+    assert_eq!(
+        outlook.blocked,
+        vec![BlockedColumns {
+            block: PlacementBlock::NoFreeColumn { sleds: 1 },
+            columns: 1
+        }]
+    );
+    for device in 0..2 {
+        apply(
+            &mut state,
+            Command::SetDeviceHealth {
+                device: DeviceRef {
+                    sled: spare.clone(),
+                    device,
+                },
+                health: Health::Up,
+            },
+        );
+    }
+    let outlook = state.drain_outlook(&member);
+    assert_eq!((outlook.columns, outlook.blocked_columns()), (1, 0));
+}
