@@ -173,9 +173,29 @@ impl ClientMetrics {
 pub struct NbdMetrics {
     accepted: Counter,
     open: Gauge,
+    refused_at_cap: Counter,
+    handshake_timed_out: Counter,
+    handshake_evicted: Counter,
 }
 
 impl NbdMetrics {
+    pub(crate) fn refused_at_cap(&self) {
+        self.refused_at_cap.inc();
+    }
+
+    pub(crate) fn handshake_timed_out(&self) {
+        self.handshake_timed_out.inc();
+    }
+
+    pub(crate) fn handshake_evicted(&self) {
+        self.handshake_evicted.inc();
+    }
+
+    /// Connections closed in their handshake: (timed out, evicted by newer ones).
+    pub fn handshakes_dropped(&self) -> (u64, u64) {
+        (self.handshake_timed_out.get(), self.handshake_evicted.get())
+    }
+
     pub(crate) fn accepted(&self) {
         self.accepted.inc();
         self.open.inc();
@@ -305,6 +325,21 @@ impl AgentMetrics {
             "rackblock_agent_nbd_connections_open",
             "NBD connections open now",
             metrics.nbd.open.clone(),
+        );
+        registry.register(
+            "rackblock_agent_nbd_connections_refused",
+            "NBD connections closed on accept: max_connections reached",
+            metrics.nbd.refused_at_cap.clone(),
+        );
+        registry.register(
+            "rackblock_agent_nbd_handshakes_timed_out",
+            "NBD connections closed for not finishing the handshake in time",
+            metrics.nbd.handshake_timed_out.clone(),
+        );
+        registry.register(
+            "rackblock_agent_nbd_handshakes_evicted",
+            "NBD connections closed in their handshake to make room for a newer one",
+            metrics.nbd.handshake_evicted.clone(),
         );
         metrics.client.register(registry);
         metrics

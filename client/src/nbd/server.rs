@@ -2,6 +2,19 @@
 //! driver and the transmission phase (reader loop, request tasks, one
 //! reply writer). Protocol decisions live in `handshake.rs` and
 //! `request.rs`.
+//!
+//! **Bounds** (all in [`NbdConfig`]): at most `max_connections` at once
+//! (more are closed on accept); at most `max_handshaking` of them in their
+//! handshake, a new one closing the oldest, and none for longer than
+//! `handshake_timeout_ms` — so idle or slow connections can never keep a
+//! real client out; per connection, `max_requests_per_connection` requests
+//! and `max_in_flight_bytes_per_connection` payload bytes (the reader stops
+//! reading when either is taken, so replies a client does not read pile up
+//! to that bound and no further); a reply write that makes no progress for
+//! `reply_stall_timeout_ms` closes the connection. At shutdown the reader
+//! stops at once, what was started is answered within `shutdown_grace_ms`,
+//! and then replies are dropped: a client that never reads cannot hold
+//! the agent (and the detach that follows its shutdown).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -16,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::backend::{BackendError, NbdBackend};
 use super::handshake::{BlockSizes, ExportInfo, ExportLookup, Handshake, Negotiated, Step};
@@ -60,6 +74,20 @@ pub struct NbdConfig {
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (default true; see the module
     /// docs for why it is safe).
     pub multi_conn: bool,
+    /// A connection that has not finished its handshake this long after
+    /// it was accepted is closed (default 10 s; clients take milliseconds).
+    pub handshake_timeout_ms: u64,
+    /// Connections in their handshake at once; a new one closes the
+    /// oldest (default 16), so idle or slow-loris connections can never
+    /// keep a real client out.
+    pub max_handshaking: u32,
+    /// A reply the client does not take (the socket write makes no
+    /// progress) for this long closes the connection (default 60 s).
+    pub reply_stall_timeout_ms: u64,
+    /// At shutdown, how long connections may take to answer what they
+    /// started; then replies are dropped and the connections closed, so a
+    /// client that never reads cannot hold the agent (default 5 s).
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for NbdConfig {
@@ -73,6 +101,10 @@ impl Default for NbdConfig {
             max_option_bytes: 16 << 10,
             max_options_per_handshake: 256,
             multi_conn: true,
+            handshake_timeout_ms: 10_000,
+            max_handshaking: 16,
+            reply_stall_timeout_ms: 60_000,
+            shutdown_grace_ms: 5_000,
         }
     }
 }
@@ -96,6 +128,17 @@ impl NbdConfig {
         }
         if self.max_requests_per_connection == 0 || self.max_connections == 0 {
             return bad("max_requests_per_connection and max_connections must be > 0");
+        }
+        if self.max_handshaking == 0 || self.max_handshaking > self.max_connections {
+            return bad("max_handshaking must be > 0 and ≤ max_connections");
+        }
+        if self.handshake_timeout_ms == 0
+            || self.reply_stall_timeout_ms == 0
+            || self.shutdown_grace_ms == 0
+        {
+            return bad(
+                "handshake_timeout_ms, reply_stall_timeout_ms and shutdown_grace_ms must be > 0",
+            );
         }
         if (self.max_option_bytes as usize) < 4 + MAX_STRING_BYTES + 2 {
             return bad("max_option_bytes must hold an NBD_OPT_GO with a 4096-byte name");
@@ -123,6 +166,61 @@ pub enum ConnectionError {
     Io(#[from] io::Error),
     #[error("protocol violation: {0}")]
     Protocol(&'static str),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("closed during its handshake: a newer connection needed the slot")]
+    Evicted,
+}
+
+/// Connections in their handshake, oldest first: a new one beyond
+/// `max_handshaking` cancels the oldest.
+#[derive(Default)]
+struct Handshaking {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+/// Removes its connection from [`Handshaking`] when the handshake ends.
+struct HandshakeSlot {
+    id: u64,
+    token: CancellationToken,
+    inner: Arc<ServerInner>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        lock(&self.inner.handshaking)
+            .open
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ServerInner {
+    /// Registers a connection entering its handshake, closing the oldest
+    /// one in handshake if there are too many.
+    fn admit_handshake(self: &Arc<Self>) -> HandshakeSlot {
+        let mut handshaking = lock(&self.handshaking);
+        while handshaking.open.len() >= self.config.max_handshaking as usize {
+            let Some((_, oldest)) = handshaking.open.pop_front() else {
+                break;
+            };
+            oldest.cancel();
+            self.metrics.handshake_evicted();
+        }
+        let id = handshaking.next_id;
+        handshaking.next_id += 1;
+        let token = CancellationToken::new();
+        handshaking.open.push_back((id, token.clone()));
+        HandshakeSlot {
+            id,
+            token,
+            inner: self.clone(),
+        }
+    }
 }
 
 /// An NBD server for a fixed set of exports (see the module docs).
@@ -144,6 +242,7 @@ struct ServerInner {
     exports: ExportTable,
     config: NbdConfig,
     connections: Arc<Semaphore>,
+    handshaking: Mutex<Handshaking>,
     metrics: NbdMetrics,
 }
 
@@ -266,6 +365,7 @@ impl NbdServer {
                 exports: ExportTable(exports),
                 config,
                 connections,
+                handshaking: Mutex::new(Handshaking::default()),
                 metrics,
             }),
         })
@@ -320,6 +420,7 @@ impl NbdServer {
                                 max = self.inner.config.max_connections,
                                 "nbd: too many connections, closing a new one"
                             );
+                            self.inner.metrics.refused_at_cap();
                             continue;
                         };
                         let inner = self.inner.clone();
@@ -342,8 +443,20 @@ impl NbdServer {
             }
         }
         // Connections stop reading, finish what they started, and close.
+        // Each drops its replies after `shutdown_grace` (a client that does
+        // not read cannot hold us); backend work still in flight after
+        // twice that is abandoned (never acknowledged to anyone).
         let _ = stop_tx.send(true);
-        while connections.join_next().await.is_some() {}
+        let grace = Duration::from_millis(self.inner.config.shutdown_grace_ms);
+        let joined = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace * 2, joined).await.is_err() {
+            tracing::warn!(
+                left = connections.len(),
+                "nbd: connections still busy after the shutdown grace; closing them"
+            );
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+        }
         Ok(())
     }
 }
@@ -363,11 +476,23 @@ where
 {
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let slot = inner.admit_handshake();
+    let limit = Duration::from_millis(inner.config.handshake_timeout_ms);
     let negotiated = tokio::select! {
         biased;
         _ = stopped(&mut stop) => return Ok(()),
-        negotiated = handshake(&inner, &mut reader, &mut writer) => negotiated?,
+        _ = slot.token.cancelled() => return Err(ConnectionError::Evicted),
+        negotiated = tokio::time::timeout(limit, handshake(&inner, &mut reader, &mut writer)) => {
+            match negotiated {
+                Ok(negotiated) => negotiated?,
+                Err(_) => {
+                    inner.metrics.handshake_timed_out();
+                    return Err(ConnectionError::HandshakeTimeout(limit));
+                }
+            }
+        }
     };
+    drop(slot);
     let Some(negotiated) = negotiated else {
         return Ok(());
     };
@@ -559,17 +684,25 @@ where
         config.max_in_flight_bytes_per_connection as usize,
     ));
     let (reply_tx, reply_rx) = mpsc::channel::<Reply>(config.max_requests_per_connection as usize);
-    let reply_writer = tokio::spawn(write_replies(
+    let mut reply_writer = tokio::spawn(write_replies(
         writer,
         reply_rx,
         negotiated.structured_replies,
+        Duration::from_millis(config.reply_stall_timeout_ms),
     ));
     let pending = PendingWrites::default();
     let mut tasks = JoinSet::new();
 
     let end: Result<ReaderEnd, ConnectionError> = loop {
         while tasks.try_join_next().is_some() {}
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        // Waiting for a slot (every request of this connection in flight,
+        // e.g. a client not taking its replies) must not hide a shutdown.
+        let slot = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break Ok(ReaderEnd::Shutdown),
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else {
             break Err(ConnectionError::Protocol("request slots closed"));
         };
         let next = tokio::select! {
@@ -689,10 +822,32 @@ where
     };
 
     // Finish everything in flight (even on error: writes already started
-    // complete on the backend), then let the writer drain and close.
-    while tasks.join_next().await.is_some() {}
+    // complete on the backend), then let the writer drain and close. At
+    // shutdown, replies not taken within the grace are dropped: the
+    // writer goes, `send` fails at once, and only backend work is awaited.
+    let shutdown = matches!(end, Ok(ReaderEnd::Shutdown));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
+    let finished = async { while tasks.join_next().await.is_some() {} };
+    if !shutdown {
+        finished.await;
+    } else if tokio::time::timeout_at(deadline, finished).await.is_err() {
+        tracing::warn!("nbd: client not taking replies at shutdown; dropping them");
+        reply_writer.abort();
+        while tasks.join_next().await.is_some() {}
+    }
     drop(reply_tx);
-    let written = reply_writer.await;
+    let written = if shutdown {
+        match tokio::time::timeout_at(deadline, &mut reply_writer).await {
+            Ok(written) => written,
+            Err(_) => {
+                tracing::warn!("nbd: client not taking replies at shutdown; closing");
+                reply_writer.abort();
+                (&mut reply_writer).await
+            }
+        }
+    } else {
+        (&mut reply_writer).await
+    };
     match end {
         Ok(ReaderEnd::Disconnect | ReaderEnd::Eof | ReaderEnd::Shutdown) => match written {
             Ok(Ok(())) | Err(_) => Ok(()),
@@ -777,19 +932,29 @@ async fn send(
 
 /// The one task that writes replies, in completion order, batching
 /// whatever is ready into one flush.
+/// Writes replies as they come, batching what is ready into one flush. A
+/// write that makes no progress for `stall` (the client stopped reading)
+/// ends the writer, which ends the connection.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut replies: mpsc::Receiver<Reply>,
     structured: bool,
+    stall: Duration,
 ) -> io::Result<()> {
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "client stopped reading replies");
     let mut out = BufWriter::with_capacity(256 << 10, writer);
     let mut header = BytesMut::with_capacity(128 + MAX_STRING_BYTES);
     while let Some(reply) = replies.recv().await {
-        write_reply(&mut out, &mut header, reply, structured).await?;
-        while let Ok(reply) = replies.try_recv() {
+        let batch = async {
             write_reply(&mut out, &mut header, reply, structured).await?;
-        }
-        out.flush().await?;
+            while let Ok(reply) = replies.try_recv() {
+                write_reply(&mut out, &mut header, reply, structured).await?;
+            }
+            out.flush().await
+        };
+        tokio::time::timeout(stall, batch)
+            .await
+            .map_err(|_| stalled())??;
     }
     out.shutdown().await
 }

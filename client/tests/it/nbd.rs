@@ -657,3 +657,64 @@ async fn qemu_io_through_the_volume_client_rides_out_a_failover() {
     stop.cancel();
     serving.await.unwrap().unwrap();
 }
+
+/// 200 connections that take the greeting and then say nothing can
+/// neither keep a real client out (each new connection closes the oldest
+/// one still in its handshake) nor outlive the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_keep_a_new_client_out() {
+    let served = Served::start().await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut stream = TcpStream::connect(("127.0.0.1", served.port))
+            .await
+            .unwrap();
+        let mut greeting = [0u8; 18];
+        // The oldest of them are already closed: take what comes.
+        let _ = stream.read(&mut greeting).await;
+        idle.push(stream);
+    }
+    let started = std::time::Instant::now();
+    let out = run_ok(NBDINFO, &["--json", &served.uri("vol0")], TOOL_TIMEOUT).await;
+    assert!(out.contains("\"export-size\""), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "nbdinfo took {:?} beside 200 idle connections",
+        started.elapsed()
+    );
+    // All but the newest max_handshaking (16) were closed to make room.
+    let mut closed = 0;
+    for stream in &mut idle[..150] {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 150, "idle connections left open");
+    served.shutdown().await;
+}
+
+/// A client that pipelines reads and never reads a reply cannot hold the
+/// server's shutdown (the attach agent's detach runs after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_cannot_hold_shutdown() {
+    let served = Served::start().await;
+    let (mut stream, _) = raw_connect(served.port, "vol0").await;
+    // 64 reads of 1 MiB: far more than the socket buffers hold.
+    for handle in 0..64u64 {
+        send_request(&mut stream, CMD_READ, handle, 0, 1 << 20).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), served.shutdown())
+        .await
+        .expect("shutdown held by a client that does not read");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    drop(stream);
+}
