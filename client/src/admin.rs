@@ -113,7 +113,11 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    proto::http::serve(
+        listener,
+        router(state),
+        proto::http::HttpLimits::default(),
+        shutdown,
+    )
+    .await
 }

@@ -240,9 +240,13 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         });
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(admin_listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+            if let Err(e) = proto::http::serve(
+                admin_listener,
+                router,
+                proto::http::HttpLimits::default(),
+                shutdown.cancelled_owned(),
+            )
+            .await
             {
                 error!(error = %e, "admin server failed");
             }

@@ -173,10 +173,13 @@ impl FrameError {
     }
 }
 
+/// Most buffer space reserved ahead of a body's bytes.
+const RESERVE_AHEAD_BYTES: usize = 64 << 10;
+
 /// Decode one frame from the front of `buf`.
 ///
-/// `Ok(None)`: not enough bytes yet (space for the announced body has been
-/// reserved). `Ok(Some(frame))`: the frame's bytes were removed from `buf`.
+/// `Ok(None)`: not enough bytes yet (space for up to 64 KiB more of the
+/// announced body has been reserved). `Ok(Some(frame))`: the frame's bytes were removed from `buf`.
 /// `Err`: the stream is corrupt; the caller must drop the connection (the
 /// buffer is left as it was).
 pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
@@ -188,7 +191,9 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     let (header, expected) = FrameHeader::parse(&raw_header)?;
     let frame_len = HEADER_BYTES + header.body_len_bytes as usize;
     if buf.len() < frame_len {
-        buf.reserve(frame_len - buf.len());
+        // Room for the body as it arrives, not on the header's word: a
+        // peer announcing 16 MiB and sending nothing costs 64 KiB.
+        buf.reserve((frame_len - buf.len()).min(RESERVE_AHEAD_BYTES));
         return Ok(None);
     }
     let found = frame_crc(&raw_header, &buf[HEADER_BYTES..frame_len]);
@@ -403,6 +408,19 @@ mod tests {
             buf.capacity(),
             capacity_before,
             "nothing reserved for a rejected body"
+        );
+    }
+
+    #[test]
+    fn an_announced_body_reserves_at_most_64_kib_ahead() {
+        let mut header = encode_frame(1, 0, 1, b"").unwrap().to_vec();
+        header[20..24].copy_from_slice(&(MAX_FRAME_BODY_BYTES as u32).to_le_bytes());
+        let mut buf = BytesMut::from(&header[..]);
+        assert!(matches!(decode_frame(&mut buf), Ok(None)));
+        assert!(
+            buf.capacity() <= HEADER_BYTES + RESERVE_AHEAD_BYTES,
+            "reserved {} bytes on a header's word",
+            buf.capacity()
         );
     }
 

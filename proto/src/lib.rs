@@ -28,6 +28,7 @@
 //! drives the frame and message decoders with arbitrary bytes.
 
 pub mod frame;
+pub mod http;
 pub mod lcp;
 pub mod link;
 pub mod message;

@@ -167,9 +167,13 @@ pub async fn run(
         let router = crate::admin::router(sled.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(admin, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
+            if let Err(e) = proto::http::serve(
+                admin,
+                router,
+                proto::http::HttpLimits::default(),
+                shutdown.cancelled_owned(),
+            )
+            .await
             {
                 error!(error = %e, "admin server failed");
             }

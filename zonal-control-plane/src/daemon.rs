@@ -85,9 +85,13 @@ pub async fn serve(
     let address = listener.local_addr().map_err(ZonalError::Serve)?;
     info!(%address, units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
     let router = crate::api::router(zonal.clone(), admin_token);
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = proto::http::serve(
+        listener,
+        router,
+        proto::http::HttpLimits::default(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await;
     // The server may also end on its own (an accept error): stop the rest.
     shutdown.cancel();
     if let Err(e) = reporter.await {

@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod codec;
+mod http;
 mod link;
 mod net;
 mod server;

@@ -1,0 +1,126 @@
+//! HTTP/1 serving for the daemons' admin and API endpoints (metrics,
+//! health, the zonal API), with the bounds `axum::serve` does not have.
+//!
+//! ```text
+//! accept ─▶ permit? (max_connections; none ⇒ close at once, counted by the caller's log)
+//!        └▶ one task: hyper http1, header_read_timeout (slow or idle headers ⇒ close)
+//! shutdown ─▶ stop accepting; each connection finishes its request in
+//!             flight and closes (graceful); after `shutdown_grace`, the rest
+//!             are aborted: a client cannot hold a daemon's exit.
+//! ```
+//!
+//! Bodies are read by the handlers' extractors as they arrive (axum's
+//! default body limit applies), never reserved ahead from a header.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Bounds of one HTTP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// A request's headers (the first, or the next on a kept-alive
+    /// connection) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// How long connections may take to finish at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> HttpLimits {
+        HttpLimits {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Serves `router` on `listener` within `limits` until `shutdown`
+/// completes (see the module docs). Errors only if the listener fails
+/// for good (never for one connection).
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "http: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = limits.max_connections,
+                "http: too many connections, closing a new one"
+            );
+            continue;
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => {
+                    if let Err(error) = served {
+                        tracing::debug!(%error, "http: connection ended");
+                    }
+                }
+                () = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    let joined = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(limits.shutdown_grace, joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "http: connections still open after the shutdown grace; closing them"
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+    Ok(())
+}
+
+/// Resolves once the server stops (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
