@@ -228,6 +228,7 @@ impl FakeUnit {
                         reserved_columns: 0,
                         retired_columns: 0,
                     }],
+                    drain: Default::default(),
                 }],
                 volumes: state
                     .volumes
