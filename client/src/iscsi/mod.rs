@@ -1,0 +1,80 @@
+//! iSCSI target (RFC 7143): how hosts that do not speak NBD attach to a
+//! volume (ARCHITECTURE.md, `client/`). One LUN, LUN 0, served over the
+//! same backend seam as the NBD server ([`NbdBackend`](crate::nbd::NbdBackend):
+//! the volume client in production with its failover, retries, CRCs and
+//! attachment credential; the memory backend for `rackblock attach
+//! --memory`), so both front ends see one device.
+//!
+//! # Layers
+//!
+//! * `pdu.rs` (sans-IO): framing of the 48-byte BHS, AHS, padding and the
+//!   CRC-32C header and data digests; typed [`PduError`]s.
+//! * `login.rs` (sans-IO): the login stage machine, CHAP (one-way and
+//!   mutual, hex and base64 values), operational negotiation.
+//! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
+//! * `server.rs`: listeners (one per portal), a task per connection, the
+//!   full feature phase.
+//!
+//! # Connection state machine
+//!
+//! ```text
+//! accept ─▶ LOGIN (≤ 30 s; no digests; data ≤ 64 KiB per PDU)
+//!   stage 0 security: AuthMethod CHAP (required when a secret is set) or None
+//!   stage 1 operational: keys answered, defaults for the rest
+//!   T=1 NSG=3 ─▶ FULL FEATURE (digests as negotiated; data ≤ 256 KiB per PDU)
+//!   any refusal ─▶ login response with status, close
+//! FULL FEATURE, one PDU at a time:
+//!   SCSI Command ── CmdSN == ExpCmdSN (or immediate)? else ignored silently
+//!     read/no data ─▶ execute ─▶ Data-In… (last with S, status, residual)
+//!                                or SCSI Response (+ sense, residual)
+//!     write ─▶ immediate data; unsolicited Data-Out until F (InitialR2T=No)
+//!            ─▶ R2T (≤ MaxBurstLength, one outstanding) … ─▶ execute ─▶ response
+//!   Data-Out ── DataSN, offset, TTT checked; a mismatch closes the
+//!               connection (ERL 0)
+//!   NOP-Out ─▶ NOP-In echoing the ping data
+//!   Text ─▶ SendTargets: this target, one TargetAddress per portal
+//!   Task management ─▶ ABORT TASK (a write still waiting for data is
+//!     dropped; a completed one: "task does not exist"), ABORT/CLEAR TASK
+//!     SET, LUN RESET, TARGET WARM RESET: function complete
+//!   Logout ─▶ response, close
+//!   SNACK, anything else ─▶ Reject
+//! ```
+//!
+//! # Sessions and sequence numbers
+//!
+//! Every connection is its own session (MaxConnections=1, a new TSIH per
+//! login; a login naming an existing TSIH is refused): several sessions
+//! from one or many initiators run side by side on one LUN, which is safe
+//! for the same reason NBD's multi-conn is (every completed write is
+//! durable and visible to every later read). StatSN counts per connection;
+//! the command window is 32 (MaxCmdSN = ExpCmdSN + 31). Commands of a
+//! connection run one after the other in CmdSN order; a write waiting for
+//! its R2T data does not hold up the commands behind it.
+//!
+//! # Supported parameters
+//!
+//! HeaderDigest/DataDigest None or CRC32C (initiator's preference order),
+//! MaxRecvDataSegmentLength 256 KiB (ours) / as declared (theirs),
+//! MaxBurstLength and FirstBurstLength up to 16 MiB, ImmediateData and
+//! InitialR2T as offered, MaxOutstandingR2T 1, DataPDUInOrder and
+//! DataSequenceInOrder Yes, ErrorRecoveryLevel 0, markers off.
+//!
+//! # Not supported (yet)
+//!
+//! Persistent reservations (PERSISTENT RESERVE IN/OUT answer INVALID
+//! COMMAND OPERATION CODE), several connections per session, error
+//! recovery levels 1 and 2, ACA, target-initiated NOP-In pings.
+
+mod login;
+mod md5;
+mod pdu;
+mod scsi;
+mod server;
+
+pub use login::Chap;
+pub use pdu::PduError;
+pub use scsi::{LogicalUnit, Outcome, Sense};
+pub use server::{target_name_for, ConnectionError, IscsiConfig, IscsiError, IscsiServer};
+
+/// The well-known iSCSI port.
+pub const DEFAULT_PORT: u16 = 3260;
