@@ -29,8 +29,9 @@
 //!                                or SCSI Response (+ sense, residual)
 //!     write ─▶ immediate data; unsolicited Data-Out until F (InitialR2T=No)
 //!            ─▶ R2T (≤ MaxBurstLength, one outstanding) … ─▶ execute ─▶ response
-//!   Data-Out ── DataSN, offset, TTT checked; a mismatch closes the
-//!               connection (ERL 0)
+//!   Data-Out ── DataSN, offset, TTT checked; a mismatch fails the task
+//!               (ABORTED COMMAND, DATA PHASE ERROR), its later data is
+//!               dropped, the connection carries on
 //!   NOP-Out ─▶ NOP-In echoing the ping data
 //!   Text ─▶ SendTargets: this target, one TargetAddress per portal
 //!   Task management ─▶ ABORT TASK (a write still waiting for data is

@@ -41,10 +41,10 @@ pub const MAX_TRANSFER_BLOCKS: u32 = 65_536;
 /// Largest WRITE SAME in blocks (1 GiB).
 pub const MAX_WRITE_SAME_BLOCKS: u64 = 2 << 20;
 /// Largest UNMAP: blocks per descriptor and descriptors per command.
-pub const MAX_UNMAP_BLOCKS: u32 = 2 << 20;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Largest COMPARE AND WRITE in blocks.
-pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 1;
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
 
 pub const GOOD: u8 = 0x00;
 pub const CHECK_CONDITION: u8 = 0x02;
@@ -82,6 +82,7 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(0x03, 0x0c, 0x00);
     pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
     pub const NOT_READY: Sense = Sense::new(0x02, 0x04, 0x00);
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(0x0b, 0x4b, 0x00);
 
     /// 18 bytes of fixed-format sense data.
     pub fn encode(&self) -> Bytes {
@@ -172,6 +173,12 @@ fn rw_range(cdb: &[u8]) -> (u64, u64) {
         0x89 => (be64(&cdb[2..10]), u64::from(cdb[13])),
         _ => (0, 0),
     }
+}
+
+/// Commands whose data-out must be exactly the CDB's length (a different
+/// expected transfer length is refused rather than cut).
+pub fn exact_data_out(cdb: &[u8; 16]) -> bool {
+    matches!(cdb[0], 0x89 | 0x41) || (cdb[0] == 0x93 && cdb[1] & 0x01 == 0)
 }
 
 /// How many bytes of data-out a CDB transfers (0 for commands without
@@ -504,8 +511,12 @@ impl LogicalUnit {
         if blocks == 0 {
             return Ok(Outcome::good());
         }
-        if (data.len() as u64) < blocks * BLOCK_BYTES {
-            return Err(Sense::INVALID_FIELD_IN_INFORMATION_UNIT);
+        // The initiator's expected transfer length was shorter than the
+        // CDB's: only the whole blocks it sent are written (SAM-5's first
+        // choice; the transport reports the overflow residual).
+        let blocks = blocks.min(data.len() as u64 / BLOCK_BYTES);
+        if blocks == 0 {
+            return Ok(Outcome::good());
         }
         // WRITE AND VERIFY: the data must be on the medium (durable).
         let fua = cdb[0] != 0x0a && cdb[1] & 0x08 != 0 || matches!(cdb[0], 0x2e | 0xae | 0x8e);

@@ -560,11 +560,16 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         let received = task.data.len() as u32;
         if task.unsolicited_done && task.r2t.is_none() {
             if received >= task.wanted {
-                let outcome = self
-                    .inner
-                    .lun
-                    .execute(task.lun, &task.cdb, task.data.freeze())
-                    .await;
+                let outcome = if scsi::exact_data_out(&task.cdb)
+                    && u64::from(task.edtl) != scsi::data_out_length(&task.cdb)
+                {
+                    Outcome::check(Sense::INVALID_FIELD_IN_CDB)
+                } else {
+                    self.inner
+                        .lun
+                        .execute(task.lun, &task.cdb, task.data.freeze())
+                        .await
+                };
                 return self
                     .respond(itt, &task.cdb, task.edtl, false, outcome)
                     .await;
@@ -594,52 +599,67 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
     async fn data_out(&mut self, pdu: Pdu) -> Result<(), ConnectionError> {
         let itt = pdu.itt();
         let Some(mut task) = self.pending.remove(&itt) else {
-            // Data of an aborted task: dropped.
+            // Data of an aborted or failed task: dropped.
             return Ok(());
         };
+        match self.accept_data(&mut task, &pdu) {
+            Ok(()) => self.advance(itt, task).await,
+            Err(reason) => {
+                // A sequence error fails the task (ABORTED COMMAND, DATA
+                // PHASE ERROR); the rest of its data is dropped on arrival
+                // and the connection carries on.
+                tracing::info!(itt, reason, "iscsi: Data-Out refused");
+                let outcome = Outcome::check(Sense::DATA_PHASE_ERROR);
+                self.respond(itt, &task.cdb, task.edtl, false, outcome)
+                    .await
+            }
+        }
+    }
+
+    /// Checks one Data-Out against its task (DataSN, offset, TTT, bounds)
+    /// and appends its data.
+    fn accept_data(&self, task: &mut PendingWrite, pdu: &Pdu) -> Result<(), &'static str> {
         let datasn = pdu.u32_at(36);
         let offset = pdu.u32_at(40);
         let ttt = pdu.ttt();
         let end_of_sequence = pdu.final_bit();
         if offset as usize != task.data.len() {
-            return Err(ConnectionError::Protocol("Data-Out out of order"));
+            return Err("Data-Out out of order");
         }
-        let end = offset as u64 + pdu.data.len() as u64;
+        let end = u64::from(offset) + pdu.data.len() as u64;
         if end > u64::from(task.edtl) {
-            return Err(ConnectionError::Protocol(
-                "Data-Out beyond the expected length",
-            ));
+            return Err("Data-Out beyond the expected length");
         }
         if ttt == RESERVED_TAG {
             if task.unsolicited_done
                 || datasn != task.next_unsolicited_datasn
                 || end > u64::from(self.negotiated.first_burst)
             {
-                return Err(ConnectionError::Protocol("bad unsolicited Data-Out"));
+                return Err("bad unsolicited Data-Out");
             }
             task.next_unsolicited_datasn += 1;
             task.data.extend_from_slice(&pdu.data);
             if end_of_sequence {
                 task.unsolicited_done = true;
             }
-        } else {
-            let Some((r2t_ttt, expected_datasn, r2t_end)) = task.r2t else {
-                return Err(ConnectionError::Protocol("Data-Out for no R2T"));
-            };
-            if ttt != r2t_ttt || datasn != expected_datasn || end > u64::from(r2t_end) {
-                return Err(ConnectionError::Protocol("Data-Out does not match its R2T"));
-            }
-            task.data.extend_from_slice(&pdu.data);
-            if end_of_sequence {
-                if end != u64::from(r2t_end) {
-                    return Err(ConnectionError::Protocol("R2T sequence ended short"));
-                }
-                task.r2t = None;
-            } else {
-                task.r2t = Some((r2t_ttt, expected_datasn + 1, r2t_end));
-            }
+            return Ok(());
         }
-        self.advance(itt, task).await
+        let Some((r2t_ttt, expected_datasn, r2t_end)) = task.r2t else {
+            return Err("Data-Out for no R2T");
+        };
+        if ttt != r2t_ttt || datasn != expected_datasn || end > u64::from(r2t_end) {
+            return Err("Data-Out does not match its R2T");
+        }
+        if end_of_sequence && end != u64::from(r2t_end) {
+            return Err("R2T sequence ended short");
+        }
+        task.data.extend_from_slice(&pdu.data);
+        task.r2t = if end_of_sequence {
+            None
+        } else {
+            Some((r2t_ttt, expected_datasn + 1, r2t_end))
+        };
+        Ok(())
     }
 
     /// Data-In (with status) or a SCSI Response, with residuals.
@@ -1018,7 +1038,7 @@ mod tests {
         let targets = initiator.recv().await;
         let keys = parse_text(&targets.data);
         assert!(keys.contains(&("TargetAddress".into(), "127.0.0.1:3260,1".into())));
-        // A Data-Out with a DataSN out of sequence ends the connection.
+        // A Data-Out with a DataSN out of sequence fails its task.
         let command = initiator.command(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0x20, 1024);
         let itt = command.itt();
         initiator.send(command).await;
@@ -1029,13 +1049,26 @@ mod tests {
         initiator
             .send(out.with_data(Bytes::from(vec![2u8; 512])))
             .await;
-        let end = read_pdu_with(
-            &mut initiator.stream,
-            Digests::default(),
-            1 << 20,
-            pdu::decode_target,
-        )
-        .await;
-        assert!(matches!(end, Ok(None)), "{end:?}");
+        let failed = initiator.recv().await;
+        assert_eq!(failed.opcode(), op::SCSI_RESPONSE);
+        assert_eq!(failed.bhs[3], scsi::CHECK_CONDITION);
+        assert_eq!(failed.data[2 + 2], 0x0b);
+        // Its remaining data is dropped; the connection still answers.
+        let mut late = Pdu::new(op::DATA_OUT);
+        late.set_flags(0x80);
+        late.set_itt(itt);
+        late.set_u32_at(20, RESERVED_TAG);
+        late.set_u32_at(36, 1);
+        late.set_u32_at(40, 512);
+        initiator
+            .send(late.with_data(Bytes::from(vec![2u8; 512])))
+            .await;
+        let tur = initiator.command(&[0x00], 0x80, 0);
+        initiator.send(tur).await;
+        let good = initiator.recv().await;
+        assert_eq!(
+            (good.opcode(), good.bhs[3]),
+            (op::SCSI_RESPONSE, scsi::GOOD)
+        );
     }
 }
