@@ -18,7 +18,8 @@
 //! | SYNCHRONIZE CACHE 10/16 | backend flush |
 //! | WRITE SAME 10/16 | UNMAP with zeros → trim; zeros → write zeroes; else pattern |
 //! | UNMAP | trim each descriptor |
-//! | VERIFY 10/16 | BYTCHK 0: read; 1: compare; 3: compare with one block |
+//! | VERIFY 10/12/16 | BYTCHK 0: read; 1: compare; 3: compare with one block |
+//! | PRE-FETCH 10/16 | range check; GOOD (no cache to load) |
 //! | COMPARE AND WRITE | compare, write; serialised per LUN in this agent |
 //! | MODE SENSE 6/10, MODE SELECT 6/10 | caching, control, informational exceptions; a SELECT must not change anything |
 //! | REPORT LUNS, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS | |
@@ -166,8 +167,8 @@ fn rw_range(cdb: &[u8]) -> (u64, u64) {
         0x28 | 0x2a | 0x2e | 0x2f | 0x35 | 0x41 | 0x34 => {
             (u64::from(be32(&cdb[2..6])), u64::from(be16(&cdb[7..9])))
         }
-        0xa8 | 0xaa | 0xae => (u64::from(be32(&cdb[2..6])), u64::from(be32(&cdb[6..10]))),
-        0x88 | 0x8a | 0x8e | 0x8f | 0x91 | 0x93 => {
+        0xa8 | 0xaa | 0xae | 0xaf => (u64::from(be32(&cdb[2..6])), u64::from(be32(&cdb[6..10]))),
+        0x88 | 0x8a | 0x8e | 0x8f | 0x90 | 0x91 | 0x93 => {
             (be64(&cdb[2..10]), u64::from(be32(&cdb[10..14])))
         }
         0x89 => (be64(&cdb[2..10]), u64::from(cdb[13])),
@@ -186,7 +187,7 @@ pub fn exact_data_out(cdb: &[u8; 16]) -> bool {
 pub fn data_out_length(cdb: &[u8; 16]) -> u64 {
     match cdb[0] {
         0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => rw_range(cdb).1 * BLOCK_BYTES,
-        0x2f | 0x8f => match (cdb[1] >> 1) & 3 {
+        0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
             1 => rw_range(cdb).1 * BLOCK_BYTES,
             3 => BLOCK_BYTES,
             _ => 0,
@@ -233,6 +234,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x2a, None, 10),       // WRITE(10)
     (0x2e, None, 10),       // WRITE AND VERIFY(10)
     (0x2f, None, 10),       // VERIFY(10)
+    (0x34, None, 10),       // PRE-FETCH(10)
     (0x35, None, 10),       // SYNCHRONIZE CACHE(10)
     (0x41, None, 10),       // WRITE SAME(10)
     (0x42, None, 10),       // UNMAP
@@ -243,6 +245,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x8a, None, 16),       // WRITE(16)
     (0x8e, None, 16),       // WRITE AND VERIFY(16)
     (0x8f, None, 16),       // VERIFY(16)
+    (0x90, None, 16),       // PRE-FETCH(16)
     (0x91, None, 16),       // SYNCHRONIZE CACHE(16)
     (0x93, None, 16),       // WRITE SAME(16)
     (0x9e, Some(0x10), 16), // READ CAPACITY(16)
@@ -252,6 +255,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0xa8, None, 12),       // READ(12)
     (0xaa, None, 12),       // WRITE(12)
     (0xae, None, 12),       // WRITE AND VERIFY(12)
+    (0xaf, None, 12),       // VERIFY(12)
 ];
 
 /// CDB usage bitmap: which bits of each CDB byte the target looks at.
@@ -335,7 +339,8 @@ impl LogicalUnit {
             },
             0x08 | 0x28 | 0xa8 | 0x88 => self.read(cdb).await,
             0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => self.write(cdb, data).await,
-            0x2f | 0x8f => self.verify(cdb, data).await,
+            0x2f | 0xaf | 0x8f => self.verify(cdb, data).await,
+            0x34 | 0x90 => self.prefetch(cdb),
             0x35 | 0x91 => self.synchronize_cache(cdb).await,
             0x41 | 0x93 => self.write_same(cdb, data).await,
             0x42 => self.unmap(cdb, data).await,
@@ -563,6 +568,15 @@ impl LogicalUnit {
                 ..Sense::MISCOMPARE
             });
         }
+        Ok(Outcome::good())
+    }
+
+    /// PRE-FETCH: this agent keeps no cache to load, so after the range
+    /// check the answer is GOOD ("the blocks may not all fit in the
+    /// cache"), never CONDITION MET.
+    fn prefetch(&self, cdb: &[u8]) -> Result<Outcome> {
+        let (lba, blocks) = rw_range(cdb);
+        self.check_range(lba, blocks, u64::MAX)?;
         Ok(Outcome::good())
     }
 
