@@ -534,7 +534,7 @@ impl Login {
                 None => reply(key, "Reject".into()),
             },
             "DefaultTime2Wait" => match number(value) {
-                Some(v) => reply(key, v.max(2).min(3600).to_string()),
+                Some(v) => reply(key, v.clamp(2, 3600).to_string()),
                 None => reply(key, "Reject".into()),
             },
             "DefaultTime2Retain" => match number(value) {

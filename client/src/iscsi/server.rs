@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use super::login::{self, encode_text, parse_text, Chap, Login, LoginStep, Negotiated};
@@ -267,35 +267,84 @@ where
     let Some((negotiated, statsn, cmdsn)) = login else {
         return Ok(());
     };
+    let digests = Digests {
+        header: negotiated.header_digest,
+        data: negotiated.data_digest,
+    };
+    let exp_cmdsn = Arc::new(AtomicU32::new(cmdsn));
+    let (tx, rx) = mpsc::channel(4 * COMMAND_WINDOW as usize);
+    let writing = tokio::spawn(write_loop(writer, rx, digests, exp_cmdsn.clone(), statsn));
     let mut connection = Connection {
-        inner: &inner,
-        writer,
-        digests: Digests {
-            header: negotiated.header_digest,
-            data: negotiated.data_digest,
-        },
+        inner: inner.clone(),
+        tx,
         negotiated,
-        statsn,
-        exp_cmdsn: cmdsn,
+        exp_cmdsn,
+        slots: Arc::new(Semaphore::new(COMMAND_WINDOW as usize)),
         pending: HashMap::new(),
         next_ttt: 1,
         logged_out: false,
     };
-    loop {
-        let pdu = tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break,
-            pdu = read_pdu(&mut reader, connection.digests, login::TARGET_MAX_RECV_DATA as usize) => pdu?,
-        };
-        let Some(pdu) = pdu else { break };
-        connection.handle(pdu).await?;
-        connection.writer.flush().await?;
-        if connection.logged_out {
-            break;
+    let served = async {
+        loop {
+            let pdu = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => break,
+                pdu = read_pdu(&mut reader, digests, login::TARGET_MAX_RECV_DATA as usize) => pdu?,
+            };
+            let Some(pdu) = pdu else { break };
+            connection.handle(pdu).await?;
+            if connection.logged_out {
+                break;
+            }
         }
+        Ok::<(), ConnectionError>(())
     }
-    let _ = connection.writer.shutdown().await;
-    Ok(())
+    .await;
+    // Commands in flight answer before the connection closes.
+    connection.drain().await;
+    drop(connection);
+    match writing.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) if served.is_ok() => return Err(error.into()),
+        Ok(Err(_)) => {}
+        Err(_) => return Err(ConnectionError::Protocol("reply writer failed")),
+    }
+    served
+}
+
+/// One PDU for the writer; `status` PDUs take (and advance) StatSN.
+#[derive(Debug)]
+struct Outgoing {
+    pdu: Pdu,
+    status: bool,
+}
+
+/// The one writer of a connection: stamps StatSN, ExpCmdSN and MaxCmdSN
+/// at sending time (so they are in wire order), encodes, and flushes
+/// whenever no more replies are queued.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    digests: Digests,
+    exp_cmdsn: Arc<AtomicU32>,
+    mut statsn: u32,
+) -> io::Result<()> {
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(Outgoing { mut pdu, status }) = next {
+            pdu.set_u32_at(24, statsn);
+            if status {
+                statsn = statsn.wrapping_add(1);
+            }
+            let exp = exp_cmdsn.load(Ordering::Acquire);
+            pdu.set_u32_at(28, exp);
+            pdu.set_u32_at(32, exp.wrapping_add(COMMAND_WINDOW - 1));
+            writer.write_all(&pdu.encode(digests)).await?;
+            next = rx.try_recv().ok();
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
 }
 
 /// Run the login phase: `(parameters, next StatSN, ExpCmdSN)`, or `None`
@@ -370,6 +419,7 @@ where
 struct PendingWrite {
     lun: u64,
     cdb: [u8; 16],
+    attribute: u8,
     /// Expected data transfer length of the command.
     edtl: u32,
     /// Bytes the target wants (min of the CDB's need and EDTL).
@@ -382,32 +432,100 @@ struct PendingWrite {
     next_r2tsn: u32,
 }
 
-struct Connection<'a, W> {
-    inner: &'a Inner,
-    writer: W,
-    digests: Digests,
+/// The reader side of a connection in full feature phase. Commands run
+/// as their own tasks (at most [`COMMAND_WINDOW`] at once: the reader
+/// waits for a slot, which is TCP backpressure); their replies and
+/// everything else go to the one writer.
+struct Connection {
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<Outgoing>,
     negotiated: Negotiated,
-    statsn: u32,
-    exp_cmdsn: u32,
+    exp_cmdsn: Arc<AtomicU32>,
+    slots: Arc<Semaphore>,
     pending: HashMap<u32, PendingWrite>,
     next_ttt: u32,
     logged_out: bool,
 }
 
-impl<W: AsyncWrite + Unpin> Connection<'_, W> {
-    fn max_cmdsn(&self) -> u32 {
-        self.exp_cmdsn.wrapping_add(COMMAND_WINDOW - 1)
+/// A command ready to run.
+struct Ready {
+    itt: u32,
+    lun: u64,
+    cdb: [u8; 16],
+    edtl: u32,
+    read: bool,
+    /// SAM task attribute (1 simple, 2 ordered, 3 head of queue).
+    attribute: u8,
+    data: Bytes,
+}
+
+impl Connection {
+    /// Queue a PDU for the writer; `status` PDUs take a StatSN.
+    async fn send(&self, pdu: Pdu, status: bool) -> Result<(), ConnectionError> {
+        self.tx
+            .send(Outgoing { pdu, status })
+            .await
+            .map_err(|_| ConnectionError::Protocol("reply writer gone"))
     }
 
-    /// Send a PDU; `status` PDUs take a StatSN (and advance it).
-    async fn send(&mut self, mut pdu: Pdu, status: bool) -> Result<(), ConnectionError> {
-        pdu.set_u32_at(24, self.statsn);
-        if status {
-            self.statsn = self.statsn.wrapping_add(1);
+    async fn send_all(&self, replies: Vec<(Pdu, bool)>) -> Result<(), ConnectionError> {
+        for (pdu, status) in replies {
+            self.send(pdu, status).await?;
         }
-        pdu.set_u32_at(28, self.exp_cmdsn);
-        pdu.set_u32_at(32, self.max_cmdsn());
-        self.writer.write_all(&pdu.encode(self.digests)).await?;
+        Ok(())
+    }
+
+    /// Wait until every command task has answered.
+    async fn drain(&self) {
+        if let Ok(all) = self.slots.acquire_many(COMMAND_WINDOW).await {
+            drop(all);
+        }
+    }
+
+    /// Run a command as its own task: execute, then queue its replies.
+    /// ORDERED and HEAD OF QUEUE tasks run alone (after everything
+    /// received before them, before anything after them).
+    async fn run(&self, ready: Ready) -> Result<(), ConnectionError> {
+        let alone = matches!(ready.attribute, 2 | 3);
+        if alone {
+            self.drain().await;
+        }
+        let Ok(permit) = self.slots.clone().acquire_owned().await else {
+            return Err(ConnectionError::Protocol("command slots closed"));
+        };
+        let inner = self.inner.clone();
+        let tx = self.tx.clone();
+        let max_send_data = self.negotiated.max_send_data;
+        let task = async move {
+            let _permit = permit;
+            let Ready {
+                itt,
+                lun,
+                cdb,
+                edtl,
+                read,
+                data,
+                ..
+            } = ready;
+            let outcome = if !read
+                && scsi::exact_data_out(&cdb)
+                && u64::from(edtl) != scsi::data_out_length(&cdb)
+            {
+                Outcome::check(Sense::INVALID_FIELD_IN_CDB)
+            } else {
+                inner.lun.execute(lun, &cdb, data).await
+            };
+            for (pdu, status) in replies(itt, &cdb, edtl, read, outcome, max_send_data) {
+                if tx.send(Outgoing { pdu, status }).await.is_err() {
+                    break;
+                }
+            }
+        };
+        if alone {
+            task.await;
+        } else {
+            tokio::spawn(task);
+        }
         Ok(())
     }
 
@@ -426,17 +544,14 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
             return true;
         }
         let cmdsn = pdu.cmdsn();
-        if cmdsn == self.exp_cmdsn {
-            self.exp_cmdsn = self.exp_cmdsn.wrapping_add(1);
+        let exp = self.exp_cmdsn.load(Ordering::Acquire);
+        if cmdsn == exp {
+            self.exp_cmdsn.store(exp.wrapping_add(1), Ordering::Release);
             return true;
         }
         // Outside [ExpCmdSN, MaxCmdSN] (or a gap one connection cannot
         // have): silently ignored (RFC 7143 §4.2.2.1).
-        tracing::debug!(
-            cmdsn,
-            exp = self.exp_cmdsn,
-            "iscsi: command outside the window ignored"
-        );
+        tracing::debug!(cmdsn, exp, "iscsi: command outside the window ignored");
         false
     }
 
@@ -509,7 +624,10 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         if !pdu.ahs.is_empty() {
             // Extended CDBs (AHS type 1) are not used by SBC commands.
             let outcome = Outcome::check(Sense::INVALID_FIELD_IN_CDB);
-            return self.respond(pdu.itt(), &cdb, edtl, false, outcome).await;
+            let max = self.negotiated.max_send_data;
+            return self
+                .send_all(replies(pdu.itt(), &cdb, edtl, false, outcome, max))
+                .await;
         }
         if !write {
             if !pdu.data.is_empty() {
@@ -517,9 +635,16 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
                     "immediate data without the W bit",
                 ));
             }
-            let outcome = self.inner.lun.execute(pdu.lun(), &cdb, Bytes::new()).await;
             return self
-                .respond(pdu.itt(), &cdb, edtl, flags & 0x40 != 0, outcome)
+                .run(Ready {
+                    itt: pdu.itt(),
+                    lun: pdu.lun(),
+                    cdb,
+                    edtl,
+                    read: flags & 0x40 != 0,
+                    attribute: flags & 0x07,
+                    data: Bytes::new(),
+                })
                 .await;
         }
         if pdu.data.len() > edtl as usize
@@ -544,6 +669,7 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         let task = PendingWrite {
             lun: pdu.lun(),
             cdb,
+            attribute: flags & 0x07,
             edtl,
             wanted,
             data,
@@ -560,18 +686,16 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         let received = task.data.len() as u32;
         if task.unsolicited_done && task.r2t.is_none() {
             if received >= task.wanted {
-                let outcome = if scsi::exact_data_out(&task.cdb)
-                    && u64::from(task.edtl) != scsi::data_out_length(&task.cdb)
-                {
-                    Outcome::check(Sense::INVALID_FIELD_IN_CDB)
-                } else {
-                    self.inner
-                        .lun
-                        .execute(task.lun, &task.cdb, task.data.freeze())
-                        .await
-                };
                 return self
-                    .respond(itt, &task.cdb, task.edtl, false, outcome)
+                    .run(Ready {
+                        itt,
+                        lun: task.lun,
+                        cdb: task.cdb,
+                        edtl: task.edtl,
+                        read: false,
+                        attribute: task.attribute,
+                        data: task.data.freeze(),
+                    })
                     .await;
             }
             let len = (task.wanted - received).min(self.negotiated.max_burst);
@@ -610,7 +734,8 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
                 // and the connection carries on.
                 tracing::info!(itt, reason, "iscsi: Data-Out refused");
                 let outcome = Outcome::check(Sense::DATA_PHASE_ERROR);
-                self.respond(itt, &task.cdb, task.edtl, false, outcome)
+                let max = self.negotiated.max_send_data;
+                self.send_all(replies(itt, &task.cdb, task.edtl, false, outcome, max))
                     .await
             }
         }
@@ -662,89 +787,11 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         Ok(())
     }
 
-    /// Data-In (with status) or a SCSI Response, with residuals.
-    async fn respond(
-        &mut self,
-        itt: u32,
-        cdb: &[u8; 16],
-        edtl: u32,
-        read: bool,
-        outcome: Outcome,
-    ) -> Result<(), ConnectionError> {
-        // (residual flags, count): 0x04 overflow, 0x02 underflow.
-        let needed = if read {
-            outcome.data.len() as u64
-        } else {
-            scsi::data_out_length(cdb)
-        };
-        let residual = match needed.cmp(&u64::from(edtl)) {
-            std::cmp::Ordering::Less => (0x02u8, (u64::from(edtl) - needed) as u32),
-            std::cmp::Ordering::Greater => (
-                0x04,
-                (needed - u64::from(edtl)).min(u64::from(u32::MAX)) as u32,
-            ),
-            std::cmp::Ordering::Equal => (0, 0),
-        };
-        let (residual_flags, residual_count) = if read || needed > 0 || edtl > 0 {
-            residual
-        } else {
-            (0, 0)
-        };
-        let data = if read {
-            outcome.data.slice(..outcome.data.len().min(edtl as usize))
-        } else {
-            Bytes::new()
-        };
-        let mut datasn = 0u32;
-        if !data.is_empty() {
-            let chunk = self.negotiated.max_send_data.max(512) as usize;
-            let mut at = 0;
-            while at < data.len() {
-                let n = chunk.min(data.len() - at);
-                let last = at + n == data.len();
-                let mut pdu = Pdu::new(op::DATA_IN);
-                let with_status = last && outcome.sense.is_none();
-                let mut flags = if last { 0x80 } else { 0 };
-                if with_status {
-                    flags |= 0x01 | residual_flags;
-                    pdu.bhs[3] = outcome.status;
-                    pdu.set_u32_at(44, residual_count);
-                }
-                pdu.set_flags(flags);
-                pdu.set_itt(itt);
-                pdu.set_u32_at(20, RESERVED_TAG);
-                pdu.set_u32_at(36, datasn);
-                pdu.set_u32_at(40, at as u32);
-                let pdu = pdu.with_data(data.slice(at..at + n));
-                self.send(pdu, with_status).await?;
-                datasn += 1;
-                at += n;
-                if with_status {
-                    return Ok(());
-                }
-            }
-        }
-        let mut pdu = Pdu::new(op::SCSI_RESPONSE);
-        pdu.set_flags(0x80 | residual_flags);
-        pdu.bhs[2] = 0x00; // command completed at target
-        pdu.bhs[3] = outcome.status;
-        pdu.set_itt(itt);
-        pdu.set_u32_at(36, datasn);
-        pdu.set_u32_at(44, residual_count);
-        let pdu = match outcome.sense {
-            Some(sense) => {
-                let sense = sense.encode();
-                let mut body = Vec::with_capacity(2 + sense.len());
-                body.extend_from_slice(&(sense.len() as u16).to_be_bytes());
-                body.extend_from_slice(&sense);
-                pdu.with_data(Bytes::from(body))
-            }
-            None => pdu,
-        };
-        self.send(pdu, true).await
-    }
-
     async fn task_management(&mut self, pdu: Pdu) -> Result<(), ConnectionError> {
+        // Commands already running complete (they are never cut short);
+        // the answer comes after their replies, so "task does not exist"
+        // is true of them when it is sent.
+        self.drain().await;
         let function = pdu.flags() & 0x7f;
         let lun = pdu.lun();
         let response = match function {
@@ -830,10 +877,91 @@ impl<W: AsyncWrite + Unpin> Connection<'_, W> {
         reply.bhs[2] = if reason == 2 { 2 } else { 0 };
         reply.set_itt(pdu.itt());
         self.pending.clear();
+        self.drain().await;
         self.send(reply, true).await?;
         self.logged_out = reason != 2;
         Ok(())
     }
+}
+
+/// The replies of a finished command: Data-In PDUs (the last with status
+/// and residual) or a SCSI Response (with sense), each with whether it
+/// takes a StatSN.
+fn replies(
+    itt: u32,
+    cdb: &[u8; 16],
+    edtl: u32,
+    read: bool,
+    outcome: Outcome,
+    max_send_data: u32,
+) -> Vec<(Pdu, bool)> {
+    let mut out = Vec::new();
+    // (residual flags, count): 0x04 overflow, 0x02 underflow.
+    let needed = if read {
+        outcome.data.len() as u64
+    } else {
+        scsi::data_out_length(cdb)
+    };
+    let (residual_flags, residual_count) = match needed.cmp(&u64::from(edtl)) {
+        std::cmp::Ordering::Less => (0x02u8, (u64::from(edtl) - needed) as u32),
+        std::cmp::Ordering::Greater => (
+            0x04,
+            (needed - u64::from(edtl)).min(u64::from(u32::MAX)) as u32,
+        ),
+        std::cmp::Ordering::Equal => (0, 0),
+    };
+    let data = if read {
+        outcome.data.slice(..outcome.data.len().min(edtl as usize))
+    } else {
+        Bytes::new()
+    };
+    let mut datasn = 0u32;
+    if !data.is_empty() {
+        let chunk = max_send_data.max(512) as usize;
+        let mut at = 0;
+        while at < data.len() {
+            let n = chunk.min(data.len() - at);
+            let last = at + n == data.len();
+            let mut pdu = Pdu::new(op::DATA_IN);
+            let with_status = last && outcome.sense.is_none();
+            let mut flags = if last { 0x80 } else { 0 };
+            if with_status {
+                flags |= 0x01 | residual_flags;
+                pdu.bhs[3] = outcome.status;
+                pdu.set_u32_at(44, residual_count);
+            }
+            pdu.set_flags(flags);
+            pdu.set_itt(itt);
+            pdu.set_u32_at(20, RESERVED_TAG);
+            pdu.set_u32_at(36, datasn);
+            pdu.set_u32_at(40, at as u32);
+            out.push((pdu.with_data(data.slice(at..at + n)), with_status));
+            datasn += 1;
+            at += n;
+            if with_status {
+                return out;
+            }
+        }
+    }
+    let mut pdu = Pdu::new(op::SCSI_RESPONSE);
+    pdu.set_flags(0x80 | residual_flags);
+    pdu.bhs[2] = 0x00; // command completed at target
+    pdu.bhs[3] = outcome.status;
+    pdu.set_itt(itt);
+    pdu.set_u32_at(36, datasn);
+    pdu.set_u32_at(44, residual_count);
+    let pdu = match outcome.sense {
+        Some(sense) => {
+            let sense = sense.encode();
+            let mut body = Vec::with_capacity(2 + sense.len());
+            body.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+            body.extend_from_slice(&sense);
+            pdu.with_data(Bytes::from(body))
+        }
+        None => pdu,
+    };
+    out.push((pdu, true));
+    out
 }
 
 #[cfg(test)]
