@@ -23,7 +23,7 @@
 //!   stage 1 operational: keys answered, defaults for the rest
 //!   T=1 NSG=3 ─▶ FULL FEATURE (digests as negotiated; data ≤ 256 KiB per PDU)
 //!   any refusal ─▶ login response with status, close
-//! FULL FEATURE, one PDU at a time:
+//! FULL FEATURE, PDUs read one at a time, commands run as tasks:
 //!   SCSI Command ── CmdSN == ExpCmdSN (or immediate)? else ignored silently
 //!     read/no data ─▶ execute ─▶ Data-In… (last with S, status, residual)
 //!                                or SCSI Response (+ sense, residual)
@@ -48,9 +48,28 @@
 //! from one or many initiators run side by side on one LUN, which is safe
 //! for the same reason NBD's multi-conn is (every completed write is
 //! durable and visible to every later read). StatSN counts per connection;
-//! the command window is 32 (MaxCmdSN = ExpCmdSN + 31). Commands of a
-//! connection run one after the other in CmdSN order; a write waiting for
-//! its R2T data does not hold up the commands behind it.
+//! the command window is 32 (MaxCmdSN = ExpCmdSN + 31).
+//!
+//! # Concurrency in a connection
+//!
+//! ```text
+//! reader (CmdSN, Data-Out, R2T, TMF, text) ──slot (≤ 32)──▶ command task ─┐
+//!      │                                                               ├─▶ writer
+//!      └── NOP-In, R2T, Text/TMF/Logout responses, Reject ─────────────┘   (stamps StatSN,
+//!                                                                         ExpCmdSN, MaxCmdSN
+//!                                                                         in wire order)
+//! ```
+//!
+//! Commands run concurrently as SIMPLE tasks (the initiator must not rely
+//! on the order of outstanding ones; a completed write is durable, so a
+//! SYNCHRONIZE CACHE covers every write completed before it). ORDERED and
+//! HEAD OF QUEUE tasks wait for the running ones and run alone. Task
+//! management and logout wait for the running commands too, so their
+//! answer follows the replies of the tasks they cover: a running command
+//! is never cut short, only a write still waiting for its data is
+//! aborted. When all 32 slots are taken the reader stops reading (TCP
+//! backpressure). In-flight data is bounded by 32 commands of at most
+//! 32 MiB each.
 //!
 //! # Supported parameters
 //!
