@@ -14,8 +14,8 @@
 //! are printed, not hidden.
 //!
 //! Every tool runs under a deadline and is killed by pid if it overstays;
-//! `tgtd` is stopped by deleting its target first (it ignores SIGTERM
-//! while one exists), then SIGTERM, then SIGKILL by pid.
+//! `tgtd` (which ignores SIGTERM) is stopped by deleting its target and
+//! then `tgtadm --op delete --mode system`, SIGKILL by pid as a fallback.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -282,13 +282,18 @@ impl Tgt {
 }
 
 impl Drop for Tgt {
+    /// tgtd ignores SIGTERM (with or without targets): the target is
+    /// deleted, then the daemon told to exit (`--op delete --mode
+    /// system`); SIGKILL by pid if it is still there after 10 s.
     fn drop(&mut self) {
         let _ = self.admin(&[
             "--op", "delete", "--mode", "target", "--tid", "1", "--force",
         ]);
-        let pid = self.child.id() as i32;
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = run_tool(
+            "tgtadm",
+            &["-C", &self.control, "--op", "delete", "--mode", "system"],
+            TOOL_TIMEOUT,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -296,8 +301,8 @@ impl Drop for Tgt {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }

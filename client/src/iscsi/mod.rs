@@ -68,8 +68,9 @@
 //! answer follows the replies of the tasks they cover: a running command
 //! is never cut short, only a write still waiting for its data is
 //! aborted. When all 32 slots are taken the reader stops reading (TCP
-//! backpressure). In-flight data is bounded by 32 commands of at most
-//! 32 MiB each.
+//! backpressure), and likewise when the running commands hold 128 MiB
+//! of payload (write data, read replies). At most 32 MiB is solicited
+//! for one command, whatever its CDB asks.
 //!
 //! # Supported parameters
 //!

@@ -26,8 +26,13 @@ const COMMAND_WINDOW: u32 = 32;
 const LOGIN_MAX_DATA: usize = 64 * 1024;
 /// Login must finish within this time.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Payload (KiB) that running commands of one connection may hold: their
+/// write data and read replies (128 MiB).
+const BYTE_BUDGET_KIB: u32 = 128 * 1024;
+/// Most data solicited for one command (the largest READ/WRITE, 32 MiB).
+const MAX_SOLICITED_BYTES: u64 = scsi::MAX_TRANSFER_BLOCKS as u64 * scsi::BLOCK_BYTES;
 /// Write tasks waiting for data per connection.
-const MAX_PENDING_WRITES: usize = 64;
+const MAX_PENDING_WRITES: usize = COMMAND_WINDOW as usize;
 /// Pause after a failed `accept`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -280,6 +285,7 @@ where
         negotiated,
         exp_cmdsn,
         slots: Arc::new(Semaphore::new(COMMAND_WINDOW as usize)),
+        bytes: Arc::new(Semaphore::new(BYTE_BUDGET_KIB as usize)),
         pending: HashMap::new(),
         next_ttt: 1,
         logged_out: false,
@@ -442,6 +448,8 @@ struct Connection {
     negotiated: Negotiated,
     exp_cmdsn: Arc<AtomicU32>,
     slots: Arc<Semaphore>,
+    /// Payload held by running commands, in KiB.
+    bytes: Arc<Semaphore>,
     pending: HashMap<u32, PendingWrite>,
     next_ttt: u32,
     logged_out: bool,
@@ -493,11 +501,20 @@ impl Connection {
         let Ok(permit) = self.slots.clone().acquire_owned().await else {
             return Err(ConnectionError::Protocol("command slots closed"));
         };
+        // Payload budget: the larger of the data received and the
+        // initiator's expected transfer length (which bounds the Data-In).
+        let cost = (ready.data.len() as u64)
+            .max(u64::from(ready.edtl))
+            .div_ceil(1024)
+            .clamp(1, u64::from(BYTE_BUDGET_KIB)) as u32;
+        let Ok(bytes) = self.bytes.clone().acquire_many_owned(cost).await else {
+            return Err(ConnectionError::Protocol("byte budget closed"));
+        };
         let inner = self.inner.clone();
         let tx = self.tx.clone();
         let max_send_data = self.negotiated.max_send_data;
         let task = async move {
-            let _permit = permit;
+            let _permits = (permit, bytes);
             let Ready {
                 itt,
                 lun,
@@ -660,7 +677,11 @@ impl Connection {
                 "too many writes waiting for data",
             ));
         }
-        let wanted = scsi::data_out_length(&cdb).min(u64::from(edtl)) as u32;
+        // Never solicit more than the largest transfer: a CDB asking for
+        // more is refused when it runs, after at most this much data.
+        let wanted = scsi::data_out_length(&cdb)
+            .min(u64::from(edtl))
+            .min(MAX_SOLICITED_BYTES) as u32;
         // Unsolicited Data-Out may follow only when InitialR2T=No; the F
         // bit says none follow.
         let unsolicited_done = flags & 0x80 != 0 || self.negotiated.initial_r2t;
