@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what rackblock's tests, benchmarks and `rackblock up` use beyond the
-# Rust toolchain: NBD clients and fio (Debian packages). Idempotent; skips what
+# Rust toolchain: NBD clients and fio, libiscsi's initiator tools and
+# conformance suite (iscsi-inq, iscsi-ls, iscsi-test-cu) and tgt, the
+# userspace iSCSI target the iSCSI tests compare against (Debian packages). Idempotent; skips what
 # is already there. Needs root (or sudo) for apt-get.
 # Never installs qemu-system-*: on these machines it would replace qemu-utils.
 set -euo pipefail
@@ -14,6 +16,8 @@ command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v iscsi-test-cu >/dev/null 2>&1 || need+=(libiscsi-bin)
+command -v tgtd >/dev/null 2>&1 || need+=(tgt)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -28,4 +32,19 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# tgt's package starts tgtd as a service on install; the tests start their
+# own. A policy-rc.d that refuses service starts (only if none exists) keeps
+# the installation from starting daemons.
+policy=/usr/sbin/policy-rc.d
+added_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+  $sudo chmod 755 "$policy"
+  added_policy=1
+fi
+installed=0
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || installed=$?
+if [ -n "$added_policy" ]; then
+  $sudo rm -f "$policy"
+fi
+exit $installed

@@ -28,6 +28,17 @@
 //!
 //! `--memory SIZE` serves an in-memory export instead (for trying NBD
 //! clients without a unit).
+//!
+//! `--iscsi ADDR` (repeatable: one portal per address, e.g. one per
+//! network) also serves the volume as LUN 0 of the iSCSI target
+//! `iqn.2026-12.io.rackblock:VOLUME` ([`client::iscsi`]), over the same
+//! backend as NBD (QoS and metrics included), so failover and retries stay
+//! in the volume client for both. With `--iscsi` and neither `--listen`
+//! nor `--socket`, only iSCSI is served. `--iscsi-chap-user` and
+//! `--iscsi-chap-secret` (env `RACKBLOCK_ISCSI_CHAP_SECRET`) require CHAP;
+//! `--iscsi-chap-target-user`/`--iscsi-chap-target-secret` add mutual
+//! CHAP. The LUN's identity (VPD 0x80, 0x83) derives from the volume id,
+//! so it is the same on every portal and every agent.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -36,6 +47,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use client::admin::AdminState;
+use client::iscsi::{target_name_for, Chap, IscsiConfig, IscsiServer};
 use client::metrics::{AgentMetrics, MeteredBackend};
 use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
 use client::qos::{Limit, QosBackend, QosLimits};
@@ -107,6 +119,61 @@ pub struct AttachArgs {
     pub admin: Option<SocketAddr>,
     #[command(flatten)]
     pub qos: QosArgs,
+    #[command(flatten)]
+    pub iscsi: IscsiArgs,
+}
+
+/// iSCSI target options.
+#[derive(Debug, Default, clap::Args)]
+pub struct IscsiArgs {
+    /// Serve the volume over iSCSI on this portal (repeatable; e.g.
+    /// 127.0.0.1:3260). Without --listen/--socket, NBD is not served.
+    #[arg(long = "iscsi", value_name = "ADDR")]
+    pub iscsi: Vec<SocketAddr>,
+    /// Require CHAP: the initiator's user name.
+    #[arg(long, requires_all = ["iscsi", "iscsi_chap_secret"])]
+    pub iscsi_chap_user: Option<String>,
+    /// The initiator's CHAP secret (at least 12 bytes).
+    #[arg(
+        long,
+        env = "RACKBLOCK_ISCSI_CHAP_SECRET",
+        requires = "iscsi_chap_user",
+        hide_env_values = true
+    )]
+    pub iscsi_chap_secret: Option<String>,
+    /// Mutual CHAP: the name the target answers with.
+    #[arg(long, requires_all = ["iscsi_chap_user", "iscsi_chap_target_secret"])]
+    pub iscsi_chap_target_user: Option<String>,
+    /// Mutual CHAP: the target's secret.
+    #[arg(
+        long,
+        env = "RACKBLOCK_ISCSI_CHAP_TARGET_SECRET",
+        requires = "iscsi_chap_target_user",
+        hide_env_values = true
+    )]
+    pub iscsi_chap_target_secret: Option<String>,
+}
+
+impl IscsiArgs {
+    fn chap(&self) -> Option<Chap> {
+        let (Some(user), Some(secret)) = (&self.iscsi_chap_user, &self.iscsi_chap_secret) else {
+            return None;
+        };
+        Some(Chap {
+            user: user.clone(),
+            secret: secret.clone(),
+            target_user: self.iscsi_chap_target_user.clone(),
+            target_secret: self.iscsi_chap_target_secret.clone(),
+        })
+    }
+}
+
+/// The LUN identity of an in-memory export: FNV-1a of its name (a volume
+/// uses its id).
+fn memory_lun_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Per-volume QoS limits, enforced here (requests wait, never fail). A
@@ -169,6 +236,8 @@ impl QosArgs {
 
 /// Where NBD is served.
 enum Listener {
+    /// Not at all (`--iscsi` alone).
+    None,
     Tcp(tokio::net::TcpListener, SocketAddr),
     Unix(tokio::net::UnixListener, PathBuf),
 }
@@ -178,6 +247,7 @@ impl Listener {
         match self {
             Listener::Tcp(_, address) => format!("nbd://{address}/{export}"),
             Listener::Unix(_, path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Listener::None => String::new(),
         }
     }
 }
@@ -199,6 +269,9 @@ async fn bind(args: &AttachArgs) -> Result<Listener, CliError> {
         let listener = tokio::net::UnixListener::bind(path)
             .map_err(|e| CliError::Runtime(format!("cannot bind {}: {e}", path.display())))?;
         return Ok(Listener::Unix(listener, path.clone()));
+    }
+    if args.listen.is_none() && !args.iscsi.iscsi.is_empty() {
+        return Ok(Listener::None);
     }
     let address = match args.listen {
         Some(address) => address,
@@ -376,6 +449,15 @@ pub async fn run(
         ..ClientConfig::default()
     };
     let listener = bind(args).await?;
+    let mut iscsi_listeners = Vec::with_capacity(args.iscsi.iscsi.len());
+    let mut portals = Vec::with_capacity(args.iscsi.iscsi.len());
+    for address in &args.iscsi.iscsi {
+        let bound = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| CliError::Runtime(format!("cannot listen on --iscsi {address}: {e}")))?;
+        portals.push(bound.local_addr().unwrap_or(*address));
+        iscsi_listeners.push(bound);
+    }
     let admin_listener =
         match args.admin {
             Some(address) => Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
@@ -498,6 +580,7 @@ pub async fn run(
             }
         }
     };
+    let nbd_backend = backend.clone();
     let mut exports = BTreeMap::new();
     exports.insert(volume.clone(), backend);
     let server = match NbdServer::with_metrics(exports, NbdConfig::default(), metrics.nbd.clone()) {
@@ -507,24 +590,69 @@ pub async fn run(
             return Err(CliError::Usage(format!("cannot serve {}: {error}", volume)));
         }
     };
-    println!(
-        "serving {} ({}) over NBD at {}{}",
-        volume,
-        human_bytes(size_bytes),
-        listener.uri(&volume),
-        attached
+    let attachment_note = attached
+        .as_ref()
+        .map(|a| format!(" (attachment {})", a.attachment_id()))
+        .unwrap_or_default();
+    let iscsi = if iscsi_listeners.is_empty() {
+        None
+    } else {
+        let lun_id = volume_client
             .as_ref()
-            .map(|a| format!(" (attachment {})", a.attachment_id()))
-            .unwrap_or_default()
-    );
-    tracing::info!(volume = %volume, size_bytes, uri = %listener.uri(&volume), ?qos, "attached; serving NBD");
+            .map_or_else(|| memory_lun_id(&volume), VolumeClient::volume);
+        let config = IscsiConfig {
+            target_name: target_name_for(&volume),
+            chap: args.iscsi.chap(),
+            portals: portals.clone(),
+            max_connections: 128,
+        };
+        match IscsiServer::new(config, nbd_backend.clone(), lun_id) {
+            Ok(server) => Some(server),
+            Err(error) => {
+                detach_and_report(&volume, attached.as_ref()).await;
+                return Err(CliError::Usage(format!(
+                    "cannot serve {volume} over iSCSI: {error}"
+                )));
+            }
+        }
+    };
+    if !matches!(listener, Listener::None) {
+        println!(
+            "serving {} ({}) over NBD at {}{}",
+            volume,
+            human_bytes(size_bytes),
+            listener.uri(&volume),
+            attachment_note,
+        );
+    }
+    if let Some(server) = &iscsi {
+        for portal in &portals {
+            println!(
+                "serving {} ({}) over iSCSI: target {} LUN 0 at portal {} (iscsi://{}/{}/0){}",
+                volume,
+                human_bytes(size_bytes),
+                server.target_name(),
+                portal,
+                portal,
+                server.target_name(),
+                attachment_note,
+            );
+        }
+    }
+    let uri = match (&listener, portals.first(), &iscsi) {
+        (Listener::None, Some(portal), Some(server)) => {
+            format!("iscsi://{portal}/{}/0", server.target_name())
+        }
+        _ => listener.uri(&volume),
+    };
+    tracing::info!(volume = %volume, size_bytes, %uri, iscsi_portals = ?portals, ?qos, "attached; serving");
     let admin_address = admin_listener
         .as_ref()
         .and_then(|listener| listener.local_addr().ok());
     let _registration = crate::agents::register(&crate::agents::AgentRecord {
         pid: std::process::id(),
         volume: volume.clone(),
-        uri: listener.uri(&volume),
+        uri,
         admin: admin_address.map(|address| format!("http://{address}")),
         attachment: attached.as_ref().map(Attached::attachment_id),
         started_unix: std::time::SystemTime::now()
@@ -566,6 +694,10 @@ pub async fn run(
         })
     });
     let stop = shutdown.clone().cancelled_owned();
+    let iscsi_served = iscsi.map(|server| {
+        let stop = shutdown.clone().cancelled_owned();
+        tokio::spawn(async move { server.serve_tcp(iscsi_listeners, stop).await })
+    });
     let served = match listener {
         Listener::Tcp(listener, _) => server.serve_tcp(listener, stop).await,
         Listener::Unix(listener, path) => {
@@ -573,7 +705,18 @@ pub async fn run(
             let _ = std::fs::remove_file(&path);
             served
         }
+        Listener::None => {
+            stop.await;
+            Ok(())
+        }
     };
+    if let Some(iscsi_served) = iscsi_served {
+        match iscsi_served.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "iSCSI target failed"),
+            Err(error) => tracing::error!(%error, "iSCSI target task failed"),
+        }
+    }
     if let Some(refresher) = refresher {
         refresher.abort();
     }

@@ -13,8 +13,11 @@
 //! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
-//! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300`
-//!           (own process)
+//! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300
+//!            --iscsi 127.0.0.1:3260 --iscsi 127.0.0.2:3260` (own process; two
+//!           iSCSI portals, one per host address, so a multipath initiator
+//!           sees two paths to the same LUN; the listeners are bound before
+//!           NBD answers)
 //!           ─▶ wait for the NBD handshake
 //! run       report daemons that exit (the others carry on) until Ctrl-C
 //! stop      attach, then zonal, then head nodes, then sleds:
@@ -62,6 +65,17 @@ pub struct UpArgs {
     /// Where the attach agent serves vol0 over NBD.
     #[arg(long, default_value = crate::attach::DEFAULT_LISTEN)]
     nbd_listen: SocketAddr,
+    /// The iSCSI portals of the attach agent (repeatable or
+    /// comma-separated; vol0 is LUN 0 of iqn.2026-12.io.rackblock:vol0).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:3260,127.0.0.2:3260"
+    )]
+    iscsi_listen: Vec<SocketAddr>,
+    /// Do not serve vol0 over iSCSI.
+    #[arg(long)]
+    no_iscsi: bool,
     /// The attach agent's admin address (/metrics, /health); default
     /// 127.0.0.1 at --admin-base-port + 200 (9300).
     #[arg(long)]
@@ -607,7 +621,7 @@ fn start_unit(
     wait_unit_seen(&handle, &api, rack, deadline, stop)?;
     ensure_volume(&handle, &api, volume_size_bytes, deadline, stop)?;
 
-    let attach_argv = vec![
+    let mut attach_argv = vec![
         "attach".to_string(),
         VOLUME.to_string(),
         "--listen".to_string(),
@@ -619,6 +633,12 @@ fn start_unit(
         "--admin".to_string(),
         attach_admin(args).map_err(Failed)?.to_string(),
     ];
+    if !args.no_iscsi {
+        for portal in &args.iscsi_listen {
+            attach_argv.push("--iscsi".to_string());
+            attach_argv.push(portal.to_string());
+        }
+    }
     // The token goes through the environment, not argv (ps shows argv).
     let attach = spawn_daemon(
         data_dir,
@@ -804,6 +824,19 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     println!(
         "  fio --name=randwrite --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=10"
     );
+    if !args.no_iscsi && !args.iscsi_listen.is_empty() {
+        let target = client::iscsi::target_name_for(VOLUME);
+        println!();
+        println!("{VOLUME} is also LUN 0 of iSCSI target {target}, portals:");
+        for portal in &args.iscsi_listen {
+            println!("  {portal}  iscsi://{portal}/{target}/0");
+        }
+        if let Some(portal) = args.iscsi_listen.first() {
+            println!("  iscsi-ls -s iscsi://{portal}");
+            println!("  iscsi-inq iscsi://{portal}/{target}/0");
+            println!("  iscsiadm -m discovery -t sendtargets -p {portal}");
+        }
+    }
     println!();
     let mut table = crate::text::Table::new(&["DAEMON", "NETWORK A", "NETWORK B", "METRICS"]);
     for head in &rack.head_node {

@@ -51,6 +51,7 @@
 pub mod admin;
 mod attachment;
 mod error;
+pub mod iscsi;
 pub mod metrics;
 pub mod nbd;
 pub mod qos;

@@ -8,6 +8,7 @@ mod datapath;
 mod datapath_smoke;
 mod degraded;
 mod failover;
+mod iscsi;
 mod lcp;
 mod nbd_e2e;
 mod network;

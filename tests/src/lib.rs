@@ -757,6 +757,7 @@ impl TestUnit {
 /// block+100      sleds' data port (127.0.1.11-16, 127.0.2.11-16)
 /// block+102..107 sleds' admin ports
 /// block+108      the attach agent's admin port (/metrics, /health)
+/// block+109      the attach agent's iSCSI portals (127.0.0.1 and 127.0.0.2)
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct UpPorts {
@@ -766,6 +767,9 @@ pub struct UpPorts {
     pub nbd: SocketAddr,
     /// The attach agent's admin address (block+108).
     pub attach_admin: SocketAddr,
+    /// The attach agent's two iSCSI portals (block+109 on 127.0.0.1 and
+    /// 127.0.0.2).
+    pub iscsi: [SocketAddr; 2],
     /// Next spare port handed out by [`RunningUnit::spare_port`].
     spare: u16,
 }
@@ -782,6 +786,10 @@ impl UpPorts {
             zonal: SocketAddr::from(([127, 0, 0, 1], block + 5)),
             nbd: SocketAddr::from(([127, 0, 0, 1], block + 6)),
             attach_admin: SocketAddr::from(([127, 0, 0, 1], block + 108)),
+            iscsi: [
+                SocketAddr::from(([127, 0, 0, 1], block + 109)),
+                SocketAddr::from(([127, 0, 0, 2], block + 109)),
+            ],
             spare: block + 7,
         }
     }
@@ -854,6 +862,10 @@ impl RunningUnit {
             .args(["--zonal-listen", &ports.zonal.to_string()])
             .args(["--nbd-listen", &ports.nbd.to_string()])
             .args(["--attach-admin", &ports.attach_admin.to_string()])
+            .args([
+                "--iscsi-listen",
+                &format!("{},{}", ports.iscsi[0], ports.iscsi[1]),
+            ])
             .args(["--volume-size", volume_size])
             .spawn()
             .unwrap();

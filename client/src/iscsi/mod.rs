@@ -1,0 +1,101 @@
+//! iSCSI target (RFC 7143): how hosts that do not speak NBD attach to a
+//! volume (ARCHITECTURE.md, `client/`). One LUN, LUN 0, served over the
+//! same backend seam as the NBD server ([`NbdBackend`](crate::nbd::NbdBackend):
+//! the volume client in production with its failover, retries, CRCs and
+//! attachment credential; the memory backend for `rackblock attach
+//! --memory`), so both front ends see one device.
+//!
+//! # Layers
+//!
+//! * `pdu.rs` (sans-IO): framing of the 48-byte BHS, AHS, padding and the
+//!   CRC-32C header and data digests; typed [`PduError`]s.
+//! * `login.rs` (sans-IO): the login stage machine, CHAP (one-way and
+//!   mutual, hex and base64 values), operational negotiation.
+//! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
+//! * `server.rs`: listeners (one per portal), a task per connection, the
+//!   full feature phase.
+//!
+//! # Connection state machine
+//!
+//! ```text
+//! accept ─▶ LOGIN (≤ 30 s; no digests; data ≤ 64 KiB per PDU)
+//!   stage 0 security: AuthMethod CHAP (required when a secret is set) or None
+//!   stage 1 operational: keys answered, defaults for the rest
+//!   T=1 NSG=3 ─▶ FULL FEATURE (digests as negotiated; data ≤ 256 KiB per PDU)
+//!   any refusal ─▶ login response with status, close
+//! FULL FEATURE, PDUs read one at a time, commands run as tasks:
+//!   SCSI Command ── CmdSN == ExpCmdSN (or immediate)? else ignored silently
+//!     read/no data ─▶ execute ─▶ Data-In… (last with S, status, residual)
+//!                                or SCSI Response (+ sense, residual)
+//!     write ─▶ immediate data; unsolicited Data-Out until F (InitialR2T=No)
+//!            ─▶ R2T (≤ MaxBurstLength, one outstanding) … ─▶ execute ─▶ response
+//!   Data-Out ── DataSN, offset, TTT checked; a mismatch fails the task
+//!               (ABORTED COMMAND, DATA PHASE ERROR), its later data is
+//!               dropped, the connection carries on
+//!   NOP-Out ─▶ NOP-In echoing the ping data
+//!   Text ─▶ SendTargets: this target, one TargetAddress per portal
+//!   Task management ─▶ ABORT TASK (a write still waiting for data is
+//!     dropped; a completed one: "task does not exist"), ABORT/CLEAR TASK
+//!     SET, LUN RESET, TARGET WARM RESET: function complete
+//!   Logout ─▶ response, close
+//!   SNACK, anything else ─▶ Reject
+//! ```
+//!
+//! # Sessions and sequence numbers
+//!
+//! Every connection is its own session (MaxConnections=1, a new TSIH per
+//! login; a login naming an existing TSIH is refused): several sessions
+//! from one or many initiators run side by side on one LUN, which is safe
+//! for the same reason NBD's multi-conn is (every completed write is
+//! durable and visible to every later read). StatSN counts per connection;
+//! the command window is 32 (MaxCmdSN = ExpCmdSN + 31).
+//!
+//! # Concurrency in a connection
+//!
+//! ```text
+//! reader (CmdSN, Data-Out, R2T, TMF, text) ──slot (≤ 32)──▶ command task ─┐
+//!      │                                                               ├─▶ writer
+//!      └── NOP-In, R2T, Text/TMF/Logout responses, Reject ─────────────┘   (stamps StatSN,
+//!                                                                         ExpCmdSN, MaxCmdSN
+//!                                                                         in wire order)
+//! ```
+//!
+//! Commands run concurrently as SIMPLE tasks (the initiator must not rely
+//! on the order of outstanding ones; a completed write is durable, so a
+//! SYNCHRONIZE CACHE covers every write completed before it). ORDERED and
+//! HEAD OF QUEUE tasks wait for the running ones and run alone. Task
+//! management and logout wait for the running commands too, so their
+//! answer follows the replies of the tasks they cover: a running command
+//! is never cut short, only a write still waiting for its data is
+//! aborted. When all 32 slots are taken the reader stops reading (TCP
+//! backpressure), and likewise when the running commands hold 128 MiB
+//! of payload (write data, read replies). At most 32 MiB is solicited
+//! for one command, whatever its CDB asks.
+//!
+//! # Supported parameters
+//!
+//! HeaderDigest/DataDigest None or CRC32C (initiator's preference order),
+//! MaxRecvDataSegmentLength 256 KiB (ours) / as declared (theirs),
+//! MaxBurstLength and FirstBurstLength up to 16 MiB, ImmediateData and
+//! InitialR2T as offered, MaxOutstandingR2T 1, DataPDUInOrder and
+//! DataSequenceInOrder Yes, ErrorRecoveryLevel 0, markers off.
+//!
+//! # Not supported (yet)
+//!
+//! Persistent reservations (PERSISTENT RESERVE IN/OUT answer INVALID
+//! COMMAND OPERATION CODE), several connections per session, error
+//! recovery levels 1 and 2, ACA, target-initiated NOP-In pings.
+
+mod login;
+mod md5;
+mod pdu;
+mod scsi;
+mod server;
+
+pub use login::Chap;
+pub use pdu::PduError;
+pub use scsi::{LogicalUnit, Outcome, Sense};
+pub use server::{target_name_for, ConnectionError, IscsiConfig, IscsiError, IscsiServer};
+
+/// The well-known iSCSI port.
+pub const DEFAULT_PORT: u16 = 3260;
