@@ -69,6 +69,12 @@ pub struct UpArgs {
     /// Size of vol0 when it is created (an existing vol0 is kept as is).
     #[arg(long, default_value = "4GiB")]
     volume_size: String,
+    /// Partition size of vol0 when it is created (default: the zonal
+    /// plane's, 1 GiB). For benches and tests that want a small volume
+    /// spread over every head node, e.g. a memory-backed unit under
+    /// /dev/shm (`bench/cpu.sh`).
+    #[arg(long)]
+    partition_size: Option<String>,
     /// Start, wait until healthy and vol0 is served over NBD, print, stop
     /// everything and exit (for scripts and tests).
     #[arg(long)]
@@ -438,6 +444,18 @@ fn up(args: UpArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let partition_size_bytes = match args
+        .partition_size
+        .as_deref()
+        .map(|text| crate::text::parse_block_size("--partition-size", text))
+    {
+        None => None,
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(error)) => {
+            eprintln!("rackblock up: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let (data_dir, rack) = match prepare(&args) {
         Ok(prepared) => prepared,
         Err(error) => return fail(error),
@@ -454,7 +472,7 @@ fn up(args: UpArgs) -> ExitCode {
         &args,
         &data_dir,
         &rack,
-        volume_size_bytes,
+        (volume_size_bytes, partition_size_bytes),
         &stop,
         &mut daemons,
     );
@@ -545,7 +563,7 @@ fn start_unit(
     args: &UpArgs,
     data_dir: &Path,
     rack: &hardware::rack::Rack,
-    volume_size_bytes: u64,
+    (volume_size_bytes, partition_size_bytes): (u64, Option<u64>),
     stop: &StopFlag,
     daemons: &mut Vec<Daemon>,
 ) -> Result<(), Failed> {
@@ -605,7 +623,13 @@ fn start_unit(
     let api = crate::http::ZonalApi::new(&zonal_url, Some(token.trim().to_owned()))
         .map_err(|e| Failed(e.to_string()))?;
     wait_unit_seen(&handle, &api, rack, deadline, stop)?;
-    ensure_volume(&handle, &api, volume_size_bytes, deadline, stop)?;
+    ensure_volume(
+        &handle,
+        &api,
+        (volume_size_bytes, partition_size_bytes),
+        deadline,
+        stop,
+    )?;
 
     let attach_argv = vec![
         "attach".to_string(),
@@ -698,11 +722,13 @@ fn wait_unit_seen(
     }
 }
 
-/// Creates vol0 unless it exists; retries while the unit settles (503).
+/// Creates vol0 unless it exists (of `size_bytes`, in partitions of
+/// `partition_size_bytes` or the zonal plane's default); retries while the
+/// unit settles (503).
 fn ensure_volume(
     handle: &tokio::runtime::Handle,
     api: &crate::http::ZonalApi,
-    size_bytes: u64,
+    (size_bytes, partition_size_bytes): (u64, Option<u64>),
     deadline: Instant,
     stop: &StopFlag,
 ) -> Result<(), Failed> {
@@ -731,7 +757,10 @@ fn ensure_volume(
         Err(crate::error::CliError::Api { status: 404, .. }) => {}
         Err(error) => return Err(Failed(format!("cannot look up {VOLUME}: {}", error.line()))),
     }
-    let body = serde_json::json!({ "name": VOLUME, "size_bytes": size_bytes });
+    let mut body = serde_json::json!({ "name": VOLUME, "size_bytes": size_bytes });
+    if let Some(bytes) = partition_size_bytes {
+        body["partition_size_bytes"] = serde_json::json!(bytes);
+    }
     loop {
         match handle.block_on(api.call("POST", "/v1/volumes", Some(&body))) {
             Ok(reply) => {
