@@ -14,6 +14,10 @@
 #   w1   4 KiB random write QD1 with a flush after every write (p50, p99 of
 #        write + flush)
 #   sw, sr  1 MiB sequential write and read, QD4
+# The sled controllers' scrubber is off in both units (`up
+# --scrub-bytes-per-second 0`): six sleds on one disk would read 6 x 32 MiB/s
+# for a third of each minute, in some job windows and not in others (first
+# runs: 2.5-3.6 bytes read per host byte per sled in those windows).
 # For each job and each process of the target (head nodes, sled controllers,
 # attach agent, control: zonal plane and the `up` supervisor; qemu-nbd):
 # CPU µs per I/O (utime + stime, /proc/<pid>/stat) and context switches per
@@ -82,7 +86,9 @@ stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
   done
   pids=()
 }
+watch_pid=""
 cleanup() {
+  if [ -n "$watch_pid" ]; then kill "$watch_pid" 2>/dev/null || true; wait "$watch_pid" 2>/dev/null || true; fi
   stop_all
   if [ -d "$shm" ]; then # keep the memory unit's logs, free its memory
     mkdir -p "$work/mem-run"; cp "$shm"/run/*.log "$work/mem-run/" 2>/dev/null || true
@@ -133,11 +139,18 @@ fio_run() {
   local target=$1 job=$2 round=$3 rw=$4 bs=$5 qd=$6; shift 6
   local base="$target-$job-r$round" data_dir=$work
   case $target in mem|nbdkit) data_dir=$shm ;; esac
-  [ "$round" = fill ] || python3 bench/procstat.py snap "$work/pids" "$work/snap/$base-a.json" "$data_dir"
+  if [ "$round" != fill ]; then
+    python3 bench/procstat.py snap "$work/pids" "$work/snap/$base-a.json" "$data_dir"
+    python3 bench/procstat.py watch "$work/pids" "$work/snap/$base-w.json" "$target" $((seconds + 300)) &
+    watch_pid=$!
+  fi
   timeout $((seconds + 300)) fio --name="$job" --ioengine=nbd --uri="${uri[$target]}" --rw="$rw" --bs="$bs" \
     --iodepth="$qd" --output-format=json --output="$work/fio/$base.json" "$@" >/dev/null 2>>"$work/fio.err" \
     || { echo "bench/cpu.sh: fio $job on $target failed:" >&2; tail -5 "$work/fio.err" >&2; return 1; }
-  [ "$round" = fill ] || python3 bench/procstat.py snap "$work/pids" "$work/snap/$base-b.json" "$data_dir"
+  if [ "$round" != fill ]; then
+    kill "$watch_pid"; wait "$watch_pid" || true; watch_pid=""
+    python3 bench/procstat.py snap "$work/pids" "$work/snap/$base-b.json" "$data_dir"
+  fi
   local port
   for port in ${flush_ports[$target]:-}; do
     curl -sf -X POST --max-time 300 "http://127.0.0.1:$port/flush" >>"$work/flush.json" \
@@ -155,7 +168,8 @@ truncate -s $volume_bytes "$work/qemu.img"
 qemu-nbd --cache=none -f raw --persistent --shared=8 --bind 127.0.0.1 --port 20452 \
   --export-name base "$work/qemu.img" >"$work/qemu-nbd.log" 2>&1 &
 pids+=($!); echo "qemu server qemu-nbd $!" >>"$work/pids"
-start_unit ours "$work/unit" 20000 20200 127.0.0.1:20450 127.0.0.1:20451 --volume-size "$volume_bytes"
+start_unit ours "$work/unit" 20000 20200 127.0.0.1:20450 127.0.0.1:20451 --volume-size "$volume_bytes" \
+  --scrub-bytes-per-second 0
 uri[qemu]="nbd://127.0.0.1:20452/base"; uri[ours]="nbd://127.0.0.1:20451/vol0"
 flush_ports[ours]="20201 20202 20203"
 wait_nbd "${uri[qemu]}"; wait_nbd "${uri[ours]}"
@@ -184,7 +198,8 @@ nbdkit -f -i 127.0.0.1 -p 20453 memory size=$mem_volume_bytes >"$work/nbdkit.log
 pids+=($!); echo "nbdkit server nbdkit $!" >>"$work/pids"
 mkdir -p "$shm"
 start_unit mem "$shm/unit" 20500 20700 127.0.0.1:20950 127.0.0.1:20951 \
-  --volume-size "$mem_volume_bytes" --partition-size "$mem_partition_bytes" --device-size-mib 512
+  --volume-size "$mem_volume_bytes" --partition-size "$mem_partition_bytes" --device-size-mib 512 \
+  --scrub-bytes-per-second 0
 uri[nbdkit]="nbd://127.0.0.1:20453/"; uri[mem]="nbd://127.0.0.1:20951/vol0"
 flush_ports[mem]="20701 20702 20703"
 wait_nbd "${uri[nbdkit]}"; wait_nbd "${uri[mem]}"

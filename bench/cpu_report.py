@@ -4,7 +4,8 @@
     cpu_report.py WORK OUT_JSON ROUNDS SECONDS COMMIT FS
 
 WORK holds, per target, job and round, `fio/<target>-<job>-r<N>.json` and
-three snapshots `snap/<target>-<job>-r<N>-{a,b,c}.json` (bench/procstat.py):
+three snapshots `snap/<target>-<job>-r<N>-{a,b,c}.json` (bench/procstat.py)
+and the job's thread watch `snap/<target>-<job>-r<N>-w.json`:
 a before the job, b right after it, c after the unit flushed (POST /flush on
 every head node; nothing for the baselines) and `sync -f` of the data file
 system. CPU and context switches per I/O are a -> b (the job), plus a -> c
@@ -52,15 +53,19 @@ def fio_figures(path, direction):
     return out
 
 
-def proc_deltas(a, b, target):
-    """name -> {role, cpu_us, ctxsw, read_bytes, write_bytes} from snapshot a to b."""
+def proc_deltas(a, b, target, watched):
+    """name -> {role, cpu_us, ctxsw, read_bytes, write_bytes} from snapshot a
+    to b; a thread's last count is the highest of b and the watch."""
     before = {(p["name"], p["pid"]): p for p in a["procs"] if p["target"] == target}
     out = {}
     for p in b["procs"]:
         q = before.get((p["name"], p["pid"]))
         if p["target"] != target or q is None:
             continue
-        ctx = sum(n - q["threads"].get(tid, 0) for tid, n in p["threads"].items())
+        last = dict(watched.get(f"{p['name']}:{p['pid']}", {}))
+        for tid, n in p["threads"].items():
+            last[tid] = max(last.get(tid, 0), n)
+        ctx = sum(n - q["threads"].get(tid, 0) for tid, n in last.items())
         io = {k: (p["io"][k] - q["io"][k]) if p["io"] and q["io"] else 0
               for k in ("read_bytes", "write_bytes")}
         out[p["name"]] = {"role": p["role"], "cpu_us": p["cpu_us"] - q["cpu_us"], "ctxsw": ctx, **io}
@@ -83,9 +88,10 @@ def measure(work, target, job, rounds):
         if not os.path.exists(fio_path):
             continue
         snaps = {s: load(f"{work}/snap/{base}-{s}.json") for s in "abc"}
+        watched = load(f"{work}/snap/{base}-w.json")
         out.append({"fio": fio_figures(fio_path, direction),
-                    "job": proc_deltas(snaps["a"], snaps["b"], target),
-                    "flushed": proc_deltas(snaps["a"], snaps["c"], target),
+                    "job": proc_deltas(snaps["a"], snaps["b"], target, watched),
+                    "flushed": proc_deltas(snaps["a"], snaps["c"], target, watched),
                     "disk": disk_delta(snaps["a"], snaps["c"])})
     return out
 

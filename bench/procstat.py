@@ -2,6 +2,7 @@
 """Process and disk counters for the benches (bench/cpu.sh).
 
     procstat.py snap PIDS OUT [DATA_DIR]
+    procstat.py watch PIDS OUT TARGET MAX_SECONDS
     procstat.py device DATA_DIR
 
 `snap` writes one JSON snapshot of every process listed in PIDS (lines
@@ -13,7 +14,11 @@
   /proc/<pid>/task/<tid>/status, per thread. /proc/<pid>/status counts the
   main thread only, so the per-thread figures are kept by tid: a delta sums
   the threads present in both snapshots and counts a thread born in between
-  from zero (a thread that ended in between is lost: a small undercount).
+  from zero. A thread that ends in between would be lost (nbdkit's and
+  qemu-nbd's workers end with the client's connection), so `watch` samples
+  the threads of TARGET's processes every 0.2 s during a job, until SIGTERM
+  or MAX_SECONDS, and writes the highest count seen per thread; the report
+  takes the highest of the watch and the snapshot.
 - Block I/O per process: read_bytes and write_bytes from /proc/<pid>/io
   (what the process sent to the block layer, direct I/O and io_uring
   included); unlike /proc/diskstats these ignore other tenants of the disk.
@@ -29,6 +34,7 @@ A process that exited reads as absent; the report then leaves it out.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,9 +136,32 @@ def snap(pids_file, out, data_dir):
         json.dump({"time": time.time(), "procs": procs, "disk": disk}, f)
 
 
+def watch(pids_file, out, target, max_seconds):
+    procs = []
+    with open(pids_file) as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 4 and fields[0] == target and cpu_ticks(fields[3]) is not None:
+                procs.append((fields[2], fields[3]))
+    seen = {f"{name}:{pid}": {} for name, pid in procs}
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    deadline = time.monotonic() + max_seconds
+    while not stop and time.monotonic() < deadline:
+        for name, pid in procs:
+            mine = seen[f"{name}:{pid}"]
+            for tid, count in thread_switches(pid).items():
+                mine[tid] = max(mine.get(tid, 0), count)
+        time.sleep(0.2)
+    with open(out, "w") as f:
+        json.dump(seen, f)
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "snap":
         snap(argv[1], argv[2], argv[3] if len(argv) > 3 else None)
+    elif len(argv) == 5 and argv[0] == "watch":
+        watch(argv[1], argv[2], argv[3], float(argv[4]))
     elif len(argv) == 2 and argv[0] == "device":
         stats = diskstats(device_numbers(argv[1]))
         print(stats["name"] if stats else "")

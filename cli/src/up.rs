@@ -75,6 +75,12 @@ pub struct UpArgs {
     /// /dev/shm (`bench/cpu.sh`).
     #[arg(long)]
     partition_size: Option<String>,
+    /// The sled controllers' background scrub rate in bytes per second
+    /// (default: theirs, 32 MiB/s each); 0 turns the scrubber off. Six sleds
+    /// on one disk scrub at six times that rate, which benches that count
+    /// the data path's reads and CPU (`bench/cpu.sh`) do not want.
+    #[arg(long)]
+    scrub_bytes_per_second: Option<u64>,
     /// Start, wait until healthy and vol0 is served over NBD, print, stop
     /// everything and exit (for scripts and tests).
     #[arg(long)]
@@ -236,11 +242,14 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     for sled in &rack.sled {
         // Only what has no default: every other setting is the code's
         // (deploy/sled-controller.example.toml lists them).
-        let config = format!(
+        let mut config = format!(
             "# Written by `rackblock up`.\nrack_file = \"{}\"\nsled_id = \"{}\"\n",
             rack_path.display(),
             sled.id
         );
+        if let Some(rate) = args.scrub_bytes_per_second {
+            let _ = writeln!(config, "scrub_bytes_per_second = {rate}");
+        }
         let path = data_dir.join("config").join(format!("{}.toml", sled.id));
         std::fs::write(&path, config)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
