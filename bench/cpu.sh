@@ -14,6 +14,7 @@
 #   w1   4 KiB random write QD1 with a flush after every write (p50, p99 of
 #        write + flush)
 #   sw, sr  1 MiB sequential write and read, QD4
+#   idle    no I/O for BENCH_SECONDS: CPU % of one core (background work)
 # The sled controllers' scrubber is off in both units (`up
 # --scrub-bytes-per-second 0`): six sleds on one disk would read 6 x 32 MiB/s
 # for a third of each minute, in some job windows and not in others (first
@@ -178,6 +179,13 @@ size=$(nbdinfo --size "${uri[ours]}")
 echo "# disk: $(python3 bench/procstat.py device "$work") under $work ($(df --output=fstype "$work" | tail -1))" >&2
 for target in qemu ours; do fio_run $target fill fill write 1M 16 --size=$volume_bytes; done
 echo "# filled both 4 GiB volumes in $(( $(date +%s) - started )) s" >&2
+# What each target costs with no I/O at all (timers, leases, heartbeats,
+# polls), to read the per-I/O figures against, QD1's above all.
+for target in qemu ours; do
+  python3 bench/procstat.py snap "$work/pids" "$work/snap/$target-idle-a.json" "$work"
+  sleep "$seconds"
+  python3 bench/procstat.py snap "$work/pids" "$work/snap/$target-idle-b.json" "$work"
+done
 
 # Interleaved job by job: the baseline, then ours.
 for r in $(seq 1 "$rounds"); do

@@ -224,6 +224,28 @@ def disk_phase(rep, work, rounds, ours, base, base_name):
                      per_host_byte(b, field, "procio"), "lower", comment, base_name)
 
 
+def idle(rep, work, ours, base, base_name):
+    """CPU (% of one core) and context switches per second with no I/O."""
+    figures = {}
+    for target in (ours, base):
+        try:
+            a, b = (load(f"{work}/snap/{target}-idle-{s}.json") for s in "ab")
+        except OSError:
+            return
+        seconds = b["time"] - a["time"]
+        deltas = proc_deltas(a, b, target, {})
+        figures[target] = {role: (sum(p["cpu_us"] for p in deltas.values() if role in (None, p["role"])) / 1e4 / seconds,
+                                  sum(p["ctxsw"] for p in deltas.values() if role in (None, p["role"])) / seconds)
+                           for role in [None] + ROLES}
+    print("# idle: no I/O; the per-I/O figures above include this background, spread over the job's I/Os")
+    for role in [None] + ROLES:
+        name = "unit" if role is None else role
+        rep.line(f"cpu.idle.{name}_cpu_percent", figures[ours][role][0], "%", figures[base][None][0], "lower",
+                 None, base_name)
+        rep.line(f"cpu.idle.{name}_ctxsw_per_s", figures[ours][role][1], "switches/s", figures[base][None][1],
+                 "lower", None, base_name)
+
+
 def main(argv):
     work, out_json, rounds, seconds, commit, fs = argv
     rounds = int(rounds)
@@ -234,6 +256,7 @@ def main(argv):
     print(f"# baseline qemu-nbd --cache=none -f raw, same disk, same run, interleaved; median of {rounds} rounds of {seconds} s")
     detail = {"disk_unit": phase(rep, work, rounds, "cpu", "ours", "qemu", "qemu-nbd",
                                  ["w32", "r32", "w32p", "r32p", "w1", "sw", "sr"], {"w32", "r32"})}
+    idle(rep, work, "ours", "qemu", "qemu-nbd")
     print("# disk.*: bytes from /proc/diskstats of the device under the data directory, from before the job to after")
     print("# the flush and sync -f: every tenant of the disk is in it (on a shared machine, others' builds);")
     print("# procio.*: the same window from /proc/<pid>/io of the target's processes only (the figure to trust when")
