@@ -38,8 +38,9 @@
 # is stopped by pid; the tmpfs directory and device images are removed at
 # exit (BENCH_KEEP_WORK=1 keeps the images under bench/out/cpu-work).
 # BENCH_SECONDS (default 3) sets each job's length, BENCH_ROUNDS (default 2)
-# the rounds: filling and flushing 4 GiB takes 1-2 minutes of the 5 on 2
-# shared cores (BENCH_SECONDS=5 BENCH_ROUNDS=3 takes about 8 minutes).
+# the rounds: filling and flushing 4 GiB takes ~2 minutes; the whole run
+# took 5.5-6 minutes on 2 cores shared with others' builds
+# (BENCH_SECONDS=5 BENCH_ROUNDS=3: about 9 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
