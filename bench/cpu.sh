@@ -93,7 +93,7 @@ cleanup() {
   if [ -n "$watch_pid" ]; then kill "$watch_pid" 2>/dev/null || true; wait "$watch_pid" 2>/dev/null || true; fi
   stop_all
   if [ -d "$shm" ]; then # keep the memory unit's logs, free its memory
-    mkdir -p "$work/mem-run"; cp "$shm"/run/*.log "$work/mem-run/" 2>/dev/null || true
+    mkdir -p "$work/mem-run"; cp "$shm"/unit/run/*.log "$work/mem-run/" 2>/dev/null || true
     rm -rf "$shm"
   fi
   # Device images and logs of several GiB: drop every file over 16 MiB.
