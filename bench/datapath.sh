@@ -23,7 +23,7 @@ for tool in fio python3 fallocate curl; do
   command -v $tool >/dev/null || { echo "bench/datapath.sh: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 cargo build --release -q -p cli --bin rackblock
-bin="$root/target/release/rackblock"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 out="$root/bench/out"; work="$out/datapath-work"
 rm -rf "$work"; mkdir -p "$work"
 

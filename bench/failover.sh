@@ -44,7 +44,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
         print(m["executable"])' | tail -1)
 [ -x "$test_bin" ] || { echo "bench/failover.sh: no release test binary found" >&2; exit 1; }
-export RACKBLOCK_BIN="$root/target/release/rackblock"
+export RACKBLOCK_BIN="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 # 1 GiB sled devices (64 columns each): every take-over opens new extents,
 # and 20 repetitions exhaust the tests' 128 MiB devices.
 export FAILOVER_DEVICE_MIB=${FAILOVER_DEVICE_MIB:-1024}

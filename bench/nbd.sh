@@ -29,7 +29,7 @@ for tool in fio:fio qemu-nbd:qemu-utils python3:python3 curl:curl; do
 done
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench/nbd.sh: this fio has no nbd engine (fio >= 3.20 has)" >&2; exit 1; }
 cargo build --release -q -p cli --bin rackblock
-bin="$root/target/release/rackblock"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 out="$root/bench/out"; work="$out/nbd-work"
 rm -rf "$work"; mkdir -p "$work"
 

@@ -22,7 +22,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
         print(m["executable"])' | tail -1)
 [ -x "$test_bin" ] || { echo "bench/raft-term.sh: no release test binary found" >&2; exit 1; }
-export RACKBLOCK_BIN="$root/target/release/rackblock"
+export RACKBLOCK_BIN="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 status=0
 timeout --kill-after=10 "$timeout_s" "$test_bin" failover::raft_term_holds_under_write_load \
   --ignored --exact --nocapture --test-threads=1 2>&1 | grep -E "raft term|panicked|test result" || status=$?

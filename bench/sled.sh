@@ -16,7 +16,7 @@ for tool in fio python3 fallocate; do
   command -v $tool >/dev/null || { echo "bench/sled.sh: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 cargo build --release -q -p cli --bin rackblock
-bin="$root/target/release/rackblock"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 out="$root/bench/out"; work="$out/sled-work"
 rm -rf "$work"; mkdir -p "$work"
 dev_bytes=$((8 * 1024 * 1024 * 1024))

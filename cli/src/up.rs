@@ -83,6 +83,18 @@ pub struct UpArgs {
     /// Size of vol0 when it is created (an existing vol0 is kept as is).
     #[arg(long, default_value = "4GiB")]
     volume_size: String,
+    /// Partition size of vol0 when it is created (default: the zonal
+    /// plane's, 1 GiB). For benches and tests that want a small volume
+    /// spread over every head node, e.g. a memory-backed unit under
+    /// /dev/shm (`bench/cpu.sh`).
+    #[arg(long)]
+    partition_size: Option<String>,
+    /// The sled controllers' background scrub rate in bytes per second
+    /// (default: theirs, 32 MiB/s each); 0 turns the scrubber off. Six sleds
+    /// on one disk scrub at six times that rate, which benches that count
+    /// the data path's reads and CPU (`bench/cpu.sh`) do not want.
+    #[arg(long)]
+    scrub_bytes_per_second: Option<u64>,
     /// Start, wait until healthy and vol0 is served over NBD, print, stop
     /// everything and exit (for scripts and tests).
     #[arg(long)]
@@ -244,11 +256,14 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     for sled in &rack.sled {
         // Only what has no default: every other setting is the code's
         // (deploy/sled-controller.example.toml lists them).
-        let config = format!(
+        let mut config = format!(
             "# Written by `rackblock up`.\nrack_file = \"{}\"\nsled_id = \"{}\"\n",
             rack_path.display(),
             sled.id
         );
+        if let Some(rate) = args.scrub_bytes_per_second {
+            let _ = writeln!(config, "scrub_bytes_per_second = {rate}");
+        }
         let path = data_dir.join("config").join(format!("{}.toml", sled.id));
         std::fs::write(&path, config)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -452,6 +467,18 @@ fn up(args: UpArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let partition_size_bytes = match args
+        .partition_size
+        .as_deref()
+        .map(|text| crate::text::parse_block_size("--partition-size", text))
+    {
+        None => None,
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(error)) => {
+            eprintln!("rackblock up: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let (data_dir, rack) = match prepare(&args) {
         Ok(prepared) => prepared,
         Err(error) => return fail(error),
@@ -468,7 +495,7 @@ fn up(args: UpArgs) -> ExitCode {
         &args,
         &data_dir,
         &rack,
-        volume_size_bytes,
+        (volume_size_bytes, partition_size_bytes),
         &stop,
         &mut daemons,
     );
@@ -559,7 +586,7 @@ fn start_unit(
     args: &UpArgs,
     data_dir: &Path,
     rack: &hardware::rack::Rack,
-    volume_size_bytes: u64,
+    (volume_size_bytes, partition_size_bytes): (u64, Option<u64>),
     stop: &StopFlag,
     daemons: &mut Vec<Daemon>,
 ) -> Result<(), Failed> {
@@ -619,7 +646,13 @@ fn start_unit(
     let api = crate::http::ZonalApi::new(&zonal_url, Some(token.trim().to_owned()))
         .map_err(|e| Failed(e.to_string()))?;
     wait_unit_seen(&handle, &api, rack, deadline, stop)?;
-    ensure_volume(&handle, &api, volume_size_bytes, deadline, stop)?;
+    ensure_volume(
+        &handle,
+        &api,
+        (volume_size_bytes, partition_size_bytes),
+        deadline,
+        stop,
+    )?;
 
     let mut attach_argv = vec![
         "attach".to_string(),
@@ -718,11 +751,13 @@ fn wait_unit_seen(
     }
 }
 
-/// Creates vol0 unless it exists; retries while the unit settles (503).
+/// Creates vol0 unless it exists (of `size_bytes`, in partitions of
+/// `partition_size_bytes` or the zonal plane's default); retries while the
+/// unit settles (503).
 fn ensure_volume(
     handle: &tokio::runtime::Handle,
     api: &crate::http::ZonalApi,
-    size_bytes: u64,
+    (size_bytes, partition_size_bytes): (u64, Option<u64>),
     deadline: Instant,
     stop: &StopFlag,
 ) -> Result<(), Failed> {
@@ -751,7 +786,10 @@ fn ensure_volume(
         Err(crate::error::CliError::Api { status: 404, .. }) => {}
         Err(error) => return Err(Failed(format!("cannot look up {VOLUME}: {}", error.line()))),
     }
-    let body = serde_json::json!({ "name": VOLUME, "size_bytes": size_bytes });
+    let mut body = serde_json::json!({ "name": VOLUME, "size_bytes": size_bytes });
+    if let Some(bytes) = partition_size_bytes {
+        body["partition_size_bytes"] = serde_json::json!(bytes);
+    }
     loop {
         match handle.block_on(api.call("POST", "/v1/volumes", Some(&body))) {
             Ok(reply) => {
