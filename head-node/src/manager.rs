@@ -130,6 +130,8 @@ pub struct ManagerConfig {
     pub engine: EngineChoice,
     /// Deadline of one write-log device operation.
     pub wal_timeout: Duration,
+    /// Memory budget of the log's unflushed payloads ([`WalOptions::cache_bytes`]).
+    pub wal_cache_bytes: u64,
     pub lease_duration: Duration,
     pub lease_renew_interval: Duration,
     pub flush_age: Duration,
@@ -568,13 +570,18 @@ impl PartitionManager {
                 source,
             },
         )?);
-        let (wal, recovered) =
-            Wal::open(device, WalOptions::default())
-                .await
-                .map_err(|source| ManagerError::Wal {
-                    path: config.wal_path.clone(),
-                    source,
-                })?;
+        let (wal, recovered) = Wal::open(
+            device,
+            WalOptions {
+                cache_bytes: config.wal_cache_bytes,
+                ..WalOptions::default()
+            },
+        )
+        .await
+        .map_err(|source| ManagerError::Wal {
+            path: config.wal_path.clone(),
+            source,
+        })?;
         let mut by_partition: HashMap<PartitionId, Vec<RecoveredRecord>> = HashMap::new();
         let total = recovered.len();
         for record in recovered {
