@@ -1478,10 +1478,8 @@ async fn scan(
         if position + len - start > capacity {
             break cut(position, format!("{len} bytes overrun the ring"));
         }
-        if found.padding {
-            if ring.offset(position) + len != capacity {
-                break cut(position, "padding does not end the lap".to_string());
-            }
+        if found.padding && ring.offset(position) + len != capacity {
+            break cut(position, "padding does not end the lap".to_string());
         }
         if found.padding && position >= tail {
             live.push(Live {
