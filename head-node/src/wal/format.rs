@@ -740,11 +740,12 @@ fn seal_region(region: &mut [u8]) {
 
 /// Writes a batch of `records` (header blocks, then each payload, 4 KiB
 /// aligned and zero-padded) into `out`, which must be exactly
-/// [`batch_len`] bytes and zeroed.
-pub fn encode_batch(stamp: RecordStamp, records: &[&LogRecord], out: &mut [u8]) {
+/// [`batch_len`] bytes and zeroed. Each record comes with its
+/// [`block_crcs`] (computed once, when it was appended).
+pub fn encode_batch(stamp: RecordStamp, records: &[(&LogRecord, &[u32])], out: &mut [u8]) {
     assert!(!records.is_empty() && records.len() <= MAX_BATCH_RECORDS);
-    let entries_bytes: u64 = records.iter().map(|r| entry_bytes(r)).sum();
-    let payload_blocks: u64 = records.iter().map(|r| r.payload_blocks() as u64).sum();
+    let entries_bytes: u64 = records.iter().map(|(r, _)| entry_bytes(r)).sum();
+    let payload_blocks: u64 = records.iter().map(|(r, _)| r.payload_blocks() as u64).sum();
     let header_blocks = batch_header_blocks(entries_bytes);
     let len_bytes = batch_len(entries_bytes, payload_blocks);
     debug_assert_eq!(out.len() as u64, len_bytes);
@@ -759,8 +760,8 @@ pub fn encode_batch(stamp: RecordStamp, records: &[&LogRecord], out: &mut [u8]) 
     put(header, 56, &len_bytes.to_le_bytes());
     let mut at = BATCH_FIXED_BYTES as usize;
     let mut payload_at = 0usize;
-    for record in records {
-        let crcs = block_crcs(&record.payload);
+    for (record, crcs) in records {
+        debug_assert_eq!(crcs.len(), record.payload_blocks());
         header[at] = record.kind as u8;
         put(header, at + 4, &record.partition.index.to_le_bytes());
         put(header, at + 8, &record.partition.volume.to_le_bytes());
@@ -775,7 +776,7 @@ pub fn encode_batch(stamp: RecordStamp, records: &[&LogRecord], out: &mut [u8]) 
             &(record.payload.len() as u64).to_le_bytes(),
         );
         at += ENTRY_FIXED_BYTES as usize;
-        for crc in &crcs {
+        for crc in crcs.iter() {
             put(header, at, &crc.to_le_bytes());
             at += 4;
         }
@@ -1179,7 +1180,12 @@ mod tests {
     }
 
     fn encode(records: &[LogRecord], position: u64) -> Vec<u8> {
-        let refs: Vec<&LogRecord> = records.iter().collect();
+        let crcs: Vec<Vec<u32>> = records.iter().map(|r| block_crcs(&r.payload)).collect();
+        let refs: Vec<(&LogRecord, &[u32])> = records
+            .iter()
+            .zip(&crcs)
+            .map(|(r, c)| (r, &c[..]))
+            .collect();
         let entries: u64 = records.iter().map(entry_bytes).sum();
         let blocks: u64 = records.iter().map(|r| r.payload_blocks() as u64).sum();
         let mut out = vec![0u8; batch_len(entries, blocks) as usize];

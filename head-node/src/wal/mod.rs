@@ -311,8 +311,9 @@ struct PendingBatch {
     start: u64,
     /// `Some(len)`: a padding batch filling `len` bytes to the end of the lap.
     padding: Option<u64>,
-    /// The records; record `i` is at position `start + i`.
-    records: Vec<LogRecord>,
+    /// The records with their block CRCs; record `i` is at position
+    /// `start + i`.
+    records: Vec<(LogRecord, Arc<[u32]>)>,
     /// Bytes of the records' header entries.
     entries_bytes: u64,
     /// Payload blocks of the records.
@@ -604,6 +605,12 @@ impl Wal {
             return Ok(Vec::new());
         }
         let count = records.len() as u64;
+        // CRCs outside the state mutex (once per record: the header and
+        // reads back from the device use them).
+        let all_crcs: Vec<Arc<[u32]>> = records
+            .iter()
+            .map(|r| Arc::from(format::block_crcs(&r.payload)))
+            .collect();
         let (positions, spawn) = {
             let mut state = self.shared.lock();
             if let Some(reason) = &state.failed {
@@ -633,7 +640,9 @@ impl Wal {
                 planned.push(placed);
             }
             let mut positions = Vec::with_capacity(records.len());
-            for (record, (placement, position)) in records.into_iter().zip(planned) {
+            for ((record, crcs), (placement, position)) in
+                records.into_iter().zip(all_crcs).zip(planned)
+            {
                 match placement {
                     Placement::Join => {}
                     Placement::New { padding, start } => {
@@ -673,7 +682,7 @@ impl Wal {
                 let live = Live {
                     position,
                     payload_len: payload.len() as u64,
-                    crcs: Arc::from(format::block_crcs(&payload)),
+                    crcs: crcs.clone(),
                     meta: Some(LogRecord {
                         payload: Bytes::new(),
                         ..record.clone()
@@ -681,7 +690,7 @@ impl Wal {
                     payload_at: None,
                     payload: Some(payload),
                 };
-                batch.records.push(record);
+                batch.records.push((record, crcs));
                 state.live.push_back(live);
                 positions.push(LogPosition(position));
             }
@@ -1136,7 +1145,7 @@ async fn run_writer(shared: Arc<Shared>) {
             for batch in &batches {
                 let header = format::batch_header_blocks(batch.entries_bytes) * BLOCK_SIZE_BYTES;
                 let mut at = batch.start + header;
-                for (i, record) in batch.records.iter().enumerate() {
+                for (i, (record, _)) in batch.records.iter().enumerate() {
                     if let Ok(index) = state.index_of(batch.start + i as u64) {
                         state.live[index].payload_at = Some(at);
                     }
@@ -1246,7 +1255,8 @@ fn encode_segment(shared: &Shared, segment: &Segment<'_>) -> Result<AlignedBuf, 
         match batch.padding {
             Some(_) => format::encode_padding_batch(stamp, batch.len(), &mut buf[at..at + len]),
             None => {
-                let records: Vec<&LogRecord> = batch.records.iter().collect();
+                let records: Vec<(&LogRecord, &[u32])> =
+                    batch.records.iter().map(|(r, c)| (r, &c[..])).collect();
                 format::encode_batch(stamp, &records, &mut buf[at..at + len]);
             }
         }
