@@ -91,6 +91,12 @@ pub struct HeadNodeConfig {
     /// partitions fail over (a hung log device is a failed one).
     #[serde(default)]
     pub wal_timeout_ms: Option<u64>,
+    /// Memory for the payloads of the write log's unflushed records, in
+    /// bytes (default 256 MiB): the flush and reads of blocks still in the
+    /// log take them from memory instead of the log device. Beyond it the
+    /// oldest are read back from the device. 0: always read back.
+    #[serde(default)]
+    pub wal_cache_bytes: Option<u64>,
     /// Read lease a primary asks the local control plane for, in
     /// milliseconds (default 600). Reads and writes are served only
     /// under a valid lease (ARCHITECTURE.md, Leases and failover); a dead
@@ -302,6 +308,12 @@ impl HeadNodeConfig {
         self.wal_size_bytes.unwrap_or(DEFAULT_WAL_SIZE_BYTES)
     }
 
+    /// Memory budget of the write log's in-memory tail.
+    pub fn wal_cache_bytes(&self) -> u64 {
+        self.wal_cache_bytes
+            .unwrap_or(crate::wal::DEFAULT_CACHE_BYTES)
+    }
+
     /// Deadline of one write-log device operation.
     pub fn wal_timeout(&self) -> Duration {
         Duration::from_millis(self.wal_timeout_ms.unwrap_or(DEFAULT_WAL_TIMEOUT_MS))
@@ -462,6 +474,7 @@ impl HeadNodeConfig {
             wal_size_bytes: Some(self.wal_size_bytes()),
             io_engine: self.io_engine.clone(),
             wal_timeout_ms: ms(self.wal_timeout()),
+            wal_cache_bytes: Some(self.wal_cache_bytes()),
             lease_duration_ms: ms(self.lease_duration()),
             lease_renew_interval_ms: ms(self.lease_renew_interval()),
             flush_age_ms: ms(self.flush_age()),
@@ -530,6 +543,7 @@ mod tests {
         assert_eq!(c.failover().lease_margin, Duration::from_millis(60));
         assert_eq!(c.wal_path(), PathBuf::from("/d/wal.img"));
         assert_eq!(c.wal_size_bytes(), 1 << 30);
+        assert_eq!(c.wal_cache_bytes(), 256 << 20);
         assert_eq!(c.lease_duration(), Duration::from_millis(600));
         assert_eq!(c.lease_renew_interval(), Duration::from_millis(150));
         for (bad, field) in [

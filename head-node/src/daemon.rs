@@ -193,6 +193,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         wal_size_bytes: config.wal_size_bytes(),
         engine: config.engine()?,
         wal_timeout: config.wal_timeout(),
+        wal_cache_bytes: config.wal_cache_bytes(),
         lease_duration: config.lease_duration(),
         lease_renew_interval: config.lease_renew_interval(),
         flush_age: config.flush_age(),

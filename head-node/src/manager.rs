@@ -130,6 +130,8 @@ pub struct ManagerConfig {
     pub engine: EngineChoice,
     /// Deadline of one write-log device operation.
     pub wal_timeout: Duration,
+    /// Memory budget of the log's unflushed payloads ([`WalOptions::cache_bytes`]).
+    pub wal_cache_bytes: u64,
     pub lease_duration: Duration,
     pub lease_renew_interval: Duration,
     pub flush_age: Duration,
@@ -223,6 +225,11 @@ struct ManagerMetrics {
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
+    /// Payload bytes of durable log records held in memory.
+    wal_cached_bytes: Gauge,
+    /// Log reads served from memory / from the log device since start.
+    wal_memory_reads: Gauge,
+    wal_device_reads: Gauge,
     /// 1 with the log's path and the failure's reason once the log failed;
     /// 0 with an empty reason while it works.
     wal_failed: Family<WalFailedLabels, Gauge>,
@@ -334,6 +341,21 @@ impl ManagerMetrics {
             "rackblock_wal_capacity_bytes",
             "Size of the write log's ring",
             m.wal_capacity_bytes.clone(),
+        );
+        registry.register(
+            "rackblock_wal_cached_bytes",
+            "Payload bytes of durable write-log records held in memory (at most wal_cache_bytes)",
+            m.wal_cached_bytes.clone(),
+        );
+        registry.register(
+            "rackblock_wal_memory_reads",
+            "Write-log reads (flush and reads of logged blocks) served from memory since start",
+            m.wal_memory_reads.clone(),
+        );
+        registry.register(
+            "rackblock_wal_device_reads",
+            "Write-log reads that went to the log device since start",
+            m.wal_device_reads.clone(),
         );
         registry.register(
             "rackblock_wal_failed",
@@ -568,13 +590,18 @@ impl PartitionManager {
                 source,
             },
         )?);
-        let (wal, recovered) =
-            Wal::open(device, WalOptions::default())
-                .await
-                .map_err(|source| ManagerError::Wal {
-                    path: config.wal_path.clone(),
-                    source,
-                })?;
+        let (wal, recovered) = Wal::open(
+            device,
+            WalOptions {
+                cache_bytes: config.wal_cache_bytes,
+                ..WalOptions::default()
+            },
+        )
+        .await
+        .map_err(|source| ManagerError::Wal {
+            path: config.wal_path.clone(),
+            source,
+        })?;
         let mut by_partition: HashMap<PartitionId, Vec<RecoveredRecord>> = HashMap::new();
         let total = recovered.len();
         for record in recovered {
@@ -973,6 +1000,9 @@ fn update_metrics(inner: &Inner) {
     m.wal_fill_ratio.set(stats.fill_ratio());
     m.wal_used_bytes.set(as_i64(stats.used_bytes));
     m.wal_capacity_bytes.set(as_i64(stats.capacity_bytes));
+    m.wal_cached_bytes.set(as_i64(stats.cached_bytes));
+    m.wal_memory_reads.set(as_i64(stats.cache_hits));
+    m.wal_device_reads.set(as_i64(stats.cache_misses));
     m.ready.set(i64::from(inner.ready.load(Ordering::Acquire)));
     let hosted: Vec<Arc<Hosted>> = read(&inner.hosted).values().cloned().collect();
     m.hosted_partitions

@@ -681,7 +681,9 @@ async fn run_model(ops: Vec<WalOp>) {
                 let stats = wal.stats();
                 if stats.head - stats.tail + (B as u64) <= capacity {
                     // The last block before the tail (one lap back) is free.
-                    let free = (stats.tail + capacity - B as u64) % capacity;
+                    // (The tail's batch starts at the tail rounded down to 4 KiB.)
+                    let batch = stats.tail / B as u64 * B as u64;
+                    let free = (batch + capacity - B as u64) % capacity;
                     let mut junk = AlignedBuf::zeroed(B).unwrap();
                     junk.iter_mut().for_each(|b| *b = 0xA5);
                     memory.write_at(RING + free, junk).await.unwrap();
@@ -834,4 +836,263 @@ async fn superblock_fallback_keeps_records_of_the_lost_open() {
     let (_, recovered) = open(memory, 512 << 10).await;
     assert_eq!(recovered.last().unwrap(), &(c, write(3, 1)));
     assert_eq!(recovered.len(), 3);
+}
+
+// ------------------------------------------------ batches, memory, upgrade
+
+fn options_with_cache(capacity_bytes: u64, cache_bytes: u64) -> WalOptions {
+    WalOptions {
+        capacity_bytes: Some(capacity_bytes),
+        cache_bytes,
+        ..WalOptions::default()
+    }
+}
+
+/// One append of several records is one batch: one header block for all,
+/// and a payload block torn on the medium cuts the whole batch (none of
+/// its records comes back), never a part of it.
+#[tokio::test]
+async fn a_batch_is_one_header_and_is_recovered_whole_or_not_at_all() {
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(1 << 20));
+    let (wal, _) = open(memory.clone(), 512 << 10).await;
+    let a = wal.append_one(write(1, 1)).await.unwrap();
+    let records = vec![write(2, 1), write(3, 2), write(4, 1)];
+    let positions = wal.append(records.clone()).await.unwrap();
+    // Record i of the batch is at batch + i; the batch is one header block
+    // and the four payload blocks.
+    let batch = positions[0].0;
+    assert_eq!(batch, a.0 + 2 * B as u64);
+    assert_eq!(
+        positions,
+        vec![
+            LogPosition(batch),
+            LogPosition(batch + 1),
+            LogPosition(batch + 2)
+        ]
+    );
+    assert_eq!(wal.stats().head, batch + 5 * B as u64);
+    for (position, record) in positions.iter().zip(&records) {
+        assert_eq!(&wal.read(*position).await.unwrap(), record);
+    }
+    drop(wal);
+    let (wal, recovered) = open(memory.clone(), 512 << 10).await;
+    let mut expected = vec![(a, write(1, 1))];
+    expected.extend(positions.iter().copied().zip(records.clone()));
+    assert_eq!(recovered, expected);
+    // Released up to the middle of the batch: the rest of it is recovered.
+    wal.release(positions[1]).await.unwrap();
+    drop(wal);
+    let (wal, recovered) = open(memory.clone(), 512 << 10).await;
+    assert_eq!(recovered, expected[2..].to_vec());
+    drop(wal);
+    // The last payload block of the batch torn: the whole batch is the cut
+    // tail, even the records whose blocks are intact.
+    memory
+        .write_at(RING + batch + 4 * B as u64, AlignedBuf::zeroed(B).unwrap())
+        .await
+        .unwrap();
+    let (wal, recovered) = open(memory.clone(), 512 << 10).await;
+    assert!(recovered.is_empty(), "{recovered:?}");
+    assert!(matches!(wal.recovery_stop(), ScanStop::Cut { position, .. } if *position == batch));
+}
+
+/// Reads of live records come from memory while the budget allows; the
+/// oldest payloads beyond it are read back from the device (checked
+/// against their CRCs), also after a reopen.
+#[tokio::test]
+async fn the_unflushed_tail_is_read_from_memory_within_its_budget() {
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(1 << 20));
+    let capacity = 512 << 10;
+    let budget = 3 * B as u64;
+    let (wal, _) = Wal::open(memory.clone(), options_with_cache(capacity, budget))
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    for seq in 1..=5 {
+        let record = write(seq, 1);
+        acked.push((wal.append_one(record.clone()).await.unwrap(), record));
+    }
+    let stats = wal.stats();
+    assert_eq!(
+        (stats.cached_bytes, stats.cache_budget_bytes),
+        (budget, budget)
+    );
+    // The newest three from memory, the oldest two from the device.
+    for (i, (position, record)) in acked.iter().enumerate().rev() {
+        let before = wal.stats();
+        let block = wal.read_blocks(*position, 0, 1).await.unwrap();
+        assert_eq!(&block[..], &record.payload[..]);
+        let after = wal.stats();
+        let from_memory = i >= 2;
+        assert_eq!(
+            after.cache_hits - before.cache_hits,
+            u64::from(from_memory),
+            "record {i}"
+        );
+        assert_eq!(
+            after.cache_misses - before.cache_misses,
+            u64::from(!from_memory),
+            "record {i}"
+        );
+    }
+    // Released records leave the budget.
+    wal.release(acked[3].0).await.unwrap();
+    assert_eq!(wal.stats().cached_bytes, 2 * B as u64);
+    drop(wal);
+    // A corrupt block of a record read back from the device is refused.
+    memory
+        .write_at(
+            RING + acked[3].0 .0 + B as u64,
+            AlignedBuf::zeroed(B).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (wal, recovered) = Wal::open(memory.clone(), options_with_cache(capacity, 0))
+        .await
+        .unwrap();
+    // Recovery itself stops at the corrupt record: nothing live.
+    assert!(recovered.is_empty());
+    drop(wal);
+
+    // Budget 0: every read goes to the device, and is right.
+    let memory: SharedDevice = Arc::new(MemoryDevice::new(1 << 20));
+    let (wal, _) = Wal::open(memory.clone(), options_with_cache(capacity, 0))
+        .await
+        .unwrap();
+    let records = vec![write(1, 2), write(2, 3)];
+    let positions = wal.append(records.clone()).await.unwrap();
+    assert_eq!(wal.stats().cached_bytes, 0);
+    for (position, record) in positions.iter().zip(&records) {
+        assert_eq!(&wal.read(*position).await.unwrap(), record);
+        let block = wal.read_blocks(*position, 1, 1).await.unwrap();
+        assert_eq!(&block[..], &record.payload[B..2 * B]);
+    }
+    assert_eq!(wal.stats().cache_hits, 0);
+    assert_eq!(wal.stats().cache_misses, 4);
+    // Flipped on the medium while live: refused, not served.
+    let payload = positions[1].0 / B as u64 * B as u64 + 3 * B as u64;
+    let mut block = memory.read_at(RING + payload, B).await.unwrap();
+    block[7] ^= 1;
+    memory.write_at(RING + payload, block).await.unwrap();
+    assert!(matches!(
+        wal.read_blocks(positions[1], 0, 1).await,
+        Err(WalError::Corrupt { .. })
+    ));
+}
+
+/// The upgrade: a log written by the previous format (one header block per
+/// record) is replayed at open, then continued in batches; nothing
+/// acknowledged is lost, across reopens, releases and wrap-around.
+async fn version_1_log_is_replayed_then_continued_in_batches(engine: Engine, cache_bytes: u64) {
+    use head_node::wal::format::{choose_superblock, SuperblockState, FORMAT_VERSION};
+    use head_node::wal::legacy::V1Writer;
+    let capacity = 48 * B as u64;
+    let disk = Disk::new(engine, RING + capacity);
+    let open = |device: SharedDevice| async move {
+        let (wal, recovered) = Wal::open(device, options_with_cache(capacity, cache_bytes))
+            .await
+            .unwrap();
+        let recovered: Vec<(LogPosition, LogRecord)> = recovered
+            .into_iter()
+            .map(|r| (r.position, r.record))
+            .collect();
+        (wal, recovered)
+    };
+    let mut acked: Vec<(LogPosition, LogRecord)> = Vec::new();
+    {
+        let mut v1 = V1Writer::format(disk.device(), capacity, 0xB1)
+            .await
+            .unwrap();
+        for seq in 1..=6u64 {
+            let record = write(seq, 1 + seq as usize % 3);
+            acked.push((v1.append(&record).await.unwrap(), record));
+        }
+        let trim = LogRecord::trim(part(), 1, 7, 40, 3);
+        acked.push((v1.append(&trim).await.unwrap(), trim));
+        let commit = LogRecord {
+            kind: RecordKind::FlushCommit,
+            payload: Bytes::from_static(b"extent 3"),
+            block_count: 0,
+            ..LogRecord::trim(part(), 1, 8, 0, 1)
+        };
+        acked.push((v1.append(&commit).await.unwrap(), commit));
+    }
+    // Replayed by the new code; the log is version 2 from here on.
+    let (wal, recovered) = open(disk.device()).await;
+    assert_eq!(recovered, acked);
+    let copies = disk.device().read_at(0, 2 * B).await.unwrap();
+    let SuperblockState::Valid(superblock) = choose_superblock([&copies[..B], &copies[B..]]) else {
+        panic!("superblock");
+    };
+    assert_eq!(superblock.version, FORMAT_VERSION);
+    assert_eq!(superblock.batches_from_position_bytes, wal.stats().head);
+    for copy in [&copies[..B], &copies[B..]] {
+        assert_eq!(
+            head_node::wal::format::Superblock::decode(copy)
+                .unwrap()
+                .version,
+            FORMAT_VERSION,
+            "both copies upgraded"
+        );
+    }
+    // The version 1 records read back (from memory or their v1 place).
+    for (position, record) in &acked {
+        assert_eq!(&wal.read(*position).await.unwrap(), record);
+    }
+    // Appends continue in batches after them.
+    let more = vec![write(9, 1), write(10, 2), write(11, 1)];
+    let positions = wal.append(more.clone()).await.unwrap();
+    assert_eq!(positions[1].0, positions[0].0 + 1, "one batch");
+    acked.extend(positions.into_iter().zip(more));
+    drop(wal);
+    let (wal, recovered) = open(disk.device()).await;
+    assert_eq!(recovered, acked);
+    for (position, record) in &acked {
+        assert_eq!(&wal.read(*position).await.unwrap(), record);
+    }
+    // Release half of the version 1 records, reopen, then wrap the ring
+    // several times: the version 1 records' space is reused by batches.
+    wal.release(acked[4].0).await.unwrap();
+    acked.drain(..4);
+    drop(wal);
+    let (mut wal, recovered) = open(disk.device()).await;
+    assert_eq!(recovered, acked);
+    let mut seq = 100;
+    for round in 0..40u64 {
+        seq += 1;
+        let record = write(seq, 1 + (round % 3) as usize);
+        let position = loop {
+            match wal.append_one(record.clone()).await {
+                Ok(position) => break position,
+                Err(WalError::LogFull { .. }) => {
+                    let keep = acked.split_off(acked.len() / 2);
+                    let up_to = keep.first().map_or(wal.head(), |(p, _)| *p);
+                    wal.release(up_to).await.unwrap();
+                    acked = keep;
+                }
+                Err(e) => panic!("append: {e}"),
+            }
+        };
+        acked.push((position, record));
+        if round % 7 == 0 {
+            drop(wal);
+            let (reopened, recovered) = open(disk.device()).await;
+            assert_eq!(recovered, acked, "round {round}");
+            wal = reopened;
+        }
+    }
+    assert!(wal.stats().head > 2 * capacity, "{:?}", wal.stats());
+    drop(wal);
+    let (_, recovered) = open(disk.device()).await;
+    assert_eq!(recovered, acked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_from_version_1_memory() {
+    version_1_log_is_replayed_then_continued_in_batches(Engine::Memory, 256 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_from_version_1_file_reads_back_from_the_device() {
+    version_1_log_is_replayed_then_continued_in_batches(Engine::Sync, 0).await;
 }
