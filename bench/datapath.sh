@@ -11,8 +11,15 @@
 #     (2 head-node logs + (k+m)/k = 1.5 on the sleds)
 # Unit: 3 head nodes + 6 sleds (two file-backed devices each) on loopback,
 # files under bench/out/datapath-work. Every process is stopped by pid.
+#   1 MiB sequential read: the unit's CPU (head nodes + sleds, from
+#     /proc/<pid>/stat) per MiB beside fio's own CPU per MiB, and the sled
+#     read requests per MiB (rackblock_sled_operations_total{op="read"}) beside
+#     the bound of one request per data column (4 per MiB at 4+2)
 # Output: BENCH lines (conventions: bench/README.md) and bench/out/datapath.json.
 # BENCH_SECONDS (default 5) sets each job's length; BENCH_ROUNDS (default 3).
+# RACKBLOCK_BIN runs that binary instead of building one (e.g. an older
+# build, for a before/after comparison); otherwise the release build goes to
+# $CARGO_TARGET_DIR (default target/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -22,8 +29,12 @@ seq_qd=${BENCH_SEQ_QD:-4}
 for tool in fio python3 fallocate curl; do
   command -v $tool >/dev/null || { echo "bench/datapath.sh: $tool is missing (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
-cargo build --release -q -p cli --bin rackblock
-bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+if [ -n "${RACKBLOCK_BIN:-}" ]; then
+  bin=$RACKBLOCK_BIN
+else
+  cargo build --release -q -p cli --bin rackblock
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+fi
 out="$root/bench/out"; work="$out/datapath-work"
 rm -rf "$work"; mkdir -p "$work"
 
@@ -130,10 +141,26 @@ ours() { # phase qd -> key=value line
     || { echo "bench/datapath.sh: volume bench $1 --qd $2 failed:" >&2; tail -5 "$work/bench.log" >&2; return 1; }
 }
 kv() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
+unit_cpu_ticks() { # utime + stime of every process of the unit
+  local p total=0
+  for p in "${pids[@]}"; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo $total
+}
+sled_read_requests() { # sled read requests answered, summed over the sleds
+  local s total=0 n
+  for s in 1 2 3 4 5 6; do
+    n=$(curl -sf "http://$(sled_admin $s)/metrics" | awk '/^rackblock_sled_operations_total\{/ && /op="read"/ {sum += $NF} END {printf "%d", sum}')
+    total=$((total + ${n:-0}))
+  done
+  echo $total
+}
+clk_tck=$(getconf CLK_TCK)
 # fio's QD1 durable write: the write's completion latency plus its fdatasync.
 sync_lat='(j["sync"]["lat_ns"]["percentile"]["%s"] if "percentile" in j.get("sync",{}).get("lat_ns",{}) else 0)'
 
-declare -a f1p50 f1p99 f32w f32r fsw fsr o1p50 o1p99 o32w o32r osw osr
+declare -a f1p50 f1p99 f32w f32r fsw fsr o1p50 o1p99 o32w o32r osw osr fcpu ocpu oreq
 for r in $(seq 1 "$rounds"); do
   fio_job w1 randwrite 4k 1 --fdatasync=1
   f1p50+=("$(fio_field w1 "(j['write']['clat_ns']['percentile']['50.000000'] + $(printf "$sync_lat" 50.000000))/1000")")
@@ -148,8 +175,15 @@ for r in $(seq 1 "$rounds"); do
   fio_job r32 randread 4k 32;   f32r+=("$(fio_field r32 "j['read']['iops']")")
   line=$(ours randread 32);     o32r+=("$(kv "$line" iops)")
   fio_job sr read 1M $seq_qd;   fsr+=("$(fio_field sr "j['read']['bw_bytes']/1e6")")
+  # fio's CPU (usr + sys, % of its runtime) per MiB it read.
+  fcpu+=("$(fio_field sr "(j['usr_cpu'] + j['sys_cpu']) / 100 * j['job_runtime'] / (j['read']['io_bytes'] / 1048576)")")
+  cpu0=$(unit_cpu_ticks); req0=$(sled_read_requests)
   line=$(ours seqread $seq_qd); osr+=("$(kv "$line" mb_per_s)")
-  echo "# round $r: qd1 write p50 fio ${f1p50[-1]} ours ${o1p50[-1]} us | qd32 write fio ${f32w[-1]} ours ${o32w[-1]} iops | qd32 read fio ${f32r[-1]} ours ${o32r[-1]} iops | seq write fio ${fsw[-1]} ours ${osw[-1]} MB/s | seq read fio ${fsr[-1]} ours ${osr[-1]} MB/s | flush ${flush_s} s" >&2
+  cpu1=$(unit_cpu_ticks); req1=$(sled_read_requests)
+  mib=$(python3 -c "print(max($(kv "$line" bytes), 1) / 1048576)")
+  ocpu+=("$(python3 -c "print(($cpu1 - $cpu0) * 1000 / $clk_tck / $mib)")")
+  oreq+=("$(python3 -c "print(($req1 - $req0) / $mib)")")
+  echo "# round $r: qd1 write p50 fio ${f1p50[-1]} ours ${o1p50[-1]} us | qd32 write fio ${f32w[-1]} ours ${o32w[-1]} iops | qd32 read fio ${f32r[-1]} ours ${o32r[-1]} iops | seq write fio ${fsw[-1]} ours ${osw[-1]} MB/s | seq read fio ${fsr[-1]} ours ${osr[-1]} MB/s, cpu/MiB fio ${fcpu[-1]} unit ${ocpu[-1]} ms, sled reads/MiB ${oreq[-1]} | flush ${flush_s} s" >&2
 done
 stop_all
 echo "# done after ${SECONDS} s" >&2
@@ -168,6 +202,10 @@ rows = [
   ("datapath.seqwrite1m.qd$seq_qd.vs_bound.mb_per_s", med("${osw[*]}".split()), seq_write_fio / amplification, "MB/s", "higher",
    f"# bound: fio sequential write MB/s {seq_write_fio:.1f} / write amplification {amplification} (2 head-node logs + (k+m)/k at 4+2)"),
   ("datapath.seqread1m.qd$seq_qd.mb_per_s", med("${osr[*]}".split()), med("${fsr[*]}".split()), "MB/s", "higher", None),
+  ("datapath.seqread1m.qd$seq_qd.cpu_ms_per_mib", med("${ocpu[*]}".split()), med("${fcpu[*]}".split()), "ms", "lower",
+   "# baseline: fio's own CPU per MiB read; ours: the unit's (3 head nodes + 6 sleds), the client's not counted"),
+  ("datapath.seqread1m.qd$seq_qd.sled_reads_per_mib", med("${oreq[*]}".split()), 4.0, "requests", "lower",
+   "# bound: one sled read request per data column a MiB covers (4 at 4+2)"),
 ]
 print("# baseline: fio io_uring O_DIRECT on a raw file on the same disk, same run, interleaved, median of $rounds rounds of ${seconds} s;")
 print("# QD1 write baseline latency = fio write clat + fdatasync latency percentiles (--fdatasync=1): ours are durable on two head nodes")

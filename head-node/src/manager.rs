@@ -217,6 +217,7 @@ struct ManagerMetrics {
     gc_passes: Family<PartitionLabels, Gauge>,
     extents_freed: Family<PartitionLabels, Gauge>,
     degraded_reads: Family<PartitionLabels, Gauge>,
+    sled_reads: Family<PartitionLabels, Gauge>,
     repair_queue: Family<PartitionLabels, Gauge>,
     checkpoints_written: Family<PartitionLabels, Gauge>,
     recovery_rows_scanned: Family<PartitionLabels, Gauge>,
@@ -242,7 +243,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 16] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 17] = [
             (
                 "rackblock_partition_role",
                 "1 primary, 2 secondary, 3 fenced",
@@ -297,6 +298,11 @@ impl ManagerMetrics {
                 "rackblock_partition_degraded_reads",
                 "Reads served by erasure decoding since open",
                 &m.degraded_reads,
+            ),
+            (
+                "rackblock_partition_sled_reads",
+                "Sled read requests sent by host reads since open (one per stretch of consecutive blocks of a column)",
+                &m.sled_reads,
             ),
             (
                 "rackblock_partition_repair_queue",
@@ -380,7 +386,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 16] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 17] {
         [
             &self.role,
             &self.epoch,
@@ -393,6 +399,7 @@ impl ManagerMetrics {
             &self.gc_passes,
             &self.extents_freed,
             &self.degraded_reads,
+            &self.sled_reads,
             &self.repair_queue,
             &self.checkpoints_written,
             &self.recovery_rows_scanned,
@@ -424,6 +431,8 @@ pub struct PartitionStatus {
     pub gc_passes: u64,
     pub extents_freed: u64,
     pub degraded_reads: u64,
+    /// Sled read requests sent by host reads.
+    pub sled_reads: u64,
     pub repair_queue: usize,
     pub extents: usize,
     /// Background flushes that failed (they are retried).
@@ -984,6 +993,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         gc_passes: get(&m.gc_passes),
         extents_freed: get(&m.extents_freed),
         degraded_reads: get(&m.degraded_reads),
+        sled_reads: get(&m.sled_reads),
         repair_queue: h.partition.repair_queue().len(),
         extents: h.partition.extent_usage().len(),
         flush_failures: h.flushes_failed.load(Ordering::Relaxed),
@@ -1027,6 +1037,7 @@ fn update_metrics(inner: &Inner) {
             (&m.gc_passes, as_i64(s.gc_passes)),
             (&m.extents_freed, as_i64(s.extents_freed)),
             (&m.degraded_reads, as_i64(s.degraded_reads)),
+            (&m.sled_reads, as_i64(s.sled_reads)),
             (&m.checkpoints_written, as_i64(s.checkpoints_written)),
             (&m.recovery_rows_scanned, as_i64(s.recovery_rows_scanned)),
             (

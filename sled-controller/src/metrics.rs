@@ -68,6 +68,9 @@ pub struct Metrics {
     pub operation_seconds: HistogramFamily<OpOnlyLabels>,
     pub appended_bytes: Counter,
     pub read_bytes: Counter,
+    /// Reads done again because a rewrite or free of the column overlapped
+    /// them (they hold no column lock across device I/O).
+    pub read_retries: Counter,
     pub checksum_errors: Counter,
     pub device_up: Family<DeviceLabels, Gauge>,
     pub free_columns: Family<DeviceLabels, Gauge>,
@@ -116,6 +119,12 @@ impl Metrics {
             "rackblock_sled_read_bytes",
             "Bytes read from columns",
             read_bytes.clone(),
+        );
+        let read_retries = Counter::default();
+        registry.register(
+            "rackblock_sled_read_retries",
+            "Reads done again because a rewrite or free of the column overlapped them",
+            read_retries.clone(),
         );
         let checksum_errors = Counter::default();
         registry.register(
@@ -177,6 +186,7 @@ impl Metrics {
             operation_seconds,
             appended_bytes,
             read_bytes,
+            read_retries,
             checksum_errors,
             device_up,
             free_columns,

@@ -420,6 +420,11 @@ impl proto::server::Handler for SledHandler {
         }
         Box::pin(async move {
             match request {
+                // A read changes nothing: it runs on the connection's task
+                // (no spawn), and dropping it abandons nothing.
+                Message::Sled(request @ SledRequest::Read { .. }) => {
+                    Message::SledReply(sled.handle_request(request).await)
+                }
                 // Run to completion even if the connection drops the call:
                 // a mutation abandoned halfway would leave in-memory state
                 // behind the device's until the next restart.

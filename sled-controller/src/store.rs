@@ -17,8 +17,21 @@
 //!    flushed; it is updated only after the group flush succeeded, so every
 //!    reply describes durable state (fencing: owner and highest epoch are
 //!    persisted before any reply that depends on them).
-//! 2. Per column, operations are serialized by a `tokio::sync::Mutex`;
-//!    different columns proceed in parallel and share flushes.
+//! 2. Per column, operations that change it are serialized by a
+//!    `tokio::sync::Mutex`; different columns proceed in parallel and share
+//!    flushes. **Reads do not take that mutex across device I/O**: each
+//!    column also has a [`ReadView`] (state, length, a change counter) in a
+//!    plain mutex that every operation publishes when it commits. A read
+//!    takes the view, reads the data and the stored CRCs without any lock,
+//!    and takes the view again: an append at the tail only grows the length
+//!    (bytes below it never change), while every operation that may change
+//!    bytes below the length (an append retry that rewrites, a free) makes
+//!    the counter odd while it runs and even again after, so a read that
+//!    overlapped one sees a different counter and reads again. After
+//!    [`UNLOCKED_READ_ATTEMPTS`], or while a change is running, a read takes
+//!    the column's mutex as before (so a read always finishes). A read that
+//!    loads a CRC block into the cache never replaces a newer version an
+//!    append cached meanwhile (the cache keeps the higher generation).
 //! 3. An append writes data blocks, the touched CRC blocks and the next slot
 //!    concurrently, then group-flushes. A crash before the flush can leave
 //!    any subset on disk; the slot records `tail_from`, and at open the range
@@ -60,6 +73,8 @@ use crate::metrics::Metrics;
 pub const MAX_IO_BYTES: u64 = 16 << 20;
 /// Columns per read of the column table at open.
 const TABLE_READ_COLUMNS: u32 = 128;
+/// Reads without the column's mutex before one that holds it.
+pub const UNLOCKED_READ_ATTEMPTS: usize = 3;
 
 /// Who a device belongs to; checked against its superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +171,44 @@ struct Column {
     in_doubt_bad: BTreeSet<u64>,
 }
 
+/// What a read needs of a column, published (under the column's mutex) by
+/// every operation when it commits, and read without that mutex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadView {
+    state: SlotState,
+    quarantined: bool,
+    length_bytes: u64,
+    /// Raised before and after every operation that may change bytes below
+    /// `length_bytes`: odd while one runs.
+    version: u64,
+}
+
+impl ReadView {
+    fn of(c: &Column, version: u64) -> Self {
+        ReadView {
+            state: c.slot.state,
+            quarantined: c.quarantined,
+            length_bytes: c.slot.length_bytes,
+            version,
+        }
+    }
+}
+
+/// An operation that may change bytes below a column's length is running:
+/// the view's version is odd from [`Store::begin_change`] until this drops
+/// (on every path out of the operation, errors included).
+struct ChangeGuard<'a> {
+    view: &'a Mutex<ReadView>,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut v = lock(self.view);
+        v.version += 1;
+        debug_assert!(v.version % 2 == 0, "change counter left odd");
+    }
+}
+
 #[derive(Debug, Clone)]
 struct CachedCrc {
     block: CrcBlock,
@@ -188,12 +241,23 @@ impl CrcCache {
         self.map.get(&key).cloned()
     }
 
+    /// Caches `value` unless a newer generation of the block is cached: a
+    /// read (which holds no column lock) may load a block from the device
+    /// while an append caches the next version; the older must not win.
     fn put(&mut self, key: (u32, u32), value: CachedCrc) {
-        if self.map.insert(key, value).is_none() {
-            self.order.push_back(key);
-            while self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
+        match self.map.get_mut(&key) {
+            Some(cached) => {
+                if value.block.generation >= cached.block.generation {
+                    *cached = value;
+                }
+            }
+            None => {
+                self.map.insert(key, value);
+                self.order.push_back(key);
+                while self.order.len() > self.capacity {
+                    if let Some(old) = self.order.pop_front() {
+                        self.map.remove(&old);
+                    }
                 }
             }
         }
@@ -216,6 +280,8 @@ pub struct Store {
     superblock: Superblock,
     geometry: Geometry,
     columns: Vec<tokio::sync::Mutex<Column>>,
+    /// Per column, what reads see (module docs, invariant 2).
+    views: Vec<Mutex<ReadView>>,
     free: Mutex<BTreeSet<u32>>,
     failed: AtomicBool,
     flusher: GroupFlush,
@@ -393,6 +459,7 @@ impl Store {
             superblock,
             geometry,
             columns: Vec::new(),
+            views: Vec::new(),
             free: Mutex::new(free),
             failed: AtomicBool::new(false),
             flusher: GroupFlush::default(),
@@ -430,6 +497,10 @@ impl Store {
                 }
             }
         }
+        store.views = columns
+            .iter()
+            .map(|c| Mutex::new(ReadView::of(c, 0)))
+            .collect();
         store.columns = columns.into_iter().map(tokio::sync::Mutex::new).collect();
         store.recovered_bad_blocks = bad;
         store.metrics.set_device_up(index, true);
@@ -578,6 +649,34 @@ impl Store {
             .ok_or(SledError::NoSuchColumn {
                 column: self.column_id(index),
             })
+    }
+
+    fn view(&self, index: u32) -> Result<&Mutex<ReadView>, SledError> {
+        self.views
+            .get(index as usize)
+            .ok_or(SledError::NoSuchColumn {
+                column: self.column_id(index),
+            })
+    }
+
+    /// Publishes the committed state of column `index` to readers (called
+    /// with its mutex held, after `c.slot` changed).
+    fn publish(&self, index: u32, c: &Column) {
+        if let Ok(view) = self.view(index) {
+            let mut v = lock(view);
+            *v = ReadView::of(c, v.version);
+        }
+    }
+
+    /// Starts an operation that may change bytes below the length of column
+    /// `index` (called with its mutex held); readers that overlap it read
+    /// again.
+    fn begin_change(&self, index: u32) -> Result<ChangeGuard<'_>, SledError> {
+        let view = self.view(index)?;
+        let mut v = lock(view);
+        v.version += 1;
+        debug_assert!(v.version % 2 == 1, "nested column change");
+        Ok(ChangeGuard { view })
     }
 
     async fn write(&self, offset: u64, buf: AlignedBuf) -> Result<(), SledError> {
@@ -817,9 +916,10 @@ impl Store {
         )
         .await?;
         self.flush().await?;
-        for (guard, slot) in guards.iter_mut().zip(next) {
+        for ((guard, slot), &index) in guards.iter_mut().zip(next).zip(picked) {
             guard.slot = slot;
             guard.in_doubt_bad.clear();
+            self.publish(index, guard);
         }
         Ok(())
     }
@@ -911,6 +1011,7 @@ impl Store {
                 .set_free_columns(self.device_index, self.free_count());
         }
         c.slot = next;
+        self.publish(index, &c);
         Ok((next.epoch, next.length_bytes))
     }
 
@@ -1007,6 +1108,9 @@ impl Store {
             self.write_and_flush(index, offset, data, crc_updates, Some(&next))
                 .await?;
             c.slot = next;
+            // Only the length grew: bytes below the old length are
+            // unchanged, so reads in flight stay valid.
+            self.publish(index, &c);
             // Earlier in-doubt blocks are now behind a later write; they stay
             // bad (recorded) until rewritten by a retry.
             self.metrics.appended_bytes.inc_by(len);
@@ -1050,11 +1154,15 @@ impl Store {
             epoch,
             ..c.slot
         };
+        // Rewrites blocks below the length: reads that overlap it read again.
+        let change = self.begin_change(index)?;
         self.write_and_flush(index, offset, data, crc_updates, raise.then_some(&next))
             .await?;
         if raise {
             c.slot = next;
+            self.publish(index, &c);
         }
+        drop(change);
         for i in 0..blocks as u64 {
             c.in_doubt_bad.remove(&(offset + i * BLOCK_SIZE_BYTES));
         }
@@ -1068,14 +1176,15 @@ impl Store {
         Ok(c.slot.length_bytes)
     }
 
-    /// Reads whole blocks below the column's length, verified.
+    /// Reads whole blocks below the column's length, verified. Holds no
+    /// lock across device I/O unless changes keep overlapping it (module
+    /// docs, invariant 2).
     pub async fn read(
         &self,
         index: u32,
         offset: u64,
         len: u64,
     ) -> Result<(Bytes, Vec<u32>), SledError> {
-        let column = self.column_id(index);
         if len == 0
             || len % BLOCK_SIZE_BYTES != 0
             || len > MAX_IO_BYTES
@@ -1085,16 +1194,52 @@ impl Store {
                 "read {offset}+{len} is not whole 4 KiB blocks up to {MAX_IO_BYTES} bytes"
             )));
         }
-        self.check_healthy()?;
+        for _ in 0..UNLOCKED_READ_ATTEMPTS {
+            self.check_healthy()?;
+            let before = *lock(self.view(index)?);
+            if before.version % 2 == 1 {
+                // A rewrite or free is running: wait for it below.
+                break;
+            }
+            self.check_readable(index, before, offset, len)?;
+            let (data, stored) = self.read_blocks(index, offset, len).await?;
+            if lock(self.view(index)?).version == before.version {
+                return self.verified(index, offset, len, data, stored);
+            }
+            self.metrics.read_retries.inc();
+        }
         let c = self.column(index)?.lock().await;
         self.check_usable(index, &c)?;
-        if c.slot.state == SlotState::Free {
+        self.check_readable(index, ReadView::of(&c, 0), offset, len)?;
+        let (data, stored) = self.read_blocks(index, offset, len).await?;
+        drop(c);
+        self.verified(index, offset, len, data, stored)
+    }
+
+    /// Refuses a read of a free column or past its length.
+    fn check_readable(
+        &self,
+        index: u32,
+        view: ReadView,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), SledError> {
+        let column = self.column_id(index);
+        if view.quarantined {
+            return Err(SledError::Io {
+                reason: format!(
+                    "metadata of column {index} on device {} is unreadable",
+                    self.device_index
+                ),
+            });
+        }
+        if view.state == SlotState::Free {
             return Err(SledError::BadColumnState {
                 column,
                 state: ColumnState::Free,
             });
         }
-        let length = c.slot.length_bytes;
+        let length = view.length_bytes;
         if offset.checked_add(len).is_none_or(|end| end > length) {
             return Err(SledError::OutOfRange {
                 column,
@@ -1104,14 +1249,33 @@ impl Store {
                 column_size_bytes: self.geometry.column_size_bytes,
             });
         }
-        let data = self
-            .read_device(self.geometry.data_offset(index, offset), len as usize)
-            .await?;
-        let stored = self
-            .stored_crcs(index, offset, len)
-            .await
-            .map_err(|e| self.device_error(e))?;
-        drop(c);
+        Ok(())
+    }
+
+    /// The data of `[offset, offset+len)` of a column and its stored CRCs,
+    /// read concurrently, unverified.
+    async fn read_blocks(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(AlignedBuf, Vec<u32>), SledError> {
+        let (data, stored) = futures::join!(
+            self.read_device(self.geometry.data_offset(index, offset), len as usize),
+            self.stored_crcs(index, offset, len)
+        );
+        Ok((data?, stored.map_err(|e| self.device_error(e))?))
+    }
+
+    /// `data` if every block matches its stored CRC, else `ChecksumMismatch`.
+    fn verified(
+        &self,
+        index: u32,
+        offset: u64,
+        len: u64,
+        data: AlignedBuf,
+        stored: Vec<u32>,
+    ) -> Result<(Bytes, Vec<u32>), SledError> {
         let bad: Vec<u64> = data
             .chunks(BLOCK_SIZE_BYTES as usize)
             .zip(&stored)
@@ -1128,7 +1292,7 @@ impl Store {
                 "checksum mismatch on read"
             );
             return Err(SledError::ChecksumMismatch {
-                column,
+                column: self.column_id(index),
                 block_offsets_bytes: bad,
             });
         }
@@ -1155,10 +1319,14 @@ impl Store {
             generation: c.slot.generation + 1,
             ..ColumnSlot::BLANK
         };
+        // The column's bytes go away (discarded, then reused): reads that
+        // overlap the free read again and find it Free.
+        let change = self.begin_change(index)?;
         self.write_slot(index, &next).await?;
         self.flush().await?;
         c.slot = next;
         c.in_doubt_bad.clear();
+        self.publish(index, &c);
         // Discard is advisory: the slot already says Free and the data is
         // unreachable below length 0.
         let size = self.geometry.column_size_bytes;
@@ -1173,6 +1341,7 @@ impl Store {
                 warn!(device = self.device_index, column = index, error = %e, "discard failed");
             }
         }
+        drop(change);
         drop(c);
         lock(&self.free).insert(index);
         self.metrics

@@ -281,6 +281,12 @@ pub struct PartitionMetrics {
     pub replica_gaps: AtomicU64,
     /// Reads served by decoding.
     pub degraded_reads: AtomicU64,
+    /// Sled read requests sent by host reads (one per stretch of
+    /// consecutive blocks of a column; degraded reads not counted).
+    pub sled_reads: AtomicU64,
+    /// Column read requests split into one request per stripe after a
+    /// direct read failed.
+    pub sled_read_splits: AtomicU64,
     /// Blocks that failed a CRC on read.
     pub checksum_errors: AtomicU64,
     /// Flush batches committed.

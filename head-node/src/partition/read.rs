@@ -1,20 +1,44 @@
-//! The read path: index → log, the one data column, or a degraded decode.
+//! The read path: index → log, the data columns, or a degraded decode.
 //!
-//! Every block returned passed a CRC-32C: log blocks against their record
-//! header, sled blocks against the CRC recorded in the stripe summary (and
-//! the sled's own stored CRCs), decoded blocks against the summary CRC after
-//! reconstruction. A sled column that errs, is slower than the hedge timeout
-//! or returns a bad block is replaced by k other chunks of the stripe. Only a
-//! column that **failed** (error, no answer within `sled_timeout`, bad
-//! checksum) is reported to the repair queue: one that is merely slower than
-//! the hedge timeout is not broken (the hedged degraded read may answer
-//! first, and the direct read is left to finish in the background, reported
-//! only if it then fails).
+//! **Plan.** A host read looks its blocks up in the index once and plans
+//! the fetches ([`plan`], pure): zeros, log records, and **one sled request
+//! per stretch of a column**. The index's runs of blocks on the sleds are
+//! cut at stripe boundaries (a chunk is 16 blocks, followed on the column
+//! by the stripe's summary block); the pieces of the read that are
+//! consecutive data blocks of the same column of the same extent (whatever
+//! their order in the volume) become one [`ColumnRead`], which also reads
+//! the summary blocks between its stripes and drops them. A 1 MiB
+//! sequential read of a 4+2 extent is 4 requests (one per data column),
+//! not 16; after random writes, runs that GC or the flush laid side by side
+//! are read together. Gaps are not read across. Every request, log read
+//! and zero fill of the read runs concurrently (joined futures, no task per
+//! piece).
+//!
+//! **Checks.** Every block returned passed a CRC-32C: log blocks against
+//! their record header, sled blocks against the CRC recorded in the stripe
+//! summary and the sled's stored CRC (the summary blocks a request reads
+//! in passing against the stored CRC), decoded blocks against the summary
+//! CRC after reconstruction.
+//!
+//! **Faults.** A column request that errs or returns a bad block before the
+//! hedge timeout is split: each of its per-stripe pieces is read again on
+//! its own (hedged as below), so the faulty stripe is found and reported
+//! exactly and the others are still served directly. A request slower than
+//! the hedge timeout is raced against degraded reads (k other chunks of
+//! each stripe, decoded) of all its pieces; whichever answers first wins.
+//! Only a column that **failed** (error, no answer within `sled_timeout`,
+//! bad checksum) is reported to the repair queue, for the stripes it
+//! failed (the bad blocks' stripes, or all the request's stripes for an
+//! error): one that is merely slower than the hedge timeout is not broken
+//! (the hedged degraded read may answer first, and the direct read is then
+//! left to finish in a task of its own, reported only if it fails). A
+//! column the extent still owes (degraded extent) is decoded, never read.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{self, Either};
+use futures::future::{self, Either, Future};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
 use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
@@ -25,6 +49,9 @@ use proto::BLOCK_SIZE_BYTES;
 
 /// Attempts when the index moved under a read (flush, GC, log release).
 const READ_ATTEMPTS: usize = 4;
+
+/// Most column bytes one sled read request covers (data and summaries).
+pub(super) const MAX_COLUMN_READ_BYTES: u64 = 4 << 20;
 
 /// Reads partition blocks `lba..lba+count`.
 pub(super) async fn read_blocks(
@@ -44,21 +71,22 @@ pub(super) async fn read_blocks(
 struct Moved;
 
 /// Where a run of blocks is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fetch {
     Zeros,
     Log {
         position: crate::wal::LogPosition,
         first: u32,
     },
+    /// Piece `run` of sled request `read` of the plan.
     Sled {
-        extent: u64,
-        column: u16,
-        stripe: u64,
-        block: u64,
+        read: usize,
+        run: usize,
     },
 }
 
 /// Blocks `lba..lba + block_count` of a read, and where they come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PlannedFetch {
     /// First partition block.
     lba: u64,
@@ -67,25 +95,110 @@ struct PlannedFetch {
     fetch: Fetch,
 }
 
-async fn read_once(
-    shared: &Arc<Shared>,
-    lba: u64,
-    count: u64,
-) -> Result<Result<Bytes, PartitionError>, Moved> {
-    let pieces = {
-        let state = shared.lock();
-        match state.index.lookup(lba, count) {
-            Ok(pieces) => pieces,
-            Err(source) => {
-                return Ok(Err(PartitionError::Index {
-                    partition: shared.id(),
-                    source,
-                }))
-            }
+/// `n` blocks from block `block` of chunk `column` of stripe `stripe` of
+/// `extent`, as read from the sleds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SledRun {
+    extent: u64,
+    column: u16,
+    stripe: u64,
+    block: u64,
+    n: u64,
+}
+
+impl SledRun {
+    fn offset_bytes(&self) -> u64 {
+        layout::block_offset(self.stripe, self.block)
+    }
+
+    /// Column offset of the data block after the run's last one (the
+    /// stripe's summary block is skipped).
+    fn next_data_offset(&self) -> u64 {
+        let end = self.block + self.n;
+        if end < layout::CHUNK_BLOCKS {
+            layout::block_offset(self.stripe, end)
+        } else {
+            layout::block_offset(self.stripe + 1, 0)
         }
-    };
-    // Split into fetches of contiguous blocks.
+    }
+}
+
+/// A run and where its blocks sit in the reply of its [`ColumnRead`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RunInRead {
+    run: SledRun,
+    /// Index of the run's first block among the request's blocks.
+    at_block: u64,
+}
+
+/// One sled read request: consecutive column blocks from `offset_bytes`,
+/// the data blocks of `runs` and the summary blocks between their stripes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ColumnRead {
+    extent: u64,
+    column: u16,
+    offset_bytes: u64,
+    /// Column blocks read.
+    blocks: u64,
+    /// The pieces served, in column order.
+    runs: Vec<RunInRead>,
+}
+
+impl ColumnRead {
+    fn alone(run: SledRun) -> Self {
+        ColumnRead {
+            extent: run.extent,
+            column: run.column,
+            offset_bytes: run.offset_bytes(),
+            blocks: run.n,
+            runs: vec![RunInRead { run, at_block: 0 }],
+        }
+    }
+
+    /// Adds `run` if it starts at the data block after this request's last
+    /// one on the same column and the request stays within `max_bytes`.
+    fn try_extend(&mut self, run: SledRun, max_bytes: u64) -> bool {
+        let Some(last) = self.runs.last() else {
+            return false;
+        };
+        if run.extent != self.extent
+            || run.column != self.column
+            || run.offset_bytes() != last.run.next_data_offset()
+        {
+            return false;
+        }
+        let at_block = (run.offset_bytes() - self.offset_bytes) / BLOCK_SIZE_BYTES;
+        let blocks = at_block + run.n;
+        if blocks * BLOCK_SIZE_BYTES > max_bytes {
+            return false;
+        }
+        self.blocks = blocks;
+        self.runs.push(RunInRead { run, at_block });
+        true
+    }
+}
+
+/// What a read fetches: its pieces in LBA order and the sled requests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct ReadPlan {
+    fetches: Vec<PlannedFetch>,
+    reads: Vec<ColumnRead>,
+}
+
+/// The index points at an offset that holds no data block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NotData {
+    extent: u64,
+    offset_bytes: u64,
+}
+
+/// Plans a read from its lookup (pure): log and zero pieces as they are,
+/// sled pieces cut per stripe, then the pieces that are consecutive data
+/// blocks of one column gathered into one request of at most `max_bytes`
+/// (module docs).
+fn plan(pieces: Vec<LookupPiece>, max_bytes: u64) -> Result<ReadPlan, NotData> {
     let mut fetches: Vec<PlannedFetch> = Vec::new();
+    let mut runs: Vec<(usize, SledRun)> = Vec::new();
     for LookupPiece {
         lbas: range,
         location,
@@ -117,23 +230,27 @@ async fn read_once(
                 let mut offset = offset_bytes;
                 while at < range.end {
                     let Some((stripe, block)) = layout::split_offset(offset) else {
-                        return Ok(Err(PartitionError::Recovery {
-                            partition: shared.id(),
-                            reason: format!(
-                                "index points at non-data offset {offset} of extent {extent}"
-                            ),
-                        }));
+                        return Err(NotData {
+                            extent,
+                            offset_bytes: offset,
+                        });
                     };
                     let n = (layout::CHUNK_BLOCKS - block).min(range.end - at);
-                    fetches.push(PlannedFetch {
-                        lba: at,
-                        block_count: n,
-                        fetch: Fetch::Sled {
+                    runs.push((
+                        fetches.len(),
+                        SledRun {
                             extent,
                             column,
                             stripe,
                             block,
+                            n,
                         },
+                    ));
+                    fetches.push(PlannedFetch {
+                        lba: at,
+                        block_count: n,
+                        // Set below, once the run has its request.
+                        fetch: Fetch::Zeros,
                     });
                     at += n;
                     // Next stripe's row starts after the summary block.
@@ -142,14 +259,95 @@ async fn read_once(
             }
         }
     }
-    let futures = fetches
-        .iter()
-        .map(|planned| fetch_one(shared, planned.block_count, &planned.fetch));
-    let results = future::join_all(futures).await;
+    // Column order: consecutive blocks of a column end up side by side.
+    runs.sort_by_key(|(_, run)| (run.extent, run.column, run.offset_bytes()));
+    let mut reads: Vec<ColumnRead> = Vec::new();
+    for (fetch, run) in runs {
+        let extended = reads
+            .last_mut()
+            .is_some_and(|read| read.try_extend(run, max_bytes));
+        if !extended {
+            reads.push(ColumnRead::alone(run));
+        }
+        if let (Some(read), Some(planned)) = (reads.last(), fetches.get_mut(fetch)) {
+            planned.fetch = Fetch::Sled {
+                read: reads.len() - 1,
+                run: read.runs.len() - 1,
+            };
+        }
+    }
+    Ok(ReadPlan { fetches, reads })
+}
+
+async fn read_once(
+    shared: &Arc<Shared>,
+    lba: u64,
+    count: u64,
+) -> Result<Result<Bytes, PartitionError>, Moved> {
+    let pieces = {
+        let state = shared.lock();
+        match state.index.lookup(lba, count) {
+            Ok(pieces) => pieces,
+            Err(source) => {
+                return Ok(Err(PartitionError::Index {
+                    partition: shared.id(),
+                    source,
+                }))
+            }
+        }
+    };
+    let ReadPlan { fetches, reads } = match plan(pieces, MAX_COLUMN_READ_BYTES) {
+        Ok(plan) => plan,
+        Err(NotData {
+            extent,
+            offset_bytes,
+        }) => {
+            return Ok(Err(PartitionError::Recovery {
+                partition: shared.id(),
+                reason: format!(
+                    "index points at non-data offset {offset_bytes} of extent {extent}"
+                ),
+            }))
+        }
+    };
+    shared
+        .metrics
+        .sled_reads
+        .fetch_add(reads.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let log_reads = future::join_all(
+        fetches
+            .iter()
+            .filter(|planned| matches!(planned.fetch, Fetch::Log { .. }))
+            .map(|planned| fetch_one(shared, planned.block_count, &planned.fetch)),
+    );
+    let sled_reads = future::join_all(reads.iter().map(|read| read_column_runs(shared, read)));
+    let (log_results, mut sled_results) = future::join(log_reads, sled_reads).await;
+    let mut log_results = log_results.into_iter();
     let mut out = BytesMut::with_capacity((count * BLOCK_SIZE_BYTES) as usize);
-    for (planned, result) in fetches.iter().zip(results) {
+    for planned in &fetches {
         let at = planned.lba;
         debug_assert_eq!(out.len() as u64, (at - lba) * BLOCK_SIZE_BYTES);
+        let (at, result) = match planned.fetch {
+            Fetch::Zeros => {
+                out.resize(
+                    out.len() + (planned.block_count * BLOCK_SIZE_BYTES) as usize,
+                    0,
+                );
+                continue;
+            }
+            Fetch::Log { .. } => (at, log_results.next().unwrap_or(Err(FetchError::Moved))),
+            Fetch::Sled { read, run } => match sled_results.get_mut(read) {
+                Some(Ok(data)) => (at, data.get(run).cloned().ok_or(FetchError::Moved)),
+                Some(failed @ Err(_)) => match std::mem::replace(failed, Ok(Vec::new())) {
+                    // The error is the failed piece's (its first block).
+                    Err((run, error)) => {
+                        (failed_lba(&fetches, read, run).unwrap_or(at), Err(error))
+                    }
+                    Ok(_) => (at, Err(FetchError::Moved)),
+                },
+                None => (at, Err(FetchError::Moved)),
+            },
+        };
         match result {
             Ok(data) => {
                 debug_assert_eq!(data.len() as u64, planned.block_count * BLOCK_SIZE_BYTES);
@@ -168,6 +366,15 @@ async fn read_once(
     Ok(Ok(out.freeze()))
 }
 
+/// First block of piece `run` of request `read`.
+fn failed_lba(fetches: &[PlannedFetch], read: usize, run: usize) -> Option<u64> {
+    fetches
+        .iter()
+        .find(|planned| planned.fetch == Fetch::Sled { read, run })
+        .map(|planned| planned.lba)
+}
+
+#[derive(Debug)]
 enum FetchError {
     Moved,
     Failed(PartitionError),
@@ -190,33 +397,9 @@ async fn fetch_one(shared: &Arc<Shared>, n: u64, fetch: &Fetch) -> Result<Bytes,
                 Err(source) => Err(FetchError::Failed(shared.wal_error(source))),
             }
         }
-        Fetch::Sled {
-            extent,
-            column,
-            stripe,
-            block,
-        } => {
-            let run = SledRun {
-                extent,
-                column,
-                stripe,
-                block,
-                n,
-            };
-            read_sled(shared, run).await
-        }
+        // Planned into column requests, never fetched one by one.
+        Fetch::Sled { .. } => Err(FetchError::Moved),
     }
-}
-
-/// `n` blocks from block `block` of chunk `column` of stripe `stripe` of
-/// `extent`, as read from the sleds.
-#[derive(Clone, Copy)]
-struct SledRun {
-    extent: u64,
-    column: u16,
-    stripe: u64,
-    block: u64,
-    n: u64,
 }
 
 /// What we know of an extent to read it.
@@ -227,30 +410,49 @@ struct ExtentView {
     /// Owed columns: read around, never read.
     owed: std::collections::BTreeSet<u16>,
     codec: Arc<crate::erasure::ErasureCodec>,
-    expected: Vec<u32>,
 }
 
-fn view(shared: &Shared, run: SledRun) -> Option<ExtentView> {
+/// The extent of `read` and the summary CRCs of each of its runs; `None`
+/// if the extent or a CRC is gone (GC freed it after our lookup).
+fn view(shared: &Shared, read: &ColumnRead) -> Option<(ExtentView, Vec<Vec<u32>>)> {
     let state = shared.lock();
-    let e = state.extents.get(&run.extent)?;
-    let expected = (run.block..run.block + run.n)
-        .map(|b| e.expected_crc(run.column, run.stripe, b))
-        .collect::<Option<Vec<u32>>>()?;
-    Some(ExtentView {
-        k: usize::from(e.grant.k),
-        columns: e.grant.columns.clone(),
-        owed: e.grant.owed.clone(),
-        codec: e.codec.clone(),
+    let e = state.extents.get(&read.extent)?;
+    let expected = read
+        .runs
+        .iter()
+        .map(|RunInRead { run, .. }| {
+            (run.block..run.block + run.n)
+                .map(|b| e.expected_crc(run.column, run.stripe, b))
+                .collect::<Option<Vec<u32>>>()
+        })
+        .collect::<Option<Vec<Vec<u32>>>>()?;
+    Some((
+        ExtentView {
+            k: usize::from(e.grant.k),
+            columns: e.grant.columns.clone(),
+            owed: e.grant.owed.clone(),
+            codec: e.codec.clone(),
+        },
         expected,
-    })
+    ))
 }
 
-async fn read_sled(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, FetchError> {
-    match read_sled_once(shared, run).await {
+/// The data of each run of `read`, or the first run that failed and why.
+type RunsResult = Result<Vec<Bytes>, (usize, FetchError)>;
+
+async fn read_column_runs(shared: &Arc<Shared>, read: &ColumnRead) -> RunsResult {
+    let result = match view(shared, read) {
+        // Freed by GC after our lookup: the index has moved on.
+        None => Err((0, FetchError::Moved)),
+        Some((view, expected)) => read_column_runs_once(shared, read, &view, &expected).await,
+    };
+    match result {
         // GC moved every live block out of the extent and freed (or is
         // freeing) it while we read it: the index has moved on, look up
         // again.
-        Err(FetchError::Failed(_)) if extent_vacated(shared, run.extent) => Err(FetchError::Moved),
+        Err((run, FetchError::Failed(_))) if extent_vacated(shared, read.extent) => {
+            Err((run, FetchError::Moved))
+        }
         other => other,
     }
 }
@@ -265,156 +467,308 @@ fn extent_vacated(shared: &Shared, extent: u64) -> bool {
             .is_none_or(|live| *live == 0)
 }
 
-async fn read_sled_once(shared: &Arc<Shared>, run: SledRun) -> Result<Bytes, FetchError> {
-    let SledRun {
-        column,
-        stripe,
-        block,
-        n,
-        ..
-    } = run;
-    // Freed by GC after our lookup: the index has moved on.
-    let Some(view) = view(shared, run) else {
-        return Err(FetchError::Moved);
+/// Per-run results to one result: every run's data or the first failure.
+fn all_runs(results: Vec<Result<Bytes, PartitionError>>) -> RunsResult {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.map_err(|e| (i, FetchError::Failed(e))))
+        .collect()
+}
+
+async fn read_column_runs_once(
+    shared: &Arc<Shared>,
+    read: &ColumnRead,
+    view: &ExtentView,
+    expected: &[Vec<u32>],
+) -> RunsResult {
+    let Some((sled, column_id)) = view.columns.get(usize::from(read.column)).cloned() else {
+        return Err((0, FetchError::Moved));
     };
-    let Some((sled, column_id)) = view.columns.get(usize::from(column)).cloned() else {
-        return Err(FetchError::Moved);
-    };
-    if view.owed.contains(&column) {
+    if view.owed.contains(&read.column) {
         // Never written (degraded extent): decode it, nothing to report.
-        return degraded_read(shared, run, view)
-            .await
-            .map_err(FetchError::Failed);
+        return all_runs(
+            future::join_all(
+                read.runs
+                    .iter()
+                    .zip(expected)
+                    .map(|(r, expected)| degraded_read(shared, r.run, view, expected)),
+            )
+            .await,
+        );
     }
-    let offset = layout::block_offset(stripe, block);
-    // A task, so that a slow direct read can finish (and be judged) after
-    // a hedged degraded read answered.
-    let mut direct = tokio::spawn({
-        let shared = shared.clone();
-        let sled = sled.clone();
-        let expected = view.expected.clone();
-        async move { read_column(&shared, &sled, column_id, offset, n, Some(&expected)).await }
-    });
-    let joined = |result: Result<Result<Bytes, ColumnFault>, tokio::task::JoinError>| {
-        result.unwrap_or_else(|error| {
-            Err(ColumnFault::unreadable(format!(
-                "read task failed: {error}"
-            )))
-        })
+    let target = Target {
+        sled,
+        column: column_id,
+    };
+    match hedged(shared, read, view, expected, &target, read.runs.len() > 1).await {
+        Hedged::Done(result) => result,
+        Hedged::Split => {
+            // Each piece on its own, so that the faulty stripe is found (and
+            // reported) exactly and the others are still read directly.
+            let alone: Vec<ColumnRead> =
+                read.runs.iter().map(|r| ColumnRead::alone(r.run)).collect();
+            bump(&shared.metrics.sled_read_splits);
+            let results = future::join_all(alone.iter().zip(expected).map(|(one, expected)| {
+                hedged(
+                    shared,
+                    one,
+                    view,
+                    std::slice::from_ref(expected),
+                    &target,
+                    false,
+                )
+            }))
+            .await;
+            let mut out = Vec::with_capacity(results.len());
+            for (i, result) in results.into_iter().enumerate() {
+                match result {
+                    Hedged::Done(Ok(mut data)) if data.len() == 1 => out.extend(data.pop()),
+                    Hedged::Done(Err((_, error))) => return Err((i, error)),
+                    // A one-piece request never splits.
+                    Hedged::Done(Ok(_)) | Hedged::Split => return Err((i, FetchError::Moved)),
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// The sled and column a request goes to.
+#[derive(Clone)]
+struct Target {
+    sled: String,
+    column: ColumnId,
+}
+
+enum Hedged {
+    Done(RunsResult),
+    /// The direct read of a many-piece request failed before the hedge
+    /// timeout: read the pieces one by one (nothing reported yet).
+    Split,
+}
+
+/// A direct read of a column that failed, and which of its blocks (their
+/// column offsets) were bad (`None`: the whole request failed).
+#[derive(Debug)]
+struct DirectFault {
+    fault: ColumnFault,
+    bad_offsets: Option<Vec<u64>>,
+}
+
+/// Reads `read` directly, hedged by degraded reads of its pieces (module
+/// docs); `split`: a direct failure before the hedge timeout answers
+/// [`Hedged::Split`] instead of decoding.
+async fn hedged(
+    shared: &Arc<Shared>,
+    read: &ColumnRead,
+    view: &ExtentView,
+    expected: &[Vec<u32>],
+    target: &Target,
+    split: bool,
+) -> Hedged {
+    // The summary CRC of each block of the request (`None`: a summary
+    // block between stripes, checked against the sled's stored CRC only).
+    let mut per_block = vec![None; read.blocks as usize];
+    for (r, crcs) in read.runs.iter().zip(expected) {
+        for (i, crc) in crcs.iter().enumerate() {
+            if let Some(slot) = per_block.get_mut(r.at_block as usize + i) {
+                *slot = Some(*crc);
+            }
+        }
+    }
+    // Owned and boxed, so that a slow direct read can be left to finish
+    // (and be judged) in a task of its own after a hedged degraded read
+    // answered; no task while it is awaited here.
+    let mut direct: Pin<Box<dyn Future<Output = Result<Bytes, DirectFault>> + Send>> =
+        Box::pin(read_column(
+            shared.clone(),
+            target.clone(),
+            read.offset_bytes,
+            read.blocks,
+            per_block,
+        ));
+    let pieces = |data: Bytes| -> Vec<Bytes> {
+        read.runs
+            .iter()
+            .map(|r| {
+                let from = (r.at_block * BLOCK_SIZE_BYTES) as usize;
+                data.slice(from..from + (r.run.n * BLOCK_SIZE_BYTES) as usize)
+            })
+            .collect()
     };
     let hedge = tokio::time::sleep(shared.config.hedge_timeout);
-    let slow = match future::select(&mut direct, Box::pin(hedge)).await {
-        Either::Left((result, _)) => match joined(result) {
-            Ok(data) => return Ok(data),
+    match future::select(&mut direct, Box::pin(hedge)).await {
+        Either::Left((Ok(data), _)) => return Hedged::Done(Ok(pieces(data))),
+        Either::Left((Err(_), _)) if split => return Hedged::Split,
+        Either::Left((Err(fault), _)) => {
+            report(shared, read, &target.sled, fault);
+            return Hedged::Done(all_runs(degraded_reads(shared, read, view, expected).await));
+        }
+        Either::Right(((), _)) => {}
+    }
+    let degraded = Box::pin(degraded_reads(shared, read, view, expected));
+    match future::select(direct, degraded).await {
+        Either::Left((Ok(data), _)) => Hedged::Done(Ok(pieces(data))),
+        Either::Left((Err(fault), degraded)) => {
+            report(shared, read, &target.sled, fault);
+            Hedged::Done(all_runs(degraded.await))
+        }
+        Either::Right((results, direct)) if results.iter().all(Result::is_ok) => {
+            // Slow is not broken: report the column only if the direct
+            // read then fails (error, sled timeout, bad checksum).
+            let shared = shared.clone();
+            let late = read.clone();
+            let sled = target.sled.clone();
+            tokio::spawn(async move {
+                if let Err(fault) = direct.await {
+                    report(&shared, &late, &sled, fault);
+                }
+            });
+            Hedged::Done(all_runs(results))
+        }
+        Either::Right((results, direct)) => match direct.await {
+            Ok(data) => Hedged::Done(Ok(pieces(data))),
             Err(fault) => {
-                report(shared, run, &sled, fault);
-                None
+                report(shared, read, &target.sled, fault);
+                Hedged::Done(all_runs(results))
             }
-        },
-        Either::Right(((), _)) => Some(direct),
-    };
-    let degraded = Box::pin(degraded_read(shared, run, view.clone()));
-    match slow {
-        None => degraded.await.map_err(FetchError::Failed),
-        Some(direct) => match future::select(direct, degraded).await {
-            Either::Left((result, degraded)) => match joined(result) {
-                Ok(data) => Ok(data),
-                Err(fault) => {
-                    report(shared, run, &sled, fault);
-                    degraded.await.map_err(FetchError::Failed)
-                }
-            },
-            Either::Right((Ok(data), direct)) => {
-                // Slow is not broken: report the column only if the direct
-                // read then fails (error, sled timeout, bad checksum).
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(fault) = joined(direct.await) {
-                        report(&shared, run, &sled, fault);
-                    }
-                });
-                Ok(data)
-            }
-            Either::Right((Err(error), direct)) => match joined(direct.await) {
-                Ok(data) => Ok(data),
-                Err(fault) => {
-                    report(shared, run, &sled, fault);
-                    Err(FetchError::Failed(error))
-                }
-            },
         },
     }
 }
 
-fn report(shared: &Shared, run: SledRun, sled: &str, fault: ColumnFault) {
-    shared.report_repair(RepairItem {
-        extent: run.extent,
-        column: run.column,
-        sled: sled.to_string(),
-        stripe: run.stripe,
-        kind: fault.kind,
-        reason: fault.reason,
-    });
+/// Degraded reads of every piece of `read`, concurrently.
+async fn degraded_reads(
+    shared: &Arc<Shared>,
+    read: &ColumnRead,
+    view: &ExtentView,
+    expected: &[Vec<u32>],
+) -> Vec<Result<Bytes, PartitionError>> {
+    future::join_all(
+        read.runs
+            .iter()
+            .zip(expected)
+            .map(|(r, expected)| degraded_read(shared, r.run, view, expected)),
+    )
+    .await
 }
 
-/// Reads `n` blocks at `offset` of one column and checks them against the
-/// sled's stored CRCs and, if given, the summary CRCs.
+/// Reports the stripes of `read` that `fault` concerns: those of its bad
+/// blocks, or every stripe of the request.
+fn report(shared: &Shared, read: &ColumnRead, sled: &str, fault: DirectFault) {
+    let mut stripes: Vec<u64> = read
+        .runs
+        .iter()
+        .filter(|r| {
+            fault.bad_offsets.as_ref().is_none_or(|bad| {
+                let from = r.run.offset_bytes();
+                let to = from + r.run.n * BLOCK_SIZE_BYTES;
+                bad.iter().any(|at| (from..to).contains(at))
+            })
+        })
+        .map(|r| r.run.stripe)
+        .collect();
+    if stripes.is_empty() {
+        // Only a summary block between the pieces was bad: its stripe is
+        // the one of the piece before it.
+        stripes.extend(fault.bad_offsets.iter().flatten().map(|at| at / ROW_BYTES));
+    }
+    stripes.dedup();
+    for stripe in stripes {
+        shared.report_repair(RepairItem {
+            extent: read.extent,
+            column: read.column,
+            sled: sled.to_string(),
+            stripe,
+            kind: fault.fault.kind,
+            reason: fault.fault.reason.clone(),
+        });
+    }
+}
+
+/// Reads `n` column blocks at `offset` and checks each against the sled's
+/// stored CRC and, where `expected` has one, the summary CRC.
 async fn read_column(
-    shared: &Shared,
-    sled: &str,
-    column: ColumnId,
+    shared: Arc<Shared>,
+    target: Target,
     offset: u64,
     n: u64,
-    expected: Option<&[u32]>,
-) -> Result<Bytes, ColumnFault> {
+    expected: Vec<Option<u32>>,
+) -> Result<Bytes, DirectFault> {
+    let whole = |fault| DirectFault {
+        fault,
+        bad_offsets: None,
+    };
     let request = SledRequest::Read {
-        column,
+        column: target.column,
         offset_bytes: offset,
         len_bytes: (n * BLOCK_SIZE_BYTES) as u32,
     };
-    let call = shared.sleds.call(sled, request);
+    let call = shared.sleds.call(&target.sled, request);
     let response = match tokio::time::timeout(shared.config.sled_timeout, call).await {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => return Err(ColumnFault::unreadable(error.to_string())),
+        Ok(Err(error)) => return Err(whole(ColumnFault::unreadable(error.to_string()))),
         Err(_) => {
-            return Err(ColumnFault::unreadable(format!(
+            return Err(whole(ColumnFault::unreadable(format!(
                 "no answer within {:?}",
                 shared.config.sled_timeout
-            )))
+            ))))
         }
     };
     let (data, stored) = match response {
         SledResponse::Data { data, block_crcs } => (data, block_crcs),
-        SledResponse::Error(error @ SledError::ChecksumMismatch { .. }) => {
+        SledResponse::Error(SledError::ChecksumMismatch {
+            column,
+            block_offsets_bytes,
+        }) => {
             bump(&shared.metrics.checksum_errors);
-            return Err(ColumnFault::corrupt(error.to_string()));
+            let error = SledError::ChecksumMismatch {
+                column,
+                block_offsets_bytes: block_offsets_bytes.clone(),
+            };
+            return Err(DirectFault {
+                fault: ColumnFault::corrupt(error.to_string()),
+                bad_offsets: Some(block_offsets_bytes),
+            });
         }
-        SledResponse::Error(error) => return Err(ColumnFault::unreadable(error.to_string())),
+        SledResponse::Error(error) => {
+            return Err(whole(ColumnFault::unreadable(error.to_string())))
+        }
         other => {
-            return Err(ColumnFault::unreadable(format!(
+            return Err(whole(ColumnFault::unreadable(format!(
                 "unexpected answer {other:?}"
-            )))
+            ))))
         }
     };
     if data.len() as u64 != n * BLOCK_SIZE_BYTES || stored.len() as u64 != n {
-        return Err(ColumnFault::unreadable(format!(
+        return Err(whole(ColumnFault::unreadable(format!(
             "short read: {} bytes, {} CRCs",
             data.len(),
             stored.len()
-        )));
+        ))));
     }
+    let mut bad = Vec::new();
+    let mut first_bad = String::new();
     for (i, chunk) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
         let crc = crc32c::crc32c(chunk);
-        let want = expected.map_or(stored[i], |e| e[i]);
+        let want = expected.get(i).copied().flatten().unwrap_or(stored[i]);
         if crc != stored[i] || crc != want {
-            bump(&shared.metrics.checksum_errors);
-            return Err(ColumnFault::corrupt(format!(
-                "block {} at offset {} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
-                i,
-                offset + i as u64 * BLOCK_SIZE_BYTES,
-                stored[i]
-            )));
+            let at = offset + i as u64 * BLOCK_SIZE_BYTES;
+            if bad.is_empty() {
+                first_bad = format!(
+                    "block {i} at offset {at} fails its CRC (computed {crc:#010x}, stored {:#010x}, summary {want:#010x})",
+                    stored[i]
+                );
+            }
+            bad.push(at);
         }
+    }
+    if !bad.is_empty() {
+        bump(&shared.metrics.checksum_errors);
+        return Err(DirectFault {
+            fault: ColumnFault::corrupt(first_bad),
+            bad_offsets: Some(bad),
+        });
     }
     Ok(data)
 }
@@ -424,7 +778,8 @@ async fn read_column(
 async fn degraded_read(
     shared: &Arc<Shared>,
     run: SledRun,
-    view: ExtentView,
+    view: &ExtentView,
+    expected: &[u32],
 ) -> Result<Bytes, PartitionError> {
     let SledRun {
         extent,
@@ -439,20 +794,22 @@ async fn degraded_read(
     let reads = view.columns.iter().enumerate().map(|(i, (sled, id))| {
         let want =
             i != usize::from(column) && u16::try_from(i).is_ok_and(|i| !view.owed.contains(&i));
-        let sled = sled.clone();
-        let id = *id;
+        let target = Target {
+            sled: sled.clone(),
+            column: *id,
+        };
         async move {
             if !want {
                 return None;
             }
-            match read_column(shared, &sled, id, row, chunk_blocks, None).await {
+            match read_column(shared.clone(), target, row, chunk_blocks, Vec::new()).await {
                 Ok(data) => Some(data.to_vec()),
                 Err(fault) => {
                     tracing::debug!(
                         extent,
                         column = i,
                         stripe,
-                        reason = fault.reason,
+                        reason = fault.fault.reason,
                         "chunk unavailable for a degraded read"
                     );
                     None
@@ -485,7 +842,10 @@ async fn degraded_read(
     let from = (block * BLOCK_SIZE_BYTES) as usize;
     let data = &chunk[from..from + (n * BLOCK_SIZE_BYTES) as usize];
     for (i, b) in data.chunks(BLOCK_SIZE_BYTES as usize).enumerate() {
-        if crc32c::crc32c(b) != view.expected[i] {
+        if expected
+            .get(i)
+            .is_none_or(|want| crc32c::crc32c(b) != *want)
+        {
             bump(&shared.metrics.checksum_errors);
             return Err(PartitionError::ChecksumMismatch {
                 partition: shared.id(),
@@ -494,4 +854,276 @@ async fn degraded_read(
         }
     }
     Ok(Bytes::copy_from_slice(data))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::index::PartitionIndex;
+    use crate::wal::LogPosition;
+    use proto::sled::PartitionId;
+
+    const B: u64 = BLOCK_SIZE_BYTES;
+
+    fn index() -> PartitionIndex {
+        PartitionIndex::new(
+            PartitionId {
+                volume: 1,
+                index: 0,
+            },
+            4096,
+        )
+    }
+
+    fn sled(extent: u64, column: u16, stripe: u64, block: u64) -> Location {
+        Location::Sled {
+            extent,
+            column,
+            offset_bytes: layout::block_offset(stripe, block),
+        }
+    }
+
+    fn log(position: u64) -> Location {
+        Location::Log {
+            position: LogPosition(position),
+            block_in_record: 0,
+        }
+    }
+
+    /// The plan of a read of `lba..lba+count` of `index`.
+    fn plan_of(index: &PartitionIndex, lba: u64, count: u64, max_bytes: u64) -> ReadPlan {
+        plan(index.lookup(lba, count).unwrap(), max_bytes).unwrap()
+    }
+
+    fn run(extent: u64, column: u16, stripe: u64, block: u64, n: u64) -> SledRun {
+        SledRun {
+            extent,
+            column,
+            stripe,
+            block,
+            n,
+        }
+    }
+
+    /// (column, offset, blocks, [(stripe, block, n, at_block)]) of each request.
+    type Shape = (u16, u64, u64, Vec<(u64, u64, u64, u64)>);
+
+    fn shapes(plan: &ReadPlan) -> Vec<Shape> {
+        plan.reads
+            .iter()
+            .map(|r| {
+                (
+                    r.column,
+                    r.offset_bytes,
+                    r.blocks,
+                    r.runs
+                        .iter()
+                        .map(|x| (x.run.stripe, x.run.block, x.run.n, x.at_block))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Checks that the plan covers `lba..lba+count` in order and that each
+    /// sled piece's request holds the piece's blocks at its `at_block`.
+    fn check_covers(plan: &ReadPlan, lba: u64, count: u64) {
+        let mut at = lba;
+        for f in &plan.fetches {
+            assert_eq!(f.lba, at);
+            at += f.block_count;
+            if let Fetch::Sled { read, run } = f.fetch {
+                let r = &plan.reads[read];
+                let piece = r.runs[run];
+                assert_eq!(piece.run.n, f.block_count);
+                assert_eq!(
+                    r.offset_bytes + piece.at_block * B,
+                    piece.run.offset_bytes()
+                );
+                assert!(piece.at_block + piece.run.n <= r.blocks);
+            }
+        }
+        assert_eq!(at, lba + count);
+    }
+
+    #[test]
+    fn a_sequential_stripe_set_is_one_request_per_column() {
+        // Two stripes of a k = 2 extent written in order: 16 blocks per
+        // chunk, column 0 then column 1, stripe 0 then stripe 1.
+        let mut ix = index();
+        for (i, (column, stripe)) in [(0, 0), (1, 0), (0, 1), (1, 1)].into_iter().enumerate() {
+            ix.apply_write(i as u64 * 16, 16, 1, sled(7, column, stripe, 0))
+                .unwrap();
+        }
+        let p = plan_of(&ix, 0, 64, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 64);
+        // Each column: stripe 0's chunk, its summary block, stripe 1's chunk.
+        assert_eq!(
+            shapes(&p),
+            vec![
+                (0, 0, 33, vec![(0, 0, 16, 0), (1, 0, 16, 17)]),
+                (1, 0, 33, vec![(0, 0, 16, 0), (1, 0, 16, 17)]),
+            ]
+        );
+        assert_eq!(
+            p.fetches.iter().map(|f| f.fetch).collect::<Vec<_>>(),
+            vec![
+                Fetch::Sled { read: 0, run: 0 },
+                Fetch::Sled { read: 1, run: 0 },
+                Fetch::Sled { read: 0, run: 1 },
+                Fetch::Sled { read: 1, run: 1 },
+            ]
+        );
+    }
+
+    #[test]
+    fn adjacent_runs_merge_and_gaps_do_not() {
+        let mut ix = index();
+        // Blocks 0..4 and 4..6 of the chunk (two writes: two index runs),
+        // then a gap (block 6), then 7..9.
+        ix.apply_write(0, 4, 1, sled(3, 2, 5, 0)).unwrap();
+        ix.apply_write(4, 2, 2, sled(3, 2, 5, 4)).unwrap();
+        ix.apply_write(6, 2, 3, sled(3, 2, 5, 7)).unwrap();
+        let p = plan_of(&ix, 0, 8, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 8);
+        let at = layout::block_offset(5, 0);
+        assert_eq!(
+            shapes(&p),
+            vec![
+                (2, at, 6, vec![(5, 0, 4, 0), (5, 4, 2, 4)]),
+                (2, at + 7 * B, 2, vec![(5, 7, 2, 0)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn different_columns_and_extents_do_not_merge() {
+        let mut ix = index();
+        ix.apply_write(0, 4, 1, sled(3, 0, 0, 0)).unwrap();
+        // Where column 0 would continue, but on column 1, then extent 4.
+        ix.apply_write(4, 4, 2, sled(3, 1, 0, 4)).unwrap();
+        ix.apply_write(8, 4, 3, sled(4, 0, 0, 4)).unwrap();
+        let p = plan_of(&ix, 0, 12, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 12);
+        assert_eq!(p.reads.len(), 3);
+        assert_eq!(
+            p.reads
+                .iter()
+                .map(|r| (r.extent, r.column, r.blocks))
+                .collect::<Vec<_>>(),
+            vec![(3, 0, 4), (3, 1, 4), (4, 0, 4)]
+        );
+    }
+
+    #[test]
+    fn log_and_zero_pieces_between_pieces_of_one_column() {
+        let mut ix = index();
+        ix.apply_write(0, 4, 1, sled(9, 1, 2, 0)).unwrap();
+        ix.apply_write(4, 2, 2, log(4096)).unwrap();
+        // 6..8 never written: zeros; 8..10 trimmed: zeros.
+        ix.apply_unmap(8, 2, 3).unwrap();
+        ix.apply_write(10, 4, 4, sled(9, 1, 2, 4)).unwrap();
+        ix.apply_write(14, 1, 5, log(8192)).unwrap();
+        let p = plan_of(&ix, 0, 15, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 15);
+        assert_eq!(
+            shapes(&p),
+            vec![(
+                1,
+                layout::block_offset(2, 0),
+                8,
+                vec![(2, 0, 4, 0), (2, 4, 4, 4)]
+            )]
+        );
+        let kinds: Vec<Fetch> = p.fetches.iter().map(|f| f.fetch).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                Fetch::Sled { read: 0, run: 0 },
+                Fetch::Log {
+                    position: LogPosition(4096),
+                    first: 0
+                },
+                // Never written, then trimmed.
+                Fetch::Zeros,
+                Fetch::Zeros,
+                Fetch::Sled { read: 0, run: 1 },
+                Fetch::Log {
+                    position: LogPosition(8192),
+                    first: 0
+                },
+            ]
+        );
+        assert_eq!(p.fetches[2].block_count + p.fetches[3].block_count, 4);
+    }
+
+    #[test]
+    fn column_order_not_volume_order() {
+        // Volume blocks 0..4 sit after volume blocks 4..8 on the column
+        // (random writes flushed in another order): still one request.
+        let mut ix = index();
+        ix.apply_write(0, 4, 1, sled(2, 0, 0, 4)).unwrap();
+        ix.apply_write(4, 4, 2, sled(2, 0, 0, 0)).unwrap();
+        let p = plan_of(&ix, 0, 8, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 8);
+        assert_eq!(
+            shapes(&p),
+            vec![(0, 0, 8, vec![(0, 0, 4, 0), (0, 4, 4, 4)])]
+        );
+        assert_eq!(
+            p.fetches.iter().map(|f| f.fetch).collect::<Vec<_>>(),
+            vec![
+                Fetch::Sled { read: 0, run: 1 },
+                Fetch::Sled { read: 0, run: 0 }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_run_across_a_stripe_boundary_and_the_size_bound() {
+        let mut ix = index();
+        // One index piece from block 8 of stripe 0 into stripe 1: cut per
+        // stripe, read as one request over the summary block.
+        ix.apply_write(0, 8, 1, sled(5, 3, 0, 8)).unwrap();
+        ix.apply_write(8, 12, 1, sled(5, 3, 1, 0)).unwrap();
+        let p = plan_of(&ix, 0, 20, MAX_COLUMN_READ_BYTES);
+        check_covers(&p, 0, 20);
+        assert_eq!(
+            shapes(&p),
+            vec![(3, 8 * B, 21, vec![(0, 8, 8, 0), (1, 0, 12, 9)])]
+        );
+        // With room for only 16 blocks per request: two requests.
+        let p = plan_of(&ix, 0, 20, 16 * B);
+        check_covers(&p, 0, 20);
+        assert_eq!(
+            shapes(&p),
+            vec![
+                (3, 8 * B, 8, vec![(0, 8, 8, 0)]),
+                (3, layout::block_offset(1, 0), 12, vec![(1, 0, 12, 0)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_summary_offset_is_not_data() {
+        let mut ix = index();
+        // Block 16 of stripe 0 is stripe 0's summary block.
+        let summary = Location::Sled {
+            extent: 5,
+            column: 0,
+            offset_bytes: layout::CHUNK_BYTES,
+        };
+        ix.apply_write(0, 1, 1, summary).unwrap();
+        let pieces = ix.lookup(0, 1).unwrap();
+        assert_eq!(
+            plan(pieces, MAX_COLUMN_READ_BYTES),
+            Err(NotData {
+                extent: 5,
+                offset_bytes: layout::CHUNK_BYTES
+            })
+        );
+        let r = run(5, 0, 0, 15, 1);
+        assert_eq!(r.next_data_offset(), layout::block_offset(1, 0));
+    }
 }

@@ -802,6 +802,49 @@ async fn flipped_bit_on_a_sled_is_detected_decoded_and_reported() {
     );
 }
 
+/// A read of two full stripes sends one sled request per data column (the
+/// pieces of a column are consecutive on it, across the summary block); a
+/// flipped bit in the second stripe of one column splits that column's
+/// request per stripe, so exactly that stripe is decoded and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_one_sled_request_per_column_and_a_bad_block_splits_it() {
+    let unit = Unit::new(1024).await;
+    let k = u64::from(K);
+    let blocks = 2 * k * 16;
+    let data: Vec<u8> = (0..blocks * 4096).map(|i| (i * 7 % 249) as u8).collect();
+    unit.write(0, 0, data.clone()).await.unwrap();
+    unit.primary.flush_now().await.unwrap();
+    let m = unit.primary.metrics();
+    let sled_reads = || m.sled_reads.load(Ordering::Relaxed);
+    let before = sled_reads();
+    let got = unit.read(0, (blocks * 4096) as u32).await;
+    assert_eq!(&got[..], &data[..]);
+    assert_eq!(sled_reads() - before, k, "one request per data column");
+    assert_eq!(m.degraded_reads.load(Ordering::Relaxed), 0);
+
+    // A bad block in the second stripe of one column.
+    let second = k * 16;
+    let (location, column) = unit.primary.location_of(second + 3).unwrap();
+    let Location::Sled { offset_bytes, .. } = location else {
+        panic!("{location:?}")
+    };
+    let (sled_id, column) = column.unwrap();
+    let sled = unit.sleds.iter().find(|s| s.id == sled_id).unwrap();
+    let geometry = *sled.sled.stores()[0].geometry();
+    sled.faults
+        .flip_bit(geometry.data_offset(column.index, offset_bytes) + 9, 1);
+    let got = unit.read(0, (blocks * 4096) as u32).await;
+    assert_eq!(&got[..], &data[..]);
+    assert_eq!(m.sled_read_splits.load(Ordering::Relaxed), 1);
+    // Only the bad stripe was decoded (its piece of 16 blocks), and only
+    // it is reported.
+    assert_eq!(m.degraded_reads.load(Ordering::Relaxed), 1);
+    let repairs = unit.primary.repair_queue();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    assert_eq!(repairs[0].sled, sled_id);
+    assert_eq!(repairs[0].stripe, offset_bytes / (17 * 4096));
+}
+
 /// Sled timeout of the hedging test: a slow sled answers well within it,
 /// and well after the hedged degraded read (50 ms + k reads and a decode).
 const HEDGE_TEST_SLED_TIMEOUT: Duration = Duration::from_secs(2);
