@@ -331,6 +331,11 @@ impl Future for Operation {
             });
             this.slot = Some(slot);
             state.push(slot);
+            // Starting an operation is a moment this thread runs anyway:
+            // notice completions of others now rather than on the next
+            // reactor turn (a busy worker polls its reactor only every few
+            // dozen tasks).
+            state.reap();
             return Poll::Pending;
         };
         state.reap();
