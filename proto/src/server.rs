@@ -2,34 +2,47 @@
 //! answered concurrently, responses possibly out of order.
 //!
 //! ```text
-//! socket ─read─▶ reader loop ──decode──▶ Ping? ──▶ Pong ─────────┐
-//!                    │                    request: acquire permit │
-//!                    │                    spawn handler task ─────┤
-//!                    ▼                                            ▼
-//!            bad frame / response-kind            bounded channel of encoded frames
-//!            ⇒ warn, count, close                  ▶ writer task ─write─▶ socket
+//!            connection task (the only task a request runs in)
+//! socket ─read─▶ decode ─▶ Ping? ─▶ Pong ───────────────────────┐
+//!                  │       request: handler future ─▶ in-flight set
+//!                  │                (FuturesUnordered, polled here)
+//!                  │                      │ done: encode ─▶ outgoing queue
+//!                  ▼                                              ▼
+//!         bad frame / response-kind         one vectored write of every
+//!         ⇒ warn, count, close              response ready ─▶ socket
 //! ```
 //!
-//! * At most `max_in_flight_per_connection` handler calls run per
-//!   connection; when they are all busy the reader stops reading, so TCP
-//!   flow control pushes back on the peer instead of memory growing.
+//! * Run to completion: a request is read, decoded, handled (down to the
+//!   device submit) and its response encoded and written by the
+//!   connection's task, with no spawn and no channel on its way (each
+//!   hand-off between tasks or threads cost a wake-up, which dominated the
+//!   CPU per request on few shared cores). Pipelined requests of one
+//!   connection still proceed concurrently inside the in-flight set, and
+//!   responses leave as they complete.
+//! * At most `max_in_flight_per_connection` requests are handled or
+//!   waiting for the socket per connection; beyond that the task stops
+//!   reading, so TCP flow control pushes back on the peer instead of
+//!   memory growing.
 //! * Every response carries the RESPONSE flag and the request's id.
 //! * Any [`FrameError`] (bad magic, checksum, unknown kind, ...) or a
 //!   response-kind message sent as a request means the peer is broken or
 //!   the stream is corrupt: the connection is logged, counted and closed
-//!   (in-flight handler calls are abandoned, the socket is shut down). Other
-//!   connections are unaffected.
+//!   (in-flight handler calls are dropped, or finished with their
+//!   responses discarded under `finish_abandoned_requests`; the socket is
+//!   shut down). Other connections are unaffected.
 //! * `idle_timeout`: a connection with no frames received and nothing in
 //!   flight for that long is closed.
 //! * `shutdown` stops accepting and closes every connection.
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -39,7 +52,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +73,11 @@ pub struct ServerConfig {
     pub max_in_flight_per_connection: usize,
     /// Close a connection idle for this long (default: never).
     pub idle_timeout: Option<Duration>,
+    /// When a connection breaks (I/O error, bad frame), let its in-flight
+    /// handler calls run to completion (responses discarded) instead of
+    /// dropping them, for handlers whose mutations must not stop halfway
+    /// (default: drop them). Shutdown drops them either way.
+    pub finish_abandoned_requests: bool,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +85,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_in_flight_per_connection: 256,
             idle_timeout: None,
+            finish_abandoned_requests: false,
         }
     }
 }
@@ -225,27 +244,39 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(peer = %self.peer, %error, "set_nodelay failed");
         }
-        let (read_half, write_half) = stream.into_split();
+        let (read_half, mut write_half) = stream.into_split();
         let max_in_flight = self.config.max_in_flight_per_connection.max(1);
-        // Room for every in-flight response plus pongs.
-        let (tx, rx) = mpsc::channel::<Bytes>(max_in_flight + 16);
-        let writer = tokio::spawn(write_frames(write_half, rx));
-        let permits = Arc::new(Semaphore::new(max_in_flight));
-        let mut handlers = JoinSet::new();
+        let mut handlers: FuturesUnordered<BoxFuture<'static, Option<Bytes>>> =
+            FuturesUnordered::new();
+        let mut out = Outgoing::default();
         let mut frames = FramedRead::new(read_half, FrameCodec);
 
         let end = loop {
-            // Reap finished handler tasks so the set stays bounded.
-            while handlers.try_join_next().is_some() {}
             let next = tokio::select! {
+                biased;
                 () = self.shutdown.cancelled() => break End::Abort,
-                next = next_frame(&mut frames, self.config.idle_timeout) => next,
+                // Every response that is ready is collected before the write
+                // branch runs, so they leave in one vectored write.
+                Some(response) = handlers.next(), if !handlers.is_empty() => {
+                    if let Some(frame) = response {
+                        out.push(frame);
+                    }
+                    continue;
+                }
+                written = out.write_to(&mut write_half), if !out.is_empty() => {
+                    if let Err(error) = written {
+                        tracing::debug!(peer = %self.peer, %error, "connection write failed");
+                        break End::Abort;
+                    }
+                    continue;
+                }
+                next = next_frame(&mut frames, self.config.idle_timeout), if handlers.len() + out.len() < max_in_flight => next,
             };
             let frame = match next {
                 Next::Frame(frame) => frame,
                 Next::Eof => break End::Graceful,
                 Next::Idle => {
-                    if permits.available_permits() == max_in_flight {
+                    if handlers.is_empty() && out.is_empty() {
                         tracing::debug!(peer = %self.peer, "closing idle connection");
                         break End::Graceful;
                     }
@@ -276,56 +307,56 @@ impl Connection {
                 break End::Abort;
             }
             if let Message::Ping { nonce } = request {
-                if tx
-                    .send(Message::Pong { nonce }.to_frame(request_id, true))
-                    .await
-                    .is_err()
-                {
-                    break End::Abort;
-                }
+                out.push(Message::Pong { nonce }.to_frame(request_id, true));
                 continue;
             }
-            let permit = tokio::select! {
-                () = self.shutdown.cancelled() => break End::Abort,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break End::Abort, // never closed
-                },
-            };
             self.metrics.requests.inc();
+            // Run to completion: the handler's future is polled by this task
+            // (decode, handle, device submit, encode, write without a hand-off
+            // to another task); requests of one connection still proceed
+            // concurrently inside `handlers`.
             let response = self.handler.handle(request);
-            let tx = tx.clone();
             let peer = self.peer.clone();
-            handlers.spawn(async move {
+            handlers.push(Box::pin(async move {
                 let response = response.await;
-                drop(permit);
                 if !response.is_response() {
                     tracing::error!(%peer, kind = response.kind(), "handler returned a request-kind message; dropped");
-                    return;
+                    return None;
                 }
                 match response.try_to_frame(request_id, true) {
-                    Ok(frame) => {
-                        let _ = tx.send(frame).await;
+                    Ok(frame) => Some(frame),
+                    Err(error) => {
+                        tracing::error!(%peer, %error, "response does not fit a frame; dropped");
+                        None
                     }
-                    Err(error) => tracing::error!(%peer, %error, "response does not fit a frame; dropped"),
                 }
-            });
+            }));
         };
         drop(frames);
-        match end {
-            End::Graceful => {
-                // Bounded by the handlers themselves; shutdown cuts it short.
-                tokio::select! {
-                    () = async { while handlers.join_next().await.is_some() {} } => {}
-                    () = self.shutdown.cancelled() => handlers.abort_all(),
-                }
+        let finish = match end {
+            End::Graceful => true,
+            End::Abort => self.config.finish_abandoned_requests && !self.shutdown.is_cancelled(),
+        };
+        if finish {
+            // Bounded by the handlers themselves; shutdown cuts it short.
+            // After an abort the responses have nowhere to go: dropped.
+            let keep = matches!(end, End::Graceful);
+            tokio::select! {
+                () = async {
+                    while let Some(response) = handlers.next().await {
+                        if let (true, Some(frame)) = (keep, response) {
+                            out.push(frame);
+                        }
+                    }
+                } => {}
+                () = self.shutdown.cancelled() => {}
             }
-            End::Abort => handlers.abort_all(),
+            if keep {
+                let _ = out.write_all_to(&mut write_half).await;
+            }
         }
         drop(handlers);
-        drop(tx);
-        // The writer drains what is queued, then shuts the socket down.
-        let _ = writer.await;
+        let _ = write_half.shutdown().await;
         self.metrics.connections_open.dec();
     }
 
@@ -378,6 +409,67 @@ pub(crate) async fn write_frames(
     }
     out.flush().await?;
     out.shutdown().await
+}
+
+/// Encoded responses waiting for the socket, written with vectored writes.
+#[derive(Default)]
+struct Outgoing {
+    frames: VecDeque<Bytes>,
+}
+
+/// Frames per vectored write (well under IOV_MAX).
+const MAX_IOVECS: usize = 64;
+
+impl Outgoing {
+    fn push(&mut self, frame: Bytes) {
+        if !frame.is_empty() {
+            self.frames.push_back(frame);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// One vectored write of the queued frames (cancel-safe: the queue only
+    /// advances by what the kernel took).
+    async fn write_to(&mut self, socket: &mut OwnedWriteHalf) -> io::Result<()> {
+        let slices: Vec<IoSlice<'_>> = self
+            .frames
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|frame| IoSlice::new(frame))
+            .collect();
+        let mut written = socket.write_vectored(&slices).await?;
+        drop(slices);
+        if written == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        while written > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                self.frames.pop_front();
+            } else {
+                let _ = front.split_to(written);
+                written = 0;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_all_to(&mut self, socket: &mut OwnedWriteHalf) -> io::Result<()> {
+        while !self.is_empty() {
+            self.write_to(socket).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Waits up to `bound` for a daemon's tasks to end after its shutdown token

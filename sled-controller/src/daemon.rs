@@ -227,7 +227,11 @@ async fn serve_network(
     let result = proto::server::serve_with_metrics(
         listener,
         handler,
-        proto::server::ServerConfig::default(),
+        proto::server::ServerConfig {
+            // See `SledHandler`: mutations run to completion.
+            finish_abandoned_requests: true,
+            ..proto::server::ServerConfig::default()
+        },
         shutdown,
         metrics.server.clone(),
     )

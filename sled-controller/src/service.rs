@@ -420,23 +420,13 @@ impl proto::server::Handler for SledHandler {
         }
         Box::pin(async move {
             match request {
-                // A read changes nothing: it runs on the connection's task
-                // (no spawn), and dropping it abandons nothing.
-                Message::Sled(request @ SledRequest::Read { .. }) => {
-                    Message::SledReply(sled.handle_request(request).await)
-                }
-                // Run to completion even if the connection drops the call:
-                // a mutation abandoned halfway would leave in-memory state
+                // Handled inside the connection's task (no spawn: a hand-off
+                // per request cost more CPU than the request itself). A call
+                // whose connection breaks still runs to completion (the
+                // server is configured with `finish_abandoned_requests`): a
+                // mutation abandoned halfway would leave in-memory state
                 // behind the device's until the next restart.
-                Message::Sled(request) => {
-                    let task = tokio::spawn(async move { sled.handle_request(request).await });
-                    match task.await {
-                        Ok(response) => Message::SledReply(response),
-                        Err(e) => Message::SledReply(SledResponse::Error(SledError::Io {
-                            reason: format!("request handler failed: {e}"),
-                        })),
-                    }
-                }
+                Message::Sled(request) => Message::SledReply(sled.handle_request(request).await),
                 other => Message::SledReply(SledResponse::Error(SledError::BadRequest {
                     reason: format!(
                         "sled controller does not serve message kind {:#06x}",

@@ -5,7 +5,7 @@
 //!
 //! | engine | [`EngineKind`] | use |
 //! |---|---|---|
-//! | io_uring ([`uring`]) | `Uring` | production: one ring thread per device, tokio callers submit over a bounded channel and await a oneshot |
+//! | io_uring ([`uring`]) | `Uring` | production: one ring per runtime thread, submitted and reaped inline by the runtime (eventfd watched by its reactor) |
 //! | pread/pwrite ([`sync`]) | `Sync` | portable fallback when the kernel refuses io_uring (EPERM/ENOSYS, seccomp) |
 //! | in-memory ([`memory`]) | `Memory` | unit tests and simulation |
 //! | fault injection ([`fault`]) | `Fault` | wraps any device; EIO ranges, latency, bit flips, torn writes, whole-device failure |
@@ -64,7 +64,7 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, DeviceError>> +
 /// Which engine serves a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
-    /// io_uring, one ring thread per device.
+    /// io_uring, one ring per runtime thread.
     Uring,
     /// pread/pwrite on tokio's blocking pool.
     Sync,
