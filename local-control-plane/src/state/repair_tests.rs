@@ -509,6 +509,22 @@ fn work_that_cannot_be_placed_says_why() {
     assert!(json.contains("no_other_sled"), "{json}");
 }
 
+/// Sets both devices of `sled` to `health`.
+fn set_devices(state: &mut UnitState, sled: &SledId, health: Health) {
+    for device in 0..2 {
+        apply(
+            state,
+            Command::SetDeviceHealth {
+                device: DeviceRef {
+                    sled: sled.clone(),
+                    device,
+                },
+                health,
+            },
+        );
+    }
+}
+
 #[test]
 fn a_seventh_sled_without_space_is_no_free_column_and_with_space_unblocks() {
     let mut state = unit(7);
@@ -521,18 +537,7 @@ fn a_seventh_sled_without_space_is_no_free_column_and_with_space_unblocks() {
                 .all(|(_, c)| &c.sled != s)
         })
         .unwrap();
-    for device in 0..2 {
-        apply(
-            &mut state,
-            Command::SetDeviceHealth {
-                device: DeviceRef {
-                    sled: spare.clone(),
-                    device,
-                },
-                health: Health::Failed,
-            },
-        );
-    }
+    set_devices(&mut state, &spare, Health::Failed);
     let member = state.extents()[&extent].columns[1].clone().unwrap().sled;
     let outlook = state.drain_outlook(&member);
     assert_eq!(
@@ -542,18 +547,7 @@ fn a_seventh_sled_without_space_is_no_free_column_and_with_space_unblocks() {
             columns: 1
         }]
     );
-    for device in 0..2 {
-        apply(
-            &mut state,
-            Command::SetDeviceHealth {
-                device: DeviceRef {
-                    sled: spare.clone(),
-                    device,
-                },
-                health: Health::Up,
-            },
-        );
-    }
+    set_devices(&mut state, &spare, Health::Up);
     let outlook = state.drain_outlook(&member);
     assert_eq!((outlook.columns, outlook.blocked_columns()), (1, 0));
 }
