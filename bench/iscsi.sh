@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# bench/iscsi.sh: a host's view over iSCSI, against initiators nobody here
+# wrote. vol0 of a unit started by `rackblock up` (3 head nodes, 6 sleds,
+# 4+2; the attach agent serves vol0 over iSCSI) and, in the same run,
+# interleaved (tgt, ours, tgt, ours, ...), `tgtd` (Debian's userspace
+# target) serving a raw file on the same disk; medians over BENCH_ROUNDS:
+#   4 KiB random read QD32, IOPS (libiscsi's iscsi-perf --random)
+#   4 KiB sequential write QD32, IOPS (qemu-img bench -w over libiscsi)
+#   goal (issue 16): ratio >= 1.0 with two durable copies against tgt's one
+# Both LUNs hold the same 1 GiB region, written once before the rounds
+# (ours then flushed to the sleds). Every process is stopped by pid (tgtd
+# ignores SIGTERM: its target is deleted and it is told to exit with
+# tgtadm, SIGKILL as a fallback). Output: BENCH lines (bench/README.md)
+# and bench/out/iscsi.json. BENCH_SECONDS (default 5), BENCH_ROUNDS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+seconds=${BENCH_SECONDS:-5}
+rounds=${BENCH_ROUNDS:-3}
+for tool in iscsi-perf:libiscsi-bin tgtd:tgt tgtadm:tgt qemu-img:qemu-utils python3:python3 curl:curl; do
+  command -v "${tool%%:*}" >/dev/null || {
+    echo "bench/iscsi.sh: ${tool%%:*} is missing: install the Debian package ${tool##*:} (scripts/install-deps.sh does)" >&2; exit 1; }
+done
+cargo build --release -q -p cli --bin rackblock
+bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+out="$root/bench/out"; work="$out/iscsi-work"
+rm -rf "$work"; mkdir -p "$work"
+
+# Ports of this bench (nbd.sh uses 19xxx, cpu.sh 20xxx): head nodes' data
+# 21000, sleds' 21100, admin 21201-21203 and 21301-21306, zonal 21400, NBD
+# 21401, our portal 21402, tgt's portal 21403, tgt's control port 21404.
+base_port=21000; admin_base=21200
+zonal=127.0.0.1:21400; ours_nbd=127.0.0.1:21401; ours_portal=127.0.0.1:21402
+tgt_portal=127.0.0.1:21403; tgt_control=21404
+for port in 21000 21100 21201 21400 21401 21402 21403; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null || (exec 3<>/dev/tcp/127.0.1.1/$port) 2>/dev/null; then
+    echo "bench/iscsi.sh: port $port is in use (another bench/iscsi.sh running?)" >&2; exit 1
+  fi
+done
+region_mib=1024
+ours_target=iqn.2026-12.io.rackblock:vol0
+tgt_target=iqn.2026-12.io.rackblock:bench-tgt
+
+pids=()
+tgt_pid=""
+stop_tgt() {
+  [ -n "$tgt_pid" ] || return 0
+  tgtadm -C $tgt_control --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+  tgtadm -C $tgt_control --op delete --mode system >/dev/null 2>&1 || true
+  for _ in $(seq 1 100); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$tgt_pid" 2>/dev/null || true
+  wait "$tgt_pid" 2>/dev/null || true
+  tgt_pid=""
+}
+stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
+  stop_tgt
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+  done
+  pids=()
+}
+drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
+trap 'stop_all; drop_images' EXIT
+
+# tgt's raw file, written once so reads hit the disk.
+dd if=/dev/zero of="$work/tgt.img" bs=1M count=$region_mib oflag=direct status=none
+tgtd -f -C $tgt_control --iscsi portal=$tgt_portal >"$work/tgtd.log" 2>&1 &
+tgt_pid=$!
+made=0
+for _ in $(seq 1 300); do
+  if tgtadm -C $tgt_control --lld iscsi --op new --mode target --tid 1 -T $tgt_target >/dev/null 2>&1; then made=1; break; fi
+  sleep 0.1
+done
+[ $made = 1 ] || { echo "bench/iscsi.sh: tgtd did not come up:" >&2; tail -5 "$work/tgtd.log" >&2; exit 1; }
+tgtadm -C $tgt_control --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
+tgtadm -C $tgt_control --lld iscsi --op bind --mode target --tid 1 -I ALL
+
+"$bin" up --data-dir "$work/unit" --base-port $base_port --admin-base-port $admin_base \
+  --zonal-listen $zonal --nbd-listen $ours_nbd --iscsi-listen $ours_portal \
+  --volume-size 4GiB --wait-seconds 120 >"$work/up.log" 2>&1 &
+pids+=($!)
+up_pid=$!
+for _ in $(seq 1 1500); do
+  grep -q "Ctrl-C stops the unit." "$work/up.log" && break
+  kill -0 $up_pid 2>/dev/null || { echo "bench/iscsi.sh: rackblock up exited:" >&2; tail -20 "$work/up.log" >&2; exit 1; }
+  sleep 0.1
+done
+grep -q "Ctrl-C stops the unit." "$work/up.log" || { echo "bench/iscsi.sh: unit not up after 150 s:" >&2; tail -20 "$work/up.log" >&2; exit 1; }
+
+url() { # target -> iSCSI URL of its LUN
+  if [ "$1" = ours ]; then echo "iscsi://$ours_portal/$ours_target/0"; else echo "iscsi://$tgt_portal/$tgt_target/1"; fi
+}
+# Both regions written once (1 MiB requests), ours then flushed.
+for target in tgt ours; do
+  timeout 600 qemu-img bench -w -f raw -t none -c $region_mib -d 4 -s 1M -S 1M "$(url "$target")" \
+    >"$work/$target-fill.txt" 2>&1 || { echo "bench/iscsi.sh: fill of $target failed:" >&2; tail -5 "$work/$target-fill.txt" >&2; exit 1; }
+done
+for h in 1 2 3; do
+  curl -sf -X POST --max-time 120 "http://127.0.0.1:$((admin_base + h))/flush" >"$work/flush-$h.json" \
+    || { echo "bench/iscsi.sh: POST /flush on hn-$h failed" >&2; exit 1; }
+done
+
+# iscsi-perf prints a line per second and a summary when interrupted;
+# the median of its per-second IOPS is the figure.
+perf_read() { # target round -> IOPS
+  local log="$work/$1-read-r$2.txt"
+  timeout -s INT $((seconds + 1)) iscsi-perf -m 32 -b 8 -r "$(url "$1")" >"$log" 2>&1 || true
+  python3 - "$log" <<'PY'
+import re, statistics, sys
+iops = [float(m.group(1)) for m in re.finditer(r"(\d+(?:\.\d+)?) IOPS", open(sys.argv[1]).read())]
+iops = iops[1:-1] if len(iops) > 3 else iops  # the ramp-up second and the summary
+print(statistics.median(iops) if iops else 0)
+PY
+}
+# qemu-img bench: N requests of 4 KiB at QD32, sequential; IOPS from its time.
+write_count=$((seconds * 4000))
+bench_write() { # target round -> IOPS
+  local log="$work/$1-write-r$2.txt"
+  timeout $((seconds * 20 + 60)) qemu-img bench -w -f raw -t none -c $write_count -d 32 -s 4k \
+    "$(url "$1")" >"$log" 2>&1 || { echo "bench/iscsi.sh: qemu-img bench on $1 failed:" >&2; tail -5 "$log" >&2; return 1; }
+  python3 - "$log" $write_count <<'PY'
+import re, sys
+m = re.search(r"Run completed in (\d+(?:\.\d+)?) seconds", open(sys.argv[1]).read())
+print(int(sys.argv[2]) / float(m.group(1)) if m else 0)
+PY
+}
+
+declare -a tr ow tw or_
+for r in $(seq 1 "$rounds"); do
+  tr+=("$(perf_read tgt "$r")"); or_+=("$(perf_read ours "$r")")
+  tw+=("$(bench_write tgt "$r")"); ow+=("$(bench_write ours "$r")")
+  echo "# round $r: 4k randread qd32 tgt ${tr[-1]} ours ${or_[-1]} iops | 4k write qd32 tgt ${tw[-1]} ours ${ow[-1]} iops" >&2
+done
+stop_all
+
+python3 - "$out/iscsi.json" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(df -T "$work" | awk 'NR==2{print $2}')" <<PY
+import json, statistics, sys, os
+med = lambda xs: statistics.median(float(x) for x in xs)
+rows = [
+  ("iscsi.randread4k.qd32.iops", "${or_[*]}", "${tr[*]}", "iops", "higher", "# goal: ratio >= 1.0 against tgt on a raw file (iscsi-perf --random)"),
+  ("iscsi.write4k.qd32.iops", "${ow[*]}", "${tw[*]}", "iops", "higher", "# goal: ratio >= 1.0 against tgt on a raw file (qemu-img bench -w, sequential)"),
+]
+figures = []
+for name, ours, base, unit, better, comment in rows:
+    o, b = med(ours.split()), med(base.split())
+    ratio = o / b if b else 0.0
+    if comment:
+        print(comment)
+    print(f"BENCH {name} value={o:.0f} unit={unit} baseline={b:.0f} ratio={ratio:.3f} better={better}")
+    figures.append({"metric": name, "value": o, "unit": unit, "baseline": b, "ratio": ratio, "better": better})
+json.dump({"commit": sys.argv[2], "machine": {"nproc": os.cpu_count(), "fs": sys.argv[3]}, "figures": figures},
+          open(sys.argv[1], "w"), indent=2)
+PY
