@@ -78,26 +78,17 @@ done
 volume_bytes=$((4 << 30)); partition_bytes=$((1 << 30))
 mem_volume_bytes=$((1 << 30)); mem_partition_bytes=$((256 << 20))
 
-pids=()
-stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true
-  done
-  pids=()
-}
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh" # pids, stop_pids, drop_images
 watch_pid=""
 cleanup() {
   if [ -n "$watch_pid" ]; then kill "$watch_pid" 2>/dev/null || true; wait "$watch_pid" 2>/dev/null || true; fi
-  stop_all
+  stop_pids
   if [ -d "$shm" ]; then # keep the memory unit's logs, free its memory
     mkdir -p "$work/mem-run"; cp "$shm"/unit/run/*.log "$work/mem-run/" 2>/dev/null || true
     rm -rf "$shm"
   fi
-  # Device images and logs of several GiB: drop every file over 16 MiB.
-  [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true
+  drop_images
 }
 trap cleanup EXIT
 
@@ -199,7 +190,7 @@ for r in $(seq 1 "$rounds"); do
   for target in qemu ours; do timed $target sr "$r" read 1M 4 --size=$volume_bytes; done
   echo "# disk phase round $r done at $(( $(date +%s) - started )) s" >&2
 done
-stop_all
+stop_pids
 rm -f "$work/qemu.img"
 
 # ---- memory phase: a unit on tmpfs against nbdkit memory ----
@@ -218,7 +209,7 @@ for r in $(seq 1 "$rounds"); do
   for target in nbdkit mem; do timed $target r32 "$r" randread 4k 32 --size=$mem_volume_bytes; done
 done
 echo "# memory phase done at $(( $(date +%s) - started )) s" >&2
-stop_all
+stop_pids
 
 python3 bench/cpu_report.py "$work" "$out/cpu.json" "$rounds" "$seconds" \
   "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(df --output=fstype "$work" | tail -1)"

@@ -44,7 +44,8 @@ region_mib=1024
 ours_target=iqn.2026-12.io.rackblock:vol0
 tgt_target=iqn.2026-12.io.rackblock:bench-tgt
 
-pids=()
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh" # pids, stop_pids, drop_images
 tgt_pid=""
 stop_tgt() {
   [ -n "$tgt_pid" ] || return 0
@@ -55,17 +56,7 @@ stop_tgt() {
   wait "$tgt_pid" 2>/dev/null || true
   tgt_pid=""
 }
-stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
-  stop_tgt
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true
-  done
-  pids=()
-}
-drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
+stop_all() { stop_tgt; stop_pids; }
 trap 'stop_all; drop_images' EXIT
 
 # tgt's raw file, written once so reads hit the disk.

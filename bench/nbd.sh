@@ -44,20 +44,9 @@ for port in 19000 19100 19201 19202 19203 19400 19401 $qemu_port; do
 done
 region_bytes=$((1024 * 1024 * 1024))
 
-pids=()
-stop_all() { # SIGTERM by pid (up stops its own daemons in order), bounded wait
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
-    wait "$pid" 2>/dev/null || true
-  done
-  pids=()
-}
-# Device images and logs of several GiB stay behind otherwise: drop every
-# file over 16 MiB at exit (logs and JSON stay), unless BENCH_KEEP_WORK=1.
-drop_images() { [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true; }
-trap 'stop_all; drop_images' EXIT
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh" # pids, stop_pids, drop_images
+trap 'stop_pids; drop_images' EXIT
 
 # qemu-nbd's raw file, written once so reads hit the disk.
 dd if=/dev/zero of="$work/qemu.img" bs=1M count=$((region_bytes / 1048576)) oflag=direct status=none
@@ -126,7 +115,7 @@ for r in $(seq 1 "$rounds"); do
   qsr+=("$(field qemu sr "j['read']['bw_bytes']/1e6")");  osr+=("$(field ours sr "j['read']['bw_bytes']/1e6")")
   echo "# round $r: qd1 durable write p50 qemu-nbd ${q1p50[-1]} ours ${o1p50[-1]} us | qd32 write qemu-nbd ${q32w[-1]} ours ${o32w[-1]} iops | qd32 read qemu-nbd ${q32r[-1]} ours ${o32r[-1]} iops | seq write qemu-nbd ${qsw[-1]} ours ${osw[-1]} MB/s | seq read qemu-nbd ${qsr[-1]} ours ${osr[-1]} MB/s" >&2
 done
-stop_all
+stop_pids
 
 python3 - "$out/nbd.json" "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(df -T "$work" | awk 'NR==2{print $2}')" <<PY
 import json, statistics, sys, os
