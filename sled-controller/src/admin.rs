@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -13,9 +13,6 @@ use proto::sled::DeviceState;
 use serde_json::json;
 
 use crate::service::Sled;
-
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub fn router(sled: Arc<Sled>) -> Router {
     Router::new()
@@ -26,7 +23,7 @@ pub fn router(sled: Arc<Sled>) -> Router {
 
 async fn metrics(State(sled): State<Arc<Sled>>) -> Response {
     match sled.metrics().encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Ok(text) => proto::http::text_response(text),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode metrics: {e}"),

@@ -38,9 +38,6 @@ use crate::model::{
 };
 use crate::service::Zonal;
 
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 64 << 10;
 
@@ -437,7 +434,7 @@ async fn metrics(State(state): Shared) -> ApiResult {
         .metrics
         .encode()
         .map_err(|e| ApiError::Internal(format!("cannot encode metrics: {e}")))?;
-    Ok(([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response())
+    Ok(proto::http::text_response(text))
 }
 
 #[cfg(test)]
