@@ -21,3 +21,50 @@ stop_pids() {
 drop_images() {
   [ "${BENCH_KEEP_WORK:-0}" = 1 ] || find "$work" -type f -size +16M -delete 2>/dev/null || true
 }
+
+# write_sled_rack DEV_BYTES DEVICE...: the one-sled rack of the sled
+# benches in $work: sled-1 (data 127.0.1.61:17100, admin 127.0.0.1:17101)
+# with the given device files of DEV_BYTES each, a second sled on a small
+# file (the rack's 1+1 code needs two), one head node that never starts;
+# and sled-1's config ($work/sled.toml, scrubber paused).
+write_sled_rack() {
+  local dev_bytes=$1; shift
+  touch "$work/other.img"; truncate -s $((128 * 1024 * 1024)) "$work/other.img"
+  {
+    cat <<TOML
+[unit]
+name = "bench"
+column_size_bytes = 67108864
+erasure_codes = ["1+1"]
+[[head_node]]
+id = "hn-1"
+address_a = "127.0.1.1:17000"
+address_b = "127.0.2.1:17000"
+admin = "127.0.0.1:17001"
+[[sled]]
+id = "sled-1"
+address_a = "127.0.1.61:17100"
+address_b = "127.0.2.61:17100"
+admin = "127.0.0.1:17101"
+TOML
+    for device in "$@"; do
+      printf '[[sled.device]]\npath = "%s"\nsize_bytes = %s\n' "$device" "$dev_bytes"
+    done
+    cat <<TOML
+[[sled]]
+id = "sled-2"
+address_a = "127.0.1.62:17100"
+address_b = "127.0.2.62:17100"
+admin = "127.0.0.1:17102"
+[[sled.device]]
+path = "$work/other.img"
+size_bytes = $((128 * 1024 * 1024))
+TOML
+  } >"$work/rack.toml"
+  cat >"$work/sled.toml" <<TOML
+rack_file = "$work/rack.toml"
+sled_id = "sled-1"
+scrub_bytes_per_second = 0
+scrub_pass_interval_ms = 60000
+TOML
+}

@@ -28,40 +28,9 @@ out="$root/bench/out"; work="$out/sled-cpu-work"
 rm -rf "$work"; mkdir -p "$work"
 dev_bytes=$((2 * 1024 * 1024 * 1024))
 fallocate -l $dev_bytes "$work/dev0.img"
-touch "$work/other.img"; truncate -s $((128 * 1024 * 1024)) "$work/other.img"
-cat > "$work/rack.toml" <<TOML
-[unit]
-name = "bench"
-column_size_bytes = 67108864
-erasure_codes = ["1+1"]
-[[head_node]]
-id = "hn-1"
-address_a = "127.0.1.1:17000"
-address_b = "127.0.2.1:17000"
-admin = "127.0.0.1:17001"
-[[sled]]
-id = "sled-1"
-address_a = "127.0.1.61:17100"
-address_b = "127.0.2.61:17100"
-admin = "127.0.0.1:17101"
-[[sled.device]]
-path = "$work/dev0.img"
-size_bytes = $dev_bytes
-[[sled]]
-id = "sled-2"
-address_a = "127.0.1.62:17100"
-address_b = "127.0.2.62:17100"
-admin = "127.0.0.1:17102"
-[[sled.device]]
-path = "$work/other.img"
-size_bytes = $((128 * 1024 * 1024))
-TOML
-cat > "$work/sled.toml" <<TOML
-rack_file = "$work/rack.toml"
-sled_id = "sled-1"
-scrub_bytes_per_second = 0
-scrub_pass_interval_ms = 60000
-TOML
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
+write_sled_rack $dev_bytes "$work/dev0.img"
 if curl -s -o /dev/null http://127.0.0.1:17101/health 2>/dev/null; then
   echo "bench/sled-cpu.sh: 127.0.0.1:17101 is already in use" >&2; exit 1
 fi
