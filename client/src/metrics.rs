@@ -31,6 +31,19 @@ struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DimensionLabels {
+    dimension: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BucketLabels {
+    dimension: &'static str,
+    bucket: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -245,6 +258,10 @@ pub struct AgentMetrics {
     in_flight: Gauge,
     qos_wait_seconds: Histogram,
     qos_throttled: Counter,
+    qos_queued: Gauge,
+    qos_limit: Family<DimensionLabels, FloatGauge>,
+    qos_limit_changes: Counter,
+    qos_tokens: Family<BucketLabels, FloatGauge>,
     pub nbd: NbdMetrics,
     pub client: ClientMetrics,
 }
@@ -283,6 +300,10 @@ impl AgentMetrics {
             in_flight: Gauge::default(),
             qos_wait_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             qos_throttled: Counter::default(),
+            qos_queued: Gauge::default(),
+            qos_limit: Family::default(),
+            qos_limit_changes: Counter::default(),
+            qos_tokens: Family::default(),
             nbd: NbdMetrics::default(),
             client: ClientMetrics::unregistered(),
         };
@@ -317,6 +338,33 @@ impl AgentMetrics {
             metrics.qos_throttled.clone(),
         );
         registry.register(
+            "rackblock_agent_qos_queued",
+            "Requests waiting for QoS tokens now",
+            metrics.qos_queued.clone(),
+        );
+        registry.register(
+            "rackblock_agent_qos_limit",
+            "QoS limit in force per dimension (I/Os or bytes per second; 0: unlimited), \
+             the stricter of the volume record and the attach flags",
+            metrics.qos_limit.clone(),
+        );
+        registry.register(
+            "rackblock_agent_qos_limit_changes",
+            "Times the QoS limits in force were set (start and live changes)",
+            metrics.qos_limit_changes.clone(),
+        );
+        registry.register(
+            "rackblock_agent_qos_tokens",
+            "Tokens in each QoS bucket at the scrape (negative: reserved ahead by waiting requests)",
+            metrics.qos_tokens.clone(),
+        );
+        for dimension in QOS_DIMENSIONS {
+            metrics
+                .qos_limit
+                .get_or_create(&DimensionLabels { dimension })
+                .set(0.0);
+        }
+        registry.register(
             "rackblock_agent_nbd_connections_accepted",
             "NBD connections accepted",
             metrics.nbd.accepted.clone(),
@@ -343,6 +391,44 @@ impl AgentMetrics {
         );
         metrics.client.register(registry);
         metrics
+    }
+
+    /// The limits in force changed (or were set at start).
+    pub(crate) fn qos_limits_changed(&self, limits: &crate::qos::QosLimits) {
+        self.qos_limit_changes.inc();
+        let rates = [
+            limits.iops,
+            limits.read_iops,
+            limits.write_iops,
+            limits.bps,
+            limits.read_bps,
+            limits.write_bps,
+        ];
+        for (dimension, limit) in QOS_DIMENSIONS.into_iter().zip(rates) {
+            self.qos_limit
+                .get_or_create(&DimensionLabels { dimension })
+                .set(limit.map_or(0.0, |l| l.rate));
+        }
+    }
+
+    /// Publish the buckets' tokens (the admin port does, before a scrape):
+    /// a bucket not listed has no limit and shows nothing.
+    pub fn publish_qos_tokens(&self, tokens: &[crate::qos::BucketTokens]) {
+        self.qos_tokens.clear();
+        for bucket in tokens {
+            self.qos_tokens
+                .get_or_create(&BucketLabels {
+                    dimension: bucket.dimension,
+                    bucket: bucket.bucket,
+                })
+                .set(bucket.tokens);
+        }
+    }
+
+    /// A request waits for tokens until the guard drops.
+    pub(crate) fn qos_queued(&self) -> QueuedGuard {
+        self.qos_queued.inc();
+        QueuedGuard(self.qos_queued.clone())
     }
 
     pub(crate) fn qos_waited(&self, wait: Duration) {
@@ -376,6 +462,26 @@ impl AgentMetrics {
             series.error.inc();
         }
         series.latency.observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The dimensions of [`crate::qos::QosLimits`], as metric labels.
+const QOS_DIMENSIONS: [&str; 6] = [
+    "iops",
+    "read_iops",
+    "write_iops",
+    "bps",
+    "read_bps",
+    "write_bps",
+];
+
+/// Counts a request waiting for QoS tokens until dropped.
+#[derive(Debug)]
+pub(crate) struct QueuedGuard(Gauge);
+
+impl Drop for QueuedGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

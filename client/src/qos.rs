@@ -6,16 +6,30 @@
 //! NbdBackend call ──▶ QosBackend ── Throttle::reserve(now, class, bytes) ──▶ admit at T
 //!                        │                   (sans-IO, FIFO, one lock)
 //!                        └── sleep until T ──▶ inner backend (VolumeClient)
+//!
+//! limits = stricter(volume record's VolumeQos, attach --qos-* flags)
+//!   the agent re-reads the record with the partition map (every 2 s):
+//!   a change retunes the buckets in place (set_limits)
 //! ```
 //!
-//! * **Costs.** A request costs one I/O and its length in bytes, whatever
-//!   its size (a 1 MiB write is 1 op and 1 MiB). Reads charge the read and
-//!   total dimensions, writes the write and total ones. Trim and write
-//!   zeroes cost one write I/O and no bytes (no data crosses the network);
-//!   flush costs nothing (it makes no round trip, see `nbd/backend.rs`).
-//! * **Buckets.** Each limited dimension has a *sustained* bucket that
-//!   fills at the limit; its capacity is `burst × burst_length` when a
-//!   burst is set (so an idle volume may run at up to the burst rate for
+//! * **Where limits come from.** The volume's QoS lives in the unit's
+//!   replicated volume record ([`proto::qos::VolumeQos`], set by the zonal
+//!   API's create/modify through the LCP's `SetVolumeQos`) and arrives with
+//!   the partition map, so an agent attached without the zonal plane
+//!   enforces it too. `rackblock attach --qos-*` adds host-side limits; per
+//!   dimension the **stricter** (lower sustained rate) of the two wins
+//!   ([`QosLimits::stricter`]), so a host can only tighten what the
+//!   operator set.
+//! * **Costs.** A request costs one I/O per started 256 KiB
+//!   ([`proto::qos::io_cost`]: an operation of up to 256 KiB is one I/O)
+//!   and its length in bytes. Reads charge the read and total dimensions,
+//!   writes the write and total ones. Trim and write zeroes cost one write
+//!   I/O and no bytes (no data crosses the network); flush costs nothing
+//!   (it makes no round trip, see `nbd/backend.rs`).
+//! * **Buckets** ([`proto::rate::TokenBucket`], the one rebuild and scrub
+//!   use too). Each limited dimension has a *sustained* bucket that fills
+//!   at the limit; its capacity is `burst × burst_length` when a burst is
+//!   set (so an idle volume may run at up to the burst rate for
 //!   `burst_length`), else a tenth of a second of the limit. With a burst,
 //!   a *peak* bucket (filling at the burst rate, a tenth of a second deep)
 //!   caps the rate during the burst.
@@ -27,6 +41,12 @@
 //!   so requests are admitted in arrival order (FIFO) and nothing is
 //!   polled. A request whose waiting future is dropped keeps its tokens
 //!   spent (the limit errs on the slow side).
+//! * **Live changes** ([`Throttle::set_limits`]) retune the buckets in
+//!   place: earned tokens are kept (clamped to the new capacities) and the
+//!   admission frontier stays, so requests already waiting keep their
+//!   times and order (none is dropped or failed) and later ones queue
+//!   behind them at the new rates. A dimension that becomes limited starts
+//!   with a full bucket; one that becomes unlimited drops its buckets.
 //!
 //! The arithmetic is sans-IO: time is a [`Duration`] since the throttle's
 //! start, passed in by the caller, so tests drive it with a manual clock.
@@ -36,6 +56,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+
+use proto::qos::VolumeQos;
+use proto::rate::TokenBucket;
 
 use crate::metrics::AgentMetrics;
 use crate::nbd::{BackendError, BackendOp, NbdBackend};
@@ -104,7 +127,54 @@ pub enum QosError {
 }
 
 impl QosLimits {
-    /// True when nothing is limited (the backend is then not wrapped).
+    /// The limits a volume record holds (IOPS and bandwidth, reads and
+    /// writes together; `None`: unlimited).
+    pub fn from_volume(qos: Option<&VolumeQos>) -> QosLimits {
+        let Some(qos) = qos else {
+            return QosLimits::default();
+        };
+        let burst_length = Duration::from_millis(qos.burst_length_ms());
+        let limit = |rate: Option<u64>, burst: Option<u64>| {
+            rate.map(|rate| match burst {
+                Some(burst) => Limit::with_burst(rate as f64, burst as f64, burst_length),
+                None => Limit::new(rate as f64),
+            })
+        };
+        QosLimits {
+            iops: limit(qos.iops, qos.burst_iops),
+            bps: limit(qos.bandwidth_bytes_per_second, qos.burst_bandwidth_bytes_per_second),
+            ..QosLimits::default()
+        }
+    }
+
+    /// Per dimension, the stricter of two sets of limits: the lower
+    /// sustained rate (on a tie, the lower burst), or whichever is set.
+    pub fn stricter(&self, other: &QosLimits) -> QosLimits {
+        fn pick(a: Option<Limit>, b: Option<Limit>) -> Option<Limit> {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let burst = |l: &Limit| l.burst.unwrap_or(l.rate);
+                    if (b.rate, burst(&b)) < (a.rate, burst(&a)) {
+                        Some(b)
+                    } else {
+                        Some(a)
+                    }
+                }
+                (a, None) => a,
+                (None, b) => b,
+            }
+        }
+        QosLimits {
+            iops: pick(self.iops, other.iops),
+            read_iops: pick(self.read_iops, other.read_iops),
+            write_iops: pick(self.write_iops, other.write_iops),
+            bps: pick(self.bps, other.bps),
+            read_bps: pick(self.read_bps, other.read_bps),
+            write_bps: pick(self.write_bps, other.write_bps),
+        }
+    }
+
+    /// True when nothing is limited.
     pub fn is_unlimited(&self) -> bool {
         self.dimensions().iter().all(|(_, limit)| limit.is_none())
     }
@@ -146,77 +216,52 @@ impl QosLimits {
     }
 }
 
-/// One token bucket with a FIFO reservation time (sans-IO).
-#[derive(Debug, Clone)]
-struct Bucket {
-    rate: f64,
-    capacity: f64,
-    /// Tokens at `at`; negative after a request larger than the bucket.
-    tokens: f64,
-    /// Time of the last admission (may be in the future: reserved).
-    at: Duration,
-}
-
-impl Bucket {
-    fn new(rate: f64, capacity: f64) -> Bucket {
-        Bucket {
-            rate,
-            capacity,
-            tokens: capacity,
-            at: Duration::ZERO,
-        }
-    }
-
-    fn tokens_at(&self, time: Duration) -> f64 {
-        let elapsed = time.saturating_sub(self.at).as_secs_f64();
-        (self.tokens + elapsed * self.rate).min(self.capacity)
-    }
-
-    /// Earliest time, not before `now`, at which `cost` may be admitted.
-    fn earliest(&self, now: Duration, cost: f64) -> Duration {
-        let base = now.max(self.at);
-        let need = cost.min(self.capacity);
-        let have = self.tokens_at(base);
-        if have >= need {
-            return base;
-        }
-        base + Duration::from_secs_f64((need - have) / self.rate)
-    }
-
-    /// Admit `cost` at `time` (>= what `earliest` said).
-    fn take(&mut self, time: Duration, cost: f64) {
-        let time = time.max(self.at);
-        self.tokens = self.tokens_at(time) - cost;
-        self.at = time;
-    }
-}
-
 /// The buckets of one dimension: sustained, and peak when bursting.
 #[derive(Debug, Clone)]
 struct Dimension {
-    sustained: Bucket,
-    peak: Option<Bucket>,
+    sustained: TokenBucket,
+    peak: Option<TokenBucket>,
 }
 
 impl Dimension {
-    fn new(limit: Limit) -> Dimension {
+    fn capacities(limit: Limit) -> (f64, Option<(f64, f64)>) {
         match limit.burst {
-            Some(burst) => Dimension {
-                sustained: Bucket::new(limit.rate, burst * limit.burst_length.as_secs_f64()),
-                peak: Some(Bucket::new(burst, burst * SHALLOW_BUCKET_SECONDS)),
-            },
-            None => Dimension {
-                sustained: Bucket::new(limit.rate, limit.rate * SHALLOW_BUCKET_SECONDS),
-                peak: None,
-            },
+            Some(burst) => (
+                burst * limit.burst_length.as_secs_f64(),
+                Some((burst, burst * SHALLOW_BUCKET_SECONDS)),
+            ),
+            None => (limit.rate * SHALLOW_BUCKET_SECONDS, None),
         }
     }
 
-    fn buckets_mut(&mut self) -> impl Iterator<Item = &mut Bucket> {
+    fn new(limit: Limit) -> Dimension {
+        let (capacity, peak) = Self::capacities(limit);
+        Dimension {
+            sustained: TokenBucket::new(limit.rate, capacity),
+            peak: peak.map(|(rate, capacity)| TokenBucket::new(rate, capacity)),
+        }
+    }
+
+    /// The same dimension under a new limit from `now` on (see
+    /// [`TokenBucket::retune`]).
+    fn retune(&mut self, now: Duration, limit: Limit) {
+        let (capacity, peak) = Self::capacities(limit);
+        self.sustained.retune(now, limit.rate, capacity);
+        self.peak = match (self.peak.take(), peak) {
+            (Some(mut bucket), Some((rate, capacity))) => {
+                bucket.retune(now, rate, capacity);
+                Some(bucket)
+            }
+            (None, Some((rate, capacity))) => Some(TokenBucket::new(rate, capacity)),
+            (_, None) => None,
+        };
+    }
+
+    fn buckets_mut(&mut self) -> impl Iterator<Item = &mut TokenBucket> {
         std::iter::once(&mut self.sustained).chain(self.peak.as_mut())
     }
 
-    fn buckets(&self) -> impl Iterator<Item = &Bucket> {
+    fn buckets(&self) -> impl Iterator<Item = &TokenBucket> {
         std::iter::once(&self.sustained).chain(self.peak.as_ref())
     }
 }
@@ -238,6 +283,20 @@ pub struct Throttle {
     bps: Option<Dimension>,
     read_bps: Option<Dimension>,
     write_bps: Option<Dimension>,
+    /// The latest admission time handed out: nothing is admitted before
+    /// it (FIFO across limit changes, even to unlimited).
+    frontier: Duration,
+}
+
+/// The tokens of one bucket, for the admin port.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketTokens {
+    /// "iops", "read_iops", "write_iops", "bps", "read_bps", "write_bps".
+    pub dimension: &'static str,
+    /// "sustained" or "peak".
+    pub bucket: &'static str,
+    pub tokens: f64,
+    pub capacity: f64,
 }
 
 impl Throttle {
@@ -251,6 +310,7 @@ impl Throttle {
             bps: limits.bps.map(Dimension::new),
             read_bps: limits.read_bps.map(Dimension::new),
             write_bps: limits.write_bps.map(Dimension::new),
+            frontier: Duration::ZERO,
         })
     }
 
@@ -258,16 +318,76 @@ impl Throttle {
         self.limits
     }
 
+    /// Change the limits at `now` without losing what is reserved (see the
+    /// module docs). Refused limits change nothing.
+    pub fn set_limits(&mut self, now: Duration, limits: QosLimits) -> Result<(), QosError> {
+        limits.validate()?;
+        let retune = |dimension: &mut Option<Dimension>, limit: Option<Limit>| {
+            *dimension = match (dimension.take(), limit) {
+                (Some(mut existing), Some(limit)) => {
+                    existing.retune(now, limit);
+                    Some(existing)
+                }
+                (None, Some(limit)) => Some(Dimension::new(limit)),
+                (_, None) => None,
+            };
+        };
+        retune(&mut self.iops, limits.iops);
+        retune(&mut self.read_iops, limits.read_iops);
+        retune(&mut self.write_iops, limits.write_iops);
+        retune(&mut self.bps, limits.bps);
+        retune(&mut self.read_bps, limits.read_bps);
+        retune(&mut self.write_bps, limits.write_bps);
+        self.limits = limits;
+        Ok(())
+    }
+
+    fn named(&self) -> [(&'static str, Option<&Dimension>); 6] {
+        [
+            ("iops", self.iops.as_ref()),
+            ("read_iops", self.read_iops.as_ref()),
+            ("write_iops", self.write_iops.as_ref()),
+            ("bps", self.bps.as_ref()),
+            ("read_bps", self.read_bps.as_ref()),
+            ("write_bps", self.write_bps.as_ref()),
+        ]
+    }
+
+    /// Every bucket's tokens at `now` (negative: requests are reserved
+    /// ahead, the debt they leave).
+    pub fn tokens(&self, now: Duration) -> Vec<BucketTokens> {
+        let mut out = Vec::new();
+        for (dimension, buckets) in self.named() {
+            let Some(buckets) = buckets else { continue };
+            out.push(BucketTokens {
+                dimension,
+                bucket: "sustained",
+                tokens: buckets.sustained.tokens_at(now),
+                capacity: buckets.sustained.capacity(),
+            });
+            if let Some(peak) = &buckets.peak {
+                out.push(BucketTokens {
+                    dimension,
+                    bucket: "peak",
+                    tokens: peak.tokens_at(now),
+                    capacity: peak.capacity(),
+                });
+            }
+        }
+        out
+    }
+
     /// The (dimension, cost) pairs a request charges.
     fn charges(&mut self, class: IoClass, bytes: u64) -> [(Option<&mut Dimension>, f64); 4] {
+        let ops = proto::qos::io_cost(bytes) as f64;
         let bytes = bytes as f64;
-        let (ops, data) = match class {
+        let (class_ops, data) = match class {
             IoClass::Read => (&mut self.read_iops, &mut self.read_bps),
             IoClass::Write => (&mut self.write_iops, &mut self.write_bps),
         };
         [
-            (self.iops.as_mut(), 1.0),
-            (ops.as_mut(), 1.0),
+            (self.iops.as_mut(), ops),
+            (class_ops.as_mut(), ops),
             (if bytes > 0.0 { self.bps.as_mut() } else { None }, bytes),
             (if bytes > 0.0 { data.as_mut() } else { None }, bytes),
         ]
@@ -277,8 +397,8 @@ impl Throttle {
     /// start): the time at which it may proceed, not before `now`. Its
     /// tokens are taken at once, so later arrivals queue behind it.
     pub fn reserve(&mut self, now: Duration, class: IoClass, bytes: u64) -> Duration {
+        let mut admit = now.max(self.frontier);
         let mut charges = self.charges(class, bytes);
-        let mut admit = now;
         for (dimension, cost) in charges.iter() {
             if let Some(dimension) = dimension {
                 for bucket in dimension.buckets() {
@@ -293,6 +413,7 @@ impl Throttle {
                 }
             }
         }
+        self.frontier = admit;
         admit
     }
 }
@@ -302,6 +423,48 @@ impl Throttle {
 struct Shared {
     start: tokio::time::Instant,
     throttle: Mutex<Throttle>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Throttle> {
+        // Plain arithmetic under the lock: consistent across a panic.
+        self.throttle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.start)
+    }
+}
+
+/// A handle on a [`QosBackend`]'s throttle: what the admin port reads and
+/// the limit watcher changes (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct QosHandle {
+    shared: Arc<Shared>,
+    metrics: Option<AgentMetrics>,
+}
+
+impl QosHandle {
+    pub fn limits(&self) -> QosLimits {
+        self.shared.lock().limits()
+    }
+
+    /// Replace the limits from now on, keeping waiting requests in place
+    /// ([`Throttle::set_limits`]).
+    pub fn set_limits(&self, limits: QosLimits) -> Result<(), QosError> {
+        let now = self.shared.now();
+        self.shared.lock().set_limits(now, limits)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.qos_limits_changed(&limits);
+        }
+        Ok(())
+    }
+
+    /// Every bucket's tokens now.
+    pub fn tokens(&self) -> Vec<BucketTokens> {
+        let now = self.shared.now();
+        self.shared.lock().tokens(now)
+    }
 }
 
 /// An [`NbdBackend`] that throttles another (the seam every front end
@@ -319,45 +482,46 @@ impl<B: NbdBackend> QosBackend<B> {
         limits: QosLimits,
         metrics: Option<AgentMetrics>,
     ) -> Result<QosBackend<B>, QosError> {
+        let throttle = Throttle::new(limits)?;
+        if let Some(metrics) = &metrics {
+            metrics.qos_limits_changed(&limits);
+        }
         Ok(QosBackend {
             inner,
             shared: Arc::new(Shared {
                 start: tokio::time::Instant::now(),
-                throttle: Mutex::new(Throttle::new(limits)?),
+                throttle: Mutex::new(throttle),
             }),
             metrics,
         })
     }
 
+    pub fn handle(&self) -> QosHandle {
+        QosHandle {
+            shared: self.shared.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     pub fn limits(&self) -> QosLimits {
-        self.lock().limits()
+        self.shared.lock().limits()
     }
 
-    /// Replace the limits (takes effect for the next request; the buckets
-    /// start full).
+    /// Replace the limits (see [`QosHandle::set_limits`]).
     pub fn set_limits(&self, limits: QosLimits) -> Result<(), QosError> {
-        let throttle = Throttle::new(limits)?;
-        *self.lock() = throttle;
-        Ok(())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Throttle> {
-        // Plain arithmetic under the lock: consistent across a panic.
-        self.shared
-            .throttle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.handle().set_limits(limits)
     }
 
     async fn admit(&self, class: IoClass, bytes: u64) {
         let now = tokio::time::Instant::now();
         let since_start = now.saturating_duration_since(self.shared.start);
-        let admit = self.lock().reserve(since_start, class, bytes);
+        let admit = self.shared.lock().reserve(since_start, class, bytes);
         let wait = admit.saturating_sub(since_start);
         if let Some(metrics) = &self.metrics {
             metrics.qos_waited(wait);
         }
         if !wait.is_zero() {
+            let _queued = self.metrics.as_ref().map(AgentMetrics::qos_queued);
             tokio::time::sleep_until(now + wait).await;
         }
     }
@@ -474,7 +638,126 @@ mod tests {
     }
 
     #[test]
-    fn a_large_request_costs_its_bytes_and_one_op() {
+    fn a_request_costs_one_io_per_started_256k() {
+        let mut throttle = Throttle::new(QosLimits {
+            iops: Some(Limit::new(100.0)),
+            ..QosLimits::default()
+        })
+        .unwrap();
+        // 1 MiB reads cost 4 I/Os: 10 s at 100 I/O/s is ~250 of them.
+        let count = saturate(&mut throttle, IoClass::Read, MIB, Duration::from_secs(10));
+        assert!((250..=253).contains(&count), "{count}");
+        let mut throttle = Throttle::new(QosLimits {
+            iops: Some(Limit::new(100.0)),
+            ..QosLimits::default()
+        })
+        .unwrap();
+        let count = saturate(
+            &mut throttle,
+            IoClass::Read,
+            256 << 10,
+            Duration::from_secs(10),
+        );
+        assert!((1000..=1011).contains(&count), "{count}");
+    }
+
+    #[test]
+    fn a_live_change_keeps_reservations_and_applies_the_new_rate() {
+        let mut throttle = Throttle::new(QosLimits {
+            iops: Some(Limit::new(100.0)),
+            ..QosLimits::default()
+        })
+        .unwrap();
+        // 30 queued at once: the last one is admitted at 0.2 s.
+        let queued: Vec<Duration> = (0..30)
+            .map(|_| throttle.reserve(Duration::ZERO, IoClass::Write, 4096))
+            .collect();
+        assert!((queued[29].as_secs_f64() - 0.2).abs() < 1e-6);
+        // Raised to 1000/s at 0.05 s: nothing reserved moves, newcomers
+        // queue behind the last reservation and go at the new rate.
+        let now = Duration::from_millis(50);
+        throttle
+            .set_limits(
+                now,
+                QosLimits {
+                    iops: Some(Limit::new(1000.0)),
+                    ..QosLimits::default()
+                },
+            )
+            .unwrap();
+        let next = throttle.reserve(now, IoClass::Write, 4096);
+        assert!(next >= queued[29], "{next:?} before {:?}", queued[29]);
+        let mut at = next;
+        let mut count = 0;
+        while at < Duration::from_millis(1200) {
+            at = throttle.reserve(at, IoClass::Write, 4096);
+            count += 1;
+        }
+        assert!((990..=1010).contains(&count), "{count}");
+        // Lowered to 10/s: the rate follows.
+        throttle
+            .set_limits(
+                at,
+                QosLimits {
+                    iops: Some(Limit::new(10.0)),
+                    ..QosLimits::default()
+                },
+            )
+            .unwrap();
+        let start = at;
+        let mut count = 0;
+        while at < start + Duration::from_secs(10) {
+            at = throttle.reserve(at, IoClass::Write, 4096);
+            count += 1;
+        }
+        assert!((99..=103).contains(&count), "{count}");
+        // To unlimited: FIFO still holds for what is queued.
+        let last = throttle.reserve(at, IoClass::Write, 4096);
+        throttle.set_limits(at, QosLimits::default()).unwrap();
+        assert!(throttle.reserve(at, IoClass::Write, 4096) >= last);
+        // Refused limits change nothing.
+        assert!(throttle
+            .set_limits(
+                at,
+                QosLimits {
+                    iops: Some(Limit::new(-1.0)),
+                    ..QosLimits::default()
+                }
+            )
+            .is_err());
+        assert!(throttle.limits().is_unlimited());
+    }
+
+    #[test]
+    fn the_volume_record_and_the_host_flags_combine_to_the_stricter() {
+        let record = QosLimits::from_volume(Some(&VolumeQos {
+            iops: Some(1000),
+            burst_iops: Some(3000),
+            burst_length_ms: Some(10_000),
+            bandwidth_bytes_per_second: Some(50 << 20),
+            ..VolumeQos::default()
+        }));
+        assert_eq!(
+            record.iops,
+            Some(Limit::with_burst(1000.0, 3000.0, Duration::from_secs(10)))
+        );
+        assert_eq!(record.bps, Some(Limit::new((50 << 20) as f64)));
+        let host = QosLimits {
+            iops: Some(Limit::new(500.0)),
+            bps: Some(Limit::new((100 << 20) as f64)),
+            write_iops: Some(Limit::new(200.0)),
+            ..QosLimits::default()
+        };
+        let both = record.stricter(&host);
+        assert_eq!(both.iops, host.iops);
+        assert_eq!(both.bps, record.bps);
+        assert_eq!(both.write_iops, host.write_iops);
+        assert_eq!(both, host.stricter(&record));
+        assert!(QosLimits::from_volume(None).is_unlimited());
+    }
+
+    #[test]
+    fn a_large_request_costs_its_bytes_and_its_ios() {
         let mut throttle = Throttle::new(QosLimits {
             iops: Some(Limit::new(1000.0)),
             bps: Some(Limit::new(MIB as f64)),
@@ -664,5 +947,52 @@ mod tests {
         }
         assert!(start.elapsed() < Duration::from_millis(1));
         backend.flush().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_change_under_a_queue_fails_nothing() {
+        use crate::nbd::MemoryBackend;
+        let backend = QosBackend::new(
+            MemoryBackend::new(1 << 20),
+            QosLimits {
+                iops: Some(Limit::new(10.0)),
+                ..QosLimits::default()
+            },
+            None,
+        )
+        .unwrap();
+        let handle = backend.handle();
+        let start = tokio::time::Instant::now();
+        // 201 queued: 1 from the bucket, then 10/s would take 20 s.
+        let writes = futures::future::join_all(
+            (0..201u64)
+                .map(|i| backend.write((i % 256) * 4096, Bytes::from(vec![i as u8; 4096]), false)),
+        );
+        let change = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            handle
+                .set_limits(QosLimits {
+                    iops: Some(Limit::new(1000.0)),
+                    ..QosLimits::default()
+                })
+                .unwrap();
+        };
+        let (results, ()) = tokio::join!(writes, change);
+        assert!(results.iter().all(Result::is_ok));
+        // Everything was reserved at the old rate on arrival: the change
+        // moves no reservation (they finish at ~20 s), and new requests
+        // go at the new rate behind them.
+        let elapsed = start.elapsed().as_secs_f64();
+        assert!((elapsed - 20.0).abs() < 0.05, "{elapsed}");
+        let again = tokio::time::Instant::now();
+        for i in 0..100u64 {
+            backend
+                .write(i * 4096, Bytes::from(vec![1u8; 4096]), false)
+                .await
+                .unwrap();
+        }
+        assert!(again.elapsed() < Duration::from_millis(150), "{:?}", again.elapsed());
+        assert_eq!(handle.limits().iops, Some(Limit::new(1000.0)));
+        assert!(!handle.tokens().is_empty());
     }
 }

@@ -218,6 +218,15 @@ pub enum Command {
         volume: VolumeId,
         size_bytes: u64,
     },
+    /// Set a volume's QoS limits (`None` or all-unlimited: none). The
+    /// attach agents read them with the partition map and apply them
+    /// live. Setting the limits a volume has is a no-op (a resend is
+    /// harmless). Refused (`InvalidQos`) unless
+    /// `proto::qos::VolumeQos::validate` accepts them.
+    SetVolumeQos {
+        volume: VolumeId,
+        qos: Option<proto::qos::VolumeQos>,
+    },
     /// Start deleting a volume: refused while attached unless `force`
     /// (which revokes the attachments). The volume leaves every map, its
     /// partitions are closed by their head nodes, and the leader's deleter

@@ -117,6 +117,13 @@ pub enum CommandError {
     /// role change, and a second delete is refused.
     #[error("volume {volume} is being deleted")]
     VolumeDeleting { volume: VolumeId },
+    /// QoS limits that are not acceptable (`proto::qos::QosSpecError`).
+    #[error("volume {volume}: QoS {field}: {reason}")]
+    InvalidQos {
+        volume: VolumeId,
+        field: String,
+        reason: String,
+    },
     /// Volumes only grow.
     #[error(
         "volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported"
@@ -171,6 +178,7 @@ impl CommandError {
             CommandError::VolumeAttached { .. } => "volume_attached",
             CommandError::VolumeDeleting { .. } => "volume_deleting",
             CommandError::ShrinkRefused { .. } => "shrink_refused",
+            CommandError::InvalidQos { .. } => "invalid_qos",
         }
     }
 

@@ -20,6 +20,9 @@
 //! * [`link`] — [`link::PeerLink`]: connections to one peer over network A
 //!   and network B, per-path probing and health, retry of idempotent
 //!   requests on the other path; [`link::LinkMetrics`].
+//! * [`rate`] — the token bucket every pacer uses (QoS, rebuild, scrub).
+//! * [`qos`] — a volume's QoS limits as the unit records them
+//!   ([`qos::VolumeQos`]) and their validation.
 //! * [`server`] — accepting side: decode frames, dispatch to a handler
 //!   concurrently, answer (possibly out of order), drop a connection that
 //!   sends a bad frame; [`server::ServerMetrics`].
@@ -32,6 +35,8 @@ pub mod http;
 pub mod lcp;
 pub mod link;
 pub mod message;
+pub mod qos;
+pub mod rate;
 pub mod server;
 pub mod sled;
 pub mod volume;

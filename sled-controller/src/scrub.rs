@@ -4,8 +4,9 @@
 //! to its length (a snapshot taken at the start of the column), verifying
 //! each 4 KiB block against its stored CRC-32C in chunks of
 //! [`SCRUB_CHUNK_BYTES`]. Before each chunk it takes that many bytes from a
-//! token bucket refilled at `scrub_bytes_per_second` (burst: one second's
-//! worth, at least one chunk), so scrubbing never takes more than its share
+//! token bucket (`proto::rate`, the one QoS and rebuild use too) refilled
+//! at `scrub_bytes_per_second` (burst: one second's worth, at least one
+//! chunk), so scrubbing never takes more than its share
 //! of the device. Bad blocks are logged, counted
 //! (`rackblock_sled_scrub_bad_blocks_total`, once per distinct block) and kept
 //! in a list for `SledRequest::ScrubReport`. A failed device is skipped;
@@ -24,8 +25,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use proto::rate::Pacer;
 use proto::sled::{BadBlock, ColumnId, ScrubReport};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -45,45 +47,6 @@ struct State {
     bad_blocks: VecDeque<BadBlock>,
     /// Every bad block recorded (what `bad_blocks` holds, for dedupe).
     known: BTreeSet<BadBlock>,
-}
-
-/// Token bucket in bytes.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate_bytes_per_second: u64,
-    capacity: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(rate_bytes_per_second: u64, min_capacity: u64) -> Self {
-        let capacity = rate_bytes_per_second.max(min_capacity) as f64;
-        Self {
-            rate_bytes_per_second,
-            capacity,
-            tokens: capacity,
-            last: Instant::now(),
-        }
-    }
-
-    /// How long to wait before `bytes` may be spent (tokens are taken now,
-    /// possibly going negative: the debt is the wait).
-    pub fn take(&mut self, bytes: u64, now: Instant) -> Duration {
-        if self.rate_bytes_per_second == 0 {
-            return Duration::ZERO;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens =
-            (self.tokens + elapsed * self.rate_bytes_per_second as f64).min(self.capacity);
-        self.tokens -= bytes as f64;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate_bytes_per_second as f64)
-        }
-    }
 }
 
 /// Scrub results and the pass logic; shared by the background task and
@@ -166,7 +129,7 @@ impl Scrubber {
     pub async fn pass(
         &self,
         stores: &[Arc<Store>],
-        mut bucket: Option<&mut TokenBucket>,
+        mut bucket: Option<&mut Pacer>,
         cancel: &CancellationToken,
     ) {
         let first_pass = self.lock().passes == 0;
@@ -191,7 +154,7 @@ impl Scrubber {
                     }
                     let len = SCRUB_CHUNK_BYTES.min(length - offset);
                     if let Some(bucket) = bucket.as_deref_mut() {
-                        let wait = bucket.take(len, Instant::now());
+                        let wait = bucket.reserve(len, tokio::time::Instant::now());
                         if !wait.is_zero() {
                             tokio::select! {
                                 () = tokio::time::sleep(wait) => {}
@@ -238,7 +201,10 @@ impl Scrubber {
         if bytes_per_second == 0 {
             return;
         }
-        let mut bucket = TokenBucket::new(bytes_per_second, SCRUB_CHUNK_BYTES);
+        let mut bucket = Pacer::new(
+            bytes_per_second,
+            bytes_per_second.max(SCRUB_CHUNK_BYTES),
+        );
         while !cancel.is_cancelled() {
             self.pass(&stores, Some(&mut bucket), &cancel).await;
             tokio::select! {
@@ -294,21 +260,21 @@ mod tests {
         assert_eq!(left[0].column, col(2));
     }
 
-    #[test]
-    fn token_bucket_paces_to_rate() {
-        let start = Instant::now();
-        let mut b = TokenBucket::new(1 << 20, 1 << 20);
+    #[tokio::test]
+    async fn pacer_paces_to_rate() {
+        let start = tokio::time::Instant::now();
+        let mut b = Pacer::new(1 << 20, 1 << 20);
         // The first second's worth is the burst.
-        assert_eq!(b.take(1 << 20, start), Duration::ZERO);
+        assert_eq!(b.reserve(1 << 20, start), Duration::ZERO);
         // The next MiB has to wait about a second.
-        let wait = b.take(1 << 20, start);
+        let wait = b.reserve(1 << 20, start);
         assert!((wait.as_secs_f64() - 1.0).abs() < 0.01, "{wait:?}");
         // After 3 seconds the debt is repaid and the bucket is full again.
         assert_eq!(
-            b.take(1 << 20, start + Duration::from_secs(3)),
+            b.reserve(1 << 20, start + Duration::from_secs(3)),
             Duration::ZERO
         );
-        let mut unlimited = TokenBucket::new(0, 1);
-        assert_eq!(unlimited.take(u64::MAX, start), Duration::ZERO);
+        let mut unlimited = Pacer::new(0, 1);
+        assert_eq!(unlimited.reserve(u64::MAX, start), Duration::ZERO);
     }
 }

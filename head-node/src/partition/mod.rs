@@ -95,7 +95,7 @@ pub use checkpoint::{CheckpointReport, RecoveryReport};
 pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
-pub use rebuild::{RebuildError, RebuildProgress, RebuildTask, TokenBucket};
+pub use rebuild::{RebuildError, RebuildProgress, RebuildTask};
 pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;

@@ -13,7 +13,7 @@
 //!  of rows    each block against the sled's CRCs, decode the missing chunk
 //!             (ErasureCodec), check every data chunk against the summary
 //!             CRCs, append chunk + summary to the new column in row order,
-//!             paced by a token bucket (bytes/s)
+//!             paced by a token bucket (bytes/s, `proto::rate::Pacer`)
 //!  confirm    under the flush lock again: if the partition opened the
 //!             extent meanwhile, seal it and copy the rows it added; then
 //!             the caller commits CompleteRepair, and the partition's grant
@@ -26,10 +26,10 @@
 //! of "stop m other sleds afterwards" proves.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future;
+use proto::rate::Pacer;
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 use thiserror::Error;
 use tokio::sync::watch;
@@ -144,41 +144,6 @@ impl RebuildError {
     }
 }
 
-/// A token bucket: at most `rate` bytes per second on average, bursts of
-/// one second.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate_bytes_per_second: u64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate_bytes_per_second: u64) -> Self {
-        let rate = rate_bytes_per_second.max(1);
-        TokenBucket {
-            rate_bytes_per_second: rate,
-            tokens: rate as f64,
-            last: Instant::now(),
-        }
-    }
-
-    /// Waits until `bytes` may pass (a request larger than the bucket
-    /// waits for its full cost, so the average still holds).
-    pub async fn acquire(&mut self, bytes: u64) {
-        let rate = self.rate_bytes_per_second as f64;
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        self.tokens -= bytes as f64;
-        if self.tokens < 0.0 {
-            let wait = Duration::from_secs_f64(-self.tokens / rate);
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
 impl Partition {
     /// Rebuilds column `task.column` of `task.grant` into `task.new` (see
     /// the module docs). `progress` receives the byte counts as rows are
@@ -287,7 +252,11 @@ impl Partition {
             codec: &codec,
             epoch,
             next_row,
-            bucket: TokenBucket::new(task.rate_bytes_per_second),
+            // One second of burst; the shared bucket (`proto::rate`).
+            bucket: Pacer::new(
+                task.rate_bytes_per_second.max(1),
+                task.rate_bytes_per_second.max(1),
+            ),
             report: &report,
         };
         copy.up_to(rows).await?;
@@ -388,7 +357,7 @@ struct RowCopy<'a, R> {
     epoch: u64,
     /// The first row not yet on the new column.
     next_row: u64,
-    bucket: TokenBucket,
+    bucket: Pacer,
     report: &'a R,
 }
 
@@ -587,12 +556,13 @@ async fn rebuild_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     /// One second of burst passes at once; the rest is paced at the rate.
     #[tokio::test]
     async fn token_bucket_paces_beyond_one_second_of_burst() {
         use futures::FutureExt as _;
-        let mut bucket = TokenBucket::new(1 << 20);
+        let mut bucket = Pacer::new(1 << 20, 1 << 20);
         // A full bucket: the burst is ready at the first poll (no sleep).
         assert!(
             bucket.acquire(1 << 20).now_or_never().is_some(),

@@ -379,6 +379,7 @@ impl UnitState {
                 self.remove_attachment(volume, attachment)
             }
             Command::ResizeVolume { volume, size_bytes } => self.resize_volume(volume, size_bytes),
+            Command::SetVolumeQos { volume, qos } => self.set_volume_qos(volume, qos),
             Command::DeleteVolume {
                 volume,
                 force,
@@ -649,6 +650,7 @@ impl UnitState {
                 code,
                 partitions,
                 attachments: BTreeMap::new(),
+                qos: None,
             },
         );
         Ok(Outcome::VolumeRegistered { volume, placement })

@@ -34,6 +34,9 @@ pub struct PartitionMap {
     pub size_bytes: u64,
     pub partition_size_bytes: u64,
     pub partitions: Vec<PartitionEntry>,
+    /// The volume's QoS limits (absent: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<proto::qos::VolumeQos>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +205,7 @@ impl UnitState {
             size_bytes: entry.size_bytes,
             partition_size_bytes: entry.partition_size_bytes,
             partitions,
+            qos: entry.qos,
         })
     }
 

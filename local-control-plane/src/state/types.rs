@@ -185,6 +185,12 @@ pub struct Volume {
     /// Valid attachments (credentials head nodes accept).
     #[serde(default)]
     pub attachments: BTreeMap<AttachmentId, Attachment>,
+    /// QoS limits the attach agents enforce (`None`: unlimited); set by
+    /// `SetVolumeQos`, handed out with the partition map. Absent from
+    /// states written before QoS existed (and from unlimited volumes'
+    /// JSON, so their snapshots do not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<proto::qos::VolumeQos>,
 }
 
 /// A volume being deleted: out of every map and placement, its partitions

@@ -435,3 +435,70 @@ fn deleting_volumes_are_not_repaired() {
         CommandError::VolumeDeleting { volume: 1 }
     );
 }
+
+#[test]
+fn qos_limits_are_validated_stored_and_mapped() {
+    use proto::qos::VolumeQos;
+    let mut state = unit();
+    assert_eq!(state.partition_map(1).unwrap().qos, None);
+    let qos = VolumeQos {
+        iops: Some(1_000),
+        burst_iops: Some(3_000),
+        burst_length_ms: Some(10_000),
+        bandwidth_bytes_per_second: Some(50 << 20),
+        ..VolumeQos::default()
+    };
+    let set = |qos| Command::SetVolumeQos { volume: 1, qos };
+    ok(&mut state, set(Some(qos)));
+    assert_eq!(state.partition_map(1).unwrap().qos, Some(qos));
+    // A resend is a no-op.
+    ok(&mut state, set(Some(qos)));
+    // Refused values change nothing.
+    let before = state.clone();
+    assert!(matches!(
+        refused(
+            &mut state,
+            set(Some(VolumeQos {
+                iops: Some(0),
+                ..VolumeQos::default()
+            }))
+        ),
+        CommandError::InvalidQos { volume: 1, ref field, .. } if field == "iops"
+    ));
+    assert!(matches!(
+        refused(
+            &mut state,
+            set(Some(VolumeQos {
+                iops: Some(1_000),
+                burst_iops: Some(10),
+                ..VolumeQos::default()
+            }))
+        ),
+        CommandError::InvalidQos { ref field, .. } if field == "burst_iops"
+    ));
+    assert_eq!(state, before);
+    assert_eq!(
+        refused(&mut state, Command::SetVolumeQos { volume: 9, qos: None }),
+        CommandError::UnknownVolume { volume: 9 }
+    );
+    // All-unlimited is stored as none; so is clearing.
+    ok(&mut state, set(Some(VolumeQos::default())));
+    assert_eq!(state.partition_map(1).unwrap().qos, None);
+    ok(&mut state, set(Some(qos)));
+    ok(&mut state, set(None));
+    assert_eq!(state.partition_map(1).unwrap().qos, None);
+    // The record's JSON of an unlimited volume has no qos field (states
+    // written before QoS load, and their snapshots do not change).
+    let json = serde_json::to_string(&state.volumes[&1]).unwrap();
+    assert!(!json.contains("qos"), "{json}");
+    ok(&mut state, set(Some(qos)));
+    let json = serde_json::to_string(&state.volumes[&1]).unwrap();
+    let back: Volume = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.qos, Some(qos));
+    // A volume being deleted takes no QoS change.
+    ok(&mut state, delete(1, true));
+    assert!(matches!(
+        refused(&mut state, set(None)),
+        CommandError::VolumeDeleting { volume: 1 }
+    ));
+}

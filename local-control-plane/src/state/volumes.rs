@@ -20,6 +20,14 @@
 //! every partition at its full `partition_size_bytes` and bound host I/O by
 //! the volume's size in this state, so raising the size is all it takes.
 //!
+//! # QoS
+//!
+//! `SetVolumeQos` replaces the volume's limits ([`proto::qos::VolumeQos`];
+//! all-unlimited is stored as none). They are validated here too (the
+//! zonal API and the CLI validate first, but the state machine is the last
+//! word: a bad value never reaches an agent). Agents poll them with the
+//! partition map and retune their throttles in place.
+//!
 //! # Deletion
 //!
 //! ```text
@@ -231,6 +239,29 @@ impl UnitState {
             size_bytes,
             added,
         })
+    }
+
+    pub(super) fn set_volume_qos(
+        &mut self,
+        volume: VolumeId,
+        qos: Option<proto::qos::VolumeQos>,
+    ) -> Result<Outcome, CommandError> {
+        let qos = match qos {
+            Some(qos) => {
+                qos.validate().map_err(|error| CommandError::InvalidQos {
+                    volume,
+                    field: error.field().to_owned(),
+                    reason: error.to_string(),
+                })?;
+                qos.normalized()
+            }
+            None => None,
+        };
+        self.live_volume(volume)?;
+        if let Some(entry) = self.volumes.get_mut(&volume) {
+            entry.qos = qos;
+        }
+        Ok(Outcome::Done)
     }
 
     pub(super) fn delete_volume(
