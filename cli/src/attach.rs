@@ -11,8 +11,9 @@
 //!        └─ LcpClient(head nodes, networks A and B) → VolumeClient(partition map,
 //!           credential sent with every request; head nodes check it)
 //!             └─ NbdServer { export VOLUME → VolumeClient } until SIGINT/SIGTERM
-//!                  (the map is refreshed every 5 s: a grown volume shows its new
-//!                   size to NBD clients that connect afterwards)
+//!                  (the map is refreshed every 2 s: a grown volume shows its new
+//!                   size to NBD clients that connect afterwards, and a change of
+//!                   the volume's QoS limits retunes the throttle in place)
 //!                  └─ stop accepting, finish in-flight requests, close the links,
 //!                     DELETE /v1/volumes/{name}/attachments/{id} (or, without
 //!                     zonal, RemoveAttachment of the one registered here):
@@ -28,6 +29,14 @@
 //!
 //! `--memory SIZE` serves an in-memory export instead (for trying NBD
 //! clients without a unit).
+//!
+//! **QoS** ([`client::qos`]): the limits in the volume's record at the
+//! unit (`volume create/modify --iops/--bandwidth/...`), read with the
+//! partition map, combined with `--qos-*` here: per dimension the
+//! stricter wins, so a host can tighten but never loosen what the
+//! operator set. A record change reaches the throttle at the next map
+//! refresh (within [`MAP_REFRESH_INTERVAL`] plus one control-plane read).
+//! Requests wait for tokens; none fails for QoS.
 //!
 //! `--iscsi ADDR` (repeatable: one portal per address, e.g. one per
 //! network) also serves the volume as LUN 0 of the iSCSI target
@@ -50,7 +59,7 @@ use client::admin::AdminState;
 use client::iscsi::{target_name_for, Chap, IscsiConfig, IscsiServer};
 use client::metrics::{AgentMetrics, MeteredBackend};
 use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
-use client::qos::{Limit, QosBackend, QosLimits};
+use client::qos::{Limit, QosBackend, QosHandle, QosLimits};
 use client::{ClientConfig, VolumeClient};
 use hardware::rack::{HeadNodeSpec, Rack, UnitSpec};
 use local_control_plane::LcpClient;
@@ -176,9 +185,11 @@ fn memory_lun_id(name: &str) -> u64 {
     })
 }
 
-/// Per-volume QoS limits, enforced here (requests wait, never fail). A
-/// request costs one I/O and its length in bytes; trim and write zeroes
-/// cost one write I/O. Unset: unlimited.
+/// Host-side QoS limits, enforced here on top of the volume record's
+/// (the stricter of the two wins per dimension; requests wait, never
+/// fail). A request costs one I/O per started 256 KiB and its length in
+/// bytes; trim and write zeroes cost one write I/O. Unset: only the
+/// volume's limits.
 #[derive(Debug, Default, clap::Args)]
 pub struct QosArgs {
     /// Limit of I/Os per second, reads and writes together.
@@ -209,6 +220,10 @@ pub struct QosArgs {
     /// How long a full bucket sustains the burst rate.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub qos_burst_length: Duration,
+    /// Benchmarks only: leave the QoS layer out of the I/O path entirely
+    /// (the volume record's limits are then not enforced).
+    #[arg(long, hide = true, conflicts_with_all = ["qos_iops", "qos_read_iops", "qos_write_iops", "qos_bps", "qos_read_bps", "qos_write_bps"])]
+    pub qos_bypass: bool,
 }
 
 impl QosArgs {
@@ -332,8 +347,10 @@ impl Attached {
     }
 }
 
-/// How often the attach agent re-reads the partition map while serving.
-const MAP_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the attach agent re-reads the partition map (and with it the
+/// volume's QoS limits) while serving: a limit change is in force within
+/// this plus one control-plane read (the issue asks for 6 s).
+pub const MAP_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A rack holding only the unit's head nodes: all `LcpClient` needs.
 fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
@@ -568,18 +585,30 @@ pub async fn run(
     };
     let size_bytes = backend.size_bytes();
     // The seam every front end goes through: metrics outside (host-seen
-    // latency includes QoS waits), QoS inside.
-    let backend: Arc<dyn NbdBackend> = if qos.is_unlimited() {
-        Arc::new(MeteredBackend::new(backend, metrics.clone()))
-    } else {
-        match QosBackend::new(backend, qos, Some(metrics.clone())) {
-            Ok(throttled) => Arc::new(MeteredBackend::new(throttled, metrics.clone())),
-            Err(error) => {
-                detach_and_report(&volume, attached.as_ref()).await;
-                return Err(CliError::Usage(error.to_string()));
+    // latency includes QoS waits), QoS inside. A volume of a unit always
+    // gets the QoS layer (its record's limits may be set later, live).
+    let volume_qos = volume_client
+        .as_ref()
+        .and_then(|client| client.partition_map().qos);
+    let limits = qos.stricter(&QosLimits::from_volume(volume_qos.as_ref()));
+    let (backend, qos_handle): (Arc<dyn NbdBackend>, Option<QosHandle>) =
+        if args.qos.qos_bypass || (volume_client.is_none() && qos.is_unlimited()) {
+            (Arc::new(MeteredBackend::new(backend, metrics.clone())), None)
+        } else {
+            match QosBackend::new(backend, limits, Some(metrics.clone())) {
+                Ok(throttled) => {
+                    let handle = throttled.handle();
+                    (
+                        Arc::new(MeteredBackend::new(throttled, metrics.clone())),
+                        Some(handle),
+                    )
+                }
+                Err(error) => {
+                    detach_and_report(&volume, attached.as_ref()).await;
+                    return Err(CliError::Usage(error.to_string()));
+                }
             }
-        }
-    };
+        };
     let nbd_backend = backend.clone();
     let mut exports = BTreeMap::new();
     exports.insert(volume.clone(), backend);
@@ -645,7 +674,7 @@ pub async fn run(
         }
         _ => listener.uri(&volume),
     };
-    tracing::info!(volume = %volume, size_bytes, %uri, iscsi_portals = ?portals, ?qos, "attached; serving");
+    tracing::info!(volume = %volume, size_bytes, %uri, iscsi_portals = ?portals, ?limits, ?volume_qos, host_qos = ?qos, "attached; serving");
     let admin_address = admin_listener
         .as_ref()
         .and_then(|listener| listener.local_addr().ok());
@@ -668,7 +697,9 @@ pub async fn run(
             registry: Arc::new(registry),
             client: volume_client.clone(),
             nbd: metrics.nbd.clone(),
-            qos,
+            metrics: metrics.clone(),
+            qos: qos_handle.clone(),
+            host_qos: qos,
         };
         let stop = shutdown.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -678,9 +709,12 @@ pub async fn run(
         })
     });
     // New NBD connections see the size of the last map read: re-read it
-    // now and then so that a grown volume shows up on reconnect.
+    // now and then so that a grown volume shows up on reconnect; the map
+    // carries the volume's QoS limits, applied here when they change.
     let refresher = volume_client.clone().map(|client| {
         let stop = shutdown.clone();
+        let qos_handle = qos_handle.clone();
+        let mut applied = volume_qos;
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -689,6 +723,22 @@ pub async fn run(
                 }
                 if let Err(error) = client.refresh_map().await {
                     tracing::debug!(%error, "periodic partition map refresh failed");
+                }
+                let Some(handle) = &qos_handle else { continue };
+                let record = client.partition_map().qos;
+                if record == applied {
+                    continue;
+                }
+                let limits = qos.stricter(&QosLimits::from_volume(record.as_ref()));
+                match handle.set_limits(limits) {
+                    Ok(()) => {
+                        tracing::info!(volume = client.volume(), ?record, ?limits, "QoS limits changed");
+                        applied = record;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, ?record, "the volume's QoS limits are unusable; keeping the previous ones");
+                        applied = record;
+                    }
                 }
             }
         })

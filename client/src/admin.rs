@@ -3,7 +3,11 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` | OpenMetrics text (`metrics.rs`; the README's table) |
-//! | `GET /health` | JSON; 200 when the volume client has a usable map and no partition's primary is down on both networks, else 503 with a `reason` |
+//! | `GET /health` | JSON; 200 when the volume client has a usable map and no partition's primary is down on both networks, else 503 with a `reason`; also the QoS limits in force, the volume record's and the host's |
+//!
+//! Before each `/metrics` answer the QoS buckets' tokens are published
+//! (`rackblock_agent_qos_tokens`), so the gauge is the value at the
+//! scrape, not at the last request.
 
 use std::sync::Arc;
 
@@ -15,8 +19,8 @@ use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use crate::metrics::NbdMetrics;
-use crate::qos::QosLimits;
+use crate::metrics::{AgentMetrics, NbdMetrics};
+use crate::qos::{QosHandle, QosLimits};
 use crate::VolumeClient;
 
 /// What the admin endpoint reads.
@@ -27,7 +31,11 @@ pub struct AdminState {
     /// `None` for an in-memory export (always healthy).
     pub client: Option<VolumeClient>,
     pub nbd: NbdMetrics,
-    pub qos: QosLimits,
+    pub metrics: AgentMetrics,
+    /// The throttle in the path (`None`: no QoS layer).
+    pub qos: Option<QosHandle>,
+    /// The attach flags' limits (`--qos-*`).
+    pub host_qos: QosLimits,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -38,6 +46,9 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
+    if let Some(qos) = &state.qos {
+        state.metrics.publish_qos_tokens(&qos.tokens());
+    }
     proto::http::metrics_response(&state.registry)
 }
 
@@ -90,7 +101,9 @@ async fn health(State(state): State<AdminState>) -> Response {
             "primaries": health.primaries,
             "requests_retrying": health.requests_retrying,
             "nbd_connections_open": state.nbd.open(),
-            "qos": qos_json(&state.qos),
+            "qos": qos_json(&state.qos.as_ref().map_or(state.host_qos, QosHandle::limits)),
+            "qos_host": qos_json(&state.host_qos),
+            "qos_volume": client.partition_map().qos,
         })),
     )
         .into_response()
