@@ -2,9 +2,10 @@
 //!
 //! | Method | Path | Body | Success |
 //! |---|---|---|---|
-//! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?}` | 201 volume (200 if the same volume exists) |
+//! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?, qos?}` | 201 volume (200 if the same volume exists) |
 //! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
 //! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` (live from the unit) |
+//! | PATCH | `/v1/volumes/{name}` | `{qos: {iops?, bandwidth_bytes_per_second?, burst_iops?, burst_bandwidth_bytes_per_second?, burst_length_ms?} \| null}` | 200 volume once the unit recorded the limits (a field set to null is removed, one left out kept; `qos: null` removes all); 400 names a bad field (`qos.burst_iops`) |
 //! | POST, PUT | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume once the unit grew it (same size: no-op); smaller: 400 |
 //! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
 //! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (id, token, unit, head nodes), registered with the unit |
@@ -17,7 +18,10 @@
 //!
 //! Every `/v1` request needs `Authorization: Bearer <admin token>`. Bodies
 //! are parsed field by field so that a 400 names the field; unknown fields
-//! are refused. Errors: [`ApiError`] (one status mapping, one body shape).
+//! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
+//! I/O of up to 256 KiB costs one; bursts need their limit and are at
+//! least it), recorded by the unit and enforced by attach agents.
+//! Errors: [`ApiError`] (one status mapping, one body shape).
 
 use std::sync::Arc;
 
@@ -33,9 +37,10 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::metrics::RequestLabels;
 use crate::model::{
-    ErasureCode, UnitRecord, VolumeRecord, VolumeSpec, DEFAULT_ERASURE_CODE,
+    ErasureCode, QosPatch, UnitRecord, VolumeRecord, VolumeSpec, DEFAULT_ERASURE_CODE,
     DEFAULT_PARTITION_SIZE_BYTES,
 };
+use proto::qos::VolumeQos;
 use crate::service::Zonal;
 
 /// Largest request body accepted.
@@ -53,7 +58,9 @@ pub fn router(zonal: Arc<Zonal>, admin_token: String) -> Router {
         .route("/v1/volumes", post(create_volume).get(list_volumes))
         .route(
             "/v1/volumes/{name}",
-            get(describe_volume).delete(delete_volume),
+            get(describe_volume)
+                .delete(delete_volume)
+                .patch(modify_volume),
         )
         .route(
             "/v1/volumes/{name}/resize",
@@ -234,6 +241,75 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
+/// A `qos` object of a create body: every field a non-negative integer.
+fn qos_object(value: Value) -> Result<Option<VolumeQos>, ApiError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Object(_) => serde_json::from_value::<VolumeQos>(value)
+            .map(VolumeQos::normalized)
+            .map_err(|e| ApiError::bad("qos", e.to_string())),
+        other => Err(ApiError::bad(
+            "qos",
+            format!("must be an object, got {}", kind(&other)),
+        )),
+    }
+}
+
+/// The body of `PATCH /v1/volumes/{name}`: `{"qos": null}` removes every
+/// limit; `{"qos": {FIELD: N | null, ...}}` sets or removes those fields
+/// and keeps the others.
+fn qos_patch(bytes: &[u8]) -> Result<QosPatch, ApiError> {
+    let mut body = Body::parse(bytes)?;
+    let qos = body
+        .0
+        .remove("qos")
+        .ok_or_else(|| ApiError::bad("qos", "is required (null removes every limit)"))?;
+    body.finish()?;
+    let fields = match qos {
+        Value::Null => {
+            return Ok(QosPatch {
+                clear_all: true,
+                ..QosPatch::default()
+            })
+        }
+        Value::Object(fields) => fields,
+        other => {
+            return Err(ApiError::bad(
+                "qos",
+                format!("must be an object or null, got {}", kind(&other)),
+            ))
+        }
+    };
+    let mut patch = QosPatch::default();
+    for (field, value) in fields {
+        let change = match &value {
+            Value::Null => None,
+            Value::Number(n) => Some(n.as_u64().ok_or_else(|| {
+                ApiError::bad(
+                    format!("qos.{field}"),
+                    format!("must be a non-negative integer or null, got {n}"),
+                )
+            })?),
+            other => {
+                return Err(ApiError::bad(
+                    format!("qos.{field}"),
+                    format!("must be a non-negative integer or null, got {}", kind(other)),
+                ))
+            }
+        };
+        let slot = match field.as_str() {
+            "iops" => &mut patch.iops,
+            "bandwidth_bytes_per_second" => &mut patch.bandwidth_bytes_per_second,
+            "burst_iops" => &mut patch.burst_iops,
+            "burst_bandwidth_bytes_per_second" => &mut patch.burst_bandwidth_bytes_per_second,
+            "burst_length_ms" => &mut patch.burst_length_ms,
+            _ => return Err(ApiError::bad(format!("qos.{field}"), "unknown field")),
+        };
+        *slot = Some(change);
+    }
+    Ok(patch)
+}
+
 fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
     let mut body = Body::parse(bytes)?;
     let name = Body::required("name", body.string("name")?)?;
@@ -257,12 +333,17 @@ fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
     let partition_size_bytes = body
         .u64("partition_size_bytes")?
         .unwrap_or(DEFAULT_PARTITION_SIZE_BYTES);
+    let qos = match body.0.remove("qos") {
+        Some(value) => qos_object(value)?,
+        None => None,
+    };
     body.finish()?;
     let spec = VolumeSpec {
         name,
         size_bytes,
         partition_size_bytes,
         erasure_code,
+        qos,
     };
     spec.validate()?;
     Ok(spec)
@@ -280,6 +361,7 @@ fn volume_json(v: &VolumeRecord) -> Value {
         "unit": v.unit,
         "state": v.state.name(),
         "created_at_ms": v.created_at_ms,
+        "qos": v.spec.qos,
         // Tokens are shown once, by the attach call.
         "attachments": v.attachments.iter().map(|a| json!({
             "id": a.id,
@@ -365,6 +447,12 @@ async fn resize_volume(State(state): Shared, Path(name): Path<String>, body: Byt
     let size_bytes = Body::required("size_bytes", body.u64("size_bytes")?)?;
     body.finish()?;
     let record = state.zonal.resize_volume(&name, size_bytes).await?;
+    Ok(Json(volume_json(&record)).into_response())
+}
+
+async fn modify_volume(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let patch = qos_patch(&body)?;
+    let record = state.zonal.modify_volume(&name, patch).await?;
     Ok(Json(volume_json(&record)).into_response())
 }
 

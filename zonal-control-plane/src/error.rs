@@ -103,7 +103,9 @@ impl ApiError {
             | ApiError::UnitUnreachable { .. }
             | ApiError::OutcomeUnknown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnitRefused { error, .. } => match error {
-                CommandError::InvalidArgument { .. } | CommandError::ShrinkRefused { .. } => {
+                CommandError::InvalidArgument { .. }
+                | CommandError::InvalidQos { .. }
+                | CommandError::ShrinkRefused { .. } => {
                     StatusCode::BAD_REQUEST
                 }
                 CommandError::AlreadyExists { .. }

@@ -92,6 +92,52 @@ pub struct VolumeSpec {
     pub size_bytes: u64,
     pub partition_size_bytes: u64,
     pub erasure_code: ErasureCode,
+    /// QoS limits (IOPS, bandwidth, bursts) the unit records with the
+    /// volume and attach agents enforce; `None`: unlimited. Changed by
+    /// `modify` afterwards (the spec is the volume as it is now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<proto::qos::VolumeQos>,
+}
+
+/// A change of a volume's QoS limits (`PATCH /v1/volumes/{name}`, JSON
+/// merge-patch style): per field `None` keeps it, `Some(None)` removes
+/// it, `Some(Some(v))` sets it; `clear_all` first removes every limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QosPatch {
+    pub clear_all: bool,
+    pub iops: Option<Option<u64>>,
+    pub bandwidth_bytes_per_second: Option<Option<u64>>,
+    pub burst_iops: Option<Option<u64>>,
+    pub burst_bandwidth_bytes_per_second: Option<Option<u64>>,
+    pub burst_length_ms: Option<Option<u64>>,
+}
+
+impl QosPatch {
+    /// The limits after the patch (`None`: unlimited). Not validated.
+    pub fn apply(&self, current: Option<proto::qos::VolumeQos>) -> Option<proto::qos::VolumeQos> {
+        let mut qos = if self.clear_all {
+            proto::qos::VolumeQos::default()
+        } else {
+            current.unwrap_or_default()
+        };
+        let set = |field: &mut Option<u64>, change: Option<Option<u64>>| {
+            if let Some(value) = change {
+                *field = value;
+            }
+        };
+        set(&mut qos.iops, self.iops);
+        set(
+            &mut qos.bandwidth_bytes_per_second,
+            self.bandwidth_bytes_per_second,
+        );
+        set(&mut qos.burst_iops, self.burst_iops);
+        set(
+            &mut qos.burst_bandwidth_bytes_per_second,
+            self.burst_bandwidth_bytes_per_second,
+        );
+        set(&mut qos.burst_length_ms, self.burst_length_ms);
+        qos.normalized()
+    }
 }
 
 /// A field of a request that is not acceptable, and why.
@@ -164,9 +210,26 @@ impl VolumeSpec {
         if raw_bytes(self.size_bytes, self.erasure_code).is_none() {
             return Err(FieldError::new("size_bytes", "too large"));
         }
-        Ok(())
+        check_qos(self.qos.as_ref())
     }
+}
 
+/// QoS limits as the unit would check them (`qos.FIELD` names the field).
+pub fn check_qos(qos: Option<&proto::qos::VolumeQos>) -> Result<(), FieldError> {
+    let Some(qos) = qos else { return Ok(()) };
+    qos.validate().map_err(|error| {
+        let field = match error.field() {
+            "iops" => "qos.iops",
+            "burst_iops" => "qos.burst_iops",
+            "bandwidth_bytes_per_second" => "qos.bandwidth_bytes_per_second",
+            "burst_bandwidth_bytes_per_second" => "qos.burst_bandwidth_bytes_per_second",
+            _ => "qos.burst_length_ms",
+        };
+        FieldError::new(field, error.to_string())
+    })
+}
+
+impl VolumeSpec {
     /// Raw bytes the volume occupies on sleds once fully written.
     pub fn raw_bytes(&self) -> u64 {
         raw_bytes(self.size_bytes, self.erasure_code).unwrap_or(u64::MAX)
@@ -390,9 +453,32 @@ mod tests {
             size_bytes: 1 << 30,
             partition_size_bytes: DEFAULT_PARTITION_SIZE_BYTES,
             erasure_code: DEFAULT_ERASURE_CODE,
+            qos: None,
         };
         assert!(ok.validate().is_ok());
         let field = |spec: VolumeSpec| spec.validate().unwrap_err().field;
+        assert_eq!(
+            field(VolumeSpec {
+                qos: Some(proto::qos::VolumeQos {
+                    iops: Some(1000),
+                    burst_iops: Some(10),
+                    ..Default::default()
+                }),
+                ..ok.clone()
+            }),
+            "qos.burst_iops"
+        );
+        assert_eq!(
+            field(VolumeSpec {
+                qos: Some(proto::qos::VolumeQos {
+                    bandwidth_bytes_per_second: Some(0),
+                    ..Default::default()
+                }),
+                ..ok.clone()
+            }),
+            "qos.bandwidth_bytes_per_second"
+        );
+        
         assert_eq!(
             field(VolumeSpec {
                 size_bytes: 0,

@@ -37,7 +37,7 @@ use tracing::{info, warn};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, PollLabels, StateLabels};
 use crate::model::{
-    check_name, check_size, rank_units, Attachment, Candidate, Capacity, ErasureCode, UnitRecord,
+    check_name, check_qos, check_size, rank_units, QosPatch, Attachment, Candidate, Capacity, ErasureCode, UnitRecord,
     VolumeRecord, VolumeSpec, VolumeState,
 };
 use crate::store::{Store, StoreError};
@@ -121,6 +121,7 @@ pub struct AttachInfo {
 }
 
 /// How one command to a unit went.
+#[derive(Debug)]
 enum Sent {
     Applied(Outcome),
     Refused(CommandError),
@@ -496,7 +497,7 @@ impl Zonal {
                 return Registration::Uncertain(format!("no answer within {COMMAND_TIMEOUT:?}"))
             }
         };
-        match answer {
+        let registered = match answer {
             Ok(Ok(Outcome::VolumeRegistered { .. })) => Registration::Applied,
             Ok(Ok(other)) => Registration::Protocol(format!("RegisterVolume answered {other:?}")),
             Ok(Err(CommandError::AlreadyExists {
@@ -530,6 +531,25 @@ impl Zonal {
                 Registration::Uncertain(reason)
             }
             Err(error) => Registration::Protocol(error.to_string()),
+        };
+        match (registered, record.spec.qos) {
+            (Registration::Applied, Some(qos)) => {
+                // The volume exists on the unit: whatever goes wrong now
+                // leaves the record Creating, and the same create settles
+                // it (registering again answers AlreadyExists, setting the
+                // same limits again is a no-op).
+                let command = Command::SetVolumeQos {
+                    volume: record.id,
+                    qos: Some(qos),
+                };
+                match self.send(unit, command).await {
+                    Sent::Applied(Outcome::Done) => Registration::Applied,
+                    other => Registration::Uncertain(format!(
+                        "the volume is registered but its QoS limits are not set yet: {other:?}"
+                    )),
+                }
+            }
+            (registered, _) => registered,
         }
     }
 
@@ -667,6 +687,45 @@ impl Zonal {
         let stored = record.clone();
         self.store(move |s| s.put_volume(&stored)).await?;
         info!(volume = name, id = record.id, size_bytes, "volume grown");
+        Ok(record)
+    }
+
+    /// Changes a volume's QoS limits: the unit applies them
+    /// (`SetVolumeQos`, attach agents pick them up with their next map
+    /// read), and only then does the record change. The same limits are a
+    /// no-op; an unknown outcome is settled by repeating the change.
+    pub async fn modify_volume(&self, name: &str, patch: QosPatch) -> Result<VolumeRecord, ApiError> {
+        let _guard = self.mutations.lock().await;
+        let mut record = self.live_volume(name).await?;
+        if record.state != VolumeState::Available {
+            return Err(ApiError::VolumeNotAvailable {
+                name: name.to_owned(),
+                state: record.state,
+            });
+        }
+        let qos = patch.apply(record.spec.qos);
+        check_qos(qos.as_ref())?;
+        let unit = self.unit(&record.unit)?;
+        // Sent even when the record already holds these limits: the unit's
+        // record is the one agents read, and a previous change whose
+        // outcome was unknown is settled this way.
+        let sent = self
+            .send(
+                unit,
+                Command::SetVolumeQos {
+                    volume: record.id,
+                    qos,
+                },
+            )
+            .await;
+        match sent {
+            Sent::Applied(Outcome::Done) => {}
+            other => return Err(self.not_applied(&record, other).await),
+        }
+        record.spec.qos = qos;
+        let stored = record.clone();
+        self.store(move |s| s.put_volume(&stored)).await?;
+        info!(volume = name, id = record.id, ?qos, "volume QoS changed");
         Ok(record)
     }
 

@@ -308,6 +308,7 @@ mod tests {
             size_bytes: 1 << 20,
             partition_size_bytes: 1 << 20,
             erasure_code: DEFAULT_ERASURE_CODE,
+            qos: None,
         }
     }
 

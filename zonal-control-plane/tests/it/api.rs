@@ -549,3 +549,94 @@ async fn delete_forwards_force_and_attach_fails_cleanly_when_the_unit_refuses() 
     assert_eq!(again["unit"], "u1");
     zonal.stop().await;
 }
+
+/// QoS limits: given at create they reach the unit's record (and the
+/// partition map describe shows); PATCH changes fields, removes one set to
+/// null, keeps the others, and `qos: null` removes all; bad limits are a
+/// 400 naming the field and never reach the unit; a unit that refuses or
+/// cannot be reached leaves the record as it was.
+#[tokio::test]
+async fn qos_limits_at_create_and_modify_reach_the_unit() {
+    let (_dir, unit, zonal) = one_unit(22).await;
+    let created = zonal
+        .post(
+            "/v1/volumes",
+            r#"{"name":"q","size_gib":1,"qos":{"iops":1000,"bandwidth_bytes_per_second":52428800,"burst_iops":3000,"burst_length_ms":10000}}"#,
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.json()["qos"]["iops"], 1000);
+    let on_unit = unit.volumes()[&1].qos.unwrap();
+    assert_eq!(on_unit.iops, Some(1000));
+    assert_eq!(on_unit.burst_iops, Some(3000));
+    assert_eq!(on_unit.burst_length_ms, Some(10_000));
+    assert_eq!(on_unit.bandwidth_bytes_per_second, Some(50 << 20));
+    let described = zonal.get("/v1/volumes/q").await.json();
+    assert_eq!(described["partition_map"]["qos"]["burst_iops"], 3000);
+
+    for (body, field) in [
+        (r#"{"qos":{"iops":0}}"#, "qos.iops"),
+        (r#"{"qos":{"burst_iops":10}}"#, "qos.burst_iops"),
+        (r#"{"qos":{"iops":"fast"}}"#, "qos.iops"),
+        (r#"{"qos":{"colour":1}}"#, "qos.colour"),
+        (r#"{"qos":7}"#, "qos"),
+        (r#"{}"#, "qos"),
+    ] {
+        let response = zonal.call("PATCH", "/v1/volumes/q", Some(body)).await;
+        assert_eq!(response.status, 400, "{body}: {}", response.body);
+        assert!(
+            response.message().starts_with(field),
+            "{body}: {} does not name {field}",
+            response.message()
+        );
+    }
+    let bad_create = zonal
+        .post(
+            "/v1/volumes",
+            r#"{"name":"r","size_gib":1,"qos":{"iops":100,"burst_iops":50}}"#,
+        )
+        .await;
+    assert_eq!(bad_create.status, 400, "{}", bad_create.body);
+    assert_eq!(unit.volumes().len(), 1);
+    assert_eq!(unit.volumes()[&1].qos, Some(on_unit));
+
+    // One field changed, one removed (with its burst), the rest kept.
+    let modified = zonal
+        .call(
+            "PATCH",
+            "/v1/volumes/q",
+            Some(r#"{"qos":{"iops":2000,"bandwidth_bytes_per_second":null}}"#),
+        )
+        .await;
+    assert_eq!(modified.status, 200, "{}", modified.body);
+    let on_unit = unit.volumes()[&1].qos.unwrap();
+    assert_eq!(on_unit.iops, Some(2000));
+    assert_eq!(on_unit.burst_iops, Some(3000));
+    assert_eq!(on_unit.bandwidth_bytes_per_second, None);
+    assert_eq!(modified.json()["qos"]["iops"], 2000);
+
+    // A refusing unit: the record keeps its limits.
+    unit.refuse_next(CommandError::InvalidArgument {
+        reason: "no".into(),
+    });
+    let refused = zonal
+        .call("PATCH", "/v1/volumes/q", Some(r#"{"qos":{"iops":5}}"#))
+        .await;
+    refused.assert_error(400, "invalid_argument");
+    assert_eq!(
+        zonal.get("/v1/volumes/q").await.json()["qos"]["iops"],
+        2000
+    );
+
+    let cleared = zonal
+        .call("PATCH", "/v1/volumes/q", Some(r#"{"qos":null}"#))
+        .await;
+    assert_eq!(cleared.status, 200, "{}", cleared.body);
+    assert!(cleared.json()["qos"].is_null(), "{}", cleared.body);
+    assert_eq!(unit.volumes()[&1].qos, None);
+    let missing = zonal
+        .call("PATCH", "/v1/volumes/nope", Some(r#"{"qos":null}"#))
+        .await;
+    missing.assert_error(404, "volume_not_found");
+    zonal.stop().await;
+}

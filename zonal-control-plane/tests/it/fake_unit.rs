@@ -36,6 +36,8 @@ pub struct FakeVolume {
     pub attachments: BTreeMap<u64, [u8; 32]>,
     /// DeleteVolume applied (with `force` as given).
     pub deleted: Option<bool>,
+    /// As SetVolumeQos recorded it.
+    pub qos: Option<proto::qos::VolumeQos>,
 }
 
 #[derive(Debug, Default)]
@@ -292,6 +294,7 @@ impl FakeUnit {
                         partition_size_bytes,
                         attachments: BTreeMap::new(),
                         deleted: None,
+                        qos: None,
                     },
                 );
                 Ok(Outcome::VolumeRegistered {
@@ -350,6 +353,12 @@ impl FakeUnit {
                     added: vec![],
                 })
             }
+            Command::SetVolumeQos { volume, qos } => {
+                volume_of(state, volume)?;
+                let v = state.volumes.get_mut(&volume).unwrap();
+                v.qos = qos.and_then(proto::qos::VolumeQos::normalized);
+                Ok(Outcome::Done)
+            }
             Command::DeleteVolume { volume, force, .. } => {
                 volume_of(state, volume)?;
                 let v = state.volumes.get_mut(&volume).unwrap();
@@ -394,6 +403,7 @@ impl FakeUnit {
                     lease_expires_at_ms: None,
                 })
                 .collect(),
+            qos: v.qos,
         })
     }
 
