@@ -121,6 +121,9 @@ enum VolumeCommand {
     Describe(ops::NameArgs),
     /// Grow a volume.
     Resize(ops::ResizeArgs),
+    /// Change a volume's QoS limits (--iops, --bandwidth, bursts; others
+    /// kept unless --clear-qos); attach agents apply them within seconds.
+    Modify(ops::ModifyArgs),
     /// Delete a volume: refused while attached unless --force; the unit
     /// frees its space in the background.
     Delete(ops::DeleteArgs),
@@ -354,6 +357,12 @@ fn main() -> ExitCode {
             } => ops::finish(
                 "volume resize",
                 ops::volume_resize(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::Modify(args),
+            } => ops::finish(
+                "volume modify",
+                ops::volume_modify(&cli.global, &args).await,
             ),
             Command::Volume {
                 command: VolumeCommand::Delete(args),

@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 use hardware::rack::Rack;
 use local_control_plane::state::{Health, PartitionMap, SledId, UnitStatus};
 use local_control_plane::{Command, RaftStatus};
-use serde_json::{json, Value};
+use proto::qos::VolumeQos;
+use serde_json::{json, Map, Value};
 
 use crate::error::{report, CliError};
 use crate::http::{segment, ZonalApi};
-use crate::text::{draw_progress, human_bytes, parse_block_size, Table};
+use crate::text::{draw_progress, human_bytes, parse_block_size, parse_duration, parse_size, Table};
 use crate::unit::{self, Output};
 
 /// Where `rackblock up` keeps its state; the verbs look there for defaults.
@@ -166,6 +167,162 @@ pub struct CreateArgs {
     /// Partition size (default 1GiB): the unit of placement on head nodes.
     #[arg(long)]
     pub partition_size: Option<String>,
+    #[command(flatten)]
+    pub qos: QosFlags,
+}
+
+/// A volume's QoS limits, recorded by its unit and enforced by every
+/// attach agent (requests wait, never fail; an I/O of up to 256 KiB
+/// costs one).
+#[derive(Debug, Default, clap::Args)]
+pub struct QosFlags {
+    /// Limit of I/Os per second (reads and writes together).
+    #[arg(long, value_name = "N")]
+    pub iops: Option<u64>,
+    /// Limit of bytes per second (50MiB, ...; reads and writes together).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub bandwidth: Option<u64>,
+    /// Burst rate of --iops: an idle volume may run this fast for
+    /// --burst-length, then decays to --iops.
+    #[arg(long, value_name = "N")]
+    pub burst_iops: Option<u64>,
+    /// Burst rate of --bandwidth (bytes per second).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub burst_bandwidth: Option<u64>,
+    /// How long a full burst credit lasts at the burst rate (default 1s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub burst_length: Option<Duration>,
+}
+
+impl QosFlags {
+    /// The flags given, as JSON fields of the zonal API (`null` for the
+    /// ones not given when `all` is set).
+    fn fields(&self, all: bool) -> Map<String, Value> {
+        let mut fields = Map::new();
+        let burst_length_ms = self
+            .burst_length
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        for (name, value) in [
+            ("iops", self.iops),
+            ("bandwidth_bytes_per_second", self.bandwidth),
+            ("burst_iops", self.burst_iops),
+            ("burst_bandwidth_bytes_per_second", self.burst_bandwidth),
+            ("burst_length_ms", burst_length_ms),
+        ] {
+            match value {
+                Some(value) => {
+                    fields.insert(name.into(), json!(value));
+                }
+                None if all => {
+                    fields.insert(name.into(), Value::Null);
+                }
+                None => {}
+            }
+        }
+        fields
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fields(false).is_empty()
+    }
+
+    /// The limits as a whole (create), checked like the unit checks them.
+    fn limits(&self) -> Result<Option<VolumeQos>, CliError> {
+        let qos = VolumeQos {
+            iops: self.iops,
+            bandwidth_bytes_per_second: self.bandwidth,
+            burst_iops: self.burst_iops,
+            burst_bandwidth_bytes_per_second: self.burst_bandwidth,
+            burst_length_ms: self
+                .burst_length
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        qos.validate()
+            .map_err(|e| CliError::Usage(format!("--{}: {e}", flag_of(e.field()))))?;
+        Ok(qos.normalized())
+    }
+}
+
+/// The CLI flag of a `VolumeQos` field.
+fn flag_of(field: &str) -> &'static str {
+    match field {
+        "iops" => "iops",
+        "bandwidth_bytes_per_second" => "bandwidth",
+        "burst_iops" => "burst-iops",
+        "burst_bandwidth_bytes_per_second" => "burst-bandwidth",
+        _ => "burst-length",
+    }
+}
+
+/// One line for a volume's limits.
+pub fn qos_line(qos: Option<&VolumeQos>) -> String {
+    let Some(qos) = qos.filter(|q| !q.is_unlimited()) else {
+        return "unlimited".into();
+    };
+    let burst_s = qos.burst_length_ms() as f64 / 1000.0;
+    let mut parts = Vec::new();
+    if let Some(iops) = qos.iops {
+        parts.push(match qos.burst_iops {
+            Some(burst) => format!("{iops} IOPS (burst {burst} for {burst_s}s)"),
+            None => format!("{iops} IOPS"),
+        });
+    }
+    if let Some(bandwidth) = qos.bandwidth_bytes_per_second {
+        parts.push(match qos.burst_bandwidth_bytes_per_second {
+            Some(burst) => format!(
+                "{}/s (burst {}/s for {burst_s}s)",
+                human_bytes(bandwidth),
+                human_bytes(burst)
+            ),
+            None => format!("{}/s", human_bytes(bandwidth)),
+        });
+    }
+    parts.join(", ")
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModifyArgs {
+    /// Volume name.
+    pub name: String,
+    /// Remove every limit first (then set the ones given here); without
+    /// it, the limits not given are kept.
+    #[arg(long)]
+    pub clear_qos: bool,
+    #[command(flatten)]
+    pub qos: QosFlags,
+}
+
+/// `volume modify`: change a volume's QoS limits; attach agents apply
+/// them within seconds (their next partition map read).
+pub async fn volume_modify(global: &GlobalArgs, args: &ModifyArgs) -> Result<(), CliError> {
+    let body = if args.qos.is_empty() {
+        if !args.clear_qos {
+            return Err(CliError::Usage(
+                "nothing to change: give --iops, --bandwidth, --burst-iops, --burst-bandwidth, \
+                 --burst-length or --clear-qos"
+                    .into(),
+            ));
+        }
+        json!({ "qos": null })
+    } else {
+        json!({ "qos": Value::Object(args.qos.fields(args.clear_qos)) })
+    };
+    let path = format!("/v1/volumes/{}", segment(&args.name));
+    let reply = global.api()?.call("PATCH", &path, Some(&body)).await?;
+    match global.output {
+        Output::Json => print_json(&reply.body),
+        Output::Table => {
+            println!("{}", volume_line(&reply.body));
+            println!("qos: {}", qos_line(record_qos(&reply.body).as_ref()));
+            Ok(())
+        }
+    }
+}
+
+fn record_qos(v: &Value) -> Option<VolumeQos> {
+    v.get("qos")
+        .filter(|q| !q.is_null())
+        .and_then(|q| serde_json::from_value(q.clone()).ok())
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,6 +373,9 @@ pub async fn volume_create(global: &GlobalArgs, args: &CreateArgs) -> Result<(),
         let bytes = parse_block_size("--partition-size", text)?;
         body["partition_size_bytes"] = json!(bytes);
     }
+    if let Some(qos) = args.qos.limits()? {
+        body["qos"] = serde_json::to_value(qos).map_err(|e| CliError::Runtime(e.to_string()))?;
+    }
     let api = global.api()?;
     let reply = api.call("POST", "/v1/volumes", Some(&body)).await?;
     match global.output {
@@ -227,6 +387,9 @@ pub async fn volume_create(global: &GlobalArgs, args: &CreateArgs) -> Result<(),
                 "exists (same spec, nothing changed)"
             };
             println!("{verb}: {}", volume_line(&reply.body));
+            if record_qos(&reply.body).is_some() {
+                println!("qos: {}", qos_line(record_qos(&reply.body).as_ref()));
+            }
             Ok(())
         }
     }
@@ -289,6 +452,19 @@ pub async fn volume_describe(global: &GlobalArgs, args: &NameArgs) -> Result<(),
     }
     let v = &reply.body;
     println!("{}", volume_line(v));
+    let recorded = record_qos(v);
+    println!("qos: {}", qos_line(recorded.as_ref()));
+    let at_unit: Option<VolumeQos> = v
+        .get("partition_map")
+        .and_then(|m| m.get("qos"))
+        .filter(|q| !q.is_null())
+        .and_then(|q| serde_json::from_value(q.clone()).ok());
+    if v.get("partition_map").is_some_and(|m| !m.is_null()) && at_unit != recorded {
+        println!(
+            "qos at the unit (what agents enforce): {} (repeat `volume modify` to settle)",
+            qos_line(at_unit.as_ref())
+        );
+    }
     let attached = attachments(v);
     if attached.is_empty() {
         println!("attachments: none");
