@@ -39,6 +39,8 @@ fn agent_admin_port_and_qos_iops_limit_under_fio() {
         "rackblock_agent_failover_pause_longest_seconds",
         "rackblock_agent_qos_wait_seconds",
         "rackblock_agent_requests_in_flight",
+        "rackblock_agent_qos_limit",
+        "rackblock_agent_qos_queued",
     ] {
         assert!(metrics.contains(family), "{family} missing:\n{metrics}");
     }
@@ -109,6 +111,142 @@ fn agent_admin_port_and_qos_iops_limit_under_fio() {
     let health = get_ok(admin, "/health");
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["qos"]["iops"]["rate"], 500.0, "{health:#}");
+    drop(agent);
+}
+
+/// fio's nbd engine, 4 KiB random reads at QD16 for `seconds`: the IOPS
+/// it measured (no request may fail).
+fn fio_randread_iops(unit: &RunningUnit, uri: &str, name: &str, seconds: u32) -> f64 {
+    let output = unit.dir.path().join(format!("fio-{name}.json"));
+    let output_arg = format!("--output={}", output.display());
+    let uri_arg = format!("--uri={uri}");
+    let runtime = format!("--runtime={seconds}");
+    let run = run_tool(
+        "fio",
+        &[
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randread",
+            "--bs=4k",
+            "--size=256M",
+            "--iodepth=16",
+            "--time_based",
+            &runtime,
+            "--output-format=json",
+            &output_arg,
+        ],
+        Duration::from_secs(u64::from(seconds) + 60),
+    );
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(run.status.success(), "{run}\n{text}");
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "{job:#}");
+    job["read"]["iops"].as_f64().unwrap()
+}
+
+/// Waits (bounded by `within`) until the agent's
+/// `rackblock_agent_qos_limit{dimension="iops"}` is `iops`; how long it took.
+fn wait_for_iops_limit(admin: SocketAddr, iops: f64, within: Duration) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let metrics = get_ok(admin, "/metrics");
+        let limit = sample(&metrics, r#"rackblock_agent_qos_limit{dimension="iops"}"#);
+        if limit == Some(iops) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "the agent's IOPS limit is {limit:?}, not {iops}, after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 18: the limits live in the unit's volume record. `volume create
+/// --iops 1000` through the zonal plane; an agent attached **without** the
+/// zonal plane (`--rack --volume-id`) enforces it: fio's 4 KiB random
+/// reads at QD16 measure between 500 and 1,300 IOPS (loose: 2 shared
+/// cores; the tight figure is `bench/qos.sh`). `volume modify --iops 200`
+/// reaches the serving agent within 6 s (its admin port shows the new
+/// limit) and fio then measures under 260; `--clear-qos` lifts it (limit
+/// 0 on the admin port, fio well above 200). No request fails throughout.
+#[test]
+fn qos_from_the_volume_record_is_enforced_without_zonal_and_changes_live() {
+    require_tool("fio", "fio");
+    let unit = RunningUnit::start("1GiB");
+    let created = unit.cli(&["volume", "create", "volr", "--size", "1GiB", "--iops", "1000"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let bad = unit.cli(&["volume", "modify", "volr", "--burst-iops", "10"]);
+    assert!(!bad.status.success(), "a burst below the limit was accepted");
+    let described = unit.cli(&["--output", "json", "volume", "describe", "volr"]);
+    let described: Value = serde_json::from_slice(&described.stdout).unwrap();
+    assert_eq!(described["partition_map"]["qos"]["iops"], 1000, "{described:#}");
+    let volume_id = described["id"].as_u64().unwrap().to_string();
+    let rack = unit.data_dir.join("rack.toml");
+    let admin = SocketAddr::from(([127, 0, 0, 1], unit.spare_port()));
+    let admin_arg = admin.to_string();
+    let (agent, uri) = unit.attach_with(
+        "volr",
+        &[
+            "--rack",
+            rack.to_str().unwrap(),
+            "--volume-id",
+            &volume_id,
+            "--admin",
+            &admin_arg,
+        ],
+    );
+    let health: Value = serde_json::from_str(&get_ok(admin, "/health")).unwrap();
+    assert_eq!(health["qos_volume"]["iops"], 1000, "{health:#}");
+    assert_eq!(health["qos"]["iops"]["rate"], 1000.0, "{health:#}");
+
+    let iops = fio_randread_iops(&unit, &uri, "record-1000", 5);
+    eprintln!("[agent] volume record --iops 1000, no zonal: fio {iops:.0} IOPS");
+    assert!(iops < 1300.0, "the record's 1000 IOPS did not hold: {iops:.0}");
+    assert!(iops > 500.0, "throttled far below the record's limit: {iops:.0}");
+
+    let modified = unit.cli(&["volume", "modify", "volr", "--iops", "200"]);
+    assert!(
+        modified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&modified.stderr)
+    );
+    let took = wait_for_iops_limit(admin, 200.0, Duration::from_secs(6));
+    eprintln!("[agent] volume modify --iops 200 in force after {took:?}");
+    let iops = fio_randread_iops(&unit, &uri, "record-200", 5);
+    eprintln!("[agent] after modify --iops 200: fio {iops:.0} IOPS");
+    assert!(iops < 260.0, "the modified limit did not hold: {iops:.0}");
+    assert!(iops > 100.0, "throttled far below the new limit: {iops:.0}");
+
+    let cleared = unit.cli(&["volume", "modify", "volr", "--clear-qos"]);
+    assert!(
+        cleared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleared.stderr)
+    );
+    let took = wait_for_iops_limit(admin, 0.0, Duration::from_secs(6));
+    eprintln!("[agent] volume modify --clear-qos in force after {took:?}");
+    let iops = fio_randread_iops(&unit, &uri, "record-none", 3);
+    eprintln!("[agent] unlimited again: fio {iops:.0} IOPS");
+    assert!(iops > 300.0, "still throttled after --clear-qos: {iops:.0}");
+
+    let metrics = get_ok(admin, "/metrics");
+    let failed = sample(
+        &metrics,
+        r#"rackblock_agent_requests_total{op="read",outcome="error"}"#,
+    )
+    .unwrap_or(0.0);
+    assert_eq!(failed, 0.0, "{metrics}");
+    assert!(
+        sample(&metrics, "rackblock_agent_qos_limit_changes_total").unwrap() >= 3.0,
+        "{metrics}"
+    );
     drop(agent);
 }
 
