@@ -572,7 +572,13 @@ impl PeerLink {
         });
         for path in &link.paths {
             link.metrics.path_up.get_or_create(&path.labels).set(0);
+            drop(link.metrics.path_failures.get_or_create(&path.labels));
         }
+        // Every series of this peer shows from the start, at zero (a
+        // dashboard's rate() over it has data before the first failover).
+        drop(link.metrics.failovers.get_or_create(&PeerLabels {
+            peer: link.peer.clone(),
+        }));
         tokio::spawn(probe_loop(
             Arc::downgrade(&link),
             link.closed.clone(),

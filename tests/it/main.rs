@@ -5,6 +5,7 @@ mod agent;
 mod cli;
 mod cli_verbs;
 mod datapath;
+mod dashboard;
 mod datapath_smoke;
 mod degraded;
 mod failover;
