@@ -90,7 +90,7 @@ fn command(state: &UnitState, op: [u8; 8], now_ms: u64) -> Command {
         device: 0,
         index: u32::from(f % 8),
     };
-    match code % 18 {
+    match code % 19 {
         0 => Command::RegisterVolume {
             volume,
             name: format!("v{}", a % 3),
@@ -190,6 +190,18 @@ fn command(state: &UnitState, op: [u8; 8], now_ms: u64) -> Command {
         },
         15 => Command::ReleaseDeletedExtent { extent },
         16 => Command::PurgeVolume { volume },
+        // Limits over a small domain: zeros, bursts below their limit and
+        // lone burst lengths are refused and must change nothing.
+        17 => Command::SetVolumeQos {
+            volume,
+            qos: (c % 4 != 0).then(|| proto::qos::VolumeQos {
+                iops: (d % 3 != 0).then_some(u64::from(d % 5) * 100),
+                bandwidth_bytes_per_second: (e % 3 != 0).then_some(u64::from(e % 5) << 20),
+                burst_iops: (f % 2 == 0).then_some(u64::from(f % 7) * 100),
+                burst_bandwidth_bytes_per_second: None,
+                burst_length_ms: (c % 3 == 0).then_some(u64::from(b % 3) * 500),
+            }),
+        },
         _ => Command::RefillSandbox {
             partition,
             target: u32::from(d % 4),
