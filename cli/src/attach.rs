@@ -593,7 +593,10 @@ pub async fn run(
     let limits = qos.stricter(&QosLimits::from_volume(volume_qos.as_ref()));
     let (backend, qos_handle): (Arc<dyn NbdBackend>, Option<QosHandle>) =
         if args.qos.qos_bypass || (volume_client.is_none() && qos.is_unlimited()) {
-            (Arc::new(MeteredBackend::new(backend, metrics.clone())), None)
+            (
+                Arc::new(MeteredBackend::new(backend, metrics.clone())),
+                None,
+            )
         } else {
             match QosBackend::new(backend, limits, Some(metrics.clone())) {
                 Ok(throttled) => {

@@ -31,7 +31,9 @@ use serde_json::{json, Map, Value};
 
 use crate::error::{report, CliError};
 use crate::http::{segment, ZonalApi};
-use crate::text::{draw_progress, human_bytes, parse_block_size, parse_duration, parse_size, Table};
+use crate::text::{
+    draw_progress, human_bytes, parse_block_size, parse_duration, parse_size, Table,
+};
 use crate::unit::{self, Output};
 
 /// Where `rackblock up` keeps its state; the verbs look there for defaults.

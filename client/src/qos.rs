@@ -142,7 +142,10 @@ impl QosLimits {
         };
         QosLimits {
             iops: limit(qos.iops, qos.burst_iops),
-            bps: limit(qos.bandwidth_bytes_per_second, qos.burst_bandwidth_bytes_per_second),
+            bps: limit(
+                qos.bandwidth_bytes_per_second,
+                qos.burst_bandwidth_bytes_per_second,
+            ),
             ..QosLimits::default()
         }
     }
@@ -991,7 +994,11 @@ mod tests {
                 .await
                 .unwrap();
         }
-        assert!(again.elapsed() < Duration::from_millis(150), "{:?}", again.elapsed());
+        assert!(
+            again.elapsed() < Duration::from_millis(150),
+            "{:?}",
+            again.elapsed()
+        );
         assert_eq!(handle.limits().iops, Some(Limit::new(1000.0)));
         assert!(!handle.tokens().is_empty());
     }

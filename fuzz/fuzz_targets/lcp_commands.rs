@@ -214,7 +214,10 @@ fuzz_target!(|data: &[u8]| {
     // 1. A request on the wire.
     if let Ok(request) = serde_json::from_slice::<LcpRequest>(data) {
         let again = serde_json::to_vec(&request).unwrap();
-        assert_eq!(serde_json::from_slice::<LcpRequest>(&again).ok(), Some(request));
+        assert_eq!(
+            serde_json::from_slice::<LcpRequest>(&again).ok(),
+            Some(request)
+        );
     }
 
     // 2. A program of commands.

@@ -140,11 +140,7 @@ impl VolumeQos {
             self.burst_bandwidth_bytes_per_second,
             MAX_BANDWIDTH_BYTES_PER_SECOND,
         )?;
-        bounded(
-            "burst_length_ms",
-            self.burst_length_ms,
-            MAX_BURST_LENGTH_MS,
-        )?;
+        bounded("burst_length_ms", self.burst_length_ms, MAX_BURST_LENGTH_MS)?;
         let burst = |field, needs, limit: Option<u64>, burst: Option<u64>| match (limit, burst) {
             (None, Some(_)) => Err(QosSpecError::BurstWithoutLimit { field, needs }),
             (Some(limit), Some(burst)) if burst < limit => Err(QosSpecError::BurstBelowLimit {

@@ -201,10 +201,7 @@ impl Scrubber {
         if bytes_per_second == 0 {
             return;
         }
-        let mut bucket = Pacer::new(
-            bytes_per_second,
-            bytes_per_second.max(SCRUB_CHUNK_BYTES),
-        );
+        let mut bucket = Pacer::new(bytes_per_second, bytes_per_second.max(SCRUB_CHUNK_BYTES));
         while !cancel.is_cancelled() {
             self.pass(&stores, Some(&mut bucket), &cancel).await;
             tokio::select! {

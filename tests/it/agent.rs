@@ -176,17 +176,25 @@ fn wait_for_iops_limit(admin: SocketAddr, iops: f64, within: Duration) -> Durati
 fn qos_from_the_volume_record_is_enforced_without_zonal_and_changes_live() {
     require_tool("fio", "fio");
     let unit = RunningUnit::start("1GiB");
-    let created = unit.cli(&["volume", "create", "volr", "--size", "1GiB", "--iops", "1000"]);
+    let created = unit.cli(&[
+        "volume", "create", "volr", "--size", "1GiB", "--iops", "1000",
+    ]);
     assert!(
         created.status.success(),
         "{}",
         String::from_utf8_lossy(&created.stderr)
     );
     let bad = unit.cli(&["volume", "modify", "volr", "--burst-iops", "10"]);
-    assert!(!bad.status.success(), "a burst below the limit was accepted");
+    assert!(
+        !bad.status.success(),
+        "a burst below the limit was accepted"
+    );
     let described = unit.cli(&["--output", "json", "volume", "describe", "volr"]);
     let described: Value = serde_json::from_slice(&described.stdout).unwrap();
-    assert_eq!(described["partition_map"]["qos"]["iops"], 1000, "{described:#}");
+    assert_eq!(
+        described["partition_map"]["qos"]["iops"], 1000,
+        "{described:#}"
+    );
     let volume_id = described["id"].as_u64().unwrap().to_string();
     let rack = unit.data_dir.join("rack.toml");
     let admin = SocketAddr::from(([127, 0, 0, 1], unit.spare_port()));
@@ -208,8 +216,14 @@ fn qos_from_the_volume_record_is_enforced_without_zonal_and_changes_live() {
 
     let iops = fio_randread_iops(&unit, &uri, "record-1000", 5);
     eprintln!("[agent] volume record --iops 1000, no zonal: fio {iops:.0} IOPS");
-    assert!(iops < 1300.0, "the record's 1000 IOPS did not hold: {iops:.0}");
-    assert!(iops > 500.0, "throttled far below the record's limit: {iops:.0}");
+    assert!(
+        iops < 1300.0,
+        "the record's 1000 IOPS did not hold: {iops:.0}"
+    );
+    assert!(
+        iops > 500.0,
+        "throttled far below the record's limit: {iops:.0}"
+    );
 
     let modified = unit.cli(&["volume", "modify", "volr", "--iops", "200"]);
     assert!(

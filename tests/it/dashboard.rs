@@ -67,7 +67,10 @@ fn every_metric_the_dashboard_queries_is_exported() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             let expr = target["expr"].as_str().unwrap();
             let names = queried_names(expr);
-            assert!(!names.is_empty(), "a query without a rackblock metric: {expr}");
+            assert!(
+                !names.is_empty(),
+                "a query without a rackblock metric: {expr}"
+            );
             queried.extend(names);
             targets += 1;
         }
@@ -89,7 +92,10 @@ fn every_metric_the_dashboard_queries_is_exported() {
         if limit == Some(100_000.0) {
             break;
         }
-        assert!(Instant::now() < deadline, "vol0's agent never took the limit:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "vol0's agent never took the limit:\n{text}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 

@@ -4,8 +4,8 @@
 mod agent;
 mod cli;
 mod cli_verbs;
-mod datapath;
 mod dashboard;
+mod datapath;
 mod datapath_smoke;
 mod degraded;
 mod failover;

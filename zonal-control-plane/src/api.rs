@@ -40,8 +40,8 @@ use crate::model::{
     ErasureCode, QosPatch, UnitRecord, VolumeRecord, VolumeSpec, DEFAULT_ERASURE_CODE,
     DEFAULT_PARTITION_SIZE_BYTES,
 };
-use proto::qos::VolumeQos;
 use crate::service::Zonal;
+use proto::qos::VolumeQos;
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 64 << 10;
@@ -293,7 +293,10 @@ fn qos_patch(bytes: &[u8]) -> Result<QosPatch, ApiError> {
             other => {
                 return Err(ApiError::bad(
                     format!("qos.{field}"),
-                    format!("must be a non-negative integer or null, got {}", kind(other)),
+                    format!(
+                        "must be a non-negative integer or null, got {}",
+                        kind(other)
+                    ),
                 ))
             }
         };

@@ -105,9 +105,7 @@ impl ApiError {
             ApiError::UnitRefused { error, .. } => match error {
                 CommandError::InvalidArgument { .. }
                 | CommandError::InvalidQos { .. }
-                | CommandError::ShrinkRefused { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
+                | CommandError::ShrinkRefused { .. } => StatusCode::BAD_REQUEST,
                 CommandError::AlreadyExists { .. }
                 | CommandError::VolumeAttached { .. }
                 | CommandError::VolumeDeleting { .. } => StatusCode::CONFLICT,

@@ -478,7 +478,7 @@ mod tests {
             }),
             "qos.bandwidth_bytes_per_second"
         );
-        
+
         assert_eq!(
             field(VolumeSpec {
                 size_bytes: 0,

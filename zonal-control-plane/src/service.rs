@@ -37,8 +37,8 @@ use tracing::{info, warn};
 use crate::error::ApiError;
 use crate::metrics::{Metrics, PollLabels, StateLabels};
 use crate::model::{
-    check_name, check_qos, check_size, rank_units, QosPatch, Attachment, Candidate, Capacity, ErasureCode, UnitRecord,
-    VolumeRecord, VolumeSpec, VolumeState,
+    check_name, check_qos, check_size, rank_units, Attachment, Candidate, Capacity, ErasureCode,
+    QosPatch, UnitRecord, VolumeRecord, VolumeSpec, VolumeState,
 };
 use crate::store::{Store, StoreError};
 use proto::volume::AttachmentToken;
@@ -694,7 +694,11 @@ impl Zonal {
     /// (`SetVolumeQos`, attach agents pick them up with their next map
     /// read), and only then does the record change. The same limits are a
     /// no-op; an unknown outcome is settled by repeating the change.
-    pub async fn modify_volume(&self, name: &str, patch: QosPatch) -> Result<VolumeRecord, ApiError> {
+    pub async fn modify_volume(
+        &self,
+        name: &str,
+        patch: QosPatch,
+    ) -> Result<VolumeRecord, ApiError> {
         let _guard = self.mutations.lock().await;
         let mut record = self.live_volume(name).await?;
         if record.state != VolumeState::Available {

@@ -478,7 +478,13 @@ fn qos_limits_are_validated_stored_and_mapped() {
     ));
     assert_eq!(state, before);
     assert_eq!(
-        refused(&mut state, Command::SetVolumeQos { volume: 9, qos: None }),
+        refused(
+            &mut state,
+            Command::SetVolumeQos {
+                volume: 9,
+                qos: None
+            }
+        ),
         CommandError::UnknownVolume { volume: 9 }
     );
     // All-unlimited is stored as none; so is clearing.

@@ -623,10 +623,7 @@ async fn qos_limits_at_create_and_modify_reach_the_unit() {
         .call("PATCH", "/v1/volumes/q", Some(r#"{"qos":{"iops":5}}"#))
         .await;
     refused.assert_error(400, "invalid_argument");
-    assert_eq!(
-        zonal.get("/v1/volumes/q").await.json()["qos"]["iops"],
-        2000
-    );
+    assert_eq!(zonal.get("/v1/volumes/q").await.json()["qos"]["iops"], 2000);
 
     let cleared = zonal
         .call("PATCH", "/v1/volumes/q", Some(r#"{"qos":null}"#))
