@@ -516,9 +516,15 @@ impl<B: NbdBackend> QosBackend<B> {
     }
 
     async fn admit(&self, class: IoClass, bytes: u64) {
-        let now = tokio::time::Instant::now();
-        let since_start = now.saturating_duration_since(self.shared.start);
-        let admit = self.shared.lock().reserve(since_start, class, bytes);
+        // The clock is read under the lock: reservations are made in
+        // time order, so with no limit (or tokens to spare) nobody waits
+        // behind a concurrent caller that read the clock a moment later.
+        let (now, since_start, admit) = {
+            let mut throttle = self.shared.lock();
+            let now = tokio::time::Instant::now();
+            let since_start = now.saturating_duration_since(self.shared.start);
+            (now, since_start, throttle.reserve(since_start, class, bytes))
+        };
         let wait = admit.saturating_sub(since_start);
         if let Some(metrics) = &self.metrics {
             metrics.qos_waited(wait);
