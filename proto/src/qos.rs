@@ -173,6 +173,7 @@ pub fn io_cost(len: u64) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

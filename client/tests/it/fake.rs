@@ -252,6 +252,7 @@ impl Unit {
                 size_bytes: u64::from(partitions) * partition_size_bytes,
                 partition_size_bytes,
                 partitions: Vec::new(),
+                qos: None,
             }),
         });
         let mut nodes = Vec::new();
