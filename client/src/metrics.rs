@@ -329,7 +329,7 @@ impl AgentMetrics {
         );
         registry.register(
             "rackblock_agent_qos_wait_seconds",
-            "Time each request waited for QoS tokens (0 when not throttled)",
+            "Time each request of a limited volume waited for QoS tokens (0 when it did not wait)",
             metrics.qos_wait_seconds.clone(),
         );
         registry.register(

@@ -47,10 +47,14 @@
 //!   times and order (none is dropped or failed) and later ones queue
 //!   behind them at the new rates. A dimension that becomes limited starts
 //!   with a full bucket; one that becomes unlimited drops its buckets.
+//!   With no limit at all the layer is a pass-through (one atomic load
+//!   per request): requests arriving after a change to unlimited go at
+//!   once, even ahead of ones still waiting under the old limits.
 //!
 //! The arithmetic is sans-IO: time is a [`Duration`] since the throttle's
 //! start, passed in by the caller, so tests drive it with a manual clock.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -426,6 +430,10 @@ impl Throttle {
 struct Shared {
     start: tokio::time::Instant,
     throttle: Mutex<Throttle>,
+    /// No limit in force: requests go straight to the inner backend (no
+    /// lock, no clock, no extra future), so an unlimited volume pays one
+    /// atomic load for the QoS layer. Set with the limits, under the lock.
+    unlimited: AtomicBool,
 }
 
 impl Shared {
@@ -456,7 +464,12 @@ impl QosHandle {
     /// ([`Throttle::set_limits`]).
     pub fn set_limits(&self, limits: QosLimits) -> Result<(), QosError> {
         let now = self.shared.now();
-        self.shared.lock().set_limits(now, limits)?;
+        let mut throttle = self.shared.lock();
+        throttle.set_limits(now, limits)?;
+        self.shared
+            .unlimited
+            .store(limits.is_unlimited(), Ordering::Relaxed);
+        drop(throttle);
         if let Some(metrics) = &self.metrics {
             metrics.qos_limits_changed(&limits);
         }
@@ -494,6 +507,7 @@ impl<B: NbdBackend> QosBackend<B> {
             shared: Arc::new(Shared {
                 start: tokio::time::Instant::now(),
                 throttle: Mutex::new(throttle),
+                unlimited: AtomicBool::new(limits.is_unlimited()),
             }),
             metrics,
         })
@@ -513,6 +527,10 @@ impl<B: NbdBackend> QosBackend<B> {
     /// Replace the limits (see [`QosHandle::set_limits`]).
     pub fn set_limits(&self, limits: QosLimits) -> Result<(), QosError> {
         self.handle().set_limits(limits)
+    }
+
+    fn unlimited(&self) -> bool {
+        self.shared.unlimited.load(Ordering::Relaxed)
     }
 
     async fn admit(&self, class: IoClass, bytes: u64) {
@@ -546,6 +564,9 @@ impl<B: NbdBackend> NbdBackend for QosBackend<B> {
     }
 
     fn read(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<Bytes, BackendError>> {
+        if self.unlimited() {
+            return self.inner.read(offset_bytes, len);
+        }
         Box::pin(async move {
             self.admit(IoClass::Read, len).await;
             self.inner.read(offset_bytes, len).await
@@ -558,6 +579,9 @@ impl<B: NbdBackend> NbdBackend for QosBackend<B> {
         data: Bytes,
         fua: bool,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
+        if self.unlimited() {
+            return self.inner.write(offset_bytes, data, fua);
+        }
         Box::pin(async move {
             self.admit(IoClass::Write, data.len() as u64).await;
             self.inner.write(offset_bytes, data, fua).await
@@ -569,6 +593,9 @@ impl<B: NbdBackend> NbdBackend for QosBackend<B> {
     }
 
     fn trim(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        if self.unlimited() {
+            return self.inner.trim(offset_bytes, len);
+        }
         Box::pin(async move {
             self.admit(IoClass::Write, 0).await;
             self.inner.trim(offset_bytes, len).await
@@ -576,6 +603,9 @@ impl<B: NbdBackend> NbdBackend for QosBackend<B> {
     }
 
     fn write_zeroes(&self, offset_bytes: u64, len: u64) -> BoxFuture<'_, Result<(), BackendError>> {
+        if self.unlimited() {
+            return self.inner.write_zeroes(offset_bytes, len);
+        }
         Box::pin(async move {
             self.admit(IoClass::Write, 0).await;
             self.inner.write_zeroes(offset_bytes, len).await
@@ -1007,5 +1037,30 @@ mod tests {
         );
         assert_eq!(handle.limits().iops, Some(Limit::new(1000.0)));
         assert!(!handle.tokens().is_empty());
+        // Unlimited: a pass-through; limited again: throttled again.
+        handle.set_limits(QosLimits::default()).unwrap();
+        let again = tokio::time::Instant::now();
+        for i in 0..1000u64 {
+            backend
+                .write((i % 256) * 4096, Bytes::from(vec![2u8; 4096]), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(again.elapsed(), Duration::ZERO);
+        handle
+            .set_limits(QosLimits {
+                write_iops: Some(Limit::new(100.0)),
+                ..QosLimits::default()
+            })
+            .unwrap();
+        let again = tokio::time::Instant::now();
+        for i in 0..110u64 {
+            backend
+                .write((i % 256) * 4096, Bytes::from(vec![3u8; 4096]), false)
+                .await
+                .unwrap();
+        }
+        let elapsed = again.elapsed().as_secs_f64();
+        assert!((elapsed - 1.0).abs() < 0.05, "{elapsed}");
     }
 }
