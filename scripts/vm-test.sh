@@ -56,6 +56,9 @@ kver=${abi#linux-image-}
 root=$cache/root-$kver
 packages=(qemu-system-x86 qemu-system-common qemu-system-data seabios libcapstone4 libfdt1
   libslirp0 libvdeplug2 busybox-static "$abi")
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9 # one fetch at a time (the cache is shared by every checkout)
 if [ ! -f "$root/.complete" ]; then
   log "fetching ${packages[*]} into $cache"
   rm -rf "$root" "$cache/debs"
@@ -66,6 +69,7 @@ if [ ! -f "$root/.complete" ]; then
   rm -rf "$cache/debs"
   touch "$root/.complete"
 fi
+flock -u 9
 qemu=$root/usr/bin/qemu-system-x86_64
 qemu_env=(env LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu"
   QEMU_MODULE_DIR="$root/usr/lib/x86_64-linux-gnu/qemu")
@@ -128,10 +132,13 @@ left() { echo $((limit - ($(date +%s) - started))); }
 check_time() { [ "$(left)" -gt 0 ] || die "over the time bound of ${limit}s ($1)"; }
 
 # --- the unit on the host ----------------------------------------------------
-# Ports away from `rackblock up`'s defaults and from other runs.
-slot=$(($$ % 40))
-base_port=$((21000 + slot * 200))
-admin_base=$((41000 + slot * 400))
+# Ports above the kernel's ephemeral range (32768-60999) and the tests'
+# (10000-30000), one block of 400 per run: the unit's data ports (base and
+# base+100) on 127.0.1.x/127.0.2.x, admin, zonal, NBD and control ports on
+# 127.0.0.1 (base+1 .. base+302).
+slot=$(($$ % 10))
+base_port=$((61000 + slot * 400))
+admin_base=$base_port
 zonal=127.0.0.1:$((admin_base + 300))
 ctl_port=$((admin_base + 302))
 log "starting the unit (rackblock up, data in $data)"

@@ -281,17 +281,32 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
         }
         Ok(())
     };
-    if let (Some(index), []) = (device, agents.as_slice()) {
-        let path = client::nbd::kernel::device_path(index);
-        if crate::device::read_record(&run_dir(), index).is_none() {
+    if agents.is_empty() {
+        // A device whose agent is gone: disconnect it here.
+        let orphans: Vec<u32> = match device {
+            Some(index) => crate::device::read_record(&run_dir(), index)
+                .map(|record| record.index)
+                .into_iter()
+                .collect(),
+            None => orphan_devices(&[])
+                .into_iter()
+                .filter(|record| record.volume == args.volume && !alive(record.pid))
+                .map(|record| record.index)
+                .collect(),
+        };
+        if let [index] = orphans.as_slice() {
+            let path = client::nbd::kernel::device_path(*index);
+            busy(&path)?;
+            crate::device::disconnect_orphan(*index)?;
+            println!("detached {path} (its agent had exited)");
+            return Ok(());
+        }
+        if device.is_some() {
             return Err(CliError::NotFound(format!(
-                "no attach agent serves {path} on this host (`rackblock attach --list`)"
+                "no attach agent serves {} on this host (`rackblock attach --list`)",
+                args.volume
             )));
         }
-        busy(&path)?;
-        crate::device::disconnect_orphan(index)?;
-        println!("detached {path} (its agent had exited)");
-        return Ok(());
     }
     let agent = match agents.as_slice() {
         [] => {
