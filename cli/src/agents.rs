@@ -198,8 +198,7 @@ pub fn list(output: Output) -> Result<(), CliError> {
             println!("{text}");
         }
         Output::Table => {
-            let mut table =
-                Table::new(&["VOLUME", "PID", "NBD", "DEVICE", "ADMIN", "ATTACHMENT"]);
+            let mut table = Table::new(&["VOLUME", "PID", "NBD", "DEVICE", "ADMIN", "ATTACHMENT"]);
             for agent in &agents {
                 table.row(vec![
                     agent.volume.clone(),

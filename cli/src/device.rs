@@ -174,9 +174,8 @@ pub fn prepare(
     }
     let mut netlink = Device::open().map_err(kernel_error)?;
     let run_dir = crate::agents::run_dir();
-    let orphan_of_volume = |record: &DeviceRecord| {
-        record.volume == volume && !crate::agents::alive(record.pid)
-    };
+    let orphan_of_volume =
+        |record: &DeviceRecord| record.volume == volume && !crate::agents::alive(record.pid);
     let mode = match spec {
         DeviceSpec::Index(index) => {
             if netlink.is_connected(*index).map_err(kernel_error)? {
@@ -363,8 +362,7 @@ impl Session {
             ..
         } = self;
         if !served.is_finished() {
-            let disconnected =
-                tokio::task::spawn_blocking(move || netlink.disconnect(index)).await;
+            let disconnected = tokio::task::spawn_blocking(move || netlink.disconnect(index)).await;
             match disconnected {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => tracing::warn!(%error, "disconnect"),
@@ -400,7 +398,12 @@ pub fn in_use(path: &str) -> bool {
         return false;
     };
     // SAFETY: open with a valid NUL-terminated path; the fd is closed below.
-    let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_EXCL | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDONLY | libc::O_EXCL | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return std::io::Error::last_os_error().raw_os_error() == Some(libc::EBUSY);
     }

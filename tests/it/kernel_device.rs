@@ -62,7 +62,14 @@ fn attach_device_refuses_with_the_reason() {
             .output()
             .unwrap()
     };
-    let out = run(&["attach", "mem0", "--memory", "16MiB", "--device", "/dev/nbd0"]);
+    let out = run(&[
+        "attach",
+        "mem0",
+        "--memory",
+        "16MiB",
+        "--device",
+        "/dev/nbd0",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let module = std::path::Path::new("/sys/module/nbd").exists();
     if !is_root() {
@@ -76,7 +83,9 @@ fn attach_device_refuses_with_the_reason() {
         );
     }
     // A device path that is not an NBD device is bad usage, on any host.
-    let out = run(&["attach", "mem0", "--memory", "16MiB", "--device", "/dev/sda"]);
+    let out = run(&[
+        "attach", "mem0", "--memory", "16MiB", "--device", "/dev/sda",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected /dev/nbdN"));
     // The volume name after --device is taken for the device: said so.

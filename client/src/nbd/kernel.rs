@@ -365,7 +365,9 @@ impl Device {
     /// new socket).
     pub fn is_connected(&mut self, index: u32) -> Result<bool, KernelNbdError> {
         match self.status(Some(index)) {
-            Ok(devices) => Ok(devices.iter().any(|&(i, connected)| i == index && connected)),
+            Ok(devices) => Ok(devices
+                .iter()
+                .any(|&(i, connected)| i == index && connected)),
             // No such device yet: the kernel creates it on connect.
             Err(KernelNbdError::Kernel {
                 source: NetlinkError::Refused { errno, .. },
@@ -417,7 +419,9 @@ mod tests {
         assert_eq!(negotiated.size_bytes, 1 << 20);
         let wanted = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA;
         assert_eq!(negotiated.transmission_flags & wanted, wanted);
-        use crate::nbd::wire::{encode_request_header, RequestHeader, CMD_DISC, CMD_FLUSH, CMD_WRITE};
+        use crate::nbd::wire::{
+            encode_request_header, RequestHeader, CMD_DISC, CMD_FLUSH, CMD_WRITE,
+        };
         let header = |command, handle, offset_bytes, length_bytes| RequestHeader {
             flags: 0,
             command,
