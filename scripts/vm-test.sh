@@ -229,7 +229,7 @@ ctl() { printf 'GET /%s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 10.0.2.2 "$CTL_PORT" 2>
 AGENT=""
 start_agent() {
   RUST_LOG=info /bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml \
-    --volume-id "$VOLUME_ID" --host vm-test >>/tmp/agent.log 2>&1 &
+    --volume-id "$VOLUME_ID" --host vm-test --admin 127.0.0.1:9400 >>/tmp/agent.log 2>&1 &
   AGENT=$!
 }
 wait_serving() { # how many "serving" lines the log must have
@@ -246,6 +246,11 @@ wait_serving 1
 say "attached $(now) $(grep '^serving vol0' /tmp/agent.log | tail -n 1)"
 [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "logical block size"
 [ "$(cat /sys/block/nbd0/size)" -gt 0 ] || fail "device size 0"
+# A second agent for the same device is refused (exit 4) before it
+# registers anything.
+/bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml --volume-id "$VOLUME_ID" \
+  >/tmp/second.log 2>&1
+[ $? = 4 ] || fail "a second agent for /dev/nbd0 was not refused: $(cat /tmp/second.log)"
 /sbin/mke2fs -q -t ext4 -F -E nodiscard /dev/nbd0 || fail "mkfs.ext4"
 mount -t ext4 -o errors=remount-ro /dev/nbd0 /mnt || fail "mount"
 say "writing $(now)"
@@ -267,6 +272,10 @@ while :; do
 done
 say "stall ${max}ms f$maxfile files $i"
 sync
+# The agent's own view of the failovers (its admin port).
+pause=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 5 127.0.0.1 9400 |
+  awk '/^rackblock_agent_failover_pause_longest_seconds / { printf "%d", $2 * 1000 }')
+say "agent-pause ${pause:-?}ms"
 
 # The agent dies and a new one takes the device back (NBD_CMD_RECONFIGURE);
 # a write issued in between waits in the kernel.
@@ -435,10 +444,11 @@ wait_console "VMTEST END" "the guest's checks"
 for _ in $(seq 1 100); do alive "$qemu_pid" || break; sleep 0.1; done
 total=$(($(date +%s) - started))
 echo "--- guest"
-grep -E "VMTEST (init|network|attached|writing|stall|agent-restart|PASS|FAIL)" "$console" | tr -d '\r'
+grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-restart|PASS|FAIL)" "$console" | tr -d '\r'
 if grep -q "VMTEST PASS" "$console"; then
   stall=$(sed -n 's/.*VMTEST stall \([0-9]*\)ms.*/\1/p' "$console")
-  echo "PASS vm-test: boot to /init ${boot_seconds}s, longest guest write stall ${stall} ms across the kills of $victim (primary of partition $partition) and $leader (Raft leader), total ${total}s"
+  pause=$(sed -n 's/.*VMTEST agent-pause \([0-9?]*\)ms.*/\1/p' "$console")
+  echo "PASS vm-test: boot to /init ${boot_seconds}s, longest guest write stall ${stall} ms (the agent's longest failover pause ${pause} ms) across the kills of $victim (primary of partition $partition) and $leader (Raft leader), total ${total}s"
   exit 0
 fi
 sed -n '/VMTEST FAIL/,$p' "$console"

@@ -198,7 +198,9 @@ pub fn prepare(
                         )))
                     }
                     None => {
-                        return Err(kernel_error(KernelNbdError::Busy { index: *index }));
+                        return Err(kernel_error(KernelNbdError::Busy {
+                            device: device_path(*index),
+                        }));
                     }
                 }
             } else {

@@ -96,8 +96,8 @@ pub enum KernelNbdError {
     NoModule,
     #[error("configuring NBD devices needs root (CAP_SYS_ADMIN)")]
     NotPermitted,
-    #[error("/dev/nbd{index} is busy (connected by another process or agent)")]
-    Busy { index: u32 },
+    #[error("{device} is busy (connected by another process or agent)")]
+    Busy { device: String },
     #[error("/dev/nbd{index} is not connected")]
     NotConnected { index: u32 },
     #[error("{0:?} is not an NBD device (expected /dev/nbdN)")]
@@ -189,6 +189,43 @@ where
         .map_err(|_| bad(format!("no answer within {HANDSHAKE_TIMEOUT:?}")))?
 }
 
+/// The (index, connected) pairs of `NBD_CMD_STATUS` replies, by index:
+///
+/// ```text
+/// [NBD_ATTR_DEVICE_LIST]
+///   [NBD_DEVICE_ITEM] [NBD_DEVICE_INDEX u32] [NBD_DEVICE_CONNECTED u8]
+///   ...
+/// ```
+pub fn parse_status(replies: &[Vec<u8>]) -> Result<Vec<(u32, bool)>, NetlinkError> {
+    let mut devices = Vec::new();
+    for reply in replies {
+        for (kind, list) in netlink::attributes(reply)? {
+            if kind != ATTR_DEVICE_LIST {
+                continue;
+            }
+            for (kind, item) in netlink::attributes(list)? {
+                if kind != DEVICE_ITEM {
+                    continue;
+                }
+                let mut index = None;
+                let mut connected = false;
+                for (kind, value) in netlink::attributes(item)? {
+                    match kind {
+                        DEVICE_INDEX => index = Some(netlink::attr_u32(value)?),
+                        DEVICE_CONNECTED => connected = netlink::attr_u8(value)? != 0,
+                        _ => {}
+                    }
+                }
+                if let Some(index) = index {
+                    devices.push((index, connected));
+                }
+            }
+        }
+    }
+    devices.sort_unstable();
+    Ok(devices)
+}
+
 /// How a device is (re)configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -210,7 +247,7 @@ fn kernel(command: &'static str, index: Option<u32>) -> impl Fn(NetlinkError) ->
             KernelNbdError::NotPermitted
         }
         NetlinkError::Refused { errno, .. } if *errno == libc::EBUSY => KernelNbdError::Busy {
-            index: index.unwrap_or(u32::MAX),
+            device: index.map_or_else(|| "the NBD device".to_owned(), device_path),
         },
         _ => KernelNbdError::Kernel {
             command,
@@ -329,36 +366,11 @@ impl Device {
         if let Some(index) = index {
             message.put_u32(ATTR_INDEX, index);
         }
-        let err = kernel("status", index);
-        let replies = self.socket.request(&message).map_err(&err)?;
-        let mut devices = Vec::new();
-        for reply in &replies {
-            for (kind, list) in netlink::attributes(reply).map_err(&err)? {
-                if kind != ATTR_DEVICE_LIST {
-                    continue;
-                }
-                for (kind, item) in netlink::attributes(list).map_err(&err)? {
-                    if kind != DEVICE_ITEM {
-                        continue;
-                    }
-                    let mut found = (None, false);
-                    for (kind, value) in netlink::attributes(item).map_err(&err)? {
-                        match kind {
-                            DEVICE_INDEX => found.0 = Some(netlink::attr_u32(value).map_err(&err)?),
-                            DEVICE_CONNECTED => {
-                                found.1 = netlink::attr_u8(value).map_err(&err)? != 0;
-                            }
-                            _ => {}
-                        }
-                    }
-                    if let Some(index) = found.0 {
-                        devices.push((index, found.1));
-                    }
-                }
-            }
-        }
-        devices.sort_unstable();
-        Ok(devices)
+        let replies = self
+            .socket
+            .request(&message)
+            .map_err(kernel("status", index))?;
+        parse_status(&replies).map_err(kernel("status", index))
     }
 
     /// Whether device `index` is configured (connected, or waiting for a
@@ -386,6 +398,30 @@ mod tests {
 
     use super::*;
     use crate::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
+
+    /// A STATUS answer as the kernel builds it (nbd.c, `populate_nbd_status`).
+    #[test]
+    fn status_replies_parse() {
+        let mut message = Message::new(0x20, CMD_STATUS, VERSION);
+        message.begin_nested(ATTR_DEVICE_LIST);
+        for (index, connected) in [(3u32, 0u8), (0, 1)] {
+            message
+                .begin_nested(DEVICE_ITEM)
+                .put_u32(DEVICE_INDEX, index)
+                .put_u8(DEVICE_CONNECTED, connected)
+                .end_nested();
+        }
+        message.end_nested();
+        let bytes = message.finish(1);
+        // What GenlSocket::request hands back: after both headers.
+        let reply = bytes[20..].to_vec();
+        assert_eq!(
+            parse_status(&[reply.clone()]).unwrap(),
+            vec![(0, true), (3, false)]
+        );
+        assert!(parse_status(&[reply[..reply.len() - 6].to_vec()]).is_err());
+        assert!(parse_status(&[]).unwrap().is_empty());
+    }
 
     #[test]
     fn device_paths_parse() {
