@@ -13,8 +13,9 @@
 #                                           │   mkfs.ext4, mount, write files with fsync
 #              slirp (user-mode network) ───┘   (checksums, per-write latency)
 #   kill -9 the primary of the partition        kill -9 its own agent, restart it
-#   being written; restart it; kill -9 the      (NBD_CMD_RECONFIGURE), unmount,
-#   Raft leader                                 e2fsck -fn, checksums, dmesg
+#   being written; restart it; kill -9 the      (NBD_CMD_RECONFIGURE), the same after
+#   Raft leader                                 SIGTERM while mounted; unmount,
+#                                               e2fsck -fn, checksums, dmesg, detach
 #
 # Networking: the guest uses the unit's own addresses. Its loopback keeps
 # only 127.0.0.1/32, 127.0.1.0/24 and 127.0.2.0/24 (networks A and B) are
@@ -277,8 +278,23 @@ pause=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 5 127.0.0.1 9400 |
   awk '/^rackblock_agent_failover_pause_longest_seconds / { printf "%d", $2 * 1000 }')
 say "agent-pause ${pause:-?}ms"
 
-# The agent dies and a new one takes the device back (NBD_CMD_RECONFIGURE);
-# a write issued in between waits in the kernel.
+# A service stop (SIGTERM) while mounted leaves the device, configured,
+# to the next agent, which takes it back (NBD_CMD_RECONFIGURE).
+kill -TERM "$AGENT"
+wait "$AGENT"
+rc=$?
+[ $rc = 0 ] || fail "the agent exited with $rc on SIGTERM"
+grep -q 'is in use: left for a restarted agent' /tmp/agent.log ||
+  fail "SIGTERM while mounted did not leave the device to the next agent"
+/bin/rackblock attach --list | grep -q '/dev/nbd0 (waiting for its agent' ||
+  fail "attach --list does not show the device waiting for its agent"
+start_agent
+wait_serving 2
+[ "$(grep -c 'taken back' /tmp/agent.log)" = 1 ] || fail "the next agent did not take /dev/nbd0 back"
+say "agent-stop-restart ok"
+
+# The agent dies (kill -9) and a new one takes the device back; a write
+# issued in between waits in the kernel.
 kill -9 "$AGENT"
 wait "$AGENT" 2>/dev/null
 t0=$(now)
@@ -286,8 +302,8 @@ t0=$(now)
 writer=$!
 sleep 2
 start_agent
-wait_serving 2
-grep -q 'taken back' /tmp/agent.log || fail "the new agent did not take /dev/nbd0 back"
+wait_serving 3
+[ "$(grep -c 'taken back' /tmp/agent.log)" = 2 ] || fail "the new agent did not take /dev/nbd0 back"
 wait $writer
 t1=$(now)
 [ "$(cat /tmp/across.rc)" = 0 ] || fail "the write across the agent restart failed"
@@ -444,7 +460,7 @@ wait_console "VMTEST END" "the guest's checks"
 for _ in $(seq 1 100); do alive "$qemu_pid" || break; sleep 0.1; done
 total=$(($(date +%s) - started))
 echo "--- guest"
-grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-restart|PASS|FAIL)" "$console" | tr -d '\r'
+grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-stop-restart|agent-restart|PASS|FAIL)" "$console" | tr -d '\r'
 if grep -q "VMTEST PASS" "$console"; then
   stall=$(sed -n 's/.*VMTEST stall \([0-9]*\)ms.*/\1/p' "$console")
   pause=$(sed -n 's/.*VMTEST agent-pause \([0-9?]*\)ms.*/\1/p' "$console")

@@ -7,6 +7,12 @@
 //! removes it. Detach sends the agent SIGTERM, which makes it finish its
 //! in-flight requests and revoke its attachment, and waits for it to exit.
 //!
+//! An agent serving a kernel device (`attach --device`) also keeps
+//! `device-nbdN.json` there ([`crate::device`]); `--list` shows the
+//! device's kernel state, and devices whose agent is gone; `detach
+//! /dev/nbdN` (or the volume) disconnects the device first, and refuses
+//! while it is mounted unless `--force`.
+//!
 //! Run directory: `RACKBLOCK_RUN_DIR`, else `/run/rackblock` for root,
 //! else `$XDG_RUNTIME_DIR/rackblock`, else `/tmp/rackblock-<uid>`.
 
@@ -296,7 +302,7 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
         if let [index] = orphans.as_slice() {
             let path = client::nbd::kernel::device_path(*index);
             busy(&path)?;
-            crate::device::disconnect_orphan(*index)?;
+            crate::device::disconnect(*index)?;
             println!("detached {path} (its agent had exited)");
             return Ok(());
         }
@@ -327,15 +333,24 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
     };
     if let Some(device) = &agent.device {
         busy(device)?;
+        // Disconnected here, so that the agent cannot leave a device in
+        // use for a restart (it does on a bare SIGTERM): it sees its
+        // connection end and exits by itself.
+        let index = client::nbd::kernel::device_index(Path::new(device))
+            .map_err(crate::device::kernel_error)?;
+        crate::device::disconnect(index)?;
     }
     let pid = libc::pid_t::try_from(agent.pid)
         .map_err(|_| CliError::Runtime(format!("pid {} out of range", agent.pid)))?;
     // SAFETY: SIGTERM to the agent process its own record names.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(CliError::Runtime(format!(
-            "cannot signal agent {pid}: {}",
-            std::io::Error::last_os_error()
-        )));
+        let error = std::io::Error::last_os_error();
+        // Already gone (it exited after its device's disconnect).
+        if error.raw_os_error() != Some(libc::ESRCH) {
+            return Err(CliError::Runtime(format!(
+                "cannot signal agent {pid}: {error}"
+            )));
+        }
     }
     let deadline = Instant::now() + args.timeout;
     while alive(agent.pid) {

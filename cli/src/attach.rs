@@ -813,9 +813,12 @@ pub async fn run(
             Ok(())
         }
     };
-    if let Some(session) = device_session {
-        session.stop().await;
-    }
+    // A device still mounted is left to a restarted agent, and so is the
+    // attachment it will revoke when it takes the device back.
+    let left_for_restart = match device_session {
+        Some(session) => session.stop().await == crate::device::Stopped::LeftForRestart,
+        None => false,
+    };
     if let Some(iscsi_served) = iscsi_served {
         match iscsi_served.await {
             Ok(Ok(())) => {}
@@ -832,7 +835,13 @@ pub async fn run(
     if let Some(client) = &volume_client {
         client.close();
     }
-    detach_and_report(&volume, attached.as_ref()).await;
+    if left_for_restart {
+        if let Some(Attached::Unit { lcp, .. }) = &attached {
+            lcp.close();
+        }
+    } else {
+        detach_and_report(&volume, attached.as_ref()).await;
+    }
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
 }
 

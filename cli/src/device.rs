@@ -17,9 +17,15 @@
 //!   the kernel: NBD_CMD_CONNECT, or NBD_CMD_RECONFIGURE for Reattach
 //!   (retried for a few seconds while the old socket is not yet dead)
 //!   record device-nbdN.json {index, volume, pid, attachment, size}
-//! stop (SIGTERM, `rackblock detach`)
-//!   NBD_CMD_DISCONNECT → the kernel sends NBD_CMD_DISC and closes its end
-//!   → the served connection ends; the record is removed
+//! stop
+//!   `rackblock detach` (refused while mounted unless --force):
+//!     NBD_CMD_DISCONNECT from the detach process → the kernel sends
+//!     NBD_CMD_DISC and closes its end → the served connection ends → the
+//!     agent removes the record, revokes its attachment, exits; SIGTERM
+//!     (sent too) finds it done
+//!   SIGTERM alone (a service stop): not mounted → disconnect as above;
+//!     mounted → the agent exits leaving the device configured and its
+//!     attachment valid, like a crash: a restarted agent takes both over
 //! ```
 //!
 //! The record lives in the agents' run directory ([`crate::agents`]),
@@ -29,7 +35,9 @@
 //! I/O for `--device-reconnect-timeout`, and `rackblock attach VOLUME
 //! --device /dev/nbdN` started again in that window (by hand or by a
 //! service manager) takes the device over where it was; the previous
-//! agent's attachment is revoked once the new one serves.
+//! agent's attachment is revoked once the new one serves. Meanwhile the
+//! kernel logs "Dead connection, failed to find a fallback" for the first
+//! request that finds the socket dead: it then waits for the new socket.
 //!
 //! The agent marks itself `PR_SET_IO_FLUSHER` (as rbd-nbd does): the
 //! kernel then never makes its allocations wait on writeback through the
@@ -348,14 +356,29 @@ pub async fn start(
 /// How long a detach waits for the kernel to close the connection.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(30);
 
+/// How an agent's device ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Disconnected (here, or by `rackblock detach` before it signalled).
+    Disconnected,
+    /// Still mounted: left configured, its I/O queued by the kernel for a
+    /// restarted agent (which takes it back and revokes this agent's
+    /// attachment).
+    LeftForRestart,
+}
+
 impl Session {
     pub fn path(&self) -> String {
         device_path(self.index)
     }
 
-    /// Disconnects the device (unless the kernel already did) and waits
-    /// for its connection to end; removes the record.
-    pub async fn stop(self) {
+    /// The end of the agent (SIGTERM, or the kernel closed the
+    /// connection): a device in use (mounted) is left for a restarted
+    /// agent, as if this one had crashed, rather than pulled from under
+    /// its file system; otherwise it is disconnected and its record
+    /// removed. `rackblock detach` disconnects before it signals, so an
+    /// operator's detach always frees the device.
+    pub async fn stop(self) -> Stopped {
         let Session {
             index,
             mut netlink,
@@ -363,7 +386,17 @@ impl Session {
             run_dir,
             ..
         } = self;
+        let path = device_path(index);
         if !served.is_finished() {
+            if in_use(&path) {
+                served.abort();
+                let _ = served.await;
+                eprintln!(
+                    "{path} is in use: left for a restarted agent (`rackblock attach ... --device {path}` \
+                     takes it back; `rackblock detach {path}` frees it)"
+                );
+                return Stopped::LeftForRestart;
+            }
             let disconnected = tokio::task::spawn_blocking(move || netlink.disconnect(index)).await;
             match disconnected {
                 Ok(Ok(())) => {}
@@ -379,7 +412,8 @@ impl Session {
             }
         }
         let _ = std::fs::remove_file(record_path(&run_dir, index));
-        eprintln!("disconnected {}", device_path(index));
+        eprintln!("disconnected {path}");
+        Stopped::Disconnected
     }
 }
 
@@ -417,9 +451,10 @@ pub fn in_use(path: &str) -> bool {
     false
 }
 
-/// Disconnects device `index` whose agent is gone (`rackblock detach
-/// /dev/nbdN`) and removes its record.
-pub fn disconnect_orphan(index: u32) -> Result<(), CliError> {
+/// Disconnects device `index` (`rackblock detach`: before it signals the
+/// device's agent, or for a device whose agent is gone) and removes its
+/// record.
+pub fn disconnect(index: u32) -> Result<(), CliError> {
     if !is_root() {
         return Err(kernel_error(KernelNbdError::NotPermitted));
     }
