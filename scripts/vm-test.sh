@@ -228,9 +228,9 @@ ip route add 127.0.2.0/24 via 10.0.2.2 dev eth0
 ctl() { printf 'GET /%s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 10.0.2.2 "$CTL_PORT" 2>/dev/null | tail -n 1; }
 
 AGENT=""
-start_agent() {
-  RUST_LOG=info /bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml \
-    --volume-id "$VOLUME_ID" --host vm-test --admin 127.0.0.1:9400 >>/tmp/agent.log 2>&1 &
+start_agent() { # [device]: none lets the agent choose (a free one, or its own left behind)
+  RUST_LOG=info /bin/rackblock attach vol0 --rack /etc/rack.toml --volume-id "$VOLUME_ID" \
+    --host vm-test --admin 127.0.0.1:9400 --device $1 >>/tmp/agent.log 2>&1 &
   AGENT=$!
 }
 wait_serving() { # how many "serving" lines the log must have
@@ -242,7 +242,7 @@ wait_serving() { # how many "serving" lines the log must have
   done
 }
 say "network $(now)"
-start_agent
+start_agent /dev/nbd0
 wait_serving 1
 say "attached $(now) $(grep '^serving vol0' /tmp/agent.log | tail -n 1)"
 [ "$(cat /sys/block/nbd0/queue/logical_block_size)" = 4096 ] || fail "logical block size"
@@ -288,8 +288,9 @@ grep -q 'is in use: left for a restarted agent' /tmp/agent.log ||
   fail "SIGTERM while mounted did not leave the device to the next agent"
 /bin/rackblock attach --list | grep -q '/dev/nbd0 (waiting for its agent' ||
   fail "attach --list does not show the device waiting for its agent"
-start_agent
+start_agent # no path: it finds the device its volume's previous agent left
 wait_serving 2
+grep '^serving vol0' /tmp/agent.log | tail -n 1 | grep -q ' as /dev/nbd0 ' || fail "the agent chose another device"
 [ "$(grep -c 'taken back' /tmp/agent.log)" = 1 ] || fail "the next agent did not take /dev/nbd0 back"
 say "agent-stop-restart ok"
 
@@ -301,7 +302,7 @@ t0=$(now)
 ( dd if=/tmp/chunk of=/mnt/across bs=64k conv=fsync 2>/dev/null; echo $? >/tmp/across.rc ) &
 writer=$!
 sleep 2
-start_agent
+start_agent /dev/nbd0
 wait_serving 3
 [ "$(grep -c 'taken back' /tmp/agent.log)" = 2 ] || fail "the new agent did not take /dev/nbd0 back"
 wait $writer
