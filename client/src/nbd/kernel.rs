@@ -416,7 +416,7 @@ mod tests {
         // What GenlSocket::request hands back: after both headers.
         let reply = bytes[20..].to_vec();
         assert_eq!(
-            parse_status(&[reply.clone()]).unwrap(),
+            parse_status(std::slice::from_ref(&reply)).unwrap(),
             vec![(0, true), (3, false)]
         );
         assert!(parse_status(&[reply[..reply.len() - 6].to_vec()]).is_err());
