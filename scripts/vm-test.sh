@@ -329,6 +329,18 @@ errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|EXT4-fs warning|Buffer I/O|bl
 wait "$AGENT"
 rc=$?
 [ $rc = 0 ] || fail "the agent exited with $rc after detach"
+# Without a path the kernel picks a free device (CONNECT without an
+# index); detach by volume name.
+start_agent
+wait_serving 4
+device=$(grep '^serving vol0' /tmp/agent.log | tail -n 1 | sed -n 's/.* as \(\/dev\/nbd[0-9]*\).*/\1/p')
+[ -n "$device" ] && [ -b "$device" ] || fail "no device from an attach without a path"
+/bin/rackblock detach vol0 || fail "detach vol0"
+wait "$AGENT"
+rc=$?
+[ $rc = 0 ] || fail "the agent of $device exited with $rc after detach vol0"
+[ -z "$(/bin/rackblock attach --list | grep nbd)" ] || fail "a device is still listed after detach"
+say "auto-device $device ok"
 say "PASS checked $checked files, longest write stall ${max}ms (f$maxfile)"
 say "END"
 poweroff -f
@@ -461,7 +473,7 @@ wait_console "VMTEST END" "the guest's checks"
 for _ in $(seq 1 100); do alive "$qemu_pid" || break; sleep 0.1; done
 total=$(($(date +%s) - started))
 echo "--- guest"
-grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-stop-restart|agent-restart|PASS|FAIL)" "$console" | tr -d '\r'
+grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-stop-restart|agent-restart|auto-device|PASS|FAIL)" "$console" | tr -d '\r'
 if grep -q "VMTEST PASS" "$console"; then
   stall=$(sed -n 's/.*VMTEST stall \([0-9]*\)ms.*/\1/p' "$console")
   pause=$(sed -n 's/.*VMTEST agent-pause \([0-9?]*\)ms.*/\1/p' "$console")
