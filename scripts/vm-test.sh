@@ -142,8 +142,11 @@ base_port=$((61000 + slot * 400))
 admin_base=$base_port
 zonal=127.0.0.1:$((admin_base + 300))
 ctl_port=$((admin_base + 302))
+# Sparse 1 GiB devices: room for every partition's 4+2 extents, so the
+# head nodes flush their logs to the sleds as in production (with 256 MiB
+# devices no extent fits and every write stays in the logs).
 log "starting the unit (rackblock up, data in $data)"
-"$bin" up --data-dir "$data" --sleds 6 --devices-per-sled 1 --device-size-mib 256 \
+"$bin" up --data-dir "$data" --sleds 6 --devices-per-sled 1 --device-size-mib 1024 \
   --base-port $base_port --admin-base-port $admin_base --zonal-listen $zonal \
   --nbd-listen 127.0.0.1:$((admin_base + 301)) --no-iscsi \
   --volume-size 256MiB --partition-size 64MiB --scrub-bytes-per-second 0 \
@@ -229,13 +232,15 @@ ctl() { printf 'GET /%s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 10.0.2.2 "$CTL_PORT" 2>
 
 AGENT=""
 start_agent() { # [device]: none lets the agent choose (a free one, or its own left behind)
+  : >>/tmp/agent.log
   RUST_LOG=info /bin/rackblock attach vol0 --rack /etc/rack.toml --volume-id "$VOLUME_ID" \
     --host vm-test --admin 127.0.0.1:9400 --device $1 >>/tmp/agent.log 2>&1 &
   AGENT=$!
 }
+served() { n=$(grep -c '^serving vol0' /tmp/agent.log 2>/dev/null); echo "${n:-0}"; }
 wait_serving() { # how many "serving" lines the log must have
   i=0
-  while [ "$(grep -c '^serving vol0' /tmp/agent.log)" -lt "$1" ]; do
+  while [ "$(served)" -lt "$1" ]; do
     kill -0 "$AGENT" 2>/dev/null || fail "the agent exited"
     i=$((i + 1)); [ $i -lt 1800 ] || fail "the agent did not attach in 180 s"
     sleep 0.1

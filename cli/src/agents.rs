@@ -246,7 +246,7 @@ pub struct DetachArgs {
     /// refused unless --force.
     pub volume: String,
     /// Detach a device even while it is mounted or held (its file
-    /// system then sees I/O errors).
+    /// system then sees I/O errors), or one no agent here recorded.
     #[arg(long)]
     pub force: bool,
     /// Which agent, when several serve the volume here.
@@ -289,6 +289,9 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
     if agents.is_empty() {
         // A device whose agent is gone: disconnect it here.
         let orphans: Vec<u32> = match device {
+            // With --force, a device without a record too (an agent killed
+            // between connecting it and recording it, or another program).
+            Some(index) if args.force => vec![index],
             Some(index) => crate::device::read_record(&run_dir(), index)
                 .map(|record| record.index)
                 .into_iter()
@@ -308,7 +311,8 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
         }
         if device.is_some() {
             return Err(CliError::NotFound(format!(
-                "no attach agent serves {} on this host (`rackblock attach --list`)",
+                "no attach agent serves {} on this host (`rackblock attach --list`; \
+                 --force disconnects it anyway)",
                 args.volume
             )));
         }

@@ -95,4 +95,14 @@ fn attach_device_refuses_with_the_reason() {
     let out = run(&["detach", "/dev/nbd7"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no attach agent serves /dev/nbd7"));
+    // --force asks the kernel itself: here, the reason it cannot.
+    let out = run(&["detach", "/dev/nbd7", "--force"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !is_root() {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("needs root"), "{stderr}");
+    } else if !module {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("modprobe nbd"), "{stderr}");
+    }
 }
