@@ -65,7 +65,7 @@ fi
 
 SERIAL_TESTS=(
   lcp::a_fresh_unit_serves_at_term_at_most_two
-  # scripts/vm-test.sh: ext4 on a kernel NBD device in a TCG VM (~1 min).
+  # scripts/vm-test.sh: ext4 on a kernel NBD device in a TCG VM (1-3 min).
   kernel_device::ext4_on_the_kernel_device_survives_head_node_kills
 )
 stage serial cargo test -p tests --test it -- --ignored --exact --test-threads=1 "${SERIAL_TESTS[@]}"

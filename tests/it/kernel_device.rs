@@ -15,7 +15,7 @@ use std::time::Instant;
 /// The VM test (see module docs): PASS and its figures, or the guest's
 /// failure.
 #[test]
-#[ignore = "boots a TCG VM for about a minute; run alone (scripts/test.sh serial stage)"]
+#[ignore = "boots a TCG VM for one to three minutes; run alone (scripts/test.sh serial stage)"]
 fn ext4_on_the_kernel_device_survives_head_node_kills() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vm-test.sh");
     let started = Instant::now();
