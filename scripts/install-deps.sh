@@ -5,7 +5,13 @@
 # userspace iSCSI target the iSCSI tests compare against (Debian packages). Idempotent; skips what
 # is already there. Needs root (or sudo) for apt-get.
 # Never installs qemu-system-*: on these machines it would replace qemu-utils.
+# The VM test's qemu, kernel and busybox are only downloaded and unpacked
+# into a cache (scripts/vm-test.sh --fetch), after the packages below.
 set -euo pipefail
+
+fetch_vm() {
+  "$(dirname "$0")/vm-test.sh" --fetch
+}
 
 need=()
 command -v qemu-io >/dev/null 2>&1 || need+=(qemu-utils)
@@ -20,6 +26,7 @@ command -v iscsi-test-cu >/dev/null 2>&1 || need+=(libiscsi-bin)
 command -v tgtd >/dev/null 2>&1 || need+=(tgt)
 
 if [ ${#need[@]} -eq 0 ]; then
+  fetch_vm
   exit 0
 fi
 echo "installing: ${need[*]}" >&2
@@ -47,4 +54,5 @@ $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || 
 if [ -n "$added_policy" ]; then
   $sudo rm -f "$policy"
 fi
+[ $installed -ne 0 ] || fetch_vm || installed=$?
 exit $installed

@@ -12,7 +12,8 @@
 #            required (RACKBLOCK_REQUIRE_LOOP=1), not skipped
 #   serial   the end-to-end tests that must run alone, one after the other
 #            (SERIAL_TESTS below: Raft's timing beside another unit on 2
-#            cores is the open part of issue 14 item 7)
+#            cores is the open part of issue 14 item 7; the VM test of the
+#            kernel block device, scripts/vm-test.sh)
 # Arguments go to `cargo test`. The last lines sum up the test binaries
 # (`tests: N passed, N failed`) and the time per stage.
 set -euo pipefail
@@ -64,6 +65,8 @@ fi
 
 SERIAL_TESTS=(
   lcp::a_fresh_unit_serves_at_term_at_most_two
+  # scripts/vm-test.sh: ext4 on a kernel NBD device in a TCG VM (1-3 min).
+  kernel_device::ext4_on_the_kernel_device_survives_head_node_kills
 )
 stage serial cargo test -p tests --test it -- --ignored --exact --test-threads=1 "${SERIAL_TESTS[@]}"
 exit 0

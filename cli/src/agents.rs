@@ -7,6 +7,12 @@
 //! removes it. Detach sends the agent SIGTERM, which makes it finish its
 //! in-flight requests and revoke its attachment, and waits for it to exit.
 //!
+//! An agent serving a kernel device (`attach --device`) also keeps
+//! `device-nbdN.json` there ([`crate::device`]); `--list` shows the
+//! device's kernel state, and devices whose agent is gone; `detach
+//! /dev/nbdN` (or the volume) disconnects the device first, and refuses
+//! while it is mounted unless `--force`.
+//!
 //! Run directory: `RACKBLOCK_RUN_DIR`, else `/run/rackblock` for root,
 //! else `$XDG_RUNTIME_DIR/rackblock`, else `/tmp/rackblock-<uid>`.
 
@@ -25,6 +31,9 @@ pub struct AgentRecord {
     pub pid: u32,
     pub volume: String,
     pub uri: String,
+    /// The kernel block device it serves (`--device`).
+    #[serde(default)]
+    pub device: Option<String>,
     pub admin: Option<String>,
     pub attachment: Option<u64>,
     pub started_unix: u64,
@@ -81,7 +90,7 @@ pub fn register(record: &AgentRecord) -> Option<Registration> {
     }
 }
 
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
@@ -138,23 +147,88 @@ pub fn running() -> Result<Vec<AgentRecord>, CliError> {
     Ok(agents)
 }
 
+/// A device record whose agent is gone: the kernel may still hold the
+/// device, queueing its I/O until an agent takes it back.
+fn orphan_devices(agents: &[AgentRecord]) -> Vec<crate::device::DeviceRecord> {
+    crate::device::records(&run_dir())
+        .into_iter()
+        .filter(|record| !agents.iter().any(|agent| agent.pid == record.pid) || !alive(record.pid))
+        .collect()
+}
+
 pub fn list(output: Output) -> Result<(), CliError> {
     let agents = running()?;
+    let orphans = orphan_devices(&agents);
+    // The kernel's view, when it can be asked (root, nbd module).
+    let mut netlink = if agents.iter().any(|a| a.device.is_some()) || !orphans.is_empty() {
+        client::nbd::kernel::Device::open().ok()
+    } else {
+        None
+    };
+    let state = |netlink: &mut Option<client::nbd::kernel::Device>, device: &str, orphan: bool| {
+        let connected = client::nbd::kernel::device_index(Path::new(device))
+            .ok()
+            .and_then(|index| crate::device::kernel_connected(netlink, index));
+        match (connected, orphan) {
+            (Some(false), _) => "not connected",
+            (_, true) => "waiting for its agent (run attach --device again)",
+            (Some(true), false) => "connected",
+            (None, false) => "unknown",
+        }
+    };
     match output {
         Output::Json => {
-            let text = serde_json::to_string_pretty(&agents)
+            let mut rows = Vec::with_capacity(agents.len() + orphans.len());
+            for agent in &agents {
+                let mut row = serde_json::to_value(agent)
+                    .map_err(|e| CliError::Runtime(format!("cannot encode JSON: {e}")))?;
+                if let Some(device) = &agent.device {
+                    row["device_state"] = state(&mut netlink, device, false).into();
+                }
+                rows.push(row);
+            }
+            for orphan in &orphans {
+                let device = client::nbd::kernel::device_path(orphan.index);
+                rows.push(serde_json::json!({
+                    "volume": orphan.volume,
+                    "pid": null,
+                    "uri": null,
+                    "device": device,
+                    "device_state": state(&mut netlink, &device, true),
+                    "admin": null,
+                    "attachment": orphan.attachment,
+                }));
+            }
+            let text = serde_json::to_string_pretty(&rows)
                 .map_err(|e| CliError::Runtime(format!("cannot encode JSON: {e}")))?;
             println!("{text}");
         }
         Output::Table => {
-            let mut table = Table::new(&["VOLUME", "PID", "NBD", "ADMIN", "ATTACHMENT"]);
+            let mut table = Table::new(&["VOLUME", "PID", "NBD", "DEVICE", "ADMIN", "ATTACHMENT"]);
             for agent in &agents {
                 table.row(vec![
                     agent.volume.clone(),
                     agent.pid.to_string(),
                     agent.uri.clone(),
+                    agent.device.as_ref().map_or_else(
+                        || "-".into(),
+                        |device| format!("{device} ({})", state(&mut netlink, device, false)),
+                    ),
                     agent.admin.clone().unwrap_or_else(|| "-".into()),
                     agent
+                        .attachment
+                        .map_or_else(|| "-".into(), |id| id.to_string()),
+                ]);
+            }
+            for orphan in &orphans {
+                let device = client::nbd::kernel::device_path(orphan.index);
+                table.row(vec![
+                    orphan.volume.clone(),
+                    "-".into(),
+                    "-".into(),
+                    format!("{device} ({})", state(&mut netlink, &device, true)),
+                    "-".into(),
+                    orphan
                         .attachment
                         .map_or_else(|| "-".into(), |id| id.to_string()),
                 ]);
@@ -167,8 +241,14 @@ pub fn list(output: Output) -> Result<(), CliError> {
 
 #[derive(Debug, clap::Args)]
 pub struct DetachArgs {
-    /// The volume (NBD export) whose agent on this host stops.
+    /// The volume (NBD export) whose agent on this host stops, or the
+    /// device (/dev/nbdN) it serves. A device still in use (mounted) is
+    /// refused unless --force.
     pub volume: String,
+    /// Detach a device even while it is mounted or held (its file
+    /// system then sees I/O errors), or one no agent here recorded.
+    #[arg(long)]
+    pub force: bool,
     /// Which agent, when several serve the volume here.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -177,14 +257,66 @@ pub struct DetachArgs {
     pub timeout: Duration,
 }
 
-/// Stop the agent serving `args.volume`: SIGTERM, then wait for it to
-/// exit (it finishes in-flight requests and revokes its attachment).
+/// Stop the agent serving `args.volume` (a volume or its device):
+/// SIGTERM, then wait for it to exit (it disconnects its device, finishes
+/// in-flight requests and revokes its attachment). A device whose agent
+/// is gone is disconnected here.
 pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
+    let device = args
+        .volume
+        .starts_with("/dev/")
+        .then(|| client::nbd::kernel::device_index(Path::new(&args.volume)))
+        .transpose()
+        .map_err(crate::device::kernel_error)?;
     let agents: Vec<AgentRecord> = running()?
         .into_iter()
-        .filter(|agent| agent.volume == args.volume)
+        .filter(|agent| match device {
+            Some(index) => {
+                agent.device.as_deref() == Some(client::nbd::kernel::device_path(index).as_str())
+            }
+            None => agent.volume == args.volume,
+        })
         .filter(|agent| args.pid.is_none_or(|pid| agent.pid == pid))
         .collect();
+    let busy = |device: &str| -> Result<(), CliError> {
+        if !args.force && crate::device::in_use(device) {
+            return Err(CliError::Conflict(format!(
+                "{device} is in use (mounted or held open exclusively): unmount it, or --force"
+            )));
+        }
+        Ok(())
+    };
+    if agents.is_empty() {
+        // A device whose agent is gone: disconnect it here.
+        let orphans: Vec<u32> = match device {
+            // With --force, a device without a record too (an agent killed
+            // between connecting it and recording it, or another program).
+            Some(index) if args.force => vec![index],
+            Some(index) => crate::device::read_record(&run_dir(), index)
+                .map(|record| record.index)
+                .into_iter()
+                .collect(),
+            None => orphan_devices(&[])
+                .into_iter()
+                .filter(|record| record.volume == args.volume && !alive(record.pid))
+                .map(|record| record.index)
+                .collect(),
+        };
+        if let [index] = orphans.as_slice() {
+            let path = client::nbd::kernel::device_path(*index);
+            busy(&path)?;
+            crate::device::disconnect(*index)?;
+            println!("detached {path} (its agent had exited)");
+            return Ok(());
+        }
+        if device.is_some() {
+            return Err(CliError::NotFound(format!(
+                "no attach agent serves {} on this host (`rackblock attach --list`; \
+                 --force disconnects it anyway)",
+                args.volume
+            )));
+        }
+    }
     let agent = match agents.as_slice() {
         [] => {
             return Err(CliError::NotFound(format!(
@@ -203,14 +335,26 @@ pub fn detach(args: &DetachArgs) -> Result<(), CliError> {
             )));
         }
     };
+    if let Some(device) = &agent.device {
+        busy(device)?;
+        // Disconnected here, so that the agent cannot leave a device in
+        // use for a restart (it does on a bare SIGTERM): it sees its
+        // connection end and exits by itself.
+        let index = client::nbd::kernel::device_index(Path::new(device))
+            .map_err(crate::device::kernel_error)?;
+        crate::device::disconnect(index)?;
+    }
     let pid = libc::pid_t::try_from(agent.pid)
         .map_err(|_| CliError::Runtime(format!("pid {} out of range", agent.pid)))?;
     // SAFETY: SIGTERM to the agent process its own record names.
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-        return Err(CliError::Runtime(format!(
-            "cannot signal agent {pid}: {}",
-            std::io::Error::last_os_error()
-        )));
+        let error = std::io::Error::last_os_error();
+        // Already gone (it exited after its device's disconnect).
+        if error.raw_os_error() != Some(libc::ESRCH) {
+            return Err(CliError::Runtime(format!(
+                "cannot signal agent {pid}: {error}"
+            )));
+        }
     }
     let deadline = Instant::now() + args.timeout;
     while alive(agent.pid) {

@@ -84,8 +84,21 @@ pub struct AttachArgs {
     /// List the attach agents running on this host (volume, pid, NBD and
     /// admin addresses, attachment) instead; `rackblock detach VOLUME`
     /// stops one.
-    #[arg(long, conflicts_with_all = ["listen", "socket", "rack", "memory", "admin"])]
+    #[arg(long, conflicts_with_all = ["listen", "socket", "rack", "memory", "admin", "device"])]
     pub list: bool,
+    /// Also give this host the volume as a kernel block device (the kernel
+    /// NBD client, configured over netlink; needs root and the nbd
+    /// module): /dev/nbdN, or a free one when no path follows. Put the
+    /// volume name first. Without --listen/--socket, NBD is not served
+    /// on a socket. Started again after the agent died, it takes its
+    /// device back (see --device-reconnect-timeout).
+    #[arg(long, value_name = "/dev/nbdN", num_args = 0..=1, default_missing_value = "auto")]
+    pub device: Option<String>,
+    /// How long the kernel queues the device's I/O when this agent dies,
+    /// waiting for a restarted agent to take the device back; afterwards
+    /// I/O fails.
+    #[arg(long, default_value = "120s", value_parser = parse_duration, requires = "device")]
+    pub device_reconnect_timeout: Duration,
     /// Serve NBD on this TCP address (default 127.0.0.1:10809).
     #[arg(long, conflicts_with = "socket")]
     pub listen: Option<SocketAddr>,
@@ -285,7 +298,7 @@ async fn bind(args: &AttachArgs) -> Result<Listener, CliError> {
             .map_err(|e| CliError::Runtime(format!("cannot bind {}: {e}", path.display())))?;
         return Ok(Listener::Unix(listener, path.clone()));
     }
-    if args.listen.is_none() && !args.iscsi.iscsi.is_empty() {
+    if args.listen.is_none() && (!args.iscsi.iscsi.is_empty() || args.device.is_some()) {
         return Ok(Listener::None);
     }
     let address = match args.listen {
@@ -422,6 +435,42 @@ async fn detach(volume: &str, attached: &Attached) -> Result<(), CliError> {
     }
 }
 
+/// Revokes the attachment of the agent whose device this one took back
+/// (it was killed before it could): reported, never fatal.
+async fn revoke_replaced(
+    volume: &str,
+    current: &Attached,
+    unit_rack: Option<&(Rack, u64)>,
+    old: u64,
+) {
+    let stale = match current {
+        Attached::Zonal { api, .. } => Attached::Zonal {
+            api: api.clone(),
+            attachment_id: old,
+        },
+        Attached::Unit { .. } => {
+            let Some((rack, volume_id)) = unit_rack else {
+                return;
+            };
+            Attached::Unit {
+                lcp: LcpClient::new(rack),
+                volume_id: *volume_id,
+                attachment_id: old,
+            }
+        }
+    };
+    match detach(volume, &stale).await {
+        Ok(()) => eprintln!("revoked attachment {old} of the agent that exited"),
+        Err(error) => eprintln!(
+            "rackblock attach: could not revoke attachment {old} of the agent that exited: {}",
+            error.line()
+        ),
+    }
+    if let Attached::Unit { lcp, .. } = &stale {
+        lcp.close();
+    }
+}
+
 async fn detach_and_report(volume: &str, attached: Option<&Attached>) {
     let Some(attached) = attached else { return };
     let id = attached.attachment_id();
@@ -458,6 +507,17 @@ pub async fn run(
         .clone()
         .ok_or_else(|| CliError::Usage("a volume name is needed (or --list)".into()))?;
     let qos = args.qos.limits()?;
+    // Checked before anything is registered: root, the nbd module, the
+    // device's state.
+    let device_plan = match args.device.as_deref() {
+        Some(spec) => Some(crate::device::prepare(
+            &crate::device::DeviceSpec::parse(spec)?,
+            &volume,
+            args.device_reconnect_timeout,
+        )?),
+        None => None,
+    };
+    let mut unit_rack = None;
     let mut registry = Registry::default();
     let metrics = AgentMetrics::new(&mut registry);
     let config = ClientConfig {
@@ -519,6 +579,7 @@ pub async fn run(
             }
         };
         let lcp = LcpClient::new(&rack);
+        unit_rack = Some((rack, volume_id));
         match VolumeClient::connect(lcp, volume_id, credential, config).await {
             Ok(client) => (Arc::new(client.clone()), attached, Some(client)),
             Err(e) => {
@@ -648,6 +709,46 @@ pub async fn run(
             }
         }
     };
+    let device_session = match device_plan {
+        Some(plan) => {
+            let replaced = plan.replaced_attachment();
+            match crate::device::start(
+                plan,
+                &server,
+                &volume,
+                attached.as_ref().map(Attached::attachment_id),
+                shutdown.clone(),
+            )
+            .await
+            {
+                Ok(session) => {
+                    println!(
+                        "serving {} ({}) as {}{}{}",
+                        volume,
+                        human_bytes(size_bytes),
+                        session.path(),
+                        if session.reattached {
+                            " (taken back from an agent that exited)"
+                        } else {
+                            ""
+                        },
+                        attachment_note,
+                    );
+                    if let (Some(old), Some(current)) = (replaced, attached.as_ref()) {
+                        if old != current.attachment_id() {
+                            revoke_replaced(&volume, current, unit_rack.as_ref(), old).await;
+                        }
+                    }
+                    Some(session)
+                }
+                Err(error) => {
+                    detach_and_report(&volume, attached.as_ref()).await;
+                    return Err(error);
+                }
+            }
+        }
+        None => None,
+    };
     if !matches!(listener, Listener::None) {
         println!(
             "serving {} ({}) over NBD at {}{}",
@@ -671,10 +772,11 @@ pub async fn run(
             );
         }
     }
-    let uri = match (&listener, portals.first(), &iscsi) {
-        (Listener::None, Some(portal), Some(server)) => {
+    let uri = match (&listener, portals.first(), &iscsi, &device_session) {
+        (Listener::None, Some(portal), Some(server), _) => {
             format!("iscsi://{portal}/{}/0", server.target_name())
         }
+        (Listener::None, None, _, Some(session)) => session.path(),
         _ => listener.uri(&volume),
     };
     tracing::info!(volume = %volume, size_bytes, %uri, iscsi_portals = ?portals, ?limits, ?volume_qos, host_qos = ?qos, "attached; serving");
@@ -685,6 +787,7 @@ pub async fn run(
         pid: std::process::id(),
         volume: volume.clone(),
         uri,
+        device: device_session.as_ref().map(crate::device::Session::path),
         admin: admin_address.map(|address| format!("http://{address}")),
         attachment: attached.as_ref().map(Attached::attachment_id),
         started_unix: std::time::SystemTime::now()
@@ -763,6 +866,12 @@ pub async fn run(
             Ok(())
         }
     };
+    // A device still mounted is left to a restarted agent, and so is the
+    // attachment it will revoke when it takes the device back.
+    let left_for_restart = match device_session {
+        Some(session) => session.stop().await == crate::device::Stopped::LeftForRestart,
+        None => false,
+    };
     if let Some(iscsi_served) = iscsi_served {
         match iscsi_served.await {
             Ok(Ok(())) => {}
@@ -779,7 +888,13 @@ pub async fn run(
     if let Some(client) = &volume_client {
         client.close();
     }
-    detach_and_report(&volume, attached.as_ref()).await;
+    if left_for_restart {
+        if let Some(Attached::Unit { lcp, .. }) = &attached {
+            lcp.close();
+        }
+    } else {
+        detach_and_report(&volume, attached.as_ref()).await;
+    }
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
 }
 

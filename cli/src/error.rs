@@ -6,7 +6,7 @@
 //! | 1 | runtime failure: a service unreachable or failing (HTTP 5xx, no answer) |
 //! | 2 | bad usage or input (also HTTP 400); nothing was sent for input the CLI can check itself |
 //! | 3 | not found (HTTP 404: unknown volume, unit, sled) |
-//! | 4 | conflict (HTTP 409: a name taken with another spec, a volume still attached) |
+//! | 4 | conflict (HTTP 409: a name taken with another spec, a volume still attached; a device in use) |
 //! | 5 | authentication (HTTP 401: missing or wrong token) |
 //!
 //! [`CliError::exit_code`] is the only place that decides these.
@@ -36,6 +36,9 @@ pub enum CliError {
     /// CLI itself, e.g. a sled missing from the unit).
     #[error("{0}")]
     NotFound(String),
+    /// Something is already in use (a device another agent holds).
+    #[error("{0}")]
+    Conflict(String),
     /// Anything else that went wrong at run time.
     #[error("{0}")]
     Runtime(String),
@@ -54,6 +57,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => EXIT_USAGE,
             CliError::NotFound(_) => EXIT_NOT_FOUND,
+            CliError::Conflict(_) => EXIT_CONFLICT,
             CliError::Unavailable(_) | CliError::Runtime(_) => EXIT_RUNTIME,
             CliError::Api { status, .. } => match status {
                 400 | 413 | 422 => EXIT_USAGE,
@@ -114,6 +118,7 @@ mod tests {
         assert_eq!(api(503).exit_code(), 1);
         assert_eq!(CliError::Usage("u".into()).exit_code(), 2);
         assert_eq!(CliError::NotFound("n".into()).exit_code(), 3);
+        assert_eq!(CliError::Conflict("c".into()).exit_code(), 4);
         assert_eq!(CliError::Unavailable("n".into()).exit_code(), 1);
     }
 }

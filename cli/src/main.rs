@@ -15,6 +15,7 @@
 
 mod agents;
 mod attach;
+mod device;
 mod error;
 mod http;
 mod ops;

@@ -10,6 +10,7 @@ mod datapath_smoke;
 mod degraded;
 mod failover;
 mod iscsi;
+mod kernel_device;
 mod lcp;
 mod nbd_e2e;
 mod network;

@@ -88,6 +88,8 @@
 
 mod backend;
 mod handshake;
+pub mod kernel;
+pub mod netlink;
 mod request;
 mod server;
 pub mod wire;
