@@ -15,6 +15,7 @@
 
 mod agents;
 mod attach;
+mod attachment;
 mod error;
 mod http;
 mod ops;
@@ -89,6 +90,12 @@ enum Command {
     },
     /// Start a whole unit on this machine as separate processes.
     Up(up::UpArgs),
+    /// Attachments minted by an operator for `attach --rack` (no zonal
+    /// plane): `create` writes the attachment file a host needs.
+    Attachment {
+        #[command(subcommand)]
+        command: AttachmentCommand,
+    },
     /// Sleds of a unit: list, drain; sled controller tools.
     Sled {
         #[command(subcommand)]
@@ -144,7 +151,16 @@ enum SledCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AttachmentCommand {
+    Create(attachment::CreateArgs),
+    Revoke(attachment::RevokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum RackCommand {
+    /// Issue the unit's credentials (unit key, sled and operator keys)
+    /// beside the rack file; kept if present unless --rotate.
+    InitCredentials(attachment::InitCredentialsArgs),
     /// Parse and validate a rack file, including its device paths and sizes.
     Validate {
         /// The rack description (TOML).
@@ -409,6 +425,15 @@ fn main() -> ExitCode {
                 }
             }
             Command::Up(args) => up::run(args).await,
+            Command::Attachment {
+                command: AttachmentCommand::Create(args),
+            } => ops::finish("attachment create", attachment::create(&args).await),
+            Command::Attachment {
+                command: AttachmentCommand::Revoke(args),
+            } => ops::finish("attachment revoke", attachment::revoke(&args).await),
+            Command::Rack {
+                command: RackCommand::InitCredentials(args),
+            } => ops::finish("rack init-credentials", attachment::init_credentials(&args)),
             Command::Sled {
                 command: SledCommand::Bench(args),
             } => match sled_bench::run(args).await {

@@ -59,7 +59,15 @@ pub struct UnitConfig {
     /// The unit's rack description (`hardware::rack::Rack` TOML): its head
     /// nodes' addresses on networks A and B and the erasure codes it offers.
     pub rack_file: PathBuf,
+    /// Where this zonal plane's operator key for the unit is
+    /// (`operator.zonal.key`, else one derived from `unit.key`; see
+    /// SECURITY.md). Default: `credentials/` beside the rack file.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
 }
+
+/// The operator name the zonal plane authenticates as with every unit.
+pub const ZONAL_OPERATOR: &str = "zonal";
 
 /// Why the zonal config cannot be used.
 #[derive(Debug, Error)]

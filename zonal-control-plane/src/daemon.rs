@@ -56,7 +56,20 @@ pub async fn serve(
         if rack.unit.name != unit.name {
             warn!(unit = %unit.name, rack_unit = %rack.unit.name, "unit name differs from the rack file's [unit] name");
         }
-        units.push(Unit::new(unit.name.clone(), rack));
+        let credentials_dir = unit
+            .credentials_dir
+            .clone()
+            .unwrap_or_else(|| proto::auth::default_credentials_dir(&unit.rack_file));
+        let credential =
+            proto::auth::operator_credential(&credentials_dir, crate::config::ZONAL_OPERATOR);
+        if credential.is_none() {
+            warn!(unit = %unit.name, dir = %credentials_dir.display(), "no operator credential for the unit: its head nodes will refuse this zonal plane");
+        }
+        units.push(Unit::new(
+            unit.name.clone(),
+            rack,
+            credential.map(std::sync::Arc::new),
+        ));
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ZonalError::DataDir {
         path: config.data_dir.clone(),

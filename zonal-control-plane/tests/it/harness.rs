@@ -122,6 +122,7 @@ impl Zonal {
             .map(|(unit, host)| UnitConfig {
                 name: unit.name.clone(),
                 rack_file: unit.write_rack_file(dir, *host),
+                credentials_dir: None,
             })
             .collect();
         let config = ZonalConfig {
