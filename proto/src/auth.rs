@@ -215,6 +215,16 @@ impl Credential {
         }
     }
 
+    /// Whether this process, serving, takes connections from `client`:
+    /// head nodes from head nodes and operators, sleds from head nodes,
+    /// operators from nobody. (Sleds never connect to anyone.)
+    fn accepts(&self, client: Role) -> bool {
+        matches!(
+            (self.role(), client),
+            (Role::HeadNode, Role::HeadNode | Role::Operator) | (Role::Sled, Role::HeadNode)
+        )
+    }
+
     /// The key this process shares with `peer`, if the pair may talk at all
     /// (module docs: keys). Symmetric: both ends find the same key.
     fn pair_key(&self, peer_role: Role, peer_id: &str) -> Option<Key> {
@@ -441,8 +451,9 @@ async fn server_exchange(
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
     let (client_hello, client, _) = read_hello(stream).await?;
-    let key = credential
-        .pair_key(client.role, &client.id)
+    let key = Some(())
+        .filter(|()| credential.accepts(client.role))
+        .and_then(|()| credential.pair_key(client.role, &client.id))
         .ok_or_else(|| AuthError::RefusedPeer {
             role: client.role.as_str(),
             id: client.id.clone(),
@@ -768,7 +779,10 @@ mod tests {
             id: "sled-2".into(),
             key: sled_key(&unit_key(), "sled-2"),
         };
-        let (_, s) = pair(other_sled, sled).await;
+        let (_, s) = pair(other_sled.clone(), sled).await;
+        assert!(matches!(s, Err(AuthError::RefusedPeer { .. })));
+        // A sled connects to no one; a head node does not take it.
+        let (_, s) = pair(other_sled, member("hn-1")).await;
         assert!(matches!(s, Err(AuthError::RefusedPeer { .. })));
     }
 
