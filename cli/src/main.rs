@@ -90,6 +90,14 @@ enum Command {
     },
     /// Start a whole unit on this machine as separate processes.
     Up(up::UpArgs),
+    /// A new zonal API token: prints the token (give it to its user) and
+    /// the `[[tokens]]` entry for the zonal config, which holds only its
+    /// SHA-256.
+    ZonalToken {
+        /// `admin` or `read-only`.
+        #[arg(long, default_value = "read-only")]
+        scope: String,
+    },
     /// Attachments minted by an operator for `attach --rack` (no zonal
     /// plane): `create` writes the attachment file a host needs.
     Attachment {
@@ -425,6 +433,28 @@ fn main() -> ExitCode {
                 }
             }
             Command::Up(args) => up::run(args).await,
+            Command::ZonalToken { scope } => {
+                if scope != "admin" && scope != "read-only" {
+                    eprintln!("rackblock zonal-token: --scope is admin or read-only");
+                    return ExitCode::from(2);
+                }
+                match proto::volume::AttachmentToken::random() {
+                    Ok(random) => {
+                        let token = random.to_hex();
+                        let digest: String = zonal_control_plane::config::token_digest(&token)
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
+                        println!("token: {token}");
+                        println!("# for the zonal config:\n[[tokens]]\nsha256 = \"{digest}\"\nscope = \"{scope}\"");
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("rackblock zonal-token: {error}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             Command::Attachment {
                 command: AttachmentCommand::Create(args),
             } => ops::finish("attachment create", attachment::create(&args).await),

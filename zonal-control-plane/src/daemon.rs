@@ -45,7 +45,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ZonalError> {
     config.validate()?;
-    let admin_token = config.admin_token()?;
+    let tokens = config.token_digests()?;
     let mut units = Vec::with_capacity(config.units.len());
     for unit in &config.units {
         let rack = Rack::load(&unit.rack_file).map_err(|source| ZonalError::Rack {
@@ -97,7 +97,7 @@ pub async fn serve(
     ));
     let address = listener.local_addr().map_err(ZonalError::Serve)?;
     info!(%address, units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
-    let router = crate::api::router(zonal.clone(), admin_token);
+    let router = crate::api::router(zonal.clone(), tokens);
     let served = proto::http::serve(
         listener,
         router,

@@ -754,9 +754,10 @@ impl Zonal {
         let unit = self.unit(&record.unit)?;
         let token = AttachmentToken::random()
             .map_err(|e| ApiError::Internal(format!("cannot make a token: {e}")))?;
-        let (id, host_owned, hex) = (record.id, host.to_owned(), token.to_hex());
+        let digest_hex: String = token.digest().iter().map(|b| format!("{b:02x}")).collect();
+        let (id, host_owned) = (record.id, host.to_owned());
         let (record, attachment): (VolumeRecord, Attachment) = self
-            .store(move |s| s.add_attachment(id, &host_owned, hex, now_ms()))
+            .store(move |s| s.add_attachment(id, &host_owned, digest_hex, now_ms()))
             .await?;
         let sent = self
             .send(
@@ -792,7 +793,7 @@ impl Zonal {
         info!(volume = name, host, attachment = attachment.id, "attached");
         Ok(AttachInfo {
             attachment_id: attachment.id,
-            token: attachment.token,
+            token: token.to_hex(),
             host: attachment.host,
             volume: record.spec.name.clone(),
             volume_id: record.id,
