@@ -836,7 +836,8 @@ impl TestUnit {
 /// Ports of one [`RunningUnit`], all from one block of [`next_ports`]:
 ///
 /// ```text
-/// block+0        head nodes' data port (127.0.1.1-3, 127.0.2.1-3)
+/// block+0        head nodes' data port (127.0.1.1-3, 127.0.2.1-3) and
+///                host port (127.0.0.1-3)
 /// block+1        --admin-base-port: head nodes' admin block+2..4
 /// block+5, +6    zonal API, NBD export of vol0
 /// block+7..99    spare (extra attach agents)
