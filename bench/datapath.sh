@@ -56,8 +56,8 @@ done
 {
   printf '[unit]\nname = "bench"\ncolumn_size_bytes = 67108864\nerasure_codes = ["4+2"]\n\n'
   for h in 1 2 3; do
-    printf '[[head_node]]\nid = "hn-%d"\naddress_a = "127.0.1.%d:%d"\naddress_b = "127.0.2.%d:%d"\nadmin = "%s"\n\n' \
-      $h $h $base_port $h $base_port "$(head_admin $h)"
+    printf '[[head_node]]\nid = "hn-%d"\naddress_a = "127.0.1.%d:%d"\naddress_b = "127.0.2.%d:%d"\nadmin = "%s"\nhost = "127.0.0.%d:%d"\n\n' \
+      $h $h $base_port $h $base_port "$(head_admin $h)" $h $base_port
   done
   for s in 1 2 3 4 5 6; do
     printf '[[sled]]\nid = "sled-%d"\naddress_a = "127.0.1.%d:%d"\naddress_b = "127.0.2.%d:%d"\nadmin = "%s"\n' \
@@ -69,6 +69,9 @@ done
     printf '\n'
   done
 } > "$work/rack.toml"
+# The unit's keys beside the rack file (SECURITY.md); `volume register` and
+# `volume bench` use the operator key found there.
+"$bin" rack init-credentials --rack "$work/rack.toml" >/dev/null
 for s in 1 2 3 4 5 6; do
   printf 'rack_file = "%s"\nsled_id = "sled-%d"\nscrub_bytes_per_second = 0\nscrub_pass_interval_ms = 600000\n' \
     "$work/rack.toml" $s > "$work/sled-$s.toml"

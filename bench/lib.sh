@@ -61,6 +61,9 @@ path = "$work/other.img"
 size_bytes = $((128 * 1024 * 1024))
 TOML
   } >"$work/rack.toml"
+  # The unit's keys (credentials/ beside the rack): the sled needs its own,
+  # `sled bench` authenticates with the unit key (SECURITY.md).
+  "$bin" rack init-credentials --rack "$work/rack.toml" >/dev/null
   cat >"$work/sled.toml" <<TOML
 rack_file = "$work/rack.toml"
 sled_id = "sled-1"

@@ -78,7 +78,7 @@ hz=$(getconf CLK_TCK)
 kv() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 phase() { # name -> BENCH lines
   read -r t0 c0 _ <<<"$(sample)"
-  line=$("$bin" sled bench $1 --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 \
+  line=$("$bin" sled bench $1 --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 --credentials "$work/credentials" \
     --state "$work/state.txt" --seconds $seconds --streams $streams --chunk-bytes 4096)
   read -r t1 c1 threads <<<"$(sample)"
   ops=$(kv "$line" ops); iops=$(kv "$line" iops)
@@ -93,7 +93,7 @@ PY
 phase append
 phase read
 # QD1 durable append latency (mean, from the IOPS of one stream) vs fio QD1 dsync writes.
-line=$("$bin" sled bench append --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 \
+line=$("$bin" sled bench append --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 --credentials "$work/credentials" \
   --state "$work/state1.txt" --seconds $seconds --streams 1 --chunk-bytes 4096)
 python3 - <<PY
 ours = 1e6 / float("$(kv "$line" iops)"); base = 1e6 / float("$fio_iops")

@@ -41,7 +41,7 @@ fio_field() { # file expr
   python3 -c "import json,sys; j=json.load(open('$1'))['jobs'][0]; print($2)"
 }
 ours() { # phase -> key=value line
-  "$bin" sled bench $1 --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 \
+  "$bin" sled bench $1 --address-a 127.0.1.61:17100 --address-b 127.0.2.61:17100 --credentials "$work/credentials" \
     --state "$work/state.txt" --seconds $seconds --streams $streams
 }
 kv() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }

@@ -5,19 +5,21 @@
 //!   └─ zonal: POST /v1/volumes/{name}/attach → attachment id + token, volume id,
 //!      size, unit's head nodes (the zonal plane registered the token's digest
 //!      with the unit)
-//!      (or --rack FILE --volume-id N: straight to the unit, no zonal plane; this
-//!       process registers its own attachment with the unit's LCP, or uses
-//!       --attachment-id/--attachment-token issued earlier)
-//!        └─ LcpClient(head nodes, networks A and B) → VolumeClient(partition map,
-//!           credential sent with every request; head nodes check it)
+//!      (or --rack FILE --volume-id N: no zonal plane; the attachment is one an
+//!       operator minted with `rackblock attachment create`, given as
+//!       --attachment-file or --attachment-id/--attachment-token)
+//!        └─ VolumeClient over the head nodes' host ports (partition map of
+//!           this attachment's volume, then I/O; the credential goes with every
+//!           request and head nodes check it). A host never reaches the unit
+//!           port (SECURITY.md).
 //!             └─ NbdServer { export VOLUME → VolumeClient } until SIGINT/SIGTERM
 //!                  (the map is refreshed every 2 s: a grown volume shows its new
 //!                   size to NBD clients that connect afterwards, and a change of
 //!                   the volume's QoS limits retunes the throttle in place)
 //!                  └─ stop accepting, finish in-flight requests, close the links,
-//!                     DELETE /v1/volumes/{name}/attachments/{id} (or, without
-//!                     zonal, RemoveAttachment of the one registered here):
-//!                     the token is revoked on every head node
+//!                     DELETE /v1/volumes/{name}/attachments/{id}: the token is
+//!                     revoked on every head node (without zonal the operator
+//!                     revokes it: `rackblock attachment revoke`)
 //! ```
 //!
 //! The zonal plane is asked once, at start and at the end: the I/O path is
@@ -60,9 +62,8 @@ use client::iscsi::{target_name_for, Chap, IscsiConfig, IscsiServer};
 use client::metrics::{AgentMetrics, MeteredBackend};
 use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
 use client::qos::{Limit, QosBackend, QosHandle, QosLimits};
-use client::{ClientConfig, VolumeClient};
-use hardware::rack::{HeadNodeSpec, Rack, UnitSpec};
-use local_control_plane::LcpClient;
+use client::{ClientConfig, HostEndpoint, VolumeClient};
+use hardware::rack::Rack;
 use prometheus_client::registry::Registry;
 use proto::volume::{AttachmentCredential, AttachmentToken};
 use serde_json::{json, Value};
@@ -105,14 +106,19 @@ pub struct AttachArgs {
     /// Serve NBD on this unix socket instead.
     #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Skip the zonal plane: the unit's rack file (with --volume-id).
-    #[arg(long, requires = "volume_id")]
+    /// Skip the zonal plane: the unit's rack file (its head nodes' host
+    /// ports), with --attachment-file or --volume-id and --attachment-id.
+    #[arg(long)]
     pub rack: Option<PathBuf>,
     /// Skip the zonal plane: the volume's id in the unit (with --rack).
     #[arg(long, requires = "rack")]
     pub volume_id: Option<u64>,
-    /// With --rack: act for this existing attachment (e.g. one a zonal
-    /// attach returned) instead of registering one; needs
+    /// With --rack: the attachment file `rackblock attachment create`
+    /// wrote (volume id, attachment id, token).
+    #[arg(long, requires = "rack", conflicts_with_all = ["attachment_id", "volume_id"])]
+    pub attachment_file: Option<PathBuf>,
+    /// With --rack: act for this attachment (minted by an operator with
+    /// `rackblock attachment create`, or returned by a zonal attach); needs
     /// --attachment-token (or env RACKBLOCK_ATTACHMENT_TOKEN).
     #[arg(long, requires_all = ["rack", "attachment_token"])]
     pub attachment_id: Option<u64>,
@@ -338,24 +344,17 @@ fn host_name() -> String {
     }
 }
 
-/// How the attachment this process acts for is revoked at the end.
+/// How the attachment this process acts for is revoked at the end (one
+/// given with --rack is the operator's to revoke).
 enum Attached {
     /// Through the zonal plane (which revokes it with the unit).
     Zonal { api: ZonalApi, attachment_id: u64 },
-    /// Registered here with the unit's LCP.
-    Unit {
-        lcp: LcpClient,
-        volume_id: u64,
-        attachment_id: u64,
-    },
 }
 
 impl Attached {
     fn attachment_id(&self) -> u64 {
         match self {
-            Attached::Zonal { attachment_id, .. } | Attached::Unit { attachment_id, .. } => {
-                *attachment_id
-            }
+            Attached::Zonal { attachment_id, .. } => *attachment_id,
         }
     }
 }
@@ -365,8 +364,8 @@ impl Attached {
 /// this plus one control-plane read (the issue asks for 6 s).
 pub const MAP_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// A rack holding only the unit's head nodes: all `LcpClient` needs.
-fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
+/// The host ports of the unit's head nodes in a zonal attach answer.
+fn host_endpoints(info: &Value) -> Result<Vec<HostEndpoint>, CliError> {
     let bad = |reason: String| {
         CliError::Runtime(format!("the zonal attach answer is unusable: {reason}"))
     };
@@ -374,44 +373,51 @@ fn rack_of_head_nodes(info: &Value) -> Result<Rack, CliError> {
         .get("head_nodes")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("no head_nodes".into()))?;
-    let mut head_node = Vec::with_capacity(nodes.len());
+    let mut endpoints = Vec::with_capacity(nodes.len());
     for node in nodes {
         let text = |field: &str| -> Result<String, CliError> {
             node.get(field)
                 .and_then(Value::as_str)
                 .map(str::to_owned)
-                .ok_or_else(|| bad(format!("head node without {field}")))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "head node without {field} (the unit serves no host port)"
+                    ))
+                })
         };
-        let address = |field: &str| -> Result<SocketAddr, CliError> {
-            let value = text(field)?;
-            value
+        let host = text("host")?;
+        endpoints.push(HostEndpoint {
+            node: text("id")?,
+            address: host
                 .parse()
-                .map_err(|e| bad(format!("{field} {value:?}: {e}")))
-        };
-        head_node.push(HeadNodeSpec {
-            id: text("id")?,
-            address_a: address("address_a")?,
-            address_b: address("address_b")?,
-            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+                .map_err(|e| bad(format!("host {host:?}: {e}")))?,
         });
     }
-    if head_node.is_empty() {
+    if endpoints.is_empty() {
         return Err(bad("the unit has no head nodes".into()));
     }
-    Ok(Rack {
-        unit: UnitSpec {
-            name: info
-                .get("unit")
-                .and_then(Value::as_str)
-                .unwrap_or("unit")
-                .to_owned(),
-            column_size_bytes: 0,
-            erasure_codes: Vec::new(),
-            min_flush_columns: None,
-        },
-        head_node,
-        sled: Vec::new(),
-    })
+    Ok(endpoints)
+}
+
+/// The host ports of `rack`'s head nodes.
+fn rack_host_endpoints(rack: &Rack, path: &std::path::Path) -> Result<Vec<HostEndpoint>, CliError> {
+    let endpoints: Vec<HostEndpoint> = rack
+        .head_node
+        .iter()
+        .filter_map(|h| {
+            Some(HostEndpoint {
+                node: h.id.clone(),
+                address: h.host?,
+            })
+        })
+        .collect();
+    if endpoints.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{}: no head node has a `host` port, and hosts reach a unit only there",
+            path.display()
+        )));
+    }
+    Ok(endpoints)
 }
 
 async fn detach(volume: &str, attached: &Attached) -> Result<(), CliError> {
@@ -425,39 +431,20 @@ async fn detach(volume: &str, attached: &Attached) -> Result<(), CliError> {
             api.timeout = Duration::from_secs(10);
             api.call("DELETE", &path, None).await.map(|_| ())
         }
-        Attached::Unit {
-            lcp,
-            volume_id,
-            attachment_id,
-        } => client::remove_attachment(lcp, *volume_id, *attachment_id)
-            .await
-            .map_err(|e| CliError::Unavailable(e.to_string())),
     }
 }
 
 /// Revokes the attachment of the agent whose device this one took back
-/// (it was killed before it could): reported, never fatal.
-async fn revoke_replaced(
-    volume: &str,
-    current: &Attached,
-    unit_rack: Option<&(Rack, u64)>,
-    old: u64,
-) {
+/// (it was killed before it could): reported, never fatal. Only a zonal
+/// attachment is revoked here; one an operator minted for `--rack` is the
+/// operator's to revoke (`rackblock attachment revoke`), and a restarted
+/// agent usually holds the same one.
+async fn revoke_replaced(volume: &str, current: &Attached, old: u64) {
     let stale = match current {
         Attached::Zonal { api, .. } => Attached::Zonal {
             api: api.clone(),
             attachment_id: old,
         },
-        Attached::Unit { .. } => {
-            let Some((rack, volume_id)) = unit_rack else {
-                return;
-            };
-            Attached::Unit {
-                lcp: LcpClient::new(rack),
-                volume_id: *volume_id,
-                attachment_id: old,
-            }
-        }
     };
     match detach(volume, &stale).await {
         Ok(()) => eprintln!("revoked attachment {old} of the agent that exited"),
@@ -465,9 +452,6 @@ async fn revoke_replaced(
             "rackblock attach: could not revoke attachment {old} of the agent that exited: {}",
             error.line()
         ),
-    }
-    if let Attached::Unit { lcp, .. } = &stale {
-        lcp.close();
     }
 }
 
@@ -482,15 +466,7 @@ async fn detach_and_report(volume: &str, attached: Option<&Attached>) {
                  detach it later with `rackblock volume detach {volume} --attachment {id}`",
                 error.line(),
             ),
-            Attached::Unit { .. } => eprintln!(
-                "rackblock attach: could not revoke attachment {id} of {volume} with the unit: {}; \
-                 it stays valid until removed (a forced delete of the volume removes it)",
-                error.line(),
-            ),
         },
-    }
-    if let Attached::Unit { lcp, .. } = attached {
-        lcp.close();
     }
 }
 
@@ -517,7 +493,6 @@ pub async fn run(
         )?),
         None => None,
     };
-    let mut unit_rack = None;
     let mut registry = Registry::default();
     let metrics = AgentMetrics::new(&mut registry);
     let config = ClientConfig {
@@ -551,39 +526,28 @@ pub async fn run(
         let backend =
             MemoryBackend::with_description(size_bytes, format!("memory export {}", volume));
         (Arc::new(backend), None, None)
-    } else if let (Some(rack_path), Some(volume_id)) = (&args.rack, args.volume_id) {
+    } else if let Some(rack_path) = &args.rack {
         let rack = Rack::load(rack_path)
             .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
-        let (credential, attached) = match (args.attachment_id, &args.attachment_token) {
-            (Some(attachment), Some(token)) => {
+        let endpoints = rack_host_endpoints(&rack, rack_path)?;
+        let (volume_id, credential) = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
+            (Some(file), _, _, _) => crate::attachment::read_file(file)?,
+            (None, Some(volume_id), Some(attachment), Some(token)) => {
                 let token = AttachmentToken::parse_hex(token)
                     .map_err(|e| CliError::Usage(format!("--attachment-token: {e}")))?;
-                (AttachmentCredential { attachment, token }, None)
+                (volume_id, AttachmentCredential { attachment, token })
             }
             _ => {
-                let lcp = LcpClient::new(&rack);
-                let host = args.host.clone().unwrap_or_else(host_name);
-                let credential = client::register_attachment(&lcp, volume_id, &host)
-                    .await
-                    .map_err(|e| {
-                        CliError::Unavailable(format!(
-                            "cannot register an attachment of volume {volume_id}: {e}"
-                        ))
-                    })?;
-                let attached = Attached::Unit {
-                    lcp,
-                    volume_id,
-                    attachment_id: credential.attachment,
-                };
-                (credential, Some(attached))
+                return Err(CliError::Usage(
+                    "--rack needs an attachment an operator minted (`rackblock attachment create`): \
+                     --attachment-file FILE, or --volume-id, --attachment-id and --attachment-token"
+                        .into(),
+                ))
             }
         };
-        let lcp = LcpClient::new(&rack);
-        unit_rack = Some((rack, volume_id));
-        match VolumeClient::connect(lcp, volume_id, credential, config).await {
-            Ok(client) => (Arc::new(client.clone()), attached, Some(client)),
+        match VolumeClient::connect_host(&endpoints, volume_id, credential, config).await {
+            Ok(client) => (Arc::new(client.clone()), None, Some(client)),
             Err(e) => {
-                detach_and_report(&volume, attached.as_ref()).await;
                 return Err(CliError::Unavailable(format!(
                     "cannot get volume {volume_id}'s partition map: {e}"
                 )));
@@ -624,14 +588,13 @@ pub async fn run(
                 .ok_or_else(|| {
                     CliError::Runtime("the zonal attach answer has no volume_id".into())
                 })?;
-            let rack = rack_of_head_nodes(&info)?;
-            let lcp = LcpClient::new(&rack);
-            VolumeClient::connect(lcp, volume_id, credential, config)
+            let endpoints = host_endpoints(&info)?;
+            let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
+            VolumeClient::connect_host(&endpoints, volume_id, credential, config)
                 .await
                 .map_err(|e| {
                     CliError::Unavailable(format!(
-                        "cannot get volume {}'s partition map from unit {}: {e}",
-                        volume, rack.unit.name
+                        "cannot get volume {volume}'s partition map from unit {unit}: {e}"
                     ))
                 })
         }
@@ -736,7 +699,7 @@ pub async fn run(
                     );
                     if let (Some(old), Some(current)) = (replaced, attached.as_ref()) {
                         if old != current.attachment_id() {
-                            revoke_replaced(&volume, current, unit_rack.as_ref(), old).await;
+                            revoke_replaced(&volume, current, old).await;
                         }
                     }
                     Some(session)
@@ -888,11 +851,7 @@ pub async fn run(
     if let Some(client) = &volume_client {
         client.close();
     }
-    if left_for_restart {
-        if let Some(Attached::Unit { lcp, .. }) = &attached {
-            lcp.close();
-        }
-    } else {
+    if !left_for_restart {
         detach_and_report(&volume, attached.as_ref()).await;
     }
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
@@ -904,19 +863,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn head_nodes_from_an_attach_answer() {
+    fn host_ports_from_an_attach_answer() {
         let info = json!({
             "unit": "local",
             "head_nodes": [
-                {"id": "hn-1", "address_a": "127.0.1.1:7000", "address_b": "127.0.2.1:7000"},
+                {"id": "hn-1", "address_a": "127.0.1.1:7000", "address_b": "127.0.2.1:7000",
+                 "host": "127.0.0.1:7000"},
             ],
         });
-        let rack = rack_of_head_nodes(&info).unwrap();
-        assert_eq!(rack.unit.name, "local");
-        assert_eq!(rack.head_node[0].address_b.to_string(), "127.0.2.1:7000");
-        assert!(rack_of_head_nodes(&json!({"head_nodes": []})).is_err());
-        assert!(rack_of_head_nodes(
-            &json!({"head_nodes": [{"id": "x", "address_a": "nope", "address_b": "1.2.3.4:5"}]})
+        let endpoints = host_endpoints(&info).unwrap();
+        assert_eq!(endpoints[0].node, "hn-1");
+        assert_eq!(endpoints[0].address.to_string(), "127.0.0.1:7000");
+        assert!(host_endpoints(&json!({"head_nodes": []})).is_err());
+        // A unit without host ports: hosts cannot reach it.
+        assert!(host_endpoints(
+            &json!({"head_nodes": [{"id": "x", "address_a": "1.2.3.4:5", "address_b": "1.2.3.4:6"}]})
         )
         .is_err());
     }

@@ -15,6 +15,7 @@
 
 mod agents;
 mod attach;
+mod attachment;
 mod device;
 mod error;
 mod http;
@@ -90,6 +91,20 @@ enum Command {
     },
     /// Start a whole unit on this machine as separate processes.
     Up(up::UpArgs),
+    /// A new zonal API token: prints the token (give it to its user) and
+    /// the `[[tokens]]` entry for the zonal config, which holds only its
+    /// SHA-256.
+    ZonalToken {
+        /// `admin` or `read-only`.
+        #[arg(long, default_value = "read-only")]
+        scope: String,
+    },
+    /// Attachments minted by an operator for `attach --rack` (no zonal
+    /// plane): `create` writes the attachment file a host needs.
+    Attachment {
+        #[command(subcommand)]
+        command: AttachmentCommand,
+    },
     /// Sleds of a unit: list, drain; sled controller tools.
     Sled {
         #[command(subcommand)]
@@ -148,7 +163,16 @@ enum SledCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum AttachmentCommand {
+    Create(attachment::CreateArgs),
+    Revoke(attachment::RevokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum RackCommand {
+    /// Issue the unit's credentials (unit key, sled and operator keys)
+    /// beside the rack file; kept if present unless --rotate.
+    InitCredentials(attachment::InitCredentialsArgs),
     /// Parse and validate a rack file, including its device paths and sizes.
     Validate {
         /// The rack description (TOML).
@@ -419,6 +443,37 @@ fn main() -> ExitCode {
                 }
             }
             Command::Up(args) => up::run(args).await,
+            Command::ZonalToken { scope } => {
+                if scope != "admin" && scope != "read-only" {
+                    eprintln!("rackblock zonal-token: --scope is admin or read-only");
+                    return ExitCode::from(2);
+                }
+                match proto::volume::AttachmentToken::random() {
+                    Ok(random) => {
+                        let token = random.to_hex();
+                        let digest: String = zonal_control_plane::config::token_digest(&token)
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
+                        println!("token: {token}");
+                        println!("# for the zonal config:\n[[tokens]]\nsha256 = \"{digest}\"\nscope = \"{scope}\"");
+                        ExitCode::SUCCESS
+                    }
+                    Err(error) => {
+                        eprintln!("rackblock zonal-token: {error}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Command::Attachment {
+                command: AttachmentCommand::Create(args),
+            } => ops::finish("attachment create", attachment::create(&args).await),
+            Command::Attachment {
+                command: AttachmentCommand::Revoke(args),
+            } => ops::finish("attachment revoke", attachment::revoke(&args).await),
+            Command::Rack {
+                command: RackCommand::InitCredentials(args),
+            } => ops::finish("rack init-credentials", attachment::init_credentials(&args)),
             Command::Sled {
                 command: SledCommand::Bench(args),
             } => match sled_bench::run(args).await {

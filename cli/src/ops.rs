@@ -104,21 +104,31 @@ pub struct RackArg {
 }
 
 impl RackArg {
-    /// The rack, `None` when none was named and the default is absent.
-    pub fn load_optional(&self) -> Result<Option<Rack>, CliError> {
-        let path = match &self.rack {
-            Some(path) => path.clone(),
+    /// The rack file named or found, if any.
+    fn path(&self) -> Option<PathBuf> {
+        match &self.rack {
+            Some(path) => Some(path.clone()),
             None => {
                 let default = Path::new(DEFAULT_DATA_DIR).join("rack.toml");
-                if !default.exists() {
-                    return Ok(None);
-                }
-                default
+                default.exists().then_some(default)
             }
+        }
+    }
+
+    /// The rack, `None` when none was named and the default is absent.
+    pub fn load_optional(&self) -> Result<Option<Rack>, CliError> {
+        let Some(path) = self.path() else {
+            return Ok(None);
         };
         Rack::load(&path)
             .map(Some)
             .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    }
+
+    /// The operator credential for this rack's unit
+    /// ([`unit::operator_credential`]).
+    pub fn credential(&self) -> Option<std::sync::Arc<proto::auth::Credential>> {
+        unit::operator_credential(&self.path()?)
     }
 
     pub fn load(&self) -> Result<Rack, CliError> {
@@ -610,8 +620,11 @@ pub async fn unit_list(global: &GlobalArgs) -> Result<(), CliError> {
 }
 
 /// The live view of one unit from its LCP.
-pub async fn live_status(rack: &Rack) -> Result<(RaftStatus, UnitStatus), CliError> {
-    let client = unit::client(rack);
+pub async fn live_status(
+    rack: &Rack,
+    credential: Option<std::sync::Arc<proto::auth::Credential>>,
+) -> Result<(RaftStatus, UnitStatus), CliError> {
+    let client = unit::client(rack, credential);
     let result = client.unit_status().await;
     client.close();
     result.map_err(|e| {
@@ -637,7 +650,7 @@ pub async fn unit_status(global: &GlobalArgs, args: &UnitStatusArgs) -> Result<(
     };
     let rack = rack.filter(|rack| args.unit.as_deref().is_none_or(|u| u == rack.unit.name));
     let live = match &rack {
-        Some(rack) => Some(live_status(rack).await?),
+        Some(rack) => Some(live_status(rack, args.rack.credential()).await?),
         None => None,
     };
     if global.output == Output::Json {
@@ -693,7 +706,7 @@ pub struct DrainArgs {
 
 pub async fn sled_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), CliError> {
     let rack = args.rack.load()?;
-    let (_, unit) = live_status(&rack).await?;
+    let (_, unit) = live_status(&rack, args.rack.credential()).await?;
     if global.output == Output::Json {
         return print_json(&json!({ "unit": rack.unit.name, "sleds": unit.sleds }));
     }
@@ -703,7 +716,7 @@ pub async fn sled_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), CliEr
 
 pub async fn head_node_list(global: &GlobalArgs, args: &LiveArgs) -> Result<(), CliError> {
     let rack = args.rack.load()?;
-    let (raft, unit) = live_status(&rack).await?;
+    let (raft, unit) = live_status(&rack, args.rack.credential()).await?;
     if global.output == Output::Json {
         return print_json(&json!({
             "unit": rack.unit.name,
@@ -735,7 +748,7 @@ fn used_columns(unit: &UnitStatus, sled: &str) -> Option<(Health, u64, u64)> {
 
 pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), CliError> {
     let rack = args.rack.load()?;
-    let (_, before) = live_status(&rack).await?;
+    let (_, before) = live_status(&rack, args.rack.credential()).await?;
     let Some((health_before, used_before, _)) = used_columns(&before, &args.sled) else {
         return Err(CliError::NotFound(format!(
             "unit {} has no sled {:?} (see `rackblock sled list`)",
@@ -780,7 +793,7 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
             ),
         });
     }
-    let client = unit::client(&rack);
+    let client = unit::client(&rack, args.rack.credential());
     let result = client
         .command(Command::SetSledHealth {
             sled: SledId(args.sled.clone()),
@@ -848,7 +861,7 @@ pub async fn sled_drain(global: &GlobalArgs, args: &DrainArgs) -> Result<(), Cli
     }
     let deadline = Instant::now() + args.wait_timeout;
     loop {
-        let (_, now) = live_status(&rack).await?;
+        let (_, now) = live_status(&rack, args.rack.credential()).await?;
         let used = used_columns(&now, &args.sled).map_or(0, |(_, used, _)| used);
         let moved = used_before.saturating_sub(used);
         draw_progress(moved, used_before, "columns moved off");

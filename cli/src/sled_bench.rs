@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// The sled's network B address.
     #[arg(long)]
     address_b: SocketAddr,
+    /// The unit's credentials directory: the bench authenticates to the
+    /// sled with its `unit.key`, as a head node does (SECURITY.md).
+    #[arg(long, env = "RACKBLOCK_CREDENTIALS")]
+    credentials: PathBuf,
     /// Columns written by `append`, read by `read`/`randread`.
     #[arg(long)]
     state: PathBuf,
@@ -130,11 +134,17 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
             args.chunk_bytes
         ));
     }
+    let credential =
+        proto::auth::load_credential(&args.credentials, proto::auth::Role::HeadNode, "sled-bench")
+            .map_err(|e| e.to_string())?;
     let link = PeerLink::new(
         "bench".into(),
         args.address_a,
         args.address_b,
-        LinkConfig::default(),
+        LinkConfig {
+            auth: Some(std::sync::Arc::new(credential)),
+            ..LinkConfig::default()
+        },
         LinkMetrics::unregistered(),
     );
     let duration = Duration::from_secs(args.seconds.max(1));

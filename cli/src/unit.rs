@@ -3,14 +3,16 @@
 //! `rackblock volume register` (registers a volume with the unit without
 //! the zonal control plane; benches and tests use it).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hardware::rack::{ErasureCode, Rack};
 use local_control_plane::client::ClientError;
 use local_control_plane::state::PartitionMap;
 use local_control_plane::{Command, LcpClient, RaftStatus, UnitStatus};
+use proto::auth::Credential;
 
 use crate::text::{human_bytes, Table};
 
@@ -49,8 +51,25 @@ fn load_rack(path: &PathBuf) -> Result<Rack, ExitCode> {
     })
 }
 
-pub fn client(rack: &Rack) -> LcpClient {
-    LcpClient::new(rack).with_retries(3, Duration::from_millis(500))
+/// An operator's control-plane client of the unit (`credential`: see
+/// [`operator_credential`]).
+pub fn client(rack: &Rack, credential: Option<Arc<Credential>>) -> LcpClient {
+    LcpClient::new(rack, credential).with_retries(3, Duration::from_millis(500))
+}
+
+/// The credential an operator verb uses with the unit of `rack_file`
+/// (SECURITY.md): from `$RACKBLOCK_CREDENTIALS` (a directory), else the
+/// `credentials/` directory beside the rack file; the operator key of
+/// `$RACKBLOCK_OPERATOR` (default `operator`), else one derived from the
+/// unit key found there. `None` when neither is readable: the unit's head
+/// nodes then refuse the connection.
+pub fn operator_credential(rack_file: &Path) -> Option<Arc<Credential>> {
+    let dir = std::env::var_os("RACKBLOCK_CREDENTIALS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| proto::auth::default_credentials_dir(rack_file));
+    let name = std::env::var("RACKBLOCK_OPERATOR")
+        .unwrap_or_else(|_| proto::auth::DEFAULT_OPERATOR.to_owned());
+    proto::auth::operator_credential(&dir, &name).map(Arc::new)
 }
 
 fn no_answer(error: ClientError) -> ExitCode {
@@ -313,7 +332,7 @@ pub async fn register_volume(args: RegisterArgs, output: Output) -> ExitCode {
         eprintln!("rackblock: size out of range");
         return ExitCode::from(2);
     };
-    let client = client(&rack);
+    let client = client(&rack, operator_credential(&args.rack));
     let command = Command::RegisterVolume {
         volume: args.id,
         name: args.name.clone(),

@@ -9,7 +9,9 @@
 //! the admin token (the data survives).
 //!
 //! ```text
-//! prepare   rack.toml, devices/, config/{sled-N,hn-N,zonal}.toml, zonal-token
+//! prepare   rack.toml (head nodes' host ports on 127.0.0.x), credentials/
+//!           (unit, sled and operator keys), devices/, config/{sled-N,hn-N,zonal}.toml,
+//!           zonal-token
 //! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
@@ -191,7 +193,8 @@ fn write_rack_file(args: &UpArgs, data_dir: &Path) -> Result<String, String> {
         let _ = writeln!(
             rack,
             "[[head_node]]\nid = \"hn-{h}\"\naddress_a = \"127.0.1.{h}:{data_port}\"\n\
-             address_b = \"127.0.2.{h}:{data_port}\"\nadmin = \"127.0.0.1:{}\"\n",
+             address_b = \"127.0.2.{h}:{data_port}\"\nadmin = \"127.0.0.1:{}\"\n\
+             host = \"127.0.0.{h}:{data_port}\"\n",
             u32::from(args.admin_base_port) + h
         );
     }
@@ -253,6 +256,24 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     }
     rack.validate_devices()
         .map_err(|e| format!("{}: {e}", rack_path.display()))?;
+    if rack.head_node.iter().any(|h| h.host.is_none()) {
+        return Err(format!(
+            "{}: every head node needs a `host` port (hosts reach the unit only there; \
+             a rack file written by an older `up` has none: add `host = \"127.0.0.N:PORT\"` \
+             to each [[head_node]] or remove the file)",
+            rack_path.display()
+        ));
+    }
+    // The unit's keys, beside the rack file where every daemon looks for
+    // them (kept across runs; SECURITY.md).
+    let sleds: Vec<String> = rack.sled.iter().map(|s| s.id.clone()).collect();
+    proto::auth::init_credentials(
+        &proto::auth::default_credentials_dir(&rack_path),
+        &sleds,
+        &[proto::auth::DEFAULT_OPERATOR.to_owned(), "zonal".to_owned()],
+        false,
+    )
+    .map_err(|e| format!("cannot write the unit's credentials: {e}"))?;
     for sled in &rack.sled {
         // Only what has no default: every other setting is the code's
         // (deploy/sled-controller.example.toml lists them).
@@ -827,10 +848,12 @@ fn ensure_volume(
 /// The local control plane's view (leader and term), bounded.
 fn unit_status(
     rack: &hardware::rack::Rack,
+    rack_path: &Path,
     wait: Duration,
 ) -> Option<local_control_plane::RaftStatus> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
-    let client = handle.block_on(async { local_control_plane::LcpClient::new(rack) });
+    let credential = crate::unit::operator_credential(rack_path);
+    let client = handle.block_on(async { local_control_plane::LcpClient::new(rack, credential) });
     let status = handle
         .block_on(tokio::time::timeout(wait, client.unit_status()))
         .ok()
@@ -845,7 +868,7 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
         rack.unit.name,
         data_dir.display()
     );
-    match unit_status(rack, Duration::from_secs(10)) {
+    match unit_status(rack, &data_dir.join("rack.toml"), Duration::from_secs(10)) {
         Some(raft) => println!(
             "local control plane: leader {}, term {}",
             raft.leader_name.as_deref().unwrap_or("none"),

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use client::{ClientConfig, VolumeClient};
 use hardware::rack::Rack;
-use local_control_plane::LcpClient;
 use proto::BLOCK_SIZE_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -181,7 +180,7 @@ pub async fn run(args: BenchArgs) -> BenchResult<()> {
         return Err(format!("--qd {} is outside 1..=1024", args.qd));
     }
     let rack = Rack::load(&args.rack).map_err(|e| format!("{}: {e}", args.rack.display()))?;
-    let lcp = LcpClient::new(&rack).with_retries(3, Duration::from_millis(500));
+    let lcp = crate::unit::client(&rack, crate::unit::operator_credential(&args.rack));
     // An attachment of its own for the run, revoked at the end.
     let credential = client::register_attachment(&lcp, args.volume, "volume-bench")
         .await
@@ -203,10 +202,21 @@ async fn bench(
     credential: proto::volume::AttachmentCredential,
     bs: u64,
 ) -> BenchResult<()> {
-    let lcp = LcpClient::new(rack).with_retries(3, Duration::from_millis(500));
-    let client = VolumeClient::connect(lcp, args.volume, credential, ClientConfig::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    // As a host does: through the head nodes' host ports (SECURITY.md).
+    let endpoints: Vec<client::HostEndpoint> = rack
+        .head_node
+        .iter()
+        .filter_map(|h| {
+            Some(client::HostEndpoint {
+                node: h.id.clone(),
+                address: h.host?,
+            })
+        })
+        .collect();
+    let client =
+        VolumeClient::connect_host(&endpoints, args.volume, credential, ClientConfig::default())
+            .await
+            .map_err(|e| e.to_string())?;
     let size = client.size_bytes();
     let region = args.region_bytes.unwrap_or(size).min(size) / bs * bs;
     if region == 0 {

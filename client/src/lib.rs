@@ -51,6 +51,7 @@
 pub mod admin;
 mod attachment;
 mod error;
+mod host_map;
 pub mod iscsi;
 pub mod metrics;
 pub mod nbd;
@@ -60,6 +61,7 @@ mod volume;
 
 pub use attachment::{register_attachment, remove_attachment, AttachmentError};
 pub use error::ClientError;
+pub use host_map::{HostEndpoint, HostMapSource};
 pub use split::{split_range, Piece};
 pub use volume::{
     ClientConfig, ClientHealth, MapSource, MapSourceError, PrimaryHealth, VolumeClient,

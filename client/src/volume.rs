@@ -28,6 +28,9 @@ use crate::split::{split_range, Piece};
 pub enum MapSourceError {
     /// The control plane does not know the volume (deleted): permanent.
     UnknownVolume,
+    /// The attachment credential is not valid (revoked, deleted, wrong
+    /// token): permanent.
+    Unauthorized,
     /// Anything else (no leader yet, unreachable, ...): worth retrying.
     Other(String),
 }
@@ -36,6 +39,7 @@ impl std::fmt::Display for MapSourceError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MapSourceError::UnknownVolume => f.write_str("unknown volume"),
+            MapSourceError::Unauthorized => f.write_str("attachment not authorised"),
             MapSourceError::Other(reason) => f.write_str(reason),
         }
     }
@@ -111,6 +115,7 @@ impl Default for ClientConfig {
                 probe_interval: Duration::from_millis(200),
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
+                auth: None,
             },
             metrics: ClientMetrics::unregistered(),
         }
@@ -270,12 +275,18 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 async fn fetch_map(
     source: &dyn MapSource,
     volume: u64,
+    attachment: u64,
 ) -> Result<(PartitionMap, HashMap<u32, Target>), ClientError> {
     let map = source
         .partition_map(volume)
         .await
         .map_err(|error| match error {
             MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+            MapSourceError::Unauthorized => ClientError::Unauthorized {
+                volume,
+                attachment,
+                node: "the partition map's head node".into(),
+            },
             MapSourceError::Other(reason) => ClientError::Map { volume, reason },
         })?;
     let targets = validate_map(volume, &map)?;
@@ -356,6 +367,19 @@ impl VolumeClient {
         VolumeClient::connect_with_source(Arc::new(lcp), volume, credential, config).await
     }
 
+    /// Serve as attachment `credential` of `volume` through the head nodes'
+    /// host ports (`endpoints`): what a host uses (SECURITY.md). Maps come
+    /// from [`crate::HostMapSource`]; I/O goes to the host ports they name.
+    pub async fn connect_host(
+        endpoints: &[crate::HostEndpoint],
+        volume: u64,
+        credential: AttachmentCredential,
+        config: ClientConfig,
+    ) -> Result<VolumeClient, ClientError> {
+        let source = crate::HostMapSource::new(endpoints, credential, config.link.clone());
+        VolumeClient::connect_with_source(Arc::new(source), volume, credential, config).await
+    }
+
     /// [`VolumeClient::connect`] with any map source.
     pub async fn connect_with_source(
         source: Arc<dyn MapSource>,
@@ -363,7 +387,7 @@ impl VolumeClient {
         credential: AttachmentCredential,
         config: ClientConfig,
     ) -> Result<VolumeClient, ClientError> {
-        let (map, targets) = fetch_map(source.as_ref(), volume).await?;
+        let (map, targets) = fetch_map(source.as_ref(), volume, credential.attachment).await?;
         Ok(VolumeClient {
             inner: Arc::new(Inner {
                 volume,
@@ -1016,7 +1040,7 @@ impl Inner {
             return Ok(());
         }
         let volume = self.volume;
-        let fetched = fetch_map(self.source.as_ref(), volume).await;
+        let fetched = fetch_map(self.source.as_ref(), volume, self.credential.attachment).await;
         self.config.metrics.map_refreshed(fetched.is_ok());
         let (map, targets) = match fetched {
             Ok(fetched) => {

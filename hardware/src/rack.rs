@@ -2,8 +2,11 @@
 //!
 //! A rack file names the unit, its head nodes and its sleds. Every node has
 //! one address on network A, one on network B (the two redundant internal
-//! networks) and an HTTP admin/metrics address; every sled lists its devices
-//! with their fault and power domains. See `deploy/rack.example.toml`.
+//! networks: the **unit port**, for members only) and an HTTP admin/metrics
+//! address; a head node that serves hosts also has a **host port** on the
+//! host network (`host`), which takes host I/O and nothing else; every sled
+//! lists its devices with their fault and power domains. See
+//! `deploy/rack.example.toml` and `SECURITY.md`.
 //!
 //! Validation happens in two stages:
 //!
@@ -79,6 +82,10 @@ pub struct HeadNodeSpec {
     pub address_b: SocketAddr,
     /// HTTP admin/metrics address.
     pub admin: SocketAddr,
+    /// The host port, on the host network: host I/O and the partition map
+    /// of an attachment's own volume, nothing else. `None`: this head node
+    /// serves no host.
+    pub host: Option<SocketAddr>,
 }
 
 /// A sled and its controller.
@@ -307,6 +314,9 @@ struct NodeFile {
     /// Admin/metrics address.
     #[serde(default)]
     admin: Option<SocketAddr>,
+    /// Host port (head nodes only).
+    #[serde(default)]
+    host: Option<SocketAddr>,
     /// Devices (sleds only).
     #[serde(default)]
     device: Option<Vec<DeviceSpec>>,
@@ -398,6 +408,9 @@ impl Rack {
             claim(found.address_a, format!("{} address_a", node.id))?;
             claim(found.address_b, format!("{} address_b", node.id))?;
             claim(found.admin, format!("{} admin", node.id))?;
+            if let Some(host) = node.host {
+                claim(host, format!("{} host", node.id))?;
+            }
             Ok(found)
         };
 
@@ -414,10 +427,16 @@ impl Rack {
                 address_a: found.address_a,
                 address_b: found.address_b,
                 admin: found.admin,
+                host: node.host,
             });
         }
         let mut sled = Vec::with_capacity(file.sled.len());
         for node in &file.sled {
+            if node.host.is_some() {
+                return Err(RackError::Parse {
+                    message: format!("sled {:?} cannot have a host port", node.id),
+                });
+            }
             let found = check_node(node)?;
             let device = node.device.clone().unwrap_or_default();
             if device.is_empty() {

@@ -69,6 +69,11 @@ pub struct HeadNodeConfig {
     /// Bind network B here instead of the rack's `address_b` (as `listen_a`).
     #[serde(default)]
     pub listen_b: Option<SocketAddr>,
+    /// Directory of the unit's credentials (`proto::auth`: this head node
+    /// reads `unit.key` there). Default: `credentials/` beside the rack
+    /// file. The head node does not start without them.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
     /// The write log shared by every partition of this head node: a file
     /// (created zero-filled if absent, so that log syncs need no journal
     /// commit) or a block device. Default
@@ -296,6 +301,13 @@ impl HeadNodeConfig {
         Ok(())
     }
 
+    /// Where the unit's credentials are (`credentials_dir`).
+    pub fn credentials_dir(&self) -> PathBuf {
+        self.credentials_dir
+            .clone()
+            .unwrap_or_else(|| proto::auth::default_credentials_dir(&self.rack_file))
+    }
+
     /// The write log's path.
     pub fn wal_path(&self) -> PathBuf {
         self.wal_path
@@ -470,6 +482,7 @@ impl HeadNodeConfig {
             quick_election: Some(self.quick_election()),
             listen_a: self.listen_a,
             listen_b: self.listen_b,
+            credentials_dir: self.credentials_dir.clone(),
             wal_path: Some(self.wal_path()),
             wal_size_bytes: Some(self.wal_size_bytes()),
             io_engine: self.io_engine.clone(),

@@ -12,6 +12,20 @@
 //! gauge stays 0 until then): Raft and clients reach the node over
 //! whichever network works.
 //!
+//! **Two kinds of port** (SECURITY.md). The *unit port* (the rack's
+//! `address_a` and `address_b`) serves the unit's members: every
+//! connection is authenticated first ([`proto::auth`], with this node's
+//! unit credential from `credentials_dir`), and [`unit_port_allows`] says
+//! what each kind of peer may send: head nodes anything, operators only
+//! control-plane requests (and Ping), sleds nothing. The *host port* (the
+//! rack's `host`, when set) takes no handshake and only host messages
+//! ([`proto::message::kind::is_host_request`]): I/O checked against the
+//! attachment credential, and `HostMap`, the partition map of the volume
+//! of a valid attachment, with every address in it (and in `NotPrimary`
+//! hints) replaced by the head nodes' host ports. Anything else on the
+//! host port closes the connection and counts in
+//! `rackblock_server_bad_frames_total{port="host",reason="refused_kind"}`.
+//!
 //! Routing of proto requests: `Host` → the partition's primary here
 //! ([`PartitionManager::handle_host`]; `NotPrimary{hint}` otherwise),
 //! `Replica` → the partition's secondary here
@@ -39,13 +53,17 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hardware::rack::{Rack, RackError};
+use local_control_plane::client::{LcpRequest, LcpResponse};
 use local_control_plane::node::StartError;
 use local_control_plane::{LcpConfig, LcpNode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::server::{Handler, ServerMetrics};
+use proto::auth::{Peer, Role};
+use proto::message::kind;
+use proto::server::{Access, Handler, ServerMetrics};
+use proto::volume::{HostError, HostReply};
 use proto::Message;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -81,6 +99,15 @@ pub enum HeadNodeError {
     RaftStopped { reason: String },
     #[error("cannot start the control plane's runtime: {reason}")]
     RaftRuntime { reason: String },
+    /// No unit credential: `rackblock rack init-credentials` makes them.
+    #[error("unit credentials in {}: {source} (run `rackblock rack init-credentials`)", dir.display())]
+    Credentials {
+        dir: PathBuf,
+        source: proto::auth::AuthError,
+    },
+    /// Some head nodes of the rack have a host port and others not.
+    #[error("rack file {}: either every head node has a `host` port or none", path.display())]
+    PartialHostPorts { path: PathBuf },
     #[error("cannot bind admin address {address}: {source}")]
     BindAdmin {
         address: SocketAddr,
@@ -130,6 +157,116 @@ impl Handler for HeadNodeHandler {
     }
 }
 
+/// What a peer authenticated on the unit port may send (module docs).
+pub fn unit_port_allows(peer: &Peer, kind: u16) -> bool {
+    match peer.role {
+        Role::HeadNode => true,
+        Role::Operator => matches!(kind, kind::PING | kind::LCP_CLIENT),
+        Role::Sled => kind == kind::PING,
+    }
+}
+
+/// The host port's handler: host I/O and the attachment's partition map
+/// (module docs); every address a host sees is a host port.
+#[derive(Debug)]
+struct HostPortHandler {
+    node: LcpNode,
+    manager: PartitionManager,
+    lcp_runtime: tokio::runtime::Handle,
+    /// Head node id → its host port.
+    host_ports: Arc<std::collections::HashMap<String, SocketAddr>>,
+}
+
+impl Handler for HostPortHandler {
+    fn handle(&self, request: Message) -> BoxFuture<'static, Message> {
+        let node = self.node.clone();
+        let manager = self.manager.clone();
+        let lcp_runtime = self.lcp_runtime.clone();
+        let host_ports = self.host_ports.clone();
+        Box::pin(async move {
+            match request {
+                Message::Host(request) => {
+                    let reply = manager.handle_host(request).await;
+                    Message::HostReply(host_hint(reply, &host_ports))
+                }
+                Message::HostMap { volume, credential } => {
+                    if let Err(error) = manager.check_attachment(volume, &credential).await {
+                        return Message::HostReply(HostReply::Error(error));
+                    }
+                    let read = lcp_runtime.spawn(async move {
+                        node.serve(LcpRequest::PartitionMap { volume }).await
+                    });
+                    let map = match read.await {
+                        Ok(LcpResponse::PartitionMap(map)) => map,
+                        // No leader yet, a deleted volume, a runtime going
+                        // down: the host retries (its credential was valid).
+                        Ok(other) => {
+                            return Message::HostReply(HostReply::Error(HostError::Unavailable {
+                                reason: format!("partition map: {other:?}"),
+                            }))
+                        }
+                        Err(error) => {
+                            return Message::HostReply(HostReply::Error(HostError::Unavailable {
+                                reason: error.to_string(),
+                            }))
+                        }
+                    };
+                    let map = host_map(map, &host_ports);
+                    match serde_json::to_vec(&map) {
+                        Ok(payload) => Message::HostMapReply {
+                            payload: payload.into(),
+                        },
+                        Err(error) => Message::HostReply(HostReply::Error(HostError::Io {
+                            reason: error.to_string(),
+                        })),
+                    }
+                }
+                // The server's policy lets nothing else through.
+                other => Message::HostReply(HostReply::Error(HostError::BadRequest {
+                    reason: format!("kind {:#06x} is not served on the host port", other.kind()),
+                })),
+            }
+        })
+    }
+}
+
+/// A `NotPrimary` hint names the primary's host port (both paths).
+fn host_hint(
+    reply: HostReply,
+    host_ports: &std::collections::HashMap<String, SocketAddr>,
+) -> HostReply {
+    match reply {
+        HostReply::Error(HostError::NotPrimary { hint: Some(hint) }) => {
+            let hint = host_ports
+                .get(&hint.node_id)
+                .map(|host| proto::volume::NodeHint {
+                    node_id: hint.node_id.clone(),
+                    address_a: *host,
+                    address_b: *host,
+                });
+            HostReply::Error(HostError::NotPrimary { hint })
+        }
+        other => other,
+    }
+}
+
+/// The map with each node's host port in place of its unit addresses.
+fn host_map(
+    mut map: local_control_plane::state::PartitionMap,
+    host_ports: &std::collections::HashMap<String, SocketAddr>,
+) -> local_control_plane::state::PartitionMap {
+    for entry in &mut map.partitions {
+        for node in [&mut entry.primary, &mut entry.secondary] {
+            let host = host_ports
+                .get(&node.id.0)
+                .map_or_else(String::new, |address| address.to_string());
+            node.address_a = host.clone();
+            node.address_b = host;
+        }
+    }
+    map
+}
+
 /// Runs the head node until `shutdown` is cancelled.
 pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<(), HeadNodeError> {
     config.validate()?;
@@ -144,6 +281,25 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             rack_file: config.rack_file.clone(),
         })?
         .clone();
+    let credentials_dir = config.credentials_dir();
+    let credential = Arc::new(
+        proto::auth::load_credential(&credentials_dir, Role::HeadNode, &config.head_node_id)
+            .map_err(|source| HeadNodeError::Credentials {
+                dir: credentials_dir.clone(),
+                source,
+            })?,
+    );
+    let host_ports: std::collections::HashMap<String, SocketAddr> = rack
+        .head_node
+        .iter()
+        .filter_map(|h| Some((h.id.clone(), h.host?)))
+        .collect();
+    if !host_ports.is_empty() && host_ports.len() != rack.head_node.len() {
+        return Err(HeadNodeError::PartialHostPorts {
+            path: config.rack_file.clone(),
+        });
+    }
+    let host_ports = Arc::new(host_ports);
     // Bind admin first: a taken admin port is a configuration error worth
     // failing on before Raft starts.
     let admin_listener =
@@ -155,7 +311,10 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             })?;
 
     let mut registry = Registry::default();
-    let server_metrics = ServerMetrics::new(&mut registry);
+    let server_metrics =
+        ServerMetrics::new(registry.sub_registry_with_label(("port".into(), "unit".into())));
+    let host_server_metrics =
+        ServerMetrics::new(registry.sub_registry_with_label(("port".into(), "host".into())));
     let listener_up = Family::<NetworkLabels, Gauge>::default();
     registry.register(
         "rackblock_head_node_listener_up",
@@ -174,6 +333,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         quick_election: config.quick_election(),
         failover: config.failover(),
         repair: config.repair(),
+        auth: Some(credential.clone()),
     };
     let lcp_runtime = LcpRuntime::start(shutdown.clone())?;
     let (started, mut registry) = lcp_runtime
@@ -202,6 +362,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         checkpoint_every_flushes: config.checkpoint_every_flushes(),
         checkpoint_interval: config.checkpoint_interval(),
         poll_interval: config.partition_poll_interval(),
+        auth: Some(credential.clone()),
     };
     let manager =
         match PartitionManager::start(manager_config, node.clone(), &rack, &mut registry).await {
@@ -222,14 +383,43 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             .get_or_create(&NetworkLabels { network })
             .clone();
         gauge.set(0);
+        let handler = Arc::new(HeadNodeHandler {
+            node: node.clone(),
+            manager: manager.clone(),
+            lcp_runtime: lcp_runtime.handle.clone(),
+        });
+        let access = Access::Authenticated {
+            credential: credential.clone(),
+            allow: unit_port_allows,
+        };
         tasks.spawn(serve_network(
-            node.clone(),
-            manager.clone(),
-            lcp_runtime.handle.clone(),
+            handler,
+            access,
             network,
             address,
             gauge,
             server_metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(host) = spec.host {
+        let gauge = listener_up
+            .get_or_create(&NetworkLabels { network: "host" })
+            .clone();
+        gauge.set(0);
+        let handler = Arc::new(HostPortHandler {
+            node: node.clone(),
+            manager: manager.clone(),
+            lcp_runtime: lcp_runtime.handle.clone(),
+            host_ports: host_ports.clone(),
+        });
+        tasks.spawn(serve_network(
+            handler,
+            Access::Kinds(kind::is_host_request),
+            "host",
+            host,
+            gauge,
+            host_server_metrics,
             shutdown.clone(),
         ));
     }
@@ -278,6 +468,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         %listen_a,
         %listen_b,
         admin = %spec.admin,
+        host = ?spec.host,
         "head node ready"
     );
     let fatal = tokio::select! {
@@ -347,11 +538,9 @@ const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 /// Binds `address` (retrying every second until bound or shutdown) and
 /// serves the protocol on it.
-#[allow(clippy::too_many_arguments)]
 async fn serve_network(
-    node: LcpNode,
-    manager: PartitionManager,
-    lcp_runtime: tokio::runtime::Handle,
+    handler: Arc<dyn Handler>,
+    access: Access,
     network: &'static str,
     address: SocketAddr,
     listener_up: Gauge,
@@ -366,12 +555,11 @@ async fn serve_network(
     listener_up.set(1);
     let result = proto::server::serve_with_metrics(
         listener,
-        Arc::new(HeadNodeHandler {
-            node,
-            manager,
-            lcp_runtime,
-        }),
-        proto::server::ServerConfig::default(),
+        handler,
+        proto::server::ServerConfig {
+            access,
+            ..proto::server::ServerConfig::default()
+        },
         shutdown,
         metrics,
     )

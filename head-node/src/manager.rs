@@ -142,6 +142,9 @@ pub struct ManagerConfig {
     /// ... or after this long if anything was flushed (zero: by count only).
     pub checkpoint_interval: Duration,
     pub poll_interval: Duration,
+    /// The unit credential of the links to sleds and head nodes
+    /// (`proto::auth`; `None` only against open unit ports, in tests).
+    pub auth: Option<Arc<proto::auth::Credential>>,
 }
 
 /// Why the manager could not start.
@@ -630,13 +633,13 @@ impl PartitionManager {
         let link_metrics = LinkMetrics::new(link_registry);
         let sleds = Arc::new(SledLinks::new(
             rack,
-            data_link_config(Duration::from_secs(2)),
+            data_link_config(Duration::from_secs(2), config.auth.clone()),
             link_metrics.clone(),
         ));
         let heads = Arc::new(HeadNodeLinks::new(
             rack,
             &config.node_id,
-            data_link_config(Duration::from_secs(4)),
+            data_link_config(Duration::from_secs(4), config.auth.clone()),
             link_metrics,
         ));
         let metrics = ManagerMetrics::register(registry);
@@ -755,6 +758,16 @@ impl PartitionManager {
             }
             reply => reply,
         }
+    }
+
+    /// Whether `credential` is a valid attachment of `volume` (the host
+    /// port's partition-map read checks it like any host request).
+    pub async fn check_attachment(
+        &self,
+        volume: u64,
+        credential: &AttachmentCredential,
+    ) -> Result<(), HostError> {
+        check_access(&self.inner, volume, credential, None).await
     }
 
     /// Answers a replication request (see the module docs).
@@ -890,13 +903,28 @@ fn tokens_equal(a: &AttachmentToken, b: &AttachmentToken) -> bool {
 /// refused by a head node whose state machine lags; barriers are single
 /// flight, and a refusal that arrived during one reuses it.
 async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), HostError> {
+    check_access(
+        inner,
+        request.volume,
+        &request.credential,
+        request.op.range(),
+    )
+    .await
+}
+
+/// [`check_host_access`] for a credential and an optional byte range.
+async fn check_access(
+    inner: &Inner,
+    volume: u64,
+    credential: &AttachmentCredential,
+    range: Option<(u64, u32)>,
+) -> Result<(), HostError> {
     let check = || -> Result<(), HostError> {
-        let size_bytes = credential_valid(inner, request.volume, &request.credential).ok_or(
-            HostError::Unauthorized {
-                attachment: request.credential.attachment,
-            },
-        )?;
-        if let Some((offset_bytes, len)) = request.op.range() {
+        let size_bytes =
+            credential_valid(inner, volume, credential).ok_or(HostError::Unauthorized {
+                attachment: credential.attachment,
+            })?;
+        if let Some((offset_bytes, len)) = range {
             let end = offset_bytes.saturating_add(u64::from(len));
             if end > size_bytes {
                 return Err(HostError::OutOfRange {
@@ -926,7 +954,7 @@ async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), H
     if let Err(HostError::Unauthorized { attachment }) = &verdict {
         inner.metrics.host_unauthorized.inc();
         debug!(
-            volume = request.volume,
+            volume,
             attachment, "host request refused: attachment credential not valid"
         );
     }

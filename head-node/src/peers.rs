@@ -97,13 +97,18 @@ pub fn peer_error(peer: &str, error: LinkError) -> PeerError {
 }
 
 /// Link settings of the data path: fail over fast, probe often.
-pub fn data_link_config(request_timeout: Duration) -> LinkConfig {
+/// `auth`: the head node's unit credential (the unit port requires it).
+pub fn data_link_config(
+    request_timeout: Duration,
+    auth: Option<Arc<proto::auth::Credential>>,
+) -> LinkConfig {
     LinkConfig {
         connect_timeout: Duration::from_millis(500),
         request_timeout,
         probe_interval: Duration::from_millis(250),
         probe_timeout: Duration::from_millis(500),
         failures_before_down: 2,
+        auth,
     }
 }
 

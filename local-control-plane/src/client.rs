@@ -196,11 +196,14 @@ pub struct LcpClient {
 }
 
 impl LcpClient {
-    /// A client for every head node of `rack`. Needs a tokio runtime.
-    pub fn new(rack: &Rack) -> LcpClient {
+    /// A client for every head node of `rack`, authenticating with `auth`
+    /// (an operator's or a member's credential: the unit port refuses a
+    /// client without). Needs a tokio runtime.
+    pub fn new(rack: &Rack, auth: Option<Arc<proto::auth::Credential>>) -> LcpClient {
         let config = LinkConfig {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(5),
+            auth,
             ..LinkConfig::default()
         };
         LcpClient::with_config(rack, config)

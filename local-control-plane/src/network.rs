@@ -93,7 +93,12 @@ impl PeerLinks {
     /// about a heartbeat plus a third of an election timeout — followers
     /// hear from the leader over the other network before any of them
     /// times out. A refused connection fails over at once.
-    pub fn raft_link_config(heartbeat: Duration, election_timeout_min: Duration) -> LinkConfig {
+    /// `auth`: the member's unit credential (the unit port requires it).
+    pub fn raft_link_config(
+        heartbeat: Duration,
+        election_timeout_min: Duration,
+        auth: Option<Arc<proto::auth::Credential>>,
+    ) -> LinkConfig {
         let floor = |d: Duration, min_ms: u64| d.max(Duration::from_millis(min_ms));
         LinkConfig {
             connect_timeout: floor(election_timeout_min / 4, 50),
@@ -101,6 +106,7 @@ impl PeerLinks {
             probe_interval: floor(heartbeat / 2, 20),
             probe_timeout: floor(election_timeout_min / 6, 100),
             failures_before_down: 2,
+            auth,
         }
     }
 

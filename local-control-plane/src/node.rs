@@ -180,6 +180,10 @@ pub struct LcpConfig {
     pub failover: FailoverConfig,
     /// The leader's column repair controller (concurrency, bandwidth).
     pub repair: RepairConfig,
+    /// The member's unit credential for every connection it makes (Raft,
+    /// forwarding, probes of sleds: `proto::auth`). `None` only where the
+    /// unit port is open (in-process tests).
+    pub auth: Option<Arc<proto::auth::Credential>>,
 }
 
 impl LcpConfig {
@@ -197,6 +201,7 @@ impl LcpConfig {
             quick_election: true,
             failover: FailoverConfig::default(),
             repair: RepairConfig::default(),
+            auth: None,
         }
     }
 }
@@ -369,6 +374,8 @@ struct Inner {
     /// timeout of a client request, not the Raft links' short one.
     forward_links: Mutex<HashMap<RaftNodeId, Arc<PeerLink>>>,
     link_metrics: LinkMetrics,
+    /// The credential of `forward_links`.
+    auth: Option<Arc<proto::auth::Credential>>,
     detector_config: DetectorConfig,
     detector_metrics: DetectorMetrics,
     failover_config: FailoverConfig,
@@ -439,7 +446,11 @@ impl LcpNode {
 
         let link_metrics = LinkMetrics::new(registry);
         let links = Arc::new(PeerLinks::new(
-            PeerLinks::raft_link_config(config.heartbeat_interval, config.election_timeout_min),
+            PeerLinks::raft_link_config(
+                config.heartbeat_interval,
+                config.election_timeout_min,
+                config.auth.clone(),
+            ),
             link_metrics.clone(),
         ));
         let network = RaftNetworkFactoryImpl::new(raft_id, links.clone());
@@ -471,6 +482,7 @@ impl LcpNode {
             links,
             forward_links: Mutex::new(HashMap::new()),
             link_metrics,
+            auth: config.auth.clone(),
             detector_config: DetectorConfig {
                 node_down_after: config.node_down_after,
                 node_refused_down_after: config.node_refused_down_after,
@@ -743,6 +755,7 @@ fn forward_link(inner: &Inner, id: RaftNodeId, info: &HeadNodeInfo) -> Arc<PeerL
                     connect_timeout: Duration::from_millis(500),
                     probe_interval: Duration::from_millis(250),
                     probe_timeout: Duration::from_millis(500),
+                    auth: inner.auth.clone(),
                     ..LinkConfig::default()
                 },
                 inner.link_metrics.clone(),

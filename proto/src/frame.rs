@@ -149,6 +149,10 @@ pub enum FrameError {
     ResponseFlagMismatch { kind: u16, flags: u16 },
     #[error("bad body: {0}")]
     Body(#[from] DecodeError),
+    /// An authenticated connection's frame tag did not verify
+    /// (`crate::auth`): tampered, replayed, reordered or forged.
+    #[error("frame MAC does not verify")]
+    Mac,
     /// Transport error while reading or writing frames (codec use only).
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
@@ -168,6 +172,7 @@ impl FrameError {
             FrameError::UnknownKind { .. } => "unknown_kind",
             FrameError::ResponseFlagMismatch { .. } => "response_flag_mismatch",
             FrameError::Body(_) => "body",
+            FrameError::Mac => "mac",
             FrameError::Io(_) => "io",
         }
     }
@@ -206,6 +211,18 @@ pub fn decode_frame(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         header,
         body: frame.freeze(),
     }))
+}
+
+/// The length (header and body) of the frame at the front of `buf`, once
+/// its header is there and valid; the body need not have arrived.
+pub fn peek_frame_len(buf: &BytesMut) -> Result<Option<usize>, FrameError> {
+    let Some(raw) = buf.get(..HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let mut raw_header = [0u8; HEADER_BYTES];
+    raw_header.copy_from_slice(raw);
+    let (header, _) = FrameHeader::parse(&raw_header)?;
+    Ok(Some(HEADER_BYTES + header.body_len_bytes as usize))
 }
 
 /// Decode a buffer that must hold exactly one frame. Zero-copy.

@@ -27,9 +27,14 @@
 //!   concurrently, answer (possibly out of order), drop a connection that
 //!   sends a bad frame; [`server::ServerMetrics`].
 //!
+//! * [`auth`] — unit-port authentication: a keyed challenge-response
+//!   between unit members (HMAC-SHA256 over both nonces and identities),
+//!   then a truncated HMAC-SHA256 with a sequence number on every frame.
+//!
 //! The fuzz target `fuzz/fuzz_targets/frame_decode.rs` (top of the repo)
 //! drives the frame and message decoders with arbitrary bytes.
 
+pub mod auth;
 pub mod frame;
 pub mod http;
 pub mod lcp;

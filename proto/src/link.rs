@@ -50,7 +50,7 @@ use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::FrameCodec;
+use crate::auth::{AuthCodec, Credential};
 use crate::message::Message;
 use crate::server::write_frames;
 
@@ -101,6 +101,10 @@ pub struct LinkConfig {
     pub probe_timeout: Duration,
     /// Consecutive failures that mark a path Down (default 2).
     pub failures_before_down: u32,
+    /// Authenticate every connection with this credential ([`crate::auth`];
+    /// the unit port requires it). `None`: plain frames (a head node's host
+    /// port, tests).
+    pub auth: Option<Arc<Credential>>,
 }
 
 impl Default for LinkConfig {
@@ -111,6 +115,7 @@ impl Default for LinkConfig {
             probe_interval: Duration::from_millis(500),
             probe_timeout: Duration::from_secs(1),
             failures_before_down: 2,
+            auth: None,
         }
     }
 }
@@ -357,8 +362,12 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn open(address: SocketAddr, timeout: Duration) -> Result<Connection, ConnectError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+    async fn open(
+        address: SocketAddr,
+        timeout: Duration,
+        auth: Option<&Credential>,
+    ) -> Result<Connection, ConnectError> {
+        let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 return Err(ConnectError {
@@ -378,6 +387,27 @@ impl Connection {
         // request we gave up on (and maybe resent on the other path) must not
         // trickle out later when a blackholed path heals.
         let _ = stream.set_zero_linger();
+        // Nothing is sent before the handshake: a refused one is "not sent".
+        let (send_mac, receive_mac) = match auth {
+            None => (None, None),
+            // Bounded like the connect: a peer that accepts and then stays
+            // silent must not hold the path for the handshake's own bound.
+            Some(credential) => match tokio::time::timeout(
+                timeout,
+                crate::auth::client_handshake(&mut stream, credential),
+            )
+            .await
+            .unwrap_or(Err(crate::auth::AuthError::Timeout(timeout)))
+            {
+                Ok(done) => (Some(done.send), Some(done.receive)),
+                Err(error) => {
+                    return Err(ConnectError {
+                        reason: format!("authenticate with {address}: {error}"),
+                        refused: false,
+                    })
+                }
+            },
+        };
         let (read_half, write_half) = stream.into_split();
         let shared = Arc::new(ConnectionShared {
             pending: Mutex::new(Some(HashMap::new())),
@@ -386,7 +416,7 @@ impl Connection {
         let (tx, rx) = mpsc::channel::<Bytes>(1024);
         let writer_shared = shared.clone();
         let writer = tokio::spawn(async move {
-            let result = write_frames(write_half, rx).await;
+            let result = write_frames(write_half, rx, send_mac).await;
             let reason = match result {
                 Ok(()) => "connection closed".to_owned(),
                 Err(error) => format!("write: {error}"),
@@ -395,7 +425,7 @@ impl Connection {
         });
         let reader_shared = shared.clone();
         let reader = tokio::spawn(async move {
-            let mut frames = FramedRead::new(read_half, FrameCodec);
+            let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
             let reason = loop {
                 let frame = match frames.next().await {
                     None => break "connection closed by peer".to_owned(),
@@ -748,7 +778,10 @@ impl PeerLink {
     ) -> Result<Message, AttemptError> {
         let started = Instant::now();
         let connection = path
-            .connect(self.config.connect_timeout.min(timeout))
+            .connect(
+                self.config.connect_timeout.min(timeout),
+                self.config.auth.as_deref(),
+            )
             .await?;
         let remaining = timeout.saturating_sub(started.elapsed());
         connection.request(request_id, frame, remaining).await
@@ -858,7 +891,11 @@ impl Path {
     }
 
     /// The live connection, connecting if there is none.
-    async fn connect(&self, timeout: Duration) -> Result<Arc<Connection>, AttemptError> {
+    async fn connect(
+        &self,
+        timeout: Duration,
+        auth: Option<&Credential>,
+    ) -> Result<Arc<Connection>, AttemptError> {
         let queued_at = Instant::now();
         let mut slot = self.connection.lock().await;
         if let Some(connection) = &slot.connection {
@@ -872,7 +909,7 @@ impl Path {
                 return Err(error.to_attempt_error());
             }
         }
-        match Connection::open(self.address, timeout).await {
+        match Connection::open(self.address, timeout, auth).await {
             Ok(connection) => {
                 let connection = Arc::new(connection);
                 slot.connection = Some(connection.clone());

@@ -19,6 +19,7 @@
 //! | `0x0181-0x0189` | sled controller responses, in [`SledResponse`] order |
 //! | `0x0201-0x0205` | host requests ([`HostOp`] order), see [`crate::volume`] |
 //! | `0x0211-0x0213` | replication requests ([`ReplicaRequest`] order) |
+//! | `0x0221`, `0x02a1` | host partition map request and reply |
 //! | `0x0281-0x0283` | host replies ([`HostReply`] order) |
 //! | `0x0291-0x0294` | replication replies ([`ReplicaReply`] order) |
 //! | `0x0301-0x0302` | local control plane requests: Raft RPC, client API |
@@ -55,6 +56,8 @@
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
+//! | 0x0221 | HostMap | volume u64 \| attachment u64 \| token `[u8; 16]` |
+//! | 0x02a1 | HostMapReply | payload bytes(≤16 MiB): the partition map, serde JSON of `local-control-plane` |
 //! | 0x0281 | HostData | data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) |
 //! | 0x0282 | HostDone | (empty) |
 //! | 0x0283 | HostError | host error |
@@ -168,6 +171,8 @@ pub mod kind {
     pub const REPLICA_APPEND: u16 = 0x0211;
     pub const REPLICA_FLUSH_COMMIT: u16 = 0x0212;
     pub const REPLICA_STATUS: u16 = 0x0213;
+    pub const HOST_MAP: u16 = 0x0221;
+    pub const HOST_MAP_REPLY: u16 = 0x02a1;
     pub const HOST_DATA: u16 = 0x0281;
     pub const HOST_DONE: u16 = 0x0282;
     pub const HOST_ERROR: u16 = 0x0283;
@@ -175,6 +180,15 @@ pub mod kind {
     pub const REPLICA_COMMITTED: u16 = 0x0292;
     pub const REPLICA_STATUS_REPLY: u16 = 0x0293;
     pub const REPLICA_ERROR: u16 = 0x0294;
+
+    /// The request kinds a host sends (a head node's host port takes
+    /// these and Ping, nothing else).
+    pub fn is_host_request(kind: u16) -> bool {
+        matches!(
+            kind,
+            PING | HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES | HOST_MAP
+        )
+    }
     /// First kind reserved for local-control-plane messages.
     pub const LOCAL_CONTROL_PLANE_FIRST: u16 = 0x0300;
     pub const LCP_RAFT: u16 = 0x0301;
@@ -226,6 +240,17 @@ pub enum Message {
     Replica(ReplicaRequest),
     /// Answer to [`Message::Replica`].
     ReplicaReply(ReplicaReply),
+    /// A host asks for the partition map of the volume its attachment
+    /// credential is for (the host port's only control-plane read).
+    HostMap {
+        volume: u64,
+        credential: AttachmentCredential,
+    },
+    /// Answer to [`Message::HostMap`] (a refusal is a
+    /// [`HostReply::Error`] instead): the map, opaque here.
+    HostMapReply {
+        payload: Bytes,
+    },
 }
 
 impl Message {
@@ -282,6 +307,8 @@ impl Message {
                 ReplicaReply::Status { .. } => REPLICA_STATUS_REPLY,
                 ReplicaReply::Error(_) => REPLICA_ERROR,
             },
+            Message::HostMap { .. } => HOST_MAP,
+            Message::HostMapReply { .. } => HOST_MAP_REPLY,
         }
     }
 
@@ -295,6 +322,7 @@ impl Message {
                 | Message::LcpReply { .. }
                 | Message::HostReply(_)
                 | Message::ReplicaReply(_)
+                | Message::HostMapReply { .. }
         )
     }
 
@@ -309,13 +337,14 @@ impl Message {
             Message::Lcp { idempotent, .. } => *idempotent,
             // Every host op is idempotent for a block device, and replicas
             // dedupe by sequence (see `crate::volume`).
-            Message::Host(_) | Message::Replica(_) => true,
+            Message::Host(_) | Message::Replica(_) | Message::HostMap { .. } => true,
             Message::Pong { .. }
             | Message::SledReply(_)
             | Message::RaftReply { .. }
             | Message::LcpReply { .. }
             | Message::HostReply(_)
-            | Message::ReplicaReply(_) => false,
+            | Message::ReplicaReply(_)
+            | Message::HostMapReply { .. } => false,
         }
     }
 
@@ -327,7 +356,8 @@ impl Message {
             Message::Raft { payload, .. }
             | Message::RaftReply { payload }
             | Message::Lcp { payload, .. }
-            | Message::LcpReply { payload } => payload.len(),
+            | Message::LcpReply { payload }
+            | Message::HostMapReply { payload } => payload.len(),
             Message::Host(HostRequest {
                 op: HostOp::Write { data, .. },
                 ..
@@ -449,7 +479,14 @@ impl Message {
                 w.bool(*idempotent);
                 w.bytes(payload);
             }
-            Message::RaftReply { payload } | Message::LcpReply { payload } => w.bytes(payload),
+            Message::RaftReply { payload }
+            | Message::LcpReply { payload }
+            | Message::HostMapReply { payload } => w.bytes(payload),
+            Message::HostMap { volume, credential } => {
+                w.u64(*volume);
+                w.u64(credential.attachment);
+                w.raw(&credential.token.0);
+            }
             Message::Host(request) => {
                 w.u64(request.volume);
                 w.u32(request.partition);
@@ -660,6 +697,16 @@ impl Message {
                 payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
             },
             LCP_CLIENT_REPLY => Message::LcpReply {
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
+            HOST_MAP => Message::HostMap {
+                volume: r.u64("volume")?,
+                credential: AttachmentCredential {
+                    attachment: r.u64("attachment")?,
+                    token: AttachmentToken(r.array("token")?),
+                },
+            },
+            HOST_MAP_REPLY => Message::HostMapReply {
                 payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
             },
             HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES => {

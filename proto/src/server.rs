@@ -33,6 +33,13 @@
 //! * `idle_timeout`: a connection with no frames received and nothing in
 //!   flight for that long is closed.
 //! * `shutdown` stops accepting and closes every connection.
+//! * [`Access`] says who may send what. `Authenticated` (the unit port)
+//!   runs the [`crate::auth`] handshake before reading any frame (a peer
+//!   that fails it is counted under `unauthenticated` and closed, no
+//!   request handled), then checks the tag of every frame and seals every
+//!   response; `Kinds` (a head node's host port) takes no handshake. Either
+//!   refuses a request kind its policy does not allow for the peer: counted
+//!   under `refused_kind`, connection closed, nothing handled.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -57,7 +64,8 @@ use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::{FrameCodec, FrameError};
+use crate::auth::{AuthCodec, Credential, FrameMac, Peer};
+use crate::frame::FrameError;
 use crate::message::Message;
 
 /// Application side of a server.
@@ -78,6 +86,9 @@ pub struct ServerConfig {
     /// dropping them, for handlers whose mutations must not stop halfway
     /// (default: drop them). Shutdown drops them either way.
     pub finish_abandoned_requests: bool,
+    /// Who may connect and which request kinds each may send (default:
+    /// anyone, anything).
+    pub access: Access,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +97,39 @@ impl Default for ServerConfig {
             max_in_flight_per_connection: 256,
             idle_timeout: None,
             finish_abandoned_requests: false,
+            access: Access::Open,
+        }
+    }
+}
+
+/// Who may send what to a server (module docs).
+#[derive(Clone, Default)]
+pub enum Access {
+    /// No handshake, every request kind (tests and in-process tools).
+    #[default]
+    Open,
+    /// No handshake; only the request kinds `allow` accepts (a head node's
+    /// host port: host I/O and the attachment's partition map).
+    Kinds(fn(u16) -> bool),
+    /// The unit port: mutual authentication with `credential` before any
+    /// frame, a MAC on every frame, and only the kinds `allow` accepts for
+    /// the authenticated peer.
+    Authenticated {
+        credential: Arc<Credential>,
+        allow: fn(&Peer, u16) -> bool,
+    },
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Access::Open => f.write_str("Open"),
+            Access::Kinds(_) => f.write_str("Kinds(..)"),
+            Access::Authenticated { credential, .. } => f
+                .debug_struct("Authenticated")
+                .field("role", &credential.role())
+                .field("id", &credential.id())
+                .finish_non_exhaustive(),
         }
     }
 }
@@ -138,6 +182,13 @@ impl ServerMetrics {
         ServerMetrics::default()
     }
 
+    /// Connections closed for `reason` so far.
+    pub fn bad_frames(&self, reason: &'static str) -> u64 {
+        self.bad_frames
+            .get_or_create(&ReasonLabels { reason })
+            .get()
+    }
+
     /// Connections closed for a bad frame so far (all reasons).
     pub fn bad_frames_total(&self) -> u64 {
         let mut total = 0;
@@ -151,7 +202,7 @@ impl ServerMetrics {
     }
 }
 
-const BAD_FRAME_REASONS: [&str; 12] = [
+const BAD_FRAME_REASONS: [&str; 15] = [
     "bad_magic",
     "unsupported_version",
     "reserved_bits",
@@ -164,6 +215,9 @@ const BAD_FRAME_REASONS: [&str; 12] = [
     "body",
     "io",
     "response_as_request",
+    "mac",
+    "unauthenticated",
+    "refused_kind",
 ];
 
 /// Serve until `shutdown` is cancelled. Returns once every connection task
@@ -239,17 +293,43 @@ enum End {
 }
 
 impl Connection {
-    async fn run(self, stream: TcpStream) {
+    async fn run(self, mut stream: TcpStream) {
         self.metrics.connections_open.inc();
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(peer = %self.peer, %error, "set_nodelay failed");
         }
+        // The handshake, before any frame is read (module docs).
+        let (authenticated, macs) = match &self.config.access {
+            Access::Authenticated { credential, .. } => {
+                let handshake = tokio::select! {
+                    () = self.shutdown.cancelled() => None,
+                    result = crate::auth::server_handshake(&mut stream, credential) => Some(result),
+                };
+                match handshake {
+                    Some(Ok(done)) => (Some(done.peer), Some((done.send, done.receive))),
+                    Some(Err(error)) => {
+                        self.bad_frame("unauthenticated", &error.to_string());
+                        self.metrics.connections_open.dec();
+                        return;
+                    }
+                    None => {
+                        self.metrics.connections_open.dec();
+                        return;
+                    }
+                }
+            }
+            Access::Open | Access::Kinds(_) => (None, None),
+        };
+        let (send_mac, receive_mac) = match macs {
+            Some((send, receive)) => (Some(send), Some(receive)),
+            None => (None, None),
+        };
         let (read_half, mut write_half) = stream.into_split();
         let max_in_flight = self.config.max_in_flight_per_connection.max(1);
         let mut handlers: FuturesUnordered<BoxFuture<'static, Option<Bytes>>> =
             FuturesUnordered::new();
-        let mut out = Outgoing::default();
-        let mut frames = FramedRead::new(read_half, FrameCodec);
+        let mut out = Outgoing::new(send_mac);
+        let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
 
         let end = loop {
             let next = tokio::select! {
@@ -292,6 +372,25 @@ impl Connection {
                 }
             };
             let request_id = frame.header.request_id;
+            let kind = frame.header.kind;
+            let allowed = match &self.config.access {
+                Access::Open => true,
+                Access::Kinds(allow) => allow(kind),
+                Access::Authenticated { allow, .. } => {
+                    authenticated.as_ref().is_some_and(|peer| allow(peer, kind))
+                }
+            };
+            if !allowed {
+                let who = authenticated.as_ref().map_or_else(
+                    || "unauthenticated peer".to_owned(),
+                    |p| format!("{} {}", p.role.as_str(), p.id),
+                );
+                self.bad_frame(
+                    "refused_kind",
+                    &format!("kind {kind:#06x} not allowed here for {who}"),
+                );
+                break End::Abort;
+            }
             let request = match Message::from_frame(&frame) {
                 Ok(message) => message,
                 Err(error) => {
@@ -377,7 +476,7 @@ enum Next {
 }
 
 async fn next_frame(
-    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, AuthCodec>,
     idle_timeout: Option<Duration>,
 ) -> Next {
     let next = match idle_timeout {
@@ -399,10 +498,14 @@ async fn next_frame(
 pub(crate) async fn write_frames(
     write_half: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Bytes>,
+    mut mac: Option<FrameMac>,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, write_half);
     while let Some(frame) = rx.recv().await {
         out.write_all(&frame).await?;
+        if let Some(mac) = &mut mac {
+            out.write_all(&mac.seal(&frame)).await?;
+        }
         if rx.is_empty() {
             out.flush().await?;
         }
@@ -411,18 +514,35 @@ pub(crate) async fn write_frames(
     out.shutdown().await
 }
 
-/// Encoded responses waiting for the socket, written with vectored writes.
-#[derive(Default)]
+/// Encoded responses waiting for the socket, written with vectored writes;
+/// on an authenticated connection each frame is followed by its tag.
 struct Outgoing {
     frames: VecDeque<Bytes>,
+    mac: Option<FrameMac>,
 }
 
 /// Frames per vectored write (well under IOV_MAX).
 const MAX_IOVECS: usize = 64;
 
 impl Outgoing {
+    fn new(mac: Option<FrameMac>) -> Outgoing {
+        Outgoing {
+            frames: VecDeque::new(),
+            mac,
+        }
+    }
+
+    /// Queues `frame` (and its tag: tags are sealed in queue order, which
+    /// is the order they reach the socket).
     fn push(&mut self, frame: Bytes) {
-        if !frame.is_empty() {
+        if frame.is_empty() {
+            return;
+        }
+        if let Some(mac) = &mut self.mac {
+            let tag = Bytes::copy_from_slice(&mac.seal(&frame));
+            self.frames.push_back(frame);
+            self.frames.push_back(tag);
+        } else {
             self.frames.push_back(frame);
         }
     }
@@ -431,8 +551,13 @@ impl Outgoing {
         self.frames.is_empty()
     }
 
+    /// Frames queued (a frame and its tag count once).
     fn len(&self) -> usize {
-        self.frames.len()
+        if self.mac.is_some() {
+            self.frames.len().div_ceil(2)
+        } else {
+            self.frames.len()
+        }
     }
 
     /// One vectored write of the queued frames (cancel-safe: the queue only

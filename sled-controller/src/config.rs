@@ -58,6 +58,11 @@ pub struct SledControllerConfig {
     /// failed like one returning I/O errors. At least 100.
     #[serde(default = "default_device_timeout_ms")]
     pub device_timeout_ms: u64,
+    /// Directory of the unit's credentials (`proto::auth`: this sled reads
+    /// `sled.<sled_id>.key` there). Default: `credentials/` beside the rack
+    /// file. The sled controller does not start without its key.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
 }
 
 pub use hardware::config::ConfigError;
@@ -66,6 +71,13 @@ impl SledControllerConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         hardware::config::load_toml(path, Self::validate)
+    }
+
+    /// Where the unit's credentials are (`credentials_dir`).
+    pub fn credentials_dir(&self) -> PathBuf {
+        self.credentials_dir
+            .clone()
+            .unwrap_or_else(|| proto::auth::default_credentials_dir(&self.rack_file))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -9,6 +9,12 @@
 //! every second in the background while the other serves (its
 //! `rackblock_sled_listener_up` gauge stays 0 until then). Shutdown (the
 //! token) stops accepting, closes connections and returns.
+//!
+//! The protocol port is the unit port only (SECURITY.md): every connection
+//! is authenticated with this sled's key (`sled.<id>.key` in
+//! `credentials_dir`, [`proto::auth`]) before a frame is read, and only the
+//! unit's head nodes can prove that key: a claim, append, free or read
+//! from anyone else is never handled.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +43,12 @@ pub enum SledControllerError {
     Config(#[from] ConfigError),
     #[error("rack file {}: {source}", path.display())]
     Rack { path: PathBuf, source: RackError },
+    /// No sled key: `rackblock rack init-credentials` makes it.
+    #[error("sled credentials in {}: {source} (run `rackblock rack init-credentials`)", dir.display())]
+    Credentials {
+        dir: PathBuf,
+        source: proto::auth::AuthError,
+    },
     #[error("sled_id {sled_id:?} is not a [[sled]] of rack file {}", rack_file.display())]
     UnknownSled { sled_id: String, rack_file: PathBuf },
     #[error("device {device} of sled {sled_id:?}: {source}")]
@@ -143,6 +155,14 @@ pub async fn run(
         })?
         .clone();
     let metrics = Arc::new(Metrics::new());
+    let credentials_dir = config.credentials_dir();
+    let credential = Arc::new(
+        proto::auth::load_credential(&credentials_dir, proto::auth::Role::Sled, &config.sled_id)
+            .map_err(|source| SledControllerError::Credentials {
+                dir: credentials_dir.clone(),
+                source,
+            })?,
+    );
     let sled = Arc::new(open_sled(&config, &rack, metrics.clone()).await?);
 
     let admin =
@@ -158,6 +178,7 @@ pub async fn run(
         metrics.set_listener_up(network, false);
         tasks.spawn(serve_network(
             sled.clone(),
+            credential.clone(),
             network,
             address,
             shutdown.clone(),
@@ -201,6 +222,12 @@ pub async fn run(
     Ok(())
 }
 
+/// Only head nodes reach a sled (module docs); the key already says so,
+/// and this says it again should another role ever get a sled key.
+pub fn sled_port_allows(peer: &proto::auth::Peer, _kind: u16) -> bool {
+    peer.role == proto::auth::Role::HeadNode
+}
+
 /// How long shutdown waits for the daemon's tasks before aborting them.
 const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
@@ -208,6 +235,7 @@ const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 /// serves the protocol on it.
 async fn serve_network(
     sled: Arc<Sled>,
+    credential: Arc<proto::auth::Credential>,
     network: Network,
     address: SocketAddr,
     shutdown: CancellationToken,
@@ -230,6 +258,10 @@ async fn serve_network(
         proto::server::ServerConfig {
             // See `SledHandler`: mutations run to completion.
             finish_abandoned_requests: true,
+            access: proto::server::Access::Authenticated {
+                credential,
+                allow: sled_port_allows,
+            },
             ..proto::server::ServerConfig::default()
         },
         shutdown,

@@ -125,7 +125,7 @@ impl Cluster {
         eprintln!("{name}: free columns per sled {free:?}");
         lcp.close();
         unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
-        let client = tests::connect_client(unit.lcp_client(), volume, client_config())
+        let client = tests::connect_client(&unit, volume, client_config())
             .await
             .unwrap();
         let cluster = Cluster {
@@ -257,6 +257,7 @@ fn sled_link(sled: &tests::TestSled) -> Arc<PeerLink> {
         sled.address_b,
         LinkConfig {
             connect_timeout: Duration::from_millis(300),
+            auth: Some(sled.member()),
             ..LinkConfig::default()
         },
         LinkMetrics::unregistered(),
@@ -548,7 +549,7 @@ async fn write_stalls_while_the_secondary_is_stopped() {
     // Attached before the stop: attaching goes through the Raft leader,
     // which may be the node about to be stopped.
     let stall_client = tests::connect_client(
-        cluster.unit.lcp_client(),
+        &cluster.unit,
         cluster.volume,
         ClientConfig {
             failover_timeout: Duration::from_secs(6),

@@ -116,7 +116,7 @@ async fn write_flush_restart_read_back() {
     unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
     eprintln!("unit up, volume registered: {:?}", started.elapsed());
 
-    let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
+    let client = tests::connect_client(&unit, VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let mut model = vec![0u8; VOLUME_BYTES as usize];
@@ -256,7 +256,7 @@ async fn background_flush_by_age_and_metrics() {
     )
     .await;
     unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
-    let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
+    let client = tests::connect_client(&unit, VOLUME, ClientConfig::default())
         .await
         .unwrap();
     let data = pattern(7, 3 * MIB);

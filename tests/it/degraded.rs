@@ -114,9 +114,7 @@ async fn start(volume: u64) -> Started {
         },
         ..ClientConfig::default()
     };
-    let client = tests::connect_client(unit.lcp_client(), volume, config)
-        .await
-        .unwrap();
+    let client = tests::connect_client(&unit, volume, config).await.unwrap();
     Started {
         unit,
         sleds,

@@ -535,7 +535,7 @@ struct Workload {
 impl Workload {
     async fn start(cluster: &Cluster) -> Workload {
         let client = Arc::new(
-            tests::connect_client(cluster.unit.lcp_client(), VOLUME, client_config())
+            tests::connect_client(&cluster.unit, VOLUME, client_config())
                 .await
                 .unwrap(),
         );
@@ -922,6 +922,7 @@ async fn paused_primary_is_fenced_on_resume() {
             probe_interval: Duration::from_millis(200),
             probe_timeout: Duration::from_millis(500),
             failures_before_down: 2,
+            auth: Some(head.member()),
         },
         LinkMetrics::unregistered(),
     );

@@ -36,6 +36,7 @@ fn client(unit: &TestUnit) -> LcpClient {
             probe_interval: Duration::from_millis(200),
             probe_timeout: Duration::from_millis(300),
             failures_before_down: 2,
+            auth: Some(unit.member()),
         },
     )
     .with_retries(5, Duration::from_millis(300))

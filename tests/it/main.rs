@@ -16,6 +16,7 @@ mod nbd_e2e;
 mod network;
 mod power_loss;
 mod repair;
+mod security;
 mod sled;
 mod sled_network;
 mod volume_delete;

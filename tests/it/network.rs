@@ -288,7 +288,7 @@ async fn scenario(rack: Rack, switch_ns: String, cut: Duration, seed: u64, start
     register(&lcp).await;
     unit.wait_datapaths_ready(&rack.heads, Duration::from_secs(30));
     let client = tests::connect_client(
-        unit.lcp_client(),
+        unit,
         VOLUME,
         ClientConfig {
             failover_timeout: Duration::from_secs(60),

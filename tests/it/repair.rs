@@ -121,7 +121,7 @@ impl Unit {
         )
         .await;
         unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
-        let client = tests::connect_client(unit.lcp_client(), volume, client_config())
+        let client = tests::connect_client(&unit, volume, client_config())
             .await
             .unwrap();
         let this = Unit {

@@ -15,7 +15,10 @@ pub fn link(sled: &tests::TestSled) -> Arc<PeerLink> {
         sled.id.clone(),
         sled.address_a,
         sled.address_b,
-        LinkConfig::default(),
+        LinkConfig {
+            auth: Some(sled.member()),
+            ..LinkConfig::default()
+        },
         LinkMetrics::unregistered(),
     )
 }

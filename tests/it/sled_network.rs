@@ -25,6 +25,7 @@ async fn run(mode: ProxyMode) {
         request_timeout: Duration::from_secs(2),
         probe_interval: Duration::from_millis(100),
         probe_timeout: Duration::from_millis(300),
+        auth: Some(unit.sleds[0].member()),
         ..LinkConfig::default()
     };
     let link = PeerLink::new(

@@ -65,7 +65,7 @@ async fn a_delete_finishes_after_the_leader_is_killed() {
         other => panic!("register: {other:?}"),
     }
     unit.wait_datapaths_ready(&heads, Duration::from_secs(20));
-    let client = tests::connect_client(unit.lcp_client(), VOLUME, ClientConfig::default())
+    let client = tests::connect_client(&unit, VOLUME, ClientConfig::default())
         .await
         .unwrap();
     client

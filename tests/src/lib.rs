@@ -37,19 +37,35 @@ pub async fn check_volume_in_pieces(
 }
 
 /// Registers an attachment of `volume` straight with the unit (as
-/// `rackblock attach --rack` does) and connects a volume client with it:
-/// head nodes refuse host requests without a valid attachment credential.
+/// `rackblock attachment create` does) and connects a volume client with
+/// it over the unit port, as a member (the harness holds the unit key): the
+/// tests of network faults on A and B see the client fail over between
+/// them. Head nodes refuse host requests without a valid attachment
+/// credential. (Hosts use the host port: [`connect_host_client`].)
 pub async fn connect_client(
-    lcp: local_control_plane::LcpClient,
+    unit: &TestUnit,
     volume: u64,
-    config: client::ClientConfig,
+    mut config: client::ClientConfig,
 ) -> Result<client::VolumeClient, String> {
+    let lcp = unit.lcp_client();
     let credential = client::register_attachment(&lcp, volume, "test-host")
         .await
         .map_err(|e| format!("cannot register an attachment of volume {volume}: {e}"))?;
+    config.link.auth = Some(unit.member());
     client::VolumeClient::connect(lcp, volume, credential, config)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// A volume client as a host has one: attachment `credential`, the head
+/// nodes' host ports, nothing else.
+pub async fn connect_host_client(
+    unit: &TestUnit,
+    volume: u64,
+    credential: proto::volume::AttachmentCredential,
+    config: client::ClientConfig,
+) -> Result<client::VolumeClient, client::ClientError> {
+    client::VolumeClient::connect_host(&unit.host_endpoints(), volume, credential, config).await
 }
 
 /// Registers a volume (`command` is a `RegisterVolume`) through the LCP,
@@ -391,8 +407,38 @@ pub struct TestHeadNode {
     /// Where the head node binds network A.
     pub listen_a: SocketAddr,
     pub admin: SocketAddr,
+    /// The host port (on 127.0.0.x).
+    pub host: SocketAddr,
     pub config: PathBuf,
     pub data_dir: PathBuf,
+}
+
+/// The unit key of the test unit whose directory holds `file` (a daemon's
+/// config: the rack file and `credentials/` are beside it).
+fn member_beside(file: &Path) -> std::sync::Arc<proto::auth::Credential> {
+    let dir = file.parent().unwrap_or_else(|| Path::new("."));
+    std::sync::Arc::new(
+        proto::auth::load_credential(
+            &dir.join("credentials"),
+            proto::auth::Role::HeadNode,
+            "test-harness",
+        )
+        .unwrap(),
+    )
+}
+
+impl TestHeadNode {
+    /// The unit key (what a member shows on the unit port).
+    pub fn member(&self) -> std::sync::Arc<proto::auth::Credential> {
+        member_beside(&self.config)
+    }
+}
+
+impl TestSled {
+    /// The unit key: a sled takes requests only from members.
+    pub fn member(&self) -> std::sync::Arc<proto::auth::Credential> {
+        member_beside(&self.config)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -418,9 +464,39 @@ impl TestUnit {
                 probe_interval: Duration::from_millis(200),
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
+                auth: Some(self.member()),
             },
         )
         .with_retries(10, Duration::from_millis(300))
+    }
+
+    /// The unit key, as a member (what the harness and its tools use on
+    /// the unit port).
+    pub fn member(&self) -> std::sync::Arc<proto::auth::Credential> {
+        std::sync::Arc::new(
+            proto::auth::load_credential(
+                &self.credentials_dir(),
+                proto::auth::Role::HeadNode,
+                "test-harness",
+            )
+            .unwrap(),
+        )
+    }
+
+    /// Where the unit's credentials are (beside the rack file).
+    pub fn credentials_dir(&self) -> PathBuf {
+        proto::auth::default_credentials_dir(&self.rack_path)
+    }
+
+    /// The head nodes' host ports.
+    pub fn host_endpoints(&self) -> Vec<client::HostEndpoint> {
+        self.head_nodes
+            .iter()
+            .map(|h| client::HostEndpoint {
+                node: h.id.clone(),
+                address: h.host,
+            })
+            .collect()
     }
 
     pub fn new(sleds: u32, code: &str, device_bytes: u64, column_bytes: u64) -> TestUnit {
@@ -455,8 +531,9 @@ impl TestUnit {
                 address_a
             };
             let admin = SocketAddr::from(([127, 0, 0, 1], next_port()));
+            let host: SocketAddr = format!("127.0.0.{h}:{}", next_port()).parse().unwrap();
             rack.push_str(&format!(
-                "[[head_node]]\nid = \"hn-{h}\"\naddress_a = \"{address_a}\"\naddress_b = \"{address_b}\"\nadmin = \"{admin}\"\n\n"
+                "[[head_node]]\nid = \"hn-{h}\"\naddress_a = \"{address_a}\"\naddress_b = \"{address_b}\"\nadmin = \"{admin}\"\nhost = \"{host}\"\n\n"
             ));
             head_nodes.push(TestHeadNode {
                 id: format!("hn-{h}"),
@@ -464,6 +541,7 @@ impl TestUnit {
                 address_b,
                 listen_a,
                 admin,
+                host,
                 config: dir.path().join(format!("hn-{h}.toml")),
                 data_dir: dir.path().join(format!("hn-{h}")),
             });
@@ -503,6 +581,14 @@ impl TestUnit {
         }
         let rack_path = dir.path().join("rack.toml");
         std::fs::write(&rack_path, rack).unwrap();
+        let sled_ids: Vec<String> = list.iter().map(|s| s.id.clone()).collect();
+        proto::auth::init_credentials(
+            &proto::auth::default_credentials_dir(&rack_path),
+            &sled_ids,
+            &[proto::auth::DEFAULT_OPERATOR.into(), "zonal".into()],
+            false,
+        )
+        .unwrap();
         for sled in &list {
             std::fs::write(
                 &sled.config,
@@ -750,7 +836,8 @@ impl TestUnit {
 /// Ports of one [`RunningUnit`], all from one block of [`next_ports`]:
 ///
 /// ```text
-/// block+0        head nodes' data port (127.0.1.1-3, 127.0.2.1-3)
+/// block+0        head nodes' data port (127.0.1.1-3, 127.0.2.1-3) and
+///                host port (127.0.0.1-3)
 /// block+1        --admin-base-port: head nodes' admin block+2..4
 /// block+5, +6    zonal API, NBD export of vol0
 /// block+7..99    spare (extra attach agents)

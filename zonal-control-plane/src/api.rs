@@ -16,7 +16,9 @@
 //! | GET | `/health` | | 200 `{status: "ok", ...}` (no token) |
 //! | GET | `/metrics` | | 200 OpenMetrics text (no token) |
 //!
-//! Every `/v1` request needs `Authorization: Bearer <admin token>`. Bodies
+//! Every `/v1` request needs `Authorization: Bearer <token>`: an admin
+//! token for anything, a read-only token for GET (else 403); tokens are
+//! checked by SHA-256 digest (`crate::config`'s module docs). Bodies
 //! are parsed field by field so that a 400 names the field; unknown fields
 //! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
 //! I/O of up to 256 KiB costs one; bursts need their limit and are at
@@ -24,6 +26,8 @@
 //! Errors: [`ApiError`] (one status mapping, one body shape).
 
 use std::sync::Arc;
+
+use crate::config::{token_digest, Scope};
 
 use axum::body::Bytes;
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -49,11 +53,13 @@ const MAX_BODY_BYTES: usize = 64 << 10;
 #[derive(Debug)]
 pub struct ApiState {
     pub zonal: Arc<Zonal>,
-    admin_token: String,
+    /// SHA-256 of each accepted token, with its scope.
+    tokens: Vec<([u8; 32], Scope)>,
 }
 
-pub fn router(zonal: Arc<Zonal>, admin_token: String) -> Router {
-    let state = Arc::new(ApiState { zonal, admin_token });
+/// `tokens`: [`crate::ZonalConfig::token_digests`].
+pub fn router(zonal: Arc<Zonal>, tokens: Vec<([u8; 32], Scope)>) -> Router {
+    let state = Arc::new(ApiState { zonal, tokens });
     Router::new()
         .route("/v1/volumes", post(create_volume).get(list_volumes))
         .route(
@@ -91,11 +97,25 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), state.admin_token.as_bytes()) => {
+    let Some(presented) = presented.map(token_digest) else {
+        return ApiError::Unauthorized.into_response();
+    };
+    // Every digest is compared in full: the time says nothing about which
+    // one (if any) matched.
+    let scope = state.tokens.iter().fold(None, |found, (digest, scope)| {
+        if constant_time_eq(digest, &presented) {
+            Some(*scope)
+        } else {
+            found
+        }
+    });
+    match scope {
+        Some(Scope::Admin) => next.run(request).await,
+        Some(Scope::ReadOnly) if request.method() == axum::http::Method::GET => {
             next.run(request).await
         }
-        _ => ApiError::Unauthorized.into_response(),
+        Some(Scope::ReadOnly) => ApiError::Forbidden.into_response(),
+        None => ApiError::Unauthorized.into_response(),
     }
 }
 

@@ -1,7 +1,17 @@
 //! Configuration of `rackblock zonal --config FILE`.
 //!
-//! A small TOML file: where to listen, where the store lives, the admin
-//! token, and the units of the zone. A unit is described by its rack file
+//! A small TOML file: where to listen, where the store lives, the API
+//! tokens, and the units of the zone.
+//!
+//! **Tokens.** Every `/v1` request presents a bearer token with a scope:
+//! `admin` (everything) or `read-only` (GET only). The plane keeps only
+//! their SHA-256 digests in memory, and `[[tokens]]` entries give only the
+//! digest (`rackblock zonal-token new` makes a token and its entry), so
+//! neither the config nor the process holds a usable token; `admin_token`
+//! and `admin_token_file` are still read (admin scope) and hashed at load.
+//! SHA-256, not a password hash such as argon2: the tokens are 128-bit
+//! random strings, which no dictionary or brute force can search, so a slow
+//! hash would only slow every request. A unit is described by its rack file
 //! (the same file its head nodes and sleds read), so the zonal plane reaches
 //! the unit's head nodes on both networks without a second copy of their
 //! addresses. Unknown fields are errors. Example: `deploy/zonal.example.toml`.
@@ -41,12 +51,53 @@ pub struct ZonalConfig {
     /// the secret out of the config file.
     #[serde(default)]
     pub admin_token_file: Option<PathBuf>,
+    /// Further tokens, by digest and scope (module docs).
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
     /// The units of the zone.
     #[serde(default)]
     pub units: Vec<UnitConfig>,
     /// Pause between two polls of every unit's status, in milliseconds.
     #[serde(default = "default_report_interval_ms")]
     pub report_interval_ms: u64,
+}
+
+/// What a zonal API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// Every request.
+    Admin,
+    /// GET requests only (listings, descriptions, unit status).
+    ReadOnly,
+}
+
+/// A token the API accepts, known by its SHA-256 only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// SHA-256 of the token, 64 hex digits.
+    pub sha256: String,
+    pub scope: Scope,
+}
+
+/// SHA-256 of a token.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// One unit (rack) of the zone.
@@ -59,7 +110,15 @@ pub struct UnitConfig {
     /// The unit's rack description (`hardware::rack::Rack` TOML): its head
     /// nodes' addresses on networks A and B and the erasure codes it offers.
     pub rack_file: PathBuf,
+    /// Where this zonal plane's operator key for the unit is
+    /// (`operator.zonal.key`, else one derived from `unit.key`; see
+    /// SECURITY.md). Default: `credentials/` beside the rack file.
+    #[serde(default)]
+    pub credentials_dir: Option<PathBuf>,
 }
+
+/// The operator name the zonal plane authenticates as with every unit.
+pub const ZONAL_OPERATOR: &str = "zonal";
 
 /// Why the zonal config cannot be used.
 #[derive(Debug, Error)]
@@ -100,6 +159,7 @@ impl ZonalConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let admin_digests = self.tokens.iter().any(|t| t.scope == Scope::Admin);
         match (&self.admin_token, &self.admin_token_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -107,14 +167,19 @@ impl ZonalConfig {
                     "set admin_token or admin_token_file, not both",
                 ))
             }
-            (None, None) => {
+            (None, None) if !admin_digests => {
                 return Err(invalid(
                     "admin_token",
-                    "one of admin_token and admin_token_file is required",
+                    "one of admin_token, admin_token_file or an admin [[tokens]] entry is required",
                 ))
             }
             (Some(token), None) => check_token(token)?,
-            (None, Some(_)) => {}
+            (None, Some(_)) | (None, None) => {}
+        }
+        for token in &self.tokens {
+            if parse_digest(&token.sha256).is_none() {
+                return Err(invalid("tokens.sha256", "must be 64 hex digits"));
+            }
         }
         if self.report_interval_ms == 0 {
             return Err(invalid("report_interval_ms", "must be positive"));
@@ -132,6 +197,20 @@ impl ZonalConfig {
             }
         }
         Ok(())
+    }
+
+    /// The digests and scopes of every accepted token (module docs).
+    pub fn token_digests(&self) -> Result<Vec<([u8; 32], Scope)>, ConfigError> {
+        let mut digests = Vec::with_capacity(self.tokens.len() + 1);
+        if self.admin_token.is_some() || self.admin_token_file.is_some() {
+            digests.push((token_digest(&self.admin_token()?), Scope::Admin));
+        }
+        for token in &self.tokens {
+            let digest = parse_digest(&token.sha256)
+                .ok_or_else(|| invalid("tokens.sha256", "must be 64 hex digits"))?;
+            digests.push((digest, token.scope));
+        }
+        Ok(digests)
     }
 
     /// The admin token: `admin_token`, else the trimmed contents of

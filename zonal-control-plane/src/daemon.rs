@@ -45,7 +45,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ZonalError> {
     config.validate()?;
-    let admin_token = config.admin_token()?;
+    let tokens = config.token_digests()?;
     let mut units = Vec::with_capacity(config.units.len());
     for unit in &config.units {
         let rack = Rack::load(&unit.rack_file).map_err(|source| ZonalError::Rack {
@@ -56,7 +56,20 @@ pub async fn serve(
         if rack.unit.name != unit.name {
             warn!(unit = %unit.name, rack_unit = %rack.unit.name, "unit name differs from the rack file's [unit] name");
         }
-        units.push(Unit::new(unit.name.clone(), rack));
+        let credentials_dir = unit
+            .credentials_dir
+            .clone()
+            .unwrap_or_else(|| proto::auth::default_credentials_dir(&unit.rack_file));
+        let credential =
+            proto::auth::operator_credential(&credentials_dir, crate::config::ZONAL_OPERATOR);
+        if credential.is_none() {
+            warn!(unit = %unit.name, dir = %credentials_dir.display(), "no operator credential for the unit: its head nodes will refuse this zonal plane");
+        }
+        units.push(Unit::new(
+            unit.name.clone(),
+            rack,
+            credential.map(std::sync::Arc::new),
+        ));
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ZonalError::DataDir {
         path: config.data_dir.clone(),
@@ -84,7 +97,7 @@ pub async fn serve(
     ));
     let address = listener.local_addr().map_err(ZonalError::Serve)?;
     info!(%address, units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
-    let router = crate::api::router(zonal.clone(), admin_token);
+    let router = crate::api::router(zonal.clone(), tokens);
     let served = proto::http::serve(
         listener,
         router,

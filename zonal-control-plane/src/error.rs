@@ -25,6 +25,9 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("missing or wrong bearer token (send `Authorization: Bearer <admin token>`)")]
     Unauthorized,
+    /// A read-only token asked for a change.
+    #[error("this token is read-only: it may only GET")]
+    Forbidden,
     #[error("{field}: {reason}")]
     BadRequest { field: String, reason: String },
     #[error("request body is not a JSON object: {reason}")]
@@ -90,6 +93,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::BadRequest { .. } | ApiError::BadBody { .. } => StatusCode::BAD_REQUEST,
             ApiError::VolumeNotFound { .. }
             | ApiError::AttachmentNotFound { .. }
@@ -122,6 +126,7 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
             ApiError::BadRequest { .. } | ApiError::BadBody { .. } => "bad_request",
             ApiError::VolumeNotFound { .. } => "volume_not_found",
             ApiError::AttachmentNotFound { .. } => "attachment_not_found",

@@ -274,13 +274,16 @@ impl VolumeState {
 }
 
 /// One host's attachment of a volume. The token is returned once, by the
-/// attach call; listings never show it.
+/// attach call, and kept nowhere: the store holds its SHA-256 (as the unit
+/// does); listings show neither.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub id: u64,
     pub host: String,
-    /// 32 hex digits (128 random bits).
-    pub token: String,
+    /// SHA-256 of the token, 64 hex digits. (Records written before this
+    /// field held the token itself under `token`.)
+    #[serde(alias = "token")]
+    pub token_sha256: String,
     pub created_at_ms: u64,
 }
 

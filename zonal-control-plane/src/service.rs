@@ -65,9 +65,15 @@ pub struct Unit {
 }
 
 impl Unit {
-    /// Needs a tokio runtime (the client's links spawn tasks).
-    pub fn new(name: String, rack: Rack) -> Unit {
-        let client = LcpClient::new(&rack).with_retries(2, Duration::from_millis(200));
+    /// `credential`: the zonal plane's operator credential for this unit
+    /// (its head nodes refuse a client without). Needs a tokio runtime
+    /// (the client's links spawn tasks).
+    pub fn new(
+        name: String,
+        rack: Rack,
+        credential: Option<std::sync::Arc<proto::auth::Credential>>,
+    ) -> Unit {
+        let client = LcpClient::new(&rack, credential).with_retries(2, Duration::from_millis(200));
         Unit { name, rack, client }
     }
 
@@ -89,6 +95,7 @@ impl Unit {
                 id: h.id.clone(),
                 address_a: h.address_a.to_string(),
                 address_b: h.address_b.to_string(),
+                host: h.host.map(|host| host.to_string()),
             })
             .collect()
     }
@@ -100,6 +107,10 @@ pub struct HeadNodeAddress {
     pub id: String,
     pub address_a: String,
     pub address_b: String,
+    /// The head node's host port: the only one a host may reach
+    /// (SECURITY.md). `None` when the rack gives head nodes none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// What a host needs after an attach.
@@ -116,7 +127,7 @@ pub struct AttachInfo {
     pub erasure_code: String,
     pub unit: String,
     /// The unit's head nodes: any of them serves the volume's partition
-    /// map (`LcpRequest::PartitionMap`), on network A or B.
+    /// map to this attachment on its host port (`Message::HostMap`).
     pub head_nodes: Vec<HeadNodeAddress>,
 }
 
@@ -806,9 +817,10 @@ impl Zonal {
         let unit = self.unit(&record.unit)?;
         let token = AttachmentToken::random()
             .map_err(|e| ApiError::Internal(format!("cannot make a token: {e}")))?;
-        let (id, host_owned, hex) = (record.id, host.to_owned(), token.to_hex());
+        let digest_hex: String = token.digest().iter().map(|b| format!("{b:02x}")).collect();
+        let (id, host_owned) = (record.id, host.to_owned());
         let (record, attachment): (VolumeRecord, Attachment) = self
-            .store(move |s| s.add_attachment(id, &host_owned, hex, now_ms()))
+            .store(move |s| s.add_attachment(id, &host_owned, digest_hex, now_ms()))
             .await?;
         let sent = self
             .send(
@@ -844,7 +856,7 @@ impl Zonal {
         info!(volume = name, host, attachment = attachment.id, "attached");
         Ok(AttachInfo {
             attachment_id: attachment.id,
-            token: attachment.token,
+            token: token.to_hex(),
             host: attachment.host,
             volume: record.spec.name.clone(),
             volume_id: record.id,

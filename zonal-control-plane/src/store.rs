@@ -233,7 +233,7 @@ impl Store {
         &self,
         volume_id: u64,
         host: &str,
-        token: String,
+        token_sha256: String,
         now_ms: u64,
     ) -> Result<(VolumeRecord, Attachment), StoreError> {
         let txn = self.begin()?;
@@ -250,7 +250,7 @@ impl Store {
             let attachment = Attachment {
                 id: Self::next_id(&txn, KEY_NEXT_ATTACHMENT)?,
                 host: host.to_owned(),
-                token,
+                token_sha256,
                 created_at_ms: now_ms,
             };
             record.attachments.push(attachment.clone());

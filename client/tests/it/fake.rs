@@ -329,6 +329,7 @@ impl Unit {
                     address_a: n.address_a,
                     address_b: n.address_b,
                     admin: "127.0.0.1:1".parse().unwrap(),
+                    host: None,
                 })
                 .collect(),
             sled: Vec::new(),

@@ -19,6 +19,7 @@ fn config() -> LinkConfig {
         probe_interval: Duration::from_millis(50),
         probe_timeout: Duration::from_millis(100),
         failures_before_down: 2,
+        auth: None,
     }
 }
 

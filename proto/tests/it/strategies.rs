@@ -235,6 +235,9 @@ pub fn message() -> impl Strategy<Value = Message> {
         host_reply().prop_map(Message::HostReply),
         replica_request().prop_map(Message::Replica),
         replica_reply().prop_map(Message::ReplicaReply),
+        (any::<u64>(), credential())
+            .prop_map(|(volume, credential)| Message::HostMap { volume, credential }),
+        payload().prop_map(|payload| Message::HostMapReply { payload }),
     ]
 }
 

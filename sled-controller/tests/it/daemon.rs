@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use proto::frame::FrameCodec;
 use proto::sled::{SledRequest, SledResponse};
 use proto::Message;
 use sled_controller::{run, SledControllerConfig, SledControllerError};
@@ -68,6 +67,13 @@ fn unit() -> Unit {
     }
     let path = dir.path().join("rack.toml");
     std::fs::write(&path, rack).unwrap();
+    proto::auth::init_credentials(
+        &proto::auth::default_credentials_dir(&path),
+        &["sled-1".into(), "sled-2".into()],
+        &[],
+        false,
+    )
+    .unwrap();
     Unit {
         rack: path,
         a,
@@ -86,6 +92,7 @@ fn config(rack: &Path, sled_id: &str) -> SledControllerConfig {
         scrub_bytes_per_second: 1 << 30,
         scrub_pass_interval_ms: 50,
         device_timeout_ms: 30_000,
+        credentials_dir: None,
     }
 }
 
@@ -122,14 +129,31 @@ async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-async fn call(addr: SocketAddr, request: SledRequest) -> SledResponse {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    write
-        .write_all(&Message::Sled(request).to_frame(7, false))
+/// The unit key of the rack at `rack` (a head node's credential).
+fn member(rack: &Path) -> proto::auth::Credential {
+    proto::auth::load_credential(
+        &proto::auth::default_credentials_dir(rack),
+        proto::auth::Role::HeadNode,
+        "hn-1",
+    )
+    .unwrap()
+}
+
+/// One request over an authenticated connection (as a head node).
+async fn call_as(
+    credential: &proto::auth::Credential,
+    addr: SocketAddr,
+    request: SledRequest,
+) -> SledResponse {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut keys = proto::auth::client_handshake(&mut stream, credential)
         .await
         .unwrap();
-    let mut frames = FramedRead::new(read, FrameCodec);
+    let (read, mut write) = stream.into_split();
+    let frame = Message::Sled(request).to_frame(7, false);
+    write.write_all(&frame).await.unwrap();
+    write.write_all(&keys.send.seal(&frame)).await.unwrap();
+    let mut frames = FramedRead::new(read, proto::auth::AuthCodec::new(Some(keys.receive)));
     let frame = frames.next().await.unwrap().unwrap();
     match Message::from_frame(&frame).unwrap() {
         Message::SledReply(r) => r,
@@ -163,7 +187,8 @@ async fn serves_both_networks_and_recovers_a_blocked_one() {
         "{metrics}"
     );
     // Network A serves.
-    let SledResponse::Inventory(inv) = call(u.a, SledRequest::Inventory).await else {
+    let SledResponse::Inventory(inv) = call_as(&member(&u.rack), u.a, SledRequest::Inventory).await
+    else {
         panic!()
     };
     assert_eq!(
@@ -174,7 +199,8 @@ async fn serves_both_networks_and_recovers_a_blocked_one() {
         ),
         ("sled-1", 2, 1 << 20)
     );
-    let SledResponse::Allocated(cols) = call(
+    let SledResponse::Allocated(cols) = call_as(
+        &member(&u.rack),
         u.a,
         SledRequest::AllocateColumns {
             column_count: 2,
@@ -194,8 +220,12 @@ async fn serves_both_networks_and_recovers_a_blocked_one() {
             .is_some_and(|(_, m)| m.contains("rackblock_sled_listener_up{network=\"b\"} 1"))
     })
     .await;
-    let SledResponse::ColumnStatus(s) =
-        call(u.b, SledRequest::ColumnStatus { column: cols[0] }).await
+    let SledResponse::ColumnStatus(s) = call_as(
+        &member(&u.rack),
+        u.b,
+        SledRequest::ColumnStatus { column: cols[0] },
+    )
+    .await
     else {
         panic!()
     };
@@ -205,14 +235,66 @@ async fn serves_both_networks_and_recovers_a_blocked_one() {
         metrics.contains("rackblock_sled_network_requests_total{network=\"b\"} 1"),
         "{metrics}"
     );
-    // Not a sled request.
-    let stream = tokio::net::TcpStream::connect(u.a).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    write
-        .write_all(&Message::SledReply(SledResponse::Freed).to_frame(1, false))
+    // A claim from anyone but a head node of the unit is never handled:
+    // no handshake at all, a stranger's unit key, another sled's key.
+    let claim = SledRequest::Claim {
+        column: cols[0],
+        partition: proto::sled::PartitionId {
+            volume: 1,
+            index: 0,
+        },
+        epoch: 1 << 40,
+    };
+    let mut stream = tokio::net::TcpStream::connect(u.a).await.unwrap();
+    stream
+        .write_all(&Message::Sled(claim.clone()).to_frame(1, false))
         .await
         .unwrap();
-    drop(FramedRead::new(read, FrameCodec));
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() || answer.is_empty(),
+        "an unauthenticated claim got {} bytes back",
+        answer.len()
+    );
+    let stranger = proto::auth::Credential::Member {
+        id: "hn-1".into(),
+        unit_key: proto::auth::Key::random().unwrap(),
+    };
+    let other_sled = proto::auth::load_credential(
+        &proto::auth::default_credentials_dir(&u.rack),
+        proto::auth::Role::Sled,
+        "sled-2",
+    )
+    .unwrap();
+    for credential in [stranger, other_sled] {
+        let mut stream = tokio::net::TcpStream::connect(u.a).await.unwrap();
+        let refused = proto::auth::client_handshake(&mut stream, &credential).await;
+        assert!(refused.is_err(), "{credential:?} authenticated to a sled");
+    }
+    let (_, metrics) = http_get(u.admin, "/metrics").await.unwrap();
+    let refused: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("rackblock_server_bad_frames_total{reason=\"unauthenticated\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(refused >= 3.0, "{metrics}");
+    let SledResponse::ColumnStatus(s) = call_as(
+        &member(&u.rack),
+        u.a,
+        SledRequest::ColumnStatus { column: cols[0] },
+    )
+    .await
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (s.state, s.epoch),
+        (proto::sled::ColumnState::Allocated, 0),
+        "the refused claims changed nothing"
+    );
     token.cancel();
     tokio::time::timeout(Duration::from_secs(10), daemon)
         .await

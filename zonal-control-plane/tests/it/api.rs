@@ -6,7 +6,7 @@ use serde_json::Value;
 use zonal_control_plane::{ConfigError, ZonalConfig};
 
 use crate::fake_unit::FakeUnit;
-use crate::harness::{one_unit, request, Zonal, GIB, TOKEN};
+use crate::harness::{one_unit, request, Zonal, GIB, READ_ONLY_TOKEN, TOKEN};
 
 #[tokio::test]
 async fn admin_requests_need_the_bearer_token() {
@@ -37,6 +37,25 @@ async fn admin_requests_need_the_bearer_token() {
         .await;
         assert_eq!(wrong.status, 401, "{method} {path}");
     }
+    // A read-only token reads, and may change nothing (403).
+    for (method, path, body, status) in [
+        ("GET", "/v1/volumes", None, 200),
+        ("GET", "/v1/units", None, 200),
+        (
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name":"v","size_gib":1}"#),
+            403,
+        ),
+        ("DELETE", "/v1/volumes/v", None, 403),
+        ("POST", "/v1/units/u1/refresh", None, 403),
+    ] {
+        let answer = request(zonal.address, method, path, Some(READ_ONLY_TOKEN), body).await;
+        assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
+        if status == 403 {
+            assert_eq!(answer.code(), "forbidden");
+        }
+    }
     // Nothing was created by the refused requests.
     assert_eq!(unit.register_calls(), 0);
     zonal.assert_no_volumes().await;
@@ -63,7 +82,7 @@ async fn admin_requests_need_the_bearer_token() {
 
 #[tokio::test]
 async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
-    let (_dir, unit, zonal) = one_unit(12).await;
+    let (dir, unit, zonal) = one_unit(12).await;
 
     let created = zonal
         .post(
@@ -131,10 +150,20 @@ async fn volume_life_cycle_create_list_describe_attach_detach_delete() {
     let second = zonal.attach("vol0", "host-b").await.json();
     assert_ne!(second["token"], attachment["token"]);
 
-    // Listings never show tokens.
+    // Listings never show tokens, and the store keeps only their digests.
     let described = zonal.get("/v1/volumes/vol0").await;
     assert_eq!(described.json()["attachments"].as_array().unwrap().len(), 2);
     assert!(!described.body.contains(token));
+    let store = std::fs::read(
+        dir.path()
+            .join("data")
+            .join(zonal_control_plane::daemon::STORE_FILE),
+    )
+    .unwrap();
+    assert!(
+        !store.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the zonal store holds an attachment token in clear"
+    );
 
     let refused = zonal.delete("/v1/volumes/vol0").await;
     refused.assert_error(409, "volume_attached");

@@ -18,6 +18,8 @@ use zonal_control_plane::{UnitConfig, ZonalConfig, ZonalError};
 use crate::fake_unit::FakeUnit;
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
+/// A read-only token; the config names only its SHA-256.
+pub const READ_ONLY_TOKEN: &str = "test-read-only-token-0123456789";
 
 #[derive(Debug)]
 pub struct Response {
@@ -122,6 +124,7 @@ impl Zonal {
             .map(|(unit, host)| UnitConfig {
                 name: unit.name.clone(),
                 rack_file: unit.write_rack_file(dir, *host),
+                credentials_dir: None,
             })
             .collect();
         let config = ZonalConfig {
@@ -129,6 +132,13 @@ impl Zonal {
             data_dir: dir.join("data"),
             admin_token: Some(TOKEN.into()),
             admin_token_file: None,
+            tokens: vec![zonal_control_plane::config::TokenConfig {
+                sha256: zonal_control_plane::config::token_digest(READ_ONLY_TOKEN)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                scope: zonal_control_plane::config::Scope::ReadOnly,
+            }],
             units,
             report_interval_ms: 200,
         };
