@@ -232,7 +232,8 @@ pub enum CatchUp {
     /// goes on.
     Caught,
     /// Move the secondary past sequences this log no longer holds (flushed,
-    /// superseded or abandoned) with a `FlushCommit` up to this sequence.
+    /// superseded or abandoned) with a jump up to this sequence
+    /// ([`PartitionCore::jump_request`]).
     Skip {
         /// `up_to_sequence` of the commit.
         up_to: u64,
@@ -909,6 +910,45 @@ impl PartitionCore {
         }
     }
 
+    /// The catch-up's jump of the secondary's expected sequence to
+    /// `up_to + 1`: a `FlushCommit` whose only mapping is the jump marker
+    /// ([`is_jump`]). Unlike a flush's commit it does not tell the
+    /// secondary that its trims and tail below `up_to` are on the sleds.
+    pub fn jump_request(&self, up_to: u64) -> ReplicaRequest {
+        ReplicaRequest::FlushCommit {
+            partition: self.partition,
+            epoch: self.epoch,
+            up_to_sequence: up_to,
+            mappings: vec![jump_marker(up_to)],
+        }
+    }
+
+    /// The replication form of one of this partition's log records (a
+    /// catch-up resend).
+    pub fn replica_record(&self, record: &LogRecord) -> ReplicaRecord {
+        let write = record.kind == RecordKind::Write;
+        ReplicaRecord {
+            sequence: record.sequence,
+            kind: if write {
+                ReplicaRecordKind::Write
+            } else {
+                ReplicaRecordKind::Unmap
+            },
+            lba: self.first_block + record.lba,
+            blocks: record.block_count,
+            crcs: if write {
+                crate::wal::format::block_crcs(&record.payload)
+            } else {
+                Vec::new()
+            },
+            data: if write {
+                record.payload.clone()
+            } else {
+                Bytes::new()
+            },
+        }
+    }
+
     /// A catch-up record was released from the log behind the catch-up's
     /// back (nothing the index, a trim or an unconfirmed append needs):
     /// forget it, the next plan skips it.
@@ -1092,13 +1132,20 @@ impl PartitionCore {
         mappings: &[FlushedRange],
     ) -> Result<LogRecord, ReplicaError> {
         self.replica_check_epoch(epoch)?;
-        for m in mappings {
-            // Advisory on a secondary (GC moves are not replicated): it only
-            // tells which log records the sleds now hold.
-            let _ = map_flushed(&mut self.index, self.first_block, m);
+        if !is_jump(mappings) {
+            for m in mappings {
+                // Advisory on a secondary (GC moves are not replicated): it
+                // only tells which log records the sleds now hold.
+                let _ = map_flushed(&mut self.index, self.first_block, m);
+            }
+            // A flush: every trim up to `up_to` is in a stripe summary and
+            // the tail up to it is on the sleds (or superseded).
+            self.pending_trims.retain(|sequence, _| *sequence > up_to);
+            self.retained.retain(|sequence, _| *sequence > up_to);
         }
-        self.pending_trims.retain(|sequence, _| *sequence > up_to);
-        self.retained.retain(|sequence, _| *sequence > up_to);
+        // A jump only moves the expected sequence: the trims and the tail
+        // this secondary holds below it may not be on the sleds (a late
+        // copy of a jump must not drop them either).
         if up_to >= self.next_sequence {
             self.next_sequence = up_to + 1;
             self.applied_through = up_to;
@@ -1245,9 +1292,14 @@ impl PartitionCore {
                             reason: format!("flush commit at {} undecodable", position.0),
                         });
                     };
+                    // As live (`replica_commit`): a catch-up jump is not a
+                    // flush of what came before it.
+                    let jump = is_jump(&mappings);
                     highest_sequence = highest_sequence.max(up_to);
-                    self.pending_trims.retain(|sequence, _| *sequence > up_to);
-                    if secondary {
+                    if !jump {
+                        self.pending_trims.retain(|sequence, _| *sequence > up_to);
+                    }
+                    if secondary && !jump {
                         // The tail a secondary keeps starts after the commit.
                         self.retained.retain(|sequence, _| *sequence > up_to);
                         // The primary's truth for flushed data is the sled
@@ -1314,6 +1366,27 @@ pub fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Ve
     }
     live.reverse();
     live
+}
+
+/// The mapping that marks a `FlushCommit` as a catch-up jump (no flushed
+/// range has zero blocks on extent `u64::MAX`). Encoded like any mapping:
+/// no wire or log format change, and the secondary's logged commit keeps
+/// it for replay.
+pub fn jump_marker(up_to: u64) -> FlushedRange {
+    FlushedRange {
+        lba: u64::MAX,
+        blocks: 0,
+        sequence: up_to,
+        extent: u64::MAX,
+        column: u16::MAX,
+        offset_bytes: 0,
+    }
+}
+
+/// Whether a commit's `mappings` mark it as a catch-up jump
+/// ([`jump_marker`]) rather than a flush.
+pub fn is_jump(mappings: &[FlushedRange]) -> bool {
+    matches!(mappings, [m] if m.blocks == 0 && m.extent == u64::MAX && m.column == u16::MAX)
 }
 
 /// Points the index at the blocks of write `record`, logged at `position`.

@@ -21,11 +21,11 @@
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt as _;
-use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
+use proto::volume::{ReplicaError, ReplicaRecord, ReplicaReply, ReplicaRequest};
 
 use super::core::{CatchUp, ReplicaAppend};
 use super::{bump, flush, PeerError, Role, Shared, LOG_READS_IN_FLIGHT};
-use crate::wal::{LogRecord, RecordKind, WalError};
+use crate::wal::WalError;
 
 /// `Append` requests the replicator keeps in flight: with more than one,
 /// the next batch leaves while the secondary is still logging the previous
@@ -278,15 +278,7 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
             return Round::Done(Step::Retry);
         }
-        CatchUp::Skip { up_to } => (
-            ReplicaRequest::FlushCommit {
-                partition: shared.id(),
-                epoch,
-                up_to_sequence: up_to,
-                mappings: Vec::new(),
-            },
-            up_to,
-        ),
+        CatchUp::Skip { up_to } => (shared.lock().core.jump_request(up_to), up_to),
         CatchUp::Resend(contiguous) => {
             let wal = shared.log.wal();
             let mut reads = futures::stream::iter(contiguous)
@@ -297,7 +289,7 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             let mut records = Vec::new();
             while let Some((sequence, position, read)) = reads.next().await {
                 match read {
-                    Ok(record) => records.push(to_replica(shared, &record)),
+                    Ok(record) => records.push(shared.lock().core.replica_record(&record)),
                     // Send what precedes it; the next round deals with it.
                     Err(WalError::NotFound { .. }) if !records.is_empty() => break,
                     Err(WalError::NotFound { .. }) => {
@@ -335,30 +327,6 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             Round::Done(Step::Stop)
         }
         _ => Round::Done(Step::Retry),
-    }
-}
-
-fn to_replica(shared: &Shared, record: &LogRecord) -> ReplicaRecord {
-    let write = record.kind == RecordKind::Write;
-    ReplicaRecord {
-        sequence: record.sequence,
-        kind: if write {
-            ReplicaRecordKind::Write
-        } else {
-            ReplicaRecordKind::Unmap
-        },
-        lba: shared.config.first_block + record.lba,
-        blocks: record.block_count,
-        crcs: if write {
-            crate::wal::format::block_crcs(&record.payload)
-        } else {
-            Vec::new()
-        },
-        data: if write {
-            record.payload.clone()
-        } else {
-            bytes::Bytes::new()
-        },
     }
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 mod erasure;
 mod index;
 mod partition;
+mod sim;
 mod wal;
 
 /// Polls `condition` every few milliseconds until it holds; fails the test
