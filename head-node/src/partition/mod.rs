@@ -4,11 +4,11 @@
 //! System invariant N).
 //!
 //! ```text
-//!  host write ─▶ validate (role, epoch, range, CRCs) ─▶ range lock (+ read-modify-write
-//!               of partial 4 KiB blocks) ─▶ assign sequence(s) ─┬─▶ local WAL append (group commit)
-//!                                                               └─▶ replication queue ─▶ replicator task
-//!                                                                   ─▶ ReplicaRequest::Append ─▶ secondary WAL
-//!               both durable ─▶ index: LBA → Log(position) ─▶ ack (Done)
+//!  host write ─▶ validate (role, epoch, range, CRCs) ─▶ core: admit (range table; + read-modify-write
+//!               of partial 4 KiB blocks) ─▶ core: start_commit (sequences, log hold) ─┬─▶ local WAL append
+//!                                                                                     └─▶ replication queue ─▶ replicator task
+//!                                                                                         ─▶ ReplicaRequest::Append ─▶ secondary WAL
+//!               core: local_done + on_appended (both durable) ─▶ index: LBA → Log(position) ─▶ ack (Done)
 //!  flush (fill ratio / age / flush_now) ─▶ Log-resident blocks + pending trims ─▶ stripes of
 //!               the open extent (k data chunks + m parity + summary per column) ─▶ k+m sled
 //!               Appends with the epoch ─▶ all durable ─▶ index: LBA → Sled(extent, column, offset)
@@ -19,6 +19,22 @@
 //!  gc_pass    ─▶ extents below the live threshold ─▶ live blocks re-flushed with their
 //!               ORIGINAL sequence (a newer write always wins) ─▶ free_extent
 //! ```
+//!
+//! **Core and driver.** The write path's and replication's decisions are
+//! [`core::PartitionCore`], a sans-IO state machine (no tokio, no clock, no
+//! locks): the range table that serialises overlapping writes, sequence
+//! assignment, the ack rule, the replication queue and catch-up plan, the
+//! secondary's ordering, log holds, fencing, take-over and log replay.
+//! [`Partition`] is its driver: the core sits in the partition's one state
+//! mutex (next to the flush bookkeeping), and whichever task observes an
+//! event (a host handler whose log append returned, the replicator with the
+//! secondary's answer, the secondary's request handler) steps it and
+//! executes what it returns through the seams; host writes get their
+//! outcome through a per-write reply channel. There is no task per write.
+//! Flush, GC, checkpoints and recovery from the sleds are still async
+//! driver code that reads and updates the core's state under the same lock
+//! (see `core`'s module docs for the list). `head-node/tests/it/sim.rs`
+//! drives the same core through a seeded simulation.
 //!
 //! **Roles.** `Primary` serves hosts and drives replication, flush and GC;
 //! `Secondary` only answers [`Partition::handle_replica`]; `Fenced` is what a
@@ -35,16 +51,23 @@
 //! secondary does not confirm within `replica_timeout` the host gets the
 //! retryable `Unavailable`; the record stays queued for the secondary (so the
 //! two logs converge when it returns) and is applied to the index only once
-//! both copies exist. There is no single-copy mode.
+//! both copies exist. There is no single-copy mode. A host that gives up
+//! while its local append is still in flight (a full log) abandons the
+//! write: the core is told the append failed, the records may still reach
+//! one or both logs (an unacknowledged write, like any other in flight).
 //!
 //! **Ordering.** The primary is the single point of ordering of its
-//! partition: sequences are assigned under one lock, replication sends them
-//! in sequence order (the secondary refuses holes with `Gap` and the primary
-//! resends from its log, or — for records it already flushed and released —
-//! sends a `FlushCommit` that moves the secondary past them), and the index
-//! applies "newest sequence wins" everywhere (log replay, flush, GC).
-//! Overlapping writes are serialised by a range lock, which also makes the
-//! read-modify-write of partial blocks atomic.
+//! partition: the core assigns sequences in one step, replication sends
+//! them in sequence order (the secondary refuses holes with `Gap` and the
+//! primary resends from its log, or — for records it already flushed,
+//! released or abandoned — sends a catch-up jump, a `FlushCommit` marked
+//! with [`core::jump_marker`], that moves the secondary past them without
+//! touching the trims and tail it holds), and the index applies "newest
+//! sequence wins" everywhere (log replay, flush, GC). Overlapping writes
+//! are serialised by the core's range table (first come, first served; a
+//! write stays in it until resolved, even if its host gave up), which also
+//! makes the read-modify-write of partial blocks atomic. A host `Flush`
+//! waits until every write that arrived before it left the table.
 //!
 //! **Log space.** Several partitions share the head node's [`Wal`]; a
 //! [`SharedLog`] releases it up to the oldest position any partition still
@@ -1267,7 +1290,7 @@ impl Partition {
     }
 
     /// Turns a byte range into block changes, read-modify-writing partial
-    /// blocks (the caller holds the range lock).
+    /// blocks (the caller's write is admitted in the core's range table).
     async fn plan(
         &self,
         bytes: Range<u64>,
