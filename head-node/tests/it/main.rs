@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 mod erasure;
 mod index;
 mod partition;
+mod partition_core;
 mod sim;
 mod wal;
 

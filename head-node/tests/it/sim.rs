@@ -194,6 +194,9 @@ struct Node {
     /// Writes whose local append the host cancelled.
     cancelled: BTreeSet<WriteId>,
     replicator: Replicator,
+    /// Primary: the secondary it was paired with (its replicator's peer,
+    /// whatever the control plane decided since).
+    peer: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +264,8 @@ struct Sim {
     allowed: Vec<Vec<(usize, u64)>>,
     /// Blocks with a write whose host still waits.
     busy: HashSet<u64>,
+    /// Deposed primaries still running.
+    stale: Vec<usize>,
     /// What happened, for the failure report (the last `trace_len`
     /// events; all of them with `SIM_SEED`).
     trace: VecDeque<String>,
@@ -312,6 +317,7 @@ impl Sim {
             }],
             allowed: (0..BLOCKS).map(|_| vec![(0, 0)]).collect(),
             busy: HashSet::new(),
+            stale: Vec::new(),
             trace: VecDeque::new(),
             trace_len: if env_u64("SIM_SEED").is_some() {
                 usize::MAX
@@ -324,6 +330,7 @@ impl Sim {
         };
         sim.open_primary(0, 1);
         sim.open_secondary(1, 1);
+        sim.nodes[0].peer = Some(1);
         sim
     }
 
@@ -358,6 +365,7 @@ impl Sim {
         node.writes.clear();
         node.cancelled.clear();
         node.replicator = Replicator::default();
+        node.peer = None;
     }
 
     /// Cold open of node `n` as primary at `epoch` from its log.
@@ -392,6 +400,16 @@ impl Sim {
         }
         self.install(n, core);
         self.note(format!("node {n} opened as secondary at epoch {epoch}"));
+    }
+
+    /// Whether node `n`'s secondary is logging a replication request: the
+    /// driver's take-over waits for the replica slot (the request ends
+    /// first), so nothing of the old epoch is logged after it.
+    fn replica_busy(&self, n: usize) -> bool {
+        let node = &self.nodes[n];
+        node.pending.iter().any(|p| {
+            matches!(p.purpose, Purpose::Replica { generation, .. } if generation == node.generation)
+        })
     }
 
     /// In-place take-over of node `n`'s core at `epoch` (promotion of a
@@ -595,10 +613,13 @@ impl Sim {
                     let core = self.nodes[n].core.as_ref();
                     let role = core.map(PartitionCore::role);
                     let epoch = core.map(PartitionCore::epoch);
-                    if role != Some(Role::Primary)
-                        || epoch != Some(self.cp.epoch)
-                        || self.cp.primary != Some(n)
-                    {
+                    // A fenced core acknowledges nothing; only the current
+                    // primary, or a deposed one that does not know yet
+                    // (its secondary's confirmation was on the way: the
+                    // write is in the promoted copy, the reads check it),
+                    // acknowledges at all.
+                    let current = epoch == Some(self.cp.epoch) && self.cp.primary == Some(n);
+                    if role != Some(Role::Primary) || !(current || self.stale.contains(&n)) {
                         self.fail(format!(
                             "node {n} ({role:?} at epoch {epoch:?}) acknowledged write {w}; the control plane is at epoch {} with primary {:?}",
                             self.cp.epoch, self.cp.primary
@@ -972,8 +993,15 @@ impl Sim {
 
     /// The primary's replicator sends what the core hands out.
     fn pump(&mut self) {
-        let Some(p) = self.cp.primary else { return };
-        let Some(s) = self.cp.secondary else { return };
+        for p in 0..NODES {
+            self.pump_node(p);
+        }
+    }
+
+    /// Node `p`'s replicator (a primary, current or deposed) sends what its
+    /// core hands out to its peer.
+    fn pump_node(&mut self, p: usize) {
+        let Some(s) = self.nodes[p].peer else { return };
         if !self.nodes[p].up || self.nodes[p].replicator.outstanding.is_some() {
             return;
         }
@@ -1052,6 +1080,7 @@ impl Sim {
         node.generation += 1;
         node.pending.clear();
         node.replicator = Replicator::default();
+        node.peer = None;
         // Non-durable records: a random prefix survives (torn batches).
         let mut keep = true;
         let positions: Vec<u64> = node.log.records.keys().copied().collect();
@@ -1090,13 +1119,70 @@ impl Sim {
         !serving(self.cp.primary) || !serving(self.cp.secondary)
     }
 
+    /// The control plane promotes the secondary while the primary still
+    /// runs (its lease ran out while it was cut off from the control
+    /// plane): the deposed primary keeps its core and its replicator, and
+    /// hosts with a stale map may still send it writes. It must
+    /// acknowledge none of them.
+    fn depose(&mut self) {
+        let live = |sim: &Sim, n: Option<usize>| {
+            n.filter(|n| sim.nodes[*n].up && sim.nodes[*n].core.is_some())
+        };
+        let (Some(p), Some(s)) = (live(self, self.cp.primary), live(self, self.cp.secondary))
+        else {
+            return;
+        };
+        if !self.cp.synced || self.replica_busy(s) {
+            return;
+        }
+        self.cp.epoch += 1;
+        let epoch = self.cp.epoch;
+        self.take_over(s, epoch);
+        self.cp.primary = Some(s);
+        self.cp.secondary = None;
+        self.cp.synced = false;
+        self.stale.push(p);
+        self.note(format!(
+            "node {p} deposed alive; node {s} promoted at epoch {epoch}"
+        ));
+    }
+
+    /// A host with a stale map writes to a deposed primary.
+    fn stale_write(&mut self) {
+        let Some(&p) = self.stale.first() else { return };
+        let current = self.cp.primary;
+        self.cp.primary = Some(p);
+        let epoch = self.cp.epoch;
+        // The host's map names the old epoch too.
+        if let Some(core) = self.nodes[p].core.as_ref() {
+            self.cp.epoch = core.epoch();
+        }
+        self.issue_write();
+        self.cp.primary = current;
+        self.cp.epoch = epoch;
+    }
+
     fn control_plane(&mut self) {
+        // The deposed primaries' instances are closed (the node applied the
+        // role change): their writes in flight are lost to their hosts.
+        for p in std::mem::take(&mut self.stale) {
+            if self.cp.primary != Some(p) && self.cp.secondary != Some(p) {
+                self.fail_all_writes_of(p);
+                let node = &mut self.nodes[p];
+                node.core = None;
+                node.generation += 1;
+                node.pending.clear();
+                node.replicator = Replicator::default();
+                self.note(format!("node {p}'s deposed instance closed"));
+            }
+        }
         let live = |sim: &Sim, n: Option<usize>| {
             n.filter(|n| sim.nodes[*n].up && sim.nodes[*n].core.is_some())
         };
         let primary = live(self, self.cp.primary);
         let secondary = live(self, self.cp.secondary);
         match (primary, secondary) {
+            (None, Some(s)) if self.cp.synced && self.replica_busy(s) => {}
             (None, Some(s)) if self.cp.synced => {
                 // Promotion of the secondary.
                 self.cp.epoch += 1;
@@ -1129,6 +1215,7 @@ impl Sim {
                 let epoch = self.cp.epoch;
                 self.take_over(p, epoch);
                 self.open_secondary(spare, epoch);
+                self.nodes[p].peer = Some(spare);
                 self.cp.secondary = Some(spare);
                 self.cp.synced = false;
                 self.cp.sync_target = self.nodes[p]
@@ -1273,7 +1360,9 @@ impl Sim {
                 let n = self.rng.below(NODES as u64) as usize;
                 self.replication_timeout(n);
             }
-            850..=859 => self.host_timeout(),
+            850..=856 => self.host_timeout(),
+            857..=858 => self.depose(),
+            859 => self.stale_write(),
             860..=909 => {
                 let n = self.rng.below(NODES as u64) as usize;
                 if self.nodes[n].up {
