@@ -51,12 +51,17 @@
 //! append), and on a primary the records the secondary has not confirmed.
 //! Holds are single-owner counters here; releasing one never taken panics.
 //!
-//! **What is still driver-side** (see ARCHITECTURE.md): the flush and GC
-//! pipelines and the checkpoint writer (their decisions read and update
-//! this core's index, trims and watermarks under the same lock, but their
-//! control flow is async code in `flush.rs` and `checkpoint.rs`), recovery
-//! from the sleds, the write-id dedupe table, the host `Flush` barrier and
-//! the in-flight write permits, and every timeout.
+//! **Flush.** [`PartitionCore::flush_plan`] decides the next batch (the
+//! log-resident runs and pending trims it takes, and its watermark) and
+//! [`PartitionCore::flush_due`] when one is due.
+//!
+//! **What is still driver-side** (see ARCHITECTURE.md): the rest of the
+//! flush and GC pipelines and the checkpoint writer (stripe building, the
+//! commit's index update, extent bookkeeping: async code in `flush.rs` and
+//! `checkpoint.rs` that updates this core's index, trims and watermarks
+//! under the same lock), recovery from the sleds, the write-id dedupe
+//! table, the in-flight write permits, the log-full wait, and every
+//! timeout.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
@@ -243,6 +248,36 @@ pub enum CatchUp {
     Resend(Vec<(u64, LogPosition)>),
     /// The secondary misses records this log no longer has: re-mirror.
     Lost,
+}
+
+/// A log-resident run of the index, or its head when the batch is full:
+/// blocks `lba..lba + block_count`, payload blocks `first_block_in_record..`
+/// of the log record at `position`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPiece {
+    /// First partition block.
+    pub lba: u64,
+    /// Blocks in the piece.
+    pub block_count: u64,
+    /// Sequence of the write that produced them.
+    pub sequence: u64,
+    /// The log record holding them.
+    pub position: LogPosition,
+    /// Index of the piece's first block in that record's payload.
+    pub first_block_in_record: u32,
+}
+
+/// What the next flush batch writes ([`PartitionCore::flush_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushPlan {
+    /// Log-resident runs, up to the batch size.
+    pub pieces: Vec<LogPiece>,
+    /// Pending trims up to `up_to_sequence`, by sequence.
+    pub trims: Vec<(u64, PendingTrim)>,
+    /// The watermark of the batch's flush commit.
+    pub up_to_sequence: u64,
+    /// Log-resident runs remain for another batch.
+    pub more: bool,
 }
 
 /// What a take-over hands the new primary.
@@ -511,6 +546,60 @@ impl PartitionCore {
             || self
                 .oldest_unflushed
                 .is_some_and(|t| now.saturating_duration_since(t) >= age)
+    }
+
+    /// The next flush batch: log-resident runs up to `limit_blocks`, the
+    /// pending trims up to the batch's watermark, the watermark, and
+    /// whether more runs remain.
+    ///
+    /// The watermark (`up_to` of the batch's flush commit) is the applied
+    /// watermark, lowered below the oldest log-resident run this batch
+    /// leaves for the next one: a secondary that is behind jumps to `up_to`
+    /// on the commit, and drops its trims up to it, so `up_to` must never
+    /// cover a record the sleds do not hold yet.
+    pub fn flush_plan(&self, limit_blocks: u64) -> FlushPlan {
+        let limit = limit_blocks.max(1);
+        let mut up_to = self.applied_through;
+        let mut total = 0;
+        let mut pieces = Vec::new();
+        let mut more = false;
+        for (lba, run) in self.index.runs() {
+            if let Some(Location::Log {
+                position,
+                block_in_record,
+            }) = run.location
+            {
+                if total >= limit {
+                    more = true;
+                    up_to = up_to.min(run.sequence.saturating_sub(1));
+                    continue;
+                }
+                let block_count = run.block_count.min(limit - total);
+                pieces.push(LogPiece {
+                    lba,
+                    block_count,
+                    sequence: run.sequence,
+                    position,
+                    first_block_in_record: block_in_record,
+                });
+                total += block_count;
+                if block_count < run.block_count {
+                    more = true;
+                    up_to = up_to.min(run.sequence.saturating_sub(1));
+                }
+            }
+        }
+        let trims = self
+            .pending_trims
+            .range(..=up_to)
+            .map(|(sequence, trim)| (*sequence, *trim))
+            .collect();
+        FlushPlan {
+            pieces,
+            trims,
+            up_to_sequence: up_to,
+            more,
+        }
     }
 
     // ----- primary: the range table -----------------------------------------

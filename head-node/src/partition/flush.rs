@@ -35,6 +35,7 @@ use proto::sled::{SledError, SledRequest, SledResponse};
 use proto::volume::{FlushedRange, ReplicaRequest};
 use proto::BLOCK_SIZE_BYTES;
 
+use super::core::LogPiece;
 use super::layout::{
     self, SlotEntry, StripeSummary, Tombstone, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
@@ -43,7 +44,7 @@ use super::{
 };
 use crate::erasure::ErasureCodec;
 use crate::index::{Location, Run};
-use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
+use crate::wal::{LogRecord, RecordKind, WalError};
 
 /// Most flush batches one `flush_now` writes.
 const MAX_BATCHES: usize = 1024;
@@ -149,24 +150,8 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     Ok(report)
 }
 
-/// A log-resident run of the index, or its head when the batch is full:
-/// blocks `lba..lba + block_count`, payload blocks `first_block_in_record..`
-/// of the log record at `position`.
-#[derive(Debug, Clone, Copy)]
-struct LogPiece {
-    /// First partition block.
-    lba: u64,
-    /// Blocks in the piece.
-    block_count: u64,
-    /// Sequence of the write that produced them.
-    sequence: u64,
-    /// The log record holding them.
-    position: LogPosition,
-    /// Index of the piece's first block in that record's payload.
-    first_block_in_record: u32,
-}
-
-/// What one flush batch writes to the sleds.
+/// What one flush batch writes to the sleds: the core's plan, trims as
+/// stripe tombstones.
 struct FlushBatch {
     /// Log-resident runs, up to the batch size.
     pieces: Vec<LogPiece>,
@@ -178,62 +163,23 @@ struct FlushBatch {
     more: bool,
 }
 
-/// The next batch: log-resident runs up to the batch size, the pending
-/// trims up to the batch's watermark, the watermark, and whether more runs
-/// remain.
-///
-/// The watermark (`up_to` of the batch's flush commit) is the applied
-/// watermark, lowered below the oldest log-resident run this batch leaves
-/// for the next one: a secondary that is behind jumps to `up_to` on the
-/// commit, so `up_to` must never cover a record the sleds do not hold yet.
+/// The next batch, as the core plans it ([`PartitionCore::flush_plan`](super::core::PartitionCore::flush_plan)).
 fn collect(shared: &Shared) -> FlushBatch {
-    let state = shared.lock();
-    let mut up_to = state.core.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
-    let mut total = 0;
-    let mut pieces = Vec::new();
-    let mut more = false;
-    for (lba, run) in state.core.index.runs() {
-        if let Some(Location::Log {
-            position,
-            block_in_record,
-        }) = run.location
-        {
-            if total >= limit {
-                more = true;
-                up_to = up_to.min(run.sequence.saturating_sub(1));
-                continue;
-            }
-            let block_count = run.block_count.min(limit - total);
-            pieces.push(LogPiece {
-                lba,
-                block_count,
-                sequence: run.sequence,
-                position,
-                first_block_in_record: block_in_record,
-            });
-            total += block_count;
-            if block_count < run.block_count {
-                more = true;
-                up_to = up_to.min(run.sequence.saturating_sub(1));
-            }
-        }
-    }
-    let trims = state
-        .core
-        .pending_trims
-        .range(..=up_to)
-        .map(|(sequence, trim)| Tombstone {
-            lba: trim.lba,
-            block_count: trim.block_count,
-            sequence: *sequence,
-        })
-        .collect();
+    let plan = shared.lock().core.flush_plan(limit);
     FlushBatch {
-        pieces,
-        trims,
-        up_to_sequence: up_to,
-        more,
+        pieces: plan.pieces,
+        trims: plan
+            .trims
+            .into_iter()
+            .map(|(sequence, trim)| Tombstone {
+                lba: trim.lba,
+                block_count: trim.block_count,
+                sequence,
+            })
+            .collect(),
+        up_to_sequence: plan.up_to_sequence,
+        more: plan.more,
     }
 }
 

@@ -369,3 +369,40 @@ fn a_take_over_hands_over_what_the_index_and_trims_need() {
         "a fenced instance can be taken again"
     );
 }
+
+#[test]
+fn a_flush_batch_never_covers_a_run_it_leaves_in_the_log() {
+    let mut core = primary();
+    // Three one-block writes (sequences 1..=3) and a trim (4), all applied.
+    for (lba, head) in [(0, 10), (5, 11), (9, 12)] {
+        let (a, seq) = commit(&mut core, lba, 1, head);
+        core.local_done(a.id(), Ok(vec![LogPosition(head)]));
+        core.on_appended(seq);
+        core.end_write(a.id());
+    }
+    let t = core.admit(20..22);
+    let plan = core
+        .start_commit(
+            t.id(),
+            vec![Change::Unmap { lba: 20, count: 2 }],
+            LogPosition(13),
+            Instant::now(),
+        )
+        .unwrap();
+    let trim_sequence = plan.records[0].sequence;
+    core.local_done(t.id(), Ok(vec![LogPosition(13)]));
+    core.on_appended(trim_sequence);
+    // Everything fits: the watermark is the applied one, the trim goes.
+    let all = core.flush_plan(100);
+    assert_eq!(all.pieces.len(), 3);
+    assert_eq!(all.up_to_sequence, 4);
+    assert_eq!(all.trims.len(), 1);
+    assert!(!all.more);
+    // Two blocks per batch: block 9 (sequence 3) stays in the log, so the
+    // watermark stops below it and the trim waits for a later batch.
+    let part = core.flush_plan(2);
+    assert_eq!(part.pieces.len(), 2);
+    assert!(part.more);
+    assert_eq!(part.up_to_sequence, 2);
+    assert!(part.trims.is_empty());
+}
