@@ -364,7 +364,7 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
         partition: shared.id(),
         source,
     };
-    for (lba, run) in state.index.runs() {
+    for (lba, run) in state.core.index.runs() {
         match run.location {
             Some(Location::Log { .. }) => {
                 oldest_in_log = Some(oldest_in_log.map_or(run.sequence, |s| s.min(run.sequence)));
@@ -384,8 +384,8 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
         }
     }
     let flushed_through = oldest_in_log
-        .map_or(state.applied_through, |s| s.saturating_sub(1))
-        .min(state.applied_through);
+        .map_or(state.core.applied_through, |s| s.saturating_sub(1))
+        .min(state.core.applied_through);
     let zero = zero_block_crc();
     let extents = state
         .extents
@@ -411,7 +411,7 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
         .collect();
     Ok(Checkpoint {
         partition: shared.id(),
-        epoch: state.epoch,
+        epoch: state.core.epoch,
         id: state.checkpoints.next_id,
         flushed_through,
         highest_sequence,
@@ -748,7 +748,7 @@ pub(super) async fn recover(
             partition: shared.id(),
             source,
         })?;
-    let epoch = shared.lock().epoch;
+    let epoch = shared.lock().core.epoch;
     let mut extents = BTreeMap::new();
     for grant in grants {
         let extent = open_extent(shared, grant, epoch, true).await?;
@@ -851,9 +851,9 @@ pub(super) async fn recover(
                 e.crcs = crcs;
             }
         }
-        state.index = built.index;
+        state.core.index = built.index;
         state.extents = extents;
-        state.next_sequence = state.next_sequence.max(built.highest_sequence + 1);
+        state.core.next_sequence = state.core.next_sequence.max(built.highest_sequence + 1);
         state.checkpoints = Tracker::new();
         state.checkpoints.extents = checkpoint_extents;
         state.checkpoints.flushes_at_last = shared.metrics.flushes.load(Ordering::Relaxed);
@@ -938,7 +938,7 @@ async fn try_candidate(
         Ok(c) => c,
         Err(reason) => return Ok(Err(reason)),
     };
-    let epoch = shared.lock().epoch;
+    let epoch = shared.lock().core.epoch;
     if checkpoint.partition != shared.id()
         || checkpoint.index.size_blocks() != shared.config.size_blocks
     {

@@ -35,6 +35,7 @@ use proto::sled::{SledError, SledRequest, SledResponse};
 use proto::volume::{FlushedRange, ReplicaRequest};
 use proto::BLOCK_SIZE_BYTES;
 
+use super::core::LogPiece;
 use super::layout::{
     self, SlotEntry, StripeSummary, Tombstone, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
@@ -43,7 +44,7 @@ use super::{
 };
 use crate::erasure::ErasureCodec;
 use crate::index::{Location, Run};
-use crate::wal::{LogPosition, LogRecord, RecordKind, WalError};
+use crate::wal::{LogRecord, RecordKind, WalError};
 
 /// Most flush batches one `flush_now` writes.
 const MAX_BATCHES: usize = 1024;
@@ -137,8 +138,8 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     }
     {
         let mut state = shared.lock();
-        if state.index.oldest_log_position().is_none() && state.pending_trims.is_empty() {
-            state.oldest_unflushed = None;
+        if state.core.index.oldest_log_position().is_none() && state.core.pending_trims.is_empty() {
+            state.core.oldest_unflushed = None;
         }
     }
     shared
@@ -149,24 +150,8 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     Ok(report)
 }
 
-/// A log-resident run of the index, or its head when the batch is full:
-/// blocks `lba..lba + block_count`, payload blocks `first_block_in_record..`
-/// of the log record at `position`.
-#[derive(Debug, Clone, Copy)]
-struct LogPiece {
-    /// First partition block.
-    lba: u64,
-    /// Blocks in the piece.
-    block_count: u64,
-    /// Sequence of the write that produced them.
-    sequence: u64,
-    /// The log record holding them.
-    position: LogPosition,
-    /// Index of the piece's first block in that record's payload.
-    first_block_in_record: u32,
-}
-
-/// What one flush batch writes to the sleds.
+/// What one flush batch writes to the sleds: the core's plan, trims as
+/// stripe tombstones.
 struct FlushBatch {
     /// Log-resident runs, up to the batch size.
     pieces: Vec<LogPiece>,
@@ -178,61 +163,23 @@ struct FlushBatch {
     more: bool,
 }
 
-/// The next batch: log-resident runs up to the batch size, the pending
-/// trims up to the batch's watermark, the watermark, and whether more runs
-/// remain.
-///
-/// The watermark (`up_to` of the batch's flush commit) is the applied
-/// watermark, lowered below the oldest log-resident run this batch leaves
-/// for the next one: a secondary that is behind jumps to `up_to` on the
-/// commit, so `up_to` must never cover a record the sleds do not hold yet.
+/// The next batch, as the core plans it ([`PartitionCore::flush_plan`](super::core::PartitionCore::flush_plan)).
 fn collect(shared: &Shared) -> FlushBatch {
-    let state = shared.lock();
-    let mut up_to = state.applied_through;
     let limit = shared.config.flush_batch_blocks.max(1) as u64;
-    let mut total = 0;
-    let mut pieces = Vec::new();
-    let mut more = false;
-    for (lba, run) in state.index.runs() {
-        if let Some(Location::Log {
-            position,
-            block_in_record,
-        }) = run.location
-        {
-            if total >= limit {
-                more = true;
-                up_to = up_to.min(run.sequence.saturating_sub(1));
-                continue;
-            }
-            let block_count = run.block_count.min(limit - total);
-            pieces.push(LogPiece {
-                lba,
-                block_count,
-                sequence: run.sequence,
-                position,
-                first_block_in_record: block_in_record,
-            });
-            total += block_count;
-            if block_count < run.block_count {
-                more = true;
-                up_to = up_to.min(run.sequence.saturating_sub(1));
-            }
-        }
-    }
-    let trims = state
-        .pending_trims
-        .range(..=up_to)
-        .map(|(sequence, trim)| Tombstone {
-            lba: trim.lba,
-            block_count: trim.block_count,
-            sequence: *sequence,
-        })
-        .collect();
+    let plan = shared.lock().core.flush_plan(limit);
     FlushBatch {
-        pieces,
-        trims,
-        up_to_sequence: up_to,
-        more,
+        pieces: plan.pieces,
+        trims: plan
+            .trims
+            .into_iter()
+            .map(|(sequence, trim)| Tombstone {
+                lba: trim.lba,
+                block_count: trim.block_count,
+                sequence,
+            })
+            .collect(),
+        up_to_sequence: plan.up_to_sequence,
+        more: plan.more,
     }
 }
 
@@ -292,7 +239,7 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
     for _ in 0..STRIPE_ATTEMPTS {
         let epoch = {
             let state = shared.lock();
-            if !matches!(state.role, Role::Primary) {
+            if !matches!(state.core.role, Role::Primary) {
                 return Err(PartitionError::NotPrimary {
                     partition: shared.id(),
                 });
@@ -303,14 +250,14 @@ async fn open_target(shared: &Arc<Shared>) -> Result<Target, PartitionError> {
                         extent: e.grant.extent,
                         row: e.rows_written,
                         rows_left: e.rows_capacity - e.rows_written,
-                        epoch: state.epoch,
+                        epoch: state.core.epoch,
                         codec: e.codec.clone(),
                         columns: e.grant.columns.clone(),
                         owed: e.grant.owed.clone(),
                     });
                 }
             }
-            state.epoch
+            state.core.epoch
         };
         let state = open_next_extent(shared, epoch).await?;
         let mut guard = shared.lock();
@@ -764,6 +711,7 @@ async fn commit_flush(
             match block.relocate_from {
                 None => {
                     moved += state
+                        .core
                         .index
                         .apply_flush(block.lba, 1, block.sequence, *location)
                         .map_err(index_error)?;
@@ -792,6 +740,7 @@ async fn commit_flush(
                 }
                 Some(from) => {
                     let current = state
+                        .core
                         .index
                         .lookup_with_sequence(block.lba, 1)
                         .map_err(index_error)?;
@@ -800,6 +749,7 @@ async fn commit_flush(
                     });
                     if still {
                         state
+                            .core
                             .index
                             .apply_write(block.lba, 1, block.sequence, *location)
                             .map_err(index_error)?;
@@ -809,19 +759,19 @@ async fn commit_flush(
             }
         }
         for sequence in trim_sequences {
-            state.pending_trims.remove(sequence);
+            state.core.pending_trims.remove(sequence);
         }
         if let Some(up_to) = up_to {
             assert_commit_watermark(shared, &state, up_to);
         }
         // A recount of every run: debug builds only.
         debug_assert_eq!(
-            state.index.check_invariants(),
+            state.core.index.check_invariants(),
             Ok(()),
             "partition {:?}: index after a flush commit",
             shared.id()
         );
-        state.epoch
+        state.core.epoch
     };
     shared
         .metrics
@@ -848,11 +798,12 @@ async fn commit_flush(
     }
     {
         let mut state = shared.lock();
-        if state.pending_commits.len() >= MAX_PENDING_COMMITS {
+        if state.core.pending_commits.len() >= MAX_PENDING_COMMITS {
             tracing::warn!(partition = ?shared.id(), "secondary behind on flush commits; dropping the oldest");
-            state.pending_commits.pop_front();
+            state.core.pending_commits.pop_front();
         }
         state
+            .core
             .pending_commits
             .push_back(ReplicaRequest::FlushCommit {
                 partition: shared.id(),
@@ -881,13 +832,13 @@ fn holds_data_slot(state: &State, extent: u64, column: u16, offset_bytes: u64) -
 fn assert_commit_watermark(shared: &Shared, state: &State, up_to: u64) {
     // Only what was applied can have been flushed.
     assert!(
-        up_to <= state.applied_through,
+        up_to <= state.core.applied_through,
         "partition {:?}: flush commit up to {up_to}, applied through {}",
         shared.id(),
-        state.applied_through
+        state.core.applied_through
     );
     // Every trim the watermark covers went into this batch's summaries.
-    let trim = state.pending_trims.range(..=up_to).next();
+    let trim = state.core.pending_trims.range(..=up_to).next();
     assert!(
         trim.is_none(),
         "partition {:?}: flush commit up to {up_to} leaves trim {trim:?} unwritten",
@@ -897,7 +848,7 @@ fn assert_commit_watermark(shared: &Shared, state: &State, up_to: u64) {
     // lowered it below the oldest run it left for the next one; writes
     // applied since have higher sequences). A walk of every run.
     debug_assert!(
-        state.index.runs().all(|(_, run)| {
+        state.core.index.runs().all(|(_, run)| {
             !matches!(run.location, Some(Location::Log { .. })) || run.sequence > up_to
         }),
         "partition {:?}: flush commit up to {up_to} leaves an older block in the log only",
@@ -912,7 +863,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
     let mut report = GcReport::default();
     let (candidates, mut tombstones) = {
         let state = shared.lock();
-        let live = state.index.live_blocks_per_extent();
+        let live = state.core.index.live_blocks_per_extent();
         let candidates: Vec<u64> = state
             .extents
             .values()
@@ -927,6 +878,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             .map(|e| e.grant.extent)
             .collect();
         let tombstones: Vec<Tombstone> = state
+            .core
             .index
             .runs()
             .filter(|(_, r)| r.location.is_none())
@@ -945,7 +897,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
         let runs: Vec<(u64, Run)> = {
             let state = shared.lock();
             state
-                .index
+                .core.index
                 .runs()
                 .filter(|(_, r)| {
                     matches!(r.location, Some(Location::Sled { extent: e, .. }) if e == extent)
@@ -974,12 +926,13 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             let state = shared.lock();
             (
                 state
+                    .core
                     .index
                     .live_blocks_per_extent()
                     .get(&extent)
                     .copied()
                     .unwrap_or(0),
-                state.epoch,
+                state.core.epoch,
             )
         };
         if live == 0 {

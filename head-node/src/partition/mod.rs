@@ -4,11 +4,11 @@
 //! System invariant N).
 //!
 //! ```text
-//!  host write ─▶ validate (role, epoch, range, CRCs) ─▶ range lock (+ read-modify-write
-//!               of partial 4 KiB blocks) ─▶ assign sequence(s) ─┬─▶ local WAL append (group commit)
-//!                                                               └─▶ replication queue ─▶ replicator task
-//!                                                                   ─▶ ReplicaRequest::Append ─▶ secondary WAL
-//!               both durable ─▶ index: LBA → Log(position) ─▶ ack (Done)
+//!  host write ─▶ validate (role, epoch, range, CRCs) ─▶ core: admit (range table; + read-modify-write
+//!               of partial 4 KiB blocks) ─▶ core: start_commit (sequences, log hold) ─┬─▶ local WAL append
+//!                                                                                     └─▶ replication queue ─▶ replicator task
+//!                                                                                         ─▶ ReplicaRequest::Append ─▶ secondary WAL
+//!               core: local_done + on_appended (both durable) ─▶ index: LBA → Log(position) ─▶ ack (Done)
 //!  flush (fill ratio / age / flush_now) ─▶ Log-resident blocks + pending trims ─▶ stripes of
 //!               the open extent (k data chunks + m parity + summary per column) ─▶ k+m sled
 //!               Appends with the epoch ─▶ all durable ─▶ index: LBA → Sled(extent, column, offset)
@@ -19,6 +19,22 @@
 //!  gc_pass    ─▶ extents below the live threshold ─▶ live blocks re-flushed with their
 //!               ORIGINAL sequence (a newer write always wins) ─▶ free_extent
 //! ```
+//!
+//! **Core and driver.** The write path's and replication's decisions are
+//! [`core::PartitionCore`], a sans-IO state machine (no tokio, no clock, no
+//! locks): the range table that serialises overlapping writes, sequence
+//! assignment, the ack rule, the replication queue and catch-up plan, the
+//! secondary's ordering, log holds, fencing, take-over and log replay.
+//! [`Partition`] is its driver: the core sits in the partition's one state
+//! mutex (next to the flush bookkeeping), and whichever task observes an
+//! event (a host handler whose log append returned, the replicator with the
+//! secondary's answer, the secondary's request handler) steps it and
+//! executes what it returns through the seams; host writes get their
+//! outcome through a per-write reply channel. There is no task per write.
+//! Flush, GC, checkpoints and recovery from the sleds are still async
+//! driver code that reads and updates the core's state under the same lock
+//! (see `core`'s module docs for the list). `head-node/tests/it/sim.rs`
+//! drives the same core through a seeded simulation.
 //!
 //! **Roles.** `Primary` serves hosts and drives replication, flush and GC;
 //! `Secondary` only answers [`Partition::handle_replica`]; `Fenced` is what a
@@ -35,16 +51,23 @@
 //! secondary does not confirm within `replica_timeout` the host gets the
 //! retryable `Unavailable`; the record stays queued for the secondary (so the
 //! two logs converge when it returns) and is applied to the index only once
-//! both copies exist. There is no single-copy mode.
+//! both copies exist. There is no single-copy mode. A host that gives up
+//! while its local append is still in flight (a full log) abandons the
+//! write: the core is told the append failed, the records may still reach
+//! one or both logs (an unacknowledged write, like any other in flight).
 //!
 //! **Ordering.** The primary is the single point of ordering of its
-//! partition: sequences are assigned under one lock, replication sends them
-//! in sequence order (the secondary refuses holes with `Gap` and the primary
-//! resends from its log, or — for records it already flushed and released —
-//! sends a `FlushCommit` that moves the secondary past them), and the index
-//! applies "newest sequence wins" everywhere (log replay, flush, GC).
-//! Overlapping writes are serialised by a range lock, which also makes the
-//! read-modify-write of partial blocks atomic.
+//! partition: the core assigns sequences in one step, replication sends
+//! them in sequence order (the secondary refuses holes with `Gap` and the
+//! primary resends from its log, or — for records it already flushed,
+//! released or abandoned — sends a catch-up jump, a `FlushCommit` marked
+//! with [`core::jump_marker`], that moves the secondary past them without
+//! touching the trims and tail it holds), and the index applies "newest
+//! sequence wins" everywhere (log replay, flush, GC). Overlapping writes
+//! are serialised by the core's range table (first come, first served; a
+//! write stays in it until resolved, even if its host gave up), which also
+//! makes the read-modify-write of partial blocks atomic. A host `Flush`
+//! waits until every write that arrived before it left the table.
 //!
 //! **Log space.** Several partitions share the head node's [`Wal`]; a
 //! [`SharedLog`] releases it up to the oldest position any partition still
@@ -66,6 +89,7 @@
 //! `checkpoint_every_flushes` flush commits or `checkpoint_interval`, and
 //! on [`Partition::write_checkpoint`].
 
+pub mod core;
 pub mod error;
 pub mod layout;
 pub mod seams;
@@ -86,12 +110,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use proto::sled::PartitionId;
-use proto::volume::{
-    HostOp, HostReply, HostRequest, ReplicaRecord, ReplicaRecordKind, SECTOR_BYTES,
-};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use proto::volume::{HostOp, HostReply, HostRequest, SECTOR_BYTES};
+use tokio::sync::{oneshot, Notify, Semaphore};
 
+pub use self::core::{live_records, PartitionCore};
 pub use checkpoint::{CheckpointReport, RecoveryReport};
+
+use self::core::{Admission, Change, Completion, WriteId};
 pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
@@ -99,7 +124,7 @@ pub use rebuild::{RebuildError, RebuildProgress, RebuildTask};
 pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;
-use crate::index::{Location, PartitionIndex};
+use crate::index::Location;
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
 use proto::BLOCK_SIZE_BYTES;
 
@@ -420,117 +445,61 @@ impl ExtentState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct ReplProgress {
-    acked_through: u64,
-    stopped: bool,
-}
-
-/// A trim or write-zeroes in the index (as a tombstone) whose tombstone is
-/// not yet in a stripe summary on the sleds; its log record stays pinned
-/// until then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PendingTrim {
-    /// First partition block.
-    lba: u64,
-    /// Blocks trimmed.
-    block_count: u64,
-    /// The trim's log record.
-    position: LogPosition,
-}
-
-impl PendingTrim {
-    /// Trim `record`, logged at `position`.
-    fn of(record: &LogRecord, position: LogPosition) -> Self {
-        Self {
-            lba: record.lba,
-            block_count: u64::from(record.block_count),
-            position,
-        }
-    }
-}
-
+/// The partition's state behind its one mutex: the sans-IO
+/// [`PartitionCore`] (write path, replication, index, log holds) and what
+/// the flush, GC and checkpoint pipelines keep next to it, plus the
+/// driver's reply channels of writes in flight.
 #[derive(Debug)]
 struct State {
-    role: Role,
-    /// Primary: its epoch. Secondary: the highest epoch seen.
-    epoch: u64,
-    index: PartitionIndex,
-    /// Primary: next sequence to assign. Secondary: next expected.
-    next_sequence: u64,
-    /// Every sequence up to here is applied (or abandoned).
-    applied_through: u64,
-    applied_above: BTreeSet<u64>,
-    /// Trims not yet written to a summary, by sequence.
-    pending_trims: BTreeMap<u64, PendingTrim>,
-    /// Primary: own log records by sequence (catch-up of the secondary).
-    retained: BTreeMap<u64, LogPosition>,
-    /// Log heads taken before appends in flight.
-    inflight_holds: BTreeMap<LogPosition, usize>,
-    /// Primary: records the secondary has not confirmed, in sequence order.
-    repl_queue: VecDeque<ReplicaRecord>,
-    /// Flush commits the secondary has not confirmed.
-    pending_commits: VecDeque<proto::volume::ReplicaRequest>,
+    core: PartitionCore,
     extents: BTreeMap<u64, ExtentState>,
     open_extent: Option<u64>,
-    oldest_unflushed: Option<Instant>,
     /// Primary: its checkpoint extents (also in `extents`).
     checkpoints: checkpoint::Tracker,
+    /// Host writes waiting for their completion, by write.
+    replies: HashMap<WriteId, oneshot::Sender<Result<(), PartitionError>>>,
 }
 
 impl State {
-    fn mark_applied(&mut self, sequence: u64) {
-        if sequence <= self.applied_through {
-            return;
-        }
-        self.applied_above.insert(sequence);
-        while self.applied_above.remove(&(self.applied_through + 1)) {
-            self.applied_through += 1;
-        }
-    }
-
-    fn add_hold(&mut self, position: LogPosition) {
-        *self.inflight_holds.entry(position).or_default() += 1;
-    }
-
-    /// Drops one hold taken with [`add_hold`](Self::add_hold) at
-    /// `position`. Holds are counted per position: removing one that was
-    /// never taken would drop another holder's and let the log be released
-    /// under its records.
-    fn remove_hold(&mut self, position: LogPosition) {
-        let count = self.inflight_holds.get_mut(&position);
-        assert!(
-            count.as_ref().is_some_and(|c| **c > 0),
-            "log hold at {} released more often than taken",
-            position.0
-        );
-        if let Some(count) = count {
-            *count -= 1;
-            if *count == 0 {
-                self.inflight_holds.remove(&position);
+    /// Delivers what the core resolved: replies to the hosts still
+    /// waiting. Returns whether writes became ready (wake the queue).
+    fn deliver(&mut self, (completions, ready): (Vec<Completion>, Vec<WriteId>)) -> bool {
+        let resolved = !completions.is_empty();
+        for completion in completions {
+            if let Some(reply) = self.replies.remove(&completion.write) {
+                let _ = reply.send(completion.result);
             }
         }
+        resolved || !ready.is_empty()
     }
 }
 
-/// A range lock over partition blocks: overlapping writes are serialised.
-#[derive(Debug, Default)]
-struct RangeLocks {
-    held: Mutex<Vec<(u64, Range<u64>)>>,
-    next_id: AtomicU64,
-    released: Notify,
-}
-
+/// Ends a host write in the core's range table when the host side is done
+/// (answered, timed out or cancelled); a cancelled local append is reported
+/// as failed so that its hold and sequences are not left behind.
 #[derive(Debug)]
-struct RangeGuard {
+struct WriteGuard {
     shared: Arc<Shared>,
-    id: u64,
+    id: WriteId,
+    /// The local append is in flight (not reported to the core yet).
+    appending: bool,
 }
 
-impl Drop for RangeGuard {
+impl Drop for WriteGuard {
     fn drop(&mut self) {
-        lock(&self.shared.range_locks.held).retain(|(id, _)| *id != self.id);
-        self.shared.range_locks.released.notify_waiters();
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        if self.appending {
+            let outcome = state
+                .core
+                .local_done(self.id, Err(shared.unavailable("write cancelled")));
+            state.deliver(outcome);
+        }
+        state.replies.remove(&self.id);
+        let _ready = state.core.end_write(self.id);
+        drop(state);
+        // Queued writes may be ready, a flush may wait for this one.
+        shared.admitted.notify_waiters();
     }
 }
 
@@ -542,18 +511,16 @@ struct Shared {
     extent_source: Arc<dyn ExtentSource>,
     replica: Option<Arc<dyn ReplicaPeer>>,
     state: Mutex<State>,
-    range_locks: RangeLocks,
-    /// Writes hold a read guard; a host Flush takes the write guard (barrier).
-    barrier: Arc<tokio::sync::RwLock<()>>,
+    /// Woken when writes left the core's range table or became ready in
+    /// it (queued writes, host flushes and take-overs wait on it).
+    admitted: Notify,
     write_permits: Arc<Semaphore>,
     /// One flush or GC at a time; also serialises replication requests on a
     /// secondary.
     flush_lock: tokio::sync::Mutex<()>,
-    replica_lock: tokio::sync::Mutex<()>,
-    /// Secondary: its next expected sequence moved (wakes out-of-order
-    /// appends waiting for their predecessors).
+    /// Secondary: a replication request ended (wakes requests waiting for
+    /// the core's replica slot or for their predecessors).
     replica_advanced: Notify,
-    progress: watch::Sender<ReplProgress>,
     repl_wakeup: Arc<Notify>,
     repair: Mutex<VecDeque<RepairItem>>,
     metrics: Arc<PartitionMetrics>,
@@ -590,28 +557,7 @@ impl Shared {
 
     /// Oldest log position this partition still needs.
     fn log_hold(&self) -> Option<LogPosition> {
-        self.hold_of(&self.lock())
-    }
-
-    /// [`log_hold`](Self::log_hold) of `state` (this partition's, locked).
-    fn hold_of(&self, state: &State) -> Option<LogPosition> {
-        // A secondary keeps its whole unflushed tail (everything after the
-        // last flush commit): it is what a promotion replays and what the
-        // next secondary is caught up from, with no hole in the sequences.
-        let acked = if matches!(state.role, Role::Secondary) {
-            0
-        } else {
-            self.progress.borrow().acked_through
-        };
-        [
-            state.index.oldest_log_position(),
-            state.inflight_holds.keys().next().copied(),
-            state.pending_trims.values().map(|t| t.position).min(),
-            state.retained.range(acked + 1..).map(|(_, p)| *p).min(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        self.lock().core.log_hold()
     }
 
     /// Drops what the log released below `tail` from the catch-up list.
@@ -621,65 +567,52 @@ impl Shared {
     /// below the new tail (invariant 4: the index never points at
     /// reclaimed log space; an append in flight keeps its records).
     fn forget_released(&self, tail: LogPosition) {
-        let mut state = self.lock();
-        let oldest_indexed = state.index.oldest_log_position();
-        assert!(
-            oldest_indexed.is_none_or(|p| p >= tail),
-            "partition {:?}: the log was released to {} under a record the index maps ({oldest_indexed:?})",
-            self.id(),
-            tail.0
-        );
-        let oldest_held = state.inflight_holds.keys().next().copied();
-        assert!(
-            oldest_held.is_none_or(|p| p >= tail),
-            "partition {:?}: the log was released to {} under a held position ({oldest_held:?})",
-            self.id(),
-            tail.0
-        );
-        // The full hold (pending trims and unconfirmed records too) walks
-        // every trim and retained record.
-        debug_assert!(
-            self.hold_of(&state).is_none_or(|hold| hold >= tail),
-            "partition {:?}: the log was released to {} under its hold {:?}",
-            self.id(),
-            tail.0,
-            self.hold_of(&state)
-        );
-        state.retained.retain(|_, position| *position >= tail);
+        self.lock().core.forget_released(tail);
     }
 
     /// Primary check: role and (if given) the request's epoch.
     fn check_primary(&self, epoch: Option<u64>) -> Result<(), PartitionError> {
-        let state = self.lock();
-        match state.role {
-            Role::Primary => {}
-            Role::Fenced { .. } | Role::Secondary => {
-                return Err(PartitionError::NotPrimary {
-                    partition: self.id(),
-                })
-            }
+        self.lock().core.check_primary(epoch)
+    }
+
+    /// Stops acknowledging: a newer epoch owns the partition. Every write
+    /// in flight fails `NotPrimary` at once.
+    fn fence(&self, current: u64) {
+        let mut state = self.lock();
+        if matches!(state.core.role, Role::Primary) {
+            tracing::warn!(partition = ?self.id(), epoch = state.core.epoch, current, "fenced: dropping the primary role");
+            bump(&self.metrics.fenced);
         }
-        match epoch {
-            Some(requested) if requested != state.epoch => Err(PartitionError::StaleEpoch {
-                partition: self.id(),
-                requested,
-                current: state.epoch,
-            }),
-            _ => Ok(()),
+        let outcome = state.core.fence(current);
+        let wake = state.deliver(outcome);
+        drop(state);
+        if wake {
+            self.admitted.notify_waiters();
+        }
+        self.repl_wakeup.notify_one();
+    }
+
+    /// Delivers completions of the core (outside of a `State` borrow).
+    fn deliver(&self, outcome: (Vec<Completion>, Vec<WriteId>)) {
+        if self.lock().deliver(outcome) {
+            self.admitted.notify_waiters();
         }
     }
 
-    /// Stops acknowledging: a newer epoch owns the partition.
-    fn fence(&self, current: u64) {
-        let mut state = self.lock();
-        if matches!(state.role, Role::Primary) {
-            tracing::warn!(partition = ?self.id(), epoch = state.epoch, current, "fenced: dropping the primary role");
-            state.role = Role::Fenced { current };
-            bump(&self.metrics.fenced);
+    /// Waits until every write that arrived before this call left the
+    /// core's range table (resolved: applied, failed or fenced, and its
+    /// local append answered): the host `Flush` barrier.
+    async fn writes_before(&self) {
+        let mark = self.lock().core.write_mark();
+        loop {
+            let notified = self.admitted.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock().core.writes_before(mark) {
+                return;
+            }
+            notified.await;
         }
-        drop(state);
-        self.progress.send_modify(|p| p.stopped = true);
-        self.repl_wakeup.notify_one();
     }
 
     fn report_repair(&self, item: RepairItem) {
@@ -691,34 +624,6 @@ impl Shared {
         }
         queue.push_back(item);
     }
-
-    async fn lock_range(self: &Arc<Self>, blocks: Range<u64>) -> RangeGuard {
-        let id = self.range_locks.next_id.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let released = self.range_locks.released.notified();
-            {
-                let mut held = lock(&self.range_locks.held);
-                let busy = held
-                    .iter()
-                    .any(|(_, r)| r.start < blocks.end && blocks.start < r.end);
-                if !busy {
-                    held.push((id, blocks.clone()));
-                    return RangeGuard {
-                        shared: self.clone(),
-                        id,
-                    };
-                }
-            }
-            released.await;
-        }
-    }
-}
-
-/// What a write operation logs: whole blocks or unmapped ranges.
-#[derive(Debug, Clone)]
-enum Change {
-    Write { lba: u64, data: Bytes },
-    Unmap { lba: u64, count: u64 },
 }
 
 /// One partition served by this head node. Cheap to clone.
@@ -784,55 +689,31 @@ impl Partition {
     ) -> Result<Partition, PartitionError> {
         let old = &self.shared;
         let new_epoch = config.epoch;
-        let _replica_serial = old.replica_lock.lock().await;
+        // The core's replica slot, held to the end: no replication of the
+        // old epoch is accepted from here on.
+        let _replica_slot = replica::enter(old, None, None).await;
         let was_secondary = {
             let mut state = old.lock();
-            if new_epoch <= state.epoch && !matches!(state.role, Role::Fenced { .. }) {
-                return Err(PartitionError::StaleEpoch {
-                    partition: old.id(),
-                    requested: new_epoch,
-                    current: state.epoch,
-                });
+            let (was_secondary, completions, ready) = state.core.take_over(new_epoch)?;
+            if state.deliver((completions, ready)) {
+                old.admitted.notify_waiters();
             }
-            match state.role {
-                Role::Secondary => true,
-                Role::Primary => {
-                    state.role = Role::Fenced { current: new_epoch };
-                    false
-                }
-                Role::Fenced { .. } => false,
-            }
+            was_secondary
         };
         if !was_secondary {
-            old.progress.send_modify(|p| p.stopped = true);
             old.repl_wakeup.notify_one();
-            // In-flight writes end quickly once the replicator stopped.
+            // In-flight writes end quickly once the core stopped them.
             let wait = old.config.replica_timeout;
-            let _ = tokio::time::timeout(wait, old.barrier.write()).await;
+            let _ = tokio::time::timeout(wait, old.writes_before()).await;
             let _ = tokio::time::timeout(wait, old.flush_lock.lock()).await;
         }
-        // Only what the index and the pending trims refer to: the old
-        // instance holds exactly those in the log until the new one has
-        // registered its own holds. A record of the unflushed tail that the
-        // index no longer refers to is superseded or on the sleds; the old
-        // instance does not hold it, so the log may release it at any moment
-        // (another partition's flush): replayed, it would map blocks whose
-        // sled copy has the same sequence to a log record that is gone.
-        let (needed, next_sequence) = {
+        let plan = {
             let mut state = old.lock();
-            let mut needed: BTreeSet<LogPosition> = state
-                .index
-                .runs()
-                .filter_map(|(_, run)| match run.location {
-                    Some(Location::Log { position, .. }) => Some(position),
-                    _ => None,
-                })
-                .collect();
-            needed.extend(state.pending_trims.values().map(|t| t.position));
+            let plan = state.core.take_over_plan(was_secondary);
             // Pinned until the new instance holds them itself, whatever the
             // old index does meanwhile (a flush that outlived the wait
             // above may still move blocks to the sleds).
-            if let Some(first) = needed.first() {
+            if let Some(first) = plan.needed.first() {
                 // Held by the index and the trims until now (invariant 4),
                 // so still in the log: a pin below the tail protects nothing.
                 let tail = old.log.wal().tail();
@@ -843,14 +724,14 @@ impl Partition {
                     first.0,
                     tail.0
                 );
-                state.add_hold(*first);
+                state.core.add_hold(*first);
             }
-            (needed, state.next_sequence)
+            plan
         };
-        let pin = needed.first().copied();
-        let taken = Self::open_from(old, config, deps, needed, next_sequence).await;
+        let pin = plan.needed.first().copied();
+        let taken = Self::open_from(old, config, deps, plan.needed, plan.next_sequence).await;
         if let Some(pin) = pin {
-            old.lock().remove_hold(pin);
+            old.lock().core.remove_hold(pin);
         }
         let (taken, records) = taken?;
         // The rest of the tail is only offered to the new secondary's
@@ -858,19 +739,10 @@ impl Partition {
         // record released meanwhile is skipped there). Without it the
         // catch-up would jump over every hole between the records the index
         // refers to, one round trip per hole.
-        let tail: Vec<(u64, LogPosition)> =
-            old.lock().retained.iter().map(|(s, p)| (*s, *p)).collect();
-        {
-            let mut state = taken.shared.lock();
-            for (sequence, position) in tail {
-                state.retained.entry(sequence).or_insert(position);
-            }
-        }
-        {
-            let mut state = old.lock();
-            state.role = Role::Fenced { current: new_epoch };
-        }
-        old.progress.send_modify(|p| p.stopped = true);
+        let tail = old.lock().core.take_over_plan(was_secondary).retained;
+        taken.shared.lock().core.adopt_retained(&tail);
+        let done = old.lock().core.take_over_done(new_epoch);
+        old.deliver(done);
         old.repl_wakeup.notify_one();
         tracing::info!(
             partition = ?old.id(),
@@ -929,6 +801,7 @@ impl Partition {
             taken
                 .shared
                 .lock()
+                .core
                 .index
                 .runs()
                 .all(|(_, run)| match run.location {
@@ -959,27 +832,23 @@ impl Partition {
                 reason: "partition of 0 blocks or fill ratio outside 0..1".to_string(),
             });
         }
+        let role_now = match role {
+            OpenRole::Primary => Role::Primary,
+            OpenRole::Secondary => Role::Secondary,
+        };
         let state = State {
-            role: match role {
-                OpenRole::Primary => Role::Primary,
-                OpenRole::Secondary => Role::Secondary,
-            },
-            epoch: config.epoch,
-            index: PartitionIndex::new(config.partition, config.size_blocks),
-            next_sequence: 1,
-            applied_through: 0,
-            applied_above: BTreeSet::new(),
-            pending_trims: BTreeMap::new(),
-            retained: BTreeMap::new(),
-            inflight_holds: BTreeMap::new(),
-            repl_queue: VecDeque::new(),
-            pending_commits: VecDeque::new(),
+            core: PartitionCore::new(
+                config.partition,
+                config.first_block,
+                config.size_blocks,
+                role_now,
+                config.epoch,
+            ),
             extents: BTreeMap::new(),
             open_extent: None,
-            oldest_unflushed: None,
             checkpoints: checkpoint::Tracker::new(),
+            replies: HashMap::new(),
         };
-        let (progress, _) = watch::channel(ReplProgress::default());
         let shared = Arc::new(Shared {
             write_permits: Arc::new(Semaphore::new(config.max_inflight_writes.max(1))),
             config,
@@ -988,12 +857,9 @@ impl Partition {
             extent_source: deps.extents,
             replica: deps.replica,
             state: Mutex::new(state),
-            range_locks: RangeLocks::default(),
-            barrier: Arc::new(tokio::sync::RwLock::new(())),
+            admitted: Notify::new(),
             flush_lock: tokio::sync::Mutex::new(()),
-            replica_lock: tokio::sync::Mutex::new(()),
             replica_advanced: Notify::new(),
-            progress,
             repl_wakeup: Arc::new(Notify::new()),
             repair: Mutex::new(VecDeque::new()),
             metrics: Arc::new(PartitionMetrics::default()),
@@ -1010,15 +876,7 @@ impl Partition {
             // them for every later replay too (see `live_records`).
             let epoch = shared.config.epoch;
             recovered.retain(|r| r.record.epoch >= epoch);
-            let marker = LogRecord {
-                kind: RecordKind::Checkpoint,
-                partition: shared.id(),
-                epoch,
-                sequence: 0,
-                lba: 0,
-                block_count: 0,
-                payload: Bytes::from_static(JOIN_MARKER),
-            };
+            let marker = PartitionCore::join_marker(shared.id(), epoch);
             shared
                 .log
                 .wal()
@@ -1029,22 +887,18 @@ impl Partition {
         if role == OpenRole::Primary {
             checkpoint::recover(&shared, &recovered).await?;
         }
-        replay_log(&shared, role, &recovered)?;
         {
             let mut state = shared.lock();
-            if state.next_sequence < min_next_sequence {
-                state.next_sequence = min_next_sequence;
-                state.applied_through = min_next_sequence - 1;
-            }
-            let acked = state.next_sequence - 1;
-            shared.progress.send_replace(ReplProgress {
-                acked_through: acked,
-                stopped: false,
-            });
+            state.core.replay(
+                role == OpenRole::Secondary,
+                &recovered,
+                min_next_sequence,
+                Instant::now(),
+            )?;
             // What recovery and replay built, before anything relies on it
             // (a recount of every run: debug builds only).
             debug_assert_eq!(
-                state.index.check_invariants(),
+                state.core.index.check_invariants(),
                 Ok(()),
                 "partition {:?}: index after open",
                 shared.id()
@@ -1070,12 +924,12 @@ impl Partition {
 
     /// Current role.
     pub fn role(&self) -> Role {
-        self.shared.lock().role
+        self.shared.lock().core.role
     }
 
     /// Primary: its epoch; secondary: the highest epoch seen.
     pub fn epoch(&self) -> u64 {
-        self.shared.lock().epoch
+        self.shared.lock().core.epoch
     }
 
     /// The head node's log this partition writes to.
@@ -1116,12 +970,17 @@ impl Partition {
 
     /// Live (mapped) blocks per extent.
     pub fn live_blocks_per_extent(&self) -> BTreeMap<u64, u64> {
-        self.shared.lock().index.live_blocks_per_extent().clone()
+        self.shared
+            .lock()
+            .core
+            .index
+            .live_blocks_per_extent()
+            .clone()
     }
 
     /// Blocks whose latest version is only in the log.
     pub fn log_resident_blocks(&self) -> u64 {
-        self.shared.lock().index.log_resident_blocks()
+        self.shared.lock().core.index.log_resident_blocks()
     }
 
     /// Where partition block `block` is: its index location and, for a sled
@@ -1132,6 +991,7 @@ impl Partition {
     ) -> Option<(Location, Option<(String, proto::sled::ColumnId)>)> {
         let state = self.shared.lock();
         let location = state
+            .core
             .index
             .lookup(block, 1)
             .ok()?
@@ -1159,13 +1019,13 @@ impl Partition {
             return None;
         }
         let state = self.shared.lock();
-        let mapped = state.index.lookup_with_sequence(block, 1).ok()?;
+        let mapped = state.core.index.lookup_with_sequence(block, 1).ok()?;
         let first = mapped.first()?;
         Some(serde_json::json!({
             "volume": config.partition.volume,
             "partition": config.partition.index,
-            "role": format!("{:?}", state.role),
-            "epoch": state.epoch,
+            "role": format!("{:?}", state.core.role),
+            "epoch": state.core.epoch,
             "block_in_partition": block,
             "sequence": first.sequence,
             "location": first.location.map(|l| format!("{l:?}")),
@@ -1174,7 +1034,7 @@ impl Partition {
 
     /// Checks the index's structural invariants (tests, debug endpoints).
     pub fn check_invariants(&self) -> Result<(), String> {
-        self.shared.lock().index.check_invariants()
+        self.shared.lock().core.index.check_invariants()
     }
 
     /// Answers one host request (the daemon's host-protocol handler).
@@ -1355,9 +1215,9 @@ impl Partition {
     /// already; this waits for writes in flight (a barrier).
     pub async fn flush(&self, epoch: u64) -> Result<(), PartitionError> {
         self.shared.check_primary(Some(epoch))?;
-        let barrier = self.shared.barrier.write();
+        let barrier = self.shared.writes_before();
         match tokio::time::timeout(self.shared.config.replica_timeout, barrier).await {
-            Ok(_guard) => self.shared.check_primary(Some(epoch)),
+            Ok(()) => self.shared.check_primary(Some(epoch)),
             Err(_) => Err(self.shared.unavailable("writes in flight did not complete")),
         }
     }
@@ -1368,30 +1228,59 @@ impl Partition {
         let shared = &self.shared;
         let timeout = shared.config.replica_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
-        let permit =
+        let _permit =
             tokio::time::timeout_at(deadline, shared.write_permits.clone().acquire_owned())
                 .await
                 .map_err(|_| shared.unavailable("too many writes in flight"))?
                 .map_err(|_| shared.unavailable("partition closing"))?;
-        let barrier = shared.barrier.clone().read_owned().await;
         let first_block = bytes.start / BLOCK_SIZE_BYTES;
         let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
-        let guard = tokio::time::timeout_at(deadline, shared.lock_range(first_block..end_block))
-            .await
-            .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
+        // The core's range table serialises overlapping writes (and makes
+        // the read-modify-write of partial blocks atomic).
+        let admission = shared.lock().core.admit(first_block..end_block);
+        let mut guard = WriteGuard {
+            shared: shared.clone(),
+            id: admission.id(),
+            appending: false,
+        };
+        let id = admission.id();
+        if let Admission::Queued(_) = admission {
+            let admitted = async {
+                loop {
+                    let notified = shared.admitted.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if shared.lock().core.is_admitted(id) {
+                        return;
+                    }
+                    notified.await;
+                }
+            };
+            tokio::time::timeout_at(deadline, admitted)
+                .await
+                .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
+        }
         let changes = self.plan(bytes, data).await?;
-        shared.check_primary(None)?;
-        let task_shared = shared.clone();
-        let task = tokio::spawn(async move {
-            let result = commit(&task_shared, changes).await;
-            drop(guard);
-            drop(barrier);
-            drop::<OwnedSemaphorePermit>(permit);
-            result
-        });
-        match tokio::time::timeout_at(deadline, task).await {
+        let (records, reply) = {
+            let mut state = shared.lock();
+            let head = shared.log.wal().head();
+            let plan = state.core.start_commit(id, changes, head, Instant::now())?;
+            let (tx, rx) = oneshot::channel();
+            state.replies.insert(id, tx);
+            (plan.records, rx)
+        };
+        shared.repl_wakeup.notify_one();
+        guard.appending = true;
+        let outcome = async {
+            let local = append_local(shared, records).await;
+            let resolved = shared.lock().core.local_done(id, local);
+            guard.appending = false;
+            shared.deliver(resolved);
+            reply.await
+        };
+        match tokio::time::timeout_at(deadline, outcome).await {
             Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(shared.unavailable(format!("write task failed: {join}"))),
+            Ok(Err(_closed)) => Err(shared.unavailable("write dropped by the partition")),
             Err(_) => {
                 bump(&shared.metrics.unavailable);
                 Err(shared
@@ -1401,7 +1290,7 @@ impl Partition {
     }
 
     /// Turns a byte range into block changes, read-modify-writing partial
-    /// blocks (the caller holds the range lock).
+    /// blocks (the caller's write is admitted in the core's range table).
     async fn plan(
         &self,
         bytes: Range<u64>,
@@ -1537,9 +1426,13 @@ impl Partition {
     /// Primary: whether a flush is due (log fill ratio or age).
     pub fn flush_due(&self) -> bool {
         let fill = self.shared.log.wal().stats().fill_ratio();
-        let oldest = self.shared.lock().oldest_unflushed;
-        fill > self.shared.config.flush_fill_ratio
-            || oldest.is_some_and(|t| t.elapsed() >= self.shared.config.flush_age)
+        let config = &self.shared.config;
+        self.shared.lock().core.flush_due(
+            Instant::now(),
+            fill,
+            config.flush_fill_ratio,
+            config.flush_age,
+        )
     }
 
     /// Starts the background flusher (checks every `interval`); it ends when
@@ -1565,7 +1458,8 @@ impl Partition {
 
     /// Stops the partition's background work (the replicator ends).
     pub fn shutdown(&self) {
-        self.shared.progress.send_modify(|p| p.stopped = true);
+        let stopped = self.shared.lock().core.stop();
+        self.shared.deliver(stopped);
         self.shared.repl_wakeup.notify_one();
     }
 }
@@ -1582,106 +1476,6 @@ fn push_writes(changes: &mut Vec<Change>, first_block: u64, data: Bytes) {
         changes.push(Change::Write { lba, data: piece });
         lba += blocks;
     }
-}
-
-/// Logs `changes` locally and on the secondary (in parallel), then applies
-/// them to the index. Runs in its own task so that a host timeout never
-/// leaves the two logs and the index disagreeing.
-async fn commit(shared: &Arc<Shared>, changes: Vec<Change>) -> Result<(), PartitionError> {
-    let wal = shared.log.wal().clone();
-    let (records, hold, last_sequence) = {
-        let mut state = shared.lock();
-        if !matches!(state.role, Role::Primary) {
-            return Err(PartitionError::NotPrimary {
-                partition: shared.id(),
-            });
-        }
-        let hold = wal.head();
-        state.add_hold(hold);
-        let mut records = Vec::with_capacity(changes.len());
-        for change in changes {
-            let sequence = state.next_sequence;
-            state.next_sequence += 1;
-            let (log, replica) = match change {
-                Change::Write { lba, data } => {
-                    let blocks = data.len() as u64 / BLOCK_SIZE_BYTES;
-                    let replica = ReplicaRecord {
-                        sequence,
-                        kind: ReplicaRecordKind::Write,
-                        lba: shared.config.first_block + lba,
-                        blocks: blocks as u32,
-                        crcs: crate::wal::format::block_crcs(&data),
-                        data: data.clone(),
-                    };
-                    let log = LogRecord::write(shared.id(), state.epoch, sequence, lba, data);
-                    (log, replica)
-                }
-                Change::Unmap { lba, count } => {
-                    let replica = ReplicaRecord {
-                        sequence,
-                        kind: ReplicaRecordKind::Unmap,
-                        lba: shared.config.first_block + lba,
-                        blocks: count as u32,
-                        crcs: Vec::new(),
-                        data: Bytes::new(),
-                    };
-                    let log =
-                        LogRecord::trim(shared.id(), state.epoch, sequence, lba, count as u32);
-                    (log, replica)
-                }
-            };
-            state.repl_queue.push_back(replica);
-            records.push(log);
-        }
-        state.oldest_unflushed.get_or_insert_with(Instant::now);
-        let last = state.next_sequence - 1;
-        (records, hold, last)
-    };
-    shared.repl_wakeup.notify_one();
-    let sequences: Vec<u64> = records.iter().map(|r| r.sequence).collect();
-    let local = append_local(shared, records.clone());
-    let remote = wait_replicated(shared, last_sequence);
-    let (local, remote) = tokio::join!(local, remote);
-    let result = match (local, remote) {
-        (Ok(positions), Ok(())) => {
-            let mut state = shared.lock();
-            let mut outcome = Ok(());
-            for (record, position) in records.iter().zip(&positions) {
-                let applied = match record.kind {
-                    RecordKind::Write => index_logged_write(&mut state.index, record, *position),
-                    _ => {
-                        let trim = PendingTrim::of(record, *position);
-                        state.pending_trims.insert(record.sequence, trim);
-                        state.index.apply_unmap(
-                            record.lba,
-                            u64::from(record.block_count),
-                            record.sequence,
-                        )
-                    }
-                };
-                if let Err(source) = applied {
-                    outcome = Err(PartitionError::Index {
-                        partition: shared.id(),
-                        source,
-                    });
-                }
-                state.retained.insert(record.sequence, *position);
-            }
-            if outcome.is_ok() && !matches!(state.role, Role::Primary) {
-                outcome = Err(PartitionError::NotPrimary {
-                    partition: shared.id(),
-                });
-            }
-            outcome
-        }
-        (Err(error), _) | (_, Err(error)) => Err(error),
-    };
-    let mut state = shared.lock();
-    state.remove_hold(hold);
-    for sequence in sequences {
-        state.mark_applied(sequence);
-    }
-    result
 }
 
 /// Starts one flush in the background unless one is already running
@@ -1750,169 +1544,4 @@ async fn append_local(
             Err(source) => return Err(shared.wal_error(source)),
         }
     }
-}
-
-/// Waits until the secondary confirmed `sequence` (or the role ended).
-async fn wait_replicated(shared: &Arc<Shared>, sequence: u64) -> Result<(), PartitionError> {
-    let mut progress = shared.progress.subscribe();
-    let outcome = progress
-        .wait_for(|p| p.acked_through >= sequence || p.stopped)
-        .await
-        .map(|p| *p);
-    match outcome {
-        Ok(p) if p.acked_through >= sequence => Ok(()),
-        _ => Err(PartitionError::NotPrimary {
-            partition: shared.id(),
-        }),
-    }
-}
-
-/// Payload of the marker a partition opened as secondary logs (a
-/// [`RecordKind::Checkpoint`] record at the epoch it joins at).
-const JOIN_MARKER: &[u8] = b"rackblock: secondary joined at this epoch";
-
-/// `partition`'s records of `recovered` that are still part of its history.
-///
-/// **Why some are not.** A primary that dies leaves records it logged but
-/// never got confirmed; the promoted secondary continues from *its* next
-/// sequence, so the same sequences then name other writes. If the dead
-/// node's log is replayed later (it rejoins as secondary, or is promoted
-/// again and restarts), its stale records would win over acknowledged
-/// writes with the same sequence, or make the secondary skip them as
-/// duplicates. A node that joins a partition as secondary at epoch `E`
-/// therefore logs a join marker, and every record of the partition before
-/// a marker with an epoch below the marker's is void (it holds nothing the
-/// epoch-`E` primary does not have). Records of other partitions, and the
-/// markers themselves, are dropped here.
-fn live_records(partition: PartitionId, recovered: &[RecoveredRecord]) -> Vec<RecoveredRecord> {
-    let mut voided_below = 0;
-    let mut live: Vec<RecoveredRecord> = Vec::new();
-    for r in recovered.iter().rev() {
-        if r.record.partition != partition {
-            continue;
-        }
-        if r.record.kind == RecordKind::Checkpoint && r.record.payload[..] == *JOIN_MARKER {
-            voided_below = voided_below.max(r.record.epoch);
-        } else if r.record.epoch >= voided_below {
-            live.push(r.clone());
-        }
-    }
-    live.reverse();
-    live
-}
-
-/// Points the index at the blocks of write `record`, logged at `position`.
-pub(super) fn index_logged_write(
-    index: &mut PartitionIndex,
-    record: &LogRecord,
-    position: LogPosition,
-) -> Result<(), crate::index::IndexError> {
-    index.apply_write(
-        record.lba,
-        u64::from(record.block_count),
-        record.sequence,
-        Location::Log {
-            position,
-            block_in_record: 0,
-        },
-    )
-}
-
-/// Points a secondary's index at the sled copy that a flush commit names
-/// for `m`; `None` if `m` starts below this partition's `first_block`.
-fn map_flushed(
-    index: &mut PartitionIndex,
-    first_block: u64,
-    m: &proto::volume::FlushedRange,
-) -> Option<Result<u64, crate::index::IndexError>> {
-    let lba = m.lba.checked_sub(first_block)?;
-    Some(index.apply_flush(
-        lba,
-        u64::from(m.blocks),
-        m.sequence,
-        Location::Sled {
-            extent: m.extent,
-            column: m.column,
-            offset_bytes: m.offset_bytes,
-        },
-    ))
-}
-
-/// Applies the partition's records of the recovered log.
-fn replay_log(
-    shared: &Arc<Shared>,
-    role: OpenRole,
-    recovered: &[RecoveredRecord],
-) -> Result<(), PartitionError> {
-    let mut state = shared.lock();
-    let index_error = |source| PartitionError::Index {
-        partition: shared.id(),
-        source,
-    };
-    let mut highest_sequence = state.next_sequence - 1;
-    let mut highest_epoch = state.epoch;
-    let mut seen: HashMap<u64, ()> = HashMap::new();
-    for RecoveredRecord { position, record } in recovered {
-        if record.partition != shared.id() {
-            continue;
-        }
-        highest_epoch = highest_epoch.max(record.epoch);
-        match record.kind {
-            RecordKind::Write => {
-                index_logged_write(&mut state.index, record, *position).map_err(index_error)?;
-                state.retained.insert(record.sequence, *position);
-                highest_sequence = highest_sequence.max(record.sequence);
-                seen.insert(record.sequence, ());
-            }
-            RecordKind::Trim => {
-                state
-                    .index
-                    .apply_unmap(record.lba, u64::from(record.block_count), record.sequence)
-                    .map_err(index_error)?;
-                let trim = PendingTrim::of(record, *position);
-                state.pending_trims.insert(record.sequence, trim);
-                state.retained.insert(record.sequence, *position);
-                highest_sequence = highest_sequence.max(record.sequence);
-            }
-            RecordKind::FlushCommit => {
-                let Some((up_to, mappings)) = flush::decode_commit(&record.payload) else {
-                    return Err(PartitionError::Recovery {
-                        partition: shared.id(),
-                        reason: format!("flush commit at {} undecodable", position.0),
-                    });
-                };
-                highest_sequence = highest_sequence.max(up_to);
-                state.pending_trims.retain(|sequence, _| *sequence > up_to);
-                if role == OpenRole::Secondary {
-                    // The tail a secondary keeps starts after the commit.
-                    state.retained.retain(|sequence, _| *sequence > up_to);
-                }
-                // The primary's truth for flushed data is the sled summaries
-                // (GC may have moved blocks since); only a secondary maps.
-                if role == OpenRole::Secondary {
-                    for m in mappings {
-                        let first_block = shared.config.first_block;
-                        if let Some(mapped) = map_flushed(&mut state.index, first_block, &m) {
-                            mapped.map_err(index_error)?;
-                        }
-                    }
-                }
-            }
-            RecordKind::Checkpoint | RecordKind::Padding => {}
-        }
-    }
-    state.next_sequence = state.next_sequence.max(highest_sequence + 1);
-    state.applied_through = state.next_sequence - 1;
-    if role == OpenRole::Secondary {
-        state.epoch = highest_epoch;
-    } else if highest_epoch > state.epoch {
-        return Err(PartitionError::Fenced {
-            partition: shared.id(),
-            current: highest_epoch,
-        });
-    }
-    if state.index.oldest_log_position().is_some() || !state.pending_trims.is_empty() {
-        state.oldest_unflushed = Some(Instant::now());
-    }
-    Ok(())
 }

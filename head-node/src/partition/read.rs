@@ -286,7 +286,7 @@ async fn read_once(
 ) -> Result<Result<Bytes, PartitionError>, Moved> {
     let pieces = {
         let state = shared.lock();
-        match state.index.lookup(lba, count) {
+        match state.core.index.lookup(lba, count) {
             Ok(pieces) => pieces,
             Err(source) => {
                 return Ok(Err(PartitionError::Index {
@@ -461,6 +461,7 @@ fn extent_vacated(shared: &Shared, extent: u64) -> bool {
     let state = shared.lock();
     !state.extents.contains_key(&extent)
         || state
+            .core
             .index
             .live_blocks_per_extent()
             .get(&extent)

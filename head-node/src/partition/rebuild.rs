@@ -295,8 +295,8 @@ impl Partition {
 
 fn primary_epoch(shared: &Shared) -> Result<u64, RebuildError> {
     let state = shared.lock();
-    match state.role {
-        Role::Primary => Ok(state.epoch),
+    match state.core.role {
+        Role::Primary => Ok(state.core.epoch),
         _ => Err(RebuildError::NotPrimary {
             partition: shared.id(),
         }),

@@ -1,29 +1,32 @@
-//! Replication: the primary's replicator task and the secondary's handler.
+//! Replication: the primary's replicator task and the secondary's handler,
+//! both drivers of the partition's [`PartitionCore`](super::core).
 //!
-//! The replicator sends the primary's queue of unconfirmed records in
-//! sequence order (at most [`BATCH_RECORDS`] per request), one request at a
-//! time, and retries until the secondary confirms: a slow or stopped
-//! secondary stalls acknowledgements instead of weakening them. On `Gap` it
-//! resends from its own log; records it no longer has (flushed and
-//! released) are covered by a `FlushCommit` that moves the secondary's
-//! expected sequence past them. `StaleEpoch` fences the primary.
+//! The replicator sends what the core hands out
+//! ([`PartitionCore::next_append`](super::core::PartitionCore::next_append):
+//! unconfirmed records in sequence order, at most
+//! [`BATCH_RECORDS`](super::core::BATCH_RECORDS) per request; flush commits
+//! alone), and retries until the secondary confirms: a slow or stopped
+//! secondary stalls acknowledgements instead of weakening them. Every
+//! answer goes back to the core, which completes the writes durable on
+//! both logs. On `Gap` it follows the core's catch-up plan: resend from its
+//! own log, or — for records it already flushed and released — a
+//! `FlushCommit` that moves the secondary's expected sequence past them.
+//! `StaleEpoch` fences the primary.
 //!
-//! The secondary accepts records in sequence order only (duplicates are
-//! skipped, holes refused with `Gap`), logs them durably before answering,
-//! keeps its own index and releases its log on `FlushCommit`.
+//! The secondary handles one request at a time (the core's replica slot),
+//! accepts records in sequence order only (duplicates are skipped, holes
+//! refused with `Gap`), logs them durably before answering, keeps its own
+//! index and releases its log on `FlushCommit`.
 
 use std::sync::{Arc, Weak};
 
 use futures::StreamExt as _;
-use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest};
+use proto::volume::{ReplicaError, ReplicaRecord, ReplicaReply, ReplicaRequest};
 
-use super::{bump, flush, PeerError, PendingTrim, Role, Shared, LOG_READS_IN_FLIGHT};
-use crate::wal::{LogRecord, RecordKind, WalError};
+use super::core::{CatchUp, ReplicaAppend};
+use super::{bump, flush, PeerError, Role, Shared, LOG_READS_IN_FLIGHT};
+use crate::wal::WalError;
 
-/// Most records per `Append`.
-pub const BATCH_RECORDS: usize = 128;
-/// Most payload bytes per `Append`.
-const BATCH_BYTES: usize = 8 << 20;
 /// `Append` requests the replicator keeps in flight: with more than one,
 /// the next batch leaves while the secondary is still logging the previous
 /// one. Measured on the 2-vCPU bench machine (`bench/nbd.sh`, QD32 4 KiB
@@ -59,18 +62,15 @@ type InFlight = futures::stream::FuturesUnordered<
 /// brings) and resumes from the last confirmed sequence.
 pub(super) async fn run_replicator(weak: Weak<Shared>) {
     let mut in_flight = InFlight::new();
-    // Highest sequence handed to an outstanding `Append`.
-    let mut sent_through = 0;
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let wakeup = shared.repl_wakeup.clone();
         let retry = shared.config.replica_retry_interval;
-        let acked = shared.progress.borrow().acked_through;
-        sent_through = sent_through.max(acked);
-        let step = if in_flight.is_empty() && !shared.lock().pending_commits.is_empty() {
-            replicate_once(&shared).await
+        let has_commit = !shared.lock().core.pending_commits.is_empty();
+        let step = if in_flight.is_empty() && has_commit {
+            replicate_commit(&shared).await
         } else {
-            match fill(&shared, &mut in_flight, &mut sent_through) {
+            match fill(&shared, &mut in_flight) {
                 Err(step) => step,
                 Ok(()) if in_flight.is_empty() => Step::Idle,
                 Ok(()) => {
@@ -85,17 +85,13 @@ pub(super) async fn run_replicator(weak: Weak<Shared>) {
                     match reply {
                         None => Step::Progress,
                         Some(reply) => {
-                            let appended = matches!(reply, Ok(ReplicaReply::Appended { .. }));
-                            if !appended {
+                            if !matches!(reply, Ok(ReplicaReply::Appended { .. })) {
                                 // Resume from what the secondary confirmed
                                 // once this answer is dealt with.
                                 in_flight = InFlight::new();
+                                shared.lock().core.replication_failed();
                             }
-                            let step = on_reply(&shared, reply, false).await;
-                            if !appended {
-                                sent_through = shared.progress.borrow().acked_through;
-                            }
-                            step
+                            on_reply(&shared, reply, false).await
                         }
                     }
                 }
@@ -106,7 +102,9 @@ pub(super) async fn run_replicator(weak: Weak<Shared>) {
             Step::Progress => {}
             Step::Retry => {
                 in_flight = InFlight::new();
-                sent_through = 0;
+                if let Some(shared) = weak.upgrade() {
+                    shared.lock().core.replication_failed();
+                }
                 tokio::time::sleep(retry).await
             }
             Step::Idle => {
@@ -126,44 +124,23 @@ fn send_timeout(shared: &Shared) -> std::time::Duration {
         .min(std::time::Duration::from_secs(1))
 }
 
-/// Sends `Append`s of the records after `sent_through` until
-/// [`APPENDS_IN_FLIGHT`] are outstanding or nothing is left. `Err`: stop.
-fn fill(shared: &Shared, in_flight: &mut InFlight, sent_through: &mut u64) -> Result<(), Step> {
+/// Sends the core's next `Append`s until [`APPENDS_IN_FLIGHT`] are
+/// outstanding or nothing is left. `Err`: stop.
+fn fill(shared: &Shared, in_flight: &mut InFlight) -> Result<(), Step> {
     let Some(peer) = shared.replica.clone() else {
         return Err(Step::Stop);
     };
     let timeout = send_timeout(shared);
     while in_flight.len() < APPENDS_IN_FLIGHT {
         let request = {
-            let state = shared.lock();
-            if !matches!(state.role, Role::Primary) || shared.progress.borrow().stopped {
+            let mut state = shared.lock();
+            if !matches!(state.core.role, Role::Primary) || state.core.stopped() {
                 return Err(Step::Stop);
             }
-            if !state.pending_commits.is_empty() {
-                // Sent alone, once the outstanding appends are answered.
-                return Ok(());
-            }
-            let mut bytes = 0;
-            let records: Vec<ReplicaRecord> = state
-                .repl_queue
-                .iter()
-                .skip_while(|r| r.sequence <= *sent_through)
-                .enumerate()
-                .take_while(|(i, r)| {
-                    bytes += r.data.len();
-                    *i == 0 || bytes <= BATCH_BYTES
-                })
-                .take(BATCH_RECORDS)
-                .map(|(_, r)| r.clone())
-                .collect();
-            let Some(last) = records.last() else {
-                return Ok(());
-            };
-            *sent_through = last.sequence;
-            ReplicaRequest::Append {
-                partition: shared.id(),
-                epoch: state.epoch,
-                records,
+            match state.core.next_append() {
+                Some(request) => request,
+                // Nothing new, or a flush commit goes first, alone.
+                None => return Ok(()),
             }
         };
         let send = peer.send(request);
@@ -178,46 +155,19 @@ fn fill(shared: &Shared, in_flight: &mut InFlight, sent_through: &mut u64) -> Re
     Ok(())
 }
 
-/// Sends the oldest unconfirmed flush commit (or, with none, one batch of
-/// records) and waits for the answer.
-async fn replicate_once(shared: &Arc<Shared>) -> Step {
+/// Sends the oldest unconfirmed flush commit and waits for the answer.
+async fn replicate_commit(shared: &Arc<Shared>) -> Step {
     let Some(peer) = shared.replica.clone() else {
         return Step::Stop;
     };
-    let (request, is_commit) = {
+    let request = {
         let state = shared.lock();
-        if !matches!(state.role, Role::Primary) || shared.progress.borrow().stopped {
+        if !matches!(state.core.role, Role::Primary) || state.core.stopped() {
             return Step::Stop;
         }
-        if let Some(commit) = state.pending_commits.front() {
-            (commit.clone(), true)
-        } else if state.repl_queue.is_empty() {
-            return Step::Idle;
-        } else {
-            let mut bytes = 0;
-            let records: Vec<ReplicaRecord> = state
-                .repl_queue
-                .iter()
-                .take_while(|r| {
-                    bytes += r.data.len();
-                    bytes <= BATCH_BYTES
-                })
-                .take(BATCH_RECORDS)
-                .cloned()
-                .collect();
-            let records = if records.is_empty() {
-                state.repl_queue.iter().take(1).cloned().collect()
-            } else {
-                records
-            };
-            (
-                ReplicaRequest::Append {
-                    partition: shared.id(),
-                    epoch: state.epoch,
-                    records,
-                },
-                false,
-            )
+        match state.core.next_commit() {
+            Some(commit) => commit,
+            None => return Step::Progress,
         }
     };
     let reply = match tokio::time::timeout(send_timeout(shared), peer.send(request)).await {
@@ -225,7 +175,7 @@ async fn replicate_once(shared: &Arc<Shared>) -> Step {
         Ok(Err(error)) => Err(Some(error)),
         Err(_) => Err(None),
     };
-    on_reply(shared, reply, is_commit).await
+    on_reply(shared, reply, true).await
 }
 
 /// Applies one answer of the secondary (or the failure to get one).
@@ -246,23 +196,12 @@ async fn on_reply(
     };
     match reply {
         ReplicaReply::Committed if is_commit => {
-            shared.lock().pending_commits.pop_front();
+            shared.lock().core.on_committed();
             Step::Progress
         }
         ReplicaReply::Appended { up_to_sequence } => {
-            {
-                let mut state = shared.lock();
-                while state
-                    .repl_queue
-                    .front()
-                    .is_some_and(|r| r.sequence <= up_to_sequence)
-                {
-                    state.repl_queue.pop_front();
-                }
-            }
-            shared.progress.send_modify(|p| {
-                p.acked_through = p.acked_through.max(up_to_sequence);
-            });
+            let resolved = shared.lock().core.on_appended(up_to_sequence);
+            shared.deliver(resolved);
             Step::Progress
         }
         ReplicaReply::Error(ReplicaError::Gap { expected_sequence }) => {
@@ -324,94 +263,60 @@ async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
     Step::Progress
 }
 
-/// One catch-up request (see [`catch_up`]).
+/// One catch-up request (see [`catch_up`]), as the core plans it.
 async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
-    let (front, released_through, epoch, wanted) = {
+    let (plan, epoch) = {
         let state = shared.lock();
-        let front = state
-            .repl_queue
-            .front()
-            .map_or(state.next_sequence, |r| r.sequence);
-        // Sequences from `expected` up to the next one this log still has
-        // (and at most the applied watermark) are flushed, superseded or
-        // abandoned writes: a flush commit moves the secondary past them.
-        // This covers a released prefix and the holes a take-over leaves
-        // (it replays only the records still needed).
-        let next_retained = state
-            .retained
-            .range(expected..)
-            .next()
-            .map_or(front, |(s, _)| *s);
-        let released_through = next_retained
-            .min(state.applied_through + 1)
-            .saturating_sub(1);
-        let wanted: Vec<_> = state
-            .retained
-            .range(expected..front)
-            .take(super::replica::BATCH_RECORDS)
-            .map(|(s, p)| (*s, *p))
-            .collect();
-        (front, released_through, state.epoch, wanted)
+        (state.core.catch_up_plan(expected), state.core.epoch)
     };
     let Some(peer) = shared.replica.clone() else {
         return Round::Done(Step::Stop);
     };
-    if expected >= front {
-        return Round::Caught;
-    }
-    let request = if expected <= released_through {
-        ReplicaRequest::FlushCommit {
-            partition: shared.id(),
-            epoch,
-            up_to_sequence: released_through,
-            mappings: Vec::new(),
+    let (request, released_through) = match plan {
+        CatchUp::Caught => return Round::Caught,
+        CatchUp::Lost => {
+            tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
+            return Round::Done(Step::Retry);
         }
-    } else {
-        let contiguous: Vec<(u64, crate::wal::LogPosition)> = (expected..)
-            .zip(wanted)
-            .take_while(|(next, (sequence, _))| sequence == next)
-            .map(|(_, entry)| entry)
-            .collect();
-        let wal = shared.log.wal();
-        let mut reads =
-            futures::stream::iter(contiguous)
+        CatchUp::Skip { up_to } => (shared.lock().core.jump_request(up_to), up_to),
+        CatchUp::Resend(contiguous) => {
+            let wal = shared.log.wal();
+            let mut reads = futures::stream::iter(contiguous)
                 .map(|(sequence, position)| async move {
                     (sequence, position, wal.read(position).await)
                 })
                 .buffered(LOG_READS_IN_FLIGHT);
-        let mut records = Vec::new();
-        while let Some((sequence, position, read)) = reads.next().await {
-            match read {
-                Ok(record) => records.push(to_replica(shared, &record)),
-                // Send what precedes it; the next round deals with it.
-                Err(WalError::NotFound { .. }) if !records.is_empty() => break,
-                Err(WalError::NotFound { .. }) => {
-                    // Released behind our back: nothing the index, a trim
-                    // or an unconfirmed append needs (those hold the log),
-                    // so flushed or superseded. Forget it; the next round
-                    // moves the secondary past it with a flush commit
-                    // instead of retrying a record that will never return.
-                    let mut state = shared.lock();
-                    if state.retained.get(&sequence) == Some(&position) {
-                        state.retained.remove(&sequence);
+            let mut records = Vec::new();
+            while let Some((sequence, position, read)) = reads.next().await {
+                match read {
+                    Ok(record) => records.push(shared.lock().core.replica_record(&record)),
+                    // Send what precedes it; the next round deals with it.
+                    Err(WalError::NotFound { .. }) if !records.is_empty() => break,
+                    Err(WalError::NotFound { .. }) => {
+                        // Released behind our back: nothing the index, a
+                        // trim or an unconfirmed append needs (those hold
+                        // the log), so flushed or superseded. Forget it; the
+                        // next round moves the secondary past it with a
+                        // flush commit instead of retrying a record that
+                        // will never return.
+                        shared.lock().core.forget_retained(sequence, position);
+                        tracing::info!(partition = ?shared.id(), sequence, "catch-up record already released; skipping it");
+                        return Round::Again;
                     }
-                    tracing::info!(partition = ?shared.id(), sequence, "catch-up record already released; skipping it");
-                    return Round::Again;
-                }
-                Err(error) => {
-                    tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
-                    return Round::Done(Step::Retry);
+                    Err(error) => {
+                        tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
+                        return Round::Done(Step::Retry);
+                    }
                 }
             }
-        }
-        if records.is_empty() {
-            tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
-            return Round::Done(Step::Retry);
-        }
-        ReplicaRequest::Append {
-            partition: shared.id(),
-            epoch,
-            records,
+            (
+                ReplicaRequest::Append {
+                    partition: shared.id(),
+                    epoch,
+                    records,
+                },
+                0,
+            )
         }
     };
     match tokio::time::timeout(shared.config.replica_timeout, peer.send(request)).await {
@@ -425,27 +330,41 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
     }
 }
 
-fn to_replica(shared: &Shared, record: &LogRecord) -> ReplicaRecord {
-    let write = record.kind == RecordKind::Write;
-    ReplicaRecord {
-        sequence: record.sequence,
-        kind: if write {
-            ReplicaRecordKind::Write
-        } else {
-            ReplicaRecordKind::Unmap
-        },
-        lba: shared.config.first_block + record.lba,
-        blocks: record.block_count,
-        crcs: if write {
-            crate::wal::format::block_crcs(&record.payload)
-        } else {
-            Vec::new()
-        },
-        data: if write {
-            record.payload.clone()
-        } else {
-            bytes::Bytes::new()
-        },
+/// The core's replica slot, taken by [`enter`]; left on drop (and the
+/// requests waiting for it woken).
+pub(super) struct ReplicaSlot<'a> {
+    shared: &'a Shared,
+}
+
+impl Drop for ReplicaSlot<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().core.replica_leave();
+        self.shared.replica_advanced.notify_waiters();
+    }
+}
+
+/// Takes the core's replica slot (one replication request at a time). An
+/// `Append` whose first record is past the next expected sequence (`first`)
+/// waits, until `deadline`, for its predecessors.
+pub(super) async fn enter<'a>(
+    shared: &'a Shared,
+    first: Option<u64>,
+    deadline: Option<tokio::time::Instant>,
+) -> ReplicaSlot<'a> {
+    loop {
+        let advanced = shared.replica_advanced.notified();
+        tokio::pin!(advanced);
+        advanced.as_mut().enable();
+        let late = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if shared.lock().core.replica_try_enter(first, late) {
+            return ReplicaSlot { shared };
+        }
+        match deadline {
+            Some(deadline) => {
+                let _ = tokio::time::timeout_at(deadline, advanced).await;
+            }
+            None => advanced.await,
+        }
     }
 }
 
@@ -456,28 +375,19 @@ pub(super) async fn handle(shared: &Arc<Shared>, request: ReplicaRequest) -> Rep
     }
     // Appends may arrive out of order (the primary keeps several in
     // flight): one that starts past the next expected sequence waits,
-    // briefly and without the lock, for its predecessors.
+    // briefly, for its predecessors.
     let first = match &request {
         ReplicaRequest::Append { records, .. } => records.first().map(|r| r.sequence),
         _ => None,
     };
     let deadline = tokio::time::Instant::now() + PREDECESSOR_WAIT;
-    let _serial = loop {
-        let advanced = shared.replica_advanced.notified();
-        let serial = shared.replica_lock.lock().await;
-        let ready = first.is_none_or(|first| first <= shared.lock().next_sequence);
-        if ready || tokio::time::Instant::now() >= deadline {
-            break serial;
-        }
-        drop(serial);
-        let _ = tokio::time::timeout_at(deadline, advanced).await;
-    };
+    let _slot = enter(shared, first, Some(deadline)).await;
     match request {
         ReplicaRequest::Status { .. } => {
             let state = shared.lock();
             ReplicaReply::Status {
-                highest_epoch: state.epoch,
-                highest_sequence: state.next_sequence - 1,
+                highest_epoch: state.core.epoch,
+                highest_sequence: state.core.next_sequence - 1,
             }
         }
         ReplicaRequest::Append { epoch, records, .. } => match append(shared, epoch, records).await
@@ -497,140 +407,49 @@ pub(super) async fn handle(shared: &Arc<Shared>, request: ReplicaRequest) -> Rep
     }
 }
 
-/// Epoch check shared by every mutating request: refuse lower, adopt higher.
-fn check_epoch(shared: &Shared, epoch: u64) -> Result<(), ReplicaError> {
-    let mut state = shared.lock();
-    if !matches!(state.role, Role::Secondary) {
-        return Err(ReplicaError::NotSecondary);
-    }
-    if epoch < state.epoch {
-        return Err(ReplicaError::StaleEpoch {
-            current: state.epoch,
-        });
-    }
-    state.epoch = epoch;
-    Ok(())
-}
-
+/// Logs an `Append` as the core plans it (the caller holds the slot).
 async fn append(
     shared: &Arc<Shared>,
     epoch: u64,
     records: Vec<ReplicaRecord>,
 ) -> Result<u64, ReplicaError> {
-    check_epoch(shared, epoch)?;
-    let bad = |reason: String| ReplicaError::BadRequest { reason };
-    let (expected, hold) = {
-        let state = shared.lock();
-        (state.next_sequence, shared.log.wal().head())
+    let plan = {
+        let mut state = shared.lock();
+        let head = shared.log.wal().head();
+        state.core.replica_begin_append(epoch, records, head)?
     };
-    let mut log_records = Vec::new();
-    let mut next = expected;
-    for record in records.into_iter().filter(|r| r.sequence >= expected) {
-        if record.sequence != next {
-            return Err(ReplicaError::Gap {
-                expected_sequence: next,
-            });
-        }
-        let lba = record
-            .lba
-            .checked_sub(shared.config.first_block)
-            .filter(|lba| lba + u64::from(record.blocks) <= shared.config.size_blocks)
-            .ok_or_else(|| bad(format!("record {} outside the partition", record.sequence)))?;
-        let log = match record.kind {
-            ReplicaRecordKind::Write => LogRecord::write_with_crcs(
-                shared.id(),
-                epoch,
-                record.sequence,
-                lba,
-                record.data,
-                &record.crcs,
-            )
-            .map_err(|e| bad(e.to_string()))?,
-            ReplicaRecordKind::Unmap => {
-                LogRecord::trim(shared.id(), epoch, record.sequence, lba, record.blocks)
-            }
-        };
-        if log.kind == RecordKind::Write && u64::from(log.block_count) != u64::from(record.blocks) {
-            return Err(bad(format!("record {} block count", record.sequence)));
-        }
-        log_records.push(log);
-        next += 1;
-    }
-    if log_records.is_empty() {
-        return Ok(expected - 1);
-    }
-    shared.lock().add_hold(hold);
-    let appended = shared.log.wal().append(log_records.clone()).await;
-    let mut state = shared.lock();
-    state.remove_hold(hold);
-    let positions = match appended {
-        Ok(positions) => positions,
-        Err(WalError::LogFull { .. }) => return Err(ReplicaError::LogFull),
-        Err(error) => {
-            return Err(ReplicaError::Io {
-                reason: error.to_string(),
-            })
-        }
+    let (records, hold) = match plan {
+        ReplicaAppend::Nothing { up_to_sequence } => return Ok(up_to_sequence),
+        ReplicaAppend::Log { records, hold } => (records, hold),
     };
-    for (record, position) in log_records.iter().zip(positions) {
-        state.retained.insert(record.sequence, position);
-        let count = u64::from(record.block_count);
-        let applied = if record.kind == RecordKind::Write {
-            super::index_logged_write(&mut state.index, record, position)
-        } else {
-            let trim = PendingTrim::of(record, position);
-            state.pending_trims.insert(record.sequence, trim);
-            state.index.apply_unmap(record.lba, count, record.sequence)
-        };
-        if let Err(error) = applied {
-            return Err(ReplicaError::Io {
+    let appended = shared
+        .log
+        .wal()
+        .append(records.clone())
+        .await
+        .map_err(|error| match error {
+            WalError::LogFull { .. } => ReplicaError::LogFull,
+            error => ReplicaError::Io {
                 reason: error.to_string(),
-            });
-        }
-    }
-    state.next_sequence = next;
-    state.applied_through = next - 1;
-    drop(state);
-    shared.replica_advanced.notify_waiters();
-    Ok(next - 1)
+            },
+        });
+    shared
+        .lock()
+        .core
+        .replica_appended(&records, hold, appended)
 }
 
+/// Applies a flush commit as the core decides, logs it, releases the log.
 async fn apply_commit(
     shared: &Arc<Shared>,
     epoch: u64,
     up_to_sequence: u64,
     mappings: Vec<proto::volume::FlushedRange>,
 ) -> Result<(), ReplicaError> {
-    check_epoch(shared, epoch)?;
-    let payload = flush::encode_commit(up_to_sequence, &mappings);
-    {
-        let mut state = shared.lock();
-        for m in &mappings {
-            // Advisory on a secondary (GC moves are not replicated): it only
-            // tells which log records the sleds now hold.
-            let _ = super::map_flushed(&mut state.index, shared.config.first_block, m);
-        }
-        state
-            .pending_trims
-            .retain(|sequence, _| *sequence > up_to_sequence);
-        state
-            .retained
-            .retain(|sequence, _| *sequence > up_to_sequence);
-        if up_to_sequence >= state.next_sequence {
-            state.next_sequence = up_to_sequence + 1;
-            state.applied_through = up_to_sequence;
-        }
-    }
-    shared.replica_advanced.notify_waiters();
-    let record = LogRecord {
-        kind: RecordKind::FlushCommit,
-        partition: shared.id(),
-        epoch,
-        sequence: up_to_sequence,
-        lba: 0,
-        block_count: 0,
-        payload: payload.into(),
-    };
+    let record = shared
+        .lock()
+        .core
+        .replica_commit(epoch, up_to_sequence, &mappings)?;
     match shared.log.wal().append_one(record).await {
         Ok(_) => {}
         Err(WalError::LogFull { .. }) => {}

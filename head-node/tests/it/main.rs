@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 mod erasure;
 mod index;
 mod partition;
+mod partition_core;
+mod sim;
 mod wal;
 
 /// Polls `condition` every few milliseconds until it holds; fails the test

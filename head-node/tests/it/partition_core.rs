@@ -1,0 +1,408 @@
+//! `PartitionCore` event by event: the ack rule, the range table, fencing,
+//! log holds, the secondary's ordering and the catch-up jump.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use head_node::index::Location;
+use head_node::partition::core::{
+    Admission, CatchUp, Change, Completion, PartitionCore, ReplicaAppend,
+};
+use head_node::partition::{PartitionError, Role};
+use head_node::wal::LogPosition;
+use proto::sled::PartitionId;
+use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaRequest};
+
+const PART: PartitionId = PartitionId {
+    volume: 3,
+    index: 1,
+};
+const FIRST: u64 = 100;
+
+fn primary() -> PartitionCore {
+    PartitionCore::new(PART, FIRST, 64, Role::Primary, 5)
+}
+
+fn secondary() -> PartitionCore {
+    PartitionCore::new(PART, FIRST, 64, Role::Secondary, 5)
+}
+
+fn write(lba: u64, blocks: u64, fill: u8) -> Change {
+    Change::Write {
+        lba,
+        data: Bytes::from(vec![fill; 4096 * blocks as usize]),
+    }
+}
+
+fn ok_ids(completions: &[Completion]) -> Vec<u64> {
+    completions
+        .iter()
+        .filter(|c| c.result.is_ok())
+        .map(|c| c.write.0)
+        .collect()
+}
+
+/// Admits and commits a write of `blocks` at `lba`; returns its id and
+/// first sequence.
+fn commit(core: &mut PartitionCore, lba: u64, blocks: u64, head: u64) -> (Admission, u64) {
+    let admission = core.admit(lba..lba + blocks);
+    let Admission::Ready(id) = admission else {
+        panic!("{admission:?}")
+    };
+    let plan = core
+        .start_commit(
+            id,
+            vec![write(lba, blocks, 7)],
+            LogPosition(head),
+            Instant::now(),
+        )
+        .unwrap();
+    assert!(plan.replicate);
+    (admission, plan.records[0].sequence)
+}
+
+#[test]
+fn a_write_completes_only_once_both_logs_have_it() {
+    // Local first, then the secondary.
+    let mut core = primary();
+    let (a, seq) = commit(&mut core, 0, 2, 10);
+    assert_eq!(seq, 1);
+    let (done, _) = core.local_done(a.id(), Ok(vec![LogPosition(10)]));
+    assert!(done.is_empty(), "acknowledged on one copy");
+    assert!(core.index().lookup(0, 1).unwrap()[0].location.is_none());
+    let (done, _) = core.on_appended(seq);
+    assert_eq!(ok_ids(&done), vec![a.id().0]);
+    assert_eq!(
+        core.index().lookup(1, 1).unwrap()[0].location,
+        Some(Location::Log {
+            position: LogPosition(10),
+            block_in_record: 1
+        })
+    );
+    // The secondary first, then local.
+    let (b, seq) = commit(&mut core, 4, 1, 11);
+    let (done, _) = core.on_appended(seq);
+    assert!(done.is_empty(), "acknowledged before the local log");
+    let (done, _) = core.local_done(b.id(), Ok(vec![LogPosition(11)]));
+    assert_eq!(ok_ids(&done), vec![b.id().0]);
+    assert_eq!(core.applied_through(), 2);
+}
+
+#[test]
+fn a_local_failure_fails_the_write_and_abandons_its_sequence() {
+    let mut core = primary();
+    let (a, seq) = commit(&mut core, 0, 1, 3);
+    let (done, _) = core.local_done(
+        a.id(),
+        Err(PartitionError::Unavailable {
+            partition: PART,
+            reason: "device".into(),
+        }),
+    );
+    assert_eq!(done.len(), 1);
+    assert!(done[0].result.is_err());
+    // The secondary may still confirm it: nothing is applied here.
+    let (done, _) = core.on_appended(seq);
+    assert!(done.is_empty());
+    assert!(core.index().lookup(0, 1).unwrap()[0].location.is_none());
+    assert_eq!(core.applied_through(), seq, "abandoned counts as applied");
+    assert_eq!(core.oldest_hold(), None, "its log hold is gone");
+}
+
+#[test]
+fn overlapping_writes_wait_first_come_first_served() {
+    let mut core = primary();
+    let first = core.admit(0..4);
+    let overlapping = core.admit(2..6);
+    let apart = core.admit(10..12);
+    let behind_the_queued = core.admit(5..7);
+    assert!(matches!(first, Admission::Ready(_)));
+    assert!(matches!(overlapping, Admission::Queued(_)));
+    assert!(matches!(apart, Admission::Ready(_)));
+    // Overlaps only the queued write: still behind it (no overtaking).
+    assert!(matches!(behind_the_queued, Admission::Queued(_)));
+    assert_eq!(core.end_write(first.id()), vec![overlapping.id()]);
+    assert!(!core.is_admitted(behind_the_queued.id()));
+    assert_eq!(
+        core.end_write(overlapping.id()),
+        vec![behind_the_queued.id()]
+    );
+}
+
+#[test]
+fn a_detached_write_keeps_its_range_until_it_is_resolved() {
+    let mut core = primary();
+    let (a, seq) = commit(&mut core, 0, 2, 0);
+    // The host stops waiting (timeout): the write stays in the table.
+    assert!(core.end_write(a.id()).is_empty());
+    let next = core.admit(1..2);
+    assert!(matches!(next, Admission::Queued(_)));
+    let mark = core.write_mark();
+    assert!(core.writes_before(mark));
+    let (_, ready) = core.local_done(a.id(), Ok(vec![LogPosition(0)]));
+    assert!(ready.is_empty(), "not both copies yet");
+    let (done, ready) = core.on_appended(seq);
+    assert_eq!(
+        ok_ids(&done),
+        vec![a.id().0],
+        "applied although nobody waits"
+    );
+    assert_eq!(ready, vec![next.id()]);
+    core.end_write(next.id());
+    assert!(!core.writes_before(mark));
+}
+
+#[test]
+fn a_fence_fails_every_write_in_flight_and_acknowledges_nothing_after() {
+    let mut core = primary();
+    let (a, seq_a) = commit(&mut core, 0, 1, 20);
+    let (b, seq_b) = commit(&mut core, 8, 1, 20);
+    core.local_done(a.id(), Ok(vec![LogPosition(20)]));
+    let (done, _) = core.fence(9);
+    assert_eq!(done.len(), 2);
+    assert!(done
+        .iter()
+        .all(|c| matches!(c.result, Err(PartitionError::NotPrimary { .. }))));
+    assert_eq!(core.role(), Role::Fenced { current: 9 });
+    // `b`'s local append is still in flight: its hold stays.
+    assert_eq!(core.oldest_hold(), Some(LogPosition(20)));
+    let (done, _) = core.on_appended(seq_a.max(seq_b));
+    assert!(done.is_empty());
+    let (done, _) = core.local_done(b.id(), Ok(vec![LogPosition(21)]));
+    assert!(done.is_empty());
+    assert_eq!(core.oldest_hold(), None);
+    assert!(core.index().lookup(0, 16).unwrap()[0].location.is_none());
+    assert!(core.next_append().is_none());
+    let late = core.admit(30..31).id();
+    assert!(matches!(
+        core.start_commit(late, vec![write(30, 1, 1)], LogPosition(30), Instant::now()),
+        Err(PartitionError::NotPrimary { .. })
+    ));
+}
+
+#[test]
+fn the_log_hold_covers_appends_in_flight_and_unconfirmed_records() {
+    let mut core = primary();
+    let (a, seq) = commit(&mut core, 0, 1, 40);
+    assert_eq!(core.log_hold(), Some(LogPosition(40)));
+    core.local_done(a.id(), Ok(vec![LogPosition(41)]));
+    // Not confirmed by the secondary: the append's hold stays.
+    assert_eq!(core.log_hold(), Some(LogPosition(40)));
+    core.on_appended(seq);
+    // Now the index holds it.
+    assert_eq!(core.log_hold(), Some(LogPosition(41)));
+    core.forget_released(LogPosition(41));
+}
+
+#[test]
+#[should_panic(expected = "under a record the index maps")]
+fn releasing_under_the_index_panics() {
+    let mut core = primary();
+    let (a, seq) = commit(&mut core, 0, 1, 40);
+    core.local_done(a.id(), Ok(vec![LogPosition(41)]));
+    core.on_appended(seq);
+    core.forget_released(LogPosition(42));
+}
+
+#[test]
+fn replication_sends_in_order_and_resumes_after_a_failure() {
+    let mut core = primary();
+    commit(&mut core, 0, 1, 0);
+    commit(&mut core, 1, 1, 0);
+    let Some(ReplicaRequest::Append { records, epoch, .. }) = core.next_append() else {
+        panic!("nothing to send")
+    };
+    assert_eq!(epoch, 5);
+    assert_eq!(
+        records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(records[0].lba, FIRST, "volume blocks on the wire");
+    assert!(core.next_append().is_none(), "already sent");
+    core.replication_failed();
+    let Some(ReplicaRequest::Append { records, .. }) = core.next_append() else {
+        panic!("no resend")
+    };
+    assert_eq!(records.len(), 2);
+}
+
+fn record(sequence: u64, lba: u64) -> ReplicaRecord {
+    let data = Bytes::from(vec![sequence as u8; 4096]);
+    ReplicaRecord {
+        sequence,
+        kind: ReplicaRecordKind::Write,
+        lba: FIRST + lba,
+        blocks: 1,
+        crcs: vec![crc32c::crc32c(&data)],
+        data,
+    }
+}
+
+fn trim(sequence: u64, lba: u64) -> ReplicaRecord {
+    ReplicaRecord {
+        sequence,
+        kind: ReplicaRecordKind::Unmap,
+        lba: FIRST + lba,
+        blocks: 1,
+        crcs: Vec::new(),
+        data: Bytes::new(),
+    }
+}
+
+/// Logs `records` on `core` at positions from `at`.
+fn append(
+    core: &mut PartitionCore,
+    records: Vec<ReplicaRecord>,
+    at: u64,
+) -> Result<u64, ReplicaError> {
+    match core.replica_begin_append(5, records, LogPosition(at))? {
+        ReplicaAppend::Nothing { up_to_sequence } => Ok(up_to_sequence),
+        ReplicaAppend::Log { records, hold } => {
+            let positions = (at..at + records.len() as u64).map(LogPosition).collect();
+            core.replica_appended(&records, hold, Ok(positions))
+        }
+    }
+}
+
+#[test]
+fn the_secondary_takes_records_in_order_only() {
+    let mut core = secondary();
+    assert_eq!(
+        append(&mut core, vec![record(1, 0), record(2, 1)], 0),
+        Ok(2)
+    );
+    // Duplicates are skipped, a hole is refused.
+    assert_eq!(append(&mut core, vec![record(2, 1)], 5), Ok(2));
+    assert_eq!(
+        append(&mut core, vec![record(4, 3)], 5),
+        Err(ReplicaError::Gap {
+            expected_sequence: 3
+        })
+    );
+    assert!(matches!(
+        core.replica_begin_append(4, vec![record(3, 2)], LogPosition(5)),
+        Err(ReplicaError::StaleEpoch { current: 5 })
+    ));
+    // One request at a time.
+    assert!(core.replica_try_enter(Some(3), false));
+    assert!(!core.replica_try_enter(None, true));
+    core.replica_leave();
+    // A request from the future waits unless told to give up.
+    assert!(!core.replica_try_enter(Some(9), false));
+    assert!(core.replica_try_enter(Some(9), true));
+}
+
+#[test]
+fn a_catch_up_jump_keeps_the_trims_a_flush_commit_drops() {
+    let mut core = secondary();
+    assert_eq!(append(&mut core, vec![record(1, 0), trim(2, 0)], 0), Ok(2));
+    let primary = primary();
+    let ReplicaRequest::FlushCommit {
+        up_to_sequence,
+        mappings,
+        ..
+    } = primary.jump_request(6)
+    else {
+        panic!("not a commit")
+    };
+    core.replica_commit(5, up_to_sequence, &mappings).unwrap();
+    assert_eq!(core.next_sequence(), 7);
+    // The trim of block 0 is carried into a take-over.
+    let plan = core.take_over_plan(true);
+    assert!(plan.needed.contains(&LogPosition(1)), "{plan:?}");
+    // A late copy of the jump changes nothing either.
+    core.replica_commit(5, up_to_sequence, &mappings).unwrap();
+    assert!(core.take_over_plan(true).needed.contains(&LogPosition(1)));
+    // A flush's commit means the trim is in a summary: dropped.
+    core.replica_commit(5, 2, &[]).unwrap();
+    assert!(core.take_over_plan(true).needed.is_empty());
+}
+
+#[test]
+fn the_catch_up_plan_resends_what_the_log_has_and_jumps_the_rest() {
+    let mut core = primary();
+    // Sequences 1..=3 committed and confirmed; 2 then released.
+    for (lba, head) in [(0, 10), (1, 11), (2, 12)] {
+        let (a, seq) = commit(&mut core, lba, 1, head);
+        core.local_done(a.id(), Ok(vec![LogPosition(head)]));
+        core.on_appended(seq);
+    }
+    core.forget_retained(2, LogPosition(11));
+    // An empty secondary: 1 is resent, 2 jumped, 3 resent, then caught up.
+    assert_eq!(
+        core.catch_up_plan(1),
+        CatchUp::Resend(vec![(1, LogPosition(10))])
+    );
+    assert_eq!(core.catch_up_plan(2), CatchUp::Skip { up_to: 2 });
+    assert_eq!(
+        core.catch_up_plan(3),
+        CatchUp::Resend(vec![(3, LogPosition(12))])
+    );
+    assert_eq!(core.catch_up_plan(4), CatchUp::Caught);
+}
+
+#[test]
+fn a_take_over_hands_over_what_the_index_and_trims_need() {
+    let mut old = primary();
+    let (a, seq) = commit(&mut old, 0, 1, 50);
+    old.local_done(a.id(), Ok(vec![LogPosition(50)]));
+    old.on_appended(seq);
+    old.end_write(a.id());
+    // Superseded: no longer needed, but offered to the catch-up.
+    let (b, seq) = commit(&mut old, 0, 1, 51);
+    old.local_done(b.id(), Ok(vec![LogPosition(51)]));
+    old.on_appended(seq);
+    let (in_flight, _) = commit(&mut old, 5, 1, 52);
+    let (was_secondary, done, _) = old.take_over(6).unwrap();
+    assert!(!was_secondary);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].write, in_flight.id());
+    let plan = old.take_over_plan(false);
+    assert_eq!(
+        plan.needed.into_iter().collect::<Vec<_>>(),
+        vec![LogPosition(51)]
+    );
+    assert_eq!(plan.next_sequence, 4);
+    assert_eq!(plan.retained.len(), 2);
+    assert!(
+        old.take_over(5).is_ok(),
+        "a fenced instance can be taken again"
+    );
+}
+
+#[test]
+fn a_flush_batch_never_covers_a_run_it_leaves_in_the_log() {
+    let mut core = primary();
+    // Three one-block writes (sequences 1..=3) and a trim (4), all applied.
+    for (lba, head) in [(0, 10), (5, 11), (9, 12)] {
+        let (a, seq) = commit(&mut core, lba, 1, head);
+        core.local_done(a.id(), Ok(vec![LogPosition(head)]));
+        core.on_appended(seq);
+        core.end_write(a.id());
+    }
+    let t = core.admit(20..22);
+    let plan = core
+        .start_commit(
+            t.id(),
+            vec![Change::Unmap { lba: 20, count: 2 }],
+            LogPosition(13),
+            Instant::now(),
+        )
+        .unwrap();
+    let trim_sequence = plan.records[0].sequence;
+    core.local_done(t.id(), Ok(vec![LogPosition(13)]));
+    core.on_appended(trim_sequence);
+    // Everything fits: the watermark is the applied one, the trim goes.
+    let all = core.flush_plan(100);
+    assert_eq!(all.pieces.len(), 3);
+    assert_eq!(all.up_to_sequence, 4);
+    assert_eq!(all.trims.len(), 1);
+    assert!(!all.more);
+    // Two blocks per batch: block 9 (sequence 3) stays in the log, so the
+    // watermark stops below it and the trim waits for a later batch.
+    let part = core.flush_plan(2);
+    assert_eq!(part.pieces.len(), 2);
+    assert!(part.more);
+    assert_eq!(part.up_to_sequence, 2);
+    assert!(part.trims.is_empty());
+}
