@@ -7,6 +7,9 @@
 //!   `unit status`'s live part, `sled list|drain` and `head-node list`
 //!   through the unit's local control plane (`--rack`); `rack validate`;
 //!   `volume register` (straight to a unit, for benches and tests).
+//! * Credentials (SECURITY.md): `rack init-credentials` (the unit's keys),
+//!   `attachment create|revoke` (an attachment for a host that attaches
+//!   without the zonal plane), `zonal-token` (a scoped zonal API token).
 //! * `up`: a whole unit on this machine as separate processes.
 //!
 //! Exit codes (one mapping, [`error::CliError::exit_code`]): 0 success,

@@ -899,10 +899,13 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
         }
     }
     println!();
-    let mut table = crate::text::Table::new(&["DAEMON", "NETWORK A", "NETWORK B", "METRICS"]);
+    let mut table =
+        crate::text::Table::new(&["DAEMON", "HOST PORT", "NETWORK A", "NETWORK B", "METRICS"]);
     for head in &rack.head_node {
         table.row(vec![
             head.id.clone(),
+            head.host
+                .map_or_else(|| "-".into(), |host| host.to_string()),
             head.address_a.to_string(),
             head.address_b.to_string(),
             format!("http://{}/metrics", head.admin),
@@ -911,6 +914,7 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     for sled in &rack.sled {
         table.row(vec![
             sled.id.clone(),
+            "-".into(),
             sled.address_a.to_string(),
             sled.address_b.to_string(),
             format!("http://{}/metrics", sled.admin),
@@ -920,15 +924,21 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
         "zonal".into(),
         format!("http://{}/v1", args.zonal_listen),
         "-".into(),
+        "-".into(),
         format!("http://{}/metrics", args.zonal_listen),
     ]);
     table.row(vec![
         "attach".into(),
         uri.clone(),
         "-".into(),
+        "-".into(),
         attach_admin(args).map_or_else(|e| e, |a| format!("http://{a}/metrics")),
     ]);
     table.print();
+    println!(
+        "the unit's keys are in {} (SECURITY.md); hosts use only the host ports",
+        proto::auth::default_credentials_dir(&data_dir.join("rack.toml")).display()
+    );
     println!();
     let default_dir = std::path::absolute(crate::ops::DEFAULT_DATA_DIR).ok();
     let default_zonal = args.zonal_listen.to_string() == "127.0.0.1:9000";

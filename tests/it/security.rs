@@ -21,9 +21,13 @@ use tests::{http_get, HeadNodeOptions, TestUnit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn unit() -> TestUnit {
+    unit_of(1)
+}
+
+fn unit_of(head_nodes: u32) -> TestUnit {
     TestUnit::build(
         HeadNodeOptions {
-            count: 1,
+            count: head_nodes,
             ..HeadNodeOptions::default()
         },
         2,
@@ -290,4 +294,109 @@ async fn a_sled_refuses_a_claim_from_a_non_member() {
     );
     assert!(unauthenticated >= 4.0, "{unauthenticated}");
     member.close();
+}
+
+/// Runs `rackblock ARGS` to completion: (exit code, stdout, stderr).
+fn rackblock(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(tests::rackblock_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `attach --rack` without the zonal plane: the host gets an attachment an
+/// operator minted (`rackblock attachment create`) and nothing else; the
+/// agent serves with it over the host ports, and refuses to start without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_with_an_operator_minted_attachment() {
+    // A volume needs a primary and a secondary head node.
+    let unit = unit_of(2);
+    let _sleds = unit.start_sleds();
+    let _heads = unit.start_head_nodes();
+    let lcp = unit.lcp_client();
+    tests::register_volume(
+        &lcp,
+        Command::RegisterVolume {
+            volume: 3,
+            name: "hosted".into(),
+            size_bytes: 16 << 20,
+            partition_size_bytes: 16 << 20,
+            k: 1,
+            m: 1,
+        },
+        Duration::from_secs(30),
+    )
+    .await;
+    lcp.close();
+    unit.wait_datapaths_ready(&_heads, Duration::from_secs(30));
+    let rack = unit.rack_path.to_str().unwrap().to_owned();
+    let file = unit.dir.path().join("hosted.attachment");
+    let file_text = file.to_str().unwrap().to_owned();
+    // No attachment: a usage error, not unit-port access.
+    let listen = SocketAddr::from(([127, 0, 0, 1], tests::next_port())).to_string();
+    let (code, _, stderr) = rackblock(&["attach", "hosted", "--rack", &rack, "--listen", &listen]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, stderr) = rackblock(&[
+        "attachment",
+        "create",
+        "3",
+        "--rack",
+        &rack,
+        "--host",
+        "h1",
+        "--out",
+        &file_text,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let agent = tests::Daemon::spawn(
+        "attach-hosted",
+        &[
+            "attach",
+            "hosted",
+            "--rack",
+            &rack,
+            "--attachment-file",
+            &file_text,
+            "--listen",
+            &listen,
+        ],
+        unit.dir.path(),
+    );
+    let nbd: SocketAddr = listen.parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !client::nbd::server_greets(nbd) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent does not serve: {}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its I/O went to the host port: the head node served host requests
+    // there (the map at least), and none of its unit-port connections came
+    // from the agent (it has no credential to make one).
+    let host_requests: f64 = unit
+        .head_nodes
+        .iter()
+        .map(|head| {
+            metric_sum(
+                head.admin,
+                "rackblock_server_requests_total",
+                &["port=\"host\""],
+            )
+        })
+        .sum();
+    assert!(host_requests >= 1.0, "{host_requests}");
+    drop(agent);
 }

@@ -418,3 +418,36 @@ fn serializes_back_to_toml() {
     assert!(text.contains("erasure_codes = [\"4+2\"]"), "{text}");
     assert_eq!(Rack::from_toml_str(&text).unwrap(), rack);
 }
+
+#[test]
+fn host_ports_are_optional_unique_and_for_head_nodes_only() {
+    let without = Rack::from_toml_str(&rack_text(6, "")).unwrap();
+    assert_eq!(without.head_node[0].host, None);
+    let with = rack_text(6, "").replace(
+        "admin = \"127.0.0.1:9101\"\n",
+        "admin = \"127.0.0.1:9101\"\nhost = \"127.0.0.1:7000\"\n",
+    );
+    let rack = Rack::from_toml_str(&with).unwrap();
+    assert_eq!(
+        rack.head_node[0].host,
+        Some("127.0.0.1:7000".parse().unwrap())
+    );
+    // The host port may not share an address with anything else.
+    let clash = rack_text(6, "").replace(
+        "admin = \"127.0.0.1:9101\"\n",
+        "admin = \"127.0.0.1:9101\"\nhost = \"127.0.0.1:9201\"\n",
+    );
+    assert!(matches!(
+        Rack::from_toml_str(&clash),
+        Err(RackError::DuplicateAddress { .. })
+    ));
+    // Sleds have no host port: hosts never reach them.
+    let sled_host = rack_text(6, "").replace(
+        "admin = \"127.0.0.1:9201\"\n",
+        "admin = \"127.0.0.1:9201\"\nhost = \"127.0.0.9:7000\"\n",
+    );
+    assert!(matches!(
+        Rack::from_toml_str(&sled_host),
+        Err(RackError::Parse { .. })
+    ));
+}
