@@ -24,8 +24,14 @@
 //! every incoming Raft or control-plane request is handled there: on a
 //! busy box, heartbeats, votes and lease renewals no longer queue behind
 //! data-path tasks on the main runtime's workers (a leader that looked
-//! dead for an election timeout raised the term under load). Only the
-//! frames' reading and writing stay on the listener's connection task.
+//! dead for an election timeout raised the term under load). Connections
+//! whose first request is a Raft or control-plane one are moved to that
+//! runtime too (`proto::server`'s control connections), so the frames of
+//! heartbeats are read and answered there, and its threads run at a
+//! higher priority ([`LCP_THREAD_NICE`]): measured on a loaded 2-core box
+//! (`bench/raft-term.sh` beside a second unit and a disk-bound load), the
+//! data runtime read a heartbeat or a probe more than 100 ms late, Raft log
+//! syncs waited for CPU, and followers' election timers ran out.
 //!
 //! Shutdown (the token) stops accepting, stops the partitions, stops Raft
 //! and returns. A fatal stop of the Raft core ([`LcpNode::fatal`]) does the
@@ -320,6 +326,7 @@ impl LcpRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(LCP_RUNTIME_THREADS)
             .thread_name("lcp")
+            .on_thread_start(raise_thread_priority)
             .enable_all()
             .build()
             .map_err(|e| HeadNodeError::RaftRuntime {
@@ -339,6 +346,30 @@ impl LcpRuntime {
                 reason: e.to_string(),
             })?;
         Ok(LcpRuntime { handle })
+    }
+}
+
+/// Nice value of the control plane's threads (workers and blocking pool):
+/// under CPU contention the scheduler runs them first (weight ~9x a
+/// default thread's), so heartbeats, votes and lease renewals are not held
+/// up behind the data path's threads and other processes (module docs).
+const LCP_THREAD_NICE: libc::c_int = -10;
+
+/// Gives the calling thread [`LCP_THREAD_NICE`]. Without the privilege
+/// (`CAP_SYS_NICE`) the thread keeps its priority: logged once, not fatal.
+fn raise_thread_priority() {
+    // SAFETY: gettid has no preconditions; setpriority changes only the
+    // calling thread's nice value (on Linux, nice is per thread).
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, LCP_THREAD_NICE)
+    };
+    if result != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let error = std::io::Error::last_os_error();
+        WARNED.call_once(|| {
+            warn!(%error, nice = LCP_THREAD_NICE, "cannot raise the control plane's thread priority");
+        });
     }
 }
 
@@ -364,6 +395,7 @@ async fn serve_network(
         return;
     };
     listener_up.set(1);
+    let lcp_runtime_for_connections = lcp_runtime.clone();
     let result = proto::server::serve_with_metrics(
         listener,
         Arc::new(HeadNodeHandler {
@@ -371,7 +403,10 @@ async fn serve_network(
             manager,
             lcp_runtime,
         }),
-        proto::server::ServerConfig::default(),
+        proto::server::ServerConfig {
+            control_runtime: Some(lcp_runtime_for_connections),
+            ..proto::server::ServerConfig::default()
+        },
         shutdown,
         metrics,
     )

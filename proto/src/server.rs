@@ -33,6 +33,16 @@
 //! * `idle_timeout`: a connection with no frames received and nothing in
 //!   flight for that long is closed.
 //! * `shutdown` stops accepting and closes every connection.
+//! * **Control connections** (`control_runtime`): a connection whose first
+//!   request (Pings aside) is a control-plane one ([`Message::is_control`]:
+//!   Raft RPCs, LCP requests) moves, socket and read buffer, to that
+//!   runtime and is served there from then on. A head node gives its
+//!   control plane's runtime (threads of their own, at a higher priority),
+//!   so heartbeats and votes are read and answered even while the data
+//!   path's workers are saturated: read on the data runtime, they waited
+//!   behind data-path tasks for more than an election timeout on a loaded
+//!   box (measured: `bench/raft-term.sh`). Raft links carry only control
+//!   requests, so the first one decides for the connection's lifetime.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -78,6 +88,9 @@ pub struct ServerConfig {
     /// dropping them, for handlers whose mutations must not stop halfway
     /// (default: drop them). Shutdown drops them either way.
     pub finish_abandoned_requests: bool,
+    /// Where control connections are served (module docs; default: the
+    /// accepting runtime, like every other connection).
+    pub control_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +99,7 @@ impl Default for ServerConfig {
             max_in_flight_per_connection: 256,
             idle_timeout: None,
             finish_abandoned_requests: false,
+            control_runtime: None,
         }
     }
 }
@@ -236,6 +250,9 @@ enum End {
     Graceful,
     /// Broken peer: abandon in-flight requests.
     Abort,
+    /// A control connection: continue on the control runtime with this
+    /// first request (module docs).
+    Handoff(tokio::runtime::Handle, Message, u64),
 }
 
 impl Connection {
@@ -244,12 +261,123 @@ impl Connection {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(peer = %self.peer, %error, "set_nodelay failed");
         }
+        self.serve(stream, bytes::BytesMut::new(), Vec::new()).await;
+    }
+
+    /// Moves the connection to `runtime` (module docs): the socket, the
+    /// first request and those read behind it, and the bytes of a frame
+    /// not read whole yet.
+    fn hand_off(
+        self,
+        runtime: tokio::runtime::Handle,
+        frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+        write_half: OwnedWriteHalf,
+        first: (Message, u64),
+    ) {
+        // Complete frames already read are decoded here: a new reader
+        // decodes its buffer only after its next socket read, which may
+        // never come (the peer waits for these answers).
+        let mut buffered = frames.read_buffer().clone();
+        let mut requests = vec![first];
+        loop {
+            let frame = match tokio_util::codec::Decoder::decode(&mut FrameCodec, &mut buffered) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(error) => {
+                    self.bad_frame(error.label(), &error.to_string());
+                    self.metrics.connections_open.dec();
+                    return;
+                }
+            };
+            match Message::from_frame(&frame) {
+                Ok(request) if !request.is_response() => {
+                    requests.push((request, frame.header.request_id));
+                }
+                Ok(response) => {
+                    self.bad_frame(
+                        "response_as_request",
+                        &format!("kind {:#06x} sent as a request", response.kind()),
+                    );
+                    self.metrics.connections_open.dec();
+                    return;
+                }
+                Err(error) => {
+                    self.bad_frame(error.label(), &error.to_string());
+                    self.metrics.connections_open.dec();
+                    return;
+                }
+            }
+        }
+        let stream = frames
+            .into_inner()
+            .reunite(write_half)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|stream| stream.into_std());
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, %error, "cannot move a control connection");
+                self.metrics.connections_open.dec();
+                return;
+            }
+        };
+        let mut config = self.config.clone();
+        config.control_runtime = None;
+        let connection = Connection { config, ..self };
+        runtime.spawn(async move {
+            // Registered with this runtime's reactor from here on.
+            match TcpStream::from_std(stream) {
+                Ok(stream) => connection.serve(stream, buffered, requests).await,
+                Err(error) => {
+                    tracing::debug!(peer = %connection.peer, %error, "cannot move a control connection");
+                    connection.metrics.connections_open.dec();
+                }
+            }
+        });
+    }
+
+    /// The handler's future for one request, answering with its frame.
+    fn dispatch(&self, request: Message, request_id: u64) -> BoxFuture<'static, Option<Bytes>> {
+        self.metrics.requests.inc();
+        let response = self.handler.handle(request);
+        let peer = self.peer.clone();
+        Box::pin(async move {
+            let response = response.await;
+            if !response.is_response() {
+                tracing::error!(%peer, kind = response.kind(), "handler returned a request-kind message; dropped");
+                return None;
+            }
+            match response.try_to_frame(request_id, true) {
+                Ok(frame) => Some(frame),
+                Err(error) => {
+                    tracing::error!(%peer, %error, "response does not fit a frame; dropped");
+                    None
+                }
+            }
+        })
+    }
+
+    async fn serve(self, stream: TcpStream, buffered: bytes::BytesMut, first: Vec<(Message, u64)>) {
         let (read_half, mut write_half) = stream.into_split();
         let max_in_flight = self.config.max_in_flight_per_connection.max(1);
         let mut handlers: FuturesUnordered<BoxFuture<'static, Option<Bytes>>> =
             FuturesUnordered::new();
         let mut out = Outgoing::default();
         let mut frames = FramedRead::new(read_half, FrameCodec);
+        if !buffered.is_empty() {
+            *frames.read_buffer_mut() = buffered;
+        }
+        for (request, request_id) in first {
+            match request {
+                Message::Ping { nonce } => {
+                    out.push(Message::Pong { nonce }.to_frame(request_id, true))
+                }
+                request => handlers.push(self.dispatch(request, request_id)),
+            }
+        }
+        // Whether the connection's first request (Pings aside) was seen:
+        // only it can move the connection.
+        let mut placed = self.config.control_runtime.is_none();
 
         let end = loop {
             let next = tokio::select! {
@@ -310,32 +438,37 @@ impl Connection {
                 out.push(Message::Pong { nonce }.to_frame(request_id, true));
                 continue;
             }
-            self.metrics.requests.inc();
+            if !placed {
+                placed = true;
+                if let Some(runtime) = self.config.control_runtime.clone() {
+                    if request.is_control() && handlers.is_empty() {
+                        break End::Handoff(runtime, request, request_id);
+                    }
+                }
+            }
             // Run to completion: the handler's future is polled by this task
             // (decode, handle, device submit, encode, write without a hand-off
             // to another task); requests of one connection still proceed
             // concurrently inside `handlers`.
-            let response = self.handler.handle(request);
-            let peer = self.peer.clone();
-            handlers.push(Box::pin(async move {
-                let response = response.await;
-                if !response.is_response() {
-                    tracing::error!(%peer, kind = response.kind(), "handler returned a request-kind message; dropped");
-                    return None;
+            handlers.push(self.dispatch(request, request_id));
+        };
+        let end = match end {
+            End::Handoff(runtime, request, request_id) => {
+                // Pongs already queued leave first, from here.
+                if out.write_all_to(&mut write_half).await.is_err() {
+                    self.metrics.connections_open.dec();
+                    return;
                 }
-                match response.try_to_frame(request_id, true) {
-                    Ok(frame) => Some(frame),
-                    Err(error) => {
-                        tracing::error!(%peer, %error, "response does not fit a frame; dropped");
-                        None
-                    }
-                }
-            }));
+                self.hand_off(runtime, frames, write_half, (request, request_id));
+                return;
+            }
+            end => end,
         };
         drop(frames);
         let finish = match end {
             End::Graceful => true,
             End::Abort => self.config.finish_abandoned_requests && !self.shutdown.is_cancelled(),
+            End::Handoff(..) => false,
         };
         if finish {
             // Bounded by the handlers themselves; shutdown cuts it short.

@@ -549,11 +549,15 @@ impl Workload {
         let tasks = (0..WORKERS)
             .map(|w| tokio::spawn(writer.clone().run(client.clone(), w)))
             .collect();
-        // Some traffic before the first fault.
+        // Some traffic before the first fault (bounded as in `progress`).
         let until = writer.completions.load(Ordering::Relaxed) + 200;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while writer.completions.load(Ordering::Relaxed) < until {
-            assert!(Instant::now() < deadline, "writer makes no progress");
+            assert!(
+                Instant::now() < deadline,
+                "writer makes no progress at start\n{}",
+                cluster.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Workload {
@@ -1134,6 +1138,10 @@ async fn raft_term_holds_under_write_load() {
         work.writer.take_gap()
     );
     work.finish(&cluster, "after the load").await;
+    if std::env::var_os("FAILOVER_KEEP_LOGS").is_some() {
+        // Keeps the daemons' logs (bench/raft-term.sh) whatever the outcome.
+        let _ = cluster.logs();
+    }
     assert!(
         before.term <= 2,
         "a fresh unit serves at term {}",
