@@ -38,8 +38,14 @@
 //! every incoming Raft or control-plane request is handled there: on a
 //! busy box, heartbeats, votes and lease renewals no longer queue behind
 //! data-path tasks on the main runtime's workers (a leader that looked
-//! dead for an election timeout raised the term under load). Only the
-//! frames' reading and writing stay on the listener's connection task.
+//! dead for an election timeout raised the term under load). Connections
+//! whose first request is a Raft or control-plane one are moved to that
+//! runtime too (`proto::server`'s control connections), so the frames of
+//! heartbeats are read and answered there, and its threads run at a
+//! higher priority ([`LCP_THREAD_NICE`]): measured on a loaded 2-core box
+//! (`bench/raft-term.sh` beside a second unit and a disk-bound load), the
+//! data runtime read a heartbeat or a probe more than 100 ms late, Raft log
+//! syncs waited for CPU, and followers' election timers ran out.
 //!
 //! Shutdown (the token) stops accepting, stops the partitions, stops Raft
 //! and returns. A fatal stop of the Raft core ([`LcpNode::fatal`]) does the
@@ -395,6 +401,9 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         tasks.spawn(serve_network(
             handler,
             access,
+            // Raft and control-plane connections are read on the control
+            // plane's runtime (proto::server module docs).
+            Some(lcp_runtime.handle.clone()),
             network,
             address,
             gauge,
@@ -416,6 +425,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         tasks.spawn(serve_network(
             handler,
             Access::Kinds(kind::is_host_request),
+            None,
             "host",
             host,
             gauge,
@@ -511,6 +521,7 @@ impl LcpRuntime {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(LCP_RUNTIME_THREADS)
             .thread_name("lcp")
+            .on_thread_start(raise_thread_priority)
             .enable_all()
             .build()
             .map_err(|e| HeadNodeError::RaftRuntime {
@@ -533,6 +544,30 @@ impl LcpRuntime {
     }
 }
 
+/// Nice value of the control plane's threads (workers and blocking pool):
+/// under CPU contention the scheduler runs them first (weight ~9x a
+/// default thread's), so heartbeats, votes and lease renewals are not held
+/// up behind the data path's threads and other processes (module docs).
+const LCP_THREAD_NICE: libc::c_int = -10;
+
+/// Gives the calling thread [`LCP_THREAD_NICE`]. Without the privilege
+/// (`CAP_SYS_NICE`) the thread keeps its priority: logged once, not fatal.
+fn raise_thread_priority() {
+    // SAFETY: gettid has no preconditions; setpriority changes only the
+    // calling thread's nice value (on Linux, nice is per thread).
+    let result = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, LCP_THREAD_NICE)
+    };
+    if result != 0 {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let error = std::io::Error::last_os_error();
+        WARNED.call_once(|| {
+            warn!(%error, nice = LCP_THREAD_NICE, "cannot raise the control plane's thread priority");
+        });
+    }
+}
+
 /// How long shutdown waits for the daemon's tasks before aborting them.
 const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 
@@ -541,6 +576,7 @@ const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 async fn serve_network(
     handler: Arc<dyn Handler>,
     access: Access,
+    control_runtime: Option<tokio::runtime::Handle>,
     network: &'static str,
     address: SocketAddr,
     listener_up: Gauge,
@@ -558,6 +594,7 @@ async fn serve_network(
         handler,
         proto::server::ServerConfig {
             access,
+            control_runtime,
             ..proto::server::ServerConfig::default()
         },
         shutdown,

@@ -107,8 +107,45 @@ use crate::wal::{RecoveredRecord, Wal, WalError, WalOptions};
 
 /// Bound on opening one partition (claims, summary reads, log replay).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on one background flush or GC pass.
+/// How long a caller waits for one flush or GC pass (it runs to its end
+/// regardless: [`run_duty`]).
 const DUTY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which duty [`run_duty`] runs.
+#[derive(Debug, Clone, Copy)]
+enum Duty {
+    Flush,
+    Gc,
+}
+
+/// What a duty did.
+enum DutyReport {
+    Flush(crate::partition::FlushReport),
+    Gc(crate::partition::GcReport),
+}
+
+/// Runs one flush or GC pass of `hosted` in a task of its own and waits for
+/// it at most [`DUTY_TIMEOUT`]. The pass itself is never abandoned half-way:
+/// neither the wait's timeout nor the partition's cancellation (a role
+/// change, shutdown) drops it between a column append and the index update
+/// or the flush commit that records it (issue 14 item 3); it ends by
+/// itself, bounded by its sled requests' own deadlines (a timed-out append
+/// seals its extent inside the engine), or fails once the partition is
+/// fenced. `Err(())`: the wait timed out (the pass goes on).
+async fn run_duty(hosted: &Arc<Hosted>, duty: Duty) -> Result<Result<DutyReport, String>, ()> {
+    let partition = hosted.clone();
+    let task = tokio::spawn(async move {
+        match duty {
+            Duty::Flush => partition.partition.flush_now().await.map(DutyReport::Flush),
+            Duty::Gc => partition.partition.gc_pass().await.map(DutyReport::Gc),
+        }
+    });
+    match tokio::time::timeout(DUTY_TIMEOUT, task).await {
+        Ok(Ok(result)) => Ok(result.map_err(|e| e.to_string())),
+        Ok(Err(join)) => Ok(Err(format!("{duty:?} task ended: {join}"))),
+        Err(_) => Err(()),
+    }
+}
 /// How often a primary's duty task checks whether a flush is due.
 const FLUSH_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Bound on the index checkpoints written at a clean shutdown.
@@ -805,11 +842,11 @@ impl PartitionManager {
         let mut outcomes = Vec::new();
         for h in primaries {
             let id = h.partition.id();
-            let result = tokio::time::timeout(DUTY_TIMEOUT, h.partition.flush_now()).await;
-            let (blocks, stripes, error) = match result {
-                Ok(Ok(report)) => (report.blocks, report.stripes, None),
-                Ok(Err(error)) => (0, 0, Some(error.to_string())),
-                Err(_) => (0, 0, Some(format!("timed out after {DUTY_TIMEOUT:?}"))),
+            let (blocks, stripes, error) = match run_duty(&h, Duty::Flush).await {
+                Ok(Ok(DutyReport::Flush(report))) => (report.blocks, report.stripes, None),
+                Ok(Ok(DutyReport::Gc(_))) => (0, 0, None),
+                Ok(Err(error)) => (0, 0, Some(error)),
+                Err(()) => (0, 0, Some(format!("still running after {DUTY_TIMEOUT:?}"))),
             };
             outcomes.push(FlushOutcome {
                 volume: id.volume,
@@ -1542,34 +1579,38 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
             continue;
         }
         if hosted.partition.flush_due() {
-            let flush = tokio::time::timeout(DUTY_TIMEOUT, hosted.partition.flush_now());
+            // Cancellation only stops the wait (see `run_duty`).
             let result = tokio::select! {
-                r = flush => r,
+                r = run_duty(&hosted, Duty::Flush) => r,
                 () = hosted.cancel.cancelled() => return,
             };
             match result {
-                Ok(Ok(report)) => debug!(partition = ?id, ?report, "flushed"),
+                Ok(Ok(DutyReport::Flush(report))) => debug!(partition = ?id, ?report, "flushed"),
+                Ok(Ok(DutyReport::Gc(_))) => {}
                 Ok(Err(error)) => {
                     hosted.flushes_failed.fetch_add(1, Ordering::Relaxed);
                     warn!(partition = ?id, %error, "background flush failed");
                 }
-                Err(_) => warn!(partition = ?id, "background flush timed out"),
+                Err(()) => {
+                    warn!(partition = ?id, "background flush still running after {DUTY_TIMEOUT:?}")
+                }
             }
         }
         if last_gc.elapsed() >= inner.config.gc_interval {
             last_gc = Instant::now();
-            let gc = tokio::time::timeout(DUTY_TIMEOUT, hosted.partition.gc_pass());
             let result = tokio::select! {
-                r = gc => r,
+                r = run_duty(&hosted, Duty::Gc) => r,
                 () = hosted.cancel.cancelled() => return,
             };
             match result {
-                Ok(Ok(report)) if report.extents_freed > 0 || report.blocks_moved > 0 => {
+                Ok(Ok(DutyReport::Gc(report)))
+                    if report.extents_freed > 0 || report.blocks_moved > 0 =>
+                {
                     info!(partition = ?id, ?report, "garbage collected");
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => warn!(partition = ?id, %error, "GC pass failed"),
-                Err(_) => warn!(partition = ?id, "GC pass timed out"),
+                Err(()) => warn!(partition = ?id, "GC pass still running after {DUTY_TIMEOUT:?}"),
             }
         }
         // The repair worker (`repair.rs`) takes the queue; its length is

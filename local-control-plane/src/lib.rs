@@ -29,6 +29,7 @@ pub mod failover;
 pub mod fixture;
 pub mod network;
 pub mod node;
+pub mod proposals;
 pub mod quick_election;
 pub mod raft;
 pub mod repair;

@@ -93,6 +93,7 @@ use crate::detector::{Detector, DetectorConfig, DetectorMetrics};
 use crate::error::CommandError;
 use crate::failover::{FailoverConfig, FailoverController, FailoverMetrics};
 use crate::network::{encode_raft_reply, lock, PeerLinks, RaftNetworkFactoryImpl, RaftReply};
+use crate::proposals::{ProposalMetrics, Proposals};
 use crate::quick_election::{both_refused_since, QuickElection, QuickElectionConfig, RaftView};
 use crate::raft::{
     AppendEntriesRequest, HeadNodeInfo, InstallSnapshotRequest, Raft, RaftMetrics, RaftNodeId,
@@ -386,6 +387,8 @@ struct Inner {
     /// The leader whose AppendEntries this member processed last, and when
     /// (crate::quick_election anchors on it).
     last_heard: Mutex<Option<(RaftNodeId, std::time::Instant)>>,
+    /// Every command this member proposes (crate::proposals: batched).
+    proposals: Proposals,
     shutdown: CancellationToken,
 }
 
@@ -466,6 +469,12 @@ impl LcpNode {
             reason: e.to_string(),
         })?;
 
+        let shutdown = CancellationToken::new();
+        let (proposals, proposals_task) = Proposals::start(
+            raft.clone(),
+            ProposalMetrics::register(registry),
+            shutdown.clone(),
+        );
         let gauges = RaftGauges::register(registry);
         let detector_metrics = DetectorMetrics::register(registry);
         let failover_metrics = FailoverMetrics::register(registry);
@@ -495,7 +504,8 @@ impl LcpNode {
             repair_metrics,
             deleter_metrics,
             last_heard: Mutex::new(None),
-            shutdown: CancellationToken::new(),
+            proposals,
+            shutdown,
         });
         // Forwarding links exist from the start so that their probers know
         // which network works before a command needs them (a command sent
@@ -511,7 +521,7 @@ impl LcpNode {
         }
         let node = LcpNode {
             inner,
-            tasks: Arc::new(Mutex::new(Vec::new())),
+            tasks: Arc::new(Mutex::new(vec![proposals_task])),
         };
         if node.inner.voters.contains(&raft_id) && !node.initialized().await? {
             let bootstrap = tokio::spawn(bootstrap(node.inner.clone()));
@@ -632,8 +642,13 @@ impl LcpNode {
             LcpRequest::Forwarded(_) => LcpResponse::Error(LcpError::BadRequest {
                 reason: "nested forward".into(),
             }),
-            LcpRequest::Command(command) => match inner.raft.client_write(command.clone()).await {
-                Ok(response) => LcpResponse::Applied(response.data),
+            LcpRequest::Command(command) => match inner
+                .proposals
+                .propose(command.clone())
+                .await
+                .map_err(|e| *e)
+            {
+                Ok(applied) => LcpResponse::Applied(applied),
                 Err(openraft::error::RaftError::APIError(
                     OpenraftClientWriteError::ForwardToLeader(to),
                 )) => {
@@ -1083,8 +1098,8 @@ async fn register_one_sled(inner: &Inner, sled_id: &str) -> Result<(), String> {
             device: device.device,
             columns: (0..device.column_count).collect(),
         };
-        match inner.raft.client_write(command).await {
-            Ok(response) => match response.data {
+        match inner.proposals.propose(command).await {
+            Ok(applied) => match applied {
                 Ok(_) | Err(CommandError::AlreadyExists { .. }) => {}
                 Err(error) => {
                     warn!(sled = %sled_id, device = device.device, %error, "columns refused")
@@ -1136,8 +1151,8 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         let commands = inventory_commands(&inner.rack, &inner.state.read().unit.clone());
         let mut failed = false;
         for command in commands {
-            match inner.raft.client_write(command).await {
-                Ok(response) => match response.data {
+            match inner.proposals.propose(command).await {
+                Ok(applied) => match applied {
                     Ok(Outcome::Done) | Ok(_) => {}
                     Err(CommandError::AlreadyExists { .. }) => {}
                     Err(e) => warn!(error = %e, "inventory command refused"),
@@ -1169,7 +1184,7 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     tokio::spawn(
         repair.run(
             state_reader(&inner.state),
-            proposer(&inner.raft),
+            proposer(&inner.proposals),
             move |state| {
                 let inner = scrub_inner.clone();
                 async move { crate::repair::scrub_reports(&inner.links, &inner.rack, &state).await }
@@ -1187,7 +1202,7 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     // to the free pool, purge the records (crate::deleter).
     tokio::spawn(crate::deleter::run(
         state_reader(&inner.state),
-        proposer(&inner.raft),
+        proposer(&inner.proposals),
         inner.links.clone(),
         inner.rack.clone(),
         inner.failover_config.lease_margin,
@@ -1201,7 +1216,7 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
     );
     tokio::spawn(controller.run(
         state_reader(&inner.state),
-        proposer(&inner.raft),
+        proposer(&inner.proposals),
         lost.clone(),
     ));
     // 3. Failure detection until leadership is lost.
@@ -1213,7 +1228,7 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         inner.detector_metrics.clone(),
     );
     detector
-        .run(state_reader(&inner.state), proposer(&inner.raft), lost)
+        .run(state_reader(&inner.state), proposer(&inner.proposals), lost)
         .await;
 }
 
@@ -1227,17 +1242,12 @@ fn state_reader(state: &SharedState) -> impl Fn() -> UnitState {
 /// How the leader's controllers propose a command: through Raft; the state
 /// machine's outcome, or why the command was not committed.
 fn proposer(
-    raft: &Raft,
+    proposals: &Proposals,
 ) -> impl Fn(Command) -> futures::future::BoxFuture<'static, Result<Result<Outcome, CommandError>, String>>
 {
-    let raft = raft.clone();
+    let proposals = proposals.clone();
     move |command| {
-        let raft = raft.clone();
-        Box::pin(async move {
-            raft.client_write(command)
-                .await
-                .map(|r| r.data)
-                .map_err(|e| e.to_string())
-        })
+        let proposals = proposals.clone();
+        Box::pin(async move { proposals.propose(command).await.map_err(|e| e.to_string()) })
     }
 }

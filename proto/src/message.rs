@@ -326,6 +326,12 @@ impl Message {
         )
     }
 
+    /// A control-plane request (Raft RPC or LCP client request): what a
+    /// server with a control runtime serves there (crate::server).
+    pub fn is_control(&self) -> bool {
+        matches!(self, Message::Raft { .. } | Message::Lcp { .. })
+    }
+
     /// Safe to send again when the first send's outcome is unknown.
     /// Responses are not requests and report `false`.
     pub fn is_idempotent(&self) -> bool {

@@ -40,6 +40,16 @@
 //!   response; `Kinds` (a head node's host port) takes no handshake. Either
 //!   refuses a request kind its policy does not allow for the peer: counted
 //!   under `refused_kind`, connection closed, nothing handled.
+//! * **Control connections** (`control_runtime`): a connection whose first
+//!   request (Pings aside) is a control-plane one ([`Message::is_control`]:
+//!   Raft RPCs, LCP requests) moves, socket and read buffer, to that
+//!   runtime and is served there from then on. A head node gives its
+//!   control plane's runtime (threads of their own, at a higher priority),
+//!   so heartbeats and votes are read and answered even while the data
+//!   path's workers are saturated: read on the data runtime, they waited
+//!   behind data-path tasks for more than an election timeout on a loaded
+//!   box (measured: `bench/raft-term.sh`). Raft links carry only control
+//!   requests, so the first one decides for the connection's lifetime.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -89,6 +99,9 @@ pub struct ServerConfig {
     /// Who may connect and which request kinds each may send (default:
     /// anyone, anything).
     pub access: Access,
+    /// Where control connections are served (module docs; default: the
+    /// accepting runtime, like every other connection).
+    pub control_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for ServerConfig {
@@ -97,6 +110,7 @@ impl Default for ServerConfig {
             max_in_flight_per_connection: 256,
             idle_timeout: None,
             finish_abandoned_requests: false,
+            control_runtime: None,
             access: Access::Open,
         }
     }
@@ -284,12 +298,30 @@ struct Connection {
     peer: String,
 }
 
+/// What a connection carries from its handshake (and, after a hand-off,
+/// from the runtime it was first served on) into [`Connection::serve`].
+struct Session {
+    /// The peer the handshake authenticated (unit port only).
+    authenticated: Option<Peer>,
+    /// The response queue, with the MAC state of the sending direction.
+    out: Outgoing,
+    /// The frame decoder, with the MAC state of the receiving direction.
+    codec: AuthCodec,
+    /// Bytes read but not decoded yet.
+    buffered: bytes::BytesMut,
+    /// Requests decoded already, answered first.
+    first: Vec<(Message, u64)>,
+}
+
 /// Why the reader loop stopped.
 enum End {
     /// Peer closed or shutdown: let in-flight requests finish.
     Graceful,
     /// Broken peer: abandon in-flight requests.
     Abort,
+    /// A control connection: continue on the control runtime with this
+    /// first request (module docs).
+    Handoff(tokio::runtime::Handle, Message, u64),
 }
 
 impl Connection {
@@ -324,12 +356,162 @@ impl Connection {
             Some((send, receive)) => (Some(send), Some(receive)),
             None => (None, None),
         };
+        let session = Session {
+            authenticated,
+            out: Outgoing::new(send_mac),
+            codec: AuthCodec::new(receive_mac),
+            buffered: bytes::BytesMut::new(),
+            first: Vec::new(),
+        };
+        self.serve(stream, session).await;
+    }
+
+    /// The request a frame carries, if this connection may send it: a kind
+    /// its access policy refuses, an undecodable body or a response sent as
+    /// a request is counted and ends the connection (`None`).
+    fn request_of(&self, frame: &crate::frame::Frame, authenticated: Option<&Peer>) -> Option<Message> {
+        let kind = frame.header.kind;
+        let allowed = match &self.config.access {
+            Access::Open => true,
+            Access::Kinds(allow) => allow(kind),
+            Access::Authenticated { allow, .. } => authenticated.is_some_and(|peer| allow(peer, kind)),
+        };
+        if !allowed {
+            let who = authenticated.map_or_else(
+                || "unauthenticated peer".to_owned(),
+                |p| format!("{} {}", p.role.as_str(), p.id),
+            );
+            self.bad_frame(
+                "refused_kind",
+                &format!("kind {kind:#06x} not allowed here for {who}"),
+            );
+            return None;
+        }
+        match Message::from_frame(frame) {
+            Ok(request) if !request.is_response() => Some(request),
+            Ok(response) => {
+                self.bad_frame(
+                    "response_as_request",
+                    &format!("kind {:#06x} sent as a request", response.kind()),
+                );
+                None
+            }
+            Err(error) => {
+                self.bad_frame(error.label(), &error.to_string());
+                None
+            }
+        }
+    }
+
+    /// Moves the connection to `runtime` (module docs): the socket, the
+    /// frame codec and the response queue with their MAC state, the first
+    /// request and those read behind it, and the bytes of a frame not read
+    /// whole yet.
+    fn hand_off(
+        self,
+        runtime: tokio::runtime::Handle,
+        frames: FramedRead<tokio::net::tcp::OwnedReadHalf, AuthCodec>,
+        write_half: OwnedWriteHalf,
+        mut session: Session,
+    ) {
+        // Complete frames already read are decoded here: a new reader
+        // decodes its buffer only after its next socket read, which may
+        // never come (the peer waits for these answers).
+        let parts = frames.into_parts();
+        let (read_half, mut codec, mut buffered) = (parts.io, parts.codec, parts.read_buf);
+        loop {
+            let frame = match tokio_util::codec::Decoder::decode(&mut codec, &mut buffered) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(error) => {
+                    self.bad_frame(error.label(), &error.to_string());
+                    self.metrics.connections_open.dec();
+                    return;
+                }
+            };
+            let Some(request) = self.request_of(&frame, session.authenticated.as_ref()) else {
+                self.metrics.connections_open.dec();
+                return;
+            };
+            session.first.push((request, frame.header.request_id));
+        }
+        session.codec = codec;
+        session.buffered = buffered;
+        let stream = read_half
+            .reunite(write_half)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|stream| stream.into_std());
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(peer = %self.peer, %error, "cannot move a control connection");
+                self.metrics.connections_open.dec();
+                return;
+            }
+        };
+        let mut config = self.config.clone();
+        config.control_runtime = None;
+        let connection = Connection { config, ..self };
+        runtime.spawn(async move {
+            // Registered with this runtime's reactor from here on.
+            match TcpStream::from_std(stream) {
+                Ok(stream) => connection.serve(stream, session).await,
+                Err(error) => {
+                    tracing::debug!(peer = %connection.peer, %error, "cannot move a control connection");
+                    connection.metrics.connections_open.dec();
+                }
+            }
+        });
+    }
+
+    /// The handler's future for one request, answering with its frame.
+    fn dispatch(&self, request: Message, request_id: u64) -> BoxFuture<'static, Option<Bytes>> {
+        self.metrics.requests.inc();
+        let response = self.handler.handle(request);
+        let peer = self.peer.clone();
+        Box::pin(async move {
+            let response = response.await;
+            if !response.is_response() {
+                tracing::error!(%peer, kind = response.kind(), "handler returned a request-kind message; dropped");
+                return None;
+            }
+            match response.try_to_frame(request_id, true) {
+                Ok(frame) => Some(frame),
+                Err(error) => {
+                    tracing::error!(%peer, %error, "response does not fit a frame; dropped");
+                    None
+                }
+            }
+        })
+    }
+
+    async fn serve(self, stream: TcpStream, session: Session) {
         let (read_half, mut write_half) = stream.into_split();
         let max_in_flight = self.config.max_in_flight_per_connection.max(1);
         let mut handlers: FuturesUnordered<BoxFuture<'static, Option<Bytes>>> =
             FuturesUnordered::new();
-        let mut out = Outgoing::new(send_mac);
-        let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
+        let Session {
+            authenticated,
+            mut out,
+            codec,
+            buffered,
+            first,
+        } = session;
+        let mut frames = FramedRead::new(read_half, codec);
+        if !buffered.is_empty() {
+            *frames.read_buffer_mut() = buffered;
+        }
+        for (request, request_id) in first {
+            match request {
+                Message::Ping { nonce } => {
+                    out.push(Message::Pong { nonce }.to_frame(request_id, true))
+                }
+                request => handlers.push(self.dispatch(request, request_id)),
+            }
+        }
+        // Whether the connection's first request (Pings aside) was seen:
+        // only it can move the connection.
+        let mut placed = self.config.control_runtime.is_none();
 
         let end = loop {
             let next = tokio::select! {
@@ -372,69 +554,51 @@ impl Connection {
                 }
             };
             let request_id = frame.header.request_id;
-            let kind = frame.header.kind;
-            let allowed = match &self.config.access {
-                Access::Open => true,
-                Access::Kinds(allow) => allow(kind),
-                Access::Authenticated { allow, .. } => {
-                    authenticated.as_ref().is_some_and(|peer| allow(peer, kind))
-                }
-            };
-            if !allowed {
-                let who = authenticated.as_ref().map_or_else(
-                    || "unauthenticated peer".to_owned(),
-                    |p| format!("{} {}", p.role.as_str(), p.id),
-                );
-                self.bad_frame(
-                    "refused_kind",
-                    &format!("kind {kind:#06x} not allowed here for {who}"),
-                );
+            let Some(request) = self.request_of(&frame, authenticated.as_ref()) else {
                 break End::Abort;
-            }
-            let request = match Message::from_frame(&frame) {
-                Ok(message) => message,
-                Err(error) => {
-                    self.bad_frame(error.label(), &error.to_string());
-                    break End::Abort;
-                }
             };
-            if request.is_response() {
-                self.bad_frame(
-                    "response_as_request",
-                    &format!("kind {:#06x} sent as a request", request.kind()),
-                );
-                break End::Abort;
-            }
             if let Message::Ping { nonce } = request {
                 out.push(Message::Pong { nonce }.to_frame(request_id, true));
                 continue;
             }
-            self.metrics.requests.inc();
+            if !placed {
+                placed = true;
+                if let Some(runtime) = self.config.control_runtime.clone() {
+                    if request.is_control() && handlers.is_empty() {
+                        break End::Handoff(runtime, request, request_id);
+                    }
+                }
+            }
             // Run to completion: the handler's future is polled by this task
             // (decode, handle, device submit, encode, write without a hand-off
             // to another task); requests of one connection still proceed
             // concurrently inside `handlers`.
-            let response = self.handler.handle(request);
-            let peer = self.peer.clone();
-            handlers.push(Box::pin(async move {
-                let response = response.await;
-                if !response.is_response() {
-                    tracing::error!(%peer, kind = response.kind(), "handler returned a request-kind message; dropped");
-                    return None;
+            handlers.push(self.dispatch(request, request_id));
+        };
+        let end = match end {
+            End::Handoff(runtime, request, request_id) => {
+                // Pongs already queued leave first, from here.
+                if out.write_all_to(&mut write_half).await.is_err() {
+                    self.metrics.connections_open.dec();
+                    return;
                 }
-                match response.try_to_frame(request_id, true) {
-                    Ok(frame) => Some(frame),
-                    Err(error) => {
-                        tracing::error!(%peer, %error, "response does not fit a frame; dropped");
-                        None
-                    }
-                }
-            }));
+                let session = Session {
+                    authenticated,
+                    out,
+                    codec: AuthCodec::new(None),
+                    buffered: bytes::BytesMut::new(),
+                    first: vec![(request, request_id)],
+                };
+                self.hand_off(runtime, frames, write_half, session);
+                return;
+            }
+            end => end,
         };
         drop(frames);
         let finish = match end {
             End::Graceful => true,
             End::Abort => self.config.finish_abandoned_requests && !self.shutdown.is_cancelled(),
+            End::Handoff(..) => false,
         };
         if finish {
             // Bounded by the handlers themselves; shutdown cuts it short.

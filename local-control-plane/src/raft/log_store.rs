@@ -44,6 +44,9 @@ const LOG: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("
 const META: TableDefinition<'static, &'static str, &'static [u8]> =
     TableDefinition::new("raft_meta");
 
+/// A log write slower than this is logged (it holds openraft's core).
+const SLOW_WRITE: std::time::Duration = std::time::Duration::from_millis(50);
+
 const KEY_FORMAT: &str = "format";
 const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
@@ -129,13 +132,26 @@ impl LogStore {
         F: FnOnce(&WriteTransaction) -> Result<(), StorageError> + Send + 'static,
     {
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || {
+        let queued = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let txn = begin(&db, durability)?;
             write(&txn)?;
-            txn.commit().map_err(StorageError::db)
+            txn.commit().map_err(StorageError::db)?;
+            Ok(started.elapsed())
         })
         .await
-        .map_err(|e| StorageError::Task(e.to_string()))?
+        .map_err(|e| StorageError::Task(e.to_string()))?;
+        let total = queued.elapsed();
+        if total >= SLOW_WRITE {
+            tracing::warn!(
+                durable = matches!(durability, Durability::Immediate),
+                total_ms = total.as_millis() as u64,
+                commit_ms = result.as_ref().map_or(0, |d| d.as_millis() as u64),
+                "slow raft log write"
+            );
+        }
+        result.map(|_| ())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(

@@ -402,6 +402,15 @@ impl UnitState {
                 }
                 Ok(Outcome::Done)
             }
+            Command::Batch(commands) => Ok(Outcome::Batch(
+                commands
+                    .into_iter()
+                    .map(|command| match command {
+                        Command::Batch(_) => Err(CommandError::invalid("a batch inside a batch")),
+                        command => self.apply_unchecked(command),
+                    })
+                    .collect(),
+            )),
         }
     }
 

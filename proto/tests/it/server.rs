@@ -145,3 +145,136 @@ async fn bad_frame_closes_only_that_connection() {
         Some((9, Message::Pong { nonce: 1 }))
     );
 }
+
+/// Answers Raft, LCP and sled inventory requests with the name of the
+/// thread its `handle` ran on (the connection's task).
+struct ThreadRecorder;
+
+impl proto::server::Handler for ThreadRecorder {
+    fn handle(&self, request: Message) -> futures::future::BoxFuture<'static, Message> {
+        let thread = bytes::Bytes::from(
+            std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string(),
+        );
+        let reply = match request {
+            Message::Raft { .. } => Message::RaftReply { payload: thread },
+            Message::Lcp { .. } => Message::LcpReply { payload: thread },
+            _ => Message::SledReply(SledResponse::Error(proto::sled::SledError::Io {
+                reason: String::from_utf8_lossy(&thread).into_owned(),
+            })),
+        };
+        Box::pin(async move { reply })
+    }
+}
+
+fn answered_on(message: &Message) -> String {
+    match message {
+        Message::RaftReply { payload } | Message::LcpReply { payload } => {
+            String::from_utf8_lossy(payload).into_owned()
+        }
+        Message::SledReply(SledResponse::Error(proto::sled::SledError::Io { reason })) => {
+            reason.clone()
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+/// A connection whose first request (after a Ping) is a control one moves
+/// to the control runtime with the requests already buffered behind it;
+/// one whose first request is data stays, whatever follows.
+#[test]
+fn control_connections_move_to_the_control_runtime() {
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let control = runtime("control-rt");
+    let data = runtime("data-rt");
+    let control_handle = control.handle().clone();
+    data.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.1.61:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(proto::server::serve(
+            listener,
+            std::sync::Arc::new(ThreadRecorder),
+            proto::server::ServerConfig {
+                control_runtime: Some(control_handle),
+                ..proto::server::ServerConfig::default()
+            },
+            stop.clone(),
+        ));
+        let raft = || Message::Raft {
+            rpc: proto::lcp::RaftRpcKind::AppendEntries,
+            payload: bytes::Bytes::from_static(b"{}"),
+        };
+        let lcp = Message::Lcp {
+            idempotent: true,
+            payload: bytes::Bytes::from_static(b"{}"),
+        };
+        let inventory = Message::Sled(proto::sled::SledRequest::Inventory);
+
+        // Control: Ping, then three requests in one write (the last two are
+        // in the read buffer when the connection moves).
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut batch = Vec::new();
+        batch.extend_from_slice(&Message::Ping { nonce: 7 }.to_frame(1, false));
+        batch.extend_from_slice(&raft().to_frame(2, false));
+        batch.extend_from_slice(&raft().to_frame(3, false));
+        batch.extend_from_slice(&lcp.to_frame(4, false));
+        stream.write_all(&batch).await.unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(read_message(&mut stream, &mut buf).await.unwrap());
+        }
+        answers.sort_by_key(|(id, _)| *id);
+        assert_eq!(answers[0], (1, Message::Pong { nonce: 7 }));
+        for (id, answer) in &answers[1..] {
+            assert!(
+                answered_on(answer).starts_with("control-rt"),
+                "request {id} of a control connection ran on {}",
+                answered_on(answer)
+            );
+        }
+        // Later requests, and pings, are served there too.
+        stream.write_all(&raft().to_frame(5, false)).await.unwrap();
+        let (id, answer) = read_message(&mut stream, &mut buf).await.unwrap();
+        assert_eq!(id, 5);
+        assert!(answered_on(&answer).starts_with("control-rt"));
+        stream
+            .write_all(&Message::Ping { nonce: 8 }.to_frame(6, false))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_message(&mut stream, &mut buf).await,
+            Some((6, Message::Pong { nonce: 8 }))
+        );
+
+        // Data first: stays on the accepting runtime, control requests too.
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let mut buf = BytesMut::new();
+        stream
+            .write_all(&inventory.to_frame(1, false))
+            .await
+            .unwrap();
+        let (_, answer) = read_message(&mut stream, &mut buf).await.unwrap();
+        assert!(answered_on(&answer).starts_with("data-rt"));
+        stream.write_all(&raft().to_frame(2, false)).await.unwrap();
+        let (_, answer) = read_message(&mut stream, &mut buf).await.unwrap();
+        assert!(
+            answered_on(&answer).starts_with("data-rt"),
+            "a data connection moved: {}",
+            answered_on(&answer)
+        );
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    });
+    control.shutdown_timeout(Duration::from_secs(1));
+}
