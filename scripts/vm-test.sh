@@ -8,22 +8,29 @@
 #
 #   host                                        guest (qemu TCG, 1 vCPU)
 #   rackblock up (3 head nodes, 6 sleds) ◀──┐   /init
-#     127.0.1.x / 127.0.2.x:PORT            │   rackblock attach vol0 --device /dev/nbd0
-#   control file over HTTP 127.0.0.1:CTL ◀──┤     --rack rack.toml --volume-id N
-#                                           │   mkfs.ext4, mount, write files with fsync
-#              slirp (user-mode network) ───┘   (checksums, per-write latency)
+#     host ports 127.0.0.{1,2,3}:PORT       │   rackblock attach vol0 --device /dev/nbd0
+#   control file over HTTP 127.0.0.1:CTL ◀──┤     --rack rack.toml --attachment-file F
+#   rackblock attachment create → F         │   mkfs.ext4, mount, write files with fsync
+#     (copied into the initramfs)           │   (checksums, per-write latency)
+#              slirp (user-mode network) ───┘
 #   kill -9 the primary of the partition        kill -9 its own agent, restart it
 #   being written; restart it; kill -9 the      (NBD_CMD_RECONFIGURE), the same after
-#   Raft leader                                 SIGTERM while mounted; unmount,
+#   Raft leader; revoke the attachment          SIGTERM while mounted; unmount,
 #                                               e2fsck -fn, checksums, dmesg, detach
 #
-# Networking: the guest uses the unit's own addresses. Its loopback keeps
-# only 127.0.0.1/32, 127.0.1.0/24 and 127.0.2.0/24 (networks A and B) are
-# routed to slirp's gateway with route_localnet set, and slirp connects to
-# them on the host like any other destination. So the partition map's
-# addresses work unchanged in the guest, on both networks, without
-# proxies. The guest attaches straight to the unit (--rack, its own
-# attachment); the zonal plane stays on the host.
+# Networking: the guest is a host of the unit and reaches it only where
+# hosts do, the head nodes' host ports (`host` in the rack file: `up` puts
+# them on 127.0.0.1-3, port --base-port); the unit ports on networks A and
+# B (127.0.1.x, 127.0.2.x) are not routed to it (SECURITY.md). The guest's
+# loopback has no 127.0.0.0/8 address of its own (its agent's admin port is
+# on eth0), 127.0.0.0/24 is routed to slirp's gateway with route_localnet
+# set, and slirp connects to those addresses on the host like any other
+# destination. So the host ports in the rack file and in the partition maps
+# the head nodes answer work unchanged in the guest, without proxies. The
+# guest attaches straight to the unit (--rack) with an attachment the
+# script mints on the host as an operator (`rackblock attachment create`,
+# the file copied into the initramfs) and revokes at the end; the zonal
+# plane stays on the host.
 #
 # Fetched once into a cache (RACKBLOCK_VM_CACHE, default
 # ~/.cache/rackblock-vm) with `apt-get download` + `dpkg -x`, never
@@ -221,20 +228,20 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-# Networks A and B of the unit are the host's loopback addresses: route them
-# through slirp (see scripts/vm-test.sh).
+# The head nodes' host ports are the host's loopback addresses 127.0.0.x:
+# route them through slirp (see scripts/vm-test.sh); the guest keeps no
+# 127.0.0.0/8 address of its own.
 ip addr del 127.0.0.1/8 dev lo
-ip addr add 127.0.0.1/32 dev lo
 sysctl -w net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 >/dev/null
-ip route add 127.0.1.0/24 via 10.0.2.2 dev eth0
-ip route add 127.0.2.0/24 via 10.0.2.2 dev eth0
+ip route add 127.0.0.0/24 via 10.0.2.2 dev eth0
+ADMIN=10.0.2.15:9400
 ctl() { printf 'GET /%s HTTP/1.0\r\n\r\n' "$1" | nc -w 5 10.0.2.2 "$CTL_PORT" 2>/dev/null | tail -n 1; }
 
 AGENT=""
 start_agent() { # [device]: none lets the agent choose (a free one, or its own left behind)
   : >>/tmp/agent.log
-  RUST_LOG=info /bin/rackblock attach vol0 --rack /etc/rack.toml --volume-id "$VOLUME_ID" \
-    --host vm-test --admin 127.0.0.1:9400 --device $1 >>/tmp/agent.log 2>&1 &
+  RUST_LOG=info /bin/rackblock attach vol0 --rack /etc/rack.toml --attachment-file /etc/attachment \
+    --admin $ADMIN --device $1 >>/tmp/agent.log 2>&1 &
   AGENT=$!
 }
 served() { n=$(grep -c '^serving vol0' /tmp/agent.log 2>/dev/null); echo "${n:-0}"; }
@@ -254,7 +261,7 @@ say "attached $(now) $(grep '^serving vol0' /tmp/agent.log | tail -n 1)"
 [ "$(cat /sys/block/nbd0/size)" -gt 0 ] || fail "device size 0"
 # A second agent for the same device is refused (exit 4) before it
 # registers anything.
-/bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml --volume-id "$VOLUME_ID" \
+/bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml --attachment-file /etc/attachment \
   >/tmp/second.log 2>&1
 [ $? = 4 ] || fail "a second agent for /dev/nbd0 was not refused: $(cat /tmp/second.log)"
 /sbin/mke2fs -q -t ext4 -F -E nodiscard /dev/nbd0 || fail "mkfs.ext4"
@@ -279,7 +286,7 @@ done
 say "stall ${max}ms f$maxfile files $i"
 sync
 # The agent's own view of the failovers (its admin port).
-pause=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 5 127.0.0.1 9400 |
+pause=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 5 ${ADMIN%:*} ${ADMIN#*:} |
   awk '/^rackblock_agent_failover_pause_longest_seconds / { printf "%d", $2 * 1000 }')
 say "agent-pause ${pause:-?}ms"
 
@@ -363,8 +370,14 @@ export RACKBLOCK_ZONAL=http://$zonal RACKBLOCK_TOKEN=$(cat "$data/zonal-token") 
 rb() { "$bin" "$@"; }
 volume_id=$(rb --output json volume describe vol0 | $python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 cp "$data/rack.toml" "$initramfs/etc/rack.toml"
+# The guest's attachment, minted here by the operator (the unit keeps only
+# its token's digest); the file is all the guest gets besides the rack file.
+rb attachment create "$volume_id" --host vm-test --out "$work/attachment" 2>>"$work/up.log" ||
+  die "attachment create failed: $(tail -3 "$work/up.log")"
+attachment_id=$(sed -n 's/^attachment_id = //p' "$work/attachment")
+[ -n "$attachment_id" ] || die "no attachment_id in $work/attachment"
+cp "$work/attachment" "$initramfs/etc/attachment"
 cat >"$initramfs/etc/vmtest.env" <<EOF
-VOLUME_ID=$volume_id
 CTL_PORT=$ctl_port
 MAX_FILES=400
 EOF
@@ -480,6 +493,10 @@ total=$(($(date +%s) - started))
 echo "--- guest"
 grep -E "VMTEST (init|network|attached|writing|stall|agent-pause|agent-stop-restart|agent-restart|auto-device|PASS|FAIL)" "$console" | tr -d '\r'
 if grep -q "VMTEST PASS" "$console"; then
+  # The guest's agents leave an operator's attachment alone: revoking it
+  # is the operator's part.
+  rb attachment revoke "$volume_id" "$attachment_id" 2>>"$work/up.log" ||
+    die "attachment revoke failed: $(tail -3 "$work/up.log")"
   stall=$(sed -n 's/.*VMTEST stall \([0-9]*\)ms.*/\1/p' "$console")
   pause=$(sed -n 's/.*VMTEST agent-pause \([0-9?]*\)ms.*/\1/p' "$console")
   echo "PASS vm-test: boot to /init ${boot_seconds}s, longest guest write stall ${stall} ms (the agent's longest failover pause ${pause} ms) across the kills of $victim (primary of partition $partition) and $leader (Raft leader), total ${total}s"

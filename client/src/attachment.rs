@@ -1,5 +1,6 @@
 //! Attachments registered straight with a unit, for hosts that attach
-//! without the zonal plane (`rackblock attach --rack FILE --volume-id N`,
+//! without the zonal plane (`rackblock attachment create`, whose file a
+//! host gives to `rackblock attach --rack FILE --attachment-file F`;
 //! benchmarks, tests).
 //!
 //! [`register_attachment`] makes a fresh credential (a random id with the

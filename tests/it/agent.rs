@@ -166,7 +166,8 @@ fn wait_for_iops_limit(admin: SocketAddr, iops: f64, within: Duration) -> Durati
 
 /// Issue 18: the limits live in the unit's volume record. `volume create
 /// --iops 1000` through the zonal plane; an agent attached **without** the
-/// zonal plane (`--rack --volume-id`) enforces it: fio's 4 KiB random
+/// zonal plane (`--rack --attachment-file`, an attachment minted with
+/// `rackblock attachment create`) enforces it: fio's 4 KiB random
 /// reads at QD16 measure between 500 and 1,300 IOPS (loose: 2 shared
 /// cores; the tight figure is `bench/qos.sh`). `volume modify --iops 200`
 /// reaches the serving agent within 6 s (its admin port shows the new
@@ -197,6 +198,21 @@ fn qos_from_the_volume_record_is_enforced_without_zonal_and_changes_live() {
     );
     let volume_id = described["id"].as_u64().unwrap().to_string();
     let rack = unit.data_dir.join("rack.toml");
+    // Without the zonal plane a host needs an attachment an operator
+    // minted (SECURITY.md).
+    let attachment = unit.data_dir.join("volr.attachment");
+    let minted = unit.cli(&[
+        "attachment",
+        "create",
+        &volume_id,
+        "--out",
+        attachment.to_str().unwrap(),
+    ]);
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
     let admin = SocketAddr::from(([127, 0, 0, 1], unit.spare_port()));
     let admin_arg = admin.to_string();
     let (agent, uri) = unit.attach_with(
@@ -204,8 +220,8 @@ fn qos_from_the_volume_record_is_enforced_without_zonal_and_changes_live() {
         &[
             "--rack",
             rack.to_str().unwrap(),
-            "--volume-id",
-            &volume_id,
+            "--attachment-file",
+            attachment.to_str().unwrap(),
             "--admin",
             &admin_arg,
         ],
