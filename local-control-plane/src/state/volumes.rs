@@ -223,6 +223,7 @@ impl UnitState {
                     epoch: 1,
                     lease: None,
                     sandbox: Default::default(),
+                    secondary_catching_up: false,
                 });
             }
         }
