@@ -122,6 +122,12 @@ pub fn print_status(rack: &Rack, raft: &RaftStatus, unit: &UnitStatus) {
         "failover: {} partitions failing over, {} re-mirroring, {} with no live copy",
         f.failing_over, f.remirroring, f.no_live_copy
     );
+    if f.secondary_catching_up > 0 || f.waiting_for_old_primary > 0 {
+        println!(
+            "  {} partitions with a secondary catching up, {} of them waiting for their old primary (not promoted: the secondary lacks acknowledged writes)",
+            f.secondary_catching_up, f.waiting_for_old_primary
+        );
+    }
 }
 
 /// Column repair: tasks pending/running, work left, rate, each task.

@@ -19,6 +19,7 @@
 //!                                                      its recovered records)
 //!   all partitions that had records opened           ─▶ READY (traffic, flush, GC)
 //! per primary: lease task  (GrantLease every renew interval, lease_until)
+//!              sync report (SecondaryInSync once the secondary caught up)
 //!              duty task   (flush when due: fill ratio / age; GC every gc interval)
 //! host request   ─▶ attachment credential valid for the volume and the range
 //!                   inside the volume (applied LCP state; else Unauthorized /
@@ -70,6 +71,16 @@
 //! over what the sleds hold, then the records). Until it confirms, writes
 //! wait (bounded by the replica timeout, then `Unavailable`, which the
 //! client retries): a partition never acknowledges on one copy.
+//!
+//! **A new secondary is caught up proactively and reported.** The
+//! replicator of a new primary instance asks its secondary what it holds
+//! and catches it up at once (see `partition::replica`), write or no write.
+//! Until then the control plane marks the secondary "catching up" and never
+//! promotes it: it may lack acknowledged writes that only this node's log
+//! holds (the bug: a re-mirror with no host write for seconds, then the
+//! primary died and an empty secondary was promoted). The sync-report task
+//! proposes `SecondaryInSync` once [`Partition::secondary_in_sync`]; a dead
+//! primary's partition then fails over as before.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -153,6 +164,10 @@ const SHUTDOWN_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause after a failed lease request (no leader yet, say): short, since
 /// the partition serves nothing without a lease.
 const LEASE_RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a primary whose secondary is catching up looks whether it
+/// is in sync (then reports it to the control plane), and retries a
+/// report that did not commit.
+const SYNC_REPORT_INTERVAL: Duration = Duration::from_millis(50);
 /// Least time between two reconciliations woken by applied entries (every
 /// lease renewal is one): bounds the manager's work, not its reaction.
 const MIN_RECONCILE_SPACING: Duration = Duration::from_millis(10);
@@ -461,6 +476,9 @@ pub struct PartitionStatus {
     /// The control plane's epoch.
     pub lcp_epoch: u64,
     pub secondary: Option<String>,
+    /// Primary: the secondary holds every acknowledged record (false:
+    /// "secondary catching up", it is not promoted if this node dies).
+    pub secondary_in_sync: Option<bool>,
     /// Milliseconds of lease left (primary).
     pub lease_remaining_ms: Option<u64>,
     pub log_resident_blocks: u64,
@@ -1047,6 +1065,10 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         epoch: h.partition.epoch(),
         lcp_epoch: h.lcp_epoch.load(Ordering::Relaxed),
         secondary: h.secondary.clone(),
+        secondary_in_sync: h
+            .secondary
+            .is_some()
+            .then(|| h.partition.secondary_in_sync()),
         lease_remaining_ms: h
             .lease_remaining()
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -1351,6 +1373,7 @@ fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Par
     if d.role == OpenRole::Primary {
         tokio::spawn(lease_task(inner.clone(), hosted.clone()));
         tokio::spawn(duty_task(inner.clone(), hosted.clone()));
+        tokio::spawn(sync_report_task(inner.clone(), hosted.clone()));
     }
     all.insert(id, hosted);
 }
@@ -1558,6 +1581,63 @@ async fn lease_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
         if !matches!(hosted.partition.role(), Role::Primary) {
             *lock(&hosted.lease_until) = None;
             return;
+        }
+    }
+}
+
+/// Tells the control plane once this primary's secondary holds every
+/// acknowledged record (see the module docs): `SecondaryInSync` at the
+/// epoch this instance serves, when the control plane still marks that
+/// secondary as catching up. Ends once reported, when the control plane
+/// no longer needs it (in sync already, roles or epoch moved on), or with
+/// the partition.
+async fn sync_report_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
+    let id = hosted.partition.id();
+    let Some(secondary) = hosted.secondary.clone() else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SYNC_REPORT_INTERVAL) => {}
+            () = hosted.cancel.cancelled() => return,
+        }
+        if !matches!(hosted.partition.role(), Role::Primary) {
+            return;
+        }
+        let state = inner.node.local_state();
+        let Some(entry) = state.partition(id) else {
+            return;
+        };
+        if entry.epoch != hosted.opened_epoch
+            || entry.primary != inner.me
+            || entry.secondary.0 != secondary
+            || !entry.secondary_catching_up
+        {
+            // Nothing to report for this instance (a take-over at the new
+            // epoch reports its own).
+            return;
+        }
+        if !hosted.partition.secondary_in_sync() {
+            continue;
+        }
+        let command = Command::SecondaryInSync {
+            partition: id,
+            primary: inner.me.clone(),
+            secondary: entry.secondary.clone(),
+            epoch: hosted.opened_epoch,
+        };
+        match propose(&inner.node, command).await {
+            Ok(_) => {
+                info!(partition = ?id, epoch = hosted.opened_epoch, %secondary, "secondary in sync, reported to the control plane");
+                return;
+            }
+            Err(ProposeError::Refused(error)) => {
+                info!(partition = ?id, epoch = hosted.opened_epoch, %error, "secondary in sync report refused");
+                return;
+            }
+            Err(error) => {
+                debug!(partition = ?id, %error, "secondary in sync report failed; retrying")
+            }
         }
     }
 }

@@ -132,6 +132,17 @@ pub enum Command {
         now_ms: u64,
         duration_ms: u64,
     },
+    /// The primary at `epoch` confirms that `secondary` holds every record
+    /// it acknowledged (its catch-up finished): the partition's
+    /// `secondary_catching_up` is cleared, so the failover controller may
+    /// promote it again. Refused unless `primary`, `secondary` and `epoch`
+    /// are the partition's current ones.
+    SecondaryInSync {
+        partition: PartitionId,
+        primary: NodeId,
+        secondary: NodeId,
+        epoch: Epoch,
+    },
     /// Set a node's health (the detector: Down and back Up; Up also clears
     /// a reported failure).
     SetNodeHealth {

@@ -4,6 +4,9 @@
 //! ```text
 //! every poll_interval, from the replicated UnitState only (plan):
 //!   primary on a Down/Failed node, secondary Up:
+//!     secondary_catching_up                                      ⇒ wait for the old
+//!                                                                   primary (counted; never
+//!                                                                   promote a stale copy)
 //!     lease None, or lease.expires_at_ms + lease_margin <= now  ⇒ Promote
 //!         ChangePrimary{new_primary: secondary, new_secondary: pick(), expected_epoch}
 //!     else                                                       ⇒ wait (counted; the
@@ -28,6 +31,16 @@
 //!   refuses `ChangePrimary` while the lease is valid at the command's
 //!   `now_ms` anyway (`LeaseHeld`). The old primary stops serving at 90 % of
 //!   its lease by its own monotonic clock (head-node manager).
+//! * **Never promote a stale copy.** A secondary named by a role change
+//!   (re-mirror, or the new secondary of a promotion) starts empty; the
+//!   primary catches it up from its log and reports it with
+//!   `SecondaryInSync` once it holds every record the primary
+//!   acknowledged. Until then (`Partition::secondary_catching_up`) a dead
+//!   primary's partition is not promoted: it stays unavailable (hosts see
+//!   retryable errors) until the old primary comes back, because the
+//!   secondary may lack acknowledged writes only the primary's log holds.
+//!   A secondary that was in sync when its primary died is promoted after
+//!   the lease as before.
 //! * **Idempotent across leader changes.** Every decision is a pure function
 //!   of the replicated state ([`plan`]); `expected_epoch` makes a repeated
 //!   promotion a harmless `StaleEpoch`, and a new leader re-derives the same
@@ -140,6 +153,11 @@ pub struct Plan {
     pub next_promotion_at_ms: Option<u64>,
     /// Partitions with no Up copy, or no Up node to take a role.
     pub stuck: usize,
+    /// Partitions whose primary is dead and whose secondary is still
+    /// catching up: not promoted, they wait for the old primary.
+    pub waiting_for_sync: usize,
+    /// Partitions whose secondary is catching up (primary alive or not).
+    pub catching_up: usize,
 }
 
 fn is_up(state: &UnitState, node: &NodeId) -> bool {
@@ -182,9 +200,18 @@ pub fn plan(state: &UnitState, now_ms: u64, lease_margin_ms: u64) -> Plan {
                 .get(node)
                 .is_some_and(|n| matches!(n.health, Health::Down | Health::Failed))
         };
+        if p.secondary_catching_up {
+            plan.catching_up += 1;
+        }
         if dead(&p.primary) {
             if !secondary_up {
                 plan.stuck += 1;
+                continue;
+            }
+            if p.secondary_catching_up {
+                // The secondary may lack acknowledged writes that only the
+                // dead primary's log holds: wait for that primary.
+                plan.waiting_for_sync += 1;
                 continue;
             }
             let due_ms = p
@@ -234,6 +261,8 @@ pub struct FailoverMetrics {
     pending_remirrors: Gauge,
     waiting_for_lease: Gauge,
     stuck: Gauge,
+    waiting_for_sync: Gauge,
+    catching_up: Gauge,
     promotions: Counter,
     remirrors: Counter,
 }
@@ -263,6 +292,16 @@ impl FailoverMetrics {
             m.stuck.clone(),
         );
         registry.register(
+            "rackblock_lcp_failover_waiting_for_sync",
+            "Partitions with a down primary whose secondary is still catching up (not promoted)",
+            m.waiting_for_sync.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_failover_secondary_catching_up",
+            "Partitions whose secondary has not been reported in sync by its primary",
+            m.catching_up.clone(),
+        );
+        registry.register(
             "rackblock_lcp_failover_promotions",
             "Promotions committed by this leader",
             m.promotions.clone(),
@@ -287,6 +326,10 @@ impl FailoverMetrics {
             .set(i64::try_from(plan.waiting_for_lease).unwrap_or(i64::MAX));
         self.stuck
             .set(i64::try_from(plan.stuck).unwrap_or(i64::MAX));
+        self.waiting_for_sync
+            .set(i64::try_from(plan.waiting_for_sync).unwrap_or(i64::MAX));
+        self.catching_up
+            .set(i64::try_from(plan.catching_up).unwrap_or(i64::MAX));
     }
 }
 
@@ -530,9 +573,105 @@ mod tests {
             assert_ne!(new.secondary.0, "hn-1");
             assert_eq!(new.epoch, old.epoch + 1);
         }
-        // Idempotent: the same state plans nothing more for the dead node.
-        assert_eq!(plan(&state, now, 500), Plan::default());
-        assert_eq!(state.unit_status().failover, Default::default());
+        // Idempotent: the same state plans nothing more for the dead node;
+        // the new secondaries are catching up until their primaries report.
+        let again = plan(&state, now, 500);
+        assert!(again.actions.is_empty(), "{again:?}");
+        // (every partition that had a role on the dead node: promoted or
+        // re-mirrored)
+        assert!(again.catching_up >= victims.len(), "{again:?}");
+        let status = state.unit_status().failover;
+        assert_eq!(status.secondary_catching_up, again.catching_up);
+        assert_eq!((status.failing_over, status.remirroring), (0, 0));
+    }
+
+    fn report_in_sync(state: &mut UnitState, p: PartitionId) {
+        let entry = state.partition(p).unwrap().clone();
+        state
+            .apply(Command::SecondaryInSync {
+                partition: p,
+                primary: entry.primary,
+                secondary: entry.secondary,
+                epoch: entry.epoch,
+            })
+            .unwrap();
+    }
+
+    /// The bug of the kernel-NBD VM test: the secondary dies, a fresh one is
+    /// named (empty), no write comes, the primary dies. The fresh secondary
+    /// lacks what only the primary's log held: it must not be promoted; the
+    /// partition waits for the old primary. Once the primary reports it in
+    /// sync, it is promoted as usual (and its own new secondary is
+    /// catching up in turn).
+    #[test]
+    fn a_secondary_still_catching_up_is_never_promoted() {
+        let mut state = unit(4, 1);
+        let p = state.volumes()[&1].partitions[0].clone();
+        assert!(
+            !p.secondary_catching_up,
+            "a new volume's copies are both empty"
+        );
+        down(&mut state, &p.secondary.0.clone());
+        let remirror = plan(&state, 0, 500);
+        assert_eq!(remirror.actions.len(), 1);
+        apply(&mut state, &remirror, 0);
+        let fresh = state.partition(p.id).unwrap().clone();
+        assert!(fresh.secondary_catching_up);
+        assert_eq!(state.unit_status().failover.secondary_catching_up, 1);
+
+        // The primary dies before reporting the new secondary in sync.
+        down(&mut state, &p.primary.0.clone());
+        let waiting = plan(&state, u64::MAX / 2, 500);
+        assert!(waiting.actions.is_empty(), "{waiting:?}");
+        assert_eq!(waiting.waiting_for_sync, 1);
+        let status = state.unit_status().failover;
+        assert_eq!(status.waiting_for_old_primary, 1);
+        assert_eq!(status.failing_over, 0);
+        // The state machine keeps the flag across a refused stale report.
+        let stale = state.apply(Command::SecondaryInSync {
+            partition: p.id,
+            primary: fresh.primary.clone(),
+            secondary: fresh.secondary.clone(),
+            epoch: fresh.epoch - 1,
+        });
+        assert!(
+            matches!(stale, Err(CommandError::StaleEpoch { .. })),
+            "{stale:?}"
+        );
+        let wrong = state.apply(Command::SecondaryInSync {
+            partition: p.id,
+            primary: fresh.secondary.clone(),
+            secondary: fresh.primary.clone(),
+            epoch: fresh.epoch,
+        });
+        assert!(
+            matches!(wrong, Err(CommandError::NotPrimary { .. })),
+            "{wrong:?}"
+        );
+        assert!(state.partition(p.id).unwrap().secondary_catching_up);
+
+        // The old primary returns and catches the secondary up: promotion
+        // works again the next time it dies.
+        state
+            .apply(Command::SetNodeHealth {
+                node: p.primary.clone(),
+                health: Health::Up,
+            })
+            .unwrap();
+        report_in_sync(&mut state, p.id);
+        assert!(!state.partition(p.id).unwrap().secondary_catching_up);
+        assert_eq!(state.unit_status().failover.secondary_catching_up, 0);
+        down(&mut state, &p.primary.0.clone());
+        let promote = plan(&state, u64::MAX / 2, 500);
+        assert_eq!(promote.actions.len(), 1, "{promote:?}");
+        assert!(matches!(promote.actions[0], Action::Promote { .. }));
+        apply(&mut state, &promote, u64::MAX / 2);
+        let promoted = state.partition(p.id).unwrap();
+        assert_eq!(promoted.primary, fresh.secondary);
+        assert!(
+            promoted.secondary_catching_up,
+            "the promotion names a new, empty secondary"
+        );
     }
 
     #[test]

@@ -73,6 +73,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Self::start_with_flush_age(Duration::from_secs(2)).await
+    }
+
+    /// [`Cluster::start`] with the head nodes' `flush_age_ms` (a long one
+    /// keeps acknowledged writes in the primaries' logs only).
+    async fn start_with_flush_age(flush_age: Duration) -> Cluster {
         let started = Instant::now();
         // FAILOVER_TIMINGS=legacy: the timings before issue 6's pause work
         // (lease 2 s / 500 ms / margin 500 ms, election 1.5–3 s, no
@@ -127,8 +133,9 @@ impl Cluster {
         // and an index checkpoint after every flush commit, so take-overs
         // start from one.
         unit.append_head_node_config(&format!(
-            "wal_size_bytes = {}\nflush_age_ms = 2000\ncheckpoint_every_flushes = 1\n",
-            64 * MIB
+            "wal_size_bytes = {}\nflush_age_ms = {}\ncheckpoint_every_flushes = 1\n",
+            64 * MIB,
+            flush_age.as_millis()
         ));
         if legacy {
             unit.append_head_node_config(
@@ -1166,4 +1173,141 @@ async fn raft_term_holds_under_write_load() {
         "the leader changed under load\n{}",
         cluster.logs()
     );
+}
+
+/// The kernel-NBD VM test's data loss, end to end. Acknowledged writes sit
+/// only in the logs (no flush); the secondary of a partition is killed and
+/// a new, empty secondary is named; **nothing is written**; the primary is
+/// killed. Before the fix the new secondary was only caught up by the next
+/// host write, and was promoted empty: every unflushed write was lost.
+/// Now the primary catches it up at once and reports it in sync (the unit
+/// shows no secondary catching up), the promotion happens, and every
+/// acknowledged byte reads back, also after the old primary returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remirrored_secondary_is_caught_up_without_writes_before_the_primary_dies() {
+    let mut cluster = Cluster::start_with_flush_age(Duration::from_secs(600)).await;
+    let client = tests::connect_client(cluster.unit.lcp_client(), VOLUME, client_config())
+        .await
+        .unwrap();
+    // 1 MiB at the start of every partition, in 64 KiB writes.
+    const WRITTEN: u64 = MIB;
+    const CHUNK: u64 = 64 * 1024;
+    let mut expected = BTreeMap::new();
+    for partition in 0..PARTITIONS as u64 {
+        for chunk in 0..WRITTEN / CHUNK {
+            let offset = partition * PARTITION_BYTES + chunk * CHUNK;
+            let data = Bytes::from(pattern(offset ^ 0x5eed, CHUNK));
+            client.write(offset, data.clone(), false).await.unwrap();
+            expected.insert(offset, data);
+        }
+    }
+    let check = |what: &'static str| {
+        let client = &client;
+        let expected = &expected;
+        async move {
+            for (offset, data) in expected {
+                let got = client.read(*offset, CHUNK).await.unwrap();
+                assert!(got == *data, "{what}: bytes at {offset} lost");
+            }
+        }
+    };
+    check("before any failure").await;
+
+    // A partition whose secondary is not the Raft leader (its primary
+    // neither, when there is one).
+    let leader = cluster.leader().await;
+    let map = cluster.map().await;
+    let not_leader = |n: &str| Some(n) != leader.as_deref();
+    let target = map
+        .partitions
+        .iter()
+        .filter(|p| not_leader(&p.secondary.id.0))
+        .min_by_key(|p| !not_leader(&p.primary.id.0))
+        .expect("a partition whose secondary does not lead raft")
+        .clone();
+    let primary_name = target.primary.id.0.clone();
+    let secondary_name = target.secondary.id.0.clone();
+    let primary = cluster.unit.head_node_index(&primary_name);
+    let secondary = cluster.unit.head_node_index(&secondary_name);
+    eprintln!(
+        "partition {}: primary {primary_name}, secondary {secondary_name} (killed first)",
+        target.index
+    );
+
+    // 1. The secondary dies; its partitions get new (empty) secondaries.
+    if let Some(mut daemon) = cluster.heads[secondary].take() {
+        daemon.kill9();
+    }
+    let moved = epochs_of_partitions_on(&map, &secondary_name);
+    let remirrored = cluster
+        .wait_two_live_copies(
+            &BTreeSet::from([secondary_name.clone()]),
+            &moved,
+            Duration::from_secs(40),
+        )
+        .await;
+    let new_secondary = remirrored
+        .partitions
+        .iter()
+        .find(|p| p.index == target.index)
+        .map(|p| p.secondary.id.0.clone())
+        .unwrap();
+    eprintln!("partition {}: new secondary {new_secondary}", target.index);
+
+    // 2. No write. The primaries catch their new secondaries up on their
+    // own and say so: the unit shows none catching up.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let catching_up = match cluster.lcp.unit_status().await {
+            Ok((_, unit)) => unit.failover.secondary_catching_up,
+            Err(e) => {
+                eprintln!("unit status: {e}");
+                usize::MAX
+            }
+        };
+        if catching_up == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{catching_up} secondaries still catching up without host writes\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cluster.count_log_lines("secondary in sync, reported to the control plane") >= 1,
+        "{}",
+        cluster.logs()
+    );
+    // The killed node returns (no roles): the promotion below names it
+    // the new secondary.
+    cluster.restart(secondary);
+
+    // 3. The primary dies; the caught-up secondary is promoted.
+    let map = cluster.map().await;
+    let moved = epochs_of_partitions_on(&map, &primary_name);
+    if let Some(mut daemon) = cluster.heads[primary].take() {
+        daemon.kill9();
+    }
+    let promoted = cluster
+        .wait_two_live_copies(
+            &BTreeSet::from([primary_name.clone()]),
+            &moved,
+            Duration::from_secs(40),
+        )
+        .await;
+    let now_primary = promoted
+        .partitions
+        .iter()
+        .find(|p| p.index == target.index)
+        .map(|p| p.primary.id.0.clone())
+        .unwrap();
+    assert_eq!(now_primary, new_secondary, "{promoted:?}");
+    check("after the re-mirrored secondary was promoted").await;
+
+    // 4. The old primary returns: nothing changes what reads return.
+    cluster.restart(primary);
+    check("after the old primary returned").await;
+    client.close();
 }

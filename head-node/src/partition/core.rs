@@ -328,6 +328,12 @@ pub struct PartitionCore {
     sent_through: u64,
     /// Primary: replication stopped (fenced or shut down).
     stopped: bool,
+    /// Primary: the secondary is known to hold every sequence this primary
+    /// acknowledged (it confirmed an `Append`, or a catch-up or status
+    /// probe found it at the queue's front). False for a new instance: a
+    /// secondary named at this epoch may be empty. Once true it stays true:
+    /// nothing is acknowledged without the secondary's confirmation.
+    secondary_in_sync: bool,
     /// The range table: writes by arrival.
     writes: BTreeMap<WriteId, WriteSlot>,
     next_write: u64,
@@ -364,6 +370,7 @@ impl PartitionCore {
             acked_through: 0,
             sent_through: 0,
             stopped: false,
+            secondary_in_sync: false,
             writes: BTreeMap::new(),
             next_write: 0,
             replica_busy: false,
@@ -411,6 +418,13 @@ impl PartitionCore {
     /// Replication stopped (fenced or shut down).
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// Primary: the secondary holds every record this primary acknowledged
+    /// (see the field); the driver reports it to the control plane, which
+    /// promotes only an in-sync secondary.
+    pub fn secondary_in_sync(&self) -> bool {
+        self.secondary_in_sync
     }
 
     /// Writes in the range table (queued, admitted or committing).
@@ -957,7 +971,25 @@ impl PartitionCore {
             self.repl_queue.pop_front();
         }
         self.acked_through = self.acked_through.max(up_to);
+        // The secondary accepts records in sequence order only (holes are
+        // refused with `Gap`; a catch-up jump skips only flushed ones), so
+        // holding `up_to` means holding everything acknowledged before it.
+        self.secondary_in_sync = true;
         self.settle_all()
+    }
+
+    /// A secondary that expects sequence `expected` (a `Gap`, a status
+    /// probe, a catch-up round) is at the queue's front: it holds every
+    /// record this primary acknowledged. Returns whether that is so (and
+    /// records it).
+    pub fn note_secondary_expects(&mut self, expected: u64) -> bool {
+        if matches!(self.role, Role::Primary)
+            && !self.stopped
+            && matches!(self.catch_up_plan(expected), CatchUp::Caught)
+        {
+            self.secondary_in_sync = true;
+        }
+        self.secondary_in_sync
     }
 
     /// What to send a secondary that expects sequence `expected`.

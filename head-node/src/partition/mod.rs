@@ -978,6 +978,13 @@ impl Partition {
             .clone()
     }
 
+    /// Primary: the secondary holds every record this primary acknowledged
+    /// (caught up; see the replica module docs). The manager reports it to
+    /// the control plane, which promotes only an in-sync secondary.
+    pub fn secondary_in_sync(&self) -> bool {
+        self.shared.lock().core.secondary_in_sync()
+    }
+
     /// Blocks whose latest version is only in the log.
     pub fn log_resident_blocks(&self) -> u64 {
         self.shared.lock().core.index.log_resident_blocks()

@@ -13,6 +13,18 @@
 //! `FlushCommit` that moves the secondary's expected sequence past them.
 //! `StaleEpoch` fences the primary.
 //!
+//! **A new secondary is caught up at once.** A primary instance (opened,
+//! or taken over in place because its secondary was replaced) does not
+//! know what its secondary holds: one named at this epoch starts empty,
+//! while this log may hold thousands of unflushed acknowledged records. It
+//! asks (`Status`) before anything else and runs the catch-up from the
+//! answer, retrying until the secondary answers — not only when a host
+//! write meets a `Gap`, which may not come before this node dies. Once the
+//! secondary is at the queue's front the core records it in sync
+//! ([`PartitionCore::secondary_in_sync`](super::core::PartitionCore::secondary_in_sync)),
+//! which the manager reports to the control plane: only then may the
+//! secondary be promoted.
+//!
 //! The secondary handles one request at a time (the core's replica slot),
 //! accepts records in sequence order only (duplicates are skipped, holes
 //! refused with `Gap`), logs them durably before answering, keeps its own
@@ -66,9 +78,17 @@ pub(super) async fn run_replicator(weak: Weak<Shared>) {
         let Some(shared) = weak.upgrade() else { return };
         let wakeup = shared.repl_wakeup.clone();
         let retry = shared.config.replica_retry_interval;
-        let has_commit = !shared.lock().core.pending_commits.is_empty();
+        let (has_commit, in_sync) = {
+            let state = shared.lock();
+            (
+                !state.core.pending_commits.is_empty(),
+                state.core.secondary_in_sync(),
+            )
+        };
         let step = if in_flight.is_empty() && has_commit {
             replicate_commit(&shared).await
+        } else if in_flight.is_empty() && !in_sync {
+            probe_secondary(&shared).await
         } else {
             match fill(&shared, &mut in_flight) {
                 Err(step) => step,
@@ -178,6 +198,52 @@ async fn replicate_commit(shared: &Arc<Shared>) -> Step {
     on_reply(shared, reply, true).await
 }
 
+/// Asks the secondary which sequence it expects and catches it up from
+/// there (see the module docs): run until the core holds it in sync.
+async fn probe_secondary(shared: &Arc<Shared>) -> Step {
+    let Some(peer) = shared.replica.clone() else {
+        return Step::Stop;
+    };
+    {
+        let state = shared.lock();
+        if !matches!(state.core.role, Role::Primary) || state.core.stopped() {
+            return Step::Stop;
+        }
+    }
+    let request = ReplicaRequest::Status {
+        partition: shared.id(),
+    };
+    let reply = tokio::time::timeout(send_timeout(shared), peer.send(request)).await;
+    match reply {
+        Ok(Ok(ReplicaReply::Status {
+            highest_sequence, ..
+        })) => {
+            let expected = highest_sequence.saturating_add(1);
+            if shared.lock().core.note_secondary_expects(expected) {
+                tracing::info!(partition = ?shared.id(), expected, "secondary in sync");
+                return Step::Progress;
+            }
+            tracing::info!(partition = ?shared.id(), expected, "catching the secondary up");
+            bump(&shared.metrics.replica_gaps);
+            catch_up(shared, expected).await
+        }
+        Ok(Ok(other)) => {
+            tracing::debug!(partition = ?shared.id(), ?other, "secondary status refused; retrying");
+            bump(&shared.metrics.replica_retries);
+            Step::Retry
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(partition = ?shared.id(), %error, "secondary status failed; retrying");
+            bump(&shared.metrics.replica_retries);
+            Step::Retry
+        }
+        Err(_) => {
+            bump(&shared.metrics.replica_retries);
+            Step::Retry
+        }
+    }
+}
+
 /// Applies one answer of the secondary (or the failure to get one).
 async fn on_reply(
     shared: &Arc<Shared>,
@@ -273,7 +339,10 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
         return Round::Done(Step::Stop);
     };
     let (request, released_through) = match plan {
-        CatchUp::Caught => return Round::Caught,
+        CatchUp::Caught => {
+            shared.lock().core.note_secondary_expects(expected);
+            return Round::Caught;
+        }
         CatchUp::Lost => {
             tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
             return Round::Done(Step::Retry);

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -747,7 +747,7 @@ async fn secondary_down_write_stalls_instead_of_acknowledging() {
     let unit = Unit::new(256).await;
     unit.write(0, 0, vec![1; 4096]).await.unwrap();
     unit.peer.down.store(true, Ordering::SeqCst);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let err = unit.write(1, 0, vec![2; 4096]).await.unwrap_err();
     assert!(matches!(err, PartitionError::Unavailable { .. }), "{err}");
     assert!(err.is_retryable());
@@ -1111,6 +1111,94 @@ async fn fresh_secondary_catches_up_from_the_primary_log() {
     ));
 }
 
+/// The kernel-NBD VM test's data loss, in process: the secondary dies, a
+/// fresh (empty) one is named and the primary is taken over in place at the
+/// new epoch, as the manager does — and then **no host write comes**. The
+/// primary must catch the new secondary up on its own (not when a write
+/// meets a `Gap`) and only then call it in sync; a promotion of that
+/// secondary after the primary dies then reads every acknowledged block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_secondary_is_caught_up_without_any_host_write() {
+    let size = 256;
+    let unit = Unit::new(size).await;
+    // Flushed blocks (on the sleds) and unflushed ones (only in the logs).
+    for block in 0..4u64 {
+        unit.write(block, 0, vec![block as u8 + 1; 4096])
+            .await
+            .unwrap();
+    }
+    unit.primary.flush_now().await.unwrap();
+    for block in 4..40u64 {
+        unit.write(block, 0, vec![block as u8 + 1; 4096])
+            .await
+            .unwrap();
+    }
+    assert!(unit.primary.log_resident_blocks() >= 36);
+    assert!(unit.primary.secondary_in_sync());
+
+    // The secondary dies; a fresh one is named at epoch 2, still closed.
+    unit.secondary.shutdown();
+    let peer = Arc::new(Peer::default());
+    let primary = take_over_in_place(
+        &unit.primary,
+        config(size, 2),
+        &unit.access,
+        &unit.extents,
+        Some(peer.clone()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !primary.secondary_in_sync(),
+        "an unreachable new secondary is not in sync"
+    );
+    let fresh = open_partition(
+        &unit.access,
+        &unit.extents,
+        &Arc::new(MemoryDevice::new(WAL_DEVICE)),
+        config(size, 2),
+        OpenRole::Secondary,
+        None,
+    )
+    .await;
+    assert_eq!(
+        replica_status(&fresh).await.0,
+        0,
+        "the new secondary is empty"
+    );
+    *peer.target.lock().unwrap() = Some(fresh.clone());
+
+    // No write: the primary catches it up by itself, bounded in time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !primary.secondary_in_sync() {
+        assert!(
+            Instant::now() < deadline,
+            "the new secondary was not caught up without a host write"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(replica_status(&fresh).await.0 >= 40);
+
+    // The primary dies; the caught-up secondary is promoted and has it all.
+    primary.shutdown();
+    let promoted = take_over_in_place(&fresh, config(size, 3), &unit.access, &unit.extents, None)
+        .await
+        .unwrap();
+    let got = promoted
+        .read(3, FIRST_BLOCK * 4096, 40 * 4096)
+        .await
+        .unwrap();
+    for block in 0..40usize {
+        assert!(
+            got[block * 4096..(block + 1) * 4096]
+                .iter()
+                .all(|b| *b == block as u8 + 1),
+            "block {block} lost by the promoted secondary"
+        );
+    }
+}
+
 fn host_write(unit: &Unit, write_id: u64, block: u64, fill: u8) -> HostRequest {
     let data = vec![fill; 4096];
     HostRequest {
@@ -1241,7 +1329,7 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
     let flusher = unit.primary.spawn_flusher(Duration::from_millis(250));
     let next = Arc::new(AtomicU64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut writers = Vec::new();
     for _ in 0..QD {
         let unit = unit.clone();

@@ -1253,7 +1253,34 @@ impl Sim {
         for n in 0..NODES {
             self.check_index_against_log(n);
         }
+        self.check_secondary_in_sync();
         self.check_reads();
+    }
+
+    /// What the primary's core would report to the control plane
+    /// (`PartitionCore::secondary_in_sync`, the gate of every promotion)
+    /// is never ahead of the truth: when it says in sync, the secondary
+    /// expects a sequence past everything the primary held when the pair
+    /// was formed.
+    fn check_secondary_in_sync(&self) {
+        let (Some(p), Some(s)) = (self.cp.primary, self.cp.secondary) else {
+            return;
+        };
+        let (Some(primary), Some(secondary)) =
+            (self.nodes[p].core.as_ref(), self.nodes[s].core.as_ref())
+        else {
+            return;
+        };
+        if primary.role() == Role::Primary
+            && primary.secondary_in_sync()
+            && secondary.next_sequence() <= self.cp.sync_target
+        {
+            self.fail(format!(
+                "node {p} holds secondary {s} in sync but it expects {} (pair formed at {})",
+                secondary.next_sequence(),
+                self.cp.sync_target
+            ));
+        }
     }
 
     /// Every index entry names a durable record of the node's own log with

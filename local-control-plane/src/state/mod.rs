@@ -301,6 +301,12 @@ impl UnitState {
                 now_ms,
                 duration_ms,
             } => self.grant_lease(partition, holder, epoch, now_ms, duration_ms),
+            Command::SecondaryInSync {
+                partition,
+                primary,
+                secondary,
+                epoch,
+            } => self.secondary_in_sync(partition, primary, secondary, epoch),
             Command::SetNodeHealth { node, health } => {
                 let entry = self.node_mut(&node)?;
                 entry.health = health;
@@ -647,6 +653,7 @@ impl UnitState {
                 epoch: 1,
                 lease: None,
                 sandbox: BTreeSet::new(),
+                secondary_catching_up: false,
             })
             .collect();
         self.volumes.insert(
@@ -735,6 +742,9 @@ impl UnitState {
         partition.secondary = secondary;
         partition.epoch = epoch;
         partition.lease = None;
+        // Whoever is secondary now, the new primary has not confirmed it
+        // holds every record it acknowledged (see `secondary_catching_up`).
+        partition.secondary_catching_up = true;
         Ok(Outcome::EpochChanged {
             partition: id,
             epoch,
@@ -763,10 +773,47 @@ impl UnitState {
         let partition = self.partition_mut(id)?;
         partition.secondary = new_secondary;
         partition.epoch = epoch;
+        partition.secondary_catching_up = true;
         Ok(Outcome::EpochChanged {
             partition: id,
             epoch,
         })
+    }
+
+    /// The primary at `epoch` reports that `secondary` holds every record
+    /// it acknowledged: it may be promoted again. Refused when the roles or
+    /// the epoch moved on (the report is about a configuration that no
+    /// longer exists); a repeat is a no-op.
+    fn secondary_in_sync(
+        &mut self,
+        id: PartitionId,
+        primary: NodeId,
+        secondary: NodeId,
+        epoch: Epoch,
+    ) -> Result<Outcome, CommandError> {
+        let partition = self.partition_ref(id)?;
+        if primary != partition.primary {
+            return Err(CommandError::NotPrimary {
+                partition: id,
+                node: primary,
+                primary: partition.primary.clone(),
+            });
+        }
+        if epoch != partition.epoch {
+            return Err(CommandError::StaleEpoch {
+                partition: id,
+                current: partition.epoch,
+                presented: epoch,
+            });
+        }
+        if secondary != partition.secondary {
+            return Err(CommandError::invalid(format!(
+                "{secondary} is not the secondary of {id} ({} is)",
+                partition.secondary
+            )));
+        }
+        self.partition_mut(id)?.secondary_catching_up = false;
+        Ok(Outcome::Done)
     }
 
     fn grant_lease(

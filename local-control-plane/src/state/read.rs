@@ -142,6 +142,15 @@ pub struct FailoverStatus {
     pub remirroring: usize,
     /// No copy on an Up head node: waits for one to return.
     pub no_live_copy: usize,
+    /// Secondary not yet reported in sync by its primary ("secondary
+    /// catching up"): it is not promoted if the primary dies meanwhile.
+    #[serde(default)]
+    pub secondary_catching_up: usize,
+    /// Primary on a Down/Failed head node and secondary still catching up:
+    /// unavailable until the old primary returns (a stale copy is never
+    /// promoted).
+    #[serde(default)]
+    pub waiting_for_old_primary: usize,
 }
 
 /// Column repair across the unit: what runs, what is left, how fast.
@@ -349,8 +358,13 @@ impl UnitState {
         let up = |node: &NodeId| health(node) == Some(Health::Up);
         let mut status = FailoverStatus::default();
         for p in self.volumes.values().flat_map(|v| v.partitions.iter()) {
+            if p.secondary_catching_up {
+                status.secondary_catching_up += 1;
+            }
             if !up(&p.primary) && !up(&p.secondary) {
                 status.no_live_copy += 1;
+            } else if dead(&p.primary) && p.secondary_catching_up {
+                status.waiting_for_old_primary += 1;
             } else if dead(&p.primary) {
                 status.failing_over += 1;
             } else if dead(&p.secondary) {

@@ -160,6 +160,14 @@ pub struct Partition {
     pub lease: Option<Lease>,
     /// Pre-approved extents the primary has not opened yet.
     pub sandbox: BTreeSet<ExtentId>,
+    /// The secondary named at this epoch may lack records the primary
+    /// acknowledged (it was just assigned and the primary has not reported
+    /// it caught up, [`Command::SecondaryInSync`](crate::Command::SecondaryInSync)):
+    /// the failover controller never promotes it. Set by every role change
+    /// that names a new secondary, cleared by the primary's report. Absent
+    /// in state written before it existed: in sync (the old behaviour).
+    #[serde(default)]
+    pub secondary_catching_up: bool,
 }
 
 /// A host's right to do I/O on a volume: head nodes accept a host request

@@ -231,6 +231,7 @@ impl UnitState {
                     epoch: 1,
                     lease: None,
                     sandbox: Default::default(),
+                    secondary_catching_up: false,
                 });
             }
         }
