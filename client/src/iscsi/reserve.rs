@@ -228,7 +228,7 @@ impl Reservations {
                 // LENGTH 8; CRH 0, SIP_C 0, ATP_C 0, PTPL_C 0; TMV with
                 // ALLOW COMMANDS 0 (no detail given), PTPL_A 0; the
                 // type mask of every type above.
-                out = vec![0, 8, 0x00, 0x80, 0xaa, 0x01, 0, 0];
+                out = vec![0, 8, 0x00, 0x80, 0xea, 0x01, 0, 0];
             }
             3 => {
                 let mut descriptors = Vec::new();
