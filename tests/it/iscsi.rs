@@ -31,8 +31,9 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Suites (CUnit suite names) whose failures are reported but not
 /// asserted; every other suite must have none (the families implemented,
-/// and those answered "not implemented", which the suite skips:
-/// persistent reservations, RESERVE(6), EXTENDED COPY, SANITIZE, ...).
+/// persistent reservations among them, and those answered "not
+/// implemented", which the suite skips: RESERVE(6), EXTENDED COPY,
+/// SANITIZE, ...).
 ///
 /// GetLBAStatus: its UnmapSingle test asks for the status of LBA i+1 and
 /// expects a descriptor starting at i+LBPPB, which only holds with one

@@ -12,6 +12,8 @@
 //! * `login.rs` (sans-IO): the login stage machine, CHAP (one-way and
 //!   mutual, hex and base64 values), operational negotiation.
 //! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
+//! * `reserve.rs`: persistent reservations per I_T nexus (initiator
+//!   name + ISID), held in this agent, and the RESERVATION CONFLICT check.
 //! * `server.rs`: listeners (one per portal), a task per connection, the
 //!   full feature phase.
 //!
@@ -82,13 +84,17 @@
 //!
 //! # Not supported (yet)
 //!
-//! Persistent reservations (PERSISTENT RESERVE IN/OUT answer INVALID
-//! COMMAND OPERATION CODE), several connections per session, error
-//! recovery levels 1 and 2, ACA, target-initiated NOP-In pings.
+//! Persistent reservations in the unit's replicated state: they are held
+//! in this agent's memory (reserve.rs), so a second agent of the same
+//! volume does not see them and an agent restart drops them (APTPL is
+//! refused). RESERVE(6)/RELEASE(6), REGISTER AND MOVE, several
+//! connections per session, error recovery levels 1 and 2, ACA,
+//! target-initiated NOP-In pings.
 
 mod login;
 mod md5;
 mod pdu;
+mod reserve;
 mod scsi;
 mod server;
 

@@ -23,7 +23,8 @@
 //! | COMPARE AND WRITE | compare, write; serialised per LUN in this agent |
 //! | MODE SENSE 6/10, MODE SELECT 6/10 | caching, control, informational exceptions; a SELECT must not change anything |
 //! | REPORT LUNS, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS | |
-//! | anything else (PERSISTENT RESERVE IN/OUT included) | INVALID COMMAND OPERATION CODE |
+//! | PERSISTENT RESERVE IN/OUT | reserve.rs (state in this agent); RESERVATION CONFLICT checked first |
+//! | anything else (RESERVE(6)/RELEASE(6) included) | INVALID COMMAND OPERATION CODE |
 //!
 //! Refusals carry fixed-format sense data (response code 0x70).
 //! COMPARE AND WRITE is atomic against other COMPARE AND WRITEs through
@@ -34,6 +35,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::reserve::{self, Nexus, Reservations};
 use crate::nbd::{BackendError, NbdBackend, NbdErrno};
 
 pub const BLOCK_BYTES: u64 = 512;
@@ -84,6 +86,7 @@ impl Sense {
     pub const WRITE_PROTECTED: Sense = Sense::new(0x07, 0x27, 0x00);
     pub const NOT_READY: Sense = Sense::new(0x02, 0x04, 0x00);
     pub const DATA_PHASE_ERROR: Sense = Sense::new(0x0b, 0x4b, 0x00);
+    pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: Sense = Sense::new(0x05, 0x26, 0x04);
 
     /// 18 bytes of fixed-format sense data.
     pub fn encode(&self) -> Bytes {
@@ -198,6 +201,7 @@ pub fn data_out_length(cdb: &[u8; 16]) -> u64 {
         0x89 => 2 * rw_range(cdb).1 * BLOCK_BYTES,
         0x42 | 0x55 => u64::from(be16(&cdb[7..9])),
         0x15 => u64::from(cdb[4]),
+        0x5f => u64::from(be32(&cdb[5..9])),
         _ => 0,
     }
 }
@@ -209,6 +213,8 @@ pub struct LogicalUnit {
     /// so every portal and every agent shows the same LUN.
     id: u64,
     compare_and_write: tokio::sync::Mutex<()>,
+    /// Persistent reservations, held in this agent (see reserve.rs).
+    reservations: std::sync::Mutex<Reservations>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -240,6 +246,17 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x42, None, 10),       // UNMAP
     (0x55, None, 10),       // MODE SELECT(10)
     (0x5a, None, 10),       // MODE SENSE(10)
+    (0x5e, Some(0x00), 10), // PERSISTENT RESERVE IN, READ KEYS
+    (0x5e, Some(0x01), 10), // PERSISTENT RESERVE IN, READ RESERVATION
+    (0x5e, Some(0x02), 10), // PERSISTENT RESERVE IN, REPORT CAPABILITIES
+    (0x5e, Some(0x03), 10), // PERSISTENT RESERVE IN, READ FULL STATUS
+    (0x5f, Some(0x00), 10), // PERSISTENT RESERVE OUT, REGISTER
+    (0x5f, Some(0x01), 10), // PERSISTENT RESERVE OUT, RESERVE
+    (0x5f, Some(0x02), 10), // PERSISTENT RESERVE OUT, RELEASE
+    (0x5f, Some(0x03), 10), // PERSISTENT RESERVE OUT, CLEAR
+    (0x5f, Some(0x04), 10), // PERSISTENT RESERVE OUT, PREEMPT
+    (0x5f, Some(0x05), 10), // PERSISTENT RESERVE OUT, PREEMPT AND ABORT
+    (0x5f, Some(0x06), 10), // PERSISTENT RESERVE OUT, REGISTER AND IGNORE
     (0x88, None, 16),       // READ(16)
     (0x89, None, 16),       // COMPARE AND WRITE
     (0x8a, None, 16),       // WRITE(16)
@@ -288,6 +305,7 @@ impl LogicalUnit {
             backend,
             id,
             compare_and_write: tokio::sync::Mutex::new(()),
+            reservations: std::sync::Mutex::new(Reservations::default()),
         }
     }
 
@@ -308,9 +326,35 @@ impl LogicalUnit {
         format!("RB{:016x}", self.id)
     }
 
-    /// Execute one command on LUN `lun` with its data-out (cut to what
-    /// the initiator sent).
-    pub async fn execute(&self, lun: u64, cdb: &[u8; 16], data_out: Bytes) -> Outcome {
+    /// Execute one command from `nexus` on LUN `lun` with its data-out
+    /// (cut to what the initiator sent). A command a persistent
+    /// reservation forbids ends in RESERVATION CONFLICT.
+    pub async fn execute(
+        &self,
+        nexus: &Nexus,
+        lun: u64,
+        cdb: &[u8; 16],
+        data_out: Bytes,
+    ) -> Outcome {
+        if lun == 0 {
+            let Ok(mut reservations) = self.reservations.lock() else {
+                return Outcome::check(Sense::NOT_READY);
+            };
+            match cdb[0] {
+                0x5e => {
+                    return reservations.read(cdb).unwrap_or_else(Outcome::check);
+                }
+                0x5f => return reservations.write(nexus, cdb, &data_out),
+                _ if !reservations.permits(nexus, reserve::access_of(cdb)) => {
+                    return Outcome {
+                        status: reserve::RESERVATION_CONFLICT,
+                        sense: None,
+                        data: Bytes::new(),
+                    };
+                }
+                _ => {}
+            }
+        }
         match self.dispatch(lun, cdb, data_out).await {
             Ok(outcome) => outcome,
             Err(sense) => Outcome::check(sense),
@@ -959,6 +1003,13 @@ mod tests {
         (LogicalUnit::new(Arc::new(backend.clone()), 42), backend)
     }
 
+    fn nexus() -> Nexus {
+        Nexus {
+            initiator: "iqn.test".to_owned(),
+            isid: [0; 6],
+        }
+    }
+
     fn cdb(bytes: &[u8]) -> [u8; 16] {
         let mut cdb = [0u8; 16];
         cdb[..bytes.len()].copy_from_slice(bytes);
@@ -966,7 +1017,12 @@ mod tests {
     }
 
     fn run(unit: &LogicalUnit, c: &[u8], data: &[u8]) -> Outcome {
-        futures::executor::block_on(unit.execute(0, &cdb(c), Bytes::copy_from_slice(data)))
+        futures::executor::block_on(unit.execute(
+            &nexus(),
+            0,
+            &cdb(c),
+            Bytes::copy_from_slice(data),
+        ))
     }
 
     fn write16(lba: u64, blocks: u32) -> Vec<u8> {
@@ -999,11 +1055,35 @@ mod tests {
         let rdprotect = run(&unit, &[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
         assert_eq!(rdprotect.sense, Some(Sense::INVALID_FIELD_IN_CDB));
         assert_eq!(run(&unit, &[0xc5], &[]).sense, Some(Sense::INVALID_OPCODE));
-        assert_eq!(
-            run(&unit, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 0x10, 0], &[]).sense,
-            Some(Sense::INVALID_OPCODE),
-            "persistent reservations are not implemented"
-        );
+        // RESERVE(6) is not implemented.
+        assert_eq!(run(&unit, &[0x16], &[]).sense, Some(Sense::INVALID_OPCODE));
+        // A persistent reservation taken by this nexus (register key 7,
+        // reserve EXCLUSIVE ACCESS) refuses another nexus's read with
+        // RESERVATION CONFLICT; READ KEYS shows the key.
+        let mut parameters = [0u8; 24];
+        parameters[8..16].copy_from_slice(&7u64.to_be_bytes());
+        let register = run(&unit, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &parameters);
+        assert_eq!(register.status, GOOD);
+        let mut parameters = [0u8; 24];
+        parameters[..8].copy_from_slice(&7u64.to_be_bytes());
+        let reserve = run(&unit, &[0x5f, 1, 3, 0, 0, 0, 0, 0, 24, 0], &parameters);
+        assert_eq!(reserve.status, GOOD);
+        let keys = run(&unit, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 0x10, 0], &[]);
+        assert_eq!(&keys.data[8..16], &7u64.to_be_bytes());
+        let stranger = Nexus {
+            initiator: "iqn.other".to_owned(),
+            isid: [0; 6],
+        };
+        let refused = futures::executor::block_on(unit.execute(
+            &stranger,
+            0,
+            &cdb(&read10(0, 1)),
+            Bytes::new(),
+        ));
+        assert_eq!(refused.status, reserve::RESERVATION_CONFLICT);
+        assert_eq!(run(&unit, &read10(0, 1), &[]).status, GOOD);
+        let release = run(&unit, &[0x5f, 2, 3, 0, 0, 0, 0, 0, 24, 0], &parameters);
+        assert_eq!(release.status, GOOD);
     }
 
     #[test]
@@ -1041,6 +1121,7 @@ mod tests {
         );
         // Another LUN: peripheral qualifier 3.
         let other = futures::executor::block_on(unit.execute(
+            &nexus(),
             1,
             &cdb(&[0x12, 0, 0, 0, 36, 0]),
             Bytes::new(),

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use super::login::{self, encode_text, parse_text, Chap, Login, LoginStep, Negotiated};
 use super::pdu::{self, op, Decoded, Digests, Pdu, PduError, BHS_BYTES, RESERVED_TAG};
+use super::reserve::Nexus;
 use super::scsi::{self, LogicalUnit, Outcome, Sense};
 use crate::nbd::NbdBackend;
 
@@ -269,7 +270,7 @@ where
             login.map_err(|_| ConnectionError::Protocol("login timed out"))??
         }
     };
-    let Some((negotiated, statsn, cmdsn)) = login else {
+    let Some((negotiated, statsn, cmdsn, isid)) = login else {
         return Ok(());
     };
     let digests = Digests {
@@ -279,8 +280,13 @@ where
     let exp_cmdsn = Arc::new(AtomicU32::new(cmdsn));
     let (tx, rx) = mpsc::channel(4 * COMMAND_WINDOW as usize);
     let writing = tokio::spawn(write_loop(writer, rx, digests, exp_cmdsn.clone(), statsn));
+    let nexus = Arc::new(Nexus {
+        initiator: negotiated.initiator_name.clone(),
+        isid,
+    });
     let mut connection = Connection {
         inner: inner.clone(),
+        nexus,
         tx,
         negotiated,
         exp_cmdsn,
@@ -359,7 +365,7 @@ async fn login<R, W>(
     inner: &Inner,
     reader: &mut R,
     writer: &mut W,
-) -> Result<Option<(Negotiated, u32, u32)>, ConnectionError>
+) -> Result<Option<(Negotiated, u32, u32, [u8; 6])>, ConnectionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -379,6 +385,8 @@ where
             return Ok(None);
         };
         let cmdsn = request.cmdsn();
+        let mut isid = [0u8; 6];
+        isid.copy_from_slice(&request.bhs[8..14]);
         let next_statsn = *statsn.get_or_insert(request.exp_statsn());
         let tsih_requested = u16::from_be_bytes([request.bhs[14], request.bhs[15]]);
         let step = if tsih_requested != 0 {
@@ -416,7 +424,7 @@ where
             .await?;
         writer.flush().await?;
         if let Some(negotiated) = done {
-            return Ok(Some((negotiated, next_statsn.wrapping_add(1), cmdsn)));
+            return Ok(Some((negotiated, next_statsn.wrapping_add(1), cmdsn, isid)));
         }
     }
 }
@@ -444,6 +452,8 @@ struct PendingWrite {
 /// everything else go to the one writer.
 struct Connection {
     inner: Arc<Inner>,
+    /// The I_T nexus of this session, for persistent reservations.
+    nexus: Arc<Nexus>,
     tx: mpsc::Sender<Outgoing>,
     negotiated: Negotiated,
     exp_cmdsn: Arc<AtomicU32>,
@@ -511,6 +521,7 @@ impl Connection {
             return Err(ConnectionError::Protocol("byte budget closed"));
         };
         let inner = self.inner.clone();
+        let nexus = self.nexus.clone();
         let tx = self.tx.clone();
         let max_send_data = self.negotiated.max_send_data;
         let task = async move {
@@ -530,7 +541,7 @@ impl Connection {
             {
                 Outcome::check(Sense::INVALID_FIELD_IN_CDB)
             } else {
-                inner.lun.execute(lun, &cdb, data).await
+                inner.lun.execute(&nexus, lun, &cdb, data).await
             };
             for (pdu, status) in replies(itt, &cdb, edtl, read, outcome, max_send_data) {
                 if tx.send(Outgoing { pdu, status }).await.is_err() {
