@@ -541,7 +541,11 @@ impl<B: NbdBackend> QosBackend<B> {
             let mut throttle = self.shared.lock();
             let now = tokio::time::Instant::now();
             let since_start = now.saturating_duration_since(self.shared.start);
-            (now, since_start, throttle.reserve(since_start, class, bytes))
+            (
+                now,
+                since_start,
+                throttle.reserve(since_start, class, bytes),
+            )
         };
         let wait = admit.saturating_sub(since_start);
         if let Some(metrics) = &self.metrics {

@@ -369,12 +369,18 @@ impl Connection {
     /// The request a frame carries, if this connection may send it: a kind
     /// its access policy refuses, an undecodable body or a response sent as
     /// a request is counted and ends the connection (`None`).
-    fn request_of(&self, frame: &crate::frame::Frame, authenticated: Option<&Peer>) -> Option<Message> {
+    fn request_of(
+        &self,
+        frame: &crate::frame::Frame,
+        authenticated: Option<&Peer>,
+    ) -> Option<Message> {
         let kind = frame.header.kind;
         let allowed = match &self.config.access {
             Access::Open => true,
             Access::Kinds(allow) => allow(kind),
-            Access::Authenticated { allow, .. } => authenticated.is_some_and(|peer| allow(peer, kind)),
+            Access::Authenticated { allow, .. } => {
+                authenticated.is_some_and(|peer| allow(peer, kind))
+            }
         };
         if !allowed {
             let who = authenticated.map_or_else(
