@@ -60,7 +60,7 @@ use std::time::Duration;
 use client::admin::AdminState;
 use client::iscsi::{target_name_for, Chap, IscsiConfig, IscsiServer};
 use client::metrics::{AgentMetrics, MeteredBackend};
-use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
+use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer, NbdTls};
 use client::qos::{Limit, QosBackend, QosHandle, QosLimits};
 use client::{ClientConfig, HostEndpoint, VolumeClient};
 use hardware::rack::Rack;
@@ -106,6 +106,17 @@ pub struct AttachArgs {
     /// Serve NBD on this unix socket instead.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Offer TLS (`NBD_OPT_STARTTLS`) with this certificate chain (PEM;
+    /// `rackblock tls init` makes one); needs --tls-key.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve nothing before TLS: every option but STARTTLS and ABORT is
+    /// refused with NBD_REP_ERR_TLS_REQD, so plain clients are refused.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_required: bool,
     /// Skip the zonal plane: the unit's rack file (its head nodes' host
     /// ports), with --attachment-file or --volume-id and --attachment-id.
     #[arg(long)]
@@ -281,6 +292,17 @@ impl Listener {
         match self {
             Listener::Tcp(_, address) => format!("nbd://{address}/{export}"),
             Listener::Unix(_, path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            Listener::None => String::new(),
+        }
+    }
+
+    /// The `nbds` URI (TLS) of `export`.
+    fn tls_uri(&self, export: &str) -> String {
+        match self {
+            Listener::Tcp(_, address) => format!("nbds://{address}/{export}"),
+            Listener::Unix(_, path) => {
+                format!("nbds+unix:///{export}?socket={}", path.display())
+            }
             Listener::None => String::new(),
         }
     }
@@ -639,7 +661,21 @@ pub async fn run(
     let nbd_backend = backend.clone();
     let mut exports = BTreeMap::new();
     exports.insert(volume.clone(), backend);
-    let server = match NbdServer::with_metrics(exports, NbdConfig::default(), metrics.nbd.clone()) {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => match client::tls::acceptor(cert, key) {
+            Ok(acceptor) => Some(NbdTls {
+                acceptor,
+                required: args.tls_required,
+            }),
+            Err(error) => {
+                detach_and_report(&volume, attached.as_ref()).await;
+                return Err(CliError::Usage(format!("--tls-cert/--tls-key: {error}")));
+            }
+        },
+        _ => None,
+    };
+    let server = match NbdServer::with_tls(exports, NbdConfig::default(), metrics.nbd.clone(), tls)
+    {
         Ok(server) => server,
         Err(error) => {
             detach_and_report(&volume, attached.as_ref()).await;
@@ -720,6 +756,18 @@ pub async fn run(
             listener.uri(&volume),
             attachment_note,
         );
+        if let Some(cert) = &args.tls_cert {
+            println!(
+                "TLS {} at {} (certificate {})",
+                if args.tls_required {
+                    "required"
+                } else {
+                    "offered"
+                },
+                listener.tls_uri(&volume),
+                cert.display(),
+            );
+        }
     }
     if let Some(server) = &iscsi {
         for portal in &portals {

@@ -108,6 +108,12 @@ enum Command {
         #[command(subcommand)]
         command: AttachmentCommand,
     },
+    /// TLS material: `tls init DIR` makes a local CA and a server
+    /// certificate (what `rackblock up` makes under rackblock-data/tls).
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Sleds of a unit: list, drain; sled controller tools.
     Sled {
         #[command(subcommand)]
@@ -169,6 +175,20 @@ enum SledCommand {
 enum AttachmentCommand {
     Create(attachment::CreateArgs),
     Revoke(attachment::RevokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCommand {
+    /// Write ca.pem, ca.key, server.pem, server.key (keys mode 0600) and
+    /// client/ca-cert.pem (the directory libnbd and qemu clients take) to
+    /// DIR; refuses to overwrite. Serve with `attach --tls-cert
+    /// DIR/server.pem --tls-key DIR/server.key`.
+    Init {
+        dir: PathBuf,
+        /// Names (DNS or IP) the server certificate is for; repeatable.
+        #[arg(long = "name", default_values_t = client::tls::default_names())]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -474,6 +494,24 @@ fn main() -> ExitCode {
             Command::Attachment {
                 command: AttachmentCommand::Revoke(args),
             } => ops::finish("attachment revoke", attachment::revoke(&args).await),
+            Command::Tls {
+                command: TlsCommand::Init { dir, names },
+            } => match client::tls::generate(&dir, &names) {
+                Ok(files) => {
+                    println!("CA certificate: {}", files.ca_cert.display());
+                    println!("server certificate: {}", files.server_cert.display());
+                    println!("server key: {}", files.server_key.display());
+                    println!(
+                        "client directory (tls-certificates= / tls-creds-x509 dir=): {}",
+                        files.client_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("rackblock tls init: {error}");
+                    ExitCode::from(1)
+                }
+            },
             Command::Rack {
                 command: RackCommand::InitCredentials(args),
             } => ops::finish("rack init-credentials", attachment::init_credentials(&args)),

@@ -11,11 +11,14 @@
 //! ```text
 //! prepare   rack.toml (head nodes' host ports on 127.0.0.x), credentials/
 //!           (unit, sled and operator keys), devices/, config/{sled-N,hn-N,zonal}.toml,
-//!           zonal-token
+//!           zonal-token, tls/ (a local CA and a server certificate for
+//!           127.0.0.1 / localhost: ca.pem, server.pem, keys 0600; kept)
 //! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
 //! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300
+//!            --tls-cert tls/server.pem --tls-key tls/server.key` (TLS offered,
+//!            not required: plain clients keep working)
 //!            --iscsi 127.0.0.1:3260 --iscsi 127.0.0.2:3260` (own process; two
 //!           iSCSI portals, one per host address, so a multipath initiator
 //!           sees two paths to the same LUN; the listeners are bound before
@@ -226,6 +229,9 @@ fn write_rack_file(args: &UpArgs, data_dir: &Path) -> Result<String, String> {
 
 /// Creates the directory layout, the rack file and the device files unless
 /// they exist. Returns the rack.
+/// The local CA and server certificate, under the data directory.
+const TLS_DIR: &str = "tls";
+
 fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     let data_dir = std::path::absolute(&args.data_dir)
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
@@ -233,6 +239,7 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
         std::fs::create_dir_all(data_dir.join(sub))
             .map_err(|e| format!("cannot create {}: {e}", data_dir.join(sub).display()))?;
     }
+    client::tls::ensure(&data_dir.join(TLS_DIR)).map_err(|e| e.to_string())?;
     let rack_path = data_dir.join("rack.toml");
     if !rack_path.exists() {
         let text = write_rack_file(args, &data_dir)?;
@@ -687,6 +694,13 @@ fn start_unit(
         "--admin".to_string(),
         attach_admin(args).map_err(Failed)?.to_string(),
     ];
+    let tls = client::tls::TlsFiles::in_dir(&data_dir.join(TLS_DIR));
+    attach_argv.extend([
+        "--tls-cert".to_string(),
+        tls.server_cert.display().to_string(),
+        "--tls-key".to_string(),
+        tls.server_key.display().to_string(),
+    ]);
     if !args.no_iscsi {
         for portal in &args.iscsi_listen {
             attach_argv.push("--iscsi".to_string());
@@ -882,6 +896,21 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     println!("  nbdinfo {uri}");
     println!("  qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
     println!("  qemu-img convert -n -O raw disk.img {uri}");
+    let tls = client::tls::TlsFiles::in_dir(&data_dir.join(TLS_DIR));
+    let client_dir = tls.client_dir.display();
+    println!(
+        "TLS is offered (NBD_OPT_STARTTLS) with the local CA {}:",
+        tls.ca_cert.display()
+    );
+    println!(
+        "  nbdinfo 'nbds://{}/{VOLUME}?tls-certificates={client_dir}'",
+        args.nbd_listen
+    );
+    println!(
+        "  qemu-io --object tls-creds-x509,id=tls0,endpoint=client,dir={client_dir} \\\n      --image-opts driver=nbd,host={},port={},export={VOLUME},tls-creds=tls0 -c 'read 0 1M'",
+        args.nbd_listen.ip(),
+        args.nbd_listen.port()
+    );
     println!(
         "  fio --name=randwrite --ioengine=nbd --uri={uri} --rw=randwrite --bs=4k --iodepth=32 --size=1G --time_based --runtime=10"
     );

@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod qos;
 mod split;
+pub mod tls;
 mod volume;
 
 pub use attachment::{register_attachment, remove_attachment, AttachmentError};

@@ -19,4 +19,5 @@ mod repair;
 mod security;
 mod sled;
 mod sled_network;
+mod tls;
 mod volume_delete;

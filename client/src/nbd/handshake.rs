@@ -7,7 +7,17 @@
 //!    ▼                            │ ──ABORT ──▶ ACK, Close
 //!  Close                          │ ──EXPORT_NAME (unknown) ──▶ Close (no way to error)
 //!                                 │ ──LIST / INFO / STRUCTURED_REPLY / other ──▶ reply, Options
+//!                                 │ ──STARTTLS (offered, not yet on) ──▶ ACK, StartTls, Options
 //! ```
+//!
+//! **TLS** ([`TlsMode`], NBD spec "TLS support"): when offered,
+//! `NBD_OPT_STARTTLS` is answered with an ACK and the shell runs the TLS
+//! handshake before reading the next option; whatever was negotiated
+//! before (structured replies) is forgotten, as the spec asks, since a
+//! man in the middle could have chosen it. When TLS is *required*, every
+//! option before it but `STARTTLS` and `ABORT` is refused with
+//! `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` (which cannot carry an
+//! error) closes the connection. A second `STARTTLS` is `ERR_INVALID`.
 //!
 //! The shell has already bounded the option's length (see
 //! [`Handshake::on_oversized_option`]); everything here works on a slice
@@ -46,6 +56,8 @@ pub struct Negotiated {
     pub export: ExportInfo,
     pub transmission_flags: u16,
     pub structured_replies: bool,
+    /// Transmission runs over TLS.
+    pub tls: bool,
 }
 
 /// What the shell does after one step.
@@ -58,6 +70,10 @@ pub enum Step {
         reply: Vec<u8>,
         reason: &'static str,
     },
+    /// Send `reply` (the `STARTTLS` ACK), run the TLS server handshake,
+    /// report it with [`Handshake::on_tls_established`] and read the next
+    /// option over TLS.
+    StartTls { reply: Vec<u8> },
     /// Send `reply`, then start the transmission phase.
     Transmission {
         reply: Vec<u8>,
@@ -65,9 +81,22 @@ pub enum Step {
     },
 }
 
+/// Whether the server offers or requires TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `NBD_OPT_STARTTLS` is refused as unsupported.
+    Off,
+    /// `NBD_OPT_STARTTLS` upgrades; plain clients are served too.
+    Offered,
+    /// Nothing but `STARTTLS` and `ABORT` is served before TLS.
+    Required,
+}
+
 /// Handshake state for one connection.
 #[derive(Debug)]
 pub struct Handshake {
+    tls: TlsMode,
+    tls_active: bool,
     block_sizes: BlockSizes,
     multi_conn: bool,
     no_zeroes: bool,
@@ -79,6 +108,8 @@ pub struct Handshake {
 impl Handshake {
     pub fn new(block_sizes: BlockSizes, multi_conn: bool, max_options: u32) -> Handshake {
         Handshake {
+            tls: TlsMode::Off,
+            tls_active: false,
             block_sizes,
             multi_conn,
             no_zeroes: false,
@@ -86,6 +117,33 @@ impl Handshake {
             options_seen: 0,
             max_options,
         }
+    }
+
+    /// Offer or require TLS (default: off).
+    pub fn with_tls(mut self, tls: TlsMode) -> Handshake {
+        self.tls = tls;
+        self
+    }
+
+    /// Whether `STARTTLS` has completed on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// The shell finished the TLS handshake that [`Step::StartTls`] asked
+    /// for. Options negotiated before TLS are forgotten.
+    pub fn on_tls_established(&mut self) {
+        self.tls_active = true;
+        self.structured_replies = false;
+    }
+
+    /// Options other than these are refused while TLS is required and
+    /// not yet on.
+    fn refused_before_tls(&self, option: u32) -> bool {
+        self.tls == TlsMode::Required
+            && !self.tls_active
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
     }
 
     /// The client's 32-bit flags. `Err` names why the connection must be
@@ -124,6 +182,9 @@ impl Handshake {
         if let Some(step) = self.count_option() {
             return step;
         }
+        if let Some(step) = self.tls_required_step(option) {
+            return step;
+        }
         match option {
             // Cannot be answered with an error.
             OPT_EXPORT_NAME => Step::Close {
@@ -141,6 +202,9 @@ impl Handshake {
     /// One option with its complete data.
     pub fn on_option(&mut self, option: u32, data: &[u8], exports: &dyn ExportLookup) -> Step {
         if let Some(step) = self.count_option() {
+            return step;
+        }
+        if let Some(step) = self.tls_required_step(option) {
             return step;
         }
         match option {
@@ -177,9 +241,43 @@ impl Handshake {
                 Step::Continue { reply }
             }
             OPT_INFO | OPT_GO => self.info_or_go(option, data, exports),
-            OPT_STARTTLS => error_reply(option, REP_ERR_UNSUP, "TLS is not supported"),
+            OPT_STARTTLS => self.start_tls(data),
             _ => error_reply(option, REP_ERR_UNSUP, "option not supported"),
         }
+    }
+
+    /// The step for `option` when TLS is required and not yet on.
+    fn tls_required_step(&self, option: u32) -> Option<Step> {
+        if !self.refused_before_tls(option) {
+            return None;
+        }
+        Some(if option == OPT_EXPORT_NAME {
+            Step::Close {
+                reply: Vec::new(),
+                reason: "NBD_OPT_EXPORT_NAME before the required TLS",
+            }
+        } else {
+            error_reply(option, REP_ERR_TLS_REQD, "TLS is required")
+        })
+    }
+
+    fn start_tls(&self, data: &[u8]) -> Step {
+        if self.tls == TlsMode::Off {
+            return error_reply(OPT_STARTTLS, REP_ERR_UNSUP, "TLS is not configured");
+        }
+        if !data.is_empty() {
+            return error_reply(
+                OPT_STARTTLS,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            );
+        }
+        if self.tls_active {
+            return error_reply(OPT_STARTTLS, REP_ERR_INVALID, "TLS is already on");
+        }
+        let mut reply = Vec::new();
+        put_option_reply(&mut reply, OPT_STARTTLS, REP_ACK, &[]);
+        Step::StartTls { reply }
     }
 
     fn count_option(&mut self) -> Option<Step> {
@@ -219,6 +317,7 @@ impl Handshake {
                 export,
                 transmission_flags: flags,
                 structured_replies: self.structured_replies,
+                tls: self.tls_active(),
             },
         }
     }
@@ -478,6 +577,75 @@ mod tests {
         assert_eq!(negotiated.transmission_flags & FLAG_SEND_DF, 0);
         let step = handshake().on_option(OPT_EXPORT_NAME, b"nope", &table());
         assert!(matches!(step, Step::Close { .. }));
+    }
+
+    #[test]
+    fn starttls_offered_upgrades_and_forgets_earlier_options() {
+        let mut hs = handshake().with_tls(TlsMode::Offered);
+        // Plain clients are still served.
+        let step = hs.on_option(OPT_INFO, &go_data("vol0", &[]), &table());
+        assert!(matches!(step, Step::Continue { .. }));
+        hs.on_option(OPT_STRUCTURED_REPLY, &[], &table());
+        let Step::Continue { reply } = hs.on_option(OPT_STARTTLS, b"x", &table()) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
+        let Step::StartTls { reply } = hs.on_option(OPT_STARTTLS, &[], &table()) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0], (OPT_STARTTLS, REP_ACK, vec![]));
+        hs.on_tls_established();
+        assert!(hs.tls_active());
+        let Step::Continue { reply } = hs.on_option(OPT_STARTTLS, &[], &table()) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
+        let Step::Transmission { negotiated, .. } =
+            hs.on_option(OPT_GO, &go_data("vol0", &[]), &table())
+        else {
+            panic!()
+        };
+        assert!(!negotiated.structured_replies);
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_but_starttls_and_abort() {
+        let mut hs = handshake().with_tls(TlsMode::Required);
+        for option in [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, 99] {
+            let Step::Continue { reply } = hs.on_option(option, &go_data("vol0", &[]), &table())
+            else {
+                panic!("option {option} was not refused")
+            };
+            assert_eq!(replies(&reply)[0].1, REP_ERR_TLS_REQD);
+        }
+        let Step::Continue { reply } = hs.on_oversized_option(OPT_GO) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0].1, REP_ERR_TLS_REQD);
+        assert!(matches!(
+            hs.on_option(OPT_EXPORT_NAME, b"vol0", &table()),
+            Step::Close { .. }
+        ));
+        let mut hs = handshake().with_tls(TlsMode::Required);
+        assert!(matches!(
+            hs.on_option(OPT_STARTTLS, &[], &table()),
+            Step::StartTls { .. }
+        ));
+        hs.on_tls_established();
+        assert!(matches!(
+            hs.on_option(OPT_GO, &go_data("vol0", &[]), &table()),
+            Step::Transmission { .. }
+        ));
+        let mut hs = handshake().with_tls(TlsMode::Required);
+        assert!(matches!(
+            hs.on_option(OPT_ABORT, &[], &table()),
+            Step::Close { .. }
+        ));
+        // Without TLS configured, STARTTLS is unsupported.
+        let Step::Continue { reply } = handshake().on_option(OPT_STARTTLS, &[], &table()) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0].1, REP_ERR_UNSUP);
     }
 
     #[test]

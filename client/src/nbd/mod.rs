@@ -97,7 +97,8 @@ pub mod wire;
 pub use backend::{
     volume_error_to_nbd, BackendError, BackendOp, MemoryBackend, MemoryFault, NbdBackend,
 };
-pub use server::{ConnectionError, NbdConfig, NbdError, NbdServer, MINIMUM_BLOCK_BYTES};
+pub use handshake::TlsMode;
+pub use server::{ConnectionError, NbdConfig, NbdError, NbdServer, NbdTls, MINIMUM_BLOCK_BYTES};
 pub use wire::NbdErrno;
 
 /// Whether an NBD server answers at `address`: connects (300 ms), reads the

@@ -15,6 +15,14 @@
 //! stops at once, what was started is answered within `shutdown_grace_ms`,
 //! and then replies are dropped: a client that never reads cannot hold
 //! the agent (and the detach that follows its shutdown).
+//!
+//! **TLS** ([`NbdTls`]): the connection is a boxed stream behind one read
+//! buffer for its whole life. On `NBD_OPT_STARTTLS` the shell sends the
+//! ACK, refuses a client that already sent more (the spec has it wait for
+//! the reply; bytes read ahead would otherwise be taken as TLS), and runs
+//! the rustls server handshake on the plain stream, within the same
+//! handshake timeout and eviction as the option haggling: a client that
+//! sends garbage there loses its own connection and nothing else.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,10 +37,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, B
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{BackendError, NbdBackend};
-use super::handshake::{BlockSizes, ExportInfo, ExportLookup, Handshake, Negotiated, Step};
+use super::handshake::{
+    BlockSizes, ExportInfo, ExportLookup, Handshake, Negotiated, Step, TlsMode,
+};
 use super::request::{validate, Command, Limits};
 use super::wire::*;
 use crate::metrics::NbdMetrics;
@@ -170,7 +181,35 @@ pub enum ConnectionError {
     HandshakeTimeout(Duration),
     #[error("closed during its handshake: a newer connection needed the slot")]
     Evicted,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
 }
+
+/// TLS for an [`NbdServer`]: `NBD_OPT_STARTTLS` is offered to every
+/// client, and with `required` nothing else is served before it.
+#[derive(Clone)]
+pub struct NbdTls {
+    pub acceptor: TlsAcceptor,
+    pub required: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Any byte stream a connection runs on (plain socket or TLS over it).
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection: its stream behind its one read buffer (writes pass
+/// through it).
+type Conn = BufReader<Box<dyn Io>>;
+
+const READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// Connections in their handshake, oldest first: a new one beyond
 /// `max_handshaking` cancels the oldest.
@@ -244,6 +283,7 @@ struct ServerInner {
     connections: Arc<Semaphore>,
     handshaking: Mutex<Handshaking>,
     metrics: NbdMetrics,
+    tls: Option<NbdTls>,
 }
 
 struct ExportTable(BTreeMap<String, Arc<dyn NbdBackend>>);
@@ -334,6 +374,17 @@ impl NbdServer {
         config: NbdConfig,
         metrics: NbdMetrics,
     ) -> Result<NbdServer, NbdError> {
+        NbdServer::with_tls(exports, config, metrics, None)
+    }
+
+    /// [`NbdServer::with_metrics`], offering (or requiring) TLS when
+    /// `tls` is given.
+    pub fn with_tls(
+        exports: BTreeMap<String, Arc<dyn NbdBackend>>,
+        config: NbdConfig,
+        metrics: NbdMetrics,
+        tls: Option<NbdTls>,
+    ) -> Result<NbdServer, NbdError> {
         config.validate()?;
         for (name, backend) in &exports {
             let reason = if name.is_empty() {
@@ -367,6 +418,7 @@ impl NbdServer {
                 connections,
                 handshaking: Mutex::new(Handshaking::default()),
                 metrics,
+                tls,
             }),
         })
     }
@@ -474,15 +526,14 @@ async fn serve_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (reader, mut writer) = tokio::io::split(stream);
-    let mut reader = BufReader::with_capacity(64 << 10, reader);
+    let conn: Conn = BufReader::with_capacity(READ_BUFFER_BYTES, Box::new(stream));
     let slot = inner.admit_handshake();
     let limit = Duration::from_millis(inner.config.handshake_timeout_ms);
     let negotiated = tokio::select! {
         biased;
         _ = stopped(&mut stop) => return Ok(()),
         _ = slot.token.cancelled() => return Err(ConnectionError::Evicted),
-        negotiated = tokio::time::timeout(limit, handshake(&inner, &mut reader, &mut writer)) => {
+        negotiated = tokio::time::timeout(limit, handshake(&inner, conn)) => {
             match negotiated {
                 Ok(negotiated) => negotiated?,
                 Err(_) => {
@@ -493,7 +544,7 @@ where
         }
     };
     drop(slot);
-    let Some(negotiated) = negotiated else {
+    let Some((conn, negotiated)) = negotiated else {
         return Ok(());
     };
     let Some(backend) = inner.exports.backend(&negotiated.export.name) else {
@@ -504,23 +555,26 @@ where
     tracing::debug!(
         export = %negotiated.export.name,
         structured = negotiated.structured_replies,
+        tls = negotiated.tls,
         "nbd: transmission phase"
     );
+    let (reader, writer) = tokio::io::split(conn);
     transmission(&inner.config, negotiated, backend, reader, writer, stop).await
 }
 
 /// Drive the sans-IO handshake. `None`: the session ended during option
-/// haggling (abort, unknown `EXPORT_NAME`).
-async fn handshake<R, W>(
+/// haggling (abort, unknown `EXPORT_NAME`); otherwise the connection
+/// (upgraded to TLS if the client asked) and what was negotiated.
+async fn handshake(
     inner: &ServerInner,
-    reader: &mut R,
-    writer: &mut W,
-) -> Result<Option<Negotiated>, ConnectionError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+    mut conn: Conn,
+) -> Result<Option<(Conn, Negotiated)>, ConnectionError> {
     let config = &inner.config;
+    let tls_mode = match &inner.tls {
+        None => TlsMode::Off,
+        Some(tls) if tls.required => TlsMode::Required,
+        Some(_) => TlsMode::Offered,
+    };
     let mut core = Handshake::new(
         BlockSizes {
             minimum_bytes: MINIMUM_BLOCK_BYTES,
@@ -529,46 +583,67 @@ where
         },
         config.multi_conn,
         config.max_options_per_handshake,
-    );
-    writer.write_all(&greeting()).await?;
-    writer.flush().await?;
-    let client_flags = reader.read_u32().await?;
+    )
+    .with_tls(tls_mode);
+    conn.write_all(&greeting()).await?;
+    conn.flush().await?;
+    let client_flags = conn.read_u32().await?;
     core.on_client_flags(client_flags)
         .map_err(ConnectionError::Protocol)?;
     loop {
         let mut raw = [0u8; OPTION_HEADER_BYTES];
-        reader.read_exact(&mut raw).await?;
+        conn.read_exact(&mut raw).await?;
         let header =
             parse_option_header(&raw).ok_or(ConnectionError::Protocol("bad option magic"))?;
         let step = if header.length_bytes > config.max_option_bytes {
             if header.length_bytes > MAX_OPTION_DRAIN_BYTES {
                 return Err(ConnectionError::Protocol("option data far too long"));
             }
-            drain(reader, header.length_bytes).await?;
+            drain(&mut conn, header.length_bytes).await?;
             core.on_oversized_option(header.option)
         } else {
             // Bounded by max_option_bytes above.
             let mut data = vec![0u8; header.length_bytes as usize];
-            reader.read_exact(&mut data).await?;
+            conn.read_exact(&mut data).await?;
             core.on_option(header.option, &data, &inner.exports)
         };
         match step {
             Step::Continue { reply } => {
-                writer.write_all(&reply).await?;
-                writer.flush().await?;
+                conn.write_all(&reply).await?;
+                conn.flush().await?;
             }
             Step::Close { reply, reason } => {
                 if !reply.is_empty() {
-                    writer.write_all(&reply).await?;
-                    writer.flush().await?;
+                    conn.write_all(&reply).await?;
+                    conn.flush().await?;
                 }
                 tracing::debug!(reason, "nbd: handshake ended");
                 return Ok(None);
             }
+            Step::StartTls { reply } => {
+                let Some(tls) = &inner.tls else {
+                    return Err(ConnectionError::Protocol("STARTTLS without TLS configured"));
+                };
+                conn.write_all(&reply).await?;
+                conn.flush().await?;
+                if !conn.buffer().is_empty() {
+                    return Err(ConnectionError::Protocol(
+                        "data sent before the STARTTLS reply",
+                    ));
+                }
+                let stream = tls
+                    .acceptor
+                    .accept(conn.into_inner())
+                    .await
+                    .map_err(ConnectionError::Tls)?;
+                conn = BufReader::with_capacity(READ_BUFFER_BYTES, Box::new(stream));
+                core.on_tls_established();
+                tracing::debug!("nbd: TLS established");
+            }
             Step::Transmission { reply, negotiated } => {
-                writer.write_all(&reply).await?;
-                writer.flush().await?;
-                return Ok(Some(negotiated));
+                conn.write_all(&reply).await?;
+                conn.flush().await?;
+                return Ok(Some((conn, negotiated)));
             }
         }
     }

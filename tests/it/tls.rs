@@ -1,0 +1,285 @@
+//! TLS at the NBD edge (`NBD_OPT_STARTTLS`), checked with clients nobody
+//! here wrote: `nbdinfo nbds://…` (libnbd, GnuTLS) and `qemu-io` with a
+//! `tls-creds-x509` object. Certificates come from `rackblock tls init` (or
+//! `rackblock up`) in a tempdir; every agent is stopped by pid.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tests::{next_port, rackblock_bin, require_tool, run_tool, Daemon, RunningUnit, ToolOutput};
+
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const OPT_GO: u32 = 7;
+const OPT_STARTTLS: u32 = 5;
+const REP_ACK: u32 = 1;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+
+fn tls_init(dir: &Path) {
+    let out = std::process::Command::new(rackblock_bin())
+        .args(["tls", "init"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// `rackblock attach m --memory 64MiB` on a fresh port with `extra` flags,
+/// waited (bounded) until it greets NBD clients.
+fn memory_agent(dir: &Path, extra: &[&str]) -> (Daemon, SocketAddr) {
+    let listen = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let listen_text = listen.to_string();
+    let mut args = vec!["attach", "m", "--memory", "64MiB", "--listen", &listen_text];
+    args.extend_from_slice(extra);
+    let run_dir = dir.join("run");
+    let daemon = Daemon::spawn_with_env(
+        "attach-m",
+        &args,
+        dir,
+        &[("RACKBLOCK_RUN_DIR", run_dir.as_os_str())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client::nbd::server_greets(listen) {
+        assert!(
+            Instant::now() < deadline,
+            "agent not greeting on {listen}:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (daemon, listen)
+}
+
+/// `qemu-io` over TLS (`tls-creds-x509` with the client directory);
+/// panics unless every command succeeded.
+fn qemu_io_tls(
+    client_dir: &Path,
+    listen: SocketAddr,
+    export: &str,
+    commands: &[&str],
+) -> ToolOutput {
+    let object = format!(
+        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+        client_dir.display()
+    );
+    let image = format!(
+        "driver=nbd,host={},port={},export={export},tls-creds=tls0",
+        listen.ip(),
+        listen.port()
+    );
+    let mut args = vec!["--object", &object, "--image-opts", &image];
+    for command in commands {
+        args.extend(["-c", command]);
+    }
+    let run = run_tool("qemu-io", &args, TOOL_TIMEOUT);
+    let failed = ["Pattern verification failed", "error", "failed"]
+        .into_iter()
+        .find(|needle| run.stdout.contains(needle) || run.stderr.contains(needle));
+    assert!(
+        run.status.success() && failed.is_none(),
+        "{failed:?} in {run}"
+    );
+    run
+}
+
+fn nbds_uri(listen: SocketAddr, export: &str, client_dir: &Path) -> String {
+    format!(
+        "nbds://{listen}/{export}?tls-certificates={}",
+        client_dir.display()
+    )
+}
+
+/// Fixed-newstyle handshake up to the options: greeting read, flags sent.
+fn raw_client(listen: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(listen).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    stream.write_all(&3u32.to_be_bytes()).unwrap();
+    stream
+}
+
+/// Sends `option` with `data`; returns the reply's (option, type).
+fn option(stream: &mut TcpStream, option: u32, data: &[u8]) -> (u32, u32) {
+    let mut header = IHAVEOPT.to_be_bytes().to_vec();
+    header.extend_from_slice(&option.to_be_bytes());
+    header.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    header.extend_from_slice(data);
+    stream.write_all(&header).unwrap();
+    let mut reply = [0u8; 20];
+    stream.read_exact(&mut reply).unwrap();
+    let len = u32::from_be_bytes(reply[16..20].try_into().unwrap());
+    let mut rest = vec![0u8; len as usize];
+    stream.read_exact(&mut rest).unwrap();
+    (
+        u32::from_be_bytes(reply[8..12].try_into().unwrap()),
+        u32::from_be_bytes(reply[12..16].try_into().unwrap()),
+    )
+}
+
+fn go_data(export: &str) -> Vec<u8> {
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    data
+}
+
+/// `rackblock up` makes its CA under rackblock-data/tls (keys 0600) and
+/// offers TLS on vol0: nbdinfo reads the size over `nbds://`, qemu-io
+/// writes and reads back over TLS, and a plain client still reads the
+/// same bytes.
+#[test]
+fn up_offers_tls_to_nbdinfo_and_qemu_io() {
+    require_tool("nbdinfo", "libnbd-bin");
+    require_tool("qemu-io", "qemu-utils");
+    let mut unit = RunningUnit::start("1GiB");
+    let tls = unit.data_dir.join("tls");
+    for key in ["ca.key", "server.key"] {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(tls.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let client_dir = tls.join("client");
+    let listen = unit.ports.nbd;
+    let info = run_tool(
+        "nbdinfo",
+        &["--json", &nbds_uri(listen, "vol0", &client_dir)],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let json: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(json["TLS"], true, "{info}");
+    assert_eq!(json["exports"][0]["export-size"], 1u64 << 30, "{info}");
+
+    qemu_io_tls(
+        &client_dir,
+        listen,
+        "vol0",
+        &[
+            "write -P 0x5a 1048576 1048576",
+            "read -P 0x5a 1048576 1048576",
+        ],
+    );
+    // Offered, not required: the plain URI reads what went over TLS.
+    let plain = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &unit.vol0_uri(),
+            "-c",
+            "read -P 0x5a 1048576 1048576",
+        ],
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        plain.status.success() && !plain.stdout.contains("failed"),
+        "{plain}"
+    );
+    assert!(
+        unit.stop(),
+        "rackblock up did not stop:\n{}",
+        unit.log_text()
+    );
+}
+
+/// `--tls-required`: a plain client is refused with NBD_REP_ERR_TLS_REQD
+/// (nbdinfo and qemu-io fail cleanly), TLS clients read and write, and a
+/// client that sends garbage instead of a TLS ClientHello loses only its
+/// own connection.
+#[test]
+fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
+    require_tool("nbdinfo", "libnbd-bin");
+    require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("tls");
+    tls_init(&certs);
+    let client_dir = certs.join("client");
+    let cert = certs.join("server.pem");
+    let key = certs.join("server.key");
+    let (mut agent, listen) = memory_agent(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-required",
+        ],
+    );
+
+    // The spec's refusal, byte for byte; ABORT is still answered.
+    let mut raw = raw_client(listen);
+    assert_eq!(
+        option(&mut raw, OPT_GO, &go_data("m")),
+        (OPT_GO, REP_ERR_TLS_REQD)
+    );
+    assert_eq!(option(&mut raw, 8, &[]), (8, REP_ERR_TLS_REQD));
+    assert_eq!(option(&mut raw, 2, &[]), (2, REP_ACK));
+    drop(raw);
+
+    let plain = run_tool("nbdinfo", &[&format!("nbd://{listen}/m")], TOOL_TIMEOUT);
+    assert!(!plain.status.success(), "plain nbdinfo was served: {plain}");
+    let plain = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &format!("nbd://{listen}/m"),
+            "-c",
+            "read 0 4096",
+        ],
+        TOOL_TIMEOUT,
+    );
+    assert!(!plain.status.success(), "plain qemu-io was served: {plain}");
+
+    // Garbage where the ClientHello belongs, held open while real TLS
+    // clients come and go.
+    let mut garbage = raw_client(listen);
+    assert_eq!(
+        option(&mut garbage, OPT_STARTTLS, &[]),
+        (OPT_STARTTLS, REP_ACK)
+    );
+    garbage.write_all(&[0x42; 4096]).unwrap();
+    qemu_io_tls(
+        &client_dir,
+        listen,
+        "m",
+        &["write -P 0xc3 0 65536", "read -P 0xc3 0 65536"],
+    );
+    let info = run_tool(
+        "nbdinfo",
+        &["--size", &nbds_uri(listen, "m", &client_dir)],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    assert_eq!(info.stdout.trim(), (64u64 << 20).to_string(), "{info}");
+    // The garbage connection was closed by the agent (EOF or reset), well
+    // before the handshake timeout.
+    let started = Instant::now();
+    let mut sink = [0u8; 4096];
+    loop {
+        match garbage.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "agent kept the garbage connection"
+            ),
+        }
+    }
+    // And the agent is still serving.
+    qemu_io_tls(&client_dir, listen, "m", &["read -P 0xc3 0 65536"]);
+    assert!(
+        agent.terminate(),
+        "agent did not stop:\n{}",
+        agent.log_text()
+    );
+}
