@@ -400,10 +400,13 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         };
         tasks.spawn(serve_network(
             handler,
-            access,
-            // Raft and control-plane connections are read on the control
-            // plane's runtime (proto::server module docs).
-            Some(lcp_runtime.handle.clone()),
+            proto::server::ServerConfig {
+                access,
+                // Raft and control-plane connections are read on the
+                // control plane's runtime (proto::server module docs).
+                control_runtime: Some(lcp_runtime.handle.clone()),
+                ..proto::server::ServerConfig::default()
+            },
             network,
             address,
             gauge,
@@ -424,8 +427,10 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         });
         tasks.spawn(serve_network(
             handler,
-            Access::Kinds(kind::is_host_request),
-            None,
+            proto::server::ServerConfig {
+                access: Access::Kinds(kind::is_host_request),
+                ..proto::server::ServerConfig::default()
+            },
             "host",
             host,
             gauge,
@@ -575,8 +580,7 @@ const SHUTDOWN_DRAIN_BOUND: Duration = Duration::from_secs(10);
 /// serves the protocol on it.
 async fn serve_network(
     handler: Arc<dyn Handler>,
-    access: Access,
-    control_runtime: Option<tokio::runtime::Handle>,
+    config: proto::server::ServerConfig,
     network: &'static str,
     address: SocketAddr,
     listener_up: Gauge,
@@ -589,18 +593,8 @@ async fn serve_network(
         return;
     };
     listener_up.set(1);
-    let result = proto::server::serve_with_metrics(
-        listener,
-        handler,
-        proto::server::ServerConfig {
-            access,
-            control_runtime,
-            ..proto::server::ServerConfig::default()
-        },
-        shutdown,
-        metrics,
-    )
-    .await;
+    let result =
+        proto::server::serve_with_metrics(listener, handler, config, shutdown, metrics).await;
     listener_up.set(0);
     if let Err(e) = result {
         error!(network, %address, error = %e, "protocol server failed");

@@ -1186,7 +1186,7 @@ async fn raft_term_holds_under_write_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remirrored_secondary_is_caught_up_without_writes_before_the_primary_dies() {
     let mut cluster = Cluster::start_with_flush_age(Duration::from_secs(600)).await;
-    let client = tests::connect_client(cluster.unit.lcp_client(), VOLUME, client_config())
+    let client = tests::connect_client(&cluster.unit, VOLUME, client_config())
         .await
         .unwrap();
     // 1 MiB at the start of every partition, in 64 KiB writes.
