@@ -791,21 +791,7 @@ impl UnitState {
         secondary: NodeId,
         epoch: Epoch,
     ) -> Result<Outcome, CommandError> {
-        let partition = self.partition_ref(id)?;
-        if primary != partition.primary {
-            return Err(CommandError::NotPrimary {
-                partition: id,
-                node: primary,
-                primary: partition.primary.clone(),
-            });
-        }
-        if epoch != partition.epoch {
-            return Err(CommandError::StaleEpoch {
-                partition: id,
-                current: partition.epoch,
-                presented: epoch,
-            });
-        }
+        let partition = self.primary_of_epoch(id, &primary, epoch)?;
         if secondary != partition.secondary {
             return Err(CommandError::invalid(format!(
                 "{secondary} is not the secondary of {id} ({} is)",
@@ -816,19 +802,20 @@ impl UnitState {
         Ok(Outcome::Done)
     }
 
-    fn grant_lease(
-        &mut self,
+    /// The partition, if `node` is its primary at `epoch` (else
+    /// `NotPrimary` or `StaleEpoch`): what a primary's own report or lease
+    /// request must present.
+    fn primary_of_epoch(
+        &self,
         id: PartitionId,
-        holder: NodeId,
+        node: &NodeId,
         epoch: Epoch,
-        now_ms: u64,
-        duration_ms: u64,
-    ) -> Result<Outcome, CommandError> {
+    ) -> Result<&Partition, CommandError> {
         let partition = self.partition_ref(id)?;
-        if holder != partition.primary {
+        if *node != partition.primary {
             return Err(CommandError::NotPrimary {
                 partition: id,
-                node: holder,
+                node: node.clone(),
                 primary: partition.primary.clone(),
             });
         }
@@ -839,6 +826,18 @@ impl UnitState {
                 presented: epoch,
             });
         }
+        Ok(partition)
+    }
+
+    fn grant_lease(
+        &mut self,
+        id: PartitionId,
+        holder: NodeId,
+        epoch: Epoch,
+        now_ms: u64,
+        duration_ms: u64,
+    ) -> Result<Outcome, CommandError> {
+        let partition = self.primary_of_epoch(id, &holder, epoch)?;
         // A Draining primary keeps serving until it is moved; a Down or
         // Failed one must not block its own failover by renewing.
         let node = self.node(&holder)?;
