@@ -192,7 +192,7 @@ impl Handshake {
                 reason: "NBD_OPT_EXPORT_NAME longer than any export name",
             },
             OPT_ABORT => abort(),
-            OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY => {
+            OPT_LIST | OPT_INFO | OPT_GO | OPT_STRUCTURED_REPLY | OPT_STARTTLS => {
                 error_reply(option, REP_ERR_INVALID, "option data too long")
             }
             _ => error_reply(option, REP_ERR_UNSUP, "option not supported"),
