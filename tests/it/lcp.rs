@@ -85,15 +85,25 @@ fn start_sleds(unit: &TestUnit) -> Vec<Daemon> {
 }
 
 /// Every member answers the partition map (followers via the leader),
-/// with epoch 1 and both rack addresses of primary and secondary.
+/// with epoch 1 and both rack addresses of primary and secondary. A member
+/// that has not heard from the leader yet (it learns of it with the first
+/// AppendEntries that reaches it) answers `NotLeader` with no leader: asked
+/// again, for up to 10 s.
 async fn check_partition_map_everywhere(unit: &TestUnit, client: &LcpClient, volume: u64) {
     for head in &unit.head_nodes {
-        let response = client
-            .call_node(&head.id, &LcpRequest::PartitionMap { volume })
-            .await
-            .unwrap();
-        let LcpResponse::PartitionMap(map) = response else {
-            panic!("{}: {response:?}", head.id)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let map = loop {
+            let response = client
+                .call_node(&head.id, &LcpRequest::PartitionMap { volume })
+                .await
+                .unwrap();
+            match response {
+                LcpResponse::PartitionMap(map) => break map,
+                LcpResponse::NotLeader { leader: None, .. } if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("{}: {other:?}", head.id),
+            }
         };
         assert_eq!(map.partitions.len(), 3);
         for p in &map.partitions {
