@@ -231,8 +231,39 @@ fn thread_count() -> usize {
 /// futures are dropped in flight keep their buffers until their completion
 /// and then free their slots: more abandoned operations than a ring has
 /// slots leave the device fully usable.
+///
+/// Threads are counted per process, and the other tests of this binary
+/// start and end threads of their own meanwhile: so the check runs alone,
+/// in a child process of this test binary (the ignored test below).
+#[test]
+fn uring_runs_inline_and_abandoned_operations_free_their_slots() {
+    let exe = std::env::current_exe().unwrap();
+    let output = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+            "open::uring_inline_alone",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child ran no test: {stdout}"
+    );
+}
+
+/// The body of the test above, alone in its process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uring_runs_inline_and_abandoned_operations_free_their_slots() {
+#[ignore = "run alone, as a child process, by uring_runs_inline_and_abandoned_operations_free_their_slots"]
+async fn uring_inline_alone() {
     let dir = tempfile::tempdir().unwrap();
     // Warm the runtime's threads (and this thread's ring) first.
     let Ok(warm) = open_device(
