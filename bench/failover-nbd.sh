@@ -16,6 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 timeout_s=${BENCH_TIMEOUT_S:-1800}
 for tool in fio python3 timeout; do
   command -v $tool >/dev/null || { echo "bench/failover-nbd.sh: $tool is missing" >&2; exit 1; }
@@ -31,13 +33,7 @@ else
   export RACKBLOCK_BIN="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
   test_args=(--release)
 fi
-test_bin=$(cargo test "${test_args[@]}" -q -p tests --test it --no-run --message-format=json \
-  | python3 -c 'import json,sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
-        print(m["executable"])' | tail -1)
+test_bin=$(e2e_test_bin "${test_args[@]}")
 [ -x "$test_bin" ] || { echo "bench/failover-nbd.sh: no test binary found" >&2; exit 1; }
 log="$out/failover-nbd.log"
 status=0

@@ -24,6 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 reps=${FAILOVER_REPS:-20}
 baseline_reps=${BENCH_BASELINE_REPS:-6}
 baseline_timings=${BENCH_BASELINE_TIMINGS:-legacy}
@@ -36,13 +38,7 @@ rm -rf "$work"; mkdir -p "$work"
 
 echo "# building release (rackblock and the e2e test binary)" >&2
 cargo build --release -q -p cli --bin rackblock
-test_bin=$(cargo test --release -q -p tests --test it --no-run --message-format=json \
-  | python3 -c 'import json,sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
-        print(m["executable"])' | tail -1)
+test_bin=$(e2e_test_bin --release)
 [ -x "$test_bin" ] || { echo "bench/failover.sh: no release test binary found" >&2; exit 1; }
 export RACKBLOCK_BIN="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 # 1 GiB sled devices (64 columns each): every take-over opens new extents,

@@ -71,3 +71,16 @@ scrub_bytes_per_second = 0
 scrub_pass_interval_ms = 60000
 TOML
 }
+
+# Path of the end-to-end test binary (`tests`, target `it`) that
+# `cargo test "$@" -p tests --test it --no-run` builds (pass --release for a
+# release one); the benches that drive an ignored e2e test run it directly.
+e2e_test_bin() {
+  cargo test "$@" -q -p tests --test it --no-run --message-format=json \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
+        print(m["executable"])' | tail -1
+}

@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
 export LOAD_SECONDS=${LOAD_SECONDS:-600}
 timeout_s=${BENCH_TIMEOUT_S:-$((LOAD_SECONDS + 300))}
 fio_jobs=${BENCH_FIO_JOBS:-0}
@@ -22,13 +24,7 @@ out="$root/bench/out"; logs="$out/raft-term-logs"
 rm -rf "$logs"; mkdir -p "$logs"
 echo "# building release (rackblock and the e2e test binary)" >&2
 cargo build --release -q -p cli --bin rackblock
-test_bin=$(cargo test --release -q -p tests --test it --no-run --message-format=json \
-  | python3 -c 'import json,sys
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "it" and m.get("executable"):
-        print(m["executable"])' | tail -1)
+test_bin=$(e2e_test_bin --release)
 [ -x "$test_bin" ] || { echo "bench/raft-term.sh: no release test binary found" >&2; exit 1; }
 export RACKBLOCK_BIN="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
 fio_pid=
