@@ -58,7 +58,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use client::admin::AdminState;
-use client::iscsi::{target_name_for, Chap, IscsiConfig, IscsiServer};
+use client::iscsi::{
+    target_name_for, Chap, HostReservationSource, IscsiConfig, IscsiServer, ReservationStore,
+};
 use client::metrics::{AgentMetrics, MeteredBackend};
 use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer, NbdTls};
 use client::qos::{Limit, QosBackend, QosHandle, QosLimits};
@@ -539,6 +541,10 @@ pub async fn run(
             })?),
             None => None,
         };
+    // Where a unit's volume keeps its persistent reservations: the unit,
+    // through the host ports (client::iscsi::HostReservationSource).
+    let mut reservation_target: Option<(Vec<HostEndpoint>, u64, AttachmentCredential)> = None;
+    let link_config = config.link.clone();
     let (backend, attached, volume_client): (
         Arc<dyn NbdBackend>,
         Option<Attached>,
@@ -567,6 +573,7 @@ pub async fn run(
                 ))
             }
         };
+        reservation_target = Some((endpoints.clone(), volume_id, credential));
         match VolumeClient::connect_host(&endpoints, volume_id, credential, config).await {
             Ok(client) => (Arc::new(client.clone()), None, Some(client)),
             Err(e) => {
@@ -611,6 +618,7 @@ pub async fn run(
                     CliError::Runtime("the zonal attach answer has no volume_id".into())
                 })?;
             let endpoints = host_endpoints(&info)?;
+            reservation_target = Some((endpoints.clone(), volume_id, credential));
             let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
             VolumeClient::connect_host(&endpoints, volume_id, credential, config)
                 .await
@@ -698,7 +706,13 @@ pub async fn run(
             portals: portals.clone(),
             max_connections: 128,
         };
-        match IscsiServer::new(config, nbd_backend.clone(), lun_id) {
+        let reservations = match &reservation_target {
+            Some((endpoints, volume_id, credential)) => ReservationStore::replicated(Arc::new(
+                HostReservationSource::new(endpoints, *volume_id, *credential, link_config.clone()),
+            )),
+            None => ReservationStore::local(),
+        };
+        match IscsiServer::with_reservations(config, nbd_backend.clone(), lun_id, reservations) {
             Ok(server) => Some(server),
             Err(error) => {
                 detach_and_report(&volume, attached.as_ref()).await;

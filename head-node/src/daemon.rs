@@ -59,7 +59,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hardware::rack::{Rack, RackError};
-use local_control_plane::client::{LcpRequest, LcpResponse};
+use local_control_plane::client::{
+    HostReservationReply, HostReservationRequest, LcpRequest, LcpResponse,
+};
 use local_control_plane::node::StartError;
 use local_control_plane::{LcpConfig, LcpNode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -227,12 +229,107 @@ impl Handler for HostPortHandler {
                         })),
                     }
                 }
+                Message::HostReservations {
+                    volume,
+                    credential,
+                    payload,
+                } => {
+                    if let Err(error) = manager.check_attachment(volume, &credential).await {
+                        return Message::HostReply(HostReply::Error(error));
+                    }
+                    let request = match serde_json::from_slice::<HostReservationRequest>(&payload) {
+                        Ok(request) => request,
+                        Err(error) => {
+                            return Message::HostReply(HostReply::Error(HostError::BadRequest {
+                                reason: format!("undecodable reservation request: {error}"),
+                            }))
+                        }
+                    };
+                    let answer = lcp_runtime
+                        .spawn(async move { host_reservations(&node, volume, request).await })
+                        .await
+                        .unwrap_or_else(|error| {
+                            Err(HostError::Unavailable {
+                                reason: error.to_string(),
+                            })
+                        });
+                    match answer.and_then(|reply| {
+                        serde_json::to_vec(&reply).map_err(|error| HostError::Io {
+                            reason: error.to_string(),
+                        })
+                    }) {
+                        Ok(payload) => Message::HostReservationsReply {
+                            payload: payload.into(),
+                        },
+                        Err(error) => Message::HostReply(HostReply::Error(error)),
+                    }
+                }
                 // The server's policy lets nothing else through.
                 other => Message::HostReply(HostReply::Error(HostError::BadRequest {
                     reason: format!("kind {:#06x} is not served on the host port", other.kind()),
                 })),
             }
         })
+    }
+}
+
+/// A host's read or compare-and-set of its volume's persistent
+/// reservations (the credential was checked): a linearizable read, or a
+/// `SetReservations` command; a lost compare-and-set answers the current
+/// record. No leader, a forward that failed: `Unavailable`, the host
+/// retries (a compare-and-set whose outcome is unknown then finds the
+/// version moved, and compares the record it reads with its own).
+async fn host_reservations(
+    node: &LcpNode,
+    volume: u64,
+    request: HostReservationRequest,
+) -> Result<HostReservationReply, HostError> {
+    let unavailable = |what: &str, response: &LcpResponse| HostError::Unavailable {
+        reason: format!("reservations {what}: {response:?}"),
+    };
+    let read = || async {
+        match node.serve(LcpRequest::Reservations { volume }).await {
+            LcpResponse::Reservations(record) => Ok(record),
+            other => Err(unavailable("read", &other)),
+        }
+    };
+    match request {
+        HostReservationRequest::Read => Ok(HostReservationReply {
+            applied: false,
+            record: read().await?,
+        }),
+        HostReservationRequest::Set {
+            expected_version,
+            record,
+        } => {
+            let command = local_control_plane::Command::SetReservations {
+                volume,
+                expected_version,
+                record: record.clone(),
+            };
+            match node.serve(LcpRequest::Command(command)).await {
+                LcpResponse::Applied(Ok(local_control_plane::Outcome::ReservationsSet {
+                    version,
+                    ..
+                })) => Ok(HostReservationReply {
+                    applied: true,
+                    record: local_control_plane::state::PersistentReservations {
+                        version,
+                        ..record
+                    },
+                }),
+                LcpResponse::Applied(Err(
+                    local_control_plane::CommandError::ReservationVersion { .. },
+                )) => Ok(HostReservationReply {
+                    applied: false,
+                    record: read().await?,
+                }),
+                LcpResponse::Applied(Err(error)) => Err(HostError::BadRequest {
+                    reason: error.to_string(),
+                }),
+                other => Err(unavailable("update", &other)),
+            }
+        }
     }
 }
 

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{Command, Outcome};
 use crate::error::CommandError;
 use crate::network::lock;
-use crate::state::{PartitionMap, UnitStatus, VolumeId};
+use crate::state::{PartitionMap, PersistentReservations, UnitStatus, VolumeId};
 
 /// A request to the local control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,8 @@ pub enum LcpRequest {
     PartitionMap { volume: VolumeId },
     /// Linearizable read of the unit state plus Raft facts.
     UnitStatus,
+    /// Linearizable read of a volume's persistent reservation record.
+    Reservations { volume: VolumeId },
     /// This node's view of Raft (local, not linearizable).
     RaftStatus,
     /// A request a follower relays to the leader (one hop: a forwarded
@@ -117,6 +119,7 @@ pub enum LcpResponse {
     /// machine, which changed nothing).
     Applied(Result<Outcome, CommandError>),
     PartitionMap(PartitionMap),
+    Reservations(PersistentReservations),
     UnitStatus {
         raft: RaftStatus,
         unit: UnitStatus,
@@ -128,6 +131,30 @@ pub enum LcpResponse {
         leader_name: Option<String>,
     },
     Error(LcpError),
+}
+
+/// What a host asks of its volume's persistent reservations, through a
+/// head node's host port (`proto::Message::HostReservations`, JSON; the
+/// head node checks the attachment credential first and turns it into a
+/// [`LcpRequest::Reservations`] read or a [`Command::SetReservations`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostReservationRequest {
+    /// The current record (linearizable).
+    Read,
+    /// Compare-and-set (see `state::reservations`).
+    Set {
+        expected_version: u64,
+        record: PersistentReservations,
+    },
+}
+
+/// The answer to a [`HostReservationRequest`]: the record as it is after
+/// the request (for a `Set`: the new record if `applied`, else the
+/// current one the host must recompute from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReservationReply {
+    pub applied: bool,
+    pub record: PersistentReservations,
 }
 
 /// Encode a request as a proto message.

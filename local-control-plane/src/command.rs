@@ -267,6 +267,15 @@ pub enum Command {
         node: NodeId,
         reason: String,
     },
+    /// Replace the volume's persistent reservation record if its version
+    /// is still `expected_version` (compare-and-set; the record's own
+    /// `version` is ignored, the applied one is `expected_version + 1`).
+    /// See `state::reservations`.
+    SetReservations {
+        volume: VolumeId,
+        expected_version: u64,
+        record: crate::state::PersistentReservations,
+    },
     /// Several commands in one Raft entry, applied in order, each on its
     /// own: one refused changes nothing and does not stop the others
     /// ([`Outcome::Batch`] has one result per command). The leader's
@@ -329,6 +338,8 @@ pub enum Outcome {
         /// Attachments revoked by a forced delete.
         revoked_attachments: usize,
     },
+    /// A volume's reservation record replaced; its new version.
+    ReservationsSet { volume: VolumeId, version: u64 },
     /// The result of each command of a [`Command::Batch`], in order.
     Batch(Vec<Result<Outcome, crate::error::CommandError>>),
 }

@@ -117,6 +117,14 @@ pub enum CommandError {
     /// role change, and a second delete is refused.
     #[error("volume {volume} is being deleted")]
     VolumeDeleting { volume: VolumeId },
+    /// A compare-and-set of a volume's reservation record lost: the record
+    /// is at `current`, not `expected` (read it again and recompute).
+    #[error("volume {volume}: reservation record at version {current}, not {expected}")]
+    ReservationVersion {
+        volume: VolumeId,
+        expected: u64,
+        current: u64,
+    },
     /// QoS limits that are not acceptable (`proto::qos::QosSpecError`).
     #[error("volume {volume}: QoS {field}: {reason}")]
     InvalidQos {
@@ -179,6 +187,7 @@ impl CommandError {
             CommandError::VolumeDeleting { .. } => "volume_deleting",
             CommandError::ShrinkRefused { .. } => "shrink_refused",
             CommandError::InvalidQos { .. } => "invalid_qos",
+            CommandError::ReservationVersion { .. } => "reservation_version",
         }
     }
 

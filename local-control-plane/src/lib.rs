@@ -35,7 +35,10 @@ pub mod raft;
 pub mod repair;
 pub mod state;
 
-pub use client::{LcpClient, LcpError, LcpRequest, LcpResponse, RaftStatus};
+pub use client::{
+    HostReservationReply, HostReservationRequest, LcpClient, LcpError, LcpRequest, LcpResponse,
+    RaftStatus,
+};
 pub use command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 pub use error::{CommandError, Entity};
 pub use node::{LcpConfig, LcpNode};

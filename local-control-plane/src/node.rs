@@ -659,17 +659,17 @@ impl LcpNode {
                     reason: e.to_string(),
                 }),
             },
-            read @ (LcpRequest::PartitionMap { .. } | LcpRequest::UnitStatus) => {
-                match inner.raft.ensure_linearizable().await {
-                    Ok(_) => read_local(inner, &read),
-                    Err(openraft::error::RaftError::APIError(
-                        openraft::error::CheckIsLeaderError::ForwardToLeader(to),
-                    )) => self.forward(read, to.leader_id, forwarded).await,
-                    Err(e) => LcpResponse::Error(LcpError::Raft {
-                        reason: e.to_string(),
-                    }),
-                }
-            }
+            read @ (LcpRequest::PartitionMap { .. }
+            | LcpRequest::Reservations { .. }
+            | LcpRequest::UnitStatus) => match inner.raft.ensure_linearizable().await {
+                Ok(_) => read_local(inner, &read),
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::CheckIsLeaderError::ForwardToLeader(to),
+                )) => self.forward(read, to.leader_id, forwarded).await,
+                Err(e) => LcpResponse::Error(LcpError::Raft {
+                    reason: e.to_string(),
+                }),
+            },
         }
     }
 
@@ -780,6 +780,19 @@ fn forward_link(inner: &Inner, id: RaftNodeId, info: &HeadNodeInfo) -> Arc<PeerL
 }
 
 fn read_local(inner: &Inner, request: &LcpRequest) -> LcpResponse {
+    if let LcpRequest::Reservations { volume } = request {
+        // Read often (every attach agent keeps its copy fresh): no clone
+        // of the whole state.
+        return match inner.state.read().unit.reservations(*volume) {
+            Ok(record) => LcpResponse::Reservations(record),
+            Err(
+                CommandError::UnknownVolume { volume } | CommandError::VolumeDeleting { volume },
+            ) => LcpResponse::Error(LcpError::UnknownVolume { volume }),
+            Err(e) => LcpResponse::Error(LcpError::BadRequest {
+                reason: e.to_string(),
+            }),
+        };
+    }
     let state = inner.state.read().unit.clone();
     match request {
         LcpRequest::PartitionMap { volume } => match state.partition_map(*volume) {

@@ -58,6 +58,8 @@
 //! | 0x0213 | ReplicaStatus | partition |
 //! | 0x0221 | HostMap | volume u64 \| attachment u64 \| token `[u8; 16]` |
 //! | 0x02a1 | HostMapReply | payload bytes(≤16 MiB): the partition map, serde JSON of `local-control-plane` |
+//! | 0x0222 | HostReservations | volume u64 \| attachment u64 \| token `[u8; 16]` \| payload bytes(≤16 MiB): serde JSON of `local-control-plane` |
+//! | 0x02a2 | HostReservationsReply | payload bytes(≤16 MiB): serde JSON of `local-control-plane` |
 //! | 0x0281 | HostData | data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) |
 //! | 0x0282 | HostDone | (empty) |
 //! | 0x0283 | HostError | host error |
@@ -173,6 +175,8 @@ pub mod kind {
     pub const REPLICA_STATUS: u16 = 0x0213;
     pub const HOST_MAP: u16 = 0x0221;
     pub const HOST_MAP_REPLY: u16 = 0x02a1;
+    pub const HOST_RESERVATIONS: u16 = 0x0222;
+    pub const HOST_RESERVATIONS_REPLY: u16 = 0x02a2;
     pub const HOST_DATA: u16 = 0x0281;
     pub const HOST_DONE: u16 = 0x0282;
     pub const HOST_ERROR: u16 = 0x0283;
@@ -186,7 +190,13 @@ pub mod kind {
     pub fn is_host_request(kind: u16) -> bool {
         matches!(
             kind,
-            PING | HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES | HOST_MAP
+            PING | HOST_READ
+                | HOST_WRITE
+                | HOST_FLUSH
+                | HOST_TRIM
+                | HOST_WRITE_ZEROES
+                | HOST_MAP
+                | HOST_RESERVATIONS
         )
     }
     /// First kind reserved for local-control-plane messages.
@@ -251,6 +261,19 @@ pub enum Message {
     HostMapReply {
         payload: Bytes,
     },
+    /// A host reads or compare-and-sets the SCSI persistent reservations
+    /// of the volume its attachment credential is for (the request,
+    /// opaque here, is the control plane's).
+    HostReservations {
+        volume: u64,
+        credential: AttachmentCredential,
+        payload: Bytes,
+    },
+    /// Answer to [`Message::HostReservations`] (a refusal is a
+    /// [`HostReply::Error`] instead): opaque here.
+    HostReservationsReply {
+        payload: Bytes,
+    },
 }
 
 impl Message {
@@ -309,6 +332,8 @@ impl Message {
             },
             Message::HostMap { .. } => HOST_MAP,
             Message::HostMapReply { .. } => HOST_MAP_REPLY,
+            Message::HostReservations { .. } => HOST_RESERVATIONS,
+            Message::HostReservationsReply { .. } => HOST_RESERVATIONS_REPLY,
         }
     }
 
@@ -323,6 +348,7 @@ impl Message {
                 | Message::HostReply(_)
                 | Message::ReplicaReply(_)
                 | Message::HostMapReply { .. }
+                | Message::HostReservationsReply { .. }
         )
     }
 
@@ -344,13 +370,17 @@ impl Message {
             // Every host op is idempotent for a block device, and replicas
             // dedupe by sequence (see `crate::volume`).
             Message::Host(_) | Message::Replica(_) | Message::HostMap { .. } => true,
+            // A compare-and-set sent twice fails the second time (the
+            // version moved): the sender cannot tell it applied.
+            Message::HostReservations { .. } => false,
             Message::Pong { .. }
             | Message::SledReply(_)
             | Message::RaftReply { .. }
             | Message::LcpReply { .. }
             | Message::HostReply(_)
             | Message::ReplicaReply(_)
-            | Message::HostMapReply { .. } => false,
+            | Message::HostMapReply { .. }
+            | Message::HostReservationsReply { .. } => false,
         }
     }
 
@@ -363,7 +393,9 @@ impl Message {
             | Message::RaftReply { payload }
             | Message::Lcp { payload, .. }
             | Message::LcpReply { payload }
-            | Message::HostMapReply { payload } => payload.len(),
+            | Message::HostMapReply { payload }
+            | Message::HostReservations { payload, .. }
+            | Message::HostReservationsReply { payload } => payload.len(),
             Message::Host(HostRequest {
                 op: HostOp::Write { data, .. },
                 ..
@@ -487,7 +519,18 @@ impl Message {
             }
             Message::RaftReply { payload }
             | Message::LcpReply { payload }
-            | Message::HostMapReply { payload } => w.bytes(payload),
+            | Message::HostMapReply { payload }
+            | Message::HostReservationsReply { payload } => w.bytes(payload),
+            Message::HostReservations {
+                volume,
+                credential,
+                payload,
+            } => {
+                w.u64(*volume);
+                w.u64(credential.attachment);
+                w.raw(&credential.token.0);
+                w.bytes(payload);
+            }
             Message::HostMap { volume, credential } => {
                 w.u64(*volume);
                 w.u64(credential.attachment);
@@ -713,6 +756,17 @@ impl Message {
                 },
             },
             HOST_MAP_REPLY => Message::HostMapReply {
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
+            HOST_RESERVATIONS => Message::HostReservations {
+                volume: r.u64("volume")?,
+                credential: AttachmentCredential {
+                    attachment: r.u64("attachment")?,
+                    token: AttachmentToken(r.array("token")?),
+                },
+                payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
+            },
+            HOST_RESERVATIONS_REPLY => Message::HostReservationsReply {
                 payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
             },
             HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES => {

@@ -97,11 +97,16 @@ mod pdu;
 mod reserve;
 mod scsi;
 mod server;
+mod shared;
 
 pub use login::Chap;
 pub use pdu::PduError;
 pub use scsi::{LogicalUnit, Outcome, Sense};
 pub use server::{target_name_for, ConnectionError, IscsiConfig, IscsiError, IscsiServer};
+pub use shared::{
+    HostReservationSource, ReservationSource, ReservationStore, SourceError, FRESH_FOR,
+    RESTRICT_GRACE,
+};
 
 /// The well-known iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;

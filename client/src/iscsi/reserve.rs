@@ -12,12 +12,14 @@
 //!
 //! # Where the state lives
 //!
-//! In this attach agent's memory, per LUN, behind a mutex: **not** in the
-//! unit's replicated state. A second agent of the same volume does not
-//! see it, and a restart of the agent loses it (so APTPL, persist through
-//! power loss, is refused). The state survives head-node failovers (the
-//! agent holds it, not the primary). Keeping it in the unit's Raft state
-//! is the remaining gap of issue 16.
+//! [`Reservations`] is the state and its SPC-4 rules, sans-IO. Where it
+//! is kept is shared.rs's business: for a volume of a unit, in the
+//! unit's replicated state (every agent of the volume sees the same
+//! registrations; they survive agent restarts and head-node failovers),
+//! converted by [`Reservations::from_record`] / [`Reservations::to_record`];
+//! for a memory LUN, in this agent. APTPL is still refused: the state
+//! does persist through power loss for a unit's volume, but REPORT
+//! CAPABILITIES does not offer it yet (PTPL_C 0).
 //!
 //! # Conflicts (SPC-4 table 5.12.x, simplified to three classes)
 //!
@@ -32,6 +34,7 @@
 //! reservation's access).
 
 use bytes::Bytes;
+use local_control_plane::state::{HeldReservation, PersistentReservations, Registration};
 
 use super::scsi::{Outcome, Sense};
 
@@ -135,14 +138,14 @@ pub fn access_of(cdb: &[u8; 16]) -> Access {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Reservation {
     holder: Nexus,
     kind: u8,
 }
 
 /// The persistent reservation state of one LUN.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reservations {
     generation: u32,
     /// Registered nexuses and their keys, in registration order.
@@ -168,6 +171,60 @@ fn data(mut out: Vec<u8>, allocation: usize) -> Outcome {
 }
 
 impl Reservations {
+    /// From the unit's record (shared.rs). A holder the record does not
+    /// list as registered cannot occur (the control plane refuses such a
+    /// record) and would be ignored.
+    pub fn from_record(record: &PersistentReservations) -> Reservations {
+        let registrations: Vec<(Nexus, u64)> = record
+            .registrations
+            .iter()
+            .map(|r| {
+                (
+                    Nexus {
+                        initiator: r.initiator.clone(),
+                        isid: r.isid,
+                    },
+                    r.key,
+                )
+            })
+            .collect();
+        let reservation = record.reservation.as_ref().map(|held| Reservation {
+            holder: Nexus {
+                initiator: held.initiator.clone(),
+                isid: held.isid,
+            },
+            kind: held.kind,
+        });
+        Reservations {
+            generation: record.generation,
+            registrations,
+            reservation,
+        }
+    }
+
+    /// The unit's record of this state (version 0: the control plane
+    /// sets it).
+    pub fn to_record(&self) -> PersistentReservations {
+        PersistentReservations {
+            version: 0,
+            generation: self.generation,
+            registrations: self
+                .registrations
+                .iter()
+                .map(|(n, key)| Registration {
+                    initiator: n.initiator.clone(),
+                    isid: n.isid,
+                    key: *key,
+                })
+                .collect(),
+            reservation: self.reservation.as_ref().map(|r| HeldReservation {
+                initiator: r.holder.initiator.clone(),
+                isid: r.holder.isid,
+                kind: r.kind,
+            }),
+        }
+    }
+
     fn key_of(&self, nexus: &Nexus) -> Option<u64> {
         self.registrations
             .iter()

@@ -35,7 +35,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::reserve::{self, Nexus, Reservations};
+use super::reserve::{self, Nexus};
+use super::shared::ReservationStore;
 use crate::nbd::{BackendError, NbdBackend, NbdErrno};
 
 pub const BLOCK_BYTES: u64 = 512;
@@ -213,8 +214,9 @@ pub struct LogicalUnit {
     /// so every portal and every agent shows the same LUN.
     id: u64,
     compare_and_write: tokio::sync::Mutex<()>,
-    /// Persistent reservations, held in this agent (see reserve.rs).
-    reservations: std::sync::Mutex<Reservations>,
+    /// Persistent reservations (see shared.rs: in the unit's replicated
+    /// state, or in this agent for a memory LUN).
+    reservations: ReservationStore,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -300,12 +302,21 @@ fn backend_sense(error: &BackendError, writing: bool) -> Sense {
 }
 
 impl LogicalUnit {
+    /// A LUN whose persistent reservations are held in this agent.
     pub fn new(backend: Arc<dyn NbdBackend>, id: u64) -> LogicalUnit {
+        LogicalUnit::with_reservations(backend, id, ReservationStore::local())
+    }
+
+    pub fn with_reservations(
+        backend: Arc<dyn NbdBackend>,
+        id: u64,
+        reservations: ReservationStore,
+    ) -> LogicalUnit {
         LogicalUnit {
             backend,
             id,
             compare_and_write: tokio::sync::Mutex::new(()),
-            reservations: std::sync::Mutex::new(Reservations::default()),
+            reservations,
         }
     }
 
@@ -337,22 +348,24 @@ impl LogicalUnit {
         data_out: Bytes,
     ) -> Outcome {
         if lun == 0 {
-            let Ok(mut reservations) = self.reservations.lock() else {
-                return Outcome::check(Sense::NOT_READY);
-            };
             match cdb[0] {
-                0x5e => {
-                    return reservations.read(cdb).unwrap_or_else(Outcome::check);
-                }
-                0x5f => return reservations.write(nexus, cdb, &data_out),
-                _ if !reservations.permits(nexus, reserve::access_of(cdb)) => {
-                    return Outcome {
-                        status: reserve::RESERVATION_CONFLICT,
-                        sense: None,
-                        data: Bytes::new(),
-                    };
-                }
-                _ => {}
+                0x5e => return self.reservations.read(cdb).await,
+                0x5f => return self.reservations.write(nexus, cdb, &data_out).await,
+                _ => match self
+                    .reservations
+                    .permits(nexus, reserve::access_of(cdb))
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        return Outcome {
+                            status: reserve::RESERVATION_CONFLICT,
+                            sense: None,
+                            data: Bytes::new(),
+                        }
+                    }
+                    Err(outcome) => return outcome,
+                },
             }
         }
         match self.dispatch(lun, cdb, data_out).await {

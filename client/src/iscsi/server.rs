@@ -19,6 +19,7 @@ use super::login::{self, encode_text, parse_text, Chap, Login, LoginStep, Negoti
 use super::pdu::{self, op, Decoded, Digests, Pdu, PduError, BHS_BYTES, RESERVED_TAG};
 use super::reserve::Nexus;
 use super::scsi::{self, LogicalUnit, Outcome, Sense};
+use super::shared::ReservationStore;
 use crate::nbd::NbdBackend;
 
 /// Commands the initiator may have outstanding (MaxCmdSN − ExpCmdSN + 1).
@@ -121,6 +122,18 @@ impl IscsiServer {
         backend: Arc<dyn NbdBackend>,
         id: u64,
     ) -> Result<IscsiServer, IscsiError> {
+        IscsiServer::with_reservations(config, backend, id, ReservationStore::local())
+    }
+
+    /// [`IscsiServer::new`] with the LUN's persistent reservations kept
+    /// in `reservations` (the unit's replicated state for a volume of a
+    /// unit: see shared.rs).
+    pub fn with_reservations(
+        config: IscsiConfig,
+        backend: Arc<dyn NbdBackend>,
+        id: u64,
+        reservations: ReservationStore,
+    ) -> Result<IscsiServer, IscsiError> {
         let name = &config.target_name;
         if !(name.starts_with("iqn.") || name.starts_with("eui."))
             || name.len() > 223
@@ -141,7 +154,7 @@ impl IscsiServer {
         Ok(IscsiServer {
             inner: Arc::new(Inner {
                 config,
-                lun: LogicalUnit::new(backend, id),
+                lun: LogicalUnit::with_reservations(backend, id, reservations),
                 next_tsih: AtomicU16::new(1),
                 connections,
             }),

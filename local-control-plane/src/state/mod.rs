@@ -89,6 +89,7 @@ mod invariants;
 mod placement;
 mod read;
 mod repair;
+mod reservations;
 mod types;
 mod volumes;
 
@@ -116,6 +117,10 @@ pub use read::{
 pub use repair::{
     BlockedColumns, DrainOutlook, PlacementBlock, RepairBook, RepairPhase, RepairReason,
     RepairTask, MAX_REPAIR_TASKS,
+};
+pub use reservations::{
+    HeldReservation, PersistentReservations, Registration, MAX_INITIATOR_NAME_BYTES,
+    MAX_REGISTRATIONS,
 };
 pub use types::{
     Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
@@ -151,6 +156,11 @@ pub struct UnitState {
     /// Volumes being deleted (see [`volumes`]).
     #[serde(default)]
     deleting: BTreeMap<VolumeId, DeletingVolume>,
+    /// Persistent reservations of live volumes (see [`reservations`]);
+    /// absent from states written before they existed, and from states
+    /// without any, so their snapshots do not change.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    reservations: BTreeMap<VolumeId, PersistentReservations>,
 }
 
 impl UnitState {
@@ -386,6 +396,11 @@ impl UnitState {
             }
             Command::ResizeVolume { volume, size_bytes } => self.resize_volume(volume, size_bytes),
             Command::SetVolumeQos { volume, qos } => self.set_volume_qos(volume, qos),
+            Command::SetReservations {
+                volume,
+                expected_version,
+                record,
+            } => self.set_reservations(volume, expected_version, record),
             Command::DeleteVolume {
                 volume,
                 force,

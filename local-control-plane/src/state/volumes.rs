@@ -120,7 +120,7 @@ impl UnitState {
     }
 
     /// The live volume, or why not.
-    fn live_volume(&self, volume: VolumeId) -> Result<&super::Volume, CommandError> {
+    pub(super) fn live_volume(&self, volume: VolumeId) -> Result<&super::Volume, CommandError> {
         if self.deleting.contains_key(&volume) {
             return Err(CommandError::VolumeDeleting { volume });
         }
@@ -283,6 +283,7 @@ impl UnitState {
         };
         let revoked_attachments = entry.attachments.len();
         entry.attachments.clear();
+        self.forget_reservations(volume);
         let extents: Vec<ExtentId> = self
             .extents
             .values()

@@ -238,6 +238,14 @@ pub fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), credential())
             .prop_map(|(volume, credential)| Message::HostMap { volume, credential }),
         payload().prop_map(|payload| Message::HostMapReply { payload }),
+        (any::<u64>(), credential(), payload()).prop_map(|(volume, credential, payload)| {
+            Message::HostReservations {
+                volume,
+                credential,
+                payload,
+            }
+        }),
+        payload().prop_map(|payload| Message::HostReservationsReply { payload }),
     ]
 }
 

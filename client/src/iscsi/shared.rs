@@ -1,0 +1,463 @@
+//! Where a LUN's persistent reservations live: in this agent's memory
+//! ([`ReservationStore::local`], a LUN with no control plane behind it:
+//! `rackblock attach --memory`), or in the unit's replicated state
+//! ([`ReservationStore::replicated`], every volume of a unit), read and
+//! compare-and-set through the head nodes' host ports with the
+//! attachment credential (`local_control_plane::state::reservations`).
+//!
+//! # The replicated store
+//!
+//! The control plane holds one versioned record per volume; the SPC-4
+//! rules stay in [`Reservations`] (reserve.rs). This agent keeps a
+//! cached copy and the instant the read that produced it was *sent*
+//! (the read is linearizable, so the copy holds every change committed
+//! before that instant).
+//!
+//! ```text
+//! PR OUT ─▶ fresh read ─▶ apply SPC-4 on a copy ─▶ unchanged? answer
+//!             ▲                                 └▶ SetReservations(expected = version read)
+//!             │ lost the race: the answer carries the current record ─┘   │ applied
+//!                                                                         ▼
+//!                         RESERVE / PREEMPT: wait RESTRICT_GRACE, then GOOD
+//! PR IN  ─▶ fresh read ─▶ answer from it
+//! other  ─▶ copy younger than FRESH_FOR? check it (and refresh it in the
+//!           background once older than REFRESH_AFTER); else read first
+//! ```
+//!
+//! **Why a PREEMPT on agent B stops agent A's writes.** Every agent
+//! admits a command only against a copy read less than [`FRESH_FOR`]
+//! ago. B answers a change that takes access away from someone
+//! (RESERVE, PREEMPT, PREEMPT AND ABORT) only [`RESTRICT_GRACE`]
+//! (> `FRESH_FOR`) after it committed: by then every other agent's copy
+//! that is still fresh enough to admit a command was read after the
+//! commit, so any command admitted after the initiator saw GOOD is
+//! checked against the new state. Only one clock is involved per agent
+//! (the elapsed time since its own read; B's grace on B's clock), so no
+//! clock synchronization is assumed, only bounded drift over a second.
+//!
+//! The alternative, a reservation version checked by the primary on
+//! every write, also closes the gap below, but it needs the version in
+//! every host write and in the head nodes' data path: this design keeps
+//! the data path as it is, at the cost of one linearizable read per
+//! agent and per `REFRESH_AFTER` while I/O flows (none when idle) and of
+//! a pause of the agent's I/O while the control plane has no leader for
+//! longer than `FRESH_FOR` (commands wait, up to [`GIVE_UP`]; then
+//! BUSY, which initiators retry).
+//!
+//! **Not covered:** a command admitted *before* the grace ended may
+//! still reach the primary later (it was admitted under the old state,
+//! and a write retried across a failover can take seconds): PREEMPT AND
+//! ABORT does not abort other agents' tasks in flight. A cluster that
+//! fences with PREEMPT AND ABORT then waits for its own I/O timeout, as
+//! it would for any target without task abort across ports.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use local_control_plane::state::PersistentReservations;
+use local_control_plane::{HostReservationReply, HostReservationRequest};
+use proto::link::{LinkConfig, LinkMetrics, PeerLink};
+use proto::volume::{AttachmentCredential, HostError, HostReply};
+use proto::Message;
+
+use super::reserve::{Access, Nexus, Reservations};
+use super::scsi::{Outcome, Sense};
+use crate::HostEndpoint;
+
+/// A cached copy admits commands for this long after its read was sent.
+pub const FRESH_FOR: Duration = Duration::from_millis(500);
+/// A copy older than this is refreshed in the background.
+pub const REFRESH_AFTER: Duration = Duration::from_millis(150);
+/// A change that takes access away is answered this long after it
+/// committed (module docs).
+pub const RESTRICT_GRACE: Duration = Duration::from_millis(650);
+/// A command waits this long for the control plane, then ends BUSY.
+pub const GIVE_UP: Duration = Duration::from_secs(60);
+/// Pause between two failed reads or updates.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Compare-and-set attempts of one PERSISTENT RESERVE OUT.
+const MAX_ATTEMPTS: usize = 64;
+
+/// SCSI status BUSY.
+const BUSY: u8 = 0x08;
+
+/// Why the replicated record could not be read or updated.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// The attachment was revoked (final).
+    #[error("the attachment credential was refused")]
+    Unauthorized,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The control plane's record of one volume, as this agent reaches it.
+pub trait ReservationSource: Send + Sync + 'static {
+    fn read(&self) -> BoxFuture<'_, Result<PersistentReservations, SourceError>>;
+    fn set(
+        &self,
+        expected_version: u64,
+        record: PersistentReservations,
+    ) -> BoxFuture<'_, Result<HostReservationReply, SourceError>>;
+}
+
+/// [`ReservationSource`] over the head nodes' host ports.
+#[derive(Debug)]
+pub struct HostReservationSource {
+    links: Vec<Arc<PeerLink>>,
+    volume: u64,
+    credential: AttachmentCredential,
+}
+
+impl HostReservationSource {
+    /// Links (made lazily) to every endpoint. Needs a tokio runtime.
+    pub fn new(
+        endpoints: &[HostEndpoint],
+        volume: u64,
+        credential: AttachmentCredential,
+        config: LinkConfig,
+    ) -> HostReservationSource {
+        let metrics = LinkMetrics::unregistered();
+        let links = endpoints
+            .iter()
+            .map(|endpoint| {
+                PeerLink::new(
+                    format!("{}-reservations", endpoint.node),
+                    endpoint.address,
+                    endpoint.address,
+                    config.clone(),
+                    metrics.clone(),
+                )
+            })
+            .collect();
+        HostReservationSource {
+            links,
+            volume,
+            credential,
+        }
+    }
+
+    async fn ask(
+        &self,
+        request: &HostReservationRequest,
+    ) -> Result<HostReservationReply, SourceError> {
+        let payload = Bytes::from(
+            serde_json::to_vec(request).map_err(|e| SourceError::Unavailable(e.to_string()))?,
+        );
+        let mut last = SourceError::Unavailable("no host endpoint".into());
+        for link in &self.links {
+            let message = Message::HostReservations {
+                volume: self.volume,
+                credential: self.credential,
+                payload: payload.clone(),
+            };
+            match link.call(message, false).await {
+                Ok(Message::HostReservationsReply { payload }) => {
+                    return serde_json::from_slice(&payload).map_err(|e| {
+                        SourceError::Unavailable(format!("undecodable reservations: {e}"))
+                    })
+                }
+                Ok(Message::HostReply(HostReply::Error(HostError::Unauthorized { .. }))) => {
+                    return Err(SourceError::Unauthorized)
+                }
+                Ok(Message::HostReply(HostReply::Error(error))) => {
+                    last = SourceError::Unavailable(format!("{}: {error}", link.peer()));
+                }
+                Ok(other) => {
+                    last = SourceError::Unavailable(format!(
+                        "{}: unexpected answer kind {:#06x}",
+                        link.peer(),
+                        other.kind()
+                    ));
+                }
+                Err(error) => last = SourceError::Unavailable(error.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Close every link.
+    pub fn close(&self) {
+        for link in &self.links {
+            link.close();
+        }
+    }
+}
+
+impl ReservationSource for HostReservationSource {
+    fn read(&self) -> BoxFuture<'_, Result<PersistentReservations, SourceError>> {
+        Box::pin(async move {
+            self.ask(&HostReservationRequest::Read)
+                .await
+                .map(|reply| reply.record)
+        })
+    }
+
+    fn set(
+        &self,
+        expected_version: u64,
+        record: PersistentReservations,
+    ) -> BoxFuture<'_, Result<HostReservationReply, SourceError>> {
+        Box::pin(async move {
+            self.ask(&HostReservationRequest::Set {
+                expected_version,
+                record,
+            })
+            .await
+        })
+    }
+}
+
+/// A LUN's persistent reservations (module docs).
+pub enum ReservationStore {
+    Local(Mutex<Reservations>),
+    Replicated(Arc<Replicated>),
+}
+
+impl std::fmt::Debug for ReservationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReservationStore::Local(_) => f.write_str("ReservationStore::Local"),
+            ReservationStore::Replicated(_) => f.write_str("ReservationStore::Replicated"),
+        }
+    }
+}
+
+/// The replicated store's state.
+pub struct Replicated {
+    source: Arc<dyn ReservationSource>,
+    cache: Mutex<Cached>,
+    /// One read at a time.
+    reading: tokio::sync::Mutex<()>,
+    /// A background refresh is running.
+    refreshing: AtomicBool,
+}
+
+impl std::fmt::Debug for Replicated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = lock(&self.cache);
+        f.debug_struct("Replicated")
+            .field("version", &cached.version)
+            .field("read_at", &cached.read_at)
+            .finish()
+    }
+}
+
+struct Cached {
+    state: Reservations,
+    version: u64,
+    /// When the read that produced `state` was sent (`None`: never read).
+    read_at: Option<Instant>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn busy() -> Outcome {
+    Outcome {
+        status: BUSY,
+        sense: None,
+        data: Bytes::new(),
+    }
+}
+
+/// Whether a PERSISTENT RESERVE OUT service action may take access away
+/// from another I_T nexus: RESERVE, PREEMPT, PREEMPT AND ABORT.
+fn restricts(cdb: &[u8; 16]) -> bool {
+    matches!(cdb[1] & 0x1f, 1 | 4 | 5)
+}
+
+impl ReservationStore {
+    /// Held in this agent only.
+    pub fn local() -> ReservationStore {
+        ReservationStore::Local(Mutex::new(Reservations::default()))
+    }
+
+    /// Kept in the unit's replicated state, reached through `source`.
+    pub fn replicated(source: Arc<dyn ReservationSource>) -> ReservationStore {
+        ReservationStore::Replicated(Arc::new(Replicated {
+            source,
+            cache: Mutex::new(Cached {
+                state: Reservations::default(),
+                version: 0,
+                read_at: None,
+            }),
+            reading: tokio::sync::Mutex::new(()),
+            refreshing: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether `nexus` may run a command of class `access` now; `Err` is
+    /// the outcome to answer instead of running it (BUSY when the control
+    /// plane could not be read for [`GIVE_UP`]).
+    pub async fn permits(&self, nexus: &Nexus, access: Access) -> Result<bool, Outcome> {
+        match self {
+            ReservationStore::Local(state) => Ok(lock(state).permits(nexus, access)),
+            ReservationStore::Replicated(_) if access == Access::Always => Ok(true),
+            ReservationStore::Replicated(shared) => {
+                let deadline = Instant::now() + GIVE_UP;
+                loop {
+                    {
+                        let cached = lock(&shared.cache);
+                        if let Some(age) = cached.read_at.map(|at| at.elapsed()) {
+                            if age < FRESH_FOR {
+                                let permitted = cached.state.permits(nexus, access);
+                                drop(cached);
+                                if age >= REFRESH_AFTER {
+                                    Replicated::refresh_in_background(shared);
+                                }
+                                return Ok(permitted);
+                            }
+                        }
+                    }
+                    if shared.refresh(Instant::now()).await.is_err() {
+                        if Instant::now() >= deadline {
+                            return Err(busy());
+                        }
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// PERSISTENT RESERVE IN.
+    pub async fn read(&self, cdb: &[u8; 16]) -> Outcome {
+        match self {
+            ReservationStore::Local(state) => lock(state).read(cdb).unwrap_or_else(Outcome::check),
+            ReservationStore::Replicated(shared) => {
+                if shared
+                    .refresh_until(Instant::now() + GIVE_UP)
+                    .await
+                    .is_err()
+                {
+                    return busy();
+                }
+                lock(&shared.cache)
+                    .state
+                    .read(cdb)
+                    .unwrap_or_else(Outcome::check)
+            }
+        }
+    }
+
+    /// PERSISTENT RESERVE OUT with its parameter list.
+    pub async fn write(&self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
+        match self {
+            ReservationStore::Local(state) => lock(state).write(nexus, cdb, parameters),
+            ReservationStore::Replicated(shared) => shared.write(nexus, cdb, parameters).await,
+        }
+    }
+}
+
+impl Replicated {
+    /// Read the record if the copy was not read after `needed_after`.
+    async fn refresh(&self, needed_after: Instant) -> Result<(), SourceError> {
+        let _one = self.reading.lock().await;
+        if lock(&self.cache)
+            .read_at
+            .is_some_and(|at| at >= needed_after)
+        {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        let record = self.source.read().await?;
+        self.install(record, sent);
+        Ok(())
+    }
+
+    /// A fresh read (one sent after this call), retried until `deadline`.
+    async fn refresh_until(&self, deadline: Instant) -> Result<(), SourceError> {
+        let needed_after = Instant::now();
+        loop {
+            match self.refresh(needed_after).await {
+                Ok(()) => return Ok(()),
+                Err(SourceError::Unauthorized) => return Err(SourceError::Unauthorized),
+                Err(error) if Instant::now() >= deadline => return Err(error),
+                Err(error) => {
+                    tracing::debug!(%error, "reading the persistent reservations");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    fn refresh_in_background(shared: &Arc<Replicated>) {
+        if shared.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(error) = shared.refresh(Instant::now()).await {
+                tracing::debug!(%error, "refreshing the persistent reservations");
+            }
+            shared.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Take `record` (read or written at `at`) unless the copy is newer.
+    fn install(&self, record: PersistentReservations, at: Instant) {
+        let mut cached = lock(&self.cache);
+        if record.version < cached.version {
+            return;
+        }
+        cached.version = record.version;
+        cached.state = Reservations::from_record(&record);
+        cached.read_at = Some(cached.read_at.map_or(at, |before| before.max(at)));
+    }
+
+    async fn write(&self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
+        let deadline = Instant::now() + GIVE_UP;
+        if self.refresh_until(deadline).await.is_err() {
+            return busy();
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let (mut next, version) = {
+                let cached = lock(&self.cache);
+                (cached.state.clone(), cached.version)
+            };
+            let before = next.clone();
+            let outcome = next.write(nexus, cdb, parameters);
+            if next == before {
+                // Refused, or a no-op (RELEASE of nothing, a repeated
+                // RESERVE): nothing to store.
+                return outcome;
+            }
+            let record = next.to_record();
+            loop {
+                let sent = Instant::now();
+                match self.source.set(version, record.clone()).await {
+                    Ok(reply) => {
+                        let ours = reply.applied
+                            || PersistentReservations {
+                                version: 0,
+                                ..reply.record.clone()
+                            } == record;
+                        self.install(reply.record, sent);
+                        if !ours {
+                            // Another agent changed it first: recompute.
+                            break;
+                        }
+                        if restricts(cdb) {
+                            tokio::time::sleep(RESTRICT_GRACE).await;
+                        }
+                        return outcome;
+                    }
+                    Err(SourceError::Unauthorized) => return Outcome::check(Sense::NOT_READY),
+                    Err(error) if Instant::now() >= deadline => {
+                        tracing::warn!(%error, "updating the persistent reservations");
+                        return busy();
+                    }
+                    Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+                }
+            }
+        }
+        busy()
+    }
+}
