@@ -53,7 +53,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -459,5 +461,167 @@ impl Replicated {
             }
         }
         busy()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::iscsi::reserve::RESERVATION_CONFLICT;
+
+    /// The control plane's register, in memory: compare-and-set on the
+    /// version like `SetReservations`; counts reads.
+    #[derive(Default)]
+    struct Register {
+        record: Mutex<PersistentReservations>,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ReservationSource for Register {
+        fn read(&self) -> BoxFuture<'_, Result<PersistentReservations, SourceError>> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            let record = lock(&self.record).clone();
+            Box::pin(async move { Ok(record) })
+        }
+
+        fn set(
+            &self,
+            expected_version: u64,
+            record: PersistentReservations,
+        ) -> BoxFuture<'_, Result<HostReservationReply, SourceError>> {
+            let mut current = lock(&self.record);
+            let reply = if current.version == expected_version {
+                *current = PersistentReservations {
+                    version: expected_version + 1,
+                    ..record
+                };
+                HostReservationReply {
+                    applied: true,
+                    record: current.clone(),
+                }
+            } else {
+                HostReservationReply {
+                    applied: false,
+                    record: current.clone(),
+                }
+            };
+            Box::pin(async move { Ok(reply) })
+        }
+    }
+
+    fn nexus(name: &str) -> Nexus {
+        Nexus {
+            initiator: name.to_owned(),
+            isid: [0x80, 0, 0, 0, 0, 1],
+        }
+    }
+
+    fn prout(action: u8, kind: u8) -> [u8; 16] {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x5f;
+        cdb[1] = action;
+        cdb[2] = kind;
+        cdb[8] = 24;
+        cdb
+    }
+
+    fn params(key: u64, sa_key: u64) -> Vec<u8> {
+        let mut p = key.to_be_bytes().to_vec();
+        p.extend_from_slice(&sa_key.to_be_bytes());
+        p.extend_from_slice(&[0; 8]);
+        p
+    }
+
+    /// Two agents over one register: what one registers and reserves,
+    /// the other enforces; a PREEMPT through the second stops the first's
+    /// writes as soon as it is answered; a new agent (a restart) starts
+    /// from the register, not from nothing.
+    #[tokio::test(start_paused = true)]
+    async fn two_agents_share_one_record() {
+        let register = Arc::new(Register::default());
+        let first = ReservationStore::replicated(register.clone());
+        let second = ReservationStore::replicated(register.clone());
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+        // Both agents admitted a write before anything was reserved.
+        assert_eq!(second.permits(&b, Access::Write).await, Ok(true));
+        assert_eq!(
+            first.write(&a, &prout(0, 0), &params(0, 0xa)).await.status,
+            0
+        );
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            first.write(&a, &prout(1, 1), &params(0xa, 0)).await.status,
+            0
+        );
+        assert!(
+            started.elapsed() >= RESTRICT_GRACE,
+            "RESERVE answered before the grace"
+        );
+        // The second agent's copy is older than FRESH_FOR now: it reads.
+        assert_eq!(second.permits(&b, Access::Write).await, Ok(false));
+        assert_eq!(second.permits(&b, Access::Read).await, Ok(true));
+        assert_eq!(first.permits(&a, Access::Write).await, Ok(true));
+        // b registers and preempts a through the second agent, taking EA.
+        assert_eq!(
+            second.write(&b, &prout(0, 0), &params(0, 0xb)).await.status,
+            0
+        );
+        // The first agent reads its copy now (it is fresh afterwards).
+        assert_eq!(first.permits(&a, Access::Write).await, Ok(true));
+        assert_eq!(
+            second
+                .write(&b, &prout(4, 3), &params(0xb, 0xa))
+                .await
+                .status,
+            0
+        );
+        // Answered: the first agent refuses a at once, though its copy
+        // was fresh when the PREEMPT began.
+        assert_eq!(first.permits(&a, Access::Write).await, Ok(false));
+        assert_eq!(first.permits(&a, Access::Read).await, Ok(false));
+        assert_eq!(first.permits(&a, Access::Always).await, Ok(true));
+        // A restarted agent: the reservation is still there.
+        let restarted = ReservationStore::replicated(register.clone());
+        assert_eq!(restarted.permits(&a, Access::Write).await, Ok(false));
+        assert_eq!(restarted.permits(&b, Access::Write).await, Ok(true));
+        let mut read_keys = [0u8; 16];
+        read_keys[0] = 0x5e;
+        read_keys[8] = 0xff;
+        let keys = restarted.read(&read_keys).await.data;
+        assert_eq!(&keys[4..8], &8u32.to_be_bytes());
+        assert_eq!(&keys[8..16], &0xbu64.to_be_bytes());
+        // A lost compare-and-set is recomputed: the first agent's copy is
+        // stale (version behind) when a registers again, and the register
+        // ends with both changes.
+        assert_eq!(
+            first.write(&a, &prout(0, 0), &params(0, 0xc)).await.status,
+            0
+        );
+        let record = lock(&register.record).clone();
+        assert_eq!(record.registrations.len(), 2);
+        assert_eq!(record.reservation.as_ref().unwrap().initiator, "iqn.b");
+        // A conflicting PR OUT changes nothing and is not stored.
+        let version = record.version;
+        let refused = first.write(&a, &prout(1, 1), &params(0xc, 0)).await;
+        assert_eq!(refused.status, RESERVATION_CONFLICT);
+        assert_eq!(lock(&register.record).version, version);
+    }
+
+    /// With no reservation anywhere, reads of the control plane happen at
+    /// most once per REFRESH_AFTER while commands flow, never per command.
+    #[tokio::test(start_paused = true)]
+    async fn commands_check_a_fresh_copy_without_a_read_each() {
+        let register = Arc::new(Register::default());
+        let store = ReservationStore::replicated(register.clone());
+        let a = nexus("iqn.a");
+        for _ in 0..1000 {
+            assert_eq!(store.permits(&a, Access::Write).await, Ok(true));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // About 1000 ms of commands: one read per REFRESH_AFTER at most
+        // (+1 for the first), far from one per command.
+        let reads = register.reads.load(Ordering::Relaxed);
+        assert!((2..=10).contains(&reads), "{reads} reads");
     }
 }
