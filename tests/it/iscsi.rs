@@ -639,3 +639,347 @@ fn cunit_output_is_parsed() {
     assert!(report.asserted_failures().is_empty());
     assert!(asserted("WriteSame16") && asserted("iSCSIcmdsn") && !asserted("GetLBAStatus"));
 }
+
+/// Persistent reservations through libiscsi (ctypes): `two PORTAL_A
+/// PORTAL_B TARGET` registers and reserves from one initiator on the
+/// first portal, checks the conflict the other initiator gets on the
+/// second (another agent), preempts from there and checks the first is
+/// refused at once; `after PORTAL TARGET` checks, from a third
+/// initiator, that the preempting initiator's EXCLUSIVE ACCESS still
+/// holds. Prints "ok" or raises.
+const PR_CHECK: &str = r#"
+import ctypes, sys
+
+lib = ctypes.CDLL("libiscsi.so.7")
+lib.iscsi_create_context.restype = ctypes.c_void_p
+lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
+lib.iscsi_set_targetname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+lib.iscsi_get_error.restype = ctypes.c_char_p
+lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
+lib.iscsi_write16_sync.restype = ctypes.c_void_p
+lib.iscsi_write16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+    ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ctypes.c_int, ctypes.c_int, ctypes.c_int]
+lib.iscsi_read16_sync.restype = ctypes.c_void_p
+lib.iscsi_read16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+    ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ctypes.c_int, ctypes.c_int]
+class ProutBasic(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_uint64), ("sa_key", ctypes.c_uint64),
+                ("spec_i_pt", ctypes.c_uint8), ("all_tg_pt", ctypes.c_uint8),
+                ("aptpl", ctypes.c_uint8)]
+lib.iscsi_persistent_reserve_out_sync.restype = ctypes.c_void_p
+lib.iscsi_persistent_reserve_out_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
+    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
+lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
+lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
+
+GOOD, CONFLICT = 0, 0x18
+WRITE_EXCLUSIVE, EXCLUSIVE_ACCESS = 1, 3
+
+def login(initiator, portal, target):
+    ctx = lib.iscsi_create_context(initiator.encode())
+    lib.iscsi_set_targetname(ctx, target.encode())
+    lib.iscsi_set_session_type(ctx, 2)
+    if lib.iscsi_full_connect_sync(ctx, portal.encode(), 0) != 0:
+        raise SystemExit("login: " + lib.iscsi_get_error(ctx).decode())
+    return ctx
+
+def status(ctx, task, what):
+    if not task:
+        raise SystemExit(what + ": " + lib.iscsi_get_error(ctx).decode())
+    s = lib.scsi_task_get_status(task, None)
+    lib.scsi_free_scsi_task(task)
+    return s
+
+def expect(got, want, what):
+    if got != want:
+        raise SystemExit("%s: status %#x, expected %#x" % (what, got, want))
+
+def write(ctx, what):
+    data = b"\xa5" * 4096
+    return status(ctx, lib.iscsi_write16_sync(ctx, 0, 8, data, 4096, 512, 0, 0, 0, 0, 0), what)
+
+def read(ctx, what):
+    return status(ctx, lib.iscsi_read16_sync(ctx, 0, 8, 4096, 512, 0, 0, 0, 0, 0), what)
+
+def prout(ctx, action, kind, key, sa_key, what):
+    params = ProutBasic(key, sa_key, 0, 0, 0)
+    task = lib.iscsi_persistent_reserve_out_sync(ctx, 0, action, 0, kind, ctypes.byref(params))
+    return status(ctx, task, what)
+
+mode = sys.argv[1]
+if mode == "two":
+    portal_a, portal_b, target = sys.argv[2], sys.argv[3], sys.argv[4]
+    a = login("iqn.2026-12.io.rackblock:pr-a", portal_a, target)
+    b = login("iqn.2026-12.io.rackblock:pr-b", portal_b, target)
+    expect(write(b, "b writes before any reservation"), GOOD, "b write")
+    expect(prout(a, 0, 0, 0, 0xa, "a REGISTER"), GOOD, "a REGISTER")
+    expect(prout(a, 1, WRITE_EXCLUSIVE, 0xa, 0, "a RESERVE"), GOOD, "a RESERVE WE")
+    expect(write(b, "b write under a's WE"), CONFLICT, "b write under a's WE")
+    expect(read(b, "b read under a's WE"), GOOD, "b read under a's WE")
+    expect(write(a, "a write"), GOOD, "a write under its own WE")
+    expect(prout(b, 1, WRITE_EXCLUSIVE, 0xb, 0, "b RESERVE unregistered"), CONFLICT,
+           "b RESERVE while unregistered")
+    expect(prout(b, 0, 0, 0, 0xb, "b REGISTER"), GOOD, "b REGISTER")
+    expect(prout(b, 1, EXCLUSIVE_ACCESS, 0xb, 0, "b RESERVE"), CONFLICT,
+           "b RESERVE while a holds it")
+    expect(prout(b, 4, EXCLUSIVE_ACCESS, 0xb, 0xa, "b PREEMPT"), GOOD, "b PREEMPT a")
+    # Answered: a's agent must refuse a at once.
+    expect(write(a, "a write after preemption"), CONFLICT, "a write after preemption")
+    expect(read(a, "a read after preemption"), CONFLICT, "a read under b's EA")
+    expect(write(b, "b write"), GOOD, "b write under its own EA")
+    for ctx in (a, b):
+        lib.iscsi_logout_sync(ctx)
+        lib.iscsi_destroy_context(ctx)
+elif mode == "after":
+    portal, target = sys.argv[2], sys.argv[3]
+    c = login("iqn.2026-12.io.rackblock:pr-c", portal, target)
+    expect(read(c, "c read"), CONFLICT, "c read under b's EA after the agent restart")
+    expect(write(c, "c write"), CONFLICT, "c write under b's EA after the agent restart")
+    lib.iscsi_logout_sync(c)
+    lib.iscsi_destroy_context(c)
+else:
+    raise SystemExit("mode?")
+print("ok")
+"#;
+
+/// Persistent reservations are the unit's, not an agent's: two agents of
+/// vol0 (`up`'s, and a second `rackblock attach vol0 --iscsi`) see the
+/// same registrations; a RESERVE through one is a conflict through the
+/// other; a PREEMPT through the second stops the first initiator's I/O
+/// on the first agent as soon as it is answered; after the second agent
+/// is stopped and attached again, the reservation still holds there.
+#[test]
+fn persistent_reservations_shared_by_two_agents_and_kept_across_restart() {
+    require_tool("iscsi-inq", "libiscsi-bin");
+    let unit = RunningUnit::start("256MiB");
+    let target = target_of("vol0");
+    let portal_a = unit.ports.iscsi[0];
+    let script = unit.dir.path().join("pr_check.py");
+    std::fs::write(&script, PR_CHECK).unwrap();
+    let python = |args: &[&str]| {
+        let mut all = vec![script.to_str().unwrap()];
+        all.extend_from_slice(args);
+        run_tool("/usr/bin/python3", &all, Duration::from_secs(120))
+    };
+
+    let second = |unit: &RunningUnit| {
+        let portal = SocketAddr::from(([127, 0, 0, 1], unit.spare_port()));
+        let (agent, _) = unit.attach_with("vol0", &["--iscsi", &portal.to_string()]);
+        wait_listening(portal, &agent);
+        (agent, portal)
+    };
+    let (mut agent, portal_b) = second(&unit);
+    let run = python(&["two", &portal_a.to_string(), &portal_b.to_string(), &target]);
+    assert!(
+        run.status.success() && run.stdout.contains("ok"),
+        "{run}\nsecond agent:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        agent.terminate(),
+        "attach did not stop cleanly:\n{}",
+        agent.log_text()
+    );
+
+    let (mut agent, portal_c) = second(&unit);
+    let run = python(&["after", &portal_c.to_string(), &target]);
+    assert!(
+        run.status.success() && run.stdout.contains("ok"),
+        "{run}\nrestarted agent:\n{}",
+        agent.log_text()
+    );
+    assert!(agent.terminate(), "{}", agent.log_text());
+
+    let mut unit = unit;
+    assert!(
+        unit.stop(),
+        "rackblock up did not stop cleanly:\n{}",
+        unit.log_text()
+    );
+}
+
+/// Writes through libiscsi (ctypes) while the test kills vol0's primary:
+/// `PORTAL TARGET SECONDS MIB`. 64 KiB WRITE(16)s in passes over the
+/// first MIB MiB, each chunk carrying its pass and index, for at least
+/// SECONDS; any status but GOOD or a lost command fails at once. Then
+/// every chunk is read back and checked against the last pass written
+/// to it. Prints "ok writes=N longest_ms=X" or raises.
+const KILL_CHECK: &str = r#"
+import ctypes, struct, sys, time
+
+lib = ctypes.CDLL("libiscsi.so.7")
+lib.iscsi_create_context.restype = ctypes.c_void_p
+lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
+lib.iscsi_set_targetname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+lib.iscsi_get_error.restype = ctypes.c_char_p
+lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
+lib.iscsi_write16_sync.restype = ctypes.c_void_p
+lib.iscsi_write16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+    ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ctypes.c_int, ctypes.c_int, ctypes.c_int]
+class IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+lib.iscsi_read16_iov_sync.restype = ctypes.c_void_p
+lib.iscsi_read16_iov_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+    ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ctypes.c_int, ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_int]
+lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
+lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
+lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
+
+portal, target, seconds, mib = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+CHUNK = 64 << 10
+chunks = (mib << 20) // CHUNK
+ctx = lib.iscsi_create_context(b"iqn.2026-12.io.rackblock:kill-check")
+lib.iscsi_set_targetname(ctx, target.encode())
+lib.iscsi_set_session_type(ctx, 2)
+if lib.iscsi_full_connect_sync(ctx, portal.encode(), 0) != 0:
+    raise SystemExit("login: " + lib.iscsi_get_error(ctx).decode())
+
+def done(task, what):
+    if not task:
+        raise SystemExit(what + ": " + lib.iscsi_get_error(ctx).decode())
+    status = lib.scsi_task_get_status(task, None)
+    lib.scsi_free_scsi_task(task)
+    if status != 0:
+        raise SystemExit("%s: SCSI status %#x" % (what, status))
+
+def pattern(p, i):
+    return struct.pack("<QQ", p, i) * (CHUNK // 16)
+
+last = {}
+writes, longest, start = 0, 0.0, time.monotonic()
+p = 0
+while True:
+    p += 1
+    for i in range(chunks):
+        t = time.monotonic()
+        done(lib.iscsi_write16_sync(ctx, 0, i * CHUNK // 512, pattern(p, i), CHUNK,
+                                    512, 0, 0, 0, 0, 0), "WRITE(16) pass %d chunk %d" % (p, i))
+        longest = max(longest, time.monotonic() - t)
+        last[i] = p
+        writes += 1
+        if time.monotonic() - start >= seconds:
+            break
+    if time.monotonic() - start >= seconds:
+        break
+buf = ctypes.create_string_buffer(CHUNK)
+for i, p in sorted(last.items()):
+    iov = IoVec(ctypes.cast(buf, ctypes.c_void_p), CHUNK)
+    done(lib.iscsi_read16_iov_sync(ctx, 0, i * CHUNK // 512, CHUNK, 512, 0, 0, 0, 0, 0,
+                                   ctypes.byref(iov), 1), "READ(16) chunk %d" % i)
+    if buf.raw != pattern(p, i):
+        got = struct.unpack("<QQ", buf.raw[:16])
+        raise SystemExit("chunk %d: read %s, wrote pass %d" % (i, got, p))
+lib.iscsi_logout_sync(ctx)
+lib.iscsi_destroy_context(ctx)
+print("ok writes=%d longest_ms=%.0f" % (writes, longest * 1e3))
+"#;
+
+/// A writer process, killed (SIGKILL, by pid) and reaped on drop.
+struct Writer(std::process::Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// (head node, epoch) of vol0's only partition's primary, from the head
+/// nodes' `/partitions`.
+fn vol0_primary(unit: &RunningUnit) -> Option<(u16, u64)> {
+    (1..=3u16).find_map(|h| {
+        let (_, body) = tests::http_get(unit.ports.head_admin(h), "/partitions")?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        json["partitions"].as_array()?.iter().find_map(|p| {
+            (p["role"] == "primary" && p["partition"] == 0)
+                .then(|| (h, p["epoch"].as_u64().unwrap_or(0)))
+        })
+    })
+}
+
+/// `kill -9` of vol0's primary head node while an iSCSI initiator
+/// (libiscsi) writes through `up`'s agent: no write fails (the host sees
+/// a pause), the writes go on after it, and every chunk reads back as
+/// last written; a new primary serves vol0 at a higher epoch.
+#[test]
+fn primary_kill9_under_iscsi_writes_loses_nothing() {
+    require_tool("iscsi-inq", "libiscsi-bin");
+    let unit = RunningUnit::start("256MiB");
+    let (victim, epoch) = vol0_primary(&unit).expect("vol0 has a primary");
+    let script = unit.dir.path().join("kill_check.py");
+    std::fs::write(&script, KILL_CHECK).unwrap();
+    let portal = unit.ports.iscsi[0].to_string();
+    let target = target_of("vol0");
+    let writer = Command::new("/usr/bin/python3")
+        .args([script.to_str().unwrap(), &portal, &target, "20", "32"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut writer = Writer(writer);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        writer.0.try_wait().unwrap().is_none(),
+        "the writer ended before the kill"
+    );
+    let pid: i32 =
+        std::fs::read_to_string(unit.data_dir.join("run").join(format!("hn-{victim}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    // SAFETY: SIGKILL to a head node this test's `up` started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(status) = writer.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer did not finish in 150 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    use std::io::Read as _;
+    if let Some(mut pipe) = writer.0.stdout.take() {
+        let _ = pipe.read_to_string(&mut stdout);
+    }
+    if let Some(mut pipe) = writer.0.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    assert!(
+        status.success() && stdout.starts_with("ok"),
+        "writer: {status}\n{stdout}\n{stderr}\n{}",
+        unit.log_text()
+    );
+    let (new_primary, new_epoch) = vol0_primary(&unit).expect("vol0 has a primary again");
+    assert_ne!(new_primary, victim);
+    assert!(new_epoch > epoch, "{new_epoch} <= {epoch}");
+    eprintln!(
+        "iSCSI writes across kill -9 of hn-{victim} (primary at epoch {epoch}; now hn-{new_primary} \
+         at {new_epoch}): {}",
+        stdout.trim()
+    );
+    let mut unit = unit;
+    assert!(
+        unit.stop(),
+        "rackblock up did not stop cleanly:\n{}",
+        unit.log_text()
+    );
+}
