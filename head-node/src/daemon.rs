@@ -22,7 +22,9 @@
 //! ([`proto::message::kind::is_host_request`]): I/O checked against the
 //! attachment credential, and `HostMap`, the partition map of the volume
 //! of a valid attachment, with every address in it (and in `NotPrimary`
-//! hints) replaced by the head nodes' host ports. Anything else on the
+//! hints) replaced by the head nodes' host ports, and `HostReservations`,
+//! the read or compare-and-set of that volume's SCSI persistent
+//! reservations (`local_control_plane::state::reservations`). Anything else on the
 //! host port closes the connection and counts in
 //! `rackblock_server_bad_frames_total{port="host",reason="refused_kind"}`.
 //!

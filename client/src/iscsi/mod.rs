@@ -12,8 +12,14 @@
 //! * `login.rs` (sans-IO): the login stage machine, CHAP (one-way and
 //!   mutual, hex and base64 values), operational negotiation.
 //! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
-//! * `reserve.rs`: persistent reservations per I_T nexus (initiator
-//!   name + ISID), held in this agent, and the RESERVATION CONFLICT check.
+//! * `reserve.rs` (sans-IO): persistent reservations per I_T nexus
+//!   (initiator name + ISID), the SPC-4 rules and the RESERVATION
+//!   CONFLICT check.
+//! * `shared.rs`: where they are kept: in the unit's replicated state
+//!   for a volume of a unit (read and compare-and-set through the host
+//!   ports; a cached copy at most 500 ms old admits commands, and
+//!   RESERVE/PREEMPT are answered only after every other agent's copy
+//!   must have seen them), in this agent for a memory LUN.
 //! * `server.rs`: listeners (one per portal), a task per connection, the
 //!   full feature phase.
 //!
@@ -84,10 +90,10 @@
 //!
 //! # Not supported (yet)
 //!
-//! Persistent reservations in the unit's replicated state: they are held
-//! in this agent's memory (reserve.rs), so a second agent of the same
-//! volume does not see them and an agent restart drops them (APTPL is
-//! refused). RESERVE(6)/RELEASE(6), REGISTER AND MOVE, several
+//! APTPL (refused, although a unit's reservations do survive power
+//! loss), PREEMPT AND ABORT aborting other agents' tasks in flight, the
+//! unit attention to preempted initiators, RESERVE(6)/RELEASE(6),
+//! REGISTER AND MOVE, several
 //! connections per session, error recovery levels 1 and 2, ACA,
 //! target-initiated NOP-In pings.
 

@@ -275,6 +275,42 @@ impl Pdu {
         self
     }
 
+    /// The wire form in three parts, without copying the data segment:
+    /// the header (BHS, AHS, header digest), the data segment itself, and
+    /// the trailer (padding and data digest). Their concatenation is
+    /// [`Pdu::encode`]'s output; the connection's writer sends the parts
+    /// one after the other into its buffer (a read's payload is copied
+    /// once, into the socket buffer, instead of twice).
+    pub fn encode_parts(&self, digests: Digests) -> (PduHead, &[u8], PduTrailer) {
+        let data_len = self.data.len().min(0xff_ffff);
+        let mut head = PduHead::default();
+        let mut bhs = self.bhs;
+        bhs[4] = (self.ahs.len() / 4) as u8;
+        bhs[5] = (data_len >> 16) as u8;
+        bhs[6] = (data_len >> 8) as u8;
+        bhs[7] = data_len as u8;
+        head.bytes.extend_from_slice(&bhs);
+        head.bytes.extend_from_slice(&self.ahs);
+        if digests.header {
+            let crc = crc32c::crc32c(&head.bytes);
+            head.bytes.extend_from_slice(&crc.to_le_bytes());
+        }
+        let data = &self.data[..data_len];
+        let mut trailer = PduTrailer::default();
+        if data_len > 0 {
+            let pad = [0u8; 3];
+            let pad = &pad[..pad4(data_len)];
+            trailer.bytes[..pad.len()].copy_from_slice(pad);
+            trailer.len = pad.len();
+            if digests.data {
+                let crc = crc32c::crc32c_append(crc32c::crc32c(data), pad);
+                trailer.bytes[trailer.len..trailer.len + 4].copy_from_slice(&crc.to_le_bytes());
+                trailer.len += 4;
+            }
+        }
+        (head, data, trailer)
+    }
+
     /// The wire form: header, digests and padding as negotiated. Data
     /// segments longer than 2^24 - 1 bytes are cut (never produced here:
     /// every segment is bounded by the peer's MaxRecvDataSegmentLength).
@@ -305,10 +341,49 @@ impl Pdu {
     }
 }
 
+/// A PDU's header on the wire: BHS, AHS and header digest.
+#[derive(Debug, Default)]
+pub struct PduHead {
+    pub bytes: Vec<u8>,
+}
+
+/// A PDU's trailer on the wire: padding (≤ 3 bytes) and data digest.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PduTrailer {
+    bytes: [u8; 7],
+    len: usize,
+}
+
+impl PduTrailer {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_concatenate_to_the_encoding() {
+        for data_len in [0usize, 1, 3, 4, 5, 4096, 4099] {
+            for (header, data) in [(false, false), (true, false), (false, true), (true, true)] {
+                let digests = Digests { header, data };
+                let mut pdu = sample();
+                pdu = pdu.with_data(Bytes::from(vec![0x5a; data_len]));
+                let (head, body, trailer) = pdu.encode_parts(digests);
+                let mut joined = head.bytes.clone();
+                joined.extend_from_slice(body);
+                joined.extend_from_slice(trailer.as_slice());
+                assert_eq!(
+                    joined,
+                    pdu.encode(digests).to_vec(),
+                    "{data_len} {digests:?}"
+                );
+            }
+        }
+    }
 
     fn sample() -> Pdu {
         let mut pdu = Pdu::new(op::SCSI_COMMAND);

@@ -23,7 +23,7 @@
 //! | COMPARE AND WRITE | compare, write; serialised per LUN in this agent |
 //! | MODE SENSE 6/10, MODE SELECT 6/10 | caching, control, informational exceptions; a SELECT must not change anything |
 //! | REPORT LUNS, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS | |
-//! | PERSISTENT RESERVE IN/OUT | reserve.rs (state in this agent); RESERVATION CONFLICT checked first |
+//! | PERSISTENT RESERVE IN/OUT | reserve.rs and shared.rs (state in the unit); RESERVATION CONFLICT checked first |
 //! | anything else (RESERVE(6)/RELEASE(6) included) | INVALID COMMAND OPERATION CODE |
 //!
 //! Refusals carry fixed-format sense data (response code 0x70).

@@ -364,7 +364,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let exp = exp_cmdsn.load(Ordering::Acquire);
             pdu.set_u32_at(28, exp);
             pdu.set_u32_at(32, exp.wrapping_add(COMMAND_WINDOW - 1));
-            writer.write_all(&pdu.encode(digests)).await?;
+            let (head, data, trailer) = pdu.encode_parts(digests);
+            writer.write_all(&head.bytes).await?;
+            writer.write_all(data).await?;
+            writer.write_all(trailer.as_slice()).await?;
             next = rx.try_recv().ok();
         }
         writer.flush().await?;
