@@ -51,7 +51,7 @@
 //! fences with PREEMPT AND ABORT then waits for its own I/O timeout, as
 //! it would for any target without task abort across ports.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -112,6 +112,9 @@ pub struct HostReservationSource {
     links: Vec<Arc<PeerLink>>,
     volume: u64,
     credential: AttachmentCredential,
+    /// The link that answered last (tried first: a dead head node costs
+    /// its connect timeout once, not at every read).
+    preferred: AtomicUsize,
 }
 
 impl HostReservationSource {
@@ -139,6 +142,7 @@ impl HostReservationSource {
             links,
             volume,
             credential,
+            preferred: AtomicUsize::new(0),
         }
     }
 
@@ -150,7 +154,10 @@ impl HostReservationSource {
             serde_json::to_vec(request).map_err(|e| SourceError::Unavailable(e.to_string()))?,
         );
         let mut last = SourceError::Unavailable("no host endpoint".into());
-        for link in &self.links {
+        let first = self.preferred.load(Ordering::Relaxed);
+        for step in 0..self.links.len() {
+            let index = (first + step) % self.links.len();
+            let link = &self.links[index];
             let message = Message::HostReservations {
                 volume: self.volume,
                 credential: self.credential,
@@ -158,9 +165,10 @@ impl HostReservationSource {
             };
             match link.call(message, false).await {
                 Ok(Message::HostReservationsReply { payload }) => {
+                    self.preferred.store(index, Ordering::Relaxed);
                     return serde_json::from_slice(&payload).map_err(|e| {
                         SourceError::Unavailable(format!("undecodable reservations: {e}"))
-                    })
+                    });
                 }
                 Ok(Message::HostReply(HostReply::Error(HostError::Unauthorized { .. }))) => {
                     return Err(SourceError::Unauthorized)
