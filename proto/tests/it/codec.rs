@@ -130,10 +130,10 @@ fn all_kinds() -> Vec<u16> {
     kinds.extend(0x0181..=0x0189);
     kinds.extend(0x0201..=0x0205);
     kinds.extend(0x0211..=0x0213);
-    kinds.push(0x0221);
+    kinds.extend(0x0221..=0x0222);
     kinds.extend(0x0281..=0x0283);
     kinds.extend(0x0291..=0x0294);
-    kinds.push(0x02a1);
+    kinds.extend(0x02a1..=0x02a2);
     kinds.extend(0x0301..=0x0302);
     kinds.extend(0x0381..=0x0382);
     kinds
