@@ -8,6 +8,7 @@ mod dashboard;
 mod datapath;
 mod datapath_smoke;
 mod degraded;
+mod degraded_nbd;
 mod failover;
 mod iscsi;
 mod kernel_device;
