@@ -271,11 +271,21 @@ fn attach(unit: &TestUnit, volume: u64, name: &str) -> (Daemon, String) {
         "--failover-timeout",
         "120s",
     ]);
-    let mut agent = Daemon::spawn_command(
-        &format!("attach {name}"),
-        command,
-        unit.dir.path().join(format!("attach-{name}.log")),
-    );
+    // The client's retries are logged at debug: what a failed run needs.
+    let log = unit.dir.path().join(format!("attach-{name}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = command
+        .env("RUST_LOG", "info,client=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut agent = Daemon {
+        name: format!("attach {name}"),
+        child,
+        log,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !client::nbd::server_greets(listen) {
         if let Ok(Some(status)) = agent.child.try_wait() {
