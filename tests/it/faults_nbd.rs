@@ -571,16 +571,20 @@ impl Unit {
     }
 }
 
-/// Ignored: it fails today, and what it found is not fixed yet. Two runs
-/// (2026-12-07) failed alike (fio exit 1 after 130-148 s); the second
-/// printed the detail: EIO on hn-2's log under fio, hn-2's 4 partitions had two
-/// copies elsewhere at a later epoch within 0.7 s, yet exactly the 8
-/// writes fio had in flight (QD8) never completed: the agent gave them up
-/// after its failover timeout (120 s) and fio reported 8 EIOs, 3501 other
-/// writes fine. The volume-client test of the same fault
-/// (`failover::failed_write_log_takes_the_head_node_out_of_service`)
-/// passes; the agent (host port, `VolumeClient::connect_host`) retries
-/// those requests without success. Run it with `--ignored` to reproduce.
+/// Ignored: it fails today, and what it found is not fixed yet. Three runs
+/// (2026-12-07) failed alike: EIO on hn-2's log under fio, hn-2's 4
+/// partitions had two copies elsewhere at a later epoch within 0.7-0.8 s,
+/// yet the 8 writes fio had in flight (QD8) never completed; the agent
+/// gave them up after its failover timeout (24 attempts in 122 s) and fio
+/// reported 8 EIOs (3501 other writes fine). The agent's debug log says
+/// why, per new primary: on hn-1 (promoted for partitions 0 and 3) every
+/// retry was refused `unavailable: overlapping writes did not complete`
+/// (the taken-over partition keeps an overlapping write of the old epoch
+/// that never completes); on hn-3 (partitions 4 and 5) `unavailable:
+/// write log full` for the whole 122 s. The volume-client test of the
+/// same fault (`failover::failed_write_log_takes_the_head_node_out_of_service`)
+/// passes: its writer has one write per slot in flight, not QD8 with
+/// overlapping offsets. Run it with `--ignored` to reproduce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "finds a bug: writes in flight at a write-log EIO fail after the agent's failover timeout"]
 async fn failing_write_log_under_nbd_load_fails_over_with_no_error() {
