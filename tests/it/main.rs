@@ -9,6 +9,7 @@ mod datapath;
 mod datapath_smoke;
 mod degraded;
 mod failover;
+mod faults_nbd;
 mod iscsi;
 mod kernel_device;
 mod lcp;

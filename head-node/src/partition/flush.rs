@@ -632,7 +632,18 @@ async fn write_rows(
                 Err(None)
             }
         });
+    // Dropped before the appends end (the pass cancelled at an await):
+    // some columns may hold these rows and others not, and the extent's
+    // `rows_written` does not know; the guard seals the extent so that no
+    // later append lands a different row at the same offset (issue 14
+    // item 3). Recovery counts a row only where k columns hold it.
+    let guard = SealOnDrop {
+        shared,
+        extent: target.extent,
+        armed: true,
+    };
     let results = future::join_all(appends).await;
+    guard.disarm();
     let mut failed = 0;
     for result in results {
         match result {
@@ -672,6 +683,36 @@ async fn write_rows(
         }
     }
     Ok(all_locations)
+}
+
+/// Seals `extent` when dropped armed: a stripe append abandoned midway
+/// (see [`write_rows`]).
+struct SealOnDrop<'a> {
+    shared: &'a Shared,
+    extent: u64,
+    armed: bool,
+}
+
+impl SealOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for SealOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::warn!(partition = ?self.shared.id(), extent = self.extent, "stripe append abandoned; sealing the extent");
+        let mut state = self.shared.lock();
+        if let Some(e) = state.extents.get_mut(&self.extent) {
+            e.sealed = true;
+        }
+        if state.open_extent.is_some_and(|open| open == self.extent) {
+            state.open_extent = None;
+        }
+    }
 }
 
 /// Index update, flush-commit records (flushes, not GC moves), trims done.
