@@ -18,7 +18,10 @@
 //!                prefix survives: torn batches), its requests and replies
 //!  restart    ─▶ the node comes back idle with what its log kept
 //!  control plane (the LCP's decisions): primary lost ─▶ promote the
-//!                secondary in place (take-over at epoch + 1); secondary lost
+//!                secondary in place (take-over at epoch + 1: the new core
+//!                adopts the old one's log-resident runs and trims as the
+//!                driver does, no log read; each record they name must be
+//!                durable in the log); secondary lost
 //!                ─▶ re-mirror: the primary takes over at epoch + 1 with a
 //!                spare opened as secondary (join marker); both lost ─▶ cold
 //!                open of a pair member from its log as primary
