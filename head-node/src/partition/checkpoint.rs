@@ -93,6 +93,9 @@ pub const PAYLOAD_VERSION: u16 = 1;
 /// magic, version, reserved, body length, volume, partition, epoch, id,
 /// flushed_through, highest_sequence, extent count.
 const HEADER_BYTES: usize = 8 + 2 + 2 + 8 + 8 + 4 + 8 + 8 + 8 + 8 + 4;
+/// Where the payload header keeps the body length (after magic, version,
+/// reserved).
+const BODY_LEN_AT: usize = 8 + 2 + 2;
 /// Checkpoints tried (newest first) before the full summary scan.
 const MAX_CANDIDATES: usize = 4;
 /// Rows per sled request when writing or reading a checkpoint.
@@ -224,7 +227,7 @@ impl Checkpoint {
         out.extend_from_slice(&(index.len() as u64).to_le_bytes());
         out.extend_from_slice(&index);
         let body_len = out.len() as u64;
-        out[12..20].copy_from_slice(&body_len.to_le_bytes());
+        out[BODY_LEN_AT..BODY_LEN_AT + 8].copy_from_slice(&body_len.to_le_bytes());
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -1200,7 +1203,16 @@ async fn load(
         row += batch;
     }
     let checkpoint = Checkpoint::decode(&payload)?;
-    let rows = rows_for(checkpoint.encode().len(), k);
+    // Its encoded length is the header's body length plus the CRC (decode
+    // checked both): re-encoding a checkpoint of a few MB only to measure
+    // it cost a take-over as much again as decoding it.
+    let encoded_len = payload
+        .get(BODY_LEN_AT..BODY_LEN_AT + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok())
+        .and_then(|body_len| body_len.checked_add(4))
+        .ok_or_else(|| "no body length".to_string())?;
+    let rows = rows_for(encoded_len, k);
     if rows != candidate.last_row + 1 - candidate.first_row {
         return Err(format!(
             "{rows} rows expected, {} found (torn)",
