@@ -11,9 +11,7 @@ use head_node::partition::core::{
 use head_node::partition::{PartitionError, Role};
 use head_node::wal::{LogPosition, RecoveredRecord};
 use proto::sled::PartitionId;
-use proto::volume::{
-    FlushedRange, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaRequest,
-};
+use proto::volume::{FlushedRange, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaRequest};
 
 const PART: PartitionId = PartitionId {
     volume: 3,
