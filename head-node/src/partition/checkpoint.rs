@@ -72,9 +72,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future;
+use futures::StreamExt as _;
 use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
 use proto::BLOCK_SIZE_BYTES;
 
+use super::core::LogResident;
 use super::flush::{
     open_extent, open_next_extent, read_summary, read_verified, sled_call, zero_block_crc,
 };
@@ -82,7 +84,7 @@ use super::layout::{
     self, SlotEntry, StripeKind, StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
 use super::{bump, ExtentState, PartitionError, Shared};
-use crate::index::{Location, PartitionIndex, Reader};
+use crate::index::{IndexError, Location, PartitionIndex, Reader};
 use crate::wal::{RecordKind, RecoveredRecord};
 
 const PAYLOAD_MAGIC: u64 = u64::from_le_bytes(*b"RBHNCKP1");
@@ -91,10 +93,17 @@ pub const PAYLOAD_VERSION: u16 = 1;
 /// magic, version, reserved, body length, volume, partition, epoch, id,
 /// flushed_through, highest_sequence, extent count.
 const HEADER_BYTES: usize = 8 + 2 + 2 + 8 + 8 + 4 + 8 + 8 + 8 + 8 + 4;
+/// Where the payload header keeps the body length (after magic, version,
+/// reserved).
+const BODY_LEN_AT: usize = 8 + 2 + 2;
 /// Checkpoints tried (newest first) before the full summary scan.
 const MAX_CANDIDATES: usize = 4;
 /// Rows per sled request when writing or reading a checkpoint.
 const BATCH_ROWS: u64 = 16;
+/// Stripe summaries a recovery reads at once.
+const SUMMARY_READS_IN_FLIGHT: usize = 32;
+/// Extents a recovery opens (claims at the new epoch) at once.
+const EXTENT_OPENS_IN_FLIGHT: usize = 16;
 
 /// What a checkpoint write did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,7 +227,7 @@ impl Checkpoint {
         out.extend_from_slice(&(index.len() as u64).to_le_bytes());
         out.extend_from_slice(&index);
         let body_len = out.len() as u64;
-        out[12..20].copy_from_slice(&body_len.to_le_bytes());
+        out[BODY_LEN_AT..BODY_LEN_AT + 8].copy_from_slice(&body_len.to_le_bytes());
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -696,6 +705,36 @@ struct Scanner {
 }
 
 impl Scanner {
+    /// Reads the summaries of `rows` (extent, row) that are not cached yet,
+    /// [`SUMMARY_READS_IN_FLIGHT`] at once: the scans below then walk them
+    /// in order from the cache. One read at a time made a take-over's
+    /// recovery grow with every row written since the last checkpoint (a
+    /// round trip each).
+    async fn prefetch(
+        &mut self,
+        shared: &Shared,
+        extents: &BTreeMap<u64, ExtentState>,
+        rows: impl Iterator<Item = (u64, u64)>,
+    ) {
+        let wanted: Vec<(u64, u64)> = rows.filter(|key| !self.cache.contains_key(key)).collect();
+        // The futures are made up front (not by a closure of the stream:
+        // that is not `Send` for every lifetime, which the spawned manager
+        // needs); they start only when the stream polls them.
+        let reads: Vec<_> = wanted
+            .into_iter()
+            .filter_map(|(id, row)| {
+                let extent = extents.get(&id)?;
+                Some(async move { ((id, row), read_summary(shared, extent, row).await) })
+            })
+            .collect();
+        let read: Vec<_> = futures::stream::iter(reads)
+            .buffer_unordered(SUMMARY_READS_IN_FLIGHT)
+            .collect()
+            .await;
+        self.rows_scanned += read.len() as u64;
+        self.cache.extend(read);
+    }
+
     async fn summary(
         &mut self,
         shared: &Shared,
@@ -730,14 +769,59 @@ struct Built {
     highest_sequence: u64,
 }
 
+/// What a primary's open applies over the index recovered from the sleds.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Replayed<'a> {
+    /// The log records replayed (a cold open).
+    Records(&'a [RecoveredRecord]),
+    /// The old instance's log-resident state (an in-place take-over).
+    Handed(&'a LogResident),
+}
+
+impl Replayed<'_> {
+    /// Applies it to `probe` (locations in the log do not matter there).
+    fn apply_to(
+        self,
+        partition: PartitionId,
+        probe: &mut PartitionIndex,
+    ) -> Result<(), IndexError> {
+        match self {
+            Replayed::Handed(handed) => handed.apply_to(probe),
+            Replayed::Records(records) => {
+                for r in records.iter().map(|r| &r.record) {
+                    if r.partition != partition {
+                        continue;
+                    }
+                    match r.kind {
+                        RecordKind::Write => probe.apply_write(
+                            r.lba,
+                            u64::from(r.block_count),
+                            r.sequence,
+                            Location::Log {
+                                position: crate::wal::LogPosition(0),
+                                block_in_record: 0,
+                            },
+                        )?,
+                        RecordKind::Trim => {
+                            probe.apply_unmap(r.lba, u64::from(r.block_count), r.sequence)?
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Primary recovery from the sleds (see the module docs): claims every
 /// owned extent at the partition's epoch and rebuilds the index from the
 /// newest valid checkpoint plus the rows after it, or from every summary.
-/// `recovered` (the log records replayed next) only decides whether a run
+/// `replayed` (what is applied over it next) only decides whether a run
 /// pointing at a freed extent is superseded.
 pub(super) async fn recover(
     shared: &Arc<Shared>,
-    recovered: &[RecoveredRecord],
+    replayed: Replayed<'_>,
 ) -> Result<RecoveryReport, PartitionError> {
     let started = Instant::now();
     let grants = shared
@@ -749,15 +833,30 @@ pub(super) async fn recover(
             source,
         })?;
     let epoch = shared.lock().core.epoch;
+    // Each open is a claim round trip to every sled of the extent: many at
+    // once (in order; the first error wins as before).
+    let opens: Vec<_> = grants
+        .into_iter()
+        .map(|grant| open_extent(shared, grant, epoch, true))
+        .collect();
+    let opened: Vec<Result<ExtentState, PartitionError>> = futures::stream::iter(opens)
+        .buffered(EXTENT_OPENS_IN_FLIGHT)
+        .collect()
+        .await;
     let mut extents = BTreeMap::new();
-    for grant in grants {
-        let extent = open_extent(shared, grant, epoch, true).await?;
+    for extent in opened {
+        let extent = extent?;
         extents.insert(extent.grant.extent, extent);
     }
     let mut scanner = Scanner {
         cache: BTreeMap::new(),
         rows_scanned: 0,
     };
+    let firsts = extents
+        .values()
+        .filter(|e| e.rows_written > 0)
+        .map(|e| (e.grant.extent, 0));
+    scanner.prefetch(shared, &extents, firsts).await;
     // Row 0 tells a checkpoint extent from a data extent.
     let mut checkpoint_extents = BTreeSet::new();
     for extent in extents.values() {
@@ -806,7 +905,7 @@ pub(super) async fn recover(
                     &checkpoint_extents,
                     extent,
                     candidate,
-                    recovered,
+                    replayed,
                 )
                 .await?
             }
@@ -932,7 +1031,7 @@ async fn try_candidate(
     checkpoint_extents: &BTreeSet<u64>,
     holder: &ExtentState,
     candidate: Candidate,
-    recovered: &[RecoveredRecord],
+    replayed: Replayed<'_>,
 ) -> Result<Result<Built, String>, PartitionError> {
     let checkpoint = match load(shared, holder, candidate).await {
         Ok(c) => c,
@@ -1003,26 +1102,8 @@ async fn try_candidate(
     let owned: BTreeSet<u64> = from.keys().copied().collect();
     if points_outside(&built.index, &owned) {
         let mut probe = built.index.clone();
-        for r in recovered.iter().map(|r| &r.record) {
-            if r.partition != shared.id() {
-                continue;
-            }
-            let applied = match r.kind {
-                RecordKind::Write => probe.apply_write(
-                    r.lba,
-                    u64::from(r.block_count),
-                    r.sequence,
-                    Location::Log {
-                        position: crate::wal::LogPosition(0),
-                        block_in_record: 0,
-                    },
-                ),
-                RecordKind::Trim => probe.apply_unmap(r.lba, u64::from(r.block_count), r.sequence),
-                _ => Ok(()),
-            };
-            if applied.is_err() {
-                return Ok(Err("a log record does not fit the partition".to_string()));
-            }
+        if replayed.apply_to(shared.id(), &mut probe).is_err() {
+            return Ok(Err("a log record does not fit the partition".to_string()));
         }
         if points_outside(&probe, &owned) {
             return Ok(Err(
@@ -1122,7 +1203,16 @@ async fn load(
         row += batch;
     }
     let checkpoint = Checkpoint::decode(&payload)?;
-    let rows = rows_for(checkpoint.encode().len(), k);
+    // Its encoded length is the header's body length plus the CRC (decode
+    // checked both): re-encoding a checkpoint of a few MB only to measure
+    // it cost a take-over as much again as decoding it.
+    let encoded_len = payload
+        .get(BODY_LEN_AT..BODY_LEN_AT + 8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok())
+        .and_then(|body_len| body_len.checked_add(4))
+        .ok_or_else(|| "no body length".to_string())?;
+    let rows = rows_for(encoded_len, k);
     if rows != candidate.last_row + 1 - candidate.first_row {
         return Err(format!(
             "{rows} rows expected, {} found (torn)",
@@ -1147,6 +1237,11 @@ async fn scan(
         partition: shared.id(),
         source,
     };
+    let rows = from.iter().flat_map(|(id, start)| {
+        let end = extents.get(id).map_or(0, |e| e.rows_written);
+        (*start..end).map(move |row| (*id, row))
+    });
+    scanner.prefetch(shared, extents, rows).await;
     for (id, start) in from {
         let Some(extent) = extents.get(id) else {
             continue;

@@ -74,7 +74,7 @@ use proto::BLOCK_SIZE_BYTES;
 
 use super::error::PartitionError;
 use super::Role;
-use crate::index::{IndexError, Location, PartitionIndex};
+use crate::index::{IndexError, Location, PartitionIndex, Run};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
 
 /// Payload of the marker a partition opened as secondary logs (a
@@ -292,6 +292,40 @@ pub struct TakeOverPlan {
     pub next_sequence: u64,
     /// The rest of the tail, offered to the new secondary's catch-up only.
     pub retained: Vec<(u64, LogPosition)>,
+    /// What the `needed` records put in the index, as this instance holds
+    /// it: the new primary adopts it without reading the log
+    /// ([`PartitionCore::adopt_log_resident`]).
+    pub log_resident: LogResident,
+}
+
+/// The log-resident part of a partition's state, handed from the old
+/// instance to the new primary by a take-over as it is: every index run
+/// that points into the log and every pending trim. Adopting it builds what
+/// replaying the records it refers to would (newest sequence wins), without
+/// reading them: the take-over's pause does not grow with the unflushed
+/// log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogResident {
+    /// Index runs that point into the log, by first partition block.
+    pub runs: Vec<(u64, Run)>,
+    /// Pending trims by sequence.
+    pub trims: Vec<(u64, PendingTrim)>,
+}
+
+impl LogResident {
+    /// Applies what adopting this would put in an index to `index` (the
+    /// recovery's probe of freed extents, [`super::checkpoint`]).
+    pub fn apply_to(&self, index: &mut PartitionIndex) -> Result<(), IndexError> {
+        for (lba, run) in &self.runs {
+            if let Some(location) = run.location {
+                index.apply_write(*lba, run.block_count, run.sequence, location)?;
+            }
+        }
+        for (sequence, trim) in &self.trims {
+            index.apply_unmap(trim.lba, trim.block_count, *sequence)?;
+        }
+        Ok(())
+    }
 }
 
 /// The partition's single-owner state (see the module docs).
@@ -1346,12 +1380,60 @@ impl PartitionCore {
             })
             .collect();
         needed.extend(self.pending_trims.values().map(|t| t.position));
+        let log_resident = LogResident {
+            runs: self
+                .index
+                .runs()
+                .filter(|(_, run)| matches!(run.location, Some(Location::Log { .. })))
+                .map(|(lba, run)| (lba, *run))
+                .collect(),
+            trims: self.pending_trims.iter().map(|(s, t)| (*s, *t)).collect(),
+        };
         TakeOverPlan {
             was_secondary,
             needed,
             next_sequence: self.next_sequence,
             retained: self.retained.iter().map(|(s, p)| (*s, *p)).collect(),
+            log_resident,
         }
+    }
+
+    /// A take-over's new primary adopts the old instance's log-resident
+    /// state ([`TakeOverPlan::log_resident`]) over what recovery from the
+    /// sleds built: the same index, trims and tail as [`replay`](Self::replay)
+    /// of the records it refers to (newest sequence wins, so a sled copy
+    /// newer than a run keeps its place), with no log read. Sequences
+    /// continue at least at `min_next_sequence`; `now` starts the age of
+    /// what is left unflushed.
+    pub fn adopt_log_resident(
+        &mut self,
+        handed: &LogResident,
+        min_next_sequence: u64,
+        now: Instant,
+    ) -> Result<(), PartitionError> {
+        let mut highest_sequence = self.next_sequence - 1;
+        for (lba, run) in &handed.runs {
+            let Some(location @ Location::Log { position, .. }) = run.location else {
+                return Err(PartitionError::Recovery {
+                    partition: self.partition,
+                    reason: format!("handed run at block {lba} does not point into the log"),
+                });
+            };
+            self.index
+                .apply_write(*lba, run.block_count, run.sequence, location)
+                .map_err(|e| self.index_error(e))?;
+            self.retained.entry(run.sequence).or_insert(position);
+            highest_sequence = highest_sequence.max(run.sequence);
+        }
+        for (sequence, trim) in &handed.trims {
+            self.index
+                .apply_unmap(trim.lba, trim.block_count, *sequence)
+                .map_err(|e| self.index_error(e))?;
+            self.pending_trims.insert(*sequence, *trim);
+            self.retained.entry(*sequence).or_insert(trim.position);
+            highest_sequence = highest_sequence.max(*sequence);
+        }
+        self.replay(false, &[], min_next_sequence.max(highest_sequence + 1), now)
     }
 
     /// The take-over is done: this instance is fenced for good.

@@ -101,14 +101,13 @@ mod read;
 mod rebuild;
 mod replica;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt as _;
 use proto::sled::PartitionId;
 use proto::volume::{HostOp, HostReply, HostRequest, SECTOR_BYTES};
 use tokio::sync::{oneshot, Notify, Semaphore};
@@ -116,7 +115,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 pub use self::core::{live_records, PartitionCore};
 pub use checkpoint::{CheckpointReport, RecoveryReport};
 
-use self::core::{Admission, Change, Completion, WriteId};
+use self::core::{Admission, Change, Completion, LogResident, TakeOverPlan, WriteId};
 pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
@@ -125,10 +124,10 @@ pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;
 use crate::index::Location;
-use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord, Wal, WalError};
+use crate::wal::{LogPosition, LogRecord, RecoveredRecord, Wal, WalError};
 use proto::BLOCK_SIZE_BYTES;
 
-/// Log reads a flush, a take-over or a catch-up keeps in flight.
+/// Log reads a flush or a catch-up keeps in flight.
 const LOG_READS_IN_FLIGHT: usize = 32;
 /// Most blocks in one log / replication record (a host write is split).
 pub const MAX_RECORD_BLOCKS: u64 = 256;
@@ -645,6 +644,15 @@ pub struct PartitionDeps {
     pub replica: Option<Arc<dyn ReplicaPeer>>,
 }
 
+/// What [`Partition::open_with`] builds the log-resident state from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// Records recovered from the log (a cold open).
+    Log(&'a [RecoveredRecord]),
+    /// The old instance's log-resident state (an in-place take-over).
+    HandedOver(&'a LogResident),
+}
+
 impl Partition {
     /// Opens the partition: rebuilds its state from the sleds (primary) and
     /// from `recovered` (what [`Wal::open`] returned; records of other
@@ -655,7 +663,7 @@ impl Partition {
         deps: PartitionDeps,
         recovered: &[RecoveredRecord],
     ) -> Result<Partition, PartitionError> {
-        Self::open_with(config, role, deps, recovered, 1).await
+        Self::open_with(config, role, deps, Source::Log(recovered), 1).await
     }
 
     /// Takes the partition over as primary at `config.epoch` from this
@@ -668,13 +676,16 @@ impl Partition {
     /// primary:   Fenced{new epoch} + replicator stopped (in-flight writes
     ///            fail NotPrimary), wait (bounded) for writes and a flush
     ///            in flight to finish
-    /// collect:   every log record the index or the pending trims refer to
-    ///            (what the old instance holds in the log), read from the WAL
-    /// open:      Partition::open(Primary) over those records: claims every
-    ///            owned column at the new epoch (fences the old primary on
-    ///            the sleds), index = newest sled checkpoint + the summaries
-    ///            after it (or every summary) + the records, sequences
-    ///            continue after the highest this instance assigned or saw
+    /// hand over: the index runs that point into the log and the pending
+    ///            trims, as the old instance holds them (take_over_plan; the
+    ///            records they refer to are pinned, never re-read: the pause
+    ///            does not grow with the unflushed log)
+    /// open:      a primary over them: claims every owned column at the new
+    ///            epoch (fences the old primary on the sleds), index = newest
+    ///            sled checkpoint + the summaries after it (or every summary)
+    ///            + the handed runs and trims (newest sequence wins),
+    ///            sequences continue after the highest this instance
+    ///            assigned or saw
     /// done:      this instance becomes Fenced{new epoch}; the old one stays
     ///            registered with the log until then, so nothing it refers
     ///            to is released before the new one holds it
@@ -729,7 +740,7 @@ impl Partition {
             plan
         };
         let pin = plan.needed.first().copied();
-        let taken = Self::open_from(old, config, deps, plan.needed, plan.next_sequence).await;
+        let taken = Self::open_from(old, config, deps, &plan).await;
         if let Some(pin) = pin {
             old.lock().core.remove_hold(pin);
         }
@@ -754,45 +765,26 @@ impl Partition {
         Ok(taken)
     }
 
-    /// The take-over's second half: reads the `needed` records from the
-    /// log and opens the new primary over them.
+    /// The take-over's second half: opens the new primary over the old
+    /// instance's log-resident state as it holds it (no log reads: the
+    /// pause does not grow with the unflushed log). The `needed` records
+    /// it refers to are pinned by the caller until the new instance holds
+    /// them itself.
     async fn open_from(
         old: &Arc<Shared>,
         config: PartitionConfig,
         deps: PartitionDeps,
-        needed: BTreeSet<LogPosition>,
-        next_sequence: u64,
+        plan: &TakeOverPlan,
     ) -> Result<(Partition, usize), PartitionError> {
-        let wal = old.log.wal();
-        let head_before = wal.head();
-        // Many small records (random writes): keep LOG_READS_IN_FLIGHT of
-        // them at the device at once, in order.
-        let mut reads = futures::stream::iter(needed)
-            .map(|position| async move { (position, wal.read(position).await) })
-            .buffered(LOG_READS_IN_FLIGHT);
-        let mut records = Vec::new();
-        while let Some((position, read)) = reads.next().await {
-            match read {
-                Ok(record)
-                    if record.partition == old.id()
-                        && matches!(record.kind, RecordKind::Write | RecordKind::Trim) =>
-                {
-                    records.push(RecoveredRecord { position, record });
-                }
-                Ok(other) => {
-                    return Err(PartitionError::Recovery {
-                        partition: old.id(),
-                        reason: format!(
-                            "log record at {} is {:?} of {:?}, not this partition's data",
-                            position.0, other.kind, other.partition
-                        ),
-                    })
-                }
-                Err(source) => return Err(old.wal_error(source)),
-            }
-        }
-        let taken =
-            Self::open_with(config, OpenRole::Primary, deps, &records, next_sequence).await?;
+        let head_before = old.log.wal().head();
+        let taken = Self::open_with(
+            config,
+            OpenRole::Primary,
+            deps,
+            Source::HandedOver(&plan.log_resident),
+            plan.next_sequence,
+        )
+        .await?;
         // The new instance maps blocks only to the records handed over
         // (pinned by the old instance until it holds them itself) or to its
         // own new writes: a record of the tail nobody holds may be released
@@ -806,24 +798,21 @@ impl Partition {
                 .runs()
                 .all(|(_, run)| match run.location {
                     Some(Location::Log { position, .. }) => {
-                        position >= head_before
-                            || records
-                                .binary_search_by_key(&position, |r| r.position)
-                                .is_ok()
+                        position >= head_before || plan.needed.contains(&position)
                     }
                     _ => true,
                 }),
             "partition {:?}: the take-over maps a block to a log record it was not handed",
             old.id()
         );
-        Ok((taken, records.len()))
+        Ok((taken, plan.needed.len()))
     }
 
     async fn open_with(
         config: PartitionConfig,
         role: OpenRole,
         deps: PartitionDeps,
-        recovered: &[RecoveredRecord],
+        source: Source<'_>,
         min_next_sequence: u64,
     ) -> Result<Partition, PartitionError> {
         if config.size_blocks == 0 || !(0.0..=1.0).contains(&config.flush_fill_ratio) {
@@ -867,7 +856,10 @@ impl Partition {
             flushing: std::sync::atomic::AtomicBool::new(false),
             recovery: Mutex::new(RecoveryReport::default()),
         });
-        let mut recovered = live_records(shared.id(), recovered);
+        let mut recovered = match source {
+            Source::Log(recovered) => live_records(shared.id(), recovered),
+            Source::HandedOver(_) => Vec::new(),
+        };
         if role == OpenRole::Secondary {
             // Joining at `epoch`: what this log holds of older epochs is
             // either in the primary's history (which the primary holds) or
@@ -885,16 +877,27 @@ impl Partition {
                 .map_err(|source| shared.wal_error(source))?;
         }
         if role == OpenRole::Primary {
-            checkpoint::recover(&shared, &recovered).await?;
+            let replayed = match source {
+                Source::Log(_) => checkpoint::Replayed::Records(&recovered),
+                Source::HandedOver(handed) => checkpoint::Replayed::Handed(handed),
+            };
+            checkpoint::recover(&shared, replayed).await?;
         }
         {
             let mut state = shared.lock();
-            state.core.replay(
-                role == OpenRole::Secondary,
-                &recovered,
-                min_next_sequence,
-                Instant::now(),
-            )?;
+            match source {
+                Source::Log(_) => state.core.replay(
+                    role == OpenRole::Secondary,
+                    &recovered,
+                    min_next_sequence,
+                    Instant::now(),
+                )?,
+                Source::HandedOver(handed) => {
+                    state
+                        .core
+                        .adopt_log_resident(handed, min_next_sequence, Instant::now())?
+                }
+            }
             // What recovery and replay built, before anything relies on it
             // (a recount of every run: debug builds only).
             debug_assert_eq!(

@@ -9,9 +9,9 @@ use head_node::partition::core::{
     Admission, CatchUp, Change, Completion, PartitionCore, ReplicaAppend,
 };
 use head_node::partition::{PartitionError, Role};
-use head_node::wal::LogPosition;
+use head_node::wal::{LogPosition, RecoveredRecord};
 use proto::sled::PartitionId;
-use proto::volume::{ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaRequest};
+use proto::volume::{FlushedRange, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaRequest};
 
 const PART: PartitionId = PartitionId {
     volume: 3,
@@ -405,4 +405,96 @@ fn a_flush_batch_never_covers_a_run_it_leaves_in_the_log() {
     assert!(part.more);
     assert_eq!(part.up_to_sequence, 2);
     assert!(part.trims.is_empty());
+}
+
+#[test]
+fn a_take_over_hands_over_what_replaying_its_records_builds() {
+    let mut core = secondary();
+    let wide = |sequence: u64, lba: u64, blocks: usize| {
+        let data = Bytes::from(vec![sequence as u8; 4096 * blocks]);
+        ReplicaRecord {
+            sequence,
+            kind: ReplicaRecordKind::Write,
+            lba: FIRST + lba,
+            blocks: blocks as u32,
+            crcs: data.chunks(4096).map(crc32c::crc32c).collect(),
+            data,
+        }
+    };
+    // Overlapping writes, a trim inside one, a write that a flush moves to
+    // the sleds, and one left alone.
+    let incoming = vec![
+        wide(1, 0, 8),
+        wide(2, 4, 8),
+        trim(3, 5),
+        wide(4, 20, 4),
+        wide(5, 30, 2),
+    ];
+    let ReplicaAppend::Log { records, hold } = core
+        .replica_begin_append(5, incoming, LogPosition(40))
+        .unwrap()
+    else {
+        panic!("nothing to log")
+    };
+    let positions: Vec<LogPosition> = (40..45).map(LogPosition).collect();
+    assert_eq!(
+        core.replica_appended(&records, hold, Ok(positions.clone())),
+        Ok(5)
+    );
+    // A flush up to 1: blocks 0..4 of record 1 are on the sleds now.
+    let flushed = FlushedRange {
+        lba: FIRST,
+        blocks: 4,
+        sequence: 1,
+        extent: 9,
+        column: 0,
+        offset_bytes: 0,
+    };
+    core.replica_commit(5, 1, &[flushed]).unwrap();
+    let plan = core.take_over_plan(true);
+    // Record 1 is on the sleds or superseded: not needed, not handed.
+    let needed: Vec<u64> = plan.needed.iter().map(|p| p.0).collect();
+    assert_eq!(needed, vec![41, 42, 43, 44]);
+    assert!(plan
+        .log_resident
+        .runs
+        .iter()
+        .all(|(_, run)| run.sequence != 1));
+    // The cold way: replay the needed records read back from the log.
+    let read_back: Vec<RecoveredRecord> = records
+        .iter()
+        .zip(&positions)
+        .filter(|(_, p)| plan.needed.contains(p))
+        .map(|(record, position)| RecoveredRecord {
+            position: *position,
+            record: record.clone(),
+        })
+        .collect();
+    let now = Instant::now();
+    let mut replayed = PartitionCore::new(PART, FIRST, 64, Role::Primary, 6);
+    replayed
+        .replay(false, &read_back, plan.next_sequence, now)
+        .unwrap();
+    let mut handed = PartitionCore::new(PART, FIRST, 64, Role::Primary, 6);
+    handed
+        .adopt_log_resident(&plan.log_resident, plan.next_sequence, now)
+        .unwrap();
+    let runs = |core: &PartitionCore| {
+        core.index()
+            .runs()
+            .map(|(lba, run)| (lba, *run))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(runs(&handed), runs(&replayed));
+    assert_eq!(handed.next_sequence(), 6);
+    assert_eq!(handed.next_sequence(), replayed.next_sequence());
+    assert_eq!(handed.applied_through(), replayed.applied_through());
+    assert_eq!(
+        handed.take_over_plan(false),
+        replayed.take_over_plan(false),
+        "same log-resident state, tail and sequences"
+    );
+    // The trim is still pending: block 5 reads as zeros, its record held.
+    assert_eq!(handed.index().lookup(5, 1).unwrap()[0].location, None);
+    assert!(handed.log_hold().is_some_and(|p| p <= LogPosition(42)));
 }

@@ -18,7 +18,10 @@
 //!                prefix survives: torn batches), its requests and replies
 //!  restart    ─▶ the node comes back idle with what its log kept
 //!  control plane (the LCP's decisions): primary lost ─▶ promote the
-//!                secondary in place (take-over at epoch + 1); secondary lost
+//!                secondary in place (take-over at epoch + 1: the new core
+//!                adopts the old one's log-resident runs and trims as the
+//!                driver does, no log read; each record they name must be
+//!                durable in the log); secondary lost
 //!                ─▶ re-mirror: the primary takes over at epoch + 1 with a
 //!                spare opened as secondary (join marker); both lost ─▶ cold
 //!                open of a pair member from its log as primary
@@ -428,23 +431,41 @@ impl Sim {
             unreachable!("put back above");
         };
         let plan = old.take_over_plan(was_secondary);
-        let mut records = Vec::new();
+        // As the driver: the new core adopts the old one's log-resident
+        // runs and trims without reading the log; every record they refer
+        // to must still be durable there (the old instance held them).
         for position in &plan.needed {
             match self.nodes[n].log.records.get(&position.0) {
-                Some(entry) if entry.durable => records.push(RecoveredRecord {
-                    position: *position,
-                    record: entry.record.clone(),
-                }),
+                Some(entry) if entry.durable && entry.record.partition == PARTITION => {}
                 other => self.fail(format!(
                     "take-over of node {n}: needed record at {} is {other:?}",
                     position.0
                 )),
             }
         }
-        let records = live_records(PARTITION, &records);
+        let handed: BTreeSet<_> = plan
+            .log_resident
+            .runs
+            .iter()
+            .filter_map(|(_, run)| match run.location {
+                Some(Location::Log { position, .. }) => Some(position),
+                _ => None,
+            })
+            .chain(plan.log_resident.trims.iter().map(|(_, t)| t.position))
+            .collect();
+        if handed != plan.needed {
+            self.fail(format!(
+                "take-over of node {n}: hands {} records, needs {}",
+                handed.len(),
+                plan.needed.len()
+            ));
+        }
+        let records = plan.needed.len();
         let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
-        if let Err(error) = core.replay(false, &records, plan.next_sequence, self.now()) {
-            self.fail(format!("take-over replay on node {n}: {error}"));
+        if let Err(error) =
+            core.adopt_log_resident(&plan.log_resident, plan.next_sequence, self.now())
+        {
+            self.fail(format!("take-over hand-over on node {n}: {error}"));
         }
         core.adopt_retained(&plan.retained);
         let (completions, _) = old.take_over_done(epoch);
@@ -457,8 +478,7 @@ impl Sim {
         self.takeovers += 1;
         self.note(format!(
             "node {n} took over at epoch {epoch} ({} records, next sequence {})",
-            records.len(),
-            plan.next_sequence
+            records, plan.next_sequence
         ));
     }
 
