@@ -508,7 +508,7 @@ impl PartitionIndex {
                 None => {}
             }
         }
-        for run in self.check_layers()? {
+        for run in self.check_layers(true)? {
             match run.location {
                 Some(Location::Log { position, .. }) => {
                     *log_refs.entry(position).or_default() += run.block_count
@@ -776,7 +776,7 @@ impl PartitionIndex {
             }
         }
         index
-            .check_layers()
+            .check_layers(false)
             .map_err(|reason| bad(format!("snapshot layers: {reason}")))?;
         Ok(index)
     }

@@ -1027,6 +1027,7 @@ fn put_replica_record(w: &mut Writer<'_>, record: &ReplicaRecord) {
     w.u8(match record.kind {
         ReplicaRecordKind::Write => 0,
         ReplicaRecordKind::Unmap => 1,
+        ReplicaRecordKind::Snapshot => 2,
     });
     w.u64(record.lba);
     w.u32(record.blocks);
@@ -1040,6 +1041,7 @@ fn get_replica_record(r: &mut Reader) -> Result<ReplicaRecord, DecodeError> {
         kind: match r.u8("record_kind")? {
             0 => ReplicaRecordKind::Write,
             1 => ReplicaRecordKind::Unmap,
+            2 => ReplicaRecordKind::Snapshot,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "record_kind",

@@ -499,6 +499,9 @@ pub enum ReplicaRecordKind {
     Write,
     /// The blocks read as zeros (trim, write-zeroes); `data` is empty.
     Unmap,
+    /// A snapshot marker at `sequence` (a cut, or the drop of a snapshot):
+    /// `blocks` is 0, `data` the head node's encoded marker.
+    Snapshot,
 }
 
 /// One logged change of whole 4 KiB blocks.

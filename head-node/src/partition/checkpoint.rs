@@ -383,6 +383,15 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
             }
         }
     }
+    // The snapshot layers' flushed entries and tombstones (log-resident
+    // ones come back from the log's replay, which holds them).
+    for (id, layer) in state.core.index.snapshot_layers() {
+        let entries = layer
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e.location, Some(Location::Log { .. })));
+        index.restore_layer(id, layer.cut, entries.map(|(b, e)| (*b, *e)));
+    }
     let flushed_through = oldest_in_log
         .map_or(state.core.applied_through, |s| s.saturating_sub(1))
         .min(state.core.applied_through);
@@ -425,6 +434,9 @@ fn rows_for(bytes: usize, k: usize) -> u64 {
 }
 
 async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, PartitionError> {
+    // Snapshot markers logged so far are in the index the checkpoint
+    // takes below; once it is durable they need not stay in the log.
+    let markers_through = shared.lock().core.snapshot_markers.keys().last().copied();
     let checkpoint = snapshot(shared)?;
     let epoch = checkpoint.epoch;
     let payload = checkpoint.encode();
@@ -525,6 +537,9 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             .filter(|e| *e != extent_id)
             .collect()
     };
+    if let Some(through) = markers_through {
+        shared.lock().core.forget_snapshot_markers(through);
+    }
     // The new checkpoint is durable: older checkpoint extents can go.
     let mut extents_freed = 0;
     for old in superseded {
@@ -833,6 +848,16 @@ pub(super) async fn recover(
                 crcs: BTreeMap::new(),
                 highest_sequence: 0,
             };
+            // Without a checkpoint the snapshots are the log's cuts (a cut
+            // no checkpoint holds is held in the log until one does).
+            for (id, cut) in super::snapshot::cuts_in(shared.id(), recovered) {
+                b.index
+                    .add_snapshot(id, cut)
+                    .map_err(|source| PartitionError::Index {
+                        partition: shared.id(),
+                        source,
+                    })?;
+            }
             let from: BTreeMap<u64, u64> = extents
                 .keys()
                 .filter(|id| !checkpoint_extents.contains(id))
@@ -958,6 +983,13 @@ async fn try_candidate(
         crcs: BTreeMap::new(),
         highest_sequence: checkpoint.highest_sequence,
     };
+    // Cuts the log holds that the checkpoint predates: registered before
+    // the summaries after it are applied (see `super::snapshot`).
+    for (id, cut) in super::snapshot::cuts_in(shared.id(), recovered) {
+        if let Err(error) = built.index.add_snapshot(id, cut) {
+            return Ok(Err(format!("the log's cut of snapshot {id}: {error}")));
+        }
+    }
     let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
     for e in checkpoint.extents {
         if checkpoint_extents.contains(&e.extent) {

@@ -73,6 +73,7 @@ use proto::volume::{FlushedRange, ReplicaError, ReplicaRecord, ReplicaRecordKind
 use proto::BLOCK_SIZE_BYTES;
 
 use super::error::PartitionError;
+use super::snapshot::{MarkerOp, SnapshotMarker};
 use super::Role;
 use crate::index::{IndexError, Location, PartitionIndex};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
@@ -106,6 +107,18 @@ pub enum Change {
         lba: u64,
         /// Blocks.
         count: u64,
+    },
+    /// A snapshot marker (alone in its write): a cut takes its sequence as
+    /// the snapshot's cut, and with `hold` keeps the acknowledgements of
+    /// every later write until [`PartitionCore::release_cut`]; a drop
+    /// uncounts the snapshot once it is durable on both logs.
+    Snapshot {
+        /// Snapshot id.
+        id: u64,
+        /// Cut or drop.
+        op: MarkerOp,
+        /// Cut only: hold later acknowledgements until released.
+        hold: bool,
     },
 }
 
@@ -199,6 +212,10 @@ struct Commit {
 impl Commit {
     fn last_sequence(&self) -> u64 {
         self.records.last().map_or(0, |r| r.sequence)
+    }
+
+    fn first_sequence(&self) -> u64 {
+        self.records.first().map_or(0, |r| r.sequence)
     }
 }
 
@@ -341,6 +358,12 @@ pub struct PartitionCore {
     replica_busy: bool,
     /// When the oldest unflushed write was applied (the driver's clock).
     pub(crate) oldest_unflushed: Option<Instant>,
+    /// Snapshot markers logged since the last index checkpoint, by
+    /// sequence: held in the log until a checkpoint holds their effect.
+    pub(crate) snapshot_markers: BTreeMap<u64, LogPosition>,
+    /// Primary: a cut (snapshot id, cut sequence) that holds the
+    /// acknowledgements of the writes ordered after it.
+    pub(crate) cut_hold: Option<(u64, u64)>,
 }
 
 impl PartitionCore {
@@ -375,6 +398,8 @@ impl PartitionCore {
             next_write: 0,
             replica_busy: false,
             oldest_unflushed: None,
+            snapshot_markers: BTreeMap::new(),
+            cut_hold: None,
         }
     }
 
@@ -518,6 +543,7 @@ impl PartitionCore {
             self.oldest_hold(),
             self.pending_trims.values().map(|t| t.position).min(),
             self.retained.range(acked + 1..).map(|(_, p)| *p).min(),
+            self.snapshot_markers.values().min().copied(),
         ]
         .into_iter()
         .flatten()
@@ -602,6 +628,31 @@ impl PartitionCore {
                     up_to = up_to.min(run.sequence.saturating_sub(1));
                 }
             }
+        }
+        // Snapshot layers' log-resident blocks go to the sleds too (one
+        // block per piece; the commit moves every layer's entry of that
+        // sequence).
+        for (lba, entry) in self.index.snapshot_log_entries() {
+            let Some(Location::Log {
+                position,
+                block_in_record,
+            }) = entry.location
+            else {
+                continue;
+            };
+            if total >= limit {
+                more = true;
+                up_to = up_to.min(entry.sequence.saturating_sub(1));
+                continue;
+            }
+            pieces.push(LogPiece {
+                lba,
+                block_count: 1,
+                sequence: entry.sequence,
+                position,
+                first_block_in_record: block_in_record,
+            });
+            total += 1;
         }
         let trims = self
             .pending_trims
@@ -726,6 +777,7 @@ impl PartitionCore {
                 reason: format!("write {id:?} committed before its range was free"),
             });
         }
+        self.check_snapshot_changes(&changes)?;
         self.add_hold(head);
         let mut records = Vec::with_capacity(changes.len());
         for change in changes {
@@ -757,6 +809,31 @@ impl PartitionCore {
                     let log =
                         LogRecord::trim(self.partition, self.epoch, sequence, lba, count as u32);
                     (log, replica)
+                }
+                Change::Snapshot { id, op, hold } => {
+                    if op == MarkerOp::Cut {
+                        // Registered now, under the lock that orders every
+                        // write: whatever is ordered after the cut finds
+                        // the layer when it is applied. Cannot fail here:
+                        // `check_snapshot_changes` refused an existing id,
+                        // and nothing applied is at or after `sequence`.
+                        if let Err(source) = self.index.add_snapshot(id, sequence) {
+                            debug_assert!(false, "cut refused after the checks: {source}");
+                        }
+                        if hold {
+                            self.cut_hold = Some((id, sequence));
+                        }
+                    }
+                    let marker = SnapshotMarker { id, op }.encode();
+                    let replica = ReplicaRecord {
+                        sequence,
+                        kind: ReplicaRecordKind::Snapshot,
+                        lba: self.first_block,
+                        blocks: 0,
+                        crcs: Vec::new(),
+                        data: marker.clone(),
+                    };
+                    (self.marker_record(sequence, marker), replica)
                 }
             };
             self.repl_queue.push_back(replica);
@@ -818,6 +895,7 @@ impl PartitionCore {
     fn settle(&mut self, id: WriteId, completions: &mut Vec<Completion>, ready: &mut Vec<WriteId>) {
         let acked = self.acked_through;
         let primary = matches!(self.role, Role::Primary) && !self.stopped;
+        let held_after = self.cut_hold.map(|(_, cut)| cut);
         let Some(slot) = self.writes.get_mut(&id) else {
             return;
         };
@@ -828,8 +906,12 @@ impl PartitionCore {
         if commit.done {
             return;
         }
+        // A held cut keeps the writes ordered after it waiting (durable,
+        // not acknowledged) until it is released.
+        let held = held_after.is_some_and(|cut| commit.first_sequence() > cut);
         let apply = match &commit.local {
             None => return,
+            Some(Ok(_)) if !commit.resolved && primary && held => return,
             Some(Ok(_)) if !commit.resolved && primary && commit.last_sequence() <= acked => true,
             Some(Ok(_)) if !commit.resolved => return,
             Some(_) => false,
@@ -866,6 +948,7 @@ impl PartitionCore {
         for (record, position) in records.iter().zip(positions) {
             let applied = match record.kind {
                 RecordKind::Write => index_logged_write(&mut self.index, record, *position),
+                RecordKind::Snapshot => self.apply_marker(record, *position),
                 _ => {
                     let trim = PendingTrim::of(record, *position);
                     self.pending_trims.insert(record.sequence, trim);
@@ -886,7 +969,7 @@ impl PartitionCore {
 
     /// Completes every committing write whose records are durable locally
     /// and confirmed by the secondary.
-    fn settle_all(&mut self) -> (Vec<Completion>, Vec<WriteId>) {
+    pub(super) fn settle_all(&mut self) -> (Vec<Completion>, Vec<WriteId>) {
         let ids: Vec<WriteId> = self
             .writes
             .iter()
@@ -1048,6 +1131,16 @@ impl PartitionCore {
     /// catch-up resend).
     pub fn replica_record(&self, record: &LogRecord) -> ReplicaRecord {
         let write = record.kind == RecordKind::Write;
+        if record.kind == RecordKind::Snapshot {
+            return ReplicaRecord {
+                sequence: record.sequence,
+                kind: ReplicaRecordKind::Snapshot,
+                lba: self.first_block,
+                blocks: 0,
+                crcs: Vec::new(),
+                data: record.payload.clone(),
+            };
+        }
         ReplicaRecord {
             sequence: record.sequence,
             kind: if write {
@@ -1188,6 +1281,23 @@ impl PartitionCore {
                 ReplicaRecordKind::Unmap => {
                     LogRecord::trim(self.partition, epoch, record.sequence, lba, record.blocks)
                 }
+                ReplicaRecordKind::Snapshot => {
+                    if record.blocks != 0 || SnapshotMarker::decode(&record.data).is_none() {
+                        return Err(bad(format!(
+                            "record {} is no snapshot marker",
+                            record.sequence
+                        )));
+                    }
+                    LogRecord {
+                        kind: RecordKind::Snapshot,
+                        partition: self.partition,
+                        epoch,
+                        sequence: record.sequence,
+                        lba: 0,
+                        block_count: 0,
+                        payload: record.data,
+                    }
+                }
             };
             if log.kind == RecordKind::Write
                 && u64::from(log.block_count) != u64::from(record.blocks)
@@ -1224,6 +1334,8 @@ impl PartitionCore {
             let count = u64::from(record.block_count);
             let applied = if record.kind == RecordKind::Write {
                 index_logged_write(&mut self.index, record, position)
+            } else if record.kind == RecordKind::Snapshot {
+                self.apply_marker(record, position)
             } else {
                 let trim = PendingTrim::of(record, position);
                 self.pending_trims.insert(record.sequence, trim);
@@ -1263,6 +1375,10 @@ impl PartitionCore {
             // the tail up to it is on the sleds (or superseded).
             self.pending_trims.retain(|sequence, _| *sequence > up_to);
             self.retained.retain(|sequence, _| *sequence > up_to);
+            // A secondary writes no checkpoint: its markers are held like
+            // its tail, until a flush commit covers them.
+            self.snapshot_markers
+                .retain(|sequence, _| *sequence > up_to);
         }
         // A jump only moves the expected sequence: the trims and the tail
         // this secondary holds below it may not be on the sleds (a late
@@ -1346,6 +1462,18 @@ impl PartitionCore {
             })
             .collect();
         needed.extend(self.pending_trims.values().map(|t| t.position));
+        // Snapshot layers' log-resident blocks, and the markers no
+        // checkpoint holds yet.
+        needed.extend(
+            self.index
+                .snapshot_log_entries()
+                .into_iter()
+                .filter_map(|(_, e)| match e.location {
+                    Some(Location::Log { position, .. }) => Some(position),
+                    _ => None,
+                }),
+        );
+        needed.extend(self.snapshot_markers.values().copied());
         TakeOverPlan {
             was_secondary,
             needed,
@@ -1384,12 +1512,21 @@ impl PartitionCore {
     ) -> Result<(), PartitionError> {
         let mut highest_sequence = self.next_sequence - 1;
         let mut highest_epoch = self.epoch;
+        // The cuts first: the log holds records in append order, not
+        // sequence order, and a write after a cut must find its layer.
+        self.register_cuts(recovered)?;
         for RecoveredRecord { position, record } in recovered {
             if record.partition != self.partition {
                 continue;
             }
             highest_epoch = highest_epoch.max(record.epoch);
             match record.kind {
+                RecordKind::Snapshot => {
+                    self.apply_marker(record, *position)
+                        .map_err(|e| self.index_error(e))?;
+                    self.retained.insert(record.sequence, *position);
+                    highest_sequence = highest_sequence.max(record.sequence);
+                }
                 RecordKind::Write => {
                     index_logged_write(&mut self.index, record, *position)
                         .map_err(|e| self.index_error(e))?;

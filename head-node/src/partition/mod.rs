@@ -100,6 +100,7 @@ mod flush;
 mod read;
 mod rebuild;
 mod replica;
+mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Range;
@@ -290,6 +291,8 @@ pub struct RepairItem {
 /// Counters the daemon exports.
 #[derive(Debug, Default)]
 pub struct PartitionMetrics {
+    /// Snapshot cuts taken.
+    pub snapshot_cuts: AtomicU64,
     /// Host writes acknowledged.
     pub writes: AtomicU64,
     /// Host reads answered.
@@ -1268,6 +1271,20 @@ impl Partition {
                 .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
         }
         let changes = self.plan(bytes, data).await?;
+        self.commit(&mut guard, changes, deadline).await
+    }
+
+    /// Commits admitted write `guard.id`'s `changes`: sequences, both logs,
+    /// the ack rule; answers its outcome by `deadline`.
+    async fn commit(
+        &self,
+        guard: &mut WriteGuard,
+        changes: Vec<Change>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PartitionError> {
+        let shared = &self.shared;
+        let timeout = shared.config.replica_timeout;
+        let id = guard.id;
         let (records, reply) = {
             let mut state = shared.lock();
             let head = shared.log.wal().head();

@@ -2406,3 +2406,144 @@ async fn an_owed_data_column_is_decoded_on_reads_checkpoints_and_take_over() {
     assert_eq!(report.checkpoints_refused, 0);
     check_all(&unit, &model, "after a take-over from the checkpoint").await;
 }
+
+/// Snapshot `id` read whole, 1 MiB at a time, checked against `model`.
+async fn check_snapshot(unit: &Unit, id: u64, model: &Model, what: &str) {
+    let total = unit.size_blocks * 4096;
+    let mut at = 0;
+    while at < total {
+        let len = (total - at).min(1 << 20);
+        let got = unit
+            .primary
+            .read_snapshot(Some(unit.epoch), id, FIRST_BLOCK * 4096 + at, len as u32)
+            .await
+            .unwrap();
+        model.check(&got, at, what);
+        at += len;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_survives_overwrites_flush_gc_restarts_and_its_drop_frees_space() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(17);
+    // Pattern A: half flushed, half still in the log at the cut, a hole.
+    for chunk in 0..size_blocks / 16 - 2 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+        if chunk == size_blocks / 32 {
+            unit.primary.flush_now().await.unwrap();
+        }
+    }
+    let cut = unit
+        .primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_cut = Model(model.0.clone());
+    // The secondary holds the same snapshot (the marker was replicated).
+    let on_secondary: Vec<(u64, u64)> = unit
+        .secondary
+        .snapshots()
+        .iter()
+        .map(|s| (s.id, s.cut))
+        .collect();
+    assert_eq!(on_secondary, vec![(1, cut)]);
+    // Overwrite everything twice (the hole too), flushing as we go.
+    for _ in 0..2 {
+        for chunk in 0..size_blocks / 16 {
+            write_chunk(&unit, &mut model, &mut rng, chunk).await;
+            if chunk % 8 == 7 {
+                unit.primary.flush_now().await.unwrap();
+            }
+        }
+    }
+    check_all(&unit, &model, "live after overwrites").await;
+    check_snapshot(&unit, 1, &at_cut, "snapshot after overwrites").await;
+    unit.primary.flush_now().await.unwrap();
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    unit.primary.gc_pass().await.unwrap();
+    check_snapshot(&unit, 1, &at_cut, "snapshot after flush + gc").await;
+    check_all(&unit, &model, "live after flush + gc").await;
+    let pinned = unit.primary.snapshots()[0].pinned_blocks;
+    assert_eq!(
+        pinned,
+        size_blocks - 32,
+        "every block written before the cut"
+    );
+    // Restart without a checkpoint: the log's cut marker and the sled
+    // summaries rebuild the layer.
+    unit.restart().await;
+    check_snapshot(&unit, 1, &at_cut, "snapshot after restart (full scan)").await;
+    check_all(&unit, &model, "live after restart").await;
+    // With a checkpoint: the layer comes from it.
+    unit.primary.write_checkpoint().await.unwrap();
+    unit.restart().await;
+    assert!(unit.primary.recovery_report().checkpoint.is_some());
+    check_snapshot(&unit, 1, &at_cut, "snapshot after restart (checkpoint)").await;
+    check_all(&unit, &model, "live after checkpoint restart").await;
+    // Drop: GC gets the pinned space back.
+    let before = unit.sled_bytes_in_use();
+    unit.primary.drop_snapshot(1).await.unwrap();
+    assert!(unit.primary.snapshots().is_empty());
+    assert!(unit.secondary.snapshots().is_empty());
+    unit.primary.gc_pass().await.unwrap();
+    let after = unit.sled_bytes_in_use();
+    assert!(
+        after < before,
+        "sled bytes {before} before the drop, {after} after GC"
+    );
+    check_all(&unit, &model, "live after drop + gc").await;
+    assert!(unit
+        .primary
+        .read_snapshot(Some(unit.epoch), 1, FIRST_BLOCK * 4096, 4096)
+        .await
+        .is_err());
+    // It stays dropped across a restart.
+    unit.restart().await;
+    assert!(unit.primary.snapshots().is_empty());
+    check_all(&unit, &model, "live after drop + restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_cut_delays_later_acks_until_released_and_aborts_on_its_own() {
+    let size_blocks = 64u64;
+    let unit = Arc::new(Unit::new(size_blocks).await);
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(3);
+    write_chunk(&unit, &mut model, &mut rng, 0).await;
+    let at_cut = Model(model.0.clone());
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 5, true, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // A write after the cut is durable but not acknowledged while held.
+    let writer = {
+        let unit = unit.clone();
+        tokio::spawn(async move { unit.write(0, 0, vec![0xab; 4096]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!writer.is_finished(), "acknowledged through a held cut");
+    let released = Instant::now();
+    unit.primary.release_cut(5);
+    writer.await.unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_millis(200));
+    model.0[..4096].fill(0xab);
+    check_snapshot(&unit, 5, &at_cut, "released snapshot").await;
+    check_all(&unit, &model, "live after release").await;
+    // A held cut nobody releases aborts itself: acks go, the snapshot too.
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 6, true, Duration::from_millis(100))
+        .await
+        .unwrap();
+    unit.write(1, 0, vec![0xcd; 4096]).await.unwrap();
+    model.0[4096..8192].fill(0xcd);
+    wait_until("the unreleased cut aborted", Duration::from_secs(5), || {
+        unit.primary.snapshots().iter().all(|s| s.id != 6)
+    })
+    .await;
+    check_all(&unit, &model, "live after abort").await;
+    let ids: Vec<u64> = unit.primary.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![5]);
+}

@@ -360,7 +360,8 @@ pub fn replica_record() -> impl Strategy<Value = ReplicaRecord> {
         any::<u64>(),
         prop_oneof![
             Just(ReplicaRecordKind::Write),
-            Just(ReplicaRecordKind::Unmap)
+            Just(ReplicaRecordKind::Unmap),
+            Just(ReplicaRecordKind::Snapshot)
         ],
         any::<u64>(),
         any::<u32>(),
