@@ -89,6 +89,7 @@ mod invariants;
 mod placement;
 mod read;
 mod repair;
+mod snapshots;
 mod types;
 mod volumes;
 
@@ -117,6 +118,7 @@ pub use repair::{
     BlockedColumns, DrainOutlook, PlacementBlock, RepairBook, RepairPhase, RepairReason,
     RepairTask, MAX_REPAIR_TASKS,
 };
+pub use snapshots::{PartitionCut, SnapshotId, SnapshotRecord, SnapshotState};
 pub use types::{
     Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
     Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,
@@ -151,6 +153,16 @@ pub struct UnitState {
     /// Volumes being deleted (see [`volumes`]).
     #[serde(default)]
     deleting: BTreeMap<VolumeId, DeletingVolume>,
+    /// Snapshots (see [`snapshots`]); absent from states written before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    /// The next snapshot id (ids are never reused).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    next_snapshot_id: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl UnitState {
@@ -393,6 +405,15 @@ impl UnitState {
             } => self.delete_volume(volume, force, now_ms),
             Command::ReleaseDeletedExtent { extent } => self.release_deleted_extent(extent),
             Command::PurgeVolume { volume } => self.purge_volume(volume),
+            Command::CreateSnapshot {
+                name,
+                volumes,
+                now_ms,
+            } => self.create_snapshot(name, volumes, now_ms),
+            Command::SnapshotCut { snapshot, cuts } => self.snapshot_cut(snapshot, cuts),
+            Command::AbortSnapshot { snapshot, reason } => self.abort_snapshot(snapshot, reason),
+            Command::DeleteSnapshot { snapshot } => self.delete_snapshot(snapshot),
+            Command::PurgeSnapshot { snapshot } => self.purge_snapshot(snapshot),
             Command::ReportPathFault {
                 endpoint,
                 network,

@@ -120,7 +120,7 @@ impl UnitState {
     }
 
     /// The live volume, or why not.
-    fn live_volume(&self, volume: VolumeId) -> Result<&super::Volume, CommandError> {
+    pub(super) fn live_volume(&self, volume: VolumeId) -> Result<&super::Volume, CommandError> {
         if self.deleting.contains_key(&volume) {
             return Err(CommandError::VolumeDeleting { volume });
         }
@@ -272,6 +272,11 @@ impl UnitState {
         now_ms: u64,
     ) -> Result<Outcome, CommandError> {
         let entry = self.live_volume(volume)?;
+        if self.volume_has_snapshots(volume) {
+            return Err(CommandError::invalid(format!(
+                "volume {volume} has snapshots: delete them first"
+            )));
+        }
         if !entry.attachments.is_empty() && !force {
             return Err(CommandError::VolumeAttached {
                 volume,
