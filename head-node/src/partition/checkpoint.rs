@@ -324,6 +324,12 @@ pub(super) async fn after_flush(shared: &Arc<Shared>) {
 }
 
 fn due(shared: &Shared) -> bool {
+    // Snapshot markers stay held in the log until a checkpoint holds their
+    // effect (`super::snapshot`): one is due whatever the cadence, or the
+    // log would fill behind them.
+    if !shared.lock().core.snapshot_markers.is_empty() {
+        return true;
+    }
     let every = shared.config.checkpoint_every_flushes;
     let interval = shared.config.checkpoint_interval;
     if every == 0 && interval.is_zero() {
