@@ -2632,3 +2632,57 @@ async fn held_cuts_across_two_partitions_keep_causal_order() {
     pauses.sort();
     println!("cut pause over two partitions (cut, cut, release): {pauses:?}");
 }
+
+/// The primary dies after a snapshot is ready: the secondary's node opens
+/// the partition as primary from the sleds and its own log (the cut marker
+/// and the pre-cut writes it holds) and serves the same snapshot; both
+/// before any checkpoint (cut only in the logs) and with layer blocks
+/// flushed and unflushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_secondary_serves_the_snapshot_of_the_dead_primary() {
+    let size_blocks = 128u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(23);
+    for chunk in 0..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+        if chunk == 3 {
+            unit.primary.flush_now().await.unwrap();
+        }
+    }
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 3, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_cut = Model(model.0.clone());
+    // Overwrite half, flush some of it (moving layer blocks to the sleds),
+    // overwrite the other half only in the log.
+    for chunk in 0..size_blocks / 32 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    unit.primary.flush_now().await.unwrap();
+    for chunk in size_blocks / 32..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    check_snapshot(&unit, 3, &at_cut, "before the primary dies").await;
+    // The primary dies (no clean shutdown of its state matters: its node
+    // is gone); the secondary's node takes over at epoch 2.
+    let old = unit.primary.clone();
+    old.shutdown();
+    unit.secondary.shutdown();
+    *unit.peer.target.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let promoted = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[1],
+        config(size_blocks, 2),
+        OpenRole::Primary,
+        Some(Arc::new(Peer::default())),
+    )
+    .await;
+    unit.primary = promoted;
+    unit.epoch = 2;
+    check_snapshot(&unit, 3, &at_cut, "on the promoted secondary").await;
+    check_all(&unit, &model, "live on the promoted secondary").await;
+}
