@@ -206,6 +206,32 @@ impl Partition {
         Ok(data.slice(at..at + len as usize))
     }
 
+    /// The blocks (volume-absolute, 4 KiB) that read differently in view
+    /// `to` than in `from` (`None`: live, `Some(id)`: snapshot `id`), from
+    /// the index alone (see [`crate::index::PartitionIndex::diff_views`]).
+    pub fn snapshot_diff(
+        &self,
+        from: Option<u64>,
+        to: Option<u64>,
+    ) -> Result<Vec<std::ops::Range<u64>>, PartitionError> {
+        let first = self.shared.config.first_block;
+        let size = self.shared.config.size_blocks;
+        let ranges = self
+            .shared
+            .lock()
+            .core
+            .index
+            .diff_views(from, to, 0, size)
+            .map_err(|source| PartitionError::Index {
+                partition: self.id(),
+                source,
+            })?;
+        Ok(ranges
+            .into_iter()
+            .map(|r| first + r.start..first + r.end)
+            .collect())
+    }
+
     /// The partition's snapshots (id, cut, blocks each pins).
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.shared.lock().core.index.snapshots()

@@ -2461,6 +2461,14 @@ async fn snapshot_survives_overwrites_flush_gc_restarts_and_its_drop_frees_space
     }
     check_all(&unit, &model, "live after overwrites").await;
     check_snapshot(&unit, 1, &at_cut, "snapshot after overwrites").await;
+    // Every block changed since the cut (the hole too, written since).
+    let diff = unit.primary.snapshot_diff(Some(1), None).unwrap();
+    assert_eq!(diff, vec![FIRST_BLOCK..FIRST_BLOCK + size_blocks]);
+    assert!(unit
+        .primary
+        .snapshot_diff(Some(1), Some(1))
+        .unwrap()
+        .is_empty());
     unit.primary.flush_now().await.unwrap();
     assert_eq!(unit.primary.log_resident_blocks(), 0);
     unit.primary.gc_pass().await.unwrap();
