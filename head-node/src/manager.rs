@@ -100,8 +100,8 @@ use prometheus_client::registry::Registry;
 use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
-    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
+    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostOp, HostReply,
+    HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
 };
 use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
@@ -816,12 +816,36 @@ impl PartitionManager {
 
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
+        if matches!(request.op, HostOp::SnapshotControl { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: "snapshot control is the unit's coordinator's, not a host's".into(),
+            });
+        }
+        if let Err(error) = check_host_access(&self.inner, &request).await {
+            return HostReply::Error(error);
+        }
+        self.serve_primary(request).await
+    }
+
+    /// Answers the unit's snapshot coordinator ([`HostOp::SnapshotControl`],
+    /// unit port, authenticated head nodes only; the request's credential
+    /// is not an attachment's and is not checked): the partition's primary
+    /// here cuts, releases or drops, at the request's epoch.
+    pub async fn handle_snapshot_control(&self, request: HostRequest) -> HostReply {
+        if !matches!(request.op, HostOp::SnapshotControl { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: format!("{} is not a snapshot control request", request.op.name()),
+            });
+        }
+        self.serve_primary(request).await
+    }
+
+    /// A host or coordinator request, access checked: to the partition's
+    /// primary here.
+    async fn serve_primary(&self, request: HostRequest) -> HostReply {
         let inner = &self.inner;
         if inner.out_of_service.load(Ordering::Acquire) {
             return unavailable("this head node's write log failed; its partitions fail over");
-        }
-        if let Err(error) = check_host_access(inner, &request).await {
-            return HostReply::Error(error);
         }
         let id = request.partition_id();
         let hosted = read(&inner.hosted).get(&id).cloned();

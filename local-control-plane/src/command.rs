@@ -274,6 +274,10 @@ pub enum Command {
     SnapshotCut {
         snapshot: crate::state::SnapshotId,
         cuts: Vec<crate::state::PartitionCut>,
+        /// The pause the coordinator measured (first cut sent to last
+        /// hold released), microseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pause_us: Option<u64>,
     },
     /// A snapshot being created is not taken: `Aborted` (never visible).
     AbortSnapshot {

@@ -111,7 +111,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use proto::sled::PartitionId;
-use proto::volume::{HostOp, HostReply, HostRequest, SECTOR_BYTES};
+use proto::volume::{HostOp, HostReply, HostRequest, SnapshotAction, SECTOR_BYTES};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 pub use self::core::{live_records, PartitionCore};
@@ -1140,6 +1140,37 @@ impl Partition {
                 ..
             } => self.unmap(epoch, offset_bytes, len).await,
             HostOp::Flush => self.flush(epoch).await,
+            HostOp::ReadSnapshot {
+                snapshot,
+                offset_bytes,
+                len_bytes: len,
+            } => match self
+                .read_snapshot(Some(epoch), snapshot, offset_bytes, len)
+                .await
+            {
+                Ok(data) => {
+                    let crcs = proto::volume::chunk_crcs(&data);
+                    return HostReply::Data { data, crcs };
+                }
+                Err(error) => Err(error),
+            },
+            HostOp::SnapshotControl { snapshot, action } => match action {
+                SnapshotAction::Cut { hold_ms } => {
+                    let hold = Duration::from_millis(u64::from(hold_ms));
+                    match self
+                        .cut_snapshot(Some(epoch), snapshot, hold_ms > 0, hold)
+                        .await
+                    {
+                        Ok(cut) => return HostReply::Cut { cut },
+                        Err(error) => Err(error),
+                    }
+                }
+                SnapshotAction::Release => {
+                    self.release_cut(snapshot);
+                    Ok(())
+                }
+                SnapshotAction::Drop => self.drop_snapshot(snapshot).await,
+            },
         };
         match result {
             Ok(()) => HostReply::Done,

@@ -98,7 +98,7 @@ mod degraded_tests;
 #[cfg(test)]
 mod repair_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod volume_tests;
 
@@ -410,7 +410,11 @@ impl UnitState {
                 volumes,
                 now_ms,
             } => self.create_snapshot(name, volumes, now_ms),
-            Command::SnapshotCut { snapshot, cuts } => self.snapshot_cut(snapshot, cuts),
+            Command::SnapshotCut {
+                snapshot,
+                cuts,
+                pause_us,
+            } => self.snapshot_cut(snapshot, cuts, pause_us),
             Command::AbortSnapshot { snapshot, reason } => self.abort_snapshot(snapshot, reason),
             Command::DeleteSnapshot { snapshot } => self.delete_snapshot(snapshot),
             Command::PurgeSnapshot { snapshot } => self.purge_snapshot(snapshot),

@@ -85,6 +85,10 @@ pub struct SnapshotRecord {
     pub cuts: Vec<PartitionCut>,
     /// Why it was aborted.
     pub reason: Option<String>,
+    /// The I/O pause of its cut as the coordinator measured it (first
+    /// cut sent to last hold released), microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
 }
 
 impl UnitState {
@@ -144,6 +148,7 @@ impl UnitState {
                 created_ms: now_ms,
                 cuts: Vec::new(),
                 reason: None,
+                pause_us: None,
             },
         );
         Ok(Outcome::SnapshotCreated { snapshot: id })
@@ -159,6 +164,7 @@ impl UnitState {
         &mut self,
         id: SnapshotId,
         mut cuts: Vec<PartitionCut>,
+        pause_us: Option<u64>,
     ) -> Result<Outcome, CommandError> {
         let record = self
             .snapshots
@@ -191,6 +197,7 @@ impl UnitState {
         let record = self.snapshot_mut(id)?;
         record.cuts = cuts;
         record.state = SnapshotState::Ready;
+        record.pause_us = pause_us;
         Ok(Outcome::Done)
     }
 
@@ -333,6 +340,7 @@ mod tests {
             Command::SnapshotCut {
                 snapshot: id,
                 cuts: cuts[1..].to_vec(),
+                pause_us: None,
             },
         );
         // Deleting a creating snapshot is refused (abort it).
@@ -344,6 +352,7 @@ mod tests {
             Command::SnapshotCut {
                 snapshot: id,
                 cuts: reversed,
+                pause_us: None,
             },
         );
         let record = &state.snapshots()[&id];
@@ -352,7 +361,14 @@ mod tests {
             (SnapshotState::Ready, cuts.clone())
         );
         // A resend is harmless; an abort of a ready one is refused.
-        ok(&mut state, Command::SnapshotCut { snapshot: id, cuts });
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
         refused(
             &mut state,
             Command::AbortSnapshot {
@@ -398,7 +414,14 @@ mod tests {
                 now_ms: u64::MAX / 2,
             },
         );
-        refused(&mut state, Command::SnapshotCut { snapshot: id, cuts });
+        refused(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
         ok(
             &mut state,
             Command::AbortSnapshot {

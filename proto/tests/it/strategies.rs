@@ -299,6 +299,23 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
                 len_bytes: len,
             }
         }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(snapshot, offset_bytes, len)| {
+            HostOp::ReadSnapshot {
+                snapshot,
+                offset_bytes,
+                len_bytes: len,
+            }
+        }),
+        (any::<u64>(), 0u8..3, any::<u32>()).prop_map(|(snapshot, tag, hold_ms)| {
+            HostOp::SnapshotControl {
+                snapshot,
+                action: match tag {
+                    0 => SnapshotAction::Cut { hold_ms },
+                    1 => SnapshotAction::Release,
+                    _ => SnapshotAction::Drop,
+                },
+            }
+        }),
     ]
 }
 
@@ -351,6 +368,7 @@ pub fn host_reply() -> impl Strategy<Value = HostReply> {
     prop_oneof![
         (payload(), crcs()).prop_map(|(data, crcs)| HostReply::Data { data, crcs }),
         Just(HostReply::Done),
+        any::<u64>().prop_map(|cut| HostReply::Cut { cut }),
         host_error().prop_map(HostReply::Error),
     ]
 }
