@@ -72,6 +72,10 @@ pub enum ClientError {
     },
     #[error("volume {volume}: client closed")]
     Closed { volume: u64 },
+    /// A write, trim or write-zeroes through a client of a snapshot (a
+    /// snapshot is read-only). Not sent, not retried.
+    #[error("volume {volume}: snapshot {snapshot} is read-only")]
+    ReadOnly { volume: u64, snapshot: u64 },
     /// The control plane no longer knows the volume (it was deleted).
     /// Not retried.
     #[error("volume {volume} no longer exists (deleted)")]
@@ -107,6 +111,7 @@ impl ClientError {
             | ClientError::Map { volume, .. }
             | ClientError::Protocol { volume, .. }
             | ClientError::Closed { volume }
+            | ClientError::ReadOnly { volume, .. }
             | ClientError::VolumeGone { volume }
             | ClientError::Unauthorized { volume, .. } => *volume,
         }

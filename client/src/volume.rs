@@ -98,6 +98,12 @@ pub struct ClientConfig {
     /// Where retries, failover pauses and map refreshes are counted
     /// (default: nowhere; the attach agent registers them).
     pub metrics: ClientMetrics,
+    /// Serve snapshot `id` of the volume instead of the live volume (a
+    /// read-only export: reads go as [`HostOp::ReadSnapshot`] under the
+    /// volume's attachment credential; writes, trims and write-zeroes
+    /// fail with [`ClientError::ReadOnly`] before anything is sent).
+    /// Default `None`.
+    pub snapshot: Option<u64>,
 }
 
 impl Default for ClientConfig {
@@ -118,6 +124,7 @@ impl Default for ClientConfig {
                 auth: None,
             },
             metrics: ClientMetrics::unregistered(),
+            snapshot: None,
         }
     }
 }
@@ -502,6 +509,21 @@ impl VolumeClient {
         }
     }
 
+    /// The snapshot this client serves (`None`: the live volume).
+    pub fn snapshot(&self) -> Option<u64> {
+        self.inner.config.snapshot
+    }
+
+    fn check_writable(&self) -> Result<(), ClientError> {
+        match self.inner.config.snapshot {
+            None => Ok(()),
+            Some(snapshot) => Err(ClientError::ReadOnly {
+                volume: self.inner.volume,
+                snapshot,
+            }),
+        }
+    }
+
     /// The attachment this client acts for.
     pub fn attachment(&self) -> u64 {
         self.inner.credential.attachment
@@ -528,9 +550,16 @@ impl VolumeClient {
         let inner = &self.inner;
         let parts: Vec<Bytes> = futures::stream::iter(pieces)
             .map(|piece| async move {
-                let op = HostOp::Read {
-                    offset_bytes: piece.offset_bytes,
-                    len_bytes: piece.len,
+                let op = match inner.config.snapshot {
+                    None => HostOp::Read {
+                        offset_bytes: piece.offset_bytes,
+                        len_bytes: piece.len,
+                    },
+                    Some(snapshot) => HostOp::ReadSnapshot {
+                        snapshot,
+                        offset_bytes: piece.offset_bytes,
+                        len_bytes: piece.len,
+                    },
                 };
                 inner
                     .execute(piece.partition, op)
@@ -559,6 +588,7 @@ impl VolumeClient {
         data: Bytes,
         fua: bool,
     ) -> Result<(), ClientError> {
+        self.check_writable()?;
         let pieces = self.pieces_fresh(offset_bytes, data.len() as u64).await?;
         self.for_each_piece(pieces, |piece| {
             let start = usize::try_from(piece.request_offset).unwrap_or(usize::MAX);
@@ -617,6 +647,7 @@ impl VolumeClient {
 
     /// Trims the range, or with `zeroes` writes zeroes over it.
     async fn unmap(&self, offset_bytes: u64, len: u64, zeroes: bool) -> Result<(), ClientError> {
+        self.check_writable()?;
         let pieces = self.pieces_fresh(offset_bytes, len).await?;
         self.for_each_piece(pieces, |piece| {
             let write_id = self.inner.next_write_id();
@@ -843,7 +874,9 @@ impl Inner {
         };
         match reply {
             HostReply::Data { data, crcs } => {
-                let HostOp::Read { len_bytes: len, .. } = op else {
+                let (HostOp::Read { len_bytes: len, .. }
+                | HostOp::ReadSnapshot { len_bytes: len, .. }) = op
+                else {
                     return Err(protocol(format!("data reply to a {}", op.name())));
                 };
                 if data.len() != *len as usize {
@@ -861,11 +894,12 @@ impl Inner {
                 }
             }
             HostReply::Done => {
-                if matches!(op, HostOp::Read { .. }) {
+                if matches!(op, HostOp::Read { .. } | HostOp::ReadSnapshot { .. }) {
                     return Err(protocol("done reply to a read".into()));
                 }
                 Ok(Ok(None))
             }
+            HostReply::Cut { .. } => Err(protocol(format!("cut reply to a {}", op.name()))),
             HostReply::Error(error) if error.needs_map_refresh() => {
                 retry.last_error = format!("{node}: {error}");
                 let hint = match &error {

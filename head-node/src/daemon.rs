@@ -146,6 +146,12 @@ impl Handler for HeadNodeHandler {
         let lcp_runtime = self.lcp_runtime.clone();
         Box::pin(async move {
             match request {
+                Message::Host(request)
+                    if matches!(request.op, proto::volume::HostOp::SnapshotControl { .. }) =>
+                {
+                    // unit_port_allows: only head nodes send this kind here.
+                    Message::HostReply(manager.handle_snapshot_control(request).await)
+                }
                 Message::Host(request) => Message::HostReply(manager.handle_host(request).await),
                 Message::Replica(request) => {
                     Message::ReplicaReply(manager.handle_replica(request).await)

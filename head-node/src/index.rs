@@ -23,7 +23,12 @@
 //!   maintained incrementally and always equal a recount
 //!   ([`PartitionIndex::check_invariants`]).
 //!
-//! [`PartitionIndex::serialize`] writes a versioned, CRC-32C-sealed checkpoint.
+//! Snapshots are copy-on-write layers beside the runs ([`snapshot`]): the
+//! pre-cut versions of the blocks overwritten after a snapshot's cut,
+//! counted in the same reference counts, so GC and log release respect them.
+//!
+//! [`PartitionIndex::serialize`] writes a versioned, CRC-32C-sealed checkpoint
+//! (version 2 adds the snapshot layers; version 1 still loads).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -34,8 +39,13 @@ use thiserror::Error;
 
 use crate::wal::LogPosition;
 
-/// Checkpoint format version.
-pub const CHECKPOINT_VERSION: u16 = 1;
+mod snapshot;
+pub use snapshot::{LayerEntry, SnapshotInfo, SnapshotLayer};
+
+/// Checkpoint format version (2: runs, then snapshot layers).
+pub const CHECKPOINT_VERSION: u16 = 2;
+/// The checkpoint version before snapshots (runs only); still loaded.
+const CHECKPOINT_VERSION_NO_SNAPSHOTS: u16 = 1;
 const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"RBHNIDX1");
 const CHECKPOINT_HEADER_BYTES: usize = 8 + 2 + 2 + 8 + 4 + 8 + 8;
 const CHECKPOINT_ENTRY_BYTES: usize = 8 + 8 + 8 + 1 + 8 + 8 + 4;
@@ -167,6 +177,14 @@ pub enum IndexError {
         /// Computed CRC.
         computed: u32,
     },
+    /// A snapshot operation the index refuses.
+    #[error("snapshot {id}: {reason}")]
+    Snapshot {
+        /// Snapshot id.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
     /// Checkpoint of an unknown version.
     #[error("index checkpoint version {found} unsupported")]
     CheckpointVersion {
@@ -188,6 +206,9 @@ pub struct PartitionIndex {
     /// Blocks mapped to the log (the sum of `log_refs`), kept so that
     /// status and metrics do not walk every run.
     log_blocks: u64,
+    /// Snapshot layers by snapshot id (their entries are counted in
+    /// `log_refs`, `extent_live` and `log_blocks` too).
+    snapshots: BTreeMap<u64, SnapshotLayer>,
 }
 
 impl PartitionIndex {
@@ -200,6 +221,7 @@ impl PartitionIndex {
             log_refs: BTreeMap::new(),
             extent_live: BTreeMap::new(),
             log_blocks: 0,
+            snapshots: BTreeMap::new(),
         }
     }
 
@@ -247,6 +269,7 @@ impl PartitionIndex {
         location: Location,
     ) -> Result<(), IndexError> {
         let end = self.check(lba, count)?;
+        self.snapshot_before_update(lba, count, sequence, Some(location))?;
         self.update(lba, end, |offset, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
@@ -270,6 +293,7 @@ impl PartitionIndex {
     /// Blocks `lba..lba+count` were trimmed or zeroed by `sequence`.
     pub fn apply_unmap(&mut self, lba: u64, count: u64, sequence: u64) -> Result<(), IndexError> {
         let end = self.check(lba, count)?;
+        self.snapshot_before_update(lba, count, sequence, None)?;
         self.update(lba, end, |_, len, old| match old {
             Some(old) if old.sequence > sequence => Some(old),
             _ => Some(Run {
@@ -323,6 +347,9 @@ impl PartitionIndex {
             other => other,
         });
         debug_assert!(moved <= count);
+        // Snapshot layers' log-resident copies of the same data move too
+        // (counted apart: `moved` is about the live blocks).
+        self.snapshot_flushed(lba, count, sequence, location);
         // No block of the range is left in the log at a sequence the
         // flushed data covers (it would be read and flushed again, and hold
         // the log).
@@ -481,6 +508,17 @@ impl PartitionIndex {
                 None => {}
             }
         }
+        for run in self.check_layers(true)? {
+            match run.location {
+                Some(Location::Log { position, .. }) => {
+                    *log_refs.entry(position).or_default() += run.block_count
+                }
+                Some(Location::Sled { extent, .. }) => {
+                    *extent_live.entry(extent).or_default() += run.block_count
+                }
+                None => {}
+            }
+        }
         if log_refs != self.log_refs
             || extent_live != self.extent_live
             || log_refs.values().sum::<u64>() != self.log_blocks
@@ -622,22 +660,19 @@ impl PartitionIndex {
             out.extend_from_slice(&start.to_le_bytes());
             out.extend_from_slice(&run.block_count.to_le_bytes());
             out.extend_from_slice(&run.sequence.to_le_bytes());
-            let (tag, a, b, c) = match run.location {
-                None => (0u8, 0u64, 0u64, 0u32),
-                Some(Location::Log {
-                    position,
-                    block_in_record,
-                }) => (1, position.0, 0, block_in_record),
-                Some(Location::Sled {
-                    extent,
-                    column,
-                    offset_bytes,
-                }) => (2, extent, offset_bytes, u32::from(column)),
-            };
-            out.push(tag);
-            out.extend_from_slice(&a.to_le_bytes());
-            out.extend_from_slice(&b.to_le_bytes());
-            out.extend_from_slice(&c.to_le_bytes());
+            encode_location(&mut out, run.location);
+        }
+        // Version 2: the snapshot layers, each entry like a one-block run.
+        out.extend_from_slice(&(self.snapshots.len() as u64).to_le_bytes());
+        for (id, layer) in &self.snapshots {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&layer.cut.to_le_bytes());
+            out.extend_from_slice(&(layer.entries.len() as u64).to_le_bytes());
+            for (block, entry) in &layer.entries {
+                out.extend_from_slice(&block.to_le_bytes());
+                out.extend_from_slice(&entry.sequence.to_le_bytes());
+                encode_location(&mut out, entry.location);
+            }
         }
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -662,7 +697,7 @@ impl PartitionIndex {
             return Err(bad(format!("bad magic {magic:#x}")));
         }
         let version = reader.u16()?;
-        if version != CHECKPOINT_VERSION {
+        if version != CHECKPOINT_VERSION && version != CHECKPOINT_VERSION_NO_SNAPSHOTS {
             return Err(IndexError::CheckpointVersion { found: version });
         }
         reader.u16()?;
@@ -672,10 +707,12 @@ impl PartitionIndex {
         };
         let size_blocks = reader.u64()?;
         let run_count = reader.u64()?;
-        let expected = (body.len() - CHECKPOINT_HEADER_BYTES) / CHECKPOINT_ENTRY_BYTES;
-        if run_count != expected as u64
-            || (body.len() - CHECKPOINT_HEADER_BYTES) % CHECKPOINT_ENTRY_BYTES != 0
-        {
+        let runs_bytes = body.len() - CHECKPOINT_HEADER_BYTES;
+        let expected = runs_bytes / CHECKPOINT_ENTRY_BYTES;
+        let exact = runs_bytes % CHECKPOINT_ENTRY_BYTES == 0 && run_count == expected as u64;
+        // Version 1 is runs only; version 2 has the layers after them.
+        let fits = run_count <= expected as u64;
+        if (version == CHECKPOINT_VERSION_NO_SNAPSHOTS && !exact) || !fits {
             return Err(bad(format!(
                 "{run_count} runs declared, {expected} present"
             )));
@@ -686,21 +723,7 @@ impl PartitionIndex {
             let start = reader.u64()?;
             let count = reader.u64()?;
             let sequence = reader.u64()?;
-            let tag = reader.u8()?;
-            let (a, b, c) = (reader.u64()?, reader.u64()?, reader.u32()?);
-            let location = match tag {
-                0 => None,
-                1 => Some(Location::Log {
-                    position: LogPosition(a),
-                    block_in_record: c,
-                }),
-                2 => Some(Location::Sled {
-                    extent: a,
-                    column: u16::try_from(c).map_err(|_| bad(format!("column {c}")))?,
-                    offset_bytes: b,
-                }),
-                other => return Err(bad(format!("location tag {other}"))),
-            };
+            let location = decode_location(&mut reader)?;
             let end = start
                 .checked_add(count)
                 .filter(|end| count > 0 && *end <= size_blocks);
@@ -717,8 +740,86 @@ impl PartitionIndex {
                 },
             );
         }
+        if version == CHECKPOINT_VERSION {
+            let snapshot_count = reader.u64()?;
+            for _ in 0..snapshot_count {
+                let id = reader.u64()?;
+                let cut = reader.u64()?;
+                let entry_count = reader.u64()?;
+                if index.snapshots.contains_key(&id) {
+                    return Err(bad(format!("snapshot {id} twice")));
+                }
+                index.snapshots.insert(
+                    id,
+                    SnapshotLayer {
+                        cut,
+                        entries: BTreeMap::new(),
+                    },
+                );
+                let mut previous: Option<u64> = None;
+                for _ in 0..entry_count {
+                    let block = reader.u64()?;
+                    let sequence = reader.u64()?;
+                    let location = decode_location(&mut reader)?;
+                    if block >= size_blocks || previous.is_some_and(|p| block <= p) {
+                        return Err(bad(format!("snapshot {id}: entry for block {block}")));
+                    }
+                    previous = Some(block);
+                    index.set_layer_entry(id, block, LayerEntry { sequence, location });
+                }
+            }
+            if reader.at() != body.len() {
+                return Err(bad(format!(
+                    "{} bytes after the snapshot layers",
+                    body.len() - reader.at()
+                )));
+            }
+        }
+        index
+            .check_layers(false)
+            .map_err(|reason| bad(format!("snapshot layers: {reason}")))?;
         Ok(index)
     }
+}
+
+/// Appends a location as a checkpoint's (tag, a, b, c) fields.
+fn encode_location(out: &mut Vec<u8>, location: Option<Location>) {
+    let (tag, a, b, c) = match location {
+        None => (0u8, 0u64, 0u64, 0u32),
+        Some(Location::Log {
+            position,
+            block_in_record,
+        }) => (1, position.0, 0, block_in_record),
+        Some(Location::Sled {
+            extent,
+            column,
+            offset_bytes,
+        }) => (2, extent, offset_bytes, u32::from(column)),
+    };
+    out.push(tag);
+    out.extend_from_slice(&a.to_le_bytes());
+    out.extend_from_slice(&b.to_le_bytes());
+    out.extend_from_slice(&c.to_le_bytes());
+}
+
+/// Reads what [`encode_location`] wrote.
+fn decode_location(reader: &mut Reader<'_, IndexError>) -> Result<Option<Location>, IndexError> {
+    let bad = |reason: String| IndexError::Checkpoint { reason };
+    let tag = reader.u8()?;
+    let (a, b, c) = (reader.u64()?, reader.u64()?, reader.u32()?);
+    Ok(match tag {
+        0 => None,
+        1 => Some(Location::Log {
+            position: LogPosition(a),
+            block_in_record: c,
+        }),
+        2 => Some(Location::Sled {
+            extent: a,
+            column: u16::try_from(c).map_err(|_| bad(format!("column {c}")))?,
+            offset_bytes: b,
+        }),
+        other => return Err(bad(format!("location tag {other}"))),
+    })
 }
 
 fn adjust(value: &mut u64, by: u64, add: bool) {

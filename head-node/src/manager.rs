@@ -100,8 +100,8 @@ use prometheus_client::registry::Registry;
 use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
-    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
+    digests_equal, AttachmentCredential, AttachmentToken, HostError, HostOp, HostReply,
+    HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
 };
 use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
@@ -278,6 +278,9 @@ struct ManagerMetrics {
     recovery_rows_scanned: Family<PartitionLabels, Gauge>,
     recovery_checkpoint_used: Family<PartitionLabels, Gauge>,
     recovery_duration_ms: Family<PartitionLabels, Gauge>,
+    snapshots: Family<PartitionLabels, Gauge>,
+    snapshot_pinned_blocks: Family<PartitionLabels, Gauge>,
+    snapshot_cuts: Family<PartitionLabels, Gauge>,
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
@@ -298,7 +301,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 17] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 20] = [
             (
                 "rackblock_partition_role",
                 "1 primary, 2 secondary, 3 fenced",
@@ -380,6 +383,21 @@ impl ManagerMetrics {
                 &m.recovery_checkpoint_used,
             ),
             (
+                "rackblock_partition_snapshots",
+                "Snapshots whose layers this partition holds",
+                &m.snapshots,
+            ),
+            (
+                "rackblock_partition_snapshot_pinned_blocks",
+                "Blocks only snapshot layers reference (overwritten since their cut)",
+                &m.snapshot_pinned_blocks,
+            ),
+            (
+                "rackblock_partition_snapshot_cuts",
+                "Snapshot cuts taken as primary since open",
+                &m.snapshot_cuts,
+            ),
+            (
                 "rackblock_partition_recovery_duration_ms",
                 "Wall time of the last recovery from the sleds (claims, checkpoint, summaries)",
                 &m.recovery_duration_ms,
@@ -441,8 +459,11 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 17] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 20] {
         [
+            &self.snapshots,
+            &self.snapshot_pinned_blocks,
+            &self.snapshot_cuts,
             &self.role,
             &self.epoch,
             &self.lease_valid,
@@ -502,6 +523,12 @@ pub struct PartitionStatus {
     pub recovery_rows_scanned: u64,
     pub recovery_checkpoint_used: bool,
     pub recovery_duration_ms: u64,
+    /// Snapshots whose layers the partition holds, and the blocks only
+    /// those layers reference.
+    pub snapshots: usize,
+    pub snapshot_pinned_blocks: u64,
+    /// Snapshot cuts taken as primary since open.
+    pub snapshot_cuts: u64,
 }
 
 /// Why this head node's write log failed (`/status`).
@@ -789,12 +816,36 @@ impl PartitionManager {
 
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
+        if matches!(request.op, HostOp::SnapshotControl { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: "snapshot control is the unit's coordinator's, not a host's".into(),
+            });
+        }
+        if let Err(error) = check_host_access(&self.inner, &request).await {
+            return HostReply::Error(error);
+        }
+        self.serve_primary(request).await
+    }
+
+    /// Answers the unit's snapshot coordinator ([`HostOp::SnapshotControl`],
+    /// unit port, authenticated head nodes only; the request's credential
+    /// is not an attachment's and is not checked): the partition's primary
+    /// here cuts, releases or drops, at the request's epoch.
+    pub async fn handle_snapshot_control(&self, request: HostRequest) -> HostReply {
+        if !matches!(request.op, HostOp::SnapshotControl { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: format!("{} is not a snapshot control request", request.op.name()),
+            });
+        }
+        self.serve_primary(request).await
+    }
+
+    /// A host or coordinator request, access checked: to the partition's
+    /// primary here.
+    async fn serve_primary(&self, request: HostRequest) -> HostReply {
         let inner = &self.inner;
         if inner.out_of_service.load(Ordering::Acquire) {
             return unavailable("this head node's write log failed; its partitions fail over");
-        }
-        if let Err(error) = check_host_access(inner, &request).await {
-            return HostReply::Error(error);
         }
         let id = request.partition_id();
         let hosted = read(&inner.hosted).get(&id).cloned();
@@ -1058,6 +1109,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
     let id = h.partition.id();
     let m = h.partition.metrics();
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let snapshots = h.partition.snapshots();
     PartitionStatus {
         volume: id.volume,
         partition: id.index,
@@ -1088,6 +1140,9 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         recovery_rows_scanned: get(&m.recovery_rows_scanned),
         recovery_checkpoint_used: get(&m.recovery_checkpoint_used) == 1,
         recovery_duration_ms: get(&m.recovery_duration_ms),
+        snapshots: snapshots.len(),
+        snapshot_pinned_blocks: snapshots.iter().map(|s| s.pinned_blocks).sum(),
+        snapshot_cuts: get(&m.snapshot_cuts),
     }
 }
 
@@ -1132,6 +1187,9 @@ fn update_metrics(inner: &Inner) {
                 i64::from(s.recovery_checkpoint_used),
             ),
             (&m.recovery_duration_ms, as_i64(s.recovery_duration_ms)),
+            (&m.snapshots, i64::try_from(s.snapshots).unwrap_or(i64::MAX)),
+            (&m.snapshot_pinned_blocks, as_i64(s.snapshot_pinned_blocks)),
+            (&m.snapshot_cuts, as_i64(s.snapshot_cuts)),
             (
                 &m.repair_queue,
                 i64::try_from(s.repair_queue).unwrap_or(i64::MAX),

@@ -258,6 +258,40 @@ pub enum Command {
     PurgeVolume {
         volume: VolumeId,
     },
+    /// Start a crash-consistent snapshot `name` of `volumes` (one volume,
+    /// or a consistency group): a record in `Creating` with a new id
+    /// ([`Outcome::SnapshotCreated`]); the coordinator cuts every
+    /// partition and reports [`Command::SnapshotCut`] or
+    /// [`Command::AbortSnapshot`] (see `state::snapshots`).
+    CreateSnapshot {
+        name: String,
+        volumes: Vec<VolumeId>,
+        now_ms: u64,
+    },
+    /// Every partition of the snapshot's volumes cut at its current epoch:
+    /// `Ready`. Refused unless the cuts cover exactly those partitions at
+    /// those epochs (a failover since means an abort).
+    SnapshotCut {
+        snapshot: crate::state::SnapshotId,
+        cuts: Vec<crate::state::PartitionCut>,
+        /// The pause the coordinator measured (first cut sent to last
+        /// hold released), microseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pause_us: Option<u64>,
+    },
+    /// A snapshot being created is not taken: `Aborted` (never visible).
+    AbortSnapshot {
+        snapshot: crate::state::SnapshotId,
+        reason: String,
+    },
+    /// A ready snapshot is deleted: `Deleting` until its layers are dropped.
+    DeleteSnapshot {
+        snapshot: crate::state::SnapshotId,
+    },
+    /// Forget a deleted or aborted snapshot whose layers are dropped.
+    PurgeSnapshot {
+        snapshot: crate::state::SnapshotId,
+    },
     /// A head node took itself out of service (its write log failed): it is
     /// Failed with `reason`, so the failover controller moves its primaries
     /// (once their leases are over) and secondaries, placement gives it no
@@ -340,6 +374,8 @@ pub enum Outcome {
     },
     /// A volume's reservation record replaced; its new version.
     ReservationsSet { volume: VolumeId, version: u64 },
+    /// A snapshot record created (state creating).
+    SnapshotCreated { snapshot: crate::state::SnapshotId },
     /// The result of each command of a [`Command::Batch`], in order.
     Batch(Vec<Result<Outcome, crate::error::CommandError>>),
 }

@@ -384,6 +384,7 @@ struct Inner {
     repair_config: RepairConfig,
     repair_metrics: RepairMetrics,
     deleter_metrics: DeleterMetrics,
+    snapshotter_metrics: crate::snapshotter::SnapshotterMetrics,
     /// The leader whose AppendEntries this member processed last, and when
     /// (crate::quick_election anchors on it).
     last_heard: Mutex<Option<(RaftNodeId, std::time::Instant)>>,
@@ -480,6 +481,7 @@ impl LcpNode {
         let failover_metrics = FailoverMetrics::register(registry);
         let repair_metrics = RepairMetrics::register(registry);
         let deleter_metrics = DeleterMetrics::register(registry);
+        let snapshotter_metrics = crate::snapshotter::SnapshotterMetrics::register(registry);
         let inner = Arc::new(Inner {
             raft,
             raft_id,
@@ -503,6 +505,7 @@ impl LcpNode {
             repair_config: config.repair.clone(),
             repair_metrics,
             deleter_metrics,
+            snapshotter_metrics,
             last_heard: Mutex::new(None),
             proposals,
             shutdown,
@@ -1220,6 +1223,29 @@ async fn lead(inner: Arc<Inner>, lost: CancellationToken) {
         inner.rack.clone(),
         inner.failover_config.lease_margin,
         inner.deleter_metrics.clone(),
+        lost.clone(),
+    ));
+    // 3e. Snapshots: cut, release, record; drop and purge the aborted and
+    // deleted ones (crate::snapshotter), over the forwarding links (a
+    // client request's timeout, not Raft's).
+    let call_inner = inner.clone();
+    let call: crate::snapshotter::CallHeadNode = Arc::new(move |node: String, message| {
+        let inner = call_inner.clone();
+        Box::pin(async move {
+            let (id, info) = inner
+                .nodes
+                .iter()
+                .find(|(_, info)| info.id == node)
+                .ok_or_else(|| format!("head node {node} is not a member"))?;
+            let link = forward_link(&inner, *id, info);
+            link.call(message, false).await.map_err(|e| e.to_string())
+        })
+    });
+    tokio::spawn(crate::snapshotter::run(
+        state_reader(&inner.state),
+        proposer(&inner.proposals),
+        call,
+        inner.snapshotter_metrics.clone(),
         lost.clone(),
     ));
     // 3b. Failover from the recorded health, next to the detector.

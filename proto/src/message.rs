@@ -53,6 +53,8 @@
 //! | 0x0203 | HostFlush | host |
 //! | 0x0204 | HostTrim | host \| write_id u64 \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0205 | HostWriteZeroes | host \| write_id u64 \| offset_bytes u64 \| len_bytes u32 |
+//! | 0x0206 | HostReadSnapshot | host \| snapshot u64 \| offset_bytes u64 \| len_bytes u32 |
+//! | 0x0207 | HostSnapshotControl (unit port only) | host \| snapshot u64 \| action u8 (0 Cut, 1 Release, 2 Drop) \| hold_ms u32 |
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
@@ -63,6 +65,7 @@
 //! | 0x0281 | HostData | data bytes(≤16 MiB) \| crcs `Vec<u32>`(≤4096) |
 //! | 0x0282 | HostDone | (empty) |
 //! | 0x0283 | HostError | host error |
+//! | 0x0284 | HostCut | cut u64 |
 //! | 0x0291 | ReplicaAppended | up_to_sequence u64 |
 //! | 0x0292 | ReplicaCommitted | (empty) |
 //! | 0x0293 | ReplicaStatus | highest_epoch u64 \| highest_sequence u64 |
@@ -125,7 +128,7 @@ use crate::sled::{
 use crate::volume::{
     AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest,
     NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest,
-    MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
+    SnapshotAction, MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::BLOCK_SIZE_BYTES;
@@ -170,6 +173,9 @@ pub mod kind {
     pub const HOST_FLUSH: u16 = 0x0203;
     pub const HOST_TRIM: u16 = 0x0204;
     pub const HOST_WRITE_ZEROES: u16 = 0x0205;
+    pub const HOST_READ_SNAPSHOT: u16 = 0x0206;
+    /// Not a host request: the snapshot coordinator's, unit port only.
+    pub const HOST_SNAPSHOT_CONTROL: u16 = 0x0207;
     pub const REPLICA_APPEND: u16 = 0x0211;
     pub const REPLICA_FLUSH_COMMIT: u16 = 0x0212;
     pub const REPLICA_STATUS: u16 = 0x0213;
@@ -180,6 +186,7 @@ pub mod kind {
     pub const HOST_DATA: u16 = 0x0281;
     pub const HOST_DONE: u16 = 0x0282;
     pub const HOST_ERROR: u16 = 0x0283;
+    pub const HOST_CUT: u16 = 0x0284;
     pub const REPLICA_APPENDED: u16 = 0x0291;
     pub const REPLICA_COMMITTED: u16 = 0x0292;
     pub const REPLICA_STATUS_REPLY: u16 = 0x0293;
@@ -195,6 +202,7 @@ pub mod kind {
                 | HOST_FLUSH
                 | HOST_TRIM
                 | HOST_WRITE_ZEROES
+                | HOST_READ_SNAPSHOT
                 | HOST_MAP
                 | HOST_RESERVATIONS
         )
@@ -313,10 +321,13 @@ impl Message {
                 HostOp::Flush => HOST_FLUSH,
                 HostOp::Trim { .. } => HOST_TRIM,
                 HostOp::WriteZeroes { .. } => HOST_WRITE_ZEROES,
+                HostOp::ReadSnapshot { .. } => HOST_READ_SNAPSHOT,
+                HostOp::SnapshotControl { .. } => HOST_SNAPSHOT_CONTROL,
             },
             Message::HostReply(reply) => match reply {
                 HostReply::Data { .. } => HOST_DATA,
                 HostReply::Done => HOST_DONE,
+                HostReply::Cut { .. } => HOST_CUT,
                 HostReply::Error(_) => HOST_ERROR,
             },
             Message::Replica(request) => match request {
@@ -578,6 +589,25 @@ impl Message {
                         w.bool(*fua);
                     }
                     HostOp::Flush => {}
+                    HostOp::ReadSnapshot {
+                        snapshot,
+                        offset_bytes,
+                        len_bytes,
+                    } => {
+                        w.u64(*snapshot);
+                        w.u64(*offset_bytes);
+                        w.u32(*len_bytes);
+                    }
+                    HostOp::SnapshotControl { snapshot, action } => {
+                        w.u64(*snapshot);
+                        let (tag, hold_ms) = match action {
+                            SnapshotAction::Cut { hold_ms } => (0, *hold_ms),
+                            SnapshotAction::Release => (1, 0),
+                            SnapshotAction::Drop => (2, 0),
+                        };
+                        w.u8(tag);
+                        w.u32(hold_ms);
+                    }
                 }
             }
             Message::HostReply(reply) => match reply {
@@ -586,6 +616,7 @@ impl Message {
                     w.vec(crcs, |w, crc| w.u32(*crc));
                 }
                 HostReply::Done => {}
+                HostReply::Cut { cut } => w.u64(*cut),
                 HostReply::Error(error) => put_host_error(w, error),
             },
             Message::Replica(request) => match request {
@@ -769,7 +800,13 @@ impl Message {
             HOST_RESERVATIONS_REPLY => Message::HostReservationsReply {
                 payload: r.bytes("payload", MAX_LCP_PAYLOAD_BYTES)?,
             },
-            HOST_READ | HOST_WRITE | HOST_FLUSH | HOST_TRIM | HOST_WRITE_ZEROES => {
+            HOST_READ
+            | HOST_WRITE
+            | HOST_FLUSH
+            | HOST_TRIM
+            | HOST_WRITE_ZEROES
+            | HOST_READ_SNAPSHOT
+            | HOST_SNAPSHOT_CONTROL => {
                 let volume = r.u64("volume")?;
                 let partition = r.u32("partition")?;
                 let epoch = r.u64("epoch")?;
@@ -799,6 +836,28 @@ impl Message {
                         offset_bytes: r.u64("offset_bytes")?,
                         len_bytes: r.u32("len_bytes")?,
                     },
+                    HOST_READ_SNAPSHOT => HostOp::ReadSnapshot {
+                        snapshot: r.u64("snapshot")?,
+                        offset_bytes: r.u64("offset_bytes")?,
+                        len_bytes: r.u32("len_bytes")?,
+                    },
+                    HOST_SNAPSHOT_CONTROL => {
+                        let snapshot = r.u64("snapshot")?;
+                        let tag = r.u8("action")?;
+                        let hold_ms = r.u32("hold_ms")?;
+                        let action = match tag {
+                            0 => SnapshotAction::Cut { hold_ms },
+                            1 => SnapshotAction::Release,
+                            2 => SnapshotAction::Drop,
+                            tag => {
+                                return Err(DecodeError::UnknownTag {
+                                    field: "action",
+                                    tag,
+                                })
+                            }
+                        };
+                        HostOp::SnapshotControl { snapshot, action }
+                    }
                     _ => HostOp::Flush,
                 };
                 Message::Host(HostRequest {
@@ -814,6 +873,7 @@ impl Message {
                 crcs: r.vec("crcs", MAX_HOST_CRCS, |r| r.u32("crc"))?,
             }),
             HOST_DONE => Message::HostReply(HostReply::Done),
+            HOST_CUT => Message::HostReply(HostReply::Cut { cut: r.u64("cut")? }),
             HOST_ERROR => Message::HostReply(HostReply::Error(get_host_error(r)?)),
             REPLICA_APPEND => Message::Replica(ReplicaRequest::Append {
                 partition: get_partition(r)?,
@@ -1081,6 +1141,7 @@ fn put_replica_record(w: &mut Writer<'_>, record: &ReplicaRecord) {
     w.u8(match record.kind {
         ReplicaRecordKind::Write => 0,
         ReplicaRecordKind::Unmap => 1,
+        ReplicaRecordKind::Snapshot => 2,
     });
     w.u64(record.lba);
     w.u32(record.blocks);
@@ -1094,6 +1155,7 @@ fn get_replica_record(r: &mut Reader) -> Result<ReplicaRecord, DecodeError> {
         kind: match r.u8("record_kind")? {
             0 => ReplicaRecordKind::Write,
             1 => ReplicaRecordKind::Unmap,
+            2 => ReplicaRecordKind::Snapshot,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "record_kind",
@@ -1362,8 +1424,8 @@ mod tests {
             Err(DecodeError::UnknownKind { kind: 0x0200 })
         );
         assert_eq!(
-            Message::decode(0x0206, Bytes::new()),
-            Err(DecodeError::UnknownKind { kind: 0x0206 })
+            Message::decode(0x0208, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x0208 })
         );
         assert!(matches!(
             Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),

@@ -290,6 +290,22 @@ pub enum HostOp {
         offset_bytes: u64,
         len_bytes: u32,
     },
+    /// A read of snapshot `snapshot` of the volume (a host of a read-only
+    /// snapshot export; checked against the volume's attachment like
+    /// [`HostOp::Read`]).
+    ReadSnapshot {
+        snapshot: u64,
+        offset_bytes: u64,
+        len_bytes: u32,
+    },
+    /// The unit's snapshot coordinator to a partition's primary (unit port,
+    /// head nodes only: never served on the host port, never from a
+    /// host's credential). Answered [`HostReply::Cut`] for a cut,
+    /// [`HostReply::Done`] otherwise.
+    SnapshotControl {
+        snapshot: u64,
+        action: SnapshotAction,
+    },
 }
 
 impl HostOp {
@@ -309,11 +325,16 @@ impl HostOp {
                 offset_bytes,
                 len_bytes: len,
                 ..
+            }
+            | HostOp::ReadSnapshot {
+                offset_bytes,
+                len_bytes: len,
+                ..
             } => Some((*offset_bytes, *len)),
             HostOp::Write {
                 offset_bytes, data, ..
             } => Some((*offset_bytes, u32::try_from(data.len()).unwrap_or(u32::MAX))),
-            HostOp::Flush => None,
+            HostOp::Flush | HostOp::SnapshotControl { .. } => None,
         }
     }
 
@@ -323,7 +344,10 @@ impl HostOp {
             HostOp::Write { write_id, .. }
             | HostOp::Trim { write_id, .. }
             | HostOp::WriteZeroes { write_id, .. } => (*write_id != 0).then_some(*write_id),
-            HostOp::Read { .. } | HostOp::Flush => None,
+            HostOp::Read { .. }
+            | HostOp::Flush
+            | HostOp::ReadSnapshot { .. }
+            | HostOp::SnapshotControl { .. } => None,
         }
     }
 
@@ -334,6 +358,8 @@ impl HostOp {
             HostOp::Flush => "flush",
             HostOp::Trim { .. } => "trim",
             HostOp::WriteZeroes { .. } => "write_zeroes",
+            HostOp::ReadSnapshot { .. } => "read_snapshot",
+            HostOp::SnapshotControl { .. } => "snapshot_control",
         }
     }
 
@@ -379,6 +405,19 @@ impl HostOp {
     }
 }
 
+/// What the snapshot coordinator asks of a partition's primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotAction {
+    /// Take the cut; with `hold_ms > 0` the acknowledgements of later
+    /// writes wait for [`SnapshotAction::Release`] (or at most `hold_ms`,
+    /// after which the partition aborts the cut itself).
+    Cut { hold_ms: u32 },
+    /// Release the acknowledgements held by the cut.
+    Release,
+    /// Drop the snapshot (idempotent; also what aborts a cut).
+    Drop,
+}
+
 /// Where the current primary of a partition can be reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeHint {
@@ -397,6 +436,10 @@ pub enum HostReply {
     },
     /// Write, flush, trim or write-zeroes completed (durable on both logs).
     Done,
+    /// A snapshot cut was taken at sequence `cut` (durable on both logs).
+    Cut {
+        cut: u64,
+    },
     Error(HostError),
 }
 
@@ -499,6 +542,9 @@ pub enum ReplicaRecordKind {
     Write,
     /// The blocks read as zeros (trim, write-zeroes); `data` is empty.
     Unmap,
+    /// A snapshot marker at `sequence` (a cut, or the drop of a snapshot):
+    /// `blocks` is 0, `data` the head node's encoded marker.
+    Snapshot,
 }
 
 /// One logged change of whole 4 KiB blocks.

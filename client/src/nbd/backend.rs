@@ -159,6 +159,7 @@ pub fn volume_error_to_nbd(op: BackendOp, error: &ClientError) -> NbdErrno {
             _ => NbdErrno::Io,
         },
         ClientError::Closed { .. } => NbdErrno::Shutdown,
+        ClientError::ReadOnly { .. } => NbdErrno::PermissionDenied,
         ClientError::Unauthorized { .. } | ClientError::VolumeGone { .. } => {
             NbdErrno::PermissionDenied
         }

@@ -333,6 +333,12 @@ pub(super) async fn after_flush(shared: &Arc<Shared>) {
 }
 
 fn due(shared: &Shared) -> bool {
+    // Snapshot markers stay held in the log until a checkpoint holds their
+    // effect (`super::snapshot`): one is due whatever the cadence, or the
+    // log would fill behind them.
+    if !shared.lock().core.snapshot_markers.is_empty() {
+        return true;
+    }
     let every = shared.config.checkpoint_every_flushes;
     let interval = shared.config.checkpoint_interval;
     if every == 0 && interval.is_zero() {
@@ -392,6 +398,15 @@ fn snapshot(shared: &Shared) -> Result<Checkpoint, PartitionError> {
             }
         }
     }
+    // The snapshot layers' flushed entries and tombstones (log-resident
+    // ones come back from the log's replay, which holds them).
+    for (id, layer) in state.core.index.snapshot_layers() {
+        let entries = layer
+            .entries
+            .iter()
+            .filter(|(_, e)| !matches!(e.location, Some(Location::Log { .. })));
+        index.restore_layer(id, layer.cut, entries.map(|(b, e)| (*b, *e)));
+    }
     let flushed_through = oldest_in_log
         .map_or(state.core.applied_through, |s| s.saturating_sub(1))
         .min(state.core.applied_through);
@@ -434,6 +449,9 @@ fn rows_for(bytes: usize, k: usize) -> u64 {
 }
 
 async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, PartitionError> {
+    // Snapshot markers logged so far are in the index the checkpoint
+    // takes below; once it is durable they need not stay in the log.
+    let markers_through = shared.lock().core.snapshot_markers.keys().last().copied();
     let checkpoint = snapshot(shared)?;
     let epoch = checkpoint.epoch;
     let payload = checkpoint.encode();
@@ -534,6 +552,9 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             .filter(|e| *e != extent_id)
             .collect()
     };
+    if let Some(through) = markers_through {
+        shared.lock().core.forget_snapshot_markers(through);
+    }
     // The new checkpoint is durable: older checkpoint extents can go.
     let mut extents_freed = 0;
     for old in superseded {
@@ -779,6 +800,15 @@ pub(super) enum Replayed<'a> {
 }
 
 impl Replayed<'_> {
+    /// The snapshot cuts (id, cut) to register before any sled row is
+    /// applied: the log's (not dropped later in it), or the old instance's.
+    fn cuts(self, partition: PartitionId) -> Vec<(u64, u64)> {
+        match self {
+            Replayed::Records(records) => super::snapshot::cuts_in(partition, records),
+            Replayed::Handed(handed) => handed.snapshots.clone(),
+        }
+    }
+
     /// Applies it to `probe` (locations in the log do not matter there).
     fn apply_to(
         self,
@@ -932,6 +962,16 @@ pub(super) async fn recover(
                 crcs: BTreeMap::new(),
                 highest_sequence: 0,
             };
+            // Without a checkpoint the snapshots are the log's cuts (a cut
+            // no checkpoint holds is held in the log until one does).
+            for (id, cut) in replayed.cuts(shared.id()) {
+                b.index
+                    .add_snapshot(id, cut)
+                    .map_err(|source| PartitionError::Index {
+                        partition: shared.id(),
+                        source,
+                    })?;
+            }
             let from: BTreeMap<u64, u64> = extents
                 .keys()
                 .filter(|id| !checkpoint_extents.contains(id))
@@ -1057,6 +1097,13 @@ async fn try_candidate(
         crcs: BTreeMap::new(),
         highest_sequence: checkpoint.highest_sequence,
     };
+    // Cuts the log holds that the checkpoint predates: registered before
+    // the summaries after it are applied (see `super::snapshot`).
+    for (id, cut) in replayed.cuts(shared.id()) {
+        if let Err(error) = built.index.add_snapshot(id, cut) {
+            return Ok(Err(format!("the log's cut of snapshot {id}: {error}")));
+        }
+    }
     let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
     for e in checkpoint.extents {
         if checkpoint_extents.contains(&e.extent) {

@@ -73,8 +73,9 @@ use proto::volume::{FlushedRange, ReplicaError, ReplicaRecord, ReplicaRecordKind
 use proto::BLOCK_SIZE_BYTES;
 
 use super::error::PartitionError;
+use super::snapshot::{MarkerOp, SnapshotMarker};
 use super::Role;
-use crate::index::{IndexError, Location, PartitionIndex, Run};
+use crate::index::{IndexError, LayerEntry, Location, PartitionIndex, Run};
 use crate::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
 
 /// Payload of the marker a partition opened as secondary logs (a
@@ -106,6 +107,18 @@ pub enum Change {
         lba: u64,
         /// Blocks.
         count: u64,
+    },
+    /// A snapshot marker (alone in its write): a cut takes its sequence as
+    /// the snapshot's cut, and with `hold` keeps the acknowledgements of
+    /// every later write until [`PartitionCore::release_cut`]; a drop
+    /// uncounts the snapshot once it is durable on both logs.
+    Snapshot {
+        /// Snapshot id.
+        id: u64,
+        /// Cut or drop.
+        op: MarkerOp,
+        /// Cut only: hold later acknowledgements until released.
+        hold: bool,
     },
 }
 
@@ -199,6 +212,10 @@ struct Commit {
 impl Commit {
     fn last_sequence(&self) -> u64 {
         self.records.last().map_or(0, |r| r.sequence)
+    }
+
+    fn first_sequence(&self) -> u64 {
+        self.records.first().map_or(0, |r| r.sequence)
     }
 }
 
@@ -310,6 +327,14 @@ pub struct LogResident {
     pub runs: Vec<(u64, Run)>,
     /// Pending trims by sequence.
     pub trims: Vec<(u64, PendingTrim)>,
+    /// The old index's snapshots (id, cut): registered before recovery
+    /// applies any sled row, as a cold open registers the log's cuts.
+    pub snapshots: Vec<(u64, u64)>,
+    /// Snapshot layers' log-resident entries (snapshot, block, entry).
+    pub layer_entries: Vec<(u64, u64, LayerEntry)>,
+    /// Snapshot markers no durable checkpoint holds yet (sequence,
+    /// position): still held in the log by the new instance.
+    pub markers: Vec<(u64, LogPosition)>,
 }
 
 impl LogResident {
@@ -375,6 +400,12 @@ pub struct PartitionCore {
     replica_busy: bool,
     /// When the oldest unflushed write was applied (the driver's clock).
     pub(crate) oldest_unflushed: Option<Instant>,
+    /// Snapshot markers logged since the last index checkpoint, by
+    /// sequence: held in the log until a checkpoint holds their effect.
+    pub(crate) snapshot_markers: BTreeMap<u64, LogPosition>,
+    /// Primary: a cut (snapshot id, cut sequence) that holds the
+    /// acknowledgements of the writes ordered after it.
+    pub(crate) cut_hold: Option<(u64, u64)>,
 }
 
 impl PartitionCore {
@@ -409,6 +440,8 @@ impl PartitionCore {
             next_write: 0,
             replica_busy: false,
             oldest_unflushed: None,
+            snapshot_markers: BTreeMap::new(),
+            cut_hold: None,
         }
     }
 
@@ -552,6 +585,7 @@ impl PartitionCore {
             self.oldest_hold(),
             self.pending_trims.values().map(|t| t.position).min(),
             self.retained.range(acked + 1..).map(|(_, p)| *p).min(),
+            self.snapshot_markers.values().min().copied(),
         ]
         .into_iter()
         .flatten()
@@ -636,6 +670,31 @@ impl PartitionCore {
                     up_to = up_to.min(run.sequence.saturating_sub(1));
                 }
             }
+        }
+        // Snapshot layers' log-resident blocks go to the sleds too (one
+        // block per piece; the commit moves every layer's entry of that
+        // sequence).
+        for (lba, entry) in self.index.snapshot_log_entries() {
+            let Some(Location::Log {
+                position,
+                block_in_record,
+            }) = entry.location
+            else {
+                continue;
+            };
+            if total >= limit {
+                more = true;
+                up_to = up_to.min(entry.sequence.saturating_sub(1));
+                continue;
+            }
+            pieces.push(LogPiece {
+                lba,
+                block_count: 1,
+                sequence: entry.sequence,
+                position,
+                first_block_in_record: block_in_record,
+            });
+            total += 1;
         }
         let trims = self
             .pending_trims
@@ -760,6 +819,7 @@ impl PartitionCore {
                 reason: format!("write {id:?} committed before its range was free"),
             });
         }
+        self.check_snapshot_changes(&changes)?;
         self.add_hold(head);
         let mut records = Vec::with_capacity(changes.len());
         for change in changes {
@@ -791,6 +851,31 @@ impl PartitionCore {
                     let log =
                         LogRecord::trim(self.partition, self.epoch, sequence, lba, count as u32);
                     (log, replica)
+                }
+                Change::Snapshot { id, op, hold } => {
+                    if op == MarkerOp::Cut {
+                        // Registered now, under the lock that orders every
+                        // write: whatever is ordered after the cut finds
+                        // the layer when it is applied. Cannot fail here:
+                        // `check_snapshot_changes` refused an existing id,
+                        // and nothing applied is at or after `sequence`.
+                        if let Err(source) = self.index.add_snapshot(id, sequence) {
+                            debug_assert!(false, "cut refused after the checks: {source}");
+                        }
+                        if hold {
+                            self.cut_hold = Some((id, sequence));
+                        }
+                    }
+                    let marker = SnapshotMarker { id, op }.encode();
+                    let replica = ReplicaRecord {
+                        sequence,
+                        kind: ReplicaRecordKind::Snapshot,
+                        lba: self.first_block,
+                        blocks: 0,
+                        crcs: Vec::new(),
+                        data: marker.clone(),
+                    };
+                    (self.marker_record(sequence, marker), replica)
                 }
             };
             self.repl_queue.push_back(replica);
@@ -852,6 +937,7 @@ impl PartitionCore {
     fn settle(&mut self, id: WriteId, completions: &mut Vec<Completion>, ready: &mut Vec<WriteId>) {
         let acked = self.acked_through;
         let primary = matches!(self.role, Role::Primary) && !self.stopped;
+        let held_after = self.cut_hold.map(|(_, cut)| cut);
         let Some(slot) = self.writes.get_mut(&id) else {
             return;
         };
@@ -862,8 +948,12 @@ impl PartitionCore {
         if commit.done {
             return;
         }
+        // A held cut keeps the writes ordered after it waiting (durable,
+        // not acknowledged) until it is released.
+        let held = held_after.is_some_and(|cut| commit.first_sequence() > cut);
         let apply = match &commit.local {
             None => return,
+            Some(Ok(_)) if !commit.resolved && primary && held => return,
             Some(Ok(_)) if !commit.resolved && primary && commit.last_sequence() <= acked => true,
             Some(Ok(_)) if !commit.resolved => return,
             Some(_) => false,
@@ -900,6 +990,7 @@ impl PartitionCore {
         for (record, position) in records.iter().zip(positions) {
             let applied = match record.kind {
                 RecordKind::Write => index_logged_write(&mut self.index, record, *position),
+                RecordKind::Snapshot => self.apply_marker(record, *position),
                 _ => {
                     let trim = PendingTrim::of(record, *position);
                     self.pending_trims.insert(record.sequence, trim);
@@ -920,7 +1011,7 @@ impl PartitionCore {
 
     /// Completes every committing write whose records are durable locally
     /// and confirmed by the secondary.
-    fn settle_all(&mut self) -> (Vec<Completion>, Vec<WriteId>) {
+    pub(super) fn settle_all(&mut self) -> (Vec<Completion>, Vec<WriteId>) {
         let ids: Vec<WriteId> = self
             .writes
             .iter()
@@ -1082,6 +1173,16 @@ impl PartitionCore {
     /// catch-up resend).
     pub fn replica_record(&self, record: &LogRecord) -> ReplicaRecord {
         let write = record.kind == RecordKind::Write;
+        if record.kind == RecordKind::Snapshot {
+            return ReplicaRecord {
+                sequence: record.sequence,
+                kind: ReplicaRecordKind::Snapshot,
+                lba: self.first_block,
+                blocks: 0,
+                crcs: Vec::new(),
+                data: record.payload.clone(),
+            };
+        }
         ReplicaRecord {
             sequence: record.sequence,
             kind: if write {
@@ -1222,6 +1323,23 @@ impl PartitionCore {
                 ReplicaRecordKind::Unmap => {
                     LogRecord::trim(self.partition, epoch, record.sequence, lba, record.blocks)
                 }
+                ReplicaRecordKind::Snapshot => {
+                    if record.blocks != 0 || SnapshotMarker::decode(&record.data).is_none() {
+                        return Err(bad(format!(
+                            "record {} is no snapshot marker",
+                            record.sequence
+                        )));
+                    }
+                    LogRecord {
+                        kind: RecordKind::Snapshot,
+                        partition: self.partition,
+                        epoch,
+                        sequence: record.sequence,
+                        lba: 0,
+                        block_count: 0,
+                        payload: record.data,
+                    }
+                }
             };
             if log.kind == RecordKind::Write
                 && u64::from(log.block_count) != u64::from(record.blocks)
@@ -1258,6 +1376,8 @@ impl PartitionCore {
             let count = u64::from(record.block_count);
             let applied = if record.kind == RecordKind::Write {
                 index_logged_write(&mut self.index, record, position)
+            } else if record.kind == RecordKind::Snapshot {
+                self.apply_marker(record, position)
             } else {
                 let trim = PendingTrim::of(record, position);
                 self.pending_trims.insert(record.sequence, trim);
@@ -1297,6 +1417,10 @@ impl PartitionCore {
             // the tail up to it is on the sleds (or superseded).
             self.pending_trims.retain(|sequence, _| *sequence > up_to);
             self.retained.retain(|sequence, _| *sequence > up_to);
+            // A secondary writes no checkpoint: its markers are held like
+            // its tail, until a flush commit covers them.
+            self.snapshot_markers
+                .retain(|sequence, _| *sequence > up_to);
         }
         // A jump only moves the expected sequence: the trims and the tail
         // this secondary holds below it may not be on the sleds (a late
@@ -1380,6 +1504,18 @@ impl PartitionCore {
             })
             .collect();
         needed.extend(self.pending_trims.values().map(|t| t.position));
+        // Snapshot layers' log-resident blocks, and the markers no
+        // checkpoint holds yet.
+        needed.extend(
+            self.index
+                .snapshot_log_entries()
+                .into_iter()
+                .filter_map(|(_, e)| match e.location {
+                    Some(Location::Log { position, .. }) => Some(position),
+                    _ => None,
+                }),
+        );
+        needed.extend(self.snapshot_markers.values().copied());
         let log_resident = LogResident {
             runs: self
                 .index
@@ -1388,6 +1524,28 @@ impl PartitionCore {
                 .map(|(lba, run)| (lba, *run))
                 .collect(),
             trims: self.pending_trims.iter().map(|(s, t)| (*s, *t)).collect(),
+            snapshots: self
+                .index
+                .snapshots()
+                .iter()
+                .map(|s| (s.id, s.cut))
+                .collect(),
+            layer_entries: self
+                .index
+                .snapshot_layers()
+                .flat_map(|(id, layer)| {
+                    layer
+                        .entries
+                        .iter()
+                        .filter(|(_, e)| matches!(e.location, Some(Location::Log { .. })))
+                        .map(move |(block, e)| (id, *block, *e))
+                })
+                .collect(),
+            markers: self
+                .snapshot_markers
+                .iter()
+                .map(|(s, p)| (*s, *p))
+                .collect(),
         };
         TakeOverPlan {
             was_secondary,
@@ -1412,6 +1570,20 @@ impl PartitionCore {
         now: Instant,
     ) -> Result<(), PartitionError> {
         let mut highest_sequence = self.next_sequence - 1;
+        // Snapshots: recovery registered the handed cuts before any sled
+        // row (idempotent here); one a checkpoint still held but the old
+        // instance had dropped goes.
+        let kept: BTreeMap<u64, u64> = handed.snapshots.iter().copied().collect();
+        for info in self.index.snapshots() {
+            if !kept.contains_key(&info.id) {
+                self.index.drop_snapshot(info.id);
+            }
+        }
+        for (id, cut) in &handed.snapshots {
+            self.index
+                .add_snapshot(*id, *cut)
+                .map_err(|e| self.index_error(e))?;
+        }
         for (lba, run) in &handed.runs {
             let Some(location @ Location::Log { position, .. }) = run.location else {
                 return Err(PartitionError::Recovery {
@@ -1431,6 +1603,20 @@ impl PartitionCore {
                 .map_err(|e| self.index_error(e))?;
             self.pending_trims.insert(*sequence, *trim);
             self.retained.entry(*sequence).or_insert(trim.position);
+            highest_sequence = highest_sequence.max(*sequence);
+        }
+        // The layers' log-resident blocks (superseded in the live index, so
+        // in no run above) come back as the old layers held them.
+        for (id, block, entry) in &handed.layer_entries {
+            let Some(cut) = kept.get(id) else { continue };
+            self.index.restore_layer(*id, *cut, [(*block, *entry)]);
+            if let Some(Location::Log { position, .. }) = entry.location {
+                self.retained.entry(entry.sequence).or_insert(position);
+            }
+        }
+        for (sequence, position) in &handed.markers {
+            self.snapshot_markers.insert(*sequence, *position);
+            self.retained.entry(*sequence).or_insert(*position);
             highest_sequence = highest_sequence.max(*sequence);
         }
         self.replay(false, &[], min_next_sequence.max(highest_sequence + 1), now)
@@ -1466,12 +1652,21 @@ impl PartitionCore {
     ) -> Result<(), PartitionError> {
         let mut highest_sequence = self.next_sequence - 1;
         let mut highest_epoch = self.epoch;
+        // The cuts first: the log holds records in append order, not
+        // sequence order, and a write after a cut must find its layer.
+        self.register_cuts(recovered)?;
         for RecoveredRecord { position, record } in recovered {
             if record.partition != self.partition {
                 continue;
             }
             highest_epoch = highest_epoch.max(record.epoch);
             match record.kind {
+                RecordKind::Snapshot => {
+                    self.apply_marker(record, *position)
+                        .map_err(|e| self.index_error(e))?;
+                    self.retained.insert(record.sequence, *position);
+                    highest_sequence = highest_sequence.max(record.sequence);
+                }
                 RecordKind::Write => {
                     index_logged_write(&mut self.index, record, *position)
                         .map_err(|e| self.index_error(e))?;

@@ -100,6 +100,7 @@ mod flush;
 mod read;
 mod rebuild;
 mod replica;
+mod snapshot;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
@@ -109,7 +110,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use proto::sled::PartitionId;
-use proto::volume::{HostOp, HostReply, HostRequest, SECTOR_BYTES};
+use proto::volume::{HostOp, HostReply, HostRequest, SnapshotAction, SECTOR_BYTES};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
 pub use self::core::{live_records, PartitionCore};
@@ -289,6 +290,8 @@ pub struct RepairItem {
 /// Counters the daemon exports.
 #[derive(Debug, Default)]
 pub struct PartitionMetrics {
+    /// Snapshot cuts taken.
+    pub snapshot_cuts: AtomicU64,
     /// Host writes acknowledged.
     pub writes: AtomicU64,
     /// Host reads answered.
@@ -1140,6 +1143,37 @@ impl Partition {
                 ..
             } => self.unmap(epoch, offset_bytes, len).await,
             HostOp::Flush => self.flush(epoch).await,
+            HostOp::ReadSnapshot {
+                snapshot,
+                offset_bytes,
+                len_bytes: len,
+            } => match self
+                .read_snapshot(Some(epoch), snapshot, offset_bytes, len)
+                .await
+            {
+                Ok(data) => {
+                    let crcs = proto::volume::chunk_crcs(&data);
+                    return HostReply::Data { data, crcs };
+                }
+                Err(error) => Err(error),
+            },
+            HostOp::SnapshotControl { snapshot, action } => match action {
+                SnapshotAction::Cut { hold_ms } => {
+                    let hold = Duration::from_millis(u64::from(hold_ms));
+                    match self
+                        .cut_snapshot(Some(epoch), snapshot, hold_ms > 0, hold)
+                        .await
+                    {
+                        Ok(cut) => return HostReply::Cut { cut },
+                        Err(error) => Err(error),
+                    }
+                }
+                SnapshotAction::Release => {
+                    self.release_cut(snapshot);
+                    Ok(())
+                }
+                SnapshotAction::Drop => self.drop_snapshot(snapshot).await,
+            },
         };
         match result {
             Ok(()) => HostReply::Done,
@@ -1271,6 +1305,20 @@ impl Partition {
                 .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
         }
         let changes = self.plan(bytes, data).await?;
+        self.commit(&mut guard, changes, deadline).await
+    }
+
+    /// Commits admitted write `guard.id`'s `changes`: sequences, both logs,
+    /// the ack rule; answers its outcome by `deadline`.
+    async fn commit(
+        &self,
+        guard: &mut WriteGuard,
+        changes: Vec<Change>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PartitionError> {
+        let shared = &self.shared;
+        let timeout = shared.config.replica_timeout;
+        let id = guard.id;
         let (records, reply) = {
             let mut state = shared.lock();
             let head = shared.log.wal().head();

@@ -59,8 +59,19 @@ pub(super) async fn read_blocks(
     lba: u64,
     count: u64,
 ) -> Result<Bytes, PartitionError> {
+    read_view(shared, None, lba, count).await
+}
+
+/// Reads partition blocks `lba..lba+count` of the live volume (`None`) or
+/// of snapshot `Some(id)` (its layer over the live index).
+pub(super) async fn read_view(
+    shared: &Arc<Shared>,
+    snapshot: Option<u64>,
+    lba: u64,
+    count: u64,
+) -> Result<Bytes, PartitionError> {
     for _ in 0..READ_ATTEMPTS {
-        if let Ok(result) = read_once(shared, lba, count).await {
+        if let Ok(result) = read_once(shared, snapshot, lba, count).await {
             return result;
         }
     }
@@ -281,12 +292,26 @@ fn plan(pieces: Vec<LookupPiece>, max_bytes: u64) -> Result<ReadPlan, NotData> {
 
 async fn read_once(
     shared: &Arc<Shared>,
+    snapshot: Option<u64>,
     lba: u64,
     count: u64,
 ) -> Result<Result<Bytes, PartitionError>, Moved> {
     let pieces = {
         let state = shared.lock();
-        match state.core.index.lookup(lba, count) {
+        let index = &state.core.index;
+        let found = match snapshot {
+            None => index.lookup(lba, count),
+            Some(id) => index.lookup_snapshot(id, lba, count).map(|mapped| {
+                mapped
+                    .into_iter()
+                    .map(|m| LookupPiece {
+                        lbas: m.lbas,
+                        location: m.location,
+                    })
+                    .collect()
+            }),
+        };
+        match found {
             Ok(pieces) => pieces,
             Err(source) => {
                 return Ok(Err(PartitionError::Index {

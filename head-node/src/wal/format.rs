@@ -115,6 +115,9 @@ pub enum RecordKind {
     Checkpoint = 4,
     /// Internal: fills the ring up to its end so that no record wraps.
     Padding = 5,
+    /// A snapshot marker at `sequence` (a cut or a drop); no blocks, the
+    /// payload is the partition's encoded marker.
+    Snapshot = 6,
 }
 
 impl RecordKind {
@@ -125,6 +128,7 @@ impl RecordKind {
             3 => RecordKind::FlushCommit,
             4 => RecordKind::Checkpoint,
             5 => RecordKind::Padding,
+            6 => RecordKind::Snapshot,
             _ => return None,
         })
     }
@@ -240,6 +244,7 @@ impl LogRecord {
             }
             RecordKind::Trim => !self.payload.is_empty() || self.block_count == 0,
             RecordKind::FlushCommit | RecordKind::Checkpoint => false,
+            RecordKind::Snapshot => self.block_count != 0,
             RecordKind::Padding => true,
         };
         if bad {

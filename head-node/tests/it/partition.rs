@@ -2525,3 +2525,291 @@ async fn flush_and_gc_cancelled_at_every_await_leave_no_torn_row() {
         assert!(completed, "{what} did not complete within 400 awaits");
     }
 }
+
+/// Snapshot `id` read whole, 1 MiB at a time, checked against `model`.
+async fn check_snapshot(unit: &Unit, id: u64, model: &Model, what: &str) {
+    let total = unit.size_blocks * 4096;
+    let mut at = 0;
+    while at < total {
+        let len = (total - at).min(1 << 20);
+        let got = unit
+            .primary
+            .read_snapshot(Some(unit.epoch), id, FIRST_BLOCK * 4096 + at, len as u32)
+            .await
+            .unwrap();
+        model.check(&got, at, what);
+        at += len;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_survives_overwrites_flush_gc_restarts_and_its_drop_frees_space() {
+    let size_blocks = 512u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(17);
+    // Pattern A: half flushed, half still in the log at the cut, a hole.
+    for chunk in 0..size_blocks / 16 - 2 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+        if chunk == size_blocks / 32 {
+            unit.primary.flush_now().await.unwrap();
+        }
+    }
+    let cut = unit
+        .primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_cut = Model(model.0.clone());
+    // The secondary holds the same snapshot (the marker was replicated).
+    let on_secondary: Vec<(u64, u64)> = unit
+        .secondary
+        .snapshots()
+        .iter()
+        .map(|s| (s.id, s.cut))
+        .collect();
+    assert_eq!(on_secondary, vec![(1, cut)]);
+    // Overwrite everything twice (the hole too), flushing as we go.
+    for _ in 0..2 {
+        for chunk in 0..size_blocks / 16 {
+            write_chunk(&unit, &mut model, &mut rng, chunk).await;
+            if chunk % 8 == 7 {
+                unit.primary.flush_now().await.unwrap();
+            }
+        }
+    }
+    check_all(&unit, &model, "live after overwrites").await;
+    check_snapshot(&unit, 1, &at_cut, "snapshot after overwrites").await;
+    // Every block changed since the cut (the hole too, written since).
+    let diff = unit.primary.snapshot_diff(Some(1), None).unwrap();
+    assert_eq!(diff, vec![FIRST_BLOCK..FIRST_BLOCK + size_blocks]);
+    assert!(unit
+        .primary
+        .snapshot_diff(Some(1), Some(1))
+        .unwrap()
+        .is_empty());
+    unit.primary.flush_now().await.unwrap();
+    assert_eq!(unit.primary.log_resident_blocks(), 0);
+    unit.primary.gc_pass().await.unwrap();
+    check_snapshot(&unit, 1, &at_cut, "snapshot after flush + gc").await;
+    check_all(&unit, &model, "live after flush + gc").await;
+    let pinned = unit.primary.snapshots()[0].pinned_blocks;
+    assert_eq!(
+        pinned,
+        size_blocks - 32,
+        "every block written before the cut"
+    );
+    // Restart without a checkpoint: the log's cut marker and the sled
+    // summaries rebuild the layer.
+    unit.restart().await;
+    check_snapshot(&unit, 1, &at_cut, "snapshot after restart (full scan)").await;
+    check_all(&unit, &model, "live after restart").await;
+    // With a checkpoint: the layer comes from it.
+    unit.primary.write_checkpoint().await.unwrap();
+    unit.restart().await;
+    assert!(unit.primary.recovery_report().checkpoint.is_some());
+    check_snapshot(&unit, 1, &at_cut, "snapshot after restart (checkpoint)").await;
+    check_all(&unit, &model, "live after checkpoint restart").await;
+    // Drop: GC gets the pinned space back.
+    let before = unit.sled_bytes_in_use();
+    unit.primary.drop_snapshot(1).await.unwrap();
+    assert!(unit.primary.snapshots().is_empty());
+    assert!(unit.secondary.snapshots().is_empty());
+    unit.primary.gc_pass().await.unwrap();
+    let after = unit.sled_bytes_in_use();
+    assert!(
+        after < before,
+        "sled bytes {before} before the drop, {after} after GC"
+    );
+    check_all(&unit, &model, "live after drop + gc").await;
+    assert!(unit
+        .primary
+        .read_snapshot(Some(unit.epoch), 1, FIRST_BLOCK * 4096, 4096)
+        .await
+        .is_err());
+    // It stays dropped across a restart.
+    unit.restart().await;
+    assert!(unit.primary.snapshots().is_empty());
+    check_all(&unit, &model, "live after drop + restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_cut_delays_later_acks_until_released_and_aborts_on_its_own() {
+    let size_blocks = 64u64;
+    let unit = Arc::new(Unit::new(size_blocks).await);
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(3);
+    write_chunk(&unit, &mut model, &mut rng, 0).await;
+    let at_cut = Model(model.0.clone());
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 5, true, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // A write after the cut is durable but not acknowledged while held.
+    let writer = {
+        let unit = unit.clone();
+        tokio::spawn(async move { unit.write(0, 0, vec![0xab; 4096]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!writer.is_finished(), "acknowledged through a held cut");
+    let released = Instant::now();
+    unit.primary.release_cut(5);
+    writer.await.unwrap().unwrap();
+    assert!(released.elapsed() < Duration::from_millis(200));
+    model.0[..4096].fill(0xab);
+    check_snapshot(&unit, 5, &at_cut, "released snapshot").await;
+    check_all(&unit, &model, "live after release").await;
+    // A held cut nobody releases aborts itself: acks go, the snapshot too.
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 6, true, Duration::from_millis(100))
+        .await
+        .unwrap();
+    unit.write(1, 0, vec![0xcd; 4096]).await.unwrap();
+    model.0[4096..8192].fill(0xcd);
+    wait_until("the unreleased cut aborted", Duration::from_secs(5), || {
+        unit.primary.snapshots().iter().all(|s| s.id != 6)
+    })
+    .await;
+    check_all(&unit, &model, "live after abort").await;
+    let ids: Vec<u64> = unit.primary.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![5]);
+}
+
+/// Block 0 of `unit` read as the counter the chain writer puts there.
+async fn counter_in(unit: &Unit, snapshot: Option<u64>) -> u32 {
+    let at = FIRST_BLOCK * 4096;
+    let data = match snapshot {
+        Some(id) => unit
+            .primary
+            .read_snapshot(Some(unit.epoch), id, at, 4096)
+            .await
+            .unwrap(),
+        None => unit.read(0, 4096).await,
+    };
+    u32::from_le_bytes([data[0], data[1], data[2], data[3]])
+}
+
+/// Two partitions (of two units), one chain writer: write `i` to the
+/// first, wait for its ack, write `i` to the second, then `i + 1` to the
+/// first... Each snapshot cuts both with held acknowledgements and
+/// releases them only once both are cut (what the control plane's
+/// coordinator does): the snapshot then holds a prefix of the chain, so the
+/// first partition's counter is the second's or one more. Without the
+/// hold, a write acknowledged on the first after its cut could be followed
+/// by one on the second before the second's cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_cuts_across_two_partitions_keep_causal_order() {
+    let first = Arc::new(Unit::new(64).await);
+    let second = Arc::new(Unit::new(64).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (first, second, stop) = (first.clone(), second.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i: u32 = 0;
+            while !stop.load(Ordering::Relaxed) && i < 1_000_000 {
+                i += 1;
+                let block = |i: u32| {
+                    let mut b = vec![0u8; 4096];
+                    b[..4].copy_from_slice(&i.to_le_bytes());
+                    b
+                };
+                first.write(0, 0, block(i)).await.unwrap();
+                second.write(0, 0, block(i)).await.unwrap();
+            }
+            i
+        })
+    };
+    let mut pauses = Vec::new();
+    for id in 1..=8u64 {
+        tokio::time::sleep(Duration::from_millis(20 + id * 7)).await;
+        let started = Instant::now();
+        let hold = Duration::from_secs(5);
+        first
+            .primary
+            .cut_snapshot(Some(first.epoch), id, true, hold)
+            .await
+            .unwrap();
+        // The coordinator's round trip to the second primary.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        second
+            .primary
+            .cut_snapshot(Some(second.epoch), id, true, hold)
+            .await
+            .unwrap();
+        first.primary.release_cut(id);
+        second.primary.release_cut(id);
+        pauses.push(started.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 16, "the writer made {written} steps");
+    for id in 1..=8u64 {
+        let a = counter_in(&first, Some(id)).await;
+        let b = counter_in(&second, Some(id)).await;
+        assert!(
+            a == b || a == b + 1,
+            "snapshot {id}: first partition at {a}, second at {b}: not a prefix of the chain"
+        );
+    }
+    let (a, b) = (
+        counter_in(&first, None).await,
+        counter_in(&second, None).await,
+    );
+    assert_eq!((a, b), (written, written));
+    pauses.sort();
+    println!("cut pause over two partitions (cut, cut, release): {pauses:?}");
+}
+
+/// The primary dies after a snapshot is ready: the secondary's node opens
+/// the partition as primary from the sleds and its own log (the cut marker
+/// and the pre-cut writes it holds) and serves the same snapshot; both
+/// before any checkpoint (cut only in the logs) and with layer blocks
+/// flushed and unflushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_secondary_serves_the_snapshot_of_the_dead_primary() {
+    let size_blocks = 128u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(23);
+    for chunk in 0..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+        if chunk == 3 {
+            unit.primary.flush_now().await.unwrap();
+        }
+    }
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 3, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_cut = Model(model.0.clone());
+    // Overwrite half, flush some of it (moving layer blocks to the sleds),
+    // overwrite the other half only in the log.
+    for chunk in 0..size_blocks / 32 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    unit.primary.flush_now().await.unwrap();
+    for chunk in size_blocks / 32..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    check_snapshot(&unit, 3, &at_cut, "before the primary dies").await;
+    // The primary dies (no clean shutdown of its state matters: its node
+    // is gone); the secondary's node takes over at epoch 2.
+    let old = unit.primary.clone();
+    old.shutdown();
+    unit.secondary.shutdown();
+    *unit.peer.target.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let promoted = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[1],
+        config(size_blocks, 2),
+        OpenRole::Primary,
+        Some(Arc::new(Peer::default())),
+    )
+    .await;
+    unit.primary = promoted;
+    unit.epoch = 2;
+    check_snapshot(&unit, 3, &at_cut, "on the promoted secondary").await;
+    check_all(&unit, &model, "live on the promoted secondary").await;
+}

@@ -15,6 +15,7 @@ impl UnitState {
         self.check_extents()?;
         self.check_columns()?;
         self.check_repairs()?;
+        self.check_snapshots()?;
         Ok(())
     }
 

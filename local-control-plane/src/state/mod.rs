@@ -90,6 +90,7 @@ mod placement;
 mod read;
 mod repair;
 mod reservations;
+mod snapshots;
 mod types;
 mod volumes;
 
@@ -98,7 +99,7 @@ mod degraded_tests;
 #[cfg(test)]
 mod repair_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod volume_tests;
 
@@ -122,6 +123,7 @@ pub use reservations::{
     HeldReservation, PersistentReservations, Registration, MAX_INITIATOR_NAME_BYTES,
     MAX_REGISTRATIONS,
 };
+pub use snapshots::{PartitionCut, SnapshotId, SnapshotRecord, SnapshotState};
 pub use types::{
     Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
     Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,
@@ -161,6 +163,16 @@ pub struct UnitState {
     /// without any, so their snapshots do not change.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     reservations: BTreeMap<VolumeId, PersistentReservations>,
+    /// Snapshots (see [`snapshots`]); absent from states written before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    /// The next snapshot id (ids are never reused).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    next_snapshot_id: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl UnitState {
@@ -408,6 +420,19 @@ impl UnitState {
             } => self.delete_volume(volume, force, now_ms),
             Command::ReleaseDeletedExtent { extent } => self.release_deleted_extent(extent),
             Command::PurgeVolume { volume } => self.purge_volume(volume),
+            Command::CreateSnapshot {
+                name,
+                volumes,
+                now_ms,
+            } => self.create_snapshot(name, volumes, now_ms),
+            Command::SnapshotCut {
+                snapshot,
+                cuts,
+                pause_us,
+            } => self.snapshot_cut(snapshot, cuts, pause_us),
+            Command::AbortSnapshot { snapshot, reason } => self.abort_snapshot(snapshot, reason),
+            Command::DeleteSnapshot { snapshot } => self.delete_snapshot(snapshot),
+            Command::PurgeSnapshot { snapshot } => self.purge_snapshot(snapshot),
             Command::ReportPathFault {
                 endpoint,
                 network,

@@ -52,7 +52,7 @@ pub(super) fn free_columns(n: usize, device: u16, columns: std::ops::Range<u32>)
     }
 }
 
-pub(super) fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
+pub(crate) fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
     Command::RegisterVolume {
         volume: id,
         name: format!("vol-{id}"),
@@ -63,7 +63,7 @@ pub(super) fn volume(id: VolumeId, partitions: u64, k: u8, m: u8) -> Command {
     }
 }
 
-pub(super) fn ok(state: &mut UnitState, command: Command) -> Outcome {
+pub(crate) fn ok(state: &mut UnitState, command: Command) -> Outcome {
     let before = state.epochs();
     let outcome = state
         .apply(command.clone())
@@ -79,7 +79,7 @@ pub(super) fn ok(state: &mut UnitState, command: Command) -> Outcome {
     outcome
 }
 
-pub(super) fn refused(state: &mut UnitState, command: Command) -> CommandError {
+pub(crate) fn refused(state: &mut UnitState, command: Command) -> CommandError {
     let before = state.clone();
     let error = state
         .apply(command.clone())
@@ -93,7 +93,7 @@ pub(super) fn refused(state: &mut UnitState, command: Command) -> CommandError {
 
 /// 3 head nodes, 6 sleds in 3 fault domains with 16 free columns each, and
 /// volume 1 (4 partitions, 4+2).
-pub(super) fn unit() -> UnitState {
+pub(crate) fn unit() -> UnitState {
     let mut state = UnitState::new();
     for n in 0..3 {
         ok(&mut state, register_node(n));

@@ -272,6 +272,11 @@ impl UnitState {
         now_ms: u64,
     ) -> Result<Outcome, CommandError> {
         let entry = self.live_volume(volume)?;
+        if self.volume_has_snapshots(volume) {
+            return Err(CommandError::invalid(format!(
+                "volume {volume} has snapshots: delete them first"
+            )));
+        }
         if !entry.attachments.is_empty() && !force {
             return Err(CommandError::VolumeAttached {
                 volume,

@@ -307,6 +307,23 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
                 len_bytes: len,
             }
         }),
+        (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(snapshot, offset_bytes, len)| {
+            HostOp::ReadSnapshot {
+                snapshot,
+                offset_bytes,
+                len_bytes: len,
+            }
+        }),
+        (any::<u64>(), 0u8..3, any::<u32>()).prop_map(|(snapshot, tag, hold_ms)| {
+            HostOp::SnapshotControl {
+                snapshot,
+                action: match tag {
+                    0 => SnapshotAction::Cut { hold_ms },
+                    1 => SnapshotAction::Release,
+                    _ => SnapshotAction::Drop,
+                },
+            }
+        }),
     ]
 }
 
@@ -359,6 +376,7 @@ pub fn host_reply() -> impl Strategy<Value = HostReply> {
     prop_oneof![
         (payload(), crcs()).prop_map(|(data, crcs)| HostReply::Data { data, crcs }),
         Just(HostReply::Done),
+        any::<u64>().prop_map(|cut| HostReply::Cut { cut }),
         host_error().prop_map(HostReply::Error),
     ]
 }
@@ -368,7 +386,8 @@ pub fn replica_record() -> impl Strategy<Value = ReplicaRecord> {
         any::<u64>(),
         prop_oneof![
             Just(ReplicaRecordKind::Write),
-            Just(ReplicaRecordKind::Unmap)
+            Just(ReplicaRecordKind::Unmap),
+            Just(ReplicaRecordKind::Snapshot)
         ],
         any::<u64>(),
         any::<u32>(),

@@ -1,0 +1,448 @@
+//! Snapshot records: crash-consistent snapshots of one volume or of a
+//! consistency group of volumes, as the unit decided them.
+//!
+//! ```text
+//! CreateSnapshot{name, volumes}   ──▶ Creating   (id assigned, never reused)
+//!   coordinator (leader): every partition's primary cuts and holds the
+//!   acknowledgements of later writes; all cut ─▶ SnapshotCut{cuts}
+//! SnapshotCut{cuts}                Creating ──▶ Ready    (one cut per partition
+//!                                                         of every volume, each at
+//!                                                         the partition's current epoch)
+//!   coordinator releases every cut (acks flow again)
+//! AbortSnapshot{reason}            Creating ──▶ Aborted  (a primary failed or a cut
+//!                                                         timed out; never visible)
+//! DeleteSnapshot                   Ready | Aborted ──▶ Deleting
+//!   head nodes drop the snapshot's layers (what only it pinned is GC'd)
+//! PurgeSnapshot                    Deleting | Aborted ──▶ gone
+//! ```
+//!
+//! **Why the epoch check.** A cut lives in the partition's write logs (a
+//! marker record on both head nodes); a cut reported at an epoch that is no
+//! longer the partition's was taken by a primary that has been replaced
+//! since: the new one may not hold it (its marker may have been
+//! unconfirmed), so `SnapshotCut` refuses it and the coordinator aborts.
+//!
+//! A volume with a snapshot that is not purged cannot be deleted
+//! (`DeleteVolume` is refused): its layers live in the volume's partitions.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Epoch, PartitionId, VolumeId};
+use super::UnitState;
+use crate::command::Outcome;
+use crate::error::CommandError;
+
+/// Snapshot id (unit-wide, never reused).
+pub type SnapshotId = u64;
+
+/// Where a snapshot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    /// Being cut; not visible to readers.
+    Creating,
+    /// Every partition cut: readable.
+    Ready,
+    /// Not taken (a primary failed or timed out); its partial cuts are
+    /// dropped on the head nodes before it is purged.
+    Aborted,
+    /// Deleted; its layers are being dropped.
+    Deleting,
+}
+
+impl SnapshotState {
+    /// The lower-case name the CLI and metrics show.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Creating => "creating",
+            SnapshotState::Ready => "ready",
+            SnapshotState::Aborted => "aborted",
+            SnapshotState::Deleting => "deleting",
+        }
+    }
+}
+
+/// One partition's cut: the snapshot holds its operations below `cut`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionCut {
+    pub partition: PartitionId,
+    /// The partition's epoch when its primary cut.
+    pub epoch: Epoch,
+    /// The cut sequence.
+    pub cut: u64,
+}
+
+/// A snapshot as the unit records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    /// Unique among the live snapshots of each of its volumes.
+    pub name: String,
+    /// The consistency group (one volume for a plain snapshot), sorted.
+    pub volumes: Vec<VolumeId>,
+    pub state: SnapshotState,
+    pub created_ms: u64,
+    /// One per partition of every volume once `Ready`.
+    pub cuts: Vec<PartitionCut>,
+    /// Why it was aborted.
+    pub reason: Option<String>,
+    /// The I/O pause of its cut as the coordinator measured it (first
+    /// cut sent to last hold released), microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+}
+
+impl UnitState {
+    /// Every snapshot record, by id.
+    pub fn snapshots(&self) -> &std::collections::BTreeMap<SnapshotId, SnapshotRecord> {
+        &self.snapshots
+    }
+
+    /// Volume `volume`'s snapshot named `name` that is not aborted or
+    /// being deleted.
+    pub fn snapshot_named(&self, volume: VolumeId, name: &str) -> Option<&SnapshotRecord> {
+        self.snapshots.values().find(|s| {
+            s.name == name
+                && s.volumes.contains(&volume)
+                && matches!(s.state, SnapshotState::Creating | SnapshotState::Ready)
+        })
+    }
+
+    /// Whether a snapshot not yet purged holds `volume`'s partitions.
+    pub(super) fn volume_has_snapshots(&self, volume: VolumeId) -> bool {
+        self.snapshots.values().any(|s| s.volumes.contains(&volume))
+    }
+
+    pub(super) fn create_snapshot(
+        &mut self,
+        name: String,
+        mut volumes: Vec<VolumeId>,
+        now_ms: u64,
+    ) -> Result<Outcome, CommandError> {
+        volumes.sort_unstable();
+        volumes.dedup();
+        if volumes.is_empty() {
+            return Err(CommandError::invalid("a snapshot of no volume"));
+        }
+        if name.is_empty() || name.len() > 128 || name.contains(['@', '/']) || name.trim() != name {
+            return Err(CommandError::invalid(format!(
+                "snapshot name {name:?}: 1 to 128 characters, no '@' or '/', no outer spaces"
+            )));
+        }
+        for volume in &volumes {
+            self.live_volume(*volume)?;
+            if self.snapshot_named(*volume, &name).is_some() {
+                return Err(CommandError::invalid(format!(
+                    "volume {volume} already has a snapshot named {name:?}"
+                )));
+            }
+        }
+        let id = self.next_snapshot_id.max(1);
+        self.next_snapshot_id = id + 1;
+        self.snapshots.insert(
+            id,
+            SnapshotRecord {
+                id,
+                name,
+                volumes,
+                state: SnapshotState::Creating,
+                created_ms: now_ms,
+                cuts: Vec::new(),
+                reason: None,
+                pause_us: None,
+            },
+        );
+        Ok(Outcome::SnapshotCreated { snapshot: id })
+    }
+
+    fn snapshot_mut(&mut self, id: SnapshotId) -> Result<&mut SnapshotRecord, CommandError> {
+        self.snapshots
+            .get_mut(&id)
+            .ok_or_else(|| CommandError::invalid(format!("unknown snapshot {id}")))
+    }
+
+    pub(super) fn snapshot_cut(
+        &mut self,
+        id: SnapshotId,
+        mut cuts: Vec<PartitionCut>,
+        pause_us: Option<u64>,
+    ) -> Result<Outcome, CommandError> {
+        let record = self
+            .snapshots
+            .get(&id)
+            .ok_or_else(|| CommandError::invalid(format!("unknown snapshot {id}")))?;
+        match record.state {
+            SnapshotState::Creating => {}
+            SnapshotState::Ready if record.cuts == sorted(cuts.clone()) => {
+                return Ok(Outcome::Done)
+            }
+            other => {
+                return Err(CommandError::invalid(format!(
+                    "snapshot {id} is {}, not creating",
+                    other.as_str()
+                )))
+            }
+        }
+        cuts = sorted(cuts);
+        let mut expected = Vec::new();
+        for volume in &record.volumes {
+            let entry = self.live_volume(*volume)?;
+            expected.extend(entry.partitions.iter().map(|p| (p.id, p.epoch)));
+        }
+        let got: Vec<(PartitionId, Epoch)> = cuts.iter().map(|c| (c.partition, c.epoch)).collect();
+        if got != expected {
+            return Err(CommandError::invalid(format!(
+                "snapshot {id}: cuts at {got:?}, the partitions and epochs are {expected:?}"
+            )));
+        }
+        let record = self.snapshot_mut(id)?;
+        record.cuts = cuts;
+        record.state = SnapshotState::Ready;
+        record.pause_us = pause_us;
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn abort_snapshot(
+        &mut self,
+        id: SnapshotId,
+        reason: String,
+    ) -> Result<Outcome, CommandError> {
+        let record = self.snapshot_mut(id)?;
+        match record.state {
+            SnapshotState::Creating => {
+                record.state = SnapshotState::Aborted;
+                record.reason = Some(reason);
+                Ok(Outcome::Done)
+            }
+            SnapshotState::Aborted => Ok(Outcome::Done),
+            other => Err(CommandError::invalid(format!(
+                "snapshot {id} is {}: only a creating one aborts",
+                other.as_str()
+            ))),
+        }
+    }
+
+    pub(super) fn delete_snapshot(&mut self, id: SnapshotId) -> Result<Outcome, CommandError> {
+        let record = self.snapshot_mut(id)?;
+        match record.state {
+            SnapshotState::Ready => {
+                record.state = SnapshotState::Deleting;
+                Ok(Outcome::Done)
+            }
+            // An aborted one is dropped and purged by its coordinator.
+            SnapshotState::Deleting | SnapshotState::Aborted => Ok(Outcome::Done),
+            SnapshotState::Creating => Err(CommandError::invalid(format!(
+                "snapshot {id} is being created"
+            ))),
+        }
+    }
+
+    pub(super) fn purge_snapshot(&mut self, id: SnapshotId) -> Result<Outcome, CommandError> {
+        let record = self.snapshot_mut(id)?;
+        match record.state {
+            SnapshotState::Deleting | SnapshotState::Aborted => {
+                self.snapshots.remove(&id);
+                Ok(Outcome::Done)
+            }
+            other => Err(CommandError::invalid(format!(
+                "snapshot {id} is {}: delete it first",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// Snapshot invariants: ids below the next id, volumes sorted and
+    /// live, a ready snapshot has exactly one cut per partition.
+    pub(super) fn check_snapshots(&self) -> Result<(), String> {
+        for (id, s) in &self.snapshots {
+            if s.id != *id || *id >= self.next_snapshot_id.max(1) {
+                return Err(format!("snapshot {id} misfiled or above the next id"));
+            }
+            if s.volumes.is_empty() || s.volumes.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(format!("snapshot {id}: volumes {:?}", s.volumes));
+            }
+            for volume in &s.volumes {
+                if !self.volumes.contains_key(volume) {
+                    return Err(format!("snapshot {id} of a volume {volume} not live"));
+                }
+            }
+            if s.state == SnapshotState::Ready {
+                let partitions: usize = s
+                    .volumes
+                    .iter()
+                    .filter_map(|v| self.volumes.get(v))
+                    .map(|v| v.partitions.len())
+                    .sum();
+                if s.cuts.len() != partitions {
+                    return Err(format!(
+                        "ready snapshot {id}: {} cuts for {partitions} partitions",
+                        s.cuts.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sorted(mut cuts: Vec<PartitionCut>) -> Vec<PartitionCut> {
+    cuts.sort_by_key(|c| (c.partition.volume, c.partition.index));
+    cuts
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::super::tests::{ok, p, refused, unit, volume};
+    use super::*;
+    use crate::command::Command;
+
+    fn create(name: &str, volumes: Vec<VolumeId>) -> Command {
+        Command::CreateSnapshot {
+            name: name.into(),
+            volumes,
+            now_ms: 1000,
+        }
+    }
+
+    fn cuts_of(state: &UnitState, volumes: &[VolumeId]) -> Vec<PartitionCut> {
+        volumes
+            .iter()
+            .flat_map(|v| state.volumes()[v].partitions.clone())
+            .map(|part| PartitionCut {
+                partition: part.id,
+                epoch: part.epoch,
+                cut: 10 + u64::from(part.id.index),
+            })
+            .collect()
+    }
+
+    fn created(state: &mut UnitState, command: Command) -> SnapshotId {
+        match ok(state, command) {
+            Outcome::SnapshotCreated { snapshot } => snapshot,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn creating_then_ready_then_deleted_and_purged() {
+        let mut state = unit();
+        let id = created(&mut state, create("s1", vec![1]));
+        assert_eq!(state.snapshots()[&id].state, SnapshotState::Creating);
+        // Names are unique per volume among live snapshots.
+        refused(&mut state, create("s1", vec![1]));
+        refused(&mut state, create("a@b", vec![1]));
+        refused(&mut state, create("x", vec![9]));
+        refused(&mut state, create("x", vec![]));
+        // A cut missing a partition is refused; all of them make it ready.
+        let cuts = cuts_of(&state, &[1]);
+        refused(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts: cuts[1..].to_vec(),
+                pause_us: None,
+            },
+        );
+        // Deleting a creating snapshot is refused (abort it).
+        refused(&mut state, Command::DeleteSnapshot { snapshot: id });
+        let mut reversed = cuts.clone();
+        reversed.reverse();
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts: reversed,
+                pause_us: None,
+            },
+        );
+        let record = &state.snapshots()[&id];
+        assert_eq!(
+            (record.state, record.cuts.clone()),
+            (SnapshotState::Ready, cuts.clone())
+        );
+        // A resend is harmless; an abort of a ready one is refused.
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        refused(
+            &mut state,
+            Command::AbortSnapshot {
+                snapshot: id,
+                reason: "late".into(),
+            },
+        );
+        // The volume cannot be deleted while the snapshot exists.
+        refused(
+            &mut state,
+            Command::DeleteVolume {
+                volume: 1,
+                force: true,
+                now_ms: 2000,
+            },
+        );
+        refused(&mut state, Command::PurgeSnapshot { snapshot: id });
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
+        assert!(state.snapshot_named(1, "s1").is_none());
+        ok(&mut state, Command::PurgeSnapshot { snapshot: id });
+        assert!(state.snapshots().is_empty());
+        // Ids are never reused; the name is free again.
+        let again = created(&mut state, create("s1", vec![1]));
+        assert!(again > id);
+    }
+
+    #[test]
+    fn a_cut_at_an_old_epoch_is_refused_and_the_snapshot_aborts() {
+        let mut state = unit();
+        ok(&mut state, volume(2, 2, 4, 2));
+        let id = created(&mut state, create("group", vec![2, 1]));
+        assert_eq!(state.snapshots()[&id].volumes, vec![1, 2]);
+        let cuts = cuts_of(&state, &[1, 2]);
+        // A failover of one partition after its primary cut.
+        let part = state.partition(p(2, 1)).unwrap().clone();
+        ok(
+            &mut state,
+            Command::ChangePrimary {
+                partition: part.id,
+                new_primary: part.secondary.clone(),
+                new_secondary: Some(part.primary.clone()),
+                expected_epoch: part.epoch,
+                now_ms: u64::MAX / 2,
+            },
+        );
+        refused(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        ok(
+            &mut state,
+            Command::AbortSnapshot {
+                snapshot: id,
+                reason: "partition 2/1 changed primary".into(),
+            },
+        );
+        let record = &state.snapshots()[&id];
+        assert_eq!(record.state, SnapshotState::Aborted);
+        assert!(state.snapshot_named(1, "group").is_none());
+        // An aborted snapshot is purged (after its partial cuts are dropped).
+        ok(&mut state, Command::PurgeSnapshot { snapshot: id });
+        assert!(state.snapshots().is_empty());
+    }
+
+    #[test]
+    fn state_without_snapshots_serializes_as_before() {
+        let state = unit();
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(!json.contains("snapshot"), "{json}");
+        let back: UnitState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+    }
+}
