@@ -205,6 +205,8 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
     let client_dir = certs.join("client");
     let cert = certs.join("server.pem");
     let key = certs.join("server.key");
+    let admin = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let admin_text = admin.to_string();
     let (mut agent, listen) = memory_agent(
         dir.path(),
         &[
@@ -213,6 +215,8 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
             "--tls-key",
             key.to_str().unwrap(),
             "--tls-required",
+            "--admin",
+            &admin_text,
         ],
     );
 
@@ -277,6 +281,12 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
     }
     // And the agent is still serving.
     qemu_io_tls(&client_dir, listen, "m", &["read -P 0xc3 0 65536"]);
+    // The garbage handshake is counted.
+    let Some((200, metrics)) = tests::http_get(admin, "/metrics") else {
+        panic!("no metrics from the agent at {admin}");
+    };
+    let failed = tests::metric_sample(&metrics, "rackblock_agent_nbd_tls_handshakes_failed_total");
+    assert!(failed.is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(
         agent.terminate(),
         "agent did not stop:\n{}",
