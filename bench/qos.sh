@@ -69,7 +69,7 @@ for _ in $(seq 1 1500); do
   sleep 0.1
 done
 grep -q "Ctrl-C stops the unit." "$work/up.log" || { echo "bench/qos.sh: unit not up after 150 s:" >&2; tail -20 "$work/up.log" >&2; exit 1; }
-export RACKBLOCK_ZONAL="http://$zonal" RACKBLOCK_TOKEN
+export RACKBLOCK_ZONAL="https://$zonal" RACKBLOCK_ZONAL_CA="$work/unit/tls/ca.pem" RACKBLOCK_TOKEN
 RACKBLOCK_TOKEN=$(cat "$work/unit/zonal-token")
 
 cli() { "$bin" "$@" >>"$work/cli.log" 2>&1 || { echo "bench/qos.sh: rackblock $* failed:" >&2; tail -5 "$work/cli.log" >&2; exit 1; }; }

@@ -366,7 +366,7 @@ for _ in $(seq 1 1200); do
   sleep 0.1
 done
 grep -q "^unit .* is up" "$work/up.log" || die "the unit did not come up in 120 s"
-export RACKBLOCK_ZONAL=http://$zonal RACKBLOCK_TOKEN=$(cat "$data/zonal-token") RACKBLOCK_RACK=$data/rack.toml
+export RACKBLOCK_ZONAL=https://$zonal RACKBLOCK_ZONAL_CA=$data/tls/ca.pem RACKBLOCK_TOKEN=$(cat "$data/zonal-token") RACKBLOCK_RACK=$data/rack.toml
 rb() { "$bin" "$@"; }
 volume_id=$(rb --output json volume describe vol0 | $python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 cp "$data/rack.toml" "$initramfs/etc/rack.toml"

@@ -6,14 +6,21 @@
 //! and so is every call ([`ZonalApi::timeout`]). Bodies with
 //! `Content-Length` or `Transfer-Encoding: chunked` are both understood.
 //!
+//! **HTTPS**: an `https://` URL needs the CA certificate that signed the
+//! zonal plane's certificate (`--zonal-ca`, env `RACKBLOCK_ZONAL_CA`, by
+//! default `rackblock-data/tls/ca.pem` when it exists); only that CA is
+//! trusted and the certificate must name the URL's host. There is no
+//! fallback to plain HTTP.
+//!
 //! Non-2xx answers become [`CliError::Api`] carrying the status and the
 //! API's `{"error": {"code", "message"}}`; [`CliError::exit_code`] turns
 //! them into exit codes.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::error::CliError;
@@ -26,7 +33,7 @@ pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the zonal API is and how to authenticate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ZonalApi {
     /// `host:port` as given (resolved at every call).
     authority: String,
@@ -35,6 +42,20 @@ pub struct ZonalApi {
     token: Option<String>,
     pub timeout: Duration,
     url: String,
+    /// HTTPS: the connector trusting the given CA, and the server name the
+    /// certificate must carry (the URL's host).
+    tls: Option<(proto::tls::TlsConnector, String)>,
+}
+
+impl std::fmt::Debug for ZonalApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZonalApi")
+            .field("url", &self.url)
+            .field("https", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// A successful answer: status (2xx) and JSON body (`Null` when empty).
@@ -45,21 +66,20 @@ pub struct Reply {
 }
 
 impl ZonalApi {
-    /// Parses `http://host:port[/prefix]` (the scheme may be omitted).
-    pub fn new(url: &str, token: Option<String>) -> Result<ZonalApi, CliError> {
+    /// Parses `http[s]://host:port[/prefix]` (the scheme may be omitted:
+    /// http). `https` needs `ca`, the PEM file of the CA to trust.
+    pub fn new(url: &str, token: Option<String>, ca: Option<&Path>) -> Result<ZonalApi, CliError> {
         let trimmed = url.trim();
-        let rest = if let Some(rest) = trimmed.strip_prefix("http://") {
-            rest
-        } else if trimmed.starts_with("https://") {
-            return Err(CliError::Usage(format!(
-                "--zonal {url}: https is not supported by this client; put a TLS proxy in front or use http://"
-            )));
+        let (rest, https) = if let Some(rest) = trimmed.strip_prefix("http://") {
+            (rest, false)
+        } else if let Some(rest) = trimmed.strip_prefix("https://") {
+            (rest, true)
         } else if trimmed.contains("://") {
             return Err(CliError::Usage(format!(
-                "--zonal {url}: not an http:// URL"
+                "--zonal {url}: not an http:// or https:// URL"
             )));
         } else {
-            trimmed
+            (trimmed, false)
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -68,13 +88,33 @@ impl ZonalApi {
         if authority.is_empty() || authority.contains('@') {
             return Err(CliError::Usage(format!("--zonal {url}: no host:port")));
         }
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
-        {
+        let has_port = authority.rsplit_once(':').is_some_and(|(host, port)| {
+            !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']'))
+        });
+        let authority = if has_port {
             authority.to_owned()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{}", if https { 443 } else { 80 })
+        };
+        let tls = if https {
+            let Some(ca) = ca else {
+                return Err(CliError::Usage(format!(
+                    "--zonal {url}: https needs the CA certificate to trust (--zonal-ca FILE or RACKBLOCK_ZONAL_CA)"
+                )));
+            };
+            let connector = proto::tls::connector(ca)
+                .map_err(|e| CliError::Usage(format!("--zonal-ca: {e}")))?;
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            Some((connector, host))
+        } else {
+            None
         };
         Ok(ZonalApi {
             authority,
@@ -82,6 +122,7 @@ impl ZonalApi {
             token: token.filter(|t| !t.trim().is_empty()),
             timeout: DEFAULT_TIMEOUT,
             url: trimmed.to_owned(),
+            tls,
         })
     }
 
@@ -146,13 +187,36 @@ impl ZonalApi {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Vec<u8>), CliError> {
-        let unavailable = |what: String| CliError::Unavailable(what);
-        let mut stream = TcpStream::connect(&self.authority).await.map_err(|e| {
-            unavailable(format!(
+        let tcp = TcpStream::connect(&self.authority).await.map_err(|e| {
+            CliError::Unavailable(format!(
                 "cannot reach the zonal control plane at {}: {e} (is `rackblock zonal` running? see --zonal)",
                 self.url
             ))
         })?;
+        match &self.tls {
+            None => self.exchange_on(tcp, method, path, body).await,
+            Some((connector, host)) => {
+                let stream = proto::tls::connect(connector, host, tcp)
+                    .await
+                    .map_err(|e| {
+                        CliError::Unavailable(format!(
+                            "TLS with the zonal control plane at {} failed: {e} (does --zonal-ca hold the CA that signed its certificate, for host {host}?)",
+                            self.url
+                        ))
+                    })?;
+                self.exchange_on(stream, method, path, body).await
+            }
+        }
+    }
+
+    async fn exchange_on<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut stream: S,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Vec<u8>), CliError> {
+        let unavailable = |what: String| CliError::Unavailable(what);
         let payload = match body {
             Some(value) => serde_json::to_vec(value)
                 .map_err(|e| CliError::Runtime(format!("cannot encode the request: {e}")))?,
@@ -178,9 +242,16 @@ impl ZonalApi {
             ))
         };
         stream.write_all(&bytes).await.map_err(lost)?;
+        stream.flush().await.map_err(lost)?;
         let mut response = Vec::new();
         let mut limited = (&mut stream).take(MAX_RESPONSE_BYTES as u64 + 1);
-        limited.read_to_end(&mut response).await.map_err(lost)?;
+        match limited.read_to_end(&mut response).await {
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: the answer is
+            // still whole if its length checks out (parse_response).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+            Err(e) => return Err(lost(e)),
+        }
         if response.len() > MAX_RESPONSE_BYTES {
             return Err(CliError::Runtime(format!(
                 "the answer of {method} {path} exceeds {MAX_RESPONSE_BYTES} bytes"
@@ -284,20 +355,32 @@ mod tests {
 
     #[test]
     fn urls() {
-        let api = ZonalApi::new("http://127.0.0.1:9000", None).unwrap();
+        let api = ZonalApi::new("http://127.0.0.1:9000", None, None).unwrap();
         assert_eq!(api.authority, "127.0.0.1:9000");
         assert_eq!(api.prefix, "");
-        let api = ZonalApi::new("zonal.example:8080/api/", Some(" ".into())).unwrap();
+        let api = ZonalApi::new("zonal.example:8080/api/", Some(" ".into()), None).unwrap();
         assert_eq!(api.authority, "zonal.example:8080");
         assert_eq!(api.prefix, "/api");
         assert!(api.token.is_none());
         assert_eq!(
-            ZonalApi::new("http://host", None).unwrap().authority,
+            ZonalApi::new("http://host", None, None).unwrap().authority,
             "host:80"
         );
-        assert!(ZonalApi::new("https://host:1", None).is_err());
-        assert!(ZonalApi::new("ftp://host:1", None).is_err());
-        assert!(ZonalApi::new("http:///x", None).is_err());
+        // https needs a CA to trust; with one, the host is the TLS name.
+        assert!(ZonalApi::new("https://host:1", None, None).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let files = client::tls::ensure(dir.path()).unwrap();
+        let api = ZonalApi::new("https://127.0.0.1", None, Some(&files.ca_cert)).unwrap();
+        assert_eq!(api.authority, "127.0.0.1:443");
+        assert_eq!(api.tls.as_ref().unwrap().1, "127.0.0.1");
+        assert!(ZonalApi::new("http://h:1", None, Some(&files.ca_cert))
+            .unwrap()
+            .tls
+            .is_none());
+        // A file without a certificate is refused up front.
+        assert!(ZonalApi::new("https://h:1", None, Some(&files.server_key)).is_err());
+        assert!(ZonalApi::new("ftp://host:1", None, None).is_err());
+        assert!(ZonalApi::new("http:///x", None, None).is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!
 //! Where things are found: `--zonal` (env `RACKBLOCK_ZONAL`, default
 //! `http://127.0.0.1:9000`); `--token` (env `RACKBLOCK_TOKEN`, else the file
-//! `rackblock-data/zonal-token` that `rackblock up` writes); `--rack` for
+//! `rackblock-data/zonal-token` that `rackblock up` writes); `--zonal-ca`
+//! for an https:// zonal URL (env `RACKBLOCK_ZONAL_CA`, else
+//! `rackblock-data/tls/ca.pem`); `--rack` for
 //! the live views (env `RACKBLOCK_RACK`, else `rackblock-data/rack.toml`).
 //! The zonal API lists no head-node addresses, so the live views need the
 //! unit's rack file, as every daemon of the unit does.
@@ -40,6 +42,9 @@ use crate::unit::{self, Output};
 pub const DEFAULT_DATA_DIR: &str = "rackblock-data";
 /// File (in the data dir) holding the zonal admin token `up` generated.
 pub const TOKEN_FILE: &str = "zonal-token";
+/// The CA certificate `rackblock up` makes (in the data dir), trusted for
+/// an https:// zonal URL when no `--zonal-ca` is given.
+pub const TLS_CA_FILE: &str = "tls/ca.pem";
 
 /// Flags every verb understands.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +57,10 @@ pub struct GlobalArgs {
         default_value = "http://127.0.0.1:9000"
     )]
     pub zonal: String,
+    /// PEM file of the CA that signed the zonal plane's certificate, for an
+    /// https:// --zonal (default: rackblock-data/tls/ca.pem when present).
+    #[arg(long, global = true, env = "RACKBLOCK_ZONAL_CA")]
+    pub zonal_ca: Option<PathBuf>,
     /// Admin bearer token of the zonal API (default: env RACKBLOCK_TOKEN,
     /// else the file rackblock-data/zonal-token when present).
     #[arg(long, global = true, env = "RACKBLOCK_TOKEN", hide_env_values = true)]
@@ -90,7 +99,12 @@ impl GlobalArgs {
                 }
             }
         };
-        ZonalApi::new(&self.zonal, token)
+        let default_ca = Path::new(DEFAULT_DATA_DIR).join(TLS_CA_FILE);
+        let ca = match &self.zonal_ca {
+            Some(path) => Some(path.clone()),
+            None => default_ca.exists().then_some(default_ca),
+        };
+        ZonalApi::new(&self.zonal, token, ca.as_deref())
     }
 }
 

@@ -13,7 +13,9 @@
 //!           (unit, sled and operator keys), devices/, config/{sled-N,hn-N,zonal}.toml,
 //!           zonal-token, tls/ (a local CA and a server certificate for
 //!           127.0.0.1 / localhost: ca.pem, server.pem, keys 0600; kept)
-//! start     hn-1..3, sled-1..6, zonal          (pid + log in run/)
+//! start     hn-1..3, sled-1..6, zonal          (pid + log in run/; zonal
+//!           serves HTTPS only, with tls/server.pem, and the CLI and the
+//!           attach agent trust tls/ca.pem)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
 //! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300
@@ -111,10 +113,13 @@ const HEAD_NODES: u32 = 3;
 pub const VOLUME: &str = "vol0";
 
 /// How `up` decides a daemon is ready.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Probe {
     /// `GET /health` answers 200.
     Http(SocketAddr),
+    /// `GET /health` over HTTPS answers 2xx, the certificate signed by the
+    /// CA in the file.
+    Https(SocketAddr, PathBuf),
     /// An NBD server answers the fixed newstyle greeting.
     Nbd(SocketAddr),
 }
@@ -139,11 +144,26 @@ struct Daemon {
 
 impl Daemon {
     fn ready(&self) -> bool {
-        match self.probe {
-            Probe::Http(address) => http_get_status(address, "/health") == Some(200),
-            Probe::Nbd(address) => client::nbd::server_greets(address),
+        match &self.probe {
+            Probe::Http(address) => http_get_status(*address, "/health") == Some(200),
+            Probe::Https(address, ca) => https_health(*address, ca),
+            Probe::Nbd(address) => client::nbd::server_greets(*address),
         }
     }
+}
+
+/// `GET /health` over HTTPS within 2 s; called on `up`'s blocking thread
+/// (inside the runtime, so its handle can run the request).
+fn https_health(address: SocketAddr, ca: &Path) -> bool {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let Ok(mut api) = crate::http::ZonalApi::new(&format!("https://{address}"), None, Some(ca))
+    else {
+        return false;
+    };
+    api.timeout = std::time::Duration::from_secs(2);
+    handle.block_on(api.call("GET", "/health", None)).is_ok()
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -239,7 +259,7 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
         std::fs::create_dir_all(data_dir.join(sub))
             .map_err(|e| format!("cannot create {}: {e}", data_dir.join(sub).display()))?;
     }
-    client::tls::ensure(&data_dir.join(TLS_DIR)).map_err(|e| e.to_string())?;
+    let tls = client::tls::ensure(&data_dir.join(TLS_DIR)).map_err(|e| e.to_string())?;
     let rack_path = data_dir.join("rack.toml");
     if !rack_path.exists() {
         let text = write_rack_file(args, &data_dir)?;
@@ -316,11 +336,14 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     // `up` sees the unit healthy soon after it is.
     let config = format!(
         "# Written by `rackblock up`.\nlisten = \"{}\"\ndata_dir = \"{}\"\n\
-         admin_token_file = \"{}\"\nreport_interval_ms = 1000\n\n\
+         admin_token_file = \"{}\"\nreport_interval_ms = 1000\n\
+         tls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
          [[units]]\nname = \"{}\"\nrack_file = \"{}\"\n",
         args.zonal_listen,
         data_dir.join("zonal").display(),
         token_path.display(),
+        tls.server_cert.display(),
+        tls.server_key.display(),
         rack.unit.name,
         rack_path.display()
     );
@@ -619,6 +642,7 @@ fn start_unit(
     daemons: &mut Vec<Daemon>,
 ) -> Result<(), Failed> {
     let deadline = Instant::now() + Duration::from_secs(args.wait_seconds);
+    let tls_ca = client::tls::TlsFiles::in_dir(&data_dir.join(TLS_DIR)).ca_cert;
     let config = |name: &str| data_dir.join("config").join(format!("{name}.toml"));
     let argv = |verb: &str, config: PathBuf| {
         vec![
@@ -659,7 +683,7 @@ fn start_unit(
         "zonal",
         &argv,
         &[],
-        Probe::Http(args.zonal_listen),
+        Probe::Https(args.zonal_listen, tls_ca.clone()),
         StopRank::Zonal,
     )
     .map_err(Failed)?;
@@ -670,8 +694,8 @@ fn start_unit(
         .map_err(|e| Failed(format!("internal error: {e}")))?;
     let token = std::fs::read_to_string(data_dir.join(crate::ops::TOKEN_FILE))
         .map_err(|e| Failed(format!("cannot read the zonal token: {e}")))?;
-    let zonal_url = format!("http://{}", args.zonal_listen);
-    let api = crate::http::ZonalApi::new(&zonal_url, Some(token.trim().to_owned()))
+    let zonal_url = format!("https://{}", args.zonal_listen);
+    let api = crate::http::ZonalApi::new(&zonal_url, Some(token.trim().to_owned()), Some(&tls_ca))
         .map_err(|e| Failed(e.to_string()))?;
     wait_unit_seen(&handle, &api, rack, deadline, stop)?;
     ensure_volume(
@@ -689,6 +713,8 @@ fn start_unit(
         args.nbd_listen.to_string(),
         "--zonal".to_string(),
         zonal_url,
+        "--zonal-ca".to_string(),
+        tls_ca.display().to_string(),
         "--host".to_string(),
         "rackblock-up".to_string(),
         "--admin".to_string(),
@@ -951,10 +977,10 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     }
     table.row(vec![
         "zonal".into(),
-        format!("http://{}/v1", args.zonal_listen),
+        format!("https://{}/v1", args.zonal_listen),
         "-".into(),
         "-".into(),
-        format!("http://{}/metrics", args.zonal_listen),
+        format!("https://{}/metrics", args.zonal_listen),
     ]);
     table.row(vec![
         "attach".into(),
@@ -974,8 +1000,9 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     if default_dir.as_deref() != Some(data_dir) || !default_zonal {
         println!("for the CLI from another directory or shell:");
         println!(
-            "  export RACKBLOCK_ZONAL=http://{} RACKBLOCK_TOKEN=$(cat {}) RACKBLOCK_RACK={}",
+            "  export RACKBLOCK_ZONAL=https://{} RACKBLOCK_ZONAL_CA={} RACKBLOCK_TOKEN=$(cat {}) RACKBLOCK_RACK={}",
             args.zonal_listen,
+            tls.ca_cert.display(),
             data_dir.join(crate::ops::TOKEN_FILE).display(),
             data_dir.join("rack.toml").display()
         );

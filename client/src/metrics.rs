@@ -189,6 +189,7 @@ pub struct NbdMetrics {
     refused_at_cap: Counter,
     handshake_timed_out: Counter,
     handshake_evicted: Counter,
+    tls_handshake_failed: Counter,
 }
 
 impl NbdMetrics {
@@ -202,6 +203,15 @@ impl NbdMetrics {
 
     pub(crate) fn handshake_evicted(&self) {
         self.handshake_evicted.inc();
+    }
+
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.tls_handshake_failed.inc();
+    }
+
+    /// Connections whose TLS handshake (after `NBD_OPT_STARTTLS`) failed.
+    pub fn tls_handshakes_failed(&self) -> u64 {
+        self.tls_handshake_failed.get()
     }
 
     /// Connections closed in their handshake: (timed out, evicted by newer ones).
@@ -388,6 +398,11 @@ impl AgentMetrics {
             "rackblock_agent_nbd_handshakes_evicted",
             "NBD connections closed in their handshake to make room for a newer one",
             metrics.nbd.handshake_evicted.clone(),
+        );
+        registry.register(
+            "rackblock_agent_nbd_tls_handshakes_failed",
+            "NBD connections closed because their TLS handshake (after NBD_OPT_STARTTLS) failed",
+            metrics.nbd.tls_handshake_failed.clone(),
         );
         metrics.client.register(registry);
         metrics

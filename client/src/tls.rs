@@ -17,7 +17,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -35,10 +34,8 @@ pub enum TlsError {
     },
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("{path}: no {what} in the PEM file")]
-    Missing { path: PathBuf, what: &'static str },
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    Load(#[from] proto::tls::TlsError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -160,36 +157,10 @@ pub fn default_names() -> Vec<String> {
 }
 
 /// A TLS acceptor serving the certificate chain in `cert` with the key in
-/// `key` (PEM), no client certificates, TLS 1.2 and 1.3.
+/// `key` (PEM), no client certificates, TLS 1.2 and 1.3
+/// ([`proto::tls::acceptor`]).
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let pem = std::fs::read(cert).map_err(io_error(cert))?;
-    let chain = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(io_error(cert))?;
-    if chain.is_empty() {
-        return Err(TlsError::Missing {
-            path: cert.to_owned(),
-            what: "certificate",
-        });
-    }
-    let pem = std::fs::read(key).map_err(io_error(key))?;
-    let private_key = rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(io_error(key))?
-        .ok_or_else(|| TlsError::Missing {
-            path: key.to_owned(),
-            what: "private key",
-        })?;
-    // `ring` rather than `aws-lc-rs`: it builds without cmake or a C
-    // toolchain beyond cc. rustls 0.23.48 deprecates its provider because
-    // it lacks post-quantum key exchange (X25519MLKEM768); the classical
-    // groups it has are what libnbd and qemu (GnuTLS) negotiate today.
-    #[allow(deprecated)]
-    let provider = rustls::crypto::ring::default_provider();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, private_key)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(proto::tls::acceptor(cert, key)?)
 }
 
 #[cfg(test)]
@@ -216,6 +187,9 @@ mod tests {
         let Err(error) = acceptor(&files.server_key, &files.server_key) else {
             panic!("a key file was taken for a certificate");
         };
-        assert!(matches!(error, TlsError::Missing { .. }), "{error}");
+        assert!(
+            matches!(error, TlsError::Load(proto::tls::TlsError::Missing { .. })),
+            "{error}"
+        );
     }
 }

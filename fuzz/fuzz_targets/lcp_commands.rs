@@ -90,7 +90,7 @@ fn command(state: &UnitState, op: [u8; 8], now_ms: u64) -> Command {
         device: 0,
         index: u32::from(f % 8),
     };
-    match code % 19 {
+    match code % 20 {
         0 => Command::RegisterVolume {
             volume,
             name: format!("v{}", a % 3),
@@ -201,6 +201,24 @@ fn command(state: &UnitState, op: [u8; 8], now_ms: u64) -> Command {
                 burst_bandwidth_bytes_per_second: None,
                 burst_length_ms: (c % 3 == 0).then_some(u64::from(b % 3) * 500),
             }),
+        },
+        // The primary's report that its secondary caught up: half the time
+        // with the partition's real roles and epoch (so it applies and
+        // clears `secondary_catching_up`), else with the operands' small
+        // domains (a stale epoch, a node that is not primary or secondary).
+        18 => match state.partition(partition).filter(|_| g % 2 == 0) {
+            Some(p) => Command::SecondaryInSync {
+                partition,
+                primary: p.primary.clone(),
+                secondary: p.secondary.clone(),
+                epoch: p.epoch,
+            },
+            None => Command::SecondaryInSync {
+                partition,
+                primary: node(d),
+                secondary: node(e),
+                epoch,
+            },
         },
         _ => Command::RefillSandbox {
             partition,

@@ -53,8 +53,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::frame::{decode_frame, peek_frame_len, Frame, FrameError};
 
@@ -319,8 +318,8 @@ fn encode_hello(role: Role, id: &str, nonce: &[u8; NONCE_BYTES]) -> Result<Vec<u
 }
 
 /// Reads one hello; returns its bytes (for the transcript) and contents.
-async fn read_hello(
-    stream: &mut TcpStream,
+async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
 ) -> Result<(Vec<u8>, Peer, [u8; NONCE_BYTES]), AuthError> {
     let mut head = [0u8; 8];
     stream.read_exact(&mut head).await?;
@@ -382,8 +381,8 @@ pub struct Authenticated {
 }
 
 /// The client side of the handshake on a fresh connection.
-pub async fn client_handshake(
-    stream: &mut TcpStream,
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, client_exchange(stream, credential)).await {
@@ -392,8 +391,8 @@ pub async fn client_handshake(
     }
 }
 
-async fn client_exchange(
-    stream: &mut TcpStream,
+async fn client_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
     let hello = encode_hello(credential.role(), credential.id(), &random_nonce()?)?;
@@ -436,8 +435,8 @@ async fn client_exchange(
 
 /// The server side of the handshake on an accepted connection. Nothing
 /// the client sends before it succeeds reaches a handler.
-pub async fn server_handshake(
-    stream: &mut TcpStream,
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_exchange(stream, credential)).await {
@@ -446,8 +445,8 @@ pub async fn server_handshake(
     }
 }
 
-async fn server_exchange(
-    stream: &mut TcpStream,
+async fn server_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
     let (client_hello, client, _) = read_hello(stream).await?;
@@ -709,7 +708,7 @@ pub fn operator_credential(credentials_dir: &Path, name: &str) -> Option<Credent
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn unit_key() -> Key {
         Key::from_bytes([7; KEY_BYTES])

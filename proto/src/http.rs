@@ -11,6 +11,14 @@
 //!
 //! Bodies are read by the handlers' extractors as they arrive (axum's
 //! default body limit applies), never reserved ahead from a header.
+//!
+//! **HTTPS** ([`serve_tls`]): the same, with a TLS handshake first inside
+//! the connection's permit and bounded by `header_read_timeout`, so slow or
+//! silent TLS clients count against the cap and time out like slow HTTP
+//! ones. Such a server speaks only TLS: a plain HTTP request fails the
+//! handshake and is closed without an answer. Every failed or timed-out
+//! handshake counts in [`HttpTls::handshake_failures`] (the daemon
+//! registers it as a metric).
 
 use std::future::Future;
 use std::io;
@@ -19,9 +27,11 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 /// Content type of a Prometheus/OpenMetrics text exposition.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -75,6 +85,22 @@ impl Default for HttpLimits {
     }
 }
 
+/// TLS of an HTTPS server ([`serve_tls`]).
+#[derive(Clone)]
+pub struct HttpTls {
+    pub acceptor: TlsAcceptor,
+    /// Handshakes that failed or timed out (plain HTTP, bad clients).
+    pub handshake_failures: Counter,
+}
+
+impl std::fmt::Debug for HttpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTls")
+            .field("handshake_failures", &self.handshake_failures.get())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown`
 /// completes (see the module docs). Errors only if the listener fails
 /// for good (never for one connection).
@@ -82,6 +108,27 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_maybe_tls(listener, router, limits, None, shutdown).await
+}
+
+/// [`serve`] over TLS only (module docs: HTTPS).
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: HttpLimits,
+    tls: HttpTls,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_maybe_tls(listener, router, limits, Some(tls), shutdown).await
+}
+
+async fn serve_maybe_tls(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: HttpLimits,
+    tls: Option<HttpTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -110,23 +157,29 @@ pub async fn serve(
         };
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop_rx.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                served = connection.as_mut() => {
-                    if let Err(error) = served {
-                        tracing::debug!(%error, "http: connection ended");
-                    }
+            let Some(tls) = tls else {
+                serve_connection(stream, service, limits, &mut stop).await;
+                return;
+            };
+            let handshake = tokio::select! {
+                handshake = tokio::time::timeout(
+                    limits.header_read_timeout,
+                    tls.acceptor.accept(stream),
+                ) => handshake,
+                () = stopped(&mut stop) => return,
+            };
+            match handshake {
+                Ok(Ok(stream)) => serve_connection(stream, service, limits, &mut stop).await,
+                Ok(Err(error)) => {
+                    tls.handshake_failures.inc();
+                    tracing::debug!(%error, "https: TLS handshake failed");
                 }
-                () = stopped(&mut stop) => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                Err(_) => {
+                    tls.handshake_failures.inc();
+                    tracing::debug!("https: TLS handshake timed out");
                 }
             }
         });
@@ -145,6 +198,35 @@ pub async fn serve(
         while connections.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// One connection's HTTP/1 exchanges until it ends or the server stops
+/// (then it finishes its request in flight).
+async fn serve_connection<IO>(
+    io: IO,
+    service: TowerToHyperService<axum::Router>,
+    limits: HttpLimits,
+    stop: &mut watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => {
+            if let Err(error) = served {
+                tracing::debug!(%error, "http: connection ended");
+            }
+        }
+        () = stopped(stop) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
 }
 
 /// Resolves once the server stops (or its sender is gone).

@@ -44,6 +44,7 @@ pub mod qos;
 pub mod rate;
 pub mod server;
 pub mod sled;
+pub mod tls;
 pub mod volume;
 pub mod wire;
 

@@ -40,6 +40,15 @@
 //!   response; `Kinds` (a head node's host port) takes no handshake. Either
 //!   refuses a request kind its policy does not allow for the peer: counted
 //!   under `refused_kind`, connection closed, nothing handled.
+//! * **Handshake caps** (unit port): at most `max_handshakes` connections
+//!   of a listener are in their handshake at once, and at most
+//!   `max_handshakes_per_peer` from one IP address; a connection beyond
+//!   either is closed on accept, before a byte is read, and counted in
+//!   `rackblock_server_handshakes_refused_total{reason="listener_cap"|"peer_cap"}`.
+//!   The handshake itself is bounded by [`crate::auth::HANDSHAKE_TIMEOUT`],
+//!   so a peer that opens connections and stays silent holds at most
+//!   `max_handshakes_per_peer` slots for that long: members on other
+//!   addresses still get in, and the unit's own links retry.
 //! * **Control connections** (`control_runtime`): a connection whose first
 //!   request (Pings aside) is a control-plane one ([`Message::is_control`]:
 //!   Raft RPCs, LCP requests) moves, socket and read buffer, to that
@@ -102,7 +111,17 @@ pub struct ServerConfig {
     /// Where control connections are served (module docs; default: the
     /// accepting runtime, like every other connection).
     pub control_runtime: Option<tokio::runtime::Handle>,
+    /// `Authenticated` access: connections in their handshake at once
+    /// (module docs: handshake caps; default 64).
+    pub max_handshakes: usize,
+    /// `Authenticated` access: of those, from one IP address (default 8).
+    pub max_handshakes_per_peer: usize,
 }
+
+/// Default [`ServerConfig::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default [`ServerConfig::max_handshakes_per_peer`].
+pub const DEFAULT_MAX_HANDSHAKES_PER_PEER: usize = 8;
 
 impl Default for ServerConfig {
     fn default() -> ServerConfig {
@@ -112,6 +131,8 @@ impl Default for ServerConfig {
             finish_abandoned_requests: false,
             control_runtime: None,
             access: Access::Open,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_peer: DEFAULT_MAX_HANDSHAKES_PER_PEER,
         }
     }
 }
@@ -160,6 +181,7 @@ pub struct ServerMetrics {
     connections_open: Gauge,
     requests: Counter,
     bad_frames: Family<ReasonLabels, Counter>,
+    handshakes_refused: Family<ReasonLabels, Counter>,
 }
 
 impl ServerMetrics {
@@ -188,7 +210,20 @@ impl ServerMetrics {
             "Connections closed for a bad frame or a misdirected message",
             metrics.bad_frames.clone(),
         );
+        registry.register(
+            "rackblock_server_handshakes_refused",
+            "Unit-port connections closed on accept: too many in their handshake (listener_cap, peer_cap)",
+            metrics.handshakes_refused.clone(),
+        );
         metrics
+    }
+
+    /// Connections closed on accept by a handshake cap (`listener_cap`,
+    /// `peer_cap`) so far.
+    pub fn handshakes_refused(&self, reason: &'static str) -> u64 {
+        self.handshakes_refused
+            .get_or_create(&ReasonLabels { reason })
+            .get()
     }
 
     /// Not registered anywhere (tests).
@@ -262,6 +297,7 @@ pub async fn serve_with_metrics(
     metrics: ServerMetrics,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    let handshakes = HandshakeSlots::new(&config);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -271,6 +307,21 @@ pub async fn serve_with_metrics(
         match accepted {
             Ok((stream, peer)) => {
                 metrics.connections_accepted.inc();
+                let slot = match &config.access {
+                    Access::Authenticated { .. } => match handshakes.take(peer) {
+                        Ok(slot) => Some(slot),
+                        Err(reason) => {
+                            metrics
+                                .handshakes_refused
+                                .get_or_create(&ReasonLabels { reason })
+                                .inc();
+                            tracing::debug!(%peer, reason, "too many connections in their handshake; closed");
+                            drop(stream);
+                            continue;
+                        }
+                    },
+                    Access::Open | Access::Kinds(_) => None,
+                };
                 let connection = Connection {
                     handler: handler.clone(),
                     config: config.clone(),
@@ -278,7 +329,7 @@ pub async fn serve_with_metrics(
                     metrics: metrics.clone(),
                     peer: peer.to_string(),
                 };
-                connections.spawn(connection.run(stream));
+                connections.spawn(connection.run(stream, slot));
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
@@ -288,6 +339,70 @@ pub async fn serve_with_metrics(
     }
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The handshake caps of one listener (module docs).
+struct HandshakeSlots {
+    listener: Arc<tokio::sync::Semaphore>,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    max_per_peer: usize,
+}
+
+/// A connection's place in its handshake; released on drop.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    peer: std::net::IpAddr,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl HandshakeSlots {
+    fn new(config: &ServerConfig) -> HandshakeSlots {
+        HandshakeSlots {
+            listener: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
+            per_peer: Arc::default(),
+            max_per_peer: config.max_handshakes_per_peer.max(1),
+        }
+    }
+
+    /// A slot for a connection from `peer`, or the cap that refuses it.
+    fn take(&self, peer: SocketAddr) -> Result<HandshakeSlot, &'static str> {
+        let ip = peer.ip();
+        let mut per_peer = self
+            .per_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = per_peer.entry(ip).or_insert(0);
+        if *count >= self.max_per_peer {
+            return Err("peer_cap");
+        }
+        let Ok(permit) = self.listener.clone().try_acquire_owned() else {
+            if *count == 0 {
+                per_peer.remove(&ip);
+            }
+            return Err("listener_cap");
+        };
+        *count += 1;
+        Ok(HandshakeSlot {
+            _permit: permit,
+            peer: ip,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_peer = self
+            .per_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = per_peer.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 struct Connection {
@@ -325,7 +440,7 @@ enum End {
 }
 
 impl Connection {
-    async fn run(self, mut stream: TcpStream) {
+    async fn run(self, mut stream: TcpStream, handshake_slot: Option<HandshakeSlot>) {
         self.metrics.connections_open.inc();
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(peer = %self.peer, %error, "set_nodelay failed");
@@ -337,6 +452,8 @@ impl Connection {
                     () = self.shutdown.cancelled() => None,
                     result = crate::auth::server_handshake(&mut stream, credential) => Some(result),
                 };
+                // The slot is held through the handshake only.
+                drop(handshake_slot);
                 match handshake {
                     Some(Ok(done)) => (Some(done.peer), Some((done.send, done.receive))),
                     Some(Err(error)) => {

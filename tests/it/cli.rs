@@ -169,7 +169,9 @@ fn up_starts_a_healthy_unit_and_reuses_its_data() {
         .args(["volume", "describe", "vol0", "--output", "json"])
         .args([
             "--zonal",
-            &format!("http://{zonal}"),
+            &format!("https://{zonal}"),
+            "--zonal-ca",
+            data.join("tls/ca.pem").to_str().unwrap(),
             "--token",
             token.trim(),
         ])

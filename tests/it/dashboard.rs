@@ -107,7 +107,13 @@ fn every_metric_the_dashboard_queries_is_exported() {
         let admin = SocketAddr::from(([127, 0, 0, 1], unit.ports.admin_base + 100 + s));
         exported_names(&scrape(admin, &format!("sled-{s}")), &mut exported);
     }
-    exported_names(&scrape(unit.ports.zonal, "the zonal plane"), &mut exported);
+    // The zonal plane serves HTTPS only under `up`.
+    let (status, zonal_metrics) = unit.zonal_https_get("/metrics", false);
+    assert_eq!(
+        status, 200,
+        "GET /metrics of the zonal plane: {zonal_metrics}"
+    );
+    exported_names(&zonal_metrics, &mut exported);
     exported_names(
         &scrape(unit.ports.attach_admin, "the attach agent"),
         &mut exported,

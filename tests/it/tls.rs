@@ -205,6 +205,8 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
     let client_dir = certs.join("client");
     let cert = certs.join("server.pem");
     let key = certs.join("server.key");
+    let admin = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let admin_text = admin.to_string();
     let (mut agent, listen) = memory_agent(
         dir.path(),
         &[
@@ -213,6 +215,8 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
             "--tls-key",
             key.to_str().unwrap(),
             "--tls-required",
+            "--admin",
+            &admin_text,
         ],
     );
 
@@ -277,9 +281,112 @@ fn tls_required_refuses_plain_clients_and_survives_garbage_handshakes() {
     }
     // And the agent is still serving.
     qemu_io_tls(&client_dir, listen, "m", &["read -P 0xc3 0 65536"]);
+    // The garbage handshake is counted.
+    let Some((200, metrics)) = tests::http_get(admin, "/metrics") else {
+        panic!("no metrics from the agent at {admin}");
+    };
+    let failed = tests::metric_sample(&metrics, "rackblock_agent_nbd_tls_handshakes_failed_total");
+    assert!(failed.is_some_and(|n| n >= 1.0), "{metrics}");
     assert!(
         agent.terminate(),
         "agent did not stop:\n{}",
         agent.log_text()
+    );
+}
+
+/// The zonal API over HTTPS under `rackblock up` (issue 15 item 4):
+/// `curl --cacert ca.pem https://…/v1/volumes` lists vol0, which the attach
+/// agent attached over HTTPS; the CLI talks HTTPS with the CA from
+/// `RACKBLOCK_ZONAL_CA`; plain HTTP gets no answer and counts as a failed
+/// TLS handshake; a CA that did not sign the certificate is refused, by
+/// curl and by the CLI.
+#[test]
+fn up_serves_the_zonal_api_over_https_to_curl_and_the_cli() {
+    require_tool("curl", "curl");
+    let unit = RunningUnit::start("1GiB");
+    let (status, body) = unit.zonal_https_get("/v1/volumes", true);
+    assert_eq!(status, 200, "{body}");
+    let volumes: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listed = volumes.to_string();
+    assert!(listed.contains("\"vol0\""), "{listed}");
+    // Without the token: the API still refuses (HTTPS is not auth).
+    let (status, _) = unit.zonal_https_get("/v1/volumes", false);
+    assert_eq!(status, 401);
+
+    // The agent `up` started attached over HTTPS: its attachment is there.
+    let describe = unit.cli(&["volume", "describe", "vol0", "--output", "json"]);
+    assert!(
+        describe.status.success(),
+        "{}",
+        String::from_utf8_lossy(&describe.stderr)
+    );
+    let volume: serde_json::Value = serde_json::from_slice(&describe.stdout).unwrap();
+    assert_eq!(volume["attachments"][0]["host"], "rackblock-up", "{volume}");
+
+    // Plain HTTP to the HTTPS port: no answer, counted.
+    let plain = run_tool(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{}/v1/volumes", unit.ports.zonal),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!plain.status.success(), "plain HTTP was answered: {plain}");
+    let (status, metrics) = unit.zonal_https_get("/metrics", false);
+    assert_eq!(status, 200);
+    let failures = tests::metric_sample(&metrics, "rackblock_zonal_tls_handshake_failures_total");
+    assert!(failures.is_some_and(|n| n >= 1.0), "{metrics}");
+
+    // curl without the CA (system roots only) refuses the certificate.
+    let untrusted = run_tool(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("https://{}/health", unit.ports.zonal),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!untrusted.status.success(), "{untrusted}");
+
+    // The CLI: plain http:// is refused by the server, another CA by the
+    // client; both fail without changing anything.
+    let other = tempfile::tempdir().unwrap();
+    tls_init(other.path());
+    let zonal = unit.ports.zonal.to_string();
+    for (url, ca) in [
+        (format!("http://{zonal}"), unit.ca_cert()),
+        (format!("https://{zonal}"), other.path().join("ca.pem")),
+    ] {
+        let out = std::process::Command::new(rackblock_bin())
+            .current_dir(unit.dir.path())
+            .args(["volume", "list", "--zonal", &url, "--zonal-ca"])
+            .arg(&ca)
+            .env("RACKBLOCK_TOKEN", &unit.token)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{url} with {} succeeded: {}",
+            ca.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let listed = unit.cli(&["volume", "list", "--output", "json"]);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("vol0"));
+    let mut unit = unit;
+    assert!(
+        unit.stop(),
+        "rackblock up did not stop:\n{}",
+        unit.log_text()
     );
 }

@@ -926,6 +926,7 @@ pub fn up_command(dir: &Path, data_dir: &Path, log: &Path) -> Command {
         .env("RUST_LOG", "info")
         .env_remove("RACKBLOCK_TOKEN")
         .env_remove("RACKBLOCK_ZONAL")
+        .env_remove("RACKBLOCK_ZONAL_CA")
         .env_remove("RACKBLOCK_RACK")
         .stdin(Stdio::null())
         .stdout(out)
@@ -986,6 +987,38 @@ impl RunningUnit {
         unit
     }
 
+    /// The local CA `up` made (`tls/ca.pem`): it signed the zonal plane's
+    /// HTTPS certificate and the agent's NBD TLS certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir.join("tls").join("ca.pem")
+    }
+
+    /// `curl --cacert CA https://ZONAL/PATH` (with the admin token when
+    /// `token`), bounded by 10 s: the zonal plane as a client nobody here
+    /// wrote sees it. Panics if curl does not get an HTTP answer.
+    pub fn zonal_https_get(&self, path: &str, token: bool) -> (u16, String) {
+        let url = format!("https://{}{path}", self.ports.zonal);
+        let ca = self.ca_cert();
+        let auth = format!("Authorization: Bearer {}", self.token);
+        let mut args = vec![
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-w",
+            "\n%{http_code}",
+        ];
+        if token {
+            args.extend(["-H", &auth]);
+        }
+        args.push(&url);
+        let out = run_tool("curl", &args, Duration::from_secs(20)).expect_success();
+        let (body, status) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
+        let status = status.trim().parse().unwrap_or_else(|_| panic!("{out}"));
+        (status, body.to_owned())
+    }
+
     /// `nbd://127.0.0.1:PORT/vol0`.
     pub fn vol0_uri(&self) -> String {
         format!("nbd://{}/vol0", self.ports.nbd)
@@ -1013,7 +1046,8 @@ impl RunningUnit {
         let mut command = Command::new(rackblock_bin());
         command
             .current_dir(self.dir.path())
-            .env("RACKBLOCK_ZONAL", format!("http://{}", self.ports.zonal))
+            .env("RACKBLOCK_ZONAL", format!("https://{}", self.ports.zonal))
+            .env("RACKBLOCK_ZONAL_CA", self.ca_cert())
             .env("RACKBLOCK_TOKEN", &self.token)
             .env("RACKBLOCK_RACK", self.data_dir.join("rack.toml"));
         command

@@ -14,7 +14,13 @@
 //! hash would only slow every request. A unit is described by its rack file
 //! (the same file its head nodes and sleds read), so the zonal plane reaches
 //! the unit's head nodes on both networks without a second copy of their
-//! addresses. Unknown fields are errors. Example: `deploy/zonal.example.toml`.
+//! addresses.
+//!
+//! **TLS.** With `tls_cert` and `tls_key` the API (and `/health`,
+//! `/metrics`) is served over HTTPS only; bearer tokens then never cross
+//! the network in clear. Clients trust the CA that signed the certificate
+//! (`rackblock --zonal https://… --zonal-ca ca.pem`). Without them it is
+//! plain HTTP, for a loopback-only plane. Unknown fields are errors. Example: `deploy/zonal.example.toml`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -60,6 +66,14 @@ pub struct ZonalConfig {
     /// Pause between two polls of every unit's status, in milliseconds.
     #[serde(default = "default_report_interval_ms")]
     pub report_interval_ms: u64,
+    /// Serve the API over HTTPS with this certificate chain (PEM); with
+    /// `tls_key`. When set, `listen` speaks only TLS: plain HTTP requests
+    /// are closed without an answer (module docs: TLS).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// What a zonal API token may do.
@@ -181,6 +195,12 @@ impl ZonalConfig {
                 return Err(invalid("tokens.sha256", "must be 64 hex digits"));
             }
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(invalid(
+                "tls_cert",
+                "tls_cert and tls_key go together: set both or neither",
+            ));
+        }
         if self.report_interval_ms == 0 {
             return Err(invalid("report_interval_ms", "must be positive"));
         }
@@ -289,6 +309,16 @@ mod tests {
                 ..
             }))
         ));
+        let half_tls = ZonalConfig::from_toml_str(&format!(
+            "{BASE}admin_token = \"0123456789abcdef\"\ntls_cert = \"/c.pem\"\n"
+        ));
+        assert!(matches!(
+            half_tls,
+            Err(ConfigError::File(FileError::Invalid {
+                field: "tls_cert",
+                ..
+            }))
+        ));
         let short = ZonalConfig::from_toml_str(&format!("{BASE}admin_token = \"short\"\n"));
         assert!(matches!(
             short,
@@ -335,7 +365,13 @@ mod tests {
         // Serde fills in the defaults, so the parsed config is what the
         // daemon runs with.
         let resolve = |text: &str| ZonalConfig::from_toml_str(text).ok();
-        let site = ["admin_token", "admin_token_file", "units"];
+        let site = [
+            "admin_token",
+            "admin_token_file",
+            "units",
+            "tls_cert",
+            "tls_key",
+        ];
         let drift = ("report_interval_ms = ", "report_interval_ms = 1");
         let drifted = hardware::config::assert_example_at_defaults(&path, &site, drift, resolve);
         assert_eq!(drifted.len(), 1);

@@ -46,6 +46,12 @@ pub async fn serve(
 ) -> Result<(), ZonalError> {
     config.validate()?;
     let tokens = config.token_digests()?;
+    // TLS material is loaded before anything else starts: a bad file is a
+    // configuration error, not a plane that silently serves plain HTTP.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(proto::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let mut units = Vec::with_capacity(config.units.len());
     for unit in &config.units {
         let rack = Rack::load(&unit.rack_file).map_err(|source| ZonalError::Rack {
@@ -96,15 +102,20 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let address = listener.local_addr().map_err(ZonalError::Serve)?;
-    info!(%address, units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
+    info!(%address, https = tls.is_some(), units = config.units.len(), data_dir = %config.data_dir.display(), "zonal control plane ready");
     let router = crate::api::router(zonal.clone(), tokens);
-    let served = proto::http::serve(
-        listener,
-        router,
-        proto::http::HttpLimits::default(),
-        shutdown.clone().cancelled_owned(),
-    )
-    .await;
+    let limits = proto::http::HttpLimits::default();
+    let stop = shutdown.clone().cancelled_owned();
+    let served = match tls {
+        Some(acceptor) => {
+            let tls = proto::http::HttpTls {
+                acceptor,
+                handshake_failures: zonal.metrics.tls_handshake_failures.clone(),
+            };
+            proto::http::serve_tls(listener, router, limits, tls, stop).await
+        }
+        None => proto::http::serve(listener, router, limits, stop).await,
+    };
     // The server may also end on its own (an accept error): stop the rest.
     shutdown.cancel();
     if let Err(e) = reporter.await {

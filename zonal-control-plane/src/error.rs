@@ -191,6 +191,8 @@ pub enum ZonalError {
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("TLS certificate or key (tls_cert, tls_key): {0}")]
+    Tls(#[from] proto::tls::TlsError),
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@
 //! * `rackblock_zonal_volumes{state}`, `rackblock_zonal_units`,
 //!   `rackblock_zonal_units_reachable`: gauges refreshed from the store at
 //!   every scrape.
+//! * `rackblock_zonal_tls_handshake_failures_total`: HTTPS connections
+//!   closed because their TLS handshake failed or timed out (plain HTTP
+//!   sent to the HTTPS port, untrusted clients, scanners).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +45,7 @@ pub struct Metrics {
     pub volumes: Family<StateLabels, Gauge>,
     pub units: Gauge,
     pub units_reachable: Gauge,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -71,8 +75,15 @@ impl Metrics {
             "Units whose last status poll was answered",
             units_reachable.clone(),
         );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "HTTPS connections whose TLS handshake failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         Metrics {
             registry,
+            tls_handshake_failures,
             requests,
             polls,
             volumes,

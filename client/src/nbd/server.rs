@@ -631,11 +631,13 @@ async fn handshake(
                         "data sent before the STARTTLS reply",
                     ));
                 }
-                let stream = tls
-                    .acceptor
-                    .accept(conn.into_inner())
-                    .await
-                    .map_err(ConnectionError::Tls)?;
+                let stream = match tls.acceptor.accept(conn.into_inner()).await {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        inner.metrics.tls_handshake_failed();
+                        return Err(ConnectionError::Tls(error));
+                    }
+                };
                 conn = BufReader::with_capacity(READ_BUFFER_BYTES, Box::new(stream));
                 core.on_tls_established();
                 tracing::debug!("nbd: TLS established");

@@ -278,3 +278,137 @@ fn control_connections_move_to_the_control_runtime() {
     });
     control.shutdown_timeout(Duration::from_secs(1));
 }
+
+/// A unit-port client from `ip`: connect, authenticate as head node `id`.
+async fn member_from(
+    ip: &str,
+    address: std::net::SocketAddr,
+    id: &str,
+) -> std::io::Result<(TcpStream, proto::auth::Authenticated)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{ip}:0").parse().unwrap())?;
+    let mut stream = socket.connect(address).await?;
+    let credential = proto::auth::Credential::Member {
+        id: id.into(),
+        unit_key: proto::auth::Key::from_bytes([9; proto::auth::KEY_BYTES]),
+    };
+    let auth = proto::auth::client_handshake(&mut stream, &credential)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((stream, auth))
+}
+
+/// A sealed Ping on an authenticated connection is answered with a Pong
+/// whose tag checks.
+async fn ping_authenticated(stream: &mut TcpStream, auth: proto::auth::Authenticated) {
+    use tokio_util::codec::Decoder as _;
+    let mut send = auth.send;
+    let frame = Message::Ping { nonce: 7 }.to_frame(1, false);
+    let tag = send.seal(&frame);
+    stream.write_all(&frame).await.unwrap();
+    stream.write_all(&tag).await.unwrap();
+    let mut codec = proto::auth::AuthCodec::new(Some(auth.receive));
+    let mut buf = BytesMut::new();
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(frame) = codec.decode(&mut buf).unwrap() {
+                return Message::from_frame(&frame).unwrap();
+            }
+            assert!(stream.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        }
+    })
+    .await
+    .expect("no Pong within 5 s");
+    assert_eq!(pong, Message::Pong { nonce: 7 });
+}
+
+/// The unit port's handshake caps (issue 15 item 5): 200 idle connections
+/// from one address hold at most `max_handshakes_per_peer` handshake
+/// slots, the rest are closed on accept and counted, and a member from
+/// another address is authenticated and served meanwhile. Idle connections
+/// from enough addresses fill the listener's cap (counted too); once they
+/// go, members get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_handshakes_are_capped_per_peer_and_per_listener() {
+    use proto::server::{serve_with_metrics, Access, ServerConfig, ServerMetrics};
+    let listener = tokio::net::TcpListener::bind("127.0.3.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let credential = std::sync::Arc::new(proto::auth::Credential::Member {
+        id: "hn-1".into(),
+        unit_key: proto::auth::Key::from_bytes([9; proto::auth::KEY_BYTES]),
+    });
+    let metrics = ServerMetrics::unregistered();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = ServerConfig {
+        access: Access::Authenticated {
+            credential,
+            allow: |_, _| true,
+        },
+        max_handshakes: 16,
+        max_handshakes_per_peer: 4,
+        ..ServerConfig::default()
+    };
+    let server = tokio::spawn(serve_with_metrics(
+        listener,
+        std::sync::Arc::new(crate::net::TestHandler),
+        config,
+        stop.clone(),
+        metrics.clone(),
+    ));
+    let idle_from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(address).await.unwrap()
+    };
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(idle_from("127.0.3.2").await);
+    }
+    assert!(
+        crate::net::wait_until(Duration::from_secs(10), || metrics
+            .handshakes_refused("peer_cap")
+            == 196)
+        .await,
+        "peer_cap refusals: {}",
+        metrics.handshakes_refused("peer_cap")
+    );
+    let (mut stream, auth) = member_from("127.0.3.3", address, "hn-2").await.unwrap();
+    ping_authenticated(&mut stream, auth).await;
+    drop(stream);
+
+    // 4 slots held by 127.0.3.2; 12 more from three addresses fill the 16.
+    for ip in ["127.0.3.4", "127.0.3.5", "127.0.3.6"] {
+        for _ in 0..4 {
+            idle.push(idle_from(ip).await);
+        }
+    }
+    let _extra = idle_from("127.0.3.7").await;
+    assert!(
+        crate::net::wait_until(Duration::from_secs(10), || metrics
+            .handshakes_refused("listener_cap")
+            >= 1)
+        .await,
+        "no listener_cap refusal with the cap full"
+    );
+    assert_eq!(metrics.bad_frames("unauthenticated"), 0);
+
+    // The idle connections go (EOF ends their handshakes): members get in.
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut stream, auth) = loop {
+        match member_from("127.0.3.8", address, "hn-3").await {
+            Ok(member) => break member,
+            Err(error) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "member still kept out: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    ping_authenticated(&mut stream, auth).await;
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

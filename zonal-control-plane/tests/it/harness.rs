@@ -141,6 +141,8 @@ impl Zonal {
             }],
             units,
             report_interval_ms: 200,
+            tls_cert: None,
+            tls_key: None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
