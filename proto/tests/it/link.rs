@@ -263,3 +263,59 @@ async fn blackholed_path_moves_in_flight_requests_within_a_probe_timeout() {
         started.elapsed()
     );
 }
+
+/// Requests far larger than the socket's send buffer: callers write what
+/// the kernel takes and leave the rest to the connection's drain task
+/// (`proto::link` module docs). Many of them at once, with small reads in
+/// between, must all arrive whole and in frame order (a frame split between
+/// two writers would corrupt the stream and fail every call).
+#[tokio::test]
+async fn requests_larger_than_the_socket_buffer_arrive_whole() {
+    let a = start_server("127.0.1.57").await;
+    let b = start_server("127.0.2.57").await;
+    let link = PeerLink::new(
+        "peer-1".to_owned(),
+        a.address,
+        b.address,
+        LinkConfig {
+            request_timeout: Duration::from_secs(20),
+            probe_timeout: Duration::from_secs(5),
+            ..config()
+        },
+        LinkMetrics::unregistered(),
+    );
+    let calls = (0..96u64).map(|i| {
+        let link = link.clone();
+        async move {
+            if i % 3 == 0 {
+                let response = link.call(read(i, 0), true).await.unwrap();
+                assert_eq!(data_offset(&response), i);
+                return;
+            }
+            let data = bytes::Bytes::from(vec![i as u8; 1 << 20]);
+            let request = Message::Sled(SledRequest::Append {
+                column: proto::sled::ColumnId {
+                    device: 1,
+                    index: 2,
+                },
+                partition: proto::sled::PartitionId {
+                    volume: 1,
+                    index: 0,
+                },
+                epoch: 1,
+                offset_bytes: i << 20,
+                data,
+                block_crcs: vec![0; 256],
+            });
+            let response = link.call(request, false).await.unwrap();
+            assert!(
+                matches!(response, Message::SledReply(SledResponse::Freed)),
+                "{response:?}"
+            );
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(calls))
+        .await
+        .expect("96 calls within 60 s");
+    assert_eq!(link.paths()[0].consecutive_failures, 0);
+}
