@@ -13,13 +13,7 @@
 //! * Each path has at most one multiplexed TCP connection, connected lazily
 //!   on first use and again on the next use after it failed. Requests get
 //!   a link-wide unique id; a pending map `request_id -> oneshot` is
-//!   completed by the connection's reader task. A request's frame is
-//!   written by the caller itself (`try_write_vectored` under the
-//!   connection's outbox lock, tags sealed in queue order), not handed to a
-//!   writer task: that hand-off cost a wake-up per request, often of
-//!   another thread (issue 12). Only what the socket does not take at once
-//!   waits in the outbox for a drain task, which then writes alone until
-//!   the outbox is empty, so frames never interleave. When the connection fails
+//!   completed by the connection's reader task. When the connection fails
 //!   (I/O error, EOF, bad frame) every pending request on it fails at once.
 //! * A path failure is not a peer failure: [`LinkError::Unreachable`] is
 //!   returned only when both paths failed. Callers (failure detectors)
@@ -36,8 +30,7 @@
 //! * The prober holds only a weak reference: it stops when the last
 //!   `Arc<PeerLink>` is dropped, or on [`PeerLink::close`].
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -51,15 +44,15 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthCodec, Credential, FrameMac};
+use crate::auth::{AuthCodec, Credential};
 use crate::message::Message;
+use crate::server::write_frames;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PathId {
@@ -330,23 +323,15 @@ impl ConnectError {
 type Waiter = oneshot::Sender<Result<Message, AttemptError>>;
 
 /// Pending requests of one connection; `None` once the connection failed.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct ConnectionShared {
     pending: Mutex<Option<HashMap<u64, Waiter>>>,
     dead: AtomicBool,
-    /// Frames not yet taken by the kernel, in send order.
-    outbox: Mutex<Outbox>,
-    /// The socket's write half: written by the caller itself
-    /// (`try_write_vectored`, under `outbox`), or by the drain task.
-    write_half: OwnedWriteHalf,
-    /// Wakes the drain task once the socket refused part of the outbox.
-    drain: Notify,
 }
 
 impl ConnectionShared {
     fn fail(&self, reason: &str) {
         self.dead.store(true, Ordering::Release);
-        lock(&self.outbox).closed = true;
         let pending = lock(&self.pending).take();
         for (_, waiter) in pending.into_iter().flatten() {
             let _ = waiter.send(Err(AttemptError::Lost(reason.to_owned())));
@@ -358,133 +343,12 @@ impl ConnectionShared {
             map.remove(&request_id);
         }
     }
-
-    /// Queues `frame` and writes what the socket takes now, on the
-    /// caller's task (module docs: no hand-off to a writer task while the
-    /// socket has room). Whatever the kernel does not take is left to the
-    /// drain task. `Err` (not sent) when the connection had failed before;
-    /// a write that fails now fails the connection, and with it the
-    /// caller's waiter (`Lost`: part of the frame may have left).
-    fn send(&self, frame: Bytes) -> Result<(), String> {
-        let mut outbox = lock(&self.outbox);
-        if outbox.closed {
-            return Err("connection already failed".to_owned());
-        }
-        outbox.push(frame);
-        if outbox.draining {
-            // The drain task owns the socket until the outbox is empty.
-            return Ok(());
-        }
-        match outbox.write_now(&self.write_half) {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                outbox.draining = true;
-                drop(outbox);
-                self.drain.notify_one();
-                Ok(())
-            }
-            Err(error) => {
-                drop(outbox);
-                self.fail(&format!("write: {error}"));
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Frames queued for one connection's socket, each followed by its tag on
-/// an authenticated connection (sealed in queue order, the order they reach
-/// the socket).
-#[derive(Debug)]
-struct Outbox {
-    frames: VecDeque<Bytes>,
-    mac: Option<FrameMac>,
-    /// The drain task is writing (a caller only queues).
-    draining: bool,
-    closed: bool,
-}
-
-/// Frames per vectored write (well under IOV_MAX).
-const MAX_IOVECS: usize = 64;
-
-impl Outbox {
-    fn push(&mut self, frame: Bytes) {
-        if let Some(mac) = &mut self.mac {
-            let tag = Bytes::copy_from_slice(&mac.seal(&frame));
-            self.frames.push_back(frame);
-            self.frames.push_back(tag);
-        } else {
-            self.frames.push_back(frame);
-        }
-    }
-
-    /// Writes queued frames without waiting: `Ok(true)` once the outbox is
-    /// empty, `Ok(false)` when the socket would block (the rest stays
-    /// queued; the queue only advances by what the kernel took).
-    fn write_now(&mut self, socket: &OwnedWriteHalf) -> io::Result<bool> {
-        while !self.frames.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .frames
-                .iter()
-                .take(MAX_IOVECS)
-                .map(|frame| IoSlice::new(frame))
-                .collect();
-            let mut written = match socket.try_write_vectored(&slices) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(written) => written,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(error) => return Err(error),
-            };
-            drop(slices);
-            while written > 0 {
-                let Some(front) = self.frames.front_mut() else {
-                    break;
-                };
-                if written >= front.len() {
-                    written -= front.len();
-                    self.frames.pop_front();
-                } else {
-                    let _ = front.split_to(written);
-                    written = 0;
-                }
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// Writes the outbox whenever a caller left part of it to the socket's
-/// next writable moment; the only writer meanwhile (`draining`).
-async fn drain_outbox(shared: Arc<ConnectionShared>) {
-    let reason = loop {
-        shared.drain.notified().await;
-        let failed = loop {
-            if let Err(error) = shared.write_half.writable().await {
-                break Some(error);
-            }
-            let mut outbox = lock(&shared.outbox);
-            if outbox.closed {
-                return;
-            }
-            match outbox.write_now(&shared.write_half) {
-                Ok(true) => {
-                    outbox.draining = false;
-                    break None;
-                }
-                Ok(false) => {}
-                Err(error) => break Some(error),
-            }
-        };
-        if let Some(error) = failed {
-            break format!("write: {error}");
-        }
-    };
-    shared.fail(&reason);
 }
 
 #[derive(Debug)]
 struct Connection {
     shared: Arc<ConnectionShared>,
+    tx: mpsc::Sender<Bytes>,
     tasks: [AbortHandle; 2],
 }
 
@@ -548,16 +412,17 @@ impl Connection {
         let shared = Arc::new(ConnectionShared {
             pending: Mutex::new(Some(HashMap::new())),
             dead: AtomicBool::new(false),
-            outbox: Mutex::new(Outbox {
-                frames: VecDeque::new(),
-                mac: send_mac,
-                draining: false,
-                closed: false,
-            }),
-            write_half,
-            drain: Notify::new(),
         });
-        let writer = tokio::spawn(drain_outbox(shared.clone()));
+        let (tx, rx) = mpsc::channel::<Bytes>(1024);
+        let writer_shared = shared.clone();
+        let writer = tokio::spawn(async move {
+            let result = write_frames(write_half, rx, send_mac).await;
+            let reason = match result {
+                Ok(()) => "connection closed".to_owned(),
+                Err(error) => format!("write: {error}"),
+            };
+            writer_shared.fail(&reason);
+        });
         let reader_shared = shared.clone();
         let reader = tokio::spawn(async move {
             let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
@@ -598,6 +463,7 @@ impl Connection {
         });
         Ok(Connection {
             shared,
+            tx,
             tasks: [reader.abort_handle(), writer.abort_handle()],
         })
     }
@@ -625,9 +491,21 @@ impl Connection {
             }
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Err(reason) = self.shared.send(frame) {
-            self.shared.forget(request_id);
-            return Err(AttemptError::NotSent(reason));
+        let sent = tokio::time::timeout_at(deadline, self.tx.send(frame)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                self.shared.forget(request_id);
+                return Err(AttemptError::NotSent(
+                    "connection writer stopped".to_owned(),
+                ));
+            }
+            Err(_) => {
+                // Still queued locally, never written: not sent. Dropping
+                // the send future removed it from the queue.
+                self.shared.forget(request_id);
+                return Err(AttemptError::Timeout);
+            }
         }
         match tokio::time::timeout_at(deadline, response).await {
             Ok(Ok(result)) => result,

@@ -66,9 +66,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -660,6 +661,27 @@ async fn next_frame(
         Some(Ok(frame)) => Next::Frame(frame),
         Some(Err(error)) => Next::Error(error),
     }
+}
+
+/// Write encoded frames, batching small ones: flush only when the queue is
+/// momentarily empty. Large frames bypass the buffer (no extra copy).
+pub(crate) async fn write_frames(
+    write_half: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut mac: Option<FrameMac>,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 * 1024, write_half);
+    while let Some(frame) = rx.recv().await {
+        out.write_all(&frame).await?;
+        if let Some(mac) = &mut mac {
+            out.write_all(&mac.seal(&frame)).await?;
+        }
+        if rx.is_empty() {
+            out.flush().await?;
+        }
+    }
+    out.flush().await?;
+    out.shutdown().await
 }
 
 /// Encoded responses waiting for the socket, written with vectored writes;

@@ -1,14 +1,7 @@
 //! The async shell: listeners, one task per connection, the handshake
-//! driver and the transmission phase. Protocol decisions live in
-//! `handshake.rs` and `request.rs`.
-//!
-//! **Run to completion** (issue 12): the transmission phase of a
-//! connection is one task. It reads a request, validates it, starts its
-//! backend call in an in-flight set it polls itself, and writes every
-//! reply that is ready in one flush; no task per request and no
-//! reply-writer task (both cost a wake-up per request, often of another
-//! thread). Requests of one connection still run concurrently (the
-//! in-flight set) and replies leave in completion order.
+//! driver and the transmission phase (reader loop, request tasks, one
+//! reply writer). Protocol decisions live in `handshake.rs` and
+//! `request.rs`.
 //!
 //! **Bounds** (all in [`NbdConfig`]): at most `max_connections` at once
 //! (more are closed on accept); at most `max_handshaking` of them in their
@@ -39,11 +32,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{join_all, BoxFuture, Shared};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -744,45 +736,11 @@ enum ReaderEnd {
     WriterGone,
 }
 
-/// One request's work, answered by its reply (polled by the connection's
-/// task, in its in-flight set).
-type Work = BoxFuture<'static, Reply>;
-
-/// The next request of the connection: waits for a request slot, then
-/// reads it (header and write payload, under the byte budget). Owns the
-/// reader while it runs and hands it back, so that it can stay pending in
-/// the connection's `select!` across loop turns (a half-read request is
-/// never abandoned).
-async fn read_next<R: AsyncRead + Unpin>(
-    mut reader: R,
-    slots: Arc<Semaphore>,
-    budget: Arc<Semaphore>,
-    max_payload_bytes: u32,
-) -> (
-    R,
-    Result<Option<(OwnedSemaphorePermit, RequestHeader, Payload)>, ConnectionError>,
-) {
-    let Ok(slot) = slots.acquire_owned().await else {
-        return (
-            reader,
-            Err(ConnectionError::Protocol("request slots closed")),
-        );
-    };
-    let next = read_request(&mut reader, &budget, max_payload_bytes).await;
-    let next = next.map(|request| request.map(|(header, payload)| (slot, header, payload)));
-    (reader, next)
-}
-
-/// The transmission phase of one connection, run to completion in the
-/// connection's task (module docs): read and validate a request, start
-/// its backend call in the in-flight set, and write every reply that is
-/// ready in one flush; no task per request and no reply-writer task (each
-/// was a wake-up per request, often of another thread).
 async fn transmission<R, W>(
     config: &NbdConfig,
     negotiated: Negotiated,
     backend: Arc<dyn NbdBackend>,
-    reader: R,
+    mut reader: R,
     writer: W,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError>
@@ -800,208 +758,182 @@ where
     let budget = Arc::new(Semaphore::new(
         config.max_in_flight_bytes_per_connection as usize,
     ));
-    let mut replies = ReplyWriter::new(
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(config.max_requests_per_connection as usize);
+    let mut reply_writer = tokio::spawn(write_replies(
         writer,
+        reply_rx,
         negotiated.structured_replies,
         Duration::from_millis(config.reply_stall_timeout_ms),
-    );
+    ));
     let pending = PendingWrites::default();
-    let mut in_flight: FuturesUnordered<Work> = FuturesUnordered::new();
-    let mut writer_error: Option<io::Error> = None;
-    let read = read_next(
-        reader,
-        slots.clone(),
-        budget.clone(),
-        limits.max_payload_bytes,
-    )
-    .fuse();
-    futures::pin_mut!(read);
+    let mut tasks = JoinSet::new();
 
     let end: Result<ReaderEnd, ConnectionError> = loop {
-        tokio::select! {
+        while tasks.try_join_next().is_some() {}
+        // Waiting for a slot (every request of this connection in flight,
+        // e.g. a client not taking its replies) must not hide a shutdown.
+        let slot = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break Ok(ReaderEnd::Shutdown),
-            Some(reply) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(error) = replies.write_ready(reply, &mut in_flight).await {
-                    writer_error = Some(error);
-                    break Ok(ReaderEnd::WriterGone);
-                }
-            }
-            (reader, next) = &mut read => {
-                let (slot, header, payload) = match next {
-                    Ok(Some(request)) => request,
-                    Ok(None) => break Ok(ReaderEnd::Eof),
-                    Err(error) => break Err(error),
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else {
+            break Err(ConnectionError::Protocol("request slots closed"));
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break Ok(ReaderEnd::Shutdown),
+            _ = reply_tx.closed() => break Ok(ReaderEnd::WriterGone),
+            next = read_request(&mut reader, &budget, limits.max_payload_bytes) => next,
+        };
+        let (header, payload) = match next {
+            Ok(Some(request)) => request,
+            Ok(None) => break Ok(ReaderEnd::Eof),
+            Err(error) => break Err(error),
+        };
+        let command = match validate(&header, &limits) {
+            Ok(command) => command,
+            Err(rejection) => {
+                let reply = Reply {
+                    handle: header.handle,
+                    is_read: header.command == CMD_READ,
+                    offset_bytes: header.offset_bytes,
+                    body: Body::Error(BackendError::new(rejection.errno, rejection.message)),
+                    _slot: slot,
+                    _budget: None,
                 };
-                read.set(
-                    read_next(reader, slots.clone(), budget.clone(), limits.max_payload_bytes)
-                        .fuse(),
-                );
-                match start(&header, payload, slot, &limits, &backend, &budget, &pending) {
-                    Ok(Some(work)) => in_flight.push(work),
-                    Ok(None) => break Ok(ReaderEnd::Disconnect),
-                    Err(error) => break Err(error),
-                }
+                let _ = reply_tx.send(reply).await;
                 continue;
             }
-        }
+        };
+        let handle = header.handle;
+        let tx = reply_tx.clone();
+        let backend = backend.clone();
+        // Writes, trims and zeroes: run below, counted as pending so that a
+        // later FLUSH waits for them.
+        let (offset_bytes, work, write_budget): (u64, BoxFuture<'static, _>, _) = match command {
+            Command::Disconnect => break Ok(ReaderEnd::Disconnect),
+            Command::Flush => {
+                // Writes received before this FLUSH; later ones are not
+                // waited for.
+                let earlier = pending.snapshot();
+                tasks.spawn(async move {
+                    join_all(earlier).await;
+                    let body = to_body(backend.flush().await);
+                    send(&tx, handle, false, 0, body, slot, None).await;
+                });
+                continue;
+            }
+            Command::Read { offset_bytes, len } => {
+                let Ok(read_budget) = budget.clone().acquire_many_owned(len).await else {
+                    break Err(ConnectionError::Protocol("byte budget closed"));
+                };
+                tasks.spawn(async move {
+                    let body = match backend.read(offset_bytes, u64::from(len)).await {
+                        Ok(data) if data.len() == len as usize => Body::Data(data),
+                        Ok(data) => Body::Error(BackendError::io(format!(
+                            "backend returned {} bytes for a read of {len}",
+                            data.len()
+                        ))),
+                        Err(error) => Body::Error(error),
+                    };
+                    send(
+                        &tx,
+                        handle,
+                        true,
+                        offset_bytes,
+                        body,
+                        slot,
+                        Some(read_budget),
+                    )
+                    .await;
+                });
+                continue;
+            }
+            Command::Write {
+                offset_bytes, fua, ..
+            } => {
+                let Some((data, write_budget)) = payload else {
+                    break Err(ConnectionError::Protocol("write without payload"));
+                };
+                let work = async move { backend.write(offset_bytes, data, fua).await };
+                (offset_bytes, Box::pin(work), Some(write_budget))
+            }
+            Command::Trim {
+                offset_bytes,
+                len,
+                fua,
+            }
+            | Command::WriteZeroes {
+                offset_bytes,
+                len,
+                fua,
+            } => {
+                let zeroes = matches!(command, Command::WriteZeroes { .. });
+                let work = async move {
+                    let len = u64::from(len);
+                    let result = if zeroes {
+                        backend.write_zeroes(offset_bytes, len).await
+                    } else {
+                        backend.trim(offset_bytes, len).await
+                    };
+                    // The backend API has FUA on writes only; a flush gives
+                    // the same guarantee here.
+                    if fua && result.is_ok() {
+                        return backend.flush().await;
+                    }
+                    result
+                };
+                (offset_bytes, Box::pin(work), None)
+            }
+        };
+        let guard = pending.register();
+        tasks.spawn(async move {
+            let result = work.await;
+            drop(guard);
+            let body = to_body(result);
+            send(&tx, handle, false, offset_bytes, body, slot, write_budget).await;
+        });
     };
-    // Not one more request: the read in progress (if any) is dropped.
-    read.set(futures::future::Fuse::terminated());
 
     // Finish everything in flight (even on error: writes already started
-    // complete on the backend) and write their replies. At shutdown,
-    // replies not taken within the grace are dropped, and only backend
-    // work is awaited; after a writer failure, there is nobody to tell.
+    // complete on the backend), then let the writer drain and close. At
+    // shutdown, replies not taken within the grace are dropped: the
+    // writer goes, `send` fails at once, and only backend work is awaited.
     let shutdown = matches!(end, Ok(ReaderEnd::Shutdown));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(config.shutdown_grace_ms);
-    if writer_error.is_none() {
-        let answered = async {
-            while let Some(reply) = in_flight.next().await {
-                replies.write_ready(reply, &mut in_flight).await?;
-            }
-            replies.shutdown().await
-        };
-        let answered = if shutdown {
-            match tokio::time::timeout_at(deadline, answered).await {
-                Ok(answered) => answered,
-                Err(_) => {
-                    tracing::warn!("nbd: client not taking replies at shutdown; dropping them");
-                    Ok(())
-                }
-            }
-        } else {
-            answered.await
-        };
-        if let Err(error) = answered {
-            writer_error = Some(error);
-        }
+    let finished = async { while tasks.join_next().await.is_some() {} };
+    if !shutdown {
+        finished.await;
+    } else if tokio::time::timeout_at(deadline, finished).await.is_err() {
+        tracing::warn!("nbd: client not taking replies at shutdown; dropping them");
+        reply_writer.abort();
+        while tasks.join_next().await.is_some() {}
     }
-    while in_flight.next().await.is_some() {}
+    drop(reply_tx);
+    let written = if shutdown {
+        match tokio::time::timeout_at(deadline, &mut reply_writer).await {
+            Ok(written) => written,
+            Err(_) => {
+                tracing::warn!("nbd: client not taking replies at shutdown; closing");
+                reply_writer.abort();
+                (&mut reply_writer).await
+            }
+        }
+    } else {
+        (&mut reply_writer).await
+    };
     match end {
-        Ok(ReaderEnd::Disconnect | ReaderEnd::Eof | ReaderEnd::Shutdown) => match writer_error {
-            Some(error) if !shutdown => Err(error.into()),
-            _ => Ok(()),
+        Ok(ReaderEnd::Disconnect | ReaderEnd::Eof | ReaderEnd::Shutdown) => match written {
+            Ok(Ok(())) | Err(_) => Ok(()),
+            Ok(Err(error)) => Err(error.into()),
         },
-        Ok(ReaderEnd::WriterGone) => match writer_error {
-            Some(error) => Err(error.into()),
-            None => Ok(()),
+        Ok(ReaderEnd::WriterGone) => match written {
+            Ok(Err(error)) => Err(error.into()),
+            _ => Ok(()),
         },
         Err(error) => Err(error),
     }
-}
-
-/// Validates one request and returns its work; `None` for a disconnect.
-/// Writes, trims and zeroes are counted as pending from here, so that a
-/// later FLUSH waits for them; a read takes its reply's byte budget inside
-/// its work (waiting for it here would stop the loop that writes the
-/// replies which give budget back).
-fn start(
-    header: &RequestHeader,
-    payload: Payload,
-    slot: OwnedSemaphorePermit,
-    limits: &Limits,
-    backend: &Arc<dyn NbdBackend>,
-    budget: &Arc<Semaphore>,
-    pending: &PendingWrites,
-) -> Result<Option<Work>, ConnectionError> {
-    let handle = header.handle;
-    let command = match validate(header, limits) {
-        Ok(command) => command,
-        Err(rejection) => {
-            let reply = Reply {
-                handle,
-                is_read: header.command == CMD_READ,
-                offset_bytes: header.offset_bytes,
-                body: Body::Error(BackendError::new(rejection.errno, rejection.message)),
-                _slot: slot,
-                _budget: None,
-            };
-            return Ok(Some(Box::pin(async move { reply })));
-        }
-    };
-    let backend = backend.clone();
-    let reply = move |is_read, offset_bytes, body, budget| Reply {
-        handle,
-        is_read,
-        offset_bytes,
-        body,
-        _slot: slot,
-        _budget: budget,
-    };
-    let (offset_bytes, work, write_budget): (u64, BoxFuture<'static, _>, _) = match command {
-        Command::Disconnect => return Ok(None),
-        Command::Flush => {
-            // Writes received before this FLUSH; later ones are not
-            // waited for.
-            let earlier = pending.snapshot();
-            return Ok(Some(Box::pin(async move {
-                join_all(earlier).await;
-                let body = to_body(backend.flush().await);
-                reply(false, 0, body, None)
-            })));
-        }
-        Command::Read { offset_bytes, len } => {
-            let budget = budget.clone();
-            return Ok(Some(Box::pin(async move {
-                let Ok(read_budget) = budget.acquire_many_owned(len).await else {
-                    let error = BackendError::io("byte budget closed".to_owned());
-                    return reply(true, offset_bytes, Body::Error(error), None);
-                };
-                let body = match backend.read(offset_bytes, u64::from(len)).await {
-                    Ok(data) if data.len() == len as usize => Body::Data(data),
-                    Ok(data) => Body::Error(BackendError::io(format!(
-                        "backend returned {} bytes for a read of {len}",
-                        data.len()
-                    ))),
-                    Err(error) => Body::Error(error),
-                };
-                reply(true, offset_bytes, body, Some(read_budget))
-            })));
-        }
-        Command::Write {
-            offset_bytes, fua, ..
-        } => {
-            let Some((data, write_budget)) = payload else {
-                return Err(ConnectionError::Protocol("write without payload"));
-            };
-            let work = async move { backend.write(offset_bytes, data, fua).await };
-            (offset_bytes, Box::pin(work), Some(write_budget))
-        }
-        Command::Trim {
-            offset_bytes,
-            len,
-            fua,
-        }
-        | Command::WriteZeroes {
-            offset_bytes,
-            len,
-            fua,
-        } => {
-            let zeroes = matches!(command, Command::WriteZeroes { .. });
-            let work = async move {
-                let len = u64::from(len);
-                let result = if zeroes {
-                    backend.write_zeroes(offset_bytes, len).await
-                } else {
-                    backend.trim(offset_bytes, len).await
-                };
-                // The backend API has FUA on writes only; a flush gives
-                // the same guarantee here.
-                if fua && result.is_ok() {
-                    return backend.flush().await;
-                }
-                result
-            };
-            (offset_bytes, Box::pin(work), None)
-        }
-    };
-    let guard = pending.register();
-    Ok(Some(Box::pin(async move {
-        let result = work.await;
-        drop(guard);
-        reply(false, offset_bytes, to_body(result), write_budget)
-    })))
 }
 
 type Payload = Option<(Bytes, OwnedSemaphorePermit)>;
@@ -1048,56 +980,58 @@ fn to_body(result: Result<(), BackendError>) -> Body {
     }
 }
 
-/// Writes the replies of one connection, in completion order.
-struct ReplyWriter<W> {
-    out: BufWriter<W>,
-    header: BytesMut,
+async fn send(
+    tx: &mpsc::Sender<Reply>,
+    handle: u64,
+    is_read: bool,
+    offset_bytes: u64,
+    body: Body,
+    slot: OwnedSemaphorePermit,
+    budget: Option<OwnedSemaphorePermit>,
+) {
+    if let Body::Error(error) = &body {
+        tracing::debug!(handle, offset_bytes, %error, "nbd: request failed");
+    }
+    // The writer is gone only when the connection is: nothing to tell.
+    let _ = tx
+        .send(Reply {
+            handle,
+            is_read,
+            offset_bytes,
+            body,
+            _slot: slot,
+            _budget: budget,
+        })
+        .await;
+}
+
+/// The one task that writes replies, in completion order, batching
+/// whatever is ready into one flush.
+/// Writes replies as they come, batching what is ready into one flush. A
+/// write that makes no progress for `stall` (the client stopped reading)
+/// ends the writer, which ends the connection.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut replies: mpsc::Receiver<Reply>,
     structured: bool,
-    /// A batch that makes no progress for this long (the client stopped
-    /// reading) fails the writer, which ends the connection.
     stall: Duration,
-}
-
-impl<W: AsyncWrite + Unpin> ReplyWriter<W> {
-    fn new(writer: W, structured: bool, stall: Duration) -> ReplyWriter<W> {
-        ReplyWriter {
-            out: BufWriter::with_capacity(256 << 10, writer),
-            header: BytesMut::with_capacity(128 + MAX_STRING_BYTES),
-            structured,
-            stall,
-        }
-    }
-
-    /// Writes `first` and every other reply already done in `in_flight`,
-    /// then flushes once: one socket write for the batch.
-    async fn write_ready(
-        &mut self,
-        first: Reply,
-        in_flight: &mut FuturesUnordered<Work>,
-    ) -> io::Result<()> {
+) -> io::Result<()> {
+    let stalled = || io::Error::new(io::ErrorKind::TimedOut, "client stopped reading replies");
+    let mut out = BufWriter::with_capacity(256 << 10, writer);
+    let mut header = BytesMut::with_capacity(128 + MAX_STRING_BYTES);
+    while let Some(reply) = replies.recv().await {
         let batch = async {
-            write_reply(&mut self.out, &mut self.header, first, self.structured).await?;
-            // A pending poll here registers no waker of ours: the loop
-            // polls `in_flight` again (with its waker) before it waits.
-            while let Some(Some(reply)) = in_flight.next().now_or_never() {
-                write_reply(&mut self.out, &mut self.header, reply, self.structured).await?;
+            write_reply(&mut out, &mut header, reply, structured).await?;
+            while let Ok(reply) = replies.try_recv() {
+                write_reply(&mut out, &mut header, reply, structured).await?;
             }
-            self.out.flush().await
+            out.flush().await
         };
-        tokio::time::timeout(self.stall, batch)
+        tokio::time::timeout(stall, batch)
             .await
-            .map_err(|_| stalled())?
+            .map_err(|_| stalled())??;
     }
-
-    async fn shutdown(&mut self) -> io::Result<()> {
-        tokio::time::timeout(self.stall, self.out.shutdown())
-            .await
-            .map_err(|_| stalled())?
-    }
-}
-
-fn stalled() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "client stopped reading replies")
+    out.shutdown().await
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(
