@@ -2813,3 +2813,54 @@ async fn promoted_secondary_serves_the_snapshot_of_the_dead_primary() {
     check_snapshot(&unit, 3, &at_cut, "on the promoted secondary").await;
     check_all(&unit, &model, "live on the promoted secondary").await;
 }
+
+/// In-place take-overs (a promotion of the secondary, then the primary
+/// moving to a new epoch) hand the snapshots over with the log-resident
+/// state: the cut, the layer's blocks still in the log (superseded in the
+/// live index), the flushed ones, and a snapshot dropped since a checkpoint
+/// that still holds it stays dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_take_overs_hand_the_snapshots_over() {
+    let size_blocks = 128u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(29);
+    for chunk in 0..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+        if chunk == 2 {
+            unit.primary.flush_now().await.unwrap();
+        }
+    }
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 7, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_seven = Model(model.0.clone());
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 8, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // A checkpoint holds both snapshots; then 8 is dropped.
+    unit.primary.write_checkpoint().await.unwrap();
+    unit.primary.drop_snapshot(8).await.unwrap();
+    // Overwrite half and flush it (layer blocks to the sleds), the other
+    // half only in the log (layer blocks still in the log).
+    for chunk in 0..size_blocks / 32 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    unit.primary.flush_now().await.unwrap();
+    for chunk in size_blocks / 32..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    check_snapshot(&unit, 7, &at_seven, "before the take-overs").await;
+    let promoted = unit.take_over(true, 2).await;
+    let ids: Vec<u64> = promoted.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![7], "snapshots after the promotion");
+    check_snapshot(&unit, 7, &at_seven, "after the promotion").await;
+    check_all(&unit, &model, "live after the promotion").await;
+    let moved = unit.take_over(false, 3).await;
+    let ids: Vec<u64> = moved.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![7], "snapshots after the new epoch");
+    check_snapshot(&unit, 7, &at_seven, "after the new epoch").await;
+    check_all(&unit, &model, "live after the new epoch").await;
+}
