@@ -1,6 +1,6 @@
-//! Snapshots end to end: a unit started by `rackblock up`, the CLI's
+//! Snapshots end to end: a unit started by `rackblock up` with a 4-partition volume vol1, the CLI's
 //! `snapshot create|list|delete`, a read-only NBD export of a snapshot
-//! (`rackblock attach vol0@snap1 --read-only`), read by programs nobody
+//! (`rackblock attach vol1@snap1 --read-only`), read by programs nobody
 //! here wrote (`nbdcopy`, `qemu-io`, `qemu-img`). Every tool runs under a
 //! deadline; the unit and the agents are stopped by pid.
 
@@ -78,7 +78,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Image A (random, every partition) written over NBD; `snapshot create`;
 /// overwrites B; the snapshot's read-only export reads exactly A (before
-/// and after the head nodes flush to the sleds) while vol0 reads A with B
+/// and after the head nodes flush to the sleds) while vol1 reads A with B
 /// applied; writes to the snapshot are refused; attaching it without
 /// --read-only is refused; `snapshot delete` removes it.
 #[test]
@@ -88,7 +88,21 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
     require_tool("qemu-img", "qemu-utils");
     let unit = RunningUnit::start("256MiB");
     log_step(&unit, "unit up");
-    let vol0 = unit.vol0_uri();
+    // Four partitions (their primaries spread over the head nodes): the
+    // coordinator cuts, holds and releases each.
+    cli_ok(
+        &unit,
+        &[
+            "volume",
+            "create",
+            "vol1",
+            "--size",
+            "256MiB",
+            "--partition-size",
+            "64MiB",
+        ],
+    );
+    let (mut vol1_agent, vol1) = unit.attach("vol1");
     let dir = unit.dir.path();
 
     // A: random bytes over the whole volume.
@@ -97,7 +111,7 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
     std::fs::write(&a_path, &image_a).unwrap();
     run_tool(
         "nbdcopy",
-        &["--flush", a_path.to_str().unwrap(), &vol0],
+        &["--flush", a_path.to_str().unwrap(), &vol1],
         TOOL_TIMEOUT,
     )
     .expect_success();
@@ -105,11 +119,12 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
 
     let created = cli_ok(
         &unit,
-        &["snapshot", "create", "vol0", "snap1", "--output", "json"],
+        &["snapshot", "create", "vol1", "snap1", "--output", "json"],
     );
     let created: Value = serde_json::from_str(&created).unwrap();
     assert_eq!(created["state"], "ready", "{created}");
     let pause_us = created["pause_us"].as_u64().expect("a measured pause");
+    assert_eq!(created["cuts"], 4, "one cut per partition: {created}");
     log_step(
         &unit,
         &format!(
@@ -120,7 +135,7 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
     );
     // A second snapshot of the same name is refused.
     assert!(!unit
-        .cli(&["snapshot", "create", "vol0", "snap1"])
+        .cli(&["snapshot", "create", "vol1", "snap1"])
         .status
         .success());
 
@@ -135,7 +150,7 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
         .iter()
         .map(|(p, at, len)| format!("write -P {p:#04x} {at} {len}"))
         .collect();
-    let run = qemu_io(&[], &vol0, &commands);
+    let run = qemu_io(&[], &vol1, &commands);
     assert!(clean(&run), "{run}");
     let mut image_b = image_a.clone();
     for (pattern, at, len) in overwrites {
@@ -144,18 +159,18 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
     log_step(&unit, "overwrites B written");
 
     // Without --read-only the snapshot is refused, with a reason.
-    let refused = unit.cli(&["attach", "vol0@snap1"]);
+    let refused = unit.cli(&["attach", "vol1@snap1"]);
     assert!(!refused.status.success());
     let reason = String::from_utf8_lossy(&refused.stderr);
     assert!(reason.contains("--read-only"), "{reason}");
 
-    let (mut agent, snap_uri) = unit.attach_with("vol0@snap1", &["--read-only"]);
-    log_step(&unit, "vol0@snap1 attached read-only");
+    let (mut agent, snap_uri) = unit.attach_with("vol1@snap1", &["--read-only"]);
+    log_step(&unit, "vol1@snap1 attached read-only");
     let snap = copy_out(&snap_uri, &dir.join("snap.raw"));
     assert_eq!(first_difference(&snap, &image_a), None, "snapshot != A");
-    let live = copy_out(&vol0, &dir.join("live.raw"));
-    assert_eq!(first_difference(&live, &image_b), None, "vol0 != B");
-    log_step(&unit, "snapshot reads A, vol0 reads B");
+    let live = copy_out(&vol1, &dir.join("live.raw"));
+    assert_eq!(first_difference(&live, &image_b), None, "vol1 != B");
+    log_step(&unit, "snapshot reads A, vol1 reads B");
 
     // qemu-img agrees; the snapshot export advertises read-only and a
     // write to it fails.
@@ -194,7 +209,7 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
 
     let listed: Value = serde_json::from_str(&cli_ok(
         &unit,
-        &["snapshot", "list", "vol0", "--output", "json"],
+        &["snapshot", "list", "vol1", "--output", "json"],
     ))
     .unwrap();
     let names: Vec<&str> = listed["snapshots"]
@@ -207,21 +222,26 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
 
     assert!(
         agent.terminate(),
-        "attach vol0@snap1:\n{}",
+        "attach vol1@snap1:\n{}",
         agent.log_text()
     );
-    cli_ok(&unit, &["snapshot", "delete", "vol0", "snap1"]);
+    cli_ok(&unit, &["snapshot", "delete", "vol1", "snap1"]);
     let listed: Value = serde_json::from_str(&cli_ok(
         &unit,
-        &["snapshot", "list", "vol0", "--output", "json"],
+        &["snapshot", "list", "vol1", "--output", "json"],
     ))
     .unwrap();
     assert_eq!(listed["snapshots"], Value::Array(vec![]), "{listed}");
     // The live volume is unchanged by the delete.
-    let live = copy_out(&vol0, &dir.join("live2.raw"));
-    assert_eq!(first_difference(&live, &image_b), None, "vol0 after delete");
-    log_step(&unit, "snapshot deleted; vol0 still B");
+    let live = copy_out(&vol1, &dir.join("live2.raw"));
+    assert_eq!(first_difference(&live, &image_b), None, "vol1 after delete");
+    log_step(&unit, "snapshot deleted; vol1 still B");
 
+    assert!(
+        vol1_agent.terminate(),
+        "attach vol1:\n{}",
+        vol1_agent.log_text()
+    );
     let mut unit = unit;
     assert!(unit.stop(), "rackblock up did not stop cleanly");
 }
