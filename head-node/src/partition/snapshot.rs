@@ -170,7 +170,7 @@ impl Partition {
     pub fn release_held_cut(&self, id: u64) -> Result<(), PartitionError> {
         let outcome = {
             let mut state = self.shared.lock();
-            if !state.core.held_cut().is_some_and(|(held, _)| held == id) {
+            if state.core.held_cut().is_none_or(|(held, _)| held != id) {
                 return Err(PartitionError::BadRequest {
                     partition: self.id(),
                     reason: format!(
