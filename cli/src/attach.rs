@@ -81,9 +81,15 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 #[derive(Debug, clap::Args)]
 pub struct AttachArgs {
-    /// Volume name; also the NBD export name.
+    /// Volume name; also the NBD export name. `VOLUME@SNAPSHOT` serves
+    /// a snapshot of the volume (needs --read-only, and the unit's rack
+    /// file through --rack or RACKBLOCK_RACK to find the snapshot).
     #[arg(required_unless_present = "list")]
     pub volume: Option<String>,
+    /// Serve the export read-only (NBD_FLAG_READ_ONLY; writes, trims and
+    /// write-zeroes fail EPERM). Required for a snapshot; only for one.
+    #[arg(long)]
+    pub read_only: bool,
     /// List the attach agents running on this host (volume, pid, NBD and
     /// admin addresses, attachment) instead; `rackblock detach VOLUME`
     /// stops one.
@@ -506,6 +512,36 @@ pub async fn run(
         .volume
         .clone()
         .ok_or_else(|| CliError::Usage("a volume name is needed (or --list)".into()))?;
+    // VOLUME@SNAPSHOT: the zonal volume is VOLUME, the export keeps the
+    // whole name.
+    let (volume_name, snapshot_name) = match volume.split_once('@') {
+        Some((name, snapshot)) => (name.to_owned(), Some(snapshot.to_owned())),
+        None => (volume.clone(), None),
+    };
+    match (&snapshot_name, args.read_only) {
+        (Some(_), false) => {
+            return Err(CliError::Usage(format!(
+                "{volume} is a snapshot: snapshots are read-only, add --read-only"
+            )))
+        }
+        (None, true) => return Err(CliError::Usage(
+            "--read-only serves a snapshot (VOLUME@SNAPSHOT); a live volume is served read-write"
+                .into(),
+        )),
+        _ => {}
+    }
+    if snapshot_name.is_some() && (args.memory.is_some() || args.device.is_some()) {
+        return Err(CliError::Usage(
+            "a snapshot is served over NBD or iSCSI only (no --memory, no --device)".into(),
+        ));
+    }
+    // Where the snapshot's id is found: the unit's rack file.
+    let snapshot_rack = crate::ops::RackArg {
+        rack: args
+            .rack
+            .clone()
+            .or_else(|| std::env::var_os("RACKBLOCK_RACK").map(std::path::PathBuf::from)),
+    };
     let qos = args.qos.limits()?;
     // Checked before anything is registered: root, the nbd module, the
     // device's state.
@@ -519,7 +555,7 @@ pub async fn run(
     };
     let mut registry = Registry::default();
     let metrics = AgentMetrics::new(&mut registry);
-    let config = ClientConfig {
+    let mut config = ClientConfig {
         failover_timeout: args.failover_timeout,
         metrics: metrics.client.clone(),
         ..ClientConfig::default()
@@ -574,6 +610,10 @@ pub async fn run(
             }
         };
         reservation_target = Some((endpoints.clone(), volume_id, credential));
+        if let Some(name) = &snapshot_name {
+            config.snapshot =
+                Some(crate::snapshot::ready_id(&snapshot_rack, volume_id, name).await?);
+        }
         match VolumeClient::connect_host(&endpoints, volume_id, credential, config).await {
             Ok(client) => (Arc::new(client.clone()), None, Some(client)),
             Err(e) => {
@@ -585,7 +625,13 @@ pub async fn run(
     } else {
         let api = global.api()?;
         let host = args.host.clone().unwrap_or_else(host_name);
-        let path = format!("/v1/volumes/{}/attach", segment(&volume));
+        // The snapshot is found before an attachment is made.
+        if let Some(name) = &snapshot_name {
+            let volume_id = crate::snapshot::volume_id(global, &volume_name).await?;
+            config.snapshot =
+                Some(crate::snapshot::ready_id(&snapshot_rack, volume_id, name).await?);
+        }
+        let path = format!("/v1/volumes/{}/attach", segment(&volume_name));
         let reply = api
             .call("POST", &path, Some(&json!({ "host": host })))
             .await?;
@@ -632,7 +678,7 @@ pub async fn run(
         match connected {
             Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
             Err(error) => {
-                detach_and_report(&volume, Some(&attached)).await;
+                detach_and_report(&volume_name, Some(&attached)).await;
                 return Err(error);
             }
         }
@@ -661,7 +707,7 @@ pub async fn run(
                     )
                 }
                 Err(error) => {
-                    detach_and_report(&volume, attached.as_ref()).await;
+                    detach_and_report(&volume_name, attached.as_ref()).await;
                     return Err(CliError::Usage(error.to_string()));
                 }
             }
@@ -676,17 +722,20 @@ pub async fn run(
                 required: args.tls_required,
             }),
             Err(error) => {
-                detach_and_report(&volume, attached.as_ref()).await;
+                detach_and_report(&volume_name, attached.as_ref()).await;
                 return Err(CliError::Usage(format!("--tls-cert/--tls-key: {error}")));
             }
         },
         _ => None,
     };
-    let server = match NbdServer::with_tls(exports, NbdConfig::default(), metrics.nbd.clone(), tls)
-    {
+    let nbd_config = NbdConfig {
+        read_only: args.read_only,
+        ..NbdConfig::default()
+    };
+    let server = match NbdServer::with_tls(exports, nbd_config, metrics.nbd.clone(), tls) {
         Ok(server) => server,
         Err(error) => {
-            detach_and_report(&volume, attached.as_ref()).await;
+            detach_and_report(&volume_name, attached.as_ref()).await;
             return Err(CliError::Usage(format!("cannot serve {}: {error}", volume)));
         }
     };
@@ -715,7 +764,7 @@ pub async fn run(
         match IscsiServer::with_reservations(config, nbd_backend.clone(), lun_id, reservations) {
             Ok(server) => Some(server),
             Err(error) => {
-                detach_and_report(&volume, attached.as_ref()).await;
+                detach_and_report(&volume_name, attached.as_ref()).await;
                 return Err(CliError::Usage(format!(
                     "cannot serve {volume} over iSCSI: {error}"
                 )));
@@ -755,7 +804,7 @@ pub async fn run(
                     Some(session)
                 }
                 Err(error) => {
-                    detach_and_report(&volume, attached.as_ref()).await;
+                    detach_and_report(&volume_name, attached.as_ref()).await;
                     return Err(error);
                 }
             }
@@ -914,7 +963,7 @@ pub async fn run(
         client.close();
     }
     if !left_for_restart {
-        detach_and_report(&volume, attached.as_ref()).await;
+        detach_and_report(&volume_name, attached.as_ref()).await;
     }
     served.map_err(|e| CliError::Runtime(format!("NBD server: {e}")))
 }

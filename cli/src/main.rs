@@ -24,6 +24,7 @@ mod error;
 mod http;
 mod ops;
 mod sled_bench;
+mod snapshot;
 mod text;
 mod unit;
 mod up;
@@ -114,6 +115,12 @@ enum Command {
         #[command(subcommand)]
         command: TlsCommand,
     },
+    /// Crash-consistent snapshots of a volume, taken by its unit (needs
+    /// the unit's rack file: --rack or RACKBLOCK_RACK).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Sleds of a unit: list, drain; sled controller tools.
     Sled {
         #[command(subcommand)]
@@ -159,6 +166,17 @@ enum VolumeCommand {
     Register(unit::RegisterArgs),
     /// Load one volume through the volume client (see bench/datapath.sh).
     Bench(volume_bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot of VOLUME named SNAPSHOT; waits until it is ready
+    /// (prints the measured I/O pause of its cut) or aborted.
+    Create(snapshot::CreateArgs),
+    /// The volume's snapshots: state, pause, cuts.
+    List(snapshot::ListArgs),
+    /// Delete a snapshot; waits until every partition dropped it.
+    Delete(snapshot::DeleteArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -424,6 +442,19 @@ fn main() -> ExitCode {
                 "volume detach",
                 ops::volume_detach(&cli.global, &args).await,
             ),
+            Command::Snapshot { command } => match command {
+                SnapshotCommand::Create(args) => ops::finish(
+                    "snapshot create",
+                    snapshot::create(&cli.global, &args).await,
+                ),
+                SnapshotCommand::List(args) => {
+                    ops::finish("snapshot list", snapshot::list(&cli.global, &args).await)
+                }
+                SnapshotCommand::Delete(args) => ops::finish(
+                    "snapshot delete",
+                    snapshot::delete(&cli.global, &args).await,
+                ),
+            },
             Command::Sled {
                 command: SledCommand::List(args),
             } => ops::finish("sled list", ops::sled_list(&cli.global, &args).await),

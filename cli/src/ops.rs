@@ -155,7 +155,7 @@ impl RackArg {
     }
 }
 
-fn print_json(value: &Value) -> Result<(), CliError> {
+pub(crate) fn print_json(value: &Value) -> Result<(), CliError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Runtime(format!("cannot encode JSON: {e}")))?;
     println!("{text}");

@@ -705,3 +705,33 @@ async fn serve_network(
         error!(network, %address, error = %e, "protocol server failed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The snapshot coordinator's request reaches a head node's unit port
+    /// from head nodes only, and never its host port; a host's snapshot
+    /// read is a host request.
+    #[test]
+    fn snapshot_control_is_for_head_nodes_only() {
+        let peer = |role| Peer {
+            role,
+            id: "x".into(),
+        };
+        assert!(unit_port_allows(
+            &peer(Role::HeadNode),
+            kind::HOST_SNAPSHOT_CONTROL
+        ));
+        assert!(!unit_port_allows(
+            &peer(Role::Operator),
+            kind::HOST_SNAPSHOT_CONTROL
+        ));
+        assert!(!unit_port_allows(
+            &peer(Role::Sled),
+            kind::HOST_SNAPSHOT_CONTROL
+        ));
+        assert!(!kind::is_host_request(kind::HOST_SNAPSHOT_CONTROL));
+        assert!(kind::is_host_request(kind::HOST_READ_SNAPSHOT));
+    }
+}

@@ -366,6 +366,10 @@ pub async fn tick<P, F>(
             SnapshotState::Ready => {}
         }
     }
+    // Forget the purged ones (the set stays as small as the records).
+    if let Ok(mut set) = attempted.lock() {
+        set.retain(|id| state.snapshots().contains_key(id));
+    }
 }
 
 /// Runs the coordinator until `lost` (leadership lost) is cancelled.

@@ -20,5 +20,6 @@ mod repair;
 mod security;
 mod sled;
 mod sled_network;
+mod snapshot;
 mod tls;
 mod volume_delete;

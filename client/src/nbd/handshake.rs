@@ -99,6 +99,7 @@ pub struct Handshake {
     tls_active: bool,
     block_sizes: BlockSizes,
     multi_conn: bool,
+    read_only: bool,
     no_zeroes: bool,
     structured_replies: bool,
     options_seen: u32,
@@ -112,6 +113,7 @@ impl Handshake {
             tls_active: false,
             block_sizes,
             multi_conn,
+            read_only: false,
             no_zeroes: false,
             structured_replies: false,
             options_seen: 0,
@@ -122,6 +124,13 @@ impl Handshake {
     /// Offer or require TLS (default: off).
     pub fn with_tls(mut self, tls: TlsMode) -> Handshake {
         self.tls = tls;
+        self
+    }
+
+    /// Advertise `NBD_FLAG_READ_ONLY` (the backend refuses writes with
+    /// `EPERM` whatever the client does).
+    pub fn with_read_only(mut self, read_only: bool) -> Handshake {
+        self.read_only = read_only;
         self
     }
 
@@ -167,6 +176,9 @@ impl Handshake {
             | FLAG_SEND_WRITE_ZEROES;
         if self.multi_conn {
             flags |= FLAG_CAN_MULTI_CONN;
+        }
+        if self.read_only {
+            flags |= FLAG_READ_ONLY;
         }
         // Every read is answered with a single data chunk, so DF holds
         // trivially; the flag is only allowed with structured replies.

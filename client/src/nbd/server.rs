@@ -85,6 +85,10 @@ pub struct NbdConfig {
     /// Advertise `NBD_FLAG_CAN_MULTI_CONN` (default true; see the module
     /// docs for why it is safe).
     pub multi_conn: bool,
+    /// Advertise the export read-only (`NBD_FLAG_READ_ONLY`; default
+    /// false). The backend must refuse writes itself (`EPERM`): a client
+    /// may ignore the flag.
+    pub read_only: bool,
     /// A connection that has not finished its handshake this long after
     /// it was accepted is closed (default 10 s; clients take milliseconds).
     pub handshake_timeout_ms: u64,
@@ -112,6 +116,7 @@ impl Default for NbdConfig {
             max_option_bytes: 16 << 10,
             max_options_per_handshake: 256,
             multi_conn: true,
+            read_only: false,
             handshake_timeout_ms: 10_000,
             max_handshaking: 16,
             reply_stall_timeout_ms: 60_000,
@@ -584,7 +589,8 @@ async fn handshake(
         config.multi_conn,
         config.max_options_per_handshake,
     )
-    .with_tls(tls_mode);
+    .with_tls(tls_mode)
+    .with_read_only(config.read_only);
     conn.write_all(&greeting()).await?;
     conn.flush().await?;
     let client_flags = conn.read_u32().await?;

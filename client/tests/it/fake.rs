@@ -212,6 +212,12 @@ impl FakeNode {
                 HostReply::Done
             }
             HostOp::Flush => HostReply::Done,
+            // The fake head node keeps no snapshots.
+            HostOp::ReadSnapshot { .. } | HostOp::SnapshotControl { .. } => {
+                HostReply::Error(HostError::BadRequest {
+                    reason: "the fake head node has no snapshots".into(),
+                })
+            }
         }
     }
 }

@@ -1168,10 +1168,7 @@ impl Partition {
                         Err(error) => Err(error),
                     }
                 }
-                SnapshotAction::Release => {
-                    self.release_cut(snapshot);
-                    Ok(())
-                }
+                SnapshotAction::Release => self.release_held_cut(snapshot),
                 SnapshotAction::Drop => self.drop_snapshot(snapshot).await,
             },
         };

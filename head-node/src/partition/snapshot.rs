@@ -162,6 +162,28 @@ impl Partition {
         self.shared.deliver(outcome);
     }
 
+    /// The coordinator's release: releases snapshot `id`'s held cut, or
+    /// fails if it is not held now (it timed out and aborted itself, so
+    /// the snapshot is being dropped here and must not be recorded ready).
+    /// The check and the release are one step under the partition lock,
+    /// so the hold timeout and this release cannot both win.
+    pub fn release_held_cut(&self, id: u64) -> Result<(), PartitionError> {
+        let outcome = {
+            let mut state = self.shared.lock();
+            if state.core.held_cut().is_none_or(|(held, _)| held != id) {
+                return Err(PartitionError::BadRequest {
+                    partition: self.id(),
+                    reason: format!(
+                        "snapshot {id}'s cut is not held here (its hold timed out and it aborted, or it was never cut here)"
+                    ),
+                });
+            }
+            state.core.release_cut(id)
+        };
+        self.shared.deliver(outcome);
+        Ok(())
+    }
+
     /// Aborts snapshot `id`'s cut: the held acknowledgements go, the
     /// snapshot is dropped (a drop marker on both logs; if that cannot be
     /// logged now, the local layer goes at once and the coordinator's

@@ -2653,8 +2653,10 @@ async fn a_held_cut_delays_later_acks_until_released_and_aborts_on_its_own() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!writer.is_finished(), "acknowledged through a held cut");
     let released = Instant::now();
-    unit.primary.release_cut(5);
+    unit.primary.release_held_cut(5).unwrap();
     writer.await.unwrap().unwrap();
+    // Released: a second release is refused (nothing is held).
+    assert!(unit.primary.release_held_cut(5).is_err());
     assert!(released.elapsed() < Duration::from_millis(200));
     model.0[..4096].fill(0xab);
     check_snapshot(&unit, 5, &at_cut, "released snapshot").await;
@@ -2670,6 +2672,8 @@ async fn a_held_cut_delays_later_acks_until_released_and_aborts_on_its_own() {
         unit.primary.snapshots().iter().all(|s| s.id != 6)
     })
     .await;
+    // The coordinator's late release is refused: the snapshot is gone.
+    assert!(unit.primary.release_held_cut(6).is_err());
     check_all(&unit, &model, "live after abort").await;
     let ids: Vec<u64> = unit.primary.snapshots().iter().map(|s| s.id).collect();
     assert_eq!(ids, vec![5]);

@@ -111,6 +111,9 @@ pub struct UnitStatus {
     pub failover: FailoverStatus,
     #[serde(default)]
     pub allocation: AllocationStatus,
+    /// Every snapshot record (creating, ready, aborted, deleting).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<super::SnapshotRecord>,
 }
 
 /// Whether new extents can be allocated at full width, degraded, or not at
@@ -280,6 +283,7 @@ impl UnitState {
             sleds,
             volumes: self.volumes.len(),
             deleting_volumes: self.deleting.len(),
+            snapshots: self.snapshots.values().cloned().collect(),
             partitions: all_partitions().count(),
             extents: self.extents.len(),
             capacity,

@@ -242,6 +242,7 @@ impl FakeUnit {
                 extents: 0,
                 failover: Default::default(),
                 allocation: Default::default(),
+                snapshots: Vec::new(),
                 capacity: CapacitySummary {
                     free_columns: free as u64,
                     used_columns: 0,
