@@ -812,6 +812,19 @@ fn decode_location(reader: &mut Reader<'_, IndexError>) -> Result<Option<Locatio
     let bad = |reason: String| IndexError::Checkpoint { reason };
     let tag = reader.u8()?;
     let (a, b, c) = (reader.u64()?, reader.u64()?, reader.u32()?);
+    // Fields a location does not use are written as zero: anything else
+    // would decode to a location that encodes differently (the format is
+    // canonical; the fuzzer found a tombstone with junk in them).
+    let unused_zero = match tag {
+        0 => a == 0 && b == 0 && c == 0,
+        1 => b == 0,
+        _ => true,
+    };
+    if !unused_zero {
+        return Err(bad(format!(
+            "location tag {tag} with nonzero unused fields ({a}, {b}, {c})"
+        )));
+    }
     Ok(match tag {
         0 => None,
         1 => Some(Location::Log {
@@ -920,6 +933,61 @@ mod tests {
             PartitionIndex::deserialize(&bytes),
             Err(IndexError::Checkpoint { .. })
         ));
+    }
+
+    /// Found by the `index_checkpoint` fuzz target after snapshots merged:
+    /// a location's unused fields (all three of a tombstone, the middle one
+    /// of a log location) with junk in them decoded, and re-encoded as
+    /// zeros. Refused now.
+    #[test]
+    fn checkpoint_location_with_junk_in_unused_fields_is_refused() {
+        let mut index = PartitionIndex::new(
+            PartitionId {
+                volume: 1,
+                index: 0,
+            },
+            64,
+        );
+        index.apply_unmap(0, 4, 1).unwrap();
+        index
+            .apply_write(
+                8,
+                2,
+                2,
+                Location::Log {
+                    position: LogPosition(4096),
+                    block_in_record: 0,
+                },
+            )
+            .unwrap();
+        let good = index.serialize();
+        assert_eq!(
+            PartitionIndex::deserialize(&good).unwrap().serialize(),
+            good
+        );
+        // Run entries: start, count, sequence (24 bytes), then the location:
+        // tag (1), a (8), b (8), c (4).
+        let first_location = CHECKPOINT_HEADER_BYTES + 24;
+        let second_location = first_location + CHECKPOINT_ENTRY_BYTES;
+        for (at, what) in [
+            (first_location + 1, "a tombstone's a"),
+            (first_location + 9, "a tombstone's b"),
+            (first_location + 17, "a tombstone's c"),
+            (second_location + 9, "a log location's b"),
+        ] {
+            let mut bytes = good.clone();
+            bytes[at] = 0x10;
+            let body = bytes.len() - 4;
+            let crc = crc32c::crc32c(&bytes[..body]);
+            bytes[body..].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(
+                    PartitionIndex::deserialize(&bytes),
+                    Err(IndexError::Checkpoint { .. })
+                ),
+                "{what} with junk decoded"
+            );
+        }
     }
 
     /// [`PartitionIndex::lookup`] as (blocks, location) pairs.

@@ -845,6 +845,15 @@ impl Message {
                         let snapshot = r.u64("snapshot")?;
                         let tag = r.u8("action")?;
                         let hold_ms = r.u32("hold_ms")?;
+                        if tag != 0 && hold_ms != 0 {
+                            // Release and Drop carry no hold: a nonzero one
+                            // would decode to a message that encodes
+                            // differently.
+                            return Err(DecodeError::NotZero {
+                                field: "hold_ms",
+                                value: u64::from(hold_ms),
+                            });
+                        }
                         let action = match tag {
                             0 => SnapshotAction::Cut { hold_ms },
                             1 => SnapshotAction::Release,

@@ -49,6 +49,10 @@ pub enum DecodeError {
     /// A string field is not valid UTF-8.
     #[error("{field} is not valid UTF-8")]
     InvalidUtf8 { field: &'static str },
+    /// A field that must be zero in this form of the message is not (the
+    /// encoding stays canonical: one message, one byte string).
+    #[error("{field} must be 0 here, not {value}")]
+    NotZero { field: &'static str, value: u64 },
     /// The body is longer than its message.
     #[error("{remaining} trailing bytes after the message")]
     TrailingBytes { remaining: usize },

@@ -219,3 +219,34 @@ fn unknown_kind_in_valid_frame() {
         Err(FrameError::UnknownKind { kind: 0x0208 })
     ));
 }
+
+/// The `frame_decode` fuzzer's find after snapshots merged: a snapshot
+/// Release (or Drop) with a nonzero hold decoded to a message that
+/// re-encodes with the hold zeroed. Such a body is refused now.
+#[test]
+fn snapshot_release_with_a_hold_is_refused() {
+    let fuzzed = [
+        0x88, 0x00, 0x05, 0x01, 0x00, 0x00, 0x10, 0xeb, 0xce, 0xeb, 0xeb, 0x5a, 0xeb, 0xeb, 0x32,
+        0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0xeb, 0x8c, 0xff, 0xeb, 0x30, 0x4b,
+        0x37, 0x21, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xeb, 0xeb, 0xeb,
+        0xeb, 0xeb, 0x8c, 0xff, 0x30, 0x4b, 0x37, 0x01, 0x00, 0x00, 0x80, 0x00,
+    ];
+    let error = Message::decode(0x0207, Bytes::copy_from_slice(&fuzzed)).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            proto::wire::DecodeError::NotZero {
+                field: "hold_ms",
+                value: 0x0080_0000
+            }
+        ),
+        "{error:?}"
+    );
+    // The same body with no hold is a Release, and canonical.
+    let mut canonical = fuzzed;
+    canonical[fuzzed.len() - 4..].fill(0);
+    let message = Message::decode(0x0207, Bytes::copy_from_slice(&canonical)).unwrap();
+    let mut again = BytesMut::new();
+    message.encode_body(&mut again);
+    assert_eq!(&again[..], &canonical[..]);
+}
