@@ -424,20 +424,17 @@ fn chap_right_secret_works_wrong_refused() {
     );
 }
 
-/// Writes over one protocol and reads over the other with real client
-/// libraries (libiscsi through ctypes, libnbd's python binding); prints
-/// "ok" or raises.
-const CROSS_CHECK: &str = r#"
-import ctypes, os, sys
-import nbd
-
-portal, target, nbd_uri = sys.argv[1], sys.argv[2], sys.argv[3]
+/// What every libiscsi (ctypes) script below starts with: the library and
+/// the declarations they all call (login, errors, WRITE(16), READ(16)
+/// into iovecs, task status, logout); [`write_libiscsi_script`] puts it in
+/// front of a script.
+const LIBISCSI_PRELUDE: &str = r#"
+import ctypes
 lib = ctypes.CDLL("libiscsi.so.7")
 lib.iscsi_create_context.restype = ctypes.c_void_p
 lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
 lib.iscsi_set_targetname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
-lib.iscsi_set_header_digest.argtypes = [ctypes.c_void_p, ctypes.c_int]
 lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
 lib.iscsi_get_error.restype = ctypes.c_char_p
 lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
@@ -451,13 +448,29 @@ lib.iscsi_read16_iov_sync.restype = ctypes.c_void_p
 lib.iscsi_read16_iov_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
     ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
     ctypes.c_int, ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_int]
-lib.iscsi_synchronizecache16_sync.restype = ctypes.c_void_p
-lib.iscsi_synchronizecache16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
-    ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
 lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
 lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
 lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
+"#;
+
+/// Writes `script` to `path` behind [`LIBISCSI_PRELUDE`].
+fn write_libiscsi_script(path: &std::path::Path, script: &str) {
+    std::fs::write(path, format!("{LIBISCSI_PRELUDE}{script}")).unwrap();
+}
+
+/// Writes over one protocol and reads over the other with real client
+/// libraries (libiscsi through ctypes, libnbd's python binding); prints
+/// "ok" or raises.
+const CROSS_CHECK: &str = r#"
+import ctypes, os, sys
+import nbd
+
+portal, target, nbd_uri = sys.argv[1], sys.argv[2], sys.argv[3]
+lib.iscsi_set_header_digest.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.iscsi_synchronizecache16_sync.restype = ctypes.c_void_p
+lib.iscsi_synchronizecache16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
+    ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
 
 ctx = lib.iscsi_create_context(b"iqn.2026-12.io.rackblock:cross-check")
 lib.iscsi_set_targetname(ctx, target.encode())
@@ -577,7 +590,7 @@ fn unit_vol0_over_iscsi_two_portals_and_nbd_agree() {
     );
 
     let script = unit.dir.path().join("cross_check.py");
-    std::fs::write(&script, CROSS_CHECK).unwrap();
+    write_libiscsi_script(&script, CROSS_CHECK);
     let cross = run_tool(
         "/usr/bin/python3",
         &[
@@ -650,18 +663,6 @@ fn cunit_output_is_parsed() {
 const PR_CHECK: &str = r#"
 import ctypes, sys
 
-lib = ctypes.CDLL("libiscsi.so.7")
-lib.iscsi_create_context.restype = ctypes.c_void_p
-lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
-lib.iscsi_set_targetname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
-lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-lib.iscsi_get_error.restype = ctypes.c_char_p
-lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
-lib.iscsi_write16_sync.restype = ctypes.c_void_p
-lib.iscsi_write16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
-    ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ctypes.c_int, ctypes.c_int, ctypes.c_int]
 lib.iscsi_read16_sync.restype = ctypes.c_void_p
 lib.iscsi_read16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
     ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -673,10 +674,6 @@ class ProutBasic(ctypes.Structure):
 lib.iscsi_persistent_reserve_out_sync.restype = ctypes.c_void_p
 lib.iscsi_persistent_reserve_out_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
-lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
-lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
 
 GOOD, CONFLICT = 0, 0x18
 WRITE_EXCLUSIVE, EXCLUSIVE_ACCESS = 1, 3
@@ -761,7 +758,7 @@ fn persistent_reservations_shared_by_two_agents_and_kept_across_restart() {
     let target = target_of("vol0");
     let portal_a = unit.ports.iscsi[0];
     let script = unit.dir.path().join("pr_check.py");
-    std::fs::write(&script, PR_CHECK).unwrap();
+    write_libiscsi_script(&script, PR_CHECK);
     let python = |args: &[&str]| {
         let mut all = vec![script.to_str().unwrap()];
         all.extend_from_slice(args);
@@ -813,28 +810,6 @@ fn persistent_reservations_shared_by_two_agents_and_kept_across_restart() {
 const KILL_CHECK: &str = r#"
 import ctypes, struct, sys, time
 
-lib = ctypes.CDLL("libiscsi.so.7")
-lib.iscsi_create_context.restype = ctypes.c_void_p
-lib.iscsi_create_context.argtypes = [ctypes.c_char_p]
-lib.iscsi_set_targetname.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-lib.iscsi_set_session_type.argtypes = [ctypes.c_void_p, ctypes.c_int]
-lib.iscsi_full_connect_sync.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
-lib.iscsi_get_error.restype = ctypes.c_char_p
-lib.iscsi_get_error.argtypes = [ctypes.c_void_p]
-lib.iscsi_write16_sync.restype = ctypes.c_void_p
-lib.iscsi_write16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
-    ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ctypes.c_int, ctypes.c_int, ctypes.c_int]
-class IoVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-lib.iscsi_read16_iov_sync.restype = ctypes.c_void_p
-lib.iscsi_read16_iov_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
-    ctypes.c_uint32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-    ctypes.c_int, ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_int]
-lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-lib.scsi_free_scsi_task.argtypes = [ctypes.c_void_p]
-lib.iscsi_logout_sync.argtypes = [ctypes.c_void_p]
-lib.iscsi_destroy_context.argtypes = [ctypes.c_void_p]
 
 portal, target, seconds, mib = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 CHUNK = 64 << 10
@@ -920,7 +895,7 @@ fn primary_kill9_under_iscsi_writes_loses_nothing() {
     let unit = RunningUnit::start("256MiB");
     let (victim, epoch) = vol0_primary(&unit).expect("vol0 has a primary");
     let script = unit.dir.path().join("kill_check.py");
-    std::fs::write(&script, KILL_CHECK).unwrap();
+    write_libiscsi_script(&script, KILL_CHECK);
     let portal = unit.ports.iscsi[0].to_string();
     let target = target_of("vol0");
     let writer = Command::new("/usr/bin/python3")
