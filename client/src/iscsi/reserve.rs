@@ -480,17 +480,19 @@ impl Reservations {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn nexus(name: &str) -> Nexus {
+    /// An I_T nexus of initiator `name` (the shared store's tests use it too).
+    pub(crate) fn nexus(name: &str) -> Nexus {
         Nexus {
             initiator: name.to_owned(),
             isid: [0x80, 0, 0, 0, 0, 1],
         }
     }
 
-    fn prout(action: u8, kind: u8) -> [u8; 16] {
+    /// A PERSISTENT RESERVE OUT CDB with a 24-byte parameter list.
+    pub(crate) fn prout(action: u8, kind: u8) -> [u8; 16] {
         let mut cdb = [0u8; 16];
         cdb[0] = 0x5f;
         cdb[1] = action;
@@ -499,7 +501,8 @@ mod tests {
         cdb
     }
 
-    fn params(key: u64, sa_key: u64) -> Vec<u8> {
+    /// The basic PR OUT parameter list: key, service action key.
+    pub(crate) fn params(key: u64, sa_key: u64) -> Vec<u8> {
         let mut p = key.to_be_bytes().to_vec();
         p.extend_from_slice(&sa_key.to_be_bytes());
         p.extend_from_slice(&[0; 8]);

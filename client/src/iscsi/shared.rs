@@ -476,6 +476,7 @@ impl Replicated {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::iscsi::reserve::tests::{nexus, params, prout};
     use crate::iscsi::reserve::RESERVATION_CONFLICT;
 
     /// The control plane's register, in memory: compare-and-set on the
@@ -516,29 +517,6 @@ mod tests {
             };
             Box::pin(async move { Ok(reply) })
         }
-    }
-
-    fn nexus(name: &str) -> Nexus {
-        Nexus {
-            initiator: name.to_owned(),
-            isid: [0x80, 0, 0, 0, 0, 1],
-        }
-    }
-
-    fn prout(action: u8, kind: u8) -> [u8; 16] {
-        let mut cdb = [0u8; 16];
-        cdb[0] = 0x5f;
-        cdb[1] = action;
-        cdb[2] = kind;
-        cdb[8] = 24;
-        cdb
-    }
-
-    fn params(key: u64, sa_key: u64) -> Vec<u8> {
-        let mut p = key.to_be_bytes().to_vec();
-        p.extend_from_slice(&sa_key.to_be_bytes());
-        p.extend_from_slice(&[0; 8]);
-        p
     }
 
     /// Two agents over one register: what one registers and reserves,
