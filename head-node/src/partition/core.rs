@@ -1551,9 +1551,15 @@ impl PartitionCore {
             was_secondary,
             needed,
             next_sequence: self.next_sequence,
-            retained: self.retained.iter().map(|(s, p)| (*s, *p)).collect(),
+            retained: self.retained_tail(),
             log_resident,
         }
+    }
+
+    /// The own log records kept by sequence (a take-over offers them to the
+    /// new secondary's catch-up).
+    pub fn retained_tail(&self) -> Vec<(u64, LogPosition)> {
+        self.retained.iter().map(|(s, p)| (*s, *p)).collect()
     }
 
     /// A take-over's new primary adopts the old instance's log-resident

@@ -753,7 +753,7 @@ impl Partition {
         // record released meanwhile is skipped there). Without it the
         // catch-up would jump over every hole between the records the index
         // refers to, one round trip per hole.
-        let tail = old.lock().core.take_over_plan(was_secondary).retained;
+        let tail = old.lock().core.retained_tail();
         taken.shared.lock().core.adopt_retained(&tail);
         let done = old.lock().core.take_over_done(new_epoch);
         old.deliver(done);
