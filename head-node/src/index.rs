@@ -363,6 +363,38 @@ impl PartitionIndex {
         Ok(moved)
     }
 
+    /// Forgets every live run that points into the log with a sequence
+    /// `<= sequence` (the blocks become unmapped here); returns how many
+    /// blocks. A secondary's index after a flush commit up to `sequence`:
+    /// the sleds hold those blocks (or something newer), the log records
+    /// are no longer needed, and the commit's mappings need not name them
+    /// all (a record that reached this secondary by a catch-up resend was
+    /// flushed before it joined: no later commit maps it). Snapshot layers
+    /// are left alone.
+    pub fn forget_log_through(&mut self, sequence: u64) -> u64 {
+        let covered: Vec<u64> = self
+            .runs
+            .iter()
+            .filter(|(_, run)| {
+                matches!(run.location, Some(Location::Log { .. })) && run.sequence <= sequence
+            })
+            .map(|(start, _)| *start)
+            .collect();
+        let mut forgotten = 0;
+        for start in covered {
+            if let Some(run) = self.remove(start) {
+                forgotten += run.block_count;
+            }
+        }
+        debug_assert!(
+            self.runs.values().all(|run| {
+                !matches!(run.location, Some(Location::Log { .. })) || run.sequence > sequence
+            }),
+            "forget_log_through({sequence}) left a covered run in the log"
+        );
+        forgotten
+    }
+
     /// Where blocks `lba..lba+count` are, in order, covering exactly the
     /// range (`None`: zeros).
     pub fn lookup(&self, lba: u64, count: u64) -> Result<Vec<LookupPiece>, IndexError> {

@@ -85,8 +85,9 @@ impl Unit {
         unit.append_head_node_config(&format!(
             "wal_size_bytes = {WAL_BYTES}\nio_engine = \"sync\"\nflush_age_ms = 300\n\
              sled_failed_after_ms = 600000\nrepair_max_concurrent = 8\n\
-             repair_bytes_per_second = {}\nrepair_poll_interval_ms = 100\n",
-            200 * MIB
+             repair_bytes_per_second = {}\nrepair_poll_interval_ms = 100\nwal_timeout_ms = {}\n",
+            200 * MIB,
+            WAL_TIMEOUT.as_millis()
         ));
         let sleds: Vec<Option<Daemon>> = unit.start_sleds().into_iter().map(Some).collect();
         let heads = if wal_faults {
@@ -353,13 +354,13 @@ fn fio_pass(uri: &str, dir: &Path, pass: Pass, seed: u64, verify_only: bool) -> 
     assert_eq!(job["error"], 0, "{job:#}");
     assert_eq!(
         job["read"]["io_bytes"].as_u64(),
-        Some(PASS_BYTES),
+        Some(pass.bytes),
         "every block read back and verified: {job:#}"
     );
     if !verify_only {
         assert_eq!(
             job["write"]["io_bytes"].as_u64(),
-            Some(PASS_BYTES),
+            Some(pass.bytes),
             "{job:#}"
         );
     }
@@ -571,22 +572,21 @@ impl Unit {
     }
 }
 
-/// Ignored: it fails today, and what it found is not fixed yet. Three runs
-/// (2026-12-07) failed alike: EIO on hn-2's log under fio, hn-2's 4
-/// partitions had two copies elsewhere at a later epoch within 0.7-0.8 s,
-/// yet the 8 writes fio had in flight (QD8) never completed; the agent
-/// gave them up after its failover timeout (24 attempts in 122 s) and fio
-/// reported 8 EIOs (3501 other writes fine). The agent's debug log says
-/// why, per new primary: on hn-1 (promoted for partitions 0 and 3) every
-/// retry was refused `unavailable: overlapping writes did not complete`
-/// (the taken-over partition keeps an overlapping write of the old epoch
-/// that never completes); on hn-3 (partitions 4 and 5) `unavailable:
-/// write log full` for the whole 122 s. The volume-client test of the
-/// same fault (`failover::failed_write_log_takes_the_head_node_out_of_service`)
-/// passes: its writer has one write per slot in flight, not QD8 with
-/// overlapping offsets. Run it with `--ignored` to reproduce.
+/// EIO on a head node's write log under fio (4 KiB random writes, QD8,
+/// verified), then, once it is back with a working log, a hang on the
+/// other non-leader's: each time its partitions fail over and fio sees no
+/// error.
+///
+/// What it found (2026-12-07): ~20 s after the EIO's failover, every write
+/// with a copy on the node that became the new secondary of the failed
+/// node's partitions stalled for good (fio: 8 EIOs after the agent's 120 s
+/// failover timeout; "write log full" on that node's primaries,
+/// "overlapping writes did not complete" on the primaries it was
+/// secondary for). The new secondary had been caught up with records its
+/// primary had flushed before it joined; no later flush commit maps
+/// those, so its index held them in the log until the shared log was full
+/// (`partition_core::a_flush_commit_releases_what_a_catch_up_resent_from_before_the_join`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds a bug: writes in flight at a write-log EIO fail after the agent's failover timeout"]
 async fn failing_write_log_under_nbd_load_fails_over_with_no_error() {
     require_tool("fio", "fio");
     let mut u = Unit::start(152, true).await;
@@ -629,4 +629,22 @@ async fn failing_write_log_under_nbd_load_fails_over_with_no_error() {
         "WAL FAULT NBD: fio 4 KiB randwrite QD8 verify=crc32c, 0 errors; longest write \
          {eio_ms:.0} ms across an EIO, {hang_ms:.0} ms across a hang (wal_timeout)"
     );
+    // Bounded pauses (generous for a loaded 2-core box running debug
+    // builds; the stall this test found lasted the agent's whole 120 s
+    // failover timeout): a failed log's node is out within the usual
+    // failover pause, a hung one after `wal_timeout` more.
+    assert!(
+        eio_ms < EIO_PAUSE_BOUND.as_millis() as f64,
+        "a write waited {eio_ms:.0} ms across the EIO"
+    );
+    assert!(
+        hang_ms < (WAL_TIMEOUT + EIO_PAUSE_BOUND).as_millis() as f64,
+        "a write waited {hang_ms:.0} ms across the hang"
+    );
 }
+
+/// Longest write accepted across a write-log EIO's failover.
+const EIO_PAUSE_BOUND: Duration = Duration::from_secs(15);
+/// The head nodes' `wal_timeout` (the default, set explicitly): a hung
+/// log is failed after it.
+const WAL_TIMEOUT: Duration = Duration::from_secs(5);

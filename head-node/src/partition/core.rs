@@ -353,6 +353,25 @@ impl LogResident {
     }
 }
 
+/// The parts of a partition's log hold ([`PartitionCore::log_holds`]):
+/// the oldest position each one needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogHolds {
+    /// Records the index maps (log-resident blocks).
+    pub index: Option<LogPosition>,
+    /// Appends in flight (and take-over pins).
+    pub in_flight: Option<LogPosition>,
+    /// Trims not yet in a stripe summary.
+    pub trims: Option<LogPosition>,
+    /// Records kept for the replication peer: on a primary the ones the
+    /// secondary has not confirmed, on a secondary its unflushed tail.
+    pub unconfirmed: Option<LogPosition>,
+    /// Snapshot markers no checkpoint holds yet.
+    pub markers: Option<LogPosition>,
+    /// Writes in the range table.
+    pub writes_in_table: usize,
+}
+
 /// The partition's single-owner state (see the module docs).
 #[derive(Debug)]
 pub struct PartitionCore {
@@ -590,6 +609,25 @@ impl PartitionCore {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// What [`log_hold`](Self::log_hold) is made of, each part's oldest
+    /// position (`None`: that part holds nothing): the diagnostic of a full
+    /// log ([`LogHolds`]).
+    pub fn log_holds(&self) -> LogHolds {
+        let acked = if matches!(self.role, Role::Secondary) {
+            0
+        } else {
+            self.acked_through
+        };
+        LogHolds {
+            index: self.index.oldest_log_position(),
+            in_flight: self.oldest_hold(),
+            trims: self.pending_trims.values().map(|t| t.position).min(),
+            unconfirmed: self.retained.range(acked + 1..).map(|(_, p)| *p).min(),
+            markers: self.snapshot_markers.values().min().copied(),
+            writes_in_table: self.writes.len(),
+        }
     }
 
     /// The log released everything below `tail`: drops it from the
@@ -1417,6 +1455,12 @@ impl PartitionCore {
             // the tail up to it is on the sleds (or superseded).
             self.pending_trims.retain(|sequence, _| *sequence > up_to);
             self.retained.retain(|sequence, _| *sequence > up_to);
+            // So is every block the index still maps into the log at or
+            // below it, mapped above or not: a record that came with the
+            // catch-up of this secondary's join was flushed before it and
+            // is named by no later commit (it held the log for good, and
+            // filled it; see `PartitionIndex::forget_log_through`).
+            self.index.forget_log_through(up_to);
             // A secondary writes no checkpoint: its markers are held like
             // its tail, until a flush commit covers them.
             self.snapshot_markers
@@ -1715,6 +1759,9 @@ impl PartitionCore {
                                 mapped.map_err(|e| self.index_error(e))?;
                             }
                         }
+                        // As live (`replica_commit`): nothing at or below
+                        // the commit stays mapped into the log.
+                        self.index.forget_log_through(up_to);
                     }
                 }
                 RecordKind::Checkpoint | RecordKind::Padding => {}

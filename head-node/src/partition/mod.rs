@@ -361,7 +361,13 @@ pub struct SharedLog {
     release_lock: tokio::sync::Mutex<()>,
     /// Woken whenever log space was released (writers waiting on a full log).
     space: Notify,
+    /// When a full log was last reported (one report per
+    /// [`FULL_REPORT_INTERVAL`]).
+    full_reported: Mutex<Option<Instant>>,
 }
+
+/// Least time between two reports of a full log ([`SharedLog::report_full`]).
+const FULL_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 impl SharedLog {
     /// Wraps an opened log.
@@ -371,7 +377,57 @@ impl SharedLog {
             partitions: Mutex::new(Vec::new()),
             release_lock: tokio::sync::Mutex::new(()),
             space: Notify::new(),
+            full_reported: Mutex::new(None),
         })
+    }
+
+    /// A writer gave up on a full log: says (at most every
+    /// [`FULL_REPORT_INTERVAL`]) which partitions hold the log's tail and
+    /// by what, so that a log that stays full names its cause.
+    fn report_full(&self) {
+        {
+            let mut last = lock(&self.full_reported);
+            if last.is_some_and(|at| at.elapsed() < FULL_REPORT_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let stats = self.wal.stats();
+        let partitions: Vec<Arc<Shared>> = lock(&self.partitions)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut holders: Vec<(LogPosition, String)> = partitions
+            .iter()
+            .filter_map(|p| {
+                let state = p.lock();
+                let hold = state.core.log_hold()?;
+                let what = format!(
+                    "{:?} {:?} at epoch {}: {:?}",
+                    p.id(),
+                    state.core.role(),
+                    state.core.epoch(),
+                    state.core.log_holds()
+                );
+                Some((hold, what))
+            })
+            .collect();
+        holders.sort_by_key(|(hold, _)| *hold);
+        let holders: Vec<String> = holders
+            .into_iter()
+            .take(4)
+            .map(|(hold, what)| format!("{} by {what}", hold.0))
+            .collect();
+        tracing::warn!(
+            tail = stats.tail,
+            durable = stats.durable,
+            head = stats.head,
+            used_bytes = stats.used_bytes,
+            capacity_bytes = stats.capacity_bytes,
+            partitions = partitions.len(),
+            oldest_holds = ?holders,
+            "write log full: writers give up; the oldest holds"
+        );
     }
 
     /// The log.
@@ -1576,6 +1632,7 @@ async fn append_local(
             Ok(positions) => return Ok(positions),
             Err(WalError::LogFull { .. }) => {
                 if tokio::time::Instant::now() >= deadline {
+                    shared.log.report_full();
                     return Err(shared.unavailable("write log full"));
                 }
                 kick_flush(shared);

@@ -318,6 +318,85 @@ fn a_catch_up_jump_keeps_the_trims_a_flush_commit_drops() {
     assert!(core.take_over_plan(true).needed.is_empty());
 }
 
+/// The bug behind issue 14's write-log EIO under NBD load: a secondary
+/// named at a new epoch is caught up with the primary's retained tail,
+/// records the primary had already flushed (not yet released) among them.
+/// No later flush commit maps those blocks (the primary flushed them
+/// before), so the secondary's index kept them in its log for good: its
+/// log hold never passed the oldest one, the node's shared log filled up
+/// ~20 s later, and every partition with a copy on it stalled ("write log
+/// full" on its primaries, overlapping writes queued behind unconfirmed
+/// ones on the primaries it was secondary for).
+#[test]
+fn a_flush_commit_releases_what_a_catch_up_resent_from_before_the_join() {
+    let mut core = secondary();
+    // The catch-up resends 1..=3 (already flushed by the primary), then a
+    // new write 4 arrives.
+    assert_eq!(
+        append(
+            &mut core,
+            vec![record(1, 0), record(2, 1), record(3, 2)],
+            10
+        ),
+        Ok(3)
+    );
+    assert_eq!(append(&mut core, vec![record(4, 3)], 13), Ok(4));
+    assert_eq!(core.log_hold(), Some(LogPosition(10)));
+    // The primary's next flush moves block 3 (sequence 4) only: its commit
+    // covers 1..=4 but maps nothing of 1..=3.
+    let moved = FlushedRange {
+        lba: FIRST + 3,
+        blocks: 1,
+        sequence: 4,
+        extent: 9,
+        column: 0,
+        offset_bytes: 0,
+    };
+    let commit = core.replica_commit(5, 4, &[moved]).unwrap();
+    assert_eq!(core.log_hold(), None, "{:?}", core.log_holds());
+    assert_eq!(core.index().log_resident_blocks(), 0);
+    // A promotion hands nothing of the log over: the sleds hold it all.
+    assert!(core.take_over_plan(true).needed.is_empty());
+    // Above the commit the log stays held.
+    assert_eq!(append(&mut core, vec![record(5, 1)], 15), Ok(5));
+    core.replica_commit(5, 4, &[]).unwrap();
+    assert_eq!(core.log_hold(), Some(LogPosition(15)));
+
+    // The same log replayed by a restarted secondary: the same holds.
+    let mut logged: Vec<RecoveredRecord> = Vec::new();
+    let mut replica = secondary();
+    for (records, at) in [
+        (vec![record(1, 0), record(2, 1), record(3, 2)], 10),
+        (vec![record(4, 3)], 13),
+    ] {
+        let ReplicaAppend::Log { records, hold } = replica
+            .replica_begin_append(5, records, LogPosition(at))
+            .unwrap()
+        else {
+            panic!("nothing to log")
+        };
+        let positions: Vec<LogPosition> =
+            (at..at + records.len() as u64).map(LogPosition).collect();
+        replica
+            .replica_appended(&records, hold, Ok(positions.clone()))
+            .unwrap();
+        logged.extend(
+            records
+                .into_iter()
+                .zip(positions)
+                .map(|(record, position)| RecoveredRecord { position, record }),
+        );
+    }
+    logged.push(RecoveredRecord {
+        position: LogPosition(14),
+        record: commit,
+    });
+    let mut restarted = secondary();
+    restarted.replay(true, &logged, 1, Instant::now()).unwrap();
+    assert_eq!(restarted.log_hold(), None, "{:?}", restarted.log_holds());
+    assert_eq!(restarted.next_sequence(), 5);
+}
+
 #[test]
 fn the_catch_up_plan_resends_what_the_log_has_and_jumps_the_rest() {
     let mut core = primary();
