@@ -16,6 +16,6 @@ pub mod rack;
 
 pub use device::{
     check_range, open_device, AlignedBuf, BlockDevice, DeviceError, DeviceInfo, EngineChoice,
-    EngineKind, FaultControl, FaultOps, FaultyDevice, IoFuture, MemoryDevice, OpenOptions,
-    SharedDevice, TimedDevice, DEFAULT_DEVICE_TIMEOUT, ENGINE_ENV_VAR, IO_ALIGN_BYTES,
+    EngineKind, FaultControl, FaultOps, FaultyDevice, FileFault, IoFuture, MemoryDevice,
+    OpenOptions, SharedDevice, TimedDevice, DEFAULT_DEVICE_TIMEOUT, ENGINE_ENV_VAR, IO_ALIGN_BYTES,
 };

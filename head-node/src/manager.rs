@@ -59,6 +59,19 @@
 //! `rackblock_wal_failed{path,reason}` say which log failed and why. A
 //! restart with a working log sets the node Up again.
 //!
+//! **Failed sled devices.** A sled whose device fails (an I/O error or a
+//! timeout: its store fail-stops the device) keeps serving its other
+//! devices and answers `DeviceFailed` for that one's columns. Whatever
+//! request of this node got that answer (a flush append, a read, a claim),
+//! the device is recorded Failed in the control plane
+//! ([`Command::SetDeviceHealth`], checked against the applied state
+//! first): new extents are placed elsewhere (degraded when too few sleds
+//! are left), and its columns are rebuilt on another sled where one can
+//! take them (reads reconstruct them meanwhile). A device recorded Failed
+//! whose sled reports it healthy again (the sled controller restarted on
+//! a working disk; asked every second) is recorded Up, and repair writes
+//! the owed columns on it.
+//!
 //! **Role changes** (failover, re-mirroring; the control plane's failover
 //! controller decides them). A secondary promoted while running, and a
 //! primary whose epoch moved on because its secondary was replaced, are
@@ -90,7 +103,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
 use hardware::{open_device, EngineChoice, FaultyDevice, OpenOptions, SharedDevice, TimedDevice};
-use local_control_plane::state::{Health, NodeId, UnitState};
+use local_control_plane::state::{Health, NodeId, SledId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -765,6 +778,7 @@ impl PartitionManager {
         // here, not a poll interval later.
         let mut metrics = inner.node.raft().metrics();
         tokio::spawn(watch_log(self.inner.clone(), shutdown.clone()));
+        tokio::spawn(watch_sled_devices(self.inner.clone(), shutdown.clone()));
         loop {
             let applied = metrics.borrow_and_update().last_applied;
             reconcile(inner).await;
@@ -1437,11 +1451,12 @@ fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Par
 }
 
 /// `RACKBLOCK_TEST_WAL_FAULT_FILE`, for end-to-end tests only: when set, the
-/// write log's device is wrapped in a [`FaultyDevice`] driven by that file,
-/// read every 100 ms: `eio` fails every write (and sync) with EIO, `hang`
-/// delays every operation by an hour (the `wal_timeout` deadline turns it
-/// into a failure), anything else heals. Unset (the product's path), the
-/// device is returned as it is.
+/// write log's device is wrapped in a [`FaultyDevice`] driven by that file
+/// ([`hardware::FaultControl::follow_file`]: `eio` fails every write (and
+/// sync) with EIO, `hang` delays every operation by an hour (the
+/// `wal_timeout` deadline turns it into a failure), anything else heals).
+/// Unset (the product's path), the device is returned as it is. The sled
+/// controller's devices have the same hook (`fault_control_file`).
 fn test_fault_device(device: SharedDevice) -> SharedDevice {
     let Some(file) = std::env::var_os("RACKBLOCK_TEST_WAL_FAULT_FILE") else {
         return device;
@@ -1450,28 +1465,93 @@ fn test_fault_device(device: SharedDevice) -> SharedDevice {
     warn!(control = %file.display(), "write log on a fault-injection device (RACKBLOCK_TEST_WAL_FAULT_FILE)");
     let size_bytes = device.info().size_bytes;
     let faulty = Arc::new(FaultyDevice::new(device));
-    let control = faulty.control();
-    std::thread::spawn(move || {
-        let mut applied = String::new();
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let wanted = std::fs::read_to_string(&file)
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-            if wanted == applied {
+    faulty.control().follow_file(file, size_bytes);
+    faulty
+}
+
+/// How often sled devices that answered `DeviceFailed` are reported.
+const DEVICE_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the sleds with a device recorded Failed are asked whether it
+/// works again.
+const DEVICE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps the control plane's device health in step with what the sleds
+/// answer (see the module docs): a device that answered `DeviceFailed`
+/// (the sled's store failed it after an I/O error or a timeout) is
+/// recorded Failed, so that no new column is placed on it and its columns
+/// are repaired or owed; one recorded Failed that its Up sled reports
+/// healthy again (restarted on a working or replaced disk) is recorded Up.
+/// Every head node does this (the commands are idempotent and checked
+/// against the applied state first).
+async fn watch_sled_devices(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut last_probe = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(DEVICE_REPORT_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let state = inner.node.local_state();
+        for (sled, device) in inner.sleds.take_failed_devices() {
+            let sled = SledId::new(sled);
+            let recorded = state
+                .sleds()
+                .get(&sled)
+                .and_then(|s| s.devices.get(&device))
+                .map(|d| d.health);
+            if recorded != Some(Health::Up) {
                 continue;
             }
-            control.heal();
-            match wanted.as_str() {
-                "eio" => control.fail_range(0, size_bytes, hardware::FaultOps::Writes),
-                "hang" => control.set_latency(Duration::from_secs(3600)),
-                _ => {}
-            }
-            applied = wanted;
+            set_device_health(&inner, sled, device, Health::Failed).await;
         }
-    });
-    faulty
+        if last_probe.elapsed() < DEVICE_PROBE_INTERVAL {
+            continue;
+        }
+        last_probe = Instant::now();
+        for (id, sled) in state.sleds() {
+            let failed: BTreeSet<u16> = sled
+                .devices
+                .iter()
+                .filter(|(_, d)| d.health == Health::Failed)
+                .map(|(index, _)| *index)
+                .collect();
+            if sled.health != Health::Up || failed.is_empty() {
+                continue;
+            }
+            match inner.sleds.inventory(&id.0).await {
+                Ok(inventory) => {
+                    for device in inventory.devices {
+                        if failed.contains(&device.device)
+                            && device.state == proto::sled::DeviceState::Healthy
+                        {
+                            set_device_health(&inner, id.clone(), device.device, Health::Up).await;
+                        }
+                    }
+                }
+                Err(error) => debug!(sled = %id.0, %error, "sled inventory unavailable"),
+            }
+        }
+    }
+}
+
+/// Proposes device `device` of `sled` `health` (errors logged: the next
+/// round tries again).
+async fn set_device_health(inner: &Inner, sled: SledId, device: u16, health: Health) {
+    let command = Command::SetDeviceHealth {
+        device: local_control_plane::DeviceRef {
+            sled: sled.clone(),
+            device,
+        },
+        health,
+    };
+    match propose(&inner.node, command).await {
+        Ok(_) if health == Health::Failed => {
+            warn!(sled = %sled.0, device, "sled device answers DeviceFailed: recorded Failed")
+        }
+        Ok(_) => info!(sled = %sled.0, device, "sled device works again: recorded Up"),
+        Err(error) => {
+            debug!(sled = %sled.0, device, %error, "cannot record the device's health yet")
+        }
+    }
 }
 
 /// Waits for the write log to fail, then takes the node out of service

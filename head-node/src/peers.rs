@@ -34,7 +34,7 @@
 //!   `NotLeader` and Raft errors (elections) are retried a bounded number
 //!   of times.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -232,6 +232,10 @@ impl ReplicaPeer for LinkReplicaPeer {
 #[derive(Debug)]
 pub struct SledLinks {
     links: LinkSet,
+    /// Devices that answered `DeviceFailed` since the last
+    /// [`take_failed_devices`](SledLinks::take_failed_devices): the
+    /// manager reports them to the control plane.
+    failed_devices: Arc<Mutex<BTreeSet<(String, u16)>>>,
 }
 
 impl SledLinks {
@@ -244,12 +248,30 @@ impl SledLinks {
             .collect();
         Self {
             links: LinkSet::new(addresses, config, metrics),
+            failed_devices: Arc::new(Mutex::new(BTreeSet::new())),
         }
     }
 
     /// Closes every link.
     pub fn close(&self) {
         self.links.close();
+    }
+
+    /// The `(sled, device)`s that answered `DeviceFailed` since the last
+    /// call (each once).
+    pub fn take_failed_devices(&self) -> BTreeSet<(String, u16)> {
+        std::mem::take(&mut *lock(&self.failed_devices))
+    }
+
+    /// Asks `sled` for its inventory (device states).
+    pub async fn inventory(&self, sled: &str) -> Result<proto::sled::SledInventory, PeerError> {
+        match self.call(sled, SledRequest::Inventory).await? {
+            SledResponse::Inventory(inventory) => Ok(inventory),
+            other => Err(PeerError::Refused {
+                peer: sled.to_string(),
+                reason: format!("unexpected answer to an inventory request: {other:?}"),
+            }),
+        }
     }
 }
 
@@ -261,11 +283,17 @@ impl SledAccess for SledLinks {
     ) -> BoxFuture<'static, Result<SledResponse, PeerError>> {
         let link = self.links.link(sled);
         let sled = sled.to_string();
+        let failed_devices = self.failed_devices.clone();
         Box::pin(async move {
             let link = link?;
             let idempotent = request.is_idempotent();
             match link.call(Message::Sled(request), idempotent).await {
-                Ok(Message::SledReply(response)) => Ok(response),
+                Ok(Message::SledReply(response)) => {
+                    if let SledResponse::Error(SledError::DeviceFailed { device }) = &response {
+                        lock(&failed_devices).insert((sled, *device));
+                    }
+                    Ok(response)
+                }
                 Ok(other) => Err(unexpected_answer(sled, &other)),
                 Err(error) => Err(peer_error(&sled, error)),
             }

@@ -63,6 +63,17 @@ pub struct SledControllerConfig {
     /// file. The sled controller does not start without its key.
     #[serde(default)]
     pub credentials_dir: Option<PathBuf>,
+    /// **Tests only** (never set in production): every device is wrapped in
+    /// a fault-injection device driven by this file, read every 100 ms
+    /// (`hardware::FaultControl::follow_file`): `eio` fails every write
+    /// with EIO (the store then fails the device: its columns answer
+    /// `DeviceFailed`), `hang` delays every operation by an hour
+    /// (`device_timeout_ms` fails the device), anything else (an empty or
+    /// missing file) is healthy. A failed device stays failed until the
+    /// sled controller restarts. The head node's write log has the same
+    /// hook (`RACKBLOCK_TEST_WAL_FAULT_FILE`).
+    #[serde(default)]
+    pub fault_control_file: Option<PathBuf>,
 }
 
 pub use hardware::config::ConfigError;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hardware::rack::{Rack, RackError};
-use hardware::{open_device, OpenOptions, TimedDevice};
+use hardware::{open_device, FaultyDevice, OpenOptions, SharedDevice, TimedDevice};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -101,6 +101,10 @@ pub async fn open_sled(
             })
         };
         let opened = match open_device(&device.path, &options).and_then(|d| {
+            let d = match &config.fault_control_file {
+                Some(file) => fault_device(d, file),
+                None => d,
+            };
             TimedDevice::new(d, config.device_timeout())
                 .map(|timed| Arc::new(timed) as Arc<dyn hardware::BlockDevice>)
         }) {
@@ -133,6 +137,16 @@ pub async fn open_sled(
         devices,
         metrics,
     ))
+}
+
+/// `fault_control_file` (tests only, see the config): `device` behind a
+/// fault-injection device that follows `file`.
+fn fault_device(device: SharedDevice, file: &std::path::Path) -> SharedDevice {
+    tracing::warn!(control = %file.display(), "device on a fault-injection device (fault_control_file)");
+    let size_bytes = device.info().size_bytes;
+    let faulty = Arc::new(FaultyDevice::new(device));
+    faulty.control().follow_file(file.to_path_buf(), size_bytes);
+    faulty
 }
 
 /// Runs the sled controller until `shutdown` is cancelled.

@@ -18,6 +18,11 @@
 //!           *other* sleds killed (the repaired columns are real)
 //! ```
 //!
+//! The same with the two sleds' devices failed by the fault device (the
+//! sled controller's `fault_control_file`: EIO on every write) while their
+//! processes keep running, and brought back by a restart on healed
+//! devices (the disks replaced).
+//!
 //! `min_flush_columns = k` is what lets writes continue with two of six
 //! sleds gone (the default, k+1, makes flushes wait instead:
 //! `degraded::below_the_minimum_writes_wait_for_a_sled_instead_of_failing`).
@@ -49,10 +54,21 @@ const WAL_BYTES: u64 = 16 * MIB;
 const PASS_BYTES: u64 = VOLUME_BYTES;
 const FIO_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Which devices of a [`Unit`] are fault devices.
+#[derive(Debug, Clone, Copy, Default)]
+struct Faults {
+    /// Every head node's write log (driven by [`wal_control`]).
+    wal: bool,
+    /// Every sled's devices (`fault_control_file`, [`Unit::sled_faults`]).
+    sled_devices: bool,
+}
+
 struct Unit {
     volume: u64,
     unit: TestUnit,
     sleds: Vec<Option<Daemon>>,
+    /// The control file of each sled's devices (with `Faults::sled_devices`).
+    sled_faults: Vec<PathBuf>,
     heads: Vec<Daemon>,
     lcp: local_control_plane::LcpClient,
     agent: Daemon,
@@ -61,10 +77,9 @@ struct Unit {
 }
 
 impl Unit {
-    /// The unit and its volume `volume` attached over NBD; with
-    /// `wal_faults`, every head node's write log is on the fault device
-    /// (driven by [`Unit::wal_control`], healthy at first).
-    async fn start(volume: u64, wal_faults: bool) -> Unit {
+    /// The unit and its volume `volume` attached over NBD, with the fault
+    /// devices `faults` asks for (healthy at first).
+    async fn start(volume: u64, faults: Faults) -> Unit {
         let started = Instant::now();
         let unit = TestUnit::build(
             HeadNodeOptions {
@@ -89,8 +104,15 @@ impl Unit {
             200 * MIB,
             WAL_TIMEOUT.as_millis()
         ));
+        let sled_faults: Vec<PathBuf> = if faults.sled_devices {
+            (0..unit.sleds.len())
+                .map(|i| unit.enable_sled_faults(i))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let sleds: Vec<Option<Daemon>> = unit.start_sleds().into_iter().map(Some).collect();
-        let heads = if wal_faults {
+        let heads = if faults.wal {
             let heads: Vec<Daemon> = (0..unit.head_nodes.len())
                 .map(|i| {
                     let control = wal_control(&unit, i);
@@ -126,6 +148,7 @@ impl Unit {
             volume,
             unit,
             sleds,
+            sled_faults,
             heads,
             lcp,
             agent,
@@ -170,6 +193,52 @@ impl Unit {
     fn kill_sled(&mut self, i: usize) {
         self.sleds[i].take().expect("sled running").kill9();
         self.note(&format!("kill -9 sled-{}", i + 1));
+    }
+
+    /// [`fio_pass`] over the volume; a failure panics with the head
+    /// nodes' and the agent's logs.
+    fn fio(&self, pass: Pass, seed: u64, verify_only: bool) -> Value {
+        let (uri, dir) = (self.uri.clone(), self.unit.dir.path().to_path_buf());
+        let run = std::thread::spawn(move || fio_pass(&uri, &dir, pass, seed, verify_only));
+        match run.join() {
+            Ok(job) => job,
+            Err(_) => {
+                let agent = self.agent.log_text();
+                let start = agent.len().saturating_sub(4000);
+                panic!(
+                    "fio (see above)\n---- agent ----\n{}\n{}",
+                    &agent[start..],
+                    self.logs()
+                )
+            }
+        }
+    }
+
+    /// Sled `i` lost the way `loss` says; waits until the unit knows.
+    async fn lose_sled(&mut self, i: usize, loss: Loss) {
+        let name = format!("sled-{}", i + 1);
+        match loss {
+            Loss::Kill => {
+                self.kill_sled(i);
+                self.wait_sleds(&[&name], Health::Down).await;
+            }
+            Loss::DeviceEio => {
+                std::fs::write(&self.sled_faults[i], "eio").unwrap();
+                self.note(&format!("EIO on every device of {name}"));
+            }
+        }
+    }
+
+    /// Sled `i` back after `loss`: restarted (a killed one), or restarted
+    /// on healed devices (the failed disks replaced).
+    fn return_sled(&mut self, i: usize, loss: Loss) {
+        if loss == Loss::DeviceEio {
+            std::fs::write(&self.sled_faults[i], "").unwrap();
+            if let Some(mut sled) = self.sleds[i].take() {
+                assert!(sled.terminate(), "sled-{} did not stop", i + 1);
+            }
+        }
+        self.sleds[i] = Some(self.unit.start_sled(i));
     }
 
     fn logs(&self) -> String {
@@ -371,44 +440,61 @@ fn longest_write_ms(job: &Value) -> f64 {
     job["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nbd_writes_survive_two_sleds_killed_and_repair_restores_full_width() {
-    require_tool("fio", "fio");
-    let mut u = Unit::start(151, false).await;
-    let dir = u.unit.dir.path().to_path_buf();
-    u.note("unit up, volume attached over NBD");
+/// How a sled is lost in [`two_sleds_lost_under_nbd_writes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// `kill -9` of its sled controller.
+    Kill,
+    /// Every device of it fails (EIO on writes, from the fault device);
+    /// the sled controller keeps running.
+    DeviceEio,
+}
 
-    u.kill_sled(5);
-    u.wait_sleds(&["sled-6"], Health::Down).await;
-    let first = fio_pass(&u.uri, &dir, SEQUENTIAL, 1511, false);
+/// Issue 14's sled scenario over NBD with fio `verify=crc32c`: one sled
+/// lost, 3× a log written and verified; a second one lost during the next
+/// pass; both back: every extent at k+m on distinct sleds, the repair rate
+/// printed; the data verified again, also with two *other* sleds killed.
+async fn two_sleds_lost_under_nbd_writes(volume: u64, loss: Loss) {
+    require_tool("fio", "fio");
+    let faults = Faults {
+        sled_devices: loss == Loss::DeviceEio,
+        ..Faults::default()
+    };
+    let mut u = Unit::start(volume, faults).await;
+    let dir = u.unit.dir.path().to_path_buf();
+    let seed = volume * 10;
+    u.note(&format!("unit up, volume attached over NBD ({loss:?})"));
+
+    u.lose_sled(5, loss).await;
+    let first = u.fio(SEQUENTIAL, seed + 1, false);
     let first_ms = longest_write_ms(&first);
     u.note(&format!(
-        "fio: {} MiB written (3× a log) and verified with sled-6 down, longest write {first_ms:.0} ms",
+        "fio: {} MiB written (3× a log) and verified with sled-6 lost, longest write {first_ms:.0} ms",
         PASS_BYTES / MIB
     ));
     let s = u.status().await;
     assert!(s.allocation.degraded_extents > 0, "{:?}", s.allocation);
 
-    // The second sled dies while fio writes.
+    // The second sled is lost while fio writes.
     let writer = {
         let (uri, dir) = (u.uri.clone(), dir.clone());
-        std::thread::spawn(move || fio_pass(&uri, &dir, SEQUENTIAL, 1512, false))
+        std::thread::spawn(move || fio_pass(&uri, &dir, SEQUENTIAL, seed + 2, false))
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!writer.is_finished(), "fio ended before the second kill");
-    u.kill_sled(4);
+    assert!(!writer.is_finished(), "fio ended before the second loss");
+    u.lose_sled(4, loss).await;
     let second = match writer.join() {
         Ok(job) => job,
-        Err(panic) => panic!("fio with sled-5 killed: {panic:?}\n{}", u.logs()),
+        Err(panic) => panic!("fio with sled-5 lost: {panic:?}\n{}", u.logs()),
     };
     let second_ms = longest_write_ms(&second);
     u.note(&format!(
-        "fio: {} MiB written and verified, sled-5 killed during it, longest write {second_ms:.0} ms",
+        "fio: {} MiB written and verified, sled-5 lost during it, longest write {second_ms:.0} ms",
         PASS_BYTES / MIB
     ));
     let s = u.status().await;
     u.note(&format!(
-        "allocation with two sleds down: {:?}",
+        "allocation with two sleds lost: {:?}",
         s.allocation
     ));
     assert!(s.allocation.owed_columns > 0, "{:?}", s.allocation);
@@ -416,28 +502,41 @@ async fn nbd_writes_survive_two_sleds_killed_and_repair_restores_full_width() {
     // Both return: repair writes every owed column on them.
     let before = s.repair.completed_bytes;
     let repair_started = Instant::now();
-    u.sleds[4] = Some(u.unit.start_sled(4));
-    u.sleds[5] = Some(u.unit.start_sled(5));
-    u.note("restarted sled-5 and sled-6");
+    u.return_sled(4, loss);
+    u.return_sled(5, loss);
+    u.note("sled-5 and sled-6 back");
     u.wait_sleds(&["sled-5", "sled-6"], Health::Up).await;
     let s = u.wait_full_width(Duration::from_secs(120)).await;
     let seconds = repair_started.elapsed().as_secs_f64();
     let bytes = s.repair.completed_bytes - before;
     println!(
-        "DEGRADED NBD REPAIR: {} extents at {K}+{M} again; {bytes} bytes of owed columns written in \
-         {seconds:.1} s since the restarts: {:.1} MiB/s (limit 200 MiB/s); longest fio write \
-         {first_ms:.0} ms with one sled down, {second_ms:.0} ms across the second kill",
+        "DEGRADED NBD REPAIR ({loss:?}): {} extents at {K}+{M} again; {bytes} bytes of owed columns \
+         written in {seconds:.1} s since the sleds returned: {:.1} MiB/s (limit 200 MiB/s); longest \
+         fio write {first_ms:.0} ms with one sled lost, {second_ms:.0} ms across the second loss",
         s.extents,
         bytes as f64 / MIB as f64 / seconds
     );
     assert!(bytes > 0, "nothing repaired: {:?}", s.repair);
 
-    fio_pass(&u.uri, &dir, SEQUENTIAL, 1512, true);
+    u.fio(SEQUENTIAL, seed + 2, true);
     u.note("fio --verify_only after the repair: identical");
     u.kill_sled(0);
     u.kill_sled(1);
-    fio_pass(&u.uri, &dir, SEQUENTIAL, 1512, true);
+    u.fio(SEQUENTIAL, seed + 2, true);
     u.note("fio --verify_only with sled-1 and sled-2 killed: identical");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_writes_survive_two_sleds_killed_and_repair_restores_full_width() {
+    two_sleds_lost_under_nbd_writes(151, Loss::Kill).await;
+}
+
+/// The same with the sleds' devices failed by the fault device (EIO on
+/// every write) while their sled controllers keep running; "back" is a
+/// restart on healed devices (the disks replaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_writes_survive_two_sleds_devices_failed_and_repair_restores_full_width() {
+    two_sleds_lost_under_nbd_writes(153, Loss::DeviceEio).await;
 }
 
 /// 4 KiB random writes at QD8, 16 MiB of them over the volume.
@@ -589,7 +688,11 @@ impl Unit {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_write_log_under_nbd_load_fails_over_with_no_error() {
     require_tool("fio", "fio");
-    let mut u = Unit::start(152, true).await;
+    let faults = Faults {
+        wal: true,
+        ..Faults::default()
+    };
+    let mut u = Unit::start(152, faults).await;
     u.note("unit up, every write log on the fault device");
     let leader = {
         let (raft, _) = u.lcp.unit_status().await.unwrap();

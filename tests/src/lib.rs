@@ -818,6 +818,24 @@ impl TestUnit {
             .collect()
     }
 
+    /// Puts every device of sled `i` behind the fault device (the sled
+    /// controller's `fault_control_file`, healthy at first); call before
+    /// starting it. Returns the control file: write `eio` or `hang` into it
+    /// to fail the devices, anything else heals (a device the store failed
+    /// stays failed until the sled controller restarts).
+    pub fn enable_sled_faults(&self, i: usize) -> PathBuf {
+        let sled = &self.sleds[i];
+        let control = self.dir.path().join(format!("{}.fault", sled.id));
+        std::fs::write(&control, "").unwrap();
+        let mut config = std::fs::read_to_string(&sled.config).unwrap();
+        if !config.ends_with('\n') {
+            config.push('\n');
+        }
+        config.push_str(&format!("fault_control_file = \"{}\"\n", control.display()));
+        std::fs::write(&sled.config, config).unwrap();
+        control
+    }
+
     /// Starts sled `i` (0-based) and waits until it is healthy.
     pub fn start_sled(&self, i: usize) -> Daemon {
         let sled = &self.sleds[i];

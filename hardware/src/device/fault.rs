@@ -146,6 +146,64 @@ impl FaultControl {
     }
 }
 
+/// A fault mode named by a control file ([`FaultControl::follow_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFault {
+    /// Every write (and flush, discard) of the device fails with EIO.
+    Eio,
+    /// Every operation is delayed by an hour: a `TimedDevice` deadline
+    /// above turns it into a failure.
+    Hang,
+    /// No fault.
+    Healthy,
+}
+
+impl FileFault {
+    /// The mode a control file's text names (surrounding white space
+    /// ignored): `eio`, `hang`, anything else (an empty file) healthy.
+    pub fn parse(text: &str) -> FileFault {
+        match text.trim() {
+            "eio" => FileFault::Eio,
+            "hang" => FileFault::Hang,
+            _ => FileFault::Healthy,
+        }
+    }
+}
+
+/// How often [`FaultControl::follow_file`] reads its file.
+pub const FOLLOW_FILE_INTERVAL: Duration = Duration::from_millis(100);
+
+impl FaultControl {
+    /// Arms `fault` on a device of `size_bytes` (after clearing every fault).
+    pub fn apply(&self, fault: FileFault, size_bytes: u64) {
+        self.heal();
+        match fault {
+            FileFault::Eio => self.fail_range(0, size_bytes, FaultOps::Writes),
+            FileFault::Hang => self.set_latency(Duration::from_secs(3600)),
+            FileFault::Healthy => {}
+        }
+    }
+
+    /// End-to-end tests drive a process's devices through a file: a
+    /// thread reads `file` every [`FOLLOW_FILE_INTERVAL`] and applies the
+    /// [`FileFault`] its text names whenever it changes (a missing file is
+    /// healthy). The thread lives as long as the process.
+    pub fn follow_file(&self, file: std::path::PathBuf, size_bytes: u64) {
+        let control = self.clone();
+        std::thread::spawn(move || {
+            let mut applied = FileFault::Healthy;
+            loop {
+                std::thread::sleep(FOLLOW_FILE_INTERVAL);
+                let wanted = FileFault::parse(&std::fs::read_to_string(&file).unwrap_or_default());
+                if wanted != applied {
+                    control.apply(wanted, size_bytes);
+                    applied = wanted;
+                }
+            }
+        });
+    }
+}
+
 /// A device that injects the faults armed through its [`FaultControl`].
 #[derive(Debug)]
 pub struct FaultyDevice {

@@ -40,7 +40,7 @@ pub mod timed;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
-pub use fault::{FaultControl, FaultOps, FaultyDevice};
+pub use fault::{FaultControl, FaultOps, FaultyDevice, FileFault};
 pub use memory::MemoryDevice;
 pub(crate) use open::block_device_size;
 pub use open::open_device;

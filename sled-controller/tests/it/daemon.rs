@@ -93,6 +93,7 @@ fn config(rack: &Path, sled_id: &str) -> SledControllerConfig {
         scrub_pass_interval_ms: 50,
         device_timeout_ms: 30_000,
         credentials_dir: None,
+        fault_control_file: None,
     }
 }
 
