@@ -317,3 +317,45 @@ mod model {
         }
     }
 }
+
+/// The control file of the end-to-end tests' fault devices
+/// (`FaultControl::follow_file`): `eio` fails writes, anything else heals.
+#[tokio::test]
+async fn a_control_file_arms_and_heals_faults() {
+    use hardware::FileFault;
+    assert_eq!(FileFault::parse(" eio\n"), FileFault::Eio);
+    assert_eq!(FileFault::parse("hang"), FileFault::Hang);
+    assert_eq!(FileFault::parse(""), FileFault::Healthy);
+    let (_inner, device) = device();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fault");
+    device
+        .control()
+        .follow_file(file.clone(), device.info().size_bytes);
+    // Waits (bounded) until a write succeeds or fails as `fail` says.
+    let wait_for = |fail: bool| {
+        let device = &device;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let failed = device.write_at(0, pattern(3, 1)).await.is_err();
+                if failed == fail {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "write failed: {failed}, wanted {fail}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // A missing file is healthy.
+    wait_for(false).await;
+    std::fs::write(&file, "eio").unwrap();
+    wait_for(true).await;
+    // Reads still work: only writes fail.
+    device.read_at(0, IO_ALIGN_BYTES).await.unwrap();
+    std::fs::write(&file, "").unwrap();
+    wait_for(false).await;
+}
