@@ -531,5 +531,10 @@ async fn apply_commit(
     if let Err(error) = shared.log.release().await {
         tracing::warn!(partition = ?shared.id(), %error, "secondary log release failed");
     }
+    // New rows on the sleds: the index of the flushed data catches up in
+    // the background (a jump flushed nothing).
+    if !super::core::is_jump(&mappings) {
+        super::kick_shadow(shared);
+    }
     Ok(())
 }

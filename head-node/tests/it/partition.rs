@@ -1409,16 +1409,28 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
 
 // ---------------------------------------------------------------- index checkpoints
 
-/// A checkpoint every 3 flush commits, never by time.
+/// A checkpoint every 3 flush commits, never by time; a promotion finds
+/// no secondary index (these tests are about checkpoints).
 fn checkpoint_every_3(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 3;
     c.checkpoint_interval = Duration::ZERO;
+    c.secondary_index_refresh = false;
 }
 
-/// Checkpoints only when asked (`write_checkpoint`).
+/// Checkpoints only when asked (`write_checkpoint`); a promotion finds no
+/// secondary index.
 fn checkpoint_on_demand(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 0;
     c.checkpoint_interval = Duration::ZERO;
+    c.secondary_index_refresh = false;
+}
+
+/// Checkpoints only when asked; the secondary index only when the test
+/// refreshes it (`refresh_secondary_index`).
+fn index_on_demand(c: &mut PartitionConfig) {
+    c.checkpoint_every_flushes = 0;
+    c.checkpoint_interval = Duration::ZERO;
+    c.secondary_index_refresh = false;
 }
 
 impl Unit {
@@ -2867,4 +2879,129 @@ async fn in_place_take_overs_hand_the_snapshots_over() {
     assert_eq!(ids, vec![7], "snapshots after the new epoch");
     check_snapshot(&unit, 7, &at_seven, "after the new epoch").await;
     check_all(&unit, &model, "live after the new epoch").await;
+}
+
+// ---------------------------------------------------------------- secondary index
+
+/// A promotion starts from the index the secondary kept of the flushed
+/// data and reads only the rows written since its last pass (flushes and a
+/// GC pass that moved blocks and freed extents it had applied); the result
+/// is the index a full scan builds, and every acknowledged block reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_reads_only_rows_after_the_secondary_index_and_matches_a_full_scan() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new_tuned(size_blocks, index_on_demand).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(71);
+    for _ in 0..8 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    let first = unit.secondary.refresh_secondary_index().await.unwrap();
+    assert!(first > 0, "the first pass reads every row");
+    let covered = unit.secondary.secondary_index_rows().unwrap();
+    assert!(covered >= 8, "{covered} rows");
+    // Nothing new: a second pass reads no summary.
+    assert_eq!(unit.secondary.refresh_secondary_index().await.unwrap(), 0);
+    // A GC pass moves blocks to new rows and frees extents the secondary
+    // had applied; more flushes; a second pass applies them.
+    let gc = unit.primary.gc_pass().await.unwrap();
+    println!("gc: {gc:?}");
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    assert!(unit.secondary.refresh_secondary_index().await.unwrap() > 0);
+    // Rows the secondary has not applied: overwrites, another GC pass,
+    // another flush, and an unflushed tail.
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let gc = unit.primary.gc_pass().await.unwrap();
+    println!("gc: {gc:?}");
+    random_ops(&unit, &mut model, &mut rng, 20).await;
+    unit.primary.flush_now().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 20).await;
+
+    let before = unit.summary_reads();
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    let reads = unit.summary_reads() - before;
+    assert!(report.secondary_index, "{report:?}");
+    assert_eq!(report.checkpoint, None);
+    assert_eq!(reads, report.rows_scanned);
+    assert!(reads > 0, "rows were written after the last pass");
+    assert_eq!(
+        promoted
+            .metrics()
+            .recovery_secondary_index_used
+            .load(Ordering::Relaxed),
+        1
+    );
+    check_all(&unit, &model, "after a promotion from the secondary index").await;
+    let from_shadow = locations(&promoted, size_blocks);
+
+    // The same index by a full scan (no checkpoint exists).
+    let before = unit.summary_reads();
+    let rescanned = unit.take_over(false, 3).await;
+    let full = rescanned.recovery_report();
+    let full_reads = unit.summary_reads() - before;
+    assert!(
+        !full.secondary_index && full.checkpoint.is_none(),
+        "{full:?}"
+    );
+    assert_eq!(
+        locations(&rescanned, size_blocks),
+        from_shadow,
+        "secondary index + rows after it must give the index of a full scan"
+    );
+    check_all(&unit, &model, "after a full-scan take-over").await;
+    println!("summary reads: {reads} from the secondary index, {full_reads} by the full scan");
+    assert!(reads < full_reads, "{reads} vs {full_reads}");
+}
+
+/// With the background refresh on (the default), flush commits keep the
+/// secondary's index current: the promotion reads (almost) no row; a
+/// secondary whose index was built under other snapshot cuts, or that
+/// kept none, recovers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_commits_keep_the_secondary_index_current() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(72);
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    // No checkpoint yet (every 32 flush commits): every row holds data.
+    let row_bytes = ROW_BYTES * u64::from(K + M);
+    let flushed_rows: u64 = unit
+        .primary
+        .extent_usage()
+        .iter()
+        .map(|(_, bytes)| bytes / row_bytes)
+        .sum();
+    assert!(flushed_rows >= 6, "{flushed_rows} rows");
+    // The refresh runs in the background: bounded wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if unit
+            .secondary
+            .secondary_index_rows()
+            .is_some_and(|rows| rows >= flushed_rows)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "secondary index at {:?} rows of {flushed_rows}",
+            unit.secondary.secondary_index_rows()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    random_ops(&unit, &mut model, &mut rng, 30).await;
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    assert!(report.secondary_index, "{report:?}");
+    check_all(&unit, &model, "after a promotion from a current index").await;
 }
