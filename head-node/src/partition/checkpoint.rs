@@ -58,6 +58,34 @@
 //!         scan of every summary of every data extent
 //! ```
 //!
+//! **Secondary index.** A secondary keeps the same index of the primary's
+//! flushed data (a [`Shadow`]: sled runs and tombstones, slot CRCs, the
+//! rows applied per extent, the snapshot cuts it was built under), so that
+//! a promotion neither loads a checkpoint nor scans the rows behind one:
+//!
+//! ```text
+//!  refresh (secondary, after each flush commit: one pass at a time, at
+//!           most one per 200 ms; Partition::refresh_secondary_index)
+//!         owned extents ─▶ column lengths by ColumnStatus (no claim: the
+//!         primary keeps appending; a row counts once k columns hold it)
+//!         ─▶ the summaries of only the rows not applied yet (a new extent:
+//!            row 0 tells checkpoint from data) ─▶ the shadow covers them
+//!         no shadow yet, or the snapshot cuts changed ─▶ built like a
+//!         recovery (newest checkpoint + rows after it, or every summary)
+//!  promotion (take-over of a secondary: it waits for a running pass)
+//!         claims as above ─▶ shadow checks: same cuts as handed over, every
+//!         covered extent still owned has the rows applied with the same k
+//!         ─▶ index = shadow + the summaries of the rows after it ─▶ no run
+//!         at a freed extent unless the handed log runs supersede it
+//!         any doubt ─▶ the checkpoint path above
+//! ```
+//!
+//! Nothing is replicated for it: GC moves, tombstones and CRCs are in the
+//! rows' summaries like any flush, and a pass that missed rows (a late
+//! refresh, a secondary that joined after them) only leaves more rows for
+//! the next pass or the promotion to read. It is exactly a checkpoint held
+//! in memory that covers the rows applied, checked the same way.
+//!
 //! GC never compacts a checkpoint extent (it holds no blocks); freed data
 //! extents need no special care: a checkpoint that covers one is still used
 //! (the extent's blocks were re-written with their sequence to rows after
@@ -136,9 +164,10 @@ pub struct RecoveryReport {
     pub checkpoints_refused: u64,
     /// Wall time of the recovery from the sleds.
     pub duration: Duration,
-    /// Built on the index this node kept as secondary (a promotion): no
-    /// checkpoint loaded, only the rows written since its last pass read.
-    pub secondary_index: bool,
+    /// Built on the index of the flushed data this node held (a promoted
+    /// secondary's, or a primary's own at a new epoch): no checkpoint
+    /// loaded, only the rows written after it read.
+    pub held_index: bool,
 }
 
 /// The primary's bookkeeping of its checkpoint extents (part of `State`).
@@ -945,15 +974,15 @@ pub(super) async fn recover(
         .store(report.duration.as_millis() as u64, Ordering::Relaxed);
     m.recovery_checkpoints_refused
         .store(report.checkpoints_refused, Ordering::Relaxed);
-    m.recovery_secondary_index_used
-        .store(u64::from(report.secondary_index), Ordering::Relaxed);
+    m.recovery_held_index_used
+        .store(u64::from(report.held_index), Ordering::Relaxed);
     match report.checkpoint {
-        _ if report.secondary_index => tracing::info!(
+        _ if report.held_index => tracing::info!(
             partition = ?shared.id(),
             epoch,
             rows_scanned = report.rows_scanned,
             duration_ms = report.duration.as_millis() as u64,
-            "recovered from the secondary's index plus the rows after it"
+            "recovered from the index this node held plus the rows after it"
         ),
         Some((ckpt_epoch, id)) => tracing::info!(
             partition = ?shared.id(),
@@ -1002,14 +1031,14 @@ async fn rebuild(
     if let Some(shadow) = shadow {
         match try_shadow(shared, &mut scanner, extents, shadow, replayed).await? {
             Ok((built, checkpoint_extents)) => {
-                report.secondary_index = true;
+                report.held_index = true;
                 report.rows_scanned = scanner.rows_scanned;
                 return Ok((built, checkpoint_extents, report));
             }
             Err(reason) => tracing::warn!(
                 partition = ?shared.id(),
                 reason,
-                "secondary index refused; recovering from a checkpoint"
+                "held index refused; recovering from a checkpoint"
             ),
         }
     }
@@ -1264,6 +1293,37 @@ pub(super) async fn refresh_shadow(shared: &Arc<Shared>) -> Result<u64, Partitio
         cuts: sorted_cuts(handed.snapshots.clone()),
     });
     Ok(report.rows_scanned)
+}
+
+/// A primary's own index of its flushed data as a [`Shadow`], for its
+/// in-place take-over at a new epoch (its secondary replaced): the new
+/// instance then reads only rows appended after it. The caller holds the
+/// flush lock (no stripe half committed). `None` while the partition has
+/// snapshots (their layers come back from a checkpoint or the scan, which
+/// register the cuts first).
+pub(super) fn own_shadow(shared: &Shared) -> Option<Shadow> {
+    if !shared.lock().core.index.snapshots().is_empty() {
+        return None;
+    }
+    let checkpoint = snapshot(shared).ok()?;
+    let checkpoint_extents: BTreeSet<u64> =
+        shared.lock().checkpoints.extents.iter().copied().collect();
+    let mut crcs = BTreeMap::new();
+    let mut covered = BTreeMap::new();
+    for e in checkpoint.extents {
+        if e.rows > 0 {
+            covered.insert(e.extent, (e.k, e.rows));
+            crcs.insert(e.extent, e.crcs);
+        }
+    }
+    Some(Shadow {
+        index: checkpoint.index,
+        crcs,
+        covered,
+        checkpoint_extents,
+        highest_sequence: checkpoint.highest_sequence,
+        cuts: Vec::new(),
+    })
 }
 
 /// An extent as a secondary sees it: every present column's length from

@@ -44,7 +44,10 @@
 //! [`Partition::open`] with [`OpenRole::Primary`], which claims every column
 //! of the partition's extents with the new epoch and rebuilds the index from
 //! the sleds (newest index checkpoint plus the summaries written after it)
-//! and its own log (the promoted secondary does exactly this).
+//! and its own log. A secondary keeps that index of the flushed data
+//! current in the background after each flush commit, so that its
+//! promotion in place reads only the rows written since its last pass
+//! (`checkpoint`'s module docs, "secondary index").
 //!
 //! **Durability (default policy, invariant 1).** A write is acknowledged only
 //! when it is durable in the primary's log *and* the secondary's. If the
@@ -171,12 +174,12 @@ pub struct PartitionConfig {
     /// ... or once this long passed since the last one and something was
     /// flushed since (zero: only by count; both zero: never).
     pub checkpoint_interval: Duration,
-    /// Secondary: keep the index of the primary's flushed data current in
-    /// the background after each flush commit (a promotion then reads only
-    /// the rows written since). Off: only
-    /// [`Partition::refresh_secondary_index`] does (tests of the other
-    /// recovery paths).
-    pub secondary_index_refresh: bool,
+    /// A take-over in place starts from the index of the flushed data this
+    /// node holds: a secondary keeps it current in the background after
+    /// each flush commit, a primary taken over at a new epoch has its own.
+    /// Off: neither (only [`Partition::refresh_secondary_index`] builds a
+    /// secondary's; tests of the checkpoint and full-scan paths).
+    pub reuse_held_index: bool,
 }
 
 impl PartitionConfig {
@@ -200,7 +203,7 @@ impl PartitionConfig {
             max_inflight_writes: 256,
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
-            secondary_index_refresh: true,
+            reuse_held_index: true,
         }
     }
 
@@ -351,9 +354,10 @@ pub struct PartitionMetrics {
     pub recovery_checkpoint_used: AtomicU64,
     /// Last recovery from the sleds: checkpoints refused before.
     pub recovery_checkpoints_refused: AtomicU64,
-    /// Last recovery from the sleds: 1 if it started from the index this
-    /// node kept as secondary (a promotion), 0 if not.
-    pub recovery_secondary_index_used: AtomicU64,
+    /// Last recovery from the sleds: 1 if it started from the index of the
+    /// flushed data this node held (a promotion, or a primary's take-over
+    /// at a new epoch), 0 if not.
+    pub recovery_held_index_used: AtomicU64,
     /// Last recovery from the sleds: wall time in milliseconds.
     pub recovery_duration_ms: AtomicU64,
 }
@@ -701,9 +705,11 @@ impl Partition {
     ///            records they refer to are pinned, never re-read: the pause
     ///            does not grow with the unflushed log)
     /// open:      a primary over them: claims every owned column at the new
-    ///            epoch (fences the old primary on the sleds), index = newest
-    ///            sled checkpoint + the summaries after it (or every summary)
-    ///            + the handed runs and trims (newest sequence wins),
+    ///            epoch (fences the old primary on the sleds), index = the
+    ///            secondary's own index of the flushed data (a promotion) or
+    ///            the newest sled checkpoint, + the summaries after it (or
+    ///            every summary) + the handed runs and trims (newest
+    ///            sequence wins),
     ///            sequences continue after the highest this instance
     ///            assigned or saw
     /// done:      this instance becomes Fenced{new epoch}; the old one stays
@@ -731,12 +737,20 @@ impl Partition {
             }
             was_secondary
         };
+        // A primary taken over at a new epoch starts from its own index of
+        // the flushed data, taken while no flush is half committed (none
+        // if a flush outlived the wait: the checkpoint path then).
+        let mut own_shadow = None;
         if !was_secondary {
             old.repl_wakeup.notify_one();
             // In-flight writes end quickly once the core stopped them.
             let wait = old.config.replica_timeout;
             let _ = tokio::time::timeout(wait, old.writes_before()).await;
-            let _ = tokio::time::timeout(wait, old.flush_lock.lock()).await;
+            if let Ok(_flushing) = tokio::time::timeout(wait, old.flush_lock.lock()).await {
+                if old.config.reuse_held_index {
+                    own_shadow = checkpoint::own_shadow(old);
+                }
+            }
         }
         let plan = {
             let mut state = old.lock();
@@ -769,7 +783,7 @@ impl Partition {
                 Err(_) => None,
             }
         } else {
-            None
+            own_shadow
         };
         let taken = Self::open_from(old, config, deps, &plan, shadow).await;
         if let Some(pin) = pin {
@@ -1592,7 +1606,7 @@ const SHADOW_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// kick during a pass runs one more after it. Ends when the partition is
 /// dropped or stops being secondary (a promotion takes the index).
 fn kick_shadow(shared: &Arc<Shared>) {
-    if !shared.config.secondary_index_refresh {
+    if !shared.config.reuse_held_index {
         return;
     }
     shared.shadow_dirty.store(true, Ordering::Release);

@@ -1414,7 +1414,7 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
 fn checkpoint_every_3(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 3;
     c.checkpoint_interval = Duration::ZERO;
-    c.secondary_index_refresh = false;
+    c.reuse_held_index = false;
 }
 
 /// Checkpoints only when asked (`write_checkpoint`); a promotion finds no
@@ -1422,15 +1422,16 @@ fn checkpoint_every_3(c: &mut PartitionConfig) {
 fn checkpoint_on_demand(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 0;
     c.checkpoint_interval = Duration::ZERO;
-    c.secondary_index_refresh = false;
+    c.reuse_held_index = false;
 }
 
 /// Checkpoints only when asked; the secondary index only when the test
-/// refreshes it (`refresh_secondary_index`).
+/// refreshes it (`refresh_secondary_index`); a primary's take-over at a
+/// new epoch scans every row.
 fn index_on_demand(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 0;
     c.checkpoint_interval = Duration::ZERO;
-    c.secondary_index_refresh = false;
+    c.reuse_held_index = false;
 }
 
 impl Unit {
@@ -2926,14 +2927,14 @@ async fn promotion_reads_only_rows_after_the_secondary_index_and_matches_a_full_
     let promoted = unit.take_over(true, 2).await;
     let report = promoted.recovery_report();
     let reads = unit.summary_reads() - before;
-    assert!(report.secondary_index, "{report:?}");
+    assert!(report.held_index, "{report:?}");
     assert_eq!(report.checkpoint, None);
     assert_eq!(reads, report.rows_scanned);
     assert!(reads > 0, "rows were written after the last pass");
     assert_eq!(
         promoted
             .metrics()
-            .recovery_secondary_index_used
+            .recovery_held_index_used
             .load(Ordering::Relaxed),
         1
     );
@@ -2945,10 +2946,7 @@ async fn promotion_reads_only_rows_after_the_secondary_index_and_matches_a_full_
     let rescanned = unit.take_over(false, 3).await;
     let full = rescanned.recovery_report();
     let full_reads = unit.summary_reads() - before;
-    assert!(
-        !full.secondary_index && full.checkpoint.is_none(),
-        "{full:?}"
-    );
+    assert!(!full.held_index && full.checkpoint.is_none(), "{full:?}");
     assert_eq!(
         locations(&rescanned, size_blocks),
         from_shadow,
@@ -3002,6 +3000,35 @@ async fn flush_commits_keep_the_secondary_index_current() {
     random_ops(&unit, &mut model, &mut rng, 30).await;
     let promoted = unit.take_over(true, 2).await;
     let report = promoted.recovery_report();
-    assert!(report.secondary_index, "{report:?}");
+    assert!(report.held_index, "{report:?}");
     check_all(&unit, &model, "after a promotion from a current index").await;
+}
+
+/// A primary taken over in place at a new epoch (its secondary replaced)
+/// starts from its own index of the flushed data: it reads no stripe
+/// summary, and every acknowledged block reads back, GC moves included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_epoch_take_over_starts_from_the_primary_s_own_index() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(73);
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    unit.primary.gc_pass().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 30).await;
+    let before = unit.summary_reads();
+    let taken = unit.take_over(false, 2).await;
+    let report = taken.recovery_report();
+    assert!(report.held_index, "{report:?}");
+    assert_eq!(report.rows_scanned, 0, "{report:?}");
+    assert_eq!(unit.summary_reads(), before);
+    check_all(
+        &unit,
+        &model,
+        "after a new-epoch take-over from its own index",
+    )
+    .await;
 }
