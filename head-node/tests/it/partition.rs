@@ -1983,9 +1983,12 @@ impl Chaos {
         .await
         .unwrap_or_else(|e| panic!("take-over at epoch {epoch}: {e}; {}", self.history()));
         self.extents.min_epoch.store(epoch, Ordering::SeqCst);
+        let recovery = primary.recovery_report();
         self.events.lock().unwrap().push(format!(
-            "epoch {epoch}: {} (stall {stall:?})",
-            if promote { "promoted" } else { "re-mirrored" }
+            "epoch {epoch}: {} (stall {stall:?}; held index {}, {} rows read)",
+            if promote { "promoted" } else { "re-mirrored" },
+            recovery.held_index,
+            recovery.rows_scanned
         ));
         *self.serving.lock().unwrap() = Serving {
             primary,
@@ -2054,6 +2057,11 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         );
     }
     chaos.serving().primary.check_invariants().unwrap();
+    let history = chaos.history();
+    println!("take-overs: {history}");
+    // Promotions and re-mirrors start from the index the node held (the
+    // checks above hold for them too).
+    assert!(history.contains("held index true"), "{history}");
 }
 
 /// A primary logs a write its secondary never confirms, dies, and the
