@@ -58,6 +58,34 @@
 //!         scan of every summary of every data extent
 //! ```
 //!
+//! **Secondary index.** A secondary keeps the same index of the primary's
+//! flushed data (a [`Shadow`]: sled runs and tombstones, slot CRCs, the
+//! rows applied per extent, the snapshot cuts it was built under), so that
+//! a promotion neither loads a checkpoint nor scans the rows behind one:
+//!
+//! ```text
+//!  refresh (secondary, after each flush commit: one pass at a time, at
+//!           most one per 200 ms; Partition::refresh_secondary_index)
+//!         owned extents ─▶ column lengths by ColumnStatus (no claim: the
+//!         primary keeps appending; a row counts once k columns hold it)
+//!         ─▶ the summaries of only the rows not applied yet (a new extent:
+//!            row 0 tells checkpoint from data) ─▶ the shadow covers them
+//!         no shadow yet, or the snapshot cuts changed ─▶ built like a
+//!         recovery (newest checkpoint + rows after it, or every summary)
+//!  promotion (take-over of a secondary: it waits for a running pass)
+//!         claims as above ─▶ shadow checks: same cuts as handed over, every
+//!         covered extent still owned has the rows applied with the same k
+//!         ─▶ index = shadow + the summaries of the rows after it ─▶ no run
+//!         at a freed extent unless the handed log runs supersede it
+//!         any doubt ─▶ the checkpoint path above
+//! ```
+//!
+//! Nothing is replicated for it: GC moves, tombstones and CRCs are in the
+//! rows' summaries like any flush, and a pass that missed rows (a late
+//! refresh, a secondary that joined after them) only leaves more rows for
+//! the next pass or the promotion to read. It is exactly a checkpoint held
+//! in memory that covers the rows applied, checked the same way.
+//!
 //! GC never compacts a checkpoint extent (it holds no blocks); freed data
 //! extents need no special care: a checkpoint that covers one is still used
 //! (the extent's blocks were re-written with their sequence to rows after
@@ -83,7 +111,8 @@ use super::flush::{
 use super::layout::{
     self, SlotEntry, StripeKind, StripeSummary, CHUNK_BLOCKS, CHUNK_BYTES, ROW_BYTES,
 };
-use super::{bump, ExtentState, PartitionError, Shared};
+use super::{bump, ExtentGrant, ExtentState, PartitionError, Shared};
+use crate::erasure::ErasureCodec;
 use crate::index::{IndexError, Location, PartitionIndex, Reader};
 use crate::wal::{RecordKind, RecoveredRecord};
 
@@ -135,6 +164,10 @@ pub struct RecoveryReport {
     pub checkpoints_refused: u64,
     /// Wall time of the recovery from the sleds.
     pub duration: Duration,
+    /// Built on the index of the flushed data this node held (a promoted
+    /// secondary's, or a primary's own at a new epoch): no checkpoint
+    /// loaded, only the rows written after it read.
+    pub held_index: bool,
 }
 
 /// The primary's bookkeeping of its checkpoint extents (part of `State`).
@@ -844,14 +877,51 @@ impl Replayed<'_> {
     }
 }
 
+/// A secondary's copy of its primary's flushed index (see the module
+/// docs, "secondary index"): what a recovery from the sleds would build
+/// from the rows it names, kept current in the background so that a
+/// promotion scans only the rows written since.
+#[derive(Debug)]
+pub(super) struct Shadow {
+    /// Sled locations and tombstones (the log-resident runs stay in the
+    /// core: the take-over hands them over).
+    index: PartitionIndex,
+    /// Per data extent, the CRC of every data slot of the rows applied.
+    crcs: BTreeMap<u64, Vec<Vec<u32>>>,
+    /// Data extents and the rows applied of each: `(k, rows)`.
+    covered: BTreeMap<u64, (u8, u64)>,
+    /// Checkpoint extents (row 0 says so): never scanned as data.
+    checkpoint_extents: BTreeSet<u64>,
+    highest_sequence: u64,
+    /// The snapshot cuts registered before any row was applied (sorted): a
+    /// layer is only right for the cuts it was built under.
+    cuts: Vec<(u64, u64)>,
+}
+
+impl Shadow {
+    /// Data extents and rows applied (observability, tests).
+    pub(super) fn rows(&self) -> u64 {
+        self.covered.values().map(|(_, rows)| rows).sum()
+    }
+}
+
+/// Snapshot cuts in one order (a shadow is compared with a promotion's).
+fn sorted_cuts(mut cuts: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts
+}
+
 /// Primary recovery from the sleds (see the module docs): claims every
 /// owned extent at the partition's epoch and rebuilds the index from the
-/// newest valid checkpoint plus the rows after it, or from every summary.
-/// `replayed` (what is applied over it next) only decides whether a run
-/// pointing at a freed extent is superseded.
+/// secondary index `shadow` this node kept (a promotion) plus the rows
+/// after it, or from the newest valid checkpoint plus the rows after it,
+/// or from every summary. `replayed` (what is applied over it next) only
+/// decides whether a run pointing at a freed extent is superseded.
 pub(super) async fn recover(
     shared: &Arc<Shared>,
     replayed: Replayed<'_>,
+    shadow: Option<Shadow>,
 ) -> Result<RecoveryReport, PartitionError> {
     let started = Instant::now();
     let grants = shared
@@ -878,15 +948,105 @@ pub(super) async fn recover(
         let extent = extent?;
         extents.insert(extent.grant.extent, extent);
     }
+    let (built, checkpoint_extents, mut report) =
+        rebuild(shared, &extents, replayed, shadow, epoch).await?;
+    report.duration = started.elapsed();
+    {
+        let mut state = shared.lock();
+        for (id, crcs) in built.crcs {
+            if let Some(e) = extents.get_mut(&id) {
+                e.crcs = crcs;
+            }
+        }
+        state.core.index = built.index;
+        state.extents = extents;
+        state.core.next_sequence = state.core.next_sequence.max(built.highest_sequence + 1);
+        state.checkpoints = Tracker::new();
+        state.checkpoints.extents = checkpoint_extents;
+        state.checkpoints.flushes_at_last = shared.metrics.flushes.load(Ordering::Relaxed);
+    }
+    let m = &shared.metrics;
+    m.recovery_rows_scanned
+        .store(report.rows_scanned, Ordering::Relaxed);
+    m.recovery_checkpoint_used
+        .store(u64::from(report.checkpoint.is_some()), Ordering::Relaxed);
+    m.recovery_duration_ms
+        .store(report.duration.as_millis() as u64, Ordering::Relaxed);
+    m.recovery_checkpoints_refused
+        .store(report.checkpoints_refused, Ordering::Relaxed);
+    m.recovery_held_index_used
+        .store(u64::from(report.held_index), Ordering::Relaxed);
+    match report.checkpoint {
+        _ if report.held_index => tracing::info!(
+            partition = ?shared.id(),
+            epoch,
+            rows_scanned = report.rows_scanned,
+            duration_ms = report.duration.as_millis() as u64,
+            "recovered from the index this node held plus the rows after it"
+        ),
+        Some((ckpt_epoch, id)) => tracing::info!(
+            partition = ?shared.id(),
+            epoch,
+            checkpoint_epoch = ckpt_epoch,
+            checkpoint_id = id,
+            rows_scanned = report.rows_scanned,
+            refused = report.checkpoints_refused,
+            duration_ms = report.duration.as_millis() as u64,
+            "recovered from an index checkpoint plus the rows after it"
+        ),
+        None => tracing::info!(
+            partition = ?shared.id(),
+            epoch,
+            rows_scanned = report.rows_scanned,
+            refused = report.checkpoints_refused,
+            duration_ms = report.duration.as_millis() as u64,
+            "recovered by the full summary scan (no usable index checkpoint)"
+        ),
+    }
+    let mut last = shared
+        .recovery
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *last = report;
+    Ok(report)
+}
+
+/// The index of `extents` (opened by the caller: claimed by a primary,
+/// looked at by a secondary): from `shadow` plus the rows after it if it
+/// passes the checks, else from the newest valid checkpoint plus the rows
+/// after it, else from every summary. Returns it with the checkpoint
+/// extents and how it went (no duration).
+async fn rebuild(
+    shared: &Arc<Shared>,
+    extents: &BTreeMap<u64, ExtentState>,
+    replayed: Replayed<'_>,
+    shadow: Option<Shadow>,
+    epoch: u64,
+) -> Result<(Built, BTreeSet<u64>, RecoveryReport), PartitionError> {
     let mut scanner = Scanner {
         cache: BTreeMap::new(),
         rows_scanned: 0,
     };
+    let mut report = RecoveryReport::default();
+    if let Some(shadow) = shadow {
+        match try_shadow(shared, &mut scanner, extents, shadow, replayed).await? {
+            Ok((built, checkpoint_extents)) => {
+                report.held_index = true;
+                report.rows_scanned = scanner.rows_scanned;
+                return Ok((built, checkpoint_extents, report));
+            }
+            Err(reason) => tracing::warn!(
+                partition = ?shared.id(),
+                reason,
+                "held index refused; recovering from a checkpoint"
+            ),
+        }
+    }
     let firsts = extents
         .values()
         .filter(|e| e.rows_written > 0)
         .map(|e| (e.grant.extent, 0));
-    scanner.prefetch(shared, &extents, firsts).await;
+    scanner.prefetch(shared, extents, firsts).await;
     // Row 0 tells a checkpoint extent from a data extent.
     let mut checkpoint_extents = BTreeSet::new();
     for extent in extents.values() {
@@ -907,7 +1067,6 @@ pub(super) async fn recover(
                 .map(|e| (*id, e.rows_written.checked_sub(1)))
         })
         .collect();
-    let mut report = RecoveryReport::default();
     let mut built = None;
     for _ in 0..MAX_CANDIDATES {
         let mut best: Option<Candidate> = None;
@@ -931,7 +1090,7 @@ pub(super) async fn recover(
                 try_candidate(
                     shared,
                     &mut scanner,
-                    &extents,
+                    extents,
                     &checkpoint_extents,
                     extent,
                     candidate,
@@ -977,61 +1136,241 @@ pub(super) async fn recover(
                 .filter(|id| !checkpoint_extents.contains(id))
                 .map(|id| (*id, 0))
                 .collect();
-            scan(shared, &mut scanner, &extents, &from, &mut b).await?;
+            scan(shared, &mut scanner, extents, &from, &mut b).await?;
             b
         }
     };
     report.rows_scanned = scanner.rows_scanned;
-    report.duration = started.elapsed();
-    {
-        let mut state = shared.lock();
-        for (id, crcs) in built.crcs {
-            if let Some(e) = extents.get_mut(&id) {
-                e.crcs = crcs;
+    Ok((built, checkpoint_extents, report))
+}
+
+/// Checks and extends a secondary index: `Ok(Err(reason))` when it is not
+/// trusted (the caller recovers from a checkpoint), `Err` for failures a
+/// checkpoint recovery would hit too. Extents it does not cover yet are
+/// told apart by row 0 and scanned from their first row; covered ones from
+/// the first row it has not applied.
+async fn try_shadow(
+    shared: &Arc<Shared>,
+    scanner: &mut Scanner,
+    extents: &BTreeMap<u64, ExtentState>,
+    shadow: Shadow,
+    replayed: Replayed<'_>,
+) -> Result<Result<(Built, BTreeSet<u64>), String>, PartitionError> {
+    if shadow.index.size_blocks() != shared.config.size_blocks {
+        return Ok(Err("another size".to_string()));
+    }
+    if shadow.cuts != sorted_cuts(replayed.cuts(shared.id())) {
+        return Ok(Err("built under other snapshot cuts".to_string()));
+    }
+    let mut from: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    let mut checkpoint_extents = BTreeSet::new();
+    for (id, extent) in extents {
+        if shadow.checkpoint_extents.contains(id) {
+            checkpoint_extents.insert(*id);
+        } else if let Some((k, rows)) = shadow.covered.get(id) {
+            if extent.grant.k != *k || extent.rows_written < *rows {
+                return Ok(Err(format!(
+                    "extent {id}: {rows} rows of k={k} applied, sleds hold {} of k={}",
+                    extent.rows_written, extent.grant.k
+                )));
+            }
+            from.insert(*id, *rows);
+        } else if extent.rows_written > 0 {
+            unknown.push(*id);
+        } else {
+            // Empty: nothing to tell apart yet, nothing to scan.
+            from.insert(*id, 0);
+        }
+    }
+    scanner
+        .prefetch(shared, extents, unknown.iter().map(|id| (*id, 0)))
+        .await;
+    for id in unknown {
+        let Some(extent) = extents.get(&id) else {
+            continue;
+        };
+        match scanner.summary(shared, extent, 0).await {
+            Some(s) if s.kind == StripeKind::IndexCheckpoint => {
+                checkpoint_extents.insert(id);
+            }
+            _ => {
+                from.insert(id, 0);
             }
         }
-        state.core.index = built.index;
-        state.extents = extents;
-        state.core.next_sequence = state.core.next_sequence.max(built.highest_sequence + 1);
-        state.checkpoints = Tracker::new();
-        state.checkpoints.extents = checkpoint_extents;
-        state.checkpoints.flushes_at_last = shared.metrics.flushes.load(Ordering::Relaxed);
     }
-    let m = &shared.metrics;
-    m.recovery_rows_scanned
-        .store(report.rows_scanned, Ordering::Relaxed);
-    m.recovery_checkpoint_used
-        .store(u64::from(report.checkpoint.is_some()), Ordering::Relaxed);
-    m.recovery_duration_ms
-        .store(report.duration.as_millis() as u64, Ordering::Relaxed);
-    m.recovery_checkpoints_refused
-        .store(report.checkpoints_refused, Ordering::Relaxed);
-    match report.checkpoint {
-        Some((ckpt_epoch, id)) => tracing::info!(
-            partition = ?shared.id(),
-            epoch,
-            checkpoint_epoch = ckpt_epoch,
-            checkpoint_id = id,
-            rows_scanned = report.rows_scanned,
-            refused = report.checkpoints_refused,
-            duration_ms = report.duration.as_millis() as u64,
-            "recovered from an index checkpoint plus the rows after it"
-        ),
-        None => tracing::info!(
-            partition = ?shared.id(),
-            epoch,
-            rows_scanned = report.rows_scanned,
-            refused = report.checkpoints_refused,
-            duration_ms = report.duration.as_millis() as u64,
-            "recovered by the full summary scan (no usable index checkpoint)"
-        ),
+    let Shadow {
+        index,
+        mut crcs,
+        highest_sequence,
+        ..
+    } = shadow;
+    crcs.retain(|id, _| from.contains_key(id));
+    let mut built = Built {
+        index,
+        crcs,
+        highest_sequence,
+    };
+    scan(shared, scanner, extents, &from, &mut built).await?;
+    // Invariant 4, as for a checkpoint: nothing may point at an extent
+    // that is gone (freed by GC after its rows were applied), unless the
+    // log replayed next supersedes it.
+    let owned: BTreeSet<u64> = from.keys().copied().collect();
+    if points_outside(&built.index, &owned) {
+        let mut probe = built.index.clone();
+        if replayed.apply_to(shared.id(), &mut probe).is_err() {
+            return Ok(Err("a log record does not fit the partition".to_string()));
+        }
+        if points_outside(&probe, &owned) {
+            return Ok(Err(
+                "blocks still point at a freed extent after the rows and the log".to_string(),
+            ));
+        }
     }
-    let mut last = shared
-        .recovery
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    *last = report;
-    Ok(report)
+    Ok(Ok((built, checkpoint_extents)))
+}
+
+/// A secondary brings its index of the primary's flushed data up to date
+/// (see the module docs): the extents the partition owns, looked at
+/// without a claim (the primary keeps writing), and the rows written since
+/// the last pass (the first pass, or one after the snapshot cuts changed,
+/// starts from the newest checkpoint). Its own log-resident runs decide,
+/// as at a promotion, whether a run at a freed extent is superseded.
+pub(super) async fn refresh_shadow(shared: &Arc<Shared>) -> Result<u64, PartitionError> {
+    // Held to the end: a promotion waits for the pass and takes its result.
+    let mut slot = shared.shadow.lock().await;
+    let grants = shared
+        .extent_source
+        .owned_extents(shared.id())
+        .await
+        .map_err(|source| PartitionError::Peer {
+            partition: shared.id(),
+            source,
+        })?;
+    let looks: Vec<_> = grants
+        .into_iter()
+        .map(|grant| look_at_extent(shared, grant))
+        .collect();
+    let looked: Vec<Result<ExtentState, PartitionError>> = futures::stream::iter(looks)
+        .buffered(EXTENT_OPENS_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut extents = BTreeMap::new();
+    for extent in looked {
+        let extent = extent?;
+        extents.insert(extent.grant.extent, extent);
+    }
+    let (handed, epoch) = {
+        let state = shared.lock();
+        if !matches!(state.core.role(), super::Role::Secondary) {
+            return Ok(0);
+        }
+        (
+            state.core.take_over_plan(true).log_resident,
+            state.core.epoch,
+        )
+    };
+    let base = slot.take();
+    let replayed = Replayed::Handed(&handed);
+    let (built, checkpoint_extents, report) =
+        rebuild(shared, &extents, replayed, base, epoch).await?;
+    let covered: BTreeMap<u64, (u8, u64)> = extents
+        .values()
+        .filter(|e| !checkpoint_extents.contains(&e.grant.extent) && e.rows_written > 0)
+        .map(|e| (e.grant.extent, (e.grant.k, e.rows_written)))
+        .collect();
+    let crcs = built
+        .crcs
+        .into_iter()
+        .filter(|(id, _)| covered.contains_key(id))
+        .collect();
+    *slot = Some(Shadow {
+        index: built.index,
+        crcs,
+        covered,
+        checkpoint_extents,
+        highest_sequence: built.highest_sequence,
+        cuts: sorted_cuts(handed.snapshots.clone()),
+    });
+    Ok(report.rows_scanned)
+}
+
+/// A primary's own index of its flushed data as a [`Shadow`], for its
+/// in-place take-over at a new epoch (its secondary replaced): the new
+/// instance then reads only rows appended after it. The caller holds the
+/// flush lock (no stripe half committed). `None` while the partition has
+/// snapshots (their layers come back from a checkpoint or the scan, which
+/// register the cuts first).
+pub(super) fn own_shadow(shared: &Shared) -> Option<Shadow> {
+    if !shared.lock().core.index.snapshots().is_empty() {
+        return None;
+    }
+    let checkpoint = snapshot(shared).ok()?;
+    let checkpoint_extents: BTreeSet<u64> =
+        shared.lock().checkpoints.extents.iter().copied().collect();
+    let mut crcs = BTreeMap::new();
+    let mut covered = BTreeMap::new();
+    for e in checkpoint.extents {
+        if e.rows > 0 {
+            covered.insert(e.extent, (e.k, e.rows));
+            crcs.insert(e.extent, e.crcs);
+        }
+    }
+    Some(Shadow {
+        index: checkpoint.index,
+        crcs,
+        covered,
+        checkpoint_extents,
+        highest_sequence: checkpoint.highest_sequence,
+        cuts: Vec::new(),
+    })
+}
+
+/// An extent as a secondary sees it: every present column's length from
+/// `ColumnStatus` (no claim: the primary keeps appending), a row counted
+/// once k columns hold it, like a claim's answer counts it.
+async fn look_at_extent(
+    shared: &Arc<Shared>,
+    grant: ExtentGrant,
+) -> Result<ExtentState, PartitionError> {
+    let (k, m) = (usize::from(grant.k), usize::from(grant.m));
+    let bad = |reason: String| PartitionError::Recovery {
+        partition: shared.id(),
+        reason: format!("extent {}: {reason}", grant.extent),
+    };
+    if grant.columns.len() != k + m || k == 0 || k > layout::MAX_DATA_COLUMNS {
+        return Err(bad(format!("k={k} m={m} unsupported")));
+    }
+    let codec = Arc::new(
+        ErasureCodec::new(k, m).map_err(|source| PartitionError::Erasure {
+            partition: shared.id(),
+            extent: grant.extent,
+            source,
+        })?,
+    );
+    let statuses = grant.present().map(|(_, (sled, column))| {
+        sled_call(shared, sled, SledRequest::ColumnStatus { column: *column })
+    });
+    let mut lengths: Vec<u64> = future::join_all(statuses)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(SledResponse::ColumnStatus(status)) => Some(status.length_bytes),
+            _ => None,
+        })
+        .collect();
+    if lengths.len() < k {
+        return Err(bad(format!("only {} columns answered", lengths.len())));
+    }
+    lengths.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(ExtentState {
+        rows_capacity: grant.column_size_bytes / ROW_BYTES,
+        crcs: vec![Vec::new(); k],
+        rows_written: lengths[k - 1] / ROW_BYTES,
+        sealed: true,
+        codec,
+        grant,
+    })
 }
 
 /// The checkpoint whose last row is `last_row`, from that row's summary.

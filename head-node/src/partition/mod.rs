@@ -44,7 +44,10 @@
 //! [`Partition::open`] with [`OpenRole::Primary`], which claims every column
 //! of the partition's extents with the new epoch and rebuilds the index from
 //! the sleds (newest index checkpoint plus the summaries written after it)
-//! and its own log (the promoted secondary does exactly this).
+//! and its own log. A secondary keeps that index of the flushed data
+//! current in the background after each flush commit, so that its
+//! promotion in place reads only the rows written since its last pass
+//! (`checkpoint`'s module docs, "secondary index").
 //!
 //! **Durability (default policy, invariant 1).** A write is acknowledged only
 //! when it is durable in the primary's log *and* the secondary's. If the
@@ -171,6 +174,12 @@ pub struct PartitionConfig {
     /// ... or once this long passed since the last one and something was
     /// flushed since (zero: only by count; both zero: never).
     pub checkpoint_interval: Duration,
+    /// A take-over in place starts from the index of the flushed data this
+    /// node holds: a secondary keeps it current in the background after
+    /// each flush commit, a primary taken over at a new epoch has its own.
+    /// Off: neither (only [`Partition::refresh_secondary_index`] builds a
+    /// secondary's; tests of the checkpoint and full-scan paths).
+    pub reuse_held_index: bool,
 }
 
 impl PartitionConfig {
@@ -194,6 +203,7 @@ impl PartitionConfig {
             max_inflight_writes: 256,
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
+            reuse_held_index: true,
         }
     }
 
@@ -344,6 +354,10 @@ pub struct PartitionMetrics {
     pub recovery_checkpoint_used: AtomicU64,
     /// Last recovery from the sleds: checkpoints refused before.
     pub recovery_checkpoints_refused: AtomicU64,
+    /// Last recovery from the sleds: 1 if it started from the index of the
+    /// flushed data this node held (a promotion, or a primary's take-over
+    /// at a new epoch), 0 if not.
+    pub recovery_held_index_used: AtomicU64,
     /// Last recovery from the sleds: wall time in milliseconds.
     pub recovery_duration_ms: AtomicU64,
 }
@@ -588,6 +602,13 @@ struct Shared {
     flushing: std::sync::atomic::AtomicBool,
     /// How the last recovery from the sleds went (primary).
     recovery: Mutex<RecoveryReport>,
+    /// Secondary: its index of the primary's flushed data, kept current in
+    /// the background ([`kick_shadow`]) and taken by a promotion.
+    shadow: tokio::sync::Mutex<Option<checkpoint::Shadow>>,
+    /// Secondary: a flush commit arrived since the last shadow pass began.
+    shadow_dirty: std::sync::atomic::AtomicBool,
+    /// Secondary: a shadow pass is running (single flight).
+    shadow_running: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -722,7 +743,7 @@ impl Partition {
         deps: PartitionDeps,
         recovered: &[RecoveredRecord],
     ) -> Result<Partition, PartitionError> {
-        Self::open_with(config, role, deps, Source::Log(recovered), 1).await
+        Self::open_with(config, role, deps, Source::Log(recovered), 1, None).await
     }
 
     /// Takes the partition over as primary at `config.epoch` from this
@@ -740,9 +761,11 @@ impl Partition {
     ///            records they refer to are pinned, never re-read: the pause
     ///            does not grow with the unflushed log)
     /// open:      a primary over them: claims every owned column at the new
-    ///            epoch (fences the old primary on the sleds), index = newest
-    ///            sled checkpoint + the summaries after it (or every summary)
-    ///            + the handed runs and trims (newest sequence wins),
+    ///            epoch (fences the old primary on the sleds), index = the
+    ///            secondary's own index of the flushed data (a promotion) or
+    ///            the newest sled checkpoint, + the summaries after it (or
+    ///            every summary) + the handed runs and trims (newest
+    ///            sequence wins),
     ///            sequences continue after the highest this instance
     ///            assigned or saw
     /// done:      this instance becomes Fenced{new epoch}; the old one stays
@@ -770,12 +793,20 @@ impl Partition {
             }
             was_secondary
         };
+        // A primary taken over at a new epoch starts from its own index of
+        // the flushed data, taken while no flush is half committed (none
+        // if a flush outlived the wait: the checkpoint path then).
+        let mut own_shadow = None;
         if !was_secondary {
             old.repl_wakeup.notify_one();
             // In-flight writes end quickly once the core stopped them.
             let wait = old.config.replica_timeout;
             let _ = tokio::time::timeout(wait, old.writes_before()).await;
-            let _ = tokio::time::timeout(wait, old.flush_lock.lock()).await;
+            if let Ok(_flushing) = tokio::time::timeout(wait, old.flush_lock.lock()).await {
+                if old.config.reuse_held_index {
+                    own_shadow = checkpoint::own_shadow(old);
+                }
+            }
         }
         let plan = {
             let mut state = old.lock();
@@ -799,7 +830,18 @@ impl Partition {
             plan
         };
         let pin = plan.needed.first().copied();
-        let taken = Self::open_from(old, config, deps, &plan).await;
+        // A promoted secondary starts from the index of the flushed data it
+        // kept (only the rows written since its last pass are read); a
+        // pass still running is waited for, at most `replica_timeout`.
+        let shadow = if was_secondary {
+            match tokio::time::timeout(old.config.replica_timeout, old.shadow.lock()).await {
+                Ok(mut slot) => slot.take(),
+                Err(_) => None,
+            }
+        } else {
+            own_shadow
+        };
+        let taken = Self::open_from(old, config, deps, &plan, shadow).await;
         if let Some(pin) = pin {
             old.lock().core.remove_hold(pin);
         }
@@ -834,6 +876,7 @@ impl Partition {
         config: PartitionConfig,
         deps: PartitionDeps,
         plan: &TakeOverPlan,
+        shadow: Option<checkpoint::Shadow>,
     ) -> Result<(Partition, usize), PartitionError> {
         let head_before = old.log.wal().head();
         let taken = Self::open_with(
@@ -842,6 +885,7 @@ impl Partition {
             deps,
             Source::HandedOver(&plan.log_resident),
             plan.next_sequence,
+            shadow,
         )
         .await?;
         // The new instance maps blocks only to the records handed over
@@ -873,6 +917,7 @@ impl Partition {
         deps: PartitionDeps,
         source: Source<'_>,
         min_next_sequence: u64,
+        shadow: Option<checkpoint::Shadow>,
     ) -> Result<Partition, PartitionError> {
         if config.size_blocks == 0 || !(0.0..=1.0).contains(&config.flush_fill_ratio) {
             return Err(PartitionError::BadRequest {
@@ -914,6 +959,9 @@ impl Partition {
             dedupe: dedupe::WriteDedupe::new(),
             flushing: std::sync::atomic::AtomicBool::new(false),
             recovery: Mutex::new(RecoveryReport::default()),
+            shadow: tokio::sync::Mutex::new(None),
+            shadow_dirty: std::sync::atomic::AtomicBool::new(false),
+            shadow_running: std::sync::atomic::AtomicBool::new(false),
         });
         let mut recovered = match source {
             Source::Log(recovered) => live_records(shared.id(), recovered),
@@ -940,7 +988,7 @@ impl Partition {
                 Source::Log(_) => checkpoint::Replayed::Records(&recovered),
                 Source::HandedOver(handed) => checkpoint::Replayed::Handed(handed),
             };
-            checkpoint::recover(&shared, replayed).await?;
+            checkpoint::recover(&shared, replayed, shadow).await?;
         }
         {
             let mut state = shared.lock();
@@ -975,6 +1023,8 @@ impl Partition {
                 });
             }
             tokio::spawn(replica::run_replicator(Arc::downgrade(&shared)));
+        } else {
+            kick_shadow(&shared);
         }
         Ok(Partition { shared })
     }
@@ -1528,6 +1578,20 @@ impl Partition {
         self.shared.lock().checkpoints.extents()
     }
 
+    /// Secondary: brings its index of the primary's flushed data up to
+    /// date now (what a flush commit starts in the background); returns
+    /// the stripe summaries it read.
+    pub async fn refresh_secondary_index(&self) -> Result<u64, PartitionError> {
+        checkpoint::refresh_shadow(&self.shared).await
+    }
+
+    /// Secondary: rows of the primary's data extents its index covers
+    /// (`None`: none kept yet, or a pass is running).
+    pub fn secondary_index_rows(&self) -> Option<u64> {
+        let slot = self.shared.shadow.try_lock().ok()?;
+        slot.as_ref().map(checkpoint::Shadow::rows)
+    }
+
     /// How the last recovery from the sleds went (primary open and
     /// take-over).
     pub fn recovery_report(&self) -> RecoveryReport {
@@ -1587,6 +1651,60 @@ fn push_writes(changes: &mut Vec<Change>, first_block: u64, data: Bytes) {
         changes.push(Change::Write { lba, data: piece });
         lba += blocks;
     }
+}
+
+/// Least time between two passes of a secondary's index refresh: a burst
+/// of flush commits costs one pass, not one each.
+const SHADOW_REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Secondary: brings its index of the primary's flushed data up to date in
+/// the background ([`checkpoint::refresh_shadow`]), one pass at a time; a
+/// kick during a pass runs one more after it. Ends when the partition is
+/// dropped or stops being secondary (a promotion takes the index).
+fn kick_shadow(shared: &Arc<Shared>) {
+    if !shared.config.reuse_held_index {
+        return;
+    }
+    shared.shadow_dirty.store(true, Ordering::Release);
+    if shared
+        .shadow_running
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            let Some(shared) = weak.upgrade() else { return };
+            let secondary = matches!(shared.lock().core.role(), Role::Secondary);
+            if !secondary || !shared.shadow_dirty.swap(false, Ordering::AcqRel) {
+                shared.shadow_running.store(false, Ordering::Release);
+                // A kick between the swap and the store found the pass
+                // still running: take its turn.
+                if secondary
+                    && shared.shadow_dirty.load(Ordering::Acquire)
+                    && shared
+                        .shadow_running
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    continue;
+                }
+                return;
+            }
+            match checkpoint::refresh_shadow(&shared).await {
+                Ok(rows) => {
+                    tracing::debug!(partition = ?shared.id(), rows, "secondary index refreshed")
+                }
+                Err(error) => {
+                    tracing::debug!(partition = ?shared.id(), %error, "secondary index refresh failed")
+                }
+            }
+            drop(shared);
+            tokio::time::sleep(SHADOW_REFRESH_INTERVAL).await;
+        }
+    });
 }
 
 /// Starts one flush in the background unless one is already running

@@ -355,10 +355,22 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
                     (sequence, position, wal.read(position).await)
                 })
                 .buffered(LOG_READS_IN_FLIGHT);
-            let mut records = Vec::new();
+            let mut records: Vec<ReplicaRecord> = Vec::new();
+            let mut bytes = 0;
             while let Some((sequence, position, read)) = reads.next().await {
                 match read {
-                    Ok(record) => records.push(shared.lock().core.replica_record(&record)),
+                    // At most `BATCH_BYTES` a request (one record always):
+                    // the next round sends the rest.
+                    Ok(record)
+                        if !records.is_empty()
+                            && bytes + record.payload.len() > super::core::BATCH_BYTES =>
+                    {
+                        break
+                    }
+                    Ok(record) => {
+                        bytes += record.payload.len();
+                        records.push(shared.lock().core.replica_record(&record));
+                    }
                     // Send what precedes it; the next round deals with it.
                     Err(WalError::NotFound { .. }) if !records.is_empty() => break,
                     Err(WalError::NotFound { .. }) => {
@@ -530,6 +542,11 @@ async fn apply_commit(
     }
     if let Err(error) = shared.log.release().await {
         tracing::warn!(partition = ?shared.id(), %error, "secondary log release failed");
+    }
+    // New rows on the sleds: the index of the flushed data catches up in
+    // the background (a jump flushed nothing).
+    if !super::core::is_jump(&mappings) {
+        super::kick_shadow(shared);
     }
     Ok(())
 }

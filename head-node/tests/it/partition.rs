@@ -1409,16 +1409,29 @@ async fn sequential_writes_through_a_full_log_do_not_stall() {
 
 // ---------------------------------------------------------------- index checkpoints
 
-/// A checkpoint every 3 flush commits, never by time.
+/// A checkpoint every 3 flush commits, never by time; a promotion finds
+/// no secondary index (these tests are about checkpoints).
 fn checkpoint_every_3(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 3;
     c.checkpoint_interval = Duration::ZERO;
+    c.reuse_held_index = false;
 }
 
-/// Checkpoints only when asked (`write_checkpoint`).
+/// Checkpoints only when asked (`write_checkpoint`); a promotion finds no
+/// secondary index.
 fn checkpoint_on_demand(c: &mut PartitionConfig) {
     c.checkpoint_every_flushes = 0;
     c.checkpoint_interval = Duration::ZERO;
+    c.reuse_held_index = false;
+}
+
+/// Checkpoints only when asked; the secondary index only when the test
+/// refreshes it (`refresh_secondary_index`); a primary's take-over at a
+/// new epoch scans every row.
+fn index_on_demand(c: &mut PartitionConfig) {
+    c.checkpoint_every_flushes = 0;
+    c.checkpoint_interval = Duration::ZERO;
+    c.reuse_held_index = false;
 }
 
 impl Unit {
@@ -1970,9 +1983,12 @@ impl Chaos {
         .await
         .unwrap_or_else(|e| panic!("take-over at epoch {epoch}: {e}; {}", self.history()));
         self.extents.min_epoch.store(epoch, Ordering::SeqCst);
+        let recovery = primary.recovery_report();
         self.events.lock().unwrap().push(format!(
-            "epoch {epoch}: {} (stall {stall:?})",
-            if promote { "promoted" } else { "re-mirrored" }
+            "epoch {epoch}: {} (stall {stall:?}; held index {}, {} rows read)",
+            if promote { "promoted" } else { "re-mirrored" },
+            recovery.held_index,
+            recovery.rows_scanned
         ));
         *self.serving.lock().unwrap() = Serving {
             primary,
@@ -2041,6 +2057,11 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         );
     }
     chaos.serving().primary.check_invariants().unwrap();
+    let history = chaos.history();
+    println!("take-overs: {history}");
+    // Promotions and re-mirrors start from the index the node held (the
+    // checks above hold for them too).
+    assert!(history.contains("held index true"), "{history}");
 }
 
 /// A primary logs a write its secondary never confirms, dies, and the
@@ -2867,4 +2888,155 @@ async fn in_place_take_overs_hand_the_snapshots_over() {
     assert_eq!(ids, vec![7], "snapshots after the new epoch");
     check_snapshot(&unit, 7, &at_seven, "after the new epoch").await;
     check_all(&unit, &model, "live after the new epoch").await;
+}
+
+// ---------------------------------------------------------------- secondary index
+
+/// A promotion starts from the index the secondary kept of the flushed
+/// data and reads only the rows written since its last pass (flushes and a
+/// GC pass that moved blocks and freed extents it had applied); the result
+/// is the index a full scan builds, and every acknowledged block reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_reads_only_rows_after_the_secondary_index_and_matches_a_full_scan() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new_tuned(size_blocks, index_on_demand).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(71);
+    for _ in 0..8 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    let first = unit.secondary.refresh_secondary_index().await.unwrap();
+    assert!(first > 0, "the first pass reads every row");
+    let covered = unit.secondary.secondary_index_rows().unwrap();
+    assert!(covered >= 8, "{covered} rows");
+    // Nothing new: a second pass reads no summary.
+    assert_eq!(unit.secondary.refresh_secondary_index().await.unwrap(), 0);
+    // A GC pass moves blocks to new rows and frees extents the secondary
+    // had applied; more flushes; a second pass applies them.
+    let gc = unit.primary.gc_pass().await.unwrap();
+    println!("gc: {gc:?}");
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    assert!(unit.secondary.refresh_secondary_index().await.unwrap() > 0);
+    // Rows the secondary has not applied: overwrites, another GC pass,
+    // another flush, and an unflushed tail.
+    random_ops(&unit, &mut model, &mut rng, 60).await;
+    unit.primary.flush_now().await.unwrap();
+    let gc = unit.primary.gc_pass().await.unwrap();
+    println!("gc: {gc:?}");
+    random_ops(&unit, &mut model, &mut rng, 20).await;
+    unit.primary.flush_now().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 20).await;
+
+    let before = unit.summary_reads();
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    let reads = unit.summary_reads() - before;
+    assert!(report.held_index, "{report:?}");
+    assert_eq!(report.checkpoint, None);
+    assert_eq!(reads, report.rows_scanned);
+    assert!(reads > 0, "rows were written after the last pass");
+    assert_eq!(
+        promoted
+            .metrics()
+            .recovery_held_index_used
+            .load(Ordering::Relaxed),
+        1
+    );
+    check_all(&unit, &model, "after a promotion from the secondary index").await;
+    let from_shadow = locations(&promoted, size_blocks);
+
+    // The same index by a full scan (no checkpoint exists).
+    let before = unit.summary_reads();
+    let rescanned = unit.take_over(false, 3).await;
+    let full = rescanned.recovery_report();
+    let full_reads = unit.summary_reads() - before;
+    assert!(!full.held_index && full.checkpoint.is_none(), "{full:?}");
+    assert_eq!(
+        locations(&rescanned, size_blocks),
+        from_shadow,
+        "secondary index + rows after it must give the index of a full scan"
+    );
+    check_all(&unit, &model, "after a full-scan take-over").await;
+    println!("summary reads: {reads} from the secondary index, {full_reads} by the full scan");
+    assert!(reads < full_reads, "{reads} vs {full_reads}");
+}
+
+/// With the background refresh on (the default), flush commits keep the
+/// secondary's index current: the promotion reads (almost) no row; a
+/// secondary whose index was built under other snapshot cuts, or that
+/// kept none, recovers as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_commits_keep_the_secondary_index_current() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(72);
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    // No checkpoint yet (every 32 flush commits): every row holds data.
+    let row_bytes = ROW_BYTES * u64::from(K + M);
+    let flushed_rows: u64 = unit
+        .primary
+        .extent_usage()
+        .iter()
+        .map(|(_, bytes)| bytes / row_bytes)
+        .sum();
+    assert!(flushed_rows >= 6, "{flushed_rows} rows");
+    // The refresh runs in the background: bounded wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if unit
+            .secondary
+            .secondary_index_rows()
+            .is_some_and(|rows| rows >= flushed_rows)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "secondary index at {:?} rows of {flushed_rows}",
+            unit.secondary.secondary_index_rows()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    random_ops(&unit, &mut model, &mut rng, 30).await;
+    let promoted = unit.take_over(true, 2).await;
+    let report = promoted.recovery_report();
+    assert!(report.held_index, "{report:?}");
+    check_all(&unit, &model, "after a promotion from a current index").await;
+}
+
+/// A primary taken over in place at a new epoch (its secondary replaced)
+/// starts from its own index of the flushed data: it reads no stripe
+/// summary, and every acknowledged block reads back, GC moves included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_epoch_take_over_starts_from_the_primary_s_own_index() {
+    let size_blocks = 1024u64;
+    let mut unit = Unit::new(size_blocks).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(73);
+    for _ in 0..6 {
+        random_ops(&unit, &mut model, &mut rng, 40).await;
+        unit.primary.flush_now().await.unwrap();
+    }
+    unit.primary.gc_pass().await.unwrap();
+    random_ops(&unit, &mut model, &mut rng, 30).await;
+    let before = unit.summary_reads();
+    let taken = unit.take_over(false, 2).await;
+    let report = taken.recovery_report();
+    assert!(report.held_index, "{report:?}");
+    assert_eq!(report.rows_scanned, 0, "{report:?}");
+    assert_eq!(unit.summary_reads(), before);
+    check_all(
+        &unit,
+        &model,
+        "after a new-epoch take-over from its own index",
+    )
+    .await;
 }
