@@ -293,25 +293,28 @@ impl PartitionIndex {
     }
 
     /// One page of the diff of `from` → `to` (see
-    /// [`diff_views`](Self::diff_views)) from block `start` to the end of
-    /// the partition: at most `max_ranges` ranges (at least one), each
+    /// [`diff_views`](Self::diff_views)) from block `start`: at most
+    /// `max_ranges` ranges (at least one) found in at most `scan_blocks`
+    /// blocks (at least one; bounds the time a page holds the index), each
     /// marked `zero` when `to` reads zeros there, adjacent ranges merged
     /// when they agree on that. Returns the page and the block the next
-    /// page starts at (`None`: this page reaches the end). Pages join
-    /// into the whole diff: a range is only cut at a page end if the next
-    /// page's first range is a different one.
+    /// page starts at (`None`: this page reaches the partition's end).
+    /// The pages' ranges joined are the whole diff; a range may be split
+    /// where a page ends (a reader merges adjacent ranges of one kind).
     pub fn diff_page(
         &self,
         from: Option<u64>,
         to: Option<u64>,
         start: u64,
         max_ranges: usize,
+        scan_blocks: u64,
     ) -> Result<(Vec<DiffRange>, Option<u64>), IndexError> {
         let max_ranges = max_ranges.max(1);
+        let end = start.saturating_add(scan_blocks.max(1)).min(self.size_blocks);
         let mut out: Vec<DiffRange> = Vec::new();
         let mut at = start;
-        while at < self.size_blocks {
-            let count = DIFF_WINDOW_BLOCKS.min(self.size_blocks - at);
+        while at < end {
+            let count = DIFF_WINDOW_BLOCKS.min(end - at);
             for range in self.diff_window(from, to, at, count)? {
                 match out.last_mut() {
                     Some(last)
@@ -331,7 +334,7 @@ impl PartitionIndex {
                 return Ok((out, Some(next)));
             }
         }
-        Ok((out, None))
+        Ok((out, (at < self.size_blocks).then_some(at)))
     }
 
     /// The differing blocks of `lba..lba+count`, as ranges split where
@@ -787,15 +790,24 @@ mod tests {
                     // pages join into the same blocks, each range marked
                     // zero exactly when `to` reads zeros there, no two
                     // adjacent ranges of one kind left unmerged.
-                    for page in [1usize, 2, 3, 1000] {
+                    for (page, scan) in [(1usize, u64::MAX), (2, 7), (3, u64::MAX), (1000, 5), (1000, u64::MAX)] {
                         let mut start = Some(0);
                         let mut ranges: Vec<DiffRange> = Vec::new();
                         let mut pages = 0;
                         while let Some(at) = start {
-                            let (got, next) = index.diff_page(*from, *to, at, page).unwrap();
+                            let (got, next) = index.diff_page(*from, *to, at, page, scan).unwrap();
                             prop_assert!(got.len() <= page);
                             prop_assert!(next.is_none_or(|n| n > at));
-                            ranges.extend(got);
+                            prop_assert!(got.iter().all(|r| r.blocks.start >= at && next.is_none_or(|n| r.blocks.end <= n)));
+                            // The reader's merge of a range split by a page end.
+                            for range in got {
+                                match ranges.last_mut() {
+                                    Some(last) if last.blocks.end == range.blocks.start && last.zero == range.zero => {
+                                        last.blocks.end = range.blocks.end;
+                                    }
+                                    _ => ranges.push(range),
+                                }
+                            }
                             start = next;
                             pages += 1;
                             prop_assert!(pages <= BLOCKS + 1);
