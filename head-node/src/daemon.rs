@@ -764,7 +764,10 @@ mod tests {
             assert!(!kind::is_host_request(query));
         }
         // Operators still may not read data or control cuts.
-        assert!(!unit_port_allows(&peer(Role::Operator), kind::HOST_READ_SNAPSHOT));
+        assert!(!unit_port_allows(
+            &peer(Role::Operator),
+            kind::HOST_READ_SNAPSHOT
+        ));
         assert!(!unit_port_allows(&peer(Role::Operator), kind::HOST_READ));
     }
 }

@@ -293,7 +293,11 @@ mod tests {
         }
         assert_eq!(
             m.finish(),
-            vec![r(0, 12288, false), r(12288, 8192, true), r(65536, 4096, false)]
+            vec![
+                r(0, 12288, false),
+                r(12288, 8192, true),
+                r(65536, 4096, false)
+            ]
         );
         let mut m = DiffMerger::default();
         m.push(r(8192, 4096, false)).unwrap();

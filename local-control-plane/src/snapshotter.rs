@@ -623,17 +623,34 @@ mod tests {
         metrics.observe_states(Some(&state.lock().unwrap()));
         let before = text(&registry);
         for volume in ["1", "2"] {
-            let line = format!("rackblock_lcp_snapshots{{volume=\"{volume}\",state=\"creating\"}} 1");
+            let line =
+                format!("rackblock_lcp_snapshots{{volume=\"{volume}\",state=\"creating\"}} 1");
             assert!(before.contains(&line), "{line} in {before}");
         }
-        assert!(before.contains("rackblock_lcp_snapshot_pause_seconds_count 0"), "{before}");
+        assert!(
+            before.contains("rackblock_lcp_snapshot_pause_seconds_count 0"),
+            "{before}"
+        );
         let view = state.lock().unwrap().clone();
-        tick(&view, &fake_call(fake.clone()), &proposer(state.clone()), &metrics, &attempted).await;
+        tick(
+            &view,
+            &fake_call(fake.clone()),
+            &proposer(state.clone()),
+            &metrics,
+            &attempted,
+        )
+        .await;
         metrics.observe_states(Some(&state.lock().unwrap()));
         let after = text(&registry);
-        assert!(after.contains("rackblock_lcp_snapshots{volume=\"1\",state=\"ready\"} 1"), "{after}");
+        assert!(
+            after.contains("rackblock_lcp_snapshots{volume=\"1\",state=\"ready\"} 1"),
+            "{after}"
+        );
         assert!(!after.contains("state=\"creating\""), "{after}");
-        assert!(after.contains("rackblock_lcp_snapshot_pause_seconds_count 1"), "{after}");
+        assert!(
+            after.contains("rackblock_lcp_snapshot_pause_seconds_count 1"),
+            "{after}"
+        );
         metrics.observe_states(None);
         assert!(!text(&registry).contains("rackblock_lcp_snapshots{"));
     }

@@ -130,10 +130,10 @@ use crate::sled::{
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
 };
 use crate::volume::{
-    AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest,
-    SnapshotAction, MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
-    ChangedRange, SnapshotUsage, MAX_DIFF_RANGES, MAX_SNAPSHOT_USAGE,
+    AttachmentCredential, AttachmentToken, ChangedRange, FlushedRange, HostError, HostOp,
+    HostReply, HostRequest, NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply,
+    ReplicaRequest, SnapshotAction, SnapshotUsage, MAX_DIFF_RANGES, MAX_FLUSHED_RANGES,
+    MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS, MAX_SNAPSHOT_USAGE,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::BLOCK_SIZE_BYTES;

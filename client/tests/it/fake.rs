@@ -216,11 +216,9 @@ impl FakeNode {
             HostOp::ReadSnapshot { .. }
             | HostOp::SnapshotControl { .. }
             | HostOp::SnapshotDiff { .. }
-            | HostOp::SnapshotUsage => {
-                HostReply::Error(HostError::BadRequest {
-                    reason: "the fake head node has no snapshots".into(),
-                })
-            }
+            | HostOp::SnapshotUsage => HostReply::Error(HostError::BadRequest {
+                reason: "the fake head node has no snapshots".into(),
+            }),
         }
     }
 }

@@ -310,7 +310,9 @@ impl PartitionIndex {
         scan_blocks: u64,
     ) -> Result<(Vec<DiffRange>, Option<u64>), IndexError> {
         let max_ranges = max_ranges.max(1);
-        let end = start.saturating_add(scan_blocks.max(1)).min(self.size_blocks);
+        let end = start
+            .saturating_add(scan_blocks.max(1))
+            .min(self.size_blocks);
         let mut out: Vec<DiffRange> = Vec::new();
         let mut at = start;
         while at < end {
