@@ -450,12 +450,13 @@ pub fn diff_json(volume: &str, from: &str, to: &str, ranges: &[ChangedRange]) ->
 pub async fn diff(global: &GlobalArgs, args: &DiffArgs) -> Result<(), CliError> {
     let volume = volume_id(global, &args.volume).await?;
     let from = ready_id(&args.rack, volume, &args.from).await?;
-    let (to, to_name) = match &args.to {
-        Some(name) => (
+    // clap refuses SNAP_B with --live; neither means live too.
+    let (to, to_name) = match (&args.to, args.live) {
+        (Some(name), false) => (
             Some(ready_id(&args.rack, volume, name).await?),
             name.clone(),
         ),
-        None => (None, "live".to_owned()),
+        _ => (None, "live".to_owned()),
     };
     let ranges = changed_ranges(&args.rack, volume, Some(from), to).await?;
     match global.output {
@@ -722,6 +723,20 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliErr
     session.close().await;
     let (bytes, records) = result?;
     match global.output {
+        // The stream owns stdout: the summary goes to stderr then.
+        Output::Json if args.to == "-" => {
+            eprintln!(
+                "{}",
+                json!({
+                    "volume": args.volume,
+                    "snapshot": args.snapshot,
+                    "since": args.since,
+                    "bytes": bytes,
+                    "records": records,
+                })
+            );
+            Ok(())
+        }
         Output::Json => crate::ops::print_json(&json!({
             "volume": args.volume,
             "snapshot": args.snapshot,
