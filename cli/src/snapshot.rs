@@ -519,6 +519,9 @@ pub struct ExportArgs {
     pub rack: RackArg,
 }
 
+/// A byte range of the volume: (offset, length).
+type Span = (u64, u64);
+
 /// Bytes read per request of an export.
 const EXPORT_CHUNK: u64 = 4 << 20;
 /// Requests of an export in flight.
@@ -800,15 +803,15 @@ async fn export_with(
             let mut progress = Progress::new(total);
             // Ranges read, in offset order; zero ranges of the diff are
             // written without a read, between them.
-            let (zeros, data): (Vec<(u64, u64)>, Vec<(u64, u64)>) = match diff {
-                Some(d) => {
-                    let (z, n): (Vec<&ChangedRange>, Vec<&ChangedRange>) =
-                        d.iter().partition(|r| r.zero);
-                    (
-                        z.iter().map(|r| (r.offset_bytes, r.len_bytes)).collect(),
-                        n.iter().map(|r| (r.offset_bytes, r.len_bytes)).collect(),
-                    )
-                }
+            let pick = |zero: bool| -> Vec<Span> {
+                diff.unwrap_or_default()
+                    .iter()
+                    .filter(|r| r.zero == zero)
+                    .map(|r| (r.offset_bytes, r.len_bytes))
+                    .collect()
+            };
+            let (zeros, data) = match diff {
+                Some(_) => (pick(true), pick(false)),
                 None => (Vec::new(), vec![(0, size)]),
             };
             let mut zeros = zeros.into_iter().peekable();
