@@ -395,7 +395,7 @@ impl Attached {
 pub const MAP_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The host ports of the unit's head nodes in a zonal attach answer.
-fn host_endpoints(info: &Value) -> Result<Vec<HostEndpoint>, CliError> {
+pub(crate) fn host_endpoints(info: &Value) -> Result<Vec<HostEndpoint>, CliError> {
     let bad = |reason: String| {
         CliError::Runtime(format!("the zonal attach answer is unusable: {reason}"))
     };

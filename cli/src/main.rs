@@ -25,6 +25,7 @@ mod http;
 mod ops;
 mod sled_bench;
 mod snapshot;
+mod stream;
 mod text;
 mod unit;
 mod up;
@@ -177,6 +178,17 @@ enum SnapshotCommand {
     List(snapshot::ListArgs),
     /// Delete a snapshot; waits until every partition dropped it.
     Delete(snapshot::DeleteArgs),
+    /// One snapshot: state, pause, every partition's cut, the bytes it
+    /// holds exclusively.
+    Describe(snapshot::DescribeArgs),
+    /// The ranges changed from snapshot FROM to snapshot TO (or the live
+    /// volume), from the partitions' indexes (no data read).
+    Diff(snapshot::DiffArgs),
+    /// Write a snapshot's raw image, or an incremental stream of what
+    /// changed since another snapshot, to a file or stdout.
+    Export(snapshot::ExportArgs),
+    /// Apply an incremental stream onto a raw image file.
+    Apply(snapshot::ApplyArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -449,6 +461,20 @@ fn main() -> ExitCode {
                 ),
                 SnapshotCommand::List(args) => {
                     ops::finish("snapshot list", snapshot::list(&cli.global, &args).await)
+                }
+                SnapshotCommand::Describe(args) => ops::finish(
+                    "snapshot describe",
+                    snapshot::describe(&cli.global, &args).await,
+                ),
+                SnapshotCommand::Diff(args) => {
+                    ops::finish("snapshot diff", snapshot::diff(&cli.global, &args).await)
+                }
+                SnapshotCommand::Export(args) => ops::finish(
+                    "snapshot export",
+                    snapshot::export(&cli.global, &args).await,
+                ),
+                SnapshotCommand::Apply(args) => {
+                    ops::finish("snapshot apply", snapshot::apply(&cli.global, &args).await)
                 }
                 SnapshotCommand::Delete(args) => ops::finish(
                     "snapshot delete",

@@ -504,6 +504,23 @@ pub async fn volume_describe(global: &GlobalArgs, args: &NameArgs) -> Result<(),
             );
         }
     }
+    if let Some(snapshots) = v.get("snapshots").and_then(Value::as_array) {
+        if snapshots.is_empty() {
+            println!("snapshots: none");
+        }
+        for s in snapshots {
+            let space = match s.get("exclusive_bytes").and_then(Value::as_u64) {
+                Some(bytes) => format!("holds {} exclusively", crate::text::human_bytes(bytes)),
+                None => "space unknown".into(),
+            };
+            println!(
+                "snapshot {} (id {}): {}, {space}",
+                field_str(s, "name"),
+                field_u64(s, "id"),
+                field_str(s, "state")
+            );
+        }
+    }
     match v.get("partition_map") {
         Some(map) if !map.is_null() => match serde_json::from_value::<PartitionMap>(map.clone()) {
             Ok(map) => unit::print_partition_map(&map),

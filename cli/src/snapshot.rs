@@ -1,5 +1,6 @@
-//! `rackblock snapshot create|list|delete`: crash-consistent snapshots of a
-//! volume, taken by the unit's local control plane.
+//! `rackblock snapshot create|list|describe|delete|diff|export|apply`:
+//! crash-consistent snapshots of a volume, taken by the unit's local
+//! control plane.
 //!
 //! ```text
 //! VOL ──HTTP GET /v1/volumes/VOL──▶ zonal: the volume's id in its unit
@@ -8,6 +9,16 @@
 //!         record is ready (prints the measured pause) or aborted
 //! list:   UnitStatus.snapshots of the volume
 //! delete: DeleteSnapshot ─▶ poll until the coordinator dropped and purged it
+//! list, describe: the records, plus each snapshot's pinned and exclusive
+//!         bytes from every partition's primary (HostSnapshotUsage, unit
+//!         port, local_control_plane::snapshot_query)
+//! diff:   HostSnapshotDiff pages from every partition's primary (index
+//!         only, no data read), merged into volume ranges
+//! export: a zonal attachment for the snapshot's reads (HostReadSnapshot
+//!         through the volume client, like `attach VOL@SNAP --read-only`),
+//!         detached at the end: the raw image, or an incremental stream
+//!         (crate::stream) of the diff's ranges since another snapshot
+//! apply:  an incremental stream onto a raw image file
 //! ```
 //!
 //! The zonal plane knows nothing of snapshots yet: the verbs need the
@@ -15,9 +26,19 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use client::{ClientConfig, VolumeClient};
+use local_control_plane::snapshot_query::{self, SnapshotSpace};
 use local_control_plane::state::{SnapshotRecord, SnapshotState};
 use local_control_plane::{Command, Outcome};
+use proto::volume::{AttachmentCredential, AttachmentToken, ChangedRange};
 use serde_json::{json, Value};
+
+use crate::stream::{Header, StreamWriter};
+use crate::text::human_bytes;
 
 use crate::error::CliError;
 use crate::ops::{GlobalArgs, RackArg};
@@ -119,6 +140,23 @@ fn record_json(record: &SnapshotRecord) -> Value {
     })
 }
 
+/// [`record_json`] with the snapshot's space on the volume (`null` when
+/// the partitions could not be asked).
+fn record_space_json(record: &SnapshotRecord, space: Option<&SnapshotSpace>) -> Value {
+    let mut value = record_json(record);
+    if let Value::Object(map) = &mut value {
+        map.insert(
+            "pinned_bytes".into(),
+            space.map_or(Value::Null, |s| s.pinned_bytes.into()),
+        );
+        map.insert(
+            "exclusive_bytes".into(),
+            space.map_or(Value::Null, |s| s.exclusive_bytes.into()),
+        );
+    }
+    value
+}
+
 fn record_line(record: &SnapshotRecord) -> String {
     let mut line = format!(
         "snapshot {} (id {}): {}",
@@ -137,6 +175,39 @@ fn record_line(record: &SnapshotRecord) -> String {
         line.push_str(&format!(" ({reason})"));
     }
     line
+}
+
+fn space_text(space: Option<&SnapshotSpace>) -> String {
+    match space {
+        Some(s) => format!(
+            "holds {} exclusively ({} pinned)",
+            human_bytes(s.exclusive_bytes),
+            human_bytes(s.pinned_bytes)
+        ),
+        None => "space unknown".into(),
+    }
+}
+
+/// Every snapshot's space on volume `volume`, from its partitions'
+/// primaries; `None` (with a note on stderr) if they cannot be asked.
+async fn usage(rack: &RackArg, volume: u64) -> Option<BTreeMap<u64, SnapshotSpace>> {
+    let loaded = match rack.load() {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("snapshot space unknown: {}", error.line());
+            return None;
+        }
+    };
+    let client = unit::client(&loaded, rack.credential());
+    let result = snapshot_query::volume_usage(&client, volume).await;
+    client.close();
+    match result {
+        Ok(space) => Some(space),
+        Err(error) => {
+            eprintln!("snapshot space unknown: {error}");
+            None
+        }
+    }
 }
 
 async fn propose(rack: &RackArg, command: Command) -> Result<Outcome, CliError> {
@@ -224,18 +295,601 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
         .into_iter()
         .filter(|s| s.volumes.contains(&volume))
         .collect();
+    let space = if records.is_empty() {
+        Some(BTreeMap::new())
+    } else {
+        usage(&args.rack, volume).await
+    };
+    let space_of = |record: &SnapshotRecord| -> Option<SnapshotSpace> {
+        // A snapshot no partition holds (yet, or any more) holds nothing.
+        space
+            .as_ref()
+            .map(|s| s.get(&record.id).copied().unwrap_or_default())
+    };
     match global.output {
         Output::Json => crate::ops::print_json(&json!({
             "volume": args.volume,
-            "snapshots": records.iter().map(record_json).collect::<Vec<_>>(),
+            "snapshots": records
+                .iter()
+                .map(|r| record_space_json(r, space_of(r).as_ref()))
+                .collect::<Vec<_>>(),
         })),
         Output::Table => {
             if records.is_empty() {
                 println!("volume {} has no snapshots", args.volume);
             }
             for record in &records {
-                println!("{}", record_line(record));
+                println!(
+                    "{}; {}",
+                    record_line(record),
+                    space_text(space_of(record).as_ref())
+                );
             }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DescribeArgs {
+    /// Volume name.
+    pub volume: String,
+    /// Snapshot name.
+    pub snapshot: String,
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+/// One snapshot: its record, every partition's cut, and its space.
+pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), CliError> {
+    let volume = volume_id(global, &args.volume).await?;
+    let Some(record) = find(&args.rack, volume, &args.snapshot).await? else {
+        return Err(CliError::NotFound(format!(
+            "volume {} has no snapshot {}",
+            args.volume, args.snapshot
+        )));
+    };
+    let space = usage(&args.rack, volume)
+        .await
+        .map(|s| s.get(&record.id).copied().unwrap_or_default());
+    match global.output {
+        Output::Json => {
+            let mut value = record_space_json(&record, space.as_ref());
+            if let Value::Object(map) = &mut value {
+                map.insert(
+                    "partition_cuts".into(),
+                    record
+                        .cuts
+                        .iter()
+                        .map(|c| {
+                            json!({
+                                "volume": c.partition.volume,
+                                "partition": c.partition.index,
+                                "epoch": c.epoch,
+                                "cut": c.cut,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                        .into(),
+                );
+            }
+            crate::ops::print_json(&value)
+        }
+        Output::Table => {
+            println!("{}", record_line(&record));
+            println!("space: {}", space_text(space.as_ref()));
+            println!("created at {} ms (unix)", record.created_ms);
+            for c in &record.cuts {
+                println!(
+                    "partition {}/{}: cut at sequence {} (epoch {})",
+                    c.partition.volume, c.partition.index, c.cut, c.epoch
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+// ---- diff ----
+
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// Volume name.
+    pub volume: String,
+    /// The older snapshot.
+    pub from: String,
+    /// The newer snapshot (default, or with --live: the live volume).
+    #[arg(conflicts_with = "live")]
+    pub to: Option<String>,
+    /// Compare with the live volume.
+    #[arg(long)]
+    pub live: bool,
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+/// The changed ranges of volume `volume` from snapshot `from` to `to`
+/// (`None`: live), from the partitions' indexes.
+async fn changed_ranges(
+    rack: &RackArg,
+    volume: u64,
+    from: Option<u64>,
+    to: Option<u64>,
+) -> Result<Vec<ChangedRange>, CliError> {
+    let loaded = rack.load()?;
+    let client = unit::client(&loaded, rack.credential());
+    let result = snapshot_query::volume_diff(&client, volume, from, to).await;
+    client.close();
+    result.map_err(|e| CliError::Unavailable(format!("snapshot diff: {e}")))
+}
+
+/// The diff's JSON: ranges (offset, length, zero) and their totals.
+pub fn diff_json(volume: &str, from: &str, to: &str, ranges: &[ChangedRange]) -> Value {
+    let (mut data, mut zero) = (0u64, 0u64);
+    for r in ranges {
+        if r.zero {
+            zero += r.len_bytes;
+        } else {
+            data += r.len_bytes;
+        }
+    }
+    json!({
+        "volume": volume,
+        "from": from,
+        "to": to,
+        "block_size": proto::BLOCK_SIZE_BYTES,
+        "changed_bytes": data + zero,
+        "zero_bytes": zero,
+        "ranges": ranges
+            .iter()
+            .map(|r| json!({"offset": r.offset_bytes, "length": r.len_bytes, "zero": r.zero}))
+            .collect::<Vec<_>>(),
+    })
+}
+
+pub async fn diff(global: &GlobalArgs, args: &DiffArgs) -> Result<(), CliError> {
+    let volume = volume_id(global, &args.volume).await?;
+    let from = ready_id(&args.rack, volume, &args.from).await?;
+    // clap refuses SNAP_B with --live; neither means live too.
+    let (to, to_name) = match (&args.to, args.live) {
+        (Some(name), false) => (
+            Some(ready_id(&args.rack, volume, name).await?),
+            name.clone(),
+        ),
+        _ => (None, "live".to_owned()),
+    };
+    let ranges = changed_ranges(&args.rack, volume, Some(from), to).await?;
+    match global.output {
+        Output::Json => {
+            crate::ops::print_json(&diff_json(&args.volume, &args.from, &to_name, &ranges))
+        }
+        Output::Table => {
+            let mut out = std::io::stdout().lock();
+            let mut total = 0;
+            for r in &ranges {
+                total += r.len_bytes;
+                writeln!(
+                    out,
+                    "{:>16} {:>12} {}",
+                    r.offset_bytes,
+                    r.len_bytes,
+                    if r.zero { "zero" } else { "data" }
+                )
+                .map_err(|e| CliError::Runtime(format!("stdout: {e}")))?;
+            }
+            writeln!(
+                out,
+                "{} → {}: {} ranges, {} changed",
+                args.from,
+                to_name,
+                ranges.len(),
+                human_bytes(total)
+            )
+            .map_err(|e| CliError::Runtime(format!("stdout: {e}")))
+        }
+    }
+}
+
+// ---- export ----
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// The whole image, byte for byte.
+    Raw,
+    /// A header and (offset, length, data) records (crate::stream): the
+    /// ranges changed since --since, or every non-zero range.
+    Incremental,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Volume name.
+    pub volume: String,
+    /// Snapshot name.
+    pub snapshot: String,
+    /// Only what changed since this older snapshot (incremental only).
+    #[arg(long)]
+    pub since: Option<String>,
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: ExportFormat,
+    /// Where to write: a file, or - for stdout.
+    #[arg(short = 'o', long = "to")]
+    pub to: String,
+    #[command(flatten)]
+    pub rack: RackArg,
+}
+
+/// A byte range of the volume: (offset, length).
+type Span = (u64, u64);
+
+/// Bytes read per request of an export.
+const EXPORT_CHUNK: u64 = 4 << 20;
+/// Requests of an export in flight.
+const EXPORT_DEPTH: usize = 4;
+
+/// Progress on stderr, at most once a second, and a last line.
+struct Progress {
+    total: u64,
+    done: u64,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            total,
+            done: 0,
+            started: now,
+            last: now,
+        }
+    }
+
+    fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.last.elapsed() >= Duration::from_secs(1) {
+            self.last = Instant::now();
+            self.print("");
+        }
+    }
+
+    fn print(&self, end: &str) {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        eprintln!(
+            "exported {} of {} ({:.1} MiB/s){end}",
+            human_bytes(self.done),
+            human_bytes(self.total),
+            self.done as f64 / secs / (1 << 20) as f64
+        );
+    }
+}
+
+/// A zonal attachment for the export's reads, detached on drop of
+/// [`ExportSession::close`].
+struct ExportSession {
+    api: crate::http::ZonalApi,
+    volume: String,
+    attachment: u64,
+    client: VolumeClient,
+}
+
+impl ExportSession {
+    async fn open(global: &GlobalArgs, volume: &str, snapshot: u64) -> Result<Self, CliError> {
+        let api = global.api()?;
+        let path = format!("/v1/volumes/{}/attach", crate::http::segment(volume));
+        let reply = api
+            .call("POST", &path, Some(&json!({ "host": "snapshot-export" })))
+            .await?;
+        let info = reply.body;
+        let attachment = info
+            .get("attachment_id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                CliError::Runtime("the zonal attach answer has no attachment_id".into())
+            })?;
+        let session = async {
+            let token = info
+                .get("token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
+                .and_then(|text| {
+                    AttachmentToken::parse_hex(text)
+                        .map_err(|e| CliError::Runtime(format!("the attach answer's token: {e}")))
+                })?;
+            let volume_id = info
+                .get("volume_id")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| {
+                    CliError::Runtime("the zonal attach answer has no volume_id".into())
+                })?;
+            let endpoints = crate::attach::host_endpoints(&info)?;
+            let config = ClientConfig {
+                snapshot: Some(snapshot),
+                ..ClientConfig::default()
+            };
+            VolumeClient::connect_host(
+                &endpoints,
+                volume_id,
+                AttachmentCredential { attachment, token },
+                config,
+            )
+            .await
+            .map_err(|e| CliError::Unavailable(format!("cannot reach the volume's unit: {e}")))
+        }
+        .await;
+        let session = ExportSession {
+            api: api.clone(),
+            volume: volume.to_owned(),
+            attachment,
+            client: match session {
+                Ok(client) => client,
+                Err(error) => {
+                    let _ = Self::detach(&api, volume, attachment).await;
+                    return Err(error);
+                }
+            },
+        };
+        Ok(session)
+    }
+
+    async fn detach(
+        api: &crate::http::ZonalApi,
+        volume: &str,
+        attachment: u64,
+    ) -> Result<(), CliError> {
+        let path = format!(
+            "/v1/volumes/{}/attachments/{attachment}",
+            crate::http::segment(volume)
+        );
+        api.call("DELETE", &path, None).await.map(|_| ())
+    }
+
+    async fn close(self) {
+        self.client.close();
+        if let Err(error) = Self::detach(&self.api, &self.volume, self.attachment).await {
+            eprintln!(
+                "could not detach the export's attachment {} of {}: {}; detach it with `rackblock volume detach {} --attachment {}`",
+                self.attachment,
+                self.volume,
+                error.line(),
+                self.volume,
+                self.attachment
+            );
+        }
+    }
+
+    /// Reads `ranges` (offset, length) in chunks, [`EXPORT_DEPTH`] in
+    /// flight, handing each chunk to `sink` in offset order.
+    async fn read_ranges(
+        &self,
+        ranges: &[(u64, u64)],
+        mut sink: impl FnMut(u64, bytes::Bytes) -> Result<(), CliError>,
+    ) -> Result<(), CliError> {
+        use futures::StreamExt;
+        let chunks: Vec<(u64, u64)> = ranges
+            .iter()
+            .flat_map(|&(offset, len)| {
+                (0..len.div_ceil(EXPORT_CHUNK)).map(move |i| {
+                    let at = offset + i * EXPORT_CHUNK;
+                    (at, EXPORT_CHUNK.min(offset + len - at))
+                })
+            })
+            .collect();
+        let client = &self.client;
+        let mut reads = futures::stream::iter(chunks)
+            .map(|(at, len)| async move { (at, client.read(at, len).await) })
+            .buffered(EXPORT_DEPTH);
+        while let Some((at, read)) = reads.next().await {
+            let data = read.map_err(|e| CliError::Unavailable(format!("read at {at}: {e}")))?;
+            sink(at, data)?;
+        }
+        Ok(())
+    }
+}
+
+fn open_output(to: &str) -> Result<Box<dyn Write>, CliError> {
+    if to == "-" {
+        return Ok(Box::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )));
+    }
+    let file = std::fs::File::create(to)
+        .map_err(|e| CliError::Runtime(format!("cannot create {to}: {e}")))?;
+    Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
+}
+
+fn write_error(e: impl std::fmt::Display) -> CliError {
+    CliError::Runtime(format!("export output: {e}"))
+}
+
+pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliError> {
+    if args.since.is_some() && args.format == ExportFormat::Raw {
+        return Err(CliError::Usage(
+            "--since makes an incremental stream: add --format incremental".into(),
+        ));
+    }
+    let volume = volume_id(global, &args.volume).await?;
+    let snapshot = ready_id(&args.rack, volume, &args.snapshot).await?;
+    let base = match &args.since {
+        Some(name) => Some(ready_id(&args.rack, volume, name).await?),
+        None => None,
+    };
+    // The ranges to write: the diff's, or the whole volume.
+    let diff = match base {
+        Some(base) => Some(changed_ranges(&args.rack, volume, Some(base), Some(snapshot)).await?),
+        None => None,
+    };
+    let session = ExportSession::open(global, &args.volume, snapshot).await?;
+    let result = export_with(&session, args, snapshot, base, diff.as_deref()).await;
+    session.close().await;
+    let (bytes, records) = result?;
+    match global.output {
+        // The stream owns stdout: the summary goes to stderr then.
+        Output::Json if args.to == "-" => {
+            eprintln!(
+                "{}",
+                json!({
+                    "volume": args.volume,
+                    "snapshot": args.snapshot,
+                    "since": args.since,
+                    "bytes": bytes,
+                    "records": records,
+                })
+            );
+            Ok(())
+        }
+        Output::Json => crate::ops::print_json(&json!({
+            "volume": args.volume,
+            "snapshot": args.snapshot,
+            "since": args.since,
+            "format": match args.format { ExportFormat::Raw => "raw", ExportFormat::Incremental => "incremental" },
+            "bytes": bytes,
+            "records": records,
+        })),
+        Output::Table => {
+            if args.to != "-" {
+                println!(
+                    "exported {}@{} to {} ({})",
+                    args.volume,
+                    args.snapshot,
+                    args.to,
+                    human_bytes(bytes)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes the export; returns the bytes of volume written and the
+/// stream's records (0 for raw).
+async fn export_with(
+    session: &ExportSession,
+    args: &ExportArgs,
+    snapshot: u64,
+    base: Option<u64>,
+    diff: Option<&[ChangedRange]>,
+) -> Result<(u64, u64), CliError> {
+    let size = session.client.size_bytes();
+    let mut out = open_output(&args.to)?;
+    match args.format {
+        ExportFormat::Raw => {
+            let mut progress = Progress::new(size);
+            session
+                .read_ranges(&[(0, size)], |_, data| {
+                    out.write_all(&data).map_err(write_error)?;
+                    progress.add(data.len() as u64);
+                    Ok(())
+                })
+                .await?;
+            out.flush().map_err(write_error)?;
+            progress.print(", done");
+            Ok((size, 0))
+        }
+        ExportFormat::Incremental => {
+            let header = Header {
+                volume_size_bytes: size,
+                base_snapshot: base.unwrap_or(0),
+                snapshot,
+            };
+            let mut writer = StreamWriter::new(out, header).map_err(write_error)?;
+            let mut records = 0u64;
+            let total = match diff {
+                Some(d) => d.iter().map(|r| r.len_bytes).sum(),
+                None => size,
+            };
+            let mut progress = Progress::new(total);
+            // Ranges read, in offset order; zero ranges of the diff are
+            // written without a read, between them.
+            let pick = |zero: bool| -> Vec<Span> {
+                diff.unwrap_or_default()
+                    .iter()
+                    .filter(|r| r.zero == zero)
+                    .map(|r| (r.offset_bytes, r.len_bytes))
+                    .collect()
+            };
+            let (zeros, data) = match diff {
+                Some(_) => (pick(true), pick(false)),
+                None => (Vec::new(), vec![(0, size)]),
+            };
+            let mut zeros = zeros.into_iter().peekable();
+            session
+                .read_ranges(&data, |at, chunk| {
+                    while let Some((z, len)) = zeros.next_if(|(z, _)| *z < at) {
+                        writer.zero(z, len).map_err(write_error)?;
+                        records += 1;
+                        progress.add(len);
+                    }
+                    // A full stream leaves out what reads as zeros.
+                    if diff.is_none() && chunk.iter().all(|b| *b == 0) {
+                        writer.zero(at, chunk.len() as u64).map_err(write_error)?;
+                    } else {
+                        writer.data(at, &chunk).map_err(write_error)?;
+                    }
+                    records += 1;
+                    progress.add(chunk.len() as u64);
+                    Ok(())
+                })
+                .await?;
+            for (z, len) in zeros {
+                writer.zero(z, len).map_err(write_error)?;
+                records += 1;
+                progress.add(len);
+            }
+            writer.finish().map_err(write_error)?;
+            progress.print(", done");
+            Ok((total, records))
+        }
+    }
+}
+
+// ---- apply ----
+
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// The incremental stream: a file, or - for stdin.
+    #[arg(short = 'i', long = "from")]
+    pub from: String,
+    /// The raw image to apply it to (an image of the stream's base
+    /// snapshot, the volume's size), changed in place.
+    #[arg(long = "to")]
+    pub to: PathBuf,
+}
+
+/// Applies an incremental stream onto a raw image file.
+pub async fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError> {
+    let target = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&args.to)
+        .map_err(|e| CliError::Runtime(format!("cannot open {}: {e}", args.to.display())))?;
+    let input: Box<dyn std::io::Read> = if args.from == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            std::fs::File::open(&args.from)
+                .map_err(|e| CliError::Runtime(format!("cannot open {}: {e}", args.from)))?,
+        ))
+    };
+    let (header, applied) = crate::stream::apply(input, &target)
+        .map_err(|e| CliError::Runtime(format!("{}: {e}", args.from)))?;
+    match global.output {
+        Output::Json => crate::ops::print_json(&json!({
+            "image": args.to,
+            "base_snapshot": header.base_snapshot,
+            "snapshot": header.snapshot,
+            "applied_bytes": applied,
+        })),
+        Output::Table => {
+            println!(
+                "applied {} of snapshot {} onto {}",
+                human_bytes(applied),
+                header.snapshot,
+                args.to.display()
+            );
             Ok(())
         }
     }

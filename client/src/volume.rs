@@ -899,7 +899,9 @@ impl Inner {
                 }
                 Ok(Ok(None))
             }
-            HostReply::Cut { .. } => Err(protocol(format!("cut reply to a {}", op.name()))),
+            HostReply::Cut { .. } | HostReply::Diff { .. } | HostReply::SnapshotUsage { .. } => {
+                Err(protocol(format!("snapshot reply to a {}", op.name())))
+            }
             HostReply::Error(error) if error.needs_map_refresh() => {
                 retry.last_error = format!("{node}: {error}");
                 let hint = match &error {

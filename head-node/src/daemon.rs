@@ -152,6 +152,16 @@ impl Handler for HeadNodeHandler {
                     // unit_port_allows: only head nodes send this kind here.
                     Message::HostReply(manager.handle_snapshot_control(request).await)
                 }
+                Message::Host(request)
+                    if matches!(
+                        request.op,
+                        proto::volume::HostOp::SnapshotDiff { .. }
+                            | proto::volume::HostOp::SnapshotUsage
+                    ) =>
+                {
+                    // unit_port_allows: operators and head nodes.
+                    Message::HostReply(manager.handle_snapshot_query(request).await)
+                }
                 Message::Host(request) => Message::HostReply(manager.handle_host(request).await),
                 Message::Replica(request) => {
                     Message::ReplicaReply(manager.handle_replica(request).await)
@@ -177,7 +187,10 @@ impl Handler for HeadNodeHandler {
 pub fn unit_port_allows(peer: &Peer, kind: u16) -> bool {
     match peer.role {
         Role::HeadNode => true,
-        Role::Operator => matches!(kind, kind::PING | kind::LCP_CLIENT),
+        Role::Operator => matches!(
+            kind,
+            kind::PING | kind::LCP_CLIENT | kind::HOST_SNAPSHOT_DIFF | kind::HOST_SNAPSHOT_USAGE
+        ),
         Role::Sled => kind == kind::PING,
     }
 }
@@ -733,5 +746,28 @@ mod tests {
         ));
         assert!(!kind::is_host_request(kind::HOST_SNAPSHOT_CONTROL));
         assert!(kind::is_host_request(kind::HOST_READ_SNAPSHOT));
+    }
+
+    /// An operator (the CLI, the zonal plane) may query the snapshots'
+    /// index (diff, usage) on the unit port; a sled may not, and a host
+    /// port never serves them.
+    #[test]
+    fn snapshot_queries_are_for_operators_on_the_unit_port() {
+        let peer = |role| Peer {
+            role,
+            id: "x".into(),
+        };
+        for query in [kind::HOST_SNAPSHOT_DIFF, kind::HOST_SNAPSHOT_USAGE] {
+            assert!(unit_port_allows(&peer(Role::Operator), query));
+            assert!(unit_port_allows(&peer(Role::HeadNode), query));
+            assert!(!unit_port_allows(&peer(Role::Sled), query));
+            assert!(!kind::is_host_request(query));
+        }
+        // Operators still may not read data or control cuts.
+        assert!(!unit_port_allows(
+            &peer(Role::Operator),
+            kind::HOST_READ_SNAPSHOT
+        ));
+        assert!(!unit_port_allows(&peer(Role::Operator), kind::HOST_READ));
     }
 }

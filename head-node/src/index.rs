@@ -40,7 +40,7 @@ use thiserror::Error;
 use crate::wal::LogPosition;
 
 mod snapshot;
-pub use snapshot::{LayerEntry, SnapshotInfo, SnapshotLayer};
+pub use snapshot::{DiffRange, LayerEntry, SnapshotInfo, SnapshotLayer};
 
 /// Checkpoint format version (2: runs, then snapshot layers).
 pub const CHECKPOINT_VERSION: u16 = 2;

@@ -830,9 +830,12 @@ impl PartitionManager {
 
     /// Answers a host request (see the module docs).
     pub async fn handle_host(&self, request: HostRequest) -> HostReply {
-        if matches!(request.op, HostOp::SnapshotControl { .. }) {
+        if is_unit_snapshot_op(&request.op) {
             return HostReply::Error(HostError::BadRequest {
-                reason: "snapshot control is the unit's coordinator's, not a host's".into(),
+                reason: format!(
+                    "{} is the unit's (coordinator, operators), not a host's",
+                    request.op.name()
+                ),
             });
         }
         if let Err(error) = check_host_access(&self.inner, &request).await {
@@ -849,6 +852,23 @@ impl PartitionManager {
         if !matches!(request.op, HostOp::SnapshotControl { .. }) {
             return HostReply::Error(HostError::BadRequest {
                 reason: format!("{} is not a snapshot control request", request.op.name()),
+            });
+        }
+        self.serve_primary(request).await
+    }
+
+    /// Answers an operator's (or a head node's) index query of a
+    /// partition's snapshots ([`HostOp::SnapshotDiff`],
+    /// [`HostOp::SnapshotUsage`]; unit port, authenticated by the unit
+    /// credential, not an attachment's): the partition's primary here
+    /// answers from its index, at the request's epoch. Reads no data.
+    pub async fn handle_snapshot_query(&self, request: HostRequest) -> HostReply {
+        if !matches!(
+            request.op,
+            HostOp::SnapshotDiff { .. } | HostOp::SnapshotUsage
+        ) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: format!("{} is not a snapshot query", request.op.name()),
             });
         }
         self.serve_primary(request).await
@@ -1022,6 +1042,15 @@ fn tokens_equal(a: &AttachmentToken, b: &AttachmentToken) -> bool {
 /// barrier, so an attachment or a resize committed a moment ago is not
 /// refused by a head node whose state machine lags; barriers are single
 /// flight, and a refusal that arrived during one reuses it.
+/// The snapshot ops only the unit port serves (coordinator control and
+/// operators' index queries): never a host's.
+fn is_unit_snapshot_op(op: &HostOp) -> bool {
+    matches!(
+        op,
+        HostOp::SnapshotControl { .. } | HostOp::SnapshotDiff { .. } | HostOp::SnapshotUsage
+    )
+}
+
 async fn check_host_access(inner: &Inner, request: &HostRequest) -> Result<(), HostError> {
     check_access(
         inner,

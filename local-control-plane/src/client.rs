@@ -283,6 +283,30 @@ impl LcpClient {
         Self::send(target, request).await
     }
 
+    /// Send a proto `message` (an operator's head-node request such as a
+    /// snapshot diff page, see [`crate::snapshot_query`]) to head node
+    /// `node`'s unit port and return its answer. Sent idempotent: only
+    /// read-only requests go this way.
+    pub async fn call_head_node(
+        &self,
+        node: &str,
+        message: Message,
+    ) -> Result<Message, ClientError> {
+        let target = self
+            .targets
+            .iter()
+            .find(|t| t.name == node)
+            .ok_or_else(|| ClientError::Protocol(format!("{node} is not a head node")))?;
+        target
+            .link
+            .call(message, true)
+            .await
+            .map_err(|error| ClientError::NoHeadNode {
+                attempts: 1,
+                last_error: format!("{}: {error}", target.name),
+            })
+    }
+
     async fn send(target: &Target, request: &LcpRequest) -> Result<LcpResponse, ClientError> {
         let message = request_message(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         match target.link.call(message, request.is_idempotent()).await {

@@ -33,6 +33,7 @@ pub mod proposals;
 pub mod quick_election;
 pub mod raft;
 pub mod repair;
+pub mod snapshot_query;
 pub mod snapshotter;
 pub mod state;
 

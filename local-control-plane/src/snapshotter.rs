@@ -39,8 +39,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{join_all, BoxFuture};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use proto::volume::{
     AttachmentCredential, AttachmentToken, HostOp, HostReply, HostRequest, SnapshotAction,
@@ -67,13 +70,39 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub type CallHeadNode =
     Arc<dyn Fn(String, Message) -> BoxFuture<'static, Result<Message, String>> + Send + Sync>;
 
-/// Coordinator counters on `/metrics`.
-#[derive(Debug, Clone, Default)]
+/// Labels of the per-volume snapshot gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnapshotStateLabels {
+    pub volume: String,
+    pub state: &'static str,
+}
+
+/// Coordinator metrics on `/metrics` (the leader's; a member that does not
+/// lead shows no per-volume gauges).
+#[derive(Debug, Clone)]
 pub struct SnapshotterMetrics {
     taken: Counter,
     aborted: Counter,
     purged: Counter,
     last_pause_us: Gauge,
+    /// The pause of every snapshot taken (seconds).
+    pause: Histogram,
+    /// Snapshot records by volume and state.
+    by_state: Family<SnapshotStateLabels, Gauge>,
+}
+
+impl Default for SnapshotterMetrics {
+    fn default() -> Self {
+        SnapshotterMetrics {
+            taken: Counter::default(),
+            aborted: Counter::default(),
+            purged: Counter::default(),
+            last_pause_us: Gauge::default(),
+            // 0.5 ms .. ~4 s
+            pause: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            by_state: Family::default(),
+        }
+    }
 }
 
 impl SnapshotterMetrics {
@@ -99,7 +128,34 @@ impl SnapshotterMetrics {
             "The last snapshot's pause: first cut sent to last release answered, microseconds",
             m.last_pause_us.clone(),
         );
+        registry.register(
+            "rackblock_lcp_snapshot_pause_seconds",
+            "Each snapshot's pause (first cut sent to last release answered)",
+            m.pause.clone(),
+        );
+        registry.register(
+            "rackblock_lcp_snapshots",
+            "Snapshot records per volume and state (creating, ready, aborted, deleting), on the leader",
+            m.by_state.clone(),
+        );
         m
+    }
+
+    /// Sets the per-volume state gauges from `state` (`None`: this member
+    /// stopped leading; the gauges go).
+    pub fn observe_states(&self, state: Option<&UnitState>) {
+        self.by_state.clear();
+        let Some(state) = state else { return };
+        for record in state.snapshots().values() {
+            for volume in &record.volumes {
+                self.by_state
+                    .get_or_create(&SnapshotStateLabels {
+                        volume: volume.to_string(),
+                        state: record.state.as_str(),
+                    })
+                    .inc();
+            }
+        }
     }
 }
 
@@ -263,6 +319,7 @@ async fn take<P, F>(
                     metrics
                         .last_pause_us
                         .set(i64::try_from(pause_us).unwrap_or(i64::MAX));
+                    metrics.pause.observe(pause.as_secs_f64());
                     info!(snapshot = id, name = %record.name, pause_us, "snapshot ready");
                     return;
                 }
@@ -386,15 +443,22 @@ pub async fn run<P, F>(
     let attempted = Mutex::new(BTreeSet::new());
     loop {
         let snapshot = state();
+        metrics.observe_states(Some(&snapshot));
         if !snapshot.snapshots().is_empty() {
             tokio::select! {
                 () = tick(&snapshot, &call, &propose, &metrics, &attempted) => {}
-                () = lost.cancelled() => return,
+                () = lost.cancelled() => {
+                    metrics.observe_states(None);
+                    return;
+                }
             }
         }
         tokio::select! {
             () = tokio::time::sleep(SNAPSHOTTER_INTERVAL) => {}
-            () = lost.cancelled() => return,
+            () = lost.cancelled() => {
+                metrics.observe_states(None);
+                return;
+            }
         }
     }
 }
@@ -537,6 +601,58 @@ mod tests {
         pass(&state, &fake, &attempted).await;
         assert!(state.lock().unwrap().snapshots().is_empty());
         assert!(fake.lock().unwrap().cuts.is_empty());
+    }
+
+    /// The metrics: the states per volume of a consistency group's
+    /// snapshot as it goes creating → ready, the pause observed once, and
+    /// no gauges on a member that stopped leading.
+    #[tokio::test]
+    async fn metrics_count_states_per_volume_and_observe_the_pause() {
+        let mut registry = Registry::default();
+        let metrics = SnapshotterMetrics::register(&mut registry);
+        let text = |registry: &Registry| {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+            out
+        };
+        let state = Arc::new(Mutex::new(unit()));
+        ok(&mut state.lock().unwrap(), volume(2, 2, 4, 2));
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let attempted = Mutex::new(BTreeSet::new());
+        create(&state, "group", vec![1, 2]);
+        metrics.observe_states(Some(&state.lock().unwrap()));
+        let before = text(&registry);
+        for volume in ["1", "2"] {
+            let line =
+                format!("rackblock_lcp_snapshots{{volume=\"{volume}\",state=\"creating\"}} 1");
+            assert!(before.contains(&line), "{line} in {before}");
+        }
+        assert!(
+            before.contains("rackblock_lcp_snapshot_pause_seconds_count 0"),
+            "{before}"
+        );
+        let view = state.lock().unwrap().clone();
+        tick(
+            &view,
+            &fake_call(fake.clone()),
+            &proposer(state.clone()),
+            &metrics,
+            &attempted,
+        )
+        .await;
+        metrics.observe_states(Some(&state.lock().unwrap()));
+        let after = text(&registry);
+        assert!(
+            after.contains("rackblock_lcp_snapshots{volume=\"1\",state=\"ready\"} 1"),
+            "{after}"
+        );
+        assert!(!after.contains("state=\"creating\""), "{after}");
+        assert!(
+            after.contains("rackblock_lcp_snapshot_pause_seconds_count 1"),
+            "{after}"
+        );
+        metrics.observe_states(None);
+        assert!(!text(&registry).contains("rackblock_lcp_snapshots{"));
     }
 
     #[tokio::test]

@@ -17,10 +17,10 @@
 //! | `0x0001` Ping, `0x0002` Pong | transport (answered by the server itself) |
 //! | `0x0101-0x0108` | sled controller requests, in [`SledRequest`] order |
 //! | `0x0181-0x0189` | sled controller responses, in [`SledResponse`] order |
-//! | `0x0201-0x0205` | host requests ([`HostOp`] order), see [`crate::volume`] |
+//! | `0x0201-0x0209` | host requests ([`HostOp`] order), see [`crate::volume`] |
 //! | `0x0211-0x0213` | replication requests ([`ReplicaRequest`] order) |
 //! | `0x0221`, `0x02a1` | host partition map request and reply |
-//! | `0x0281-0x0283` | host replies ([`HostReply`] order) |
+//! | `0x0281-0x0286` | host replies ([`HostReply`] order) |
 //! | `0x0291-0x0294` | replication replies ([`ReplicaReply`] order) |
 //! | `0x0301-0x0302` | local control plane requests: Raft RPC, client API |
 //! | `0x0381-0x0382` | local control plane responses |
@@ -55,6 +55,8 @@
 //! | 0x0205 | HostWriteZeroes | host \| write_id u64 \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0206 | HostReadSnapshot | host \| snapshot u64 \| offset_bytes u64 \| len_bytes u32 |
 //! | 0x0207 | HostSnapshotControl (unit port only) | host \| snapshot u64 \| action u8 (0 Cut, 1 Release, 2 Drop) \| hold_ms u32 |
+//! | 0x0208 | HostSnapshotDiff (unit port only) | host \| from `Option<u64>` \| to `Option<u64>` \| start_bytes u64 \| max_ranges u32 |
+//! | 0x0209 | HostSnapshotUsage (unit port only) | host |
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
@@ -66,6 +68,8 @@
 //! | 0x0282 | HostDone | (empty) |
 //! | 0x0283 | HostError | host error |
 //! | 0x0284 | HostCut | cut u64 |
+//! | 0x0285 | HostDiff | ranges `Vec<offset_bytes u64 \| len_bytes u64 \| zero bool>`(≤65536) \| next_offset_bytes `Option<u64>` |
+//! | 0x0286 | HostSnapshotUsage | snapshots `Vec<snapshot u64 \| cut u64 \| pinned_bytes u64 \| exclusive_bytes u64>`(≤65536) |
 //! | 0x0291 | ReplicaAppended | up_to_sequence u64 |
 //! | 0x0292 | ReplicaCommitted | (empty) |
 //! | 0x0293 | ReplicaStatus | highest_epoch u64 \| highest_sequence u64 |
@@ -126,9 +130,10 @@ use crate::sled::{
     ScrubReport, SledError, SledInventory, SledRequest, SledResponse,
 };
 use crate::volume::{
-    AttachmentCredential, AttachmentToken, FlushedRange, HostError, HostOp, HostReply, HostRequest,
-    NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply, ReplicaRequest,
-    SnapshotAction, MAX_FLUSHED_RANGES, MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS,
+    AttachmentCredential, AttachmentToken, ChangedRange, FlushedRange, HostError, HostOp,
+    HostReply, HostRequest, NodeHint, ReplicaError, ReplicaRecord, ReplicaRecordKind, ReplicaReply,
+    ReplicaRequest, SnapshotAction, SnapshotUsage, MAX_DIFF_RANGES, MAX_FLUSHED_RANGES,
+    MAX_HOST_CRCS, MAX_HOST_IO_BYTES, MAX_REPLICA_RECORDS, MAX_SNAPSHOT_USAGE,
 };
 use crate::wire::{DecodeError, Reader, Writer};
 use crate::BLOCK_SIZE_BYTES;
@@ -176,6 +181,11 @@ pub mod kind {
     pub const HOST_READ_SNAPSHOT: u16 = 0x0206;
     /// Not a host request: the snapshot coordinator's, unit port only.
     pub const HOST_SNAPSHOT_CONTROL: u16 = 0x0207;
+    /// An index diff page of a partition (unit port only: operators and
+    /// head nodes).
+    pub const HOST_SNAPSHOT_DIFF: u16 = 0x0208;
+    /// A partition's snapshot space (unit port only, like the diff).
+    pub const HOST_SNAPSHOT_USAGE: u16 = 0x0209;
     pub const REPLICA_APPEND: u16 = 0x0211;
     pub const REPLICA_FLUSH_COMMIT: u16 = 0x0212;
     pub const REPLICA_STATUS: u16 = 0x0213;
@@ -187,6 +197,8 @@ pub mod kind {
     pub const HOST_DONE: u16 = 0x0282;
     pub const HOST_ERROR: u16 = 0x0283;
     pub const HOST_CUT: u16 = 0x0284;
+    pub const HOST_DIFF: u16 = 0x0285;
+    pub const HOST_SNAPSHOT_USAGE_REPLY: u16 = 0x0286;
     pub const REPLICA_APPENDED: u16 = 0x0291;
     pub const REPLICA_COMMITTED: u16 = 0x0292;
     pub const REPLICA_STATUS_REPLY: u16 = 0x0293;
@@ -323,11 +335,15 @@ impl Message {
                 HostOp::WriteZeroes { .. } => HOST_WRITE_ZEROES,
                 HostOp::ReadSnapshot { .. } => HOST_READ_SNAPSHOT,
                 HostOp::SnapshotControl { .. } => HOST_SNAPSHOT_CONTROL,
+                HostOp::SnapshotDiff { .. } => HOST_SNAPSHOT_DIFF,
+                HostOp::SnapshotUsage => HOST_SNAPSHOT_USAGE,
             },
             Message::HostReply(reply) => match reply {
                 HostReply::Data { .. } => HOST_DATA,
                 HostReply::Done => HOST_DONE,
                 HostReply::Cut { .. } => HOST_CUT,
+                HostReply::Diff { .. } => HOST_DIFF,
+                HostReply::SnapshotUsage { .. } => HOST_SNAPSHOT_USAGE_REPLY,
                 HostReply::Error(_) => HOST_ERROR,
             },
             Message::Replica(request) => match request {
@@ -608,6 +624,18 @@ impl Message {
                         w.u8(tag);
                         w.u32(hold_ms);
                     }
+                    HostOp::SnapshotDiff {
+                        from,
+                        to,
+                        start_bytes,
+                        max_ranges,
+                    } => {
+                        w.option(from.as_ref(), |w, v| w.u64(*v));
+                        w.option(to.as_ref(), |w, v| w.u64(*v));
+                        w.u64(*start_bytes);
+                        w.u32(*max_ranges);
+                    }
+                    HostOp::SnapshotUsage => {}
                 }
             }
             Message::HostReply(reply) => match reply {
@@ -617,6 +645,25 @@ impl Message {
                 }
                 HostReply::Done => {}
                 HostReply::Cut { cut } => w.u64(*cut),
+                HostReply::Diff {
+                    ranges,
+                    next_offset_bytes,
+                } => {
+                    w.vec(ranges, |w, r| {
+                        w.u64(r.offset_bytes);
+                        w.u64(r.len_bytes);
+                        w.bool(r.zero);
+                    });
+                    w.option(next_offset_bytes.as_ref(), |w, v| w.u64(*v));
+                }
+                HostReply::SnapshotUsage { snapshots } => {
+                    w.vec(snapshots, |w, s| {
+                        w.u64(s.snapshot);
+                        w.u64(s.cut);
+                        w.u64(s.pinned_bytes);
+                        w.u64(s.exclusive_bytes);
+                    });
+                }
                 HostReply::Error(error) => put_host_error(w, error),
             },
             Message::Replica(request) => match request {
@@ -806,7 +853,9 @@ impl Message {
             | HOST_TRIM
             | HOST_WRITE_ZEROES
             | HOST_READ_SNAPSHOT
-            | HOST_SNAPSHOT_CONTROL => {
+            | HOST_SNAPSHOT_CONTROL
+            | HOST_SNAPSHOT_DIFF
+            | HOST_SNAPSHOT_USAGE => {
                 let volume = r.u64("volume")?;
                 let partition = r.u32("partition")?;
                 let epoch = r.u64("epoch")?;
@@ -867,6 +916,13 @@ impl Message {
                         };
                         HostOp::SnapshotControl { snapshot, action }
                     }
+                    HOST_SNAPSHOT_DIFF => HostOp::SnapshotDiff {
+                        from: r.option("from", |r| r.u64("from"))?,
+                        to: r.option("to", |r| r.u64("to"))?,
+                        start_bytes: r.u64("start_bytes")?,
+                        max_ranges: r.u32("max_ranges")?,
+                    },
+                    HOST_SNAPSHOT_USAGE => HostOp::SnapshotUsage,
                     _ => HostOp::Flush,
                 };
                 Message::Host(HostRequest {
@@ -883,6 +939,26 @@ impl Message {
             }),
             HOST_DONE => Message::HostReply(HostReply::Done),
             HOST_CUT => Message::HostReply(HostReply::Cut { cut: r.u64("cut")? }),
+            HOST_DIFF => Message::HostReply(HostReply::Diff {
+                ranges: r.vec("ranges", MAX_DIFF_RANGES, |r| {
+                    Ok(ChangedRange {
+                        offset_bytes: r.u64("offset_bytes")?,
+                        len_bytes: r.u64("len_bytes")?,
+                        zero: r.bool("zero")?,
+                    })
+                })?,
+                next_offset_bytes: r.option("next_offset_bytes", |r| r.u64("next_offset_bytes"))?,
+            }),
+            HOST_SNAPSHOT_USAGE_REPLY => Message::HostReply(HostReply::SnapshotUsage {
+                snapshots: r.vec("snapshots", MAX_SNAPSHOT_USAGE, |r| {
+                    Ok(SnapshotUsage {
+                        snapshot: r.u64("snapshot")?,
+                        cut: r.u64("cut")?,
+                        pinned_bytes: r.u64("pinned_bytes")?,
+                        exclusive_bytes: r.u64("exclusive_bytes")?,
+                    })
+                })?,
+            }),
             HOST_ERROR => Message::HostReply(HostReply::Error(get_host_error(r)?)),
             REPLICA_APPEND => Message::Replica(ReplicaRequest::Append {
                 partition: get_partition(r)?,
@@ -1433,8 +1509,8 @@ mod tests {
             Err(DecodeError::UnknownKind { kind: 0x0200 })
         );
         assert_eq!(
-            Message::decode(0x0208, Bytes::new()),
-            Err(DecodeError::UnknownKind { kind: 0x0208 })
+            Message::decode(0x020a, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x020a })
         );
         assert!(matches!(
             Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),

@@ -306,6 +306,54 @@ pub enum HostOp {
         snapshot: u64,
         action: SnapshotAction,
     },
+    /// One page of the blocks of the partition that read differently in
+    /// view `to` than in view `from` (`None`: the live volume, `Some(id)`:
+    /// snapshot `id`), from `start_bytes` (volume-absolute, a multiple of
+    /// 4096, inside the partition) to the partition's end; at most
+    /// `max_ranges` ranges (at least one, at most [`MAX_DIFF_RANGES`]).
+    /// Computed from the primary's index (no data read). Unit port only,
+    /// from operators and head nodes (never a host's: it names no
+    /// attachment). Answered [`HostReply::Diff`].
+    SnapshotDiff {
+        from: Option<u64>,
+        to: Option<u64>,
+        start_bytes: u64,
+        max_ranges: u32,
+    },
+    /// The partition's snapshots and the bytes each pins and holds
+    /// exclusively. Unit port only, like [`HostOp::SnapshotDiff`].
+    /// Answered [`HostReply::SnapshotUsage`].
+    SnapshotUsage,
+}
+
+/// Most ranges in one [`HostReply::Diff`] page.
+pub const MAX_DIFF_RANGES: u32 = 65_536;
+/// Most snapshots in one [`HostReply::SnapshotUsage`].
+pub const MAX_SNAPSHOT_USAGE: u32 = 65_536;
+
+/// A range of a volume that reads differently in two views (a
+/// [`HostOp::SnapshotDiff`] answer), volume-absolute bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangedRange {
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// The newer view reads zeros there (trimmed, written zeroes, or never
+    /// written in it).
+    pub zero: bool,
+}
+
+/// One snapshot's space on one partition (a [`HostOp::SnapshotUsage`]
+/// answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    pub snapshot: u64,
+    /// The partition's cut sequence of the snapshot.
+    pub cut: u64,
+    /// Bytes the snapshot's copy-on-write layer maps (overwritten since
+    /// its cut), some maybe shared with other snapshots.
+    pub pinned_bytes: u64,
+    /// Bytes no other snapshot maps: what deleting it alone frees.
+    pub exclusive_bytes: u64,
 }
 
 impl HostOp {
@@ -334,7 +382,10 @@ impl HostOp {
             HostOp::Write {
                 offset_bytes, data, ..
             } => Some((*offset_bytes, u32::try_from(data.len()).unwrap_or(u32::MAX))),
-            HostOp::Flush | HostOp::SnapshotControl { .. } => None,
+            HostOp::Flush
+            | HostOp::SnapshotControl { .. }
+            | HostOp::SnapshotDiff { .. }
+            | HostOp::SnapshotUsage => None,
         }
     }
 
@@ -347,7 +398,9 @@ impl HostOp {
             HostOp::Read { .. }
             | HostOp::Flush
             | HostOp::ReadSnapshot { .. }
-            | HostOp::SnapshotControl { .. } => None,
+            | HostOp::SnapshotControl { .. }
+            | HostOp::SnapshotDiff { .. }
+            | HostOp::SnapshotUsage => None,
         }
     }
 
@@ -360,6 +413,8 @@ impl HostOp {
             HostOp::WriteZeroes { .. } => "write_zeroes",
             HostOp::ReadSnapshot { .. } => "read_snapshot",
             HostOp::SnapshotControl { .. } => "snapshot_control",
+            HostOp::SnapshotDiff { .. } => "snapshot_diff",
+            HostOp::SnapshotUsage => "snapshot_usage",
         }
     }
 
@@ -439,6 +494,16 @@ pub enum HostReply {
     /// A snapshot cut was taken at sequence `cut` (durable on both logs).
     Cut {
         cut: u64,
+    },
+    /// A page of a [`HostOp::SnapshotDiff`]: the ranges in offset order,
+    /// and where the next page starts (`None`: the partition's end).
+    Diff {
+        ranges: Vec<ChangedRange>,
+        next_offset_bytes: Option<u64>,
+    },
+    /// The answer to [`HostOp::SnapshotUsage`], by snapshot id.
+    SnapshotUsage {
+        snapshots: Vec<SnapshotUsage>,
     },
     Error(HostError),
 }

@@ -245,3 +245,451 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
     let mut unit = unit;
     assert!(unit.stop(), "rackblock up did not stop cleanly");
 }
+
+/// `curl -X METHOD https://ZONAL/PATH [-d BODY]` with the admin token:
+/// (status, JSON body).
+fn zonal_call(unit: &RunningUnit, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let url = format!("https://{}{path}", unit.ports.zonal);
+    let ca = unit.ca_cert();
+    let auth = format!("Authorization: Bearer {}", unit.token);
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "60",
+        "--cacert",
+        ca.to_str().unwrap(),
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+        "-H",
+        &auth,
+    ];
+    if let Some(body) = body {
+        args.extend(["-H", "Content-Type: application/json", "-d", body]);
+    }
+    args.push(&url);
+    let out = run_tool("curl", &args, Duration::from_secs(70)).expect_success();
+    let (text, status) = out.stdout.rsplit_once('\n').unwrap_or(("", &out.stdout));
+    let status = status.trim().parse().unwrap_or_else(|_| panic!("{out}"));
+    let value = serde_json::from_str(text).unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// A small deterministic generator (the seed is logged).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Where the random writes go: 2 MiB windows at the start, across each
+/// boundary of the 32 MiB partitions and at the end of the 128 MiB volume
+/// (small enough that later writes overwrite earlier ones often).
+const HOT_WINDOWS: [u64; 5] = [0, 31 * MIB, 63 * MIB, 95 * MIB, 126 * MIB];
+const HOT_WINDOW_BYTES: u64 = 2 * MIB;
+
+/// qemu-io commands at random 4 KiB-aligned places of the
+/// [`HOT_WINDOWS`]: data writes with the unique patterns `patterns`
+/// (never 0, one each), some write-zeroes and discards.
+fn random_writes(rng: &mut XorShift, patterns: std::ops::Range<u8>) -> Vec<String> {
+    patterns
+        .map(|pattern| {
+            let len = (1 + rng.next() % 48) * 4096;
+            let window = HOT_WINDOWS[(rng.next() % HOT_WINDOWS.len() as u64) as usize];
+            let at = window + (rng.next() % ((HOT_WINDOW_BYTES - len) / 4096 + 1)) * 4096;
+            match rng.next() % 8 {
+                0 => format!("write -z {at} {len}"),
+                1 => format!("discard {at} {len}"),
+                _ => format!("write -P {pattern:#04x} {at} {len}"),
+            }
+        })
+        .collect()
+}
+
+/// The 4 KiB blocks where two images differ, brute force.
+fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<u64> {
+    assert_eq!(a.len(), b.len());
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// The blocks of a diff's JSON ranges, each with its zero mark.
+fn diff_blocks(diff: &Value) -> Vec<(u64, bool)> {
+    let mut out = Vec::new();
+    for r in diff["ranges"].as_array().expect("ranges") {
+        let (offset, length) = (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        assert_eq!(offset % 4096, 0, "{r}");
+        assert_eq!(length % 4096, 0, "{r}");
+        let zero = r["zero"].as_bool().unwrap();
+        out.extend((offset / 4096..(offset + length) / 4096).map(|b| (b, zero)));
+    }
+    out
+}
+
+/// Checks a diff's JSON against the brute-force comparison of the two
+/// images: the same blocks, marked zero exactly where the newer image
+/// reads zeros.
+fn assert_diff_matches(what: &str, diff: &Value, older: &[u8], newer: &[u8]) {
+    let from_index = diff_blocks(diff);
+    let blocks: Vec<u64> = from_index.iter().map(|(b, _)| *b).collect();
+    let brute = differing_blocks(older, newer);
+    assert_eq!(
+        blocks.len(),
+        brute.len(),
+        "{what}: the index diff has {} blocks, the images differ in {}",
+        blocks.len(),
+        brute.len()
+    );
+    assert_eq!(blocks, brute, "{what}: the index diff's blocks");
+    for (block, zero) in from_index {
+        let at = (block * 4096) as usize;
+        let reads_zero = newer[at..at + 4096].iter().all(|b| *b == 0);
+        assert_eq!(zero, reads_zero, "{what}: block {block}'s zero mark");
+    }
+    assert!(
+        !brute.is_empty(),
+        "{what}: nothing changed (the test wrote nothing?)"
+    );
+}
+
+/// Blocks whose version in `mine` neither `other` nor `live` holds (each
+/// write has its own pattern, so equal bytes are the same version).
+fn exclusive_bytes(mine: &[u8], other: &[u8], live: &[u8]) -> u64 {
+    let mut n = 0;
+    for (i, block) in mine.chunks(4096).enumerate() {
+        let at = i * 4096;
+        if block.iter().any(|b| *b != 0)
+            && block != &other[at..at + 4096]
+            && block != &live[at..at + 4096]
+        {
+            n += 4096;
+        }
+    }
+    n
+}
+
+/// Random writes (data, write-zeroes, discards) over a 4-partition volume
+/// before snapshot s1 (taken through the zonal API), between s1 and s2
+/// (the CLI) and after s2: `snapshot diff s1 s2` and `snapshot diff s2
+/// --live` are exactly the blocks where the exported raw images (and the
+/// live volume) differ, zero ranges marked; the incremental export s1→s2
+/// applied onto s1's raw image is s2's; a full incremental export of s1
+/// applied onto zeros is s1's; each snapshot's exclusive bytes are the
+/// blocks only it holds; the zonal snapshot routes list, describe and
+/// delete.
+#[test]
+fn snapshot_diff_equals_the_exported_images_and_incremental_export_applies() {
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("curl", "curl");
+    const SIZE: u64 = 128 * MIB;
+    let unit = RunningUnit::start("64MiB");
+    log_step(&unit, "unit up");
+    cli_ok(
+        &unit,
+        &[
+            "volume",
+            "create",
+            "vol2",
+            "--size",
+            "128MiB",
+            "--partition-size",
+            "32MiB",
+        ],
+    );
+    let (mut agent, vol2) = unit.attach("vol2");
+    let dir = unit.dir.path();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("random writes seed {seed:#x}");
+    let mut rng = XorShift(seed);
+
+    let write = |commands: Vec<String>| {
+        let run = qemu_io(&[], &vol2, &commands);
+        assert!(clean(&run), "{run}");
+    };
+    write(random_writes(&mut rng, 1..40));
+    // s1 through the zonal API (201 once ready).
+    let (status, s1) = zonal_call(
+        &unit,
+        "POST",
+        "/v1/volumes/vol2/snapshots",
+        Some(r#"{"name":"s1"}"#),
+    );
+    assert_eq!(status, 201, "{s1}");
+    assert_eq!(s1["state"], "ready", "{s1}");
+    assert_eq!(s1["cuts"], 4, "{s1}");
+    let (status, taken) = zonal_call(
+        &unit,
+        "POST",
+        "/v1/volumes/vol2/snapshots",
+        Some(r#"{"name":"s1"}"#),
+    );
+    assert_eq!(status, 409, "a second s1: {taken}");
+    log_step(&unit, "s1 taken through the zonal API");
+
+    write(random_writes(&mut rng, 40..80));
+    let s2: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &["snapshot", "create", "vol2", "s2", "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(s2["state"], "ready", "{s2}");
+    write(random_writes(&mut rng, 80..100));
+    log_step(&unit, "s2 taken; more writes after it");
+
+    // Both snapshots exported raw, the live volume copied.
+    let a_path = dir.join("s1.raw");
+    let b_path = dir.join("s2.raw");
+    for (snap, path) in [("s1", &a_path), ("s2", &b_path)] {
+        let out = unit.cli(&[
+            "snapshot",
+            "export",
+            "vol2",
+            snap,
+            "-o",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "export {snap}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("exported"),
+            "progress on stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = std::fs::read(&a_path).unwrap();
+    let b = std::fs::read(&b_path).unwrap();
+    assert_eq!(a.len() as u64, SIZE);
+    let live = copy_out(&vol2, &dir.join("live.raw"));
+    log_step(&unit, "s1 and s2 exported raw, vol2 copied");
+
+    let diff: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &["snapshot", "diff", "vol2", "s1", "s2", "--output", "json"],
+    ))
+    .unwrap();
+    assert_diff_matches("s1 → s2", &diff, &a, &b);
+    let live_diff: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &[
+            "snapshot", "diff", "vol2", "s2", "--live", "--output", "json",
+        ],
+    ))
+    .unwrap();
+    assert_diff_matches("s2 → live", &live_diff, &b, &live);
+    let text = cli_ok(&unit, &["snapshot", "diff", "vol2", "s1", "s2"]);
+    assert!(text.contains("s1 → s2:"), "{text}");
+    log_step(
+        &unit,
+        &format!(
+            "diffs equal the images: s1→s2 {} ranges, s2→live {} ranges",
+            diff["ranges"].as_array().unwrap().len(),
+            live_diff["ranges"].as_array().unwrap().len()
+        ),
+    );
+
+    // Incremental s1 → s2 applied onto s1's image is s2's.
+    let inc = dir.join("s1-s2.inc");
+    cli_ok(
+        &unit,
+        &[
+            "snapshot",
+            "export",
+            "vol2",
+            "s2",
+            "--since",
+            "s1",
+            "--format",
+            "incremental",
+            "-o",
+            inc.to_str().unwrap(),
+        ],
+    );
+    let c_path = dir.join("applied.raw");
+    std::fs::copy(&a_path, &c_path).unwrap();
+    cli_ok(
+        &unit,
+        &[
+            "snapshot",
+            "apply",
+            "-i",
+            inc.to_str().unwrap(),
+            "--to",
+            c_path.to_str().unwrap(),
+        ],
+    );
+    let c = std::fs::read(&c_path).unwrap();
+    assert_eq!(first_difference(&c, &b), None, "s1 + incremental != s2");
+    // The stream holds only the diff's data (plus headers), not the volume.
+    let changed: u64 = diff["changed_bytes"].as_u64().unwrap();
+    let inc_len = std::fs::metadata(&inc).unwrap().len();
+    assert!(
+        inc_len < changed + 64 * 1024 + 64,
+        "stream {inc_len} bytes for {changed} changed"
+    );
+    // A full incremental stream of s1 applied onto zeros is s1's image.
+    let full = dir.join("s1.inc");
+    cli_ok(
+        &unit,
+        &[
+            "snapshot",
+            "export",
+            "vol2",
+            "s1",
+            "--format",
+            "incremental",
+            "-o",
+            full.to_str().unwrap(),
+        ],
+    );
+    let d_path = dir.join("from-zero.raw");
+    std::fs::File::create(&d_path)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    cli_ok(
+        &unit,
+        &[
+            "snapshot",
+            "apply",
+            "-i",
+            full.to_str().unwrap(),
+            "--to",
+            d_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        first_difference(&std::fs::read(&d_path).unwrap(), &a),
+        None,
+        "zeros + full stream != s1"
+    );
+    // --since with a raw export is refused.
+    assert!(!unit
+        .cli(&["snapshot", "export", "vol2", "s2", "--since", "s1", "-o", "-"])
+        .status
+        .success());
+    log_step(&unit, "incremental streams apply");
+
+    // Exclusive bytes: what only each snapshot holds.
+    unit.flush_all();
+    let described: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &["snapshot", "describe", "vol2", "s1", "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(
+        described["exclusive_bytes"].as_u64(),
+        Some(exclusive_bytes(&a, &b, &live)),
+        "s1: {described}"
+    );
+    assert_eq!(described["partition_cuts"].as_array().unwrap().len(), 4);
+    assert!(
+        described["exclusive_bytes"].as_u64() > Some(0),
+        "s1 holds nothing alone (seed {seed:#x}): the check above checked nothing"
+    );
+    let listed: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &["snapshot", "list", "vol2", "--output", "json"],
+    ))
+    .unwrap();
+    let s2_listed = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "s2")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        s2_listed["exclusive_bytes"].as_u64(),
+        Some(exclusive_bytes(&b, &a, &live)),
+        "s2: {s2_listed}"
+    );
+    log_step(
+        &unit,
+        &format!(
+            "exclusive bytes: s1 {}, s2 {}",
+            described["exclusive_bytes"], s2_listed["exclusive_bytes"]
+        ),
+    );
+
+    // The zonal routes: list, describe, the volume's view, delete.
+    let (status, listed) = zonal_call(&unit, "GET", "/v1/volumes/vol2/snapshots", None);
+    assert_eq!(status, 200, "{listed}");
+    let names: Vec<&str> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["s1", "s2"], "{listed}");
+    let (status, one) = zonal_call(&unit, "GET", "/v1/volumes/vol2/snapshots/s1", None);
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(
+        one["exclusive_bytes"], described["exclusive_bytes"],
+        "{one}"
+    );
+    let (status, volume) = zonal_call(&unit, "GET", "/v1/volumes/vol2", None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        volume["snapshots"].as_array().map(Vec::len),
+        Some(2),
+        "{volume}"
+    );
+    let (status, missing) = zonal_call(&unit, "GET", "/v1/volumes/vol2/snapshots/nope", None);
+    assert_eq!(status, 404, "{missing}");
+    assert_eq!(missing["error"]["code"], "snapshot_not_found");
+    let (status, deleting) = zonal_call(&unit, "DELETE", "/v1/volumes/vol2/snapshots/s1", None);
+    assert_eq!(status, 202, "{deleting}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = zonal_call(&unit, "GET", "/v1/volumes/vol2/snapshots/s1", None);
+        if status == 404 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s1 not purged after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // s2 still exports its image after s1 went.
+    let b2 = dir.join("s2-again.raw");
+    cli_ok(
+        &unit,
+        &[
+            "snapshot",
+            "export",
+            "vol2",
+            "s2",
+            "-o",
+            b2.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        first_difference(&std::fs::read(&b2).unwrap(), &b),
+        None,
+        "s2 after s1's delete"
+    );
+    log_step(&unit, "zonal routes; s1 deleted; s2 unchanged");
+
+    assert!(agent.terminate(), "attach vol2:\n{}", agent.log_text());
+    let mut unit = unit;
+    assert!(unit.stop(), "rackblock up did not stop cleanly");
+}

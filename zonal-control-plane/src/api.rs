@@ -4,12 +4,16 @@
 //! |---|---|---|---|
 //! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?, qos?}` | 201 volume (200 if the same volume exists) |
 //! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
-//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` (live from the unit) |
+//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` and `snapshots` (live from the unit) |
 //! | PATCH | `/v1/volumes/{name}` | `{qos: {iops?, bandwidth_bytes_per_second?, burst_iops?, burst_bandwidth_bytes_per_second?, burst_length_ms?} \| null}` | 200 volume once the unit recorded the limits (a field set to null is removed, one left out kept; `qos: null` removes all); 400 names a bad field (`qos.burst_iops`) |
 //! | POST, PUT | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume once the unit grew it (same size: no-op); smaller: 400 |
 //! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
 //! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (id, token, unit, head nodes), registered with the unit |
 //! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume; the unit revoked the token |
+//! | POST | `/v1/volumes/{name}/snapshots` | `{name, wait_ms?}` | 201 snapshot once ready (crash-consistent cut of every partition; `pause_us` measured); 202 snapshot (`state: creating`) if not ready within `wait_ms` (default 15000); 409 if aborted or the name is taken |
+//! | GET | `/v1/volumes/{name}/snapshots` | | 200 `{volume, snapshots: [snapshot]}` |
+//! | GET | `/v1/volumes/{name}/snapshots/{snap}` | | 200 snapshot |
+//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 202 snapshot (`state: deleting`); the unit drops every partition's layer, then the snapshot is gone from GET |
 //! | GET | `/v1/units` | | 200 `{units: [unit]}` |
 //! | GET | `/v1/units/{name}` | | 200 unit |
 //! | POST | `/v1/units/{name}/refresh` | | 200 unit (polled now) |
@@ -23,6 +27,11 @@
 //! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
 //! I/O of up to 256 KiB costs one; bursts need their limit and are at
 //! least it), recorded by the unit and enforced by attach agents.
+//! A snapshot is `{id, name, volume, state (creating|ready|aborted|deleting),
+//! created_ms, pause_us, cuts, reason, pinned_bytes, exclusive_bytes}`:
+//! `exclusive_bytes` is what deleting it frees (blocks no other snapshot
+//! and not the live volume references), `null` with a `space_error` when
+//! the partitions could not be asked.
 //! Errors: [`ApiError`] (one status mapping, one body shape).
 
 use std::sync::Arc;
@@ -74,6 +83,14 @@ pub fn router(zonal: Arc<Zonal>, tokens: Vec<([u8; 32], Scope)>) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/volumes/{name}/attachments/{id}", delete(detach))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            get(describe_snapshot).delete(delete_snapshot),
+        )
         .route("/v1/units", get(list_units))
         .route("/v1/units/{name}", get(describe_unit))
         .route("/v1/units/{name}/refresh", post(refresh_unit))
@@ -459,8 +476,23 @@ async fn describe_volume(State(state): Shared, Path(name): Path<String>) -> ApiR
             ),
             Err(error) => (Value::Null, Value::String(error)),
         };
+        let available = !map.is_null();
         fields.insert("partition_map".into(), map);
         fields.insert("partition_map_error".into(), error);
+        // The volume's snapshots with the bytes each holds exclusively.
+        if available {
+            match state.zonal.list_snapshots(&name).await {
+                Ok(snapshots) => {
+                    let snapshots = serde_json::to_value(snapshots)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    fields.insert("snapshots".into(), snapshots);
+                }
+                Err(error) => {
+                    fields.insert("snapshots".into(), Value::Null);
+                    fields.insert("snapshots_error".into(), Value::String(error.to_string()));
+                }
+            }
+        }
     }
     Ok(Json(view).into_response())
 }
@@ -500,6 +532,53 @@ async fn attach(State(state): Shared, Path(name): Path<String>, body: Bytes) -> 
 async fn detach(State(state): Shared, Path((name, id)): Path<(String, String)>) -> ApiResult {
     let record = state.zonal.detach(&name, &id).await?;
     Ok(Json(volume_json(&record)).into_response())
+}
+
+/// Longest `wait_ms` of a snapshot create.
+const MAX_SNAPSHOT_WAIT_MS: u64 = 120_000;
+
+async fn create_snapshot(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
+    let mut body = Body::parse(&body)?;
+    let snapshot = Body::required("name", body.string("name")?)?;
+    let wait_ms = body.u64("wait_ms")?.unwrap_or(15_000);
+    body.finish()?;
+    if wait_ms > MAX_SNAPSHOT_WAIT_MS {
+        return Err(ApiError::bad(
+            "wait_ms",
+            format!("at most {MAX_SNAPSHOT_WAIT_MS}"),
+        ));
+    }
+    let (view, ready) = state
+        .zonal
+        .create_snapshot(&name, &snapshot, std::time::Duration::from_millis(wait_ms))
+        .await?;
+    let status = if ready {
+        StatusCode::CREATED
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+async fn list_snapshots(State(state): Shared, Path(name): Path<String>) -> ApiResult {
+    let snapshots = state.zonal.list_snapshots(&name).await?;
+    Ok(Json(json!({ "volume": name, "snapshots": snapshots })).into_response())
+}
+
+async fn describe_snapshot(
+    State(state): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> ApiResult {
+    let view = state.zonal.describe_snapshot(&name, &snapshot).await?;
+    Ok(Json(view).into_response())
+}
+
+async fn delete_snapshot(
+    State(state): Shared,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> ApiResult {
+    let view = state.zonal.delete_snapshot(&name, &snapshot).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
 async fn list_units(State(state): Shared) -> ApiResult {

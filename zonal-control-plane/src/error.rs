@@ -38,6 +38,12 @@ pub enum ApiError {
     AttachmentNotFound { volume: String, attachment: String },
     #[error("no unit named {name:?}")]
     UnitNotFound { name: String },
+    #[error("volume {volume:?} has no snapshot {snapshot:?}")]
+    SnapshotNotFound { volume: String, snapshot: String },
+    #[error("volume {volume:?} already has a snapshot {snapshot:?}")]
+    SnapshotExists { volume: String, snapshot: String },
+    #[error("snapshot {snapshot:?} was aborted: {reason}")]
+    SnapshotAborted { snapshot: String, reason: String },
     #[error("no route {path}")]
     RouteNotFound { path: String },
     #[error("method {method} not allowed on {path}")]
@@ -98,11 +104,14 @@ impl ApiError {
             ApiError::VolumeNotFound { .. }
             | ApiError::AttachmentNotFound { .. }
             | ApiError::UnitNotFound { .. }
+            | ApiError::SnapshotNotFound { .. }
             | ApiError::RouteNotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NameConflict { .. }
             | ApiError::VolumeAttached { .. }
-            | ApiError::VolumeNotAvailable { .. } => StatusCode::CONFLICT,
+            | ApiError::VolumeNotAvailable { .. }
+            | ApiError::SnapshotExists { .. }
+            | ApiError::SnapshotAborted { .. } => StatusCode::CONFLICT,
             ApiError::NoUnitFits { .. }
             | ApiError::UnitUnreachable { .. }
             | ApiError::OutcomeUnknown { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -131,6 +140,9 @@ impl ApiError {
             ApiError::VolumeNotFound { .. } => "volume_not_found",
             ApiError::AttachmentNotFound { .. } => "attachment_not_found",
             ApiError::UnitNotFound { .. } => "unit_not_found",
+            ApiError::SnapshotNotFound { .. } => "snapshot_not_found",
+            ApiError::SnapshotExists { .. } => "snapshot_exists",
+            ApiError::SnapshotAborted { .. } => "snapshot_aborted",
             ApiError::RouteNotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::NameConflict { .. } => "name_conflict",

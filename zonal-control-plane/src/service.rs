@@ -43,6 +43,9 @@ use crate::model::{
 use crate::store::{Store, StoreError};
 use proto::volume::AttachmentToken;
 
+mod snapshots;
+pub use snapshots::SnapshotView;
+
 /// Longest wait for a unit to apply a command; past it the outcome is
 /// unknown.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);

@@ -213,11 +213,12 @@ impl FakeNode {
             }
             HostOp::Flush => HostReply::Done,
             // The fake head node keeps no snapshots.
-            HostOp::ReadSnapshot { .. } | HostOp::SnapshotControl { .. } => {
-                HostReply::Error(HostError::BadRequest {
-                    reason: "the fake head node has no snapshots".into(),
-                })
-            }
+            HostOp::ReadSnapshot { .. }
+            | HostOp::SnapshotControl { .. }
+            | HostOp::SnapshotDiff { .. }
+            | HostOp::SnapshotUsage => HostReply::Error(HostError::BadRequest {
+                reason: "the fake head node has no snapshots".into(),
+            }),
         }
     }
 }

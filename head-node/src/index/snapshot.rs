@@ -29,6 +29,17 @@
 //!
 //! Entries are per block (a `BTreeMap` from block to entry): a layer only
 //! grows with the blocks overwritten after its cut.
+//!
+//! **Diffs and exclusive space.** Two views (the live index or a snapshot)
+//! differ at a block unless both read zeros or both hold the same version
+//! (the same sequence, wherever it lives now): [`PartitionIndex::diff_page`]
+//! finds those blocks from the index alone, a page at a time, marking the
+//! ranges the newer view reads as zeros (trimmed or unmapped since). A
+//! snapshot holds a block *exclusively* when its layer maps a version no
+//! other layer maps (a layer entry is never the live version: the live
+//! index holds a post-cut one there, and a snapshot that falls through to
+//! the live index reads that one); dropping the snapshot frees exactly
+//! those blocks ([`SnapshotInfo::exclusive_blocks`]).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -70,9 +81,28 @@ pub struct SnapshotInfo {
     pub id: u64,
     /// Cut sequence.
     pub cut: u64,
-    /// Blocks only this snapshot's layer maps (data it pins).
+    /// Blocks this snapshot's layer maps (data it pins, maybe shared with
+    /// other snapshots' layers).
     pub pinned_blocks: u64,
+    /// Of those, the blocks no other snapshot's layer maps: what dropping
+    /// this snapshot alone makes reclaimable.
+    pub exclusive_blocks: u64,
 }
+
+/// One range of a diff between two views of the partition (blocks
+/// relative to the partition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffRange {
+    /// The blocks that read differently.
+    pub blocks: Range<u64>,
+    /// The newer (`to`) view reads zeros there (trimmed, unmapped, or not
+    /// written in it).
+    pub zero: bool,
+}
+
+/// Blocks of one view compared at a time by [`PartitionIndex::diff_page`]
+/// (bounds the memory of a diff of a large partition).
+const DIFF_WINDOW_BLOCKS: u64 = 1 << 16;
 
 impl PartitionIndex {
     /// Starts snapshot `id` at cut `cut` (an empty layer: until a post-cut
@@ -122,14 +152,32 @@ impl PartitionIndex {
         true
     }
 
-    /// The snapshots of the partition, by id.
+    /// The snapshots of the partition, by id, with the blocks each pins
+    /// and holds exclusively (module docs).
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        // How many layers map each (block, sequence) version.
+        let mut holders: std::collections::HashMap<(u64, u64), u32> =
+            std::collections::HashMap::new();
+        for layer in self.snapshots.values() {
+            for (block, entry) in &layer.entries {
+                if entry.location.is_some() {
+                    *holders.entry((*block, entry.sequence)).or_default() += 1;
+                }
+            }
+        }
         self.snapshots
             .iter()
             .map(|(id, layer)| SnapshotInfo {
                 id: *id,
                 cut: layer.cut,
                 pinned_blocks: layer.mapped_blocks(),
+                exclusive_blocks: layer
+                    .entries
+                    .iter()
+                    .filter(|(block, e)| {
+                        e.location.is_some() && holders.get(&(**block, e.sequence)) == Some(&1)
+                    })
+                    .count() as u64,
             })
             .collect()
     }
@@ -234,6 +282,72 @@ impl PartitionIndex {
         lba: u64,
         count: u64,
     ) -> Result<Vec<Range<u64>>, IndexError> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for range in self.diff_window(from, to, lba, count)? {
+            match out.last_mut() {
+                Some(last) if last.end == range.blocks.start => last.end = range.blocks.end,
+                _ => out.push(range.blocks),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One page of the diff of `from` → `to` (see
+    /// [`diff_views`](Self::diff_views)) from block `start`: at most
+    /// `max_ranges` ranges (at least one) found in at most `scan_blocks`
+    /// blocks (at least one; bounds the time a page holds the index), each
+    /// marked `zero` when `to` reads zeros there, adjacent ranges merged
+    /// when they agree on that. Returns the page and the block the next
+    /// page starts at (`None`: this page reaches the partition's end).
+    /// The pages' ranges joined are the whole diff; a range may be split
+    /// where a page ends (a reader merges adjacent ranges of one kind).
+    pub fn diff_page(
+        &self,
+        from: Option<u64>,
+        to: Option<u64>,
+        start: u64,
+        max_ranges: usize,
+        scan_blocks: u64,
+    ) -> Result<(Vec<DiffRange>, Option<u64>), IndexError> {
+        let max_ranges = max_ranges.max(1);
+        let end = start
+            .saturating_add(scan_blocks.max(1))
+            .min(self.size_blocks);
+        let mut out: Vec<DiffRange> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let count = DIFF_WINDOW_BLOCKS.min(end - at);
+            for range in self.diff_window(from, to, at, count)? {
+                match out.last_mut() {
+                    Some(last)
+                        if last.blocks.end == range.blocks.start && last.zero == range.zero =>
+                    {
+                        last.blocks.end = range.blocks.end;
+                    }
+                    _ => out.push(range),
+                }
+            }
+            at += count;
+            // One range more than the page holds: the page's last range is
+            // complete (another one follows it).
+            if out.len() > max_ranges {
+                let next = out[max_ranges].blocks.start;
+                out.truncate(max_ranges);
+                return Ok((out, Some(next)));
+            }
+        }
+        Ok((out, (at < self.size_blocks).then_some(at)))
+    }
+
+    /// The differing blocks of `lba..lba+count`, as ranges split where
+    /// `to` starts or stops reading zeros.
+    fn diff_window(
+        &self,
+        from: Option<u64>,
+        to: Option<u64>,
+        lba: u64,
+        count: u64,
+    ) -> Result<Vec<DiffRange>, IndexError> {
         let view = |v: Option<u64>| -> Result<Vec<Option<u64>>, IndexError> {
             let mapped = match v {
                 None => self.lookup_with_sequence(lba, count)?,
@@ -248,15 +362,21 @@ impl PartitionIndex {
                 .collect())
         };
         let (a, b) = (view(from)?, view(to)?);
-        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut out: Vec<DiffRange> = Vec::new();
         for (offset, (x, y)) in a.iter().zip(&b).enumerate() {
             if x == y {
                 continue;
             }
             let block = lba + offset as u64;
+            let zero = y.is_none();
             match out.last_mut() {
-                Some(last) if last.end == block => last.end = block + 1,
-                _ => out.push(block..block + 1),
+                Some(last) if last.blocks.end == block && last.zero == zero => {
+                    last.blocks.end = block + 1;
+                }
+                _ => out.push(DiffRange {
+                    blocks: block..block + 1,
+                    zero,
+                }),
             }
         }
         Ok(out)
@@ -667,8 +787,66 @@ mod tests {
                     let want: Vec<u64> = (0..BLOCKS)
                         .filter(|b| model.expected(*b, *from_cut) != model.expected(*b, *to_cut))
                         .collect();
-                    prop_assert_eq!(got, want, "diff {:?} -> {:?}", from, to);
+                    prop_assert_eq!(&got, &want, "diff {:?} -> {:?}", from, to);
+                    // Paged (a few ranges a page, from a few starts), the
+                    // pages join into the same blocks, each range marked
+                    // zero exactly when `to` reads zeros there, no two
+                    // adjacent ranges of one kind left unmerged.
+                    for (page, scan) in [(1usize, u64::MAX), (2, 7), (3, u64::MAX), (1000, 5), (1000, u64::MAX)] {
+                        let mut start = Some(0);
+                        let mut ranges: Vec<DiffRange> = Vec::new();
+                        let mut pages = 0;
+                        while let Some(at) = start {
+                            let (got, next) = index.diff_page(*from, *to, at, page, scan).unwrap();
+                            prop_assert!(got.len() <= page);
+                            prop_assert!(next.is_none_or(|n| n > at));
+                            prop_assert!(got.iter().all(|r| r.blocks.start >= at && next.is_none_or(|n| r.blocks.end <= n)));
+                            // The reader's merge of a range split by a page end.
+                            for range in got {
+                                match ranges.last_mut() {
+                                    Some(last) if last.blocks.end == range.blocks.start && last.zero == range.zero => {
+                                        last.blocks.end = range.blocks.end;
+                                    }
+                                    _ => ranges.push(range),
+                                }
+                            }
+                            start = next;
+                            pages += 1;
+                            prop_assert!(pages <= BLOCKS + 1);
+                        }
+                        let blocks: Vec<u64> = ranges.iter().flat_map(|r| r.blocks.clone()).collect();
+                        prop_assert_eq!(&blocks, &want, "paged {} diff {:?} -> {:?}", page, from, to);
+                        for r in &ranges {
+                            for b in r.blocks.clone() {
+                                prop_assert_eq!(r.zero, model.expected(b, *to_cut).is_none());
+                            }
+                        }
+                        for pair in ranges.windows(2) {
+                            prop_assert!(
+                                pair[0].blocks.end < pair[1].blocks.start || pair[0].zero != pair[1].zero,
+                                "unmerged {:?}", pair
+                            );
+                        }
+                    }
                 }
+            }
+            // Exclusive blocks: a snapshot's data version of a block that
+            // neither the live volume nor any other snapshot reads.
+            for info in index.snapshots() {
+                let cut = model.cuts[&info.id];
+                let exclusive = (0..BLOCKS)
+                    .filter(|b| {
+                        let mine = model.expected(*b, cut);
+                        mine.is_some()
+                            && mine != model.expected(*b, u64::MAX)
+                            && model
+                                .cuts
+                                .iter()
+                                .all(|(id, c)| *id == info.id || model.expected(*b, *c) != mine)
+                    })
+                    .count() as u64;
+                prop_assert_eq!(info.exclusive_blocks, exclusive, "snapshot {}", info.id);
+                prop_assert!(info.exclusive_blocks <= info.pinned_blocks);
             }
             let bytes = index.serialize();
             let back = PartitionIndex::deserialize(&bytes).unwrap();

@@ -1277,6 +1277,24 @@ impl Partition {
                 SnapshotAction::Release => self.release_held_cut(snapshot),
                 SnapshotAction::Drop => self.drop_snapshot(snapshot).await,
             },
+            HostOp::SnapshotDiff {
+                from,
+                to,
+                start_bytes,
+                max_ranges,
+            } => match self.snapshot_diff_page(Some(epoch), from, to, start_bytes, max_ranges) {
+                Ok((ranges, next_offset_bytes)) => {
+                    return HostReply::Diff {
+                        ranges,
+                        next_offset_bytes,
+                    }
+                }
+                Err(error) => Err(error),
+            },
+            HostOp::SnapshotUsage => match self.snapshot_usage(Some(epoch)) {
+                Ok(snapshots) => return HostReply::SnapshotUsage { snapshots },
+                Err(error) => Err(error),
+            },
         };
         match result {
             Ok(()) => HostReply::Done,

@@ -33,7 +33,12 @@ use proto::sled::PartitionId;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::volume::{ChangedRange, SnapshotUsage, MAX_DIFF_RANGES};
 use proto::BLOCK_SIZE_BYTES;
+
+/// Most blocks one diff page scans under the partition lock (1 GiB of
+/// volume; a few milliseconds of index lookups).
+pub const DIFF_SCAN_BLOCKS: u64 = 1 << 18;
 
 use super::core::{Admission, Change, Completion, PartitionCore, WriteId};
 use super::error::PartitionError;
@@ -254,9 +259,78 @@ impl Partition {
             .collect())
     }
 
-    /// The partition's snapshots (id, cut, blocks each pins).
+    /// Primary: one page of the diff of view `from` → `to` (`None`: live,
+    /// `Some(id)`: snapshot `id`) from volume byte `start_bytes` (a block
+    /// boundary inside the partition, or its end): at most `max_ranges`
+    /// ranges, volume-absolute bytes, and where the next page starts. A
+    /// page scans at most [`DIFF_SCAN_BLOCKS`] blocks under the partition
+    /// lock (see [`crate::index::PartitionIndex::diff_page`]).
+    pub fn snapshot_diff_page(
+        &self,
+        epoch: Option<u64>,
+        from: Option<u64>,
+        to: Option<u64>,
+        start_bytes: u64,
+        max_ranges: u32,
+    ) -> Result<(Vec<ChangedRange>, Option<u64>), PartitionError> {
+        self.shared.check_primary(epoch)?;
+        let config = &self.shared.config;
+        if start_bytes % BLOCK_SIZE_BYTES != 0
+            || start_bytes < config.start_bytes()
+            || start_bytes > config.end_bytes()
+        {
+            return Err(PartitionError::OutOfRange {
+                partition: self.id(),
+                offset_bytes: start_bytes,
+                len_bytes: 0,
+                partition_start_bytes: config.start_bytes(),
+                partition_end_bytes: config.end_bytes(),
+            });
+        }
+        let first = config.first_block;
+        let start = start_bytes / BLOCK_SIZE_BYTES - first;
+        let max = max_ranges.clamp(1, MAX_DIFF_RANGES) as usize;
+        let (ranges, next) = self
+            .shared
+            .lock()
+            .core
+            .index
+            .diff_page(from, to, start, max, DIFF_SCAN_BLOCKS)
+            .map_err(|source| PartitionError::Index {
+                partition: self.id(),
+                source,
+            })?;
+        let ranges = ranges
+            .into_iter()
+            .map(|r| ChangedRange {
+                offset_bytes: (first + r.blocks.start) * BLOCK_SIZE_BYTES,
+                len_bytes: (r.blocks.end - r.blocks.start) * BLOCK_SIZE_BYTES,
+                zero: r.zero,
+            })
+            .collect();
+        Ok((ranges, next.map(|b| (first + b) * BLOCK_SIZE_BYTES)))
+    }
+
+    /// The partition's snapshots (id, cut, blocks each pins and holds
+    /// exclusively).
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         self.shared.lock().core.index.snapshots()
+    }
+
+    /// Primary: the partition's snapshots with the bytes each pins and
+    /// holds exclusively.
+    pub fn snapshot_usage(&self, epoch: Option<u64>) -> Result<Vec<SnapshotUsage>, PartitionError> {
+        self.shared.check_primary(epoch)?;
+        Ok(self
+            .snapshots()
+            .into_iter()
+            .map(|s| SnapshotUsage {
+                snapshot: s.id,
+                cut: s.cut,
+                pinned_bytes: s.pinned_blocks * BLOCK_SIZE_BYTES,
+                exclusive_bytes: s.exclusive_blocks * BLOCK_SIZE_BYTES,
+            })
+            .collect())
     }
 
     /// Commits one snapshot marker like a write of no blocks.

@@ -128,10 +128,10 @@ fn all_kinds() -> Vec<u16> {
     let mut kinds = vec![0x0001, 0x0002];
     kinds.extend(0x0101..=0x0108);
     kinds.extend(0x0181..=0x0189);
-    kinds.extend(0x0201..=0x0207);
+    kinds.extend(0x0201..=0x0209);
     kinds.extend(0x0211..=0x0213);
     kinds.extend(0x0221..=0x0222);
-    kinds.extend(0x0281..=0x0284);
+    kinds.extend(0x0281..=0x0286);
     kinds.extend(0x0291..=0x0294);
     kinds.extend(0x02a1..=0x02a2);
     kinds.extend(0x0301..=0x0302);
@@ -213,10 +213,10 @@ fn oversized_body_len_rejected_before_allocation() {
 
 #[test]
 fn unknown_kind_in_valid_frame() {
-    let frame = decode_frame_exact(encode_frame(0x0208, 0, 1, b"").unwrap()).unwrap();
+    let frame = decode_frame_exact(encode_frame(0x020a, 0, 1, b"").unwrap()).unwrap();
     assert!(matches!(
         Message::from_frame(&frame),
-        Err(FrameError::UnknownKind { kind: 0x0208 })
+        Err(FrameError::UnknownKind { kind: 0x020a })
     ));
 }
 

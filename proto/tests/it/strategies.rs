@@ -324,6 +324,19 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
                 },
             }
         }),
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(|(from, to, start_bytes, max_ranges)| HostOp::SnapshotDiff {
+                from,
+                to,
+                start_bytes,
+                max_ranges,
+            }),
+        Just(HostOp::SnapshotUsage),
     ]
 }
 
@@ -377,6 +390,35 @@ pub fn host_reply() -> impl Strategy<Value = HostReply> {
         (payload(), crcs()).prop_map(|(data, crcs)| HostReply::Data { data, crcs }),
         Just(HostReply::Done),
         any::<u64>().prop_map(|cut| HostReply::Cut { cut }),
+        (
+            vec(
+                (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                    |(offset_bytes, len_bytes, zero)| ChangedRange {
+                        offset_bytes,
+                        len_bytes,
+                        zero,
+                    }
+                ),
+                0..8
+            ),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(ranges, next_offset_bytes)| HostReply::Diff {
+                ranges,
+                next_offset_bytes,
+            }),
+        vec(
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(snapshot, cut, pinned_bytes, exclusive_bytes)| SnapshotUsage {
+                    snapshot,
+                    cut,
+                    pinned_bytes,
+                    exclusive_bytes,
+                }
+            ),
+            0..8
+        )
+        .prop_map(|snapshots| HostReply::SnapshotUsage { snapshots }),
         host_error().prop_map(HostReply::Error),
     ]
 }

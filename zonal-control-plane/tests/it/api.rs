@@ -49,6 +49,17 @@ async fn admin_requests_need_the_bearer_token() {
         ),
         ("DELETE", "/v1/volumes/v", None, 403),
         ("POST", "/v1/units/u1/refresh", None, 403),
+        // Snapshots: a read-only token lists and describes (here: no
+        // such volume), and may neither take nor delete one.
+        ("GET", "/v1/volumes/v/snapshots", None, 404),
+        ("GET", "/v1/volumes/v/snapshots/s", None, 404),
+        (
+            "POST",
+            "/v1/volumes/v/snapshots",
+            Some(r#"{"name":"s"}"#),
+            403,
+        ),
+        ("DELETE", "/v1/volumes/v/snapshots/s", None, 403),
     ] {
         let answer = request(zonal.address, method, path, Some(READ_ONLY_TOKEN), body).await;
         assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);

@@ -1,0 +1,266 @@
+//! The zonal plane's snapshot routes: a volume's snapshots live in its
+//! unit (records in the unit's replicated state, layers in the partitions'
+//! indexes); this plane proposes the unit's snapshot commands and reads
+//! the records back, with each snapshot's space from the partitions'
+//! primaries ([`local_control_plane::snapshot_query`]). Nothing is stored
+//! here.
+//!
+//! ```text
+//! POST   /v1/volumes/{name}/snapshots        CreateSnapshot ─▶ poll UnitStatus
+//!                                            until ready (201), aborted (409) or
+//!                                            the wait ends (202, state creating)
+//! GET    /v1/volumes/{name}/snapshots        UnitStatus.snapshots of the volume
+//!                                            + HostSnapshotUsage of every partition
+//! GET    /v1/volumes/{name}/snapshots/{snap} one of them
+//! DELETE /v1/volumes/{name}/snapshots/{snap} DeleteSnapshot (202, state deleting;
+//!                                            the unit drops and purges it)
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use local_control_plane::snapshot_query::{self, SnapshotSpace};
+use local_control_plane::state::{SnapshotRecord, SnapshotState};
+use local_control_plane::{Command, Outcome};
+use serde::Serialize;
+
+use super::{now_ms, Sent, Zonal, READ_TIMEOUT};
+use crate::error::ApiError;
+use crate::model::{check_name, VolumeRecord, VolumeState};
+
+/// Pause between two looks at a snapshot being created.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotView {
+    pub id: u64,
+    pub name: String,
+    pub volume: String,
+    /// creating, ready, aborted or deleting.
+    pub state: &'static str,
+    pub created_ms: u64,
+    /// The I/O pause of its cut, microseconds (once ready).
+    pub pause_us: Option<u64>,
+    /// Partitions cut.
+    pub cuts: usize,
+    /// Why it was aborted.
+    pub reason: Option<String>,
+    /// Bytes its copy-on-write layers map (`null`: the partitions could
+    /// not be asked; see `space_error`).
+    pub pinned_bytes: Option<u64>,
+    /// Bytes no other snapshot maps: what deleting it frees.
+    pub exclusive_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub space_error: Option<String>,
+}
+
+fn view(
+    volume: &str,
+    record: &SnapshotRecord,
+    space: &Result<BTreeMap<u64, SnapshotSpace>, String>,
+) -> SnapshotView {
+    let (held, error) = match space {
+        Ok(all) => (Some(all.get(&record.id).copied().unwrap_or_default()), None),
+        Err(error) => (None, Some(error.clone())),
+    };
+    SnapshotView {
+        id: record.id,
+        name: record.name.clone(),
+        volume: volume.to_owned(),
+        state: record.state.as_str(),
+        created_ms: record.created_ms,
+        pause_us: record.pause_us,
+        cuts: record.cuts.len(),
+        reason: record.reason.clone(),
+        pinned_bytes: held.map(|s| s.pinned_bytes),
+        exclusive_bytes: held.map(|s| s.exclusive_bytes),
+        space_error: error,
+    }
+}
+
+impl Zonal {
+    /// The available volume `name` and its unit.
+    async fn snapshot_volume(&self, name: &str) -> Result<VolumeRecord, ApiError> {
+        let record = self.live_volume(name).await?;
+        if record.state != VolumeState::Available {
+            return Err(ApiError::VolumeNotAvailable {
+                name: name.to_owned(),
+                state: record.state,
+            });
+        }
+        self.unit(&record.unit)?;
+        Ok(record)
+    }
+
+    /// The unit's snapshot records of `volume` (every state).
+    async fn snapshot_records(
+        &self,
+        volume: &VolumeRecord,
+    ) -> Result<Vec<SnapshotRecord>, ApiError> {
+        let unit = self.unit(&volume.unit)?;
+        let unreachable = |reason: String| ApiError::UnitUnreachable {
+            unit: volume.unit.clone(),
+            reason,
+        };
+        let (_, status) = tokio::time::timeout(READ_TIMEOUT, unit.client.unit_status())
+            .await
+            .map_err(|_| unreachable(format!("no answer within {READ_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(status
+            .snapshots
+            .into_iter()
+            .filter(|s| s.volumes.contains(&volume.id))
+            .collect())
+    }
+
+    /// Every snapshot's space on `volume`, or why it is unknown.
+    async fn snapshot_space(
+        &self,
+        volume: &VolumeRecord,
+    ) -> Result<BTreeMap<u64, SnapshotSpace>, String> {
+        let unit = self.unit(&volume.unit).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(
+            READ_TIMEOUT,
+            snapshot_query::volume_usage(&unit.client, volume.id),
+        )
+        .await
+        {
+            Ok(Ok(space)) => Ok(space),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+        }
+    }
+
+    /// The snapshots of volume `name`, with their space.
+    pub async fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotView>, ApiError> {
+        let volume = self.snapshot_volume(name).await?;
+        let records = self.snapshot_records(&volume).await?;
+        let space = if records.is_empty() {
+            Ok(BTreeMap::new())
+        } else {
+            self.snapshot_space(&volume).await
+        };
+        Ok(records.iter().map(|r| view(name, r, &space)).collect())
+    }
+
+    /// Volume `name`'s live (creating or ready) snapshot `snapshot`, else
+    /// one in any state by that name (the newest).
+    fn named<'a>(records: &'a [SnapshotRecord], snapshot: &str) -> Option<&'a SnapshotRecord> {
+        let live = records.iter().find(|s| {
+            s.name == snapshot && matches!(s.state, SnapshotState::Creating | SnapshotState::Ready)
+        });
+        live.or_else(|| records.iter().rev().find(|s| s.name == snapshot))
+    }
+
+    pub async fn describe_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<SnapshotView, ApiError> {
+        let volume = self.snapshot_volume(name).await?;
+        let records = self.snapshot_records(&volume).await?;
+        let record = Self::named(&records, snapshot).ok_or_else(|| ApiError::SnapshotNotFound {
+            volume: name.to_owned(),
+            snapshot: snapshot.to_owned(),
+        })?;
+        let space = self.snapshot_space(&volume).await;
+        Ok(view(name, record, &space))
+    }
+
+    /// Takes snapshot `snapshot` of volume `name`: the unit records it and
+    /// its coordinator cuts every partition. Returns the snapshot and
+    /// whether it is ready (else still creating after `wait`); an aborted
+    /// snapshot is an error.
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+        wait: Duration,
+    ) -> Result<(SnapshotView, bool), ApiError> {
+        check_name("name", snapshot)?;
+        if snapshot.contains('@') {
+            return Err(ApiError::bad("name", "must not contain '@'"));
+        }
+        let volume = self.snapshot_volume(name).await?;
+        // The unit refuses a taken name too (as a bad argument); this is
+        // the common case answered as the conflict it is.
+        let taken = self.snapshot_records(&volume).await?.iter().any(|s| {
+            s.name == snapshot && matches!(s.state, SnapshotState::Creating | SnapshotState::Ready)
+        });
+        if taken {
+            return Err(ApiError::SnapshotExists {
+                volume: name.to_owned(),
+                snapshot: snapshot.to_owned(),
+            });
+        }
+        let unit = self.unit(&volume.unit)?;
+        let command = Command::CreateSnapshot {
+            name: snapshot.to_owned(),
+            volumes: vec![volume.id],
+            now_ms: now_ms(),
+        };
+        let id = match self.send(unit, command).await {
+            Sent::Applied(Outcome::SnapshotCreated { snapshot }) => snapshot,
+            other => return Err(self.not_applied(&volume, other).await),
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let records = self.snapshot_records(&volume).await?;
+            let Some(record) = records.iter().find(|s| s.id == id) else {
+                // Aborted and already purged by the coordinator.
+                return Err(ApiError::SnapshotAborted {
+                    snapshot: snapshot.to_owned(),
+                    reason: "aborted and dropped".into(),
+                });
+            };
+            match record.state {
+                SnapshotState::Ready => {
+                    let space = self.snapshot_space(&volume).await;
+                    return Ok((view(name, record, &space), true));
+                }
+                SnapshotState::Creating if Instant::now() < deadline => {}
+                SnapshotState::Creating => {
+                    return Ok((view(name, record, &Err("creating".into())), false))
+                }
+                SnapshotState::Aborted | SnapshotState::Deleting => {
+                    return Err(ApiError::SnapshotAborted {
+                        snapshot: snapshot.to_owned(),
+                        reason: record.reason.clone().unwrap_or_else(|| "aborted".into()),
+                    })
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Deletes snapshot `snapshot` of volume `name`: the unit marks it
+    /// deleting, its coordinator drops every partition's layer and purges
+    /// the record (GET shows it until then).
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        snapshot: &str,
+    ) -> Result<SnapshotView, ApiError> {
+        let volume = self.snapshot_volume(name).await?;
+        let records = self.snapshot_records(&volume).await?;
+        let record =
+            Self::named(&records, snapshot)
+                .cloned()
+                .ok_or_else(|| ApiError::SnapshotNotFound {
+                    volume: name.to_owned(),
+                    snapshot: snapshot.to_owned(),
+                })?;
+        let unit = self.unit(&volume.unit)?;
+        let command = Command::DeleteSnapshot {
+            snapshot: record.id,
+        };
+        match self.send(unit, command).await {
+            Sent::Applied(_) => {}
+            other => return Err(self.not_applied(&volume, other).await),
+        }
+        let mut shown = view(name, &record, &Err("being deleted".into()));
+        shown.state = SnapshotState::Deleting.as_str();
+        Ok(shown)
+    }
+}
