@@ -2868,3 +2868,88 @@ async fn in_place_take_overs_hand_the_snapshots_over() {
     check_snapshot(&unit, 7, &at_seven, "after the new epoch").await;
     check_all(&unit, &model, "live after the new epoch").await;
 }
+
+/// The promoted-secondary snapshot loss: a flush covers the cut marker, the
+/// checkpoint that would hold the snapshot fails (its sled appends fail),
+/// and the primary dies. Before the fix the flush commit reached the
+/// secondary at once, which released the marker from its log: the node
+/// that took over found the cut neither in its log nor in the sleds'
+/// newest checkpoint and served no snapshot (`snapshots()` empty, reads
+/// refused) although the control plane recorded it ready. Now the commit
+/// is parked until a checkpoint holds the marker: the secondary's log still
+/// has the cut, and the promoted node serves the snapshot as cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_a_flush_covered_before_any_checkpoint_survives_the_primary() {
+    let size_blocks = 128u64;
+    let mut unit = Unit::new_tuned(size_blocks, checkpoint_on_demand).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(41);
+    for chunk in 0..size_blocks / 16 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    unit.primary.flush_now().await.unwrap();
+    unit.primary.write_checkpoint().await.unwrap();
+    // The appends of one flush of four chunks (no checkpoint is due).
+    let before = unit.access.appends.load(Ordering::SeqCst);
+    for chunk in 0..4 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    unit.primary.flush_now().await.unwrap();
+    let per_flush = unit.access.appends.load(Ordering::SeqCst) - before;
+    assert!(per_flush > 0);
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 4, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let at_cut = Model(model.0.clone());
+    // The same flush again, now over the cut: its data appends go, every
+    // append after them (the checkpoint's) fails.
+    for chunk in 0..4 {
+        write_chunk(&unit, &mut model, &mut rng, chunk).await;
+    }
+    let checkpoints = unit
+        .primary
+        .metrics()
+        .checkpoints_written
+        .load(Ordering::SeqCst);
+    let from = unit.access.appends.load(Ordering::SeqCst) + per_flush + 1;
+    unit.access.fail_appends_from.store(from, Ordering::SeqCst);
+    unit.primary.flush_now().await.unwrap();
+    assert_eq!(
+        unit.primary
+            .metrics()
+            .checkpoints_written
+            .load(Ordering::SeqCst),
+        checkpoints,
+        "the checkpoint after the flush must fail for this test"
+    );
+    unit.access.fail_appends_from.store(0, Ordering::SeqCst);
+    // Time for a flush commit to reach the secondary and release its log.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    check_snapshot(&unit, 4, &at_cut, "before the primary dies").await;
+    // The primary dies; the secondary's node opens the partition at epoch
+    // 2 from its own log and the sleds.
+    unit.primary.shutdown();
+    unit.secondary.shutdown();
+    *unit.peer.target.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let promoted = open_partition(
+        &unit.access,
+        &unit.extents,
+        &unit.logs[1],
+        tuned(size_blocks, 2, checkpoint_on_demand),
+        OpenRole::Primary,
+        Some(Arc::new(Peer::default())),
+    )
+    .await;
+    unit.primary = promoted;
+    unit.epoch = 2;
+    let ids: Vec<u64> = unit.primary.snapshots().iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec![4], "snapshots on the promoted secondary");
+    check_snapshot(&unit, 4, &at_cut, "on the promoted secondary").await;
+    check_all(&unit, &model, "live on the promoted secondary").await;
+    // Its own flush and checkpoint keep it.
+    unit.primary.flush_now().await.unwrap();
+    unit.primary.write_checkpoint().await.unwrap();
+    check_snapshot(&unit, 4, &at_cut, "after the promoted node's checkpoint").await;
+}
