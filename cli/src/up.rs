@@ -102,6 +102,11 @@ pub struct UpArgs {
     /// the data path's reads and CPU (`bench/cpu.sh`) do not want.
     #[arg(long)]
     scrub_bytes_per_second: Option<u64>,
+    /// A `key = value` line appended to every head node's config
+    /// (repeatable; deploy/head-node.example.toml lists the keys), e.g.
+    /// `--head-node-setting 'gc_interval_ms = 1000'` for tests and benches.
+    #[arg(long, value_name = "KEY = VALUE")]
+    head_node_setting: Vec<String>,
     /// Start, wait until healthy and vol0 is served over NBD, print, stop
     /// everything and exit (for scripts and tests).
     #[arg(long)]
@@ -317,13 +322,16 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     for head in &rack.head_node {
-        let config = format!(
+        let mut config = format!(
             "# Written by `rackblock up`.\nrack_file = \"{}\"\nhead_node_id = \"{}\"\n\
              data_dir = \"{}\"\n",
             rack_path.display(),
             head.id,
             data_dir.join(&head.id).display()
         );
+        for setting in &args.head_node_setting {
+            let _ = writeln!(config, "{}", setting.trim());
+        }
         let path = data_dir.join("config").join(format!("{}.toml", head.id));
         std::fs::write(&path, config)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;

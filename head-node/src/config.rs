@@ -174,6 +174,13 @@ pub struct HeadNodeConfig {
     /// columns to rebuild, in milliseconds (default 10000).
     #[serde(default)]
     pub repair_scrub_poll_interval_ms: Option<u64>,
+    /// **Test only** (crash tests of the snapshot coordinator): a primary
+    /// answers a snapshot cut this many milliseconds late, its cut taken
+    /// and holding acknowledgements meanwhile, so that a test can kill it
+    /// while a snapshot is being cut. Default 0; never set in production
+    /// (every snapshot's pause grows by it).
+    #[serde(default)]
+    pub test_snapshot_cut_reply_delay_ms: Option<u64>,
 }
 
 /// Default size of a newly created write log file.
@@ -384,6 +391,11 @@ impl HeadNodeConfig {
         ) / 100.0
     }
 
+    /// See [`HeadNodeConfig::test_snapshot_cut_reply_delay_ms`].
+    pub fn test_snapshot_cut_reply_delay(&self) -> Duration {
+        Duration::from_millis(self.test_snapshot_cut_reply_delay_ms.unwrap_or(0))
+    }
+
     pub fn gc_interval(&self) -> Duration {
         Duration::from_millis(self.gc_interval_ms.unwrap_or(DEFAULT_GC_INTERVAL_MS))
     }
@@ -506,6 +518,8 @@ impl HeadNodeConfig {
             sled_failed_after_ms: ms(repair.sled_failed_after),
             repair_poll_interval_ms: ms(self.repair_poll_interval()),
             repair_scrub_poll_interval_ms: ms(repair.scrub_poll_interval),
+            // Test only: shown only where set.
+            test_snapshot_cut_reply_delay_ms: self.test_snapshot_cut_reply_delay_ms,
         }
     }
 

@@ -487,6 +487,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         checkpoint_interval: config.checkpoint_interval(),
         poll_interval: config.partition_poll_interval(),
         auth: Some(credential.clone()),
+        test_cut_reply_delay: config.test_snapshot_cut_reply_delay(),
     };
     let manager =
         match PartitionManager::start(manager_config, node.clone(), &rack, &mut registry).await {

@@ -114,7 +114,7 @@ use proto::link::LinkMetrics;
 use proto::sled::PartitionId;
 use proto::volume::{
     digests_equal, AttachmentCredential, AttachmentToken, HostError, HostOp, HostReply,
-    HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
+    HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, SnapshotAction, TokenDigest,
 };
 use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
@@ -210,6 +210,9 @@ pub struct ManagerConfig {
     /// The unit credential of the links to sleds and head nodes
     /// (`proto::auth`; `None` only against open unit ports, in tests).
     pub auth: Option<Arc<proto::auth::Credential>>,
+    /// Test only: a successful snapshot cut is answered this late
+    /// (`test_snapshot_cut_reply_delay_ms`; zero in production).
+    pub test_cut_reply_delay: Duration,
 }
 
 /// Why the manager could not start.
@@ -854,7 +857,23 @@ impl PartitionManager {
                 reason: format!("{} is not a snapshot control request", request.op.name()),
             });
         }
-        self.serve_primary(request).await
+        let delay = self.inner.config.test_cut_reply_delay;
+        let is_cut = matches!(
+            request.op,
+            HostOp::SnapshotControl {
+                action: SnapshotAction::Cut { .. },
+                ..
+            }
+        );
+        let reply = self.serve_primary(request).await;
+        if is_cut && !delay.is_zero() && !matches!(reply, HostReply::Error(_)) {
+            tracing::warn!(
+                ?delay,
+                "test_snapshot_cut_reply_delay_ms: answering a cut late"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        reply
     }
 
     /// Answers an operator's (or a head node's) index query of a

@@ -21,5 +21,6 @@ mod security;
 mod sled;
 mod sled_network;
 mod snapshot;
+mod snapshot_crash;
 mod tls;
 mod volume_delete;

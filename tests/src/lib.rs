@@ -956,6 +956,12 @@ impl RunningUnit {
     /// Starts `rackblock up --volume-size VOLUME_SIZE` and waits (bounded)
     /// until it says the unit is up and vol0 answers NBD.
     pub fn start(volume_size: &str) -> RunningUnit {
+        Self::start_with(volume_size, &[])
+    }
+
+    /// [`RunningUnit::start`] with more arguments to `up` (e.g.
+    /// `--head-node-setting`).
+    pub fn start_with(volume_size: &str, extra: &[&str]) -> RunningUnit {
         let slot = UNIT_SLOT.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
@@ -973,6 +979,7 @@ impl RunningUnit {
                 &format!("{},{}", ports.iscsi[0], ports.iscsi[1]),
             ])
             .args(["--volume-size", volume_size])
+            .args(extra)
             .spawn()
             .unwrap();
         let mut unit = RunningUnit {
@@ -1060,7 +1067,8 @@ impl RunningUnit {
         self.cli_command().args(args).output().unwrap()
     }
 
-    fn cli_command(&self) -> Command {
+    /// The `rackblock` command [`RunningUnit::cli`] runs (to spawn it).
+    pub fn cli_command(&self) -> Command {
         let mut command = Command::new(rackblock_bin());
         command
             .current_dir(self.dir.path())

@@ -586,7 +586,9 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
             .collect()
     };
     if let Some(through) = markers_through {
-        shared.lock().core.forget_snapshot_markers(through);
+        if shared.lock().core.forget_snapshot_markers(through) {
+            shared.repl_wakeup.notify_one();
+        }
     }
     // The new checkpoint is durable: older checkpoint extents can go.
     let mut extents_freed = 0;

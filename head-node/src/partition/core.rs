@@ -407,6 +407,10 @@ pub struct PartitionCore {
     pub(crate) repl_queue: VecDeque<ReplicaRecord>,
     /// Flush commits the secondary has not confirmed.
     pub(crate) pending_commits: VecDeque<ReplicaRequest>,
+    /// Primary: flush commits that cover a snapshot marker no durable
+    /// checkpoint holds yet, with their watermark: the secondary gets them
+    /// only once one does (see [`forget_snapshot_markers`](Self::forget_snapshot_markers)).
+    pub(crate) parked_commits: VecDeque<(u64, ReplicaRequest)>,
     /// Primary: highest sequence the secondary confirmed.
     acked_through: u64,
     /// Primary: highest sequence handed to an outstanding `Append`.
@@ -458,6 +462,7 @@ impl PartitionCore {
             inflight_holds: BTreeMap::new(),
             repl_queue: VecDeque::new(),
             pending_commits: VecDeque::new(),
+            parked_commits: VecDeque::new(),
             acked_through: 0,
             sent_through: 0,
             stopped: false,
@@ -1469,7 +1474,11 @@ impl PartitionCore {
             // filled it; see `PartitionIndex::forget_log_through`).
             self.index.forget_log_through(up_to);
             // A secondary writes no checkpoint: its markers are held like
-            // its tail, until a flush commit covers them.
+            // its tail, until a flush commit covers them; the primary sends
+            // such a commit only once a durable checkpoint holds the
+            // markers (`PartitionCore::queue_flush_commit`), so a promoted
+            // or restarted secondary always finds a cut either in its log
+            // or in the sleds' newest checkpoint.
             self.snapshot_markers
                 .retain(|sequence, _| *sequence > up_to);
         }

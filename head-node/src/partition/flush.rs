@@ -56,8 +56,6 @@ const ROWS_PER_APPEND: usize = 8;
 /// A column append of `n` rows may take `sled_timeout * (1 + n / this)`
 /// (a larger write is slower on a busy device; a timeout seals the extent).
 const ROWS_PER_TIMEOUT: u32 = 4;
-/// Unconfirmed flush commits kept for the secondary.
-const MAX_PENDING_COMMITS: usize = 256;
 const COMMIT_VERSION: u16 = 1;
 const COMMIT_ENTRY_BYTES: usize = 8 + 4 + 8 + 8 + 2 + 8;
 
@@ -837,22 +835,15 @@ async fn commit_flush(
         Ok(_) | Err(WalError::LogFull { .. }) => {}
         Err(source) => return Err(shared.wal_error(source)),
     }
-    {
-        let mut state = shared.lock();
-        if state.core.pending_commits.len() >= MAX_PENDING_COMMITS {
-            tracing::warn!(partition = ?shared.id(), "secondary behind on flush commits; dropping the oldest");
-            state.core.pending_commits.pop_front();
-        }
-        state
-            .core
-            .pending_commits
-            .push_back(ReplicaRequest::FlushCommit {
-                partition: shared.id(),
-                epoch,
-                up_to_sequence: up_to,
-                mappings,
-            });
-    }
+    shared.lock().core.queue_flush_commit(
+        up_to,
+        ReplicaRequest::FlushCommit {
+            partition: shared.id(),
+            epoch,
+            up_to_sequence: up_to,
+            mappings,
+        },
+    );
     shared.repl_wakeup.notify_one();
     Ok(moved)
 }

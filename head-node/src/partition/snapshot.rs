@@ -22,7 +22,12 @@
 //! marker stays held in the log until a checkpoint written after it is
 //! durable, and recovery registers the log's cuts before it applies the
 //! sled summaries, so the pre-cut versions of blocks find their layer in
-//! any order.
+//! any order. The secondary writes no checkpoint and releases what a flush
+//! commit covers, markers included: so the primary parks a flush commit
+//! that covers a marker until its checkpoint holding that marker is
+//! durable ([`PartitionCore::queue_flush_commit`]); at every moment a cut
+//! is in the secondary's log or in the sleds' newest checkpoint, and a
+//! promoted or restarted secondary cannot forget a snapshot.
 //!
 //! **Reads** ([`Partition::read_snapshot`]) go through the same read path
 //! as live reads with the snapshot's view of the index.
@@ -35,6 +40,8 @@ use std::time::Duration;
 
 use proto::volume::{ChangedRange, SnapshotUsage, MAX_DIFF_RANGES};
 use proto::BLOCK_SIZE_BYTES;
+
+use proto::volume::ReplicaRequest;
 
 /// Most blocks one diff page scans under the partition lock (1 GiB of
 /// volume; a few milliseconds of index lookups).
@@ -63,6 +70,11 @@ pub struct SnapshotMarker {
     /// Cut or drop.
     pub op: MarkerOp,
 }
+
+/// Most flush commits queued for the secondary, and most parked behind a
+/// checkpoint; the oldest goes first (it only keeps more of the
+/// secondary's log).
+pub(super) const MAX_QUEUED_COMMITS: usize = 256;
 
 const MARKER_MAGIC: &[u8; 8] = b"RBSNAPM1";
 const MARKER_BYTES: usize = 8 + 8 + 1;
@@ -454,10 +466,64 @@ impl PartitionCore {
     }
 
     /// A checkpoint holding the effect of every marker up to `sequence`
-    /// is durable: they need not stay in the log.
-    pub fn forget_snapshot_markers(&mut self, through: u64) {
+    /// is durable: they need not stay in the log, and the parked flush
+    /// commits that covered no other marker go to the secondary now.
+    /// Returns whether any did (the caller wakes the replicator).
+    pub fn forget_snapshot_markers(&mut self, through: u64) -> bool {
         self.snapshot_markers
             .retain(|sequence, _| *sequence > through);
+        let first_held = self.snapshot_markers.keys().next().copied();
+        let mut released = false;
+        while let Some((up_to, _)) = self.parked_commits.front() {
+            if first_held.is_some_and(|held| *up_to >= held) {
+                break;
+            }
+            if let Some((_, commit)) = self.parked_commits.pop_front() {
+                self.push_flush_commit(commit);
+                released = true;
+            }
+        }
+        released
+    }
+
+    /// Primary: queues a flush commit at watermark `up_to` for the
+    /// secondary, or parks it while it covers a snapshot marker that no
+    /// durable checkpoint holds yet (or a parked commit is ahead of it:
+    /// commits go in order).
+    ///
+    /// **Why.** A secondary releases the markers a flush commit covers
+    /// from its log (it writes no checkpoint). Were the commit sent before
+    /// the primary's checkpoint that holds the cut is durable, a primary
+    /// dying in between would leave the snapshot nowhere: not in the
+    /// secondary's log, not in the sleds' newest checkpoint; the promoted
+    /// secondary (after a restart, or its own crash before its first
+    /// checkpoint) would forget a snapshot the control plane records
+    /// ready. A parked commit only keeps more of the secondary's log.
+    pub(crate) fn queue_flush_commit(&mut self, up_to: u64, commit: ReplicaRequest) {
+        let covers_marker = self
+            .snapshot_markers
+            .keys()
+            .next()
+            .is_some_and(|first| *first <= up_to);
+        if covers_marker || !self.parked_commits.is_empty() {
+            if self.parked_commits.len() >= MAX_QUEUED_COMMITS {
+                // Dropping a commit only keeps more of the secondary's log
+                // (its index keeps the records it maps).
+                tracing::warn!(partition = ?self.partition(), "flush commits parked behind a checkpoint; dropping the oldest");
+                self.parked_commits.pop_front();
+            }
+            self.parked_commits.push_back((up_to, commit));
+        } else {
+            self.push_flush_commit(commit);
+        }
+    }
+
+    fn push_flush_commit(&mut self, commit: ReplicaRequest) {
+        if self.pending_commits.len() >= MAX_QUEUED_COMMITS {
+            tracing::warn!(partition = ?self.partition(), "secondary behind on flush commits; dropping the oldest");
+            self.pending_commits.pop_front();
+        }
+        self.pending_commits.push_back(commit);
     }
 }
 
