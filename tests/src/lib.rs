@@ -465,6 +465,7 @@ impl TestUnit {
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
                 auth: Some(self.member()),
+                tls: None,
             },
         )
         .with_retries(10, Duration::from_millis(300))
