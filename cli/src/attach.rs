@@ -131,7 +131,12 @@ pub struct AttachArgs {
     /// port's IP address. Never falls back to plain TCP. Without it the
     /// host ports are reached over plain TCP (refused by a head node that
     /// requires TLS).
-    #[arg(long, env = "RACKBLOCK_UNIT_CA", value_name = "FILE", conflicts_with = "memory")]
+    #[arg(
+        long,
+        env = "RACKBLOCK_UNIT_CA",
+        value_name = "FILE",
+        conflicts_with = "memory"
+    )]
     pub unit_ca: Option<PathBuf>,
     /// Skip the zonal plane: the unit's rack file (its head nodes' host
     /// ports), with --attachment-file or --volume-id and --attachment-id.

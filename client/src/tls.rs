@@ -176,7 +176,12 @@ pub fn issue(
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(TlsError::Io { path: path.clone(), source: e }),
+            Err(e) => {
+                return Err(TlsError::Io {
+                    path: path.clone(),
+                    source: e,
+                })
+            }
         }
     }
     write_new(&issued.key, key.serialize_pem().as_bytes(), 0o600)?;
@@ -287,7 +292,9 @@ mod tests {
         });
         let connector = proto::tls::connector(&files.ca_cert).unwrap();
         let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
-        proto::tls::connect(&connector, "127.0.0.3", tcp).await.unwrap();
+        proto::tls::connect(&connector, "127.0.0.3", tcp)
+            .await
+            .unwrap();
         server.await.unwrap().unwrap();
 
         // The same certificate does not name another address.

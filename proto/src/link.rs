@@ -444,9 +444,7 @@ impl Connection {
                     }
                     Err(_) => {
                         return Err(ConnectError {
-                            reason: format!(
-                                "TLS with {address}: no handshake within {timeout:?}"
-                            ),
+                            reason: format!("TLS with {address}: no handshake within {timeout:?}"),
                             refused: false,
                         })
                     }

@@ -521,7 +521,15 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
     let minted = run_tool(
         rackblock_bin().to_str().unwrap(),
         &[
-            "attachment", "create", "3", "--rack", &rack, "--host", "h1", "--out", &attachment,
+            "attachment",
+            "create",
+            "3",
+            "--rack",
+            &rack,
+            "--host",
+            "h1",
+            "--out",
+            &attachment,
         ],
         Duration::from_secs(60),
     );
@@ -583,7 +591,13 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
     let served: f64 = unit
         .head_nodes
         .iter()
-        .map(|h| metric_sum(h.admin, "rackblock_server_requests_total", &["port=\"host\""]))
+        .map(|h| {
+            metric_sum(
+                h.admin,
+                "rackblock_server_requests_total",
+                &["port=\"host\""],
+            )
+        })
         .sum();
     assert!(served >= 2.0, "{served}");
     drop(agent);
