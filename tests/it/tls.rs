@@ -179,7 +179,7 @@ fn up_offers_tls_to_nbdinfo_and_qemu_io() {
     );
     // The agent reached the head nodes over TLS: their host ports take
     // nothing else (a plain-TCP frame is closed on and counted).
-    let rack = hardware::rack::Rack::load(&unit.data_dir.join("rack.toml")).unwrap();
+    let rack = hardware::rack::Rack::load(unit.data_dir.join("rack.toml")).unwrap();
     let head = &rack.head_node[0];
     let host = head.host.unwrap();
     assert!(plain_frame_is_closed_on(host), "{host} answered plain TCP");
