@@ -37,6 +37,9 @@
 # Output: BENCH lines (bench/README.md) and bench/out/cpu.json. Every process
 # is stopped by pid; the tmpfs directory and device images are removed at
 # exit (BENCH_KEEP_WORK=1 keeps the images under bench/out/cpu-work).
+# BENCH_HOST_TLS=off runs both units with `up --no-host-tls` (the attach
+# agent reaches the head nodes' host ports over plain TCP; default: TLS,
+# as `up` runs them), to compare the CPU per I/O of host-port TLS.
 # BENCH_SECONDS (default 3) sets each job's length, BENCH_ROUNDS (default 2)
 # the rounds: filling and flushing 4 GiB takes ~2 minutes; the whole run
 # took 5.5-6 minutes on 2 cores shared with others' builds
@@ -46,6 +49,12 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 seconds=${BENCH_SECONDS:-3}
 rounds=${BENCH_ROUNDS:-2}
+host_tls_args=()
+case ${BENCH_HOST_TLS:-on} in
+  on) ;;
+  off) host_tls_args=(--no-host-tls) ;;
+  *) echo "bench/cpu.sh: BENCH_HOST_TLS is on or off, not ${BENCH_HOST_TLS}" >&2; exit 1 ;;
+esac
 missing=()
 for tool in fio:fio qemu-nbd:qemu-utils nbdkit:nbdkit nbdinfo:libnbd-bin python3:python3 curl:curl findmnt:util-linux; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool%%:*} (Debian package ${tool##*:})")
@@ -98,7 +107,7 @@ trap cleanup EXIT
 start_unit() {
   local target=$1 dir=$2 base=$3 admin=$4 zonal=$5 nbd=$6; shift 6
   "$bin" up --data-dir "$dir" --base-port "$base" --admin-base-port "$admin" \
-    --zonal-listen "$zonal" --nbd-listen "$nbd" --wait-seconds 120 "$@" >"$work/$target-up.log" 2>&1 &
+    --zonal-listen "$zonal" --nbd-listen "$nbd" --wait-seconds 120 "${host_tls_args[@]}" "$@" >"$work/$target-up.log" 2>&1 &
   local up_pid=$!
   pids+=("$up_pid")
   for _ in $(seq 1 1500); do

@@ -146,7 +146,7 @@ cli volume modify vol0 --clear-qos
 wait_limit iops 0 >/dev/null
 agent() { # name nbd admin [flags...]
   local name=$1 nbd=$2 admin=$3; shift 3
-  "$bin" attach vol0 --listen "$nbd" --admin "$admin" --host "qos-$name" "$@" >"$work/agent-$name.log" 2>&1 &
+  "$bin" attach vol0 --listen "$nbd" --admin "$admin" --host "qos-$name" --unit-ca "$work/unit/tls/ca.pem" "$@" >"$work/agent-$name.log" 2>&1 &
   pids+=($!)
   echo $! >"$work/agent-$name.pid"
   for _ in $(seq 1 300); do

@@ -241,7 +241,7 @@ AGENT=""
 start_agent() { # [device]: none lets the agent choose (a free one, or its own left behind)
   : >>/tmp/agent.log
   RUST_LOG=info /bin/rackblock attach vol0 --rack /etc/rack.toml --attachment-file /etc/attachment \
-    --admin $ADMIN --device $1 >>/tmp/agent.log 2>&1 &
+    --unit-ca /etc/unit-ca.pem --admin $ADMIN --device $1 >>/tmp/agent.log 2>&1 &
   AGENT=$!
 }
 served() { n=$(grep -c '^serving vol0' /tmp/agent.log 2>/dev/null); echo "${n:-0}"; }
@@ -262,7 +262,7 @@ say "attached $(now) $(grep '^serving vol0' /tmp/agent.log | tail -n 1)"
 # A second agent for the same device is refused (exit 4) before it
 # registers anything.
 /bin/rackblock attach vol0 --device /dev/nbd0 --rack /etc/rack.toml --attachment-file /etc/attachment \
-  >/tmp/second.log 2>&1
+  --unit-ca /etc/unit-ca.pem >/tmp/second.log 2>&1
 [ $? = 4 ] || fail "a second agent for /dev/nbd0 was not refused: $(cat /tmp/second.log)"
 /sbin/mke2fs -q -t ext4 -F -E nodiscard /dev/nbd0 || fail "mkfs.ext4"
 mount -t ext4 -o errors=remount-ro /dev/nbd0 /mnt || fail "mount"
@@ -370,6 +370,8 @@ export RACKBLOCK_ZONAL=https://$zonal RACKBLOCK_ZONAL_CA=$data/tls/ca.pem RACKBL
 rb() { "$bin" "$@"; }
 volume_id=$(rb --output json volume describe vol0 | $python -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 cp "$data/rack.toml" "$initramfs/etc/rack.toml"
+# The host ports require TLS under `up`: the guest trusts the unit's CA.
+cp "$data/tls/ca.pem" "$initramfs/etc/unit-ca.pem"
 # The guest's attachment, minted here by the operator (the unit keeps only
 # its token's digest); the file is all the guest gets besides the rack file.
 rb attachment create "$volume_id" --host vm-test --out "$work/attachment" 2>>"$work/up.log" ||

@@ -10,8 +10,8 @@
 //!       --attachment-file or --attachment-id/--attachment-token)
 //!        └─ VolumeClient over the head nodes' host ports (partition map of
 //!           this attachment's volume, then I/O; the credential goes with every
-//!           request and head nodes check it). A host never reaches the unit
-//!           port (SECURITY.md).
+//!           request and head nodes check it; over TLS with --unit-ca). A host
+//!           never reaches the unit port (SECURITY.md).
 //!             └─ NbdServer { export VOLUME → VolumeClient } until SIGINT/SIGTERM
 //!                  (the map is refreshed every 2 s: a grown volume shows its new
 //!                   size to NBD clients that connect afterwards, and a change of
@@ -125,6 +125,19 @@ pub struct AttachArgs {
     /// refused with NBD_REP_ERR_TLS_REQD, so plain clients are refused.
     #[arg(long, requires = "tls_cert")]
     pub tls_required: bool,
+    /// Reach the head nodes' host ports over TLS, trusting this CA
+    /// certificate (PEM; `rackblock up` makes rackblock-data/tls/ca.pem):
+    /// each head node's certificate must chain to it and name the host
+    /// port's IP address. Never falls back to plain TCP. Without it the
+    /// host ports are reached over plain TCP (refused by a head node that
+    /// requires TLS).
+    #[arg(
+        long,
+        env = "RACKBLOCK_UNIT_CA",
+        value_name = "FILE",
+        conflicts_with = "memory"
+    )]
+    pub unit_ca: Option<PathBuf>,
     /// Skip the zonal plane: the unit's rack file (its head nodes' host
     /// ports), with --attachment-file or --volume-id and --attachment-id.
     #[arg(long)]
@@ -429,6 +442,17 @@ pub(crate) fn host_endpoints(info: &Value) -> Result<Vec<HostEndpoint>, CliError
     Ok(endpoints)
 }
 
+/// TLS to the host ports trusting `ca` (`--unit-ca`), if given.
+pub(crate) fn unit_tls(
+    ca: Option<&std::path::Path>,
+) -> Result<Option<proto::link::LinkTls>, CliError> {
+    ca.map(|ca| {
+        proto::link::LinkTls::from_ca_file(ca)
+            .map_err(|e| CliError::Usage(format!("--unit-ca: {e}")))
+    })
+    .transpose()
+}
+
 /// The host ports of `rack`'s head nodes.
 fn rack_host_endpoints(rack: &Rack, path: &std::path::Path) -> Result<Vec<HostEndpoint>, CliError> {
     let endpoints: Vec<HostEndpoint> = rack
@@ -560,6 +584,7 @@ pub async fn run(
         metrics: metrics.client.clone(),
         ..ClientConfig::default()
     };
+    config.link.tls = unit_tls(args.unit_ca.as_deref())?;
     let listener = bind(args).await?;
     let mut iscsi_listeners = Vec::with_capacity(args.iscsi.iscsi.len());
     let mut portals = Vec::with_capacity(args.iscsi.iscsi.len());

@@ -219,6 +219,21 @@ enum TlsCommand {
         #[arg(long = "name", default_values_t = client::tls::default_names())]
         names: Vec<String>,
     },
+    /// Issue another server certificate from the CA in DIR (`tls init`,
+    /// `up`): DIR/NAME.pem and DIR/NAME.key (mode 0600), e.g. for a head
+    /// node's host port (`host_tls_cert`/`host_tls_key`) with its IP
+    /// address as --san. Kept if both exist, unless --replace.
+    Issue {
+        dir: PathBuf,
+        /// File name (without .pem / .key), e.g. host-hn-1.
+        name: String,
+        /// Names (DNS or IP) the certificate is for; repeatable.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Replace an existing certificate and key of that name.
+        #[arg(long)]
+        replace: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -566,6 +581,25 @@ fn main() -> ExitCode {
                 }
                 Err(error) => {
                     eprintln!("rackblock tls init: {error}");
+                    ExitCode::from(1)
+                }
+            },
+            Command::Tls {
+                command:
+                    TlsCommand::Issue {
+                        dir,
+                        name,
+                        sans,
+                        replace,
+                    },
+            } => match client::tls::issue(&dir, &name, &sans, replace) {
+                Ok(files) => {
+                    println!("certificate: {}", files.cert.display());
+                    println!("key: {}", files.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("rackblock tls issue: {error}");
                     ExitCode::from(1)
                 }
             },

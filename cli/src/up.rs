@@ -12,15 +12,19 @@
 //! prepare   rack.toml (head nodes' host ports on 127.0.0.x), credentials/
 //!           (unit, sled and operator keys), devices/, config/{sled-N,hn-N,zonal}.toml,
 //!           zonal-token, tls/ (a local CA and a server certificate for
-//!           127.0.0.1 / localhost: ca.pem, server.pem, keys 0600; kept)
+//!           127.0.0.1 / localhost: ca.pem, server.pem, keys 0600; kept;
+//!           and host-hn-N.pem/.key, each head node's host-port certificate
+//!           for its 127.0.0.N, issued again by every `up`)
 //! start     hn-1..3, sled-1..6, zonal          (pid + log in run/; zonal
 //!           serves HTTPS only, with tls/server.pem, and the CLI and the
-//!           attach agent trust tls/ca.pem)
+//!           attach agent trust tls/ca.pem; the head nodes' host ports
+//!           require TLS, with host-hn-N.pem, unless --no-host-tls)
 //! wait      every /health 200 ─▶ the zonal plane sees the unit (all up)
 //! volume    vol0 exists? else POST /v1/volumes (retried while the unit settles)
 //! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300
 //!            --tls-cert tls/server.pem --tls-key tls/server.key` (TLS offered,
 //!            not required: plain clients keep working)
+//!            --unit-ca tls/ca.pem` (TLS to the host ports)
 //!            --iscsi 127.0.0.1:3260 --iscsi 127.0.0.2:3260` (own process; two
 //!           iSCSI portals, one per host address, so a multipath initiator
 //!           sees two paths to the same LUN; the listeners are bound before
@@ -111,6 +115,11 @@ pub struct UpArgs {
     /// everything and exit (for scripts and tests).
     #[arg(long)]
     check: bool,
+    /// Serve the head nodes' host ports over plain TCP (default: TLS
+    /// required, with certificates from the local CA; the attach agent
+    /// trusts tls/ca.pem). For comparing the CPU cost (`bench/cpu.sh`).
+    #[arg(long)]
+    no_host_tls: bool,
 }
 
 const HEAD_NODES: u32 = 3;
@@ -329,6 +338,24 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
             head.id,
             data_dir.join(&head.id).display()
         );
+        // The host port's certificate names its IP address (hosts check
+        // it); issued again each time, so an edited rack file's new address
+        // is covered. Hosts trust the CA, not the certificate.
+        if let (false, Some(host)) = (args.no_host_tls, head.host) {
+            let issued = client::tls::issue(
+                &data_dir.join(TLS_DIR),
+                &format!("host-{}", head.id),
+                &[host.ip().to_string()],
+                true,
+            )
+            .map_err(|e| format!("cannot issue {}'s host-port certificate: {e}", head.id))?;
+            let _ = writeln!(
+                config,
+                "host_tls_cert = \"{}\"\nhost_tls_key = \"{}\"\nhost_tls_required = true",
+                issued.cert.display(),
+                issued.key.display()
+            );
+        }
         for setting in &args.head_node_setting {
             let _ = writeln!(config, "{}", setting.trim());
         }
@@ -735,6 +762,9 @@ fn start_unit(
         "--tls-key".to_string(),
         tls.server_key.display().to_string(),
     ]);
+    if !args.no_host_tls {
+        attach_argv.extend(["--unit-ca".to_string(), tls.ca_cert.display().to_string()]);
+    }
     if !args.no_iscsi {
         for portal in &args.iscsi_listen {
             attach_argv.push("--iscsi".to_string());
@@ -1008,8 +1038,9 @@ fn print_status(data_dir: &Path, rack: &hardware::rack::Rack, args: &UpArgs, dae
     if default_dir.as_deref() != Some(data_dir) || !default_zonal {
         println!("for the CLI from another directory or shell:");
         println!(
-            "  export RACKBLOCK_ZONAL=https://{} RACKBLOCK_ZONAL_CA={} RACKBLOCK_TOKEN=$(cat {}) RACKBLOCK_RACK={}",
+            "  export RACKBLOCK_ZONAL=https://{} RACKBLOCK_ZONAL_CA={} RACKBLOCK_UNIT_CA={} RACKBLOCK_TOKEN=$(cat {}) RACKBLOCK_RACK={}",
             args.zonal_listen,
+            tls.ca_cert.display(),
             tls.ca_cert.display(),
             data_dir.join(crate::ops::TOKEN_FILE).display(),
             data_dir.join("rack.toml").display()

@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// The unit's rack file (the head nodes to ask for the partition map).
     #[arg(long)]
     rack: PathBuf,
+    /// Reach the host ports over TLS trusting this CA (as `attach
+    /// --unit-ca`).
+    #[arg(long, env = "RACKBLOCK_UNIT_CA", value_name = "FILE")]
+    unit_ca: Option<PathBuf>,
     /// Volume id (registered before, e.g. with `rackblock volume register`).
     #[arg(long)]
     volume: u64,
@@ -213,10 +217,11 @@ async fn bench(
             })
         })
         .collect();
-    let client =
-        VolumeClient::connect_host(&endpoints, args.volume, credential, ClientConfig::default())
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut config = ClientConfig::default();
+    config.link.tls = crate::attach::unit_tls(args.unit_ca.as_deref()).map_err(|e| e.line())?;
+    let client = VolumeClient::connect_host(&endpoints, args.volume, credential, config)
+        .await
+        .map_err(|e| e.to_string())?;
     let size = client.size_bytes();
     let region = args.region_bytes.unwrap_or(size).min(size) / bs * bs;
     if region == 0 {

@@ -122,6 +122,7 @@ impl Default for ClientConfig {
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
                 auth: None,
+                tls: None,
             },
             metrics: ClientMetrics::unregistered(),
             snapshot: None,

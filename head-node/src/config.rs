@@ -74,6 +74,21 @@ pub struct HeadNodeConfig {
     /// file. The head node does not start without them.
     #[serde(default)]
     pub credentials_dir: Option<PathBuf>,
+    /// TLS on the host port: this certificate chain (PEM), for the host
+    /// port's address (its IP as a SAN: the attach agent checks it against
+    /// the address it dialled), signed by a CA the hosts trust (`rackblock
+    /// attach --unit-ca`). Needs `host_tls_key`. Default: no TLS.
+    #[serde(default)]
+    pub host_tls_cert: Option<PathBuf>,
+    /// The private key of `host_tls_cert` (PEM).
+    #[serde(default)]
+    pub host_tls_key: Option<PathBuf>,
+    /// With `host_tls_cert`: close plain-TCP connections to the host port
+    /// (counted in `rackblock_server_tls_handshake_failures_total{port="host",
+    /// reason="plaintext"}`) instead of serving them as well as TLS ones
+    /// (default false: both, for a unit whose hosts move to TLS one by one).
+    #[serde(default)]
+    pub host_tls_required: Option<bool>,
     /// The write log shared by every partition of this head node: a file
     /// (created zero-filled if absent, so that log syncs need no journal
     /// commit) or a block device. Default
@@ -219,6 +234,27 @@ impl HeadNodeConfig {
                 reason: "must not be empty".into(),
             });
         }
+        match (&self.host_tls_cert, &self.host_tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "host_tls_key",
+                    reason: "host_tls_cert needs its key".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "host_tls_cert",
+                    reason: "host_tls_key without a certificate".into(),
+                })
+            }
+            _ => {}
+        }
+        if self.host_tls_required() && self.host_tls_cert.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "host_tls_required",
+                reason: "requiring TLS needs host_tls_cert and host_tls_key".into(),
+            });
+        }
         let heartbeat = self.heartbeat_interval().as_millis();
         let min = self.election_timeout_min().as_millis();
         let max = self.election_timeout_max().as_millis();
@@ -306,6 +342,11 @@ impl HeadNodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether the host port refuses plain TCP (`host_tls_required`).
+    pub fn host_tls_required(&self) -> bool {
+        self.host_tls_required.unwrap_or(false)
     }
 
     /// Where the unit's credentials are (`credentials_dir`).
@@ -495,6 +536,9 @@ impl HeadNodeConfig {
             listen_a: self.listen_a,
             listen_b: self.listen_b,
             credentials_dir: self.credentials_dir.clone(),
+            host_tls_cert: self.host_tls_cert.clone(),
+            host_tls_key: self.host_tls_key.clone(),
+            host_tls_required: Some(self.host_tls_required()),
             wal_path: Some(self.wal_path()),
             wal_size_bytes: Some(self.wal_size_bytes()),
             io_engine: self.io_engine.clone(),

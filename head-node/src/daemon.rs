@@ -27,6 +27,10 @@
 //! reservations (`local_control_plane::state::reservations`). Anything else on the
 //! host port closes the connection and counts in
 //! `rackblock_server_bad_frames_total{port="host",reason="refused_kind"}`.
+//! With `host_tls_cert`/`host_tls_key` the host port speaks TLS (rustls;
+//! `proto::server` module docs), and with `host_tls_required` only TLS:
+//! a plain-TCP host is closed before a frame is read and counted in
+//! `rackblock_server_tls_handshake_failures_total{port="host",reason="plaintext"}`.
 //!
 //! Routing of proto requests: `Host` → the partition's primary here
 //! ([`PartitionManager::handle_host`]; `NotPrimary{hint}` otherwise),
@@ -115,6 +119,9 @@ pub enum HeadNodeError {
         dir: PathBuf,
         source: proto::auth::AuthError,
     },
+    /// The host port's certificate or key cannot be used.
+    #[error("host port TLS: {0}")]
+    HostTls(#[from] proto::tls::TlsError),
     /// Some head nodes of the rack have a host port and others not.
     #[error("rack file {}: either every head node has a `host` port or none", path.display())]
     PartialHostPorts { path: PathBuf },
@@ -424,6 +431,13 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         });
     }
     let host_ports = Arc::new(host_ports);
+    let host_tls = match (&config.host_tls_cert, &config.host_tls_key) {
+        (Some(cert), Some(key)) => Some(proto::server::ServerTls {
+            acceptor: proto::tls::acceptor(cert, key)?,
+            required: config.host_tls_required(),
+        }),
+        _ => None,
+    };
     // Bind admin first: a taken admin port is a configuration error worth
     // failing on before Raft starts.
     let admin_listener =
@@ -548,6 +562,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             handler,
             proto::server::ServerConfig {
                 access: Access::Kinds(kind::is_host_request),
+                tls: host_tls.clone(),
                 ..proto::server::ServerConfig::default()
             },
             "host",
@@ -603,6 +618,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         %listen_b,
         admin = %spec.admin,
         host = ?spec.host,
+        host_tls = ?host_tls.as_ref().map(|tls| if tls.required { "required" } else { "offered" }),
         "head node ready"
     );
     let fatal = tokio::select! {

@@ -109,6 +109,7 @@ pub fn data_link_config(
         probe_timeout: Duration::from_millis(500),
         failures_before_down: 2,
         auth,
+        tls: None,
     }
 }
 

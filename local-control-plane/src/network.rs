@@ -107,6 +107,7 @@ impl PeerLinks {
             probe_timeout: floor(election_timeout_min / 6, 100),
             failures_before_down: 2,
             auth,
+            tls: None,
         }
     }
 

@@ -27,6 +27,13 @@
 //!   idempotent requests move to the other path within a probe timeout
 //!   instead of each waiting out its request timeout. A single request
 //!   timeout does not drop the connection: one slow request says little.
+//! * With [`LinkConfig::tls`] (a head node's host port) every connection
+//!   runs a TLS handshake right after connect, checking the server's
+//!   certificate against the CA given and the path's IP address, before any
+//!   frame is sent: a failed one is "not sent" like a failed connect, and
+//!   the link never falls back to plain TCP. Frames then flow inside TLS;
+//!   the reader and writer tasks are the same generic code as on plain TCP
+//!   (whose halves stay `TcpStream::into_split`'s).
 //! * The prober holds only a weak reference: it stops when the last
 //!   `Arc<PeerLink>` is dropped, or on [`PeerLink::close`].
 
@@ -44,13 +51,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthCodec, Credential};
+use crate::auth::{AuthCodec, Credential, FrameMac};
 use crate::message::Message;
 use crate::server::write_frames;
 
@@ -105,6 +113,31 @@ pub struct LinkConfig {
     /// the unit port requires it). `None`: plain frames (a head node's host
     /// port, tests).
     pub auth: Option<Arc<Credential>>,
+    /// TLS on every connection (module docs; a head node's host port when
+    /// it has a certificate). `None`: plain TCP.
+    pub tls: Option<LinkTls>,
+}
+
+/// TLS on a link's connections: the server's certificate must chain to a
+/// CA the connector trusts and name the IP address of the path.
+#[derive(Clone)]
+pub struct LinkTls {
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl LinkTls {
+    /// Trusting the CA certificates of the PEM file `ca`.
+    pub fn from_ca_file(ca: &std::path::Path) -> Result<LinkTls, crate::tls::TlsError> {
+        Ok(LinkTls {
+            connector: crate::tls::connector(ca)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkTls").finish_non_exhaustive()
+    }
 }
 
 impl Default for LinkConfig {
@@ -116,6 +149,7 @@ impl Default for LinkConfig {
             probe_timeout: Duration::from_secs(1),
             failures_before_down: 2,
             auth: None,
+            tls: None,
         }
     }
 }
@@ -366,8 +400,9 @@ impl Connection {
         address: SocketAddr,
         timeout: Duration,
         auth: Option<&Credential>,
+        tls: Option<&LinkTls>,
     ) -> Result<Connection, ConnectError> {
-        let mut stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
                 return Err(ConnectError {
@@ -387,28 +422,79 @@ impl Connection {
         // request we gave up on (and maybe resent on the other path) must not
         // trickle out later when a blackholed path heals.
         let _ = stream.set_zero_linger();
+        match tls {
+            None => {
+                let mut stream = stream;
+                let macs = Connection::authenticate(&mut stream, address, timeout, auth).await?;
+                let (read_half, write_half) = stream.into_split();
+                Ok(Connection::spawn(read_half, write_half, macs))
+            }
+            Some(tls) => {
+                // Bounded like the connect; no frame before it is done, and
+                // no plain-TCP fallback (module docs).
+                let name = address.ip().to_string();
+                let handshake = crate::tls::connect(&tls.connector, &name, stream);
+                let mut stream = match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        return Err(ConnectError {
+                            reason: format!("TLS with {address}: {error}"),
+                            refused: false,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(ConnectError {
+                            reason: format!("TLS with {address}: no handshake within {timeout:?}"),
+                            refused: false,
+                        })
+                    }
+                };
+                let macs = Connection::authenticate(&mut stream, address, timeout, auth).await?;
+                let (read_half, write_half) = tokio::io::split(stream);
+                Ok(Connection::spawn(read_half, write_half, macs))
+            }
+        }
+    }
+
+    /// The unit-port handshake when `auth` is given: the MAC states of
+    /// both directions.
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        address: SocketAddr,
+        timeout: Duration,
+        auth: Option<&Credential>,
+    ) -> Result<(Option<FrameMac>, Option<FrameMac>), ConnectError> {
         // Nothing is sent before the handshake: a refused one is "not sent".
-        let (send_mac, receive_mac) = match auth {
-            None => (None, None),
+        match auth {
+            None => Ok((None, None)),
             // Bounded like the connect: a peer that accepts and then stays
             // silent must not hold the path for the handshake's own bound.
             Some(credential) => match tokio::time::timeout(
                 timeout,
-                crate::auth::client_handshake(&mut stream, credential),
+                crate::auth::client_handshake(stream, credential),
             )
             .await
             .unwrap_or(Err(crate::auth::AuthError::Timeout(timeout)))
             {
-                Ok(done) => (Some(done.send), Some(done.receive)),
-                Err(error) => {
-                    return Err(ConnectError {
-                        reason: format!("authenticate with {address}: {error}"),
-                        refused: false,
-                    })
-                }
+                Ok(done) => Ok((Some(done.send), Some(done.receive))),
+                Err(error) => Err(ConnectError {
+                    reason: format!("authenticate with {address}: {error}"),
+                    refused: false,
+                }),
             },
-        };
-        let (read_half, write_half) = stream.into_split();
+        }
+    }
+
+    /// The reader and writer tasks of a connection over these halves.
+    fn spawn<R, W>(
+        read_half: R,
+        write_half: W,
+        (send_mac, receive_mac): (Option<FrameMac>, Option<FrameMac>),
+    ) -> Connection
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = Arc::new(ConnectionShared {
             pending: Mutex::new(Some(HashMap::new())),
             dead: AtomicBool::new(false),
@@ -461,11 +547,11 @@ impl Connection {
             };
             reader_shared.fail(&reason);
         });
-        Ok(Connection {
+        Connection {
             shared,
             tx,
             tasks: [reader.abort_handle(), writer.abort_handle()],
-        })
+        }
     }
 
     fn is_dead(&self) -> bool {
@@ -781,6 +867,7 @@ impl PeerLink {
             .connect(
                 self.config.connect_timeout.min(timeout),
                 self.config.auth.as_deref(),
+                self.config.tls.as_ref(),
             )
             .await?;
         let remaining = timeout.saturating_sub(started.elapsed());
@@ -895,6 +982,7 @@ impl Path {
         &self,
         timeout: Duration,
         auth: Option<&Credential>,
+        tls: Option<&LinkTls>,
     ) -> Result<Arc<Connection>, AttemptError> {
         let queued_at = Instant::now();
         let mut slot = self.connection.lock().await;
@@ -909,7 +997,7 @@ impl Path {
                 return Err(error.to_attempt_error());
             }
         }
-        match Connection::open(self.address, timeout, auth).await {
+        match Connection::open(self.address, timeout, auth, tls).await {
             Ok(connection) => {
                 let connection = Arc::new(connection);
                 slot.connection = Some(connection.clone());

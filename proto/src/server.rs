@@ -59,6 +59,20 @@
 //!   behind data-path tasks for more than an election timeout on a loaded
 //!   box (measured: `bench/raft-term.sh`). Raft links carry only control
 //!   requests, so the first one decides for the connection's lifetime.
+//! * **TLS** (`tls`, a head node's host port): the connection's first byte
+//!   says which it is (a TLS record starts with 0x16, a frame with the
+//!   magic's 0x31): a TLS client gets a rustls handshake (bounded by
+//!   [`TLS_HANDSHAKE_TIMEOUT`], under the same handshake caps as the unit
+//!   port's), then frames flow inside TLS exactly as on plain TCP; a plain
+//!   client is closed before anything is read when TLS is `required`, and
+//!   served as before otherwise (a unit moving to TLS host by host). Every
+//!   refusal is counted in
+//!   `rackblock_server_tls_handshake_failures_total{reason="plaintext"|"handshake"|"timeout"}`.
+//!   The connection code is generic over its stream ([`Transport`]): the
+//!   plain-TCP path is the same monomorphic code as before TLS existed (no
+//!   boxing, no dynamic dispatch per frame); a TLS stream is split with
+//!   `tokio::io::split`, and never moves to the control runtime (only
+//!   unit-port connections do, and those are not TLS).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -75,8 +89,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -116,7 +129,32 @@ pub struct ServerConfig {
     pub max_handshakes: usize,
     /// `Authenticated` access: of those, from one IP address (default 8).
     pub max_handshakes_per_peer: usize,
+    /// TLS on this listener (module docs; default: none, plain TCP).
+    pub tls: Option<ServerTls>,
 }
+
+/// TLS on a listener (module docs).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// Close plain-TCP connections instead of serving them.
+    pub required: bool,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bound of a server-side TLS handshake, from accept to its end (module
+/// docs).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Default [`ServerConfig::max_handshakes`].
 pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
@@ -133,6 +171,7 @@ impl Default for ServerConfig {
             access: Access::Open,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_peer: DEFAULT_MAX_HANDSHAKES_PER_PEER,
+            tls: None,
         }
     }
 }
@@ -182,6 +221,7 @@ pub struct ServerMetrics {
     requests: Counter,
     bad_frames: Family<ReasonLabels, Counter>,
     handshakes_refused: Family<ReasonLabels, Counter>,
+    tls_failures: Family<ReasonLabels, Counter>,
 }
 
 impl ServerMetrics {
@@ -215,7 +255,20 @@ impl ServerMetrics {
             "Unit-port connections closed on accept: too many in their handshake (listener_cap, peer_cap)",
             metrics.handshakes_refused.clone(),
         );
+        registry.register(
+            "rackblock_server_tls_handshake_failures",
+            "Connections closed before TLS was up: a plain-TCP client where TLS is required (plaintext), a failed (handshake) or slow (timeout) TLS handshake",
+            metrics.tls_failures.clone(),
+        );
         metrics
+    }
+
+    /// Connections closed before TLS was up for `reason` (`plaintext`,
+    /// `handshake`, `timeout`) so far.
+    pub fn tls_handshake_failures(&self, reason: &'static str) -> u64 {
+        self.tls_failures
+            .get_or_create(&ReasonLabels { reason })
+            .get()
     }
 
     /// Connections closed on accept by a handshake cap (`listener_cap`,
@@ -307,8 +360,10 @@ pub async fn serve_with_metrics(
         match accepted {
             Ok((stream, peer)) => {
                 metrics.connections_accepted.inc();
-                let slot = match &config.access {
-                    Access::Authenticated { .. } => match handshakes.take(peer) {
+                let handshaking =
+                    matches!(config.access, Access::Authenticated { .. }) || config.tls.is_some();
+                let slot = match handshaking {
+                    true => match handshakes.take(peer) {
                         Ok(slot) => Some(slot),
                         Err(reason) => {
                             metrics
@@ -320,7 +375,7 @@ pub async fn serve_with_metrics(
                             continue;
                         }
                     },
-                    Access::Open | Access::Kinds(_) => None,
+                    false => None,
                 };
                 let connection = Connection {
                     handler: handler.clone(),
@@ -440,11 +495,52 @@ enum End {
 }
 
 impl Connection {
-    async fn run(self, mut stream: TcpStream, handshake_slot: Option<HandshakeSlot>) {
+    async fn run(self, stream: TcpStream, handshake_slot: Option<HandshakeSlot>) {
         self.metrics.connections_open.inc();
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(peer = %self.peer, %error, "set_nodelay failed");
         }
+        let Some(tls) = self.config.tls.clone() else {
+            return self.start(stream, handshake_slot).await;
+        };
+        let accepted = tokio::select! {
+            () = self.shutdown.cancelled() => None,
+            accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept_tls(&tls, stream)) => Some(accepted),
+        };
+        match accepted {
+            None => {
+                self.metrics.connections_open.dec();
+            }
+            Some(Ok(Ok(Accepted::Tls(stream)))) => self.start(*stream, handshake_slot).await,
+            Some(Ok(Ok(Accepted::Plain(stream)))) => self.start(stream, handshake_slot).await,
+            Some(Ok(Ok(Accepted::Closed))) => {
+                self.metrics.connections_open.dec();
+            }
+            Some(Ok(Err(failure))) => {
+                self.tls_failure(failure.reason, &failure.detail);
+                self.metrics.connections_open.dec();
+            }
+            Some(Err(_)) => {
+                self.tls_failure(
+                    "timeout",
+                    &format!("no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"),
+                );
+                self.metrics.connections_open.dec();
+            }
+        }
+    }
+
+    fn tls_failure(&self, reason: &'static str, detail: &str) {
+        tracing::warn!(peer = %self.peer, reason, detail, "closing connection before TLS was up");
+        self.metrics
+            .tls_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// The unit-port handshake if any, then [`Connection::serve`]
+    /// (`connections_open` is already counted).
+    async fn start<S: Transport>(self, mut stream: S, handshake_slot: Option<HandshakeSlot>) {
         // The handshake, before any frame is read (module docs).
         let (authenticated, macs) = match &self.config.access {
             Access::Authenticated { credential, .. } => {
@@ -467,7 +563,11 @@ impl Connection {
                     }
                 }
             }
-            Access::Open | Access::Kinds(_) => (None, None),
+            Access::Open | Access::Kinds(_) => {
+                // Held through the TLS handshake, if any, only.
+                drop(handshake_slot);
+                (None, None)
+            }
         };
         let (send_mac, receive_mac) = match macs {
             Some((send, receive)) => (Some(send), Some(receive)),
@@ -530,11 +630,11 @@ impl Connection {
     /// frame codec and the response queue with their MAC state, the first
     /// request and those read behind it, and the bytes of a frame not read
     /// whole yet.
-    fn hand_off(
+    fn hand_off<S: Transport>(
         self,
         runtime: tokio::runtime::Handle,
-        frames: FramedRead<tokio::net::tcp::OwnedReadHalf, AuthCodec>,
-        write_half: OwnedWriteHalf,
+        frames: FramedRead<S::Read, AuthCodec>,
+        write_half: S::Write,
         mut session: Session,
     ) {
         // Complete frames already read are decoded here: a new reader
@@ -560,11 +660,7 @@ impl Connection {
         }
         session.codec = codec;
         session.buffered = buffered;
-        let stream = read_half
-            .reunite(write_half)
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|stream| stream.into_std());
-        let stream = match stream {
+        let stream = match S::into_std(read_half, write_half) {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(peer = %self.peer, %error, "cannot move a control connection");
@@ -608,8 +704,8 @@ impl Connection {
         })
     }
 
-    async fn serve(self, stream: TcpStream, session: Session) {
-        let (read_half, mut write_half) = stream.into_split();
+    async fn serve<S: Transport>(self, stream: S, session: Session) {
+        let (read_half, mut write_half) = stream.split();
         let max_in_flight = self.config.max_in_flight_per_connection.max(1);
         let mut handlers: FuturesUnordered<BoxFuture<'static, Option<Bytes>>> =
             FuturesUnordered::new();
@@ -634,7 +730,7 @@ impl Connection {
         }
         // Whether the connection's first request (Pings aside) was seen:
         // only it can move the connection.
-        let mut placed = self.config.control_runtime.is_none();
+        let mut placed = self.config.control_runtime.is_none() || !S::MOVABLE;
 
         let end = loop {
             let next = tokio::select! {
@@ -648,7 +744,7 @@ impl Connection {
                     }
                     continue;
                 }
-                written = out.write_to(&mut write_half), if !out.is_empty() => {
+                written = out.write_to(&mut write_half), if out.wants_write() => {
                     if let Err(error) = written {
                         tracing::debug!(peer = %self.peer, %error, "connection write failed");
                         break End::Abort;
@@ -712,7 +808,7 @@ impl Connection {
                     buffered: bytes::BytesMut::new(),
                     first: vec![(request, request_id)],
                 };
-                self.hand_off(runtime, frames, write_half, session);
+                self.hand_off::<S>(runtime, frames, write_half, session);
                 return;
             }
             end => end,
@@ -762,8 +858,8 @@ enum Next {
     Error(FrameError),
 }
 
-async fn next_frame(
-    frames: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, AuthCodec>,
+async fn next_frame<R: AsyncRead + Unpin>(
+    frames: &mut FramedRead<R, AuthCodec>,
     idle_timeout: Option<Duration>,
 ) -> Next {
     let next = match idle_timeout {
@@ -782,8 +878,8 @@ async fn next_frame(
 
 /// Write encoded frames, batching small ones: flush only when the queue is
 /// momentarily empty. Large frames bypass the buffer (no extra copy).
-pub(crate) async fn write_frames(
-    write_half: OwnedWriteHalf,
+pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
+    write_half: W,
     mut rx: mpsc::Receiver<Bytes>,
     mut mac: Option<FrameMac>,
 ) -> io::Result<()> {
@@ -806,6 +902,8 @@ pub(crate) async fn write_frames(
 struct Outgoing {
     frames: VecDeque<Bytes>,
     mac: Option<FrameMac>,
+    /// Written to a stream that may buffer (TLS) and not flushed since.
+    unflushed: bool,
 }
 
 /// Frames per vectored write (well under IOV_MAX).
@@ -816,6 +914,7 @@ impl Outgoing {
         Outgoing {
             frames: VecDeque::new(),
             mac,
+            unflushed: false,
         }
     }
 
@@ -838,6 +937,11 @@ impl Outgoing {
         self.frames.is_empty()
     }
 
+    /// Frames queued, or written into a buffer (TLS records) not flushed.
+    fn wants_write(&self) -> bool {
+        !self.frames.is_empty() || self.unflushed
+    }
+
     /// Frames queued (a frame and its tag count once).
     fn len(&self) -> usize {
         if self.mac.is_some() {
@@ -847,40 +951,144 @@ impl Outgoing {
         }
     }
 
-    /// One vectored write of the queued frames (cancel-safe: the queue only
-    /// advances by what the kernel took).
-    async fn write_to(&mut self, socket: &mut OwnedWriteHalf) -> io::Result<()> {
-        let slices: Vec<IoSlice<'_>> = self
-            .frames
-            .iter()
-            .take(MAX_IOVECS)
-            .map(|frame| IoSlice::new(frame))
-            .collect();
-        let mut written = socket.write_vectored(&slices).await?;
-        drop(slices);
-        if written == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
-        }
-        while written > 0 {
-            let Some(front) = self.frames.front_mut() else {
-                break;
-            };
-            if written >= front.len() {
-                written -= front.len();
-                self.frames.pop_front();
-            } else {
-                let _ = front.split_to(written);
-                written = 0;
+    /// One vectored write of the queued frames, then a flush once the queue
+    /// is empty (cancel-safe: the queue only advances by what the stream
+    /// took; a flush cut short is retried, `unflushed` stays set). A plain
+    /// TCP socket's flush is a no-op that returns at once; a TLS stream's
+    /// pushes the records it buffered.
+    async fn write_to<W: AsyncWrite + Unpin>(&mut self, socket: &mut W) -> io::Result<()> {
+        if !self.frames.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .frames
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|frame| IoSlice::new(frame))
+                .collect();
+            let mut written = socket.write_vectored(&slices).await?;
+            drop(slices);
+            if written == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
             }
+            self.unflushed = true;
+            while written > 0 {
+                let Some(front) = self.frames.front_mut() else {
+                    break;
+                };
+                if written >= front.len() {
+                    written -= front.len();
+                    self.frames.pop_front();
+                } else {
+                    let _ = front.split_to(written);
+                    written = 0;
+                }
+            }
+        }
+        if self.frames.is_empty() && self.unflushed {
+            socket.flush().await?;
+            self.unflushed = false;
         }
         Ok(())
     }
 
-    async fn write_all_to(&mut self, socket: &mut OwnedWriteHalf) -> io::Result<()> {
-        while !self.is_empty() {
+    async fn write_all_to<W: AsyncWrite + Unpin>(&mut self, socket: &mut W) -> io::Result<()> {
+        while self.wants_write() {
             self.write_to(socket).await?;
         }
         Ok(())
+    }
+}
+
+/// A connection's byte stream (module docs: TLS): split into halves that
+/// one task reads and writes, and, for plain TCP only, joined back into
+/// the socket to move it to another runtime.
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Whether [`Transport::into_std`] can give the socket back.
+    const MOVABLE: bool;
+    fn split(self) -> (Self::Read, Self::Write);
+    fn into_std(read: Self::Read, write: Self::Write) -> io::Result<std::net::TcpStream>;
+}
+
+impl Transport for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    const MOVABLE: bool = true;
+
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+
+    fn into_std(read: Self::Read, write: Self::Write) -> io::Result<std::net::TcpStream> {
+        read.reunite(write)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(TcpStream::into_std)
+    }
+}
+
+type ServerTlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+impl Transport for ServerTlsStream {
+    type Read = tokio::io::ReadHalf<ServerTlsStream>;
+    type Write = tokio::io::WriteHalf<ServerTlsStream>;
+    const MOVABLE: bool = false;
+
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+
+    fn into_std(_: Self::Read, _: Self::Write) -> io::Result<std::net::TcpStream> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a TLS connection stays on its runtime",
+        ))
+    }
+}
+
+/// What came of a connection on a TLS listener.
+enum Accepted {
+    Tls(Box<ServerTlsStream>),
+    /// A plain-TCP client where TLS is optional.
+    Plain(TcpStream),
+    /// Closed by the peer before its first byte.
+    Closed,
+}
+
+/// Why a connection on a TLS listener was refused.
+struct TlsFailure {
+    reason: &'static str,
+    detail: String,
+}
+
+/// Tells a TLS client from a plain one by the first byte (module docs) and
+/// runs the TLS handshake for the former.
+async fn accept_tls(tls: &ServerTls, stream: TcpStream) -> Result<Accepted, TlsFailure> {
+    let mut first = [0u8; 1];
+    let peeked = stream.peek(&mut first).await.map_err(|e| TlsFailure {
+        reason: "handshake",
+        detail: format!("reading the first byte: {e}"),
+    })?;
+    if peeked == 0 {
+        return Ok(Accepted::Closed);
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        if tls.required {
+            return Err(TlsFailure {
+                reason: "plaintext",
+                detail: format!(
+                    "first byte {:#04x} is no TLS handshake, and this port requires TLS",
+                    first[0]
+                ),
+            });
+        }
+        return Ok(Accepted::Plain(stream));
+    }
+    match tls.acceptor.accept(stream).await {
+        Ok(stream) => Ok(Accepted::Tls(Box::new(stream))),
+        Err(error) => Err(TlsFailure {
+            reason: "handshake",
+            detail: error.to_string(),
+        }),
     }
 }
 

@@ -940,6 +940,7 @@ async fn paused_primary_is_fenced_on_resume() {
             probe_timeout: Duration::from_millis(500),
             failures_before_down: 2,
             auth: Some(head.member()),
+            tls: None,
         },
         LinkMetrics::unregistered(),
     );

@@ -37,6 +37,7 @@ fn client(unit: &TestUnit) -> LcpClient {
             probe_timeout: Duration::from_millis(300),
             failures_before_down: 2,
             auth: Some(unit.member()),
+            tls: None,
         },
     )
     .with_retries(5, Duration::from_millis(300))

@@ -2,13 +2,22 @@
 //! here wrote: `nbdinfo nbds://…` (libnbd, GnuTLS) and `qemu-io` with a
 //! `tls-creds-x509` object. Certificates come from `rackblock tls init` (or
 //! `rackblock up`) in a tempdir; every agent is stopped by pid.
+//!
+//! TLS on the head nodes' host port (the attach agent's link to the unit):
+//! an agent with `--unit-ca` writes and reads a volume through head nodes
+//! that require TLS there; a plain-TCP client is refused and counted; an
+//! agent trusting another CA fails with a certificate error. `rackblock up`
+//! runs its unit that way (`up_offers_tls_to_nbdinfo_and_qemu_io`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::{next_port, rackblock_bin, require_tool, run_tool, Daemon, RunningUnit, ToolOutput};
+use tests::{
+    http_get, next_port, rackblock_bin, require_tool, run_tool, Daemon, HeadNodeOptions,
+    RunningUnit, TestUnit, ToolOutput,
+};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -168,6 +177,19 @@ fn up_offers_tls_to_nbdinfo_and_qemu_io() {
             "read -P 0x5a 1048576 1048576",
         ],
     );
+    // The agent reached the head nodes over TLS: their host ports take
+    // nothing else (a plain-TCP frame is closed on and counted).
+    let rack = hardware::rack::Rack::load(unit.data_dir.join("rack.toml")).unwrap();
+    let head = &rack.head_node[0];
+    let host = head.host.unwrap();
+    assert!(plain_frame_is_closed_on(host), "{host} answered plain TCP");
+    let refused = wait_metric_at_least(
+        head.admin,
+        "rackblock_server_tls_handshake_failures_total",
+        &["port=\"host\"", "reason=\"plaintext\""],
+        1.0,
+    );
+    assert!(refused >= 1.0, "{refused}");
     // Offered, not required: the plain URI reads what went over TLS.
     let plain = run_tool(
         "qemu-io",
@@ -389,4 +411,248 @@ fn up_serves_the_zonal_api_over_https_to_curl_and_the_cli() {
         "rackblock up did not stop:\n{}",
         unit.log_text()
     );
+}
+
+/// Sum of the samples of `metric` whose labels include all of `labels`.
+fn metric_sum(admin: SocketAddr, metric: &str, labels: &[&str]) -> f64 {
+    let (_, text) = http_get(admin, "/metrics").expect("metrics");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// [`metric_sum`] once it reaches `at_least`, or its value after 10 s (a
+/// refusal is counted just after the connection closes).
+fn wait_metric_at_least(admin: SocketAddr, metric: &str, labels: &[&str], at_least: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = metric_sum(admin, metric, labels);
+        if value >= at_least || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends a valid Ping frame over plain TCP and reads until the server
+/// closes (bounded by 10 s): whether nothing came back.
+fn plain_frame_is_closed_on(address: SocketAddr) -> bool {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let frame = proto::Message::Ping { nonce: 7 }.to_frame(1, false);
+    stream.write_all(&frame).unwrap();
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => answer.is_empty(),
+        // Reset by the server: nothing came back either; a read timeout
+        // means it kept the connection open.
+        Err(error) => !matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Host-port TLS end to end (module docs): head nodes with
+/// `host_tls_required` and a certificate for their host ports' addresses
+/// from a local CA (`client::tls::issue`, what `rackblock tls issue` and
+/// `up` do); an agent attached with an operator-minted attachment and
+/// `--unit-ca` serves the volume, and qemu-io writes and reads it back
+/// through it. A plain-TCP host-port client is refused before any frame is
+/// handled and counted under `reason="plaintext"`; an agent trusting
+/// another CA does not start, and says why (the certificate).
+#[test]
+fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
+    require_tool("qemu-io", "qemu-utils");
+    let unit = TestUnit::build(
+        HeadNodeOptions {
+            count: 2,
+            ..HeadNodeOptions::default()
+        },
+        2,
+        "1+1",
+        256 << 20,
+        16 << 20,
+    );
+    let tls_dir = unit.dir.path().join("tls");
+    let files = client::tls::ensure(&tls_dir).unwrap();
+    let sans: Vec<String> = unit
+        .head_nodes
+        .iter()
+        .map(|h| h.host.ip().to_string())
+        .collect();
+    let issued = client::tls::issue(&tls_dir, "host", &sans, false).unwrap();
+    unit.append_head_node_config(&format!(
+        "host_tls_cert = \"{}\"\nhost_tls_key = \"{}\"\nhost_tls_required = true\n",
+        issued.cert.display(),
+        issued.key.display()
+    ));
+    let _sleds = unit.start_sleds();
+    let heads = unit.start_head_nodes();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let lcp = unit.lcp_client();
+        tests::register_volume(
+            &lcp,
+            local_control_plane::Command::RegisterVolume {
+                volume: 3,
+                name: "tlsvol".into(),
+                size_bytes: 16 << 20,
+                partition_size_bytes: 16 << 20,
+                k: 1,
+                m: 1,
+            },
+            Duration::from_secs(30),
+        )
+        .await;
+        lcp.close();
+    });
+    unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
+    let rack = unit.rack_path.to_str().unwrap().to_owned();
+    let attachment = unit.dir.path().join("tlsvol.attachment");
+    let attachment = attachment.to_str().unwrap().to_owned();
+    let minted = run_tool(
+        rackblock_bin().to_str().unwrap(),
+        &[
+            "attachment",
+            "create",
+            "3",
+            "--rack",
+            &rack,
+            "--host",
+            "h1",
+            "--out",
+            &attachment,
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(minted.status.success(), "{minted}");
+
+    // The agent over TLS: data written and read back through it.
+    let listen = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let listen_text = listen.to_string();
+    let ca = files.ca_cert.to_str().unwrap().to_owned();
+    let agent = Daemon::spawn(
+        "attach-tlsvol",
+        &[
+            "attach",
+            "tlsvol",
+            "--rack",
+            &rack,
+            "--attachment-file",
+            &attachment,
+            "--unit-ca",
+            &ca,
+            "--listen",
+            &listen_text,
+        ],
+        unit.dir.path(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client::nbd::server_greets(listen) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent does not serve:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let uri = format!("nbd://{listen}/tlsvol");
+    let io = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x3c 0 1048576",
+            "-c",
+            "write -P 0xc3 9437184 65536",
+            "-c",
+            "read -P 0x3c 0 1048576",
+            "-c",
+            "read -P 0xc3 9437184 65536",
+        ],
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        io.status.success() && !io.stdout.contains("failed") && !io.stderr.contains("error"),
+        "{io}\n{}",
+        agent.log_text()
+    );
+    // Served on the host port, which takes TLS only.
+    let served: f64 = unit
+        .head_nodes
+        .iter()
+        .map(|h| {
+            metric_sum(
+                h.admin,
+                "rackblock_server_requests_total",
+                &["port=\"host\""],
+            )
+        })
+        .sum();
+    assert!(served >= 2.0, "{served}");
+    drop(agent);
+
+    // A plain-TCP client: closed before its frame is read, and counted.
+    let head = &unit.head_nodes[0];
+    assert!(
+        plain_frame_is_closed_on(head.host),
+        "{} answered plain TCP",
+        head.host
+    );
+    let refused = wait_metric_at_least(
+        head.admin,
+        "rackblock_server_tls_handshake_failures_total",
+        &["port=\"host\"", "reason=\"plaintext\""],
+        1.0,
+    );
+    assert!(refused >= 1.0, "{refused}");
+
+    // An agent trusting another CA: no plain-TCP fallback, a clear error.
+    let other = client::tls::ensure(&unit.dir.path().join("other-ca")).unwrap();
+    let listen = SocketAddr::from(([127, 0, 0, 1], next_port())).to_string();
+    let foreign = run_tool(
+        rackblock_bin().to_str().unwrap(),
+        &[
+            "attach",
+            "tlsvol",
+            "--rack",
+            &rack,
+            "--attachment-file",
+            &attachment,
+            "--unit-ca",
+            other.ca_cert.to_str().unwrap(),
+            "--failover-timeout",
+            "5s",
+            "--listen",
+            &listen,
+        ],
+        Duration::from_secs(90),
+    );
+    assert!(!foreign.status.success(), "{foreign}");
+    assert!(
+        foreign.stderr.contains("certificate") && foreign.stderr.contains("TLS"),
+        "{foreign}"
+    );
+    let failed: f64 = unit
+        .head_nodes
+        .iter()
+        .map(|h| {
+            metric_sum(
+                h.admin,
+                "rackblock_server_tls_handshake_failures_total",
+                &["port=\"host\"", "reason=\"handshake\""],
+            )
+        })
+        .sum();
+    assert!(failed >= 1.0, "{failed}");
 }

@@ -465,6 +465,7 @@ impl TestUnit {
                 probe_timeout: Duration::from_millis(300),
                 failures_before_down: 2,
                 auth: Some(self.member()),
+                tls: None,
             },
         )
         .with_retries(10, Duration::from_millis(300))
@@ -945,6 +946,7 @@ pub fn up_command(dir: &Path, data_dir: &Path, log: &Path) -> Command {
         .env_remove("RACKBLOCK_TOKEN")
         .env_remove("RACKBLOCK_ZONAL")
         .env_remove("RACKBLOCK_ZONAL_CA")
+        .env_remove("RACKBLOCK_UNIT_CA")
         .env_remove("RACKBLOCK_RACK")
         .stdin(Stdio::null())
         .stdout(out)
@@ -1074,6 +1076,8 @@ impl RunningUnit {
             .current_dir(self.dir.path())
             .env("RACKBLOCK_ZONAL", format!("https://{}", self.ports.zonal))
             .env("RACKBLOCK_ZONAL_CA", self.ca_cert())
+            // The host ports require TLS under `up` (its CA signed them).
+            .env("RACKBLOCK_UNIT_CA", self.ca_cert())
             .env("RACKBLOCK_TOKEN", &self.token)
             .env("RACKBLOCK_RACK", self.data_dir.join("rack.toml"));
         command

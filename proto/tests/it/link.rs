@@ -20,6 +20,7 @@ fn config() -> LinkConfig {
         probe_timeout: Duration::from_millis(100),
         failures_before_down: 2,
         auth: None,
+        tls: None,
     }
 }
 
