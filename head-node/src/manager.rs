@@ -90,7 +90,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
 use hardware::{open_device, EngineChoice, FaultyDevice, OpenOptions, SharedDevice, TimedDevice};
-use local_control_plane::state::{Health, NodeId, UnitState};
+use local_control_plane::state::{CloneParent, Health, NodeId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -103,13 +103,16 @@ use proto::volume::{
     digests_equal, AttachmentCredential, AttachmentToken, HostError, HostOp, HostReply,
     HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, TokenDigest,
 };
+use proto::Message;
 use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::partition::{OpenRole, Partition, PartitionConfig, PartitionDeps, Role, SharedLog};
+use crate::partition::{
+    OpenRole, ParentSnapshot, Partition, PartitionConfig, PartitionDeps, PeerError, Role, SharedLog,
+};
 use crate::peers::{
     data_link_config, propose, sync_local_state, write_barrier, HeadNodeLinks, LcpExtents,
     ProposeError, SledLinks,
@@ -615,6 +618,8 @@ struct Desired {
     secondary: String,
     first_block: u64,
     size_blocks: u64,
+    /// A clone's parent snapshot.
+    parent: Option<CloneParent>,
 }
 
 fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, Desired> {
@@ -642,6 +647,7 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
                     secondary: p.secondary.0.clone(),
                     first_block: start / BLOCK_SIZE_BYTES,
                     size_blocks: size / BLOCK_SIZE_BYTES,
+                    parent: volume.parent,
                 },
             );
         }
@@ -835,6 +841,18 @@ impl PartitionManager {
         if !matches!(request.op, HostOp::SnapshotControl { .. }) {
             return HostReply::Error(HostError::BadRequest {
                 reason: format!("{} is not a snapshot control request", request.op.name()),
+            });
+        }
+        self.serve_primary(request).await
+    }
+
+    /// Answers another head node's read of a snapshot for a clone's
+    /// partition ([`HostOp::ReadSnapshot`] on the unit port, authenticated
+    /// head nodes only, with no attachment: see [`ParentReader`]).
+    pub async fn handle_parent_read(&self, request: HostRequest) -> HostReply {
+        if !matches!(request.op, HostOp::ReadSnapshot { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: format!("{} is not a snapshot read", request.op.name()),
             });
         }
         self.serve_primary(request).await
@@ -1398,6 +1416,12 @@ fn partition_setup(
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
     config.checkpoint_every_flushes = inner.config.checkpoint_every_flushes;
     config.checkpoint_interval = inner.config.checkpoint_interval;
+    config.parent = d.parent.map(|parent| {
+        Arc::new(ParentReader {
+            inner: Arc::downgrade(inner),
+            parent,
+        }) as Arc<dyn ParentSnapshot>
+    });
     let replica = (d.role == OpenRole::Primary).then(|| inner.heads.replica_peer(&d.secondary));
     let deps = PartitionDeps {
         log: inner.log.clone(),
@@ -1824,5 +1848,124 @@ mod tests {
         // The short last partition is opened whole (I/O is bounded by the
         // volume size instead), so a grow never reopens it.
         assert_eq!(blocks[&2], (2 * per, per));
+    }
+}
+
+/// A clone partition's [`ParentSnapshot`]: reads the parent snapshot from
+/// the primary of the parent volume's partition of the same index, looked
+/// up in this node's applied unit state at every read. That is this node's
+/// own partition when it is its primary (no network), else another head
+/// node over the unit port ([`HostOp::ReadSnapshot`] with no attachment,
+/// which only authenticated head nodes may send there). A failover of the
+/// parent's primary makes the read fail retryably (`NotPrimary`,
+/// unreachable) until this node's state names the new one; the clone's
+/// host read then fails `Unavailable` and the host's client resends it.
+#[derive(Debug)]
+struct ParentReader {
+    inner: std::sync::Weak<Inner>,
+    parent: CloneParent,
+}
+
+/// Bound on one read of a parent snapshot from another head node.
+const PARENT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ParentSnapshot for ParentReader {
+    fn read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, PeerError>> {
+        let inner = self.inner.upgrade();
+        let parent = self.parent;
+        Box::pin(async move {
+            let refused = |reason: String| PeerError::Refused {
+                peer: format!("parent volume {}", parent.volume),
+                reason,
+            };
+            let inner = inner.ok_or_else(|| refused("head node shutting down".into()))?;
+            // Where the parent's partition is, and how much of the range
+            // the parent volume has (a clone grown past its parent reads
+            // zeros there).
+            let found = inner.node.with_state(|state| {
+                let volume = state.volumes().get(&parent.volume)?;
+                let index = offset_bytes / volume.partition_size_bytes.max(1);
+                let entry = volume.partitions.get(usize::try_from(index).ok()?)?;
+                Some((
+                    entry.id,
+                    entry.epoch,
+                    entry.primary.clone(),
+                    volume.size_bytes,
+                ))
+            });
+            let len = u64::from(len_bytes);
+            let mut out = vec![0u8; len_bytes as usize];
+            let Some((id, epoch, primary, parent_size)) = found else {
+                if inner
+                    .node
+                    .with_state(|s| s.volumes().contains_key(&parent.volume))
+                {
+                    // Past the parent's last partition: zeros.
+                    return Ok(out.into());
+                }
+                return Err(refused("the parent volume is not in the unit state".into()));
+            };
+            let readable = parent_size.saturating_sub(offset_bytes).min(len);
+            if readable == 0 {
+                return Ok(out.into());
+            }
+            let readable = u32::try_from(readable).unwrap_or(len_bytes);
+            let request = HostRequest {
+                volume: id.volume,
+                partition: id.index,
+                epoch,
+                credential: AttachmentCredential {
+                    attachment: 0,
+                    token: AttachmentToken([0; 16]),
+                },
+                op: HostOp::ReadSnapshot {
+                    snapshot: parent.snapshot,
+                    offset_bytes,
+                    len_bytes: readable,
+                },
+            };
+            let reply = if primary == inner.me {
+                PartitionManager {
+                    inner: inner.clone(),
+                }
+                .serve_primary(request)
+                .await
+            } else {
+                let call = inner.heads.call(&primary.0, Message::Host(request), true);
+                match tokio::time::timeout(PARENT_READ_TIMEOUT, call).await {
+                    Ok(Ok(Message::HostReply(reply))) => reply,
+                    Ok(Ok(other)) => {
+                        return Err(refused(format!("unexpected answer {:?}", other.kind())))
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(PeerError::Timeout {
+                            peer: primary.0.clone(),
+                        })
+                    }
+                }
+            };
+            match reply {
+                HostReply::Data { data, crcs } => {
+                    if data.len() != readable as usize {
+                        return Err(refused(format!(
+                            "{} bytes for a read of {readable}",
+                            data.len()
+                        )));
+                    }
+                    if proto::volume::chunk_crcs(&data) != crcs {
+                        return Err(refused("a parent block failed its CRC".into()));
+                    }
+                    out[..data.len()].copy_from_slice(&data);
+                    Ok(out.into())
+                }
+                HostReply::Error(error) => Err(refused(error.to_string())),
+                other => Err(refused(format!("unexpected reply {other:?}"))),
+            }
+        })
     }
 }

@@ -288,6 +288,18 @@ pub enum Command {
     DeleteSnapshot {
         snapshot: crate::state::SnapshotId,
     },
+    /// Register volume `volume` named `name` as a writable clone of the
+    /// ready snapshot named `snapshot` of volume `parent`: the parent's
+    /// size, partition size and erasure code, placed like a new volume;
+    /// its unwritten blocks read as the snapshot's
+    /// ([`Outcome::VolumeRegistered`]). The snapshot cannot be deleted
+    /// while the clone depends on it.
+    RegisterClone {
+        volume: VolumeId,
+        name: String,
+        parent: VolumeId,
+        snapshot: String,
+    },
     /// Forget a deleted or aborted snapshot whose layers are dropped.
     PurgeSnapshot {
         snapshot: crate::state::SnapshotId,

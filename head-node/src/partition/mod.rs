@@ -121,7 +121,7 @@ pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
 pub use flush::{FlushReport, GcReport};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildTask};
-pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
+pub use seams::{ExtentGrant, ExtentSource, ParentSnapshot, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;
 use crate::index::Location;
@@ -171,6 +171,9 @@ pub struct PartitionConfig {
     /// ... or once this long passed since the last one and something was
     /// flushed since (zero: only by count; both zero: never).
     pub checkpoint_interval: Duration,
+    /// A clone's partition: where the blocks it never wrote are read from
+    /// (see [`ParentSnapshot`]); `None` for every other volume.
+    pub parent: Option<Arc<dyn ParentSnapshot>>,
 }
 
 impl PartitionConfig {
@@ -194,6 +197,7 @@ impl PartitionConfig {
             max_inflight_writes: 256,
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
+            parent: None,
         }
     }
 
@@ -292,6 +296,9 @@ pub struct RepairItem {
 pub struct PartitionMetrics {
     /// Snapshot cuts taken.
     pub snapshot_cuts: AtomicU64,
+    /// Runs of a clone's never-written blocks read from its parent
+    /// snapshot.
+    pub parent_reads: AtomicU64,
     /// Host writes acknowledged.
     pub writes: AtomicU64,
     /// Host reads answered.

@@ -12,9 +12,9 @@ use futures::future::BoxFuture;
 use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevice};
 use head_node::index::Location;
 use head_node::partition::{
-    CheckpointReport, ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig,
-    PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask, ReplicaPeer, Role,
-    SharedLog, SledAccess,
+    CheckpointReport, ExtentGrant, ExtentSource, OpenRole, ParentSnapshot, Partition,
+    PartitionConfig, PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask,
+    ReplicaPeer, Role, SharedLog, SledAccess,
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
@@ -2867,4 +2867,93 @@ async fn in_place_take_overs_hand_the_snapshots_over() {
     assert_eq!(ids, vec![7], "snapshots after the new epoch");
     check_snapshot(&unit, 7, &at_seven, "after the new epoch").await;
     check_all(&unit, &model, "live after the new epoch").await;
+}
+
+/// A clone's parent snapshot for the tests: volume block `b` is filled with
+/// `parent_byte(b)` (never zero), and every read is counted.
+#[derive(Debug)]
+struct PatternParent;
+
+static PARENT_READS: AtomicU64 = AtomicU64::new(0);
+
+fn parent_byte(volume_block: u64) -> u8 {
+    (volume_block % 250) as u8 + 1
+}
+
+impl ParentSnapshot for PatternParent {
+    fn read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>> {
+        PARENT_READS.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(offset_bytes % BLOCK, 0, "a parent read at {offset_bytes}");
+        assert_eq!(
+            u64::from(len_bytes) % BLOCK,
+            0,
+            "a parent read of {len_bytes}"
+        );
+        let first = offset_bytes / BLOCK;
+        let data: Vec<u8> = (first..first + u64::from(len_bytes) / BLOCK)
+            .flat_map(|b| std::iter::repeat_n(parent_byte(b), BLOCK as usize))
+            .collect();
+        Box::pin(async move { Ok(Bytes::from(data)) })
+    }
+}
+
+fn clone_of_pattern(c: &mut PartitionConfig) {
+    c.parent = Some(Arc::new(PatternParent));
+}
+
+/// A clone's partition reads its parent where it never wrote, its own data
+/// where it wrote (a partial block keeps the parent's rest), zeros where it
+/// trimmed (a tombstone, not a hole), before and after a flush and after a
+/// restart from the devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_reads_its_parent_where_it_never_wrote_and_zeros_where_it_trimmed() {
+    let size = 64;
+    let mut unit = Unit::new_tuned(size, clone_of_pattern).await;
+    let mut model = Model::zeroed(size);
+    for b in 0..size {
+        let at = (b * BLOCK) as usize;
+        model.0[at..at + BLOCK as usize].fill(parent_byte(FIRST_BLOCK + b));
+    }
+    check_all(&unit, &model, "untouched clone").await;
+    let before = PARENT_READS.load(Ordering::Relaxed);
+    // A whole block, a partial block (read-modify-write over the parent),
+    // a trim of two blocks.
+    unit.write(3, 0, vec![0xAA; BLOCK as usize]).await.unwrap();
+    model.0[(3 * BLOCK) as usize..(4 * BLOCK) as usize].fill(0xAA);
+    unit.write(5, 1024, vec![0xBB; 512]).await.unwrap();
+    model.0[(5 * BLOCK + 1024) as usize..(5 * BLOCK + 1536) as usize].fill(0xBB);
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 7) * BLOCK, (2 * BLOCK) as u32)
+        .await
+        .unwrap();
+    model.0[(7 * BLOCK) as usize..(9 * BLOCK) as usize].fill(0);
+    check_all(&unit, &model, "written clone").await;
+    assert!(PARENT_READS.load(Ordering::Relaxed) > before);
+    unit.primary.flush_now().await.unwrap();
+    check_all(&unit, &model, "flushed clone").await;
+    unit.write(9, 0, vec![0xCC; BLOCK as usize]).await.unwrap();
+    model.0[(9 * BLOCK) as usize..(10 * BLOCK) as usize].fill(0xCC);
+    unit.restart().await;
+    check_all(&unit, &model, "clone after a restart").await;
+    // A snapshot of the clone falls through to the parent as well.
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    unit.write(0, 0, vec![0xDD; BLOCK as usize]).await.unwrap();
+    let snap = unit
+        .primary
+        .read_snapshot(
+            Some(unit.epoch),
+            1,
+            FIRST_BLOCK * BLOCK,
+            (size * BLOCK) as u32,
+        )
+        .await
+        .unwrap();
+    model.check(&snap, 0, "snapshot of the clone");
 }

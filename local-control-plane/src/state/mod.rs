@@ -125,9 +125,9 @@ pub use reservations::{
 };
 pub use snapshots::{PartitionCut, SnapshotId, SnapshotRecord, SnapshotState};
 pub use types::{
-    Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
-    Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,
-    SledId, TokenDigest, Volume, VolumeId,
+    Attachment, AttachmentId, CloneParent, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch,
+    ErasureCode, Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId,
+    PathHealth, Sled, SledId, TokenDigest, Volume, VolumeId,
 };
 pub use volumes::{AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME};
 
@@ -432,6 +432,12 @@ impl UnitState {
             } => self.snapshot_cut(snapshot, cuts, pause_us),
             Command::AbortSnapshot { snapshot, reason } => self.abort_snapshot(snapshot, reason),
             Command::DeleteSnapshot { snapshot } => self.delete_snapshot(snapshot),
+            Command::RegisterClone {
+                volume,
+                name,
+                parent,
+                snapshot,
+            } => self.register_clone(volume, name, parent, &snapshot),
             Command::PurgeSnapshot { snapshot } => self.purge_snapshot(snapshot),
             Command::ReportPathFault {
                 endpoint,
@@ -707,6 +713,7 @@ impl UnitState {
                 partitions,
                 attachments: BTreeMap::new(),
                 qos: None,
+                parent: None,
             },
         );
         Ok(Outcome::VolumeRegistered { volume, placement })

@@ -24,10 +24,17 @@
 //!
 //! A volume with a snapshot that is not purged cannot be deleted
 //! (`DeleteVolume` is refused): its layers live in the volume's partitions.
+//!
+//! **Clones.** `RegisterClone` makes a new volume whose record names its
+//! parent ([`CloneParent`]: a ready snapshot of a live volume of the
+//! same size, partition size and code); head nodes read the blocks the
+//! clone never wrote from the parent snapshot's partition of the same
+//! index. `DeleteSnapshot` of a snapshot a live clone names is refused
+//! ([`CommandError::SnapshotHasClones`]); deleting the clone frees it.
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Epoch, PartitionId, VolumeId};
+use super::types::{CloneParent, Epoch, PartitionId, VolumeId};
 use super::UnitState;
 use crate::command::Outcome;
 use crate::error::CommandError;
@@ -221,7 +228,54 @@ impl UnitState {
         }
     }
 
+    /// The live volumes that are clones of snapshot `id`, by id.
+    pub fn clones_of(&self, id: SnapshotId) -> Vec<VolumeId> {
+        self.volumes
+            .values()
+            .filter(|v| v.parent.is_some_and(|p| p.snapshot == id))
+            .map(|v| v.id)
+            .collect()
+    }
+
+    pub(super) fn register_clone(
+        &mut self,
+        volume: VolumeId,
+        name: String,
+        parent: VolumeId,
+        snapshot: &str,
+    ) -> Result<Outcome, CommandError> {
+        let source = self.live_volume(parent)?;
+        let (size_bytes, partition_size_bytes, code) =
+            (source.size_bytes, source.partition_size_bytes, source.code);
+        let record = self
+            .snapshot_named(parent, snapshot)
+            .filter(|s| s.state == SnapshotState::Ready)
+            .ok_or_else(|| {
+                CommandError::invalid(format!(
+                    "volume {parent} has no ready snapshot named {snapshot:?}"
+                ))
+            })?;
+        let snapshot_id = record.id;
+        let outcome = self.register_volume(volume, name, size_bytes, partition_size_bytes, code)?;
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        entry.parent = Some(CloneParent {
+            volume: parent,
+            snapshot: snapshot_id,
+        });
+        Ok(outcome)
+    }
+
     pub(super) fn delete_snapshot(&mut self, id: SnapshotId) -> Result<Outcome, CommandError> {
+        let clones = self.clones_of(id);
+        if !clones.is_empty() {
+            return Err(CommandError::SnapshotHasClones {
+                snapshot: id,
+                clones,
+            });
+        }
         let record = self.snapshot_mut(id)?;
         match record.state {
             SnapshotState::Ready => {
@@ -253,6 +307,19 @@ impl UnitState {
     /// Snapshot invariants: ids below the next id, volumes sorted and
     /// live, a ready snapshot has exactly one cut per partition.
     pub(super) fn check_snapshots(&self) -> Result<(), String> {
+        for v in self.volumes.values() {
+            if let Some(parent) = v.parent {
+                let ready = self.snapshots.get(&parent.snapshot).is_some_and(|s| {
+                    s.state == SnapshotState::Ready && s.volumes.contains(&parent.volume)
+                });
+                if !ready {
+                    return Err(format!(
+                        "clone {} of snapshot {} of volume {}, which is not ready",
+                        v.id, parent.snapshot, parent.volume
+                    ));
+                }
+            }
+        }
         for (id, s) in &self.snapshots {
             if s.id != *id || *id >= self.next_snapshot_id.max(1) {
                 return Err(format!("snapshot {id} misfiled or above the next id"));
@@ -435,6 +502,82 @@ mod tests {
         // An aborted snapshot is purged (after its partial cuts are dropped).
         ok(&mut state, Command::PurgeSnapshot { snapshot: id });
         assert!(state.snapshots().is_empty());
+    }
+
+    #[test]
+    fn a_clone_pins_its_parent_snapshot_until_it_is_deleted() {
+        let mut state = unit();
+        let id = created(&mut state, create("base", vec![1]));
+        let clone = |name: &str| Command::RegisterClone {
+            volume: 7,
+            name: name.into(),
+            parent: 1,
+            snapshot: "base".into(),
+        };
+        // Not ready yet: no clone.
+        refused(&mut state, clone("c"));
+        let cuts = cuts_of(&state, &[1]);
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        // Unknown parent or snapshot name.
+        refused(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 9,
+                snapshot: "base".into(),
+            },
+        );
+        refused(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 1,
+                snapshot: "other".into(),
+            },
+        );
+        ok(&mut state, clone("c"));
+        let (parent, child) = (&state.volumes()[&1], &state.volumes()[&7]);
+        assert_eq!(
+            (child.size_bytes, child.partition_size_bytes, child.code),
+            (parent.size_bytes, parent.partition_size_bytes, parent.code)
+        );
+        assert_eq!(
+            child.parent,
+            Some(CloneParent {
+                volume: 1,
+                snapshot: id
+            })
+        );
+        assert_eq!(state.clones_of(id), vec![7]);
+        // The snapshot stays while the clone reads from it (typed error).
+        assert_eq!(
+            refused(&mut state, Command::DeleteSnapshot { snapshot: id }),
+            CommandError::SnapshotHasClones {
+                snapshot: id,
+                clones: vec![7]
+            }
+        );
+        // The same id again is refused like any volume's.
+        refused(&mut state, clone("c2"));
+        ok(
+            &mut state,
+            Command::DeleteVolume {
+                volume: 7,
+                force: true,
+                now_ms: 2000,
+            },
+        );
+        assert!(state.clones_of(id).is_empty());
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
     }
 
     #[test]

@@ -199,6 +199,20 @@ pub struct Volume {
     /// JSON, so their snapshots do not change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<proto::qos::VolumeQos>,
+    /// A clone's parent snapshot (`RegisterClone`): the blocks the clone
+    /// never wrote read as the parent snapshot's (see `state::snapshots`,
+    /// clones). Absent from volumes that are not clones, so their JSON
+    /// does not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<CloneParent>,
+}
+
+/// Where a clone's unwritten blocks read from: snapshot `snapshot` of
+/// volume `volume`, of the same size and partition size as the clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneParent {
+    pub volume: VolumeId,
+    pub snapshot: u64,
 }
 
 /// A volume being deleted: out of every map and placement, its partitions
