@@ -139,7 +139,7 @@ fn record_line(record: &SnapshotRecord) -> String {
     line
 }
 
-async fn propose(rack: &RackArg, command: Command) -> Result<Outcome, CliError> {
+pub(crate) async fn propose(rack: &RackArg, command: Command) -> Result<Outcome, CliError> {
     let loaded = rack.load()?;
     let client = unit::client(&loaded, rack.credential());
     let result = client.command(command).await;

@@ -139,6 +139,9 @@ pub enum CommandError {
         snapshot: u64,
         clones: Vec<VolumeId>,
     },
+    /// A volume being rolled back to a snapshot takes no attachment.
+    #[error("volume {volume} is being rolled back to snapshot {snapshot}")]
+    VolumeRollingBack { volume: VolumeId, snapshot: u64 },
     /// Volumes only grow.
     #[error(
         "volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported"
@@ -196,6 +199,7 @@ impl CommandError {
             CommandError::InvalidQos { .. } => "invalid_qos",
             CommandError::ReservationVersion { .. } => "reservation_version",
             CommandError::SnapshotHasClones { .. } => "snapshot_has_clones",
+            CommandError::VolumeRollingBack { .. } => "volume_rolling_back",
         }
     }
 

@@ -2957,3 +2957,166 @@ async fn a_clone_reads_its_parent_where_it_never_wrote_and_zeros_where_it_trimme
         .unwrap();
     model.check(&snap, 0, "snapshot of the clone");
 }
+
+/// A flatten copies every block a clone never wrote from its parent while
+/// the host writes (one writer, random blocks, so the model knows each
+/// block's last write): no host write is overwritten by the copy, a
+/// trimmed block stays zeros, and afterwards the partition reads the same
+/// without its parent (reopened from the devices with none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flatten_under_writes_copies_only_unwritten_blocks() {
+    let size = 512;
+    let unit = Unit::new_tuned(size, clone_of_pattern).await;
+    let mut model = Model::zeroed(size);
+    for b in 0..size {
+        let at = (b * BLOCK) as usize;
+        model.0[at..at + BLOCK as usize].fill(parent_byte(FIRST_BLOCK + b));
+    }
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 40) * BLOCK, (8 * BLOCK) as u32)
+        .await
+        .unwrap();
+    model.0[(40 * BLOCK) as usize..(48 * BLOCK) as usize].fill(0);
+    assert_eq!(unit.primary.parent_blocks(), size - 8);
+    let unit = Arc::new(unit);
+    let writer = {
+        let unit = unit.clone();
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(17);
+            let mut writes = Vec::new();
+            for i in 0..300u32 {
+                let block = rng.random_range(0..size);
+                let fill = 0x80 | (i % 0x7f) as u8;
+                unit.write(block, 0, vec![fill; BLOCK as usize])
+                    .await
+                    .unwrap();
+                writes.push((block, fill));
+            }
+            writes
+        })
+    };
+    // Small steps, so copies and host writes interleave.
+    let mut cursor = 0;
+    let mut copied = 0;
+    let mut passes = 0;
+    loop {
+        let step = unit
+            .primary
+            .flatten_step(unit.epoch, cursor, 3)
+            .await
+            .unwrap();
+        copied += step.copied_blocks;
+        match step.next {
+            Some(next) => cursor = next,
+            None if unit.primary.parent_blocks() == 0 => break,
+            None => {
+                cursor = 0;
+                passes += 1;
+                assert!(passes < 10, "flatten does not converge");
+            }
+        }
+    }
+    let writes = writer.await.unwrap();
+    for (block, fill) in writes {
+        model.0[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(fill);
+    }
+    assert!(copied > 0 && copied <= size - 8, "copied {copied}");
+    assert_eq!(unit.primary.parent_blocks(), 0);
+    check_all(&unit, &model, "flattened clone").await;
+    // A step with nothing left copies nothing.
+    let idle = unit.primary.flatten_step(unit.epoch, 0, 64).await.unwrap();
+    assert_eq!((idle.copied_blocks, idle.next), (0, None));
+    // Without its parent, after a flush and a restart, the same content.
+    unit.primary.flush_now().await.unwrap();
+    let mut unit = Arc::into_inner(unit).unwrap();
+    unit.tune = no_tuning;
+    unit.restart().await;
+    check_all(&unit, &model, "flattened clone without its parent").await;
+}
+
+/// Rolling a partition back to a snapshot: the live blocks read as the
+/// snapshot (written blocks, a trim, never-written blocks), a later
+/// snapshot keeps its content, a step resumed from an earlier cursor
+/// changes nothing, and all of it survives a flush and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_restores_a_snapshot_and_keeps_the_later_one() {
+    let size = 96;
+    let mut unit = Unit::new(size).await;
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut a = Model::zeroed(size);
+    // A: the first 64 blocks (the rest never written).
+    let data = pattern(&mut rng, (64 * BLOCK) as usize);
+    unit.write(0, 0, data.clone()).await.unwrap();
+    a.0[..data.len()].copy_from_slice(&data);
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // B: overwrites, a write past A, a trim.
+    let mut b = Model(a.0.clone());
+    for (block, fill) in [(3u64, 0xb1u8), (70, 0xb2)] {
+        unit.write(block, 0, vec![fill; BLOCK as usize])
+            .await
+            .unwrap();
+        b.0[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(fill);
+    }
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 10) * BLOCK, (4 * BLOCK) as u32)
+        .await
+        .unwrap();
+    b.0[(10 * BLOCK) as usize..(14 * BLOCK) as usize].fill(0);
+    unit.primary.flush_now().await.unwrap();
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 2, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // C after the second snapshot.
+    unit.write(20, 0, vec![0xc1; (8 * BLOCK) as usize])
+        .await
+        .unwrap();
+    let read_snap = |unit: &Unit, id: u64| {
+        let primary = unit.primary.clone();
+        let epoch = unit.epoch;
+        async move {
+            primary
+                .read_snapshot(Some(epoch), id, FIRST_BLOCK * BLOCK, (size * BLOCK) as u32)
+                .await
+                .unwrap()
+        }
+    };
+    let mut cursor = Some(0);
+    let mut steps = 0;
+    while let Some(at) = cursor {
+        cursor = unit
+            .primary
+            .rollback_step(unit.epoch, 1, at, 7)
+            .await
+            .unwrap();
+        steps += 1;
+        assert!(steps < 100);
+    }
+    check_all(&unit, &a, "rolled back to snapshot 1").await;
+    b.check(
+        &read_snap(&unit, 2).await,
+        0,
+        "snapshot 2 after the rollback",
+    );
+    a.check(
+        &read_snap(&unit, 1).await,
+        0,
+        "snapshot 1 after the rollback",
+    );
+    // Resumed from the start (a failover before the cursor was recorded).
+    assert_eq!(
+        unit.primary
+            .rollback_step(unit.epoch, 1, 0, 64)
+            .await
+            .unwrap(),
+        Some(64)
+    );
+    check_all(&unit, &a, "a resumed rollback").await;
+    unit.primary.flush_now().await.unwrap();
+    unit.restart().await;
+    check_all(&unit, &a, "rolled back, after a restart").await;
+    b.check(&read_snap(&unit, 2).await, 0, "snapshot 2 after a restart");
+}
