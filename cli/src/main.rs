@@ -19,6 +19,7 @@
 mod agents;
 mod attach;
 mod attachment;
+mod clone;
 mod device;
 mod error;
 mod http;
@@ -162,6 +163,12 @@ enum VolumeCommand {
     Delete(ops::DeleteArgs),
     /// Remove an attachment left by an attach agent that was killed.
     Detach(ops::DetachArgs),
+    /// Copy every block a clone never wrote from its parent snapshot in
+    /// the background (rate-limited), so the snapshot can be deleted.
+    Flatten(clone::FlattenArgs),
+    /// Give a detached volume a snapshot's content (refused while
+    /// attached; later snapshots keep theirs); waits for the end.
+    Rollback(clone::RollbackArgs),
     /// Register a volume with the unit and print its partition map
     /// (temporary operator verb: the zonal control plane does this later).
     Register(unit::RegisterArgs),
@@ -469,6 +476,15 @@ fn main() -> ExitCode {
                 "volume detach",
                 ops::volume_detach(&cli.global, &args).await,
             ),
+            Command::Volume {
+                command: VolumeCommand::Rollback(args),
+            } => ops::finish(
+                "volume rollback",
+                clone::rollback(&cli.global, &args).await,
+            ),
+            Command::Volume {
+                command: VolumeCommand::Flatten(args),
+            } => ops::finish("volume flatten", clone::flatten(&cli.global, &args).await),
             Command::Snapshot { command } => match command {
                 SnapshotCommand::Create(args) => ops::finish(
                     "snapshot create",

@@ -184,9 +184,15 @@ pub fn finish(verb: &str, result: Result<(), CliError>) -> ExitCode {
 pub struct CreateArgs {
     /// Volume name: letters, digits, '.', '_', '-'.
     pub name: String,
-    /// Size: 4GiB, 512MiB, or bytes; a positive multiple of 4096.
-    #[arg(long)]
-    pub size: String,
+    /// Size: 4GiB, 512MiB, or bytes; a positive multiple of 4096 (a
+    /// clone's is its parent's).
+    #[arg(long, required_unless_present = "from_snapshot")]
+    pub size: Option<String>,
+    /// A writable clone of snapshot SNAP of volume VOL (`VOL@SNAP`), in
+    /// VOL's unit with VOL's size, partition size and code: it reads as
+    /// the snapshot until written (`volume flatten` copies the rest).
+    #[arg(long, value_name = "VOL@SNAP", conflicts_with_all = ["code", "partition_size"])]
+    pub from_snapshot: Option<String>,
     /// Erasure code "k+m" of the volume's extents.
     #[arg(long, default_value = "4+2")]
     pub code: String,
@@ -367,8 +373,12 @@ pub struct ResizeArgs {
 }
 
 fn volume_line(v: &Value) -> String {
+    let clone = match v.get("from_snapshot").and_then(Value::as_str) {
+        Some(source) => format!(", clone of {source}"),
+        None => String::new(),
+    };
     format!(
-        "volume {} (id {}): {}, code {}, partitions of {}, unit {}, {}",
+        "volume {} (id {}): {}, code {}, partitions of {}, unit {}, {}{clone}",
         field_str(v, "name"),
         field_u64(v, "id"),
         human_bytes(field_u64(v, "size_bytes")),
@@ -387,14 +397,22 @@ fn attachments(v: &Value) -> Vec<Value> {
 }
 
 pub async fn volume_create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliError> {
-    let size_bytes = parse_block_size("--size", &args.size)?;
-    let code = zonal_control_plane::model::ErasureCode::parse(&args.code)
-        .map_err(|e| CliError::Usage(format!("--code: {e}")))?;
-    let mut body = json!({
-        "name": args.name,
-        "size_bytes": size_bytes,
-        "erasure_code": code.to_string(),
-    });
+    let mut body = json!({ "name": args.name });
+    if let Some(text) = &args.size {
+        body["size_bytes"] = json!(parse_block_size("--size", text)?);
+    }
+    match &args.from_snapshot {
+        Some(source) => {
+            zonal_control_plane::model::SnapshotSource::parse(source)
+                .map_err(|e| CliError::Usage(format!("--from-snapshot: {}", e.reason)))?;
+            body["from_snapshot"] = json!(source);
+        }
+        None => {
+            let code = zonal_control_plane::model::ErasureCode::parse(&args.code)
+                .map_err(|e| CliError::Usage(format!("--code: {e}")))?;
+            body["erasure_code"] = json!(code.to_string());
+        }
+    }
     if let Some(text) = &args.partition_size {
         let bytes = parse_block_size("--partition-size", text)?;
         body["partition_size_bytes"] = json!(bytes);

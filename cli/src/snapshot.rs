@@ -210,7 +210,7 @@ async fn usage(rack: &RackArg, volume: u64) -> Option<BTreeMap<u64, SnapshotSpac
     }
 }
 
-async fn propose(rack: &RackArg, command: Command) -> Result<Outcome, CliError> {
+pub(crate) async fn propose(rack: &RackArg, command: Command) -> Result<Outcome, CliError> {
     let loaded = rack.load()?;
     let client = unit::client(&loaded, rack.credential());
     let result = client.command(command).await;

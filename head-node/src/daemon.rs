@@ -169,6 +169,15 @@ impl Handler for HeadNodeHandler {
                     // unit_port_allows: operators and head nodes.
                     Message::HostReply(manager.handle_snapshot_query(request).await)
                 }
+                Message::Host(request)
+                    if matches!(request.op, proto::volume::HostOp::ReadSnapshot { .. })
+                        && request.credential.attachment == 0 =>
+                {
+                    // A clone's primary reading its parent snapshot
+                    // (manager::ParentReader); unit_port_allows: only head
+                    // nodes send host kinds here.
+                    Message::HostReply(manager.handle_parent_read(request).await)
+                }
                 Message::Host(request) => Message::HostReply(manager.handle_host(request).await),
                 Message::Replica(request) => {
                     Message::ReplicaReply(manager.handle_replica(request).await)

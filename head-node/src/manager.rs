@@ -103,7 +103,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hardware::rack::Rack;
 use hardware::{open_device, EngineChoice, FaultyDevice, OpenOptions, SharedDevice, TimedDevice};
-use local_control_plane::state::{Health, NodeId, SledId, UnitState};
+use local_control_plane::state::{CloneParent, Health, NodeId, SledId, UnitState};
 use local_control_plane::{Command, LcpNode, Outcome};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -116,13 +116,16 @@ use proto::volume::{
     digests_equal, AttachmentCredential, AttachmentToken, HostError, HostOp, HostReply,
     HostRequest, NodeHint, ReplicaError, ReplicaReply, ReplicaRequest, SnapshotAction, TokenDigest,
 };
+use proto::Message;
 use proto::BLOCK_SIZE_BYTES;
 use serde::Serialize;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::partition::{OpenRole, Partition, PartitionConfig, PartitionDeps, Role, SharedLog};
+use crate::partition::{
+    OpenRole, ParentSnapshot, Partition, PartitionConfig, PartitionDeps, PeerError, Role, SharedLog,
+};
 use crate::peers::{
     data_link_config, propose, sync_local_state, write_barrier, HeadNodeLinks, LcpExtents,
     ProposeError, SledLinks,
@@ -254,6 +257,13 @@ struct Hosted {
     flushes_failed: AtomicU64,
     /// A take-over to a new primary epoch was started (logged once).
     promotion_pending: AtomicBool,
+    /// Primary of a flattening clone: its flatten task runs.
+    flattening: AtomicBool,
+    /// Primary of a volume being rolled back: its rollback task runs.
+    rolling_back: AtomicBool,
+    /// Blocks still read from the clone's parent, as the flatten task
+    /// last counted them (`u64::MAX`: not counted).
+    flatten_remaining: AtomicU64,
 }
 
 impl Hosted {
@@ -297,6 +307,8 @@ struct ManagerMetrics {
     snapshots: Family<PartitionLabels, Gauge>,
     snapshot_pinned_blocks: Family<PartitionLabels, Gauge>,
     snapshot_cuts: Family<PartitionLabels, Gauge>,
+    flatten_remaining_blocks: Family<PartitionLabels, Gauge>,
+    flattened_blocks: Family<PartitionLabels, Gauge>,
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
@@ -317,7 +329,17 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 20] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 22] = [
+            (
+                "rackblock_partition_flatten_remaining_blocks",
+                "Flattening clone: blocks still read from the parent snapshot (-1: not counted yet)",
+                &m.flatten_remaining_blocks,
+            ),
+            (
+                "rackblock_partition_flattened_blocks",
+                "Blocks a flatten copied from the parent snapshot as primary since open",
+                &m.flattened_blocks,
+            ),
             (
                 "rackblock_partition_role",
                 "1 primary, 2 secondary, 3 fenced",
@@ -475,8 +497,10 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 20] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 22] {
         [
+            &self.flatten_remaining_blocks,
+            &self.flattened_blocks,
             &self.snapshots,
             &self.snapshot_pinned_blocks,
             &self.snapshot_cuts,
@@ -545,6 +569,11 @@ pub struct PartitionStatus {
     pub snapshot_pinned_blocks: u64,
     /// Snapshot cuts taken as primary since open.
     pub snapshot_cuts: u64,
+    /// A flattening clone's primary: blocks still read from the parent
+    /// (as last counted), and blocks copied since open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flatten_remaining_blocks: Option<u64>,
+    pub flattened_blocks: u64,
 }
 
 /// Why this head node's write log failed (`/status`).
@@ -631,6 +660,8 @@ struct Desired {
     secondary: String,
     first_block: u64,
     size_blocks: u64,
+    /// A clone's parent snapshot.
+    parent: Option<CloneParent>,
 }
 
 fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, Desired> {
@@ -658,6 +689,7 @@ fn desired_partitions(state: &UnitState, me: &NodeId) -> BTreeMap<PartitionId, D
                     secondary: p.secondary.0.clone(),
                     first_block: start / BLOCK_SIZE_BYTES,
                     size_blocks: size / BLOCK_SIZE_BYTES,
+                    parent: volume.parent,
                 },
             );
         }
@@ -888,6 +920,18 @@ impl PartitionManager {
         ) {
             return HostReply::Error(HostError::BadRequest {
                 reason: format!("{} is not a snapshot query", request.op.name()),
+            });
+        }
+        self.serve_primary(request).await
+    }
+
+    /// Answers another head node's read of a snapshot for a clone's
+    /// partition ([`HostOp::ReadSnapshot`] on the unit port, authenticated
+    /// head nodes only, with no attachment: see [`ParentReader`]).
+    pub async fn handle_parent_read(&self, request: HostRequest) -> HostReply {
+        if !matches!(request.op, HostOp::ReadSnapshot { .. }) {
+            return HostReply::Error(HostError::BadRequest {
+                reason: format!("{} is not a snapshot read", request.op.name()),
             });
         }
         self.serve_primary(request).await
@@ -1205,6 +1249,9 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         snapshots: snapshots.len(),
         snapshot_pinned_blocks: snapshots.iter().map(|s| s.pinned_blocks).sum(),
         snapshot_cuts: get(&m.snapshot_cuts),
+        flatten_remaining_blocks: Some(h.flatten_remaining.load(Ordering::Relaxed))
+            .filter(|left| *left != u64::MAX),
+        flattened_blocks: get(&m.flattened_blocks),
     }
 }
 
@@ -1252,6 +1299,11 @@ fn update_metrics(inner: &Inner) {
             (&m.snapshots, i64::try_from(s.snapshots).unwrap_or(i64::MAX)),
             (&m.snapshot_pinned_blocks, as_i64(s.snapshot_pinned_blocks)),
             (&m.snapshot_cuts, as_i64(s.snapshot_cuts)),
+            (
+                &m.flatten_remaining_blocks,
+                s.flatten_remaining_blocks.map_or(-1, as_i64),
+            ),
+            (&m.flattened_blocks, as_i64(s.flattened_blocks)),
             (
                 &m.repair_queue,
                 i64::try_from(s.repair_queue).unwrap_or(i64::MAX),
@@ -1365,6 +1417,9 @@ async fn reconcile(inner: &Arc<Inner>) {
     )
     .await;
 
+    start_flattens(inner, &state);
+    start_rollbacks(inner, &state);
+
     // Open what is ours and not hosted.
     let missing: Vec<(PartitionId, Desired)> = {
         let hosted = read(&inner.hosted);
@@ -1460,6 +1515,12 @@ fn partition_setup(
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
     config.checkpoint_every_flushes = inner.config.checkpoint_every_flushes;
     config.checkpoint_interval = inner.config.checkpoint_interval;
+    config.parent = d.parent.map(|parent| {
+        Arc::new(ParentReader {
+            inner: Arc::downgrade(inner),
+            parent,
+        }) as Arc<dyn ParentSnapshot>
+    });
     let replica = (d.role == OpenRole::Primary).then(|| inner.heads.replica_peer(&d.secondary));
     let deps = PartitionDeps {
         log: inner.log.clone(),
@@ -1482,6 +1543,9 @@ fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Par
         cancel: inner.shutdown.child_token(),
         flushes_failed: AtomicU64::new(0),
         promotion_pending: AtomicBool::new(false),
+        flattening: AtomicBool::new(false),
+        rolling_back: AtomicBool::new(false),
+        flatten_remaining: AtomicU64::new(u64::MAX),
     });
     let mut all = write(&inner.hosted);
     if inner.out_of_service.load(Ordering::Acquire) {
@@ -1953,4 +2017,321 @@ mod tests {
         // volume size instead), so a grow never reopens it.
         assert_eq!(blocks[&2], (2 * per, per));
     }
+}
+
+/// A clone partition's [`ParentSnapshot`]: reads the parent snapshot from
+/// the primary of the parent volume's partition of the same index, looked
+/// up in this node's applied unit state at every read. That is this node's
+/// own partition when it is its primary (no network), else another head
+/// node over the unit port ([`HostOp::ReadSnapshot`] with no attachment,
+/// which only authenticated head nodes may send there). A failover of the
+/// parent's primary makes the read fail retryably (`NotPrimary`,
+/// unreachable) until this node's state names the new one; the clone's
+/// host read then fails `Unavailable` and the host's client resends it.
+#[derive(Debug)]
+struct ParentReader {
+    inner: std::sync::Weak<Inner>,
+    parent: CloneParent,
+}
+
+/// Bound on one read of a parent snapshot from another head node.
+const PARENT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl ParentSnapshot for ParentReader {
+    fn read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> futures::future::BoxFuture<'static, Result<bytes::Bytes, PeerError>> {
+        let inner = self.inner.upgrade();
+        let parent = self.parent;
+        Box::pin(async move {
+            let refused = |reason: String| PeerError::Refused {
+                peer: format!("parent volume {}", parent.volume),
+                reason,
+            };
+            let inner = inner.ok_or_else(|| refused("head node shutting down".into()))?;
+            // Where the parent's partition is, and how much of the range
+            // the parent volume has (a clone grown past its parent reads
+            // zeros there).
+            let found = inner.node.with_state(|state| {
+                let volume = state.volumes().get(&parent.volume)?;
+                let index = offset_bytes / volume.partition_size_bytes.max(1);
+                let entry = volume.partitions.get(usize::try_from(index).ok()?)?;
+                Some((
+                    entry.id,
+                    entry.epoch,
+                    entry.primary.clone(),
+                    volume.size_bytes,
+                ))
+            });
+            let len = u64::from(len_bytes);
+            let mut out = vec![0u8; len_bytes as usize];
+            let Some((id, epoch, primary, parent_size)) = found else {
+                if inner
+                    .node
+                    .with_state(|s| s.volumes().contains_key(&parent.volume))
+                {
+                    // Past the parent's last partition: zeros.
+                    return Ok(out.into());
+                }
+                return Err(refused("the parent volume is not in the unit state".into()));
+            };
+            let readable = parent_size.saturating_sub(offset_bytes).min(len);
+            if readable == 0 {
+                return Ok(out.into());
+            }
+            let readable = u32::try_from(readable).unwrap_or(len_bytes);
+            let request = HostRequest {
+                volume: id.volume,
+                partition: id.index,
+                epoch,
+                credential: AttachmentCredential {
+                    attachment: 0,
+                    token: AttachmentToken([0; 16]),
+                },
+                op: HostOp::ReadSnapshot {
+                    snapshot: parent.snapshot,
+                    offset_bytes,
+                    len_bytes: readable,
+                },
+            };
+            let reply = if primary == inner.me {
+                PartitionManager {
+                    inner: inner.clone(),
+                }
+                .serve_primary(request)
+                .await
+            } else {
+                let call = inner.heads.call(&primary.0, Message::Host(request), true);
+                match tokio::time::timeout(PARENT_READ_TIMEOUT, call).await {
+                    Ok(Ok(Message::HostReply(reply))) => reply,
+                    Ok(Ok(other)) => {
+                        return Err(refused(format!("unexpected answer {:?}", other.kind())))
+                    }
+                    Ok(Err(error)) => return Err(error),
+                    Err(_) => {
+                        return Err(PeerError::Timeout {
+                            peer: primary.0.clone(),
+                        })
+                    }
+                }
+            };
+            match reply {
+                HostReply::Data { data, crcs } => {
+                    if data.len() != readable as usize {
+                        return Err(refused(format!(
+                            "{} bytes for a read of {readable}",
+                            data.len()
+                        )));
+                    }
+                    if proto::volume::chunk_crcs(&data) != crcs {
+                        return Err(refused("a parent block failed its CRC".into()));
+                    }
+                    out[..data.len()].copy_from_slice(&data);
+                    Ok(out.into())
+                }
+                HostReply::Error(error) => Err(refused(error.to_string())),
+                other => Err(refused(format!("unexpected reply {other:?}"))),
+            }
+        })
+    }
+}
+
+/// Blocks one flatten step copies at most (1 MiB).
+const FLATTEN_STEP_BLOCKS: u64 = 256;
+/// How often a flatten task reports its progress to the control plane.
+const FLATTEN_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after a flatten step that failed (parent unreachable, no lease).
+const FLATTEN_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts the flatten task of every primary here whose volume the control
+/// plane flattens and that has none running.
+fn start_flattens(inner: &Arc<Inner>, state: &UnitState) {
+    let hosted: Vec<Arc<Hosted>> = read(&inner.hosted).values().cloned().collect();
+    for h in hosted {
+        let id = h.partition.id();
+        let flattening = state
+            .volumes()
+            .get(&id.volume)
+            .is_some_and(|v| v.flatten.is_some());
+        if flattening
+            && h.role == OpenRole::Primary
+            && h.partition.is_clone()
+            && !h.flattening.swap(true, Ordering::AcqRel)
+        {
+            info!(partition = ?id, "flattening the clone's partition");
+            tokio::spawn(flatten_task(inner.clone(), h));
+        }
+    }
+}
+
+/// The flatten of one clone partition at this primary (see
+/// `partition::flatten`): steps through its never-written blocks at the
+/// volume's rate, reports the blocks left every second and once none are
+/// left, until the control plane's record says the flatten is over (or
+/// this instance stops serving: a new primary starts over, finding only
+/// the holes still left).
+async fn flatten_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
+    let id = hosted.partition.id();
+    let epoch = hosted.opened_epoch;
+    let mut cursor = 0;
+    let mut last_report: Option<Instant> = None;
+    let rate_of = || {
+        inner.node.with_state(|s| {
+            s.volumes()
+                .get(&id.volume)
+                .and_then(|v| v.flatten.as_ref())
+                .map(|f| f.rate_bytes_per_second.max(1))
+        })
+    };
+    while let Some(rate) = rate_of() {
+        if hosted.cancel.is_cancelled() {
+            break;
+        }
+        let pause = if hosted.lease_remaining().is_none() {
+            FLATTEN_RETRY_INTERVAL
+        } else {
+            match hosted
+                .partition
+                .flatten_step(epoch, cursor, FLATTEN_STEP_BLOCKS)
+                .await
+            {
+                Ok(step) => {
+                    cursor = step.next.unwrap_or(0);
+                    // The rate: this step's bytes at `rate` per second.
+                    let secs = (step.copied_blocks * BLOCK_SIZE_BYTES) as f64 / rate as f64;
+                    let pause = Duration::from_secs_f64(secs.min(10.0));
+                    if step.next.is_none() {
+                        // A pass found no hole left behind the cursor:
+                        // count and report now, then look again.
+                        last_report = None;
+                        pause.max(FLATTEN_RETRY_INTERVAL)
+                    } else {
+                        pause
+                    }
+                }
+                Err(error) => {
+                    debug!(partition = ?id, %error, "flatten step failed; retrying");
+                    FLATTEN_RETRY_INTERVAL
+                }
+            }
+        };
+        if last_report.is_none_or(|at| at.elapsed() >= FLATTEN_REPORT_INTERVAL) {
+            let left = hosted.partition.parent_blocks();
+            hosted.flatten_remaining.store(left, Ordering::Relaxed);
+            let command = Command::FlattenProgress {
+                partition: id,
+                epoch,
+                remaining_blocks: left,
+            };
+            match propose(&inner.node, command).await {
+                Ok(_) => last_report = Some(Instant::now()),
+                Err(error) => debug!(partition = ?id, %error, "flatten progress not recorded"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = hosted.cancel.cancelled() => break,
+        }
+    }
+    hosted.flattening.store(false, Ordering::Release);
+    debug!(partition = ?id, "flatten task ends");
+}
+
+/// Blocks one rollback step covers at most (1 MiB).
+const ROLLBACK_STEP_BLOCKS: u64 = 256;
+/// How often a rollback task records its cursor with the control plane.
+const ROLLBACK_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the rollback task of every primary here whose volume the
+/// control plane rolls back, whose partition is not done and that has
+/// none running.
+fn start_rollbacks(inner: &Arc<Inner>, state: &UnitState) {
+    let hosted: Vec<Arc<Hosted>> = read(&inner.hosted).values().cloned().collect();
+    for h in hosted {
+        let id = h.partition.id();
+        let pending = state
+            .volumes()
+            .get(&id.volume)
+            .and_then(|v| v.rollback.as_ref())
+            .is_some_and(|r| !r.done.contains(&id.index));
+        if pending && h.role == OpenRole::Primary && !h.rolling_back.swap(true, Ordering::AcqRel) {
+            info!(partition = ?id, "rolling the partition back to a snapshot");
+            tokio::spawn(rollback_task(inner.clone(), h));
+        }
+    }
+}
+
+/// The rollback of one partition at this primary (see
+/// `partition::rollback`): from the cursor the control plane recorded,
+/// step by step to the end, recording the cursor every second and `done`
+/// at the end. A new primary after a failover resumes at the recorded
+/// cursor.
+async fn rollback_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
+    let id = hosted.partition.id();
+    let epoch = hosted.opened_epoch;
+    // (snapshot, recorded cursor), while this partition is not done.
+    let pending = || {
+        inner.node.with_state(|s| {
+            let r = s.volumes().get(&id.volume)?.rollback.as_ref()?;
+            (!r.done.contains(&id.index))
+                .then(|| (r.snapshot, r.cursors.get(&id.index).copied().unwrap_or(0)))
+        })
+    };
+    let mut cursor: Option<u64> = None;
+    let mut last_report = Instant::now();
+    while let Some((snapshot, recorded)) = pending() {
+        if hosted.cancel.is_cancelled() {
+            break;
+        }
+        let at = *cursor.get_or_insert(recorded);
+        let mut finished = false;
+        let mut pause = Duration::ZERO;
+        if hosted.lease_remaining().is_none() {
+            pause = FLATTEN_RETRY_INTERVAL;
+        } else {
+            match hosted
+                .partition
+                .rollback_step(epoch, snapshot, at, ROLLBACK_STEP_BLOCKS)
+                .await
+            {
+                Ok(Some(next)) => cursor = Some(next),
+                Ok(None) => finished = true,
+                Err(error) => {
+                    debug!(partition = ?id, %error, "rollback step failed; retrying");
+                    pause = FLATTEN_RETRY_INTERVAL;
+                }
+            }
+        }
+        if finished || last_report.elapsed() >= ROLLBACK_REPORT_INTERVAL {
+            let command = Command::RollbackProgress {
+                partition: id,
+                epoch,
+                cursor: cursor.unwrap_or(0),
+                done: finished,
+            };
+            match propose(&inner.node, command).await {
+                Ok(_) => {
+                    last_report = Instant::now();
+                    if finished {
+                        // Until this node applied it.
+                        pause = FLATTEN_RETRY_INTERVAL;
+                    }
+                }
+                Err(error) => {
+                    debug!(partition = ?id, %error, "rollback progress not recorded");
+                    pause = pause.max(FLATTEN_RETRY_INTERVAL);
+                }
+            }
+        }
+        if !pause.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = hosted.cancel.cancelled() => break,
+            }
+        }
+    }
+    hosted.rolling_back.store(false, Ordering::Release);
+    debug!(partition = ?id, "rollback task ends");
 }

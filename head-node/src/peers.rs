@@ -199,6 +199,24 @@ impl HeadNodeLinks {
         })
     }
 
+    /// Sends `request` to head node `node` (resent on the other network
+    /// when `idempotent`) and waits for the answer.
+    pub fn call(
+        &self,
+        node: &str,
+        request: Message,
+        idempotent: bool,
+    ) -> BoxFuture<'static, Result<Message, PeerError>> {
+        let link = self.links.link(node);
+        let node = node.to_string();
+        Box::pin(async move {
+            link?
+                .call(request, idempotent)
+                .await
+                .map_err(|error| peer_error(&node, error))
+        })
+    }
+
     /// Closes every link.
     pub fn close(&self) {
         self.links.close();

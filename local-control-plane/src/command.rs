@@ -288,6 +288,52 @@ pub enum Command {
     DeleteSnapshot {
         snapshot: crate::state::SnapshotId,
     },
+    /// Register volume `volume` named `name` as a writable clone of the
+    /// ready snapshot named `snapshot` of volume `parent`: the parent's
+    /// size, partition size and erasure code, placed like a new volume;
+    /// its unwritten blocks read as the snapshot's
+    /// ([`Outcome::VolumeRegistered`]). The snapshot cannot be deleted
+    /// while the clone depends on it.
+    RegisterClone {
+        volume: VolumeId,
+        name: String,
+        parent: VolumeId,
+        snapshot: String,
+    },
+    /// Start (or re-rate) the flatten of clone `volume`: its partitions'
+    /// primaries copy every block the clone never wrote from the parent
+    /// snapshot, at most `rate_bytes_per_second` each. Refused unless the
+    /// volume is a clone without snapshots of its own (their unwritten
+    /// blocks read from the parent too).
+    StartFlatten {
+        volume: VolumeId,
+        rate_bytes_per_second: u64,
+    },
+    /// A flattening clone's partition primary at `epoch`: `remaining_blocks`
+    /// still read from the parent. Once every partition reported 0 the
+    /// clone no longer depends on its parent (`parent` cleared).
+    FlattenProgress {
+        partition: PartitionId,
+        epoch: Epoch,
+        remaining_blocks: u64,
+    },
+    /// Roll detached volume `volume` back to its ready snapshot named
+    /// `snapshot`: its primaries rewrite every block that reads
+    /// differently from the snapshot (ordinary writes, after every cut:
+    /// later snapshots keep their content); no attachment is taken until
+    /// all are done. Refused (`VolumeAttached`) while attached.
+    StartRollback {
+        volume: VolumeId,
+        snapshot: String,
+    },
+    /// A rolling-back volume's partition primary at `epoch`: every block
+    /// below `cursor` is rolled back; `done`: all of them.
+    RollbackProgress {
+        partition: PartitionId,
+        epoch: Epoch,
+        cursor: u64,
+        done: bool,
+    },
     /// Forget a deleted or aborted snapshot whose layers are dropped.
     PurgeSnapshot {
         snapshot: crate::state::SnapshotId,

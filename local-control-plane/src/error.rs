@@ -132,6 +132,16 @@ pub enum CommandError {
         field: String,
         reason: String,
     },
+    /// A snapshot a clone still reads from cannot be deleted (flatten or
+    /// delete the clones first).
+    #[error("snapshot {snapshot} has clones that depend on it: volumes {clones:?}")]
+    SnapshotHasClones {
+        snapshot: u64,
+        clones: Vec<VolumeId>,
+    },
+    /// A volume being rolled back to a snapshot takes no attachment.
+    #[error("volume {volume} is being rolled back to snapshot {snapshot}")]
+    VolumeRollingBack { volume: VolumeId, snapshot: u64 },
     /// Volumes only grow.
     #[error(
         "volume {volume} is {current_bytes} bytes; shrinking to {requested_bytes} is not supported"
@@ -188,6 +198,8 @@ impl CommandError {
             CommandError::ShrinkRefused { .. } => "shrink_refused",
             CommandError::InvalidQos { .. } => "invalid_qos",
             CommandError::ReservationVersion { .. } => "reservation_version",
+            CommandError::SnapshotHasClones { .. } => "snapshot_has_clones",
+            CommandError::VolumeRollingBack { .. } => "volume_rolling_back",
         }
     }
 

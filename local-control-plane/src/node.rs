@@ -579,6 +579,12 @@ impl LcpNode {
         self.inner.state.read().unit.clone()
     }
 
+    /// `f` of the local (possibly stale) state machine, under its read lock
+    /// (no copy; `f` must be short: it holds off applying entries).
+    pub fn with_state<R>(&self, f: impl FnOnce(&UnitState) -> R) -> R {
+        f(&self.inner.state.read().unit)
+    }
+
     /// Checks a host request's attachment credential against the applied
     /// state (no copy of it: one read lock, two map lookups, one SHA-256
     /// block). On success, the volume's size in bytes.

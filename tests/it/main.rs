@@ -4,6 +4,7 @@
 mod agent;
 mod cli;
 mod cli_verbs;
+mod clone;
 mod dashboard;
 mod datapath;
 mod datapath_smoke;

@@ -50,8 +50,8 @@ use serde_json::{json, Map, Value};
 use crate::error::ApiError;
 use crate::metrics::RequestLabels;
 use crate::model::{
-    ErasureCode, QosPatch, UnitRecord, VolumeRecord, VolumeSpec, DEFAULT_ERASURE_CODE,
-    DEFAULT_PARTITION_SIZE_BYTES,
+    ErasureCode, QosPatch, SnapshotSource, UnitRecord, VolumeRecord, VolumeSpec,
+    DEFAULT_ERASURE_CODE, DEFAULT_PARTITION_SIZE_BYTES,
 };
 use crate::service::Zonal;
 use proto::qos::VolumeQos;
@@ -353,7 +353,13 @@ fn qos_patch(bytes: &[u8]) -> Result<QosPatch, ApiError> {
 fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
     let mut body = Body::parse(bytes)?;
     let name = Body::required("name", body.string("name")?)?;
+    let from_snapshot = match body.string("from_snapshot")? {
+        Some(text) => Some(SnapshotSource::parse(&text)?),
+        None => None,
+    };
     let size_bytes = match (body.u64("size_bytes")?, body.u64("size_gib")?) {
+        // A clone: 0 is "the parent's" (checked against it otherwise).
+        (None, None) if from_snapshot.is_some() => 0,
         (Some(_), Some(_)) => {
             return Err(ApiError::bad(
                 "size_bytes",
@@ -370,9 +376,11 @@ fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
         Some(text) => ErasureCode::parse(&text).map_err(|e| ApiError::bad("erasure_code", e))?,
         None => DEFAULT_ERASURE_CODE,
     };
-    let partition_size_bytes = body
-        .u64("partition_size_bytes")?
-        .unwrap_or(DEFAULT_PARTITION_SIZE_BYTES);
+    let partition_size_bytes = match body.u64("partition_size_bytes")? {
+        Some(bytes) => bytes,
+        None if from_snapshot.is_some() => 0,
+        None => DEFAULT_PARTITION_SIZE_BYTES,
+    };
     let qos = match body.0.remove("qos") {
         Some(value) => qos_object(value)?,
         None => None,
@@ -384,8 +392,13 @@ fn create_spec(bytes: &[u8]) -> Result<VolumeSpec, ApiError> {
         partition_size_bytes,
         erasure_code,
         qos,
+        from_snapshot,
     };
-    spec.validate()?;
+    // A clone's size, partition size and code are its parent's: the
+    // create fills them in, then validates.
+    if spec.from_snapshot.is_none() {
+        spec.validate()?;
+    }
     Ok(spec)
 }
 
@@ -402,6 +415,7 @@ fn volume_json(v: &VolumeRecord) -> Value {
         "state": v.state.name(),
         "created_at_ms": v.created_at_ms,
         "qos": v.spec.qos,
+        "from_snapshot": v.spec.from_snapshot.as_ref().map(ToString::to_string),
         // Tokens are shown once, by the attach call.
         "attachments": v.attachments.iter().map(|a| json!({
             "id": a.id,

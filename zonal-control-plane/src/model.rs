@@ -97,6 +97,45 @@ pub struct VolumeSpec {
     /// `modify` afterwards (the spec is the volume as it is now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<proto::qos::VolumeQos>,
+    /// A writable clone of this snapshot (`"from_snapshot": "VOL@SNAP"`):
+    /// created in the parent's unit with the parent's size, partition
+    /// size and erasure code; its unwritten blocks read as the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<SnapshotSource>,
+}
+
+/// The parent snapshot of a clone: snapshot `snapshot` of volume `volume`
+/// (names), and the parent's id in its unit once resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSource {
+    pub volume: String,
+    pub snapshot: String,
+    /// The parent volume's id (filled in by the create).
+    #[serde(default)]
+    pub volume_id: u64,
+}
+
+impl SnapshotSource {
+    /// Parses `VOL@SNAP`.
+    pub fn parse(text: &str) -> Result<Self, FieldError> {
+        match text.split_once('@') {
+            Some((volume, snapshot)) if !volume.is_empty() && !snapshot.is_empty() => Ok(Self {
+                volume: volume.to_owned(),
+                snapshot: snapshot.to_owned(),
+                volume_id: 0,
+            }),
+            _ => Err(FieldError::new(
+                "from_snapshot",
+                format!("{text:?} is not VOLUME@SNAPSHOT"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.volume, self.snapshot)
+    }
 }
 
 /// A change of a volume's QoS limits (`PATCH /v1/volumes/{name}`, JSON
@@ -457,6 +496,7 @@ mod tests {
             partition_size_bytes: DEFAULT_PARTITION_SIZE_BYTES,
             erasure_code: DEFAULT_ERASURE_CODE,
             qos: None,
+            from_snapshot: None,
         };
         assert!(ok.validate().is_ok());
         let field = |spec: VolumeSpec| spec.validate().unwrap_err().field;

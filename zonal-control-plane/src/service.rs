@@ -322,9 +322,17 @@ impl Zonal {
 
     /// Creates a volume, or returns the live one of the same name and spec
     /// (`false`: nothing was created).
-    pub async fn create_volume(&self, spec: VolumeSpec) -> Result<(VolumeRecord, bool), ApiError> {
-        spec.validate()?;
+    pub async fn create_volume(
+        &self,
+        mut spec: VolumeSpec,
+    ) -> Result<(VolumeRecord, bool), ApiError> {
         let _guard = self.mutations.lock().await;
+        // A clone goes to its parent's unit, with the parent's geometry.
+        let clone_unit = match spec.from_snapshot.clone() {
+            Some(source) => Some(self.resolve_clone(&mut spec, source).await?),
+            None => None,
+        };
+        spec.validate()?;
         let name = spec.name.clone();
         if let Some(existing) = self.store(move |s| s.volume_by_name(&name)).await? {
             if existing.spec != spec {
@@ -348,12 +356,15 @@ impl Zonal {
             };
         }
 
-        let ranked = rank_units(
-            &self.candidates(&spec).await?,
-            spec.raw_bytes(),
-            spec.erasure_code,
-        )
-        .map_err(|reason| ApiError::NoUnitFits { reason })?;
+        let ranked = match clone_unit {
+            Some(unit) => vec![unit],
+            None => rank_units(
+                &self.candidates(&spec).await?,
+                spec.raw_bytes(),
+                spec.erasure_code,
+            )
+            .map_err(|reason| ApiError::NoUnitFits { reason })?,
+        };
         let mut reserved: Option<VolumeRecord> = None;
         let mut passed_over = Vec::new();
         for unit_name in ranked {
@@ -423,6 +434,52 @@ impl Zonal {
         Err(ApiError::NoUnitFits {
             reason: passed_over.join("; "),
         })
+    }
+
+    /// Fills a clone's spec in from its parent volume (size, partition
+    /// size and code; a size or partition size given must be the
+    /// parent's) and returns the parent's unit. The unit checks the
+    /// snapshot when it registers the clone.
+    async fn resolve_clone(
+        &self,
+        spec: &mut VolumeSpec,
+        mut source: crate::model::SnapshotSource,
+    ) -> Result<String, ApiError> {
+        let name = source.volume.clone();
+        let parent = self
+            .store(move |s| s.volume_by_name(&name))
+            .await?
+            .filter(|v| v.state != VolumeState::Deleted)
+            .ok_or_else(|| ApiError::VolumeNotFound {
+                name: source.volume.clone(),
+            })?;
+        if parent.state != VolumeState::Available {
+            return Err(ApiError::VolumeNotAvailable {
+                name: source.volume,
+                state: parent.state,
+            });
+        }
+        for (field, given, parents) in [
+            ("size_bytes", spec.size_bytes, parent.spec.size_bytes),
+            (
+                "partition_size_bytes",
+                spec.partition_size_bytes,
+                parent.spec.partition_size_bytes,
+            ),
+        ] {
+            if given != 0 && given != parents {
+                return Err(ApiError::bad(
+                    field,
+                    format!("a clone has its parent's {parents} (asked {given})"),
+                ));
+            }
+        }
+        spec.size_bytes = parent.spec.size_bytes;
+        spec.partition_size_bytes = parent.spec.partition_size_bytes;
+        spec.erasure_code = parent.spec.erasure_code;
+        source.volume_id = parent.id;
+        spec.from_snapshot = Some(source);
+        Ok(parent.unit)
     }
 
     /// Re-sends the registration of a volume left `Creating` (its first
@@ -496,13 +553,21 @@ impl Zonal {
     }
 
     async fn register(&self, unit: &Unit, record: &VolumeRecord) -> Registration {
-        let command = Command::RegisterVolume {
-            volume: record.id,
-            name: record.spec.name.clone(),
-            size_bytes: record.spec.size_bytes,
-            partition_size_bytes: record.spec.partition_size_bytes,
-            k: record.spec.erasure_code.k,
-            m: record.spec.erasure_code.m,
+        let command = match &record.spec.from_snapshot {
+            Some(source) => Command::RegisterClone {
+                volume: record.id,
+                name: record.spec.name.clone(),
+                parent: source.volume_id,
+                snapshot: source.snapshot.clone(),
+            },
+            None => Command::RegisterVolume {
+                volume: record.id,
+                name: record.spec.name.clone(),
+                size_bytes: record.spec.size_bytes,
+                partition_size_bytes: record.spec.partition_size_bytes,
+                k: record.spec.erasure_code.k,
+                m: record.spec.erasure_code.m,
+            },
         };
         let answer = match tokio::time::timeout(COMMAND_TIMEOUT, unit.client.command(command)).await
         {

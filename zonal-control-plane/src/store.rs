@@ -309,6 +309,7 @@ mod tests {
             partition_size_bytes: 1 << 20,
             erasure_code: DEFAULT_ERASURE_CODE,
             qos: None,
+            from_snapshot: None,
         }
     }
 

@@ -99,10 +99,12 @@ pub mod seams;
 
 mod checkpoint;
 mod dedupe;
+mod flatten;
 mod flush;
 mod read;
 mod rebuild;
 mod replica;
+mod rollback;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -122,9 +124,10 @@ pub use checkpoint::{CheckpointReport, RecoveryReport};
 use self::core::{Admission, Change, Completion, LogResident, TakeOverPlan, WriteId};
 pub use dedupe::{DEDUPE_CAPACITY, DEDUPE_MAX_AGE};
 pub use error::PartitionError;
+pub use flatten::FlattenStep;
 pub use flush::{FlushReport, GcReport};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildTask};
-pub use seams::{ExtentGrant, ExtentSource, PeerError, ReplicaPeer, SledAccess};
+pub use seams::{ExtentGrant, ExtentSource, ParentSnapshot, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;
 use crate::index::Location;
@@ -180,6 +183,9 @@ pub struct PartitionConfig {
     /// Off: neither (only [`Partition::refresh_secondary_index`] builds a
     /// secondary's; tests of the checkpoint and full-scan paths).
     pub reuse_held_index: bool,
+    /// A clone's partition: where the blocks it never wrote are read from
+    /// (see [`ParentSnapshot`]); `None` for every other volume.
+    pub parent: Option<Arc<dyn ParentSnapshot>>,
 }
 
 impl PartitionConfig {
@@ -204,6 +210,7 @@ impl PartitionConfig {
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
             reuse_held_index: true,
+            parent: None,
         }
     }
 
@@ -302,6 +309,15 @@ pub struct RepairItem {
 pub struct PartitionMetrics {
     /// Snapshot cuts taken.
     pub snapshot_cuts: AtomicU64,
+    /// Runs of a clone's never-written blocks read from its parent
+    /// snapshot.
+    pub parent_reads: AtomicU64,
+    /// Blocks a flatten copied from the parent snapshot.
+    pub flattened_blocks: AtomicU64,
+    /// Flatten copies committed (each one write operation).
+    pub flatten_copies: AtomicU64,
+    /// Rollback steps that rewrote blocks (each one write operation).
+    pub rollback_writes: AtomicU64,
     /// Host writes acknowledged.
     pub writes: AtomicU64,
     /// Host reads answered.
@@ -1390,20 +1406,32 @@ impl Partition {
     /// Runs one write-like operation over partition bytes `bytes`: `data`
     /// for a write, `None` for an unmap.
     async fn submit(&self, bytes: Range<u64>, data: Option<Bytes>) -> Result<(), PartitionError> {
+        let deadline = tokio::time::Instant::now() + self.shared.config.replica_timeout;
+        let first_block = bytes.start / BLOCK_SIZE_BYTES;
+        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
+        let (_permit, mut guard) = self.admitted(first_block..end_block, deadline).await?;
+        let changes = self.plan(bytes, data).await?;
+        self.commit(&mut guard, changes, deadline).await
+    }
+
+    /// Waits for a write permit and for `blocks` to be admitted in the
+    /// core's range table (every earlier write to them applied), by
+    /// `deadline`.
+    async fn admitted(
+        &self,
+        blocks: Range<u64>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, WriteGuard), PartitionError> {
         let shared = &self.shared;
-        let timeout = shared.config.replica_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let _permit =
+        let permit =
             tokio::time::timeout_at(deadline, shared.write_permits.clone().acquire_owned())
                 .await
                 .map_err(|_| shared.unavailable("too many writes in flight"))?
                 .map_err(|_| shared.unavailable("partition closing"))?;
-        let first_block = bytes.start / BLOCK_SIZE_BYTES;
-        let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         // The core's range table serialises overlapping writes (and makes
         // the read-modify-write of partial blocks atomic).
-        let admission = shared.lock().core.admit(first_block..end_block);
-        let mut guard = WriteGuard {
+        let admission = shared.lock().core.admit(blocks);
+        let guard = WriteGuard {
             shared: shared.clone(),
             id: admission.id(),
             appending: false,
@@ -1425,8 +1453,7 @@ impl Partition {
                 .await
                 .map_err(|_| shared.unavailable("overlapping writes did not complete"))?;
         }
-        let changes = self.plan(bytes, data).await?;
-        self.commit(&mut guard, changes, deadline).await
+        Ok((permit, guard))
     }
 
     /// Commits admitted write `guard.id`'s `changes`: sequences, both logs,

@@ -33,7 +33,18 @@
 //! (the hedged degraded read may answer first, and the direct read is then
 //! left to finish in a task of its own, reported only if it fails). A
 //! column the extent still owes (degraded extent) is decoded, never read.
+//!
+//! **Clones.** A clone's partition ([`PartitionConfig::parent`]) reads the
+//! blocks its index has no version of (never written: a trim leaves a
+//! tombstone, which reads zeros) from its parent snapshot
+//! ([`ParentSnapshot`]), found in the same index lookup as the rest of the
+//! read; the live view and the clone's own snapshots alike, and the
+//! read-modify-write of a partial block too. A parent that cannot be read
+//! fails the read as retryable `Unavailable` (never zeros).
+//!
+//! [`PartitionConfig::parent`]: super::PartitionConfig::parent
 
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -42,6 +53,7 @@ use futures::future::{self, Either, Future};
 use proto::sled::{ColumnId, SledError, SledRequest, SledResponse};
 
 use super::layout::{self, CHUNK_BYTES, ROW_BYTES};
+use super::seams::ParentSnapshot;
 use super::{bump, ColumnFault, PartitionError, RepairItem, Shared};
 use crate::index::{Location, LookupPiece};
 use crate::wal::WalError;
@@ -296,23 +308,36 @@ async fn read_once(
     lba: u64,
     count: u64,
 ) -> Result<Result<Bytes, PartitionError>, Moved> {
-    let pieces = {
+    let (pieces, holes) = {
         let state = shared.lock();
         let index = &state.core.index;
         let found = match snapshot {
-            None => index.lookup(lba, count),
-            Some(id) => index.lookup_snapshot(id, lba, count).map(|mapped| {
-                mapped
+            None => index.lookup_with_sequence(lba, count),
+            Some(id) => index.lookup_snapshot(id, lba, count),
+        };
+        match found {
+            Ok(mapped) => {
+                // A clone's never-written blocks (no version at all, not
+                // a tombstone) read as its parent snapshot's, found under
+                // the same lock as the rest of the read's view.
+                let holes: Vec<Range<u64>> = if shared.config.parent.is_some() {
+                    mapped
+                        .iter()
+                        .filter(|m| m.location.is_none() && m.sequence.is_none())
+                        .map(|m| m.lbas.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let pieces: Vec<LookupPiece> = mapped
                     .into_iter()
                     .map(|m| LookupPiece {
                         lbas: m.lbas,
                         location: m.location,
                     })
-                    .collect()
-            }),
-        };
-        match found {
-            Ok(pieces) => pieces,
+                    .collect();
+                (pieces, holes)
+            }
             Err(source) => {
                 return Ok(Err(PartitionError::Index {
                     partition: shared.id(),
@@ -388,7 +413,56 @@ async fn read_once(
             Err(FetchError::Failed(error)) => return Ok(Err(error)),
         }
     }
+    if let Some(parent) = &shared.config.parent {
+        if let Err(error) = fill_from_parent(shared, parent.as_ref(), lba, &holes, &mut out).await {
+            return Ok(Err(error));
+        }
+    }
     Ok(Ok(out.freeze()))
+}
+
+/// Overwrites the zeros of a clone's never-written blocks `holes` (of a
+/// read from block `lba` assembled in `out`) with its parent snapshot's
+/// data, read from the parent partition's primary (the parent snapshot's
+/// content never changes, so when it is read does not matter).
+async fn fill_from_parent(
+    shared: &Arc<Shared>,
+    parent: &dyn ParentSnapshot,
+    lba: u64,
+    holes: &[Range<u64>],
+    out: &mut BytesMut,
+) -> Result<(), PartitionError> {
+    let reads = holes.iter().map(|hole| {
+        let offset_bytes = (shared.config.first_block + hole.start) * BLOCK_SIZE_BYTES;
+        let len = (hole.end - hole.start) * BLOCK_SIZE_BYTES;
+        async move {
+            let len = u32::try_from(len).map_err(|_| PartitionError::BadRequest {
+                partition: shared.id(),
+                reason: format!("a parent read of {len} bytes"),
+            })?;
+            let data = parent.read(offset_bytes, len).await.map_err(|error| {
+                shared.unavailable(format!("clone's parent snapshot unreadable: {error}"))
+            })?;
+            if data.len() != len as usize {
+                return Err(shared.unavailable(format!(
+                    "clone's parent snapshot answered {} bytes for {len}",
+                    data.len()
+                )));
+            }
+            Ok::<Bytes, PartitionError>(data)
+        }
+    });
+    let results = future::join_all(reads).await;
+    for (hole, result) in holes.iter().zip(results) {
+        let data = result?;
+        let at = ((hole.start - lba) * BLOCK_SIZE_BYTES) as usize;
+        let Some(slot) = out.get_mut(at..at + data.len()) else {
+            return Err(shared.unavailable("parent data outside the read"));
+        };
+        slot.copy_from_slice(&data);
+        bump(&shared.metrics.parent_reads);
+    }
+    Ok(())
 }
 
 /// First block of piece `run` of request `read`.

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use proto::sled::{ColumnId, PartitionId, SledRequest, SledResponse};
 use proto::volume::{ReplicaReply, ReplicaRequest};
@@ -129,4 +130,23 @@ pub trait ExtentSource: Send + Sync + fmt::Debug {
         &self,
         partition: PartitionId,
     ) -> BoxFuture<'static, Result<Vec<ExtentGrant>, PeerError>>;
+}
+
+/// The parent snapshot of a clone's partition: the snapshot's partition of
+/// the same index in the parent volume (a clone has its parent's size and
+/// partition size, so the same volume offsets). Reads of blocks the clone
+/// never wrote (no version in its index: not even a tombstone) are
+/// answered from here; the daemon's implementation asks the parent
+/// partition's primary (this node's own partition when it is here, else
+/// over the unit port), found in the unit state at each call, so a
+/// failover of the parent's primary costs the clone a retry, not an
+/// error.
+pub trait ParentSnapshot: Send + Sync + fmt::Debug {
+    /// `len_bytes` of the parent snapshot at volume-absolute
+    /// `offset_bytes` (block aligned), checked against their CRCs.
+    fn read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>>;
 }

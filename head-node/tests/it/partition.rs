@@ -12,9 +12,9 @@ use futures::future::BoxFuture;
 use hardware::{BlockDevice, FaultControl, FaultyDevice, MemoryDevice, SharedDevice};
 use head_node::index::Location;
 use head_node::partition::{
-    CheckpointReport, ExtentGrant, ExtentSource, OpenRole, Partition, PartitionConfig,
-    PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask, ReplicaPeer, Role,
-    SharedLog, SledAccess,
+    CheckpointReport, ExtentGrant, ExtentSource, OpenRole, ParentSnapshot, Partition,
+    PartitionConfig, PartitionDeps, PartitionError, PeerError, RebuildProgress, RebuildTask,
+    ReplicaPeer, Role, SharedLog, SledAccess,
 };
 use head_node::wal::{Wal, WalOptions};
 use proto::sled::{PartitionId, SledError, SledRequest, SledResponse};
@@ -3311,4 +3311,256 @@ async fn held_cuts_over_random_dependent_writes_on_three_partitions_are_causally
         "{} writes; per snapshot (id, in, out): {report:?}",
         writes.len()
     );
+}
+
+/// A clone's parent snapshot for the tests: volume block `b` is filled with
+/// `parent_byte(b)` (never zero), and every read is counted.
+#[derive(Debug)]
+struct PatternParent;
+
+static PARENT_READS: AtomicU64 = AtomicU64::new(0);
+
+fn parent_byte(volume_block: u64) -> u8 {
+    (volume_block % 250) as u8 + 1
+}
+
+impl ParentSnapshot for PatternParent {
+    fn read(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u32,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>> {
+        PARENT_READS.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(offset_bytes % BLOCK, 0, "a parent read at {offset_bytes}");
+        assert_eq!(
+            u64::from(len_bytes) % BLOCK,
+            0,
+            "a parent read of {len_bytes}"
+        );
+        let first = offset_bytes / BLOCK;
+        let data: Vec<u8> = (first..first + u64::from(len_bytes) / BLOCK)
+            .flat_map(|b| std::iter::repeat_n(parent_byte(b), BLOCK as usize))
+            .collect();
+        Box::pin(async move { Ok(Bytes::from(data)) })
+    }
+}
+
+fn clone_of_pattern(c: &mut PartitionConfig) {
+    c.parent = Some(Arc::new(PatternParent));
+}
+
+/// A clone's partition reads its parent where it never wrote, its own data
+/// where it wrote (a partial block keeps the parent's rest), zeros where it
+/// trimmed (a tombstone, not a hole), before and after a flush and after a
+/// restart from the devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_reads_its_parent_where_it_never_wrote_and_zeros_where_it_trimmed() {
+    let size = 64;
+    let mut unit = Unit::new_tuned(size, clone_of_pattern).await;
+    let mut model = Model::zeroed(size);
+    for b in 0..size {
+        let at = (b * BLOCK) as usize;
+        model.0[at..at + BLOCK as usize].fill(parent_byte(FIRST_BLOCK + b));
+    }
+    check_all(&unit, &model, "untouched clone").await;
+    let before = PARENT_READS.load(Ordering::Relaxed);
+    // A whole block, a partial block (read-modify-write over the parent),
+    // a trim of two blocks.
+    unit.write(3, 0, vec![0xAA; BLOCK as usize]).await.unwrap();
+    model.0[(3 * BLOCK) as usize..(4 * BLOCK) as usize].fill(0xAA);
+    unit.write(5, 1024, vec![0xBB; 512]).await.unwrap();
+    model.0[(5 * BLOCK + 1024) as usize..(5 * BLOCK + 1536) as usize].fill(0xBB);
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 7) * BLOCK, (2 * BLOCK) as u32)
+        .await
+        .unwrap();
+    model.0[(7 * BLOCK) as usize..(9 * BLOCK) as usize].fill(0);
+    check_all(&unit, &model, "written clone").await;
+    assert!(PARENT_READS.load(Ordering::Relaxed) > before);
+    unit.primary.flush_now().await.unwrap();
+    check_all(&unit, &model, "flushed clone").await;
+    unit.write(9, 0, vec![0xCC; BLOCK as usize]).await.unwrap();
+    model.0[(9 * BLOCK) as usize..(10 * BLOCK) as usize].fill(0xCC);
+    unit.restart().await;
+    check_all(&unit, &model, "clone after a restart").await;
+    // A snapshot of the clone falls through to the parent as well.
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    unit.write(0, 0, vec![0xDD; BLOCK as usize]).await.unwrap();
+    let snap = unit
+        .primary
+        .read_snapshot(
+            Some(unit.epoch),
+            1,
+            FIRST_BLOCK * BLOCK,
+            (size * BLOCK) as u32,
+        )
+        .await
+        .unwrap();
+    model.check(&snap, 0, "snapshot of the clone");
+}
+
+/// A flatten copies every block a clone never wrote from its parent while
+/// the host writes (one writer, random blocks, so the model knows each
+/// block's last write): no host write is overwritten by the copy, a
+/// trimmed block stays zeros, and afterwards the partition reads the same
+/// without its parent (reopened from the devices with none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flatten_under_writes_copies_only_unwritten_blocks() {
+    let size = 512;
+    let unit = Unit::new_tuned(size, clone_of_pattern).await;
+    let mut model = Model::zeroed(size);
+    for b in 0..size {
+        let at = (b * BLOCK) as usize;
+        model.0[at..at + BLOCK as usize].fill(parent_byte(FIRST_BLOCK + b));
+    }
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 40) * BLOCK, (8 * BLOCK) as u32)
+        .await
+        .unwrap();
+    model.0[(40 * BLOCK) as usize..(48 * BLOCK) as usize].fill(0);
+    assert_eq!(unit.primary.parent_blocks(), size - 8);
+    let unit = Arc::new(unit);
+    let writer = {
+        let unit = unit.clone();
+        tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(17);
+            let mut writes = Vec::new();
+            for i in 0..300u32 {
+                let block = rng.random_range(0..size);
+                let fill = 0x80 | (i % 0x7f) as u8;
+                unit.write(block, 0, vec![fill; BLOCK as usize])
+                    .await
+                    .unwrap();
+                writes.push((block, fill));
+            }
+            writes
+        })
+    };
+    // Small steps, so copies and host writes interleave.
+    let mut cursor = 0;
+    let mut copied = 0;
+    let mut passes = 0;
+    loop {
+        let step = unit
+            .primary
+            .flatten_step(unit.epoch, cursor, 3)
+            .await
+            .unwrap();
+        copied += step.copied_blocks;
+        match step.next {
+            Some(next) => cursor = next,
+            None if unit.primary.parent_blocks() == 0 => break,
+            None => {
+                cursor = 0;
+                passes += 1;
+                assert!(passes < 10, "flatten does not converge");
+            }
+        }
+    }
+    let writes = writer.await.unwrap();
+    for (block, fill) in writes {
+        model.0[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(fill);
+    }
+    assert!(copied > 0 && copied <= size - 8, "copied {copied}");
+    assert_eq!(unit.primary.parent_blocks(), 0);
+    check_all(&unit, &model, "flattened clone").await;
+    // A step with nothing left copies nothing.
+    let idle = unit.primary.flatten_step(unit.epoch, 0, 64).await.unwrap();
+    assert_eq!((idle.copied_blocks, idle.next), (0, None));
+    // Without its parent, after a flush and a restart, the same content.
+    unit.primary.flush_now().await.unwrap();
+    let mut unit = Arc::into_inner(unit).unwrap();
+    unit.tune = no_tuning;
+    unit.restart().await;
+    check_all(&unit, &model, "flattened clone without its parent").await;
+}
+
+/// Rolling a partition back to a snapshot: the live blocks read as the
+/// snapshot (written blocks, a trim, never-written blocks), a later
+/// snapshot keeps its content, a step resumed from an earlier cursor
+/// changes nothing, and all of it survives a flush and a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_restores_a_snapshot_and_keeps_the_later_one() {
+    let size = 96;
+    let mut unit = Unit::new(size).await;
+    let mut rng = StdRng::seed_from_u64(23);
+    let mut a = Model::zeroed(size);
+    // A: the first 64 blocks (the rest never written).
+    let data = pattern(&mut rng, (64 * BLOCK) as usize);
+    unit.write(0, 0, data.clone()).await.unwrap();
+    a.0[..data.len()].copy_from_slice(&data);
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 1, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // B: overwrites, a write past A, a trim.
+    let mut b = Model(a.0.clone());
+    for (block, fill) in [(3u64, 0xb1u8), (70, 0xb2)] {
+        unit.write(block, 0, vec![fill; BLOCK as usize])
+            .await
+            .unwrap();
+        b.0[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].fill(fill);
+    }
+    unit.primary
+        .unmap(unit.epoch, (FIRST_BLOCK + 10) * BLOCK, (4 * BLOCK) as u32)
+        .await
+        .unwrap();
+    b.0[(10 * BLOCK) as usize..(14 * BLOCK) as usize].fill(0);
+    unit.primary.flush_now().await.unwrap();
+    unit.primary
+        .cut_snapshot(Some(unit.epoch), 2, false, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // C after the second snapshot.
+    unit.write(20, 0, vec![0xc1; (8 * BLOCK) as usize])
+        .await
+        .unwrap();
+    let read_snap = |unit: &Unit, id: u64| {
+        let primary = unit.primary.clone();
+        let epoch = unit.epoch;
+        async move {
+            primary
+                .read_snapshot(Some(epoch), id, FIRST_BLOCK * BLOCK, (size * BLOCK) as u32)
+                .await
+                .unwrap()
+        }
+    };
+    let mut cursor = Some(0);
+    let mut steps = 0;
+    while let Some(at) = cursor {
+        cursor = unit
+            .primary
+            .rollback_step(unit.epoch, 1, at, 7)
+            .await
+            .unwrap();
+        steps += 1;
+        assert!(steps < 100);
+    }
+    check_all(&unit, &a, "rolled back to snapshot 1").await;
+    b.check(
+        &read_snap(&unit, 2).await,
+        0,
+        "snapshot 2 after the rollback",
+    );
+    a.check(
+        &read_snap(&unit, 1).await,
+        0,
+        "snapshot 1 after the rollback",
+    );
+    // Resumed from the start (a failover before the cursor was recorded).
+    assert_eq!(
+        unit.primary
+            .rollback_step(unit.epoch, 1, 0, 64)
+            .await
+            .unwrap(),
+        Some(64)
+    );
+    check_all(&unit, &a, "a resumed rollback").await;
+    unit.primary.flush_now().await.unwrap();
+    unit.restart().await;
+    check_all(&unit, &a, "rolled back, after a restart").await;
+    b.check(&read_snap(&unit, 2).await, 0, "snapshot 2 after a restart");
 }

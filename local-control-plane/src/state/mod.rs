@@ -112,8 +112,8 @@ use crate::command::{Command, DeviceSpec, Endpoint, Network, Outcome};
 use crate::error::{CommandError, Entity};
 
 pub use read::{
-    AllocationStatus, CapacitySummary, DeviceStatus, FailoverStatus, NodeAddress, NodeStatus,
-    PartitionEntry, PartitionMap, RepairStatus, SledStatus, UnitStatus,
+    AllocationStatus, CapacitySummary, CloneStatus, DeviceStatus, FailoverStatus, NodeAddress,
+    NodeStatus, PartitionEntry, PartitionMap, RepairStatus, RollbackStatus, SledStatus, UnitStatus,
 };
 pub use repair::{
     BlockedColumns, DrainOutlook, PlacementBlock, RepairBook, RepairPhase, RepairReason,
@@ -125,9 +125,9 @@ pub use reservations::{
 };
 pub use snapshots::{PartitionCut, SnapshotId, SnapshotRecord, SnapshotState};
 pub use types::{
-    Attachment, AttachmentId, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch, ErasureCode,
-    Extent, ExtentId, HeadNode, Health, Lease, NodeId, Partition, PartitionId, PathHealth, Sled,
-    SledId, TokenDigest, Volume, VolumeId,
+    Attachment, AttachmentId, CloneParent, ColumnRef, DeletingVolume, Device, DeviceRef, Epoch,
+    ErasureCode, Extent, ExtentId, Flatten, HeadNode, Health, Lease, NodeId, Partition,
+    PartitionId, PathHealth, Rollback, Sled, SledId, TokenDigest, Volume, VolumeId,
 };
 pub use volumes::{AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME};
 
@@ -432,6 +432,28 @@ impl UnitState {
             } => self.snapshot_cut(snapshot, cuts, pause_us),
             Command::AbortSnapshot { snapshot, reason } => self.abort_snapshot(snapshot, reason),
             Command::DeleteSnapshot { snapshot } => self.delete_snapshot(snapshot),
+            Command::RegisterClone {
+                volume,
+                name,
+                parent,
+                snapshot,
+            } => self.register_clone(volume, name, parent, &snapshot),
+            Command::StartFlatten {
+                volume,
+                rate_bytes_per_second,
+            } => self.start_flatten(volume, rate_bytes_per_second),
+            Command::StartRollback { volume, snapshot } => self.start_rollback(volume, &snapshot),
+            Command::RollbackProgress {
+                partition,
+                epoch,
+                cursor,
+                done,
+            } => self.rollback_progress(partition, epoch, cursor, done),
+            Command::FlattenProgress {
+                partition,
+                epoch,
+                remaining_blocks,
+            } => self.flatten_progress(partition, epoch, remaining_blocks),
             Command::PurgeSnapshot { snapshot } => self.purge_snapshot(snapshot),
             Command::ReportPathFault {
                 endpoint,
@@ -707,6 +729,9 @@ impl UnitState {
                 partitions,
                 attachments: BTreeMap::new(),
                 qos: None,
+                parent: None,
+                flatten: None,
+                rollback: None,
             },
         );
         Ok(Outcome::VolumeRegistered { volume, placement })

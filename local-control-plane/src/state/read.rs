@@ -114,6 +114,35 @@ pub struct UnitStatus {
     /// Every snapshot record (creating, ready, aborted, deleting).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<super::SnapshotRecord>,
+    /// Every volume that is a clone of a snapshot, with its flatten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clones: Vec<CloneStatus>,
+    /// Every volume being rolled back to a snapshot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollbacks: Vec<RollbackStatus>,
+}
+
+/// A volume's rollback, for `volume rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackStatus {
+    pub volume: super::VolumeId,
+    pub name: String,
+    pub partitions: usize,
+    pub partition_size_blocks: u64,
+    pub rollback: super::Rollback,
+}
+
+/// A clone and its flatten, for `volume flatten` and `volume describe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneStatus {
+    pub volume: super::VolumeId,
+    pub name: String,
+    pub parent: super::CloneParent,
+    /// Blocks of the clone (all partitions).
+    pub size_blocks: u64,
+    pub partitions: usize,
+    /// The flatten in progress, if any.
+    pub flatten: Option<super::Flatten>,
 }
 
 /// Whether new extents can be allocated at full width, degraded, or not at
@@ -284,6 +313,33 @@ impl UnitState {
             volumes: self.volumes.len(),
             deleting_volumes: self.deleting.len(),
             snapshots: self.snapshots.values().cloned().collect(),
+            clones: self
+                .volumes
+                .values()
+                .filter_map(|v| {
+                    Some(CloneStatus {
+                        volume: v.id,
+                        name: v.name.clone(),
+                        parent: v.parent?,
+                        size_blocks: v.size_bytes / proto::BLOCK_SIZE_BYTES,
+                        partitions: v.partitions.len(),
+                        flatten: v.flatten.clone(),
+                    })
+                })
+                .collect(),
+            rollbacks: self
+                .volumes
+                .values()
+                .filter_map(|v| {
+                    Some(RollbackStatus {
+                        volume: v.id,
+                        name: v.name.clone(),
+                        partitions: v.partitions.len(),
+                        partition_size_blocks: v.partition_size_bytes / proto::BLOCK_SIZE_BYTES,
+                        rollback: v.rollback.clone()?,
+                    })
+                })
+                .collect(),
             partitions: all_partitions().count(),
             extents: self.extents.len(),
             capacity,

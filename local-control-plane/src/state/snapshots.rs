@@ -24,10 +24,19 @@
 //!
 //! A volume with a snapshot that is not purged cannot be deleted
 //! (`DeleteVolume` is refused): its layers live in the volume's partitions.
+//!
+//! **Clones.** `RegisterClone` makes a new volume whose record names its
+//! parent ([`CloneParent`]: a ready snapshot of a live volume of the
+//! same size, partition size and code); head nodes read the blocks the
+//! clone never wrote from the parent snapshot's partition of the same
+//! index. `DeleteSnapshot` of a snapshot a live clone names is refused
+//! ([`CommandError::SnapshotHasClones`]); deleting the clone frees it.
 
 use serde::{Deserialize, Serialize};
 
-use super::types::{Epoch, PartitionId, VolumeId};
+use std::collections::BTreeMap;
+
+use super::types::{CloneParent, Epoch, Flatten, PartitionId, Rollback, VolumeId};
 use super::UnitState;
 use crate::command::Outcome;
 use crate::error::CommandError;
@@ -129,7 +138,18 @@ impl UnitState {
             )));
         }
         for volume in &volumes {
-            self.live_volume(*volume)?;
+            let entry = self.live_volume(*volume)?;
+            if let Some(rollback) = &entry.rollback {
+                return Err(CommandError::VolumeRollingBack {
+                    volume: *volume,
+                    snapshot: rollback.snapshot,
+                });
+            }
+            if entry.flatten.is_some() {
+                return Err(CommandError::invalid(format!(
+                    "volume {volume} is being flattened"
+                )));
+            }
             if self.snapshot_named(*volume, &name).is_some() {
                 return Err(CommandError::invalid(format!(
                     "volume {volume} already has a snapshot named {name:?}"
@@ -221,7 +241,240 @@ impl UnitState {
         }
     }
 
+    /// The live volumes that are clones of snapshot `id`, by id.
+    pub fn clones_of(&self, id: SnapshotId) -> Vec<VolumeId> {
+        self.volumes
+            .values()
+            .filter(|v| v.parent.is_some_and(|p| p.snapshot == id))
+            .map(|v| v.id)
+            .collect()
+    }
+
+    pub(super) fn register_clone(
+        &mut self,
+        volume: VolumeId,
+        name: String,
+        parent: VolumeId,
+        snapshot: &str,
+    ) -> Result<Outcome, CommandError> {
+        let source = self.live_volume(parent)?;
+        let (size_bytes, partition_size_bytes, code) =
+            (source.size_bytes, source.partition_size_bytes, source.code);
+        let record = self
+            .snapshot_named(parent, snapshot)
+            .filter(|s| s.state == SnapshotState::Ready)
+            .ok_or_else(|| {
+                CommandError::invalid(format!(
+                    "volume {parent} has no ready snapshot named {snapshot:?}"
+                ))
+            })?;
+        let snapshot_id = record.id;
+        let outcome = self.register_volume(volume, name, size_bytes, partition_size_bytes, code)?;
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        entry.parent = Some(CloneParent {
+            volume: parent,
+            snapshot: snapshot_id,
+        });
+        Ok(outcome)
+    }
+
+    pub(super) fn start_flatten(
+        &mut self,
+        volume: VolumeId,
+        rate_bytes_per_second: u64,
+    ) -> Result<Outcome, CommandError> {
+        let entry = self.live_volume(volume)?;
+        if entry.parent.is_none() {
+            return Err(CommandError::invalid(format!(
+                "volume {volume} is not a clone (or is flattened already)"
+            )));
+        }
+        if let Some(rollback) = &entry.rollback {
+            return Err(CommandError::VolumeRollingBack {
+                volume,
+                snapshot: rollback.snapshot,
+            });
+        }
+        if rate_bytes_per_second == 0 {
+            return Err(CommandError::invalid("a flatten rate of 0"));
+        }
+        if self.volume_has_snapshots(volume) {
+            return Err(CommandError::invalid(format!(
+                "volume {volume} has snapshots, whose unwritten blocks read from its parent: delete them first"
+            )));
+        }
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        match &mut entry.flatten {
+            Some(flatten) => flatten.rate_bytes_per_second = rate_bytes_per_second,
+            None => {
+                entry.flatten = Some(Flatten {
+                    rate_bytes_per_second,
+                    remaining_blocks: BTreeMap::new(),
+                })
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn flatten_progress(
+        &mut self,
+        partition: PartitionId,
+        epoch: Epoch,
+        remaining_blocks: u64,
+    ) -> Result<Outcome, CommandError> {
+        let volume = partition.volume;
+        let entry = self.live_volume(volume)?;
+        let current = entry
+            .partitions
+            .get(partition.index as usize)
+            .ok_or(CommandError::UnknownPartition { partition })?
+            .epoch;
+        if epoch != current {
+            return Err(CommandError::StaleEpoch {
+                partition,
+                presented: epoch,
+                current,
+            });
+        }
+        let count = entry.partitions.len();
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        let Some(flatten) = &mut entry.flatten else {
+            // Done already (a late report), or never started.
+            return if entry.parent.is_none() {
+                Ok(Outcome::Done)
+            } else {
+                Err(CommandError::invalid(format!(
+                    "volume {volume} is not being flattened"
+                )))
+            };
+        };
+        flatten
+            .remaining_blocks
+            .insert(partition.index, remaining_blocks);
+        let done = flatten.remaining_blocks.len() == count
+            && flatten.remaining_blocks.values().all(|left| *left == 0);
+        if done {
+            entry.flatten = None;
+            entry.parent = None;
+        }
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn start_rollback(
+        &mut self,
+        volume: VolumeId,
+        snapshot: &str,
+    ) -> Result<Outcome, CommandError> {
+        let entry = self.live_volume(volume)?;
+        if !entry.attachments.is_empty() {
+            return Err(CommandError::VolumeAttached {
+                volume,
+                attachments: entry.attachments.len(),
+            });
+        }
+        if entry.flatten.is_some() {
+            return Err(CommandError::invalid(format!(
+                "volume {volume} is being flattened"
+            )));
+        }
+        let id = self
+            .snapshot_named(volume, snapshot)
+            .filter(|s| s.state == SnapshotState::Ready)
+            .map(|s| s.id)
+            .ok_or_else(|| {
+                CommandError::invalid(format!(
+                    "volume {volume} has no ready snapshot named {snapshot:?}"
+                ))
+            })?;
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        match &entry.rollback {
+            Some(rollback) if rollback.snapshot == id => Ok(Outcome::Done),
+            Some(rollback) => Err(CommandError::VolumeRollingBack {
+                volume,
+                snapshot: rollback.snapshot,
+            }),
+            None => {
+                entry.rollback = Some(Rollback {
+                    snapshot: id,
+                    cursors: BTreeMap::new(),
+                    done: std::collections::BTreeSet::new(),
+                });
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    pub(super) fn rollback_progress(
+        &mut self,
+        partition: PartitionId,
+        epoch: Epoch,
+        cursor: u64,
+        done: bool,
+    ) -> Result<Outcome, CommandError> {
+        let volume = partition.volume;
+        let entry = self.live_volume(volume)?;
+        let current = entry
+            .partitions
+            .get(partition.index as usize)
+            .ok_or(CommandError::UnknownPartition { partition })?
+            .epoch;
+        if epoch != current {
+            return Err(CommandError::StaleEpoch {
+                partition,
+                presented: epoch,
+                current,
+            });
+        }
+        let count = entry.partitions.len();
+        let entry = self
+            .volumes
+            .get_mut(&volume)
+            .ok_or(CommandError::UnknownVolume { volume })?;
+        let Some(rollback) = &mut entry.rollback else {
+            // Over already (a late report).
+            return Ok(Outcome::Done);
+        };
+        let at = rollback.cursors.entry(partition.index).or_insert(0);
+        *at = (*at).max(cursor);
+        if done {
+            rollback.done.insert(partition.index);
+        }
+        if rollback.done.len() == count {
+            entry.rollback = None;
+        }
+        Ok(Outcome::Done)
+    }
+
     pub(super) fn delete_snapshot(&mut self, id: SnapshotId) -> Result<Outcome, CommandError> {
+        if let Some(volume) = self
+            .volumes
+            .values()
+            .find(|v| v.rollback.as_ref().is_some_and(|r| r.snapshot == id))
+        {
+            return Err(CommandError::VolumeRollingBack {
+                volume: volume.id,
+                snapshot: id,
+            });
+        }
+        let clones = self.clones_of(id);
+        if !clones.is_empty() {
+            return Err(CommandError::SnapshotHasClones {
+                snapshot: id,
+                clones,
+            });
+        }
         let record = self.snapshot_mut(id)?;
         match record.state {
             SnapshotState::Ready => {
@@ -253,6 +506,22 @@ impl UnitState {
     /// Snapshot invariants: ids below the next id, volumes sorted and
     /// live, a ready snapshot has exactly one cut per partition.
     pub(super) fn check_snapshots(&self) -> Result<(), String> {
+        for v in self.volumes.values() {
+            if v.flatten.is_some() && v.parent.is_none() {
+                return Err(format!("volume {} flattens with no parent", v.id));
+            }
+            if let Some(parent) = v.parent {
+                let ready = self.snapshots.get(&parent.snapshot).is_some_and(|s| {
+                    s.state == SnapshotState::Ready && s.volumes.contains(&parent.volume)
+                });
+                if !ready {
+                    return Err(format!(
+                        "clone {} of snapshot {} of volume {}, which is not ready",
+                        v.id, parent.snapshot, parent.volume
+                    ));
+                }
+            }
+        }
         for (id, s) in &self.snapshots {
             if s.id != *id || *id >= self.next_snapshot_id.max(1) {
                 return Err(format!("snapshot {id} misfiled or above the next id"));
@@ -435,6 +704,245 @@ mod tests {
         // An aborted snapshot is purged (after its partial cuts are dropped).
         ok(&mut state, Command::PurgeSnapshot { snapshot: id });
         assert!(state.snapshots().is_empty());
+    }
+
+    #[test]
+    fn a_clone_pins_its_parent_snapshot_until_it_is_deleted() {
+        let mut state = unit();
+        let id = created(&mut state, create("base", vec![1]));
+        let clone = |name: &str| Command::RegisterClone {
+            volume: 7,
+            name: name.into(),
+            parent: 1,
+            snapshot: "base".into(),
+        };
+        // Not ready yet: no clone.
+        refused(&mut state, clone("c"));
+        let cuts = cuts_of(&state, &[1]);
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        // Unknown parent or snapshot name.
+        refused(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 9,
+                snapshot: "base".into(),
+            },
+        );
+        refused(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 1,
+                snapshot: "other".into(),
+            },
+        );
+        ok(&mut state, clone("c"));
+        let (parent, child) = (&state.volumes()[&1], &state.volumes()[&7]);
+        assert_eq!(
+            (child.size_bytes, child.partition_size_bytes, child.code),
+            (parent.size_bytes, parent.partition_size_bytes, parent.code)
+        );
+        assert_eq!(
+            child.parent,
+            Some(CloneParent {
+                volume: 1,
+                snapshot: id
+            })
+        );
+        assert_eq!(state.clones_of(id), vec![7]);
+        // The snapshot stays while the clone reads from it (typed error).
+        assert_eq!(
+            refused(&mut state, Command::DeleteSnapshot { snapshot: id }),
+            CommandError::SnapshotHasClones {
+                snapshot: id,
+                clones: vec![7]
+            }
+        );
+        // The same id again is refused like any volume's.
+        refused(&mut state, clone("c2"));
+        ok(
+            &mut state,
+            Command::DeleteVolume {
+                volume: 7,
+                force: true,
+                now_ms: 2000,
+            },
+        );
+        assert!(state.clones_of(id).is_empty());
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
+    }
+
+    #[test]
+    fn a_flatten_ends_when_every_partition_reports_nothing_left() {
+        let mut state = unit();
+        let id = created(&mut state, create("base", vec![1]));
+        let cuts = cuts_of(&state, &[1]);
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        // Not a clone: nothing to flatten.
+        refused(
+            &mut state,
+            Command::StartFlatten {
+                volume: 1,
+                rate_bytes_per_second: 1 << 20,
+            },
+        );
+        ok(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 1,
+                snapshot: "base".into(),
+            },
+        );
+        // A clone with a snapshot of its own is not flattened.
+        let own = created(&mut state, create("own", vec![7]));
+        let start = Command::StartFlatten {
+            volume: 7,
+            rate_bytes_per_second: 1 << 20,
+        };
+        refused(&mut state, start.clone());
+        ok(
+            &mut state,
+            Command::AbortSnapshot {
+                snapshot: own,
+                reason: "test".into(),
+            },
+        );
+        ok(&mut state, Command::PurgeSnapshot { snapshot: own });
+        ok(&mut state, start.clone());
+        // No snapshot of a flattening clone.
+        refused(&mut state, create("during", vec![7]));
+        let parts = state.volumes()[&7].partitions.clone();
+        let report = |index: usize, epoch: Epoch, left: u64| Command::FlattenProgress {
+            partition: parts[index].id,
+            epoch,
+            remaining_blocks: left,
+        };
+        // A report at another epoch is refused.
+        refused(&mut state, report(0, parts[0].epoch + 1, 0));
+        ok(&mut state, report(0, parts[0].epoch, 10));
+        for (i, p) in parts.iter().enumerate().skip(1) {
+            ok(&mut state, report(i, p.epoch, 0));
+        }
+        // Partition 0 still has blocks to copy: the parent stays pinned.
+        assert!(state.volumes()[&7].parent.is_some());
+        assert_eq!(
+            state.unit_status().clones[0]
+                .flatten
+                .as_ref()
+                .map(|f| f.remaining_blocks.values().sum::<u64>()),
+            Some(10)
+        );
+        refused(&mut state, Command::DeleteSnapshot { snapshot: id });
+        ok(&mut state, report(0, parts[0].epoch, 0));
+        let clone = &state.volumes()[&7];
+        assert_eq!((clone.parent, clone.flatten.clone()), (None, None));
+        assert!(state.unit_status().clones.is_empty());
+        // A late report is harmless; the parent snapshot can go now.
+        ok(&mut state, report(1, parts[1].epoch, 0));
+        refused(&mut state, start);
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
+    }
+
+    #[test]
+    fn a_rollback_needs_a_detached_volume_and_keeps_it_detached_until_done() {
+        let mut state = unit();
+        let id = created(&mut state, create("s1", vec![1]));
+        let cuts = cuts_of(&state, &[1]);
+        ok(
+            &mut state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        let attach = |attachment: u64| Command::RegisterAttachment {
+            volume: 1,
+            attachment,
+            token_digest: [attachment as u8; proto::volume::TOKEN_DIGEST_BYTES],
+            host: "h".into(),
+            now_ms: 1000,
+        };
+        let start = Command::StartRollback {
+            volume: 1,
+            snapshot: "s1".into(),
+        };
+        ok(&mut state, attach(1));
+        assert_eq!(
+            refused(&mut state, start.clone()),
+            CommandError::VolumeAttached {
+                volume: 1,
+                attachments: 1
+            }
+        );
+        ok(
+            &mut state,
+            Command::RemoveAttachment {
+                volume: 1,
+                attachment: 1,
+            },
+        );
+        refused(
+            &mut state,
+            Command::StartRollback {
+                volume: 1,
+                snapshot: "nope".into(),
+            },
+        );
+        ok(&mut state, start.clone());
+        ok(&mut state, start.clone());
+        // No attachment, snapshot or delete of the target meanwhile.
+        assert_eq!(
+            refused(&mut state, attach(2)),
+            CommandError::VolumeRollingBack {
+                volume: 1,
+                snapshot: id
+            }
+        );
+        refused(&mut state, create("s2", vec![1]));
+        refused(&mut state, Command::DeleteSnapshot { snapshot: id });
+        let parts = state.volumes()[&1].partitions.clone();
+        let report = |i: usize, epoch: Epoch, cursor: u64, done: bool| Command::RollbackProgress {
+            partition: parts[i].id,
+            epoch,
+            cursor,
+            done,
+        };
+        refused(&mut state, report(0, parts[0].epoch + 1, 5, false));
+        ok(&mut state, report(0, parts[0].epoch, 256, false));
+        // A cursor never goes back (a resumed primary may report less).
+        ok(&mut state, report(0, parts[0].epoch, 10, false));
+        assert_eq!(
+            state.volumes()[&1].rollback.as_ref().unwrap().cursors[&0],
+            256
+        );
+        for (i, p) in parts.iter().enumerate() {
+            assert!(state.volumes()[&1].rollback.is_some());
+            ok(&mut state, report(i, p.epoch, 1 << 18, true));
+        }
+        assert!(state.volumes()[&1].rollback.is_none());
+        assert!(state.unit_status().rollbacks.is_empty());
+        ok(&mut state, attach(2));
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
     }
 
     #[test]

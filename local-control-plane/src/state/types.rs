@@ -199,6 +199,52 @@ pub struct Volume {
     /// JSON, so their snapshots do not change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<proto::qos::VolumeQos>,
+    /// A clone's parent snapshot (`RegisterClone`): the blocks the clone
+    /// never wrote read as the parent snapshot's (see `state::snapshots`,
+    /// clones). Absent from volumes that are not clones, so their JSON
+    /// does not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<CloneParent>,
+    /// A clone's flatten in progress (`StartFlatten`): its primaries copy
+    /// every block the clone never wrote from the parent snapshot; once
+    /// all report none left, `parent` and `flatten` are cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flatten: Option<Flatten>,
+    /// A rollback to one of the volume's snapshots in progress
+    /// (`StartRollback`): the volume takes no attachment until its
+    /// primaries have all rewritten the blocks that differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
+}
+
+/// A volume's rollback as the unit records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The snapshot whose content becomes the live content.
+    pub snapshot: u64,
+    /// Per partition, the block below which its primary has rolled back
+    /// (it resumes there after a failover; absent: 0).
+    pub cursors: BTreeMap<u32, u64>,
+    /// Partitions done.
+    pub done: BTreeSet<u32>,
+}
+
+/// A clone's flatten as the unit records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flatten {
+    /// Copy rate of each partition's primary, bytes per second.
+    pub rate_bytes_per_second: u64,
+    /// Blocks each partition still reads from the parent, as its primary
+    /// last reported (a partition not in the map has not reported yet).
+    pub remaining_blocks: BTreeMap<u32, u64>,
+}
+
+/// Where a clone's unwritten blocks read from: snapshot `snapshot` of
+/// volume `volume`, of the same size and partition size as the clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneParent {
+    pub volume: VolumeId,
+    pub snapshot: u64,
 }
 
 /// A volume being deleted: out of every map and placement, its partitions

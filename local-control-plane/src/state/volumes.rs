@@ -142,6 +142,12 @@ impl UnitState {
             return Err(CommandError::invalid("attachment id 0 is reserved"));
         }
         let entry = self.live_volume(volume)?;
+        if let Some(rollback) = &entry.rollback {
+            return Err(CommandError::VolumeRollingBack {
+                volume,
+                snapshot: rollback.snapshot,
+            });
+        }
         if let Some(existing) = entry.attachments.get(&attachment) {
             if digests_equal(&existing.token_digest, &token_digest) {
                 return Ok(Outcome::Done);

@@ -243,6 +243,8 @@ impl FakeUnit {
                 failover: Default::default(),
                 allocation: Default::default(),
                 snapshots: Vec::new(),
+                clones: Vec::new(),
+                rollbacks: Vec::new(),
                 capacity: CapacitySummary {
                     free_columns: free as u64,
                     used_columns: 0,
