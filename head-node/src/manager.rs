@@ -1666,7 +1666,9 @@ async fn lease_task(inner: Arc<Inner>, shutdown: CancellationToken) {
 /// together and commits them in one Raft entry rather than one each. The
 /// time between two renewals stays at most one interval plus the commit.
 fn until_next_renewal(now_ms: u64, interval: Duration) -> Duration {
-    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+    let interval_ms = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
     Duration::from_millis(interval_ms - now_ms % interval_ms)
 }
 
@@ -1883,7 +1885,10 @@ mod tests {
             let pause = until_next_renewal(now, interval);
             let at = now + u64::try_from(pause.as_millis()).unwrap();
             assert_eq!(at % 150, 0, "now {now}");
-            assert!(pause > Duration::ZERO && pause <= interval, "now {now}: {pause:?}");
+            assert!(
+                pause > Duration::ZERO && pause <= interval,
+                "now {now}: {pause:?}"
+            );
         }
     }
 

@@ -1225,13 +1225,18 @@ fn node_lease_renewal_grants_and_refuses_each_partition_as_grant_lease() {
     assert_eq!(leases, vec![(first, Ok(1_100))]);
     // A node that is not Up renews nothing.
     ok(&mut state, set_node_health(holder.clone(), Health::Down));
-    let Outcome::LeasesGranted { leases, .. } = ok(&mut state, renew(vec![(first, 1)], 200))
-    else {
+    let Outcome::LeasesGranted { leases, .. } = ok(&mut state, renew(vec![(first, 1)], 200)) else {
         panic!("not LeasesGranted");
     };
     assert!(matches!(leases[0].1, Err(CommandError::NodeNotUp { .. })));
     assert_eq!(
-        state.partition(first).unwrap().lease.as_ref().unwrap().expires_at_ms,
+        state
+            .partition(first)
+            .unwrap()
+            .lease
+            .as_ref()
+            .unwrap()
+            .expires_at_ms,
         1_100
     );
 }
