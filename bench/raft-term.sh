@@ -7,7 +7,8 @@
 # term at start and after the load, the leader, and the longest gap between
 # two completions; fails if the leader changed. Then, from the head nodes'
 # logs: elections started, AppendEntries that timed out at the leader, and
-# Raft log writes slower than 50 ms (count, total, longest).
+# Raft log writes slower than 50 ms (count, total, longest), and leases that
+# ran out before their renewal came (count, longest gap without a lease).
 # BENCH_FIO_JOBS (default 0): that many fio jobs of 4 KiB O_DIRECT random
 # writes with an fsync each run beside it on this disk (the contention
 # that raised the term before the control connections and priority).
@@ -48,18 +49,24 @@ import re, sys
 path = sys.argv[1]
 elections = timeouts = 0
 slow = []
+gaps = []
 for line in open(path, errors="replace"):
     if "do trigger election" in line:
         elections += 1
     elif "RPCError" in line and "AppendEntries" in line:
         timeouts += 1
+    elif "lease renewed after it lapsed" in line:
+        m = re.search(r"gap_ms=(\d+)", line)
+        if m:
+            gaps.append(int(m.group(1)))
     elif "slow raft log write" in line:
         m = re.search(r"total_ms=(\d+)", line)
         if m:
             slow.append(int(m.group(1)))
 name = path.rsplit("/", 1)[-1][:-4]
 print(f"{name}: elections started {elections}, AppendEntries failed {timeouts}, "
-      f"raft log writes >= 50 ms: {len(slow)} ({sum(slow)} ms in all, longest {max(slow, default=0)} ms)")
+      f"raft log writes >= 50 ms: {len(slow)} ({sum(slow)} ms in all, longest {max(slow, default=0)} ms), "
+      f"leases lapsed before renewal: {len(gaps)} (longest gap {max(gaps, default=0)} ms)")
 PY
 done
 exit $status

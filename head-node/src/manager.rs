@@ -18,8 +18,10 @@
 //!   desired but not hosted                          ─▶ Partition::open(role, epoch,
 //!                                                      its recovered records)
 //!   all partitions that had records opened           ─▶ READY (traffic, flush, GC)
-//! per primary: lease task  (GrantLease every renew interval, lease_until)
-//!              sync report (SecondaryInSync once the secondary caught up)
+//! per node:    lease task  (one GrantLeases for all its primaries every renew
+//!                           interval, and at once when a primary is hosted;
+//!                           lease_until per primary)
+//! per primary: sync report (SecondaryInSync once the secondary caught up)
 //!              duty task   (flush when due: fill ratio / age; GC every gc interval)
 //! host request   ─▶ attachment credential valid for the volume and the range
 //!                   inside the volume (applied LCP state; else Unauthorized /
@@ -43,9 +45,19 @@
 //!
 //! **Leases** (ARCHITECTURE.md, Leases and failover). A primary serves
 //! reads and writes only while it holds a lease. The local deadline is measured from *before*
-//! the `GrantLease` proposal and shortened by a safety margin (a tenth of
+//! the proposal and shortened by a safety margin (a tenth of
 //! the duration) for clock rate differences, so this node stops serving
-//! before the control plane's copy of the lease expires.
+//! before the control plane's copy of the lease expires. One lease task
+//! per node renews the leases of all its primaries in one
+//! [`Command::GrantLeases`] (one Raft entry per node per renew interval,
+//! however many partitions it serves; it was one `GrantLease` per
+//! partition, ~7 Raft commits a second per primary, the largest part of an
+//! idle unit's CPU). The control plane checks and records each listed
+//! partition's lease exactly as a `GrantLease` would; a partition is only
+//! listed at the epoch its running instance serves, and a lease granted is
+//! applied only to that instance, so the fencing argument is unchanged. A
+//! newly hosted primary (opened, promoted, taken over) wakes the task, so
+//! it gets its lease at once, not a renew interval later.
 //!
 //! **A failed write log** (EIO, a failed sync, an operation past
 //! `wal_timeout`: the log fail-stops, see [`crate::wal`]) takes the whole
@@ -251,7 +263,8 @@ struct Hosted {
     secondary: Option<String>,
     /// Primary: serve until then.
     lease_until: Mutex<Option<Instant>>,
-    /// Stops the lease and duty tasks.
+    /// Stops the duty and sync-report tasks; a cancelled partition's
+    /// lease is not renewed.
     cancel: CancellationToken,
     /// Primary: background flushes that failed.
     flushes_failed: AtomicU64,
@@ -633,6 +646,8 @@ struct Inner {
     /// hosted or opened again.
     out_of_service: AtomicBool,
     log_failure: Mutex<Option<LogFailure>>,
+    /// Wakes the lease task: a primary was hosted and needs its lease now.
+    lease_wake: tokio::sync::Notify,
     shutdown: CancellationToken,
 }
 
@@ -800,6 +815,7 @@ impl PartitionManager {
                 verified_tokens: RwLock::new(HashMap::new()),
                 out_of_service: AtomicBool::new(false),
                 log_failure: Mutex::new(None),
+                lease_wake: tokio::sync::Notify::new(),
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -814,6 +830,7 @@ impl PartitionManager {
         let mut metrics = inner.node.raft().metrics();
         tokio::spawn(watch_log(self.inner.clone(), shutdown.clone()));
         tokio::spawn(watch_sled_devices(self.inner.clone(), shutdown.clone()));
+        tokio::spawn(lease_task(self.inner.clone(), shutdown.clone()));
         loop {
             let applied = metrics.borrow_and_update().last_applied;
             reconcile(inner).await;
@@ -1555,11 +1572,15 @@ fn host_primary(inner: &Arc<Inner>, id: PartitionId, d: &Desired, partition: Par
         return;
     }
     if d.role == OpenRole::Primary {
-        tokio::spawn(lease_task(inner.clone(), hosted.clone()));
         tokio::spawn(duty_task(inner.clone(), hosted.clone()));
         tokio::spawn(sync_report_task(inner.clone(), hosted.clone()));
     }
     all.insert(id, hosted);
+    drop(all);
+    if d.role == OpenRole::Primary {
+        // Its lease now, not at the next renewal.
+        inner.lease_wake.notify_one();
+    }
 }
 
 /// `RACKBLOCK_TEST_WAL_FAULT_FILE`, for end-to-end tests only: when set, the
@@ -1784,55 +1805,141 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Keeps the primary's lease (see the module docs).
-async fn lease_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
-    let id = hosted.partition.id();
+/// Keeps the leases of every primary this node hosts (see the module
+/// docs): one [`Command::GrantLeases`] per renew interval for all of them,
+/// and at once whenever a primary is hosted ([`Inner::lease_wake`]), so a
+/// promoted or newly opened partition waits for no timer. Runs until
+/// `shutdown`.
+async fn lease_task(inner: Arc<Inner>, shutdown: CancellationToken) {
     let duration = inner.config.lease_duration;
     let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let started = Instant::now();
-        let now = now_ms();
-        let command = Command::GrantLease {
-            partition: id,
-            holder: inner.me.clone(),
-            epoch: hosted.opened_epoch,
-            now_ms: now,
-            duration_ms,
+        let primaries: Vec<Arc<Hosted>> = read(&inner.hosted)
+            .values()
+            .filter(|h| h.role == OpenRole::Primary && !h.cancel.is_cancelled())
+            .cloned()
+            .collect();
+        let mut serving = Vec::with_capacity(primaries.len());
+        for hosted in primaries {
+            if matches!(hosted.partition.role(), Role::Primary) {
+                serving.push(hosted);
+            } else {
+                // Stopped serving (fenced, taken over): no renewal.
+                *lock(&hosted.lease_until) = None;
+            }
+        }
+        let pause = if serving.is_empty() {
+            None
+        } else if renew_leases(&inner, &serving, duration_ms).await {
+            Some(until_next_renewal(
+                now_ms(),
+                inner.config.lease_renew_interval,
+            ))
+        } else {
+            Some(LEASE_RETRY_INTERVAL)
         };
-        let pause = match propose(&inner.node, command).await {
-            Ok(Outcome::LeaseGranted { expires_at_ms, .. }) => {
+        let sleep = async {
+            match pause {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = inner.lease_wake.notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Time from `now_ms` (wall clock) to the next multiple of `interval`:
+/// every head node renews at the same instants, so the leader's proposal
+/// queue ([`local_control_plane::proposals`]) finds their renewals
+/// together and commits them in one Raft entry rather than one each. The
+/// time between two renewals stays at most one interval plus the commit.
+fn until_next_renewal(now_ms: u64, interval: Duration) -> Duration {
+    let interval_ms = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_millis(interval_ms - now_ms % interval_ms)
+}
+
+/// One renewal of `serving`'s leases; whether every lease was granted
+/// (otherwise the next attempt comes after the retry interval).
+async fn renew_leases(inner: &Arc<Inner>, serving: &[Arc<Hosted>], duration_ms: u64) -> bool {
+    let started = Instant::now();
+    let now = now_ms();
+    let command = Command::GrantLeases {
+        holder: inner.me.clone(),
+        now_ms: now,
+        duration_ms,
+        partitions: serving
+            .iter()
+            .map(|h| (h.partition.id(), h.opened_epoch))
+            .collect(),
+    };
+    let leases = match propose(&inner.node, command).await {
+        Ok(Outcome::LeasesGranted { leases, .. }) => leases,
+        Ok(other) => {
+            warn!(?other, "unexpected answer to GrantLeases");
+            return false;
+        }
+        Err(ProposeError::Refused(error)) => {
+            warn!(%error, "lease renewal refused");
+            return false;
+        }
+        Err(error) => {
+            debug!(%error, "lease renewal failed");
+            return false;
+        }
+    };
+    let mut all_granted = leases.len() == serving.len();
+    for (hosted, (id, result)) in serving.iter().zip(leases) {
+        let expected = hosted.partition.id();
+        if id != expected {
+            warn!(partition = ?expected, answered = ?id, "GrantLeases answered out of order");
+            all_granted = false;
+            continue;
+        }
+        match result {
+            Ok(expires_at_ms) => {
+                // Measured from before the proposal, shortened by a tenth
+                // for clock rate differences (module docs).
                 let granted_ms = expires_at_ms.saturating_sub(now).min(duration_ms);
                 let margin_ms = granted_ms / 10;
                 let until = started + Duration::from_millis(granted_ms - margin_ms);
                 let mut lease = lock(&hosted.lease_until);
-                if lease.is_none() {
-                    info!(partition = ?id, epoch = hosted.opened_epoch, "lease granted");
+                // A partition shut down meanwhile (log failure, role
+                // change) keeps no lease.
+                if hosted.cancel.is_cancelled() {
+                    continue;
+                }
+                match *lease {
+                    None => {
+                        info!(partition = ?id, epoch = hosted.opened_epoch, "lease granted");
+                    }
+                    Some(previous) => {
+                        // A renewal that came after the lease ran out: the
+                        // partition served nothing meanwhile
+                        // (bench/raft-term.sh reports the longest gap).
+                        if let Some(gap) = Instant::now().checked_duration_since(previous) {
+                            warn!(
+                                partition = ?id,
+                                gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+                                "lease renewed after it lapsed"
+                            );
+                        }
+                    }
                 }
                 *lease = Some(until);
-                inner.config.lease_renew_interval
-            }
-            Ok(other) => {
-                warn!(partition = ?id, ?other, "unexpected answer to GrantLease");
-                LEASE_RETRY_INTERVAL
-            }
-            Err(ProposeError::Refused(error)) => {
-                warn!(partition = ?id, epoch = hosted.opened_epoch, %error, "lease refused");
-                LEASE_RETRY_INTERVAL
             }
             Err(error) => {
-                debug!(partition = ?id, %error, "lease request failed");
-                LEASE_RETRY_INTERVAL
+                warn!(partition = ?id, epoch = hosted.opened_epoch, %error, "lease refused");
+                all_granted = false;
             }
-        };
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = hosted.cancel.cancelled() => return,
-        }
-        if !matches!(hosted.partition.role(), Role::Primary) {
-            *lock(&hosted.lease_until) = None;
-            return;
         }
     }
+    all_granted
 }
 
 /// Tells the control plane once this primary's secondary holds every
@@ -1959,6 +2066,23 @@ async fn duty_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Renewals land on wall-clock multiples of the interval (so the head
+    /// nodes' renewals meet in one Raft entry), never more than one
+    /// interval apart, never with a zero pause.
+    #[test]
+    fn renewals_are_aligned_to_the_interval() {
+        let interval = Duration::from_millis(150);
+        for now in [0_u64, 1, 149, 150, 151, 299, 1_000_000_007] {
+            let pause = until_next_renewal(now, interval);
+            let at = now + u64::try_from(pause.as_millis()).unwrap();
+            assert_eq!(at % 150, 0, "now {now}");
+            assert!(
+                pause > Duration::ZERO && pause <= interval,
+                "now {now}: {pause:?}"
+            );
+        }
+    }
 
     fn unit() -> UnitState {
         let mut state = UnitState::new();

@@ -132,6 +132,21 @@ pub enum Command {
         now_ms: u64,
         duration_ms: u64,
     },
+    /// One head node's lease renewal: [`Command::GrantLease`] for every
+    /// `(partition, epoch)` listed, all at `now_ms` for `duration_ms`, in
+    /// one Raft entry. A head node renews the leases of all the partitions
+    /// it is primary of with one of these every renew interval, instead of
+    /// one `GrantLease` per partition: the Raft log then takes one entry
+    /// per head node per interval however many partitions it serves. Each
+    /// partition is granted or refused on its own, exactly as its own
+    /// `GrantLease` would be ([`Outcome::LeasesGranted`]); the fencing
+    /// rules do not change.
+    GrantLeases {
+        holder: NodeId,
+        now_ms: u64,
+        duration_ms: u64,
+        partitions: Vec<(PartitionId, Epoch)>,
+    },
     /// The primary at `epoch` confirms that `secondary` holds every record
     /// it acknowledged (its catch-up finished): the partition's
     /// `secondary_catching_up` is cleared, so the failover controller may
@@ -362,7 +377,8 @@ pub enum Command {
     /// proposal queue (`crate::proposals`) makes them from commands
     /// proposed while the previous entry was being committed, so that the
     /// Raft core syncs its log once per batch rather than once per command
-    /// (a lease renewal per partition every 150 ms). A batch inside a batch
+    /// (each head node's lease renewal every 150 ms, the controllers'
+    /// commands). A batch inside a batch
     /// is refused.
     Batch(Vec<Command>),
 }
@@ -404,6 +420,13 @@ pub enum Outcome {
         partition: PartitionId,
         holder: NodeId,
         expires_at_ms: u64,
+    },
+    /// The answer to [`Command::GrantLeases`]: per listed partition, in
+    /// order, the lease expiry granted (what `LeaseGranted` would carry) or
+    /// why that partition's lease was refused.
+    LeasesGranted {
+        holder: NodeId,
+        leases: Vec<(PartitionId, Result<u64, crate::error::CommandError>)>,
     },
     VolumeResized {
         volume: VolumeId,

@@ -6,7 +6,8 @@
 //!                        not sent (connect failed) or idempotent?
 //!                              yes ─▶ attempt on the other path (once)
 //!                              no  ─▶ Uncertain (outcome unknown)
-//! prober: every probe_interval, Ping each path (probe_timeout);
+//! prober: every probe_interval, Ping each path (probe_timeout) that
+//!         answered no request within the last probe_interval;
 //!         Down after failures_before_down consecutive failures, Up on one success.
 //! ```
 //!
@@ -34,6 +35,15 @@
 //!   the link never falls back to plain TCP. Frames then flow inside TLS;
 //!   the reader and writer tasks are the same generic code as on plain TCP
 //!   (whose halves stay `TcpStream::into_split`'s).
+//! * **Probes only where traffic is silent.** An answered request shows as
+//!   much as a Pong, so a path that answered a request within the last
+//!   probe interval is not pinged at that tick (a busy link sends no pings;
+//!   an idle one pings as before). Detection does not wait longer: a
+//!   refused or failed request marks the path at once, as before, and a
+//!   path whose requests stop being answered (black-holed, a stalled peer)
+//!   is pinged again at most one interval after its last answer. Probes
+//!   themselves do not count as traffic, so an idle link pings every
+//!   interval.
 //! * The prober holds only a weak reference: it stops when the last
 //!   `Arc<PeerLink>` is dropped, or on [`PeerLink::close`].
 
@@ -613,6 +623,10 @@ struct Health {
     down_since: Option<Instant>,
     refused_since: Option<Instant>,
     ever_up: bool,
+    /// When a request (not a probe) on this path was last answered: the
+    /// prober skips a path that answered traffic within the last probe
+    /// interval (module docs).
+    last_answer: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -672,6 +686,7 @@ impl PeerLink {
                 down_since: None,
                 refused_since: None,
                 ever_up: false,
+                last_answer: None,
             }),
             labels: PathLabels {
                 peer: peer.clone(),
@@ -846,6 +861,7 @@ impl PeerLink {
                     .get_or_create(&path.labels)
                     .observe(elapsed.as_secs_f64());
                 self.record_success(path, None);
+                lock(&path.health).last_answer = Some(Instant::now());
             }
             Err(AttemptError::Timeout) => self.record_timeout(path),
             Err(error) => self.record_failure(path, error),
@@ -917,8 +933,13 @@ impl PeerLink {
     }
 
     /// Ping one path; on timeout drop its connection (see module docs).
+    /// A path whose traffic was answered within the last probe interval is
+    /// not pinged: that answer already showed it works.
     async fn probe(&self, id: PathId) {
         let path = self.path(id);
+        if path.answered_within(self.config.probe_interval) {
+            return;
+        }
         let timeout = self.config.probe_timeout;
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let nonce = request_id;
@@ -960,6 +981,13 @@ impl PeerLink {
 impl Path {
     fn state(&self) -> PathState {
         lock(&self.health).state
+    }
+
+    /// Whether a request on this path was answered within `interval`.
+    fn answered_within(&self, interval: Duration) -> bool {
+        lock(&self.health)
+            .last_answer
+            .is_some_and(|at| at.elapsed() < interval)
     }
 
     fn status(&self) -> PathStatus {

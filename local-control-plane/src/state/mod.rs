@@ -39,6 +39,7 @@
 //! | change primary | epoch + 1, lease dropped | `StaleEpoch`, `LeaseHeld`, `PrimaryEqualsSecondary` |
 //! | change secondary | epoch + 1 | `PrimaryEqualsSecondary`, `NodeNotUp` |
 //! | grant lease | primary holds the lease until `now + duration` | `NotPrimary`, `StaleEpoch`, `LeaseHeld` |
+//! | grant leases (one head node's renewal) | grant lease, per listed partition | per partition, as grant lease |
 //! | set health, report path fault | record it | `Unknown*` |
 //! | register / remove attachment | credential digest head nodes accept / revoke | `UnknownVolume`, `VolumeDeleting`, `AlreadyExists`, `UnknownAttachment` |
 //! | resize volume | grow: partitions added and placed | `ShrinkRefused`, `InvalidArgument`, `VolumeDeleting`, `NotEnoughNodes` |
@@ -58,6 +59,10 @@
 //! back across a leader change). A change of primary is refused while the
 //! old primary's lease is unexpired at the command's `now_ms`, so two nodes
 //! never both hold a valid lease, and the lease is dropped with the change.
+//! A head node renews all its primaries' leases in one `GrantLeases`
+//! entry; each listed partition is checked and granted as by its own
+//! `GrantLease`, so the record kept per partition and these rules are the
+//! same whichever command renewed it.
 //!
 //! **Failover** is one [`Command::ChangePrimary`] with `new_secondary`: the
 //! old secondary becomes primary and a new secondary is named, one epoch.
@@ -323,6 +328,28 @@ impl UnitState {
                 now_ms,
                 duration_ms,
             } => self.grant_lease(partition, holder, epoch, now_ms, duration_ms),
+            Command::GrantLeases {
+                holder,
+                now_ms,
+                duration_ms,
+                partitions,
+            } => Ok(Outcome::LeasesGranted {
+                leases: partitions
+                    .into_iter()
+                    .map(|(partition, epoch)| {
+                        let granted =
+                            self.grant_lease(partition, holder.clone(), epoch, now_ms, duration_ms);
+                        let granted = granted.and_then(|outcome| match outcome {
+                            Outcome::LeaseGranted { expires_at_ms, .. } => Ok(expires_at_ms),
+                            other => Err(CommandError::invalid(format!(
+                                "lease grant answered {other:?}"
+                            ))),
+                        });
+                        (partition, granted)
+                    })
+                    .collect(),
+                holder,
+            }),
             Command::SecondaryInSync {
                 partition,
                 primary,

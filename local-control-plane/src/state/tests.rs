@@ -1151,6 +1151,96 @@ fn lease_refusals() {
     ));
 }
 
+/// One head node's renewal (`GrantLeases`) grants each listed partition
+/// exactly as its own `GrantLease` would, and refuses each on its own:
+/// a stale epoch or a partition it is not primary of takes nothing from
+/// the others, and the record is the one a `GrantLease` leaves.
+#[test]
+fn node_lease_renewal_grants_and_refuses_each_partition_as_grant_lease() {
+    let mut state = unit();
+    let first = p(1, 0);
+    let (holder, _, _) = roles(&state, first);
+    let ids: Vec<PartitionId> = (0..8)
+        .map(|i| p(1, i))
+        .filter(|&id| state.partition(id).is_some())
+        .collect();
+    let mine: Vec<PartitionId> = ids
+        .iter()
+        .copied()
+        .filter(|&id| roles(&state, id).0 == holder)
+        .collect();
+    let other = ids
+        .iter()
+        .copied()
+        .find(|&id| roles(&state, id).0 != holder)
+        .expect("a partition another node is primary of");
+    let renew = |partitions: Vec<(PartitionId, Epoch)>, now_ms| Command::GrantLeases {
+        holder: holder.clone(),
+        now_ms,
+        duration_ms: 1_000,
+        partitions,
+    };
+    let mut listed: Vec<(PartitionId, Epoch)> = mine.iter().map(|&id| (id, 1)).collect();
+    listed.push((other, 1));
+    listed.push((first, 2));
+    let mut expected_state = state.clone();
+    let Outcome::LeasesGranted { holder: h, leases } = ok(&mut state, renew(listed.clone(), 100))
+    else {
+        panic!("not LeasesGranted");
+    };
+    assert_eq!(h, holder);
+    assert_eq!(leases.len(), listed.len());
+    for ((id, epoch), (answered, result)) in listed.iter().zip(&leases) {
+        assert_eq!(id, answered);
+        let alone = expected_state.apply(grant_lease(*id, holder.clone(), *epoch, 100, 1_000));
+        match (result, alone) {
+            (Ok(expires), Ok(Outcome::LeaseGranted { expires_at_ms, .. })) => {
+                assert_eq!(*expires, expires_at_ms);
+                assert_eq!(*expires, 1_100);
+            }
+            (Err(batched), Err(own)) => assert_eq!(*batched, own),
+            (batched, own) => panic!("{id}: renewal {batched:?}, own GrantLease {own:?}"),
+        }
+    }
+    assert!(leases[..mine.len()].iter().all(|(_, r)| r.is_ok()));
+    assert!(matches!(
+        leases[mine.len()].1,
+        Err(CommandError::NotPrimary { .. })
+    ));
+    assert!(matches!(
+        leases[mine.len() + 1].1,
+        Err(CommandError::StaleEpoch { .. })
+    ));
+    // The same records as the GrantLeases one at a time.
+    for &id in &ids {
+        assert_eq!(
+            state.partition(id).unwrap().lease,
+            expected_state.partition(id).unwrap().lease
+        );
+    }
+    // A renewal from a clock that is behind never shortens a lease.
+    let Outcome::LeasesGranted { leases, .. } = ok(&mut state, renew(vec![(first, 1)], 50)) else {
+        panic!("not LeasesGranted");
+    };
+    assert_eq!(leases, vec![(first, Ok(1_100))]);
+    // A node that is not Up renews nothing.
+    ok(&mut state, set_node_health(holder.clone(), Health::Down));
+    let Outcome::LeasesGranted { leases, .. } = ok(&mut state, renew(vec![(first, 1)], 200)) else {
+        panic!("not LeasesGranted");
+    };
+    assert!(matches!(leases[0].1, Err(CommandError::NodeNotUp { .. })));
+    assert_eq!(
+        state
+            .partition(first)
+            .unwrap()
+            .lease
+            .as_ref()
+            .unwrap()
+            .expires_at_ms,
+        1_100
+    );
+}
+
 #[test]
 fn lease_of_another_holder_blocks_a_grant_until_it_expires() {
     // Not reachable through commands (a change of primary drops the lease);
