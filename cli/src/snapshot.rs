@@ -515,6 +515,10 @@ pub struct ExportArgs {
     /// Where to write: a file, or - for stdout.
     #[arg(short = 'o', long = "to")]
     pub to: String,
+    /// The unit's CA (PEM) for TLS to the head nodes' host ports, as
+    /// `attach --unit-ca`; never falls back to plain TCP when given.
+    #[arg(long, env = "RACKBLOCK_UNIT_CA", value_name = "FILE")]
+    pub unit_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub rack: RackArg,
 }
@@ -575,7 +579,13 @@ struct ExportSession {
 }
 
 impl ExportSession {
-    async fn open(global: &GlobalArgs, volume: &str, snapshot: u64) -> Result<Self, CliError> {
+    async fn open(
+        global: &GlobalArgs,
+        volume: &str,
+        snapshot: u64,
+        unit_ca: Option<&std::path::Path>,
+    ) -> Result<Self, CliError> {
+        let tls = crate::attach::unit_tls(unit_ca)?;
         let api = global.api()?;
         let path = format!("/v1/volumes/{}/attach", crate::http::segment(volume));
         let reply = api
@@ -604,10 +614,11 @@ impl ExportSession {
                     CliError::Runtime("the zonal attach answer has no volume_id".into())
                 })?;
             let endpoints = crate::attach::host_endpoints(&info)?;
-            let config = ClientConfig {
+            let mut config = ClientConfig {
                 snapshot: Some(snapshot),
                 ..ClientConfig::default()
             };
+            config.link.tls = tls;
             VolumeClient::connect_host(
                 &endpoints,
                 volume_id,
@@ -721,7 +732,8 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliErr
         Some(base) => Some(changed_ranges(&args.rack, volume, Some(base), Some(snapshot)).await?),
         None => None,
     };
-    let session = ExportSession::open(global, &args.volume, snapshot).await?;
+    let session =
+        ExportSession::open(global, &args.volume, snapshot, args.unit_ca.as_deref()).await?;
     let result = export_with(&session, args, snapshot, base, diff.as_deref()).await;
     session.close().await;
     let (bytes, records) = result?;

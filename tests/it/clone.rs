@@ -7,11 +7,12 @@
 //! Every tool runs under a deadline; the unit and the agents are stopped
 //! by pid.
 
-use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
+
+use crate::snapshot::{clean, cli_ok, copy_out, qemu_io, random_bytes};
 use tests::{require_tool, run_tool, RunningUnit, ToolOutput};
 
 const MIB: u64 = 1 << 20;
@@ -23,51 +24,6 @@ fn log_step(unit: &RunningUnit, step: &str) {
         "[clone +{:.1}s] {step}",
         unit.started.elapsed().as_secs_f64()
     );
-}
-
-/// `qemu-io -f raw URI -c CMD...`.
-fn qemu_io(uri: &str, commands: &[String]) -> ToolOutput {
-    let mut args: Vec<&str> = vec!["-f", "raw", uri];
-    for command in commands {
-        args.extend(["-c", command.as_str()]);
-    }
-    run_tool("qemu-io", &args, TOOL_TIMEOUT)
-}
-
-/// Succeeded and printed no complaint (qemu-io exits 0 on some failures).
-fn clean(run: &ToolOutput) -> bool {
-    let complaint = ["Pattern verification failed", "error", "Error", "failed"]
-        .into_iter()
-        .any(|needle| run.stdout.contains(needle) || run.stderr.contains(needle));
-    run.status.success() && !complaint
-}
-
-fn cli_ok(unit: &RunningUnit, args: &[&str]) -> String {
-    let out = unit.cli(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "rackblock {args:?}: {text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn random_bytes(len: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .take(len)
-        .read_to_end(&mut out)
-        .unwrap();
-    assert_eq!(out.len() as u64, len);
-    out
-}
-
-fn copy_out(uri: &str, path: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(path);
-    run_tool("nbdcopy", &[uri, path.to_str().unwrap()], TOOL_TIMEOUT).expect_success();
-    std::fs::read(path).unwrap()
 }
 
 /// Panics with the first differing byte unless `got == want`.
@@ -178,8 +134,8 @@ fn clone_and_parent_written_at_the_same_time_each_read_their_own() {
     c_commands.push(format!("write -P 0xc2 {} {}", partial.0, partial.1));
     c_commands.push(format!("discard {} {}", trim.0, trim.1));
     let (b_run, c_run) = std::thread::scope(|s| {
-        let b = s.spawn(|| qemu_io(&vol1, &b_commands));
-        let c = s.spawn(|| qemu_io(&c1, &c_commands));
+        let b = s.spawn(|| qemu_io(&[], &vol1, &b_commands));
+        let c = s.spawn(|| qemu_io(&[], &c1, &c_commands));
         (b.join().unwrap(), c.join().unwrap())
     });
     assert!(clean(&b_run), "vol1 writes: {b_run}");
@@ -230,7 +186,7 @@ fn clone_and_parent_written_at_the_same_time_each_read_their_own() {
             )
         })
         .collect();
-    let d_run = qemu_io(&c1, &during);
+    let d_run = qemu_io(&[], &c1, &during);
     assert!(clean(&d_run), "c1 writes during the flatten: {d_run}");
     for i in 0..8u64 {
         let at = (i * 32 * MIB + 4 * MIB + 8192) as usize;
@@ -312,6 +268,7 @@ fn rollback_of_a_detached_volume_restores_the_snapshot_and_keeps_later_ones() {
     cli_ok(&unit, &["snapshot", "create", "vol2", "s1"]);
     // B after s1 (writes and a trim), then s2, then C.
     let run = qemu_io(
+        &[],
         &vol2,
         &[
             "write -P 0xb1 0 4194304".to_string(),
@@ -326,6 +283,7 @@ fn rollback_of_a_detached_volume_restores_the_snapshot_and_keeps_later_ones() {
     image_b[(100 * MIB) as usize..(102 * MIB) as usize].fill(0);
     cli_ok(&unit, &["snapshot", "create", "vol2", "s2"]);
     let run = qemu_io(
+        &[],
         &vol2,
         &[
             format!("write -P 0xc1 {} {}", MIB, 2 * MIB),

@@ -480,7 +480,9 @@ async fn two_sleds_lost_under_nbd_writes(volume: u64, loss: Loss) {
         let (uri, dir) = (u.uri.clone(), dir.clone());
         std::thread::spawn(move || fio_pass(&uri, &dir, SEQUENTIAL, seed + 2, false))
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Half a second in: on an idle box a pass writes and verifies its
+    // 48 MiB in 2–4 s (a fixed 2 s wait once missed the whole write phase).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!writer.is_finished(), "fio ended before the second loss");
     u.lose_sled(4, loss).await;
     let second = match writer.join() {

@@ -23,7 +23,7 @@ fn log_step(unit: &RunningUnit, step: &str) {
 }
 
 /// `qemu-io -f raw URI -c CMD...` (extra flags first).
-fn qemu_io(flags: &[&str], uri: &str, commands: &[String]) -> ToolOutput {
+pub(crate) fn qemu_io(flags: &[&str], uri: &str, commands: &[String]) -> ToolOutput {
     let mut args: Vec<&str> = flags.to_vec();
     args.extend(["-f", "raw", uri]);
     for command in commands {
@@ -33,14 +33,14 @@ fn qemu_io(flags: &[&str], uri: &str, commands: &[String]) -> ToolOutput {
 }
 
 /// Succeeded and printed no complaint (qemu-io exits 0 on some failures).
-fn clean(run: &ToolOutput) -> bool {
+pub(crate) fn clean(run: &ToolOutput) -> bool {
     let complaint = ["Pattern verification failed", "error", "Error", "failed"]
         .into_iter()
         .any(|needle| run.stdout.contains(needle) || run.stderr.contains(needle));
     run.status.success() && !complaint
 }
 
-fn cli_ok(unit: &RunningUnit, args: &[&str]) -> String {
+pub(crate) fn cli_ok(unit: &RunningUnit, args: &[&str]) -> String {
     let out = unit.cli(args);
     let text = format!(
         "{}{}",
@@ -51,7 +51,7 @@ fn cli_ok(unit: &RunningUnit, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn random_bytes(len: u64) -> Vec<u8> {
+pub(crate) fn random_bytes(len: u64) -> Vec<u8> {
     let mut out = Vec::new();
     std::fs::File::open("/dev/urandom")
         .unwrap()
@@ -62,14 +62,14 @@ fn random_bytes(len: u64) -> Vec<u8> {
     out
 }
 
-fn copy_out(uri: &str, path: &Path) -> Vec<u8> {
+pub(crate) fn copy_out(uri: &str, path: &Path) -> Vec<u8> {
     let _ = std::fs::remove_file(path);
     run_tool("nbdcopy", &[uri, path.to_str().unwrap()], TOOL_TIMEOUT).expect_success();
     std::fs::read(path).unwrap()
 }
 
 /// Index of the first differing byte (None: identical).
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+pub(crate) fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
     }

@@ -27,12 +27,13 @@
 //! by pid.
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::snapshot::{cli_ok, copy_out, first_difference, random_bytes};
 use tests::{http_get, require_tool, run_tool, RunningUnit};
 
 const MIB: u64 = 1 << 20;
@@ -46,17 +47,6 @@ fn log_step(unit: &RunningUnit, step: &str) {
         "[snapshot_crash +{:.1}s] {step}",
         unit.started.elapsed().as_secs_f64()
     );
-}
-
-fn cli_ok(unit: &RunningUnit, args: &[&str]) -> String {
-    let out = unit.cli(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "rackblock {args:?}: {text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `volume create NAME --size SIZE --partition-size PART`.
@@ -86,17 +76,6 @@ fn snapshot_ready(unit: &RunningUnit, volume: &str, name: &str) -> Value {
     created
 }
 
-fn random_bytes(len: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .take(len)
-        .read_to_end(&mut out)
-        .unwrap();
-    assert_eq!(out.len() as u64, len);
-    out
-}
-
 fn copy_in(image: &[u8], path: &Path, uri: &str) {
     std::fs::write(path, image).unwrap();
     run_tool(
@@ -105,20 +84,6 @@ fn copy_in(image: &[u8], path: &Path, uri: &str) {
         TOOL_TIMEOUT,
     )
     .expect_success();
-}
-
-fn copy_out(uri: &str, path: &Path) -> Vec<u8> {
-    let _ = std::fs::remove_file(path);
-    run_tool("nbdcopy", &[uri, path.to_str().unwrap()], TOOL_TIMEOUT).expect_success();
-    std::fs::read(path).unwrap()
-}
-
-/// Index of the first differing byte (None: identical).
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the writer's log

@@ -1217,17 +1217,8 @@ async fn try_shadow(
     // Invariant 4, as for a checkpoint: nothing may point at an extent
     // that is gone (freed by GC after its rows were applied), unless the
     // log replayed next supersedes it.
-    let owned: BTreeSet<u64> = from.keys().copied().collect();
-    if points_outside(&built.index, &owned) {
-        let mut probe = built.index.clone();
-        if replayed.apply_to(shared.id(), &mut probe).is_err() {
-            return Ok(Err("a log record does not fit the partition".to_string()));
-        }
-        if points_outside(&probe, &owned) {
-            return Ok(Err(
-                "blocks still point at a freed extent after the rows and the log".to_string(),
-            ));
-        }
+    if let Err(why) = nothing_points_outside(shared, &built, &from, replayed) {
+        return Ok(Err(why));
     }
     Ok(Ok((built, checkpoint_extents)))
 }
@@ -1487,19 +1478,34 @@ async fn try_candidate(
     scan(shared, scanner, extents, &from, &mut built).await?;
     // Invariant 4: nothing may point at an extent that is gone, unless the
     // log replayed next supersedes it.
-    let owned: BTreeSet<u64> = from.keys().copied().collect();
-    if points_outside(&built.index, &owned) {
-        let mut probe = built.index.clone();
-        if replayed.apply_to(shared.id(), &mut probe).is_err() {
-            return Ok(Err("a log record does not fit the partition".to_string()));
-        }
-        if points_outside(&probe, &owned) {
-            return Ok(Err(
-                "blocks still point at a freed extent after the rows and the log".to_string(),
-            ));
-        }
+    if let Err(why) = nothing_points_outside(shared, &built, &from, replayed) {
+        return Ok(Err(why));
     }
     Ok(Ok(built))
+}
+
+/// Invariant 4 of a rebuilt index: no block points at a sled extent
+/// outside `from` (the partition's extents; one GC freed is gone) unless
+/// the log records replayed next supersede it. `Err` says why the index
+/// cannot be used.
+fn nothing_points_outside(
+    shared: &Shared,
+    built: &Built,
+    from: &BTreeMap<u64, u64>,
+    replayed: Replayed<'_>,
+) -> Result<(), String> {
+    let owned: BTreeSet<u64> = from.keys().copied().collect();
+    if !points_outside(&built.index, &owned) {
+        return Ok(());
+    }
+    let mut probe = built.index.clone();
+    if replayed.apply_to(shared.id(), &mut probe).is_err() {
+        return Err("a log record does not fit the partition".to_string());
+    }
+    if points_outside(&probe, &owned) {
+        return Err("blocks still point at a freed extent after the rows and the log".to_string());
+    }
+    Ok(())
 }
 
 fn points_outside(index: &PartitionIndex, owned: &BTreeSet<u64>) -> bool {

@@ -322,14 +322,15 @@ impl UnitState {
         Ok(Outcome::Done)
     }
 
-    pub(super) fn flatten_progress(
-        &mut self,
+    /// Checks that a progress report comes from `partition`'s primary at
+    /// its current epoch (a report from a deposed primary is refused with
+    /// `StaleEpoch`); returns the volume's partition count.
+    fn current_primary_report(
+        &self,
         partition: PartitionId,
         epoch: Epoch,
-        remaining_blocks: u64,
-    ) -> Result<Outcome, CommandError> {
-        let volume = partition.volume;
-        let entry = self.live_volume(volume)?;
+    ) -> Result<usize, CommandError> {
+        let entry = self.live_volume(partition.volume)?;
         let current = entry
             .partitions
             .get(partition.index as usize)
@@ -342,7 +343,17 @@ impl UnitState {
                 current,
             });
         }
-        let count = entry.partitions.len();
+        Ok(entry.partitions.len())
+    }
+
+    pub(super) fn flatten_progress(
+        &mut self,
+        partition: PartitionId,
+        epoch: Epoch,
+        remaining_blocks: u64,
+    ) -> Result<Outcome, CommandError> {
+        let volume = partition.volume;
+        let count = self.current_primary_report(partition, epoch)?;
         let entry = self
             .volumes
             .get_mut(&volume)
@@ -424,20 +435,7 @@ impl UnitState {
         done: bool,
     ) -> Result<Outcome, CommandError> {
         let volume = partition.volume;
-        let entry = self.live_volume(volume)?;
-        let current = entry
-            .partitions
-            .get(partition.index as usize)
-            .ok_or(CommandError::UnknownPartition { partition })?
-            .epoch;
-        if epoch != current {
-            return Err(CommandError::StaleEpoch {
-                partition,
-                presented: epoch,
-                current,
-            });
-        }
-        let count = entry.partitions.len();
+        let count = self.current_primary_report(partition, epoch)?;
         let entry = self
             .volumes
             .get_mut(&volume)
