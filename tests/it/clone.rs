@@ -7,13 +7,12 @@
 //! Every tool runs under a deadline; the unit and the agents are stopped
 //! by pid.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::snapshot::{clean, cli_ok, copy_out, qemu_io, random_bytes};
-use tests::{require_tool, run_tool, RunningUnit, ToolOutput};
+use tests::{require_tool, run_tool, RunningUnit};
 
 const MIB: u64 = 1 << 20;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(90);
