@@ -390,6 +390,14 @@ fn due(shared: &Shared) -> bool {
 pub(super) async fn write(shared: &Arc<Shared>) -> Result<CheckpointReport, PartitionError> {
     let _serial = shared.flush_lock.lock().await;
     shared.check_primary(None)?;
+    write_held(shared).await
+}
+
+/// [`write`] for a caller that holds the flush lock already: a flush whose
+/// commit is parked behind a snapshot marker
+/// ([`PartitionCore::queue_flush_commit`](super::core::PartitionCore::queue_flush_commit))
+/// writes the checkpoint that releases it between two batches.
+pub(super) async fn write_held(shared: &Arc<Shared>) -> Result<CheckpointReport, PartitionError> {
     let result = write_locked(shared).await;
     match &result {
         Ok(report) => {

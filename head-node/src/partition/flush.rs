@@ -123,6 +123,7 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
         report.trims += trim_sequences.len() as u64;
         report.batches += 1;
         commit_flush(shared, placed, &trim_sequences, Some(batch.up_to_sequence)).await?;
+        checkpoint_if_parked(shared).await;
         // Give the space back batch by batch: writers waiting on a full log
         // resume after one batch, not after the whole flush.
         shared
@@ -714,6 +715,24 @@ impl Drop for SealOnDrop<'_> {
 }
 
 /// Index update, flush-commit records (flushes, not GC moves), trims done.
+/// A flush commit parked behind a snapshot marker no durable checkpoint
+/// holds yet ([`PartitionCore::queue_flush_commit`](super::core::PartitionCore::queue_flush_commit))
+/// keeps the secondary's log: the checkpoint that releases it is written
+/// now (the caller holds the flush lock), not after the whole pass, or
+/// writers waiting on a full log on the secondary wait for every batch
+/// (seen: writes "not durable on both head nodes" while a flush went on
+/// behind a held cut). Once a checkpoint holds the markers, commits are
+/// no longer parked, so this costs one checkpoint per snapshot. A failure
+/// is counted and logged; the commit stays parked for the next one.
+async fn checkpoint_if_parked(shared: &Arc<Shared>) {
+    if shared.lock().core.parked_commits.is_empty() {
+        return;
+    }
+    if let Err(error) = super::checkpoint::write_held(shared).await {
+        tracing::warn!(partition = ?shared.id(), %error, "index checkpoint for a parked flush commit not written");
+    }
+}
+
 async fn commit_flush(
     shared: &Arc<Shared>,
     placed: Vec<Placed>,
@@ -953,6 +972,7 @@ pub(super) async fn gc_pass(shared: &Arc<Shared>) -> Result<GcReport, PartitionE
             let (placed, _) =
                 write_stripes(shared, blocks, std::mem::take(&mut tombstones)).await?;
             report.blocks_moved += commit_flush(shared, placed, &[], None).await?;
+            checkpoint_if_parked(shared).await;
         }
         let (live, epoch) = {
             let state = shared.lock();
