@@ -297,18 +297,29 @@ async fn scenario(rack: Rack, switch_ns: String, cut: Duration, seed: u64, start
     )
     .await
     .unwrap();
-    let map_before = placement(&lcp.partition_map(VOLUME).await.unwrap());
-    let (raft_before, status_before) = lcp.unit_status().await.unwrap();
-    let leader = raft_before.leader_name.clone().expect("a leader");
-    assert!(
-        status_before
+    // The baseline: every path recorded up. Right after start-up a probe
+    // may have timed out on a loaded machine (a path fault the detector
+    // records and clears a poll later), so wait for it, bounded.
+    let settle_deadline = Instant::now() + Duration::from_secs(30);
+    let (raft_before, status_before) = loop {
+        let (raft, status) = lcp.unit_status().await.unwrap();
+        let all_up = status
             .nodes
             .iter()
             .map(|n| n.paths)
-            .chain(status_before.sleds.iter().map(|s| s.paths))
-            .all(|p| p.network_a_up && p.network_b_up),
-        "a path is down before the cut: {status_before:?}"
-    );
+            .chain(status.sleds.iter().map(|s| s.paths))
+            .all(|p| p.network_a_up && p.network_b_up);
+        if all_up && raft.leader_name.is_some() {
+            break (raft, status);
+        }
+        assert!(
+            Instant::now() < settle_deadline,
+            "a path is still down 30 s after start-up: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let map_before = placement(&lcp.partition_map(VOLUME).await.unwrap());
+    let leader = raft_before.leader_name.clone().expect("a leader");
     eprintln!(
         "network: unit up, volume registered at {:?}; leader {leader} term {}; placement {map_before:?}",
         started.elapsed(),
