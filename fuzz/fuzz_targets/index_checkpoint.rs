@@ -36,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
     } else {
         let again = PartitionIndex::deserialize(&encoded)
             .unwrap_or_else(|e| panic!("an upgraded checkpoint does not decode: {e}"));
-        assert_eq!(again.serialize(), encoded, "an upgraded checkpoint is canonical");
+        assert_eq!(
+            again.serialize(),
+            encoded,
+            "an upgraded checkpoint is canonical"
+        );
         assert_eq!(
             again.runs().collect::<Vec<_>>(),
             index.runs().collect::<Vec<_>>(),

@@ -100,6 +100,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(done.is_ok(), "iSCSI session did not end after its input");
         drop(initiator);
         let ended = tokio::time::timeout(Duration::from_secs(10), session).await;
-        assert!(matches!(ended, Ok(Ok(()))), "iSCSI session task did not end");
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "iSCSI session task did not end"
+        );
     });
 });

@@ -1,16 +1,13 @@
-//! The local control plane's requests and its state machine.
+//! The local control plane's state machine, driven by programs (the
+//! requests' wire decoder has its own, much faster target: `lcp_requests`).
 //!
-//! 1. The input as a request on the wire (JSON, as the head nodes' control
-//!    port receives it): decodes to a request or a typed error, never a
-//!    panic; what decodes re-encodes to an equal request.
-//! 2. The input as a program: each 8-byte instruction picks a command and
-//!    its operands from small domains (3 head nodes, 7 sleds, 2 volumes,
-//!    the extents and epochs the state holds), so that sequences reach deep
-//!    states (failovers, repairs, deletions) rather than stopping at the
-//!    first refusal. Every command is applied to one unit state; the state
-//!    machine checks its invariants after each apply (debug assertions are
-//!    on in fuzz builds), and a refused command must leave the state as it
-//!    was.
+//! The input is a program: each 8-byte instruction picks a command and
+//! its operands from small domains (3 head nodes, 7 sleds, 2 volumes, the
+//! extents and epochs the state holds), so that sequences reach deep states
+//! (failovers, repairs, deletions) rather than stopping at the first
+//! refusal. Every command is applied to one unit state; the state machine
+//! checks its invariants after each apply (debug assertions are on in fuzz
+//! builds), and a refused command must leave the state as it was.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +15,6 @@ use local_control_plane::command::{Command, DeviceSpec, Endpoint, Network};
 use local_control_plane::state::{
     ColumnRef, DeviceRef, ExtentId, Health, NodeId, PartitionId, RepairReason, SledId, UnitState,
 };
-use local_control_plane::LcpRequest;
 
 const NODES: u8 = 3;
 const SLEDS: u8 = 7;
@@ -229,16 +225,6 @@ fn command(state: &UnitState, op: [u8; 8], now_ms: u64) -> Command {
 }
 
 fuzz_target!(|data: &[u8]| {
-    // 1. A request on the wire.
-    if let Ok(request) = serde_json::from_slice::<LcpRequest>(data) {
-        let again = serde_json::to_vec(&request).unwrap();
-        assert_eq!(
-            serde_json::from_slice::<LcpRequest>(&again).ok(),
-            Some(request)
-        );
-    }
-
-    // 2. A program of commands.
     let mut state = unit();
     for (step, op) in data.chunks_exact(8).take(256).enumerate() {
         let op: [u8; 8] = op.try_into().unwrap();

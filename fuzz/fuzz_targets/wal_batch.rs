@@ -11,10 +11,10 @@
 #![no_main]
 
 use bytes::Bytes;
+use head_node::wal::format::{batch_len, encode_batch, entry_bytes, LogRecord};
 use head_node::wal::format::{
     choose_superblock, decode_batch_header, decode_header, first_bad_entry, Superblock,
 };
-use head_node::wal::format::{batch_len, encode_batch, entry_bytes, LogRecord};
 use libfuzzer_sys::fuzz_target;
 
 const BLOCK: usize = 4096;
