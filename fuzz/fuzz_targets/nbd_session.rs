@@ -22,11 +22,16 @@ use client::nbd::{MemoryBackend, NbdBackend, NbdConfig, NbdServer};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// A current-thread runtime on paused time: the clock moves only when
+/// every task waits, so the harness's bounds below catch a session that
+/// waits for nothing (a hang) and never a slow one on a loaded machine
+/// (a 10 s wall-clock bound once reported a "hang" that ran in 1 ms).
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .start_paused(true)
             .build()
             .unwrap()
     })
