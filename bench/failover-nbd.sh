@@ -35,7 +35,7 @@ if [ "${FIO_FAILOVER_HALF_FULL:-0}" = 1 ]; then
 fi
 profile=release
 if [ -n "${RACKBLOCK_BIN:-}" ]; then
-  profile=$(case "$RACKBLOCK_BIN" in */debug/*) echo debug ;; *) echo custom ;; esac)
+  profile=$(case "$RACKBLOCK_BIN" in */debug/*) echo debug ;; */release/*) echo release ;; *) echo custom ;; esac)
   test_args=()
 else
   echo "# building release (rackblock and the e2e test binary)" >&2
@@ -72,4 +72,9 @@ for name, p in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
 json.dump(dict(script="failover-nbd.sh", commit=commit, profile=profile, nproc=os.cpu_count(),
                figures=figures, pauses_ms=pauses), open(out_path, "w"), indent=2)
 PY
+# Where each kill's pause went (the unit's logs the test kept).
+if [ -d "$FIO_FAILOVER_LOG_DIR" ]; then
+  echo "# timeline, ms after each kill (slowest first):"
+  python3 bench/failover-timeline.py "$log" "$FIO_FAILOVER_LOG_DIR" | sed 's/^/# /' || true
+fi
 exit $status

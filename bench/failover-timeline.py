@@ -5,7 +5,7 @@ the unit's logs the test kept (FIO_FAILOVER_LOG_DIR): milliseconds after
 the kill at which the killed node was recorded Down, the promotion was
 proposed, the take-over started, the held-index recovery ended, the new
 primary served, and its new secondary was in sync (writes acknowledged
-again). Only lines of vol0's partition 0 (and the control plane's) count.
+again). Only lines of partition 0 (vol0 is the only volume) and the control plane's count.
 Prints one row per kill, slowest first, and the median of each step."""
 import datetime, glob, os, re, statistics, sys
 
@@ -34,7 +34,7 @@ for path in sorted(glob.glob(os.path.join(log_dir, "*.log"))):
         ms = t.timestamp() * 1000 + (float("0." + frac) * 1000 if frac else 0)
         events.append((ms, source, line))
 events.sort()
-part0 = re.compile(r"volume: 0, index: 0 \}|partition=0/0\b|vol0/0\b")
+part0 = re.compile(r"PartitionId \{ volume: \d+, index: 0 \}")
 steps = [
     ("down", lambda s, l: "records a transition" in l and "Down" in l),
     ("proposed", lambda s, l: "proposing a role change" in l),
