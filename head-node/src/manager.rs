@@ -316,6 +316,7 @@ struct ManagerMetrics {
     checkpoints_written: Family<PartitionLabels, Gauge>,
     recovery_rows_scanned: Family<PartitionLabels, Gauge>,
     recovery_checkpoint_used: Family<PartitionLabels, Gauge>,
+    recovery_held_index_used: Family<PartitionLabels, Gauge>,
     recovery_duration_ms: Family<PartitionLabels, Gauge>,
     snapshots: Family<PartitionLabels, Gauge>,
     snapshot_pinned_blocks: Family<PartitionLabels, Gauge>,
@@ -342,7 +343,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 22] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 23] = [
             (
                 "rackblock_partition_flatten_remaining_blocks",
                 "Flattening clone: blocks still read from the parent snapshot (-1: not counted yet)",
@@ -434,6 +435,11 @@ impl ManagerMetrics {
                 &m.recovery_checkpoint_used,
             ),
             (
+                "rackblock_partition_recovery_held_index_used",
+                "1 if the last recovery from the sleds started from the index of the flushed data this node already held (a promotion or a take-over at a new epoch), 0 if not",
+                &m.recovery_held_index_used,
+            ),
+            (
                 "rackblock_partition_snapshots",
                 "Snapshots whose layers this partition holds",
                 &m.snapshots,
@@ -510,7 +516,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 22] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 23] {
         [
             &self.flatten_remaining_blocks,
             &self.flattened_blocks,
@@ -533,6 +539,7 @@ impl ManagerMetrics {
             &self.checkpoints_written,
             &self.recovery_rows_scanned,
             &self.recovery_checkpoint_used,
+            &self.recovery_held_index_used,
             &self.recovery_duration_ms,
         ]
     }
@@ -575,6 +582,9 @@ pub struct PartitionStatus {
     /// from a checkpoint, and how long it took.
     pub recovery_rows_scanned: u64,
     pub recovery_checkpoint_used: bool,
+    /// Whether it started from the index of the flushed data this node
+    /// already held (a promotion, or a take-over at a new epoch).
+    pub recovery_held_index_used: bool,
     pub recovery_duration_ms: u64,
     /// Snapshots whose layers the partition holds, and the blocks only
     /// those layers reference.
@@ -1262,6 +1272,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         checkpoints_written: get(&m.checkpoints_written),
         recovery_rows_scanned: get(&m.recovery_rows_scanned),
         recovery_checkpoint_used: get(&m.recovery_checkpoint_used) == 1,
+        recovery_held_index_used: get(&m.recovery_held_index_used) == 1,
         recovery_duration_ms: get(&m.recovery_duration_ms),
         snapshots: snapshots.len(),
         snapshot_pinned_blocks: snapshots.iter().map(|s| s.pinned_blocks).sum(),
@@ -1311,6 +1322,10 @@ fn update_metrics(inner: &Inner) {
             (
                 &m.recovery_checkpoint_used,
                 i64::from(s.recovery_checkpoint_used),
+            ),
+            (
+                &m.recovery_held_index_used,
+                i64::from(s.recovery_held_index_used),
             ),
             (&m.recovery_duration_ms, as_i64(s.recovery_duration_ms)),
             (&m.snapshots, i64::try_from(s.snapshots).unwrap_or(i64::MAX)),
