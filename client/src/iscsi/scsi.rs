@@ -33,6 +33,9 @@
 //! # Before a command runs (LUN 0)
 //!
 //! ```text
+//! (a persistent reservation check, which refreshes a stale copy of the
+//!  reservations and so finds the changes that raise unit attentions;
+//!  its answer is used below)
 //! unit attention pending for the nexus? ─▶ CHECK CONDITION, UNIT ATTENTION (reported once)
 //!     (not for INQUIRY, REPORT LUNS; REQUEST SENSE returns it as its data)
 //! RESERVE(6) held by another nexus?     ─▶ RESERVATION CONFLICT
@@ -455,6 +458,19 @@ impl LogicalUnit {
         data_out: Bytes,
     ) -> Outcome {
         if lun == 0 {
+            // The persistent reservation check comes first, though its
+            // answer is given after a unit attention's: it is what reads
+            // a stale copy of the reservations (shared.rs), and a change
+            // found in that read must be reported on this command, not
+            // after it.
+            let permitted = match cdb[0] {
+                0x16 | 0x17 | 0x5e | 0x5f => Ok(true),
+                _ => {
+                    self.reservations
+                        .permits(nexus, reserve::access_of(cdb))
+                        .await
+                }
+            };
             // INQUIRY and REPORT LUNS neither report nor clear a unit
             // attention; REQUEST SENSE returns it as its sense data.
             if !matches!(cdb[0], 0x12 | 0xa0) {
@@ -474,11 +490,7 @@ impl LogicalUnit {
                 0x16 | 0x17 => return self.reserve6(nexus, cdb).await,
                 0x5e => return self.reservations.read(cdb).await,
                 0x5f => return self.reservations.write(nexus, cdb, &data_out).await,
-                _ => match self
-                    .reservations
-                    .permits(nexus, reserve::access_of(cdb))
-                    .await
-                {
+                _ => match permitted {
                     Ok(true) => {}
                     Ok(false) => return conflict(),
                     Err(outcome) => return outcome,
