@@ -620,8 +620,14 @@ pub(super) mod tests {
             state.write(&a, &prout(0, 0), &params(5, 1), false).status,
             RESERVATION_CONFLICT
         );
-        assert_eq!(state.write(&a, &prout(0, 0), &params(0, 1), false).status, 0);
-        assert_eq!(state.write(&b, &prout(6, 0), &params(99, 2), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 1), false).status,
+            0
+        );
+        assert_eq!(
+            state.write(&b, &prout(6, 0), &params(99, 2), false).status,
+            0
+        );
         let keys = state.read(&prin(0), false).unwrap().data;
         assert_eq!(&keys[..8], &[0, 0, 0, 2, 0, 0, 0, 16]);
         assert_eq!(&keys[8..16], &1u64.to_be_bytes());
@@ -670,13 +676,18 @@ pub(super) mod tests {
         );
         assert!(state.permits(&a, Access::Write));
         // All registrants: every registrant writes, others only read.
-        assert_eq!(state.write(&a, &prout(0, 0), &params(0, 3), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 3), false).status,
+            0
+        );
         assert_eq!(
             state
                 .write(
                     &a,
                     &prout(1, WRITE_EXCLUSIVE_ALL_REGISTRANTS),
-                    &params(3, 0), false)
+                    &params(3, 0),
+                    false
+                )
                 .status,
             0
         );
@@ -686,13 +697,22 @@ pub(super) mod tests {
         let r = state.read(&prin(1), false).unwrap().data;
         assert_eq!(&r[8..16], &0u64.to_be_bytes());
         // a leaves; b still holds it.
-        assert_eq!(state.write(&a, &prout(0, 0), &params(3, 0), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(3, 0), false).status,
+            0
+        );
         assert!(state.permits(&b, Access::Write));
         assert!(!state.permits(&a, Access::Write));
         // CLEAR drops everything.
-        assert_eq!(state.write(&b, &prout(3, 0), &params(2, 0), false).status, 0);
+        assert_eq!(
+            state.write(&b, &prout(3, 0), &params(2, 0), false).status,
+            0
+        );
         assert!(state.permits(&a, Access::Write));
-        assert_eq!(state.read(&prin(0), false).unwrap().data[4..8], [0, 0, 0, 0]);
+        assert_eq!(
+            state.read(&prin(0), false).unwrap().data[4..8],
+            [0, 0, 0, 0]
+        );
         // APTPL is refused; a short list is a length error.
         let mut p = params(0, 9);
         p[20] = 1;
@@ -757,16 +777,29 @@ pub(super) mod tests {
         let mut state = Reservations::default();
         for (n, key) in [(&a, 1), (&b, 2), (&c, 3)] {
             let before = state.clone();
-            assert_eq!(state.write(n, &prout(0, 0), &params(0, key), false).status, 0);
+            assert_eq!(
+                state.write(n, &prout(0, 0), &params(0, key), false).status,
+                0
+            );
             // Registering raises nothing.
             assert!(attentions(&before, &state, Some(n)).is_empty());
         }
         // a takes a registrants-only reservation and releases it: b and c
         // hear RESERVATIONS RELEASED, a nothing.
         let wero = WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
-        assert_eq!(state.write(&a, &prout(1, wero), &params(1, 0), false).status, 0);
+        assert_eq!(
+            state
+                .write(&a, &prout(1, wero), &params(1, 0), false)
+                .status,
+            0
+        );
         let before = state.clone();
-        assert_eq!(state.write(&a, &prout(2, wero), &params(1, 0), false).status, 0);
+        assert_eq!(
+            state
+                .write(&a, &prout(2, wero), &params(1, 0), false)
+                .status,
+            0
+        );
         assert_eq!(
             attentions(&before, &state, Some(&a)),
             vec![
@@ -778,28 +811,46 @@ pub(super) mod tests {
         // too: it is not one of that agent's nexuses.
         assert_eq!(attentions(&before, &state, None).len(), 3);
         // Releasing a WRITE EXCLUSIVE raises nothing.
-        assert_eq!(state.write(&a, &prout(1, 1), &params(1, 0), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(1, 1), &params(1, 0), false).status,
+            0
+        );
         let before = state.clone();
-        assert_eq!(state.write(&a, &prout(2, 1), &params(1, 0), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(2, 1), &params(1, 0), false).status,
+            0
+        );
         assert!(attentions(&before, &state, Some(&a)).is_empty());
         // b preempts c: c's registration is preempted, a hears nothing.
         let before = state.clone();
-        assert_eq!(state.write(&b, &prout(4, 3), &params(2, 3), false).status, 0);
+        assert_eq!(
+            state.write(&b, &prout(4, 3), &params(2, 3), false).status,
+            0
+        );
         assert_eq!(
             attentions(&before, &state, Some(&b)),
             vec![(c.clone(), Sense::REGISTRATIONS_PREEMPTED)]
         );
         // b clears: a hears RESERVATIONS PREEMPTED.
         let before = state.clone();
-        assert_eq!(state.write(&b, &prout(3, 0), &params(2, 0), false).status, 0);
+        assert_eq!(
+            state.write(&b, &prout(3, 0), &params(2, 0), false).status,
+            0
+        );
         assert_eq!(
             attentions(&before, &state, Some(&b)),
             vec![(a.clone(), Sense::RESERVATIONS_PREEMPTED)]
         );
         // A lone registrant leaving raises nothing, whoever looks.
-        assert_eq!(state.write(&a, &prout(0, 0), &params(0, 7), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 7), false).status,
+            0
+        );
         let before = state.clone();
-        assert_eq!(state.write(&a, &prout(0, 0), &params(7, 0), false).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(7, 0), false).status,
+            0
+        );
         assert!(attentions(&before, &state, None).is_empty());
     }
 }

@@ -1384,16 +1384,28 @@ mod tests {
     #[test]
     fn reserve6_holds_until_release_loss_or_reset() {
         let (unit, _) = unit();
-        let (a, b) = (nexus(), Nexus {
-            initiator: "iqn.other".to_owned(),
-            isid: [0; 6],
-        });
+        let (a, b) = (
+            nexus(),
+            Nexus {
+                initiator: "iqn.other".to_owned(),
+                isid: [0; 6],
+            },
+        );
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
         let conflict = reserve::RESERVATION_CONFLICT;
-        assert_eq!(run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status, conflict);
-        assert_eq!(run_as(&unit, &b, &[0x1a, 0, 0x3f, 0, 0xff, 0], &[]).status, conflict);
-        assert_eq!(run_as(&unit, &b, &[0x00, 0, 0, 0, 0, 0], &[]).status, conflict);
+        assert_eq!(
+            run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(
+            run_as(&unit, &b, &[0x1a, 0, 0x3f, 0, 0xff, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(
+            run_as(&unit, &b, &[0x00, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
         assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, conflict);
         assert_eq!(run_as(&unit, &b, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &b, &[0x03, 0, 0, 0, 18, 0], &[]).status, GOOD);
@@ -1421,7 +1433,10 @@ mod tests {
         parameters[8..16].copy_from_slice(&7u64.to_be_bytes());
         let register = run_as(&unit, &b, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &parameters);
         assert_eq!(register.status, GOOD);
-        assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, conflict);
+        assert_eq!(
+            run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
         assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
     }
 
@@ -1430,10 +1445,13 @@ mod tests {
     #[test]
     fn preemption_raises_a_unit_attention_once() {
         let (unit, _) = unit();
-        let (a, b) = (nexus(), Nexus {
-            initiator: "iqn.other".to_owned(),
-            isid: [0; 6],
-        });
+        let (a, b) = (
+            nexus(),
+            Nexus {
+                initiator: "iqn.other".to_owned(),
+                isid: [0; 6],
+            },
+        );
         let register = |who: &Nexus, key: u64| {
             let mut p = [0u8; 24];
             p[8..16].copy_from_slice(&key.to_be_bytes());
@@ -1464,7 +1482,10 @@ mod tests {
         assert_eq!(clear.status, GOOD);
         let sense = run_as(&unit, &a, &[0x03, 0, 0, 0, 18, 0], &[]);
         assert_eq!(sense.status, GOOD);
-        assert_eq!((sense.data[2], sense.data[12], sense.data[13]), (0x06, 0x2a, 0x03));
+        assert_eq!(
+            (sense.data[2], sense.data[12], sense.data[13]),
+            (0x06, 0x2a, 0x03)
+        );
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
         // Nexus loss drops what is pending.
         assert_eq!(register(&a, 5), GOOD);

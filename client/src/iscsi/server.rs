@@ -398,7 +398,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             pdu.set_u32_at(28, exp);
             pdu.set_u32_at(32, exp.wrapping_add(COMMAND_WINDOW - 1));
             let (head, data, trailer) = pdu.encode_parts(digests);
-            writer.write_all(&head.bytes).await?;
+            let (ahs, header_digest) = head.rest();
+            writer.write_all(head.bhs()).await?;
+            if !ahs.is_empty() {
+                writer.write_all(ahs).await?;
+            }
+            writer.write_all(header_digest).await?;
             writer.write_all(data).await?;
             writer.write_all(trailer.as_slice()).await?;
             next = rx.try_recv().ok();
@@ -935,7 +940,9 @@ impl Connection {
         reply.set_itt(pdu.itt());
         self.send(reply, true).await?;
         if function == 7 {
-            self.inner.cold_resets.send_modify(|n| *n = n.wrapping_add(1));
+            self.inner
+                .cold_resets
+                .send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(())
     }

@@ -735,13 +735,22 @@ mod tests {
         let first = ReservationStore::replicated(register.clone());
         let second = ReservationStore::replicated(register.clone());
         let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
-        assert_eq!(first.write(&a, &prout(0, 0), &params(0, 0xa)).await.status, 0);
-        assert_eq!(second.write(&b, &prout(0, 0), &params(0, 0xb)).await.status, 0);
+        assert_eq!(
+            first.write(&a, &prout(0, 0), &params(0, 0xa)).await.status,
+            0
+        );
+        assert_eq!(
+            second.write(&b, &prout(0, 0), &params(0, 0xb)).await.status,
+            0
+        );
         // The first agent has a copy with both registrations.
         assert_eq!(first.permits(&a, Access::Write).await, Ok(true));
         assert_eq!(first.take_attention(&a), None);
         assert_eq!(
-            second.write(&b, &prout(4, 3), &params(0xb, 0xa)).await.status,
+            second
+                .write(&b, &prout(4, 3), &params(0xb, 0xa))
+                .await
+                .status,
             0
         );
         assert_eq!(second.take_attention(&b), None);
