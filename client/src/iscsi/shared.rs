@@ -44,6 +44,18 @@
 //! longer than `FRESH_FOR` (commands wait, up to [`GIVE_UP`]; then
 //! BUSY, which initiators retry).
 //!
+//! **Unit attentions.** Every new version of the record this agent
+//! installs (read, or written by its own PR OUT) is compared with the
+//! copy it replaces (`reserve::attentions`): the nexuses that lost their
+//! registration or a registrants-only reservation to someone else get a
+//! unit attention, kept here per nexus ([`Attentions`], bounded) until
+//! their next command reports it (scsi.rs) or their session ends. The
+//! nexus whose own PR OUT made the version through this agent hears
+//! nothing; a change made through another agent is seen here as soon as
+//! a command of this agent needs a fresh copy, so the preempted
+//! initiator hears it on its first command after the PREEMPT was
+//! answered.
+//!
 //! **Not covered:** a command admitted *before* the grace ended may
 //! still reach the primary later (it was admitted under the old state,
 //! and a write retried across a failover can take seconds): PREEMPT AND
