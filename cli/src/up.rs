@@ -124,9 +124,10 @@ pub struct UpArgs {
     /// `--worker-threads`): 1 gives each a single-threaded runtime, 0 one
     /// worker per core. Default 1, unless RACKBLOCK_WORKER_THREADS is set
     /// (the daemons then inherit it). A unit's daemons all share this
-    /// machine's cores: on 2 vCPUs, single-threaded runtimes cut the unit's
-    /// CPU per 4 KiB I/O by 20-45 % and its context switches 3-4x against
-    /// one worker per core (bench/README.md, "Runtime shape").
+    /// machine's cores: on 2 shared vCPUs, single-threaded runtimes cut the
+    /// unit's context switches per 4 KiB I/O by 25-75 % and, in 14 of 16
+    /// same-run comparisons, its CPU per I/O (by up to 48 %) against one
+    /// worker per core (bench/README.md, "the runtime shape").
     #[arg(long)]
     daemon_worker_threads: Option<usize>,
 }
