@@ -133,7 +133,7 @@ for name in A B; do
 done
 echo "# both units filled and flushed" >&2
 
-jobs=(w32:randwrite:$volume_bytes r32:randread:$volume_bytes w32p:randwrite:$partition_bytes r32p:randread:$partition_bytes)
+jobs=("w32:randwrite:$volume_bytes" "r32:randread:$volume_bytes" "w32p:randwrite:$partition_bytes" "r32p:randread:$partition_bytes")
 for r in $(seq 1 "$rounds"); do
   for job in "${jobs[@]}"; do
     IFS=: read -r jname rw size <<<"$job"
