@@ -180,7 +180,10 @@ impl Zonal {
             self.snapshot_space(&volume).await
         };
         let names = self.member_names(&volume, &records).await?;
-        Ok(records.iter().map(|r| view(name, r, &names, &space)).collect())
+        Ok(records
+            .iter()
+            .map(|r| view(name, r, &names, &space))
+            .collect())
     }
 
     /// Volume `name`'s live (creating or ready) snapshot `snapshot`, else
@@ -290,10 +293,7 @@ impl Zonal {
                 }
                 SnapshotState::Creating if Instant::now() < deadline => {}
                 SnapshotState::Creating => {
-                    return Ok((
-                        view(name, record, &names, &Err("creating".into())),
-                        false,
-                    ))
+                    return Ok((view(name, record, &names, &Err("creating".into())), false))
                 }
                 SnapshotState::Aborted | SnapshotState::Deleting => {
                     return Err(ApiError::SnapshotAborted {
