@@ -59,20 +59,42 @@ fn log_step(unit: &RunningUnit, step: &str) {
     );
 }
 
-/// `volume create NAME --size SIZE --partition-size PART`.
+/// `volume create NAME --size SIZE --partition-size PART`, retried
+/// (bounded) while the zonal plane answers 503: on a loaded box the unit
+/// can be between leaders for a moment (CI: "hn-3 is not the leader
+/// (leader: unknown)" right after the first volume was created). The
+/// create is idempotent (the same volume again is 200).
 fn create_volume(unit: &RunningUnit, name: &str, size: &str, partition: &str) {
-    cli_ok(
-        unit,
-        &[
-            "volume",
-            "create",
-            name,
-            "--size",
-            size,
-            "--partition-size",
-            partition,
-        ],
-    );
+    let args = [
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--partition-size",
+        partition,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = unit.cli(&args);
+        if out.status.success() {
+            return;
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("HTTP 503") && Instant::now() < deadline,
+            "rackblock {args:?}: {text}"
+        );
+        log_step(
+            unit,
+            &format!("volume create {name} retried: {}", text.trim()),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// `snapshot create VOL NAME --output json`, which must end ready.
@@ -921,4 +943,138 @@ fn overwrites_after_a_snapshot_and_gc_keep_it_and_its_delete_unpins_it() {
     assert!(agent.terminate(), "{}", agent.log_text());
     let mut unit = unit;
     assert!(unit.stop(), "rackblock up did not stop cleanly");
+}
+
+/// `kill -9` of a clone partition's primary during `volume flatten`: the
+/// promoted primary starts the flatten over (it finds only the holes
+/// left), the flatten ends, the clone reads its own writes (before and
+/// after the kill) over the parent's image, and the parent snapshot can
+/// then go.
+#[test]
+fn kill9_of_a_primary_during_a_flatten_ends_flattened_with_the_clone_s_data() {
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("curl", "curl");
+    const SIZE: u64 = 128 * MIB;
+    let unit = RunningUnit::start("64MiB");
+    create_volume(&unit, "vol1", "128MiB", "64MiB");
+    let (mut agent, uri) = unit.attach("vol1");
+    let dir = unit.dir.path();
+    let image_a = random_bytes(SIZE);
+    copy_in(&image_a, &dir.join("a.raw"), &uri);
+    snapshot_ready(&unit, "vol1", "base");
+    cli_ok(
+        &unit,
+        &["volume", "create", "c1", "--from-snapshot", "vol1@base"],
+    );
+    let (mut c1_agent, c1) = unit.attach("c1");
+    let mut image_c = image_a.clone();
+    let write = |image: &mut Vec<u8>, pattern: u8, at: u64, len: u64| {
+        let run =
+            crate::snapshot::qemu_io(&[], &c1, &[format!("write -P {pattern:#04x} {at} {len}")]);
+        assert!(crate::snapshot::clean(&run), "{run}");
+        image[at as usize..(at + len) as usize].fill(pattern);
+    };
+    // c1's own writes, one in each partition (the second across the
+    // boundary).
+    write(&mut image_c, 0xc1, 0, MIB);
+    write(&mut image_c, 0xc2, 64 * MIB - MIB / 2, MIB);
+    let (status, described) = crate::snapshot::zonal_call(&unit, "GET", "/v1/volumes/c1", None);
+    assert_eq!(status, 200, "{described}");
+    let c1_id = described["id"].as_u64().expect("c1's id");
+    log_step(&unit, "vol1@base cloned to c1, c1 written");
+
+    // Slow: 1 MiB/s per 64 MiB partition, so the kill lands mid-flatten.
+    let started = cli_ok(&unit, &["volume", "flatten", "c1", "--rate", "1"]);
+    assert!(started.contains("flattening"), "{started}");
+    // The victim: a head node serving a c1 primary, not the Raft leader
+    // if another one does; once its flatten task copied something.
+    let status = unit_status(&unit);
+    let leader = status["raft"]["leader_name"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let c1_primaries = |h: u16| -> Vec<Value> {
+        partitions_of(&unit, h)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["volume"] == c1_id && p["role"] == "primary")
+            .collect()
+    };
+    let mut candidates: Vec<u16> = (1..=3u16)
+        .filter(|h| !c1_primaries(*h).is_empty())
+        .collect();
+    candidates.sort_by_key(|h| format!("hn-{h}") == leader);
+    let victim = *candidates.first().expect("a head node with a c1 primary");
+    let victim_name = format!("hn-{victim}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copied: u64 = c1_primaries(victim)
+            .iter()
+            .map(|p| p["flattened_blocks"].as_u64().unwrap_or(0))
+            .sum();
+        if copied > 0 {
+            log_step(
+                &unit,
+                &format!("{victim_name}'s c1 primaries copied {copied} blocks"),
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{victim_name}'s c1 flatten copied nothing in 60 s: {:?}",
+            c1_primaries(victim)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = daemon_pid(&unit, &victim_name);
+    // SAFETY: a daemon `up` started for this test, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    log_step(
+        &unit,
+        &format!("kill -9 {victim_name} (pid {pid}) mid-flatten (leader {leader})"),
+    );
+    // c1 is written through the take-over, then the flatten is sped up
+    // and waited for.
+    write(&mut image_c, 0xc3, 32 * MIB, MIB);
+    write(&mut image_c, 0xc4, 96 * MIB, MIB);
+    let flattened: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &[
+            "volume",
+            "flatten",
+            "c1",
+            "--rate",
+            "256",
+            "--wait",
+            "--wait-timeout",
+            "180s",
+            "--output",
+            "json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(flattened["state"], "flattened", "{flattened}");
+    log_step(&unit, &format!("c1 flattened after the kill: {flattened}"));
+    let live = copy_out(&c1, &dir.join("c1.raw"));
+    assert_eq!(
+        first_difference(&live, &image_c),
+        None,
+        "c1 after the flatten"
+    );
+    // No longer a clone: the parent snapshot goes, c1 reads the same.
+    cli_ok(&unit, &["snapshot", "delete", "vol1", "base"]);
+    let live = copy_out(&c1, &dir.join("c1-end.raw"));
+    assert_eq!(
+        first_difference(&live, &image_c),
+        None,
+        "c1 after its parent snapshot was deleted"
+    );
+    log_step(&unit, "c1 reads its data; vol1@base deleted");
+
+    assert!(c1_agent.terminate(), "{}", c1_agent.log_text());
+    assert!(agent.terminate(), "{}", agent.log_text());
+    let mut unit = unit;
+    // `up` exits 0 with one daemon already gone.
+    unit.stop();
 }
