@@ -7,7 +7,10 @@
 //! create: LcpClient ─CreateSnapshot─▶ leader ─(coordinator cuts every
 //!         partition, releases, records)─▶ poll UnitStatus until the
 //!         record is ready (prints the measured pause) or aborted
-//! list:   UnitStatus.snapshots of the volume
+//! create --group NAME VOL1 VOL2 ...: the same, one record over every
+//!         volume named (all in the rack file's unit): one coordinated
+//!         cut of every partition of every volume
+//! list:   UnitStatus.snapshots of the volume (a group's with its members)
 //! delete: DeleteSnapshot ─▶ poll until the coordinator dropped and purged it
 //! list, describe: the records, plus each snapshot's pinned and exclusive
 //!         bytes from every partition's primary (HostSnapshotUsage, unit
@@ -21,8 +24,20 @@
 //! apply:  an incremental stream onto a raw image file
 //! ```
 //!
-//! The zonal plane knows nothing of snapshots yet: the verbs need the
-//! unit's rack file (`--rack`, `RACKBLOCK_RACK`), like the live views.
+//! **Consistency groups.** A group snapshot is one unit record whose
+//! `volumes` are the group's members; each member sees it under the
+//! group's name (`VOL@NAME` for `attach`, `export`, `diff`, clones and
+//! rollback, like any snapshot of that volume), `list` and `describe`
+//! show the members (`group` in JSON), and deleting it through any member
+//! deletes it for every member (one record, one set of layers). No write
+//! acknowledged before another was issued, on any member, is missing
+//! from the group's image of one volume while the later write is in the
+//! image of another (the coordinator holds every partition's
+//! acknowledgements until all are cut). A failed cut aborts the group as
+//! a whole.
+//!
+//! The verbs need the unit's rack file (`--rack`, `RACKBLOCK_RACK`), like
+//! the live views; the zonal plane resolves volume names.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,10 +64,15 @@ const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// Volume name.
-    pub volume: String,
-    /// Snapshot name (unique among the volume's snapshots; no '@' or '/').
-    pub snapshot: String,
+    /// VOLUME SNAPSHOT; with --group, the group's volumes (VOLUME...).
+    /// A snapshot name is unique among each volume's snapshots, with no
+    /// '@' or '/'.
+    #[arg(required = true, value_name = "VOLUME SNAPSHOT | VOLUME...")]
+    pub names: Vec<String>,
+    /// Take one crash-consistent snapshot named NAME of every volume
+    /// given, in one coordinated cut (a consistency group: one unit).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// Give up waiting for the snapshot to be ready after this long (it
     /// may still become ready; `snapshot list` shows it).
     #[arg(long, default_value = "60s", value_parser = crate::text::parse_duration)]
@@ -71,7 +91,8 @@ pub struct ListArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DeleteArgs {
-    /// Volume name.
+    /// Volume name (any member of a consistency group: the group's
+    /// snapshot is deleted from every member).
     pub volume: String,
     /// Snapshot name.
     pub snapshot: String,
@@ -84,13 +105,54 @@ pub struct DeleteArgs {
 
 /// The volume's id in its unit, from the zonal plane.
 pub async fn volume_id(global: &GlobalArgs, name: &str) -> Result<u64, CliError> {
+    Ok(volume_in_unit(global, name).await?.0)
+}
+
+/// The volume's id and its unit's name, from the zonal plane.
+async fn volume_in_unit(global: &GlobalArgs, name: &str) -> Result<(u64, String), CliError> {
     let path = format!("/v1/volumes/{}", crate::http::segment(name));
     let reply = global.api()?.call("GET", &path, None).await?;
+    let id = reply.body.get("id").and_then(Value::as_u64);
+    let unit = reply.body.get("unit").and_then(Value::as_str);
+    match (id, unit) {
+        (Some(id), Some(unit)) => Ok((id, unit.to_owned())),
+        _ => Err(CliError::Runtime(format!(
+            "volume {name}: the zonal plane gave no id or unit"
+        ))),
+    }
+}
+
+/// The names of unit `unit`'s volumes by id (ids are per unit), for
+/// showing a group's members; empty (ids shown) if the zonal plane
+/// cannot list them.
+async fn volume_names(global: &GlobalArgs, unit: &str) -> BTreeMap<u64, String> {
+    let Ok(api) = global.api() else {
+        return BTreeMap::new();
+    };
+    let Ok(reply) = api.call("GET", "/v1/volumes", None).await else {
+        return BTreeMap::new();
+    };
     reply
         .body
-        .get("id")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| CliError::Runtime(format!("volume {name}: the zonal plane gave no id")))
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("unit").and_then(Value::as_str) == Some(unit))
+        .filter_map(|v| Some((v.get("id")?.as_u64()?, v.get("name")?.as_str()?.to_owned())))
+        .collect()
+}
+
+/// A group's member names (`None` for a one-volume snapshot), by id
+/// where the name is unknown.
+fn group_names(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> Option<Vec<String>> {
+    (record.volumes.len() > 1).then(|| {
+        record
+            .volumes
+            .iter()
+            .map(|v| names.get(v).cloned().unwrap_or_else(|| format!("id {v}")))
+            .collect()
+    })
 }
 
 async fn snapshots(args_rack: &RackArg) -> Result<Vec<SnapshotRecord>, CliError> {
@@ -127,11 +189,12 @@ pub async fn ready_id(rack: &RackArg, volume: u64, name: &str) -> Result<u64, Cl
     }
 }
 
-fn record_json(record: &SnapshotRecord) -> Value {
+fn record_json(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> Value {
     json!({
         "id": record.id,
         "name": record.name,
         "volumes": record.volumes,
+        "group": group_names(record, names),
         "state": record.state.as_str(),
         "created_ms": record.created_ms,
         "pause_us": record.pause_us,
@@ -142,8 +205,12 @@ fn record_json(record: &SnapshotRecord) -> Value {
 
 /// [`record_json`] with the snapshot's space on the volume (`null` when
 /// the partitions could not be asked).
-fn record_space_json(record: &SnapshotRecord, space: Option<&SnapshotSpace>) -> Value {
-    let mut value = record_json(record);
+fn record_space_json(
+    record: &SnapshotRecord,
+    names: &BTreeMap<u64, String>,
+    space: Option<&SnapshotSpace>,
+) -> Value {
+    let mut value = record_json(record, names);
     if let Value::Object(map) = &mut value {
         map.insert(
             "pinned_bytes".into(),
@@ -157,13 +224,16 @@ fn record_space_json(record: &SnapshotRecord, space: Option<&SnapshotSpace>) -> 
     value
 }
 
-fn record_line(record: &SnapshotRecord) -> String {
+fn record_line(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> String {
     let mut line = format!(
         "snapshot {} (id {}): {}",
         record.name,
         record.id,
         record.state.as_str()
     );
+    if let Some(group) = group_names(record, names) {
+        line.push_str(&format!(", consistency group of {}", group.join(", ")));
+    }
     if let Some(pause) = record.pause_us {
         line.push_str(&format!(
             ", {} partitions cut, pause {:.1} ms",
@@ -228,16 +298,56 @@ pub(crate) async fn propose(rack: &RackArg, command: Command) -> Result<Outcome,
     }
 }
 
+/// What `snapshot create` takes: the snapshot's name and its volumes.
+fn create_target(args: &CreateArgs) -> Result<(String, Vec<String>), CliError> {
+    match (&args.group, args.names.as_slice()) {
+        (Some(group), volumes) => {
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(twice) = volumes.iter().find(|v| !seen.insert(v.as_str())) {
+                return Err(CliError::Usage(format!(
+                    "--group {group}: volume {twice} named twice"
+                )));
+            }
+            Ok((group.clone(), volumes.to_vec()))
+        }
+        (None, [volume, snapshot]) => Ok((snapshot.clone(), vec![volume.clone()])),
+        (None, _) => Err(CliError::Usage(
+            "snapshot create VOLUME SNAPSHOT, or snapshot create --group NAME VOLUME...".into(),
+        )),
+    }
+}
+
 pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (name, members) = create_target(args)?;
+    let mut volumes = Vec::with_capacity(members.len());
+    let mut unit_of_group: Option<String> = None;
+    for member in &members {
+        let (id, unit) = volume_in_unit(global, member).await?;
+        match &unit_of_group {
+            Some(first) if *first != unit => {
+                return Err(CliError::Usage(format!(
+                    "a consistency group lives in one unit: {} is in {first}, {member} in {unit}",
+                    members[0]
+                )))
+            }
+            _ => unit_of_group = Some(unit),
+        }
+        volumes.push(id);
+    }
+    let names: BTreeMap<u64, String> = volumes.iter().copied().zip(members.clone()).collect();
+    let what = if members.len() > 1 {
+        format!("group {}", members.join(", "))
+    } else {
+        members.join("")
+    };
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let outcome = propose(
         &args.rack,
         Command::CreateSnapshot {
-            name: args.snapshot.clone(),
-            volumes: vec![volume],
+            name: name.clone(),
+            volumes,
             now_ms,
         },
     )
@@ -259,8 +369,8 @@ pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliErr
         }
         if Instant::now() >= deadline {
             return Err(CliError::Unavailable(format!(
-                "snapshot {} (id {id}) is still being created after {:?}",
-                args.snapshot, args.wait_timeout
+                "snapshot {name} (id {id}) is still being created after {:?}",
+                args.wait_timeout
             )));
         }
         tokio::time::sleep(POLL).await;
@@ -271,25 +381,24 @@ pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliErr
             .unwrap_or_else(|| "aborted and dropped".into());
         if global.output == Output::Json {
             crate::ops::print_json(&json!({
-                "id": id, "name": args.snapshot, "state": "aborted", "reason": reason
+                "id": id, "name": name, "state": "aborted", "reason": reason
             }))?;
         }
         return Err(CliError::Conflict(format!(
-            "snapshot {} of {} was aborted: {reason}",
-            args.snapshot, args.volume
+            "snapshot {name} of {what} was aborted: {reason}"
         )));
     };
     match global.output {
-        Output::Json => crate::ops::print_json(&record_json(&record)),
+        Output::Json => crate::ops::print_json(&record_json(&record, &names)),
         Output::Table => {
-            println!("{}", record_line(&record));
+            println!("{}", record_line(&record, &names));
             Ok(())
         }
     }
 }
 
 pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let records: Vec<SnapshotRecord> = snapshots(&args.rack)
         .await?
         .into_iter()
@@ -299,6 +408,11 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
         Some(BTreeMap::new())
     } else {
         usage(&args.rack, volume).await
+    };
+    let names = if records.iter().any(|r| r.volumes.len() > 1) {
+        volume_names(global, &unit_name).await
+    } else {
+        BTreeMap::new()
     };
     let space_of = |record: &SnapshotRecord| -> Option<SnapshotSpace> {
         // A snapshot no partition holds (yet, or any more) holds nothing.
@@ -311,7 +425,7 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
             "volume": args.volume,
             "snapshots": records
                 .iter()
-                .map(|r| record_space_json(r, space_of(r).as_ref()))
+                .map(|r| record_space_json(r, &names, space_of(r).as_ref()))
                 .collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -321,7 +435,7 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
             for record in &records {
                 println!(
                     "{}; {}",
-                    record_line(record),
+                    record_line(record, &names),
                     space_text(space_of(record).as_ref())
                 );
             }
@@ -342,7 +456,7 @@ pub struct DescribeArgs {
 
 /// One snapshot: its record, every partition's cut, and its space.
 pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let Some(record) = find(&args.rack, volume, &args.snapshot).await? else {
         return Err(CliError::NotFound(format!(
             "volume {} has no snapshot {}",
@@ -352,9 +466,14 @@ pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), Cl
     let space = usage(&args.rack, volume)
         .await
         .map(|s| s.get(&record.id).copied().unwrap_or_default());
+    let names = if record.volumes.len() > 1 {
+        volume_names(global, &unit_name).await
+    } else {
+        BTreeMap::new()
+    };
     match global.output {
         Output::Json => {
-            let mut value = record_space_json(&record, space.as_ref());
+            let mut value = record_space_json(&record, &names, space.as_ref());
             if let Value::Object(map) = &mut value {
                 map.insert(
                     "partition_cuts".into(),
@@ -376,7 +495,7 @@ pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), Cl
             crate::ops::print_json(&value)
         }
         Output::Table => {
-            println!("{}", record_line(&record));
+            println!("{}", record_line(&record, &names));
             println!("space: {}", space_text(space.as_ref()));
             println!("created at {} ms (unix)", record.created_ms);
             for c in &record.cuts {
@@ -908,7 +1027,7 @@ pub async fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError
 }
 
 pub async fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let Some(record) = find(&args.rack, volume, &args.snapshot).await? else {
         return Err(CliError::NotFound(format!(
             "volume {} has no snapshot {}",
@@ -936,12 +1055,25 @@ pub async fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<(), CliErr
         }
         tokio::time::sleep(POLL).await;
     }
+    // A group's snapshot is one record: it went from every member.
+    let group = if record.volumes.len() > 1 {
+        group_names(&record, &volume_names(global, &unit_name).await)
+    } else {
+        None
+    };
     match global.output {
         Output::Json => crate::ops::print_json(&json!({
-            "id": record.id, "name": record.name, "state": "purged"
+            "id": record.id, "name": record.name, "state": "purged", "group": group
         })),
         Output::Table => {
-            println!("snapshot {} of {} deleted", args.snapshot, args.volume);
+            match group {
+                Some(group) => println!(
+                    "snapshot {} of consistency group {} deleted",
+                    args.snapshot,
+                    group.join(", ")
+                ),
+                None => println!("snapshot {} of {} deleted", args.snapshot, args.volume),
+            }
             Ok(())
         }
     }

@@ -10,10 +10,10 @@
 //! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
 //! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (id, token, unit, head nodes), registered with the unit |
 //! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume; the unit revoked the token |
-//! | POST | `/v1/volumes/{name}/snapshots` | `{name, wait_ms?}` | 201 snapshot once ready (crash-consistent cut of every partition; `pause_us` measured); 202 snapshot (`state: creating`) if not ready within `wait_ms` (default 15000); 409 if aborted or the name is taken |
+//! | POST | `/v1/volumes/{name}/snapshots` | `{name, volumes?, wait_ms?}` | 201 snapshot once ready (crash-consistent cut of every partition; `pause_us` measured); 202 snapshot (`state: creating`) if not ready within `wait_ms` (default 15000); 409 if aborted or the name is taken on any volume. `volumes`: the other volumes of a consistency group (same unit): one coordinated cut of every partition of all of them, one snapshot every member lists under `name` (with `group`) |
 //! | GET | `/v1/volumes/{name}/snapshots` | | 200 `{volume, snapshots: [snapshot]}` |
 //! | GET | `/v1/volumes/{name}/snapshots/{snap}` | | 200 snapshot |
-//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 202 snapshot (`state: deleting`); the unit drops every partition's layer, then the snapshot is gone from GET |
+//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 202 snapshot (`state: deleting`); the unit drops every partition's layer, then the snapshot is gone from GET (a group's: from every member) |
 //! | GET | `/v1/units` | | 200 `{units: [unit]}` |
 //! | GET | `/v1/units/{name}` | | 200 unit |
 //! | POST | `/v1/units/{name}/refresh` | | 200 unit (polled now) |
@@ -27,8 +27,10 @@
 //! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
 //! I/O of up to 256 KiB costs one; bursts need their limit and are at
 //! least it), recorded by the unit and enforced by attach agents.
-//! A snapshot is `{id, name, volume, state (creating|ready|aborted|deleting),
-//! created_ms, pause_us, cuts, reason, pinned_bytes, exclusive_bytes}`:
+//! A snapshot is `{id, name, volume, group?, state (creating|ready|aborted|deleting),
+//! created_ms, pause_us, cuts, reason, pinned_bytes, exclusive_bytes}`
+//! (`group`: the member volumes' names, only for a consistency group;
+//! `cuts` counts every member's partitions):
 //! `exclusive_bytes` is what deleting it frees (blocks no other snapshot
 //! and not the live volume references), `null` with a `space_error` when
 //! the partitions could not be asked.
@@ -228,6 +230,27 @@ impl Body {
             Some(other) => Err(ApiError::bad(
                 field,
                 format!("must be a non-negative integer, got {}", kind(&other)),
+            )),
+        }
+    }
+
+    fn strings(&mut self, field: &'static str) -> Result<Option<Vec<String>>, ApiError> {
+        match self.0.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s),
+                    other => Err(ApiError::bad(
+                        field,
+                        format!("must be an array of strings, got a {}", kind(&other)),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(other) => Err(ApiError::bad(
+                field,
+                format!("must be an array of strings, got {}", kind(&other)),
             )),
         }
     }
@@ -554,6 +577,7 @@ const MAX_SNAPSHOT_WAIT_MS: u64 = 120_000;
 async fn create_snapshot(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
     let mut body = Body::parse(&body)?;
     let snapshot = Body::required("name", body.string("name")?)?;
+    let group = body.strings("volumes")?.unwrap_or_default();
     let wait_ms = body.u64("wait_ms")?.unwrap_or(15_000);
     body.finish()?;
     if wait_ms > MAX_SNAPSHOT_WAIT_MS {
@@ -564,7 +588,12 @@ async fn create_snapshot(State(state): Shared, Path(name): Path<String>, body: B
     }
     let (view, ready) = state
         .zonal
-        .create_snapshot(&name, &snapshot, std::time::Duration::from_millis(wait_ms))
+        .create_snapshot(
+            &name,
+            &group,
+            &snapshot,
+            std::time::Duration::from_millis(wait_ms),
+        )
         .await?;
     let status = if ready {
         StatusCode::CREATED
