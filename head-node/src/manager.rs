@@ -331,6 +331,11 @@ struct ManagerMetrics {
     /// Log reads served from memory / from the log device since start.
     wal_memory_reads: Gauge,
     wal_device_reads: Gauge,
+    /// Records appended to the log since start, and the durable device
+    /// writes (group-commit rounds) that carried them: their ratio is the
+    /// records sharing one batch header (issue 13, bytes per host byte).
+    wal_records: Gauge,
+    wal_writes: Gauge,
     /// 1 with the log's path and the failure's reason once the log failed;
     /// 0 with an empty reason while it works.
     wal_failed: Family<WalFailedLabels, Gauge>,
@@ -492,6 +497,16 @@ impl ManagerMetrics {
             "rackblock_wal_device_reads",
             "Write-log reads that went to the log device since start",
             m.wal_device_reads.clone(),
+        );
+        registry.register(
+            "rackblock_wal_records",
+            "Records appended to the write log since start",
+            m.wal_records.clone(),
+        );
+        registry.register(
+            "rackblock_wal_writes",
+            "Durable device writes (group-commit rounds, one batch header each unless a round carries several batches) of the write log since start",
+            m.wal_writes.clone(),
         );
         registry.register(
             "rackblock_wal_failed",
@@ -1292,6 +1307,8 @@ fn update_metrics(inner: &Inner) {
     m.wal_cached_bytes.set(as_i64(stats.cached_bytes));
     m.wal_memory_reads.set(as_i64(stats.cache_hits));
     m.wal_device_reads.set(as_i64(stats.cache_misses));
+    m.wal_records.set(as_i64(stats.appended_records));
+    m.wal_writes.set(as_i64(stats.batches));
     m.ready.set(i64::from(inner.ready.load(Ordering::Acquire)));
     let hosted: Vec<Arc<Hosted>> = read(&inner.hosted).values().cloned().collect();
     m.hosted_partitions
