@@ -17,7 +17,8 @@
 #     rounds (snapshots deleted between rounds); medians.   goal: >= 0.9x
 # Every process is stopped by pid. Output: BENCH lines (conventions:
 # bench/README.md) and bench/out/snapshot.json. BENCH_SECONDS (default 10)
-# sets each IOPS job's length; BENCH_ROUNDS (default 2); BENCH_PROFILE
+# sets each IOPS job's length; BENCH_ROUNDS (default 2); BENCH_SKIP_BUILD=1
+# uses the binary already built; BENCH_PROFILE
 # (release, default, or debug: the debug build, on machines where a
 # release build does not fit).
 set -euo pipefail
@@ -33,7 +34,10 @@ for tool in fio:fio python3:python3 curl:curl; do
     echo "bench/snapshot.sh: ${tool%%:*} is missing: install the Debian package ${tool##*:} (scripts/install-deps.sh does)" >&2; exit 1; }
 done
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench/snapshot.sh: this fio has no nbd engine (fio >= 3.20 has)" >&2; exit 1; }
-if [ "$profile" = release ]; then
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  # The binary already built (a box too loaded to rebuild in time).
+  echo "# BENCH_SKIP_BUILD=1: using the $profile rackblock already built" >&2
+elif [ "$profile" = release ]; then
   cargo build --release -q -p cli --bin rackblock
 else
   cargo build -q -p cli --bin rackblock
@@ -104,7 +108,9 @@ wait_pid() {
   wait "$pid" 2>/dev/null || true
   return 124
 }
-iops() { python3 -c "import json; j=json.load(open('$work/$1.json'))['jobs'][0]; assert j['error'] == 0; print(j['write']['iops'])"; }
+# A report of fio stopped by a signal starts with "fio: terminating on
+# signal 15": the JSON is read from its first brace.
+iops() { python3 -c "import json; t=open('$work/$1.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]; assert j['error'] == 0; print(j['write']['iops'])"; }
 
 # ---- pause under QD32 writes
 gap_ms=1500
