@@ -402,6 +402,81 @@ impl Attached {
     }
 }
 
+/// A zonal attachment of a volume and the client connected with it.
+pub(crate) struct ZonalConnection {
+    pub attachment_id: u64,
+    pub volume_id: u64,
+    pub endpoints: Vec<HostEndpoint>,
+    pub credential: AttachmentCredential,
+    pub client: VolumeClient,
+}
+
+/// Asks the zonal plane for an attachment of `volume` for `host`, then
+/// connects a client with `config` to the unit's host ports it names: what
+/// `attach` (a host's export) and `snapshot export` (the CLI's own reads)
+/// both do. An attachment made but not connected is detached again (a
+/// failed detach is reported on stderr with the command that finishes it)
+/// before the error is returned: no caller leaks one.
+pub(crate) async fn zonal_connect(
+    api: &ZonalApi,
+    volume: &str,
+    host: &str,
+    config: ClientConfig,
+) -> Result<ZonalConnection, CliError> {
+    let path = format!("/v1/volumes/{}/attach", segment(volume));
+    let info = api
+        .call("POST", &path, Some(&json!({ "host": host })))
+        .await?
+        .body;
+    let attachment_id = info
+        .get("attachment_id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| CliError::Runtime("the zonal attach answer has no attachment_id".into()))?;
+    let connected = async {
+        let token = info
+            .get("token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
+            .and_then(|text| {
+                AttachmentToken::parse_hex(text)
+                    .map_err(|e| CliError::Runtime(format!("the zonal attach answer's token: {e}")))
+            })?;
+        let credential = AttachmentCredential {
+            attachment: attachment_id,
+            token,
+        };
+        let volume_id = info
+            .get("volume_id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| CliError::Runtime("the zonal attach answer has no volume_id".into()))?;
+        let endpoints = host_endpoints(&info)?;
+        let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
+        let client = VolumeClient::connect_host(&endpoints, volume_id, credential, config)
+            .await
+            .map_err(|e| {
+                CliError::Unavailable(format!(
+                    "cannot get volume {volume}'s partition map from unit {unit}: {e}"
+                ))
+            })?;
+        Ok(ZonalConnection {
+            attachment_id,
+            volume_id,
+            endpoints,
+            credential,
+            client,
+        })
+    }
+    .await;
+    if connected.is_err() {
+        let attached = Attached::Zonal {
+            api: api.clone(),
+            attachment_id,
+        };
+        detach_and_report(volume, Some(&attached)).await;
+    }
+    connected
+}
+
 /// How often the attach agent re-reads the partition map (and with it the
 /// volume's QoS limits) while serving: a limit change is in force within
 /// this plus one control-plane read (the issue asks for 6 s).
@@ -656,57 +731,18 @@ pub async fn run(
             config.snapshot =
                 Some(crate::snapshot::ready_id(&snapshot_rack, volume_id, name).await?);
         }
-        let path = format!("/v1/volumes/{}/attach", segment(&volume_name));
-        let reply = api
-            .call("POST", &path, Some(&json!({ "host": host })))
-            .await?;
-        let info = reply.body;
-        let attachment_id = info
-            .get("attachment_id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                CliError::Runtime("the zonal attach answer has no attachment_id".into())
-            })?;
-        let attached = Attached::Zonal { api, attachment_id };
-        let connected = async {
-            let token = info
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
-                .and_then(|text| {
-                    AttachmentToken::parse_hex(text).map_err(|e| {
-                        CliError::Runtime(format!("the zonal attach answer's token: {e}"))
-                    })
-                })?;
-            let credential = AttachmentCredential {
-                attachment: attachment_id,
-                token,
-            };
-            let volume_id = info
-                .get("volume_id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    CliError::Runtime("the zonal attach answer has no volume_id".into())
-                })?;
-            let endpoints = host_endpoints(&info)?;
-            reservation_target = Some((endpoints.clone(), volume_id, credential));
-            let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
-            VolumeClient::connect_host(&endpoints, volume_id, credential, config)
-                .await
-                .map_err(|e| {
-                    CliError::Unavailable(format!(
-                        "cannot get volume {volume}'s partition map from unit {unit}: {e}"
-                    ))
-                })
-        }
-        .await;
-        match connected {
-            Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
-            Err(error) => {
-                detach_and_report(&volume_name, Some(&attached)).await;
-                return Err(error);
-            }
-        }
+        let connection = zonal_connect(&api, &volume_name, &host, config).await?;
+        reservation_target = Some((
+            connection.endpoints,
+            connection.volume_id,
+            connection.credential,
+        ));
+        let attached = Attached::Zonal {
+            api,
+            attachment_id: connection.attachment_id,
+        };
+        let client = connection.client;
+        (Arc::new(client.clone()), Some(attached), Some(client))
     };
     let size_bytes = backend.size_bytes();
     // The seam every front end goes through: metrics outside (host-seen

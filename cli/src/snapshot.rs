@@ -19,8 +19,10 @@
 //!         only, no data read), merged into volume ranges
 //! export: a zonal attachment for the snapshot's reads (HostReadSnapshot
 //!         through the volume client, like `attach VOL@SNAP --read-only`),
-//!         detached at the end: the raw image, or an incremental stream
-//!         (crate::stream) of the diff's ranges since another snapshot
+//!         detached at the end: the raw image (to a file: sparse, every
+//!         64 KiB that reads as zeros left a hole), or an incremental
+//!         stream (crate::stream) of the diff's ranges since another
+//!         snapshot (zero ranges as records, no data)
 //! apply:  an incremental stream onto a raw image file
 //! ```
 //!
@@ -49,7 +51,7 @@ use client::{ClientConfig, VolumeClient};
 use local_control_plane::snapshot_query::{self, SnapshotSpace};
 use local_control_plane::state::{SnapshotRecord, SnapshotState};
 use local_control_plane::{Command, Outcome};
-use proto::volume::{AttachmentCredential, AttachmentToken, ChangedRange};
+use proto::volume::ChangedRange;
 use serde_json::{json, Value};
 
 use crate::stream::{Header, StreamWriter};
@@ -647,6 +649,9 @@ type Span = (u64, u64);
 
 /// Bytes read per request of an export.
 const EXPORT_CHUNK: u64 = 4 << 20;
+/// Granule of a raw file export's holes: a piece of this size that reads
+/// as zeros is not written.
+const HOLE_GRAIN: usize = 64 << 10;
 /// Requests of an export in flight.
 const EXPORT_DEPTH: usize = 4;
 
@@ -704,63 +709,20 @@ impl ExportSession {
         snapshot: u64,
         unit_ca: Option<&std::path::Path>,
     ) -> Result<Self, CliError> {
-        let tls = crate::attach::unit_tls(unit_ca)?;
-        let api = global.api()?;
-        let path = format!("/v1/volumes/{}/attach", crate::http::segment(volume));
-        let reply = api
-            .call("POST", &path, Some(&json!({ "host": "snapshot-export" })))
-            .await?;
-        let info = reply.body;
-        let attachment = info
-            .get("attachment_id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                CliError::Runtime("the zonal attach answer has no attachment_id".into())
-            })?;
-        let session = async {
-            let token = info
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
-                .and_then(|text| {
-                    AttachmentToken::parse_hex(text)
-                        .map_err(|e| CliError::Runtime(format!("the attach answer's token: {e}")))
-                })?;
-            let volume_id = info
-                .get("volume_id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    CliError::Runtime("the zonal attach answer has no volume_id".into())
-                })?;
-            let endpoints = crate::attach::host_endpoints(&info)?;
-            let mut config = ClientConfig {
-                snapshot: Some(snapshot),
-                ..ClientConfig::default()
-            };
-            config.link.tls = tls;
-            VolumeClient::connect_host(
-                &endpoints,
-                volume_id,
-                AttachmentCredential { attachment, token },
-                config,
-            )
-            .await
-            .map_err(|e| CliError::Unavailable(format!("cannot reach the volume's unit: {e}")))
-        }
-        .await;
-        let session = ExportSession {
-            api: api.clone(),
-            volume: volume.to_owned(),
-            attachment,
-            client: match session {
-                Ok(client) => client,
-                Err(error) => {
-                    let _ = Self::detach(&api, volume, attachment).await;
-                    return Err(error);
-                }
-            },
+        let mut config = ClientConfig {
+            snapshot: Some(snapshot),
+            ..ClientConfig::default()
         };
-        Ok(session)
+        config.link.tls = crate::attach::unit_tls(unit_ca)?;
+        let api = global.api()?;
+        let connection =
+            crate::attach::zonal_connect(&api, volume, "snapshot-export", config).await?;
+        Ok(ExportSession {
+            api,
+            volume: volume.to_owned(),
+            attachment: connection.attachment_id,
+            client: connection.client,
+        })
     }
 
     async fn detach(
@@ -904,9 +866,38 @@ async fn export_with(
     diff: Option<&[ChangedRange]>,
 ) -> Result<(u64, u64), CliError> {
     let size = session.client.size_bytes();
-    let mut out = open_output(&args.to)?;
     match args.format {
+        // A file gets a sparse image: the file is sized first and a chunk
+        // that reads as zeros (never written, trimmed, or written zeros)
+        // is left a hole, so an image of a mostly empty volume takes the
+        // space of its data. A pipe gets every byte.
+        ExportFormat::Raw if args.to != "-" => {
+            use std::os::unix::fs::FileExt as _;
+            let file = std::fs::File::create(&args.to)
+                .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", args.to)))?;
+            file.set_len(size).map_err(write_error)?;
+            let mut progress = Progress::new(size);
+            let mut holes = 0u64;
+            session
+                .read_ranges(&[(0, size)], |at, data| {
+                    for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
+                        if piece.iter().all(|b| *b == 0) {
+                            holes += piece.len() as u64;
+                        } else {
+                            let offset = at + (i * HOLE_GRAIN) as u64;
+                            file.write_all_at(piece, offset).map_err(write_error)?;
+                        }
+                    }
+                    progress.add(data.len() as u64);
+                    Ok(())
+                })
+                .await?;
+            file.sync_all().map_err(write_error)?;
+            progress.print(&format!(", done ({} left as holes)", human_bytes(holes)));
+            Ok((size, 0))
+        }
         ExportFormat::Raw => {
+            let mut out = open_output(&args.to)?;
             let mut progress = Progress::new(size);
             session
                 .read_ranges(&[(0, size)], |_, data| {
@@ -920,6 +911,7 @@ async fn export_with(
             Ok((size, 0))
         }
         ExportFormat::Incremental => {
+            let out = open_output(&args.to)?;
             let header = Header {
                 volume_size_bytes: size,
                 base_snapshot: base.unwrap_or(0),

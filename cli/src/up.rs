@@ -60,6 +60,12 @@ pub struct UpArgs {
     /// Size of each device file in MiB.
     #[arg(long, default_value_t = 1024)]
     device_size_mib: u64,
+    /// The unit's column size when the rack file is written (an existing
+    /// rack file keeps its own): one extent is 4 columns of data (4+2), so
+    /// the default 64 MiB makes 256 MiB extents. Tests that show space
+    /// coming back on a small volume use a smaller one.
+    #[arg(long, default_value = "64MiB")]
+    column_size: String,
     /// First port of the unit's data ports; sleds use base+100.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
@@ -231,10 +237,18 @@ fn write_rack_file(args: &UpArgs, data_dir: &Path) -> Result<String, String> {
     if sled_port > u32::from(u16::MAX) {
         return Err(format!("--base-port {} too high", args.base_port));
     }
+    let column_size = crate::text::parse_block_size("--column-size", &args.column_size)
+        .map_err(|e| e.to_string())?;
+    if column_size > args.device_size_mib * 1024 * 1024 {
+        return Err(format!(
+            "--column-size {} is larger than a device (--device-size-mib {})",
+            args.column_size, args.device_size_mib
+        ));
+    }
     let _ = writeln!(
         rack,
         "# Written by `rackblock up`; edit freely, it is reused by the next `up`.\n\
-         [unit]\nname = \"local\"\ncolumn_size_bytes = 67108864\nerasure_codes = [\"4+2\"]\n"
+         [unit]\nname = \"local\"\ncolumn_size_bytes = {column_size}\nerasure_codes = [\"4+2\"]\n"
     );
     for h in 1..=HEAD_NODES {
         let _ = writeln!(

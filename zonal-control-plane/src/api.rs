@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?, qos?}` | 201 volume (200 if the same volume exists) |
 //! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
-//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` and `snapshots` (live from the unit) |
+//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map`, `snapshots` and `clone` (live from the unit) |
 //! | PATCH | `/v1/volumes/{name}` | `{qos: {iops?, bandwidth_bytes_per_second?, burst_iops?, burst_bandwidth_bytes_per_second?, burst_length_ms?} \| null}` | 200 volume once the unit recorded the limits (a field set to null is removed, one left out kept; `qos: null` removes all); 400 names a bad field (`qos.burst_iops`) |
 //! | POST, PUT | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume once the unit grew it (same size: no-op); smaller: 400 |
 //! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
@@ -33,7 +33,11 @@
 //! `cuts` counts every member's partitions):
 //! `exclusive_bytes` is what deleting it frees (blocks no other snapshot
 //! and not the live volume references), `null` with a `space_error` when
-//! the partitions could not be asked.
+//! the partitions could not be asked. A volume's `clone` is `null` (not a
+//! clone, or flattened) or `{parent_volume, parent_snapshot, size_bytes,
+//! flatten}`, `flatten` `null` until one starts, else `{rate_bytes_per_second,
+//! remaining_bytes, copied_bytes, partitions_reported, partitions}` as the
+//! primaries last reported (a partition not reported yet counts whole).
 //! Errors: [`ApiError`] (one status mapping, one body shape).
 
 use std::sync::Arc;
@@ -527,6 +531,19 @@ async fn describe_volume(State(state): Shared, Path(name): Path<String>) -> ApiR
                 Err(error) => {
                     fields.insert("snapshots".into(), Value::Null);
                     fields.insert("snapshots_error".into(), Value::String(error.to_string()));
+                }
+            }
+            // A clone's parent and flatten progress (null: not a clone,
+            // or flattened).
+            match state.zonal.clone_view(&name).await {
+                Ok(clone) => {
+                    let clone = serde_json::to_value(clone)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    fields.insert("clone".into(), clone);
+                }
+                Err(error) => {
+                    fields.insert("clone".into(), Value::Null);
+                    fields.insert("clone_error".into(), Value::String(error.to_string()));
                 }
             }
         }

@@ -133,6 +133,26 @@ impl Zonal {
             .collect())
     }
 
+    /// Volume `name` as a clone: its parent and its flatten's progress
+    /// (`None`: not a clone, or flattened already), from the unit's status.
+    pub async fn clone_view(&self, name: &str) -> Result<Option<CloneView>, ApiError> {
+        let volume = self.snapshot_volume(name).await?;
+        let unit = self.unit(&volume.unit)?;
+        let unreachable = |reason: String| ApiError::UnitUnreachable {
+            unit: volume.unit.clone(),
+            reason,
+        };
+        let (_, status) = tokio::time::timeout(READ_TIMEOUT, unit.client.unit_status())
+            .await
+            .map_err(|_| unreachable(format!("no answer within {READ_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(status
+            .clones
+            .iter()
+            .find(|c| c.volume == volume.id)
+            .map(CloneView::of))
+    }
+
     /// Every snapshot's space on `volume`, or why it is unknown.
     async fn snapshot_space(
         &self,
@@ -337,5 +357,62 @@ impl Zonal {
         let mut shown = view(name, &record, &names, &Err("being deleted".into()));
         shown.state = SnapshotState::Deleting.as_str();
         Ok(shown)
+    }
+}
+
+/// A clone in `GET /v1/volumes/{name}` (`clone`): where its unwritten
+/// blocks read from and how far its flatten is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CloneView {
+    /// The parent snapshot: its volume's id in the unit and its id.
+    pub parent_volume: u64,
+    pub parent_snapshot: u64,
+    pub size_bytes: u64,
+    /// `None` until `volume flatten` starts one.
+    pub flatten: Option<FlattenView>,
+}
+
+/// A flatten's progress, as the clone's primaries last reported it (every
+/// second while they copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlattenView {
+    /// Copy rate of each partition, bytes per second.
+    pub rate_bytes_per_second: u64,
+    /// Bytes still read from the parent: the reported partitions' counts,
+    /// and a whole partition for each one that has not reported yet.
+    pub remaining_bytes: u64,
+    /// `size_bytes - remaining_bytes`.
+    pub copied_bytes: u64,
+    /// Partitions reported / of the clone.
+    pub partitions_reported: usize,
+    pub partitions: usize,
+}
+
+impl CloneView {
+    fn of(clone: &local_control_plane::state::CloneStatus) -> CloneView {
+        let block = proto::BLOCK_SIZE_BYTES;
+        let size_bytes = clone.size_blocks.saturating_mul(block);
+        let flatten = clone.flatten.as_ref().map(|f| {
+            let reported: u64 = f.remaining_blocks.values().sum();
+            let unreported = clone.partitions.saturating_sub(f.remaining_blocks.len()) as u64;
+            let per_partition = clone.size_blocks.div_ceil(clone.partitions.max(1) as u64);
+            let remaining_blocks = reported
+                .saturating_add(unreported.saturating_mul(per_partition))
+                .min(clone.size_blocks);
+            let remaining_bytes = remaining_blocks.saturating_mul(block);
+            FlattenView {
+                rate_bytes_per_second: f.rate_bytes_per_second,
+                remaining_bytes,
+                copied_bytes: size_bytes - remaining_bytes,
+                partitions_reported: f.remaining_blocks.len(),
+                partitions: clone.partitions,
+            }
+        });
+        CloneView {
+            parent_volume: clone.parent.volume,
+            parent_snapshot: clone.parent.snapshot,
+            size_bytes,
+            flatten,
+        }
     }
 }
