@@ -618,6 +618,12 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         let shutdown = shutdown.clone();
         tokio::spawn(async move { manager.run(shutdown).await })
     };
+    if proto::auth::frame_macs_off() {
+        warn!(
+            env = proto::auth::BENCH_NO_FRAME_MAC_ENV,
+            "BENCH SWITCH: unit-port frames carry no MAC (handshake still required); never in production"
+        );
+    }
     info!(
         head_node_id = %config.head_node_id,
         raft_id = node.raft_id(),

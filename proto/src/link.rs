@@ -486,7 +486,7 @@ impl Connection {
             .await
             .unwrap_or(Err(crate::auth::AuthError::Timeout(timeout)))
             {
-                Ok(done) => Ok((Some(done.send), Some(done.receive))),
+                Ok(done) => Ok(done.macs()),
                 Err(error) => Err(ConnectError {
                     reason: format!("authenticate with {address}: {error}"),
                     refused: false,

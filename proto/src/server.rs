@@ -551,7 +551,7 @@ impl Connection {
                 // The slot is held through the handshake only.
                 drop(handshake_slot);
                 match handshake {
-                    Some(Ok(done)) => (Some(done.peer), Some((done.send, done.receive))),
+                    Some(Ok(done)) => (Some(done.peer.clone()), done.macs()),
                     Some(Err(error)) => {
                         self.bad_frame("unauthenticated", &error.to_string());
                         self.metrics.connections_open.dec();
@@ -566,13 +566,10 @@ impl Connection {
             Access::Open | Access::Kinds(_) => {
                 // Held through the TLS handshake, if any, only.
                 drop(handshake_slot);
-                (None, None)
+                (None, (None, None))
             }
         };
-        let (send_mac, receive_mac) = match macs {
-            Some((send, receive)) => (Some(send), Some(receive)),
-            None => (None, None),
-        };
+        let (send_mac, receive_mac) = macs;
         let session = Session {
             authenticated,
             out: Outgoing::new(send_mac),
