@@ -453,6 +453,26 @@ pub(crate) fn unit_tls(
     .transpose()
 }
 
+/// TLS to the host ports trusting the unit CA that came with the
+/// attachment (`pem`, from `origin`), unless `--unit-ca` overrides it: set
+/// in both link configurations (the volume client's and the reservations').
+fn adopt_unit_ca(
+    args: &AttachArgs,
+    volume_link: &mut proto::link::LinkConfig,
+    other_link: &mut proto::link::LinkConfig,
+    pem: &str,
+    origin: &std::path::Path,
+) -> Result<(), CliError> {
+    if args.unit_ca.is_some() {
+        return Ok(());
+    }
+    let tls = proto::link::LinkTls::from_ca_pem(pem.as_bytes(), origin)
+        .map_err(|e| CliError::Runtime(format!("the attachment's unit CA: {e}")))?;
+    volume_link.tls = Some(tls.clone());
+    other_link.tls = Some(tls);
+    Ok(())
+}
+
 /// The host ports of `rack`'s head nodes.
 fn rack_host_endpoints(rack: &Rack, path: &std::path::Path) -> Result<Vec<HostEndpoint>, CliError> {
     let endpoints: Vec<HostEndpoint> = rack
@@ -605,7 +625,7 @@ pub async fn run(
     // Where a unit's volume keeps its persistent reservations: the unit,
     // through the host ports (client::iscsi::HostReservationSource).
     let mut reservation_target: Option<(Vec<HostEndpoint>, u64, AttachmentCredential)> = None;
-    let link_config = config.link.clone();
+    let mut link_config = config.link.clone();
     let (backend, attached, volume_client): (
         Arc<dyn NbdBackend>,
         Option<Attached>,
@@ -619,12 +639,16 @@ pub async fn run(
         let rack = Rack::load(rack_path)
             .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
         let endpoints = rack_host_endpoints(&rack, rack_path)?;
-        let (volume_id, credential) = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
+        let file = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
             (Some(file), _, _, _) => crate::attachment::read_file(file)?,
             (None, Some(volume_id), Some(attachment), Some(token)) => {
                 let token = AttachmentToken::parse_hex(token)
                     .map_err(|e| CliError::Usage(format!("--attachment-token: {e}")))?;
-                (volume_id, AttachmentCredential { attachment, token })
+                crate::attachment::AttachmentFile {
+                    volume_id,
+                    credential: AttachmentCredential { attachment, token },
+                    unit_ca_pem: None,
+                }
             }
             _ => {
                 return Err(CliError::Usage(
@@ -634,6 +658,10 @@ pub async fn run(
                 ))
             }
         };
+        let (volume_id, credential) = (file.volume_id, file.credential);
+        if let (Some(pem), Some(origin)) = (&file.unit_ca_pem, &args.attachment_file) {
+            adopt_unit_ca(args, &mut config.link, &mut link_config, pem, origin)?;
+        }
         reservation_target = Some((endpoints.clone(), volume_id, credential));
         if let Some(name) = &snapshot_name {
             config.snapshot =
@@ -689,6 +717,15 @@ pub async fn run(
                     CliError::Runtime("the zonal attach answer has no volume_id".into())
                 })?;
             let endpoints = host_endpoints(&info)?;
+            if let Some(pem) = info.get("unit_ca_pem").and_then(Value::as_str) {
+                adopt_unit_ca(
+                    args,
+                    &mut config.link,
+                    &mut link_config,
+                    pem,
+                    std::path::Path::new("the zonal attach answer's unit_ca_pem"),
+                )?;
+            }
             reservation_target = Some((endpoints.clone(), volume_id, credential));
             let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
             VolumeClient::connect_host(&endpoints, volume_id, credential, config)

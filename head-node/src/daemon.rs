@@ -572,6 +572,8 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             proto::server::ServerConfig {
                 access: Access::Kinds(kind::is_host_request),
                 tls: host_tls.clone(),
+                max_connections: Some(config.host_connection_caps()),
+                idle_timeout: Some(config.host_idle_timeout()),
                 ..proto::server::ServerConfig::default()
             },
             "host",

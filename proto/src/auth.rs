@@ -428,7 +428,12 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, client_exchange(stream, credential, !frame_macs_off())).await {
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        client_exchange(stream, credential, !frame_macs_off()),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(AuthError::Timeout(HANDSHAKE_TIMEOUT)),
     }
@@ -485,7 +490,12 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_exchange(stream, credential, !frame_macs_off())).await {
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        server_exchange(stream, credential, !frame_macs_off()),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(AuthError::Timeout(HANDSHAKE_TIMEOUT)),
     }
