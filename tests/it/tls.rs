@@ -190,44 +190,6 @@ fn up_offers_tls_to_nbdinfo_and_qemu_io() {
         1.0,
     );
     assert!(refused >= 1.0, "{refused}");
-
-    // An agent with neither --unit-ca nor a CA in its attachment: told
-    // why, not just "connection closed".
-    let listen = SocketAddr::from(([127, 0, 0, 1], next_port())).to_string();
-    let plain = run_tool(
-        rackblock_bin().to_str().unwrap(),
-        &[
-            "attach",
-            "tlsvol",
-            "--rack",
-            &rack,
-            "--attachment-file",
-            &without_ca,
-            "--failover-timeout",
-            "5s",
-            "--listen",
-            &listen,
-        ],
-        Duration::from_secs(90),
-    );
-    assert!(!plain.status.success(), "{plain}");
-    assert!(plain.stderr.contains(proto::link::TLS_REQUIRED), "{plain}");
-    // Offered, not required: the plain URI reads what went over TLS.
-    let plain = run_tool(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &unit.vol0_uri(),
-            "-c",
-            "read -P 0x5a 1048576 1048576",
-        ],
-        TOOL_TIMEOUT,
-    );
-    assert!(
-        plain.status.success() && !plain.stdout.contains("failed"),
-        "{plain}"
-    );
     assert!(
         unit.stop(),
         "rackblock up did not stop:\n{}",
@@ -645,6 +607,44 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
         1.0,
     );
     assert!(refused >= 1.0, "{refused}");
+
+    // An agent with neither --unit-ca nor a CA in its attachment: told
+    // why, not just "connection closed".
+    let listen = SocketAddr::from(([127, 0, 0, 1], next_port())).to_string();
+    let plain = run_tool(
+        rackblock_bin().to_str().unwrap(),
+        &[
+            "attach",
+            "tlsvol",
+            "--rack",
+            &rack,
+            "--attachment-file",
+            &without_ca,
+            "--failover-timeout",
+            "5s",
+            "--listen",
+            &listen,
+        ],
+        Duration::from_secs(90),
+    );
+    assert!(!plain.status.success(), "{plain}");
+    assert!(plain.stderr.contains(proto::link::TLS_REQUIRED), "{plain}");
+    // Offered, not required: the plain URI reads what went over TLS.
+    let plain = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &unit.vol0_uri(),
+            "-c",
+            "read -P 0x5a 1048576 1048576",
+        ],
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        plain.status.success() && !plain.stdout.contains("failed"),
+        "{plain}"
+    );
 
     // An agent trusting another CA (--unit-ca overrides the attachment's):
     // no plain-TCP fallback, a clear error.
