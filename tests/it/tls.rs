@@ -190,6 +190,22 @@ fn up_offers_tls_to_nbdinfo_and_qemu_io() {
         1.0,
     );
     assert!(refused >= 1.0, "{refused}");
+    // Offered, not required: the plain URI reads what went over TLS.
+    let plain = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &unit.vol0_uri(),
+            "-c",
+            "read -P 0x5a 1048576 1048576",
+        ],
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        plain.status.success() && !plain.stdout.contains("failed"),
+        "{plain}"
+    );
     assert!(
         unit.stop(),
         "rackblock up did not stop:\n{}",
@@ -629,22 +645,6 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
     );
     assert!(!plain.status.success(), "{plain}");
     assert!(plain.stderr.contains(proto::link::TLS_REQUIRED), "{plain}");
-    // Offered, not required: the plain URI reads what went over TLS.
-    let plain = run_tool(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            &unit.vol0_uri(),
-            "-c",
-            "read -P 0x5a 1048576 1048576",
-        ],
-        TOOL_TIMEOUT,
-    );
-    assert!(
-        plain.status.success() && !plain.stdout.contains("failed"),
-        "{plain}"
-    );
 
     // An agent trusting another CA (--unit-ca overrides the attachment's):
     // no plain-TCP fallback, a clear error.
