@@ -47,9 +47,9 @@ rm -rf "$work"; mkdir -p "$work/fio" "$work/snap"
 shm="/dev/shm/rackblock-unit-auth.$$"
 volume_bytes=$((512 << 20)); partition_bytes=$((128 << 20))
 
-# Ports: mac unit data 21000/21100, admin 21201-3, 21301-6, attach 21400,
-# zonal 21450, NBD 21451; nomac unit the same + 500.
-for port in 21000 21100 21201 21400 21450 21451 21500 21600 21701 21900 21950 21951; do
+# Ports: mac unit data 23000/23100, admin 23201-3, 23301-6, attach 23400,
+# zonal 23450, NBD 23451; nomac unit the same + 500.
+for port in 23000 23100 23201 23400 23450 23451 23500 23600 23701 23900 23950 23951; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     echo "bench/unit-auth.sh: port $port is in use (another bench/unit-auth.sh running?)" >&2; exit 1
   fi
@@ -128,8 +128,8 @@ job() {
 mkdir -p "$shm"
 : >"$work/pids"
 started=$(date +%s)
-start_unit mac 21000
-start_unit nomac 21500 RACKBLOCK_BENCH_UNIT_PORT_NO_FRAME_MAC=1
+start_unit mac 23000
+start_unit nomac 23500 RACKBLOCK_BENCH_UNIT_PORT_NO_FRAME_MAC=1
 grep -q "BENCH SWITCH" "$shm/nomac"/run/hn-1.log \
   || { echo "bench/unit-auth.sh: the nomac unit's head nodes do not report the bench switch" >&2; exit 1; }
 ! grep -q "BENCH SWITCH" "$shm/mac"/run/hn-1.log \
