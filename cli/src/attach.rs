@@ -409,19 +409,24 @@ pub(crate) struct ZonalConnection {
     pub endpoints: Vec<HostEndpoint>,
     pub credential: AttachmentCredential,
     pub client: VolumeClient,
+    /// The TLS the client's links use: `config`'s own (`--unit-ca`) or,
+    /// failing that, the unit CA carried by the attach answer.
+    pub tls: Option<proto::link::LinkTls>,
 }
 
 /// Asks the zonal plane for an attachment of `volume` for `host`, then
 /// connects a client with `config` to the unit's host ports it names: what
 /// `attach` (a host's export) and `snapshot export` (the CLI's own reads)
-/// both do. An attachment made but not connected is detached again (a
+/// both do. Without a CA in `config` (no `--unit-ca`), the unit CA the
+/// attach answer carries (`unit_ca_pem`) is trusted. An attachment made
+/// but not connected is detached again (a
 /// failed detach is reported on stderr with the command that finishes it)
 /// before the error is returned: no caller leaks one.
 pub(crate) async fn zonal_connect(
     api: &ZonalApi,
     volume: &str,
     host: &str,
-    config: ClientConfig,
+    mut config: ClientConfig,
 ) -> Result<ZonalConnection, CliError> {
     let path = format!("/v1/volumes/{}/attach", segment(volume));
     let info = api
@@ -450,6 +455,15 @@ pub(crate) async fn zonal_connect(
             .and_then(Value::as_u64)
             .ok_or_else(|| CliError::Runtime("the zonal attach answer has no volume_id".into()))?;
         let endpoints = host_endpoints(&info)?;
+        if config.link.tls.is_none() {
+            if let Some(pem) = info.get("unit_ca_pem").and_then(Value::as_str) {
+                let origin = std::path::Path::new("the zonal attach answer's unit_ca_pem");
+                let tls = proto::link::LinkTls::from_ca_pem(pem.as_bytes(), origin)
+                    .map_err(|e| CliError::Runtime(format!("the attachment's unit CA: {e}")))?;
+                config.link.tls = Some(tls);
+            }
+        }
+        let tls = config.link.tls.clone();
         let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
         let client = VolumeClient::connect_host(&endpoints, volume_id, credential, config)
             .await
@@ -464,6 +478,7 @@ pub(crate) async fn zonal_connect(
             endpoints,
             credential,
             client,
+            tls,
         })
     }
     .await;
@@ -526,6 +541,26 @@ pub(crate) fn unit_tls(
             .map_err(|e| CliError::Usage(format!("--unit-ca: {e}")))
     })
     .transpose()
+}
+
+/// TLS to the host ports trusting the unit CA that came with the
+/// attachment (`pem`, from `origin`), unless `--unit-ca` overrides it: set
+/// in both link configurations (the volume client's and the reservations').
+fn adopt_unit_ca(
+    args: &AttachArgs,
+    volume_link: &mut proto::link::LinkConfig,
+    other_link: &mut proto::link::LinkConfig,
+    pem: &str,
+    origin: &std::path::Path,
+) -> Result<(), CliError> {
+    if args.unit_ca.is_some() {
+        return Ok(());
+    }
+    let tls = proto::link::LinkTls::from_ca_pem(pem.as_bytes(), origin)
+        .map_err(|e| CliError::Runtime(format!("the attachment's unit CA: {e}")))?;
+    volume_link.tls = Some(tls.clone());
+    other_link.tls = Some(tls);
+    Ok(())
 }
 
 /// The host ports of `rack`'s head nodes.
@@ -680,7 +715,7 @@ pub async fn run(
     // Where a unit's volume keeps its persistent reservations: the unit,
     // through the host ports (client::iscsi::HostReservationSource).
     let mut reservation_target: Option<(Vec<HostEndpoint>, u64, AttachmentCredential)> = None;
-    let link_config = config.link.clone();
+    let mut link_config = config.link.clone();
     let (backend, attached, volume_client): (
         Arc<dyn NbdBackend>,
         Option<Attached>,
@@ -694,12 +729,16 @@ pub async fn run(
         let rack = Rack::load(rack_path)
             .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
         let endpoints = rack_host_endpoints(&rack, rack_path)?;
-        let (volume_id, credential) = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
+        let file = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
             (Some(file), _, _, _) => crate::attachment::read_file(file)?,
             (None, Some(volume_id), Some(attachment), Some(token)) => {
                 let token = AttachmentToken::parse_hex(token)
                     .map_err(|e| CliError::Usage(format!("--attachment-token: {e}")))?;
-                (volume_id, AttachmentCredential { attachment, token })
+                crate::attachment::AttachmentFile {
+                    volume_id,
+                    credential: AttachmentCredential { attachment, token },
+                    unit_ca_pem: None,
+                }
             }
             _ => {
                 return Err(CliError::Usage(
@@ -709,6 +748,10 @@ pub async fn run(
                 ))
             }
         };
+        let (volume_id, credential) = (file.volume_id, file.credential);
+        if let (Some(pem), Some(origin)) = (&file.unit_ca_pem, &args.attachment_file) {
+            adopt_unit_ca(args, &mut config.link, &mut link_config, pem, origin)?;
+        }
         reservation_target = Some((endpoints.clone(), volume_id, credential));
         if let Some(name) = &snapshot_name {
             config.snapshot =
@@ -741,6 +784,11 @@ pub async fn run(
             api,
             attachment_id: connection.attachment_id,
         };
+        // The unit CA that came with the attachment (unless --unit-ca
+        // overrode it) also serves the reservations' link.
+        if link_config.tls.is_none() {
+            link_config.tls = connection.tls.clone();
+        }
         let client = connection.client;
         (Arc::new(client.clone()), Some(attached), Some(client))
     };

@@ -24,7 +24,8 @@
 //! attach    `rackblock attach vol0 --listen 127.0.0.1:10809 --admin 127.0.0.1:9300
 //!            --tls-cert tls/server.pem --tls-key tls/server.key` (TLS offered,
 //!            not required: plain clients keep working)
-//!            --unit-ca tls/ca.pem` (TLS to the host ports)
+//!            (TLS to the host ports trusting the CA the zonal attach answer
+//!            carries: the zonal config's `host_ca = tls/ca.pem`)
 //!            --iscsi 127.0.0.1:3260 --iscsi 127.0.0.2:3260` (own process; two
 //!           iSCSI portals, one per host address, so a multipath initiator
 //!           sees two paths to the same LUN; the listeners are bound before
@@ -393,11 +394,17 @@ fn prepare(args: &UpArgs) -> Result<(PathBuf, hardware::rack::Rack), String> {
     }
     // Units are polled every second, not at the default interval, so that
     // `up` sees the unit healthy soon after it is.
+    // With host-port TLS, every attach answer carries the CA (the agent
+    // needs no --unit-ca).
+    let host_ca = match args.no_host_tls {
+        true => String::new(),
+        false => format!("host_ca = \"{}\"\n", tls.ca_cert.display()),
+    };
     let config = format!(
         "# Written by `rackblock up`.\nlisten = \"{}\"\ndata_dir = \"{}\"\n\
          admin_token_file = \"{}\"\nreport_interval_ms = 1000\n\
          tls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
-         [[units]]\nname = \"{}\"\nrack_file = \"{}\"\n",
+         [[units]]\nname = \"{}\"\nrack_file = \"{}\"\n{host_ca}",
         args.zonal_listen,
         data_dir.join("zonal").display(),
         token_path.display(),
@@ -809,9 +816,6 @@ fn start_unit(
         "--tls-key".to_string(),
         tls.server_key.display().to_string(),
     ]);
-    if !args.no_host_tls {
-        attach_argv.extend(["--unit-ca".to_string(), tls.ca_cert.display().to_string()]);
-    }
     if !args.no_iscsi {
         for portal in &args.iscsi_listen {
             attach_argv.push("--iscsi".to_string());
