@@ -17,7 +17,8 @@
 #     rounds (snapshots deleted between rounds); medians.   goal: >= 0.9x
 # Every process is stopped by pid. Output: BENCH lines (conventions:
 # bench/README.md) and bench/out/snapshot.json. BENCH_SECONDS (default 10)
-# sets each IOPS job's length; BENCH_ROUNDS (default 2); BENCH_PROFILE
+# sets each IOPS job's length; BENCH_ROUNDS (default 2); BENCH_SKIP_BUILD=1
+# uses the binary already built; BENCH_PROFILE
 # (release, default, or debug: the debug build, on machines where a
 # release build does not fit).
 set -euo pipefail
@@ -33,7 +34,10 @@ for tool in fio:fio python3:python3 curl:curl; do
     echo "bench/snapshot.sh: ${tool%%:*} is missing: install the Debian package ${tool##*:} (scripts/install-deps.sh does)" >&2; exit 1; }
 done
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench/snapshot.sh: this fio has no nbd engine (fio >= 3.20 has)" >&2; exit 1; }
-if [ "$profile" = release ]; then
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  # The binary already built (a box too loaded to rebuild in time).
+  echo "# BENCH_SKIP_BUILD=1: using the $profile rackblock already built" >&2
+elif [ "$profile" = release ]; then
   cargo build --release -q -p cli --bin rackblock
 else
   cargo build -q -p cli --bin rackblock
@@ -78,23 +82,51 @@ snap() { # create|delete NAME
   timeout 120 "$bin" snapshot "$1" vol0 "$2" --output json >>"$work/snapshots.jsonl" 2>>"$work/snapshots.err" \
     || { echo "bench/snapshot.sh: snapshot $1 $2 failed:" >&2; tail -5 "$work/snapshots.err" >&2; return 1; }
 }
-fio_write() { # name seconds [extra...]
+fio_args() { # name seconds [extra...]: the QD32 4 KiB random-write job, in $job
   local name=$1 secs=$2; shift 2
-  timeout $((secs + 120)) fio --name=$name --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k \
-    --iodepth=32 --size=$region_bytes --time_based --runtime=$secs --output-format=json \
-    --output="$work/$name.json" "$@" >/dev/null 2>>"$work/fio.err" \
-    || { echo "bench/snapshot.sh: fio $name failed:" >&2; tail -5 "$work/fio.err" >&2; return 1; }
+  job=(--name="$name" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k \
+    --iodepth=32 --size="$region_bytes" --time_based --runtime="$secs" --output-format=json \
+    --output="$work/$name.json" "$@")
 }
-iops() { python3 -c "import json; j=json.load(open('$work/$1.json'))['jobs'][0]; assert j['error'] == 0; print(j['write']['iops'])"; }
+fio_write() { # name seconds [extra...]: runs the job, bounded by its runtime + 120 s
+  local name=$1 secs=$2; shift 2
+  fio_args "$name" "$secs" "$@"
+  timeout --kill-after=10 $((secs + 120)) fio "${job[@]}" >/dev/null 2>>"$work/fio.err" \
+    || { echo "bench/snapshot.sh: fio $name failed or ran past its runtime + 120 s (rc $?):" >&2; tail -5 "$work/fio.err" >&2; return 1; }
+}
+# wait_pid PID SECONDS WHAT: waits for PID (a child) to end, at most
+# SECONDS; past that, says so and SIGKILLs it. Returns the child's status
+# (124 on the deadline).
+wait_pid() {
+  local pid=$1 secs=$2 what=$3
+  for _ in $(seq 1 $((secs * 10))); do
+    kill -0 "$pid" 2>/dev/null || { wait "$pid"; return $?; }
+    sleep 0.1
+  done
+  echo "bench/snapshot.sh: $what did not end within $secs s: killed" >&2
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  return 124
+}
+# A report of fio stopped by a signal starts with "fio: terminating on
+# signal 15": the JSON is read from its first brace.
+iops() { python3 -c "import json; t=open('$work/$1.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]; assert j['error'] == 0; print(j['write']['iops'])"; }
 
 # ---- pause under QD32 writes
 gap_ms=1500
-# fio runs until the snapshots are done (SIGINT: it stops and reports).
+# fio runs until the snapshots are done, then gets SIGTERM (it stops and
+# writes its report and logs). fio itself is the background child here:
+# the pid of a backgrounded shell function would be a subshell, which
+# neither forwards the signal nor ends fio (the hang of the first release
+# runs: fio ran out its whole runtime after the snapshots). A backgrounded
+# command also has SIGINT ignored in a non-interactive shell: SIGTERM.
 pause_secs=$(( snapshots * 30 + 60 ))
-fio_write pause $pause_secs --write_lat_log="$work/pause" --log_unix_epoch=1 &
+fio_args pause $pause_secs --write_lat_log="$work/pause" --log_unix_epoch=1
+fio "${job[@]}" >/dev/null 2>>"$work/fio.err" &
 fio_pid=$!
-pids+=($fio_pid)
+pids+=("$fio_pid")
 sleep 3
+kill -0 $fio_pid 2>/dev/null || { echo "bench/snapshot.sh: fio pause ended at start:" >&2; tail -5 "$work/fio.err" >&2; exit 1; }
 : >"$work/windows.txt"
 for i in $(seq 1 "$snapshots"); do
   # An aborted snapshot (a lease lost on a loaded machine) is counted and
@@ -108,9 +140,14 @@ for i in $(seq 1 "$snapshots"); do
   sleep $((gap_ms / 1000)).$((gap_ms % 1000))
   kill -0 $fio_pid 2>/dev/null || { echo "bench/snapshot.sh: fio ended before the snapshots" >&2; exit 1; }
 done
+echo "# pause: $(wc -l <"$work/windows.txt") of $snapshots snapshots ready; stopping fio" >&2
 sleep 1
-kill -INT $fio_pid 2>/dev/null || true
-wait $fio_pid || { echo "bench/snapshot.sh: fio pause failed:" >&2; tail -5 "$work/fio.err" >&2; exit 1; }
+kill -TERM $fio_pid 2>/dev/null || true
+rc=0; wait_pid $fio_pid 60 "fio pause (after SIGTERM)" || rc=$?
+# fio stopped by a signal may exit non-zero; its report is what counts.
+if [ $rc = 124 ] || ! iops pause >/dev/null 2>&1; then
+  echo "bench/snapshot.sh: fio pause failed (rc $rc, no usable report):" >&2; tail -5 "$work/fio.err" >&2; exit 1
+fi
 for i in $(seq 1 "$snapshots"); do
   grep -qx "p$i" "$work/aborted.txt" 2>/dev/null || snap delete "p$i"
 done

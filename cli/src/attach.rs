@@ -402,6 +402,96 @@ impl Attached {
     }
 }
 
+/// A zonal attachment of a volume and the client connected with it.
+pub(crate) struct ZonalConnection {
+    pub attachment_id: u64,
+    pub volume_id: u64,
+    pub endpoints: Vec<HostEndpoint>,
+    pub credential: AttachmentCredential,
+    pub client: VolumeClient,
+    /// The TLS the client's links use: `config`'s own (`--unit-ca`) or,
+    /// failing that, the unit CA carried by the attach answer.
+    pub tls: Option<proto::link::LinkTls>,
+}
+
+/// Asks the zonal plane for an attachment of `volume` for `host`, then
+/// connects a client with `config` to the unit's host ports it names: what
+/// `attach` (a host's export) and `snapshot export` (the CLI's own reads)
+/// both do. Without a CA in `config` (no `--unit-ca`), the unit CA the
+/// attach answer carries (`unit_ca_pem`) is trusted. An attachment made
+/// but not connected is detached again (a
+/// failed detach is reported on stderr with the command that finishes it)
+/// before the error is returned: no caller leaks one.
+pub(crate) async fn zonal_connect(
+    api: &ZonalApi,
+    volume: &str,
+    host: &str,
+    mut config: ClientConfig,
+) -> Result<ZonalConnection, CliError> {
+    let path = format!("/v1/volumes/{}/attach", segment(volume));
+    let info = api
+        .call("POST", &path, Some(&json!({ "host": host })))
+        .await?
+        .body;
+    let attachment_id = info
+        .get("attachment_id")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| CliError::Runtime("the zonal attach answer has no attachment_id".into()))?;
+    let connected = async {
+        let token = info
+            .get("token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
+            .and_then(|text| {
+                AttachmentToken::parse_hex(text)
+                    .map_err(|e| CliError::Runtime(format!("the zonal attach answer's token: {e}")))
+            })?;
+        let credential = AttachmentCredential {
+            attachment: attachment_id,
+            token,
+        };
+        let volume_id = info
+            .get("volume_id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| CliError::Runtime("the zonal attach answer has no volume_id".into()))?;
+        let endpoints = host_endpoints(&info)?;
+        if config.link.tls.is_none() {
+            if let Some(pem) = info.get("unit_ca_pem").and_then(Value::as_str) {
+                let origin = std::path::Path::new("the zonal attach answer's unit_ca_pem");
+                let tls = proto::link::LinkTls::from_ca_pem(pem.as_bytes(), origin)
+                    .map_err(|e| CliError::Runtime(format!("the attachment's unit CA: {e}")))?;
+                config.link.tls = Some(tls);
+            }
+        }
+        let tls = config.link.tls.clone();
+        let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
+        let client = VolumeClient::connect_host(&endpoints, volume_id, credential, config)
+            .await
+            .map_err(|e| {
+                CliError::Unavailable(format!(
+                    "cannot get volume {volume}'s partition map from unit {unit}: {e}"
+                ))
+            })?;
+        Ok(ZonalConnection {
+            attachment_id,
+            volume_id,
+            endpoints,
+            credential,
+            client,
+            tls,
+        })
+    }
+    .await;
+    if connected.is_err() {
+        let attached = Attached::Zonal {
+            api: api.clone(),
+            attachment_id,
+        };
+        detach_and_report(volume, Some(&attached)).await;
+    }
+    connected
+}
+
 /// How often the attach agent re-reads the partition map (and with it the
 /// volume's QoS limits) while serving: a limit change is in force within
 /// this plus one control-plane read (the issue asks for 6 s).
@@ -451,6 +541,26 @@ pub(crate) fn unit_tls(
             .map_err(|e| CliError::Usage(format!("--unit-ca: {e}")))
     })
     .transpose()
+}
+
+/// TLS to the host ports trusting the unit CA that came with the
+/// attachment (`pem`, from `origin`), unless `--unit-ca` overrides it: set
+/// in both link configurations (the volume client's and the reservations').
+fn adopt_unit_ca(
+    args: &AttachArgs,
+    volume_link: &mut proto::link::LinkConfig,
+    other_link: &mut proto::link::LinkConfig,
+    pem: &str,
+    origin: &std::path::Path,
+) -> Result<(), CliError> {
+    if args.unit_ca.is_some() {
+        return Ok(());
+    }
+    let tls = proto::link::LinkTls::from_ca_pem(pem.as_bytes(), origin)
+        .map_err(|e| CliError::Runtime(format!("the attachment's unit CA: {e}")))?;
+    volume_link.tls = Some(tls.clone());
+    other_link.tls = Some(tls);
+    Ok(())
 }
 
 /// The host ports of `rack`'s head nodes.
@@ -605,7 +715,7 @@ pub async fn run(
     // Where a unit's volume keeps its persistent reservations: the unit,
     // through the host ports (client::iscsi::HostReservationSource).
     let mut reservation_target: Option<(Vec<HostEndpoint>, u64, AttachmentCredential)> = None;
-    let link_config = config.link.clone();
+    let mut link_config = config.link.clone();
     let (backend, attached, volume_client): (
         Arc<dyn NbdBackend>,
         Option<Attached>,
@@ -619,12 +729,16 @@ pub async fn run(
         let rack = Rack::load(rack_path)
             .map_err(|e| CliError::Usage(format!("{}: {e}", rack_path.display())))?;
         let endpoints = rack_host_endpoints(&rack, rack_path)?;
-        let (volume_id, credential) = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
+        let file = match (&args.attachment_file, args.volume_id, args.attachment_id, &args.attachment_token) {
             (Some(file), _, _, _) => crate::attachment::read_file(file)?,
             (None, Some(volume_id), Some(attachment), Some(token)) => {
                 let token = AttachmentToken::parse_hex(token)
                     .map_err(|e| CliError::Usage(format!("--attachment-token: {e}")))?;
-                (volume_id, AttachmentCredential { attachment, token })
+                crate::attachment::AttachmentFile {
+                    volume_id,
+                    credential: AttachmentCredential { attachment, token },
+                    unit_ca_pem: None,
+                }
             }
             _ => {
                 return Err(CliError::Usage(
@@ -634,6 +748,10 @@ pub async fn run(
                 ))
             }
         };
+        let (volume_id, credential) = (file.volume_id, file.credential);
+        if let (Some(pem), Some(origin)) = (&file.unit_ca_pem, &args.attachment_file) {
+            adopt_unit_ca(args, &mut config.link, &mut link_config, pem, origin)?;
+        }
         reservation_target = Some((endpoints.clone(), volume_id, credential));
         if let Some(name) = &snapshot_name {
             config.snapshot =
@@ -656,57 +774,23 @@ pub async fn run(
             config.snapshot =
                 Some(crate::snapshot::ready_id(&snapshot_rack, volume_id, name).await?);
         }
-        let path = format!("/v1/volumes/{}/attach", segment(&volume_name));
-        let reply = api
-            .call("POST", &path, Some(&json!({ "host": host })))
-            .await?;
-        let info = reply.body;
-        let attachment_id = info
-            .get("attachment_id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                CliError::Runtime("the zonal attach answer has no attachment_id".into())
-            })?;
-        let attached = Attached::Zonal { api, attachment_id };
-        let connected = async {
-            let token = info
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
-                .and_then(|text| {
-                    AttachmentToken::parse_hex(text).map_err(|e| {
-                        CliError::Runtime(format!("the zonal attach answer's token: {e}"))
-                    })
-                })?;
-            let credential = AttachmentCredential {
-                attachment: attachment_id,
-                token,
-            };
-            let volume_id = info
-                .get("volume_id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    CliError::Runtime("the zonal attach answer has no volume_id".into())
-                })?;
-            let endpoints = host_endpoints(&info)?;
-            reservation_target = Some((endpoints.clone(), volume_id, credential));
-            let unit = info.get("unit").and_then(Value::as_str).unwrap_or("?");
-            VolumeClient::connect_host(&endpoints, volume_id, credential, config)
-                .await
-                .map_err(|e| {
-                    CliError::Unavailable(format!(
-                        "cannot get volume {volume}'s partition map from unit {unit}: {e}"
-                    ))
-                })
+        let connection = zonal_connect(&api, &volume_name, &host, config).await?;
+        reservation_target = Some((
+            connection.endpoints,
+            connection.volume_id,
+            connection.credential,
+        ));
+        let attached = Attached::Zonal {
+            api,
+            attachment_id: connection.attachment_id,
+        };
+        // The unit CA that came with the attachment (unless --unit-ca
+        // overrode it) also serves the reservations' link.
+        if link_config.tls.is_none() {
+            link_config.tls = connection.tls.clone();
         }
-        .await;
-        match connected {
-            Ok(client) => (Arc::new(client.clone()), Some(attached), Some(client)),
-            Err(error) => {
-                detach_and_report(&volume_name, Some(&attached)).await;
-                return Err(error);
-            }
-        }
+        let client = connection.client;
+        (Arc::new(client.clone()), Some(attached), Some(client))
     };
     let size_bytes = backend.size_bytes();
     // The seam every front end goes through: metrics outside (host-seen

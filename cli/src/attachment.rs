@@ -6,8 +6,12 @@
 //! random 128-bit token; the unit keeps only the token's SHA-256) through
 //! the unit's control plane with the operator's credential, and writes the
 //! **attachment file** (mode 0600): `volume_id`, `attachment_id` and the
-//! token (hex) as `key = value` lines. That file, the rack file's host
-//! ports and nothing else is what the host needs (SECURITY.md). `revoke`
+//! token (hex) as `key = value` lines, and `unit_ca_pem`, the PEM of the
+//! CA that signed the head nodes' host-port certificates (one line, its
+//! newlines written `\n`) when `--unit-ca FILE` (env `RACKBLOCK_UNIT_CA`,
+//! which `rackblock up` tells operators to export) names it. That file, the rack file's host ports and nothing else is what the
+//! host needs (SECURITY.md): the agent then reaches the host ports over
+//! TLS trusting that CA, with no `--unit-ca` of its own. `revoke`
 //! removes the attachment: from then on head nodes refuse its reads,
 //! writes and partition-map requests.
 
@@ -33,6 +37,11 @@ pub struct CreateArgs {
     /// Write the attachment file here (default: print it).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// The CA certificate (PEM) of the head nodes' host ports, carried in
+    /// the attachment file: the host's agent then reaches them over TLS
+    /// with no --unit-ca of its own (default: none).
+    #[arg(long, env = "RACKBLOCK_UNIT_CA", value_name = "FILE")]
+    pub unit_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,20 +71,50 @@ pub struct InitCredentialsArgs {
     pub rotate: bool,
 }
 
-/// The attachment file's text.
-fn file_text(volume_id: u64, credential: &AttachmentCredential) -> String {
-    format!(
-        "volume_id = {volume_id}\nattachment_id = {}\nattachment_token = \"{}\"\n",
-        credential.attachment,
-        credential.token.to_hex()
-    )
+/// What an attachment file holds (module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentFile {
+    pub volume_id: u64,
+    pub credential: AttachmentCredential,
+    /// The unit CA's PEM text, if the file carries it.
+    pub unit_ca_pem: Option<String>,
 }
 
-/// Reads an attachment file: (volume id, credential).
-pub fn read_file(path: &Path) -> Result<(u64, AttachmentCredential), CliError> {
+/// The attachment file's text.
+fn file_text(file: &AttachmentFile) -> String {
+    let mut text = format!(
+        "volume_id = {}\nattachment_id = {}\nattachment_token = \"{}\"\n",
+        file.volume_id,
+        file.credential.attachment,
+        file.credential.token.to_hex()
+    );
+    if let Some(pem) = &file.unit_ca_pem {
+        text.push_str(&format!(
+            "unit_ca_pem = \"{}\"\n",
+            pem.trim_end().replace('\n', "\\n")
+        ));
+    }
+    text
+}
+
+/// The CA an attachment should carry (`create`'s `--unit-ca`, module docs):
+/// its PEM text, checked to hold certificates.
+fn unit_ca_for(args: &CreateArgs) -> Result<Option<String>, CliError> {
+    let Some(path) = &args.unit_ca else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("--unit-ca {}: {e}", path.display())))?;
+    proto::tls::certs_from_pem(pem.as_bytes(), path)
+        .map_err(|e| CliError::Usage(format!("--unit-ca: {e}")))?;
+    Ok(Some(pem))
+}
+
+/// Reads an attachment file.
+pub fn read_file(path: &Path) -> Result<AttachmentFile, CliError> {
     let bad = |reason: String| CliError::Usage(format!("{}: {reason}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    let (mut volume, mut attachment, mut token) = (None, None, None);
+    let (mut volume, mut attachment, mut token, mut unit_ca_pem) = (None, None, None, None);
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -93,13 +132,21 @@ pub fn read_file(path: &Path) -> Result<(u64, AttachmentCredential), CliError> {
             "attachment_token" => {
                 token = Some(AttachmentToken::parse_hex(value).map_err(|e| bad(e.to_string()))?)
             }
+            "unit_ca_pem" => {
+                let pem = format!("{}\n", value.replace("\\n", "\n"));
+                proto::tls::certs_from_pem(pem.as_bytes(), path)
+                    .map_err(|e| bad(format!("unit_ca_pem: {e}")))?;
+                unit_ca_pem = Some(pem);
+            }
             other => return Err(bad(format!("unknown key {other:?}"))),
         }
     }
     match (volume, attachment, token) {
-        (Some(volume), Some(attachment), Some(token)) => {
-            Ok((volume, AttachmentCredential { attachment, token }))
-        }
+        (Some(volume_id), Some(attachment), Some(token)) => Ok(AttachmentFile {
+            volume_id,
+            credential: AttachmentCredential { attachment, token },
+            unit_ca_pem,
+        }),
         _ => Err(bad(
             "needs volume_id, attachment_id and attachment_token".into()
         )),
@@ -108,6 +155,8 @@ pub fn read_file(path: &Path) -> Result<(u64, AttachmentCredential), CliError> {
 
 pub async fn create(args: &CreateArgs) -> Result<(), CliError> {
     let rack = args.rack.load()?;
+    // Before anything is registered: a bad CA file mints nothing.
+    let unit_ca_pem = unit_ca_for(args)?;
     let lcp = crate::unit::client(&rack, args.rack.credential());
     let registered = client::register_attachment(&lcp, args.volume_id, &args.host).await;
     lcp.close();
@@ -117,7 +166,12 @@ pub async fn create(args: &CreateArgs) -> Result<(), CliError> {
             args.volume_id
         ))
     })?;
-    let text = file_text(args.volume_id, &credential);
+    let carries_ca = unit_ca_pem.is_some();
+    let text = file_text(&AttachmentFile {
+        volume_id: args.volume_id,
+        credential,
+        unit_ca_pem,
+    });
     match &args.out {
         None => print!("{text}"),
         Some(path) => {
@@ -130,10 +184,15 @@ pub async fn create(args: &CreateArgs) -> Result<(), CliError> {
                 .and_then(|mut file| file.write_all(text.as_bytes()));
             written.map_err(|e| CliError::Runtime(format!("{}: {e}", path.display())))?;
             eprintln!(
-                "attachment {} of volume {} written to {}",
+                "attachment {} of volume {} written to {}{}",
                 credential.attachment,
                 args.volume_id,
-                path.display()
+                path.display(),
+                if carries_ca {
+                    " (with the unit CA)"
+                } else {
+                    " (no unit CA: the host needs --unit-ca if the host ports require TLS)"
+                }
             );
         }
     }
@@ -183,14 +242,33 @@ mod tests {
     fn attachment_files_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a");
-        let credential = AttachmentCredential {
-            attachment: 1 << 63 | 5,
-            token: AttachmentToken([9; 16]),
-        };
-        std::fs::write(&path, file_text(42, &credential)).unwrap();
-        let (volume, read) = read_file(&path).unwrap();
-        assert_eq!((volume, read), (42, credential));
+        let tls = client::tls::ensure(&dir.path().join("tls")).unwrap();
+        let ca = std::fs::read_to_string(&tls.ca_cert).unwrap();
+        for unit_ca_pem in [None, Some(ca)] {
+            let file = AttachmentFile {
+                volume_id: 42,
+                credential: AttachmentCredential {
+                    attachment: 1 << 63 | 5,
+                    token: AttachmentToken([9; 16]),
+                },
+                unit_ca_pem,
+            };
+            std::fs::write(&path, file_text(&file)).unwrap();
+            let read = read_file(&path).unwrap();
+            assert_eq!(read, file);
+            if let Some(pem) = &read.unit_ca_pem {
+                // What the agent builds its TLS from.
+                proto::link::LinkTls::from_ca_pem(pem.as_bytes(), &path).unwrap();
+            }
+        }
         std::fs::write(&path, "volume_id = 1\n").unwrap();
+        assert!(read_file(&path).is_err());
+        // A CA that is no certificate is refused when read, not at connect.
+        std::fs::write(
+            &path,
+            "volume_id = 1\nattachment_id = 2\nattachment_token = \"09090909090909090909090909090909\"\nunit_ca_pem = \"garbage\"\n",
+        )
+        .unwrap();
         assert!(read_file(&path).is_err());
     }
 }

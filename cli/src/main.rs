@@ -178,8 +178,9 @@ enum VolumeCommand {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Take a snapshot of VOLUME named SNAPSHOT; waits until it is ready
-    /// (prints the measured I/O pause of its cut) or aborted.
+    /// Take a snapshot of VOLUME named SNAPSHOT (or with --group NAME one
+    /// crash-consistent snapshot of several volumes); waits until it is
+    /// ready (prints the measured I/O pause of its cut) or aborted.
     Create(snapshot::CreateArgs),
     /// The volume's snapshots: state, pause, cuts.
     List(snapshot::ListArgs),

@@ -539,6 +539,9 @@ pub async fn volume_describe(global: &GlobalArgs, args: &NameArgs) -> Result<(),
             );
         }
     }
+    if let Some(clone) = v.get("clone").filter(|c| !c.is_null()) {
+        println!("{}", clone_line(clone));
+    }
     match v.get("partition_map") {
         Some(map) if !map.is_null() => match serde_json::from_value::<PartitionMap>(map.clone()) {
             Ok(map) => unit::print_partition_map(&map),
@@ -552,6 +555,32 @@ pub async fn volume_describe(global: &GlobalArgs, args: &NameArgs) -> Result<(),
         ),
     }
     Ok(())
+}
+
+/// A clone's parent and its flatten's progress (the zonal `clone` field).
+fn clone_line(clone: &Value) -> String {
+    let parent = format!(
+        "clone of snapshot {} of volume id {}",
+        field_u64(clone, "parent_snapshot"),
+        field_u64(clone, "parent_volume")
+    );
+    match clone.get("flatten").filter(|f| !f.is_null()) {
+        None => format!("{parent}: not flattening (`volume flatten` copies the rest)"),
+        Some(f) => {
+            let size = field_u64(clone, "size_bytes");
+            let copied = field_u64(f, "copied_bytes");
+            format!(
+                "{parent}: flattening at {}/s per partition, {} of {} copied ({:.1} %), {} left ({}/{} partitions reported)",
+                crate::text::human_bytes(field_u64(f, "rate_bytes_per_second")),
+                crate::text::human_bytes(copied),
+                crate::text::human_bytes(size),
+                if size == 0 { 100.0 } else { copied as f64 * 100.0 / size as f64 },
+                crate::text::human_bytes(field_u64(f, "remaining_bytes")),
+                field_u64(f, "partitions_reported"),
+                field_u64(f, "partitions"),
+            )
+        }
+    }
 }
 
 pub async fn volume_resize(global: &GlobalArgs, args: &ResizeArgs) -> Result<(), CliError> {

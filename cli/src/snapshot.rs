@@ -7,7 +7,10 @@
 //! create: LcpClient ─CreateSnapshot─▶ leader ─(coordinator cuts every
 //!         partition, releases, records)─▶ poll UnitStatus until the
 //!         record is ready (prints the measured pause) or aborted
-//! list:   UnitStatus.snapshots of the volume
+//! create --group NAME VOL1 VOL2 ...: the same, one record over every
+//!         volume named (all in the rack file's unit): one coordinated
+//!         cut of every partition of every volume
+//! list:   UnitStatus.snapshots of the volume (a group's with its members)
 //! delete: DeleteSnapshot ─▶ poll until the coordinator dropped and purged it
 //! list, describe: the records, plus each snapshot's pinned and exclusive
 //!         bytes from every partition's primary (HostSnapshotUsage, unit
@@ -16,13 +19,27 @@
 //!         only, no data read), merged into volume ranges
 //! export: a zonal attachment for the snapshot's reads (HostReadSnapshot
 //!         through the volume client, like `attach VOL@SNAP --read-only`),
-//!         detached at the end: the raw image, or an incremental stream
-//!         (crate::stream) of the diff's ranges since another snapshot
+//!         detached at the end: the raw image (to a file: sparse, every
+//!         64 KiB that reads as zeros left a hole), or an incremental
+//!         stream (crate::stream) of the diff's ranges since another
+//!         snapshot (zero ranges as records, no data)
 //! apply:  an incremental stream onto a raw image file
 //! ```
 //!
-//! The zonal plane knows nothing of snapshots yet: the verbs need the
-//! unit's rack file (`--rack`, `RACKBLOCK_RACK`), like the live views.
+//! **Consistency groups.** A group snapshot is one unit record whose
+//! `volumes` are the group's members; each member sees it under the
+//! group's name (`VOL@NAME` for `attach`, `export`, `diff`, clones and
+//! rollback, like any snapshot of that volume), `list` and `describe`
+//! show the members (`group` in JSON), and deleting it through any member
+//! deletes it for every member (one record, one set of layers). No write
+//! acknowledged before another was issued, on any member, is missing
+//! from the group's image of one volume while the later write is in the
+//! image of another (the coordinator holds every partition's
+//! acknowledgements until all are cut). A failed cut aborts the group as
+//! a whole.
+//!
+//! The verbs need the unit's rack file (`--rack`, `RACKBLOCK_RACK`), like
+//! the live views; the zonal plane resolves volume names.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +51,7 @@ use client::{ClientConfig, VolumeClient};
 use local_control_plane::snapshot_query::{self, SnapshotSpace};
 use local_control_plane::state::{SnapshotRecord, SnapshotState};
 use local_control_plane::{Command, Outcome};
-use proto::volume::{AttachmentCredential, AttachmentToken, ChangedRange};
+use proto::volume::ChangedRange;
 use serde_json::{json, Value};
 
 use crate::stream::{Header, StreamWriter};
@@ -49,10 +66,15 @@ const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
 pub struct CreateArgs {
-    /// Volume name.
-    pub volume: String,
-    /// Snapshot name (unique among the volume's snapshots; no '@' or '/').
-    pub snapshot: String,
+    /// VOLUME SNAPSHOT; with --group, the group's volumes (VOLUME...).
+    /// A snapshot name is unique among each volume's snapshots, with no
+    /// '@' or '/'.
+    #[arg(required = true, value_name = "VOLUME SNAPSHOT | VOLUME...")]
+    pub names: Vec<String>,
+    /// Take one crash-consistent snapshot named NAME of every volume
+    /// given, in one coordinated cut (a consistency group: one unit).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// Give up waiting for the snapshot to be ready after this long (it
     /// may still become ready; `snapshot list` shows it).
     #[arg(long, default_value = "60s", value_parser = crate::text::parse_duration)]
@@ -71,7 +93,8 @@ pub struct ListArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DeleteArgs {
-    /// Volume name.
+    /// Volume name (any member of a consistency group: the group's
+    /// snapshot is deleted from every member).
     pub volume: String,
     /// Snapshot name.
     pub snapshot: String,
@@ -84,13 +107,54 @@ pub struct DeleteArgs {
 
 /// The volume's id in its unit, from the zonal plane.
 pub async fn volume_id(global: &GlobalArgs, name: &str) -> Result<u64, CliError> {
+    Ok(volume_in_unit(global, name).await?.0)
+}
+
+/// The volume's id and its unit's name, from the zonal plane.
+async fn volume_in_unit(global: &GlobalArgs, name: &str) -> Result<(u64, String), CliError> {
     let path = format!("/v1/volumes/{}", crate::http::segment(name));
     let reply = global.api()?.call("GET", &path, None).await?;
+    let id = reply.body.get("id").and_then(Value::as_u64);
+    let unit = reply.body.get("unit").and_then(Value::as_str);
+    match (id, unit) {
+        (Some(id), Some(unit)) => Ok((id, unit.to_owned())),
+        _ => Err(CliError::Runtime(format!(
+            "volume {name}: the zonal plane gave no id or unit"
+        ))),
+    }
+}
+
+/// The names of unit `unit`'s volumes by id (ids are per unit), for
+/// showing a group's members; empty (ids shown) if the zonal plane
+/// cannot list them.
+async fn volume_names(global: &GlobalArgs, unit: &str) -> BTreeMap<u64, String> {
+    let Ok(api) = global.api() else {
+        return BTreeMap::new();
+    };
+    let Ok(reply) = api.call("GET", "/v1/volumes", None).await else {
+        return BTreeMap::new();
+    };
     reply
         .body
-        .get("id")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| CliError::Runtime(format!("volume {name}: the zonal plane gave no id")))
+        .get("volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("unit").and_then(Value::as_str) == Some(unit))
+        .filter_map(|v| Some((v.get("id")?.as_u64()?, v.get("name")?.as_str()?.to_owned())))
+        .collect()
+}
+
+/// A group's member names (`None` for a one-volume snapshot), by id
+/// where the name is unknown.
+fn group_names(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> Option<Vec<String>> {
+    (record.volumes.len() > 1).then(|| {
+        record
+            .volumes
+            .iter()
+            .map(|v| names.get(v).cloned().unwrap_or_else(|| format!("id {v}")))
+            .collect()
+    })
 }
 
 async fn snapshots(args_rack: &RackArg) -> Result<Vec<SnapshotRecord>, CliError> {
@@ -127,11 +191,12 @@ pub async fn ready_id(rack: &RackArg, volume: u64, name: &str) -> Result<u64, Cl
     }
 }
 
-fn record_json(record: &SnapshotRecord) -> Value {
+fn record_json(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> Value {
     json!({
         "id": record.id,
         "name": record.name,
         "volumes": record.volumes,
+        "group": group_names(record, names),
         "state": record.state.as_str(),
         "created_ms": record.created_ms,
         "pause_us": record.pause_us,
@@ -142,8 +207,12 @@ fn record_json(record: &SnapshotRecord) -> Value {
 
 /// [`record_json`] with the snapshot's space on the volume (`null` when
 /// the partitions could not be asked).
-fn record_space_json(record: &SnapshotRecord, space: Option<&SnapshotSpace>) -> Value {
-    let mut value = record_json(record);
+fn record_space_json(
+    record: &SnapshotRecord,
+    names: &BTreeMap<u64, String>,
+    space: Option<&SnapshotSpace>,
+) -> Value {
+    let mut value = record_json(record, names);
     if let Value::Object(map) = &mut value {
         map.insert(
             "pinned_bytes".into(),
@@ -157,13 +226,16 @@ fn record_space_json(record: &SnapshotRecord, space: Option<&SnapshotSpace>) -> 
     value
 }
 
-fn record_line(record: &SnapshotRecord) -> String {
+fn record_line(record: &SnapshotRecord, names: &BTreeMap<u64, String>) -> String {
     let mut line = format!(
         "snapshot {} (id {}): {}",
         record.name,
         record.id,
         record.state.as_str()
     );
+    if let Some(group) = group_names(record, names) {
+        line.push_str(&format!(", consistency group of {}", group.join(", ")));
+    }
     if let Some(pause) = record.pause_us {
         line.push_str(&format!(
             ", {} partitions cut, pause {:.1} ms",
@@ -228,16 +300,56 @@ pub(crate) async fn propose(rack: &RackArg, command: Command) -> Result<Outcome,
     }
 }
 
+/// What `snapshot create` takes: the snapshot's name and its volumes.
+fn create_target(args: &CreateArgs) -> Result<(String, Vec<String>), CliError> {
+    match (&args.group, args.names.as_slice()) {
+        (Some(group), volumes) => {
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(twice) = volumes.iter().find(|v| !seen.insert(v.as_str())) {
+                return Err(CliError::Usage(format!(
+                    "--group {group}: volume {twice} named twice"
+                )));
+            }
+            Ok((group.clone(), volumes.to_vec()))
+        }
+        (None, [volume, snapshot]) => Ok((snapshot.clone(), vec![volume.clone()])),
+        (None, _) => Err(CliError::Usage(
+            "snapshot create VOLUME SNAPSHOT, or snapshot create --group NAME VOLUME...".into(),
+        )),
+    }
+}
+
 pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (name, members) = create_target(args)?;
+    let mut volumes = Vec::with_capacity(members.len());
+    let mut unit_of_group: Option<String> = None;
+    for member in &members {
+        let (id, unit) = volume_in_unit(global, member).await?;
+        match &unit_of_group {
+            Some(first) if *first != unit => {
+                return Err(CliError::Usage(format!(
+                    "a consistency group lives in one unit: {} is in {first}, {member} in {unit}",
+                    members[0]
+                )))
+            }
+            _ => unit_of_group = Some(unit),
+        }
+        volumes.push(id);
+    }
+    let names: BTreeMap<u64, String> = volumes.iter().copied().zip(members.clone()).collect();
+    let what = if members.len() > 1 {
+        format!("group {}", members.join(", "))
+    } else {
+        members.join("")
+    };
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let outcome = propose(
         &args.rack,
         Command::CreateSnapshot {
-            name: args.snapshot.clone(),
-            volumes: vec![volume],
+            name: name.clone(),
+            volumes,
             now_ms,
         },
     )
@@ -259,8 +371,8 @@ pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliErr
         }
         if Instant::now() >= deadline {
             return Err(CliError::Unavailable(format!(
-                "snapshot {} (id {id}) is still being created after {:?}",
-                args.snapshot, args.wait_timeout
+                "snapshot {name} (id {id}) is still being created after {:?}",
+                args.wait_timeout
             )));
         }
         tokio::time::sleep(POLL).await;
@@ -271,25 +383,24 @@ pub async fn create(global: &GlobalArgs, args: &CreateArgs) -> Result<(), CliErr
             .unwrap_or_else(|| "aborted and dropped".into());
         if global.output == Output::Json {
             crate::ops::print_json(&json!({
-                "id": id, "name": args.snapshot, "state": "aborted", "reason": reason
+                "id": id, "name": name, "state": "aborted", "reason": reason
             }))?;
         }
         return Err(CliError::Conflict(format!(
-            "snapshot {} of {} was aborted: {reason}",
-            args.snapshot, args.volume
+            "snapshot {name} of {what} was aborted: {reason}"
         )));
     };
     match global.output {
-        Output::Json => crate::ops::print_json(&record_json(&record)),
+        Output::Json => crate::ops::print_json(&record_json(&record, &names)),
         Output::Table => {
-            println!("{}", record_line(&record));
+            println!("{}", record_line(&record, &names));
             Ok(())
         }
     }
 }
 
 pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let records: Vec<SnapshotRecord> = snapshots(&args.rack)
         .await?
         .into_iter()
@@ -299,6 +410,11 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
         Some(BTreeMap::new())
     } else {
         usage(&args.rack, volume).await
+    };
+    let names = if records.iter().any(|r| r.volumes.len() > 1) {
+        volume_names(global, &unit_name).await
+    } else {
+        BTreeMap::new()
     };
     let space_of = |record: &SnapshotRecord| -> Option<SnapshotSpace> {
         // A snapshot no partition holds (yet, or any more) holds nothing.
@@ -311,7 +427,7 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
             "volume": args.volume,
             "snapshots": records
                 .iter()
-                .map(|r| record_space_json(r, space_of(r).as_ref()))
+                .map(|r| record_space_json(r, &names, space_of(r).as_ref()))
                 .collect::<Vec<_>>(),
         })),
         Output::Table => {
@@ -321,7 +437,7 @@ pub async fn list(global: &GlobalArgs, args: &ListArgs) -> Result<(), CliError> 
             for record in &records {
                 println!(
                     "{}; {}",
-                    record_line(record),
+                    record_line(record, &names),
                     space_text(space_of(record).as_ref())
                 );
             }
@@ -342,7 +458,7 @@ pub struct DescribeArgs {
 
 /// One snapshot: its record, every partition's cut, and its space.
 pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let Some(record) = find(&args.rack, volume, &args.snapshot).await? else {
         return Err(CliError::NotFound(format!(
             "volume {} has no snapshot {}",
@@ -352,9 +468,14 @@ pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), Cl
     let space = usage(&args.rack, volume)
         .await
         .map(|s| s.get(&record.id).copied().unwrap_or_default());
+    let names = if record.volumes.len() > 1 {
+        volume_names(global, &unit_name).await
+    } else {
+        BTreeMap::new()
+    };
     match global.output {
         Output::Json => {
-            let mut value = record_space_json(&record, space.as_ref());
+            let mut value = record_space_json(&record, &names, space.as_ref());
             if let Value::Object(map) = &mut value {
                 map.insert(
                     "partition_cuts".into(),
@@ -376,7 +497,7 @@ pub async fn describe(global: &GlobalArgs, args: &DescribeArgs) -> Result<(), Cl
             crate::ops::print_json(&value)
         }
         Output::Table => {
-            println!("{}", record_line(&record));
+            println!("{}", record_line(&record, &names));
             println!("space: {}", space_text(space.as_ref()));
             println!("created at {} ms (unix)", record.created_ms);
             for c in &record.cuts {
@@ -528,6 +649,9 @@ type Span = (u64, u64);
 
 /// Bytes read per request of an export.
 const EXPORT_CHUNK: u64 = 4 << 20;
+/// Granule of a raw file export's holes: a piece of this size that reads
+/// as zeros is not written.
+const HOLE_GRAIN: usize = 64 << 10;
 /// Requests of an export in flight.
 const EXPORT_DEPTH: usize = 4;
 
@@ -585,63 +709,20 @@ impl ExportSession {
         snapshot: u64,
         unit_ca: Option<&std::path::Path>,
     ) -> Result<Self, CliError> {
-        let tls = crate::attach::unit_tls(unit_ca)?;
-        let api = global.api()?;
-        let path = format!("/v1/volumes/{}/attach", crate::http::segment(volume));
-        let reply = api
-            .call("POST", &path, Some(&json!({ "host": "snapshot-export" })))
-            .await?;
-        let info = reply.body;
-        let attachment = info
-            .get("attachment_id")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| {
-                CliError::Runtime("the zonal attach answer has no attachment_id".into())
-            })?;
-        let session = async {
-            let token = info
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| CliError::Runtime("the zonal attach answer has no token".into()))
-                .and_then(|text| {
-                    AttachmentToken::parse_hex(text)
-                        .map_err(|e| CliError::Runtime(format!("the attach answer's token: {e}")))
-                })?;
-            let volume_id = info
-                .get("volume_id")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| {
-                    CliError::Runtime("the zonal attach answer has no volume_id".into())
-                })?;
-            let endpoints = crate::attach::host_endpoints(&info)?;
-            let mut config = ClientConfig {
-                snapshot: Some(snapshot),
-                ..ClientConfig::default()
-            };
-            config.link.tls = tls;
-            VolumeClient::connect_host(
-                &endpoints,
-                volume_id,
-                AttachmentCredential { attachment, token },
-                config,
-            )
-            .await
-            .map_err(|e| CliError::Unavailable(format!("cannot reach the volume's unit: {e}")))
-        }
-        .await;
-        let session = ExportSession {
-            api: api.clone(),
-            volume: volume.to_owned(),
-            attachment,
-            client: match session {
-                Ok(client) => client,
-                Err(error) => {
-                    let _ = Self::detach(&api, volume, attachment).await;
-                    return Err(error);
-                }
-            },
+        let mut config = ClientConfig {
+            snapshot: Some(snapshot),
+            ..ClientConfig::default()
         };
-        Ok(session)
+        config.link.tls = crate::attach::unit_tls(unit_ca)?;
+        let api = global.api()?;
+        let connection =
+            crate::attach::zonal_connect(&api, volume, "snapshot-export", config).await?;
+        Ok(ExportSession {
+            api,
+            volume: volume.to_owned(),
+            attachment: connection.attachment_id,
+            client: connection.client,
+        })
     }
 
     async fn detach(
@@ -785,9 +866,38 @@ async fn export_with(
     diff: Option<&[ChangedRange]>,
 ) -> Result<(u64, u64), CliError> {
     let size = session.client.size_bytes();
-    let mut out = open_output(&args.to)?;
     match args.format {
+        // A file gets a sparse image: the file is sized first and a chunk
+        // that reads as zeros (never written, trimmed, or written zeros)
+        // is left a hole, so an image of a mostly empty volume takes the
+        // space of its data. A pipe gets every byte.
+        ExportFormat::Raw if args.to != "-" => {
+            use std::os::unix::fs::FileExt as _;
+            let file = std::fs::File::create(&args.to)
+                .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", args.to)))?;
+            file.set_len(size).map_err(write_error)?;
+            let mut progress = Progress::new(size);
+            let mut holes = 0u64;
+            session
+                .read_ranges(&[(0, size)], |at, data| {
+                    for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
+                        if piece.iter().all(|b| *b == 0) {
+                            holes += piece.len() as u64;
+                        } else {
+                            let offset = at + (i * HOLE_GRAIN) as u64;
+                            file.write_all_at(piece, offset).map_err(write_error)?;
+                        }
+                    }
+                    progress.add(data.len() as u64);
+                    Ok(())
+                })
+                .await?;
+            file.sync_all().map_err(write_error)?;
+            progress.print(&format!(", done ({} left as holes)", human_bytes(holes)));
+            Ok((size, 0))
+        }
         ExportFormat::Raw => {
+            let mut out = open_output(&args.to)?;
             let mut progress = Progress::new(size);
             session
                 .read_ranges(&[(0, size)], |_, data| {
@@ -801,6 +911,7 @@ async fn export_with(
             Ok((size, 0))
         }
         ExportFormat::Incremental => {
+            let out = open_output(&args.to)?;
             let header = Header {
                 volume_size_bytes: size,
                 base_snapshot: base.unwrap_or(0),
@@ -908,7 +1019,7 @@ pub async fn apply(global: &GlobalArgs, args: &ApplyArgs) -> Result<(), CliError
 }
 
 pub async fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<(), CliError> {
-    let volume = volume_id(global, &args.volume).await?;
+    let (volume, unit_name) = volume_in_unit(global, &args.volume).await?;
     let Some(record) = find(&args.rack, volume, &args.snapshot).await? else {
         return Err(CliError::NotFound(format!(
             "volume {} has no snapshot {}",
@@ -936,12 +1047,25 @@ pub async fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<(), CliErr
         }
         tokio::time::sleep(POLL).await;
     }
+    // A group's snapshot is one record: it went from every member.
+    let group = if record.volumes.len() > 1 {
+        group_names(&record, &volume_names(global, &unit_name).await)
+    } else {
+        None
+    };
     match global.output {
         Output::Json => crate::ops::print_json(&json!({
-            "id": record.id, "name": record.name, "state": "purged"
+            "id": record.id, "name": record.name, "state": "purged", "group": group
         })),
         Output::Table => {
-            println!("snapshot {} of {} deleted", args.snapshot, args.volume);
+            match group {
+                Some(group) => println!(
+                    "snapshot {} of consistency group {} deleted",
+                    args.snapshot,
+                    group.join(", ")
+                ),
+                None => println!("snapshot {} of {} deleted", args.snapshot, args.volume),
+            }
             Ok(())
         }
     }

@@ -89,6 +89,11 @@ pub enum ClientError {
         attachment: u64,
         node: String,
     },
+    /// The head node's host port requires TLS and this client reaches it
+    /// over plain TCP (no `--unit-ca`, no CA in the attachment). Not
+    /// retried.
+    #[error("volume {volume}: {node}: {}", proto::link::TLS_REQUIRED)]
+    TlsRequired { volume: u64, node: String },
 }
 
 impl ClientError {
@@ -113,7 +118,8 @@ impl ClientError {
             | ClientError::Closed { volume }
             | ClientError::ReadOnly { volume, .. }
             | ClientError::VolumeGone { volume }
-            | ClientError::Unauthorized { volume, .. } => *volume,
+            | ClientError::Unauthorized { volume, .. }
+            | ClientError::TlsRequired { volume, .. } => *volume,
         }
     }
 }

@@ -92,6 +92,9 @@ impl HostMapSource {
                 link.peer(),
                 other.kind()
             ))),
+            Err(proto::link::LinkError::TlsRequired { peer }) => {
+                Err(MapSourceError::TlsRequired { node: peer })
+            }
             Err(error) => Err(MapSourceError::Other(error.to_string())),
         }
     }
@@ -120,6 +123,8 @@ impl MapSource for HostMapSource {
                         return Ok(map);
                     }
                     Err(MapSourceError::Unauthorized) => return Err(MapSourceError::Unauthorized),
+                    // Every host port of a unit runs the same way.
+                    Err(error @ MapSourceError::TlsRequired { .. }) => return Err(error),
                     Err(error) => last = error,
                 }
             }

@@ -31,6 +31,9 @@ pub enum MapSourceError {
     /// The attachment credential is not valid (revoked, deleted, wrong
     /// token): permanent.
     Unauthorized,
+    /// The head node `node`'s host port requires TLS and this client has
+    /// none (`proto::link::TLS_REQUIRED`): permanent until configured.
+    TlsRequired { node: String },
     /// Anything else (no leader yet, unreachable, ...): worth retrying.
     Other(String),
 }
@@ -40,6 +43,9 @@ impl std::fmt::Display for MapSourceError {
         match self {
             MapSourceError::UnknownVolume => f.write_str("unknown volume"),
             MapSourceError::Unauthorized => f.write_str("attachment not authorised"),
+            MapSourceError::TlsRequired { node } => {
+                write!(f, "{node}: {}", proto::link::TLS_REQUIRED)
+            }
             MapSourceError::Other(reason) => f.write_str(reason),
         }
     }
@@ -290,6 +296,7 @@ async fn fetch_map(
         .await
         .map_err(|error| match error {
             MapSourceError::UnknownVolume => ClientError::VolumeGone { volume },
+            MapSourceError::TlsRequired { node } => ClientError::TlsRequired { volume, node },
             MapSourceError::Unauthorized => ClientError::Unauthorized {
                 volume,
                 attachment,
@@ -858,6 +865,9 @@ impl Inner {
                 return Ok(Err(Next::Wait));
             }
             Ok(Err(LinkError::Protocol { reason, .. })) => return Err(protocol(reason)),
+            Ok(Err(LinkError::TlsRequired { peer })) => {
+                return Err(ClientError::TlsRequired { volume, node: peer })
+            }
             Ok(Err(error)) => {
                 // Unreachable, Timeout, or a link closed under us (replaced):
                 // the primary may be failing over.

@@ -89,6 +89,19 @@ pub struct HeadNodeConfig {
     /// (default false: both, for a unit whose hosts move to TLS one by one).
     #[serde(default)]
     pub host_tls_required: Option<bool>,
+    /// Connections open at once on the host port (default 1024); one more
+    /// is closed on accept (`rackblock_server_connections_refused_total{port="host"}`).
+    #[serde(default)]
+    pub host_max_connections: Option<usize>,
+    /// Of those, from one IP address (default 256: every agent of a host
+    /// shares it; an agent holds a few per head node).
+    #[serde(default)]
+    pub host_max_connections_per_peer: Option<usize>,
+    /// Close a host-port connection that sent nothing and has nothing in
+    /// flight for this long (default 60 000 ms; agents' links ping every
+    /// path twice a second, so only abandoned or hostile connections idle).
+    #[serde(default)]
+    pub host_idle_timeout_ms: Option<u64>,
     /// The write log shared by every partition of this head node: a file
     /// (created zero-filled if absent, so that log syncs need no journal
     /// commit) or a block device. Default
@@ -276,6 +289,19 @@ impl HeadNodeConfig {
                 reason: format!("{max} must exceed election_timeout_min_ms {min}"),
             });
         }
+        let caps = self.host_connection_caps();
+        for (field, zero) in [
+            ("host_max_connections", caps.total == 0),
+            ("host_max_connections_per_peer", caps.per_peer == 0),
+            ("host_idle_timeout_ms", self.host_idle_timeout().is_zero()),
+        ] {
+            if zero {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be positive".into(),
+                });
+            }
+        }
         if self.node_down_after().is_zero() {
             return Err(ConfigError::Invalid {
                 field: "node_down_after_ms",
@@ -342,6 +368,20 @@ impl HeadNodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The host port's connection caps (`host_max_connections`,
+    /// `host_max_connections_per_peer`).
+    pub fn host_connection_caps(&self) -> proto::server::ConnectionCaps {
+        proto::server::ConnectionCaps {
+            total: self.host_max_connections.unwrap_or(1024),
+            per_peer: self.host_max_connections_per_peer.unwrap_or(256),
+        }
+    }
+
+    /// `host_idle_timeout_ms`.
+    pub fn host_idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.host_idle_timeout_ms.unwrap_or(60_000))
     }
 
     /// Whether the host port refuses plain TCP (`host_tls_required`).
@@ -539,6 +579,9 @@ impl HeadNodeConfig {
             host_tls_cert: self.host_tls_cert.clone(),
             host_tls_key: self.host_tls_key.clone(),
             host_tls_required: Some(self.host_tls_required()),
+            host_max_connections: Some(self.host_connection_caps().total),
+            host_max_connections_per_peer: Some(self.host_connection_caps().per_peer),
+            host_idle_timeout_ms: ms(self.host_idle_timeout()),
             wal_path: Some(self.wal_path()),
             wal_size_bytes: Some(self.wal_size_bytes()),
             io_engine: self.io_engine.clone(),

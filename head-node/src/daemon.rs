@@ -572,6 +572,8 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             proto::server::ServerConfig {
                 access: Access::Kinds(kind::is_host_request),
                 tls: host_tls.clone(),
+                max_connections: Some(config.host_connection_caps()),
+                idle_timeout: Some(config.host_idle_timeout()),
                 ..proto::server::ServerConfig::default()
             },
             "host",
@@ -618,6 +620,12 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         let shutdown = shutdown.clone();
         tokio::spawn(async move { manager.run(shutdown).await })
     };
+    if proto::auth::frame_macs_off() {
+        warn!(
+            env = proto::auth::BENCH_NO_FRAME_MAC_ENV,
+            "BENCH SWITCH: unit-port frames carry no MAC (handshake still required); never in production"
+        );
+    }
     info!(
         head_node_id = %config.head_node_id,
         raft_id = node.raft_id(),

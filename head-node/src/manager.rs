@@ -316,6 +316,7 @@ struct ManagerMetrics {
     checkpoints_written: Family<PartitionLabels, Gauge>,
     recovery_rows_scanned: Family<PartitionLabels, Gauge>,
     recovery_checkpoint_used: Family<PartitionLabels, Gauge>,
+    recovery_held_index_used: Family<PartitionLabels, Gauge>,
     recovery_duration_ms: Family<PartitionLabels, Gauge>,
     snapshots: Family<PartitionLabels, Gauge>,
     snapshot_pinned_blocks: Family<PartitionLabels, Gauge>,
@@ -330,6 +331,11 @@ struct ManagerMetrics {
     /// Log reads served from memory / from the log device since start.
     wal_memory_reads: Gauge,
     wal_device_reads: Gauge,
+    /// Records appended to the log since start, and the durable device
+    /// writes (group-commit rounds) that carried them: their ratio is the
+    /// records sharing one batch header (issue 13, bytes per host byte).
+    wal_records: Gauge,
+    wal_writes: Gauge,
     /// 1 with the log's path and the failure's reason once the log failed;
     /// 0 with an empty reason while it works.
     wal_failed: Family<WalFailedLabels, Gauge>,
@@ -342,7 +348,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 22] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 23] = [
             (
                 "rackblock_partition_flatten_remaining_blocks",
                 "Flattening clone: blocks still read from the parent snapshot (-1: not counted yet)",
@@ -434,6 +440,11 @@ impl ManagerMetrics {
                 &m.recovery_checkpoint_used,
             ),
             (
+                "rackblock_partition_recovery_held_index_used",
+                "1 if the last recovery from the sleds started from the index of the flushed data this node already held (a promotion or a take-over at a new epoch), 0 if not",
+                &m.recovery_held_index_used,
+            ),
+            (
                 "rackblock_partition_snapshots",
                 "Snapshots whose layers this partition holds",
                 &m.snapshots,
@@ -488,6 +499,16 @@ impl ManagerMetrics {
             m.wal_device_reads.clone(),
         );
         registry.register(
+            "rackblock_wal_records",
+            "Records appended to the write log since start",
+            m.wal_records.clone(),
+        );
+        registry.register(
+            "rackblock_wal_writes",
+            "Durable device writes (group-commit rounds, one batch header each unless a round carries several batches) of the write log since start",
+            m.wal_writes.clone(),
+        );
+        registry.register(
             "rackblock_wal_failed",
             "1 once the write log failed (the head node is out of service), with the log's path and the reason; 0 while it works",
             m.wal_failed.clone(),
@@ -510,7 +531,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 22] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 23] {
         [
             &self.flatten_remaining_blocks,
             &self.flattened_blocks,
@@ -533,6 +554,7 @@ impl ManagerMetrics {
             &self.checkpoints_written,
             &self.recovery_rows_scanned,
             &self.recovery_checkpoint_used,
+            &self.recovery_held_index_used,
             &self.recovery_duration_ms,
         ]
     }
@@ -575,6 +597,9 @@ pub struct PartitionStatus {
     /// from a checkpoint, and how long it took.
     pub recovery_rows_scanned: u64,
     pub recovery_checkpoint_used: bool,
+    /// Whether it started from the index of the flushed data this node
+    /// already held (a promotion, or a take-over at a new epoch).
+    pub recovery_held_index_used: bool,
     pub recovery_duration_ms: u64,
     /// Snapshots whose layers the partition holds, and the blocks only
     /// those layers reference.
@@ -1262,6 +1287,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         checkpoints_written: get(&m.checkpoints_written),
         recovery_rows_scanned: get(&m.recovery_rows_scanned),
         recovery_checkpoint_used: get(&m.recovery_checkpoint_used) == 1,
+        recovery_held_index_used: get(&m.recovery_held_index_used) == 1,
         recovery_duration_ms: get(&m.recovery_duration_ms),
         snapshots: snapshots.len(),
         snapshot_pinned_blocks: snapshots.iter().map(|s| s.pinned_blocks).sum(),
@@ -1281,6 +1307,8 @@ fn update_metrics(inner: &Inner) {
     m.wal_cached_bytes.set(as_i64(stats.cached_bytes));
     m.wal_memory_reads.set(as_i64(stats.cache_hits));
     m.wal_device_reads.set(as_i64(stats.cache_misses));
+    m.wal_records.set(as_i64(stats.appended_records));
+    m.wal_writes.set(as_i64(stats.batches));
     m.ready.set(i64::from(inner.ready.load(Ordering::Acquire)));
     let hosted: Vec<Arc<Hosted>> = read(&inner.hosted).values().cloned().collect();
     m.hosted_partitions
@@ -1311,6 +1339,10 @@ fn update_metrics(inner: &Inner) {
             (
                 &m.recovery_checkpoint_used,
                 i64::from(s.recovery_checkpoint_used),
+            ),
+            (
+                &m.recovery_held_index_used,
+                i64::from(s.recovery_held_index_used),
             ),
             (&m.recovery_duration_ms, as_i64(s.recovery_duration_ms)),
             (&m.snapshots, i64::try_from(s.snapshots).unwrap_or(i64::MAX)),

@@ -93,6 +93,10 @@ pub fn peer_error(peer: &str, error: LinkError) -> PeerError {
             peer: peer.to_string(),
             reason,
         },
+        error @ LinkError::TlsRequired { .. } => PeerError::Refused {
+            peer: peer.to_string(),
+            reason: error.to_string(),
+        },
     }
 }
 

@@ -214,7 +214,9 @@ fn link_error<E: std::error::Error>(
     ttl: Duration,
 ) -> RPCError<E> {
     match error {
-        LinkError::Unreachable { .. } | LinkError::Closed => {
+        // TlsRequired: the unit port speaks no TLS, so only a
+        // misaddressed peer (a host port) answers this: back off.
+        LinkError::Unreachable { .. } | LinkError::Closed | LinkError::TlsRequired { .. } => {
             RPCError::Unreachable(Unreachable::new(&error))
         }
         LinkError::Timeout { .. } => RPCError::Timeout(Timeout {

@@ -675,6 +675,49 @@ mod tests {
         assert!(fake.lock().unwrap().cuts.is_empty());
     }
 
+    /// A consistency group whose cut fails on one member's partition:
+    /// the whole group aborts, every partition of both volumes is
+    /// released at once, and the drops clear the other member's cuts too
+    /// (nothing of the group stays visible or pinned).
+    #[tokio::test]
+    async fn a_failed_cut_on_one_member_aborts_and_drops_the_whole_group() {
+        let state = Arc::new(Mutex::new(unit()));
+        ok(&mut state.lock().unwrap(), volume(2, 2, 4, 2));
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let last = *state.lock().unwrap().volumes()[&2]
+            .partitions
+            .last()
+            .map(|p| &p.id)
+            .unwrap();
+        fake.lock().unwrap().fail_cut_of = Some((last.volume, last.index));
+        let attempted = Mutex::new(BTreeSet::new());
+        let id = create(&state, "g", vec![1, 2]);
+        pass(&state, &fake, &attempted).await;
+        let record = state.lock().unwrap().snapshots()[&id].clone();
+        assert_eq!(record.state, SnapshotState::Aborted, "{record:?}");
+        assert!(record.cuts.is_empty());
+        for v in [1, 2] {
+            assert!(state.lock().unwrap().snapshot_named(v, "g").is_none());
+        }
+        {
+            let f = fake.lock().unwrap();
+            // Volume 1's partitions were cut, and released with the rest.
+            assert!(f.cuts.keys().any(|(v, _, _)| *v == 1), "{:?}", f.log);
+            assert!(f.cuts.values().all(|(_, held)| !held));
+        }
+        pass(&state, &fake, &attempted).await;
+        assert!(state.lock().unwrap().snapshots().is_empty());
+        assert!(fake.lock().unwrap().cuts.is_empty());
+        // The name is free again on both volumes: a retry is taken.
+        fake.lock().unwrap().fail_cut_of = None;
+        let again = create(&state, "g", vec![1, 2]);
+        pass(&state, &fake, &attempted).await;
+        assert_eq!(
+            state.lock().unwrap().snapshots()[&again].state,
+            SnapshotState::Ready
+        );
+    }
+
     #[tokio::test]
     async fn a_cut_refused_for_a_moved_epoch_aborts() {
         let state = Arc::new(Mutex::new(unit()));

@@ -41,6 +41,16 @@
 //! directory holds `unit.key` (head nodes), `sled.<id>.key` (one per sled)
 //! and `operator.<name>.key`, each 64 hex digits, mode 0600.
 //!
+//! **Bench switch, never for production** ([`frame_macs_off`]): with
+//! `RACKBLOCK_BENCH_UNIT_PORT_NO_FRAME_MAC=1` in a process's environment
+//! its unit-port connections still run the whole handshake (so only
+//! members connect) but carry no tag after the frames: what
+//! `bench/unit-auth.sh` compares the CPU per I/O against. The switch is in
+//! the handshake's transcript (other proof labels), so a process with it
+//! and one without fail each other's proofs (`BadProof`) instead of one
+//! side silently dropping the MACs: turning the MACs off takes both ends.
+//! Daemons log a warning at start when it is set.
+//!
 //! The handshake is bounded: [`HANDSHAKE_TIMEOUT`] for the whole exchange,
 //! at most [`MAX_ID_BYTES`] of identity. HMAC-SHA256 runs on the SHA
 //! extensions where the CPU has them (`sha2` detects them at run time).
@@ -74,6 +84,17 @@ const HELLO_MAGIC: [u8; 4] = *b"RBKH";
 const WELCOME: [u8; 4] = *b"RBKW";
 const HANDSHAKE_VERSION: u16 = 1;
 const NONCE_BYTES: usize = 32;
+
+/// The environment variable of the bench switch (module docs).
+pub const BENCH_NO_FRAME_MAC_ENV: &str = "RACKBLOCK_BENCH_UNIT_PORT_NO_FRAME_MAC";
+
+/// Whether this process runs its unit-port connections without frame MACs
+/// (module docs: bench switch): `RACKBLOCK_BENCH_UNIT_PORT_NO_FRAME_MAC` set
+/// to `1`, read once.
+pub fn frame_macs_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var(BENCH_NO_FRAME_MAC_ENV).is_ok_and(|v| v == "1"))
+}
 
 /// A 256-bit secret. Its `Debug` does not show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -355,15 +376,24 @@ struct Session {
 }
 
 impl Session {
-    fn new(pair_key: &Key, client_hello: &[u8], server_hello: &[u8]) -> Session {
+    /// `macs`: whether frames will carry tags; part of the proofs, so both
+    /// ends must agree (module docs: bench switch).
+    fn new(pair_key: &Key, client_hello: &[u8], server_hello: &[u8], macs: bool) -> Session {
         let transcript: [u8; 32] = Sha256::new()
             .chain_update(client_hello)
             .chain_update(server_hello)
             .finalize()
             .into();
+        let (server_label, client_label): (&[u8], &[u8]) = match macs {
+            true => (b"rackblock server proof v1", b"rackblock client proof v1"),
+            false => (
+                b"rackblock server proof v1 bench-no-frame-mac",
+                b"rackblock client proof v1 bench-no-frame-mac",
+            ),
+        };
         Session {
-            server_proof: hmac(&pair_key.0, &[b"rackblock server proof v1", &transcript]),
-            client_proof: hmac(&pair_key.0, &[b"rackblock client proof v1", &transcript]),
+            server_proof: hmac(&pair_key.0, &[server_label, &transcript]),
+            client_proof: hmac(&pair_key.0, &[client_label, &transcript]),
             client_to_server: pair_key.derive(&[b"rackblock frames c2s v1", &transcript]),
             server_to_client: pair_key.derive(&[b"rackblock frames s2c v1", &transcript]),
         }
@@ -378,6 +408,19 @@ pub struct Authenticated {
     pub send: FrameMac,
     /// Verifies the frames this side receives.
     pub receive: FrameMac,
+    /// Whether frames carry tags (false only under the bench switch, on
+    /// both ends: module docs).
+    pub frame_macs: bool,
+}
+
+impl Authenticated {
+    /// The sending and receiving MACs to use: none under the bench switch.
+    pub fn macs(self) -> (Option<FrameMac>, Option<FrameMac>) {
+        match self.frame_macs {
+            true => (Some(self.send), Some(self.receive)),
+            false => (None, None),
+        }
+    }
 }
 
 /// The client side of the handshake on a fresh connection.
@@ -385,15 +428,22 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, client_exchange(stream, credential)).await {
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        client_exchange(stream, credential, !frame_macs_off()),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(AuthError::Timeout(HANDSHAKE_TIMEOUT)),
     }
 }
 
+/// `macs`: whether this end tags frames (false only under the bench switch).
 async fn client_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
+    macs: bool,
 ) -> Result<Authenticated, AuthError> {
     let hello = encode_hello(credential.role(), credential.id(), &random_nonce()?)?;
     stream.write_all(&hello).await?;
@@ -412,7 +462,7 @@ async fn client_exchange<S: AsyncRead + AsyncWrite + Unpin>(
             role: server.role.as_str(),
             id: server.id.clone(),
         })?;
-    let session = Session::new(&key, &hello, &server_hello);
+    let session = Session::new(&key, &hello, &server_hello, macs);
     if !equal(&proof, &session.server_proof) {
         return Err(AuthError::BadProof { side: "server" });
     }
@@ -430,6 +480,7 @@ async fn client_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         peer: server,
         send: FrameMac::new(&session.client_to_server),
         receive: FrameMac::new(&session.server_to_client),
+        frame_macs: macs,
     })
 }
 
@@ -439,15 +490,22 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
 ) -> Result<Authenticated, AuthError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_exchange(stream, credential)).await {
+    match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        server_exchange(stream, credential, !frame_macs_off()),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(AuthError::Timeout(HANDSHAKE_TIMEOUT)),
     }
 }
 
+/// `macs`: as [`client_exchange`]'s.
 async fn server_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     credential: &Credential,
+    macs: bool,
 ) -> Result<Authenticated, AuthError> {
     let (client_hello, client, _) = read_hello(stream).await?;
     let key = Some(())
@@ -458,7 +516,7 @@ async fn server_exchange<S: AsyncRead + AsyncWrite + Unpin>(
             id: client.id.clone(),
         })?;
     let server_hello = encode_hello(credential.role(), credential.id(), &random_nonce()?)?;
-    let session = Session::new(&key, &client_hello, &server_hello);
+    let session = Session::new(&key, &client_hello, &server_hello, macs);
     let mut reply = server_hello;
     reply.extend_from_slice(&session.server_proof);
     stream.write_all(&reply).await?;
@@ -472,6 +530,7 @@ async fn server_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         peer: client,
         send: FrameMac::new(&session.server_to_client),
         receive: FrameMac::new(&session.client_to_server),
+        frame_macs: macs,
     })
 }
 
@@ -737,6 +796,37 @@ mod tests {
         Credential::Member {
             id: id.into(),
             unit_key: unit_key(),
+        }
+    }
+
+    /// The bench switch (module docs) takes both ends: one end without
+    /// frame MACs and one with fail each other's proofs; both without
+    /// authenticate and use no MAC.
+    #[tokio::test]
+    async fn the_bench_switch_needs_both_ends() {
+        for (client_macs, server_macs) in [(true, false), (false, true), (false, false)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                server_exchange(&mut stream, &member("hn-2"), server_macs).await
+            });
+            let mut stream = TcpStream::connect(address).await.unwrap();
+            let client = client_exchange(&mut stream, &member("hn-1"), client_macs).await;
+            drop(stream);
+            let server = server.await.unwrap();
+            if client_macs == server_macs {
+                let (client, server) = (client.unwrap(), server.unwrap());
+                assert!(!client.frame_macs && !server.frame_macs);
+                assert!(matches!(client.macs(), (None, None)));
+                assert!(matches!(server.macs(), (None, None)));
+            } else {
+                assert!(
+                    matches!(client, Err(AuthError::BadProof { side: "server" })),
+                    "{client:?}"
+                );
+                assert!(server.is_err(), "{server:?}");
+            }
         }
     }
 

@@ -142,6 +142,17 @@ impl LinkTls {
             connector: crate::tls::connector(ca)?,
         })
     }
+
+    /// Trusting the CA certificates of PEM text (the unit CA an attachment
+    /// carries); `origin` names it in errors.
+    pub fn from_ca_pem(
+        pem: &[u8],
+        origin: &std::path::Path,
+    ) -> Result<LinkTls, crate::tls::TlsError> {
+        Ok(LinkTls {
+            connector: crate::tls::connector_from_pem(pem, origin)?,
+        })
+    }
 }
 
 impl std::fmt::Debug for LinkTls {
@@ -219,9 +230,20 @@ pub enum LinkError {
     /// request cannot be sent (not a request, too large).
     #[error("peer {peer}: protocol error: {reason}")]
     Protocol { peer: String, reason: String },
+    /// A plain-TCP connection got the TLS alert a TLS-only listener sends
+    /// ([`crate::server::TLS_REQUIRED_ALERT`]): this link has no TLS
+    /// ([`LinkConfig::tls`]) and the peer requires it.
+    #[error("peer {peer}: {}", TLS_REQUIRED)]
+    TlsRequired { peer: String },
     #[error("link closed")]
     Closed,
 }
+
+/// What a link without TLS says of a peer that requires it (a head node's
+/// host port under `host_tls_required`, as `rackblock up` runs it).
+pub const TLS_REQUIRED: &str =
+    "host port requires TLS: pass --unit-ca FILE (or RACKBLOCK_UNIT_CA), \
+     or use an attachment that carries the unit CA";
 
 impl LinkError {
     /// Sending the same request again later may succeed.
@@ -332,6 +354,9 @@ enum AttemptError {
     Lost(String),
     Timeout,
     Protocol(String),
+    /// The peer answered plain TCP with a TLS alert: it requires TLS
+    /// ([`TLS_REQUIRED`]). Not worth retrying on either path.
+    TlsRequired,
 }
 
 impl AttemptError {
@@ -342,6 +367,7 @@ impl AttemptError {
             | AttemptError::Lost(reason)
             | AttemptError::Protocol(reason) => reason.clone(),
             AttemptError::Timeout => "timeout".to_owned(),
+            AttemptError::TlsRequired => TLS_REQUIRED.to_owned(),
         }
     }
 }
@@ -366,6 +392,10 @@ impl ConnectError {
 
 type Waiter = oneshot::Sender<Result<Message, AttemptError>>;
 
+/// The first bytes of [`crate::server::TLS_REQUIRED_ALERT`] (an alert
+/// record of TLS 1.2/1.3).
+const TLS_ALERT_PREFIX: [u8; 3] = [0x15, 0x03, 0x03];
+
 /// Pending requests of one connection; `None` once the connection failed.
 #[derive(Debug, Default)]
 struct ConnectionShared {
@@ -375,10 +405,14 @@ struct ConnectionShared {
 
 impl ConnectionShared {
     fn fail(&self, reason: &str) {
+        self.fail_with(|| AttemptError::Lost(reason.to_owned()));
+    }
+
+    fn fail_with(&self, error: impl Fn() -> AttemptError) {
         self.dead.store(true, Ordering::Release);
         let pending = lock(&self.pending).take();
         for (_, waiter) in pending.into_iter().flatten() {
-            let _ = waiter.send(Err(AttemptError::Lost(reason.to_owned())));
+            let _ = waiter.send(Err(error()));
         }
     }
 
@@ -486,7 +520,7 @@ impl Connection {
             .await
             .unwrap_or(Err(crate::auth::AuthError::Timeout(timeout)))
             {
-                Ok(done) => Ok((Some(done.send), Some(done.receive))),
+                Ok(done) => Ok(done.macs()),
                 Err(error) => Err(ConnectError {
                     reason: format!("authenticate with {address}: {error}"),
                     refused: false,
@@ -525,6 +559,12 @@ impl Connection {
             let reason = loop {
                 let frame = match frames.next().await {
                     None => break "connection closed by peer".to_owned(),
+                    Some(Err(_)) if frames.read_buffer().starts_with(&TLS_ALERT_PREFIX) => {
+                        // A TLS-only listener's refusal of plain TCP (no
+                        // frame starts with 0x15): say so, not "closed".
+                        reader_shared.fail_with(|| AttemptError::TlsRequired);
+                        return;
+                    }
                     Some(Err(error)) => break format!("read: {error}"),
                     Some(Ok(frame)) => frame,
                 };
@@ -756,6 +796,7 @@ impl PeerLink {
         };
         let retry = match &first_error {
             AttemptError::Protocol(reason) => return Err(self.protocol(reason.clone())),
+            AttemptError::TlsRequired => return Err(self.tls_required()),
             AttemptError::NotSent(_) | AttemptError::Refused(_) => true,
             AttemptError::Lost(_) | AttemptError::Timeout => idempotent,
         };
@@ -790,6 +831,7 @@ impl PeerLink {
         {
             Ok(response) => Ok(response),
             Err(AttemptError::Protocol(reason)) => Err(self.protocol(reason)),
+            Err(AttemptError::TlsRequired) => Err(self.tls_required()),
             Err(AttemptError::Timeout) if idempotent => Err(LinkError::Timeout {
                 peer: self.peer.clone(),
                 path: second,
@@ -829,6 +871,12 @@ impl PeerLink {
 
     fn path(&self, id: PathId) -> &Path {
         &self.paths[id.index()]
+    }
+
+    fn tls_required(&self) -> LinkError {
+        LinkError::TlsRequired {
+            peer: self.peer.clone(),
+        }
     }
 
     fn protocol(&self, reason: String) -> LinkError {

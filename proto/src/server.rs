@@ -49,6 +49,15 @@
 //!   so a peer that opens connections and stays silent holds at most
 //!   `max_handshakes_per_peer` slots for that long: members on other
 //!   addresses still get in, and the unit's own links retry.
+//! * **Connection caps** (`max_connections`, a head node's host port): at
+//!   most `total` connections of a listener open at once, and `per_peer`
+//!   from one IP address, whatever their state; one beyond either is
+//!   closed on accept and counted in
+//!   `rackblock_server_connections_refused_total{reason="listener_cap"|"peer_cap"}`.
+//!   With `idle_timeout`, a host that opens connections and leaves them
+//!   silent holds its share of the cap for that long, and no other
+//!   address's. (A control connection handed off to `control_runtime`
+//!   leaves the count; unit ports set no cap: their peers are members.)
 //! * **Control connections** (`control_runtime`): a connection whose first
 //!   request (Pings aside) is a control-plane one ([`Message::is_control`]:
 //!   Raft RPCs, LCP requests) moves, socket and read buffer, to that
@@ -64,7 +73,9 @@
 //!   magic's 0x31): a TLS client gets a rustls handshake (bounded by
 //!   [`TLS_HANDSHAKE_TIMEOUT`], under the same handshake caps as the unit
 //!   port's), then frames flow inside TLS exactly as on plain TCP; a plain
-//!   client is closed before anything is read when TLS is `required`, and
+//!   client is sent a TLS alert ([`TLS_REQUIRED_ALERT`], so a rackblock
+//!   client can say "this port requires TLS") and closed, nothing of it
+//!   decoded, when TLS is `required`, and
 //!   served as before otherwise (a unit moving to TLS host by host). Every
 //!   refusal is counted in
 //!   `rackblock_server_tls_handshake_failures_total{reason="plaintext"|"handshake"|"timeout"}`.
@@ -131,6 +142,16 @@ pub struct ServerConfig {
     pub max_handshakes_per_peer: usize,
     /// TLS on this listener (module docs; default: none, plain TCP).
     pub tls: Option<ServerTls>,
+    /// Connections open at once on this listener, and of those from one
+    /// IP address (module docs: connection caps; default: no cap).
+    pub max_connections: Option<ConnectionCaps>,
+}
+
+/// [`ServerConfig::max_connections`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    pub total: usize,
+    pub per_peer: usize,
 }
 
 /// TLS on a listener (module docs).
@@ -172,6 +193,7 @@ impl Default for ServerConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_peer: DEFAULT_MAX_HANDSHAKES_PER_PEER,
             tls: None,
+            max_connections: None,
         }
     }
 }
@@ -221,6 +243,7 @@ pub struct ServerMetrics {
     requests: Counter,
     bad_frames: Family<ReasonLabels, Counter>,
     handshakes_refused: Family<ReasonLabels, Counter>,
+    connections_refused: Family<ReasonLabels, Counter>,
     tls_failures: Family<ReasonLabels, Counter>,
 }
 
@@ -256,6 +279,11 @@ impl ServerMetrics {
             metrics.handshakes_refused.clone(),
         );
         registry.register(
+            "rackblock_server_connections_refused",
+            "Connections closed on accept by a connection cap: too many open on the listener (listener_cap) or from the peer's address (peer_cap)",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
             "rackblock_server_tls_handshake_failures",
             "Connections closed before TLS was up: a plain-TCP client where TLS is required (plaintext), a failed (handshake) or slow (timeout) TLS handshake",
             metrics.tls_failures.clone(),
@@ -275,6 +303,14 @@ impl ServerMetrics {
     /// `peer_cap`) so far.
     pub fn handshakes_refused(&self, reason: &'static str) -> u64 {
         self.handshakes_refused
+            .get_or_create(&ReasonLabels { reason })
+            .get()
+    }
+
+    /// Connections closed on accept by a connection cap (`listener_cap`,
+    /// `peer_cap`) so far.
+    pub fn connections_refused(&self, reason: &'static str) -> u64 {
+        self.connections_refused
             .get_or_create(&ReasonLabels { reason })
             .get()
     }
@@ -350,7 +386,10 @@ pub async fn serve_with_metrics(
     metrics: ServerMetrics,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
-    let handshakes = HandshakeSlots::new(&config);
+    let handshakes = HandshakeSlots::new(config.max_handshakes, config.max_handshakes_per_peer);
+    let open_caps = config
+        .max_connections
+        .map(|caps| HandshakeSlots::new(caps.total, caps.per_peer));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -360,6 +399,20 @@ pub async fn serve_with_metrics(
         match accepted {
             Ok((stream, peer)) => {
                 metrics.connections_accepted.inc();
+                // Held until the connection's task ends (module docs).
+                let open_slot = match open_caps.as_ref().map(|caps| caps.take(peer)) {
+                    None => None,
+                    Some(Ok(slot)) => Some(slot),
+                    Some(Err(reason)) => {
+                        metrics
+                            .connections_refused
+                            .get_or_create(&ReasonLabels { reason })
+                            .inc();
+                        tracing::debug!(%peer, reason, "too many connections open; closed");
+                        drop(stream);
+                        continue;
+                    }
+                };
                 let handshaking =
                     matches!(config.access, Access::Authenticated { .. }) || config.tls.is_some();
                 let slot = match handshaking {
@@ -384,7 +437,10 @@ pub async fn serve_with_metrics(
                     metrics: metrics.clone(),
                     peer: peer.to_string(),
                 };
-                connections.spawn(connection.run(stream, slot));
+                connections.spawn(async move {
+                    connection.run(stream, slot).await;
+                    drop(open_slot);
+                });
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed");
@@ -411,11 +467,13 @@ struct HandshakeSlot {
 }
 
 impl HandshakeSlots {
-    fn new(config: &ServerConfig) -> HandshakeSlots {
+    /// At most `total` slots taken at once, `per_peer` of them by one IP
+    /// address (the handshake caps, and the connection caps).
+    fn new(total: usize, per_peer: usize) -> HandshakeSlots {
         HandshakeSlots {
-            listener: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
+            listener: Arc::new(tokio::sync::Semaphore::new(total.max(1))),
             per_peer: Arc::default(),
-            max_per_peer: config.max_handshakes_per_peer.max(1),
+            max_per_peer: per_peer.max(1),
         }
     }
 
@@ -551,7 +609,7 @@ impl Connection {
                 // The slot is held through the handshake only.
                 drop(handshake_slot);
                 match handshake {
-                    Some(Ok(done)) => (Some(done.peer), Some((done.send, done.receive))),
+                    Some(Ok(done)) => (Some(done.peer.clone()), done.macs()),
                     Some(Err(error)) => {
                         self.bad_frame("unauthenticated", &error.to_string());
                         self.metrics.connections_open.dec();
@@ -566,13 +624,10 @@ impl Connection {
             Access::Open | Access::Kinds(_) => {
                 // Held through the TLS handshake, if any, only.
                 drop(handshake_slot);
-                (None, None)
+                (None, (None, None))
             }
         };
-        let (send_mac, receive_mac) = match macs {
-            Some((send, receive)) => (Some(send), Some(receive)),
-            None => (None, None),
-        };
+        let (send_mac, receive_mac) = macs;
         let session = Session {
             authenticated,
             out: Outgoing::new(send_mac),
@@ -1073,6 +1128,7 @@ async fn accept_tls(tls: &ServerTls, stream: TcpStream) -> Result<Accepted, TlsF
     }
     if first[0] != TLS_HANDSHAKE_RECORD {
         if tls.required {
+            refuse_plaintext(stream).await;
             return Err(TlsFailure {
                 reason: "plaintext",
                 detail: format!(
@@ -1089,6 +1145,37 @@ async fn accept_tls(tls: &ServerTls, stream: TcpStream) -> Result<Accepted, TlsF
             reason: "handshake",
             detail: error.to_string(),
         }),
+    }
+}
+
+/// What a TLS-only listener sends a plain-TCP client before closing: a TLS
+/// alert record (fatal, `handshake_failure`). No frame starts with 0x15,
+/// so a rackblock client that reads it knows the port wants TLS
+/// ([`crate::link::TLS_REQUIRED`]) instead of seeing only a closed
+/// connection; any other client sees a TLS server's refusal.
+pub const TLS_REQUIRED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+
+/// Most bytes of a refused plain-TCP client read (and dropped) while it is
+/// told that the port wants TLS.
+const PLAINTEXT_DRAIN_BYTES: usize = 64 << 10;
+
+/// Sends [`TLS_REQUIRED_ALERT`], ends the sending side, then reads and
+/// drops what the client sent until it closes or [`PLAINTEXT_DRAIN_BYTES`]:
+/// closing with its request unread would reset the connection, and a reset
+/// can destroy the alert before the client reads it. Bounded by the
+/// caller's TLS handshake timeout; nothing read is decoded.
+async fn refuse_plaintext(mut stream: TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    if stream.write_all(&TLS_REQUIRED_ALERT).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut drained = 0;
+    let mut buffer = [0u8; 4096];
+    while drained < PLAINTEXT_DRAIN_BYTES {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
     }
 }
 

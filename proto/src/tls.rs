@@ -55,7 +55,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The certificates of a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(io_error(path))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    certs_from_pem(&pem, path)
+}
+
+/// The certificates of PEM text (at least one); `path` names its origin in
+/// errors.
+pub fn certs_from_pem(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(io_error(path))?;
     if certs.is_empty() {
@@ -93,10 +99,17 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
 /// A client trusting exactly the CA certificates in `ca` (PEM), checking
 /// the server's name as usual.
 pub fn connector(ca: &Path) -> Result<TlsConnector, TlsError> {
+    let pem = std::fs::read(ca).map_err(io_error(ca))?;
+    connector_from_pem(&pem, ca)
+}
+
+/// [`connector`] from the PEM text itself (a CA that came inside an
+/// attachment); `origin` names where it came from in errors.
+pub fn connector_from_pem(pem: &[u8], origin: &Path) -> Result<TlsConnector, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(ca)? {
+    for cert in certs_from_pem(pem, origin)? {
         roots.add(cert).map_err(|e| TlsError::BadCa {
-            path: ca.to_owned(),
+            path: origin.to_owned(),
             reason: e.to_string(),
         })?;
     }

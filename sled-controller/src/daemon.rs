@@ -221,6 +221,12 @@ pub async fn run(
         let rate = config.scrub_bytes_per_second;
         tasks.spawn(async move { sled.run_scrubber(rate, interval, shutdown).await });
     }
+    if proto::auth::frame_macs_off() {
+        tracing::warn!(
+            env = proto::auth::BENCH_NO_FRAME_MAC_ENV,
+            "BENCH SWITCH: unit-port frames carry no MAC (handshake still required); never in production"
+        );
+    }
     info!(
         sled_id = %config.sled_id,
         address_a = %spec.address_a,

@@ -291,6 +291,8 @@ async fn background_flush_by_age_and_metrics() {
         "rackblock_partition_flushes",
         "rackblock_partition_repair_queue",
         "rackblock_wal_fill_ratio",
+        "rackblock_wal_records",
+        "rackblock_wal_writes",
         "rackblock_datapath_ready 1",
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");

@@ -606,16 +606,33 @@ fn unit_vol0_over_iscsi_two_portals_and_nbd_agree() {
         "{cross}"
     );
 
+    // tgt on a raw file, same run: the baseline.
+    require_tool("tgtd", "tgt");
+    let backing = unit.dir.path().join("tgt.raw");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let tgt = Tgt::start(unit.dir.path(), &backing);
     let (report, run) = conformance(&url_a, Some("ALL"));
+    let (theirs, _) = conformance(&tgt.url(), Some("ALL"));
+    drop(tgt);
     eprintln!(
-        "iscsi-test-cu against vol0 of a unit:\n{}",
-        report.line("rackblock up vol0", "-t ALL")
+        "iscsi-test-cu against vol0 of a unit, same run as tgt:\n{}\n{}",
+        report.line("rackblock up vol0", "-t ALL"),
+        theirs.line("tgt 1.0.85 (raw file)", "-t ALL")
     );
     assert!(
         report.asserted_failures().is_empty(),
         "failures in implemented families: {:?}\n{}",
         report.asserted_failures(),
         run.stdout
+    );
+    assert!(
+        report.count(CuResult::Failed) <= theirs.count(CuResult::Failed),
+        "more failures than tgt:\n{}\n{}",
+        report.line("ours", "-t ALL"),
+        theirs.line("tgt", "-t ALL")
     );
 
     let mut unit = unit;
@@ -656,8 +673,11 @@ fn cunit_output_is_parsed() {
 /// Persistent reservations through libiscsi (ctypes): `two PORTAL_A
 /// PORTAL_B TARGET` registers and reserves from one initiator on the
 /// first portal, checks the conflict the other initiator gets on the
-/// second (another agent), preempts from there and checks the first is
-/// refused at once; `after PORTAL TARGET` checks, from a third
+/// second (another agent), preempts from there and checks the first
+/// hears REGISTRATIONS PREEMPTED (a unit attention, once) and is then
+/// refused; that APTPL is offered (PTPL_C) and, once a REGISTER asked
+/// for it, reported (PTPL_A) on the other agent; `after PORTAL TARGET`
+/// checks, from a third
 /// initiator, that the preempting initiator's EXCLUSIVE ACCESS still
 /// holds. Prints "ok" or raises.
 const PR_CHECK: &str = r#"
@@ -675,8 +695,15 @@ lib.iscsi_persistent_reserve_out_sync.restype = ctypes.c_void_p
 lib.iscsi_persistent_reserve_out_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
     ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
-GOOD, CONFLICT = 0, 0x18
+GOOD, CHECK, CONFLICT = 0, 2, 0x18
 WRITE_EXCLUSIVE, EXCLUSIVE_ACCESS = 1, 3
+
+# libiscsi's struct scsi_sense: error_type (u8), key (enum), ascq (int,
+# ASC << 8 | ASCQ), then bit fields.
+class Sense(ctypes.Structure):
+    _fields_ = [("error_type", ctypes.c_ubyte), ("key", ctypes.c_int),
+                ("ascq", ctypes.c_int), ("rest", ctypes.c_ubyte * 16)]
+lib.scsi_task_get_status.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 def login(initiator, portal, target):
     ctx = lib.iscsi_create_context(initiator.encode())
@@ -704,10 +731,48 @@ def write(ctx, what):
 def read(ctx, what):
     return status(ctx, lib.iscsi_read16_sync(ctx, 0, 8, 4096, 512, 0, 0, 0, 0, 0), what)
 
-def prout(ctx, action, kind, key, sa_key, what):
-    params = ProutBasic(key, sa_key, 0, 0, 0)
+def prout(ctx, action, kind, key, sa_key, what, aptpl=0):
+    params = ProutBasic(key, sa_key, 0, 0, aptpl)
     task = lib.iscsi_persistent_reserve_out_sync(ctx, 0, action, 0, kind, ctypes.byref(params))
     return status(ctx, task, what)
+
+def write_sense(ctx, what):
+    data = b"\xa5" * 4096
+    task = lib.iscsi_write16_sync(ctx, 0, 8, data, 4096, 512, 0, 0, 0, 0, 0)
+    if not task:
+        raise SystemExit(what + ": " + lib.iscsi_get_error(ctx).decode())
+    sense = Sense()
+    s = lib.scsi_task_get_status(task, ctypes.byref(sense))
+    lib.scsi_free_scsi_task(task)
+    return s, sense.key, sense.ascq
+
+lib.iscsi_persistent_reserve_in_sync.restype = ctypes.c_void_p
+lib.iscsi_persistent_reserve_in_sync.argtypes = [ctypes.c_void_p, ctypes.c_int,
+    ctypes.c_int, ctypes.c_uint16]
+lib.scsi_create_task.restype = ctypes.c_void_p
+lib.scsi_create_task.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+lib.scsi_task_add_data_in_buffer.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+lib.iscsi_scsi_command_sync.restype = ctypes.c_void_p
+lib.iscsi_scsi_command_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+    ctypes.c_void_p]
+
+def ptpl(ctx, what):
+    # REPORT CAPABILITIES, raw: (PTPL_C, PTPL_A) from bytes 2 and 3.
+    cdb = bytes([0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0])
+    buf = ctypes.create_string_buffer(8)
+    task = lib.scsi_create_task(10, cdb, 1, 8)
+    if not task or lib.scsi_task_add_data_in_buffer(task, 8, buf) != 0:
+        raise SystemExit(what + ": cannot make the task")
+    if not lib.iscsi_scsi_command_sync(ctx, 0, task, None):
+        raise SystemExit(what + ": " + lib.iscsi_get_error(ctx).decode())
+    if lib.scsi_task_get_status(task, None) != GOOD:
+        raise SystemExit(what + ": not GOOD")
+    raw = buf.raw
+    if raw[1] != 8:
+        raise SystemExit("%s: %r" % (what, raw))
+    got = (raw[2] & 1, raw[3] & 1)
+    lib.scsi_free_scsi_task(task)
+    return got
 
 mode = sys.argv[1]
 if mode == "two":
@@ -726,10 +791,23 @@ if mode == "two":
     expect(prout(b, 1, EXCLUSIVE_ACCESS, 0xb, 0, "b RESERVE"), CONFLICT,
            "b RESERVE while a holds it")
     expect(prout(b, 4, EXCLUSIVE_ACCESS, 0xb, 0xa, "b PREEMPT"), GOOD, "b PREEMPT a")
-    # Answered: a's agent must refuse a at once.
+    # Answered: a's agent reports the preemption on a's next command
+    # (UNIT ATTENTION, REGISTRATIONS PREEMPTED), once, then refuses a.
+    got = write_sense(a, "a write after preemption")
+    if got != (CHECK, 6, 0x2a05):
+        raise SystemExit("a write after preemption: %r, expected UNIT ATTENTION 2A/05" % (got,))
     expect(write(a, "a write after preemption"), CONFLICT, "a write after preemption")
     expect(read(a, "a read after preemption"), CONFLICT, "a read under b's EA")
     expect(write(b, "b write"), GOOD, "b write under its own EA")
+    # APTPL: offered by a unit's volume, and the last REGISTER's bit is
+    # reported on the other agent too (it is in the unit's record).
+    if ptpl(a, "a REPORT CAPABILITIES") != (1, 0):
+        raise SystemExit("PTPL before APTPL: %r" % (ptpl(a, "again"),))
+    expect(prout(b, 6, 0, 0, 0xb, "b REGISTER AND IGNORE, APTPL", aptpl=1), GOOD,
+           "b REGISTER with APTPL")
+    got = ptpl(a, "a REPORT CAPABILITIES after APTPL")
+    if got != (1, 1):
+        raise SystemExit("PTPL after APTPL through the other agent: %r" % (got,))
     for ctx in (a, b):
         lib.iscsi_logout_sync(ctx)
         lib.iscsi_destroy_context(ctx)

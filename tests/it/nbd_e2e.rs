@@ -579,6 +579,12 @@ fn primary_kill9_under_fio_over_nbd_loses_nothing() {
 /// (head node, epoch, secondary) of vol0's only partition, from the head
 /// nodes' `/partitions`.
 fn primary_of_vol0(unit: &RunningUnit) -> Option<(u16, u64, String)> {
+    primary_of_vol0_in_sync(unit).map(|(h, epoch, secondary, _)| (h, epoch, secondary))
+}
+
+/// [`primary_of_vol0`] and whether its secondary holds everything it
+/// acknowledged (`secondary_in_sync`: only then may it be promoted).
+fn primary_of_vol0_in_sync(unit: &RunningUnit) -> Option<(u16, u64, String, bool)> {
     (1..=3u16).find_map(|h| {
         let (_, body) = tests::http_get(unit.ports.head_admin(h), "/partitions")?;
         let json: Value = serde_json::from_str(&body).ok()?;
@@ -588,10 +594,19 @@ fn primary_of_vol0(unit: &RunningUnit) -> Option<(u16, u64, String)> {
                     h,
                     p["epoch"].as_u64().unwrap_or(0),
                     p["secondary"].as_str().unwrap_or_default().to_string(),
+                    p["secondary_in_sync"].as_bool().unwrap_or(false),
                 )
             })
         })
     })
+}
+
+/// Head node `h`'s write-log fill (0..1) from its `/metrics`.
+fn wal_fill(unit: &RunningUnit, h: u16) -> Option<f64> {
+    let (_, body) = tests::http_get(unit.ports.head_admin(h), "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("rackblock_wal_fill_ratio "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A head node this test started again after killing it; SIGKILL by pid
@@ -612,8 +627,15 @@ impl Drop for Restarted {
 /// the primary is killed 1.5 s in, and fio's longest write completion is
 /// the pause the host saw. The killed head node is started again (same
 /// command line) and the next repetition waits for vol0 to be on two live
-/// copies. Zero fio errors are asserted; prints `FIO_FAILOVER_PAUSE` lines
-/// and p50 / p99 / max.
+/// copies, its secondary in sync. Zero fio errors are asserted; prints
+/// `FIO_FAILOVER_PAUSE` lines and p50 / p99 / max.
+///
+/// `FIO_FAILOVER_HALF_FULL=1`: the same with the write log half full of
+/// unflushed data at each kill. The head nodes flush only above 60 % fill
+/// (`flush_fill_percent = 60`, `flush_age_ms` 10 min), each fio run is
+/// `FIO_FAILOVER_MIB` (use ~640) MiB from offset 0, and the primary is
+/// killed once its log is at least 45 % full (polled on its `/metrics`),
+/// not at 1.5 s. The fill at the kill is printed.
 #[test]
 #[ignore = "benchmark: bench/failover-nbd.sh runs it"]
 fn primary_kill9_under_fio_over_nbd_pause_bench() {
@@ -626,16 +648,30 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
-    let unit = RunningUnit::start("1GiB");
+    let half_full = std::env::var("FIO_FAILOVER_HALF_FULL").is_ok_and(|v| v == "1");
+    let unit = if half_full {
+        RunningUnit::start_with(
+            "1GiB",
+            &[
+                "--head-node-setting",
+                "flush_fill_percent = 60",
+                "--head-node-setting",
+                "flush_age_ms = 600000",
+            ],
+        )
+    } else {
+        RunningUnit::start("1GiB")
+    };
     let mut restarted: Vec<Restarted> = Vec::new();
     let mut pauses_ms = Vec::new();
     for rep in 0..reps {
         // Two live copies before each kill: a primary and a secondary that
-        // is not the node killed last (it may still be catching up).
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        // holds everything (a secondary still catching up is never
+        // promoted: the kill would stall fio until the node returns).
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
         let (victim, epoch) = loop {
-            if let Some((h, epoch, secondary)) = primary_of_vol0(&unit) {
-                if !secondary.is_empty() {
+            if let Some((h, epoch, secondary, in_sync)) = primary_of_vol0_in_sync(&unit) {
+                if !secondary.is_empty() && in_sync {
                     break (h, epoch);
                 }
             }
@@ -669,7 +705,14 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
                 "--bs=4k",
                 "--iodepth=8",
                 &format!("--size={mib}M"),
-                &format!("--offset={}M", (rep as u64 * mib) % 512),
+                &format!(
+                    "--offset={}M",
+                    if half_full {
+                        0
+                    } else {
+                        (rep as u64 * mib) % 512
+                    }
+                ),
                 "--verify=crc32c",
                 "--verify_fatal=1",
                 "--verify_state_save=0",
@@ -681,6 +724,17 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
             .spawn()
             .expect("fio starts");
         std::thread::sleep(Duration::from_millis(1500));
+        let mut fill_at_kill = wal_fill(&unit, victim).unwrap_or(-1.0);
+        if half_full {
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while fill_at_kill < 0.45 && std::time::Instant::now() < deadline {
+                if fio.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                fill_at_kill = wal_fill(&unit, victim).unwrap_or(-1.0);
+            }
+        }
         assert!(
             fio.try_wait().unwrap().is_none(),
             "fio ended before the kill: raise FIO_FAILOVER_MIB"
@@ -688,7 +742,17 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
         // SAFETY: SIGKILL to a head node this test's `up` (or this test)
         // started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(150);
+        let killed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        eprintln!(
+            "FIO_FAILOVER_KILL rep={rep} victim=hn-{victim} epoch={epoch} unix_ms={killed_at}"
+        );
+        // The rest of the writes and the whole verify pass: 150 s, plus
+        // a second per 2 MiB of the run (the half-full variant's 640 MiB
+        // took longer than 150 s on a loaded box).
+        let allowed = Duration::from_secs(150 + mib / 2);
+        let deadline = std::time::Instant::now() + allowed;
         let status = loop {
             if let Some(status) = fio.try_wait().unwrap() {
                 break status;
@@ -696,7 +760,11 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
             if std::time::Instant::now() > deadline {
                 let _ = fio.kill();
                 let _ = fio.wait();
-                panic!("fio did not finish within 150 s\n{}", unit.log_text());
+                panic!(
+                    "fio did not finish within {} s\n{}",
+                    allowed.as_secs(),
+                    unit.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         };
@@ -717,7 +785,9 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
             new_epoch > epoch,
             "no failover: epoch {new_epoch} <= {epoch}"
         );
-        eprintln!("FIO_FAILOVER_PAUSE rep={rep} victim=hn-{victim} pause_ms={pause_ms:.1}");
+        eprintln!(
+            "FIO_FAILOVER_PAUSE rep={rep} victim=hn-{victim} pause_ms={pause_ms:.1} wal_fill_at_kill={fill_at_kill:.2}"
+        );
         pauses_ms.push(pause_ms);
         // Start it again, its output appended to its log.
         let log = unit.data_dir.join("run").join(format!("hn-{victim}.log"));
@@ -752,6 +822,21 @@ fn primary_kill9_under_fio_over_nbd_pause_bench() {
         pct(0.99),
         pct(1.0)
     );
+    // FIO_FAILOVER_LOG_DIR: keep the unit's logs (the timeline of each
+    // take-over is read from them).
+    if let Ok(dir) = std::env::var("FIO_FAILOVER_LOG_DIR") {
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::create_dir_all(&dir);
+        if let Ok(entries) = std::fs::read_dir(unit.data_dir.join("run")) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let _ = std::fs::copy(&path, dir.join(entry.file_name()));
+                }
+            }
+        }
+        let _ = std::fs::write(dir.join("up.log"), unit.log_text());
+    }
     drop(restarted);
     finish("fio-failover-bench", unit);
 }

@@ -248,7 +248,12 @@ fn snapshot_export_reads_the_cut_while_the_volume_moves_on() {
 
 /// `curl -X METHOD https://ZONAL/PATH [-d BODY]` with the admin token:
 /// (status, JSON body).
-fn zonal_call(unit: &RunningUnit, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+pub(crate) fn zonal_call(
+    unit: &RunningUnit,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
     let url = format!("https://{}{path}", unit.ports.zonal);
     let ca = unit.ca_cert();
     let auth = format!("Authorization: Bearer {}", unit.token);

@@ -437,7 +437,8 @@ fn wait_metric_at_least(admin: SocketAddr, metric: &str, labels: &[&str], at_lea
 }
 
 /// Sends a valid Ping frame over plain TCP and reads until the server
-/// closes (bounded by 10 s): whether nothing came back.
+/// closes (bounded by 10 s): whether it answered only with the TLS alert
+/// of a TLS-only port (`proto::server::TLS_REQUIRED_ALERT`) and closed.
 fn plain_frame_is_closed_on(address: SocketAddr) -> bool {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
@@ -447,13 +448,10 @@ fn plain_frame_is_closed_on(address: SocketAddr) -> bool {
     stream.write_all(&frame).unwrap();
     let mut answer = Vec::new();
     match stream.read_to_end(&mut answer) {
-        Ok(_) => answer.is_empty(),
-        // Reset by the server: nothing came back either; a read timeout
-        // means it kept the connection open.
-        Err(error) => !matches!(
-            error.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
+        Ok(_) => answer == proto::server::TLS_REQUIRED_ALERT,
+        // A read timeout means it kept the connection open; a reset, that
+        // the alert was lost (the server drains the request to avoid it).
+        Err(_) => false,
     }
 }
 
@@ -516,11 +514,11 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
     });
     unit.wait_datapaths_ready(&heads, Duration::from_secs(30));
     let rack = unit.rack_path.to_str().unwrap().to_owned();
-    let attachment = unit.dir.path().join("tlsvol.attachment");
-    let attachment = attachment.to_str().unwrap().to_owned();
-    let minted = run_tool(
-        rackblock_bin().to_str().unwrap(),
-        &[
+    let ca = files.ca_cert.to_str().unwrap().to_owned();
+    // Minted with the unit CA inside (`--unit-ca`), and without.
+    let mint = |name: &str, extra: &[&str]| {
+        let path = unit.dir.path().join(name).to_str().unwrap().to_owned();
+        let mut args = vec![
             "attachment",
             "create",
             "3",
@@ -529,16 +527,27 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
             "--host",
             "h1",
             "--out",
-            &attachment,
-        ],
-        Duration::from_secs(60),
-    );
-    assert!(minted.status.success(), "{minted}");
+            &path,
+        ];
+        args.extend_from_slice(extra);
+        let minted = run_tool(
+            rackblock_bin().to_str().unwrap(),
+            &args,
+            Duration::from_secs(60),
+        );
+        assert!(minted.status.success(), "{minted}");
+        path
+    };
+    let attachment = mint("tlsvol.attachment", &["--unit-ca", &ca]);
+    let without_ca = mint("plain.attachment", &[]);
+    assert!(std::fs::read_to_string(&attachment)
+        .unwrap()
+        .contains("unit_ca_pem = \"-----BEGIN CERTIFICATE-----"));
 
-    // The agent over TLS: data written and read back through it.
+    // The agent over TLS with the CA its attachment carries (no
+    // --unit-ca): data written and read back through it.
     let listen = SocketAddr::from(([127, 0, 0, 1], next_port()));
     let listen_text = listen.to_string();
-    let ca = files.ca_cert.to_str().unwrap().to_owned();
     let agent = Daemon::spawn(
         "attach-tlsvol",
         &[
@@ -548,8 +557,6 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
             &rack,
             "--attachment-file",
             &attachment,
-            "--unit-ca",
-            &ca,
             "--listen",
             &listen_text,
         ],
@@ -617,7 +624,30 @@ fn host_port_tls_carries_the_agents_io_and_refuses_plain_and_foreign_clients() {
     );
     assert!(refused >= 1.0, "{refused}");
 
-    // An agent trusting another CA: no plain-TCP fallback, a clear error.
+    // An agent with neither --unit-ca nor a CA in its attachment: told
+    // why, not just "connection closed".
+    let listen = SocketAddr::from(([127, 0, 0, 1], next_port())).to_string();
+    let plain = run_tool(
+        rackblock_bin().to_str().unwrap(),
+        &[
+            "attach",
+            "tlsvol",
+            "--rack",
+            &rack,
+            "--attachment-file",
+            &without_ca,
+            "--failover-timeout",
+            "5s",
+            "--listen",
+            &listen,
+        ],
+        Duration::from_secs(90),
+    );
+    assert!(!plain.status.success(), "{plain}");
+    assert!(plain.stderr.contains(proto::link::TLS_REQUIRED), "{plain}");
+
+    // An agent trusting another CA (--unit-ca overrides the attachment's):
+    // no plain-TCP fallback, a clear error.
     let other = client::tls::ensure(&unit.dir.path().join("other-ca")).unwrap();
     let listen = SocketAddr::from(([127, 0, 0, 1], next_port())).to_string();
     let foreign = run_tool(

@@ -4,16 +4,16 @@
 //! |---|---|---|---|
 //! | POST | `/v1/volumes` | `{name, size_bytes \| size_gib, erasure_code?, partition_size_bytes?, qos?}` | 201 volume (200 if the same volume exists) |
 //! | GET | `/v1/volumes` | | 200 `{volumes: [volume]}` |
-//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map` and `snapshots` (live from the unit) |
+//! | GET | `/v1/volumes/{name}` | | 200 volume + `partition_map`, `snapshots` and `clone` (live from the unit) |
 //! | PATCH | `/v1/volumes/{name}` | `{qos: {iops?, bandwidth_bytes_per_second?, burst_iops?, burst_bandwidth_bytes_per_second?, burst_length_ms?} \| null}` | 200 volume once the unit recorded the limits (a field set to null is removed, one left out kept; `qos: null` removes all); 400 names a bad field (`qos.burst_iops`) |
 //! | POST, PUT | `/v1/volumes/{name}/resize` | `{size_bytes}` | 200 volume once the unit grew it (same size: no-op); smaller: 400 |
 //! | DELETE | `/v1/volumes/{name}[?force=true]` | | 200 volume (`state: deleted`) once the unit took the delete (it frees the space in the background); 409 while attached unless `force` (revokes the attachments) |
 //! | POST | `/v1/volumes/{name}/attach` | `{host}` | 201 attachment (id, token, unit, head nodes), registered with the unit |
 //! | DELETE | `/v1/volumes/{name}/attachments/{id}` | | 200 volume; the unit revoked the token |
-//! | POST | `/v1/volumes/{name}/snapshots` | `{name, wait_ms?}` | 201 snapshot once ready (crash-consistent cut of every partition; `pause_us` measured); 202 snapshot (`state: creating`) if not ready within `wait_ms` (default 15000); 409 if aborted or the name is taken |
+//! | POST | `/v1/volumes/{name}/snapshots` | `{name, volumes?, wait_ms?}` | 201 snapshot once ready (crash-consistent cut of every partition; `pause_us` measured); 202 snapshot (`state: creating`) if not ready within `wait_ms` (default 15000); 409 if aborted or the name is taken on any volume. `volumes`: the other volumes of a consistency group (same unit): one coordinated cut of every partition of all of them, one snapshot every member lists under `name` (with `group`) |
 //! | GET | `/v1/volumes/{name}/snapshots` | | 200 `{volume, snapshots: [snapshot]}` |
 //! | GET | `/v1/volumes/{name}/snapshots/{snap}` | | 200 snapshot |
-//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 202 snapshot (`state: deleting`); the unit drops every partition's layer, then the snapshot is gone from GET |
+//! | DELETE | `/v1/volumes/{name}/snapshots/{snap}` | | 202 snapshot (`state: deleting`); the unit drops every partition's layer, then the snapshot is gone from GET (a group's: from every member) |
 //! | GET | `/v1/units` | | 200 `{units: [unit]}` |
 //! | GET | `/v1/units/{name}` | | 200 unit |
 //! | POST | `/v1/units/{name}/refresh` | | 200 unit (polled now) |
@@ -27,11 +27,17 @@
 //! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
 //! I/O of up to 256 KiB costs one; bursts need their limit and are at
 //! least it), recorded by the unit and enforced by attach agents.
-//! A snapshot is `{id, name, volume, state (creating|ready|aborted|deleting),
-//! created_ms, pause_us, cuts, reason, pinned_bytes, exclusive_bytes}`:
+//! A snapshot is `{id, name, volume, group?, state (creating|ready|aborted|deleting),
+//! created_ms, pause_us, cuts, reason, pinned_bytes, exclusive_bytes}`
+//! (`group`: the member volumes' names, only for a consistency group;
+//! `cuts` counts every member's partitions):
 //! `exclusive_bytes` is what deleting it frees (blocks no other snapshot
 //! and not the live volume references), `null` with a `space_error` when
-//! the partitions could not be asked.
+//! the partitions could not be asked. A volume's `clone` is `null` (not a
+//! clone, or flattened) or `{parent_volume, parent_snapshot, size_bytes,
+//! flatten}`, `flatten` `null` until one starts, else `{rate_bytes_per_second,
+//! remaining_bytes, copied_bytes, partitions_reported, partitions}` as the
+//! primaries last reported (a partition not reported yet counts whole).
 //! Errors: [`ApiError`] (one status mapping, one body shape).
 
 use std::sync::Arc;
@@ -228,6 +234,27 @@ impl Body {
             Some(other) => Err(ApiError::bad(
                 field,
                 format!("must be a non-negative integer, got {}", kind(&other)),
+            )),
+        }
+    }
+
+    fn strings(&mut self, field: &'static str) -> Result<Option<Vec<String>>, ApiError> {
+        match self.0.remove(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s),
+                    other => Err(ApiError::bad(
+                        field,
+                        format!("must be an array of strings, got a {}", kind(&other)),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(other) => Err(ApiError::bad(
+                field,
+                format!("must be an array of strings, got {}", kind(&other)),
             )),
         }
     }
@@ -506,6 +533,19 @@ async fn describe_volume(State(state): Shared, Path(name): Path<String>) -> ApiR
                     fields.insert("snapshots_error".into(), Value::String(error.to_string()));
                 }
             }
+            // A clone's parent and flatten progress (null: not a clone,
+            // or flattened).
+            match state.zonal.clone_view(&name).await {
+                Ok(clone) => {
+                    let clone = serde_json::to_value(clone)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    fields.insert("clone".into(), clone);
+                }
+                Err(error) => {
+                    fields.insert("clone".into(), Value::Null);
+                    fields.insert("clone_error".into(), Value::String(error.to_string()));
+                }
+            }
         }
     }
     Ok(Json(view).into_response())
@@ -554,6 +594,7 @@ const MAX_SNAPSHOT_WAIT_MS: u64 = 120_000;
 async fn create_snapshot(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
     let mut body = Body::parse(&body)?;
     let snapshot = Body::required("name", body.string("name")?)?;
+    let group = body.strings("volumes")?.unwrap_or_default();
     let wait_ms = body.u64("wait_ms")?.unwrap_or(15_000);
     body.finish()?;
     if wait_ms > MAX_SNAPSHOT_WAIT_MS {
@@ -564,7 +605,12 @@ async fn create_snapshot(State(state): Shared, Path(name): Path<String>, body: B
     }
     let (view, ready) = state
         .zonal
-        .create_snapshot(&name, &snapshot, std::time::Duration::from_millis(wait_ms))
+        .create_snapshot(
+            &name,
+            &group,
+            &snapshot,
+            std::time::Duration::from_millis(wait_ms),
+        )
         .await?;
     let status = if ready {
         StatusCode::CREATED

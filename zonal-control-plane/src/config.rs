@@ -129,6 +129,13 @@ pub struct UnitConfig {
     /// SECURITY.md). Default: `credentials/` beside the rack file.
     #[serde(default)]
     pub credentials_dir: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the unit's host-port
+    /// certificates: every attach answer carries it (`unit_ca_pem`), so an
+    /// attach agent reaches the host ports over TLS with no `--unit-ca` of
+    /// its own. Default: none (hosts reach the host ports over plain TCP,
+    /// or with their own `--unit-ca`).
+    #[serde(default)]
+    pub host_ca: Option<PathBuf>,
 }
 
 /// The operator name the zonal plane authenticates as with every unit.

@@ -71,11 +71,25 @@ pub async fn serve(
         if credential.is_none() {
             warn!(unit = %unit.name, dir = %credentials_dir.display(), "no operator credential for the unit: its head nodes will refuse this zonal plane");
         }
-        units.push(Unit::new(
-            unit.name.clone(),
-            rack,
-            credential.map(std::sync::Arc::new),
-        ));
+        let mut configured =
+            Unit::new(unit.name.clone(), rack, credential.map(std::sync::Arc::new));
+        if let Some(path) = unit.host_ca.clone() {
+            let pem = std::fs::read(&path)
+                .map_err(|source| proto::tls::TlsError::Io {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|pem| {
+                    proto::tls::certs_from_pem(&pem, &path)?;
+                    String::from_utf8(pem).map_err(|_| proto::tls::TlsError::Missing {
+                        path: path.clone(),
+                        what: "UTF-8 PEM text",
+                    })
+                })?;
+            info!(unit = %unit.name, host_ca = %path.display(), "attach answers carry the unit's host-port CA");
+            configured = configured.with_host_ca(pem);
+        }
+        units.push(configured);
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ZonalError::DataDir {
         path: config.data_dir.clone(),

@@ -65,6 +65,8 @@ pub struct Unit {
     pub name: String,
     pub rack: Rack,
     client: LcpClient,
+    /// The PEM of the CA of the unit's host ports, given with every attach.
+    host_ca_pem: Option<String>,
 }
 
 impl Unit {
@@ -77,7 +79,18 @@ impl Unit {
         credential: Option<std::sync::Arc<proto::auth::Credential>>,
     ) -> Unit {
         let client = LcpClient::new(&rack, credential).with_retries(2, Duration::from_millis(200));
-        Unit { name, rack, client }
+        Unit {
+            name,
+            rack,
+            client,
+            host_ca_pem: None,
+        }
+    }
+
+    /// The unit's host-port CA (PEM text), returned with every attach.
+    pub fn with_host_ca(mut self, pem: String) -> Unit {
+        self.host_ca_pem = Some(pem);
+        self
     }
 
     fn codes(&self) -> Vec<ErasureCode> {
@@ -132,6 +145,11 @@ pub struct AttachInfo {
     /// The unit's head nodes: any of them serves the volume's partition
     /// map to this attachment on its host port (`Message::HostMap`).
     pub head_nodes: Vec<HeadNodeAddress>,
+    /// The CA (PEM) the head nodes' host-port certificates chain to, when
+    /// the zonal config knows it (`[[units]] host_ca`): the agent trusts it
+    /// for TLS to the host ports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit_ca_pem: Option<String>,
 }
 
 /// How one command to a unit went.
@@ -933,6 +951,7 @@ impl Zonal {
             erasure_code: record.spec.erasure_code.to_string(),
             unit: record.unit.clone(),
             head_nodes: unit.head_nodes(),
+            unit_ca_pem: unit.host_ca_pem.clone(),
         })
     }
 

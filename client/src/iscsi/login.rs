@@ -35,6 +35,7 @@ pub mod status {
     pub const INITIATOR_ERROR: u16 = 0x0200;
     pub const AUTHENTICATION_FAILED: u16 = 0x0201;
     pub const NOT_FOUND: u16 = 0x0203;
+    pub const TOO_MANY_CONNECTIONS: u16 = 0x0206;
     pub const MISSING_PARAMETER: u16 = 0x0207;
     pub const SESSION_DOES_NOT_EXIST: u16 = 0x020a;
     pub const UNSUPPORTED_VERSION: u16 = 0x0205;

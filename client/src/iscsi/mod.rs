@@ -44,19 +44,34 @@
 //!   Text ─▶ SendTargets: this target, one TargetAddress per portal
 //!   Task management ─▶ ABORT TASK (a write still waiting for data is
 //!     dropped; a completed one: "task does not exist"), ABORT/CLEAR TASK
-//!     SET, LUN RESET, TARGET WARM RESET: function complete
+//!     SET, LUN RESET, TARGET WARM RESET: function complete; TARGET COLD
+//!     RESET: function complete, then every connection closes
 //!   Logout ─▶ response, close
 //!   SNACK, anything else ─▶ Reject
 //! ```
 //!
 //! # Sessions and sequence numbers
 //!
-//! Every connection is its own session (MaxConnections=1, a new TSIH per
-//! login; a login naming an existing TSIH is refused): several sessions
-//! from one or many initiators run side by side on one LUN, which is safe
-//! for the same reason NBD's multi-conn is (every completed write is
-//! durable and visible to every later read). StatSN counts per connection;
-//! the command window is 32 (MaxCmdSN = ExpCmdSN + 31).
+//! Every connection is its own session: MaxConnections is negotiated to
+//! 1 whatever the initiator offers (the RFC's minimum function), each
+//! login gets a new TSIH, and a login that tries to add a connection to
+//! a session (a non-zero TSIH) is refused with "too many connections"
+//! (0x0206) when that session is live, "session does not exist" (0x020a)
+//! otherwise. Multipath initiators (dm-multipath, ESXi NMP, MPIO) open
+//! one session per portal instead, which is what the two portals are
+//! for: several sessions from one or many initiators run side by side on
+//! one LUN, which is safe for the same reason NBD's multi-conn is (every
+//! completed write is durable and visible to every later read). MC/S
+//! would add nothing here but command ordering across the connections
+//! of one session, which the task model below does not promise anyway.
+//! StatSN counts per connection; the command window is 32 (MaxCmdSN =
+//! ExpCmdSN + 31).
+//!
+//! The I_T nexus of a session is (initiator name, ISID). When its
+//! connection ends (logout or loss), the nexus is lost: its RESERVE(6)
+//! ends and its pending unit attentions go (scsi.rs). Session
+//! reinstatement (a new login with the same ISID while the old
+//! connection is still open) does not close the old connection.
 //!
 //! # Concurrency in a connection
 //!
@@ -90,12 +105,16 @@
 //!
 //! # Not supported (yet)
 //!
-//! APTPL (refused, although a unit's reservations do survive power
-//! loss), PREEMPT AND ABORT aborting other agents' tasks in flight, the
-//! unit attention to preempted initiators, RESERVE(6)/RELEASE(6),
-//! REGISTER AND MOVE, several
-//! connections per session, error recovery levels 1 and 2, ACA,
-//! target-initiated NOP-In pings.
+//! PREEMPT AND ABORT aborting other agents' tasks in flight, REGISTER
+//! AND MOVE, SPEC_I_PT and ALL_TG_PT, RESERVE(6) across agents (it is
+//! per agent, scsi.rs), the unit attentions of resets and of I_T nexus
+//! loss (29h), several connections per session, error recovery levels 1
+//! and 2, ACA, target-initiated NOP-In pings.
+//!
+//! APTPL is honoured for a unit's volume (reserve.rs), and reservation
+//! changes raise SPC-4's unit attentions (REGISTRATIONS PREEMPTED,
+//! RESERVATIONS PREEMPTED, RESERVATIONS RELEASED) for the nexuses of
+//! this agent, including changes made through other agents.
 
 mod login;
 mod md5;

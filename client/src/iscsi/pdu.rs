@@ -283,17 +283,21 @@ impl Pdu {
     /// once, into the socket buffer, instead of twice).
     pub fn encode_parts(&self, digests: Digests) -> (PduHead, &[u8], PduTrailer) {
         let data_len = self.data.len().min(0xff_ffff);
-        let mut head = PduHead::default();
         let mut bhs = self.bhs;
         bhs[4] = (self.ahs.len() / 4) as u8;
         bhs[5] = (data_len >> 16) as u8;
         bhs[6] = (data_len >> 8) as u8;
         bhs[7] = data_len as u8;
-        head.bytes.extend_from_slice(&bhs);
-        head.bytes.extend_from_slice(&self.ahs);
+        let mut head = PduHead {
+            bhs,
+            ahs: self.ahs.clone(),
+            digest: [0; 4],
+            digest_len: 0,
+        };
         if digests.header {
-            let crc = crc32c::crc32c(&head.bytes);
-            head.bytes.extend_from_slice(&crc.to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&head.bhs), &head.ahs);
+            head.digest = crc.to_le_bytes();
+            head.digest_len = 4;
         }
         let data = &self.data[..data_len];
         let mut trailer = PduTrailer::default();
@@ -341,10 +345,27 @@ impl Pdu {
     }
 }
 
-/// A PDU's header on the wire: BHS, AHS and header digest.
-#[derive(Debug, Default)]
+/// A PDU's header on the wire: BHS, AHS and header digest, without a
+/// heap allocation per PDU (the AHS is a reference-counted slice, empty
+/// in every PDU this target sends).
+#[derive(Debug)]
 pub struct PduHead {
-    pub bytes: Vec<u8>,
+    bhs: [u8; BHS_BYTES],
+    ahs: Bytes,
+    digest: [u8; 4],
+    digest_len: usize,
+}
+
+impl PduHead {
+    /// The BHS with its lengths set.
+    pub fn bhs(&self) -> &[u8] {
+        &self.bhs
+    }
+
+    /// The AHS, then the header digest (when negotiated).
+    pub fn rest(&self) -> (&[u8], &[u8]) {
+        (&self.ahs, &self.digest[..self.digest_len])
+    }
 }
 
 /// A PDU's trailer on the wire: padding (≤ 3 bytes) and data digest.
@@ -370,17 +391,23 @@ mod tests {
         for data_len in [0usize, 1, 3, 4, 5, 4096, 4099] {
             for (header, data) in [(false, false), (true, false), (false, true), (true, true)] {
                 let digests = Digests { header, data };
-                let mut pdu = sample();
-                pdu = pdu.with_data(Bytes::from(vec![0x5a; data_len]));
-                let (head, body, trailer) = pdu.encode_parts(digests);
-                let mut joined = head.bytes.clone();
-                joined.extend_from_slice(body);
-                joined.extend_from_slice(trailer.as_slice());
-                assert_eq!(
-                    joined,
-                    pdu.encode(digests).to_vec(),
-                    "{data_len} {digests:?}"
-                );
+                for ahs in [0usize, 8] {
+                    let mut pdu = sample();
+                    pdu.ahs = Bytes::from(vec![0xa1; ahs]);
+                    pdu = pdu.with_data(Bytes::from(vec![0x5a; data_len]));
+                    let (head, body, trailer) = pdu.encode_parts(digests);
+                    let (ahs_bytes, digest) = head.rest();
+                    let mut joined = head.bhs().to_vec();
+                    joined.extend_from_slice(ahs_bytes);
+                    joined.extend_from_slice(digest);
+                    joined.extend_from_slice(body);
+                    joined.extend_from_slice(trailer.as_slice());
+                    assert_eq!(
+                        joined,
+                        pdu.encode(digests).to_vec(),
+                        "{data_len} {digests:?} ahs {ahs}"
+                    );
+                }
             }
         }
     }

@@ -17,9 +17,31 @@
 //! unit's replicated state (every agent of the volume sees the same
 //! registrations; they survive agent restarts and head-node failovers),
 //! converted by [`Reservations::from_record`] / [`Reservations::to_record`];
-//! for a memory LUN, in this agent. APTPL is still refused: the state
-//! does persist through power loss for a unit's volume, but REPORT
-//! CAPABILITIES does not offer it yet (PTPL_C 0).
+//! for a memory LUN, in this agent.
+//!
+//! # APTPL
+//!
+//! A unit's volume keeps its reservations in replicated state, which
+//! survives power loss whatever the APTPL bit says: such a LUN reports
+//! PTPL_C 1 and takes REGISTER with APTPL 1, and reports the last
+//! REGISTER's bit as PTPL_A (kept in the record). With APTPL 0, SPC-4
+//! lets a target drop the state at power loss; this one keeps it (a
+//! unit's power loss is not one target's, and a cluster that reserved
+//! expects the reservation back). A memory LUN loses everything with the
+//! agent: PTPL_C 0, and REGISTER with APTPL 1 is refused (INVALID FIELD
+//! IN PARAMETER LIST).
+//!
+//! # Unit attentions
+//!
+//! [`attentions`] compares two states and names the I_T nexuses that
+//! SPC-4 5.12.11 says must hear about the change (a CHECK CONDITION with
+//! UNIT ATTENTION on their next command): a registration removed by
+//! someone else (PREEMPT, PREEMPT AND ABORT: REGISTRATIONS PREEMPTED;
+//! CLEAR: RESERVATIONS PREEMPTED), a registrants-only or all-registrants
+//! reservation released (RESERVATIONS RELEASED to the other
+//! registrants). It works on states rather than on commands so that an
+//! agent also sees what other agents changed: shared.rs runs it at every
+//! new version of the record it installs.
 //!
 //! # Conflicts (SPC-4 table 5.12.x, simplified to three classes)
 //!
@@ -151,6 +173,48 @@ pub struct Reservations {
     /// Registered nexuses and their keys, in registration order.
     registrations: Vec<(Nexus, u64)>,
     reservation: Option<Reservation>,
+    /// APTPL of the last REGISTER (module docs).
+    aptpl: bool,
+}
+
+/// SPC-4 PERSISTENT RESERVE OUT parameter flags (byte 20).
+const SPEC_I_PT: u8 = 0x08;
+const ALL_TG_PT: u8 = 0x04;
+const APTPL: u8 = 0x01;
+
+/// The unit attentions a change from `before` to `after` raises (module
+/// docs), `actor` being the nexus whose command made it when known (it
+/// hears nothing about its own change).
+pub fn attentions(
+    before: &Reservations,
+    after: &Reservations,
+    actor: Option<&Nexus>,
+) -> Vec<(Nexus, Sense)> {
+    let mut out = Vec::new();
+    let released = match (&before.reservation, &after.reservation) {
+        (Some(r), None) => registrants_access(r.kind),
+        _ => false,
+    };
+    for (nexus, _) in &before.registrations {
+        if Some(nexus) == actor {
+            continue;
+        }
+        if after.key_of(nexus).is_none() {
+            // Removed by someone else: CLEAR empties the list; PREEMPT
+            // keeps the preemptor. A lone registrant that left did so
+            // itself (only a registrant can CLEAR or PREEMPT).
+            if after.registrations.is_empty() {
+                if before.registrations.len() > 1 {
+                    out.push((nexus.clone(), Sense::RESERVATIONS_PREEMPTED));
+                }
+            } else {
+                out.push((nexus.clone(), Sense::REGISTRATIONS_PREEMPTED));
+            }
+        } else if released {
+            out.push((nexus.clone(), Sense::RESERVATIONS_RELEASED));
+        }
+    }
+    out
 }
 
 fn conflict() -> Outcome {
@@ -199,6 +263,7 @@ impl Reservations {
             generation: record.generation,
             registrations,
             reservation,
+            aptpl: record.aptpl,
         }
     }
 
@@ -222,6 +287,7 @@ impl Reservations {
                 isid: r.holder.isid,
                 kind: r.kind,
             }),
+            aptpl: self.aptpl,
         }
     }
 
@@ -254,8 +320,14 @@ impl Reservations {
         access == Access::Read && !exclusive_access(r.kind)
     }
 
-    /// PERSISTENT RESERVE IN.
-    pub fn read(&self, cdb: &[u8; 16]) -> Result<Outcome, Sense> {
+    /// Whether any I_T nexus is registered (RESERVE(6) conflicts then).
+    pub fn any_registered(&self) -> bool {
+        !self.registrations.is_empty()
+    }
+
+    /// PERSISTENT RESERVE IN; `ptpl_capable`: whether this LUN's state
+    /// persists through power loss (module docs).
+    pub fn read(&self, cdb: &[u8; 16], ptpl_capable: bool) -> Result<Outcome, Sense> {
         let allocation = usize::from(u16::from_be_bytes([cdb[7], cdb[8]]));
         let mut out = self.generation.to_be_bytes().to_vec();
         match cdb[1] & 0x1f {
@@ -282,10 +354,12 @@ impl Reservations {
                 }
             },
             2 => {
-                // LENGTH 8; CRH 0, SIP_C 0, ATP_C 0, PTPL_C 0; TMV with
-                // ALLOW COMMANDS 0 (no detail given), PTPL_A 0; the
-                // type mask of every type above.
-                out = vec![0, 8, 0x00, 0x80, 0xea, 0x01, 0, 0];
+                // LENGTH 8; CRH 0, SIP_C 0, ATP_C 0, PTPL_C; TMV with
+                // ALLOW COMMANDS 0 (no detail given), PTPL_A; the type
+                // mask of every type above.
+                let ptpl_c = u8::from(ptpl_capable);
+                let ptpl_a = u8::from(ptpl_capable && self.aptpl);
+                out = vec![0, 8, ptpl_c, 0x80 | ptpl_a, 0xea, 0x01, 0, 0];
             }
             3 => {
                 let mut descriptors = Vec::new();
@@ -314,15 +388,28 @@ impl Reservations {
         Ok(data(out, allocation))
     }
 
-    /// PERSISTENT RESERVE OUT with its parameter list.
-    pub fn write(&mut self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
-        match self.out(nexus, cdb, parameters) {
+    /// PERSISTENT RESERVE OUT with its parameter list; `ptpl_capable` as
+    /// for [`Reservations::read`].
+    pub fn write(
+        &mut self,
+        nexus: &Nexus,
+        cdb: &[u8; 16],
+        parameters: &[u8],
+        ptpl_capable: bool,
+    ) -> Outcome {
+        match self.out(nexus, cdb, parameters, ptpl_capable) {
             Ok(outcome) => outcome,
             Err(sense) => Outcome::check(sense),
         }
     }
 
-    fn out(&mut self, nexus: &Nexus, cdb: &[u8; 16], p: &[u8]) -> Result<Outcome, Sense> {
+    fn out(
+        &mut self,
+        nexus: &Nexus,
+        cdb: &[u8; 16],
+        p: &[u8],
+        ptpl_capable: bool,
+    ) -> Result<Outcome, Sense> {
         let action = cdb[1] & 0x1f;
         let kind = cdb[2] & 0x0f;
         let scope = cdb[2] >> 4;
@@ -336,9 +423,14 @@ impl Reservations {
         }
         let key = u64::from_be_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
         let sa_key = u64::from_be_bytes([p[8], p[9], p[10], p[11], p[12], p[13], p[14], p[15]]);
-        // SPEC_I_PT, ALL_TG_PT and APTPL are not supported (REPORT
-        // CAPABILITIES says so).
-        if p[20] & 0x0d != 0 {
+        // SPEC_I_PT and ALL_TG_PT are not supported (REPORT
+        // CAPABILITIES says so); APTPL only where the state persists, and
+        // it means something for the REGISTER actions only (SPC-4 6.17.4:
+        // ignored by the others).
+        let registering = matches!(action, 0 | 6);
+        if p[20] & (SPEC_I_PT | ALL_TG_PT) != 0
+            || (registering && p[20] & APTPL != 0 && !ptpl_capable)
+        {
             return Err(Sense::INVALID_FIELD_IN_PARAMETERS);
         }
         let registered = self.key_of(nexus);
@@ -347,6 +439,7 @@ impl Reservations {
                 if action == 0 && registered.unwrap_or(0) != key {
                     return Ok(conflict());
                 }
+                let aptpl = p[20] & APTPL != 0;
                 match (registered, sa_key) {
                     (None, 0) => return Ok(Outcome::good()),
                     (None, new) => self.registrations.push((nexus.clone(), new)),
@@ -359,6 +452,7 @@ impl Reservations {
                         }
                     }
                 }
+                self.aptpl = aptpl;
                 self.generation = self.generation.wrapping_add(1);
                 Ok(Outcome::good())
             }
@@ -523,22 +617,28 @@ pub(super) mod tests {
         let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
         // A wrong current key for an unregistered nexus conflicts.
         assert_eq!(
-            state.write(&a, &prout(0, 0), &params(5, 1)).status,
+            state.write(&a, &prout(0, 0), &params(5, 1), false).status,
             RESERVATION_CONFLICT
         );
-        assert_eq!(state.write(&a, &prout(0, 0), &params(0, 1)).status, 0);
-        assert_eq!(state.write(&b, &prout(6, 0), &params(99, 2)).status, 0);
-        let keys = state.read(&prin(0)).unwrap().data;
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 1), false).status,
+            0
+        );
+        assert_eq!(
+            state.write(&b, &prout(6, 0), &params(99, 2), false).status,
+            0
+        );
+        let keys = state.read(&prin(0), false).unwrap().data;
         assert_eq!(&keys[..8], &[0, 0, 0, 2, 0, 0, 0, 16]);
         assert_eq!(&keys[8..16], &1u64.to_be_bytes());
         // An unregistered nexus (or a wrong key) cannot reserve.
         assert_eq!(
-            state.write(&a, &prout(1, 1), &params(2, 0)).status,
+            state.write(&a, &prout(1, 1), &params(2, 0), false).status,
             RESERVATION_CONFLICT
         );
         assert_eq!(
             state
-                .write(&a, &prout(1, WRITE_EXCLUSIVE), &params(1, 0))
+                .write(&a, &prout(1, WRITE_EXCLUSIVE), &params(1, 0), false)
                 .status,
             0
         );
@@ -548,14 +648,14 @@ pub(super) mod tests {
         assert!(state.permits(&a, Access::Write));
         assert!(state.permits(&c, Access::Always));
         // Reservation is reported with the holder's key.
-        let r = state.read(&prin(1)).unwrap().data;
+        let r = state.read(&prin(1), false).unwrap().data;
         assert_eq!(&r[4..8], &16u32.to_be_bytes());
         assert_eq!(&r[8..16], &1u64.to_be_bytes());
         assert_eq!(r[21], WRITE_EXCLUSIVE);
         // b preempts a: a's registration goes, b holds EA.
         assert_eq!(
             state
-                .write(&b, &prout(4, EXCLUSIVE_ACCESS), &params(2, 1))
+                .write(&b, &prout(4, EXCLUSIVE_ACCESS), &params(2, 1), false)
                 .status,
             0
         );
@@ -563,26 +663,30 @@ pub(super) mod tests {
         assert!(!state.permits(&a, Access::Read));
         assert!(state.permits(&b, Access::Write));
         // Releasing with the wrong type is refused; with the right one works.
-        let wrong = state.write(&b, &prout(2, WRITE_EXCLUSIVE), &params(2, 0));
+        let wrong = state.write(&b, &prout(2, WRITE_EXCLUSIVE), &params(2, 0), false);
         assert_eq!(
             wrong.sense,
             Some(Sense::INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
         );
         assert_eq!(
             state
-                .write(&b, &prout(2, EXCLUSIVE_ACCESS), &params(2, 0))
+                .write(&b, &prout(2, EXCLUSIVE_ACCESS), &params(2, 0), false)
                 .status,
             0
         );
         assert!(state.permits(&a, Access::Write));
         // All registrants: every registrant writes, others only read.
-        assert_eq!(state.write(&a, &prout(0, 0), &params(0, 3)).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 3), false).status,
+            0
+        );
         assert_eq!(
             state
                 .write(
                     &a,
                     &prout(1, WRITE_EXCLUSIVE_ALL_REGISTRANTS),
-                    &params(3, 0)
+                    &params(3, 0),
+                    false
                 )
                 .status,
             0
@@ -590,32 +694,163 @@ pub(super) mod tests {
         assert!(state.permits(&b, Access::Write));
         assert!(!state.permits(&c, Access::Write));
         assert!(state.permits(&c, Access::Read));
-        let r = state.read(&prin(1)).unwrap().data;
+        let r = state.read(&prin(1), false).unwrap().data;
         assert_eq!(&r[8..16], &0u64.to_be_bytes());
         // a leaves; b still holds it.
-        assert_eq!(state.write(&a, &prout(0, 0), &params(3, 0)).status, 0);
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(3, 0), false).status,
+            0
+        );
         assert!(state.permits(&b, Access::Write));
         assert!(!state.permits(&a, Access::Write));
         // CLEAR drops everything.
-        assert_eq!(state.write(&b, &prout(3, 0), &params(2, 0)).status, 0);
+        assert_eq!(
+            state.write(&b, &prout(3, 0), &params(2, 0), false).status,
+            0
+        );
         assert!(state.permits(&a, Access::Write));
-        assert_eq!(state.read(&prin(0)).unwrap().data[4..8], [0, 0, 0, 0]);
+        assert_eq!(
+            state.read(&prin(0), false).unwrap().data[4..8],
+            [0, 0, 0, 0]
+        );
         // APTPL is refused; a short list is a length error.
         let mut p = params(0, 9);
         p[20] = 1;
         assert_eq!(
-            state.write(&a, &prout(0, 0), &p).sense,
+            state.write(&a, &prout(0, 0), &p, false).sense,
             Some(Sense::INVALID_FIELD_IN_PARAMETERS)
         );
         let mut short = prout(0, 0);
         short[8] = 16;
         assert_eq!(
-            state.write(&a, &short, &p[..16]).sense,
+            state.write(&a, &short, &p[..16], false).sense,
             Some(Sense::PARAMETER_LIST_LENGTH_ERROR)
         );
         // Out-of-range service actions.
-        assert!(state.read(&prin(4)).is_err());
-        let full = state.read(&prin(3)).unwrap();
+        assert!(state.read(&prin(4), false).is_err());
+        let full = state.read(&prin(3), false).unwrap();
         assert_eq!(&full.data[4..8], &[0, 0, 0, 0]);
+    }
+
+    /// APTPL is taken only where the state persists, is kept per the last
+    /// REGISTER, and shows as PTPL_C / PTPL_A in REPORT CAPABILITIES.
+    #[test]
+    fn aptpl_is_reported_where_it_is_kept() {
+        let a = nexus("iqn.a");
+        let mut p = params(0, 9);
+        p[20] = APTPL;
+        let mut memory = Reservations::default();
+        assert_eq!(
+            memory.write(&a, &prout(0, 0), &p, false).sense,
+            Some(Sense::INVALID_FIELD_IN_PARAMETERS)
+        );
+        let caps = memory.read(&prin(2), false).unwrap().data;
+        assert_eq!((caps[2] & 1, caps[3] & 1), (0, 0));
+        let mut unit = Reservations::default();
+        assert_eq!(unit.write(&a, &prout(0, 0), &p, true).status, 0);
+        let caps = unit.read(&prin(2), true).unwrap().data;
+        assert_eq!((caps[2] & 1, caps[3] & 1), (1, 1));
+        // It travels in the record (a restarted agent reports it).
+        let copy = Reservations::from_record(&unit.to_record());
+        assert_eq!(copy.read(&prin(2), true).unwrap().data[3] & 1, 1);
+        // A RESERVE with the bit set ignores it; a REGISTER without it
+        // clears it.
+        let mut reserve = params(9, 0);
+        reserve[20] = APTPL;
+        assert_eq!(unit.write(&a, &prout(1, 1), &reserve, true).status, 0);
+        assert_eq!(unit.read(&prin(2), true).unwrap().data[3] & 1, 1);
+        assert_eq!(unit.write(&a, &prout(0, 0), &params(9, 10), true).status, 0);
+        assert_eq!(unit.read(&prin(2), true).unwrap().data[3] & 1, 0);
+        // SPEC_I_PT and ALL_TG_PT stay refused.
+        let mut spec = params(10, 10);
+        spec[20] = SPEC_I_PT;
+        assert_eq!(
+            unit.write(&a, &prout(0, 0), &spec, true).sense,
+            Some(Sense::INVALID_FIELD_IN_PARAMETERS)
+        );
+    }
+
+    /// SPC-4 5.12.11: who hears about a change, and what.
+    #[test]
+    fn changes_raise_unit_attentions_for_the_others() {
+        let (a, b, c) = (nexus("iqn.a"), nexus("iqn.b"), nexus("iqn.c"));
+        let mut state = Reservations::default();
+        for (n, key) in [(&a, 1), (&b, 2), (&c, 3)] {
+            let before = state.clone();
+            assert_eq!(
+                state.write(n, &prout(0, 0), &params(0, key), false).status,
+                0
+            );
+            // Registering raises nothing.
+            assert!(attentions(&before, &state, Some(n)).is_empty());
+        }
+        // a takes a registrants-only reservation and releases it: b and c
+        // hear RESERVATIONS RELEASED, a nothing.
+        let wero = WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
+        assert_eq!(
+            state
+                .write(&a, &prout(1, wero), &params(1, 0), false)
+                .status,
+            0
+        );
+        let before = state.clone();
+        assert_eq!(
+            state
+                .write(&a, &prout(2, wero), &params(1, 0), false)
+                .status,
+            0
+        );
+        assert_eq!(
+            attentions(&before, &state, Some(&a)),
+            vec![
+                (b.clone(), Sense::RESERVATIONS_RELEASED),
+                (c.clone(), Sense::RESERVATIONS_RELEASED)
+            ]
+        );
+        // Seen from another agent (actor unknown), the releaser hears it
+        // too: it is not one of that agent's nexuses.
+        assert_eq!(attentions(&before, &state, None).len(), 3);
+        // Releasing a WRITE EXCLUSIVE raises nothing.
+        assert_eq!(
+            state.write(&a, &prout(1, 1), &params(1, 0), false).status,
+            0
+        );
+        let before = state.clone();
+        assert_eq!(
+            state.write(&a, &prout(2, 1), &params(1, 0), false).status,
+            0
+        );
+        assert!(attentions(&before, &state, Some(&a)).is_empty());
+        // b preempts c: c's registration is preempted, a hears nothing.
+        let before = state.clone();
+        assert_eq!(
+            state.write(&b, &prout(4, 3), &params(2, 3), false).status,
+            0
+        );
+        assert_eq!(
+            attentions(&before, &state, Some(&b)),
+            vec![(c.clone(), Sense::REGISTRATIONS_PREEMPTED)]
+        );
+        // b clears: a hears RESERVATIONS PREEMPTED.
+        let before = state.clone();
+        assert_eq!(
+            state.write(&b, &prout(3, 0), &params(2, 0), false).status,
+            0
+        );
+        assert_eq!(
+            attentions(&before, &state, Some(&b)),
+            vec![(a.clone(), Sense::RESERVATIONS_PREEMPTED)]
+        );
+        // A lone registrant leaving raises nothing, whoever looks.
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(0, 7), false).status,
+            0
+        );
+        let before = state.clone();
+        assert_eq!(
+            state.write(&a, &prout(0, 0), &params(7, 0), false).status,
+            0
+        );
+        assert!(attentions(&before, &state, None).is_empty());
     }
 }

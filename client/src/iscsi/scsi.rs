@@ -11,7 +11,8 @@
 //!
 //! | command | what it does |
 //! |---|---|
-//! | TEST UNIT READY, REQUEST SENSE | GOOD; no deferred sense is kept |
+//! | TEST UNIT READY | GOOD |
+//! | REQUEST SENSE | the oldest pending unit attention (then cleared), else NO SENSE |
 //! | INQUIRY | standard data; VPD 0x00 0x80 0x83 0xB0 0xB1 0xB2 |
 //! | READ CAPACITY 10/16 | LBPME=1, LBPRZ=1 (unmapped blocks read zeros) |
 //! | READ/WRITE 6/10/12/16, WRITE AND VERIFY 10/12/16 | FUA → durable before GOOD |
@@ -24,9 +25,44 @@
 //! | MODE SENSE 6/10, MODE SELECT 6/10 | caching, control, informational exceptions; a SELECT must not change anything |
 //! | REPORT LUNS, REPORT SUPPORTED OPERATION CODES, GET LBA STATUS | |
 //! | PERSISTENT RESERVE IN/OUT | reserve.rs and shared.rs (state in the unit); RESERVATION CONFLICT checked first |
-//! | anything else (RESERVE(6)/RELEASE(6) included) | INVALID COMMAND OPERATION CODE |
+//! | RESERVE(6), RELEASE(6) | SPC-2 reservation of one I_T nexus, below |
+//! | anything else | INVALID COMMAND OPERATION CODE |
 //!
 //! Refusals carry fixed-format sense data (response code 0x70).
+//!
+//! # Before a command runs (LUN 0)
+//!
+//! ```text
+//! (a persistent reservation check, which refreshes a stale copy of the
+//!  reservations and so finds the changes that raise unit attentions;
+//!  its answer is used below)
+//! unit attention pending for the nexus? ─▶ CHECK CONDITION, UNIT ATTENTION (reported once)
+//!     (not for INQUIRY, REPORT LUNS; REQUEST SENSE returns it as its data)
+//! RESERVE(6) held by another nexus?     ─▶ RESERVATION CONFLICT
+//!     (not for INQUIRY, REPORT LUNS, REQUEST SENSE, RELEASE(6))
+//! PERSISTENT RESERVE IN/OUT             ─▶ reserve.rs / shared.rs
+//! persistent reservation forbids it?    ─▶ RESERVATION CONFLICT
+//! ```
+//!
+//! # RESERVE(6) / RELEASE(6)
+//!
+//! SPC-2 reservations, kept by the SPC-4 exceptions (5.13.3): one I_T
+//! nexus holds the whole LUN; every other nexus gets RESERVATION
+//! CONFLICT for all but the commands above. RESERVE(6) by the holder is
+//! GOOD again; by anyone while another holds it, or while any nexus is
+//! registered for persistent reservations, RESERVATION CONFLICT.
+//! RELEASE(6) by a non-holder is GOOD and does nothing (also while
+//! persistent registrations exist). The reservation ends with RELEASE(6),
+//! the holder's I_T nexus loss (its session ends: logout or dropped
+//! connection), LUN RESET, TARGET WARM RESET and TARGET COLD RESET.
+//!
+//! Unlike persistent reservations, an SPC-2 reservation is **not**
+//! persistent by definition (nexus loss ends it), so it lives in this
+//! agent, not in the unit's replicated state: both portals of one agent
+//! (`rackblock up`) share it, but another agent serving the same volume
+//! does not see it. Hosts that fence across hosts through several agents
+//! must use persistent reservations (every cluster stack of the last
+//! fifteen years does; RESERVE(6) is obsolete since SPC-3).
 //! COMPARE AND WRITE is atomic against other COMPARE AND WRITEs through
 //! this agent (a per-LUN lock), not against writes from other agents: the
 //! primary-side atomic operation is future work.
@@ -88,6 +124,13 @@ impl Sense {
     pub const NOT_READY: Sense = Sense::new(0x02, 0x04, 0x00);
     pub const DATA_PHASE_ERROR: Sense = Sense::new(0x0b, 0x4b, 0x00);
     pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: Sense = Sense::new(0x05, 0x26, 0x04);
+    /// UNIT ATTENTION: the reservations were cleared (PR OUT CLEAR).
+    pub const RESERVATIONS_PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x03);
+    /// UNIT ATTENTION: a registrants-only or all-registrants reservation
+    /// was released.
+    pub const RESERVATIONS_RELEASED: Sense = Sense::new(0x06, 0x2a, 0x04);
+    /// UNIT ATTENTION: this nexus's registration was preempted.
+    pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x05);
 
     /// 18 bytes of fixed-format sense data.
     pub fn encode(&self) -> Bytes {
@@ -141,6 +184,15 @@ impl Outcome {
 }
 
 type Result<T> = std::result::Result<T, Sense>;
+
+/// RESERVATION CONFLICT status.
+fn conflict() -> Outcome {
+    Outcome {
+        status: reserve::RESERVATION_CONFLICT,
+        sense: None,
+        data: Bytes::new(),
+    }
+}
 
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
@@ -215,8 +267,11 @@ pub struct LogicalUnit {
     id: u64,
     compare_and_write: tokio::sync::Mutex<()>,
     /// Persistent reservations (see shared.rs: in the unit's replicated
-    /// state, or in this agent for a memory LUN).
+    /// state, or in this agent for a memory LUN), and the unit
+    /// attentions their changes raised.
     reservations: ReservationStore,
+    /// The holder of the SPC-2 reservation (RESERVE(6)), module docs.
+    legacy: std::sync::Mutex<Option<Nexus>>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -236,6 +291,8 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x0a, None, 6),        // WRITE(6)
     (0x12, None, 6),        // INQUIRY
     (0x15, None, 6),        // MODE SELECT(6)
+    (0x16, None, 6),        // RESERVE(6)
+    (0x17, None, 6),        // RELEASE(6)
     (0x1a, None, 6),        // MODE SENSE(6)
     (0x25, None, 10),       // READ CAPACITY(10)
     (0x28, None, 10),       // READ(10)
@@ -317,6 +374,59 @@ impl LogicalUnit {
             id,
             compare_and_write: tokio::sync::Mutex::new(()),
             reservations,
+            legacy: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn legacy(&self) -> std::sync::MutexGuard<'_, Option<Nexus>> {
+        self.legacy
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session of `nexus` ended (I_T nexus loss): its SPC-2
+    /// reservation ends, and its pending unit attentions go.
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        let mut legacy = self.legacy();
+        if legacy.as_ref() == Some(nexus) {
+            *legacy = None;
+        }
+        drop(legacy);
+        self.reservations.forget(nexus);
+    }
+
+    /// LUN RESET, TARGET WARM/COLD RESET: the SPC-2 reservation ends
+    /// (persistent reservations are kept, as SPC-4 says).
+    pub fn reset(&self) {
+        *self.legacy() = None;
+    }
+
+    /// RESERVE(6) and RELEASE(6) (module docs).
+    async fn reserve6(&self, nexus: &Nexus, cdb: &[u8; 16]) -> Outcome {
+        let reserve = cdb[0] == 0x16;
+        // Byte 1 bit 0 was the obsolete extent reservation (and third
+        // party bits beside it): refused.
+        if cdb[1] & 0x1f != 0 {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        match self.reservations.any_registered().await {
+            Ok(false) => {}
+            Ok(true) if reserve => return conflict(),
+            Ok(true) => return Outcome::good(),
+            Err(outcome) => return outcome,
+        }
+        let mut legacy = self.legacy();
+        match (&*legacy, reserve) {
+            (Some(holder), true) if holder != nexus => conflict(),
+            (_, true) => {
+                *legacy = Some(nexus.clone());
+                Outcome::good()
+            }
+            (Some(holder), false) if holder == nexus => {
+                *legacy = None;
+                Outcome::good()
+            }
+            (_, false) => Outcome::good(),
         }
     }
 
@@ -348,22 +458,41 @@ impl LogicalUnit {
         data_out: Bytes,
     ) -> Outcome {
         if lun == 0 {
+            // The persistent reservation check comes first, though its
+            // answer is given after a unit attention's: it is what reads
+            // a stale copy of the reservations (shared.rs), and a change
+            // found in that read must be reported on this command, not
+            // after it.
+            let permitted = match cdb[0] {
+                0x16 | 0x17 | 0x5e | 0x5f => Ok(true),
+                _ => {
+                    self.reservations
+                        .permits(nexus, reserve::access_of(cdb))
+                        .await
+                }
+            };
+            // INQUIRY and REPORT LUNS neither report nor clear a unit
+            // attention; REQUEST SENSE returns it as its sense data.
+            if !matches!(cdb[0], 0x12 | 0xa0) {
+                if let Some(sense) = self.reservations.take_attention(nexus) {
+                    return if cdb[0] == 0x03 {
+                        allocated(sense.encode().to_vec(), usize::from(cdb[4]))
+                    } else {
+                        Outcome::check(sense)
+                    };
+                }
+            }
+            let held_by_other = self.legacy().as_ref().is_some_and(|h| h != nexus);
+            if held_by_other && !matches!(cdb[0], 0x12 | 0xa0 | 0x03 | 0x17) {
+                return conflict();
+            }
             match cdb[0] {
+                0x16 | 0x17 => return self.reserve6(nexus, cdb).await,
                 0x5e => return self.reservations.read(cdb).await,
                 0x5f => return self.reservations.write(nexus, cdb, &data_out).await,
-                _ => match self
-                    .reservations
-                    .permits(nexus, reserve::access_of(cdb))
-                    .await
-                {
+                _ => match permitted {
                     Ok(true) => {}
-                    Ok(false) => {
-                        return Outcome {
-                            status: reserve::RESERVATION_CONFLICT,
-                            sense: None,
-                            data: Bytes::new(),
-                        }
-                    }
+                    Ok(false) => return conflict(),
                     Err(outcome) => return outcome,
                 },
             }
@@ -1068,8 +1197,6 @@ mod tests {
         let rdprotect = run(&unit, &[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
         assert_eq!(rdprotect.sense, Some(Sense::INVALID_FIELD_IN_CDB));
         assert_eq!(run(&unit, &[0xc5], &[]).sense, Some(Sense::INVALID_OPCODE));
-        // RESERVE(6) is not implemented.
-        assert_eq!(run(&unit, &[0x16], &[]).sense, Some(Sense::INVALID_OPCODE));
         // A persistent reservation taken by this nexus (register key 7,
         // reserve EXCLUSIVE ACCESS) refuses another nexus's read with
         // RESERVATION CONFLICT; READ KEYS shows the key.
@@ -1245,5 +1372,130 @@ mod tests {
             &[],
         );
         assert_eq!(none.data[1] & 0x07, 0x01);
+    }
+
+    fn run_as(unit: &LogicalUnit, who: &Nexus, c: &[u8], data: &[u8]) -> Outcome {
+        futures::executor::block_on(unit.execute(who, 0, &cdb(c), Bytes::copy_from_slice(data)))
+    }
+
+    /// RESERVE(6)/RELEASE(6): one nexus holds the LUN, others conflict
+    /// but for INQUIRY, REPORT LUNS, REQUEST SENSE and RELEASE; nexus loss
+    /// and LUN reset end it; persistent registrations forbid it.
+    #[test]
+    fn reserve6_holds_until_release_loss_or_reset() {
+        let (unit, _) = unit();
+        let (a, b) = (
+            nexus(),
+            Nexus {
+                initiator: "iqn.other".to_owned(),
+                isid: [0; 6],
+            },
+        );
+        assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        let conflict = reserve::RESERVATION_CONFLICT;
+        assert_eq!(
+            run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(
+            run_as(&unit, &b, &[0x1a, 0, 0x3f, 0, 0xff, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(
+            run_as(&unit, &b, &[0x00, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, conflict);
+        assert_eq!(run_as(&unit, &b, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
+        assert_eq!(run_as(&unit, &b, &[0x03, 0, 0, 0, 18, 0], &[]).status, GOOD);
+        // A non-holder's RELEASE is GOOD and changes nothing.
+        assert_eq!(run_as(&unit, &b, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, conflict);
+        assert_eq!(run_as(&unit, &a, &read10(0, 1), &[]).status, GOOD);
+        // The obsolete extent bit is refused.
+        let extent = run_as(&unit, &a, &[0x16, 1, 0, 0, 0, 0], &[]);
+        assert_eq!(extent.sense, Some(Sense::INVALID_FIELD_IN_CDB));
+        // Released by its holder: b takes it; a's nexus loss does not
+        // end b's; b's does.
+        assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        assert_eq!(run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        unit.nexus_lost(&a);
+        assert_eq!(run_as(&unit, &a, &read10(0, 1), &[]).status, conflict);
+        unit.nexus_lost(&b);
+        assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        // A LUN reset ends it.
+        unit.reset();
+        assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, GOOD);
+        // With a persistent registration, RESERVE(6) conflicts and
+        // RELEASE(6) does nothing.
+        let mut parameters = [0u8; 24];
+        parameters[8..16].copy_from_slice(&7u64.to_be_bytes());
+        let register = run_as(&unit, &b, &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0], &parameters);
+        assert_eq!(register.status, GOOD);
+        assert_eq!(
+            run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+            conflict
+        );
+        assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
+    }
+
+    /// A preempted nexus hears UNIT ATTENTION once on its next command
+    /// (REQUEST SENSE returns it as data instead; INQUIRY passes it by).
+    #[test]
+    fn preemption_raises_a_unit_attention_once() {
+        let (unit, _) = unit();
+        let (a, b) = (
+            nexus(),
+            Nexus {
+                initiator: "iqn.other".to_owned(),
+                isid: [0; 6],
+            },
+        );
+        let register = |who: &Nexus, key: u64| {
+            let mut p = [0u8; 24];
+            p[8..16].copy_from_slice(&key.to_be_bytes());
+            run_as(&unit, who, &[0x5f, 6, 0, 0, 0, 0, 0, 0, 24, 0], &p).status
+        };
+        assert_eq!(register(&a, 1), GOOD);
+        assert_eq!(register(&b, 2), GOOD);
+        // b preempts a (PREEMPT, type EXCLUSIVE ACCESS).
+        let mut p = [0u8; 24];
+        p[..8].copy_from_slice(&2u64.to_be_bytes());
+        p[8..16].copy_from_slice(&1u64.to_be_bytes());
+        let preempt = run_as(&unit, &b, &[0x5f, 4, 3, 0, 0, 0, 0, 0, 24, 0], &p);
+        assert_eq!(preempt.status, GOOD);
+        // b (the actor) has nothing pending.
+        assert_eq!(run_as(&unit, &b, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        assert_eq!(run_as(&unit, &a, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
+        let tur = run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(tur.sense, Some(Sense::REGISTRATIONS_PREEMPTED));
+        // Reported once: the next TUR is GOOD (a is not reserved out of
+        // TUR: it is an "always" command).
+        assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        // CLEAR by b after a registers again: a's REQUEST SENSE returns
+        // RESERVATIONS PREEMPTED as data and clears it.
+        assert_eq!(register(&a, 5), GOOD);
+        let mut p = [0u8; 24];
+        p[..8].copy_from_slice(&2u64.to_be_bytes());
+        let clear = run_as(&unit, &b, &[0x5f, 3, 0, 0, 0, 0, 0, 0, 24, 0], &p);
+        assert_eq!(clear.status, GOOD);
+        let sense = run_as(&unit, &a, &[0x03, 0, 0, 0, 18, 0], &[]);
+        assert_eq!(sense.status, GOOD);
+        assert_eq!(
+            (sense.data[2], sense.data[12], sense.data[13]),
+            (0x06, 0x2a, 0x03)
+        );
+        assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
+        // Nexus loss drops what is pending.
+        assert_eq!(register(&a, 5), GOOD);
+        assert_eq!(register(&b, 2), GOOD);
+        let mut p = [0u8; 24];
+        p[..8].copy_from_slice(&2u64.to_be_bytes());
+        p[8..16].copy_from_slice(&5u64.to_be_bytes());
+        let preempt = run_as(&unit, &b, &[0x5f, 4, 3, 0, 0, 0, 0, 0, 24, 0], &p);
+        assert_eq!(preempt.status, GOOD);
+        unit.nexus_lost(&a);
+        assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
     }
 }

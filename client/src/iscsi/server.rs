@@ -111,7 +111,12 @@ struct Inner {
     config: IscsiConfig,
     lun: LogicalUnit,
     next_tsih: AtomicU16,
+    /// TSIHs of the sessions in full feature phase (a login that names
+    /// one is refused as too many connections, not as unknown).
+    sessions: std::sync::Mutex<std::collections::HashSet<u16>>,
     connections: Arc<Semaphore>,
+    /// Raised by TARGET COLD RESET: every connection closes.
+    cold_resets: watch::Sender<u64>,
 }
 
 impl IscsiServer {
@@ -156,7 +161,9 @@ impl IscsiServer {
                 config,
                 lun: LogicalUnit::with_reservations(backend, id, reservations),
                 next_tsih: AtomicU16::new(1),
+                sessions: Default::default(),
                 connections,
+                cold_resets: watch::channel(0).0,
             }),
         })
     }
@@ -192,6 +199,26 @@ impl IscsiServer {
     {
         let (_stop_tx, stop_rx) = watch::channel(false);
         serve_connection(self.inner.clone(), stream, stop_rx).await
+    }
+}
+
+impl Inner {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u16>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn session_started(&self, tsih: u16) {
+        self.sessions().insert(tsih);
+    }
+
+    fn session_ended(&self, tsih: u16) {
+        self.sessions().remove(&tsih);
+    }
+
+    fn session_live(&self, tsih: u16) -> bool {
+        self.sessions().contains(&tsih)
     }
 }
 
@@ -283,9 +310,10 @@ where
             login.map_err(|_| ConnectionError::Protocol("login timed out"))??
         }
     };
-    let Some((negotiated, statsn, cmdsn, isid)) = login else {
+    let Some((negotiated, statsn, cmdsn, isid, tsih)) = login else {
         return Ok(());
     };
+    inner.session_started(tsih);
     let digests = Digests {
         header: negotiated.header_digest,
         data: negotiated.data_digest,
@@ -297,9 +325,10 @@ where
         initiator: negotiated.initiator_name.clone(),
         isid,
     });
+    let mut cold_resets = inner.cold_resets.subscribe();
     let mut connection = Connection {
         inner: inner.clone(),
-        nexus,
+        nexus: nexus.clone(),
         tx,
         negotiated,
         exp_cmdsn,
@@ -314,6 +343,7 @@ where
             let pdu = tokio::select! {
                 biased;
                 _ = stopped(&mut stop) => break,
+                _ = cold_resets.changed() => break,
                 pdu = read_pdu(&mut reader, digests, login::TARGET_MAX_RECV_DATA as usize) => pdu?,
             };
             let Some(pdu) = pdu else { break };
@@ -328,6 +358,9 @@ where
     // Commands in flight answer before the connection closes.
     connection.drain().await;
     drop(connection);
+    // I_T nexus loss: its SPC-2 reservation and unit attentions end.
+    inner.lun.nexus_lost(&nexus);
+    inner.session_ended(tsih);
     match writing.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) if served.is_ok() => return Err(error.into()),
@@ -365,7 +398,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             pdu.set_u32_at(28, exp);
             pdu.set_u32_at(32, exp.wrapping_add(COMMAND_WINDOW - 1));
             let (head, data, trailer) = pdu.encode_parts(digests);
-            writer.write_all(&head.bytes).await?;
+            let (ahs, header_digest) = head.rest();
+            writer.write_all(head.bhs()).await?;
+            if !ahs.is_empty() {
+                writer.write_all(ahs).await?;
+            }
+            writer.write_all(header_digest).await?;
             writer.write_all(data).await?;
             writer.write_all(trailer.as_slice()).await?;
             next = rx.try_recv().ok();
@@ -381,7 +419,7 @@ async fn login<R, W>(
     inner: &Inner,
     reader: &mut R,
     writer: &mut W,
-) -> Result<Option<(Negotiated, u32, u32, [u8; 6])>, ConnectionError>
+) -> Result<Option<(Negotiated, u32, u32, [u8; 6], u16)>, ConnectionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -406,12 +444,18 @@ where
         let next_statsn = *statsn.get_or_insert(request.exp_statsn());
         let tsih_requested = u16::from_be_bytes([request.bhs[14], request.bhs[15]]);
         let step = if tsih_requested != 0 {
-            // Connections join no existing session (MaxConnections=1).
+            // Connections join no existing session (MaxConnections=1):
+            // "too many connections" for a live session, "session does
+            // not exist" for any other TSIH (RFC 7143 11.13.5).
+            let status = if inner.session_live(tsih_requested) {
+                login::status::TOO_MANY_CONNECTIONS
+            } else {
+                login::status::SESSION_DOES_NOT_EXIST
+            };
             let mut refusal = Pdu::new(op::LOGIN_RESPONSE);
             refusal.bhs[8..16].copy_from_slice(&request.bhs[8..16]);
             refusal.set_itt(request.itt());
-            refusal.bhs[36..38]
-                .copy_from_slice(&login::status::SESSION_DOES_NOT_EXIST.to_be_bytes());
+            refusal.bhs[36..38].copy_from_slice(&status.to_be_bytes());
             LoginStep::Fail(refusal)
         } else {
             machine.step(&request)
@@ -440,7 +484,13 @@ where
             .await?;
         writer.flush().await?;
         if let Some(negotiated) = done {
-            return Ok(Some((negotiated, next_statsn.wrapping_add(1), cmdsn, isid)));
+            return Ok(Some((
+                negotiated,
+                next_statsn.wrapping_add(1),
+                cmdsn,
+                isid,
+                tsih,
+            )));
         }
     }
 }
@@ -860,16 +910,26 @@ impl Connection {
                     2 // LUN does not exist
                 } else {
                     self.pending.retain(|_, task| task.lun != lun);
+                    if function == 5 {
+                        self.inner.lun.reset();
+                    }
                     0
                 }
             }
-            // TARGET WARM RESET: every task of this session.
-            6 => {
+            // TARGET WARM RESET: every task of this session, the LUN's
+            // SPC-2 reservation. TARGET COLD RESET: the same, then every
+            // connection of the target closes (RFC 7143 11.5.1), this one
+            // after its answer.
+            6 | 7 => {
                 self.pending.clear();
+                self.inner.lun.reset();
+                if function == 7 {
+                    self.logged_out = true;
+                }
                 0
             }
-            // CLEAR ACA, TARGET COLD RESET.
-            3 | 7 => 5, // not supported
+            // CLEAR ACA.
+            3 => 5, // not supported
             // TASK REASSIGN: no allegiance reassignment at ERL 0.
             8 => 4,
             _ => 255,
@@ -878,7 +938,13 @@ impl Connection {
         reply.set_flags(0x80);
         reply.bhs[2] = response;
         reply.set_itt(pdu.itt());
-        self.send(reply, true).await
+        self.send(reply, true).await?;
+        if function == 7 {
+            self.inner
+                .cold_resets
+                .send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 
     async fn text(&mut self, pdu: Pdu) -> Result<(), ConnectionError> {

@@ -44,6 +44,18 @@
 //! longer than `FRESH_FOR` (commands wait, up to [`GIVE_UP`]; then
 //! BUSY, which initiators retry).
 //!
+//! **Unit attentions.** Every new version of the record this agent
+//! installs (read, or written by its own PR OUT) is compared with the
+//! copy it replaces (`reserve::attentions`): the nexuses that lost their
+//! registration or a registrants-only reservation to someone else get a
+//! unit attention, kept here per nexus ([`Attentions`], bounded) until
+//! their next command reports it (scsi.rs) or their session ends. The
+//! nexus whose own PR OUT made the version through this agent hears
+//! nothing; a change made through another agent is seen here as soon as
+//! a command of this agent needs a fresh copy, so the preempted
+//! initiator hears it on its first command after the PREEMPT was
+//! answered.
+//!
 //! **Not covered:** a command admitted *before* the grace ended may
 //! still reach the primary later (it was admitted under the old state,
 //! and a write retried across a failover can take seconds): PREEMPT AND
@@ -51,6 +63,7 @@
 //! fences with PREEMPT AND ABORT then waits for its own I/O timeout, as
 //! it would for any target without task abort across ports.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -65,7 +78,7 @@ use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::volume::{AttachmentCredential, HostError, HostReply};
 use proto::Message;
 
-use super::reserve::{Access, Nexus, Reservations};
+use super::reserve::{self, Access, Nexus, Reservations};
 use super::scsi::{Outcome, Sense};
 use crate::HostEndpoint;
 
@@ -221,18 +234,72 @@ impl ReservationSource for HostReservationSource {
     }
 }
 
-/// A LUN's persistent reservations (module docs).
-pub enum ReservationStore {
+/// A LUN's persistent reservations (module docs), and the unit
+/// attentions their changes raised for the I_T nexuses of this agent.
+pub struct ReservationStore {
+    kind: Store,
+    attentions: Arc<Attentions>,
+}
+
+enum Store {
     Local(Mutex<Reservations>),
     Replicated(Arc<Replicated>),
 }
 
 impl std::fmt::Debug for ReservationStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReservationStore::Local(_) => f.write_str("ReservationStore::Local"),
-            ReservationStore::Replicated(_) => f.write_str("ReservationStore::Replicated"),
+        match &self.kind {
+            Store::Local(_) => f.write_str("ReservationStore::Local"),
+            Store::Replicated(_) => f.write_str("ReservationStore::Replicated"),
         }
+    }
+}
+
+/// Unit attentions waiting for their I_T nexus's next command (SAM-5
+/// 5.14: reported once, oldest first). Bounded: at most
+/// [`ATTENTIONS_PER_NEXUS`] per nexus (a repeated one is kept once) and
+/// [`ATTENTION_NEXUSES`] nexuses (only registered nexuses get one, and
+/// a record holds at most 256 registrations).
+#[derive(Debug, Default)]
+pub struct Attentions {
+    pending: Mutex<HashMap<Nexus, VecDeque<Sense>>>,
+}
+
+/// Bounds of [`Attentions`].
+const ATTENTIONS_PER_NEXUS: usize = 8;
+const ATTENTION_NEXUSES: usize = 1024;
+
+impl Attentions {
+    fn raise(&self, raised: Vec<(Nexus, Sense)>) {
+        if raised.is_empty() {
+            return;
+        }
+        let mut pending = lock(&self.pending);
+        for (nexus, sense) in raised {
+            if pending.len() >= ATTENTION_NEXUSES && !pending.contains_key(&nexus) {
+                tracing::warn!(initiator = %nexus.initiator, "iscsi: unit attention dropped");
+                continue;
+            }
+            let queue = pending.entry(nexus).or_default();
+            if !queue.contains(&sense) && queue.len() < ATTENTIONS_PER_NEXUS {
+                queue.push_back(sense);
+            }
+        }
+    }
+
+    /// The oldest unit attention of `nexus`, now reported.
+    fn take(&self, nexus: &Nexus) -> Option<Sense> {
+        let mut pending = lock(&self.pending);
+        let queue = pending.get_mut(nexus)?;
+        let sense = queue.pop_front();
+        if queue.is_empty() {
+            pending.remove(nexus);
+        }
+        sense
+    }
+
+    fn forget(&self, nexus: &Nexus) {
+        lock(&self.pending).remove(nexus);
     }
 }
 
@@ -244,6 +311,8 @@ pub struct Replicated {
     reading: tokio::sync::Mutex<()>,
     /// A background refresh is running.
     refreshing: AtomicBool,
+    /// Where the changes seen in new versions raise unit attentions.
+    attentions: Arc<Attentions>,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -284,64 +353,105 @@ fn restricts(cdb: &[u8; 16]) -> bool {
 }
 
 impl ReservationStore {
-    /// Held in this agent only.
+    /// Held in this agent only (lost with it: no APTPL).
     pub fn local() -> ReservationStore {
-        ReservationStore::Local(Mutex::new(Reservations::default()))
+        ReservationStore {
+            kind: Store::Local(Mutex::new(Reservations::default())),
+            attentions: Arc::default(),
+        }
     }
 
-    /// Kept in the unit's replicated state, reached through `source`.
+    /// Kept in the unit's replicated state, reached through `source`
+    /// (persists through power loss: APTPL offered).
     pub fn replicated(source: Arc<dyn ReservationSource>) -> ReservationStore {
-        ReservationStore::Replicated(Arc::new(Replicated {
-            source,
-            cache: Mutex::new(Cached {
-                state: Reservations::default(),
-                version: 0,
-                read_at: None,
-            }),
-            reading: tokio::sync::Mutex::new(()),
-            refreshing: AtomicBool::new(false),
-        }))
+        let attentions = Arc::<Attentions>::default();
+        ReservationStore {
+            kind: Store::Replicated(Arc::new(Replicated {
+                source,
+                cache: Mutex::new(Cached {
+                    state: Reservations::default(),
+                    version: 0,
+                    read_at: None,
+                }),
+                reading: tokio::sync::Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+                attentions: attentions.clone(),
+            })),
+            attentions,
+        }
+    }
+
+    /// Whether the state survives power loss (PTPL_C, APTPL accepted).
+    fn ptpl_capable(&self) -> bool {
+        matches!(self.kind, Store::Replicated(_))
+    }
+
+    /// The oldest unit attention waiting for `nexus` (reported now).
+    pub fn take_attention(&self, nexus: &Nexus) -> Option<Sense> {
+        self.attentions.take(nexus)
+    }
+
+    /// `nexus`'s session ended: its unit attentions go with it.
+    pub fn forget(&self, nexus: &Nexus) {
+        self.attentions.forget(nexus);
+    }
+
+    /// `f` of a copy fresh enough to admit a command (shared.rs module
+    /// docs); `Err` is the outcome to answer instead (BUSY when the
+    /// control plane could not be read for [`GIVE_UP`]).
+    async fn check<T>(&self, f: impl Fn(&Reservations) -> T) -> Result<T, Outcome> {
+        let shared = match &self.kind {
+            Store::Local(state) => return Ok(f(&lock(state))),
+            Store::Replicated(shared) => shared,
+        };
+        let deadline = Instant::now() + GIVE_UP;
+        loop {
+            {
+                let cached = lock(&shared.cache);
+                if let Some(age) = cached.read_at.map(|at| at.elapsed()) {
+                    if age < FRESH_FOR {
+                        let answer = f(&cached.state);
+                        drop(cached);
+                        if age >= REFRESH_AFTER {
+                            Replicated::refresh_in_background(shared);
+                        }
+                        return Ok(answer);
+                    }
+                }
+            }
+            if shared.refresh(Instant::now()).await.is_err() {
+                if Instant::now() >= deadline {
+                    return Err(busy());
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
     }
 
     /// Whether `nexus` may run a command of class `access` now; `Err` is
     /// the outcome to answer instead of running it (BUSY when the control
     /// plane could not be read for [`GIVE_UP`]).
     pub async fn permits(&self, nexus: &Nexus, access: Access) -> Result<bool, Outcome> {
-        match self {
-            ReservationStore::Local(state) => Ok(lock(state).permits(nexus, access)),
-            ReservationStore::Replicated(_) if access == Access::Always => Ok(true),
-            ReservationStore::Replicated(shared) => {
-                let deadline = Instant::now() + GIVE_UP;
-                loop {
-                    {
-                        let cached = lock(&shared.cache);
-                        if let Some(age) = cached.read_at.map(|at| at.elapsed()) {
-                            if age < FRESH_FOR {
-                                let permitted = cached.state.permits(nexus, access);
-                                drop(cached);
-                                if age >= REFRESH_AFTER {
-                                    Replicated::refresh_in_background(shared);
-                                }
-                                return Ok(permitted);
-                            }
-                        }
-                    }
-                    if shared.refresh(Instant::now()).await.is_err() {
-                        if Instant::now() >= deadline {
-                            return Err(busy());
-                        }
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                }
-            }
+        if access == Access::Always && matches!(self.kind, Store::Replicated(_)) {
+            return Ok(true);
         }
+        self.check(|state| state.permits(nexus, access)).await
+    }
+
+    /// Whether any I_T nexus holds a registration (RESERVE(6) and
+    /// RELEASE(6) then defer to the persistent state, scsi.rs).
+    pub async fn any_registered(&self) -> Result<bool, Outcome> {
+        self.check(Reservations::any_registered).await
     }
 
     /// PERSISTENT RESERVE IN.
     pub async fn read(&self, cdb: &[u8; 16]) -> Outcome {
-        match self {
-            ReservationStore::Local(state) => lock(state).read(cdb).unwrap_or_else(Outcome::check),
-            ReservationStore::Replicated(shared) => {
+        let capable = self.ptpl_capable();
+        match &self.kind {
+            Store::Local(state) => lock(state)
+                .read(cdb, capable)
+                .unwrap_or_else(Outcome::check),
+            Store::Replicated(shared) => {
                 if shared
                     .refresh_until(Instant::now() + GIVE_UP)
                     .await
@@ -351,7 +461,7 @@ impl ReservationStore {
                 }
                 lock(&shared.cache)
                     .state
-                    .read(cdb)
+                    .read(cdb, capable)
                     .unwrap_or_else(Outcome::check)
             }
         }
@@ -359,9 +469,16 @@ impl ReservationStore {
 
     /// PERSISTENT RESERVE OUT with its parameter list.
     pub async fn write(&self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
-        match self {
-            ReservationStore::Local(state) => lock(state).write(nexus, cdb, parameters),
-            ReservationStore::Replicated(shared) => shared.write(nexus, cdb, parameters).await,
+        match &self.kind {
+            Store::Local(state) => {
+                let mut state = lock(state);
+                let before = state.clone();
+                let outcome = state.write(nexus, cdb, parameters, false);
+                self.attentions
+                    .raise(reserve::attentions(&before, &state, Some(nexus)));
+                outcome
+            }
+            Store::Replicated(shared) => shared.write(nexus, cdb, parameters).await,
         }
     }
 }
@@ -372,13 +489,15 @@ impl Replicated {
         let _one = self.reading.lock().await;
         if lock(&self.cache)
             .read_at
-            .is_some_and(|at| at >= needed_after)
+            // Strictly after: a read sent in the same clock tick as the
+            // request may have been sent before it.
+            .is_some_and(|at| at > needed_after)
         {
             return Ok(());
         }
         let sent = Instant::now();
         let record = self.source.read().await?;
-        self.install(record, sent);
+        self.install(record, sent, None);
         Ok(())
     }
 
@@ -411,14 +530,22 @@ impl Replicated {
         });
     }
 
-    /// Take `record` (read or written at `at`) unless the copy is newer.
-    fn install(&self, record: PersistentReservations, at: Instant) {
+    /// Take `record` (read or written at `at`) unless the copy is newer;
+    /// a newer version raises the unit attentions of what changed since
+    /// the copy (`actor`: the nexus whose write made it, when it is this
+    /// agent's applied write; nobody hears about their own change).
+    fn install(&self, record: PersistentReservations, at: Instant, actor: Option<&Nexus>) {
         let mut cached = lock(&self.cache);
         if record.version < cached.version {
             return;
         }
+        let next = Reservations::from_record(&record);
+        if record.version > cached.version {
+            self.attentions
+                .raise(reserve::attentions(&cached.state, &next, actor));
+        }
         cached.version = record.version;
-        cached.state = Reservations::from_record(&record);
+        cached.state = next;
         cached.read_at = Some(cached.read_at.map_or(at, |before| before.max(at)));
     }
 
@@ -433,7 +560,7 @@ impl Replicated {
                 (cached.state.clone(), cached.version)
             };
             let before = next.clone();
-            let outcome = next.write(nexus, cdb, parameters);
+            let outcome = next.write(nexus, cdb, parameters, true);
             if next == before {
                 // Refused, or a no-op (RELEASE of nothing, a repeated
                 // RESERVE): nothing to store.
@@ -449,7 +576,7 @@ impl Replicated {
                                 version: 0,
                                 ..reply.record.clone()
                             } == record;
-                        self.install(reply.record, sent);
+                        self.install(reply.record, sent, ours.then_some(nexus));
                         if !ours {
                             // Another agent changed it first: recompute.
                             break;
@@ -609,5 +736,55 @@ mod tests {
         // (+1 for the first), far from one per command.
         let reads = register.reads.load(Ordering::Relaxed);
         assert!((2..=10).contains(&reads), "{reads} reads");
+    }
+
+    /// A PREEMPT through one agent raises REGISTRATIONS PREEMPTED for the
+    /// preempted nexus on the other agent (seen in the record's next
+    /// version), once; the preemptor hears nothing.
+    #[tokio::test(start_paused = true)]
+    async fn preemption_through_another_agent_raises_a_unit_attention() {
+        let register = Arc::new(Register::default());
+        let first = ReservationStore::replicated(register.clone());
+        let second = ReservationStore::replicated(register.clone());
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+        assert_eq!(
+            first.write(&a, &prout(0, 0), &params(0, 0xa)).await.status,
+            0
+        );
+        assert_eq!(
+            second.write(&b, &prout(0, 0), &params(0, 0xb)).await.status,
+            0
+        );
+        // The first agent has a copy with both registrations.
+        assert_eq!(first.permits(&a, Access::Write).await, Ok(true));
+        assert_eq!(first.take_attention(&a), None);
+        assert_eq!(
+            second
+                .write(&b, &prout(4, 3), &params(0xb, 0xa))
+                .await
+                .status,
+            0
+        );
+        assert_eq!(second.take_attention(&b), None);
+        // The first agent's next check reads the new version (nothing is
+        // reserved: a PREEMPT without a reservation only removes
+        // registrations).
+        assert_eq!(first.permits(&a, Access::Write).await, Ok(true));
+        assert_eq!(
+            first.take_attention(&a),
+            Some(Sense::REGISTRATIONS_PREEMPTED)
+        );
+        assert_eq!(first.take_attention(&a), None);
+        // APTPL is offered and kept in the record.
+        let mut p = params(0xb, 0xb);
+        p[20] = 1;
+        assert_eq!(second.write(&b, &prout(0, 0), &p).await.status, 0);
+        assert!(lock(&register.record).aptpl);
+        let mut caps = [0u8; 16];
+        caps[0] = 0x5e;
+        caps[1] = 2;
+        caps[8] = 8;
+        let caps = first.read(&caps).await.data;
+        assert_eq!((caps[2] & 1, caps[3] & 1), (1, 1));
     }
 }

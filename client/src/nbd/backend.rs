@@ -166,7 +166,8 @@ pub fn volume_error_to_nbd(op: BackendOp, error: &ClientError) -> NbdErrno {
         ClientError::ChecksumMismatch { .. }
         | ClientError::Unavailable { .. }
         | ClientError::Map { .. }
-        | ClientError::Protocol { .. } => NbdErrno::Io,
+        | ClientError::Protocol { .. }
+        | ClientError::TlsRequired { .. } => NbdErrno::Io,
     }
 }
 

@@ -321,7 +321,10 @@ async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
             Round::Next(next) if next > expected && !late => expected = next,
             Round::Again if !late => {}
             Round::Next(_) | Round::Again => return Step::Progress,
-            Round::Caught if round > 0 => return Step::Progress,
+            Round::Caught if round > 0 => {
+                tracing::info!(partition = ?shared.id(), rounds = round, "secondary in sync after the catch-up");
+                return Step::Progress;
+            }
             Round::Caught => return Step::Retry,
             Round::Done(step) => return step,
         }

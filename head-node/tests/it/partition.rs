@@ -3142,13 +3142,19 @@ struct ClockedWrite {
 /// four writer tasks each with its own blocks on every partition (so the
 /// writes of a block are ordered), each issuing its next write (random
 /// partition and block, seeded) only after the previous one's
-/// acknowledgement: random dependency chains across partitions. Snapshots
-/// are cut the coordinator's way (every partition cut with a hold, in a
-/// random order with random gaps, then all released). Every snapshot must
-/// hold every write acknowledged before its first cut was sent, none issued
-/// after its last release, and be causally closed: no write acknowledged
-/// before another was issued is missing while the later one is in (on the
-/// logical clock: max issue of the writes in <= min ack of those out).
+/// acknowledgement: random dependency chains across partitions. The
+/// partitions are two volumes, A (units 0 and 1) and B (unit 2), so the
+/// chains cross volumes too. Snapshots are cut the coordinator's way
+/// (every partition of the snapshot cut with a hold, in a random order
+/// with random gaps, then all released): odd ids are a consistency
+/// group's (A and B: every partition), even ids a plain snapshot of A
+/// alone (its chains through B are not its concern). Every snapshot must
+/// hold every write on its partitions acknowledged before its first cut
+/// was sent, none issued after its last release, and be causally closed
+/// over its partitions: no write acknowledged before another was issued
+/// is missing while the later one is in (on the logical clock: max issue
+/// of the writes in <= min ack of those out), for the group across both
+/// volumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_cuts_over_random_dependent_writes_on_three_partitions_are_causally_closed() {
     use rand::seq::SliceRandom as _;
@@ -3201,11 +3207,19 @@ async fn held_cuts_over_random_dependent_writes_on_three_partitions_are_causally
         }));
     }
     let mut rng = StdRng::seed_from_u64(seed);
+    // The partitions each snapshot cuts: volume A's, or the group's.
+    let covered = |id: u64| -> Vec<usize> {
+        if id % 2 == 1 {
+            (0..UNITS).collect()
+        } else {
+            vec![0, 1]
+        }
+    };
     // (snapshot id, first cut sent, last release done) on the clock.
     let mut spans = Vec::new();
     for id in 1..=SNAPSHOTS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(10..60))).await;
-        let mut order: Vec<usize> = (0..UNITS).collect();
+        let mut order = covered(id);
         order.shuffle(&mut rng);
         let start = clock.fetch_add(1, Ordering::SeqCst);
         for u in &order {
@@ -3259,7 +3273,8 @@ async fn held_cuts_over_random_dependent_writes_on_three_partitions_are_causally
     for (id, start, end) in spans {
         let mut inside = Vec::new();
         let mut outside = Vec::new();
-        for ((u, block), chain) in &chains {
+        let partitions = covered(id);
+        for ((u, block), chain) in chains.iter().filter(|((u, _), _)| partitions.contains(u)) {
             let unit = &units[*u];
             let data = unit
                 .primary
@@ -3302,11 +3317,17 @@ async fn held_cuts_over_random_dependent_writes_on_three_partitions_are_causally
         }
         report.push((id, inside.len(), outside.len()));
     }
-    // The writes go on during the cuts: at least one snapshot splits them.
-    assert!(
-        report.iter().any(|(_, i, o)| *i > 0 && *o > 0),
-        "no snapshot was taken mid-write: {report:?}"
-    );
+    // The writes go on during the cuts: at least one group snapshot and
+    // one plain one split them.
+    for kind in [1, 0] {
+        assert!(
+            report
+                .iter()
+                .any(|(id, i, o)| id % 2 == kind && *i > 0 && *o > 0),
+            "no {} snapshot was taken mid-write: {report:?}",
+            if kind == 1 { "group" } else { "plain" }
+        );
+    }
     println!(
         "{} writes; per snapshot (id, in, out): {report:?}",
         writes.len()

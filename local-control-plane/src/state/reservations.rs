@@ -68,6 +68,12 @@ pub struct PersistentReservations {
     /// In registration order.
     pub registrations: Vec<Registration>,
     pub reservation: Option<HeldReservation>,
+    /// SPC-4 APTPL: the last REGISTER asked for the registrations and the
+    /// reservation to persist through power loss (they do, being in this
+    /// state, whatever the bit says; the agent reports it as PTPL_A).
+    /// Absent in records written before it existed: false.
+    #[serde(default)]
+    pub aptpl: bool,
 }
 
 impl PersistentReservations {
@@ -186,6 +192,7 @@ mod tests {
                 isid: [0x80, 0, 0, 0, 0, 1],
                 kind,
             }),
+            aptpl: false,
         }
     }
 

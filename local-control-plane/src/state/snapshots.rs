@@ -590,6 +590,22 @@ mod tests {
         }
     }
 
+    /// A ready snapshot `name` of `volumes`: created, then cut on every
+    /// partition at its current epoch (the coordinator's two commands).
+    fn ready(state: &mut UnitState, name: &str, volumes: &[VolumeId]) -> SnapshotId {
+        let id = created(state, create(name, volumes.to_vec()));
+        let cuts = cuts_of(state, volumes);
+        ok(
+            state,
+            Command::SnapshotCut {
+                snapshot: id,
+                cuts,
+                pause_us: None,
+            },
+        );
+        id
+    }
+
     #[test]
     fn creating_then_ready_then_deleted_and_purged() {
         let mut state = unit();
@@ -704,6 +720,66 @@ mod tests {
         assert!(state.snapshots().is_empty());
     }
 
+    /// A consistency group is one record over several volumes: each
+    /// volume finds it by the group's name, a name taken on any member
+    /// refuses the group, and one delete removes it from every member.
+    #[test]
+    fn a_group_snapshot_is_one_record_every_member_finds_and_one_delete_removes() {
+        let mut state = unit();
+        ok(&mut state, volume(2, 2, 4, 2));
+        ok(&mut state, volume(3, 1, 4, 2));
+        let taken = ready(&mut state, "g", &[3]);
+        // Volume 3 has a "g" already: the whole group is refused.
+        refused(&mut state, create("g", vec![1, 2, 3]));
+        let id = ready(&mut state, "g", &[2, 1]);
+        let record = &state.snapshots()[&id];
+        assert_eq!(record.volumes, vec![1, 2]);
+        let partitions =
+            state.volumes()[&1].partitions.len() + state.volumes()[&2].partitions.len();
+        assert_eq!(record.cuts.len(), partitions);
+        for v in [1, 2] {
+            assert_eq!(state.snapshot_named(v, "g").map(|s| s.id), Some(id));
+        }
+        assert_eq!(state.snapshot_named(3, "g").map(|s| s.id), Some(taken));
+        // A member can be cloned from and rolled back like any snapshot.
+        ok(
+            &mut state,
+            Command::RegisterClone {
+                volume: 7,
+                name: "c".into(),
+                parent: 2,
+                snapshot: "g".into(),
+            },
+        );
+        // Neither member can be deleted while the group holds it.
+        for v in [1, 2] {
+            refused(
+                &mut state,
+                Command::DeleteVolume {
+                    volume: v,
+                    force: true,
+                    now_ms: 2000,
+                },
+            );
+        }
+        ok(
+            &mut state,
+            Command::DeleteVolume {
+                volume: 7,
+                force: true,
+                now_ms: 2000,
+            },
+        );
+        ok(&mut state, Command::DeleteSnapshot { snapshot: id });
+        for v in [1, 2] {
+            assert!(state.snapshot_named(v, "g").is_none());
+        }
+        ok(&mut state, Command::PurgeSnapshot { snapshot: id });
+        assert!(!state.volume_has_snapshots(1));
+        assert!(!state.volume_has_snapshots(2));
+        assert!(state.volume_has_snapshots(3));
+    }
+
     #[test]
     fn a_clone_pins_its_parent_snapshot_until_it_is_deleted() {
         let mut state = unit();
@@ -783,16 +859,7 @@ mod tests {
     #[test]
     fn a_flatten_ends_when_every_partition_reports_nothing_left() {
         let mut state = unit();
-        let id = created(&mut state, create("base", vec![1]));
-        let cuts = cuts_of(&state, &[1]);
-        ok(
-            &mut state,
-            Command::SnapshotCut {
-                snapshot: id,
-                cuts,
-                pause_us: None,
-            },
-        );
+        let id = ready(&mut state, "base", &[1]);
         // Not a clone: nothing to flatten.
         refused(
             &mut state,
@@ -863,16 +930,7 @@ mod tests {
     #[test]
     fn a_rollback_needs_a_detached_volume_and_keeps_it_detached_until_done() {
         let mut state = unit();
-        let id = created(&mut state, create("s1", vec![1]));
-        let cuts = cuts_of(&state, &[1]);
-        ok(
-            &mut state,
-            Command::SnapshotCut {
-                snapshot: id,
-                cuts,
-                pause_us: None,
-            },
-        );
+        let id = ready(&mut state, "s1", &[1]);
         let attach = |attachment: u64| Command::RegisterAttachment {
             volume: 1,
             attachment,

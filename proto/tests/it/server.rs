@@ -412,3 +412,107 @@ async fn idle_handshakes_are_capped_per_peer_and_per_listener() {
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// A host port's connection caps and idle timeout (issue 15 item 5): 200
+/// idle connections from one address hold at most `per_peer` of the
+/// listener's connections, the rest are closed on accept and counted; a
+/// host on another address is served meanwhile; the idle ones are closed
+/// by the idle timeout, after which their address gets in again. Addresses
+/// enough to fill `total` get `listener_cap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_port_connections_are_capped_and_idle_ones_closed() {
+    use proto::server::{serve_with_metrics, Access, ConnectionCaps, ServerConfig, ServerMetrics};
+    let listener = tokio::net::TcpListener::bind("127.0.4.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let metrics = ServerMetrics::unregistered();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = ServerConfig {
+        access: Access::Kinds(|kind| kind == proto::message::kind::PING),
+        max_connections: Some(ConnectionCaps {
+            total: 16,
+            per_peer: 4,
+        }),
+        idle_timeout: Some(Duration::from_secs(2)),
+        ..ServerConfig::default()
+    };
+    let server = tokio::spawn(serve_with_metrics(
+        listener,
+        std::sync::Arc::new(crate::net::TestHandler),
+        config,
+        stop.clone(),
+        metrics.clone(),
+    ));
+    let connect_from = |ip: &'static str| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(address).await.unwrap()
+    };
+    let ping = |mut stream: TcpStream| async move {
+        let frame = Message::Ping { nonce: 7 }.to_frame(1, false);
+        stream.write_all(&frame).await.ok()?;
+        let mut buf = BytesMut::new();
+        read_message(&mut stream, &mut buf).await.map(|(_, m)| m)
+    };
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(connect_from("127.0.4.2").await);
+    }
+    assert!(
+        crate::net::wait_until(Duration::from_secs(10), || metrics
+            .connections_refused("peer_cap")
+            == 196)
+        .await,
+        "peer_cap refusals: {}",
+        metrics.connections_refused("peer_cap")
+    );
+    assert_eq!(
+        ping(connect_from("127.0.4.3").await).await,
+        Some(Message::Pong { nonce: 7 }),
+        "a host on another address is kept out"
+    );
+
+    // The idle timeout closes the four that got in (EOF on each, bounded).
+    let mut closed = 0;
+    for stream in idle.iter_mut() {
+        let mut byte = [0u8; 1];
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await
+        {
+            closed += 1;
+        }
+    }
+    // The 196 refused read EOF at once; the 4 accepted after the timeout.
+    assert_eq!(closed, 200, "idle connections left open");
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if ping(connect_from("127.0.4.2").await).await == Some(Message::Pong { nonce: 7 }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "127.0.4.2 still kept out after its idle connections were closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Four addresses fill the listener's 16; a fifth is refused.
+    let mut held = Vec::new();
+    for ip in ["127.0.4.4", "127.0.4.5", "127.0.4.6", "127.0.4.7"] {
+        for _ in 0..4 {
+            held.push(connect_from(ip).await);
+        }
+    }
+    assert_eq!(ping(connect_from("127.0.4.8").await).await, None);
+    assert!(
+        crate::net::wait_until(Duration::from_secs(10), || {
+            metrics.connections_refused("listener_cap") >= 1
+        })
+        .await,
+        "no listener_cap refusal with the cap full"
+    );
+    drop(held);
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

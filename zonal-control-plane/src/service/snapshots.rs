@@ -5,10 +5,17 @@
 //! primaries ([`local_control_plane::snapshot_query`]). Nothing is stored
 //! here.
 //!
+//! A consistency group's snapshot is one unit record over every member
+//! (one coordinated cut; see `local_control_plane`'s `snapshotter`):
+//! each member lists it under the group's name with `group` (the members'
+//! names), and a delete through any member deletes it for all.
+//!
 //! ```text
 //! POST   /v1/volumes/{name}/snapshots        CreateSnapshot ─▶ poll UnitStatus
 //!                                            until ready (201), aborted (409) or
-//!                                            the wait ends (202, state creating)
+//!                                            the wait ends (202, state creating);
+//!                                            with `volumes`, one record over the
+//!                                            consistency group (same unit)
 //! GET    /v1/volumes/{name}/snapshots        UnitStatus.snapshots of the volume
 //!                                            + HostSnapshotUsage of every partition
 //! GET    /v1/volumes/{name}/snapshots/{snap} one of them
@@ -37,6 +44,10 @@ pub struct SnapshotView {
     pub id: u64,
     pub name: String,
     pub volume: String,
+    /// The members of a consistency group (volume names; `id N` for one
+    /// this plane does not know), absent for a one-volume snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<Vec<String>>,
     /// creating, ready, aborted or deleting.
     pub state: &'static str,
     pub created_ms: u64,
@@ -58,6 +69,7 @@ pub struct SnapshotView {
 fn view(
     volume: &str,
     record: &SnapshotRecord,
+    names: &BTreeMap<u64, String>,
     space: &Result<BTreeMap<u64, SnapshotSpace>, String>,
 ) -> SnapshotView {
     let (held, error) = match space {
@@ -68,6 +80,13 @@ fn view(
         id: record.id,
         name: record.name.clone(),
         volume: volume.to_owned(),
+        group: (record.volumes.len() > 1).then(|| {
+            record
+                .volumes
+                .iter()
+                .map(|v| names.get(v).cloned().unwrap_or_else(|| format!("id {v}")))
+                .collect()
+        }),
         state: record.state.as_str(),
         created_ms: record.created_ms,
         pause_us: record.pause_us,
@@ -114,6 +133,26 @@ impl Zonal {
             .collect())
     }
 
+    /// Volume `name` as a clone: its parent and its flatten's progress
+    /// (`None`: not a clone, or flattened already), from the unit's status.
+    pub async fn clone_view(&self, name: &str) -> Result<Option<CloneView>, ApiError> {
+        let volume = self.snapshot_volume(name).await?;
+        let unit = self.unit(&volume.unit)?;
+        let unreachable = |reason: String| ApiError::UnitUnreachable {
+            unit: volume.unit.clone(),
+            reason,
+        };
+        let (_, status) = tokio::time::timeout(READ_TIMEOUT, unit.client.unit_status())
+            .await
+            .map_err(|_| unreachable(format!("no answer within {READ_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(status
+            .clones
+            .iter()
+            .find(|c| c.volume == volume.id)
+            .map(CloneView::of))
+    }
+
     /// Every snapshot's space on `volume`, or why it is unknown.
     async fn snapshot_space(
         &self,
@@ -132,6 +171,25 @@ impl Zonal {
         }
     }
 
+    /// The names of the volumes of `volume`'s unit by id (ids are per
+    /// unit), if any of `records` is a group's (else none are needed).
+    async fn member_names(
+        &self,
+        volume: &VolumeRecord,
+        records: &[SnapshotRecord],
+    ) -> Result<BTreeMap<u64, String>, ApiError> {
+        if records.iter().all(|r| r.volumes.len() < 2) {
+            return Ok(BTreeMap::new());
+        }
+        Ok(self
+            .list_volumes()
+            .await?
+            .into_iter()
+            .filter(|v| v.unit == volume.unit)
+            .map(|v| (v.id, v.spec.name))
+            .collect())
+    }
+
     /// The snapshots of volume `name`, with their space.
     pub async fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotView>, ApiError> {
         let volume = self.snapshot_volume(name).await?;
@@ -141,7 +199,11 @@ impl Zonal {
         } else {
             self.snapshot_space(&volume).await
         };
-        Ok(records.iter().map(|r| view(name, r, &space)).collect())
+        let names = self.member_names(&volume, &records).await?;
+        Ok(records
+            .iter()
+            .map(|r| view(name, r, &names, &space))
+            .collect())
     }
 
     /// Volume `name`'s live (creating or ready) snapshot `snapshot`, else
@@ -165,16 +227,22 @@ impl Zonal {
             snapshot: snapshot.to_owned(),
         })?;
         let space = self.snapshot_space(&volume).await;
-        Ok(view(name, record, &space))
+        let names = self
+            .member_names(&volume, std::slice::from_ref(record))
+            .await?;
+        Ok(view(name, record, &names, &space))
     }
 
-    /// Takes snapshot `snapshot` of volume `name`: the unit records it and
-    /// its coordinator cuts every partition. Returns the snapshot and
-    /// whether it is ready (else still creating after `wait`); an aborted
-    /// snapshot is an error.
+    /// Takes snapshot `snapshot` of volume `name` and of the volumes
+    /// named in `group` (a consistency group, all in `name`'s unit): the
+    /// unit records one snapshot of all of them and its coordinator cuts
+    /// every partition of each. Returns the snapshot (as `name` lists it)
+    /// and whether it is ready (else still creating after `wait`); an
+    /// aborted snapshot is an error.
     pub async fn create_snapshot(
         &self,
         name: &str,
+        group: &[String],
         snapshot: &str,
         wait: Duration,
     ) -> Result<(SnapshotView, bool), ApiError> {
@@ -183,21 +251,45 @@ impl Zonal {
             return Err(ApiError::bad("name", "must not contain '@'"));
         }
         let volume = self.snapshot_volume(name).await?;
+        let mut members = vec![volume.clone()];
+        for other in group {
+            if members.iter().any(|m| m.spec.name == *other) {
+                continue;
+            }
+            let member = self.snapshot_volume(other).await?;
+            if member.unit != volume.unit {
+                return Err(ApiError::bad(
+                    "volumes",
+                    format!(
+                        "a consistency group lives in one unit: {other} is in {}, {name} in {}",
+                        member.unit, volume.unit
+                    ),
+                ));
+            }
+            members.push(member);
+        }
         // The unit refuses a taken name too (as a bad argument); this is
         // the common case answered as the conflict it is.
-        let taken = self.snapshot_records(&volume).await?.iter().any(|s| {
-            s.name == snapshot && matches!(s.state, SnapshotState::Creating | SnapshotState::Ready)
-        });
-        if taken {
-            return Err(ApiError::SnapshotExists {
-                volume: name.to_owned(),
-                snapshot: snapshot.to_owned(),
+        for member in &members {
+            let taken = self.snapshot_records(member).await?.iter().any(|s| {
+                s.name == snapshot
+                    && matches!(s.state, SnapshotState::Creating | SnapshotState::Ready)
             });
+            if taken {
+                return Err(ApiError::SnapshotExists {
+                    volume: member.spec.name.clone(),
+                    snapshot: snapshot.to_owned(),
+                });
+            }
         }
+        let names: BTreeMap<u64, String> = members
+            .iter()
+            .map(|m| (m.id, m.spec.name.clone()))
+            .collect();
         let unit = self.unit(&volume.unit)?;
         let command = Command::CreateSnapshot {
             name: snapshot.to_owned(),
-            volumes: vec![volume.id],
+            volumes: members.iter().map(|m| m.id).collect(),
             now_ms: now_ms(),
         };
         let id = match self.send(unit, command).await {
@@ -217,11 +309,11 @@ impl Zonal {
             match record.state {
                 SnapshotState::Ready => {
                     let space = self.snapshot_space(&volume).await;
-                    return Ok((view(name, record, &space), true));
+                    return Ok((view(name, record, &names, &space), true));
                 }
                 SnapshotState::Creating if Instant::now() < deadline => {}
                 SnapshotState::Creating => {
-                    return Ok((view(name, record, &Err("creating".into())), false))
+                    return Ok((view(name, record, &names, &Err("creating".into())), false))
                 }
                 SnapshotState::Aborted | SnapshotState::Deleting => {
                     return Err(ApiError::SnapshotAborted {
@@ -259,8 +351,68 @@ impl Zonal {
             Sent::Applied(_) => {}
             other => return Err(self.not_applied(&volume, other).await),
         }
-        let mut shown = view(name, &record, &Err("being deleted".into()));
+        let names = self
+            .member_names(&volume, std::slice::from_ref(&record))
+            .await?;
+        let mut shown = view(name, &record, &names, &Err("being deleted".into()));
         shown.state = SnapshotState::Deleting.as_str();
         Ok(shown)
+    }
+}
+
+/// A clone in `GET /v1/volumes/{name}` (`clone`): where its unwritten
+/// blocks read from and how far its flatten is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CloneView {
+    /// The parent snapshot: its volume's id in the unit and its id.
+    pub parent_volume: u64,
+    pub parent_snapshot: u64,
+    pub size_bytes: u64,
+    /// `None` until `volume flatten` starts one.
+    pub flatten: Option<FlattenView>,
+}
+
+/// A flatten's progress, as the clone's primaries last reported it (every
+/// second while they copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FlattenView {
+    /// Copy rate of each partition, bytes per second.
+    pub rate_bytes_per_second: u64,
+    /// Bytes still read from the parent: the reported partitions' counts,
+    /// and a whole partition for each one that has not reported yet.
+    pub remaining_bytes: u64,
+    /// `size_bytes - remaining_bytes`.
+    pub copied_bytes: u64,
+    /// Partitions reported / of the clone.
+    pub partitions_reported: usize,
+    pub partitions: usize,
+}
+
+impl CloneView {
+    fn of(clone: &local_control_plane::state::CloneStatus) -> CloneView {
+        let block = proto::BLOCK_SIZE_BYTES;
+        let size_bytes = clone.size_blocks.saturating_mul(block);
+        let flatten = clone.flatten.as_ref().map(|f| {
+            let reported: u64 = f.remaining_blocks.values().sum();
+            let unreported = clone.partitions.saturating_sub(f.remaining_blocks.len()) as u64;
+            let per_partition = clone.size_blocks.div_ceil(clone.partitions.max(1) as u64);
+            let remaining_blocks = reported
+                .saturating_add(unreported.saturating_mul(per_partition))
+                .min(clone.size_blocks);
+            let remaining_bytes = remaining_blocks.saturating_mul(block);
+            FlattenView {
+                rate_bytes_per_second: f.rate_bytes_per_second,
+                remaining_bytes,
+                copied_bytes: size_bytes - remaining_bytes,
+                partitions_reported: f.remaining_blocks.len(),
+                partitions: clone.partitions,
+            }
+        });
+        CloneView {
+            parent_volume: clone.parent.volume,
+            parent_snapshot: clone.parent.snapshot,
+            size_bytes,
+            flatten,
+        }
     }
 }

@@ -125,6 +125,7 @@ impl Zonal {
                 name: unit.name.clone(),
                 rack_file: unit.write_rack_file(dir, *host),
                 credentials_dir: None,
+                host_ca: None,
             })
             .collect();
         let config = ZonalConfig {
