@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use local_control_plane::snapshot_query::{self, SnapshotSpace};
-use local_control_plane::state::{SnapshotRecord, SnapshotState};
+use local_control_plane::state::{SnapshotRecord, SnapshotState, UnitStatus};
 use local_control_plane::{Command, Outcome};
 use serde::Serialize;
 
@@ -112,11 +112,8 @@ impl Zonal {
         Ok(record)
     }
 
-    /// The unit's snapshot records of `volume` (every state).
-    async fn snapshot_records(
-        &self,
-        volume: &VolumeRecord,
-    ) -> Result<Vec<SnapshotRecord>, ApiError> {
+    /// The status of `volume`'s unit, read within `READ_TIMEOUT`.
+    async fn volume_unit_status(&self, volume: &VolumeRecord) -> Result<UnitStatus, ApiError> {
         let unit = self.unit(&volume.unit)?;
         let unreachable = |reason: String| ApiError::UnitUnreachable {
             unit: volume.unit.clone(),
@@ -126,6 +123,15 @@ impl Zonal {
             .await
             .map_err(|_| unreachable(format!("no answer within {READ_TIMEOUT:?}")))?
             .map_err(|e| unreachable(e.to_string()))?;
+        Ok(status)
+    }
+
+    /// The unit's snapshot records of `volume` (every state).
+    async fn snapshot_records(
+        &self,
+        volume: &VolumeRecord,
+    ) -> Result<Vec<SnapshotRecord>, ApiError> {
+        let status = self.volume_unit_status(volume).await?;
         Ok(status
             .snapshots
             .into_iter()
@@ -137,15 +143,7 @@ impl Zonal {
     /// (`None`: not a clone, or flattened already), from the unit's status.
     pub async fn clone_view(&self, name: &str) -> Result<Option<CloneView>, ApiError> {
         let volume = self.snapshot_volume(name).await?;
-        let unit = self.unit(&volume.unit)?;
-        let unreachable = |reason: String| ApiError::UnitUnreachable {
-            unit: volume.unit.clone(),
-            reason,
-        };
-        let (_, status) = tokio::time::timeout(READ_TIMEOUT, unit.client.unit_status())
-            .await
-            .map_err(|_| unreachable(format!("no answer within {READ_TIMEOUT:?}")))?
-            .map_err(|e| unreachable(e.to_string()))?;
+        let status = self.volume_unit_status(&volume).await?;
         Ok(status
             .clones
             .iter()
