@@ -1152,6 +1152,14 @@ mod tests {
         }
     }
 
+    /// A second initiator's nexus, beside [`nexus`].
+    fn other_nexus() -> Nexus {
+        Nexus {
+            initiator: "iqn.other".to_owned(),
+            isid: [0; 6],
+        }
+    }
+
     fn cdb(bytes: &[u8]) -> [u8; 16] {
         let mut cdb = [0u8; 16];
         cdb[..bytes.len()].copy_from_slice(bytes);
@@ -1210,10 +1218,7 @@ mod tests {
         assert_eq!(reserve.status, GOOD);
         let keys = run(&unit, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 0x10, 0], &[]);
         assert_eq!(&keys.data[8..16], &7u64.to_be_bytes());
-        let stranger = Nexus {
-            initiator: "iqn.other".to_owned(),
-            isid: [0; 6],
-        };
+        let stranger = other_nexus();
         let refused = futures::executor::block_on(unit.execute(
             &stranger,
             0,
@@ -1384,13 +1389,7 @@ mod tests {
     #[test]
     fn reserve6_holds_until_release_loss_or_reset() {
         let (unit, _) = unit();
-        let (a, b) = (
-            nexus(),
-            Nexus {
-                initiator: "iqn.other".to_owned(),
-                isid: [0; 6],
-            },
-        );
+        let (a, b) = (nexus(), other_nexus());
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
         let conflict = reserve::RESERVATION_CONFLICT;
@@ -1445,13 +1444,7 @@ mod tests {
     #[test]
     fn preemption_raises_a_unit_attention_once() {
         let (unit, _) = unit();
-        let (a, b) = (
-            nexus(),
-            Nexus {
-                initiator: "iqn.other".to_owned(),
-                isid: [0; 6],
-            },
-        );
+        let (a, b) = (nexus(), other_nexus());
         let register = |who: &Nexus, key: u64| {
             let mut p = [0u8; 24];
             p[8..16].copy_from_slice(&key.to_be_bytes());
