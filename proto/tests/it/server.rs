@@ -516,3 +516,136 @@ async fn host_port_connections_are_capped_and_idle_ones_closed() {
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// Answers every sled `Read` with [`BIG_ANSWER_BYTES`] of data (the
+/// request's offset in the first 8 bytes) and counts the requests it was
+/// given: what the server handled, whatever became of the answers.
+struct BigAnswers {
+    handled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Size of a [`BigAnswers`] response's data: large enough that the
+/// kernel's socket buffers hold only a few of them.
+const BIG_ANSWER_BYTES: usize = 1 << 20;
+
+impl proto::server::Handler for BigAnswers {
+    fn handle(&self, request: Message) -> futures::future::BoxFuture<'static, Message> {
+        self.handled
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let reply = match request {
+            Message::Sled(proto::sled::SledRequest::Read { offset_bytes, .. }) => {
+                let mut data = vec![0u8; BIG_ANSWER_BYTES];
+                data[..8].copy_from_slice(&offset_bytes.to_le_bytes());
+                Message::SledReply(SledResponse::Data {
+                    data: bytes::Bytes::from(data),
+                    block_crcs: vec![],
+                })
+            }
+            _ => Message::SledReply(SledResponse::Freed),
+        };
+        Box::pin(async move { reply })
+    }
+}
+
+/// The largest send buffer the kernel autotunes a TCP socket to
+/// (`tcp_wmem`'s third field); 16 MiB if it cannot be read.
+fn tcp_send_buffer_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(16 << 20)
+}
+
+/// The bounded response queue: a client that sends many requests and never
+/// reads the answers gets at most `max_in_flight_per_connection` handled
+/// beyond what the kernel's buffers hold; then the server stops reading
+/// from it (TCP pushes back), so its memory stays bounded whatever the
+/// client sends. Another client is served meanwhile, and the slow client
+/// loses nothing: once it reads, every answer arrives, and the rest of its
+/// requests are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_pushed_back_not_buffered() {
+    use std::sync::atomic::Ordering;
+    const MAX_IN_FLIGHT: usize = 8;
+    const REQUESTS: usize = 1000;
+    let listener = tokio::net::TcpListener::bind("127.0.4.20:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(proto::server::serve_with_metrics(
+        listener,
+        std::sync::Arc::new(BigAnswers {
+            handled: handled.clone(),
+        }),
+        proto::server::ServerConfig {
+            max_in_flight_per_connection: MAX_IN_FLIGHT,
+            ..proto::server::ServerConfig::default()
+        },
+        stop.clone(),
+        proto::server::ServerMetrics::unregistered(),
+    ));
+
+    // A fixed receive buffer (no autotuning), so the bound below is known.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 << 10).unwrap();
+    let receive_buffer = socket.recv_buffer_size().unwrap() as usize;
+    let mut slow = socket.connect(address).await.unwrap();
+    let mut requests = Vec::new();
+    for id in 0..REQUESTS as u64 {
+        requests.extend_from_slice(&read(id, 0).to_frame(id, false));
+    }
+    // About 70 KiB: the server's receive buffer takes it all even once the
+    // server has stopped reading.
+    tokio::time::timeout(Duration::from_secs(10), slow.write_all(&requests))
+        .await
+        .expect("writing the requests blocked")
+        .unwrap();
+
+    // Wait (bounded) for the count to settle: unchanged for a second.
+    let bound = MAX_IN_FLIGHT + (tcp_send_buffer_max() + receive_buffer) / BIG_ANSWER_BYTES + 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = handled.load(Ordering::SeqCst);
+        assert!(
+            now <= bound,
+            "{now} requests handled for a client that reads nothing (bound {bound})"
+        );
+        if now == last && now >= MAX_IN_FLIGHT {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handled count did not settle: {now}"
+        );
+        last = now;
+    }
+    let settled = handled.load(Ordering::SeqCst);
+    assert!(settled < REQUESTS);
+
+    // Another client is answered while the slow one is held.
+    let mut other = TcpStream::connect(address).await.unwrap();
+    other
+        .write_all(&read(77, 0).to_frame(1, false))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let (id, answer) = read_message(&mut other, &mut buf).await.unwrap();
+    assert_eq!((id, data_offset(&answer)), (1, 77));
+    assert_eq!(handled.load(Ordering::SeqCst), settled + 1);
+
+    // Back-pressure, not loss: every answer arrives once it reads.
+    let mut buf = BytesMut::new();
+    let mut seen = HashSet::new();
+    for _ in 0..REQUESTS {
+        let (id, answer) = read_message(&mut slow, &mut buf)
+            .await
+            .expect("the slow client's connection closed");
+        assert_eq!(data_offset(&answer), id);
+        assert!(seen.insert(id), "answer {id} twice");
+    }
+    assert_eq!(handled.load(Ordering::SeqCst), REQUESTS + 1);
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
