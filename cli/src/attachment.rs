@@ -42,6 +42,11 @@ pub struct CreateArgs {
     /// with no --unit-ca of its own (default: none).
     #[arg(long, env = "RACKBLOCK_UNIT_CA", value_name = "FILE")]
     pub unit_ca: Option<PathBuf>,
+    /// The attachment expires this long after it is made unless its host
+    /// keeps reading its partition map (a running agent does, every 2 s,
+    /// and so renews it); 5s..30d. Default: no expiry.
+    #[arg(long, value_parser = crate::text::parse_duration)]
+    pub ttl: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -158,7 +163,11 @@ pub async fn create(args: &CreateArgs) -> Result<(), CliError> {
     // Before anything is registered: a bad CA file mints nothing.
     let unit_ca_pem = unit_ca_for(args)?;
     let lcp = crate::unit::client(&rack, args.rack.credential());
-    let registered = client::register_attachment(&lcp, args.volume_id, &args.host).await;
+    let ttl_ms = args
+        .ttl
+        .map(|ttl| u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    let registered =
+        client::register_expiring_attachment(&lcp, args.volume_id, &args.host, ttl_ms).await;
     lcp.close();
     let credential = registered.map_err(|e| {
         CliError::Unavailable(format!(

@@ -101,9 +101,17 @@ enum Command {
     /// the `[[tokens]]` entry for the zonal config, which holds only its
     /// SHA-256.
     ZonalToken {
-        /// `admin` or `read-only`.
+        /// `admin`, `read-only` or `attach` (a host's: attach and detach
+        /// of the --volume names only).
         #[arg(long, default_value = "read-only")]
         scope: String,
+        /// `attach` scope: a volume the token may attach (repeatable, at
+        /// least one).
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// `attach` scope: the only host name its attachments may carry.
+        #[arg(long)]
+        host: Option<String>,
     },
     /// Attachments minted by an operator for `attach --rack` (no zonal
     /// plane): `create` writes the attachment file a host needs.
@@ -555,10 +563,31 @@ fn main() -> ExitCode {
                 }
             }
             Command::Up(args) => up::run(args).await,
-            Command::ZonalToken { scope } => {
-                if scope != "admin" && scope != "read-only" {
-                    eprintln!("rackblock zonal-token: --scope is admin or read-only");
+            Command::ZonalToken {
+                scope,
+                volumes,
+                host,
+            } => {
+                if scope != "admin" && scope != "read-only" && scope != "attach" {
+                    eprintln!("rackblock zonal-token: --scope is admin, read-only or attach");
                     return ExitCode::from(2);
+                }
+                let attach = scope == "attach";
+                if attach == volumes.is_empty() || (!attach && host.is_some()) {
+                    eprintln!(
+                        "rackblock zonal-token: --scope attach needs --volume (and takes --host); other scopes take neither"
+                    );
+                    return ExitCode::from(2);
+                }
+                // TOML basic strings: JSON's escaping is a subset.
+                let quote = |text: &str| serde_json::Value::String(text.to_owned()).to_string();
+                let mut extra = String::new();
+                if attach {
+                    let names: Vec<String> = volumes.iter().map(|v| quote(v)).collect();
+                    extra.push_str(&format!("\nvolumes = [{}]", names.join(", ")));
+                }
+                if let Some(host) = &host {
+                    extra.push_str(&format!("\nhost = {}", quote(host)));
                 }
                 match proto::volume::AttachmentToken::random() {
                     Ok(random) => {
@@ -568,7 +597,7 @@ fn main() -> ExitCode {
                             .map(|b| format!("{b:02x}"))
                             .collect();
                         println!("token: {token}");
-                        println!("# for the zonal config:\n[[tokens]]\nsha256 = \"{digest}\"\nscope = \"{scope}\"");
+                        println!("# for the zonal config:\n[[tokens]]\nsha256 = \"{digest}\"\nscope = \"{scope}\"{extra}");
                         ExitCode::SUCCESS
                     }
                     Err(error) => {

@@ -31,11 +31,25 @@ pub enum AttachmentError {
     Lcp(#[from] LcpClientError),
 }
 
-/// Registers a new attachment of `volume` for `host` (see module docs).
+/// Registers a new attachment of `volume` for `host` (see module docs),
+/// valid until removed.
 pub async fn register_attachment(
     lcp: &LcpClient,
     volume: u64,
     host: &str,
+) -> Result<AttachmentCredential, AttachmentError> {
+    register_expiring_attachment(lcp, volume, host, None).await
+}
+
+/// [`register_attachment`] with a TTL: head nodes refuse the token once
+/// `ttl_ms` passed without the host reading its partition map (each read
+/// past half the TTL renews it; `local_control_plane::state`'s attachment
+/// expiry).
+pub async fn register_expiring_attachment(
+    lcp: &LcpClient,
+    volume: u64,
+    host: &str,
+    ttl_ms: Option<u64>,
 ) -> Result<AttachmentCredential, AttachmentError> {
     let mut last = None;
     for _ in 0..ID_ATTEMPTS {
@@ -52,6 +66,7 @@ pub async fn register_attachment(
             now_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            ttl_ms,
         };
         match command_resending(lcp, command).await? {
             Ok(_) => return Ok(AttachmentCredential { attachment, token }),

@@ -60,7 +60,9 @@ mod split;
 pub mod tls;
 mod volume;
 
-pub use attachment::{register_attachment, remove_attachment, AttachmentError};
+pub use attachment::{
+    register_attachment, register_expiring_attachment, remove_attachment, AttachmentError,
+};
 pub use error::ClientError;
 pub use host_map::{HostEndpoint, HostMapSource};
 pub use split::{split_range, Piece};

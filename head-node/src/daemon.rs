@@ -83,7 +83,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{ConfigError, HeadNodeConfig};
@@ -220,6 +220,62 @@ struct HostPortHandler {
     lcp_runtime: tokio::runtime::Handle,
     /// Head node id → its host port.
     host_ports: Arc<std::collections::HashMap<String, SocketAddr>>,
+    /// Attachments whose renewal this node is proposing now (one at a time
+    /// each).
+    renewing: Arc<std::sync::Mutex<std::collections::HashSet<(u64, u64)>>>,
+}
+
+/// Most renewals one head node proposes at once; a map read past it
+/// renews nothing (the next one, 2 s later, tries again).
+const MAX_RENEWALS_IN_FLIGHT: usize = 256;
+
+/// Renews an expiring attachment whose host just read its map, once half
+/// its TTL has passed (state machine `volumes` module docs: expiry): one
+/// `RenewAttachment` in the background, at most one per attachment at a
+/// time on this node, so a host's map reads cost the unit at most one
+/// Raft entry per half TTL.
+fn renew_if_due(
+    node: &LcpNode,
+    lcp_runtime: &tokio::runtime::Handle,
+    renewing: &Arc<std::sync::Mutex<std::collections::HashSet<(u64, u64)>>>,
+    volume: u64,
+    attachment: u64,
+) {
+    let Some((ttl_ms, expires_at_ms)) = node.attachment_expiry(volume, attachment) else {
+        return;
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if expires_at_ms.saturating_sub(now_ms) > ttl_ms / 2 {
+        return;
+    }
+    {
+        let mut set = renewing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.len() >= MAX_RENEWALS_IN_FLIGHT || !set.insert((volume, attachment)) {
+            return;
+        }
+    }
+    let (node, renewing) = (node.clone(), renewing.clone());
+    lcp_runtime.spawn(async move {
+        let command = local_control_plane::Command::RenewAttachment {
+            volume,
+            attachment,
+            now_ms,
+        };
+        match node.serve(LcpRequest::Command(command)).await {
+            LcpResponse::Applied(Ok(_)) => {
+                debug!(volume, attachment, "attachment renewed")
+            }
+            other => debug!(volume, attachment, ?other, "attachment renewal failed"),
+        }
+        renewing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(volume, attachment));
+    });
 }
 
 impl Handler for HostPortHandler {
@@ -228,6 +284,7 @@ impl Handler for HostPortHandler {
         let manager = self.manager.clone();
         let lcp_runtime = self.lcp_runtime.clone();
         let host_ports = self.host_ports.clone();
+        let renewing = self.renewing.clone();
         Box::pin(async move {
             match request {
                 Message::Host(request) => {
@@ -238,6 +295,13 @@ impl Handler for HostPortHandler {
                     if let Err(error) = manager.check_attachment(volume, &credential).await {
                         return Message::HostReply(HostReply::Error(error));
                     }
+                    renew_if_due(
+                        &node,
+                        &lcp_runtime,
+                        &renewing,
+                        volume,
+                        credential.attachment,
+                    );
                     let read = lcp_runtime.spawn(async move {
                         node.serve(LcpRequest::PartitionMap { volume }).await
                     });
@@ -566,6 +630,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
             manager: manager.clone(),
             lcp_runtime: lcp_runtime.handle.clone(),
             host_ports: host_ports.clone(),
+            renewing: Arc::default(),
         });
         tasks.spawn(serve_network(
             handler,

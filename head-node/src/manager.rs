@@ -1107,10 +1107,20 @@ const MAX_VERIFIED_TOKENS: usize = 4096;
 
 /// Whether `credential` is valid for `volume`; on success the volume size.
 fn credential_valid(inner: &Inner, volume: u64, credential: &AttachmentCredential) -> Option<u64> {
-    let (size_bytes, digest) = inner
+    let (size_bytes, digest, expires_at_ms) = inner
         .node
         .attachment_digest(volume, credential.attachment)
         .ok()?;
+    // An expiring attachment (the state machine's module docs) is refused
+    // from its expiry on, by this node's clock.
+    if expires_at_ms.is_some_and(|at| at <= now_ms()) {
+        debug!(
+            volume,
+            attachment = credential.attachment,
+            "attachment expired"
+        );
+        return None;
+    }
     let key = (volume, credential.attachment);
     let cached = read(&inner.verified_tokens).get(&key).copied();
     if let Some(hit) = cached {

@@ -223,12 +223,27 @@ pub enum Command {
     },
     /// Let a host do I/O on `volume` with attachment `attachment` and a
     /// token whose SHA-256 is `token_digest`. Repeating it with the same
-    /// digest is a no-op (a resend after an unknown outcome).
+    /// digest is a no-op (a resend after an unknown outcome). With
+    /// `ttl_ms` the attachment expires `ttl_ms` after `now_ms` unless
+    /// renewed ([`Command::RenewAttachment`]); without, it lasts until
+    /// removed. Attachments of the volume already expired at `now_ms` are
+    /// dropped (they can never be used again).
     RegisterAttachment {
         volume: VolumeId,
         attachment: AttachmentId,
         token_digest: TokenDigest,
         host: String,
+        now_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+    },
+    /// Push an expiring attachment's expiry to `now_ms` + its TTL (never
+    /// earlier than it was). A head node proposes it when the attachment's
+    /// host reads its partition map and half the TTL has passed. No-op for
+    /// an attachment without a TTL; one already expired stays expired.
+    RenewAttachment {
+        volume: VolumeId,
+        attachment: AttachmentId,
         now_ms: u64,
     },
     /// Revoke an attachment: head nodes refuse its token from the entry on.

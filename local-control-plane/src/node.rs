@@ -592,22 +592,40 @@ impl LcpNode {
         &self,
         volume: crate::state::VolumeId,
         credential: &proto::volume::AttachmentCredential,
+        now_ms: u64,
     ) -> Result<u64, crate::state::AccessRefusal> {
-        self.inner.state.read().unit.host_access(volume, credential)
+        self.inner
+            .state
+            .read()
+            .unit
+            .host_access(volume, credential, now_ms)
     }
 
-    /// The volume's size and the token digest of `attachment` in the
-    /// applied state (one read lock, two map lookups).
+    /// The volume's size, the token digest of `attachment` and its expiry
+    /// in the applied state (one read lock, two map lookups).
     pub fn attachment_digest(
         &self,
         volume: crate::state::VolumeId,
         attachment: crate::state::AttachmentId,
-    ) -> Result<(u64, crate::state::TokenDigest), crate::state::AccessRefusal> {
+    ) -> Result<(u64, crate::state::TokenDigest, Option<u64>), crate::state::AccessRefusal> {
         self.inner
             .state
             .read()
             .unit
             .attachment_digest(volume, attachment)
+    }
+
+    /// The TTL and expiry of an expiring attachment in the applied state.
+    pub fn attachment_expiry(
+        &self,
+        volume: crate::state::VolumeId,
+        attachment: crate::state::AttachmentId,
+    ) -> Option<(u64, u64)> {
+        self.inner
+            .state
+            .read()
+            .unit
+            .attachment_expiry(volume, attachment)
     }
 
     /// Whether this node knows a leader (its own or another).

@@ -33,6 +33,7 @@ impl Run {
 struct Zone {
     unit: TestUnit,
     zonal_url: String,
+    zonal_address: SocketAddr,
     _sleds: Vec<Daemon>,
     _heads: Vec<Daemon>,
     zonal: Daemon,
@@ -95,6 +96,12 @@ impl Zone {
 }
 
 fn start_zone() -> Zone {
+    start_zone_with("")
+}
+
+/// [`start_zone`] with `extra` in the zonal config (top-level keys and
+/// `[[tokens]]` entries, before the unit).
+fn start_zone_with(extra: &str) -> Zone {
     let unit = TestUnit::build(
         HeadNodeOptions {
             count: 2,
@@ -114,7 +121,7 @@ fn start_zone() -> Zone {
         &config,
         format!(
             "listen = \"{listen}\"\ndata_dir = \"{}\"\nadmin_token = \"{TOKEN}\"\nreport_interval_ms = 500\n\
-             [[units]]\nname = \"test\"\nrack_file = \"{}\"\n",
+             {extra}\n[[units]]\nname = \"test\"\nrack_file = \"{}\"\n",
             unit.dir.path().join("zonal").display(),
             unit.rack_path.display()
         ),
@@ -129,6 +136,7 @@ fn start_zone() -> Zone {
     let zone = Zone {
         unit,
         zonal_url: format!("http://{listen}"),
+        zonal_address: listen,
         _sleds: sleds,
         _heads: heads,
         zonal,
@@ -754,5 +762,261 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
     assert!(
         refused >= 3,
         "rackblock_host_unauthorized_total = {refused}"
+    );
+}
+
+/// One zonal API request with `token` as the bearer: status and body.
+fn zonal_request(
+    zone: &Zone,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(zone.zonal_address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: zonal\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// A fresh attach-scoped token from `rackblock zonal-token`: the token and
+/// the `[[tokens]]` entry for the zonal config.
+fn attach_scoped_token(volumes: &[&str], host: &str) -> (String, String) {
+    let mut args = vec!["zonal-token", "--scope", "attach", "--host", host];
+    for volume in volumes {
+        args.extend(["--volume", volume]);
+    }
+    let output = Command::new(rackblock_bin()).args(&args).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let token = text
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .unwrap()
+        .to_owned();
+    let entry = text
+        .split_once("# for the zonal config:\n")
+        .unwrap()
+        .1
+        .to_owned();
+    (token, entry)
+}
+
+/// A host that attaches through the zonal plane holds only an
+/// attach-scoped token (its volumes, its host name) and the attachment it
+/// gets: that credential reads and writes its volume and nothing else (not
+/// another volume, not the zonal API, not a control-plane request on the
+/// host port), expires unless the host keeps reading its map, and is cut
+/// by a detach. The agent runs on the host token alone, past several TTLs
+/// (its map reads renew the attachment), and detaches with it on exit.
+#[test]
+fn a_zonal_host_holds_only_its_expiring_attachment() {
+    const TTL_MS: u64 = 6_000;
+    let (host_token, entry) = attach_scoped_token(&["mine", "agent"], "host-a");
+    let zone = start_zone_with(&format!("attachment_ttl_ms = {TTL_MS}\n{entry}"));
+    for name in ["mine", "theirs", "agent"] {
+        let run = create(&zone, &small_volume(name));
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let id_of = |name: &str| {
+        zone.expect(0, &["volume", "describe", name, "--output", "json"])
+            .json()["id"]
+            .as_u64()
+            .unwrap()
+    };
+    let (mine, theirs) = (id_of("mine"), id_of("theirs"));
+
+    // The host token: its own volume, its own host name, nothing else.
+    for (method, path, body) in [
+        ("POST", "/v1/volumes/theirs/attach", Some(r#"{"host":"host-a"}"#)),
+        ("POST", "/v1/volumes/mine/attach", Some(r#"{"host":"host-b"}"#)),
+        ("POST", "/v1/volumes", Some(r#"{"name":"x","size_bytes":8388608}"#)),
+        ("GET", "/v1/volumes", None),
+        ("DELETE", "/v1/volumes/mine?force=true", None),
+    ] {
+        let (status, body) = zonal_request(&zone, method, path, &host_token, body);
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+    let attach_mine = || {
+        let (status, body) = zonal_request(
+            &zone,
+            "POST",
+            "/v1/volumes/mine/attach",
+            &host_token,
+            Some(r#"{"host":"host-a"}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["ttl_ms"], TTL_MS);
+        assert!(answer["expires_at_ms"].as_u64().is_some(), "{answer}");
+        AttachmentCredential {
+            attachment: answer["attachment_id"].as_u64().unwrap(),
+            token: AttachmentToken::parse_hex(answer["token"].as_str().unwrap()).unwrap(),
+        }
+    };
+    let credential = attach_mine();
+    // The attachment's token is no zonal API token.
+    let (status, _) = zonal_request(
+        &zone,
+        "GET",
+        "/v1/volumes",
+        &credential.token.to_hex(),
+        None,
+    );
+    assert_eq!(status, 401);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let config = || ClientConfig {
+            failover_timeout: Duration::from_secs(30),
+            ..ClientConfig::default()
+        };
+        let attached = tests::connect_host_client(&zone.unit, mine, credential, config())
+            .await
+            .unwrap();
+        let data = bytes::Bytes::from(vec![0xC3u8; 65536]);
+        attached.write(4096, data.clone(), false).await.unwrap();
+        assert_eq!(attached.read(4096, 65536).await.unwrap(), data);
+        // Not another volume's.
+        let error = tests::connect_host_client(&zone.unit, theirs, credential, config())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
+        // No control-plane request on the host port: closed, unanswered.
+        let lcp = local_control_plane::client::request_message(
+            &local_control_plane::client::LcpRequest::UnitStatus,
+        )
+        .unwrap();
+        for endpoint in zone.unit.host_endpoints() {
+            let mut stream = tokio::net::TcpStream::connect(endpoint.address)
+                .await
+                .unwrap();
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            stream.write_all(&lcp.to_frame(1, false)).await.unwrap();
+            let mut answer = Vec::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                stream.read_to_end(&mut answer),
+            )
+            .await
+            .expect("the host port kept a control-plane request open");
+            assert!(read.is_err() || answer.is_empty(), "answered {answer:?}");
+        }
+
+        // Renewed while the host reads its map: alive past two TTLs.
+        let renewing_until = Instant::now() + Duration::from_millis(2 * TTL_MS + 1_000);
+        while Instant::now() < renewing_until {
+            attached.refresh_map().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert_eq!(attached.read(4096, 65536).await.unwrap(), data);
+        // Left alone, it expires: reads and writes refused (bounded wait).
+        let deadline = Instant::now() + Duration::from_millis(TTL_MS + 20_000);
+        loop {
+            match attached.read(0, 4096).await {
+                Err(ClientError::Unauthorized { .. }) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "still served after its TTL: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let error = attached
+            .write(4096, bytes::Bytes::from(vec![0x11u8; 65536]), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
+        assert!(matches!(
+            attached.refresh_map().await.unwrap_err(),
+            ClientError::Unauthorized { .. }
+        ));
+        attached.close();
+
+        // A detach with the host token cuts a live attachment.
+        let fresh = attach_mine();
+        let reader = tests::connect_host_client(&zone.unit, mine, fresh, config())
+            .await
+            .unwrap();
+        assert_eq!(reader.read(4096, 65536).await.unwrap(), data, "the refused write wrote");
+        let (status, body) = zonal_request(
+            &zone,
+            "DELETE",
+            &format!("/v1/volumes/mine/attachments/{}", fresh.attachment),
+            &host_token,
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match reader.read(0, 4096).await {
+                Err(ClientError::Unauthorized { .. }) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "still served after detach: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        reader.close();
+    });
+
+    // The agent with the host token only: serves past two TTLs, then
+    // detaches with it on exit.
+    let qemu_io_bin = tool("qemu-io");
+    let nbd = SocketAddr::from(([127, 0, 0, 1], next_port()));
+    let listen = nbd.to_string();
+    let url = zone.zonal_url.clone();
+    let mut agent = Daemon::spawn(
+        "attach-host-token",
+        &[
+            "attach", "agent", "--listen", &listen, "--zonal", &url, "--token", &host_token,
+            "--host", "host-a",
+        ],
+        zone.unit.dir.path(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client::nbd::server_greets(nbd) {
+        assert!(Instant::now() < deadline, "attach never served NBD:\n{}", agent.log_text());
+        assert!(agent.child.try_wait().unwrap().is_none(), "attach exited:\n{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(2 * TTL_MS + 1_000));
+    let (ok, text) = qemu_io(
+        &qemu_io_bin,
+        &format!("nbd://{nbd}/agent"),
+        &["write -P 0x6b 0 1M", "flush", "read -P 0x6b 0 1M"],
+    );
+    assert!(ok, "{text}\n{}", agent.log_text());
+    assert!(agent.terminate(), "the agent did not stop cleanly:\n{}", agent.log_text());
+    let described = zone
+        .expect(0, &["volume", "describe", "agent", "--output", "json"])
+        .json();
+    assert_eq!(
+        described["attachments"].as_array().map(Vec::len),
+        Some(0),
+        "the agent did not detach with its host token: {described}\n{}",
+        agent.log_text()
     );
 }

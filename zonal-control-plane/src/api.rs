@@ -21,7 +21,15 @@
 //! | GET | `/metrics` | | 200 OpenMetrics text (no token) |
 //!
 //! Every `/v1` request needs `Authorization: Bearer <token>`: an admin
-//! token for anything, a read-only token for GET (else 403); tokens are
+//! token for anything, a read-only token for GET (else 403), an
+//! attach-scoped token (a host's) for `POST /v1/volumes/{name}/attach` and
+//! `DELETE /v1/volumes/{name}/attachments/{id}` of the volumes its entry
+//! lists and nothing else (else 403); with a `host` in its entry, the
+//! attach body must name that host and only that host's attachments can be
+//! detached (else 403). So a host holds no zone-wide credential: its token
+//! attaches its own volumes, and the attachment (id + token, scoped to one
+//! volume, expiring with `attachment_ttl_ms`) is what it does I/O with, on
+//! the unit's host ports. Tokens are
 //! checked by SHA-256 digest (`crate::config`'s module docs). Bodies
 //! are parsed field by field so that a 400 names the field; unknown fields
 //! are refused. `qos` is a volume's limits (`proto::qos::VolumeQos`: an
@@ -42,15 +50,15 @@
 
 use std::sync::Arc;
 
-use crate::config::{token_digest, Scope};
+use crate::config::{token_digest, Scope, TokenGrant};
 
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{Extension, MatchedPath, Path, RawPathParams, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Json, RequestExt as _, Router};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
@@ -68,12 +76,23 @@ const MAX_BODY_BYTES: usize = 64 << 10;
 #[derive(Debug)]
 pub struct ApiState {
     pub zonal: Arc<Zonal>,
-    /// SHA-256 of each accepted token, with its scope.
-    tokens: Vec<([u8; 32], Scope)>,
+    /// SHA-256 of each accepted token, with what it may do.
+    tokens: Vec<TokenGrant>,
 }
 
+/// The host an attach-scoped token binds its attachments to (a request
+/// extension set by [`authenticate`]; absent for admin tokens).
+#[derive(Debug, Clone)]
+struct BoundHost(Option<String>);
+
+/// The routes an attach-scoped token may use, by method and route.
+const ATTACH_ROUTES: [(&str, &str); 2] = [
+    ("POST", "/v1/volumes/{name}/attach"),
+    ("DELETE", "/v1/volumes/{name}/attachments/{id}"),
+];
+
 /// `tokens`: [`crate::ZonalConfig::token_digests`].
-pub fn router(zonal: Arc<Zonal>, tokens: Vec<([u8; 32], Scope)>) -> Router {
+pub fn router(zonal: Arc<Zonal>, tokens: Vec<TokenGrant>) -> Router {
     let state = Arc::new(ApiState { zonal, tokens });
     Router::new()
         .route("/v1/volumes", post(create_volume).get(list_volumes))
@@ -113,7 +132,7 @@ pub fn router(zonal: Arc<Zonal>, tokens: Vec<([u8; 32], Scope)>) -> Router {
 type ApiResult = Result<Response, ApiError>;
 type Shared = State<Arc<ApiState>>;
 
-async fn authenticate(State(state): Shared, request: Request, next: Next) -> Response {
+async fn authenticate(State(state): Shared, mut request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -125,21 +144,51 @@ async fn authenticate(State(state): Shared, request: Request, next: Next) -> Res
     };
     // Every digest is compared in full: the time says nothing about which
     // one (if any) matched.
-    let scope = state.tokens.iter().fold(None, |found, (digest, scope)| {
-        if constant_time_eq(digest, &presented) {
-            Some(*scope)
+    let grant = state.tokens.iter().fold(None, |found, grant| {
+        if constant_time_eq(&grant.digest, &presented) {
+            Some(grant)
         } else {
             found
         }
     });
-    match scope {
-        Some(Scope::Admin) => next.run(request).await,
-        Some(Scope::ReadOnly) if request.method() == axum::http::Method::GET => {
-            next.run(request).await
+    let Some(grant) = grant else {
+        return ApiError::Unauthorized.into_response();
+    };
+    match grant.scope {
+        Scope::Admin => {}
+        Scope::ReadOnly if request.method() == axum::http::Method::GET => {}
+        Scope::ReadOnly => return ApiError::Forbidden.into_response(),
+        Scope::Attach => {
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|m| m.as_str().to_owned());
+            let method = request.method().as_str().to_owned();
+            let allowed_route = route.as_deref().is_some_and(|route| {
+                ATTACH_ROUTES
+                    .iter()
+                    .any(|(m, r)| *m == method && *r == route)
+            });
+            if !allowed_route {
+                return ApiError::Forbidden.into_response();
+            }
+            // The volume name as the route decoded it (percent-decoded).
+            let volume = match request.extract_parts::<RawPathParams>().await {
+                Ok(params) => params
+                    .iter()
+                    .find(|(key, _)| *key == "name")
+                    .map(|(_, value)| value.to_owned()),
+                Err(_) => None,
+            };
+            if !volume.is_some_and(|v| grant.volumes.contains(&v)) {
+                return ApiError::Forbidden.into_response();
+            }
+            request
+                .extensions_mut()
+                .insert(BoundHost(grant.host.clone()));
         }
-        Some(Scope::ReadOnly) => ApiError::Forbidden.into_response(),
-        None => ApiError::Unauthorized.into_response(),
     }
+    next.run(request).await
 }
 
 /// Compares without an early exit on the first differing byte.
@@ -575,16 +624,34 @@ async fn delete_volume(
     Ok(Json(volume_json(&record)).into_response())
 }
 
-async fn attach(State(state): Shared, Path(name): Path<String>, body: Bytes) -> ApiResult {
+async fn attach(
+    State(state): Shared,
+    bound: Option<Extension<BoundHost>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let mut body = Body::parse(&body)?;
     let host = Body::required("host", body.string("host")?)?;
     body.finish()?;
+    if let Some(Extension(BoundHost(Some(bound)))) = &bound {
+        if *bound != host {
+            return Err(ApiError::Forbidden);
+        }
+    }
     let info = state.zonal.attach(&name, &host).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn detach(State(state): Shared, Path((name, id)): Path<(String, String)>) -> ApiResult {
-    let record = state.zonal.detach(&name, &id).await?;
+async fn detach(
+    State(state): Shared,
+    bound: Option<Extension<BoundHost>>,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult {
+    let only_host = match &bound {
+        Some(Extension(BoundHost(host))) => host.as_deref(),
+        None => None,
+    };
+    let record = state.zonal.detach(&name, &id, only_host).await?;
     Ok(Json(volume_json(&record)).into_response())
 }
 

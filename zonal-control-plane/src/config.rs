@@ -4,7 +4,9 @@
 //! tokens, and the units of the zone.
 //!
 //! **Tokens.** Every `/v1` request presents a bearer token with a scope:
-//! `admin` (everything) or `read-only` (GET only). The plane keeps only
+//! `admin` (everything), `read-only` (GET only) or `attach` (a host's:
+//! attach and detach of the volumes its entry lists, for the host it names,
+//! nothing else; see `crate::api`). The plane keeps only
 //! their SHA-256 digests in memory, and `[[tokens]]` entries give only the
 //! digest (`rackblock zonal-token new` makes a token and its entry), so
 //! neither the config nor the process holds a usable token; `admin_token`
@@ -74,6 +76,13 @@ pub struct ZonalConfig {
     /// The private key of `tls_cert` (PEM).
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Attachments made by this plane expire this long after they were
+    /// made or last renewed (head nodes renew one whenever its host reads
+    /// its partition map past half of it, which a running agent does every
+    /// 2 s), so the credential of a host that is gone lapses on its own.
+    /// 5 s ..= 30 days; default: none (an attachment lasts until detached).
+    #[serde(default)]
+    pub attachment_ttl_ms: Option<u64>,
 }
 
 /// What a zonal API token may do.
@@ -84,6 +93,10 @@ pub enum Scope {
     Admin,
     /// GET requests only (listings, descriptions, unit status).
     ReadOnly,
+    /// A host's token: attach (`POST .../attach`) and detach (`DELETE
+    /// .../attachments/{id}`) of the volumes the entry lists, with the
+    /// entry's `host` (if set) as the attachment's host; nothing else.
+    Attach,
 }
 
 /// A token the API accepts, known by its SHA-256 only.
@@ -93,6 +106,36 @@ pub struct TokenConfig {
     /// SHA-256 of the token, 64 hex digits.
     pub sha256: String,
     pub scope: Scope,
+    /// `attach` scope: the volumes (by name) the token may attach and
+    /// detach; required, and only for that scope.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// `attach` scope: the only host name its attachments may carry, and
+    /// whose attachments alone it may detach (default: any).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// What one accepted token may do, by its digest (what the API checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub digest: [u8; 32],
+    pub scope: Scope,
+    /// `Attach` scope: the volumes it may attach and detach.
+    pub volumes: BTreeSet<String>,
+    /// `Attach` scope: the host its attachments must name.
+    pub host: Option<String>,
+}
+
+impl TokenGrant {
+    fn new(digest: [u8; 32], scope: Scope) -> TokenGrant {
+        TokenGrant {
+            digest,
+            scope,
+            volumes: BTreeSet::new(),
+            host: None,
+        }
+    }
 }
 
 /// SHA-256 of a token.
@@ -201,6 +244,35 @@ impl ZonalConfig {
             if parse_digest(&token.sha256).is_none() {
                 return Err(invalid("tokens.sha256", "must be 64 hex digits"));
             }
+            let attach = token.scope == Scope::Attach;
+            if attach && token.volumes.is_empty() {
+                return Err(invalid(
+                    "tokens.volumes",
+                    "an attach-scoped token must list the volumes it may attach",
+                ));
+            }
+            if !attach && (!token.volumes.is_empty() || token.host.is_some()) {
+                return Err(invalid(
+                    "tokens.volumes",
+                    "volumes and host belong to attach-scoped tokens only",
+                ));
+            }
+            if token
+                .host
+                .as_deref()
+                .is_some_and(|h| h.trim().is_empty() || h.len() > 256)
+            {
+                return Err(invalid("tokens.host", "must be 1..=256 bytes, not blank"));
+            }
+        }
+        if let Some(ttl) = self.attachment_ttl_ms {
+            use local_control_plane::state::{MAX_ATTACHMENT_TTL_MS, MIN_ATTACHMENT_TTL_MS};
+            if !(MIN_ATTACHMENT_TTL_MS..=MAX_ATTACHMENT_TTL_MS).contains(&ttl) {
+                return Err(invalid(
+                    "attachment_ttl_ms",
+                    format!("must be {MIN_ATTACHMENT_TTL_MS}..={MAX_ATTACHMENT_TTL_MS}"),
+                ));
+            }
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return Err(invalid(
@@ -226,16 +298,24 @@ impl ZonalConfig {
         Ok(())
     }
 
-    /// The digests and scopes of every accepted token (module docs).
-    pub fn token_digests(&self) -> Result<Vec<([u8; 32], Scope)>, ConfigError> {
+    /// What every accepted token may do, by digest (module docs).
+    pub fn token_digests(&self) -> Result<Vec<TokenGrant>, ConfigError> {
         let mut digests = Vec::with_capacity(self.tokens.len() + 1);
         if self.admin_token.is_some() || self.admin_token_file.is_some() {
-            digests.push((token_digest(&self.admin_token()?), Scope::Admin));
+            digests.push(TokenGrant::new(
+                token_digest(&self.admin_token()?),
+                Scope::Admin,
+            ));
         }
         for token in &self.tokens {
             let digest = parse_digest(&token.sha256)
                 .ok_or_else(|| invalid("tokens.sha256", "must be 64 hex digits"))?;
-            digests.push((digest, token.scope));
+            digests.push(TokenGrant {
+                digest,
+                scope: token.scope,
+                volumes: token.volumes.iter().cloned().collect(),
+                host: token.host.clone(),
+            });
         }
         Ok(digests)
     }
@@ -344,6 +424,42 @@ mod tests {
     }
 
     #[test]
+    fn attach_scoped_tokens_list_their_volumes() {
+        let digest = "0".repeat(64);
+        let entry = |extra: &str, scope: &str| {
+            ZonalConfig::from_toml_str(&format!(
+                "{BASE}admin_token = \"0123456789abcdef\"\n[[tokens]]\nsha256 = \"{digest}\"\nscope = \"{scope}\"\n{extra}"
+            ))
+        };
+        let ok = entry("volumes = [\"a\", \"b\"]\nhost = \"h1\"\n", "attach").unwrap();
+        let grants = ok.token_digests().unwrap();
+        assert_eq!(grants[1].scope, Scope::Attach);
+        assert_eq!(grants[1].volumes.len(), 2);
+        assert_eq!(grants[1].host.as_deref(), Some("h1"));
+        for (extra, scope) in [
+            ("", "attach"),
+            ("volumes = [\"a\"]\n", "admin"),
+            ("host = \"h\"\n", "read-only"),
+            ("volumes = [\"a\"]\nhost = \" \"\n", "attach"),
+        ] {
+            assert!(
+                matches!(
+                    entry(extra, scope),
+                    Err(ConfigError::File(FileError::Invalid { .. }))
+                ),
+                "{scope} with {extra:?} accepted"
+            );
+        }
+        let ttl = |ms: u64| {
+            ZonalConfig::from_toml_str(&format!(
+                "{BASE}admin_token = \"0123456789abcdef\"\nattachment_ttl_ms = {ms}\n"
+            ))
+        };
+        assert_eq!(ttl(60_000).unwrap().attachment_ttl_ms, Some(60_000));
+        assert!(ttl(10).is_err());
+    }
+
+    #[test]
     fn token_file_is_read_and_trimmed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
@@ -378,6 +494,7 @@ mod tests {
             "units",
             "tls_cert",
             "tls_key",
+            "attachment_ttl_ms",
         ];
         let drift = ("report_interval_ms = ", "report_interval_ms = 1");
         let drifted = hardware::config::assert_example_at_defaults(&path, &site, drift, resolve);

@@ -110,7 +110,10 @@ pub async fn serve(
         source,
     })?;
 
-    let zonal = Arc::new(Zonal::new(store, units, Arc::new(Metrics::new())));
+    let zonal = Arc::new(
+        Zonal::new(store, units, Arc::new(Metrics::new()))
+            .with_attachment_ttl(config.attachment_ttl_ms),
+    );
     let reporter = tokio::spawn(zonal.clone().report_loop(
         Duration::from_millis(config.report_interval_ms),
         shutdown.clone(),

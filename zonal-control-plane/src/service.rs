@@ -150,6 +150,14 @@ pub struct AttachInfo {
     /// for TLS to the host ports.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit_ca_pem: Option<String>,
+    /// The attachment's TTL (`attachment_ttl_ms`): head nodes refuse the
+    /// token once it passed without the host reading its partition map;
+    /// an agent's map reads renew it. Absent: no expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// When it expires unless renewed (ms since the Unix epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
 }
 
 /// How one command to a unit went.
@@ -177,6 +185,8 @@ pub struct Zonal {
     units: BTreeMap<String, Unit>,
     mutations: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
+    /// TTL of the attachments this plane makes (`attachment_ttl_ms`).
+    attachment_ttl_ms: Option<u64>,
 }
 
 impl Zonal {
@@ -189,7 +199,15 @@ impl Zonal {
             units: units.into_iter().map(|u| (u.name.clone(), u)).collect(),
             mutations: tokio::sync::Mutex::new(()),
             metrics,
+            attachment_ttl_ms: None,
         }
+    }
+
+    /// Attachments made from now on expire `ttl_ms` after they were made
+    /// or last renewed (the config's `attachment_ttl_ms`).
+    pub fn with_attachment_ttl(mut self, ttl_ms: Option<u64>) -> Zonal {
+        self.attachment_ttl_ms = ttl_ms;
+        self
     }
 
     /// Runs a store call on the blocking pool.
@@ -917,6 +935,7 @@ impl Zonal {
                     token_digest: token.digest(),
                     host: host.to_owned(),
                     now_ms: attachment.created_at_ms,
+                    ttl_ms: self.attachment_ttl_ms,
                 },
             )
             .await;
@@ -952,13 +971,24 @@ impl Zonal {
             unit: record.unit.clone(),
             head_nodes: unit.head_nodes(),
             unit_ca_pem: unit.host_ca_pem.clone(),
+            ttl_ms: self.attachment_ttl_ms,
+            expires_at_ms: self
+                .attachment_ttl_ms
+                .map(|ttl| attachment.created_at_ms.saturating_add(ttl)),
         })
     }
 
     /// Detaches: the unit revokes the attachment (`RemoveAttachment`;
     /// head nodes refuse its token from then on), then the record drops
     /// it. An unreachable unit leaves the attachment in place (and valid).
-    pub async fn detach(&self, name: &str, attachment: &str) -> Result<VolumeRecord, ApiError> {
+    /// With `only_host` (a host's attach-scoped token) an attachment of
+    /// another host is refused (403).
+    pub async fn detach(
+        &self,
+        name: &str,
+        attachment: &str,
+        only_host: Option<&str>,
+    ) -> Result<VolumeRecord, ApiError> {
         let not_found = || ApiError::AttachmentNotFound {
             volume: name.to_owned(),
             attachment: attachment.to_owned(),
@@ -966,8 +996,11 @@ impl Zonal {
         let id: u64 = attachment.parse().map_err(|_| not_found())?;
         let _guard = self.mutations.lock().await;
         let mut record = self.live_volume(name).await?;
-        if !record.attachments.iter().any(|a| a.id == id) {
+        let Some(listed) = record.attachments.iter().find(|a| a.id == id) else {
             return Err(not_found());
+        };
+        if only_host.is_some_and(|host| host != listed.host) {
+            return Err(ApiError::Forbidden);
         }
         let unit = self.unit(&record.unit)?;
         let sent = self

@@ -134,7 +134,10 @@ pub use types::{
     ErasureCode, Extent, ExtentId, Flatten, HeadNode, Health, Lease, NodeId, Partition,
     PartitionId, PathHealth, Rollback, Sled, SledId, TokenDigest, Volume, VolumeId,
 };
-pub use volumes::{AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME};
+pub use volumes::{
+    AccessRefusal, DeletionPlan, ExtentToFree, MAX_ATTACHMENTS_PER_VOLUME, MAX_ATTACHMENT_TTL_MS,
+    MIN_ATTACHMENT_TTL_MS,
+};
 
 /// Bound on partitions per volume (a 1 GiB partition size gives 64 TiB).
 pub const MAX_PARTITIONS_PER_VOLUME: u64 = 1 << 16;
@@ -429,7 +432,13 @@ impl UnitState {
                 token_digest,
                 host,
                 now_ms,
-            } => self.register_attachment(volume, attachment, token_digest, host, now_ms),
+                ttl_ms,
+            } => self.register_attachment(volume, attachment, token_digest, host, now_ms, ttl_ms),
+            Command::RenewAttachment {
+                volume,
+                attachment,
+                now_ms,
+            } => self.renew_attachment(volume, attachment, now_ms),
             Command::RemoveAttachment { volume, attachment } => {
                 self.remove_attachment(volume, attachment)
             }

@@ -937,6 +937,7 @@ mod tests {
             token_digest: [attachment as u8; proto::volume::TOKEN_DIGEST_BYTES],
             host: "h".into(),
             now_ms: 1000,
+            ttl_ms: None,
         };
         let start = Command::StartRollback {
             volume: 1,

@@ -179,6 +179,22 @@ pub struct Attachment {
     pub token_digest: TokenDigest,
     pub host: String,
     pub created_at_ms: u64,
+    /// How long the attachment lasts past its registration or last
+    /// renewal (`None`: until removed). Absent in state written before
+    /// attachments could expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// Head nodes refuse the token from this wall-clock time on (ms since
+    /// the Unix epoch; set with `ttl_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+}
+
+impl Attachment {
+    /// Whether the attachment has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ fn attach(volume: VolumeId, attachment: AttachmentId, n: u8) -> Command {
         token_digest: token(n).digest(),
         host: "host-a".into(),
         now_ms: 1000,
+        ttl_ms: None,
     }
 }
 
@@ -40,26 +41,26 @@ fn delete(volume: VolumeId, force: bool) -> Command {
 fn attachments_grant_and_revoke_host_access() {
     let mut state = unit();
     assert_eq!(
-        state.host_access(1, &credential(7, 1)),
+        state.host_access(1, &credential(7, 1), 2000),
         Err(AccessRefusal::Unauthorized)
     );
     ok(&mut state, attach(1, 7, 1));
-    assert_eq!(state.host_access(1, &credential(7, 1)), Ok(4 << 30));
+    assert_eq!(state.host_access(1, &credential(7, 1), 2000), Ok(4 << 30));
     // Wrong token, wrong id, no credential, wrong volume.
     assert_eq!(
-        state.host_access(1, &credential(7, 2)),
+        state.host_access(1, &credential(7, 2), 2000),
         Err(AccessRefusal::Unauthorized)
     );
     assert_eq!(
-        state.host_access(1, &credential(8, 1)),
+        state.host_access(1, &credential(8, 1), 2000),
         Err(AccessRefusal::Unauthorized)
     );
     assert_eq!(
-        state.host_access(1, &AttachmentCredential::NONE),
+        state.host_access(1, &AttachmentCredential::NONE, 2000),
         Err(AccessRefusal::Unauthorized)
     );
     assert_eq!(
-        state.host_access(2, &credential(7, 1)),
+        state.host_access(2, &credential(7, 1), 2000),
         Err(AccessRefusal::UnknownVolume)
     );
     // A resend with the same digest is a no-op; another digest conflicts.
@@ -91,7 +92,7 @@ fn attachments_grant_and_revoke_host_access() {
         },
     );
     assert_eq!(
-        state.host_access(1, &credential(7, 1)),
+        state.host_access(1, &credential(7, 1), 2000),
         Err(AccessRefusal::Unauthorized)
     );
     assert_eq!(
@@ -218,7 +219,7 @@ fn delete_is_refused_while_attached_unless_forced() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        state.host_access(1, &credential(7, 1)),
+        state.host_access(1, &credential(7, 1), 2000),
         Err(AccessRefusal::UnknownVolume)
     );
     assert_eq!(
@@ -507,4 +508,72 @@ fn qos_limits_are_validated_stored_and_mapped() {
         refused(&mut state, set(None)),
         CommandError::VolumeDeleting { volume: 1 }
     ));
+}
+
+/// An attachment with a TTL: refused from its expiry on; a renewal before
+/// then moves the expiry (never back); an expired one is not revived, and
+/// is dropped when the volume gets a new attachment. A TTL outside the
+/// bounds is refused.
+#[test]
+fn expiring_attachments_lapse_unless_renewed() {
+    let mut state = unit();
+    let with_ttl = |attachment, n, now_ms, ttl_ms| Command::RegisterAttachment {
+        volume: 1,
+        attachment,
+        token_digest: token(n).digest(),
+        host: "host-a".into(),
+        now_ms,
+        ttl_ms: Some(ttl_ms),
+    };
+    let renew = |attachment, now_ms| Command::RenewAttachment {
+        volume: 1,
+        attachment,
+        now_ms,
+    };
+    ok(&mut state, with_ttl(7, 1, 1_000, 10_000));
+    assert_eq!(state.host_access(1, &credential(7, 1), 10_999), Ok(4 << 30));
+    assert_eq!(
+        state.host_access(1, &credential(7, 1), 11_000),
+        Err(AccessRefusal::Expired)
+    );
+    // A wrong token is Unauthorized whatever the time.
+    assert_eq!(
+        state.host_access(1, &credential(7, 2), 20_000),
+        Err(AccessRefusal::Unauthorized)
+    );
+    assert_eq!(state.attachment_expiry(1, 7), Some((10_000, 11_000)));
+    ok(&mut state, renew(7, 6_000));
+    assert_eq!(state.attachment_expiry(1, 7), Some((10_000, 16_000)));
+    // An older proposer's clock never moves it back.
+    ok(&mut state, renew(7, 2_000));
+    assert_eq!(state.attachment_expiry(1, 7), Some((10_000, 16_000)));
+    assert_eq!(state.host_access(1, &credential(7, 1), 15_999), Ok(4 << 30));
+    // Expired: a renewal does not bring it back.
+    ok(&mut state, renew(7, 16_000));
+    assert_eq!(
+        state.host_access(1, &credential(7, 1), 16_001),
+        Err(AccessRefusal::Expired)
+    );
+    // Without a TTL: renewals are no-ops, no expiry.
+    ok(&mut state, attach(1, 8, 3));
+    ok(&mut state, renew(8, 50_000));
+    assert_eq!(state.attachment_expiry(1, 8), None);
+    assert_eq!(state.host_access(1, &credential(8, 3), u64::MAX), Ok(4 << 30));
+    // A new attachment drops the expired one.
+    ok(&mut state, with_ttl(9, 4, 20_000, 10_000));
+    assert_eq!(state.attachment_expiry(1, 7), None);
+    assert_eq!(
+        state.host_access(1, &credential(7, 1), 0),
+        Err(AccessRefusal::Unauthorized)
+    );
+    assert!(matches!(
+        refused(&mut state, renew(7, 20_000)),
+        CommandError::UnknownAttachment { .. }
+    ));
+    for bad in [MIN_ATTACHMENT_TTL_MS - 1, MAX_ATTACHMENT_TTL_MS + 1] {
+        assert!(matches!(
+            refused(&mut state, with_ttl(10, 5, 20_000, bad)),
+            CommandError::InvalidArgument { .. }
+        ));
+    }
 }

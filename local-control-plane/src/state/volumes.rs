@@ -12,6 +12,20 @@
 //! is down, and a `RemoveAttachment` revokes a token on every head node as
 //! soon as it applies the entry.
 //!
+//! **Expiry.** An attachment registered with a TTL (`ttl_ms`, the zonal
+//! plane's `attachment_ttl_ms`, `attachment create --ttl`) carries
+//! `expires_at_ms`; head nodes refuse its token from then on, by their own
+//! wall clock ([`AccessRefusal::Expired`]). It lives on while its host
+//! uses it: a head node that serves the attachment's partition map (agents
+//! read it every 2 s) once half the TTL has passed proposes
+//! `RenewAttachment`, which moves the expiry to the proposer's now plus the
+//! TTL. So a host that stops (crash, power loss, a copy of the token left
+//! behind) loses the credential within one TTL even if nobody detaches it,
+//! and renewal needs nothing but the unit (not the zonal plane). Expired
+//! attachments are dropped when the volume gets a new one. Clocks of head
+//! nodes and the zonal plane differ by far less than a sensible TTL
+//! (minutes); the expiry is no fencing device.
+//!
 //! # Growing
 //!
 //! `ResizeVolume` only grows (`ShrinkRefused` otherwise; the same size is
@@ -66,6 +80,11 @@ use crate::error::{CommandError, Entity};
 
 /// Bound on attachments of one volume.
 pub const MAX_ATTACHMENTS_PER_VOLUME: usize = 64;
+/// Shortest attachment TTL: a head node renews at half of it, and agents
+/// read their map every 2 s.
+pub const MIN_ATTACHMENT_TTL_MS: u64 = 5_000;
+/// Longest attachment TTL (30 days).
+pub const MAX_ATTACHMENT_TTL_MS: u64 = 30 * 24 * 3_600_000;
 
 /// Why a host request's credential is not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +93,8 @@ pub enum AccessRefusal {
     UnknownVolume,
     /// The attachment is not listed or its token does not match.
     Unauthorized,
+    /// The attachment's TTL ran out without a renewal.
+    Expired,
 }
 
 impl UnitState {
@@ -84,6 +105,7 @@ impl UnitState {
         &self,
         volume: VolumeId,
         credential: &AttachmentCredential,
+        now_ms: u64,
     ) -> Result<u64, AccessRefusal> {
         let entry = self
             .volumes
@@ -93,21 +115,23 @@ impl UnitState {
             .attachments
             .get(&credential.attachment)
             .ok_or(AccessRefusal::Unauthorized)?;
-        if digests_equal(&attachment.token_digest, &credential.token.digest()) {
-            Ok(entry.size_bytes)
-        } else {
-            Err(AccessRefusal::Unauthorized)
+        if !digests_equal(&attachment.token_digest, &credential.token.digest()) {
+            return Err(AccessRefusal::Unauthorized);
         }
+        if attachment.expired(now_ms) {
+            return Err(AccessRefusal::Expired);
+        }
+        Ok(entry.size_bytes)
     }
 
-    /// The volume's size and the token digest of one of its attachments
-    /// (for a caller that caches verified tokens, see the head node's
-    /// `check_host_access`).
+    /// The volume's size and one of its attachments (for a caller that
+    /// caches verified tokens and checks the expiry itself, see the head
+    /// node's `check_host_access`).
     pub fn attachment_digest(
         &self,
         volume: VolumeId,
         attachment: AttachmentId,
-    ) -> Result<(u64, TokenDigest), AccessRefusal> {
+    ) -> Result<(u64, TokenDigest, Option<u64>), AccessRefusal> {
         let entry = self
             .volumes
             .get(&volume)
@@ -116,7 +140,18 @@ impl UnitState {
             .attachments
             .get(&attachment)
             .ok_or(AccessRefusal::Unauthorized)?;
-        Ok((entry.size_bytes, listed.token_digest))
+        Ok((entry.size_bytes, listed.token_digest, listed.expires_at_ms))
+    }
+
+    /// The attachment's TTL and expiry, if it has one (`None` also for an
+    /// unknown attachment).
+    pub fn attachment_expiry(
+        &self,
+        volume: VolumeId,
+        attachment: AttachmentId,
+    ) -> Option<(u64, u64)> {
+        let listed = self.volumes.get(&volume)?.attachments.get(&attachment)?;
+        Some((listed.ttl_ms?, listed.expires_at_ms?))
     }
 
     /// The live volume, or why not.
@@ -136,10 +171,18 @@ impl UnitState {
         token_digest: TokenDigest,
         host: String,
         now_ms: u64,
+        ttl_ms: Option<u64>,
     ) -> Result<Outcome, CommandError> {
         validate_name("host", &host)?;
         if attachment == 0 {
             return Err(CommandError::invalid("attachment id 0 is reserved"));
+        }
+        if let Some(ttl) = ttl_ms {
+            if !(MIN_ATTACHMENT_TTL_MS..=MAX_ATTACHMENT_TTL_MS).contains(&ttl) {
+                return Err(CommandError::invalid(format!(
+                    "attachment TTL {ttl} ms is outside {MIN_ATTACHMENT_TTL_MS}..={MAX_ATTACHMENT_TTL_MS}"
+                )));
+            }
         }
         let entry = self.live_volume(volume)?;
         if let Some(rollback) = &entry.rollback {
@@ -157,12 +200,18 @@ impl UnitState {
                 id: format!("{volume}/{attachment}"),
             });
         }
-        if entry.attachments.len() >= MAX_ATTACHMENTS_PER_VOLUME {
+        let expired = entry
+            .attachments
+            .values()
+            .filter(|a| a.expired(now_ms))
+            .count();
+        if entry.attachments.len() - expired >= MAX_ATTACHMENTS_PER_VOLUME {
             return Err(CommandError::invalid(format!(
                 "volume {volume} already has {MAX_ATTACHMENTS_PER_VOLUME} attachments"
             )));
         }
         if let Some(entry) = self.volumes.get_mut(&volume) {
+            entry.attachments.retain(|_, a| !a.expired(now_ms));
             entry.attachments.insert(
                 attachment,
                 Attachment {
@@ -170,8 +219,32 @@ impl UnitState {
                     token_digest,
                     host,
                     created_at_ms: now_ms,
+                    ttl_ms,
+                    expires_at_ms: ttl_ms.map(|ttl| now_ms.saturating_add(ttl)),
                 },
             );
+        }
+        Ok(Outcome::Done)
+    }
+
+    pub(super) fn renew_attachment(
+        &mut self,
+        volume: VolumeId,
+        attachment: AttachmentId,
+        now_ms: u64,
+    ) -> Result<Outcome, CommandError> {
+        self.live_volume(volume)?;
+        let listed = self
+            .volumes
+            .get_mut(&volume)
+            .and_then(|v| v.attachments.get_mut(&attachment))
+            .ok_or(CommandError::UnknownAttachment { volume, attachment })?;
+        if let (Some(ttl), Some(expires)) = (listed.ttl_ms, listed.expires_at_ms) {
+            // An expired credential is not brought back: its host gets a
+            // new attachment.
+            if expires > now_ms {
+                listed.expires_at_ms = Some(expires.max(now_ms.saturating_add(ttl)));
+            }
         }
         Ok(Outcome::Done)
     }

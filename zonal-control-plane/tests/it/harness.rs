@@ -20,6 +20,9 @@ use crate::fake_unit::FakeUnit;
 pub const TOKEN: &str = "test-admin-token-0123456789";
 /// A read-only token; the config names only its SHA-256.
 pub const READ_ONLY_TOKEN: &str = "test-read-only-token-0123456789";
+/// A host's token: attaches and detaches `vol0` and `vol1` for `host-a`
+/// only.
+pub const ATTACH_TOKEN: &str = "test-attach-token-0123456789";
 
 #[derive(Debug)]
 pub struct Response {
@@ -139,11 +142,23 @@ impl Zonal {
                     .map(|b| format!("{b:02x}"))
                     .collect(),
                 scope: zonal_control_plane::config::Scope::ReadOnly,
+                volumes: vec![],
+                host: None,
+            },
+            zonal_control_plane::config::TokenConfig {
+                sha256: zonal_control_plane::config::token_digest(ATTACH_TOKEN)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                scope: zonal_control_plane::config::Scope::Attach,
+                volumes: vec!["vol0".into(), "vol1".into()],
+                host: Some("host-a".into()),
             }],
             units,
             report_interval_ms: 200,
             tls_cert: None,
             tls_key: None,
+            attachment_ttl_ms: None,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
