@@ -22,6 +22,10 @@
 //!                     revokes it: `rackblock attachment revoke`)
 //! ```
 //!
+//! The zonal token this needs is a host's attach-scoped one (its volumes,
+//! its `--host`; SECURITY.md), never the admin token: I/O runs on the
+//! attachment the attach returns, and its map reads every 2 s renew an
+//! attachment that expires (`attachment_ttl_ms`) through the head nodes.
 //! The zonal plane is asked once, at start and at the end: the I/O path is
 //! NBD client → this process → the primaries' head nodes, so the export
 //! keeps working while the zonal plane is down (a detach that cannot reach

@@ -11,7 +11,10 @@
 //! newlines written `\n`) when `--unit-ca FILE` (env `RACKBLOCK_UNIT_CA`,
 //! which `rackblock up` tells operators to export) names it. That file, the rack file's host ports and nothing else is what the
 //! host needs (SECURITY.md): the agent then reaches the host ports over
-//! TLS trusting that CA, with no `--unit-ca` of its own. `revoke`
+//! TLS trusting that CA, with no `--unit-ca` of its own. With `--ttl`
+//! the attachment expires unless its host keeps reading its partition map
+//! (a running agent renews it every 2 s through the head nodes;
+//! SECURITY.md: expiring attachments). `revoke`
 //! removes the attachment: from then on head nodes refuse its reads,
 //! writes and partition-map requests.
 
