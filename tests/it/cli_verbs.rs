@@ -849,9 +849,21 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
 
     // The host token: its own volume, its own host name, nothing else.
     for (method, path, body) in [
-        ("POST", "/v1/volumes/theirs/attach", Some(r#"{"host":"host-a"}"#)),
-        ("POST", "/v1/volumes/mine/attach", Some(r#"{"host":"host-b"}"#)),
-        ("POST", "/v1/volumes", Some(r#"{"name":"x","size_bytes":8388608}"#)),
+        (
+            "POST",
+            "/v1/volumes/theirs/attach",
+            Some(r#"{"host":"host-a"}"#),
+        ),
+        (
+            "POST",
+            "/v1/volumes/mine/attach",
+            Some(r#"{"host":"host-b"}"#),
+        ),
+        (
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name":"x","size_bytes":8388608}"#),
+        ),
         ("GET", "/v1/volumes", None),
         ("DELETE", "/v1/volumes/mine?force=true", None),
     ] {
@@ -915,12 +927,10 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             stream.write_all(&lcp.to_frame(1, false)).await.unwrap();
             let mut answer = Vec::new();
-            let read = tokio::time::timeout(
-                Duration::from_secs(10),
-                stream.read_to_end(&mut answer),
-            )
-            .await
-            .expect("the host port kept a control-plane request open");
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                    .await
+                    .expect("the host port kept a control-plane request open");
             assert!(read.is_err() || answer.is_empty(), "answered {answer:?}");
         }
 
@@ -959,7 +969,11 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
         let reader = tests::connect_host_client(&zone.unit, mine, fresh, config())
             .await
             .unwrap();
-        assert_eq!(reader.read(4096, 65536).await.unwrap(), data, "the refused write wrote");
+        assert_eq!(
+            reader.read(4096, 65536).await.unwrap(),
+            data,
+            "the refused write wrote"
+        );
         let (status, body) = zonal_request(
             &zone,
             "DELETE",
@@ -991,15 +1005,31 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
     let mut agent = Daemon::spawn(
         "attach-host-token",
         &[
-            "attach", "agent", "--listen", &listen, "--zonal", &url, "--token", &host_token,
-            "--host", "host-a",
+            "attach",
+            "agent",
+            "--listen",
+            &listen,
+            "--zonal",
+            &url,
+            "--token",
+            &host_token,
+            "--host",
+            "host-a",
         ],
         zone.unit.dir.path(),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !client::nbd::server_greets(nbd) {
-        assert!(Instant::now() < deadline, "attach never served NBD:\n{}", agent.log_text());
-        assert!(agent.child.try_wait().unwrap().is_none(), "attach exited:\n{}", agent.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "attach never served NBD:\n{}",
+            agent.log_text()
+        );
+        assert!(
+            agent.child.try_wait().unwrap().is_none(),
+            "attach exited:\n{}",
+            agent.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(2 * TTL_MS + 1_000));
@@ -1009,7 +1039,11 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
         &["write -P 0x6b 0 1M", "flush", "read -P 0x6b 0 1M"],
     );
     assert!(ok, "{text}\n{}", agent.log_text());
-    assert!(agent.terminate(), "the agent did not stop cleanly:\n{}", agent.log_text());
+    assert!(
+        agent.terminate(),
+        "the agent did not stop cleanly:\n{}",
+        agent.log_text()
+    );
     let described = zone
         .expect(0, &["volume", "describe", "agent", "--output", "json"])
         .json();

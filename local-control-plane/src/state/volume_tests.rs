@@ -558,7 +558,10 @@ fn expiring_attachments_lapse_unless_renewed() {
     ok(&mut state, attach(1, 8, 3));
     ok(&mut state, renew(8, 50_000));
     assert_eq!(state.attachment_expiry(1, 8), None);
-    assert_eq!(state.host_access(1, &credential(8, 3), u64::MAX), Ok(4 << 30));
+    assert_eq!(
+        state.host_access(1, &credential(8, 3), u64::MAX),
+        Ok(4 << 30)
+    );
     // A new attachment drops the expired one.
     ok(&mut state, with_ttl(9, 4, 20_000, 10_000));
     assert_eq!(state.attachment_expiry(1, 7), None);

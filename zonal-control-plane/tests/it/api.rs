@@ -692,29 +692,63 @@ async fn an_attach_scoped_token_attaches_only_its_volumes_for_its_host() {
         let address = zonal.address;
         async move { request(address, method, &path, Some(ATTACH_TOKEN), body).await }
     };
-    let attached = as_host("POST", "/v1/volumes/vol0/attach".into(), Some(r#"{"host":"host-a"}"#)).await;
+    let attached = as_host(
+        "POST",
+        "/v1/volumes/vol0/attach".into(),
+        Some(r#"{"host":"host-a"}"#),
+    )
+    .await;
     assert_eq!(attached.status, 201, "{}", attached.body);
     let own = attached.json()["attachment_id"].as_u64().unwrap();
     assert!(attached.json()["token"].as_str().is_some());
     // A listed name is matched as the route decodes it.
-    let spaced = as_host("POST", "/v1/volumes/vol%31/attach".into(), Some(r#"{"host":"host-a"}"#)).await;
+    let spaced = as_host(
+        "POST",
+        "/v1/volumes/vol%31/attach".into(),
+        Some(r#"{"host":"host-a"}"#),
+    )
+    .await;
     assert_eq!(spaced.status, 201, "{}", spaced.body);
 
     let other_host = zonal.attach("vol0", "host-b").await.json();
     let theirs = other_host["attachment_id"].as_u64().unwrap();
     for (method, path, body) in [
-        ("POST", "/v1/volumes/other/attach".to_owned(), Some(r#"{"host":"host-a"}"#)),
+        (
+            "POST",
+            "/v1/volumes/other/attach".to_owned(),
+            Some(r#"{"host":"host-a"}"#),
+        ),
         // Its own volume, another host's name.
-        ("POST", "/v1/volumes/vol0/attach".to_owned(), Some(r#"{"host":"host-b"}"#)),
+        (
+            "POST",
+            "/v1/volumes/vol0/attach".to_owned(),
+            Some(r#"{"host":"host-b"}"#),
+        ),
         // Another host's attachment of its own volume.
-        ("DELETE", format!("/v1/volumes/vol0/attachments/{theirs}"), None),
+        (
+            "DELETE",
+            format!("/v1/volumes/vol0/attachments/{theirs}"),
+            None,
+        ),
         ("GET", "/v1/volumes".to_owned(), None),
         ("GET", "/v1/volumes/vol0".to_owned(), None),
         ("GET", "/v1/units".to_owned(), None),
-        ("POST", "/v1/volumes".to_owned(), Some(r#"{"name":"v","size_gib":1}"#)),
+        (
+            "POST",
+            "/v1/volumes".to_owned(),
+            Some(r#"{"name":"v","size_gib":1}"#),
+        ),
         ("DELETE", "/v1/volumes/vol0?force=true".to_owned(), None),
-        ("POST", "/v1/volumes/vol0/resize".to_owned(), Some(r#"{"size_bytes":4294967296}"#)),
-        ("POST", "/v1/volumes/vol0/snapshots".to_owned(), Some(r#"{"name":"s"}"#)),
+        (
+            "POST",
+            "/v1/volumes/vol0/resize".to_owned(),
+            Some(r#"{"size_bytes":4294967296}"#),
+        ),
+        (
+            "POST",
+            "/v1/volumes/vol0/snapshots".to_owned(),
+            Some(r#"{"name":"s"}"#),
+        ),
         ("POST", "/v1/units/u1/refresh".to_owned(), None),
     ] {
         let answer = as_host(method, path.clone(), body).await;
@@ -727,7 +761,12 @@ async fn an_attach_scoped_token_attaches_only_its_volumes_for_its_host() {
     assert_eq!(unit.volumes()[&2].attachments.len(), 1);
     assert!(unit.volumes()[&3].attachments.is_empty());
 
-    let detached = as_host("DELETE", format!("/v1/volumes/vol0/attachments/{own}"), None).await;
+    let detached = as_host(
+        "DELETE",
+        format!("/v1/volumes/vol0/attachments/{own}"),
+        None,
+    )
+    .await;
     assert_eq!(detached.status, 200, "{}", detached.body);
     assert!(!unit.volumes()[&1].attachments.contains_key(&own));
     assert!(unit.volumes()[&1].attachments.contains_key(&theirs));

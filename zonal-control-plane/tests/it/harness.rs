@@ -136,24 +136,26 @@ impl Zonal {
             data_dir: dir.join("data"),
             admin_token: Some(TOKEN.into()),
             admin_token_file: None,
-            tokens: vec![zonal_control_plane::config::TokenConfig {
-                sha256: zonal_control_plane::config::token_digest(READ_ONLY_TOKEN)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-                scope: zonal_control_plane::config::Scope::ReadOnly,
-                volumes: vec![],
-                host: None,
-            },
-            zonal_control_plane::config::TokenConfig {
-                sha256: zonal_control_plane::config::token_digest(ATTACH_TOKEN)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-                scope: zonal_control_plane::config::Scope::Attach,
-                volumes: vec!["vol0".into(), "vol1".into()],
-                host: Some("host-a".into()),
-            }],
+            tokens: vec![
+                zonal_control_plane::config::TokenConfig {
+                    sha256: zonal_control_plane::config::token_digest(READ_ONLY_TOKEN)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                    scope: zonal_control_plane::config::Scope::ReadOnly,
+                    volumes: vec![],
+                    host: None,
+                },
+                zonal_control_plane::config::TokenConfig {
+                    sha256: zonal_control_plane::config::token_digest(ATTACH_TOKEN)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                    scope: zonal_control_plane::config::Scope::Attach,
+                    volumes: vec!["vol0".into(), "vol1".into()],
+                    host: Some("host-a".into()),
+                },
+            ],
             units,
             report_interval_ms: 200,
             tls_cert: None,
