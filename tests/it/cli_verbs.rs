@@ -800,6 +800,27 @@ fn zonal_request(
     (status, body)
 }
 
+/// Sends `request` on a fresh plain connection to a host port and reads
+/// its one answer (bounded).
+async fn host_port_call(address: SocketAddr, request: proto::Message) -> proto::Message {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(&request.to_frame(1, false)).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(frame) = proto::frame::decode_frame(&mut buf).unwrap() {
+            return proto::Message::from_frame(&frame).unwrap();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read_buf(&mut buf))
+            .await
+            .expect("no answer from the host port within 10 s")
+            .unwrap();
+        assert!(n > 0, "the host port closed without an answer");
+    }
+}
+
 /// A fresh attach-scoped token from `rackblock zonal-token`: the token and
 /// the `[[tokens]]` entry for the zonal config.
 fn attach_scoped_token(volumes: &[&str], host: &str) -> (String, String) {
@@ -832,7 +853,7 @@ fn attach_scoped_token(volumes: &[&str], host: &str) -> (String, String) {
 /// (its map reads renew the attachment), and detaches with it on exit.
 #[test]
 fn a_zonal_host_holds_only_its_expiring_attachment() {
-    const TTL_MS: u64 = 6_000;
+    const TTL_MS: u64 = 10_000;
     let (host_token, entry) = attach_scoped_token(&["mine", "agent"], "host-a");
     let zone = start_zone_with(&format!("attachment_ttl_ms = {TTL_MS}\n{entry}"));
     for name in ["mine", "theirs", "agent"] {
@@ -915,6 +936,46 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
             .await
             .unwrap_err();
         assert!(matches!(error, ClientError::Unauthorized { .. }), "{error}");
+        // Nor its reads and writes, on any host port (the credential is
+        // checked before anything else).
+        let data_b = bytes::Bytes::from(vec![0x77u8; 4096]);
+        for op in [
+            proto::volume::HostOp::Read {
+                offset_bytes: 0,
+                len_bytes: 4096,
+            },
+            proto::volume::HostOp::Write {
+                write_id: 1,
+                offset_bytes: 0,
+                crcs: proto::volume::chunk_crcs(&data_b),
+                data: data_b.clone(),
+                fua: false,
+            },
+        ] {
+            for endpoint in zone.unit.host_endpoints() {
+                let answer = host_port_call(
+                    endpoint.address,
+                    proto::Message::Host(proto::volume::HostRequest {
+                        volume: theirs,
+                        partition: 0,
+                        epoch: 1,
+                        credential,
+                        op: op.clone(),
+                    }),
+                )
+                .await;
+                assert!(
+                    matches!(
+                        answer,
+                        proto::Message::HostReply(proto::volume::HostReply::Error(
+                            proto::volume::HostError::Unauthorized { .. }
+                        ))
+                    ),
+                    "{} on another volume: {answer:?}",
+                    op.name()
+                );
+            }
+        }
         // No control-plane request on the host port: closed, unanswered.
         let lcp = local_control_plane::client::request_message(
             &local_control_plane::client::LcpRequest::UnitStatus,

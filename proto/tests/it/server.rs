@@ -633,7 +633,9 @@ async fn a_client_that_never_reads_is_pushed_back_not_buffered() {
     let mut buf = BytesMut::new();
     let (id, answer) = read_message(&mut other, &mut buf).await.unwrap();
     assert_eq!((id, data_offset(&answer)), (1, 77));
-    assert_eq!(handled.load(Ordering::SeqCst), settled + 1);
+    // (Not `settled + 1` exactly: a starved server task may still have
+    // handled one more of the slow client's within the bound.)
+    assert!(handled.load(Ordering::SeqCst) <= bound + 1);
 
     // Back-pressure, not loss: every answer arrives once it reads.
     let mut buf = BytesMut::new();
