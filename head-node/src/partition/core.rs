@@ -51,6 +51,20 @@
 //! append), and on a primary the records the secondary has not confirmed.
 //! Holds are single-owner counters here; releasing one never taken panics.
 //!
+//! **In sync (the promotion gate).** [`PartitionCore::secondary_in_sync`]
+//! holds when the secondary is at the replication queue's front *and* has
+//! confirmed a flush commit whose watermark covers
+//! [`PartitionCore::owed_through`]: what a catch-up jumped it over
+//! ([`CatchUp::Owe`]: the tail is flushed instead of shipped, so new writes
+//! are confirmed at once) or, for an instance opened from a log or a
+//! take-over, everything that log holds. While something is owed, the
+//! tail acknowledged when the old secondary held it is in this node's log
+//! only; new writes are in both logs. The control plane never promotes a
+//! secondary that is not in sync, so a crash of this node in that window
+//! waits for its log, as before; the owed flush is due at once
+//! ([`PartitionCore::flush_due`]) and commits its watermark even with
+//! nothing left to move.
+//!
 //! **Flush.** [`PartitionCore::flush_plan`] decides the next batch (the
 //! log-resident runs and pending trims it takes, and its watermark) and
 //! [`PartitionCore::flush_due`] when one is due.
