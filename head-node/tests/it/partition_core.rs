@@ -461,8 +461,7 @@ fn a_jumped_secondary_is_in_sync_only_after_the_flush_commit_of_the_tail() {
     // An empty secondary: jumped over 1..=3, not resent.
     assert_eq!(core.catch_up_plan(1), CatchUp::Owe { up_to: 3 });
     let ReplicaRequest::FlushCommit {
-        up_to_sequence: 3,
-        ..
+        up_to_sequence: 3, ..
     } = core.jump_owed(3)
     else {
         panic!("not a jump to 3")
@@ -472,7 +471,12 @@ fn a_jumped_secondary_is_in_sync_only_after_the_flush_commit_of_the_tail() {
     assert!(!core.secondary_in_sync(), "the tail is in this log only");
     // The owed flush is due whatever the fill and age.
     assert!(core.owes_flush());
-    assert!(core.flush_due(Instant::now(), 0.0, 1.0, std::time::Duration::from_secs(3600)));
+    assert!(core.flush_due(
+        Instant::now(),
+        0.0,
+        1.0,
+        std::time::Duration::from_secs(3600)
+    ));
     // A new write is acknowledged at once (both logs have it).
     let (a, seq) = commit(&mut core, 10, 1, 20);
     assert_eq!(seq, 4);
@@ -498,7 +502,11 @@ fn a_jumped_secondary_is_in_sync_only_after_the_flush_commit_of_the_tail() {
             (piece.lba, piece.sequence, location)
         })
         .collect();
-    assert_eq!(core.commit_flushed(&placed, &[], plan.up_to_sequence).unwrap(), 4);
+    assert_eq!(
+        core.commit_flushed(&placed, &[], plan.up_to_sequence)
+            .unwrap(),
+        4
+    );
     assert!(!core.owes_flush(), "a covering commit is queued");
     assert!(
         !core.secondary_in_sync(),
@@ -527,8 +535,24 @@ fn an_owed_flush_with_nothing_to_move_commits_its_watermark() {
         old.on_appended(seq);
     }
     let placed = [
-        (0, 1, Location::Sled { extent: 1, column: 0, offset_bytes: 0 }),
-        (1, 2, Location::Sled { extent: 1, column: 0, offset_bytes: 4096 }),
+        (
+            0,
+            1,
+            Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes: 0,
+            },
+        ),
+        (
+            1,
+            2,
+            Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes: 4096,
+            },
+        ),
     ];
     assert_eq!(old.commit_flushed(&placed, &[], 2).unwrap(), 2);
     // The secondary is replaced: the primary moves to epoch 6 in place.
@@ -550,7 +574,10 @@ fn an_owed_flush_with_nothing_to_move_commits_its_watermark() {
     assert!(flush.pieces.is_empty() && flush.trims.is_empty());
     assert_eq!(flush.up_to_sequence, 2);
     assert!(core.owed_commit_worth(flush.up_to_sequence));
-    assert_eq!(core.commit_flushed(&[], &[], flush.up_to_sequence).unwrap(), 0);
+    assert_eq!(
+        core.commit_flushed(&[], &[], flush.up_to_sequence).unwrap(),
+        0
+    );
     assert!(!core.owed_commit_worth(flush.up_to_sequence), "queued once");
     assert!(!core.secondary_in_sync(), "not confirmed yet");
     core.on_committed();

@@ -190,7 +190,9 @@ impl Sleds {
                 extent: 1,
                 column: 0,
                 offset_bytes,
-            } if offset_bytes % BLOCK as u64 == 0 => usize::try_from(offset_bytes / BLOCK as u64).ok(),
+            } if offset_bytes % BLOCK as u64 == 0 => {
+                usize::try_from(offset_bytes / BLOCK as u64).ok()
+            }
             _ => None,
         }
     }
@@ -1556,7 +1558,9 @@ impl Sim {
             },
             sled => match Sleds::slot(sled).and_then(|slot| self.sleds.blocks.get(slot)) {
                 Some((lba, _, stamp)) if *lba == b => *stamp,
-                other => self.fail(format!("node {n}: block {b} at {sled:?}: the sleds hold {other:?}")),
+                other => self.fail(format!(
+                    "node {n}: block {b} at {sled:?}: the sleds hold {other:?}"
+                )),
             },
         }
     }
