@@ -701,7 +701,9 @@ async fn kill_and_recover(cluster: &mut Cluster, work: &Workload, victim: usize)
         })
         .collect();
     // Only a pair in sync fails over (see `wait_secondaries_in_sync`).
-    cluster.wait_secondaries_in_sync(Duration::from_secs(60)).await;
+    cluster
+        .wait_secondaries_in_sync(Duration::from_secs(60))
+        .await;
     let _ = work.writer.take_gap();
     let lengths = cluster.log_lengths();
     let killed = Instant::now();

@@ -1134,59 +1134,56 @@ impl Sim {
         if !self.nodes[p].up || self.nodes[p].replicator.outstanding.is_some() {
             return;
         }
-        for _ in 0..8 {
-            let catching = self.nodes[p].replicator.catching;
-            let node = &mut self.nodes[p];
-            let Some(core) = node.core.as_mut() else {
-                return;
-            };
-            if core.role() != Role::Primary || core.stopped() {
-                return;
-            }
-            if let Some(expected) = catching {
-                match core.catch_up_plan(expected) {
-                    CatchUp::Caught => {
-                        core.note_secondary_expects(expected);
-                        node.replicator.catching = None;
-                    }
-                    CatchUp::Skip { up_to } => {
-                        let request = core.jump_request(up_to);
-                        self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
-                        return;
-                    }
-                    CatchUp::Owe { up_to } => {
-                        // The tail is flushed instead of shipped: the jump
-                        // now, the flush is due (`flush_due`) until a
-                        // commit covering it is queued.
-                        let request = core.jump_owed(up_to);
-                        self.note(format!("node {p} jumps its secondary to {up_to}, owed"));
-                        self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
-                        return;
-                    }
-                    CatchUp::Lost => {
-                        node.replicator.catching = None;
-                        core.replication_failed();
-                        self.note(format!("node {p}: secondary needs records this log lost"));
-                        return;
-                    }
+        let catching = self.nodes[p].replicator.catching;
+        let node = &mut self.nodes[p];
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        if core.role() != Role::Primary || core.stopped() {
+            return;
+        }
+        if let Some(expected) = catching {
+            match core.catch_up_plan(expected) {
+                CatchUp::Caught => {
+                    core.note_secondary_expects(expected);
+                    node.replicator.catching = None;
+                }
+                CatchUp::Skip { up_to } => {
+                    let request = core.jump_request(up_to);
+                    self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
+                    return;
+                }
+                CatchUp::Owe { up_to } => {
+                    // The tail is flushed instead of shipped: the jump
+                    // now, the flush is due (`flush_due`) until a
+                    // commit covering it is queued.
+                    let request = core.jump_owed(up_to);
+                    self.note(format!("node {p} jumps its secondary to {up_to}, owed"));
+                    self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
+                    return;
+                }
+                CatchUp::Lost => {
+                    node.replicator.catching = None;
+                    core.replication_failed();
+                    self.note(format!("node {p}: secondary needs records this log lost"));
+                    return;
                 }
             }
-            let Some(core) = self.nodes[p].core.as_mut() else {
-                return;
-            };
-            if let Some(commit) = core.next_commit() {
-                self.send_request(p, s, commit, Tag::Commit);
-            } else if !core.secondary_at_front() {
-                // A new instance asks its secondary what it holds (the
-                // replicator's probe) before anything else.
-                let request = ReplicaRequest::Status {
-                    partition: PARTITION,
-                };
-                self.send_request(p, s, request, Tag::Status);
-            } else if let Some(append) = core.next_append() {
-                self.send_request(p, s, append, Tag::Append);
-            }
+        }
+        let Some(core) = self.nodes[p].core.as_mut() else {
             return;
+        };
+        if let Some(commit) = core.next_commit() {
+            self.send_request(p, s, commit, Tag::Commit);
+        } else if !core.secondary_at_front() {
+            // A new instance asks its secondary what it holds (the
+            // replicator's probe) before anything else.
+            let request = ReplicaRequest::Status {
+                partition: PARTITION,
+            };
+            self.send_request(p, s, request, Tag::Status);
+        } else if let Some(append) = core.next_append() {
+            self.send_request(p, s, append, Tag::Append);
         }
     }
 
