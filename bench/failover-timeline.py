@@ -4,8 +4,8 @@ bench/failover-nbd.sh, from the test's FIO_FAILOVER_KILL / _PAUSE lines and
 the unit's logs the test kept (FIO_FAILOVER_LOG_DIR): milliseconds after
 the kill at which the killed node was recorded Down, the promotion was
 proposed, the take-over started, the held-index recovery ended, the new
-primary served, and its new secondary was in sync (writes acknowledged
-again). Only lines of partition 0 (vol0 is the only volume) and the control plane's count.
+primary served, its new secondary was at the replication queue's front
+(writes acknowledged again) and the pair was reported in sync. Only lines of partition 0 (vol0 is the only volume) and the control plane's count.
 Prints one row per kill, slowest first, and the median of each step."""
 import datetime, glob, os, re, statistics, sys
 
@@ -41,7 +41,16 @@ steps = [
     ("takeover", lambda s, l: "taking the partition over as primary" in l and part0.search(l)),
     ("recovered", lambda s, l: "recovered from" in l and part0.search(l)),
     ("serving", lambda s, l: ("serving as primary" in l or "taken over in place" in l) and part0.search(l)),
-    ("in_sync", lambda s, l: "secondary in sync" in l and part0.search(l)),
+    # Writes acknowledged again: the new secondary at the replication
+    # queue's front (since the tail is flushed instead of shipped, right
+    # after the catch-up's jump; before, after the whole tail was shipped,
+    # logged "secondary in sync").
+    ("front", lambda s, l: ("secondary at the queue's front" in l
+                            or ("secondary in sync" in l and "reported" not in l))
+     and part0.search(l)),
+    # The pair in sync, reported to the control plane (since the tail is
+    # flushed instead of shipped: once its flush commit is confirmed).
+    ("in_sync", lambda s, l: "secondary in sync, reported to the control plane" in l and part0.search(l)),
 ]
 rows = []
 for i, (rep, victim, epoch, at) in enumerate(kills):

@@ -92,10 +92,15 @@
 //! pending trims refer to are handed to a new primary instance at the new
 //! epoch, which claims every owned column (fencing the old primary
 //! on the sleds), takes the lease and serves. The new secondary is caught
-//! up from the primary's log tail by the replicator (a flush-commit jump
-//! over what the sleds hold, then the records). Until it confirms, writes
+//! up by the replicator with a flush-commit jump to the replication
+//! queue's front; the log tail it was jumped over is flushed instead of
+//! shipped, and the pair is in sync once that flush commit is confirmed
+//! (`partition::replica`). Until the secondary confirms the jump, writes
 //! wait (bounded by the replica timeout, then `Unavailable`, which the
-//! client retries): a partition never acknowledges on one copy.
+//! client retries): a new write is never acknowledged on one copy. The
+//! owed tail, acknowledged when the old secondary held it, is in the
+//! primary's log only until its flush commits: that is why the pair is
+//! "catching up" until then, and never promoted.
 //!
 //! **A new secondary is caught up proactively and reported.** The
 //! replicator of a new primary instance asks its secondary what it holds

@@ -51,6 +51,20 @@
 //! append), and on a primary the records the secondary has not confirmed.
 //! Holds are single-owner counters here; releasing one never taken panics.
 //!
+//! **In sync (the promotion gate).** [`PartitionCore::secondary_in_sync`]
+//! holds when the secondary is at the replication queue's front *and* has
+//! confirmed a flush commit whose watermark covers
+//! [`PartitionCore::owed_through`]: what a catch-up jumped it over
+//! ([`CatchUp::Owe`]: the tail is flushed instead of shipped, so new writes
+//! are confirmed at once) or, for an instance opened from a log or a
+//! take-over, everything that log holds. While something is owed, the
+//! tail acknowledged when the old secondary held it is in this node's log
+//! only; new writes are in both logs. The control plane never promotes a
+//! secondary that is not in sync, so a crash of this node in that window
+//! waits for its log, as before; the owed flush is due at once
+//! ([`PartitionCore::flush_due`]) and commits its watermark even with
+//! nothing left to move.
+//!
 //! **Flush.** [`PartitionCore::flush_plan`] decides the next batch (the
 //! log-resident runs and pending trims it takes, and its watermark) and
 //! [`PartitionCore::flush_due`] when one is due.
@@ -86,13 +100,6 @@ pub const JOIN_MARKER: &[u8] = b"rackblock: secondary joined at this epoch";
 pub const BATCH_RECORDS: usize = 128;
 /// Most payload bytes per replication `Append`.
 pub const BATCH_BYTES: usize = 8 << 20;
-/// Most records per catch-up resend (the driver also stops at
-/// [`BATCH_BYTES`]). A new secondary receives the whole unflushed tail
-/// before writes are acknowledged again: at 128 records a request, a tail
-/// of 2400 records took ~20 round trips (~310 ms, debug build, NBD
-/// failover bench); one request per log batch's worth cuts the round trips
-/// eightfold.
-pub const CATCH_UP_RECORDS: usize = crate::wal::MAX_BATCH_RECORDS;
 
 /// A write known to the core (admitted or queued), by arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -267,9 +274,15 @@ pub enum CatchUp {
         /// `up_to_sequence` of the commit.
         up_to: u64,
     },
-    /// Resend these records, read from the local log (consecutive
-    /// sequences from the expected one).
-    Resend(Vec<(u64, LogPosition)>),
+    /// The secondary misses records this log still holds: instead of
+    /// resending them, jump it to the queue's front (`up_to` is the front
+    /// minus one) and owe it a flush commit covering them
+    /// ([`PartitionCore::jump_owed`]): new writes are confirmed at once,
+    /// the pair is in sync once that flush commit is confirmed.
+    Owe {
+        /// `up_to_sequence` of the jump.
+        up_to: u64,
+    },
     /// The secondary misses records this log no longer has: re-mirror.
     Lost,
 }
@@ -417,12 +430,27 @@ pub struct PartitionCore {
     sent_through: u64,
     /// Primary: replication stopped (fenced or shut down).
     stopped: bool,
-    /// Primary: the secondary is known to hold every sequence this primary
-    /// acknowledged (it confirmed an `Append`, or a catch-up or status
-    /// probe found it at the queue's front). False for a new instance: a
-    /// secondary named at this epoch may be empty. Once true it stays true:
-    /// nothing is acknowledged without the secondary's confirmation.
-    secondary_in_sync: bool,
+    /// Primary: the secondary is at the replication queue's front (it
+    /// confirmed an `Append`, or a catch-up or status probe found it
+    /// there): the replicator stops probing and sends appends. False for a
+    /// new instance: a secondary named at this epoch may be empty. Once
+    /// true it stays true. It does not make the pair in sync on its own: a
+    /// catch-up jump may have moved the secondary over records only this
+    /// log holds ([`owed_through`](Self::owed_through)).
+    secondary_at_front: bool,
+    /// Primary: the secondary may lack acknowledged records up to this
+    /// sequence that only this log holds (a catch-up jumped it over them,
+    /// or, for an instance opened from its log, an earlier instance may
+    /// have): the pair is in sync only once a flush commit with a
+    /// watermark at least this high is confirmed by the secondary. 0:
+    /// nothing owed.
+    owed_through: u64,
+    /// Primary: highest watermark of a flush commit queued for the
+    /// secondary (pending or parked behind a snapshot marker).
+    flush_queued_through: u64,
+    /// Primary: highest watermark of a flush commit the secondary
+    /// confirmed (a parked commit counts only once sent and confirmed).
+    flush_confirmed_through: u64,
     /// The range table: writes by arrival.
     writes: BTreeMap<WriteId, WriteSlot>,
     next_write: u64,
@@ -466,7 +494,10 @@ impl PartitionCore {
             acked_through: 0,
             sent_through: 0,
             stopped: false,
-            secondary_in_sync: false,
+            secondary_at_front: false,
+            owed_through: 0,
+            flush_queued_through: 0,
+            flush_confirmed_through: 0,
             writes: BTreeMap::new(),
             next_write: 0,
             replica_busy: false,
@@ -518,11 +549,43 @@ impl PartitionCore {
         self.stopped
     }
 
-    /// Primary: the secondary holds every record this primary acknowledged
-    /// (see the field); the driver reports it to the control plane, which
-    /// promotes only an in-sync secondary.
+    /// Primary: every record this primary acknowledged is on the secondary
+    /// or on the sleds: the secondary is at the queue's front
+    /// ([`secondary_at_front`](Self::secondary_at_front)) *and* confirmed a
+    /// flush commit covering whatever it was jumped over
+    /// ([`owed_through`](Self::owed_through)). The driver reports it to the
+    /// control plane, which promotes only an in-sync secondary.
     pub fn secondary_in_sync(&self) -> bool {
-        self.secondary_in_sync
+        self.secondary_at_front && self.flush_confirmed_through >= self.owed_through
+    }
+
+    /// Primary: whether a flush commit at watermark `up_to` with nothing to
+    /// move is worth queuing: something is owed and no commit at least as
+    /// high is queued yet (a watermark still below what is owed, because
+    /// writes are not applied yet, is queued once, not at every check).
+    pub fn owed_commit_worth(&self, up_to: u64) -> bool {
+        self.owes_flush() && up_to > self.flush_queued_through
+    }
+
+    /// Primary: the secondary is at the replication queue's front (new
+    /// writes go to it as appends; the replicator stops probing).
+    pub fn secondary_at_front(&self) -> bool {
+        self.secondary_at_front
+    }
+
+    /// Primary: the secondary is owed a flush commit up to this sequence
+    /// (0: nothing owed; see [`secondary_in_sync`](Self::secondary_in_sync)).
+    pub fn owed_through(&self) -> u64 {
+        self.owed_through
+    }
+
+    /// Primary: a flush must commit a watermark of at least
+    /// [`owed_through`](Self::owed_through) (none queued yet), even with
+    /// nothing left to move.
+    pub fn owes_flush(&self) -> bool {
+        matches!(self.role, Role::Primary)
+            && !self.stopped
+            && self.owed_through > self.flush_queued_through
     }
 
     /// Writes in the range table (queued, admitted or committing).
@@ -670,11 +733,15 @@ impl PartitionCore {
         self.retained.retain(|_, position| *position >= tail);
     }
 
-    /// Whether a flush is due at `now`: the shared log is fuller than
-    /// `fill_ratio` (`fill` is its current fill), or the oldest unflushed
-    /// write is older than `age`.
+    /// Whether a flush is due at `now`: the secondary is owed a flush
+    /// commit ([`owes_flush`](Self::owes_flush)), the shared log is fuller
+    /// than `fill_ratio` (`fill` is its current fill), or the oldest
+    /// unflushed write is older than `age`.
     pub fn flush_due(&self, now: Instant, fill: f64, fill_ratio: f64, age: Duration) -> bool {
-        fill > fill_ratio
+        // What the secondary is owed goes first: until it is on the sleds,
+        // the owed tail is in this log only and the pair is not in sync.
+        self.owes_flush()
+            || fill > fill_ratio
             || self
                 .oldest_unflushed
                 .is_some_and(|t| now.saturating_duration_since(t) >= age)
@@ -757,6 +824,83 @@ impl PartitionCore {
             up_to_sequence: up_to,
             more,
         }
+    }
+
+    /// A flush batch planned by [`flush_plan`](Self::flush_plan) is
+    /// durable on the sleds: `placed` names where each block went
+    /// (partition block, the write's sequence, its sled location; one
+    /// block each), `trims` the pending trims its summaries recorded.
+    /// Moves the blocks still at that version to the sleds (newer writes
+    /// win), forgets the trims, and queues the flush commit at `up_to` for
+    /// the secondary (parked behind an uncheckpointed snapshot marker).
+    /// Returns the blocks moved. The engine's flush (`flush.rs`) does the
+    /// same under the partition lock, interleaved with GC relocations; the
+    /// seeded simulation commits its flushes through this.
+    pub fn commit_flushed(
+        &mut self,
+        placed: &[(u64, u64, Location)],
+        trims: &[u64],
+        up_to: u64,
+    ) -> Result<u64, PartitionError> {
+        if !matches!(self.role, Role::Primary) || self.stopped {
+            return Err(self.not_primary());
+        }
+        if up_to > self.applied_through {
+            return Err(PartitionError::BadRequest {
+                partition: self.partition,
+                reason: format!(
+                    "flush commit up to {up_to}, applied through {}",
+                    self.applied_through
+                ),
+            });
+        }
+        let mut moved = 0;
+        let mut mappings: Vec<FlushedRange> = Vec::new();
+        for (lba, sequence, location) in placed {
+            let Location::Sled {
+                extent,
+                column,
+                offset_bytes,
+            } = *location
+            else {
+                return Err(PartitionError::BadRequest {
+                    partition: self.partition,
+                    reason: format!("block {lba} flushed to {location:?}"),
+                });
+            };
+            moved += self
+                .index
+                .apply_flush(*lba, 1, *sequence, *location)
+                .map_err(|e| self.index_error(e))?;
+            mappings.push(FlushedRange {
+                lba: self.first_block + lba,
+                blocks: 1,
+                sequence: *sequence,
+                extent,
+                column,
+                offset_bytes,
+            });
+        }
+        for sequence in trims {
+            self.pending_trims.remove(sequence);
+        }
+        let commit = ReplicaRequest::FlushCommit {
+            partition: self.partition,
+            epoch: self.epoch,
+            up_to_sequence: up_to,
+            mappings,
+        };
+        self.queue_flush_commit(up_to, commit);
+        Ok(moved)
+    }
+
+    /// Recovery from the sleds built `index` (newest checkpoint plus the
+    /// rows after it, or every summary; the highest sequence it saw is
+    /// `highest_sequence`): it replaces this core's index before the log's
+    /// records are replayed or a take-over's are adopted over it.
+    pub fn install_recovered_index(&mut self, index: PartitionIndex, highest_sequence: u64) {
+        self.index = index;
+        self.next_sequence = self.next_sequence.max(highest_sequence + 1);
     }
 
     // ----- primary: the range table -----------------------------------------
@@ -1134,9 +1278,24 @@ impl PartitionCore {
         self.sent_through = self.acked_through;
     }
 
-    /// The secondary confirmed a flush commit.
+    /// The secondary confirmed a flush commit (the front of the queue).
     pub fn on_committed(&mut self) {
-        self.pending_commits.pop_front();
+        if let Some(ReplicaRequest::FlushCommit {
+            up_to_sequence,
+            mappings,
+            ..
+        }) = self.pending_commits.pop_front()
+        {
+            if !is_jump(&mappings) {
+                self.flush_confirmed_through = self.flush_confirmed_through.max(up_to_sequence);
+            }
+        }
+    }
+
+    /// A flush commit at watermark `up_to` was queued for the secondary
+    /// (pending or parked): an owed flush is no longer due.
+    pub(crate) fn note_flush_queued(&mut self, up_to: u64) {
+        self.flush_queued_through = self.flush_queued_through.max(up_to);
     }
 
     /// The secondary holds every sequence up to `up_to`: drops them from
@@ -1147,24 +1306,26 @@ impl PartitionCore {
         }
         self.acked_through = self.acked_through.max(up_to);
         // The secondary accepts records in sequence order only (holes are
-        // refused with `Gap`; a catch-up jump skips only flushed ones), so
-        // holding `up_to` means holding everything acknowledged before it.
-        self.secondary_in_sync = true;
+        // refused with `Gap`), so holding `up_to` means it is at the
+        // queue's front; whatever a catch-up jumped it over is owed
+        // (`owed_through`) until a flush commit covers it.
+        self.secondary_at_front = true;
         self.settle_all()
     }
 
     /// A secondary that expects sequence `expected` (a `Gap`, a status
-    /// probe, a catch-up round) is at the queue's front: it holds every
-    /// record this primary acknowledged. Returns whether that is so (and
-    /// records it).
+    /// probe, a catch-up round): whether it is at the queue's front (and
+    /// records it). "Expects X" does not mean "holds everything below X"
+    /// (a jump moves it over records this log may still hold): that is
+    /// [`secondary_in_sync`](Self::secondary_in_sync)'s business.
     pub fn note_secondary_expects(&mut self, expected: u64) -> bool {
         if matches!(self.role, Role::Primary)
             && !self.stopped
             && matches!(self.catch_up_plan(expected), CatchUp::Caught)
         {
-            self.secondary_in_sync = true;
+            self.secondary_at_front = true;
         }
-        self.secondary_in_sync
+        self.secondary_at_front
     }
 
     /// What to send a secondary that expects sequence `expected`.
@@ -1175,6 +1336,12 @@ impl PartitionCore {
             .map_or(self.next_sequence, |r| r.sequence);
         if expected >= front {
             return CatchUp::Caught;
+        }
+        // Records this log still holds below the front: the secondary jumps
+        // to the front and is owed a flush commit over them (the tail is
+        // flushed instead of shipped; see the module docs of `replica`).
+        if self.retained.range(expected..front).next().is_some() {
+            return CatchUp::Owe { up_to: front - 1 };
         }
         // Sequences from `expected` up to the next one this log still has
         // (and at most the applied watermark) are flushed, superseded or
@@ -1194,16 +1361,17 @@ impl PartitionCore {
                 up_to: released_through,
             };
         }
-        let contiguous: Vec<(u64, LogPosition)> = (expected..)
-            .zip(self.retained.range(expected..front).take(CATCH_UP_RECORDS))
-            .take_while(|(next, (sequence, _))| *sequence == next)
-            .map(|(_, (s, p))| (*s, *p))
-            .collect();
-        if contiguous.is_empty() {
-            CatchUp::Lost
-        } else {
-            CatchUp::Resend(contiguous)
-        }
+        CatchUp::Lost
+    }
+
+    /// The jump of [`CatchUp::Owe`]: records that the secondary is owed a
+    /// flush commit up to `up_to` (from now on, whether or not the jump
+    /// arrives: the pair is out of sync until such a commit is confirmed)
+    /// and returns the jump ([`jump_request`](Self::jump_request)). The
+    /// driver starts a flush at once.
+    pub fn jump_owed(&mut self, up_to: u64) -> ReplicaRequest {
+        self.owed_through = self.owed_through.max(up_to);
+        self.jump_request(up_to)
     }
 
     /// The catch-up's jump of the secondary's expected sequence to
@@ -1252,15 +1420,6 @@ impl PartitionCore {
             } else {
                 Bytes::new()
             },
-        }
-    }
-
-    /// A catch-up record was released from the log behind the catch-up's
-    /// back (nothing the index, a trim or an unconfirmed append needs):
-    /// forget it, the next plan skips it.
-    pub fn forget_retained(&mut self, sequence: u64, position: LogPosition) {
-        if self.retained.get(&sequence) == Some(&position) {
-            self.retained.remove(&sequence);
         }
     }
 
@@ -1790,6 +1949,16 @@ impl PartitionCore {
         self.applied_through = self.next_sequence - 1;
         self.acked_through = self.next_sequence - 1;
         self.sent_through = self.acked_through;
+        if !secondary {
+            // A primary instance opened from a log (or handed a take-over's
+            // tail): an earlier instance may have jumped its secondary over
+            // records that are on no sled yet, so "the secondary expects X"
+            // no longer implies "it holds everything below X". Everything
+            // this log holds is owed until a flush commit covers it.
+            if let Some((highest, _)) = self.retained.last_key_value() {
+                self.owed_through = self.owed_through.max(*highest);
+            }
+        }
         if secondary {
             self.epoch = highest_epoch;
         } else if highest_epoch > self.epoch {

@@ -9,7 +9,9 @@
 //! append and no claim: the stripe is durable on its present columns, at
 //! least k, and repair writes the owed ones later): the index moves blocks that are
 //! still the logged version (newer writes win), a `FlushCommit` goes to the
-//! local log and to the secondary, and the shared log is released. `Fenced`
+//! local log and to the secondary, and the shared log is released (a
+//! flush with nothing to move still commits its watermark when the
+//! secondary is owed one: the catch-up's jump, see [`super::replica`]). `Fenced`
 //! from a sled fences the partition at once. An append that fails seals the
 //! extent and the stripe is written again to a new extent (bounded).
 //!
@@ -113,6 +115,15 @@ pub(super) async fn flush_now(shared: &Arc<Shared>) -> Result<FlushReport, Parti
     for _ in 0..MAX_BATCHES {
         let batch = collect(shared);
         if batch.pieces.is_empty() && batch.trims.is_empty() {
+            // Nothing to move, but the secondary may be owed a flush commit
+            // (a catch-up jumped it over records flushed since, or an
+            // instance opened from its log): commit the watermark alone,
+            // or the pair never gets in sync.
+            let worth = shared.lock().core.owed_commit_worth(batch.up_to_sequence);
+            if worth {
+                commit_flush(shared, Vec::new(), &[], Some(batch.up_to_sequence)).await?;
+                checkpoint_if_parked(shared).await;
+            }
             break;
         }
         let blocks = load_log_blocks(shared, batch.pieces).await?;

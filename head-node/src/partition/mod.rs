@@ -1106,9 +1106,11 @@ impl Partition {
             .clone()
     }
 
-    /// Primary: the secondary holds every record this primary acknowledged
-    /// (caught up; see the replica module docs). The manager reports it to
-    /// the control plane, which promotes only an in-sync secondary.
+    /// Primary: every record this primary acknowledged is on the secondary
+    /// or on the sleds (at the queue's front, and any tail a catch-up
+    /// jumped it over flushed and the commit confirmed; see the replica
+    /// module docs). The manager reports it to the control plane, which
+    /// promotes only an in-sync secondary.
     pub fn secondary_in_sync(&self) -> bool {
         self.shared.lock().core.secondary_in_sync()
     }

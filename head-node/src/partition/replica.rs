@@ -8,9 +8,10 @@
 //! alone), and retries until the secondary confirms: a slow or stopped
 //! secondary stalls acknowledgements instead of weakening them. Every
 //! answer goes back to the core, which completes the writes durable on
-//! both logs. On `Gap` it follows the core's catch-up plan: resend from its
-//! own log, or — for records it already flushed and released — a
-//! `FlushCommit` that moves the secondary's expected sequence past them.
+//! both logs. On `Gap` it follows the core's catch-up plan: a `FlushCommit`
+//! that moves the secondary's expected sequence to the queue's front (a
+//! *jump*), over records flushed and released here, or over records this
+//! log still holds, which are then flushed instead of shipped (below).
 //! `StaleEpoch` fences the primary.
 //!
 //! **A new secondary is caught up at once.** A primary instance (opened,
@@ -19,11 +20,33 @@
 //! while this log may hold thousands of unflushed acknowledged records. It
 //! asks (`Status`) before anything else and runs the catch-up from the
 //! answer, retrying until the secondary answers — not only when a host
-//! write meets a `Gap`, which may not come before this node dies. Once the
-//! secondary is at the queue's front the core records it in sync
-//! ([`PartitionCore::secondary_in_sync`](super::core::PartitionCore::secondary_in_sync)),
+//! write meets a `Gap`, which may not come before this node dies.
+//!
+//! **The tail is flushed instead of shipped.** Shipping the whole
+//! unflushed tail before writes are acknowledged again made the host's
+//! failover pause grow with the log (35k records: 2.9 s; a half-full log:
+//! 9–12 s; bench/README.md). Instead, a secondary that expects a sequence
+//! below the queue's front F is sent the jump to F - 1 at once
+//! ([`CatchUp::Owe`]): new writes go to it as appends and are confirmed
+//! at once. The core records `owed_through = F - 1` and a flush starts at
+//! once (the background flush also treats an owed flush as due first).
+//! The pair is **in sync**
+//! ([`PartitionCore::secondary_in_sync`](super::core::PartitionCore::secondary_in_sync),
 //! which the manager reports to the control plane: only then may the
-//! secondary be promoted.
+//! secondary be promoted) once the secondary is at the front *and* has
+//! confirmed a flush commit with a watermark of at least `owed_through`.
+//!
+//! **What that costs in durability, and why it is kept safe.** New writes
+//! acknowledged during the owed window are in both logs. The owed tail
+//! was acknowledged earlier, when the *old* secondary (now dead or
+//! replaced) held it: until the flush commits, it is in this node's log
+//! only. That window is the same one the old design had (the tail was in
+//! one log until shipped), now ended by a flush instead of a transfer; it
+//! is safe for the same reason: a secondary that is not in sync is never
+//! promoted, so a crash of this node in the window makes the partition
+//! wait for this node's log (the old rule), and a crash of the secondary
+//! loses nothing this log does not hold. The flush of the owed tail is
+//! started immediately and goes before the fill and age triggers.
 //!
 //! The secondary handles one request at a time (the core's replica slot),
 //! accepts records in sequence order only (duplicates are skipped, holes
@@ -36,7 +59,7 @@ use futures::StreamExt as _;
 use proto::volume::{ReplicaError, ReplicaRecord, ReplicaReply, ReplicaRequest};
 
 use super::core::{CatchUp, ReplicaAppend};
-use super::{bump, flush, PeerError, Role, Shared, LOG_READS_IN_FLIGHT};
+use super::{bump, flush, PeerError, Role, Shared};
 use crate::wal::WalError;
 
 /// `Append` requests the replicator keeps in flight: with more than one,
@@ -78,16 +101,16 @@ pub(super) async fn run_replicator(weak: Weak<Shared>) {
         let Some(shared) = weak.upgrade() else { return };
         let wakeup = shared.repl_wakeup.clone();
         let retry = shared.config.replica_retry_interval;
-        let (has_commit, in_sync) = {
+        let (has_commit, at_front) = {
             let state = shared.lock();
             (
                 !state.core.pending_commits.is_empty(),
-                state.core.secondary_in_sync(),
+                state.core.secondary_at_front(),
             )
         };
         let step = if in_flight.is_empty() && has_commit {
             replicate_commit(&shared).await
-        } else if in_flight.is_empty() && !in_sync {
+        } else if in_flight.is_empty() && !at_front {
             probe_secondary(&shared).await
         } else {
             match fill(&shared, &mut in_flight) {
@@ -199,7 +222,8 @@ async fn replicate_commit(shared: &Arc<Shared>) -> Step {
 }
 
 /// Asks the secondary which sequence it expects and catches it up from
-/// there (see the module docs): run until the core holds it in sync.
+/// there (see the module docs): run until the core holds it at the queue's
+/// front.
 async fn probe_secondary(shared: &Arc<Shared>) -> Step {
     let Some(peer) = shared.replica.clone() else {
         return Step::Stop;
@@ -220,7 +244,8 @@ async fn probe_secondary(shared: &Arc<Shared>) -> Step {
         })) => {
             let expected = highest_sequence.saturating_add(1);
             if shared.lock().core.note_secondary_expects(expected) {
-                tracing::info!(partition = ?shared.id(), expected, "secondary in sync");
+                let owed = kick_owed_flush(shared);
+                tracing::info!(partition = ?shared.id(), expected, owed, "secondary at the queue's front");
                 return Step::Progress;
             }
             tracing::info!(partition = ?shared.id(), expected, "catching the secondary up");
@@ -293,12 +318,24 @@ async fn on_reply(
     }
 }
 
+/// Starts a flush now if the secondary is owed one (the jump of a
+/// catch-up, or an instance opened from its log); returns what is owed
+/// (0: nothing).
+fn kick_owed_flush(shared: &Arc<Shared>) -> u64 {
+    let (owes, owed) = {
+        let state = shared.lock();
+        (state.core.owes_flush(), state.core.owed_through())
+    };
+    if owes {
+        super::kick_flush(shared);
+    }
+    owed
+}
+
 /// What one catch-up request did.
 enum Round {
     /// The secondary now expects this sequence.
     Next(u64),
-    /// Nothing sent (a released record was forgotten): look again.
-    Again,
     /// The secondary is at the queue's front: the normal path goes on.
     Caught,
     /// Stop catching up with this step.
@@ -308,9 +345,10 @@ enum Round {
 /// Most catch-up requests in one go (each moves the secondary forward).
 const CATCH_UP_ROUNDS: usize = 4096;
 
-/// The secondary expects `expected`: resend what it misses from the log, or
-/// move it past records flushed and released here, request after request
-/// (no failed `Append` and no idle wait between them), until it reaches the
+/// The secondary expects `expected`: move it to the queue's front with
+/// jumps (over records flushed and released here, or over records this log
+/// holds, which it is then owed a flush of), request after request (no
+/// failed `Append` and no idle wait between them), until it reaches the
 /// queue's front, a request fails, or `replica_timeout` passed.
 async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
     let deadline = tokio::time::Instant::now() + shared.config.replica_timeout;
@@ -319,10 +357,9 @@ async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
         let late = tokio::time::Instant::now() >= deadline;
         match outcome {
             Round::Next(next) if next > expected && !late => expected = next,
-            Round::Again if !late => {}
-            Round::Next(_) | Round::Again => return Step::Progress,
+            Round::Next(_) => return Step::Progress,
             Round::Caught if round > 0 => {
-                tracing::info!(partition = ?shared.id(), rounds = round, "secondary in sync after the catch-up");
+                tracing::info!(partition = ?shared.id(), rounds = round, "secondary at the queue's front after the catch-up");
                 return Step::Progress;
             }
             Round::Caught => return Step::Retry,
@@ -334,14 +371,11 @@ async fn catch_up(shared: &Arc<Shared>, mut expected: u64) -> Step {
 
 /// One catch-up request (see [`catch_up`]), as the core plans it.
 async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
-    let (plan, epoch) = {
-        let state = shared.lock();
-        (state.core.catch_up_plan(expected), state.core.epoch)
-    };
+    let plan = shared.lock().core.catch_up_plan(expected);
     let Some(peer) = shared.replica.clone() else {
         return Round::Done(Step::Stop);
     };
-    let (request, released_through) = match plan {
+    let (request, jumped_to, owed) = match plan {
         CatchUp::Caught => {
             shared.lock().core.note_secondary_expects(expected);
             return Round::Caught;
@@ -350,62 +384,21 @@ async fn catch_up_round(shared: &Arc<Shared>, expected: u64) -> Round {
             tracing::warn!(partition = ?shared.id(), expected, "secondary misses records this log no longer has; needs re-mirror");
             return Round::Done(Step::Retry);
         }
-        CatchUp::Skip { up_to } => (shared.lock().core.jump_request(up_to), up_to),
-        CatchUp::Resend(contiguous) => {
-            let wal = shared.log.wal();
-            let mut reads = futures::stream::iter(contiguous)
-                .map(|(sequence, position)| async move {
-                    (sequence, position, wal.read(position).await)
-                })
-                .buffered(LOG_READS_IN_FLIGHT);
-            let mut records: Vec<ReplicaRecord> = Vec::new();
-            let mut bytes = 0;
-            while let Some((sequence, position, read)) = reads.next().await {
-                match read {
-                    // At most `BATCH_BYTES` a request (one record always):
-                    // the next round sends the rest.
-                    Ok(record)
-                        if !records.is_empty()
-                            && bytes + record.payload.len() > super::core::BATCH_BYTES =>
-                    {
-                        break
-                    }
-                    Ok(record) => {
-                        bytes += record.payload.len();
-                        records.push(shared.lock().core.replica_record(&record));
-                    }
-                    // Send what precedes it; the next round deals with it.
-                    Err(WalError::NotFound { .. }) if !records.is_empty() => break,
-                    Err(WalError::NotFound { .. }) => {
-                        // Released behind our back: nothing the index, a
-                        // trim or an unconfirmed append needs (those hold
-                        // the log), so flushed or superseded. Forget it; the
-                        // next round moves the secondary past it with a
-                        // flush commit instead of retrying a record that
-                        // will never return.
-                        shared.lock().core.forget_retained(sequence, position);
-                        tracing::info!(partition = ?shared.id(), sequence, "catch-up record already released; skipping it");
-                        return Round::Again;
-                    }
-                    Err(error) => {
-                        tracing::warn!(partition = ?shared.id(), sequence, %error, "catch-up record unreadable");
-                        return Round::Done(Step::Retry);
-                    }
-                }
-            }
-            (
-                ReplicaRequest::Append {
-                    partition: shared.id(),
-                    epoch,
-                    records,
-                },
-                0,
-            )
+        CatchUp::Skip { up_to } => (shared.lock().core.jump_request(up_to), up_to, false),
+        CatchUp::Owe { up_to } => {
+            let request = shared.lock().core.jump_owed(up_to);
+            tracing::info!(partition = ?shared.id(), expected, owed_through = up_to, "secondary jumped over the unflushed tail; flushing it");
+            (request, up_to, true)
         }
     };
+    // The owed tail is in this log only until a flush commits it: the
+    // flush starts now, not when the jump is answered.
+    if owed {
+        kick_owed_flush(shared);
+    }
     match tokio::time::timeout(shared.config.replica_timeout, peer.send(request)).await {
         Ok(Ok(ReplicaReply::Appended { up_to_sequence })) => Round::Next(up_to_sequence + 1),
-        Ok(Ok(ReplicaReply::Committed)) => Round::Next(released_through + 1),
+        Ok(Ok(ReplicaReply::Committed)) => Round::Next(jumped_to + 1),
         Ok(Ok(ReplicaReply::Error(ReplicaError::StaleEpoch { current }))) => {
             shared.fence(current);
             Round::Done(Step::Stop)

@@ -500,6 +500,7 @@ impl PartitionCore {
     /// checkpoint) would forget a snapshot the control plane records
     /// ready. A parked commit only keeps more of the secondary's log.
     pub(crate) fn queue_flush_commit(&mut self, up_to: u64, commit: ReplicaRequest) {
+        self.note_flush_queued(up_to);
         let covers_marker = self
             .snapshot_markers
             .keys()

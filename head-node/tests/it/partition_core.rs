@@ -398,26 +398,190 @@ fn a_flush_commit_releases_what_a_catch_up_resent_from_before_the_join() {
 }
 
 #[test]
-fn the_catch_up_plan_resends_what_the_log_has_and_jumps_the_rest() {
+fn the_catch_up_plan_jumps_released_records_and_owes_held_ones() {
     let mut core = primary();
-    // Sequences 1..=3 committed and confirmed; 2 then released.
+    // Sequences 1..=3 committed, confirmed and flushed; 1 then released.
+    let mut placed = Vec::new();
     for (lba, head) in [(0, 10), (1, 11), (2, 12)] {
         let (a, seq) = commit(&mut core, lba, 1, head);
         core.local_done(a.id(), Ok(vec![LogPosition(head)]));
         core.on_appended(seq);
+        let location = Location::Sled {
+            extent: 1,
+            column: 0,
+            offset_bytes: lba * 4096,
+        };
+        placed.push((lba, seq, location));
     }
-    core.forget_retained(2, LogPosition(11));
-    // An empty secondary: 1 is resent, 2 jumped, 3 resent, then caught up.
-    assert_eq!(
-        core.catch_up_plan(1),
-        CatchUp::Resend(vec![(1, LogPosition(10))])
-    );
-    assert_eq!(core.catch_up_plan(2), CatchUp::Skip { up_to: 2 });
-    assert_eq!(
-        core.catch_up_plan(3),
-        CatchUp::Resend(vec![(3, LogPosition(12))])
-    );
+    assert!(core.secondary_in_sync(), "confirmed appends, nothing owed");
+    assert_eq!(core.commit_flushed(&placed, &[], 3).unwrap(), 3);
+    core.forget_released(LogPosition(11));
+    // Records held from the expected one on: a jump to the front, owed.
+    assert_eq!(core.catch_up_plan(1), CatchUp::Owe { up_to: 3 });
+    assert_eq!(core.catch_up_plan(3), CatchUp::Owe { up_to: 3 });
     assert_eq!(core.catch_up_plan(4), CatchUp::Caught);
+    // Nothing held from the expected one to the front: released, a plain
+    // jump over it (owing nothing).
+    core.forget_released(LogPosition(13));
+    assert_eq!(core.catch_up_plan(1), CatchUp::Skip { up_to: 3 });
+    assert_eq!(core.owed_through(), 0);
+}
+
+/// A primary opened from a log holding `count` one-block writes at
+/// positions 10.. (sequences 1..=count), at epoch 5.
+fn opened_primary(count: u64) -> PartitionCore {
+    let recovered: Vec<RecoveredRecord> = (1..=count)
+        .map(|sequence| RecoveredRecord {
+            position: LogPosition(9 + sequence),
+            record: head_node::wal::LogRecord::write(
+                PART,
+                5,
+                sequence,
+                sequence - 1,
+                Bytes::from(vec![sequence as u8; 4096]),
+            ),
+        })
+        .collect();
+    let mut core = primary();
+    core.replay(false, &recovered, 1, Instant::now()).unwrap();
+    core
+}
+
+/// Issue 14 item 6: the tail is flushed instead of shipped. A new
+/// secondary is jumped to the queue's front, new writes are confirmed at
+/// once, and the pair is in sync only once a flush commit covering the
+/// jumped tail is confirmed by the secondary.
+#[test]
+fn a_jumped_secondary_is_in_sync_only_after_the_flush_commit_of_the_tail() {
+    let mut core = opened_primary(3);
+    // Whatever this log holds may be what an earlier instance jumped its
+    // secondary over: owed from the start.
+    assert_eq!(core.owed_through(), 3);
+    assert!(!core.secondary_in_sync());
+    // An empty secondary: jumped over 1..=3, not resent.
+    assert_eq!(core.catch_up_plan(1), CatchUp::Owe { up_to: 3 });
+    let ReplicaRequest::FlushCommit {
+        up_to_sequence: 3, ..
+    } = core.jump_owed(3)
+    else {
+        panic!("not a jump to 3")
+    };
+    assert!(core.note_secondary_expects(4), "at the queue's front");
+    assert!(core.secondary_at_front());
+    assert!(!core.secondary_in_sync(), "the tail is in this log only");
+    // The owed flush is due whatever the fill and age.
+    assert!(core.owes_flush());
+    assert!(core.flush_due(
+        Instant::now(),
+        0.0,
+        1.0,
+        std::time::Duration::from_secs(3600)
+    ));
+    // A new write is acknowledged at once (both logs have it).
+    let (a, seq) = commit(&mut core, 10, 1, 20);
+    assert_eq!(seq, 4);
+    core.local_done(a.id(), Ok(vec![LogPosition(20)]));
+    let (done, _) = core.on_appended(seq);
+    assert_eq!(ok_ids(&done), vec![a.id().0]);
+    assert!(!core.secondary_in_sync());
+    // The flush: every log-resident block to the sleds, committed at the
+    // applied watermark.
+    let plan = core.flush_plan(64);
+    assert!(!plan.more);
+    assert_eq!(plan.up_to_sequence, 4);
+    let placed: Vec<(u64, u64, Location)> = plan
+        .pieces
+        .iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let location = Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes: i as u64 * 4096,
+            };
+            (piece.lba, piece.sequence, location)
+        })
+        .collect();
+    assert_eq!(
+        core.commit_flushed(&placed, &[], plan.up_to_sequence)
+            .unwrap(),
+        4
+    );
+    assert!(!core.owes_flush(), "a covering commit is queued");
+    assert!(
+        !core.secondary_in_sync(),
+        "queued is not confirmed by the secondary"
+    );
+    let Some(ReplicaRequest::FlushCommit {
+        up_to_sequence: 4, ..
+    }) = core.next_commit()
+    else {
+        panic!("no flush commit for the secondary")
+    };
+    core.on_committed();
+    assert!(core.secondary_in_sync());
+}
+
+/// A flush with nothing left to move still commits its watermark when the
+/// secondary is owed one, or the pair would never get in sync: a take-over
+/// offers the old instance's flushed (not yet released) tail to the new
+/// secondary's catch-up, which jumps it over those records and owes them.
+#[test]
+fn an_owed_flush_with_nothing_to_move_commits_its_watermark() {
+    let mut old = primary();
+    for (lba, head) in [(0, 10), (1, 11)] {
+        let (a, seq) = commit(&mut old, lba, 1, head);
+        old.local_done(a.id(), Ok(vec![LogPosition(head)]));
+        old.on_appended(seq);
+    }
+    let placed = [
+        (
+            0,
+            1,
+            Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes: 0,
+            },
+        ),
+        (
+            1,
+            2,
+            Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes: 4096,
+            },
+        ),
+    ];
+    assert_eq!(old.commit_flushed(&placed, &[], 2).unwrap(), 2);
+    // The secondary is replaced: the primary moves to epoch 6 in place.
+    old.take_over(6).unwrap();
+    let plan = old.take_over_plan(false);
+    assert!(plan.log_resident.runs.is_empty(), "{plan:?}");
+    let mut core = PartitionCore::new(PART, FIRST, 64, Role::Primary, 6);
+    core.adopt_log_resident(&plan.log_resident, plan.next_sequence, Instant::now())
+        .unwrap();
+    core.adopt_retained(&plan.retained);
+    assert_eq!(core.owed_through(), 0, "nothing log-resident handed over");
+    // The new, empty secondary is jumped over the offered tail: owed.
+    assert_eq!(core.catch_up_plan(1), CatchUp::Owe { up_to: 2 });
+    core.jump_owed(2);
+    assert!(core.note_secondary_expects(3));
+    assert!(!core.secondary_in_sync());
+    // Nothing to move: the commit goes alone, once.
+    let flush = core.flush_plan(64);
+    assert!(flush.pieces.is_empty() && flush.trims.is_empty());
+    assert_eq!(flush.up_to_sequence, 2);
+    assert!(core.owed_commit_worth(flush.up_to_sequence));
+    assert_eq!(
+        core.commit_flushed(&[], &[], flush.up_to_sequence).unwrap(),
+        0
+    );
+    assert!(!core.owed_commit_worth(flush.up_to_sequence), "queued once");
+    assert!(!core.secondary_in_sync(), "not confirmed yet");
+    core.on_committed();
+    assert!(core.secondary_in_sync());
 }
 
 #[test]

@@ -17,28 +17,44 @@
 //!  crash      ─▶ a node loses its core, non-durable records (a random
 //!                prefix survives: torn batches), its requests and replies
 //!  restart    ─▶ the node comes back idle with what its log kept
+//!  flush      ─▶ the primary's flush plan (log-resident runs, pending
+//!                trims) is written to the simulated sleds (durable at
+//!                once, one step), then, in a later step, committed
+//!                through the core (`commit_flushed`: index moves, the
+//!                flush commit queued for the secondary) if the same
+//!                instance is still primary; a flush is also due whenever
+//!                the secondary is owed one
+//!  sync report─▶ the primary's `secondary_in_sync` (the manager's report)
+//!                marks the pair in sync at the control plane: the only
+//!                promotion gate
 //!  control plane (the LCP's decisions): primary lost ─▶ promote the
-//!                secondary in place (take-over at epoch + 1: the new core
+//!                in-sync secondary in place (take-over at epoch + 1: the
+//!                new core starts from the sleds' index, recovery, and
 //!                adopts the old one's log-resident runs and trims as the
 //!                driver does, no log read; each record they name must be
 //!                durable in the log); secondary lost
 //!                ─▶ re-mirror: the primary takes over at epoch + 1 with a
-//!                spare opened as secondary (join marker); both lost ─▶ cold
-//!                open of a pair member from its log as primary
+//!                spare opened as secondary (join marker), which its
+//!                replicator asks (`Status`) and catches up with a jump
+//!                over the tail (owed until a flush commit covers it);
+//!                both lost ─▶ cold open of a pair member from the sleds
+//!                and its log as primary
 //! ```
 //!
 //! After every step: every block read through the primary's index (from
-//! its log) returns the newest acknowledged data or data of a write issued
-//! after it that is unresolved or failed (never older, never data nobody
-//! wrote); a core that acknowledges is the primary of the current epoch;
-//! every index entry of every live core names a durable record of its own
-//! log with the same sequence, at or above the log's tail. A broken log
-//! release panics inside the core (`forget_released`).
+//! its log or the sleds) returns the newest acknowledged data or data of a
+//! write issued after it that is unresolved or failed (never older, never
+//! data nobody wrote); while the control plane holds the pair in sync,
+//! the same holds for what a promotion of the secondary would read (its
+//! index over the sleds' newest); a core that acknowledges is the primary
+//! of the current epoch; every index entry of every live core names a
+//! durable record of its own log with the same sequence, at or above the
+//! log's tail, or a block the sleds hold with the same sequence. A broken
+//! log release panics inside the core (`forget_released`).
 //!
-//! What is not simulated yet: flush, GC and checkpoints to sleds (the
-//! engine's flush pipeline is still driver-side code, see
-//! `partition::core`), so no sleds are lost here; the in-process scenarios
-//! of `partition.rs` cover those with real sled stores.
+//! What is not simulated: GC, checkpoints and lost sleds (the sleds here
+//! never fail); the in-process scenarios of `partition.rs` cover those
+//! with real sled stores.
 //!
 //! `SIM_SEED=N` runs one seed (printed on failure), `SIM_SEEDS=N` runs N
 //! seeds from `SIM_FIRST_SEED` (default 1); the default is 200 seeds.
@@ -49,9 +65,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use head_node::index::Location;
+use head_node::index::{Location, PartitionIndex};
 use head_node::partition::core::{
-    Admission, CatchUp, Change, Completion, PartitionCore, ReplicaAppend, WriteId,
+    Admission, CatchUp, Change, Completion, FlushPlan, PartitionCore, ReplicaAppend, WriteId,
 };
 use head_node::partition::{live_records, PartitionError, Role};
 use head_node::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
@@ -146,6 +162,90 @@ impl SimLog {
     }
 }
 
+/// The sleds as one durable store: every flushed block (written before
+/// its flush commits, found by recovery whether or not it committed, as
+/// the real rows are) and every trim tombstone.
+#[derive(Debug, Default)]
+struct Sleds {
+    /// Flushed blocks by slot (block `i` is at extent 1, column 0, offset
+    /// `i * BLOCK`): partition block, sequence, stamp.
+    blocks: Vec<(u64, u64, u64)>,
+    /// Trim tombstones: first block, blocks, sequence.
+    tombstones: Vec<(u64, u64, u64)>,
+}
+
+impl Sleds {
+    fn location(slot: usize) -> Location {
+        Location::Sled {
+            extent: 1,
+            column: 0,
+            offset_bytes: (slot * BLOCK) as u64,
+        }
+    }
+
+    /// The slot a sled location names.
+    fn slot(location: Location) -> Option<usize> {
+        match location {
+            Location::Sled {
+                extent: 1,
+                column: 0,
+                offset_bytes,
+            } if offset_bytes % BLOCK as u64 == 0 => {
+                usize::try_from(offset_bytes / BLOCK as u64).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// What recovery from the sleds builds: newest sequence wins.
+    fn recovered_index(&self) -> Result<(PartitionIndex, u64), String> {
+        let mut index = PartitionIndex::new(PARTITION, BLOCKS);
+        let mut highest = 0;
+        for (slot, (lba, sequence, _)) in self.blocks.iter().enumerate() {
+            index
+                .apply_write(*lba, 1, *sequence, Self::location(slot))
+                .map_err(|e| e.to_string())?;
+            highest = highest.max(*sequence);
+        }
+        for (lba, count, sequence) in &self.tombstones {
+            index
+                .apply_unmap(*lba, *count, *sequence)
+                .map_err(|e| e.to_string())?;
+            highest = highest.max(*sequence);
+        }
+        Ok((index, highest))
+    }
+
+    /// The newest (sequence, stamp) the sleds hold for block `b` (a
+    /// tombstone reads 0).
+    fn newest(&self, b: u64) -> Option<(u64, u64)> {
+        let blocks = self
+            .blocks
+            .iter()
+            .filter(|(lba, _, _)| *lba == b)
+            .map(|(_, sequence, stamp)| (*sequence, *stamp));
+        let trims = self
+            .tombstones
+            .iter()
+            .filter(|(lba, count, _)| (*lba..lba + count).contains(&b))
+            .map(|(_, _, sequence)| (*sequence, 0));
+        blocks.chain(trims).max_by_key(|(sequence, _)| *sequence)
+    }
+}
+
+/// A flush whose data is on the sleds, not committed yet.
+#[derive(Debug)]
+struct FlushInFlight {
+    /// The core instance that planned it.
+    generation: u64,
+    /// Partition block, sequence, sled location of each block.
+    placed: Vec<(u64, u64, Location)>,
+    /// Trim sequences its tombstones recorded.
+    trims: Vec<u64>,
+    /// The commit's watermark.
+    up_to: u64,
+}
+
 /// What a pending log append is for.
 #[derive(Debug)]
 enum Purpose {
@@ -171,8 +271,8 @@ struct Pending {
 enum Tag {
     Append,
     Commit,
-    CatchUpAppend,
     CatchUpSkip(u64),
+    Status,
 }
 
 #[derive(Debug, Default)]
@@ -200,6 +300,8 @@ struct Node {
     /// Primary: the secondary it was paired with (its replicator's peer,
     /// whatever the control plane decided since).
     peer: Option<usize>,
+    /// Primary: a flush written to the sleds, to commit.
+    flush: Option<FlushInFlight>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,11 +347,10 @@ struct ControlPlane {
     epoch: u64,
     primary: Option<usize>,
     secondary: Option<usize>,
-    /// The secondary confirmed every sequence up to `sync_target` (the
-    /// primary's last sequence when the pair was formed): only then is it
-    /// a copy that a promotion may rely on.
+    /// The primary reported its secondary in sync
+    /// (`PartitionCore::secondary_in_sync`, as the manager does): only
+    /// then is it a copy that a promotion may rely on.
     synced: bool,
-    sync_target: u64,
 }
 
 struct Sim {
@@ -261,6 +362,7 @@ struct Sim {
     network: Vec<Msg>,
     next_request: u64,
     cp: ControlPlane,
+    sleds: Sleds,
     writes: Vec<ClientWrite>,
     /// Per block: (client write index, value) of the newest acknowledged
     /// write (index 0: the initial zeros) and every write issued after it.
@@ -277,6 +379,7 @@ struct Sim {
     acked: usize,
     crashes: usize,
     takeovers: usize,
+    flushes: usize,
 }
 
 fn now(sim_base: Instant, step: usize) -> Instant {
@@ -306,12 +409,12 @@ impl Sim {
             nodes,
             network: Vec::new(),
             next_request: 1,
+            sleds: Sleds::default(),
             cp: ControlPlane {
                 epoch: 1,
                 primary: Some(0),
                 secondary: Some(1),
                 synced: true,
-                sync_target: 0,
             },
             writes: vec![ClientWrite {
                 blocks: 0..BLOCKS,
@@ -330,6 +433,7 @@ impl Sim {
             acked: 0,
             crashes: 0,
             takeovers: 0,
+            flushes: 0,
         };
         sim.open_primary(0, 1);
         sim.open_secondary(1, 1);
@@ -369,12 +473,24 @@ impl Sim {
         node.cancelled.clear();
         node.replicator = Replicator::default();
         node.peer = None;
+        node.flush = None;
     }
 
-    /// Cold open of node `n` as primary at `epoch` from its log.
+    /// A primary core at `epoch` over what recovery from the sleds builds.
+    fn recovered_primary(&self, epoch: u64) -> PartitionCore {
+        let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
+        match self.sleds.recovered_index() {
+            Ok((index, highest)) => core.install_recovered_index(index, highest),
+            Err(error) => self.fail(format!("recovery from the sleds: {error}")),
+        }
+        core
+    }
+
+    /// Cold open of node `n` as primary at `epoch` from the sleds and its
+    /// log.
     fn open_primary(&mut self, n: usize, epoch: u64) {
         let recovered = live_records(PARTITION, &self.nodes[n].log.recovered());
-        let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
+        let mut core = self.recovered_primary(epoch);
         if let Err(error) = core.replay(false, &recovered, 1, self.now()) {
             self.fail(format!("cold open of node {n} at epoch {epoch}: {error}"));
         }
@@ -461,7 +577,7 @@ impl Sim {
             ));
         }
         let records = plan.needed.len();
-        let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
+        let mut core = self.recovered_primary(epoch);
         if let Err(error) =
             core.adopt_log_resident(&plan.log_resident, plan.next_sequence, self.now())
         {
@@ -957,24 +1073,17 @@ impl Sim {
         }
         self.nodes[n].replicator.outstanding = None;
         self.note(format!("node {n} got {reply:?} for {tag:?}"));
-        let confirmed = match (&reply, tag) {
-            (ReplicaReply::Appended { up_to_sequence }, _) => Some(*up_to_sequence),
-            (ReplicaReply::Committed, Tag::CatchUpSkip(up_to)) => Some(up_to),
-            _ => None,
-        };
-        if self.cp.primary == Some(n)
-            && confirmed.is_some_and(|c| c >= self.cp.sync_target)
-            && !self.cp.synced
-        {
-            self.cp.synced = true;
-            self.note(format!("secondary in sync (through {:?})", confirmed));
-        }
         let Some(core) = self.nodes[n].core.as_mut() else {
             return;
         };
         match (reply, tag) {
-            (ReplicaReply::Appended { up_to_sequence }, Tag::CatchUpAppend) => {
-                self.nodes[n].replicator.catching = Some(up_to_sequence + 1);
+            (
+                ReplicaReply::Status {
+                    highest_sequence, ..
+                },
+                Tag::Status,
+            ) => {
+                self.nodes[n].replicator.catching = Some(highest_sequence + 1);
             }
             (ReplicaReply::Appended { up_to_sequence }, _) => {
                 let (completions, ready) = core.on_appended(up_to_sequence);
@@ -1025,65 +1134,56 @@ impl Sim {
         if !self.nodes[p].up || self.nodes[p].replicator.outstanding.is_some() {
             return;
         }
-        for _ in 0..8 {
-            let catching = self.nodes[p].replicator.catching;
-            let node = &mut self.nodes[p];
-            let Some(core) = node.core.as_mut() else {
-                return;
-            };
-            if core.role() != Role::Primary || core.stopped() {
-                return;
-            }
-            if let Some(expected) = catching {
-                match core.catch_up_plan(expected) {
-                    CatchUp::Caught => node.replicator.catching = None,
-                    CatchUp::Skip { up_to } => {
-                        let request = core.jump_request(up_to);
-                        self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
-                        return;
-                    }
-                    CatchUp::Resend(list) => {
-                        let mut records = Vec::new();
-                        let mut forgot = false;
-                        for (sequence, position) in list {
-                            match node.log.records.get(&position.0) {
-                                Some(entry) => records.push(core.replica_record(&entry.record)),
-                                None if records.is_empty() => {
-                                    core.forget_retained(sequence, position);
-                                    forgot = true;
-                                    break;
-                                }
-                                None => break,
-                            }
-                        }
-                        if forgot {
-                            continue;
-                        }
-                        let request = ReplicaRequest::Append {
-                            partition: PARTITION,
-                            epoch: core.epoch(),
-                            records,
-                        };
-                        self.send_request(p, s, request, Tag::CatchUpAppend);
-                        return;
-                    }
-                    CatchUp::Lost => {
-                        node.replicator.catching = None;
-                        core.replication_failed();
-                        self.note(format!("node {p}: secondary needs records this log lost"));
-                        return;
-                    }
+        let catching = self.nodes[p].replicator.catching;
+        let node = &mut self.nodes[p];
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        if core.role() != Role::Primary || core.stopped() {
+            return;
+        }
+        if let Some(expected) = catching {
+            match core.catch_up_plan(expected) {
+                CatchUp::Caught => {
+                    core.note_secondary_expects(expected);
+                    node.replicator.catching = None;
+                }
+                CatchUp::Skip { up_to } => {
+                    let request = core.jump_request(up_to);
+                    self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
+                    return;
+                }
+                CatchUp::Owe { up_to } => {
+                    // The tail is flushed instead of shipped: the jump
+                    // now, the flush is due (`flush_due`) until a
+                    // commit covering it is queued.
+                    let request = core.jump_owed(up_to);
+                    self.note(format!("node {p} jumps its secondary to {up_to}, owed"));
+                    self.send_request(p, s, request, Tag::CatchUpSkip(up_to));
+                    return;
+                }
+                CatchUp::Lost => {
+                    node.replicator.catching = None;
+                    core.replication_failed();
+                    self.note(format!("node {p}: secondary needs records this log lost"));
+                    return;
                 }
             }
-            let Some(core) = self.nodes[p].core.as_mut() else {
-                return;
-            };
-            if let Some(commit) = core.next_commit() {
-                self.send_request(p, s, commit, Tag::Commit);
-            } else if let Some(append) = core.next_append() {
-                self.send_request(p, s, append, Tag::Append);
-            }
+        }
+        let Some(core) = self.nodes[p].core.as_mut() else {
             return;
+        };
+        if let Some(commit) = core.next_commit() {
+            self.send_request(p, s, commit, Tag::Commit);
+        } else if !core.secondary_at_front() {
+            // A new instance asks its secondary what it holds (the
+            // replicator's probe) before anything else.
+            let request = ReplicaRequest::Status {
+                partition: PARTITION,
+            };
+            self.send_request(p, s, request, Tag::Status);
+        } else if let Some(append) = core.next_append() {
+            self.send_request(p, s, append, Tag::Append);
         }
     }
 
@@ -1101,6 +1201,7 @@ impl Sim {
         node.pending.clear();
         node.replicator = Replicator::default();
         node.peer = None;
+        node.flush = None;
         // Non-durable records: a random prefix survives (torn batches).
         let mut keep = true;
         let positions: Vec<u64> = node.log.records.keys().copied().collect();
@@ -1238,10 +1339,6 @@ impl Sim {
                 self.nodes[p].peer = Some(spare);
                 self.cp.secondary = Some(spare);
                 self.cp.synced = false;
-                self.cp.sync_target = self.nodes[p]
-                    .core
-                    .as_ref()
-                    .map_or(0, |c| c.next_sequence() - 1);
             }
             (None, None) => {
                 // Both lost: a restarted member of the pair that holds
@@ -1267,39 +1364,201 @@ impl Sim {
         }
     }
 
+    // ----- flush and the sync report ----------------------------------------------------
+
+    /// The serving primary writes its next flush batch to the sleds (or,
+    /// with nothing to move, only a watermark it owes its secondary); the
+    /// commit comes in a later step ([`flush_commit`](Self::flush_commit)).
+    fn flush_write(&mut self) {
+        let Some(p) = self.cp.primary else { return };
+        let node = &self.nodes[p];
+        if !node.up || node.flush.is_some() {
+            return;
+        }
+        let Some(core) = node.core.as_ref() else {
+            return;
+        };
+        if core.check_primary(Some(self.cp.epoch)).is_err() || core.stopped() {
+            return;
+        }
+        let limit = 1 + self.rng.below(BLOCKS);
+        let FlushPlan {
+            pieces,
+            trims,
+            up_to_sequence,
+            ..
+        } = core.flush_plan(limit);
+        if pieces.is_empty() && trims.is_empty() && !core.owed_commit_worth(up_to_sequence) {
+            return;
+        }
+        let mut placed = Vec::new();
+        for piece in &pieces {
+            let Some(entry) = node.log.records.get(&piece.position.0) else {
+                self.fail(format!(
+                    "flush on node {p}: log record {} of block {} is gone",
+                    piece.position.0, piece.lba
+                ));
+            };
+            for i in 0..piece.block_count {
+                let at = (u64::from(piece.first_block_in_record) + i) as usize * BLOCK;
+                let mut stamp = [0u8; 8];
+                stamp.copy_from_slice(&entry.record.payload[at..at + 8]);
+                let slot = self.sleds.blocks.len();
+                self.sleds
+                    .blocks
+                    .push((piece.lba + i, piece.sequence, u64::from_le_bytes(stamp)));
+                placed.push((piece.lba + i, piece.sequence, Sleds::location(slot)));
+            }
+        }
+        for (sequence, trim) in &trims {
+            self.sleds
+                .tombstones
+                .push((trim.lba, trim.block_count, *sequence));
+        }
+        self.note(format!(
+            "node {p} flush written: {} blocks, {} trims, up to {up_to_sequence}",
+            placed.len(),
+            trims.len()
+        ));
+        let generation = self.nodes[p].generation;
+        self.nodes[p].flush = Some(FlushInFlight {
+            generation,
+            placed,
+            trims: trims.iter().map(|(sequence, _)| *sequence).collect(),
+            up_to: up_to_sequence,
+        });
+    }
+
+    /// A flush on the sleds is committed through the core of the instance
+    /// that planned it (a replaced or fenced one drops it: the rows stay
+    /// on the sleds, as recovery finds them).
+    fn flush_commit(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        let Some(flush) = node.flush.take() else {
+            return;
+        };
+        if flush.generation != node.generation || !node.up {
+            return;
+        }
+        let Some(core) = node.core.as_mut() else {
+            return;
+        };
+        match core.commit_flushed(&flush.placed, &flush.trims, flush.up_to) {
+            Ok(moved) => {
+                self.flushes += 1;
+                self.note(format!(
+                    "node {n} flush committed up to {} ({moved} blocks moved)",
+                    flush.up_to
+                ));
+            }
+            Err(PartitionError::NotPrimary { .. }) => {
+                self.note(format!("node {n} flush dropped: no longer primary"));
+            }
+            Err(error) => self.fail(format!("flush commit on node {n}: {error}")),
+        }
+    }
+
+    /// The sync-report task of the manager: the current primary's core
+    /// holds its secondary in sync, the control plane records it.
+    fn report_sync(&mut self) {
+        let (Some(p), Some(s)) = (self.cp.primary, self.cp.secondary) else {
+            return;
+        };
+        if self.cp.synced || !self.nodes[p].up || self.nodes[p].peer != Some(s) {
+            return;
+        }
+        let Some(core) = self.nodes[p].core.as_ref() else {
+            return;
+        };
+        if core.check_primary(Some(self.cp.epoch)).is_ok() && core.secondary_in_sync() {
+            self.cp.synced = true;
+            self.note(format!(
+                "node {p} reports secondary {s} in sync (owed through {})",
+                core.owed_through()
+            ));
+        }
+    }
+
     // ----- checks -----------------------------------------------------------------------
 
     fn check(&mut self) {
         for n in 0..NODES {
             self.check_index_against_log(n);
         }
-        self.check_secondary_in_sync();
+        self.check_promotion_view();
         self.check_reads();
     }
 
-    /// What the primary's core would report to the control plane
-    /// (`PartitionCore::secondary_in_sync`, the gate of every promotion)
-    /// is never ahead of the truth: when it says in sync, the secondary
-    /// expects a sequence past everything the primary held when the pair
-    /// was formed.
-    fn check_secondary_in_sync(&self) {
-        let (Some(p), Some(s)) = (self.cp.primary, self.cp.secondary) else {
+    /// While the control plane holds the pair in sync (the only gate of a
+    /// promotion), what a promotion of the secondary would read — its own
+    /// index over the sleds' newest, newest sequence wins, as recovery plus
+    /// the handed-over runs build it — is the newest acknowledged data or
+    /// newer, block by block.
+    fn check_promotion_view(&self) {
+        let (true, Some(s)) = (self.cp.synced, self.cp.secondary) else {
             return;
         };
-        let (Some(primary), Some(secondary)) =
-            (self.nodes[p].core.as_ref(), self.nodes[s].core.as_ref())
-        else {
+        let node = &self.nodes[s];
+        let Some(core) = node.core.as_ref() else {
             return;
         };
-        if primary.role() == Role::Primary
-            && primary.secondary_in_sync()
-            && secondary.next_sequence() <= self.cp.sync_target
-        {
-            self.fail(format!(
-                "node {p} holds secondary {s} in sync but it expects {} (pair formed at {})",
-                secondary.next_sequence(),
-                self.cp.sync_target
-            ));
+        if !node.up || core.role() != Role::Secondary {
+            return;
+        }
+        for b in 0..BLOCKS {
+            let mapped = match core.index().lookup_with_sequence(b, 1) {
+                Ok(mapped) => mapped,
+                Err(error) => self.fail(format!("secondary lookup of block {b}: {error}")),
+            };
+            let own = mapped.first().and_then(|m| {
+                let sequence = m.sequence?;
+                let value = match m.location {
+                    None => 0,
+                    Some(location) => self.value_at(s, b, location),
+                };
+                Some((sequence, value))
+            });
+            let newest = match (own, self.sleds.newest(b)) {
+                (Some(own), Some(sled)) if sled.0 > own.0 => Some(sled),
+                (Some(own), _) => Some(own),
+                (None, sled) => sled,
+            };
+            let value = newest.map_or(0, |(_, value)| value);
+            if !self.allowed[b as usize].iter().any(|(_, v)| *v == value) {
+                self.fail(format!(
+                    "the in-sync secondary {s} would serve block {b} as {value:#x} once promoted; allowed (write, value): {:?}",
+                    self.allowed[b as usize]
+                ));
+            }
+        }
+    }
+
+    /// The stamp of block `b` at `location` as node `n` reads it (its log,
+    /// or the sleds).
+    fn value_at(&self, n: usize, b: u64, location: Location) -> u64 {
+        match location {
+            Location::Log {
+                position,
+                block_in_record,
+            } => match self.nodes[n].log.records.get(&position.0) {
+                Some(entry) => {
+                    let at = block_in_record as usize * BLOCK;
+                    let payload = &entry.record.payload;
+                    let mut stamp = [0u8; 8];
+                    stamp.copy_from_slice(&payload[at..at + 8]);
+                    u64::from_le_bytes(stamp)
+                }
+                None => self.fail(format!(
+                    "node {n}: block {b}: log record {} gone",
+                    position.0
+                )),
+            },
+            sled => match Sleds::slot(sled).and_then(|slot| self.sleds.blocks.get(slot)) {
+                Some((lba, _, stamp)) if *lba == b => *stamp,
+                other => self.fail(format!(
+                    "node {n}: block {b} at {sled:?}: the sleds hold {other:?}"
+                )),
+            },
         }
     }
 
@@ -1316,8 +1575,21 @@ impl Sim {
         for (lba, run) in core.index().runs() {
             match run.location {
                 None => {}
-                Some(Location::Sled { .. }) => {
-                    self.fail(format!("node {n}: block {lba} on a sled without a flush"))
+                Some(sled @ Location::Sled { .. }) => {
+                    // Runs cover one flushed block each here (one slot per
+                    // block; neighbours of the same write may merge).
+                    for i in 0..run.block_count {
+                        let at = sled.advanced(i);
+                        match Sleds::slot(at).and_then(|slot| self.sleds.blocks.get(slot)) {
+                            Some((block, sequence, _))
+                                if *block == lba + i && *sequence == run.sequence => {}
+                            other => self.fail(format!(
+                                "node {n}: block {} maps to {at:?} (sequence {}), the sleds hold {other:?}",
+                                lba + i,
+                                run.sequence
+                            )),
+                        }
+                    }
                 }
                 Some(Location::Log {
                     position,
@@ -1365,20 +1637,7 @@ impl Sim {
             };
             let value = match pieces.first().and_then(|piece| piece.location) {
                 None => 0,
-                Some(Location::Log {
-                    position,
-                    block_in_record,
-                }) => match node.log.records.get(&position.0) {
-                    Some(entry) => {
-                        let at = block_in_record as usize * BLOCK;
-                        let payload = &entry.record.payload;
-                        let mut stamp = [0u8; 8];
-                        stamp.copy_from_slice(&payload[at..at + 8]);
-                        u64::from_le_bytes(stamp)
-                    }
-                    None => self.fail(format!("block {b}: log record {} gone", position.0)),
-                },
-                Some(other) => self.fail(format!("block {b} at {other:?}")),
+                Some(location) => self.value_at(p, b, location),
             };
             if !self.allowed[b as usize].iter().any(|(_, v)| *v == value) {
                 self.fail(format!(
@@ -1420,9 +1679,14 @@ impl Sim {
                 let n = self.rng.below(NODES as u64) as usize;
                 self.crash(n);
             }
-            922..=959 => {
+            922..=949 => {
                 let n = self.rng.below(NODES as u64) as usize;
                 self.restart(n);
+            }
+            950..=964 => self.flush_write(),
+            965..=979 => {
+                let n = self.rng.below(NODES as u64) as usize;
+                self.flush_commit(n);
             }
             _ => {
                 if self.cp_needed() {
@@ -1430,8 +1694,25 @@ impl Sim {
                 }
             }
         }
+        self.owed_flush();
         self.pump();
+        self.report_sync();
         self.check();
+    }
+
+    /// The driver flushes at once what the secondary is owed (the real one
+    /// kicks a flush when it jumps the secondary; the duty task treats an
+    /// owed flush as due): the write now, the commit a step later.
+    fn owed_flush(&mut self) {
+        let Some(p) = self.cp.primary else { return };
+        let owes = self.nodes[p].core.as_ref().is_some_and(|c| c.owes_flush());
+        if owes && self.rng.chance(300) {
+            if self.nodes[p].flush.is_some() {
+                self.flush_commit(p);
+            } else {
+                self.flush_write();
+            }
+        }
     }
 
     /// Heals everything and lets the pair finish: every write resolves.
@@ -1460,7 +1741,9 @@ impl Sim {
                     self.replication_timeout(p);
                 }
             }
+            self.owed_flush();
             self.pump();
+            self.report_sync();
             self.check();
             let waiting = self.writes.iter().any(|w| w.outcome == Outcome::Waiting);
             if !waiting
@@ -1511,10 +1794,10 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (usize, usize, usize) {
+fn run_seed(seed: u64) -> (usize, usize, usize, usize) {
     let mut sim = Sim::new(seed);
     sim.run();
-    (sim.acked, sim.crashes, sim.takeovers)
+    (sim.acked, sim.crashes, sim.takeovers, sim.flushes)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1531,22 +1814,23 @@ fn seeded_runs_keep_every_acknowledged_write() {
             (first..first + count).collect()
         }
     };
-    let (mut acked, mut crashes, mut takeovers) = (0, 0, 0);
+    let (mut acked, mut crashes, mut takeovers, mut flushes) = (0, 0, 0, 0);
     let mut failed = Vec::new();
     for seed in &seeds {
         // Every seed runs; the failing ones are listed at the end (each
         // printed its own report when it panicked).
         match std::panic::catch_unwind(|| run_seed(*seed)) {
-            Ok((a, c, t)) => {
+            Ok((a, c, t, f)) => {
                 acked += a;
                 crashes += c;
                 takeovers += t;
+                flushes += f;
             }
             Err(_) => failed.push(*seed),
         }
     }
     println!(
-        "sim: {} seeds, {acked} writes acknowledged, {crashes} crashes, {takeovers} take-overs, {} failed",
+        "sim: {} seeds, {acked} writes acknowledged, {crashes} crashes, {takeovers} take-overs, {flushes} flushes, {} failed",
         seeds.len(),
         failed.len()
     );
@@ -1567,5 +1851,6 @@ fn seeded_runs_keep_every_acknowledged_write() {
             takeovers > seeds.len() / 2,
             "too few take-overs: {takeovers}"
         );
+        assert!(flushes > seeds.len(), "too few flushes: {flushes}");
     }
 }
