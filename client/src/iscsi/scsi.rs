@@ -131,6 +131,13 @@ impl Sense {
     pub const RESERVATIONS_RELEASED: Sense = Sense::new(0x06, 0x2a, 0x04);
     /// UNIT ATTENTION: this nexus's registration was preempted.
     pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x05);
+    /// UNIT ATTENTION: POWER ON OCCURRED (TARGET COLD RESET).
+    pub const POWER_ON: Sense = Sense::new(0x06, 0x29, 0x01);
+    /// UNIT ATTENTION: BUS DEVICE RESET FUNCTION OCCURRED (LUN RESET,
+    /// TARGET WARM RESET).
+    pub const DEVICE_RESET: Sense = Sense::new(0x06, 0x29, 0x03);
+    /// UNIT ATTENTION: I_T NEXUS LOSS OCCURRED.
+    pub const NEXUS_LOSS: Sense = Sense::new(0x06, 0x29, 0x07);
 
     /// 18 bytes of fixed-format sense data.
     pub fn encode(&self) -> Bytes {
@@ -384,21 +391,37 @@ impl LogicalUnit {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The session of `nexus` ended (I_T nexus loss): its SPC-2
-    /// reservation ends, and its pending unit attentions go.
-    pub fn nexus_lost(&self, nexus: &Nexus) {
+    /// A session of `nexus` began (it hears the unit attentions kept
+    /// for its initiator port, shared.rs).
+    pub fn session_started(&self, nexus: &Nexus) {
+        self.reservations.nexus_found(nexus);
+    }
+
+    /// The session of `nexus` ended: its SPC-2 reservation ends. After a
+    /// logout its pending unit attentions go; otherwise (I_T nexus loss:
+    /// the connection dropped, the session was reinstated, TARGET COLD
+    /// RESET) they stay and I_T NEXUS LOSS OCCURRED joins them, for the
+    /// initiator port's next session.
+    pub fn session_ended(&self, nexus: &Nexus, logged_out: bool) {
         let mut legacy = self.legacy();
         if legacy.as_ref() == Some(nexus) {
             *legacy = None;
         }
         drop(legacy);
-        self.reservations.forget(nexus);
+        if logged_out {
+            self.reservations.forget(nexus);
+        } else {
+            self.reservations.nexus_lost(nexus);
+        }
     }
 
     /// LUN RESET, TARGET WARM/COLD RESET: the SPC-2 reservation ends
-    /// (persistent reservations are kept, as SPC-4 says).
-    pub fn reset(&self) {
+    /// (persistent reservations are kept, as SPC-4 says), and every
+    /// nexus of `nexuses` (this agent's sessions, the issuer's included,
+    /// SAM-5 7.6) gets the unit attention `sense`.
+    pub fn reset(&self, sense: Sense, nexuses: &[Nexus]) {
         *self.legacy() = None;
+        self.reservations.raise(nexuses, sense);
     }
 
     /// RESERVE(6) and RELEASE(6) (module docs).
@@ -1419,13 +1442,17 @@ mod tests {
         // end b's; b's does.
         assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        unit.nexus_lost(&a);
+        unit.session_ended(&a, true);
         assert_eq!(run_as(&unit, &a, &read10(0, 1), &[]).status, conflict);
-        unit.nexus_lost(&b);
+        unit.session_ended(&b, true);
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        // A LUN reset ends it.
-        unit.reset();
-        assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, GOOD);
+        // A LUN reset ends it, and tells every nexus once.
+        unit.reset(Sense::DEVICE_RESET, &[a.clone(), b.clone()]);
+        for who in [&a, &b] {
+            let first = run_as(&unit, who, &read10(0, 1), &[]);
+            assert_eq!(first.sense, Some(Sense::DEVICE_RESET));
+            assert_eq!(run_as(&unit, who, &read10(0, 1), &[]).status, GOOD);
+        }
         // With a persistent registration, RESERVE(6) conflicts and
         // RELEASE(6) does nothing.
         let mut parameters = [0u8; 24];
@@ -1480,7 +1507,7 @@ mod tests {
             (0x06, 0x2a, 0x03)
         );
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        // Nexus loss drops what is pending.
+        // A logout drops what is pending.
         assert_eq!(register(&a, 5), GOOD);
         assert_eq!(register(&b, 2), GOOD);
         let mut p = [0u8; 24];
@@ -1488,7 +1515,76 @@ mod tests {
         p[8..16].copy_from_slice(&5u64.to_be_bytes());
         let preempt = run_as(&unit, &b, &[0x5f, 4, 3, 0, 0, 0, 0, 0, 24, 0], &p);
         assert_eq!(preempt.status, GOOD);
-        unit.nexus_lost(&a);
+        unit.session_ended(&a, true);
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
+    }
+
+    /// I_T nexus loss (no logout): the initiator port's next session
+    /// hears I_T NEXUS LOSS OCCURRED once, after the attentions that
+    /// were pending; a reset's 29h attention stands alone (a later 29h
+    /// adds nothing); a logout hears nothing.
+    #[test]
+    fn nexus_loss_is_reported_to_the_next_session() {
+        let (unit, _) = unit();
+        let (a, b) = (nexus(), other_nexus());
+        let tur = [0x00, 0, 0, 0, 0, 0];
+        unit.session_started(&a);
+        unit.session_ended(&a, false);
+        unit.session_started(&a);
+        // INQUIRY passes it by; REQUEST SENSE returns it as data.
+        assert_eq!(run_as(&unit, &a, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
+        let sense = run_as(&unit, &a, &[0x03, 0, 0, 0, 18, 0], &[]);
+        assert_eq!(
+            (sense.data[2], sense.data[12], sense.data[13]),
+            (0x06, 0x29, 0x07)
+        );
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+        // Another nexus is not told.
+        assert_eq!(run_as(&unit, &b, &tur, &[]).status, GOOD);
+        // A cold reset, then the connection drops: POWER ON only.
+        unit.reset(Sense::POWER_ON, std::slice::from_ref(&a));
+        unit.session_ended(&a, false);
+        assert_eq!(run_as(&unit, &a, &tur, &[]).sense, Some(Sense::POWER_ON));
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+        // A logout: nothing for the next session.
+        unit.session_ended(&a, true);
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+    }
+
+    /// Lost nexuses that never come back (a new ISID per session) are
+    /// dropped oldest first: they neither grow without bound nor crowd
+    /// out the attentions of live nexuses.
+    #[test]
+    fn lost_nexuses_are_bounded() {
+        let (unit, _) = unit();
+        let tur = [0x00, 0, 0, 0, 0, 0];
+        let port = |i: u32| Nexus {
+            initiator: "iqn.2026-12.test:lost".into(),
+            isid: [
+                0x80,
+                0,
+                i.to_be_bytes()[0],
+                i.to_be_bytes()[1],
+                i.to_be_bytes()[2],
+                i.to_be_bytes()[3],
+            ],
+        };
+        for i in 0..5000 {
+            unit.session_started(&port(i));
+            unit.session_ended(&port(i), false);
+        }
+        // The oldest are gone, the newest are kept.
+        assert_eq!(run_as(&unit, &port(0), &tur, &[]).status, GOOD);
+        assert_eq!(
+            run_as(&unit, &port(4999), &tur, &[]).sense,
+            Some(Sense::NEXUS_LOSS)
+        );
+        // A live nexus still gets its reset attention.
+        let a = nexus();
+        unit.reset(Sense::DEVICE_RESET, std::slice::from_ref(&a));
+        assert_eq!(
+            run_as(&unit, &a, &tur, &[]).sense,
+            Some(Sense::DEVICE_RESET)
+        );
     }
 }

@@ -258,16 +258,38 @@ impl std::fmt::Debug for ReservationStore {
 /// Unit attentions waiting for their I_T nexus's next command (SAM-5
 /// 5.14: reported once, oldest first). Bounded: at most
 /// [`ATTENTIONS_PER_NEXUS`] per nexus (a repeated one is kept once) and
-/// [`ATTENTION_NEXUSES`] nexuses (only registered nexuses get one, and
-/// a record holds at most 256 registrations).
+/// [`ATTENTION_NEXUSES`] nexuses (only registered nexuses, the nexuses
+/// of this agent's sessions and the last [`LOST_NEXUSES`] lost ones get
+/// one).
+///
+/// At most one attention of ASC 29h (power on, reset, I_T nexus loss)
+/// is pending per nexus: a second one adds nothing the first does not
+/// say (the initiator re-checks its state either way), so the first
+/// stands.
+///
+/// A lost nexus (its session ended without a logout: connection loss,
+/// session reinstatement, TARGET COLD RESET) keeps its attentions and
+/// gets I_T NEXUS LOSS OCCURRED (SAM-5 6.3.4), reported when its
+/// initiator port (name and ISID) logs in again. Most initiators never
+/// reuse a lost ISID (libiscsi draws a new one per context), so lost
+/// nexuses are kept in the order they were lost and the oldest is
+/// dropped beyond [`LOST_NEXUSES`]: they cannot crowd out live ones.
 #[derive(Debug, Default)]
 pub struct Attentions {
-    pending: Mutex<HashMap<Nexus, VecDeque<Sense>>>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    queues: HashMap<Nexus, VecDeque<Sense>>,
+    /// Nexuses lost with attentions pending, oldest first.
+    lost: VecDeque<Nexus>,
 }
 
 /// Bounds of [`Attentions`].
 const ATTENTIONS_PER_NEXUS: usize = 8;
 const ATTENTION_NEXUSES: usize = 1024;
+const LOST_NEXUSES: usize = 256;
 
 impl Attentions {
     fn raise(&self, raised: Vec<(Nexus, Sense)>) {
@@ -276,12 +298,13 @@ impl Attentions {
         }
         let mut pending = lock(&self.pending);
         for (nexus, sense) in raised {
-            if pending.len() >= ATTENTION_NEXUSES && !pending.contains_key(&nexus) {
+            if pending.queues.len() >= ATTENTION_NEXUSES && !pending.queues.contains_key(&nexus) {
                 tracing::warn!(initiator = %nexus.initiator, "iscsi: unit attention dropped");
                 continue;
             }
-            let queue = pending.entry(nexus).or_default();
-            if !queue.contains(&sense) && queue.len() < ATTENTIONS_PER_NEXUS {
+            let queue = pending.queues.entry(nexus).or_default();
+            let reset_pending = sense.asc == 0x29 && queue.iter().any(|s| s.asc == 0x29);
+            if !reset_pending && !queue.contains(&sense) && queue.len() < ATTENTIONS_PER_NEXUS {
                 queue.push_back(sense);
             }
         }
@@ -290,16 +313,38 @@ impl Attentions {
     /// The oldest unit attention of `nexus`, now reported.
     fn take(&self, nexus: &Nexus) -> Option<Sense> {
         let mut pending = lock(&self.pending);
-        let queue = pending.get_mut(nexus)?;
+        let queue = pending.queues.get_mut(nexus)?;
         let sense = queue.pop_front();
         if queue.is_empty() {
-            pending.remove(nexus);
+            pending.queues.remove(nexus);
         }
         sense
     }
 
     fn forget(&self, nexus: &Nexus) {
-        lock(&self.pending).remove(nexus);
+        let mut pending = lock(&self.pending);
+        pending.queues.remove(nexus);
+        pending.lost.retain(|lost| lost != nexus);
+    }
+
+    /// `nexus` was lost: I_T NEXUS LOSS OCCURRED waits for its initiator
+    /// port's next session (type docs).
+    fn lost(&self, nexus: &Nexus) {
+        self.raise(vec![(nexus.clone(), Sense::NEXUS_LOSS)]);
+        let mut pending = lock(&self.pending);
+        pending.lost.retain(|lost| lost != nexus);
+        pending.lost.push_back(nexus.clone());
+        while pending.lost.len() > LOST_NEXUSES {
+            if let Some(oldest) = pending.lost.pop_front() {
+                pending.queues.remove(&oldest);
+            }
+        }
+    }
+
+    /// A session of `nexus` began: it is no longer a lost one (its
+    /// pending attentions are reported to the new session).
+    fn found(&self, nexus: &Nexus) {
+        lock(&self.pending).lost.retain(|lost| lost != nexus);
     }
 }
 
@@ -391,9 +436,27 @@ impl ReservationStore {
         self.attentions.take(nexus)
     }
 
-    /// `nexus`'s session ended: its unit attentions go with it.
+    /// `nexus`'s session ended with a logout: its unit attentions go
+    /// with it.
     pub fn forget(&self, nexus: &Nexus) {
         self.attentions.forget(nexus);
+    }
+
+    /// `nexus`'s session ended without a logout (I_T nexus loss,
+    /// [`Attentions`]).
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        self.attentions.lost(nexus);
+    }
+
+    /// A session of `nexus` began.
+    pub fn nexus_found(&self, nexus: &Nexus) {
+        self.attentions.found(nexus);
+    }
+
+    /// Raise `sense` for each of `nexuses` (a reset's unit attention).
+    pub fn raise(&self, nexuses: &[Nexus], sense: Sense) {
+        self.attentions
+            .raise(nexuses.iter().map(|n| (n.clone(), sense)).collect());
     }
 
     /// `f` of a copy fresh enough to admit a command (shared.rs module
