@@ -56,13 +56,11 @@
 //! the holder's I_T nexus loss (its session ends: logout or dropped
 //! connection), LUN RESET, TARGET WARM RESET and TARGET COLD RESET.
 //!
-//! Unlike persistent reservations, an SPC-2 reservation is **not**
-//! persistent by definition (nexus loss ends it), so it lives in this
-//! agent, not in the unit's replicated state: both portals of one agent
-//! (`rackblock up`) share it, but another agent serving the same volume
-//! does not see it. Hosts that fence across hosts through several agents
-//! must use persistent reservations (every cluster stack of the last
-//! fifteen years does; RESERVE(6) is obsolete since SPC-3).
+//! It is kept with the persistent reservations (shared.rs): in the
+//! unit's replicated state for a unit's volume, so a RESERVE(6) through
+//! one agent conflicts through every other agent of the volume, and it
+//! ends when its holder's agent dies (a lease, shared.rs), as nexus loss
+//! says it must.
 //! COMPARE AND WRITE is atomic against other COMPARE AND WRITEs through
 //! this agent (a per-LUN lock), not against writes from other agents: the
 //! primary-side atomic operation is future work.
@@ -277,8 +275,6 @@ pub struct LogicalUnit {
     /// state, or in this agent for a memory LUN), and the unit
     /// attentions their changes raised.
     reservations: ReservationStore,
-    /// The holder of the SPC-2 reservation (RESERVE(6)), module docs.
-    legacy: std::sync::Mutex<Option<Nexus>>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -381,14 +377,7 @@ impl LogicalUnit {
             id,
             compare_and_write: tokio::sync::Mutex::new(()),
             reservations,
-            legacy: std::sync::Mutex::new(None),
         }
-    }
-
-    fn legacy(&self) -> std::sync::MutexGuard<'_, Option<Nexus>> {
-        self.legacy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A session of `nexus` began (it hears the unit attentions kept
@@ -402,12 +391,8 @@ impl LogicalUnit {
     /// the connection dropped, the session was reinstated, TARGET COLD
     /// RESET) they stay and I_T NEXUS LOSS OCCURRED joins them, for the
     /// initiator port's next session.
-    pub fn session_ended(&self, nexus: &Nexus, logged_out: bool) {
-        let mut legacy = self.legacy();
-        if legacy.as_ref() == Some(nexus) {
-            *legacy = None;
-        }
-        drop(legacy);
+    pub async fn session_ended(&self, nexus: &Nexus, logged_out: bool) {
+        self.reservations.end_reserve6(Some(nexus)).await;
         if logged_out {
             self.reservations.forget(nexus);
         } else {
@@ -419,9 +404,9 @@ impl LogicalUnit {
     /// (persistent reservations are kept, as SPC-4 says), and every
     /// nexus of `nexuses` (this agent's sessions, the issuer's included,
     /// SAM-5 7.6) gets the unit attention `sense`.
-    pub fn reset(&self, sense: Sense, nexuses: &[Nexus]) {
-        *self.legacy() = None;
+    pub async fn reset(&self, sense: Sense, nexuses: &[Nexus]) {
         self.reservations.raise(nexuses, sense);
+        self.reservations.end_reserve6(None).await;
     }
 
     /// RESERVE(6) and RELEASE(6) (module docs).
@@ -432,25 +417,7 @@ impl LogicalUnit {
         if cdb[1] & 0x1f != 0 {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
         }
-        match self.reservations.any_registered().await {
-            Ok(false) => {}
-            Ok(true) if reserve => return conflict(),
-            Ok(true) => return Outcome::good(),
-            Err(outcome) => return outcome,
-        }
-        let mut legacy = self.legacy();
-        match (&*legacy, reserve) {
-            (Some(holder), true) if holder != nexus => conflict(),
-            (_, true) => {
-                *legacy = Some(nexus.clone());
-                Outcome::good()
-            }
-            (Some(holder), false) if holder == nexus => {
-                *legacy = None;
-                Outcome::good()
-            }
-            (_, false) => Outcome::good(),
-        }
+        self.reservations.reserve6(nexus, reserve).await
     }
 
     pub fn blocks(&self) -> u64 {
@@ -486,14 +453,14 @@ impl LogicalUnit {
             // a stale copy of the reservations (shared.rs), and a change
             // found in that read must be reported on this command, not
             // after it.
-            let permitted = match cdb[0] {
-                0x16 | 0x17 | 0x5e | 0x5f => Ok(true),
-                _ => {
-                    self.reservations
-                        .permits(nexus, reserve::access_of(cdb))
-                        .await
-                }
+            // RESERVE(6) held by another nexus: everything conflicts
+            // but INQUIRY, REPORT LUNS, REQUEST SENSE and RELEASE(6).
+            let legacy_exempt = matches!(cdb[0], 0x12 | 0xa0 | 0x03 | 0x17);
+            let access = match cdb[0] {
+                0x16 | 0x17 | 0x5e | 0x5f => reserve::Access::Always,
+                _ => reserve::access_of(cdb),
             };
+            let admitted = self.reservations.admit(nexus, access, legacy_exempt).await;
             // INQUIRY and REPORT LUNS neither report nor clear a unit
             // attention; REQUEST SENSE returns it as its sense data.
             if !matches!(cdb[0], 0x12 | 0xa0) {
@@ -505,19 +472,17 @@ impl LogicalUnit {
                     };
                 }
             }
-            let held_by_other = self.legacy().as_ref().is_some_and(|h| h != nexus);
-            if held_by_other && !matches!(cdb[0], 0x12 | 0xa0 | 0x03 | 0x17) {
-                return conflict();
-            }
+            let permitted = match admitted {
+                Ok((_, true)) => return conflict(),
+                Ok((permitted, false)) => permitted,
+                Err(outcome) => return outcome,
+            };
             match cdb[0] {
                 0x16 | 0x17 => return self.reserve6(nexus, cdb).await,
                 0x5e => return self.reservations.read(cdb).await,
                 0x5f => return self.reservations.write(nexus, cdb, &data_out).await,
-                _ => match permitted {
-                    Ok(true) => {}
-                    Ok(false) => return conflict(),
-                    Err(outcome) => return outcome,
-                },
+                _ if !permitted => return conflict(),
+                _ => {}
             }
         }
         match self.dispatch(lun, cdb, data_out).await {
@@ -1442,12 +1407,12 @@ mod tests {
         // end b's; b's does.
         assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        unit.session_ended(&a, true);
+        futures::executor::block_on(unit.session_ended(&a, true));
         assert_eq!(run_as(&unit, &a, &read10(0, 1), &[]).status, conflict);
-        unit.session_ended(&b, true);
+        futures::executor::block_on(unit.session_ended(&b, true));
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
         // A LUN reset ends it, and tells every nexus once.
-        unit.reset(Sense::DEVICE_RESET, &[a.clone(), b.clone()]);
+        futures::executor::block_on(unit.reset(Sense::DEVICE_RESET, &[a.clone(), b.clone()]));
         for who in [&a, &b] {
             let first = run_as(&unit, who, &read10(0, 1), &[]);
             assert_eq!(first.sense, Some(Sense::DEVICE_RESET));
@@ -1515,7 +1480,7 @@ mod tests {
         p[8..16].copy_from_slice(&5u64.to_be_bytes());
         let preempt = run_as(&unit, &b, &[0x5f, 4, 3, 0, 0, 0, 0, 0, 24, 0], &p);
         assert_eq!(preempt.status, GOOD);
-        unit.session_ended(&a, true);
+        futures::executor::block_on(unit.session_ended(&a, true));
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
     }
 
@@ -1529,7 +1494,7 @@ mod tests {
         let (a, b) = (nexus(), other_nexus());
         let tur = [0x00, 0, 0, 0, 0, 0];
         unit.session_started(&a);
-        unit.session_ended(&a, false);
+        futures::executor::block_on(unit.session_ended(&a, false));
         unit.session_started(&a);
         // INQUIRY passes it by; REQUEST SENSE returns it as data.
         assert_eq!(run_as(&unit, &a, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
@@ -1542,12 +1507,12 @@ mod tests {
         // Another nexus is not told.
         assert_eq!(run_as(&unit, &b, &tur, &[]).status, GOOD);
         // A cold reset, then the connection drops: POWER ON only.
-        unit.reset(Sense::POWER_ON, std::slice::from_ref(&a));
-        unit.session_ended(&a, false);
+        futures::executor::block_on(unit.reset(Sense::POWER_ON, std::slice::from_ref(&a)));
+        futures::executor::block_on(unit.session_ended(&a, false));
         assert_eq!(run_as(&unit, &a, &tur, &[]).sense, Some(Sense::POWER_ON));
         assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
         // A logout: nothing for the next session.
-        unit.session_ended(&a, true);
+        futures::executor::block_on(unit.session_ended(&a, true));
         assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
     }
 
@@ -1571,7 +1536,7 @@ mod tests {
         };
         for i in 0..5000 {
             unit.session_started(&port(i));
-            unit.session_ended(&port(i), false);
+            futures::executor::block_on(unit.session_ended(&port(i), false));
         }
         // The oldest are gone, the newest are kept.
         assert_eq!(run_as(&unit, &port(0), &tur, &[]).status, GOOD);
@@ -1581,7 +1546,7 @@ mod tests {
         );
         // A live nexus still gets its reset attention.
         let a = nexus();
-        unit.reset(Sense::DEVICE_RESET, std::slice::from_ref(&a));
+        futures::executor::block_on(unit.reset(Sense::DEVICE_RESET, std::slice::from_ref(&a)));
         assert_eq!(
             run_as(&unit, &a, &tur, &[]).sense,
             Some(Sense::DEVICE_RESET)

@@ -434,7 +434,7 @@ where
     // unit attentions go, else I_T nexus loss is kept for its initiator
     // port (scsi.rs). A discovery session has no LUN.
     if !discovery {
-        inner.lun.session_ended(&nexus, clean_logout);
+        inner.lun.session_ended(&nexus, clean_logout).await;
     }
     inner.session_ended(tsih);
     let _ = ended_tx.send(true);
@@ -992,7 +992,7 @@ impl Connection {
                     self.pending.retain(|_, task| task.lun != lun);
                     if function == 5 {
                         let nexuses = self.inner.live_nexuses();
-                        self.inner.lun.reset(Sense::DEVICE_RESET, &nexuses);
+                        self.inner.lun.reset(Sense::DEVICE_RESET, &nexuses).await;
                     }
                     0
                 }
@@ -1009,7 +1009,7 @@ impl Connection {
                     Sense::DEVICE_RESET
                 };
                 let nexuses = self.inner.live_nexuses();
-                self.inner.lun.reset(sense, &nexuses);
+                self.inner.lun.reset(sense, &nexuses).await;
                 if function == 7 {
                     self.logged_out = true;
                 }
