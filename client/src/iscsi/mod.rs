@@ -14,7 +14,8 @@
 //! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
 //! * `reserve.rs` (sans-IO): persistent reservations per I_T nexus
 //!   (initiator name + ISID), the SPC-4 rules and the RESERVATION
-//!   CONFLICT check.
+//!   CONFLICT check; the state also holds the SPC-2 reservation
+//!   (RESERVE(6)), so every agent of a volume enforces both.
 //! * `shared.rs`: where they are kept: in the unit's replicated state
 //!   for a volume of a unit (read and compare-and-set through the host
 //!   ports; a cached copy at most 500 ms old admits commands, and
@@ -118,8 +119,7 @@
 //! # Not supported (yet)
 //!
 //! PREEMPT AND ABORT aborting other agents' tasks in flight, REGISTER
-//! AND MOVE, SPEC_I_PT and ALL_TG_PT, RESERVE(6) across agents (it is
-//! per agent, scsi.rs), the unit attentions of a reset for the sessions
+//! AND MOVE, SPEC_I_PT and ALL_TG_PT, the unit attentions of a reset for the sessions
 //! of *other* agents of the volume (a reset raises them for this
 //! agent's sessions), a 29h/00h POWER ON for a brand-new nexus (as
 //! Linux LIO: a new session's first command is not refused), several
