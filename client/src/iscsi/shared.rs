@@ -647,6 +647,20 @@ impl ReservationStore {
     /// (LUN RESET, TARGET RESET).
     pub async fn end_reserve6(&self, nexus: Option<&Nexus>) {
         let agent = self.agent;
+        if let (Some(nexus), Store::Replicated(shared)) = (nexus, &self.kind) {
+            // Only this agent writes a reservation naming it, and it
+            // installs what it writes: a copy without one for `nexus`
+            // needs no read (a session's end does not wait for the
+            // control plane then).
+            let held = lock(&shared.cache)
+                .state
+                .legacy
+                .as_ref()
+                .is_some_and(|l| l.holder == *nexus && l.agent == agent);
+            if !held {
+                return;
+            }
+        }
         let actor = nexus.cloned().unwrap_or_else(|| Nexus {
             initiator: String::new(),
             isid: [0; 6],
