@@ -6,6 +6,11 @@
 # target) serving a raw file on the same disk; medians over BENCH_ROUNDS:
 #   4 KiB random read QD32, IOPS (libiscsi's iscsi-perf --random)
 #   goal (issue 16): ratio >= 1.0 against tgt's one copy
+# and, per round, the CPU each process used during the job (utime + stime
+# from /proc/<pid>/stat before and after; iscsi-perf's from its rusage),
+# as % of one core over the job's wall time and as CPU µs per I/O: the
+# agent, the head nodes, the sleds and the rest of the unit for ours,
+# tgtd for tgt, and the initiator for both; the load average is printed.
 # Writes are not measured: this machine has no iSCSI initiator that writes
 # (iscsi-perf only reads; qemu-img's iscsi driver is in qemu-block-extra,
 # which is not installed next to the pinned qemu-utils; no kernel
@@ -13,7 +18,8 @@
 # dd, ours through NBD (fio) and flushed to the sleds. Every process is stopped by pid (tgtd
 # ignores SIGTERM: its target is deleted and it is told to exit with
 # tgtadm, SIGKILL as a fallback). Output: BENCH lines (bench/README.md)
-# and bench/out/iscsi.json. BENCH_SECONDS (default 5), BENCH_ROUNDS (3).
+# and bench/out/iscsi.json. BENCH_SECONDS (default 5), BENCH_ROUNDS (3),
+# BENCH_BIN (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,8 +29,14 @@ for tool in iscsi-perf:libiscsi-bin tgtd:tgt tgtadm:tgt fio:fio python3:python3 
   command -v "${tool%%:*}" >/dev/null || {
     echo "bench/iscsi.sh: ${tool%%:*} is missing: install the Debian package ${tool##*:} (scripts/install-deps.sh does)" >&2; exit 1; }
 done
-cargo build --release -q -p cli --bin rackblock
-bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+# BENCH_BIN: a rackblock binary to measure instead of this tree's release
+# build (e.g. one already built when the machine is too loaded to build).
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  cargo build --release -q -p cli --bin rackblock
+  bin="${CARGO_TARGET_DIR:-$root/target}/release/rackblock"
+fi
 out="$root/bench/out"; work="$out/iscsi-work"
 rm -rf "$work"; mkdir -p "$work"
 
@@ -96,23 +108,65 @@ for h in 1 2 3; do
     || { echo "bench/iscsi.sh: POST /flush on hn-$h failed" >&2; exit 1; }
 done
 
+# The processes whose CPU a round reports: "group pid" lines.
+: >"$work/procs-ours"
+for file in "$work"/unit/run/*.pid; do
+  name=$(basename "$file" .pid)
+  case $name in attach) group=agent ;; hn-*) group=head_nodes ;; sled-*) group=sleds ;; *) group=unit_other ;; esac
+  echo "$group $(cat "$file")" >>"$work/procs-ours"
+done
+echo "unit_other $up_pid" >>"$work/procs-ours"
+echo "tgtd $tgt_pid" >"$work/procs-tgt"
+cpu_snap() { # procs-file -> "group ticks" lines (utime + stime)
+  while read -r group pid; do
+    awk -v g="$group" '{ sub(/^.*\) /, ""); print g, $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || true
+  done <"$1"
+}
+
 # iscsi-perf prints a line per second ("iops current N") until interrupted;
-# the median of its per-second IOPS after the first is the figure.
-perf_read() { # target round -> IOPS
-  local log="$work/$1-read-r$2.txt"
-  timeout -s INT $((seconds + 1)) iscsi-perf -m 32 -b 8 -r "$(url "$1")" >"$log" 2>&1 || true
-  python3 - "$log" <<'PY'
-import re, statistics, sys
-text = open(sys.argv[1], errors="replace").read()
+# the median of its per-second IOPS after the first is the figure. Prints
+# "IOPS cpu-summary".
+perf_read() { # target round -> IOPS and CPU
+  local log="$work/$1-read-r$2.txt" procs="$work/procs-$1"
+  cpu_snap "$procs" >"$work/cpu-$1-r$2-a.txt"
+  local start; start=$(date +%s.%N)
+  python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[2:], stdout=open(sys.argv[1], "w"), stderr=subprocess.STDOUT)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(r.ru_utime + r.ru_stime)' "$log" timeout -s INT $((seconds + 1)) iscsi-perf -m 32 -b 8 -r "$(url "$1")" \
+    >"$work/cpu-$1-r$2-initiator.txt" || true
+  local end; end=$(date +%s.%N)
+  cpu_snap "$procs" >"$work/cpu-$1-r$2-b.txt"
+  python3 - "$log" "$work/cpu-$1-r$2" "$start" "$end" <<'PY'
+import collections, os, re, statistics, sys
+log, cpu, start, end = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+text = open(log, errors="replace").read()
 iops = [float(m.group(1)) for m in re.finditer(r"iops current (\d+)", text)]
+total = sum(iops)
 iops = iops[1:] if len(iops) > 2 else iops  # the ramp-up second
-print(statistics.median(iops) if iops else 0)
+ticks = os.sysconf("SC_CLK_TCK")
+def snap(path):
+    out = collections.Counter()
+    for line in open(path):
+        group, value = line.split()
+        out[group] += int(value)
+    return out
+a, b = snap(cpu + "-a.txt"), snap(cpu + "-b.txt")
+seconds = {g: (b[g] - a[g]) / ticks for g in b if g in a}
+seconds["initiator"] = float(open(cpu + "-initiator.txt").read().strip() or 0)
+wall = end - start
+parts = " ".join(
+    f"{g}={100 * s / wall:.0f}%/{1e6 * s / total if total else 0:.0f}us"
+    for g, s in sorted(seconds.items()))
+print(statistics.median(iops) if iops else 0, parts)
 PY
 }
 declare -a tr or_
 for r in $(seq 1 "$rounds"); do
-  tr+=("$(perf_read tgt "$r")"); or_+=("$(perf_read ours "$r")")
-  echo "# round $r: 4k randread qd32 tgt ${tr[-1]} ours ${or_[-1]} iops" >&2
+  read -r iops cpu_tgt < <(perf_read tgt "$r"); tr+=("$iops")
+  read -r iops cpu_ours < <(perf_read ours "$r"); or_+=("$iops")
+  echo "# round $r: 4k randread qd32 tgt ${tr[-1]} ours ${or_[-1]} iops (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+  echo "# round $r CPU, % of one core / µs per I/O: tgt: $cpu_tgt; ours: $cpu_ours" >&2
 done
 stop_all
 

@@ -671,7 +671,9 @@ fn cunit_output_is_parsed() {
 }
 
 /// Persistent reservations through libiscsi (ctypes): `two PORTAL_A
-/// PORTAL_B TARGET` registers and reserves from one initiator on the
+/// PORTAL_B TARGET` first checks that a RESERVE(6) through the first
+/// agent keeps the other initiator out on the second agent until its
+/// RELEASE(6); then registers and reserves from one initiator on the
 /// first portal, checks the conflict the other initiator gets on the
 /// second (another agent), preempts from there and checks the first
 /// hears REGISTRATIONS PREEMPTED (a unit attention, once) and is then
@@ -681,7 +683,7 @@ fn cunit_output_is_parsed() {
 /// initiator, that the preempting initiator's EXCLUSIVE ACCESS still
 /// holds. Prints "ok" or raises.
 const PR_CHECK: &str = r#"
-import ctypes, sys
+import ctypes, sys, time
 
 lib.iscsi_read16_sync.restype = ctypes.c_void_p
 lib.iscsi_read16_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
@@ -756,6 +758,21 @@ lib.iscsi_scsi_command_sync.restype = ctypes.c_void_p
 lib.iscsi_scsi_command_sync.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
     ctypes.c_void_p]
 
+lib.iscsi_reserve6_sync.restype = ctypes.c_void_p
+lib.iscsi_reserve6_sync.argtypes = [ctypes.c_void_p, ctypes.c_int]
+lib.iscsi_release6_sync.restype = ctypes.c_void_p
+lib.iscsi_release6_sync.argtypes = [ctypes.c_void_p, ctypes.c_int]
+
+def until_good(attempt, what, seconds=10.0):
+    # Bounded: another agent's copy of the record may be up to 500 ms old.
+    deadline = time.monotonic() + seconds
+    while True:
+        got = attempt()
+        if got == GOOD or time.monotonic() > deadline:
+            expect(got, GOOD, what)
+            return
+        time.sleep(0.05)
+
 def ptpl(ctx, what):
     # REPORT CAPABILITIES, raw: (PTPL_C, PTPL_A) from bytes 2 and 3.
     cdb = bytes([0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0])
@@ -780,6 +797,15 @@ if mode == "two":
     a = login("iqn.2026-12.io.rackblock:pr-a", portal_a, target)
     b = login("iqn.2026-12.io.rackblock:pr-b", portal_b, target)
     expect(write(b, "b writes before any reservation"), GOOD, "b write")
+    # RESERVE(6) through the first agent keeps b out on the second (it is
+    # in the unit's record); RELEASE(6) lets b in again.
+    expect(status(a, lib.iscsi_reserve6_sync(a, 0), "a RESERVE(6)"), GOOD, "a RESERVE(6)")
+    expect(read(b, "b read under a's RESERVE(6)"), CONFLICT, "b read under a's RESERVE(6)")
+    expect(status(b, lib.iscsi_reserve6_sync(b, 0), "b RESERVE(6)"), CONFLICT,
+           "b RESERVE(6) while a holds it")
+    expect(write(a, "a write under its RESERVE(6)"), GOOD, "a write under its RESERVE(6)")
+    expect(status(a, lib.iscsi_release6_sync(a, 0), "a RELEASE(6)"), GOOD, "a RELEASE(6)")
+    until_good(lambda: read(b, "b read after RELEASE(6)"), "b read after a's RELEASE(6)")
     expect(prout(a, 0, 0, 0, 0xa, "a REGISTER"), GOOD, "a REGISTER")
     expect(prout(a, 1, WRITE_EXCLUSIVE, 0xa, 0, "a RESERVE"), GOOD, "a RESERVE WE")
     expect(write(b, "b write under a's WE"), CONFLICT, "b write under a's WE")

@@ -14,7 +14,8 @@
 //! * `scsi.rs`: SPC-4/SBC-3 commands on the backend; fixed-format sense.
 //! * `reserve.rs` (sans-IO): persistent reservations per I_T nexus
 //!   (initiator name + ISID), the SPC-4 rules and the RESERVATION
-//!   CONFLICT check.
+//!   CONFLICT check; the state also holds the SPC-2 reservation
+//!   (RESERVE(6)), so every agent of a volume enforces both.
 //! * `shared.rs`: where they are kept: in the unit's replicated state
 //!   for a volume of a unit (read and compare-and-set through the host
 //!   ports; a cached copy at most 500 ms old admits commands, and
@@ -44,8 +45,10 @@
 //!   Text ─▶ SendTargets: this target, one TargetAddress per portal
 //!   Task management ─▶ ABORT TASK (a write still waiting for data is
 //!     dropped; a completed one: "task does not exist"), ABORT/CLEAR TASK
-//!     SET, LUN RESET, TARGET WARM RESET: function complete; TARGET COLD
-//!     RESET: function complete, then every connection closes
+//!     SET, LUN RESET, TARGET WARM RESET: function complete, and every
+//!     session of this agent (the issuer's too) gets UNIT ATTENTION 29h/03h
+//!     BUS DEVICE RESET FUNCTION OCCURRED; TARGET COLD RESET: function
+//!     complete, 29h/01h POWER ON OCCURRED, then every connection closes
 //!   Logout ─▶ response, close
 //!   SNACK, anything else ─▶ Reject
 //! ```
@@ -68,10 +71,20 @@
 //! ExpCmdSN + 31).
 //!
 //! The I_T nexus of a session is (initiator name, ISID). When its
-//! connection ends (logout or loss), the nexus is lost: its RESERVE(6)
-//! ends and its pending unit attentions go (scsi.rs). Session
-//! reinstatement (a new login with the same ISID while the old
-//! connection is still open) does not close the old connection.
+//! connection ends its RESERVE(6) ends (scsi.rs); after a logout its
+//! pending unit attentions go, after a loss (no logout) they stay and
+//! 29h/07h I_T NEXUS LOSS OCCURRED joins them, reported once to the next
+//! session of that initiator port (shared.rs, `Attentions`).
+//!
+//! **Session reinstatement** (RFC 7143 6.3.5): a normal-session login
+//! with TSIH 0 and the (initiator name, ISID) of a live normal session
+//! closes the old session before the new one reads its first command: the
+//! old one is told to stop reading, its writes still waiting for data are
+//! dropped, its running commands answer (they are never cut short), its
+//! connection closes and its nexus is released (I_T nexus loss, above);
+//! only then does the new session run (its first command hears 29h/07h).
+//! If the old session has not ended within 90 s the new connection is
+//! closed instead (the initiator logs in again).
 //!
 //! # Concurrency in a connection
 //!
@@ -106,10 +119,12 @@
 //! # Not supported (yet)
 //!
 //! PREEMPT AND ABORT aborting other agents' tasks in flight, REGISTER
-//! AND MOVE, SPEC_I_PT and ALL_TG_PT, RESERVE(6) across agents (it is
-//! per agent, scsi.rs), the unit attentions of resets and of I_T nexus
-//! loss (29h), several connections per session, error recovery levels 1
-//! and 2, ACA, target-initiated NOP-In pings.
+//! AND MOVE, SPEC_I_PT and ALL_TG_PT, the unit attentions of a reset for the sessions
+//! of *other* agents of the volume (a reset raises them for this
+//! agent's sessions), a 29h/00h POWER ON for a brand-new nexus (as
+//! Linux LIO: a new session's first command is not refused), several
+//! connections per session, error recovery levels 1 and 2, ACA,
+//! target-initiated NOP-In pings.
 //!
 //! APTPL is honoured for a unit's volume (reserve.rs), and reservation
 //! changes raise SPC-4's unit attentions (REGISTRATIONS PREEMPTED,

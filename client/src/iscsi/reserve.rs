@@ -56,7 +56,9 @@
 //! reservation's access).
 
 use bytes::Bytes;
-use local_control_plane::state::{HeldReservation, PersistentReservations, Registration};
+use local_control_plane::state::{
+    HeldReservation, LegacyReservation, PersistentReservations, Registration,
+};
 
 use super::scsi::{Outcome, Sense};
 
@@ -166,7 +168,18 @@ struct Reservation {
     kind: u8,
 }
 
-/// The persistent reservation state of one LUN.
+/// The SPC-2 reservation (RESERVE(6)) of a LUN: its holder, the agent
+/// serving the holder's session, and the beat that agent renews
+/// (shared.rs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Legacy {
+    pub holder: Nexus,
+    pub agent: u64,
+    pub beat: u64,
+}
+
+/// The persistent reservation state of one LUN, and its SPC-2
+/// reservation (kept with it so that every agent sees both).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reservations {
     generation: u32,
@@ -175,6 +188,8 @@ pub struct Reservations {
     reservation: Option<Reservation>,
     /// APTPL of the last REGISTER (module docs).
     aptpl: bool,
+    /// The SPC-2 reservation (scsi.rs, shared.rs).
+    pub legacy: Option<Legacy>,
 }
 
 /// SPC-4 PERSISTENT RESERVE OUT parameter flags (byte 20).
@@ -259,11 +274,20 @@ impl Reservations {
             },
             kind: held.kind,
         });
+        let legacy = record.legacy.as_ref().map(|held| Legacy {
+            holder: Nexus {
+                initiator: held.initiator.clone(),
+                isid: held.isid,
+            },
+            agent: held.agent,
+            beat: held.beat,
+        });
         Reservations {
             generation: record.generation,
             registrations,
             reservation,
             aptpl: record.aptpl,
+            legacy,
         }
     }
 
@@ -288,6 +312,12 @@ impl Reservations {
                 kind: r.kind,
             }),
             aptpl: self.aptpl,
+            legacy: self.legacy.as_ref().map(|l| LegacyReservation {
+                initiator: l.holder.initiator.clone(),
+                isid: l.holder.isid,
+                agent: l.agent,
+                beat: l.beat,
+            }),
         }
     }
 

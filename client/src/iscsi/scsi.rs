@@ -56,13 +56,11 @@
 //! the holder's I_T nexus loss (its session ends: logout or dropped
 //! connection), LUN RESET, TARGET WARM RESET and TARGET COLD RESET.
 //!
-//! Unlike persistent reservations, an SPC-2 reservation is **not**
-//! persistent by definition (nexus loss ends it), so it lives in this
-//! agent, not in the unit's replicated state: both portals of one agent
-//! (`rackblock up`) share it, but another agent serving the same volume
-//! does not see it. Hosts that fence across hosts through several agents
-//! must use persistent reservations (every cluster stack of the last
-//! fifteen years does; RESERVE(6) is obsolete since SPC-3).
+//! It is kept with the persistent reservations (shared.rs): in the
+//! unit's replicated state for a unit's volume, so a RESERVE(6) through
+//! one agent conflicts through every other agent of the volume, and it
+//! ends when its holder's agent dies (a lease, shared.rs), as nexus loss
+//! says it must.
 //! COMPARE AND WRITE is atomic against other COMPARE AND WRITEs through
 //! this agent (a per-LUN lock), not against writes from other agents: the
 //! primary-side atomic operation is future work.
@@ -131,6 +129,13 @@ impl Sense {
     pub const RESERVATIONS_RELEASED: Sense = Sense::new(0x06, 0x2a, 0x04);
     /// UNIT ATTENTION: this nexus's registration was preempted.
     pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(0x06, 0x2a, 0x05);
+    /// UNIT ATTENTION: POWER ON OCCURRED (TARGET COLD RESET).
+    pub const POWER_ON: Sense = Sense::new(0x06, 0x29, 0x01);
+    /// UNIT ATTENTION: BUS DEVICE RESET FUNCTION OCCURRED (LUN RESET,
+    /// TARGET WARM RESET).
+    pub const DEVICE_RESET: Sense = Sense::new(0x06, 0x29, 0x03);
+    /// UNIT ATTENTION: I_T NEXUS LOSS OCCURRED.
+    pub const NEXUS_LOSS: Sense = Sense::new(0x06, 0x29, 0x07);
 
     /// 18 bytes of fixed-format sense data.
     pub fn encode(&self) -> Bytes {
@@ -270,8 +275,6 @@ pub struct LogicalUnit {
     /// state, or in this agent for a memory LUN), and the unit
     /// attentions their changes raised.
     reservations: ReservationStore,
-    /// The holder of the SPC-2 reservation (RESERVE(6)), module docs.
-    legacy: std::sync::Mutex<Option<Nexus>>,
 }
 
 impl std::fmt::Debug for LogicalUnit {
@@ -374,31 +377,36 @@ impl LogicalUnit {
             id,
             compare_and_write: tokio::sync::Mutex::new(()),
             reservations,
-            legacy: std::sync::Mutex::new(None),
         }
     }
 
-    fn legacy(&self) -> std::sync::MutexGuard<'_, Option<Nexus>> {
-        self.legacy
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// A session of `nexus` began (it hears the unit attentions kept
+    /// for its initiator port, shared.rs).
+    pub fn session_started(&self, nexus: &Nexus) {
+        self.reservations.nexus_found(nexus);
     }
 
-    /// The session of `nexus` ended (I_T nexus loss): its SPC-2
-    /// reservation ends, and its pending unit attentions go.
-    pub fn nexus_lost(&self, nexus: &Nexus) {
-        let mut legacy = self.legacy();
-        if legacy.as_ref() == Some(nexus) {
-            *legacy = None;
+    /// The session of `nexus` ended: its SPC-2 reservation ends. After a
+    /// logout its pending unit attentions go; otherwise (I_T nexus loss:
+    /// the connection dropped, the session was reinstated, TARGET COLD
+    /// RESET) they stay and I_T NEXUS LOSS OCCURRED joins them, for the
+    /// initiator port's next session.
+    pub async fn session_ended(&self, nexus: &Nexus, logged_out: bool) {
+        self.reservations.end_reserve6(Some(nexus)).await;
+        if logged_out {
+            self.reservations.forget(nexus);
+        } else {
+            self.reservations.nexus_lost(nexus);
         }
-        drop(legacy);
-        self.reservations.forget(nexus);
     }
 
     /// LUN RESET, TARGET WARM/COLD RESET: the SPC-2 reservation ends
-    /// (persistent reservations are kept, as SPC-4 says).
-    pub fn reset(&self) {
-        *self.legacy() = None;
+    /// (persistent reservations are kept, as SPC-4 says), and every
+    /// nexus of `nexuses` (this agent's sessions, the issuer's included,
+    /// SAM-5 7.6) gets the unit attention `sense`.
+    pub async fn reset(&self, sense: Sense, nexuses: &[Nexus]) {
+        self.reservations.raise(nexuses, sense);
+        self.reservations.end_reserve6(None).await;
     }
 
     /// RESERVE(6) and RELEASE(6) (module docs).
@@ -409,25 +417,7 @@ impl LogicalUnit {
         if cdb[1] & 0x1f != 0 {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
         }
-        match self.reservations.any_registered().await {
-            Ok(false) => {}
-            Ok(true) if reserve => return conflict(),
-            Ok(true) => return Outcome::good(),
-            Err(outcome) => return outcome,
-        }
-        let mut legacy = self.legacy();
-        match (&*legacy, reserve) {
-            (Some(holder), true) if holder != nexus => conflict(),
-            (_, true) => {
-                *legacy = Some(nexus.clone());
-                Outcome::good()
-            }
-            (Some(holder), false) if holder == nexus => {
-                *legacy = None;
-                Outcome::good()
-            }
-            (_, false) => Outcome::good(),
-        }
+        self.reservations.reserve6(nexus, reserve).await
     }
 
     pub fn blocks(&self) -> u64 {
@@ -463,14 +453,14 @@ impl LogicalUnit {
             // a stale copy of the reservations (shared.rs), and a change
             // found in that read must be reported on this command, not
             // after it.
-            let permitted = match cdb[0] {
-                0x16 | 0x17 | 0x5e | 0x5f => Ok(true),
-                _ => {
-                    self.reservations
-                        .permits(nexus, reserve::access_of(cdb))
-                        .await
-                }
+            // RESERVE(6) held by another nexus: everything conflicts
+            // but INQUIRY, REPORT LUNS, REQUEST SENSE and RELEASE(6).
+            let legacy_exempt = matches!(cdb[0], 0x12 | 0xa0 | 0x03 | 0x17);
+            let access = match cdb[0] {
+                0x16 | 0x17 | 0x5e | 0x5f => reserve::Access::Always,
+                _ => reserve::access_of(cdb),
             };
+            let admitted = self.reservations.admit(nexus, access, legacy_exempt).await;
             // INQUIRY and REPORT LUNS neither report nor clear a unit
             // attention; REQUEST SENSE returns it as its sense data.
             if !matches!(cdb[0], 0x12 | 0xa0) {
@@ -482,19 +472,17 @@ impl LogicalUnit {
                     };
                 }
             }
-            let held_by_other = self.legacy().as_ref().is_some_and(|h| h != nexus);
-            if held_by_other && !matches!(cdb[0], 0x12 | 0xa0 | 0x03 | 0x17) {
-                return conflict();
-            }
+            let permitted = match admitted {
+                Ok((_, true)) => return conflict(),
+                Ok((permitted, false)) => permitted,
+                Err(outcome) => return outcome,
+            };
             match cdb[0] {
                 0x16 | 0x17 => return self.reserve6(nexus, cdb).await,
                 0x5e => return self.reservations.read(cdb).await,
                 0x5f => return self.reservations.write(nexus, cdb, &data_out).await,
-                _ => match permitted {
-                    Ok(true) => {}
-                    Ok(false) => return conflict(),
-                    Err(outcome) => return outcome,
-                },
+                _ if !permitted => return conflict(),
+                _ => {}
             }
         }
         match self.dispatch(lun, cdb, data_out).await {
@@ -1419,13 +1407,17 @@ mod tests {
         // end b's; b's does.
         assert_eq!(run_as(&unit, &a, &[0x17, 0, 0, 0, 0, 0], &[]).status, GOOD);
         assert_eq!(run_as(&unit, &b, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        unit.nexus_lost(&a);
+        futures::executor::block_on(unit.session_ended(&a, true));
         assert_eq!(run_as(&unit, &a, &read10(0, 1), &[]).status, conflict);
-        unit.nexus_lost(&b);
+        futures::executor::block_on(unit.session_ended(&b, true));
         assert_eq!(run_as(&unit, &a, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        // A LUN reset ends it.
-        unit.reset();
-        assert_eq!(run_as(&unit, &b, &read10(0, 1), &[]).status, GOOD);
+        // A LUN reset ends it, and tells every nexus once.
+        futures::executor::block_on(unit.reset(Sense::DEVICE_RESET, &[a.clone(), b.clone()]));
+        for who in [&a, &b] {
+            let first = run_as(&unit, who, &read10(0, 1), &[]);
+            assert_eq!(first.sense, Some(Sense::DEVICE_RESET));
+            assert_eq!(run_as(&unit, who, &read10(0, 1), &[]).status, GOOD);
+        }
         // With a persistent registration, RESERVE(6) conflicts and
         // RELEASE(6) does nothing.
         let mut parameters = [0u8; 24];
@@ -1480,7 +1472,7 @@ mod tests {
             (0x06, 0x2a, 0x03)
         );
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
-        // Nexus loss drops what is pending.
+        // A logout drops what is pending.
         assert_eq!(register(&a, 5), GOOD);
         assert_eq!(register(&b, 2), GOOD);
         let mut p = [0u8; 24];
@@ -1488,7 +1480,76 @@ mod tests {
         p[8..16].copy_from_slice(&5u64.to_be_bytes());
         let preempt = run_as(&unit, &b, &[0x5f, 4, 3, 0, 0, 0, 0, 0, 24, 0], &p);
         assert_eq!(preempt.status, GOOD);
-        unit.nexus_lost(&a);
+        futures::executor::block_on(unit.session_ended(&a, true));
         assert_eq!(run_as(&unit, &a, &[0x00, 0, 0, 0, 0, 0], &[]).status, GOOD);
+    }
+
+    /// I_T nexus loss (no logout): the initiator port's next session
+    /// hears I_T NEXUS LOSS OCCURRED once, after the attentions that
+    /// were pending; a reset's 29h attention stands alone (a later 29h
+    /// adds nothing); a logout hears nothing.
+    #[test]
+    fn nexus_loss_is_reported_to_the_next_session() {
+        let (unit, _) = unit();
+        let (a, b) = (nexus(), other_nexus());
+        let tur = [0x00, 0, 0, 0, 0, 0];
+        unit.session_started(&a);
+        futures::executor::block_on(unit.session_ended(&a, false));
+        unit.session_started(&a);
+        // INQUIRY passes it by; REQUEST SENSE returns it as data.
+        assert_eq!(run_as(&unit, &a, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
+        let sense = run_as(&unit, &a, &[0x03, 0, 0, 0, 18, 0], &[]);
+        assert_eq!(
+            (sense.data[2], sense.data[12], sense.data[13]),
+            (0x06, 0x29, 0x07)
+        );
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+        // Another nexus is not told.
+        assert_eq!(run_as(&unit, &b, &tur, &[]).status, GOOD);
+        // A cold reset, then the connection drops: POWER ON only.
+        futures::executor::block_on(unit.reset(Sense::POWER_ON, std::slice::from_ref(&a)));
+        futures::executor::block_on(unit.session_ended(&a, false));
+        assert_eq!(run_as(&unit, &a, &tur, &[]).sense, Some(Sense::POWER_ON));
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+        // A logout: nothing for the next session.
+        futures::executor::block_on(unit.session_ended(&a, true));
+        assert_eq!(run_as(&unit, &a, &tur, &[]).status, GOOD);
+    }
+
+    /// Lost nexuses that never come back (a new ISID per session) are
+    /// dropped oldest first: they neither grow without bound nor crowd
+    /// out the attentions of live nexuses.
+    #[test]
+    fn lost_nexuses_are_bounded() {
+        let (unit, _) = unit();
+        let tur = [0x00, 0, 0, 0, 0, 0];
+        let port = |i: u32| Nexus {
+            initiator: "iqn.2026-12.test:lost".into(),
+            isid: [
+                0x80,
+                0,
+                i.to_be_bytes()[0],
+                i.to_be_bytes()[1],
+                i.to_be_bytes()[2],
+                i.to_be_bytes()[3],
+            ],
+        };
+        for i in 0..5000 {
+            unit.session_started(&port(i));
+            futures::executor::block_on(unit.session_ended(&port(i), false));
+        }
+        // The oldest are gone, the newest are kept.
+        assert_eq!(run_as(&unit, &port(0), &tur, &[]).status, GOOD);
+        assert_eq!(
+            run_as(&unit, &port(4999), &tur, &[]).sense,
+            Some(Sense::NEXUS_LOSS)
+        );
+        // A live nexus still gets its reset attention.
+        let a = nexus();
+        futures::executor::block_on(unit.reset(Sense::DEVICE_RESET, std::slice::from_ref(&a)));
+        assert_eq!(
+            run_as(&unit, &a, &tur, &[]).sense,
+            Some(Sense::DEVICE_RESET)
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use super::login::{self, encode_text, parse_text, Chap, Login, LoginStep, Negotiated};
@@ -37,6 +37,9 @@ const MAX_SOLICITED_BYTES: u64 = scsi::MAX_TRANSFER_BLOCKS as u64 * scsi::BLOCK_
 const MAX_PENDING_WRITES: usize = COMMAND_WINDOW as usize;
 /// Pause after a failed `accept`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a reinstating session waits for the old one to end (its
+/// running commands answer first), then gives up and closes.
+const REINSTATE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// What an [`IscsiServer`] serves and how.
 #[derive(Debug, Clone)]
@@ -111,9 +114,9 @@ struct Inner {
     config: IscsiConfig,
     lun: LogicalUnit,
     next_tsih: AtomicU16,
-    /// TSIHs of the sessions in full feature phase (a login that names
+    /// The sessions in full feature phase by TSIH (a login that names
     /// one is refused as too many connections, not as unknown).
-    sessions: std::sync::Mutex<std::collections::HashSet<u16>>,
+    sessions: std::sync::Mutex<HashMap<u16, Session>>,
     connections: Arc<Semaphore>,
     /// Raised by TARGET COLD RESET: every connection closes.
     cold_resets: watch::Sender<u64>,
@@ -202,15 +205,25 @@ impl IscsiServer {
     }
 }
 
+/// A session in full feature phase.
+struct Session {
+    nexus: Arc<Nexus>,
+    discovery: bool,
+    /// Notified to end the session (reinstatement).
+    close: Arc<Notify>,
+    /// True once the session has ended and released its nexus.
+    ended: watch::Receiver<bool>,
+}
+
 impl Inner {
-    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u16>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Session>> {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn session_started(&self, tsih: u16) {
-        self.sessions().insert(tsih);
+    fn session_started(&self, tsih: u16, session: Session) {
+        self.sessions().insert(tsih, session);
     }
 
     fn session_ended(&self, tsih: u16) {
@@ -218,7 +231,42 @@ impl Inner {
     }
 
     fn session_live(&self, tsih: u16) -> bool {
-        self.sessions().contains(&tsih)
+        self.sessions().contains_key(&tsih)
+    }
+
+    /// The I_T nexuses of the normal sessions (a reset's unit attention).
+    fn live_nexuses(&self) -> Vec<Nexus> {
+        self.sessions()
+            .values()
+            .filter(|session| !session.discovery)
+            .map(|session| (*session.nexus).clone())
+            .collect()
+    }
+
+    /// Session reinstatement (RFC 7143 6.3.5): a new normal session of
+    /// `nexus` (same initiator name and ISID, TSIH 0) ends the old one:
+    /// it is told to close (a write waiting for data is dropped, running
+    /// commands answer), and this waits until it has released the nexus,
+    /// so that nothing it does afterwards (ending its RESERVE(6), its
+    /// I_T nexus loss) touches the new session. `false`: it did not end
+    /// within [`REINSTATE_TIMEOUT`].
+    async fn reinstate(&self, nexus: &Nexus) -> bool {
+        let old: Vec<(Arc<Notify>, watch::Receiver<bool>)> = self
+            .sessions()
+            .values()
+            .filter(|session| !session.discovery && *session.nexus == *nexus)
+            .map(|session| (session.close.clone(), session.ended.clone()))
+            .collect();
+        for (close, mut ended) in old {
+            tracing::info!(initiator = %nexus.initiator, "iscsi: session reinstatement closes the old session");
+            close.notify_one();
+            let waited =
+                tokio::time::timeout(REINSTATE_TIMEOUT, ended.wait_for(|ended| *ended)).await;
+            if waited.is_err() {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -313,7 +361,32 @@ where
     let Some((negotiated, statsn, cmdsn, isid, tsih)) = login else {
         return Ok(());
     };
-    inner.session_started(tsih);
+    let nexus = Arc::new(Nexus {
+        initiator: negotiated.initiator_name.clone(),
+        isid,
+    });
+    let discovery = negotiated.discovery;
+    // The initiator may send commands already: they wait in the socket
+    // until the old session (if any) is gone.
+    if !discovery && !inner.reinstate(&nexus).await {
+        return Err(ConnectionError::Protocol(
+            "the reinstated session did not end",
+        ));
+    }
+    let close = Arc::new(Notify::new());
+    let (ended_tx, ended) = watch::channel(false);
+    inner.session_started(
+        tsih,
+        Session {
+            nexus: nexus.clone(),
+            discovery,
+            close: close.clone(),
+            ended,
+        },
+    );
+    if !discovery {
+        inner.lun.session_started(&nexus);
+    }
     let digests = Digests {
         header: negotiated.header_digest,
         data: negotiated.data_digest,
@@ -321,10 +394,6 @@ where
     let exp_cmdsn = Arc::new(AtomicU32::new(cmdsn));
     let (tx, rx) = mpsc::channel(4 * COMMAND_WINDOW as usize);
     let writing = tokio::spawn(write_loop(writer, rx, digests, exp_cmdsn.clone(), statsn));
-    let nexus = Arc::new(Nexus {
-        initiator: negotiated.initiator_name.clone(),
-        isid,
-    });
     let mut cold_resets = inner.cold_resets.subscribe();
     let mut connection = Connection {
         inner: inner.clone(),
@@ -337,6 +406,7 @@ where
         pending: HashMap::new(),
         next_ttt: 1,
         logged_out: false,
+        clean_logout: false,
     };
     let served = async {
         loop {
@@ -344,6 +414,7 @@ where
                 biased;
                 _ = stopped(&mut stop) => break,
                 _ = cold_resets.changed() => break,
+                _ = close.notified() => break,
                 pdu = read_pdu(&mut reader, digests, login::TARGET_MAX_RECV_DATA as usize) => pdu?,
             };
             let Some(pdu) = pdu else { break };
@@ -357,10 +428,16 @@ where
     .await;
     // Commands in flight answer before the connection closes.
     connection.drain().await;
+    let clean_logout = connection.clean_logout;
     drop(connection);
-    // I_T nexus loss: its SPC-2 reservation and unit attentions end.
-    inner.lun.nexus_lost(&nexus);
+    // The session ends: its SPC-2 reservation ends; after a logout its
+    // unit attentions go, else I_T nexus loss is kept for its initiator
+    // port (scsi.rs). A discovery session has no LUN.
+    if !discovery {
+        inner.lun.session_ended(&nexus, clean_logout).await;
+    }
     inner.session_ended(tsih);
+    let _ = ended_tx.send(true);
     match writing.await {
         Ok(Ok(())) => {}
         Ok(Err(error)) if served.is_ok() => return Err(error.into()),
@@ -528,7 +605,10 @@ struct Connection {
     bytes: Arc<Semaphore>,
     pending: HashMap<u32, PendingWrite>,
     next_ttt: u32,
+    /// Stop reading: a logout was answered, or TARGET COLD RESET.
     logged_out: bool,
+    /// The session ended with a logout (no I_T nexus loss to report).
+    clean_logout: bool,
 }
 
 /// A command ready to run.
@@ -911,7 +991,8 @@ impl Connection {
                 } else {
                     self.pending.retain(|_, task| task.lun != lun);
                     if function == 5 {
-                        self.inner.lun.reset();
+                        let nexuses = self.inner.live_nexuses();
+                        self.inner.lun.reset(Sense::DEVICE_RESET, &nexuses).await;
                     }
                     0
                 }
@@ -922,7 +1003,13 @@ impl Connection {
             // after its answer.
             6 | 7 => {
                 self.pending.clear();
-                self.inner.lun.reset();
+                let sense = if function == 7 {
+                    Sense::POWER_ON
+                } else {
+                    Sense::DEVICE_RESET
+                };
+                let nexuses = self.inner.live_nexuses();
+                self.inner.lun.reset(sense, &nexuses).await;
                 if function == 7 {
                     self.logged_out = true;
                 }
@@ -994,6 +1081,7 @@ impl Connection {
         self.drain().await;
         self.send(reply, true).await?;
         self.logged_out = reason != 2;
+        self.clean_logout = self.logged_out;
         Ok(())
     }
 }
@@ -1116,11 +1204,11 @@ mod tests {
             .unwrap()
         }
 
-        async fn login(&mut self, keys: &[(&str, &str)]) -> Pdu {
+        async fn login_as(&mut self, isid: [u8; 6], keys: &[(&str, &str)]) -> Pdu {
             let mut pdu = Pdu::new(op::LOGIN);
             pdu.bhs[0] |= 0x40;
             pdu.set_flags(0x87);
-            pdu.bhs[8..14].copy_from_slice(&[0x40, 0, 0, 1, 0, 0]);
+            pdu.bhs[8..14].copy_from_slice(&isid);
             pdu.set_u32_at(24, self.cmdsn);
             let pairs: Vec<(String, String)> = keys
                 .iter()
@@ -1143,7 +1231,7 @@ mod tests {
         }
     }
 
-    async fn connected(initial_r2t: &str) -> (Initiator, MemoryBackend) {
+    fn target() -> (IscsiServer, MemoryBackend) {
         let backend = MemoryBackend::new(1 << 20);
         let config = IscsiConfig {
             target_name: "iqn.2026-12.io.rackblock:t".into(),
@@ -1152,7 +1240,13 @@ mod tests {
             max_connections: 4,
         };
         let server = IscsiServer::new(config, Arc::new(backend.clone()), 7).unwrap();
+        (server, backend)
+    }
+
+    /// A session of initiator port ("iqn.test", `isid`) on `server`.
+    async fn session(server: &IscsiServer, isid: [u8; 6], initial_r2t: &str) -> Initiator {
         let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let server = server.clone();
         tokio::spawn(async move { server.serve_stream(theirs).await });
         let mut initiator = Initiator {
             stream: ours,
@@ -1160,17 +1254,106 @@ mod tests {
             itt: 0,
         };
         let response = initiator
-            .login(&[
-                ("InitiatorName", "iqn.test"),
-                ("TargetName", "iqn.2026-12.io.rackblock:t"),
-                ("InitialR2T", initial_r2t),
-                ("FirstBurstLength", "1024"),
-                ("MaxBurstLength", "2048"),
-            ])
+            .login_as(
+                isid,
+                &[
+                    ("InitiatorName", "iqn.test"),
+                    ("TargetName", "iqn.2026-12.io.rackblock:t"),
+                    ("InitialR2T", initial_r2t),
+                    ("FirstBurstLength", "1024"),
+                    ("MaxBurstLength", "2048"),
+                ],
+            )
             .await;
         assert_eq!(response.opcode(), op::LOGIN_RESPONSE);
         assert_eq!(&response.bhs[36..38], &[0, 0]);
+        initiator
+    }
+
+    async fn connected(initial_r2t: &str) -> (Initiator, MemoryBackend) {
+        let (server, backend) = target();
+        let initiator = session(&server, [0x40, 0, 0, 1, 0, 0], initial_r2t).await;
         (initiator, backend)
+    }
+
+    /// Status and sense key/ASC/ASCQ of a TEST UNIT READY.
+    async fn test_unit_ready(initiator: &mut Initiator) -> (u8, Option<(u8, u8, u8)>) {
+        let tur = initiator.command(&[0, 0, 0, 0, 0, 0], 0x80, 0);
+        initiator.send(tur).await;
+        let response = initiator.recv().await;
+        assert_eq!(response.opcode(), op::SCSI_RESPONSE);
+        // Sense data: a 2-byte length, then fixed format.
+        let sense = (response.data.len() >= 16).then(|| {
+            (
+                response.data[4] & 0x0f,
+                response.data[14],
+                response.data[15],
+            )
+        });
+        (response.bhs[3], sense)
+    }
+
+    /// LUN RESET: every session of the target, the issuer's included,
+    /// hears BUS DEVICE RESET FUNCTION OCCURRED once (libiscsi's
+    /// MultipathIO.Reset asks this of every path).
+    #[tokio::test]
+    async fn lun_reset_raises_a_unit_attention_on_every_session() {
+        let (server, _) = target();
+        let mut first = session(&server, [0x40, 0, 0, 1, 0, 0], "Yes").await;
+        let mut second = session(&server, [0x40, 0, 0, 2, 0, 0], "Yes").await;
+        assert_eq!(test_unit_ready(&mut first).await, (scsi::GOOD, None));
+        assert_eq!(test_unit_ready(&mut second).await, (scsi::GOOD, None));
+        let mut reset = Pdu::new(op::TASK_MANAGEMENT);
+        reset.bhs[0] |= 0x40;
+        reset.set_flags(0x80 | 5);
+        reset.set_itt(99);
+        reset.set_u32_at(20, RESERVED_TAG);
+        reset.set_u32_at(24, first.cmdsn);
+        first.send(reset).await;
+        let answer = first.recv().await;
+        assert_eq!(answer.opcode(), op::TASK_MANAGEMENT_RESPONSE);
+        assert_eq!(answer.bhs[2], 0);
+        for initiator in [&mut first, &mut second] {
+            assert_eq!(
+                test_unit_ready(initiator).await,
+                (scsi::CHECK_CONDITION, Some((0x06, 0x29, 0x03)))
+            );
+            assert_eq!(test_unit_ready(initiator).await, (scsi::GOOD, None));
+        }
+    }
+
+    /// Session reinstatement (RFC 7143 6.3.5): a login with the ISID of
+    /// a live session closes the old connection (its write waiting for
+    /// data is dropped, unanswered), and the new session's first command
+    /// hears I_T NEXUS LOSS OCCURRED. A session of another ISID stays.
+    #[tokio::test]
+    async fn reinstatement_closes_the_old_session() {
+        let (server, backend) = target();
+        let isid = [0x40, 0, 0, 1, 0, 0];
+        let mut old = session(&server, isid, "Yes").await;
+        let mut other = session(&server, [0x40, 0, 0, 2, 0, 0], "Yes").await;
+        // A write of one block waiting for its data (an R2T).
+        let write = old.command(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0xa0, 512);
+        old.send(write).await;
+        assert_eq!(old.recv().await.opcode(), op::R2T);
+        let mut new = session(&server, isid, "Yes").await;
+        // The old connection ends: end of stream, no reply to the write.
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), old.stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(_))), "the old connection stays open");
+        assert!(
+            rest.is_empty(),
+            "{} bytes after the reinstatement",
+            rest.len()
+        );
+        assert_eq!(backend.read_sync(0, 512).unwrap(), vec![0u8; 512]);
+        assert_eq!(
+            test_unit_ready(&mut new).await,
+            (scsi::CHECK_CONDITION, Some((0x06, 0x29, 0x07)))
+        );
+        assert_eq!(test_unit_ready(&mut new).await, (scsi::GOOD, None));
+        assert_eq!(test_unit_ready(&mut other).await, (scsi::GOOD, None));
     }
 
     #[tokio::test]

@@ -56,6 +56,28 @@
 //! initiator hears it on its first command after the PREEMPT was
 //! answered.
 //!
+//! **The SPC-2 reservation (RESERVE(6)) is kept in the same record**, so
+//! a RESERVE through one agent conflicts through every other, exactly as
+//! a persistent RESERVE does (same fresh-copy check, same grace before
+//! GOOD). Unlike a persistent one it ends with its holder's I_T nexus:
+//! RELEASE(6), the end of the holder's session (this agent writes the
+//! record), LUN RESET and TARGET RESET through any agent. An agent that
+//! dies cannot write that, so the record names the holder's agent (a
+//! random id per process) and a beat that agent raises every
+//! [`RENEW_EVERY`] (2 s) while it holds the reservation; every other
+//! agent notes when it first installed each (agent, beat) and, once a
+//! fresh copy still shows the same beat [`LEGACY_LEASE`] (10 s) later on
+//! its own clock, treats the reservation as gone (a RESERVE through it
+//! then takes it over). The holder's own agent stops admitting commands
+//! within [`FRESH_FOR`] of losing the control plane, long before the
+//! lease runs out elsewhere. While a RESERVE(6) is held, the holder's
+//! agent writes the record every 2 s (other agents' copies follow on
+//! their usual refresh); otherwise nothing changes. TEST UNIT READY and
+//! the other "always" commands but INQUIRY, REPORT LUNS, REQUEST SENSE
+//! and RELEASE(6) now check a fresh copy too (they conflict under
+//! RESERVE(6)), so they pause like I/O while the control plane has no
+//! leader.
+//!
 //! **Not covered:** a command admitted *before* the grace ended may
 //! still reach the primary later (it was admitted under the old state,
 //! and a write retried across a failover can take seconds): PREEMPT AND
@@ -78,7 +100,7 @@ use proto::link::{LinkConfig, LinkMetrics, PeerLink};
 use proto::volume::{AttachmentCredential, HostError, HostReply};
 use proto::Message;
 
-use super::reserve::{self, Access, Nexus, Reservations};
+use super::reserve::{self, Access, Legacy, Nexus, Reservations, RESERVATION_CONFLICT};
 use super::scsi::{Outcome, Sense};
 use crate::HostEndpoint;
 
@@ -95,6 +117,11 @@ pub const GIVE_UP: Duration = Duration::from_secs(60);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Compare-and-set attempts of one PERSISTENT RESERVE OUT.
 const MAX_ATTEMPTS: usize = 64;
+/// An SPC-2 reservation held through another agent ends when its beat
+/// has not moved for this long on this agent's clock (module docs).
+pub const LEGACY_LEASE: Duration = Duration::from_secs(10);
+/// The holder's agent raises the beat this often.
+const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 /// SCSI status BUSY.
 const BUSY: u8 = 0x08;
@@ -234,11 +261,14 @@ impl ReservationSource for HostReservationSource {
     }
 }
 
-/// A LUN's persistent reservations (module docs), and the unit
-/// attentions their changes raised for the I_T nexuses of this agent.
+/// A LUN's persistent reservations (module docs), its SPC-2
+/// reservation, and the unit attentions their changes raised for the
+/// I_T nexuses of this agent.
 pub struct ReservationStore {
     kind: Store,
     attentions: Arc<Attentions>,
+    /// This agent's id in an SPC-2 reservation it holds (random).
+    agent: u64,
 }
 
 enum Store {
@@ -258,16 +288,38 @@ impl std::fmt::Debug for ReservationStore {
 /// Unit attentions waiting for their I_T nexus's next command (SAM-5
 /// 5.14: reported once, oldest first). Bounded: at most
 /// [`ATTENTIONS_PER_NEXUS`] per nexus (a repeated one is kept once) and
-/// [`ATTENTION_NEXUSES`] nexuses (only registered nexuses get one, and
-/// a record holds at most 256 registrations).
+/// [`ATTENTION_NEXUSES`] nexuses (only registered nexuses, the nexuses
+/// of this agent's sessions and the last [`LOST_NEXUSES`] lost ones get
+/// one).
+///
+/// At most one attention of ASC 29h (power on, reset, I_T nexus loss)
+/// is pending per nexus: a second one adds nothing the first does not
+/// say (the initiator re-checks its state either way), so the first
+/// stands.
+///
+/// A lost nexus (its session ended without a logout: connection loss,
+/// session reinstatement, TARGET COLD RESET) keeps its attentions and
+/// gets I_T NEXUS LOSS OCCURRED (SAM-5 6.3.4), reported when its
+/// initiator port (name and ISID) logs in again. Most initiators never
+/// reuse a lost ISID (libiscsi draws a new one per context), so lost
+/// nexuses are kept in the order they were lost and the oldest is
+/// dropped beyond [`LOST_NEXUSES`]: they cannot crowd out live ones.
 #[derive(Debug, Default)]
 pub struct Attentions {
-    pending: Mutex<HashMap<Nexus, VecDeque<Sense>>>,
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    queues: HashMap<Nexus, VecDeque<Sense>>,
+    /// Nexuses lost with attentions pending, oldest first.
+    lost: VecDeque<Nexus>,
 }
 
 /// Bounds of [`Attentions`].
 const ATTENTIONS_PER_NEXUS: usize = 8;
 const ATTENTION_NEXUSES: usize = 1024;
+const LOST_NEXUSES: usize = 256;
 
 impl Attentions {
     fn raise(&self, raised: Vec<(Nexus, Sense)>) {
@@ -276,12 +328,13 @@ impl Attentions {
         }
         let mut pending = lock(&self.pending);
         for (nexus, sense) in raised {
-            if pending.len() >= ATTENTION_NEXUSES && !pending.contains_key(&nexus) {
+            if pending.queues.len() >= ATTENTION_NEXUSES && !pending.queues.contains_key(&nexus) {
                 tracing::warn!(initiator = %nexus.initiator, "iscsi: unit attention dropped");
                 continue;
             }
-            let queue = pending.entry(nexus).or_default();
-            if !queue.contains(&sense) && queue.len() < ATTENTIONS_PER_NEXUS {
+            let queue = pending.queues.entry(nexus).or_default();
+            let reset_pending = sense.asc == 0x29 && queue.iter().any(|s| s.asc == 0x29);
+            if !reset_pending && !queue.contains(&sense) && queue.len() < ATTENTIONS_PER_NEXUS {
                 queue.push_back(sense);
             }
         }
@@ -290,16 +343,38 @@ impl Attentions {
     /// The oldest unit attention of `nexus`, now reported.
     fn take(&self, nexus: &Nexus) -> Option<Sense> {
         let mut pending = lock(&self.pending);
-        let queue = pending.get_mut(nexus)?;
+        let queue = pending.queues.get_mut(nexus)?;
         let sense = queue.pop_front();
         if queue.is_empty() {
-            pending.remove(nexus);
+            pending.queues.remove(nexus);
         }
         sense
     }
 
     fn forget(&self, nexus: &Nexus) {
-        lock(&self.pending).remove(nexus);
+        let mut pending = lock(&self.pending);
+        pending.queues.remove(nexus);
+        pending.lost.retain(|lost| lost != nexus);
+    }
+
+    /// `nexus` was lost: I_T NEXUS LOSS OCCURRED waits for its initiator
+    /// port's next session (type docs).
+    fn lost(&self, nexus: &Nexus) {
+        self.raise(vec![(nexus.clone(), Sense::NEXUS_LOSS)]);
+        let mut pending = lock(&self.pending);
+        pending.lost.retain(|lost| lost != nexus);
+        pending.lost.push_back(nexus.clone());
+        while pending.lost.len() > LOST_NEXUSES {
+            if let Some(oldest) = pending.lost.pop_front() {
+                pending.queues.remove(&oldest);
+            }
+        }
+    }
+
+    /// A session of `nexus` began: it is no longer a lost one (its
+    /// pending attentions are reported to the new session).
+    fn found(&self, nexus: &Nexus) {
+        lock(&self.pending).lost.retain(|lost| lost != nexus);
     }
 }
 
@@ -313,6 +388,10 @@ pub struct Replicated {
     refreshing: AtomicBool,
     /// Where the changes seen in new versions raise unit attentions.
     attentions: Arc<Attentions>,
+    /// This agent's id (ReservationStore::agent).
+    agent: u64,
+    /// A task renews this agent's SPC-2 reservation.
+    renewing: AtomicBool,
 }
 
 impl std::fmt::Debug for Replicated {
@@ -330,12 +409,45 @@ struct Cached {
     version: u64,
     /// When the read that produced `state` was sent (`None`: never read).
     read_at: Option<Instant>,
+    /// The SPC-2 reservation's (agent, beat) and when this agent first
+    /// installed a copy with them (its lease, module docs).
+    legacy_seen: Option<(u64, u64, Instant)>,
+}
+
+impl Cached {
+    /// Whether the SPC-2 reservation of another agent has not been
+    /// renewed for [`LEGACY_LEASE`]: its holder's agent is gone.
+    fn legacy_expired(&self, agent: u64) -> bool {
+        match (&self.state.legacy, self.legacy_seen) {
+            (Some(legacy), Some((_, _, seen))) if legacy.agent != agent => {
+                seen.elapsed() > LEGACY_LEASE
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether `state`'s SPC-2 reservation keeps `nexus` out (`expired`:
+/// the lease of its holder's agent ran out).
+fn legacy_conflict(state: &Reservations, nexus: &Nexus, expired: bool) -> bool {
+    state
+        .legacy
+        .as_ref()
+        .is_some_and(|legacy| legacy.holder != *nexus && !expired)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn conflict() -> Outcome {
+    Outcome {
+        status: RESERVATION_CONFLICT,
+        sense: None,
+        data: Bytes::new(),
+    }
 }
 
 fn busy() -> Outcome {
@@ -358,6 +470,7 @@ impl ReservationStore {
         ReservationStore {
             kind: Store::Local(Mutex::new(Reservations::default())),
             attentions: Arc::default(),
+            agent: rand::random(),
         }
     }
 
@@ -365,6 +478,7 @@ impl ReservationStore {
     /// (persists through power loss: APTPL offered).
     pub fn replicated(source: Arc<dyn ReservationSource>) -> ReservationStore {
         let attentions = Arc::<Attentions>::default();
+        let agent = rand::random();
         ReservationStore {
             kind: Store::Replicated(Arc::new(Replicated {
                 source,
@@ -372,12 +486,16 @@ impl ReservationStore {
                     state: Reservations::default(),
                     version: 0,
                     read_at: None,
+                    legacy_seen: None,
                 }),
                 reading: tokio::sync::Mutex::new(()),
                 refreshing: AtomicBool::new(false),
                 attentions: attentions.clone(),
+                agent,
+                renewing: AtomicBool::new(false),
             })),
             attentions,
+            agent,
         }
     }
 
@@ -391,17 +509,35 @@ impl ReservationStore {
         self.attentions.take(nexus)
     }
 
-    /// `nexus`'s session ended: its unit attentions go with it.
+    /// `nexus`'s session ended with a logout: its unit attentions go
+    /// with it.
     pub fn forget(&self, nexus: &Nexus) {
         self.attentions.forget(nexus);
+    }
+
+    /// `nexus`'s session ended without a logout (I_T nexus loss,
+    /// [`Attentions`]).
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        self.attentions.lost(nexus);
+    }
+
+    /// A session of `nexus` began.
+    pub fn nexus_found(&self, nexus: &Nexus) {
+        self.attentions.found(nexus);
+    }
+
+    /// Raise `sense` for each of `nexuses` (a reset's unit attention).
+    pub fn raise(&self, nexuses: &[Nexus], sense: Sense) {
+        self.attentions
+            .raise(nexuses.iter().map(|n| (n.clone(), sense)).collect());
     }
 
     /// `f` of a copy fresh enough to admit a command (shared.rs module
     /// docs); `Err` is the outcome to answer instead (BUSY when the
     /// control plane could not be read for [`GIVE_UP`]).
-    async fn check<T>(&self, f: impl Fn(&Reservations) -> T) -> Result<T, Outcome> {
+    async fn check<T>(&self, f: impl Fn(&Reservations, bool) -> T) -> Result<T, Outcome> {
         let shared = match &self.kind {
-            Store::Local(state) => return Ok(f(&lock(state))),
+            Store::Local(state) => return Ok(f(&lock(state), false)),
             Store::Replicated(shared) => shared,
         };
         let deadline = Instant::now() + GIVE_UP;
@@ -410,7 +546,7 @@ impl ReservationStore {
                 let cached = lock(&shared.cache);
                 if let Some(age) = cached.read_at.map(|at| at.elapsed()) {
                     if age < FRESH_FOR {
-                        let answer = f(&cached.state);
+                        let answer = f(&cached.state, cached.legacy_expired(shared.agent));
                         drop(cached);
                         if age >= REFRESH_AFTER {
                             Replicated::refresh_in_background(shared);
@@ -432,16 +568,136 @@ impl ReservationStore {
     /// the outcome to answer instead of running it (BUSY when the control
     /// plane could not be read for [`GIVE_UP`]).
     pub async fn permits(&self, nexus: &Nexus, access: Access) -> Result<bool, Outcome> {
-        if access == Access::Always && matches!(self.kind, Store::Replicated(_)) {
-            return Ok(true);
-        }
-        self.check(|state| state.permits(nexus, access)).await
+        self.admit(nexus, access, true)
+            .await
+            .map(|(permitted, _)| permitted)
     }
 
-    /// Whether any I_T nexus holds a registration (RESERVE(6) and
-    /// RELEASE(6) then defer to the persistent state, scsi.rs).
-    pub async fn any_registered(&self) -> Result<bool, Outcome> {
-        self.check(Reservations::any_registered).await
+    /// Whether `nexus` may run a command of class `access` now, and
+    /// whether the SPC-2 reservation keeps it out (`false` when
+    /// `legacy_exempt`: INQUIRY, REPORT LUNS, REQUEST SENSE, RELEASE(6)),
+    /// from one fresh copy; `Err` as for [`ReservationStore::permits`].
+    pub async fn admit(
+        &self,
+        nexus: &Nexus,
+        access: Access,
+        legacy_exempt: bool,
+    ) -> Result<(bool, bool), Outcome> {
+        if access == Access::Always && legacy_exempt && matches!(self.kind, Store::Replicated(_)) {
+            return Ok((true, false));
+        }
+        self.check(|state, expired| {
+            (
+                state.permits(nexus, access),
+                !legacy_exempt && legacy_conflict(state, nexus, expired),
+            )
+        })
+        .await
+    }
+
+    /// RESERVE(6) (`reserve`) or RELEASE(6) of `nexus` (scsi.rs module
+    /// docs): kept with the persistent state, so every agent of the
+    /// volume enforces it; a RESERVE that takes access away is answered
+    /// after [`RESTRICT_GRACE`] like a persistent RESERVE.
+    pub async fn reserve6(&self, nexus: &Nexus, reserve: bool) -> Outcome {
+        let agent = self.agent;
+        let change = |state: &mut Reservations, expired: bool| {
+            if state.any_registered() {
+                // Persistent registrations: RESERVE conflicts, RELEASE
+                // does nothing (SPC-4 5.13.3).
+                return if reserve { conflict() } else { Outcome::good() };
+            }
+            let held_by_other = legacy_conflict(state, nexus, expired);
+            match (reserve, held_by_other) {
+                (true, true) => conflict(),
+                (true, false) => {
+                    let current = state
+                        .legacy
+                        .as_ref()
+                        .is_some_and(|l| l.holder == *nexus && l.agent == agent);
+                    if !current {
+                        state.legacy = Some(Legacy {
+                            holder: nexus.clone(),
+                            agent,
+                            beat: 0,
+                        });
+                    }
+                    Outcome::good()
+                }
+                (false, true) => Outcome::good(),
+                (false, false) => {
+                    if state.legacy.as_ref().is_some_and(|l| l.holder == *nexus) {
+                        state.legacy = None;
+                    }
+                    Outcome::good()
+                }
+            }
+        };
+        let outcome = self.update(nexus, reserve, change).await;
+        if let Store::Replicated(shared) = &self.kind {
+            if reserve && outcome.status == super::scsi::GOOD {
+                Replicated::renew_in_background(shared);
+            }
+        }
+        outcome
+    }
+
+    /// The SPC-2 reservation ends: `Some(nexus)`: if `nexus` holds it
+    /// through this agent (its session ended); `None`: whoever holds it
+    /// (LUN RESET, TARGET RESET).
+    pub async fn end_reserve6(&self, nexus: Option<&Nexus>) {
+        let agent = self.agent;
+        if let (Some(nexus), Store::Replicated(shared)) = (nexus, &self.kind) {
+            // Only this agent writes a reservation naming it, and it
+            // installs what it writes: a copy without one for `nexus`
+            // needs no read (a session's end does not wait for the
+            // control plane then).
+            let held = lock(&shared.cache)
+                .state
+                .legacy
+                .as_ref()
+                .is_some_and(|l| l.holder == *nexus && l.agent == agent);
+            if !held {
+                return;
+            }
+        }
+        let actor = nexus.cloned().unwrap_or_else(|| Nexus {
+            initiator: String::new(),
+            isid: [0; 6],
+        });
+        self.update(&actor, false, |state: &mut Reservations, _| {
+            let ends = state.legacy.as_ref().is_some_and(|l| match nexus {
+                Some(nexus) => l.holder == *nexus && l.agent == agent,
+                None => true,
+            });
+            if ends {
+                state.legacy = None;
+            }
+            Outcome::good()
+        })
+        .await;
+    }
+
+    /// Apply `change` to the state (a fresh copy for the replicated
+    /// store, compare-and-set until it sticks); `actor` made it,
+    /// `restricting`: answer only after [`RESTRICT_GRACE`] once stored.
+    async fn update(
+        &self,
+        actor: &Nexus,
+        restricting: bool,
+        change: impl Fn(&mut Reservations, bool) -> Outcome + Sync,
+    ) -> Outcome {
+        match &self.kind {
+            Store::Local(state) => {
+                let mut state = lock(state);
+                let before = state.clone();
+                let outcome = change(&mut state, false);
+                self.attentions
+                    .raise(reserve::attentions(&before, &state, Some(actor)));
+                outcome
+            }
+            Store::Replicated(shared) => shared.apply(actor, restricting, &change).await,
+        }
     }
 
     /// PERSISTENT RESERVE IN.
@@ -469,17 +725,11 @@ impl ReservationStore {
 
     /// PERSISTENT RESERVE OUT with its parameter list.
     pub async fn write(&self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
-        match &self.kind {
-            Store::Local(state) => {
-                let mut state = lock(state);
-                let before = state.clone();
-                let outcome = state.write(nexus, cdb, parameters, false);
-                self.attentions
-                    .raise(reserve::attentions(&before, &state, Some(nexus)));
-                outcome
-            }
-            Store::Replicated(shared) => shared.write(nexus, cdb, parameters).await,
-        }
+        let capable = self.ptpl_capable();
+        self.update(nexus, restricts(cdb), |state: &mut Reservations, _| {
+            state.write(nexus, cdb, parameters, capable)
+        })
+        .await
     }
 }
 
@@ -544,23 +794,80 @@ impl Replicated {
             self.attentions
                 .raise(reserve::attentions(&cached.state, &next, actor));
         }
+        let legacy = next.legacy.as_ref().map(|l| (l.agent, l.beat));
+        let seen = cached.legacy_seen.map(|(agent, beat, _)| (agent, beat));
+        if legacy != seen {
+            cached.legacy_seen = legacy.map(|(agent, beat)| (agent, beat, Instant::now()));
+        }
         cached.version = record.version;
         cached.state = next;
         cached.read_at = Some(cached.read_at.map_or(at, |before| before.max(at)));
     }
 
-    async fn write(&self, nexus: &Nexus, cdb: &[u8; 16], parameters: &[u8]) -> Outcome {
+    /// Raise this agent's SPC-2 reservation's beat every
+    /// [`RENEW_EVERY`] while it holds it (one task at a time).
+    fn renew_in_background(shared: &Arc<Replicated>) {
+        if shared.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let agent = shared.agent;
+            let ours = |shared: &Replicated| {
+                lock(&shared.cache)
+                    .state
+                    .legacy
+                    .as_ref()
+                    .is_some_and(|l| l.agent == agent)
+            };
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                if !ours(&shared) {
+                    shared.renewing.store(false, Ordering::Release);
+                    // A RESERVE between the check and the store found the
+                    // flag still set: carry on for it.
+                    if ours(&shared) && !shared.renewing.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                }
+                let nobody = Nexus {
+                    initiator: String::new(),
+                    isid: [0; 6],
+                };
+                shared
+                    .apply(&nobody, false, &|state: &mut Reservations, _| {
+                        if let Some(legacy) = state.legacy.as_mut().filter(|l| l.agent == agent) {
+                            legacy.beat = legacy.beat.wrapping_add(1);
+                        }
+                        Outcome::good()
+                    })
+                    .await;
+            }
+        });
+    }
+
+    async fn apply(
+        &self,
+        nexus: &Nexus,
+        restricting: bool,
+        change: &(dyn Fn(&mut Reservations, bool) -> Outcome + Sync),
+    ) -> Outcome {
         let deadline = Instant::now() + GIVE_UP;
         if self.refresh_until(deadline).await.is_err() {
             return busy();
         }
         for _ in 0..MAX_ATTEMPTS {
-            let (mut next, version) = {
+            let (mut next, version, expired) = {
                 let cached = lock(&self.cache);
-                (cached.state.clone(), cached.version)
+                (
+                    cached.state.clone(),
+                    cached.version,
+                    cached.legacy_expired(self.agent),
+                )
             };
             let before = next.clone();
-            let outcome = next.write(nexus, cdb, parameters, true);
+            let outcome = change(&mut next, expired);
             if next == before {
                 // Refused, or a no-op (RELEASE of nothing, a repeated
                 // RESERVE): nothing to store.
@@ -581,7 +888,7 @@ impl Replicated {
                             // Another agent changed it first: recompute.
                             break;
                         }
-                        if restricts(cdb) {
+                        if restricting {
                             tokio::time::sleep(RESTRICT_GRACE).await;
                         }
                         return outcome;
@@ -719,6 +1026,114 @@ mod tests {
         let refused = first.write(&a, &prout(1, 1), &params(0xc, 0)).await;
         assert_eq!(refused.status, RESERVATION_CONFLICT);
         assert_eq!(lock(&register.record).version, version);
+    }
+
+    /// RESERVE(6) through one agent conflicts through another (after the
+    /// grace, every command but the exempt ones); it ends with its
+    /// holder's session; the holder's agent keeps it alive by renewing
+    /// it; an agent that stops renewing (it died) loses it after the
+    /// lease, measured by the other agent.
+    #[tokio::test(start_paused = true)]
+    async fn reserve6_is_shared_by_agents_and_leased() {
+        let register = Arc::new(Register::default());
+        let first = ReservationStore::replicated(register.clone());
+        let second = ReservationStore::replicated(register.clone());
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+        // Both agents admitted a command before anything was reserved.
+        assert_eq!(
+            second.admit(&b, Access::Write, false).await,
+            Ok((true, false))
+        );
+        let started = tokio::time::Instant::now();
+        assert_eq!(first.reserve6(&a, true).await.status, 0);
+        assert!(
+            started.elapsed() >= RESTRICT_GRACE,
+            "answered before the grace"
+        );
+        // The second agent keeps b out at once: reads, TUR, RESERVE.
+        assert_eq!(
+            second.admit(&b, Access::Read, false).await,
+            Ok((true, true))
+        );
+        assert_eq!(
+            second.admit(&b, Access::Always, false).await,
+            Ok((true, true))
+        );
+        assert_eq!(
+            second.admit(&b, Access::Always, true).await,
+            Ok((true, false))
+        );
+        assert_eq!(second.reserve6(&b, true).await.status, RESERVATION_CONFLICT);
+        // b's RELEASE is GOOD and changes nothing.
+        assert_eq!(second.reserve6(&b, false).await.status, 0);
+        assert_eq!(
+            first.admit(&a, Access::Write, false).await,
+            Ok((true, false))
+        );
+        // Held for a minute: the holder's agent renews it, so it stands.
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                second.admit(&b, Access::Write, false).await,
+                Ok((true, true))
+            );
+        }
+        // a's session ends through the first agent: b takes it.
+        first.end_reserve6(Some(&a)).await;
+        tokio::time::sleep(FRESH_FOR).await;
+        assert_eq!(second.reserve6(&b, true).await.status, 0);
+        tokio::time::sleep(FRESH_FOR).await;
+        assert_eq!(first.admit(&a, Access::Read, false).await, Ok((true, true)));
+        // A LUN reset through the first agent ends b's.
+        first.end_reserve6(None).await;
+        tokio::time::sleep(FRESH_FOR).await;
+        assert_eq!(
+            second.admit(&b, Access::Write, false).await,
+            Ok((true, false))
+        );
+        assert!(lock(&register.record).legacy.is_none());
+        // An agent that died holding it (its beat never moves again): the
+        // others keep out until the lease has run out on their clock.
+        {
+            let mut record = lock(&register.record);
+            record.version += 1;
+            record.legacy = Some(local_control_plane::state::LegacyReservation {
+                initiator: "iqn.dead".into(),
+                isid: [0x80, 0, 0, 0, 0, 9],
+                agent: 42,
+                beat: 7,
+            });
+        }
+        tokio::time::sleep(FRESH_FOR).await;
+        assert_eq!(
+            second.admit(&b, Access::Write, false).await,
+            Ok((true, true))
+        );
+        tokio::time::sleep(LEGACY_LEASE - Duration::from_secs(1)).await;
+        assert_eq!(
+            second.admit(&b, Access::Write, false).await,
+            Ok((true, true))
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            second.admit(&b, Access::Write, false).await,
+            Ok((true, false))
+        );
+        assert_eq!(second.reserve6(&b, true).await.status, 0);
+        assert_eq!(
+            lock(&register.record)
+                .legacy
+                .as_ref()
+                .map(|l| l.initiator.clone()),
+            Some("iqn.b".to_owned())
+        );
+        // A persistent registration makes RESERVE(6) conflict.
+        second.end_reserve6(Some(&b)).await;
+        assert_eq!(
+            first.write(&a, &prout(0, 0), &params(0, 0xa)).await.status,
+            0
+        );
+        assert_eq!(second.reserve6(&b, true).await.status, RESERVATION_CONFLICT);
     }
 
     /// With no reservation anywhere, reads of the control plane happen at

@@ -125,8 +125,8 @@ pub use repair::{
     RepairTask, MAX_REPAIR_TASKS,
 };
 pub use reservations::{
-    HeldReservation, PersistentReservations, Registration, MAX_INITIATOR_NAME_BYTES,
-    MAX_REGISTRATIONS,
+    HeldReservation, LegacyReservation, PersistentReservations, Registration,
+    MAX_INITIATOR_NAME_BYTES, MAX_REGISTRATIONS,
 };
 pub use snapshots::{PartitionCut, SnapshotId, SnapshotRecord, SnapshotState};
 pub use types::{

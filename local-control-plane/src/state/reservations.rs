@@ -23,6 +23,14 @@
 //!
 //! A volume without any record reads as the empty record at version 0.
 //! Deleting the volume drops its record.
+//!
+//! The record also holds the volume's SPC-2 reservation (RESERVE(6)),
+//! [`LegacyReservation`]: not persistent in SCSI terms (it ends with its
+//! I_T nexus), but kept here so that every agent of the volume enforces
+//! it. Its holder's agent renews it (`beat`) while it holds it; the
+//! other agents treat it as gone once `beat` has not moved for a lease
+//! measured on their own clocks (a crashed agent's nexus is lost, and so
+//! is its reservation). The state machine stores it like the rest.
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +64,19 @@ pub struct HeldReservation {
     pub kind: u8,
 }
 
+/// The SPC-2 reservation (RESERVE(6)) of a volume (module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyReservation {
+    /// The holder's initiator name and ISID.
+    pub initiator: String,
+    pub isid: [u8; 6],
+    /// The attach agent serving the holder's session (a random id per
+    /// agent process): only it renews the reservation.
+    pub agent: u64,
+    /// Raised by the holder's agent while the reservation is held.
+    pub beat: u64,
+}
+
 /// One volume's persistent reservation state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistentReservations {
@@ -74,6 +95,10 @@ pub struct PersistentReservations {
     /// Absent in records written before it existed: false.
     #[serde(default)]
     pub aptpl: bool,
+    /// The SPC-2 reservation, if any. Absent in records written before
+    /// it existed: none.
+    #[serde(default)]
+    pub legacy: Option<LegacyReservation>,
 }
 
 impl PersistentReservations {
@@ -89,7 +114,8 @@ impl PersistentReservations {
             .registrations
             .iter()
             .map(|r| &r.initiator)
-            .chain(self.reservation.iter().map(|r| &r.initiator));
+            .chain(self.reservation.iter().map(|r| &r.initiator))
+            .chain(self.legacy.iter().map(|r| &r.initiator));
         for name in names {
             if name.is_empty() || name.len() > MAX_INITIATOR_NAME_BYTES {
                 return Err(CommandError::invalid(format!(
@@ -193,6 +219,7 @@ mod tests {
                 kind,
             }),
             aptpl: false,
+            legacy: None,
         }
     }
 
