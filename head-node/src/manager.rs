@@ -219,6 +219,8 @@ pub struct ManagerConfig {
     pub gc_interval: Duration,
     /// Index checkpoint after this many flush commits (0: by time only).
     pub checkpoint_every_flushes: u64,
+    /// Writes of at least this many bytes go straight to the sleds (0: off).
+    pub direct_write_min_bytes: u64,
     /// ... or after this long if anything was flushed (zero: by count only).
     pub checkpoint_interval: Duration,
     pub poll_interval: Duration,
@@ -1563,6 +1565,7 @@ fn partition_setup(
     config.flush_age = inner.config.flush_age;
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
     config.checkpoint_every_flushes = inner.config.checkpoint_every_flushes;
+    config.direct_write_min_bytes = inner.config.direct_write_min_bytes;
     config.checkpoint_interval = inner.config.checkpoint_interval;
     config.parent = d.parent.map(|parent| {
         Arc::new(ParentReader {

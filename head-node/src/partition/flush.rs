@@ -684,6 +684,71 @@ async fn write_rows(
     Ok(all_locations)
 }
 
+/// A full-stripe write ([`super::direct`]; the caller holds the flush
+/// lock and reserved `sequence`): writes blocks `lba..` (`data`) as
+/// stripes of the open extent, each slot at `sequence`, and once every
+/// present column holds them maps them in the index (newest sequence
+/// wins). Returns the placement, as a flush commit's mappings.
+pub(super) async fn write_direct(
+    shared: &Arc<Shared>,
+    lba: u64,
+    sequence: u64,
+    data: &Bytes,
+) -> Result<Vec<FlushedRange>, PartitionError> {
+    shared.check_primary(None)?;
+    let mut blocks = Vec::with_capacity(data.len() / BLOCK_SIZE_BYTES as usize);
+    let count = data.len() as u64 / BLOCK_SIZE_BYTES;
+    push_blocks(&mut blocks, lba, count, sequence, data, |_| None);
+    let (placed, _) = write_stripes(shared, blocks, Vec::new()).await?;
+    let mut mappings: Vec<FlushedRange> = Vec::new();
+    let mut state = shared.lock();
+    for Placed { block, location } in &placed {
+        let Location::Sled {
+            extent,
+            column,
+            offset_bytes,
+        } = *location
+        else {
+            continue;
+        };
+        assert!(
+            holds_data_slot(&state, extent, column, offset_bytes),
+            "partition {:?}: direct block {} (sequence {sequence}) at extent {extent} column {column} offset {offset_bytes}, not a written data slot",
+            shared.id(),
+            block.lba,
+        );
+        state
+            .core
+            .index
+            .apply_write(block.lba, 1, sequence, *location)
+            .map_err(|source| PartitionError::Index {
+                partition: shared.id(),
+                source,
+            })?;
+        let lba = shared.config.first_block + block.lba;
+        match mappings.last_mut() {
+            Some(last)
+                if last.lba + u64::from(last.blocks) == lba
+                    && last.extent == extent
+                    && last.column == column
+                    && last.offset_bytes + u64::from(last.blocks) * BLOCK_SIZE_BYTES
+                        == offset_bytes =>
+            {
+                last.blocks += 1
+            }
+            _ => mappings.push(FlushedRange {
+                lba,
+                blocks: 1,
+                sequence,
+                extent,
+                column,
+                offset_bytes,
+            }),
+        }
+    }
+    Ok(mappings)
+}
+
 /// Seals `extent` when dropped armed: a stripe append abandoned midway
 /// (see [`write_rows`]).
 struct SealOnDrop<'a> {
