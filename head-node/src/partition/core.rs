@@ -897,6 +897,13 @@ impl PartitionCore {
                 ),
             });
         }
+        if let (Some(sequence), Some(Change::Direct { mappings, .. })) = (reserved, changes.first())
+        {
+            // The stripes are durable on every present column: reads may
+            // see the blocks from now on (the driver holds the flush lock,
+            // so no checkpoint sees the rows without this mapping).
+            self.map_direct(sequence, mappings)?;
+        }
         self.add_hold(head);
         self.reserved.remove(&id);
         let mut records = Vec::with_capacity(changes.len());
@@ -1027,6 +1034,42 @@ impl PartitionCore {
         self.next_sequence += 1;
         self.reserved.insert(id, sequence);
         Ok(sequence)
+    }
+
+    /// Points the index at the sled copy of a direct write at `sequence`
+    /// (newest sequence wins). Refuses a mapping outside the partition or
+    /// at another sequence.
+    fn map_direct(
+        &mut self,
+        sequence: u64,
+        mappings: &[FlushedRange],
+    ) -> Result<(), PartitionError> {
+        for m in mappings {
+            let lba = m
+                .lba
+                .checked_sub(self.first_block)
+                .filter(|lba| lba + u64::from(m.blocks) <= self.size_blocks)
+                .filter(|_| m.sequence == sequence)
+                .ok_or_else(|| PartitionError::BadRequest {
+                    partition: self.partition,
+                    reason: format!(
+                        "direct mapping {m:?} outside the partition or not at {sequence}"
+                    ),
+                })?;
+            self.index
+                .apply_write(
+                    lba,
+                    u64::from(m.blocks),
+                    sequence,
+                    Location::Sled {
+                        extent: m.extent,
+                        column: m.column,
+                        offset_bytes: m.offset_bytes,
+                    },
+                )
+                .map_err(|e| self.index_error(e))?;
+        }
+        Ok(())
     }
 
     /// The sequence reserved for write `id`, if any.
@@ -1165,9 +1208,8 @@ impl PartitionCore {
             let applied = match record.kind {
                 RecordKind::Write => index_logged_write(&mut self.index, record, *position),
                 RecordKind::Snapshot => self.apply_marker(record, *position),
-                // The driver mapped the blocks when the stripes were
-                // durable (under the flush lock, so GC may have moved them
-                // since): nothing to map again.
+                // Mapped at `start_commit`, when the stripes were durable
+                // (GC may have moved them since): nothing to map again.
                 RecordKind::Direct => Ok(()),
                 _ => {
                     let trim = PendingTrim::of(record, *position);

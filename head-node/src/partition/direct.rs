@@ -12,11 +12,12 @@
 //!    ─▶ stripes of the open extent, every slot carrying (lba, S, crc), as
 //!       a flush writes them (same writer: epoch-fenced appends, a failed
 //!       append seals the extent and retries on a new one)
-//!    ─▶ all present columns durable: the index maps the blocks to the
-//!       sleds at S (newest sequence wins), still under the flush lock
-//!    ─▶ flush lock released; index record (RecordKind::Direct: S and the
-//!       placement) committed like any record: local log + secondary,
-//!       acknowledged by the ack rule
+//!    ─▶ all present columns durable: start_commit of the index record
+//!       (Change::Direct, RecordKind::Direct: S and the placement) maps
+//!       the blocks to the sleds at S (newest sequence wins), still under
+//!       the flush lock, and queues the record for the secondary
+//!    ─▶ flush lock released; the record goes to the local log; the write
+//!       is acknowledged by the usual ack rule (both logs)
 //!  stripes failed (not fenced) ─▶ the blocks go through the logs at S
 //! ```
 //!
@@ -61,6 +62,9 @@ use proto::BLOCK_SIZE_BYTES;
 use super::core::{Change, WriteId};
 use super::{bump, flush, push_writes, PartitionError, Shared};
 
+/// The flush lock, held by a direct write until its `start_commit`.
+pub(super) type Serial<'a> = tokio::sync::MutexGuard<'a, ()>;
+
 /// Whether a write of partition bytes `bytes` with `data` goes straight to
 /// the sleds: whole blocks, at least `direct_write_min_bytes` (non-zero).
 pub(super) fn eligible(shared: &Shared, bytes: &Range<u64>, data: Option<&Bytes>) -> bool {
@@ -76,29 +80,31 @@ pub(super) fn eligible(shared: &Shared, bytes: &Range<u64>, data: Option<&Bytes>
 /// stripes and maps them in the index at a reserved sequence; returns the
 /// changes to commit at that sequence: the index record, or (the stripes
 /// failed, or the flush lock stayed busy too long) the blocks themselves
-/// through the logs. `Fenced` / `NotPrimary` are returned as errors (the
-/// write's guard voids the reservation).
+/// through the logs, with the flush lock to hold until `start_commit`.
+/// `Fenced` / `NotPrimary` are returned as errors (the write's guard voids
+/// the reservation).
 pub(super) async fn write(
     shared: &Arc<Shared>,
     id: WriteId,
     first_block: u64,
     data: Bytes,
-) -> Result<Vec<Change>, PartitionError> {
+) -> Result<(Vec<Change>, Option<Serial<'_>>), PartitionError> {
     let wait = shared.config.replica_timeout / 2;
-    let Ok(_serial) = tokio::time::timeout(wait, shared.flush_lock.lock()).await else {
+    let Ok(serial) = tokio::time::timeout(wait, shared.flush_lock.lock()).await else {
         bump(&shared.metrics.direct_fallbacks);
         let mut changes = Vec::new();
         push_writes(&mut changes, first_block, data);
-        return Ok(changes);
+        return Ok((changes, None));
     };
     let sequence = shared.lock().core.reserve_direct(id)?;
     match flush::write_direct(shared, first_block, sequence, &data).await {
         Ok(mappings) => {
             bump(&shared.metrics.direct_writes);
-            Ok(vec![Change::Direct {
+            let change = Change::Direct {
                 lba: first_block,
                 mappings,
-            }])
+            };
+            Ok((vec![change], Some(serial)))
         }
         Err(error @ (PartitionError::Fenced { .. } | PartitionError::NotPrimary { .. })) => {
             Err(error)
@@ -108,7 +114,7 @@ pub(super) async fn write(
             bump(&shared.metrics.direct_fallbacks);
             let mut changes = Vec::new();
             push_writes(&mut changes, first_block, data);
-            Ok(changes)
+            Ok((changes, None))
         }
     }
 }

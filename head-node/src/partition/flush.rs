@@ -686,9 +686,10 @@ async fn write_rows(
 
 /// A full-stripe write ([`super::direct`]; the caller holds the flush
 /// lock and reserved `sequence`): writes blocks `lba..` (`data`) as
-/// stripes of the open extent, each slot at `sequence`, and once every
-/// present column holds them maps them in the index (newest sequence
-/// wins). Returns the placement, as a flush commit's mappings.
+/// stripes of the open extent, each slot at `sequence`. Returns where they
+/// landed once every present column holds them, as a flush commit's
+/// mappings (the core maps them at `start_commit`, under the same flush
+/// lock).
 pub(super) async fn write_direct(
     shared: &Arc<Shared>,
     lba: u64,
@@ -701,7 +702,7 @@ pub(super) async fn write_direct(
     push_blocks(&mut blocks, lba, count, sequence, data, |_| None);
     let (placed, _) = write_stripes(shared, blocks, Vec::new()).await?;
     let mut mappings: Vec<FlushedRange> = Vec::new();
-    let mut state = shared.lock();
+    let state = shared.lock();
     for Placed { block, location } in &placed {
         let Location::Sled {
             extent,
@@ -711,20 +712,14 @@ pub(super) async fn write_direct(
         else {
             continue;
         };
+        // As a flush commit: the index must only ever point at data slots
+        // of rows written to an extent of this partition.
         assert!(
             holds_data_slot(&state, extent, column, offset_bytes),
             "partition {:?}: direct block {} (sequence {sequence}) at extent {extent} column {column} offset {offset_bytes}, not a written data slot",
             shared.id(),
             block.lba,
         );
-        state
-            .core
-            .index
-            .apply_write(block.lba, 1, sequence, *location)
-            .map_err(|source| PartitionError::Index {
-                partition: shared.id(),
-                source,
-            })?;
         let lba = shared.config.first_block + block.lba;
         match mappings.last_mut() {
             Some(last)

@@ -1423,13 +1423,16 @@ impl Partition {
         if direct::eligible(&self.shared, &bytes, data.as_ref()) {
             if let Some(data) = data {
                 let work = direct::write(&self.shared, guard.id, first_block, data);
-                let changes = tokio::time::timeout_at(deadline, work)
-                    .await
-                    .map_err(|_| {
-                        self.shared
-                            .unavailable("full-stripe write did not complete")
-                    })??;
-                return self.commit(&mut guard, changes, deadline).await;
+                let (changes, serial) =
+                    tokio::time::timeout_at(deadline, work)
+                        .await
+                        .map_err(|_| {
+                            self.shared
+                                .unavailable("full-stripe write did not complete")
+                        })??;
+                return self
+                    .commit_with(&mut guard, changes, serial, deadline)
+                    .await;
             }
         }
         let changes = self.plan(bytes, data).await?;
@@ -1486,6 +1489,18 @@ impl Partition {
         changes: Vec<Change>,
         deadline: tokio::time::Instant,
     ) -> Result<(), PartitionError> {
+        self.commit_with(guard, changes, None, deadline).await
+    }
+
+    /// [`commit`](Self::commit); `serial`: the flush lock a full-stripe
+    /// write holds until its `start_commit` mapped it ([`direct`]).
+    async fn commit_with(
+        &self,
+        guard: &mut WriteGuard,
+        changes: Vec<Change>,
+        serial: Option<direct::Serial<'_>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PartitionError> {
         let shared = &self.shared;
         let timeout = shared.config.replica_timeout;
         let id = guard.id;
@@ -1497,6 +1512,7 @@ impl Partition {
             state.replies.insert(id, tx);
             (plan.records, rx)
         };
+        drop(serial);
         shared.repl_wakeup.notify_one();
         guard.appending = true;
         let outcome = async {

@@ -626,6 +626,15 @@ fn a_reserved_direct_sequence_holds_replication_until_its_record_is_queued() {
         )
         .unwrap();
     assert_eq!(plan.records[0].sequence, reserved);
+    // Mapped at once: the stripes are durable on every present column.
+    assert_eq!(
+        core.index().lookup(3, 1).unwrap()[0].location,
+        Some(Location::Sled {
+            extent: 1,
+            column: 0,
+            offset_bytes: 3 * 4096
+        })
+    );
     assert_eq!(append_sequences(core.next_append()), vec![1, 2]);
     let (done, _) = core.local_done(direct, Ok(vec![LogPosition(11)]));
     assert!(done.is_empty(), "acknowledged before the secondary");
