@@ -968,9 +968,10 @@ pub(super) async fn recover(
                 e.crcs = crcs;
             }
         }
-        state.core.index = built.index;
+        state
+            .core
+            .adopt_sled_index(built.index, built.highest_sequence);
         state.extents = extents;
-        state.core.next_sequence = state.core.next_sequence.max(built.highest_sequence + 1);
         state.checkpoints = Tracker::new();
         state.checkpoints.extents = checkpoint_extents;
         state.checkpoints.flushes_at_last = shared.metrics.flushes.load(Ordering::Relaxed);

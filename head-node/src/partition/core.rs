@@ -1916,6 +1916,17 @@ impl PartitionCore {
         self.replay(false, &[], min_next_sequence.max(highest_sequence + 1), now)
     }
 
+    /// A primary's recovery from the sleds built `index` (every block and
+    /// tombstone their summaries hold, newest sequence wins; the log's
+    /// records are applied over it next) and read sequences up to
+    /// `highest_sequence`: the index is replaced and new sequences continue
+    /// after it, so that a sequence a row holds (a full-stripe write whose
+    /// record never reached a log) is never given to another write.
+    pub fn adopt_sled_index(&mut self, index: PartitionIndex, highest_sequence: u64) {
+        self.index = index;
+        self.next_sequence = self.next_sequence.max(highest_sequence + 1);
+    }
+
     /// The take-over is done: this instance is fenced for good.
     pub fn take_over_done(&mut self, new_epoch: u64) -> (Vec<Completion>, Vec<WriteId>) {
         self.role = Role::Fenced { current: new_epoch };

@@ -35,6 +35,16 @@
 //! log with the same sequence, at or above the log's tail. A broken log
 //! release panics inside the core (`forget_released`).
 //!
+//! **Full-stripe writes** (a quarter of the data writes): the primary
+//! reserves the write's sequence (`reserve_direct`), the row goes to a
+//! simulated sled store (shared, durable, fenced by epoch like the sleds'
+//! claims) as a later step, and only then is the index record committed
+//! (`Change::Direct`); a failed row falls back to the log at the reserved
+//! sequence; a crash or a host giving up before the record leaves the row
+//! landed or not (an orphan). Every primary open (cold or take-over)
+//! first rebuilds its index from every row of the store, as recovery from
+//! the sleds' summaries does, and fences older epochs' rows.
+//!
 //! What is not simulated yet: flush, GC and checkpoints to sleds (the
 //! engine's flush pipeline is still driver-side code, see
 //! `partition::core`), so no sleds are lost here; the in-process scenarios
@@ -49,14 +59,14 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use head_node::index::Location;
+use head_node::index::{Location, PartitionIndex};
 use head_node::partition::core::{
     Admission, CatchUp, Change, Completion, PartitionCore, ReplicaAppend, WriteId,
 };
 use head_node::partition::{live_records, PartitionError, Role};
 use head_node::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
 use proto::sled::PartitionId;
-use proto::volume::{ReplicaError, ReplicaReply, ReplicaRequest};
+use proto::volume::{FlushedRange, ReplicaError, ReplicaReply, ReplicaRequest};
 
 const NODES: usize = 3;
 const BLOCKS: u64 = 16;
@@ -237,6 +247,30 @@ struct ClientWrite {
     /// Stamp of its blocks (0 for a trim: reads as zeros).
     value: u64,
     outcome: Outcome,
+    /// Goes straight to the sled store as a full-stripe write.
+    direct: bool,
+}
+
+/// A row of the simulated sled store (extent `index + 1`): blocks
+/// `lba..lba + count` of write stamp `value` at `sequence`.
+#[derive(Debug, Clone, Copy)]
+struct SledRow {
+    lba: u64,
+    count: u64,
+    sequence: u64,
+    value: u64,
+}
+
+/// A full-stripe write's row on its way to the sled store.
+#[derive(Debug, Clone, Copy)]
+struct DirectAppend {
+    node: usize,
+    generation: u64,
+    write: WriteId,
+    /// Client write index.
+    w: usize,
+    sequence: u64,
+    epoch: u64,
 }
 
 /// The control plane's view of the partition.
@@ -273,7 +307,14 @@ struct Sim {
     /// events; all of them with `SIM_SEED`).
     trace: VecDeque<String>,
     trace_len: usize,
+    /// The simulated sleds' rows (durable, shared by every node).
+    sled: Vec<SledRow>,
+    /// Rows appended at an older epoch are refused (the sleds' claims).
+    sled_epoch: u64,
+    /// Full-stripe rows in flight.
+    direct: Vec<DirectAppend>,
     /// Counters for the summary.
+    direct_acked: usize,
     acked: usize,
     crashes: usize,
     takeovers: usize,
@@ -317,7 +358,12 @@ impl Sim {
                 blocks: 0..BLOCKS,
                 value: 0,
                 outcome: Outcome::Acked,
+                direct: false,
             }],
+            sled: Vec::new(),
+            sled_epoch: 0,
+            direct: Vec::new(),
+            direct_acked: 0,
             allowed: (0..BLOCKS).map(|_| vec![(0, 0)]).collect(),
             busy: HashSet::new(),
             stale: Vec::new(),
@@ -371,10 +417,32 @@ impl Sim {
         node.peer = None;
     }
 
+    /// A primary's recovery from the sleds at `epoch`: claims them (rows
+    /// of older epochs are refused from now on) and rebuilds the index
+    /// from every row, newest sequence wins.
+    fn recover_from_sleds(&mut self, core: &mut PartitionCore, epoch: u64) {
+        self.sled_epoch = self.sled_epoch.max(epoch);
+        let mut index = PartitionIndex::new(PARTITION, BLOCKS);
+        let mut highest = 0;
+        for (i, row) in self.sled.iter().enumerate() {
+            let location = Location::Sled {
+                extent: i as u64 + 1,
+                column: 0,
+                offset_bytes: 0,
+            };
+            if let Err(error) = index.apply_write(row.lba, row.count, row.sequence, location) {
+                self.fail(format!("sled row {row:?}: {error}"));
+            }
+            highest = highest.max(row.sequence);
+        }
+        core.adopt_sled_index(index, highest);
+    }
+
     /// Cold open of node `n` as primary at `epoch` from its log.
     fn open_primary(&mut self, n: usize, epoch: u64) {
         let recovered = live_records(PARTITION, &self.nodes[n].log.recovered());
         let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
+        self.recover_from_sleds(&mut core, epoch);
         if let Err(error) = core.replay(false, &recovered, 1, self.now()) {
             self.fail(format!("cold open of node {n} at epoch {epoch}: {error}"));
         }
@@ -418,6 +486,7 @@ impl Sim {
     /// In-place take-over of node `n`'s core at `epoch` (promotion of a
     /// secondary, or a primary moving to a new epoch).
     fn take_over(&mut self, n: usize, epoch: u64) {
+        self.drop_directs_of(n);
         let Some(mut old) = self.nodes[n].core.take() else {
             self.fail(format!("take-over of node {n} without a core"));
         };
@@ -462,6 +531,7 @@ impl Sim {
         }
         let records = plan.needed.len();
         let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
+        self.recover_from_sleds(&mut core, epoch);
         if let Err(error) =
             core.adopt_log_resident(&plan.log_resident, plan.next_sequence, self.now())
         {
@@ -510,6 +580,9 @@ impl Sim {
             return;
         }
         write.outcome = Outcome::Acked;
+        if write.direct {
+            self.direct_acked += 1;
+        }
         let blocks = write.blocks.clone();
         for b in blocks {
             self.busy.remove(&b);
@@ -530,6 +603,7 @@ impl Sim {
             return;
         }
         let trim = self.rng.chance(120);
+        let direct = !trim && self.rng.chance(250);
         let w = self.writes.len();
         let value = if trim {
             0
@@ -540,6 +614,7 @@ impl Sim {
             blocks: blocks.clone(),
             value,
             outcome: Outcome::Waiting,
+            direct,
         });
         for b in blocks.clone() {
             self.busy.insert(b);
@@ -572,7 +647,48 @@ impl Sim {
         };
         let write = &self.writes[w];
         let count = write.blocks.end - write.blocks.start;
-        let change = if write.value == 0 {
+        if write.direct {
+            let Some(core) = self.nodes[n].core.as_mut() else {
+                return;
+            };
+            match core.reserve_direct(id) {
+                Ok(sequence) => {
+                    let epoch = core.epoch();
+                    self.direct.push(DirectAppend {
+                        node: n,
+                        generation: self.nodes[n].generation,
+                        write: id,
+                        w,
+                        sequence,
+                        epoch,
+                    });
+                    self.note(format!(
+                        "write {w} reserved sequence {sequence} on node {n}; its row goes to the sleds"
+                    ));
+                }
+                Err(error) => {
+                    self.note(format!("write {w} not reserved: {error}"));
+                    self.nodes[n].writes.remove(&id);
+                    self.unknown(w);
+                    self.end_write(n, id);
+                }
+            }
+            return;
+        }
+        self.commit_changes(n, id, w, None);
+    }
+
+    /// Commits write `id` (client write `w`) of node `n`: its blocks or
+    /// trim, or `direct`: the index record of its row in the sled store.
+    fn commit_changes(&mut self, n: usize, id: WriteId, w: usize, direct: Option<FlushedRange>) {
+        let write = &self.writes[w];
+        let count = write.blocks.end - write.blocks.start;
+        let change = if let Some(mapping) = direct {
+            Change::Direct {
+                lba: write.blocks.start,
+                mappings: vec![mapping],
+            }
+        } else if write.value == 0 {
             Change::Unmap {
                 lba: write.blocks.start,
                 count,
@@ -607,6 +723,100 @@ impl Sim {
                 self.nodes[n].writes.remove(&id);
                 self.unknown(w);
                 self.end_write(n, id);
+            }
+        }
+    }
+
+    /// A full-stripe row in flight reaches the sled store (or fails).
+    fn complete_direct(&mut self, fail: bool) {
+        if self.direct.is_empty() {
+            return;
+        }
+        let at = self.rng.below(self.direct.len() as u64) as usize;
+        let d = self.direct.remove(at);
+        let live = self.nodes[d.node].up
+            && self.nodes[d.node].generation == d.generation
+            && self.nodes[d.node].writes.get(&d.write) == Some(&d.w);
+        if !live {
+            // The host gave up while the row was on its way (its guard
+            // voided the sequence): it may land all the same, an orphan.
+            let same_core = self.nodes[d.node].up && self.nodes[d.node].generation == d.generation;
+            if same_core && d.epoch >= self.sled_epoch && self.rng.chance(500) {
+                let write = &self.writes[d.w];
+                self.sled.push(SledRow {
+                    lba: write.blocks.start,
+                    count: write.blocks.end - write.blocks.start,
+                    sequence: d.sequence,
+                    value: write.value,
+                });
+                self.note(format!("orphan row of write {} landed", d.w));
+            }
+            return;
+        }
+        if d.epoch < self.sled_epoch {
+            // The sleds refuse it: the primary is fenced.
+            self.note(format!("row of write {} refused: fenced", d.w));
+            let Some(core) = self.nodes[d.node].core.as_mut() else {
+                return;
+            };
+            let (completions, ready) = core.fence(self.sled_epoch);
+            self.resolve(d.node, completions, ready);
+            if let Some(w) = self.nodes[d.node].writes.remove(&d.write) {
+                self.unknown(w);
+            }
+            self.end_write(d.node, d.write);
+            return;
+        }
+        let write = &self.writes[d.w];
+        let row = SledRow {
+            lba: write.blocks.start,
+            count: write.blocks.end - write.blocks.start,
+            sequence: d.sequence,
+            value: write.value,
+        };
+        if fail {
+            // Some columns may hold it (an orphan at the same sequence and
+            // data); the blocks go through the log at the reserved sequence.
+            if self.rng.chance(500) {
+                self.sled.push(row);
+            }
+            self.note(format!("row of write {} failed: through the log", d.w));
+            self.commit_changes(d.node, d.write, d.w, None);
+            return;
+        }
+        self.sled.push(row);
+        let mapping = FlushedRange {
+            lba: FIRST_BLOCK + row.lba,
+            blocks: row.count as u32,
+            sequence: d.sequence,
+            extent: self.sled.len() as u64,
+            column: 0,
+            offset_bytes: 0,
+        };
+        self.note(format!(
+            "row of write {} durable as extent {}",
+            d.w,
+            self.sled.len()
+        ));
+        self.commit_changes(d.node, d.write, d.w, Some(mapping));
+    }
+
+    /// Rows of node `n`'s writes in flight: each lands (an orphan, unless
+    /// the sleds refuse its epoch) or not.
+    fn drop_directs_of(&mut self, n: usize) {
+        let (gone, kept): (Vec<DirectAppend>, Vec<DirectAppend>) =
+            self.direct.drain(..).partition(|d| d.node == n);
+        self.direct = kept;
+        for d in gone {
+            if d.epoch >= self.sled_epoch && self.rng.chance(500) {
+                let write = &self.writes[d.w];
+                self.sled.push(SledRow {
+                    lba: write.blocks.start,
+                    count: write.blocks.end - write.blocks.start,
+                    sequence: d.sequence,
+                    value: write.value,
+                });
+                self.note(format!("orphan row of write {} landed", d.w));
             }
         }
     }
@@ -1093,6 +1303,7 @@ impl Sim {
         if !self.nodes[n].up {
             return;
         }
+        self.drop_directs_of(n);
         self.fail_all_writes_of(n);
         let node = &mut self.nodes[n];
         node.up = false;
@@ -1316,8 +1527,22 @@ impl Sim {
         for (lba, run) in core.index().runs() {
             match run.location {
                 None => {}
-                Some(Location::Sled { .. }) => {
-                    self.fail(format!("node {n}: block {lba} on a sled without a flush"))
+                Some(Location::Sled { extent, .. }) => {
+                    // A full-stripe write's row: the store holds it, at the
+                    // run's sequence, covering the run.
+                    let row = extent
+                        .checked_sub(1)
+                        .and_then(|i| self.sled.get(i as usize));
+                    let covers = row.is_some_and(|row| {
+                        row.sequence == run.sequence
+                            && row.lba <= lba
+                            && lba + run.block_count <= row.lba + row.count
+                    });
+                    if !covers {
+                        self.fail(format!(
+                            "node {n}: index run at {lba} {run:?} disagrees with sled row {row:?}"
+                        ));
+                    }
                 }
                 Some(Location::Log {
                     position,
@@ -1378,7 +1603,15 @@ impl Sim {
                     }
                     None => self.fail(format!("block {b}: log record {} gone", position.0)),
                 },
-                Some(other) => self.fail(format!("block {b} at {other:?}")),
+                Some(Location::Sled { extent, .. }) => {
+                    match extent
+                        .checked_sub(1)
+                        .and_then(|i| self.sled.get(i as usize))
+                    {
+                        Some(row) => row.value,
+                        None => self.fail(format!("block {b}: sled row {extent} missing")),
+                    }
+                }
             };
             if !self.allowed[b as usize].iter().any(|(_, v)| *v == value) {
                 self.fail(format!(
@@ -1395,7 +1628,11 @@ impl Sim {
         let roll = self.rng.below(1000);
         match roll {
             0..=219 => self.issue_write(),
-            220..=519 => {
+            220..=259 => {
+                let fail = self.rng.chance(50);
+                self.complete_direct(fail);
+            }
+            260..=519 => {
                 let n = self.rng.below(NODES as u64) as usize;
                 if self.nodes[n].up {
                     let fail = self.rng.chance(15);
@@ -1445,6 +1682,10 @@ impl Sim {
                 self.control_plane();
             }
             let mut progressed = false;
+            if !self.direct.is_empty() {
+                self.complete_direct(false);
+                progressed = true;
+            }
             for n in 0..NODES {
                 if !self.nodes[n].pending.is_empty() {
                     self.complete_append(n, false);
@@ -1464,6 +1705,7 @@ impl Sim {
             self.check();
             let waiting = self.writes.iter().any(|w| w.outcome == Outcome::Waiting);
             if !waiting
+                && self.direct.is_empty()
                 && self.network.is_empty()
                 && self.nodes.iter().all(|n| n.pending.is_empty())
             {
@@ -1511,10 +1753,10 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (usize, usize, usize) {
+fn run_seed(seed: u64) -> (usize, usize, usize, usize) {
     let mut sim = Sim::new(seed);
     sim.run();
-    (sim.acked, sim.crashes, sim.takeovers)
+    (sim.acked, sim.crashes, sim.takeovers, sim.direct_acked)
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1531,14 +1773,15 @@ fn seeded_runs_keep_every_acknowledged_write() {
             (first..first + count).collect()
         }
     };
-    let (mut acked, mut crashes, mut takeovers) = (0, 0, 0);
+    let (mut acked, mut crashes, mut takeovers, mut direct) = (0, 0, 0, 0);
     let mut failed = Vec::new();
     for seed in &seeds {
         // Every seed runs; the failing ones are listed at the end (each
         // printed its own report when it panicked).
         match std::panic::catch_unwind(|| run_seed(*seed)) {
-            Ok((a, c, t)) => {
+            Ok((a, c, t, d)) => {
                 acked += a;
+                direct += d;
                 crashes += c;
                 takeovers += t;
             }
@@ -1546,7 +1789,7 @@ fn seeded_runs_keep_every_acknowledged_write() {
         }
     }
     println!(
-        "sim: {} seeds, {acked} writes acknowledged, {crashes} crashes, {takeovers} take-overs, {} failed",
+        "sim: {} seeds, {acked} writes acknowledged ({direct} full-stripe), {crashes} crashes, {takeovers} take-overs, {} failed",
         seeds.len(),
         failed.len()
     );
@@ -1563,6 +1806,10 @@ fn seeded_runs_keep_every_acknowledged_write() {
             "too few acknowledged writes: {acked}"
         );
         assert!(crashes > seeds.len(), "too few crashes: {crashes}");
+        assert!(
+            direct > seeds.len(),
+            "too few full-stripe writes acknowledged: {direct}"
+        );
         assert!(
             takeovers > seeds.len() / 2,
             "too few take-overs: {takeovers}"
