@@ -161,7 +161,8 @@ pub struct HeadNodeConfig {
     pub checkpoint_every_flushes: Option<u64>,
     /// A host write of whole 4 KiB blocks of at least this many bytes goes
     /// straight to the sleds as full stripes, with only its index record in
-    /// both logs (default 0: off; every write goes through the logs).
+    /// both logs (default 0: off, every write goes through the logs;
+    /// 262144 is a full stripe at k = 4).
     #[serde(default)]
     pub direct_write_min_bytes: Option<u64>,
     /// ... or once this long passed since the last one and something was
@@ -229,7 +230,8 @@ pub const DEFAULT_LEASE_MARGIN_DIVISOR: u32 = 10;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
 pub const DEFAULT_CHECKPOINT_EVERY_FLUSHES: u64 = 32;
-/// Default `direct_write_min_bytes` (0: full-stripe writes off).
+/// Default `direct_write_min_bytes` (0: full-stripe writes off until the
+/// failover e2e tests pass with them on; 262144 is a full stripe at k = 4).
 pub const DEFAULT_DIRECT_WRITE_MIN_BYTES: u64 = 0;
 pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// Default flush fill trigger (early, so a write rarely finds the log full).

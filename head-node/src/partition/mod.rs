@@ -214,7 +214,7 @@ impl PartitionConfig {
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
             reuse_held_index: true,
-            direct_write_min_bytes: 0,
+            direct_write_min_bytes: crate::config::DEFAULT_DIRECT_WRITE_MIN_BYTES,
             parent: None,
         }
     }
