@@ -646,7 +646,6 @@ impl Sim {
             return;
         };
         let write = &self.writes[w];
-        let count = write.blocks.end - write.blocks.start;
         if write.direct {
             let Some(core) = self.nodes[n].core.as_mut() else {
                 return;
