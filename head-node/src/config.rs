@@ -159,6 +159,12 @@ pub struct HeadNodeConfig {
     /// only the stripe summaries written after the newest checkpoint.
     #[serde(default)]
     pub checkpoint_every_flushes: Option<u64>,
+    /// A host write of whole 4 KiB blocks of at least this many bytes goes
+    /// straight to the sleds as full stripes, with only its index record in
+    /// both logs (default 0: off, every write goes through the logs;
+    /// 262144 is a full stripe at k = 4).
+    #[serde(default)]
+    pub direct_write_min_bytes: Option<u64>,
     /// ... or once this long passed since the last one and something was
     /// flushed since, in milliseconds (default 60000; 0: only by count;
     /// both 0: no checkpoints, recovery scans every summary).
@@ -224,6 +230,9 @@ pub const DEFAULT_LEASE_MARGIN_DIVISOR: u32 = 10;
 /// Default flush age trigger.
 pub const DEFAULT_FLUSH_AGE_MS: u64 = 5_000;
 pub const DEFAULT_CHECKPOINT_EVERY_FLUSHES: u64 = 32;
+/// Default `direct_write_min_bytes` (0: full-stripe writes off until the
+/// failover e2e tests pass with them on; 262144 is a full stripe at k = 4).
+pub const DEFAULT_DIRECT_WRITE_MIN_BYTES: u64 = 0;
 pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 /// Default flush fill trigger (early, so a write rarely finds the log full).
 pub const DEFAULT_FLUSH_FILL_PERCENT: u8 = 25;
@@ -446,6 +455,12 @@ impl HeadNodeConfig {
         )
     }
 
+    /// Smallest write that goes straight to the sleds (0: none).
+    pub fn direct_write_min_bytes(&self) -> u64 {
+        self.direct_write_min_bytes
+            .unwrap_or(DEFAULT_DIRECT_WRITE_MIN_BYTES)
+    }
+
     /// Flush commits between two index checkpoints (0: only by time).
     pub fn checkpoint_every_flushes(&self) -> u64 {
         self.checkpoint_every_flushes
@@ -596,6 +611,7 @@ impl HeadNodeConfig {
             ),
             gc_interval_ms: ms(self.gc_interval()),
             checkpoint_every_flushes: Some(self.checkpoint_every_flushes()),
+            direct_write_min_bytes: Some(self.direct_write_min_bytes()),
             checkpoint_interval_ms: ms(self.checkpoint_interval()),
             partition_poll_interval_ms: ms(self.partition_poll_interval()),
             failover_lease_margin_ms: ms(failover.lease_margin),

@@ -571,6 +571,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         flush_fill_ratio: config.flush_fill_ratio(),
         gc_interval: config.gc_interval(),
         checkpoint_every_flushes: config.checkpoint_every_flushes(),
+        direct_write_min_bytes: config.direct_write_min_bytes(),
         checkpoint_interval: config.checkpoint_interval(),
         poll_interval: config.partition_poll_interval(),
         auth: Some(credential.clone()),

@@ -224,6 +224,8 @@ pub struct ManagerConfig {
     pub gc_interval: Duration,
     /// Index checkpoint after this many flush commits (0: by time only).
     pub checkpoint_every_flushes: u64,
+    /// Writes of at least this many bytes go straight to the sleds (0: off).
+    pub direct_write_min_bytes: u64,
     /// ... or after this long if anything was flushed (zero: by count only).
     pub checkpoint_interval: Duration,
     pub poll_interval: Duration,
@@ -313,6 +315,7 @@ struct ManagerMetrics {
     reads: Family<PartitionLabels, Gauge>,
     flushes: Family<PartitionLabels, Gauge>,
     flushed_blocks: Family<PartitionLabels, Gauge>,
+    direct_writes: Family<PartitionLabels, Gauge>,
     gc_passes: Family<PartitionLabels, Gauge>,
     extents_freed: Family<PartitionLabels, Gauge>,
     degraded_reads: Family<PartitionLabels, Gauge>,
@@ -353,7 +356,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 23] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 24] = [
             (
                 "rackblock_partition_flatten_remaining_blocks",
                 "Flattening clone: blocks still read from the parent snapshot (-1: not counted yet)",
@@ -403,6 +406,11 @@ impl ManagerMetrics {
                 "rackblock_partition_flushed_blocks",
                 "Blocks written to sleds by flushes since open",
                 &m.flushed_blocks,
+            ),
+            (
+                "rackblock_partition_direct_writes",
+                "Host writes that went straight to the sleds as full stripes since open",
+                &m.direct_writes,
             ),
             (
                 "rackblock_partition_gc_passes",
@@ -536,7 +544,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 23] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 24] {
         [
             &self.flatten_remaining_blocks,
             &self.flattened_blocks,
@@ -551,6 +559,7 @@ impl ManagerMetrics {
             &self.reads,
             &self.flushes,
             &self.flushed_blocks,
+            &self.direct_writes,
             &self.gc_passes,
             &self.extents_freed,
             &self.degraded_reads,
@@ -587,6 +596,8 @@ pub struct PartitionStatus {
     pub reads: u64,
     pub flushes: u64,
     pub flushed_blocks: u64,
+    /// Host writes that went straight to the sleds (full stripes).
+    pub direct_writes: u64,
     pub gc_passes: u64,
     pub extents_freed: u64,
     pub degraded_reads: u64,
@@ -1292,6 +1303,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         reads: get(&m.reads),
         flushes: get(&m.flushes),
         flushed_blocks: get(&m.flushed_blocks),
+        direct_writes: get(&m.direct_writes),
         gc_passes: get(&m.gc_passes),
         extents_freed: get(&m.extents_freed),
         degraded_reads: get(&m.degraded_reads),
@@ -1345,6 +1357,7 @@ fn update_metrics(inner: &Inner) {
             (&m.reads, as_i64(s.reads)),
             (&m.flushes, as_i64(s.flushes)),
             (&m.flushed_blocks, as_i64(s.flushed_blocks)),
+            (&m.direct_writes, as_i64(s.direct_writes)),
             (&m.gc_passes, as_i64(s.gc_passes)),
             (&m.extents_freed, as_i64(s.extents_freed)),
             (&m.degraded_reads, as_i64(s.degraded_reads)),
@@ -1578,6 +1591,7 @@ fn partition_setup(
     config.flush_age = inner.config.flush_age;
     config.flush_fill_ratio = inner.config.flush_fill_ratio;
     config.checkpoint_every_flushes = inner.config.checkpoint_every_flushes;
+    config.direct_write_min_bytes = inner.config.direct_write_min_bytes;
     config.checkpoint_interval = inner.config.checkpoint_interval;
     config.parent = d.parent.map(|parent| {
         Arc::new(ParentReader {

@@ -1227,6 +1227,7 @@ fn put_replica_record(w: &mut Writer<'_>, record: &ReplicaRecord) {
         ReplicaRecordKind::Write => 0,
         ReplicaRecordKind::Unmap => 1,
         ReplicaRecordKind::Snapshot => 2,
+        ReplicaRecordKind::Direct => 3,
     });
     w.u64(record.lba);
     w.u32(record.blocks);
@@ -1241,6 +1242,7 @@ fn get_replica_record(r: &mut Reader) -> Result<ReplicaRecord, DecodeError> {
             0 => ReplicaRecordKind::Write,
             1 => ReplicaRecordKind::Unmap,
             2 => ReplicaRecordKind::Snapshot,
+            3 => ReplicaRecordKind::Direct,
             tag => {
                 return Err(DecodeError::UnknownTag {
                     field: "record_kind",

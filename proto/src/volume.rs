@@ -610,6 +610,10 @@ pub enum ReplicaRecordKind {
     /// A snapshot marker at `sequence` (a cut, or the drop of a snapshot):
     /// `blocks` is 0, `data` the head node's encoded marker.
     Snapshot,
+    /// A full-stripe write that went straight to the sleds: `blocks` is 0,
+    /// `data` the head node's encoded index record (where the blocks of
+    /// `sequence` landed); the blocks themselves are on the sleds already.
+    Direct,
 }
 
 /// One logged change of whole 4 KiB blocks.

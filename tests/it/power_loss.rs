@@ -253,7 +253,17 @@ fn describe(block: &[u8]) -> String {
 
 /// Writes one at a time (FUA) until the connection breaks or `until`:
 /// 1 to 16 blocks at a random block.
-fn writer(model: Arc<Mutex<Model>>, mut rng: Rng, until: Instant) -> (u64, String) {
+/// What a writer sends.
+#[derive(Debug, Clone, Copy)]
+enum Mix {
+    /// 1 to 16 blocks.
+    Small,
+    /// Half of the writes 256 KiB to 1 MiB (full stripes at k = 4 when
+    /// aligned, partial ones otherwise), the rest small.
+    Large,
+}
+
+fn writer(model: Arc<Mutex<Model>>, mut rng: Rng, until: Instant, mix: Mix) -> (u64, String) {
     let mut nbd = match Nbd::connect(NBD.parse().unwrap(), "vol0") {
         Ok(nbd) => nbd,
         Err(e) => return (0, format!("connect: {e}")),
@@ -263,8 +273,21 @@ fn writer(model: Arc<Mutex<Model>>, mut rng: Rng, until: Instant) -> (u64, Strin
     let blocks = VOLUME_BYTES / BLOCK;
     let mut done = 0;
     while Instant::now() < until && done < MAX_WRITES_PER_ROUND {
-        let first = rng.below(blocks);
-        let count = (1 + rng.below(16)).min(blocks - first);
+        let large = matches!(mix, Mix::Large) && rng.below(2) == 0;
+        let (first, count) = if large {
+            let count = 64 + rng.below(193);
+            let first = rng.below(blocks - count + 1);
+            // Mostly stripe-aligned, like a file system's large writes.
+            let first = if rng.below(4) == 0 {
+                first
+            } else {
+                first / 64 * 64
+            };
+            (first, count)
+        } else {
+            let first = rng.below(blocks);
+            (first, (1 + rng.below(16)).min(blocks - first))
+        };
         let data: Vec<u8> = {
             let mut model = model.lock().unwrap();
             let write = model.next_write;
@@ -301,12 +324,15 @@ struct Up {
 }
 
 impl Up {
-    fn start(dir: &Path, data_dir: &Path, round: u32) -> Up {
+    /// `settings`: `--head-node-setting` lines.
+    fn start(dir: &Path, data_dir: &Path, round: u32, settings: &[&str]) -> Up {
         let log = dir.join(format!("up-{round}.log"));
-        let child = tests::up_command(dir, data_dir, &log)
-            .args(["--volume-size", "64MiB", "--device-size-mib", "256"])
-            .spawn()
-            .unwrap();
+        let mut command = tests::up_command(dir, data_dir, &log);
+        command.args(["--volume-size", "64MiB", "--device-size-mib", "256"]);
+        for setting in settings {
+            command.args(["--head-node-setting", setting]);
+        }
+        let child = command.spawn().unwrap();
         let mut up = Up {
             child,
             data_dir: data_dir.to_path_buf(),
@@ -377,6 +403,21 @@ impl Drop for Up {
     }
 }
 
+/// Full-stripe writes the head nodes of `up` report (the sum of
+/// `direct_writes` over their partitions, from their admin `/partitions`).
+fn direct_writes() -> u64 {
+    (1..=3u16)
+        .filter_map(|h| {
+            let admin: SocketAddr = format!("127.0.0.1:{}", 9100 + h).parse().ok()?;
+            let (status, body) = tests::http_get(admin, "/partitions")?;
+            (status == 200).then_some(body)
+        })
+        .filter_map(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .flat_map(|json| json["partitions"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["direct_writes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// State of a process from /proc: `None` when it is gone.
 fn process_state(pid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -410,6 +451,19 @@ fn wait_dead(data_dir: &Path, daemons: &[(String, i32)]) {
 
 #[test]
 fn power_loss_of_the_whole_unit_keeps_every_acknowledged_write() {
+    power_loss_rounds("pl", Mix::Small, &[]);
+}
+
+/// The same with full-stripe writes in flight: writes of 256 KiB and up
+/// go straight to the sleds with only their index record in the logs.
+#[test]
+fn power_loss_with_full_stripe_writes_in_flight_keeps_every_acknowledged_write() {
+    power_loss_rounds("plfs", Mix::Large, &["direct_write_min_bytes = 262144"]);
+}
+
+/// Rounds of writes and power losses; `lab`: the network lab's name (one
+/// per test), `settings`: head-node settings of the unit.
+fn power_loss_rounds(lab: &str, mix: Mix, settings: &[&str]) {
     let started = Instant::now();
     let seed = tests::seed_from_env("POWER_LOSS_SEED");
     let rounds: u32 = std::env::var("POWER_LOSS_ROUNDS")
@@ -417,27 +471,40 @@ fn power_loss_of_the_whole_unit_keeps_every_acknowledged_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3)
         .clamp(1, 10);
-    eprintln!("power loss: seed {seed} (POWER_LOSS_SEED), {rounds} rounds (POWER_LOSS_ROUNDS)");
-    let mut lab = NetLab::new("pl");
+    eprintln!(
+        "power loss ({lab}, {mix:?} writes, settings {settings:?}): seed {seed} (POWER_LOSS_SEED), \
+         {rounds} rounds (POWER_LOSS_ROUNDS)"
+    );
+    let settings: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+    let mut lab = NetLab::new(lab);
     let ns = lab.add_isolated("unit");
     netns::run_in(&ns, move || {
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let mut rng = Rng::new(seed);
         let model = Arc::new(Mutex::new(Model::new()));
-        let mut up = Up::start(dir.path(), &data_dir, 0);
+        let mut up = Up::start(dir.path(), &data_dir, 0, &settings);
         eprintln!("power loss: unit up at {:?}", started.elapsed());
         for round in 1..=rounds {
             let kill_after = Duration::from_millis(1000 + rng.below(3000));
             let writer_rng = Rng::new(rng.next());
             let writer_model = model.clone();
             let until = Instant::now() + kill_after + Duration::from_secs(30);
-            let writer = std::thread::spawn(move || writer(writer_model, writer_rng, until));
+            let writer = std::thread::spawn(move || writer(writer_model, writer_rng, until, mix));
             std::thread::sleep(kill_after);
+            let direct = direct_writes();
             let daemons = up.power_off();
             let killed_at = started.elapsed();
             let (writes, ended) = writer.join().unwrap();
             assert!(writes > 0, "round {round}: no write acknowledged ({ended})");
+            eprintln!("power loss: round {round}: {direct} full-stripe writes before the kill");
+            if let Mix::Large = mix {
+                assert!(
+                    direct > 0,
+                    "round {round}: no write went straight to the sleds"
+                );
+            }
             eprintln!(
                 "power loss: round {round}: kill -9 of up and {} daemons ({}) {kill_after:?} \
                  into the writes, at {killed_at:?}; {writes} writes acknowledged this round; \
@@ -455,7 +522,7 @@ fn power_loss_of_the_whole_unit_keeps_every_acknowledged_write() {
             );
             wait_dead(&data_dir, &daemons);
             drop(up);
-            up = Up::start(dir.path(), &data_dir, round);
+            up = Up::start(dir.path(), &data_dir, round, &settings);
             eprintln!(
                 "power loss: round {round}: unit up again at {:?}",
                 started.elapsed()

@@ -29,7 +29,8 @@
 //!
 //! ```text
 //!  write  (every `checkpoint_every_flushes` flush commits, or after
-//!          `checkpoint_interval` if anything was flushed since; and
+//!          `checkpoint_interval` if anything was flushed or written by a
+//!          full-stripe write since; and
 //!          Partition::write_checkpoint, called on clean shutdown)
 //!         under the flush lock: snapshot ─▶ encode (CRC-32C) ─▶ rows of the
 //!         current checkpoint extent (a new one from the sandbox if none, it
@@ -180,6 +181,9 @@ pub(super) struct Tracker {
     next_id: u64,
     /// `metrics.flushes` at the last checkpoint.
     flushes_at_last: u64,
+    /// `metrics.direct_writes` at the last checkpoint: full-stripe writes
+    /// add rows without a flush, and count for the time cadence.
+    direct_at_last: u64,
     last_at: Instant,
 }
 
@@ -190,6 +194,7 @@ impl Tracker {
             current: None,
             next_id: 1,
             flushes_at_last: 0,
+            direct_at_last: 0,
             last_at: Instant::now(),
         }
     }
@@ -378,11 +383,17 @@ fn due(shared: &Shared) -> bool {
         return false;
     }
     let flushes = shared.metrics.flushes.load(Ordering::Relaxed);
+    let direct = shared.metrics.direct_writes.load(Ordering::Relaxed);
     let state = shared.lock();
     let since = flushes.saturating_sub(state.checkpoints.flushes_at_last);
-    since > 0
-        && ((every > 0 && since >= every)
-            || (!interval.is_zero() && state.checkpoints.last_at.elapsed() >= interval))
+    // Rows written by full-stripe writes (no flush) since: by time only,
+    // or a workload of large writes would never checkpoint and every
+    // recovery would read all its rows.
+    let direct_since = direct.saturating_sub(state.checkpoints.direct_at_last);
+    (every > 0 && since >= every && since > 0)
+        || ((since > 0 || direct_since > 0)
+            && !interval.is_zero()
+            && state.checkpoints.last_at.elapsed() >= interval)
 }
 
 /// Writes a checkpoint now (primary only), then frees superseded
@@ -585,6 +596,7 @@ async fn write_locked(shared: &Arc<Shared>) -> Result<CheckpointReport, Partitio
         let tracker = &mut state.checkpoints;
         tracker.next_id = checkpoint.id + 1;
         tracker.flushes_at_last = flushes;
+        tracker.direct_at_last = shared.metrics.direct_writes.load(Ordering::Relaxed);
         tracker.last_at = Instant::now();
         tracker
             .extents
@@ -975,6 +987,7 @@ pub(super) async fn recover(
         state.checkpoints = Tracker::new();
         state.checkpoints.extents = checkpoint_extents;
         state.checkpoints.flushes_at_last = shared.metrics.flushes.load(Ordering::Relaxed);
+        state.checkpoints.direct_at_last = shared.metrics.direct_writes.load(Ordering::Relaxed);
     }
     let m = &shared.metrics;
     m.recovery_rows_scanned

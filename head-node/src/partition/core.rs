@@ -122,6 +122,16 @@ pub enum Change {
         /// Blocks.
         count: u64,
     },
+    /// The index record of a full-stripe write whose blocks are on the
+    /// sleds already (alone in its write, committed with the sequence
+    /// [`PartitionCore::reserve_direct`] gave it before the stripes were
+    /// written; see [`super::direct`]).
+    Direct {
+        /// First partition block of the write.
+        lba: u64,
+        /// Where its blocks landed (volume blocks, as a flush commit's).
+        mappings: Vec<FlushedRange>,
+    },
     /// A snapshot marker (alone in its write): a cut takes its sequence as
     /// the snapshot's cut, and with `hold` keeps the acknowledgements of
     /// every later write until [`PartitionCore::release_cut`]; a drop
@@ -464,6 +474,11 @@ pub struct PartitionCore {
     /// Primary: a cut (snapshot id, cut sequence) that holds the
     /// acknowledgements of the writes ordered after it.
     pub(crate) cut_hold: Option<(u64, u64)>,
+    /// Primary: sequences given to full-stripe writes whose stripes are
+    /// being written ([`reserve_direct`](Self::reserve_direct)), by write.
+    /// Replication stops before the lowest one until its record is queued
+    /// (the secondary accepts sequences only in order).
+    reserved: BTreeMap<WriteId, u64>,
 }
 
 impl PartitionCore {
@@ -504,6 +519,7 @@ impl PartitionCore {
             oldest_unflushed: None,
             snapshot_markers: BTreeMap::new(),
             cut_hold: None,
+            reserved: BTreeMap::new(),
         }
     }
 
@@ -897,7 +913,10 @@ impl PartitionCore {
     /// Recovery from the sleds built `index` (newest checkpoint plus the
     /// rows after it, or every summary; the highest sequence it saw is
     /// `highest_sequence`): it replaces this core's index before the log's
-    /// records are replayed or a take-over's are adopted over it.
+    /// records are replayed or a take-over's are adopted over it. New
+    /// sequences continue after `highest_sequence`, so that a sequence a row
+    /// holds (a full-stripe write whose record never reached a log) is never
+    /// given to another write.
     pub fn install_recovered_index(&mut self, index: PartitionIndex, highest_sequence: u64) {
         self.index = index;
         self.next_sequence = self.next_sequence.max(highest_sequence + 1);
@@ -956,6 +975,7 @@ impl PartitionCore {
     /// (its range stays locked) until it is. Returns the writes this made
     /// ready.
     pub fn end_write(&mut self, id: WriteId) -> Vec<WriteId> {
+        self.void_reservation(id);
         let Some(slot) = self.writes.get_mut(&id) else {
             return Vec::new();
         };
@@ -1014,12 +1034,58 @@ impl PartitionCore {
             });
         }
         self.check_snapshot_changes(&changes)?;
+        let direct = changes.iter().any(|c| matches!(c, Change::Direct { .. }));
+        let reserved = self.reserved.get(&id).copied();
+        if direct && (changes.len() != 1 || reserved.is_none()) {
+            return Err(PartitionError::BadRequest {
+                partition: self.partition,
+                reason: format!(
+                    "write {id:?}: a direct record goes alone, at its reserved sequence"
+                ),
+            });
+        }
+        if let (Some(sequence), Some(Change::Direct { mappings, .. })) = (reserved, changes.first())
+        {
+            // The stripes are durable on every present column: reads may
+            // see the blocks from now on (the driver holds the flush lock,
+            // so no checkpoint sees the rows without this mapping).
+            self.map_direct(sequence, mappings)?;
+        }
         self.add_hold(head);
+        self.reserved.remove(&id);
         let mut records = Vec::with_capacity(changes.len());
-        for change in changes {
-            let sequence = self.next_sequence;
-            self.next_sequence += 1;
+        for (i, change) in changes.into_iter().enumerate() {
+            // A reserved sequence (a full-stripe write, or its fallback to
+            // the log) goes to the first record; the rest follow it.
+            let sequence = match reserved {
+                Some(sequence) if i == 0 => sequence,
+                _ => {
+                    self.next_sequence += 1;
+                    self.next_sequence - 1
+                }
+            };
             let (log, replica) = match change {
+                Change::Direct { lba, mappings } => {
+                    let payload: Bytes = super::flush::encode_commit(sequence, &mappings).into();
+                    let replica = ReplicaRecord {
+                        sequence,
+                        kind: ReplicaRecordKind::Direct,
+                        lba: self.first_block + lba,
+                        blocks: 0,
+                        crcs: Vec::new(),
+                        data: payload.clone(),
+                    };
+                    let log = LogRecord {
+                        kind: RecordKind::Direct,
+                        partition: self.partition,
+                        epoch: self.epoch,
+                        sequence,
+                        lba,
+                        block_count: 0,
+                        payload,
+                    };
+                    (log, replica)
+                }
                 Change::Write { lba, data } => {
                     let blocks = data.len() as u64 / BLOCK_SIZE_BYTES;
                     let replica = ReplicaRecord {
@@ -1072,10 +1138,12 @@ impl PartitionCore {
                     (self.marker_record(sequence, marker), replica)
                 }
             };
-            self.repl_queue.push_back(replica);
+            self.queue_replica(replica);
             records.push(log);
         }
-        self.oldest_unflushed.get_or_insert(now);
+        if !direct {
+            self.oldest_unflushed.get_or_insert(now);
+        }
         if let Some(slot) = self.writes.get_mut(&id) {
             slot.stage = Stage::Committing(Commit {
                 records: records.clone(),
@@ -1089,6 +1157,108 @@ impl PartitionCore {
             records,
             replicate: true,
         })
+    }
+
+    /// Gives admitted write `id` the next sequence before anything is
+    /// logged: a full-stripe write writes its stripes with it (the sleds'
+    /// summaries carry it), then commits its index record
+    /// ([`Change::Direct`]) or, if the stripes failed, its blocks through
+    /// the log, at this sequence ([`start_commit`](Self::start_commit)).
+    /// Until then replication stops before it. The caller must end the
+    /// reservation one of these ways or with
+    /// [`end_write`](Self::end_write) (which voids it).
+    pub fn reserve_direct(&mut self, id: WriteId) -> Result<u64, PartitionError> {
+        if !matches!(self.role, Role::Primary) || self.stopped {
+            return Err(self.not_primary());
+        }
+        if !self.is_admitted(id) || self.reserved.contains_key(&id) {
+            return Err(PartitionError::BadRequest {
+                partition: self.partition,
+                reason: format!("write {id:?} reserved before its range was free, or twice"),
+            });
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.reserved.insert(id, sequence);
+        Ok(sequence)
+    }
+
+    /// Points the index at the sled copy of a direct write at `sequence`
+    /// (newest sequence wins). Refuses a mapping outside the partition or
+    /// at another sequence.
+    fn map_direct(
+        &mut self,
+        sequence: u64,
+        mappings: &[FlushedRange],
+    ) -> Result<(), PartitionError> {
+        for m in mappings {
+            let lba = m
+                .lba
+                .checked_sub(self.first_block)
+                .filter(|lba| lba + u64::from(m.blocks) <= self.size_blocks)
+                .filter(|_| m.sequence == sequence)
+                .ok_or_else(|| PartitionError::BadRequest {
+                    partition: self.partition,
+                    reason: format!(
+                        "direct mapping {m:?} outside the partition or not at {sequence}"
+                    ),
+                })?;
+            self.index
+                .apply_write(
+                    lba,
+                    u64::from(m.blocks),
+                    sequence,
+                    Location::Sled {
+                        extent: m.extent,
+                        column: m.column,
+                        offset_bytes: m.offset_bytes,
+                    },
+                )
+                .map_err(|e| self.index_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// The sequence reserved for write `id`, if any.
+    pub fn reserved_sequence(&self, id: WriteId) -> Option<u64> {
+        self.reserved.get(&id).copied()
+    }
+
+    /// The lowest sequence reserved and not yet queued for the secondary.
+    fn replication_stop(&self) -> u64 {
+        self.reserved.values().min().copied().unwrap_or(u64::MAX)
+    }
+
+    /// Queues `record` for the secondary in sequence order (a reserved
+    /// sequence arrives after later ones; none of those was sent, since
+    /// replication stops before a reserved sequence).
+    fn queue_replica(&mut self, record: ReplicaRecord) {
+        let at = self
+            .repl_queue
+            .iter()
+            .rposition(|r| r.sequence < record.sequence)
+            .map_or(0, |i| i + 1);
+        debug_assert!(record.sequence > self.sent_through.max(self.acked_through) || self.stopped);
+        self.repl_queue.insert(at, record);
+    }
+
+    /// Voids write `id`'s reservation (the write ended before committing
+    /// anything): the secondary gets an empty index record at that
+    /// sequence, so the sequences stay contiguous; nothing maps it.
+    fn void_reservation(&mut self, id: WriteId) {
+        let Some(sequence) = self.reserved.remove(&id) else {
+            return;
+        };
+        let payload: Bytes = super::flush::encode_commit(sequence, &[]).into();
+        self.queue_replica(ReplicaRecord {
+            sequence,
+            kind: ReplicaRecordKind::Direct,
+            lba: self.first_block,
+            blocks: 0,
+            crcs: Vec::new(),
+            data: payload,
+        });
+        self.mark_applied(sequence);
     }
 
     /// The local log answered write `id`'s append: `Ok(positions)` (durable)
@@ -1185,6 +1355,9 @@ impl PartitionCore {
             let applied = match record.kind {
                 RecordKind::Write => index_logged_write(&mut self.index, record, *position),
                 RecordKind::Snapshot => self.apply_marker(record, *position),
+                // Mapped at `start_commit`, when the stripes were durable
+                // (GC may have moved them since): nothing to map again.
+                RecordKind::Direct => Ok(()),
                 _ => {
                     let trim = PendingTrim::of(record, *position);
                     self.pending_trims.insert(record.sequence, trim);
@@ -1231,11 +1404,13 @@ impl PartitionCore {
         }
         self.sent_through = self.sent_through.max(self.acked_through);
         let sent = self.sent_through;
+        let stop = self.replication_stop();
         let mut bytes = 0;
         let records: Vec<ReplicaRecord> = self
             .repl_queue
             .iter()
             .skip_while(|r| r.sequence <= sent)
+            .take_while(|r| r.sequence < stop)
             .enumerate()
             .take_while(|(i, r)| {
                 bytes += r.data.len();
@@ -1265,10 +1440,10 @@ impl PartitionCore {
     /// Whether replication has anything to send.
     pub fn has_replication_work(&self) -> bool {
         !self.pending_commits.is_empty()
-            || self
-                .repl_queue
-                .back()
-                .is_some_and(|r| r.sequence > self.sent_through.max(self.acked_through))
+            || self.repl_queue.iter().any(|r| {
+                r.sequence > self.sent_through.max(self.acked_through)
+                    && r.sequence < self.replication_stop()
+            })
     }
 
     /// A send failed or was refused: what is outstanding is dropped, the
@@ -1391,6 +1566,16 @@ impl PartitionCore {
     /// catch-up resend).
     pub fn replica_record(&self, record: &LogRecord) -> ReplicaRecord {
         let write = record.kind == RecordKind::Write;
+        if record.kind == RecordKind::Direct {
+            return ReplicaRecord {
+                sequence: record.sequence,
+                kind: ReplicaRecordKind::Direct,
+                lba: self.first_block + record.lba,
+                blocks: 0,
+                crcs: Vec::new(),
+                data: record.payload.clone(),
+            };
+        }
         if record.kind == RecordKind::Snapshot {
             return ReplicaRecord {
                 sequence: record.sequence,
@@ -1532,6 +1717,26 @@ impl PartitionCore {
                 ReplicaRecordKind::Unmap => {
                     LogRecord::trim(self.partition, epoch, record.sequence, lba, record.blocks)
                 }
+                ReplicaRecordKind::Direct => {
+                    if record.blocks != 0
+                        || super::flush::decode_commit(&record.data)
+                            .is_none_or(|(s, _)| s != record.sequence)
+                    {
+                        return Err(bad(format!(
+                            "record {} is no direct write's index record",
+                            record.sequence
+                        )));
+                    }
+                    LogRecord {
+                        kind: RecordKind::Direct,
+                        partition: self.partition,
+                        epoch,
+                        sequence: record.sequence,
+                        lba,
+                        block_count: 0,
+                        payload: record.data,
+                    }
+                }
                 ReplicaRecordKind::Snapshot => {
                     if record.blocks != 0 || SnapshotMarker::decode(&record.data).is_none() {
                         return Err(bad(format!(
@@ -1581,6 +1786,17 @@ impl PartitionCore {
         self.remove_hold(hold);
         let positions = outcome?;
         for (record, position) in records.iter().zip(positions) {
+            if record.kind == RecordKind::Direct {
+                // The blocks are on the sleds (durable on every present
+                // column before the record was sent): flushed from birth,
+                // so not part of the tail this secondary keeps (the shadow
+                // and a promotion's recovery read them from the summaries).
+                self.apply_direct(record)
+                    .map_err(|error| ReplicaError::Io {
+                        reason: error.to_string(),
+                    })?;
+                continue;
+            }
             self.retained.insert(record.sequence, position);
             let count = u64::from(record.block_count);
             let applied = if record.kind == RecordKind::Write {
@@ -1657,6 +1873,21 @@ impl PartitionCore {
             block_count: 0,
             payload: super::flush::encode_commit(up_to, mappings).into(),
         })
+    }
+
+    /// Secondary: points the index at the sled copy a direct write's index
+    /// record names (advisory, as a flush commit's mappings: newest
+    /// sequence wins, so it never hides a newer logged block).
+    fn apply_direct(&mut self, record: &LogRecord) -> Result<(), IndexError> {
+        let Some((_, mappings)) = super::flush::decode_commit(&record.payload) else {
+            return Ok(());
+        };
+        for m in &mappings {
+            if let Some(mapped) = map_flushed(&mut self.index, self.first_block, m) {
+                mapped?;
+            }
+        }
+        Ok(())
     }
 
     /// The marker a node logs when it joins the partition as secondary at
@@ -1896,6 +2127,15 @@ impl PartitionCore {
                     index_logged_write(&mut self.index, record, *position)
                         .map_err(|e| self.index_error(e))?;
                     self.retained.insert(record.sequence, *position);
+                    highest_sequence = highest_sequence.max(record.sequence);
+                }
+                RecordKind::Direct => {
+                    // The sled summaries are a primary's truth (recovery
+                    // mapped the rows, GC may have moved them since); a
+                    // secondary maps them as live.
+                    if secondary {
+                        self.apply_direct(record).map_err(|e| self.index_error(e))?;
+                    }
                     highest_sequence = highest_sequence.max(record.sequence);
                 }
                 RecordKind::Trim => {

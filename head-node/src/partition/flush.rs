@@ -695,6 +695,66 @@ async fn write_rows(
     Ok(all_locations)
 }
 
+/// A full-stripe write ([`super::direct`]; the caller holds the flush
+/// lock and reserved `sequence`): writes blocks `lba..` (`data`) as
+/// stripes of the open extent, each slot at `sequence`. Returns where they
+/// landed once every present column holds them, as a flush commit's
+/// mappings (the core maps them at `start_commit`, under the same flush
+/// lock).
+pub(super) async fn write_direct(
+    shared: &Arc<Shared>,
+    lba: u64,
+    sequence: u64,
+    data: &Bytes,
+) -> Result<Vec<FlushedRange>, PartitionError> {
+    shared.check_primary(None)?;
+    let mut blocks = Vec::with_capacity(data.len() / BLOCK_SIZE_BYTES as usize);
+    let count = data.len() as u64 / BLOCK_SIZE_BYTES;
+    push_blocks(&mut blocks, lba, count, sequence, data, |_| None);
+    let (placed, _) = write_stripes(shared, blocks, Vec::new()).await?;
+    let mut mappings: Vec<FlushedRange> = Vec::new();
+    let state = shared.lock();
+    for Placed { block, location } in &placed {
+        let Location::Sled {
+            extent,
+            column,
+            offset_bytes,
+        } = *location
+        else {
+            continue;
+        };
+        // As a flush commit: the index must only ever point at data slots
+        // of rows written to an extent of this partition.
+        assert!(
+            holds_data_slot(&state, extent, column, offset_bytes),
+            "partition {:?}: direct block {} (sequence {sequence}) at extent {extent} column {column} offset {offset_bytes}, not a written data slot",
+            shared.id(),
+            block.lba,
+        );
+        let lba = shared.config.first_block + block.lba;
+        match mappings.last_mut() {
+            Some(last)
+                if last.lba + u64::from(last.blocks) == lba
+                    && last.extent == extent
+                    && last.column == column
+                    && last.offset_bytes + u64::from(last.blocks) * BLOCK_SIZE_BYTES
+                        == offset_bytes =>
+            {
+                last.blocks += 1
+            }
+            _ => mappings.push(FlushedRange {
+                lba,
+                blocks: 1,
+                sequence,
+                extent,
+                column,
+                offset_bytes,
+            }),
+        }
+    }
+    Ok(mappings)
+}
+
 /// Seals `extent` when dropped armed: a stripe append abandoned midway
 /// (see [`write_rows`]).
 struct SealOnDrop<'a> {

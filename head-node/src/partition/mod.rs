@@ -99,6 +99,7 @@ pub mod seams;
 
 mod checkpoint;
 mod dedupe;
+mod direct;
 mod flatten;
 mod flush;
 mod read;
@@ -183,6 +184,9 @@ pub struct PartitionConfig {
     /// Off: neither (only [`Partition::refresh_secondary_index`] builds a
     /// secondary's; tests of the checkpoint and full-scan paths).
     pub reuse_held_index: bool,
+    /// A write of whole blocks of at least this many bytes goes straight
+    /// to the sleds as full stripes ([`direct`]); 0: never.
+    pub direct_write_min_bytes: u64,
     /// A clone's partition: where the blocks it never wrote are read from
     /// (see [`ParentSnapshot`]); `None` for every other volume.
     pub parent: Option<Arc<dyn ParentSnapshot>>,
@@ -210,6 +214,7 @@ impl PartitionConfig {
             checkpoint_every_flushes: 32,
             checkpoint_interval: Duration::from_secs(60),
             reuse_held_index: true,
+            direct_write_min_bytes: crate::config::DEFAULT_DIRECT_WRITE_MIN_BYTES,
             parent: None,
         }
     }
@@ -376,6 +381,11 @@ pub struct PartitionMetrics {
     pub recovery_held_index_used: AtomicU64,
     /// Last recovery from the sleds: wall time in milliseconds.
     pub recovery_duration_ms: AtomicU64,
+    /// Host writes that went straight to the sleds as full stripes.
+    pub direct_writes: AtomicU64,
+    /// Writes eligible for that which went through the logs instead (the
+    /// stripes failed, or the flush lock stayed busy).
+    pub direct_fallbacks: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -1412,6 +1422,21 @@ impl Partition {
         let first_block = bytes.start / BLOCK_SIZE_BYTES;
         let end_block = bytes.end.div_ceil(BLOCK_SIZE_BYTES);
         let (_permit, mut guard) = self.admitted(first_block..end_block, deadline).await?;
+        if direct::eligible(&self.shared, &bytes, data.as_ref()) {
+            if let Some(data) = data {
+                let work = direct::write(&self.shared, guard.id, first_block, data);
+                let (changes, serial) =
+                    tokio::time::timeout_at(deadline, work)
+                        .await
+                        .map_err(|_| {
+                            self.shared
+                                .unavailable("full-stripe write did not complete")
+                        })??;
+                return self
+                    .commit_with(&mut guard, changes, serial, deadline)
+                    .await;
+            }
+        }
         let changes = self.plan(bytes, data).await?;
         self.commit(&mut guard, changes, deadline).await
     }
@@ -1466,6 +1491,18 @@ impl Partition {
         changes: Vec<Change>,
         deadline: tokio::time::Instant,
     ) -> Result<(), PartitionError> {
+        self.commit_with(guard, changes, None, deadline).await
+    }
+
+    /// [`commit`](Self::commit); `serial`: the flush lock a full-stripe
+    /// write holds until its `start_commit` mapped it ([`direct`]).
+    async fn commit_with(
+        &self,
+        guard: &mut WriteGuard,
+        changes: Vec<Change>,
+        serial: Option<direct::Serial<'_>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PartitionError> {
         let shared = &self.shared;
         let timeout = shared.config.replica_timeout;
         let id = guard.id;
@@ -1477,6 +1514,7 @@ impl Partition {
             state.replies.insert(id, tx);
             (plan.records, rx)
         };
+        drop(serial);
         shared.repl_wakeup.notify_one();
         guard.appending = true;
         let outcome = async {

@@ -118,6 +118,10 @@ pub enum RecordKind {
     /// A snapshot marker at `sequence` (a cut or a drop); no blocks, the
     /// payload is the partition's encoded marker.
     Snapshot = 6,
+    /// The index record of a full-stripe write that went straight to the
+    /// sleds (`sequence`); no blocks, the payload is the partition's
+    /// encoded placement (as a flush commit's mappings).
+    Direct = 7,
 }
 
 impl RecordKind {
@@ -129,6 +133,7 @@ impl RecordKind {
             4 => RecordKind::Checkpoint,
             5 => RecordKind::Padding,
             6 => RecordKind::Snapshot,
+            7 => RecordKind::Direct,
             _ => return None,
         })
     }
@@ -244,7 +249,7 @@ impl LogRecord {
             }
             RecordKind::Trim => !self.payload.is_empty() || self.block_count == 0,
             RecordKind::FlushCommit | RecordKind::Checkpoint => false,
-            RecordKind::Snapshot => self.block_count != 0,
+            RecordKind::Snapshot | RecordKind::Direct => self.block_count != 0,
             RecordKind::Padding => true,
         };
         if bad {

@@ -761,6 +761,89 @@ async fn model_before_and_after_flush_restart_and_two_sleds_down() {
     check_all(&unit, &model, "third restart").await;
 }
 
+fn logged_only(c: &mut PartitionConfig) {
+    c.direct_write_min_bytes = 0;
+}
+
+fn direct_256k(c: &mut PartitionConfig) {
+    c.direct_write_min_bytes = 256 << 10;
+}
+
+/// Full-stripe writes (256 KiB and up go straight to the sleds) mixed with
+/// small and partial writes and trims over the same blocks: the model holds
+/// before and after a flush, a GC pass, a checkpoint, a restart of both
+/// head nodes (recovery from the sleds plus the logs) and a promotion of
+/// the secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_mixed_with_logged_ones_survive_flush_gc_restart_and_promotion() {
+    let size_blocks = 1024;
+    let mut unit = Unit::new_tuned(size_blocks, direct_256k).await;
+    let mut model = Model::zeroed(size_blocks);
+    let mut rng = StdRng::seed_from_u64(0xd1ec7);
+    let big = |rng: &mut StdRng| {
+        let blocks = [64u64, 96, 128, 256][rng.random_range(0..4)];
+        let at = rng.random_range(0..=size_blocks - blocks);
+        (at, blocks)
+    };
+    for round in 0..4 {
+        for _ in 0..6 {
+            let (at, blocks) = big(&mut rng);
+            let data = pattern(&mut rng, (blocks * 4096) as usize);
+            unit.write(at, 0, data.clone()).await.unwrap();
+            let from = (at * 4096) as usize;
+            model.0[from..from + data.len()].copy_from_slice(&data);
+            random_ops(&unit, &mut model, &mut rng, 15).await;
+        }
+        check_all(&unit, &model, &format!("round {round}, mixed")).await;
+        match round {
+            0 => {
+                unit.primary.flush_now().await.unwrap();
+            }
+            1 => {
+                unit.primary.flush_now().await.unwrap();
+                unit.primary.gc_pass().await.unwrap();
+                unit.primary.write_checkpoint().await.unwrap();
+            }
+            _ => {}
+        }
+        check_all(&unit, &model, &format!("round {round}, after flush/gc")).await;
+        unit.restart().await;
+        check_all(&unit, &model, &format!("round {round}, after restart")).await;
+    }
+    // Promotion: the secondary takes over in place at a new epoch and
+    // must read every acknowledged write.
+    for _ in 0..4 {
+        let (at, blocks) = big(&mut rng);
+        let data = pattern(&mut rng, (blocks * 4096) as usize);
+        unit.write(at, 0, data.clone()).await.unwrap();
+        let from = (at * 4096) as usize;
+        model.0[from..from + data.len()].copy_from_slice(&data);
+    }
+    assert!(unit.primary.metrics().direct_writes.load(Ordering::Relaxed) >= 4);
+    unit.primary.shutdown();
+    let promoted = take_over_in_place(
+        &unit.secondary,
+        tuned(size_blocks, unit.epoch + 1, direct_256k),
+        &unit.access,
+        &unit.extents,
+        None,
+    )
+    .await
+    .unwrap();
+    let total = size_blocks * 4096;
+    let mut at = 0;
+    while at < total {
+        let len = (total - at).min(1 << 20);
+        let got = promoted
+            .read(unit.epoch + 1, FIRST_BLOCK * 4096 + at, len as u32)
+            .await
+            .unwrap();
+        model.check(&got, at, "after promotion");
+        at += len;
+    }
+    promoted.check_invariants().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secondary_down_write_stalls_instead_of_acknowledging() {
     let unit = Unit::new(256).await;
@@ -1742,7 +1825,9 @@ async fn old_epoch_primary_cannot_write_a_checkpoint() {
 async fn flush_appends_many_stripes_per_column_request_and_recovers_them() {
     const STRIPE_BLOCKS: u64 = 4 * 16;
     const STRIPES: u64 = 20;
-    let mut unit = Unit::new(4096).await;
+    // Through the log (a full-stripe write would skip the flush measured
+    // here).
+    let mut unit = Unit::new_tuned(4096, logged_only).await;
     let mut model = Model::zeroed(4096);
     let mut rng = StdRng::seed_from_u64(7);
     // 256 KiB writes, one stripe's worth each, concurrently (the secondary
@@ -1796,6 +1881,10 @@ struct Chaos {
     stop: AtomicBool,
     /// Take-overs done (for failure messages).
     events: Mutex<Vec<String>>,
+    /// Applied to every partition config.
+    tune: fn(&mut PartitionConfig),
+    /// Full-stripe writes of the primaries replaced so far.
+    direct_writes: AtomicU64,
 }
 
 /// Slots of `CHAOS_SLOT_BLOCKS` blocks; writer `w` owns the slots `s` with
@@ -1944,7 +2033,7 @@ impl Chaos {
             &self.access,
             &self.extents,
             &Arc::new(MemoryDevice::new(WAL_DEVICE)),
-            tuned(self.size_blocks, epoch, chaos_tune),
+            tuned(self.size_blocks, epoch, self.tune),
             OpenRole::Secondary,
             None,
         )
@@ -1959,6 +2048,10 @@ impl Chaos {
     /// secondary takes over); a fresh secondary joins either way.
     async fn take_over(&self, promote: bool, stall: Duration) {
         let old = self.serving();
+        self.direct_writes.fetch_add(
+            old.primary.metrics().direct_writes.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         old.peer.down.store(true, Ordering::SeqCst);
         if promote {
             old.primary.shutdown();
@@ -1975,7 +2068,7 @@ impl Chaos {
         };
         let primary = take_over_in_place(
             source,
-            tuned(self.size_blocks, epoch, chaos_tune),
+            tuned(self.size_blocks, epoch, self.tune),
             &self.access,
             &self.extents,
             Some(peer.clone()),
@@ -2005,6 +2098,27 @@ impl Chaos {
 /// returns the slot's last acknowledged content.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn take_overs_under_load_lose_no_acknowledged_write() {
+    take_overs_under_load(chaos_tune).await;
+}
+
+fn chaos_direct_tune(c: &mut PartitionConfig) {
+    chaos_tune(c);
+    // Every chaos write of data (one 2-block slot) goes straight to the
+    // sleds as a (partial) stripe: the full-stripe path under take-overs,
+    // flushes, GC and checkpoints.
+    c.direct_write_min_bytes = CHAOS_SLOT_BLOCKS * BLOCK;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_overs_under_load_with_direct_writes_lose_no_acknowledged_write() {
+    let direct = take_overs_under_load(chaos_direct_tune).await;
+    assert!(direct > 0, "no write went straight to the sleds");
+}
+
+/// Writers, flushes, GC and checkpoints on whatever serves, with
+/// take-overs in between; every slot must read back its last acknowledged
+/// write at the end. Returns the primaries' full-stripe writes.
+async fn take_overs_under_load(tune: fn(&mut PartitionConfig)) -> u64 {
     let seed = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -2014,7 +2128,7 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(12);
     let size_blocks = 512u64;
-    let unit = Unit::new_tuned(size_blocks, chaos_tune).await;
+    let unit = Unit::new_tuned(size_blocks, tune).await;
     let chaos = Arc::new(Chaos {
         access: unit.access.clone(),
         extents: unit.extents.clone(),
@@ -2027,6 +2141,8 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
         size_blocks,
         stop: AtomicBool::new(false),
         events: Mutex::new(Vec::new()),
+        tune,
+        direct_writes: AtomicU64::new(0),
     });
     let writers: Vec<_> = (0..CHAOS_WRITERS)
         .map(|w| tokio::spawn(chaos.clone().writer(w)))
@@ -2062,6 +2178,13 @@ async fn take_overs_under_load_lose_no_acknowledged_write() {
     // Promotions and re-mirrors start from the index the node held (the
     // checks above hold for them too).
     assert!(history.contains("held index true"), "{history}");
+    chaos.direct_writes.load(Ordering::Relaxed)
+        + chaos
+            .serving()
+            .primary
+            .metrics()
+            .direct_writes
+            .load(Ordering::Relaxed)
 }
 
 /// A primary logs a write its secondary never confirms, dies, and the

@@ -741,3 +741,125 @@ fn a_take_over_hands_over_what_replaying_its_records_builds() {
     assert_eq!(handed.index().lookup(5, 1).unwrap()[0].location, None);
     assert!(handed.log_hold().is_some_and(|p| p <= LogPosition(42)));
 }
+
+/// Sequences of an `Append` request.
+fn append_sequences(request: Option<ReplicaRequest>) -> Vec<u64> {
+    match request {
+        Some(ReplicaRequest::Append { records, .. }) => {
+            records.iter().map(|r| r.sequence).collect()
+        }
+        None => Vec::new(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_reserved_direct_sequence_holds_replication_until_its_record_is_queued() {
+    let mut core = primary();
+    let Admission::Ready(direct) = core.admit(0..16) else {
+        panic!("not ready")
+    };
+    let reserved = core.reserve_direct(direct).unwrap();
+    assert_eq!(reserved, 1);
+    // A later small write logs at once, but the secondary must not get it
+    // before the reserved sequence (it accepts sequences in order).
+    let (small, seq) = commit(&mut core, 20, 1, 10);
+    assert_eq!(seq, 2);
+    assert!(append_sequences(core.next_append()).is_empty());
+    assert!(!core.has_replication_work());
+    let (done, _) = core.local_done(small.id(), Ok(vec![LogPosition(10)]));
+    assert!(done.is_empty());
+    // A direct record goes alone, at its reserved sequence.
+    let mapping = FlushedRange {
+        lba: FIRST,
+        blocks: 16,
+        sequence: reserved,
+        extent: 1,
+        column: 0,
+        offset_bytes: 0,
+    };
+    let plan = core
+        .start_commit(
+            direct,
+            vec![Change::Direct {
+                lba: 0,
+                mappings: vec![mapping],
+            }],
+            LogPosition(11),
+            Instant::now(),
+        )
+        .unwrap();
+    assert_eq!(plan.records[0].sequence, reserved);
+    // Mapped at once: the stripes are durable on every present column.
+    assert_eq!(
+        core.index().lookup(3, 1).unwrap()[0].location,
+        Some(Location::Sled {
+            extent: 1,
+            column: 0,
+            offset_bytes: 3 * 4096
+        })
+    );
+    assert_eq!(append_sequences(core.next_append()), vec![1, 2]);
+    let (done, _) = core.local_done(direct, Ok(vec![LogPosition(11)]));
+    assert!(done.is_empty(), "acknowledged before the secondary");
+    let (done, _) = core.on_appended(2);
+    let mut ids = ok_ids(&done);
+    ids.sort_unstable();
+    assert_eq!(ids, vec![direct.0, small.id().0]);
+    assert_eq!(core.applied_through(), 2);
+    // A secondary accepts the record and keeps it out of its tail.
+    let mut replica = secondary();
+    let record = core.replica_record(&plan.records[0]);
+    assert_eq!(record.kind, ReplicaRecordKind::Direct);
+    let ReplicaAppend::Log { records, hold } = replica
+        .replica_begin_append(5, vec![record], LogPosition(0))
+        .unwrap()
+    else {
+        panic!("nothing to log")
+    };
+    assert_eq!(
+        replica
+            .replica_appended(&records, hold, Ok(vec![LogPosition(0)]))
+            .unwrap(),
+        1
+    );
+    assert_eq!(replica.retained_tail(), Vec::new());
+    assert_eq!(replica.log_hold(), None);
+}
+
+#[test]
+fn a_direct_write_that_ends_before_its_record_voids_its_sequence() {
+    let mut core = primary();
+    let Admission::Ready(direct) = core.admit(0..16) else {
+        panic!("not ready")
+    };
+    let reserved = core.reserve_direct(direct).unwrap();
+    let (small, seq) = commit(&mut core, 20, 1, 10);
+    assert!(append_sequences(core.next_append()).is_empty());
+    // The host gave up (stripes failed to be fenced, cancelled, ...).
+    core.end_write(direct);
+    let Some(ReplicaRequest::Append { records, .. }) = core.next_append() else {
+        panic!("nothing sent")
+    };
+    assert_eq!(records[0].sequence, reserved);
+    assert_eq!(records[0].kind, ReplicaRecordKind::Direct);
+    assert_eq!(records[1].sequence, seq);
+    core.local_done(small.id(), Ok(vec![LogPosition(10)]));
+    let (done, _) = core.on_appended(seq);
+    assert_eq!(ok_ids(&done), vec![small.id().0]);
+    assert_eq!(core.applied_through(), seq);
+    // Direct records must go alone, and only at a reserved sequence.
+    let Admission::Ready(other) = core.admit(30..31) else {
+        panic!("not ready")
+    };
+    let refused = core.start_commit(
+        other,
+        vec![Change::Direct {
+            lba: 30,
+            mappings: Vec::new(),
+        }],
+        LogPosition(12),
+        Instant::now(),
+    );
+    assert!(matches!(refused, Err(PartitionError::BadRequest { .. })));
+}

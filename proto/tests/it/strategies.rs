@@ -429,7 +429,8 @@ pub fn replica_record() -> impl Strategy<Value = ReplicaRecord> {
         prop_oneof![
             Just(ReplicaRecordKind::Write),
             Just(ReplicaRecordKind::Unmap),
-            Just(ReplicaRecordKind::Snapshot)
+            Just(ReplicaRecordKind::Snapshot),
+            Just(ReplicaRecordKind::Direct)
         ],
         any::<u64>(),
         any::<u32>(),
