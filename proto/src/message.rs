@@ -1529,8 +1529,8 @@ mod tests {
             Err(DecodeError::UnknownKind { kind: 0x0200 })
         );
         assert_eq!(
-            Message::decode(0x020a, Bytes::new()),
-            Err(DecodeError::UnknownKind { kind: 0x020a })
+            Message::decode(0x020b, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x020b })
         );
         assert!(matches!(
             Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),
