@@ -17,12 +17,16 @@
 //!         port, local_control_plane::snapshot_query)
 //! diff:   HostSnapshotDiff pages from every partition's primary (index
 //!         only, no data read), merged into volume ranges
-//! export: a zonal attachment for the snapshot's reads (HostReadSnapshot
-//!         through the volume client, like `attach VOL@SNAP --read-only`),
-//!         detached at the end: the raw image (to a file: sparse, every
-//!         64 KiB that reads as zeros left a hole), or an incremental
-//!         stream (crate::stream) of the diff's ranges since another
-//!         snapshot (zero ranges as records, no data)
+//! export: the snapshot's allocation map (HostSnapshotMap pages from every
+//!         partition's primary, index only: the ranges that hold data),
+//!         then a zonal attachment for the reads of those ranges only
+//!         (HostReadSnapshot through the volume client, like `attach
+//!         VOL@SNAP --read-only`), detached at the end: the raw image (to
+//!         a file: sparse, the unallocated ranges and every 64 KiB that
+//!         reads as zeros left holes; to a pipe: zeros written for the
+//!         unallocated ranges, not read), or an incremental stream
+//!         (crate::stream) of the diff's ranges since another snapshot, or
+//!         of the map's (zero ranges as records, no data)
 //! apply:  an incremental stream onto a raw image file
 //! ```
 //!
@@ -544,6 +548,50 @@ async fn changed_ranges(
     result.map_err(|e| CliError::Unavailable(format!("snapshot diff: {e}")))
 }
 
+/// The allocation map of volume `volume`'s snapshot `snapshot` (the ranges
+/// that may hold data; the rest reads as zeros), from the partitions'
+/// indexes.
+async fn allocated_ranges(
+    rack: &RackArg,
+    volume: u64,
+    snapshot: u64,
+) -> Result<Vec<ChangedRange>, CliError> {
+    let loaded = rack.load()?;
+    let client = unit::client(&loaded, rack.credential());
+    let result = snapshot_query::volume_map(&client, volume, Some(snapshot)).await;
+    client.close();
+    result.map_err(|e| CliError::Unavailable(format!("snapshot map: {e}")))
+}
+
+/// The whole volume `0..size` as ranges: `allocated`'s (data) and the
+/// gaps between them (zero), in offset order.
+fn with_gaps(allocated: &[ChangedRange], size: u64) -> Vec<ChangedRange> {
+    let mut out = Vec::with_capacity(allocated.len() * 2 + 1);
+    let mut at = 0;
+    for range in allocated {
+        if range.offset_bytes > at {
+            out.push(ChangedRange {
+                offset_bytes: at,
+                len_bytes: range.offset_bytes - at,
+                zero: true,
+            });
+        }
+        out.push(ChangedRange {
+            zero: false,
+            ..*range
+        });
+        at = range.offset_bytes + range.len_bytes;
+    }
+    if size > at {
+        out.push(ChangedRange {
+            offset_bytes: at,
+            len_bytes: size - at,
+            zero: true,
+        });
+    }
+    out
+}
+
 /// The diff's JSON: ranges (offset, length, zero) and their totals.
 pub fn diff_json(volume: &str, from: &str, to: &str, ranges: &[ChangedRange]) -> Value {
     let (mut data, mut zero) = (0u64, 0u64);
@@ -808,14 +856,19 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliErr
         Some(name) => Some(ready_id(&args.rack, volume, name).await?),
         None => None,
     };
-    // The ranges to write: the diff's, or the whole volume.
-    let diff = match base {
-        Some(base) => Some(changed_ranges(&args.rack, volume, Some(base), Some(snapshot)).await?),
-        None => None,
+    // The ranges to write: the diff's, or the whole volume as the
+    // snapshot's allocation map and its gaps (read: only the map's).
+    let ranges = match base {
+        Some(base) => changed_ranges(&args.rack, volume, Some(base), Some(snapshot)).await?,
+        None => allocated_ranges(&args.rack, volume, snapshot).await?,
     };
     let session =
         ExportSession::open(global, &args.volume, snapshot, args.unit_ca.as_deref()).await?;
-    let result = export_with(&session, args, snapshot, base, diff.as_deref()).await;
+    let ranges = match base {
+        Some(_) => ranges,
+        None => with_gaps(&ranges, session.client.size_bytes()),
+    };
+    let result = export_with(&session, args, snapshot, base, &ranges).await;
     session.close().await;
     let (bytes, records) = result?;
     match global.output {
@@ -857,57 +910,90 @@ pub async fn export(global: &GlobalArgs, args: &ExportArgs) -> Result<(), CliErr
 }
 
 /// Writes the export; returns the bytes of volume written and the
-/// stream's records (0 for raw).
+/// stream's records (0 for raw). `ranges` are in offset order: with a
+/// `base`, the diff's (zero: trimmed since); without, the whole volume,
+/// the snapshot's allocation map (data) and its gaps (zero). Only the data
+/// ranges are read.
 async fn export_with(
     session: &ExportSession,
     args: &ExportArgs,
     snapshot: u64,
     base: Option<u64>,
-    diff: Option<&[ChangedRange]>,
+    ranges: &[ChangedRange],
 ) -> Result<(u64, u64), CliError> {
     let size = session.client.size_bytes();
+    // Ranges read, and the zero ranges written without a read.
+    let pick = |zero: bool| -> Vec<Span> {
+        ranges
+            .iter()
+            .filter(|r| r.zero == zero)
+            .map(|r| (r.offset_bytes, r.len_bytes))
+            .collect()
+    };
+    let (zeros, data) = (pick(true), pick(false));
+    let read_bytes: u64 = data.iter().map(|(_, len)| len).sum();
     match args.format {
-        // A file gets a sparse image: the file is sized first and a chunk
-        // that reads as zeros (never written, trimmed, or written zeros)
-        // is left a hole, so an image of a mostly empty volume takes the
-        // space of its data. A pipe gets every byte.
+        // A file gets a sparse image: the file is sized first; the gaps of
+        // the map are not read, and a read piece that is zeros (written
+        // zeros) is not written either, so an image of a mostly empty
+        // volume takes the space of its data. A pipe gets every byte.
         ExportFormat::Raw if args.to != "-" => {
             use std::os::unix::fs::FileExt as _;
             let file = std::fs::File::create(&args.to)
                 .map_err(|e| CliError::Runtime(format!("cannot create {}: {e}", args.to)))?;
             file.set_len(size).map_err(write_error)?;
             let mut progress = Progress::new(size);
-            let mut holes = 0u64;
+            progress.add(size - read_bytes);
+            let mut written = 0u64;
             session
-                .read_ranges(&[(0, size)], |at, data| {
-                    for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
-                        if piece.iter().all(|b| *b == 0) {
-                            holes += piece.len() as u64;
-                        } else {
+                .read_ranges(&data, |at, chunk| {
+                    for (i, piece) in chunk.chunks(HOLE_GRAIN).enumerate() {
+                        if piece.iter().any(|b| *b != 0) {
                             let offset = at + (i * HOLE_GRAIN) as u64;
                             file.write_all_at(piece, offset).map_err(write_error)?;
+                            written += piece.len() as u64;
                         }
                     }
-                    progress.add(data.len() as u64);
+                    progress.add(chunk.len() as u64);
                     Ok(())
                 })
                 .await?;
             file.sync_all().map_err(write_error)?;
-            progress.print(&format!(", done ({} left as holes)", human_bytes(holes)));
+            progress.print(&format!(
+                ", done ({} read, {} left as holes)",
+                human_bytes(read_bytes),
+                human_bytes(size - written)
+            ));
             Ok((size, 0))
         }
         ExportFormat::Raw => {
             let mut out = open_output(&args.to)?;
             let mut progress = Progress::new(size);
+            // Zeros from `*at` to `to` (a gap of the map), not read.
+            let zero_fill = |out: &mut Box<dyn Write>, at: &mut u64, to: u64| {
+                static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+                while *at < to {
+                    let n = (to - *at).min(ZEROS.len() as u64);
+                    out.write_all(&ZEROS[..n as usize]).map_err(write_error)?;
+                    *at += n;
+                }
+                Ok::<(), CliError>(())
+            };
+            let mut at = 0u64;
             session
-                .read_ranges(&[(0, size)], |_, data| {
-                    out.write_all(&data).map_err(write_error)?;
-                    progress.add(data.len() as u64);
+                .read_ranges(&data, |offset, chunk| {
+                    let gap = offset - at;
+                    zero_fill(&mut out, &mut at, offset)?;
+                    out.write_all(&chunk).map_err(write_error)?;
+                    at += chunk.len() as u64;
+                    progress.add(gap + chunk.len() as u64);
                     Ok(())
                 })
                 .await?;
+            progress.add(size - at);
+            zero_fill(&mut out, &mut at, size)?;
             out.flush().map_err(write_error)?;
-            progress.print(", done");
+            progress.print(&format!(", done ({} read)", human_bytes(read_bytes)));
             Ok((size, 0))
         }
         ExportFormat::Incremental => {
@@ -919,24 +1005,9 @@ async fn export_with(
             };
             let mut writer = StreamWriter::new(out, header).map_err(write_error)?;
             let mut records = 0u64;
-            let total = match diff {
-                Some(d) => d.iter().map(|r| r.len_bytes).sum(),
-                None => size,
-            };
+            let total = ranges.iter().map(|r| r.len_bytes).sum();
             let mut progress = Progress::new(total);
-            // Ranges read, in offset order; zero ranges of the diff are
-            // written without a read, between them.
-            let pick = |zero: bool| -> Vec<Span> {
-                diff.unwrap_or_default()
-                    .iter()
-                    .filter(|r| r.zero == zero)
-                    .map(|r| (r.offset_bytes, r.len_bytes))
-                    .collect()
-            };
-            let (zeros, data) = match diff {
-                Some(_) => (pick(true), pick(false)),
-                None => (Vec::new(), vec![(0, size)]),
-            };
+            // Zero ranges are written without a read, between the reads.
             let mut zeros = zeros.into_iter().peekable();
             session
                 .read_ranges(&data, |at, chunk| {
@@ -946,7 +1017,7 @@ async fn export_with(
                         progress.add(len);
                     }
                     // A full stream leaves out what reads as zeros.
-                    if diff.is_none() && chunk.iter().all(|b| *b == 0) {
+                    if base.is_none() && chunk.iter().all(|b| *b == 0) {
                         writer.zero(at, chunk.len() as u64).map_err(write_error)?;
                     } else {
                         writer.data(at, &chunk).map_err(write_error)?;

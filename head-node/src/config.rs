@@ -208,6 +208,14 @@ pub struct HeadNodeConfig {
     /// columns to rebuild, in milliseconds (default 10000).
     #[serde(default)]
     pub repair_scrub_poll_interval_ms: Option<u64>,
+    /// Pace of a `volume rollback` at each primary, in bytes rewritten per
+    /// second (the blocks that differ from the snapshot; unset: as fast
+    /// as the partition takes the writes). A rollback is an offline
+    /// operation (the volume takes no attachment until it is over), so
+    /// the default does not hold it back; set it to leave the unit's
+    /// bandwidth to the other volumes' hosts.
+    #[serde(default)]
+    pub rollback_bytes_per_second: Option<u64>,
     /// **Test only** (crash tests of the snapshot coordinator): a primary
     /// answers a snapshot cut this many milliseconds late, its cut taken
     /// and holding acknowledgements meanwhile, so that a test can kill it
@@ -303,6 +311,10 @@ impl HeadNodeConfig {
             ("host_max_connections", caps.total == 0),
             ("host_max_connections_per_peer", caps.per_peer == 0),
             ("host_idle_timeout_ms", self.host_idle_timeout().is_zero()),
+            (
+                "rollback_bytes_per_second",
+                self.rollback_bytes_per_second == Some(0),
+            ),
         ] {
             if zero {
                 return Err(ConfigError::Invalid {
@@ -621,6 +633,8 @@ impl HeadNodeConfig {
             sled_failed_after_ms: ms(repair.sled_failed_after),
             repair_poll_interval_ms: ms(self.repair_poll_interval()),
             repair_scrub_poll_interval_ms: ms(repair.scrub_poll_interval),
+            // Unset: unpaced (shown as such).
+            rollback_bytes_per_second: self.rollback_bytes_per_second,
             // Test only: shown only where set.
             test_snapshot_cut_reply_delay_ms: self.test_snapshot_cut_reply_delay_ms,
         }
@@ -697,6 +711,13 @@ mod tests {
                     ..c.clone()
                 },
                 "failover_lease_margin_ms",
+            ),
+            (
+                HeadNodeConfig {
+                    rollback_bytes_per_second: Some(0),
+                    ..c.clone()
+                },
+                "rollback_bytes_per_second",
             ),
         ] {
             assert!(

@@ -164,6 +164,7 @@ impl Handler for HeadNodeHandler {
                         request.op,
                         proto::volume::HostOp::SnapshotDiff { .. }
                             | proto::volume::HostOp::SnapshotUsage
+                            | proto::volume::HostOp::SnapshotMap { .. }
                     ) =>
                 {
                     // unit_port_allows: operators and head nodes.
@@ -205,7 +206,11 @@ pub fn unit_port_allows(peer: &Peer, kind: u16) -> bool {
         Role::HeadNode => true,
         Role::Operator => matches!(
             kind,
-            kind::PING | kind::LCP_CLIENT | kind::HOST_SNAPSHOT_DIFF | kind::HOST_SNAPSHOT_USAGE
+            kind::PING
+                | kind::LCP_CLIENT
+                | kind::HOST_SNAPSHOT_DIFF
+                | kind::HOST_SNAPSHOT_USAGE
+                | kind::HOST_SNAPSHOT_MAP
         ),
         Role::Sled => kind == kind::PING,
     }
@@ -575,6 +580,7 @@ pub async fn run(config: HeadNodeConfig, shutdown: CancellationToken) -> Result<
         checkpoint_interval: config.checkpoint_interval(),
         poll_interval: config.partition_poll_interval(),
         auth: Some(credential.clone()),
+        rollback_bytes_per_second: config.rollback_bytes_per_second,
         test_cut_reply_delay: config.test_snapshot_cut_reply_delay(),
     };
     let manager =
@@ -857,7 +863,11 @@ mod tests {
             role,
             id: "x".into(),
         };
-        for query in [kind::HOST_SNAPSHOT_DIFF, kind::HOST_SNAPSHOT_USAGE] {
+        for query in [
+            kind::HOST_SNAPSHOT_DIFF,
+            kind::HOST_SNAPSHOT_USAGE,
+            kind::HOST_SNAPSHOT_MAP,
+        ] {
             assert!(unit_port_allows(&peer(Role::Operator), query));
             assert!(unit_port_allows(&peer(Role::HeadNode), query));
             assert!(!unit_port_allows(&peer(Role::Sled), query));

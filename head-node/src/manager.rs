@@ -232,6 +232,9 @@ pub struct ManagerConfig {
     /// The unit credential of the links to sleds and head nodes
     /// (`proto::auth`; `None` only against open unit ports, in tests).
     pub auth: Option<Arc<proto::auth::Credential>>,
+    /// A rollback's pace at each primary (`rollback_bytes_per_second`;
+    /// `None`: unpaced).
+    pub rollback_bytes_per_second: Option<u64>,
     /// Test only: a successful snapshot cut is answered this late
     /// (`test_snapshot_cut_reply_delay_ms`; zero in production).
     pub test_cut_reply_delay: Duration,
@@ -331,6 +334,7 @@ struct ManagerMetrics {
     snapshot_cuts: Family<PartitionLabels, Gauge>,
     flatten_remaining_blocks: Family<PartitionLabels, Gauge>,
     flattened_blocks: Family<PartitionLabels, Gauge>,
+    rolled_back_blocks: Family<PartitionLabels, Gauge>,
     wal_fill_ratio: Gauge<f64, AtomicU64>,
     wal_used_bytes: Gauge,
     wal_capacity_bytes: Gauge,
@@ -366,6 +370,11 @@ impl ManagerMetrics {
                 "rackblock_partition_flattened_blocks",
                 "Blocks a flatten copied from the parent snapshot as primary since open",
                 &m.flattened_blocks,
+            ),
+            (
+                "rackblock_partition_rolled_back_blocks",
+                "Blocks a rollback rewrote as primary since open",
+                &m.rolled_back_blocks,
             ),
             (
                 "rackblock_partition_role",
@@ -548,6 +557,7 @@ impl ManagerMetrics {
         [
             &self.flatten_remaining_blocks,
             &self.flattened_blocks,
+            &self.rolled_back_blocks,
             &self.snapshots,
             &self.snapshot_pinned_blocks,
             &self.snapshot_cuts,
@@ -628,6 +638,8 @@ pub struct PartitionStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flatten_remaining_blocks: Option<u64>,
     pub flattened_blocks: u64,
+    /// Blocks a rollback rewrote as primary since open.
+    pub rolled_back_blocks: u64,
 }
 
 /// Why this head node's write log failed (`/status`).
@@ -968,13 +980,13 @@ impl PartitionManager {
 
     /// Answers an operator's (or a head node's) index query of a
     /// partition's snapshots ([`HostOp::SnapshotDiff`],
-    /// [`HostOp::SnapshotUsage`]; unit port, authenticated by the unit
+    /// [`HostOp::SnapshotUsage`], [`HostOp::SnapshotMap`]; unit port, authenticated by the unit
     /// credential, not an attachment's): the partition's primary here
     /// answers from its index, at the request's epoch. Reads no data.
     pub async fn handle_snapshot_query(&self, request: HostRequest) -> HostReply {
         if !matches!(
             request.op,
-            HostOp::SnapshotDiff { .. } | HostOp::SnapshotUsage
+            HostOp::SnapshotDiff { .. } | HostOp::SnapshotUsage | HostOp::SnapshotMap { .. }
         ) {
             return HostReply::Error(HostError::BadRequest {
                 reason: format!("{} is not a snapshot query", request.op.name()),
@@ -1178,7 +1190,10 @@ fn tokens_equal(a: &AttachmentToken, b: &AttachmentToken) -> bool {
 fn is_unit_snapshot_op(op: &HostOp) -> bool {
     matches!(
         op,
-        HostOp::SnapshotControl { .. } | HostOp::SnapshotDiff { .. } | HostOp::SnapshotUsage
+        HostOp::SnapshotControl { .. }
+            | HostOp::SnapshotDiff { .. }
+            | HostOp::SnapshotUsage
+            | HostOp::SnapshotMap { .. }
     )
 }
 
@@ -1322,6 +1337,7 @@ fn partition_status(h: &Hosted) -> PartitionStatus {
         flatten_remaining_blocks: Some(h.flatten_remaining.load(Ordering::Relaxed))
             .filter(|left| *left != u64::MAX),
         flattened_blocks: get(&m.flattened_blocks),
+        rolled_back_blocks: get(&m.rolled_back_blocks),
     }
 }
 
@@ -1381,6 +1397,7 @@ fn update_metrics(inner: &Inner) {
                 s.flatten_remaining_blocks.map_or(-1, as_i64),
             ),
             (&m.flattened_blocks, as_i64(s.flattened_blocks)),
+            (&m.rolled_back_blocks, as_i64(s.rolled_back_blocks)),
             (
                 &m.repair_queue,
                 i64::try_from(s.repair_queue).unwrap_or(i64::MAX),
@@ -2450,9 +2467,11 @@ fn start_rollbacks(inner: &Arc<Inner>, state: &UnitState) {
 
 /// The rollback of one partition at this primary (see
 /// `partition::rollback`): from the cursor the control plane recorded,
-/// step by step to the end, recording the cursor every second and `done`
-/// at the end. A new primary after a failover resumes at the recorded
-/// cursor.
+/// step by step to the end (each step's rewritten bytes paced at
+/// `rollback_bytes_per_second` when set), recording the cursor every
+/// second and `done` at the end. A new primary after a failover resumes
+/// at the recorded cursor: the steps behind it are committed (replicated)
+/// before the cursor is proposed, and a step redone changes nothing.
 async fn rollback_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
     let id = hosted.partition.id();
     let epoch = hosted.opened_epoch;
@@ -2481,8 +2500,17 @@ async fn rollback_task(inner: Arc<Inner>, hosted: Arc<Hosted>) {
                 .rollback_step(epoch, snapshot, at, ROLLBACK_STEP_BLOCKS)
                 .await
             {
-                Ok(Some(next)) => cursor = Some(next),
-                Ok(None) => finished = true,
+                Ok(step) => match step.next {
+                    Some(next) => {
+                        cursor = Some(next);
+                        if let Some(rate) = inner.config.rollback_bytes_per_second {
+                            let secs = (step.rewritten_blocks * BLOCK_SIZE_BYTES) as f64
+                                / rate.max(1) as f64;
+                            pause = Duration::from_secs_f64(secs.min(10.0));
+                        }
+                    }
+                    None => finished = true,
+                },
                 Err(error) => {
                     debug!(partition = ?id, %error, "rollback step failed; retrying");
                     pause = FLATTEN_RETRY_INTERVAL;

@@ -1,11 +1,13 @@
 //! Operators' index queries of a volume's snapshots: the changed ranges
-//! between two views, and the space each snapshot holds. Used by the CLI
+//! between two views, the allocation map of one view (what an export
+//! reads; the rest reads as zeros), and the space each snapshot holds. Used by the CLI
 //! (`rackblock snapshot diff|describe|list`) and the zonal plane.
 //!
 //! ```text
 //! LcpClient ── PartitionMap{volume} ──▶ leader: every partition's primary and epoch
 //! for each partition, in order:
 //!   HostSnapshotDiff{from, to, start, max_ranges} ──▶ its primary's unit port
+//!   (or HostSnapshotMap{view, start, max_ranges}: the allocation map)
 //!        ◀── HostDiff{ranges, next}     (again from `next` until None)
 //!   NotPrimary / StaleEpoch / Fenced / unreachable ─▶ re-read the map, retry
 //! ranges ─▶ DiffMerger (adjacent ranges of one kind joined, across pages
@@ -176,6 +178,42 @@ pub async fn volume_diff(
     from: Option<u64>,
     to: Option<u64>,
 ) -> Result<Vec<ChangedRange>, QueryError> {
+    paged_ranges(client, volume, "diff", |start_bytes| HostOp::SnapshotDiff {
+        from,
+        to,
+        start_bytes,
+        max_ranges: DIFF_PAGE_RANGES,
+    })
+    .await
+}
+
+/// The allocation map of volume `volume` in view `view` (`None`: the
+/// live volume, `Some(id)`: snapshot `id`): the ranges that may hold data,
+/// merged, in offset order; every byte outside reads as zeros (never
+/// written, or trimmed), so a reader of the view (`snapshot export`)
+/// skips it without a read. A clone's ranges still read from its parent
+/// snapshot are in (module docs).
+pub async fn volume_map(
+    client: &LcpClient,
+    volume: VolumeId,
+    view: Option<u64>,
+) -> Result<Vec<ChangedRange>, QueryError> {
+    paged_ranges(client, volume, "map", |start_bytes| HostOp::SnapshotMap {
+        view,
+        start_bytes,
+        max_ranges: DIFF_PAGE_RANGES,
+    })
+    .await
+}
+
+/// Every partition's pages of a range query (`page(start_bytes)`, answered
+/// [`HostReply::Diff`]), merged.
+async fn paged_ranges(
+    client: &LcpClient,
+    volume: VolumeId,
+    what: &str,
+    page: impl Fn(u64) -> HostOp,
+) -> Result<Vec<ChangedRange>, QueryError> {
     let mut map = client
         .partition_map(volume)
         .await
@@ -186,13 +224,7 @@ pub async fn volume_diff(
         let mut start = u64::from(partition) * map.partition_size_bytes;
         let mut pages = 0;
         loop {
-            let reply = ask(client, &mut map, partition, || HostOp::SnapshotDiff {
-                from,
-                to,
-                start_bytes: start,
-                max_ranges: DIFF_PAGE_RANGES,
-            })
-            .await?;
+            let reply = ask(client, &mut map, partition, || page(start)).await?;
             let HostReply::Diff {
                 ranges,
                 next_offset_bytes,
@@ -201,7 +233,7 @@ pub async fn volume_diff(
                 return Err(QueryError::Partition {
                     volume,
                     partition,
-                    reason: format!("a diff answered {reply:?}"),
+                    reason: format!("a {what} answered {reply:?}"),
                 });
             };
             for range in ranges {
@@ -218,7 +250,7 @@ pub async fn volume_diff(
                     return Err(QueryError::Partition {
                         volume,
                         partition,
-                        reason: format!("diff page at {start} gave next page {next}"),
+                        reason: format!("{what} page at {start} gave next page {next}"),
                     })
                 }
                 None => break,

@@ -57,6 +57,7 @@
 //! | 0x0207 | HostSnapshotControl (unit port only) | host \| snapshot u64 \| action u8 (0 Cut, 1 Release, 2 Drop) \| hold_ms u32 |
 //! | 0x0208 | HostSnapshotDiff (unit port only) | host \| from `Option<u64>` \| to `Option<u64>` \| start_bytes u64 \| max_ranges u32 |
 //! | 0x0209 | HostSnapshotUsage (unit port only) | host |
+//! | 0x020a | HostSnapshotMap (unit port only) | host \| view `Option<u64>` \| start_bytes u64 \| max_ranges u32 |
 //! | 0x0211 | ReplicaAppend | partition \| epoch u64 \| records `Vec<record>`(≤4096) |
 //! | 0x0212 | ReplicaFlushCommit | partition \| epoch u64 \| up_to_sequence u64 \| mappings `Vec<flushed>`(≤65536) |
 //! | 0x0213 | ReplicaStatus | partition |
@@ -186,6 +187,9 @@ pub mod kind {
     pub const HOST_SNAPSHOT_DIFF: u16 = 0x0208;
     /// A partition's snapshot space (unit port only, like the diff).
     pub const HOST_SNAPSHOT_USAGE: u16 = 0x0209;
+    /// An allocation-map page of a partition (unit port only, like the
+    /// diff).
+    pub const HOST_SNAPSHOT_MAP: u16 = 0x020a;
     pub const REPLICA_APPEND: u16 = 0x0211;
     pub const REPLICA_FLUSH_COMMIT: u16 = 0x0212;
     pub const REPLICA_STATUS: u16 = 0x0213;
@@ -337,6 +341,7 @@ impl Message {
                 HostOp::SnapshotControl { .. } => HOST_SNAPSHOT_CONTROL,
                 HostOp::SnapshotDiff { .. } => HOST_SNAPSHOT_DIFF,
                 HostOp::SnapshotUsage => HOST_SNAPSHOT_USAGE,
+                HostOp::SnapshotMap { .. } => HOST_SNAPSHOT_MAP,
             },
             Message::HostReply(reply) => match reply {
                 HostReply::Data { .. } => HOST_DATA,
@@ -636,6 +641,15 @@ impl Message {
                         w.u32(*max_ranges);
                     }
                     HostOp::SnapshotUsage => {}
+                    HostOp::SnapshotMap {
+                        view,
+                        start_bytes,
+                        max_ranges,
+                    } => {
+                        w.option(view.as_ref(), |w, v| w.u64(*v));
+                        w.u64(*start_bytes);
+                        w.u32(*max_ranges);
+                    }
                 }
             }
             Message::HostReply(reply) => match reply {
@@ -855,7 +869,8 @@ impl Message {
             | HOST_READ_SNAPSHOT
             | HOST_SNAPSHOT_CONTROL
             | HOST_SNAPSHOT_DIFF
-            | HOST_SNAPSHOT_USAGE => {
+            | HOST_SNAPSHOT_USAGE
+            | HOST_SNAPSHOT_MAP => {
                 let volume = r.u64("volume")?;
                 let partition = r.u32("partition")?;
                 let epoch = r.u64("epoch")?;
@@ -923,6 +938,11 @@ impl Message {
                         max_ranges: r.u32("max_ranges")?,
                     },
                     HOST_SNAPSHOT_USAGE => HostOp::SnapshotUsage,
+                    HOST_SNAPSHOT_MAP => HostOp::SnapshotMap {
+                        view: r.option("view", |r| r.u64("view"))?,
+                        start_bytes: r.u64("start_bytes")?,
+                        max_ranges: r.u32("max_ranges")?,
+                    },
                     _ => HostOp::Flush,
                 };
                 Message::Host(HostRequest {
@@ -1511,8 +1531,8 @@ mod tests {
             Err(DecodeError::UnknownKind { kind: 0x0200 })
         );
         assert_eq!(
-            Message::decode(0x020a, Bytes::new()),
-            Err(DecodeError::UnknownKind { kind: 0x020a })
+            Message::decode(0x020b, Bytes::new()),
+            Err(DecodeError::UnknownKind { kind: 0x020b })
         );
         assert!(matches!(
             Message::decode(kind::SLED_ERROR, Bytes::from_static(&[11])),

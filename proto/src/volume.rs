@@ -324,6 +324,19 @@ pub enum HostOp {
     /// exclusively. Unit port only, like [`HostOp::SnapshotDiff`].
     /// Answered [`HostReply::SnapshotUsage`].
     SnapshotUsage,
+    /// One page of the allocation map of view `view` (`None`: the live
+    /// volume, `Some(id)`: snapshot `id`): the blocks that may hold data
+    /// (all others read as zeros without a read), from `start_bytes` to
+    /// the partition's end, paged like [`HostOp::SnapshotDiff`] (the diff
+    /// from the empty volume; every range `zero: false`). A clone's
+    /// blocks still read from its parent snapshot count as data. From the
+    /// primary's index; unit port only, like the diff. Answered
+    /// [`HostReply::Diff`].
+    SnapshotMap {
+        view: Option<u64>,
+        start_bytes: u64,
+        max_ranges: u32,
+    },
 }
 
 /// Most ranges in one [`HostReply::Diff`] page.
@@ -385,7 +398,8 @@ impl HostOp {
             HostOp::Flush
             | HostOp::SnapshotControl { .. }
             | HostOp::SnapshotDiff { .. }
-            | HostOp::SnapshotUsage => None,
+            | HostOp::SnapshotUsage
+            | HostOp::SnapshotMap { .. } => None,
         }
     }
 
@@ -400,7 +414,8 @@ impl HostOp {
             | HostOp::ReadSnapshot { .. }
             | HostOp::SnapshotControl { .. }
             | HostOp::SnapshotDiff { .. }
-            | HostOp::SnapshotUsage => None,
+            | HostOp::SnapshotUsage
+            | HostOp::SnapshotMap { .. } => None,
         }
     }
 
@@ -415,6 +430,7 @@ impl HostOp {
             HostOp::SnapshotControl { .. } => "snapshot_control",
             HostOp::SnapshotDiff { .. } => "snapshot_diff",
             HostOp::SnapshotUsage => "snapshot_usage",
+            HostOp::SnapshotMap { .. } => "snapshot_map",
         }
     }
 

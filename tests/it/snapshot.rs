@@ -698,3 +698,253 @@ fn snapshot_diff_equals_the_exported_images_and_incremental_export_applies() {
     let mut unit = unit;
     assert!(unit.stop(), "rackblock up did not stop cleanly");
 }
+
+/// Host reads the primaries of volume `volume` answered (`/partitions`'
+/// `reads`, `sled_reads`), summed over the head nodes.
+fn primary_reads(unit: &RunningUnit, volume: u64) -> (u64, u64) {
+    let (mut reads, mut sled_reads) = (0, 0);
+    for admin in unit.head_admins() {
+        let Some((200, body)) = tests::http_get(admin, "/partitions") else {
+            panic!("{admin}: no /partitions");
+        };
+        let v: Value = serde_json::from_str(&body).unwrap();
+        for p in v["partitions"].as_array().unwrap() {
+            if p["volume"] == volume && p["role"] == "primary" {
+                reads += p["reads"].as_u64().unwrap();
+                sled_reads += p["sled_reads"].as_u64().unwrap();
+            }
+        }
+    }
+    (reads, sled_reads)
+}
+
+/// `rackblock ARGS` with stdout to `path`, under a deadline.
+fn cli_to_file(unit: &RunningUnit, args: &[&str], path: &Path) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut child = unit
+        .cli_command()
+        .args(args)
+        .stdout(file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + TOOL_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: our own child, by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("rackblock {args:?} still running after {TOOL_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut err);
+    }
+    assert!(status.success(), "rackblock {args:?}: {status} {err}");
+}
+
+/// `snapshot export` of a 1 GiB volume with a few written ranges reads
+/// only what the snapshot's allocation map (from the partitions' indexes)
+/// says holds data: the primaries answer a handful of reads where the
+/// snapshot's read-only NBD export, copied whole by nbdcopy in the same
+/// run, answers thousands. The file is sparse (its unwritten ranges,
+/// trimmed ranges and written zeros are holes: `qemu-img map`, the file's
+/// allocated blocks) and byte-equal to the expected image, and so is the
+/// export to a pipe (zeros written for the gaps) and the NBD copy. Writes
+/// after the snapshot are in none of them.
+#[test]
+fn snapshot_export_reads_only_the_allocated_ranges() {
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("qemu-img", "qemu-utils");
+    require_tool("cmp", "diffutils");
+    require_tool("curl", "curl");
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+    const SIZE: u64 = 1024 * MIB;
+    const PARTITION: u64 = 256 * MIB;
+    let unit = RunningUnit::start("64MiB");
+    cli_ok(
+        &unit,
+        &[
+            "volume",
+            "create",
+            "vol3",
+            "--size",
+            "1GiB",
+            "--partition-size",
+            "256MiB",
+        ],
+    );
+    let (status, described) = zonal_call(&unit, "GET", "/v1/volumes/vol3", None);
+    assert_eq!(status, 200, "{described}");
+    let vol3 = described["id"].as_u64().expect("vol3's id");
+    let (mut agent, uri) = unit.attach("vol3");
+    let dir = unit.dir.path();
+    log_step(&unit, "unit up, 1 GiB vol3 attached");
+
+    // (offset, length, pattern); pattern 0: written zeros (data, not a
+    // trim: allocated, read, left a hole in the file).
+    let writes: [(u64, u64, u8); 5] = [
+        (5 * MIB + 4096, 3 * MIB, 0x51),
+        (PARTITION - MIB, 2 * MIB, 0x52),
+        (600 * MIB, 64 * 1024, 0),
+        (900 * MIB, 8 * MIB, 0x53),
+        (SIZE - 4096, 4096, 0x54),
+    ];
+    let trim = (902 * MIB, 2 * MIB);
+    let mut commands: Vec<String> = writes
+        .iter()
+        .map(|(at, len, fill)| format!("write -P {fill:#04x} {at} {len}"))
+        .collect();
+    commands.push(format!("discard {} {}", trim.0, trim.1));
+    let run = qemu_io(&[], &uri, &commands);
+    assert!(clean(&run), "writes: {run}");
+    let created: Value = serde_json::from_str(&cli_ok(
+        &unit,
+        &["snapshot", "create", "vol3", "s", "--output", "json"],
+    ))
+    .unwrap();
+    assert_eq!(created["state"], "ready", "{created}");
+    // After the cut: an overwrite and a new range, in no export of s.
+    let run = qemu_io(
+        &[],
+        &uri,
+        &[
+            format!("write -P 0x61 {} {}", 5 * MIB, MIB),
+            format!("write -P 0x62 {} {}", 400 * MIB, 4 * MIB),
+        ],
+    );
+    assert!(clean(&run), "writes after the cut: {run}");
+    assert!(agent.terminate(), "{}", agent.log_text());
+    unit.flush_all();
+    // The expected image of s, sparse.
+    let want = dir.join("want.raw");
+    {
+        let file = std::fs::File::create(&want).unwrap();
+        file.set_len(SIZE).unwrap();
+        for (at, len, fill) in writes {
+            file.write_all_at(&vec![fill; len as usize], at).unwrap();
+        }
+        file.write_all_at(&vec![0; trim.1 as usize], trim.0)
+            .unwrap();
+    }
+    let data_bytes: u64 = writes.iter().filter(|w| w.2 != 0).map(|w| w.1).sum::<u64>() - trim.1;
+    log_step(
+        &unit,
+        "5 ranges and a trim written, snapshot s, 2 more after",
+    );
+
+    // A raw export to a file.
+    let before = primary_reads(&unit, vol3);
+    let file = dir.join("s.raw");
+    let out = unit.cli(&[
+        "snapshot",
+        "export",
+        "vol3",
+        "s",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "export: {stderr}");
+    let after_file = primary_reads(&unit, vol3);
+    // To a pipe.
+    let piped = dir.join("s-pipe.raw");
+    cli_to_file(
+        &unit,
+        &["snapshot", "export", "vol3", "s", "-o", "-"],
+        &piped,
+    );
+    let after_pipe = primary_reads(&unit, vol3);
+    // The baseline: the snapshot's read-only NBD export copied whole.
+    let (mut snap_agent, snap_uri) = unit.attach_with("vol3@s", &["--read-only"]);
+    let nbd = dir.join("s-nbd.raw");
+    run_tool("nbdcopy", &[&snap_uri, nbd.to_str().unwrap()], TOOL_TIMEOUT).expect_success();
+    let after_nbd = primary_reads(&unit, vol3);
+    assert!(snap_agent.terminate(), "{}", snap_agent.log_text());
+    let reads = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0, b.1 - a.1);
+    let (file_reads, pipe_reads, nbd_reads) = (
+        reads(before, after_file),
+        reads(after_file, after_pipe),
+        reads(after_pipe, after_nbd),
+    );
+    log_step(
+        &unit,
+        &format!(
+            "primary reads (host, sled): export to a file {file_reads:?}, to a pipe \
+             {pipe_reads:?}, nbdcopy of the NBD export {nbd_reads:?}; export said: {}",
+            stderr.lines().last().unwrap_or("").trim()
+        ),
+    );
+
+    for (what, path) in [("file", &file), ("pipe", &piped), ("nbdcopy", &nbd)] {
+        run_tool(
+            "cmp",
+            &[want.to_str().unwrap(), path.to_str().unwrap()],
+            TOOL_TIMEOUT,
+        )
+        .expect_success();
+        log_step(&unit, &format!("the {what} image equals s"));
+    }
+    // Reads: the export's chunks (4 MiB) of the allocated ranges, split
+    // at partition boundaries (and by the client's own request bound):
+    // a handful, where a whole read takes at least 1 GiB / 4 MiB.
+    for (what, (host, _)) in [("file", file_reads), ("pipe", pipe_reads)] {
+        assert!(
+            host > 0 && host <= 16,
+            "the export to a {what} read {host} times (nbdcopy: {})",
+            nbd_reads.0
+        );
+        assert!(
+            nbd_reads.0 >= SIZE / (4 * MIB) && nbd_reads.0 > 10 * host,
+            "baseline: nbdcopy read {} times, the export {host}",
+            nbd_reads.0
+        );
+    }
+    // Sparse: the file holds (about) the written data only.
+    let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
+    let map = run_tool(
+        "qemu-img",
+        &[
+            "map",
+            "-f",
+            "raw",
+            "--output",
+            "json",
+            file.to_str().unwrap(),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .expect_success();
+    let map: Value = serde_json::from_str(&map.stdout).unwrap();
+    let mapped_data: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    log_step(
+        &unit,
+        &format!(
+            "s.raw: {} KiB allocated, qemu-img map: {} KiB data, of {} KiB written",
+            allocated / 1024,
+            mapped_data / 1024,
+            data_bytes / 1024
+        ),
+    );
+    // Slack: a 64 KiB grain at each end of each range.
+    let slack = 2 * 64 * 1024 * writes.len() as u64 + 2 * 64 * 1024;
+    assert!(
+        allocated <= data_bytes + slack && mapped_data <= data_bytes + slack,
+        "s.raw is not sparse: {allocated} bytes allocated, {mapped_data} mapped as data, \
+         {data_bytes} written"
+    );
+    let mut unit = unit;
+    assert!(unit.stop(), "rackblock up did not stop cleanly");
+}

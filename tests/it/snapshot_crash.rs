@@ -24,7 +24,9 @@
 //!   late: the test-only `test_snapshot_cut_reply_delay_ms`); the snapshot
 //!   ends aborted and purged, no partition keeps its layer, writes flow;
 //!   a snapshot made ready before reads back identical through its export
-//!   after the take-over.
+//!   after the take-over. `kill9_of_a_primary_during_a_group_cut_aborts_the_group`:
+//!   the same for a consistency group over two volumes (aborted and
+//!   purged on both members, no layer left on any partition of either).
 //! * `overwrites_after_a_snapshot_and_gc_keep_it_and_its_delete_unpins_it`:
 //!   the whole volume overwritten twice after a snapshot, GC every second:
 //!   the snapshot is unchanged and pins exactly image A's blocks;
@@ -35,6 +37,16 @@
 //!   image over several extents; with the default 64 MiB columns A, B and
 //!   C of a partition would share one 256 MiB extent and nothing could
 //!   return.
+//! * `kill9_of_a_primary_during_a_flatten_ends_flattened_with_the_clone_s_data`:
+//!   the promoted primary starts the flatten over and it ends.
+//! * `kill9_of_a_primary_during_a_rollback_resumes_it_to_the_snapshot` and
+//!   `kill9_of_the_raft_leader_during_a_rollback_resumes_it_to_the_snapshot`:
+//!   `volume rollback` paced by `rollback_bytes_per_second` (1 MiB/s), a
+//!   head node killed once the victim's primaries rewrote blocks and the
+//!   control plane recorded a cursor: the rollback resumes at the promoted
+//!   primaries (some of their blocks rewritten, not all) and ends; the
+//!   volume reads every block of the snapshot over NBD, a later snapshot
+//!   keeps its content, and the volume takes writes after.
 //!
 //! Every tool runs under a deadline; the unit and the agents are stopped
 //! by pid.
@@ -48,7 +60,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::snapshot::{cli_ok, copy_out, first_difference, random_bytes};
-use tests::{http_get, require_tool, run_tool, RunningUnit};
+use tests::{http_get, require_tool, run_tool, Daemon, RunningUnit};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -110,6 +122,55 @@ fn snapshot_ready(unit: &RunningUnit, volume: &str, name: &str) -> Value {
     let created: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(created["state"], "ready", "{created}");
     created
+}
+
+/// [`snapshot_ready`], retried (bounded) when the snapshot ends aborted
+/// for a reason a loaded box gives for a moment (CI: "partition 2/2 on
+/// hn-1: unavailable: primary holds no valid lease yet" right after the
+/// volume was written): an aborted snapshot is purged, then the name is
+/// free again. For tests about something else than the cut.
+fn snapshot_ready_retried(unit: &RunningUnit, volume: &str, name: &str) -> Value {
+    create_ready_retried(
+        unit,
+        &["snapshot", "create", volume, name, "--output", "json"],
+        name,
+    )
+}
+
+/// `rackblock ARGS` (a `snapshot create` of snapshot `name` with
+/// `--output json`), retried like [`snapshot_ready_retried`].
+fn create_ready_retried(unit: &RunningUnit, args: &[&str], name: &str) -> Value {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let out = unit.cli(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            let created: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(created["state"], "ready", "{created}");
+            return created;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            text.contains("\"aborted\"") && attempt < 3,
+            "rackblock {args:?} (attempt {attempt}): {text}{err}"
+        );
+        log_step(
+            unit,
+            &format!(
+                "snapshot {name} aborted (attempt {attempt}): {}",
+                err.trim()
+            ),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while snapshot_records(unit).iter().any(|r| r["name"] == name) {
+            assert!(
+                Instant::now() < deadline,
+                "aborted {name} not purged in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
 }
 
 fn copy_in(image: &[u8], path: &Path, uri: &str) {
@@ -668,44 +729,130 @@ fn daemon_pid(unit: &RunningUnit, name: &str) -> i32 {
         .unwrap()
 }
 
+/// `attach VOLUME EXTRA...` after a head node was killed: the agent looks
+/// the partition map up once and exits if that fails, which a unit still
+/// settling after the kill on a loaded box can make it do (CI: "peer hn-3
+/// unreachable on both paths: TLS ... no handshake within 300ms" right
+/// after a rollback ended); retried, bounded.
+fn attach_after_kill(unit: &RunningUnit, volume: &str, extra: &[&str]) -> (Daemon, String) {
+    let mut last = String::new();
+    for attempt in 1..=5 {
+        match unit.try_attach_with(volume, extra) {
+            Ok(attached) => return attached,
+            Err(error) => {
+                log_step(
+                    unit,
+                    &format!(
+                        "attach {volume} failed (attempt {attempt}): {}",
+                        error.lines().last().unwrap_or("")
+                    ),
+                );
+                last = error;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("attach {volume} failed 5 times; last:\n{last}");
+}
+
+/// The volume ids of the snapshot record named `name` (a group's: every
+/// member).
+fn snapshot_volumes(unit: &RunningUnit, name: &str) -> Vec<u64> {
+    snapshot_records(unit)
+        .iter()
+        .find(|s| s["name"] == name)
+        .and_then(|s| s["volumes"].as_array().cloned())
+        .unwrap_or_else(|| panic!("no snapshot record {name}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn kill9_of_a_primary_during_a_cut_aborts_it_and_a_ready_snapshot_survives() {
+    cut_under_kill9(false);
+}
+
+/// The same for a consistency group's cut (vol1 and vol2): the group
+/// ends aborted and purged on both members, no partition of either keeps
+/// its layer, and a group made ready before reads back on both.
+#[test]
+fn kill9_of_a_primary_during_a_group_cut_aborts_the_group() {
+    cut_under_kill9(true);
+}
+
+/// `kill -9` of a head node holding a cut (`group`: of a consistency
+/// group over vol1 and vol2; else of vol1 alone).
+fn cut_under_kill9(group: bool) {
     require_tool("nbdcopy", "libnbd-bin");
     const DELAY_MS: u64 = 1000;
     let unit = RunningUnit::start_with(
-        "256MiB",
+        "64MiB",
         &[
             "--head-node-setting",
             &format!("test_snapshot_cut_reply_delay_ms = {DELAY_MS}"),
         ],
     );
-    create_volume(&unit, "vol1", "256MiB", "64MiB");
-    let (mut agent, uri) = unit.attach("vol1");
+    // (name, size, partitions of 64 MiB); a group's members are smaller
+    // (their snapshot is read back whole over NBD on a loaded box).
+    let volumes: &[(&str, u64, usize)] = if group {
+        &[("vol1", 128 * MIB, 2), ("vol2", 128 * MIB, 2)]
+    } else {
+        &[("vol1", 256 * MIB, 4)]
+    };
     let dir = unit.dir.path();
-    let image = random_bytes(256 * MIB);
-    copy_in(&image, &dir.join("a.raw"), &uri);
-    log_step(&unit, "image A written to vol1");
-    let ready = snapshot_ready(&unit, "vol1", "before");
+    let mut attached = Vec::new();
+    for (name, size, _) in volumes {
+        create_volume(&unit, name, &format!("{}MiB", size / MIB), "64MiB");
+        let (agent, uri) = unit.attach(name);
+        let image = random_bytes(*size);
+        copy_in(&image, &dir.join(format!("{name}-a.raw")), &uri);
+        attached.push((agent, uri, image));
+    }
+    log_step(&unit, "image A written to every volume");
+    // `snapshot create` of `name` over the volumes (a group or one).
+    let create_args = |name: &str| -> Vec<String> {
+        let mut args: Vec<String> = vec!["snapshot".into(), "create".into()];
+        if group {
+            args.extend(["--group".into(), name.into()]);
+            args.extend(volumes.iter().map(|(v, _, _)| v.to_string()));
+        } else {
+            args.extend(["vol1".into(), name.into()]);
+        }
+        args.extend(["--output".into(), "json".into()]);
+        args
+    };
+    // The snapshots around the one under test, retried if a loaded box
+    // aborts them (CI: "peer hn-3-forward: outcome unknown after failure
+    // on path a" at load 66 on 2 cores).
+    let create_ready = |name: &str| -> Value {
+        let args = create_args(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        create_ready_retried(&unit, &args, name)
+    };
+    let ready = create_ready("before");
     log_step(&unit, &format!("snapshot before ready: {ready}"));
-    let vol1 = snapshot_volume(&unit, "before");
+    let ids = snapshot_volumes(&unit, "before");
+    assert_eq!(ids.len(), volumes.len(), "{ids:?}");
+    let partitions: usize = volumes.iter().map(|v| v.2).sum();
 
-    // The victim: a head node serving a vol1 primary, not the Raft leader
-    // if another one does (that adds an election, not what this tests).
+    // The victim: a head node serving a primary of the volumes, not the
+    // Raft leader if another one does (that adds an election, not what
+    // this tests).
     let status = unit_status(&unit);
     let leader = status["raft"]["leader_name"]
         .as_str()
         .unwrap_or("")
         .to_owned();
+    let is_ours = |p: &Value| ids.iter().any(|id| p["volume"] == *id);
     let mut candidates: Vec<u16> = (1..=3u16)
         .filter(|h| {
-            partitions_of(&unit, *h).is_some_and(|ps| {
-                ps.iter()
-                    .any(|p| p["volume"] == vol1 && p["role"] == "primary")
-            })
+            partitions_of(&unit, *h)
+                .is_some_and(|ps| ps.iter().any(|p| is_ours(p) && p["role"] == "primary"))
         })
         .collect();
     candidates.sort_by_key(|h| format!("hn-{h}") == leader);
-    let victim = *candidates.first().expect("a head node with a vol1 primary");
+    let victim = *candidates.first().expect("a head node with a primary");
     let victim_name = format!("hn-{victim}");
     log_step(&unit, &format!("victim {victim_name} (leader {leader})"));
 
@@ -717,7 +864,7 @@ fn kill9_of_a_primary_during_a_cut_aborts_it_and_a_ready_snapshot_survives() {
         .count();
     let create = unit
         .cli_command()
-        .args(["snapshot", "create", "vol1", "during", "--output", "json"])
+        .args(create_args("during"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -760,8 +907,8 @@ fn kill9_of_a_primary_during_a_cut_aborts_it_and_a_ready_snapshot_survives() {
         "a snapshot whose primary died during its cut became ready: {text}"
     );
 
-    // It ends aborted and purged: gone from the records, no partition
-    // keeps a layer other than "before"'s.
+    // It ends aborted and purged: gone from the records and from every
+    // member's list, no partition keeps a layer other than "before"'s.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let status = unit_status(&unit);
@@ -770,67 +917,128 @@ fn kill9_of_a_primary_during_a_cut_aborts_it_and_a_ready_snapshot_survives() {
             .cloned()
             .unwrap_or_default();
         let during: Vec<&Value> = records.iter().filter(|r| r["name"] == "during").collect();
-        let listed = cli_ok(&unit, &["snapshot", "list", "vol1", "--output", "json"]);
-        let layers: Vec<(u16, u64, u64)> = (1..=3u16)
+        let listed: Vec<String> = volumes
+            .iter()
+            .map(|(v, _, _)| cli_ok(&unit, &["snapshot", "list", v, "--output", "json"]))
+            .collect();
+        let layers: Vec<(u16, u64, u64, u64)> = (1..=3u16)
             .filter(|h| *h != victim)
             .flat_map(|h| {
                 partitions_of(&unit, h)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|p| p["volume"] == vol1 && p["role"] == "primary")
+                    .filter(|p| is_ours(p) && p["role"] == "primary")
                     .map(move |p| {
                         (
                             h,
+                            p["volume"].as_u64().unwrap(),
                             p["partition"].as_u64().unwrap(),
                             p["snapshots"].as_u64().unwrap(),
                         )
                     })
             })
             .collect();
-        let primaries = layers.len();
         let clean = during.is_empty()
-            && !listed.contains("during")
-            && primaries == 4
-            && layers.iter().all(|(_, _, n)| *n == 1);
+            && listed.iter().all(|l| !l.contains("during"))
+            && layers.len() == partitions
+            && layers.iter().all(|(_, _, _, n)| *n == 1);
         if clean {
             log_step(
                 &unit,
-                &format!("'during' purged; vol1 primaries (node, partition, layers): {layers:?}"),
+                &format!(
+                    "'during' purged; primaries (node, volume, partition, layers): {layers:?}"
+                ),
             );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "'during' not cleanly aborted: records {during:?}, list {listed}, layers {layers:?}"
+            "'during' not cleanly aborted: records {during:?}, lists {listed:?}, layers {layers:?}"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // No cut holds acknowledgements: a write goes through; the ready
-    // snapshot reads back A through its export after the take-over.
-    run_tool(
-        "qemu-io",
-        &["-f", "raw", &uri, "-c", "write -P 0x5a 0 1M"],
-        TOOL_TIMEOUT,
-    )
-    .expect_success();
-    let (mut snap_agent, snap_uri) = unit.attach_with("vol1@before", &["--read-only"]);
-    let snap = copy_out(&snap_uri, &dir.join("before.raw"));
-    assert_eq!(
-        first_difference(&snap, &image),
-        None,
-        "snapshot 'before' after the take-over"
-    );
+    // No cut holds acknowledgements: a write goes through on every
+    // volume; the ready snapshot reads back A through its exports after
+    // the take-over.
+    for (_, uri, _) in &attached {
+        run_tool(
+            "qemu-io",
+            &["-f", "raw", uri, "-c", "write -P 0x5a 0 1M"],
+            TOOL_TIMEOUT,
+        )
+        .expect_success();
+    }
+    for ((name, _, _), (_, _, image)) in volumes.iter().zip(&attached) {
+        let (mut snap_agent, snap_uri) =
+            attach_after_kill(&unit, &format!("{name}@before"), &["--read-only"]);
+        let path = dir.join(format!("{name}-before.raw"));
+        let started = Instant::now();
+        let mut copy = Command::new("nbdcopy")
+            .args([&snap_uri, path.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        loop {
+            if let Some(status) = copy.try_wait().unwrap() {
+                assert!(status.success(), "nbdcopy {name}@before: {status}");
+                break;
+            }
+            if started.elapsed() > TOOL_TIMEOUT {
+                // SAFETY: our own child, by pid.
+                unsafe { libc::kill(copy.id() as i32, libc::SIGKILL) };
+                let _ = copy.wait();
+                let logs: Vec<String> = (1..=3)
+                    .map(|h| {
+                        let log = std::fs::read_to_string(
+                            unit.data_dir.join("run").join(format!("hn-{h}.log")),
+                        )
+                        .unwrap_or_default();
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                        format!("hn-{h}:\n{tail}")
+                    })
+                    .collect();
+                panic!(
+                    "nbdcopy {name}@before still running after {TOOL_TIMEOUT:?}\n\
+                     agent:\n{}\n{}\n/partitions: {:?}",
+                    snap_agent.log_text(),
+                    logs.join("\n"),
+                    (1..=3u16)
+                        .map(|h| partitions_of(&unit, h))
+                        .collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        log_step(
+            &unit,
+            &format!(
+                "{name}@before copied in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        let snap = std::fs::read(&path).unwrap();
+        assert_eq!(
+            first_difference(&snap, image),
+            None,
+            "snapshot {name}@before after the take-over"
+        );
+        assert!(snap_agent.terminate(), "{}", snap_agent.log_text());
+    }
     log_step(&unit, "'before' reads A after the take-over");
     // And the coordinator still takes snapshots.
-    let after = snapshot_ready(&unit, "vol1", "after");
+    let after = create_ready("after");
     log_step(
         &unit,
         &format!("snapshot after ready: pause {} us", after["pause_us"]),
     );
 
-    assert!(snap_agent.terminate(), "{}", snap_agent.log_text());
-    assert!(agent.terminate(), "{}", agent.log_text());
+    for (mut agent, _, _) in attached {
+        assert!(agent.terminate(), "{}", agent.log_text());
+    }
     let mut unit = unit;
     // `up` exits 0 with one daemon already gone.
     unit.stop();
@@ -1113,4 +1321,338 @@ fn kill9_of_a_primary_during_a_flatten_ends_flattened_with_the_clone_s_data() {
     let mut unit = unit;
     // `up` exits 0 with one daemon already gone.
     unit.stop();
+}
+
+/// `POST /flush` on every head node but `dead`; panics on a failed flush.
+fn flush_survivors(unit: &RunningUnit, dead: u16) {
+    for h in (1..=3u16).filter(|h| *h != dead) {
+        let admin = unit.ports.head_admin(h);
+        let reply = tests::http_post(admin, "/flush", Duration::from_secs(60));
+        let Some((200, body)) = reply else {
+            panic!("POST /flush on hn-{h}: {reply:?}");
+        };
+        let body: Value = serde_json::from_str(&body).unwrap();
+        for outcome in body["flushed"].as_array().unwrap() {
+            assert!(outcome["error"].is_null(), "flush on hn-{h}: {outcome}");
+        }
+    }
+}
+
+/// Which head node a rollback crash test kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RollbackVictim {
+    /// A head node serving primaries of the volume, not the Raft leader
+    /// if another one does.
+    Primary,
+    /// The Raft leader (the control plane that records the rollback's
+    /// cursors), preferably one serving primaries of the volume too.
+    Leader,
+}
+
+/// `kill -9` of a head node mid-`volume rollback` (paced by the head
+/// nodes' `rollback_bytes_per_second`, 1 MiB/s, so that it is observably
+/// mid-way: `/partitions`' `rolled_back_blocks` of the victim's
+/// primaries above zero). The rollback resumes at the promoted primaries
+/// (from the cursor the control plane recorded) and ends: `volume
+/// rollback` (started before the kill) reports it rolled back, the volume
+/// reads every block of the snapshot through NBD, a later snapshot keeps
+/// its own content, and the volume takes writes after, which read back
+/// (also after a flush to the sleds).
+fn rollback_under_kill9(victim_kind: RollbackVictim) {
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("qemu-io", "qemu-utils");
+    require_tool("curl", "curl");
+    const SIZE: u64 = 128 * MIB;
+    const PARTITION: u64 = 32 * MIB;
+    let unit = RunningUnit::start_with(
+        "64MiB",
+        &[
+            "--head-node-setting",
+            &format!("rollback_bytes_per_second = {MIB}"),
+        ],
+    );
+    create_volume(&unit, "vol1", "128MiB", "32MiB");
+    let (mut agent, uri) = unit.attach("vol1");
+    let dir = unit.dir.path();
+    let image_a = random_bytes(SIZE);
+    copy_in(&image_a, &dir.join("a.raw"), &uri);
+    snapshot_ready_retried(&unit, "vol1", "s1");
+    let vol1 = snapshot_volume(&unit, "s1");
+    // B after s1: in every partition six 1 MiB writes, one per 1 MiB
+    // rollback step (so each partition's rollback takes about 6 s at
+    // 1 MiB/s), one of them across a partition boundary, and a trim.
+    let mut image_b = image_a.clone();
+    let mut commands = Vec::new();
+    for p in 0..SIZE / PARTITION {
+        for i in 0..6u64 {
+            let at = p * PARTITION + i * 5 * MIB + 4096;
+            let fill = 0xb0 + (p * 6 + i) as u8 % 16;
+            commands.push(format!("write -P {fill:#04x} {at} {MIB}"));
+            image_b[at as usize..(at + MIB) as usize].fill(fill);
+        }
+    }
+    let boundary = PARTITION - MIB / 2;
+    commands.push(format!("write -P 0xbb {boundary} {MIB}"));
+    image_b[boundary as usize..(boundary + MIB) as usize].fill(0xbb);
+    let trim = (2 * PARTITION + 27 * MIB, 2 * MIB);
+    commands.push(format!("discard {} {}", trim.0, trim.1));
+    image_b[trim.0 as usize..(trim.0 + trim.1) as usize].fill(0);
+    let run = crate::snapshot::qemu_io(&[], &uri, &commands);
+    assert!(crate::snapshot::clean(&run), "B: {run}");
+    snapshot_ready_retried(&unit, "vol1", "s2");
+    // C after s2, then detached.
+    let mut image_c = image_b.clone();
+    let c_writes = [
+        (0xc1u8, 3 * MIB, 2 * MIB),
+        (0xc2, 3 * PARTITION + 9 * MIB, MIB),
+    ];
+    let run = crate::snapshot::qemu_io(
+        &[],
+        &uri,
+        &c_writes
+            .iter()
+            .map(|(fill, at, len)| format!("write -P {fill:#04x} {at} {len}"))
+            .collect::<Vec<_>>(),
+    );
+    assert!(crate::snapshot::clean(&run), "C: {run}");
+    for (fill, at, len) in c_writes {
+        image_c[at as usize..(at + len) as usize].fill(fill);
+    }
+    // The blocks of partition `p` the rollback rewrites: every one
+    // written after s1 (B and C never write A's bytes back).
+    let to_rewrite = |p: u64| -> u64 {
+        (p * PARTITION / BLOCK..(p + 1) * PARTITION / BLOCK)
+            .filter(|b| {
+                let r = (b * BLOCK) as usize..((b + 1) * BLOCK) as usize;
+                image_c[r.clone()] != image_a[r]
+            })
+            .count() as u64
+    };
+    assert!(agent.terminate(), "{}", agent.log_text());
+    log_step(&unit, "A, s1, B, s2, C written; vol1 detached");
+
+    let create_rollback = unit
+        .cli_command()
+        .args([
+            "volume",
+            "rollback",
+            "vol1",
+            "s1",
+            "--wait-timeout",
+            "240s",
+            "--output",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The victim, once its vol1 primaries have rewritten something.
+    let status = unit_status(&unit);
+    let leader = status["raft"]["leader_name"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let vol1_primaries = |h: u16| -> Vec<Value> {
+        partitions_of(&unit, h)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p["volume"] == vol1 && p["role"] == "primary")
+            .collect()
+    };
+    let victim = match victim_kind {
+        RollbackVictim::Primary => {
+            let mut candidates: Vec<u16> = (1..=3u16)
+                .filter(|h| !vol1_primaries(*h).is_empty())
+                .collect();
+            candidates.sort_by_key(|h| format!("hn-{h}") == leader);
+            *candidates.first().expect("a head node with a vol1 primary")
+        }
+        RollbackVictim::Leader => (1..=3u16)
+            .find(|h| format!("hn-{h}") == leader)
+            .unwrap_or_else(|| panic!("no leader in {status}")),
+    };
+    let victim_name = format!("hn-{victim}");
+    let victim_partitions: Vec<u64> = vol1_primaries(victim)
+        .iter()
+        .filter_map(|p| p["partition"].as_u64())
+        .collect();
+    let rewritten = |h: u16, partitions: &[u64]| -> u64 {
+        vol1_primaries(h)
+            .iter()
+            .filter(|p| {
+                p["partition"]
+                    .as_u64()
+                    .is_some_and(|i| partitions.contains(&i))
+            })
+            .map(|p| p["rolled_back_blocks"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // Mid-way: the victim's partitions rewrote something and the control
+    // plane recorded a cursor of one of them that is not done (or, a
+    // leader without vol1 primaries: of any partition).
+    let watched: Vec<(u16, Vec<u64>)> = if victim_partitions.is_empty() {
+        (1..=3u16).map(|h| (h, vec![0, 1, 2, 3])).collect()
+    } else {
+        vec![(victim, victim_partitions.clone())]
+    };
+    let watched_partitions: Vec<u64> = watched.iter().flat_map(|(_, ps)| ps.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut started = false;
+    let rolling = loop {
+        let done: u64 = watched.iter().map(|(h, ps)| rewritten(*h, ps)).sum();
+        let records = unit_status(&unit);
+        let rolling = records["unit"]["rollbacks"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["volume"] == vol1).cloned());
+        // Until `volume rollback` (spawned) proposed it, there is none;
+        // once there, it is not over before the kill (paced).
+        let Some(rolling) = rolling else {
+            assert!(!started, "vol1's rollback ended before the kill: {records}");
+            assert!(
+                Instant::now() < deadline,
+                "vol1's rollback did not start in 60 s: {records}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        started = true;
+        let recorded_mid_way = watched_partitions.iter().any(|p| {
+            let cursor = rolling["rollback"]["cursors"][p.to_string()]
+                .as_u64()
+                .unwrap_or(0);
+            let done = rolling["rollback"]["done"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|i| i == p));
+            cursor > 0 && !done
+        });
+        if done > 0 && recorded_mid_way {
+            log_step(
+                &unit,
+                &format!(
+                    "rollback mid-way: {done} blocks rewritten by the watched primaries \
+                     (victim {victim_name}, partitions {victim_partitions:?}, leader {leader})"
+                ),
+            );
+            break rolling;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollback recorded no cursor in 60 s: {rolling}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let pid = daemon_pid(&unit, &victim_name);
+    // SAFETY: a daemon `up` started for this test, by pid.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    log_step(
+        &unit,
+        &format!("kill -9 {victim_name} (pid {pid}) mid-rollback: {rolling}"),
+    );
+
+    let out = wait_bounded(
+        create_rollback,
+        "volume rollback vol1 s1",
+        Duration::from_secs(300),
+    );
+    // Its (pretty) JSON object on stdout, first in `out` (stderr follows).
+    let done: Value = out
+        .find('{')
+        .and_then(|at| {
+            serde_json::Deserializer::from_str(&out[at..])
+                .into_iter::<Value>()
+                .next()?
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no JSON from volume rollback: {out}"));
+    assert_eq!(done["state"], "rolled_back", "{done}");
+    log_step(
+        &unit,
+        &format!("vol1 rolled back to s1 after the kill: {done}"),
+    );
+    // The victim's partitions were finished by their new primaries,
+    // resumed at the recorded cursors: they rewrote some of the blocks,
+    // not all (each partition's first MiB has blocks to rewrite, and a
+    // recorded cursor is past it).
+    if !victim_partitions.is_empty() {
+        let resumed: u64 = (1..=3u16)
+            .filter(|h| *h != victim)
+            .map(|h| rewritten(h, &victim_partitions))
+            .sum();
+        let total: u64 = victim_partitions.iter().map(|p| to_rewrite(*p)).sum();
+        log_step(
+            &unit,
+            &format!(
+                "the promoted primaries of {victim_partitions:?} rewrote {resumed} of their \
+                 {total} blocks"
+            ),
+        );
+        assert!(
+            resumed > 0 && resumed < total,
+            "the promoted primaries rewrote {resumed} of {total} blocks: not a resume"
+        );
+    }
+
+    let (agent, uri) = attach_after_kill(&unit, "vol1", &[]);
+    let (s1_agent, s1) = attach_after_kill(&unit, "vol1@s1", &["--read-only"]);
+    let (s2_agent, s2) = attach_after_kill(&unit, "vol1@s2", &["--read-only"]);
+    let live = copy_out(&uri, &dir.join("vol1.raw"));
+    assert_eq!(
+        first_difference(&live, &image_a),
+        None,
+        "vol1 after the rollback"
+    );
+    let s1_image = copy_out(&s1, &dir.join("s1.raw"));
+    assert_eq!(first_difference(&s1_image, &image_a), None, "s1");
+    let s2_image = copy_out(&s2, &dir.join("s2.raw"));
+    assert_eq!(
+        first_difference(&s2_image, &image_b),
+        None,
+        "s2 after the rollback"
+    );
+    log_step(&unit, "vol1 = s1 = A, s2 = B through NBD");
+
+    // Writable after: D reads back, also after a flush to the sleds.
+    let mut image_d = image_a;
+    let run = crate::snapshot::qemu_io(
+        &[],
+        &uri,
+        &[
+            format!("write -P 0xd1 {} {}", MIB, MIB),
+            format!("write -P 0xd2 {} {}", 2 * PARTITION - MIB, 2 * MIB),
+        ],
+    );
+    assert!(crate::snapshot::clean(&run), "D: {run}");
+    image_d[MIB as usize..(2 * MIB) as usize].fill(0xd1);
+    image_d[(2 * PARTITION - MIB) as usize..(2 * PARTITION + MIB) as usize].fill(0xd2);
+    flush_survivors(&unit, victim);
+    let live = copy_out(&uri, &dir.join("vol1-d.raw"));
+    assert_eq!(
+        first_difference(&live, &image_d),
+        None,
+        "vol1 written after the rollback, flushed"
+    );
+    log_step(&unit, "vol1 takes writes after the rollback");
+
+    for (name, mut a) in [
+        ("vol1", agent),
+        ("vol1@s1", s1_agent),
+        ("vol1@s2", s2_agent),
+    ] {
+        assert!(a.terminate(), "attach {name}:\n{}", a.log_text());
+    }
+    let mut unit = unit;
+    // `up` exits 0 with one daemon already gone.
+    unit.stop();
+}
+
+#[test]
+fn kill9_of_a_primary_during_a_rollback_resumes_it_to_the_snapshot() {
+    rollback_under_kill9(RollbackVictim::Primary);
+}
+
+#[test]
+fn kill9_of_the_raft_leader_during_a_rollback_resumes_it_to_the_snapshot() {
+    rollback_under_kill9(RollbackVictim::Leader);
 }

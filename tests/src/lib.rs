@@ -1092,6 +1092,19 @@ impl RunningUnit {
 
     /// [`RunningUnit::attach`] with more arguments (QoS, `--admin`).
     pub fn attach_with(&self, volume: &str, extra: &[&str]) -> (Daemon, String) {
+        self.try_attach_with(volume, extra)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// [`attach_with`](Self::attach_with), an agent that exits before it
+    /// serves an `Err` with its log (e.g. its one look-up of the
+    /// partition map failed while the unit recovers from a killed head
+    /// node) for a caller that retries; still panics after 60 s.
+    pub fn try_attach_with(
+        &self,
+        volume: &str,
+        extra: &[&str],
+    ) -> Result<(Daemon, String), String> {
         let listen = SocketAddr::from(([127, 0, 0, 1], self.spare_port()));
         let log = self.dir.path().join(format!("attach-{volume}.log"));
         let mut command = self.cli_command();
@@ -1102,7 +1115,10 @@ impl RunningUnit {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !client::nbd::server_greets(listen) {
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("attach {volume} exited ({status}):\n{}", daemon.log_text());
+                return Err(format!(
+                    "attach {volume} exited ({status}):\n{}",
+                    daemon.log_text()
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -1111,7 +1127,7 @@ impl RunningUnit {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        (daemon, format!("nbd://{listen}/{volume}"))
+        Ok((daemon, format!("nbd://{listen}/{volume}")))
     }
 
     /// `POST /flush` on every head node: each primary writes its log to

@@ -216,7 +216,8 @@ impl FakeNode {
             HostOp::ReadSnapshot { .. }
             | HostOp::SnapshotControl { .. }
             | HostOp::SnapshotDiff { .. }
-            | HostOp::SnapshotUsage => HostReply::Error(HostError::BadRequest {
+            | HostOp::SnapshotUsage
+            | HostOp::SnapshotMap { .. } => HostReply::Error(HostError::BadRequest {
                 reason: "the fake head node has no snapshots".into(),
             }),
         }

@@ -100,6 +100,23 @@ pub struct DiffRange {
     pub zero: bool,
 }
 
+/// A view of the partition a diff compares: the empty partition (nothing
+/// ever written: a diff from it is the other view's allocation map), the
+/// live volume, or a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Empty,
+    Live,
+    Snapshot(u64),
+}
+
+impl View {
+    /// `None`: live, `Some(id)`: snapshot `id` (the diff API's views).
+    fn of(view: Option<u64>) -> View {
+        view.map_or(View::Live, View::Snapshot)
+    }
+}
+
 /// Blocks of one view compared at a time by [`PartitionIndex::diff_page`]
 /// (bounds the memory of a diff of a large partition).
 const DIFF_WINDOW_BLOCKS: u64 = 1 << 16;
@@ -283,7 +300,7 @@ impl PartitionIndex {
         count: u64,
     ) -> Result<Vec<Range<u64>>, IndexError> {
         let mut out: Vec<Range<u64>> = Vec::new();
-        for range in self.diff_window(from, to, lba, count)? {
+        for range in self.diff_window(View::of(from), View::of(to), lba, count)? {
             match out.last_mut() {
                 Some(last) if last.end == range.blocks.start => last.end = range.blocks.end,
                 _ => out.push(range.blocks),
@@ -305,6 +322,33 @@ impl PartitionIndex {
         &self,
         from: Option<u64>,
         to: Option<u64>,
+        start: u64,
+        max_ranges: usize,
+        scan_blocks: u64,
+    ) -> Result<(Vec<DiffRange>, Option<u64>), IndexError> {
+        self.page(View::of(from), View::of(to), start, max_ranges, scan_blocks)
+    }
+
+    /// One page of the allocation map of `view` (`None`: the live volume,
+    /// `Some(id)`: snapshot `id`) from block `start`: the blocks that hold
+    /// data in it (written and not trimmed, whatever the data), as ranges
+    /// (`zero` false), paged like [`diff_page`](Self::diff_page) (it is
+    /// the diff from the empty partition). From the index alone: the
+    /// blocks outside need no read, they read as zeros.
+    pub fn map_page(
+        &self,
+        view: Option<u64>,
+        start: u64,
+        max_ranges: usize,
+        scan_blocks: u64,
+    ) -> Result<(Vec<DiffRange>, Option<u64>), IndexError> {
+        self.page(View::Empty, View::of(view), start, max_ranges, scan_blocks)
+    }
+
+    fn page(
+        &self,
+        from: View,
+        to: View,
         start: u64,
         max_ranges: usize,
         scan_blocks: u64,
@@ -343,15 +387,16 @@ impl PartitionIndex {
     /// `to` starts or stops reading zeros.
     fn diff_window(
         &self,
-        from: Option<u64>,
-        to: Option<u64>,
+        from: View,
+        to: View,
         lba: u64,
         count: u64,
     ) -> Result<Vec<DiffRange>, IndexError> {
-        let view = |v: Option<u64>| -> Result<Vec<Option<u64>>, IndexError> {
+        let view = |v: View| -> Result<Vec<Option<u64>>, IndexError> {
             let mapped = match v {
-                None => self.lookup_with_sequence(lba, count)?,
-                Some(id) => self.lookup_snapshot(id, lba, count)?,
+                View::Empty => return Ok(vec![None; count as usize]),
+                View::Live => self.lookup_with_sequence(lba, count)?,
+                View::Snapshot(id) => self.lookup_snapshot(id, lba, count)?,
             };
             Ok(mapped
                 .into_iter()
@@ -776,6 +821,29 @@ mod tests {
             let views: Vec<(Option<u64>, u64)> = std::iter::once((None, u64::MAX))
                 .chain(model.cuts.iter().map(|(id, cut)| (Some(*id), *cut)))
                 .collect();
+            // Each view's allocation map, paged, is exactly the blocks
+            // that read data in it (the model's non-zero versions).
+            for (view, cut) in &views {
+                for (page, scan) in [(1usize, u64::MAX), (2, 7), (1000, u64::MAX)] {
+                    let mut start = Some(0);
+                    let mut blocks: Vec<u64> = Vec::new();
+                    let mut pages = 0;
+                    while let Some(at) = start {
+                        let (got, next) = index.map_page(*view, at, page, scan).unwrap();
+                        prop_assert!(got.len() <= page);
+                        prop_assert!(next.is_none_or(|n| n > at));
+                        prop_assert!(got.iter().all(|r| !r.zero && r.blocks.start >= at));
+                        blocks.extend(got.into_iter().flat_map(|r| r.blocks));
+                        start = next;
+                        pages += 1;
+                        prop_assert!(pages <= BLOCKS + 1);
+                    }
+                    let want: Vec<u64> = (0..BLOCKS)
+                        .filter(|b| model.expected(*b, *cut).is_some())
+                        .collect();
+                    prop_assert_eq!(&blocks, &want, "map of {:?}, pages of {}", view, page);
+                }
+            }
             for (from, from_cut) in &views {
                 for (to, to_cut) in &views {
                     let got: Vec<u64> = index

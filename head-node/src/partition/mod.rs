@@ -128,6 +128,7 @@ pub use error::PartitionError;
 pub use flatten::FlattenStep;
 pub use flush::{FlushReport, GcReport};
 pub use rebuild::{RebuildError, RebuildProgress, RebuildTask};
+pub use rollback::RollbackStep;
 pub use seams::{ExtentGrant, ExtentSource, ParentSnapshot, PeerError, ReplicaPeer, SledAccess};
 
 use crate::erasure::ErasureCodec;
@@ -323,6 +324,8 @@ pub struct PartitionMetrics {
     pub flatten_copies: AtomicU64,
     /// Rollback steps that rewrote blocks (each one write operation).
     pub rollback_writes: AtomicU64,
+    /// Blocks a rollback rewrote (written or made tombstones).
+    pub rolled_back_blocks: AtomicU64,
     /// Host writes acknowledged.
     pub writes: AtomicU64,
     /// Host reads answered.
@@ -1311,6 +1314,19 @@ impl Partition {
                 start_bytes,
                 max_ranges,
             } => match self.snapshot_diff_page(Some(epoch), from, to, start_bytes, max_ranges) {
+                Ok((ranges, next_offset_bytes)) => {
+                    return HostReply::Diff {
+                        ranges,
+                        next_offset_bytes,
+                    }
+                }
+                Err(error) => Err(error),
+            },
+            HostOp::SnapshotMap {
+                view,
+                start_bytes,
+                max_ranges,
+            } => match self.snapshot_map_page(Some(epoch), view, start_bytes, max_ranges) {
                 Ok((ranges, next_offset_bytes)) => {
                     return HostReply::Diff {
                         ranges,

@@ -39,6 +39,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::volume::{ChangedRange, SnapshotUsage, MAX_DIFF_RANGES};
+
+use crate::index::DiffRange;
 use proto::BLOCK_SIZE_BYTES;
 
 use proto::volume::ReplicaRequest;
@@ -285,6 +287,56 @@ impl Partition {
         start_bytes: u64,
         max_ranges: u32,
     ) -> Result<(Vec<ChangedRange>, Option<u64>), PartitionError> {
+        let start = self.query_start(epoch, start_bytes)?;
+        let max = max_ranges.clamp(1, MAX_DIFF_RANGES) as usize;
+        let page = self
+            .shared
+            .lock()
+            .core
+            .index
+            .diff_page(from, to, start, max, DIFF_SCAN_BLOCKS);
+        self.query_page(page)
+    }
+
+    /// Primary: one page of the allocation map of view `view` (`None`:
+    /// live, `Some(id)`: snapshot `id`) from volume byte `start_bytes`,
+    /// paged like [`snapshot_diff_page`](Self::snapshot_diff_page): the
+    /// blocks that hold data in the view (see
+    /// [`crate::index::PartitionIndex::map_page`]); a reader skips the
+    /// rest, which reads as zeros. A clone's partition (not flattened)
+    /// answers its whole rest as data: its never-written blocks read from
+    /// the parent snapshot, whose map its index does not hold.
+    pub fn snapshot_map_page(
+        &self,
+        epoch: Option<u64>,
+        view: Option<u64>,
+        start_bytes: u64,
+        max_ranges: u32,
+    ) -> Result<(Vec<ChangedRange>, Option<u64>), PartitionError> {
+        let start = self.query_start(epoch, start_bytes)?;
+        let max = max_ranges.clamp(1, MAX_DIFF_RANGES) as usize;
+        let state = self.shared.lock();
+        let index = &state.core.index;
+        let page = if self.is_clone() {
+            // The view must exist all the same (an empty page scan).
+            index.map_page(view, start, 1, 1).map(|_| {
+                let size = self.shared.config.size_blocks;
+                let rest = (start < size).then_some(DiffRange {
+                    blocks: start..size,
+                    zero: false,
+                });
+                (rest.into_iter().collect(), None)
+            })
+        } else {
+            index.map_page(view, start, max, DIFF_SCAN_BLOCKS)
+        };
+        drop(state);
+        self.query_page(page)
+    }
+
+    /// The partition block a query page starts at: `start_bytes` checked
+    /// (a block boundary inside the partition, or its end), at a primary.
+    fn query_start(&self, epoch: Option<u64>, start_bytes: u64) -> Result<u64, PartitionError> {
         self.shared.check_primary(epoch)?;
         let config = &self.shared.config;
         if start_bytes % BLOCK_SIZE_BYTES != 0
@@ -299,19 +351,19 @@ impl Partition {
                 partition_end_bytes: config.end_bytes(),
             });
         }
-        let first = config.first_block;
-        let start = start_bytes / BLOCK_SIZE_BYTES - first;
-        let max = max_ranges.clamp(1, MAX_DIFF_RANGES) as usize;
-        let (ranges, next) = self
-            .shared
-            .lock()
-            .core
-            .index
-            .diff_page(from, to, start, max, DIFF_SCAN_BLOCKS)
-            .map_err(|source| PartitionError::Index {
-                partition: self.id(),
-                source,
-            })?;
+        Ok(start_bytes / BLOCK_SIZE_BYTES - config.first_block)
+    }
+
+    /// A query page of the index in volume-absolute bytes.
+    fn query_page(
+        &self,
+        page: Result<(Vec<DiffRange>, Option<u64>), IndexError>,
+    ) -> Result<(Vec<ChangedRange>, Option<u64>), PartitionError> {
+        let first = self.shared.config.first_block;
+        let (ranges, next) = page.map_err(|source| PartitionError::Index {
+            partition: self.id(),
+            source,
+        })?;
         let ranges = ranges
             .into_iter()
             .map(|r| ChangedRange {

@@ -128,7 +128,7 @@ fn all_kinds() -> Vec<u16> {
     let mut kinds = vec![0x0001, 0x0002];
     kinds.extend(0x0101..=0x0108);
     kinds.extend(0x0181..=0x0189);
-    kinds.extend(0x0201..=0x0209);
+    kinds.extend(0x0201..=0x020a);
     kinds.extend(0x0211..=0x0213);
     kinds.extend(0x0221..=0x0222);
     kinds.extend(0x0281..=0x0286);
@@ -213,10 +213,10 @@ fn oversized_body_len_rejected_before_allocation() {
 
 #[test]
 fn unknown_kind_in_valid_frame() {
-    let frame = decode_frame_exact(encode_frame(0x020a, 0, 1, b"").unwrap()).unwrap();
+    let frame = decode_frame_exact(encode_frame(0x020b, 0, 1, b"").unwrap()).unwrap();
     assert!(matches!(
         Message::from_frame(&frame),
-        Err(FrameError::UnknownKind { kind: 0x020a })
+        Err(FrameError::UnknownKind { kind: 0x020b })
     ));
 }
 

@@ -337,6 +337,16 @@ pub fn host_op() -> impl Strategy<Value = HostOp> {
                 max_ranges,
             }),
         Just(HostOp::SnapshotUsage),
+        (
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(|(view, start_bytes, max_ranges)| HostOp::SnapshotMap {
+                view,
+                start_bytes,
+                max_ranges,
+            }),
     ]
 }
 
