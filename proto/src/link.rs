@@ -70,7 +70,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthCodec, Credential, FrameMac};
 use crate::message::Message;
-use crate::server::write_frames;
+use crate::server::{write_frames, READ_BUFFER_BYTES};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PathId {
@@ -555,7 +555,11 @@ impl Connection {
         });
         let reader_shared = shared.clone();
         let reader = tokio::spawn(async move {
-            let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
+            let mut frames = FramedRead::with_capacity(
+                read_half,
+                AuthCodec::new(receive_mac),
+                READ_BUFFER_BYTES,
+            );
             let reason = loop {
                 let frame = match frames.next().await {
                     None => break "connection closed by peer".to_owned(),
