@@ -292,24 +292,12 @@ pub(crate) fn cancel_on_signal(token: CancellationToken) {
 /// Keeps large buffers (1 MiB chunks, 16 MiB frames) in the heap instead of
 /// mmap-ing and unmapping them per request: each fresh mapping costs a page
 /// fault per 4 KiB, which was the sled controller's top cost under load.
-///
-/// And no fast bins (`M_MXFAST` 0): the data path's 4 KiB buffers are
-/// large-bin requests, and glibc consolidates every fast bin before serving
-/// one (`malloc_consolidate`, with `_int_malloc` and `unlink_chunk` 12 % of
-/// a unit's samples under 4 KiB I/O, bench/README.md); small blocks still
-/// go through the per-thread tcache first. An operator's own
-/// `glibc.malloc.mxfast` in `GLIBC_TUNABLES` is kept.
 fn tune_allocator() {
-    let mxfast_set = std::env::var("GLIBC_TUNABLES")
-        .is_ok_and(|tunables| tunables.contains("glibc.malloc.mxfast"));
     // SAFETY: mallopt only adjusts glibc's allocator parameters; called once
     // before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-        if !mxfast_set {
-            libc::mallopt(libc::M_MXFAST, 0);
-        }
     }
 }
 
