@@ -16,6 +16,12 @@
 //!   a link-wide unique id; a pending map `request_id -> oneshot` is
 //!   completed by the connection's reader task. When the connection fails
 //!   (I/O error, EOF, bad frame) every pending request on it fails at once.
+//! * **Syscalls per wake-up, not per frame.** The connection's writer task
+//!   sends every frame queued while it slept in one `writev` (frames are
+//!   not copied into a staging buffer), and its reader takes up to 64 KiB
+//!   per `read` ([`crate::server`] does the same on the accepting side):
+//!   a burst of pipelined 4 KiB requests or answers costs one syscall each
+//!   way, not one per frame.
 //! * A path failure is not a peer failure: [`LinkError::Unreachable`] is
 //!   returned only when both paths failed. Callers (failure detectors)
 //!   must treat the peer as down only on `Unreachable`.
