@@ -16,6 +16,12 @@
 //!   a link-wide unique id; a pending map `request_id -> oneshot` is
 //!   completed by the connection's reader task. When the connection fails
 //!   (I/O error, EOF, bad frame) every pending request on it fails at once.
+//! * **Syscalls per wake-up, not per frame.** The connection's writer task
+//!   sends every frame queued while it slept in one `writev` (frames are
+//!   not copied into a staging buffer), and its reader takes up to 64 KiB
+//!   per `read` ([`crate::server`] does the same on the accepting side):
+//!   a burst of pipelined 4 KiB requests or answers costs one syscall each
+//!   way, not one per frame.
 //! * A path failure is not a peer failure: [`LinkError::Unreachable`] is
 //!   returned only when both paths failed. Callers (failure detectors)
 //!   must treat the peer as down only on `Unreachable`.
@@ -70,7 +76,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthCodec, Credential, FrameMac};
 use crate::message::Message;
-use crate::server::write_frames;
+use crate::server::{write_frames, READ_BUFFER_BYTES};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PathId {
@@ -555,7 +561,11 @@ impl Connection {
         });
         let reader_shared = shared.clone();
         let reader = tokio::spawn(async move {
-            let mut frames = FramedRead::new(read_half, AuthCodec::new(receive_mac));
+            let mut frames = FramedRead::with_capacity(
+                read_half,
+                AuthCodec::new(receive_mac),
+                READ_BUFFER_BYTES,
+            );
             let reason = loop {
                 let frame = match frames.next().await {
                     None => break "connection closed by peer".to_owned(),
