@@ -1128,6 +1128,12 @@ impl Partition {
         self.shared.lock().core.secondary_in_sync()
     }
 
+    /// What holds this partition's share of the log, part by part (status
+    /// pages, the log-full warning, tests).
+    pub fn log_holds(&self) -> self::core::LogHolds {
+        self.shared.lock().core.log_holds()
+    }
+
     /// Blocks whose latest version is only in the log.
     pub fn log_resident_blocks(&self) -> u64 {
         self.shared.lock().core.index.log_resident_blocks()
@@ -1645,11 +1651,23 @@ impl Partition {
     }
 
     /// Secondary: handles one replication request.
+    ///
+    /// The handling runs in a task of its own, to completion: the unit
+    /// port drops a reset connection's handlers, and an `Append` dropped
+    /// between taking its log hold and the log's answer would keep that
+    /// hold forever (the log then fills and host writes fail). Only the
+    /// reply is lost with the connection; the primary resends.
     pub async fn handle_replica(
         &self,
         request: proto::volume::ReplicaRequest,
     ) -> proto::volume::ReplicaReply {
-        replica::handle(&self.shared, request).await
+        let shared = self.shared.clone();
+        match tokio::spawn(async move { replica::handle(&shared, request).await }).await {
+            Ok(reply) => reply,
+            Err(error) => proto::volume::ReplicaReply::Error(proto::volume::ReplicaError::Io {
+                reason: format!("replication request handler ended: {error}"),
+            }),
+        }
     }
 
     /// Primary: flushes every log-resident block and pending trim to the

@@ -1213,6 +1213,79 @@ async fn fresh_secondary_catches_up_from_the_primary_log() {
     ));
 }
 
+/// A replication `Append` whose handler is dropped while the secondary's
+/// log writes it (the unit port drops a reset connection's handlers) must
+/// not keep its log hold: a hold nobody releases pins the shared log until
+/// it is full and every host write on the head node fails (seen once under
+/// load as "write log full" with a secondary's `in_flight` hold that never
+/// moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_replica_append_releases_its_log_hold() {
+    let memory = Arc::new(MemoryDevice::new(WAL_DEVICE));
+    let faulty = FaultyDevice::new(memory.clone() as Arc<dyn BlockDevice>);
+    let faults = faulty.control();
+    let device: SharedDevice = Arc::new(faulty);
+    let options = WalOptions {
+        capacity_bytes: None,
+        ..WalOptions::default()
+    };
+    let (wal, _) = Wal::open(device, options).await.unwrap();
+    let unit = Unit::new(64).await;
+    let secondary = Partition::open(
+        config(64, 1),
+        OpenRole::Secondary,
+        PartitionDeps {
+            log: SharedLog::new(wal),
+            sleds: unit.access.clone(),
+            extents: unit.extents.clone(),
+            replica: None,
+        },
+        &[],
+    )
+    .await
+    .unwrap();
+    let append = |sequence: u64| {
+        let data = Bytes::from(vec![sequence as u8; 4096]);
+        ReplicaRequest::Append {
+            partition: PART,
+            epoch: 1,
+            records: vec![proto::volume::ReplicaRecord {
+                sequence,
+                kind: proto::volume::ReplicaRecordKind::Write,
+                lba: FIRST_BLOCK + sequence,
+                blocks: 1,
+                crcs: chunk_crcs(&data),
+                data,
+            }],
+        }
+    };
+    // The log device answers slowly: the handler is dropped mid-write.
+    faults.set_latency(Duration::from_millis(400));
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        secondary.handle_replica(append(1)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the append ended before it was dropped");
+    faults.set_latency(Duration::ZERO);
+    // The log's answer comes; the hold goes with it.
+    wait_until(
+        "the dropped append's log hold released",
+        Duration::from_secs(10),
+        || secondary.log_holds().in_flight.is_none(),
+    )
+    .await;
+    // The primary's resend is taken as usual.
+    let reply = secondary.handle_replica(append(1)).await;
+    assert!(matches!(reply, ReplicaReply::Appended { .. }), "{reply:?}");
+    let reply = secondary.handle_replica(append(2)).await;
+    assert!(
+        matches!(reply, ReplicaReply::Appended { up_to_sequence: 2 }),
+        "{reply:?}"
+    );
+    assert!(secondary.log_holds().in_flight.is_none());
+}
+
 /// The kernel-NBD VM test's data loss, in process: the secondary dies, a
 /// fresh (empty) one is named and the primary is taken over in place at the
 /// new epoch, as the manager does — and then **no host write comes**. The
