@@ -2468,6 +2468,17 @@ async fn a_partial_flush_commit_does_not_skip_a_catching_up_secondary_past_unflu
     unit.access.fail_appends_from.store(0, Ordering::SeqCst);
     // A new write: the secondary takes the flush commit, then catches up.
     unit.write(20, 0, vec![21; 4096]).await.unwrap();
+    // That write found the fresh secondary (the primary learns of it only
+    // by its next request) and jumped it over the unflushed tail, which it
+    // is owed as a flush commit over all of it (a batch's commit below the
+    // owed watermark is not one). The control plane promotes a secondary
+    // only once the pair is in sync: the owed flush has then committed
+    // every record the jump skipped. (Promoting it earlier, as this test
+    // did before the tail was flushed instead of shipped, loses blocks.)
+    wait_until("the pair in sync", Duration::from_secs(10), || {
+        unit.primary.secondary_in_sync()
+    })
+    .await;
     unit.primary.shutdown();
     let promoted = take_over_in_place(
         &fresh,
