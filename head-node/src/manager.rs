@@ -360,7 +360,7 @@ struct ManagerMetrics {
 impl ManagerMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = ManagerMetrics::default();
-        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 24] = [
+        let families: [(&str, &str, &Family<PartitionLabels, Gauge>); 25] = [
             (
                 "rackblock_partition_flatten_remaining_blocks",
                 "Flattening clone: blocks still read from the parent snapshot (-1: not counted yet)",
@@ -553,7 +553,7 @@ impl ManagerMetrics {
         m
     }
 
-    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 24] {
+    fn families(&self) -> [&Family<PartitionLabels, Gauge>; 25] {
         [
             &self.flatten_remaining_blocks,
             &self.flattened_blocks,
