@@ -1505,10 +1505,14 @@ impl PartitionCore {
 
     /// What to send a secondary that expects sequence `expected`.
     pub fn catch_up_plan(&self, expected: u64) -> CatchUp {
+        // A reserved sequence not queued yet (a full-stripe write's
+        // stripes in flight) is the front too: its record still goes to
+        // the secondary, so no jump may move the secondary past it.
         let front = self
             .repl_queue
             .front()
-            .map_or(self.next_sequence, |r| r.sequence);
+            .map_or(self.next_sequence, |r| r.sequence)
+            .min(self.replication_stop());
         if expected >= front {
             return CatchUp::Caught;
         }

@@ -827,6 +827,25 @@ fn a_reserved_direct_sequence_holds_replication_until_its_record_is_queued() {
     assert_eq!(replica.log_hold(), None);
 }
 
+/// Found by the seeded simulation (`SIM_SEED=376`, with direct writes): a
+/// catch-up jump to the queue's front moved a new secondary past a
+/// reserved sequence whose record was not queued yet; the record came
+/// later, below what the secondary already confirmed.
+#[test]
+fn a_catch_up_jump_stops_before_a_reserved_direct_sequence() {
+    let mut core = opened_primary(3);
+    let Admission::Ready(direct) = core.admit(0..16) else {
+        panic!("not ready")
+    };
+    let reserved = core.reserve_direct(direct).unwrap();
+    assert_eq!(reserved, 4);
+    let (_, seq) = commit(&mut core, 20, 1, 20);
+    assert_eq!(seq, 5);
+    // The secondary is jumped over the held tail only, not over 4.
+    assert_eq!(core.catch_up_plan(1), CatchUp::Owe { up_to: 3 });
+    assert_eq!(core.catch_up_plan(4), CatchUp::Caught);
+}
+
 #[test]
 fn a_direct_write_that_ends_before_its_record_voids_its_sequence() {
     let mut core = primary();

@@ -41,6 +41,21 @@
 //!                and its log as primary
 //! ```
 //!
+//! **Full-stripe writes** (a quarter of the data writes): the primary
+//! reserves the write's sequence (`reserve_direct`; replication stops
+//! before it), the row goes to the simulated sleds (one slot per block,
+//! at the reserved sequence, refused if an open at a later epoch has
+//! claimed the sleds since, as the sleds' epoch fence does) as a later
+//! step, and only then is the index record committed (`Change::Direct`:
+//! the index maps the row, the record goes to both logs); a failed row
+//! falls back to the log at the reserved sequence (some columns may hold
+//! it all the same); a crash, a take-over or a host giving up before the
+//! record leaves the row landed or not (an orphan at a voided sequence).
+//! Recovery (`recovered_index`) maps the rows like flushed blocks, newest
+//! sequence wins, and new sequences continue after the highest it read;
+//! a flush planned before a row was mapped must not move the older log
+//! version over it (the index check catches that).
+//!
 //! After every step: every block read through the primary's index (from
 //! its log or the sleds) returns the newest acknowledged data or data of a
 //! write issued after it that is unresolved or failed (never older, never
@@ -53,8 +68,9 @@
 //! log release panics inside the core (`forget_released`).
 //!
 //! What is not simulated: GC, checkpoints and lost sleds (the sleds here
-//! never fail); the in-process scenarios of `partition.rs` cover those
-//! with real sled stores.
+//! are never lost; only a full-stripe row's append may fail); the
+//! in-process scenarios of `partition.rs` cover those with real sled
+//! stores.
 //!
 //! `SIM_SEED=N` runs one seed (printed on failure), `SIM_SEEDS=N` runs N
 //! seeds from `SIM_FIRST_SEED` (default 1); the default is 200 seeds.
@@ -72,7 +88,7 @@ use head_node::partition::core::{
 use head_node::partition::{live_records, PartitionError, Role};
 use head_node::wal::{LogPosition, LogRecord, RecordKind, RecoveredRecord};
 use proto::sled::PartitionId;
-use proto::volume::{ReplicaError, ReplicaReply, ReplicaRequest};
+use proto::volume::{FlushedRange, ReplicaError, ReplicaReply, ReplicaRequest};
 
 const NODES: usize = 3;
 const BLOCKS: u64 = 16;
@@ -172,6 +188,9 @@ struct Sleds {
     blocks: Vec<(u64, u64, u64)>,
     /// Trim tombstones: first block, blocks, sequence.
     tombstones: Vec<(u64, u64, u64)>,
+    /// The highest epoch a primary's recovery claimed the sleds at: rows
+    /// of older epochs are refused from then on.
+    epoch: u64,
 }
 
 impl Sleds {
@@ -339,6 +358,21 @@ struct ClientWrite {
     /// Stamp of its blocks (0 for a trim: reads as zeros).
     value: u64,
     outcome: Outcome,
+    /// Goes straight to the sleds as a full-stripe write.
+    direct: bool,
+}
+
+/// A full-stripe write's row on its way to the sleds.
+#[derive(Debug, Clone, Copy)]
+struct DirectAppend {
+    node: usize,
+    /// The core instance that reserved it.
+    generation: u64,
+    write: WriteId,
+    /// Client write index.
+    w: usize,
+    sequence: u64,
+    epoch: u64,
 }
 
 /// The control plane's view of the partition.
@@ -375,8 +409,11 @@ struct Sim {
     /// events; all of them with `SIM_SEED`).
     trace: VecDeque<String>,
     trace_len: usize,
+    /// Full-stripe rows in flight.
+    direct: Vec<DirectAppend>,
     /// Counters for the summary.
     acked: usize,
+    direct_acked: usize,
     crashes: usize,
     takeovers: usize,
     flushes: usize,
@@ -420,7 +457,10 @@ impl Sim {
                 blocks: 0..BLOCKS,
                 value: 0,
                 outcome: Outcome::Acked,
+                direct: false,
             }],
+            direct: Vec::new(),
+            direct_acked: 0,
             allowed: (0..BLOCKS).map(|_| vec![(0, 0)]).collect(),
             busy: HashSet::new(),
             stale: Vec::new(),
@@ -466,6 +506,7 @@ impl Sim {
     // ----- opening cores ------------------------------------------------------
 
     fn install(&mut self, n: usize, core: PartitionCore) {
+        self.drop_directs_of(n);
         let node = &mut self.nodes[n];
         node.generation += 1;
         node.core = Some(core);
@@ -476,8 +517,10 @@ impl Sim {
         node.flush = None;
     }
 
-    /// A primary core at `epoch` over what recovery from the sleds builds.
-    fn recovered_primary(&self, epoch: u64) -> PartitionCore {
+    /// A primary core at `epoch` over what recovery from the sleds builds;
+    /// the recovery claims the sleds (rows of older epochs are refused).
+    fn recovered_primary(&mut self, epoch: u64) -> PartitionCore {
+        self.sleds.epoch = self.sleds.epoch.max(epoch);
         let mut core = PartitionCore::new(PARTITION, FIRST_BLOCK, BLOCKS, Role::Primary, epoch);
         match self.sleds.recovered_index() {
             Ok((index, highest)) => core.install_recovered_index(index, highest),
@@ -534,6 +577,7 @@ impl Sim {
     /// In-place take-over of node `n`'s core at `epoch` (promotion of a
     /// secondary, or a primary moving to a new epoch).
     fn take_over(&mut self, n: usize, epoch: u64) {
+        self.drop_directs_of(n);
         let Some(mut old) = self.nodes[n].core.take() else {
             self.fail(format!("take-over of node {n} without a core"));
         };
@@ -626,6 +670,9 @@ impl Sim {
             return;
         }
         write.outcome = Outcome::Acked;
+        if write.direct {
+            self.direct_acked += 1;
+        }
         let blocks = write.blocks.clone();
         for b in blocks {
             self.busy.remove(&b);
@@ -646,6 +693,7 @@ impl Sim {
             return;
         }
         let trim = self.rng.chance(120);
+        let direct = !trim && self.rng.chance(250);
         let w = self.writes.len();
         let value = if trim {
             0
@@ -656,6 +704,7 @@ impl Sim {
             blocks: blocks.clone(),
             value,
             outcome: Outcome::Waiting,
+            direct,
         });
         for b in blocks.clone() {
             self.busy.insert(b);
@@ -679,16 +728,58 @@ impl Sim {
         }
     }
 
-    /// Write `id` of node `n` is admitted: plan and commit it.
+    /// Write `id` of node `n` is admitted: plan and commit it (a
+    /// full-stripe write reserves its sequence; its row goes to the sleds
+    /// first, [`complete_direct`](Self::complete_direct)).
     fn commit(&mut self, n: usize, id: WriteId) {
         let Some(&w) = self.nodes[n].writes.get(&id) else {
             // The host gave up before it was admitted.
             self.end_write(n, id);
             return;
         };
+        if !self.writes[w].direct {
+            self.commit_changes(n, id, w, None);
+            return;
+        }
+        let generation = self.nodes[n].generation;
+        let Some(core) = self.nodes[n].core.as_mut() else {
+            return;
+        };
+        match core.reserve_direct(id) {
+            Ok(sequence) => {
+                let epoch = core.epoch();
+                self.direct.push(DirectAppend {
+                    node: n,
+                    generation,
+                    write: id,
+                    w,
+                    sequence,
+                    epoch,
+                });
+                self.note(format!(
+                    "write {w} reserved sequence {sequence} on node {n}; its row goes to the sleds"
+                ));
+            }
+            Err(error) => {
+                self.note(format!("write {w} not reserved: {error}"));
+                self.nodes[n].writes.remove(&id);
+                self.unknown(w);
+                self.end_write(n, id);
+            }
+        }
+    }
+
+    /// Commits write `id` (client write `w`) of node `n`: its blocks or
+    /// trim, or (`direct`) the index record of its row on the sleds.
+    fn commit_changes(&mut self, n: usize, id: WriteId, w: usize, direct: Option<FlushedRange>) {
         let write = &self.writes[w];
         let count = write.blocks.end - write.blocks.start;
-        let change = if write.value == 0 {
+        let change = if let Some(mapping) = direct {
+            Change::Direct {
+                lba: write.blocks.start,
+                mappings: vec![mapping],
+            }
+        } else if write.value == 0 {
             Change::Unmap {
                 lba: write.blocks.start,
                 count,
@@ -723,6 +814,92 @@ impl Sim {
                 self.nodes[n].writes.remove(&id);
                 self.unknown(w);
                 self.end_write(n, id);
+            }
+        }
+    }
+
+    /// Appends write `w`'s row to the sleds at `sequence` (one slot per
+    /// block); returns its first slot.
+    fn land_row(&mut self, w: usize, sequence: u64) -> usize {
+        let first = self.sleds.blocks.len();
+        let write = &self.writes[w];
+        for b in write.blocks.clone() {
+            self.sleds.blocks.push((b, sequence, write.value));
+        }
+        first
+    }
+
+    /// A full-stripe row in flight reaches the sleds (or fails).
+    fn complete_direct(&mut self, fail: bool) {
+        if self.direct.is_empty() {
+            return;
+        }
+        let at = self.rng.below(self.direct.len() as u64) as usize;
+        let d = self.direct.remove(at);
+        let node = &self.nodes[d.node];
+        let same_core = node.up && node.generation == d.generation;
+        if !same_core || node.writes.get(&d.write) != Some(&d.w) {
+            // The host gave up while the row was on its way (the driver's
+            // guard voided the sequence): it may land all the same.
+            if same_core && d.epoch >= self.sleds.epoch && self.rng.chance(500) {
+                self.land_row(d.w, d.sequence);
+                self.note(format!("orphan row of write {} landed", d.w));
+            }
+            return;
+        }
+        if d.epoch < self.sleds.epoch {
+            // The sleds refuse it: a later epoch claimed them.
+            self.note(format!("row of write {} refused: fenced", d.w));
+            let current = self.sleds.epoch;
+            let Some(core) = self.nodes[d.node].core.as_mut() else {
+                return;
+            };
+            let (completions, ready) = core.fence(current);
+            self.resolve(d.node, completions, ready);
+            if let Some(w) = self.nodes[d.node].writes.remove(&d.write) {
+                self.unknown(w);
+            }
+            self.end_write(d.node, d.write);
+            return;
+        }
+        if fail {
+            // Some columns may hold it (an orphan at the same sequence and
+            // data); the blocks go through the log at the reserved sequence.
+            if self.rng.chance(500) {
+                self.land_row(d.w, d.sequence);
+            }
+            self.note(format!("row of write {} failed: through the log", d.w));
+            self.commit_changes(d.node, d.write, d.w, None);
+            return;
+        }
+        let slot = self.land_row(d.w, d.sequence);
+        let blocks = &self.writes[d.w].blocks;
+        let mapping = FlushedRange {
+            lba: FIRST_BLOCK + blocks.start,
+            blocks: (blocks.end - blocks.start) as u32,
+            sequence: d.sequence,
+            extent: 1,
+            column: 0,
+            offset_bytes: (slot * BLOCK) as u64,
+        };
+        self.note(format!(
+            "row of write {} durable at slot {slot}, sequence {}",
+            d.w, d.sequence
+        ));
+        self.commit_changes(d.node, d.write, d.w, Some(mapping));
+    }
+
+    /// Rows of node `n`'s writes in flight when its core goes (crash,
+    /// take-over, re-open): each lands (an orphan, unless a later epoch
+    /// claimed the sleds) or not.
+    fn drop_directs_of(&mut self, n: usize) {
+        let (gone, kept): (Vec<DirectAppend>, Vec<DirectAppend>) =
+            self.direct.drain(..).partition(|d| d.node == n);
+        self.direct = kept;
+        for d in gone {
+            if d.epoch >= self.sleds.epoch && self.rng.chance(500) {
+                self.land_row(d.w, d.sequence);
+                self.note(format!("orphan row of write {} landed", d.w));
             }
         }
     }
@@ -1193,6 +1370,7 @@ impl Sim {
         if !self.nodes[n].up {
             return;
         }
+        self.drop_directs_of(n);
         self.fail_all_writes_of(n);
         let node = &mut self.nodes[n];
         node.up = false;
@@ -1654,7 +1832,11 @@ impl Sim {
         let roll = self.rng.below(1000);
         match roll {
             0..=219 => self.issue_write(),
-            220..=519 => {
+            220..=259 => {
+                let fail = self.rng.chance(50);
+                self.complete_direct(fail);
+            }
+            260..=519 => {
                 let n = self.rng.below(NODES as u64) as usize;
                 if self.nodes[n].up {
                     let fail = self.rng.chance(15);
@@ -1726,6 +1908,10 @@ impl Sim {
                 self.control_plane();
             }
             let mut progressed = false;
+            if !self.direct.is_empty() {
+                self.complete_direct(false);
+                progressed = true;
+            }
             for n in 0..NODES {
                 if !self.nodes[n].pending.is_empty() {
                     self.complete_append(n, false);
@@ -1747,6 +1933,7 @@ impl Sim {
             self.check();
             let waiting = self.writes.iter().any(|w| w.outcome == Outcome::Waiting);
             if !waiting
+                && self.direct.is_empty()
                 && self.network.is_empty()
                 && self.nodes.iter().all(|n| n.pending.is_empty())
             {
@@ -1794,10 +1981,18 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (usize, usize, usize, usize) {
+/// Acknowledged writes (of them full-stripe), crashes, take-overs,
+/// flushes.
+fn run_seed(seed: u64) -> (usize, usize, usize, usize, usize) {
     let mut sim = Sim::new(seed);
     sim.run();
-    (sim.acked, sim.crashes, sim.takeovers, sim.flushes)
+    (
+        sim.acked,
+        sim.direct_acked,
+        sim.crashes,
+        sim.takeovers,
+        sim.flushes,
+    )
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -1814,14 +2009,15 @@ fn seeded_runs_keep_every_acknowledged_write() {
             (first..first + count).collect()
         }
     };
-    let (mut acked, mut crashes, mut takeovers, mut flushes) = (0, 0, 0, 0);
+    let (mut acked, mut direct, mut crashes, mut takeovers, mut flushes) = (0, 0, 0, 0, 0);
     let mut failed = Vec::new();
     for seed in &seeds {
         // Every seed runs; the failing ones are listed at the end (each
         // printed its own report when it panicked).
         match std::panic::catch_unwind(|| run_seed(*seed)) {
-            Ok((a, c, t, f)) => {
+            Ok((a, d, c, t, f)) => {
                 acked += a;
+                direct += d;
                 crashes += c;
                 takeovers += t;
                 flushes += f;
@@ -1830,7 +2026,7 @@ fn seeded_runs_keep_every_acknowledged_write() {
         }
     }
     println!(
-        "sim: {} seeds, {acked} writes acknowledged, {crashes} crashes, {takeovers} take-overs, {flushes} flushes, {} failed",
+        "sim: {} seeds, {acked} writes acknowledged ({direct} full-stripe), {crashes} crashes, {takeovers} take-overs, {flushes} flushes, {} failed",
         seeds.len(),
         failed.len()
     );
@@ -1847,6 +2043,10 @@ fn seeded_runs_keep_every_acknowledged_write() {
             "too few acknowledged writes: {acked}"
         );
         assert!(crashes > seeds.len(), "too few crashes: {crashes}");
+        assert!(
+            direct > seeds.len(),
+            "too few full-stripe writes acknowledged: {direct}"
+        );
         assert!(
             takeovers > seeds.len() / 2,
             "too few take-overs: {takeovers}"
