@@ -204,6 +204,13 @@ fn attach(zone: &Zone, name: &str, volume: &str, extra: &[&str]) -> (Daemon, Soc
     ];
     args.extend_from_slice(extra);
     let mut attach = Daemon::spawn(name, &args, zone.unit.dir.path());
+    wait_for_nbd(&mut attach, nbd);
+    (attach, nbd)
+}
+
+/// Waits (30 s at most) until `attach` answers NBD at `nbd`; fails early if
+/// it exits.
+fn wait_for_nbd(attach: &mut Daemon, nbd: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !client::nbd::server_greets(nbd) {
         assert!(
@@ -218,7 +225,6 @@ fn attach(zone: &Zone, name: &str, volume: &str, extra: &[&str]) -> (Daemon, Soc
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    (attach, nbd)
 }
 
 fn tool(name: &str) -> String {
@@ -1079,20 +1085,7 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
         ],
         zone.unit.dir.path(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client::nbd::server_greets(nbd) {
-        assert!(
-            Instant::now() < deadline,
-            "attach never served NBD:\n{}",
-            agent.log_text()
-        );
-        assert!(
-            agent.child.try_wait().unwrap().is_none(),
-            "attach exited:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_nbd(&mut agent, nbd);
     std::thread::sleep(Duration::from_millis(2 * TTL_MS + 1_000));
     let (ok, text) = qemu_io(
         &qemu_io_bin,

@@ -400,6 +400,12 @@ impl LogicalUnit {
         }
     }
 
+    /// The session of `nexus` is logging out: its SPC-2 reservation ends
+    /// now, before the logout is answered.
+    pub async fn logging_out(&self, nexus: &Nexus) {
+        self.reservations.end_reserve6(Some(nexus)).await;
+    }
+
     /// LUN RESET, TARGET WARM/COLD RESET: the SPC-2 reservation ends
     /// (persistent reservations are kept, as SPC-4 says), and every
     /// nexus of `nexuses` (this agent's sessions, the issuer's included,

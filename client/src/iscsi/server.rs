@@ -1079,6 +1079,14 @@ impl Connection {
         reply.set_itt(pdu.itt());
         self.pending.clear();
         self.drain().await;
+        if reason != 2 {
+            // The session's SPC-2 reservation ends before the initiator
+            // hears the logout answered: another initiator's RESERVE(6)
+            // right after it must not meet a conflict (libiscsi's
+            // Reserve6.Logout). The session's end releases it again, a
+            // no-op then.
+            self.inner.lun.logging_out(&self.nexus).await;
+        }
         self.send(reply, true).await?;
         self.logged_out = reason != 2;
         self.clean_logout = self.logged_out;

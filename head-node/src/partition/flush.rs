@@ -731,28 +731,38 @@ pub(super) async fn write_direct(
             shared.id(),
             block.lba,
         );
-        let lba = shared.config.first_block + block.lba;
-        match mappings.last_mut() {
-            Some(last)
-                if last.lba + u64::from(last.blocks) == lba
-                    && last.extent == extent
-                    && last.column == column
-                    && last.offset_bytes + u64::from(last.blocks) * BLOCK_SIZE_BYTES
-                        == offset_bytes =>
-            {
-                last.blocks += 1
-            }
-            _ => mappings.push(FlushedRange {
-                lba,
+        push_mapping(
+            &mut mappings,
+            FlushedRange {
+                lba: shared.config.first_block + block.lba,
                 blocks: 1,
                 sequence,
                 extent,
                 column,
                 offset_bytes,
-            }),
-        }
+            },
+        );
     }
     Ok(mappings)
+}
+
+/// Appends the one-block mapping `next` to a flush commit's `mappings`,
+/// extending the last range instead when `next` continues it (the next
+/// volume block, the same sequence, the next slot of the same column).
+pub(super) fn push_mapping(mappings: &mut Vec<FlushedRange>, next: FlushedRange) {
+    match mappings.last_mut() {
+        Some(last)
+            if last.lba + u64::from(last.blocks) == next.lba
+                && last.sequence == next.sequence
+                && last.extent == next.extent
+                && last.column == next.column
+                && last.offset_bytes + u64::from(last.blocks) * BLOCK_SIZE_BYTES
+                    == next.offset_bytes =>
+        {
+            last.blocks += next.blocks
+        }
+        _ => mappings.push(next),
+    }
 }
 
 /// Seals `extent` when dropped armed: a stripe append abandoned midway
@@ -844,28 +854,17 @@ async fn commit_flush(
                         .index
                         .apply_flush(block.lba, 1, block.sequence, *location)
                         .map_err(index_error)?;
-                    let lba = shared.config.first_block + block.lba;
-                    match mappings.last_mut() {
-                        Some(last)
-                            if last.lba + u64::from(last.blocks) == lba
-                                && last.sequence == block.sequence
-                                && last.extent == extent
-                                && last.column == column
-                                && last.offset_bytes
-                                    + u64::from(last.blocks) * BLOCK_SIZE_BYTES
-                                    == offset_bytes =>
-                        {
-                            last.blocks += 1
-                        }
-                        _ => mappings.push(FlushedRange {
-                            lba,
+                    push_mapping(
+                        &mut mappings,
+                        FlushedRange {
+                            lba: shared.config.first_block + block.lba,
                             blocks: 1,
                             sequence: block.sequence,
                             extent,
                             column,
                             offset_bytes,
-                        }),
-                    }
+                        },
+                    );
                 }
                 Some(from) => {
                     let current = state
