@@ -714,23 +714,11 @@ pub(super) async fn write_direct(
     let (placed, _) = write_stripes(shared, blocks, Vec::new()).await?;
     let mut mappings: Vec<FlushedRange> = Vec::new();
     let state = shared.lock();
-    for Placed { block, location } in &placed {
-        let Location::Sled {
-            extent,
-            column,
-            offset_bytes,
-        } = *location
-        else {
+    for placed in &placed {
+        let Some((extent, column, offset_bytes)) = data_slot(shared, &state, placed) else {
             continue;
         };
-        // As a flush commit: the index must only ever point at data slots
-        // of rows written to an extent of this partition.
-        assert!(
-            holds_data_slot(&state, extent, column, offset_bytes),
-            "partition {:?}: direct block {} (sequence {sequence}) at extent {extent} column {column} offset {offset_bytes}, not a written data slot",
-            shared.id(),
-            block.lba,
-        );
+        let block = &placed.block;
         push_mapping(
             &mut mappings,
             FlushedRange {
@@ -828,25 +816,11 @@ async fn commit_flush(
     let mut mappings: Vec<FlushedRange> = Vec::new();
     let epoch = {
         let mut state = shared.lock();
-        for Placed { block, location } in &placed {
-            let Location::Sled {
-                extent,
-                column,
-                offset_bytes,
-            } = *location
-            else {
+        for placed in &placed {
+            let Some((extent, column, offset_bytes)) = data_slot(shared, &state, placed) else {
                 continue;
             };
-            // The index must only ever point at data the sleds hold for us:
-            // a data slot of a row written (durably, on all present columns) to
-            // an extent of this partition.
-            assert!(
-                holds_data_slot(&state, extent, column, offset_bytes),
-                "partition {:?}: block {} (sequence {}) committed to extent {extent} column {column} offset {offset_bytes}, not a written data slot of an extent it holds",
-                shared.id(),
-                block.lba,
-                block.sequence
-            );
+            let (block, location) = (&placed.block, &placed.location);
             match block.relocate_from {
                 None => {
                     moved += state
@@ -939,6 +913,29 @@ async fn commit_flush(
 
 /// Whether byte `offset_bytes` of column `column` of `extent` is a data
 /// slot of a row this partition has written to an extent it holds.
+/// Where a placed block landed on the sleds, as a commit maps it
+/// (`None`: not on a sled). The index must only ever point at data the
+/// sleds hold for us: a data slot of a row written (durably, on all present
+/// columns) to an extent of this partition; anything else panics.
+fn data_slot(shared: &Shared, state: &State, placed: &Placed) -> Option<(u64, u16, u64)> {
+    let Location::Sled {
+        extent,
+        column,
+        offset_bytes,
+    } = placed.location
+    else {
+        return None;
+    };
+    assert!(
+        holds_data_slot(state, extent, column, offset_bytes),
+        "partition {:?}: block {} (sequence {}) committed to extent {extent} column {column} offset {offset_bytes}, not a written data slot of an extent it holds",
+        shared.id(),
+        placed.block.lba,
+        placed.block.sequence
+    );
+    Some((extent, column, offset_bytes))
+}
+
 fn holds_data_slot(state: &State, extent: u64, column: u16, offset_bytes: u64) -> bool {
     state.extents.get(&extent).is_some_and(|e| {
         column < u16::from(e.grant.k)
