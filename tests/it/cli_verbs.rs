@@ -227,6 +227,22 @@ fn wait_for_nbd(attach: &mut Daemon, nbd: SocketAddr) {
     }
 }
 
+/// Waits (10 s at most) until `client`'s reads are refused as unauthorized:
+/// a detach reaches every primary once they applied the removal.
+async fn refused_after_detach(client: &client::VolumeClient) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.read(0, 4096).await {
+            Err(ClientError::Unauthorized { .. }) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still served after detach: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn tool(name: &str) -> String {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
@@ -713,17 +729,7 @@ fn missing_wrong_and_detached_tokens_are_refused_and_write_nothing() {
         client::remove_attachment(&lcp, volume, credential.attachment)
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match attached.read(0, 4096).await {
-                Err(ClientError::Unauthorized { .. }) => break,
-                other => assert!(
-                    Instant::now() < deadline,
-                    "still served after detach: {other:?}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        refused_after_detach(&attached).await;
         for offset in [4096, 4 * MIB] {
             let error = attached
                 .write(offset, bytes::Bytes::from(vec![0x5Au8; 65536]), false)
@@ -1049,17 +1055,7 @@ fn a_zonal_host_holds_only_its_expiring_attachment() {
             None,
         );
         assert_eq!(status, 200, "{body}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match reader.read(0, 4096).await {
-                Err(ClientError::Unauthorized { .. }) => break,
-                other => assert!(
-                    Instant::now() < deadline,
-                    "still served after detach: {other:?}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        refused_after_detach(&reader).await;
         reader.close();
     });
 
